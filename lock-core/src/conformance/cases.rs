@@ -1,0 +1,459 @@
+//! The cases themselves. Each takes the backend as `Arc<dyn Lock>` and panics on failure.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep};
+
+use crate::{Lock, LockError, LockOptions, Locker, RetryCount, RetryPolicy, Token};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A client under a fresh random namespace, with quick retries.
+fn locker(lock: &Arc<dyn Lock>) -> Locker {
+    let namespace = format!("conformance-{}", Token::generate().unwrap().fingerprint());
+    locker_in(lock, &namespace)
+}
+
+fn locker_in(lock: &Arc<dyn Lock>, namespace: &str) -> Locker {
+    Locker::from_arc(Arc::clone(lock))
+        .with_namespace(Some(namespace))
+        .unwrap()
+        .with_options(options(ms(10_000), quick_retry()))
+        .unwrap()
+}
+
+fn quick_retry() -> RetryPolicy {
+    RetryPolicy::forever()
+        .with_retry_delay(ms(2))
+        .with_retry_jitter(ms(3))
+        .with_deadline(Duration::from_secs(30))
+}
+
+fn options(ttl: Duration, retry: RetryPolicy) -> LockOptions {
+    LockOptions::default().with_ttl(ttl).with_retry(retry)
+}
+
+fn with_options(locker: &Locker, ttl: Duration, retry: RetryPolicy) -> Locker {
+    locker.clone().with_options(options(ttl, retry)).unwrap()
+}
+
+fn skip(case: &str, lock: &Arc<dyn Lock>, capability: &str) {
+    println!(
+        "conformance case `{case}` skipped: the {} backend lacks the `{capability}` capability",
+        lock.name()
+    );
+}
+
+async fn assert_free(locker: &Locker, key: &str, why: &str) {
+    let guard = locker.try_acquire(key).await.unwrap();
+    assert!(guard.is_some(), "`{key}` should be free: {why}");
+    guard.unwrap().release().await.unwrap();
+}
+
+async fn assert_held(locker: &Locker, key: &str, why: &str) {
+    let guard = locker.try_acquire(key).await.unwrap();
+    assert!(guard.is_none(), "`{key}` should be held: {why}");
+}
+
+/// Polls until `key` can be taken (and releases it), for at most `within`.
+async fn eventually_free(locker: &Locker, key: &str, within: Duration, why: &str) {
+    let started = Instant::now();
+    loop {
+        if let Some(guard) = locker.try_acquire(key).await.unwrap() {
+            guard.release().await.unwrap();
+            return;
+        }
+        assert!(started.elapsed() < within, "`{key}` still held after {within:?}: {why}");
+        sleep(ms(10)).await;
+    }
+}
+
+/// A lock can be taken, describes itself, and can be taken again once released.
+pub async fn acquire_release(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let before = Instant::now();
+    let guard = locker.acquire("resource").await.unwrap();
+    let namespace = locker.namespace().unwrap().as_str().to_owned();
+    assert_eq!(guard.key().as_str(), format!("{namespace}:resource"));
+    assert_eq!(guard.keys().len(), 1);
+    assert_eq!(guard.token().expose().len(), 32);
+    assert!(guard.is_valid());
+    assert!(guard.valid_until() > before);
+    assert!(guard.valid_until() <= Instant::now() + locker.options().ttl());
+    assert_eq!(guard.backend(), lock.name());
+    assert!(!format!("{guard:?}").contains(guard.token().expose()), "Debug leaks the token");
+    guard.release().await.unwrap();
+    assert_free(&locker, "resource", "it was released").await;
+}
+
+/// N tasks × M critical sections on one key: never two holders, no lost update.
+pub async fn mutual_exclusion(lock: Arc<dyn Lock>) {
+    const TASKS: usize = 8;
+    const SECTIONS: usize = 25;
+    let locker = locker(&lock);
+    let active = Arc::new(AtomicUsize::new(0));
+    let max_active = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..TASKS {
+        let (locker, active, max_active, counter) =
+            (locker.clone(), active.clone(), max_active.clone(), counter.clone());
+        tasks.spawn(async move {
+            for _ in 0..SECTIONS {
+                let guard = locker.acquire("counter").await.unwrap();
+                let now_active = active.fetch_add(1, Ordering::SeqCst) + 1;
+                max_active.fetch_max(now_active, Ordering::SeqCst);
+                // A non-atomic read, yield, write: any overlap loses an update.
+                let seen = counter.load(Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                sleep(Duration::from_micros(200)).await;
+                counter.store(seen + 1, Ordering::SeqCst);
+                active.fetch_sub(1, Ordering::SeqCst);
+                guard.release().await.unwrap();
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+    }
+    assert_eq!(max_active.load(Ordering::SeqCst), 1, "two holders overlapped");
+    assert_eq!(counter.load(Ordering::SeqCst), (TASKS * SECTIONS) as u64, "lost updates");
+}
+
+/// A lock that is never released frees itself after its ttl.
+pub async fn ttl_expiry_lets_next_holder_in(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let short = with_options(&locker, ms(150), quick_retry());
+    let first = short.acquire("expiring").await.unwrap();
+    assert_held(&locker, "expiring", "its ttl has not passed").await;
+    sleep(ms(300)).await;
+    assert!(!first.is_valid());
+    assert_free(&locker, "expiring", "its ttl passed").await;
+    drop(first);
+}
+
+/// Extending moves the expiry to now + ttl.
+pub async fn extend_prolongs(lock: Arc<dyn Lock>) {
+    if !lock.capabilities().extend {
+        return skip("extend_prolongs", &lock, "extend");
+    }
+    let locker = locker(&lock);
+    let short = with_options(&locker, ms(300), quick_retry());
+    let mut guard = short.acquire("extended").await.unwrap();
+    sleep(ms(150)).await;
+    let before = guard.valid_until();
+    guard.extend(ms(800)).await.unwrap();
+    assert!(guard.valid_until() > before, "validity did not move");
+    sleep(ms(350)).await;
+    assert!(guard.is_valid());
+    assert_held(&locker, "extended", "it was extended past its first ttl").await;
+    guard.release().await.unwrap();
+    assert_free(&locker, "extended", "it was released").await;
+}
+
+/// A holder whose lock expired and was taken over can neither release nor extend it.
+pub async fn expired_holder_cannot_release_or_extend(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let short = with_options(&locker, ms(100), quick_retry());
+    let mut stale = short.acquire("taken-over").await.unwrap();
+    sleep(ms(250)).await;
+    let next = locker.acquire("taken-over").await.unwrap();
+    assert_ne!(next.token(), stale.token());
+
+    if lock.capabilities().extend {
+        let error = stale.extend(ms(5_000)).await.unwrap_err();
+        assert!(matches!(error, LockError::NotHeld { .. }), "stale extend: {error:?}");
+    }
+    assert_held(&locker, "taken-over", "a stale extend must not disturb the next holder").await;
+    let error = stale.release().await.unwrap_err();
+    assert!(matches!(error, LockError::NotHeld { .. }), "stale release: {error:?}");
+    assert_held(&locker, "taken-over", "a stale release must not free the next holder's lock").await;
+    next.release().await.unwrap();
+    assert_free(&locker, "taken-over", "the real holder released it").await;
+}
+
+/// `try_acquire` on a held key is `Ok(None)`, not an error, and does not wait.
+pub async fn try_acquire_on_held_key(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let slow = with_options(&locker, ms(10_000), RetryPolicy::forever().with_retry_delay(ms(500)));
+    let guard = locker.acquire("busy").await.unwrap();
+    let started = Instant::now();
+    assert!(slow.try_acquire("busy").await.unwrap().is_none());
+    assert!(started.elapsed() < ms(400), "try_acquire waited {:?}", started.elapsed());
+    guard.release().await.unwrap();
+}
+
+/// When retries or the deadline run out, the error is `Timeout`, on time.
+pub async fn retry_exhaustion_times_out_within_deadline(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let holder = locker.acquire("contended").await.unwrap();
+
+    let deadline = ms(300);
+    let bounded = with_options(
+        &locker,
+        ms(10_000),
+        RetryPolicy::forever().with_retry_delay(ms(20)).with_retry_jitter(ms(10)).with_deadline(deadline),
+    );
+    let started = Instant::now();
+    let error = bounded.acquire("contended").await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(matches!(error, LockError::Timeout { .. }), "{error:?}");
+    assert!(waited >= deadline - ms(30), "gave up early, after {waited:?}");
+    assert!(waited <= deadline + ms(250), "overran the deadline: {waited:?}");
+
+    let counted = with_options(
+        &locker,
+        ms(10_000),
+        RetryPolicy::default()
+            .with_retry_count(RetryCount::Limited(3))
+            .with_retry_delay(ms(5))
+            .with_retry_jitter(Duration::ZERO),
+    );
+    match counted.acquire("contended").await.unwrap_err() {
+        LockError::Timeout { attempts, .. } => assert_eq!(attempts, 4),
+        other => panic!("expected a timeout after 4 attempts, got {other:?}"),
+    }
+    holder.release().await.unwrap();
+}
+
+/// A single-attempt policy answers `Locked` at once; so does a fail-fast backend by default.
+pub async fn single_attempt_returns_locked_at_once(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let holder = locker.acquire("locked").await.unwrap();
+    let once = with_options(&locker, ms(10_000), RetryPolicy::none());
+    let started = Instant::now();
+    let error = once.acquire("locked").await.unwrap_err();
+    assert!(matches!(error, LockError::Locked { .. }), "{error:?}");
+    assert!(error.to_string().contains("locked"), "{error}");
+    assert!(started.elapsed() < ms(400), "took {:?}", started.elapsed());
+
+    if lock.capabilities().fail_fast {
+        let default = Locker::from_arc(Arc::clone(&lock))
+            .with_namespace(locker.namespace().map(|ns| ns.as_str()))
+            .unwrap();
+        let error = default.acquire("locked").await.unwrap_err();
+        assert!(matches!(error, LockError::Locked { .. }), "fail-fast default: {error:?}");
+    }
+    holder.release().await.unwrap();
+}
+
+/// Namespaces keep equal keys apart; `lock_ns` and `key_for` name the stored keys.
+pub async fn namespace_isolation(lock: Arc<dyn Lock>) {
+    let a = locker(&lock);
+    let b = locker(&lock);
+    let a_again = locker_in(&lock, a.namespace().unwrap().as_str());
+    let in_a = a.acquire("shared").await.unwrap();
+    let in_b = b.acquire("shared").await.unwrap();
+    assert_ne!(in_a.key(), in_b.key());
+    assert_held(&a_again, "shared", "same namespace, same key").await;
+    assert_eq!(&a.lock_ns("shared").unwrap(), in_a.key());
+    let b_name = b.namespace().unwrap().as_str().to_owned();
+    assert_eq!(&a.key_for(Some(&b_name), "shared").unwrap(), in_b.key());
+    assert_eq!(a.key_for(None, "shared").unwrap().as_str(), "shared");
+    in_a.release().await.unwrap();
+    in_b.release().await.unwrap();
+}
+
+/// Dropping a guard releases the lock in the background.
+pub async fn guard_drop_releases(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let guard = locker.acquire("dropped").await.unwrap();
+    drop(guard);
+    eventually_free(&locker, "dropped", ms(2_000), "its guard was dropped").await;
+}
+
+/// Acquisitions dropped at any point, waiting or mid-attempt, leave no lock behind.
+pub async fn cancelled_acquire_leaves_nothing(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    // Cancel while waiting behind a holder.
+    let holder = locker.acquire("cancelled").await.unwrap();
+    let waiter = locker.clone();
+    let cancelled = tokio::time::timeout(ms(50), async move { waiter.acquire("cancelled").await }).await;
+    assert!(cancelled.is_err(), "the waiter should still have been waiting");
+    holder.release().await.unwrap();
+    assert_free(&locker, "cancelled", "the cancelled waiter must not take it").await;
+
+    // Cancel at many points of an uncontended acquisition, including mid-flight.
+    for step in 0..40u64 {
+        let attempt = locker.clone();
+        let _ = tokio::time::timeout(Duration::from_micros(step * 50), async move {
+            attempt.acquire("cancelled").await
+        })
+        .await;
+    }
+    eventually_free(&locker, "cancelled", ms(2_000), "every cancelled acquisition cleaned up").await;
+}
+
+/// Tokens are fresh and distinct for every acquisition.
+pub async fn token_uniqueness(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let mut seen = HashSet::new();
+    for _ in 0..100 {
+        let guard = locker.acquire("tokens").await.unwrap();
+        assert!(guard.token().expose().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(seen.insert(guard.token().expose().to_owned()), "token repeated");
+        guard.release().await.unwrap();
+    }
+    let one = locker.acquire("tokens-a").await.unwrap();
+    let two = locker.acquire("tokens-b").await.unwrap();
+    assert_ne!(one.token(), two.token());
+    one.release().await.unwrap();
+    two.release().await.unwrap();
+}
+
+fn assert_invalid(result: Result<impl std::fmt::Debug, LockError>, field: &str) {
+    match result {
+        Err(LockError::InvalidInput { field: got, .. }) => assert_eq!(got, field),
+        other => panic!("expected invalid {field}, got {other:?}"),
+    }
+}
+
+/// Bad keys and ttls are refused with a typed error naming the field, before any I/O.
+pub async fn bad_input_rejected(lock: Arc<dyn Lock>) {
+    let plain = Locker::from_arc(Arc::clone(&lock));
+    assert_invalid(plain.acquire("").await, "key");
+    assert_invalid(plain.try_acquire("").await, "key");
+    assert_invalid(plain.acquire(&"k".repeat(4096)).await, "key");
+    let locker = locker(&lock);
+    assert_invalid(locker.acquire("").await, "key");
+    for ttl in [Duration::ZERO, Duration::from_secs(400 * 24 * 3600)] {
+        let options = LockOptions::default().with_ttl(ttl);
+        assert_invalid(locker.acquire_with("k", &options).await, "ttl");
+        assert_invalid(locker.clone().with_options(options), "ttl");
+    }
+    assert_invalid(locker.clone().with_namespace(Some("")), "namespace");
+    let mut guard = locker.acquire("k").await.unwrap();
+    assert_invalid(guard.extend(Duration::ZERO).await, "ttl");
+    assert_held(&locker, "k", "a rejected extend must not release the lock").await;
+    guard.release().await.unwrap();
+}
+
+/// Unicode and hostile keys are stored verbatim and work like any other.
+pub async fn unicode_and_hostile_keys(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    for key in ["clé🔒", "x'); redis.call('flushall') --", "a b\tc\"d", "*"] {
+        let guard = locker.acquire(key).await.unwrap();
+        assert!(guard.key().as_str().ends_with(key));
+        assert_held(&locker, key, "it is locked").await;
+        guard.release().await.unwrap();
+        assert_free(&locker, key, "it was released").await;
+    }
+}
+
+/// `with_lock` holds the lock around the section, releases it, and reports a section that
+/// outlived its lock.
+pub async fn with_lock_runs_and_releases(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let probe = locker.clone();
+    let value = locker
+        .with_lock("scoped", |info| async move {
+            assert!(info.key.as_str().ends_with(":scoped"));
+            assert!(probe.try_acquire("scoped").await.unwrap().is_none(), "not held inside");
+            42
+        })
+        .await
+        .unwrap();
+    assert_eq!(value, 42);
+    assert_free(&locker, "scoped", "with_lock released it").await;
+
+    let short = with_options(&locker, ms(100), quick_retry());
+    let error = short
+        .with_lock("scoped", |_| async { sleep(ms(300)).await })
+        .await
+        .unwrap_err();
+    assert!(matches!(error, LockError::NotHeld { .. }), "{error:?}");
+}
+
+/// Several keys are taken as one lock, and a partial acquisition leaves nothing behind.
+pub async fn multi_key_all_or_nothing(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    if !lock.capabilities().multi_key {
+        let error = locker.acquire_many(&["a", "b"]).await.unwrap_err();
+        assert!(matches!(error, LockError::Unsupported { .. }), "{error:?}");
+        return skip("multi_key_all_or_nothing", &lock, "multi_key");
+    }
+    let both = locker.acquire_many(&["a", "b"]).await.unwrap();
+    assert_eq!(both.keys().len(), 2);
+    assert_held(&locker, "a", "part of a multi-key lock").await;
+    assert_held(&locker, "b", "part of a multi-key lock").await;
+    both.release().await.unwrap();
+    assert_free(&locker, "a", "released").await;
+
+    let b = locker.acquire("b").await.unwrap();
+    let once = with_options(&locker, ms(10_000), RetryPolicy::none());
+    let error = once.acquire_many(&["a", "b"]).await.unwrap_err();
+    assert!(matches!(error, LockError::Locked { .. }), "{error:?}");
+    assert_free(&locker, "a", "a failed multi-key attempt must undo its partial win").await;
+    b.release().await.unwrap();
+}
+
+/// Fencing tokens strictly increase per key, across releases and expiry.
+pub async fn fencing_tokens_increase(lock: Arc<dyn Lock>) {
+    if !lock.capabilities().fencing {
+        return skip("fencing_tokens_increase", &lock, "fencing");
+    }
+    let locker = locker(&lock);
+    let short = with_options(&locker, ms(100), quick_retry());
+    let mut last = 0;
+    for round in 0..10 {
+        let guard = if round % 2 == 0 {
+            locker.acquire("fenced").await.unwrap()
+        } else {
+            short.acquire("fenced").await.unwrap()
+        };
+        let fence = guard.fencing_token().expect("a fencing backend must return a fencing token");
+        assert!(fence > last, "fencing token went from {last} to {fence}");
+        last = fence;
+        if round % 2 == 0 {
+            guard.release().await.unwrap();
+        } else {
+            sleep(ms(200)).await;
+            drop(guard);
+        }
+    }
+}
+
+/// Waiters are woken by a release, long before their retry delay.
+pub async fn waiters_wake_on_release(lock: Arc<dyn Lock>) {
+    if !lock.capabilities().wake_on_release {
+        return skip("waiters_wake_on_release", &lock, "wake_on_release");
+    }
+    let locker = locker(&lock);
+    let patient = with_options(
+        &locker,
+        ms(10_000),
+        RetryPolicy::forever().with_retry_delay(ms(5_000)).with_retry_jitter(Duration::ZERO),
+    );
+    let holder = locker.acquire("wake").await.unwrap();
+    let waiter = tokio::spawn(async move {
+        let started = Instant::now();
+        let guard = patient.acquire("wake").await.unwrap();
+        let waited = started.elapsed();
+        guard.release().await.unwrap();
+        waited
+    });
+    sleep(ms(100)).await;
+    holder.release().await.unwrap();
+    let waited = waiter.await.unwrap();
+    assert!(waited < ms(2_000), "the waiter slept {waited:?} instead of waking on release");
+
+    let short = with_options(&locker, ms(200), quick_retry());
+    let expiring = short.acquire("wake").await.unwrap();
+    let patient = with_options(
+        &locker,
+        ms(10_000),
+        RetryPolicy::forever().with_retry_delay(ms(5_000)).with_retry_jitter(Duration::ZERO),
+    );
+    let started = Instant::now();
+    patient.acquire("wake").await.unwrap().release().await.unwrap();
+    assert!(started.elapsed() < ms(2_000), "the waiter did not wake when the lock expired");
+    drop(expiring);
+}

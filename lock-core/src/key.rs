@@ -1,0 +1,159 @@
+//! Validated lock keys and namespaces.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{LockError, Result};
+
+/// The longest key accepted, in bytes: longer keys are almost always a bug (a payload used as a key).
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// The separator between a namespace and a key, as in the original facade (`namespace:key`).
+pub const NAMESPACE_SEPARATOR: char = ':';
+
+/// A lock key that has passed validation: non-empty and at most [`MAX_KEY_LEN`] bytes.
+///
+/// Any other content (unicode, spaces, quotes, Lua syntax) is allowed: backends pass keys as data,
+/// never as code. Cloning is cheap (a shared string).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(Arc<str>);
+
+impl Key {
+    /// Validates `key`.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `key` when it is empty or longer than [`MAX_KEY_LEN`].
+    pub fn new(key: impl Into<String>) -> Result<Self> {
+        let key = key.into();
+        if key.is_empty() {
+            return Err(LockError::invalid("key", "must not be empty"));
+        }
+        if key.len() > MAX_KEY_LEN {
+            return Err(LockError::invalid(
+                "key",
+                format!("is {} bytes long; the limit is {MAX_KEY_LEN}", key.len()),
+            ));
+        }
+        Ok(Self(Arc::from(key)))
+    }
+
+    /// The key as stored by the backend.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl AsRef<str> for Key {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A prefix that keeps the locks of one application (or test) apart from every other's.
+///
+/// `Namespace::new("app")?.key("job")` is the key `app:job`, as the original facade's `lockNs`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Namespace(String);
+
+impl Namespace {
+    /// Validates `namespace`: non-empty, and short enough to leave room for keys.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `namespace`.
+    pub fn new(namespace: impl Into<String>) -> Result<Self> {
+        let namespace = namespace.into();
+        if namespace.is_empty() {
+            return Err(LockError::invalid(
+                "namespace",
+                "must not be empty; leave it unset for no namespace",
+            ));
+        }
+        if namespace.len() >= MAX_KEY_LEN / 2 {
+            return Err(LockError::invalid(
+                "namespace",
+                format!("is {} bytes long; the limit is {}", namespace.len(), MAX_KEY_LEN / 2 - 1),
+            ));
+        }
+        Ok(Self(namespace))
+    }
+
+    /// The namespace itself, without separator.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `namespace:key`, validated as a [`Key`].
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] when `key` is empty or the result is too long.
+    pub fn key(&self, key: &str) -> Result<Key> {
+        if key.is_empty() {
+            return Err(LockError::invalid("key", "must not be empty"));
+        }
+        Key::new(format!("{}{NAMESPACE_SEPARATOR}{key}", self.0))
+    }
+}
+
+impl fmt::Display for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// The full key for `key` under an optional namespace: the seed facade's `getKey(namespace)`.
+///
+/// # Errors
+/// [`LockError::InvalidInput`] for an empty or too long key.
+pub fn key_for(namespace: Option<&Namespace>, key: &str) -> Result<Key> {
+    match namespace {
+        Some(namespace) => namespace.key(key),
+        None => Key::new(key),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_empty_and_oversized_keys() {
+        assert!(matches!(Key::new(""), Err(LockError::InvalidInput { field, .. }) if field == "key"));
+        assert!(Key::new("x".repeat(MAX_KEY_LEN)).is_ok());
+        assert!(Key::new("x".repeat(MAX_KEY_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn accepts_unicode_and_hostile_keys_verbatim() {
+        for raw in ["clé🔒", "x'); redis.call('flushall') --", "a b\tc", "\u{0}"] {
+            assert_eq!(Key::new(raw).map(|k| k.to_string()).ok().as_deref(), Some(raw));
+        }
+    }
+
+    #[test]
+    fn namespace_joins_with_a_colon() {
+        let ns = Namespace::new("app").expect("valid namespace");
+        assert_eq!(ns.key("job").expect("valid key").as_str(), "app:job");
+        assert!(ns.key("").is_err());
+        assert!(Namespace::new("").is_err());
+        assert_eq!(key_for(None, "job").expect("valid").as_str(), "job");
+        assert_eq!(key_for(Some(&ns), "job").expect("valid").as_str(), "app:job");
+    }
+}

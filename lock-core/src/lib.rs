@@ -1,0 +1,26 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+mod error;
+mod guard;
+mod key;
+mod lock;
+mod locker;
+mod options;
+mod retry;
+mod token;
+pub mod validate;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+/// Re-exported so that custom backends implement [`Lock`] and [`Handle`] with the same macro.
+pub use async_trait::async_trait;
+pub use error::{LockError, Result};
+pub use guard::LockGuard;
+pub use key::{Key, MAX_KEY_LEN, NAMESPACE_SEPARATOR, Namespace, key_for};
+pub use lock::{Capabilities, Handle, Lock, LockRequest};
+pub use locker::{LeaseInfo, Locker};
+pub use options::LockOptions;
+pub use retry::{Backoff, RetryCount, RetryPolicy};
+pub use token::{TOKEN_BYTES, Token};

@@ -1,0 +1,286 @@
+//! The contract between the core and a backend: [`Lock`] and [`Handle`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::error::{LockError, Result};
+use crate::key::Key;
+use crate::token::Token;
+
+/// What a backend can do beyond taking and releasing a lock; the core and the conformance suite
+/// read these flags to choose behaviour and test cases.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// [`Handle::extend`] works (otherwise it returns [`LockError::Unsupported`]).
+    pub extend: bool,
+    /// The backend's natural mode is to answer "locked" at once: the core then defaults to a
+    /// single attempt (see [`RetryPolicy::none`](crate::RetryPolicy::none)).
+    pub fail_fast: bool,
+    /// [`Lock::purge`] removes every lock under a prefix.
+    pub purge: bool,
+    /// Locks are shared between processes and machines (not only tasks of one process).
+    pub distributed: bool,
+    /// [`LockRequest`]s may name several keys, taken all-or-nothing.
+    pub multi_key: bool,
+    /// [`Handle::fencing_token`] returns strictly increasing numbers per key.
+    pub fencing: bool,
+    /// [`Lock::wait_for_release`] returns early when a key is released or expires, so waiters
+    /// do not poll.
+    pub wake_on_release: bool,
+}
+
+impl Capabilities {
+    /// No capability at all: a plain lock with ttl and token-checked release.
+    pub const NONE: Self = Self {
+        extend: false,
+        fail_fast: false,
+        purge: false,
+        distributed: false,
+        multi_key: false,
+        fencing: false,
+        wake_on_release: false,
+    };
+
+    /// Adds [`Capabilities::extend`].
+    #[must_use]
+    pub const fn with_extend(mut self) -> Self {
+        self.extend = true;
+        self
+    }
+
+    /// Adds [`Capabilities::fail_fast`].
+    #[must_use]
+    pub const fn with_fail_fast(mut self) -> Self {
+        self.fail_fast = true;
+        self
+    }
+
+    /// Adds [`Capabilities::purge`].
+    #[must_use]
+    pub const fn with_purge(mut self) -> Self {
+        self.purge = true;
+        self
+    }
+
+    /// Adds [`Capabilities::distributed`].
+    #[must_use]
+    pub const fn with_distributed(mut self) -> Self {
+        self.distributed = true;
+        self
+    }
+
+    /// Adds [`Capabilities::multi_key`].
+    #[must_use]
+    pub const fn with_multi_key(mut self) -> Self {
+        self.multi_key = true;
+        self
+    }
+
+    /// Adds [`Capabilities::fencing`].
+    #[must_use]
+    pub const fn with_fencing(mut self) -> Self {
+        self.fencing = true;
+        self
+    }
+
+    /// Adds [`Capabilities::wake_on_release`].
+    #[must_use]
+    pub const fn with_wake_on_release(mut self) -> Self {
+        self.wake_on_release = true;
+        self
+    }
+}
+
+/// One acquisition attempt, as the core hands it to a backend.
+///
+/// Keys are validated and namespaced, there is at least one, the ttl is within bounds and the
+/// token is fresh.
+#[derive(Clone, Debug)]
+pub struct LockRequest {
+    keys: Vec<Key>,
+    token: Token,
+    ttl: Duration,
+}
+
+impl LockRequest {
+    /// Builds a request, checking that it names at least one key and a valid ttl.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `keys` or `ttl`.
+    pub fn new(keys: Vec<Key>, token: Token, ttl: Duration) -> Result<Self> {
+        if keys.is_empty() {
+            return Err(LockError::invalid("keys", "name at least one key to lock"));
+        }
+        crate::validate::ttl("ttl", ttl)?;
+        Ok(Self { keys, token, ttl })
+    }
+
+    /// The keys to take, all or none; one unless the backend has [`Capabilities::multi_key`].
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
+    /// The first key, used to name the lock in messages and spans.
+    pub fn primary_key(&self) -> &Key {
+        // `new` refuses an empty key list, so the first key always exists.
+        &self.keys[0]
+    }
+
+    /// The fresh random value to store as proof of ownership.
+    pub fn token(&self) -> &Token {
+        &self.token
+    }
+
+    /// How long the lock lives unless extended.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+}
+
+/// A lock backend: one attempt at a time, never a sleep or a retry loop.
+///
+/// The retry policy, deadline, token generation, namespacing and tracing live once, in
+/// [`Locker`](crate::Locker); a backend implements the primitives below. Use it as
+/// `Arc<dyn Lock>`.
+///
+/// # Behavior
+/// - `try_acquire` returns `Ok(None)` when another holder has any of the keys, and leaves
+///   nothing behind in that case (a partial acquisition is undone before returning).
+/// - Every operation that changes a lock compares the stored token with the caller's, so a
+///   holder whose lock expired can neither release nor extend the next holder's lock.
+/// - Errors are mapped into [`LockError`] and contain no secrets.
+#[async_trait]
+pub trait Lock: Send + Sync + fmt::Debug + 'static {
+    /// A short name for messages and spans (`memory`, `redlock`, `inc`…).
+    fn name(&self) -> &'static str;
+
+    /// What this backend supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Makes one attempt to take every key of `request`.
+    ///
+    /// # Errors
+    /// [`LockError::Backend`] or [`LockError::QuorumNotReached`] when the store failed; being held
+    /// by someone else is `Ok(None)`, not an error.
+    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>>;
+
+    /// Removes whatever an attempt with `token` may have left on `keys`, compared by token.
+    ///
+    /// The core calls it when an attempt was cancelled mid-flight or its outcome is unknown
+    /// (a timed-out write may still have landed). Returns whether anything was removed.
+    ///
+    /// # Errors
+    /// [`LockError::Backend`] when the store cannot be reached.
+    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool>;
+
+    /// Waits until one of `keys` may have become free, or `max_wait` has passed.
+    ///
+    /// The default sleeps for `max_wait`; backends with [`Capabilities::wake_on_release`]
+    /// return early when a key is released or expires.
+    ///
+    /// # Errors
+    /// None by default; backends may report a broken notification channel.
+    async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
+        let _ = keys;
+        tokio::time::sleep(max_wait).await;
+        Ok(())
+    }
+
+    /// Removes every lock whose key starts with `prefix` and returns how many were removed.
+    ///
+    /// # Errors
+    /// [`LockError::Unsupported`] unless the backend has [`Capabilities::purge`].
+    async fn purge(&self, prefix: &str) -> Result<u64> {
+        let _ = prefix;
+        Err(LockError::Unsupported {
+            backend: self.name(),
+            capability: "purge",
+        })
+    }
+
+    /// Frees connections and background tasks. Locks still held expire with their ttl.
+    ///
+    /// # Errors
+    /// [`LockError::Backend`] if closing failed.
+    async fn shutdown(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// One held lock, as a backend returns it.
+///
+/// Users hold it through [`LockGuard`](crate::LockGuard), which adds release-on-drop.
+///
+/// # Behavior
+/// - `extend` sets the expiry to now + ttl, only while the stored token is still ours, and
+///   updates [`Handle::valid_until`].
+/// - `release` deletes the lock only while the stored token is still ours.
+/// - Both return [`LockError::NotHeld`] once the lock expired or was taken over.
+#[async_trait]
+pub trait Handle: Send + Sync + fmt::Debug {
+    /// The keys held, namespaced as stored.
+    fn keys(&self) -> &[Key];
+
+    /// The token that proves ownership.
+    fn token(&self) -> &Token;
+
+    /// The local instant until which the lock is safe to rely on (a monotonic clock, with
+    /// clock drift and the time spent acquiring already taken off).
+    fn valid_until(&self) -> Instant;
+
+    /// A number that strictly increases with every acquisition of the same key, for backends with
+    /// [`Capabilities::fencing`]; pass it to the protected resource so it can refuse stale writers.
+    fn fencing_token(&self) -> Option<u64> {
+        None
+    }
+
+    /// Sets the lock's expiry to now + `ttl`.
+    ///
+    /// # Errors
+    /// [`LockError::NotHeld`] if the lock was lost, [`LockError::Unsupported`] without the extend
+    /// capability, [`LockError::Backend`] on failure.
+    async fn extend(&mut self, ttl: Duration) -> Result<()>;
+
+    /// Releases the lock.
+    ///
+    /// # Errors
+    /// [`LockError::NotHeld`] if the lock had already expired or been taken over,
+    /// [`LockError::Backend`] on failure.
+    async fn release(&mut self) -> Result<()>;
+}
+
+#[async_trait]
+impl<L: Lock + ?Sized> Lock for Arc<L> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+
+    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+        (**self).try_acquire(request).await
+    }
+
+    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
+        (**self).abandon(keys, token).await
+    }
+
+    async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
+        (**self).wait_for_release(keys, max_wait).await
+    }
+
+    async fn purge(&self, prefix: &str) -> Result<u64> {
+        (**self).purge(prefix).await
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        (**self).shutdown().await
+    }
+}

@@ -1,0 +1,370 @@
+//! The client users hold: the retry loop, deadline, tokens, namespacing and tracing, once for
+//! every backend.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::error::{LockError, Result};
+use crate::guard::LockGuard;
+use crate::key::{Key, Namespace, key_for};
+use crate::lock::{Capabilities, Handle, Lock, LockRequest};
+use crate::options::LockOptions;
+use crate::retry::RetryPolicy;
+use crate::token::Token;
+
+/// A lock client over any backend: `acquire`, `try_acquire`, `with_lock`.
+///
+/// Cheap to clone; clones share the backend and its connections. A namespace, if set, prefixes
+/// every key (`namespace:key`), so applications sharing a store cannot collide.
+///
+/// # Cancel safety
+/// Dropping an `acquire` future at any point leaves no lock behind: an attempt in flight is
+/// followed by a token-checked cleanup in the background, and a lock won just before the drop
+/// is released by its guard.
+#[derive(Clone)]
+pub struct Locker {
+    lock: Arc<dyn Lock>,
+    options: LockOptions,
+    namespace: Option<Namespace>,
+    stopped: Arc<AtomicBool>,
+}
+
+/// What a critical section run by [`Locker::with_lock`] knows about its lock.
+#[derive(Clone, Debug)]
+pub struct LeaseInfo {
+    /// The key held, namespaced as stored.
+    pub key: Key,
+    /// The local instant until which the lock is safe to rely on.
+    pub valid_until: Instant,
+    /// The fencing token of this acquisition, for backends that offer one.
+    pub fencing_token: Option<u64>,
+}
+
+impl Locker {
+    /// A client over `lock` with default options; a fail-fast backend defaults to one attempt.
+    pub fn new(lock: impl Lock) -> Self {
+        Self::from_arc(Arc::new(lock))
+    }
+
+    /// A client over a shared backend.
+    pub fn from_arc(lock: Arc<dyn Lock>) -> Self {
+        let mut options = LockOptions::default();
+        if lock.capabilities().fail_fast {
+            options = options.with_retry(RetryPolicy::none());
+        }
+        Self {
+            lock,
+            options,
+            namespace: None,
+            stopped: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Replaces the default options of this client.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming the bad field.
+    pub fn with_options(mut self, options: LockOptions) -> Result<Self> {
+        options.validate()?;
+        self.options = options;
+        Ok(self)
+    }
+
+    /// Prefixes every key with `namespace:`; `None` removes the prefix.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] for an empty or too long namespace.
+    pub fn with_namespace(mut self, namespace: Option<&str>) -> Result<Self> {
+        self.namespace = namespace.map(Namespace::new).transpose()?;
+        Ok(self)
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Lock> {
+        &self.lock
+    }
+
+    /// What the backend supports.
+    pub fn capabilities(&self) -> Capabilities {
+        self.lock.capabilities()
+    }
+
+    /// The default options of this client.
+    pub fn options(&self) -> &LockOptions {
+        &self.options
+    }
+
+    /// The namespace, if any.
+    pub fn namespace(&self) -> Option<&Namespace> {
+        self.namespace.as_ref()
+    }
+
+    /// The stored key for `key` under this client's namespace: the seed facade's `lockNs(key)`.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] for an empty or too long key.
+    pub fn lock_ns(&self, key: &str) -> Result<Key> {
+        key_for(self.namespace.as_ref(), key)
+    }
+
+    /// The stored key for `key` under another namespace (or none): the seed facade's `getKey`.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] for an empty or too long key or namespace.
+    pub fn key_for(&self, namespace: Option<&str>, key: &str) -> Result<Key> {
+        let namespace = namespace.map(Namespace::new).transpose()?;
+        key_for(namespace.as_ref(), key)
+    }
+
+    /// Takes the lock on `key`, retrying per the client's policy.
+    ///
+    /// # Errors
+    /// [`LockError::Locked`] when a single-attempt policy found the key held,
+    /// [`LockError::Timeout`] when retries or the deadline ran out, the last backend error if
+    /// the store kept failing, and [`LockError::InvalidInput`] for a bad key.
+    pub async fn acquire(&self, key: &str) -> Result<LockGuard> {
+        self.acquire_with(key, &self.options).await
+    }
+
+    /// Like [`Locker::acquire`], with options for this call only.
+    ///
+    /// # Errors
+    /// As [`Locker::acquire`]; also [`LockError::InvalidInput`] for bad options.
+    pub async fn acquire_with(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
+        options.validate()?;
+        let keys = vec![self.lock_ns(key)?];
+        self.acquire_keys(keys, options).await
+    }
+
+    /// Takes several keys as one lock, all or none (backends with
+    /// [`Capabilities::multi_key`]).
+    ///
+    /// # Errors
+    /// As [`Locker::acquire`]; [`LockError::Unsupported`] without the capability.
+    pub async fn acquire_many(&self, keys: &[&str]) -> Result<LockGuard> {
+        let keys = self.keys(keys)?;
+        self.acquire_keys(keys, &self.options).await
+    }
+
+    /// Makes one attempt: `Ok(None)` when someone else holds the key.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] for a bad key; backend failures.
+    pub async fn try_acquire(&self, key: &str) -> Result<Option<LockGuard>> {
+        let keys = vec![self.lock_ns(key)?];
+        let options = self.options.clone().with_retry(RetryPolicy::none());
+        match self.acquire_keys(keys, &options).await {
+            Ok(guard) => Ok(Some(guard)),
+            Err(LockError::Locked { .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Runs `critical_section` while holding the lock on `key`, then releases it.
+    ///
+    /// # Errors
+    /// The acquisition errors of [`Locker::acquire`]; [`LockError::NotHeld`] if the lock expired
+    /// before the section finished (its result is then discarded, since mutual exclusion may not
+    /// have held); release failures.
+    pub async fn with_lock<T, F, Fut>(&self, key: &str, critical_section: F) -> Result<T>
+    where
+        F: FnOnce(LeaseInfo) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let guard = self.acquire(key).await?;
+        let info = LeaseInfo {
+            key: guard.key().clone(),
+            valid_until: guard.valid_until(),
+            fencing_token: guard.fencing_token(),
+        };
+        let value = critical_section(info).await;
+        let outlived = !guard.is_valid();
+        let key = guard.key().to_string();
+        guard.release().await?;
+        if outlived {
+            // The store may not have noticed yet, but another holder could have entered.
+            return Err(LockError::NotHeld { key });
+        }
+        Ok(value)
+    }
+
+    /// Removes every lock under `prefix` (namespaced like keys) and returns how many.
+    ///
+    /// # Errors
+    /// [`LockError::Unsupported`] unless the backend can purge.
+    pub async fn purge(&self, prefix: &str) -> Result<u64> {
+        self.check_running()?;
+        let prefix = match &self.namespace {
+            Some(namespace) => format!("{namespace}{}{prefix}", crate::key::NAMESPACE_SEPARATOR),
+            None => prefix.to_owned(),
+        };
+        self.lock.purge(&prefix).await
+    }
+
+    /// Frees the backend's connections and tasks; every later call on this client (and its
+    /// clones) fails with [`LockError::Stopped`]. Locks still held expire with their ttl.
+    ///
+    /// # Errors
+    /// Backend errors while closing.
+    pub async fn stop(&self) -> Result<()> {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.lock.shutdown().await
+    }
+
+    fn check_running(&self) -> Result<()> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(LockError::Stopped);
+        }
+        Ok(())
+    }
+
+    fn keys(&self, keys: &[&str]) -> Result<Vec<Key>> {
+        if keys.is_empty() {
+            return Err(LockError::invalid("keys", "name at least one key to lock"));
+        }
+        keys.iter().map(|key| self.lock_ns(key)).collect()
+    }
+
+    async fn acquire_keys(&self, keys: Vec<Key>, options: &LockOptions) -> Result<LockGuard> {
+        self.check_running()?;
+        let capabilities = self.lock.capabilities();
+        if keys.len() > 1 && !capabilities.multi_key {
+            return Err(LockError::Unsupported {
+                backend: self.lock.name(),
+                capability: "multi-key locks",
+            });
+        }
+        let span = tracing::debug_span!(
+            "lock.acquire",
+            backend = self.lock.name(),
+            key = %keys[0],
+            attempts = tracing::field::Empty,
+        );
+        self.retry_loop(keys, options).instrument(span).await
+    }
+
+    async fn retry_loop(&self, keys: Vec<Key>, options: &LockOptions) -> Result<LockGuard> {
+        let started = Instant::now();
+        let deadline = options.retry().deadline().map(|d| started + d);
+        let mut backoff = options.retry().backoff();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let request = LockRequest::new(keys.clone(), Token::generate()?, options.ttl())?;
+            let last_error = match self.attempt(&request, deadline).await {
+                Ok(Some(handle)) => {
+                    tracing::Span::current().record("attempts", attempts);
+                    tracing::debug!(attempts, "acquired");
+                    return Ok(LockGuard::new(handle, self.lock.name()));
+                }
+                Ok(None) => None,
+                Err(error @ (LockError::Backend { .. } | LockError::QuorumNotReached { .. })) => {
+                    tracing::debug!(attempts, %error, "attempt failed");
+                    Some(error)
+                }
+                Err(error) => return Err(error),
+            };
+            let gave_up = |last_error: Option<LockError>| {
+                tracing::Span::current().record("attempts", attempts);
+                let key = keys[0].to_string();
+                let error = match last_error {
+                    Some(error) => error,
+                    None if options.retry().is_single_attempt() => LockError::Locked { key },
+                    None => LockError::Timeout {
+                        key,
+                        attempts,
+                        waited: started.elapsed(),
+                    },
+                };
+                tracing::debug!(attempts, %error, "giving up");
+                error
+            };
+            let Some(delay) = backoff.next() else {
+                return Err(gave_up(last_error));
+            };
+            let now = Instant::now();
+            let mut wake_at = now + delay;
+            if let Some(deadline) = deadline {
+                if now >= deadline {
+                    return Err(gave_up(last_error));
+                }
+                wake_at = wake_at.min(deadline);
+            }
+            tracing::debug!(attempts, delay_ms = delay.as_millis() as u64, "held elsewhere; waiting to retry");
+            self.lock.wait_for_release(&keys, wake_at - now).await?;
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return Err(gave_up(last_error));
+            }
+        }
+    }
+
+    /// One attempt, bounded by the deadline and cleaned up if it does not complete.
+    async fn attempt(
+        &self,
+        request: &LockRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Box<dyn Handle>>> {
+        let mut pending = PendingAttempt {
+            lock: Some(Arc::clone(&self.lock)),
+            request,
+        };
+        let result = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, self.lock.try_acquire(request)).await {
+                Ok(result) => result,
+                // The attempt was cut short: `pending` cleans up whatever it may have left.
+                Err(_) => return Ok(None),
+            },
+            None => self.lock.try_acquire(request).await,
+        };
+        pending.lock = None;
+        result
+    }
+}
+
+/// Cleans up after an attempt that did not run to completion (cancelled or timed out): its
+/// write may still land, so the keys are released by token in the background.
+struct PendingAttempt<'a> {
+    lock: Option<Arc<dyn Lock>>,
+    request: &'a LockRequest,
+}
+
+impl Drop for PendingAttempt<'_> {
+    fn drop(&mut self) {
+        let Some(lock) = self.lock.take() else {
+            return;
+        };
+        let keys = self.request.keys().to_vec();
+        let token = self.request.token().clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(error) = lock.abandon(&keys, &token).await {
+                        tracing::warn!(key = %keys[0], %error, "cleanup of an interrupted attempt failed; the lock expires with its ttl");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(
+                key = %keys[0],
+                "attempt interrupted outside a tokio runtime; any lock it left expires with its ttl"
+            ),
+        }
+    }
+}
+
+impl fmt::Debug for Locker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Locker")
+            .field("backend", &self.lock)
+            .field("namespace", &self.namespace)
+            .field("options", &self.options)
+            .field("stopped", &self.stopped.load(Ordering::Relaxed))
+            .finish()
+    }
+}

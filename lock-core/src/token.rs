@@ -1,0 +1,97 @@
+//! Lock tokens: the random value that proves who holds a lock.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{LockError, Result};
+
+/// Random bytes in a token: 128 bits, enough that two holders never draw the same one.
+pub const TOKEN_BYTES: usize = 16;
+
+/// A random, unguessable lock value drawn from the operating system's CSPRNG.
+///
+/// Release and extend compare it with the stored value, so a holder whose lock expired cannot
+/// touch the next holder's lock. A fresh token is drawn for every attempt. `Debug` and `Display`
+/// hide it; call [`Token::expose`] where the value itself is needed (backends, interop).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Token(Arc<str>);
+
+impl Token {
+    /// Draws a new token: 16 bytes from the OS CSPRNG, as 32 lower-case hex characters.
+    ///
+    /// # Errors
+    /// [`LockError::Backend`] if the operating system has no entropy source to give.
+    pub fn generate() -> Result<Self> {
+        let mut bytes = [0u8; TOKEN_BYTES];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| LockError::backend("core", format!("the OS random source failed: {e}")))?;
+        let mut hex = String::with_capacity(TOKEN_BYTES * 2);
+        for byte in bytes {
+            hex.push(char::from(HEX[usize::from(byte >> 4)]));
+            hex.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        }
+        Ok(Self(Arc::from(hex)))
+    }
+
+    /// Wraps a token read back from a store (e.g. to release a lock taken by another process).
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `token` when it is empty.
+    pub fn from_stored(value: impl Into<String>) -> Result<Self> {
+        let value = value.into();
+        if value.is_empty() {
+            return Err(LockError::invalid("token", "must not be empty"));
+        }
+        Ok(Self(Arc::from(value)))
+    }
+
+    /// The token's value. Keep it out of logs: whoever has it can release the lock.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The first 8 characters, enough to tell holders apart in output without revealing the token.
+    pub fn fingerprint(&self) -> &str {
+        self.0.get(..8).unwrap_or(&self.0)
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn tokens_are_128_bit_hex_and_unique() {
+        let mut seen = HashSet::new();
+        for _ in 0..10_000 {
+            let token = Token::generate().expect("entropy");
+            assert_eq!(token.expose().len(), 32);
+            assert!(token.expose().bytes().all(|b| b.is_ascii_hexdigit()));
+            assert!(seen.insert(token), "duplicate token");
+        }
+    }
+
+    #[test]
+    fn debug_and_display_hide_the_value() {
+        let token = Token::generate().expect("entropy");
+        assert!(!format!("{token:?}").contains(token.expose()));
+        assert!(!token.to_string().contains(token.expose()));
+        assert_eq!(token.fingerprint(), &token.expose()[..8]);
+    }
+}
