@@ -56,7 +56,8 @@ pub enum LockError {
         key: String,
         /// How many attempts were made.
         attempts: u32,
-        /// How long the caller waited in all.
+        /// How long the caller waited (from the start when a deadline was set, otherwise from
+        /// the first attempt that found the key held).
         waited: Duration,
     },
 
@@ -166,7 +167,10 @@ mod tests {
         ];
         for error in errors {
             let message = error.to_string();
-            assert!(message.chars().next().is_some_and(|c| c.is_lowercase()), "{message}");
+            assert!(
+                message.chars().next().is_some_and(|c| c.is_lowercase()),
+                "{message}"
+            );
             assert!(!message.ends_with('.'), "{message}");
         }
     }
@@ -174,7 +178,9 @@ mod tests {
     #[test]
     fn within_prefixes_invalid_input_fields() {
         let error = LockError::invalid("retry_jitter", "negative").within("retry");
-        assert!(matches!(error, LockError::InvalidInput { ref field, .. } if field == "retry.retry_jitter"));
+        assert!(
+            matches!(error, LockError::InvalidInput { ref field, .. } if field == "retry.retry_jitter")
+        );
         assert!(matches!(LockError::Stopped.within("x"), LockError::Stopped));
     }
 }

@@ -21,61 +21,60 @@ use crate::validate;
 /// An explicit `release().await` is the main path, since it reports whether the lock was still
 /// held.
 pub struct LockGuard {
-    handle: Option<Box<dyn Handle>>,
-    keys: Vec<Key>,
-    token: Token,
-    valid_until: Instant,
-    fencing_token: Option<u64>,
+    /// The backend's handle; [`Released`] once the guard gave it away (on release or drop).
+    handle: Box<dyn Handle>,
     backend: &'static str,
 }
 
 impl LockGuard {
     /// Wraps a handle that a backend returned.
-    pub fn new(handle: Box<dyn Handle>, backend: &'static str) -> Self {
-        Self {
-            keys: handle.keys().to_vec(),
-            token: handle.token().clone(),
-            valid_until: handle.valid_until(),
-            fencing_token: handle.fencing_token(),
-            handle: Some(handle),
-            backend,
+    ///
+    /// # Errors
+    /// [`LockError::Backend`] if the handle names no key (a backend bug).
+    pub fn new(handle: Box<dyn Handle>, backend: &'static str) -> Result<Self> {
+        if handle.keys().is_empty() {
+            return Err(LockError::backend(
+                backend,
+                "the backend returned a lock handle without keys",
+            ));
         }
+        Ok(Self { handle, backend })
     }
 
     /// The (first) key held, namespaced as stored.
     pub fn key(&self) -> &Key {
-        // A guard always holds at least one key: requests with none are refused.
-        &self.keys[0]
+        // `new` refused handles without keys, and `Released` is never observed from outside.
+        &self.handle.keys()[0]
     }
 
     /// Every key held (several for a multi-key lock).
     pub fn keys(&self) -> &[Key] {
-        &self.keys
+        self.handle.keys()
     }
 
     /// The random token that proves ownership (hidden by `Debug`).
     pub fn token(&self) -> &Token {
-        &self.token
+        self.handle.token()
     }
 
     /// The local instant until which the lock is safe to rely on.
     pub fn valid_until(&self) -> Instant {
-        self.valid_until
+        self.handle.valid_until()
     }
 
     /// How long the lock is still safe to rely on; zero once that time has passed.
     pub fn remaining(&self) -> Duration {
-        self.valid_until.saturating_duration_since(Instant::now())
+        self.valid_until().saturating_duration_since(Instant::now())
     }
 
     /// True while the local validity has not passed (the store may still have lost the lock).
     pub fn is_valid(&self) -> bool {
-        Instant::now() < self.valid_until
+        Instant::now() < self.valid_until()
     }
 
     /// The fencing token of this acquisition, for backends that offer one.
     pub fn fencing_token(&self) -> Option<u64> {
-        self.fencing_token
+        self.handle.fencing_token()
     }
 
     /// The name of the backend that holds the lock.
@@ -102,14 +101,8 @@ impl LockGuard {
                     key: self.key().to_string(),
                 });
             }
-            let Some(handle) = self.handle.as_mut() else {
-                return Err(LockError::NotHeld {
-                    key: self.key().to_string(),
-                });
-            };
-            match handle.extend(ttl).await {
+            match self.handle.extend(ttl).await {
                 Ok(()) => {
-                    self.valid_until = handle.valid_until();
                     tracing::debug!("extended");
                     Ok(())
                 }
@@ -129,10 +122,9 @@ impl LockGuard {
     /// [`LockError::NotHeld`] if it had expired or been taken over (nothing of the other holder's
     /// is touched); [`LockError::Backend`] on I/O.
     pub async fn release(mut self) -> Result<()> {
-        let Some(mut handle) = self.handle.take() else {
-            return Ok(());
-        };
-        let span = tracing::debug_span!("lock.release", backend = self.backend, key = %self.key());
+        let mut handle = self.take_handle();
+        let span =
+            tracing::debug_span!("lock.release", backend = self.backend, key = %handle.keys()[0]);
         async move {
             let result = handle.release().await;
             match &result {
@@ -146,19 +138,56 @@ impl LockGuard {
     }
 }
 
+impl LockGuard {
+    /// Takes the handle out, leaving [`Released`] (a zero-sized box: no allocation).
+    fn take_handle(&mut self) -> Box<dyn Handle> {
+        std::mem::replace(&mut self.handle, Box::new(Released))
+    }
+}
+
+/// What a guard holds after giving its handle away.
+#[derive(Debug)]
+struct Released;
+
+#[async_trait::async_trait]
+impl Handle for Released {
+    fn keys(&self) -> &[Key] {
+        &[]
+    }
+
+    fn token(&self) -> &Token {
+        Token::released()
+    }
+
+    fn valid_until(&self) -> Instant {
+        Instant::now()
+    }
+
+    async fn extend(&mut self, _ttl: Duration) -> Result<()> {
+        Err(LockError::NotHeld { key: String::new() })
+    }
+
+    async fn release(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        let Some(mut handle) = self.handle.take() else {
-            return;
-        };
-        let key = self.key().to_string();
+        let mut handle = self.take_handle();
+        if handle.keys().is_empty() {
+            return; // already released
+        }
+        let key = handle.keys()[0].to_string();
         let backend = self.backend;
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
                     match handle.release().await {
                         Ok(()) => tracing::debug!(backend, key, "released on drop"),
-                        Err(error) => tracing::debug!(backend, key, %error, "release on drop failed"),
+                        Err(error) => {
+                            tracing::debug!(backend, key, %error, "release on drop failed")
+                        }
                     }
                 });
             }
@@ -175,9 +204,9 @@ impl fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockGuard")
             .field("backend", &self.backend)
-            .field("keys", &self.keys)
-            .field("token", &self.token)
-            .field("fencing_token", &self.fencing_token)
+            .field("keys", &self.keys())
+            .field("token", self.token())
+            .field("fencing_token", &self.fencing_token())
             .field("remaining", &self.remaining())
             .finish()
     }

@@ -23,8 +23,8 @@ impl Key {
     ///
     /// # Errors
     /// [`LockError::InvalidInput`] naming `key` when it is empty or longer than [`MAX_KEY_LEN`].
-    pub fn new(key: impl Into<String>) -> Result<Self> {
-        let key = key.into();
+    pub fn new(key: impl AsRef<str>) -> Result<Self> {
+        let key = key.as_ref();
         if key.is_empty() {
             return Err(LockError::invalid("key", "must not be empty"));
         }
@@ -83,7 +83,11 @@ impl Namespace {
         if namespace.len() >= MAX_KEY_LEN / 2 {
             return Err(LockError::invalid(
                 "namespace",
-                format!("is {} bytes long; the limit is {}", namespace.len(), MAX_KEY_LEN / 2 - 1),
+                format!(
+                    "is {} bytes long; the limit is {}",
+                    namespace.len(),
+                    MAX_KEY_LEN / 2 - 1
+                ),
             ));
         }
         Ok(Self(namespace))
@@ -118,6 +122,71 @@ impl fmt::Debug for Namespace {
     }
 }
 
+/// One or more keys locked together; never empty. Cloning is cheap, and a single key costs no
+/// extra allocation.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct KeySet(KeySetRepr);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum KeySetRepr {
+    One(Key),
+    Many(Arc<[Key]>),
+}
+
+impl KeySet {
+    /// A set of one key.
+    pub fn one(key: Key) -> Self {
+        Self(KeySetRepr::One(key))
+    }
+
+    /// A set of several keys, taken all or none.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `keys` when there is none.
+    pub fn many(keys: Vec<Key>) -> Result<Self> {
+        match keys.len() {
+            0 => Err(LockError::invalid("keys", "name at least one key to lock")),
+            1 => Ok(Self::one(
+                keys.into_iter()
+                    .next()
+                    .ok_or_else(|| LockError::invalid("keys", "empty"))?,
+            )),
+            _ => Ok(Self(KeySetRepr::Many(Arc::from(keys)))),
+        }
+    }
+
+    /// The first key, used to name the lock in messages and spans.
+    pub fn primary(&self) -> &Key {
+        match &self.0 {
+            KeySetRepr::One(key) => key,
+            // `many` never builds an empty set.
+            KeySetRepr::Many(keys) => &keys[0],
+        }
+    }
+
+    /// The keys as a slice.
+    pub fn as_slice(&self) -> &[Key] {
+        match &self.0 {
+            KeySetRepr::One(key) => std::slice::from_ref(key),
+            KeySetRepr::Many(keys) => keys,
+        }
+    }
+}
+
+impl std::ops::Deref for KeySet {
+    type Target = [Key];
+
+    fn deref(&self) -> &[Key] {
+        self.as_slice()
+    }
+}
+
+impl fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
+}
+
 /// The full key for `key` under an optional namespace: the seed facade's `getKey(namespace)`.
 ///
 /// # Errors
@@ -135,7 +204,9 @@ mod tests {
 
     #[test]
     fn rejects_empty_and_oversized_keys() {
-        assert!(matches!(Key::new(""), Err(LockError::InvalidInput { field, .. }) if field == "key"));
+        assert!(
+            matches!(Key::new(""), Err(LockError::InvalidInput { field, .. }) if field == "key")
+        );
         assert!(Key::new("x".repeat(MAX_KEY_LEN)).is_ok());
         assert!(Key::new("x".repeat(MAX_KEY_LEN + 1)).is_err());
     }
@@ -143,8 +214,25 @@ mod tests {
     #[test]
     fn accepts_unicode_and_hostile_keys_verbatim() {
         for raw in ["clé🔒", "x'); redis.call('flushall') --", "a b\tc", "\u{0}"] {
-            assert_eq!(Key::new(raw).map(|k| k.to_string()).ok().as_deref(), Some(raw));
+            assert_eq!(
+                Key::new(raw).map(|k| k.to_string()).ok().as_deref(),
+                Some(raw)
+            );
         }
+    }
+
+    #[test]
+    fn key_sets_are_never_empty() {
+        assert!(KeySet::many(Vec::new()).is_err());
+        let one = KeySet::many(vec![Key::new("a").expect("valid")]).expect("one key");
+        assert_eq!(one.primary().as_str(), "a");
+        let two = KeySet::many(vec![
+            Key::new("a").expect("valid"),
+            Key::new("b").expect("valid"),
+        ])
+        .expect("two");
+        assert_eq!(two.len(), 2);
+        assert_eq!(two.primary().as_str(), "a");
     }
 
     #[test]
@@ -154,6 +242,9 @@ mod tests {
         assert!(ns.key("").is_err());
         assert!(Namespace::new("").is_err());
         assert_eq!(key_for(None, "job").expect("valid").as_str(), "job");
-        assert_eq!(key_for(Some(&ns), "job").expect("valid").as_str(), "app:job");
+        assert_eq!(
+            key_for(Some(&ns), "job").expect("valid").as_str(),
+            "app:job"
+        );
     }
 }

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::error::{LockError, Result};
-use crate::key::Key;
+use crate::key::{Key, KeySet};
 use crate::token::Token;
 
 /// What a backend can do beyond taking and releasing a lock; the core and the conformance suite
@@ -102,22 +102,38 @@ impl Capabilities {
 /// token is fresh.
 #[derive(Clone, Debug)]
 pub struct LockRequest {
-    keys: Vec<Key>,
+    keys: KeySet,
     token: Token,
     ttl: Duration,
+    after_wait: bool,
 }
 
 impl LockRequest {
-    /// Builds a request, checking that it names at least one key and a valid ttl.
+    /// Builds a request, checking the ttl.
     ///
     /// # Errors
-    /// [`LockError::InvalidInput`] naming `keys` or `ttl`.
-    pub fn new(keys: Vec<Key>, token: Token, ttl: Duration) -> Result<Self> {
-        if keys.is_empty() {
-            return Err(LockError::invalid("keys", "name at least one key to lock"));
-        }
+    /// [`LockError::InvalidInput`] naming `ttl`.
+    pub fn new(keys: KeySet, token: Token, ttl: Duration) -> Result<Self> {
         crate::validate::ttl("ttl", ttl)?;
-        Ok(Self { keys, token, ttl })
+        Ok(Self::prevalidated(keys, token, ttl))
+    }
+
+    /// For the core, whose options were validated when they were set.
+    pub(crate) fn prevalidated(keys: KeySet, token: Token, ttl: Duration) -> Self {
+        Self {
+            keys,
+            token,
+            ttl,
+            after_wait: false,
+        }
+    }
+
+    /// Marks an attempt that follows a wait for the same keys. Backends that hold a released
+    /// key back for its waiters (first come, first served) let such attempts in.
+    #[must_use]
+    pub fn with_after_wait(mut self, after_wait: bool) -> Self {
+        self.after_wait = after_wait;
+        self
     }
 
     /// The keys to take, all or none; one unless the backend has [`Capabilities::multi_key`].
@@ -125,10 +141,14 @@ impl LockRequest {
         &self.keys
     }
 
+    /// The keys as a cheaply cloned set, for handles that keep them.
+    pub fn key_set(&self) -> &KeySet {
+        &self.keys
+    }
+
     /// The first key, used to name the lock in messages and spans.
     pub fn primary_key(&self) -> &Key {
-        // `new` refuses an empty key list, so the first key always exists.
-        &self.keys[0]
+        self.keys.primary()
     }
 
     /// The fresh random value to store as proof of ownership.
@@ -139,6 +159,11 @@ impl LockRequest {
     /// How long the lock lives unless extended.
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    /// True when this attempt follows a wait for the same keys.
+    pub fn after_wait(&self) -> bool {
+        self.after_wait
     }
 }
 

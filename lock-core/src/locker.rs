@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use crate::error::{LockError, Result};
 use crate::guard::LockGuard;
-use crate::key::{Key, Namespace, key_for};
+use crate::key::{Key, KeySet, Namespace, key_for};
 use crate::lock::{Capabilities, Handle, Lock, LockRequest};
 use crate::options::LockOptions;
 use crate::retry::RetryPolicy;
@@ -128,7 +128,9 @@ impl Locker {
     /// [`LockError::Timeout`] when retries or the deadline ran out, the last backend error if
     /// the store kept failing, and [`LockError::InvalidInput`] for a bad key.
     pub async fn acquire(&self, key: &str) -> Result<LockGuard> {
-        self.acquire_with(key, &self.options).await
+        // The client's own options were validated when they were set.
+        let keys = KeySet::one(self.lock_ns(key)?);
+        self.acquire_keys(keys, &self.options).await
     }
 
     /// Like [`Locker::acquire`], with options for this call only.
@@ -137,7 +139,7 @@ impl Locker {
     /// As [`Locker::acquire`]; also [`LockError::InvalidInput`] for bad options.
     pub async fn acquire_with(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
         options.validate()?;
-        let keys = vec![self.lock_ns(key)?];
+        let keys = KeySet::one(self.lock_ns(key)?);
         self.acquire_keys(keys, options).await
     }
 
@@ -156,7 +158,7 @@ impl Locker {
     /// # Errors
     /// [`LockError::InvalidInput`] for a bad key; backend failures.
     pub async fn try_acquire(&self, key: &str) -> Result<Option<LockGuard>> {
-        let keys = vec![self.lock_ns(key)?];
+        let keys = KeySet::one(self.lock_ns(key)?);
         let options = self.options.clone().with_retry(RetryPolicy::none());
         match self.acquire_keys(keys, &options).await {
             Ok(guard) => Ok(Some(guard)),
@@ -225,14 +227,15 @@ impl Locker {
         Ok(())
     }
 
-    fn keys(&self, keys: &[&str]) -> Result<Vec<Key>> {
-        if keys.is_empty() {
-            return Err(LockError::invalid("keys", "name at least one key to lock"));
-        }
-        keys.iter().map(|key| self.lock_ns(key)).collect()
+    fn keys(&self, keys: &[&str]) -> Result<KeySet> {
+        KeySet::many(
+            keys.iter()
+                .map(|key| self.lock_ns(key))
+                .collect::<Result<_>>()?,
+        )
     }
 
-    async fn acquire_keys(&self, keys: Vec<Key>, options: &LockOptions) -> Result<LockGuard> {
+    async fn acquire_keys(&self, keys: KeySet, options: &LockOptions) -> Result<LockGuard> {
         self.check_running()?;
         let capabilities = self.lock.capabilities();
         if keys.len() > 1 && !capabilities.multi_key {
@@ -244,25 +247,31 @@ impl Locker {
         let span = tracing::debug_span!(
             "lock.acquire",
             backend = self.lock.name(),
-            key = %keys[0],
-            attempts = tracing::field::Empty,
+            key = %keys.primary(),
         );
         self.retry_loop(keys, options).instrument(span).await
     }
 
-    async fn retry_loop(&self, keys: Vec<Key>, options: &LockOptions) -> Result<LockGuard> {
-        let started = Instant::now();
-        let deadline = options.retry().deadline().map(|d| started + d);
+    async fn retry_loop(&self, keys: KeySet, options: &LockOptions) -> Result<LockGuard> {
+        // The clock is read only when needed: before the first attempt if there is a deadline,
+        // otherwise after the first attempt that finds the key held.
+        let mut started = options.retry().deadline().map(|_| Instant::now());
+        let deadline = options
+            .retry()
+            .deadline()
+            .zip(started)
+            .map(|(d, started)| started + d);
         let mut backoff = options.retry().backoff();
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let request = LockRequest::new(keys.clone(), Token::generate()?, options.ttl())?;
+            let request =
+                LockRequest::prevalidated(keys.clone(), Token::generate()?, options.ttl())
+                    .with_after_wait(attempts > 1);
             let last_error = match self.attempt(&request, deadline).await {
                 Ok(Some(handle)) => {
-                    tracing::Span::current().record("attempts", attempts);
                     tracing::debug!(attempts, "acquired");
-                    return Ok(LockGuard::new(handle, self.lock.name()));
+                    return LockGuard::new(handle, self.lock.name());
                 }
                 Ok(None) => None,
                 Err(error @ (LockError::Backend { .. } | LockError::QuorumNotReached { .. })) => {
@@ -271,9 +280,9 @@ impl Locker {
                 }
                 Err(error) => return Err(error),
             };
+            let started = *started.get_or_insert_with(Instant::now);
             let gave_up = |last_error: Option<LockError>| {
-                tracing::Span::current().record("attempts", attempts);
-                let key = keys[0].to_string();
+                let key = keys.primary().to_string();
                 let error = match last_error {
                     Some(error) => error,
                     None if options.retry().is_single_attempt() => LockError::Locked { key },
@@ -297,7 +306,11 @@ impl Locker {
                 }
                 wake_at = wake_at.min(deadline);
             }
-            tracing::debug!(attempts, delay_ms = delay.as_millis() as u64, "held elsewhere; waiting to retry");
+            tracing::debug!(
+                attempts,
+                delay_ms = delay.as_millis() as u64,
+                "held elsewhere; waiting to retry"
+            );
             self.lock.wait_for_release(&keys, wake_at - now).await?;
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Err(gave_up(last_error));
@@ -316,11 +329,13 @@ impl Locker {
             request,
         };
         let result = match deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline, self.lock.try_acquire(request)).await {
-                Ok(result) => result,
-                // The attempt was cut short: `pending` cleans up whatever it may have left.
-                Err(_) => return Ok(None),
-            },
+            Some(deadline) => {
+                match tokio::time::timeout_at(deadline, self.lock.try_acquire(request)).await {
+                    Ok(result) => result,
+                    // The attempt was cut short: `pending` cleans up whatever it may have left.
+                    Err(_) => return Ok(None),
+                }
+            }
             None => self.lock.try_acquire(request).await,
         };
         pending.lock = None;
@@ -340,18 +355,18 @@ impl Drop for PendingAttempt<'_> {
         let Some(lock) = self.lock.take() else {
             return;
         };
-        let keys = self.request.keys().to_vec();
+        let keys = self.request.key_set().clone();
         let token = self.request.token().clone();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
                     if let Err(error) = lock.abandon(&keys, &token).await {
-                        tracing::warn!(key = %keys[0], %error, "cleanup of an interrupted attempt failed; the lock expires with its ttl");
+                        tracing::warn!(key = %keys.primary(), %error, "cleanup of an interrupted attempt failed; the lock expires with its ttl");
                     }
                 });
             }
             Err(_) => tracing::warn!(
-                key = %keys[0],
+                key = %keys.primary(),
                 "attempt interrupted outside a tokio runtime; any lock it left expires with its ttl"
             ),
         }

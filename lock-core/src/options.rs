@@ -108,7 +108,10 @@ mod tests {
     #[test]
     fn zero_and_absurd_ttls_are_rejected_by_name() {
         for ttl in [Duration::ZERO, Duration::from_secs(365 * 24 * 3600)] {
-            let error = LockOptions::default().with_ttl(ttl).validate().expect_err("bad ttl");
+            let error = LockOptions::default()
+                .with_ttl(ttl)
+                .validate()
+                .expect_err("bad ttl");
             assert!(matches!(error, LockError::InvalidInput { ref field, .. } if field == "ttl"));
         }
     }
@@ -119,7 +122,9 @@ mod tests {
             .with_retry(RetryPolicy::default().with_backoff_factor(0.0))
             .validate()
             .expect_err("bad factor");
-        assert!(matches!(error, LockError::InvalidInput { ref field, .. } if field == "retry.backoff_factor"));
+        assert!(
+            matches!(error, LockError::InvalidInput { ref field, .. } if field == "retry.backoff_factor")
+        );
     }
 
     #[test]
@@ -127,7 +132,8 @@ mod tests {
         let from_json: LockOptions =
             serde_json::from_str(r#"{"ttl": 500, "retry": {"retry_count": 2}}"#).expect("json");
         assert_eq!(from_json.ttl(), Duration::from_millis(500));
-        let from_toml: LockOptions = toml::from_str("ttl = 500\n[retry]\nretry_count = 2\n").expect("toml");
+        let from_toml: LockOptions =
+            toml::from_str("ttl = 500\n[retry]\nretry_count = 2\n").expect("toml");
         assert_eq!(from_json, from_toml);
         assert!(serde_json::from_str::<LockOptions>(r#"{"ttl": 0}"#).is_err());
         assert!(serde_json::from_str::<LockOptions>(r#"{"ttl": -10}"#).is_err());

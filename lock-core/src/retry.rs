@@ -176,7 +176,10 @@ impl RetryPolicy {
         if !(1.0..=16.0).contains(&self.backoff_factor) {
             return Err(LockError::invalid(
                 "backoff_factor",
-                format!("{} is outside [1, 16]; use 1 for a constant delay", self.backoff_factor),
+                format!(
+                    "{} is outside [1, 16]; use 1 for a constant delay",
+                    self.backoff_factor
+                ),
             ));
         }
         if self.max_delay < self.retry_delay {
@@ -188,13 +191,13 @@ impl RetryPolicy {
                 ),
             ));
         }
-        if let Some(deadline) = self.deadline {
-            if deadline.is_zero() || deadline > validate::MAX_TTL {
-                return Err(LockError::invalid(
-                    "deadline",
-                    format!("{deadline:?} is outside (0, 24 h]; leave it unset for no deadline"),
-                ));
-            }
+        if let Some(deadline) = self.deadline
+            && (deadline.is_zero() || deadline > validate::MAX_TTL)
+        {
+            return Err(LockError::invalid(
+                "deadline",
+                format!("{deadline:?} is outside (0, 24 h]; leave it unset for no deadline"),
+            ));
         }
         Ok(())
     }
@@ -228,14 +231,15 @@ impl Iterator for Backoff<'_> {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
-        if let RetryCount::Limited(limit) = self.policy.retry_count {
-            if self.retries >= limit {
-                return None;
-            }
+        if let RetryCount::Limited(limit) = self.policy.retry_count
+            && self.retries >= limit
+        {
+            return None;
         }
         let exponent = i32::try_from(self.retries).unwrap_or(i32::MAX);
         self.retries = self.retries.saturating_add(1);
-        let grown = self.policy.retry_delay.as_secs_f64() * self.policy.backoff_factor.powi(exponent);
+        let grown =
+            self.policy.retry_delay.as_secs_f64() * self.policy.backoff_factor.powi(exponent);
         let capped = if grown.is_finite() {
             Duration::from_secs_f64(grown.min(self.policy.max_delay.as_secs_f64()))
         } else {
@@ -361,11 +365,23 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         let cases = [
-            (RetryPolicy::default().with_backoff_factor(0.5), "backoff_factor"),
-            (RetryPolicy::default().with_backoff_factor(f64::NAN), "backoff_factor"),
+            (
+                RetryPolicy::default().with_backoff_factor(0.5),
+                "backoff_factor",
+            ),
+            (
+                RetryPolicy::default().with_backoff_factor(f64::NAN),
+                "backoff_factor",
+            ),
             (RetryPolicy::default().with_max_delay(ms(1)), "max_delay"),
-            (RetryPolicy::default().with_deadline(Duration::ZERO), "deadline"),
-            (RetryPolicy::default().with_retry_jitter(Duration::from_secs(7200)), "retry_jitter"),
+            (
+                RetryPolicy::default().with_deadline(Duration::ZERO),
+                "deadline",
+            ),
+            (
+                RetryPolicy::default().with_retry_jitter(Duration::from_secs(7200)),
+                "retry_jitter",
+            ),
         ];
         for (policy, expected) in cases {
             match policy.validate() {

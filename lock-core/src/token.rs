@@ -1,5 +1,6 @@
 //! Lock tokens: the random value that proves who holds a lock.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 
@@ -19,17 +20,21 @@ pub struct Token(Arc<str>);
 impl Token {
     /// Draws a new token: 16 bytes from the OS CSPRNG, as 32 lower-case hex characters.
     ///
+    /// The OS is asked for randomness in blocks of a few hundred bytes, kept per thread and
+    /// wiped as it is used, so that a token costs no system call on the hot path. Each byte
+    /// of OS output goes into one token only.
+    ///
     /// # Errors
     /// [`LockError::Backend`] if the operating system has no entropy source to give.
     pub fn generate() -> Result<Self> {
-        let mut bytes = [0u8; TOKEN_BYTES];
-        getrandom::fill(&mut bytes)
-            .map_err(|e| LockError::backend("core", format!("the OS random source failed: {e}")))?;
-        let mut hex = String::with_capacity(TOKEN_BYTES * 2);
-        for byte in bytes {
-            hex.push(char::from(HEX[usize::from(byte >> 4)]));
-            hex.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        let bytes = RANDOM_POOL.with(|pool| pool.borrow_mut().take())?;
+        let mut hex = [0u8; TOKEN_BYTES * 2];
+        for (i, byte) in bytes.iter().enumerate() {
+            hex[2 * i] = HEX[usize::from(byte >> 4)];
+            hex[2 * i + 1] = HEX[usize::from(byte & 0x0f)];
         }
+        let hex = std::str::from_utf8(&hex)
+            .map_err(|_| LockError::backend("core", "token encoding failed"))?;
         Ok(Self(Arc::from(hex)))
     }
 
@@ -45,6 +50,13 @@ impl Token {
         Ok(Self(Arc::from(value)))
     }
 
+    /// The empty placeholder held by a guard after release; never stored anywhere.
+    pub(crate) fn released() -> &'static Token {
+        static RELEASED: std::sync::LazyLock<Token> =
+            std::sync::LazyLock::new(|| Token(Arc::from("")));
+        &RELEASED
+    }
+
     /// The token's value. Keep it out of logs: whoever has it can release the lock.
     pub fn expose(&self) -> &str {
         &self.0
@@ -57,6 +69,36 @@ impl Token {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Bytes fetched from the OS per refill: 256 tokens' worth.
+const POOL_BYTES: usize = TOKEN_BYTES * 256;
+
+thread_local! {
+    static RANDOM_POOL: RefCell<RandomPool> = const { RefCell::new(RandomPool { bytes: [0; POOL_BYTES], used: POOL_BYTES }) };
+}
+
+/// OS randomness not yet handed out; consumed bytes are zeroed.
+struct RandomPool {
+    bytes: [u8; POOL_BYTES],
+    used: usize,
+}
+
+impl RandomPool {
+    fn take(&mut self) -> Result<[u8; TOKEN_BYTES]> {
+        if self.used + TOKEN_BYTES > POOL_BYTES {
+            getrandom::fill(&mut self.bytes).map_err(|e| {
+                LockError::backend("core", format!("the OS random source failed: {e}"))
+            })?;
+            self.used = 0;
+        }
+        let mut token = [0u8; TOKEN_BYTES];
+        let chunk = &mut self.bytes[self.used..self.used + TOKEN_BYTES];
+        token.copy_from_slice(chunk);
+        chunk.fill(0);
+        self.used += TOKEN_BYTES;
+        Ok(token)
+    }
+}
 
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -35,7 +35,7 @@ pub fn ttl(field: &str, ttl: Duration) -> Result<()> {
 ///
 /// Call it on a ttl that passed [`ttl`]; larger values saturate instead of overflowing.
 pub fn ttl_millis(ttl: Duration) -> u64 {
-    let millis = ttl.as_millis() + u128::from(ttl.subsec_nanos() % 1_000_000 != 0);
+    let millis = ttl.as_millis() + u128::from(!ttl.subsec_nanos().is_multiple_of(1_000_000));
     u64::try_from(millis).unwrap_or(u64::MAX)
 }
 
@@ -45,7 +45,10 @@ pub fn ttl_millis(ttl: Duration) -> u64 {
 /// [`LockError::InvalidInput`] naming `field`.
 pub fn fraction(field: &str, value: f64) -> Result<()> {
     if !(0.0..1.0).contains(&value) {
-        return Err(LockError::invalid(field, format!("{value} is outside [0, 1)")));
+        return Err(LockError::invalid(
+            field,
+            format!("{value} is outside [0, 1)"),
+        ));
     }
     Ok(())
 }
@@ -63,7 +66,10 @@ pub fn millis(field: &str, value: i64, max: Duration) -> Result<Duration> {
     if duration > max {
         return Err(LockError::invalid(
             field,
-            format!("{value} ms is more than the limit of {} ms", max.as_millis()),
+            format!(
+                "{value} ms is more than the limit of {} ms",
+                max.as_millis()
+            ),
         ));
     }
     Ok(duration)
@@ -107,7 +113,10 @@ mod tests {
     #[test]
     fn millis_rejects_negative_and_huge() {
         assert!(millis("retry_jitter", -1, MAX_TTL).is_err());
-        assert_eq!(millis("retry_jitter", 7, MAX_TTL).ok(), Some(Duration::from_millis(7)));
+        assert_eq!(
+            millis("retry_jitter", 7, MAX_TTL).ok(),
+            Some(Duration::from_millis(7))
+        );
         assert!(millis("retry_jitter", i64::MAX, MAX_TTL).is_err());
     }
 }

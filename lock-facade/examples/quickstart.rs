@@ -68,13 +68,21 @@ async fn run() -> lock_facade::Result<bool> {
     for worker in workers {
         match worker.await {
             Ok(result) => result?,
-            Err(join_error) => return Err(lock_facade::LockError::backend("quickstart", join_error.to_string())),
+            Err(join_error) => {
+                return Err(lock_facade::LockError::backend(
+                    "quickstart",
+                    join_error.to_string(),
+                ));
+            }
         }
     }
 
     let mut intervals = intervals.lock().await.clone();
     intervals.sort();
-    let overlaps = intervals.windows(2).filter(|pair| pair[1].0 < pair[0].1).count();
+    let overlaps = intervals
+        .windows(2)
+        .filter(|pair| pair[1].0 < pair[0].1)
+        .count();
     println!(
         "{} critical sections by {WORKERS} workers, overlaps {overlaps}",
         intervals.len()

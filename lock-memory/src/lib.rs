@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use lock_core::{Capabilities, Handle, Key, Lock, LockError, LockRequest, Result, Token, async_trait};
+use lock_core::{
+    Capabilities, Handle, Key, KeySet, Lock, LockError, LockRequest, Result, Token, async_trait,
+};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -18,9 +20,16 @@ pub const NAME: &str = "memory";
 /// How many acquisitions pass between sweeps of expired, never-released entries.
 const SWEEP_EVERY: u64 = 4096;
 
+/// How long a released key is held back for the waiter it woke, so that a newcomer cannot
+/// barge in ahead of tasks that queued first. A woken waiter normally runs within microseconds;
+/// this only bounds the cost of a waiter that vanished.
+const HANDOFF_GRACE: Duration = Duration::from_millis(20);
+
 /// An in-process lock over a sharded map; clones share the same locks.
 ///
-/// Every map access is synchronous: no shard guard is ever held across an `.await`.
+/// Every map access is synchronous: no shard guard is ever held across an `.await`. Waiters
+/// are served first come, first served: a release wakes the longest waiter and holds the key
+/// back for it briefly.
 #[derive(Clone, Default)]
 pub struct MemoryLock {
     inner: Arc<Inner>,
@@ -28,19 +37,61 @@ pub struct MemoryLock {
 
 #[derive(Default)]
 struct Inner {
-    /// The current holder of each locked key; removed on release, so the map returns to empty.
-    held: DashMap<Key, Holder>,
-    /// One notifier per key that has waiters; removed when the last waiter leaves.
-    waiters: DashMap<Key, Arc<Notify>>,
+    /// One slot per key that is held or waited for; removed when neither, so the map returns
+    /// to empty.
+    slots: DashMap<Key, Slot, foldhash::fast::RandomState>,
     /// Fencing tokens come from one counter, so they increase per key without keeping any
     /// per-key state after release.
     fence: AtomicU64,
     acquisitions: AtomicU64,
 }
 
+#[derive(Default)]
+struct Slot {
+    holder: Option<Holder>,
+    /// Present while tasks wait for this key; it outlives holders, so waiters keep their
+    /// place in line across hand-offs.
+    waiters: Option<Arc<Notify>>,
+    /// Until then, only an attempt that followed a wait may take the (free) key.
+    reserved_until: Option<Instant>,
+    /// Changes whenever the holder changes, so a waiter can tell whether it missed an event.
+    generation: u64,
+}
+
 struct Holder {
     token: Token,
     expires_at: Instant,
+}
+
+impl Slot {
+    fn held_at(&self, now: Instant) -> bool {
+        self.holder
+            .as_ref()
+            .is_some_and(|holder| holder.expires_at > now)
+    }
+
+    fn has_waiters(&self) -> bool {
+        self.waiters
+            .as_ref()
+            .is_some_and(|n| Arc::strong_count(n) > 1)
+    }
+
+    fn is_idle(&self) -> bool {
+        self.holder.is_none() && !self.has_waiters()
+    }
+
+    /// When the key may next be free for anyone: `None` if it is free now.
+    fn busy_until(&self, now: Instant, after_wait: bool) -> Option<Instant> {
+        if let Some(holder) = self
+            .holder
+            .as_ref()
+            .filter(|holder| holder.expires_at > now)
+        {
+            return Some(holder.expires_at);
+        }
+        self.reserved_until
+            .filter(|until| *until > now && !after_wait)
+    }
 }
 
 impl MemoryLock {
@@ -49,68 +100,138 @@ impl MemoryLock {
         Self::default()
     }
 
-    /// How many keys have an entry (held, or expired and not yet reclaimed).
+    /// How many keys have an entry (held, waited for, or expired and not yet reclaimed).
     pub fn len(&self) -> usize {
-        self.inner.held.len()
+        self.inner.slots.len()
     }
 
     /// True when no key has an entry.
     pub fn is_empty(&self) -> bool {
-        self.inner.held.is_empty()
+        self.inner.slots.is_empty()
     }
 
     /// How many keys currently have tasks waiting for them.
     pub fn waited_keys(&self) -> usize {
-        self.inner.waiters.len()
+        self.inner
+            .slots
+            .iter()
+            .filter(|slot| slot.has_waiters())
+            .count()
     }
 
     /// The capacity of the lock table: it tracks the most keys held at once, not every key
     /// ever locked.
     pub fn capacity(&self) -> usize {
-        self.inner.held.capacity()
+        self.inner.slots.capacity()
     }
 }
 
 impl Inner {
-    /// Takes `key` for `token` if it is free or its holder expired.
-    fn take(&self, key: &Key, token: &Token, expires_at: Instant, now: Instant) -> bool {
+    /// Takes `key` for `token` if it is free (or its holder expired) and not held back for a
+    /// waiter.
+    fn take(
+        &self,
+        key: &Key,
+        token: &Token,
+        expires_at: Instant,
+        now: Instant,
+        after_wait: bool,
+    ) -> bool {
         let holder = Holder {
             token: token.clone(),
             expires_at,
         };
-        match self.held.entry(key.clone()) {
-            Entry::Occupied(mut held) if held.get().expires_at <= now => {
-                held.insert(holder);
+        match self.slots.entry(key.clone()) {
+            Entry::Occupied(mut slot) => {
+                let slot = slot.get_mut();
+                if slot.busy_until(now, after_wait).is_some() {
+                    return false;
+                }
+                slot.holder = Some(holder);
+                slot.reserved_until = None;
+                slot.generation += 1;
                 true
             }
-            Entry::Occupied(_) => false,
             Entry::Vacant(free) => {
-                free.insert(holder);
+                free.insert(Slot {
+                    holder: Some(holder),
+                    ..Slot::default()
+                });
                 true
             }
         }
     }
 
-    /// Removes `key` if `token` holds it; returns whether it was still valid at `now`.
-    fn remove_if_ours(&self, key: &Key, token: &Token, now: Instant) -> Option<bool> {
-        let removed = self.held.remove_if(key, |_, holder| holder.token == *token);
-        removed.map(|(key, holder)| {
-            self.notify(&key);
-            holder.expires_at > now
-        })
-    }
-
-    fn notify(&self, key: &Key) {
-        let notify = self.waiters.get(key).map(|entry| Arc::clone(entry.value()));
-        if let Some(notify) = notify {
-            notify.notify_waiters();
+    /// Frees `key` if `token` holds it and wakes the longest waiter; returns whether the lock
+    /// was still valid at `now`, or `None` if `token` did not hold it.
+    fn release(&self, key: &Key, token: &Token, now: Instant) -> Option<bool> {
+        let ours = |slot: &Slot| {
+            slot.holder
+                .as_ref()
+                .is_some_and(|holder| holder.token == *token)
+        };
+        // Fast path: nobody waits, so the slot goes away in one step.
+        if let Some((_, slot)) = self
+            .slots
+            .remove_if(key, |_, slot| ours(slot) && slot.waiters.is_none())
+        {
+            return Some(slot.held_at(now));
         }
+        let (valid, woke) = {
+            let mut slot = self.slots.get_mut(key)?;
+            if !ours(&slot) {
+                return None;
+            }
+            let valid = slot.held_at(now);
+            slot.holder = None;
+            slot.generation += 1;
+            // Notify under the shard lock: a clone of the notifier taken out would briefly
+            // count as a waiter and could keep an idle slot alive.
+            let woke = slot.has_waiters();
+            if woke {
+                slot.reserved_until = Some(now + HANDOFF_GRACE);
+                if let Some(waiters) = &slot.waiters {
+                    waiters.notify_one();
+                }
+            }
+            (valid, woke)
+        };
+        if !woke {
+            self.slots.remove_if(key, |_, slot| slot.is_idle());
+        }
+        Some(valid)
     }
 
     fn sweep_now_and_then(&self, now: Instant) {
         if self.acquisitions.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            self.held.retain(|_, holder| holder.expires_at > now);
+            self.slots
+                .retain(|_, slot| slot.held_at(now) || slot.has_waiters());
         }
+    }
+
+    /// Joins the waiters of `key` if it is busy: until when, the generation seen, the notifier.
+    fn wait_on(
+        &self,
+        key: &Key,
+        now: Instant,
+        after_wait: bool,
+    ) -> Option<(Instant, u64, Arc<Notify>)> {
+        let mut slot = self.slots.get_mut(key)?;
+        let busy_until = slot.busy_until(now, after_wait)?;
+        let waiters = Arc::clone(slot.waiters.get_or_insert_with(Default::default));
+        Some((busy_until, slot.generation, waiters))
+    }
+
+    /// Leaves the waiters of `key`: the slot goes when nobody holds or waits for it.
+    fn stop_waiting(&self, key: &Key, waiters: Arc<Notify>) {
+        drop(waiters);
+        if let Some(mut slot) = self.slots.get_mut(key)
+            && slot.waiters.is_some()
+            && !slot.has_waiters()
+        {
+            slot.waiters = None;
+        }
+        self.slots.remove_if(key, |_, slot| slot.is_idle());
     }
 }
 
@@ -134,9 +255,12 @@ impl Lock for MemoryLock {
         let expires_at = now + request.ttl();
         let token = request.token();
         for (taken, key) in request.keys().iter().enumerate() {
-            if !self.inner.take(key, token, expires_at, now) {
+            if !self
+                .inner
+                .take(key, token, expires_at, now, request.after_wait())
+            {
                 for key in &request.keys()[..taken] {
-                    self.inner.remove_if_ours(key, token, now);
+                    self.inner.release(key, token, now);
                 }
                 return Ok(None);
             }
@@ -145,7 +269,7 @@ impl Lock for MemoryLock {
         let fence = self.inner.fence.fetch_add(1, Ordering::SeqCst) + 1;
         Ok(Some(Box::new(MemoryHandle {
             inner: Arc::clone(&self.inner),
-            keys: request.keys().to_vec(),
+            keys: request.key_set().clone(),
             token: token.clone(),
             valid_until: expires_at,
             fence,
@@ -156,7 +280,7 @@ impl Lock for MemoryLock {
         let now = Instant::now();
         let mut removed = false;
         for key in keys {
-            removed |= self.inner.remove_if_ours(key, token, now).is_some();
+            removed |= self.inner.release(key, token, now).is_some();
         }
         Ok(removed)
     }
@@ -164,59 +288,55 @@ impl Lock for MemoryLock {
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
         let now = Instant::now();
         let give_up_at = now + max_wait;
-        // Wait on the first key still held; the others are re-checked by the next attempt.
-        let Some((key, expires_at)) = keys.iter().find_map(|key| {
-            let holder = self.inner.held.get(key)?;
-            (holder.expires_at > now).then(|| (key, holder.expires_at))
-        }) else {
+        // A caller that waits is in line: a key held back for the line does not stop it here.
+        // Wait on the first busy key; the others are re-checked by the next attempt.
+        let Some((key, (busy_until, generation, waiters))) = keys
+            .iter()
+            .find_map(|key| Some((key, self.inner.wait_on(key, now, false)?)))
+        else {
             return Ok(());
         };
-        let notify = Arc::clone(self.inner.waiters.entry(key.clone()).or_default().value());
         {
-            let notified = notify.notified();
+            let notified = waiters.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // The holder may have left between the look-up and the registration above.
-            let still_held = self
-                .inner
-                .held
-                .get(key)
-                .is_some_and(|holder| holder.expires_at > Instant::now());
-            if still_held {
+            // The holder may have left between joining the line and enabling the notification.
+            let unchanged = self.inner.slots.get(key).is_some_and(|slot| {
+                slot.generation == generation && slot.busy_until(Instant::now(), false).is_some()
+            });
+            if unchanged {
                 tokio::select! {
                     () = notified => {}
-                    () = tokio::time::sleep_until(expires_at.min(give_up_at)) => {}
+                    () = tokio::time::sleep_until(busy_until.min(give_up_at)) => {}
                 }
             }
         }
-        drop(notify);
-        self.inner
-            .waiters
-            .remove_if(key, |_, notify| Arc::strong_count(notify) == 1);
+        self.inner.stop_waiting(key, waiters);
         Ok(())
     }
 
     async fn purge(&self, prefix: &str) -> Result<u64> {
-        let mut purged = Vec::new();
-        self.inner.held.retain(|key, _| {
-            let matches = key.as_str().starts_with(prefix);
-            if matches {
-                purged.push(key.clone());
+        let mut purged = 0;
+        self.inner.slots.retain(|key, slot| {
+            if !key.as_str().starts_with(prefix) || slot.holder.is_none() {
+                return true;
             }
-            !matches
+            purged += 1;
+            slot.holder = None;
+            slot.generation += 1;
+            if let Some(waiters) = &slot.waiters {
+                waiters.notify_waiters();
+            }
+            !slot.is_idle()
         });
-        for key in &purged {
-            self.inner.notify(key);
-        }
-        Ok(purged.len() as u64)
+        Ok(purged)
     }
 }
 
 impl fmt::Debug for MemoryLock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryLock")
-            .field("held", &self.inner.held.len())
-            .field("waited_keys", &self.inner.waiters.len())
+            .field("keys", &self.inner.slots.len())
             .finish()
     }
 }
@@ -224,7 +344,7 @@ impl fmt::Debug for MemoryLock {
 /// A lock held in this process.
 struct MemoryHandle {
     inner: Arc<Inner>,
-    keys: Vec<Key>,
+    keys: KeySet,
     token: Token,
     valid_until: Instant,
     fence: u64,
@@ -233,7 +353,7 @@ struct MemoryHandle {
 impl MemoryHandle {
     fn not_held(&self) -> LockError {
         LockError::NotHeld {
-            key: self.keys[0].to_string(),
+            key: self.keys.primary().to_string(),
         }
     }
 }
@@ -259,14 +379,16 @@ impl Handle for MemoryHandle {
     async fn extend(&mut self, ttl: Duration) -> Result<()> {
         let now = Instant::now();
         let expires_at = now + ttl;
-        for key in &self.keys {
-            let Some(mut holder) = self.inner.held.get_mut(key) else {
+        for key in self.keys.iter() {
+            let Some(mut slot) = self.inner.slots.get_mut(key) else {
                 return Err(self.not_held());
             };
-            if holder.token != self.token || holder.expires_at <= now {
-                return Err(self.not_held());
+            match slot.holder.as_mut() {
+                Some(holder) if holder.token == self.token && holder.expires_at > now => {
+                    holder.expires_at = expires_at;
+                }
+                _ => return Err(self.not_held()),
             }
-            holder.expires_at = expires_at;
         }
         self.valid_until = expires_at;
         Ok(())
@@ -275,10 +397,14 @@ impl Handle for MemoryHandle {
     async fn release(&mut self) -> Result<()> {
         let now = Instant::now();
         let mut all_valid = true;
-        for key in &self.keys {
-            all_valid &= self.inner.remove_if_ours(key, &self.token, now) == Some(true);
+        for key in self.keys.iter() {
+            all_valid &= self.inner.release(key, &self.token, now) == Some(true);
         }
-        if all_valid { Ok(()) } else { Err(self.not_held()) }
+        if all_valid {
+            Ok(())
+        } else {
+            Err(self.not_held())
+        }
     }
 }
 
@@ -313,9 +439,19 @@ mod tests {
         let locker = locker(&lock, Duration::from_secs(1));
         let mut stale = locker.acquire("k").await.unwrap();
         tokio::time::advance(Duration::from_millis(1_001)).await;
-        let next = locker.try_acquire("k").await.unwrap().expect("expired entry reclaimed");
-        assert!(matches!(stale.extend(Duration::from_secs(5)).await, Err(LockError::NotHeld { .. })));
-        assert!(matches!(stale.release().await, Err(LockError::NotHeld { .. })));
+        let next = locker
+            .try_acquire("k")
+            .await
+            .unwrap()
+            .expect("expired entry reclaimed");
+        assert!(matches!(
+            stale.extend(Duration::from_secs(5)).await,
+            Err(LockError::NotHeld { .. })
+        ));
+        assert!(matches!(
+            stale.release().await,
+            Err(LockError::NotHeld { .. })
+        ));
         assert_eq!(lock.len(), 1, "the stale release removed the next holder");
         next.release().await.unwrap();
         assert!(lock.is_empty());
@@ -324,9 +460,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn release_of_an_expired_but_untaken_lock_reports_not_held_and_cleans_up() {
         let lock = MemoryLock::new();
-        let guard = locker(&lock, Duration::from_millis(100)).acquire("k").await.unwrap();
+        let guard = locker(&lock, Duration::from_millis(100))
+            .acquire("k")
+            .await
+            .unwrap();
         tokio::time::advance(Duration::from_millis(150)).await;
-        assert!(matches!(guard.release().await, Err(LockError::NotHeld { .. })));
+        assert!(matches!(
+            guard.release().await,
+            Err(LockError::NotHeld { .. })
+        ));
         assert!(lock.is_empty());
     }
 
@@ -340,7 +482,11 @@ mod tests {
         }
         assert_eq!(lock.len(), 0);
         assert_eq!(lock.waited_keys(), 0);
-        assert!(lock.capacity() < 1_000, "the table grew to {} slots", lock.capacity());
+        assert!(
+            lock.capacity() < 1_000,
+            "the table grew to {} slots",
+            lock.capacity()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,6 +503,7 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(lock.waited_keys(), 1);
+        assert_eq!(lock.len(), 1);
         holder.release().await.unwrap();
         for waiter in waiters {
             waiter.await.unwrap();

@@ -1,1 +1,7 @@
-//! tests
+//! Workspace-level test support: real `redis-server` processes for the Redis backends' tests,
+//! and the helpers shared by cross-backend and fault tests.
+//!
+//! Everything here talks to 127.0.0.1 only.
+#![forbid(unsafe_code)]
+
+pub mod server;

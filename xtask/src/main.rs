@@ -1,1 +1,35 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <verb>` from any folder of the workspace.
+//!
+//! - `it`: the whole test suite, as CI runs it: formatting, clippy, and every test against real
+//!   `redis-server` processes (installed first if missing).
+//! - `bench [--quick]`: the benchmarks, with figures as ratios to references measured in the
+//!   same run.
+
+mod bench;
+mod it;
+mod redis;
+mod run;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: cargo xtask <it | bench [--quick]>";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("it") => it::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(USAGE.to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

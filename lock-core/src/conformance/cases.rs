@@ -71,7 +71,10 @@ async fn eventually_free(locker: &Locker, key: &str, within: Duration, why: &str
             guard.release().await.unwrap();
             return;
         }
-        assert!(started.elapsed() < within, "`{key}` still held after {within:?}: {why}");
+        assert!(
+            started.elapsed() < within,
+            "`{key}` still held after {within:?}: {why}"
+        );
         sleep(ms(10)).await;
     }
 }
@@ -89,7 +92,10 @@ pub async fn acquire_release(lock: Arc<dyn Lock>) {
     assert!(guard.valid_until() > before);
     assert!(guard.valid_until() <= Instant::now() + locker.options().ttl());
     assert_eq!(guard.backend(), lock.name());
-    assert!(!format!("{guard:?}").contains(guard.token().expose()), "Debug leaks the token");
+    assert!(
+        !format!("{guard:?}").contains(guard.token().expose()),
+        "Debug leaks the token"
+    );
     guard.release().await.unwrap();
     assert_free(&locker, "resource", "it was released").await;
 }
@@ -104,8 +110,12 @@ pub async fn mutual_exclusion(lock: Arc<dyn Lock>) {
     let counter = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
     for _ in 0..TASKS {
-        let (locker, active, max_active, counter) =
-            (locker.clone(), active.clone(), max_active.clone(), counter.clone());
+        let (locker, active, max_active, counter) = (
+            locker.clone(),
+            active.clone(),
+            max_active.clone(),
+            counter.clone(),
+        );
         tasks.spawn(async move {
             for _ in 0..SECTIONS {
                 let guard = locker.acquire("counter").await.unwrap();
@@ -124,8 +134,16 @@ pub async fn mutual_exclusion(lock: Arc<dyn Lock>) {
     while let Some(result) = tasks.join_next().await {
         result.unwrap();
     }
-    assert_eq!(max_active.load(Ordering::SeqCst), 1, "two holders overlapped");
-    assert_eq!(counter.load(Ordering::SeqCst), (TASKS * SECTIONS) as u64, "lost updates");
+    assert_eq!(
+        max_active.load(Ordering::SeqCst),
+        1,
+        "two holders overlapped"
+    );
+    assert_eq!(
+        counter.load(Ordering::SeqCst),
+        (TASKS * SECTIONS) as u64,
+        "lost updates"
+    );
 }
 
 /// A lock that is never released frees itself after its ttl.
@@ -170,12 +188,28 @@ pub async fn expired_holder_cannot_release_or_extend(lock: Arc<dyn Lock>) {
 
     if lock.capabilities().extend {
         let error = stale.extend(ms(5_000)).await.unwrap_err();
-        assert!(matches!(error, LockError::NotHeld { .. }), "stale extend: {error:?}");
+        assert!(
+            matches!(error, LockError::NotHeld { .. }),
+            "stale extend: {error:?}"
+        );
     }
-    assert_held(&locker, "taken-over", "a stale extend must not disturb the next holder").await;
+    assert_held(
+        &locker,
+        "taken-over",
+        "a stale extend must not disturb the next holder",
+    )
+    .await;
     let error = stale.release().await.unwrap_err();
-    assert!(matches!(error, LockError::NotHeld { .. }), "stale release: {error:?}");
-    assert_held(&locker, "taken-over", "a stale release must not free the next holder's lock").await;
+    assert!(
+        matches!(error, LockError::NotHeld { .. }),
+        "stale release: {error:?}"
+    );
+    assert_held(
+        &locker,
+        "taken-over",
+        "a stale release must not free the next holder's lock",
+    )
+    .await;
     next.release().await.unwrap();
     assert_free(&locker, "taken-over", "the real holder released it").await;
 }
@@ -183,11 +217,19 @@ pub async fn expired_holder_cannot_release_or_extend(lock: Arc<dyn Lock>) {
 /// `try_acquire` on a held key is `Ok(None)`, not an error, and does not wait.
 pub async fn try_acquire_on_held_key(lock: Arc<dyn Lock>) {
     let locker = locker(&lock);
-    let slow = with_options(&locker, ms(10_000), RetryPolicy::forever().with_retry_delay(ms(500)));
+    let slow = with_options(
+        &locker,
+        ms(10_000),
+        RetryPolicy::forever().with_retry_delay(ms(500)),
+    );
     let guard = locker.acquire("busy").await.unwrap();
     let started = Instant::now();
     assert!(slow.try_acquire("busy").await.unwrap().is_none());
-    assert!(started.elapsed() < ms(400), "try_acquire waited {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < ms(400),
+        "try_acquire waited {:?}",
+        started.elapsed()
+    );
     guard.release().await.unwrap();
 }
 
@@ -200,14 +242,23 @@ pub async fn retry_exhaustion_times_out_within_deadline(lock: Arc<dyn Lock>) {
     let bounded = with_options(
         &locker,
         ms(10_000),
-        RetryPolicy::forever().with_retry_delay(ms(20)).with_retry_jitter(ms(10)).with_deadline(deadline),
+        RetryPolicy::forever()
+            .with_retry_delay(ms(20))
+            .with_retry_jitter(ms(10))
+            .with_deadline(deadline),
     );
     let started = Instant::now();
     let error = bounded.acquire("contended").await.unwrap_err();
     let waited = started.elapsed();
     assert!(matches!(error, LockError::Timeout { .. }), "{error:?}");
-    assert!(waited >= deadline - ms(30), "gave up early, after {waited:?}");
-    assert!(waited <= deadline + ms(250), "overran the deadline: {waited:?}");
+    assert!(
+        waited >= deadline - ms(30),
+        "gave up early, after {waited:?}"
+    );
+    assert!(
+        waited <= deadline + ms(250),
+        "overran the deadline: {waited:?}"
+    );
 
     let counted = with_options(
         &locker,
@@ -240,7 +291,10 @@ pub async fn single_attempt_returns_locked_at_once(lock: Arc<dyn Lock>) {
             .with_namespace(locker.namespace().map(|ns| ns.as_str()))
             .unwrap();
         let error = default.acquire("locked").await.unwrap_err();
-        assert!(matches!(error, LockError::Locked { .. }), "fail-fast default: {error:?}");
+        assert!(
+            matches!(error, LockError::Locked { .. }),
+            "fail-fast default: {error:?}"
+        );
     }
     holder.release().await.unwrap();
 }
@@ -276,10 +330,19 @@ pub async fn cancelled_acquire_leaves_nothing(lock: Arc<dyn Lock>) {
     // Cancel while waiting behind a holder.
     let holder = locker.acquire("cancelled").await.unwrap();
     let waiter = locker.clone();
-    let cancelled = tokio::time::timeout(ms(50), async move { waiter.acquire("cancelled").await }).await;
-    assert!(cancelled.is_err(), "the waiter should still have been waiting");
+    let cancelled =
+        tokio::time::timeout(ms(50), async move { waiter.acquire("cancelled").await }).await;
+    assert!(
+        cancelled.is_err(),
+        "the waiter should still have been waiting"
+    );
     holder.release().await.unwrap();
-    assert_free(&locker, "cancelled", "the cancelled waiter must not take it").await;
+    assert_free(
+        &locker,
+        "cancelled",
+        "the cancelled waiter must not take it",
+    )
+    .await;
 
     // Cancel at many points of an uncontended acquisition, including mid-flight.
     for step in 0..40u64 {
@@ -289,7 +352,13 @@ pub async fn cancelled_acquire_leaves_nothing(lock: Arc<dyn Lock>) {
         })
         .await;
     }
-    eventually_free(&locker, "cancelled", ms(2_000), "every cancelled acquisition cleaned up").await;
+    eventually_free(
+        &locker,
+        "cancelled",
+        ms(2_000),
+        "every cancelled acquisition cleaned up",
+    )
+    .await;
 }
 
 /// Tokens are fresh and distinct for every acquisition.
@@ -298,8 +367,17 @@ pub async fn token_uniqueness(lock: Arc<dyn Lock>) {
     let mut seen = HashSet::new();
     for _ in 0..100 {
         let guard = locker.acquire("tokens").await.unwrap();
-        assert!(guard.token().expose().bytes().all(|b| b.is_ascii_hexdigit()));
-        assert!(seen.insert(guard.token().expose().to_owned()), "token repeated");
+        assert!(
+            guard
+                .token()
+                .expose()
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit())
+        );
+        assert!(
+            seen.insert(guard.token().expose().to_owned()),
+            "token repeated"
+        );
         guard.release().await.unwrap();
     }
     let one = locker.acquire("tokens-a").await.unwrap();
@@ -356,7 +434,10 @@ pub async fn with_lock_runs_and_releases(lock: Arc<dyn Lock>) {
     let value = locker
         .with_lock("scoped", |info| async move {
             assert!(info.key.as_str().ends_with(":scoped"));
-            assert!(probe.try_acquire("scoped").await.unwrap().is_none(), "not held inside");
+            assert!(
+                probe.try_acquire("scoped").await.unwrap().is_none(),
+                "not held inside"
+            );
             42
         })
         .await
@@ -391,7 +472,12 @@ pub async fn multi_key_all_or_nothing(lock: Arc<dyn Lock>) {
     let once = with_options(&locker, ms(10_000), RetryPolicy::none());
     let error = once.acquire_many(&["a", "b"]).await.unwrap_err();
     assert!(matches!(error, LockError::Locked { .. }), "{error:?}");
-    assert_free(&locker, "a", "a failed multi-key attempt must undo its partial win").await;
+    assert_free(
+        &locker,
+        "a",
+        "a failed multi-key attempt must undo its partial win",
+    )
+    .await;
     b.release().await.unwrap();
 }
 
@@ -409,7 +495,9 @@ pub async fn fencing_tokens_increase(lock: Arc<dyn Lock>) {
         } else {
             short.acquire("fenced").await.unwrap()
         };
-        let fence = guard.fencing_token().expect("a fencing backend must return a fencing token");
+        let fence = guard
+            .fencing_token()
+            .expect("a fencing backend must return a fencing token");
         assert!(fence > last, "fencing token went from {last} to {fence}");
         last = fence;
         if round % 2 == 0 {
@@ -430,7 +518,9 @@ pub async fn waiters_wake_on_release(lock: Arc<dyn Lock>) {
     let patient = with_options(
         &locker,
         ms(10_000),
-        RetryPolicy::forever().with_retry_delay(ms(5_000)).with_retry_jitter(Duration::ZERO),
+        RetryPolicy::forever()
+            .with_retry_delay(ms(5_000))
+            .with_retry_jitter(Duration::ZERO),
     );
     let holder = locker.acquire("wake").await.unwrap();
     let waiter = tokio::spawn(async move {
@@ -443,17 +533,31 @@ pub async fn waiters_wake_on_release(lock: Arc<dyn Lock>) {
     sleep(ms(100)).await;
     holder.release().await.unwrap();
     let waited = waiter.await.unwrap();
-    assert!(waited < ms(2_000), "the waiter slept {waited:?} instead of waking on release");
+    assert!(
+        waited < ms(2_000),
+        "the waiter slept {waited:?} instead of waking on release"
+    );
 
     let short = with_options(&locker, ms(200), quick_retry());
     let expiring = short.acquire("wake").await.unwrap();
     let patient = with_options(
         &locker,
         ms(10_000),
-        RetryPolicy::forever().with_retry_delay(ms(5_000)).with_retry_jitter(Duration::ZERO),
+        RetryPolicy::forever()
+            .with_retry_delay(ms(5_000))
+            .with_retry_jitter(Duration::ZERO),
     );
     let started = Instant::now();
-    patient.acquire("wake").await.unwrap().release().await.unwrap();
-    assert!(started.elapsed() < ms(2_000), "the waiter did not wake when the lock expired");
+    patient
+        .acquire("wake")
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < ms(2_000),
+        "the waiter did not wake when the lock expired"
+    );
     drop(expiring);
 }

@@ -82,7 +82,10 @@ pub async fn run(name: &str, lock: Arc<dyn Lock>) {
     let Some(case) = CASES.iter().find(|case| case.name == name) else {
         panic!("no conformance case named `{name}`");
     };
-    if tokio::time::timeout(CASE_TIMEOUT, (case.run)(lock)).await.is_err() {
+    if tokio::time::timeout(CASE_TIMEOUT, (case.run)(lock))
+        .await
+        .is_err()
+    {
         panic!("conformance case `{name}` hung for {CASE_TIMEOUT:?}");
     }
 }

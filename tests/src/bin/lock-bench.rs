@@ -1,0 +1,311 @@
+//! `cargo xtask bench`: lock throughput measured side by side with reference implementations in
+//! the same run, reported as ratios (the machines are shared and noisy, so absolute numbers mean
+//! little).
+//!
+//! In-memory: our `MemoryLock` behind `Locker` against `lockable::LockPool` and a
+//! `tokio::sync::Mutex` per key in a map, uncontended and in contended handoff.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_memory::MemoryLock;
+use lockable::LockPool;
+use serde::Serialize;
+
+/// One measured figure, as written to `target/bench/report.json`.
+#[derive(Debug, Serialize)]
+struct Figure {
+    backend: String,
+    nodes: Option<u32>,
+    scenario: String,
+    value: f64,
+    unit: String,
+    reference: Option<String>,
+    ratio_to_reference: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Profile {
+    uncontended_ops: u32,
+    rounds: u32,
+    handoff_time: Duration,
+}
+
+const CONTENDERS: usize = 8;
+const CRITICAL_SECTION: Duration = Duration::from_millis(1);
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let quick = std::env::args().any(|arg| arg == "--quick");
+    let profile = if quick {
+        Profile {
+            uncontended_ops: 50_000,
+            rounds: 3,
+            handoff_time: Duration::from_millis(1_000),
+        }
+    } else {
+        Profile {
+            uncontended_ops: 200_000,
+            rounds: 5,
+            handoff_time: Duration::from_secs(3),
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let figures = runtime.block_on(memory_benchmarks(profile))?;
+    print_table(&figures);
+    let path = write_report(&figures)?;
+    println!("\nreport: {}", path.display());
+    Ok(())
+}
+
+/// A `tokio::sync::Mutex` per key in a map: the baseline everybody writes by hand.
+#[derive(Default)]
+struct MutexMap(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl MutexMap {
+    async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let mutex = {
+            let mut map = self
+                .0
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            Arc::clone(map.entry(key.to_owned()).or_default())
+        };
+        mutex.lock_owned().await
+    }
+}
+
+fn our_locker() -> Result<Locker, lock_core::LockError> {
+    Locker::new(MemoryLock::new()).with_options(
+        LockOptions::default()
+            .with_ttl(Duration::from_secs(30))
+            .with_retry(RetryPolicy::forever().with_deadline(Duration::from_secs(60))),
+    )
+}
+
+async fn memory_benchmarks(profile: Profile) -> Result<Vec<Figure>, lock_core::LockError> {
+    let locker = our_locker()?;
+    let pool = LockPool::<String>::new();
+    let map = MutexMap::default();
+
+    // Uncontended: best of several interleaved rounds, so a noisy neighbour hurts all alike.
+    let (mut ours, mut lockable, mut mutex_map) = (0f64, 0f64, 0f64);
+    for _ in 0..profile.rounds {
+        let started = Instant::now();
+        for _ in 0..profile.uncontended_ops {
+            locker.acquire("bench-key").await?.release().await?;
+        }
+        ours = ours.max(rate(profile.uncontended_ops, started.elapsed()));
+
+        let started = Instant::now();
+        for _ in 0..profile.uncontended_ops {
+            drop(pool.async_lock("bench-key".to_owned()).await);
+        }
+        lockable = lockable.max(rate(profile.uncontended_ops, started.elapsed()));
+
+        let started = Instant::now();
+        for _ in 0..profile.uncontended_ops {
+            drop(map.lock("bench-key").await);
+        }
+        mutex_map = mutex_map.max(rate(profile.uncontended_ops, started.elapsed()));
+    }
+
+    let mut figures = Vec::new();
+    let scenario = "uncontended acquire+release";
+    figures.push(figure(
+        "memory (ours)",
+        scenario,
+        ours,
+        "ops/s",
+        Some(("lockable", lockable)),
+    ));
+    figures.push(figure(
+        "lockable LockPool",
+        scenario,
+        lockable,
+        "ops/s",
+        None,
+    ));
+    figures.push(figure(
+        "tokio Mutex map",
+        scenario,
+        mutex_map,
+        "ops/s",
+        Some(("lockable", lockable)),
+    ));
+
+    // Contended handoff: 8 tasks on one key, each holding it for 1 ms.
+    let ours = handoff(profile.handoff_time, {
+        let locker = locker.clone();
+        move || {
+            let locker = locker.clone();
+            async move {
+                let guard = locker.acquire("handoff").await.ok();
+                tokio::time::sleep(CRITICAL_SECTION).await;
+                if let Some(guard) = guard {
+                    let _ = guard.release().await;
+                }
+            }
+        }
+    })
+    .await;
+    let pool = Arc::new(pool);
+    let theirs = handoff(profile.handoff_time, {
+        move || {
+            let pool = Arc::clone(&pool);
+            async move {
+                let guard = pool.async_lock("handoff".to_owned()).await;
+                tokio::time::sleep(CRITICAL_SECTION).await;
+                drop(guard);
+            }
+        }
+    })
+    .await;
+    let map = Arc::new(map);
+    let baseline = handoff(profile.handoff_time, {
+        move || {
+            let map = Arc::clone(&map);
+            async move {
+                let guard = map.lock("handoff").await;
+                tokio::time::sleep(CRITICAL_SECTION).await;
+                drop(guard);
+            }
+        }
+    })
+    .await;
+    let scenario = "contended handoff, 8 tasks, 1 ms sections";
+    for (backend, result, reference) in [
+        ("memory (ours)", &ours, Some(&theirs)),
+        ("lockable LockPool", &theirs, None),
+        ("tokio Mutex map", &baseline, Some(&theirs)),
+    ] {
+        figures.push(figure(
+            backend,
+            scenario,
+            result.sections_per_second,
+            "sections/s",
+            reference.map(|r| ("lockable", r.sections_per_second)),
+        ));
+        for (label, value, theirs) in [
+            (
+                "p50 wait",
+                result.p50_wait_ms,
+                reference.map(|r| r.p50_wait_ms),
+            ),
+            (
+                "p99 wait",
+                result.p99_wait_ms,
+                reference.map(|r| r.p99_wait_ms),
+            ),
+        ] {
+            let mut wait = figure(backend, &format!("{scenario}: {label}"), value, "ms", None);
+            // For waits, lower is better: the ratio is theirs / ours, so > 1 means we are faster.
+            if let Some(theirs) = theirs {
+                wait.reference = Some("lockable".to_owned());
+                wait.ratio_to_reference = (value > 0.0).then(|| theirs / value);
+            }
+            figures.push(wait);
+        }
+    }
+    Ok(figures)
+}
+
+struct Handoff {
+    sections_per_second: f64,
+    p50_wait_ms: f64,
+    p99_wait_ms: f64,
+}
+
+/// Runs `CONTENDERS` tasks that each repeatedly wait for the lock and hold it for 1 ms.
+async fn handoff<F, Fut>(duration: Duration, section: F) -> Handoff
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONTENDERS {
+        let section = section.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut waits = Vec::new();
+            while started.elapsed() < duration {
+                let asked = Instant::now();
+                section().await;
+                // The wait is the whole section minus its 1 ms of work.
+                waits.push(asked.elapsed().saturating_sub(CRITICAL_SECTION));
+            }
+            waits
+        }));
+    }
+    let mut waits = Vec::new();
+    for task in tasks {
+        waits.extend(task.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed();
+    waits.sort();
+    Handoff {
+        sections_per_second: rate(u32::try_from(waits.len()).unwrap_or(u32::MAX), elapsed),
+        p50_wait_ms: percentile_ms(&waits, 0.50),
+        p99_wait_ms: percentile_ms(&waits, 0.99),
+    }
+}
+
+fn percentile_ms(sorted: &[Duration], quantile: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() - 1) as f64 * quantile).round() as usize;
+    sorted[index.min(sorted.len() - 1)].as_secs_f64() * 1e3
+}
+
+fn rate(operations: u32, elapsed: Duration) -> f64 {
+    f64::from(operations) / elapsed.as_secs_f64().max(f64::EPSILON)
+}
+
+fn figure(
+    backend: &str,
+    scenario: &str,
+    value: f64,
+    unit: &str,
+    reference: Option<(&str, f64)>,
+) -> Figure {
+    Figure {
+        backend: backend.to_owned(),
+        nodes: None,
+        scenario: scenario.to_owned(),
+        value,
+        unit: unit.to_owned(),
+        reference: reference.map(|(name, _)| name.to_owned()),
+        ratio_to_reference: reference
+            .and_then(|(_, theirs)| (theirs > 0.0).then(|| value / theirs)),
+    }
+}
+
+fn print_table(figures: &[Figure]) {
+    println!("| backend | scenario | value | unit | ratio (> 1 = better than reference) |");
+    println!("|---|---|---:|---|---:|");
+    for figure in figures {
+        let ratio = match (&figure.reference, figure.ratio_to_reference) {
+            (Some(reference), Some(ratio)) => format!("{ratio:.2}× {reference}"),
+            _ => "—".to_owned(),
+        };
+        println!(
+            "| {} | {} | {:.1} | {} | {} |",
+            figure.backend, figure.scenario, figure.value, figure.unit, ratio
+        );
+    }
+}
+
+fn write_report(figures: &[Figure]) -> std::io::Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("report.json");
+    let json = serde_json::to_string_pretty(figures).map_err(std::io::Error::other)?;
+    std::fs::write(&path, json)?;
+    Ok(path)
+}

@@ -1,0 +1,261 @@
+//! A real `redis-server` process per test, on a free loopback port, killed and reaped on drop.
+//!
+//! The binary is `$REDIS_SERVER` or `redis-server` from `PATH`. When it is missing, tests call
+//! [`redis_or_skip`]: it prints why and skips, unless `LOCK_TESTS_REQUIRE_REDIS=1` (set by
+//! `cargo xtask it`) makes a missing server a failure.
+
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Environment variable naming the `redis-server` binary.
+pub const REDIS_SERVER_ENV: &str = "REDIS_SERVER";
+
+/// Environment variable that turns a missing `redis-server` into a test failure.
+pub const REQUIRE_REDIS_ENV: &str = "LOCK_TESTS_REQUIRE_REDIS";
+
+/// How long a server may take to answer its first PING.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `redis-server` binary, if one can be found.
+pub fn redis_server_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(REDIS_SERVER_ENV) {
+        return Some(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("redis-server"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The `redis-server` binary, or `None` after printing why the calling test is skipped.
+///
+/// # Panics
+/// When the binary is missing and `LOCK_TESTS_REQUIRE_REDIS=1`.
+pub fn redis_or_skip(test: &str) -> Option<PathBuf> {
+    let found = redis_server_binary();
+    if found.is_none() {
+        let required = std::env::var(REQUIRE_REDIS_ENV).is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "redis-server not found (set {REDIS_SERVER_ENV} or install it: apt-get install redis-server)"
+        );
+        println!(
+            "{test}: skipped, redis-server not found; run `cargo xtask it` to install and require it"
+        );
+    }
+    found
+}
+
+/// A private `redis-server` with no persistence, on 127.0.0.1 and a port of its own.
+pub struct RedisServer {
+    binary: PathBuf,
+    child: Option<Child>,
+    port: u16,
+    extra_args: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts a server with the given binary and extra arguments and waits until it answers PING.
+    ///
+    /// # Errors
+    /// When the process cannot start or never answers; the message carries the log's tail.
+    pub fn start(binary: &Path, extra_args: &[&str]) -> io::Result<Self> {
+        let mut server = Self {
+            binary: binary.to_path_buf(),
+            child: None,
+            port: free_port()?,
+            extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
+            dir: tempfile::tempdir()?,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Sends one command (inline protocol) and returns the raw reply's first line.
+    ///
+    /// # Errors
+    /// When the server does not answer within `timeout`.
+    pub fn command(&self, command: &str, timeout: Duration) -> io::Result<String> {
+        send_inline(self.port, command, timeout)
+    }
+
+    /// Kills the process (SIGKILL) and reaps it; its data is gone (no persistence).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes the process with SIGSTOP: connections stay open but nothing answers.
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub fn pause(&self) -> io::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Thaws a paused process with SIGCONT.
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub fn resume(&self) -> io::Result<()> {
+        self.signal("-CONT")
+    }
+
+    /// Kills the process and starts a fresh, empty one on the same port.
+    ///
+    /// # Errors
+    /// When the new process does not come up.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    fn signal(&self, signal: &str) -> io::Result<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| io::Error::other("server is not running"))?;
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "kill {signal} {pid} failed: {status}"
+            )))
+        }
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let port = self.port.to_string();
+        let mut command = Command::new(&self.binary);
+        command
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--daemonize", "no", "--protected-mode", "yes"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.log_path())
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot start {}: {e}", self.binary.display()),
+            )
+        })?;
+        let started = Instant::now();
+        loop {
+            if send_inline(self.port, "PING", Duration::from_millis(200))
+                .is_ok_and(|reply| reply == "+PONG")
+            {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if let Some(status) = child.try_wait()? {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                return Err(self.startup_error(&format!("exited with {status}; stderr: {stderr}")));
+            }
+            if started.elapsed() > STARTUP_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(self.startup_error(&format!("no PONG within {STARTUP_TIMEOUT:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn startup_error(&self, what: &str) -> io::Error {
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        io::Error::other(format!(
+            "redis-server on port {} {what}\n--- log tail ---\n{}",
+            self.port,
+            tail.join("\n")
+        ))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // A paused process ignores SIGTERM but not SIGKILL; resuming first is harmless.
+        let _ = self.resume();
+        self.kill();
+    }
+}
+
+impl fmt::Debug for RedisServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisServer")
+            .field("port", &self.port)
+            .field("pid", &self.pid())
+            .finish()
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+///
+/// # Errors
+/// When no port can be bound.
+pub fn free_port() -> io::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn send_inline(port: u16, command: &str, timeout: Duration) -> io::Result<String> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&address, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(format!("{command}\r\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    Ok(line.trim_end().to_owned())
+}

@@ -1,0 +1,95 @@
+//! An outside crate's backend runs the whole conformance suite with one macro call.
+//!
+//! `ToyLock` is a complete backend in a few dozen lines: a map behind a mutex, with ttl and
+//! token-checked release. It has no optional capability, so the capability-gated cases skip.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lock_core::{
+    Capabilities, Handle, Key, Lock, LockError, LockRequest, Result, Token, async_trait,
+};
+use tokio::time::Instant;
+
+type Table = Arc<Mutex<HashMap<Key, (Token, Instant)>>>;
+
+#[derive(Debug, Default)]
+struct ToyLock(Table);
+
+#[derive(Debug)]
+struct ToyHandle(Table, Vec<Key>, Token, Instant);
+
+fn remove_if_ours(table: &Table, key: &Key, token: &Token) -> Option<Instant> {
+    let mut table = table
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let expires = table
+        .get(key)
+        .filter(|(held, _)| held == token)
+        .map(|(_, expires)| *expires)?;
+    table.remove(key);
+    Some(expires)
+}
+
+#[async_trait]
+impl Lock for ToyLock {
+    fn name(&self) -> &'static str {
+        "toy"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::NONE
+    }
+    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+        let (now, key) = (Instant::now(), request.primary_key().clone());
+        let mut table = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if table.get(&key).is_some_and(|(_, expires)| *expires > now) {
+            return Ok(None);
+        }
+        let expires = now + request.ttl();
+        table.insert(key.clone(), (request.token().clone(), expires));
+        Ok(Some(Box::new(ToyHandle(
+            self.0.clone(),
+            vec![key],
+            request.token().clone(),
+            expires,
+        ))))
+    }
+    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
+        Ok(keys
+            .iter()
+            .any(|key| remove_if_ours(&self.0, key, token).is_some()))
+    }
+}
+
+#[async_trait]
+impl Handle for ToyHandle {
+    fn keys(&self) -> &[Key] {
+        &self.1
+    }
+    fn token(&self) -> &Token {
+        &self.2
+    }
+    fn valid_until(&self) -> Instant {
+        self.3
+    }
+    async fn extend(&mut self, _ttl: Duration) -> Result<()> {
+        Err(LockError::Unsupported {
+            backend: "toy",
+            capability: "extend",
+        })
+    }
+    async fn release(&mut self) -> Result<()> {
+        match remove_if_ours(&self.0, &self.1[0], &self.2) {
+            Some(expires) if expires > Instant::now() => Ok(()),
+            _ => Err(LockError::NotHeld {
+                key: self.1[0].to_string(),
+            }),
+        }
+    }
+}
+
+lock_core::conformance_tests!(async { ToyLock::default() });

@@ -1,0 +1,38 @@
+//! `cargo xtask it`: the single test entry point, locally and in CI.
+
+use crate::redis::ensure_redis_server;
+use crate::run::{cargo, step};
+
+pub(crate) fn run(args: &[String]) -> Result<(), String> {
+    if let Some(unknown) = args.first() {
+        return Err(format!("`it` takes no arguments, got `{unknown}`"));
+    }
+    let redis_server = ensure_redis_server()?;
+    println!("== using {}", redis_server.display());
+
+    step(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    step(
+        "cargo clippy -D warnings",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    // Every test, with real redis-servers: a missing server fails instead of skipping.
+    step(
+        "cargo test --workspace",
+        cargo()
+            .args(["test", "--workspace"])
+            .env("REDIS_SERVER", &redis_server)
+            .env("LOCK_TESTS_REQUIRE_REDIS", "1"),
+    )?;
+    println!("\n== all checks passed");
+    Ok(())
+}
