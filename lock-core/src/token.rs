@@ -15,7 +15,15 @@ pub const TOKEN_BYTES: usize = 16;
 /// touch the next holder's lock. A fresh token is drawn for every attempt. `Debug` and `Display`
 /// hide it; call [`Token::expose`] where the value itself is needed (backends, interop).
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Token(Arc<str>);
+pub struct Token(Repr);
+
+/// Generated tokens live inline (no allocation on the hot path); tokens read back from a store
+/// may have any length and are shared.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Repr {
+    Hex([u8; TOKEN_BYTES * 2]),
+    Stored(Arc<str>),
+}
 
 impl Token {
     /// Draws a new token: 16 bytes from the OS CSPRNG, as 32 lower-case hex characters.
@@ -29,13 +37,11 @@ impl Token {
     pub fn generate() -> Result<Self> {
         let bytes = RANDOM_POOL.with(|pool| pool.borrow_mut().take())?;
         let mut hex = [0u8; TOKEN_BYTES * 2];
-        for (i, byte) in bytes.iter().enumerate() {
-            hex[2 * i] = HEX[usize::from(byte >> 4)];
-            hex[2 * i + 1] = HEX[usize::from(byte & 0x0f)];
+        for (pair, byte) in hex.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0x0f)];
         }
-        let hex = std::str::from_utf8(&hex)
-            .map_err(|_| LockError::backend("core", "token encoding failed"))?;
-        Ok(Self(Arc::from(hex)))
+        Ok(Self(Repr::Hex(hex)))
     }
 
     /// Wraps a token read back from a store (e.g. to release a lock taken by another process).
@@ -47,24 +53,29 @@ impl Token {
         if value.is_empty() {
             return Err(LockError::invalid("token", "must not be empty"));
         }
-        Ok(Self(Arc::from(value)))
+        Ok(Self(Repr::Stored(Arc::from(value))))
     }
 
-    /// The empty placeholder held by a guard after release; never stored anywhere.
+    /// The placeholder held by a guard after release; never stored anywhere (real tokens are
+    /// drawn from 2^128 values, so it cannot match one in practice).
     pub(crate) fn released() -> &'static Token {
-        static RELEASED: std::sync::LazyLock<Token> =
-            std::sync::LazyLock::new(|| Token(Arc::from("")));
+        static RELEASED: Token = Token(Repr::Hex([b'0'; TOKEN_BYTES * 2]));
         &RELEASED
     }
 
     /// The token's value. Keep it out of logs: whoever has it can release the lock.
     pub fn expose(&self) -> &str {
-        &self.0
+        match &self.0 {
+            // Only ASCII hex digits are ever written into `Hex`.
+            Repr::Hex(hex) => std::str::from_utf8(hex).unwrap_or_default(),
+            Repr::Stored(value) => value,
+        }
     }
 
     /// The first 8 characters, enough to tell holders apart in output without revealing the token.
     pub fn fingerprint(&self) -> &str {
-        self.0.get(..8).unwrap_or(&self.0)
+        let value = self.expose();
+        value.get(..8).unwrap_or(value)
     }
 }
 

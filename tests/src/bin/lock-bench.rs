@@ -80,11 +80,12 @@ impl MutexMap {
     }
 }
 
+/// Our lock as the references are used: wait as long as it takes, no deadline.
 fn our_locker() -> Result<Locker, lock_core::LockError> {
     Locker::new(MemoryLock::new()).with_options(
         LockOptions::default()
             .with_ttl(Duration::from_secs(30))
-            .with_retry(RetryPolicy::forever().with_deadline(Duration::from_secs(60))),
+            .with_retry(RetryPolicy::forever()),
     )
 }
 
