@@ -1,8 +1,381 @@
-//! The Redlock backend: a lock over a quorum of N independent Redis nodes.
-//!
-//! This crate is a placeholder in the workspace layout: the algorithm lands with the
-//! lock-redlock issue. Until then it exposes only its name.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
+
+mod config;
+mod node;
+mod round;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::{ConnectionKind, RedlockConfig, redact};
+use lock_core::{
+    Capabilities, Handle, Key, KeySet, Lock, LockError, LockOptions, LockRequest, Locker, Result,
+    Token, async_trait,
+};
+use tokio::time::Instant;
+
+use crate::config::NodeUrl;
+use crate::node::Node;
+use crate::round::{Pending, Tally};
 
 /// The backend's name in messages and configuration.
 pub const NAME: &str = "redlock";
+
+/// Added to the drift allowance of every lock, as in the Redlock specification.
+const DRIFT_FLOOR: Duration = Duration::from_millis(2);
+
+/// The Redlock algorithm over N independent Redis masters (N = 1 is the plain single-Redis lock).
+///
+/// One attempt sends `SET key token NX PX ttl` to every node at once and is decided as soon as
+/// a majority for or against exists, so a dead or stalled node costs nothing once the others
+/// have answered. A win counts only with a quorum (N/2 + 1) and a positive validity
+/// (ttl − elapsed − ttl × drift_factor − 2 ms); otherwise every node is cleaned up by token,
+/// including those that answered late or not at all.
+#[derive(Clone)]
+pub struct Redlock {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    nodes: Vec<Node>,
+    quorum: usize,
+    config: RedlockConfig,
+}
+
+impl Redlock {
+    /// Validates `config` and prepares one connection per node. Nothing is connected yet: a node
+    /// that is down counts as a failed vote until it comes back.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming the bad field (URLs are shown without password), or
+    /// when called outside a tokio runtime.
+    pub fn new(config: RedlockConfig) -> Result<Self> {
+        config.validate()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(LockError::invalid(
+                "runtime",
+                "create the Redlock backend inside a tokio runtime",
+            ));
+        }
+        let nodes = config
+            .urls
+            .iter()
+            .enumerate()
+            .map(|(index, url)| {
+                let url = NodeUrl::parse(url)?;
+                Node::new(&url, &config).map_err(|e| e.within(&format!("urls[{index}]")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let quorum = nodes.len() / 2 + 1;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                nodes,
+                quorum,
+                config,
+            }),
+        })
+    }
+
+    /// A [`Locker`] over a new backend, using the retry options of `config` (`retry_count`,
+    /// `retry_delay`, `retry_jitter`).
+    ///
+    /// # Errors
+    /// As [`Redlock::new`].
+    pub fn locker(config: RedlockConfig) -> Result<Locker> {
+        let retry = config.retry_policy()?;
+        Locker::new(Self::new(config)?).with_options(LockOptions::default().with_retry(retry))
+    }
+
+    /// How many nodes must agree: N/2 + 1.
+    pub fn quorum(&self) -> usize {
+        self.shared.quorum
+    }
+
+    /// How many nodes there are.
+    pub fn node_count(&self) -> usize {
+        self.shared.nodes.len()
+    }
+
+    /// The configuration this backend was built from.
+    pub fn config(&self) -> &RedlockConfig {
+        &self.shared.config
+    }
+}
+
+impl Shared {
+    fn node_timeout(&self, ttl: Duration) -> Duration {
+        self.config.node_timeout_for(ttl)
+    }
+
+    /// The local instant until which a lock obtained by a round that started at `start` is
+    /// safe, if the round left any validity at all.
+    fn valid_until(&self, start: Instant, ttl: Duration) -> Option<Instant> {
+        let drift = ttl.mul_f64(self.config.drift_factor) + DRIFT_FLOOR;
+        let valid_until = start + ttl.checked_sub(drift)?;
+        (valid_until > Instant::now()).then_some(valid_until)
+    }
+
+    fn subset(&self, indices: impl IntoIterator<Item = usize>) -> Vec<Node> {
+        indices
+            .into_iter()
+            .filter_map(|index| self.nodes.get(index).cloned())
+            .collect()
+    }
+
+    /// Compare-and-delete on `nodes`; a vote is yes when every key was ours.
+    async fn release_on(
+        &self,
+        nodes: &[Node],
+        keys: &KeySet,
+        token: &Token,
+        timeout: Duration,
+    ) -> (Tally, Pending) {
+        let quorum = self.quorum.min(nodes.len().max(1));
+        let wanted = keys.len();
+        round::run(nodes, quorum, timeout, |node| {
+            let (keys, token) = (keys.clone(), token.clone());
+            async move {
+                node.release(&keys, &token)
+                    .await
+                    .map(|deleted| deleted == wanted)
+            }
+        })
+        .await
+    }
+
+    /// After a failed attempt: frees what it won at once, and cleans every other node in the
+    /// background once their (possibly late) answers are in.
+    async fn undo_attempt(
+        self: &Arc<Self>,
+        tally: &Tally,
+        pending: Pending,
+        keys: &KeySet,
+        token: &Token,
+        ttl: Duration,
+    ) {
+        let timeout = self.node_timeout(ttl);
+        if !tally.yes.is_empty() {
+            let won = self.subset(tally.yes.iter().copied());
+            let (_, rest) = self.release_on(&won, keys, token, timeout).await;
+            rest.finish().await;
+        }
+        let failed: Vec<usize> = tally.failed.iter().map(|(index, _)| *index).collect();
+        if failed.is_empty() && pending.is_empty() {
+            return;
+        }
+        let (shared, keys, token) = (Arc::clone(self), keys.clone(), token.clone());
+        tokio::spawn(async move {
+            let late = pending.finish().await;
+            let targets = shared.subset(
+                failed
+                    .into_iter()
+                    .chain(late.yes)
+                    .chain(late.failed.into_iter().map(|(i, _)| i)),
+            );
+            if !targets.is_empty() {
+                let (_, rest) = shared.release_on(&targets, &keys, &token, timeout).await;
+                rest.finish().await;
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl Lock for Redlock {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::NONE
+            .with_extend()
+            .with_distributed()
+            .with_multi_key()
+    }
+
+    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+        let shared = &self.shared;
+        let (keys, token, ttl) = (
+            request.key_set().clone(),
+            request.token().clone(),
+            request.ttl(),
+        );
+        let start = Instant::now();
+        let (tally, pending) = round::run(
+            &shared.nodes,
+            shared.quorum,
+            shared.node_timeout(ttl),
+            |node| {
+                let (keys, token) = (keys.clone(), token.clone());
+                async move { node.acquire(&keys, &token, ttl).await }
+            },
+        )
+        .await;
+        tracing::debug!(
+            yes = tally.yes.len(),
+            no = tally.no,
+            failed = tally.failed.len(),
+            elapsed_us = start.elapsed().as_micros() as u64,
+            "redlock acquire round"
+        );
+        if tally.yes.len() >= shared.quorum
+            && let Some(valid_until) = shared.valid_until(start, ttl)
+        {
+            // Requests still in flight can only add our own token to more nodes; release goes
+            // to every node anyway.
+            return Ok(Some(Box::new(RedlockHandle {
+                shared: Arc::clone(shared),
+                keys,
+                token,
+                valid_until,
+                ttl,
+            })));
+        }
+        shared
+            .undo_attempt(&tally, pending, &keys, &token, ttl)
+            .await;
+        let key = request.primary_key().to_string();
+        if tally.yes.len() >= shared.quorum {
+            return Err(LockError::backend(
+                NAME,
+                format!(
+                    "the quorum for `{key}` answered after the ttl of {} ms was spent; raise the ttl",
+                    ttl.as_millis()
+                ),
+            ));
+        }
+        if tally.no > 0 {
+            return Ok(None);
+        }
+        tracing::warn!(key, failures = tally.failures(), "quorum not reached");
+        Err(LockError::QuorumNotReached {
+            key,
+            got: tally.yes.len(),
+            needed: shared.quorum,
+        })
+    }
+
+    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
+        let shared = &self.shared;
+        let keys = KeySet::many(keys.to_vec())?;
+        let timeout = shared.node_timeout(lock_core::validate::MAX_TTL);
+        let (mut tally, rest) = shared
+            .release_on(&shared.nodes, &keys, token, timeout)
+            .await;
+        let late = rest.finish().await;
+        tally.yes.extend(late.yes);
+        Ok(!tally.yes.is_empty())
+    }
+}
+
+impl fmt::Debug for Redlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Redlock")
+            .field("nodes", &self.shared.nodes)
+            .field("quorum", &self.shared.quorum)
+            .finish()
+    }
+}
+
+/// A lock held on a quorum of nodes.
+struct RedlockHandle {
+    shared: Arc<Shared>,
+    keys: KeySet,
+    token: Token,
+    valid_until: Instant,
+    ttl: Duration,
+}
+
+impl RedlockHandle {
+    fn key(&self) -> String {
+        self.keys.primary().to_string()
+    }
+
+    /// The error for a round that did not reach a quorum: lost if a majority said so.
+    fn lost_or_unreachable(&self, tally: &Tally) -> LockError {
+        let shared = &self.shared;
+        if tally.no > shared.nodes.len() - shared.quorum {
+            LockError::NotHeld { key: self.key() }
+        } else {
+            tracing::warn!(
+                key = self.key(),
+                failures = tally.failures(),
+                "quorum not reached"
+            );
+            LockError::QuorumNotReached {
+                key: self.key(),
+                got: tally.yes.len(),
+                needed: shared.quorum,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Handle for RedlockHandle {
+    fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
+    fn token(&self) -> &Token {
+        &self.token
+    }
+
+    fn valid_until(&self) -> Instant {
+        self.valid_until
+    }
+
+    async fn extend(&mut self, ttl: Duration) -> Result<()> {
+        if Instant::now() >= self.valid_until {
+            return Err(LockError::NotHeld { key: self.key() });
+        }
+        let shared = Arc::clone(&self.shared);
+        let start = Instant::now();
+        let (tally, _in_flight) = round::run(
+            &shared.nodes,
+            shared.quorum,
+            shared.node_timeout(ttl),
+            |node| {
+                let (keys, token) = (self.keys.clone(), self.token.clone());
+                async move { node.extend(&keys, &token, ttl).await }
+            },
+        )
+        .await;
+        if tally.yes.len() >= shared.quorum
+            && let Some(valid_until) = shared.valid_until(start, ttl)
+        {
+            self.valid_until = valid_until;
+            self.ttl = ttl;
+            return Ok(());
+        }
+        // A failed extend leaves the lock as it was: it is neither released nor revived.
+        Err(self.lost_or_unreachable(&tally))
+    }
+
+    async fn release(&mut self) -> Result<()> {
+        let shared = Arc::clone(&self.shared);
+        let timeout = shared.node_timeout(self.ttl);
+        let (tally, pending) = shared
+            .release_on(&shared.nodes, &self.keys, &self.token, timeout)
+            .await;
+        if !pending.is_empty() {
+            // Every node must hear the release, not only the majority that decided it.
+            tokio::spawn(pending.finish());
+        }
+        if tally.yes.len() >= shared.quorum {
+            return Ok(());
+        }
+        Err(self.lost_or_unreachable(&tally))
+    }
+}
+
+impl fmt::Debug for RedlockHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedlockHandle")
+            .field("keys", &self.keys)
+            .field("valid_until", &self.valid_until)
+            .finish_non_exhaustive()
+    }
+}

@@ -4,4 +4,5 @@
 //! Everything here talks to 127.0.0.1 only.
 #![forbid(unsafe_code)]
 
+pub mod backed;
 pub mod server;

@@ -1,0 +1,388 @@
+//! Configuration of the Redlock backend, as serde data with validation.
+
+use std::fmt;
+use std::time::Duration;
+
+use lock_core::{LockError, Result, RetryCount, RetryPolicy, validate};
+use serde::{Deserialize, Serialize};
+
+/// How each node's connection is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionKind {
+    /// One multiplexed connection per node that reconnects by itself (redis-rs
+    /// `ConnectionManager`): the faster of the two in our benchmark.
+    #[default]
+    Manager,
+    /// A deadpool-redis pool of multiplexed connections per node (a checkout costs a
+    /// recycle round trip, but a broken connection only affects itself).
+    Pool,
+}
+
+/// Configuration of a [`Redlock`](crate::Redlock).
+///
+/// Durations are whole milliseconds; node-redlock's camelCase names are accepted as aliases.
+///
+/// # Default
+/// - `urls`: none (at least one is required)
+/// - `drift_factor`: 0.01 (node-redlock's default)
+/// - `node_timeout`: derived per call as 5 % of the ttl, between 20 ms and 500 ms
+/// - `connect_timeout`: 500 ms
+/// - `connection`: `manager`
+/// - `pool_size`: 4 connections per node (with `connection = "pool"`)
+/// - `retry_count`, `retry_delay`, `retry_jitter`: those of [`RetryPolicy::default`]
+///   (10, 200 ms, 100 ms); `retry_count = -1` retries forever
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedlockConfig {
+    /// `redis://[user:password@]host:port[/db]` URLs of independent Redis masters; `rediss://`
+    /// for TLS.
+    #[serde(alias = "nodes")]
+    pub urls: Vec<String>,
+    /// Expected clock drift between client and servers, as a fraction of the ttl, in [0, 1).
+    #[serde(alias = "driftFactor")]
+    pub drift_factor: f64,
+    /// How long to wait for one node's answer, in ms; unset to derive it from the ttl.
+    #[serde(alias = "nodeTimeout", skip_serializing_if = "Option::is_none")]
+    pub node_timeout: Option<u64>,
+    /// How long to wait for a connection to a node, in ms.
+    #[serde(alias = "connectTimeout")]
+    pub connect_timeout: u64,
+    /// How each node's connection is kept.
+    pub connection: ConnectionKind,
+    /// Connections per node with [`ConnectionKind::Pool`].
+    #[serde(alias = "poolSize")]
+    pub pool_size: usize,
+    /// Retries after the first attempt; -1 retries forever.
+    #[serde(alias = "retryCount", skip_serializing_if = "Option::is_none")]
+    pub retry_count: Option<i64>,
+    /// Pause between attempts, in ms.
+    #[serde(alias = "retryDelay", skip_serializing_if = "Option::is_none")]
+    pub retry_delay: Option<i64>,
+    /// Largest random addition to each pause, in ms.
+    #[serde(alias = "retryJitter", skip_serializing_if = "Option::is_none")]
+    pub retry_jitter: Option<i64>,
+}
+
+/// The smallest and largest derived node timeouts.
+const DERIVED_TIMEOUT: (Duration, Duration) =
+    (Duration::from_millis(20), Duration::from_millis(500));
+
+/// The longest node or connect timeout accepted.
+const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Default for RedlockConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            drift_factor: 0.01,
+            node_timeout: None,
+            connect_timeout: 500,
+            connection: ConnectionKind::Manager,
+            pool_size: 4,
+            retry_count: None,
+            retry_delay: None,
+            retry_jitter: None,
+        }
+    }
+}
+
+impl RedlockConfig {
+    /// A configuration for these node URLs, with defaults for the rest.
+    pub fn new<I, S>(urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            urls: urls.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets a fixed per-node timeout.
+    #[must_use]
+    pub fn with_node_timeout(mut self, timeout: Duration) -> Self {
+        self.node_timeout = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// Sets how each node's connection is kept.
+    #[must_use]
+    pub fn with_connection(mut self, connection: ConnectionKind) -> Self {
+        self.connection = connection;
+        self
+    }
+
+    /// Sets the clock drift factor.
+    #[must_use]
+    pub fn with_drift_factor(mut self, drift_factor: f64) -> Self {
+        self.drift_factor = drift_factor;
+        self
+    }
+
+    /// Checks every field and names the first that is wrong (URLs are shown without password).
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.urls.is_empty() {
+            return Err(LockError::invalid(
+                "urls",
+                "name at least one redis:// node",
+            ));
+        }
+        for (index, url) in self.urls.iter().enumerate() {
+            NodeUrl::parse(url).map_err(|e| e.within(&format!("urls[{index}]")))?;
+        }
+        validate::fraction("drift_factor", self.drift_factor)?;
+        if let Some(timeout) = self.node_timeout {
+            timeout_in_range("node_timeout", timeout)?;
+        }
+        timeout_in_range("connect_timeout", self.connect_timeout)?;
+        if self.pool_size == 0 || self.pool_size > 1024 {
+            return Err(LockError::invalid(
+                "pool_size",
+                format!("{} is outside 1..=1024", self.pool_size),
+            ));
+        }
+        self.retry_policy().map(|_| ())
+    }
+
+    /// The retry policy these seed options describe (core defaults where unset).
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `retry_count`, `retry_delay` or `retry_jitter`.
+    pub fn retry_policy(&self) -> Result<RetryPolicy> {
+        let mut policy = RetryPolicy::default();
+        if let Some(count) = self.retry_count {
+            policy = policy.with_retry_count(match count {
+                -1 => RetryCount::Forever,
+                n => RetryCount::Limited(u32::try_from(n).map_err(|_| {
+                    LockError::invalid(
+                        "retry_count",
+                        format!("{n} is not a retry count; use 0 or more, or -1 for forever"),
+                    )
+                })?),
+            });
+        }
+        let limit = Duration::from_secs(3600);
+        if let Some(delay) = self.retry_delay {
+            let delay = validate::millis("retry_delay", delay, limit)?;
+            let max_delay = delay.max(policy.max_delay());
+            policy = policy.with_retry_delay(delay).with_max_delay(max_delay);
+        }
+        if let Some(jitter) = self.retry_jitter {
+            policy = policy.with_retry_jitter(validate::millis("retry_jitter", jitter, limit)?);
+        }
+        policy.validate()?;
+        Ok(policy)
+    }
+
+    /// The per-node timeout for an operation on a lock of this ttl.
+    pub(crate) fn node_timeout_for(&self, ttl: Duration) -> Duration {
+        match self.node_timeout {
+            Some(ms) => Duration::from_millis(ms),
+            None => ttl
+                .mul_f64(0.05)
+                .clamp(DERIVED_TIMEOUT.0, DERIVED_TIMEOUT.1),
+        }
+    }
+}
+
+fn timeout_in_range(field: &str, ms: u64) -> Result<()> {
+    if ms == 0 || Duration::from_millis(ms) > MAX_TIMEOUT {
+        return Err(LockError::invalid(
+            field,
+            format!("{ms} ms is outside 1..=60000 ms"),
+        ));
+    }
+    Ok(())
+}
+
+impl fmt::Debug for RedlockConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|url| redact(url)).collect();
+        f.debug_struct("RedlockConfig")
+            .field("urls", &urls)
+            .field("drift_factor", &self.drift_factor)
+            .field("node_timeout", &self.node_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("connection", &self.connection)
+            .field("pool_size", &self.pool_size)
+            .field("retry_count", &self.retry_count)
+            .field("retry_delay", &self.retry_delay)
+            .field("retry_jitter", &self.retry_jitter)
+            .finish()
+    }
+}
+
+/// A checked node URL and the label it is shown as (`host:port`, never the password).
+#[derive(Clone)]
+pub(crate) struct NodeUrl {
+    pub(crate) url: String,
+    pub(crate) label: String,
+}
+
+impl NodeUrl {
+    pub(crate) fn parse(url: &str) -> Result<Self> {
+        let rest = if let Some(rest) = url.strip_prefix("redis://") {
+            rest
+        } else if url.starts_with("rediss://") {
+            return Err(LockError::invalid(
+                "url",
+                format!(
+                    "{}: TLS (rediss://) is not supported by this build yet",
+                    redact(url)
+                ),
+            ));
+        } else {
+            return Err(LockError::invalid(
+                "url",
+                format!("{} is not a redis:// URL", redact(url)),
+            ));
+        };
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let host_port = authority
+            .rsplit_once('@')
+            .map_or(authority, |(_, host)| host);
+        if host_port.is_empty() {
+            return Err(LockError::invalid(
+                "url",
+                format!("{} names no host", redact(url)),
+            ));
+        }
+        if let Err(error) = redis::Client::open(url) {
+            return Err(LockError::invalid(
+                "url",
+                format!("{}: {error}", redact(url)),
+            ));
+        }
+        Ok(Self {
+            url: url.to_owned(),
+            label: host_port.to_owned(),
+        })
+    }
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<not a URL>".to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let user = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_owned()
+            };
+            format!("{scheme}://{user}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn defaults_validate_once_urls_are_set() {
+        assert!(RedlockConfig::default().validate().is_err());
+        RedlockConfig::new(["redis://127.0.0.1:6379/"])
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            (RedlockConfig::new(["http://127.0.0.1/"]), "urls[0].url"),
+            (RedlockConfig::new(["redis://[::1"]), "urls[0].url"),
+            (RedlockConfig::new(["redis://"]), "urls[0].url"),
+            (
+                RedlockConfig::new(["redis://h:1/"]).with_drift_factor(1.0),
+                "drift_factor",
+            ),
+            (
+                RedlockConfig::new(["redis://h:1/"]).with_drift_factor(-0.1),
+                "drift_factor",
+            ),
+            (
+                RedlockConfig::new(["redis://h:1/"]).with_node_timeout(Duration::ZERO),
+                "node_timeout",
+            ),
+            (
+                RedlockConfig {
+                    retry_count: Some(-2),
+                    ..RedlockConfig::new(["redis://h:1/"])
+                },
+                "retry_count",
+            ),
+            (
+                RedlockConfig {
+                    retry_jitter: Some(-5),
+                    ..RedlockConfig::new(["redis://h:1/"])
+                },
+                "retry_jitter",
+            ),
+        ];
+        for (config, field) in cases {
+            match config.validate() {
+                Err(LockError::InvalidInput { field: got, .. }) => {
+                    assert_eq!(got, field, "{config:?}")
+                }
+                other => panic!("expected invalid {field}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        let url = "redis://locker:s3cret@127.0.0.1:7003/2";
+        assert_eq!(redact(url), "redis://locker:***@127.0.0.1:7003/2");
+        assert_eq!(redact("redis://:s3cret@h:1"), "redis://:***@h:1");
+        let config = RedlockConfig::new([url, "http://u:s3cret@h/"]);
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let error = config.validate().unwrap_err();
+        assert!(!error.to_string().contains("s3cret"), "{error}");
+        assert_eq!(NodeUrl::parse(url).unwrap().label, "127.0.0.1:7003");
+    }
+
+    #[test]
+    fn seed_options_parse_from_json() {
+        let config: RedlockConfig = serde_json::from_str(
+            r#"{"urls": ["redis://127.0.0.1:1/"], "driftFactor": 0.02, "retryCount": -1, "retryDelay": 50, "retryJitter": 5}"#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let policy = config.retry_policy().unwrap();
+        assert_eq!(policy.retry_count(), RetryCount::Forever);
+        assert_eq!(policy.retry_delay(), Duration::from_millis(50));
+        assert_eq!(policy.retry_jitter(), Duration::from_millis(5));
+        assert!((config.drift_factor - 0.02).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn derived_node_timeout_is_bounded() {
+        let config = RedlockConfig::new(["redis://h:1/"]);
+        assert_eq!(
+            config.node_timeout_for(Duration::from_secs(1)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            config.node_timeout_for(Duration::from_millis(100)),
+            Duration::from_millis(20)
+        );
+        assert_eq!(
+            config.node_timeout_for(Duration::from_secs(3600)),
+            Duration::from_millis(500)
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! One Redis node: its connection and the three lock operations on it.
+
+use std::fmt;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use deadpool_redis::{Pool, Runtime};
+use lock_core::{Key, LockError, Result, Token, validate};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncConnectionConfig, Client, RedisResult, Script, Value};
+
+use crate::config::{ConnectionKind, NodeUrl, RedlockConfig};
+
+static ACQUIRE_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/acquire_many.lua")));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/release.lua")));
+static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/extend.lua")));
+
+/// A node of the quorum; cheap to clone (connections are shared handles).
+#[derive(Clone)]
+pub(crate) struct Node {
+    label: String,
+    connection: Connection,
+}
+
+#[derive(Clone)]
+enum Connection {
+    Manager(ConnectionManager),
+    Pool(Pool),
+}
+
+impl Node {
+    /// Prepares the node's connection without connecting: a node that is down at start-up
+    /// counts as a failed vote until it comes back.
+    pub(crate) fn new(url: &NodeUrl, config: &RedlockConfig) -> Result<Self> {
+        let invalid =
+            |error: &dyn fmt::Display| LockError::invalid("url", format!("{}: {error}", url.label));
+        let connect_timeout = Duration::from_millis(config.connect_timeout);
+        // Responses are bounded per call by the node timeout; this is only the backstop.
+        let response_timeout = Duration::from_secs(60);
+        let connection = match config.connection {
+            ConnectionKind::Manager => {
+                let client = Client::open(url.url.as_str()).map_err(|e| invalid(&e))?;
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_response_timeout(Some(response_timeout))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(10))
+                    .set_max_delay(Duration::from_millis(200));
+                Connection::Manager(
+                    ConnectionManager::new_lazy_with_config(client, manager_config)
+                        .map_err(|e| invalid(&e))?,
+                )
+            }
+            ConnectionKind::Pool => {
+                let connection_config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_response_timeout(Some(response_timeout));
+                let manager =
+                    deadpool_redis::Manager::new_with_config(url.url.as_str(), connection_config)
+                        .map_err(|e| invalid(&e))?;
+                let pool = Pool::builder(manager)
+                    .max_size(config.pool_size)
+                    .runtime(Runtime::Tokio1)
+                    .wait_timeout(Some(connect_timeout))
+                    .create_timeout(Some(connect_timeout))
+                    .recycle_timeout(Some(connect_timeout))
+                    .build()
+                    .map_err(|e| invalid(&e))?;
+                Connection::Pool(pool)
+            }
+        };
+        Ok(Self {
+            label: url.label.clone(),
+            connection,
+        })
+    }
+
+    /// `host:port`, for messages.
+    pub(crate) fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// `SET key token NX PX ttl` (one key, interoperable with every Redlock client), or the
+    /// all-or-nothing script for several keys. True when the node granted every key.
+    pub(crate) async fn acquire(
+        &self,
+        keys: &[Key],
+        token: &Token,
+        ttl: Duration,
+    ) -> RedisResult<bool> {
+        let ttl_ms = validate::ttl_millis(ttl);
+        if let [key] = keys {
+            let mut command = redis::cmd("SET");
+            command
+                .arg(key.as_str())
+                .arg(token.expose())
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms);
+            let reply: Value = self.query(&command).await?;
+            return Ok(matches!(reply, Value::Okay));
+        }
+        let mut invocation = ACQUIRE_MANY.prepare_invoke();
+        for key in keys {
+            invocation.key(key.as_str());
+        }
+        invocation.arg(token.expose()).arg(ttl_ms);
+        let granted: i64 = self.invoke(&invocation).await?;
+        Ok(granted == 1)
+    }
+
+    /// Compare-and-delete on every key; returns how many keys were ours and are now gone.
+    pub(crate) async fn release(&self, keys: &[Key], token: &Token) -> RedisResult<usize> {
+        let mut invocation = RELEASE.prepare_invoke();
+        for key in keys {
+            invocation.key(key.as_str());
+        }
+        invocation.arg(token.expose());
+        let deleted: i64 = self.invoke(&invocation).await?;
+        Ok(usize::try_from(deleted).unwrap_or_default())
+    }
+
+    /// Compare-and-pexpire on every key, all or nothing. True when extended.
+    pub(crate) async fn extend(
+        &self,
+        keys: &[Key],
+        token: &Token,
+        ttl: Duration,
+    ) -> RedisResult<bool> {
+        let mut invocation = EXTEND.prepare_invoke();
+        for key in keys {
+            invocation.key(key.as_str());
+        }
+        invocation
+            .arg(token.expose())
+            .arg(validate::ttl_millis(ttl));
+        let extended: i64 = self.invoke(&invocation).await?;
+        Ok(extended == 1)
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> RedisResult<T> {
+        match &self.connection {
+            Connection::Manager(manager) => command.query_async(&mut manager.clone()).await,
+            Connection::Pool(pool) => command.query_async(&mut checkout(pool).await?).await,
+        }
+    }
+
+    /// Runs a script by EVALSHA, loading it on NOSCRIPT (after a restart or SCRIPT FLUSH).
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> RedisResult<T> {
+        match &self.connection {
+            Connection::Manager(manager) => invoke_on(invocation, &mut manager.clone()).await,
+            Connection::Pool(pool) => invoke_on(invocation, &mut checkout(pool).await?).await,
+        }
+    }
+}
+
+async fn invoke_on<T, C>(
+    invocation: &redis::ScriptInvocation<'_>,
+    connection: &mut C,
+) -> RedisResult<T>
+where
+    T: redis::FromRedisValue,
+    C: ConnectionLike + Send,
+{
+    invocation.invoke_async(connection).await
+}
+
+async fn checkout(pool: &Pool) -> RedisResult<deadpool_redis::Connection> {
+    pool.get().await.map_err(|error| {
+        redis::RedisError::from((redis::ErrorKind::Io, "connection pool", error.to_string()))
+    })
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,83 @@
+//! A backend together with the `redis-server` processes it talks to, so that a test's servers
+//! live exactly as long as its lock (and are killed when it is dropped).
+
+use std::fmt;
+use std::time::Duration;
+
+use lock_core::{Capabilities, Handle, Key, Lock, LockRequest, Result, Token, async_trait};
+
+use crate::server::{RedisServer, redis_server_binary};
+
+/// A lock backend plus the servers it uses.
+pub struct ServerBacked<L> {
+    lock: L,
+    servers: Vec<RedisServer>,
+}
+
+impl<L> ServerBacked<L> {
+    /// Starts `count` fresh servers and builds the backend from their URLs.
+    ///
+    /// # Panics
+    /// When `redis-server` is missing or does not start (run `cargo xtask it`, which installs
+    /// it), or when `build` fails.
+    pub fn start(count: usize, build: impl FnOnce(Vec<String>) -> Result<L>) -> Self {
+        let binary = redis_server_binary().expect(
+            "redis-server not found: run `cargo xtask it`, which installs it, or set REDIS_SERVER",
+        );
+        let servers: Vec<RedisServer> = (0..count)
+            .map(|_| RedisServer::start(&binary, &[]).expect("redis-server starts"))
+            .collect();
+        let lock = build(servers.iter().map(RedisServer::url).collect()).expect("backend builds");
+        Self { lock, servers }
+    }
+
+    /// The servers, to pause, kill or inspect them.
+    pub fn servers(&mut self) -> &mut [RedisServer] {
+        &mut self.servers
+    }
+
+    /// The backend.
+    pub fn lock(&self) -> &L {
+        &self.lock
+    }
+}
+
+impl<L: fmt::Debug> fmt::Debug for ServerBacked<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerBacked")
+            .field("lock", &self.lock)
+            .field("servers", &self.servers)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl<L: Lock> Lock for ServerBacked<L> {
+    fn name(&self) -> &'static str {
+        self.lock.name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.lock.capabilities()
+    }
+
+    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+        self.lock.try_acquire(request).await
+    }
+
+    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
+        self.lock.abandon(keys, token).await
+    }
+
+    async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
+        self.lock.wait_for_release(keys, max_wait).await
+    }
+
+    async fn purge(&self, prefix: &str) -> Result<u64> {
+        self.lock.purge(prefix).await
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        self.lock.shutdown().await
+    }
+}
