@@ -263,23 +263,27 @@ impl Locker {
             .map(|(d, started)| started + d);
         let mut backoff = options.retry().backoff();
         let mut attempts = 0u32;
+        // The error of the latest attempt that failed outright; contention clears it, an
+        // attempt cut short by the deadline leaves it, so the caller learns why it gave up.
+        let mut last_error = None;
         loop {
             attempts += 1;
             let request =
                 LockRequest::prevalidated(keys.clone(), Token::generate()?, options.ttl())
                     .with_after_wait(attempts > 1);
-            let last_error = match self.attempt(&request, deadline).await {
-                Ok(Some(handle)) => {
+            match self.attempt(&request, deadline).await {
+                Ok(Attempt::Won(handle)) => {
                     tracing::debug!(attempts, "acquired");
                     return LockGuard::new(handle, self.lock.name());
                 }
-                Ok(None) => None,
+                Ok(Attempt::Held) => last_error = None,
+                Ok(Attempt::CutShort) => {}
                 Err(error @ (LockError::Backend { .. } | LockError::QuorumNotReached { .. })) => {
                     tracing::debug!(attempts, %error, "attempt failed");
-                    Some(error)
+                    last_error = Some(error);
                 }
                 Err(error) => return Err(error),
-            };
+            }
             let started = *started.get_or_insert_with(Instant::now);
             let gave_up = |last_error: Option<LockError>| {
                 let key = keys.primary().to_string();
@@ -296,13 +300,13 @@ impl Locker {
                 error
             };
             let Some(delay) = backoff.next() else {
-                return Err(gave_up(last_error));
+                return Err(gave_up(last_error.take()));
             };
             let now = Instant::now();
             let mut wake_at = now + delay;
             if let Some(deadline) = deadline {
                 if now >= deadline {
-                    return Err(gave_up(last_error));
+                    return Err(gave_up(last_error.take()));
                 }
                 wake_at = wake_at.min(deadline);
             }
@@ -313,17 +317,13 @@ impl Locker {
             );
             self.lock.wait_for_release(&keys, wake_at - now).await?;
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
-                return Err(gave_up(last_error));
+                return Err(gave_up(last_error.take()));
             }
         }
     }
 
     /// One attempt, bounded by the deadline and cleaned up if it does not complete.
-    async fn attempt(
-        &self,
-        request: &LockRequest,
-        deadline: Option<Instant>,
-    ) -> Result<Option<Box<dyn Handle>>> {
+    async fn attempt(&self, request: &LockRequest, deadline: Option<Instant>) -> Result<Attempt> {
         let mut pending = PendingAttempt {
             lock: Some(Arc::clone(&self.lock)),
             request,
@@ -332,15 +332,25 @@ impl Locker {
             Some(deadline) => {
                 match tokio::time::timeout_at(deadline, self.lock.try_acquire(request)).await {
                     Ok(result) => result,
-                    // The attempt was cut short: `pending` cleans up whatever it may have left.
-                    Err(_) => return Ok(None),
+                    // Cut short: `pending` cleans up whatever the attempt may have left.
+                    Err(_) => return Ok(Attempt::CutShort),
                 }
             }
             None => self.lock.try_acquire(request).await,
         };
         pending.lock = None;
-        result
+        Ok(match result? {
+            Some(handle) => Attempt::Won(handle),
+            None => Attempt::Held,
+        })
     }
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Won(Box<dyn Handle>),
+    Held,
+    CutShort,
 }
 
 /// Cleans up after an attempt that did not run to completion (cancelled or timed out): its

@@ -147,21 +147,34 @@ impl Shared {
 
     /// After a failed attempt: frees what it won at once, and cleans every other node in the
     /// background once their (possibly late) answers are in.
+    ///
+    /// Nodes still answering get a short grace (twice the time the round took, at most the node
+    /// timeout), so that the next attempt does not trip over this one's leftovers on healthy
+    /// nodes, while a stalled node still costs nothing.
     async fn undo_attempt(
         self: &Arc<Self>,
         tally: &Tally,
-        pending: Pending,
+        mut pending: Pending,
         keys: &KeySet,
         token: &Token,
         ttl: Duration,
+        round_took: Duration,
     ) {
         let timeout = self.node_timeout(ttl);
-        if !tally.yes.is_empty() {
-            let won = self.subset(tally.yes.iter().copied());
+        let grace = (round_took * 2 + Duration::from_millis(1)).min(timeout);
+        let late = pending.collect_until(Instant::now() + grace).await;
+        let won: Vec<usize> = tally.yes.iter().chain(&late.yes).copied().collect();
+        if !won.is_empty() {
+            let won = self.subset(won);
             let (_, rest) = self.release_on(&won, keys, token, timeout).await;
             rest.finish().await;
         }
-        let failed: Vec<usize> = tally.failed.iter().map(|(index, _)| *index).collect();
+        let failed: Vec<usize> = tally
+            .failed
+            .iter()
+            .chain(&late.failed)
+            .map(|(index, _)| *index)
+            .collect();
         if failed.is_empty() && pending.is_empty() {
             return;
         }
@@ -234,7 +247,7 @@ impl Lock for Redlock {
             })));
         }
         shared
-            .undo_attempt(&tally, pending, &keys, &token, ttl)
+            .undo_attempt(&tally, pending, &keys, &token, ttl, start.elapsed())
             .await;
         let key = request.primary_key().to_string();
         if tally.yes.len() >= shared.quorum {

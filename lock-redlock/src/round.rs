@@ -70,6 +70,18 @@ impl Pending {
         tally
     }
 
+    /// Counts the answers that arrive before `deadline`; later ones stay pending.
+    pub(crate) async fn collect_until(&mut self, deadline: tokio::time::Instant) -> Tally {
+        let mut tally = Tally::default();
+        while !self.0.is_empty() {
+            match tokio::time::timeout_at(deadline, self.0.next()).await {
+                Ok(Some((index, vote))) => tally.count(index, vote),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        tally
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

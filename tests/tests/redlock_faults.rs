@@ -1,0 +1,322 @@
+//! Redlock under faults, on real redis-servers that each test starts, kills, pauses and restarts.
+//! Each test prints its figures on one line so CI logs can be compared.
+
+use std::process::Command;
+use std::time::Duration;
+
+use lock_core::{LockError, LockOptions, Locker, RetryPolicy};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::backed::ServerBacked;
+use lock_tests::server::{RedisServer, redis_or_skip};
+use tokio::time::Instant;
+
+const NODE_TIMEOUT: Duration = Duration::from_millis(500);
+const PROBE: Duration = Duration::from_millis(500);
+
+fn cluster(nodes: usize) -> Option<ServerBacked<Redlock>> {
+    redis_or_skip("redlock fault test")?;
+    Some(ServerBacked::start(nodes, |urls| {
+        Redlock::new(RedlockConfig::new(urls).with_node_timeout(NODE_TIMEOUT))
+    }))
+}
+
+fn locker(backed: &ServerBacked<Redlock>, ttl: Duration, retry: RetryPolicy) -> Locker {
+    Locker::new(backed.lock().clone())
+        .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
+        .expect("valid options")
+}
+
+fn quick_retry() -> RetryPolicy {
+    RetryPolicy::forever()
+        .with_retry_delay(Duration::from_millis(2))
+        .with_retry_jitter(Duration::from_millis(3))
+        .with_deadline(Duration::from_secs(10))
+}
+
+fn percentile(samples: &mut [Duration], quantile: f64) -> Duration {
+    samples.sort();
+    let index = ((samples.len() - 1) as f64 * quantile).round() as usize;
+    samples[index]
+}
+
+/// Latencies of `rounds` acquire, extend and release cycles.
+async fn cycle_latencies(locker: &Locker, key: &str, rounds: usize) -> [Vec<Duration>; 3] {
+    let mut latencies = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let mut guard = locker.acquire(key).await.expect("acquire");
+        latencies[0].push(started.elapsed());
+        let started = Instant::now();
+        guard.extend(Duration::from_secs(5)).await.expect("extend");
+        latencies[1].push(started.elapsed());
+        let started = Instant::now();
+        guard.release().await.expect("release");
+        latencies[2].push(started.elapsed());
+    }
+    latencies
+}
+
+async fn minority_fault_keeps_latency(fault: &str, inject: impl FnOnce(&mut RedisServer)) {
+    let Some(mut backed) = cluster(3) else { return };
+    let locker = locker(&backed, Duration::from_secs(5), quick_retry());
+    let mut healthy = cycle_latencies(&locker, "minority", 30).await;
+    inject(&mut backed.servers()[2]);
+    let mut faulty = cycle_latencies(&locker, "minority", 30).await;
+    let names = ["acquire", "extend", "release"];
+    let mut line = format!("R-minority ({fault}, 1 of 3):");
+    for (index, name) in names.iter().enumerate() {
+        let healthy_p50 = percentile(&mut healthy[index], 0.5);
+        let faulty_p90 = percentile(&mut faulty[index], 0.9);
+        line += &format!(" {name} p50 healthy {healthy_p50:?} p90 faulty {faulty_p90:?};");
+        // A small multiple of the healthy case, far below the 500 ms node timeout.
+        assert!(
+            faulty_p90 < healthy_p50 * 10 + Duration::from_millis(50),
+            "{name} slowed down to {faulty_p90:?} with a {fault} node (healthy {healthy_p50:?})"
+        );
+    }
+    println!("{line} ops ok 30 of 30");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_three_killed_costs_nothing() {
+    minority_fault_keeps_latency("killed", |server| server.kill()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_three_paused_costs_nothing() {
+    minority_fault_keeps_latency("SIGSTOPped", |server| server.pause().expect("SIGSTOP")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_of_three_paused_fail_with_quorum_error_and_leave_no_stray_key() {
+    let Some(mut backed) = cluster(3) else { return };
+    let ttl = Duration::from_millis(800);
+    let deadline = Duration::from_millis(1_500);
+    let retry = RetryPolicy::forever()
+        .with_retry_delay(Duration::from_millis(50))
+        .with_deadline(deadline);
+    let locker = locker(&backed, ttl, retry);
+    backed.servers()[1].pause().expect("SIGSTOP");
+    backed.servers()[2].pause().expect("SIGSTOP");
+
+    let started = Instant::now();
+    let error = locker.acquire("stalled").await.expect_err("no quorum");
+    let took = started.elapsed();
+    match &error {
+        LockError::QuorumNotReached { got, needed, .. } => {
+            assert_eq!((*got, *needed), (1, 2), "{error}");
+        }
+        other => panic!("expected a quorum error, got {other:?}"),
+    }
+    assert!(error.to_string().contains("1 of 2"), "{error}");
+    assert!(
+        took <= deadline + Duration::from_millis(700),
+        "gave up after {took:?}"
+    );
+
+    backed.servers()[1].resume().expect("SIGCONT");
+    backed.servers()[2].resume().expect("SIGCONT");
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let key = locker.lock_ns("stalled").expect("key");
+    let mut strays = 0;
+    for server in backed.servers() {
+        let reply = server
+            .command(&format!("EXISTS {key}"), PROBE)
+            .expect("EXISTS");
+        strays += usize::from(reply != ":0");
+    }
+    println!("R4 (2 of 3 paused): error `{error}` after {took:?}; stray keys after ttl {strays}");
+    assert_eq!(strays, 0, "a key outlived its ttl");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_paused_past_its_ttl_cannot_touch_the_next_holder() {
+    let Some(mut backed) = cluster(3) else { return };
+    let ttl = Duration::from_millis(300);
+    let first = locker(&backed, ttl, quick_retry());
+    let second = locker(&backed, Duration::from_secs(10), quick_retry());
+    let mut stale = first.acquire("paused-holder").await.expect("first holder");
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let next = second
+        .acquire("paused-holder")
+        .await
+        .expect("second holder");
+    // The round was decided by a majority; let the last node's answer land before looking.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let key = next.key().to_string();
+    let snapshot = |backed: &mut ServerBacked<Redlock>| -> Vec<Option<String>> {
+        backed
+            .servers()
+            .iter()
+            .map(|server| raw_get(server.port(), &key))
+            .collect()
+    };
+    let before = snapshot(&mut backed);
+    let held = before
+        .iter()
+        .filter(|v| v.as_deref() == Some(next.token().expose()))
+        .count();
+    assert!(
+        held >= 2,
+        "the second holder should hold a quorum: {before:?}"
+    );
+
+    let extend = stale
+        .extend(Duration::from_secs(10))
+        .await
+        .expect_err("stale extend");
+    assert!(matches!(extend, LockError::NotHeld { .. }), "{extend:?}");
+    let release = stale.release().await.expect_err("stale release");
+    assert!(matches!(release, LockError::NotHeld { .. }), "{release:?}");
+
+    let after = snapshot(&mut backed);
+    println!(
+        "R5 (holder paused past ttl): stale extend and release refused; next holder's key on {held} of 3 nodes before and {} after",
+        after
+            .iter()
+            .filter(|v| v.as_deref() == Some(next.token().expose()))
+            .count()
+    );
+    assert_eq!(
+        before, after,
+        "the stale holder disturbed the next holder's keys"
+    );
+    next.release().await.expect("release");
+}
+
+/// `GET key` with redis-cli-free raw RESP, returning the bulk string.
+fn raw_get(port: u16, key: &str) -> Option<String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(PROBE)).ok()?;
+    let command = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+    stream.write_all(command.as_bytes()).ok()?;
+    let mut reader = BufReader::new(stream);
+    let mut header = String::new();
+    reader.read_line(&mut header).ok()?;
+    let length: usize = header.trim_end().strip_prefix('$')?.parse().ok()?;
+    let mut body = vec![0; length + 2];
+    reader.read_exact(&mut body).ok()?;
+    body.truncate(length);
+    String::from_utf8(body).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_reconnect_after_a_node_restarts_empty() {
+    let Some(mut backed) = cluster(1) else { return };
+    let locker = locker(&backed, Duration::from_secs(5), quick_retry());
+    locker
+        .acquire("restart")
+        .await
+        .expect("before")
+        .release()
+        .await
+        .expect("release");
+    backed.servers()[0].restart().expect("restart");
+    let started = Instant::now();
+    let guard = locker
+        .acquire("restart")
+        .await
+        .expect("after the restart, without user action");
+    let took = started.elapsed();
+    guard.release().await.expect("release after restart");
+    // The scripts were flushed by the restart: EVALSHA must have reloaded them.
+    println!("R-restart (1 node restarted empty): reconnected and re-acquired in {took:?}");
+    assert!(took < Duration::from_secs(5), "reconnect took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_contenders_on_three_nodes_keep_making_progress() {
+    let Some(backed) = cluster(3) else { return };
+    let locker = locker(
+        &backed,
+        Duration::from_secs(2),
+        RetryPolicy::forever()
+            .with_retry_delay(Duration::from_millis(1))
+            .with_retry_jitter(Duration::from_millis(5))
+            .with_deadline(Duration::from_secs(5)),
+    );
+    let run_for = Duration::from_secs(3);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let locker = locker.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sections = 0u32;
+            while started.elapsed() < run_for {
+                let guard = locker
+                    .acquire("livelock")
+                    .await
+                    .expect("progress within the deadline");
+                sections += 1;
+                guard.release().await.expect("release");
+            }
+            sections
+        }));
+    }
+    let mut per_task = Vec::new();
+    for task in tasks {
+        per_task.push(task.await.expect("task"));
+    }
+    let total: u32 = per_task.iter().sum();
+    println!(
+        "no livelock (8 tasks, 3 nodes, {run_for:?}): sections per task {per_task:?}, total {total}"
+    );
+    assert!(
+        per_task.iter().all(|&n| n > 0),
+        "a task starved: {per_task:?}"
+    );
+    assert!(total >= 100, "only {total} sections in {run_for:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_tasks_in_four_processes_never_overlap() {
+    let Some(binary) = redis_or_skip("cross-process contention") else {
+        return;
+    };
+    let nodes: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::start(&binary, &[]).expect("node"))
+        .collect();
+    let checker = RedisServer::start(&binary, &[]).expect("checker");
+    let (processes, tasks, sections) = (4, 4, 150);
+    let started = Instant::now();
+    let children: Vec<_> = (0..processes)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_lock-worker"))
+                .arg(checker.url())
+                .arg(tasks.to_string())
+                .arg(sections.to_string())
+                .args(nodes.iter().map(RedisServer::url))
+                .output()
+        })
+        .collect();
+    let mut overlaps = 0u64;
+    for child in children {
+        let output = child.expect("worker runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "worker failed: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let reported: u64 = stdout
+            .split_whitespace()
+            .last()
+            .and_then(|n| n.parse().ok())
+            .expect("worker prints its overlaps");
+        overlaps += reported;
+    }
+    let total = processes * tasks * sections;
+    let counter = checker.command("GET counter", PROBE).expect("GET counter");
+    let lost = total
+        - raw_get(checker.port(), "counter")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+    println!(
+        "R1 cross-process ({processes} processes × {tasks} tasks, 3 nodes): critical sections {total}, overlaps {overlaps}, lost updates {lost} in {:?}",
+        started.elapsed()
+    );
+    assert!(counter.starts_with('$'), "counter missing: {counter}");
+    assert_eq!(overlaps, 0, "two holders overlapped");
+    assert_eq!(lost, 0, "updates were lost");
+}
