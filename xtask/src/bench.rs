@@ -1,13 +1,25 @@
 //! `cargo xtask bench`: builds and runs the benchmark binary in release mode.
 
+use crate::redis::ensure_redis_server;
 use crate::run::{cargo, step};
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
-    for arg in args {
-        if arg != "--quick" {
-            return Err(format!("unknown bench option `{arg}`; try --quick"));
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--quick" => {}
+            "--only" => match rest.next().map(String::as_str) {
+                Some("memory" | "redlock") => {}
+                other => return Err(format!("--only takes memory or redlock, got {other:?}")),
+            },
+            other => {
+                return Err(format!(
+                    "unknown bench option `{other}`; try --quick or --only memory|redlock"
+                ));
+            }
         }
     }
+    let redis_server = ensure_redis_server()?;
     step(
         "lock-bench",
         cargo()
@@ -21,6 +33,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 "lock-bench",
                 "--",
             ])
-            .args(args),
+            .args(args)
+            .env("REDIS_SERVER", &redis_server),
     )
 }

@@ -4,6 +4,11 @@
 //!
 //! In-memory: our `MemoryLock` behind `Locker` against `lockable::LockPool` and a
 //! `tokio::sync::Mutex` per key in a map, uncontended and in contended handoff.
+//!
+//! Redlock on 1, 3 and 5 local redis-servers: uncontended acquire+release cycles against the
+//! physical limit measured by `redis-benchmark -c 1` on the same server in the same run (the
+//! single-client rates of the exact acquire command and release script: the cycle limit is
+//! 1 / (1/r_acquire + 1/r_release)), for both connection kinds; and contended hand-off.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,13 +21,18 @@ use lockable::LockPool;
 use serde::Serialize;
 
 /// One measured figure, as written to `target/bench/report.json`.
+mod redlock;
+
 #[derive(Debug, Serialize)]
-struct Figure {
+pub(crate) struct Figure {
     backend: String,
     nodes: Option<u32>,
     scenario: String,
     value: f64,
     unit: String,
+    /// The physical limit measured in the same run, where one applies.
+    limit: Option<f64>,
+    ratio_to_limit: Option<f64>,
     reference: Option<String>,
     ratio_to_reference: Option<f64>,
 }
@@ -32,10 +42,11 @@ struct Profile {
     uncontended_ops: u32,
     rounds: u32,
     handoff_time: Duration,
+    redis_cycles: u32,
 }
 
 const CONTENDERS: usize = 8;
-const CRITICAL_SECTION: Duration = Duration::from_millis(1);
+pub(crate) const CRITICAL_SECTION: Duration = Duration::from_millis(1);
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let quick = std::env::args().any(|arg| arg == "--quick");
@@ -44,19 +55,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             uncontended_ops: 50_000,
             rounds: 3,
             handoff_time: Duration::from_millis(1_000),
+            redis_cycles: 1_000,
         }
     } else {
         Profile {
             uncontended_ops: 200_000,
             rounds: 5,
             handoff_time: Duration::from_secs(3),
+            redis_cycles: 5_000,
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let figures = runtime.block_on(memory_benchmarks(profile))?;
+    let only = std::env::args().skip_while(|arg| arg != "--only").nth(1);
+    let mut figures = Vec::new();
+    if only.as_deref().is_none_or(|only| only == "memory") {
+        figures.extend(runtime.block_on(memory_benchmarks(profile))?);
+    }
+    if only.as_deref().is_none_or(|only| only == "redlock") {
+        let single = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        figures.extend(single.block_on(redlock::benchmarks(profile.redis_cycles))?);
+    }
     print_table(&figures);
     let path = write_report(&figures)?;
     println!("\nreport: {}", path.display());
@@ -216,14 +239,14 @@ async fn memory_benchmarks(profile: Profile) -> Result<Vec<Figure>, lock_core::L
     Ok(figures)
 }
 
-struct Handoff {
-    sections_per_second: f64,
-    p50_wait_ms: f64,
-    p99_wait_ms: f64,
+pub(crate) struct Handoff {
+    pub(crate) sections_per_second: f64,
+    pub(crate) p50_wait_ms: f64,
+    pub(crate) p99_wait_ms: f64,
 }
 
 /// Runs `CONTENDERS` tasks that each repeatedly wait for the lock and hold it for 1 ms.
-async fn handoff<F, Fut>(duration: Duration, section: F) -> Handoff
+pub(crate) async fn handoff<F, Fut>(duration: Duration, section: F) -> Handoff
 where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
@@ -264,7 +287,7 @@ fn percentile_ms(sorted: &[Duration], quantile: f64) -> f64 {
     sorted[index.min(sorted.len() - 1)].as_secs_f64() * 1e3
 }
 
-fn rate(operations: u32, elapsed: Duration) -> f64 {
+pub(crate) fn rate(operations: u32, elapsed: Duration) -> f64 {
     f64::from(operations) / elapsed.as_secs_f64().max(f64::EPSILON)
 }
 
@@ -281,6 +304,8 @@ fn figure(
         scenario: scenario.to_owned(),
         value,
         unit: unit.to_owned(),
+        limit: None,
+        ratio_to_limit: None,
         reference: reference.map(|(name, _)| name.to_owned()),
         ratio_to_reference: reference
             .and_then(|(_, theirs)| (theirs > 0.0).then(|| value / theirs)),
@@ -288,16 +313,23 @@ fn figure(
 }
 
 fn print_table(figures: &[Figure]) {
-    println!("| backend | scenario | value | unit | ratio (> 1 = better than reference) |");
-    println!("|---|---|---:|---|---:|");
+    println!(
+        "| backend | nodes | scenario | value | unit | ratio to limit | ratio to reference (> 1 = better) |"
+    );
+    println!("|---|---:|---|---:|---|---:|---:|");
     for figure in figures {
-        let ratio = match (&figure.reference, figure.ratio_to_reference) {
+        let reference = match (&figure.reference, figure.ratio_to_reference) {
             (Some(reference), Some(ratio)) => format!("{ratio:.2}× {reference}"),
             _ => "—".to_owned(),
         };
+        let limit = match (figure.limit, figure.ratio_to_limit) {
+            (Some(limit), Some(ratio)) => format!("{ratio:.3} of {limit:.0}"),
+            _ => "—".to_owned(),
+        };
+        let nodes = figure.nodes.map_or("—".to_owned(), |n| n.to_string());
         println!(
-            "| {} | {} | {:.1} | {} | {} |",
-            figure.backend, figure.scenario, figure.value, figure.unit, ratio
+            "| {} | {nodes} | {} | {:.1} | {} | {limit} | {reference} |",
+            figure.backend, figure.scenario, figure.value, figure.unit
         );
     }
 }

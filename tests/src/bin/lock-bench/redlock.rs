@@ -1,0 +1,184 @@
+//! Redlock on local redis-servers, as ratios to the limit measured on the same server.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
+use lock_tests::server::{RedisServer, redis_server_binary};
+
+use crate::{CRITICAL_SECTION, Figure, figure, handoff, rate};
+
+const RELEASE_SCRIPT: &str = include_str!("../../../../lock-redlock/src/lua/release.lua");
+
+/// Interleaved measurement rounds per figure.
+const ROUNDS: usize = 3;
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or_default()
+}
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+pub(crate) async fn benchmarks(cycles: u32) -> BenchResult<Vec<Figure>> {
+    let binary = redis_server_binary()
+        .ok_or("redis-server not found: run `cargo xtask it` first, which installs it")?;
+    let mut figures = Vec::new();
+    for nodes in [1u32, 3, 5] {
+        let servers: Vec<RedisServer> = (0..nodes)
+            .map(|_| RedisServer::start(&binary, &[]))
+            .collect::<Result<_, _>>()?;
+        let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+
+        // Interleaved rounds, medians: the machine is shared, so neighbours hit both sides alike.
+        let mut limits = Vec::new();
+        let mut manager = Vec::new();
+        let mut pool = Vec::new();
+        let lockers = [
+            (
+                locker(&urls, ConnectionKind::Manager, RetryPolicy::forever())?,
+                &mut manager,
+            ),
+            (
+                locker(&urls, ConnectionKind::Pool, RetryPolicy::forever())?,
+                &mut pool,
+            ),
+        ];
+        let mut lockers = lockers;
+        for (locker, _) in &lockers {
+            // Warm up the connections and script caches.
+            for _ in 0..50 {
+                locker.acquire("bench-key").await?.release().await?;
+            }
+        }
+        for _ in 0..ROUNDS {
+            limits.push(cycle_limit(&servers[0], cycles)?);
+            for (locker, results) in &mut lockers {
+                let started = Instant::now();
+                for _ in 0..cycles {
+                    locker.acquire("bench-key").await?.release().await?;
+                }
+                results.push(rate(cycles, started.elapsed()));
+            }
+        }
+        let limit = median(&mut limits);
+        for (kind, results) in [("manager", &mut manager), ("pool", &mut pool)] {
+            let value = median(results);
+            let mut uncontended = figure(
+                &format!("redlock ({kind})"),
+                "uncontended acquire+release, sequential",
+                value,
+                "cycles/s",
+                None,
+            );
+            uncontended.nodes = Some(nodes);
+            uncontended.limit = Some(limit);
+            uncontended.ratio_to_limit = Some(value / limit);
+            figures.push(uncontended);
+        }
+
+        let tuned = RetryPolicy::forever()
+            .with_retry_delay(Duration::from_millis(5))
+            .with_retry_jitter(Duration::from_millis(5))
+            .with_deadline(Duration::from_secs(30));
+        let locker = locker(&urls, ConnectionKind::Manager, tuned)?;
+        let result = handoff(Duration::from_secs(2), move || {
+            let locker = locker.clone();
+            async move {
+                let guard = locker.acquire("handoff").await.ok();
+                tokio::time::sleep(CRITICAL_SECTION).await;
+                if let Some(guard) = guard {
+                    let _ = guard.release().await;
+                }
+            }
+        })
+        .await;
+        let scenario = "contended handoff, 8 tasks, 1 ms sections, 5 ms delay + 5 ms jitter";
+        for (scenario, value, unit) in [
+            (
+                scenario.to_owned(),
+                result.sections_per_second,
+                "sections/s",
+            ),
+            (format!("{scenario}: p50 wait"), result.p50_wait_ms, "ms"),
+            (format!("{scenario}: p99 wait"), result.p99_wait_ms, "ms"),
+        ] {
+            let mut contended = figure("redlock (manager)", &scenario, value, unit, None);
+            contended.nodes = Some(nodes);
+            figures.push(contended);
+        }
+    }
+    Ok(figures)
+}
+
+fn locker(urls: &[String], kind: ConnectionKind, retry: RetryPolicy) -> BenchResult<Locker> {
+    let config = RedlockConfig::new(urls.iter().cloned()).with_connection(kind);
+    let locker = Locker::new(Redlock::new(config)?).with_options(
+        LockOptions::default()
+            .with_ttl(Duration::from_secs(10))
+            .with_retry(retry),
+    )?;
+    Ok(locker)
+}
+
+/// The single-client cycle limit of `server`: 1 / (1/r_acquire + 1/r_release), from
+/// `redis-benchmark -c 1` running the exact acquire command and release script.
+fn cycle_limit(server: &RedisServer, requests: u32) -> BenchResult<f64> {
+    let sha = script_sha(server)?;
+    let acquire = redis_benchmark(
+        server,
+        requests,
+        &["SET", "bench-limit", "token", "NX", "PX", "10000"],
+    )?;
+    let release = redis_benchmark(
+        server,
+        requests,
+        &["EVALSHA", &sha, "1", "bench-limit", "token"],
+    )?;
+    Ok(1.0 / (1.0 / acquire + 1.0 / release))
+}
+
+/// Loads the release script with `redis-cli` and returns its digest.
+fn script_sha(server: &RedisServer) -> BenchResult<String> {
+    let output = Command::new("redis-cli")
+        .args([
+            "-p",
+            &server.port().to_string(),
+            "SCRIPT",
+            "LOAD",
+            RELEASE_SCRIPT,
+        ])
+        .output()?;
+    let sha = String::from_utf8(output.stdout)?.trim().to_owned();
+    if sha.len() != 40 {
+        return Err(format!("SCRIPT LOAD answered `{sha}`").into());
+    }
+    Ok(sha)
+}
+
+/// Requests per second of one command from `redis-benchmark` with a single client.
+fn redis_benchmark(server: &RedisServer, requests: u32, command: &[&str]) -> BenchResult<f64> {
+    let output = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &server.port().to_string(),
+            "-c",
+            "1",
+            "-n",
+            &requests.to_string(),
+            "--csv",
+        ])
+        .args(command)
+        .output()?;
+    let stdout = String::from_utf8(output.stdout)?;
+    let line = stdout
+        .lines()
+        .nth(1)
+        .ok_or_else(|| format!("redis-benchmark printed nothing: {stdout}"))?;
+    let rps = line
+        .split("\",\"")
+        .nth(1)
+        .ok_or("unexpected redis-benchmark output")?;
+    Ok(rps.trim_matches('"').parse()?)
+}
