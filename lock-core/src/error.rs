@@ -70,7 +70,7 @@ pub enum LockError {
 
     /// A distributed backend could not win (or keep) a majority of its nodes.
     #[error(
-        "quorum not reached for `{key}`: {got} of {needed} needed nodes agreed; check that most nodes are reachable"
+        "quorum not reached for `{key}`: {got} of {needed} needed nodes agreed; check that most nodes are reachable ({failures})"
     )]
     QuorumNotReached {
         /// The (namespaced) key.
@@ -79,6 +79,8 @@ pub enum LockError {
         got: usize,
         /// Nodes needed for a majority.
         needed: usize,
+        /// What went wrong on the nodes that failed, without secrets.
+        failures: String,
     },
 
     /// The backend cannot do what was asked (see [`Capabilities`](crate::Capabilities)).
@@ -162,6 +164,7 @@ mod tests {
                 key: "k".into(),
                 got: 1,
                 needed: 2,
+                failures: "n1: timed out".into(),
             },
             LockError::Stopped,
         ];

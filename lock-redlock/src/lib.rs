@@ -267,6 +267,7 @@ impl Lock for Redlock {
             key,
             got: tally.yes.len(),
             needed: shared.quorum,
+            failures: tally.failures(),
         })
     }
 
@@ -321,6 +322,7 @@ impl RedlockHandle {
                 key: self.key(),
                 got: tally.yes.len(),
                 needed: shared.quorum,
+                failures: tally.failures(),
             }
         }
     }

@@ -320,3 +320,42 @@ async fn sixteen_tasks_in_four_processes_never_overlap() {
     assert_eq!(overlaps, 0, "two holders overlapped");
     assert_eq!(lost, 0, "updates were lost");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_user_password_and_database_come_from_the_url_and_never_leak() {
+    let Some(binary) = redis_or_skip("acl") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).expect("server");
+    // A user limited to what the lock needs, and the default user switched off.
+    let setup = [
+        "ACL SETUSER locker on >s3cret-pw ~* -@all +set +get +del +pexpire +exists +eval +evalsha +script|load +ping +hello +auth +select +client|setname",
+        "ACL SETUSER default off",
+    ];
+    for command in setup {
+        assert_eq!(
+            server.command(command, PROBE).expect("ACL"),
+            "+OK",
+            "{command}"
+        );
+    }
+    let port = server.port();
+    let good = format!("redis://locker:s3cret-pw@127.0.0.1:{port}/2");
+    let locker = Locker::new(Redlock::new(RedlockConfig::new([good])).expect("backend"))
+        .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
+        .expect("options");
+    let guard = locker
+        .acquire("acl-key")
+        .await
+        .expect("acquire as the ACL user in db 2");
+    guard.release().await.expect("release as the ACL user");
+
+    let bad = format!("redis://locker:wrong-pw@127.0.0.1:{port}/2");
+    let locker = Locker::new(Redlock::new(RedlockConfig::new([bad.clone()])).expect("backend"))
+        .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
+        .expect("options");
+    let error = locker.acquire("acl-key").await.expect_err("wrong password");
+    let shown = format!("{error} {error:?} {:?}", RedlockConfig::new([bad]));
+    assert!(!shown.contains("wrong-pw"), "the password leaked: {shown}");
+    println!("ACL: user+db from the URL work; a wrong password fails with `{error}` and no secret");
+}

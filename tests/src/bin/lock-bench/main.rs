@@ -43,6 +43,7 @@ struct Profile {
     rounds: u32,
     handoff_time: Duration,
     redis_cycles: u32,
+    redis_rounds: usize,
 }
 
 const CONTENDERS: usize = 8;
@@ -55,14 +56,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             uncontended_ops: 50_000,
             rounds: 3,
             handoff_time: Duration::from_millis(1_000),
-            redis_cycles: 1_000,
+            redis_cycles: 500,
+            redis_rounds: 5,
         }
     } else {
         Profile {
             uncontended_ops: 200_000,
             rounds: 5,
             handoff_time: Duration::from_secs(3),
-            redis_cycles: 5_000,
+            redis_cycles: 1_000,
+            redis_rounds: 9,
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -78,7 +81,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let single = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        figures.extend(single.block_on(redlock::benchmarks(profile.redis_cycles))?);
+        figures.extend(single.block_on(redlock::benchmarks(
+            profile.redis_cycles,
+            profile.redis_rounds,
+        ))?);
     }
     print_table(&figures);
     let path = write_report(&figures)?;

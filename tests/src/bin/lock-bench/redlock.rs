@@ -11,9 +11,6 @@ use crate::{CRITICAL_SECTION, Figure, figure, handoff, rate};
 
 const RELEASE_SCRIPT: &str = include_str!("../../../../lock-redlock/src/lua/release.lua");
 
-/// Interleaved measurement rounds per figure.
-const ROUNDS: usize = 3;
-
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or_default()
@@ -21,7 +18,7 @@ fn median(values: &mut [f64]) -> f64 {
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-pub(crate) async fn benchmarks(cycles: u32) -> BenchResult<Vec<Figure>> {
+pub(crate) async fn benchmarks(cycles: u32, rounds: usize) -> BenchResult<Vec<Figure>> {
     let binary = redis_server_binary()
         .ok_or("redis-server not found: run `cargo xtask it` first, which installs it")?;
     let mut figures = Vec::new();
@@ -52,7 +49,7 @@ pub(crate) async fn benchmarks(cycles: u32) -> BenchResult<Vec<Figure>> {
                 locker.acquire("bench-key").await?.release().await?;
             }
         }
-        for _ in 0..ROUNDS {
+        for _ in 0..rounds {
             limits.push(cycle_limit(&servers[0], cycles)?);
             for (locker, results) in &mut lockers {
                 let started = Instant::now();
@@ -62,8 +59,16 @@ pub(crate) async fn benchmarks(cycles: u32) -> BenchResult<Vec<Figure>> {
                 results.push(rate(cycles, started.elapsed()));
             }
         }
-        let limit = median(&mut limits);
+        let limit = median(&mut limits.clone());
         for (kind, results) in [("manager", &mut manager), ("pool", &mut pool)] {
+            // Each round's figure against the limit measured just before it, then the median:
+            // load from neighbours changes from second to second.
+            let mut ratios: Vec<f64> = results
+                .iter()
+                .zip(&limits)
+                .map(|(ours, limit)| ours / limit)
+                .collect();
+            let ratio = median(&mut ratios);
             let value = median(results);
             let mut uncontended = figure(
                 &format!("redlock ({kind})"),
@@ -74,7 +79,7 @@ pub(crate) async fn benchmarks(cycles: u32) -> BenchResult<Vec<Figure>> {
             );
             uncontended.nodes = Some(nodes);
             uncontended.limit = Some(limit);
-            uncontended.ratio_to_limit = Some(value / limit);
+            uncontended.ratio_to_limit = Some(ratio);
             figures.push(uncontended);
         }
 
