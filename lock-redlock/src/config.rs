@@ -53,6 +53,10 @@ pub struct RedlockConfig {
     /// Connections per node with [`ConnectionKind::Pool`].
     #[serde(alias = "poolSize")]
     pub pool_size: usize,
+    /// A PEM file of the CA that signed the nodes' TLS certificates, for `rediss://` nodes whose
+    /// certificates the system's roots do not cover (needs `connection = "manager"`).
+    #[serde(alias = "tlsCaFile", skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// Retries after the first attempt; -1 retries forever.
     #[serde(alias = "retryCount", skip_serializing_if = "Option::is_none")]
     pub retry_count: Option<i64>,
@@ -80,6 +84,7 @@ impl Default for RedlockConfig {
             connect_timeout: 500,
             connection: ConnectionKind::Manager,
             pool_size: 4,
+            tls_ca_file: None,
             retry_count: None,
             retry_delay: None,
             retry_jitter: None,
@@ -140,6 +145,12 @@ impl RedlockConfig {
             timeout_in_range("node_timeout", timeout)?;
         }
         timeout_in_range("connect_timeout", self.connect_timeout)?;
+        if self.tls_ca_file.is_some() && self.connection == ConnectionKind::Pool {
+            return Err(LockError::invalid(
+                "tls_ca_file",
+                "a custom CA needs connection = \"manager\"",
+            ));
+        }
         if self.pool_size == 0 || self.pool_size > 1024 {
             return Err(LockError::invalid(
                 "pool_size",
@@ -210,6 +221,7 @@ impl fmt::Debug for RedlockConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("connection", &self.connection)
             .field("pool_size", &self.pool_size)
+            .field("tls_ca_file", &self.tls_ca_file)
             .field("retry_count", &self.retry_count)
             .field("retry_delay", &self.retry_delay)
             .field("retry_jitter", &self.retry_jitter)
@@ -228,18 +240,21 @@ impl NodeUrl {
     pub(crate) fn parse(url: &str) -> Result<Self> {
         let rest = if let Some(rest) = url.strip_prefix("redis://") {
             rest
-        } else if url.starts_with("rediss://") {
-            return Err(LockError::invalid(
-                "url",
-                format!(
-                    "{}: TLS (rediss://) is not supported by this build yet",
-                    redact(url)
-                ),
-            ));
+        } else if let Some(rest) = url.strip_prefix("rediss://") {
+            if !cfg!(feature = "tls") {
+                return Err(LockError::invalid(
+                    "url",
+                    format!(
+                        "{}: rediss:// needs the `tls` cargo feature of lock-redlock",
+                        redact(url)
+                    ),
+                ));
+            }
+            rest
         } else {
             return Err(LockError::invalid(
                 "url",
-                format!("{} is not a redis:// URL", redact(url)),
+                format!("{} is not a redis:// or rediss:// URL", redact(url)),
             ));
         };
         let authority = rest.split(['/', '?']).next().unwrap_or_default();

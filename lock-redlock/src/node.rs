@@ -40,7 +40,7 @@ impl Node {
         let response_timeout = Duration::from_secs(60);
         let connection = match config.connection {
             ConnectionKind::Manager => {
-                let client = Client::open(url.url.as_str()).map_err(|e| invalid(&e))?;
+                let client = client(url, config)?;
                 let manager_config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
                     .set_response_timeout(Some(response_timeout))
@@ -156,6 +156,38 @@ impl Node {
             Connection::Pool(pool) => invoke_on(invocation, &mut checkout(pool).await?).await,
         }
     }
+}
+
+/// A client for `url`; with the `tls` feature, trusting `tls_ca_file` when one is set.
+fn client(url: &NodeUrl, config: &RedlockConfig) -> Result<Client> {
+    let invalid =
+        |error: &dyn fmt::Display| LockError::invalid("url", format!("{}: {error}", url.label));
+    #[cfg(feature = "tls")]
+    {
+        // rustls needs a process-wide crypto provider; another crate may have installed one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        if let Some(path) = &config.tls_ca_file {
+            let root_cert = std::fs::read(path).map_err(|e| {
+                LockError::invalid(
+                    "tls_ca_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            };
+            return Client::build_with_tls(url.url.as_str(), certificates).map_err(|e| invalid(&e));
+        }
+    }
+    #[cfg(not(feature = "tls"))]
+    if config.tls_ca_file.is_some() {
+        return Err(LockError::invalid(
+            "tls_ca_file",
+            "needs the `tls` cargo feature of lock-redlock",
+        ));
+    }
+    Client::open(url.url.as_str()).map_err(|e| invalid(&e))
 }
 
 async fn invoke_on<T, C>(
