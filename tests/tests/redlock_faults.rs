@@ -359,3 +359,50 @@ async fn acl_user_password_and_database_come_from_the_url_and_never_leak() {
     assert!(!shown.contains("wrong-pw"), "the password leaked: {shown}");
     println!("ACL: user+db from the URL work; a wrong password fails with `{error}` and no secret");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interoperates_with_other_redlock_clients_on_the_same_keys() {
+    let Some(backed) = cluster(1) else { return };
+    let port = backed.lock().config().urls[0]
+        .rsplit(':')
+        .next()
+        .and_then(|rest| rest.trim_end_matches('/').parse::<u16>().ok())
+        .expect("port in url");
+    let locker = locker(&backed, Duration::from_secs(5), RetryPolicy::none());
+
+    // Our lock, as another client sees it: the key is the user's key, the value our token.
+    let guard = locker.acquire("orders:17").await.expect("acquire");
+    assert_eq!(
+        raw_get(port, "orders:17").as_deref(),
+        Some(guard.token().expose())
+    );
+    guard.release().await.expect("release");
+    assert_eq!(
+        raw_get(port, "orders:17"),
+        None,
+        "compare-and-delete removed it"
+    );
+
+    // Another client's lock (node-redlock, redsync and redis-py all use SET NX PX) holds us off.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    use std::io::{Read, Write};
+    stream
+        .write_all(b"*6\r\n$3\r\nSET\r\n$9\r\norders:17\r\n$7\r\nforeign\r\n$2\r\nNX\r\n$2\r\nPX\r\n$5\r\n60000\r\n")
+        .expect("SET");
+    let mut reply = [0u8; 5];
+    stream.read_exact(&mut reply).expect("reply");
+    assert_eq!(&reply, b"+OK\r\n");
+    let error = locker
+        .acquire("orders:17")
+        .await
+        .expect_err("held by the foreign client");
+    assert!(matches!(error, LockError::Locked { .. }), "{error:?}");
+    assert_eq!(
+        raw_get(port, "orders:17").as_deref(),
+        Some("foreign"),
+        "their lock is untouched"
+    );
+    println!(
+        "interop: plain key, token as value, SET NX PX and compare-and-delete, as other Redlock clients"
+    );
+}
