@@ -170,20 +170,7 @@ async fn memory_benchmarks(profile: Profile) -> Result<Vec<Figure>, lock_core::L
     ));
 
     // Contended handoff: 8 tasks on one key, each holding it for 1 ms.
-    let ours = handoff(profile.handoff_time, {
-        let locker = locker.clone();
-        move || {
-            let locker = locker.clone();
-            async move {
-                let guard = locker.acquire("handoff").await.ok();
-                tokio::time::sleep(CRITICAL_SECTION).await;
-                if let Some(guard) = guard {
-                    let _ = guard.release().await;
-                }
-            }
-        }
-    })
-    .await;
+    let ours = locker_handoff(locker.clone(), profile.handoff_time).await;
     let pool = Arc::new(pool);
     let theirs = handoff(profile.handoff_time, {
         move || {
@@ -243,6 +230,21 @@ async fn memory_benchmarks(profile: Profile) -> Result<Vec<Figure>, lock_core::L
         }
     }
     Ok(figures)
+}
+
+/// Contended hand-off through one of our lockers: each section takes the lock, holds it 1 ms.
+pub(crate) async fn locker_handoff(locker: Locker, duration: Duration) -> Handoff {
+    handoff(duration, move || {
+        let locker = locker.clone();
+        async move {
+            let guard = locker.acquire("handoff").await.ok();
+            tokio::time::sleep(CRITICAL_SECTION).await;
+            if let Some(guard) = guard {
+                let _ = guard.release().await;
+            }
+        }
+    })
+    .await
 }
 
 pub(crate) struct Handoff {

@@ -7,7 +7,7 @@ use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::server::{RedisServer, redis_server_binary};
 
-use crate::{CRITICAL_SECTION, Figure, figure, handoff, rate};
+use crate::{Figure, figure, locker_handoff, rate};
 
 const RELEASE_SCRIPT: &str = include_str!("../../../../lock-redlock/src/lua/release.lua");
 
@@ -88,17 +88,7 @@ pub(crate) async fn benchmarks(cycles: u32, rounds: usize) -> BenchResult<Vec<Fi
             .with_retry_jitter(Duration::from_millis(5))
             .with_deadline(Duration::from_secs(30));
         let locker = locker(&urls, ConnectionKind::Manager, tuned)?;
-        let result = handoff(Duration::from_secs(2), move || {
-            let locker = locker.clone();
-            async move {
-                let guard = locker.acquire("handoff").await.ok();
-                tokio::time::sleep(CRITICAL_SECTION).await;
-                if let Some(guard) = guard {
-                    let _ = guard.release().await;
-                }
-            }
-        })
-        .await;
+        let result = locker_handoff(locker, Duration::from_secs(2)).await;
         let scenario = "contended handoff, 8 tasks, 1 ms sections, 5 ms delay + 5 ms jitter";
         for (scenario, value, unit) in [
             (
