@@ -9,6 +9,7 @@ mod locker;
 mod options;
 mod retry;
 mod token;
+mod url;
 pub mod validate;
 
 #[cfg(feature = "conformance")]
@@ -24,3 +25,4 @@ pub use locker::{LeaseInfo, Locker};
 pub use options::LockOptions;
 pub use retry::{Backoff, RetryCount, RetryPolicy};
 pub use token::{TOKEN_BYTES, Token};
+pub use url::redact_url;

@@ -1,8 +1,331 @@
-//! The INCR optimistic lock: `INCR` on the lock key, 1 means held, more means "resource locked".
-//!
-//! This crate is a placeholder in the workspace layout: the backend lands with the lock-inc
-//! issue. Until then it exposes only its name.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
+
+mod config;
+
+use std::fmt;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+pub use config::IncConfig;
+use fred::prelude::{ClientLike, Config, KeysInterface, ReconnectPolicy};
+use fred::types::scripts::Script;
+use lock_core::{
+    Capabilities, Handle, Key, Lock, LockError, LockRequest, Result, Token, async_trait, validate,
+};
+use tokio::time::Instant;
 
 /// The backend's name in messages and configuration.
 pub const NAME: &str = "inc";
+
+static ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("lua/acquire.lua")));
+static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("lua/release.lua")));
+static EXTEND: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("lua/extend.lua")));
+
+/// Keys removed per `UNLINK` (and asked per `SCAN` page) by [`Lock::purge`].
+const PURGE_BATCH: u32 = 1000;
+
+/// The optimistic INCR lock of lock-inc: `INCR` on the lock key; 1 means you hold it, more
+/// means "resource locked" at once.
+///
+/// Beyond the original: the expiry is set atomically with the `INCR` (one Lua script), release
+/// and extend act only for the holder (a random token is stored beside the counter), every
+/// acquisition returns a strictly increasing fencing token per key, and a replayed acquisition
+/// (a client resending after a reconnect) finds its own token and cannot make a second holder.
+#[derive(Clone)]
+pub struct IncLock {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: fred::clients::Client,
+    prefix: String,
+    config: IncConfig,
+}
+
+/// The three Redis keys of one lock, in one hash slot (a `{…}` hash tag around the user's key).
+struct LockKeys {
+    counter: String,
+    owner: String,
+    fence: String,
+}
+
+impl Shared {
+    fn keys(&self, key: &Key) -> LockKeys {
+        let counter = format!("{}{{{}}}", self.prefix, key.as_str());
+        LockKeys {
+            owner: format!("{counter}:owner"),
+            fence: format!("{counter}:fence"),
+            counter,
+        }
+    }
+
+    fn backend_error(&self, what: &str, error: &fred::error::Error) -> LockError {
+        LockError::backend(NAME, format!("{what} on {}: {error}", self.config.label()))
+    }
+}
+
+impl IncLock {
+    /// Connects to the server named by `config`.
+    ///
+    /// Commands time out after `command_timeout` (fred's default is never), a command in flight
+    /// when a connection drops is not resent (fred resends it 3 times by default, which could
+    /// replay an `INCR`), and the client reconnects by itself with exponential backoff.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming a bad field (the URL is shown without password);
+    /// [`LockError::Backend`] when the server cannot be reached.
+    pub async fn connect(config: IncConfig) -> Result<Self> {
+        config.validate()?;
+        let fred_config = Config::from_url(&config.url).map_err(|e| {
+            LockError::invalid("url", format!("{}: {}", config.label(), e.details()))
+        })?;
+        let command_timeout = Duration::from_millis(config.command_timeout);
+        let connect_timeout = Duration::from_millis(config.connect_timeout);
+        let client = fred::types::Builder::from_config(fred_config)
+            .with_performance_config(|performance| {
+                performance.default_command_timeout = command_timeout
+            })
+            .with_connection_config(|connection| {
+                connection.connection_timeout = connect_timeout;
+                connection.internal_command_timeout =
+                    command_timeout.max(Duration::from_millis(100));
+                connection.max_command_attempts = 1;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 10, 1_000, 2))
+            .build()
+            .map_err(|e| {
+                LockError::invalid("url", format!("{}: {}", config.label(), e.details()))
+            })?;
+        let shared = Shared {
+            client,
+            prefix: config.prefix.clone(),
+            config,
+        };
+        shared
+            .client
+            .init()
+            .await
+            .map_err(|e| shared.backend_error("connect", &e))?;
+        Ok(Self {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The configuration this backend was built from.
+    pub fn config(&self) -> &IncConfig {
+        &self.shared.config
+    }
+}
+
+#[async_trait]
+impl Lock for IncLock {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::NONE
+            .with_extend()
+            .with_fail_fast()
+            .with_purge()
+            .with_distributed()
+            .with_fencing()
+    }
+
+    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+        let shared = &self.shared;
+        let key = request.primary_key().clone();
+        let keys = shared.keys(&key);
+        let start = Instant::now();
+        let ttl_ms = validate::ttl_millis(request.ttl());
+        let fence: i64 = ACQUIRE
+            .evalsha_with_reload(
+                &shared.client,
+                vec![
+                    keys.counter.as_str(),
+                    keys.owner.as_str(),
+                    keys.fence.as_str(),
+                ],
+                vec![request.token().expose().to_owned(), ttl_ms.to_string()],
+            )
+            .await
+            .map_err(|e| shared.backend_error("acquire", &e))?;
+        if fence <= 0 {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(IncHandle {
+            shared: Arc::clone(shared),
+            keys: [key],
+            token: request.token().clone(),
+            valid_until: start + request.ttl(),
+            fence: u64::try_from(fence).unwrap_or_default(),
+        })))
+    }
+
+    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
+        let mut removed = false;
+        for key in keys {
+            removed |= release(&self.shared, key, token).await?;
+        }
+        Ok(removed)
+    }
+
+    async fn purge(&self, prefix: &str) -> Result<u64> {
+        let shared = &self.shared;
+        let pattern = format!("{}{{{}*", shared.prefix, escape_glob(prefix));
+        let mut cursor = "0".to_owned();
+        let mut purged = 0u64;
+        loop {
+            let (next, keys): (String, Vec<String>) = shared
+                .client
+                .scan_page(cursor.as_str(), pattern.as_str(), Some(PURGE_BATCH), None)
+                .await
+                .map_err(|e| shared.backend_error("scan", &e))?;
+            // Fencing counters survive a purge, so that fencing tokens keep increasing.
+            let doomed: Vec<&String> = keys
+                .iter()
+                .filter(|key| !key.ends_with("}:fence"))
+                .collect();
+            if !doomed.is_empty() {
+                let _: i64 = shared
+                    .client
+                    .unlink(doomed.iter().map(|key| key.as_str()).collect::<Vec<_>>())
+                    .await
+                    .map_err(|e| shared.backend_error("unlink", &e))?;
+                purged += doomed.iter().filter(|key| key.ends_with('}')).count() as u64;
+            }
+            if next == "0" {
+                return Ok(purged);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        self.shared
+            .client
+            .quit()
+            .await
+            .map_err(|e| self.shared.backend_error("quit", &e))
+    }
+}
+
+/// `prefix` with the glob characters of `SCAN MATCH` escaped, so it matches only itself.
+fn escape_glob(prefix: &str) -> String {
+    let mut escaped = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+async fn release(shared: &Shared, key: &Key, token: &Token) -> Result<bool> {
+    let keys = shared.keys(key);
+    let released: i64 = RELEASE
+        .evalsha_with_reload(
+            &shared.client,
+            vec![keys.counter.as_str(), keys.owner.as_str()],
+            vec![token.expose()],
+        )
+        .await
+        .map_err(|e| shared.backend_error("release", &e))?;
+    Ok(released == 1)
+}
+
+impl fmt::Debug for IncLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IncLock")
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+/// A lock held through the INCR backend.
+struct IncHandle {
+    shared: Arc<Shared>,
+    keys: [Key; 1],
+    token: Token,
+    valid_until: Instant,
+    fence: u64,
+}
+
+#[async_trait]
+impl Handle for IncHandle {
+    fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
+    fn token(&self) -> &Token {
+        &self.token
+    }
+
+    fn valid_until(&self) -> Instant {
+        self.valid_until
+    }
+
+    fn fencing_token(&self) -> Option<u64> {
+        Some(self.fence)
+    }
+
+    async fn extend(&mut self, ttl: Duration) -> Result<()> {
+        let shared = &self.shared;
+        let keys = shared.keys(&self.keys[0]);
+        let start = Instant::now();
+        let extended: i64 = EXTEND
+            .evalsha_with_reload(
+                &shared.client,
+                vec![keys.counter.as_str(), keys.owner.as_str()],
+                vec![
+                    self.token.expose().to_owned(),
+                    validate::ttl_millis(ttl).to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| shared.backend_error("extend", &e))?;
+        if extended != 1 {
+            return Err(LockError::NotHeld {
+                key: self.keys[0].to_string(),
+            });
+        }
+        self.valid_until = start + ttl;
+        Ok(())
+    }
+
+    async fn release(&mut self) -> Result<()> {
+        let still_valid = Instant::now() < self.valid_until;
+        if release(&self.shared, &self.keys[0], &self.token).await? && still_valid {
+            Ok(())
+        } else {
+            Err(LockError::NotHeld {
+                key: self.keys[0].to_string(),
+            })
+        }
+    }
+}
+
+impl fmt::Debug for IncHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IncHandle")
+            .field("key", &self.keys[0])
+            .field("fence", &self.fence)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(escape_glob("jobs:"), "jobs:");
+        assert_eq!(escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+}

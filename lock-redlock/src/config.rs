@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use lock_core::{LockError, Result, RetryCount, RetryPolicy, validate};
+use lock_core::{LockError, Result, RetryCount, RetryPolicy, redact_url as redact, validate};
 use serde::{Deserialize, Serialize};
 
 /// How each node's connection is kept.
@@ -277,27 +277,6 @@ impl NodeUrl {
             url: url.to_owned(),
             label: host_port.to_owned(),
         })
-    }
-}
-
-/// `url` with any password replaced by `***`, for messages and logs.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "<not a URL>".to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            let user = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                "***".to_owned()
-            };
-            format!("{scheme}://{user}@{host}{path}")
-        }
-        None => url.to_owned(),
     }
 }
 

@@ -9,7 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::{ConnectionKind, RedlockConfig, redact};
+pub use config::{ConnectionKind, RedlockConfig};
 use lock_core::{
     Capabilities, Handle, Key, KeySet, Lock, LockError, LockOptions, LockRequest, Locker, Result,
     Token, async_trait,

@@ -21,13 +21,13 @@ impl<L> ServerBacked<L> {
     /// When `redis-server` is missing or does not start (run `cargo xtask it`, which installs
     /// it), or when `build` fails.
     pub fn start(count: usize, build: impl FnOnce(Vec<String>) -> Result<L>) -> Self {
-        let binary = redis_server_binary().expect(
-            "redis-server not found: run `cargo xtask it`, which installs it, or set REDIS_SERVER",
-        );
-        let servers: Vec<RedisServer> = (0..count)
-            .map(|_| RedisServer::start(&binary, &[]).expect("redis-server starts"))
-            .collect();
+        let servers = start_servers(count);
         let lock = build(servers.iter().map(RedisServer::url).collect()).expect("backend builds");
+        Self { lock, servers }
+    }
+
+    /// Pairs a backend with the servers it talks to (for backends built asynchronously).
+    pub fn new(lock: L, servers: Vec<RedisServer>) -> Self {
         Self { lock, servers }
     }
 
@@ -49,6 +49,19 @@ impl<L: fmt::Debug> fmt::Debug for ServerBacked<L> {
             .field("servers", &self.servers)
             .finish()
     }
+}
+
+/// Starts `count` fresh servers.
+///
+/// # Panics
+/// When `redis-server` is missing or does not start (run `cargo xtask it`, which installs it).
+pub fn start_servers(count: usize) -> Vec<RedisServer> {
+    let binary = redis_server_binary().expect(
+        "redis-server not found: run `cargo xtask it`, which installs it, or set REDIS_SERVER",
+    );
+    (0..count)
+        .map(|_| RedisServer::start(&binary, &[]).expect("redis-server starts"))
+        .collect()
 }
 
 #[async_trait]
