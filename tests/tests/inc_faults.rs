@@ -14,7 +14,9 @@ const PROBE: Duration = Duration::from_millis(500);
 async fn start(config: impl FnOnce(String) -> IncConfig) -> Option<(RedisServer, IncLock)> {
     let binary = redis_or_skip("inc fault test")?;
     let server = RedisServer::start(&binary, &[]).expect("server");
-    let lock = IncLock::connect(config(server.url())).await.expect("connect");
+    let lock = IncLock::connect(config(server.url()))
+        .await
+        .expect("connect");
     Some((server, lock))
 }
 
@@ -26,7 +28,9 @@ fn locker(lock: &IncLock, ttl: Duration, retry: RetryPolicy) -> Locker {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_tokens_increase_across_expiry_and_purge() {
-    let Some((_server, lock)) = start(IncConfig::new).await else { return };
+    let Some((_server, lock)) = start(IncConfig::new).await else {
+        return;
+    };
     let short = locker(&lock, Duration::from_millis(100), RetryPolicy::none());
     let mut fences = Vec::new();
     for step in 0..6 {
@@ -45,14 +49,22 @@ async fn fencing_tokens_increase_across_expiry_and_purge() {
         }
     }
     println!("I-fence: fencing tokens {fences:?} across release, expiry and purge");
-    assert!(fences.windows(2).all(|w| w[1] > w[0]), "fencing tokens went backwards: {fences:?}");
+    assert!(
+        fences.windows(2).all(|w| w[1] > w[0]),
+        "fencing tokens went backwards: {fences:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_removes_ten_thousand_locks_and_nothing_else() {
-    let Some((server, lock)) = start(IncConfig::new).await else { return };
+    let Some((server, lock)) = start(IncConfig::new).await else {
+        return;
+    };
     let client = redis::Client::open(server.url()).expect("client");
-    let mut con = client.get_multiplexed_async_connection().await.expect("connection");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
     let locker = locker(&lock, Duration::from_secs(60), RetryPolicy::none());
     let mut guards = Vec::new();
     let mut pending = tokio::task::JoinSet::new();
@@ -61,7 +73,12 @@ async fn purge_removes_ten_thousand_locks_and_nothing_else() {
         pending.spawn(async move {
             let mut held = Vec::new();
             for i in 0..1_000 {
-                held.push(locker.acquire(&format!("jobs:{chunk}:{i}")).await.expect("acquire"));
+                held.push(
+                    locker
+                        .acquire(&format!("jobs:{chunk}:{i}"))
+                        .await
+                        .expect("acquire"),
+                );
             }
             held
         });
@@ -69,7 +86,10 @@ async fn purge_removes_ten_thousand_locks_and_nothing_else() {
     while let Some(held) = pending.join_next().await {
         guards.extend(held.expect("task"));
     }
-    let other = locker.acquire("other:keep").await.expect("a lock outside the prefix");
+    let other = locker
+        .acquire("other:keep")
+        .await
+        .expect("a lock outside the prefix");
     for key in ["unrelated", "lock:unrelated", "jobs:not-a-lock"] {
         let _: () = con.set(key, "v").await.expect("SET");
     }
@@ -82,64 +102,129 @@ async fn purge_removes_ten_thousand_locks_and_nothing_else() {
         let value: Option<String> = con.get(key).await.expect("GET");
         assert_eq!(value.as_deref(), Some("v"), "{key} was touched");
     }
-    assert!(locker.try_acquire("other:keep").await.expect("probe").is_none(), "a lock outside the prefix went");
-    assert!(locker.try_acquire("jobs:3:7").await.expect("probe").is_some(), "a purged lock is free again");
+    assert!(
+        locker
+            .try_acquire("other:keep")
+            .await
+            .expect("probe")
+            .is_none(),
+        "a lock outside the prefix went"
+    );
+    assert!(
+        locker
+            .try_acquire("jobs:3:7")
+            .await
+            .expect("probe")
+            .is_some(),
+        "a purged lock is free again"
+    );
     other.release().await.expect("release");
     drop(guards);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_reconnect_after_a_restart() {
-    let Some((mut server, lock)) = start(IncConfig::new).await else { return };
+    let Some((mut server, lock)) = start(IncConfig::new).await else {
+        return;
+    };
     let retrying = RetryPolicy::forever()
         .with_retry_delay(Duration::from_millis(20))
         .with_deadline(Duration::from_secs(5));
     let locker = locker(&lock, Duration::from_secs(5), retrying);
-    locker.acquire("restart").await.expect("before").release().await.expect("release");
+    locker
+        .acquire("restart")
+        .await
+        .expect("before")
+        .release()
+        .await
+        .expect("release");
     server.restart().expect("restart");
     let started = Instant::now();
-    let guard = locker.acquire("restart").await.expect("after the restart, without user action");
+    let guard = locker
+        .acquire("restart")
+        .await
+        .expect("after the restart, without user action");
     guard.release().await.expect("release");
-    println!("I5/restart: reconnected and re-acquired in {:?} (fencing restarts without persistence)", started.elapsed());
+    println!(
+        "I5/restart: reconnected and re-acquired in {:?} (fencing restarts without persistence)",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_acquisition_cannot_make_a_second_holder() {
-    let Some((server, lock)) = start(IncConfig::new).await else { return };
+    let Some((server, lock)) = start(IncConfig::new).await else {
+        return;
+    };
     // The exact script the backend runs, sent twice with one token, as a client replaying a
     // command after a reconnect would.
     let script = redis::Script::new(include_str!("../../lock-inc/src/lua/acquire.lua"));
     let client = redis::Client::open(server.url()).expect("client");
-    let mut con = client.get_multiplexed_async_connection().await.expect("connection");
-    let keys = ["lock:{replayed}", "lock:{replayed}:owner", "lock:{replayed}:fence"];
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let keys = [
+        "lock:{replayed}",
+        "lock:{replayed}:owner",
+        "lock:{replayed}:fence",
+    ];
     let run = |token: &'static str| {
         let mut invocation = script.prepare_invoke();
-        invocation.key(keys[0]).key(keys[1]).key(keys[2]).arg(token).arg(10_000);
+        invocation
+            .key(keys[0])
+            .key(keys[1])
+            .key(keys[2])
+            .arg(token)
+            .arg(10_000);
         invocation
     };
     let first: i64 = run("token-a").invoke_async(&mut con).await.expect("first");
     let replayed: i64 = run("token-a").invoke_async(&mut con).await.expect("replay");
-    let other: i64 = run("token-b").invoke_async(&mut con).await.expect("other client");
-    println!("I4 (replayed INCR): first fence {first}, replay answered {replayed}, another client got {other}");
+    let other: i64 = run("token-b")
+        .invoke_async(&mut con)
+        .await
+        .expect("other client");
+    println!(
+        "I4 (replayed INCR): first fence {first}, replay answered {replayed}, another client got {other}"
+    );
     assert_eq!(first, 1);
-    assert_eq!(replayed, first, "the replay must find its own win, not a lock held by someone");
+    assert_eq!(
+        replayed, first,
+        "the replay must find its own win, not a lock held by someone"
+    );
     assert_eq!(other, 0, "a second holder appeared");
     let locker = locker(&lock, Duration::from_secs(5), RetryPolicy::none());
-    assert!(locker.try_acquire("replayed").await.expect("probe").is_none(), "the lock is held once");
+    assert!(
+        locker
+            .try_acquire("replayed")
+            .await
+            .expect("probe")
+            .is_none(),
+        "the lock is held once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_key_state_is_a_typed_error() {
-    let Some((server, lock)) = start(IncConfig::new).await else { return };
+    let Some((server, lock)) = start(IncConfig::new).await else {
+        return;
+    };
     let client = redis::Client::open(server.url()).expect("client");
-    let mut con = client.get_multiplexed_async_connection().await.expect("connection");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
     let _: () = con.set("lock:{string}", "not a number").await.expect("SET");
     let _: () = con.rpush("lock:{list}", "x").await.expect("RPUSH");
     let _: () = con.set("lock:{max}", i64::MAX).await.expect("SET");
     let locker = locker(&lock, Duration::from_secs(5), RetryPolicy::none());
     for key in ["string", "list", "max"] {
         let error = locker.acquire(key).await.expect_err("bad state");
-        assert!(matches!(error, LockError::Backend { .. }), "{key}: {error:?}");
+        assert!(
+            matches!(error, LockError::Backend { .. }),
+            "{key}: {error:?}"
+        );
         println!("I6 ({key}): {error}");
     }
 }

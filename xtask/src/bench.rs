@@ -9,12 +9,16 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         match arg.as_str() {
             "--quick" => {}
             "--only" => match rest.next().map(String::as_str) {
-                Some("memory" | "redlock") => {}
-                other => return Err(format!("--only takes memory or redlock, got {other:?}")),
+                Some("memory" | "redlock" | "inc") => {}
+                other => {
+                    return Err(format!(
+                        "--only takes memory, redlock or inc, got {other:?}"
+                    ));
+                }
             },
             other => {
                 return Err(format!(
-                    "unknown bench option `{other}`; try --quick or --only memory|redlock"
+                    "unknown bench option `{other}`; try --quick or --only memory|redlock|inc"
                 ));
             }
         }

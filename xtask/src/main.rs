@@ -2,7 +2,7 @@
 //!
 //! - `it`: the whole test suite, as CI runs it: formatting, clippy, and every test against real
 //!   `redis-server` processes (installed first if missing).
-//! - `bench [--quick] [--only memory|redlock]`: the benchmarks, with figures as ratios to references measured in the
+//! - `bench [--quick] [--only memory|redlock|inc]`: the benchmarks, with figures as ratios to references measured in the
 //!   same run.
 
 mod bench;
@@ -12,7 +12,7 @@ mod run;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <it | bench [--quick] [--only memory|redlock]>";
+const USAGE: &str = "usage: cargo xtask <it | bench [--quick] [--only memory|redlock|inc]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -21,6 +21,8 @@ use lockable::LockPool;
 use serde::Serialize;
 
 /// One measured figure, as written to `target/bench/report.json`.
+mod inc;
+mod limit;
 mod redlock;
 
 #[derive(Debug, Serialize)]
@@ -85,6 +87,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             profile.redis_cycles,
             profile.redis_rounds,
         ))?);
+    }
+    if only.as_deref().is_none_or(|only| only == "inc") {
+        let single = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        figures
+            .extend(single.block_on(inc::benchmarks(profile.redis_cycles, profile.redis_rounds))?);
     }
     print_table(&figures);
     let path = write_report(&figures)?;

@@ -1,22 +1,13 @@
 //! Redlock on local redis-servers, as ratios to the limit measured on the same server.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::server::{RedisServer, redis_server_binary};
 
+use crate::limit::{BenchResult, cycle_limit, median};
 use crate::{Figure, figure, locker_handoff, rate};
-
-const RELEASE_SCRIPT: &str = include_str!("../../../../lock-redlock/src/lua/release.lua");
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or_default()
-}
-
-type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 pub(crate) async fn benchmarks(cycles: u32, rounds: usize) -> BenchResult<Vec<Figure>> {
     let binary = redis_server_binary()
@@ -50,7 +41,7 @@ pub(crate) async fn benchmarks(cycles: u32, rounds: usize) -> BenchResult<Vec<Fi
             }
         }
         for _ in 0..rounds {
-            limits.push(cycle_limit(&servers[0], cycles)?);
+            limits.push(redlock_limit(&servers[0], cycles)?);
             for (locker, results) in &mut lockers {
                 let started = Instant::now();
                 for _ in 0..cycles {
@@ -117,63 +108,14 @@ fn locker(urls: &[String], kind: ConnectionKind, retry: RetryPolicy) -> BenchRes
     Ok(locker)
 }
 
-/// The single-client cycle limit of `server`: 1 / (1/r_acquire + 1/r_release), from
-/// `redis-benchmark -c 1` running the exact acquire command and release script.
-fn cycle_limit(server: &RedisServer, requests: u32) -> BenchResult<f64> {
-    let sha = script_sha(server)?;
-    let acquire = redis_benchmark(
+/// The cycle limit for Redlock's exact commands: `SET NX PX`, then the release script.
+fn redlock_limit(server: &RedisServer, requests: u32) -> BenchResult<f64> {
+    let release = include_str!("../../../../lock-redlock/src/lua/release.lua");
+    cycle_limit(
         server,
         requests,
+        &[],
         &["SET", "bench-limit", "token", "NX", "PX", "10000"],
-    )?;
-    let release = redis_benchmark(
-        server,
-        requests,
-        &["EVALSHA", &sha, "1", "bench-limit", "token"],
-    )?;
-    Ok(1.0 / (1.0 / acquire + 1.0 / release))
-}
-
-/// Loads the release script with `redis-cli` and returns its digest.
-fn script_sha(server: &RedisServer) -> BenchResult<String> {
-    let output = Command::new("redis-cli")
-        .args([
-            "-p",
-            &server.port().to_string(),
-            "SCRIPT",
-            "LOAD",
-            RELEASE_SCRIPT,
-        ])
-        .output()?;
-    let sha = String::from_utf8(output.stdout)?.trim().to_owned();
-    if sha.len() != 40 {
-        return Err(format!("SCRIPT LOAD answered `{sha}`").into());
-    }
-    Ok(sha)
-}
-
-/// Requests per second of one command from `redis-benchmark` with a single client.
-fn redis_benchmark(server: &RedisServer, requests: u32, command: &[&str]) -> BenchResult<f64> {
-    let output = Command::new("redis-benchmark")
-        .args([
-            "-p",
-            &server.port().to_string(),
-            "-c",
-            "1",
-            "-n",
-            &requests.to_string(),
-            "--csv",
-        ])
-        .args(command)
-        .output()?;
-    let stdout = String::from_utf8(output.stdout)?;
-    let line = stdout
-        .lines()
-        .nth(1)
-        .ok_or_else(|| format!("redis-benchmark printed nothing: {stdout}"))?;
-    let rps = line
-        .split("\",\"")
-        .nth(1)
-        .ok_or("unexpected redis-benchmark output")?;
-    Ok(rps.trim_matches('"').parse()?)
+        (release, &["1", "bench-limit", "token"]),
+    )
 }

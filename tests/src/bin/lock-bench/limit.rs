@@ -1,0 +1,83 @@
+//! The physical limit of one server for one client, from `redis-benchmark -c 1`.
+
+use std::process::Command;
+
+use lock_tests::server::RedisServer;
+
+pub(crate) type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+pub(crate) fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or_default()
+}
+
+/// The single-client cycle limit of `server`: 1 / (1/r_acquire + 1/r_release), each rate from
+/// `redis-benchmark -c 1` running the exact command. The acquire is a plain command, or a
+/// script (loaded first) with its arguments when `acquire` starts with `EVALSHA` (the digest is
+/// filled in); the release is always a script. `extra` goes before the command (e.g. `-r N`).
+pub(crate) fn cycle_limit(
+    server: &RedisServer,
+    requests: u32,
+    extra: &[&str],
+    acquire: &[&str],
+    release: (&str, &[&str]),
+) -> BenchResult<f64> {
+    let acquire = match acquire.split_first() {
+        Some((&"EVALSHA", rest)) => {
+            let (script, args) = rest.split_first().ok_or("EVALSHA needs a script")?;
+            let mut command = vec!["EVALSHA".to_owned(), script_sha(server, script)?];
+            command.extend(args.iter().map(|arg| (*arg).to_owned()));
+            command
+        }
+        _ => acquire.iter().map(|arg| (*arg).to_owned()).collect(),
+    };
+    let mut release_command = vec!["EVALSHA".to_owned(), script_sha(server, release.0)?];
+    release_command.extend(release.1.iter().map(|arg| (*arg).to_owned()));
+    let acquire = redis_benchmark(server, requests, extra, &acquire)?;
+    let release = redis_benchmark(server, requests, extra, &release_command)?;
+    Ok(1.0 / (1.0 / acquire + 1.0 / release))
+}
+
+/// Loads a script with `redis-cli` and returns its digest.
+fn script_sha(server: &RedisServer, script: &str) -> BenchResult<String> {
+    let output = Command::new("redis-cli")
+        .args(["-p", &server.port().to_string(), "SCRIPT", "LOAD", script])
+        .output()?;
+    let sha = String::from_utf8(output.stdout)?.trim().to_owned();
+    if sha.len() != 40 {
+        return Err(format!("SCRIPT LOAD answered `{sha}`").into());
+    }
+    Ok(sha)
+}
+
+/// Requests per second of one command from `redis-benchmark` with a single client.
+fn redis_benchmark(
+    server: &RedisServer,
+    requests: u32,
+    extra: &[&str],
+    command: &[String],
+) -> BenchResult<f64> {
+    let output = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &server.port().to_string(),
+            "-c",
+            "1",
+            "-n",
+            &requests.to_string(),
+            "--csv",
+        ])
+        .args(extra)
+        .args(command)
+        .output()?;
+    let stdout = String::from_utf8(output.stdout)?;
+    let line = stdout
+        .lines()
+        .nth(1)
+        .ok_or_else(|| format!("redis-benchmark printed nothing: {stdout}"))?;
+    let rps = line
+        .split("\",\"")
+        .nth(1)
+        .ok_or("unexpected redis-benchmark output")?;
+    Ok(rps.trim_matches('"').parse()?)
+}
