@@ -202,6 +202,40 @@ impl RetryPolicy {
         Ok(())
     }
 
+    /// Applies the seeds' flat retry options over this policy: `retryCount` (-1 = forever),
+    /// `retryDelay` and `retryJitter` in milliseconds; `None` keeps the current value. A delay
+    /// above `max_delay` raises the cap with it.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `retry_count`, `retry_delay` or `retry_jitter`.
+    pub fn with_seed_options(
+        mut self,
+        retry_count: Option<i64>,
+        retry_delay: Option<i64>,
+        retry_jitter: Option<i64>,
+    ) -> Result<Self> {
+        if let Some(count) = retry_count {
+            self.retry_count = match count {
+                -1 => RetryCount::Forever,
+                n => RetryCount::Limited(u32::try_from(n).map_err(|_| {
+                    LockError::invalid(
+                        "retry_count",
+                        format!("{n} is not a retry count; use 0 or more, or -1 for forever"),
+                    )
+                })?),
+            };
+        }
+        if let Some(delay) = retry_delay {
+            self.retry_delay = validate::millis("retry_delay", delay, MAX_DELAY_LIMIT)?;
+            self.max_delay = self.max_delay.max(self.retry_delay);
+        }
+        if let Some(jitter) = retry_jitter {
+            self.retry_jitter = validate::millis("retry_jitter", jitter, MAX_DELAY_LIMIT)?;
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
     /// The per-acquisition state: which attempt comes next and how long to wait before it.
     pub fn backoff(&self) -> Backoff<'_> {
         Backoff {

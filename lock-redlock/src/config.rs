@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use lock_core::{LockError, Result, RetryCount, RetryPolicy, redact_url as redact, validate};
+use lock_core::{LockError, Result, RetryPolicy, redact_url as redact, validate};
 use serde::{Deserialize, Serialize};
 
 /// How each node's connection is kept.
@@ -165,29 +165,11 @@ impl RedlockConfig {
     /// # Errors
     /// [`LockError::InvalidInput`] naming `retry_count`, `retry_delay` or `retry_jitter`.
     pub fn retry_policy(&self) -> Result<RetryPolicy> {
-        let mut policy = RetryPolicy::default();
-        if let Some(count) = self.retry_count {
-            policy = policy.with_retry_count(match count {
-                -1 => RetryCount::Forever,
-                n => RetryCount::Limited(u32::try_from(n).map_err(|_| {
-                    LockError::invalid(
-                        "retry_count",
-                        format!("{n} is not a retry count; use 0 or more, or -1 for forever"),
-                    )
-                })?),
-            });
-        }
-        let limit = Duration::from_secs(3600);
-        if let Some(delay) = self.retry_delay {
-            let delay = validate::millis("retry_delay", delay, limit)?;
-            let max_delay = delay.max(policy.max_delay());
-            policy = policy.with_retry_delay(delay).with_max_delay(max_delay);
-        }
-        if let Some(jitter) = self.retry_jitter {
-            policy = policy.with_retry_jitter(validate::millis("retry_jitter", jitter, limit)?);
-        }
-        policy.validate()?;
-        Ok(policy)
+        RetryPolicy::default().with_seed_options(
+            self.retry_count,
+            self.retry_delay,
+            self.retry_jitter,
+        )
     }
 
     /// The per-node timeout for an operation on a lock of this ttl.
@@ -357,7 +339,7 @@ mod tests {
         .unwrap();
         config.validate().unwrap();
         let policy = config.retry_policy().unwrap();
-        assert_eq!(policy.retry_count(), RetryCount::Forever);
+        assert_eq!(policy.retry_count(), lock_core::RetryCount::Forever);
         assert_eq!(policy.retry_delay(), Duration::from_millis(50));
         assert_eq!(policy.retry_jitter(), Duration::from_millis(5));
         assert!((config.drift_factor - 0.02).abs() < f64::EPSILON);

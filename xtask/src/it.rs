@@ -25,6 +25,24 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             "warnings",
         ]),
     )?;
+    // The facade's features, each alone and all together, build and pass clippy.
+    for feature in ["memory", "redlock", "inc", "full"] {
+        step(
+            &format!("lock-facade --features {feature}"),
+            cargo().args([
+                "clippy",
+                "-p",
+                "lock-facade",
+                "--all-targets",
+                "--no-default-features",
+                "--features",
+                feature,
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        )?;
+    }
     // Every test, with real redis-servers: a missing server fails instead of skipping.
     step(
         "cargo test --workspace",
