@@ -1,8 +1,10 @@
 //! The guard users hold while they own a lock.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -11,9 +13,13 @@ use crate::key::Key;
 use crate::lock::Handle;
 use crate::token::Token;
 use crate::validate;
+use crate::watchdog::{self, LostSignal, Status};
 
 /// A held lock. Call [`LockGuard::release`] when done; dropping the guard releases in the
 /// background instead.
+///
+/// [`LockGuard::keep_alive`] hands the lock to a watchdog that extends it before it expires and
+/// returns a [`LostSignal`] that fires if it is lost anyway.
 ///
 /// # Drop
 /// Dropping never blocks: the release is spawned on the current tokio runtime. Outside a
@@ -21,45 +27,79 @@ use crate::validate;
 /// An explicit `release().await` is the main path, since it reports whether the lock was still
 /// held.
 pub struct LockGuard {
-    /// The backend's handle; [`Released`] once the guard gave it away (on release or drop).
-    handle: Box<dyn Handle>,
+    state: State,
+    ttl: Duration,
     backend: &'static str,
 }
 
+enum State {
+    /// The backend's handle, owned by the guard.
+    Held(Box<dyn Handle>),
+    /// The handle, shared with a watchdog task that keeps it alive.
+    Watched(Watched),
+    /// Given away on release or drop.
+    Released,
+}
+
+struct Watched {
+    handle: Arc<Mutex<Box<dyn Handle>>>,
+    keys: Vec<Key>,
+    token: Token,
+    fencing_token: Option<u64>,
+    status: Arc<watch::Sender<Status>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
 impl LockGuard {
-    /// Wraps a handle that a backend returned.
+    /// Wraps a handle that a backend returned for a lock of `ttl`.
     ///
     /// # Errors
     /// [`LockError::Backend`] if the handle names no key (a backend bug).
-    pub fn new(handle: Box<dyn Handle>, backend: &'static str) -> Result<Self> {
+    pub fn new(handle: Box<dyn Handle>, backend: &'static str, ttl: Duration) -> Result<Self> {
         if handle.keys().is_empty() {
             return Err(LockError::backend(
                 backend,
                 "the backend returned a lock handle without keys",
             ));
         }
-        Ok(Self { handle, backend })
+        Ok(Self {
+            state: State::Held(handle),
+            ttl,
+            backend,
+        })
     }
 
     /// The (first) key held, namespaced as stored.
     pub fn key(&self) -> &Key {
         // `new` refused handles without keys, and `Released` is never observed from outside.
-        &self.handle.keys()[0]
+        &self.keys()[0]
     }
 
     /// Every key held (several for a multi-key lock).
     pub fn keys(&self) -> &[Key] {
-        self.handle.keys()
+        match &self.state {
+            State::Held(handle) => handle.keys(),
+            State::Watched(watched) => &watched.keys,
+            State::Released => &[],
+        }
     }
 
     /// The random token that proves ownership (hidden by `Debug`).
     pub fn token(&self) -> &Token {
-        self.handle.token()
+        match &self.state {
+            State::Held(handle) => handle.token(),
+            State::Watched(watched) => &watched.token,
+            State::Released => Token::released(),
+        }
     }
 
     /// The local instant until which the lock is safe to rely on.
     pub fn valid_until(&self) -> Instant {
-        self.handle.valid_until()
+        match &self.state {
+            State::Held(handle) => handle.valid_until(),
+            State::Watched(watched) => watched.status.borrow().valid_until,
+            State::Released => Instant::now(),
+        }
     }
 
     /// How long the lock is still safe to rely on; zero once that time has passed.
@@ -74,12 +114,59 @@ impl LockGuard {
 
     /// The fencing token of this acquisition, for backends that offer one.
     pub fn fencing_token(&self) -> Option<u64> {
-        self.handle.fencing_token()
+        match &self.state {
+            State::Held(handle) => handle.fencing_token(),
+            State::Watched(watched) => watched.fencing_token,
+            State::Released => None,
+        }
     }
 
     /// The name of the backend that holds the lock.
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// Keeps the lock alive until it is released or dropped: a background task extends it by
+    /// its ttl whenever a third of the ttl is left. The returned signal fires when an extension
+    /// finds the lock lost or the local validity lapses (for a backend that cannot extend, when
+    /// the ttl runs out). Calling it again returns the same signal.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] outside a tokio runtime.
+    pub fn keep_alive(&mut self) -> Result<LostSignal> {
+        if let State::Watched(watched) = &self.state {
+            return Ok(LostSignal::new(watched.status.subscribe()));
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| LockError::invalid("runtime", "keep_alive needs a tokio runtime"))?;
+        let State::Held(handle) = std::mem::replace(&mut self.state, State::Released) else {
+            return Err(LockError::NotHeld { key: String::new() });
+        };
+        let (keys, token, fencing_token) = (
+            handle.keys().to_vec(),
+            handle.token().clone(),
+            handle.fencing_token(),
+        );
+        let status = Arc::new(watch::Sender::new(Status {
+            valid_until: handle.valid_until(),
+            lost: false,
+        }));
+        let handle = Arc::new(Mutex::new(handle));
+        let span = tracing::debug_span!("lock.watchdog", backend = self.backend, key = %keys[0]);
+        let task = runtime.spawn(
+            watchdog::keep_alive(Arc::clone(&handle), self.ttl, Arc::clone(&status))
+                .instrument(span),
+        );
+        let signal = LostSignal::new(status.subscribe());
+        self.state = State::Watched(Watched {
+            handle,
+            keys,
+            token,
+            fencing_token,
+            status,
+            task,
+        });
+        Ok(signal)
     }
 
     /// Sets the lock's expiry to now + `ttl`.
@@ -101,16 +188,30 @@ impl LockGuard {
                     key: self.key().to_string(),
                 });
             }
-            match self.handle.extend(ttl).await {
+            let result = match &mut self.state {
+                State::Held(handle) => handle.extend(ttl).await,
+                State::Watched(watched) => {
+                    let mut handle = watched.handle.lock().await;
+                    let result = handle.extend(ttl).await;
+                    if result.is_ok() {
+                        // The watchdog plans its next extension from the published validity.
+                        let valid_until = handle.valid_until();
+                        watched
+                            .status
+                            .send_modify(|status| status.valid_until = valid_until);
+                    }
+                    result
+                }
+                State::Released => Err(LockError::NotHeld { key: String::new() }),
+            };
+            match &result {
                 Ok(()) => {
+                    self.ttl = ttl;
                     tracing::debug!("extended");
-                    Ok(())
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "extend failed");
-                    Err(error)
-                }
+                Err(error) => tracing::warn!(%error, "extend failed"),
             }
+            result
         }
         .instrument(span)
         .await
@@ -122,11 +223,18 @@ impl LockGuard {
     /// [`LockError::NotHeld`] if it had expired or been taken over (nothing of the other holder's
     /// is touched); [`LockError::Backend`] on I/O.
     pub async fn release(mut self) -> Result<()> {
-        let mut handle = self.take_handle();
-        let span =
-            tracing::debug_span!("lock.release", backend = self.backend, key = %handle.keys()[0]);
+        let key = self.key().to_string();
+        let span = tracing::debug_span!("lock.release", backend = self.backend, key = %key);
+        let state = std::mem::replace(&mut self.state, State::Released);
         async move {
-            let result = handle.release().await;
+            let result = match state {
+                State::Held(mut handle) => handle.release().await,
+                State::Watched(watched) => {
+                    watched.task.abort();
+                    watched.handle.lock().await.release().await
+                }
+                State::Released => Ok(()),
+            };
             match &result {
                 Ok(()) => tracing::debug!("released"),
                 Err(error) => tracing::warn!(%error, "release failed"),
@@ -138,52 +246,30 @@ impl LockGuard {
     }
 }
 
-impl LockGuard {
-    /// Takes the handle out, leaving [`Released`] (a zero-sized box: no allocation).
-    fn take_handle(&mut self) -> Box<dyn Handle> {
-        std::mem::replace(&mut self.handle, Box::new(Released))
-    }
-}
-
-/// What a guard holds after giving its handle away.
-#[derive(Debug)]
-struct Released;
-
-#[async_trait::async_trait]
-impl Handle for Released {
-    fn keys(&self) -> &[Key] {
-        &[]
-    }
-
-    fn token(&self) -> &Token {
-        Token::released()
-    }
-
-    fn valid_until(&self) -> Instant {
-        Instant::now()
-    }
-
-    async fn extend(&mut self, _ttl: Duration) -> Result<()> {
-        Err(LockError::NotHeld { key: String::new() })
-    }
-
-    async fn release(&mut self) -> Result<()> {
-        Ok(())
-    }
-}
-
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        let mut handle = self.take_handle();
-        if handle.keys().is_empty() {
-            return; // already released
+        let state = std::mem::replace(&mut self.state, State::Released);
+        if matches!(state, State::Released) {
+            return;
         }
-        let key = handle.keys()[0].to_string();
+        let key = match &state {
+            State::Held(handle) => handle.keys()[0].to_string(),
+            State::Watched(watched) => watched.keys[0].to_string(),
+            State::Released => String::new(),
+        };
         let backend = self.backend;
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    match handle.release().await {
+                    let result = match state {
+                        State::Held(mut handle) => handle.release().await,
+                        State::Watched(watched) => {
+                            watched.task.abort();
+                            watched.handle.lock().await.release().await
+                        }
+                        State::Released => Ok(()),
+                    };
+                    match result {
                         Ok(()) => tracing::debug!(backend, key, "released on drop"),
                         Err(error) => {
                             tracing::debug!(backend, key, %error, "release on drop failed")
@@ -191,11 +277,16 @@ impl Drop for LockGuard {
                     }
                 });
             }
-            Err(_) => tracing::warn!(
-                backend,
-                key,
-                "lock guard dropped outside a tokio runtime; the lock stays until its ttl expires"
-            ),
+            Err(_) => {
+                if let State::Watched(watched) = state {
+                    watched.task.abort();
+                }
+                tracing::warn!(
+                    backend,
+                    key,
+                    "lock guard dropped outside a tokio runtime; the lock stays until its ttl expires"
+                );
+            }
         }
     }
 }
@@ -208,6 +299,7 @@ impl fmt::Debug for LockGuard {
             .field("token", self.token())
             .field("fencing_token", &self.fencing_token())
             .field("remaining", &self.remaining())
+            .field("watched", &matches!(self.state, State::Watched(_)))
             .finish()
     }
 }

@@ -11,6 +11,7 @@ mod retry;
 mod token;
 mod url;
 pub mod validate;
+mod watchdog;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -26,3 +27,4 @@ pub use options::LockOptions;
 pub use retry::{Backoff, RetryCount, RetryPolicy};
 pub use token::{TOKEN_BYTES, Token};
 pub use url::redact_url;
+pub use watchdog::LostSignal;

@@ -16,6 +16,7 @@ use crate::lock::{Capabilities, Handle, Lock, LockRequest};
 use crate::options::LockOptions;
 use crate::retry::RetryPolicy;
 use crate::token::Token;
+use crate::watchdog::LostSignal;
 
 /// A lock client over any backend: `acquire`, `try_acquire`, `with_lock`.
 ///
@@ -39,10 +40,13 @@ pub struct Locker {
 pub struct LeaseInfo {
     /// The key held, namespaced as stored.
     pub key: Key,
-    /// The local instant until which the lock is safe to rely on.
+    /// The local instant until which the lock was safe to rely on when it was taken (the
+    /// watchdog moves it forward while it extends the lock).
     pub valid_until: Instant,
     /// The fencing token of this acquisition, for backends that offer one.
     pub fencing_token: Option<u64>,
+    /// Fires if the lock is lost while the section runs: stop work when it does.
+    pub lost: LostSignal,
 }
 
 impl Locker {
@@ -169,8 +173,12 @@ impl Locker {
 
     /// Runs `critical_section` while holding the lock on `key`, then releases it.
     ///
+    /// The lock is kept alive meanwhile (see [`LockGuard::keep_alive`]): a backend that can
+    /// extend extends it before it expires, and the section receives a [`LostSignal`] in its
+    /// [`LeaseInfo`] that fires if the lock is lost anyway.
+    ///
     /// # Errors
-    /// The acquisition errors of [`Locker::acquire`]; [`LockError::NotHeld`] if the lock expired
+    /// The acquisition errors of [`Locker::acquire`]; [`LockError::NotHeld`] if the lock was lost
     /// before the section finished (its result is then discarded, since mutual exclusion may not
     /// have held); release failures.
     pub async fn with_lock<T, F, Fut>(&self, key: &str, critical_section: F) -> Result<T>
@@ -178,20 +186,23 @@ impl Locker {
         F: FnOnce(LeaseInfo) -> Fut,
         Fut: Future<Output = T>,
     {
-        let guard = self.acquire(key).await?;
+        let mut guard = self.acquire(key).await?;
+        let lost = guard.keep_alive()?;
         let info = LeaseInfo {
             key: guard.key().clone(),
             valid_until: guard.valid_until(),
             fencing_token: guard.fencing_token(),
+            lost: lost.clone(),
         };
         let value = critical_section(info).await;
-        let outlived = !guard.is_valid();
+        let lost = lost.is_lost() || !guard.is_valid();
         let key = guard.key().to_string();
-        guard.release().await?;
-        if outlived {
+        let released = guard.release().await;
+        if lost {
             // The store may not have noticed yet, but another holder could have entered.
             return Err(LockError::NotHeld { key });
         }
+        released?;
         Ok(value)
     }
 
@@ -274,7 +285,7 @@ impl Locker {
             match self.attempt(&request, deadline).await {
                 Ok(Attempt::Won(handle)) => {
                     tracing::debug!(attempts, "acquired");
-                    return LockGuard::new(handle, self.lock.name());
+                    return LockGuard::new(handle, self.lock.name(), options.ttl());
                 }
                 Ok(Attempt::Held) => last_error = None,
                 Ok(Attempt::CutShort) => {}

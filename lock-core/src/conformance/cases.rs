@@ -445,12 +445,24 @@ pub async fn with_lock_runs_and_releases(lock: Arc<dyn Lock>) {
     assert_eq!(value, 42);
     assert_free(&locker, "scoped", "with_lock released it").await;
 
-    let short = with_options(&locker, ms(100), quick_retry());
-    let error = short
-        .with_lock("scoped", |_| async { sleep(ms(300)).await })
-        .await
-        .unwrap_err();
-    assert!(matches!(error, LockError::NotHeld { .. }), "{error:?}");
+    let short = with_options(&locker, ms(150), quick_retry());
+    let outcome = short
+        .with_lock("scoped", |lease| async move {
+            sleep(ms(400)).await;
+            lease.lost.is_lost()
+        })
+        .await;
+    if lock.capabilities().extend {
+        // The watchdog extended the lock through the long section.
+        assert_eq!(
+            outcome.unwrap(),
+            false,
+            "the lock was lost although it could be extended"
+        );
+    } else {
+        let error = outcome.unwrap_err();
+        assert!(matches!(error, LockError::NotHeld { .. }), "{error:?}");
+    }
 }
 
 /// Several keys are taken as one lock, and a partial acquisition leaves nothing behind.
@@ -560,4 +572,54 @@ pub async fn waiters_wake_on_release(lock: Arc<dyn Lock>) {
         "the waiter did not wake when the lock expired"
     );
     drop(expiring);
+}
+
+/// A watched lock outlives its ttl many times over, and is released normally.
+pub async fn watchdog_keeps_the_lock_alive(lock: Arc<dyn Lock>) {
+    if !lock.capabilities().extend {
+        return skip("watchdog_keeps_the_lock_alive", &lock, "extend");
+    }
+    let locker = locker(&lock);
+    let short = with_options(&locker, ms(300), quick_retry());
+    let mut guard = short.acquire("watched").await.unwrap();
+    let lost = guard.keep_alive().unwrap();
+    sleep(ms(1_000)).await;
+    assert!(!lost.is_lost(), "the watchdog let the lock go");
+    assert!(guard.is_valid());
+    assert_held(&locker, "watched", "the watchdog keeps extending it").await;
+    guard.release().await.unwrap();
+    assert_free(&locker, "watched", "it was released").await;
+    assert!(!lost.is_lost(), "a release is not a loss");
+}
+
+/// When the lock is taken away, the lost signal fires (at the next extension, or when the
+/// validity lapses for a backend that cannot extend).
+pub async fn lost_signal_fires_when_the_lock_is_taken_away(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let short = with_options(&locker, ms(300), quick_retry());
+    let mut guard = short.acquire("taken-away").await.unwrap();
+    let lost = guard.keep_alive().unwrap();
+    assert!(!lost.is_lost());
+    // Remove it behind the holder's back, as an expiry or an operator would.
+    assert!(lock.abandon(guard.keys(), guard.token()).await.unwrap());
+    let started = Instant::now();
+    tokio::time::timeout(ms(2_000), lost.lost())
+        .await
+        .expect("the lost signal did not fire");
+    assert!(lost.is_lost());
+    assert!(
+        started.elapsed() <= ms(600),
+        "it took {:?} to notice",
+        started.elapsed()
+    );
+    let next = locker.acquire("taken-away").await.unwrap();
+    drop(guard);
+    sleep(ms(100)).await;
+    assert_held(
+        &locker,
+        "taken-away",
+        "dropping the lost guard must not free the new holder",
+    )
+    .await;
+    next.release().await.unwrap();
 }

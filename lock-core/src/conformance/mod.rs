@@ -72,6 +72,8 @@ registry! {
     multi_key_all_or_nothing => Some("multi_key"),
     fencing_tokens_increase => Some("fencing"),
     waiters_wake_on_release => Some("wake_on_release"),
+    watchdog_keeps_the_lock_alive => Some("extend"),
+    lost_signal_fires_when_the_lock_is_taken_away => None,
 }
 
 /// Runs the case called `name` against `lock`, bounded by [`CASE_TIMEOUT`].
@@ -118,6 +120,8 @@ macro_rules! conformance_tests {
             multi_key_all_or_nothing,
             fencing_tokens_increase,
             waiters_wake_on_release,
+            watchdog_keeps_the_lock_alive,
+            lost_signal_fires_when_the_lock_is_taken_away,
         );
     };
 }
