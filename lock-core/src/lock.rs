@@ -167,6 +167,29 @@ impl LockRequest {
     }
 }
 
+/// What one node of a store says about a key, for status displays (never the token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyState {
+    /// The node, as `host:port` (or `local` in process).
+    pub node: String,
+    /// Held or free, and for how long.
+    pub holding: Holding,
+}
+
+/// Whether a key is held on one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Holding {
+    /// Nobody holds it there.
+    Free,
+    /// Somebody holds it, for `ttl` more (`None`: no expiry set).
+    Held {
+        /// Time left before it expires.
+        ttl: Option<Duration>,
+    },
+    /// The node could not be asked.
+    Unknown(String),
+}
+
 /// A lock backend: one attempt at a time, never a sleep or a retry loop.
 ///
 /// The retry policy, deadline, token generation, namespacing and tracing live once, in
@@ -225,6 +248,18 @@ pub trait Lock: Send + Sync + fmt::Debug + 'static {
         Err(LockError::Unsupported {
             backend: self.name(),
             capability: "purge",
+        })
+    }
+
+    /// Reports, per node, whether `key` is held and for how long (never by whom).
+    ///
+    /// # Errors
+    /// [`LockError::Unsupported`] for backends that cannot tell.
+    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
+        let _ = key;
+        Err(LockError::Unsupported {
+            backend: self.name(),
+            capability: "inspect",
         })
     }
 
@@ -303,6 +338,10 @@ impl<L: Lock + ?Sized> Lock for Arc<L> {
 
     async fn purge(&self, prefix: &str) -> Result<u64> {
         (**self).purge(prefix).await
+    }
+
+    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
+        (**self).inspect(key).await
     }
 
     async fn shutdown(&self) -> Result<()> {

@@ -12,7 +12,7 @@ use tracing::Instrument;
 use crate::error::{LockError, Result};
 use crate::guard::LockGuard;
 use crate::key::{Key, KeySet, Namespace, key_for};
-use crate::lock::{Capabilities, Handle, Lock, LockRequest};
+use crate::lock::{Capabilities, Handle, KeyState, Lock, LockRequest};
 use crate::options::LockOptions;
 use crate::retry::RetryPolicy;
 use crate::token::Token;
@@ -217,6 +217,16 @@ impl Locker {
             None => prefix.to_owned(),
         };
         self.lock.purge(&prefix).await
+    }
+
+    /// Reports, per node, whether `key` (namespaced) is held and for how long.
+    ///
+    /// # Errors
+    /// [`LockError::Unsupported`] for backends that cannot tell; [`LockError::InvalidInput`] for
+    /// a bad key.
+    pub async fn inspect(&self, key: &str) -> Result<Vec<KeyState>> {
+        self.check_running()?;
+        self.lock.inspect(&self.lock_ns(key)?).await
     }
 
     /// Frees the backend's connections and tasks; every later call on this client (and its

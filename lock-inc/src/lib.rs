@@ -11,7 +11,8 @@ pub use config::IncConfig;
 use fred::prelude::{ClientLike, Config, KeysInterface, ReconnectPolicy};
 use fred::types::scripts::Script;
 use lock_core::{
-    Capabilities, Handle, Key, Lock, LockError, LockRequest, Result, Token, async_trait, validate,
+    Capabilities, Handle, Holding, Key, KeyState, Lock, LockError, LockRequest, Result, Token,
+    async_trait, validate,
 };
 use tokio::time::Instant;
 
@@ -172,6 +173,26 @@ impl Lock for IncLock {
             removed |= release(&self.shared, key, token).await?;
         }
         Ok(removed)
+    }
+
+    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
+        let shared = &self.shared;
+        let pttl: i64 = shared
+            .client
+            .pttl(shared.keys(key).counter)
+            .await
+            .map_err(|e| shared.backend_error("pttl", &e))?;
+        let holding = match pttl {
+            -2 => Holding::Free,
+            -1 => Holding::Held { ttl: None },
+            ms => Holding::Held {
+                ttl: Some(Duration::from_millis(u64::try_from(ms).unwrap_or_default())),
+            },
+        };
+        Ok(vec![KeyState {
+            node: shared.config.label(),
+            holding,
+        }])
     }
 
     async fn purge(&self, prefix: &str) -> Result<u64> {

@@ -11,6 +11,7 @@ use dashmap::mapref::entry::Entry;
 use lock_core::{
     Capabilities, Handle, Key, KeySet, Lock, LockError, LockRequest, Result, Token, async_trait,
 };
+use lock_core::{Holding, KeyState};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -313,6 +314,20 @@ impl Lock for MemoryLock {
         }
         self.inner.stop_waiting(key, waiters);
         Ok(())
+    }
+
+    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
+        let now = Instant::now();
+        let holding = match self.inner.slots.get(key) {
+            Some(slot) if slot.held_at(now) => Holding::Held {
+                ttl: slot.holder.as_ref().map(|holder| holder.expires_at - now),
+            },
+            _ => Holding::Free,
+        };
+        Ok(vec![KeyState {
+            node: "local".to_owned(),
+            holding,
+        }])
     }
 
     async fn purge(&self, prefix: &str) -> Result<u64> {

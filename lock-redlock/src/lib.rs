@@ -14,6 +14,7 @@ use lock_core::{
     Capabilities, Handle, Key, KeySet, Lock, LockError, LockOptions, LockRequest, Locker, Result,
     Token, async_trait,
 };
+use lock_core::{Holding, KeyState};
 use tokio::time::Instant;
 
 use crate::config::NodeUrl;
@@ -269,6 +270,26 @@ impl Lock for Redlock {
             needed: shared.quorum,
             failures: tally.failures(),
         })
+    }
+
+    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
+        let timeout = self.shared.node_timeout(lock_core::validate::MAX_TTL);
+        let asks = self.shared.nodes.iter().map(|node| async move {
+            let holding = match tokio::time::timeout(timeout, node.pttl(key)).await {
+                Ok(Ok(-2)) => Holding::Free,
+                Ok(Ok(-1)) => Holding::Held { ttl: None },
+                Ok(Ok(ms)) => Holding::Held {
+                    ttl: Some(Duration::from_millis(u64::try_from(ms).unwrap_or_default())),
+                },
+                Ok(Err(error)) => Holding::Unknown(error.to_string()),
+                Err(_) => Holding::Unknown(format!("no answer within {} ms", timeout.as_millis())),
+            };
+            KeyState {
+                node: node.label().to_owned(),
+                holding,
+            }
+        });
+        Ok(futures::future::join_all(asks).await)
     }
 
     async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {

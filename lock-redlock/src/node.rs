@@ -139,6 +139,13 @@ impl Node {
         Ok(extended == 1)
     }
 
+    /// `PTTL key`: -2 when absent, -1 when it has no expiry, else the ms left.
+    pub(crate) async fn pttl(&self, key: &Key) -> RedisResult<i64> {
+        let mut command = redis::cmd("PTTL");
+        command.arg(key.as_str());
+        self.query(&command).await
+    }
+
     async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> RedisResult<T> {
         match &self.connection {
             Connection::Manager(manager) => command.query_async(&mut manager.clone()).await,

@@ -4,7 +4,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use lock_core::{Capabilities, Handle, Key, Lock, LockRequest, Result, Token, async_trait};
+use lock_core::{
+    Capabilities, Handle, Key, KeyState, Lock, LockRequest, Result, Token, async_trait,
+};
 
 use crate::server::{RedisServer, redis_server_binary};
 
@@ -88,6 +90,10 @@ impl<L: Lock> Lock for ServerBacked<L> {
 
     async fn purge(&self, prefix: &str) -> Result<u64> {
         self.lock.purge(prefix).await
+    }
+
+    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
+        self.lock.inspect(key).await
     }
 
     async fn shutdown(&self) -> Result<()> {

@@ -1,0 +1,169 @@
+//! `lockrun` end to end, as separate processes against real redis-servers.
+#![cfg(all(feature = "redlock", feature = "inc"))]
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use lock_tests::server::{RedisServer, redis_or_skip};
+
+fn lockrun(config: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lockrun"));
+    command.env("LOCK_CONFIG", config).args(args);
+    command
+}
+
+fn redlock_config(servers: &[RedisServer]) -> String {
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    serde_json::json!({"type": "redlock", "urls": urls, "retryCount": -1, "retryDelay": 5, "retryJitter": 5}).to_string()
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().unwrap_or(-1)
+}
+
+#[test]
+fn two_lockruns_on_one_key_run_one_after_the_other() {
+    let Some(binary) = redis_or_skip("lockrun") else {
+        return;
+    };
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::start(&binary, &[]).expect("server"))
+        .collect();
+    let config = redlock_config(&servers);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let script = format!(
+        "echo start $$ >> {0}; sleep 0.3; echo end $$ >> {0}",
+        log.display()
+    );
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            lockrun(&config, &["job", "--", "sh", "-c", &script])
+                .spawn()
+                .expect("lockrun")
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().expect("lockrun ends");
+        assert_eq!(code(&output), 0, "{output:?}");
+    }
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .expect("log")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    for pair in lines.chunks(2) {
+        let pid = pair[0].strip_prefix("start ").expect("start line");
+        assert_eq!(
+            pair[1],
+            format!("end {pid}"),
+            "sections interleaved: {lines:?}"
+        );
+    }
+}
+
+#[test]
+fn exit_codes_say_what_happened() {
+    let Some(binary) = redis_or_skip("lockrun") else {
+        return;
+    };
+    let servers = vec![RedisServer::start(&binary, &[]).expect("server")];
+    let config = redlock_config(&servers);
+
+    let own = lockrun(&config, &["k", "--", "sh", "-c", "exit 7"])
+        .output()
+        .expect("run");
+    assert_eq!(code(&own), 7, "the command's own code");
+
+    let mut holder = lockrun(&config, &["k", "--", "sleep", "2"])
+        .spawn()
+        .expect("holder");
+    std::thread::sleep(Duration::from_millis(500));
+    let busy = lockrun(&config, &["--no-wait", "k", "--", "true"])
+        .output()
+        .expect("run");
+    assert_eq!(code(&busy), 75, "{busy:?}");
+    let waited = lockrun(&config, &["--timeout", "300", "k", "--", "true"])
+        .output()
+        .expect("run");
+    assert_eq!(code(&waited), 76, "{waited:?}");
+    let status = lockrun(&config, &["status", "k"]).output().expect("status");
+    let shown = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(shown.contains("held"), "{shown}");
+    holder.wait().expect("holder ends");
+
+    let bad = lockrun(r#"{"type": "zookeeper"}"#, &["k", "--", "true"])
+        .output()
+        .expect("run");
+    assert_eq!(code(&bad), 78, "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("known backends"),
+        "{bad:?}"
+    );
+    let missing = lockrun(&config, &["k", "--", "/nonexistent/command"])
+        .output()
+        .expect("run");
+    assert_eq!(code(&missing), 127, "{missing:?}");
+}
+
+#[test]
+fn a_lost_lock_kills_the_command() {
+    let Some(binary) = redis_or_skip("lockrun") else {
+        return;
+    };
+    let servers = vec![RedisServer::start(&binary, &[]).expect("server")];
+    let config = redlock_config(&servers);
+    let started = Instant::now();
+    let child = lockrun(&config, &["--ttl", "600", "doomed", "--", "sleep", "30"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lockrun");
+    std::thread::sleep(Duration::from_millis(400));
+    // Someone deletes the lock behind the holder's back.
+    assert_eq!(
+        servers[0]
+            .command("DEL doomed", Duration::from_millis(500))
+            .expect("DEL"),
+        ":1"
+    );
+    let output = child.wait_with_output().expect("lockrun ends");
+    assert_eq!(code(&output), 77, "{output:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the command was not killed promptly"
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("lost"),
+        "{output:?}"
+    );
+}
+
+#[test]
+fn purge_and_status_on_the_inc_backend() {
+    let Some(binary) = redis_or_skip("lockrun") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).expect("server");
+    let config = serde_json::json!({"type": "inc", "urls": [server.url()]}).to_string();
+    let mut holder = lockrun(&config, &["--ttl", "60000", "jobs:1", "--", "sleep", "1"])
+        .spawn()
+        .expect("holder");
+    std::thread::sleep(Duration::from_millis(400));
+    let status = lockrun(&config, &["status", "jobs:1"])
+        .output()
+        .expect("status");
+    let shown = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(
+        shown.contains("jobs:1 on ") && shown.contains("held"),
+        "{shown}"
+    );
+    let purge = lockrun(&config, &["purge", "jobs:"])
+        .output()
+        .expect("purge");
+    assert!(
+        String::from_utf8_lossy(&purge.stdout).contains("purged 1"),
+        "{purge:?}"
+    );
+    let _ = holder.wait();
+}
