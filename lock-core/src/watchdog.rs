@@ -91,7 +91,7 @@ pub(crate) async fn keep_alive(
                     "watchdog extended the lock"
                 );
             }
-            Err(error @ LockError::NotHeld { .. }) => {
+            Err(error @ (LockError::NotHeld { .. } | LockError::Stopped)) => {
                 tracing::warn!(%error, "watchdog found the lock lost");
                 status.send_modify(|status| status.lost = true);
                 return;

@@ -40,7 +40,9 @@ pub struct Redlock {
 }
 
 struct Shared {
-    nodes: Vec<Node>,
+    /// The nodes' connections; taken out (and so closed) by `shutdown`.
+    nodes: std::sync::RwLock<Option<Arc<[Node]>>>,
+    node_count: usize,
     quorum: usize,
     config: RedlockConfig,
 }
@@ -69,10 +71,11 @@ impl Redlock {
                 Node::new(&url, &config).map_err(|e| e.within(&format!("urls[{index}]")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let quorum = nodes.len() / 2 + 1;
+        let (node_count, quorum) = (nodes.len(), nodes.len() / 2 + 1);
         Ok(Self {
             shared: Arc::new(Shared {
-                nodes,
+                nodes: std::sync::RwLock::new(Some(Arc::from(nodes))),
+                node_count,
                 quorum,
                 config,
             }),
@@ -96,7 +99,7 @@ impl Redlock {
 
     /// How many nodes there are.
     pub fn node_count(&self) -> usize {
-        self.shared.nodes.len()
+        self.shared.node_count
     }
 
     /// The configuration this backend was built from.
@@ -106,6 +109,15 @@ impl Redlock {
 }
 
 impl Shared {
+    /// The nodes, or [`LockError::Stopped`] after `shutdown`.
+    fn nodes(&self) -> Result<Arc<[Node]>> {
+        let nodes = self
+            .nodes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        nodes.clone().ok_or(LockError::Stopped)
+    }
+
     fn node_timeout(&self, ttl: Duration) -> Duration {
         self.config.node_timeout_for(ttl)
     }
@@ -119,9 +131,12 @@ impl Shared {
     }
 
     fn subset(&self, indices: impl IntoIterator<Item = usize>) -> Vec<Node> {
+        let Ok(nodes) = self.nodes() else {
+            return Vec::new();
+        };
         indices
             .into_iter()
-            .filter_map(|index| self.nodes.get(index).cloned())
+            .filter_map(|index| nodes.get(index).cloned())
             .collect()
     }
 
@@ -216,17 +231,14 @@ impl Lock for Redlock {
             request.token().clone(),
             request.ttl(),
         );
+        let nodes = shared.nodes()?;
         let start = Instant::now();
-        let (tally, pending) = round::run(
-            &shared.nodes,
-            shared.quorum,
-            shared.node_timeout(ttl),
-            |node| {
+        let (tally, pending) =
+            round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
                 let (keys, token) = (keys.clone(), token.clone());
                 async move { node.acquire(&keys, &token, ttl).await }
-            },
-        )
-        .await;
+            })
+            .await;
         tracing::debug!(
             yes = tally.yes.len(),
             no = tally.no,
@@ -274,7 +286,8 @@ impl Lock for Redlock {
 
     async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
         let timeout = self.shared.node_timeout(lock_core::validate::MAX_TTL);
-        let asks = self.shared.nodes.iter().map(|node| async move {
+        let nodes = self.shared.nodes()?;
+        let asks = nodes.iter().map(|node| async move {
             let holding = match tokio::time::timeout(timeout, node.pttl(key)).await {
                 Ok(Ok(-2)) => Holding::Free,
                 Ok(Ok(-1)) => Holding::Held { ttl: None },
@@ -292,12 +305,23 @@ impl Lock for Redlock {
         Ok(futures::future::join_all(asks).await)
     }
 
+    /// Closes every node's connection; later calls fail with [`LockError::Stopped`].
+    async fn shutdown(&self) -> Result<()> {
+        let mut nodes = self
+            .shared
+            .nodes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        nodes.take();
+        Ok(())
+    }
+
     async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
         let shared = &self.shared;
         let keys = KeySet::many(keys.to_vec())?;
         let timeout = shared.node_timeout(lock_core::validate::MAX_TTL);
         let (mut tally, rest) = shared
-            .release_on(&shared.nodes, &keys, token, timeout)
+            .release_on(&shared.nodes()?, &keys, token, timeout)
             .await;
         let late = rest.finish().await;
         tally.yes.extend(late.yes);
@@ -308,7 +332,7 @@ impl Lock for Redlock {
 impl fmt::Debug for Redlock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Redlock")
-            .field("nodes", &self.shared.nodes)
+            .field("nodes", &self.shared.nodes())
             .field("quorum", &self.shared.quorum)
             .finish()
     }
@@ -331,7 +355,7 @@ impl RedlockHandle {
     /// The error for a round that did not reach a quorum: lost if a majority said so.
     fn lost_or_unreachable(&self, tally: &Tally) -> LockError {
         let shared = &self.shared;
-        if tally.no > shared.nodes.len() - shared.quorum {
+        if tally.no > shared.node_count - shared.quorum {
             LockError::NotHeld { key: self.key() }
         } else {
             tracing::warn!(
@@ -368,17 +392,14 @@ impl Handle for RedlockHandle {
             return Err(LockError::NotHeld { key: self.key() });
         }
         let shared = Arc::clone(&self.shared);
+        let nodes = shared.nodes()?;
         let start = Instant::now();
-        let (tally, _in_flight) = round::run(
-            &shared.nodes,
-            shared.quorum,
-            shared.node_timeout(ttl),
-            |node| {
+        let (tally, _in_flight) =
+            round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
                 let (keys, token) = (self.keys.clone(), self.token.clone());
                 async move { node.extend(&keys, &token, ttl).await }
-            },
-        )
-        .await;
+            })
+            .await;
         if tally.yes.len() >= shared.quorum
             && let Some(valid_until) = shared.valid_until(start, ttl)
         {
@@ -393,8 +414,9 @@ impl Handle for RedlockHandle {
     async fn release(&mut self) -> Result<()> {
         let shared = Arc::clone(&self.shared);
         let timeout = shared.node_timeout(self.ttl);
+        let nodes = shared.nodes()?;
         let (tally, pending) = shared
-            .release_on(&shared.nodes, &self.keys, &self.token, timeout)
+            .release_on(&nodes, &self.keys, &self.token, timeout)
             .await;
         if !pending.is_empty() {
             // Every node must hear the release, not only the majority that decided it.

@@ -406,3 +406,55 @@ async fn interoperates_with_other_redlock_clients_on_the_same_keys() {
         "interop: plain key, token as value, SET NX PX and compare-and-delete, as other Redlock clients"
     );
 }
+
+/// The number of clients connected to `server`, this probe's own connection included.
+fn connected_clients(server: &RedisServer) -> usize {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port())).expect("connect");
+    stream.set_read_timeout(Some(PROBE)).expect("timeout");
+    stream.write_all(b"INFO clients\r\n").expect("INFO");
+    let mut reader = BufReader::new(stream);
+    let mut header = String::new();
+    reader.read_line(&mut header).expect("header");
+    let length: usize = header
+        .trim_end()
+        .trim_start_matches('$')
+        .parse()
+        .expect("length");
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).expect("body");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|line| line.strip_prefix("connected_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("connected_clients")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_closes_every_connection_and_refuses_later_calls() {
+    let Some(mut backed) = cluster(3) else { return };
+    let locker = locker(&backed, Duration::from_secs(5), RetryPolicy::none());
+    locker
+        .acquire("stop")
+        .await
+        .expect("acquire")
+        .release()
+        .await
+        .expect("release");
+    let before: Vec<usize> = backed.servers().iter().map(connected_clients).collect();
+    locker.stop().await.expect("stop");
+    drop(locker);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after: Vec<usize> = backed.servers().iter().map(connected_clients).collect();
+    println!(
+        "stop: connected clients per node before {before:?}, after {after:?} (1 = this probe)"
+    );
+    assert!(before.iter().all(|&n| n >= 2), "{before:?}");
+    assert!(
+        after.iter().all(|&n| n == 1),
+        "connections left open: {after:?}"
+    );
+    let again = Locker::new(backed.lock().clone());
+    let error = again.acquire("stop").await.expect_err("stopped backend");
+    assert!(matches!(error, LockError::Stopped), "{error:?}");
+}
