@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IncConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`, or for a Redis Cluster
+    /// `redis-cluster://[user:password@]host:port?node=host:port&node=…`.
     pub url: String,
     /// Put before every lock key (and matched by purge).
     pub prefix: String,
@@ -55,10 +56,13 @@ impl IncConfig {
     /// [`LockError::InvalidInput`] naming the field.
     pub fn validate(&self) -> Result<()> {
         // fred accepts URLs of other schemes as if they were Redis; refuse them here.
-        if !self.url.starts_with("redis://") {
+        if !self.url.starts_with("redis://") && !self.url.starts_with("redis-cluster://") {
             return Err(LockError::invalid(
                 "url",
-                format!("{} is not a redis:// URL", redact_url(&self.url)),
+                format!(
+                    "{} is not a redis:// or redis-cluster:// URL",
+                    redact_url(&self.url)
+                ),
             ));
         }
         if self.prefix.len() > 256 {

@@ -198,6 +198,9 @@ impl Lock for IncLock {
     async fn purge(&self, prefix: &str) -> Result<u64> {
         let shared = &self.shared;
         let pattern = format!("{}{{{}*", shared.prefix, escape_glob(prefix));
+        if shared.client.is_clustered() {
+            return purge_cluster(shared, &pattern).await;
+        }
         let mut cursor = "0".to_owned();
         let mut purged = 0u64;
         loop {
@@ -207,14 +210,15 @@ impl Lock for IncLock {
                 .await
                 .map_err(|e| shared.backend_error("scan", &e))?;
             // Fencing counters survive a purge, so that fencing tokens keep increasing.
-            let doomed: Vec<&String> = keys
+            let doomed: Vec<&str> = keys
                 .iter()
-                .filter(|key| !key.ends_with("}:fence"))
+                .map(String::as_str)
+                .filter(|key| is_purgeable(key))
                 .collect();
             if !doomed.is_empty() {
                 let _: i64 = shared
                     .client
-                    .unlink(doomed.iter().map(|key| key.as_str()).collect::<Vec<_>>())
+                    .unlink(doomed.clone())
                     .await
                     .map_err(|e| shared.backend_error("unlink", &e))?;
                 purged += doomed.iter().filter(|key| key.ends_with('}')).count() as u64;
@@ -233,6 +237,47 @@ impl Lock for IncLock {
             .await
             .map_err(|e| self.shared.backend_error("quit", &e))
     }
+}
+
+/// A lock's counter or owner key; fencing counters are kept.
+fn is_purgeable(key: &str) -> bool {
+    !key.ends_with("}:fence")
+}
+
+/// Purge on a Redis Cluster: `SCAN` on every primary, and `UNLINK` key by key (keys of
+/// different locks live in different slots).
+async fn purge_cluster(shared: &Shared, pattern: &str) -> Result<u64> {
+    use fred::types::scan::Scanner;
+    use futures::TryStreamExt;
+
+    let mut pages = std::pin::pin!(shared.client.scan_cluster(
+        pattern.to_owned(),
+        Some(PURGE_BATCH),
+        None
+    ));
+    let mut purged = 0u64;
+    while let Some(mut page) = pages
+        .try_next()
+        .await
+        .map_err(|e| shared.backend_error("scan", &e))?
+    {
+        let keys: Vec<String> = page
+            .take_results()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|key| key.as_str().map(str::to_owned))
+            .filter(|key| is_purgeable(key))
+            .collect();
+        let unlinks = keys
+            .iter()
+            .map(|key| shared.client.unlink::<i64, _>(key.as_str()));
+        futures::future::try_join_all(unlinks)
+            .await
+            .map_err(|e| shared.backend_error("unlink", &e))?;
+        purged += keys.iter().filter(|key| key.ends_with('}')).count() as u64;
+        // Dropping the page asks for the next one.
+    }
+    Ok(purged)
 }
 
 /// `prefix` with the glob characters of `SCAN MATCH` escaped, so it matches only itself.

@@ -240,6 +240,77 @@ impl fmt::Debug for RedisServer {
     }
 }
 
+/// Starts `count` servers (at least 3) and joins them into a Redis Cluster of primaries,
+/// waiting until every node reports `cluster_state:ok`.
+///
+/// # Errors
+/// When a server does not start, `redis-cli --cluster create` fails, or the cluster does not
+/// settle within 20 s.
+pub fn start_cluster(binary: &Path, count: usize) -> io::Result<Vec<RedisServer>> {
+    let args = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        "2000",
+    ];
+    let servers: Vec<RedisServer> = (0..count)
+        .map(|_| RedisServer::start(binary, &args))
+        .collect::<io::Result<_>>()?;
+    let cli = binary.with_file_name("redis-cli");
+    let output = Command::new(if cli.is_file() {
+        cli
+    } else {
+        PathBuf::from("redis-cli")
+    })
+    .args(["--cluster", "create"])
+    .args(
+        servers
+            .iter()
+            .map(|server| format!("127.0.0.1:{}", server.port())),
+    )
+    .args(["--cluster-replicas", "0", "--cluster-yes"])
+    .stdin(Stdio::null())
+    .output()?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    let started = Instant::now();
+    while !servers.iter().all(|server| {
+        server
+            .command("CLUSTER INFO", Duration::from_millis(500))
+            .is_ok_and(|reply| reply.starts_with('$'))
+            && cluster_ok(server.port())
+    }) {
+        if started.elapsed() > Duration::from_secs(20) {
+            return Err(io::Error::other(
+                "the cluster did not reach cluster_state:ok in 20 s",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(servers)
+}
+
+fn cluster_ok(port: u16) -> bool {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"CLUSTER INFO\r\n").is_err() {
+        return false;
+    }
+    let mut reply = vec![0; 4096];
+    let read = stream.read(&mut reply).unwrap_or(0);
+    String::from_utf8_lossy(&reply[..read]).contains("cluster_state:ok")
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 ///
 /// # Errors

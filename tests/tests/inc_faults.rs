@@ -248,3 +248,56 @@ async fn a_stalled_server_answers_within_the_command_timeout() {
     println!("I3 (server stopped): `{error}` after {took:?}");
     assert!(took < Duration::from_millis(100) + PROBE, "waited {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn works_on_a_redis_cluster_and_purges_every_node() {
+    let Some(binary) = redis_or_skip("inc on a cluster") else {
+        return;
+    };
+    let servers = lock_tests::server::start_cluster(&binary, 3).expect("cluster");
+    let seeds: Vec<String> = servers[1..]
+        .iter()
+        .map(|server| format!("node=127.0.0.1:{}", server.port()))
+        .collect();
+    let url = format!(
+        "redis-cluster://127.0.0.1:{}?{}",
+        servers[0].port(),
+        seeds.join("&")
+    );
+    let lock = IncLock::connect(IncConfig::new(url))
+        .await
+        .expect("connect to the cluster");
+    let locker = locker(&lock, Duration::from_secs(30), RetryPolicy::none());
+    let mut guards = Vec::new();
+    for i in 0..300 {
+        let guard = locker
+            .acquire(&format!("jobs:{i}"))
+            .await
+            .expect("acquire on the cluster");
+        assert!(
+            locker
+                .try_acquire(&format!("jobs:{i}"))
+                .await
+                .expect("probe")
+                .is_none()
+        );
+        guards.push(guard);
+    }
+    let fence_before = guards[0].fencing_token().expect("fence");
+    let purged = locker.purge("jobs:").await.expect("purge across nodes");
+    let keys_per_node: Vec<String> = servers
+        .iter()
+        .map(|server| server.command("DBSIZE", PROBE).expect("DBSIZE"))
+        .collect();
+    println!(
+        "I-cluster: 300 locks over 3 primaries, purged {purged}; keys left per node (fencing counters) {keys_per_node:?}"
+    );
+    assert_eq!(purged, 300);
+    drop(guards);
+    let again = locker.acquire("jobs:0").await.expect("free after purge");
+    assert!(
+        again.fencing_token().expect("fence") > fence_before,
+        "fencing survived the purge"
+    );
+    again.release().await.expect("release");
+}
