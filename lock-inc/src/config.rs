@@ -28,6 +28,10 @@ pub struct IncConfig {
     /// How long connecting may take, in ms.
     #[serde(alias = "connectTimeout")]
     pub connect_timeout: u64,
+    /// A PEM file of the CA that signed the server's TLS certificate, for `rediss://` servers
+    /// that the system's roots do not cover.
+    #[serde(alias = "tlsCaFile", skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for IncConfig {
@@ -37,6 +41,7 @@ impl Default for IncConfig {
             prefix: "lock:".to_owned(),
             command_timeout: 500,
             connect_timeout: 1_000,
+            tls_ca_file: None,
         }
     }
 }
@@ -56,11 +61,21 @@ impl IncConfig {
     /// [`LockError::InvalidInput`] naming the field.
     pub fn validate(&self) -> Result<()> {
         // fred accepts URLs of other schemes as if they were Redis; refuse them here.
-        if !self.url.starts_with("redis://") && !self.url.starts_with("redis-cluster://") {
+        let tls = self.url.starts_with("rediss://") || self.url.starts_with("rediss-cluster://");
+        if !tls && !self.url.starts_with("redis://") && !self.url.starts_with("redis-cluster://") {
             return Err(LockError::invalid(
                 "url",
                 format!(
-                    "{} is not a redis:// or redis-cluster:// URL",
+                    "{} is not a redis://, rediss:// or redis-cluster:// URL",
+                    redact_url(&self.url)
+                ),
+            ));
+        }
+        if (tls || self.tls_ca_file.is_some()) && !cfg!(feature = "tls") {
+            return Err(LockError::invalid(
+                "url",
+                format!(
+                    "{}: TLS needs the `tls` cargo feature of lock-inc",
                     redact_url(&self.url)
                 ),
             ));
@@ -95,6 +110,7 @@ impl fmt::Debug for IncConfig {
             .field("prefix", &self.prefix)
             .field("command_timeout", &self.command_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }

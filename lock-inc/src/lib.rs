@@ -81,9 +81,14 @@ impl IncLock {
     /// [`LockError::Backend`] when the server cannot be reached.
     pub async fn connect(config: IncConfig) -> Result<Self> {
         config.validate()?;
-        let fred_config = Config::from_url(&config.url).map_err(|e| {
+        #[allow(unused_mut)]
+        let mut fred_config = Config::from_url(&config.url).map_err(|e| {
             LockError::invalid("url", format!("{}: {}", config.label(), e.details()))
         })?;
+        #[cfg(feature = "tls")]
+        if let Some(path) = &config.tls_ca_file {
+            fred_config.tls = Some(tls_with_ca(path)?.into());
+        }
         let command_timeout = Duration::from_millis(config.command_timeout);
         let connect_timeout = Duration::from_millis(config.connect_timeout);
         let client = fred::types::Builder::from_config(fred_config)
@@ -237,6 +242,28 @@ impl Lock for IncLock {
             .await
             .map_err(|e| self.shared.backend_error("quit", &e))
     }
+}
+
+/// A rustls client configuration that trusts the CA certificates in the PEM file at `path`.
+#[cfg(feature = "tls")]
+fn tls_with_ca(path: &std::path::Path) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let invalid =
+        |reason: String| LockError::invalid("tls_ca_file", format!("{}: {reason}", path.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(path).map_err(|e| invalid(e.to_string()))? {
+        roots
+            .add(certificate.map_err(|e| invalid(e.to_string()))?)
+            .map_err(|e| invalid(e.to_string()))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// A lock's counter or owner key; fencing counters are kept.

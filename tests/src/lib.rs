@@ -6,3 +6,4 @@
 
 pub mod backed;
 pub mod server;
+pub mod tls;
