@@ -5,5 +5,6 @@
 #![forbid(unsafe_code)]
 
 pub mod backed;
+pub mod history;
 pub mod server;
 pub mod tls;
