@@ -1,5 +1,6 @@
 //! Property tests over keys, ttls and configurations: no panic, no hang, and every rejection is
 //! a typed error that names the field.
+#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
