@@ -35,6 +35,8 @@ pub(crate) struct Figure {
     /// The physical limit measured in the same run, where one applies.
     limit: Option<f64>,
     ratio_to_limit: Option<f64>,
+    /// Ours against rslock in the same run (> 1: we are better), where it applies.
+    ratio_to_rslock: Option<f64>,
     reference: Option<String>,
     ratio_to_reference: Option<f64>,
 }
@@ -86,6 +88,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         figures.extend(single.block_on(redlock::benchmarks(
             profile.redis_cycles,
             profile.redis_rounds,
+            profile.handoff_time,
         ))?);
     }
     if only.as_deref().is_none_or(|only| only == "inc") {
@@ -323,6 +326,7 @@ fn figure(
         unit: unit.to_owned(),
         limit: None,
         ratio_to_limit: None,
+        ratio_to_rslock: None,
         reference: reference.map(|(name, _)| name.to_owned()),
         ratio_to_reference: reference
             .and_then(|(_, theirs)| (theirs > 0.0).then(|| value / theirs)),
@@ -331,9 +335,9 @@ fn figure(
 
 fn print_table(figures: &[Figure]) {
     println!(
-        "| backend | nodes | scenario | value | unit | ratio to limit | ratio to reference (> 1 = better) |"
+        "| backend | nodes | scenario | value | unit | ratio to limit | ratio to rslock (> 1 = better) | ratio to reference |"
     );
-    println!("|---|---:|---|---:|---|---:|---:|");
+    println!("|---|---:|---|---:|---|---:|---:|---:|");
     for figure in figures {
         let reference = match (&figure.reference, figure.ratio_to_reference) {
             (Some(reference), Some(ratio)) => format!("{ratio:.2}× {reference}"),
@@ -344,8 +348,11 @@ fn print_table(figures: &[Figure]) {
             _ => "—".to_owned(),
         };
         let nodes = figure.nodes.map_or("—".to_owned(), |n| n.to_string());
+        let rslock = figure
+            .ratio_to_rslock
+            .map_or("—".to_owned(), |r| format!("{r:.2}×"));
         println!(
-            "| {} | {nodes} | {} | {:.1} | {} | {limit} | {reference} |",
+            "| {} | {nodes} | {} | {:.1} | {} | {limit} | {rslock} | {reference} |",
             figure.backend, figure.scenario, figure.value, figure.unit
         );
     }

@@ -1,15 +1,24 @@
-//! Redlock on local redis-servers, as ratios to the limit measured on the same server.
+//! Redlock on local redis-servers, side by side with rslock (the most used Rust Redlock crate):
+//! ratios to the limit measured on the same server, and to rslock, in the same run.
 
 use std::time::{Duration, Instant};
 
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::server::{RedisServer, redis_server_binary};
+use rslock::LockManager;
+use tokio::net::TcpListener;
 
 use crate::limit::{BenchResult, cycle_limit, median};
-use crate::{Figure, figure, locker_handoff, rate};
+use crate::{CRITICAL_SECTION, Figure, figure, handoff, locker_handoff, rate};
 
-pub(crate) async fn benchmarks(cycles: u32, rounds: usize) -> BenchResult<Vec<Figure>> {
+const TTL: Duration = Duration::from_secs(10);
+
+pub(crate) async fn benchmarks(
+    cycles: u32,
+    rounds: usize,
+    handoff_time: Duration,
+) -> BenchResult<Vec<Figure>> {
     let binary = redis_server_binary()
         .ok_or("redis-server not found: run `cargo xtask it` first, which installs it")?;
     let mut figures = Vec::new();
@@ -18,93 +27,253 @@ pub(crate) async fn benchmarks(cycles: u32, rounds: usize) -> BenchResult<Vec<Fi
             .map(|_| RedisServer::start(&binary, &[]))
             .collect::<Result<_, _>>()?;
         let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+        figures.extend(uncontended(&servers[0], &urls, nodes, cycles, rounds).await?);
+        figures.extend(contended(&urls, nodes, handoff_time).await?);
+    }
+    figures.extend(black_holed(&binary).await?);
+    Ok(figures)
+}
 
-        // Interleaved rounds, medians: the machine is shared, so neighbours hit both sides alike.
-        let mut limits = Vec::new();
-        let mut manager = Vec::new();
-        let mut pool = Vec::new();
-        let lockers = [
-            (
-                locker(&urls, ConnectionKind::Manager, RetryPolicy::forever())?,
-                &mut manager,
-            ),
-            (
-                locker(&urls, ConnectionKind::Pool, RetryPolicy::forever())?,
-                &mut pool,
-            ),
-        ];
-        let mut lockers = lockers;
-        for (locker, _) in &lockers {
-            // Warm up the connections and script caches.
-            for _ in 0..50 {
+/// Sequential acquire + release cycles: ours (both connection kinds) and rslock, in
+/// interleaved rounds against the limit measured just before each round; medians.
+async fn uncontended(
+    limit_server: &RedisServer,
+    urls: &[String],
+    nodes: u32,
+    cycles: u32,
+    rounds: usize,
+) -> BenchResult<Vec<Figure>> {
+    let manager = locker(urls, ConnectionKind::Manager, RetryPolicy::forever())?;
+    let pool = locker(urls, ConnectionKind::Pool, RetryPolicy::forever())?;
+    let rslock = LockManager::new(urls.to_vec());
+    for _ in 0..50 {
+        manager.acquire("bench-key").await?.release().await?;
+        pool.acquire("bench-key").await?.release().await?;
+        rslock_cycle(&rslock).await?;
+    }
+    let (mut limits, mut ours_manager, mut ours_pool, mut theirs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        limits.push(redlock_limit(limit_server, cycles)?);
+        for (locker, results) in [(&manager, &mut ours_manager), (&pool, &mut ours_pool)] {
+            let started = Instant::now();
+            for _ in 0..cycles {
                 locker.acquire("bench-key").await?.release().await?;
             }
+            results.push(rate(cycles, started.elapsed()));
         }
-        for _ in 0..rounds {
-            limits.push(redlock_limit(&servers[0], cycles)?);
-            for (locker, results) in &mut lockers {
-                let started = Instant::now();
-                for _ in 0..cycles {
-                    locker.acquire("bench-key").await?.release().await?;
-                }
-                results.push(rate(cycles, started.elapsed()));
-            }
+        let started = Instant::now();
+        for _ in 0..cycles {
+            rslock_cycle(&rslock).await?;
         }
-        let limit = median(&mut limits.clone());
-        for (kind, results) in [("manager", &mut manager), ("pool", &mut pool)] {
-            // Each round's figure against the limit measured just before it, then the median:
-            // load from neighbours changes from second to second.
-            let mut ratios: Vec<f64> = results
-                .iter()
-                .zip(&limits)
-                .map(|(ours, limit)| ours / limit)
-                .collect();
-            let ratio = median(&mut ratios);
-            let value = median(results);
-            let mut uncontended = figure(
-                &format!("redlock ({kind})"),
-                "uncontended acquire+release, sequential",
-                value,
-                "cycles/s",
-                None,
-            );
-            uncontended.nodes = Some(nodes);
-            uncontended.limit = Some(limit);
-            uncontended.ratio_to_limit = Some(ratio);
-            figures.push(uncontended);
+        theirs.push(rate(cycles, started.elapsed()));
+    }
+    let per_round = |results: &[f64], against: &[f64]| -> f64 {
+        let mut ratios: Vec<f64> = results.iter().zip(against).map(|(a, b)| a / b).collect();
+        median(&mut ratios)
+    };
+    let limit = median(&mut limits.clone());
+    let mut figures = Vec::new();
+    for (name, results) in [
+        ("redlock (manager)", &ours_manager),
+        ("redlock (pool)", &ours_pool),
+        ("rslock", &theirs),
+    ] {
+        let mut uncontended = figure(
+            name,
+            "uncontended acquire+release, sequential",
+            median(&mut results.clone()),
+            "cycles/s",
+            None,
+        );
+        uncontended.nodes = Some(nodes);
+        uncontended.limit = Some(limit);
+        uncontended.ratio_to_limit = Some(per_round(results, &limits));
+        if name != "rslock" {
+            uncontended.ratio_to_rslock = Some(per_round(results, &theirs));
         }
+        figures.push(uncontended);
+    }
+    Ok(figures)
+}
 
-        let tuned = RetryPolicy::forever()
-            .with_retry_delay(Duration::from_millis(5))
-            .with_retry_jitter(Duration::from_millis(5))
-            .with_deadline(Duration::from_secs(30));
-        let locker = locker(&urls, ConnectionKind::Manager, tuned)?;
-        let result = locker_handoff(locker, Duration::from_secs(2)).await;
-        let scenario = "contended handoff, 8 tasks, 1 ms sections, 5 ms delay + 5 ms jitter";
-        for (scenario, value, unit) in [
-            (
-                scenario.to_owned(),
-                result.sections_per_second,
-                "sections/s",
-            ),
-            (format!("{scenario}: p50 wait"), result.p50_wait_ms, "ms"),
-            (format!("{scenario}: p99 wait"), result.p99_wait_ms, "ms"),
+/// 8 tasks on one key, 1 ms sections: at each library's defaults and at an equal tuned setting
+/// (ours 5 ms delay + 5 ms jitter; rslock's delay is uniform in 0..10 ms, the same mean).
+async fn contended(urls: &[String], nodes: u32, duration: Duration) -> BenchResult<Vec<Figure>> {
+    let tuned = RetryPolicy::forever()
+        .with_retry_delay(Duration::from_millis(5))
+        .with_retry_jitter(Duration::from_millis(5))
+        .with_deadline(Duration::from_secs(30));
+    let mut figures = Vec::new();
+    for (setting, ours_policy, rslock_delay) in [
+        ("defaults", RetryPolicy::forever(), None),
+        (
+            "tuned: 5 ms delay + 5 ms jitter",
+            tuned,
+            Some(Duration::from_millis(10)),
+        ),
+    ] {
+        let ours = locker_handoff(
+            locker(urls, ConnectionKind::Manager, ours_policy)?,
+            duration,
+        )
+        .await;
+        let mut manager = LockManager::new(urls.to_vec());
+        if let Some(delay) = rslock_delay {
+            manager.set_retry(3, delay);
+        }
+        let theirs = handoff(duration, move || {
+            let manager = manager.clone();
+            async move {
+                let lock = manager.acquire_no_guard("handoff", TTL).await.ok();
+                tokio::time::sleep(CRITICAL_SECTION).await;
+                if let Some(lock) = lock {
+                    manager.unlock(&lock).await;
+                }
+            }
+        })
+        .await;
+        let scenario = format!("contended handoff, 8 tasks, 1 ms sections, {setting}");
+        for (name, result, other) in [
+            ("redlock (manager)", &ours, Some(&theirs)),
+            ("rslock", &theirs, None),
         ] {
-            let mut contended = figure("redlock (manager)", &scenario, value, unit, None);
-            contended.nodes = Some(nodes);
-            figures.push(contended);
+            for (label, value, unit, theirs_value, higher_is_better) in [
+                (
+                    "",
+                    result.sections_per_second,
+                    "sections/s",
+                    other.map(|o| o.sections_per_second),
+                    true,
+                ),
+                (
+                    ": p50 wait",
+                    result.p50_wait_ms,
+                    "ms",
+                    other.map(|o| o.p50_wait_ms),
+                    false,
+                ),
+                (
+                    ": p99 wait",
+                    result.p99_wait_ms,
+                    "ms",
+                    other.map(|o| o.p99_wait_ms),
+                    false,
+                ),
+            ] {
+                let mut fig = figure(name, &format!("{scenario}{label}"), value, unit, None);
+                fig.nodes = Some(nodes);
+                fig.ratio_to_rslock = theirs_value.and_then(|theirs| {
+                    let ratio = if higher_is_better {
+                        value / theirs
+                    } else {
+                        theirs / value
+                    };
+                    ratio.is_finite().then_some(ratio)
+                });
+                figures.push(fig);
+            }
         }
     }
     Ok(figures)
 }
 
+/// Three nodes of which one accepts TCP connections and never answers: per-cycle latency for
+/// us (healthy and black-holed) and rslock (black-holed).
+async fn black_holed(binary: &std::path::Path) -> BenchResult<Vec<Figure>> {
+    let servers: Vec<RedisServer> = (0..2)
+        .map(|_| RedisServer::start(binary, &[]))
+        .collect::<Result<_, _>>()?;
+    let hole = TcpListener::bind("127.0.0.1:0").await?;
+    let hole_url = format!("redis://{}/", hole.local_addr()?);
+    let hole_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hole.accept().await {
+            held.push(socket); // accepted, never read, never answered
+        }
+    });
+    let healthy_urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let third = RedisServer::start(binary, &[])?;
+    let mut healthy = healthy_urls.clone();
+    healthy.push(third.url());
+    let mut holed = healthy_urls;
+    holed.push(hole_url);
+
+    let cycles = 20;
+    let measure = |latencies: Vec<Duration>| {
+        let mut ms: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        median(&mut ms)
+    };
+    let ours_healthy = measure(
+        our_cycles(
+            &locker(&healthy, ConnectionKind::Manager, RetryPolicy::forever())?,
+            cycles,
+        )
+        .await?,
+    );
+    let ours_holed = measure(
+        our_cycles(
+            &locker(&holed, ConnectionKind::Manager, RetryPolicy::forever())?,
+            cycles,
+        )
+        .await?,
+    );
+    let rslock = LockManager::new(holed);
+    let mut theirs = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        rslock_cycle(&rslock).await?;
+        theirs.push(started.elapsed());
+    }
+    let theirs_holed = measure(theirs);
+    hole_task.abort();
+    let scenario = "acquire+release cycle latency p50, 1 of 3 nodes black-holed";
+    let mut figures = Vec::new();
+    let mut ours = figure("redlock (manager)", scenario, ours_holed, "ms", None);
+    ours.nodes = Some(3);
+    ours.ratio_to_rslock = Some(theirs_holed / ours_holed);
+    // Against our own healthy figure: the target is within 2× of it.
+    ours.reference = Some("ours, healthy".to_owned());
+    ours.ratio_to_reference = Some(ours_holed / ours_healthy);
+    figures.push(ours);
+    let mut healthy_figure = figure(
+        "redlock (manager)",
+        "acquire+release cycle latency p50, 3 healthy nodes",
+        ours_healthy,
+        "ms",
+        None,
+    );
+    healthy_figure.nodes = Some(3);
+    figures.push(healthy_figure);
+    let mut rslock_figure = figure("rslock", scenario, theirs_holed, "ms", None);
+    rslock_figure.nodes = Some(3);
+    figures.push(rslock_figure);
+    Ok(figures)
+}
+
+async fn our_cycles(locker: &Locker, cycles: usize) -> BenchResult<Vec<Duration>> {
+    let mut latencies = Vec::new();
+    for _ in 0..cycles {
+        let started = Instant::now();
+        locker.acquire("bench-key").await?.release().await?;
+        latencies.push(started.elapsed());
+    }
+    Ok(latencies)
+}
+
+async fn rslock_cycle(manager: &LockManager) -> BenchResult<()> {
+    let lock = manager
+        .lock("bench-key", TTL)
+        .await
+        .map_err(|e| format!("rslock: {e:?}"))?;
+    manager.unlock(&lock).await;
+    Ok(())
+}
+
 fn locker(urls: &[String], kind: ConnectionKind, retry: RetryPolicy) -> BenchResult<Locker> {
     let config = RedlockConfig::new(urls.iter().cloned()).with_connection(kind);
-    let locker = Locker::new(Redlock::new(config)?).with_options(
-        LockOptions::default()
-            .with_ttl(Duration::from_secs(10))
-            .with_retry(retry),
-    )?;
+    let locker = Locker::new(Redlock::new(config)?)
+        .with_options(LockOptions::default().with_ttl(TTL).with_retry(retry))?;
     Ok(locker)
 }
 
