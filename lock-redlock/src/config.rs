@@ -30,6 +30,7 @@ pub enum ConnectionKind {
 /// - `connect_timeout`: 500 ms
 /// - `connection`: `manager`
 /// - `pool_size`: 4 connections per node (with `connection = "pool"`)
+/// - `wake_on_release`: off
 /// - `retry_count`, `retry_delay`, `retry_jitter`: those of [`RetryPolicy::default`]
 ///   (10, 200 ms, 100 ms); `retry_count = -1` retries forever
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +58,10 @@ pub struct RedlockConfig {
     /// certificates the system's roots do not cover (needs `connection = "manager"`).
     #[serde(alias = "tlsCaFile", skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Announce releases over pub/sub and let waiters subscribe, so that they retry at once
+    /// instead of sleeping out their retry delay (a missed message costs one delay at most).
+    #[serde(alias = "wakeOnRelease")]
+    pub wake_on_release: bool,
     /// Retries after the first attempt; -1 retries forever.
     #[serde(alias = "retryCount", skip_serializing_if = "Option::is_none")]
     pub retry_count: Option<i64>,
@@ -85,6 +90,7 @@ impl Default for RedlockConfig {
             connection: ConnectionKind::Manager,
             pool_size: 4,
             tls_ca_file: None,
+            wake_on_release: false,
             retry_count: None,
             retry_delay: None,
             retry_jitter: None,
@@ -116,6 +122,13 @@ impl RedlockConfig {
     #[must_use]
     pub fn with_connection(mut self, connection: ConnectionKind) -> Self {
         self.connection = connection;
+        self
+    }
+
+    /// Turns pub/sub wake-ups of waiters on or off.
+    #[must_use]
+    pub fn with_wake_on_release(mut self, wake_on_release: bool) -> Self {
+        self.wake_on_release = wake_on_release;
         self
     }
 
@@ -204,6 +217,7 @@ impl fmt::Debug for RedlockConfig {
             .field("connection", &self.connection)
             .field("pool_size", &self.pool_size)
             .field("tls_ca_file", &self.tls_ca_file)
+            .field("wake_on_release", &self.wake_on_release)
             .field("retry_count", &self.retry_count)
             .field("retry_delay", &self.retry_delay)
             .field("retry_jitter", &self.retry_jitter)

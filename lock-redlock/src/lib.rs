@@ -4,6 +4,7 @@
 mod config;
 mod node;
 mod round;
+mod wake;
 
 use std::fmt;
 use std::sync::Arc;
@@ -45,6 +46,8 @@ struct Shared {
     node_count: usize,
     quorum: usize,
     config: RedlockConfig,
+    /// Pub/sub subscriptions of waiters, when `wake_on_release` is on.
+    wakeups: Option<wake::Wakeups>,
 }
 
 impl Redlock {
@@ -77,6 +80,9 @@ impl Redlock {
                 nodes: std::sync::RwLock::new(Some(Arc::from(nodes))),
                 node_count,
                 quorum,
+                wakeups: config
+                    .wake_on_release
+                    .then(|| wake::Wakeups::new(node_count)),
                 config,
             }),
         })
@@ -218,10 +224,28 @@ impl Lock for Redlock {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::NONE
+        let capabilities = Capabilities::NONE
             .with_extend()
             .with_distributed()
-            .with_multi_key()
+            .with_multi_key();
+        if self.shared.wakeups.is_some() {
+            capabilities.with_wake_on_release()
+        } else {
+            capabilities
+        }
+    }
+
+    async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
+        let shared = &self.shared;
+        match (&shared.wakeups, keys.first()) {
+            (Some(wakeups), Some(key)) => {
+                let nodes = shared.nodes()?;
+                let timeout = shared.node_timeout(max_wait.max(Duration::from_millis(1)));
+                wakeups.wait(&nodes, key.as_str(), max_wait, timeout).await;
+            }
+            _ => tokio::time::sleep(max_wait).await,
+        }
+        Ok(())
     }
 
     async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {

@@ -14,6 +14,8 @@ use crate::config::{ConnectionKind, NodeUrl, RedlockConfig};
 static ACQUIRE_MANY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/acquire_many.lua")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/release.lua")));
+static RELEASE_NOTIFY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/release_notify.lua")));
 static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/extend.lua")));
 
 /// A node of the quorum; cheap to clone (connections are shared handles).
@@ -21,7 +23,14 @@ static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua
 pub(crate) struct Node {
     label: String,
     connection: Connection,
+    /// For the pub/sub connection of wake-ups, opened on first use.
+    client: Client,
+    /// The channel prefix releases are announced on, when wake-ups are on.
+    release_channel: Option<&'static str>,
 }
+
+/// Releases are announced on this prefix followed by the key.
+pub(crate) const RELEASE_CHANNEL: &str = "lock-released:";
 
 #[derive(Clone)]
 enum Connection {
@@ -38,9 +47,10 @@ impl Node {
         let connect_timeout = Duration::from_millis(config.connect_timeout);
         // Responses are bounded per call by the node timeout; this is only the backstop.
         let response_timeout = Duration::from_secs(60);
+        let client = client(url, config)?;
         let connection = match config.connection {
             ConnectionKind::Manager => {
-                let client = client(url, config)?;
+                let client = client.clone();
                 let manager_config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
                     .set_response_timeout(Some(response_timeout))
@@ -73,7 +83,14 @@ impl Node {
         Ok(Self {
             label: url.label.clone(),
             connection,
+            client,
+            release_channel: config.wake_on_release.then_some(RELEASE_CHANNEL),
         })
+    }
+
+    /// The client, to open a pub/sub connection.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
     }
 
     /// `host:port`, for messages.
@@ -112,11 +129,19 @@ impl Node {
 
     /// Compare-and-delete on every key; returns how many keys were ours and are now gone.
     pub(crate) async fn release(&self, keys: &[Key], token: &Token) -> RedisResult<usize> {
-        let mut invocation = RELEASE.prepare_invoke();
+        let script = if self.release_channel.is_some() {
+            &RELEASE_NOTIFY
+        } else {
+            &RELEASE
+        };
+        let mut invocation = script.prepare_invoke();
         for key in keys {
             invocation.key(key.as_str());
         }
         invocation.arg(token.expose());
+        if let Some(channel) = self.release_channel {
+            invocation.arg(channel);
+        }
         let deleted: i64 = self.invoke(&invocation).await?;
         Ok(usize::try_from(deleted).unwrap_or_default())
     }

@@ -20,6 +20,20 @@ mod three_nodes {
     lock_core::conformance_tests!(async { crate::redlock(3) });
 }
 
+fn redlock_with_wakeups(nodes: usize) -> ServerBacked<Redlock> {
+    ServerBacked::start(nodes, |urls| {
+        Redlock::new(
+            RedlockConfig::new(urls)
+                .with_node_timeout(Duration::from_millis(250))
+                .with_wake_on_release(true),
+        )
+    })
+}
+
+mod three_nodes_with_wakeups {
+    lock_core::conformance_tests!(async { crate::redlock_with_wakeups(3) });
+}
+
 mod five_nodes {
     lock_core::conformance_tests!(async { crate::redlock(5) });
 }

@@ -113,11 +113,6 @@ async fn contended(urls: &[String], nodes: u32, duration: Duration) -> BenchResu
             Some(Duration::from_millis(10)),
         ),
     ] {
-        let ours = locker_handoff(
-            locker(urls, ConnectionKind::Manager, ours_policy)?,
-            duration,
-        )
-        .await;
         let mut manager = LockManager::new(urls.to_vec());
         if let Some(delay) = rslock_delay {
             manager.set_retry(3, delay);
@@ -133,9 +128,16 @@ async fn contended(urls: &[String], nodes: u32, duration: Duration) -> BenchResu
             }
         })
         .await;
+        let polled = locker_handoff(
+            locker(urls, ConnectionKind::Manager, ours_policy.clone())?,
+            duration,
+        )
+        .await;
+        let woken = locker_handoff(woken_locker(urls, ours_policy)?, duration).await;
         let scenario = format!("contended handoff, 8 tasks, 1 ms sections, {setting}");
         for (name, result, other) in [
-            ("redlock (manager)", &ours, Some(&theirs)),
+            ("redlock (manager)", &polled, Some(&theirs)),
+            ("redlock (manager, wake-ups)", &woken, Some(&theirs)),
             ("rslock", &theirs, None),
         ] {
             for (label, value, unit, theirs_value, higher_is_better) in [
@@ -176,6 +178,14 @@ async fn contended(urls: &[String], nodes: u32, duration: Duration) -> BenchResu
         }
     }
     Ok(figures)
+}
+
+/// Our locker with pub/sub wake-ups of waiters.
+fn woken_locker(urls: &[String], retry: RetryPolicy) -> BenchResult<Locker> {
+    let config = RedlockConfig::new(urls.iter().cloned()).with_wake_on_release(true);
+    let locker = Locker::new(Redlock::new(config)?)
+        .with_options(LockOptions::default().with_ttl(TTL).with_retry(retry))?;
+    Ok(locker)
 }
 
 /// Three nodes of which one accepts TCP connections and never answers: per-cycle latency for

@@ -1,0 +1,10 @@
+-- As release.lua, and announces each release on the channel ARGV[2] .. key, so that waiters
+-- subscribed to it retry at once instead of sleeping out their retry delay.
+local deleted = 0
+for i = 1, #KEYS do
+  if redis.call('get', KEYS[i]) == ARGV[1] then
+    deleted = deleted + redis.call('del', KEYS[i])
+    redis.call('publish', ARGV[2] .. KEYS[i], '1')
+  end
+end
+return deleted

@@ -1,0 +1,169 @@
+//! Push-based wake-ups: releases are announced on `lock-released:<key>`, and waiters subscribe
+//! on every node and retry as soon as a message arrives (or when their delay runs out, so a
+//! missed message costs one retry delay at most).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::aio::PubSubSink;
+use tokio::sync::Notify;
+
+use crate::node::{Node, RELEASE_CHANNEL};
+
+type Waiters = Arc<Mutex<HashMap<String, Arc<Notify>>>>;
+
+/// The subscriptions of one backend: one pub/sub connection per node, shared by all waiters.
+pub(crate) struct Wakeups {
+    waiters: Waiters,
+    subscribers: Vec<tokio::sync::Mutex<Option<Subscriber>>>,
+}
+
+/// The shortest time left on `key` among the nodes that hold it (plus 1 ms), if any does.
+async fn remaining_ttl(nodes: &[Node], key: &str, timeout: Duration) -> Option<Duration> {
+    let key = lock_core::Key::new(key).ok()?;
+    let asks = nodes
+        .iter()
+        .map(|node| tokio::time::timeout(timeout, node.pttl(&key)));
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .filter_map(|answer| answer.ok()?.ok())
+        .filter_map(|ms| u64::try_from(ms).ok())
+        .min()
+        .map(|ms| Duration::from_millis(ms + 1))
+}
+
+struct Subscriber {
+    sink: PubSubSink,
+    alive: Arc<AtomicBool>,
+}
+
+impl Wakeups {
+    pub(crate) fn new(nodes: usize) -> Self {
+        Self {
+            waiters: Waiters::default(),
+            subscribers: (0..nodes).map(|_| tokio::sync::Mutex::new(None)).collect(),
+        }
+    }
+
+    /// Waits for a release of `key` announced by any node, or `max_wait`.
+    pub(crate) async fn wait(
+        &self,
+        nodes: &[Node],
+        key: &str,
+        max_wait: Duration,
+        timeout: Duration,
+    ) {
+        let channel = format!("{RELEASE_CHANNEL}{key}");
+        let (notify, first) = {
+            let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+            let notify = Arc::clone(waiters.entry(channel.clone()).or_default());
+            let first = Arc::strong_count(&notify) == 2;
+            (notify, first)
+        };
+        {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Expiry is not announced: wake when the holder's ttl runs out at the latest.
+            let until_expiry = remaining_ttl(nodes, key, timeout).await;
+            let sleep = tokio::time::sleep(until_expiry.map_or(max_wait, |ttl| ttl.min(max_wait)));
+            tokio::pin!(sleep);
+            if first {
+                let subscribe = futures::future::join_all(
+                    nodes
+                        .iter()
+                        .enumerate()
+                        .map(|(index, node)| self.subscribe(index, node, &channel, timeout)),
+                );
+                tokio::select! {
+                    _ = subscribe => {}
+                    () = &mut sleep => {}
+                }
+            }
+            tokio::select! {
+                () = notified => {}
+                () = &mut sleep => {}
+            }
+        }
+        let last = {
+            let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+            let last = Arc::strong_count(&notify) == 2;
+            if last {
+                waiters.remove(&channel);
+            }
+            last
+        };
+        if last {
+            for subscriber in &self.subscribers {
+                if let Some(subscriber) = subscriber.lock().await.as_mut() {
+                    let mut sink = subscriber.sink.clone();
+                    let channel = channel.clone();
+                    tokio::spawn(async move {
+                        let _ = sink.unsubscribe(channel).await;
+                    });
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&self, index: usize, node: &Node, channel: &str, timeout: Duration) {
+        let Some(slot) = self.subscribers.get(index) else {
+            return;
+        };
+        let attempt = async {
+            let mut slot = slot.lock().await;
+            let reuse = slot
+                .as_ref()
+                .filter(|s| s.alive.load(Ordering::SeqCst))
+                .map(|s| s.sink.clone());
+            let mut sink = match reuse {
+                Some(sink) => sink,
+                None => {
+                    let subscriber = self.connect(node).await?;
+                    let sink = subscriber.sink.clone();
+                    *slot = Some(subscriber);
+                    sink
+                }
+            };
+            drop(slot);
+            sink.subscribe(channel).await
+        };
+        if let Ok(Err(error)) = tokio::time::timeout(timeout, attempt).await {
+            tracing::debug!(node = node.label(), %error, "cannot subscribe for wake-ups; falling back to the retry delay");
+        }
+    }
+
+    async fn connect(&self, node: &Node) -> redis::RedisResult<Subscriber> {
+        let (sink, mut stream) = node.client().get_async_pubsub().await?.split();
+        let alive = Arc::new(AtomicBool::new(true));
+        let (waiters, still_alive) = (Arc::clone(&self.waiters), Arc::clone(&alive));
+        tokio::spawn(async move {
+            while let Some(message) = stream.next().await {
+                let notify = waiters
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(message.get_channel_name())
+                    .cloned();
+                if let Some(notify) = notify {
+                    notify.notify_waiters();
+                }
+            }
+            // The connection is gone: messages may have been missed, so everyone retries now.
+            still_alive.store(false, Ordering::SeqCst);
+            let all: Vec<Arc<Notify>> = waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .cloned()
+                .collect();
+            for notify in all {
+                notify.notify_waiters();
+            }
+        });
+        Ok(Subscriber { sink, alive })
+    }
+}
