@@ -9,9 +9,9 @@ use std::time::Duration;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use lock_core::{
-    Capabilities, Handle, Key, KeySet, Lock, LockError, LockRequest, Result, Token, async_trait,
+    Capabilities, Handle, Holding, Key, KeySet, KeyState, Lock, LockError, LockRequest, Result,
+    Token, async_trait,
 };
-use lock_core::{Holding, KeyState};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 

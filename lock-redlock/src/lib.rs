@@ -12,10 +12,9 @@ use std::time::Duration;
 
 pub use config::{ConnectionKind, RedlockConfig};
 use lock_core::{
-    Capabilities, Handle, Key, KeySet, Lock, LockError, LockOptions, LockRequest, Locker, Result,
-    Token, async_trait,
+    Capabilities, Handle, Holding, Key, KeySet, KeyState, Lock, LockError, LockOptions,
+    LockRequest, Locker, Result, Token, async_trait,
 };
-use lock_core::{Holding, KeyState};
 use tokio::time::Instant;
 
 use crate::config::NodeUrl;
