@@ -227,14 +227,7 @@ impl LockGuard {
         let span = tracing::debug_span!("lock.release", backend = self.backend, key = %key);
         let state = std::mem::replace(&mut self.state, State::Released);
         async move {
-            let result = match state {
-                State::Held(mut handle) => handle.release().await,
-                State::Watched(watched) => {
-                    watched.task.abort();
-                    watched.handle.lock().await.release().await
-                }
-                State::Released => Ok(()),
-            };
+            let result = state.release().await;
             match &result {
                 Ok(()) => tracing::debug!("released"),
                 Err(error) => tracing::warn!(%error, "release failed"),
@@ -243,6 +236,20 @@ impl LockGuard {
         }
         .instrument(span)
         .await
+    }
+}
+
+impl State {
+    /// Releases the lock this state holds, stopping its watchdog first.
+    async fn release(self) -> Result<()> {
+        match self {
+            Self::Held(mut handle) => handle.release().await,
+            Self::Watched(watched) => {
+                watched.task.abort();
+                watched.handle.lock().await.release().await
+            }
+            Self::Released => Ok(()),
+        }
     }
 }
 
@@ -261,15 +268,7 @@ impl Drop for LockGuard {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    let result = match state {
-                        State::Held(mut handle) => handle.release().await,
-                        State::Watched(watched) => {
-                            watched.task.abort();
-                            watched.handle.lock().await.release().await
-                        }
-                        State::Released => Ok(()),
-                    };
-                    match result {
+                    match state.release().await {
                         Ok(()) => tracing::debug!(backend, key, "released on drop"),
                         Err(error) => {
                             tracing::debug!(backend, key, %error, "release on drop failed")

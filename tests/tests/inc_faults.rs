@@ -20,6 +20,15 @@ async fn start(config: impl FnOnce(String) -> IncConfig) -> Option<(RedisServer,
     Some((server, lock))
 }
 
+/// A plain redis-rs connection to look at or tamper with the server's keys.
+async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(server.url()).expect("client");
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection")
+}
+
 fn locker(lock: &IncLock, ttl: Duration, retry: RetryPolicy) -> Locker {
     Locker::new(lock.clone())
         .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
@@ -60,11 +69,7 @@ async fn purge_removes_ten_thousand_locks_and_nothing_else() {
     let Some((server, lock)) = start(IncConfig::new).await else {
         return;
     };
-    let client = redis::Client::open(server.url()).expect("client");
-    let mut con = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connection");
+    let mut con = raw_connection(&server).await;
     let locker = locker(&lock, Duration::from_secs(60), RetryPolicy::none());
     let mut guards = Vec::new();
     let mut pending = tokio::task::JoinSet::new();
@@ -159,11 +164,7 @@ async fn a_replayed_acquisition_cannot_make_a_second_holder() {
     // The exact script the backend runs, sent twice with one token, as a client replaying a
     // command after a reconnect would.
     let script = redis::Script::new(include_str!("../../lock-inc/src/lua/acquire.lua"));
-    let client = redis::Client::open(server.url()).expect("client");
-    let mut con = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connection");
+    let mut con = raw_connection(&server).await;
     let keys = [
         "lock:{replayed}",
         "lock:{replayed}:owner",
@@ -210,11 +211,7 @@ async fn bad_key_state_is_a_typed_error() {
     let Some((server, lock)) = start(IncConfig::new).await else {
         return;
     };
-    let client = redis::Client::open(server.url()).expect("client");
-    let mut con = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connection");
+    let mut con = raw_connection(&server).await;
     let _: () = con.set("lock:{string}", "not a number").await.expect("SET");
     let _: () = con.rpush("lock:{list}", "x").await.expect("RPUSH");
     let _: () = con.set("lock:{max}", i64::MAX).await.expect("SET");
