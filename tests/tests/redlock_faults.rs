@@ -88,6 +88,89 @@ async fn one_of_three_paused_costs_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_three_write_paused_costs_nothing() {
+    minority_fault_keeps_latency("CLIENT PAUSE WRITE", |server| {
+        let reply = server
+            .command("CLIENT PAUSE 20000 WRITE", PROBE)
+            .expect("CLIENT PAUSE");
+        assert_eq!(reply, "+OK");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_pool_is_a_typed_error_within_the_deadline() {
+    let Some(mut backed) = redis_or_skip("pool exhaustion").map(|_| {
+        ServerBacked::start(3, |urls| {
+            let mut config = RedlockConfig::new(urls)
+                .with_node_timeout(Duration::from_millis(100))
+                .with_connection(lock_redlock::ConnectionKind::Pool);
+            config.pool_size = 1;
+            config.connect_timeout = 100;
+            Redlock::new(config)
+        })
+    }) else {
+        return;
+    };
+    let deadline = Duration::from_millis(800);
+    let locker = locker(
+        &backed,
+        Duration::from_secs(5),
+        RetryPolicy::forever()
+            .with_retry_delay(Duration::from_millis(10))
+            .with_deadline(deadline),
+    );
+    // Two stalled nodes keep their single pooled connection busy until each request times out,
+    // so the other callers queue on the pool.
+    backed.servers()[1].pause().expect("SIGSTOP");
+    backed.servers()[2].pause().expect("SIGSTOP");
+    let mut callers = tokio::task::JoinSet::new();
+    for i in 0..32 {
+        let locker = locker.clone();
+        callers.spawn(async move {
+            let started = Instant::now();
+            let outcome = locker.acquire(&format!("pool-{i}")).await;
+            if let Ok(guard) = &outcome {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = guard.remaining();
+            }
+            (started.elapsed(), outcome.map(|_| ()))
+        });
+    }
+    let mut slowest = Duration::ZERO;
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(result) = callers.join_next().await {
+        let (took, outcome) = result.expect("caller");
+        slowest = slowest.max(took);
+        match outcome {
+            Ok(()) => ok += 1,
+            Err(error) => {
+                assert!(
+                    matches!(
+                        error,
+                        LockError::QuorumNotReached { .. }
+                            | LockError::Timeout { .. }
+                            | LockError::Backend { .. }
+                    ),
+                    "{error:?}"
+                );
+                failed += 1;
+            }
+        }
+    }
+    backed.servers()[1].resume().expect("SIGCONT");
+    backed.servers()[2].resume().expect("SIGCONT");
+    println!(
+        "R13 (pool of 1, 2 of 3 nodes stalled, 32 callers): {ok} acquired, {failed} typed errors, slowest call {slowest:?}"
+    );
+    assert_eq!(ok, 0, "no quorum was possible");
+    assert!(
+        slowest <= deadline + Duration::from_millis(300),
+        "a call hung for {slowest:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_of_three_paused_fail_with_quorum_error_and_leave_no_stray_key() {
     let Some(mut backed) = cluster(3) else { return };
     let ttl = Duration::from_millis(800);
