@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use crate::error::{LockError, Result};
 use crate::key::Key;
+use crate::local::Ticket;
 use crate::lock::Handle;
 use crate::token::Token;
 use crate::validate;
@@ -30,6 +31,27 @@ pub struct LockGuard {
     state: State,
     ttl: Duration,
     backend: &'static str,
+    /// Places in this process's queue for the keys, left once the store released them or the
+    /// lock's validity lapsed, whichever comes first.
+    tickets: Option<Tickets>,
+}
+
+/// Queue places shared with a timer that gives them up when the lock's validity lapses, so
+/// that a holder that neither releases nor extends cannot block its neighbours past its ttl.
+struct Tickets {
+    held: Arc<std::sync::Mutex<Vec<Ticket>>>,
+    timer: tokio::task::JoinHandle<()>,
+}
+
+impl Tickets {
+    fn give_up(self) {
+        self.timer.abort();
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.clear();
+    }
 }
 
 enum State {
@@ -66,7 +88,30 @@ impl LockGuard {
             state: State::Held(handle),
             ttl,
             backend,
+            tickets: None,
         })
+    }
+
+    /// Keeps this process's queue places until the lock is released or its validity lapses.
+    pub(crate) fn with_tickets(mut self, tickets: Vec<Ticket>) -> Self {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self; // without a runtime the places go now
+        };
+        if tickets.is_empty() {
+            return self;
+        }
+        let held = Arc::new(std::sync::Mutex::new(tickets));
+        let valid_until = self.valid_until();
+        let timer_held = Arc::clone(&held);
+        let timer = runtime.spawn(async move {
+            tokio::time::sleep_until(valid_until).await;
+            timer_held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear();
+        });
+        self.tickets = Some(Tickets { held, timer });
+        self
     }
 
     /// The (first) key held, namespaced as stored.
@@ -226,8 +271,12 @@ impl LockGuard {
         let key = self.key().to_string();
         let span = tracing::debug_span!("lock.release", backend = self.backend, key = %key);
         let state = std::mem::replace(&mut self.state, State::Released);
+        let tickets = self.tickets.take();
         async move {
             let result = state.release().await;
+            if let Some(tickets) = tickets {
+                tickets.give_up();
+            }
             match &result {
                 Ok(()) => tracing::debug!("released"),
                 Err(error) => tracing::warn!(%error, "release failed"),
@@ -265,10 +314,16 @@ impl Drop for LockGuard {
             State::Released => String::new(),
         };
         let backend = self.backend;
+        let tickets = self.tickets.take();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    match state.release().await {
+                    let released = state.release().await;
+                    // The next task of this process goes once the store has let go.
+                    if let Some(tickets) = tickets {
+                        tickets.give_up();
+                    }
+                    match released {
                         Ok(()) => tracing::debug!(backend, key, "released on drop"),
                         Err(error) => {
                             tracing::debug!(backend, key, %error, "release on drop failed")

@@ -4,6 +4,7 @@
 mod error;
 mod guard;
 mod key;
+mod local;
 mod lock;
 mod locker;
 mod options;

@@ -12,9 +12,10 @@ use tracing::Instrument;
 use crate::error::{LockError, Result};
 use crate::guard::LockGuard;
 use crate::key::{Key, KeySet, Namespace, key_for};
+use crate::local::LocalQueue;
 use crate::lock::{Capabilities, Handle, KeyState, Lock, LockRequest};
 use crate::options::LockOptions;
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryCount, RetryPolicy};
 use crate::token::Token;
 use crate::watchdog::LostSignal;
 
@@ -33,6 +34,8 @@ pub struct Locker {
     options: LockOptions,
     namespace: Option<Namespace>,
     stopped: Arc<AtomicBool>,
+    /// Tasks of this process line up here before asking a distributed store.
+    local: Option<Arc<LocalQueue>>,
 }
 
 /// What a critical section run by [`Locker::with_lock`] knows about its lock.
@@ -61,12 +64,29 @@ impl Locker {
         if lock.capabilities().fail_fast {
             options = options.with_retry(RetryPolicy::none());
         }
+        let local = lock
+            .capabilities()
+            .distributed
+            .then(|| Arc::new(LocalQueue::default()));
         Self {
             lock,
             options,
             namespace: None,
             stopped: Arc::new(AtomicBool::new(false)),
+            local,
         }
+    }
+
+    /// Turns the in-process queue on or off. It is on by default for distributed backends:
+    /// tasks of this process that wait for the same key retrying forever (up to the deadline)
+    /// line up first come, first served, and only the head of the line asks the store, so a
+    /// task that just released cannot barge back in ahead of the others. A holder's place is
+    /// given up when it releases or when its validity lapses. Mutual exclusion comes from the
+    /// store either way; single attempts and counted retries go to the store directly.
+    #[must_use]
+    pub fn with_local_queue(mut self, enabled: bool) -> Self {
+        self.local = enabled.then(|| self.local.take().unwrap_or_default());
+        self
     }
 
     /// Replaces the default options of this client.
@@ -270,18 +290,53 @@ impl Locker {
             backend = self.lock.name(),
             key = %keys.primary(),
         );
-        self.retry_loop(keys, options).instrument(span).await
+        async {
+            let started = options.retry().deadline().map(|_| Instant::now());
+            let deadline = options
+                .retry()
+                .deadline()
+                .zip(started)
+                .map(|(d, started)| started + d);
+            // The queue orders waits bounded by time rather than by a count of attempts; a
+            // single attempt asks the store directly, which alone knows about purges.
+            let queue = self
+                .local
+                .as_ref()
+                .filter(|_| options.retry().retry_count() == RetryCount::Forever);
+            let tickets = match (queue, deadline) {
+                (None, _) => Vec::new(),
+                (Some(queue), None) => queue.enter(&keys).await,
+                (Some(queue), Some(deadline)) => {
+                    match tokio::time::timeout_at(deadline, queue.enter(&keys)).await {
+                        Ok(tickets) => tickets,
+                        Err(_) => {
+                            return Err(LockError::Timeout {
+                                key: keys.primary().to_string(),
+                                attempts: 0,
+                                waited: started
+                                    .map(|started| started.elapsed())
+                                    .unwrap_or_default(),
+                            });
+                        }
+                    }
+                }
+            };
+            let guard = self.retry_loop(keys, options, started, deadline).await?;
+            Ok(guard.with_tickets(tickets))
+        }
+        .instrument(span)
+        .await
     }
 
-    async fn retry_loop(&self, keys: KeySet, options: &LockOptions) -> Result<LockGuard> {
-        // The clock is read only when needed: before the first attempt if there is a deadline,
-        // otherwise after the first attempt that finds the key held.
-        let mut started = options.retry().deadline().map(|_| Instant::now());
-        let deadline = options
-            .retry()
-            .deadline()
-            .zip(started)
-            .map(|(d, started)| started + d);
+    /// The attempts. The clock is read only when needed: before the first attempt if there is
+    /// a deadline (the caller did), otherwise after the first attempt that finds the key held.
+    async fn retry_loop(
+        &self,
+        keys: KeySet,
+        options: &LockOptions,
+        mut started: Option<Instant>,
+        deadline: Option<Instant>,
+    ) -> Result<LockGuard> {
         let mut backoff = options.retry().backoff();
         let mut attempts = 0u32;
         // The error of the latest attempt that failed outright; contention clears it, an
@@ -411,6 +466,7 @@ impl fmt::Debug for Locker {
             .field("namespace", &self.namespace)
             .field("options", &self.options)
             .field("stopped", &self.stopped.load(Ordering::Relaxed))
+            .field("local_queue", &self.local.is_some())
             .finish()
     }
 }
