@@ -350,6 +350,12 @@ async fn eight_contenders_on_three_nodes_keep_making_progress() {
         "a task starved: {per_task:?}"
     );
     assert!(total >= 100, "only {total} sections in {run_for:?}");
+    // Tasks of one process line up first come, first served: nobody gets much less than the mean.
+    let mean = total / 8;
+    assert!(
+        per_task.iter().all(|&n| n * 2 >= mean),
+        "unfair hand-off: {per_task:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
