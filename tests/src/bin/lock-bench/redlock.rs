@@ -28,6 +28,7 @@ pub(crate) async fn benchmarks(
             .collect::<Result<_, _>>()?;
         let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
         figures.extend(uncontended(&servers[0], &urls, nodes, cycles, rounds).await?);
+        figures.push(parallel(&servers[0], &urls, nodes, cycles).await?);
         figures.extend(contended(&urls, nodes, handoff_time).await?);
     }
     figures.extend(black_holed(&binary).await?);
@@ -95,6 +96,61 @@ async fn uncontended(
         figures.push(uncontended);
     }
     Ok(figures)
+}
+
+/// 64 tasks on distinct keys, pipelined over the shared connections, against
+/// `redis-benchmark -c 64` with the same commands.
+async fn parallel(
+    limit_server: &RedisServer,
+    urls: &[String],
+    nodes: u32,
+    cycles: u32,
+) -> BenchResult<Figure> {
+    const TASKS: u32 = 64;
+    let locker = locker(urls, ConnectionKind::Manager, RetryPolicy::forever())?;
+    let per_task = (cycles / 8).max(10);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..TASKS {
+        let locker = locker.clone();
+        tasks.spawn(async move {
+            let key = format!("parallel-{task}");
+            for _ in 0..per_task {
+                locker.acquire(&key).await?.release().await?;
+            }
+            Ok::<(), lock_core::LockError>(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    let ours = rate(TASKS * per_task, started.elapsed());
+    let release = include_str!("../../../../lock-redlock/src/lua/release.lua");
+    let limit = cycle_limit(
+        limit_server,
+        TASKS * per_task,
+        &["-c", "64", "-r", "100000000"],
+        &[
+            "SET",
+            "bench-par-__rand_int__",
+            "token",
+            "NX",
+            "PX",
+            "10000",
+        ],
+        (release, &["1", "bench-par-__rand_int__", "token"]),
+    )?;
+    let mut fig = figure(
+        "redlock (manager)",
+        "64 tasks on distinct keys, acquire+release",
+        ours,
+        "cycles/s",
+        None,
+    );
+    fig.nodes = Some(nodes);
+    fig.limit = Some(limit);
+    fig.ratio_to_limit = Some(ours / limit);
+    Ok(fig)
 }
 
 /// 8 tasks on one key, 1 ms sections: at each library's defaults and at an equal tuned setting
