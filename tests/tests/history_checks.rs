@@ -104,3 +104,52 @@ async fn negative_control_without_a_lock_every_checker_fires() {
     assert!(lost > 0, "the counter missed lost updates");
     assert!(stale > 0, "the fence checker missed stale writes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d3_aborted_panicking_and_cancelled_holders_leave_no_entry() {
+    let lock = MemoryLock::new();
+    let locker = Locker::new(lock.clone())
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(30))
+                .with_retry(RetryPolicy::forever().with_deadline(Duration::from_secs(10))),
+        )
+        .expect("options");
+    // A task aborted while it holds the lock.
+    let holder = locker.clone();
+    let task = tokio::spawn(async move {
+        let _guard = holder.acquire("d3").await.expect("acquire");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    task.abort();
+    let _ = task.await;
+    // A critical section that panics.
+    let panicking = locker.clone();
+    let outcome = tokio::spawn(async move {
+        let _guard = panicking
+            .acquire("d3")
+            .await
+            .expect("acquire after the abort");
+        panic!("the critical section failed");
+    })
+    .await;
+    assert!(outcome.is_err_and(|error| error.is_panic()));
+    // Acquisitions cancelled while waiting behind a holder.
+    let holder = locker.acquire("d3").await.expect("acquire after the panic");
+    for _ in 0..10 {
+        let waiter = locker.clone();
+        let _ = tokio::time::timeout(Duration::from_millis(5), async move {
+            waiter.acquire("d3").await
+        })
+        .await;
+    }
+    holder.release().await.expect("release");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    println!(
+        "D3 (abort, panic, cancelled waits): entries left {}",
+        lock.len()
+    );
+    assert_eq!(lock.len(), 0, "an entry leaked");
+    assert_eq!(lock.waited_keys(), 0);
+}

@@ -298,3 +298,26 @@ async fn works_on_a_redis_cluster_and_purges_every_node() {
     );
     again.release().await.expect("release");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_holder_leaves_no_immortal_lock() {
+    let Some((server, lock)) = start(IncConfig::new).await else {
+        return;
+    };
+    let locker = locker(&lock, Duration::from_millis(300), RetryPolicy::none());
+    let guard = locker.acquire("crash").await.expect("acquire");
+    // The holder "crashes": it never releases (and its guard cannot release on drop).
+    std::mem::forget(guard);
+    let pttl = server.command("PTTL lock:{crash}", PROBE).expect("PTTL");
+    let ms: i64 = pttl.trim_start_matches(':').parse().expect("integer reply");
+    assert!(ms > 0 && ms <= 300, "the lock has no expiry: PTTL {pttl}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let next = locker
+        .acquire("crash")
+        .await
+        .expect("the lock expired by itself");
+    println!(
+        "I2 (holder crashed after acquiring): PTTL {ms} ms right after INCR; re-acquired after expiry"
+    );
+    next.release().await.expect("release");
+}
