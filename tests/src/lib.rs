@@ -6,5 +6,6 @@
 
 pub mod backed;
 pub mod history;
+pub mod proxy;
 pub mod server;
 pub mod tls;

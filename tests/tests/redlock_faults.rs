@@ -547,3 +547,118 @@ async fn stop_closes_every_connection_and_refuses_later_calls() {
     let error = again.acquire("stop").await.expect_err("stopped backend");
     assert!(matches!(error, LockError::Stopped), "{error:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r7_a_slow_node_counts_as_failed_and_validity_accounts_for_elapsed_time() {
+    let Some(binary) = redis_or_skip("latency") else {
+        return;
+    };
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::start(&binary, &[]).expect("server"))
+        .collect();
+    let proxy = lock_tests::proxy::LatencyProxy::start(servers[2].port())
+        .await
+        .expect("proxy");
+    let urls = vec![servers[0].url(), servers[1].url(), proxy.url()];
+    let ttl = Duration::from_secs(2);
+    let lock = Redlock::new(RedlockConfig::new(urls).with_node_timeout(Duration::from_millis(100)))
+        .expect("backend");
+    let locker = Locker::new(lock)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(ttl)
+                .with_retry(RetryPolicy::none()),
+        )
+        .expect("options");
+    locker
+        .acquire("warm")
+        .await
+        .expect("warm up")
+        .release()
+        .await
+        .expect("release");
+    proxy.set_delay(Duration::from_millis(300));
+    let started = Instant::now();
+    let guard = locker.acquire("slow-node").await.expect("2 of 3 suffice");
+    let took = started.elapsed();
+    let drift = ttl.mul_f64(0.01) + Duration::from_millis(2);
+    let bound = ttl - drift;
+    let remaining = guard.remaining();
+    println!(
+        "R7 (1 of 3 behind 300 ms latency): acquired in {took:?}; validity {remaining:?} ≤ ttl − elapsed − drift"
+    );
+    assert!(
+        took < Duration::from_millis(100),
+        "waited for the slow node: {took:?}"
+    );
+    assert!(
+        remaining + took <= bound + Duration::from_millis(5),
+        "validity ignores the elapsed time"
+    );
+    guard.release().await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r8_a_majority_slower_than_the_ttl_never_grants_the_lock() {
+    let Some(binary) = redis_or_skip("latency") else {
+        return;
+    };
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::start(&binary, &[]).expect("server"))
+        .collect();
+    let proxies = [
+        lock_tests::proxy::LatencyProxy::start(servers[1].port())
+            .await
+            .expect("proxy"),
+        lock_tests::proxy::LatencyProxy::start(servers[2].port())
+            .await
+            .expect("proxy"),
+    ];
+    let urls = vec![servers[0].url(), proxies[0].url(), proxies[1].url()];
+    let lock = Redlock::new(RedlockConfig::new(urls).with_node_timeout(Duration::from_secs(2)))
+        .expect("backend");
+    let ttl = Duration::from_millis(200);
+    let locker = Locker::new(lock)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(ttl)
+                .with_retry(RetryPolicy::none()),
+        )
+        .expect("options");
+    locker
+        .acquire("warm")
+        .await
+        .expect("warm up")
+        .release()
+        .await
+        .expect("release");
+    for proxy in &proxies {
+        proxy.set_delay(Duration::from_millis(150));
+    }
+    let mut granted = 0;
+    for _ in 0..3 {
+        if let Ok(guard) = locker.acquire("slow-majority").await {
+            granted += 1;
+            drop(guard);
+        }
+    }
+    for proxy in &proxies {
+        proxy.set_delay(Duration::ZERO);
+    }
+    tokio::time::sleep(ttl + Duration::from_millis(700)).await;
+    let key = locker.lock_ns("slow-majority").expect("key");
+    let mut left = 0;
+    for server in &servers {
+        left += usize::from(
+            server
+                .command(&format!("EXISTS {key}"), PROBE)
+                .expect("EXISTS")
+                != ":0",
+        );
+    }
+    println!(
+        "R8 (2 of 3 slower than the ttl): acquired with non-positive validity {granted} of 3; keys left after ttl {left}"
+    );
+    assert_eq!(granted, 0, "a lock was granted after its ttl was spent");
+    assert_eq!(left, 0);
+}

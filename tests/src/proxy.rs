@@ -1,0 +1,110 @@
+//! A small TCP proxy on loopback that adds latency to, or black-holes, the traffic of one
+//! server — the fault tool for slow and silent nodes (no toxiproxy or netem here).
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Delay value that means "never forward anything".
+const BLACK_HOLE: u64 = u64::MAX;
+
+/// A proxy in front of `127.0.0.1:<target>`; stops when dropped.
+#[derive(Debug)]
+pub struct LatencyProxy {
+    port: u16,
+    delay_ms: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl LatencyProxy {
+    /// Starts a proxy to `127.0.0.1:target` that forwards at once.
+    ///
+    /// # Errors
+    /// When no loopback port can be bound.
+    pub async fn start(target: u16) -> io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let delay = Arc::clone(&delay_ms);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let delay = Arc::clone(&delay);
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        pump(client_read, server_write, Arc::clone(&delay)),
+                        pump(server_read, client_write, delay),
+                    );
+                });
+            }
+        });
+        Ok(Self {
+            port,
+            delay_ms,
+            task,
+        })
+    }
+
+    /// The port to connect to instead of the server's.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<proxy port>/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Delays every chunk by `delay` in each direction.
+    pub fn set_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(BLACK_HOLE - 1);
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Accepts connections and bytes but forwards nothing until the delay is set again.
+    pub fn black_hole(&self) {
+        self.delay_ms.store(BLACK_HOLE, Ordering::SeqCst);
+    }
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Arc<AtomicU64>,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        loop {
+            match delay.load(Ordering::SeqCst) {
+                0 => break,
+                BLACK_HOLE => tokio::time::sleep(Duration::from_millis(10)).await,
+                ms => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    break;
+                }
+            }
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
