@@ -23,14 +23,15 @@ use serde::Serialize;
 /// One measured figure, as written to `target/bench/report.json`.
 mod inc;
 mod limit;
+mod plot;
 mod redlock;
 
 #[derive(Debug, Serialize)]
 pub(crate) struct Figure {
-    backend: String,
-    nodes: Option<u32>,
-    scenario: String,
-    value: f64,
+    pub(crate) backend: String,
+    pub(crate) nodes: Option<u32>,
+    pub(crate) scenario: String,
+    pub(crate) value: f64,
     unit: String,
     /// The physical limit measured in the same run, where one applies.
     limit: Option<f64>,
@@ -101,6 +102,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     print_table(&figures);
     let path = write_report(&figures)?;
     println!("\nreport: {}", path.display());
+    if let Some(dir) = path.parent() {
+        for plot in plot::write(dir, &figures)? {
+            println!("plot: {}", plot.display());
+        }
+    }
     Ok(())
 }
 
