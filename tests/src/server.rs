@@ -311,6 +311,24 @@ fn cluster_ok(port: u16) -> bool {
     String::from_utf8_lossy(&reply[..read]).contains("cluster_state:ok")
 }
 
+/// `GET key` on the server at `port`, with a raw connection: the value, or `None` when the key
+/// is absent or the server does not answer within a second.
+pub fn get_bulk(port: u16, key: &str) -> Option<String> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    let command = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+    stream.write_all(command.as_bytes()).ok()?;
+    let mut reader = BufReader::new(stream);
+    let mut header = String::new();
+    reader.read_line(&mut header).ok()?;
+    let length: usize = header.trim_end().strip_prefix('$')?.parse().ok()?;
+    let mut body = vec![0; length + 2];
+    reader.read_exact(&mut body).ok()?;
+    body.truncate(length);
+    String::from_utf8(body).ok()
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 ///
 /// # Errors

@@ -267,21 +267,9 @@ async fn a_holder_paused_past_its_ttl_cannot_touch_the_next_holder() {
     next.release().await.expect("release");
 }
 
-/// `GET key` with redis-cli-free raw RESP, returning the bulk string.
+/// `GET key` over a raw connection.
 fn raw_get(port: u16, key: &str) -> Option<String> {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(PROBE)).ok()?;
-    let command = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
-    stream.write_all(command.as_bytes()).ok()?;
-    let mut reader = BufReader::new(stream);
-    let mut header = String::new();
-    reader.read_line(&mut header).ok()?;
-    let length: usize = header.trim_end().strip_prefix('$')?.parse().ok()?;
-    let mut body = vec![0; length + 2];
-    reader.read_exact(&mut body).ok()?;
-    body.truncate(length);
-    String::from_utf8(body).ok()
+    lock_tests::server::get_bulk(port, key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,7 +378,8 @@ async fn sixteen_tasks_in_four_processes_never_overlap() {
         );
         let reported: u64 = stdout
             .split_whitespace()
-            .last()
+            .skip_while(|word| *word != "overlaps")
+            .nth(1)
             .and_then(|n| n.parse().ok())
             .expect("worker prints its overlaps");
         overlaps += reported;

@@ -51,6 +51,16 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             .env("REDIS_SERVER", &redis_server)
             .env("LOCK_TESTS_REQUIRE_REDIS", "1"),
     )?;
+    // A short seeded chaos run on top (the full one is `cargo xtask chaos`).
+    crate::chaos::run_chaos(
+        &[
+            "--seconds".to_owned(),
+            "20".to_owned(),
+            "--seed".to_owned(),
+            "1".to_owned(),
+        ],
+        false,
+    )?;
     println!("\n== all checks passed");
     Ok(())
 }

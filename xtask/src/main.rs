@@ -4,21 +4,25 @@
 //!   `redis-server` processes (installed first if missing).
 //! - `bench [--quick] [--only memory|redlock|inc]`: the benchmarks, with figures as ratios to references measured in the
 //!   same run.
+//! - `chaos [--seconds N] [--seed S]`: 16 processes contending on Redlock over 5 nodes while
+//!   minority nodes are killed, paused and slowed down; prints the safety figures.
 
 mod bench;
+mod chaos;
 mod it;
 mod redis;
 mod run;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <it | bench [--quick] [--only memory|redlock|inc]>";
+const USAGE: &str = "usage: cargo xtask <it | bench [--quick] [--only memory|redlock|inc] | chaos [--seconds N] [--seed S]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("it") => it::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("chaos") => chaos::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

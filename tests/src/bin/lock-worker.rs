@@ -3,7 +3,9 @@
 //! Each task repeatedly takes the Redlock lock on one key and, inside the critical section,
 //! increments an "inside" counter on a separate checker server (anything but 1 is an overlap)
 //! and does a non-atomic read-sleep-write on a shared counter (a lost update means two holders).
-//! Prints `sections N overlaps M` and exits non-zero on a failure to lock.
+//! Prints `sections N overlaps M max_acquire_ms X errors E`. With `LOCK_WORKER_SECONDS=S` the
+//! tasks stop after S seconds (sections is then an upper bound) and failed acquisitions are
+//! counted instead of ending the run; otherwise the first failure ends it with an error.
 
 use std::time::Duration;
 
@@ -31,14 +33,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
     )?;
     let checker = redis::Client::open(checker_url.as_str())?;
+    let run_for = std::env::var("LOCK_WORKER_SECONDS")
+        .ok()
+        .and_then(|seconds| seconds.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let started = std::time::Instant::now();
     let mut handles = Vec::new();
     for _ in 0..tasks {
         let (locker, checker) = (locker.clone(), checker.clone());
         handles.push(tokio::spawn(async move {
             let mut con = checker.get_multiplexed_async_connection().await?;
-            let mut overlaps = 0u64;
+            let (mut done, mut overlaps, mut errors) = (0u64, 0u64, 0u64);
+            let mut max_acquire = Duration::ZERO;
             for _ in 0..sections {
-                let guard = locker.acquire("cross-process").await?;
+                if run_for.is_some_and(|run_for| started.elapsed() >= run_for) {
+                    break;
+                }
+                let asked = std::time::Instant::now();
+                let guard = match locker.acquire("cross-process").await {
+                    Ok(guard) => guard,
+                    Err(error) if run_for.is_some() => {
+                        eprintln!("lock-worker: {error}");
+                        errors += 1;
+                        continue;
+                    }
+                    Err(error) => return Err(error.into()),
+                };
+                max_acquire = max_acquire.max(asked.elapsed());
                 let inside: i64 = con.incr("inside", 1).await?;
                 if inside != 1 {
                     overlaps += 1;
@@ -47,15 +68,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tokio::time::sleep(Duration::from_micros(200)).await;
                 let _: () = con.set("counter", seen + 1).await?;
                 let _: i64 = con.decr("inside", 1).await?;
-                guard.release().await?;
+                done += 1;
+                // A release that fails (a node just died) leaves the lock to its ttl: not an error.
+                let _ = guard.release().await;
             }
-            Ok::<u64, Box<dyn std::error::Error + Send + Sync>>(overlaps)
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((done, overlaps, max_acquire, errors))
         }));
     }
-    let mut overlaps = 0;
+    let (mut done, mut overlaps, mut max_acquire, mut errors) = (0, 0, Duration::ZERO, 0);
     for handle in handles {
-        overlaps += handle.await?.map_err(|e| e.to_string())?;
+        let (task_done, task_overlaps, task_max, task_errors) =
+            handle.await?.map_err(|e| e.to_string())?;
+        done += task_done;
+        overlaps += task_overlaps;
+        max_acquire = max_acquire.max(task_max);
+        errors += task_errors;
     }
-    println!("sections {} overlaps {overlaps}", tasks * sections);
+    println!(
+        "sections {done} overlaps {overlaps} max_acquire_ms {} errors {errors}",
+        max_acquire.as_millis()
+    );
     Ok(())
 }
