@@ -651,3 +651,57 @@ async fn r8_a_majority_slower_than_the_ttl_never_grants_the_lock() {
     assert_eq!(granted, 0, "a lock was granted after its ttl was spent");
     assert_eq!(left, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r12_extends_racing_expiry_never_revive_a_lost_lock() {
+    let Some(backed) = cluster(3) else { return };
+    let ports: Vec<u16> = backed
+        .lock()
+        .config()
+        .urls
+        .iter()
+        .filter_map(|url| url.trim_end_matches('/').rsplit(':').next()?.parse().ok())
+        .collect();
+    let ttl = Duration::from_millis(100);
+    let locker = locker(&backed, ttl, RetryPolicy::none());
+    let (mut extended, mut refused, mut bad_revives) = (0, 0, 0);
+    for round in 0..24u64 {
+        let key = format!("race-{round}");
+        let mut guard = locker.acquire(&key).await.expect("acquire");
+        // Land the extension just before, at, or just after the expiry.
+        tokio::time::sleep(ttl - Duration::from_millis(12) + Duration::from_millis(round % 24))
+            .await;
+        let outcome = guard.extend(Duration::from_millis(400)).await;
+        let stored = locker.lock_ns(&key).expect("key").to_string();
+        let holders = |token: &str| {
+            ports
+                .iter()
+                .filter(|port| raw_get(**port, &stored).as_deref() == Some(token))
+                .count()
+        };
+        // Look again after the first ttl has surely passed everywhere.
+        tokio::time::sleep(ttl).await;
+        let ours = holders(guard.token().expose());
+        match outcome {
+            // Extended: a majority still holds our token past the first ttl.
+            Ok(()) => {
+                extended += 1;
+                bad_revives += usize::from(ours < 2);
+            }
+            // Refused: the lock must not have been brought back on a majority.
+            Err(_) => {
+                refused += 1;
+                bad_revives += usize::from(ours >= 2);
+            }
+        }
+        drop(guard);
+    }
+    println!(
+        "R12 (extend racing expiry, 24 rounds): extended {extended}, refused {refused}, bad revives {bad_revives}"
+    );
+    assert_eq!(bad_revives, 0);
+    assert!(
+        extended > 0 && refused > 0,
+        "the rounds did not straddle the expiry"
+    );
+}
