@@ -537,6 +537,20 @@ async fn stop_closes_every_connection_and_refuses_later_calls() {
     assert!(matches!(error, LockError::Stopped), "{error:?}");
 }
 
+/// A single-attempt locker over `lock` whose connections and scripts are already warm.
+async fn warmed_up(lock: Redlock, ttl: Duration) -> Locker {
+    let locker = Locker::new(lock)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(ttl)
+                .with_retry(RetryPolicy::none()),
+        )
+        .expect("options");
+    let guard = locker.acquire("warm").await.expect("warm up");
+    guard.release().await.expect("release");
+    locker
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r7_a_slow_node_counts_as_failed_and_validity_accounts_for_elapsed_time() {
     let Some(binary) = redis_or_skip("latency") else {
@@ -552,20 +566,7 @@ async fn r7_a_slow_node_counts_as_failed_and_validity_accounts_for_elapsed_time(
     let ttl = Duration::from_secs(2);
     let lock = Redlock::new(RedlockConfig::new(urls).with_node_timeout(Duration::from_millis(100)))
         .expect("backend");
-    let locker = Locker::new(lock)
-        .with_options(
-            LockOptions::default()
-                .with_ttl(ttl)
-                .with_retry(RetryPolicy::none()),
-        )
-        .expect("options");
-    locker
-        .acquire("warm")
-        .await
-        .expect("warm up")
-        .release()
-        .await
-        .expect("release");
+    let locker = warmed_up(lock, ttl).await;
     proxy.set_delay(Duration::from_millis(300));
     let started = Instant::now();
     let guard = locker.acquire("slow-node").await.expect("2 of 3 suffice");
@@ -607,20 +608,7 @@ async fn r8_a_majority_slower_than_the_ttl_never_grants_the_lock() {
     let lock = Redlock::new(RedlockConfig::new(urls).with_node_timeout(Duration::from_secs(2)))
         .expect("backend");
     let ttl = Duration::from_millis(200);
-    let locker = Locker::new(lock)
-        .with_options(
-            LockOptions::default()
-                .with_ttl(ttl)
-                .with_retry(RetryPolicy::none()),
-        )
-        .expect("options");
-    locker
-        .acquire("warm")
-        .await
-        .expect("warm up")
-        .release()
-        .await
-        .expect("release");
+    let locker = warmed_up(lock, ttl).await;
     for proxy in &proxies {
         proxy.set_delay(Duration::from_millis(150));
     }
