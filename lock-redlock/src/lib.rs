@@ -330,12 +330,14 @@ impl Lock for Redlock {
 
     /// Closes every node's connection; later calls fail with [`LockError::Stopped`].
     async fn shutdown(&self) -> Result<()> {
-        let mut nodes = self
-            .shared
+        self.shared
             .nodes
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        nodes.take();
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(wakeups) = &self.shared.wakeups {
+            wakeups.close().await;
+        }
         Ok(())
     }
 

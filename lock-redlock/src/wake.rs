@@ -39,6 +39,8 @@ async fn remaining_ttl(nodes: &[Node], key: &str, timeout: Duration) -> Option<D
 struct Subscriber {
     sink: PubSubSink,
     alive: Arc<AtomicBool>,
+    /// Reads the messages; aborting it closes the pub/sub connection.
+    reader: tokio::task::JoinHandle<()>,
 }
 
 impl Wakeups {
@@ -110,6 +112,15 @@ impl Wakeups {
         }
     }
 
+    /// Closes every pub/sub connection (on shutdown).
+    pub(crate) async fn close(&self) {
+        for slot in &self.subscribers {
+            if let Some(subscriber) = slot.lock().await.take() {
+                subscriber.reader.abort();
+            }
+        }
+    }
+
     async fn subscribe(&self, index: usize, node: &Node, channel: &str, timeout: Duration) {
         let Some(slot) = self.subscribers.get(index) else {
             return;
@@ -141,7 +152,7 @@ impl Wakeups {
         let (sink, mut stream) = node.client().get_async_pubsub().await?.split();
         let alive = Arc::new(AtomicBool::new(true));
         let (waiters, still_alive) = (Arc::clone(&self.waiters), Arc::clone(&alive));
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Some(message) = stream.next().await {
                 let notify = waiters
                     .lock()
@@ -164,6 +175,10 @@ impl Wakeups {
                 notify.notify_waiters();
             }
         });
-        Ok(Subscriber { sink, alive })
+        Ok(Subscriber {
+            sink,
+            alive,
+            reader,
+        })
     }
 }

@@ -693,3 +693,41 @@ async fn r12_extends_racing_expiry_never_revive_a_lost_lock() {
         "the rounds did not straddle the expiry"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_also_closes_the_wake_up_subscriptions() {
+    let Some(mut backed) = redis_or_skip("stop with wake-ups").map(|_| {
+        ServerBacked::start(1, |urls| {
+            Redlock::new(
+                RedlockConfig::new(urls)
+                    .with_node_timeout(Duration::from_millis(200))
+                    .with_wake_on_release(true),
+            )
+        })
+    }) else {
+        return;
+    };
+    let holder = locker(&backed, Duration::from_secs(5), RetryPolicy::none());
+    let guard = holder.acquire("stop-wake").await.expect("acquire");
+    let waiter = locker(
+        &backed,
+        Duration::from_secs(5),
+        RetryPolicy::forever().with_deadline(Duration::from_millis(300)),
+    );
+    // The waiter subscribes for the release, then gives up at its deadline.
+    waiter.acquire("stop-wake").await.expect_err("held");
+    let before = connected_clients(&backed.servers()[0]);
+    drop(guard);
+    holder.stop().await.expect("stop");
+    drop((holder, waiter));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = connected_clients(&backed.servers()[0]);
+    println!(
+        "stop with wake-ups: connected clients before {before}, after {after} (1 = this probe)"
+    );
+    assert!(
+        before >= 3,
+        "expected the command and the pub/sub connections: {before}"
+    );
+    assert_eq!(after, 1, "a connection was left open");
+}
