@@ -20,6 +20,24 @@ pub enum RetryCount {
     Forever,
 }
 
+impl RetryCount {
+    /// Reads the seeds' `retryCount`: retries after the first attempt, `-1` for forever.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `retry_count` for any other negative number.
+    pub fn from_seed(count: i64) -> Result<Self> {
+        match count {
+            -1 => Ok(Self::Forever),
+            n => u32::try_from(n).map(Self::Limited).map_err(|_| {
+                LockError::invalid(
+                    "retry_count",
+                    format!("{n} is not a retry count; use 0 or more, or -1 for forever"),
+                )
+            }),
+        }
+    }
+}
+
 /// A retry policy is data: build it once, share it, and ask it for delays.
 ///
 /// The wait before retry `n` (1-based) is `retry_delay × backoff_factor^(n-1)`, capped at
@@ -215,15 +233,7 @@ impl RetryPolicy {
         retry_jitter: Option<i64>,
     ) -> Result<Self> {
         if let Some(count) = retry_count {
-            self.retry_count = match count {
-                -1 => RetryCount::Forever,
-                n => RetryCount::Limited(u32::try_from(n).map_err(|_| {
-                    LockError::invalid(
-                        "retry_count",
-                        format!("{n} is not a retry count; use 0 or more, or -1 for forever"),
-                    )
-                })?),
-            };
+            self.retry_count = RetryCount::from_seed(count)?;
         }
         if let Some(delay) = retry_delay {
             self.retry_delay = validate::millis("retry_delay", delay, MAX_DELAY_LIMIT)?;
@@ -333,17 +343,8 @@ impl TryFrom<RetryPolicyConfig> for RetryPolicy {
     type Error = LockError;
 
     fn try_from(config: RetryPolicyConfig) -> Result<Self> {
-        let retry_count = match config.retry_count {
-            -1 => RetryCount::Forever,
-            n => RetryCount::Limited(u32::try_from(n).map_err(|_| {
-                LockError::invalid(
-                    "retry_count",
-                    format!("{n} is not a retry count; use 0 or more, or -1 for forever"),
-                )
-            })?),
-        };
         let policy = Self {
-            retry_count,
+            retry_count: RetryCount::from_seed(config.retry_count)?,
             retry_delay: validate::millis("retry_delay", config.retry_delay, MAX_DELAY_LIMIT)?,
             retry_jitter: validate::millis("retry_jitter", config.retry_jitter, MAX_DELAY_LIMIT)?,
             backoff_factor: config.backoff_factor,
