@@ -731,3 +731,83 @@ async fn stop_also_closes_the_wake_up_subscriptions() {
     );
     assert_eq!(after, 1, "a connection was left open");
 }
+
+/// Tries `key` on `locker` until it is granted or `for_how_long` has passed; true when granted.
+async fn grabbed_within(locker: &Locker, key: &str, for_how_long: Duration) -> bool {
+    let until = Instant::now() + for_how_long;
+    while Instant::now() < until {
+        if let Ok(Some(guard)) = locker.try_acquire(key).await {
+            // A second holder while the first still believes it holds the lock.
+            let _ = guard.release().await;
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// R6: a node that restarts empty forgets the locks it held. Restarted at once, it lets a second
+/// holder in while the first one's validity still runs (the hazard the Redlock specification
+/// documents); kept down longer than the ttl, as the specification requires, it cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r6_an_immediate_restart_is_the_documented_hazard_a_delayed_one_is_safe() {
+    let Some(mut backed) = cluster(3) else { return };
+    let ttl = Duration::from_secs(3);
+    let single_attempt = RetryPolicy::none();
+    let first = locker(&backed, ttl, single_attempt.clone());
+    let second = Locker::new(
+        Redlock::new(
+            RedlockConfig::new(backed.servers().iter().map(RedisServer::url))
+                .with_node_timeout(Duration::from_millis(100)),
+        )
+        .expect("second client"),
+    )
+    .with_options(
+        LockOptions::default()
+            .with_ttl(ttl)
+            .with_retry(single_attempt),
+    )
+    .expect("valid options");
+
+    let mut violations = [0usize; 2];
+    for (round, delayed) in [false, true].into_iter().enumerate() {
+        let key = format!("restart-hazard-{round}");
+        let stored = first.lock_ns(&key).expect("key").to_string();
+        // Someone else's short-lived lock on the third node: the first holder gets nodes 1 and 2.
+        let reply = backed.servers()[2]
+            .command(&format!("SET {stored} someone-else PX 300"), PROBE)
+            .expect("SET");
+        assert_eq!(reply, "+OK");
+        let holder = first.acquire(&key).await.expect("first holder (2 of 3)");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+
+        backed.servers()[1].kill();
+        if !delayed {
+            backed.servers()[1].restart().expect("restart at once");
+        }
+        let window = holder.remaining().saturating_sub(Duration::from_millis(100));
+        if grabbed_within(&second, &key, window).await {
+            violations[round] += 1;
+        }
+        assert!(holder.is_valid() || window.is_zero(), "the window was too long");
+        if delayed {
+            // Down longer than the ttl: every lock the node held has expired elsewhere too.
+            tokio::time::sleep(holder.remaining() + Duration::from_millis(100)).await;
+            backed.servers()[1].restart().expect("delayed restart");
+            assert!(
+                grabbed_within(&second, &key, Duration::from_secs(5)).await,
+                "after the delayed restart the lock must be free again"
+            );
+        }
+        let _ = holder.release().await;
+    }
+    println!(
+        "R6 (restart without persistence): second holders without delay {} (documented hazard), delayed: {} of 1",
+        violations[0], violations[1]
+    );
+    assert_eq!(
+        violations[0], 1,
+        "an immediate restart should reproduce the documented hazard"
+    );
+    assert_eq!(violations[1], 0, "a delayed restart must keep safety");
+}
