@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backed;
+pub mod clock;
 pub mod history;
 pub mod proxy;
 pub mod server;

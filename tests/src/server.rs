@@ -56,6 +56,7 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -65,11 +66,25 @@ impl RedisServer {
     /// # Errors
     /// When the process cannot start or never answers; the message carries the log's tail.
     pub fn start(binary: &Path, extra_args: &[&str]) -> io::Result<Self> {
+        Self::start_with_env(binary, extra_args, &[])
+    }
+
+    /// Like [`RedisServer::start`], with extra environment variables for the process (and its
+    /// restarts), such as an `LD_PRELOAD` clock shim.
+    ///
+    /// # Errors
+    /// When the process cannot start or never answers; the message carries the log's tail.
+    pub fn start_with_env(
+        binary: &Path,
+        extra_args: &[&str],
+        env: &[(String, String)],
+    ) -> io::Result<Self> {
         let mut server = Self {
             binary: binary.to_path_buf(),
             child: None,
             port: free_port()?,
             extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
+            env: env.to_vec(),
             dir: tempfile::tempdir()?,
         };
         server.spawn()?;
@@ -178,6 +193,7 @@ impl RedisServer {
             .arg("--logfile")
             .arg(self.log_path())
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

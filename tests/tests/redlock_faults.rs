@@ -785,11 +785,16 @@ async fn r6_an_immediate_restart_is_the_documented_hazard_a_delayed_one_is_safe(
         if !delayed {
             backed.servers()[1].restart().expect("restart at once");
         }
-        let window = holder.remaining().saturating_sub(Duration::from_millis(100));
+        let window = holder
+            .remaining()
+            .saturating_sub(Duration::from_millis(100));
         if grabbed_within(&second, &key, window).await {
             violations[round] += 1;
         }
-        assert!(holder.is_valid() || window.is_zero(), "the window was too long");
+        assert!(
+            holder.is_valid() || window.is_zero(),
+            "the window was too long"
+        );
         if delayed {
             // Down longer than the ttl: every lock the node held has expired elsewhere too.
             tokio::time::sleep(holder.remaining() + Duration::from_millis(100)).await;

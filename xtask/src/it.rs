@@ -1,6 +1,6 @@
 //! `cargo xtask it`: the single test entry point, locally and in CI.
 
-use crate::redis::ensure_redis_server;
+use crate::redis::{ensure_fault_tools, ensure_redis_server};
 use crate::run::{cargo, step};
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
@@ -9,6 +9,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     }
     let redis_server = ensure_redis_server()?;
     println!("== using {}", redis_server.display());
+    let fault_tools = ensure_fault_tools();
 
     step(
         "cargo fmt --check",
@@ -49,7 +50,11 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         cargo()
             .args(["test", "--workspace"])
             .env("REDIS_SERVER", &redis_server)
-            .env("LOCK_TESTS_REQUIRE_REDIS", "1"),
+            .env("LOCK_TESTS_REQUIRE_REDIS", "1")
+            .env(
+                "LOCK_TESTS_REQUIRE_FAULT_TOOLS",
+                if fault_tools { "1" } else { "0" },
+            ),
     )?;
     // A short seeded chaos run on top (the full one is `cargo xtask chaos`).
     crate::chaos::run_chaos(

@@ -1,25 +1,54 @@
-//! Finding `redis-server`, and installing it where this machine allows.
+//! Finding `redis-server` and the fault tools, and installing them where this machine allows.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Where Debian's `faketime` package puts libfaketime.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
 /// The `redis-server` binary: `$REDIS_SERVER`, else `PATH`; installed with apt-get when
 /// missing and running as root on Debian.
 pub(crate) fn ensure_redis_server() -> Result<PathBuf, String> {
-    if let Some(found) = find() {
+    if let Some(found) = find_redis_server() {
         return Ok(found);
     }
-    if !is_root() || !Path::new("/usr/bin/apt-get").exists() {
+    if !can_apt_get() {
         return Err(
             "redis-server not found: install it (Debian: sudo apt-get install redis-server) or set REDIS_SERVER=/path/to/redis-server"
                 .to_owned(),
         );
     }
     println!("== redis-server not found; installing Debian's redis-server with apt-get");
-    for args in [
-        &["update", "-qq"][..],
-        &["install", "-y", "-qq", "redis-server"][..],
-    ] {
+    apt_get_install(&["redis-server"])?;
+    find_redis_server()
+        .ok_or_else(|| "apt-get installed redis-server, but it is not on PATH".to_owned())
+}
+
+/// Whether the fault tools (nftables' `nft` for partitions, libfaketime for client clock jumps)
+/// are present, installing them with apt-get when missing and root. Without them the tests
+/// that need them skip with a printed reason.
+pub(crate) fn ensure_fault_tools() -> bool {
+    let present = || find_in_path("nft").is_some() && Path::new(LIBFAKETIME).is_file();
+    if present() {
+        return true;
+    }
+    if !can_apt_get() {
+        println!(
+            "== nft or libfaketime missing and not root: partition and client-clock tests will skip (apt-get install nftables faketime)"
+        );
+        return false;
+    }
+    println!("== installing Debian's nftables and faketime with apt-get (fault tests)");
+    if let Err(error) = apt_get_install(&["nftables", "faketime"]) {
+        println!("== {error}; partition and client-clock tests will skip");
+    }
+    present()
+}
+
+fn apt_get_install(packages: &[&str]) -> Result<(), String> {
+    let mut install = vec!["install", "-y", "-qq"];
+    install.extend_from_slice(packages);
+    for args in [&["update", "-qq"][..], &install[..]] {
         let status = Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -29,17 +58,26 @@ pub(crate) fn ensure_redis_server() -> Result<PathBuf, String> {
             return Err(format!("apt-get {} failed ({status})", args.join(" ")));
         }
     }
-    find().ok_or_else(|| "apt-get installed redis-server, but it is not on PATH".to_owned())
+    Ok(())
 }
 
-fn find() -> Option<PathBuf> {
+fn find_redis_server() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("REDIS_SERVER") {
         return Some(PathBuf::from(path));
     }
+    find_in_path("redis-server")
+}
+
+fn find_in_path(binary: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
-        .map(|dir| dir.join("redis-server"))
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(binary))
         .find(|candidate| candidate.is_file())
+}
+
+fn can_apt_get() -> bool {
+    is_root() && Path::new("/usr/bin/apt-get").exists()
 }
 
 fn is_root() -> bool {
