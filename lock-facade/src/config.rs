@@ -71,6 +71,12 @@ pub struct LockConfig {
     /// Redlock: how long to wait for one node, in ms.
     #[serde(alias = "nodeTimeout", skip_serializing_if = "Option::is_none")]
     pub node_timeout: Option<u64>,
+    /// Redlock: hand out fencing tokens (a second round trip per acquisition).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fencing: Option<bool>,
+    /// Redlock: wake waiters over pub/sub when a lock is released.
+    #[serde(alias = "wakeOnRelease", skip_serializing_if = "Option::is_none")]
+    pub wake_on_release: Option<bool>,
     /// inc: the key prefix (default `lock:`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
@@ -185,6 +191,8 @@ impl LockConfig {
             deadline: self.deadline.or(lower.deadline),
             drift_factor: self.drift_factor.or(lower.drift_factor),
             node_timeout: self.node_timeout.or(lower.node_timeout),
+            fencing: self.fencing.or(lower.fencing),
+            wake_on_release: self.wake_on_release.or(lower.wake_on_release),
             prefix: self.prefix.or(lower.prefix),
             command_timeout: self.command_timeout.or(lower.command_timeout),
             lock_config: None,
@@ -234,6 +242,8 @@ impl fmt::Debug for LockConfig {
             .field("deadline", &self.deadline)
             .field("drift_factor", &self.drift_factor)
             .field("node_timeout", &self.node_timeout)
+            .field("fencing", &self.fencing)
+            .field("wake_on_release", &self.wake_on_release)
             .field("prefix", &self.prefix)
             .field("command_timeout", &self.command_timeout)
             .field("lock_config", &self.lock_config.as_ref().map(|_| "…"))

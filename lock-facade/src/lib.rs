@@ -123,6 +123,12 @@ fn redlock_backend(config: &LockConfig, single: bool) -> Result<Arc<dyn Lock>> {
     if let Some(node_timeout) = config.node_timeout {
         redlock = redlock.with_node_timeout(std::time::Duration::from_millis(node_timeout));
     }
+    if let Some(fencing) = config.fencing {
+        redlock = redlock.with_fencing(fencing);
+    }
+    if let Some(wake_on_release) = config.wake_on_release {
+        redlock = redlock.with_wake_on_release(wake_on_release);
+    }
     Ok(Arc::new(lock_redlock::Redlock::new(redlock)?))
 }
 

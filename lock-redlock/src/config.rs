@@ -31,6 +31,7 @@ pub enum ConnectionKind {
 /// - `connection`: `manager`
 /// - `pool_size`: 4 connections per node (with `connection = "pool"`)
 /// - `wake_on_release`: off
+/// - `fencing`: off
 /// - `retry_count`, `retry_delay`, `retry_jitter`: those of [`RetryPolicy::default`]
 ///   (10, 200 ms, 100 ms); `retry_count = -1` retries forever
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +63,12 @@ pub struct RedlockConfig {
     /// instead of sleeping out their retry delay (a missed message costs one delay at most).
     #[serde(alias = "wakeOnRelease")]
     pub wake_on_release: bool,
+    /// Hand out fencing tokens: every acquisition also increments a counter beside the key on
+    /// each node it wins (`<key>:fence`) and raises the counter on a quorum to the highest
+    /// value it saw, a second round trip. Tokens then increase strictly per key as long as no
+    /// majority of nodes loses its counters (run nodes with persistence if restarts are
+    /// routine).
+    pub fencing: bool,
     /// Retries after the first attempt; -1 retries forever.
     #[serde(alias = "retryCount", skip_serializing_if = "Option::is_none")]
     pub retry_count: Option<i64>,
@@ -91,6 +98,7 @@ impl Default for RedlockConfig {
             pool_size: 4,
             tls_ca_file: None,
             wake_on_release: false,
+            fencing: false,
             retry_count: None,
             retry_delay: None,
             retry_jitter: None,
@@ -129,6 +137,13 @@ impl RedlockConfig {
     #[must_use]
     pub fn with_wake_on_release(mut self, wake_on_release: bool) -> Self {
         self.wake_on_release = wake_on_release;
+        self
+    }
+
+    /// Turns fencing tokens on or off.
+    #[must_use]
+    pub fn with_fencing(mut self, fencing: bool) -> Self {
+        self.fencing = fencing;
         self
     }
 
@@ -218,6 +233,7 @@ impl fmt::Debug for RedlockConfig {
             .field("pool_size", &self.pool_size)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("wake_on_release", &self.wake_on_release)
+            .field("fencing", &self.fencing)
             .field("retry_count", &self.retry_count)
             .field("retry_delay", &self.retry_delay)
             .field("retry_jitter", &self.retry_jitter)

@@ -24,6 +24,9 @@ use crate::round::{Pending, Tally};
 /// The backend's name in messages and configuration.
 pub const NAME: &str = "redlock";
 
+/// Appended to a lock's key to name its fencing counter on every node.
+pub const FENCE_SUFFIX: &str = ":fence";
+
 /// Added to the drift allowance of every lock, as in the Redlock specification.
 const DRIFT_FLOOR: Duration = Duration::from_millis(2);
 
@@ -135,6 +138,61 @@ impl Shared {
         (valid_until > Instant::now()).then_some(valid_until)
     }
 
+    /// The fencing counter beside `key`, when fencing is on.
+    fn fence_key(&self, key: &Key) -> Result<Option<Key>> {
+        if !self.config.fencing {
+            return Ok(None);
+        }
+        Key::new(format!("{key}{FENCE_SUFFIX}"))
+            .map(Some)
+            .map_err(|e| e.within("fencing counter"))
+    }
+
+    /// The second round of a fenced acquisition: raises the counter on every node to the
+    /// fence this acquisition drew, and needs a quorum of nodes that still hold our token.
+    /// `Some(fence)` when raised on a quorum, `None` when our keys vanished from nodes.
+    ///
+    /// Why it makes fences increase: a later holder's quorum meets this quorum on at least
+    /// one node, whose counter was raised while our key sat there, so the later holder's
+    /// increment there (made after our key left) counts past our fence.
+    async fn raise_fence(
+        &self,
+        nodes: &[Node],
+        keys: &KeySet,
+        token: &Token,
+        fence_key: &Key,
+        fence: u64,
+        ttl: Duration,
+    ) -> Result<Option<u64>> {
+        let (raised, rest) = round::run(nodes, self.quorum, self.node_timeout(ttl), |node| {
+            let (key, token, fence_key) =
+                (keys.primary().clone(), token.clone(), fence_key.clone());
+            async move {
+                node.raise_fence(&key, &fence_key, &token, fence)
+                    .await
+                    .map(|held| held.then_some(0))
+            }
+        })
+        .await;
+        if !rest.is_empty() {
+            // The slower nodes' counters are raised too, off the caller's path.
+            tokio::spawn(rest.finish());
+        }
+        if raised.yes.len() >= self.quorum {
+            return Ok(Some(fence));
+        }
+        if raised.no > 0 {
+            // Our keys vanished from nodes meanwhile: as if the lock had been held.
+            return Ok(None);
+        }
+        Err(LockError::QuorumNotReached {
+            key: keys.primary().to_string(),
+            got: raised.yes.len(),
+            needed: self.quorum,
+            failures: raised.failures(),
+        })
+    }
+
     fn subset(&self, indices: impl IntoIterator<Item = usize>) -> Vec<Node> {
         let Ok(nodes) = self.nodes() else {
             return Vec::new();
@@ -160,7 +218,7 @@ impl Shared {
             async move {
                 node.release(&keys, &token)
                     .await
-                    .map(|deleted| deleted == wanted)
+                    .map(|deleted| (deleted == wanted).then_some(0))
             }
         })
         .await
@@ -223,15 +281,17 @@ impl Lock for Redlock {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let capabilities = Capabilities::NONE
+        let mut capabilities = Capabilities::NONE
             .with_extend()
             .with_distributed()
             .with_multi_key();
         if self.shared.wakeups.is_some() {
-            capabilities.with_wake_on_release()
-        } else {
-            capabilities
+            capabilities = capabilities.with_wake_on_release();
         }
+        if self.shared.config.fencing {
+            capabilities = capabilities.with_fencing();
+        }
+        capabilities
     }
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
@@ -255,11 +315,12 @@ impl Lock for Redlock {
             request.ttl(),
         );
         let nodes = shared.nodes()?;
+        let fence_key = shared.fence_key(keys.primary())?;
         let start = Instant::now();
         let (tally, pending) =
             round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
-                let (keys, token) = (keys.clone(), token.clone());
-                async move { node.acquire(&keys, &token, ttl).await }
+                let (keys, token, fence_key) = (keys.clone(), token.clone(), fence_key.clone());
+                async move { node.acquire(&keys, &token, ttl, fence_key.as_ref()).await }
             })
             .await;
         tracing::debug!(
@@ -272,15 +333,37 @@ impl Lock for Redlock {
         if tally.yes.len() >= shared.quorum
             && let Some(valid_until) = shared.valid_until(start, ttl)
         {
-            // Requests still in flight can only add our own token to more nodes; release goes
-            // to every node anyway.
-            return Ok(Some(Box::new(RedlockHandle {
-                shared: Arc::clone(shared),
-                keys,
-                token,
-                valid_until,
-                ttl,
-            })));
+            let fence = match &fence_key {
+                None => Ok(None),
+                Some(fence_key) => {
+                    shared
+                        .raise_fence(&nodes, &keys, &token, fence_key, tally.highest, ttl)
+                        .await
+                }
+            };
+            match fence {
+                // Without fencing, or raised on a quorum: ours, if the second round left time.
+                Ok(fence) if fence_key.is_none() || fence.is_some() => {
+                    if Instant::now() < valid_until {
+                        // Requests still in flight can only add our own token to more nodes;
+                        // release goes to every node anyway.
+                        return Ok(Some(Box::new(RedlockHandle {
+                            shared: Arc::clone(shared),
+                            keys,
+                            token,
+                            valid_until,
+                            ttl,
+                            fence,
+                        })));
+                    }
+                }
+                outcome => {
+                    shared
+                        .undo_attempt(&tally, pending, &keys, &token, ttl, start.elapsed())
+                        .await;
+                    return outcome.map(|_| None);
+                }
+            }
         }
         shared
             .undo_attempt(&tally, pending, &keys, &token, ttl, start.elapsed())
@@ -370,6 +453,8 @@ struct RedlockHandle {
     token: Token,
     valid_until: Instant,
     ttl: Duration,
+    /// The fencing token, when fencing is on.
+    fence: Option<u64>,
 }
 
 impl RedlockHandle {
@@ -412,6 +497,10 @@ impl Handle for RedlockHandle {
         self.valid_until
     }
 
+    fn fencing_token(&self) -> Option<u64> {
+        self.fence
+    }
+
     async fn extend(&mut self, ttl: Duration) -> Result<()> {
         if Instant::now() >= self.valid_until {
             return Err(LockError::NotHeld { key: self.key() });
@@ -422,7 +511,11 @@ impl Handle for RedlockHandle {
         let (tally, _in_flight) =
             round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
                 let (keys, token) = (self.keys.clone(), self.token.clone());
-                async move { node.extend(&keys, &token, ttl).await }
+                async move {
+                    node.extend(&keys, &token, ttl)
+                        .await
+                        .map(|extended| extended.then_some(0))
+                }
             })
             .await;
         if tally.yes.len() >= shared.quorum

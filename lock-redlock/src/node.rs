@@ -13,6 +13,10 @@ use crate::config::{ConnectionKind, NodeUrl, RedlockConfig};
 
 static ACQUIRE_MANY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/acquire_many.lua")));
+static ACQUIRE_FENCED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/acquire_fenced.lua")));
+static RAISE_FENCE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/raise_fence.lua")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/release.lua")));
 static RELEASE_NOTIFY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/release_notify.lua")));
@@ -99,14 +103,28 @@ impl Node {
     }
 
     /// `SET key token NX PX ttl` (one key, interoperable with every Redlock client), or the
-    /// all-or-nothing script for several keys. True when the node granted every key.
+    /// all-or-nothing script for several keys; with a fencing counter, the script that also
+    /// increments it. `Some(counter)` (0 without fencing) when the node granted every key.
     pub(crate) async fn acquire(
         &self,
         keys: &[Key],
         token: &Token,
         ttl: Duration,
-    ) -> RedisResult<bool> {
+        fence: Option<&Key>,
+    ) -> RedisResult<Option<u64>> {
         let ttl_ms = validate::ttl_millis(ttl);
+        if let Some(fence) = fence {
+            let mut invocation = ACQUIRE_FENCED.prepare_invoke();
+            for key in keys {
+                invocation.key(key.as_str());
+            }
+            invocation
+                .key(fence.as_str())
+                .arg(token.expose())
+                .arg(ttl_ms);
+            let counter: i64 = self.invoke(&invocation).await?;
+            return Ok(u64::try_from(counter).ok().filter(|counter| *counter > 0));
+        }
         if let [key] = keys {
             let mut command = redis::cmd("SET");
             command
@@ -116,7 +134,7 @@ impl Node {
                 .arg("PX")
                 .arg(ttl_ms);
             let reply: Value = self.query(&command).await?;
-            return Ok(matches!(reply, Value::Okay));
+            return Ok(matches!(reply, Value::Okay).then_some(0));
         }
         let mut invocation = ACQUIRE_MANY.prepare_invoke();
         for key in keys {
@@ -124,7 +142,26 @@ impl Node {
         }
         invocation.arg(token.expose()).arg(ttl_ms);
         let granted: i64 = self.invoke(&invocation).await?;
-        Ok(granted == 1)
+        Ok((granted == 1).then_some(0))
+    }
+
+    /// Raises the fencing counter `fence` to at least `value`; true when `key` still holds
+    /// `token` here.
+    pub(crate) async fn raise_fence(
+        &self,
+        key: &Key,
+        fence: &Key,
+        token: &Token,
+        value: u64,
+    ) -> RedisResult<bool> {
+        let mut invocation = RAISE_FENCE.prepare_invoke();
+        invocation
+            .key(key.as_str())
+            .key(fence.as_str())
+            .arg(token.expose())
+            .arg(value);
+        let held: i64 = self.invoke(&invocation).await?;
+        Ok(held == 1)
     }
 
     /// Compare-and-delete on every key; returns how many keys were ours and are now gone.

@@ -14,8 +14,8 @@ use crate::node::Node;
 /// One node's answer.
 #[derive(Debug)]
 pub(crate) enum Vote {
-    /// The node did what was asked.
-    Yes,
+    /// The node did what was asked, answering a number (a fencing counter) or 0.
+    Yes(u64),
     /// The node answered, and refused (held by someone else, or not ours any more).
     No,
     /// The node failed or did not answer in time; the request may still have been applied.
@@ -28,6 +28,8 @@ type VoteFuture = Pin<Box<dyn Future<Output = (usize, Vote)> + Send>>;
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
     pub(crate) yes: Vec<usize>,
+    /// The highest number among the yes votes.
+    pub(crate) highest: u64,
     pub(crate) no: usize,
     pub(crate) failed: Vec<(usize, String)>,
 }
@@ -35,7 +37,10 @@ pub(crate) struct Tally {
 impl Tally {
     fn count(&mut self, index: usize, vote: Vote) {
         match vote {
-            Vote::Yes => self.yes.push(index),
+            Vote::Yes(number) => {
+                self.yes.push(index);
+                self.highest = self.highest.max(number);
+            }
             Vote::No => self.no += 1,
             Vote::Failed(error) => self.failed.push((index, error)),
         }
@@ -87,7 +92,8 @@ impl Pending {
     }
 }
 
-/// Sends `op` to every node at once and returns as soon as the outcome is decided.
+/// Sends `op` to every node at once and returns as soon as the outcome is decided. `op` answers
+/// `Some(number)` for yes (0 unless it reads a counter) and `None` for no.
 pub(crate) async fn run<F, Fut>(
     nodes: &[Node],
     quorum: usize,
@@ -96,7 +102,7 @@ pub(crate) async fn run<F, Fut>(
 ) -> (Tally, Pending)
 where
     F: Fn(Node) -> Fut,
-    Fut: Future<Output = RedisResult<bool>> + Send + 'static,
+    Fut: Future<Output = RedisResult<Option<u64>>> + Send + 'static,
 {
     let mut pending = FuturesUnordered::new();
     for (index, node) in nodes.iter().enumerate() {
@@ -104,8 +110,8 @@ where
         let request = op(node.clone());
         pending.push(Box::pin(async move {
             let vote = match tokio::time::timeout(timeout, request).await {
-                Ok(Ok(true)) => Vote::Yes,
-                Ok(Ok(false)) => Vote::No,
+                Ok(Ok(Some(number))) => Vote::Yes(number),
+                Ok(Ok(None)) => Vote::No,
                 Ok(Err(error)) => Vote::Failed(format!("{label}: {error}")),
                 Err(_) => Vote::Failed(format!(
                     "{label}: no answer within {} ms",

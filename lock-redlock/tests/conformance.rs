@@ -1,15 +1,25 @@
-//! The whole conformance suite on real redis-servers: 1, 3 and 5 independent nodes.
+//! The whole conformance suite on real redis-servers: 1, 3 and 5 independent nodes, and 3 nodes
+//! with each optional feature (wake-ups, fencing tokens).
 
 use std::time::Duration;
 
 use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::backed::ServerBacked;
 
-fn redlock(nodes: usize) -> ServerBacked<Redlock> {
+fn redlock_with(
+    nodes: usize,
+    configure: impl FnOnce(RedlockConfig) -> RedlockConfig,
+) -> ServerBacked<Redlock> {
     ServerBacked::start(nodes, |urls| {
         // Cases use ttls of a few hundred ms; a loaded CI machine needs a roomy node timeout.
-        Redlock::new(RedlockConfig::new(urls).with_node_timeout(Duration::from_millis(250)))
+        Redlock::new(configure(
+            RedlockConfig::new(urls).with_node_timeout(Duration::from_millis(250)),
+        ))
     })
+}
+
+fn redlock(nodes: usize) -> ServerBacked<Redlock> {
+    redlock_with(nodes, |config| config)
 }
 
 mod one_node {
@@ -20,18 +30,16 @@ mod three_nodes {
     lock_core::conformance_tests!(async { crate::redlock(3) });
 }
 
-fn redlock_with_wakeups(nodes: usize) -> ServerBacked<Redlock> {
-    ServerBacked::start(nodes, |urls| {
-        Redlock::new(
-            RedlockConfig::new(urls)
-                .with_node_timeout(Duration::from_millis(250))
-                .with_wake_on_release(true),
-        )
-    })
+mod three_nodes_with_wakeups {
+    lock_core::conformance_tests!(async {
+        crate::redlock_with(3, |config| config.with_wake_on_release(true))
+    });
 }
 
-mod three_nodes_with_wakeups {
-    lock_core::conformance_tests!(async { crate::redlock_with_wakeups(3) });
+mod three_nodes_with_fencing {
+    lock_core::conformance_tests!(async {
+        crate::redlock_with(3, |config| config.with_fencing(true))
+    });
 }
 
 mod five_nodes {

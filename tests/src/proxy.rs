@@ -1,5 +1,5 @@
-//! A small TCP proxy on loopback that adds latency to, or black-holes, the traffic of one
-//! server — the fault tool for slow and silent nodes (no toxiproxy or netem here).
+//! A small TCP proxy on loopback that adds latency to, black-holes or cuts the traffic of one
+//! server — the fault tool for slow, silent and unreachable nodes (no toxiproxy or netem here).
 
 use std::io;
 use std::sync::Arc;
@@ -12,6 +12,9 @@ use tokio::task::JoinHandle;
 
 /// Delay value that means "never forward anything".
 const BLACK_HOLE: u64 = u64::MAX;
+
+/// Delay value that means "drop every connection and what it carries".
+const CUT: u64 = u64::MAX - 1;
 
 /// A proxy in front of `127.0.0.1:<target>`; stops when dropped.
 #[derive(Debug)]
@@ -33,6 +36,9 @@ impl LatencyProxy {
         let delay = Arc::clone(&delay_ms);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if delay.load(Ordering::SeqCst) == CUT {
+                    continue;
+                }
                 let delay = Arc::clone(&delay);
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
@@ -66,13 +72,21 @@ impl LatencyProxy {
 
     /// Delays every chunk by `delay` in each direction.
     pub fn set_delay(&self, delay: Duration) {
-        let ms = u64::try_from(delay.as_millis()).unwrap_or(BLACK_HOLE - 1);
+        let ms = u64::try_from(delay.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(CUT - 1);
         self.delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Accepts connections and bytes but forwards nothing until the delay is set again.
     pub fn black_hole(&self) {
         self.delay_ms.store(BLACK_HOLE, Ordering::SeqCst);
+    }
+
+    /// Closes every connection at its next byte and refuses new ones, discarding what they
+    /// carry (a node unreachable without losing its data), until the delay is set again.
+    pub fn cut(&self) {
+        self.delay_ms.store(CUT, Ordering::SeqCst);
     }
 }
 
@@ -96,6 +110,7 @@ async fn pump(
         loop {
             match delay.load(Ordering::SeqCst) {
                 0 => break,
+                CUT => return,
                 BLACK_HOLE => tokio::time::sleep(Duration::from_millis(10)).await,
                 ms => {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
