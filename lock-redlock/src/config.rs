@@ -63,11 +63,10 @@ pub struct RedlockConfig {
     /// instead of sleeping out their retry delay (a missed message costs one delay at most).
     #[serde(alias = "wakeOnRelease")]
     pub wake_on_release: bool,
-    /// Hand out fencing tokens: every acquisition also increments a counter beside the key on
-    /// each node it wins (`<key>:fence`) and raises the counter on a quorum to the highest
-    /// value it saw, a second round trip. Tokens then increase strictly per key as long as no
-    /// majority of nodes loses its counters (run nodes with persistence if restarts are
-    /// routine).
+    /// Hand out fencing tokens: every acquisition also advances a counter beside the key on
+    /// each node it wins (`<key>:fence`, to at least the node's clock in µs) and raises the
+    /// counter on a quorum to the highest value it saw, a second round trip. Tokens then
+    /// increase strictly per key.
     pub fencing: bool,
     /// Retries after the first attempt; -1 retries forever.
     #[serde(alias = "retryCount", skip_serializing_if = "Option::is_none")]
