@@ -10,3 +10,4 @@ pub mod history;
 pub mod proxy;
 pub mod server;
 pub mod tls;
+pub mod workers;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use lock_core::{LockError, LockOptions, Locker, RetryPolicy};
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::server::{RedisServer, redis_or_skip};
+use lock_tests::workers;
 use redis::AsyncCommands;
 use tokio::time::Instant;
 
@@ -320,4 +321,49 @@ async fn a_crashed_holder_leaves_no_immortal_lock() {
         "I2 (holder crashed after acquiring): PTTL {ms} ms right after INCR; re-acquired after expiry"
     );
     next.release().await.expect("release");
+}
+
+/// I1 across processes: 16 worker processes contend on one INCR lock (retrying, since the lock
+/// itself fails fast), with the interval, lost-update and fence checkers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_processes_never_overlap_and_fences_never_go_back() {
+    let Some(binary) = redis_or_skip("inc cross-process contention") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).expect("server");
+    let checker = RedisServer::start(&binary, &[]).expect("checker");
+    let (processes, sections) = (16, 150);
+    let started = Instant::now();
+    let children: Vec<_> = (0..processes)
+        .map(|_| {
+            workers::spawn_worker(
+                env!("CARGO_BIN_EXE_lock-worker").as_ref(),
+                &["--backend", "inc"],
+                &checker,
+                (1, sections),
+                &[server.url()],
+                None,
+            )
+            .expect("worker starts")
+        })
+        .collect();
+    let totals = workers::collect(children, &checker).expect("workers report");
+    println!(
+        "I1 cross-process ({processes} processes): critical sections {}, overlaps {}, lost updates {}, stale writes accepted {} of {}, max acquire {} ms, in {:?}",
+        totals.sections,
+        totals.overlaps,
+        totals.lost_updates,
+        totals.stale_writes,
+        totals.fenced_writes,
+        totals.max_acquire_ms,
+        started.elapsed()
+    );
+    assert_eq!(totals.sections, (processes * sections) as u64);
+    assert_eq!(
+        totals.fenced_writes, totals.sections,
+        "every section is fenced"
+    );
+    assert_eq!(totals.overlaps, 0, "two holders overlapped");
+    assert_eq!(totals.lost_updates, 0, "updates were lost");
+    assert_eq!(totals.stale_writes, 0, "a fencing token went backwards");
 }

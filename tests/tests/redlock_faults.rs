@@ -1,7 +1,6 @@
 //! Redlock under faults, on real redis-servers that each test starts, kills, pauses and restarts.
 //! Each test prints its figures on one line so CI logs can be compared.
 
-use std::process::Command;
 use std::time::Duration;
 
 use lock_core::{LockError, LockOptions, Locker, RetryPolicy};
@@ -9,6 +8,7 @@ use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::backed::ServerBacked;
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, redis_or_skip};
+use lock_tests::workers;
 use tokio::time::Instant;
 
 const NODE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -348,56 +348,49 @@ async fn eight_contenders_on_three_nodes_keep_making_progress() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixteen_tasks_in_four_processes_never_overlap() {
+async fn sixteen_processes_never_overlap_and_fences_never_go_back() {
     let Some(binary) = redis_or_skip("cross-process contention") else {
         return;
     };
     let nodes: Vec<RedisServer> = (0..3)
         .map(|_| RedisServer::start(&binary, &[]).expect("node"))
         .collect();
+    let urls: Vec<String> = nodes.iter().map(RedisServer::url).collect();
     let checker = RedisServer::start(&binary, &[]).expect("checker");
-    let (processes, tasks, sections) = (4, 4, 150);
+    let (processes, sections) = (16, 150);
     let started = Instant::now();
     let children: Vec<_> = (0..processes)
         .map(|_| {
-            Command::new(env!("CARGO_BIN_EXE_lock-worker"))
-                .arg(checker.url())
-                .arg(tasks.to_string())
-                .arg(sections.to_string())
-                .args(nodes.iter().map(RedisServer::url))
-                .output()
+            workers::spawn_worker(
+                env!("CARGO_BIN_EXE_lock-worker").as_ref(),
+                &["--fencing"],
+                &checker,
+                (1, sections),
+                &urls,
+                None,
+            )
+            .expect("worker starts")
         })
         .collect();
-    let mut overlaps = 0u64;
-    for child in children {
-        let output = child.expect("worker runs");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "worker failed: {stdout} {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let reported: u64 = stdout
-            .split_whitespace()
-            .skip_while(|word| *word != "overlaps")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .expect("worker prints its overlaps");
-        overlaps += reported;
-    }
-    let total = processes * tasks * sections;
-    let counter = checker.command("GET counter", PROBE).expect("GET counter");
-    let lost = total
-        - raw_get(checker.port(), "counter")
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(0);
+    let totals = workers::collect(children, &checker).expect("workers report");
     println!(
-        "R1 cross-process ({processes} processes × {tasks} tasks, 3 nodes): critical sections {total}, overlaps {overlaps}, lost updates {lost} in {:?}",
+        "R1 cross-process ({processes} processes, 3 nodes, fencing): critical sections {}, overlaps {}, lost updates {}, stale writes accepted {} of {}, max acquire {} ms, in {:?}",
+        totals.sections,
+        totals.overlaps,
+        totals.lost_updates,
+        totals.stale_writes,
+        totals.fenced_writes,
+        totals.max_acquire_ms,
         started.elapsed()
     );
-    assert!(counter.starts_with('$'), "counter missing: {counter}");
-    assert_eq!(overlaps, 0, "two holders overlapped");
-    assert_eq!(lost, 0, "updates were lost");
+    assert_eq!(totals.sections, (processes * sections) as u64);
+    assert_eq!(
+        totals.fenced_writes, totals.sections,
+        "every section is fenced"
+    );
+    assert_eq!(totals.overlaps, 0, "two holders overlapped");
+    assert_eq!(totals.lost_updates, 0, "updates were lost");
+    assert_eq!(totals.stale_writes, 0, "a fencing token went backwards");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
