@@ -414,7 +414,11 @@ impl Locker {
             }
             None => self.lock.try_acquire(request).await,
         };
-        pending.lock = None;
+        // A backend error (a timeout, a dropped connection) leaves the outcome unknown: the
+        // write may have landed, so `pending` releases it by token. Other outcomes are known.
+        if !matches!(result, Err(LockError::Backend { .. })) {
+            pending.lock = None;
+        }
         Ok(match result? {
             Some(handle) => Attempt::Won(handle),
             None => Attempt::Held,
@@ -429,8 +433,9 @@ enum Attempt {
     CutShort,
 }
 
-/// Cleans up after an attempt that did not run to completion (cancelled or timed out): its
-/// write may still land, so the keys are released by token in the background.
+/// Cleans up after an attempt that did not run to completion (cancelled, timed out, or failed
+/// with a backend error): its write may still land, so the keys are released by token in the
+/// background.
 struct PendingAttempt<'a> {
     lock: Option<Arc<dyn Lock>>,
     request: &'a LockRequest,

@@ -1,6 +1,9 @@
 -- One INCR-based attempt. KEYS[1]: the lock counter, KEYS[2]: its owner token,
 -- KEYS[3]: the fencing counter (never expires). ARGV[1]: token, ARGV[2]: ttl in ms.
 -- Returns the new fencing token when the lock is ours, 0 when the resource is locked.
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
 if redis.call('get', KEYS[2]) == ARGV[1] then
   -- The same attempt again (a client replayed it after a reconnect): it already won.
   return tonumber(redis.call('get', KEYS[3]) or '0')
@@ -11,4 +14,10 @@ end
 -- The expiry is set in the same script as the INCR: no crash can leave an immortal lock.
 redis.call('pexpire', KEYS[1], ARGV[2])
 redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return redis.call('incr', KEYS[3])
+-- The fencing token: the counter + 1, but never below the server's clock in microseconds, so
+-- that a server that restarted without its data still hands out higher tokens.
+local now = redis.call('time')
+local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local fence = math.max(tonumber(redis.call('get', KEYS[3]) or '0') + 1, clock)
+redis.call('set', KEYS[3], string.format('%.0f', fence))
+return fence
