@@ -268,8 +268,7 @@ impl LockGuard {
     /// [`LockError::NotHeld`] if it had expired or been taken over (nothing of the other holder's
     /// is touched); [`LockError::Backend`] on I/O.
     pub async fn release(mut self) -> Result<()> {
-        let key = self.key().to_string();
-        let span = tracing::debug_span!("lock.release", backend = self.backend, key = %key);
+        let span = tracing::debug_span!("lock.release", backend = self.backend, key = %self.key());
         let state = std::mem::replace(&mut self.state, State::Released);
         let tickets = self.tickets.take();
         async move {

@@ -115,7 +115,7 @@ impl Locker {
 
     /// What the backend supports.
     pub fn capabilities(&self) -> Capabilities {
-        self.lock.capabilities()
+        self.store().capabilities()
     }
 
     /// The default options of this client.
@@ -236,7 +236,7 @@ impl Locker {
             Some(namespace) => format!("{namespace}{}{prefix}", crate::key::NAMESPACE_SEPARATOR),
             None => prefix.to_owned(),
         };
-        self.lock.purge(&prefix).await
+        self.store().purge(&prefix).await
     }
 
     /// Reports, per node, whether `key` (namespaced) is held and for how long.
@@ -246,7 +246,7 @@ impl Locker {
     /// a bad key.
     pub async fn inspect(&self, key: &str) -> Result<Vec<KeyState>> {
         self.check_running()?;
-        self.lock.inspect(&self.lock_ns(key)?).await
+        self.store().inspect(&self.lock_ns(key)?).await
     }
 
     /// Frees the backend's connections and tasks; every later call on this client (and its
@@ -258,7 +258,7 @@ impl Locker {
         if self.stopped.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        self.lock.shutdown().await
+        self.store().shutdown().await
     }
 
     fn check_running(&self) -> Result<()> {
@@ -266,6 +266,12 @@ impl Locker {
             return Err(LockError::Stopped);
         }
         Ok(())
+    }
+
+    /// The backend itself: calls through `Arc<dyn Lock>` would go through the `Arc` forwarding
+    /// impl and box every future twice.
+    fn store(&self) -> &dyn Lock {
+        &*self.lock
     }
 
     fn keys(&self, keys: &[&str]) -> Result<KeySet> {
@@ -278,16 +284,16 @@ impl Locker {
 
     async fn acquire_keys(&self, keys: KeySet, options: &LockOptions) -> Result<LockGuard> {
         self.check_running()?;
-        let capabilities = self.lock.capabilities();
+        let capabilities = self.store().capabilities();
         if keys.len() > 1 && !capabilities.multi_key {
             return Err(LockError::Unsupported {
-                backend: self.lock.name(),
+                backend: self.store().name(),
                 capability: "multi-key locks",
             });
         }
         let span = tracing::debug_span!(
             "lock.acquire",
-            backend = self.lock.name(),
+            backend = self.store().name(),
             key = %keys.primary(),
         );
         async {
@@ -350,7 +356,7 @@ impl Locker {
             match self.attempt(&request, deadline).await {
                 Ok(Attempt::Won(handle)) => {
                     tracing::debug!(attempts, "acquired");
-                    return LockGuard::new(handle, self.lock.name(), options.ttl());
+                    return LockGuard::new(handle, self.store().name(), options.ttl());
                 }
                 Ok(Attempt::Held) => last_error = None,
                 Ok(Attempt::CutShort) => {}
@@ -391,7 +397,7 @@ impl Locker {
                 delay_ms = delay.as_millis() as u64,
                 "held elsewhere; waiting to retry"
             );
-            self.lock.wait_for_release(&keys, wake_at - now).await?;
+            self.store().wait_for_release(&keys, wake_at - now).await?;
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Err(gave_up(last_error.take()));
             }
@@ -406,13 +412,13 @@ impl Locker {
         };
         let result = match deadline {
             Some(deadline) => {
-                match tokio::time::timeout_at(deadline, self.lock.try_acquire(request)).await {
+                match tokio::time::timeout_at(deadline, self.store().try_acquire(request)).await {
                     Ok(result) => result,
                     // Cut short: `pending` cleans up whatever the attempt may have left.
                     Err(_) => return Ok(Attempt::CutShort),
                 }
             }
-            None => self.lock.try_acquire(request).await,
+            None => self.store().try_acquire(request).await,
         };
         // A backend error (a timeout, a dropped connection) leaves the outcome unknown: the
         // write may have landed, so `pending` releases it by token. Other outcomes are known.
@@ -451,7 +457,7 @@ impl Drop for PendingAttempt<'_> {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    if let Err(error) = lock.abandon(&keys, &token).await {
+                    if let Err(error) = (*lock).abandon(&keys, &token).await {
                         tracing::warn!(key = %keys.primary(), %error, "cleanup of an interrupted attempt failed; the lock expires with its ttl");
                     }
                 });
