@@ -12,6 +12,7 @@ mod retry;
 mod token;
 mod url;
 pub mod validate;
+pub mod wake;
 mod watchdog;
 
 #[cfg(feature = "conformance")]

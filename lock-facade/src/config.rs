@@ -74,7 +74,7 @@ pub struct LockConfig {
     /// Redlock: hand out fencing tokens (a second round trip per acquisition).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fencing: Option<bool>,
-    /// Redlock: wake waiters over pub/sub when a lock is released.
+    /// Redlock and inc: wake waiters over pub/sub when a lock is released.
     #[serde(alias = "wakeOnRelease", skip_serializing_if = "Option::is_none")]
     pub wake_on_release: Option<bool>,
     /// inc: the key prefix (default `lock:`).

@@ -156,6 +156,9 @@ async fn inc_backend(config: &LockConfig) -> Result<Arc<dyn Lock>> {
     if let Some(command_timeout) = config.command_timeout {
         inc.command_timeout = command_timeout;
     }
+    if let Some(wake_on_release) = config.wake_on_release {
+        inc.wake_on_release = wake_on_release;
+    }
     Ok(Arc::new(lock_inc::IncLock::connect(inc).await?))
 }
 

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 /// - `prefix`: `lock:` (as in lock-inc)
 /// - `command_timeout`: 500 ms (fred's own default is to wait forever)
 /// - `connect_timeout`: 1000 ms
+/// - `wake_on_release`: off
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IncConfig {
@@ -32,6 +33,11 @@ pub struct IncConfig {
     /// that the system's roots do not cover.
     #[serde(alias = "tlsCaFile", skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Announce releases over pub/sub (`lock-released:<lock key>`) and let waiters subscribe,
+    /// so that they retry at once instead of sleeping out their retry delay (a missed message
+    /// costs one delay at most). Costs one more connection for waiters.
+    #[serde(alias = "wakeOnRelease")]
+    pub wake_on_release: bool,
 }
 
 impl Default for IncConfig {
@@ -42,6 +48,7 @@ impl Default for IncConfig {
             command_timeout: 500,
             connect_timeout: 1_000,
             tls_ca_file: None,
+            wake_on_release: false,
         }
     }
 }
@@ -55,7 +62,14 @@ impl IncConfig {
         }
     }
 
-    /// Checks every field and names the first that is wrong (the URL without its password).
+    /// Turns pub/sub wake-ups of waiters on or off.
+    #[must_use]
+    pub fn with_wake_on_release(mut self, wake_on_release: bool) -> Self {
+        self.wake_on_release = wake_on_release;
+        self
+    }
+
+        /// Checks every field and names the first that is wrong (the URL without its password).
     ///
     /// # Errors
     /// [`LockError::InvalidInput`] naming the field.
@@ -111,6 +125,7 @@ impl fmt::Debug for IncConfig {
             .field("command_timeout", &self.command_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("tls_ca_file", &self.tls_ca_file)
+            .field("wake_on_release", &self.wake_on_release)
             .finish()
     }
 }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod wake;
 
 use std::fmt;
 use std::sync::{Arc, LazyLock};
@@ -45,6 +46,8 @@ struct Shared {
     client: fred::clients::Client,
     prefix: String,
     config: IncConfig,
+    /// Pub/sub subscriptions of waiters, when `wake_on_release` is on.
+    wakeups: Option<wake::Wakeups>,
 }
 
 /// The three Redis keys of one lock, in one hash slot (a `{…}` hash tag around the user's key).
@@ -91,7 +94,8 @@ impl IncLock {
         }
         let command_timeout = Duration::from_millis(config.command_timeout);
         let connect_timeout = Duration::from_millis(config.connect_timeout);
-        let client = fred::types::Builder::from_config(fred_config)
+        let mut builder = fred::types::Builder::from_config(fred_config);
+        builder
             .with_performance_config(|performance| {
                 performance.default_command_timeout = command_timeout
             })
@@ -101,15 +105,23 @@ impl IncLock {
                     command_timeout.max(Duration::from_millis(100));
                 connection.max_command_attempts = 1;
             })
-            .set_policy(ReconnectPolicy::new_exponential(0, 10, 1_000, 2))
-            .build()
-            .map_err(|e| {
-                LockError::invalid("url", format!("{}: {}", config.label(), e.details()))
-            })?;
+            .set_policy(ReconnectPolicy::new_exponential(0, 10, 1_000, 2));
+        let invalid =
+            |e: fred::error::Error| LockError::invalid("url", format!("{}: {}", config.label(), e.details()));
+        let client = builder.build().map_err(invalid)?;
+        let wakeups = if config.wake_on_release {
+            // Connected by the first waiter.
+            Some(wake::Wakeups::new(
+                builder.build_subscriber_client().map_err(invalid)?,
+            ))
+        } else {
+            None
+        };
         let shared = Shared {
             client,
             prefix: config.prefix.clone(),
             config,
+            wakeups,
         };
         shared
             .client
@@ -134,12 +146,29 @@ impl Lock for IncLock {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::NONE
+        let capabilities = Capabilities::NONE
             .with_extend()
             .with_fail_fast()
             .with_purge()
             .with_distributed()
-            .with_fencing()
+            .with_fencing();
+        if self.shared.wakeups.is_some() {
+            capabilities.with_wake_on_release()
+        } else {
+            capabilities
+        }
+    }
+
+    async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
+        let shared = &self.shared;
+        match (&shared.wakeups, keys.first()) {
+            (Some(wakeups), Some(key)) => {
+                let counter = shared.keys(key).counter;
+                wakeups.wait(&shared.client, &counter, max_wait).await;
+            }
+            _ => tokio::time::sleep(max_wait).await,
+        }
+        Ok(())
     }
 
     async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
@@ -236,6 +265,9 @@ impl Lock for IncLock {
     }
 
     async fn shutdown(&self) -> Result<()> {
+        if let Some(wakeups) = &self.shared.wakeups {
+            wakeups.close().await;
+        }
         self.shared
             .client
             .quit()
@@ -321,11 +353,15 @@ fn escape_glob(prefix: &str) -> String {
 
 async fn release(shared: &Shared, key: &Key, token: &Token) -> Result<bool> {
     let keys = shared.keys(key);
+    let mut args = vec![token.expose().to_owned()];
+    if shared.wakeups.is_some() {
+        args.push(format!("{}{}", wake::RELEASE_CHANNEL, keys.counter));
+    }
     let released: i64 = RELEASE
         .evalsha_with_reload(
             &shared.client,
             vec![keys.counter.as_str(), keys.owner.as_str()],
-            vec![token.expose()],
+            args,
         )
         .await
         .map_err(|e| shared.backend_error("release", &e))?;

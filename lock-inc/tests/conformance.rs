@@ -1,14 +1,22 @@
-//! The conformance suite on a real redis-server.
+//! The conformance suite on a real redis-server, with and without pub/sub wake-ups.
 
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::backed::{ServerBacked, start_servers};
 
-async fn inc_lock() -> ServerBacked<IncLock> {
+async fn inc_lock(wake_on_release: bool) -> ServerBacked<IncLock> {
     let servers = start_servers(1);
-    let lock = IncLock::connect(IncConfig::new(servers[0].url()))
-        .await
-        .expect("connect");
+    let lock = IncLock::connect(
+        IncConfig::new(servers[0].url()).with_wake_on_release(wake_on_release),
+    )
+    .await
+    .expect("connect");
     ServerBacked::new(lock, servers)
 }
 
-lock_core::conformance_tests!(crate::inc_lock());
+mod plain {
+    lock_core::conformance_tests!(crate::inc_lock(false));
+}
+
+mod with_wakeups {
+    lock_core::conformance_tests!(crate::inc_lock(true));
+}

@@ -2,22 +2,19 @@
 //! on every node and retry as soon as a message arrives (or when their delay runs out, so a
 //! missed message costs one retry delay at most).
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
+use lock_core::wake::WakeRegistry;
 use redis::aio::PubSubSink;
-use tokio::sync::Notify;
 
 use crate::node::{Node, RELEASE_CHANNEL};
 
-type Waiters = Arc<Mutex<HashMap<String, Arc<Notify>>>>;
-
 /// The subscriptions of one backend: one pub/sub connection per node, shared by all waiters.
 pub(crate) struct Wakeups {
-    waiters: Waiters,
+    waiters: WakeRegistry,
     subscribers: Vec<tokio::sync::Mutex<Option<Subscriber>>>,
 }
 
@@ -46,7 +43,7 @@ struct Subscriber {
 impl Wakeups {
     pub(crate) fn new(nodes: usize) -> Self {
         Self {
-            waiters: Waiters::default(),
+            waiters: WakeRegistry::default(),
             subscribers: (0..nodes).map(|_| tokio::sync::Mutex::new(None)).collect(),
         }
     }
@@ -60,21 +57,16 @@ impl Wakeups {
         timeout: Duration,
     ) {
         let channel = format!("{RELEASE_CHANNEL}{key}");
-        let (notify, first) = {
-            let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
-            let notify = Arc::clone(waiters.entry(channel.clone()).or_default());
-            let first = Arc::strong_count(&notify) == 2;
-            (notify, first)
-        };
+        let registration = self.waiters.register(&channel);
         {
-            let notified = notify.notified();
+            let notified = registration.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             // Expiry is not announced: wake when the holder's ttl runs out at the latest.
             let until_expiry = remaining_ttl(nodes, key, timeout).await;
             let sleep = tokio::time::sleep(until_expiry.map_or(max_wait, |ttl| ttl.min(max_wait)));
             tokio::pin!(sleep);
-            if first {
+            if registration.first {
                 let subscribe = futures::future::join_all(
                     nodes
                         .iter()
@@ -91,15 +83,7 @@ impl Wakeups {
                 () = &mut sleep => {}
             }
         }
-        let last = {
-            let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
-            let last = Arc::strong_count(&notify) == 2;
-            if last {
-                waiters.remove(&channel);
-            }
-            last
-        };
-        if last {
+        if self.waiters.unregister(&channel, registration) {
             for subscriber in &self.subscribers {
                 if let Some(subscriber) = subscriber.lock().await.as_mut() {
                     let mut sink = subscriber.sink.clone();
@@ -151,29 +135,14 @@ impl Wakeups {
     async fn connect(&self, node: &Node) -> redis::RedisResult<Subscriber> {
         let (sink, mut stream) = node.client().get_async_pubsub().await?.split();
         let alive = Arc::new(AtomicBool::new(true));
-        let (waiters, still_alive) = (Arc::clone(&self.waiters), Arc::clone(&alive));
+        let (waiters, still_alive) = (self.waiters.clone(), Arc::clone(&alive));
         let reader = tokio::spawn(async move {
             while let Some(message) = stream.next().await {
-                let notify = waiters
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .get(message.get_channel_name())
-                    .cloned();
-                if let Some(notify) = notify {
-                    notify.notify_waiters();
-                }
+                waiters.wake(message.get_channel_name());
             }
             // The connection is gone: messages may have been missed, so everyone retries now.
             still_alive.store(false, Ordering::SeqCst);
-            let all: Vec<Arc<Notify>> = waiters
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .values()
-                .cloned()
-                .collect();
-            for notify in all {
-                notify.notify_waiters();
-            }
+            waiters.wake_all();
         });
         Ok(Subscriber {
             sink,

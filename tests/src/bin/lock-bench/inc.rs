@@ -7,9 +7,13 @@ use lock_inc::{IncConfig, IncLock};
 use lock_tests::server::{RedisServer, redis_server_binary};
 
 use crate::limit::{BenchResult, cycle_limit, median};
-use crate::{Figure, figure, rate};
+use crate::{CONTENDERS, Figure, clients_handoff, figure, handoff_figures, rate};
 
-pub(crate) async fn benchmarks(cycles: u32, rounds: usize) -> BenchResult<Vec<Figure>> {
+pub(crate) async fn benchmarks(
+    cycles: u32,
+    rounds: usize,
+    handoff_time: Duration,
+) -> BenchResult<Vec<Figure>> {
     let binary = redis_server_binary()
         .ok_or("redis-server not found: run `cargo xtask it` first, which installs it")?;
     let server = RedisServer::start(&binary, &[])?;
@@ -24,7 +28,7 @@ pub(crate) async fn benchmarks(cycles: u32, rounds: usize) -> BenchResult<Vec<Fi
     }
     let (mut limits, mut ours) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        limits.push(inc_limit(&server, cycles)?);
+        limits.push(inc_limit(&server, cycles, &[])?);
         let started = Instant::now();
         for _ in 0..cycles {
             locker.acquire("bench-key").await?.release().await?;
@@ -46,11 +50,86 @@ pub(crate) async fn benchmarks(cycles: u32, rounds: usize) -> BenchResult<Vec<Fi
     uncontended.nodes = Some(1);
     uncontended.limit = Some(median(&mut limits));
     uncontended.ratio_to_limit = Some(median(&mut ratios));
-    Ok(vec![uncontended])
+    let mut figures = vec![uncontended, parallel(&server, &locker, cycles).await?];
+    figures.extend(contended(&server, handoff_time).await?);
+    Ok(figures)
+}
+
+/// 64 tasks on distinct keys over the one connection, against `redis-benchmark -c 64` with the
+/// same scripts.
+async fn parallel(server: &RedisServer, locker: &Locker, cycles: u32) -> BenchResult<Figure> {
+    const TASKS: u32 = 64;
+    let per_task = (cycles / 8).max(10);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..TASKS {
+        let locker = locker.clone();
+        tasks.spawn(async move {
+            let key = format!("parallel-{task}");
+            for _ in 0..per_task {
+                locker.acquire(&key).await?.release().await?;
+            }
+            Ok::<(), lock_core::LockError>(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    let ours = rate(TASKS * per_task, started.elapsed());
+    let limit = inc_limit(server, TASKS * per_task, &["-c", "64"])?;
+    let mut fig = figure(
+        "inc",
+        "64 tasks on distinct keys, acquire+release",
+        ours,
+        "cycles/s",
+        None,
+    );
+    fig.nodes = Some(1);
+    fig.limit = Some(limit);
+    fig.ratio_to_limit = Some(ours / limit);
+    Ok(fig)
+}
+
+/// 8 contenders on one key, 1 ms sections, retrying (the lock itself fails fast) at the default
+/// and a tuned policy, sharing one client or with a client each, with and without wake-ups.
+async fn contended(server: &RedisServer, duration: Duration) -> BenchResult<Vec<Figure>> {
+    let tuned = RetryPolicy::forever()
+        .with_retry_delay(Duration::from_millis(5))
+        .with_retry_jitter(Duration::from_millis(5))
+        .with_deadline(Duration::from_secs(30));
+    let mut figures = Vec::new();
+    for (setting, policy) in [
+        ("defaults", RetryPolicy::forever()),
+        ("tuned: 5 ms delay + 5 ms jitter", tuned),
+    ] {
+        for clients in [1, CONTENDERS] {
+            let scenario = if clients == 1 {
+                format!("contended handoff, 8 tasks, 1 ms sections, {setting}")
+            } else {
+                format!("contended handoff, 8 clients (as processes), 1 ms sections, {setting}")
+            };
+            for (name, wake) in [("inc", false), ("inc (wake-ups)", true)] {
+                let mut lockers = Vec::new();
+                for _ in 0..clients {
+                    let lock =
+                        IncLock::connect(IncConfig::new(server.url()).with_wake_on_release(wake))
+                            .await?;
+                    lockers.push(Locker::new(lock).with_options(
+                        LockOptions::default()
+                            .with_ttl(Duration::from_secs(10))
+                            .with_retry(policy.clone()),
+                    )?);
+                }
+                let result = clients_handoff(lockers, duration).await;
+                figures.extend(handoff_figures(name, 1, &scenario, &result, None));
+            }
+        }
+    }
+    Ok(figures)
 }
 
 /// The limit for the INCR lock's exact scripts, on fresh random keys as real acquisitions are.
-fn inc_limit(server: &RedisServer, requests: u32) -> BenchResult<f64> {
+fn inc_limit(server: &RedisServer, requests: u32, extra: &[&str]) -> BenchResult<f64> {
     let acquire = include_str!("../../../../lock-inc/src/lua/acquire.lua");
     let release = include_str!("../../../../lock-inc/src/lua/release.lua");
     let keys = [
@@ -58,10 +137,12 @@ fn inc_limit(server: &RedisServer, requests: u32) -> BenchResult<f64> {
         "lock:{b__rand_int__}:owner",
         "lock:{b__rand_int__}:fence",
     ];
+    let mut options = vec!["-r", "100000000"];
+    options.extend_from_slice(extra);
     cycle_limit(
         server,
         requests,
-        &["-r", "100000000"],
+        &options,
         &[
             "EVALSHA",
             acquire,

@@ -51,7 +51,7 @@ struct Profile {
     redis_rounds: usize,
 }
 
-const CONTENDERS: usize = 8;
+pub(crate) const CONTENDERS: usize = 8;
 pub(crate) const CRITICAL_SECTION: Duration = Duration::from_millis(1);
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -60,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Profile {
             uncontended_ops: 50_000,
             rounds: 3,
-            handoff_time: Duration::from_millis(1_000),
+            handoff_time: Duration::from_millis(500),
             redis_cycles: 500,
             redis_rounds: 5,
         }
@@ -97,7 +97,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .enable_all()
             .build()?;
         figures
-            .extend(single.block_on(inc::benchmarks(profile.redis_cycles, profile.redis_rounds))?);
+            .extend(single.block_on(inc::benchmarks(
+                profile.redis_cycles,
+                profile.redis_rounds,
+                profile.handoff_time,
+            ))?);
     }
     print_table(&figures);
     let path = write_report(&figures)?;
@@ -191,7 +195,7 @@ async fn memory_benchmarks(profile: Profile) -> Result<Vec<Figure>, lock_core::L
     let ours = locker_handoff(locker.clone(), profile.handoff_time).await;
     let pool = Arc::new(pool);
     let theirs = handoff(profile.handoff_time, {
-        move || {
+        move |_| {
             let pool = Arc::clone(&pool);
             async move {
                 let guard = pool.async_lock("handoff".to_owned()).await;
@@ -203,7 +207,7 @@ async fn memory_benchmarks(profile: Profile) -> Result<Vec<Figure>, lock_core::L
     .await;
     let map = Arc::new(map);
     let baseline = handoff(profile.handoff_time, {
-        move || {
+        move |_| {
             let map = Arc::clone(&map);
             async move {
                 let guard = map.lock("handoff").await;
@@ -252,8 +256,15 @@ async fn memory_benchmarks(profile: Profile) -> Result<Vec<Figure>, lock_core::L
 
 /// Contended hand-off through one of our lockers: each section takes the lock, holds it 1 ms.
 pub(crate) async fn locker_handoff(locker: Locker, duration: Duration) -> Handoff {
-    handoff(duration, move || {
-        let locker = locker.clone();
+    clients_handoff(vec![locker], duration).await
+}
+
+/// Contended hand-off where contender `i` uses `lockers[i % lockers.len()]`: one locker shared
+/// by all (tasks of one process), or one per contender (as separate processes would).
+pub(crate) async fn clients_handoff(lockers: Vec<Locker>, duration: Duration) -> Handoff {
+    let lockers = Arc::new(lockers);
+    handoff(duration, move |contender| {
+        let locker = lockers[contender % lockers.len()].clone();
         async move {
             let guard = locker.acquire("handoff").await.ok();
             tokio::time::sleep(CRITICAL_SECTION).await;
@@ -265,27 +276,77 @@ pub(crate) async fn locker_handoff(locker: Locker, duration: Duration) -> Handof
     .await
 }
 
+/// The three figures of a hand-off run (sections/s, p50 and p99 wait), with ratios to
+/// rslock's run when there is one.
+pub(crate) fn handoff_figures(
+    name: &str,
+    nodes: u32,
+    scenario: &str,
+    result: &Handoff,
+    rslock: Option<&Handoff>,
+) -> Vec<Figure> {
+    [
+        (
+            "",
+            result.sections_per_second,
+            "sections/s",
+            rslock.map(|o| o.sections_per_second),
+            true,
+        ),
+        (
+            ": p50 wait",
+            result.p50_wait_ms,
+            "ms",
+            rslock.map(|o| o.p50_wait_ms),
+            false,
+        ),
+        (
+            ": p99 wait",
+            result.p99_wait_ms,
+            "ms",
+            rslock.map(|o| o.p99_wait_ms),
+            false,
+        ),
+    ]
+    .into_iter()
+    .map(|(label, value, unit, theirs_value, higher_is_better)| {
+        let mut fig = figure(name, &format!("{scenario}{label}"), value, unit, None);
+        fig.nodes = Some(nodes);
+        fig.ratio_to_rslock = theirs_value.and_then(|theirs| {
+            let ratio = if higher_is_better {
+                value / theirs
+            } else {
+                theirs / value
+            };
+            ratio.is_finite().then_some(ratio)
+        });
+        fig
+    })
+    .collect()
+}
+
 pub(crate) struct Handoff {
     pub(crate) sections_per_second: f64,
     pub(crate) p50_wait_ms: f64,
     pub(crate) p99_wait_ms: f64,
 }
 
-/// Runs `CONTENDERS` tasks that each repeatedly wait for the lock and hold it for 1 ms.
+/// Runs `CONTENDERS` tasks that each repeatedly wait for the lock and hold it for 1 ms;
+/// `section` gets the contender's number.
 pub(crate) async fn handoff<F, Fut>(duration: Duration, section: F) -> Handoff
 where
-    F: Fn() -> Fut + Clone + Send + 'static,
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..CONTENDERS {
+    for contender in 0..CONTENDERS {
         let section = section.clone();
         tasks.push(tokio::spawn(async move {
             let mut waits = Vec::new();
             while started.elapsed() < duration {
                 let asked = Instant::now();
-                section().await;
+                section(contender).await;
                 // The wait is the whole section minus its 1 ms of work.
                 waits.push(asked.elapsed().saturating_sub(CRITICAL_SECTION));
             }

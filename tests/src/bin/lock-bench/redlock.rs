@@ -10,7 +10,9 @@ use rslock::LockManager;
 use tokio::net::TcpListener;
 
 use crate::limit::{BenchResult, cycle_limit, median};
-use crate::{CRITICAL_SECTION, Figure, figure, handoff, locker_handoff, rate};
+use crate::{
+    CONTENDERS, CRITICAL_SECTION, Figure, clients_handoff, figure, handoff, handoff_figures, rate,
+};
 
 const TTL: Duration = Duration::from_secs(10);
 
@@ -153,8 +155,10 @@ async fn parallel(
     Ok(fig)
 }
 
-/// 8 tasks on one key, 1 ms sections: at each library's defaults and at an equal tuned setting
-/// (ours 5 ms delay + 5 ms jitter; rslock's delay is uniform in 0..10 ms, the same mean).
+/// 8 contenders on one key, 1 ms sections: at each library's defaults and at an equal tuned
+/// setting (ours 5 ms delay + 5 ms jitter; rslock's delay is uniform in 0..10 ms, the same
+/// mean); once as tasks sharing one client (one process), once with a client each (as
+/// separate processes would, where only the store can hand the lock over).
 async fn contended(urls: &[String], nodes: u32, duration: Duration) -> BenchResult<Vec<Figure>> {
     let tuned = RetryPolicy::forever()
         .with_retry_delay(Duration::from_millis(5))
@@ -169,79 +173,58 @@ async fn contended(urls: &[String], nodes: u32, duration: Duration) -> BenchResu
             Some(Duration::from_millis(10)),
         ),
     ] {
-        let mut manager = LockManager::new(urls.to_vec());
-        if let Some(delay) = rslock_delay {
-            manager.set_retry(3, delay);
-        }
-        let theirs = handoff(duration, move || {
-            let manager = manager.clone();
-            async move {
-                let lock = manager.acquire_no_guard("handoff", TTL).await.ok();
-                tokio::time::sleep(CRITICAL_SECTION).await;
-                if let Some(lock) = lock {
-                    manager.unlock(&lock).await;
+        for clients in [1, CONTENDERS] {
+            let managers: Vec<LockManager> = (0..clients)
+                .map(|_| {
+                    let mut manager = LockManager::new(urls.to_vec());
+                    if let Some(delay) = rslock_delay {
+                        manager.set_retry(3, delay);
+                    }
+                    manager
+                })
+                .collect();
+            let managers = std::sync::Arc::new(managers);
+            let theirs = handoff(duration, move |contender| {
+                let manager = managers[contender % managers.len()].clone();
+                async move {
+                    let lock = manager.acquire_no_guard("handoff", TTL).await.ok();
+                    tokio::time::sleep(CRITICAL_SECTION).await;
+                    if let Some(lock) = lock {
+                        manager.unlock(&lock).await;
+                    }
                 }
-            }
-        })
-        .await;
-        let polled = locker_handoff(
-            locker(urls, ConnectionKind::Manager, ours_policy.clone())?,
-            duration,
-        )
-        .await;
-        let woken = locker_handoff(woken_locker(urls, ours_policy)?, duration).await;
-        let scenario = format!("contended handoff, 8 tasks, 1 ms sections, {setting}");
-        for (name, result, other) in [
-            ("redlock (manager)", &polled, Some(&theirs)),
-            ("redlock (manager, wake-ups)", &woken, Some(&theirs)),
-            ("rslock", &theirs, None),
-        ] {
-            for (label, value, unit, theirs_value, higher_is_better) in [
-                (
-                    "",
-                    result.sections_per_second,
-                    "sections/s",
-                    other.map(|o| o.sections_per_second),
-                    true,
-                ),
-                (
-                    ": p50 wait",
-                    result.p50_wait_ms,
-                    "ms",
-                    other.map(|o| o.p50_wait_ms),
-                    false,
-                ),
-                (
-                    ": p99 wait",
-                    result.p99_wait_ms,
-                    "ms",
-                    other.map(|o| o.p99_wait_ms),
-                    false,
-                ),
+            })
+            .await;
+            let lockers = |wake: bool| -> BenchResult<Vec<Locker>> {
+                (0..clients)
+                    .map(|_| {
+                        let config = RedlockConfig::new(urls.iter().cloned())
+                            .with_wake_on_release(wake);
+                        Ok(Locker::new(Redlock::new(config)?).with_options(
+                            LockOptions::default()
+                                .with_ttl(TTL)
+                                .with_retry(ours_policy.clone()),
+                        )?)
+                    })
+                    .collect()
+            };
+            let polled = clients_handoff(lockers(false)?, duration).await;
+            let woken = clients_handoff(lockers(true)?, duration).await;
+            let scenario = if clients == 1 {
+                format!("contended handoff, 8 tasks, 1 ms sections, {setting}")
+            } else {
+                format!("contended handoff, 8 clients (as processes), 1 ms sections, {setting}")
+            };
+            for (name, result, other) in [
+                ("redlock (manager)", &polled, Some(&theirs)),
+                ("redlock (manager, wake-ups)", &woken, Some(&theirs)),
+                ("rslock", &theirs, None),
             ] {
-                let mut fig = figure(name, &format!("{scenario}{label}"), value, unit, None);
-                fig.nodes = Some(nodes);
-                fig.ratio_to_rslock = theirs_value.and_then(|theirs| {
-                    let ratio = if higher_is_better {
-                        value / theirs
-                    } else {
-                        theirs / value
-                    };
-                    ratio.is_finite().then_some(ratio)
-                });
-                figures.push(fig);
+                figures.extend(handoff_figures(name, nodes, &scenario, result, other));
             }
         }
     }
     Ok(figures)
-}
-
-/// Our locker with pub/sub wake-ups of waiters.
-fn woken_locker(urls: &[String], retry: RetryPolicy) -> BenchResult<Locker> {
-    let config = RedlockConfig::new(urls.iter().cloned()).with_wake_on_release(true);
-    let locker = Locker::new(Redlock::new(config)?)
-        .with_options(LockOptions::default().with_ttl(TTL).with_retry(retry))?;
-    Ok(locker)
 }
 
 /// Three nodes of which one accepts TCP connections and never answers: per-cycle latency for

@@ -1,0 +1,129 @@
+//! Push-based wake-ups: with `wake_on_release`, the release script announces each release on
+//! `lock-released:<lock key>`, and waiters subscribe through one shared subscriber connection
+//! (fred's `SubscriberClient`, which resubscribes after a reconnect). A waiter retries on a
+//! message, when the holder's ttl runs out, or after its retry delay, whichever comes first.
+
+use std::time::Duration;
+
+use fred::clients::SubscriberClient;
+use fred::prelude::{ClientLike, EventInterface, KeysInterface, PubsubInterface};
+use lock_core::wake::WakeRegistry;
+use tokio::task::JoinHandle;
+
+/// Releases of the lock key `K` are announced on this prefix followed by `K`.
+pub(crate) const RELEASE_CHANNEL: &str = "lock-released:";
+
+/// The waiters and the subscriber connection of one backend.
+pub(crate) struct Wakeups {
+    waiters: WakeRegistry,
+    subscriber: SubscriberClient,
+    /// The message reader and the subscription manager, started by the first waiter.
+    tasks: tokio::sync::Mutex<Option<Vec<JoinHandle<()>>>>,
+}
+
+impl Wakeups {
+    pub(crate) fn new(subscriber: SubscriberClient) -> Self {
+        Self {
+            waiters: WakeRegistry::default(),
+            subscriber,
+            tasks: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Waits for a release of the lock whose counter key is `counter`, its expiry, or
+    /// `max_wait`. `client` (the commands connection) reads the holder's remaining ttl.
+    pub(crate) async fn wait(
+        &self,
+        client: &fred::clients::Client,
+        counter: &str,
+        max_wait: Duration,
+    ) {
+        let channel = format!("{RELEASE_CHANNEL}{counter}");
+        let registration = self.waiters.register(&channel);
+        {
+            let notified = registration.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Expiry is not announced: wake when the holder's ttl runs out at the latest.
+            let until_expiry = client
+                .pttl::<i64, _>(counter)
+                .await
+                .ok()
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map(|ms| Duration::from_millis(ms + 1));
+            let sleep = tokio::time::sleep(until_expiry.map_or(max_wait, |ttl| ttl.min(max_wait)));
+            tokio::pin!(sleep);
+            if registration.first {
+                tokio::select! {
+                    () = self.subscribe(&channel) => {}
+                    () = &mut sleep => {}
+                }
+            }
+            tokio::select! {
+                () = notified => {}
+                () = &mut sleep => {}
+            }
+        }
+        if self.waiters.unregister(&channel, registration) {
+            let subscriber = self.subscriber.clone();
+            tokio::spawn(async move {
+                let _ = subscriber.unsubscribe(channel).await;
+            });
+        }
+    }
+
+    /// Closes the subscriber connection (on shutdown).
+    pub(crate) async fn close(&self) {
+        if let Some(tasks) = self.tasks.lock().await.take() {
+            for task in tasks {
+                task.abort();
+            }
+            let _ = self.subscriber.quit().await;
+        }
+    }
+
+    async fn subscribe(&self, channel: &str) {
+        if let Err(error) = self.connect().await {
+            tracing::debug!(%error, "cannot connect for wake-ups; falling back to the retry delay");
+            return;
+        }
+        if let Err(error) = self.subscriber.subscribe(channel).await {
+            tracing::debug!(%error, "cannot subscribe for wake-ups; falling back to the retry delay");
+        }
+    }
+
+    /// Connects the subscriber and starts its reader, once.
+    async fn connect(&self) -> Result<(), fred::error::Error> {
+        let mut tasks = self.tasks.lock().await;
+        if tasks.is_some() {
+            return Ok(());
+        }
+        let mut messages = self.subscriber.message_rx();
+        let mut reconnects = self.subscriber.reconnect_rx();
+        self.subscriber.init().await?;
+        let waiters = self.waiters.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                match messages.recv().await {
+                    Ok(message) => waiters.wake(&message.channel),
+                    // Too slow to keep up: some messages are gone, so everyone retries now.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => waiters.wake_all(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        let waiters = self.waiters.clone();
+        let reconnected = tokio::spawn(async move {
+            // After a reconnect, messages may have been missed while the link was down.
+            while reconnects.recv().await.is_ok() {
+                waiters.wake_all();
+            }
+        });
+        *tasks = Some(vec![
+            reader,
+            reconnected,
+            self.subscriber.manage_subscriptions(),
+        ]);
+        Ok(())
+    }
+}
