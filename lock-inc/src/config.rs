@@ -69,7 +69,7 @@ impl IncConfig {
         self
     }
 
-        /// Checks every field and names the first that is wrong (the URL without its password).
+    /// Checks every field and names the first that is wrong (the URL without its password).
     ///
     /// # Errors
     /// [`LockError::InvalidInput`] naming the field.

@@ -106,8 +106,9 @@ impl IncLock {
                 connection.max_command_attempts = 1;
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 10, 1_000, 2));
-        let invalid =
-            |e: fred::error::Error| LockError::invalid("url", format!("{}: {}", config.label(), e.details()));
+        let invalid = |e: fred::error::Error| {
+            LockError::invalid("url", format!("{}: {}", config.label(), e.details()))
+        };
         let client = builder.build().map_err(invalid)?;
         let wakeups = if config.wake_on_release {
             // Connected by the first waiter.

@@ -31,7 +31,8 @@ impl Wakeups {
     }
 
     /// Waits for a release of the lock whose counter key is `counter`, its expiry, or
-    /// `max_wait`. `client` (the commands connection) reads the holder's remaining ttl.
+    /// `max_wait`. `client` (the commands connection) reads the holder's remaining ttl while
+    /// the wait has already begun, as does the subscription of the channel's first waiter.
     pub(crate) async fn wait(
         &self,
         client: &fred::clients::Client,
@@ -44,32 +45,38 @@ impl Wakeups {
             let notified = registration.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // Expiry is not announced: wake when the holder's ttl runs out at the latest.
-            let until_expiry = client
-                .pttl::<i64, _>(counter)
-                .await
-                .ok()
-                .and_then(|ms| u64::try_from(ms).ok())
-                .map(|ms| Duration::from_millis(ms + 1));
-            let sleep = tokio::time::sleep(until_expiry.map_or(max_wait, |ttl| ttl.min(max_wait)));
+            let deadline = tokio::time::Instant::now() + max_wait;
+            let sleep = tokio::time::sleep_until(deadline);
             tokio::pin!(sleep);
-            if registration.first {
+            // Expiry is not announced: wake when the holder's ttl runs out at the latest.
+            let probe = client.pttl::<i64, _>(counter);
+            tokio::pin!(probe);
+            let subscribe = self.subscribe(&channel);
+            tokio::pin!(subscribe);
+            let (mut probed, mut subscribed) = (false, !registration.subscribe);
+            loop {
                 tokio::select! {
-                    () = self.subscribe(&channel) => {}
-                    () = &mut sleep => {}
+                    () = &mut notified => break,
+                    () = &mut sleep => break,
+                    ttl = &mut probe, if !probed => {
+                        probed = true;
+                        if let Some(ms) = ttl.ok().and_then(|ms| u64::try_from(ms).ok()) {
+                            let expiry =
+                                tokio::time::Instant::now() + Duration::from_millis(ms + 1);
+                            if expiry < deadline {
+                                sleep.as_mut().reset(expiry);
+                            }
+                        }
+                    }
+                    () = &mut subscribe, if !subscribed => subscribed = true,
                 }
             }
-            tokio::select! {
-                () = notified => {}
-                () = &mut sleep => {}
-            }
         }
-        if self.waiters.unregister(&channel, registration) {
-            let subscriber = self.subscriber.clone();
-            tokio::spawn(async move {
+        let (subscriber, name) = (self.subscriber.clone(), channel.clone());
+        self.waiters
+            .unregister(&name, registration, move || async move {
                 let _ = subscriber.unsubscribe(channel).await;
             });
-        }
     }
 
     /// Closes the subscriber connection (on shutdown).
@@ -99,8 +106,9 @@ impl Wakeups {
             return Ok(());
         }
         let mut messages = self.subscriber.message_rx();
-        let mut reconnects = self.subscriber.reconnect_rx();
         self.subscriber.init().await?;
+        // Taken after the first connection, which also counts as a "reconnect".
+        let mut reconnects = self.subscriber.reconnect_rx();
         let waiters = self.waiters.clone();
         let reader = tokio::spawn(async move {
             loop {

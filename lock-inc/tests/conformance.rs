@@ -5,11 +5,10 @@ use lock_tests::backed::{ServerBacked, start_servers};
 
 async fn inc_lock(wake_on_release: bool) -> ServerBacked<IncLock> {
     let servers = start_servers(1);
-    let lock = IncLock::connect(
-        IncConfig::new(servers[0].url()).with_wake_on_release(wake_on_release),
-    )
-    .await
-    .expect("connect");
+    let lock =
+        IncLock::connect(IncConfig::new(servers[0].url()).with_wake_on_release(wake_on_release))
+            .await
+            .expect("connect");
     ServerBacked::new(lock, servers)
 }
 

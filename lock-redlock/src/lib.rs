@@ -49,7 +49,7 @@ struct Shared {
     quorum: usize,
     config: RedlockConfig,
     /// Pub/sub subscriptions of waiters, when `wake_on_release` is on.
-    wakeups: Option<wake::Wakeups>,
+    wakeups: Option<Arc<wake::Wakeups>>,
 }
 
 impl Redlock {
@@ -84,7 +84,7 @@ impl Redlock {
                 quorum,
                 wakeups: config
                     .wake_on_release
-                    .then(|| wake::Wakeups::new(node_count)),
+                    .then(|| Arc::new(wake::Wakeups::new(node_count))),
                 config,
             }),
         })

@@ -48,10 +48,13 @@ impl Wakeups {
         }
     }
 
-    /// Waits for a release of `key` announced by any node, or `max_wait`.
+    /// Waits for a release of `key` announced by any node, the holder's expiry, or `max_wait`.
+    ///
+    /// Subscribing (for the channel's first waiter) and asking the nodes for the holder's
+    /// remaining ttl run while the wait has already begun, so neither delays a wake-up.
     pub(crate) async fn wait(
-        &self,
-        nodes: &[Node],
+        self: &Arc<Self>,
+        nodes: &Arc<[Node]>,
         key: &str,
         max_wait: Duration,
         timeout: Duration,
@@ -62,38 +65,47 @@ impl Wakeups {
             let notified = registration.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // Expiry is not announced: wake when the holder's ttl runs out at the latest.
-            let until_expiry = remaining_ttl(nodes, key, timeout).await;
-            let sleep = tokio::time::sleep(until_expiry.map_or(max_wait, |ttl| ttl.min(max_wait)));
+            let deadline = tokio::time::Instant::now() + max_wait;
+            let sleep = tokio::time::sleep_until(deadline);
             tokio::pin!(sleep);
-            if registration.first {
-                let subscribe = futures::future::join_all(
-                    nodes
-                        .iter()
-                        .enumerate()
-                        .map(|(index, node)| self.subscribe(index, node, &channel, timeout)),
-                );
+            // Expiry is not announced: wake when the holder's ttl runs out at the latest.
+            let probe = remaining_ttl(nodes, key, timeout);
+            tokio::pin!(probe);
+            let subscribe = futures::future::join_all(
+                nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(index, node)| self.subscribe(index, node, &channel, timeout)),
+            );
+            tokio::pin!(subscribe);
+            let (mut probed, mut subscribed) = (false, !registration.subscribe);
+            loop {
                 tokio::select! {
-                    _ = subscribe => {}
-                    () = &mut sleep => {}
-                }
-            }
-            tokio::select! {
-                () = notified => {}
-                () = &mut sleep => {}
-            }
-        }
-        if self.waiters.unregister(&channel, registration) {
-            for subscriber in &self.subscribers {
-                if let Some(subscriber) = subscriber.lock().await.as_mut() {
-                    let mut sink = subscriber.sink.clone();
-                    let channel = channel.clone();
-                    tokio::spawn(async move {
-                        let _ = sink.unsubscribe(channel).await;
-                    });
+                    () = &mut notified => break,
+                    () = &mut sleep => break,
+                    ttl = &mut probe, if !probed => {
+                        probed = true;
+                        if let Some(ttl) = ttl {
+                            let expiry = tokio::time::Instant::now() + ttl;
+                            if expiry < deadline {
+                                sleep.as_mut().reset(expiry);
+                            }
+                        }
+                    }
+                    _ = &mut subscribe, if !subscribed => subscribed = true,
                 }
             }
         }
+        let (wakeups, name) = (Arc::clone(self), channel.clone());
+        self.waiters
+            .unregister(&name, registration, move || async move {
+                for subscriber in &wakeups.subscribers {
+                    let sink = subscriber.lock().await.as_ref().map(|s| s.sink.clone());
+                    if let Some(mut sink) = sink {
+                        let _ = sink.unsubscribe(&channel).await;
+                    }
+                }
+            });
     }
 
     /// Closes every pub/sub connection (on shutdown).

@@ -114,11 +114,13 @@ async fn contended(server: &RedisServer, duration: Duration) -> BenchResult<Vec<
                     let lock =
                         IncLock::connect(IncConfig::new(server.url()).with_wake_on_release(wake))
                             .await?;
-                    lockers.push(Locker::new(lock).with_options(
-                        LockOptions::default()
-                            .with_ttl(Duration::from_secs(10))
-                            .with_retry(policy.clone()),
-                    )?);
+                    lockers.push(
+                        Locker::new(lock).with_options(
+                            LockOptions::default()
+                                .with_ttl(Duration::from_secs(10))
+                                .with_retry(policy.clone()),
+                        )?,
+                    );
                 }
                 let result = clients_handoff(lockers, duration).await;
                 figures.extend(handoff_figures(name, 1, &scenario, &result, None));
