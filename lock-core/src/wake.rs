@@ -56,6 +56,57 @@ impl WakeRegistry {
         }
     }
 
+    /// Waits on `channel` for an announced release, the holder's expiry, or `max_wait`,
+    /// whichever comes first, then ends the registration.
+    ///
+    /// `remaining_ttl` asks the store how long the holder has left (expiry is not announced);
+    /// `subscribe` runs when the channel has no subscription yet; both run while the wait has
+    /// already begun, so neither delays a wake-up. `unsubscribe` runs when the channel's
+    /// subscription is retired (see [`WakeRegistry::unregister`]).
+    pub async fn wait<P, S, U, UF>(
+        &self,
+        channel: &str,
+        max_wait: Duration,
+        remaining_ttl: P,
+        subscribe: S,
+        unsubscribe: U,
+    ) where
+        P: Future<Output = Option<Duration>>,
+        S: Future<Output = ()>,
+        U: FnOnce() -> UF + Send + 'static,
+        UF: Future<Output = ()> + Send,
+    {
+        let registration = self.register(channel);
+        {
+            let notified = registration.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let deadline = tokio::time::Instant::now() + max_wait;
+            let sleep = tokio::time::sleep_until(deadline);
+            tokio::pin!(sleep);
+            tokio::pin!(remaining_ttl);
+            tokio::pin!(subscribe);
+            let (mut probed, mut subscribed) = (false, !registration.subscribe);
+            loop {
+                tokio::select! {
+                    () = &mut notified => break,
+                    () = &mut sleep => break,
+                    ttl = &mut remaining_ttl, if !probed => {
+                        probed = true;
+                        if let Some(ttl) = ttl {
+                            let expiry = tokio::time::Instant::now() + ttl;
+                            if expiry < deadline {
+                                sleep.as_mut().reset(expiry);
+                            }
+                        }
+                    }
+                    () = &mut subscribe, if !subscribed => subscribed = true,
+                }
+            }
+        }
+        self.unregister(channel, registration, unsubscribe);
+    }
+
     /// Ends a registration. When it was the channel's last waiter, `unsubscribe` runs after
     /// [`LINGER`] unless a waiter registered meanwhile (needs a tokio runtime).
     pub fn unregister<F, Fut>(&self, channel: &str, registration: Registration, unsubscribe: F)

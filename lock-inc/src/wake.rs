@@ -40,43 +40,25 @@ impl Wakeups {
         max_wait: Duration,
     ) {
         let channel = format!("{RELEASE_CHANNEL}{counter}");
-        let registration = self.waiters.register(&channel);
-        {
-            let notified = registration.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let deadline = tokio::time::Instant::now() + max_wait;
-            let sleep = tokio::time::sleep_until(deadline);
-            tokio::pin!(sleep);
-            // Expiry is not announced: wake when the holder's ttl runs out at the latest.
-            let probe = client.pttl::<i64, _>(counter);
-            tokio::pin!(probe);
-            let subscribe = self.subscribe(&channel);
-            tokio::pin!(subscribe);
-            let (mut probed, mut subscribed) = (false, !registration.subscribe);
-            loop {
-                tokio::select! {
-                    () = &mut notified => break,
-                    () = &mut sleep => break,
-                    ttl = &mut probe, if !probed => {
-                        probed = true;
-                        if let Some(ms) = ttl.ok().and_then(|ms| u64::try_from(ms).ok()) {
-                            let expiry =
-                                tokio::time::Instant::now() + Duration::from_millis(ms + 1);
-                            if expiry < deadline {
-                                sleep.as_mut().reset(expiry);
-                            }
-                        }
-                    }
-                    () = &mut subscribe, if !subscribed => subscribed = true,
-                }
-            }
-        }
+        let remaining_ttl = async {
+            let ms = client.pttl::<i64, _>(counter).await.ok()?;
+            u64::try_from(ms)
+                .ok()
+                .map(|ms| Duration::from_millis(ms + 1))
+        };
         let (subscriber, name) = (self.subscriber.clone(), channel.clone());
+        let unsubscribe = move || async move {
+            let _ = subscriber.unsubscribe(name).await;
+        };
         self.waiters
-            .unregister(&name, registration, move || async move {
-                let _ = subscriber.unsubscribe(channel).await;
-            });
+            .wait(
+                &channel,
+                max_wait,
+                remaining_ttl,
+                self.subscribe(&channel),
+                unsubscribe,
+            )
+            .await;
     }
 
     /// Closes the subscriber connection (on shutdown).

@@ -60,52 +60,33 @@ impl Wakeups {
         timeout: Duration,
     ) {
         let channel = format!("{RELEASE_CHANNEL}{key}");
-        let registration = self.waiters.register(&channel);
-        {
-            let notified = registration.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let deadline = tokio::time::Instant::now() + max_wait;
-            let sleep = tokio::time::sleep_until(deadline);
-            tokio::pin!(sleep);
-            // Expiry is not announced: wake when the holder's ttl runs out at the latest.
-            let probe = remaining_ttl(nodes, key, timeout);
-            tokio::pin!(probe);
-            let subscribe = futures::future::join_all(
+        let subscribe = async {
+            futures::future::join_all(
                 nodes
                     .iter()
                     .enumerate()
                     .map(|(index, node)| self.subscribe(index, node, &channel, timeout)),
-            );
-            tokio::pin!(subscribe);
-            let (mut probed, mut subscribed) = (false, !registration.subscribe);
-            loop {
-                tokio::select! {
-                    () = &mut notified => break,
-                    () = &mut sleep => break,
-                    ttl = &mut probe, if !probed => {
-                        probed = true;
-                        if let Some(ttl) = ttl {
-                            let expiry = tokio::time::Instant::now() + ttl;
-                            if expiry < deadline {
-                                sleep.as_mut().reset(expiry);
-                            }
-                        }
-                    }
-                    _ = &mut subscribe, if !subscribed => subscribed = true,
+            )
+            .await;
+        };
+        let (wakeups, name) = (Arc::clone(self), channel.clone());
+        let unsubscribe = move || async move {
+            for subscriber in &wakeups.subscribers {
+                let sink = subscriber.lock().await.as_ref().map(|s| s.sink.clone());
+                if let Some(mut sink) = sink {
+                    let _ = sink.unsubscribe(&name).await;
                 }
             }
-        }
-        let (wakeups, name) = (Arc::clone(self), channel.clone());
+        };
         self.waiters
-            .unregister(&name, registration, move || async move {
-                for subscriber in &wakeups.subscribers {
-                    let sink = subscriber.lock().await.as_ref().map(|s| s.sink.clone());
-                    if let Some(mut sink) = sink {
-                        let _ = sink.unsubscribe(&channel).await;
-                    }
-                }
-            });
+            .wait(
+                &channel,
+                max_wait,
+                remaining_ttl(nodes, key, timeout),
+                subscribe,
+                unsubscribe,
+            )
+            .await;
     }
 
     /// Closes every pub/sub connection (on shutdown).

@@ -1,6 +1,7 @@
 //! Cross-process contention: runs `lock-worker` processes against one key and adds up what
 //! they report, with the checker server's shared counter for lost updates.
 
+use std::fmt;
 use std::io;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -102,4 +103,53 @@ pub fn collect(children: Vec<Child>, checker: &RedisServer) -> Result<Totals, St
         .unwrap_or(0);
     totals.lost_updates = totals.sections.saturating_sub(counter);
     Ok(totals)
+}
+
+/// Runs `processes` workers of one task and `sections` critical sections each (no time bound)
+/// and adds up their reports.
+///
+/// # Errors
+/// When a worker cannot start, fails, or prints no report.
+pub fn run(
+    worker: &Path,
+    args: &[&str],
+    checker: &RedisServer,
+    (processes, sections): (usize, usize),
+    node_urls: &[String],
+) -> Result<Totals, String> {
+    let children = (0..processes)
+        .map(|_| spawn_worker(worker, args, checker, (1, sections), node_urls, None))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(|e| format!("cannot start a worker: {e}"))?;
+    collect(children, checker)
+}
+
+impl Totals {
+    /// Asserts that `expected` sections ran, all fenced, with no overlap, lost update or stale
+    /// write.
+    ///
+    /// # Panics
+    /// On any of those.
+    pub fn assert_safe(&self, expected: u64) {
+        assert_eq!(self.sections, expected, "sections that ran");
+        assert_eq!(self.fenced_writes, self.sections, "every section is fenced");
+        assert_eq!(self.overlaps, 0, "two holders overlapped");
+        assert_eq!(self.lost_updates, 0, "updates were lost");
+        assert_eq!(self.stale_writes, 0, "a fencing token went backwards");
+    }
+}
+
+impl fmt::Display for Totals {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "critical sections {}, overlaps {}, lost updates {}, stale writes accepted {} (of {} fenced writes), max acquire latency {} ms",
+            self.sections,
+            self.overlaps,
+            self.lost_updates,
+            self.stale_writes,
+            self.fenced_writes,
+            self.max_acquire_ms
+        )
+    }
 }

@@ -109,15 +109,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let totals = workers::collect(children, &checker)?;
-    println!(
-        "critical sections {}, overlaps {}, lost updates {}, stale writes accepted {} (of {} fenced writes), max acquire latency {} ms",
-        totals.sections,
-        totals.overlaps,
-        totals.lost_updates,
-        totals.stale_writes,
-        totals.fenced_writes,
-        totals.max_acquire_ms
-    );
+    println!("{totals}");
     println!(
         "faults injected {faults}, failed acquisitions {}, in {:?}",
         totals.errors,

@@ -7,7 +7,7 @@ use lock_inc::{IncConfig, IncLock};
 use lock_tests::server::{RedisServer, redis_server_binary};
 
 use crate::limit::{BenchResult, cycle_limit, median};
-use crate::{CONTENDERS, Figure, clients_handoff, figure, handoff_figures, rate};
+use crate::{CONTENDERS, Figure, clients_handoff, figure, handoff_figures, parallel_rate, rate};
 
 pub(crate) async fn benchmarks(
     cycles: u32,
@@ -60,22 +60,7 @@ pub(crate) async fn benchmarks(
 async fn parallel(server: &RedisServer, locker: &Locker, cycles: u32) -> BenchResult<Figure> {
     const TASKS: u32 = 64;
     let per_task = (cycles / 8).max(10);
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for task in 0..TASKS {
-        let locker = locker.clone();
-        tasks.spawn(async move {
-            let key = format!("parallel-{task}");
-            for _ in 0..per_task {
-                locker.acquire(&key).await?.release().await?;
-            }
-            Ok::<(), lock_core::LockError>(())
-        });
-    }
-    while let Some(result) = tasks.join_next().await {
-        result??;
-    }
-    let ours = rate(TASKS * per_task, started.elapsed());
+    let ours = parallel_rate(locker, TASKS, per_task).await?;
     let limit = inc_limit(server, TASKS * per_task, &["-c", "64"])?;
     let mut fig = figure(
         "inc",

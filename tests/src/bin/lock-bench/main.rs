@@ -377,6 +377,31 @@ fn percentile_ms(sorted: &[Duration], quantile: f64) -> f64 {
     sorted[index.min(sorted.len() - 1)].as_secs_f64() * 1e3
 }
 
+/// Acquire + release cycles per second of `tasks` tasks, each on a key of its own for
+/// `per_task` cycles, pipelined over the locker's shared connections.
+pub(crate) async fn parallel_rate(
+    locker: &Locker,
+    tasks: u32,
+    per_task: u32,
+) -> Result<f64, lock_core::LockError> {
+    let started = Instant::now();
+    let mut running = tokio::task::JoinSet::new();
+    for task in 0..tasks {
+        let locker = locker.clone();
+        running.spawn(async move {
+            let key = format!("parallel-{task}");
+            for _ in 0..per_task {
+                locker.acquire(&key).await?.release().await?;
+            }
+            Ok::<(), lock_core::LockError>(())
+        });
+    }
+    while let Some(result) = running.join_next().await {
+        result.map_err(|e| lock_core::LockError::backend("bench", e.to_string()))??;
+    }
+    Ok(rate(tasks * per_task, started.elapsed()))
+}
+
 pub(crate) fn rate(operations: u32, elapsed: Duration) -> f64 {
     f64::from(operations) / elapsed.as_secs_f64().max(f64::EPSILON)
 }

@@ -11,7 +11,8 @@ use tokio::net::TcpListener;
 
 use crate::limit::{BenchResult, cycle_limit, median};
 use crate::{
-    CONTENDERS, CRITICAL_SECTION, Figure, clients_handoff, figure, handoff, handoff_figures, rate,
+    CONTENDERS, CRITICAL_SECTION, Figure, clients_handoff, figure, handoff, handoff_figures,
+    parallel_rate, rate,
 };
 
 const TTL: Duration = Duration::from_secs(10);
@@ -109,24 +110,9 @@ async fn parallel(
     cycles: u32,
 ) -> BenchResult<Figure> {
     const TASKS: u32 = 64;
-    let locker = locker(urls, ConnectionKind::Manager, RetryPolicy::forever())?;
+    let locker = &locker(urls, ConnectionKind::Manager, RetryPolicy::forever())?;
     let per_task = (cycles / 8).max(10);
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for task in 0..TASKS {
-        let locker = locker.clone();
-        tasks.spawn(async move {
-            let key = format!("parallel-{task}");
-            for _ in 0..per_task {
-                locker.acquire(&key).await?.release().await?;
-            }
-            Ok::<(), lock_core::LockError>(())
-        });
-    }
-    while let Some(result) = tasks.join_next().await {
-        result??;
-    }
-    let ours = rate(TASKS * per_task, started.elapsed());
+    let ours = parallel_rate(locker, TASKS, per_task).await?;
     let release = include_str!("../../../../lock-redlock/src/lua/release.lua");
     let limit = cycle_limit(
         limit_server,
