@@ -13,7 +13,8 @@ pub type Result<T, E = LockError> = std::result::Result<T, E>;
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    /// An argument or a configuration field was rejected before any I/O took place.
+    /// An argument or a configuration field was rejected before any I/O took place, or a key
+    /// turned out to hold something other than a lock (a Redis list, say) in the store.
     #[error("invalid {field}: {reason}")]
     InvalidInput {
         /// The field or argument at fault, e.g. `ttl` or `retry.retry_jitter`.

@@ -138,6 +138,36 @@ impl Shared {
         (valid_until > Instant::now()).then_some(valid_until)
     }
 
+    /// Fails when a node stores one of `keys` as something other than a lock (a string).
+    async fn refuse_foreign_types(
+        &self,
+        nodes: &[Node],
+        keys: &KeySet,
+        ttl: Duration,
+    ) -> Result<()> {
+        let timeout = self.node_timeout(ttl);
+        let asks = nodes.iter().map(|node| async move {
+            (node, tokio::time::timeout(timeout, node.types(keys)).await)
+        });
+        for (node, answer) in futures::future::join_all(asks).await {
+            let Ok(Ok(types)) = answer else { continue };
+            if let Some((key, kind)) = keys
+                .iter()
+                .zip(&types)
+                .find(|(_, kind)| !matches!(kind.as_str(), "string" | "none"))
+            {
+                return Err(LockError::invalid(
+                    "key",
+                    format!(
+                        "`{key}` holds a Redis {kind} on {}, not a lock: use another key or a namespace",
+                        node.label()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The fencing counter beside `key`, when fencing is on.
     fn fence_key(&self, key: &Key) -> Result<Option<Key>> {
         if !self.config.fencing {
@@ -379,6 +409,11 @@ impl Lock for Redlock {
             ));
         }
         if tally.no > 0 {
+            // `SET NX` on a key of another type (a list, a hash) is refused as if the key were
+            // held, forever: look once per acquisition, on its first refusal.
+            if !request.after_wait() {
+                shared.refuse_foreign_types(&nodes, &keys, ttl).await?;
+            }
             return Ok(None);
         }
         tracing::warn!(key, failures = tally.failures(), "quorum not reached");

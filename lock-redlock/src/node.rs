@@ -201,6 +201,18 @@ impl Node {
         Ok(extended == 1)
     }
 
+    /// The Redis type of each key here: `string` for a lock, `none` when absent.
+    pub(crate) async fn types(&self, keys: &[Key]) -> RedisResult<Vec<String>> {
+        let mut pipeline = redis::pipe();
+        for key in keys {
+            pipeline.cmd("TYPE").arg(key.as_str());
+        }
+        match &self.connection {
+            Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await,
+            Connection::Pool(pool) => pipeline.query_async(&mut checkout(pool).await?).await,
+        }
+    }
+
     /// `PTTL key`: -2 when absent, -1 when it has no expiry, else the ms left.
     pub(crate) async fn pttl(&self, key: &Key) -> RedisResult<i64> {
         let mut command = redis::cmd("PTTL");

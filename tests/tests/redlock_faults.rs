@@ -209,8 +209,53 @@ async fn two_of_three_paused_fail_with_quorum_error_and_leave_no_stray_key() {
             .expect("EXISTS");
         strays += usize::from(reply != ":0");
     }
-    println!("R4 (2 of 3 paused): error `{error}` after {took:?}; stray keys after ttl {strays}");
+    let started = Instant::now();
+    let next = locker
+        .acquire("stalled")
+        .await
+        .expect("a new acquirer gets in");
+    let reacquired = started.elapsed();
+    next.release().await.expect("release");
+    println!(
+        "R4 (2 of 3 paused): error `{error}` after {took:?}; stray keys after ttl {strays}; re-acquired in {reacquired:?}"
+    );
     assert_eq!(strays, 0, "a key outlived its ttl");
+}
+
+/// R5 with fencing: the holder paused past its ttl comes back and writes; the resource, which
+/// keeps the highest fencing token it has seen, refuses the stale write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r5_a_fenced_resource_refuses_the_paused_holders_late_write() {
+    if redis_or_skip("fenced R5").is_none() {
+        return;
+    }
+    let backed = ServerBacked::start(3, |urls| {
+        Redlock::new(
+            RedlockConfig::new(urls)
+                .with_node_timeout(NODE_TIMEOUT)
+                .with_fencing(true),
+        )
+    });
+    let ttl = Duration::from_millis(300);
+    let first = locker(&backed, ttl, quick_retry());
+    let second = locker(&backed, Duration::from_secs(10), quick_retry());
+    let resource = lock_tests::history::FencedResource::default();
+    let paused = first.acquire("fenced-r5").await.expect("first holder");
+    let stale_fence = paused.fencing_token().expect("fence");
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let next = second.acquire("fenced-r5").await.expect("second holder");
+    let fence = next.fencing_token().expect("fence");
+    assert!(resource.write(fence), "the current holder's write");
+    let accepted = resource.write(stale_fence);
+    println!(
+        "R5 (fenced): tokens {stale_fence} (paused holder) < {fence} (next holder); stale writes accepted {}",
+        u8::from(accepted)
+    );
+    assert!(
+        !accepted,
+        "the resource accepted the paused holder's late write"
+    );
+    next.release().await.expect("release");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -842,4 +887,25 @@ async fn fencing_tokens_increase_while_the_quorum_moves() {
         "fencing with a moving quorum, a clock 1 h ahead and {restarts} empty restarts: steps between tokens {steps:?}, inversions {inversions}"
     );
     assert_eq!(inversions, 0, "fencing tokens must strictly increase");
+}
+
+/// A key that holds something other than a lock (here a list) would refuse `SET NX` forever,
+/// as if held: the first refusal looks at the key's type and fails with a typed error at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_is_a_typed_error_not_an_endless_wait() {
+    let Some(mut backed) = cluster(3) else { return };
+    for server in backed.servers() {
+        let reply = server.command("RPUSH not-a-lock x", PROBE).expect("RPUSH");
+        assert_eq!(reply, ":1");
+    }
+    let locker = locker(&backed, Duration::from_secs(5), quick_retry());
+    let started = Instant::now();
+    let error = locker.acquire("not-a-lock").await.expect_err("a list");
+    let took = started.elapsed();
+    println!("bad state (a list at the lock's key): `{error}` after {took:?}");
+    assert!(
+        matches!(&error, LockError::InvalidInput { field, reason } if field == "key" && reason.contains("list")),
+        "{error:?}"
+    );
+    assert!(took < Duration::from_secs(2), "waited {took:?}");
 }
