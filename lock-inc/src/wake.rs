@@ -41,10 +41,13 @@ impl Wakeups {
     ) {
         let channel = format!("{RELEASE_CHANNEL}{counter}");
         let remaining_ttl = async {
-            let ms = client.pttl::<i64, _>(counter).await.ok()?;
-            u64::try_from(ms)
-                .ok()
-                .map(|ms| Duration::from_millis(ms + 1))
+            match client.pttl::<i64, _>(counter).await.ok()? {
+                // Gone already (expired or released meanwhile): retry at once.
+                -2 => Some(Duration::ZERO),
+                ms => u64::try_from(ms)
+                    .ok()
+                    .map(|ms| Duration::from_millis(ms + 1)),
+            }
         };
         let (subscriber, name) = (self.subscriber.clone(), channel.clone());
         let unsubscribe = move || async move {

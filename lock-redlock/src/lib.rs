@@ -330,7 +330,9 @@ impl Lock for Redlock {
             (Some(wakeups), Some(key)) => {
                 let nodes = shared.nodes()?;
                 let timeout = shared.node_timeout(max_wait.max(Duration::from_millis(1)));
-                wakeups.wait(&nodes, key.as_str(), max_wait, timeout).await;
+                wakeups
+                    .wait(&nodes, key.as_str(), shared.quorum, max_wait, timeout)
+                    .await;
             }
             _ => tokio::time::sleep(max_wait).await,
         }

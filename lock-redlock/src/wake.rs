@@ -18,18 +18,41 @@ pub(crate) struct Wakeups {
     subscribers: Vec<tokio::sync::Mutex<Option<Subscriber>>>,
 }
 
-/// The shortest time left on `key` among the nodes that hold it (plus 1 ms), if any does.
-async fn remaining_ttl(nodes: &[Node], key: &str, timeout: Duration) -> Option<Duration> {
+/// How long until `key` is held on too few nodes to block a quorum of `quorum`: zero when it
+/// already is (it expired or was released meanwhile), `None` when that depends on nodes that
+/// did not answer or hold it without expiry.
+async fn until_free(
+    nodes: &[Node],
+    key: &str,
+    quorum: usize,
+    timeout: Duration,
+) -> Option<Duration> {
     let key = lock_core::Key::new(key).ok()?;
     let asks = nodes
         .iter()
         .map(|node| tokio::time::timeout(timeout, node.pttl(&key)));
-    futures::future::join_all(asks)
-        .await
-        .into_iter()
-        .filter_map(|answer| answer.ok()?.ok())
-        .filter_map(|ms| u64::try_from(ms).ok())
-        .min()
+    let mut expiries = Vec::new();
+    let mut holders = 0usize;
+    for answer in futures::future::join_all(asks).await {
+        match answer {
+            Ok(Ok(-2)) => {}
+            Ok(Ok(ms)) => {
+                holders += 1;
+                if let Ok(ms) = u64::try_from(ms) {
+                    expiries.push(ms);
+                }
+            }
+            // No answer (or no expiry): it may hold the key for good.
+            _ => holders += 1,
+        }
+    }
+    let tolerable = nodes.len().saturating_sub(quorum);
+    if holders <= tolerable {
+        return Some(Duration::ZERO);
+    }
+    expiries.sort_unstable();
+    expiries
+        .get(holders - tolerable - 1)
         .map(|ms| Duration::from_millis(ms + 1))
 }
 
@@ -48,7 +71,8 @@ impl Wakeups {
         }
     }
 
-    /// Waits for a release of `key` announced by any node, the holder's expiry, or `max_wait`.
+    /// Waits for a release of `key` announced by any node, the holder's expiry (on enough
+    /// nodes to let a quorum of `quorum` in), or `max_wait`.
     ///
     /// Subscribing (for the channel's first waiter) and asking the nodes for the holder's
     /// remaining ttl run while the wait has already begun, so neither delays a wake-up.
@@ -56,6 +80,7 @@ impl Wakeups {
         self: &Arc<Self>,
         nodes: &Arc<[Node]>,
         key: &str,
+        quorum: usize,
         max_wait: Duration,
         timeout: Duration,
     ) {
@@ -82,7 +107,7 @@ impl Wakeups {
             .wait(
                 &channel,
                 max_wait,
-                remaining_ttl(nodes, key, timeout),
+                until_free(nodes, key, quorum, timeout),
                 subscribe,
                 unsubscribe,
             )
