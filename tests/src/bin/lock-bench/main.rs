@@ -190,9 +190,35 @@ async fn memory_benchmarks(profile: Profile) -> Result<Vec<Figure>, lock_core::L
         Some(("lockable", lockable)),
     ));
 
+    // 64 tasks on distinct keys, on the 2-thread runtime.
+    let per_task = profile.uncontended_ops / 64;
+    let ours = parallel_rate(&locker, 64, per_task).await?;
+    let pool = Arc::new(pool);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..64u32 {
+        let pool = Arc::clone(&pool);
+        tasks.spawn(async move {
+            let key = format!("parallel-{task}");
+            for _ in 0..per_task {
+                drop(pool.async_lock(key.clone()).await);
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let theirs = rate(64 * per_task, started.elapsed());
+    let scenario = "64 tasks on distinct keys, acquire+release";
+    figures.push(figure(
+        "memory (ours)",
+        scenario,
+        ours,
+        "ops/s",
+        Some(("lockable", theirs)),
+    ));
+    figures.push(figure("lockable LockPool", scenario, theirs, "ops/s", None));
+
     // Contended handoff: 8 tasks on one key, each holding it for 1 ms.
     let ours = locker_handoff(locker.clone(), profile.handoff_time).await;
-    let pool = Arc::new(pool);
     let theirs = handoff(profile.handoff_time, {
         move |_| {
             let pool = Arc::clone(&pool);
