@@ -114,6 +114,10 @@ async fn pump(
                 BLACK_HOLE => tokio::time::sleep(Duration::from_millis(10)).await,
                 ms => {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
+                    // Cut while this chunk was held back: it is lost with the connection.
+                    if delay.load(Ordering::SeqCst) == CUT {
+                        return;
+                    }
                     break;
                 }
             }

@@ -413,3 +413,85 @@ async fn a_timed_out_acquisition_is_applied_once_and_cleaned_up() {
     let next = locker.acquire("i4").await.expect("free again at once");
     next.release().await.expect("release");
 }
+
+/// Runs `send` through a client with fred's default resend policy (3 attempts) while the proxy
+/// forwards the request, then drops the connection before the reply gets back: fred reconnects
+/// and sends the command again. Returns the command's answer.
+async fn send_with_a_lost_reply<T, F, Fut>(proxy: &lock_tests::proxy::LatencyProxy, send: F) -> T
+where
+    F: FnOnce(fred::clients::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, fred::error::Error>>,
+{
+    use fred::prelude::{ClientLike, Config, ReconnectPolicy};
+    let mut builder =
+        fred::types::Builder::from_config(Config::from_url(&proxy.url()).expect("fred config"));
+    builder
+        .with_connection_config(|connection| connection.max_command_attempts = 3)
+        .with_performance_config(|performance| {
+            performance.default_command_timeout = Duration::from_secs(5)
+        })
+        .set_policy(ReconnectPolicy::new_constant(0, 20));
+    let client = builder.build().expect("client");
+    client.init().await.expect("connect");
+    proxy.set_delay(Duration::from_millis(200));
+    let fault = async {
+        // The request reaches the server at ~200 ms; its reply would be forwarded at ~400 ms.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.cut();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        proxy.set_delay(Duration::ZERO);
+    };
+    let (answer, ()) = tokio::join!(send(client.clone()), fault);
+    let _ = client.quit().await;
+    answer.expect("answered after the resend")
+}
+
+/// I4 with fred's default resend policy: the reply of an acquisition is lost with its
+/// connection, fred sends it again. A bare INCR is then applied twice (the holder reads 2 and
+/// believes the resource locked by someone else); our acquisition script finds its own token
+/// and answers the same fencing token, so the holder knows it won.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_acquisition_finds_its_own_win_where_a_bare_incr_counts_twice() {
+    use fred::prelude::KeysInterface;
+    let Some(binary) = redis_or_skip("inc resend") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).expect("server");
+    let proxy = lock_tests::proxy::LatencyProxy::start(server.port())
+        .await
+        .expect("proxy");
+
+    let naive: i64 = send_with_a_lost_reply(&proxy, |client| async move {
+        client.incr::<i64, _>("naive-lock").await
+    })
+    .await;
+
+    let source = include_str!("../../lock-inc/src/lua/acquire.lua");
+    // Loaded beforehand, so that the resend is the only repetition.
+    let _: String = redis::Script::new(source)
+        .prepare_invoke()
+        .load_async(&mut raw_connection(&server).await)
+        .await
+        .expect("SCRIPT LOAD");
+    let script = fred::types::scripts::Script::from_lua(source);
+    let keys = vec![
+        "lock:{resent}",
+        "lock:{resent}:owner",
+        "lock:{resent}:fence",
+    ];
+    let args = vec!["token-a".to_owned(), "10000".to_owned()];
+    let incrs_before = calls(&server, "incr");
+    let ours: i64 = send_with_a_lost_reply(&proxy, |client| async move {
+        script.evalsha(&client, keys, args).await
+    })
+    .await;
+    let applied = calls(&server, "incr") - incrs_before;
+    let scripts_run = calls(&server, "evalsha");
+    println!(
+        "I4 (reply lost, fred resends): bare INCR answered {naive} (applied twice); our acquisition answered fence {ours}, INCRs applied {applied}, acquisition scripts run {scripts_run}"
+    );
+    assert_eq!(naive, 2, "the bare INCR should have been applied twice");
+    assert!(ours > 0, "the resent acquisition must find its own win");
+    assert_eq!(applied, 1, "the lock's INCR ran once");
+    assert!(scripts_run >= 2, "the acquisition was not resent");
+}
