@@ -119,6 +119,24 @@ impl RedisServer {
         send_inline(self.port, command, timeout)
     }
 
+    /// How many times the server has run `command` (lower case; commands run by scripts
+    /// included), from `INFO commandstats`.
+    ///
+    /// # Errors
+    /// When the server cannot be asked.
+    pub fn calls(&self, command: &str) -> redis::RedisResult<u64> {
+        let mut connection = redis::Client::open(self.url())?.get_connection()?;
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut connection)?;
+        Ok(stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|calls| calls.parse().ok())
+            .unwrap_or(0))
+    }
+
     /// Kills the process (SIGKILL) and reaps it; its data is gone (no persistence).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

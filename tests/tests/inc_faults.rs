@@ -351,23 +351,6 @@ async fn sixteen_processes_never_overlap_and_fences_never_go_back() {
     totals.assert_safe((processes * sections) as u64);
 }
 
-/// How many times the server has run `command` (scripts' inner calls included).
-fn calls(server: &RedisServer, command: &str) -> u64 {
-    let mut connection = redis::Client::open(server.url())
-        .and_then(|client| client.get_connection())
-        .expect("connection");
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut connection)
-        .expect("INFO");
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|calls| calls.parse().ok())
-        .unwrap_or(0)
-}
-
 /// I4: an acquisition whose answer never comes back in time (the link is slower than the
 /// command timeout) is indeterminate: the INCR lands after the client gave up. It is applied
 /// once (fred does not resend it), and the Locker releases it by token at once instead of
@@ -395,14 +378,14 @@ async fn a_timed_out_acquisition_is_applied_once_and_cleaned_up() {
         .release()
         .await
         .expect("release");
-    let incrs_before = calls(&server, "incr");
+    let incrs_before = server.calls("incr").expect("INFO");
     proxy.set_delay(Duration::from_millis(150));
     let error = locker.acquire("i4").await.expect_err("timed out");
     assert!(matches!(error, LockError::Backend { .. }), "{error:?}");
     // The request lands ~150 ms after it was sent; the cleanup follows it on the wire.
     tokio::time::sleep(Duration::from_millis(600)).await;
     proxy.set_delay(Duration::ZERO);
-    let applied = calls(&server, "incr") - incrs_before;
+    let applied = server.calls("incr").expect("INFO") - incrs_before;
     let orphans = server.command("EXISTS lock:{i4}", PROBE).expect("EXISTS");
     println!(
         "I4 (answer slower than the command timeout): `{error}`; INCRs applied {applied} of 1 sent, orphans 0.6 s later (ttl 10 s): {}",
@@ -480,13 +463,13 @@ async fn a_resent_acquisition_finds_its_own_win_where_a_bare_incr_counts_twice()
         "lock:{resent}:fence",
     ];
     let args = vec!["token-a".to_owned(), "10000".to_owned()];
-    let incrs_before = calls(&server, "incr");
+    let incrs_before = server.calls("incr").expect("INFO");
     let ours: i64 = send_with_a_lost_reply(&proxy, |client| async move {
         script.evalsha(&client, keys, args).await
     })
     .await;
-    let applied = calls(&server, "incr") - incrs_before;
-    let scripts_run = calls(&server, "evalsha");
+    let applied = server.calls("incr").expect("INFO") - incrs_before;
+    let scripts_run = server.calls("evalsha").expect("INFO");
     println!(
         "I4 (reply lost, fred resends): bare INCR answered {naive} (applied twice); our acquisition answered fence {ours}, INCRs applied {applied}, acquisition scripts run {scripts_run}"
     );

@@ -59,20 +59,6 @@ fn locker(urls: &[String], retry: RetryPolicy) -> Result<Locker, LockError> {
     .with_options(LockOptions::default().with_ttl(TTL).with_retry(retry))
 }
 
-/// How many `SET` commands the server has executed so far.
-fn sets_executed(server: &RedisServer) -> Result<u64, redis::RedisError> {
-    let mut connection = redis::Client::open(server.url())?.get_connection()?;
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut connection)?;
-    Ok(stats
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_set:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|calls| calls.parse().ok())
-        .unwrap_or(0))
-}
-
 /// How many of the servers hold `key` right now.
 fn copies(servers: &[RedisServer], key: &str) -> usize {
     servers
@@ -114,7 +100,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     minority.sort();
 
     // 2. Two of three cut off: a quorum error within the deadline.
-    let sets_before = sets_executed(&servers[1])?;
+    let sets_before = servers[1].calls("set")?;
     partition(&[servers[1].port(), servers[2].port()])?;
     let started = Instant::now();
     let outcome = client.acquire("majority").await;
@@ -148,7 +134,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ghosts_left = copies(&servers, &key);
     // SETs of the failed acquisition that the cut-off node executed after the heal (the next
     // holder's own acquisition adds one more).
-    let late_sets = sets_executed(&servers[1])?.saturating_sub(sets_before + 1);
+    let late_sets = servers[1].calls("set")?.saturating_sub(sets_before + 1);
     nft(&format!("delete table inet {TABLE}"))?;
 
     println!(
