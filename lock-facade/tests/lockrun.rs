@@ -167,3 +167,50 @@ fn purge_and_status_on_the_inc_backend() {
     );
     let _ = holder.wait();
 }
+
+#[test]
+fn the_command_sees_the_key_and_an_increasing_fencing_token() {
+    let Some(binary) = redis_or_skip("lockrun") else {
+        return;
+    };
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::start(&binary, &[]).expect("server"))
+        .collect();
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let configs = [
+        serde_json::json!({"type": "inc", "urls": [urls[0]], "namespace": "jobs"}).to_string(),
+        serde_json::json!({"type": "redlock", "urls": urls, "fencing": true, "namespace": "jobs"})
+            .to_string(),
+    ];
+    for config in configs {
+        let mut fences = Vec::new();
+        for _ in 0..3 {
+            let output = lockrun(
+                &config,
+                &[
+                    "report",
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo \"$LOCK_KEY $LOCK_FENCING_TOKEN\"",
+                ],
+            )
+            .output()
+            .expect("lockrun");
+            assert_eq!(code(&output), 0, "{output:?}");
+            let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+            let mut words = stdout.split_whitespace();
+            assert_eq!(words.next(), Some("jobs:report"), "{stdout}");
+            let fence: u64 = words
+                .next()
+                .and_then(|fence| fence.parse().ok())
+                .unwrap_or_else(|| panic!("no fencing token in `{stdout}`"));
+            fences.push(fence);
+        }
+        println!("lockrun: LOCK_FENCING_TOKEN over three runs {fences:?}");
+        assert!(
+            fences.windows(2).all(|pair| pair[1] > pair[0]),
+            "{fences:?}"
+        );
+    }
+}

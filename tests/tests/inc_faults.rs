@@ -416,12 +416,12 @@ where
         .set_policy(ReconnectPolicy::new_constant(0, 20));
     let client = builder.build().expect("client");
     client.init().await.expect("connect");
-    proxy.set_delay(Duration::from_millis(200));
+    proxy.set_delay(Duration::from_millis(300));
     let fault = async {
-        // The request reaches the server at ~200 ms; its reply would be forwarded at ~400 ms.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The request reaches the server at ~300 ms; its reply would be forwarded at ~600 ms.
+        tokio::time::sleep(Duration::from_millis(450)).await;
         proxy.cut();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
         proxy.set_delay(Duration::ZERO);
     };
     let (answer, ()) = tokio::join!(send(client.clone()), fault);

@@ -12,6 +12,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use lock_facade::{CONFIG_ENV, Holding, LockConfig, LockError, Locker, create};
 
+/// Set for the command: the (namespaced) key of the lock it runs under.
+const KEY_ENV: &str = "LOCK_KEY";
+
+/// Set for the command when the backend hands out fencing tokens (inc; Redlock with
+/// `fencing`): strictly greater than that of any earlier holder of the key.
+const FENCING_TOKEN_ENV: &str = "LOCK_FENCING_TOKEN";
+
 /// The exit codes, besides the command's own.
 mod exit {
     /// Held by someone else, with `--no-wait`.
@@ -37,6 +44,10 @@ Exit codes:
   78                   bad configuration or arguments
   69                   the backend failed (unreachable, protocol error)
   127                  the command could not be started
+
+The command runs with LOCK_KEY set to the lock's key and, where the backend hands out
+fencing tokens (inc, or Redlock with \"fencing\": true), LOCK_FENCING_TOKEN set to this
+holder's token: pass it to the resource so that it can refuse older holders.
 
 The configuration comes from --config (a file path, or inline JSON or TOML) or else from the
 LOCK_CONFIG environment variable; with neither, the in-process memory backend is used.";
@@ -180,7 +191,13 @@ async fn run_locked(locker: &Locker, key: &str, command: &[String], no_wait: boo
         locker.acquire(key).await.map_err(lock_error)?
     };
     let lost = guard.keep_alive().map_err(lock_error)?;
-    let mut child = match tokio::process::Command::new(program).args(args).spawn() {
+    let mut command = tokio::process::Command::new(program);
+    command.args(args).env(KEY_ENV, guard.key().as_str());
+    if let Some(fence) = guard.fencing_token() {
+        // Pass it to the resource, so that it can refuse writers holding an older one.
+        command.env(FENCING_TOKEN_ENV, fence.to_string());
+    }
+    let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {
             let _ = guard.release().await;
