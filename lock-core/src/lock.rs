@@ -1,6 +1,8 @@
 //! The contract between the core and a backend: [`Lock`] and [`Handle`].
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -324,8 +326,18 @@ impl<L: Lock + ?Sized> Lock for Arc<L> {
         (**self).capabilities()
     }
 
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        (**self).try_acquire(request).await
+    // Written out as `async_trait` expands it, to hand on the backend's boxed future instead of
+    // boxing it once more (this is the hot path of an `Arc` passed as a backend).
+    fn try_acquire<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        request: &'life1 LockRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<Box<dyn Handle>>>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).try_acquire(request)
     }
 
     async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {

@@ -539,6 +539,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_arc_of_the_backend_is_a_backend_too() {
+        let lock = std::sync::Arc::new(MemoryLock::new());
+        let locker = Locker::new(std::sync::Arc::clone(&lock));
+        let guard = locker.acquire("shared").await.unwrap();
+        assert_eq!(lock.len(), 1, "the Arc forwards to the same map");
+        assert!(locker.try_acquire("shared").await.unwrap().is_none());
+        guard.release().await.unwrap();
+        assert_eq!(lock.len(), 0);
+    }
+
+    #[tokio::test]
     async fn purge_removes_only_the_prefix() {
         let lock = MemoryLock::new();
         let locker = locker(&lock, Duration::from_secs(10));
