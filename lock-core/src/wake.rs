@@ -32,18 +32,18 @@ struct Channel {
     generation: u64,
 }
 
-/// One waiter's registration, from [`WakeRegistry::register`].
+/// One waiter's registration.
 #[derive(Debug)]
-pub struct Registration {
+struct Registration {
     /// Notified when a release on the channel is announced.
-    pub notify: Arc<Notify>,
+    notify: Arc<Notify>,
     /// True when the channel has no subscription yet: this waiter should subscribe.
-    pub subscribe: bool,
+    subscribe: bool,
 }
 
 impl WakeRegistry {
     /// Registers a waiter on `channel`.
-    pub fn register(&self, channel: &str) -> Registration {
+    fn register(&self, channel: &str) -> Registration {
         let mut channels = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = channels.entry(channel.to_owned()).or_default();
         let subscribe = !entry.subscribed;
@@ -62,7 +62,7 @@ impl WakeRegistry {
     /// `remaining_ttl` asks the store how long the holder has left (expiry is not announced);
     /// `subscribe` runs when the channel has no subscription yet; both run while the wait has
     /// already begun, so neither delays a wake-up. `unsubscribe` runs when the channel's
-    /// subscription is retired (see [`WakeRegistry::unregister`]).
+    /// subscription is retired: [`LINGER`] after its last waiter left, unless another came.
     pub async fn wait<P, S, U, UF>(
         &self,
         channel: &str,
@@ -109,7 +109,7 @@ impl WakeRegistry {
 
     /// Ends a registration. When it was the channel's last waiter, `unsubscribe` runs after
     /// [`LINGER`] unless a waiter registered meanwhile (needs a tokio runtime).
-    pub fn unregister<F, Fut>(&self, channel: &str, registration: Registration, unsubscribe: F)
+    fn unregister<F, Fut>(&self, channel: &str, registration: Registration, unsubscribe: F)
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send,

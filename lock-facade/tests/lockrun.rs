@@ -170,12 +170,10 @@ fn purge_and_status_on_the_inc_backend() {
 
 #[test]
 fn the_command_sees_the_key_and_an_increasing_fencing_token() {
-    let Some(binary) = redis_or_skip("lockrun") else {
+    if redis_or_skip("lockrun").is_none() {
         return;
-    };
-    let servers: Vec<RedisServer> = (0..3)
-        .map(|_| RedisServer::start(&binary, &[]).expect("server"))
-        .collect();
+    }
+    let servers = lock_tests::backed::start_servers(3);
     let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
     let configs = [
         serde_json::json!({"type": "inc", "urls": [urls[0]], "namespace": "jobs"}).to_string(),

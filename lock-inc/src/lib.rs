@@ -354,10 +354,12 @@ fn escape_glob(prefix: &str) -> String {
 
 async fn release(shared: &Shared, key: &Key, token: &Token) -> Result<bool> {
     let keys = shared.keys(key);
-    let mut args = vec![token.expose().to_owned()];
-    if shared.wakeups.is_some() {
-        args.push(format!("{}{}", wake::RELEASE_CHANNEL, keys.counter));
-    }
+    let channel = shared
+        .wakeups
+        .is_some()
+        .then(|| format!("{}{}", wake::RELEASE_CHANNEL, keys.counter));
+    let mut args = vec![token.expose()];
+    args.extend(channel.as_deref());
     let released: i64 = RELEASE
         .evalsha_with_reload(
             &shared.client,

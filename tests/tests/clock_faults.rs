@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::backed::start_servers;
 use lock_tests::clock::{WallJump, libfaketime};
 use lock_tests::server::{RedisServer, get_bulk, redis_or_skip};
 use tokio::time::Instant;
@@ -35,14 +36,26 @@ fn locker(urls: Vec<String>, ttl: Duration) -> Locker {
 fn nodes_with_a_jumping_clock() -> Option<(Vec<RedisServer>, WallJump)> {
     let binary = redis_or_skip("wall-clock test")?;
     let shim = WallJump::build().expect("the walljump shim builds (needs a C compiler)");
-    let mut nodes: Vec<RedisServer> = (0..2)
-        .map(|_| RedisServer::start(&binary, &[]).expect("redis-server starts"))
-        .collect();
+    let mut nodes = start_servers(2);
     nodes.push(
         shim.start_server(&binary)
             .expect("redis-server under walljump"),
     );
     Some((nodes, shim))
+}
+
+/// Waits until every node holds `holder`'s token: an acquisition returns once a majority
+/// agreed, and the last node's SET may land a little later.
+async fn on_every_node(nodes: &[RedisServer], holder: &lock_core::LockGuard) {
+    let (key, token) = (holder.key().to_string(), holder.token().expose());
+    let settled = Instant::now() + Duration::from_secs(2);
+    while nodes
+        .iter()
+        .any(|node| get_bulk(node.port(), &key).as_deref() != Some(token))
+    {
+        assert!(Instant::now() < settled, "a node never got the SET");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Counts grants to `locker` on `key` while `until` has not passed.
@@ -74,18 +87,9 @@ async fn r10_a_node_whose_clock_jumps_forward_lets_no_second_holder_in() {
         let key = format!("jump-{round}");
         let holder = first.acquire(&key).await.expect("first holder");
         let stored = holder.key().to_string();
-        // The round returns once two nodes agreed: wait until the third node's SET landed too,
-        // so that the jumped node is a minority of the holder's nodes. (A holder that won a bare
-        // majority including the jumped node is not protected: Redlock's documented limit.)
-        let token = holder.token().expose().to_owned();
-        let settled = Instant::now() + Duration::from_secs(2);
-        while nodes
-            .iter()
-            .any(|node| get_bulk(node.port(), &stored).as_deref() != Some(token.as_str()))
-        {
-            assert!(Instant::now() < settled, "the third node never got the SET");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // A holder that won a bare majority including the jumped node is not protected
+        // (Redlock's documented limit): the jumped node must be a minority of its nodes.
+        on_every_node(&nodes, &holder).await;
         // Jump the third node's wall clock past the ttl.
         shim.jump(2 * ttl, false).expect("jump");
         early_expiries += usize::from(get_bulk(nodes[2].port(), &stored).is_none());
@@ -119,7 +123,7 @@ async fn r10_a_node_whose_clock_jumps_backward_delays_no_one_past_the_ttl() {
     let ttl = Duration::from_millis(800);
     let (first, second) = (locker(urls.clone(), ttl), locker(urls, ttl));
     let holder = first.acquire("jump-back").await.expect("first holder");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    on_every_node(&nodes, &holder).await;
     // The node's clock goes back an hour: its copy now outlives the ttl by that hour.
     shim.jump(Duration::from_secs(3600), true).expect("jump");
     let stored = holder.key().to_string();
@@ -143,9 +147,9 @@ async fn r10_a_node_whose_clock_jumps_backward_delays_no_one_past_the_ttl() {
 
 #[test]
 fn r10_a_client_wall_clock_jump_changes_no_validity() {
-    let Some(binary) = redis_or_skip("client wall-clock test") else {
+    if redis_or_skip("client wall-clock test").is_none() {
         return;
-    };
+    }
     let Some(faketime) = libfaketime() else {
         assert!(
             !tools_required(),
@@ -156,9 +160,7 @@ fn r10_a_client_wall_clock_jump_changes_no_validity() {
         );
         return;
     };
-    let nodes: Vec<RedisServer> = (0..3)
-        .map(|_| RedisServer::start(&binary, &[]).expect("redis-server starts"))
-        .collect();
+    let nodes = start_servers(3);
     let dir = tempfile::tempdir().expect("tempdir");
     let timestamp = dir.path().join("faketime");
     std::fs::write(&timestamp, "+0s").expect("timestamp file");

@@ -351,6 +351,17 @@ async fn sixteen_processes_never_overlap_and_fences_never_go_back() {
     totals.assert_safe((processes * sections) as u64);
 }
 
+/// A fresh server and a proxy of ours in front of it.
+async fn behind_a_proxy(
+    binary: &std::path::Path,
+) -> (RedisServer, lock_tests::proxy::LatencyProxy) {
+    let server = RedisServer::start(binary, &[]).expect("server");
+    let proxy = lock_tests::proxy::LatencyProxy::start(server.port())
+        .await
+        .expect("proxy");
+    (server, proxy)
+}
+
 /// I4: an acquisition whose answer never comes back in time (the link is slower than the
 /// command timeout) is indeterminate: the INCR lands after the client gave up. It is applied
 /// once (fred does not resend it), and the Locker releases it by token at once instead of
@@ -360,10 +371,7 @@ async fn a_timed_out_acquisition_is_applied_once_and_cleaned_up() {
     let Some(binary) = redis_or_skip("inc indeterminate acquisition") else {
         return;
     };
-    let server = RedisServer::start(&binary, &[]).expect("server");
-    let proxy = lock_tests::proxy::LatencyProxy::start(server.port())
-        .await
-        .expect("proxy");
+    let (server, proxy) = behind_a_proxy(&binary).await;
     let lock = IncLock::connect(IncConfig {
         command_timeout: 100,
         ..IncConfig::new(proxy.url())
@@ -439,10 +447,7 @@ async fn a_resent_acquisition_finds_its_own_win_where_a_bare_incr_counts_twice()
     let Some(binary) = redis_or_skip("inc resend") else {
         return;
     };
-    let server = RedisServer::start(&binary, &[]).expect("server");
-    let proxy = lock_tests::proxy::LatencyProxy::start(server.port())
-        .await
-        .expect("proxy");
+    let (server, proxy) = behind_a_proxy(&binary).await;
 
     let naive: i64 = send_with_a_lost_reply(&proxy, |client| async move {
         client.incr::<i64, _>("naive-lock").await
