@@ -377,8 +377,13 @@ impl Lock for Redlock {
                 // Without fencing, or raised on a quorum: ours, if the second round left time.
                 Ok(fence) if fence_key.is_none() || fence.is_some() => {
                     if Instant::now() < valid_until {
-                        // Requests still in flight can only add our own token to more nodes;
-                        // release goes to every node anyway.
+                        // Requests still in flight can only add our own token to more nodes,
+                        // which keeps the lock safe through more node failures: let them run
+                        // (dropped, one not yet sent, e.g. on a connection still being made,
+                        // would never be). Release goes to every node anyway.
+                        if !pending.is_empty() {
+                            tokio::spawn(pending.finish());
+                        }
                         return Ok(Some(Box::new(RedlockHandle {
                             shared: Arc::clone(shared),
                             keys,

@@ -909,3 +909,37 @@ async fn a_key_of_another_type_is_a_typed_error_not_an_endless_wait() {
     );
     assert!(took < Duration::from_secs(2), "waited {took:?}");
 }
+
+/// A round decided by the two fast nodes still delivers its SET to the slow third one, even
+/// when that node's connection is still being made: the holder ends up on every node, so the
+/// lock survives more node failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_nodes_set_still_lands_after_the_round_is_decided() {
+    if redis_or_skip("late SET").is_none() {
+        return;
+    }
+    let servers = lock_tests::backed::start_servers(3);
+    let slow = LatencyProxy::start(servers[2].port()).await.expect("proxy");
+    slow.set_delay(Duration::from_millis(50));
+    let urls = vec![servers[0].url(), servers[1].url(), slow.url()];
+    let lock =
+        Redlock::new(RedlockConfig::new(urls).with_node_timeout(NODE_TIMEOUT)).expect("client");
+    let mut backed = ServerBacked::new(lock, servers);
+    let locker = locker(&backed, Duration::from_secs(10), quick_retry());
+    let started = Instant::now();
+    let guard = locker.acquire("late-set").await.expect("two of three");
+    let decided = started.elapsed();
+    let key = guard.key().to_string();
+    let mut landed = false;
+    while started.elapsed() < Duration::from_secs(2) && !landed {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        landed =
+            raw_get(backed.servers()[2].port(), &key).as_deref() == Some(guard.token().expose());
+    }
+    println!("late SET: round decided in {decided:?}, the slow node holds the token too: {landed}");
+    assert!(
+        landed,
+        "the slow node's SET was dropped with the decided round"
+    );
+    guard.release().await.expect("release");
+}
