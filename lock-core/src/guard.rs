@@ -23,8 +23,9 @@ use crate::watchdog::{self, LostSignal, Status};
 /// returns a [`LostSignal`] that fires if it is lost anyway.
 ///
 /// # Drop
-/// Dropping never blocks: the release is spawned on the current tokio runtime. Outside a
-/// runtime nothing can be sent, so the lock stays until its ttl expires and a warning is logged.
+/// Dropping never blocks: a lock in this process is released at once, any other release is
+/// spawned on the current tokio runtime. Outside a runtime nothing can be sent to a store, so
+/// such a lock stays until its ttl expires and a warning is logged.
 /// An explicit `release().await` is the main path, since it reports whether the lock was still
 /// held.
 pub struct LockGuard {
@@ -57,8 +58,9 @@ impl Tickets {
 enum State {
     /// The backend's handle, owned by the guard.
     Held(Box<dyn Handle>),
-    /// The handle, shared with a watchdog task that keeps it alive.
-    Watched(Watched),
+    /// The handle, shared with a watchdog task that keeps it alive (boxed: the rarer state
+    /// should not make every guard larger to move).
+    Watched(Box<Watched>),
     /// Given away on release or drop.
     Released,
 }
@@ -94,12 +96,12 @@ impl LockGuard {
 
     /// Keeps this process's queue places until the lock is released or its validity lapses.
     pub(crate) fn with_tickets(mut self, tickets: Vec<Ticket>) -> Self {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return self; // without a runtime the places go now
-        };
         if tickets.is_empty() {
             return self;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self; // without a runtime the places go now
+        };
         let held = Arc::new(std::sync::Mutex::new(tickets));
         let valid_until = self.valid_until();
         let timer_held = Arc::clone(&held);
@@ -203,14 +205,14 @@ impl LockGuard {
                 .instrument(span),
         );
         let signal = LostSignal::new(status.subscribe());
-        self.state = State::Watched(Watched {
+        self.state = State::Watched(Box::new(Watched {
             handle,
             keys,
             token,
             fencing_token,
             status,
             task,
-        });
+        }));
         Ok(signal)
     }
 
@@ -269,25 +271,39 @@ impl LockGuard {
     /// is touched); [`LockError::Backend`] on I/O.
     pub async fn release(mut self) -> Result<()> {
         let span = tracing::debug_span!("lock.release", backend = self.backend, key = %self.key());
-        let state = std::mem::replace(&mut self.state, State::Released);
+        let mut state = std::mem::replace(&mut self.state, State::Released);
         let tickets = self.tickets.take();
-        async move {
-            let result = state.release().await;
-            if let Some(tickets) = tickets {
-                tickets.give_up();
-            }
-            match &result {
-                Ok(()) => tracing::debug!("released"),
-                Err(error) => tracing::warn!(%error, "release failed"),
-            }
-            result
+        if let Some(result) = state.release_now() {
+            return span.in_scope(|| released(result, tickets));
         }
-        .instrument(span)
-        .await
+        async move { released(state.release().await, tickets) }
+            .instrument(span)
+            .await
     }
 }
 
+/// Lets the next task of this process go once the store has let go, and says how it went.
+fn released(result: Result<()>, tickets: Option<Tickets>) -> Result<()> {
+    if let Some(tickets) = tickets {
+        tickets.give_up();
+    }
+    match &result {
+        Ok(()) => tracing::debug!("released"),
+        Err(error) => tracing::warn!(%error, "release failed"),
+    }
+    result
+}
+
 impl State {
+    /// Releases at once if the backend can answer without awaiting (see
+    /// [`Handle::release_now`]); `None` leaves the state as it was.
+    fn release_now(&mut self) -> Option<Result<()>> {
+        match self {
+            Self::Held(handle) => handle.release_now(),
+            Self::Watched(_) | Self::Released => None,
+        }
+    }
+
     /// Releases the lock this state holds, stopping its watchdog first.
     async fn release(self) -> Result<()> {
         match self {
@@ -303,8 +319,20 @@ impl State {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        let state = std::mem::replace(&mut self.state, State::Released);
+        let mut state = std::mem::replace(&mut self.state, State::Released);
         if matches!(state, State::Released) {
+            return;
+        }
+        let backend = self.backend;
+        let tickets = self.tickets.take();
+        if let Some(result) = state.release_now() {
+            if let Some(tickets) = tickets {
+                tickets.give_up();
+            }
+            match result {
+                Ok(()) => tracing::debug!(backend, "released on drop"),
+                Err(error) => tracing::debug!(backend, %error, "release on drop failed"),
+            }
             return;
         }
         let key = match &state {
@@ -312,8 +340,6 @@ impl Drop for LockGuard {
             State::Watched(watched) => watched.keys[0].to_string(),
             State::Released => String::new(),
         };
-        let backend = self.backend;
-        let tickets = self.tickets.take();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use smol_str::SmolStr;
+
 use crate::error::{LockError, Result};
 
 /// The longest key accepted, in bytes: longer keys are almost always a bug (a payload used as a key).
@@ -14,9 +16,10 @@ pub const NAMESPACE_SEPARATOR: char = ':';
 /// A lock key that has passed validation: non-empty and at most [`MAX_KEY_LEN`] bytes.
 ///
 /// Any other content (unicode, spaces, quotes, Lua syntax) is allowed: backends pass keys as data,
-/// never as code. Cloning is cheap (a shared string).
+/// never as code. Cloning is cheap: keys of up to 23 bytes live inline (no allocation on the
+/// hot path), longer ones are shared.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(Arc<str>);
+pub struct Key(SmolStr);
 
 impl Key {
     /// Validates `key`.
@@ -28,13 +31,18 @@ impl Key {
         if key.is_empty() {
             return Err(LockError::invalid("key", "must not be empty"));
         }
-        if key.len() > MAX_KEY_LEN {
+        Self::checked_len(key.len())?;
+        Ok(Self(SmolStr::new(key)))
+    }
+
+    fn checked_len(len: usize) -> Result<()> {
+        if len > MAX_KEY_LEN {
             return Err(LockError::invalid(
                 "key",
-                format!("is {} bytes long; the limit is {MAX_KEY_LEN}", key.len()),
+                format!("is {len} bytes long; the limit is {MAX_KEY_LEN}"),
             ));
         }
-        Ok(Self(Arc::from(key)))
+        Ok(())
     }
 
     /// The key as stored by the backend.
@@ -106,7 +114,10 @@ impl Namespace {
         if key.is_empty() {
             return Err(LockError::invalid("key", "must not be empty"));
         }
-        Key::new(format!("{}{NAMESPACE_SEPARATOR}{key}", self.0))
+        Key::checked_len(self.0.len() + NAMESPACE_SEPARATOR.len_utf8() + key.len())?;
+        let mut separator = [0; 4];
+        let separator: &str = NAMESPACE_SEPARATOR.encode_utf8(&mut separator);
+        Ok(Key([self.0.as_str(), separator, key].into_iter().collect()))
     }
 }
 

@@ -219,6 +219,19 @@ pub trait Lock: Send + Sync + fmt::Debug + 'static {
     /// by someone else is `Ok(None)`, not an error.
     async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>>;
 
+    /// Makes one attempt without awaiting, for stores that answer without I/O (locks in this
+    /// process); `None` means "ask [`Lock::try_acquire`]", which is the default.
+    ///
+    /// The core tries this first: it spares an in-process backend a boxed future per attempt.
+    /// Where it answers, it must answer exactly as `try_acquire` would.
+    ///
+    /// # Errors
+    /// As [`Lock::try_acquire`].
+    fn try_acquire_now(&self, request: &LockRequest) -> Option<Result<Option<Box<dyn Handle>>>> {
+        let _ = request;
+        None
+    }
+
     /// Removes whatever an attempt with `token` may have left on `keys`, compared by token.
     ///
     /// The core calls it when an attempt was cancelled mid-flight or its outcome is unknown
@@ -314,6 +327,19 @@ pub trait Handle: Send + Sync + fmt::Debug {
     /// [`LockError::NotHeld`] if the lock had already expired or been taken over,
     /// [`LockError::Backend`] on failure.
     async fn release(&mut self) -> Result<()>;
+
+    /// Releases without awaiting, for locks in this process; `None` means "call
+    /// [`Handle::release`]", which is the default.
+    ///
+    /// The guard tries this first, so an in-process lock is freed without a boxed future, and
+    /// at once even when its guard is dropped outside a tokio runtime. Where it answers, it
+    /// must answer exactly as `release` would.
+    ///
+    /// # Errors
+    /// As [`Handle::release`].
+    fn release_now(&mut self) -> Option<Result<()>> {
+        None
+    }
 }
 
 #[async_trait]
@@ -338,6 +364,10 @@ impl<L: Lock + ?Sized> Lock for Arc<L> {
         Self: 'async_trait,
     {
         (**self).try_acquire(request)
+    }
+
+    fn try_acquire_now(&self, request: &LockRequest) -> Option<Result<Option<Box<dyn Handle>>>> {
+        (**self).try_acquire_now(request)
     }
 
     async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {

@@ -282,20 +282,89 @@ impl Locker {
         )
     }
 
-    async fn acquire_keys(&self, keys: KeySet, options: &LockOptions) -> Result<LockGuard> {
+    /// The first attempt, without awaiting, for a backend that can answer at once (a lock in
+    /// this process, see [`Lock::try_acquire_now`]). A key found held settles only a
+    /// single-attempt call; a retrying one goes on to wait and try again.
+    ///
+    /// Every step of the hot path that would otherwise be an `.await` (a boxed future, a
+    /// state machine moved around) is skipped here, which is most of an in-process lock's cost.
+    fn acquire_at_once(&self, keys: &KeySet, options: &LockOptions) -> AtOnce {
+        if let Err(error) = self.check_keys(keys) {
+            return AtOnce::Settled(Err(error));
+        }
+        // A store shared between processes needs I/O; the queue decides who asks first.
+        if self.store().capabilities().distributed || self.queue_for(options).is_some() {
+            return AtOnce::NotAnswered;
+        }
+        let span = self.acquire_span(keys);
+        let _entered = span.enter();
+        let request = match Token::generate() {
+            Ok(token) => LockRequest::prevalidated(keys.clone(), token, options.ttl()),
+            Err(error) => return AtOnce::Settled(Err(error)),
+        };
+        match self.store().try_acquire_now(&request) {
+            None => AtOnce::NotAnswered,
+            Some(Ok(Some(handle))) => {
+                tracing::debug!(attempts = 1, "acquired");
+                AtOnce::Settled(LockGuard::new(handle, self.store().name(), options.ttl()))
+            }
+            Some(Ok(None)) if options.retry().is_single_attempt() => {
+                let error = LockError::Locked {
+                    key: keys.primary().to_string(),
+                };
+                tracing::debug!(attempts = 1, %error, "giving up");
+                AtOnce::Settled(Err(error))
+            }
+            Some(Ok(None)) => AtOnce::Held,
+            Some(Err(error)) => AtOnce::Settled(Err(error)),
+        }
+    }
+
+    /// Refuses calls on a stopped client and multi-key locks on backends without them.
+    fn check_keys(&self, keys: &KeySet) -> Result<()> {
         self.check_running()?;
-        let capabilities = self.store().capabilities();
-        if keys.len() > 1 && !capabilities.multi_key {
+        if keys.len() > 1 && !self.store().capabilities().multi_key {
             return Err(LockError::Unsupported {
                 backend: self.store().name(),
                 capability: "multi-key locks",
             });
         }
-        let span = tracing::debug_span!(
+        Ok(())
+    }
+
+    /// The in-process queue, if this call lines up in it: waits bounded by time rather than by
+    /// a count of attempts. A single attempt asks the store directly, which alone knows about
+    /// purges.
+    fn queue_for(&self, options: &LockOptions) -> Option<&Arc<LocalQueue>> {
+        self.local
+            .as_ref()
+            .filter(|_| options.retry().retry_count() == RetryCount::Forever)
+    }
+
+    fn acquire_span(&self, keys: &KeySet) -> tracing::Span {
+        tracing::debug_span!(
             "lock.acquire",
             backend = self.store().name(),
             key = %keys.primary(),
-        );
+        )
+    }
+
+    async fn acquire_keys(&self, keys: KeySet, options: &LockOptions) -> Result<LockGuard> {
+        match self.acquire_at_once(&keys, options) {
+            AtOnce::Settled(result) => result,
+            AtOnce::Held => self.acquire_awaiting(keys, options, true).await,
+            AtOnce::NotAnswered => self.acquire_awaiting(keys, options, false).await,
+        }
+    }
+
+    /// The attempts that await: `held_once` when a first attempt at once found the key held.
+    async fn acquire_awaiting(
+        &self,
+        keys: KeySet,
+        options: &LockOptions,
+        held_once: bool,
+    ) -> Result<LockGuard> {
+        let span = self.acquire_span(&keys);
         async {
             let started = options.retry().deadline().map(|_| Instant::now());
             let deadline = options
@@ -303,13 +372,7 @@ impl Locker {
                 .deadline()
                 .zip(started)
                 .map(|(d, started)| started + d);
-            // The queue orders waits bounded by time rather than by a count of attempts; a
-            // single attempt asks the store directly, which alone knows about purges.
-            let queue = self
-                .local
-                .as_ref()
-                .filter(|_| options.retry().retry_count() == RetryCount::Forever);
-            let tickets = match (queue, deadline) {
+            let tickets = match (self.queue_for(options), deadline) {
                 (None, _) => Vec::new(),
                 (Some(queue), None) => queue.enter(&keys).await,
                 (Some(queue), Some(deadline)) => {
@@ -327,7 +390,9 @@ impl Locker {
                     }
                 }
             };
-            let guard = self.retry_loop(keys, options, started, deadline).await?;
+            let guard = self
+                .retry_loop(keys, options, started, deadline, held_once)
+                .await?;
             Ok(guard.with_tickets(tickets))
         }
         .instrument(span)
@@ -342,6 +407,7 @@ impl Locker {
         options: &LockOptions,
         mut started: Option<Instant>,
         deadline: Option<Instant>,
+        held_once: bool,
     ) -> Result<LockGuard> {
         let mut backoff = options.retry().backoff();
         let mut attempts = 0u32;
@@ -350,10 +416,15 @@ impl Locker {
         let mut last_error = None;
         loop {
             attempts += 1;
-            let request =
-                LockRequest::prevalidated(keys.clone(), Token::generate()?, options.ttl())
-                    .with_after_wait(attempts > 1);
-            match self.attempt(&request, deadline).await {
+            let outcome = if held_once && attempts == 1 {
+                Ok(Attempt::Held) // the attempt made at once
+            } else {
+                let request =
+                    LockRequest::prevalidated(keys.clone(), Token::generate()?, options.ttl())
+                        .with_after_wait(attempts > 1);
+                self.attempt(&request, deadline).await
+            };
+            match outcome {
                 Ok(Attempt::Won(handle)) => {
                     tracing::debug!(attempts, "acquired");
                     return LockGuard::new(handle, self.store().name(), options.ttl());
@@ -406,6 +477,10 @@ impl Locker {
 
     /// One attempt, bounded by the deadline and cleaned up if it does not complete.
     async fn attempt(&self, request: &LockRequest, deadline: Option<Instant>) -> Result<Attempt> {
+        // An in-process store answers at once, with an outcome that is always known.
+        if let Some(result) = self.store().try_acquire_now(request) {
+            return Ok(Attempt::from(result?));
+        }
         let mut pending = PendingAttempt {
             lock: Some(Arc::clone(&self.lock)),
             request,
@@ -425,11 +500,18 @@ impl Locker {
         if !matches!(result, Err(LockError::Backend { .. })) {
             pending.lock = None;
         }
-        Ok(match result? {
-            Some(handle) => Attempt::Won(handle),
-            None => Attempt::Held,
-        })
+        Ok(Attempt::from(result?))
     }
+}
+
+/// How a first attempt without awaiting went.
+enum AtOnce {
+    /// The call is decided: won, refused for good, or failed.
+    Settled(Result<LockGuard>),
+    /// The key is held; the call goes on to wait and retry.
+    Held,
+    /// The backend cannot answer without awaiting (or the in-process queue comes first).
+    NotAnswered,
 }
 
 /// How one attempt ended.
@@ -437,6 +519,15 @@ enum Attempt {
     Won(Box<dyn Handle>),
     Held,
     CutShort,
+}
+
+impl From<Option<Box<dyn Handle>>> for Attempt {
+    fn from(handle: Option<Box<dyn Handle>>) -> Self {
+        match handle {
+            Some(handle) => Self::Won(handle),
+            None => Self::Held,
+        }
+    }
 }
 
 /// Cleans up after an attempt that did not run to completion (cancelled, timed out, or failed

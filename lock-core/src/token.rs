@@ -4,12 +4,15 @@ use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+
 use crate::error::{LockError, Result};
 
 /// Random bytes in a token: 128 bits, enough that two holders never draw the same one.
 pub const TOKEN_BYTES: usize = 16;
 
-/// A random, unguessable lock value drawn from the operating system's CSPRNG.
+/// A random, unguessable lock value drawn from a CSPRNG keyed by the operating system.
 ///
 /// Release and extend compare it with the stored value, so a holder whose lock expired cannot
 /// touch the next holder's lock. A fresh token is drawn for every attempt. `Debug` and `Display`
@@ -26,16 +29,17 @@ enum Repr {
 }
 
 impl Token {
-    /// Draws a new token: 16 bytes from the OS CSPRNG, as 32 lower-case hex characters.
+    /// Draws a new token: 16 bytes from a CSPRNG, as 32 lower-case hex characters.
     ///
-    /// The OS is asked for randomness in blocks of a few hundred bytes, kept per thread and
-    /// wiped as it is used, so that a token costs no system call on the hot path. Each byte
-    /// of OS output goes into one token only.
+    /// The generator is ChaCha12 (`rand`'s `StdRng`), one per thread, keyed from the OS
+    /// random source and rekeyed every 4096 tokens, so that a token costs no system call on
+    /// the hot path. A process that forks without `exec` and draws tokens on the same thread
+    /// in parent and child would repeat them; draw tokens only in processes started normally.
     ///
     /// # Errors
     /// [`LockError::Backend`] if the operating system has no entropy source to give.
     pub fn generate() -> Result<Self> {
-        let bytes = RANDOM_POOL.with(|pool| pool.borrow_mut().take())?;
+        let bytes = random_bytes()?;
         let mut hex = [0u8; TOKEN_BYTES * 2];
         for (pair, byte) in hex.chunks_exact_mut(2).zip(bytes) {
             pair[0] = HEX[usize::from(byte >> 4)];
@@ -81,34 +85,37 @@ impl Token {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Bytes fetched from the OS per refill: 256 tokens' worth.
-const POOL_BYTES: usize = TOKEN_BYTES * 256;
+/// Tokens drawn from one seed before the generator is reseeded from the OS.
+const TOKENS_PER_SEED: u32 = 4096;
 
 thread_local! {
-    static RANDOM_POOL: RefCell<RandomPool> = const { RefCell::new(RandomPool { bytes: [0; POOL_BYTES], used: POOL_BYTES }) };
+    static GENERATOR: RefCell<Option<Seeded>> = const { RefCell::new(None) };
 }
 
-/// OS randomness not yet handed out; consumed bytes are zeroed.
-struct RandomPool {
-    bytes: [u8; POOL_BYTES],
-    used: usize,
+/// A per-thread ChaCha12 stream keyed from the OS random source, rekeyed every
+/// [`TOKENS_PER_SEED`] tokens so that a leak of its state exposes few tokens.
+struct Seeded {
+    rng: StdRng,
+    tokens_left: u32,
 }
 
-impl RandomPool {
-    fn take(&mut self) -> Result<[u8; TOKEN_BYTES]> {
-        if self.used + TOKEN_BYTES > POOL_BYTES {
-            getrandom::fill(&mut self.bytes).map_err(|e| {
-                LockError::backend("core", format!("the OS random source failed: {e}"))
-            })?;
-            self.used = 0;
-        }
-        let mut token = [0u8; TOKEN_BYTES];
-        let chunk = &mut self.bytes[self.used..self.used + TOKEN_BYTES];
-        token.copy_from_slice(chunk);
-        chunk.fill(0);
-        self.used += TOKEN_BYTES;
-        Ok(token)
-    }
+fn random_bytes() -> Result<[u8; TOKEN_BYTES]> {
+    GENERATOR.with(|generator| {
+        let mut generator = generator.borrow_mut();
+        let seeded = match generator.as_mut() {
+            Some(seeded) if seeded.tokens_left > 0 => seeded,
+            _ => generator.insert(Seeded {
+                rng: StdRng::try_from_os_rng().map_err(|e| {
+                    LockError::backend("core", format!("the OS random source failed: {e}"))
+                })?,
+                tokens_left: TOKENS_PER_SEED,
+            }),
+        };
+        seeded.tokens_left -= 1;
+        let mut bytes = [0u8; TOKEN_BYTES];
+        seeded.rng.fill_bytes(&mut bytes);
+        Ok(bytes)
+    })
 }
 
 impl fmt::Debug for Token {

@@ -43,8 +43,8 @@ struct Inner {
     slots: DashMap<Key, Slot, foldhash::fast::RandomState>,
     /// Fencing tokens come from one counter, so they increase per key without keeping any
     /// per-key state after release.
+    /// Also counts acquisitions, to sweep now and then.
     fence: AtomicU64,
-    acquisitions: AtomicU64,
 }
 
 #[derive(Default)]
@@ -125,6 +125,32 @@ impl MemoryLock {
     pub fn capacity(&self) -> usize {
         self.inner.slots.capacity()
     }
+
+    /// One attempt; it never waits, so both trait methods answer with it.
+    fn acquire_now(&self, request: &LockRequest) -> Option<Box<dyn Handle>> {
+        let now = Instant::now();
+        let expires_at = now + request.ttl();
+        let token = request.token();
+        for (taken, key) in request.keys().iter().enumerate() {
+            if !self
+                .inner
+                .take(key, token, expires_at, now, request.after_wait())
+            {
+                for key in &request.keys()[..taken] {
+                    self.inner.release(key, token, now);
+                }
+                return None;
+            }
+        }
+        let fence = self.inner.next_fence(now);
+        Some(Box::new(MemoryHandle {
+            inner: Arc::clone(&self.inner),
+            keys: request.key_set().clone(),
+            token: token.clone(),
+            valid_until: expires_at,
+            fence,
+        }))
+    }
 }
 
 impl Inner {
@@ -203,11 +229,15 @@ impl Inner {
         Some(valid)
     }
 
-    fn sweep_now_and_then(&self, now: Instant) {
-        if self.acquisitions.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+    /// The fencing token of a new acquisition; every [`SWEEP_EVERY`]th also sweeps out expired
+    /// entries that were never released.
+    fn next_fence(&self, now: Instant) -> u64 {
+        let fence = self.fence.fetch_add(1, Ordering::SeqCst) + 1;
+        if fence.is_multiple_of(SWEEP_EVERY) {
             self.slots
                 .retain(|_, slot| slot.held_at(now) || slot.has_waiters());
         }
+        fence
     }
 
     /// Joins the waiters of `key` if it is busy: until when, the generation seen, the notifier.
@@ -252,29 +282,11 @@ impl Lock for MemoryLock {
     }
 
     async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        let now = Instant::now();
-        let expires_at = now + request.ttl();
-        let token = request.token();
-        for (taken, key) in request.keys().iter().enumerate() {
-            if !self
-                .inner
-                .take(key, token, expires_at, now, request.after_wait())
-            {
-                for key in &request.keys()[..taken] {
-                    self.inner.release(key, token, now);
-                }
-                return Ok(None);
-            }
-        }
-        self.inner.sweep_now_and_then(now);
-        let fence = self.inner.fence.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok(Some(Box::new(MemoryHandle {
-            inner: Arc::clone(&self.inner),
-            keys: request.key_set().clone(),
-            token: token.clone(),
-            valid_until: expires_at,
-            fence,
-        })))
+        Ok(self.acquire_now(request))
+    }
+
+    fn try_acquire_now(&self, request: &LockRequest) -> Option<Result<Option<Box<dyn Handle>>>> {
+        Some(Ok(self.acquire_now(request)))
     }
 
     async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
@@ -371,6 +383,20 @@ impl MemoryHandle {
             key: self.keys.primary().to_string(),
         }
     }
+
+    /// Frees every key still ours; `NotHeld` if any had expired or been taken over.
+    fn release_all(&self) -> Result<()> {
+        let now = Instant::now();
+        let mut all_valid = true;
+        for key in self.keys.iter() {
+            all_valid &= self.inner.release(key, &self.token, now) == Some(true);
+        }
+        if all_valid {
+            Ok(())
+        } else {
+            Err(self.not_held())
+        }
+    }
 }
 
 #[async_trait]
@@ -410,16 +436,11 @@ impl Handle for MemoryHandle {
     }
 
     async fn release(&mut self) -> Result<()> {
-        let now = Instant::now();
-        let mut all_valid = true;
-        for key in self.keys.iter() {
-            all_valid &= self.inner.release(key, &self.token, now) == Some(true);
-        }
-        if all_valid {
-            Ok(())
-        } else {
-            Err(self.not_held())
-        }
+        self.release_all()
+    }
+
+    fn release_now(&mut self) -> Option<Result<()>> {
+        Some(self.release_all())
     }
 }
 
@@ -547,6 +568,88 @@ mod tests {
         assert!(locker.try_acquire("shared").await.unwrap().is_none());
         guard.release().await.unwrap();
         assert_eq!(lock.len(), 0);
+    }
+
+    #[test]
+    fn a_guard_dropped_outside_a_runtime_releases_at_once() {
+        let lock = MemoryLock::new();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let guard = runtime
+            .block_on(locker(&lock, Duration::from_secs(60)).acquire("k"))
+            .unwrap();
+        drop(runtime);
+        assert_eq!(lock.len(), 1);
+        drop(guard);
+        assert!(lock.is_empty(), "the lock waited for its ttl");
+    }
+
+    /// Counts the attempts that reach the backend, whichever way they come.
+    #[derive(Debug, Default)]
+    struct Counting {
+        lock: MemoryLock,
+        attempts: AtomicU64,
+    }
+
+    #[async_trait]
+    impl Lock for Counting {
+        fn name(&self) -> &'static str {
+            self.lock.name()
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            self.lock.capabilities()
+        }
+
+        async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            self.lock.try_acquire(request).await
+        }
+
+        fn try_acquire_now(
+            &self,
+            request: &LockRequest,
+        ) -> Option<Result<Option<Box<dyn Handle>>>> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            self.lock.try_acquire_now(request)
+        }
+
+        async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
+            self.lock.abandon(keys, token).await
+        }
+
+        async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
+            self.lock.wait_for_release(keys, max_wait).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_found_held_at_once_counts_as_the_first_attempt() {
+        let counting = Arc::new(Counting::default());
+        let holder = locker(&counting.lock, Duration::from_secs(60))
+            .acquire("k")
+            .await
+            .unwrap();
+        let retry = lock_core::RetryPolicy::forever()
+            .with_retry_count(lock_core::RetryCount::Limited(2))
+            .with_retry_jitter(Duration::ZERO);
+        let waiter = Locker::new(Arc::clone(&counting))
+            .with_options(LockOptions::default().with_retry(retry))
+            .unwrap();
+        match waiter.acquire("k").await {
+            Err(LockError::Timeout { attempts, .. }) => assert_eq!(attempts, 3),
+            other => panic!("expected a timeout after 3 attempts, got {other:?}"),
+        }
+        assert_eq!(counting.attempts.load(Ordering::SeqCst), 3);
+        assert!(matches!(waiter.try_acquire("k").await, Ok(None)));
+        assert_eq!(
+            counting.attempts.load(Ordering::SeqCst),
+            4,
+            "a single attempt is one attempt"
+        );
+        holder.release().await.unwrap();
     }
 
     #[tokio::test]

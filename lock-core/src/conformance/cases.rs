@@ -10,7 +10,10 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep};
 
-use crate::{Lock, LockError, LockOptions, Locker, RetryCount, RetryPolicy, Token};
+use crate::{
+    Handle, KeySet, Lock, LockError, LockOptions, LockRequest, Locker, RetryCount, RetryPolicy,
+    Token,
+};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -621,4 +624,65 @@ pub async fn lost_signal_fires_when_the_lock_is_taken_away(lock: Arc<dyn Lock>) 
     )
     .await;
     next.release().await.unwrap();
+}
+
+/// A backend that answers without awaiting ([`Lock::try_acquire_now`],
+/// [`Handle::release_now`]) answers exactly as when awaited, and both kinds of handle work
+/// with both kinds of call.
+pub async fn immediate_and_awaited_answers_agree(lock: Arc<dyn Lock>) {
+    let key = locker(&lock).lock_ns("at-once").unwrap();
+    let request = || {
+        LockRequest::new(
+            KeySet::one(key.clone()),
+            Token::generate().unwrap(),
+            ms(10_000),
+        )
+        .unwrap()
+    };
+    let Some(first) = lock.try_acquire_now(&request()) else {
+        println!(
+            "conformance case `immediate_and_awaited_answers_agree` skipped: the {} backend answers only when awaited",
+            lock.name()
+        );
+        return;
+    };
+    let mut taken_at_once = first.unwrap().expect("a free key is taken at once");
+    assert!(
+        lock.try_acquire(&request()).await.unwrap().is_none(),
+        "the awaited attempt must see the key taken at once"
+    );
+    assert!(
+        matches!(lock.try_acquire_now(&request()), Some(Ok(None))),
+        "the immediate attempt must see the key held"
+    );
+    taken_at_once.release().await.unwrap();
+
+    let mut taken_awaited = lock
+        .try_acquire(&request())
+        .await
+        .unwrap()
+        .expect("the key released when awaited is free");
+    assert!(
+        matches!(lock.try_acquire_now(&request()), Some(Ok(None))),
+        "the immediate attempt must see the key taken when awaited"
+    );
+    release_either_way(taken_awaited.as_mut()).await.unwrap();
+    let again = release_either_way(taken_awaited.as_mut()).await;
+    assert!(
+        matches!(again, Err(LockError::NotHeld { .. })),
+        "a second release must report not held, got {again:?}"
+    );
+    let mut last = lock
+        .try_acquire_now(&request())
+        .expect("answers at once")
+        .unwrap()
+        .expect("the key released at once is free");
+    release_either_way(last.as_mut()).await.unwrap();
+}
+
+async fn release_either_way(handle: &mut dyn Handle) -> crate::Result<()> {
+    match handle.release_now() {
+        Some(result) => result,
+        None => handle.release().await,
+    }
 }

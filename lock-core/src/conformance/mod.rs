@@ -74,6 +74,7 @@ registry! {
     waiters_wake_on_release => Some("wake_on_release"),
     watchdog_keeps_the_lock_alive => Some("extend"),
     lost_signal_fires_when_the_lock_is_taken_away => None,
+    immediate_and_awaited_answers_agree => None,
 }
 
 /// Runs the case called `name` against `lock`, bounded by [`CASE_TIMEOUT`].
@@ -122,6 +123,7 @@ macro_rules! conformance_tests {
             waiters_wake_on_release,
             watchdog_keeps_the_lock_alive,
             lost_signal_fires_when_the_lock_is_taken_away,
+            immediate_and_awaited_answers_agree,
         );
     };
 }
