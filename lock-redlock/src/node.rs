@@ -1,7 +1,8 @@
 //! One Redis node: its connection and the three lock operations on it.
 
 use std::fmt;
-use std::sync::LazyLock;
+use std::ops::Deref;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
@@ -22,9 +23,13 @@ static RELEASE_NOTIFY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/release_notify.lua")));
 static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/extend.lua")));
 
-/// A node of the quorum; cheap to clone (connections are shared handles).
+/// A node of the quorum; cheap to clone (one shared allocation), since every round hands a
+/// clone to each of its requests.
 #[derive(Clone)]
-pub(crate) struct Node {
+pub(crate) struct Node(Arc<NodeParts>);
+
+/// What a [`Node`] shares between its clones.
+pub(crate) struct NodeParts {
     label: String,
     connection: Connection,
     /// For the pub/sub connection of wake-ups, opened on first use.
@@ -46,6 +51,20 @@ impl Node {
     /// Prepares the node's connection without connecting: a node that is down at start-up
     /// counts as a failed vote until it comes back.
     pub(crate) fn new(url: &NodeUrl, config: &RedlockConfig) -> Result<Self> {
+        NodeParts::new(url, config).map(|parts| Self(Arc::new(parts)))
+    }
+}
+
+impl Deref for Node {
+    type Target = NodeParts;
+
+    fn deref(&self) -> &NodeParts {
+        &self.0
+    }
+}
+
+impl NodeParts {
+    fn new(url: &NodeUrl, config: &RedlockConfig) -> Result<Self> {
         let invalid =
             |error: &dyn fmt::Display| LockError::invalid("url", format!("{}: {error}", url.label));
         let connect_timeout = Duration::from_millis(config.connect_timeout);

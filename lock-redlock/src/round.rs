@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use redis::RedisResult;
+use tokio::time::Sleep;
 
 use crate::node::Node;
 
@@ -62,14 +63,57 @@ impl Tally {
     }
 }
 
-/// The requests still in flight when the round was decided.
-pub(crate) struct Pending(FuturesUnordered<VoteFuture>);
+/// The requests still in flight when the round was decided, under the round's one deadline
+/// (every request started at once with the same node timeout, so one timer bounds them all).
+pub(crate) struct Pending {
+    votes: FuturesUnordered<VoteFuture>,
+    nodes: Vec<Node>,
+    answered: Vec<bool>,
+    timeout: Duration,
+    deadline: Pin<Box<Sleep>>,
+    /// Nodes found unanswered at the deadline, to be reported as failed.
+    timed_out: Vec<usize>,
+}
 
 impl Pending {
-    /// Waits for every remaining answer (each is bounded by its node timeout).
+    /// The next answer, or a node's failure to answer by the deadline; `None` when every node
+    /// is accounted for.
+    async fn next(&mut self) -> Option<(usize, Vote)> {
+        if let Some(index) = self.timed_out.pop() {
+            return Some((index, self.no_answer(index)));
+        }
+        if self.votes.is_empty() {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            vote = self.votes.next() => {
+                let (index, vote) = vote?;
+                self.answered[index] = true;
+                Some((index, vote))
+            }
+            () = &mut self.deadline => {
+                // The requests still out are dropped: those nodes failed this round.
+                self.votes = FuturesUnordered::new();
+                self.timed_out = (0..self.nodes.len()).filter(|i| !self.answered[*i]).collect();
+                let index = self.timed_out.pop()?;
+                Some((index, self.no_answer(index)))
+            }
+        }
+    }
+
+    fn no_answer(&self, index: usize) -> Vote {
+        Vote::Failed(format!(
+            "{}: no answer within {} ms",
+            self.nodes[index].label(),
+            self.timeout.as_millis()
+        ))
+    }
+
+    /// Waits for every remaining answer (bounded by the round's deadline).
     pub(crate) async fn finish(mut self) -> Tally {
         let mut tally = Tally::default();
-        while let Some((index, vote)) = self.0.next().await {
+        while let Some((index, vote)) = self.next().await {
             tally.count(index, vote);
         }
         tally
@@ -78,8 +122,8 @@ impl Pending {
     /// Counts the answers that arrive before `deadline`; later ones stay pending.
     pub(crate) async fn collect_until(&mut self, deadline: tokio::time::Instant) -> Tally {
         let mut tally = Tally::default();
-        while !self.0.is_empty() {
-            match tokio::time::timeout_at(deadline, self.0.next()).await {
+        while !self.is_empty() {
+            match tokio::time::timeout_at(deadline, self.next()).await {
                 Ok(Some((index, vote))) => tally.count(index, vote),
                 Ok(None) | Err(_) => break,
             }
@@ -88,12 +132,13 @@ impl Pending {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.votes.is_empty() && self.timed_out.is_empty()
     }
 }
 
 /// Sends `op` to every node at once and returns as soon as the outcome is decided. `op` answers
-/// `Some(number)` for yes (0 unless it reads a counter) and `None` for no.
+/// `Some(number)` for yes (0 unless it reads a counter) and `None` for no. Each node has
+/// `timeout` to answer.
 pub(crate) async fn run<F, Fut>(
     nodes: &[Node],
     quorum: usize,
@@ -104,23 +149,28 @@ where
     F: Fn(Node) -> Fut,
     Fut: Future<Output = RedisResult<Option<u64>>> + Send + 'static,
 {
-    let mut pending = FuturesUnordered::new();
+    let deadline = Box::pin(tokio::time::sleep(timeout));
+    let votes = FuturesUnordered::new();
     for (index, node) in nodes.iter().enumerate() {
-        let label = node.label().to_owned();
         let request = op(node.clone());
-        pending.push(Box::pin(async move {
-            let vote = match tokio::time::timeout(timeout, request).await {
-                Ok(Ok(Some(number))) => Vote::Yes(number),
-                Ok(Ok(None)) => Vote::No,
-                Ok(Err(error)) => Vote::Failed(format!("{label}: {error}")),
-                Err(_) => Vote::Failed(format!(
-                    "{label}: no answer within {} ms",
-                    timeout.as_millis()
-                )),
+        let node = node.clone();
+        votes.push(Box::pin(async move {
+            let vote = match request.await {
+                Ok(Some(number)) => Vote::Yes(number),
+                Ok(None) => Vote::No,
+                Err(error) => Vote::Failed(format!("{}: {error}", node.label())),
             };
             (index, vote)
         }) as VoteFuture);
     }
+    let mut pending = Pending {
+        votes,
+        nodes: nodes.to_vec(),
+        answered: vec![false; nodes.len()],
+        timeout,
+        deadline,
+        timed_out: Vec::new(),
+    };
     let mut tally = Tally::default();
     while !tally.decided(nodes.len(), quorum) {
         let Some((index, vote)) = pending.next().await else {
@@ -131,5 +181,5 @@ where
         }
         tally.count(index, vote);
     }
-    (tally, Pending(pending))
+    (tally, pending)
 }

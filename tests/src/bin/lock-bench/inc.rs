@@ -1,4 +1,5 @@
-//! The INCR lock on a local redis-server, as a ratio to the server's single-client limit.
+//! The INCR lock on a local redis-server, as a ratio to the server's single-client round-trip
+//! floor, measured alternately in the same run.
 
 use std::time::{Duration, Instant};
 
@@ -6,7 +7,8 @@ use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::server::{RedisServer, redis_server_binary};
 
-use crate::limit::{BenchResult, cycle_limit, median};
+use crate::floor::{MinimalClient, Word};
+use crate::limit::{BenchResult, CHUNK, chunks, cycle_limit, floor_figure};
 use crate::{CONTENDERS, Figure, clients_handoff, figure, handoff_figures, parallel_rate, rate};
 
 pub(crate) async fn benchmarks(
@@ -26,31 +28,56 @@ pub(crate) async fn benchmarks(
     for _ in 0..50 {
         locker.acquire("bench-key").await?.release().await?;
     }
-    let (mut limits, mut ours) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        limits.push(inc_limit(&server, cycles, &[])?);
+    let acquire = include_str!("../../../../lock-inc/src/lua/acquire.lua");
+    let release = include_str!("../../../../lock-inc/src/lua/release.lua");
+    let token = "0123456789abcdef0123456789abcdef";
+    let mut floor = MinimalClient::connect(
+        server.port(),
+        &[
+            Word::Script(acquire),
+            Word::Plain("3"),
+            Word::Plain("lock:{bench-floor}"),
+            Word::Plain("lock:{bench-floor}:owner"),
+            Word::Plain("lock:{bench-floor}:fence"),
+            Word::Plain(token),
+            Word::Plain("10000"),
+        ],
+        &[
+            Word::Script(release),
+            Word::Plain("2"),
+            Word::Plain("lock:{bench-floor}"),
+            Word::Plain("lock:{bench-floor}:owner"),
+            Word::Plain(token),
+        ],
+    )?;
+    let benchmark_limit = inc_limit(&server, cycles, &[])?;
+    let chunks = chunks(cycles, rounds);
+    let (mut floor_time, mut ours_time) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..chunks {
+        floor_time += floor.time_cycles(CHUNK)?;
         let started = Instant::now();
-        for _ in 0..cycles {
+        for _ in 0..CHUNK {
             locker.acquire("bench-key").await?.release().await?;
         }
-        ours.push(rate(cycles, started.elapsed()));
+        ours_time += started.elapsed();
     }
-    let mut ratios: Vec<f64> = ours
-        .iter()
-        .zip(&limits)
-        .map(|(ours, limit)| ours / limit)
-        .collect();
+    let floor = rate(chunks * CHUNK, floor_time);
+    let ours = rate(chunks * CHUNK, ours_time);
     let mut uncontended = figure(
         "inc",
         "uncontended acquire+release, sequential",
-        median(&mut ours),
+        ours,
         "cycles/s",
         None,
     );
     uncontended.nodes = Some(1);
-    uncontended.limit = Some(median(&mut limits));
-    uncontended.ratio_to_limit = Some(median(&mut ratios));
-    let mut figures = vec![uncontended, parallel(&server, &locker, cycles).await?];
+    uncontended.limit = Some(floor);
+    uncontended.ratio_to_limit = Some(ours / floor);
+    let mut figures = vec![
+        floor_figure(1, floor, benchmark_limit),
+        uncontended,
+        parallel(&server, &locker, cycles).await?,
+    ];
     figures.extend(contended(&server, handoff_time).await?);
     Ok(figures)
 }

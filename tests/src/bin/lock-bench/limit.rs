@@ -1,10 +1,37 @@
-//! The physical limit of one server for one client, from `redis-benchmark -c 1`.
+//! The physical limit of one server for one client, from `redis-benchmark -c 1`, and the
+//! helpers that put the in-process floor (`floor.rs`) beside it.
 
 use std::process::Command;
 
 use lock_tests::server::RedisServer;
 
+use crate::{Figure, figure};
+
 pub(crate) type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Cycles per chunk when a client under test alternates with the minimal client.
+pub(crate) const CHUNK: u32 = 50;
+
+/// How many alternating chunks cover `rounds` rounds of `cycles`.
+pub(crate) fn chunks(cycles: u32, rounds: usize) -> u32 {
+    let rounds = u32::try_from(rounds).unwrap_or(u32::MAX);
+    (cycles.saturating_mul(rounds) / CHUNK).max(10)
+}
+
+/// The row that checks the in-process floor against `redis-benchmark -c 1` on the same server.
+pub(crate) fn floor_figure(nodes: u32, floor: f64, benchmark_limit: f64) -> Figure {
+    let mut row = figure(
+        "round-trip floor (minimal client)",
+        "uncontended acquire+release, sequential",
+        floor,
+        "cycles/s",
+        None,
+    );
+    row.nodes = Some(nodes);
+    row.limit = Some(benchmark_limit);
+    row.ratio_to_limit = Some(floor / benchmark_limit);
+    row
+}
 
 pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);

@@ -21,6 +21,7 @@ use lockable::LockPool;
 use serde::Serialize;
 
 /// One measured figure, as written to `target/bench/report.json`.
+mod floor;
 mod inc;
 mod limit;
 mod plot;
@@ -432,7 +433,7 @@ pub(crate) fn rate(operations: u32, elapsed: Duration) -> f64 {
     f64::from(operations) / elapsed.as_secs_f64().max(f64::EPSILON)
 }
 
-fn figure(
+pub(crate) fn figure(
     backend: &str,
     scenario: &str,
     value: f64,

@@ -9,7 +9,8 @@ use lock_tests::server::{RedisServer, redis_server_binary};
 use rslock::LockManager;
 use tokio::net::TcpListener;
 
-use crate::limit::{BenchResult, cycle_limit, median};
+use crate::floor::{MinimalClient, Word};
+use crate::limit::{BenchResult, CHUNK, chunks, cycle_limit, floor_figure, median};
 use crate::{
     CONTENDERS, CRITICAL_SECTION, Figure, clients_handoff, figure, handoff, handoff_figures,
     parallel_rate, rate,
@@ -38,8 +39,9 @@ pub(crate) async fn benchmarks(
     Ok(figures)
 }
 
-/// Sequential acquire + release cycles: ours (both connection kinds) and rslock, in
-/// interleaved rounds against the limit measured just before each round; medians.
+/// Sequential acquire + release cycles: ours (both connection kinds) and rslock, in short
+/// chunks alternating with the minimal client's round-trip floor on the first server; the
+/// floor itself is checked against `redis-benchmark -c 1` (the row `round-trip floor`).
 async fn uncontended(
     limit_server: &RedisServer,
     urls: &[String],
@@ -55,46 +57,57 @@ async fn uncontended(
         pool.acquire("bench-key").await?.release().await?;
         rslock_cycle(&rslock).await?;
     }
-    let (mut limits, mut ours_manager, mut ours_pool, mut theirs) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        limits.push(redlock_limit(limit_server, cycles)?);
-        for (locker, results) in [(&manager, &mut ours_manager), (&pool, &mut ours_pool)] {
+    let release = include_str!("../../../../lock-redlock/src/lua/release.lua");
+    let mut floor = MinimalClient::connect(
+        limit_server.port(),
+        &["SET", "bench-floor", "token", "NX", "PX", "10000"].map(Word::Plain),
+        &[
+            Word::Script(release),
+            Word::Plain("1"),
+            Word::Plain("bench-floor"),
+            Word::Plain("token"),
+        ],
+    )?;
+    let benchmark_limit = redlock_limit(limit_server, cycles)?;
+    let chunks = chunks(cycles, rounds);
+    let (mut floor_time, mut times) = (Duration::ZERO, [Duration::ZERO; 3]);
+    for _ in 0..chunks {
+        floor_time += floor.time_cycles(CHUNK)?;
+        for (locker, time) in [&manager, &pool].into_iter().zip(&mut times) {
             let started = Instant::now();
-            for _ in 0..cycles {
+            for _ in 0..CHUNK {
                 locker.acquire("bench-key").await?.release().await?;
             }
-            results.push(rate(cycles, started.elapsed()));
+            *time += started.elapsed();
         }
         let started = Instant::now();
-        for _ in 0..cycles {
+        for _ in 0..CHUNK {
             rslock_cycle(&rslock).await?;
         }
-        theirs.push(rate(cycles, started.elapsed()));
+        times[2] += started.elapsed();
     }
-    let per_round = |results: &[f64], against: &[f64]| -> f64 {
-        let mut ratios: Vec<f64> = results.iter().zip(against).map(|(a, b)| a / b).collect();
-        median(&mut ratios)
-    };
-    let limit = median(&mut limits.clone());
-    let mut figures = Vec::new();
-    for (name, results) in [
-        ("redlock (manager)", &ours_manager),
-        ("redlock (pool)", &ours_pool),
-        ("rslock", &theirs),
+    let total = chunks * CHUNK;
+    let floor = rate(total, floor_time);
+    let rslock_rate = rate(total, times[2]);
+    let mut figures = vec![floor_figure(nodes, floor, benchmark_limit)];
+    for (name, time) in [
+        ("redlock (manager)", times[0]),
+        ("redlock (pool)", times[1]),
+        ("rslock", times[2]),
     ] {
+        let value = rate(total, time);
         let mut uncontended = figure(
             name,
             "uncontended acquire+release, sequential",
-            median(&mut results.clone()),
+            value,
             "cycles/s",
             None,
         );
         uncontended.nodes = Some(nodes);
-        uncontended.limit = Some(limit);
-        uncontended.ratio_to_limit = Some(per_round(results, &limits));
+        uncontended.limit = Some(floor);
+        uncontended.ratio_to_limit = Some(value / floor);
         if name != "rslock" {
-            uncontended.ratio_to_rslock = Some(per_round(results, &theirs));
+            uncontended.ratio_to_rslock = Some(value / rslock_rate);
         }
         figures.push(uncontended);
     }
