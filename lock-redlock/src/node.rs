@@ -68,15 +68,17 @@ impl NodeParts {
         let invalid =
             |error: &dyn fmt::Display| LockError::invalid("url", format!("{}: {error}", url.label));
         let connect_timeout = Duration::from_millis(config.connect_timeout);
-        // Responses are bounded per call by the node timeout; this is only the backstop.
-        let response_timeout = Duration::from_secs(60);
+        // Every call on these connections is bounded by our own timer (one per round, see
+        // `round::run`, or around the call): redis-rs's own timer on each request would only
+        // add a second one.
+        let response_timeout = None;
         let client = client(url, config)?;
         let connection = match config.connection {
             ConnectionKind::Manager => {
                 let client = client.clone();
                 let manager_config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
-                    .set_response_timeout(Some(response_timeout))
+                    .set_response_timeout(response_timeout)
                     .set_number_of_retries(1)
                     .set_min_delay(Duration::from_millis(10))
                     .set_max_delay(Duration::from_millis(200));
@@ -88,7 +90,7 @@ impl NodeParts {
             ConnectionKind::Pool => {
                 let connection_config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
-                    .set_response_timeout(Some(response_timeout));
+                    .set_response_timeout(response_timeout);
                 let manager =
                     deadpool_redis::Manager::new_with_config(url.url.as_str(), connection_config)
                         .map_err(|e| invalid(&e))?;
@@ -228,7 +230,9 @@ impl NodeParts {
         }
         match &self.connection {
             Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await,
-            Connection::Pool(pool) => pipeline.query_async(&mut checkout(pool).await?).await,
+            Connection::Pool(pool) => {
+                Box::pin(async { pipeline.query_async(&mut checkout(pool).await?).await }).await
+            }
         }
     }
 
@@ -239,10 +243,15 @@ impl NodeParts {
         self.query(&command).await
     }
 
+    // The pool's branches are boxed: a pool checkout is a future of several kilobytes, which
+    // would otherwise sit inline in every request's future and be copied whenever one is
+    // boxed, pool or not.
     async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> RedisResult<T> {
         match &self.connection {
             Connection::Manager(manager) => command.query_async(&mut manager.clone()).await,
-            Connection::Pool(pool) => command.query_async(&mut checkout(pool).await?).await,
+            Connection::Pool(pool) => {
+                Box::pin(async { command.query_async(&mut checkout(pool).await?).await }).await
+            }
         }
     }
 
@@ -253,7 +262,9 @@ impl NodeParts {
     ) -> RedisResult<T> {
         match &self.connection {
             Connection::Manager(manager) => invoke_on(invocation, &mut manager.clone()).await,
-            Connection::Pool(pool) => invoke_on(invocation, &mut checkout(pool).await?).await,
+            Connection::Pool(pool) => {
+                Box::pin(async { invoke_on(invocation, &mut checkout(pool).await?).await }).await
+            }
         }
     }
 }
