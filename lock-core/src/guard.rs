@@ -1,7 +1,7 @@
 //! The guard users hold while they own a lock.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{Mutex, watch};
@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use crate::error::{LockError, Result};
 use crate::key::Key;
-use crate::local::Ticket;
+use crate::local::{Places, Ticket};
 use crate::lock::Handle;
 use crate::token::Token;
 use crate::validate;
@@ -37,21 +37,15 @@ pub struct LockGuard {
     tickets: Option<Tickets>,
 }
 
-/// Queue places shared with a timer that gives them up when the lock's validity lapses, so
-/// that a holder that neither releases nor extends cannot block its neighbours past its ttl.
-struct Tickets {
-    held: Arc<std::sync::Mutex<Vec<Ticket>>>,
-    timer: tokio::task::JoinHandle<()>,
-}
+/// Queue places, given up on release; waiters behind them give them up for the holder once
+/// the lock's validity lapses, so that a holder that neither releases nor extends cannot block
+/// its neighbours past its ttl.
+struct Tickets(Arc<Places>);
 
 impl Tickets {
     fn give_up(self) {
-        self.timer.abort();
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        held.clear();
+        let places = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        drop(places);
     }
 }
 
@@ -99,20 +93,12 @@ impl LockGuard {
         if tickets.is_empty() {
             return self;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return self; // without a runtime the places go now
-        };
-        let held = Arc::new(std::sync::Mutex::new(tickets));
         let valid_until = self.valid_until();
-        let timer_held = Arc::clone(&held);
-        let timer = runtime.spawn(async move {
-            tokio::time::sleep_until(valid_until).await;
-            timer_held
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clear();
-        });
-        self.tickets = Some(Tickets { held, timer });
+        let places = Arc::new(std::sync::Mutex::new(tickets));
+        for ticket in places.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            ticket.keep_until(valid_until, Arc::downgrade(&places));
+        }
+        self.tickets = Some(Tickets(places));
         self
     }
 

@@ -5,29 +5,50 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{Notify, OwnedMutexGuard};
+use tokio::time::Instant;
 
 use crate::key::Key;
 
-type Slot = Arc<tokio::sync::Mutex<()>>;
-
-/// One FIFO mutex per key that is held or waited for in this process.
+/// One FIFO line per key that is held or waited for in this process.
 #[derive(Default)]
 pub(crate) struct LocalQueue {
-    slots: Mutex<HashMap<Key, Slot>>,
+    slots: Mutex<HashMap<Key, Arc<Slot>>>,
 }
+
+/// The line for one key.
+#[derive(Default)]
+struct Slot {
+    /// Held by the task at the head of the line; tokio's mutex serves waiters in order.
+    head: Arc<tokio::sync::Mutex<()>>,
+    /// Once the head holds the lock: until when it may keep its place. The waiters (not the
+    /// holder, which costs nothing this way when nobody waits) give the place up for it.
+    lapse: Mutex<Option<Lapse>>,
+    /// Wakes waiters when a head records its lapse.
+    lapse_recorded: Notify,
+}
+
+/// A holder's claim on its places, which waiters end once `at` has passed.
+struct Lapse {
+    at: Instant,
+    places: Weak<Places>,
+}
+
+/// The places one lock holds in the lines of its keys; emptied to give them up.
+pub(crate) type Places = Mutex<Vec<Ticket>>;
 
 /// A place at the head of the line for one key; leaving frees the place for the next task.
 pub(crate) struct Ticket {
     queue: Arc<LocalQueue>,
     key: Key,
+    slot: Option<Arc<Slot>>,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
 impl LocalQueue {
-    fn slot(&self, key: &Key) -> Slot {
+    fn slot(&self, key: &Key) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(slots.entry(key.clone()).or_default())
     }
@@ -40,18 +61,16 @@ impl LocalQueue {
         ordered.dedup();
         let mut tickets = Vec::with_capacity(ordered.len());
         for key in ordered {
-            let guard = self.slot(key).lock_owned().await;
-            tickets.push(self.ticket(key, guard));
+            let slot = self.slot(key);
+            let guard = slot.wait_for_head().await;
+            tickets.push(Ticket {
+                queue: Arc::clone(self),
+                key: key.clone(),
+                slot: Some(slot),
+                guard: Some(guard),
+            });
         }
         tickets
-    }
-
-    fn ticket(self: &Arc<Self>, key: &Key, guard: OwnedMutexGuard<()>) -> Ticket {
-        Ticket {
-            queue: Arc::clone(self),
-            key: key.clone(),
-            guard: Some(guard),
-        }
     }
 
     #[cfg(test)]
@@ -63,8 +82,67 @@ impl LocalQueue {
     }
 }
 
+impl Slot {
+    /// Waits in line; meanwhile, gives up the place of a head whose validity lapsed.
+    async fn wait_for_head(&self) -> OwnedMutexGuard<()> {
+        let head = Arc::clone(&self.head).lock_owned();
+        tokio::pin!(head);
+        loop {
+            let recorded = self.lapse_recorded.notified();
+            tokio::pin!(recorded);
+            recorded.as_mut().enable();
+            let lapse_at = self
+                .lapse
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .map(|lapse| lapse.at);
+            tokio::select! {
+                biased;
+                guard = &mut head => return guard,
+                () = &mut recorded, if lapse_at.is_none() => {}
+                () = tokio::time::sleep_until(lapse_at.unwrap_or_else(Instant::now)), if lapse_at.is_some() => {
+                    self.end_lapsed();
+                }
+            }
+        }
+    }
+
+    /// Gives up the places of the head if its validity has lapsed.
+    fn end_lapsed(&self) {
+        let places = {
+            let mut lapse = self.lapse.lock().unwrap_or_else(PoisonError::into_inner);
+            match lapse.as_ref() {
+                Some(recorded) if recorded.at <= Instant::now() => {
+                    lapse.take().and_then(|lapse| lapse.places.upgrade())
+                }
+                _ => None,
+            }
+        };
+        // Outside the slot's lock: dropping tickets takes the queue's.
+        if let Some(places) = places {
+            let given_up =
+                std::mem::take(&mut *places.lock().unwrap_or_else(PoisonError::into_inner));
+            drop(given_up);
+        }
+    }
+}
+
+impl Ticket {
+    /// Records that the holder of this place keeps it until `at` at most.
+    pub(crate) fn keep_until(&self, at: Instant, places: Weak<Places>) {
+        if let Some(slot) = &self.slot {
+            *slot.lapse.lock().unwrap_or_else(PoisonError::into_inner) = Some(Lapse { at, places });
+            slot.lapse_recorded.notify_waiters();
+        }
+    }
+}
+
 impl Drop for Ticket {
     fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            *slot.lapse.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
         drop(self.guard.take());
         let mut slots = self
             .queue
