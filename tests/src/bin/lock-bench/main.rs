@@ -5,10 +5,12 @@
 //! In-memory: our `MemoryLock` behind `Locker` against `lockable::LockPool` and a
 //! `tokio::sync::Mutex` per key in a map, uncontended and in contended handoff.
 //!
-//! Redlock on 1, 3 and 5 local redis-servers: uncontended acquire+release cycles against the
-//! physical limit measured by `redis-benchmark -c 1` on the same server in the same run (the
-//! single-client rates of the exact acquire command and release script: the cycle limit is
-//! 1 / (1/r_acquire + 1/r_release)), for both connection kinds; and contended hand-off.
+//! Redlock on 1, 3 and 5 local redis-servers, and the INCR lock: uncontended acquire+release
+//! cycles against the round-trip floor of the first server, measured by a minimal blocking
+//! client in chunks alternating with ours and rslock's (`floor.rs`), itself checked against
+//! `redis-benchmark -c 1` (the single-client rates of the exact acquire command and release
+//! script: 1 / (1/r_acquire + 1/r_release)); 64 tasks against `redis-benchmark -c 64`; and
+//! contended hand-off.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

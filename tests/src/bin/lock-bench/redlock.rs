@@ -71,20 +71,22 @@ async fn uncontended(
     let benchmark_limit = redlock_limit(limit_server, cycles)?;
     let chunks = chunks(cycles, rounds);
     let (mut floor_time, mut times) = (Duration::ZERO, [Duration::ZERO; 3]);
-    for _ in 0..chunks {
+    for chunk in 0..chunks {
         floor_time += floor.time_cycles(CHUNK)?;
-        for (locker, time) in [&manager, &pool].into_iter().zip(&mut times) {
+        // The order turns with every chunk, so that no client always runs right after the
+        // floor's blocking chunk.
+        for turn in 0..3 {
+            let client = (chunk as usize + turn) % 3;
             let started = Instant::now();
             for _ in 0..CHUNK {
-                locker.acquire("bench-key").await?.release().await?;
+                match client {
+                    0 => manager.acquire("bench-key").await?.release().await?,
+                    1 => pool.acquire("bench-key").await?.release().await?,
+                    _ => rslock_cycle(&rslock).await?,
+                }
             }
-            *time += started.elapsed();
+            times[client] += started.elapsed();
         }
-        let started = Instant::now();
-        for _ in 0..CHUNK {
-            rslock_cycle(&rslock).await?;
-        }
-        times[2] += started.elapsed();
     }
     let total = chunks * CHUNK;
     let floor = rate(total, floor_time);
