@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use crate::error::{LockError, Result};
 use crate::key::Key;
-use crate::local::{Places, Ticket};
+use crate::local::{self, Places, Ticket};
 use crate::lock::Handle;
 use crate::token::Token;
 use crate::validate;
@@ -44,8 +44,7 @@ struct Tickets(Arc<Places>);
 
 impl Tickets {
     fn give_up(self) {
-        let places = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
-        drop(places);
+        local::give_up(&self.0);
     }
 }
 

@@ -39,6 +39,13 @@ struct Lapse {
 /// The places one lock holds in the lines of its keys; emptied to give them up.
 pub(crate) type Places = Mutex<Vec<Ticket>>;
 
+/// Leaves every place in `places`. The tickets are dropped outside its lock (and outside any
+/// slot's): leaving takes the queue's lock.
+pub(crate) fn give_up(places: &Places) {
+    let left = std::mem::take(&mut *places.lock().unwrap_or_else(PoisonError::into_inner));
+    drop(left);
+}
+
 /// A place at the head of the line for one key; leaving frees the place for the next task.
 pub(crate) struct Ticket {
     queue: Arc<LocalQueue>,
@@ -119,11 +126,8 @@ impl Slot {
                 _ => None,
             }
         };
-        // Outside the slot's lock: dropping tickets takes the queue's.
         if let Some(places) = places {
-            let given_up =
-                std::mem::take(&mut *places.lock().unwrap_or_else(PoisonError::into_inner));
-            drop(given_up);
+            give_up(&places);
         }
     }
 }

@@ -283,8 +283,8 @@ impl Locker {
     }
 
     /// The first attempt, without awaiting, for a backend that can answer at once (a lock in
-    /// this process, see [`Lock::try_acquire_now`]). A key found held settles only a
-    /// single-attempt call; a retrying one goes on to wait and try again.
+    /// this process, see [`Lock::try_acquire_now`]). A key found held goes on to the retry
+    /// loop, which counts this as its first attempt.
     ///
     /// Every step of the hot path that would otherwise be an `.await` (a boxed future, a
     /// state machine moved around) is skipped here, which is most of an in-process lock's cost.
@@ -307,13 +307,6 @@ impl Locker {
             Some(Ok(Some(handle))) => {
                 tracing::debug!(attempts = 1, "acquired");
                 AtOnce::Settled(LockGuard::new(handle, self.store().name(), options.ttl()))
-            }
-            Some(Ok(None)) if options.retry().is_single_attempt() => {
-                let error = LockError::Locked {
-                    key: keys.primary().to_string(),
-                };
-                tracing::debug!(attempts = 1, %error, "giving up");
-                AtOnce::Settled(Err(error))
             }
             Some(Ok(None)) => AtOnce::Held,
             Some(Err(error)) => AtOnce::Settled(Err(error)),
@@ -506,9 +499,9 @@ impl Locker {
 
 /// How a first attempt without awaiting went.
 enum AtOnce {
-    /// The call is decided: won, refused for good, or failed.
+    /// The call is decided: won or failed.
     Settled(Result<LockGuard>),
-    /// The key is held; the call goes on to wait and retry.
+    /// The key is held; the retry loop takes over.
     Held,
     /// The backend cannot answer without awaiting (or the in-process queue comes first).
     NotAnswered,

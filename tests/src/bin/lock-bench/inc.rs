@@ -8,8 +8,10 @@ use lock_inc::{IncConfig, IncLock};
 use lock_tests::server::{RedisServer, redis_server_binary};
 
 use crate::floor::{MinimalClient, Word};
-use crate::limit::{BenchResult, CHUNK, chunks, cycle_limit, floor_figure};
-use crate::{CONTENDERS, Figure, clients_handoff, figure, handoff_figures, parallel_rate, rate};
+use crate::limit::{
+    BenchResult, CHUNK, SEQUENTIAL, against_limit, chunks, cycle_limit, floor_figure,
+};
+use crate::{CONTENDERS, Figure, clients_handoff, handoff_figures, parallel_rate, rate};
 
 pub(crate) async fn benchmarks(
     cycles: u32,
@@ -63,19 +65,9 @@ pub(crate) async fn benchmarks(
     }
     let floor = rate(chunks * CHUNK, floor_time);
     let ours = rate(chunks * CHUNK, ours_time);
-    let mut uncontended = figure(
-        "inc",
-        "uncontended acquire+release, sequential",
-        ours,
-        "cycles/s",
-        None,
-    );
-    uncontended.nodes = Some(1);
-    uncontended.limit = Some(floor);
-    uncontended.ratio_to_limit = Some(ours / floor);
     let mut figures = vec![
         floor_figure(1, floor, benchmark_limit),
-        uncontended,
+        against_limit("inc", 1, SEQUENTIAL, ours, floor),
         parallel(&server, &locker, cycles).await?,
     ];
     figures.extend(contended(&server, handoff_time).await?);
@@ -89,17 +81,13 @@ async fn parallel(server: &RedisServer, locker: &Locker, cycles: u32) -> BenchRe
     let per_task = (cycles / 8).max(10);
     let ours = parallel_rate(locker, TASKS, per_task).await?;
     let limit = inc_limit(server, TASKS * per_task, &["-c", "64"])?;
-    let mut fig = figure(
+    Ok(against_limit(
         "inc",
+        1,
         "64 tasks on distinct keys, acquire+release",
         ours,
-        "cycles/s",
-        None,
-    );
-    fig.nodes = Some(1);
-    fig.limit = Some(limit);
-    fig.ratio_to_limit = Some(ours / limit);
-    Ok(fig)
+        limit,
+    ))
 }
 
 /// 8 contenders on one key, 1 ms sections, retrying (the lock itself fails fast) at the default

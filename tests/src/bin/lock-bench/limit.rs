@@ -18,19 +18,33 @@ pub(crate) fn chunks(cycles: u32, rounds: usize) -> u32 {
     (cycles.saturating_mul(rounds) / CHUNK).max(10)
 }
 
+/// The scenario of sequential cycles, measured against the round-trip floor.
+pub(crate) const SEQUENTIAL: &str = "uncontended acquire+release, sequential";
+
+/// A rate in cycles/s on `nodes` nodes, with the limit it is measured against.
+pub(crate) fn against_limit(
+    backend: &str,
+    nodes: u32,
+    scenario: &str,
+    value: f64,
+    limit: f64,
+) -> Figure {
+    let mut row = figure(backend, scenario, value, "cycles/s", None);
+    row.nodes = Some(nodes);
+    row.limit = Some(limit);
+    row.ratio_to_limit = Some(value / limit);
+    row
+}
+
 /// The row that checks the in-process floor against `redis-benchmark -c 1` on the same server.
 pub(crate) fn floor_figure(nodes: u32, floor: f64, benchmark_limit: f64) -> Figure {
-    let mut row = figure(
+    against_limit(
         "round-trip floor (minimal client)",
-        "uncontended acquire+release, sequential",
+        nodes,
+        SEQUENTIAL,
         floor,
-        "cycles/s",
-        None,
-    );
-    row.nodes = Some(nodes);
-    row.limit = Some(benchmark_limit);
-    row.ratio_to_limit = Some(floor / benchmark_limit);
-    row
+        benchmark_limit,
+    )
 }
 
 pub(crate) fn median(values: &mut [f64]) -> f64 {

@@ -79,7 +79,7 @@ pub(crate) fn write(
     dir: &Path,
     figures: &[Figure],
 ) -> Result<Vec<PathBuf>, Box<dyn std::error::Error>> {
-    let uncontended = "uncontended acquire+release, sequential";
+    let uncontended = crate::limit::SEQUENTIAL;
     let throughput = dir.join("throughput.svg");
     line_chart(
         &throughput,

@@ -10,7 +10,9 @@ use rslock::LockManager;
 use tokio::net::TcpListener;
 
 use crate::floor::{MinimalClient, Word};
-use crate::limit::{BenchResult, CHUNK, chunks, cycle_limit, floor_figure, median};
+use crate::limit::{
+    BenchResult, CHUNK, SEQUENTIAL, against_limit, chunks, cycle_limit, floor_figure, median,
+};
 use crate::{
     CONTENDERS, CRITICAL_SECTION, Figure, clients_handoff, figure, handoff, handoff_figures,
     parallel_rate, rate,
@@ -98,16 +100,7 @@ async fn uncontended(
         ("rslock", times[2]),
     ] {
         let value = rate(total, time);
-        let mut uncontended = figure(
-            name,
-            "uncontended acquire+release, sequential",
-            value,
-            "cycles/s",
-            None,
-        );
-        uncontended.nodes = Some(nodes);
-        uncontended.limit = Some(floor);
-        uncontended.ratio_to_limit = Some(value / floor);
+        let mut uncontended = against_limit(name, nodes, SEQUENTIAL, value, floor);
         if name != "rslock" {
             uncontended.ratio_to_rslock = Some(value / rslock_rate);
         }
@@ -143,17 +136,13 @@ async fn parallel(
         ],
         (release, &["1", "bench-par-__rand_int__", "token"]),
     )?;
-    let mut fig = figure(
+    Ok(against_limit(
         "redlock (manager)",
+        nodes,
         "64 tasks on distinct keys, acquire+release",
         ours,
-        "cycles/s",
-        None,
-    );
-    fig.nodes = Some(nodes);
-    fig.limit = Some(limit);
-    fig.ratio_to_limit = Some(ours / limit);
-    Ok(fig)
+        limit,
+    ))
 }
 
 /// 8 contenders on one key, 1 ms sections: at each library's defaults and at an equal tuned
