@@ -39,12 +39,10 @@ impl Token {
     /// # Errors
     /// [`LockError::Backend`] if the operating system has no entropy source to give.
     pub fn generate() -> Result<Self> {
-        let bytes = random_bytes()?;
+        let [high, low] = random_words()?;
         let mut hex = [0u8; TOKEN_BYTES * 2];
-        for (pair, byte) in hex.chunks_exact_mut(2).zip(bytes) {
-            pair[0] = HEX[usize::from(byte >> 4)];
-            pair[1] = HEX[usize::from(byte & 0x0f)];
-        }
+        hex[..16].copy_from_slice(&hex_word(high));
+        hex[16..].copy_from_slice(&hex_word(low));
         Ok(Self(Repr::Hex(hex)))
     }
 
@@ -83,7 +81,26 @@ impl Token {
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// The 16 lower-case hex digits of `word`, most significant first, without a table: each
+/// nibble is spread into a byte of its own, then moved to `'0'..='9'` or `'a'..='f'`.
+fn hex_word(word: u64) -> [u8; 16] {
+    let spread = |half: u32| -> u64 {
+        // 8 nibbles -> 8 bytes, each holding one nibble (most significant nibble first).
+        let mut x = u64::from(half);
+        x = ((x & 0xffff_0000) << 16) | (x & 0x0000_ffff);
+        x = ((x & 0x0000_ff00_0000_ff00) << 8) | (x & 0x0000_00ff_0000_00ff);
+        x = ((x & 0x00f0_00f0_00f0_00f0) << 4) | (x & 0x000f_000f_000f_000f);
+        // Bytes holding 10..=15 get 'a' - 10 added instead of '0'.
+        let letters = ((x + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+        x + 0x3030_3030_3030_3030 + letters * u64::from(b'a' - b'0' - 10)
+    };
+    let mut hex = [0u8; 16];
+    #[allow(clippy::cast_possible_truncation)]
+    let (high, low) = ((word >> 32) as u32, word as u32);
+    hex[..8].copy_from_slice(&spread(high).to_be_bytes());
+    hex[8..].copy_from_slice(&spread(low).to_be_bytes());
+    hex
+}
 
 /// Tokens drawn from one seed before the generator is reseeded from the OS.
 const TOKENS_PER_SEED: u32 = 4096;
@@ -99,7 +116,7 @@ struct Seeded {
     tokens_left: u32,
 }
 
-fn random_bytes() -> Result<[u8; TOKEN_BYTES]> {
+fn random_words() -> Result<[u64; 2]> {
     GENERATOR.with(|generator| {
         let mut generator = generator.borrow_mut();
         let seeded = match generator.as_mut() {
@@ -112,9 +129,7 @@ fn random_bytes() -> Result<[u8; TOKEN_BYTES]> {
             }),
         };
         seeded.tokens_left -= 1;
-        let mut bytes = [0u8; TOKEN_BYTES];
-        seeded.rng.fill_bytes(&mut bytes);
-        Ok(bytes)
+        Ok([seeded.rng.next_u64(), seeded.rng.next_u64()])
     })
 }
 
@@ -135,6 +150,24 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
+
+    #[test]
+    fn hex_words_match_the_formatter() {
+        for word in [
+            0,
+            u64::MAX,
+            0x0123_4567_89ab_cdef,
+            0xfedc_ba98_7654_3210,
+            0xa0b0_c0d0_e0f0_0a09,
+        ] {
+            assert_eq!(hex_word(word), format!("{word:016x}").as_bytes());
+        }
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..10_000 {
+            let word = rng.next_u64();
+            assert_eq!(hex_word(word), format!("{word:016x}").as_bytes());
+        }
+    }
 
     #[test]
     fn tokens_are_128_bit_hex_and_unique() {

@@ -1,5 +1,8 @@
-//! The physical limit of one server for one client, from `redis-benchmark -c 1`, and the
-//! helpers that put the in-process floor (`floor.rs`) beside it.
+//! The physical limit of one server for one client, from `redis-benchmark -c 1` (the limit the
+//! issues define), and the helpers that put the in-process blocking floor (`floor.rs`) beside
+//! it. Sequential figures take `redis-benchmark` windows spread over the whole measurement
+//! (one per round, between the alternating chunks), since a single window beside it drifted
+//! by ±20 % on a shared host.
 
 use std::process::Command;
 
@@ -16,6 +19,50 @@ pub(crate) const CHUNK: u32 = 50;
 pub(crate) fn chunks(cycles: u32, rounds: usize) -> u32 {
     let rounds = u32::try_from(rounds).unwrap_or(u32::MAX);
     (cycles.saturating_mul(rounds) / CHUNK).max(10)
+}
+
+/// Whether `chunk` of `chunks` starts one of `rounds` rounds: where a `redis-benchmark` window
+/// of the limit goes between the chunks, so that the limit is sampled across the whole
+/// measurement rather than once beside it.
+pub(crate) fn starts_round(chunk: u32, chunks: u32, rounds: usize) -> bool {
+    let rounds = u32::try_from(rounds).unwrap_or(u32::MAX).max(1);
+    chunk.is_multiple_of(chunks.div_ceil(rounds).max(1))
+}
+
+/// The single-client cycle limit from `redis-benchmark -c 1` windows spread over a
+/// measurement: total cycles over the total time the windows' rates imply.
+#[derive(Default)]
+pub(crate) struct SpreadLimit {
+    cycles: f64,
+    seconds: f64,
+}
+
+impl SpreadLimit {
+    /// Adds a window of `cycles` cycles measured at `limit` cycles/s.
+    pub(crate) fn add(&mut self, cycles: u32, limit: f64) {
+        self.cycles += f64::from(cycles);
+        self.seconds += f64::from(cycles) / limit;
+    }
+
+    /// Cycles/s over every window.
+    pub(crate) fn rate(&self) -> f64 {
+        self.cycles / self.seconds
+    }
+}
+
+/// A client's rate against the limit the issues define (`redis-benchmark -c 1`, spread over
+/// the run), with the stricter in-process blocking floor as the reference.
+pub(crate) fn against_limit_and_floor(
+    backend: &str,
+    nodes: u32,
+    value: f64,
+    limit: f64,
+    floor: f64,
+) -> Figure {
+    let mut row = against_limit(backend, nodes, SEQUENTIAL, value, limit);
+    row.reference = Some("blocking floor".to_owned());
+    row.ratio_to_reference = Some(value / floor);
+    row
 }
 
 /// The scenario of sequential cycles, measured against the round-trip floor.

@@ -11,7 +11,8 @@ use tokio::net::TcpListener;
 
 use crate::floor::{MinimalClient, Word};
 use crate::limit::{
-    BenchResult, CHUNK, SEQUENTIAL, against_limit, chunks, cycle_limit, floor_figure, median,
+    BenchResult, CHUNK, SpreadLimit, against_limit, against_limit_and_floor, chunks, cycle_limit,
+    floor_figure, median, starts_round,
 };
 use crate::{
     CONTENDERS, CRITICAL_SECTION, Figure, clients_handoff, figure, handoff, handoff_figures,
@@ -70,10 +71,13 @@ async fn uncontended(
             Word::Plain("token"),
         ],
     )?;
-    let benchmark_limit = redlock_limit(limit_server, cycles)?;
+    let mut benchmark_limit = SpreadLimit::default();
     let chunks = chunks(cycles, rounds);
     let (mut floor_time, mut times) = (Duration::ZERO, [Duration::ZERO; 3]);
     for chunk in 0..chunks {
+        if starts_round(chunk, chunks, rounds) {
+            benchmark_limit.add(cycles, redlock_limit(limit_server, cycles)?);
+        }
         floor_time += floor.time_cycles(CHUNK)?;
         // The order turns with every chunk, so that no client always runs right after the
         // floor's blocking chunk.
@@ -93,6 +97,7 @@ async fn uncontended(
     let total = chunks * CHUNK;
     let floor = rate(total, floor_time);
     let rslock_rate = rate(total, times[2]);
+    let benchmark_limit = benchmark_limit.rate();
     let mut figures = vec![floor_figure(nodes, floor, benchmark_limit)];
     for (name, time) in [
         ("redlock (manager)", times[0]),
@@ -100,7 +105,7 @@ async fn uncontended(
         ("rslock", times[2]),
     ] {
         let value = rate(total, time);
-        let mut uncontended = against_limit(name, nodes, SEQUENTIAL, value, floor);
+        let mut uncontended = against_limit_and_floor(name, nodes, value, benchmark_limit, floor);
         if name != "rslock" {
             uncontended.ratio_to_rslock = Some(value / rslock_rate);
         }
