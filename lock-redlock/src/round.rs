@@ -63,9 +63,12 @@ impl Tally {
     }
 }
 
-/// The requests still in flight when the round was decided, under the round's one deadline
-/// (every request started at once with the same node timeout, so one timer bounds them all).
-pub(crate) struct Pending {
+/// The requests still in flight when the round was decided, if any.
+pub(crate) struct Pending(Option<InFlight>);
+
+/// Requests in flight under the round's one deadline (every request started at once with the
+/// same node timeout, so one timer bounds them all).
+struct InFlight {
     votes: FuturesUnordered<VoteFuture>,
     nodes: Vec<Node>,
     answered: Vec<bool>,
@@ -78,6 +81,39 @@ pub(crate) struct Pending {
 impl Pending {
     /// The next answer, or a node's failure to answer by the deadline; `None` when every node
     /// is accounted for.
+    async fn next(&mut self) -> Option<(usize, Vote)> {
+        self.0.as_mut()?.next().await
+    }
+
+    /// Waits for every remaining answer (bounded by the round's deadline).
+    pub(crate) async fn finish(mut self) -> Tally {
+        let mut tally = Tally::default();
+        while let Some((index, vote)) = self.next().await {
+            tally.count(index, vote);
+        }
+        tally
+    }
+
+    /// Counts the answers that arrive before `deadline`; later ones stay pending.
+    pub(crate) async fn collect_until(&mut self, deadline: tokio::time::Instant) -> Tally {
+        let mut tally = Tally::default();
+        while !self.is_empty() {
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Ok(Some((index, vote))) => tally.count(index, vote),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        tally
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|flight| flight.votes.is_empty() && flight.timed_out.is_empty())
+    }
+}
+
+impl InFlight {
     async fn next(&mut self) -> Option<(usize, Vote)> {
         if let Some(index) = self.timed_out.pop() {
             return Some((index, self.no_answer(index)));
@@ -103,36 +139,23 @@ impl Pending {
     }
 
     fn no_answer(&self, index: usize) -> Vote {
-        Vote::Failed(format!(
-            "{}: no answer within {} ms",
-            self.nodes[index].label(),
-            self.timeout.as_millis()
-        ))
+        no_answer(&self.nodes[index], self.timeout)
     }
+}
 
-    /// Waits for every remaining answer (bounded by the round's deadline).
-    pub(crate) async fn finish(mut self) -> Tally {
-        let mut tally = Tally::default();
-        while let Some((index, vote)) = self.next().await {
-            tally.count(index, vote);
-        }
-        tally
-    }
+fn no_answer(node: &Node, timeout: Duration) -> Vote {
+    Vote::Failed(format!(
+        "{}: no answer within {} ms",
+        node.label(),
+        timeout.as_millis()
+    ))
+}
 
-    /// Counts the answers that arrive before `deadline`; later ones stay pending.
-    pub(crate) async fn collect_until(&mut self, deadline: tokio::time::Instant) -> Tally {
-        let mut tally = Tally::default();
-        while !self.is_empty() {
-            match tokio::time::timeout_at(deadline, self.next()).await {
-                Ok(Some((index, vote))) => tally.count(index, vote),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        tally
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.votes.is_empty() && self.timed_out.is_empty()
+fn vote(node: &Node, answer: RedisResult<Option<u64>>) -> Vote {
+    match answer {
+        Ok(Some(number)) => Vote::Yes(number),
+        Ok(None) => Vote::No,
+        Err(error) => Vote::Failed(format!("{}: {error}", node.label())),
     }
 }
 
@@ -149,29 +172,35 @@ where
     F: Fn(Node) -> Fut,
     Fut: Future<Output = RedisResult<Option<u64>>> + Send + 'static,
 {
+    let mut tally = Tally::default();
+    if let [node] = nodes {
+        // One node decides alone: await it directly, without the machinery (and allocations)
+        // of a round that may end before every answer is in.
+        let vote = match tokio::time::timeout(timeout, op(node.clone())).await {
+            Ok(answer) => vote(node, answer),
+            Err(_) => no_answer(node, timeout),
+        };
+        if let Vote::Failed(error) = &vote {
+            tracing::debug!(%error, "node failed");
+        }
+        tally.count(0, vote);
+        return (tally, Pending(None));
+    }
     let deadline = Box::pin(tokio::time::sleep(timeout));
     let votes = FuturesUnordered::new();
     for (index, node) in nodes.iter().enumerate() {
         let request = op(node.clone());
         let node = node.clone();
-        votes.push(Box::pin(async move {
-            let vote = match request.await {
-                Ok(Some(number)) => Vote::Yes(number),
-                Ok(None) => Vote::No,
-                Err(error) => Vote::Failed(format!("{}: {error}", node.label())),
-            };
-            (index, vote)
-        }) as VoteFuture);
+        votes.push(Box::pin(async move { (index, vote(&node, request.await)) }) as VoteFuture);
     }
-    let mut pending = Pending {
+    let mut pending = Pending(Some(InFlight {
         votes,
         nodes: nodes.to_vec(),
         answered: vec![false; nodes.len()],
         timeout,
         deadline,
         timed_out: Vec::new(),
-    };
-    let mut tally = Tally::default();
+    }));
     while !tally.decided(nodes.len(), quorum) {
         let Some((index, vote)) = pending.next().await else {
             break;

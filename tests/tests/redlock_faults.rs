@@ -222,6 +222,77 @@ async fn two_of_three_paused_fail_with_quorum_error_and_leave_no_stray_key() {
     assert_eq!(strays, 0, "a key outlived its ttl");
 }
 
+/// One node (the single-Redis lock) paused: every call gives up after the node timeout with the
+/// node named, a release in flight is not reported as done, and the lock works again after
+/// SIGCONT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_paused_node_fails_each_call_within_the_node_timeout() {
+    let Some(mut backed) = cluster(1) else { return };
+    let locker = locker(&backed, Duration::from_secs(5), RetryPolicy::none());
+    // A first cycle loads the scripts: on a fresh server a release is EVALSHA, NOSCRIPT, then
+    // SCRIPT LOAD and EVALSHA again, and a release given up on before the reload never lands.
+    let warm = locker
+        .acquire("single")
+        .await
+        .expect("acquire while healthy");
+    warm.release().await.expect("release while healthy");
+    let held = locker
+        .acquire("single")
+        .await
+        .expect("acquire while healthy");
+    backed.servers()[0].pause().expect("SIGSTOP");
+
+    let started = Instant::now();
+    let released = held.release().await;
+    let release_took = started.elapsed();
+    assert!(
+        released.is_err(),
+        "a release nobody answered was reported done"
+    );
+    let started = Instant::now();
+    let error = locker.acquire("other").await.expect_err("no answer");
+    let acquire_took = started.elapsed();
+    assert!(
+        error.to_string().contains("no answer within 500 ms"),
+        "the error does not say which node failed how: {error}"
+    );
+    for took in [release_took, acquire_took] {
+        assert!(
+            took >= NODE_TIMEOUT - Duration::from_millis(5)
+                && took < NODE_TIMEOUT + Duration::from_millis(400),
+            "a call on a paused node took {took:?}"
+        );
+    }
+
+    backed.servers()[0].resume().expect("SIGCONT");
+    // The release was written before it timed out, so the server serves it on resume: the key
+    // goes long before its 5 s ttl would free it.
+    let key = locker.lock_ns("single").expect("key");
+    let resumed = Instant::now();
+    while backed.servers()[0]
+        .command(&format!("EXISTS {key}"), PROBE)
+        .expect("EXISTS")
+        != ":0"
+    {
+        assert!(
+            resumed.elapsed() < Duration::from_secs(2),
+            "the timed-out release never reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let freed_after = resumed.elapsed();
+    let again = Locker::new(backed.lock().clone())
+        .with_options(LockOptions::default().with_retry(quick_retry()))
+        .expect("options")
+        .acquire("single")
+        .await
+        .expect("acquire after SIGCONT");
+    again.release().await.expect("release after SIGCONT");
+    println!(
+        "R-single (1 of 1 paused): release failed after {release_took:?}, acquire failed after {acquire_took:?} with `{error}`; key freed {freed_after:?} after SIGCONT, healthy again"
+    );
+}
+
 /// R5 with fencing: the holder paused past its ttl comes back and writes; the resource, which
 /// keeps the highest fencing token it has seen, refuses the stale write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
