@@ -55,28 +55,104 @@ pub(crate) async fn benchmarks(
     )?;
     let mut benchmark_limit = SpreadLimit::default();
     let chunks = chunks(cycles, rounds);
-    let (mut floor_time, mut ours_time) = (Duration::ZERO, Duration::ZERO);
+    let alone = FredAlone::connect(&server).await?;
+    for _ in 0..50 {
+        alone.cycle(token).await?;
+    }
+    let (mut floor_time, mut ours_time, mut alone_time) =
+        (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for chunk in 0..chunks {
         if starts_round(chunk, chunks, rounds) {
             benchmark_limit.add(cycles, inc_limit(&server, cycles, &[])?);
         }
         floor_time += floor.time_cycles(CHUNK)?;
-        let started = Instant::now();
-        for _ in 0..CHUNK {
-            locker.acquire("bench-key").await?.release().await?;
+        // Ours and fred alone take turns coming first after the floor's chunk.
+        for turn in 0..2 {
+            let started = Instant::now();
+            if (chunk + turn) % 2 == 0 {
+                for _ in 0..CHUNK {
+                    locker.acquire("bench-key").await?.release().await?;
+                }
+                ours_time += started.elapsed();
+            } else {
+                for _ in 0..CHUNK {
+                    alone.cycle(token).await?;
+                }
+                alone_time += started.elapsed();
+            }
         }
-        ours_time += started.elapsed();
     }
     let floor = rate(chunks * CHUNK, floor_time);
     let ours = rate(chunks * CHUNK, ours_time);
+    let alone = rate(chunks * CHUNK, alone_time);
     let benchmark_limit = benchmark_limit.rate();
     let mut figures = vec![
         floor_figure(1, floor, benchmark_limit),
         against_limit_and_floor("inc", 1, ours, benchmark_limit, floor),
+        against_limit_and_floor(
+            "fred alone (same scripts, no lock logic)",
+            1,
+            alone,
+            benchmark_limit,
+            floor,
+        ),
         parallel(&server, &locker, cycles).await?,
     ];
     figures.extend(contended(&server, handoff_time).await?);
     Ok(figures)
+}
+
+/// What the client library costs by itself: our two scripts by `evalsha_with_reload` on a fred
+/// client with the same command timeout and no resend, without tokens, handles or guards. Ours
+/// against it is what our own code adds.
+struct FredAlone {
+    client: fred::clients::Client,
+    acquire: fred::types::scripts::Script,
+    release: fred::types::scripts::Script,
+}
+
+impl FredAlone {
+    async fn connect(server: &RedisServer) -> BenchResult<Self> {
+        use fred::prelude::ClientLike;
+        let mut builder =
+            fred::types::Builder::from_config(fred::prelude::Config::from_url(&server.url())?);
+        builder
+            .with_performance_config(|performance| {
+                performance.default_command_timeout = Duration::from_secs(2);
+            })
+            .with_connection_config(|connection| connection.max_command_attempts = 1);
+        let client = builder.build()?;
+        client.init().await?;
+        Ok(Self {
+            client,
+            acquire: fred::types::scripts::Script::from_lua(include_str!(
+                "../../../../lock-inc/src/lua/acquire.lua"
+            )),
+            release: fred::types::scripts::Script::from_lua(include_str!(
+                "../../../../lock-inc/src/lua/release.lua"
+            )),
+        })
+    }
+
+    async fn cycle(&self, token: &str) -> BenchResult<()> {
+        let keys = ["lock:{bench-alone}", "lock:{bench-alone}:owner"];
+        let fence: i64 = self
+            .acquire
+            .evalsha_with_reload(
+                &self.client,
+                vec![keys[0], keys[1], "lock:{bench-alone}:fence"],
+                vec![token, "10000"],
+            )
+            .await?;
+        let released: i64 = self
+            .release
+            .evalsha_with_reload(&self.client, keys.to_vec(), vec![token])
+            .await?;
+        if fence <= 0 || released != 1 {
+            return Err("fred alone: the lock was not free".into());
+        }
+        Ok(())
+    }
 }
 
 /// 64 tasks on distinct keys over the one connection, against `redis-benchmark -c 64` with the

@@ -42,9 +42,10 @@ pub(crate) async fn benchmarks(
     Ok(figures)
 }
 
-/// Sequential acquire + release cycles: ours (both connection kinds) and rslock, in short
-/// chunks alternating with the minimal client's round-trip floor on the first server; the
-/// floor itself is checked against `redis-benchmark -c 1` (the row `round-trip floor`).
+/// Sequential acquire + release cycles: ours (both connection kinds), rslock and, on one node,
+/// redis-rs alone sending the same two commands, in short chunks alternating with the minimal
+/// client's round-trip floor on the first server; `redis-benchmark -c 1` windows between them
+/// give the limit.
 async fn uncontended(
     limit_server: &RedisServer,
     urls: &[String],
@@ -55,11 +56,15 @@ async fn uncontended(
     let manager = locker(urls, ConnectionKind::Manager, RetryPolicy::forever())?;
     let pool = locker(urls, ConnectionKind::Pool, RetryPolicy::forever())?;
     let rslock = LockManager::new(urls.to_vec());
+    let mut alone = RedisAlone::connect(limit_server).await?;
     for _ in 0..50 {
         manager.acquire("bench-key").await?.release().await?;
         pool.acquire("bench-key").await?.release().await?;
         rslock_cycle(&rslock).await?;
+        alone.cycle().await?;
     }
+    // redis-rs alone is a one-server reference.
+    let clients = if nodes == 1 { 4 } else { 3 };
     let release = include_str!("../../../../lock-redlock/src/lua/release.lua");
     let mut floor = MinimalClient::connect(
         limit_server.port(),
@@ -73,7 +78,7 @@ async fn uncontended(
     )?;
     let mut benchmark_limit = SpreadLimit::default();
     let chunks = chunks(cycles, rounds);
-    let (mut floor_time, mut times) = (Duration::ZERO, [Duration::ZERO; 3]);
+    let (mut floor_time, mut times) = (Duration::ZERO, [Duration::ZERO; 4]);
     for chunk in 0..chunks {
         if starts_round(chunk, chunks, rounds) {
             benchmark_limit.add(cycles, redlock_limit(limit_server, cycles)?);
@@ -81,14 +86,15 @@ async fn uncontended(
         floor_time += floor.time_cycles(CHUNK)?;
         // The order turns with every chunk, so that no client always runs right after the
         // floor's blocking chunk.
-        for turn in 0..3 {
-            let client = (chunk as usize + turn) % 3;
+        for turn in 0..clients {
+            let client = (chunk as usize + turn) % clients;
             let started = Instant::now();
             for _ in 0..CHUNK {
                 match client {
                     0 => manager.acquire("bench-key").await?.release().await?,
                     1 => pool.acquire("bench-key").await?.release().await?,
-                    _ => rslock_cycle(&rslock).await?,
+                    2 => rslock_cycle(&rslock).await?,
+                    _ => alone.cycle().await?,
                 }
             }
             times[client] += started.elapsed();
@@ -99,14 +105,16 @@ async fn uncontended(
     let rslock_rate = rate(total, times[2]);
     let benchmark_limit = benchmark_limit.rate();
     let mut figures = vec![floor_figure(nodes, floor, benchmark_limit)];
-    for (name, time) in [
+    let named = [
         ("redlock (manager)", times[0]),
         ("redlock (pool)", times[1]),
         ("rslock", times[2]),
-    ] {
+        (REDIS_ALONE, times[3]),
+    ];
+    for (name, time) in named.into_iter().take(clients) {
         let value = rate(total, time);
         let mut uncontended = against_limit_and_floor(name, nodes, value, benchmark_limit, floor);
-        if name != "rslock" {
+        if name.starts_with("redlock") {
             uncontended.ratio_to_rslock = Some(value / rslock_rate);
         }
         figures.push(uncontended);
@@ -307,6 +315,50 @@ async fn our_cycles(locker: &Locker, cycles: usize) -> BenchResult<Vec<Duration>
         latencies.push(started.elapsed());
     }
     Ok(latencies)
+}
+
+const REDIS_ALONE: &str = "redis-rs alone (same commands, no lock logic)";
+
+/// What the client library costs by itself: our acquire command and release script over one
+/// redis-rs multiplexed connection (the one `ConnectionManager` wraps), without tokens,
+/// rounds, validity or guards. Ours against it is what our own code adds.
+struct RedisAlone {
+    connection: redis::aio::MultiplexedConnection,
+    release: redis::Script,
+}
+
+impl RedisAlone {
+    async fn connect(server: &RedisServer) -> BenchResult<Self> {
+        let client = redis::Client::open(server.url())?;
+        Ok(Self {
+            connection: client.get_multiplexed_async_connection().await?,
+            release: redis::Script::new(include_str!(
+                "../../../../lock-redlock/src/lua/release.lua"
+            )),
+        })
+    }
+
+    async fn cycle(&mut self) -> BenchResult<()> {
+        const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+        let set: Option<String> = redis::cmd("SET")
+            .arg("bench-alone")
+            .arg(TOKEN)
+            .arg("NX")
+            .arg("PX")
+            .arg(TTL.as_millis() as u64)
+            .query_async(&mut self.connection)
+            .await?;
+        let deleted: i64 = self
+            .release
+            .key("bench-alone")
+            .arg(TOKEN)
+            .invoke_async(&mut self.connection)
+            .await?;
+        if set.is_none() || deleted != 1 {
+            return Err("redis-rs alone: the key was not free".into());
+        }
+        Ok(())
+    }
 }
 
 async fn rslock_cycle(manager: &LockManager) -> BenchResult<()> {
