@@ -8,11 +8,8 @@ use lock_inc::{IncConfig, IncLock};
 use lock_tests::server::{RedisServer, redis_server_binary};
 
 use crate::floor::{MinimalClient, Word};
-use crate::limit::{
-    BenchResult, CHUNK, SpreadLimit, against_limit, against_limit_and_floor, chunks, cycle_limit,
-    floor_figure, starts_round,
-};
-use crate::{CONTENDERS, Figure, clients_handoff, handoff_figures, parallel_rate, rate};
+use crate::limit::{BenchResult, CHUNK, References, against_limit, cycle_limit};
+use crate::{CONTENDERS, Figure, clients_handoff, handoff_figures, parallel_rate};
 
 pub(crate) async fn benchmarks(
     cycles: u32,
@@ -34,7 +31,7 @@ pub(crate) async fn benchmarks(
     let acquire = include_str!("../../../../lock-inc/src/lua/acquire.lua");
     let release = include_str!("../../../../lock-inc/src/lua/release.lua");
     let token = "0123456789abcdef0123456789abcdef";
-    let mut floor = MinimalClient::connect(
+    let floor = MinimalClient::connect(
         server.port(),
         &[
             Word::Script(acquire),
@@ -53,19 +50,14 @@ pub(crate) async fn benchmarks(
             Word::Plain(token),
         ],
     )?;
-    let mut benchmark_limit = SpreadLimit::default();
-    let chunks = chunks(cycles, rounds);
+    let mut references = References::new(floor, cycles, rounds);
     let alone = FredAlone::connect(&server).await?;
     for _ in 0..50 {
         alone.cycle(token).await?;
     }
-    let (mut floor_time, mut ours_time, mut alone_time) =
-        (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-    for chunk in 0..chunks {
-        if starts_round(chunk, chunks, rounds) {
-            benchmark_limit.add(cycles, inc_limit(&server, cycles, &[])?);
-        }
-        floor_time += floor.time_cycles(CHUNK)?;
+    let (mut ours_time, mut alone_time) = (Duration::ZERO, Duration::ZERO);
+    for chunk in 0..references.chunks() {
+        references.before_chunk(chunk, |requests| inc_limit(&server, requests, &[]))?;
         // Ours and fred alone take turns coming first after the floor's chunk.
         for turn in 0..2 {
             let started = Instant::now();
@@ -82,20 +74,10 @@ pub(crate) async fn benchmarks(
             }
         }
     }
-    let floor = rate(chunks * CHUNK, floor_time);
-    let ours = rate(chunks * CHUNK, ours_time);
-    let alone = rate(chunks * CHUNK, alone_time);
-    let benchmark_limit = benchmark_limit.rate();
     let mut figures = vec![
-        floor_figure(1, floor, benchmark_limit),
-        against_limit_and_floor("inc", 1, ours, benchmark_limit, floor),
-        against_limit_and_floor(
-            "fred alone (same scripts, no lock logic)",
-            1,
-            alone,
-            benchmark_limit,
-            floor,
-        ),
+        references.floor_figure(1),
+        references.figure("inc", 1, ours_time),
+        references.figure("fred alone (same scripts, no lock logic)", 1, alone_time),
         parallel(&server, &locker, cycles).await?,
     ];
     figures.extend(contended(&server, handoff_time).await?);

@@ -5,64 +5,99 @@
 //! by ±20 % on a shared host.
 
 use std::process::Command;
+use std::time::Duration;
 
 use lock_tests::server::RedisServer;
 
-use crate::{Figure, figure};
+use crate::floor::MinimalClient;
+use crate::{Figure, figure, rate};
 
 pub(crate) type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Cycles per chunk when a client under test alternates with the minimal client.
 pub(crate) const CHUNK: u32 = 50;
 
-/// How many alternating chunks cover `rounds` rounds of `cycles`.
-pub(crate) fn chunks(cycles: u32, rounds: usize) -> u32 {
-    let rounds = u32::try_from(rounds).unwrap_or(u32::MAX);
-    (cycles.saturating_mul(rounds) / CHUNK).max(10)
+/// The two references of a sequential measurement on one server, taken between the chunks
+/// of the clients under test so that all see the host at the same moments: the blocking floor
+/// (a chunk before every chunk of theirs) and the limit the issues define, from one
+/// `redis-benchmark -c 1` window at the start of each round.
+pub(crate) struct References {
+    floor: MinimalClient,
+    floor_time: Duration,
+    /// Cycles, and the seconds they take at the windows' rates, over every window so far.
+    limit_cycles: f64,
+    limit_seconds: f64,
+    cycles: u32,
+    chunks: u32,
+    chunks_per_round: u32,
 }
 
-/// Whether `chunk` of `chunks` starts one of `rounds` rounds: where a `redis-benchmark` window
-/// of the limit goes between the chunks, so that the limit is sampled across the whole
-/// measurement rather than once beside it.
-pub(crate) fn starts_round(chunk: u32, chunks: u32, rounds: usize) -> bool {
-    let rounds = u32::try_from(rounds).unwrap_or(u32::MAX).max(1);
-    chunk.is_multiple_of(chunks.div_ceil(rounds).max(1))
-}
-
-/// The single-client cycle limit from `redis-benchmark -c 1` windows spread over a
-/// measurement: total cycles over the total time the windows' rates imply.
-#[derive(Default)]
-pub(crate) struct SpreadLimit {
-    cycles: f64,
-    seconds: f64,
-}
-
-impl SpreadLimit {
-    /// Adds a window of `cycles` cycles measured at `limit` cycles/s.
-    pub(crate) fn add(&mut self, cycles: u32, limit: f64) {
-        self.cycles += f64::from(cycles);
-        self.seconds += f64::from(cycles) / limit;
+impl References {
+    /// References for `rounds` rounds of `cycles` cycles, in chunks of [`CHUNK`].
+    pub(crate) fn new(floor: MinimalClient, cycles: u32, rounds: usize) -> Self {
+        let rounds = u32::try_from(rounds).unwrap_or(u32::MAX).max(1);
+        let chunks = (cycles.saturating_mul(rounds) / CHUNK).max(10);
+        Self {
+            floor,
+            floor_time: Duration::ZERO,
+            limit_cycles: 0.0,
+            limit_seconds: 0.0,
+            cycles,
+            chunks,
+            chunks_per_round: chunks.div_ceil(rounds).max(1),
+        }
     }
 
-    /// Cycles/s over every window.
-    pub(crate) fn rate(&self) -> f64 {
-        self.cycles / self.seconds
+    /// How many chunks each client runs.
+    pub(crate) fn chunks(&self) -> u32 {
+        self.chunks
     }
-}
 
-/// A client's rate against the limit the issues define (`redis-benchmark -c 1`, spread over
-/// the run), with the stricter in-process blocking floor as the reference.
-pub(crate) fn against_limit_and_floor(
-    backend: &str,
-    nodes: u32,
-    value: f64,
-    limit: f64,
-    floor: f64,
-) -> Figure {
-    let mut row = against_limit(backend, nodes, SEQUENTIAL, value, limit);
-    row.reference = Some("blocking floor".to_owned());
-    row.ratio_to_reference = Some(value / floor);
-    row
+    /// Runs before chunk `chunk` of the clients under test: at the start of a round a limit
+    /// window (`limit` measures the cycle limit over the requests it is given), then the
+    /// floor's chunk.
+    pub(crate) fn before_chunk(
+        &mut self,
+        chunk: u32,
+        limit: impl FnOnce(u32) -> BenchResult<f64>,
+    ) -> BenchResult<()> {
+        if chunk.is_multiple_of(self.chunks_per_round) {
+            let window = limit(self.cycles)?;
+            self.limit_cycles += f64::from(self.cycles);
+            self.limit_seconds += f64::from(self.cycles) / window;
+        }
+        self.floor_time += self.floor.time_cycles(CHUNK)?;
+        Ok(())
+    }
+
+    /// Cycles/s of a client that spent `time` on all its chunks.
+    pub(crate) fn rate(&self, time: Duration) -> f64 {
+        rate(self.chunks * CHUNK, time)
+    }
+
+    fn limit(&self) -> f64 {
+        self.limit_cycles / self.limit_seconds
+    }
+
+    /// A client's row: its rate against the limit, with the floor as the reference.
+    pub(crate) fn figure(&self, backend: &str, nodes: u32, time: Duration) -> Figure {
+        let value = self.rate(time);
+        let mut row = against_limit(backend, nodes, SEQUENTIAL, value, self.limit());
+        row.reference = Some("blocking floor".to_owned());
+        row.ratio_to_reference = Some(value / self.rate(self.floor_time));
+        row
+    }
+
+    /// The row that puts the floor itself against the limit.
+    pub(crate) fn floor_figure(&self, nodes: u32) -> Figure {
+        against_limit(
+            "round-trip floor (minimal client)",
+            nodes,
+            SEQUENTIAL,
+            self.rate(self.floor_time),
+            self.limit(),
+        )
+    }
 }
 
 /// The scenario of sequential cycles, measured against the round-trip floor.
@@ -81,17 +116,6 @@ pub(crate) fn against_limit(
     row.limit = Some(limit);
     row.ratio_to_limit = Some(value / limit);
     row
-}
-
-/// The row that checks the in-process floor against `redis-benchmark -c 1` on the same server.
-pub(crate) fn floor_figure(nodes: u32, floor: f64, benchmark_limit: f64) -> Figure {
-    against_limit(
-        "round-trip floor (minimal client)",
-        nodes,
-        SEQUENTIAL,
-        floor,
-        benchmark_limit,
-    )
 }
 
 pub(crate) fn median(values: &mut [f64]) -> f64 {

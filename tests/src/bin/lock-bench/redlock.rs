@@ -10,13 +10,10 @@ use rslock::LockManager;
 use tokio::net::TcpListener;
 
 use crate::floor::{MinimalClient, Word};
-use crate::limit::{
-    BenchResult, CHUNK, SpreadLimit, against_limit, against_limit_and_floor, chunks, cycle_limit,
-    floor_figure, median, starts_round,
-};
+use crate::limit::{BenchResult, CHUNK, References, against_limit, cycle_limit, median};
 use crate::{
     CONTENDERS, CRITICAL_SECTION, Figure, clients_handoff, figure, handoff, handoff_figures,
-    parallel_rate, rate,
+    parallel_rate,
 };
 
 const TTL: Duration = Duration::from_secs(10);
@@ -66,7 +63,7 @@ async fn uncontended(
     // redis-rs alone is a one-server reference.
     let clients = if nodes == 1 { 4 } else { 3 };
     let release = include_str!("../../../../lock-redlock/src/lua/release.lua");
-    let mut floor = MinimalClient::connect(
+    let floor = MinimalClient::connect(
         limit_server.port(),
         &["SET", "bench-floor", "token", "NX", "PX", "10000"].map(Word::Plain),
         &[
@@ -76,14 +73,10 @@ async fn uncontended(
             Word::Plain("token"),
         ],
     )?;
-    let mut benchmark_limit = SpreadLimit::default();
-    let chunks = chunks(cycles, rounds);
-    let (mut floor_time, mut times) = (Duration::ZERO, [Duration::ZERO; 4]);
-    for chunk in 0..chunks {
-        if starts_round(chunk, chunks, rounds) {
-            benchmark_limit.add(cycles, redlock_limit(limit_server, cycles)?);
-        }
-        floor_time += floor.time_cycles(CHUNK)?;
+    let mut references = References::new(floor, cycles, rounds);
+    let mut times = [Duration::ZERO; 4];
+    for chunk in 0..references.chunks() {
+        references.before_chunk(chunk, |requests| redlock_limit(limit_server, requests))?;
         // The order turns with every chunk, so that no client always runs right after the
         // floor's blocking chunk.
         for turn in 0..clients {
@@ -100,11 +93,8 @@ async fn uncontended(
             times[client] += started.elapsed();
         }
     }
-    let total = chunks * CHUNK;
-    let floor = rate(total, floor_time);
-    let rslock_rate = rate(total, times[2]);
-    let benchmark_limit = benchmark_limit.rate();
-    let mut figures = vec![floor_figure(nodes, floor, benchmark_limit)];
+    let rslock_rate = references.rate(times[2]);
+    let mut figures = vec![references.floor_figure(nodes)];
     let named = [
         ("redlock (manager)", times[0]),
         ("redlock (pool)", times[1]),
@@ -112,10 +102,9 @@ async fn uncontended(
         (REDIS_ALONE, times[3]),
     ];
     for (name, time) in named.into_iter().take(clients) {
-        let value = rate(total, time);
-        let mut uncontended = against_limit_and_floor(name, nodes, value, benchmark_limit, floor);
+        let mut uncontended = references.figure(name, nodes, time);
         if name.starts_with("redlock") {
-            uncontended.ratio_to_rslock = Some(value / rslock_rate);
+            uncontended.ratio_to_rslock = Some(uncontended.value / rslock_rate);
         }
         figures.push(uncontended);
     }
