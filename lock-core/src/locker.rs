@@ -345,8 +345,10 @@ impl Locker {
     async fn acquire_keys(&self, keys: KeySet, options: &LockOptions) -> Result<LockGuard> {
         match self.acquire_at_once(&keys, options) {
             AtOnce::Settled(result) => result,
-            AtOnce::Held => self.acquire_awaiting(keys, options, true).await,
-            AtOnce::NotAnswered => self.acquire_awaiting(keys, options, false).await,
+            // Boxed: the awaiting path's state is large, and inline it would make every
+            // `acquire` future as large, to be moved even when the first attempt settles.
+            AtOnce::Held => Box::pin(self.acquire_awaiting(keys, options, true)).await,
+            AtOnce::NotAnswered => Box::pin(self.acquire_awaiting(keys, options, false)).await,
         }
     }
 

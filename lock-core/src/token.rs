@@ -24,9 +24,14 @@ pub struct Token(Repr);
 /// may have any length and are shared.
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Repr {
-    Hex([u8; TOKEN_BYTES * 2]),
+    Hex(HexDigits),
     Stored(Arc<str>),
 }
+
+/// The hex digits of a generated token, aligned so that moving a token copies whole words.
+#[derive(Clone, PartialEq, Eq, Hash)]
+#[repr(C, align(8))]
+struct HexDigits([u8; TOKEN_BYTES * 2]);
 
 impl Token {
     /// Draws a new token: 16 bytes from a CSPRNG, as 32 lower-case hex characters.
@@ -43,7 +48,7 @@ impl Token {
         let mut hex = [0u8; TOKEN_BYTES * 2];
         hex[..16].copy_from_slice(&hex_word(high));
         hex[16..].copy_from_slice(&hex_word(low));
-        Ok(Self(Repr::Hex(hex)))
+        Ok(Self(Repr::Hex(HexDigits(hex))))
     }
 
     /// Wraps a token read back from a store (e.g. to release a lock taken by another process).
@@ -61,7 +66,7 @@ impl Token {
     /// The placeholder held by a guard after release; never stored anywhere (real tokens are
     /// drawn from 2^128 values, so it cannot match one in practice).
     pub(crate) fn released() -> &'static Token {
-        static RELEASED: Token = Token(Repr::Hex([b'0'; TOKEN_BYTES * 2]));
+        static RELEASED: Token = Token(Repr::Hex(HexDigits([b'0'; TOKEN_BYTES * 2])));
         &RELEASED
     }
 
@@ -69,7 +74,7 @@ impl Token {
     pub fn expose(&self) -> &str {
         match &self.0 {
             // Only ASCII hex digits are ever written into `Hex`.
-            Repr::Hex(hex) => std::str::from_utf8(hex).unwrap_or_default(),
+            Repr::Hex(HexDigits(hex)) => std::str::from_utf8(hex).unwrap_or_default(),
             Repr::Stored(value) => value,
         }
     }

@@ -26,6 +26,7 @@ use serde::Serialize;
 mod floor;
 mod inc;
 mod limit;
+mod memory_floor;
 mod plot;
 mod redlock;
 
@@ -146,9 +147,10 @@ async fn memory_benchmarks(profile: Profile) -> Result<Vec<Figure>, lock_core::L
     let locker = our_locker()?;
     let pool = LockPool::<String>::new();
     let map = MutexMap::default();
+    let mandatory = memory_floor::MandatoryWork::default();
 
     // Uncontended: best of several interleaved rounds, so a noisy neighbour hurts all alike.
-    let (mut ours, mut lockable, mut mutex_map) = (0f64, 0f64, 0f64);
+    let (mut ours, mut lockable, mut mutex_map, mut floor) = (0f64, 0f64, 0f64, 0f64);
     for _ in 0..profile.rounds {
         let started = Instant::now();
         for _ in 0..profile.uncontended_ops {
@@ -167,6 +169,16 @@ async fn memory_benchmarks(profile: Profile) -> Result<Vec<Figure>, lock_core::L
             drop(map.lock("bench-key").await);
         }
         mutex_map = mutex_map.max(rate(profile.uncontended_ops, started.elapsed()));
+
+        let started = Instant::now();
+        for _ in 0..profile.uncontended_ops {
+            if !mandatory.cycle("bench-key")? {
+                return Err(lock_core::LockError::NotHeld {
+                    key: "bench-key".to_owned(),
+                });
+            }
+        }
+        floor = floor.max(rate(profile.uncontended_ops, started.elapsed()));
     }
 
     let mut figures = Vec::new();
@@ -189,6 +201,13 @@ async fn memory_benchmarks(profile: Profile) -> Result<Vec<Figure>, lock_core::L
         "tokio Mutex map",
         scenario,
         mutex_map,
+        "ops/s",
+        Some(("lockable", lockable)),
+    ));
+    figures.push(figure(
+        "memory floor (ttl + token + dashmap alone, no lock logic)",
+        scenario,
+        floor,
         "ops/s",
         Some(("lockable", lockable)),
     ));
