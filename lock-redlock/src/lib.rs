@@ -30,6 +30,11 @@ pub const FENCE_SUFFIX: &str = ":fence";
 /// Added to the drift allowance of every lock, as in the Redlock specification.
 const DRIFT_FLOOR: Duration = Duration::from_millis(2);
 
+/// How many times, in all, the background sends a compare-and-delete to a node that has not
+/// answered it: a node that stalled, or restarted and lost the scripts (its first answer is
+/// NOSCRIPT, which reaches nobody once the caller gave up), hears it again after a pause.
+const RELEASE_TRIES: usize = 3;
+
 /// The Redlock algorithm over N independent Redis masters (N = 1 is the plain single-Redis lock).
 ///
 /// One attempt sends `SET key token NX PX ttl` to every node at once and is decided as soon as
@@ -133,9 +138,55 @@ impl Shared {
     /// The local instant until which a lock obtained by a round that started at `start` is
     /// safe, if the round left any validity at all.
     fn valid_until(&self, start: Instant, ttl: Duration) -> Option<Instant> {
-        let drift = ttl.mul_f64(self.config.drift_factor) + DRIFT_FLOOR;
-        let valid_until = start + ttl.checked_sub(drift)?;
+        let valid_until = start + ttl.checked_sub(self.drift(ttl))?;
         (valid_until > Instant::now()).then_some(valid_until)
+    }
+
+    /// How far the nodes' clocks may run apart from ours over `ttl`.
+    fn drift(&self, ttl: Duration) -> Duration {
+        ttl.mul_f64(self.config.drift_factor) + DRIFT_FLOOR
+    }
+
+    /// Sends compare-and-delete to the nodes at `indices` until each has answered it, up to
+    /// [`RELEASE_TRIES`] rounds with doubling pauses starting at `pause` and none once the
+    /// keys are gone by themselves (`expires_by`). Token-checked, so asking twice is harmless.
+    async fn release_until_answered(
+        self: Arc<Self>,
+        mut indices: Vec<usize>,
+        keys: KeySet,
+        token: Token,
+        timeout: Duration,
+        expires_by: Instant,
+        mut pause: Duration,
+    ) {
+        for _ in 0..RELEASE_TRIES {
+            if indices.is_empty() || Instant::now() + pause >= expires_by {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            // Empty once the lock was stopped.
+            let targets = self.subset(indices.iter().copied());
+            if targets.is_empty() {
+                return;
+            }
+            let (tally, rest) = self.release_on(&targets, &keys, &token, timeout).await;
+            let late = rest.finish().await;
+            indices = tally
+                .failed
+                .iter()
+                .chain(&late.failed)
+                .filter_map(|(target, _)| indices.get(*target).copied())
+                .collect();
+            if !indices.is_empty() {
+                tracing::debug!(
+                    key = %keys.primary(),
+                    nodes = indices.len(),
+                    failures = %tally.failures(),
+                    "release not answered; asking again"
+                );
+            }
+            pause = (pause * 2).max(timeout);
+        }
     }
 
     /// Fails when a node stores one of `keys` as something other than a lock (a string).
@@ -288,18 +339,17 @@ impl Shared {
             return;
         }
         let (shared, keys, token) = (Arc::clone(self), keys.clone(), token.clone());
+        let expires_by = Instant::now() + ttl + self.drift(ttl);
         tokio::spawn(async move {
             let late = pending.finish().await;
-            let targets = shared.subset(
-                failed
-                    .into_iter()
-                    .chain(late.yes)
-                    .chain(late.failed.into_iter().map(|(i, _)| i)),
-            );
-            if !targets.is_empty() {
-                let (_, rest) = shared.release_on(&targets, &keys, &token, timeout).await;
-                rest.finish().await;
-            }
+            let targets = failed
+                .into_iter()
+                .chain(late.yes)
+                .chain(late.failed.into_iter().map(|(i, _)| i))
+                .collect();
+            shared
+                .release_until_answered(targets, keys, token, timeout, expires_by, Duration::ZERO)
+                .await;
         });
     }
 }
@@ -578,9 +628,24 @@ impl Handle for RedlockHandle {
         let (tally, pending) = shared
             .release_on(&nodes, &self.keys, &self.token, timeout)
             .await;
-        if !pending.is_empty() {
-            // Every node must hear the release, not only the majority that decided it.
-            tokio::spawn(pending.finish());
+        let failed: Vec<usize> = tally.failed.iter().map(|(index, _)| *index).collect();
+        if !pending.is_empty() || !failed.is_empty() {
+            // Every node must hear the release, not only the majority that decided it: the
+            // slower ones are awaited and those that failed are asked again, off the caller's
+            // path, until the keys would be gone by themselves.
+            let expires_by = self.valid_until + shared.drift(self.ttl);
+            let (shared, keys, token) =
+                (Arc::clone(&shared), self.keys.clone(), self.token.clone());
+            tokio::spawn(async move {
+                let late = pending.finish().await;
+                let failed = failed
+                    .into_iter()
+                    .chain(late.failed.into_iter().map(|(index, _)| index))
+                    .collect();
+                shared
+                    .release_until_answered(failed, keys, token, timeout, expires_by, timeout)
+                    .await;
+            });
         }
         if tally.yes.len() >= shared.quorum {
             return Ok(());
