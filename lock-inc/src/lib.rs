@@ -30,6 +30,11 @@ static EXTEND: LazyLock<Script> =
 /// Keys removed per `UNLINK` (and asked per `SCAN` page) by [`Lock::purge`].
 const PURGE_BATCH: u32 = 1000;
 
+/// How many times, in all, a release that failed (a timeout, a dropped connection) is sent: a
+/// server that stalled, or restarted and lost the scripts (its NOSCRIPT reaches nobody once
+/// the caller gave up), hears it again after a pause.
+const RELEASE_TRIES: u32 = 3;
+
 /// The optimistic INCR lock of lock-inc: `INCR` on the lock key; 1 means you hold it, more
 /// means "resource locked" at once.
 ///
@@ -434,13 +439,49 @@ impl Handle for IncHandle {
 
     async fn release(&mut self) -> Result<()> {
         let still_valid = Instant::now() < self.valid_until;
-        if release(&self.shared, &self.keys[0], &self.token).await? && still_valid {
-            Ok(())
-        } else {
-            Err(LockError::NotHeld {
+        match release(&self.shared, &self.keys[0], &self.token).await {
+            Ok(true) if still_valid => Ok(()),
+            Ok(_) => Err(LockError::NotHeld {
                 key: self.keys[0].to_string(),
-            })
+            }),
+            Err(error) => {
+                self.release_later();
+                Err(error)
+            }
         }
+    }
+}
+
+impl IncHandle {
+    /// After a release that failed, asks again in the background with doubling pauses (from
+    /// the command timeout on), until it is answered or the key would have expired anyway.
+    /// Token-checked, so asking twice is harmless.
+    fn release_later(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (shared, key, token) = (
+            Arc::clone(&self.shared),
+            self.keys[0].clone(),
+            self.token.clone(),
+        );
+        let expires_by = self.valid_until;
+        runtime.spawn(async move {
+            let mut pause = Duration::from_millis(shared.config.command_timeout);
+            for _ in 1..RELEASE_TRIES {
+                if Instant::now() + pause >= expires_by {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                match release(&shared, &key, &token).await {
+                    Ok(_) => return,
+                    Err(error) => {
+                        tracing::debug!(%key, %error, "release not answered; asking again");
+                    }
+                }
+                pause *= 2;
+            }
+        });
     }
 }
 

@@ -249,6 +249,44 @@ async fn a_stalled_server_answers_within_the_command_timeout() {
     assert!(took < Duration::from_millis(100) + PROBE, "waited {took:?}");
 }
 
+/// A fresh server has not loaded the release script: a release that times out while the server
+/// is stopped is answered NOSCRIPT only after the caller gave up, so the key would stay for its
+/// whole ttl unless the release is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_timed_out_is_sent_again_once_the_server_answers() {
+    let Some((server, lock)) = start(|url| IncConfig {
+        command_timeout: 100,
+        ..IncConfig::new(url)
+    })
+    .await
+    else {
+        return;
+    };
+    let locker = locker(&lock, Duration::from_secs(5), RetryPolicy::none());
+    let held = locker.acquire("stalled-release").await.expect("acquire");
+    server.pause().expect("SIGSTOP");
+    let error = held.release().await.expect_err("no answer");
+    assert!(matches!(error, LockError::Backend { .. }), "{error:?}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.resume().expect("SIGCONT");
+    let resumed = Instant::now();
+    loop {
+        if let Some(again) = locker.try_acquire("stalled-release").await.expect("probe") {
+            again.release().await.expect("release when healthy");
+            break;
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_secs(2),
+            "the timed-out release was never sent again (the key waits for its 5 s ttl)"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "I-release (server stopped during release): `{error}`; key free {:?} after SIGCONT",
+        resumed.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn works_on_a_redis_cluster_and_purges_every_node() {
     let Some(binary) = redis_or_skip("inc on a cluster") else {
