@@ -30,9 +30,9 @@ static EXTEND: LazyLock<Script> =
 /// Keys removed per `UNLINK` (and asked per `SCAN` page) by [`Lock::purge`].
 const PURGE_BATCH: u32 = 1000;
 
-/// How many times, in all, a release that failed (a timeout, a dropped connection) is sent: a
-/// server that stalled, or restarted and lost the scripts (its NOSCRIPT reaches nobody once
-/// the caller gave up), hears it again after a pause.
+/// How many times the background sends again a release that failed (a timeout, a dropped
+/// connection): a server that stalled, or restarted and lost the scripts (its NOSCRIPT reaches
+/// nobody once the caller gave up), hears it after a pause.
 const RELEASE_TRIES: u32 = 3;
 
 /// The optimistic INCR lock of lock-inc: `INCR` on the lock key; 1 means you hold it, more
@@ -468,7 +468,7 @@ impl IncHandle {
         let expires_by = self.valid_until;
         runtime.spawn(async move {
             let mut pause = Duration::from_millis(shared.config.command_timeout);
-            for _ in 1..RELEASE_TRIES {
+            for _ in 0..RELEASE_TRIES {
                 if Instant::now() + pause >= expires_by {
                     return;
                 }

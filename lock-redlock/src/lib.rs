@@ -30,7 +30,7 @@ pub const FENCE_SUFFIX: &str = ":fence";
 /// Added to the drift allowance of every lock, as in the Redlock specification.
 const DRIFT_FLOOR: Duration = Duration::from_millis(2);
 
-/// How many times, in all, the background sends a compare-and-delete to a node that has not
+/// How many times the background sends a compare-and-delete again to a node that has not
 /// answered it: a node that stalled, or restarted and lost the scripts (its first answer is
 /// NOSCRIPT, which reaches nobody once the caller gave up), hears it again after a pause.
 const RELEASE_TRIES: usize = 3;
@@ -525,6 +525,24 @@ impl Lock for Redlock {
             .await;
         let late = rest.finish().await;
         tally.yes.extend(late.yes);
+        let failed: Vec<usize> = tally
+            .failed
+            .iter()
+            .chain(&late.failed)
+            .map(|(index, _)| *index)
+            .collect();
+        if !failed.is_empty() {
+            // The attempt's ttl is unknown here: the number of tries bounds the follow-ups.
+            let expires_by = Instant::now() + lock_core::validate::MAX_TTL;
+            tokio::spawn(Arc::clone(shared).release_until_answered(
+                failed,
+                keys,
+                token.clone(),
+                timeout,
+                expires_by,
+                timeout,
+            ));
+        }
         Ok(!tally.yes.is_empty())
     }
 }
