@@ -172,10 +172,9 @@ impl Shared {
             let (tally, rest) = self.release_on(&targets, &keys, &token, timeout).await;
             let late = rest.finish().await;
             indices = tally
-                .failed
-                .iter()
-                .chain(&late.failed)
-                .filter_map(|(target, _)| indices.get(*target).copied())
+                .failed_with(&late)
+                .into_iter()
+                .filter_map(|target| indices.get(target).copied())
                 .collect();
             if !indices.is_empty() {
                 tracing::debug!(
@@ -329,12 +328,7 @@ impl Shared {
             let (_, rest) = self.release_on(&won, keys, token, timeout).await;
             rest.finish().await;
         }
-        let failed: Vec<usize> = tally
-            .failed
-            .iter()
-            .chain(&late.failed)
-            .map(|(index, _)| *index)
-            .collect();
+        let failed = tally.failed_with(&late);
         if failed.is_empty() && pending.is_empty() {
             return;
         }
@@ -524,13 +518,8 @@ impl Lock for Redlock {
             .release_on(&shared.nodes()?, &keys, token, timeout)
             .await;
         let late = rest.finish().await;
+        let failed = tally.failed_with(&late);
         tally.yes.extend(late.yes);
-        let failed: Vec<usize> = tally
-            .failed
-            .iter()
-            .chain(&late.failed)
-            .map(|(index, _)| *index)
-            .collect();
         if !failed.is_empty() {
             // The attempt's ttl is unknown here: the number of tries bounds the follow-ups.
             let expires_by = Instant::now() + lock_core::validate::MAX_TTL;

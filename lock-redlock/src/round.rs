@@ -52,6 +52,15 @@ impl Tally {
         self.yes.len() >= quorum || self.no + self.failed.len() > nodes - quorum
     }
 
+    /// The nodes that failed, in this tally and in `late` (the answers counted after it).
+    pub(crate) fn failed_with(&self, late: &Tally) -> Vec<usize> {
+        self.failed
+            .iter()
+            .chain(&late.failed)
+            .map(|(index, _)| *index)
+            .collect()
+    }
+
     /// A short account of the failures, for error messages.
     pub(crate) fn failures(&self) -> String {
         let failures: Vec<&str> = self

@@ -229,17 +229,22 @@ async fn bad_key_state_is_a_typed_error() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_server_answers_within_the_command_timeout() {
-    let Some((server, lock)) = start(|url| IncConfig {
+/// A server whose commands time out after 100 ms, and a single-attempt locker of 5 s locks.
+async fn start_with_short_timeouts() -> Option<(RedisServer, Locker)> {
+    let (server, lock) = start(|url| IncConfig {
         command_timeout: 100,
         ..IncConfig::new(url)
     })
-    .await
-    else {
+    .await?;
+    let locker = locker(&lock, Duration::from_secs(5), RetryPolicy::none());
+    Some((server, locker))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_answers_within_the_command_timeout() {
+    let Some((server, locker)) = start_with_short_timeouts().await else {
         return;
     };
-    let locker = locker(&lock, Duration::from_secs(5), RetryPolicy::none());
     server.pause().expect("SIGSTOP");
     let started = Instant::now();
     let error = locker.acquire("stalled").await.expect_err("no answer");
@@ -254,15 +259,9 @@ async fn a_stalled_server_answers_within_the_command_timeout() {
 /// whole ttl unless the release is sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_that_timed_out_is_sent_again_once_the_server_answers() {
-    let Some((server, lock)) = start(|url| IncConfig {
-        command_timeout: 100,
-        ..IncConfig::new(url)
-    })
-    .await
-    else {
+    let Some((server, locker)) = start_with_short_timeouts().await else {
         return;
     };
-    let locker = locker(&lock, Duration::from_secs(5), RetryPolicy::none());
     let held = locker.acquire("stalled-release").await.expect("acquire");
     server.pause().expect("SIGSTOP");
     let error = held.release().await.expect_err("no answer");
