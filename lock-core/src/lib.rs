@@ -27,6 +27,6 @@ pub use lock::{Capabilities, Handle, Holding, KeyState, Lock, LockRequest};
 pub use locker::{LeaseInfo, Locker};
 pub use options::LockOptions;
 pub use retry::{Backoff, RetryCount, RetryPolicy};
-pub use token::{TOKEN_BYTES, Token};
+pub use token::{TOKEN_BYTES, Token, TokenText};
 pub use url::redact_url;
 pub use watchdog::LostSignal;

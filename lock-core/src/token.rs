@@ -20,21 +20,17 @@ pub const TOKEN_BYTES: usize = 16;
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Token(Repr);
 
-/// Generated tokens live inline (no allocation on the hot path); tokens read back from a store
-/// may have any length and are shared.
+/// Generated tokens are two words, inline (no allocation, cheap to copy and compare) and
+/// written out as hex only when a store needs the text; tokens read back from a store that are
+/// not in that form may have any length and are shared.
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Repr {
-    Hex(HexDigits),
+    Words([u64; 2]),
     Stored(Arc<str>),
 }
 
-/// The hex digits of a generated token, aligned so that moving a token copies whole words.
-#[derive(Clone, PartialEq, Eq, Hash)]
-#[repr(C, align(8))]
-struct HexDigits([u8; TOKEN_BYTES * 2]);
-
 impl Token {
-    /// Draws a new token: 16 bytes from a CSPRNG, as 32 lower-case hex characters.
+    /// Draws a new token: 16 bytes from a CSPRNG, shown as 32 lower-case hex characters.
     ///
     /// The generator is ChaCha12 (`rand`'s `StdRng`), one per thread, keyed from the OS
     /// random source and rekeyed every 4096 tokens, so that a token costs no system call on
@@ -44,14 +40,12 @@ impl Token {
     /// # Errors
     /// [`LockError::Backend`] if the operating system has no entropy source to give.
     pub fn generate() -> Result<Self> {
-        let [high, low] = random_words()?;
-        let mut hex = [0u8; TOKEN_BYTES * 2];
-        hex[..16].copy_from_slice(&hex_word(high));
-        hex[16..].copy_from_slice(&hex_word(low));
-        Ok(Self(Repr::Hex(HexDigits(hex))))
+        Ok(Self(Repr::Words(random_words()?)))
     }
 
     /// Wraps a token read back from a store (e.g. to release a lock taken by another process).
+    /// A value of 32 lower-case hex digits, as [`Token::generate`] writes, equals the generated
+    /// token it came from.
     ///
     /// # Errors
     /// [`LockError::InvalidInput`] naming `token` when it is empty.
@@ -60,30 +54,103 @@ impl Token {
         if value.is_empty() {
             return Err(LockError::invalid("token", "must not be empty"));
         }
+        if let Some(words) = parse_words(&value) {
+            return Ok(Self(Repr::Words(words)));
+        }
         Ok(Self(Repr::Stored(Arc::from(value))))
     }
 
     /// The placeholder held by a guard after release; never stored anywhere (real tokens are
     /// drawn from 2^128 values, so it cannot match one in practice).
     pub(crate) fn released() -> &'static Token {
-        static RELEASED: Token = Token(Repr::Hex(HexDigits([b'0'; TOKEN_BYTES * 2])));
+        static RELEASED: Token = Token(Repr::Words([0, 0]));
         &RELEASED
     }
 
-    /// The token's value. Keep it out of logs: whoever has it can release the lock.
-    pub fn expose(&self) -> &str {
+    /// The token's value, as stored (32 lower-case hex digits for a generated token). Keep it
+    /// out of logs: whoever has it can release the lock.
+    pub fn expose(&self) -> TokenText<'_> {
         match &self.0 {
-            // Only ASCII hex digits are ever written into `Hex`.
-            Repr::Hex(HexDigits(hex)) => std::str::from_utf8(hex).unwrap_or_default(),
-            Repr::Stored(value) => value,
+            Repr::Words([high, low]) => {
+                let mut hex = [0u8; TOKEN_BYTES * 2];
+                hex[..16].copy_from_slice(&hex_word(*high));
+                hex[16..].copy_from_slice(&hex_word(*low));
+                TokenText(Text::Hex(hex))
+            }
+            Repr::Stored(value) => TokenText(Text::Stored(value)),
         }
     }
 
     /// The first 8 characters, enough to tell holders apart in output without revealing the token.
-    pub fn fingerprint(&self) -> &str {
+    pub fn fingerprint(&self) -> String {
         let value = self.expose();
-        value.get(..8).unwrap_or(value)
+        value.get(..8).unwrap_or(&value).to_owned()
     }
+}
+
+/// A token's value as text, from [`Token::expose`]; use it as a `&str` (`&*text`).
+pub struct TokenText<'a>(Text<'a>);
+
+enum Text<'a> {
+    Hex([u8; TOKEN_BYTES * 2]),
+    Stored(&'a str),
+}
+
+impl TokenText<'_> {
+    /// The value.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // Only ASCII hex digits are ever written into `Hex`.
+            Text::Hex(hex) => std::str::from_utf8(hex).unwrap_or_default(),
+            Text::Stored(value) => value,
+        }
+    }
+}
+
+impl std::ops::Deref for TokenText<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for TokenText<'_> {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq<str> for TokenText<'_> {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for TokenText<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl fmt::Debug for TokenText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenText(<redacted>)")
+    }
+}
+
+/// The two words written as 32 lower-case hex digits, if `value` is exactly that.
+fn parse_words(value: &str) -> Option<[u64; 2]> {
+    let lower_hex = |text: &str| {
+        text.bytes()
+            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+    };
+    if value.len() != TOKEN_BYTES * 2 || !lower_hex(value) {
+        return None;
+    }
+    let high = u64::from_str_radix(value.get(..16)?, 16).ok()?;
+    let low = u64::from_str_radix(value.get(16..)?, 16).ok()?;
+    Some([high, low])
 }
 
 /// The 16 lower-case hex digits of `word`, most significant first, without a table: each
@@ -188,8 +255,26 @@ mod tests {
     #[test]
     fn debug_and_display_hide_the_value() {
         let token = Token::generate().expect("entropy");
-        assert!(!format!("{token:?}").contains(token.expose()));
-        assert!(!token.to_string().contains(token.expose()));
-        assert_eq!(token.fingerprint(), &token.expose()[..8]);
+        let value = token.expose();
+        assert!(!format!("{token:?}").contains(&*value));
+        assert!(!token.to_string().contains(&*value));
+        assert!(!format!("{value:?}").contains(&*value));
+        assert_eq!(token.fingerprint(), &value[..8]);
+    }
+
+    #[test]
+    fn a_stored_value_equals_the_token_it_came_from() {
+        let token = Token::generate().expect("entropy");
+        let stored = Token::from_stored(token.expose().to_owned()).expect("stored");
+        assert_eq!(stored, token);
+        assert_eq!(stored.expose(), token.expose().as_str());
+        let mut set = HashSet::new();
+        set.insert(token);
+        assert!(set.contains(&stored), "equal tokens must hash alike");
+        for other in ["A0B1C2D3E4F5A6B7C8D9E0F1A2B3C4D5", "short", "x"] {
+            let stored = Token::from_stored(other).expect("stored");
+            assert_eq!(stored.expose(), other, "kept as read");
+        }
+        assert!(Token::from_stored("").is_err());
     }
 }

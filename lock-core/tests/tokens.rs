@@ -12,7 +12,8 @@ fn one_million_tokens_are_unique() {
         let value = token.expose();
         assert!(
             value.len() == 32 && value.bytes().all(|b| b.is_ascii_hexdigit()),
-            "{value}"
+            "{}",
+            value.as_str()
         );
         assert!(seen.insert(token), "a token repeated");
     }

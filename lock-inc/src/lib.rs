@@ -193,7 +193,7 @@ impl Lock for IncLock {
                     keys.owner.as_str(),
                     keys.fence.as_str(),
                 ],
-                vec![request.token().expose().to_owned(), ttl_ms.to_string()],
+                vec![request.token().expose().to_string(), ttl_ms.to_string()],
             )
             .await
             .map_err(|e| shared.backend_error("acquire", &e))?;
@@ -365,7 +365,8 @@ async fn release(shared: &Shared, key: &Key, token: &Token) -> Result<bool> {
         .wakeups
         .is_some()
         .then(|| [wake::RELEASE_CHANNEL, keys.counter.as_str()].concat());
-    let mut args = vec![token.expose()];
+    let token = token.expose();
+    let mut args = vec![token.as_str()];
     args.extend(channel.as_deref());
     let released: i64 = RELEASE
         .evalsha_with_reload(
@@ -422,7 +423,7 @@ impl Handle for IncHandle {
                 &shared.client,
                 vec![keys.counter.as_str(), keys.owner.as_str()],
                 vec![
-                    self.token.expose().to_owned(),
+                    self.token.expose().to_string(),
                     validate::ttl_millis(ttl).to_string(),
                 ],
             )

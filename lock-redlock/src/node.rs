@@ -141,7 +141,7 @@ impl NodeParts {
             }
             invocation
                 .key(fence.as_str())
-                .arg(token.expose())
+                .arg(&*token.expose())
                 .arg(ttl_ms);
             let counter: i64 = self.invoke(&invocation).await?;
             return Ok(u64::try_from(counter).ok().filter(|counter| *counter > 0));
@@ -150,7 +150,7 @@ impl NodeParts {
             let mut command = redis::cmd("SET");
             command
                 .arg(key.as_str())
-                .arg(token.expose())
+                .arg(&*token.expose())
                 .arg("NX")
                 .arg("PX")
                 .arg(ttl_ms);
@@ -161,7 +161,7 @@ impl NodeParts {
         for key in keys {
             invocation.key(key.as_str());
         }
-        invocation.arg(token.expose()).arg(ttl_ms);
+        invocation.arg(&*token.expose()).arg(ttl_ms);
         let granted: i64 = self.invoke(&invocation).await?;
         Ok((granted == 1).then_some(0))
     }
@@ -179,7 +179,7 @@ impl NodeParts {
         invocation
             .key(key.as_str())
             .key(fence.as_str())
-            .arg(token.expose())
+            .arg(&*token.expose())
             .arg(value);
         let held: i64 = self.invoke(&invocation).await?;
         Ok(held == 1)
@@ -196,7 +196,7 @@ impl NodeParts {
         for key in keys {
             invocation.key(key.as_str());
         }
-        invocation.arg(token.expose());
+        invocation.arg(&*token.expose());
         if let Some(channel) = self.release_channel {
             invocation.arg(channel);
         }
@@ -216,7 +216,7 @@ impl NodeParts {
             invocation.key(key.as_str());
         }
         invocation
-            .arg(token.expose())
+            .arg(&*token.expose())
             .arg(validate::ttl_millis(ttl));
         let extended: i64 = self.invoke(&invocation).await?;
         Ok(extended == 1)

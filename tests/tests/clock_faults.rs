@@ -51,7 +51,7 @@ async fn on_every_node(nodes: &[RedisServer], holder: &lock_core::LockGuard) {
     let settled = Instant::now() + Duration::from_secs(2);
     while nodes
         .iter()
-        .any(|node| get_bulk(node.port(), &key).as_deref() != Some(token))
+        .any(|node| get_bulk(node.port(), &key).as_deref() != Some(&*token))
     {
         assert!(Instant::now() < settled, "a node never got the SET");
         tokio::time::sleep(Duration::from_millis(5)).await;

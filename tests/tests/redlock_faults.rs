@@ -349,7 +349,7 @@ async fn a_holder_paused_past_its_ttl_cannot_touch_the_next_holder() {
     let before = snapshot(&mut backed);
     let held = before
         .iter()
-        .filter(|v| v.as_deref() == Some(next.token().expose()))
+        .filter(|v| v.as_deref() == Some(&*next.token().expose()))
         .count();
     assert!(
         held >= 2,
@@ -369,7 +369,7 @@ async fn a_holder_paused_past_its_ttl_cannot_touch_the_next_holder() {
         "R5 (holder paused past ttl): stale extend and release refused; next holder's key on {held} of 3 nodes before and {} after",
         after
             .iter()
-            .filter(|v| v.as_deref() == Some(next.token().expose()))
+            .filter(|v| v.as_deref() == Some(&*next.token().expose()))
             .count()
     );
     assert_eq!(
@@ -538,7 +538,7 @@ async fn interoperates_with_other_redlock_clients_on_the_same_keys() {
     let guard = locker.acquire("orders:17").await.expect("acquire");
     assert_eq!(
         raw_get(port, "orders:17").as_deref(),
-        Some(guard.token().expose())
+        Some(&*guard.token().expose())
     );
     guard.release().await.expect("release");
     assert_eq!(
@@ -755,7 +755,7 @@ async fn r12_extends_racing_expiry_never_revive_a_lost_lock() {
         };
         // Look again after the first ttl has surely passed everywhere.
         tokio::time::sleep(ttl).await;
-        let ours = holders(guard.token().expose());
+        let ours = holders(&guard.token().expose());
         match outcome {
             // Extended: a majority still holds our token past the first ttl.
             Ok(()) => {
@@ -1000,7 +1000,7 @@ async fn a_slow_nodes_set_still_lands_after_the_round_is_decided() {
     while started.elapsed() < Duration::from_secs(2) && !landed {
         tokio::time::sleep(Duration::from_millis(20)).await;
         landed =
-            raw_get(backed.servers()[2].port(), &key).as_deref() == Some(guard.token().expose());
+            raw_get(backed.servers()[2].port(), &key).as_deref() == Some(&*guard.token().expose());
     }
     println!("late SET: round decided in {decided:?}, the slow node holds the token too: {landed}");
     assert!(

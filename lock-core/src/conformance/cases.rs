@@ -96,7 +96,7 @@ pub async fn acquire_release(lock: Arc<dyn Lock>) {
     assert!(guard.valid_until() <= Instant::now() + locker.options().ttl());
     assert_eq!(guard.backend(), lock.name());
     assert!(
-        !format!("{guard:?}").contains(guard.token().expose()),
+        !format!("{guard:?}").contains(&*guard.token().expose()),
         "Debug leaks the token"
     );
     guard.release().await.unwrap();
@@ -378,7 +378,7 @@ pub async fn token_uniqueness(lock: Arc<dyn Lock>) {
                 .all(|b| b.is_ascii_hexdigit())
         );
         assert!(
-            seen.insert(guard.token().expose().to_owned()),
+            seen.insert(guard.token().expose().to_string()),
             "token repeated"
         );
         guard.release().await.unwrap();

@@ -53,10 +53,7 @@ impl MandatoryWork {
         match self.slots.entry(key.clone()) {
             Entry::Occupied(_) => return Ok(false),
             Entry::Vacant(free) => {
-                free.insert(Holder {
-                    token,
-                    expires_at,
-                });
+                free.insert(Holder { token, expires_at });
             }
         }
         let receipt = black_box(Box::new(Receipt {
