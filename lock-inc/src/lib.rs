@@ -212,7 +212,21 @@ impl Lock for IncLock {
     async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
         let mut removed = false;
         for key in keys {
-            removed |= release(&self.shared, key, token).await?;
+            match release(&self.shared, key, token).await {
+                Ok(released) => removed |= released,
+                Err(error) => {
+                    // The attempt's ttl is unknown here: the number of tries bounds the
+                    // follow-ups.
+                    let expires_by = Instant::now() + lock_core::validate::MAX_TTL;
+                    release_later(
+                        Arc::clone(&self.shared),
+                        key.clone(),
+                        token.clone(),
+                        expires_by,
+                    );
+                    return Err(error);
+                }
+            }
         }
         Ok(removed)
     }
@@ -454,36 +468,40 @@ impl Handle for IncHandle {
 }
 
 impl IncHandle {
-    /// After a release that failed, asks again in the background with doubling pauses (from
-    /// the command timeout on), until it is answered or the key would have expired anyway.
-    /// Token-checked, so asking twice is harmless.
+    /// After a release that failed, asks again in the background (see [`release_later`]).
     fn release_later(&self) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (shared, key, token) = (
+        release_later(
             Arc::clone(&self.shared),
             self.keys[0].clone(),
             self.token.clone(),
+            self.valid_until,
         );
-        let expires_by = self.valid_until;
-        runtime.spawn(async move {
-            let mut pause = Duration::from_millis(shared.config.command_timeout);
-            for _ in 0..RELEASE_TRIES {
-                if Instant::now() + pause >= expires_by {
-                    return;
-                }
-                tokio::time::sleep(pause).await;
-                match release(&shared, &key, &token).await {
-                    Ok(_) => return,
-                    Err(error) => {
-                        tracing::debug!(%key, %error, "release not answered; asking again");
-                    }
-                }
-                pause *= 2;
-            }
-        });
     }
+}
+
+/// Asks again, in the background, for a release that failed: up to [`RELEASE_TRIES`] times with
+/// doubling pauses from the command timeout on, until it is answered or the key would have
+/// expired anyway (`expires_by`). Token-checked, so asking twice is harmless.
+fn release_later(shared: Arc<Shared>, key: Key, token: Token, expires_by: Instant) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut pause = Duration::from_millis(shared.config.command_timeout);
+        for _ in 0..RELEASE_TRIES {
+            if Instant::now() + pause >= expires_by {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            match release(&shared, &key, &token).await {
+                Ok(_) => return,
+                Err(error) => {
+                    tracing::debug!(%key, %error, "release not answered; asking again");
+                }
+            }
+            pause *= 2;
+        }
+    });
 }
 
 impl fmt::Debug for IncHandle {
