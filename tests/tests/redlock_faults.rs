@@ -288,6 +288,31 @@ async fn a_single_paused_node_fails_each_call_within_the_node_timeout() {
     );
 }
 
+/// The follow-ups are bounded: a node that stays stopped receives the release once from the
+/// caller and three times from the background, then nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_is_sent_again_at_most_three_times() {
+    if redis_or_skip("bounded release").is_none() {
+        return;
+    }
+    let timeout = Duration::from_millis(50);
+    let mut backed = ServerBacked::start(1, |urls| {
+        Redlock::new(RedlockConfig::new(urls).with_node_timeout(timeout))
+    });
+    let locker = locker(&backed, Duration::from_secs(10), RetryPolicy::none());
+    let held = locker.acquire("bounded-release").await.expect("acquire");
+    let before = backed.servers()[0].calls("evalsha").expect("commandstats");
+    backed.servers()[0].pause().expect("SIGSTOP");
+    held.release().await.expect_err("no answer");
+    // Pauses of 50, 100 and 200 ms between tries of up to 50 ms each: all are sent by 0.6 s.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    backed.servers()[0].resume().expect("SIGCONT");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = backed.servers()[0].calls("evalsha").expect("commandstats") - before;
+    println!("R-release-bound: the release reached the stopped node {sent} times in all");
+    assert_eq!(sent, 4, "one release and three follow-ups");
+}
+
 /// R5 with fencing: the holder paused past its ttl comes back and writes; the resource, which
 /// keeps the highest fencing token it has seen, refuses the stale write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
