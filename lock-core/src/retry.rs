@@ -90,6 +90,19 @@ impl RetryPolicy {
         Self::default().with_retry_count(RetryCount::Forever)
     }
 
+    /// `retries` retries, the first after `delay` and each pause twice the one before, with no
+    /// jitter and no deadline: for follow-ups that must not press a struggling server.
+    pub fn doubling(delay: Duration, retries: u32) -> Self {
+        Self {
+            retry_count: RetryCount::Limited(retries),
+            retry_delay: delay,
+            retry_jitter: Duration::ZERO,
+            backoff_factor: 2.0,
+            max_delay: MAX_DELAY_LIMIT,
+            deadline: None,
+        }
+    }
+
     /// Sets how many retries follow the first attempt.
     #[must_use]
     pub fn with_retry_count(mut self, retry_count: RetryCount) -> Self {
@@ -365,6 +378,14 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn doubling_pauses_double_without_jitter() {
+        let policy = RetryPolicy::doubling(Duration::from_millis(100), 3);
+        policy.validate().expect("a valid policy");
+        let pauses: Vec<Duration> = policy.backoff().collect();
+        assert_eq!(pauses, [100, 200, 400].map(Duration::from_millis));
     }
 
     #[test]

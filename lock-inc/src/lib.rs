@@ -12,8 +12,8 @@ pub use config::IncConfig;
 use fred::prelude::{ClientLike, Config, KeysInterface, ReconnectPolicy};
 use fred::types::scripts::Script;
 use lock_core::{
-    Capabilities, Handle, Holding, Key, KeyState, Lock, LockError, LockRequest, Result, Token,
-    async_trait, validate,
+    Capabilities, Handle, Holding, Key, KeyState, Lock, LockError, LockRequest, Result,
+    RetryPolicy, Token, async_trait, validate,
 };
 use tokio::time::Instant;
 
@@ -487,8 +487,8 @@ fn release_later(shared: Arc<Shared>, key: Key, token: Token, expires_by: Instan
         return;
     };
     runtime.spawn(async move {
-        let mut pause = Duration::from_millis(shared.config.command_timeout);
-        for _ in 0..RELEASE_TRIES {
+        let timeout = Duration::from_millis(shared.config.command_timeout);
+        for pause in RetryPolicy::doubling(timeout, RELEASE_TRIES).backoff() {
             if Instant::now() + pause >= expires_by {
                 return;
             }
@@ -499,7 +499,6 @@ fn release_later(shared: Arc<Shared>, key: Key, token: Token, expires_by: Instan
                     tracing::debug!(%key, %error, "release not answered; asking again");
                 }
             }
-            pause *= 2;
         }
     });
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 pub use config::{ConnectionKind, RedlockConfig};
 use lock_core::{
     Capabilities, Handle, Holding, Key, KeySet, KeyState, Lock, LockError, LockOptions,
-    LockRequest, Locker, Result, Token, async_trait,
+    LockRequest, Locker, Result, RetryPolicy, Token, async_trait,
 };
 use tokio::time::Instant;
 
@@ -33,7 +33,7 @@ const DRIFT_FLOOR: Duration = Duration::from_millis(2);
 /// How many times the background sends a compare-and-delete again to a node that has not
 /// answered it: a node that stalled, or restarted and lost the scripts (its first answer is
 /// NOSCRIPT, which reaches nobody once the caller gave up), hears it again after a pause.
-const RELEASE_TRIES: usize = 3;
+const RELEASE_TRIES: u32 = 3;
 
 /// The Redlock algorithm over N independent Redis masters (N = 1 is the plain single-Redis lock).
 ///
@@ -148,8 +148,9 @@ impl Shared {
     }
 
     /// Sends compare-and-delete to the nodes at `indices` until each has answered it, up to
-    /// [`RELEASE_TRIES`] rounds with doubling pauses starting at `pause` and none once the
-    /// keys are gone by themselves (`expires_by`). Token-checked, so asking twice is harmless.
+    /// [`RELEASE_TRIES`] rounds (the first at once if `at_once`, the others after doubling
+    /// pauses from `timeout` on) and none once the keys are gone by themselves (`expires_by`).
+    /// Token-checked, so asking twice is harmless.
     async fn release_until_answered(
         self: Arc<Self>,
         mut indices: Vec<usize>,
@@ -157,9 +158,15 @@ impl Shared {
         token: Token,
         timeout: Duration,
         expires_by: Instant,
-        mut pause: Duration,
+        at_once: bool,
     ) {
-        for _ in 0..RELEASE_TRIES {
+        let policy = RetryPolicy::doubling(timeout, RELEASE_TRIES);
+        let pauses = at_once
+            .then_some(Duration::ZERO)
+            .into_iter()
+            .chain(policy.backoff())
+            .take(RELEASE_TRIES as usize);
+        for pause in pauses {
             if indices.is_empty() || Instant::now() + pause >= expires_by {
                 return;
             }
@@ -184,7 +191,6 @@ impl Shared {
                     "release not answered; asking again"
                 );
             }
-            pause = (pause * 2).max(timeout);
         }
     }
 
@@ -342,7 +348,7 @@ impl Shared {
                 .chain(late.failed.into_iter().map(|(i, _)| i))
                 .collect();
             shared
-                .release_until_answered(targets, keys, token, timeout, expires_by, Duration::ZERO)
+                .release_until_answered(targets, keys, token, timeout, expires_by, true)
                 .await;
         });
     }
@@ -529,7 +535,7 @@ impl Lock for Redlock {
                 token.clone(),
                 timeout,
                 expires_by,
-                timeout,
+                false,
             ));
         }
         Ok(!tally.yes.is_empty())
@@ -650,7 +656,7 @@ impl Handle for RedlockHandle {
                     .chain(late.failed.into_iter().map(|(index, _)| index))
                     .collect();
                 shared
-                    .release_until_answered(failed, keys, token, timeout, expires_by, timeout)
+                    .release_until_answered(failed, keys, token, timeout, expires_by, false)
                     .await;
             });
         }
