@@ -133,6 +133,19 @@ impl fmt::Debug for Namespace {
     }
 }
 
+/// The first key of `keys` that appears again later, if any.
+fn first_repeated(keys: &[Key]) -> Option<&Key> {
+    if keys.len() <= 8 {
+        return keys
+            .iter()
+            .enumerate()
+            .find(|(i, key)| keys[i + 1..].contains(key))
+            .map(|(_, key)| key);
+    }
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    keys.iter().find(|key| !seen.insert(*key))
+}
+
 /// One or more keys locked together; never empty. Cloning is cheap, and a single key costs no
 /// extra allocation.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -153,8 +166,16 @@ impl KeySet {
     /// A set of several keys, taken all or none.
     ///
     /// # Errors
-    /// [`LockError::InvalidInput`] naming `keys` when there is none.
+    /// [`LockError::InvalidInput`] naming `keys` when there is none, or when a key appears
+    /// more than once (after namespacing): a lock cannot hold the same key twice, and a
+    /// repeated key would otherwise meet itself as "held by someone else".
     pub fn many(keys: Vec<Key>) -> Result<Self> {
+        if let Some(repeated) = first_repeated(&keys) {
+            return Err(LockError::invalid(
+                "keys",
+                format!("`{repeated}` appears more than once; name each key once"),
+            ));
+        }
         match keys.len() {
             0 => Err(LockError::invalid("keys", "name at least one key to lock")),
             1 => Ok(Self::one(

@@ -304,10 +304,13 @@ impl Locker {
         };
         match self.store().try_acquire_now(&request) {
             None => AtOnce::NotAnswered,
-            Some(Ok(Some(handle))) => {
-                tracing::debug!(attempts = 1, "acquired");
-                AtOnce::Settled(LockGuard::new(handle, self.store().name(), options.ttl()))
-            }
+            Some(Ok(Some(handle))) => match born_valid(handle) {
+                Some(handle) => {
+                    tracing::debug!(attempts = 1, "acquired");
+                    AtOnce::Settled(LockGuard::new(handle, self.store().name(), options.ttl()))
+                }
+                None => AtOnce::Held,
+            },
             Some(Ok(None)) => AtOnce::Held,
             Some(Err(error)) => AtOnce::Settled(Err(error)),
         }
@@ -406,6 +409,11 @@ impl Locker {
     ) -> Result<LockGuard> {
         let mut backoff = options.retry().backoff();
         let mut attempts = 0u32;
+        // Waits in a row that the backend ended before their time, each followed by an attempt
+        // that still found the key held. A backend may wake a waiter early (that is the point of
+        // push wake-ups), but never so often that the loop stops awaiting its backoff: after
+        // two, the next wait is a plain sleep of the whole delay.
+        let mut early_wakes = 0u32;
         // The error of the latest attempt that failed outright; contention clears it, an
         // attempt cut short by the deadline leaves it, so the caller learns why it gave up.
         let mut last_error = None;
@@ -421,8 +429,11 @@ impl Locker {
             };
             match outcome {
                 Ok(Attempt::Won(handle)) => {
-                    tracing::debug!(attempts, "acquired");
-                    return LockGuard::new(handle, self.store().name(), options.ttl());
+                    if let Some(handle) = born_valid(handle) {
+                        tracing::debug!(attempts, "acquired");
+                        return LockGuard::new(handle, self.store().name(), options.ttl());
+                    }
+                    last_error = None;
                 }
                 Ok(Attempt::Held) => last_error = None,
                 Ok(Attempt::CutShort) => {}
@@ -463,7 +474,17 @@ impl Locker {
                 delay_ms = delay.as_millis() as u64,
                 "held elsewhere; waiting to retry"
             );
-            self.store().wait_for_release(&keys, wake_at - now).await?;
+            if early_wakes >= 2 {
+                early_wakes = 0;
+                tokio::time::sleep_until(wake_at).await;
+            } else {
+                self.store().wait_for_release(&keys, wake_at - now).await?;
+                if Instant::now() < wake_at {
+                    early_wakes += 1;
+                } else {
+                    early_wakes = 0;
+                }
+            }
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Err(gave_up(last_error.take()));
             }
@@ -497,6 +518,25 @@ impl Locker {
         }
         Ok(Attempt::from(result?))
     }
+}
+
+/// The handle of a won attempt, unless its validity had already passed when it came back (the
+/// holder was delayed past its ttl between taking the key and seeing the answer): such a lock
+/// is released, token-checked, and the attempt counts as one that found the key held. So no
+/// guard is ever handed out with its validity already over.
+fn born_valid(mut handle: Box<dyn Handle>) -> Option<Box<dyn Handle>> {
+    if handle.valid_until() > Instant::now() {
+        return Some(handle);
+    }
+    tracing::debug!("the lock's validity passed before the attempt returned; releasing it");
+    if handle.release_now().is_none()
+        && let Ok(runtime) = tokio::runtime::Handle::try_current()
+    {
+        runtime.spawn(async move {
+            let _ = handle.release().await;
+        });
+    }
+    None
 }
 
 /// How a first attempt without awaiting went.

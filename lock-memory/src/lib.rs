@@ -127,27 +127,29 @@ impl MemoryLock {
     }
 
     /// One attempt; it never waits, so both trait methods answer with it.
+    ///
+    /// The fencing token is drawn while the key's shard is locked, at the moment the key is
+    /// taken, so fences follow the order of acquisitions on every key; the clock is read there
+    /// too, so a holder preempted between its clock read and the take is never handed a
+    /// validity that began before it held the key.
     fn acquire_now(&self, request: &LockRequest) -> Option<Box<dyn Handle>> {
-        let now = Instant::now();
-        let expires_at = now + request.ttl();
         let token = request.token();
-        for (taken, key) in request.keys().iter().enumerate() {
-            if !self
+        let (valid_until, fence) = match request.keys() {
+            [key] => self
                 .inner
-                .take(key, token, expires_at, now, request.after_wait())
-            {
-                for key in &request.keys()[..taken] {
-                    self.inner.release(key, token, now);
-                }
-                return None;
-            }
+                .take(key, token, request.ttl(), request.after_wait(), true)?,
+            keys => self
+                .inner
+                .take_all(keys, token, request.ttl(), request.after_wait())?,
+        };
+        if fence.is_multiple_of(SWEEP_EVERY) {
+            self.inner.sweep();
         }
-        let fence = self.inner.next_fence(now);
         Some(Box::new(MemoryHandle {
             inner: Arc::clone(&self.inner),
             keys: request.key_set().clone(),
             token: token.clone(),
-            valid_until: expires_at,
+            valid_until,
             fence,
         }))
     }
@@ -155,37 +157,99 @@ impl MemoryLock {
 
 impl Inner {
     /// Takes `key` for `token` if it is free (or its holder expired) and not held back for a
-    /// waiter.
+    /// waiter: the expiry it was given, and a fencing token drawn under the shard lock when
+    /// `draw` (0 otherwise).
     fn take(
         &self,
         key: &Key,
         token: &Token,
-        expires_at: Instant,
-        now: Instant,
+        ttl: Duration,
         after_wait: bool,
-    ) -> bool {
-        let holder = Holder {
-            token: token.clone(),
-            expires_at,
+        draw: bool,
+    ) -> Option<(Instant, u64)> {
+        let draw = || {
+            if draw {
+                self.fence.fetch_add(1, Ordering::SeqCst) + 1
+            } else {
+                0
+            }
         };
         match self.slots.entry(key.clone()) {
             Entry::Occupied(mut slot) => {
                 let slot = slot.get_mut();
+                let now = Instant::now();
                 if slot.busy_until(now, after_wait).is_some() {
-                    return false;
+                    return None;
                 }
-                slot.holder = Some(holder);
+                let expires_at = now + ttl;
+                slot.holder = Some(Holder {
+                    token: token.clone(),
+                    expires_at,
+                });
                 slot.reserved_until = None;
                 slot.generation += 1;
-                true
+                Some((expires_at, draw()))
             }
             Entry::Vacant(free) => {
+                let expires_at = Instant::now() + ttl;
+                let fence = draw();
                 free.insert(Slot {
-                    holder: Some(holder),
+                    holder: Some(Holder {
+                        token: token.clone(),
+                        expires_at,
+                    }),
                     ..Slot::default()
                 });
-                true
+                Some((expires_at, fence))
             }
+        }
+    }
+
+    /// Takes every key of a multi-key lock, all or none.
+    ///
+    /// The keys are taken one by one, then one fencing token is drawn, then each key is checked
+    /// to be still ours. A key that expired and was taken by someone else meanwhile fails the
+    /// attempt: so every key was ours, without interruption, from before the draw until after
+    /// it, and the fence sits between the fences of the holders before and after us on each key.
+    fn take_all(
+        &self,
+        keys: &[Key],
+        token: &Token,
+        ttl: Duration,
+        after_wait: bool,
+    ) -> Option<(Instant, u64)> {
+        let mut valid_until = None;
+        for (taken, key) in keys.iter().enumerate() {
+            match self.take(key, token, ttl, after_wait, false) {
+                // The first key's expiry is the earliest.
+                Some((expires_at, _)) => {
+                    valid_until.get_or_insert(expires_at);
+                }
+                None => {
+                    self.release_each(&keys[..taken], token);
+                    return None;
+                }
+            }
+        }
+        let fence = self.fence.fetch_add(1, Ordering::SeqCst) + 1;
+        let still_ours = keys.iter().all(|key| {
+            self.slots.get(key).is_some_and(|slot| {
+                slot.holder
+                    .as_ref()
+                    .is_some_and(|holder| holder.token == *token)
+            })
+        });
+        if !still_ours {
+            self.release_each(keys, token);
+            return None;
+        }
+        valid_until.map(|valid_until| (valid_until, fence))
+    }
+
+    fn release_each(&self, keys: &[Key], token: &Token) {
+        let now = Instant::now();
+        for key in keys {
+            self.release(key, token, now);
         }
     }
 
@@ -229,15 +293,12 @@ impl Inner {
         Some(valid)
     }
 
-    /// The fencing token of a new acquisition; every [`SWEEP_EVERY`]th also sweeps out expired
-    /// entries that were never released.
-    fn next_fence(&self, now: Instant) -> u64 {
-        let fence = self.fence.fetch_add(1, Ordering::SeqCst) + 1;
-        if fence.is_multiple_of(SWEEP_EVERY) {
-            self.slots
-                .retain(|_, slot| slot.held_at(now) || slot.has_waiters());
-        }
-        fence
+    /// Sweeps out expired entries that were never released (every [`SWEEP_EVERY`]th
+    /// acquisition does).
+    fn sweep(&self) {
+        let now = Instant::now();
+        self.slots
+            .retain(|_, slot| slot.held_at(now) || slot.has_waiters());
     }
 
     /// Joins the waiters of `key` if it is busy: until when, the generation seen, the notifier.
