@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use crate::error::{LockError, Result};
 use crate::key::Key;
-use crate::local::{self, Places, Ticket};
+use crate::local::{self, Places, Ticket, Validity};
 use crate::lock::Handle;
 use crate::token::Token;
 use crate::validate;
@@ -40,11 +40,15 @@ pub struct LockGuard {
 /// Queue places, given up on release; waiters behind them give them up for the holder once
 /// the lock's validity lapses, so that a holder that neither releases nor extends cannot block
 /// its neighbours past its ttl.
-struct Tickets(Arc<Places>);
+struct Tickets {
+    places: Arc<Places>,
+    /// Read by the waiters before they give the places up; moved by every extend.
+    validity: Arc<Validity>,
+}
 
 impl Tickets {
     fn give_up(self) {
-        local::give_up(&self.0);
+        local::give_up(&self.places);
     }
 }
 
@@ -92,12 +96,12 @@ impl LockGuard {
         if tickets.is_empty() {
             return self;
         }
-        let valid_until = self.valid_until();
+        let validity = Arc::new(Validity::new(self.valid_until()));
         let places = Arc::new(std::sync::Mutex::new(tickets));
         for ticket in places.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-            ticket.keep_until(valid_until, Arc::downgrade(&places));
+            ticket.keep_until(&validity, Arc::downgrade(&places));
         }
-        self.tickets = Some(Tickets(places));
+        self.tickets = Some(Tickets { places, validity });
         self
     }
 
@@ -185,9 +189,18 @@ impl LockGuard {
         }));
         let handle = Arc::new(Mutex::new(handle));
         let span = tracing::debug_span!("lock.watchdog", backend = self.backend, key = %keys[0]);
+        let queue_validity = self
+            .tickets
+            .as_ref()
+            .map(|tickets| Arc::clone(&tickets.validity));
         let task = runtime.spawn(
-            watchdog::keep_alive(Arc::clone(&handle), self.ttl, Arc::clone(&status))
-                .instrument(span),
+            watchdog::keep_alive(
+                Arc::clone(&handle),
+                self.ttl,
+                Arc::clone(&status),
+                queue_validity,
+            )
+            .instrument(span),
         );
         let signal = LostSignal::new(status.subscribe());
         self.state = State::Watched(Box::new(Watched {
@@ -239,6 +252,11 @@ impl LockGuard {
             match &result {
                 Ok(()) => {
                     self.ttl = ttl;
+                    // The waiters of this process keep out while the lock is valid.
+                    let valid_until = self.valid_until();
+                    if let Some(tickets) = &self.tickets {
+                        tickets.validity.set(valid_until);
+                    }
                     tracing::debug!("extended");
                 }
                 Err(error) => tracing::warn!(%error, "extend failed"),

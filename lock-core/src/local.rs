@@ -30,10 +30,31 @@ struct Slot {
     lapse_recorded: Notify,
 }
 
-/// A holder's claim on its places, which waiters end once `at` has passed.
+/// A holder's claim on its places, which waiters end once its validity has passed.
 struct Lapse {
-    at: Instant,
+    until: Arc<Validity>,
     places: Weak<Places>,
+}
+
+/// The end of a holder's validity, shared by its guard (which moves it forward on every extend,
+/// its own or the watchdog's) and the waiters behind it (which read it before giving the
+/// holder's places up).
+#[derive(Debug)]
+pub(crate) struct Validity(Mutex<Instant>);
+
+impl Validity {
+    pub(crate) fn new(at: Instant) -> Self {
+        Self(Mutex::new(at))
+    }
+
+    pub(crate) fn get(&self) -> Instant {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Moves the end of the validity (an extend succeeded).
+    pub(crate) fn set(&self, at: Instant) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = at;
+    }
 }
 
 /// The places one lock holds in the lines of its keys; emptied to give them up.
@@ -103,7 +124,7 @@ impl Slot {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .as_ref()
-                .map(|lapse| lapse.at);
+                .map(|lapse| lapse.until.get());
             tokio::select! {
                 biased;
                 guard = &mut head => return guard,
@@ -120,7 +141,7 @@ impl Slot {
         let places = {
             let mut lapse = self.lapse.lock().unwrap_or_else(PoisonError::into_inner);
             match lapse.as_ref() {
-                Some(recorded) if recorded.at <= Instant::now() => {
+                Some(recorded) if recorded.until.get() <= Instant::now() => {
                     lapse.take().and_then(|lapse| lapse.places.upgrade())
                 }
                 _ => None,
@@ -133,10 +154,13 @@ impl Slot {
 }
 
 impl Ticket {
-    /// Records that the holder of this place keeps it until `at` at most.
-    pub(crate) fn keep_until(&self, at: Instant, places: Weak<Places>) {
+    /// Records that the holder of this place keeps it while `until` has not passed.
+    pub(crate) fn keep_until(&self, until: &Arc<Validity>, places: Weak<Places>) {
         if let Some(slot) = &self.slot {
-            *slot.lapse.lock().unwrap_or_else(PoisonError::into_inner) = Some(Lapse { at, places });
+            *slot.lapse.lock().unwrap_or_else(PoisonError::into_inner) = Some(Lapse {
+                until: Arc::clone(until),
+                places,
+            });
             slot.lapse_recorded.notify_waiters();
         }
     }

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -30,6 +31,29 @@ struct Channel {
     /// Bumped by every registration, so that a lingering unsubscribe can tell whether someone
     /// came back meanwhile.
     generation: u64,
+}
+
+/// How a channel's subscription is retired, once its last waiter is gone.
+type Unsubscribe = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// A wait in progress: ends its registration when dropped, however the wait ended.
+struct Waiting<'a> {
+    registry: &'a WakeRegistry,
+    channel: &'a str,
+    /// This waiter was to subscribe the channel and has not finished doing so.
+    subscribing: bool,
+    unsubscribe: Option<Unsubscribe>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.subscribing {
+            self.registry.subscription_abandoned(self.channel);
+        }
+        if let Some(unsubscribe) = self.unsubscribe.take() {
+            self.registry.unregister(self.channel, unsubscribe);
+        }
+    }
 }
 
 /// One waiter's registration.
@@ -63,6 +87,9 @@ impl WakeRegistry {
     /// `subscribe` runs when the channel has no subscription yet; both run while the wait has
     /// already begun, so neither delays a wake-up. `unsubscribe` runs when the channel's
     /// subscription is retired: [`LINGER`] after its last waiter left, unless another came.
+    ///
+    /// Cancel safe: a wait dropped at any point ends its registration, and a subscription it
+    /// had not finished is left to the next waiter to make.
     pub async fn wait<P, S, U, UF>(
         &self,
         channel: &str,
@@ -74,47 +101,47 @@ impl WakeRegistry {
         P: Future<Output = Option<Duration>>,
         S: Future<Output = ()>,
         U: FnOnce() -> UF + Send + 'static,
-        UF: Future<Output = ()> + Send,
+        UF: Future<Output = ()> + Send + 'static,
     {
         let registration = self.register(channel);
-        {
-            let notified = registration.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let deadline = tokio::time::Instant::now() + max_wait;
-            let sleep = tokio::time::sleep_until(deadline);
-            tokio::pin!(sleep);
-            tokio::pin!(remaining_ttl);
-            tokio::pin!(subscribe);
-            let (mut probed, mut subscribed) = (false, !registration.subscribe);
-            loop {
-                tokio::select! {
-                    () = &mut notified => break,
-                    () = &mut sleep => break,
-                    ttl = &mut remaining_ttl, if !probed => {
-                        probed = true;
-                        if let Some(ttl) = ttl {
-                            let expiry = tokio::time::Instant::now() + ttl;
-                            if expiry < deadline {
-                                sleep.as_mut().reset(expiry);
-                            }
+        let mut waiting = Waiting {
+            registry: self,
+            channel,
+            subscribing: registration.subscribe,
+            unsubscribe: Some(Box::new(move || Box::pin(unsubscribe()))),
+        };
+        let notified = registration.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let sleep = tokio::time::sleep_until(deadline);
+        tokio::pin!(sleep);
+        tokio::pin!(remaining_ttl);
+        tokio::pin!(subscribe);
+        let mut probed = false;
+        loop {
+            tokio::select! {
+                () = &mut notified => break,
+                () = &mut sleep => break,
+                ttl = &mut remaining_ttl, if !probed => {
+                    probed = true;
+                    if let Some(ttl) = ttl {
+                        let expiry = tokio::time::Instant::now() + ttl;
+                        if expiry < deadline {
+                            sleep.as_mut().reset(expiry);
                         }
                     }
-                    () = &mut subscribe, if !subscribed => subscribed = true,
                 }
+                () = &mut subscribe, if waiting.subscribing => waiting.subscribing = false,
             }
         }
-        self.unregister(channel, registration, unsubscribe);
+        // `waiting` ends the registration as it drops, here or wherever the wait is cancelled.
     }
 
     /// Ends a registration. When it was the channel's last waiter, `unsubscribe` runs after
-    /// [`LINGER`] unless a waiter registered meanwhile (needs a tokio runtime).
-    fn unregister<F, Fut>(&self, channel: &str, registration: Registration, unsubscribe: F)
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send,
-    {
-        drop(registration);
+    /// [`LINGER`] unless a waiter registered meanwhile (on the current tokio runtime; without
+    /// one, the subscription is forgotten at once and the next waiter subscribes again).
+    fn unregister(&self, channel: &str, unsubscribe: Unsubscribe) {
         let generation = {
             let mut channels = self.0.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(entry) = channels.get_mut(channel) else {
@@ -127,13 +154,30 @@ impl WakeRegistry {
             entry.generation
         };
         let (registry, channel) = (self.clone(), channel.to_owned());
-        tokio::spawn(async move {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            registry.retire(&channel, generation);
+            return;
+        };
+        runtime.spawn(async move {
             tokio::time::sleep(LINGER).await;
             if registry.retire(&channel, generation) {
                 unsubscribe().await;
                 registry.after_unsubscribe(&channel);
             }
         });
+    }
+
+    /// The waiter that was to subscribe `channel` left before its subscription was made: the
+    /// next waiter makes it.
+    fn subscription_abandoned(&self, channel: &str) {
+        if let Some(entry) = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(channel)
+        {
+            entry.subscribed = false;
+        }
     }
 
     /// Forgets `channel` if nobody registered since `generation`; true when forgotten.
@@ -204,8 +248,10 @@ mod tests {
         let unsubscribed = Arc::new(AtomicUsize::new(0));
         let counter = |unsubscribed: &Arc<AtomicUsize>| {
             let unsubscribed = Arc::clone(unsubscribed);
-            move || async move {
-                unsubscribed.fetch_add(1, Ordering::SeqCst);
+            move || -> Pin<Box<dyn Future<Output = ()> + Send>> {
+                Box::pin(async move {
+                    unsubscribed.fetch_add(1, Ordering::SeqCst);
+                })
             }
         };
         let a = registry.register("k");
@@ -217,15 +263,18 @@ mod tests {
         registry.wake("k");
         woken.await.expect("woken");
 
-        registry.unregister("k", a, counter(&unsubscribed));
-        registry.unregister("k", b, counter(&unsubscribed));
+        drop(a);
+        registry.unregister("k", Box::new(counter(&unsubscribed)));
+        drop(b);
+        registry.unregister("k", Box::new(counter(&unsubscribed)));
         // A waiter back within the linger keeps the subscription.
         tokio::time::sleep(LINGER / 2).await;
         let c = registry.register("k");
         assert!(!c.subscribe, "the subscription is still in place");
         tokio::time::sleep(LINGER * 2).await;
         assert_eq!(unsubscribed.load(Ordering::SeqCst), 0);
-        registry.unregister("k", c, counter(&unsubscribed));
+        drop(c);
+        registry.unregister("k", Box::new(counter(&unsubscribed)));
         tokio::time::sleep(LINGER * 2).await;
         assert_eq!(unsubscribed.load(Ordering::SeqCst), 1);
         assert!(registry.register("k").subscribe, "the channel starts over");
@@ -234,6 +283,89 @@ mod tests {
         assert!(
             registry.register("k").subscribe,
             "a lost connection forgets subscriptions"
+        );
+    }
+
+    /// A registry that counts subscriptions made and retired.
+    #[derive(Clone, Default)]
+    struct Counts {
+        subscribed: Arc<AtomicUsize>,
+        unsubscribed: Arc<AtomicUsize>,
+    }
+
+    impl Counts {
+        /// One wait on `k` whose subscription takes `subscribe_takes` (forever when `None`).
+        async fn wait(
+            &self,
+            registry: &WakeRegistry,
+            max_wait: Duration,
+            subscribe_takes: Option<Duration>,
+        ) {
+            let (subscribed, unsubscribed) =
+                (Arc::clone(&self.subscribed), Arc::clone(&self.unsubscribed));
+            registry
+                .wait(
+                    "k",
+                    max_wait,
+                    async { None },
+                    async move {
+                        match subscribe_takes {
+                            Some(takes) => tokio::time::sleep(takes).await,
+                            None => std::future::pending().await,
+                        }
+                        subscribed.fetch_add(1, Ordering::SeqCst);
+                    },
+                    move || async move {
+                        unsubscribed.fetch_add(1, Ordering::SeqCst);
+                    },
+                )
+                .await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_wait_ends_its_registration() {
+        let registry = WakeRegistry::default();
+        let counts = Counts::default();
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(10),
+            counts.wait(&registry, Duration::from_secs(60), Some(Duration::ZERO)),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the wait was to be cancelled");
+        assert_eq!(counts.subscribed.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(LINGER * 2).await;
+        assert_eq!(
+            counts.unsubscribed.load(Ordering::SeqCst),
+            1,
+            "the subscription of a cancelled waiter was never retired"
+        );
+        assert!(
+            registry
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_subscription_left_unfinished_is_made_by_the_next_waiter() {
+        let registry = WakeRegistry::default();
+        let counts = Counts::default();
+        // The first waiter's wait ends before its subscription is made.
+        counts
+            .wait(
+                &registry,
+                Duration::from_millis(5),
+                Some(Duration::from_secs(1)),
+            )
+            .await;
+        assert_eq!(counts.subscribed.load(Ordering::SeqCst), 0);
+        let next = registry.register("k");
+        assert!(
+            next.subscribe,
+            "the channel counts as subscribed though nobody finished subscribing"
         );
     }
 }

@@ -7,6 +7,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 
 use crate::error::LockError;
+use crate::local::Validity;
 use crate::lock::Handle;
 
 /// What the watchdog publishes about its lock.
@@ -48,11 +49,13 @@ impl LostSignal {
 /// Extends `handle` by `ttl` whenever a third of the ttl is left, until it is stopped or the lock
 /// is lost. Failed extensions are retried while the lock is still valid; a lock that is not held
 /// any more, or whose validity lapses, is reported lost and the task ends. For a backend that
-/// cannot extend, the loss is reported when the validity lapses.
+/// cannot extend, the loss is reported when the validity lapses. Each extension also moves
+/// `queue_validity`, the end of the holder's places in this process's queue.
 pub(crate) async fn keep_alive(
     handle: Arc<Mutex<Box<dyn Handle>>>,
     ttl: Duration,
     status: Arc<watch::Sender<Status>>,
+    queue_validity: Option<Arc<Validity>>,
 ) {
     let lead = ttl / 3;
     let retry_every = (ttl / 10).max(Duration::from_millis(1));
@@ -85,6 +88,9 @@ pub(crate) async fn keep_alive(
             Ok(()) => {
                 let valid_until = handle.valid_until();
                 status.send_modify(|status| status.valid_until = valid_until);
+                if let Some(queue_validity) = &queue_validity {
+                    queue_validity.set(valid_until);
+                }
                 next_try = valid_until.checked_sub(lead).unwrap_or_else(Instant::now);
                 tracing::debug!(
                     ttl_ms = ttl.as_millis() as u64,

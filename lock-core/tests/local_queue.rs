@@ -14,8 +14,15 @@ use lock_memory::MemoryLock;
 use tokio::time::Instant;
 
 /// The in-memory lock dressed as a distributed one, so that the core puts its queue in front.
+/// Counts the attempts that reach it.
 #[derive(Debug, Default)]
-struct Distributed(MemoryLock);
+struct Distributed(MemoryLock, std::sync::atomic::AtomicU64);
+
+impl Distributed {
+    fn attempts(&self) -> u64 {
+        self.1.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
 
 #[async_trait]
 impl Lock for Distributed {
@@ -28,6 +35,7 @@ impl Lock for Distributed {
     }
 
     async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.0.try_acquire(request).await
     }
 
@@ -101,4 +109,38 @@ async fn waiters_of_one_process_are_served_in_arrival_order() {
         waiter.await.unwrap();
     }
     assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
+}
+
+/// A holder that extends (by hand, or through its watchdog) keeps its place: the waiters of
+/// this process stay in line and do not ask the store while it holds the lock.
+#[tokio::test(start_paused = true)]
+async fn an_extended_holder_keeps_its_place_in_line() {
+    for watchdog in [false, true] {
+        let lock = Arc::new(Distributed::default());
+        let locker = locker(&lock, Duration::from_millis(200));
+        let mut holder = locker.acquire("k").await.unwrap();
+        if watchdog {
+            holder.keep_alive().unwrap();
+        }
+        let waiter = {
+            let locker = locker.clone();
+            tokio::spawn(async move { locker.acquire("k").await.unwrap().release().await })
+        };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if !watchdog {
+            holder.extend(Duration::from_millis(600)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(550)).await;
+        assert!(holder.is_valid(), "the holder's lock lapsed");
+        let asked = lock.attempts();
+        assert_eq!(
+            asked,
+            1,
+            "the waiter asked the store {} times while the holder held the lock (watchdog: {watchdog})",
+            asked - 1
+        );
+        holder.release().await.unwrap();
+        waiter.await.unwrap().unwrap();
+        assert_eq!(lock.attempts(), 2);
+    }
 }
