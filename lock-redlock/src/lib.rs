@@ -7,13 +7,14 @@ mod round;
 mod wake;
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use config::{ConnectionKind, RedlockConfig};
 use lock_core::{
     Capabilities, Handle, Holding, Key, KeySet, KeyState, Lock, LockError, LockOptions,
-    LockRequest, Locker, Result, RetryPolicy, Token, async_trait,
+    LockRequest, Locker, Result, RetryPolicy, Token, async_trait, validate,
 };
 use tokio::time::Instant;
 
@@ -24,8 +25,10 @@ use crate::round::{Pending, Tally};
 /// The backend's name in messages and configuration.
 pub const NAME: &str = "redlock";
 
-/// Appended to a lock's key to name its fencing counter on every node.
-pub const FENCE_SUFFIX: &str = ":fence";
+/// Appended to a lock's key to name its fencing counter on every node. It begins with the byte
+/// 0xFF, which never occurs in UTF-8: every user key is UTF-8, so no user key can ever name a
+/// counter, and no counter can ever stand in a user's way.
+pub const FENCE_SUFFIX: &[u8] = b"\xff:fence";
 
 /// Added to the drift allowance of every lock, as in the Redlock specification.
 const DRIFT_FLOOR: Duration = Duration::from_millis(2);
@@ -153,13 +156,41 @@ impl Shared {
     /// Token-checked, so asking twice is harmless.
     async fn release_until_answered(
         self: Arc<Self>,
-        mut indices: Vec<usize>,
+        indices: Vec<usize>,
         keys: KeySet,
         token: Token,
         timeout: Duration,
         expires_by: Instant,
         at_once: bool,
     ) {
+        let wanted = keys.len();
+        self.until_answered(indices, &keys, timeout, expires_by, at_once, |node| {
+            let (keys, token) = (keys.clone(), token.clone());
+            async move {
+                node.release(&keys, &token)
+                    .await
+                    .map(|deleted| (deleted == wanted).then_some(0))
+            }
+        })
+        .await;
+    }
+
+    /// Sends `op` to the nodes at `indices` until each has answered it (any answer), up to
+    /// [`RELEASE_TRIES`] rounds: the first at once if `at_once`, the others after doubling
+    /// pauses from `timeout` on, and none past `expires_by`. The one follow-up of every
+    /// operation that must reach every node (releases, clean-ups, fence raises).
+    async fn until_answered<F, Fut>(
+        &self,
+        mut indices: Vec<usize>,
+        keys: &KeySet,
+        timeout: Duration,
+        expires_by: Instant,
+        at_once: bool,
+        op: F,
+    ) where
+        F: Fn(Node) -> Fut,
+        Fut: Future<Output = redis::RedisResult<Option<u64>>> + Send + 'static,
+    {
         let policy = RetryPolicy::doubling(timeout, RELEASE_TRIES);
         let pauses = at_once
             .then_some(Duration::ZERO)
@@ -176,7 +207,7 @@ impl Shared {
             if targets.is_empty() {
                 return;
             }
-            let (tally, rest) = self.release_on(&targets, &keys, &token, timeout).await;
+            let (tally, rest) = round::run(&targets, targets.len(), timeout, &op).await;
             let late = rest.finish().await;
             indices = tally
                 .failed_with(&late)
@@ -188,7 +219,7 @@ impl Shared {
                     key = %keys.primary(),
                     nodes = indices.len(),
                     failures = %tally.failures(),
-                    "release not answered; asking again"
+                    "not answered; asking again"
                 );
             }
         }
@@ -224,45 +255,66 @@ impl Shared {
         Ok(())
     }
 
-    /// The fencing counter beside `key`, when fencing is on.
-    fn fence_key(&self, key: &Key) -> Result<Option<Key>> {
-        if !self.config.fencing {
-            return Ok(None);
-        }
-        Key::new(format!("{key}{FENCE_SUFFIX}"))
-            .map(Some)
-            .map_err(|e| e.within("fencing counter"))
+    /// The fencing counters beside `keys` (one per key), when fencing is on.
+    fn fence_keys(&self, keys: &[Key]) -> Option<Arc<[Vec<u8>]>> {
+        self.config.fencing.then(|| {
+            keys.iter()
+                .map(|key| [key.as_str().as_bytes(), FENCE_SUFFIX].concat())
+                .collect()
+        })
     }
 
-    /// The second round of a fenced acquisition: raises the counter on every node to the
-    /// fence this acquisition drew, and needs a quorum of nodes that still hold our token.
-    /// `Some(fence)` when raised on a quorum, `None` when our keys vanished from nodes.
+    /// The second round of a fenced acquisition: raises every key's counter on every node to
+    /// the fence this acquisition drew, and needs a quorum of nodes that still hold our token.
+    /// `Some(fence)` when raised on a quorum, `None` when our keys vanished from nodes. Nodes
+    /// that failed or did not answer are asked again in the background.
     ///
-    /// Why it makes fences increase: a later holder's quorum meets this quorum on at least
-    /// one node, whose counter was raised while our key sat there, so the later holder's
-    /// increment there (made after our key left) counts past our fence.
+    /// Why it makes fences increase on every key: a later holder's quorum meets this quorum on
+    /// at least one node, whose counters were raised while our keys sat there, so the later
+    /// holder's draw there (made after our keys left) counts past our fence — unless that node
+    /// lost its data meanwhile, and then only its clock counts (see the crate docs).
     async fn raise_fence(
-        &self,
+        self: &Arc<Self>,
         nodes: &[Node],
         keys: &KeySet,
         token: &Token,
-        fence_key: &Key,
+        fences: &Arc<[Vec<u8>]>,
         fence: u64,
         ttl: Duration,
     ) -> Result<Option<u64>> {
-        let (raised, rest) = round::run(nodes, self.quorum, self.node_timeout(ttl), |node| {
-            let (key, token, fence_key) =
-                (keys.primary().clone(), token.clone(), fence_key.clone());
-            async move {
-                node.raise_fence(&key, &fence_key, &token, fence)
-                    .await
-                    .map(|held| held.then_some(0))
-            }
+        let timeout = self.node_timeout(ttl);
+        let (raised, rest) = round::run(nodes, self.quorum, timeout, |node| {
+            self.raise_on(node, keys, token, fences, fence, ttl)
         })
         .await;
-        if !rest.is_empty() {
-            // The slower nodes' counters are raised too, off the caller's path.
-            tokio::spawn(rest.finish());
+        // The slower nodes' counters are raised too, off the caller's path, and those that
+        // failed are asked again: a node that missed the raise and later meets a quorum of
+        // nodes that lost their data would otherwise hand out a smaller token.
+        let failed = raised
+            .failed
+            .iter()
+            .map(|(index, _)| *index)
+            .collect::<Vec<_>>();
+        if !rest.is_empty() || !failed.is_empty() {
+            let (shared, keys, token, fences) = (
+                Arc::clone(self),
+                keys.clone(),
+                token.clone(),
+                Arc::clone(fences),
+            );
+            tokio::spawn(async move {
+                let late = rest.finish().await;
+                let failed = failed
+                    .into_iter()
+                    .chain(late.failed.into_iter().map(|(index, _)| index))
+                    .collect();
+                let expires_by = Instant::now() + validate::MAX_TTL;
+                shared
+                    .until_answered(failed, &keys, timeout, expires_by, false, |node| {
+                        shared.raise_on(node, &keys, &token, &fences, fence, ttl)
+                    })
+                    .await;
+            });
         }
         if raised.yes.len() >= self.quorum {
             return Ok(Some(fence));
@@ -277,6 +329,24 @@ impl Shared {
             needed: self.quorum,
             failures: raised.failures(),
         })
+    }
+
+    /// One node's raise of the fencing counters; yes when it still holds every key.
+    fn raise_on(
+        &self,
+        node: Node,
+        keys: &KeySet,
+        token: &Token,
+        fences: &Arc<[Vec<u8>]>,
+        fence: u64,
+        ttl: Duration,
+    ) -> impl Future<Output = redis::RedisResult<Option<u64>>> + Send + 'static {
+        let (keys, token, fences) = (keys.clone(), token.clone(), Arc::clone(fences));
+        async move {
+            node.raise_fence(&keys, &fences, &token, fence, ttl)
+                .await
+                .map(|held| held.then_some(0))
+        }
     }
 
     fn subset(&self, indices: impl IntoIterator<Item = usize>) -> Vec<Node> {
@@ -329,12 +399,20 @@ impl Shared {
         let grace = (round_took * 2 + Duration::from_millis(1)).min(timeout);
         let late = pending.collect_until(Instant::now() + grace).await;
         let won: Vec<usize> = tally.yes.iter().chain(&late.yes).copied().collect();
+        let mut failed = tally.failed_with(&late);
         if !won.is_empty() {
-            let won = self.subset(won);
-            let (_, rest) = self.release_on(&won, keys, token, timeout).await;
-            rest.finish().await;
+            let (undone, rest) = self
+                .release_on(&self.subset(won.iter().copied()), keys, token, timeout)
+                .await;
+            let undone_late = rest.finish().await;
+            // A node that won and then failed the undo still holds our key: ask it again.
+            failed.extend(
+                undone
+                    .failed_with(&undone_late)
+                    .into_iter()
+                    .filter_map(|target| won.get(target).copied()),
+            );
         }
-        let failed = tally.failed_with(&late);
         if failed.is_empty() && pending.is_empty() {
             return;
         }
@@ -397,12 +475,12 @@ impl Lock for Redlock {
             request.ttl(),
         );
         let nodes = shared.nodes()?;
-        let fence_key = shared.fence_key(keys.primary())?;
+        let fences = shared.fence_keys(&keys);
         let start = Instant::now();
         let (tally, pending) =
             round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
-                let (keys, token, fence_key) = (keys.clone(), token.clone(), fence_key.clone());
-                async move { node.acquire(&keys, &token, ttl, fence_key.as_ref()).await }
+                let (keys, token, fences) = (keys.clone(), token.clone(), fences.clone());
+                async move { node.acquire(&keys, &token, ttl, fences.as_deref()).await }
             })
             .await;
         tracing::debug!(
@@ -415,17 +493,17 @@ impl Lock for Redlock {
         if tally.yes.len() >= shared.quorum
             && let Some(valid_until) = shared.valid_until(start, ttl)
         {
-            let fence = match &fence_key {
+            let fence = match &fences {
                 None => Ok(None),
-                Some(fence_key) => {
+                Some(fences) => {
                     shared
-                        .raise_fence(&nodes, &keys, &token, fence_key, tally.highest, ttl)
+                        .raise_fence(&nodes, &keys, &token, fences, tally.highest, ttl)
                         .await
                 }
             };
             match fence {
                 // Without fencing, or raised on a quorum: ours, if the second round left time.
-                Ok(fence) if fence_key.is_none() || fence.is_some() => {
+                Ok(fence) if fences.is_none() || fence.is_some() => {
                     if Instant::now() < valid_until {
                         // Requests still in flight can only add our own token to more nodes,
                         // which keeps the lock safe through more node failures: let them run

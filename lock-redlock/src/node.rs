@@ -124,29 +124,34 @@ impl NodeParts {
     }
 
     /// `SET key token NX PX ttl` (one key, interoperable with every Redlock client), or the
-    /// all-or-nothing script for several keys; with a fencing counter, the script that also
-    /// increments it. `Some(counter)` (0 without fencing) when the node granted every key.
+    /// all-or-nothing script for several keys; with fencing counters (one per key), the script
+    /// that also draws a fencing value from them. `Some(value)` (0 without fencing) when the
+    /// node granted every key.
+    ///
+    /// With a pool, a request abandoned before its answer (the round's deadline passed, or the
+    /// attempt was cancelled) is followed by a compare-and-delete on the same connection, so
+    /// that it reaches the node after the request it undoes: a clean-up sent on another
+    /// connection of the pool could overtake a late `SET` and leave it behind.
     pub(crate) async fn acquire(
         &self,
         keys: &[Key],
         token: &Token,
         ttl: Duration,
-        fence: Option<&Key>,
+        fences: Option<&[Vec<u8>]>,
     ) -> RedisResult<Option<u64>> {
         let ttl_ms = validate::ttl_millis(ttl);
-        if let Some(fence) = fence {
-            let mut invocation = ACQUIRE_FENCED.prepare_invoke();
+        let mut invocation;
+        let request = if let Some(fences) = fences {
+            invocation = ACQUIRE_FENCED.prepare_invoke();
             for key in keys {
                 invocation.key(key.as_str());
             }
-            invocation
-                .key(fence.as_str())
-                .arg(&*token.expose())
-                .arg(ttl_ms);
-            let counter: i64 = self.invoke(&invocation).await?;
-            return Ok(u64::try_from(counter).ok().filter(|counter| *counter > 0));
-        }
-        if let [key] = keys {
+            for fence in fences {
+                invocation.key(fence.as_slice());
+            }
+            invocation.arg(&*token.expose()).arg(ttl_ms);
+            Request::Script(&invocation, Reply::Counter)
+        } else if let [key] = keys {
             let mut command = redis::cmd("SET");
             command
                 .arg(key.as_str())
@@ -154,33 +159,74 @@ impl NodeParts {
                 .arg("NX")
                 .arg("PX")
                 .arg(ttl_ms);
-            let reply: Value = self.query(&command).await?;
-            return Ok(matches!(reply, Value::Okay).then_some(0));
+            return match &self.connection {
+                Connection::Manager(manager) => {
+                    let reply: Value = command.query_async(&mut manager.clone()).await?;
+                    Ok(matches!(reply, Value::Okay).then_some(0))
+                }
+                Connection::Pool(pool) => {
+                    Box::pin(self.acquire_pooled(pool, Request::Set(&command), keys, token)).await
+                }
+            };
+        } else {
+            invocation = ACQUIRE_MANY.prepare_invoke();
+            for key in keys {
+                invocation.key(key.as_str());
+            }
+            invocation.arg(&*token.expose()).arg(ttl_ms);
+            Request::Script(&invocation, Reply::Granted)
+        };
+        match &self.connection {
+            Connection::Manager(manager) => request.send(&mut manager.clone()).await,
+            Connection::Pool(pool) => {
+                Box::pin(self.acquire_pooled(pool, request, keys, token)).await
+            }
         }
-        let mut invocation = ACQUIRE_MANY.prepare_invoke();
+    }
+
+    /// An acquisition on a pooled connection, undone on that same connection if abandoned.
+    async fn acquire_pooled(
+        &self,
+        pool: &Pool,
+        request: Request<'_>,
+        keys: &[Key],
+        token: &Token,
+    ) -> RedisResult<Option<u64>> {
+        let mut connection = checkout(pool).await?;
+        let mut undo = UndoOnDrop {
+            connection: Some((*connection).clone()),
+            keys: keys.to_vec(),
+            token: token.clone(),
+            notify: self.release_channel,
+        };
+        let answer = request.send(&mut *connection).await;
+        // Answered (whatever the answer): the request is no longer in flight.
+        undo.connection = None;
+        answer
+    }
+
+    /// Raises the fencing counters `fences` (one per key of `keys`) to at least `value`, kept
+    /// until the node's clock passes it plus `ttl`; true when every key still holds `token`
+    /// here.
+    pub(crate) async fn raise_fence(
+        &self,
+        keys: &[Key],
+        fences: &[Vec<u8>],
+        token: &Token,
+        value: u64,
+        ttl: Duration,
+    ) -> RedisResult<bool> {
+        let mut invocation = RAISE_FENCE.prepare_invoke();
         for key in keys {
             invocation.key(key.as_str());
         }
-        invocation.arg(&*token.expose()).arg(ttl_ms);
-        let granted: i64 = self.invoke(&invocation).await?;
-        Ok((granted == 1).then_some(0))
-    }
-
-    /// Raises the fencing counter `fence` to at least `value`; true when `key` still holds
-    /// `token` here.
-    pub(crate) async fn raise_fence(
-        &self,
-        key: &Key,
-        fence: &Key,
-        token: &Token,
-        value: u64,
-    ) -> RedisResult<bool> {
-        let mut invocation = RAISE_FENCE.prepare_invoke();
+        for fence in fences {
+            invocation.key(fence.as_slice());
+        }
         invocation
-            .key(key.as_str())
-            .key(fence.as_str())
             .arg(&*token.expose())
-            .arg(value);
+            .arg(value)
+            .arg(validate::ttl_millis(ttl));
         let held: i64 = self.invoke(&invocation).await?;
         Ok(held == 1)
     }
@@ -266,6 +312,86 @@ impl NodeParts {
                 Box::pin(async { invoke_on(invocation, &mut checkout(pool).await?).await }).await
             }
         }
+    }
+}
+
+/// One acquisition request and how to read its answer.
+enum Request<'a> {
+    Set(&'a redis::Cmd),
+    Script(&'a redis::ScriptInvocation<'a>, Reply),
+}
+
+/// What an acquisition script answers.
+#[derive(Clone, Copy)]
+enum Reply {
+    /// 1 when granted.
+    Granted,
+    /// The fencing value drawn (>= 1) when granted, 0 otherwise.
+    Counter,
+}
+
+impl Request<'_> {
+    async fn send<C: ConnectionLike + Send>(&self, connection: &mut C) -> RedisResult<Option<u64>> {
+        match self {
+            Self::Set(command) => {
+                let reply: Value = command.query_async(connection).await?;
+                Ok(matches!(reply, Value::Okay).then_some(0))
+            }
+            Self::Script(invocation, Reply::Granted) => {
+                let granted: i64 = invocation.invoke_async(connection).await?;
+                Ok((granted == 1).then_some(0))
+            }
+            Self::Script(invocation, Reply::Counter) => {
+                let counter: i64 = invocation.invoke_async(connection).await?;
+                Ok(u64::try_from(counter).ok().filter(|counter| *counter > 0))
+            }
+        }
+    }
+}
+
+/// Sends compare-and-delete for `keys` on `connection` when dropped while still armed: the
+/// acquisition it follows was abandoned before its answer came.
+struct UndoOnDrop {
+    connection: Option<redis::aio::MultiplexedConnection>,
+    keys: Vec<Key>,
+    token: Token,
+    notify: Option<&'static str>,
+}
+
+impl Drop for UndoOnDrop {
+    fn drop(&mut self) {
+        let Some(mut connection) = self.connection.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (keys, token, notify) = (
+            std::mem::take(&mut self.keys),
+            self.token.clone(),
+            self.notify,
+        );
+        runtime.spawn(async move {
+            let script = if notify.is_some() {
+                &RELEASE_NOTIFY
+            } else {
+                &RELEASE
+            };
+            let mut invocation = script.prepare_invoke();
+            for key in &keys {
+                invocation.key(key.as_str());
+            }
+            invocation.arg(&*token.expose());
+            if let Some(channel) = notify {
+                invocation.arg(channel);
+            }
+            // Queued behind the abandoned request on the same connection; bounded in case
+            // the node never answers again.
+            let undo = invocation.invoke_async::<i64>(&mut connection);
+            if tokio::time::timeout(validate::MAX_TTL, undo).await.is_err() {
+                tracing::debug!("clean-up of an abandoned acquisition never answered");
+            }
+        });
     }
 }
 

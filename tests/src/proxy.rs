@@ -21,6 +21,10 @@ const CUT: u64 = u64::MAX - 1;
 pub struct LatencyProxy {
     port: u16,
     delay_ms: Arc<AtomicU64>,
+    /// Connections numbered below this hold what they carry (see [`LatencyProxy::stall_existing`]).
+    stall_below: Arc<AtomicU64>,
+    /// How many connections were accepted so far.
+    accepted: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -33,22 +37,39 @@ impl LatencyProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let delay_ms = Arc::new(AtomicU64::new(0));
-        let delay = Arc::clone(&delay_ms);
+        let stall_below = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (delay, stall, count) = (
+            Arc::clone(&delay_ms),
+            Arc::clone(&stall_below),
+            Arc::clone(&accepted),
+        );
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if delay.load(Ordering::SeqCst) == CUT {
                     continue;
                 }
-                let delay = Arc::clone(&delay);
+                let number = count.fetch_add(1, Ordering::SeqCst);
+                let (delay, stall) = (Arc::clone(&delay), Arc::clone(&stall));
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
                         return;
                     };
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
+                    let to_server = Link {
+                        delay: Arc::clone(&delay),
+                        stall: Arc::clone(&stall),
+                        number,
+                    };
+                    let to_client = Link {
+                        delay,
+                        stall,
+                        number,
+                    };
                     tokio::join!(
-                        pump(client_read, server_write, Arc::clone(&delay)),
-                        pump(server_read, client_write, delay),
+                        pump(client_read, server_write, to_server),
+                        pump(server_read, client_write, to_client),
                     );
                 });
             }
@@ -56,6 +77,8 @@ impl LatencyProxy {
         Ok(Self {
             port,
             delay_ms,
+            stall_below,
+            accepted,
             task,
         })
     }
@@ -83,6 +106,19 @@ impl LatencyProxy {
         self.delay_ms.store(BLACK_HOLE, Ordering::SeqCst);
     }
 
+    /// Holds what the connections open now carry, in both directions, until
+    /// [`LatencyProxy::release_stall`]; connections opened later pass at once. (A request on
+    /// one connection of a pool stays in flight while the pool's other connections work.)
+    pub fn stall_existing(&self) {
+        self.stall_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// Lets the stalled connections deliver what they held, in order.
+    pub fn release_stall(&self) {
+        self.stall_below.store(0, Ordering::SeqCst);
+    }
+
     /// Closes every connection at its next byte and refuses new ones, discarding what they
     /// carry (a node unreachable without losing its data), until the delay is set again.
     pub fn cut(&self) {
@@ -96,17 +132,32 @@ impl Drop for LatencyProxy {
     }
 }
 
+/// What one direction of a connection obeys.
+struct Link {
+    delay: Arc<AtomicU64>,
+    stall: Arc<AtomicU64>,
+    number: u64,
+}
+
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Arc<AtomicU64>,
+    link: Link,
 ) {
+    let Link {
+        delay,
+        stall,
+        number,
+    } = link;
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
         let read = match from.read(&mut buffer).await {
             Ok(0) | Err(_) => return,
             Ok(read) => read,
         };
+        while number < stall.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         loop {
             match delay.load(Ordering::SeqCst) {
                 0 => break,

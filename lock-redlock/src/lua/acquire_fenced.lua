@@ -1,22 +1,31 @@
--- Takes every key in KEYS[1..n-1] for the token ARGV[1] with a ttl of ARGV[2] ms, or none of
--- them, and then draws a fencing value from the counter KEYS[n]: the larger of the counter + 1
--- and the server's clock in microseconds, so that a node that restarted empty still hands out
--- values above those it gave before. Returns the value (>= 1) when all keys were free, 0 when
--- any was held.
+-- Takes every lock in KEYS[1..n] for the token ARGV[1] with a ttl of ARGV[2] ms, or none of
+-- them, where n = #KEYS / 2, and draws one fencing value from their counters KEYS[n+1..2n]:
+-- the largest of every counter + 1 and the server's clock in microseconds, so that the value
+-- is above every earlier value of every key, and a node that restarted empty still hands out
+-- values above those it gave before (while its clock does not step back). Every counter is set
+-- to the value, and kept until this server's clock has passed it plus the lock's ttl: once a
+-- counter expires, the clock alone counts past it. Returns the value (>= 1) when every lock was
+-- free, 0 when any was held.
 if redis.replicate_commands then
   redis.replicate_commands()
 end
-local last = #KEYS - 1
-for i = 1, last do
+local n = #KEYS / 2
+for i = 1, n do
   if redis.call('exists', KEYS[i]) == 1 then
     return 0
   end
 end
-for i = 1, last do
+for i = 1, n do
   redis.call('set', KEYS[i], ARGV[1], 'PX', ARGV[2])
 end
 local now = redis.call('time')
 local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local value = math.max(tonumber(redis.call('get', KEYS[#KEYS]) or '0') + 1, clock)
-redis.call('set', KEYS[#KEYS], string.format('%.0f', value))
+local value = clock
+for i = n + 1, 2 * n do
+  value = math.max(value, (tonumber(redis.call('get', KEYS[i])) or 0) + 1)
+end
+local keep = tonumber(ARGV[2]) + math.ceil((value - clock) / 1000)
+for i = n + 1, 2 * n do
+  redis.call('set', KEYS[i], string.format('%.0f', value), 'PX', keep)
+end
 return value

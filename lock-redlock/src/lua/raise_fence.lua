@@ -1,11 +1,24 @@
--- Raises the fencing counter KEYS[2] to at least ARGV[2] (it never goes down), so that every
--- later acquisition on this node counts past it. Returns 1 when the lock KEYS[1] still holds
--- the token ARGV[1], 0 otherwise (the counter is raised either way).
-local current = tonumber(redis.call('get', KEYS[2]) or '0')
-if current < tonumber(ARGV[2]) then
-  redis.call('set', KEYS[2], ARGV[2])
+-- Raises the fencing counters KEYS[n+1..2n] to at least ARGV[2] (they never go down), where
+-- n = #KEYS / 2, so that every later acquisition of any of the locks KEYS[1..n] on this node
+-- counts past it; a raised counter is kept until this server's clock has passed the value plus
+-- the ttl ARGV[3] (ms). Returns 1 when every lock still holds the token ARGV[1], 0 otherwise
+-- (the counters are raised either way).
+if redis.replicate_commands then
+  redis.replicate_commands()
 end
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return 1
+local n = #KEYS / 2
+local value = tonumber(ARGV[2])
+local now = redis.call('time')
+local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local keep = tonumber(ARGV[3]) + math.max(0, math.ceil((value - clock) / 1000))
+for i = n + 1, 2 * n do
+  if (tonumber(redis.call('get', KEYS[i])) or 0) < value then
+    redis.call('set', KEYS[i], ARGV[2], 'PX', keep)
+  end
 end
-return 0
+for i = 1, n do
+  if redis.call('get', KEYS[i]) ~= ARGV[1] then
+    return 0
+  end
+end
+return 1
