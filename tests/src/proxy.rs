@@ -25,6 +25,8 @@ pub struct LatencyProxy {
     stall_below: Arc<AtomicU64>,
     /// How many connections were accepted so far.
     accepted: Arc<AtomicU64>,
+    /// Requests (chunks towards the server) forwarded so far, and the first one a stall holds.
+    chunks: Arc<[AtomicU64; 2]>,
     task: JoinHandle<()>,
 }
 
@@ -39,10 +41,12 @@ impl LatencyProxy {
         let delay_ms = Arc::new(AtomicU64::new(0));
         let stall_below = Arc::new(AtomicU64::new(0));
         let accepted = Arc::new(AtomicU64::new(0));
-        let (delay, stall, count) = (
+        let chunks = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let (delay, stall, count, counted) = (
             Arc::clone(&delay_ms),
             Arc::clone(&stall_below),
             Arc::clone(&accepted),
+            Arc::clone(&chunks),
         );
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -50,7 +54,8 @@ impl LatencyProxy {
                     continue;
                 }
                 let number = count.fetch_add(1, Ordering::SeqCst);
-                let (delay, stall) = (Arc::clone(&delay), Arc::clone(&stall));
+                let (delay, stall, counted) =
+                    (Arc::clone(&delay), Arc::clone(&stall), Arc::clone(&counted));
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
                         return;
@@ -61,11 +66,13 @@ impl LatencyProxy {
                         delay: Arc::clone(&delay),
                         stall: Arc::clone(&stall),
                         number,
+                        chunks: Some(counted),
                     };
                     let to_client = Link {
                         delay,
                         stall,
                         number,
+                        chunks: None,
                     };
                     tokio::join!(
                         pump(client_read, server_write, to_server),
@@ -79,6 +86,7 @@ impl LatencyProxy {
             delay_ms,
             stall_below,
             accepted,
+            chunks,
             task,
         })
     }
@@ -106,10 +114,13 @@ impl LatencyProxy {
         self.delay_ms.store(BLACK_HOLE, Ordering::SeqCst);
     }
 
-    /// Holds what the connections open now carry, in both directions, until
-    /// [`LatencyProxy::release_stall`]; connections opened later pass at once. (A request on
-    /// one connection of a pool stays in flight while the pool's other connections work.)
-    pub fn stall_existing(&self) {
+    /// Holds what the connections open now carry towards the server, once `pass` more
+    /// requests (chunks) have gone through, until [`LatencyProxy::release_stall`]; connections
+    /// opened later pass at once. (A request on one connection of a pool stays in flight while
+    /// the pool's other connections work.)
+    pub fn stall_existing(&self, pass: u64) {
+        let [forwarded, first_held] = &*self.chunks;
+        first_held.store(forwarded.load(Ordering::SeqCst) + pass, Ordering::SeqCst);
         self.stall_below
             .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
     }
@@ -137,6 +148,9 @@ struct Link {
     delay: Arc<AtomicU64>,
     stall: Arc<AtomicU64>,
     number: u64,
+    /// Towards the server: the proxy's count of forwarded chunks and the first one a stall
+    /// holds.
+    chunks: Option<Arc<[AtomicU64; 2]>>,
 }
 
 async fn pump(
@@ -148,6 +162,7 @@ async fn pump(
         delay,
         stall,
         number,
+        chunks,
     } = link;
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
@@ -155,8 +170,14 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(read) => read,
         };
-        while number < stall.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if let Some(chunks) = &chunks {
+            let [forwarded, first_held] = &**chunks;
+            let chunk = forwarded.fetch_add(1, Ordering::SeqCst);
+            while number < stall.load(Ordering::SeqCst)
+                && chunk >= first_held.load(Ordering::SeqCst)
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
         loop {
             match delay.load(Ordering::SeqCst) {

@@ -349,7 +349,8 @@ async fn a_pools_clean_up_cannot_overtake_the_late_set_it_undoes() {
         .release()
         .await
         .expect("release");
-    proxy.stall_existing();
+    // The pool's health check (a PING on checkout) passes; the SET behind it is held.
+    proxy.stall_existing(1);
     let outcome = locker.acquire("k").await;
     assert!(outcome.is_err(), "the stalled node answered: {outcome:?}");
     // Every clean-up sent on other connections has run by now.
