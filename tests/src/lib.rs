@@ -6,6 +6,7 @@
 
 pub mod backed;
 pub mod clock;
+pub mod explore;
 pub mod history;
 pub mod proxy;
 pub mod server;

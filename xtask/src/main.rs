@@ -6,16 +6,20 @@
 //!   same run.
 //! - `chaos [--seconds N] [--seed S]`: 16 processes contending on Redlock over 5 nodes while
 //!   minority nodes are killed, paused and slowed down; prints the safety figures.
+//! - `explore [--seconds N] [--seed S] [--schedules K] [--lanes L]`: seeded adversarial
+//!   schedules of clients and faults against real servers, checked for broken promises;
+//!   prints `schedules N, violations V` and the seed of each violation.
 
 mod bench;
 mod chaos;
+mod explore;
 mod it;
 mod redis;
 mod run;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <it | bench [--quick] [--only memory|redlock|inc] | chaos [--seconds N] [--seed S]>";
+const USAGE: &str = "usage: cargo xtask <it | bench [--quick] [--only memory|redlock|inc] | chaos [--seconds N] [--seed S] | explore [--seconds N] [--seed S] [--schedules K] [--lanes L]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,6 +27,7 @@ fn main() -> ExitCode {
         Some("it") => it::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("chaos") => chaos::run(&args[1..]),
+        Some("explore") => explore::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

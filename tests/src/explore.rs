@@ -1,0 +1,571 @@
+//! The fault explorer: seeded adversarial schedules of concurrent clients against real
+//! redis-servers, checked for broken promises.
+//!
+//! A schedule is drawn from its seed alone: the backend (Redlock on 3 nodes or 1, or inc), the
+//! ttl, a few clients (each with its own backend instance and connections, as separate
+//! processes would have) taking single- and multi-key locks, holding them briefly, extending,
+//! keeping them alive with the watchdog, pausing past their validity, releasing or dropping
+//! them; and, meanwhile, faults on the nodes: connections cut, delayed or black-holed (late
+//! delivery), nodes paused (SIGSTOP), wall clocks jumped either way (the walljump shim), and
+//! empty restarts, immediate or delayed past the ttl.
+//!
+//! Checkers, each applied only where the documented assumptions hold for that schedule:
+//! - **mutual exclusion** on every key: hold intervals `[acquired, min(released, valid_until))`
+//!   never overlap (assumed unless a node restarted empty at once or a clock jumped forward);
+//! - **fencing order** on every key: a holder that called after another had acquired got a
+//!   larger token (assumed unless a clock stepped back, or a node restarted empty while clocks
+//!   disagreed);
+//! - **liveness**: once faults heal, a fresh client takes every key within ttl + slack;
+//! - **nothing left**: after the ttl (and the counters' clock lag) has passed, every node is empty.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+
+use crate::clock::WallJump;
+use crate::proxy::LatencyProxy;
+use crate::server::RedisServer;
+
+/// The keys every schedule contends for.
+const KEYS: [&str; 3] = ["a", "b", "c"];
+
+/// Three servers, each under a clock shim of its own, behind proxies: one lane of the explorer,
+/// reused by its schedules (flushed in between).
+pub struct Lane {
+    servers: Vec<RedisServer>,
+    shims: Vec<WallJump>,
+    proxies: Vec<LatencyProxy>,
+}
+
+impl fmt::Debug for Lane {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lane")
+            .field("servers", &self.servers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lane {
+    /// Starts three servers with `binary`, each under its own walljump shim, and their proxies.
+    ///
+    /// # Errors
+    /// When the shim cannot be built or a server does not start.
+    pub async fn start(binary: &std::path::Path) -> std::io::Result<Self> {
+        let mut servers = Vec::new();
+        let mut shims = Vec::new();
+        let mut proxies = Vec::new();
+        for _ in 0..3 {
+            let shim = WallJump::build()?;
+            let server = shim.start_server(binary)?;
+            proxies.push(LatencyProxy::start(server.port()).await?);
+            servers.push(server);
+            shims.push(shim);
+        }
+        Ok(Self {
+            servers,
+            shims,
+            proxies,
+        })
+    }
+
+    /// Back to a clean slate: clocks in step, proxies open, servers running and empty.
+    fn reset(&mut self) -> std::io::Result<()> {
+        for index in 0..3 {
+            self.shims[index].jump(Duration::ZERO, false)?;
+            self.proxies[index].set_delay(Duration::ZERO);
+            self.proxies[index].release_stall();
+            let _ = self.servers[index].resume();
+            if self.servers[index].pid().is_none() {
+                self.servers[index].restart()?;
+            }
+            let reply = self.servers[index].command("FLUSHALL", Duration::from_secs(2))?;
+            if reply != "+OK" {
+                return Err(std::io::Error::other(format!("FLUSHALL answered {reply}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which backend a schedule runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    /// Redlock over the lane's three nodes, with fencing.
+    Redlock3,
+    /// Redlock over one node (the `redis` backend), with fencing.
+    Redlock1,
+    /// inc on one node.
+    Inc,
+}
+
+impl Backend {
+    fn nodes(self) -> usize {
+        match self {
+            Self::Redlock3 => 3,
+            Self::Redlock1 | Self::Inc => 1,
+        }
+    }
+}
+
+/// One fault on one node.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Cut(Duration),
+    Delay(Duration, Duration),
+    BlackHole(Duration),
+    Pause(Duration),
+    Jump { by: Duration, backwards: bool },
+    RestartAtOnce,
+    RestartAfterTtl,
+}
+
+/// What a schedule did that the promises do not cover.
+#[derive(Debug, Default)]
+struct Assumptions {
+    restarted_at_once: bool,
+    clock_forward: bool,
+    clock_backward: bool,
+    restarted: bool,
+    /// Each node's wall-clock offset in ms (the shim sets offsets, not steps): a fencing counter
+    /// raised from the fastest clock stays on the slowest node until that node's clock passes
+    /// it, so the spread of the offsets bounds how long counters may outlive the ttl.
+    offsets_ms: [i64; 3],
+}
+
+impl Assumptions {
+    fn clock_spread(&self) -> Duration {
+        let (low, high) = self
+            .offsets_ms
+            .iter()
+            .fold((0, 0), |(low, high), offset| (low.min(*offset), high.max(*offset)));
+        Duration::from_millis(u64::try_from(high - low).unwrap_or(0))
+    }
+}
+
+impl Assumptions {
+    fn exclusion_holds(&self) -> bool {
+        !self.restarted_at_once && !self.clock_forward
+    }
+
+    fn fencing_holds(&self) -> bool {
+        let clocks_disagree = self.clock_forward || self.clock_backward;
+        !self.clock_backward && !(self.restarted && clocks_disagree)
+    }
+}
+
+/// One acquisition, as its holder saw it.
+#[derive(Clone, Debug)]
+struct Held {
+    client: usize,
+    keys: Vec<String>,
+    fence: Option<u64>,
+    called: Instant,
+    acquired: Instant,
+    /// `min(released, valid_until)`: the end of the time the holder may rely on the lock.
+    until: Instant,
+}
+
+/// The outcome of one schedule.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The seed that replays it.
+    pub seed: u64,
+    /// One line per broken promise.
+    pub violations: Vec<String>,
+    /// A one-line account of what the schedule did.
+    pub summary: String,
+}
+
+/// Knobs for negative controls: parts of the checks can be pointed at a broken backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Check every promise even where its assumptions do not hold (to see the checkers fire).
+    pub ignore_assumptions: bool,
+}
+
+/// Runs the schedule of `seed` on `lane`.
+///
+/// # Errors
+/// When the lane's servers cannot be reset (not a finding: the harness failed).
+pub async fn run_schedule(lane: &mut Lane, seed: u64, options: Options) -> std::io::Result<Outcome> {
+    lane.reset()?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let backend = match rng.random_range(0..10) {
+        0..=5 => Backend::Redlock3,
+        6 | 7 => Backend::Redlock1,
+        _ => Backend::Inc,
+    };
+    let ttl = Duration::from_millis([150, 250, 400][rng.random_range(0..3)]);
+    let clients = rng.random_range(2..=4usize);
+    let run_for = Duration::from_millis(rng.random_range(600..1200));
+    let node_timeout = Duration::from_millis(rng.random_range(20..60));
+    let urls: Vec<String> = lane.proxies[..backend.nodes()]
+        .iter()
+        .map(LatencyProxy::url)
+        .collect();
+
+    let mut lockers = Vec::new();
+    for _ in 0..clients {
+        lockers.push(build(backend, &urls, ttl, node_timeout).await?);
+    }
+    let history = Arc::new(Mutex::new(Vec::<Held>::new()));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (client, locker) in lockers.iter().enumerate() {
+        let (locker, history) = (locker.clone(), Arc::clone(&history));
+        let client_seed = rng.random::<u64>();
+        tasks.push(tokio::spawn(async move {
+            run_client(client, locker, backend, ttl, run_for, client_seed, history).await;
+        }));
+    }
+
+    // The faults, one at a time, on nodes of this backend.
+    let mut assumptions = Assumptions::default();
+    let mut faults = Vec::new();
+    while started.elapsed() < run_for {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await;
+        if started.elapsed() >= run_for {
+            break;
+        }
+        let node = rng.random_range(0..backend.nodes());
+        let hold = Duration::from_millis(rng.random_range(20..300));
+        let fault = match rng.random_range(0..14) {
+            0..=2 => Fault::Cut(hold),
+            3 | 4 => Fault::Delay(Duration::from_millis(rng.random_range(5..60)), hold),
+            5 | 6 => Fault::BlackHole(hold),
+            7 | 8 => Fault::Pause(hold),
+            9 | 10 => Fault::Jump {
+                by: Duration::from_millis(rng.random_range(50..800)),
+                backwards: rng.random_bool(0.5),
+            },
+            11 => Fault::RestartAtOnce,
+            _ => Fault::RestartAfterTtl,
+        };
+        faults.push(format!("{fault:?}@{node}"));
+        inject(lane, node, fault, ttl, &mut assumptions).await?;
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    // Heal: proxies open, nodes running (clock offsets stay: they are not faults to heal).
+    for index in 0..3 {
+        lane.proxies[index].set_delay(Duration::ZERO);
+        lane.proxies[index].release_stall();
+        let _ = lane.servers[index].resume();
+    }
+
+    let held = std::mem::take(&mut *history.lock().unwrap_or_else(PoisonError::into_inner));
+    let mut violations = Vec::new();
+    let check_all = options.ignore_assumptions;
+    if check_all || assumptions.exclusion_holds() {
+        violations.extend(overlaps(&held));
+    }
+    if check_all || assumptions.fencing_holds() {
+        violations.extend(fence_inversions(&held));
+    }
+
+    // Liveness: a fresh client takes every key within the ttl and some slack.
+    let probe = build(backend, &urls, ttl, node_timeout).await?;
+    for key in KEYS {
+        let limit = ttl * 2 + node_timeout * 4 + Duration::from_millis(300);
+        let began = Instant::now();
+        match tokio::time::timeout(limit, probe.acquire(key)).await {
+            Ok(Ok(guard)) => {
+                let _ = guard.release().await;
+            }
+            Ok(Err(error)) => violations.push(format!(
+                "liveness: `{key}` not taken after the faults healed: {error}"
+            )),
+            Err(_) => violations.push(format!(
+                "liveness: `{key}` not taken within {limit:?} after the faults healed (waited {:?})",
+                began.elapsed()
+            )),
+        }
+    }
+    for locker in lockers.iter().chain([&probe]) {
+        let _ = locker.stop().await;
+    }
+    drop(lockers);
+
+    // Nothing left once the ttl and the counters' clock lag have passed.
+    tokio::time::sleep(ttl + assumptions.clock_spread() + Duration::from_millis(300)).await;
+    for index in 0..backend.nodes() {
+        let size = lane.servers[index].command("DBSIZE", Duration::from_secs(2))?;
+        if size != ":0" {
+            violations.push(format!(
+                "leftovers: node {index} holds {} keys after the ttl and the clocks' spread: {}",
+                size.trim_start_matches(':'),
+                describe_keys(lane.servers[index].port())
+            ));
+        }
+    }
+    let summary = format!(
+        "seed {seed}: {backend:?}, ttl {ttl:?}, {clients} clients, {} acquisitions, faults [{}]",
+        held.len(),
+        faults.join(", ")
+    );
+    Ok(Outcome {
+        seed,
+        violations,
+        summary,
+    })
+}
+
+async fn build(
+    backend: Backend,
+    urls: &[String],
+    ttl: Duration,
+    node_timeout: Duration,
+) -> std::io::Result<Locker> {
+    let retry = RetryPolicy::forever()
+        .with_retry_delay(Duration::from_millis(10))
+        .with_retry_jitter(Duration::from_millis(10))
+        .with_deadline(ttl * 3);
+    let options = LockOptions::default().with_ttl(ttl).with_retry(retry);
+    let to_io = |error: lock_core::LockError| std::io::Error::other(error.to_string());
+    let locker = match backend {
+        Backend::Redlock3 | Backend::Redlock1 => Locker::new(
+            lock_redlock::Redlock::new(
+                lock_redlock::RedlockConfig::new(urls.iter().cloned())
+                    .with_node_timeout(node_timeout)
+                    .with_fencing(true),
+            )
+            .map_err(to_io)?,
+        ),
+        Backend::Inc => {
+            let mut config = lock_inc::IncConfig::new(urls[0].clone());
+            config.command_timeout = u64::try_from(node_timeout.as_millis()).unwrap_or(50);
+            Locker::new(lock_inc::IncLock::connect(config).await.map_err(to_io)?)
+        }
+    };
+    // Each client is a process of its own: no in-process queue between them.
+    locker
+        .with_local_queue(false)
+        .with_options(options)
+        .map_err(to_io)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_client(
+    client: usize,
+    locker: Locker,
+    backend: Backend,
+    ttl: Duration,
+    run_for: Duration,
+    seed: u64,
+    history: Arc<Mutex<Vec<Held>>>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+    while started.elapsed() < run_for {
+        let multi = backend != Backend::Inc && rng.random_bool(0.3);
+        let mut keys: Vec<&str> = if multi {
+            let first = rng.random_range(0..KEYS.len());
+            let second = (first + rng.random_range(1..KEYS.len())) % KEYS.len();
+            vec![KEYS[first], KEYS[second]]
+        } else {
+            vec![KEYS[rng.random_range(0..KEYS.len())]]
+        };
+        keys.sort_unstable();
+        let called = Instant::now();
+        let Ok(mut guard) = locker.acquire_many(&keys).await else {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
+            continue;
+        };
+        let acquired = Instant::now();
+        let fence = guard.fencing_token();
+        let style = rng.random_range(0..10);
+        match style {
+            // Hold briefly.
+            0..=4 => tokio::time::sleep(ttl.mul_f64(rng.random_range(0.0..0.3))).await,
+            // Hold, extend, hold on.
+            5 => {
+                tokio::time::sleep(ttl / 2).await;
+                let _ = guard.extend(ttl).await;
+                tokio::time::sleep(ttl / 2).await;
+            }
+            // The watchdog keeps it alive for two ttls.
+            6 => {
+                if guard.keep_alive().is_ok() {
+                    tokio::time::sleep(ttl * 2).await;
+                }
+            }
+            // A holder paused past its validity (a stop-the-world pause).
+            7 => tokio::time::sleep(ttl.mul_f64(1.5)).await,
+            // Cancelled right away: the guard is dropped below.
+            _ => {}
+        }
+        let until = guard.valid_until().min(Instant::now());
+        history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Held {
+                client,
+                keys: keys.iter().map(|key| (*key).to_owned()).collect(),
+                fence,
+                called,
+                acquired,
+                until,
+            });
+        if style >= 8 {
+            drop(guard);
+        } else {
+            let _ = guard.release().await;
+        }
+    }
+}
+
+async fn inject(
+    lane: &mut Lane,
+    node: usize,
+    fault: Fault,
+    ttl: Duration,
+    assumptions: &mut Assumptions,
+) -> std::io::Result<()> {
+    match fault {
+        Fault::Cut(hold) => {
+            lane.proxies[node].cut();
+            tokio::time::sleep(hold).await;
+            lane.proxies[node].set_delay(Duration::ZERO);
+        }
+        Fault::Delay(delay, hold) => {
+            lane.proxies[node].set_delay(delay);
+            tokio::time::sleep(hold).await;
+            lane.proxies[node].set_delay(Duration::ZERO);
+        }
+        Fault::BlackHole(hold) => {
+            lane.proxies[node].black_hole();
+            tokio::time::sleep(hold).await;
+            lane.proxies[node].set_delay(Duration::ZERO);
+        }
+        Fault::Pause(hold) => {
+            lane.servers[node].pause()?;
+            tokio::time::sleep(hold).await;
+            lane.servers[node].resume()?;
+        }
+        Fault::Jump { by, backwards } => {
+            lane.shims[node].jump(by, backwards)?;
+            if backwards {
+                assumptions.clock_backward = true;
+            } else {
+                assumptions.clock_forward = true;
+            }
+            let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+            assumptions.offsets_ms[node] = if backwards { -ms } else { ms };
+        }
+        Fault::RestartAtOnce => {
+            lane.servers[node].restart()?;
+            assumptions.restarted_at_once = true;
+            assumptions.restarted = true;
+        }
+        Fault::RestartAfterTtl => {
+            lane.servers[node].kill();
+            tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+            lane.servers[node].restart()?;
+            assumptions.restarted = true;
+        }
+    }
+    Ok(())
+}
+
+/// The keys on a node with their ttl left, for a report (binary-safe names, shown escaped).
+fn describe_keys(port: u16) -> String {
+    let described = (|| -> redis::RedisResult<String> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+        let mut connection = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut connection)?;
+        let mut parts = Vec::new();
+        for key in keys.iter().take(10) {
+            let pttl: i64 = redis::cmd("PTTL").arg(key).query(&mut connection)?;
+            parts.push(format!("{} (pttl {pttl})", String::from_utf8_lossy(key).escape_debug()));
+        }
+        Ok(parts.join(", "))
+    })();
+    described.unwrap_or_else(|error| format!("(cannot list: {error})"))
+}
+
+/// Pairs of holders of a common key whose reliable hold intervals overlap.
+fn overlaps(held: &[Held]) -> Vec<String> {
+    let mut found = Vec::new();
+    for key in KEYS {
+        let mut intervals: Vec<&Held> = held
+            .iter()
+            .filter(|h| h.keys.iter().any(|k| k == key) && h.until > h.acquired)
+            .collect();
+        intervals.sort_by_key(|h| h.acquired);
+        for pair in intervals.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            if b.acquired < a.until {
+                found.push(format!(
+                    "mutual exclusion: `{key}` held by client {} and client {} at once ({:?} overlap)",
+                    a.client,
+                    b.client,
+                    a.until - b.acquired
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// Pairs where a holder called after another had acquired a common key, yet drew a token that is
+/// not larger.
+fn fence_inversions(held: &[Held]) -> Vec<String> {
+    let mut found = Vec::new();
+    for key in KEYS {
+        let on_key: Vec<&Held> = held
+            .iter()
+            .filter(|h| h.keys.iter().any(|k| k == key))
+            .collect();
+        for a in &on_key {
+            for b in &on_key {
+                let (Some(fa), Some(fb)) = (a.fence, b.fence) else {
+                    continue;
+                };
+                if b.called > a.acquired && fb <= fa {
+                    found.push(format!(
+                        "fencing: on `{key}`, {:?} drew {fb} after {:?} had drawn {fa}",
+                        b.keys, a.keys
+                    ));
+                }
+            }
+        }
+    }
+    let unique: BTreeSet<String> = found.into_iter().collect();
+    unique.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(base: Instant, client: usize, key: &str, fence: u64, at: [u64; 3]) -> Held {
+        let ms = |n: u64| base + Duration::from_millis(n);
+        Held {
+            client,
+            keys: vec![key.to_owned()],
+            fence: Some(fence),
+            called: ms(at[0]),
+            acquired: ms(at[1]),
+            until: ms(at[2]),
+        }
+    }
+
+    #[test]
+    fn the_checkers_fire_on_broken_histories() {
+        let t = Instant::now();
+        let good = [held(t, 0, "a", 1, [0, 1, 5]), held(t, 1, "a", 2, [2, 6, 9])];
+        assert!(overlaps(&good).is_empty());
+        assert!(fence_inversions(&good).is_empty());
+        let overlapping = [held(t, 0, "a", 1, [0, 1, 5]), held(t, 1, "a", 2, [2, 4, 9])];
+        assert_eq!(overlaps(&overlapping).len(), 1);
+        let backwards = [held(t, 0, "a", 5, [0, 1, 5]), held(t, 1, "a", 2, [2, 6, 9])];
+        assert_eq!(fence_inversions(&backwards).len(), 1);
+    }
+}
