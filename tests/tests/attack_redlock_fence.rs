@@ -1,0 +1,164 @@
+//! Attacks on Redlock's fencing counters (`<key>\xff:fence`): the scripts keep the counter in a
+//! Lua double, so past 2^53 "counter + 1" rounds back to the counter and two holders draw the
+//! same token; and what a counter that is not a number does to acquisitions.
+//! Each test prints its figures on one line.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_redlock::{FENCE_SUFFIX, Redlock, RedlockConfig};
+use lock_tests::backed::ServerBacked;
+use lock_tests::proxy::LatencyProxy;
+use lock_tests::server::{RedisServer, redis_or_skip};
+
+const PROBE: Duration = Duration::from_millis(500);
+
+fn locker(lock: &Redlock, ttl: Duration) -> Locker {
+    Locker::new(lock.clone())
+        .with_options(
+            LockOptions::default().with_ttl(ttl).with_retry(
+                RetryPolicy::forever()
+                    .with_retry_delay(Duration::from_millis(5))
+                    .with_retry_jitter(Duration::from_millis(5))
+                    .with_deadline(Duration::from_secs(3)),
+            ),
+        )
+        .unwrap()
+}
+
+fn counter_name(key: &str) -> Vec<u8> {
+    [key.as_bytes(), FENCE_SUFFIX].concat()
+}
+
+/// Writes `value` into `key`'s fencing counter on `server` with raw bytes.
+fn write_counter(server: &RedisServer, key: &str, value: &str) {
+    let mut connection = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let () = redis::cmd("SET")
+        .arg(counter_name(key))
+        .arg(value)
+        .query(&mut connection)
+        .unwrap();
+}
+
+async fn fence_once(locker: &Locker, key: &str) -> u64 {
+    let guard = locker.acquire(key).await.unwrap();
+    let fence = guard.fencing_token().unwrap();
+    guard.release().await.unwrap();
+    fence
+}
+
+/// A counter at 2^55 (a value one node's clock reaches in the year ~3111, or that anyone with
+/// write access can set): every later acquisition draws the same token, since in the script
+/// `tonumber(counter) + 1` is a double and rounds back to the counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fences_past_two_to_the_53_still_increase() {
+    if redis_or_skip("fence precision").is_none() {
+        return;
+    }
+    let mut backed = ServerBacked::start(1, |urls| {
+        Redlock::new(RedlockConfig::new(urls).with_fencing(true))
+    });
+    write_counter(&backed.servers()[0], "k", "36028797018963968");
+    let locker = locker(backed.lock(), Duration::from_secs(5));
+    let first = fence_once(&locker, "k").await;
+    let second = fence_once(&locker, "k").await;
+    let third = fence_once(&locker, "k").await;
+    println!("fence precision: counter 2^55, tokens drawn: {first}, {second}, {third}");
+    assert!(
+        first < second && second < third,
+        "fencing tokens did not increase: {first}, {second}, {third}"
+    );
+}
+
+/// The same through the clock only: node 0's wall clock runs ~1200 years ahead (its TIME in µs
+/// is past 2^55); a holder whose quorum includes node 0 draws its token from that clock and
+/// raises nodes 1 and 2 to it; the next holder's quorum (nodes 1 and 2, node 0 cut off) draws
+/// `counter + 1` in a double, which rounds back: the same token twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_clock_far_ahead_cannot_make_two_holders_share_a_fence() {
+    let Some(binary) = redis_or_skip("fence precision, clock ahead") else {
+        return;
+    };
+    let shim = lock_tests::clock::WallJump::build().unwrap();
+    // 2^55 µs is ~1141.7 years after 1970; 1200 years ahead of today is past it.
+    shim.jump(Duration::from_secs(1200 * 365 * 24 * 3600), false)
+        .unwrap();
+    let mut servers = vec![shim.start_server(&binary).unwrap()];
+    servers.extend(lock_tests::backed::start_servers(2));
+    let mut proxies = Vec::new();
+    for server in &servers {
+        proxies.push(LatencyProxy::start(server.port()).await.unwrap());
+    }
+    let lock = Redlock::new(
+        RedlockConfig::new(proxies.iter().map(LatencyProxy::url))
+            .with_node_timeout(Duration::from_millis(200))
+            .with_fencing(true),
+    )
+    .unwrap();
+    let _backed = ServerBacked::new(lock.clone(), servers);
+    let locker = locker(&lock, Duration::from_secs(5));
+    // Holder 1: nodes 0 and 1 (node 2 cut; it is raised later in the background or never).
+    proxies[2].cut();
+    let first = fence_once(&locker, "k").await;
+    proxies[2].set_delay(Duration::ZERO);
+    // Let the background raise reach node 2, so that both 1 and 2 hold the first token.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Holder 2: nodes 1 and 2 (node 0 cut).
+    proxies[0].cut();
+    let second = fence_once(&locker, "k").await;
+    let third = fence_once(&locker, "k").await;
+    println!(
+        "fence precision, clock ahead: tokens {first} (with node 0), then {second}, {third} (without)"
+    );
+    assert!(
+        first < second && second < third,
+        "a later holder drew a token not above the earlier one: {first}, {second}, {third}"
+    );
+}
+
+/// A counter that is not a number (or of another type) must not leave the lock key behind and
+/// must come back as a typed error, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_of_another_type_leaves_nothing_and_fails_typed() {
+    if redis_or_skip("foreign counter").is_none() {
+        return;
+    }
+    let mut backed = ServerBacked::start(1, |urls| {
+        Redlock::new(RedlockConfig::new(urls).with_fencing(true))
+    });
+    {
+        let mut connection = redis::Client::open(backed.servers()[0].url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: i64 = redis::cmd("HSET")
+            .arg(counter_name("h"))
+            .arg("f")
+            .arg("v")
+            .query(&mut connection)
+            .unwrap();
+    }
+    write_counter(&backed.servers()[0], "huge", "1e300");
+    let locker = Locker::new(backed.lock().clone())
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(30))
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap();
+    let hash = locker.acquire("h").await.map(|guard| guard.fencing_token());
+    let huge = locker.acquire("huge").await.map(|guard| guard.fencing_token());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let server = &backed.servers()[0];
+    let left_h = server.command("PTTL h", PROBE).unwrap();
+    let left_huge = server.command("PTTL huge", PROBE).unwrap();
+    println!(
+        "foreign counter: hash counter -> {hash:?}, PTTL h {left_h}; 1e300 counter -> {huge:?}, PTTL huge {left_huge}"
+    );
+    assert_eq!(left_h, ":-2", "the lock key stayed behind a failed script");
+    assert_eq!(left_huge, ":-2", "the lock key stayed behind a failed script");
+}
