@@ -85,4 +85,3 @@ fn a_zero_retry_delay_cannot_make_the_loop_spin() {
         "a 200 ms timeout could not cancel acquire within 5 s ({made} attempts): the retry loop spins without yielding"
     );
 }
-

@@ -61,7 +61,13 @@ async fn storm(
             ),
         )
         .unwrap();
-    locker.acquire_many(&["k", "j"]).await.unwrap().release().await.unwrap();
+    locker
+        .acquire_many(&["k", "j"])
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (cancelled, won) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut tasks = Vec::new();
@@ -133,7 +139,9 @@ async fn cancelled_fenced_acquisitions_leave_nothing_manager() {
         return;
     }
     let (cancelled, won, left, free) = storm(ConnectionKind::Manager, [0, 2, 4]).await;
-    println!("cancel storm (manager): {cancelled} cancelled, {won} won, left {left:?}, free {free}");
+    println!(
+        "cancel storm (manager): {cancelled} cancelled, {won} won, left {left:?}, free {free}"
+    );
     assert!(cancelled > 0, "the storm cancelled nothing ({won} won)");
     assert!(left.iter().all(Vec::is_empty), "lock keys left: {left:?}");
     assert!(free, "the keys were not free after the storm");

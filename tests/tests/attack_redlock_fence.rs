@@ -151,7 +151,10 @@ async fn a_counter_of_another_type_leaves_nothing_and_fails_typed() {
         )
         .unwrap();
     let hash = locker.acquire("h").await.map(|guard| guard.fencing_token());
-    let huge = locker.acquire("huge").await.map(|guard| guard.fencing_token());
+    let huge = locker
+        .acquire("huge")
+        .await
+        .map(|guard| guard.fencing_token());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let server = &backed.servers()[0];
     let left_h = server.command("PTTL h", PROBE).unwrap();
@@ -160,5 +163,51 @@ async fn a_counter_of_another_type_leaves_nothing_and_fails_typed() {
         "foreign counter: hash counter -> {hash:?}, PTTL h {left_h}; 1e300 counter -> {huge:?}, PTTL huge {left_huge}"
     );
     assert_eq!(left_h, ":-2", "the lock key stayed behind a failed script");
-    assert_eq!(left_huge, ":-2", "the lock key stayed behind a failed script");
+    assert_eq!(
+        left_huge, ":-2",
+        "the lock key stayed behind a failed script"
+    );
+}
+
+/// Odd keys on fenced Redlock: the longest key (its counter name is 7 bytes longer), the same
+/// under a namespace (refused, typed), and keys that spell the suffix with a UTF-8 `ÿ` (U+00FF,
+/// bytes C3 BF, not the byte FF): all are ordinary keys with their own increasing tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_keys_are_ordinary_keys_or_typed_errors() {
+    if redis_or_skip("odd keys").is_none() {
+        return;
+    }
+    let backed = ServerBacked::start(1, |urls| {
+        Redlock::new(RedlockConfig::new(urls).with_fencing(true))
+    });
+    let locker = locker(backed.lock(), Duration::from_secs(5));
+    let longest = "é".repeat(512);
+    let (a, b) = (
+        fence_once(&locker, &longest).await,
+        fence_once(&locker, &longest).await,
+    );
+    let namespaced = locker
+        .clone()
+        .with_namespace(Some("ns"))
+        .unwrap()
+        .acquire(&longest)
+        .await
+        .map(|_| ());
+    let held = locker.acquire("xÿ:fence").await.unwrap();
+    let x = locker
+        .try_acquire("x")
+        .await
+        .unwrap()
+        .map(|guard| guard.fencing_token());
+    let y = fence_once(&locker, "xÿ:fenceÿ:fence").await;
+    drop(held);
+    println!(
+        "odd keys: 1024-byte key fences {a} then {b}; namespaced: {namespaced:?}; x while xÿ:fence held: {x:?}; {y}"
+    );
+    assert!(a < b, "{a} then {b}");
+    assert!(
+        matches!(namespaced, Err(lock_core::LockError::InvalidInput { .. })),
+        "{namespaced:?}"
+    );
+    assert!(matches!(x, Some(Some(_))), "{x:?}");
 }
