@@ -474,6 +474,9 @@ impl Locker {
                 delay_ms = delay.as_millis() as u64,
                 "held elsewhere; waiting to retry"
             );
+            // Whatever the backend's wait does, the loop spends tokio's cooperative budget, so
+            // it yields now and then even with a zero delay: `timeout` can always cancel it.
+            tokio::task::consume_budget().await;
             if early_wakes >= 2 {
                 early_wakes = 0;
                 tokio::time::sleep_until(wake_at).await;

@@ -140,10 +140,9 @@ struct Assumptions {
 
 impl Assumptions {
     fn clock_spread(&self) -> Duration {
-        let (low, high) = self
-            .offsets_ms
-            .iter()
-            .fold((0, 0), |(low, high), offset| (low.min(*offset), high.max(*offset)));
+        let (low, high) = self.offsets_ms.iter().fold((0, 0), |(low, high), offset| {
+            (low.min(*offset), high.max(*offset))
+        });
         Duration::from_millis(u64::try_from(high - low).unwrap_or(0))
     }
 }
@@ -193,7 +192,11 @@ pub struct Options {
 ///
 /// # Errors
 /// When the lane's servers cannot be reset (not a finding: the harness failed).
-pub async fn run_schedule(lane: &mut Lane, seed: u64, options: Options) -> std::io::Result<Outcome> {
+pub async fn run_schedule(
+    lane: &mut Lane,
+    seed: u64,
+    options: Options,
+) -> std::io::Result<Outcome> {
     lane.reset()?;
     let mut rng = StdRng::seed_from_u64(seed);
     let backend = match rng.random_range(0..10) {
@@ -483,7 +486,10 @@ fn describe_keys(port: u16) -> String {
         let mut parts = Vec::new();
         for key in keys.iter().take(10) {
             let pttl: i64 = redis::cmd("PTTL").arg(key).query(&mut connection)?;
-            parts.push(format!("{} (pttl {pttl})", String::from_utf8_lossy(key).escape_debug()));
+            parts.push(format!(
+                "{} (pttl {pttl})",
+                String::from_utf8_lossy(key).escape_debug()
+            ));
         }
         Ok(parts.join(", "))
     })();

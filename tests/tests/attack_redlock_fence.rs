@@ -1,6 +1,8 @@
 //! Attacks on Redlock's fencing counters (`<key>\xff:fence`): the scripts keep the counter in a
-//! Lua double, so past 2^53 "counter + 1" rounds back to the counter and two holders draw the
-//! same token; and what a counter that is not a number does to acquisitions.
+//! Lua double, so past 2^53 "counter + 1" would round back to the counter and two holders would
+//! draw the same token (found by an adversarial review: fixed by refusing, before any write,
+//! counters and values at or past 2^53 with a typed error naming the cause); and what a counter
+//! that is not a number does to acquisitions.
 //! Each test prints its figures on one line.
 #![allow(clippy::unwrap_used)]
 
@@ -51,11 +53,44 @@ async fn fence_once(locker: &Locker, key: &str) -> u64 {
     fence
 }
 
+/// Every acquisition of `key`, three times: a token, or the error that refused it.
+async fn three_tries(locker: &Locker, key: &str) -> Vec<Result<u64, String>> {
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        outcomes.push(match locker.acquire(key).await {
+            Ok(guard) => {
+                let fence = guard.fencing_token().unwrap();
+                guard.release().await.unwrap();
+                Ok(fence)
+            }
+            Err(error) => Err(error.to_string()),
+        });
+    }
+    outcomes
+}
+
+/// Tokens that were handed out strictly increase; every refusal names the 2^53 bound.
+fn assert_increasing_or_refused(outcomes: &[Result<u64, String>], earlier: Option<u64>) {
+    let mut last = earlier;
+    for outcome in outcomes {
+        match outcome {
+            Ok(fence) => {
+                assert!(
+                    last.is_none_or(|last| *fence > last),
+                    "a token not above the one before: {outcomes:?} (earlier {earlier:?})"
+                );
+                last = Some(*fence);
+            }
+            Err(error) => assert!(error.contains("2^53"), "an unexpected error: {error}"),
+        }
+    }
+}
+
 /// A counter at 2^55 (a value one node's clock reaches in the year ~3111, or that anyone with
-/// write access can set): every later acquisition draws the same token, since in the script
-/// `tonumber(counter) + 1` is a double and rounds back to the counter.
+/// write access can set): every later acquisition would draw the same token, since in the
+/// script `tonumber(counter) + 1` is a double and rounds back to the counter. It is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fences_past_two_to_the_53_still_increase() {
+async fn fences_past_two_to_the_53_are_refused_not_repeated() {
     if redis_or_skip("fence precision").is_none() {
         return;
     }
@@ -64,20 +99,17 @@ async fn fences_past_two_to_the_53_still_increase() {
     });
     write_counter(&backed.servers()[0], "k", "36028797018963968");
     let locker = locker(backed.lock(), Duration::from_secs(5));
-    let first = fence_once(&locker, "k").await;
-    let second = fence_once(&locker, "k").await;
-    let third = fence_once(&locker, "k").await;
-    println!("fence precision: counter 2^55, tokens drawn: {first}, {second}, {third}");
-    assert!(
-        first < second && second < third,
-        "fencing tokens did not increase: {first}, {second}, {third}"
-    );
+    let outcomes = three_tries(&locker, "k").await;
+    println!("fence precision: counter 2^55, outcomes {outcomes:?}");
+    assert!(outcomes.iter().all(Result::is_err), "{outcomes:?}");
+    assert_increasing_or_refused(&outcomes, None);
+    let left = backed.servers()[0].command("PTTL k", PROBE).unwrap();
+    assert_eq!(left, ":-2", "a refused acquisition left its lock key");
 }
 
 /// The same through the clock only: node 0's wall clock runs ~1200 years ahead (its TIME in µs
-/// is past 2^55); a holder whose quorum includes node 0 draws its token from that clock and
-/// raises nodes 1 and 2 to it; the next holder's quorum (nodes 1 and 2, node 0 cut off) draws
-/// `counter + 1` in a double, which rounds back: the same token twice.
+/// is past 2^55). Its draws are refused; holders whose quorum is nodes 1 and 2 draw ordinary
+/// tokens, and no token is ever handed out twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_clock_far_ahead_cannot_make_two_holders_share_a_fence() {
     let Some(binary) = redis_or_skip("fence precision, clock ahead") else {
@@ -101,23 +133,21 @@ async fn a_node_clock_far_ahead_cannot_make_two_holders_share_a_fence() {
     .unwrap();
     let _backed = ServerBacked::new(lock.clone(), servers);
     let locker = locker(&lock, Duration::from_secs(5));
-    // Holder 1: nodes 0 and 1 (node 2 cut; it is raised later in the background or never).
+    // With node 0 in the quorum (node 2 cut): refused.
     proxies[2].cut();
-    let first = fence_once(&locker, "k").await;
+    let with_fast_node = three_tries(&locker, "k").await;
     proxies[2].set_delay(Duration::ZERO);
-    // Let the background raise reach node 2, so that both 1 and 2 hold the first token.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    // Holder 2: nodes 1 and 2 (node 0 cut).
+    // Without node 0: ordinary tokens.
     proxies[0].cut();
-    let second = fence_once(&locker, "k").await;
-    let third = fence_once(&locker, "k").await;
-    println!(
-        "fence precision, clock ahead: tokens {first} (with node 0), then {second}, {third} (without)"
-    );
+    let without = three_tries(&locker, "k").await;
+    println!("fence precision, clock ahead: with node 0 {with_fast_node:?}, without {without:?}");
     assert!(
-        first < second && second < third,
-        "a later holder drew a token not above the earlier one: {first}, {second}, {third}"
+        with_fast_node.iter().all(Result::is_err),
+        "{with_fast_node:?}"
     );
+    assert!(without.iter().all(Result::is_ok), "{without:?}");
+    assert_increasing_or_refused(&without, None);
 }
 
 /// A counter that is not a number (or of another type) must not leave the lock key behind and

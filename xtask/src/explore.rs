@@ -34,7 +34,14 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
 pub(crate) fn run_explorer(args: &[String], release: bool) -> Result<(), String> {
     let redis_server = ensure_redis_server()?;
     let mut build = cargo();
-    build.args(["build", "--quiet", "-p", "lock-tests", "--bin", "lock-explore"]);
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "lock-tests",
+        "--bin",
+        "lock-explore",
+    ]);
     if release {
         build.arg("--release");
     }

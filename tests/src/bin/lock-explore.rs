@@ -59,7 +59,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed()
     );
     if violations > 0 {
-        return Err(format!("{violations} violations: replay each with --seed <seed> --schedules 1").into());
+        return Err(format!(
+            "{violations} violations: replay each with --seed <seed> --schedules 1"
+        )
+        .into());
     }
     Ok(())
 }
