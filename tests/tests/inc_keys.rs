@@ -1,6 +1,8 @@
-//! Which keys the INCR lock touches: purge removes exactly its own locks for any configured
-//! prefix (glob characters, hash-tag braces, unicode), on one server and on a Redis Cluster;
-//! keys that look like the library's own bookkeeping keys are independent locks.
+//! What the INCR lock keeps in Redis, and which keys it touches: purge removes exactly its own
+//! locks for any configured prefix (glob characters, hash-tag braces, unicode), on one server
+//! and on a Redis Cluster; the bookkeeping keys go away once locks are released and their ttl
+//! has passed, while fencing tokens keep increasing; keys that look like the library's own
+//! bookkeeping keys are independent locks.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
@@ -12,6 +14,7 @@ use lock_inc::{IncConfig, IncLock};
 use lock_tests::server::{RedisServer, redis_or_skip, start_cluster};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
+use tokio::time::Instant;
 
 const PROBE: Duration = Duration::from_millis(500);
 
@@ -109,6 +112,20 @@ impl Deployment {
             }
         }
         all
+    }
+
+    /// `DBSIZE` summed over the nodes: keys in memory, expired ones not yet reclaimed included.
+    fn dbsize(&self) -> u64 {
+        self.servers
+            .iter()
+            .map(|server| {
+                let reply = server.command("DBSIZE", PROBE).expect("DBSIZE");
+                reply
+                    .trim_start_matches(':')
+                    .parse::<u64>()
+                    .expect("integer")
+            })
+            .sum()
     }
 }
 
@@ -356,6 +373,194 @@ async fn purge_removes_exactly_its_own_locks_on_a_cluster() {
         "I-purge-prefixes (cluster of 3): {} table cases purged exactly their own locks",
         cases.len()
     );
+}
+
+/// Finding 8: the fencing counter `<prefix>{K}:fence` never expired, so a service locking ever
+/// new keys (an order id each) grew Redis without bound. Now every key the library writes
+/// expires: after 100 000 distinct locks are released (or left to expire) and the ttl has
+/// passed, nothing is left; and the fencing tokens of those keys still increase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_left_after_a_hundred_thousand_locks() {
+    let Some(binary) = redis_or_skip("inc bookkeeping keys") else {
+        return;
+    };
+    let deployment = Deployment::single(&binary);
+    let lock = deployment.lock("lock:").await;
+    let ttl = Duration::from_millis(100);
+    let locker = locker(&lock, ttl);
+    let (total, tasks) = (100_000usize, 100usize);
+    let started = Instant::now();
+    let mut pending = tokio::task::JoinSet::new();
+    for task in 0..tasks {
+        let locker = locker.clone();
+        pending.spawn(async move {
+            let (mut sampled, mut expired_first) = (Vec::new(), 0usize);
+            for i in (task..total).step_by(tasks) {
+                let key = format!("order:{i}");
+                let guard = locker.acquire(&key).await.expect("acquire");
+                let fence = guard.fencing_token().expect("fence");
+                if i % 1_000 == 0 {
+                    sampled.push((key.clone(), fence));
+                }
+                if i % 10 == 0 {
+                    // A holder that never releases: its lock expires.
+                    std::mem::forget(guard);
+                } else {
+                    match guard.release().await {
+                        Ok(()) => {}
+                        // On a busy machine the lock may expire before its release.
+                        Err(LockError::NotHeld { .. }) => expired_first += 1,
+                        Err(error) => panic!("release {key}: {error}"),
+                    }
+                }
+            }
+            (sampled, expired_first)
+        });
+    }
+    let (mut sampled, mut expired_first) = (Vec::new(), 0);
+    while let Some(joined) = pending.join_next().await {
+        let (fences, expired) = joined.expect("task");
+        sampled.extend(fences);
+        expired_first += expired;
+    }
+    let took = started.elapsed();
+    let right_after = deployment.dbsize();
+    // The last fencing counters expire `ttl` + 1 ms after the clock passed their token.
+    tokio::time::sleep(ttl * 3).await;
+    let left = deployment.keys().await;
+    let dbsize_after = deployment.dbsize();
+    println!(
+        "I-bookkeeping: {total} distinct keys locked ({} released, {} left to expire, {expired_first} expired before their release) in {took:?}; \
+         keys in Redis right after: {right_after}; after waiting {:?}: SCAN finds {}, DBSIZE {dbsize_after}",
+        total - total / 10 - expired_first,
+        total / 10,
+        ttl * 3,
+        left.len(),
+    );
+    let shown: Vec<String> = left
+        .iter()
+        .take(3)
+        .map(|k| k.escape_ascii().to_string())
+        .collect();
+    assert_eq!(
+        left.len(),
+        0,
+        "keys left once every lock is gone and its ttl has passed (first: {shown:?})"
+    );
+    assert_eq!(dbsize_after, 0);
+    for (key, fence) in sampled {
+        let again = locker.acquire(&key).await.expect("free again");
+        let next = again.fencing_token().expect("fence");
+        assert!(
+            next > fence,
+            "{key}: fencing token {next} after the counter expired, not above {fence}"
+        );
+        again.release().await.expect("release");
+    }
+}
+
+/// The acquisition script, run by hand (as a client resending it would).
+fn acquire_script() -> redis::Script {
+    redis::Script::new(include_str!("../../lock-inc/src/lua/acquire.lua"))
+}
+
+async fn acquire_raw(
+    con: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    token: &str,
+    ttl_ms: u64,
+) -> i64 {
+    let counter = format!("lock:{{{key}}}");
+    acquire_script()
+        .key(&counter)
+        .key(format!("{counter}:owner"))
+        .key(format!("{counter}:fence"))
+        .arg(token)
+        .arg(ttl_ms)
+        .invoke_async(con)
+        .await
+        .expect("acquire script")
+}
+
+/// The fencing counter lives until the server's clock has passed the token it holds — not just
+/// for the ttl — even when the counter runs ahead of the clock (more than one acquisition per
+/// microsecond, or a clock that was set back): a later token is higher all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fencing_counter_outlives_the_token_it_holds() {
+    use redis::AsyncCommands;
+    let Some(binary) = redis_or_skip("inc fencing counter expiry") else {
+        return;
+    };
+    let deployment = Deployment::single(&binary);
+    let mut con = redis::Client::open(deployment.url.clone())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let now_us = |time: (u64, u64)| time.0 * 1_000_000 + time.1;
+
+    // In step with the clock: the counter expires ttl + 1 ms after its token's time.
+    let fence = acquire_raw(&mut con, "plain", "token-a", 50).await;
+    let expires_at: i64 = redis::cmd("PEXPIRETIME")
+        .arg("lock:{plain}:fence")
+        .query_async(&mut con)
+        .await
+        .expect("PEXPIRETIME");
+    println!("I-fence-expiry: token {fence} µs, counter expires at {expires_at} ms");
+    assert!(
+        expires_at * 1_000 > fence,
+        "the fencing counter {fence} expires at {expires_at} ms, before the clock passes it"
+    );
+
+    // Ahead of the clock by 10 s: it must live about 10 s, not 50 ms.
+    let time: (u64, u64) = redis::cmd("TIME").query_async(&mut con).await.unwrap();
+    let ahead = now_us(time) + 10_000_000;
+    let _: () = con.set("lock:{ahead}:fence", ahead).await.unwrap();
+    let fence = acquire_raw(&mut con, "ahead", "token-b", 50).await;
+    assert_eq!(fence, i64::try_from(ahead).unwrap() + 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stored: Option<i64> = con.get("lock:{ahead}:fence").await.unwrap();
+    assert_eq!(
+        stored,
+        Some(fence),
+        "the fencing counter expired before the clock passed its token"
+    );
+    let pttl: i64 = con.pttl("lock:{ahead}:fence").await.unwrap();
+    assert!(pttl > 9_000, "PTTL {pttl} ms");
+    let next = acquire_raw(&mut con, "ahead", "token-c", 50).await;
+    assert_eq!(next, fence + 1);
+}
+
+/// The replay path reads the fencing counter back; now that it expires, a replay that finds it
+/// gone still answers a win (a new, higher token), never "locked".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_whose_fencing_counter_is_gone_still_wins() {
+    use redis::AsyncCommands;
+    let Some(binary) = redis_or_skip("inc replay without fencing counter") else {
+        return;
+    };
+    let deployment = Deployment::single(&binary);
+    let mut con = redis::Client::open(deployment.url.clone())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let first = acquire_raw(&mut con, "replayed", "token-a", 10_000).await;
+    let replay = acquire_raw(&mut con, "replayed", "token-a", 10_000).await;
+    assert_eq!(replay, first, "a replay answers its own token");
+    let _: () = con.del("lock:{replayed}:fence").await.unwrap();
+    let replay = acquire_raw(&mut con, "replayed", "token-a", 10_000).await;
+    let other = acquire_raw(&mut con, "replayed", "token-b", 10_000).await;
+    println!(
+        "I-replay-fence: first {first}; replay after the fencing counter went: {replay}; another client: {other}"
+    );
+    assert!(
+        replay > first,
+        "the replay answered {replay}: not a win above {first}"
+    );
+    assert_eq!(other, 0, "a second holder appeared");
+    let stored: Option<i64> = con.get("lock:{replayed}:fence").await.unwrap();
+    assert_eq!(stored, Some(replay));
 }
 
 /// Keys that look like the library's own bookkeeping keys (`<prefix>{K}`, `…:owner`,
