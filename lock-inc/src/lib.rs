@@ -4,6 +4,7 @@
 mod config;
 mod wake;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -26,8 +27,10 @@ static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("lua/release.lua")));
 static EXTEND: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("lua/extend.lua")));
+static PURGE: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("lua/purge.lua")));
 
-/// Keys removed per `UNLINK` (and asked per `SCAN` page) by [`Lock::purge`].
+/// Keys asked per `SCAN` page by [`Lock::purge`]; the locks of a page are removed by one
+/// script on a single server.
 const PURGE_BATCH: u32 = 1000;
 
 /// How many times the background sends again a release that failed (a timeout, a dropped
@@ -253,31 +256,39 @@ impl Lock for IncLock {
 
     async fn purge(&self, prefix: &str) -> Result<u64> {
         let shared = &self.shared;
-        let pattern = format!("{}{{{}*", shared.prefix, escape_glob(prefix));
+        // Both the configured prefix and the caller's are literal text, not glob patterns.
+        let pattern = [
+            escape_glob(&shared.prefix).as_str(),
+            "{",
+            escape_glob(prefix).as_str(),
+            "*",
+        ]
+        .concat();
         if shared.client.is_clustered() {
-            return purge_cluster(shared, &pattern).await;
+            return purge_cluster(shared, prefix, &pattern).await;
         }
         let mut cursor = "0".to_owned();
         let mut purged = 0u64;
         loop {
-            let (next, keys): (String, Vec<String>) = shared
+            let (next, found): (String, Vec<fred::types::Key>) = shared
                 .client
                 .scan_page(cursor.as_str(), pattern.as_str(), Some(PURGE_BATCH), None)
                 .await
                 .map_err(|e| shared.backend_error("scan", &e))?;
-            // Fencing counters survive a purge, so that fencing tokens keep increasing.
-            let doomed: Vec<&str> = keys
-                .iter()
-                .map(String::as_str)
-                .filter(|key| is_purgeable(key))
-                .collect();
-            if !doomed.is_empty() {
-                let _: i64 = shared
-                    .client
-                    .unlink(doomed.clone())
+            let locks = purged_locks(&shared.prefix, prefix, &found);
+            if !locks.is_empty() {
+                let keys: Vec<String> = locks
+                    .iter()
+                    .flat_map(|key| {
+                        let keys = shared.keys(key);
+                        [keys.counter, keys.owner]
+                    })
+                    .collect();
+                let removed: u64 = PURGE
+                    .evalsha_with_reload(&shared.client, keys, Vec::<String>::new())
                     .await
-                    .map_err(|e| shared.backend_error("unlink", &e))?;
-                purged += doomed.iter().filter(|key| key.ends_with('}')).count() as u64;
+                    .map_err(|e| shared.backend_error("purge", &e))?;
+                purged += removed;
             }
             if next == "0" {
                 return Ok(purged);
@@ -320,14 +331,38 @@ fn tls_with_ca(path: &std::path::Path) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
-/// A lock's counter or owner key; fencing counters are kept.
-fn is_purgeable(key: &str) -> bool {
-    !key.ends_with("}:fence")
+/// The locks a purge of `purge_prefix` takes, among the keys `SCAN` `found` under the
+/// configured `prefix`: those whose counter `<prefix>{K}` or owner key `<prefix>{K}:owner` was
+/// found, and whose key `K` starts with `purge_prefix` and is one this library accepts
+/// (non-empty UTF-8, at most [`lock_core::MAX_KEY_LEN`] bytes). Fencing counters, and keys of
+/// any other shape that merely share the prefix, name no lock here: purge leaves them alone.
+fn purged_locks(prefix: &str, purge_prefix: &str, found: &[fred::types::Key]) -> BTreeSet<Key> {
+    found
+        .iter()
+        .filter_map(|key| purged_lock(prefix, purge_prefix, key.as_bytes()))
+        .collect()
 }
 
-/// Purge on a Redis Cluster: `SCAN` on every primary, and `UNLINK` key by key (keys of
-/// different locks live in different slots).
-async fn purge_cluster(shared: &Shared, pattern: &str) -> Result<u64> {
+/// The lock `K` whose counter or owner key `key` is, when a purge of `purge_prefix` takes it
+/// (see [`purged_locks`]).
+fn purged_lock(prefix: &str, purge_prefix: &str, key: &[u8]) -> Option<Key> {
+    let rest = key.strip_prefix(prefix.as_bytes())?.strip_prefix(b"{")?;
+    // Disjoint shapes: a counter ends with `}`, an owner key with `}:owner`, a fencing counter
+    // with `}:fence`.
+    let user_key = match rest.strip_suffix(b"}") {
+        Some(user_key) => user_key,
+        None => rest.strip_suffix(b"}:owner")?,
+    };
+    let user_key = std::str::from_utf8(user_key).ok()?;
+    if !user_key.starts_with(purge_prefix) {
+        return None;
+    }
+    Key::new(user_key).ok()
+}
+
+/// Purge on a Redis Cluster: `SCAN` on every primary, and each lock's two keys removed
+/// together (keys of different locks live in different slots).
+async fn purge_cluster(shared: &Shared, purge_prefix: &str, pattern: &str) -> Result<u64> {
     use fred::types::scan::Scanner;
     use futures::TryStreamExt;
 
@@ -342,20 +377,27 @@ async fn purge_cluster(shared: &Shared, pattern: &str) -> Result<u64> {
         .await
         .map_err(|e| shared.backend_error("scan", &e))?
     {
-        let keys: Vec<String> = page
-            .take_results()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|key| key.as_str().map(str::to_owned))
-            .filter(|key| is_purgeable(key))
-            .collect();
-        let unlinks = keys
-            .iter()
-            .map(|key| shared.client.unlink::<i64, _>(key.as_str()));
-        futures::future::try_join_all(unlinks)
+        let found = page.take_results().unwrap_or_default();
+        let purges = purged_locks(&shared.prefix, purge_prefix, &found)
+            .into_iter()
+            .map(|key| shared.keys(&key))
+            // Keys whose hash tag is empty land in different slots: we cannot have taken
+            // such a lock on a cluster, and a script cannot touch both.
+            .filter(|keys| {
+                fred::types::Key::from(keys.counter.as_str()).cluster_hash()
+                    == fred::types::Key::from(keys.owner.as_str()).cluster_hash()
+            })
+            .map(|keys| {
+                PURGE.evalsha_with_reload::<u64, _, _>(
+                    &shared.client,
+                    vec![keys.counter, keys.owner],
+                    Vec::<String>::new(),
+                )
+            });
+        let removed = futures::future::try_join_all(purges)
             .await
-            .map_err(|e| shared.backend_error("unlink", &e))?;
-        purged += keys.iter().filter(|key| key.ends_with('}')).count() as u64;
+            .map_err(|e| shared.backend_error("purge", &e))?;
+        purged += removed.iter().sum::<u64>();
         // Dropping the page asks for the next one.
     }
     Ok(purged)
@@ -520,5 +562,54 @@ mod tests {
     fn glob_characters_are_escaped() {
         assert_eq!(escape_glob("jobs:"), "jobs:");
         assert_eq!(escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[test]
+    fn purge_takes_only_counters_and_owners_of_locks_under_the_prefix() {
+        let lock = |prefix: &str, purge_prefix: &str, key: &[u8]| {
+            purged_lock(prefix, purge_prefix, key).map(|key| key.as_str().to_owned())
+        };
+        let some = |key: &str| Some(key.to_owned());
+        assert_eq!(lock("lock:", "", b"lock:{x}"), some("x"));
+        assert_eq!(lock("lock:", "", b"lock:{x}:owner"), some("x"));
+        assert_eq!(lock("lock:", "", b"lock:{x}:fence"), None);
+        // The counter of the lock `x}:owner`, and the owner key of the lock `x}:fence`.
+        assert_eq!(lock("lock:", "", b"lock:{x}:owner}"), some("x}:owner"));
+        assert_eq!(
+            lock("lock:", "", b"lock:{x}:fence}:owner"),
+            some("x}:fence")
+        );
+        // Shapes that are no lock's key.
+        for key in [
+            &b"lock:{x"[..],
+            b"lock:{x}tail",
+            b"lock:{x}:own",
+            b"lock:{x}:ownerz",
+            b"lock:{}",
+            b"lock:{}:owner",
+            b"lock:{\xff}",
+            b"lock:x}",
+            b"lock:",
+            b"other:{x}",
+        ] {
+            assert_eq!(lock("lock:", "", key), None, "{}", key.escape_ascii());
+        }
+        // The lock's key, not the Redis key, starts with the purge prefix.
+        assert_eq!(lock("lock:", "x}", b"lock:{x}"), None);
+        assert_eq!(lock("lock:", "x}:", b"lock:{x}:owner"), None);
+        assert_eq!(lock("lock:", "x}", b"lock:{x}}"), some("x}"));
+        // The configured prefix is matched byte for byte.
+        assert_eq!(lock("[app]:", "", b"a:{x}"), None);
+        assert_eq!(lock("[app]:", "", b"[app]:{x}"), some("x"));
+        assert_eq!(lock("", "", b"{x}"), some("x"));
+        let long = format!("lock:{{{}}}", "k".repeat(lock_core::MAX_KEY_LEN + 1));
+        assert_eq!(lock("lock:", "", long.as_bytes()), None);
+        // Both keys of one lock name it once.
+        let found = [
+            fred::types::Key::from("lock:{x}"),
+            fred::types::Key::from("lock:{x}:owner"),
+            fred::types::Key::from("lock:{x}:fence"),
+        ];
+        assert_eq!(purged_locks("lock:", "", &found).len(), 1);
     }
 }

@@ -1,23 +1,37 @@
 -- One INCR-based attempt. KEYS[1]: the lock counter, KEYS[2]: its owner token,
--- KEYS[3]: the fencing counter (never expires). ARGV[1]: token, ARGV[2]: ttl in ms.
+-- KEYS[3]: the fencing counter. ARGV[1]: token, ARGV[2]: ttl in ms.
 -- Returns the new fencing token when the lock is ours, 0 when the resource is locked.
 if redis.replicate_commands then
   redis.replicate_commands()
 end
 if redis.call('get', KEYS[2]) == ARGV[1] then
-  -- The same attempt again (a client replayed it after a reconnect): it already won.
-  return tonumber(redis.call('get', KEYS[3]) or '0')
+  -- The same attempt again (a client replayed it after a reconnect): it already won, and its
+  -- fencing token is still stored (the fencing counter outlives the first ttl of the lock).
+  local stored = redis.call('get', KEYS[3])
+  if stored then
+    return tonumber(stored)
+  end
+  -- Gone (the lock was extended past it, or the key deleted): a new token, made below, is
+  -- higher than the lost one all the same. Never 0: the lock is ours.
+else
+  if redis.call('incr', KEYS[1]) ~= 1 then
+    return 0
+  end
+  -- The expiry is set in the same script as the INCR: no crash can leave an immortal lock.
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
 end
-if redis.call('incr', KEYS[1]) ~= 1 then
-  return 0
-end
--- The expiry is set in the same script as the INCR: no crash can leave an immortal lock.
-redis.call('pexpire', KEYS[1], ARGV[2])
-redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
 -- The fencing token: the counter + 1, but never below the server's clock in microseconds, so
 -- that a server that restarted without its data still hands out higher tokens.
 local now = redis.call('time')
 local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local fence = math.max(tonumber(redis.call('get', KEYS[3]) or '0') + 1, clock)
 redis.call('set', KEYS[3], string.format('%.0f', fence))
+-- The fencing counter expires (so that locking ever new keys leaves nothing behind) only once
+-- the server's clock has passed the token it holds: a key is gone only when the clock in ms is
+-- above its expiry time, so from then on the clock in µs is above `fence`, and the next
+-- token, at least the clock, is higher. At least the lock's ttl from now (`fence` >= `clock`),
+-- so that a replay finds its token.
+redis.call('pexpireat', KEYS[3],
+  string.format('%.0f', math.floor(fence / 1000) + 1 + tonumber(ARGV[2])))
 return fence
