@@ -1,19 +1,38 @@
 -- One INCR-based attempt. KEYS[1]: the lock counter, KEYS[2]: its owner token,
 -- KEYS[3]: the fencing counter. ARGV[1]: token, ARGV[2]: ttl in ms.
 -- Returns the new fencing token when the lock is ours, 0 when the resource is locked.
+-- Tokens are exact integers only below 2^53 (Lua numbers are doubles): a fencing counter that
+-- is not such an integer, or a token that would reach 2^53, is an error raised before anything
+-- is written, never a token handed out twice.
 if redis.replicate_commands then
   redis.replicate_commands()
 end
-if redis.call('get', KEYS[2]) == ARGV[1] then
+local largest = 9007199254740991
+local stored = redis.call('get', KEYS[3])
+local counter = 0
+if stored then
+  counter = tonumber(stored)
+  if not counter or counter ~= math.floor(counter) or counter < 0 or counter >= largest then
+    return redis.error_reply('ERR the fencing counter holds no integer below 2^53')
+  end
+end
+local replay = redis.call('get', KEYS[2]) == ARGV[1]
+if replay and stored then
   -- The same attempt again (a client replayed it after a reconnect): it already won, and its
   -- fencing token is still stored (the fencing counter outlives the first ttl of the lock).
-  local stored = redis.call('get', KEYS[3])
-  if stored then
-    return tonumber(stored)
-  end
-  -- Gone (the lock was extended past it, or the key deleted): a new token, made below, is
-  -- higher than the lost one all the same. Never 0: the lock is ours.
-else
+  return counter
+end
+-- The fencing token: the counter + 1, but never below the server's clock in microseconds, so
+-- that a server that restarted without its data still hands out higher tokens. (A replay whose
+-- counter is gone — the lock was extended past it, or the key deleted — gets a new token, higher
+-- than the lost one all the same; never 0: the lock is ours.)
+local now = redis.call('time')
+local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local fence = math.max(counter + 1, clock)
+if fence >= largest then
+  return redis.error_reply('ERR the fencing token would reach 2^53 (is the server clock far ahead?)')
+end
+if not replay then
   if redis.call('incr', KEYS[1]) ~= 1 then
     return 0
   end
@@ -21,11 +40,6 @@ else
   redis.call('pexpire', KEYS[1], ARGV[2])
   redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
 end
--- The fencing token: the counter + 1, but never below the server's clock in microseconds, so
--- that a server that restarted without its data still hands out higher tokens.
-local now = redis.call('time')
-local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local fence = math.max(tonumber(redis.call('get', KEYS[3]) or '0') + 1, clock)
 redis.call('set', KEYS[3], string.format('%.0f', fence))
 -- The fencing counter expires (so that locking ever new keys leaves nothing behind) only once
 -- the server's clock has passed the token it holds: a key is gone only when the clock in ms is
