@@ -154,7 +154,7 @@ impl Assumptions {
 
     fn fencing_holds(&self) -> bool {
         let clocks_disagree = self.clock_forward || self.clock_backward;
-        !self.clock_backward && !(self.restarted && clocks_disagree)
+        !(self.clock_backward || self.restarted && clocks_disagree)
     }
 }
 
@@ -394,11 +394,7 @@ async fn run_client(
                 tokio::time::sleep(ttl / 2).await;
             }
             // The watchdog keeps it alive for two ttls.
-            6 => {
-                if guard.keep_alive().is_ok() {
-                    tokio::time::sleep(ttl * 2).await;
-                }
-            }
+            6 if guard.keep_alive().is_ok() => tokio::time::sleep(ttl * 2).await,
             // A holder paused past its validity (a stop-the-world pause).
             7 => tokio::time::sleep(ttl.mul_f64(1.5)).await,
             // Cancelled right away: the guard is dropped below.
