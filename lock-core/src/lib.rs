@@ -28,5 +28,5 @@ pub use locker::{LeaseInfo, Locker};
 pub use options::LockOptions;
 pub use retry::{Backoff, RetryCount, RetryPolicy};
 pub use token::{TOKEN_BYTES, Token, TokenText};
-pub use url::redact_url;
+pub use url::{SecretUrl, redact_url};
 pub use watchdog::LostSignal;

@@ -4,7 +4,8 @@
 use std::fmt;
 use std::path::Path;
 
-use lock_core::{LockError, Result, redact_url};
+use lock_core::{LockError, Result, SecretUrl, redact_url};
+use serde::de::{Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// The environment variable [`LockConfig::from_env`] reads: a file path, or inline JSON or TOML.
@@ -19,6 +20,11 @@ const MAX_NESTING: usize = 4;
 ///
 /// Every field is optional so that sources can be layered; durations are milliseconds, and the
 /// seeds' camelCase names are accepted.
+///
+/// No password reaches a message: `urls` are [`SecretUrl`]s (shown without password, never
+/// quoted by a deserialization error), and the parsers below also hide, in every message they
+/// return, each string of the document that carries a URL's user info, wherever it stands
+/// (`lock-facade/tests/secrets.rs` checks this for any password).
 ///
 /// # Default
 /// - `type`: `memory`
@@ -40,8 +46,13 @@ pub struct LockConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// The Redis nodes: `redis://` or `rediss://` URLs (one for `redis` and `inc`).
-    #[serde(alias = "nodes", skip_serializing_if = "Option::is_none")]
-    pub urls: Option<Vec<String>>,
+    #[serde(
+        alias = "nodes",
+        default,
+        deserialize_with = "optional_urls",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub urls: Option<Vec<SecretUrl>>,
     /// Lock lifetime in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl: Option<i64>,
@@ -110,18 +121,30 @@ impl LockConfig {
     /// Parses a JSON document.
     ///
     /// # Errors
-    /// [`LockError::InvalidInput`] naming the source and what is wrong (field, line).
+    /// [`LockError::InvalidInput`] naming the source and what is wrong (field, line), with every
+    /// secret-bearing string of the document hidden.
     pub fn from_json(json: &str) -> Result<Self> {
-        serde_json::from_str(json).map_err(|e| LockError::invalid("config (JSON)", e.to_string()))
+        let invalid = |reason: String| LockError::invalid("config (JSON)", reason);
+        // Plain JSON first: a syntax error is reported as such (serde_json never quotes the
+        // document in one), and the strings found are hidden from the typed parse's message,
+        // which quotes a value or a field name it rejects.
+        let document: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
+        let secrets = Secrets::of_json(&document);
+        serde_json::from_str(json).map_err(|e| invalid(secrets.scrub(e.to_string())))
     }
 
     /// Parses a TOML document.
     ///
     /// # Errors
-    /// [`LockError::InvalidInput`] naming the source and what is wrong.
+    /// [`LockError::InvalidInput`] naming the source and what is wrong, with every
+    /// secret-bearing string of the document hidden (toml's own `Display` of an error would
+    /// also print the document's line: only its message is used).
     pub fn from_toml(toml: &str) -> Result<Self> {
-        toml::from_str(toml)
-            .map_err(|e| LockError::invalid("config (TOML)", e.message().to_owned()))
+        let invalid = |reason: &str| LockError::invalid("config (TOML)", reason);
+        let document: toml::Table = toml::from_str(toml).map_err(|e| invalid(e.message()))?;
+        let secrets = Secrets::of_toml(&document);
+        toml::from_str(toml).map_err(|e| invalid(&secrets.scrub(e.message().to_owned())))
     }
 
     /// Reads a `.json` or `.toml` file.
@@ -130,7 +153,8 @@ impl LockConfig {
     /// [`LockError::InvalidInput`] naming the file when it cannot be read or parsed.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let field = format!("config file {}", path.display());
+        // `from_text` takes any text for a path, a URL too.
+        let field = format!("config file {}", shown(&path.display().to_string()));
         let text =
             std::fs::read_to_string(path).map_err(|e| LockError::invalid(&field, e.to_string()))?;
         let parsed = match path.extension().and_then(|e| e.to_str()) {
@@ -172,7 +196,10 @@ impl LockConfig {
                 other => other,
             }),
             Err(std::env::VarError::NotPresent) => Ok(Self::default()),
-            Err(e) => Err(LockError::invalid(CONFIG_ENV, e.to_string())),
+            // Not the value: it may hold a password.
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(LockError::invalid(CONFIG_ENV, "is not valid UTF-8"))
+            }
         }
     }
 
@@ -227,14 +254,10 @@ impl LockConfig {
 
 impl fmt::Debug for LockConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let urls: Option<Vec<String>> = self
-            .urls
-            .as_ref()
-            .map(|urls| urls.iter().map(|u| redact_url(u)).collect());
         f.debug_struct("LockConfig")
             .field("type", &self.backend)
             .field("namespace", &self.namespace)
-            .field("urls", &urls)
+            .field("urls", &self.urls)
             .field("ttl", &self.ttl)
             .field("retry_count", &self.retry_count)
             .field("retry_delay", &self.retry_delay)
@@ -259,4 +282,131 @@ impl fmt::Debug for ConfigSource {
             Self::Text(_) => f.write_str("ConfigSource::Text(…)"),
         }
     }
+}
+
+/// `urls`, absent, null or a list, through [`SecretUrl::deserialize_list`].
+fn optional_urls<'de, D>(deserializer: D) -> Result<Option<Vec<SecretUrl>>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct OptionalUrls;
+
+    impl<'de> Visitor<'de> for OptionalUrls {
+        type Value = Option<Vec<SecretUrl>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of URL strings")
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
+            SecretUrl::deserialize_list(deserializer).map(Some)
+        }
+    }
+
+    deserializer.deserialize_option(OptionalUrls)
+}
+
+/// `text` as it may be shown: without its password when it looks like a URL with one.
+pub(crate) fn shown(text: &str) -> String {
+    if text.contains('@') || text.contains("://") {
+        redact_url(text)
+    } else {
+        text.to_owned()
+    }
+}
+
+/// The strings of a parsed document that carry a secret, in every form a parser's message may
+/// quote them (as written, and escaped as `Debug` and JSON escape them), each with what to show
+/// instead. serde quotes whole values (`invalid type: string "…"`) and whole field names
+/// (``unknown field `…` ``), so whole strings are what is hidden.
+#[derive(Default)]
+struct Secrets(Vec<(String, String)>);
+
+impl Secrets {
+    fn of_json(document: &serde_json::Value) -> Self {
+        let mut secrets = Self::default();
+        let mut pending = vec![document];
+        while let Some(value) = pending.pop() {
+            match value {
+                serde_json::Value::String(text) => secrets.add(text),
+                serde_json::Value::Array(items) => pending.extend(items),
+                serde_json::Value::Object(fields) => {
+                    for (name, value) in fields {
+                        secrets.add(name);
+                        pending.push(value);
+                    }
+                }
+                _ => {}
+            }
+        }
+        secrets.longest_first()
+    }
+
+    fn of_toml(document: &toml::Table) -> Self {
+        let mut secrets = Self::default();
+        let mut pending: Vec<&toml::Value> = Vec::new();
+        for (name, value) in document {
+            secrets.add(name);
+            pending.push(value);
+        }
+        while let Some(value) = pending.pop() {
+            match value {
+                toml::Value::String(text) => secrets.add(text),
+                toml::Value::Array(items) => pending.extend(items),
+                toml::Value::Table(fields) => {
+                    for (name, value) in fields {
+                        secrets.add(name);
+                        pending.push(value);
+                    }
+                }
+                _ => {}
+            }
+        }
+        secrets.longest_first()
+    }
+
+    /// Notes `text` if showing it would show a secret.
+    fn add(&mut self, text: &str) {
+        let hidden = shown(text);
+        if hidden == text {
+            return;
+        }
+        let debug = format!("{text:?}");
+        let json = serde_json::Value::from(text).to_string();
+        for form in [text, unquoted(&debug), unquoted(&json)] {
+            self.0.push((form.to_owned(), hidden.clone()));
+        }
+    }
+
+    /// Longer forms first, so that no shorter one is replaced inside a longer one.
+    fn longest_first(mut self) -> Self {
+        self.0
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        self.0.dedup();
+        self
+    }
+
+    fn scrub(&self, message: String) -> String {
+        self.0.iter().fold(message, |message, (form, hidden)| {
+            message.replace(form, hidden)
+        })
+    }
+}
+
+/// `text` without the quotes around it.
+fn unquoted(text: &str) -> &str {
+    text.strip_prefix('"')
+        .and_then(|text| text.strip_suffix('"'))
+        .unwrap_or(text)
 }

@@ -46,7 +46,8 @@ pub async fn create(config: LockConfig) -> Result<Locker> {
     let Some((_, feature)) = BACKENDS.iter().find(|(known, _)| *known == name) else {
         let known: Vec<&str> = BACKENDS.iter().map(|(known, _)| *known).collect();
         return Err(LockError::UnknownBackend {
-            name: name.to_owned(),
+            // A URL given as the type by mistake is shown without its password.
+            name: config::shown(name),
             known: known.join(", "),
         });
     };
@@ -279,5 +280,48 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn a_url_in_the_wrong_place_is_shown_without_its_password() {
+        let url = "redis://u:s3/cr\"3t@127.0.0.1:1/";
+        let json = |document: serde_json::Value| LockConfig::from_json(&document.to_string());
+        let toml = |document: serde_json::Value| {
+            LockConfig::from_toml(&toml::to_string(&document).unwrap())
+        };
+        // Whether the message quotes the value (hidden) or only describes it.
+        let documents = [
+            (serde_json::json!({"urls": url}), false),
+            (serde_json::json!({"ttl": url}), true),
+            (serde_json::json!({(url): 1}), true),
+            (
+                serde_json::json!({"lockConfig": serde_json::json!({"ttl": url}).to_string()}),
+                true,
+            ),
+        ];
+        for (document, quoted) in documents {
+            let errors = [
+                json(document.clone()).and_then(LockConfig::resolve),
+                toml(document.clone()).and_then(LockConfig::resolve),
+            ];
+            for error in errors {
+                let error = error.unwrap_err();
+                assert!(!format!("{error} {error:?}").contains("3t"), "{error}");
+                assert_eq!(error.to_string().contains("u:***@"), quoted, "{error}");
+            }
+        }
+        // Text that is neither JSON nor TOML is taken for a path.
+        let error = LockConfig::from_text("redis://u:s3cr3t@127.0.0.1:1/").unwrap_err();
+        assert!(!error.to_string().contains("s3cr3t"), "{error}");
+        let error = create(LockConfig::backend("redis://u:s3cr3t@h/"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, LockError::UnknownBackend { .. }), "{error}");
+        assert!(!error.to_string().contains("s3cr3t"), "{error}");
+        // `null` is no nodes, as before.
+        assert_eq!(
+            LockConfig::from_json(r#"{"urls": null}"#).unwrap().urls,
+            None
+        );
     }
 }

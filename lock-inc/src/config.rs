@@ -1,13 +1,16 @@
 //! Configuration of the INCR backend, as serde data with validation.
 
-use std::fmt;
-
-use lock_core::{LockError, Result, redact_url};
+use lock_core::{LockError, Result, SecretUrl};
 use serde::{Deserialize, Serialize};
 
 /// Configuration of an [`IncLock`](crate::IncLock).
 ///
 /// Durations are whole milliseconds.
+///
+/// The URL is a [`SecretUrl`]: `Debug`, validation and connection errors and logs show it
+/// without password, and a deserialization error never quotes it. toml's own `Display` and
+/// `Debug` of its error print the document's line, URL included: show its `message()` instead,
+/// or parse through the facade's `LockConfig::from_toml`, which does.
 ///
 /// # Default
 /// - `url`: `redis://127.0.0.1:6379/0` (user, password and database go in the URL)
@@ -15,12 +18,13 @@ use serde::{Deserialize, Serialize};
 /// - `command_timeout`: 500 ms (fred's own default is to wait forever)
 /// - `connect_timeout`: 1000 ms
 /// - `wake_on_release`: off
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IncConfig {
     /// `redis://[user:password@]host:port[/db]`, or for a Redis Cluster
-    /// `redis-cluster://[user:password@]host:port?node=host:port&node=…`.
-    pub url: String,
+    /// `redis-cluster://[user:password@]host:port?node=host:port&node=…`. A `/`, `?` or `#` in
+    /// the user name or password is written `%2F`, `%3F`, `%23`.
+    pub url: SecretUrl,
     /// Put before every lock key (and matched by purge).
     pub prefix: String,
     /// How long one command may take, in ms.
@@ -43,7 +47,7 @@ pub struct IncConfig {
 impl Default for IncConfig {
     fn default() -> Self {
         Self {
-            url: "redis://127.0.0.1:6379/0".to_owned(),
+            url: SecretUrl::new("redis://127.0.0.1:6379/0"),
             prefix: "lock:".to_owned(),
             command_timeout: 500,
             connect_timeout: 1_000,
@@ -55,7 +59,7 @@ impl Default for IncConfig {
 
 impl IncConfig {
     /// A configuration for `url`, with defaults for the rest.
-    pub fn new(url: impl Into<String>) -> Self {
+    pub fn new(url: impl Into<SecretUrl>) -> Self {
         Self {
             url: url.into(),
             ..Self::default()
@@ -75,25 +79,31 @@ impl IncConfig {
     /// [`LockError::InvalidInput`] naming the field.
     pub fn validate(&self) -> Result<()> {
         // fred accepts URLs of other schemes as if they were Redis; refuse them here.
-        let tls = self.url.starts_with("rediss://") || self.url.starts_with("rediss-cluster://");
-        if !tls && !self.url.starts_with("redis://") && !self.url.starts_with("redis-cluster://") {
-            return Err(LockError::invalid(
-                "url",
-                format!(
-                    "{} is not a redis://, rediss:// or redis-cluster:// URL",
-                    redact_url(&self.url)
-                ),
-            ));
-        }
+        let tls = match self.url.scheme() {
+            Some("redis" | "redis-cluster") => false,
+            Some("rediss" | "rediss-cluster") => true,
+            _ => {
+                return Err(LockError::invalid(
+                    "url",
+                    format!(
+                        "{} is not a redis://, rediss:// or redis-cluster:// URL",
+                        self.url
+                    ),
+                ));
+            }
+        };
         if (tls || self.tls_ca_file.is_some()) && !cfg!(feature = "tls") {
             return Err(LockError::invalid(
                 "url",
                 format!(
                     "{}: TLS needs the `tls` cargo feature of lock-inc",
-                    redact_url(&self.url)
+                    self.url
                 ),
             ));
         }
+        // Before fred sees it: with a raw `/`, `?` or `#` in the password, it would read part
+        // of the password as the host and port.
+        self.url.check_user_info()?;
         if self.prefix.len() > 256 {
             return Err(LockError::invalid("prefix", "is longer than 256 bytes"));
         }
@@ -113,20 +123,7 @@ impl IncConfig {
 
     /// The server as shown in messages: its URL without password.
     pub(crate) fn label(&self) -> String {
-        redact_url(&self.url)
-    }
-}
-
-impl fmt::Debug for IncConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IncConfig")
-            .field("url", &self.label())
-            .field("prefix", &self.prefix)
-            .field("command_timeout", &self.command_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("tls_ca_file", &self.tls_ca_file)
-            .field("wake_on_release", &self.wake_on_release)
-            .finish()
+        self.url.to_string()
     }
 }
 
@@ -166,6 +163,27 @@ mod tests {
         let config = IncConfig::new("redis://u:s3cret@127.0.0.1:1/2");
         assert!(!format!("{config:?}").contains("s3cret"));
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_raw_delimiter_in_the_password_is_refused_without_showing_it() {
+        for url in [
+            "redis://app:s3/cr3t@127.0.0.1:7003/",
+            "redis-cluster://app:s3?cr3t@127.0.0.1:7003",
+            "redis://app:s3#cr3t@127.0.0.1:7003/",
+            "app:s3cr3t@127.0.0.1:7003/",
+        ] {
+            let config = IncConfig::new(url);
+            let error = config.validate().unwrap_err();
+            assert!(!error.to_string().contains("cr3t"), "{error}");
+            assert!(!format!("{config:?}").contains("cr3t"), "{config:?}");
+        }
+        IncConfig::new("redis://app:s3@cr%2F3t@127.0.0.1:7003/")
+            .validate()
+            .unwrap();
+        let json = r#"{"url": ["redis://app:s3cr3t@127.0.0.1:7003/"]}"#;
+        let error = serde_json::from_str::<IncConfig>(json).unwrap_err();
+        assert!(!error.to_string().contains("s3cr3t"), "{error}");
     }
 
     #[test]

@@ -95,7 +95,7 @@ impl IncLock {
     pub async fn connect(config: IncConfig) -> Result<Self> {
         config.validate()?;
         #[allow(unused_mut)]
-        let mut fred_config = Config::from_url(&config.url).map_err(|e| {
+        let mut fred_config = Config::from_url(config.url.expose()).map_err(|e| {
             LockError::invalid("url", format!("{}: {}", config.label(), e.details()))
         })?;
         #[cfg(feature = "tls")]

@@ -1,9 +1,8 @@
 //! Configuration of the Redlock backend, as serde data with validation.
 
-use std::fmt;
 use std::time::Duration;
 
-use lock_core::{LockError, Result, RetryPolicy, redact_url as redact, validate};
+use lock_core::{LockError, Result, RetryPolicy, SecretUrl, validate};
 use serde::{Deserialize, Serialize};
 
 /// How each node's connection is kept.
@@ -23,6 +22,12 @@ pub enum ConnectionKind {
 ///
 /// Durations are whole milliseconds; node-redlock's camelCase names are accepted as aliases.
 ///
+/// The URLs are [`SecretUrl`]s: `Debug`, validation errors and logs show them without password,
+/// and a deserialization error never quotes one (`"urls": "redis://…"`, a string instead of a
+/// list, is "invalid type: a single string"). toml's own `Display` and `Debug` of its error
+/// print the document's line, URL included: show its `message()` instead, or parse through the
+/// facade's `LockConfig::from_toml`, which does.
+///
 /// # Default
 /// - `urls`: none (at least one is required)
 /// - `drift_factor`: 0.01 (node-redlock's default)
@@ -34,13 +39,13 @@ pub enum ConnectionKind {
 /// - `fencing`: off
 /// - `retry_count`, `retry_delay`, `retry_jitter`: those of [`RetryPolicy::default`]
 ///   (10, 200 ms, 100 ms); `retry_count = -1` retries forever
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedlockConfig {
     /// `redis://[user:password@]host:port[/db]` URLs of independent Redis masters; `rediss://`
-    /// for TLS.
-    #[serde(alias = "nodes")]
-    pub urls: Vec<String>,
+    /// for TLS. A `/`, `?` or `#` in the user name or password is written `%2F`, `%3F`, `%23`.
+    #[serde(alias = "nodes", deserialize_with = "SecretUrl::deserialize_list")]
+    pub urls: Vec<SecretUrl>,
     /// Expected clock drift between client and servers, as a fraction of the ttl, in [0, 1).
     #[serde(alias = "driftFactor")]
     pub drift_factor: f64,
@@ -110,7 +115,7 @@ impl RedlockConfig {
     pub fn new<I, S>(urls: I) -> Self
     where
         I: IntoIterator<Item = S>,
-        S: Into<String>,
+        S: Into<SecretUrl>,
     {
         Self {
             urls: urls.into_iter().map(Into::into).collect(),
@@ -220,26 +225,6 @@ fn timeout_in_range(field: &str, ms: u64) -> Result<()> {
     Ok(())
 }
 
-impl fmt::Debug for RedlockConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let urls: Vec<String> = self.urls.iter().map(|url| redact(url)).collect();
-        f.debug_struct("RedlockConfig")
-            .field("urls", &urls)
-            .field("drift_factor", &self.drift_factor)
-            .field("node_timeout", &self.node_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("connection", &self.connection)
-            .field("pool_size", &self.pool_size)
-            .field("tls_ca_file", &self.tls_ca_file)
-            .field("wake_on_release", &self.wake_on_release)
-            .field("fencing", &self.fencing)
-            .field("retry_count", &self.retry_count)
-            .field("retry_delay", &self.retry_delay)
-            .field("retry_jitter", &self.retry_jitter)
-            .finish()
-    }
-}
-
 /// A checked node URL and the label it is shown as (`host:port`, never the password).
 #[derive(Clone)]
 pub(crate) struct NodeUrl {
@@ -248,44 +233,37 @@ pub(crate) struct NodeUrl {
 }
 
 impl NodeUrl {
-    pub(crate) fn parse(url: &str) -> Result<Self> {
-        let rest = if let Some(rest) = url.strip_prefix("redis://") {
-            rest
-        } else if let Some(rest) = url.strip_prefix("rediss://") {
-            if !cfg!(feature = "tls") {
+    /// Checks the scheme, the user info and the host, then lets redis-rs parse the rest; every
+    /// message shows the URL without its password.
+    pub(crate) fn parse(url: &SecretUrl) -> Result<Self> {
+        match url.scheme() {
+            Some("redis") => {}
+            Some("rediss") if cfg!(feature = "tls") => {}
+            Some("rediss") => {
                 return Err(LockError::invalid(
                     "url",
-                    format!(
-                        "{}: rediss:// needs the `tls` cargo feature of lock-redlock",
-                        redact(url)
-                    ),
+                    format!("{url}: rediss:// needs the `tls` cargo feature of lock-redlock"),
                 ));
             }
-            rest
-        } else {
-            return Err(LockError::invalid(
-                "url",
-                format!("{} is not a redis:// or rediss:// URL", redact(url)),
-            ));
-        };
-        let authority = rest.split(['/', '?']).next().unwrap_or_default();
-        let host_port = authority
-            .rsplit_once('@')
-            .map_or(authority, |(_, host)| host);
-        if host_port.is_empty() {
-            return Err(LockError::invalid(
-                "url",
-                format!("{} names no host", redact(url)),
-            ));
+            _ => {
+                return Err(LockError::invalid(
+                    "url",
+                    format!("{url} is not a redis:// or rediss:// URL"),
+                ));
+            }
         }
-        if let Err(error) = redis::Client::open(url) {
-            return Err(LockError::invalid(
-                "url",
-                format!("{}: {error}", redact(url)),
-            ));
+        // Before redis-rs sees it: with a raw `/`, `?` or `#` in the password, it would read
+        // part of the password as the host and port.
+        url.check_user_info()?;
+        let host_port = url.host();
+        if host_port.is_empty() {
+            return Err(LockError::invalid("url", format!("{url} names no host")));
+        }
+        if let Err(error) = redis::Client::open(url.expose()) {
+            return Err(LockError::invalid("url", format!("{url}: {error}")));
         }
         Ok(Self {
-            url: url.to_owned(),
+            url: url.expose().to_owned(),
             label: host_port.to_owned(),
         })
     }
@@ -350,14 +328,41 @@ mod tests {
 
     #[test]
     fn passwords_never_show() {
-        let url = "redis://locker:s3cret@127.0.0.1:7003/2";
-        assert_eq!(redact(url), "redis://locker:***@127.0.0.1:7003/2");
-        assert_eq!(redact("redis://:s3cret@h:1"), "redis://:***@h:1");
-        let config = RedlockConfig::new([url, "http://u:s3cret@h/"]);
+        let url = SecretUrl::new("redis://locker:s3cret@127.0.0.1:7003/2");
+        assert_eq!(url.to_string(), "redis://locker:***@127.0.0.1:7003/2");
+        let config = RedlockConfig::new([url.clone(), "http://u:s3cret@h/".into()]);
         assert!(!format!("{config:?}").contains("s3cret"));
         let error = config.validate().unwrap_err();
         assert!(!error.to_string().contains("s3cret"), "{error}");
-        assert_eq!(NodeUrl::parse(url).unwrap().label, "127.0.0.1:7003");
+        assert_eq!(NodeUrl::parse(&url).unwrap().label, "127.0.0.1:7003");
+    }
+
+    #[test]
+    fn a_raw_delimiter_in_the_password_is_refused_without_showing_it() {
+        for url in [
+            "redis://app:s3/cr3t@127.0.0.1:7003/",
+            "redis://app:s3?cr3t@127.0.0.1:7003/",
+            "redis://app:s3#cr3t@127.0.0.1:7003/",
+            "redis://app:s3cr3t@127.0.0.1:99999/",
+            "app:s3cr3t@127.0.0.1:7003/",
+            "redis ://app:s3cr3t@127.0.0.1:7003/",
+        ] {
+            let config = RedlockConfig::new([url]);
+            let error = config.validate().unwrap_err();
+            assert!(!error.to_string().contains("cr3t"), "{error}");
+            assert!(!format!("{config:?}").contains("cr3t"), "{config:?}");
+        }
+        // `@` and percent-escapes are fine; the label is the host after the last `@`.
+        let url = SecretUrl::new("redis://app:s3@cr%2F3t@127.0.0.1:7003/");
+        assert_eq!(NodeUrl::parse(&url).unwrap().label, "127.0.0.1:7003");
+    }
+
+    #[test]
+    fn a_url_where_a_list_belongs_is_not_quoted() {
+        let json = r#"{"urls": "redis://app:s3cr3t@127.0.0.1:7003/"}"#;
+        let error = serde_json::from_str::<RedlockConfig>(json).unwrap_err();
+        assert!(!error.to_string().contains("s3cr3t"), "{error}");
+        assert!(error.to_string().contains("a single string"), "{error}");
     }
 
     #[test]

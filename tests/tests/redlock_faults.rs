@@ -553,6 +553,7 @@ async fn acl_user_password_and_database_come_from_the_url_and_never_leak() {
 async fn interoperates_with_other_redlock_clients_on_the_same_keys() {
     let Some(backed) = cluster(1) else { return };
     let port = backed.lock().config().urls[0]
+        .expose()
         .rsplit(':')
         .next()
         .and_then(|rest| rest.trim_end_matches('/').parse::<u16>().ok())
@@ -759,7 +760,7 @@ async fn r12_extends_racing_expiry_never_revive_a_lost_lock() {
         .config()
         .urls
         .iter()
-        .filter_map(|url| url.trim_end_matches('/').rsplit(':').next()?.parse().ok())
+        .filter_map(|url| url.host().rsplit(':').next()?.parse().ok())
         .collect();
     let ttl = Duration::from_millis(100);
     let locker = locker(&backed, ttl, RetryPolicy::none());
