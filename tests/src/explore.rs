@@ -166,6 +166,9 @@ struct Held {
     fence: Option<u64>,
     called: Instant,
     acquired: Instant,
+    /// The validity the lock was granted with: the key was taken, and its token drawn and
+    /// stored, before then.
+    granted_until: Instant,
     /// `min(released, valid_until)`: the end of the time the holder may rely on the lock.
     until: Instant,
 }
@@ -382,6 +385,7 @@ async fn run_client(
             continue;
         };
         let acquired = Instant::now();
+        let granted_until = guard.valid_until();
         let fence = guard.fencing_token();
         let style = rng.random_range(0..10);
         match style {
@@ -410,6 +414,7 @@ async fn run_client(
                 fence,
                 called,
                 acquired,
+                granted_until,
                 until,
             });
         if style >= 8 {
@@ -516,7 +521,8 @@ fn overlaps(held: &[Held]) -> Vec<String> {
     found
 }
 
-/// Pairs where a holder called after another had acquired a common key, yet drew a token that is
+/// Pairs where a holder called after another had acquired a common key (or after the validity
+/// the other was granted had ended: its token was drawn before that), yet drew a token that is
 /// not larger.
 fn fence_inversions(held: &[Held]) -> Vec<String> {
     let mut found = Vec::new();
@@ -530,7 +536,7 @@ fn fence_inversions(held: &[Held]) -> Vec<String> {
                 let (Some(fa), Some(fb)) = (a.fence, b.fence) else {
                     continue;
                 };
-                if b.called > a.acquired && fb <= fa {
+                if (b.called > a.acquired || b.called >= a.granted_until) && fb <= fa {
                     found.push(format!(
                         "fencing: on `{key}`, {:?} drew {fb} after {:?} had drawn {fa}",
                         b.keys, a.keys
@@ -555,6 +561,7 @@ mod tests {
             fence: Some(fence),
             called: ms(at[0]),
             acquired: ms(at[1]),
+            granted_until: ms(at[2]),
             until: ms(at[2]),
         }
     }
@@ -569,5 +576,8 @@ mod tests {
         assert_eq!(overlaps(&overlapping).len(), 1);
         let backwards = [held(t, 0, "a", 5, [0, 1, 5]), held(t, 1, "a", 2, [2, 6, 9])];
         assert_eq!(fence_inversions(&backwards).len(), 1);
+        // A holder preempted before it returned: its validity ended before the other called.
+        let preempted = [held(t, 0, "a", 5, [0, 9, 3]), held(t, 1, "a", 2, [4, 6, 9])];
+        assert_eq!(fence_inversions(&preempted).len(), 1);
     }
 }
