@@ -139,6 +139,49 @@ impl Log {
     }
 }
 
+/// A lockrun under test whose stdout and stderr go to files, not pipes: processes it failed
+/// to stop would hold a pipe open and hang the test instead of failing it.
+struct Supervised {
+    child: Child,
+    stderr: PathBuf,
+}
+
+/// How a supervised lockrun ended.
+#[derive(Debug)]
+struct Finished {
+    code: Option<i32>,
+    stderr: String,
+}
+
+impl Log {
+    fn spawn(&self, command: &mut Command) -> Supervised {
+        let stderr = self.dir.path().join(format!("stderr-{}", next_number()));
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Supervised { child, stderr }
+    }
+}
+
+/// A distinct number per call, for file names.
+fn next_number() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Supervised {
+    fn finish(mut self) -> Finished {
+        let status = self.child.wait().unwrap();
+        Finished {
+            code: status.code(),
+            stderr: std::fs::read_to_string(&self.stderr).unwrap_or_default(),
+        }
+    }
+}
+
 fn servers(binary: &Path, count: usize) -> Vec<RedisServer> {
     (0..count)
         .map(|_| RedisServer::start(binary, &[]).expect("server"))
@@ -147,10 +190,6 @@ fn servers(binary: &Path, count: usize) -> Vec<RedisServer> {
 
 fn urls(servers: &[RedisServer]) -> Vec<String> {
     servers.iter().map(RedisServer::url).collect()
-}
-
-fn wait_with_output(child: Child) -> Output {
-    child.wait_with_output().expect("lockrun ends")
 }
 
 fn send(child: &Child, signal: &str) {
@@ -171,13 +210,10 @@ fn a_lost_lock_kills_the_whole_process_group() {
     let servers = servers(&binary, 1);
     let config = redlock_config(&urls(&servers));
     let log = Log::new();
-    let first = lockrun(
+    let first = log.spawn(&mut lockrun(
         &config,
         &["--ttl", "1500", "tree", "--", "sh", "-c", &log.tree("")],
-    )
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ));
     log.wait_for_workers(10);
     // Someone deletes the lock behind the holder's back; the watchdog finds out when it next
     // extends the lock.
@@ -187,8 +223,8 @@ fn a_lost_lock_kills_the_whole_process_group() {
             .unwrap(),
         ":1"
     );
-    let output = wait_with_output(first);
-    assert_eq!(code(&output), 77, "{output:?}");
+    let output = first.finish();
+    assert_eq!(output.code, Some(77), "{output:?}");
     log.assert_workers_stopped("after lockrun exited 77");
     let second = lockrun(
         &config,
@@ -217,7 +253,7 @@ fn renewal_failing_kills_the_group_before_the_validity_ends() {
     let through_proxy = redlock_config(&[proxy.url()]);
     let direct = redlock_config(&urls(&servers));
     let log = Log::new();
-    let first = lockrun(
+    let first = log.spawn(&mut lockrun(
         &through_proxy,
         &[
             "--ttl",
@@ -228,24 +264,19 @@ fn renewal_failing_kills_the_group_before_the_validity_ends() {
             "-c",
             &log.tree("trap '' TERM;"),
         ],
-    )
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ));
     log.wait_for_workers(10);
     proxy.black_hole();
-    let second = lockrun(&direct, &["tree", "--", "sh", "-c", &log.enter()])
-        .spawn()
-        .unwrap();
-    let first = wait_with_output(first);
-    let second = wait_with_output(second);
-    assert_eq!(code(&first), 77, "{first:?}");
-    assert_eq!(code(&second), 0, "{second:?}");
+    let second = log.spawn(&mut lockrun(
+        &direct,
+        &["tree", "--", "sh", "-c", &log.enter()],
+    ));
+    let first = first.finish();
+    let second = second.finish();
+    assert_eq!(first.code, Some(77), "{first:?}");
+    assert_eq!(second.code, Some(0), "{second:?}");
     log.assert_no_worker_after_entered();
-    assert!(
-        String::from_utf8_lossy(&first.stderr).contains("could not be renewed"),
-        "{first:?}"
-    );
+    assert!(first.stderr.contains("could not be renewed"), "{first:?}");
 }
 
 /// Issue #16, second bullet: SIGINT, SIGTERM, SIGHUP and SIGQUIT go to the command's group;
@@ -266,7 +297,7 @@ fn signals_are_forwarded_to_the_group_and_the_lock_released() {
             log.path.display()
         );
         // A ttl far longer than the test: a free lock afterwards was released, not expired.
-        let first = lockrun(
+        let first = log.spawn(&mut lockrun(
             &config,
             &[
                 "--ttl",
@@ -279,18 +310,11 @@ fn signals_are_forwarded_to_the_group_and_the_lock_released() {
                 "-c",
                 &log.tree(&trap),
             ],
-        )
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ));
         log.wait_for_workers(10);
-        send(&first, name);
-        let output = wait_with_output(first);
-        assert_eq!(
-            output.status.code(),
-            Some(128 + number),
-            "SIG{name}: {output:?}"
-        );
+        send(&first.child, name);
+        let output = first.finish();
+        assert_eq!(output.code, Some(128 + number), "SIG{name}: {output:?}");
         assert!(
             log.lines().contains(&format!("trapped-{name}")),
             "SIG{name} did not reach the command: {:?}",
@@ -321,7 +345,7 @@ fn the_kill_grace_separates_sigterm_from_sigkill() {
     let servers = servers(&binary, 1);
     let config = redlock_config(&urls(&servers));
     let log = Log::new();
-    let first = lockrun(
+    let first = log.spawn(&mut lockrun(
         &config,
         &[
             "--ttl",
@@ -334,15 +358,13 @@ fn the_kill_grace_separates_sigterm_from_sigkill() {
             "-c",
             &log.tree("trap '' TERM;"),
         ],
-    )
-    .spawn()
-    .unwrap();
+    ));
     log.wait_for_workers(10);
     let signalled = Instant::now();
-    send(&first, "TERM");
-    let output = wait_with_output(first);
+    send(&first.child, "TERM");
+    let output = first.finish();
     let waited = signalled.elapsed();
-    assert_eq!(code(&output), 143, "{output:?}");
+    assert_eq!(output.code, Some(143), "{output:?}");
     assert!(
         waited >= Duration::from_secs(1),
         "SIGKILL came {waited:?} after SIGTERM, before the 1 s grace"
@@ -386,10 +408,13 @@ fn a_sigkilled_lockrun_leaves_no_command_running() {
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(9)
     );
-    let second = lockrun(&config, &["orphan", "--", "sh", "-c", &log.enter()])
-        .output()
-        .unwrap();
-    assert_eq!(code(&second), 0, "{second:?}");
+    let second = log
+        .spawn(&mut lockrun(
+            &config,
+            &["orphan", "--", "sh", "-c", &log.enter()],
+        ))
+        .finish();
+    assert_eq!(second.code, Some(0), "{second:?}");
     log.assert_no_worker_after_entered();
 }
 
@@ -435,10 +460,8 @@ fn a_lock_lost_unnoticed_until_the_release_still_exits_77() {
         let mut args = vec!["--ttl", "10000"];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["jobs:1", "--", "sleep", "1"]);
-        let first = lockrun(&config, &args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let log = Log::new();
+        let first = log.spawn(&mut lockrun(&config, &args));
         std::thread::sleep(Duration::from_millis(300));
         let purge = lockrun(&config, &["purge", "jobs:"]).output().unwrap();
         assert!(
@@ -450,12 +473,9 @@ fn a_lock_lost_unnoticed_until_the_release_still_exits_77() {
             .unwrap();
         assert_eq!(code(&intruder), 0, "another holder got in: {intruder:?}");
         let started = Instant::now();
-        let output = wait_with_output(first);
-        assert_eq!(code(&output), 77, "{extra:?}: {output:?}");
-        assert!(
-            String::from_utf8_lossy(&output.stderr).contains("was lost"),
-            "{output:?}"
-        );
+        let output = first.finish();
+        assert_eq!(output.code, Some(77), "{extra:?}: {output:?}");
+        assert!(output.stderr.contains("was lost"), "{output:?}");
         assert!(
             started.elapsed() < Duration::from_secs(4),
             "{extra:?}: a lock lost during the command is not held on"
@@ -506,8 +526,9 @@ fn hold_at_least_keeps_the_lock_after_a_short_command() {
     };
     let servers = servers(&binary, 3);
     let config = redlock_config(&urls(&servers));
+    let log = Log::new();
     let started = Instant::now();
-    let first = lockrun(
+    let first = log.spawn(&mut lockrun(
         &config,
         &[
             "--ttl",
@@ -520,9 +541,7 @@ fn hold_at_least_keeps_the_lock_after_a_short_command() {
             "-c",
             "exit 4",
         ],
-    )
-    .spawn()
-    .unwrap();
+    ));
     std::thread::sleep(Duration::from_millis(1500));
     let again = lockrun(&config, &["--no-wait", "cron", "--", "true"])
         .output()
@@ -545,8 +564,8 @@ fn hold_at_least_keeps_the_lock_after_a_short_command() {
         !String::from_utf8_lossy(&status.stdout).contains(&token),
         "status shows the token"
     );
-    let output = wait_with_output(first);
-    assert_eq!(code(&output), 4, "the command's own code: {output:?}");
+    let output = first.finish();
+    assert_eq!(output.code, Some(4), "the command's own code: {output:?}");
     assert!(
         started.elapsed() >= Duration::from_millis(2500),
         "lockrun let go after {:?}, before --hold-at-least",
