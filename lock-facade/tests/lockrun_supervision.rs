@@ -429,13 +429,13 @@ fn processes_left_behind_are_stopped_before_the_release() {
     let config = redlock_config(&urls(&servers));
     let log = Log::new();
     let script = format!("( {} ) & sleep 0.2; exit 3", log.worker("A"));
-    let first = lockrun(
-        &config,
-        &["--ttl", "2000", "leftover", "--", "sh", "-c", &script],
-    )
-    .output()
-    .unwrap();
-    assert_eq!(code(&first), 3, "the command's own code: {first:?}");
+    let first = log
+        .spawn(&mut lockrun(
+            &config,
+            &["--ttl", "2000", "leftover", "--", "sh", "-c", &script],
+        ))
+        .finish();
+    assert_eq!(first.code, Some(3), "the command's own code: {first:?}");
     let second = lockrun(
         &config,
         &["--no-wait", "leftover", "--", "sh", "-c", &log.enter()],
