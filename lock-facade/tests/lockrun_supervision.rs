@@ -280,7 +280,7 @@ fn renewal_failing_kills_the_group_before_the_validity_ends() {
 }
 
 /// Issue #16, second bullet: SIGINT, SIGTERM, SIGHUP and SIGQUIT go to the command's group;
-/// lockrun waits for it (SIGKILL after the grace for workers that ignore the signal: `sh`
+/// lockrun waits for it (SIGKILL after the default grace for workers that ignore it: `sh`
 /// starts background jobs with SIGINT and SIGQUIT ignored), releases and exits 128 + N. On
 /// 3c64218 lockrun died of the signal and the command ran on.
 #[test]
@@ -296,20 +296,11 @@ fn signals_are_forwarded_to_the_group_and_the_lock_released() {
             "trap 'echo trapped-{name} >> \"{}\"; exit 0' {name};",
             log.path.display()
         );
-        // A ttl far longer than the test: a free lock afterwards was released, not expired.
+        // A ttl longer than the run: a free lock afterwards was released, not expired. The
+        // default grace (ttl/8, 1 s) applies to the workers that ignore SIGINT and SIGQUIT.
         let first = log.spawn(&mut lockrun(
             &config,
-            &[
-                "--ttl",
-                "30000",
-                "--kill-grace",
-                "300ms",
-                "sig",
-                "--",
-                "sh",
-                "-c",
-                &log.tree(&trap),
-            ],
+            &["--ttl", "8000", "sig", "--", "sh", "-c", &log.tree(&trap)],
         ));
         log.wait_for_workers(10);
         send(&first.child, name);
@@ -575,8 +566,19 @@ fn hold_at_least_keeps_the_lock_after_a_short_command() {
         .output()
         .unwrap();
     let shown: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    for node in shown["nodes"].as_array().unwrap() {
-        assert_eq!(node["state"], "free", "released at the end: {shown}");
-        assert!(node["ttl_ms"].is_null(), "{shown}");
-    }
+    // Released at the end (long before the ttl would matter): free on a majority at once; a
+    // slower node hears the release off the caller's path, which may not be over when lockrun
+    // has exited.
+    let free: Vec<&serde_json::Value> = shown["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|node| node["state"] == "free")
+        .collect();
+    assert!(free.len() >= 2, "not released: {shown}");
+    assert!(free.iter().all(|node| node["ttl_ms"].is_null()), "{shown}");
+    let next = lockrun(&config, &["--no-wait", "cron", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&next), 0, "not released: {next:?}");
 }

@@ -59,7 +59,6 @@ LOCK_CONFIG environment variable; with neither, the in-process memory backend is
     version,
     about = "Run a command while holding a lock; the command never outlives the lock",
     after_help = EXIT_CODES,
-    args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
     disable_help_subcommand = true
 )]
