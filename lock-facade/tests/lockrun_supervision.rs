@@ -257,7 +257,7 @@ fn renewal_failing_kills_the_group_before_the_validity_ends() {
         &through_proxy,
         &[
             "--ttl",
-            "2000",
+            "3000",
             "tree",
             "--",
             "sh",
