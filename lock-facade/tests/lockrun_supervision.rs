@@ -545,12 +545,21 @@ fn hold_at_least_keeps_the_lock_after_a_short_command() {
     assert_eq!(shown["key"], "cron", "{shown}");
     let nodes = shown["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 3, "{shown}");
-    for node in nodes {
-        assert_eq!(node["state"], "held", "{shown}");
+    // Held on a majority (a minority node may have missed an extension: Redlock needs a
+    // quorum, not every node), with at most the ttl left.
+    let held: Vec<&serde_json::Value> = nodes
+        .iter()
+        .filter(|node| node["state"] == "held")
+        .collect();
+    assert!(held.len() >= 2, "{shown}");
+    for node in held {
         let ttl = node["ttl_ms"].as_u64().unwrap();
         assert!(ttl > 0 && ttl <= 1000, "{shown}");
     }
-    let token = get_bulk(servers[0].port(), "cron").expect("the lock's value");
+    let token = servers
+        .iter()
+        .find_map(|server| get_bulk(server.port(), "cron"))
+        .expect("the lock's value");
     assert!(
         !String::from_utf8_lossy(&status.stdout).contains(&token),
         "status shows the token"
