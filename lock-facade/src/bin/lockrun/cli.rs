@@ -1,0 +1,306 @@
+//! The command line: arguments, configuration, exit codes, `purge` and `status`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use lock_facade::{CONFIG_ENV, Holding, KeyState, LockConfig, LockError, Locker, create};
+
+use crate::supervise::{self, Timing};
+
+/// The exit codes, besides the command's own.
+pub(crate) mod exit {
+    /// Held by someone else, with `--no-wait`.
+    pub(crate) const LOCKED: u8 = 75;
+    /// Gave up waiting: retries or `--timeout` ran out.
+    pub(crate) const TIMED_OUT: u8 = 76;
+    /// The lock was lost (or about to be) while the command ran; its group was killed.
+    pub(crate) const LOST: u8 = 77;
+    /// Bad configuration or arguments.
+    pub(crate) const CONFIG: u8 = 78;
+    /// The backend failed (unreachable, protocol error…).
+    pub(crate) const BACKEND: u8 = 69;
+    /// The command could not be started.
+    pub(crate) const CANNOT_RUN: u8 = 127;
+}
+
+const EXIT_CODES: &str = "\
+Exit codes (the first that applies):
+  77      the lock was lost while the command ran, or its renewal failed until too little
+          validity was left; the command's process group was killed before the validity
+          ended. Also when the command exited 0, or the release found the lock gone
+  128+N   lockrun received signal N (HUP 129, INT 130, QUIT 131, TERM 143): it forwarded it
+          to the command's process group, waited for the group (SIGKILL after --kill-grace)
+          and released the lock
+  N       the command's own exit code, passed through exactly
+  128+N   the command died of signal N
+  75      the lock is held by someone else (--no-wait)
+  76      gave up waiting (retries or --timeout ran out)
+  78      bad configuration or arguments
+  69      the backend failed (unreachable, protocol error)
+  127     the command could not be started
+
+The command runs in a process group of its own, with LOCK_KEY set to the lock's key and,
+where the backend hands out fencing tokens (inc, or Redlock with \"fencing\": true),
+LOCK_FENCING_TOKEN set to this holder's token: pass it to the resource so that it can refuse
+older holders. If renewal keeps failing, the group gets SIGTERM when the lock's validity left
+falls to the kill grace plus a margin of ttl/20, and SIGKILL when the grace runs out, so that
+no process of the command is alive when the validity ends. When the command exits, processes
+it left behind in its group get the same SIGTERM, grace, SIGKILL before the lock is released.
+
+DURATION is a number with a unit: ms, s, m or h (500ms, 30s, 10m); a bare number is ms.
+
+The configuration comes from --config (a file path, or inline JSON or TOML) or else from the
+LOCK_CONFIG environment variable; with neither, the in-process memory backend is used.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lockrun",
+    version,
+    about = "Run a command while holding a lock; the command never outlives the lock",
+    after_help = EXIT_CODES,
+    subcommand_negates_reqs = true,
+    disable_help_subcommand = true
+)]
+struct Cli {
+    /// Configuration: a .json/.toml file, or inline JSON or TOML (default: $LOCK_CONFIG).
+    #[arg(long, global = true, value_name = "FILE|JSON")]
+    config: Option<String>,
+    /// Fail at once (exit 75) if the lock is held, instead of waiting.
+    #[arg(long, conflicts_with = "wait")]
+    no_wait: bool,
+    /// Wait for the lock per the retry policy (the default).
+    #[arg(long)]
+    wait: bool,
+    /// Lock lifetime in ms; the lock is extended while the command runs (a third of the ttl
+    /// before it expires).
+    #[arg(long, value_name = "MS")]
+    ttl: Option<i64>,
+    /// Longest wait for the lock, in ms (waits until it is free when unset and retries are
+    /// unbounded).
+    #[arg(long, value_name = "MS")]
+    timeout: Option<i64>,
+    /// Time between SIGTERM and SIGKILL to the command's process group, when the lock is about
+    /// to be lost, a signal was forwarded or the command left processes behind [default:
+    /// ttl/8; at most ttl/5]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    kill_grace: Option<Duration>,
+    /// Keep the lock at least this long after the command started, even if it ends sooner (a
+    /// job fired on several machines with skewed clocks runs once); lockrun stays until then.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    hold_at_least: Option<Duration>,
+    /// The key to lock.
+    #[arg(required = true)]
+    key: Option<String>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+    #[command(subcommand)]
+    action: Option<Action>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Action {
+    /// Remove every lock under PREFIX (backends that can purge, such as inc).
+    Purge {
+        /// The key prefix.
+        prefix: String,
+    },
+    /// Show, per node, whether KEY is held and for how long (never the token).
+    Status {
+        /// One JSON object: {"key", "nodes": [{"node", "state": held|free|unknown,
+        /// "ttl_ms", "error"}]}.
+        #[arg(long)]
+        json: bool,
+        /// The key.
+        key: String,
+    },
+}
+
+/// Parses `500ms`, `30s`, `10m`, `1h`, or a bare number of milliseconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 500ms, 30s, 10m or 1h"))?;
+    let millis_per_unit: u64 = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}`: use ms, s, m or h"
+            ));
+        }
+    };
+    number
+        .checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{text}` is too long"))
+}
+
+/// What a subcommand or a run ends with: an exit code, or one with a message for stderr.
+pub(crate) type Outcome = Result<u8, (u8, String)>;
+
+pub(crate) fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = if error.use_stderr() { exit::CONFIG } else { 0 };
+            let _ = error.print();
+            return ExitCode::from(code);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("lockrun: cannot start the async runtime: {error}");
+            return ExitCode::from(exit::BACKEND);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err((code, message)) => {
+            eprintln!("lockrun: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Outcome {
+    let base = match &cli.config {
+        Some(text) => LockConfig::from_text(text),
+        None => LockConfig::from_env(),
+    }
+    .map_err(config_error)?;
+    let mut overrides = LockConfig {
+        ttl: cli.ttl,
+        deadline: cli.timeout,
+        ..LockConfig::default()
+    };
+    if cli.no_wait {
+        overrides.retry_count = Some(0);
+    } else if base.retry_count.is_none() && cli.timeout.is_some() {
+        // A timeout bounds the wait; the retry count should not cut it shorter.
+        overrides.retry_count = Some(-1);
+    }
+    let locker = create(overrides.merged_over(base))
+        .await
+        .map_err(config_error)?;
+    let outcome = match cli.action {
+        Some(Action::Purge { prefix }) => purge(&locker, &prefix).await,
+        Some(Action::Status { key, json }) => status(&locker, &key, json).await,
+        None => match Timing::new(locker.options().ttl(), cli.kill_grace) {
+            Ok(timing) => {
+                let key = cli.key.unwrap_or_default();
+                let run = supervise::Run {
+                    key: &key,
+                    command: &cli.command,
+                    no_wait: cli.no_wait,
+                    timing,
+                    hold_at_least: cli.hold_at_least.unwrap_or_default(),
+                };
+                supervise::run_locked(&locker, run).await
+            }
+            Err(message) => Err((exit::CONFIG, message)),
+        },
+    };
+    let _ = locker.stop().await;
+    outcome
+}
+
+fn config_error(error: LockError) -> (u8, String) {
+    let code = match error {
+        LockError::Backend { .. } => exit::BACKEND,
+        _ => exit::CONFIG,
+    };
+    (
+        code,
+        format!("{error} (configuration from --config or {CONFIG_ENV})"),
+    )
+}
+
+/// The exit code and message for a lock operation that failed.
+pub(crate) fn lock_error(error: LockError) -> (u8, String) {
+    let code = match &error {
+        LockError::Locked { .. } => exit::LOCKED,
+        LockError::Timeout { .. } => exit::TIMED_OUT,
+        LockError::NotHeld { .. } => exit::LOST,
+        LockError::InvalidInput { .. } | LockError::Unsupported { .. } => exit::CONFIG,
+        _ => exit::BACKEND,
+    };
+    (code, error.to_string())
+}
+
+async fn purge(locker: &Locker, prefix: &str) -> Outcome {
+    let purged = locker.purge(prefix).await.map_err(lock_error)?;
+    println!("purged {purged} lock(s) under `{prefix}`");
+    Ok(0)
+}
+
+async fn status(locker: &Locker, key: &str, json: bool) -> Outcome {
+    let states = locker.inspect(key).await.map_err(lock_error)?;
+    let stored = locker.lock_ns(key).map_err(lock_error)?;
+    if json {
+        let nodes: Vec<serde_json::Value> = states.iter().map(node_json).collect();
+        println!(
+            "{}",
+            serde_json::json!({ "key": stored.as_str(), "nodes": nodes })
+        );
+        return Ok(0);
+    }
+    for state in states {
+        let holding = match state.holding {
+            Holding::Free => "free".to_owned(),
+            Holding::Held { ttl: Some(ttl) } => format!("held, {} ms left", ttl.as_millis()),
+            Holding::Held { ttl: None } => "held, no expiry".to_owned(),
+            Holding::Unknown(error) => format!("unknown ({error})"),
+        };
+        println!("{stored} on {}: {holding}", state.node);
+    }
+    Ok(0)
+}
+
+/// One node's state for `status --json`: what the text form says, as fields (never the token).
+fn node_json(state: &KeyState) -> serde_json::Value {
+    match &state.holding {
+        Holding::Free => serde_json::json!({ "node": state.node, "state": "free", "ttl_ms": null }),
+        Holding::Held { ttl } => serde_json::json!({
+            "node": state.node,
+            "state": "held",
+            "ttl_ms": ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+        }),
+        Holding::Unknown(error) => serde_json::json!({
+            "node": state.node,
+            "state": "unknown",
+            "ttl_ms": null,
+            "error": error,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_a_unit_or_are_milliseconds() {
+        assert_eq!(parse_duration("250"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("3d").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+    }
+}
