@@ -44,6 +44,21 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             ]),
         )?;
     }
+    // Every library crate packages and builds from its package alone, as crates.io would
+    // (the workspace's crates stand in for each other before they are published).
+    step(
+        "cargo publish --dry-run (every library crate)",
+        cargo().args([
+            "publish",
+            "--workspace",
+            "--dry-run",
+            "--allow-dirty",
+            "--exclude",
+            "xtask",
+            "--exclude",
+            "lock-tests",
+        ]),
+    )?;
     // Every test, with real redis-servers: a missing server fails instead of skipping.
     step(
         "cargo test --workspace",
