@@ -325,3 +325,9 @@ mod tests {
         );
     }
 }
+
+/// The workspace README's Rust examples, run as doctests of this crate (so that they cannot go
+/// stale); only compiled for doctests, so the published package does not need the file.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct WorkspaceReadme;
