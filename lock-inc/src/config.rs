@@ -80,13 +80,14 @@ impl IncConfig {
     pub fn validate(&self) -> Result<()> {
         // fred accepts URLs of other schemes as if they were Redis; refuse them here.
         let tls = match self.url.scheme() {
-            Some("redis" | "redis-cluster") => false,
-            Some("rediss" | "rediss-cluster") => true,
+            // Valkey's schemes name the same protocol; fred takes both.
+            Some("redis" | "redis-cluster" | "valkey" | "valkey-cluster") => false,
+            Some("rediss" | "rediss-cluster" | "valkeys" | "valkeys-cluster") => true,
             _ => {
                 return Err(LockError::invalid(
                     "url",
                     format!(
-                        "{} is not a redis://, rediss:// or redis-cluster:// URL",
+                        "{} is not a redis://, rediss://, redis-cluster:// URL (or the same with valkey)",
                         self.url
                     ),
                 ));

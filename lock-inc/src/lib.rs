@@ -248,8 +248,16 @@ impl Lock for IncLock {
                 ttl: Some(Duration::from_millis(u64::try_from(ms).unwrap_or_default())),
             },
         };
+        // Which server and version: a status display's help, never a reason to fail.
+        let server = shared
+            .client
+            .info::<String>(Some(fred::types::InfoKind::Server))
+            .await
+            .ok()
+            .and_then(|info| lock_core::server_from_info(&info));
         Ok(vec![KeyState {
             node: shared.config.label(),
+            server,
             holding,
         }])
     }

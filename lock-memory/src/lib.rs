@@ -399,6 +399,7 @@ impl Lock for MemoryLock {
         };
         Ok(vec![KeyState {
             node: "local".to_owned(),
+            server: None,
             holding,
         }])
     }

@@ -237,18 +237,19 @@ impl NodeUrl {
     /// message shows the URL without its password.
     pub(crate) fn parse(url: &SecretUrl) -> Result<Self> {
         match url.scheme() {
-            Some("redis") => {}
-            Some("rediss") if cfg!(feature = "tls") => {}
-            Some("rediss") => {
+            // Valkey's schemes name the same protocol; redis-rs takes both.
+            Some("redis" | "valkey") => {}
+            Some("rediss" | "valkeys") if cfg!(feature = "tls") => {}
+            Some(scheme @ ("rediss" | "valkeys")) => {
                 return Err(LockError::invalid(
                     "url",
-                    format!("{url}: rediss:// needs the `tls` cargo feature of lock-redlock"),
+                    format!("{url}: {scheme}:// needs the `tls` cargo feature of lock-redlock"),
                 ));
             }
             _ => {
                 return Err(LockError::invalid(
                     "url",
-                    format!("{url} is not a redis:// or rediss:// URL"),
+                    format!("{url} is not a redis://, rediss://, valkey:// or valkeys:// URL"),
                 ));
             }
         }

@@ -564,6 +564,10 @@ impl Lock for Redlock {
         let timeout = self.shared.node_timeout(lock_core::validate::MAX_TTL);
         let nodes = self.shared.nodes()?;
         let asks = nodes.iter().map(|node| async move {
+            let server = match tokio::time::timeout(timeout, node.info_server()).await {
+                Ok(Ok(info)) => lock_core::server_from_info(&info),
+                _ => None,
+            };
             let holding = match tokio::time::timeout(timeout, node.pttl(key)).await {
                 Ok(Ok(-2)) => Holding::Free,
                 Ok(Ok(-1)) => Holding::Held { ttl: None },
@@ -575,6 +579,7 @@ impl Lock for Redlock {
             };
             KeyState {
                 node: node.label().to_owned(),
+                server,
                 holding,
             }
         });

@@ -282,6 +282,13 @@ impl NodeParts {
         }
     }
 
+    /// `INFO server`: which server runs here, and its version.
+    pub(crate) async fn info_server(&self) -> RedisResult<String> {
+        let mut command = redis::cmd("INFO");
+        command.arg("server");
+        self.query(&command).await
+    }
+
     /// `PTTL key`: -2 when absent, -1 when it has no expiry, else the ms left.
     pub(crate) async fn pttl(&self, key: &Key) -> RedisResult<i64> {
         let mut command = redis::cmd("PTTL");

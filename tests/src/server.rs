@@ -50,7 +50,42 @@ pub fn redis_or_skip(test: &str) -> Option<PathBuf> {
     found
 }
 
-/// A private `redis-server` with no persistence, on 127.0.0.1 and a port of its own.
+/// Environment variable naming the `valkey-server` binary for the Valkey runs.
+pub const VALKEY_SERVER_ENV: &str = "VALKEY_SERVER";
+
+/// Environment variable that turns a missing `valkey-server` into a test failure.
+pub const REQUIRE_VALKEY_ENV: &str = "LOCK_TESTS_REQUIRE_VALKEY";
+
+/// The `valkey-server` binary, if one can be found (`$VALKEY_SERVER`, else `PATH`).
+pub fn valkey_server_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(VALKEY_SERVER_ENV) {
+        return Some(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("valkey-server"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The `valkey-server` binary, or `None` after printing why the calling test is skipped.
+///
+/// # Panics
+/// When the binary is missing and `LOCK_TESTS_REQUIRE_VALKEY=1`.
+pub fn valkey_or_skip(test: &str) -> Option<PathBuf> {
+    let found = valkey_server_binary();
+    if found.is_none() {
+        let required = std::env::var(REQUIRE_VALKEY_ENV).is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "valkey-server not found (set {VALKEY_SERVER_ENV} or run `cargo xtask it`, which installs it from bookworm-backports)"
+        );
+        println!("{test}: skipped, valkey-server not found; run `cargo xtask it` to install it");
+    }
+    found
+}
+
+/// A private `redis-server` (or `valkey-server`, which takes the same arguments) with no
+/// persistence, on 127.0.0.1 and a port of its own.
 pub struct RedisServer {
     binary: PathBuf,
     child: Option<Child>,

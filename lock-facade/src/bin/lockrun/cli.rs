@@ -264,13 +264,22 @@ async fn status(locker: &Locker, key: &str, json: bool) -> Outcome {
             Holding::Held { ttl: None } => "held, no expiry".to_owned(),
             Holding::Unknown(error) => format!("unknown ({error})"),
         };
-        println!("{stored} on {}: {holding}", state.node);
+        match &state.server {
+            Some(server) => println!("{stored} on {} ({server}): {holding}", state.node),
+            None => println!("{stored} on {}: {holding}", state.node),
+        }
     }
     Ok(0)
 }
 
 /// One node's state for `status --json`: what the text form says, as fields (never the token).
 fn node_json(state: &KeyState) -> serde_json::Value {
+    let mut node = node_holding_json(state);
+    node["server"] = serde_json::json!(state.server);
+    node
+}
+
+fn node_holding_json(state: &KeyState) -> serde_json::Value {
     match &state.holding {
         Holding::Free => serde_json::json!({ "node": state.node, "state": "free", "ttl_ms": null }),
         Holding::Held { ttl } => serde_json::json!({
