@@ -16,7 +16,7 @@
 //!   time through one more `Arc<dyn Lock>` (module `through_dyn`). The expression is evaluated
 //!   once per test; it may be an `async` block (e.g. to connect to a server).
 //! - A case that does not apply to the declared capabilities is still a test, marked
-//!   `#[ignore = "needs `fencing`"]` (or `"only for backends without `multi_key`"`), so
+//!   ``#[ignore = "needs `fencing`"]`` (or ``"only for backends without `multi_key`"``), so
 //!   `cargo test` lists it as ignored, with the reason, and counts it apart from the cases that
 //!   passed. `cargo test -- --include-ignored` runs it anyway, and it fails, saying which
 //!   capability the backend lacks.
