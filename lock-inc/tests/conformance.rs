@@ -13,9 +13,15 @@ async fn inc_lock(wake_on_release: bool) -> ServerBacked<IncLock> {
 }
 
 mod plain {
-    lock_core::conformance_tests!(crate::inc_lock(false));
+    lock_core::conformance_tests!(
+        crate::inc_lock(false),
+        capabilities: [extend, fail_fast, purge, distributed, fencing]
+    );
 }
 
 mod with_wakeups {
-    lock_core::conformance_tests!(crate::inc_lock(true));
+    lock_core::conformance_tests!(
+        crate::inc_lock(true),
+        capabilities: [extend, fail_fast, purge, distributed, fencing, wake_on_release]
+    );
 }

@@ -523,7 +523,10 @@ mod tests {
 
     use super::*;
 
-    lock_core::conformance_tests!(async { MemoryLock::new() });
+    lock_core::conformance_tests!(
+        async { MemoryLock::new() },
+        capabilities: [extend, multi_key, fencing, wake_on_release, purge]
+    );
 
     fn locker(lock: &MemoryLock, ttl: Duration) -> Locker {
         Locker::new(lock.clone())

@@ -1,7 +1,8 @@
 //! An outside crate's backend runs the whole conformance suite with one macro call.
 //!
 //! `ToyLock` is a complete backend in a few dozen lines: a map behind a mutex, with ttl and
-//! token-checked release. It has no optional capability, so the capability-gated cases skip.
+//! token-checked release. It has no optional capability, so the cases that need one are listed
+//! as ignored, with the capability they need.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -87,7 +87,7 @@ async fn redlock_on_valkey_survives_a_minority_killed_paused_restarted() {
     let mut backed = redlock_on_valkey(3, true);
     let locker = locker(backed.lock().clone(), false);
     let mut fences = Vec::new();
-    let mut take = |what: &'static str| {
+    let take = |what: &'static str| {
         let locker = locker.clone();
         async move {
             let guard = locker

@@ -15,6 +15,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
+    // The README's crates and features, the tests the reliability matrix names, and rustdoc.
+    crate::docs::check_all()?;
     step(
         "cargo clippy -D warnings",
         cargo().args([

@@ -1,7 +1,10 @@
 //! Project automation, run as `cargo xtask <verb>` from any folder of the workspace.
 //!
-//! - `it`: the whole test suite, as CI runs it: formatting, clippy, and every test against real
+//! - `it`: the whole test suite, as CI runs it: formatting, the docs checks, clippy, and every test against real
 //!   `redis-server` processes (installed first if missing).
+//! - `docs`: the README's crates and features table against the manifests, the tests named in
+//!   `tests/RELIABILITY.md`, no reference outside the repository, and `cargo doc` without
+//!   warnings (also run by `it`).
 //! - `bench [--quick] [--only memory|redlock|inc]`: the benchmarks, with figures as ratios to references measured in the
 //!   same run.
 //! - `chaos [--seconds N] [--seed S]`: 16 processes contending on Redlock over 5 nodes while
@@ -12,6 +15,7 @@
 
 mod bench;
 mod chaos;
+mod docs;
 mod explore;
 mod it;
 mod redis;
@@ -19,12 +23,13 @@ mod run;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <it | bench [--quick] [--only memory|redlock|inc] | chaos [--seconds N] [--seed S] | explore [--seconds N] [--seed S] [--schedules K] [--lanes L]>";
+const USAGE: &str = "usage: cargo xtask <it | docs | bench [--quick] [--only memory|redlock|inc] | chaos [--seconds N] [--seed S] | explore [--seconds N] [--seed S] [--schedules K] [--lanes L]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("it") => it::run(&args[1..]),
+        Some("docs") => docs::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("chaos") => chaos::run(&args[1..]),
         Some("explore") => explore::run(&args[1..]),
