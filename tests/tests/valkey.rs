@@ -49,15 +49,24 @@ async fn inc_on_valkey() -> ServerBacked<IncLock> {
 }
 
 mod redlock_one_node {
-    lock_core::conformance_tests!(async { crate::redlock_on_valkey(1, false) });
+    lock_core::conformance_tests!(
+        async { crate::redlock_on_valkey(1, false) },
+        capabilities: [extend, distributed, multi_key]
+    );
 }
 
 mod redlock_three_nodes_fenced {
-    lock_core::conformance_tests!(async { crate::redlock_on_valkey(3, true) });
+    lock_core::conformance_tests!(
+        async { crate::redlock_on_valkey(3, true) },
+        capabilities: [extend, distributed, multi_key, fencing]
+    );
 }
 
 mod inc {
-    lock_core::conformance_tests!(async { crate::inc_on_valkey().await });
+    lock_core::conformance_tests!(
+        crate::inc_on_valkey(),
+        capabilities: [extend, fail_fast, purge, distributed, fencing]
+    );
 }
 
 fn locker(lock: impl lock_core::Lock, single: bool) -> Locker {

@@ -1,6 +1,6 @@
 //! `cargo xtask it`: the single test entry point, locally and in CI.
 
-use crate::redis::{ensure_fault_tools, ensure_redis_server};
+use crate::redis::{ensure_fault_tools, ensure_redis_server, ensure_valkey_server};
 use crate::run::{cargo, step};
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
@@ -9,6 +9,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     }
     let redis_server = ensure_redis_server()?;
     println!("== using {}", redis_server.display());
+    let valkey_server = ensure_valkey_server()?;
+    println!("== using {}", valkey_server.display());
     let fault_tools = ensure_fault_tools();
 
     step(
@@ -67,6 +69,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         cargo()
             .args(["test", "--workspace"])
             .env("REDIS_SERVER", &redis_server)
+            .env("VALKEY_SERVER", &valkey_server)
+            .env("LOCK_TESTS_REQUIRE_VALKEY", "1")
             .env("LOCK_TESTS_REQUIRE_REDIS", "1")
             .env(
                 "LOCK_TESTS_REQUIRE_FAULT_TOOLS",

@@ -24,6 +24,38 @@ pub(crate) fn ensure_redis_server() -> Result<PathBuf, String> {
         .ok_or_else(|| "apt-get installed redis-server, but it is not on PATH".to_owned())
 }
 
+/// Debian's backports suite, where `valkey-server` (8.0) is packaged for bookworm.
+const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/lockkit-backports.sources";
+
+/// The `valkey-server` binary: `$VALKEY_SERVER`, else `PATH`; installed with apt-get from
+/// bookworm-backports (the suite enabled first) when missing and running as root on Debian.
+pub(crate) fn ensure_valkey_server() -> Result<PathBuf, String> {
+    let find = || {
+        std::env::var_os("VALKEY_SERVER")
+            .map(PathBuf::from)
+            .or_else(|| find_in_path("valkey-server"))
+    };
+    if let Some(found) = find() {
+        return Ok(found);
+    }
+    if !can_apt_get() {
+        return Err(
+            "valkey-server not found: install it (Debian 12: enable bookworm-backports, then sudo apt-get install -t bookworm-backports valkey-server) or set VALKEY_SERVER=/path/to/valkey-server"
+                .to_owned(),
+        );
+    }
+    println!("== valkey-server not found; installing it from Debian's bookworm-backports");
+    if !Path::new(BACKPORTS_SOURCE).exists() {
+        std::fs::write(
+            BACKPORTS_SOURCE,
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        )
+        .map_err(|e| format!("cannot enable bookworm-backports ({BACKPORTS_SOURCE}): {e}"))?;
+    }
+    apt_get_install(&["-t", "bookworm-backports", "valkey-server"])?;
+    find().ok_or_else(|| "apt-get installed valkey-server, but it is not on PATH".to_owned())
+}
+
 /// Whether the fault tools (nftables' `nft` for partitions, libfaketime for client clock jumps)
 /// are present, installing them with apt-get when missing and root. Without them the tests
 /// that need them skip with a printed reason.
