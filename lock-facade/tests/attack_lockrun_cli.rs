@@ -1,0 +1,104 @@
+//! Attacks on `lockrun`'s command line that need no Redis: a key named like a subcommand, the
+//! default memory backend across processes, and a broken stderr.
+#![cfg(feature = "memory")]
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// lockrun with no configuration at all: the memory backend.
+fn lockrun(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lockrun"));
+    command.env_remove("LOCK_CONFIG").args(args);
+    command
+}
+
+/// An executable script that creates `marker` when it runs.
+fn script(dir: &std::path::Path, marker: &std::path::Path) -> String {
+    let path = dir.join("job.sh");
+    std::fs::write(&path, format!("#!/bin/sh\ntouch '{}'\n", marker.display())).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.display().to_string()
+}
+
+/// `lockrun KEY -- COMMAND` with KEY `status` (or `purge`) is taken as the subcommand: lockrun
+/// prints the status of a key named after the command, exits 0 and never runs it — a cron job
+/// that silently never runs.
+#[test]
+fn a_key_named_status_runs_the_command_or_fails() {
+    for key in ["status", "purge"] {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let job = script(dir.path(), &marker);
+        let output = lockrun(&[key, "--", &job]).output().unwrap();
+        let ran = marker.exists();
+        assert!(
+            ran || !output.status.success(),
+            "`lockrun {key} -- JOB` exited 0 without running JOB: {output:?}"
+        );
+    }
+}
+
+/// Without `--config` and `LOCK_CONFIG`, lockrun uses the in-process memory backend, which no
+/// other lockrun process can see: two lockruns "hold" the same key at once and both run their
+/// commands. It should refuse (78) or at least not let the second one in.
+#[test]
+fn the_default_memory_backend_does_not_let_a_second_lockrun_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("started");
+    let second_ran = dir.path().join("second-ran");
+    let mut first = lockrun(&[
+        "shared",
+        "--",
+        "sh",
+        "-c",
+        &format!("touch '{}'; sleep 2", started.display()),
+    ])
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !started.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let first_is_running = started.exists();
+    let second = lockrun(&[
+        "--no-wait",
+        "shared",
+        "--",
+        "touch",
+        &second_ran.display().to_string(),
+    ])
+    .output()
+    .unwrap();
+    let first_status = first.wait().unwrap();
+    // A first lockrun that refused the memory backend is a fix too; then the second refuses.
+    if first_is_running {
+        assert!(
+            !second_ran.exists(),
+            "a second lockrun ran its command while the first held `shared` (exit {:?}, first {first_status:?})",
+            second.status.code()
+        );
+    } else {
+        assert_eq!(first_status.code(), Some(78), "{first_status:?}");
+    }
+}
+
+/// lockrun's messages go to stderr with `eprintln!`, which panics when stderr is a pipe with
+/// no reader (`lockrun … 2>&1 | head -1`): the documented exit code is replaced by Rust's 101.
+#[test]
+fn a_broken_stderr_does_not_change_the_exit_code() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = lockrun(&["k", "--", "/nonexistent/command"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(writer))
+        .status()
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(127),
+        "a command that cannot be started, with stderr a broken pipe: {status:?}"
+    );
+}
