@@ -140,12 +140,15 @@ fn sigtstp_to_lockrun_does_not_let_the_command_outlive_the_lock() {
     let stderr = dir.path().join("stderr");
     // As a shell job: a process group of its own, whose parent is in another group of the
     // session, so that SIGTSTP is not discarded as for an orphaned group.
-    let mut first = lockrun(&config, &["--ttl", "1500", "tstp", "--", "sh", "-c", &worker])
-        .process_group(0)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
+    let mut first = lockrun(
+        &config,
+        &["--ttl", "1500", "tstp", "--", "sh", "-c", &worker],
+    )
+    .process_group(0)
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&stderr).unwrap())
+    .spawn()
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while lines(&log).len() < 10 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
