@@ -24,7 +24,7 @@ pub use error::{LockError, Result};
 pub use guard::LockGuard;
 pub use key::{Key, KeySet, MAX_KEY_LEN, NAMESPACE_SEPARATOR, Namespace, key_for};
 pub use lock::{Capabilities, Handle, Holding, KeyState, Lock, LockRequest, server_from_info};
-pub use locker::{LeaseInfo, Locker};
+pub use locker::{CLEANUP_WAIT, LeaseInfo, Locker};
 pub use options::LockOptions;
 pub use retry::{Backoff, RetryCount, RetryPolicy};
 pub use token::{TOKEN_BYTES, Token, TokenText};

@@ -34,6 +34,8 @@ pub struct Locker {
     options: LockOptions,
     namespace: Option<Namespace>,
     stopped: Arc<AtomicBool>,
+    /// Clean-ups of interrupted attempts still running; `stop` lets them finish first.
+    cleanups: Arc<Cleanups>,
     /// Tasks of this process line up here before asking a distributed store.
     local: Option<Arc<LocalQueue>>,
 }
@@ -73,6 +75,7 @@ impl Locker {
             options,
             namespace: None,
             stopped: Arc::new(AtomicBool::new(false)),
+            cleanups: Arc::default(),
             local,
         }
     }
@@ -252,12 +255,17 @@ impl Locker {
     /// Frees the backend's connections and tasks; every later call on this client (and its
     /// clones) fails with [`LockError::Stopped`]. Locks still held expire with their ttl.
     ///
+    /// The clean-ups of attempts that were cancelled or cut short (see "Cancel safety") are
+    /// given up to [`CLEANUP_WAIT`] to finish first, so that a process that stops its client and
+    /// exits right after cancelling an acquisition leaves no lock behind.
+    ///
     /// # Errors
     /// Backend errors while closing.
     pub async fn stop(&self) -> Result<()> {
         if self.stopped.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        self.cleanups.settled(CLEANUP_WAIT).await;
         self.store().shutdown().await
     }
 
@@ -502,6 +510,7 @@ impl Locker {
         }
         let mut pending = PendingAttempt {
             lock: Some(Arc::clone(&self.lock)),
+            cleanups: &self.cleanups,
             request,
         };
         let result = match deadline {
@@ -573,7 +582,52 @@ impl From<Option<Box<dyn Handle>>> for Attempt {
 /// background.
 struct PendingAttempt<'a> {
     lock: Option<Arc<dyn Lock>>,
+    cleanups: &'a Arc<Cleanups>,
     request: &'a LockRequest,
+}
+
+/// How long [`Locker::stop`] waits for the clean-ups of interrupted attempts.
+pub const CLEANUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The clean-ups of interrupted attempts still running in the background.
+#[derive(Debug, Default)]
+struct Cleanups {
+    running: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::Notify,
+}
+
+/// One clean-up in progress; counted down when it ends, however it ends.
+struct CleanupRunning(Arc<Cleanups>);
+
+impl Cleanups {
+    fn start(self: &Arc<Self>) -> CleanupRunning {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        CleanupRunning(Arc::clone(self))
+    }
+
+    /// Waits until no clean-up runs, or `limit` has passed.
+    async fn settled(&self, limit: std::time::Duration) {
+        let all_done = async {
+            loop {
+                let notified = self.settled.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.running.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, all_done).await;
+    }
+}
+
+impl Drop for CleanupRunning {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.settled.notify_waiters();
+        }
+    }
 }
 
 impl Drop for PendingAttempt<'_> {
@@ -585,7 +639,9 @@ impl Drop for PendingAttempt<'_> {
         let token = self.request.token().clone();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
+                let running = self.cleanups.start();
                 runtime.spawn(async move {
+                    let _running = running;
                     if let Err(error) = (*lock).abandon(&keys, &token).await {
                         tracing::warn!(key = %keys.primary(), %error, "cleanup of an interrupted attempt failed; the lock expires with its ttl");
                     }

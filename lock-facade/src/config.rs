@@ -222,7 +222,9 @@ impl LockConfig {
             wake_on_release: self.wake_on_release.or(lower.wake_on_release),
             prefix: self.prefix.or(lower.prefix),
             command_timeout: self.command_timeout.or(lower.command_timeout),
-            lock_config: None,
+            // A nested source of the lower layer must not vanish in the merge (`resolve` expands
+            // it under both); callers that merge two documents resolve the lower one first.
+            lock_config: self.lock_config.or(lower.lock_config),
         }
     }
 

@@ -78,7 +78,7 @@ pub async fn create(config: LockConfig) -> Result<Locker> {
 /// # Errors
 /// As [`create`], and when `LOCK_CONFIG` cannot be read.
 pub async fn create_from_env(explicit: LockConfig) -> Result<Locker> {
-    create(explicit.merged_over(LockConfig::from_env()?)).await
+    create(explicit.merged_over(LockConfig::from_env()?.resolve()?)).await
 }
 
 #[cfg(not(all(feature = "memory", feature = "redlock", feature = "inc")))]

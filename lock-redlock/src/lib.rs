@@ -603,9 +603,18 @@ impl Lock for Redlock {
         let shared = &self.shared;
         let keys = KeySet::many(keys.to_vec())?;
         let timeout = shared.node_timeout(lock_core::validate::MAX_TTL);
-        let (mut tally, rest) = shared
-            .release_on(&shared.nodes()?, &keys, token, timeout)
-            .await;
+        // The clean-up of a cancelled attempt may be the last thing this process sends: each
+        // node gets the script with the call (see `release_self_contained`).
+        let wanted = keys.len();
+        let (mut tally, rest) = round::run(&shared.nodes()?, shared.quorum, timeout, |node| {
+            let (keys, token) = (keys.clone(), token.clone());
+            async move {
+                node.release_self_contained(&keys, &token)
+                    .await
+                    .map(|deleted| (deleted == wanted).then_some(0))
+            }
+        })
+        .await;
         let late = rest.finish().await;
         let failed = tally.failed_with(&late);
         tally.yes.extend(late.yes);

@@ -231,6 +231,42 @@ impl NodeParts {
         Ok(held == 1)
     }
 
+    /// Compare-and-delete as one write of `SCRIPT LOAD` + `EVALSHA`: for clean-ups that may be
+    /// the last thing a process sends (a cancelled acquisition before exit), so that a node
+    /// that restarted or was stalled runs it from what it received, without a NOSCRIPT round
+    /// trip that nobody would be left to answer.
+    pub(crate) async fn release_self_contained(
+        &self,
+        keys: &[Key],
+        token: &Token,
+    ) -> RedisResult<usize> {
+        let (script, source) = if self.release_channel.is_some() {
+            (&RELEASE_NOTIFY, include_str!("lua/release_notify.lua"))
+        } else {
+            (&RELEASE, include_str!("lua/release.lua"))
+        };
+        let mut pipeline = redis::pipe();
+        pipeline.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
+        let release = pipeline
+            .cmd("EVALSHA")
+            .arg(script.get_hash())
+            .arg(keys.len());
+        for key in keys {
+            release.arg(key.as_str());
+        }
+        release.arg(&*token.expose());
+        if let Some(channel) = self.release_channel {
+            release.arg(channel);
+        }
+        let (deleted,): (i64,) = match &self.connection {
+            Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
+            Connection::Pool(pool) => {
+                Box::pin(async { pipeline.query_async(&mut checkout(pool).await?).await }).await?
+            }
+        };
+        Ok(usize::try_from(deleted).unwrap_or_default())
+    }
+
     /// Compare-and-delete on every key; returns how many keys were ours and are now gone.
     pub(crate) async fn release(&self, keys: &[Key], token: &Token) -> RedisResult<usize> {
         let script = if self.release_channel.is_some() {

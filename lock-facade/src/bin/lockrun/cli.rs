@@ -51,7 +51,12 @@ it left behind in its group get the same SIGTERM, grace, SIGKILL before the lock
 DURATION is a number with a unit: ms, s, m or h (500ms, 30s, 10m); a bare number is ms.
 
 The configuration comes from --config (a file path, or inline JSON or TOML) or else from the
-LOCK_CONFIG environment variable; with neither, the in-process memory backend is used.";
+LOCK_CONFIG environment variable. Running a command needs a backend shared between processes
+(redis, redlock, inc): the in-process memory backend, the default with neither, is refused
+(78) since it would keep no other run out.
+
+A key named like a subcommand (status, purge) cannot be followed by `-- COMMAND`: that is
+refused (78) as ambiguous; give such a key a namespace or another name.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -148,6 +153,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 pub(crate) type Outcome = Result<u8, (u8, String)>;
 
 pub(crate) fn main() -> ExitCode {
+    if let Some(message) = ambiguous_subcommand(std::env::args().skip(1)) {
+        say!("lockrun: {message}");
+        return ExitCode::from(exit::CONFIG);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
@@ -162,14 +171,14 @@ pub(crate) fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("lockrun: cannot start the async runtime: {error}");
+            say!("lockrun: cannot start the async runtime: {error}");
             return ExitCode::from(exit::BACKEND);
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err((code, message)) => {
-            eprintln!("lockrun: {message}");
+            say!("lockrun: {message}");
             ExitCode::from(code)
         }
     }
@@ -180,6 +189,8 @@ async fn run(cli: Cli) -> Outcome {
         Some(text) => LockConfig::from_text(text),
         None => LockConfig::from_env(),
     }
+    // Its nested `lockConfig` is expanded before the flags are laid over it.
+    .and_then(LockConfig::resolve)
     .map_err(config_error)?;
     let mut overrides = LockConfig {
         ttl: cli.ttl,
@@ -198,6 +209,14 @@ async fn run(cli: Cli) -> Outcome {
     let outcome = match cli.action {
         Some(Action::Purge { prefix }) => purge(&locker, &prefix).await,
         Some(Action::Status { key, json }) => status(&locker, &key, json).await,
+        // A lock in this process excludes nobody else: no other lockrun can see it.
+        None if !locker.capabilities().distributed => Err((
+            exit::CONFIG,
+            format!(
+                "the `{}` backend holds locks inside one process only, so it cannot keep other lockrun runs out: name a shared backend (redis, redlock, inc) with --config or {CONFIG_ENV}",
+                locker.backend().name()
+            ),
+        )),
         None => match Timing::new(locker.options().ttl(), cli.kill_grace) {
             Ok(timing) => {
                 let key = cli.key.unwrap_or_default();
@@ -215,6 +234,31 @@ async fn run(cli: Cli) -> Outcome {
     };
     let _ = locker.stop().await;
     outcome
+}
+
+/// `lockrun status -- CMD` or `lockrun purge -- CMD`: a subcommand, or a key of that name
+/// followed by a command? Refused rather than guessed (a guess the wrong way would silently
+/// skip a job).
+fn ambiguous_subcommand(args: impl Iterator<Item = String>) -> Option<String> {
+    let args: Vec<String> = args.collect();
+    let mut rest = args.iter().map(String::as_str);
+    while let Some(arg) = rest.next() {
+        match arg {
+            "--config" => {
+                rest.next();
+            }
+            flag if flag.starts_with('-') => {}
+            subcommand @ ("status" | "purge") => {
+                let after: Vec<&str> = rest.collect();
+                let command = after.iter().position(|arg| *arg == "--");
+                return command
+                    .filter(|at| after.len() > at + 1)
+                    .map(|_| format!("`{subcommand}` is a subcommand, and `--` then names a command: ambiguous (to run a command under a lock named `{subcommand}`, use a namespace or another key)"));
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 fn config_error(error: LockError) -> (u8, String) {
@@ -242,7 +286,7 @@ pub(crate) fn lock_error(error: LockError) -> (u8, String) {
 
 async fn purge(locker: &Locker, prefix: &str) -> Outcome {
     let purged = locker.purge(prefix).await.map_err(lock_error)?;
-    println!("purged {purged} lock(s) under `{prefix}`");
+    out!("purged {purged} lock(s) under `{prefix}`");
     Ok(0)
 }
 
@@ -251,7 +295,7 @@ async fn status(locker: &Locker, key: &str, json: bool) -> Outcome {
     let stored = locker.lock_ns(key).map_err(lock_error)?;
     if json {
         let nodes: Vec<serde_json::Value> = states.iter().map(node_json).collect();
-        println!(
+        out!(
             "{}",
             serde_json::json!({ "key": stored.as_str(), "nodes": nodes })
         );
@@ -265,8 +309,8 @@ async fn status(locker: &Locker, key: &str, json: bool) -> Outcome {
             Holding::Unknown(error) => format!("unknown ({error})"),
         };
         match &state.server {
-            Some(server) => println!("{stored} on {} ({server}): {holding}", state.node),
-            None => println!("{stored} on {}: {holding}", state.node),
+            Some(server) => out!("{stored} on {} ({server}): {holding}", state.node),
+            None => out!("{stored} on {}: {holding}", state.node),
         }
     }
     Ok(0)

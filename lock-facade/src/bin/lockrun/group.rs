@@ -32,9 +32,7 @@ impl Group {
     pub(crate) fn adopt_orphans() {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Err(error) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
-            eprintln!(
-                "lockrun: warning: cannot become the reaper of the command's orphans: {error}"
-            );
+            say!("lockrun: warning: cannot become the reaper of the command's orphans: {error}");
         }
     }
 
@@ -59,7 +57,7 @@ impl Group {
         match rustix::process::kill_process_group(self.leader, signal) {
             Ok(()) => {}
             Err(error) if error == Errno::SRCH => {}
-            Err(error) => eprintln!(
+            Err(error) => say!(
                 "lockrun: warning: cannot send {signal:?} to process group {}: {error}",
                 self.leader.as_raw_pid()
             ),
@@ -175,12 +173,12 @@ pub(crate) fn reaper_main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     match rustix::process::kill_process_group(group, Signal::KILL) {
-        Ok(()) => eprintln!(
+        Ok(()) => say!(
             "lockrun: lockrun ended while its command ran; killed the command's process group {}",
             group.as_raw_pid()
         ),
         Err(error) if error == Errno::SRCH => {}
-        Err(error) => eprintln!(
+        Err(error) => say!(
             "lockrun: lockrun ended while its command ran; cannot kill process group {}: {error}",
             group.as_raw_pid()
         ),

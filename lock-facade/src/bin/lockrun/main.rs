@@ -11,6 +11,23 @@
 //! The command runs as the leader of a process group of its own; `supervise` keeps it there
 //! and `group` holds the process-group mechanics and the reaper that outlives a killed lockrun.
 
+/// `eprintln!` that cannot panic: a closed or broken stderr (`2>&1 | head -1`) must not turn a
+/// documented exit code into a panic's 101.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` that cannot panic, for the same reason.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[cfg(unix)]
 mod cli;
 #[cfg(unix)]
@@ -30,6 +47,6 @@ fn main() -> ExitCode {
 
 #[cfg(not(unix))]
 fn main() -> ExitCode {
-    eprintln!("lockrun: needs a Unix system (it supervises the command's process group)");
+    say!("lockrun: needs a Unix system (it supervises the command's process group)");
     ExitCode::from(69)
 }

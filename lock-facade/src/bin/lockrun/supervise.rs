@@ -108,6 +108,33 @@ impl Forwarded {
     }
 }
 
+/// Forwards SIGTSTP and SIGCONT received by lockrun to the command's group, for as long as the
+/// returned task lives (it is aborted when dropped).
+fn forward_stops(group: rustix::process::Pid) -> Option<AbortOnDrop> {
+    let mut stop = signal(SignalKind::from_raw(Signal::TSTP.as_raw())).ok()?;
+    let mut cont = signal(SignalKind::from_raw(Signal::CONT.as_raw())).ok()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let forward = tokio::select! {
+                Some(()) = stop.recv() => Signal::TSTP,
+                Some(()) = cont.recv() => Signal::CONT,
+                else => return,
+            };
+            let _ = rustix::process::kill_process_group(group, forward);
+        }
+    });
+    Some(AbortOnDrop(task))
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The exit code for a signal number: 128 + N.
 fn signal_code(signal: i32) -> u8 {
     u8::try_from(128 + signal).unwrap_or(u8::MAX)
@@ -177,11 +204,15 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
         }
     };
     if let Err(error) = reaper.watch(group.id()) {
-        eprintln!(
+        say!(
             "lockrun: warning: the reaper is gone ({error}); a SIGKILL of lockrun would leave the command running"
         );
     }
 
+    // Ctrl-Z (SIGTSTP) would stop lockrun alone, and with it the renewals, while the command
+    // in its own group ran on past the lock. lockrun stays up and stops the command instead;
+    // SIGCONT to lockrun continues it. (SIGSTOP cannot be caught: see the README.)
+    let _stops = forward_stops(group.id());
     let mut supervisor = Supervisor {
         group: &mut group,
         guard: &guard,
@@ -220,7 +251,7 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
         match guard.extend(run.timing.ttl).await {
             Err(LockError::NotHeld { .. }) => lost_while_running = true,
             Err(error) => {
-                eprintln!("lockrun: warning: cannot check the lock after the command: {error}")
+                say!("lockrun: warning: cannot check the lock after the command: {error}")
             }
             Ok(()) => {}
         }
@@ -228,7 +259,7 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
             held_on = true;
             tokio::select! {
                 () = tokio::time::sleep_until(hold_until) => {}
-                () = lost.lost() => eprintln!("lockrun: warning: the lock on `{key}` was lost during --hold-at-least, after `{program}` ended"),
+                () = lost.lost() => say!("lockrun: warning: the lock on `{key}` was lost during --hold-at-least, after `{program}` ended"),
                 signal = forwarded.recv() => received = Some(signal),
             }
         }
@@ -236,11 +267,11 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
     match guard.release().await {
         Ok(()) => {}
         Err(LockError::NotHeld { .. }) if !held_on => lost_while_running = true,
-        Err(LockError::NotHeld { .. }) => eprintln!(
+        Err(LockError::NotHeld { .. }) => say!(
             "lockrun: warning: the lock on `{key}` was lost during --hold-at-least, after `{program}` ended"
         ),
         Err(error) => {
-            eprintln!("lockrun: warning: release failed ({error}); the lock expires by itself")
+            say!("lockrun: warning: release failed ({error}); the lock expires by itself")
         }
     }
 
@@ -326,7 +357,7 @@ impl Supervisor<'_> {
                 .unwrap_or(now);
             if !self.at_risk && now >= term_at {
                 self.at_risk = true;
-                eprintln!(
+                say!(
                     "lockrun: the lock could not be renewed and {} ms of validity are left: stopping the command's process group",
                     valid_until.saturating_duration_since(now).as_millis()
                 );
@@ -367,7 +398,7 @@ impl Supervisor<'_> {
                 () = self.lost.lost(), if !self.lost_seen => {
                     // Gone already: someone else may hold it now. No grace.
                     self.lost_seen = true;
-                    eprintln!("lockrun: the lock was lost: killing the command's process group");
+                    say!("lockrun: the lock was lost: killing the command's process group");
                     self.group.signal(Signal::KILL);
                     let now = Instant::now();
                     self.stop = Some(Stop { kill_at: now, killed_at: Some(now) });
