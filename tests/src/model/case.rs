@@ -20,7 +20,7 @@ use super::Timing;
 pub const CLIENTS: usize = 2;
 
 /// Keys that look like the library's own bookkeeping, glob patterns, hash tags or odd text; the
-/// first [`CROWDED`] are drawn most often.
+/// first six are drawn most often.
 pub const KEY_POOL: &[&str] = &[
     "x",
     "y",

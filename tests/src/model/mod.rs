@@ -4,7 +4,7 @@
 //! A [`Case`] is a few clients (each a `Locker` with its own namespace and, for inc, prefix)
 //! sharing one store, then a sequence of steps: acquire, try_acquire, acquire_many, extend,
 //! release, dropping a guard, keep_alive, purge, inspect, stop, and the passage of time. The
-//! model ([`exec`]) says which outcomes each step may have and checks fencing tokens: per stored
+//! model (in `exec.rs`) says which outcomes each step may have and checks fencing tokens: per stored
 //! key, strictly increasing across acquisitions in the model's order. On a failure proptest
 //! shrinks the case to a minimal sequence, printed with the outcome of every step.
 //!
