@@ -77,7 +77,7 @@ fn inc_on_one_server_follows_the_model() {
         url: server.url(),
         servers: vec![server],
     };
-    let report = model::check(&target, &ModelConfig::from_env(64, 12))
+    let report = model::check(&target, &ModelConfig::from_env(64, 12).without_multi_key())
         .unwrap_or_else(|failure| panic!("{failure}"));
     println!("model inc: {report}");
 }
@@ -102,7 +102,7 @@ fn inc_on_a_cluster_follows_the_model() {
         url,
         servers,
     };
-    let report = model::check(&target, &ModelConfig::from_env(64, 12))
+    let report = model::check(&target, &ModelConfig::from_env(64, 12).without_multi_key())
         .unwrap_or_else(|failure| panic!("{failure}"));
     println!("model inc cluster: {report}");
 }

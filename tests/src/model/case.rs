@@ -338,7 +338,7 @@ fn client() -> impl Strategy<Value = ClientSpec> {
     })
 }
 
-fn op(purge_weight: u32) -> impl Strategy<Value = Op> {
+fn op(purge_weight: u32, many_weight: u32) -> impl Strategy<Value = Op> {
     let client = 0..CLIENTS;
     let guard = 0..8usize;
     prop_oneof![
@@ -346,7 +346,7 @@ fn op(purge_weight: u32) -> impl Strategy<Value = Op> {
             .prop_map(|(client, key, ttl)| Op::Acquire { client, key, ttl }),
         6 => (client.clone(), crowded_key())
             .prop_map(|(client, key)| Op::TryAcquire { client, key }),
-        10 => (client.clone(), vec(crowded_key(), 0..=3))
+        many_weight => (client.clone(), vec(crowded_key(), 0..=3))
             .prop_map(|(client, keys)| Op::AcquireMany { client, keys }),
         6 => (guard.clone(), ttl()).prop_map(|(guard, ttl)| Op::Extend { guard, ttl }),
         6 => guard.clone().prop_map(|guard| Op::Release { guard }),
@@ -361,10 +361,15 @@ fn op(purge_weight: u32) -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Cases of [`CLIENTS`] clients and up to `max_steps` steps; purges are drawn often only
-/// where the backend `can_purge` (elsewhere they only check that purge is refused).
-pub fn case(max_steps: usize, can_purge: bool) -> impl Strategy<Value = Case> {
+/// Cases of [`CLIENTS`] clients and up to `max_steps` steps; purges and multi-key locks are
+/// drawn often only where the backend `can_purge` and has `multi_key` locks (elsewhere they
+/// mostly check the refusal).
+pub fn case(max_steps: usize, can_purge: bool, multi_key: bool) -> impl Strategy<Value = Case> {
     let purge_weight = if can_purge { 6 } else { 1 };
-    (vec(client(), CLIENTS), vec(op(purge_weight), 1..=max_steps))
+    let many_weight = if multi_key { 10 } else { 2 };
+    (
+        vec(client(), CLIENTS),
+        vec(op(purge_weight, many_weight), 1..=max_steps),
+    )
         .prop_map(|(clients, ops)| Case { clients, ops })
 }

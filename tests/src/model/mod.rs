@@ -132,6 +132,9 @@ pub struct ModelConfig {
     pub step_timeout: Duration,
     /// Whether the backend can purge: purges are drawn often only then.
     pub can_purge: bool,
+    /// Whether the backend has multi-key locks: `acquire_many` of several keys is drawn often
+    /// only then.
+    pub multi_key: bool,
 }
 
 impl ModelConfig {
@@ -145,7 +148,16 @@ impl ModelConfig {
             shrink_time: Duration::from_secs(60),
             step_timeout: Duration::from_secs(10),
             can_purge: true,
+            multi_key: true,
         }
+    }
+
+    /// For a backend without multi-key locks: `acquire_many` is rare (it checks the refusal,
+    /// and the single-key call).
+    #[must_use]
+    pub fn without_multi_key(mut self) -> Self {
+        self.multi_key = false;
+        self
     }
 
     /// For a backend without purge: purge steps are rare (they only check the refusal).
@@ -259,9 +271,10 @@ pub fn check<T: Target>(target: &T, config: &ModelConfig) -> Result<Report, Box<
     let started = std::time::Instant::now();
     let mut runner = TestRunner::new(proptest_config);
     let tally = std::cell::RefCell::new(exec::Tally::new());
-    let result = runner.run(&case(config.max_steps, config.can_purge), |case| {
-        run_one(target, &case, config, &mut tally.borrow_mut()).map_err(TestCaseError::fail)
-    });
+    let result = runner.run(
+        &case(config.max_steps, config.can_purge, config.multi_key),
+        |case| run_one(target, &case, config, &mut tally.borrow_mut()).map_err(TestCaseError::fail),
+    );
     match result {
         Ok(()) => Ok(Report {
             seed,
