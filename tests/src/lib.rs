@@ -8,6 +8,7 @@ pub mod backed;
 pub mod clock;
 pub mod explore;
 pub mod history;
+pub mod model;
 pub mod proxy;
 pub mod server;
 pub mod tls;

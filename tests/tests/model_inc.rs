@@ -1,0 +1,108 @@
+//! The model-based test of the public API on real redis-servers, through the inc backend: one
+//! server, and a Redis Cluster of three primaries. Each client has its own prefix, drawn with
+//! glob characters and hash-tag braces, so the model also checks what the store's key names
+//! make collide and what purge matches. Time is real (see `lock_tests::model`).
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lock_core::{Lock, Result};
+use lock_inc::{IncConfig, IncLock};
+use lock_tests::model::{self, AfterStop, ClientSetup, ModelConfig, Naming, Target, Timing};
+use lock_tests::server::{RedisServer, redis_or_skip, start_cluster};
+
+/// inc over a server or a cluster, emptied before each case; each client connects on its own.
+struct Inc {
+    label: &'static str,
+    url: String,
+    servers: Vec<RedisServer>,
+}
+
+impl Target for Inc {
+    fn label(&self) -> String {
+        self.label.to_owned()
+    }
+
+    fn timing(&self) -> Timing {
+        Timing::Real
+    }
+
+    fn naming(&self) -> Naming {
+        Naming::HashTagged
+    }
+
+    fn guards_after_stop(&self) -> AfterStop {
+        AfterStop::BackendError
+    }
+
+    fn cluster(&self) -> bool {
+        self.url.starts_with("redis-cluster://")
+    }
+
+    fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+
+    fn reset(&self) -> std::result::Result<(), String> {
+        for server in &self.servers {
+            match server.command("FLUSHALL", Duration::from_secs(5)) {
+                Ok(reply) if reply == "+OK" => {}
+                other => return Err(format!("FLUSHALL on port {}: {other:?}", server.port())),
+            }
+        }
+        Ok(())
+    }
+
+    async fn backend(&self, setup: &ClientSetup) -> Result<Arc<dyn Lock>> {
+        let mut config = IncConfig::new(self.url.clone());
+        config.prefix = setup.prefix.clone();
+        // Far above any answer on loopback (the model is about semantics, not latency); it is
+        // also how long a guard's call waits once its client was stopped.
+        config.command_timeout = 1_000;
+        Ok(Arc::new(IncLock::connect(config).await?))
+    }
+}
+
+#[test]
+fn inc_on_one_server_follows_the_model() {
+    let Some(binary) = redis_or_skip("inc model") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).expect("redis-server starts");
+    let target = Inc {
+        label: "inc",
+        url: server.url(),
+        servers: vec![server],
+    };
+    let report = model::check(&target, &ModelConfig::from_env(64, 12).without_multi_key())
+        .unwrap_or_else(|failure| panic!("{failure}"));
+    println!("model inc: {report}");
+}
+
+#[test]
+fn inc_on_a_cluster_follows_the_model() {
+    let Some(binary) = redis_or_skip("inc cluster model") else {
+        return;
+    };
+    let servers = start_cluster(&binary, 3).expect("cluster");
+    let seeds: Vec<String> = servers[1..]
+        .iter()
+        .map(|server| format!("node=127.0.0.1:{}", server.port()))
+        .collect();
+    let url = format!(
+        "redis-cluster://127.0.0.1:{}?{}",
+        servers[0].port(),
+        seeds.join("&")
+    );
+    let target = Inc {
+        label: "inc (cluster of 3)",
+        url,
+        servers,
+    };
+    let report = model::check(&target, &ModelConfig::from_env(64, 12).without_multi_key())
+        .unwrap_or_else(|failure| panic!("{failure}"));
+    println!("model inc cluster: {report}");
+}

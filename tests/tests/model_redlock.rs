@@ -1,0 +1,86 @@
+//! The model-based test of the public API on real redis-servers, through the Redlock backend:
+//! one node (the plain single-Redis lock, `redis`) and three nodes (`redlock`). Time is real:
+//! short locks live 150 ms and time moves in steps of 300 ms, so every expiry the model relies on
+//! is decided (see `lock_tests::model`).
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lock_core::{Lock, Result};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::model::{self, AfterStop, ClientSetup, ModelConfig, Naming, Target, Timing};
+use lock_tests::server::{RedisServer, redis_or_skip};
+
+/// Redlock over `servers`, emptied before each case; each client gets its own backend value
+/// (so stopping one client closes only its connections).
+struct Nodes {
+    label: &'static str,
+    servers: Vec<RedisServer>,
+}
+
+impl Target for Nodes {
+    fn label(&self) -> String {
+        format!("{} ({} node(s))", self.label, self.servers.len())
+    }
+
+    fn timing(&self) -> Timing {
+        Timing::Real
+    }
+
+    fn naming(&self) -> Naming {
+        Naming::Plain
+    }
+
+    fn guards_after_stop(&self) -> AfterStop {
+        AfterStop::Stopped
+    }
+
+    fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+
+    fn reset(&self) -> std::result::Result<(), String> {
+        for server in &self.servers {
+            match server.command("FLUSHALL", Duration::from_secs(5)) {
+                Ok(reply) if reply == "+OK" => {}
+                other => return Err(format!("FLUSHALL on port {}: {other:?}", server.port())),
+            }
+        }
+        Ok(())
+    }
+
+    async fn backend(&self, setup: &ClientSetup) -> Result<Arc<dyn Lock>> {
+        // Node timeouts far above any answer on loopback: a slow machine must not turn into
+        // failed votes (the model is about semantics, not latency).
+        let config = RedlockConfig::new(self.servers.iter().map(RedisServer::url))
+            .with_node_timeout(Duration::from_secs(2))
+            .with_fencing(setup.fencing);
+        Ok(Arc::new(Redlock::new(config)?))
+    }
+}
+
+fn run(label: &'static str, nodes: usize) {
+    let Some(binary) = redis_or_skip(label) else {
+        return;
+    };
+    let servers = (0..nodes)
+        .map(|_| RedisServer::start(&binary, &[]).expect("redis-server starts"))
+        .collect();
+    let target = Nodes { label, servers };
+    let report = model::check(&target, &ModelConfig::from_env(64, 12).without_purge())
+        .unwrap_or_else(|failure| panic!("{failure}"));
+    println!("model {}: {report}", target.label());
+}
+
+#[test]
+fn redis_with_one_node_follows_the_model() {
+    run("redis", 1);
+}
+
+#[test]
+fn redlock_with_three_nodes_follows_the_model() {
+    run("redlock", 3);
+}
