@@ -60,19 +60,29 @@ pub(crate) async fn keep_alive(
     let lead = ttl / 3;
     let retry_every = (ttl / 10).max(Duration::from_millis(1));
     let mut can_extend = true;
-    let mut next_try = status
-        .borrow()
-        .valid_until
-        .checked_sub(lead)
-        .unwrap_or_else(Instant::now);
+    let mut planned_for = status.borrow().valid_until;
+    let mut next_try = planned_for.checked_sub(lead).unwrap_or_else(Instant::now);
+    // The holder may extend by hand (even to a shorter ttl): the plan follows every change.
+    let mut changes = status.subscribe();
     loop {
-        let valid_until = status.borrow().valid_until;
+        let valid_until = changes.borrow_and_update().valid_until;
+        if valid_until != planned_for {
+            planned_for = valid_until;
+            next_try = valid_until.checked_sub(lead).unwrap_or_else(Instant::now);
+        }
         let wake_at = if can_extend {
             next_try.min(valid_until)
         } else {
             valid_until
         };
-        tokio::time::sleep_until(wake_at).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(wake_at) => {}
+            changed = changes.changed() => {
+                if changed.is_ok() {
+                    continue;
+                }
+            }
+        }
         // The holder may have extended it meanwhile.
         let valid_until = status.borrow().valid_until;
         if Instant::now() >= valid_until {
@@ -88,6 +98,7 @@ pub(crate) async fn keep_alive(
             Ok(()) => {
                 let valid_until = handle.valid_until();
                 status.send_modify(|status| status.valid_until = valid_until);
+                planned_for = valid_until;
                 if let Some(queue_validity) = &queue_validity {
                     queue_validity.set(valid_until);
                 }

@@ -482,15 +482,32 @@ impl Handle for MemoryHandle {
     async fn extend(&mut self, ttl: Duration) -> Result<()> {
         let now = Instant::now();
         let expires_at = now + ttl;
+        // All or nothing: a key found lost puts the keys already moved back as they were.
+        let mut moved = Vec::with_capacity(self.keys.len());
         for key in self.keys.iter() {
-            let Some(mut slot) = self.inner.slots.get_mut(key) else {
-                return Err(self.not_held());
-            };
-            match slot.holder.as_mut() {
-                Some(holder) if holder.token == self.token && holder.expires_at > now => {
-                    holder.expires_at = expires_at;
+            let held =
+                self.inner
+                    .slots
+                    .get_mut(key)
+                    .and_then(|mut slot| match slot.holder.as_mut() {
+                        Some(holder) if holder.token == self.token && holder.expires_at > now => {
+                            Some(std::mem::replace(&mut holder.expires_at, expires_at))
+                        }
+                        _ => None,
+                    });
+            match held {
+                Some(before) => moved.push((key, before)),
+                None => {
+                    for (key, before) in moved {
+                        if let Some(mut slot) = self.inner.slots.get_mut(key)
+                            && let Some(holder) = slot.holder.as_mut()
+                            && holder.token == self.token
+                        {
+                            holder.expires_at = before;
+                        }
+                    }
+                    return Err(self.not_held());
                 }
-                _ => return Err(self.not_held()),
             }
         }
         self.valid_until = expires_at;

@@ -43,7 +43,6 @@ async fn a_dropped_kept_alive_guard_frees_its_key_at_once() {
 /// earlier validity: the lock lapses with the shorter ttl, and the lost signal fires only when
 /// the watchdog wakes, seconds after another holder could have taken the key.
 #[tokio::test(start_paused = true)]
-#[ignore = "known bug: the watchdog does not re-plan after an explicit shorter extend"]
 async fn a_shorter_extend_of_a_kept_alive_guard_keeps_it_alive() {
     let lock = MemoryLock::new();
     let locker = locker(&lock, Duration::from_secs(10));
@@ -67,7 +66,6 @@ async fn a_shorter_extend_of_a_kept_alive_guard_keeps_it_alive() {
 /// second key was purged, extend fails with `NotHeld` but has already moved the first key's
 /// expiry, which then outlives the lock's ttl.
 #[tokio::test(start_paused = true)]
-#[ignore = "known bug: a failed extend of a multi-key memory lock extends the keys before the lost one"]
 async fn a_failed_extend_leaves_every_key_as_it_was() {
     let lock = MemoryLock::new();
     let locker = locker(&lock, Duration::from_millis(100));
