@@ -120,3 +120,36 @@ fn a_wait_that_returns_at_once_cannot_make_the_loop_spin() {
         "{made} attempts in 500 ms at a 50 ms retry delay"
     );
 }
+
+/// A retry delay of zero (accepted by `RetryPolicy::validate`) makes every wait end at its own
+/// `wake_at`, so none counts as early: the loop must still yield (found by an adversarial review:
+/// 2 021 439 attempts in 5 s before the loop spent tokio's cooperative budget).
+#[test]
+fn a_zero_retry_delay_cannot_make_the_loop_spin() {
+    let attempts = Arc::new(AtomicU64::new(0));
+    let backend = NeverFree {
+        attempts: Arc::clone(&attempts),
+    };
+    let retry = RetryPolicy::forever()
+        .with_retry_delay(Duration::ZERO)
+        .with_retry_jitter(Duration::ZERO);
+    assert!(retry.validate().is_ok(), "a zero delay is accepted");
+    let cancelled = returns_within(
+        Duration::from_secs(5),
+        "a 200 ms timeout on acquire with a zero retry delay",
+        async move {
+            let locker = Locker::new(backend)
+                .with_local_queue(false)
+                .with_options(LockOptions::default().with_retry(retry))
+                .unwrap();
+            tokio::time::timeout(Duration::from_millis(200), locker.acquire("k"))
+                .await
+                .is_err()
+        },
+    );
+    println!(
+        "zero retry delay: cancelled by the timeout: {cancelled}, attempts: {}",
+        attempts.load(Ordering::SeqCst)
+    );
+    assert!(cancelled, "the acquire ended before its timeout");
+}
