@@ -105,6 +105,20 @@ pub enum LockError {
         source: Option<Box<dyn StdError + Send + Sync>>,
     },
 
+    /// The key is in use as another kind of lock (a mutex, a semaphore of another size, a
+    /// read-write lock): every client must use a key as the same kind.
+    #[error(
+        "`{key}` is in use as {found}, not as {asked}; every client must use a key as the same kind of lock"
+    )]
+    KindMismatch {
+        /// The (namespaced) key.
+        key: String,
+        /// What the store holds the key as, e.g. `a semaphore of 3 permit(s)`.
+        found: String,
+        /// What this call asked for.
+        asked: String,
+    },
+
     /// The client was stopped; every later call fails with this error.
     #[error("the lock client was stopped; create a new one")]
     Stopped,

@@ -11,7 +11,7 @@ use tracing::Instrument;
 use crate::error::{LockError, Result};
 use crate::key::Key;
 use crate::local::{self, Places, Ticket, Validity};
-use crate::lock::Handle;
+use crate::lock::{Handle, LeaseKind};
 use crate::token::Token;
 use crate::validate;
 use crate::watchdog::{self, LostSignal, Status};
@@ -32,6 +32,7 @@ pub struct LockGuard {
     state: State,
     ttl: Duration,
     backend: &'static str,
+    kind: LeaseKind,
     /// Places in this process's queue for the keys, left once the store released them or the
     /// lock's validity lapsed, whichever comes first.
     tickets: Option<Tickets>,
@@ -87,8 +88,20 @@ impl LockGuard {
             state: State::Held(handle),
             ttl,
             backend,
+            kind: LeaseKind::Exclusive,
             tickets: None,
         })
+    }
+
+    /// Records the kind of lease the handle holds.
+    pub(crate) fn with_kind(mut self, kind: LeaseKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// What is held: a mutex, a semaphore permit, a read or a write lock.
+    pub fn kind(&self) -> LeaseKind {
+        self.kind
     }
 
     /// Keeps this process's queue places until the lock is released or its validity lapses.
@@ -267,6 +280,62 @@ impl LockGuard {
         .await
     }
 
+    /// Turns this write lock into a read lock on the same key, with no moment in between where
+    /// a writer could enter; other readers may then join. The expiry, the fencing token and a
+    /// running [`keep_alive`](LockGuard::keep_alive) stay as they were. There is no upgrade:
+    /// release the read lock and take the write lock instead.
+    ///
+    /// # Errors
+    /// - [`LockError::InvalidInput`] naming `kind` unless this guard holds a write lock;
+    /// - [`LockError::NotHeld`] if the local validity has passed or the store no longer holds
+    ///   our token; [`LockError::Backend`] on I/O (the lock is then still a write lock).
+    pub async fn downgrade(&mut self) -> Result<()> {
+        if self.kind != LeaseKind::Write {
+            return Err(LockError::invalid(
+                "kind",
+                format!(
+                    "only a write lock can be downgraded; this guard holds {}",
+                    self.kind
+                ),
+            ));
+        }
+        let span =
+            tracing::debug_span!("lock.downgrade", backend = self.backend, key = %self.key());
+        async {
+            if !self.is_valid() {
+                return Err(LockError::NotHeld {
+                    key: self.key().to_string(),
+                });
+            }
+            let result = match &mut self.state {
+                State::Held(handle) => handle.downgrade().await,
+                State::Watched(watched) => watched.handle.lock().await.downgrade().await,
+                State::Released => Err(LockError::NotHeld { key: String::new() }),
+            };
+            let result = result.map_err(|error| match error {
+                LockError::Unsupported { capability, .. } => LockError::Unsupported {
+                    backend: self.backend,
+                    capability,
+                },
+                other => other,
+            });
+            match &result {
+                Ok(()) => {
+                    self.kind = LeaseKind::Read;
+                    // Readers do not line up in this process's queue: let the next task go.
+                    if let Some(tickets) = self.tickets.take() {
+                        tickets.give_up();
+                    }
+                    tracing::debug!("downgraded to a read lock");
+                }
+                Err(error) => tracing::warn!(%error, "downgrade failed"),
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
     /// Releases the lock and reports whether it was still ours.
     ///
     /// # Errors
@@ -377,6 +446,7 @@ impl fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockGuard")
             .field("backend", &self.backend)
+            .field("kind", &self.kind)
             .field("keys", &self.keys())
             .field("token", self.token())
             .field("fencing_token", &self.fencing_token())

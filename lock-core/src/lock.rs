@@ -34,6 +34,12 @@ pub struct Capabilities {
     /// [`Lock::wait_for_release`] returns early when a key is released or expires, so waiters
     /// do not poll.
     pub wake_on_release: bool,
+    /// Semaphores: requests of kind [`LeaseKind::Permit`] are served, at most `permits` holders
+    /// at once per key.
+    pub semaphore: bool,
+    /// Read-write locks: requests of kind [`LeaseKind::Read`] and [`LeaseKind::Write`] are
+    /// served, and [`Handle::downgrade`] works.
+    pub read_write: bool,
 }
 
 impl Capabilities {
@@ -46,6 +52,8 @@ impl Capabilities {
         multi_key: false,
         fencing: false,
         wake_on_release: false,
+        semaphore: false,
+        read_write: false,
     };
 
     /// Adds [`Capabilities::extend`].
@@ -96,6 +104,95 @@ impl Capabilities {
         self.wake_on_release = true;
         self
     }
+
+    /// Adds [`Capabilities::semaphore`].
+    #[must_use]
+    pub const fn with_semaphore(mut self) -> Self {
+        self.semaphore = true;
+        self
+    }
+
+    /// Adds [`Capabilities::read_write`].
+    #[must_use]
+    pub const fn with_read_write(mut self) -> Self {
+        self.read_write = true;
+        self
+    }
+
+    /// Whether a backend with these capabilities serves requests of `kind`; when not, the
+    /// capability that is missing, as [`LockError::Unsupported`] names it.
+    pub fn serves(&self, kind: LeaseKind) -> std::result::Result<(), &'static str> {
+        match kind {
+            LeaseKind::Exclusive => Ok(()),
+            LeaseKind::Permit { .. } if self.semaphore => Ok(()),
+            LeaseKind::Permit { .. } => Err("semaphores"),
+            LeaseKind::Read | LeaseKind::Write if self.read_write => Ok(()),
+            LeaseKind::Read | LeaseKind::Write => Err("read-write locks"),
+        }
+    }
+}
+
+/// What kind of lease a request asks for: the one thing that tells a mutex, a semaphore permit
+/// and the two sides of a read-write lock apart. Everything else (ttl, extend, release,
+/// `keep_alive`, fencing, cancel safety, the retry policy) is the same for all of them.
+///
+/// A key is used as one kind of lock by every client: a backend that finds a key held as
+/// another kind (a semaphore of another size, a read-write lock asked for as a mutex) refuses
+/// with [`LockError::KindMismatch`] or treats the key as held; it never admits both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LeaseKind {
+    /// A mutex: one holder at a time.
+    #[default]
+    Exclusive,
+    /// One permit of a semaphore: at most `permits` holders at a time. Every client of the key
+    /// must ask with the same number.
+    Permit {
+        /// How many holders the semaphore admits at once.
+        permits: std::num::NonZeroU32,
+    },
+    /// The shared side of a read-write lock: any number of readers together, never with a
+    /// writer. A writer that waits keeps new readers out, so writers are not starved.
+    Read,
+    /// The exclusive side of a read-write lock: one writer, no reader.
+    Write,
+}
+
+impl LeaseKind {
+    /// A permit of a semaphore of `permits` holders.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `permits` when it is 0 or above
+    /// [`MAX_PERMITS`](crate::validate::MAX_PERMITS).
+    pub fn permit(permits: u32) -> Result<Self> {
+        let permits = crate::validate::permits("permits", permits)?;
+        Ok(Self::Permit { permits })
+    }
+
+    /// True for the kinds that admit one holder only (a mutex and a writer).
+    pub fn is_exclusive(&self) -> bool {
+        matches!(self, Self::Exclusive | Self::Write)
+    }
+
+    /// How many holders may hold a key together under this kind (`u32::MAX` for readers).
+    pub fn holders(&self) -> u32 {
+        match self {
+            Self::Exclusive | Self::Write => 1,
+            Self::Permit { permits } => permits.get(),
+            Self::Read => u32::MAX,
+        }
+    }
+}
+
+impl fmt::Display for LeaseKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exclusive => f.write_str("a mutex"),
+            Self::Permit { permits } => write!(f, "a semaphore of {permits} permit(s)"),
+            Self::Read => f.write_str("a read-write lock (read)"),
+            Self::Write => f.write_str("a read-write lock (write)"),
+        }
+    }
 }
 
 /// One acquisition attempt, as the core hands it to a backend.
@@ -108,6 +205,8 @@ pub struct LockRequest {
     token: Token,
     ttl: Duration,
     after_wait: bool,
+    will_wait: bool,
+    kind: LeaseKind,
 }
 
 impl LockRequest {
@@ -127,7 +226,36 @@ impl LockRequest {
             token,
             ttl,
             after_wait: false,
+            will_wait: false,
+            kind: LeaseKind::Exclusive,
         }
+    }
+
+    /// Marks an attempt whose caller will wait and try again if it finds the keys held (as
+    /// opposed to a single try). A writer that will wait may leave a claim that keeps new
+    /// readers out (see [`LeaseKind::Write`]); a single try leaves nothing.
+    #[must_use]
+    pub fn with_will_wait(mut self, will_wait: bool) -> Self {
+        self.will_wait = will_wait;
+        self
+    }
+
+    /// True when the caller will wait and try again if this attempt finds the keys held.
+    pub fn will_wait(&self) -> bool {
+        self.will_wait
+    }
+
+    /// Sets the kind of lease asked for ([`LeaseKind::Exclusive`] unless set).
+    #[must_use]
+    pub fn with_kind(mut self, kind: LeaseKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// The kind of lease asked for. The core sends a kind other than
+    /// [`LeaseKind::Exclusive`] only to a backend whose [`Capabilities`] serve it.
+    pub fn kind(&self) -> LeaseKind {
+        self.kind
     }
 
     /// Marks an attempt that follows a wait for the same keys. Backends that hold a released
@@ -250,14 +378,17 @@ pub trait Lock: Send + Sync + fmt::Debug + 'static {
         None
     }
 
-    /// Removes whatever an attempt with `token` may have left on `keys`, compared by token.
+    /// Removes whatever the attempt `request` may have left on its keys, compared by its token:
+    /// a lock (of the request's kind) or a writer's claim to be next
+    /// ([`LeaseKind::Write`] attempts that found readers).
     ///
     /// The core calls it when an attempt was cancelled mid-flight or its outcome is unknown
-    /// (a timed-out write may still have landed). Returns whether anything was removed.
+    /// (a timed-out write may still have landed), and when a writer stops waiting. Returns
+    /// whether anything was removed.
     ///
     /// # Errors
     /// [`LockError::Backend`] when the store cannot be reached.
-    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool>;
+    async fn abandon(&self, request: &LockRequest) -> Result<bool>;
 
     /// Waits until one of `keys` may have become free, or `max_wait` has passed.
     ///
@@ -358,6 +489,21 @@ pub trait Handle: Send + Sync + fmt::Debug {
     fn release_now(&mut self) -> Option<Result<()>> {
         None
     }
+
+    /// Turns a held write lock ([`LeaseKind::Write`]) into a read lock on the same keys, with
+    /// no moment in between where another writer could enter. The expiry and the fencing token
+    /// stay as they were. The core calls it only on a write lock of a backend with
+    /// [`Capabilities::read_write`].
+    ///
+    /// # Errors
+    /// [`LockError::NotHeld`] if the lock was lost, [`LockError::Unsupported`] by default,
+    /// [`LockError::Backend`] on failure.
+    async fn downgrade(&mut self) -> Result<()> {
+        Err(LockError::Unsupported {
+            backend: "this",
+            capability: "downgrade",
+        })
+    }
 }
 
 #[async_trait]
@@ -388,8 +534,8 @@ impl<L: Lock + ?Sized> Lock for Arc<L> {
         (**self).try_acquire_now(request)
     }
 
-    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
-        (**self).abandon(keys, token).await
+    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
+        (**self).abandon(request).await
     }
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {

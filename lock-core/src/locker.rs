@@ -13,7 +13,7 @@ use crate::error::{LockError, Result};
 use crate::guard::LockGuard;
 use crate::key::{Key, KeySet, Namespace, key_for};
 use crate::local::LocalQueue;
-use crate::lock::{Capabilities, Handle, KeyState, Lock, LockRequest};
+use crate::lock::{Capabilities, Handle, KeyState, LeaseKind, Lock, LockRequest};
 use crate::options::LockOptions;
 use crate::retry::{RetryCount, RetryPolicy};
 use crate::token::Token;
@@ -45,6 +45,8 @@ pub struct Locker {
 pub struct LeaseInfo {
     /// The key held, namespaced as stored.
     pub key: Key,
+    /// What is held: a mutex, a permit, a read or a write lock.
+    pub kind: LeaseKind,
     /// The local instant until which the lock was safe to rely on when it was taken (the
     /// watchdog moves it forward while it extends the lock).
     pub valid_until: Instant,
@@ -157,7 +159,8 @@ impl Locker {
     pub async fn acquire(&self, key: &str) -> Result<LockGuard> {
         // The client's own options were validated when they were set.
         let keys = KeySet::one(self.lock_ns(key)?);
-        self.acquire_keys(keys, &self.options).await
+        self.acquire_keys(keys, LeaseKind::Exclusive, &self.options)
+            .await
     }
 
     /// Like [`Locker::acquire`], with options for this call only.
@@ -167,7 +170,76 @@ impl Locker {
     pub async fn acquire_with(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
         options.validate()?;
         let keys = KeySet::one(self.lock_ns(key)?);
-        self.acquire_keys(keys, options).await
+        self.acquire_keys(keys, LeaseKind::Exclusive, options).await
+    }
+
+    /// Takes a lease of `kind` on `key` (a mutex, a semaphore permit, a read or a write lock),
+    /// retrying per `options`. [`Locker::acquire`], [`Locker::acquire_permit`],
+    /// [`Locker::acquire_read`] and [`Locker::acquire_write`] are this with one kind.
+    ///
+    /// # Errors
+    /// As [`Locker::acquire`]; [`LockError::Unsupported`] when the backend does not serve
+    /// `kind`; [`LockError::KindMismatch`] when the key is in use as another kind (a semaphore
+    /// of another size, say).
+    pub async fn acquire_kind(
+        &self,
+        key: &str,
+        kind: LeaseKind,
+        options: &LockOptions,
+    ) -> Result<LockGuard> {
+        options.validate()?;
+        let keys = KeySet::one(self.lock_ns(key)?);
+        self.acquire_keys(keys, kind, options).await
+    }
+
+    /// Makes one attempt at a lease of `kind`: `Ok(None)` when the key is held (for a
+    /// semaphore: when every permit is taken; for a reader: when a writer holds or waits).
+    ///
+    /// # Errors
+    /// As [`Locker::acquire_kind`].
+    pub async fn try_acquire_kind(&self, key: &str, kind: LeaseKind) -> Result<Option<LockGuard>> {
+        let keys = KeySet::one(self.lock_ns(key)?);
+        let options = self.options.clone().with_retry(RetryPolicy::none());
+        match self.acquire_keys(keys, kind, &options).await {
+            Ok(guard) => Ok(Some(guard)),
+            Err(LockError::Locked { .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Takes one of the `permits` permits of the semaphore `key`, retrying per the client's
+    /// policy: at most `permits` holders hold the key at once. Every client must ask with the
+    /// same `permits`.
+    ///
+    /// # Errors
+    /// As [`Locker::acquire_kind`]; [`LockError::InvalidInput`] for 0 or too many permits.
+    pub async fn acquire_permit(&self, key: &str, permits: u32) -> Result<LockGuard> {
+        let kind = LeaseKind::permit(permits)?;
+        let keys = KeySet::one(self.lock_ns(key)?);
+        self.acquire_keys(keys, kind, &self.options).await
+    }
+
+    /// Takes the read (shared) side of the read-write lock `key`: together with other readers,
+    /// never with a writer.
+    ///
+    /// # Errors
+    /// As [`Locker::acquire_kind`].
+    pub async fn acquire_read(&self, key: &str) -> Result<LockGuard> {
+        let keys = KeySet::one(self.lock_ns(key)?);
+        self.acquire_keys(keys, LeaseKind::Read, &self.options)
+            .await
+    }
+
+    /// Takes the write (exclusive) side of the read-write lock `key`: no reader, no other
+    /// writer. While it waits, new readers are kept out, so a stream of readers cannot starve
+    /// it.
+    ///
+    /// # Errors
+    /// As [`Locker::acquire_kind`].
+    pub async fn acquire_write(&self, key: &str) -> Result<LockGuard> {
+        let keys = KeySet::one(self.lock_ns(key)?);
+        self.acquire_keys(keys, LeaseKind::Write, &self.options)
+            .await
     }
 
     /// Takes several keys as one lock, all or none (backends with
@@ -177,7 +249,8 @@ impl Locker {
     /// As [`Locker::acquire`]; [`LockError::Unsupported`] without the capability.
     pub async fn acquire_many(&self, keys: &[&str]) -> Result<LockGuard> {
         let keys = self.keys(keys)?;
-        self.acquire_keys(keys, &self.options).await
+        self.acquire_keys(keys, LeaseKind::Exclusive, &self.options)
+            .await
     }
 
     /// Makes one attempt: `Ok(None)` when someone else holds the key.
@@ -185,13 +258,7 @@ impl Locker {
     /// # Errors
     /// [`LockError::InvalidInput`] for a bad key; backend failures.
     pub async fn try_acquire(&self, key: &str) -> Result<Option<LockGuard>> {
-        let keys = KeySet::one(self.lock_ns(key)?);
-        let options = self.options.clone().with_retry(RetryPolicy::none());
-        match self.acquire_keys(keys, &options).await {
-            Ok(guard) => Ok(Some(guard)),
-            Err(LockError::Locked { .. }) => Ok(None),
-            Err(error) => Err(error),
-        }
+        self.try_acquire_kind(key, LeaseKind::Exclusive).await
     }
 
     /// Runs `critical_section` while holding the lock on `key`, then releases it.
@@ -209,10 +276,31 @@ impl Locker {
         F: FnOnce(LeaseInfo) -> Fut,
         Fut: Future<Output = T>,
     {
-        let mut guard = self.acquire(key).await?;
+        self.with_lease(key, LeaseKind::Exclusive, critical_section)
+            .await
+    }
+
+    /// [`Locker::with_lock`] for a lease of any kind: runs `critical_section` while holding a
+    /// permit, a read or a write lock on `key`, kept alive meanwhile, then releases it.
+    ///
+    /// # Errors
+    /// As [`Locker::with_lock`] and [`Locker::acquire_kind`].
+    pub async fn with_lease<T, F, Fut>(
+        &self,
+        key: &str,
+        kind: LeaseKind,
+        critical_section: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(LeaseInfo) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let keys = KeySet::one(self.lock_ns(key)?);
+        let mut guard = self.acquire_keys(keys, kind, &self.options).await?;
         let lost = guard.keep_alive()?;
         let info = LeaseInfo {
             key: guard.key().clone(),
+            kind: guard.kind(),
             valid_until: guard.valid_until(),
             fencing_token: guard.fencing_token(),
             lost: lost.clone(),
@@ -296,18 +384,24 @@ impl Locker {
     ///
     /// Every step of the hot path that would otherwise be an `.await` (a boxed future, a
     /// state machine moved around) is skipped here, which is most of an in-process lock's cost.
-    fn acquire_at_once(&self, keys: &KeySet, options: &LockOptions) -> AtOnce {
-        if let Err(error) = self.check_keys(keys) {
+    fn acquire_at_once(&self, keys: &KeySet, kind: LeaseKind, options: &LockOptions) -> AtOnce {
+        if let Err(error) = self.check_keys(keys, kind) {
             return AtOnce::Settled(Err(error));
         }
-        // A store shared between processes needs I/O; the queue decides who asks first.
-        if self.store().capabilities().distributed || self.queue_for(options).is_some() {
+        // A store shared between processes needs I/O; the queue decides who asks first; a
+        // writer that finds readers leaves a claim, which the awaiting path looks after.
+        if self.store().capabilities().distributed
+            || self.queue_for(options, kind).is_some()
+            || kind == LeaseKind::Write
+        {
             return AtOnce::NotAnswered;
         }
-        let span = self.acquire_span(keys);
+        let span = self.acquire_span(keys, kind);
         let _entered = span.enter();
         let request = match Token::generate() {
-            Ok(token) => LockRequest::prevalidated(keys.clone(), token, options.ttl()),
+            Ok(token) => {
+                LockRequest::prevalidated(keys.clone(), token, options.ttl()).with_kind(kind)
+            }
             Err(error) => return AtOnce::Settled(Err(error)),
         };
         match self.store().try_acquire_now(&request) {
@@ -315,7 +409,10 @@ impl Locker {
             Some(Ok(Some(handle))) => match born_valid(handle) {
                 Some(handle) => {
                     tracing::debug!(attempts = 1, "acquired");
-                    AtOnce::Settled(LockGuard::new(handle, self.store().name(), options.ttl()))
+                    AtOnce::Settled(
+                        LockGuard::new(handle, self.store().name(), options.ttl())
+                            .map(|guard| guard.with_kind(kind)),
+                    )
                 }
                 None => AtOnce::Held,
             },
@@ -324,14 +421,31 @@ impl Locker {
         }
     }
 
-    /// Refuses calls on a stopped client and multi-key locks on backends without them.
-    fn check_keys(&self, keys: &KeySet) -> Result<()> {
+    /// Refuses calls on a stopped client, kinds the backend does not serve, and multi-key
+    /// locks on backends without them (multi-key locks are mutexes only).
+    fn check_keys(&self, keys: &KeySet, kind: LeaseKind) -> Result<()> {
         self.check_running()?;
-        if keys.len() > 1 && !self.store().capabilities().multi_key {
+        let capabilities = self.store().capabilities();
+        let backend = self.store().name();
+        if let Err(capability) = capabilities.serves(kind) {
             return Err(LockError::Unsupported {
-                backend: self.store().name(),
-                capability: "multi-key locks",
+                backend,
+                capability,
             });
+        }
+        if keys.len() > 1 {
+            if kind != LeaseKind::Exclusive {
+                return Err(LockError::Unsupported {
+                    backend,
+                    capability: "multi-key semaphores or read-write locks",
+                });
+            }
+            if !capabilities.multi_key {
+                return Err(LockError::Unsupported {
+                    backend,
+                    capability: "multi-key locks",
+                });
+            }
         }
         Ok(())
     }
@@ -339,27 +453,38 @@ impl Locker {
     /// The in-process queue, if this call lines up in it: waits bounded by time rather than by
     /// a count of attempts. A single attempt asks the store directly, which alone knows about
     /// purges.
-    fn queue_for(&self, options: &LockOptions) -> Option<&Arc<LocalQueue>> {
+    ///
+    /// Only leases with one holder line up: a permit or a reader would hold its place in line
+    /// while it holds the lease and keep out the other holders the lease admits.
+    fn queue_for(&self, options: &LockOptions, kind: LeaseKind) -> Option<&Arc<LocalQueue>> {
         self.local
             .as_ref()
-            .filter(|_| options.retry().retry_count() == RetryCount::Forever)
+            .filter(|_| kind.is_exclusive() && options.retry().retry_count() == RetryCount::Forever)
     }
 
-    fn acquire_span(&self, keys: &KeySet) -> tracing::Span {
+    fn acquire_span(&self, keys: &KeySet, kind: LeaseKind) -> tracing::Span {
         tracing::debug_span!(
             "lock.acquire",
             backend = self.store().name(),
             key = %keys.primary(),
+            kind = %kind,
         )
     }
 
-    async fn acquire_keys(&self, keys: KeySet, options: &LockOptions) -> Result<LockGuard> {
-        match self.acquire_at_once(&keys, options) {
+    async fn acquire_keys(
+        &self,
+        keys: KeySet,
+        kind: LeaseKind,
+        options: &LockOptions,
+    ) -> Result<LockGuard> {
+        match self.acquire_at_once(&keys, kind, options) {
             AtOnce::Settled(result) => result,
             // Boxed: the awaiting path's state is large, and inline it would make every
             // `acquire` future as large, to be moved even when the first attempt settles.
-            AtOnce::Held => Box::pin(self.acquire_awaiting(keys, options, true)).await,
-            AtOnce::NotAnswered => Box::pin(self.acquire_awaiting(keys, options, false)).await,
+            AtOnce::Held => Box::pin(self.acquire_awaiting(keys, kind, options, true)).await,
+            AtOnce::NotAnswered => {
+                Box::pin(self.acquire_awaiting(keys, kind, options, false)).await
+            }
         }
     }
 
@@ -367,10 +492,11 @@ impl Locker {
     async fn acquire_awaiting(
         &self,
         keys: KeySet,
+        kind: LeaseKind,
         options: &LockOptions,
         held_once: bool,
     ) -> Result<LockGuard> {
-        let span = self.acquire_span(&keys);
+        let span = self.acquire_span(&keys, kind);
         async {
             let started = options.retry().deadline().map(|_| Instant::now());
             let deadline = options
@@ -378,7 +504,7 @@ impl Locker {
                 .deadline()
                 .zip(started)
                 .map(|(d, started)| started + d);
-            let tickets = match (self.queue_for(options), deadline) {
+            let tickets = match (self.queue_for(options, kind), deadline) {
                 (None, _) => Vec::new(),
                 (Some(queue), None) => queue.enter(&keys).await,
                 (Some(queue), Some(deadline)) => {
@@ -397,7 +523,7 @@ impl Locker {
                 }
             };
             let guard = self
-                .retry_loop(keys, options, started, deadline, held_once)
+                .retry_loop(keys, kind, options, started, deadline, held_once)
                 .await?;
             Ok(guard.with_tickets(tickets))
         }
@@ -410,6 +536,7 @@ impl Locker {
     async fn retry_loop(
         &self,
         keys: KeySet,
+        kind: LeaseKind,
         options: &LockOptions,
         mut started: Option<Instant>,
         deadline: Option<Instant>,
@@ -425,6 +552,13 @@ impl Locker {
         // The error of the latest attempt that failed outright; contention clears it, an
         // attempt cut short by the deadline leaves it, so the caller learns why it gave up.
         let mut last_error = None;
+        // A writer that found readers has left a claim in the store that keeps new readers out;
+        // whoever stops waiting (given up, cancelled, failed) takes it back.
+        let mut claim = Claim {
+            lock: &self.lock,
+            cleanups: &self.cleanups,
+            request: None,
+        };
         loop {
             attempts += 1;
             let outcome = if held_once && attempts == 1 {
@@ -432,14 +566,23 @@ impl Locker {
             } else {
                 let request =
                     LockRequest::prevalidated(keys.clone(), Token::generate()?, options.ttl())
-                        .with_after_wait(attempts > 1);
-                self.attempt(&request, deadline).await
+                        .with_after_wait(attempts > 1)
+                        .with_will_wait(!options.retry().is_single_attempt())
+                        .with_kind(kind);
+                let outcome = self.attempt(&request, deadline).await;
+                if kind == LeaseKind::Write && matches!(outcome, Ok(Attempt::Held)) {
+                    claim.request = Some(request);
+                }
+                outcome
             };
             match outcome {
                 Ok(Attempt::Won(handle)) => {
                     if let Some(handle) = born_valid(handle) {
                         tracing::debug!(attempts, "acquired");
-                        return LockGuard::new(handle, self.store().name(), options.ttl());
+                        // Taking the lock consumed the claim.
+                        claim.request = None;
+                        return LockGuard::new(handle, self.store().name(), options.ttl())
+                            .map(|guard| guard.with_kind(kind));
                     }
                     last_error = None;
                 }
@@ -586,6 +729,44 @@ struct PendingAttempt<'a> {
     request: &'a LockRequest,
 }
 
+/// A writer's claim to be next, left in the store by its latest attempt: taken back by token
+/// when the writer stops waiting without the lock, in the background (the claim also expires
+/// by itself after the attempt's ttl).
+struct Claim<'a> {
+    lock: &'a Arc<dyn Lock>,
+    cleanups: &'a Arc<Cleanups>,
+    request: Option<LockRequest>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let Some(request) = self.request.take() else {
+            return;
+        };
+        abandon_in_background(Arc::clone(self.lock), self.cleanups, request);
+    }
+}
+
+/// Abandons `request` on a task of the current runtime, counted among the clean-ups that
+/// [`Locker::stop`] lets finish.
+fn abandon_in_background(lock: Arc<dyn Lock>, cleanups: &Arc<Cleanups>, request: LockRequest) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            let running = cleanups.start();
+            runtime.spawn(async move {
+                let _running = running;
+                if let Err(error) = (*lock).abandon(&request).await {
+                    tracing::warn!(key = %request.primary_key(), %error, "cleanup of an interrupted attempt failed; what it left expires with its ttl");
+                }
+            });
+        }
+        Err(_) => tracing::warn!(
+            key = %request.primary_key(),
+            "attempt interrupted outside a tokio runtime; what it left expires with its ttl"
+        ),
+    }
+}
+
 /// How long [`Locker::stop`] waits for the clean-ups of interrupted attempts.
 pub const CLEANUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -635,23 +816,7 @@ impl Drop for PendingAttempt<'_> {
         let Some(lock) = self.lock.take() else {
             return;
         };
-        let keys = self.request.key_set().clone();
-        let token = self.request.token().clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                let running = self.cleanups.start();
-                runtime.spawn(async move {
-                    let _running = running;
-                    if let Err(error) = (*lock).abandon(&keys, &token).await {
-                        tracing::warn!(key = %keys.primary(), %error, "cleanup of an interrupted attempt failed; the lock expires with its ttl");
-                    }
-                });
-            }
-            Err(_) => tracing::warn!(
-                key = %keys.primary(),
-                "attempt interrupted outside a tokio runtime; any lock it left expires with its ttl"
-            ),
-        }
+        abandon_in_background(lock, self.cleanups, self.request.clone());
     }
 }
 

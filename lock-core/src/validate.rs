@@ -31,6 +31,28 @@ pub fn ttl(field: &str, ttl: Duration) -> Result<()> {
     Ok(())
 }
 
+/// The most permits a semaphore may have. Beyond this a semaphore no longer limits anything
+/// worth limiting, and a number this large is almost always a mistake (a negative number cast).
+pub const MAX_PERMITS: u32 = 1_000_000;
+
+/// Checks the number of permits of a semaphore: at least 1, at most [`MAX_PERMITS`].
+///
+/// # Errors
+/// [`LockError::InvalidInput`] naming `field`.
+pub fn permits(field: &str, permits: u32) -> Result<std::num::NonZeroU32> {
+    match std::num::NonZeroU32::new(permits) {
+        Some(permits) if permits.get() <= MAX_PERMITS => Ok(permits),
+        Some(_) => Err(LockError::invalid(
+            field,
+            format!("{permits} is more than the limit of {MAX_PERMITS} permits"),
+        )),
+        None => Err(LockError::invalid(
+            field,
+            "0 permits would admit nobody; a semaphore needs at least 1",
+        )),
+    }
+}
+
 /// A ttl as whole milliseconds, rounded up so that a lock never lives shorter than asked.
 ///
 /// Call it on a ttl that passed [`ttl`]; larger values saturate instead of overflowing.

@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Handle, Key, Lock, LockOptions, LockRequest, Locker, Result, RetryPolicy, Token,
-    async_trait,
+    Capabilities, Handle, Lock, LockOptions, LockRequest, Locker, Result, RetryPolicy, async_trait,
 };
 use lock_memory::MemoryLock;
 use tokio::time::Instant;
@@ -39,8 +38,8 @@ impl Lock for Distributed {
         self.0.try_acquire(request).await
     }
 
-    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
-        self.0.abandon(keys, token).await
+    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
+        self.0.abandon(request).await
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use lock_core::{
     Capabilities, Handle, Key, Lock, LockError, LockOptions, LockRequest, Locker, Result,
-    RetryPolicy, Token, async_trait,
+    RetryPolicy, async_trait,
 };
 use lock_memory::MemoryLock;
 
@@ -84,7 +84,7 @@ impl Lock for NeverFree {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         Ok(None)
     }
-    async fn abandon(&self, _keys: &[Key], _token: &Token) -> Result<bool> {
+    async fn abandon(&self, _request: &LockRequest) -> Result<bool> {
         Ok(false)
     }
     async fn wait_for_release(&self, _keys: &[Key], _max_wait: Duration) -> Result<()> {

@@ -212,15 +212,14 @@ impl Lock for IncLock {
         })))
     }
 
-    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
+    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
+        let token = request.token();
         let mut removed = false;
-        for key in keys {
+        for key in request.keys() {
             match release(&self.shared, key, token).await {
                 Ok(released) => removed |= released,
                 Err(error) => {
-                    // The attempt's ttl is unknown here: the number of tries bounds the
-                    // follow-ups.
-                    let expires_by = Instant::now() + lock_core::validate::MAX_TTL;
+                    let expires_by = Instant::now() + request.ttl();
                     release_later(
                         Arc::clone(&self.shared),
                         key.clone(),

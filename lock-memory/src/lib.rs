@@ -9,8 +9,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use lock_core::{
-    Capabilities, Handle, Holding, Key, KeySet, KeyState, Lock, LockError, LockRequest, Result,
-    Token, async_trait,
+    Capabilities, Handle, Holding, Key, KeySet, KeyState, LeaseKind, Lock, LockError, LockRequest,
+    Result, Token, async_trait,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -49,7 +49,10 @@ struct Inner {
 
 #[derive(Default)]
 struct Slot {
+    /// The holder of a mutex.
     holder: Option<Holder>,
+    /// The holders of a semaphore or a read-write lock (boxed: a mutex's slot stays small).
+    shared: Option<Box<Shared>>,
     /// Present while tasks wait for this key; it outlives holders, so waiters keep their
     /// place in line across hand-offs.
     waiters: Option<Arc<Notify>>,
@@ -64,11 +67,111 @@ struct Holder {
     expires_at: Instant,
 }
 
+/// The holders of a key used as a semaphore or a read-write lock.
+struct Shared {
+    /// What every holder asked for: a semaphore of some size, or a read-write lock.
+    family: Family,
+    holders: Vec<SharedHolder>,
+    /// A writer that found readers: until then, no new reader gets in. Taken back by the
+    /// writer's token when it stops waiting, consumed when a writer takes the lock.
+    claim: Option<Holder>,
+}
+
+/// What a key is used as, besides a mutex.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Semaphore(std::num::NonZeroU32),
+    ReadWrite,
+}
+
+impl Family {
+    fn of(kind: LeaseKind) -> Self {
+        match kind {
+            LeaseKind::Permit { permits } => Self::Semaphore(permits),
+            _ => Self::ReadWrite,
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Self::Semaphore(permits) => LeaseKind::Permit { permits }.to_string(),
+            Self::ReadWrite => "a read-write lock".to_owned(),
+        }
+    }
+}
+
+struct SharedHolder {
+    token: Token,
+    expires_at: Instant,
+    writer: bool,
+}
+
+impl Shared {
+    /// Forgets holders and a claim whose time has passed.
+    fn prune(&mut self, now: Instant) {
+        self.holders.retain(|holder| holder.expires_at > now);
+        if self
+            .claim
+            .as_ref()
+            .is_some_and(|claim| claim.expires_at <= now)
+        {
+            self.claim = None;
+        }
+    }
+
+    /// True while a holder or a claim is live at `now`.
+    fn in_use(&self, now: Instant) -> bool {
+        self.holders.iter().any(|holder| holder.expires_at > now)
+            || self
+                .claim
+                .as_ref()
+                .is_some_and(|claim| claim.expires_at > now)
+    }
+
+    /// The earliest moment a live holder or the claim lapses: when a waiter should look again.
+    fn next_change(&self, now: Instant) -> Option<Instant> {
+        self.holders
+            .iter()
+            .map(|holder| holder.expires_at)
+            .chain(self.claim.as_ref().map(|claim| claim.expires_at))
+            .filter(|at| *at > now)
+            .min()
+    }
+
+    /// The latest moment a live holder lapses: how long the key stays held.
+    fn held_until(&self, now: Instant) -> Option<Instant> {
+        self.holders
+            .iter()
+            .map(|holder| holder.expires_at)
+            .filter(|at| *at > now)
+            .max()
+    }
+}
+
 impl Slot {
     fn held_at(&self, now: Instant) -> bool {
         self.holder
             .as_ref()
             .is_some_and(|holder| holder.expires_at > now)
+            || self
+                .shared
+                .as_ref()
+                .is_some_and(|shared| shared.in_use(now))
+    }
+
+    /// The expiry of `token`'s lease on this key, while it is live at `now`.
+    fn expiry_of(&mut self, token: &Token, now: Instant) -> Option<&mut Instant> {
+        if let Some(holder) = self.holder.as_mut()
+            && holder.token == *token
+        {
+            return (holder.expires_at > now).then_some(&mut holder.expires_at);
+        }
+        self.shared
+            .as_mut()?
+            .holders
+            .iter_mut()
+            .find(|holder| holder.token == *token && holder.expires_at > now)
+            .map(|holder| &mut holder.expires_at)
     }
 
     fn has_waiters(&self) -> bool {
@@ -78,7 +181,7 @@ impl Slot {
     }
 
     fn is_idle(&self) -> bool {
-        self.holder.is_none() && !self.has_waiters()
+        self.holder.is_none() && self.shared.is_none() && !self.has_waiters()
     }
 
     /// When the key may next be free for anyone: `None` if it is free now.
@@ -89,6 +192,13 @@ impl Slot {
             .filter(|holder| holder.expires_at > now)
         {
             return Some(holder.expires_at);
+        }
+        if let Some(at) = self
+            .shared
+            .as_ref()
+            .and_then(|shared| shared.next_change(now))
+        {
+            return Some(at);
         }
         self.reserved_until
             .filter(|until| *until > now && !after_wait)
@@ -132,26 +242,31 @@ impl MemoryLock {
     /// taken, so fences follow the order of acquisitions on every key; the clock is read there
     /// too, so a holder preempted between its clock read and the take is never handed a
     /// validity that began before it held the key.
-    fn acquire_now(&self, request: &LockRequest) -> Option<Box<dyn Handle>> {
+    fn acquire_now(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
         let token = request.token();
-        let (valid_until, fence) = match request.keys() {
-            [key] => self
-                .inner
-                .take(key, token, request.ttl(), request.after_wait(), true)?,
-            keys => self
+        let taken = match (request.keys(), request.kind()) {
+            ([key], LeaseKind::Exclusive) => {
+                self.inner
+                    .take(key, token, request.ttl(), request.after_wait(), true)?
+            }
+            ([key], kind) => self.inner.take_shared(key, token, kind, request)?,
+            (keys, _) => self
                 .inner
                 .take_all(keys, token, request.ttl(), request.after_wait())?,
+        };
+        let Some((valid_until, fence)) = taken else {
+            return Ok(None);
         };
         if fence.is_multiple_of(SWEEP_EVERY) {
             self.inner.sweep();
         }
-        Some(Box::new(MemoryHandle {
+        Ok(Some(Box::new(MemoryHandle {
             inner: Arc::clone(&self.inner),
             keys: request.key_set().clone(),
             token: token.clone(),
             valid_until,
             fence,
-        }))
+        })))
     }
 }
 
@@ -166,7 +281,7 @@ impl Inner {
         ttl: Duration,
         after_wait: bool,
         draw: bool,
-    ) -> Option<(Instant, u64)> {
+    ) -> Result<Option<(Instant, u64)>> {
         let draw = || {
             if draw {
                 self.fence.fetch_add(1, Ordering::SeqCst) + 1
@@ -178,8 +293,22 @@ impl Inner {
             Entry::Occupied(mut slot) => {
                 let slot = slot.get_mut();
                 let now = Instant::now();
+                if let Some(shared) = slot.shared.as_mut() {
+                    shared.prune(now);
+                    if !shared.holders.is_empty() {
+                        return Err(LockError::KindMismatch {
+                            key: key.to_string(),
+                            found: shared.family.describe(),
+                            asked: LeaseKind::Exclusive.to_string(),
+                        });
+                    }
+                    if shared.claim.is_some() {
+                        return Ok(None);
+                    }
+                    slot.shared = None;
+                }
                 if slot.busy_until(now, after_wait).is_some() {
-                    return None;
+                    return Ok(None);
                 }
                 let expires_at = now + ttl;
                 slot.holder = Some(Holder {
@@ -188,7 +317,7 @@ impl Inner {
                 });
                 slot.reserved_until = None;
                 slot.generation += 1;
-                Some((expires_at, draw()))
+                Ok(Some((expires_at, draw())))
             }
             Entry::Vacant(free) => {
                 let expires_at = Instant::now() + ttl;
@@ -200,9 +329,114 @@ impl Inner {
                     }),
                     ..Slot::default()
                 });
-                Some((expires_at, fence))
+                Ok(Some((expires_at, fence)))
             }
         }
+    }
+
+    /// Takes a permit of a semaphore or a side of a read-write lock on `key` for `token`: the
+    /// expiry it was given and a fencing token drawn under the shard lock.
+    ///
+    /// A writer that finds readers leaves a claim that keeps new readers out until it gets in,
+    /// takes the claim back (`abandon`) or the claim's ttl passes.
+    fn take_shared(
+        &self,
+        key: &Key,
+        token: &Token,
+        kind: LeaseKind,
+        request: &LockRequest,
+    ) -> Result<Option<(Instant, u64)>> {
+        let family = Family::of(kind);
+        let mut slot = self.slots.entry(key.clone()).or_default();
+        let now = Instant::now();
+        let mismatch = |found: String| LockError::KindMismatch {
+            key: key.to_string(),
+            found,
+            asked: kind.to_string(),
+        };
+        if slot
+            .holder
+            .as_ref()
+            .is_some_and(|holder| holder.expires_at > now)
+        {
+            return Err(mismatch(LeaseKind::Exclusive.to_string()));
+        }
+        if slot.reserved_until.is_some_and(|until| until > now) && !request.after_wait() {
+            return Ok(None);
+        }
+        slot.holder = None;
+        let shared = slot.shared.get_or_insert_with(|| {
+            Box::new(Shared {
+                family,
+                holders: Vec::new(),
+                claim: None,
+            })
+        });
+        shared.prune(now);
+        if shared.family != family {
+            if !shared.holders.is_empty() || shared.claim.is_some() {
+                return Err(mismatch(shared.family.describe()));
+            }
+            shared.family = family;
+        }
+        let admitted = match kind {
+            LeaseKind::Permit { permits } => shared.holders.len() < permits.get() as usize,
+            LeaseKind::Read => {
+                shared.claim.is_none() && !shared.holders.iter().any(|holder| holder.writer)
+            }
+            _ => {
+                let free = shared.holders.is_empty();
+                if !free && request.will_wait() {
+                    shared.claim = Some(Holder {
+                        token: token.clone(),
+                        expires_at: now + request.ttl(),
+                    });
+                }
+                free
+            }
+        };
+        if !admitted {
+            return Ok(None);
+        }
+        let expires_at = now + request.ttl();
+        let writer = kind == LeaseKind::Write;
+        if writer {
+            shared.claim = None;
+        }
+        shared.holders.push(SharedHolder {
+            token: token.clone(),
+            expires_at,
+            writer,
+        });
+        slot.reserved_until = None;
+        slot.generation += 1;
+        Ok(Some((
+            expires_at,
+            self.fence.fetch_add(1, Ordering::SeqCst) + 1,
+        )))
+    }
+
+    /// Turns `token`'s write lock on `key` into a read lock; false if it does not hold one.
+    fn downgrade(&self, key: &Key, token: &Token) -> bool {
+        let Some(mut slot) = self.slots.get_mut(key) else {
+            return false;
+        };
+        let now = Instant::now();
+        let Some(holder) = slot.shared.as_mut().and_then(|shared| {
+            shared
+                .holders
+                .iter_mut()
+                .find(|holder| holder.token == *token && holder.writer && holder.expires_at > now)
+        }) else {
+            return false;
+        };
+        holder.writer = false;
+        slot.generation += 1;
+        // Readers that wait may join now.
+        if let Some(waiters) = &slot.waiters {
+            waiters.notify_waiters();
+        }
+        true
     }
 
     /// Takes every key of a multi-key lock, all or none.
@@ -217,17 +451,17 @@ impl Inner {
         token: &Token,
         ttl: Duration,
         after_wait: bool,
-    ) -> Option<(Instant, u64)> {
+    ) -> Result<Option<(Instant, u64)>> {
         let mut valid_until = None;
         for (taken, key) in keys.iter().enumerate() {
             match self.take(key, token, ttl, after_wait, false) {
                 // The first key's expiry is the earliest.
-                Some((expires_at, _)) => {
+                Ok(Some((expires_at, _))) => {
                     valid_until.get_or_insert(expires_at);
                 }
-                None => {
+                outcome => {
                     self.release_each(&keys[..taken], token);
-                    return None;
+                    return outcome.map(|_| None);
                 }
             }
         }
@@ -241,9 +475,9 @@ impl Inner {
         });
         if !still_ours {
             self.release_each(keys, token);
-            return None;
+            return Ok(None);
         }
-        valid_until.map(|valid_until| (valid_until, fence))
+        Ok(valid_until.map(|valid_until| (valid_until, fence)))
     }
 
     fn release_each(&self, keys: &[Key], token: &Token) {
@@ -271,7 +505,8 @@ impl Inner {
         let (valid, woke) = {
             let mut slot = self.slots.get_mut(key)?;
             if !ours(&slot) {
-                return None;
+                drop(slot);
+                return self.release_shared(key, token, now);
             }
             let valid = slot.held_at(now);
             slot.holder = None;
@@ -290,6 +525,42 @@ impl Inner {
         if !woke {
             self.slots.remove_if(key, |_, slot| slot.is_idle());
         }
+        Some(valid)
+    }
+
+    /// Frees `token`'s permit, read or write lock on `key`, or takes back its claim, and wakes
+    /// every waiter (several may get in now); as [`Inner::release`].
+    fn release_shared(&self, key: &Key, token: &Token, now: Instant) -> Option<bool> {
+        let valid = {
+            let mut slot = self.slots.get_mut(key)?;
+            let shared = slot.shared.as_mut()?;
+            let valid = match shared
+                .holders
+                .iter()
+                .position(|holder| holder.token == *token)
+            {
+                Some(at) => shared.holders.swap_remove(at).expires_at > now,
+                None if shared
+                    .claim
+                    .as_ref()
+                    .is_some_and(|claim| claim.token == *token) =>
+                {
+                    shared.claim = None;
+                    false
+                }
+                None => return None,
+            };
+            shared.prune(now);
+            if shared.holders.is_empty() && shared.claim.is_none() {
+                slot.shared = None;
+            }
+            slot.generation += 1;
+            if let Some(waiters) = &slot.waiters {
+                waiters.notify_waiters();
+            }
+            valid
+        };
+        self.slots.remove_if(key, |_, slot| slot.is_idle());
         Some(valid)
     }
 
@@ -340,21 +611,23 @@ impl Lock for MemoryLock {
             .with_fencing()
             .with_wake_on_release()
             .with_purge()
+            .with_semaphore()
+            .with_read_write()
     }
 
     async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        Ok(self.acquire_now(request))
+        self.acquire_now(request)
     }
 
     fn try_acquire_now(&self, request: &LockRequest) -> Option<Result<Option<Box<dyn Handle>>>> {
-        Some(Ok(self.acquire_now(request)))
+        Some(self.acquire_now(request))
     }
 
-    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
+    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
         let now = Instant::now();
         let mut removed = false;
-        for key in keys {
-            removed |= self.inner.release(key, token, now).is_some();
+        for key in request.keys() {
+            removed |= self.inner.release(key, request.token(), now).is_some();
         }
         Ok(removed)
     }
@@ -393,7 +666,12 @@ impl Lock for MemoryLock {
         let now = Instant::now();
         let holding = match self.inner.slots.get(key) {
             Some(slot) if slot.held_at(now) => Holding::Held {
-                ttl: slot.holder.as_ref().map(|holder| holder.expires_at - now),
+                ttl: slot
+                    .holder
+                    .as_ref()
+                    .map(|holder| holder.expires_at)
+                    .or_else(|| slot.shared.as_ref()?.held_until(now))
+                    .map(|until| until - now),
             },
             _ => Holding::Free,
         };
@@ -407,11 +685,13 @@ impl Lock for MemoryLock {
     async fn purge(&self, prefix: &str) -> Result<u64> {
         let mut purged = 0;
         self.inner.slots.retain(|key, slot| {
-            if !key.as_str().starts_with(prefix) || slot.holder.is_none() {
+            if !key.as_str().starts_with(prefix) || (slot.holder.is_none() && slot.shared.is_none())
+            {
                 return true;
             }
             purged += 1;
             slot.holder = None;
+            slot.shared = None;
             slot.generation += 1;
             if let Some(waiters) = &slot.waiters {
                 waiters.notify_waiters();
@@ -485,25 +765,18 @@ impl Handle for MemoryHandle {
         // All or nothing: a key found lost puts the keys already moved back as they were.
         let mut moved = Vec::with_capacity(self.keys.len());
         for key in self.keys.iter() {
-            let held =
-                self.inner
-                    .slots
-                    .get_mut(key)
-                    .and_then(|mut slot| match slot.holder.as_mut() {
-                        Some(holder) if holder.token == self.token && holder.expires_at > now => {
-                            Some(std::mem::replace(&mut holder.expires_at, expires_at))
-                        }
-                        _ => None,
-                    });
+            let held = self.inner.slots.get_mut(key).and_then(|mut slot| {
+                let expiry = slot.expiry_of(&self.token, now)?;
+                Some(std::mem::replace(expiry, expires_at))
+            });
             match held {
                 Some(before) => moved.push((key, before)),
                 None => {
                     for (key, before) in moved {
                         if let Some(mut slot) = self.inner.slots.get_mut(key)
-                            && let Some(holder) = slot.holder.as_mut()
-                            && holder.token == self.token
+                            && let Some(expiry) = slot.expiry_of(&self.token, now)
                         {
-                            holder.expires_at = before;
+                            *expiry = before;
                         }
                     }
                     return Err(self.not_held());
@@ -520,6 +793,14 @@ impl Handle for MemoryHandle {
 
     fn release_now(&mut self) -> Option<Result<()>> {
         Some(self.release_all())
+    }
+
+    async fn downgrade(&mut self) -> Result<()> {
+        if self.inner.downgrade(self.keys.primary(), &self.token) {
+            Ok(())
+        } else {
+            Err(self.not_held())
+        }
     }
 }
 
@@ -542,7 +823,7 @@ mod tests {
 
     lock_core::conformance_tests!(
         async { MemoryLock::new() },
-        capabilities: [extend, multi_key, fencing, wake_on_release, purge]
+        capabilities: [extend, multi_key, fencing, wake_on_release, purge, semaphore, read_write]
     );
 
     fn locker(lock: &MemoryLock, ttl: Duration) -> Locker {
@@ -698,8 +979,8 @@ mod tests {
             self.lock.try_acquire_now(request)
         }
 
-        async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
-            self.lock.abandon(keys, token).await
+        async fn abandon(&self, request: &LockRequest) -> Result<bool> {
+            self.lock.abandon(request).await
         }
 
         async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {

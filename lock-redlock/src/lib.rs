@@ -599,9 +599,9 @@ impl Lock for Redlock {
         Ok(())
     }
 
-    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
+    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
         let shared = &self.shared;
-        let keys = KeySet::many(keys.to_vec())?;
+        let (keys, token) = (request.key_set().clone(), request.token());
         let timeout = shared.node_timeout(lock_core::validate::MAX_TTL);
         // The clean-up of a cancelled attempt may be the last thing this process sends: each
         // node gets the script with the call (see `release_self_contained`).
@@ -619,8 +619,7 @@ impl Lock for Redlock {
         let failed = tally.failed_with(&late);
         tally.yes.extend(late.yes);
         if !failed.is_empty() {
-            // The attempt's ttl is unknown here: the number of tries bounds the follow-ups.
-            let expires_by = Instant::now() + lock_core::validate::MAX_TTL;
+            let expires_by = Instant::now() + request.ttl();
             tokio::spawn(Arc::clone(shared).release_until_answered(
                 failed,
                 keys,

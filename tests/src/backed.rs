@@ -4,9 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use lock_core::{
-    Capabilities, Handle, Key, KeyState, Lock, LockRequest, Result, Token, async_trait,
-};
+use lock_core::{Capabilities, Handle, Key, KeyState, Lock, LockRequest, Result, async_trait};
 
 use crate::server::{RedisServer, redis_server_binary};
 
@@ -80,8 +78,8 @@ impl<L: Lock> Lock for ServerBacked<L> {
         self.lock.try_acquire(request).await
     }
 
-    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
-        self.lock.abandon(keys, token).await
+    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
+        self.lock.abandon(request).await
     }
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {

@@ -52,8 +52,8 @@ impl Lock for Broken {
             token: request.token().clone(),
         })))
     }
-    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
-        self.inner.abandon(keys, token).await
+    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
+        self.inner.abandon(request).await
     }
 }
 

@@ -59,10 +59,11 @@ impl Lock for ToyLock {
             expires,
         ))))
     }
-    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
-        Ok(keys
+    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
+        Ok(request
+            .keys()
             .iter()
-            .any(|key| remove_if_ours(&self.0, key, token).is_some()))
+            .any(|key| remove_if_ours(&self.0, key, request.token()).is_some()))
     }
 }
 

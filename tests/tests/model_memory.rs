@@ -180,8 +180,8 @@ impl Lock for Broken {
         })))
     }
 
-    async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
-        self.memory.abandon(keys, token).await
+    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
+        self.memory.abandon(request).await
     }
 
     async fn purge(&self, prefix: &str) -> Result<u64> {

@@ -11,8 +11,8 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep};
 
 use crate::{
-    Handle, KeySet, Lock, LockError, LockOptions, LockRequest, Locker, RetryCount, RetryPolicy,
-    Token,
+    Handle, KeySet, LeaseKind, Lock, LockError, LockGuard, LockOptions, LockRequest, Locker,
+    RetryCount, RetryPolicy, Token,
 };
 
 fn ms(n: u64) -> Duration {
@@ -438,10 +438,12 @@ pub async fn with_lock_runs_and_releases(lock: Arc<dyn Lock>) {
     assert_eq!(value, 42);
     assert_free(&locker, "scoped", "with_lock released it").await;
 
-    let short = with_options(&locker, ms(150), quick_retry());
+    // A ttl of 300 ms leaves the watchdog 100 ms to extend on every node, even on a loaded
+    // machine; the section outlives the ttl more than twice.
+    let short = with_options(&locker, ms(300), quick_retry());
     let outcome = short
         .with_lock("scoped", |lease| async move {
-            sleep(ms(400)).await;
+            sleep(ms(800)).await;
             lease.lost.is_lost()
         })
         .await;
@@ -591,7 +593,13 @@ pub async fn lost_signal_fires_when_the_lock_is_taken_away(lock: Arc<dyn Lock>) 
     let lost = guard.keep_alive().unwrap();
     assert!(!lost.is_lost());
     // Remove it behind the holder's back, as an expiry or an operator would.
-    assert!(lock.abandon(guard.keys(), guard.token()).await.unwrap());
+    let request = LockRequest::new(
+        KeySet::many(guard.keys().to_vec()).unwrap(),
+        guard.token().clone(),
+        ms(300),
+    )
+    .unwrap();
+    assert!(lock.abandon(&request).await.unwrap());
     let started = Instant::now();
     tokio::time::timeout(ms(2_000), lost.lost())
         .await
@@ -673,4 +681,501 @@ async fn release_either_way(handle: &mut dyn Handle) -> crate::Result<()> {
         Some(result) => result,
         None => handle.release().await,
     }
+}
+
+// ---- Semaphores -------------------------------------------------------------------------
+
+fn permit(permits: u32) -> LeaseKind {
+    LeaseKind::permit(permits).unwrap()
+}
+
+/// Takes `n` leases of `kind` on `key` at once with single attempts, for at most `within`
+/// (backends that clean up in the background may need a moment after a release).
+async fn eventually_takes(
+    locker: &Locker,
+    key: &str,
+    kind: LeaseKind,
+    n: usize,
+    within: Duration,
+    why: &str,
+) -> Vec<LockGuard> {
+    let started = Instant::now();
+    loop {
+        let mut taken = Vec::new();
+        for _ in 0..n {
+            match locker.try_acquire_kind(key, kind).await.unwrap() {
+                Some(guard) => taken.push(guard),
+                None => break,
+            }
+        }
+        if taken.len() == n {
+            return taken;
+        }
+        let got = taken.len();
+        for guard in taken {
+            guard.release().await.unwrap();
+        }
+        assert!(
+            started.elapsed() < within,
+            "only {got} of {n} leases of {kind} on `{key}` could be taken after {within:?}: {why}"
+        );
+        sleep(ms(10)).await;
+    }
+}
+
+/// Many tasks on a semaphore of 3 permits: never more than 3 holders, and 3 at times.
+pub async fn semaphore_admits_at_most_its_permits(lock: Arc<dyn Lock>) {
+    const PERMITS: u32 = 3;
+    const TASKS: usize = 8;
+    const SECTIONS: usize = 8;
+    let locker = locker(&lock);
+    let active = Arc::new(AtomicUsize::new(0));
+    let max_active = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..TASKS {
+        let (locker, active, max_active) = (locker.clone(), active.clone(), max_active.clone());
+        tasks.spawn(async move {
+            let mut fences = Vec::new();
+            for _ in 0..SECTIONS {
+                let guard = locker.acquire_permit("pool", PERMITS).await.unwrap();
+                assert_eq!(guard.kind(), permit(PERMITS));
+                fences.extend(guard.fencing_token());
+                let now_active = active.fetch_add(1, Ordering::SeqCst) + 1;
+                max_active.fetch_max(now_active, Ordering::SeqCst);
+                sleep(ms(5)).await;
+                active.fetch_sub(1, Ordering::SeqCst);
+                guard.release().await.unwrap();
+            }
+            fences
+        });
+    }
+    let mut fences = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        fences.extend(result.unwrap());
+    }
+    let max = max_active.load(Ordering::SeqCst);
+    assert!(
+        max <= PERMITS as usize,
+        "{max} holders of a semaphore of {PERMITS}"
+    );
+    assert_eq!(
+        max, PERMITS as usize,
+        "the semaphore never admitted {PERMITS} holders at once"
+    );
+    let distinct: HashSet<_> = fences.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        fences.len(),
+        "two permits shared a fencing token"
+    );
+    eventually_takes(
+        &locker,
+        "pool",
+        permit(PERMITS),
+        PERMITS as usize,
+        ms(2_000),
+        "all released",
+    )
+    .await;
+}
+
+/// A permit is a lease: extend, release, a single try when full, and the permit back after
+/// release.
+pub async fn permits_are_leases(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let mut a = locker.acquire_permit("lease", 2).await.unwrap();
+    let b = locker.acquire_permit("lease", 2).await.unwrap();
+    assert_ne!(a.token(), b.token());
+    assert!(
+        locker
+            .try_acquire_kind("lease", permit(2))
+            .await
+            .unwrap()
+            .is_none(),
+        "a third permit of a semaphore of 2"
+    );
+    if lock.capabilities().extend {
+        a.extend(ms(20_000)).await.unwrap();
+        assert!(
+            a.remaining() > ms(10_000),
+            "extend did not move the permit's validity"
+        );
+    }
+    a.release().await.unwrap();
+    let c = eventually_takes(
+        &locker,
+        "lease",
+        permit(2),
+        1,
+        ms(2_000),
+        "a permit was released",
+    )
+    .await;
+    b.release().await.unwrap();
+    for guard in c {
+        guard.release().await.unwrap();
+    }
+    let zero = locker.acquire_permit("lease", 0).await.unwrap_err();
+    assert!(
+        matches!(zero, LockError::InvalidInput { .. }),
+        "0 permits: {zero:?}"
+    );
+}
+
+/// An expired permit frees its place, and its holder can neither release nor extend the
+/// permit of whoever came next.
+pub async fn expired_permit_is_powerless(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let short = with_options(&locker, ms(300), quick_retry());
+    let mut stale = short.acquire_permit("expiring", 1).await.unwrap();
+    sleep(ms(450)).await;
+    let next = locker
+        .try_acquire_kind("expiring", permit(1))
+        .await
+        .unwrap()
+        .expect("the expired permit was not reclaimed");
+    if lock.capabilities().extend {
+        let error = stale.extend(ms(5_000)).await.unwrap_err();
+        assert!(matches!(error, LockError::NotHeld { .. }), "{error:?}");
+    }
+    let error = stale.release().await.unwrap_err();
+    assert!(matches!(error, LockError::NotHeld { .. }), "{error:?}");
+    assert!(
+        locker
+            .try_acquire_kind("expiring", permit(1))
+            .await
+            .unwrap()
+            .is_none(),
+        "the stale release freed the next holder's permit"
+    );
+    next.release().await.unwrap();
+}
+
+/// Waits for a permit dropped at any point leave no permit taken.
+pub async fn cancelled_permit_waits_leave_nothing(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let held = eventually_takes(&locker, "busy", permit(2), 2, ms(2_000), "fresh").await;
+    for _ in 0..3 {
+        let waiter = locker.clone();
+        let cancelled =
+            tokio::time::timeout(
+                ms(50),
+                async move { waiter.acquire_permit("busy", 2).await },
+            )
+            .await;
+        assert!(cancelled.is_err(), "a third permit was handed out");
+    }
+    for guard in held {
+        guard.release().await.unwrap();
+    }
+    for step in 0..40u64 {
+        let attempt = locker.clone();
+        let _ = tokio::time::timeout(Duration::from_micros(step * 50), async move {
+            attempt.acquire_permit("busy", 2).await
+        })
+        .await;
+    }
+    let again = eventually_takes(&locker, "busy", permit(2), 2, ms(2_000), "cancelled waits").await;
+    for guard in again {
+        guard.release().await.unwrap();
+    }
+}
+
+/// A key is one kind of lock: a semaphore asked for with another size is refused with
+/// `KindMismatch`; a mutex and a semaphore on one key never both get in.
+pub async fn a_key_is_one_kind_of_lock(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let two = locker.acquire_permit("sized", 2).await.unwrap();
+    match locker.try_acquire_kind("sized", permit(3)).await {
+        Err(LockError::KindMismatch { ref found, .. }) => {
+            assert!(
+                found.contains('2'),
+                "the error should name the size in use: {found}"
+            );
+        }
+        other => panic!("a semaphore of 2 asked for as one of 3: {other:?}"),
+    }
+    match locker.try_acquire("sized").await {
+        Ok(None) | Err(LockError::KindMismatch { .. }) => {}
+        other => panic!("a mutex on a key held as a semaphore: {other:?}"),
+    }
+    two.release().await.unwrap();
+    let mutex = locker.acquire("mutex").await.unwrap();
+    match locker.try_acquire_kind("mutex", permit(5)).await {
+        Ok(None) | Err(LockError::KindMismatch { .. }) => {}
+        other => panic!("a semaphore on a key held as a mutex: {other:?}"),
+    }
+    mutex.release().await.unwrap();
+    // Once nobody holds it, a key can be used another way.
+    let three = eventually_takes(&locker, "sized", permit(3), 3, ms(2_000), "all released").await;
+    for guard in three {
+        guard.release().await.unwrap();
+    }
+}
+
+/// A backend without semaphores says so, and takes nothing.
+pub async fn semaphore_refused_without_the_capability(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let error = locker.acquire_permit("pool", 2).await.unwrap_err();
+    assert!(matches!(error, LockError::Unsupported { .. }), "{error:?}");
+    assert_free(&locker, "pool", "a refused permit takes nothing").await;
+}
+
+// ---- Read-write locks -------------------------------------------------------------------
+
+/// Readers share; a writer excludes readers and other writers.
+pub async fn readers_share_and_writers_exclude(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let r1 = locker.acquire_read("rw").await.unwrap();
+    let r2 = locker.acquire_read("rw").await.unwrap();
+    assert_eq!(r1.kind(), LeaseKind::Read);
+    assert!(
+        locker
+            .try_acquire_kind("rw", LeaseKind::Write)
+            .await
+            .unwrap()
+            .is_none(),
+        "a writer got in beside readers"
+    );
+    r1.release().await.unwrap();
+    r2.release().await.unwrap();
+    let w = eventually_takes(
+        &locker,
+        "rw",
+        LeaseKind::Write,
+        1,
+        ms(2_000),
+        "readers left",
+    )
+    .await;
+    assert!(
+        locker
+            .try_acquire_kind("rw", LeaseKind::Read)
+            .await
+            .unwrap()
+            .is_none(),
+        "a reader got in beside a writer"
+    );
+    assert!(
+        locker
+            .try_acquire_kind("rw", LeaseKind::Write)
+            .await
+            .unwrap()
+            .is_none(),
+        "two writers"
+    );
+    for guard in w {
+        guard.release().await.unwrap();
+    }
+    let r = eventually_takes(
+        &locker,
+        "rw",
+        LeaseKind::Read,
+        3,
+        ms(2_000),
+        "the writer left",
+    )
+    .await;
+    for guard in r {
+        guard.release().await.unwrap();
+    }
+}
+
+/// Readers and writers under contention: never a writer with anyone else, no lost update.
+pub async fn read_write_exclusion_under_contention(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let readers = Arc::new(AtomicUsize::new(0));
+    let writers = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    for task in 0..8usize {
+        let (locker, readers, writers, counter) = (
+            locker.clone(),
+            readers.clone(),
+            writers.clone(),
+            counter.clone(),
+        );
+        tasks.spawn(async move {
+            for _ in 0..8 {
+                if task % 2 == 0 {
+                    let guard = locker.acquire_write("shared").await.unwrap();
+                    assert_eq!(writers.fetch_add(1, Ordering::SeqCst), 0, "two writers");
+                    assert_eq!(readers.load(Ordering::SeqCst), 0, "a writer beside readers");
+                    let seen = counter.load(Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    counter.store(seen + 1, Ordering::SeqCst);
+                    writers.fetch_sub(1, Ordering::SeqCst);
+                    guard.release().await.unwrap();
+                } else {
+                    let guard = locker.acquire_read("shared").await.unwrap();
+                    readers.fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(
+                        writers.load(Ordering::SeqCst),
+                        0,
+                        "a reader beside a writer"
+                    );
+                    sleep(ms(2)).await;
+                    readers.fetch_sub(1, Ordering::SeqCst);
+                    guard.release().await.unwrap();
+                }
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+    }
+    assert_eq!(counter.load(Ordering::SeqCst), 32, "a write was lost");
+}
+
+/// A stream of overlapping readers does not starve a writer: once it waits, new readers stay
+/// out until it has had its turn.
+pub async fn waiting_writer_is_not_starved(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = JoinSet::new();
+    for _ in 0..4 {
+        let (locker, stop) = (locker.clone(), stop.clone());
+        readers.spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let guard = locker.acquire_read("busy").await.unwrap();
+                sleep(ms(30)).await;
+                guard.release().await.unwrap();
+            }
+        });
+    }
+    sleep(ms(100)).await;
+    let writer = with_options(
+        &locker,
+        ms(10_000),
+        quick_retry().with_deadline(Duration::from_secs(5)),
+    );
+    let result = writer.acquire_write("busy").await;
+    stop.store(true, Ordering::SeqCst);
+    let guard = result.expect("a writer starved by overlapping readers");
+    guard.release().await.unwrap();
+    while let Some(result) = readers.join_next().await {
+        result.unwrap();
+    }
+}
+
+/// A writer that stops waiting (cancelled or out of time) lets readers in again at once, not
+/// only when its claim expires.
+pub async fn a_writer_that_stops_waiting_lets_readers_in(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let reader = locker.acquire_read("claimed").await.unwrap();
+    let writer = locker.clone();
+    let cancelled = tokio::time::timeout(
+        ms(100),
+        async move { writer.acquire_write("claimed").await },
+    )
+    .await;
+    assert!(cancelled.is_err(), "the writer got in beside a reader");
+    // The writer's claim lives for its ttl (10 s): only taking it back lets readers in now.
+    let more = eventually_takes(
+        &locker,
+        "claimed",
+        LeaseKind::Read,
+        1,
+        ms(2_000),
+        "cancelled",
+    )
+    .await;
+    let timed_out = with_options(&locker, ms(10_000), quick_retry().with_deadline(ms(100)));
+    let error = timed_out.acquire_write("claimed").await.unwrap_err();
+    assert!(matches!(error, LockError::Timeout { .. }), "{error:?}");
+    let again = eventually_takes(
+        &locker,
+        "claimed",
+        LeaseKind::Read,
+        1,
+        ms(2_000),
+        "timed out",
+    )
+    .await;
+    for guard in more.into_iter().chain(again) {
+        guard.release().await.unwrap();
+    }
+    reader.release().await.unwrap();
+}
+
+/// A write lock turns into a read lock in place: readers join, writers stay out; a read lock
+/// cannot be downgraded (and there is no upgrade).
+pub async fn downgrade_keeps_the_lock_and_lets_readers_in(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let mut w = locker.acquire_write("down").await.unwrap();
+    let fence = w.fencing_token();
+    assert!(
+        locker
+            .try_acquire_kind("down", LeaseKind::Read)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    w.downgrade().await.unwrap();
+    assert_eq!(w.kind(), LeaseKind::Read);
+    assert_eq!(
+        w.fencing_token(),
+        fence,
+        "downgrade changed the fencing token"
+    );
+    let r = locker
+        .try_acquire_kind("down", LeaseKind::Read)
+        .await
+        .unwrap()
+        .expect("a reader after the downgrade");
+    assert!(
+        locker
+            .try_acquire_kind("down", LeaseKind::Write)
+            .await
+            .unwrap()
+            .is_none(),
+        "a writer beside a downgraded reader"
+    );
+    let mut r2 = r;
+    let error = r2.downgrade().await.unwrap_err();
+    assert!(matches!(error, LockError::InvalidInput { .. }), "{error:?}");
+    w.release().await.unwrap();
+    r2.release().await.unwrap();
+    let free = eventually_takes(&locker, "down", LeaseKind::Write, 1, ms(2_000), "released").await;
+    for guard in free {
+        guard.release().await.unwrap();
+    }
+}
+
+/// An expired reader frees its place, and can neither release nor extend anything after.
+pub async fn expired_reader_is_powerless(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let short = with_options(&locker, ms(300), quick_retry());
+    let mut stale = short.acquire_read("expiring").await.unwrap();
+    sleep(ms(450)).await;
+    let writer = locker
+        .try_acquire_kind("expiring", LeaseKind::Write)
+        .await
+        .unwrap()
+        .expect("the expired reader was not reclaimed");
+    if lock.capabilities().extend {
+        let error = stale.extend(ms(5_000)).await.unwrap_err();
+        assert!(matches!(error, LockError::NotHeld { .. }), "{error:?}");
+    }
+    let error = stale.release().await.unwrap_err();
+    assert!(matches!(error, LockError::NotHeld { .. }), "{error:?}");
+    assert!(
+        locker
+            .try_acquire_kind("expiring", LeaseKind::Read)
+            .await
+            .unwrap()
+            .is_none(),
+        "the stale reader freed the writer's lock"
+    );
+    writer.release().await.unwrap();
+}
+
+/// A backend without read-write locks says so, and takes nothing.
+pub async fn read_write_refused_without_the_capability(lock: Arc<dyn Lock>) {
+    let locker = locker(&lock);
+    let error = locker.acquire_read("rw").await.unwrap_err();
+    assert!(matches!(error, LockError::Unsupported { .. }), "{error:?}");
+    let error = locker.acquire_write("rw").await.unwrap_err();
+    assert!(matches!(error, LockError::Unsupported { .. }), "{error:?}");
+    assert_free(&locker, "rw", "a refused read-write lock takes nothing").await;
 }

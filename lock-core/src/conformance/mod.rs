@@ -164,6 +164,19 @@ macro_rules! __conformance_cases {
             watchdog_keeps_the_lock_alive => needs [extend], without [],
             lost_signal_fires_when_the_lock_is_taken_away => needs [], without [],
             immediate_and_awaited_answers_agree => needs [], without [],
+            semaphore_admits_at_most_its_permits => needs [semaphore], without [],
+            permits_are_leases => needs [semaphore], without [],
+            expired_permit_is_powerless => needs [semaphore], without [],
+            cancelled_permit_waits_leave_nothing => needs [semaphore], without [],
+            a_key_is_one_kind_of_lock => needs [semaphore], without [],
+            semaphore_refused_without_the_capability => needs [], without [semaphore],
+            readers_share_and_writers_exclude => needs [read_write], without [],
+            read_write_exclusion_under_contention => needs [read_write], without [],
+            waiting_writer_is_not_starved => needs [read_write], without [],
+            a_writer_that_stops_waiting_lets_readers_in => needs [read_write], without [],
+            downgrade_keeps_the_lock_and_lets_readers_in => needs [read_write], without [],
+            expired_reader_is_powerless => needs [read_write], without [],
+            read_write_refused_without_the_capability => needs [], without [read_write],
         }
     };
 }
@@ -346,6 +359,10 @@ macro_rules! __conformance_flag {
     (fencing [] $then:tt) => { $crate::__conformance_then!($then absent "needs `fencing`" "only for backends without `fencing`"); };
     (wake_on_release [wake_on_release $($rest:ident)*] $then:tt) => { $crate::__conformance_then!($then present "needs `wake_on_release`" "only for backends without `wake_on_release`"); };
     (wake_on_release [] $then:tt) => { $crate::__conformance_then!($then absent "needs `wake_on_release`" "only for backends without `wake_on_release`"); };
+    (semaphore [semaphore $($rest:ident)*] $then:tt) => { $crate::__conformance_then!($then present "needs `semaphore`" "only for backends without `semaphore`"); };
+    (semaphore [] $then:tt) => { $crate::__conformance_then!($then absent "needs `semaphore`" "only for backends without `semaphore`"); };
+    (read_write [read_write $($rest:ident)*] $then:tt) => { $crate::__conformance_then!($then present "needs `read_write`" "only for backends without `read_write`"); };
+    (read_write [] $then:tt) => { $crate::__conformance_then!($then absent "needs `read_write`" "only for backends without `read_write`"); };
     ($flag:ident [$other:ident $($rest:ident)*] $then:tt) => { $crate::__conformance_flag!($flag [$($rest)*] $then); };
     ($flag:ident [] $then:tt) => {
         ::core::compile_error!(::core::concat!(
@@ -382,7 +399,7 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::{Handle, Key, LockRequest, Result, Token};
+    use crate::{Handle, LockRequest, Result};
 
     /// A backend that reports capabilities and takes nothing: enough to select cases by.
     #[derive(Debug)]
@@ -399,7 +416,7 @@ mod tests {
         async fn try_acquire(&self, _request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
             Ok(None)
         }
-        async fn abandon(&self, _keys: &[Key], _token: &Token) -> Result<bool> {
+        async fn abandon(&self, _request: &LockRequest) -> Result<bool> {
             Ok(false)
         }
     }
