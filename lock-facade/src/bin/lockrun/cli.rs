@@ -4,7 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use lock_facade::{CONFIG_ENV, Holding, KeyState, LockConfig, LockError, Locker, create};
+use lock_facade::{
+    CONFIG_ENV, Holding, KeyState, LeaseKind, LockConfig, LockError, Locker, create,
+};
 
 use crate::supervise::{self, Timing};
 
@@ -94,6 +96,17 @@ struct Cli {
     /// job fired on several machines with skewed clocks runs once); lockrun stays until then.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     hold_at_least: Option<Duration>,
+    /// Run under one of N permits of the semaphore KEY instead of a mutex: at most N runs at
+    /// once. Every run on KEY must give the same N (another N is refused, 78).
+    #[arg(long, value_name = "N", conflicts_with = "shared")]
+    permits: Option<u32>,
+    /// Run under the read (shared) side of the read-write lock KEY: runs with --shared go
+    /// together, a run with --exclusive waits for them all and keeps new ones out meanwhile.
+    #[arg(long, conflicts_with = "exclusive")]
+    shared: bool,
+    /// Run under the write (exclusive) side of the read-write lock KEY (see --shared).
+    #[arg(long, conflicts_with = "permits")]
+    exclusive: bool,
     /// The key to lock.
     #[arg(required = true)]
     key: Option<String>,
@@ -217,11 +230,14 @@ async fn run(cli: Cli) -> Outcome {
                 locker.backend().name()
             ),
         )),
-        None => match Timing::new(locker.options().ttl(), cli.kill_grace) {
-            Ok(timing) => {
+        None => match Timing::new(locker.options().ttl(), cli.kill_grace)
+            .and_then(|timing| Ok((timing, lease_kind(&cli)?)))
+        {
+            Ok((timing, kind)) => {
                 let key = cli.key.unwrap_or_default();
                 let run = supervise::Run {
                     key: &key,
+                    kind,
                     command: &cli.command,
                     no_wait: cli.no_wait,
                     timing,
@@ -234,6 +250,17 @@ async fn run(cli: Cli) -> Outcome {
     };
     let _ = locker.stop().await;
     outcome
+}
+
+/// The kind of lease the flags ask for: a mutex unless `--permits`, `--shared` or
+/// `--exclusive`.
+fn lease_kind(cli: &Cli) -> Result<LeaseKind, String> {
+    match (cli.permits, cli.shared, cli.exclusive) {
+        (Some(permits), _, _) => LeaseKind::permit(permits).map_err(|error| error.to_string()),
+        (None, true, _) => Ok(LeaseKind::Read),
+        (None, false, true) => Ok(LeaseKind::Write),
+        (None, false, false) => Ok(LeaseKind::Exclusive),
+    }
 }
 
 /// `lockrun status -- CMD` or `lockrun purge -- CMD`: a subcommand, or a key of that name
@@ -278,7 +305,9 @@ pub(crate) fn lock_error(error: LockError) -> (u8, String) {
         LockError::Locked { .. } => exit::LOCKED,
         LockError::Timeout { .. } => exit::TIMED_OUT,
         LockError::NotHeld { .. } => exit::LOST,
-        LockError::InvalidInput { .. } | LockError::Unsupported { .. } => exit::CONFIG,
+        LockError::InvalidInput { .. }
+        | LockError::Unsupported { .. }
+        | LockError::KindMismatch { .. } => exit::CONFIG,
         _ => exit::BACKEND,
     };
     (code, error.to_string())

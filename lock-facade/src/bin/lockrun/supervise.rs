@@ -4,7 +4,7 @@
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
-use lock_facade::{LockError, LockGuard, Locker, LostSignal};
+use lock_facade::{LeaseKind, LockError, LockGuard, Locker, LostSignal};
 use rustix::process::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
@@ -72,6 +72,8 @@ impl Timing {
 #[derive(Debug)]
 pub(crate) struct Run<'a> {
     pub(crate) key: &'a str,
+    /// A mutex, a semaphore permit, or a side of a read-write lock.
+    pub(crate) kind: LeaseKind,
     pub(crate) command: &'a [String],
     pub(crate) no_wait: bool,
     pub(crate) timing: Timing,
@@ -155,12 +157,15 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
     let acquire = async {
         if run.no_wait {
             locker
-                .try_acquire(key)
+                .try_acquire_kind(key, run.kind)
                 .await
                 .map_err(lock_error)?
                 .ok_or_else(|| (exit::LOCKED, format!("`{key}` is held by someone else")))
         } else {
-            locker.acquire(key).await.map_err(lock_error)
+            locker
+                .acquire_kind(key, run.kind, locker.options())
+                .await
+                .map_err(lock_error)
         }
     };
     // Dropping an acquisition midway leaves no lock behind (the core's cancel safety).
