@@ -752,9 +752,15 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// Abandons `request` on a task of the current runtime, counted among the clean-ups that
-/// [`Locker::stop`] lets finish.
+/// Abandons `request`: at once if the backend can ([`Lock::abandon_now`]), otherwise on a task
+/// of the current runtime, counted among the clean-ups that [`Locker::stop`] lets finish.
 fn abandon_in_background(lock: Arc<dyn Lock>, cleanups: &Arc<Cleanups>, request: LockRequest) {
+    if let Some(result) = lock.abandon_now(&request) {
+        if let Err(error) = result {
+            tracing::warn!(key = %request.primary_key(), %error, "cleanup of an interrupted attempt failed; what it left expires with its ttl");
+        }
+        return;
+    }
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => {
             let running = cleanups.start();

@@ -564,6 +564,17 @@ impl Inner {
         Some(valid)
     }
 
+    /// Removes whatever the attempt `request` left on its keys (a lock or a writer's claim),
+    /// by its token; whether anything was removed.
+    fn abandon(&self, request: &LockRequest) -> bool {
+        let now = Instant::now();
+        let mut removed = false;
+        for key in request.keys() {
+            removed |= self.release(key, request.token(), now).is_some();
+        }
+        removed
+    }
+
     /// Sweeps out expired entries that were never released (every [`SWEEP_EVERY`]th
     /// acquisition does).
     fn sweep(&self) {
@@ -624,12 +635,11 @@ impl Lock for MemoryLock {
     }
 
     async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        let now = Instant::now();
-        let mut removed = false;
-        for key in request.keys() {
-            removed |= self.inner.release(key, request.token(), now).is_some();
-        }
-        Ok(removed)
+        Ok(self.inner.abandon(request))
+    }
+
+    fn abandon_now(&self, request: &LockRequest) -> Option<Result<bool>> {
+        Some(Ok(self.inner.abandon(request)))
     }
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
