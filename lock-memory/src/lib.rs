@@ -653,7 +653,14 @@ impl Lock for MemoryLock {
         else {
             return Ok(());
         };
-        {
+        // Left however the wait ends: a waiter cancelled after a release woke it would
+        // otherwise leave its slot behind until the next sweep.
+        let place = Waiting {
+            inner: &self.inner,
+            key,
+            waiters: Some(waiters),
+        };
+        if let Some(waiters) = &place.waiters {
             let notified = waiters.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -668,7 +675,7 @@ impl Lock for MemoryLock {
                 }
             }
         }
-        self.inner.stop_waiting(key, waiters);
+        drop(place);
         Ok(())
     }
 
@@ -717,6 +724,21 @@ impl fmt::Debug for MemoryLock {
         f.debug_struct("MemoryLock")
             .field("keys", &self.inner.slots.len())
             .finish()
+    }
+}
+
+/// A place among the waiters of a key, left when dropped.
+struct Waiting<'a> {
+    inner: &'a Inner,
+    key: &'a Key,
+    waiters: Option<Arc<Notify>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(waiters) = self.waiters.take() {
+            self.inner.stop_waiting(self.key, waiters);
+        }
     }
 }
 
