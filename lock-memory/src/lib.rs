@@ -138,11 +138,13 @@ impl Shared {
             .min()
     }
 
-    /// The latest moment a live holder lapses: how long the key stays held.
+    /// The latest moment a live holder or the claim lapses: how long the key stays held (a
+    /// claim alone keeps readers out, so it counts).
     fn held_until(&self, now: Instant) -> Option<Instant> {
         self.holders
             .iter()
             .map(|holder| holder.expires_at)
+            .chain(self.claim.as_ref().map(|claim| claim.expires_at))
             .filter(|at| *at > now)
             .max()
     }
