@@ -564,6 +564,8 @@ impl Locker {
             cleanups: &self.cleanups,
             request: None,
         };
+        // The end of the policy's delay when a claim's renewal cut the wait short.
+        let mut planned_wake = None;
         loop {
             attempts += 1;
             let outcome = if held_once && attempts == 1 {
@@ -614,11 +616,26 @@ impl Locker {
                 tracing::debug!(attempts, %error, "giving up");
                 error
             };
-            let Some(delay) = backoff.next() else {
-                return Err(gave_up(last_error.take()));
-            };
             let now = Instant::now();
-            let mut wake_at = now + delay;
+            let mut wake_at = match planned_wake.take().filter(|at| *at > now) {
+                Some(at) => at,
+                None => {
+                    let Some(delay) = backoff.next() else {
+                        return Err(gave_up(last_error.take()));
+                    };
+                    now + delay
+                }
+            };
+            // A claim lives for the ttl: a writer whose delay is longer sleeps it in parts, with
+            // an attempt between that renews the claim (or wins), so new readers stay out for
+            // the whole wait. The policy's delays and count of retries are kept.
+            if claim.request.is_some() {
+                let renew_at = now + options.ttl() / 2;
+                if wake_at > renew_at {
+                    planned_wake = Some(wake_at);
+                    wake_at = renew_at;
+                }
+            }
             if let Some(deadline) = deadline {
                 if now >= deadline {
                     return Err(gave_up(last_error.take()));
@@ -627,7 +644,7 @@ impl Locker {
             }
             tracing::debug!(
                 attempts,
-                delay_ms = delay.as_millis() as u64,
+                delay_ms = (wake_at - now).as_millis() as u64,
                 "held elsewhere; waiting to retry"
             );
             // Whatever the backend's wait does, the loop spends tokio's cooperative budget, so

@@ -132,6 +132,29 @@ async fn a_waiting_writer_keeps_readers_out_for_its_whole_wait() {
     );
 }
 
+/// A waiting writer's retries keep the policy's delays: its own claim lapsing is not a reason
+/// to spend a retry early (2 retries 1 s apart wait about 2 s, not twice the ttl).
+#[tokio::test(start_paused = true)]
+async fn a_waiting_writer_keeps_its_policy_s_delays() {
+    let lock = MemoryLock::new();
+    let readers = locker(&lock, Duration::from_secs(600), RetryPolicy::none());
+    let first = readers.acquire_read("k").await.unwrap();
+    let writer = locker(
+        &lock,
+        ms(100),
+        fixed(Duration::from_secs(1)).with_retry_count(RetryCount::Limited(2)),
+    );
+    match writer.acquire_write("k").await {
+        Err(LockError::Timeout { waited, .. }) => assert!(
+            waited >= Duration::from_secs(2),
+            "gave up after {waited:?}, before its 2 retries 1 s apart"
+        ),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    first.release().await.unwrap();
+    assert!(lock.is_empty());
+}
+
 /// A reader that waits behind a claim is woken when the claim is taken back, not only when its
 /// own backoff runs out.
 #[tokio::test(start_paused = true)]
