@@ -315,7 +315,7 @@ async fn a_semaphore_never_over_admits_under_churn() {
     while let Some(result) = tasks.join_next().await {
         result.unwrap();
     }
-    let log = log.lock().unwrap();
+    let log = std::mem::take(&mut *log.lock().unwrap());
     let mut events: Vec<(Instant, i32)> = log
         .iter()
         .flat_map(|(from, until)| [(*from, 1), (*until, -1)])
