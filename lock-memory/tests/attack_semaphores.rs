@@ -155,6 +155,37 @@ async fn a_waiting_writer_keeps_its_policy_s_delays() {
     assert!(lock.is_empty());
 }
 
+/// Two writers wait; the second gives up. The first still waits, so new readers must stay out.
+/// The store keeps one claim (the latest writer's); taking it back wakes the first writer,
+/// which claims again before the reader runs.
+#[tokio::test(start_paused = true)]
+async fn a_second_writer_giving_up_does_not_let_readers_past_the_first() {
+    let lock = MemoryLock::new();
+    let readers = locker(&lock, Duration::from_secs(600), RetryPolicy::none());
+    let first = readers.acquire_read("k").await.unwrap();
+    let w1 = locker(
+        &lock,
+        Duration::from_secs(600),
+        fixed(Duration::from_secs(5)),
+    );
+    let waiting = tokio::spawn(async move { w1.acquire_write("k").await });
+    tokio::time::sleep(ms(10)).await;
+    let w2 = locker(
+        &lock,
+        Duration::from_secs(600),
+        fixed(Duration::from_secs(5)),
+    );
+    let second = tokio::spawn(async move { w2.acquire_write("k").await });
+    tokio::time::sleep(ms(10)).await;
+    second.abort();
+    assert!(second.await.unwrap_err().is_cancelled());
+    assert!(!waiting.is_finished());
+    let reader = try_read(&readers, "k").await;
+    assert!(reader.is_none(), "a reader got in while a writer waited");
+    waiting.abort();
+    first.release().await.unwrap();
+}
+
 /// A reader that waits behind a claim is woken when the claim is taken back, not only when its
 /// own backoff runs out.
 #[tokio::test(start_paused = true)]
