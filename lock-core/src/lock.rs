@@ -390,6 +390,21 @@ pub trait Lock: Send + Sync + fmt::Debug + 'static {
     /// [`LockError::Backend`] when the store cannot be reached.
     async fn abandon(&self, request: &LockRequest) -> Result<bool>;
 
+    /// [`Lock::abandon`] without awaiting, for stores that answer without I/O (locks in this
+    /// process); `None` means "ask [`Lock::abandon`]", which is the default.
+    ///
+    /// The core tries this first, so that what a cancelled or finished attempt left (a writer's
+    /// claim above all) is gone by the time the caller's next line runs, even when the future
+    /// is dropped outside a runtime, where no background clean-up can run. Where it answers, it
+    /// must answer exactly as `abandon` would.
+    ///
+    /// # Errors
+    /// As [`Lock::abandon`].
+    fn abandon_now(&self, request: &LockRequest) -> Option<Result<bool>> {
+        let _ = request;
+        None
+    }
+
     /// Waits until one of `keys` may have become free, or `max_wait` has passed.
     ///
     /// The default sleeps for `max_wait`; backends with [`Capabilities::wake_on_release`]
@@ -536,6 +551,10 @@ impl<L: Lock + ?Sized> Lock for Arc<L> {
 
     async fn abandon(&self, request: &LockRequest) -> Result<bool> {
         (**self).abandon(request).await
+    }
+
+    fn abandon_now(&self, request: &LockRequest) -> Option<Result<bool>> {
+        (**self).abandon_now(request)
     }
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {

@@ -421,10 +421,15 @@ impl Locker {
         }
     }
 
-    /// Refuses calls on a stopped client, kinds the backend does not serve, and multi-key
-    /// locks on backends without them (multi-key locks are mutexes only).
+    /// Refuses calls on a stopped client, kinds the backend does not serve, semaphores beyond
+    /// [`MAX_PERMITS`](crate::validate::MAX_PERMITS) (a `LeaseKind::Permit` built by hand skips
+    /// [`LeaseKind::permit`]), and multi-key locks on backends without them (multi-key locks
+    /// are mutexes only).
     fn check_keys(&self, keys: &KeySet, kind: LeaseKind) -> Result<()> {
         self.check_running()?;
+        if let LeaseKind::Permit { permits } = kind {
+            crate::validate::permits("permits", permits.get())?;
+        }
         let capabilities = self.store().capabilities();
         let backend = self.store().name();
         if let Err(capability) = capabilities.serves(kind) {
@@ -559,6 +564,8 @@ impl Locker {
             cleanups: &self.cleanups,
             request: None,
         };
+        // The end of the policy's delay when a claim's renewal cut the wait short.
+        let mut planned_wake = None;
         loop {
             attempts += 1;
             let outcome = if held_once && attempts == 1 {
@@ -609,11 +616,26 @@ impl Locker {
                 tracing::debug!(attempts, %error, "giving up");
                 error
             };
-            let Some(delay) = backoff.next() else {
-                return Err(gave_up(last_error.take()));
-            };
             let now = Instant::now();
-            let mut wake_at = now + delay;
+            let mut wake_at = match planned_wake.take().filter(|at| *at > now) {
+                Some(at) => at,
+                None => {
+                    let Some(delay) = backoff.next() else {
+                        return Err(gave_up(last_error.take()));
+                    };
+                    now + delay
+                }
+            };
+            // A claim lives for the ttl: a writer whose delay is longer sleeps it in parts, with
+            // an attempt between that renews the claim (or wins), so new readers stay out for
+            // the whole wait. The policy's delays and count of retries are kept.
+            if claim.request.is_some() {
+                let renew_at = now + options.ttl() / 2;
+                if wake_at > renew_at {
+                    planned_wake = Some(wake_at);
+                    wake_at = renew_at;
+                }
+            }
             if let Some(deadline) = deadline {
                 if now >= deadline {
                     return Err(gave_up(last_error.take()));
@@ -622,7 +644,7 @@ impl Locker {
             }
             tracing::debug!(
                 attempts,
-                delay_ms = delay.as_millis() as u64,
+                delay_ms = (wake_at - now).as_millis() as u64,
                 "held elsewhere; waiting to retry"
             );
             // Whatever the backend's wait does, the loop spends tokio's cooperative budget, so
@@ -747,9 +769,15 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// Abandons `request` on a task of the current runtime, counted among the clean-ups that
-/// [`Locker::stop`] lets finish.
+/// Abandons `request`: at once if the backend can ([`Lock::abandon_now`]), otherwise on a task
+/// of the current runtime, counted among the clean-ups that [`Locker::stop`] lets finish.
 fn abandon_in_background(lock: Arc<dyn Lock>, cleanups: &Arc<Cleanups>, request: LockRequest) {
+    if let Some(result) = lock.abandon_now(&request) {
+        if let Err(error) = result {
+            tracing::warn!(key = %request.primary_key(), %error, "cleanup of an interrupted attempt failed; what it left expires with its ttl");
+        }
+        return;
+    }
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => {
             let running = cleanups.start();

@@ -138,11 +138,13 @@ impl Shared {
             .min()
     }
 
-    /// The latest moment a live holder lapses: how long the key stays held.
+    /// The latest moment a live holder or the claim lapses: how long the key stays held (a
+    /// claim alone keeps readers out, so it counts).
     fn held_until(&self, now: Instant) -> Option<Instant> {
         self.holders
             .iter()
             .map(|holder| holder.expires_at)
+            .chain(self.claim.as_ref().map(|claim| claim.expires_at))
             .filter(|at| *at > now)
             .max()
     }
@@ -564,6 +566,17 @@ impl Inner {
         Some(valid)
     }
 
+    /// Removes whatever the attempt `request` left on its keys (a lock or a writer's claim),
+    /// by its token; whether anything was removed.
+    fn abandon(&self, request: &LockRequest) -> bool {
+        let now = Instant::now();
+        let mut removed = false;
+        for key in request.keys() {
+            removed |= self.release(key, request.token(), now).is_some();
+        }
+        removed
+    }
+
     /// Sweeps out expired entries that were never released (every [`SWEEP_EVERY`]th
     /// acquisition does).
     fn sweep(&self) {
@@ -624,12 +637,11 @@ impl Lock for MemoryLock {
     }
 
     async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        let now = Instant::now();
-        let mut removed = false;
-        for key in request.keys() {
-            removed |= self.inner.release(key, request.token(), now).is_some();
-        }
-        Ok(removed)
+        Ok(self.inner.abandon(request))
+    }
+
+    fn abandon_now(&self, request: &LockRequest) -> Option<Result<bool>> {
+        Some(Ok(self.inner.abandon(request)))
     }
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
@@ -643,7 +655,14 @@ impl Lock for MemoryLock {
         else {
             return Ok(());
         };
-        {
+        // Left however the wait ends: a waiter cancelled after a release woke it would
+        // otherwise leave its slot behind until the next sweep.
+        let place = Waiting {
+            inner: &self.inner,
+            key,
+            waiters: Some(waiters),
+        };
+        if let Some(waiters) = &place.waiters {
             let notified = waiters.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -658,7 +677,7 @@ impl Lock for MemoryLock {
                 }
             }
         }
-        self.inner.stop_waiting(key, waiters);
+        drop(place);
         Ok(())
     }
 
@@ -707,6 +726,21 @@ impl fmt::Debug for MemoryLock {
         f.debug_struct("MemoryLock")
             .field("keys", &self.inner.slots.len())
             .finish()
+    }
+}
+
+/// A place among the waiters of a key, left when dropped.
+struct Waiting<'a> {
+    inner: &'a Inner,
+    key: &'a Key,
+    waiters: Option<Arc<Notify>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(waiters) = self.waiters.take() {
+            self.inner.stop_waiting(self.key, waiters);
+        }
     }
 }
 
