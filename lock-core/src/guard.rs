@@ -23,8 +23,9 @@ use crate::watchdog::{self, LostSignal, Status};
 /// returns a [`LostSignal`] that fires if it is lost anyway.
 ///
 /// # Drop
-/// Dropping never blocks: a lock in this process is released at once, any other release is
-/// spawned on the current tokio runtime. Outside a runtime nothing can be sent to a store, so
+/// Dropping never blocks: a lock in this process is released at once (a kept-alive one too,
+/// unless its watchdog is extending it on another worker thread at that very moment: then its
+/// release is spawned), any other release is spawned on the current tokio runtime. Outside a runtime nothing can be sent to a store, so
 /// such a lock stays until its ttl expires and a warning is logged.
 /// An explicit `release().await` is the main path, since it reports whether the lock was still
 /// held.
@@ -369,10 +370,22 @@ fn released(result: Result<()>, tickets: Option<Tickets>) -> Result<()> {
 impl State {
     /// Releases at once if the backend can answer without awaiting (see
     /// [`Handle::release_now`]); `None` leaves the state as it was.
+    ///
+    /// A kept-alive handle is shared with its watchdog, which holds it only while it extends
+    /// (an in-process extend does not await): when the watchdog is not extending it right now
+    /// (on another worker thread), it is released here too, and the watchdog is stopped before
+    /// the handle is let go, so it cannot extend (and report lost) a released lock.
     fn release_now(&mut self) -> Option<Result<()>> {
         match self {
             Self::Held(handle) => handle.release_now(),
-            Self::Watched(_) | Self::Released => None,
+            Self::Watched(watched) => {
+                let mut handle = watched.handle.try_lock().ok()?;
+                let result = handle.release_now()?;
+                watched.task.abort();
+                drop(handle);
+                Some(result)
+            }
+            Self::Released => None,
         }
     }
 

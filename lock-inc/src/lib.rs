@@ -6,6 +6,7 @@ mod wake;
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -56,6 +57,10 @@ struct Shared {
     config: IncConfig,
     /// Pub/sub subscriptions of waiters, when `wake_on_release` is on.
     wakeups: Option<wake::Wakeups>,
+    /// Set by `shutdown`: every later call, guards' included, fails with
+    /// [`LockError::Stopped`] before touching the closed client (whose errors would otherwise be
+    /// backend errors, or a wait for the command timeout).
+    stopped: AtomicBool,
 }
 
 /// The three Redis keys of one lock, in one hash slot (a `{…}` hash tag around the user's key).
@@ -75,6 +80,14 @@ impl Shared {
             fence: [counter.as_str(), ":fence"].concat(),
             counter,
         }
+    }
+
+    /// [`LockError::Stopped`] once `shutdown` was called.
+    fn running(&self) -> Result<()> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(LockError::Stopped);
+        }
+        Ok(())
     }
 
     fn backend_error(&self, what: &str, error: &fred::error::Error) -> LockError {
@@ -133,6 +146,7 @@ impl IncLock {
             prefix: config.prefix.clone(),
             config,
             wakeups,
+            stopped: AtomicBool::new(false),
         };
         shared
             .client
@@ -172,6 +186,7 @@ impl Lock for IncLock {
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
         let shared = &self.shared;
+        shared.running()?;
         match (&shared.wakeups, keys.first()) {
             (Some(wakeups), Some(key)) => {
                 let counter = shared.keys(key).counter;
@@ -184,6 +199,7 @@ impl Lock for IncLock {
 
     async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
         let shared = &self.shared;
+        shared.running()?;
         let key = request.primary_key().clone();
         let keys = shared.keys(&key);
         let start = Instant::now();
@@ -213,6 +229,7 @@ impl Lock for IncLock {
     }
 
     async fn abandon(&self, request: &LockRequest) -> Result<bool> {
+        self.shared.running()?;
         let token = request.token();
         let mut removed = false;
         for key in request.keys() {
@@ -235,6 +252,7 @@ impl Lock for IncLock {
 
     async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
         let shared = &self.shared;
+        shared.running()?;
         let pttl: i64 = shared
             .client
             .pttl(shared.keys(key).counter)
@@ -263,6 +281,7 @@ impl Lock for IncLock {
 
     async fn purge(&self, prefix: &str) -> Result<u64> {
         let shared = &self.shared;
+        shared.running()?;
         // Both the configured prefix and the caller's are literal text, not glob patterns.
         let pattern = [
             escape_glob(&shared.prefix).as_str(),
@@ -304,7 +323,10 @@ impl Lock for IncLock {
         }
     }
 
+    /// Closes the connection; later calls, those of guards included, fail with
+    /// [`LockError::Stopped`], and releases still being sent again in the background stop.
     async fn shutdown(&self) -> Result<()> {
+        self.shared.stopped.store(true, Ordering::SeqCst);
         if let Some(wakeups) = &self.shared.wakeups {
             wakeups.close().await;
         }
@@ -479,6 +501,7 @@ impl Handle for IncHandle {
 
     async fn extend(&mut self, ttl: Duration) -> Result<()> {
         let shared = &self.shared;
+        shared.running()?;
         let keys = shared.keys(&self.keys[0]);
         let start = Instant::now();
         let extended: i64 = EXTEND
@@ -502,6 +525,7 @@ impl Handle for IncHandle {
     }
 
     async fn release(&mut self) -> Result<()> {
+        self.shared.running()?;
         let still_valid = Instant::now() < self.valid_until;
         match release(&self.shared, &self.keys[0], &self.token).await {
             Ok(true) if still_valid => Ok(()),
@@ -542,6 +566,9 @@ fn release_later(shared: Arc<Shared>, key: Key, token: Token, expires_by: Instan
                 return;
             }
             tokio::time::sleep(pause).await;
+            if shared.running().is_err() {
+                return;
+            }
             match release(&shared, &key, &token).await {
                 Ok(_) => return,
                 Err(error) => {

@@ -16,7 +16,16 @@
 //!   larger token (assumed unless a clock stepped back, or a node restarted empty while clocks
 //!   disagreed);
 //! - **liveness**: once faults heal, a fresh client takes every key within ttl + slack;
-//! - **nothing left**: after the ttl (and the counters' clock lag) has passed, every node is empty.
+//! - **nothing left**: after the ttl (and the counters' clock lag) has passed, every node is empty;
+//! - **no stray lock** (schedules with a long ttl, which expiry cannot hide): once every client
+//!   has released or given up and the faults have healed, no node holds a lock key after a
+//!   settle time far below the ttl. Releases and clean-ups that a node failed are sent again a
+//!   bounded number of times, so these schedules leave out the faults that can outlast every
+//!   try (a cut connection, a node down for a ttl); their targeted fault is a squatter: another
+//!   process holds a key on two of the three nodes for a while, so attempts on it win the third
+//!   and must undo that win, and the third node's proxy drops the first compare-and-delete of
+//!   that key it carries (the undo fails once, as a node that stalls or restarts right then
+//!   would make it).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -34,6 +43,28 @@ use crate::server::RedisServer;
 
 /// The keys every schedule contends for.
 const KEYS: [&str; 3] = ["a", "b", "c"];
+
+/// The lock ttl of the schedules that check for stray locks: far above the settle time, so that
+/// a lock left behind is still there when looked for.
+const LONG_TTL: Duration = Duration::from_secs(20);
+
+/// After every client has finished and the faults have healed, how long clean-ups have to reach
+/// the nodes, beyond six node timeouts (three tries of at most a node timeout each, after
+/// pauses of one and two node timeouts).
+const STRAY_SETTLE: Duration = Duration::from_millis(700);
+
+/// The value a squatter stores (no client's token is 4 bytes long).
+const SQUATTER: &str = "squatter";
+
+/// Redlock's compare-and-delete script (the explorer drops it on its way to a node).
+const REDLOCK_RELEASE: &str = include_str!("../../lock-redlock/src/lua/release.lua");
+
+/// What, in a request towards a node, marks Redlock's compare-and-delete of the single key
+/// `key`: `EVALSHA <sha> 1 <key>` in RESP.
+fn release_marker(key: &str) -> Vec<u8> {
+    let sha = redis::Script::new(REDLOCK_RELEASE).get_hash().to_owned();
+    format!("{sha}\r\n$1\r\n1\r\n${}\r\n{key}\r\n", key.len()).into_bytes()
+}
 
 /// Three servers, each under a clock shim of its own, behind proxies: one lane of the explorer,
 /// reused by its schedules (flushed in between).
@@ -120,9 +151,18 @@ enum Fault {
     Delay(Duration, Duration),
     BlackHole(Duration),
     Pause(Duration),
-    Jump { by: Duration, backwards: bool },
+    Jump {
+        by: Duration,
+        backwards: bool,
+    },
     RestartAtOnce,
     RestartAfterTtl,
+    /// Another process holds `KEYS[key]` on the two other nodes for `hold`, and this node drops
+    /// the first compare-and-delete of that key it is sent meanwhile.
+    Squat {
+        key: usize,
+        hold: Duration,
+    },
 }
 
 /// What a schedule did that the promises do not cover.
@@ -139,6 +179,8 @@ struct Assumptions {
     /// The highest and lowest offsets any node had (0 to begin with).
     highest_ms: i64,
     lowest_ms: i64,
+    /// Compare-and-deletes a squat fault dropped (for the summary).
+    dropped_releases: usize,
 }
 
 impl Assumptions {
@@ -212,7 +254,12 @@ pub async fn run_schedule(
         6 | 7 => Backend::Redlock1,
         _ => Backend::Inc,
     };
-    let ttl = Duration::from_millis([150, 250, 400][rng.random_range(0..3)]);
+    // How long clients hold and wait; it is also the lock ttl, except in the schedules that
+    // check for stray locks (drawn apart, so that the other schedules of a seed stay as they were).
+    let pace = Duration::from_millis([150, 250, 400][rng.random_range(0..3)]);
+    let long =
+        backend == Backend::Redlock3 && StdRng::seed_from_u64(seed ^ 0x57a7_10c5).random_bool(0.4);
+    let ttl = if long { LONG_TTL } else { pace };
     let clients = rng.random_range(2..=4usize);
     let run_for = Duration::from_millis(rng.random_range(600..1200));
     let node_timeout = Duration::from_millis(rng.random_range(20..60));
@@ -233,7 +280,7 @@ pub async fn run_schedule(
 
     let mut lockers = Vec::new();
     for _ in 0..clients {
-        lockers.push(build(backend, &urls, ttl, node_timeout).await?);
+        lockers.push(build(backend, &urls, ttl, pace, node_timeout).await?);
     }
     let history = Arc::new(Mutex::new(Vec::<Held>::new()));
     let started = Instant::now();
@@ -242,7 +289,8 @@ pub async fn run_schedule(
         let (locker, history) = (locker.clone(), Arc::clone(&history));
         let client_seed = rng.random::<u64>();
         tasks.push(tokio::spawn(async move {
-            run_client(client, locker, backend, ttl, run_for, client_seed, history).await;
+            let timing = Timing { ttl, pace, run_for };
+            run_client(client, locker, backend, timing, client_seed, history).await;
         }));
     }
 
@@ -265,6 +313,15 @@ pub async fn run_schedule(
             },
             11 => Fault::RestartAtOnce,
             _ => Fault::RestartAfterTtl,
+        };
+        // With a long ttl, no fault that can outlast every try of a clean-up: the squatter
+        // instead of a cut or a node down for the ttl.
+        let fault = match fault {
+            Fault::Cut(_) | Fault::RestartAfterTtl if long => Fault::Squat {
+                key: rng.random_range(0..KEYS.len()),
+                hold: Duration::from_millis(rng.random_range(100..400)),
+            },
+            fault => fault,
         };
         faults.push(format!("{fault:?}@{node}"));
         inject(lane, node, fault, ttl, &mut assumptions).await?;
@@ -289,8 +346,16 @@ pub async fn run_schedule(
         violations.extend(fence_inversions(&held));
     }
 
+    // No stray lock: every client has released or given up, and nothing is faulty any more.
+    if long {
+        tokio::time::sleep(node_timeout * 6 + STRAY_SETTLE).await;
+        for index in 0..backend.nodes() {
+            violations.extend(strays(lane.servers[index].port(), index, ttl));
+        }
+    }
+
     // Liveness: a fresh client takes every key within the ttl and some slack.
-    let probe = build(backend, &urls, ttl, node_timeout).await?;
+    let probe = build(backend, &urls, ttl, pace, node_timeout).await?;
     for key in KEYS {
         let limit = ttl * 2 + node_timeout * 4 + Duration::from_millis(300);
         let began = Instant::now();
@@ -312,9 +377,12 @@ pub async fn run_schedule(
     }
     drop(lockers);
 
-    // Nothing left once the ttl and the counters' clock lag have passed.
-    tokio::time::sleep(ttl + assumptions.clock_spread() + Duration::from_millis(300)).await;
-    for index in 0..backend.nodes() {
+    // Nothing left once the ttl and the counters' clock lag have passed (not waited for with a
+    // long ttl: the stray locks were looked for instead, and the next schedule flushes).
+    if !long {
+        tokio::time::sleep(ttl + assumptions.clock_spread() + Duration::from_millis(300)).await;
+    }
+    for index in (0..backend.nodes()).filter(|_| !long) {
         let size = lane.servers[index].command("DBSIZE", Duration::from_secs(2))?;
         if size != ":0" {
             violations.push(format!(
@@ -325,9 +393,19 @@ pub async fn run_schedule(
         }
     }
     let summary = format!(
-        "seed {seed}: {backend:?}, ttl {ttl:?}, {clients} clients, {} acquisitions, faults [{}]",
+        "seed {seed}: {backend:?}, ttl {ttl:?}{}, {clients} clients, {} acquisitions, faults [{}]{}",
+        if long {
+            format!(" (pace {pace:?})")
+        } else {
+            String::new()
+        },
         held.len(),
-        faults.join(", ")
+        faults.join(", "),
+        if assumptions.dropped_releases > 0 {
+            format!(", {} release(s) dropped", assumptions.dropped_releases)
+        } else {
+            String::new()
+        }
     );
     Ok(Outcome {
         seed,
@@ -340,12 +418,13 @@ async fn build(
     backend: Backend,
     urls: &[String],
     ttl: Duration,
+    pace: Duration,
     node_timeout: Duration,
 ) -> std::io::Result<Locker> {
     let retry = RetryPolicy::forever()
         .with_retry_delay(Duration::from_millis(10))
         .with_retry_jitter(Duration::from_millis(10))
-        .with_deadline(ttl * 3);
+        .with_deadline(pace * 3);
     let options = LockOptions::default().with_ttl(ttl).with_retry(retry);
     let to_io = |error: lock_core::LockError| std::io::Error::other(error.to_string());
     let locker = match backend {
@@ -370,16 +449,24 @@ async fn build(
         .map_err(to_io)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A client's times: the lock ttl, how long it holds and waits (the ttl unless that is long),
+/// and how long it keeps taking locks.
+#[derive(Clone, Copy)]
+struct Timing {
+    ttl: Duration,
+    pace: Duration,
+    run_for: Duration,
+}
+
 async fn run_client(
     client: usize,
     locker: Locker,
     backend: Backend,
-    ttl: Duration,
-    run_for: Duration,
+    timing: Timing,
     seed: u64,
     history: Arc<Mutex<Vec<Held>>>,
 ) {
+    let Timing { ttl, pace, run_for } = timing;
     let mut rng = StdRng::seed_from_u64(seed);
     let started = Instant::now();
     while started.elapsed() < run_for {
@@ -403,17 +490,18 @@ async fn run_client(
         let style = rng.random_range(0..10);
         match style {
             // Hold briefly.
-            0..=4 => tokio::time::sleep(ttl.mul_f64(rng.random_range(0.0..0.3))).await,
+            0..=4 => tokio::time::sleep(pace.mul_f64(rng.random_range(0.0..0.3))).await,
             // Hold, extend, hold on.
             5 => {
-                tokio::time::sleep(ttl / 2).await;
+                tokio::time::sleep(pace / 2).await;
                 let _ = guard.extend(ttl).await;
-                tokio::time::sleep(ttl / 2).await;
+                tokio::time::sleep(pace / 2).await;
             }
             // The watchdog keeps it alive for two ttls.
-            6 if guard.keep_alive().is_ok() => tokio::time::sleep(ttl * 2).await,
-            // A holder paused past its validity (a stop-the-world pause).
-            7 => tokio::time::sleep(ttl.mul_f64(1.5)).await,
+            6 if guard.keep_alive().is_ok() => tokio::time::sleep(pace * 2).await,
+            // A holder paused past its validity (a stop-the-world pause; with a long ttl, a
+            // long hold).
+            7 => tokio::time::sleep(pace.mul_f64(1.5)).await,
             // Cancelled right away: the guard is dropped below.
             _ => {}
         }
@@ -487,8 +575,71 @@ async fn inject(
             lane.servers[node].restart()?;
             assumptions.restarted = true;
         }
+        Fault::Squat { key, hold } => {
+            let key = KEYS[key];
+            let others: Vec<usize> = (0..3).filter(|other| *other != node).collect();
+            let set = format!("SET {key} {SQUATTER} NX PX {}", hold.as_millis());
+            let mut squatted = 0;
+            for other in &others {
+                if lane.servers[*other].command(&set, Duration::from_secs(2))? == "+OK" {
+                    squatted += 1;
+                }
+            }
+            // Only a squatter on both others makes every attempt on the key undo a win here.
+            if squatted == others.len() {
+                lane.proxies[node].drop_next(release_marker(key));
+            }
+            tokio::time::sleep(hold).await;
+            if squatted == others.len() && !lane.proxies[node].disarm() {
+                assumptions.dropped_releases += 1;
+            }
+            for other in others {
+                unsquat(lane.servers[other].port(), key);
+            }
+        }
     }
     Ok(())
+}
+
+/// Removes the squatter from `key` on the server at `port`, if it is still there (a clock
+/// stepped back could otherwise bring an expired one back).
+fn unsquat(port: u16, key: &str) {
+    let removed = (|| -> redis::RedisResult<i64> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+        let mut connection = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        redis::Script::new(
+            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0",
+        )
+        .key(key)
+        .arg(SQUATTER)
+        .invoke(&mut connection)
+    })();
+    if let Err(error) = removed {
+        println!("note: the squatter of `{key}` on port {port} could not be removed: {error}");
+    }
+}
+
+/// The lock keys a node still holds (a squatter's aside): after every client has released or
+/// given up and the faults have healed, each is a lock left behind.
+fn strays(port: u16, node: usize, ttl: Duration) -> Vec<String> {
+    let found = (|| -> redis::RedisResult<Vec<String>> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+        let mut connection = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        let mut found = Vec::new();
+        for key in KEYS {
+            let value: Option<Vec<u8>> = redis::cmd("GET").arg(key).query(&mut connection)?;
+            let pttl: i64 = redis::cmd("PTTL").arg(key).query(&mut connection)?;
+            match value {
+                Some(value) if value != SQUATTER.as_bytes() => found.push(format!(
+                    "stray lock: node {node} still holds `{key}` (pttl {pttl} ms of {ttl:?}) after \
+                     every client released or gave up and the faults healed"
+                )),
+                _ => {}
+            }
+        }
+        Ok(found)
+    })();
+    found.unwrap_or_else(|error| vec![format!("stray lock: node {node} cannot be read: {error}")])
 }
 
 /// The keys on a node with their ttl left, for a report (binary-safe names, shown escaped).

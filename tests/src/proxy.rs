@@ -4,6 +4,7 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +28,9 @@ pub struct LatencyProxy {
     accepted: Arc<AtomicU64>,
     /// Requests (chunks towards the server) forwarded so far, and the first one a stall holds.
     chunks: Arc<[AtomicU64; 2]>,
+    /// Bytes that, in a chunk towards the server, drop that chunk and its connection, once (see
+    /// [`LatencyProxy::drop_next`]).
+    drop_on: Arc<Mutex<Option<Vec<u8>>>>,
     task: JoinHandle<()>,
 }
 
@@ -42,11 +46,13 @@ impl LatencyProxy {
         let stall_below = Arc::new(AtomicU64::new(0));
         let accepted = Arc::new(AtomicU64::new(0));
         let chunks = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
-        let (delay, stall, count, counted) = (
+        let drop_on = Arc::new(Mutex::new(None));
+        let (delay, stall, count, counted, dropping) = (
             Arc::clone(&delay_ms),
             Arc::clone(&stall_below),
             Arc::clone(&accepted),
             Arc::clone(&chunks),
+            Arc::clone(&drop_on),
         );
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -54,8 +60,12 @@ impl LatencyProxy {
                     continue;
                 }
                 let number = count.fetch_add(1, Ordering::SeqCst);
-                let (delay, stall, counted) =
-                    (Arc::clone(&delay), Arc::clone(&stall), Arc::clone(&counted));
+                let (delay, stall, counted, dropping) = (
+                    Arc::clone(&delay),
+                    Arc::clone(&stall),
+                    Arc::clone(&counted),
+                    Arc::clone(&dropping),
+                );
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
                         return;
@@ -67,12 +77,14 @@ impl LatencyProxy {
                         stall: Arc::clone(&stall),
                         number,
                         chunks: Some(counted),
+                        drop_on: Some(dropping),
                     };
                     let to_client = Link {
                         delay,
                         stall,
                         number,
                         chunks: None,
+                        drop_on: None,
                     };
                     tokio::join!(
                         pump(client_read, server_write, to_server),
@@ -87,6 +99,7 @@ impl LatencyProxy {
             stall_below,
             accepted,
             chunks,
+            drop_on,
             task,
         })
     }
@@ -130,6 +143,22 @@ impl LatencyProxy {
         self.stall_below.store(0, Ordering::SeqCst);
     }
 
+    /// Drops the next chunk towards the server that contains `marker`, with its connection (the
+    /// server never sees it, the client sees the connection close): one request that fails on
+    /// its way, e.g. exactly one compare-and-delete of one key. Once; replaces an earlier marker.
+    pub fn drop_next(&self, marker: Vec<u8>) {
+        *self.drop_on.lock().unwrap_or_else(PoisonError::into_inner) = Some(marker);
+    }
+
+    /// Whether the marker of [`LatencyProxy::drop_next`] is still waiting for its chunk; clears it.
+    pub fn disarm(&self) -> bool {
+        self.drop_on
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .is_some()
+    }
+
     /// Closes every connection at its next byte and refuses new ones, discarding what they
     /// carry (a node unreachable without losing its data), until the delay is set again.
     pub fn cut(&self) {
@@ -151,6 +180,8 @@ struct Link {
     /// Towards the server: the proxy's count of forwarded chunks and the first one a stall
     /// holds.
     chunks: Option<Arc<[AtomicU64; 2]>>,
+    /// Towards the server: the marker of [`LatencyProxy::drop_next`].
+    drop_on: Option<Arc<Mutex<Option<Vec<u8>>>>>,
 }
 
 async fn pump(
@@ -163,6 +194,7 @@ async fn pump(
         stall,
         number,
         chunks,
+        drop_on,
     } = link;
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
@@ -170,6 +202,16 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(read) => read,
         };
+        if let Some(drop_on) = &drop_on {
+            let mut marker = drop_on.lock().unwrap_or_else(PoisonError::into_inner);
+            let hit = marker.as_deref().is_some_and(|marker| {
+                !marker.is_empty() && buffer[..read].windows(marker.len()).any(|w| w == marker)
+            });
+            if hit {
+                *marker = None;
+                return;
+            }
+        }
         if let Some(chunks) = &chunks {
             let [forwarded, first_held] = &**chunks;
             let chunk = forwarded.fetch_add(1, Ordering::SeqCst);

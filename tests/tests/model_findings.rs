@@ -1,7 +1,7 @@
 //! What the model-based tests (`model_*.rs`) found, each as the minimal sequence they shrank
-//! it to, written out with the public API. They fail on the code they were found on, so they
-//! are ignored until the library is fixed; the model tolerates exactly these behaviours (see
-//! the comments naming these tests in `lock_tests::model`).
+//! it to, written out with the public API. Each failed on the code it was found on and passes
+//! since its fix; the model no longer tolerates any of these behaviours, so it catches their
+//! return too (the comments naming these tests in `lock_tests::model` say where).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -22,10 +22,9 @@ fn locker(lock: &MemoryLock, ttl: Duration) -> Locker {
 }
 
 /// The guard's docs: "Dropping never blocks: a lock in this process is released at once". A
-/// kept-alive guard's release is spawned instead, so the key stays held until the dropping task
-/// yields (and past its ttl if it is dropped outside a runtime).
+/// kept-alive guard's release was spawned instead, so the key stayed held until the dropping
+/// task yielded (and past its ttl if it was dropped outside a runtime).
 #[tokio::test(start_paused = true)]
-#[ignore = "known bug: a dropped kept-alive in-process guard is released in the background"]
 async fn a_dropped_kept_alive_guard_frees_its_key_at_once() {
     let lock = MemoryLock::new();
     let locker = locker(&lock, Duration::from_secs(10));
@@ -84,11 +83,10 @@ async fn a_failed_extend_leaves_every_key_as_it_was() {
 
 /// `Locker::stop`: "every later call on this client (and its clones) fails with
 /// `LockError::Stopped`". A guard of a stopped Redlock client does (at once); a guard of a
-/// stopped inc client fails with a backend error from its closed connection ("Canceled", or
-/// "Request timed out" once the command timeout has passed), and a failed release is then
+/// stopped inc client failed with a backend error from its closed connection ("Canceled", or
+/// "Request timed out" once the command timeout had passed), and a failed release was then
 /// retried in the background.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: inc guard calls after stop fail with a backend error instead of Stopped"]
 async fn inc_guard_calls_after_stop_fail_at_once_with_stopped() {
     let Some(binary) = redis_or_skip("inc guard calls after stop") else {
         return;

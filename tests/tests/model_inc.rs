@@ -33,7 +33,7 @@ impl Target for Inc {
     }
 
     fn guards_after_stop(&self) -> AfterStop {
-        AfterStop::BackendError
+        AfterStop::Stopped
     }
 
     fn cluster(&self) -> bool {
@@ -59,8 +59,7 @@ impl Target for Inc {
     async fn backend(&self, setup: &ClientSetup) -> Result<Arc<dyn Lock>> {
         let mut config = IncConfig::new(self.url.clone());
         config.prefix = setup.prefix.clone();
-        // Far above any answer on loopback (the model is about semantics, not latency); it is
-        // also how long a guard's call waits once its client was stopped.
+        // Far above any answer on loopback (the model is about semantics, not latency).
         config.command_timeout = 1_000;
         Ok(Arc::new(IncLock::connect(config).await?))
     }

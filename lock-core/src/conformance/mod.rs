@@ -4,8 +4,20 @@
 //! (feature `conformance`), `tokio` (features `macros`, `rt-multi-thread`) and one macro call
 //! that names the backend and the capabilities it reports:
 //!
-//! ```ignore
-//! lock_core::conformance_tests!(async { my_backend::MyLock::new() }, capabilities: [extend, fencing]);
+//! ```
+//! # mod my_backend { pub use lock_memory::MemoryLock as MyLock; }
+//! lock_core::conformance_tests!(
+//!     async { my_backend::MyLock::new() },
+//!     capabilities: [extend, multi_key, fencing, wake_on_release, purge],
+//! );
+//! # // A doctest has no test harness, so the tests above are compiled but not run: run one of
+//! # // their cases through `run` instead, on the same backend.
+//! # fn main() {
+//! #     let runtime = tokio::runtime::Runtime::new().unwrap();
+//! #     let lock = std::sync::Arc::new(my_backend::MyLock::new());
+//! #     let outcome = runtime.block_on(lock_core::conformance::run("acquire_release", lock));
+//! #     assert_eq!(outcome, lock_core::conformance::Outcome::Passed);
+//! # }
 //! ```
 //!
 //! A backend with no optional capability ([`Capabilities::NONE`](crate::Capabilities::NONE)) may

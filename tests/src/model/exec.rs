@@ -121,7 +121,7 @@ struct ModelLock {
     /// The guard's local validity is known to have passed.
     guard_invalid: bool,
     keep: Option<Keep>,
-    /// `keep_alive` was called on its guard (its release on drop is then spawned).
+    /// `keep_alive` was called on its guard.
     watched: bool,
     fence: Option<u64>,
 }
@@ -165,12 +165,17 @@ impl ModelLock {
         self.keep = None;
     }
 
-    /// The store was seen without this lock on `ids`. Its keys share one expiry, so it has
-    /// expired — unless a purge took some of them: then a failed extend may have moved the
-    /// others' expiries apart (see the ignored test `a_failed_extend_leaves_every_key_as_it_was`),
-    /// and only the keys seen free count as gone.
+    /// The store was seen without this lock on `ids`. Its keys share one expiry (even after a
+    /// purge took some of them: a failed extend puts back what it moved, see the test
+    /// `a_failed_extend_leaves_every_key_as_it_was`), so seen free on a key no purge took, it
+    /// has expired; keys a purge took that are seen free are marked so.
     fn found_free(&mut self, ids: &[String]) {
-        if !self.any_taken() {
+        let expired = self
+            .ids
+            .iter()
+            .zip(&self.taken)
+            .any(|(id, taken)| !taken && ids.contains(id));
+        if expired {
             self.kill();
             return;
         }
@@ -456,7 +461,7 @@ impl<T: Target> Run<'_, T> {
 
     /// How long after its lock's latest possible validity a watchdog may take to report the
     /// loss: on real servers it may be in the middle of an extension that waits out the
-    /// command timeout (a stopped inc client).
+    /// targets' node or command timeout (at most 2 s).
     fn loss_slack(&self) -> Duration {
         match self.timing {
             Timing::Exact => Duration::from_millis(2),
@@ -848,14 +853,6 @@ impl<T: Target> Run<'_, T> {
             && self.target.guards_after_stop() != AfterStop::Work
     }
 
-    /// What a guard call of a stopped client fails with.
-    fn stopped_outcome(&self) -> Outcome {
-        match self.target.guards_after_stop() {
-            AfterStop::BackendError => Outcome::Failed,
-            AfterStop::Stopped | AfterStop::Work => Outcome::Stopped,
-        }
-    }
-
     async fn extend(&mut self, guard: usize, ttl: Ttl) -> Result<(), String> {
         let Some(index) = self.slot(guard) else {
             self.log("extend: no guard held");
@@ -883,7 +880,7 @@ impl<T: Target> Run<'_, T> {
         }
         if self.guard_stopped(lock) {
             // The local validity is checked first: a lapsed lock is refused as not held.
-            let stopped = self.stopped_outcome();
+            let stopped = Outcome::Stopped;
             let allowed = if status == Status::Live {
                 vec![stopped]
             } else {
@@ -918,32 +915,15 @@ impl<T: Target> Run<'_, T> {
                     }
                 }
                 if let Some(keep) = &mut model.keep {
-                    // A watchdog asleep until a plan made from a later validity misses this
-                    // shorter one, and the lock lapses (see the ignored test
-                    // `a_shorter_extend_of_a_kept_alive_guard_keeps_it_alive`): from here on it
-                    // may or may not hold, until the loss is reported.
-                    if keep.mode == KeepMode::Saving
-                        && start + duration <= keep.valid_hi - keep.ttl / 3
-                    {
-                        keep.mode = KeepMode::Gamble;
-                    }
+                    // The watchdog re-plans from this validity, even a shorter one (the test
+                    // `a_shorter_extend_of_a_kept_alive_guard_keeps_it_alive`): a lock it saves
+                    // stays saved.
                     keep.valid_hi = keep.valid_hi.max(end + duration);
                 }
             }
-            _ => {
-                model.guard_invalid = true;
-                // A failed extend of a partly purged lock may still have moved the expiry of
-                // the keys before the first one lost (the ignored test
-                // `a_failed_extend_leaves_every_key_as_it_was`): either expiry may hold.
-                if model.any_taken() {
-                    let (early_end, late_end) = match timing {
-                        Timing::Exact => (start + duration, start + duration),
-                        Timing::Real => (start + duration - early(duration), end + duration + LATE),
-                    };
-                    model.live_until = model.live_until.map(|until| until.min(early_end));
-                    model.dead_from = model.dead_from.map(|from| from.max(late_end));
-                }
-            }
+            // A failed extend leaves every key as it was, even of a partly purged lock (the
+            // test `a_failed_extend_leaves_every_key_as_it_was`).
+            _ => model.guard_invalid = true,
         }
         Ok(())
     }
@@ -970,7 +950,7 @@ impl<T: Target> Run<'_, T> {
         if self.guard_stopped(lock) {
             // Nothing reaches the store: the lock stays until it expires.
             self.end_keep(lock, end);
-            return expect(got, &[self.stopped_outcome()], &error);
+            return expect(got, &[Outcome::Stopped], &error);
         }
         let model = &self.locks[lock];
         let allowed: &[Outcome] = if model.any_taken() {
@@ -1005,16 +985,16 @@ impl<T: Target> Run<'_, T> {
             return;
         }
         match self.timing {
-            // A kept-alive guard's release is spawned even in process (contrary to the guard's
-            // docs, which promise an in-process lock is released at once; see the ignored test
-            // `a_dropped_kept_alive_guard_frees_its_key_at_once`): gone once the case yields.
-            Timing::Exact if self.locks[lock].watched || !self.target.drop_releases_at_once() => {
+            // A backend that cannot release without awaiting: the release is spawned, and
+            // done once the case yields.
+            Timing::Exact if !self.target.drop_releases_at_once() => {
                 let model = &mut self.locks[lock];
                 model.keep = None;
                 model.live_until = None;
                 model.dead_from = Some(end + Duration::from_millis(1));
             }
-            // In process, a dropped guard releases at once.
+            // In process, a dropped guard releases at once, kept alive or not (the test
+            // `a_dropped_kept_alive_guard_frees_its_key_at_once`).
             Timing::Exact => {
                 let model = &mut self.locks[lock];
                 model.kill();

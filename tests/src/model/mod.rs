@@ -52,12 +52,9 @@ pub enum Naming {
 pub enum AfterStop {
     /// They work as before: an in-process backend has nothing to close.
     Work,
-    /// They fail with `LockError::Stopped` at once; the lock stays until its ttl.
-    Stopped,
-    /// They fail with a backend error from the closed connection, at once or once the command
-    /// timeout has passed (inc; see the ignored test
+    /// They fail with `LockError::Stopped` at once (Redlock, and inc: the test
     /// `inc_guard_calls_after_stop_fail_at_once_with_stopped`); the lock stays until its ttl.
-    BackendError,
+    Stopped,
 }
 
 /// What a client's backend is built from.
