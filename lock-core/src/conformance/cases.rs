@@ -438,12 +438,12 @@ pub async fn with_lock_runs_and_releases(lock: Arc<dyn Lock>) {
     assert_eq!(value, 42);
     assert_free(&locker, "scoped", "with_lock released it").await;
 
-    // A ttl of 300 ms leaves the watchdog 100 ms to extend on every node, even on a loaded
+    // A ttl of 600 ms leaves the watchdog 200 ms to extend on every node, even on a loaded
     // machine; the section outlives the ttl more than twice.
-    let short = with_options(&locker, ms(300), quick_retry());
+    let short = with_options(&locker, ms(600), quick_retry());
     let outcome = short
         .with_lock("scoped", |lease| async move {
-            sleep(ms(800)).await;
+            sleep(ms(1_500)).await;
             lease.lost.is_lost()
         })
         .await;
