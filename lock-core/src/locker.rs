@@ -14,6 +14,7 @@ use crate::guard::LockGuard;
 use crate::key::{Key, KeySet, Namespace, key_for};
 use crate::local::LocalQueue;
 use crate::lock::{Capabilities, Handle, KeyState, Lock, LockRequest};
+use crate::metrics::Acquisition;
 use crate::options::LockOptions;
 use crate::retry::{RetryCount, RetryPolicy};
 use crate::token::Token;
@@ -296,7 +297,12 @@ impl Locker {
     ///
     /// Every step of the hot path that would otherwise be an `.await` (a boxed future, a
     /// state machine moved around) is skipped here, which is most of an in-process lock's cost.
-    fn acquire_at_once(&self, keys: &KeySet, options: &LockOptions) -> AtOnce {
+    fn acquire_at_once(
+        &self,
+        keys: &KeySet,
+        options: &LockOptions,
+        acquisition: &mut Acquisition,
+    ) -> AtOnce {
         if let Err(error) = self.check_keys(keys) {
             return AtOnce::Settled(Err(error));
         }
@@ -310,7 +316,11 @@ impl Locker {
             Ok(token) => LockRequest::prevalidated(keys.clone(), token, options.ttl()),
             Err(error) => return AtOnce::Settled(Err(error)),
         };
-        match self.store().try_acquire_now(&request) {
+        let answer = self.store().try_acquire_now(&request);
+        if answer.is_some() {
+            acquisition.attempt();
+        }
+        match answer {
             None => AtOnce::NotAnswered,
             Some(Ok(Some(handle))) => match born_valid(handle) {
                 Some(handle) => {
@@ -353,14 +363,23 @@ impl Locker {
         )
     }
 
+    /// Every acquisition goes through here: its metrics are recorded here, once (a dropped
+    /// future records itself as cancelled).
     async fn acquire_keys(&self, keys: KeySet, options: &LockOptions) -> Result<LockGuard> {
-        match self.acquire_at_once(&keys, options) {
+        let mut acquisition = Acquisition::start(self.store().name());
+        let result = match self.acquire_at_once(&keys, options, &mut acquisition) {
             AtOnce::Settled(result) => result,
             // Boxed: the awaiting path's state is large, and inline it would make every
             // `acquire` future as large, to be moved even when the first attempt settles.
-            AtOnce::Held => Box::pin(self.acquire_awaiting(keys, options, true)).await,
-            AtOnce::NotAnswered => Box::pin(self.acquire_awaiting(keys, options, false)).await,
-        }
+            AtOnce::Held => {
+                Box::pin(self.acquire_awaiting(keys, options, true, &mut acquisition)).await
+            }
+            AtOnce::NotAnswered => {
+                Box::pin(self.acquire_awaiting(keys, options, false, &mut acquisition)).await
+            }
+        };
+        acquisition.finish(&result);
+        result
     }
 
     /// The attempts that await: `held_once` when a first attempt at once found the key held.
@@ -369,6 +388,7 @@ impl Locker {
         keys: KeySet,
         options: &LockOptions,
         held_once: bool,
+        acquisition: &mut Acquisition,
     ) -> Result<LockGuard> {
         let span = self.acquire_span(&keys);
         async {
@@ -397,7 +417,7 @@ impl Locker {
                 }
             };
             let guard = self
-                .retry_loop(keys, options, started, deadline, held_once)
+                .retry_loop(keys, options, started, deadline, held_once, acquisition)
                 .await?;
             Ok(guard.with_tickets(tickets))
         }
@@ -414,6 +434,7 @@ impl Locker {
         mut started: Option<Instant>,
         deadline: Option<Instant>,
         held_once: bool,
+        acquisition: &mut Acquisition,
     ) -> Result<LockGuard> {
         let mut backoff = options.retry().backoff();
         let mut attempts = 0u32;
@@ -433,6 +454,7 @@ impl Locker {
                 let request =
                     LockRequest::prevalidated(keys.clone(), Token::generate()?, options.ttl())
                         .with_after_wait(attempts > 1);
+                acquisition.attempt();
                 self.attempt(&request, deadline).await
             };
             match outcome {
