@@ -391,7 +391,7 @@ fn every_dropped_guard_counts_down_once() {
 #[test]
 fn failed_releases_and_extends_count_down_without_a_loss() {
     let recorded = run(|recorded| async move {
-        let locker = Locker::new(Flaky(MemoryLock::new()));
+        let locker = Locker::new(Flaky::new(Extends::Fails));
         let mut first = locker.acquire("a").await.unwrap();
         let extended = first.extend(Duration::from_secs(1)).await;
         assert!(
@@ -431,12 +431,91 @@ fn failed_releases_and_extends_count_down_without_a_loss() {
     );
 }
 
-/// Memory with extends and releases that fail with an I/O error, answering only by awaiting.
+/// A backend that cannot extend: the watchdog tries once, then reports the loss when the
+/// validity lapses; the unsupported extend is not a failure, the loss is counted once.
+#[test]
+fn a_lock_that_cannot_be_extended_is_lost_when_its_validity_lapses() {
+    let recorded = run(|recorded| async move {
+        let locker = Locker::new(Flaky::new(Extends::Unsupported))
+            .with_options(options(300 * MS))
+            .unwrap();
+        let mut guard = locker.acquire("a").await.unwrap();
+        let lost = guard.keep_alive().unwrap();
+        lost.lost().await;
+        assert_eq!(recorded.held("flaky"), 0.0);
+        drop(guard);
+        tokio::time::sleep(MS).await;
+    });
+    assert_eq!(recorded.held("flaky"), 0.0);
+    assert_eq!(
+        recorded.counters(),
+        counters(&[("lock_lost_total{backend=flaky,found_by=watchdog}", 1)])
+    );
+}
+
+/// An acquisition cancelled while its attempt is in flight (the store never answers): recorded
+/// as `cancelled` after one attempt; nothing was held.
+#[test]
+fn an_acquisition_cancelled_during_its_attempt_is_recorded_once() {
+    let recorded = run(|_| async move {
+        let locker = Locker::new(Flaky::new(Extends::Fails).stalled());
+        let waiting = locker.acquire("a");
+        assert!(tokio::time::timeout(100 * MS, waiting).await.is_err());
+        locker.stop().await.unwrap();
+    });
+    assert_eq!(recorded.held("flaky"), 0.0);
+    assert_eq!(
+        recorded.histograms(),
+        histograms(&[
+            (
+                "lock_acquire_attempts{backend=flaky,outcome=cancelled}",
+                &[1.0]
+            ),
+            (
+                "lock_acquire_wait_seconds{backend=flaky,outcome=cancelled}",
+                &[0.1]
+            ),
+        ])
+    );
+}
+
+/// What the extends of [`Flaky`] do.
+#[derive(Clone, Copy, Debug)]
+enum Extends {
+    /// Fail with an I/O error.
+    Fails,
+    /// Are not supported.
+    Unsupported,
+}
+
+/// Memory whose releases fail with an I/O error, answering only by awaiting; a stalled one
+/// never answers an attempt.
 #[derive(Debug)]
-struct Flaky(MemoryLock);
+struct Flaky {
+    lock: MemoryLock,
+    extends: Extends,
+    stalled: bool,
+}
+
+impl Flaky {
+    fn new(extends: Extends) -> Self {
+        Self {
+            lock: MemoryLock::new(),
+            extends,
+            stalled: false,
+        }
+    }
+
+    fn stalled(self) -> Self {
+        Self {
+            stalled: true,
+            ..self
+        }
+    }
+}
 
 #[derive(Debug)]
-struct FlakyHandle(Box<dyn Handle>);
+struct FlakyHandle(Box<dyn Handle>, Extends);
 
 #[async_trait]
 impl Lock for Flaky {
@@ -445,19 +524,26 @@ impl Lock for Flaky {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::NONE.with_extend()
+        match self.extends {
+            Extends::Fails => Capabilities::NONE.with_extend(),
+            Extends::Unsupported => Capabilities::NONE,
+        }
     }
 
     async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+        if self.stalled {
+            std::future::pending::<()>().await;
+        }
+        let extends = self.extends;
         Ok(self
-            .0
+            .lock
             .try_acquire(request)
             .await?
-            .map(|handle| Box::new(FlakyHandle(handle)) as Box<dyn Handle>))
+            .map(|handle| Box::new(FlakyHandle(handle, extends)) as Box<dyn Handle>))
     }
 
     async fn abandon(&self, keys: &[Key], token: &Token) -> Result<bool> {
-        self.0.abandon(keys, token).await
+        self.lock.abandon(keys, token).await
     }
 }
 
@@ -476,7 +562,13 @@ impl Handle for FlakyHandle {
     }
 
     async fn extend(&mut self, _ttl: Duration) -> Result<()> {
-        Err(LockError::backend("flaky", "extend not answered"))
+        match self.1 {
+            Extends::Fails => Err(LockError::backend("flaky", "extend not answered")),
+            Extends::Unsupported => Err(LockError::Unsupported {
+                backend: "flaky",
+                capability: "extend",
+            }),
+        }
     }
 
     async fn release(&mut self) -> Result<()> {
