@@ -12,6 +12,7 @@ use crate::error::{LockError, Result};
 use crate::key::Key;
 use crate::local::{self, Places, Ticket, Validity};
 use crate::lock::{Handle, LeaseKind};
+use crate::metrics::Held;
 use crate::token::Token;
 use crate::validate;
 use crate::watchdog::{self, LostSignal, Status};
@@ -37,6 +38,8 @@ pub struct LockGuard {
     /// Places in this process's queue for the keys, left once the store released them or the
     /// lock's validity lapsed, whichever comes first.
     tickets: Option<Tickets>,
+    /// This lock's share of the `lock_held` gauge (see [`crate::metrics`]).
+    held: Held,
 }
 
 /// Queue places, given up on release; waiters behind them give them up for the holder once
@@ -91,6 +94,7 @@ impl LockGuard {
             backend,
             kind: LeaseKind::Exclusive,
             tickets: None,
+            held: Held::start(backend),
         })
     }
 
@@ -213,6 +217,7 @@ impl LockGuard {
                 self.ttl,
                 Arc::clone(&status),
                 queue_validity,
+                (self.backend, self.held.watch()),
             )
             .instrument(span),
         );
@@ -240,7 +245,7 @@ impl LockGuard {
     pub async fn extend(&mut self, ttl: Duration) -> Result<()> {
         validate::ttl("ttl", ttl)?;
         let span = tracing::debug_span!("lock.extend", backend = self.backend, key = %self.key(), ttl_ms = validate::ttl_millis(ttl));
-        async {
+        let result = async {
             if !self.is_valid() {
                 tracing::debug!("local validity passed; refusing to extend");
                 return Err(LockError::NotHeld {
@@ -278,7 +283,11 @@ impl LockGuard {
             result
         }
         .instrument(span)
-        .await
+        .await;
+        if let Err(error) = &result {
+            self.held.extend_failed(self.backend, error);
+        }
+        result
     }
 
     /// Turns this write lock into a read lock on the same key, with no moment in between where
@@ -346,20 +355,22 @@ impl LockGuard {
         let span = tracing::debug_span!("lock.release", backend = self.backend, key = %self.key());
         let mut state = std::mem::replace(&mut self.state, State::Released);
         let tickets = self.tickets.take();
+        let held = self.held.take();
         if let Some(result) = state.release_now() {
-            return span.in_scope(|| released(result, tickets));
+            return span.in_scope(|| released(result, tickets, held));
         }
-        async move { released(state.release().await, tickets) }
+        async move { released(state.release().await, tickets, held) }
             .instrument(span)
             .await
     }
 }
 
 /// Lets the next task of this process go once the store has let go, and says how it went.
-fn released(result: Result<()>, tickets: Option<Tickets>) -> Result<()> {
+fn released(result: Result<()>, tickets: Option<Tickets>, held: Held) -> Result<()> {
     if let Some(tickets) = tickets {
         tickets.give_up();
     }
+    held.released(&result);
     match &result {
         Ok(()) => tracing::debug!("released"),
         Err(error) => tracing::warn!(%error, "release failed"),
@@ -410,10 +421,13 @@ impl Drop for LockGuard {
         }
         let backend = self.backend;
         let tickets = self.tickets.take();
+        // Counted down when the release ends, or when whatever holds it is dropped.
+        let held = self.held.take();
         if let Some(result) = state.release_now() {
             if let Some(tickets) = tickets {
                 tickets.give_up();
             }
+            held.released(&result);
             match result {
                 Ok(()) => tracing::debug!(backend, "released on drop"),
                 Err(error) => tracing::debug!(backend, %error, "release on drop failed"),
@@ -433,6 +447,7 @@ impl Drop for LockGuard {
                     if let Some(tickets) = tickets {
                         tickets.give_up();
                     }
+                    held.released(&released);
                     match released {
                         Ok(()) => tracing::debug!(backend, key, "released on drop"),
                         Err(error) => {

@@ -7,6 +7,7 @@ mod key;
 mod local;
 mod lock;
 mod locker;
+pub mod metrics;
 mod options;
 mod retry;
 mod token;

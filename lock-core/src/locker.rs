@@ -14,6 +14,7 @@ use crate::guard::LockGuard;
 use crate::key::{Key, KeySet, Namespace, key_for};
 use crate::local::LocalQueue;
 use crate::lock::{Capabilities, Handle, KeyState, LeaseKind, Lock, LockRequest};
+use crate::metrics::Acquisition;
 use crate::options::LockOptions;
 use crate::retry::{RetryCount, RetryPolicy};
 use crate::token::Token;
@@ -384,7 +385,13 @@ impl Locker {
     ///
     /// Every step of the hot path that would otherwise be an `.await` (a boxed future, a
     /// state machine moved around) is skipped here, which is most of an in-process lock's cost.
-    fn acquire_at_once(&self, keys: &KeySet, kind: LeaseKind, options: &LockOptions) -> AtOnce {
+    fn acquire_at_once(
+        &self,
+        keys: &KeySet,
+        kind: LeaseKind,
+        options: &LockOptions,
+        acquisition: &mut Acquisition,
+    ) -> AtOnce {
         if let Err(error) = self.check_keys(keys, kind) {
             return AtOnce::Settled(Err(error));
         }
@@ -404,7 +411,11 @@ impl Locker {
             }
             Err(error) => return AtOnce::Settled(Err(error)),
         };
-        match self.store().try_acquire_now(&request) {
+        let answer = self.store().try_acquire_now(&request);
+        if answer.is_some() {
+            acquisition.attempt();
+        }
+        match answer {
             None => AtOnce::NotAnswered,
             Some(Ok(Some(handle))) => match born_valid(handle) {
                 Some(handle) => {
@@ -476,21 +487,28 @@ impl Locker {
         )
     }
 
+    /// Every acquisition goes through here: its metrics are recorded here, once (a dropped
+    /// future records itself as cancelled).
     async fn acquire_keys(
         &self,
         keys: KeySet,
         kind: LeaseKind,
         options: &LockOptions,
     ) -> Result<LockGuard> {
-        match self.acquire_at_once(&keys, kind, options) {
+        let mut acquisition = Acquisition::start(self.store().name());
+        let result = match self.acquire_at_once(&keys, kind, options, &mut acquisition) {
             AtOnce::Settled(result) => result,
             // Boxed: the awaiting path's state is large, and inline it would make every
             // `acquire` future as large, to be moved even when the first attempt settles.
-            AtOnce::Held => Box::pin(self.acquire_awaiting(keys, kind, options, true)).await,
-            AtOnce::NotAnswered => {
-                Box::pin(self.acquire_awaiting(keys, kind, options, false)).await
+            AtOnce::Held => {
+                Box::pin(self.acquire_awaiting(keys, kind, options, true, &mut acquisition)).await
             }
-        }
+            AtOnce::NotAnswered => {
+                Box::pin(self.acquire_awaiting(keys, kind, options, false, &mut acquisition)).await
+            }
+        };
+        acquisition.finish(&result);
+        result
     }
 
     /// The attempts that await: `held_once` when a first attempt at once found the key held.
@@ -500,6 +518,7 @@ impl Locker {
         kind: LeaseKind,
         options: &LockOptions,
         held_once: bool,
+        acquisition: &mut Acquisition,
     ) -> Result<LockGuard> {
         let span = self.acquire_span(&keys, kind);
         async {
@@ -528,7 +547,17 @@ impl Locker {
                 }
             };
             let guard = self
-                .retry_loop(keys, kind, options, started, deadline, held_once)
+                .retry_loop(
+                    Wanted {
+                        keys,
+                        kind,
+                        options,
+                    },
+                    started,
+                    deadline,
+                    held_once,
+                    acquisition,
+                )
                 .await?;
             Ok(guard.with_tickets(tickets))
         }
@@ -540,13 +569,17 @@ impl Locker {
     /// a deadline (the caller did), otherwise after the first attempt that finds the key held.
     async fn retry_loop(
         &self,
-        keys: KeySet,
-        kind: LeaseKind,
-        options: &LockOptions,
+        wanted: Wanted<'_>,
         mut started: Option<Instant>,
         deadline: Option<Instant>,
         held_once: bool,
+        acquisition: &mut Acquisition,
     ) -> Result<LockGuard> {
+        let Wanted {
+            keys,
+            kind,
+            options,
+        } = wanted;
         let mut backoff = options.retry().backoff();
         let mut attempts = 0u32;
         // Waits in a row that the backend ended before their time, each followed by an attempt
@@ -576,6 +609,7 @@ impl Locker {
                         .with_after_wait(attempts > 1)
                         .with_will_wait(!options.retry().is_single_attempt())
                         .with_kind(kind);
+                acquisition.attempt();
                 let outcome = self.attempt(&request, deadline).await;
                 if kind == LeaseKind::Write && matches!(outcome, Ok(Attempt::Held)) {
                     claim.request = Some(request);
@@ -724,6 +758,13 @@ enum AtOnce {
     Held,
     /// The backend cannot answer without awaiting (or the in-process queue comes first).
     NotAnswered,
+}
+
+/// What an acquisition wants: its keys, the kind of lease and the options it runs under.
+struct Wanted<'a> {
+    keys: KeySet,
+    kind: LeaseKind,
+    options: &'a LockOptions,
 }
 
 /// How one attempt ended.

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use crate::error::LockError;
 use crate::local::Validity;
 use crate::lock::Handle;
+use crate::metrics::{self, HeldWatch};
 
 /// What the watchdog publishes about its lock.
 #[derive(Clone, Copy, Debug)]
@@ -50,12 +51,14 @@ impl LostSignal {
 /// is lost. Failed extensions are retried while the lock is still valid; a lock that is not held
 /// any more, or whose validity lapses, is reported lost and the task ends. For a backend that
 /// cannot extend, the loss is reported when the validity lapses. Each extension also moves
-/// `queue_validity`, the end of the holder's places in this process's queue.
+/// `queue_validity`, the end of the holder's places in this process's queue. Failed extends and
+/// the loss are counted for `backend` on the guard's share of the `lock_held` gauge (`held`).
 pub(crate) async fn keep_alive(
     handle: Arc<Mutex<Box<dyn Handle>>>,
     ttl: Duration,
     status: Arc<watch::Sender<Status>>,
     queue_validity: Option<Arc<Validity>>,
+    (backend, held): (&'static str, HeldWatch),
 ) {
     let lead = ttl / 3;
     let retry_every = (ttl / 10).max(Duration::from_millis(1));
@@ -87,6 +90,7 @@ pub(crate) async fn keep_alive(
         let valid_until = status.borrow().valid_until;
         if Instant::now() >= valid_until {
             tracing::warn!("lock validity lapsed; reporting it lost");
+            held.lost();
             status.send_modify(|status| status.lost = true);
             return;
         }
@@ -94,7 +98,11 @@ pub(crate) async fn keep_alive(
             continue;
         }
         let mut handle = handle.lock().await;
-        match handle.extend(ttl).await {
+        let extended = handle.extend(ttl).await;
+        if let Err(error) = &extended {
+            metrics::extend_failed(backend, error);
+        }
+        match extended {
             Ok(()) => {
                 let valid_until = handle.valid_until();
                 status.send_modify(|status| status.valid_until = valid_until);
@@ -110,6 +118,7 @@ pub(crate) async fn keep_alive(
             }
             Err(error @ (LockError::NotHeld { .. } | LockError::Stopped)) => {
                 tracing::warn!(%error, "watchdog found the lock lost");
+                held.lost();
                 status.send_modify(|status| status.lost = true);
                 return;
             }

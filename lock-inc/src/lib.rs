@@ -15,7 +15,7 @@ use fred::prelude::{ClientLike, Config, KeysInterface, ReconnectPolicy};
 use fred::types::scripts::Script;
 use lock_core::{
     Capabilities, Handle, Holding, Key, KeyState, Lock, LockError, LockRequest, Result,
-    RetryPolicy, Token, async_trait, validate,
+    RetryPolicy, Token, async_trait, metrics, validate,
 };
 use tokio::time::Instant;
 
@@ -569,6 +569,7 @@ fn release_later(shared: Arc<Shared>, key: Key, token: Token, expires_by: Instan
             if shared.running().is_err() {
                 return;
             }
+            metrics::resent(NAME, metrics::OPERATION_RELEASE, 1);
             match release(&shared, &key, &token).await {
                 Ok(_) => return,
                 Err(error) => {

@@ -14,7 +14,7 @@ use std::time::Duration;
 pub use config::{ConnectionKind, RedlockConfig};
 use lock_core::{
     Capabilities, Handle, Holding, Key, KeySet, KeyState, Lock, LockError, LockOptions,
-    LockRequest, Locker, Result, RetryPolicy, Token, async_trait, validate,
+    LockRequest, Locker, Result, RetryPolicy, Token, async_trait, metrics, validate,
 };
 use tokio::time::Instant;
 
@@ -164,7 +164,8 @@ impl Shared {
         at_once: bool,
     ) {
         let wanted = keys.len();
-        self.until_answered(indices, &keys, timeout, expires_by, at_once, |node| {
+        let release = (metrics::OPERATION_RELEASE, at_once);
+        self.until_answered(indices, &keys, timeout, expires_by, release, |node| {
             let (keys, token) = (keys.clone(), token.clone());
             async move {
                 node.release(&keys, &token)
@@ -178,14 +179,15 @@ impl Shared {
     /// Sends `op` to the nodes at `indices` until each has answered it (any answer), up to
     /// [`RELEASE_TRIES`] rounds: the first at once if `at_once`, the others after doubling
     /// pauses from `timeout` on, and none past `expires_by`. The one follow-up of every
-    /// operation that must reach every node (releases, clean-ups, fence raises).
+    /// operation that must reach every node (releases, clean-ups, fence raises); each message
+    /// sent counts in `lock_resends_total` under `operation`.
     async fn until_answered<F, Fut>(
         &self,
         mut indices: Vec<usize>,
         keys: &KeySet,
         timeout: Duration,
         expires_by: Instant,
-        at_once: bool,
+        (operation, at_once): (&'static str, bool),
         op: F,
     ) where
         F: Fn(Node) -> Fut,
@@ -207,6 +209,7 @@ impl Shared {
             if targets.is_empty() {
                 return;
             }
+            metrics::resent(NAME, operation, targets.len() as u64);
             let (tally, rest) = round::run(&targets, targets.len(), timeout, &op).await;
             let late = rest.finish().await;
             indices = tally
@@ -309,8 +312,9 @@ impl Shared {
                     .chain(late.failed.into_iter().map(|(index, _)| index))
                     .collect();
                 let expires_by = Instant::now() + validate::MAX_TTL;
+                let raise = (metrics::OPERATION_FENCE_RAISE, false);
                 shared
-                    .until_answered(failed, &keys, timeout, expires_by, false, |node| {
+                    .until_answered(failed, &keys, timeout, expires_by, raise, |node| {
                         shared.raise_on(node, &keys, &token, &fences, fence, ttl)
                     })
                     .await;

@@ -1,0 +1,137 @@
+//! What only a backend knows, counted: releases that a stopped server missed are sent again
+//! in the background, and each message sent again counts once in `lock_resends_total`, as
+//! many as the server receives. The lock that could not be released is counted down anyway.
+//!
+//! One recorder for the process (the follow-ups run on tokio's worker threads, where a local
+//! recorder is not seen); each test looks only at its own backend's label.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use lock_core::{LockError, LockOptions, Locker, RetryPolicy};
+use lock_inc::{IncConfig, IncLock};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::backed::ServerBacked;
+use lock_tests::server::{RedisServer, redis_or_skip};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+/// The process's recorder and every counter and gauge it saw, summed over snapshots (the
+/// debugging recorder resets them at each one).
+fn figures() -> BTreeMap<String, f64> {
+    static RECORDED: OnceLock<(Snapshotter, Mutex<BTreeMap<String, f64>>)> = OnceLock::new();
+    let (snapshotter, figures) = RECORDED.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("the only recorder of this test binary");
+        (snapshotter, Mutex::default())
+    });
+    let mut figures = figures.lock().unwrap();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let mut labels: Vec<String> = key
+            .key()
+            .labels()
+            .map(|label| format!("{}={}", label.key(), label.value()))
+            .collect();
+        labels.sort();
+        let name = format!("{}{{{}}}", key.key().name(), labels.join(","));
+        let value = match value {
+            DebugValue::Counter(value) => value as f64,
+            DebugValue::Gauge(value) => value.0,
+            DebugValue::Histogram(values) => values.len() as f64,
+        };
+        *figures.entry(name).or_default() += value;
+    }
+    figures.clone()
+}
+
+fn figure(name: &str) -> f64 {
+    figures().get(name).copied().unwrap_or_default()
+}
+
+/// Redlock on one node that stops before the release: the caller's release fails, and the
+/// background asks the node three more times (the bound of `a_release_is_sent_again_at_most_three_times`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_counts_each_release_sent_again() {
+    if redis_or_skip("redlock resends").is_none() {
+        return;
+    }
+    figures(); // the recorder, before the backend records anything
+    let mut backed = ServerBacked::start(1, |urls| {
+        Redlock::new(RedlockConfig::new(urls).with_node_timeout(Duration::from_millis(50)))
+    });
+    let locker = Locker::new(backed.lock().clone())
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap();
+    let held = locker.acquire("resent").await.unwrap();
+    assert_eq!(figure("lock_held{backend=redlock}"), 1.0);
+    let before = backed.servers()[0].calls("evalsha").unwrap();
+    backed.servers()[0].pause().unwrap();
+    let released = held.release().await;
+    assert!(released.is_err(), "nobody answered: {released:?}");
+    assert_eq!(figure("lock_held{backend=redlock}"), 0.0);
+    // Pauses of 50, 100 and 200 ms between tries of up to 50 ms each: all sent by 0.6 s.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    backed.servers()[0].resume().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = backed.servers()[0].calls("evalsha").unwrap() - before;
+    let resent = figure("lock_resends_total{backend=redlock,operation=release}");
+    println!(
+        "redlock: the stopped node received the release {received} times, {resent} counted as sent again"
+    );
+    assert_eq!(received, 4, "one release and three follow-ups");
+    assert_eq!(resent, 3.0);
+    assert_eq!(figure("lock_held{backend=redlock}"), 0.0);
+    assert_eq!(
+        figure("lock_lost_total{backend=redlock,found_by=release}"),
+        0.0
+    );
+}
+
+/// The INCR lock: the same, through its own re-sends (`release_later`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_counts_each_release_sent_again() {
+    let Some(binary) = redis_or_skip("inc resends") else {
+        return;
+    };
+    figures();
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let lock = IncLock::connect(IncConfig {
+        command_timeout: 100,
+        ..IncConfig::new(server.url())
+    })
+    .await
+    .unwrap();
+    let locker = Locker::new(lock)
+        .with_options(LockOptions::default().with_ttl(Duration::from_secs(5)))
+        .unwrap();
+    let held = locker.acquire("resent").await.unwrap();
+    assert_eq!(figure("lock_held{backend=inc}"), 1.0);
+    let before = server.calls("evalsha").unwrap();
+    server.pause().unwrap();
+    let released = held.release().await;
+    assert!(
+        matches!(released, Err(LockError::Backend { .. })),
+        "{released:?}"
+    );
+    assert_eq!(figure("lock_held{backend=inc}"), 0.0);
+    // Pauses of 100, 200 and 400 ms between tries of up to 100 ms each: all sent by 1.2 s.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    server.resume().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = server.calls("evalsha").unwrap() - before;
+    let resent = figure("lock_resends_total{backend=inc,operation=release}");
+    println!(
+        "inc: the stopped server received the release {received} times, {resent} counted as sent again"
+    );
+    assert_eq!(received, 4, "one release and three follow-ups");
+    assert_eq!(resent, 3.0);
+    assert_eq!(figure("lock_held{backend=inc}"), 0.0);
+}
