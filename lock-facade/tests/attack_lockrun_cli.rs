@@ -1,6 +1,6 @@
 //! Attacks on `lockrun`'s command line that need no Redis: a key named like a subcommand, the
 //! default memory backend across processes, and a broken stderr.
-#![cfg(feature = "memory")]
+#![cfg(all(feature = "memory", feature = "cli"))]
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt;

@@ -1,6 +1,6 @@
 //! Attacks on `lockrun` against real redis-servers: a nested `lockConfig`, a signal while an
 //! acquisition is in flight, and SIGTSTP (Ctrl-Z, `kill -TSTP`) to lockrun.
-#![cfg(all(feature = "redlock", feature = "inc"))]
+#![cfg(all(feature = "redlock", feature = "inc", feature = "cli"))]
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::process::CommandExt;

@@ -1,5 +1,5 @@
 //! `lockrun` end to end, as separate processes against real redis-servers.
-#![cfg(all(feature = "redlock", feature = "inc"))]
+#![cfg(all(feature = "redlock", feature = "inc", feature = "cli"))]
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! `lockrun`'s documentation, checked by running it: every flag and subcommand of
 //! `lockrun --help` is used by a test, and every `lockrun` line of the READMEs runs as written
 //! against real redis-servers.
-#![cfg(all(feature = "redlock", feature = "inc"))]
+#![cfg(all(feature = "redlock", feature = "inc", feature = "cli"))]
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@
 //! The commands are shell trees: two background workers append `worker-A` / `worker-B` lines
 //! to a log every 10 ms; a second holder appends `ENTERED` when it gets in. The check is on
 //! the order of the lines in that append-only log: no worker line after `ENTERED`.
-#![cfg(all(feature = "redlock", feature = "inc"))]
+#![cfg(all(feature = "redlock", feature = "inc", feature = "cli"))]
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};

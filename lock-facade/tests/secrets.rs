@@ -7,7 +7,7 @@
 //! unknown field, a bad scheme, a server that is not there, a malformed URL; and against a
 //! real `redis-server` whose user has the generated password, a successful connect followed by
 //! a wrong password.
-#![cfg(all(feature = "redlock", feature = "inc"))]
+#![cfg(all(feature = "redlock", feature = "inc", feature = "cli"))]
 #![allow(clippy::unwrap_used)]
 
 use std::fmt::Debug;

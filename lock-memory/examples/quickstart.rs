@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lock_facade::memory::MemoryLock;
-use lock_facade::{LockOptions, Locker, RetryPolicy};
+use lock_core::{LockError, LockOptions, Locker, RetryPolicy};
+use lock_memory::MemoryLock;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -30,7 +30,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run() -> lock_facade::Result<bool> {
+async fn run() -> lock_core::Result<bool> {
     let locker = Locker::new(MemoryLock::new())
         .with_namespace(Some("quickstart"))?
         .with_options(
@@ -62,14 +62,14 @@ async fn run() -> lock_facade::Result<bool> {
                 intervals.lock().await.push((entered, left));
                 guard.release().await?;
             }
-            Ok::<_, lock_facade::LockError>(())
+            Ok::<_, LockError>(())
         }));
     }
     for worker in workers {
         match worker.await {
             Ok(result) => result?,
             Err(join_error) => {
-                return Err(lock_facade::LockError::backend(
+                return Err(LockError::backend(
                     "quickstart",
                     join_error.to_string(),
                 ));
