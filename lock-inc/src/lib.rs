@@ -53,6 +53,9 @@ const RELEASE_TRIES: u32 = 3;
 /// and extend act only for the holder (a random token is stored beside the counter), every
 /// acquisition returns a strictly increasing fencing token per key, and a replayed acquisition
 /// (a client resending after a reconnect) finds its own token and cannot make a second holder.
+///
+/// It also serves semaphores and read-write locks ([`LeaseKind::Permit`], [`LeaseKind::Read`],
+/// [`LeaseKind::Write`]) on the same keys: see the crate's README.
 #[derive(Clone)]
 pub struct IncLock {
     shared: Arc<Shared>,

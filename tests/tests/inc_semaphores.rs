@@ -570,3 +570,58 @@ async fn a_semaphore_never_admits_more_than_its_permits() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A replayed attempt (the same script sent twice with one token, as a client resending after
+/// a reconnect would) finds its own entry: it takes no second place, for a permit or a writer,
+/// and answers a fencing token all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_attempt_takes_no_second_place() {
+    let Some((server, lock)) = one_server().await else {
+        return;
+    };
+    let script = redis::Script::new(include_str!("../../lock-inc/src/lua/shared_acquire.lua"));
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut run = async |key: &str, token: &str, mode: &str, extra: &str| -> i64 {
+        let counter = format!("lock:{{{key}}}");
+        script
+            .key(&counter)
+            .key(format!("{counter}:owner"))
+            .key(format!("{counter}:fence"))
+            .arg(token)
+            .arg(10_000)
+            .arg(mode)
+            .arg(extra)
+            .invoke_async(&mut con)
+            .await
+            .unwrap()
+    };
+    let first = run("replayed", "aa", "p", "2").await;
+    let replayed = run("replayed", "aa", "p", "2").await;
+    let other = run("replayed", "bb", "p", "2").await;
+    let third = run("replayed", "cc", "p", "2").await;
+    let writer = run("replayed-rw", "dd", "w", "0").await;
+    let writer_again = run("replayed-rw", "dd", "w", "0").await;
+    let reader = run("replayed-rw", "ee", "r", "0").await;
+    println!(
+        "S-replay: permit {first} replayed -> {replayed}, another {other}, a third {third}; writer {writer} replayed -> {writer_again}, a reader {reader}"
+    );
+    assert!(first > 0 && replayed > 0, "the replay must find its own win");
+    assert!(other > 0, "the second permit of two");
+    assert_eq!(third, 0, "the replay took a second place");
+    assert!(writer > 0 && writer_again > 0);
+    assert_eq!(reader, 0, "a reader beside the replayed writer");
+    let holders = server.command("ZCARD lock:{replayed}", PROBE).unwrap();
+    assert_eq!(holders, ":2");
+    let locker = single(&lock, Duration::from_secs(5));
+    assert!(
+        locker
+            .try_acquire_kind("replayed", permit(2))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
