@@ -114,10 +114,16 @@ async fn a_dead_holders_permit_frees_at_its_ttl() {
     doomed.shutdown().await.expect("quit");
     for key in ["lock:{pool}", "lock:{pool}:owner", "lock:{pool}:fence"] {
         let ms = pttl(&server, key);
-        assert!(ms > 0 && ms <= 801, "{key} has PTTL {ms} for a ttl of 800 ms");
+        assert!(
+            ms > 0 && ms <= 801,
+            "{key} has PTTL {ms} for a ttl of 800 ms"
+        );
     }
     let live = single(&lock, Duration::from_secs(10));
-    let second = live.acquire_permit("pool", 2).await.expect("the other permit");
+    let second = live
+        .acquire_permit("pool", 2)
+        .await
+        .expect("the other permit");
     assert!(
         live.try_acquire_kind("pool", permit(2))
             .await
@@ -163,7 +169,10 @@ async fn releases_that_timed_out_are_sent_again_for_every_kind() {
         ("readers", LeaseKind::Read),
         ("writers", LeaseKind::Write),
     ] {
-        let held = locker.acquire_kind(key, kind, &options).await.expect("acquire");
+        let held = locker
+            .acquire_kind(key, kind, &options)
+            .await
+            .expect("acquire");
         server.pause().expect("SIGSTOP");
         let started = Instant::now();
         // A key of its own per kind: the stopped server runs this attempt once it resumes.
@@ -220,12 +229,21 @@ async fn a_restarted_server_serves_permits_again_with_higher_fences() {
     std::mem::forget(reader);
     server.restart().expect("restart");
     // The holders' permits went with the data: two new ones fit.
-    let c = locker.acquire_permit("restart", 2).await.expect("after restart");
-    let d = locker.acquire_permit("restart", 2).await.expect("after restart");
+    let c = locker
+        .acquire_permit("restart", 2)
+        .await
+        .expect("after restart");
+    let d = locker
+        .acquire_permit("restart", 2)
+        .await
+        .expect("after restart");
     let writer = locker.acquire_write("restart-rw").await.expect("writer");
     let after = c.fencing_token().min(d.fencing_token()).unwrap();
     println!("S-restart: fences {before} -> {after}; permits and the writer served again");
-    assert!(after > before, "fencing went backwards: {before} -> {after}");
+    assert!(
+        after > before,
+        "fencing went backwards: {before} -> {after}"
+    );
     // The old holders learn that they lost their permits.
     assert!(matches!(a.release().await, Err(LockError::NotHeld { .. })));
     assert!(matches!(b.release().await, Err(LockError::NotHeld { .. })));
@@ -272,7 +290,19 @@ async fn on_a_cluster_every_key_of_a_semaphore_is_in_one_slot() {
     let lock = connect(cluster_url(&servers), 5_000).await;
     let locker = single(&lock, Duration::from_secs(30));
     let hostile = [
-        "plain", "a{b}c", "{", "}x", "x}", "{x}", "a*b", "?", "[a-z]", "*", "{}", "a{", "日本{*}",
+        "plain",
+        "a{b}c",
+        "{",
+        "}x",
+        "x}",
+        "{x}",
+        "a*b",
+        "?",
+        "[a-z]",
+        "*",
+        "{}",
+        "a{",
+        "日本{*}",
     ];
     let mut taken = 0;
     let mut refused = Vec::new();
@@ -307,8 +337,7 @@ async fn on_a_cluster_every_key_of_a_semaphore_is_in_one_slot() {
                         .filter(|k| !ours.contains(k) && !k.ends_with(":fence"))
                         .collect();
                     assert!(others.is_empty(), "{key} ({kind}): also {others:?}");
-                    let slots: BTreeSet<u64> =
-                        ours.iter().map(|k| keyslot(&servers, k)).collect();
+                    let slots: BTreeSet<u64> = ours.iter().map(|k| keyslot(&servers, k)).collect();
                     assert_eq!(slots.len(), 1, "{key} ({kind}): keys {ours:?} in {slots:?}");
                     guard.release().await.unwrap();
                     taken += 1;
@@ -374,8 +403,18 @@ async fn nothing_is_left_once_holders_are_gone() {
     );
     // Leases left to expire, and a writer's claim left behind.
     for i in 0..50 {
-        std::mem::forget(locker.acquire_permit(&format!("leaked:{i}"), 2).await.unwrap());
-        std::mem::forget(locker.acquire_read(&format!("leaked-rw:{i}")).await.unwrap());
+        std::mem::forget(
+            locker
+                .acquire_permit(&format!("leaked:{i}"), 2)
+                .await
+                .unwrap(),
+        );
+        std::mem::forget(
+            locker
+                .acquire_read(&format!("leaked-rw:{i}"))
+                .await
+                .unwrap(),
+        );
     }
     // A writer waits behind a leaked reader: its claim is stored, and expires too.
     let waiting = locker_with_claims(&lock, ttl);
@@ -389,7 +428,10 @@ async fn nothing_is_left_once_holders_are_gone() {
         claim_ttl > 0 && claim_ttl <= 301,
         "the claim's marker has PTTL {claim_ttl}"
     );
-    let error = writer.await.unwrap().expect_err("the reader is still there");
+    let error = writer
+        .await
+        .unwrap()
+        .expect_err("the reader is still there");
     assert!(matches!(error, LockError::Timeout { .. }), "{error:?}");
     tokio::time::sleep(ttl * 2 + Duration::from_millis(100)).await;
     let left = keys_on(&servers).await;
@@ -547,10 +589,21 @@ async fn a_semaphore_never_admits_more_than_its_permits() {
     println!(
         "S-over-admission (seed {seed}): at most {most} holders of 3 at once, {cancelled} attempts cancelled"
     );
-    assert!(most <= 3, "{most} holders of a semaphore of 3 (seed {seed})");
-    assert_eq!(most, 3, "contention never filled the semaphore (seed {seed})");
+    assert!(
+        most <= 3,
+        "{most} holders of a semaphore of 3 (seed {seed})"
+    );
+    assert_eq!(
+        most, 3,
+        "contention never filled the semaphore (seed {seed})"
+    );
     // Negative control: the checker sees a semaphore that admits 4.
-    let (broken, _) = most_holders_at_once(Arc::new(OnePermitTooMany(lock.clone())), "broken-pool", seed).await;
+    let (broken, _) = most_holders_at_once(
+        Arc::new(OnePermitTooMany(lock.clone())),
+        "broken-pool",
+        seed,
+    )
+    .await;
     println!("S-over-admission negative control: a broken semaphore admitted {broken} of 3");
     assert!(
         broken > 3,
@@ -609,7 +662,10 @@ async fn a_replayed_attempt_takes_no_second_place() {
     println!(
         "S-replay: permit {first} replayed -> {replayed}, another {other}, a third {third}; writer {writer} replayed -> {writer_again}, a reader {reader}"
     );
-    assert!(first > 0 && replayed > 0, "the replay must find its own win");
+    assert!(
+        first > 0 && replayed > 0,
+        "the replay must find its own win"
+    );
     assert!(other > 0, "the second permit of two");
     assert_eq!(third, 0, "the replay took a second place");
     assert!(writer > 0 && writer_again > 0);
