@@ -14,7 +14,7 @@ pub use config::IncConfig;
 use fred::prelude::{ClientLike, Config, KeysInterface, ReconnectPolicy};
 use fred::types::scripts::Script;
 use lock_core::{
-    Capabilities, Handle, Holding, Key, KeyState, Lock, LockError, LockRequest, Result,
+    Capabilities, Handle, Holding, Key, KeyState, LeaseKind, Lock, LockError, LockRequest, Result,
     RetryPolicy, Token, async_trait, metrics, validate,
 };
 use tokio::time::Instant;
@@ -29,6 +29,14 @@ static RELEASE: LazyLock<Script> =
 static EXTEND: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("lua/extend.lua")));
 static PURGE: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("lua/purge.lua")));
+static SHARED_ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("lua/shared_acquire.lua")));
+static SHARED_RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("lua/shared_release.lua")));
+static SHARED_EXTEND: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("lua/shared_extend.lua")));
+static DOWNGRADE: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("lua/downgrade.lua")));
 
 /// Keys asked per `SCAN` page by [`Lock::purge`]; the locks of a page are removed by one
 /// script on a single server.
@@ -46,6 +54,9 @@ const RELEASE_TRIES: u32 = 3;
 /// and extend act only for the holder (a random token is stored beside the counter), every
 /// acquisition returns a strictly increasing fencing token per key, and a replayed acquisition
 /// (a client resending after a reconnect) finds its own token and cannot make a second holder.
+///
+/// It also serves semaphores and read-write locks ([`LeaseKind::Permit`], [`LeaseKind::Read`],
+/// [`LeaseKind::Write`]) on the same keys: see the crate's README.
 #[derive(Clone)]
 pub struct IncLock {
     shared: Arc<Shared>,
@@ -64,10 +75,40 @@ struct Shared {
 }
 
 /// The three Redis keys of one lock, in one hash slot (a `{…}` hash tag around the user's key).
+///
+/// A mutex keeps its `INCR` counter in `counter` and its holder's token in `owner`; a semaphore
+/// or a read-write lock keeps its holders in `counter` (a sorted set scored by expiry) and its
+/// kind in `owner` (`#p:<size>`, `#rw`, or `#rw:<token>:<expiry>` with a writer's claim).
 struct LockKeys {
     counter: String,
     owner: String,
     fence: String,
+}
+
+/// The letter that tells the holders of a semaphore or read-write lock apart in the holder
+/// set (`None` for a mutex, which has no holder set).
+fn kind_letter(kind: LeaseKind) -> Option<&'static str> {
+    match kind {
+        LeaseKind::Permit { .. } => Some("p"),
+        LeaseKind::Read => Some("r"),
+        LeaseKind::Write => Some("w"),
+        _ => None,
+    }
+}
+
+/// What a key is in use as, from the marker the shared acquisition script answers with.
+fn describe_marker(marker: &str) -> String {
+    if let Some(permits) = marker
+        .strip_prefix("#p:")
+        .and_then(|size| size.parse::<u32>().ok())
+        .and_then(|size| LeaseKind::permit(size).ok())
+    {
+        return permits.to_string();
+    }
+    if marker.starts_with("#rw") {
+        return "a read-write lock".to_owned();
+    }
+    LeaseKind::Exclusive.to_string()
 }
 
 impl Shared {
@@ -176,7 +217,9 @@ impl Lock for IncLock {
             .with_fail_fast()
             .with_purge()
             .with_distributed()
-            .with_fencing();
+            .with_fencing()
+            .with_semaphore()
+            .with_read_write();
         if self.shared.wakeups.is_some() {
             capabilities.with_wake_on_release()
         } else {
@@ -198,6 +241,9 @@ impl Lock for IncLock {
     }
 
     async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+        if let Some(letter) = kind_letter(request.kind()) {
+            return acquire_shared(&self.shared, request, letter).await;
+        }
         let shared = &self.shared;
         shared.running()?;
         let key = request.primary_key().clone();
@@ -225,6 +271,7 @@ impl Lock for IncLock {
             token: request.token().clone(),
             valid_until: start + request.ttl(),
             fence: u64::try_from(fence).unwrap_or_default(),
+            kind: LeaseKind::Exclusive,
         })))
     }
 
@@ -233,14 +280,15 @@ impl Lock for IncLock {
         let token = request.token();
         let mut removed = false;
         for key in request.keys() {
-            match release(&self.shared, key, token).await {
-                Ok(released) => removed |= released,
+            match release(&self.shared, key, token, request.kind()).await {
+                Ok(released) => removed |= released != Released::Nothing,
                 Err(error) => {
                     let expires_by = Instant::now() + request.ttl();
                     release_later(
                         Arc::clone(&self.shared),
                         key.clone(),
                         token.clone(),
+                        request.kind(),
                         expires_by,
                     );
                     return Err(error);
@@ -444,24 +492,111 @@ fn escape_glob(prefix: &str) -> String {
     escaped
 }
 
-async fn release(shared: &Shared, key: &Key, token: &Token) -> Result<bool> {
+/// What a release found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Released {
+    /// A live lease of ours, now gone.
+    Live,
+    /// Our lease, found expired (and its leftover entry removed), or our claim taken back.
+    Lapsed,
+    /// Nothing of ours.
+    Nothing,
+}
+
+/// Releases `token`'s lease of `kind` on `key` (or takes back its claim, for a writer).
+async fn release(shared: &Shared, key: &Key, token: &Token, kind: LeaseKind) -> Result<Released> {
     let keys = shared.keys(key);
     let channel = shared
         .wakeups
         .is_some()
         .then(|| [wake::RELEASE_CHANNEL, keys.counter.as_str()].concat());
     let token = token.expose();
-    let mut args = vec![token.as_str()];
-    args.extend(channel.as_deref());
-    let released: i64 = RELEASE
+    let released: i64 = match kind_letter(kind) {
+        None => {
+            let mut args = vec![token.as_str()];
+            args.extend(channel.as_deref());
+            RELEASE
+                .evalsha_with_reload(
+                    &shared.client,
+                    vec![keys.counter.as_str(), keys.owner.as_str()],
+                    args,
+                )
+                .await
+        }
+        Some(letter) => {
+            let mut args = vec![token.as_str(), letter];
+            args.extend(channel.as_deref());
+            SHARED_RELEASE
+                .evalsha_with_reload(
+                    &shared.client,
+                    vec![keys.counter.as_str(), keys.owner.as_str()],
+                    args,
+                )
+                .await
+        }
+    }
+    .map_err(|e| shared.backend_error("release", &e))?;
+    Ok(match released {
+        1 => Released::Live,
+        0 => Released::Nothing,
+        _ => Released::Lapsed,
+    })
+}
+
+/// One attempt at a permit, a read or a write lock (`letter` tells which): the holder set,
+/// pruned of expired holders by the server's clock, admits or not in one script.
+async fn acquire_shared(
+    shared: &Arc<Shared>,
+    request: &LockRequest,
+    letter: &'static str,
+) -> Result<Option<Box<dyn Handle>>> {
+    let key = request.primary_key().clone();
+    let keys = shared.keys(&key);
+    let start = Instant::now();
+    let kind = request.kind();
+    let extra = match kind {
+        LeaseKind::Permit { permits } => permits.to_string(),
+        _ => u8::from(request.will_wait()).to_string(),
+    };
+    let answer: fred::types::Value = SHARED_ACQUIRE
         .evalsha_with_reload(
             &shared.client,
-            vec![keys.counter.as_str(), keys.owner.as_str()],
-            args,
+            vec![
+                keys.counter.as_str(),
+                keys.owner.as_str(),
+                keys.fence.as_str(),
+            ],
+            vec![
+                request.token().expose().to_string(),
+                validate::ttl_millis(request.ttl()).to_string(),
+                letter.to_owned(),
+                extra,
+            ],
         )
         .await
-        .map_err(|e| shared.backend_error("release", &e))?;
-    Ok(released == 1)
+        .map_err(|e| shared.backend_error("acquire", &e))?;
+    let fence = match answer {
+        fred::types::Value::Integer(fence) => fence,
+        other => {
+            let marker = other.as_string().unwrap_or_default();
+            return Err(LockError::KindMismatch {
+                key: key.to_string(),
+                found: describe_marker(&marker),
+                asked: kind.to_string(),
+            });
+        }
+    };
+    if fence <= 0 {
+        return Ok(None);
+    }
+    Ok(Some(Box::new(IncHandle {
+        shared: Arc::clone(shared),
+        keys: [key],
+        token: request.token().clone(),
+        valid_until: start + request.ttl(),
+        fence: u64::try_from(fence).unwrap_or_default(),
+        kind,
+    })))
 }
 
 impl fmt::Debug for IncLock {
@@ -479,6 +614,8 @@ struct IncHandle {
     token: Token,
     valid_until: Instant,
     fence: u64,
+    /// What is held: a mutex, a permit, a read or a write lock (a read lock after a downgrade).
+    kind: LeaseKind,
 }
 
 #[async_trait]
@@ -504,17 +641,29 @@ impl Handle for IncHandle {
         shared.running()?;
         let keys = shared.keys(&self.keys[0]);
         let start = Instant::now();
-        let extended: i64 = EXTEND
-            .evalsha_with_reload(
-                &shared.client,
-                vec![keys.counter.as_str(), keys.owner.as_str()],
-                vec![
-                    self.token.expose().to_string(),
-                    validate::ttl_millis(ttl).to_string(),
-                ],
-            )
-            .await
-            .map_err(|e| shared.backend_error("extend", &e))?;
+        let token = self.token.expose().to_string();
+        let ttl_ms = validate::ttl_millis(ttl).to_string();
+        let extended: i64 = match kind_letter(self.kind) {
+            None => {
+                EXTEND
+                    .evalsha_with_reload(
+                        &shared.client,
+                        vec![keys.counter.as_str(), keys.owner.as_str()],
+                        vec![token, ttl_ms],
+                    )
+                    .await
+            }
+            Some(letter) => {
+                SHARED_EXTEND
+                    .evalsha_with_reload(
+                        &shared.client,
+                        vec![keys.counter.as_str(), keys.owner.as_str()],
+                        vec![token, letter.to_owned(), ttl_ms],
+                    )
+                    .await
+            }
+        }
+        .map_err(|e| shared.backend_error("extend", &e))?;
         if extended != 1 {
             return Err(LockError::NotHeld {
                 key: self.keys[0].to_string(),
@@ -527,8 +676,8 @@ impl Handle for IncHandle {
     async fn release(&mut self) -> Result<()> {
         self.shared.running()?;
         let still_valid = Instant::now() < self.valid_until;
-        match release(&self.shared, &self.keys[0], &self.token).await {
-            Ok(true) if still_valid => Ok(()),
+        match release(&self.shared, &self.keys[0], &self.token, self.kind).await {
+            Ok(Released::Live) if still_valid => Ok(()),
             Ok(_) => Err(LockError::NotHeld {
                 key: self.keys[0].to_string(),
             }),
@@ -537,6 +686,29 @@ impl Handle for IncHandle {
                 Err(error)
             }
         }
+    }
+
+    async fn downgrade(&mut self) -> Result<()> {
+        let shared = &self.shared;
+        let keys = shared.keys(&self.keys[0]);
+        let channel = shared
+            .wakeups
+            .is_some()
+            .then(|| [wake::RELEASE_CHANNEL, keys.counter.as_str()].concat());
+        let token = self.token.expose();
+        let mut args = vec![token.as_str()];
+        args.extend(channel.as_deref());
+        let downgraded: i64 = DOWNGRADE
+            .evalsha_with_reload(&shared.client, vec![keys.counter.as_str()], args)
+            .await
+            .map_err(|e| shared.backend_error("downgrade", &e))?;
+        if downgraded != 1 {
+            return Err(LockError::NotHeld {
+                key: self.keys[0].to_string(),
+            });
+        }
+        self.kind = LeaseKind::Read;
+        Ok(())
     }
 }
 
@@ -547,6 +719,7 @@ impl IncHandle {
             Arc::clone(&self.shared),
             self.keys[0].clone(),
             self.token.clone(),
+            self.kind,
             self.valid_until,
         );
     }
@@ -555,7 +728,13 @@ impl IncHandle {
 /// Asks again, in the background, for a release that failed: up to [`RELEASE_TRIES`] times with
 /// doubling pauses from the command timeout on, until it is answered or the key would have
 /// expired anyway (`expires_by`). Token-checked, so asking twice is harmless.
-fn release_later(shared: Arc<Shared>, key: Key, token: Token, expires_by: Instant) {
+fn release_later(
+    shared: Arc<Shared>,
+    key: Key,
+    token: Token,
+    kind: LeaseKind,
+    expires_by: Instant,
+) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -570,7 +749,7 @@ fn release_later(shared: Arc<Shared>, key: Key, token: Token, expires_by: Instan
                 return;
             }
             metrics::resent(NAME, metrics::OPERATION_RELEASE, 1);
-            match release(&shared, &key, &token).await {
+            match release(&shared, &key, &token, kind).await {
                 Ok(_) => return,
                 Err(error) => {
                     tracing::debug!(%key, %error, "release not answered; asking again");
@@ -585,6 +764,7 @@ impl fmt::Debug for IncHandle {
         f.debug_struct("IncHandle")
             .field("key", &self.keys[0])
             .field("fence", &self.fence)
+            .field("kind", &self.kind)
             .finish_non_exhaustive()
     }
 }

@@ -1,7 +1,10 @@
-//! The conformance suite on a real redis-server, with and without pub/sub wake-ups.
+//! The conformance suite on a real redis-server, with and without pub/sub wake-ups, and on a
+//! Redis Cluster of three primaries (every key of one lock, semaphore or read-write lock in the
+//! slot of its hash tag).
 
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::backed::{ServerBacked, start_servers};
+use lock_tests::server::{redis_server_binary, start_cluster};
 
 async fn inc_lock(wake_on_release: bool) -> ServerBacked<IncLock> {
     let servers = start_servers(1);
@@ -12,16 +15,48 @@ async fn inc_lock(wake_on_release: bool) -> ServerBacked<IncLock> {
     ServerBacked::new(lock, servers)
 }
 
+/// A fresh cluster of three primaries per case; commands may wait longer than the default on a
+/// shared machine (this is about routing, not latency).
+async fn inc_on_a_cluster() -> ServerBacked<IncLock> {
+    let binary = redis_server_binary().expect(
+        "redis-server not found: run `cargo xtask it`, which installs it, or set REDIS_SERVER",
+    );
+    let servers = start_cluster(&binary, 3).expect("cluster");
+    let seeds: Vec<String> = servers[1..]
+        .iter()
+        .map(|server| format!("node=127.0.0.1:{}", server.port()))
+        .collect();
+    let url = format!(
+        "redis-cluster://127.0.0.1:{}?{}",
+        servers[0].port(),
+        seeds.join("&")
+    );
+    let lock = IncLock::connect(IncConfig {
+        command_timeout: 5_000,
+        ..IncConfig::new(url).with_wake_on_release(true)
+    })
+    .await
+    .expect("connect to the cluster");
+    ServerBacked::new(lock, servers)
+}
+
 mod plain {
     lock_core::conformance_tests!(
         crate::inc_lock(false),
-        capabilities: [extend, fail_fast, purge, distributed, fencing]
+        capabilities: [extend, fail_fast, purge, distributed, fencing, semaphore, read_write]
     );
 }
 
 mod with_wakeups {
     lock_core::conformance_tests!(
         crate::inc_lock(true),
-        capabilities: [extend, fail_fast, purge, distributed, fencing, wake_on_release]
+        capabilities: [extend, fail_fast, purge, distributed, fencing, wake_on_release, semaphore, read_write]
+    );
+}
+
+mod on_a_cluster {
+    lock_core::conformance_tests!(
+        crate::inc_on_a_cluster(),
+        capabilities: [extend, fail_fast, purge, distributed, fencing, wake_on_release, semaphore, read_write]
     );
 }

@@ -69,10 +69,7 @@ async fn run() -> lock_core::Result<bool> {
         match worker.await {
             Ok(result) => result?,
             Err(join_error) => {
-                return Err(LockError::backend(
-                    "quickstart",
-                    join_error.to_string(),
-                ));
+                return Err(LockError::backend("quickstart", join_error.to_string()));
             }
         }
     }

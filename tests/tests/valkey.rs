@@ -65,7 +65,7 @@ mod redlock_three_nodes_fenced {
 mod inc {
     lock_core::conformance_tests!(
         crate::inc_on_valkey(),
-        capabilities: [extend, fail_fast, purge, distributed, fencing]
+        capabilities: [extend, fail_fast, purge, distributed, fencing, semaphore, read_write]
     );
 }
 

@@ -32,7 +32,14 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     )?;
     // The facade's features, each alone and all together, build and pass clippy; the backends
     // alone build the core without `metrics`, `full,metrics` with it (and the prometheus example).
-    for feature in ["memory", "redlock", "inc", "full", "full,metrics", "full,cli"] {
+    for feature in [
+        "memory",
+        "redlock",
+        "inc",
+        "full",
+        "full,metrics",
+        "full,cli",
+    ] {
         step(
             &format!("lock-facade --features {feature}"),
             cargo().args([

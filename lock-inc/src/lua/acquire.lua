@@ -16,7 +16,12 @@ if stored then
     return redis.error_reply('ERR the fencing counter holds no integer below 2^53')
   end
 end
-local replay = redis.call('get', KEYS[2]) == ARGV[1]
+local owner = redis.call('get', KEYS[2])
+if owner and string.byte(owner) == 35 then
+  -- `#…`: the key is in use as a semaphore or a read-write lock (shared_acquire.lua): held.
+  return 0
+end
+local replay = owner == ARGV[1]
 if replay and stored then
   -- The same attempt again (a client replayed it after a reconnect): it already won, and its
   -- fencing token is still stored (the fencing counter outlives the first ttl of the lock).
@@ -33,7 +38,16 @@ if fence >= largest then
   return redis.error_reply('ERR the fencing token would reach 2^53 (is the server clock far ahead?)')
 end
 if not replay then
-  if redis.call('incr', KEYS[1]) ~= 1 then
+  local count = redis.pcall('incr', KEYS[1])
+  if type(count) == 'table' then
+    -- WRONGTYPE: a holder set of a semaphore or read-write lock is held; anything else is bad
+    -- state, reported as the error it is.
+    if redis.call('type', KEYS[1]).ok == 'zset' then
+      return 0
+    end
+    return count
+  end
+  if count ~= 1 then
     return 0
   end
   -- The expiry is set in the same script as the INCR: no crash can leave an immortal lock.

@@ -27,6 +27,12 @@ pub(crate) async fn benchmarks(
     )?;
     for _ in 0..50 {
         locker.acquire("bench-key").await?.release().await?;
+        locker
+            .acquire_permit("bench-permit", PERMITS)
+            .await?
+            .release()
+            .await?;
+        locker.acquire_read("bench-read").await?.release().await?;
     }
     let acquire = include_str!("../../../../lock-inc/src/lua/acquire.lua");
     let release = include_str!("../../../../lock-inc/src/lua/release.lua");
@@ -55,33 +61,61 @@ pub(crate) async fn benchmarks(
     for _ in 0..50 {
         alone.cycle(token).await?;
     }
-    let (mut ours_time, mut alone_time) = (Duration::ZERO, Duration::ZERO);
+    // Mutex, fred alone, permit and read-lock cycles, in the same run.
+    let mut times = [Duration::ZERO; 4];
     for chunk in 0..references.chunks() {
         references.before_chunk(chunk, |requests| inc_limit(&server, requests, &[]))?;
-        // Ours and fred alone take turns coming first after the floor's chunk.
-        for turn in 0..2 {
+        // Each takes its turn coming first after the floor's chunk.
+        for turn in 0..4u32 {
+            let which = ((chunk + turn) % 4) as usize;
             let started = Instant::now();
-            if (chunk + turn) % 2 == 0 {
-                for _ in 0..CHUNK {
-                    locker.acquire("bench-key").await?.release().await?;
+            for _ in 0..CHUNK {
+                match which {
+                    0 => locker.acquire("bench-key").await?.release().await?,
+                    1 => alone.cycle(token).await?,
+                    2 => {
+                        locker
+                            .acquire_permit("bench-permit", PERMITS)
+                            .await?
+                            .release()
+                            .await?;
+                    }
+                    _ => locker.acquire_read("bench-read").await?.release().await?,
                 }
-                ours_time += started.elapsed();
-            } else {
-                for _ in 0..CHUNK {
-                    alone.cycle(token).await?;
-                }
-                alone_time += started.elapsed();
             }
+            times[which] += started.elapsed();
         }
     }
+    let [ours_time, alone_time, permit_time, read_time] = times;
     let mut figures = vec![
         references.floor_figure(1),
         references.figure("inc", 1, ours_time),
         references.figure("fred alone (same scripts, no lock logic)", 1, alone_time),
+        against_mutex(
+            references.figure("inc permit (semaphore of 4)", 1, permit_time),
+            ours_time,
+            permit_time,
+        ),
+        against_mutex(
+            references.figure("inc read lock", 1, read_time),
+            ours_time,
+            read_time,
+        ),
         parallel(&server, &locker, cycles).await?,
     ];
     figures.extend(contended(&server, handoff_time).await?);
     Ok(figures)
+}
+
+/// The size of the benchmarked semaphore.
+const PERMITS: u32 = 4;
+
+/// `figure` (a permit or read-lock cycle) against the mutex cycle of the same run: the ratio is
+/// the mutex's time over this one's (1 / 1.1 ≈ 0.91 means a cycle 1.1× as long as the mutex's).
+fn against_mutex(mut figure: Figure, mutex_time: Duration, time: Duration) -> Figure {
+    figure.reference = Some("inc mutex cycle".to_owned());
+    figure.ratio_to_reference = Some(mutex_time.as_secs_f64() / time.as_secs_f64());
+    figure
 }
 
 /// What the client library costs by itself: our two scripts by `evalsha_with_reload` on a fred

@@ -42,8 +42,8 @@ pub(crate) struct Figure {
     ratio_to_limit: Option<f64>,
     /// Ours against rslock in the same run (> 1: we are better), where it applies.
     ratio_to_rslock: Option<f64>,
-    reference: Option<String>,
-    ratio_to_reference: Option<f64>,
+    pub(crate) reference: Option<String>,
+    pub(crate) ratio_to_reference: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug)]
