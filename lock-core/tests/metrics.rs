@@ -579,3 +579,86 @@ impl Handle for FlakyHandle {
         Err(LockError::backend("flaky", "release not answered"))
     }
 }
+
+/// Every acquisition call is recorded, bad input included: a call refused before any attempt
+/// (an empty key, a repeated key, bad options, zero permits, a kind the backend does not serve,
+/// a stopped client) is an `error` with 0 attempts, whichever entry it came through.
+#[test]
+fn acquisitions_refused_for_bad_input_are_recorded_as_errors() {
+    let recorded = run(|_| async move {
+        let locker = memory_locker();
+        let bad_options = options(Duration::ZERO);
+        let refused = [
+            locker.acquire("").await.err(),
+            locker.acquire_with("k", &bad_options).await.err(),
+            locker.acquire_permit("k", 0).await.err(),
+            locker.acquire_many(&["a", "a"]).await.err(),
+            locker.try_acquire("").await.err(),
+            locker.with_lock("", |_| async {}).await.err(),
+            Locker::new(Flaky::new(Extends::Fails))
+                .acquire_read("k")
+                .await
+                .err(),
+        ];
+        for error in refused {
+            assert!(
+                matches!(
+                    error,
+                    Some(LockError::InvalidInput { .. } | LockError::Unsupported { .. })
+                ),
+                "{error:?}"
+            );
+        }
+    });
+    assert_eq!(
+        recorded.histograms(),
+        histograms(&[
+            (
+                "lock_acquire_attempts{backend=flaky,outcome=error}",
+                &[0.0]
+            ),
+            (
+                "lock_acquire_attempts{backend=memory,outcome=error}",
+                &[0.0; 6]
+            ),
+            (
+                "lock_acquire_wait_seconds{backend=flaky,outcome=error}",
+                &[0.0]
+            ),
+            (
+                "lock_acquire_wait_seconds{backend=memory,outcome=error}",
+                &[0.0; 6]
+            ),
+        ])
+    );
+}
+
+/// A single attempt bounded by a deadline that the store does not answer in time gave up
+/// because the deadline ran out: `timeout`, not `locked` (nobody was found holding the key).
+#[test]
+fn a_single_attempt_cut_short_by_the_deadline_is_a_timeout() {
+    let recorded = run(|_| async move {
+        let locker = Locker::new(Flaky::new(Extends::Fails).stalled());
+        let once = options(Duration::from_secs(1))
+            .with_retry(RetryPolicy::none().with_deadline(50 * MS));
+        let result = locker.acquire_with("a", &once).await;
+        assert!(
+            matches!(result, Err(LockError::Timeout { attempts: 1, .. })),
+            "{result:?}"
+        );
+        locker.stop().await.unwrap();
+    });
+    assert_eq!(
+        recorded.histograms(),
+        histograms(&[
+            (
+                "lock_acquire_attempts{backend=flaky,outcome=timeout}",
+                &[1.0]
+            ),
+            (
+                "lock_acquire_wait_seconds{backend=flaky,outcome=timeout}",
+                &[0.05]
+            ),
+        ])
+    );
+}
