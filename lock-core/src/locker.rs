@@ -159,8 +159,7 @@ impl Locker {
     /// the store kept failing, and [`LockError::InvalidInput`] for a bad key.
     pub async fn acquire(&self, key: &str) -> Result<LockGuard> {
         // The client's own options were validated when they were set.
-        let keys = KeySet::one(self.lock_ns(key)?);
-        self.acquire_keys(keys, LeaseKind::Exclusive, &self.options)
+        self.acquire_keys(self.one(key, LeaseKind::Exclusive), &self.options)
             .await
     }
 
@@ -169,9 +168,10 @@ impl Locker {
     /// # Errors
     /// As [`Locker::acquire`]; also [`LockError::InvalidInput`] for bad options.
     pub async fn acquire_with(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
-        options.validate()?;
-        let keys = KeySet::one(self.lock_ns(key)?);
-        self.acquire_keys(keys, LeaseKind::Exclusive, options).await
+        let wanted = options
+            .validate()
+            .and_then(|()| self.one(key, LeaseKind::Exclusive));
+        self.acquire_keys(wanted, options).await
     }
 
     /// Takes a lease of `kind` on `key` (a mutex, a semaphore permit, a read or a write lock),
@@ -188,9 +188,8 @@ impl Locker {
         kind: LeaseKind,
         options: &LockOptions,
     ) -> Result<LockGuard> {
-        options.validate()?;
-        let keys = KeySet::one(self.lock_ns(key)?);
-        self.acquire_keys(keys, kind, options).await
+        let wanted = options.validate().and_then(|()| self.one(key, kind));
+        self.acquire_keys(wanted, options).await
     }
 
     /// Makes one attempt at a lease of `kind`: `Ok(None)` when the key is held (for a
@@ -199,9 +198,8 @@ impl Locker {
     /// # Errors
     /// As [`Locker::acquire_kind`].
     pub async fn try_acquire_kind(&self, key: &str, kind: LeaseKind) -> Result<Option<LockGuard>> {
-        let keys = KeySet::one(self.lock_ns(key)?);
         let options = self.options.clone().with_retry(RetryPolicy::none());
-        match self.acquire_keys(keys, kind, &options).await {
+        match self.acquire_keys(self.one(key, kind), &options).await {
             Ok(guard) => Ok(Some(guard)),
             Err(LockError::Locked { .. }) => Ok(None),
             Err(error) => Err(error),
@@ -215,9 +213,8 @@ impl Locker {
     /// # Errors
     /// As [`Locker::acquire_kind`]; [`LockError::InvalidInput`] for 0 or too many permits.
     pub async fn acquire_permit(&self, key: &str, permits: u32) -> Result<LockGuard> {
-        let kind = LeaseKind::permit(permits)?;
-        let keys = KeySet::one(self.lock_ns(key)?);
-        self.acquire_keys(keys, kind, &self.options).await
+        let wanted = LeaseKind::permit(permits).and_then(|kind| self.one(key, kind));
+        self.acquire_keys(wanted, &self.options).await
     }
 
     /// Takes the read (shared) side of the read-write lock `key`: together with other readers,
@@ -226,8 +223,7 @@ impl Locker {
     /// # Errors
     /// As [`Locker::acquire_kind`].
     pub async fn acquire_read(&self, key: &str) -> Result<LockGuard> {
-        let keys = KeySet::one(self.lock_ns(key)?);
-        self.acquire_keys(keys, LeaseKind::Read, &self.options)
+        self.acquire_keys(self.one(key, LeaseKind::Read), &self.options)
             .await
     }
 
@@ -238,8 +234,7 @@ impl Locker {
     /// # Errors
     /// As [`Locker::acquire_kind`].
     pub async fn acquire_write(&self, key: &str) -> Result<LockGuard> {
-        let keys = KeySet::one(self.lock_ns(key)?);
-        self.acquire_keys(keys, LeaseKind::Write, &self.options)
+        self.acquire_keys(self.one(key, LeaseKind::Write), &self.options)
             .await
     }
 
@@ -249,9 +244,8 @@ impl Locker {
     /// # Errors
     /// As [`Locker::acquire`]; [`LockError::Unsupported`] without the capability.
     pub async fn acquire_many(&self, keys: &[&str]) -> Result<LockGuard> {
-        let keys = self.keys(keys)?;
-        self.acquire_keys(keys, LeaseKind::Exclusive, &self.options)
-            .await
+        let wanted = self.keys(keys).map(|keys| (keys, LeaseKind::Exclusive));
+        self.acquire_keys(wanted, &self.options).await
     }
 
     /// Makes one attempt: `Ok(None)` when someone else holds the key.
@@ -296,8 +290,9 @@ impl Locker {
         F: FnOnce(LeaseInfo) -> Fut,
         Fut: Future<Output = T>,
     {
-        let keys = KeySet::one(self.lock_ns(key)?);
-        let mut guard = self.acquire_keys(keys, kind, &self.options).await?;
+        let mut guard = self
+            .acquire_keys(self.one(key, kind), &self.options)
+            .await?;
         let lost = guard.keep_alive()?;
         let info = LeaseInfo {
             key: guard.key().clone(),
@@ -369,6 +364,11 @@ impl Locker {
     /// impl and box every future twice.
     fn store(&self) -> &dyn Lock {
         &*self.lock
+    }
+
+    /// A lease of `kind` on the one key `key`, namespaced.
+    fn one(&self, key: &str, kind: LeaseKind) -> Result<(KeySet, LeaseKind)> {
+        Ok((KeySet::one(self.lock_ns(key)?), kind))
     }
 
     fn keys(&self, keys: &[&str]) -> Result<KeySet> {
@@ -487,15 +487,23 @@ impl Locker {
         )
     }
 
-    /// Every acquisition goes through here: its metrics are recorded here, once (a dropped
-    /// future records itself as cancelled).
+    /// Every acquisition goes through here, `wanted` unchecked so that one refused for bad
+    /// input (a key, options, a number of permits) is recorded too: its metrics are recorded
+    /// here, once (a dropped future records itself as cancelled).
     async fn acquire_keys(
         &self,
-        keys: KeySet,
-        kind: LeaseKind,
+        wanted: Result<(KeySet, LeaseKind)>,
         options: &LockOptions,
     ) -> Result<LockGuard> {
         let mut acquisition = Acquisition::start(self.store().name());
+        let (keys, kind) = match wanted {
+            Ok(wanted) => wanted,
+            Err(error) => {
+                let refused = Err(error);
+                acquisition.finish(&refused);
+                return refused;
+            }
+        };
         let result = match self.acquire_at_once(&keys, kind, options, &mut acquisition) {
             AtOnce::Settled(result) => result,
             // Boxed: the awaiting path's state is large, and inline it would make every
@@ -616,6 +624,9 @@ impl Locker {
                 }
                 outcome
             };
+            // A single attempt cut short by the deadline gives up on time (`Timeout`): it did
+            // not find the key held.
+            let cut_short = matches!(outcome, Ok(Attempt::CutShort));
             match outcome {
                 Ok(Attempt::Won(handle)) => {
                     if let Some(handle) = born_valid(handle) {
@@ -640,7 +651,9 @@ impl Locker {
                 let key = keys.primary().to_string();
                 let error = match last_error {
                     Some(error) => error,
-                    None if options.retry().is_single_attempt() => LockError::Locked { key },
+                    None if options.retry().is_single_attempt() && !cut_short => {
+                        LockError::Locked { key }
+                    }
                     None => LockError::Timeout {
                         key,
                         attempts,

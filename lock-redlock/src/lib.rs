@@ -38,6 +38,13 @@ const DRIFT_FLOOR: Duration = Duration::from_millis(2);
 /// NOSCRIPT, which reaches nobody once the caller gave up), hears it again after a pause.
 const RELEASE_TRIES: u32 = 3;
 
+/// A follow-up whose first round goes out at once: the clean-up of a failed attempt, which is
+/// the first release the nodes that answered late or not at all are sent (not counted as
+/// re-sent), and sends again the undo that the nodes in `sent_before` failed (counted).
+struct AtOnce {
+    sent_before: Vec<usize>,
+}
+
 /// The Redlock algorithm over N independent Redis masters (N = 1 is the plain single-Redis lock).
 ///
 /// One attempt sends `SET key token NX PX ttl` to every node at once and is decided as soon as
@@ -153,7 +160,7 @@ impl Shared {
     /// Sends compare-and-delete to the nodes at `indices` until each has answered it, up to
     /// [`RELEASE_TRIES`] rounds (the first at once if `at_once`, the others after doubling
     /// pauses from `timeout` on) and none once the keys are gone by themselves (`expires_by`).
-    /// Token-checked, so asking twice is harmless.
+    /// Token-checked, so asking twice is harmless. See [`AtOnce`] for what counts as re-sent.
     async fn release_until_answered(
         self: Arc<Self>,
         indices: Vec<usize>,
@@ -161,7 +168,7 @@ impl Shared {
         token: Token,
         timeout: Duration,
         expires_by: Instant,
-        at_once: bool,
+        at_once: Option<AtOnce>,
     ) {
         let wanted = keys.len();
         let release = (metrics::OPERATION_RELEASE, at_once);
@@ -180,14 +187,15 @@ impl Shared {
     /// [`RELEASE_TRIES`] rounds: the first at once if `at_once`, the others after doubling
     /// pauses from `timeout` on, and none past `expires_by`. The one follow-up of every
     /// operation that must reach every node (releases, clean-ups, fence raises); each message
-    /// sent counts in `lock_resends_total` under `operation`.
+    /// sent again counts in `lock_resends_total` under `operation` (in a round at once, only
+    /// those to the nodes [`AtOnce`] names).
     async fn until_answered<F, Fut>(
         &self,
         mut indices: Vec<usize>,
         keys: &KeySet,
         timeout: Duration,
         expires_by: Instant,
-        (operation, at_once): (&'static str, bool),
+        (operation, mut at_once): (&'static str, Option<AtOnce>),
         op: F,
     ) where
         F: Fn(Node) -> Fut,
@@ -195,6 +203,7 @@ impl Shared {
     {
         let policy = RetryPolicy::doubling(timeout, RELEASE_TRIES);
         let pauses = at_once
+            .is_some()
             .then_some(Duration::ZERO)
             .into_iter()
             .chain(policy.backoff())
@@ -209,7 +218,17 @@ impl Shared {
             if targets.is_empty() {
                 return;
             }
-            metrics::resent(NAME, operation, targets.len() as u64);
+            let resent = match at_once.take() {
+                // The first round, at once: a first send to the others.
+                Some(AtOnce { sent_before }) => indices
+                    .iter()
+                    .filter(|index| sent_before.contains(index))
+                    .count(),
+                None => targets.len(),
+            };
+            if resent > 0 {
+                metrics::resent(NAME, operation, resent as u64);
+            }
             let (tally, rest) = round::run(&targets, targets.len(), timeout, &op).await;
             let late = rest.finish().await;
             indices = tally
@@ -312,7 +331,7 @@ impl Shared {
                     .chain(late.failed.into_iter().map(|(index, _)| index))
                     .collect();
                 let expires_by = Instant::now() + validate::MAX_TTL;
-                let raise = (metrics::OPERATION_FENCE_RAISE, false);
+                let raise = (metrics::OPERATION_FENCE_RAISE, None);
                 shared
                     .until_answered(failed, &keys, timeout, expires_by, raise, |node| {
                         shared.raise_on(node, &keys, &token, &fences, fence, ttl)
@@ -404,18 +423,21 @@ impl Shared {
         let late = pending.collect_until(Instant::now() + grace).await;
         let won: Vec<usize> = tally.yes.iter().chain(&late.yes).copied().collect();
         let mut failed = tally.failed_with(&late);
+        // The nodes whose undo failed: the clean-up sends it to them again.
+        let mut undo_failed = Vec::new();
         if !won.is_empty() {
             let (undone, rest) = self
                 .release_on(&self.subset(won.iter().copied()), keys, token, timeout)
                 .await;
             let undone_late = rest.finish().await;
             // A node that won and then failed the undo still holds our key: ask it again.
-            failed.extend(
+            undo_failed.extend(
                 undone
                     .failed_with(&undone_late)
                     .into_iter()
                     .filter_map(|target| won.get(target).copied()),
             );
+            failed.extend(&undo_failed);
         }
         if failed.is_empty() && pending.is_empty() {
             return;
@@ -430,7 +452,16 @@ impl Shared {
                 .chain(late.failed.into_iter().map(|(i, _)| i))
                 .collect();
             shared
-                .release_until_answered(targets, keys, token, timeout, expires_by, true)
+                .release_until_answered(
+                    targets,
+                    keys,
+                    token,
+                    timeout,
+                    expires_by,
+                    Some(AtOnce {
+                        sent_before: undo_failed,
+                    }),
+                )
                 .await;
         });
     }
@@ -630,7 +661,7 @@ impl Lock for Redlock {
                 token.clone(),
                 timeout,
                 expires_by,
-                false,
+                None,
             ));
         }
         Ok(!tally.yes.is_empty())
@@ -751,7 +782,7 @@ impl Handle for RedlockHandle {
                     .chain(late.failed.into_iter().map(|(index, _)| index))
                     .collect();
                 shared
-                    .release_until_answered(failed, keys, token, timeout, expires_by, false)
+                    .release_until_answered(failed, keys, token, timeout, expires_by, None)
                     .await;
             });
         }

@@ -135,3 +135,62 @@ async fn inc_counts_each_release_sent_again() {
     assert_eq!(resent, 3.0);
     assert_eq!(figure("lock_held{backend=inc}"), 0.0);
 }
+
+/// Redlock on three nodes, two of them stopped: the attempt fails, and the clean-up of what it
+/// may have left on the stopped nodes goes out in the background. Its first round is the first
+/// release those nodes are sent (nothing was sent to them before, so nothing was missed): only
+/// the two follow-ups after it are sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_counts_the_background_cleanup_of_a_failed_attempt() {
+    if redis_or_skip("redlock cleanup resends").is_none() {
+        return;
+    }
+    figures();
+    let label = "lock_resends_total{backend=redlock,operation=release}";
+    let mut backed = ServerBacked::start(3, |urls| {
+        Redlock::new(RedlockConfig::new(urls).with_node_timeout(Duration::from_millis(50)))
+    });
+    let locker = Locker::new(backed.lock().clone())
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap();
+    // Connected to every node before any is stopped.
+    locker
+        .acquire("warm")
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let counted_before = figure(label);
+    let before: Vec<u64> = backed.servers()[1..]
+        .iter()
+        .map(|server| server.calls("evalsha").unwrap_or(0))
+        .collect();
+    for server in &backed.servers()[1..] {
+        server.pause().unwrap();
+    }
+    let failed = locker.acquire("cleaned").await;
+    assert!(failed.is_err(), "one node of three: {failed:?}");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for server in &backed.servers()[1..] {
+        server.resume().unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received: Vec<u64> = backed.servers()[1..]
+        .iter()
+        .zip(&before)
+        .map(|(server, before)| server.calls("evalsha").unwrap() - before)
+        .collect();
+    let resent = figure(label) - counted_before;
+    println!("redlock cleanup: the stopped nodes received {received:?} releases, {resent} counted");
+    assert_eq!(
+        received,
+        [3, 3],
+        "the clean-up and two follow-ups, nothing before"
+    );
+    assert_eq!(resent, 4.0, "two nodes, two follow-ups each");
+}
