@@ -13,10 +13,11 @@ use lock_tests::server::{RedisServer, redis_or_skip};
 const LOCKRUN: &str = env!("CARGO_BIN_EXE_lockrun");
 
 /// The sources of the tests that run lockrun: a flag is tested when one of them passes it.
-const TEST_SOURCES: [&str; 3] = [
+const TEST_SOURCES: [&str; 4] = [
     include_str!("lockrun.rs"),
     include_str!("lockrun_supervision.rs"),
     include_str!("lockrun_docs.rs"),
+    include_str!("lockrun_kinds.rs"),
 ];
 
 const READMES: [(&str, &str); 2] = [
@@ -340,6 +341,39 @@ fn readme_command_lines_run_against_real_servers() {
                 let output = site.command(&exports, line).output().unwrap();
                 assert_eq!(code(&output), 0, "{context}: {output:?}");
                 assert!(site.ran().contains(&"migrate.sh".to_owned()), "{context}");
+            }
+            "lockrun --permits 3 thumbnails -- ./job.sh"
+            | "lockrun --shared catalog -- ./job.sh" => {
+                let before = site.ran().len();
+                let output = site.command(&exports, line).output().unwrap();
+                assert_eq!(code(&output), 0, "{context}: {output:?}");
+                assert_eq!(site.ran().len(), before + 1, "{context}");
+            }
+            "lockrun --exclusive catalog -- ./migrate.sh" => {
+                // A reader holds `catalog` for a moment: the writer waits for it, then runs.
+                let reader = site
+                    .command(
+                        &exports,
+                        "lockrun --shared catalog -- sh -c 'touch reader-in; sleep 0.5'",
+                    )
+                    .spawn()
+                    .unwrap();
+                let reader_in = site.dir.path().join("reader-in");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !reader_in.exists() {
+                    assert!(Instant::now() < deadline, "{context}: the reader never ran");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let started = Instant::now();
+                let output = site.command(&exports, line).output().unwrap();
+                assert_eq!(code(&output), 0, "{context}: {output:?}");
+                assert!(site.ran().contains(&"migrate.sh".to_owned()), "{context}");
+                let mut reader = reader;
+                assert_eq!(reader.wait().unwrap().code(), Some(0), "{context}");
+                assert!(
+                    started.elapsed() >= Duration::from_millis(300),
+                    "{context}: the writer ran beside the reader"
+                );
             }
             "lockrun status --json nightly-report" => {
                 let output = site.command(&exports, line).output().unwrap();
