@@ -26,8 +26,10 @@ use crate::watchdog::{self, LostSignal, Status};
 /// # Drop
 /// Dropping never blocks: a lock in this process is released at once (a kept-alive one too,
 /// unless its watchdog is extending it on another worker thread at that very moment: then its
-/// release is spawned), any other release is spawned on the current tokio runtime. Outside a runtime nothing can be sent to a store, so
-/// such a lock stays until its ttl expires and a warning is logged.
+/// release is spawned), any other release is spawned on the current tokio runtime, or, for a
+/// kept-alive guard dropped outside any runtime, on the runtime its watchdog runs on. A guard
+/// that was never kept alive and is dropped outside a runtime cannot send anything to a
+/// store: its lock stays until its ttl expires and a warning is logged.
 /// An explicit `release().await` is the main path, since it reports whether the lock was still
 /// held.
 pub struct LockGuard {
@@ -74,6 +76,8 @@ struct Watched {
     fencing_token: Option<u64>,
     status: Arc<watch::Sender<Status>>,
     task: tokio::task::JoinHandle<()>,
+    /// The runtime the watchdog runs on: a guard dropped outside any runtime releases there.
+    runtime: tokio::runtime::Handle,
 }
 
 impl LockGuard {
@@ -204,6 +208,7 @@ impl LockGuard {
         let status = Arc::new(watch::Sender::new(Status {
             valid_until: handle.valid_until(),
             lost: false,
+            ended: false,
         }));
         let handle = Arc::new(Mutex::new(handle));
         let span = tracing::debug_span!("lock.watchdog", backend = self.backend, key = %keys[0]);
@@ -229,6 +234,7 @@ impl LockGuard {
             fencing_token,
             status,
             task,
+            runtime,
         }));
         Ok(signal)
     }
@@ -392,6 +398,7 @@ impl State {
             Self::Watched(watched) => {
                 let mut handle = watched.handle.try_lock().ok()?;
                 let result = handle.release_now()?;
+                watchdog::end(&watched.status);
                 watched.task.abort();
                 drop(handle);
                 Some(result)
@@ -406,7 +413,9 @@ impl State {
             Self::Held(mut handle) => handle.release().await,
             Self::Watched(watched) => {
                 watched.task.abort();
-                watched.handle.lock().await.release().await
+                let mut handle = watched.handle.lock().await;
+                watchdog::end(&watched.status);
+                handle.release().await
             }
             Self::Released => Ok(()),
         }
@@ -439,8 +448,15 @@ impl Drop for LockGuard {
             State::Watched(watched) => watched.keys[0].to_string(),
             State::Released => String::new(),
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
+        // Outside a runtime, a kept-alive guard still knows its watchdog's.
+        let runtime = tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| match &state {
+                State::Watched(watched) => Some(watched.runtime.clone()),
+                State::Held(_) | State::Released => None,
+            });
+        match runtime {
+            Some(runtime) => {
                 runtime.spawn(async move {
                     let released = state.release().await;
                     // The next task of this process goes once the store has let go.
@@ -456,10 +472,7 @@ impl Drop for LockGuard {
                     }
                 });
             }
-            Err(_) => {
-                if let State::Watched(watched) = state {
-                    watched.task.abort();
-                }
+            None => {
                 tracing::warn!(
                     backend,
                     key,
