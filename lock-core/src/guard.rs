@@ -12,6 +12,7 @@ use crate::error::{LockError, Result};
 use crate::key::Key;
 use crate::local::{self, Places, Ticket, Validity};
 use crate::lock::{Handle, LeaseKind};
+use crate::locker::Cleanups;
 use crate::metrics::Held;
 use crate::token::Token;
 use crate::validate;
@@ -42,6 +43,8 @@ pub struct LockGuard {
     tickets: Option<Tickets>,
     /// This lock's share of the `lock_held` gauge (see [`crate::metrics`]).
     held: Held,
+    /// The clean-ups its locker's `stop` waits for: a release spawned on drop counts among them.
+    cleanups: Option<Arc<Cleanups>>,
 }
 
 /// Queue places, given up on release; waiters behind them give them up for the holder once
@@ -99,7 +102,16 @@ impl LockGuard {
             kind: LeaseKind::Exclusive,
             tickets: None,
             held: Held::start(backend),
+            cleanups: None,
         })
+    }
+
+    /// Counts a release spawned on drop among the clean-ups that [`Locker::stop`] waits for.
+    ///
+    /// [`Locker::stop`]: crate::Locker::stop
+    pub(crate) fn with_cleanups(mut self, cleanups: &Arc<Cleanups>) -> Self {
+        self.cleanups = Some(Arc::clone(cleanups));
+        self
     }
 
     /// Records the kind of lease the handle holds.
@@ -457,7 +469,10 @@ impl Drop for LockGuard {
             });
         match runtime {
             Some(runtime) => {
+                // Counted before the task runs, so that a `stop` right after this drop waits.
+                let running = self.cleanups.take().map(|cleanups| cleanups.start());
                 runtime.spawn(async move {
+                    let _running = running;
                     let released = state.release().await;
                     // The next task of this process goes once the store has let go.
                     if let Some(tickets) = tickets {
