@@ -12,6 +12,7 @@ use crate::error::{LockError, Result};
 use crate::key::Key;
 use crate::local::{self, Places, Ticket, Validity};
 use crate::lock::{Handle, LeaseKind};
+use crate::locker::Cleanups;
 use crate::metrics::Held;
 use crate::token::Token;
 use crate::validate;
@@ -26,8 +27,10 @@ use crate::watchdog::{self, LostSignal, Status};
 /// # Drop
 /// Dropping never blocks: a lock in this process is released at once (a kept-alive one too,
 /// unless its watchdog is extending it on another worker thread at that very moment: then its
-/// release is spawned), any other release is spawned on the current tokio runtime. Outside a runtime nothing can be sent to a store, so
-/// such a lock stays until its ttl expires and a warning is logged.
+/// release is spawned), any other release is spawned on the current tokio runtime, or, for a
+/// kept-alive guard dropped outside any runtime, on the runtime its watchdog runs on. A guard
+/// that was never kept alive and is dropped outside a runtime cannot send anything to a
+/// store: its lock stays until its ttl expires and a warning is logged.
 /// An explicit `release().await` is the main path, since it reports whether the lock was still
 /// held.
 pub struct LockGuard {
@@ -40,6 +43,8 @@ pub struct LockGuard {
     tickets: Option<Tickets>,
     /// This lock's share of the `lock_held` gauge (see [`crate::metrics`]).
     held: Held,
+    /// The clean-ups its locker's `stop` waits for: a release spawned on drop counts among them.
+    cleanups: Option<Arc<Cleanups>>,
 }
 
 /// Queue places, given up on release; waiters behind them give them up for the holder once
@@ -74,6 +79,8 @@ struct Watched {
     fencing_token: Option<u64>,
     status: Arc<watch::Sender<Status>>,
     task: tokio::task::JoinHandle<()>,
+    /// The runtime the watchdog runs on: a guard dropped outside any runtime releases there.
+    runtime: tokio::runtime::Handle,
 }
 
 impl LockGuard {
@@ -95,7 +102,16 @@ impl LockGuard {
             kind: LeaseKind::Exclusive,
             tickets: None,
             held: Held::start(backend),
+            cleanups: None,
         })
+    }
+
+    /// Counts a release spawned on drop among the clean-ups that [`Locker::stop`] waits for.
+    ///
+    /// [`Locker::stop`]: crate::Locker::stop
+    pub(crate) fn with_cleanups(mut self, cleanups: &Arc<Cleanups>) -> Self {
+        self.cleanups = Some(Arc::clone(cleanups));
+        self
     }
 
     /// Records the kind of lease the handle holds.
@@ -204,6 +220,7 @@ impl LockGuard {
         let status = Arc::new(watch::Sender::new(Status {
             valid_until: handle.valid_until(),
             lost: false,
+            ended: false,
         }));
         let handle = Arc::new(Mutex::new(handle));
         let span = tracing::debug_span!("lock.watchdog", backend = self.backend, key = %keys[0]);
@@ -229,6 +246,7 @@ impl LockGuard {
             fencing_token,
             status,
             task,
+            runtime,
         }));
         Ok(signal)
     }
@@ -392,6 +410,7 @@ impl State {
             Self::Watched(watched) => {
                 let mut handle = watched.handle.try_lock().ok()?;
                 let result = handle.release_now()?;
+                watchdog::end(&watched.status);
                 watched.task.abort();
                 drop(handle);
                 Some(result)
@@ -406,7 +425,9 @@ impl State {
             Self::Held(mut handle) => handle.release().await,
             Self::Watched(watched) => {
                 watched.task.abort();
-                watched.handle.lock().await.release().await
+                let mut handle = watched.handle.lock().await;
+                watchdog::end(&watched.status);
+                handle.release().await
             }
             Self::Released => Ok(()),
         }
@@ -439,9 +460,19 @@ impl Drop for LockGuard {
             State::Watched(watched) => watched.keys[0].to_string(),
             State::Released => String::new(),
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
+        // Outside a runtime, a kept-alive guard still knows its watchdog's.
+        let runtime = tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| match &state {
+                State::Watched(watched) => Some(watched.runtime.clone()),
+                State::Held(_) | State::Released => None,
+            });
+        match runtime {
+            Some(runtime) => {
+                // Counted before the task runs, so that a `stop` right after this drop waits.
+                let running = self.cleanups.take().map(|cleanups| cleanups.start());
                 runtime.spawn(async move {
+                    let _running = running;
                     let released = state.release().await;
                     // The next task of this process goes once the store has let go.
                     if let Some(tickets) = tickets {
@@ -456,10 +487,7 @@ impl Drop for LockGuard {
                     }
                 });
             }
-            Err(_) => {
-                if let State::Watched(watched) = state {
-                    watched.task.abort();
-                }
+            None => {
                 tracing::warn!(
                     backend,
                     key,

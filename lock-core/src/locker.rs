@@ -339,9 +339,12 @@ impl Locker {
     /// Frees the backend's connections and tasks; every later call on this client (and its
     /// clones) fails with [`LockError::Stopped`]. Locks still held expire with their ttl.
     ///
-    /// The clean-ups of attempts that were cancelled or cut short (see "Cancel safety") are
+    /// The clean-ups of attempts that were cancelled or cut short (see "Cancel safety"), and the
+    /// releases of guards dropped before (which a backend that needs I/O sends from a task), are
     /// given up to [`CLEANUP_WAIT`] to finish first, so that a process that stops its client and
-    /// exits right after cancelling an acquisition leaves no lock behind.
+    /// exits right after cancelling an acquisition or dropping a guard leaves no lock behind.
+    /// A release that failed and that the backend would send again later is not waited for:
+    /// that lock expires with its ttl.
     ///
     /// # Errors
     /// Backend errors while closing.
@@ -516,6 +519,10 @@ impl Locker {
             }
         };
         acquisition.finish(&result);
+        // A release that needs I/O is spawned when the guard is dropped: `stop` lets it finish.
+        if self.store().capabilities().distributed {
+            return result.map(|guard| guard.with_cleanups(&self.cleanups));
+        }
         result
     }
 
@@ -849,21 +856,23 @@ fn abandon_in_background(lock: Arc<dyn Lock>, cleanups: &Arc<Cleanups>, request:
     }
 }
 
-/// How long [`Locker::stop`] waits for the clean-ups of interrupted attempts.
+/// How long [`Locker::stop`] waits for the clean-ups of interrupted attempts and the releases
+/// of dropped guards.
 pub const CLEANUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The clean-ups of interrupted attempts still running in the background.
+/// The clean-ups of interrupted attempts, and the releases of dropped guards, still running in
+/// the background.
 #[derive(Debug, Default)]
-struct Cleanups {
+pub(crate) struct Cleanups {
     running: std::sync::atomic::AtomicUsize,
     settled: tokio::sync::Notify,
 }
 
 /// One clean-up in progress; counted down when it ends, however it ends.
-struct CleanupRunning(Arc<Cleanups>);
+pub(crate) struct CleanupRunning(Arc<Cleanups>);
 
 impl Cleanups {
-    fn start(self: &Arc<Self>) -> CleanupRunning {
+    pub(crate) fn start(self: &Arc<Self>) -> CleanupRunning {
         self.running.fetch_add(1, Ordering::SeqCst);
         CleanupRunning(Arc::clone(self))
     }

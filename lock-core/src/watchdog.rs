@@ -16,6 +16,19 @@ use crate::metrics::{self, HeldWatch};
 pub(crate) struct Status {
     pub(crate) valid_until: Instant,
     pub(crate) lost: bool,
+    /// Set by the guard, while it holds the handle, when it releases the lock: a watchdog
+    /// that was already past its sleep when it was stopped (running on another worker thread,
+    /// it only stops at its next await) must not extend the released lock and report it lost.
+    pub(crate) ended: bool,
+}
+
+/// Marks the lock released by its guard; called with the handle's mutex held. Receivers are not
+/// woken: nothing they wait for changed.
+pub(crate) fn end(status: &watch::Sender<Status>) {
+    status.send_if_modified(|status| {
+        status.ended = true;
+        false
+    });
 }
 
 /// Fires when a lock is lost: an extension failed, or the local validity lapsed.
@@ -87,7 +100,12 @@ pub(crate) async fn keep_alive(
             }
         }
         // The holder may have extended it meanwhile.
-        let valid_until = status.borrow().valid_until;
+        let Status {
+            valid_until, ended, ..
+        } = *status.borrow();
+        if ended {
+            return;
+        }
         if Instant::now() >= valid_until {
             tracing::warn!("lock validity lapsed; reporting it lost");
             held.lost();
@@ -98,6 +116,9 @@ pub(crate) async fn keep_alive(
             continue;
         }
         let mut handle = handle.lock().await;
+        if status.borrow().ended {
+            return;
+        }
         let extended = handle.extend(ttl).await;
         if let Err(error) = &extended {
             metrics::extend_failed(backend, error);

@@ -543,10 +543,12 @@ impl Lock for Redlock {
                         // Requests still in flight can only add our own token to more nodes,
                         // which keeps the lock safe through more node failures: let them run
                         // (dropped, one not yet sent, e.g. on a connection still being made,
-                        // would never be). Release goes to every node anyway.
-                        if !pending.is_empty() {
-                            tokio::spawn(pending.finish());
-                        }
+                        // would never be). Release goes to every node anyway, and once more to
+                        // these when they have answered: a release sent before may overtake the
+                        // request on its node (a script reloaded after NOSCRIPT, a connection
+                        // being made) and find nothing, and the key would then stay for the ttl.
+                        let in_flight =
+                            (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
                         return Ok(Some(Box::new(RedlockHandle {
                             shared: Arc::clone(shared),
                             keys,
@@ -554,6 +556,7 @@ impl Lock for Redlock {
                             valid_until,
                             ttl,
                             fence,
+                            in_flight,
                         })));
                     }
                 }
@@ -686,6 +689,8 @@ struct RedlockHandle {
     ttl: Duration,
     /// The fencing token, when fencing is on.
     fence: Option<u64>,
+    /// The acquisition's requests to the nodes that had not answered when the quorum decided.
+    in_flight: Option<tokio::task::JoinHandle<Tally>>,
 }
 
 impl RedlockHandle {
@@ -764,9 +769,38 @@ impl Handle for RedlockHandle {
         let shared = Arc::clone(&self.shared);
         let timeout = shared.node_timeout(self.ttl);
         let nodes = shared.nodes()?;
+        // Acquisition requests still out when this release was sent may land after it.
+        let in_flight = self.in_flight.take().filter(|task| !task.is_finished());
         let (tally, pending) = shared
             .release_on(&nodes, &self.keys, &self.token, timeout)
             .await;
+        if let Some(in_flight) = in_flight {
+            let expires_by = self.valid_until + shared.drift(self.ttl);
+            let (shared, keys, token) =
+                (Arc::clone(&shared), self.keys.clone(), self.token.clone());
+            tokio::spawn(async move {
+                let Ok(late) = in_flight.await else { return };
+                // A node that took the key late, or whose answer never came (it may still
+                // land behind this), hears the release again.
+                let targets: Vec<usize> = late
+                    .yes
+                    .into_iter()
+                    .chain(late.failed.into_iter().map(|(index, _)| index))
+                    .collect();
+                // Each of them was sent the release already: this is a re-send.
+                let sent_before = targets.clone();
+                shared
+                    .release_until_answered(
+                        targets,
+                        keys,
+                        token,
+                        timeout,
+                        expires_by,
+                        Some(AtOnce { sent_before }),
+                    )
+                    .await;
+            });
+        }
         let failed: Vec<usize> = tally.failed.iter().map(|(index, _)| *index).collect();
         if !pending.is_empty() || !failed.is_empty() {
             // Every node must hear the release, not only the majority that decided it: the
