@@ -25,32 +25,32 @@ fn redlock(nodes: usize) -> ServerBacked<Redlock> {
 mod one_node {
     lock_core::conformance_tests!(
         async { crate::redlock(1) },
-        capabilities: [extend, distributed, multi_key]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write]
     );
 }
 
 mod three_nodes {
     lock_core::conformance_tests!(
         async { crate::redlock(3) },
-        capabilities: [extend, distributed, multi_key]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write]
     );
 }
 
 mod three_nodes_with_wakeups {
     lock_core::conformance_tests!(async {
         crate::redlock_with(3, |config| config.with_wake_on_release(true))
-    }, capabilities: [extend, distributed, multi_key, wake_on_release]);
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release]);
 }
 
 mod three_nodes_with_fencing {
     lock_core::conformance_tests!(async {
         crate::redlock_with(3, |config| config.with_fencing(true))
-    }, capabilities: [extend, distributed, multi_key, fencing]);
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, fencing]);
 }
 
 mod five_nodes {
     lock_core::conformance_tests!(
         async { crate::redlock(5) },
-        capabilities: [extend, distributed, multi_key]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write]
     );
 }
