@@ -212,14 +212,17 @@ async fn attempt(
     let script_keys: Arc<[Vec<u8>]> = script_keys.into();
     let args: Arc<[Vec<u8>]> = args.into();
     let found: Arc<Mutex<Option<(String, Node)>>> = Arc::default();
-    let held = match target {
-        // A refused writer's claim stays: the core takes it back when the writer stops waiting.
+    // What a failed attempt undoes: a refused writer's claim stays when the attempt reports
+    // the key held (the core takes it back when the writer stops waiting), and goes with the
+    // rest when it reports an error (the core then takes nothing back).
+    let undone = |outcome_is_error: bool| match target {
         Target::Set { tag } => Held::Set {
             tags: tag,
-            claim: false,
+            claim: outcome_is_error && tag == "w",
         },
         Target::Slot { slot, .. } => Held::Slot(Some(slot)),
     };
+    let held = undone(false);
     let start = Instant::now();
     let (tally, pending) = round::run(nodes, shared.quorum, shared.node_timeout(ttl), |node| {
         let (script_keys, args, found) = (
@@ -267,17 +270,30 @@ async fn attempt(
                 }
             }
             outcome => {
+                let undo = undone(outcome.is_err());
                 shared
-                    .undo_attempt(&tally, pending, &keys, &token, held, ttl, start.elapsed())
+                    .undo_attempt(&tally, pending, &keys, &token, undo, ttl, start.elapsed())
                     .await;
                 return outcome.map(|_| None);
             }
         }
     }
+    let outcome = failed_outcome(shared, request, &tally, &found);
+    let undo = undone(outcome.is_err());
     shared
-        .undo_attempt(&tally, pending, &keys, &token, held, ttl, start.elapsed())
+        .undo_attempt(&tally, pending, &keys, &token, undo, ttl, start.elapsed())
         .await;
-    let primary = keys.primary();
+    outcome
+}
+
+/// What an attempt that won no lease reports: held, another kind of lock, or a failure.
+fn failed_outcome(
+    shared: &Shared,
+    request: &LockRequest,
+    tally: &Tally,
+    found: &Mutex<Option<(String, Node)>>,
+) -> Result<Option<Box<dyn Handle>>> {
+    let (primary, ttl) = (request.primary_key(), request.ttl());
     if tally.yes.len() >= shared.quorum {
         return Err(LockError::backend(
             NAME,
