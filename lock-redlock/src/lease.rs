@@ -211,7 +211,7 @@ async fn attempt(
     script_keys.extend(counter.clone());
     let script_keys: Arc<[Vec<u8>]> = script_keys.into();
     let args: Arc<[Vec<u8>]> = args.into();
-    let found: Arc<Mutex<Option<(String, Node)>>> = Arc::default();
+    let found: Arc<Mutex<Found>> = Arc::default();
     // What a failed attempt undoes: a refused writer's claim stays when the attempt reports
     // the key held (the core takes it back when the writer stops waiting), and goes with the
     // rest when it reports an error (the core then takes nothing back).
@@ -291,7 +291,7 @@ fn failed_outcome(
     shared: &Shared,
     request: &LockRequest,
     tally: &Tally,
-    found: &Mutex<Option<(String, Node)>>,
+    found: &Mutex<Found>,
 ) -> Result<Option<Box<dyn Handle>>> {
     let (primary, ttl) = (request.primary_key(), request.ttl());
     if tally.yes.len() >= shared.quorum {
@@ -303,12 +303,18 @@ fn failed_outcome(
             ),
         ));
     }
-    let found = found
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
-    if let Some((found, node)) = found {
-        refuse(primary, &found, request.kind(), &node)?;
+    let found = std::mem::take(
+        &mut *found
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    // Another kind of lock on enough nodes to decide the round alone: a node whose leftover of
+    // another kind outlives its holder's release for a while does not make a client that
+    // agrees with the live holders fail.
+    if let Some((what, node)) = &found.what
+        && found.votes > shared.node_count - shared.quorum
+    {
+        refuse(primary, what, request.kind(), node)?;
     }
     if tally.no > 0 {
         return Ok(None);
@@ -322,19 +328,24 @@ fn failed_outcome(
     })
 }
 
+/// The nodes that hold the key as another kind of lock, and what one of them holds.
+#[derive(Default)]
+struct Found {
+    votes: usize,
+    what: Option<(String, Node)>,
+}
+
 /// An acquisition script's answer as a vote: the fencing value (1 without fencing) when
 /// granted, no when refused; a description of another kind of lock is kept in `found`.
-fn read_answer(
-    answer: Value,
-    node: &Node,
-    found: &Mutex<Option<(String, Node)>>,
-) -> RedisResult<Option<u64>> {
+fn read_answer(answer: Value, node: &Node, found: &Mutex<Found>) -> RedisResult<Option<u64>> {
     match answer {
         Value::BulkString(text) => {
             let text = String::from_utf8_lossy(&text).into_owned();
-            *found
+            let mut found = found
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((text, node.clone()));
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            found.votes += 1;
+            found.what = Some((text, node.clone()));
             Ok(None)
         }
         other => {

@@ -17,8 +17,13 @@ if kind ~= 'none' then
   if not found then
     return describe(key)
   end
-  holders = settle_set(key, now)
-  if found ~= marker and holders > 0 then
+  -- Expired holders go; the key's expiry (its latest holder's) stays right.
+  redis.call('zremrangebyscore', key, '(0', now)
+  holders = redis.call('zcard', key) - 1
+  if holders <= 0 then
+    redis.call('del', key)
+    holders, kind = 0, 'none'
+  elseif found ~= marker then
     return describe(key)
   end
 end
@@ -53,8 +58,13 @@ end
 if tag == 'w' then
   redis.call('del', claim)
 end
-local expiry = now + ttl
+local expiry = string.format('%.0f', now + ttl)
 redis.call('zadd', key, 0, marker, expiry, tag .. token)
-local last = redis.call('zrange', key, -1, -1, 'withscores')
-redis.call('pexpireat', key, last[2])
+-- The key expires with its latest holder: a new set with this one, a set with holders only if
+-- this one outlives them all (GT: never shortened).
+if kind == 'none' then
+  redis.call('pexpireat', key, expiry)
+else
+  redis.call('pexpireat', key, expiry, 'GT')
+end
 return value

@@ -47,18 +47,16 @@ local function marker_of(key)
   return nil
 end
 
--- Drops the set's expired holders; deletes it when none is left, else makes it expire with
--- its latest holder. Returns how many holders are left.
+-- After a holder left the set: deletes it when no live holder is left, else makes it expire
+-- with its latest holder (expired holders below are dropped by the next acquisition).
 local function settle_set(key, now)
-  redis.call('zremrangebyscore', key, '(0', now)
-  local left = redis.call('zcard', key) - 1
-  if left <= 0 then
+  local last = redis.call('zrange', key, -1, -1, 'withscores')
+  if not last[2] or tonumber(last[2]) <= now then
     redis.call('del', key)
     return 0
   end
-  local last = redis.call('zrange', key, -1, -1, 'withscores')
   redis.call('pexpireat', key, last[2])
-  return left
+  return 1
 end
 
 -- Drops the hash's expired slots; deletes it when none is left, else makes it expire with its

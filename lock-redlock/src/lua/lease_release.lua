@@ -5,18 +5,26 @@
 local key, claim, token, tags = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local now = now_ms()
 local removed = 0
-if marker_of(key) then
-  for i = 1, #tags do
-    local member = string.sub(tags, i, i) .. token
-    local score = redis.call('zscore', key, member)
-    if score then
-      redis.call('zrem', key, member)
-      if tonumber(score) > now then
+-- Only our sets hold a member of this shape; any other key answers an error, caught.
+local members = {}
+for i = 1, #tags do
+  members[i] = string.sub(tags, i, i) .. token
+end
+local scores = redis.pcall('zmscore', key, unpack(members))
+if type(scores) == 'table' and not scores.err then
+  local ours = false
+  for i = 1, #members do
+    if scores[i] then
+      ours = true
+      redis.call('zrem', key, members[i])
+      if tonumber(scores[i]) > now then
         removed = 1
       end
     end
   end
-  settle_set(key, now)
+  if ours then
+    settle_set(key, now)
+  end
 end
 if ARGV[3] == '1' and redis.call('type', claim).ok == 'string' and redis.call('get', claim) == token then
   redis.call('del', claim)
