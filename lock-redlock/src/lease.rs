@@ -18,6 +18,12 @@ use crate::{FENCE_SUFFIX, NAME, RedlockHandle, Shared};
 /// turn (one quorum round each) before it reports the semaphore full.
 pub const MAX_SLOT_PERMITS: u32 = 64;
 
+/// How many raise rounds a fenced lease over several nodes makes before it counts as held.
+const RAISE_TRIES: usize = 3;
+
+/// Fencing values stay below 2^53 (the scripts' numbers are doubles).
+const MAX_FENCE: u64 = 1 << 53;
+
 /// What an acquisition of `kind` may leave on a node under its token, as its clean-up
 /// (`Lock::abandon`) must remove it: a writer's claim too, and any slot of a semaphore.
 pub(crate) fn held_by(kind: LeaseKind, nodes: usize) -> Held {
@@ -383,38 +389,53 @@ async fn raise(
         Target::Set { tag } => (tag, String::new()),
         Target::Slot { slot, .. } => ("", slot.to_string()),
     };
-    let args = [
-        token.expose().as_bytes().to_vec(),
-        value.to_string().into_bytes(),
-        tags.as_bytes().to_vec(),
-        slot.into_bytes(),
-        validate::ttl_millis(ttl).to_string().into_bytes(),
-    ];
-    let (raised, _late) = round::run(nodes, shared.quorum, shared.node_timeout(ttl), |node| {
-        let script_keys = Arc::clone(&script_keys);
-        let drawn_here = drawn
-            .iter()
-            .find(|(other, _)| other.same(&node))
-            .map_or(0, |(_, drawn)| *drawn);
-        let mut args = args.to_vec();
-        args.push(drawn_here.to_string().into_bytes());
-        async move {
-            let held = node.run_lease(&LEASE_RAISE, &script_keys, &args).await?;
-            Ok((held == 1).then_some(0))
+    let mut value = value;
+    // Concurrent shared leases may each find their value taken on some node; each try raises
+    // past the highest counter the refusing nodes reported. Bounded: then it counts as held.
+    for _ in 0..RAISE_TRIES {
+        let args = [
+            token.expose().as_bytes().to_vec(),
+            value.to_string().into_bytes(),
+            tags.as_bytes().to_vec(),
+            slot.clone().into_bytes(),
+            validate::ttl_millis(ttl).to_string().into_bytes(),
+        ];
+        let past = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (raised, _late) = round::run(nodes, shared.quorum, shared.node_timeout(ttl), |node| {
+            let (script_keys, past) = (Arc::clone(&script_keys), Arc::clone(&past));
+            let drawn_here = drawn
+                .iter()
+                .find(|(other, _)| other.same(&node))
+                .map_or(0, |(_, drawn)| *drawn);
+            let mut args = args.to_vec();
+            args.push(drawn_here.to_string().into_bytes());
+            async move {
+                let answer = node.run_lease(&LEASE_RAISE, &script_keys, &args).await?;
+                if answer < 0 {
+                    past.fetch_max(answer.unsigned_abs(), std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok((answer == 1).then_some(0))
+            }
+        })
+        .await;
+        if raised.yes.len() >= shared.quorum {
+            return Ok(Some(value));
         }
-    })
-    .await;
-    if raised.yes.len() >= shared.quorum {
-        return Ok(Some(value));
+        let past = past.load(std::sync::atomic::Ordering::SeqCst);
+        if raised.no > 0 && past >= value && past + 1 < MAX_FENCE {
+            value = past + 1;
+            continue;
+        }
+        if raised.no > 0 {
+            // Lost meanwhile, or the value stayed taken: as if held.
+            return Ok(None);
+        }
+        return Err(LockError::QuorumNotReached {
+            key: keys.primary().to_string(),
+            got: raised.yes.len(),
+            needed: shared.quorum,
+            failures: raised.failures(),
+        });
     }
-    if raised.no > 0 {
-        // Lost meanwhile, or another holder raised the same value first: as if held.
-        return Ok(None);
-    }
-    Err(LockError::QuorumNotReached {
-        key: keys.primary().to_string(),
-        got: raised.yes.len(),
-        needed: shared.quorum,
-        failures: raised.failures(),
-    })
+    Ok(None)
 }

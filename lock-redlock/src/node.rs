@@ -312,6 +312,30 @@ impl NodeParts {
     /// client names it (`a semaphore of 2 permit(s)`), or `foreign <type>` for a Redis value
     /// that is not a lock.
     pub(crate) async fn describe(&self, keys: &[Key]) -> RedisResult<Vec<String>> {
+        // `TYPE` first, one plain round trip: only a key of another type needs the script
+        // (which a node that restarted would first have to load).
+        let mut pipeline = redis::pipe();
+        for key in keys {
+            pipeline.cmd("TYPE").arg(key.as_str());
+        }
+        let types: Vec<String> = match &self.connection {
+            Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
+            Connection::Pool(pool) => {
+                Box::pin(async { pipeline.query_async(&mut checkout(pool).await?).await }).await?
+            }
+        };
+        if types.iter().all(|kind| kind == "string" || kind == "none") {
+            return Ok(types
+                .into_iter()
+                .map(|kind| {
+                    if kind == "string" {
+                        "a mutex".to_owned()
+                    } else {
+                        String::new()
+                    }
+                })
+                .collect());
+        }
         let mut invocation = DESCRIBE.prepare_invoke();
         for key in keys {
             invocation.key(key.as_str());

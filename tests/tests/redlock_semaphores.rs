@@ -237,13 +237,11 @@ async fn a_minority_down_still_serves_and_never_over_admits() {
         let first = client.acquire_permit("minority", 2).await.unwrap();
         backed.servers()[2].kill();
         let second = client.acquire_permit("minority", 2).await.unwrap();
+        // Never a third permit (on a loaded machine a slow node may make it a quorum error).
+        let third = client.try_acquire_kind("minority", permit(2)).await;
         assert!(
-            client
-                .try_acquire_kind("minority", permit(2))
-                .await
-                .unwrap()
-                .is_none(),
-            "a third permit of 2 with one node down (fencing {fencing})"
+            matches!(third, Ok(None) | Err(LockError::QuorumNotReached { .. })),
+            "a third permit of 2 with one node down (fencing {fencing}): {third:?}"
         );
         if fencing {
             assert_ne!(first.fencing_token(), second.fencing_token());
@@ -251,13 +249,10 @@ async fn a_minority_down_still_serves_and_never_over_admits() {
         // The killed node comes back empty: the holders still hold a majority, so the
         // semaphore stays full.
         backed.servers()[2].restart().unwrap();
+        let third = client.try_acquire_kind("minority", permit(2)).await;
         assert!(
-            client
-                .try_acquire_kind("minority", permit(2))
-                .await
-                .unwrap()
-                .is_none(),
-            "a third permit of 2 after a minority restarted empty (fencing {fencing})"
+            matches!(third, Ok(None) | Err(LockError::QuorumNotReached { .. })),
+            "a third permit of 2 after a minority restarted empty (fencing {fencing}): {third:?}"
         );
         let reader = client.acquire_read("minority-rw").await.unwrap();
         assert!(

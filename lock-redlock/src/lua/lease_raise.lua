@@ -4,7 +4,8 @@
 -- passes it plus ARGV[5] ms. ARGV[6] is the value this node drew for the token (0 if none).
 -- Leases are shared, so two holders may raise at once: a node says yes only when the value
 -- is new to it (the counter is below it) or is its own draw for this token, so no two holders
--- can both raise one value on a quorum (two quorums share a node). Returns 1 or 0.
+-- can both raise one value on a quorum (two quorums share a node). Returns 1 when raised and
+-- held, 0 when the lease is gone, and minus the counter when held but the value is not new.
 if redis.replicate_commands then
   redis.replicate_commands()
 end
@@ -37,5 +38,9 @@ if stored and stored < value then
 end
 if held and fresh then
   return 1
+elseif held and stored then
+  -- Still ours, but the value is not new here: the counter, negated, so that the client can
+  -- raise again past it.
+  return -stored
 end
 return 0
