@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod lease;
 mod node;
 mod round;
 mod wake;
@@ -12,14 +13,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use config::{ConnectionKind, RedlockConfig};
+pub use lease::MAX_SLOT_PERMITS;
 use lock_core::{
-    Capabilities, Handle, Holding, Key, KeySet, KeyState, Lock, LockError, LockOptions,
+    Capabilities, Handle, Holding, Key, KeySet, KeyState, LeaseKind, Lock, LockError, LockOptions,
     LockRequest, Locker, Result, RetryPolicy, Token, async_trait, metrics, validate,
 };
 use tokio::time::Instant;
 
 use crate::config::NodeUrl;
-use crate::node::Node;
+use crate::node::{Held, Node};
 use crate::round::{Pending, Tally};
 
 /// The backend's name in messages and configuration.
@@ -161,21 +163,23 @@ impl Shared {
     /// [`RELEASE_TRIES`] rounds (the first at once if `at_once`, the others after doubling
     /// pauses from `timeout` on) and none once the keys are gone by themselves (`expires_by`).
     /// Token-checked, so asking twice is harmless. See [`AtOnce`] for what counts as re-sent.
+    #[allow(clippy::too_many_arguments)]
     async fn release_until_answered(
         self: Arc<Self>,
         indices: Vec<usize>,
         keys: KeySet,
         token: Token,
+        held: Held,
         timeout: Duration,
         expires_by: Instant,
         at_once: Option<AtOnce>,
     ) {
-        let wanted = keys.len();
+        let wanted = released_when(&keys, held);
         let release = (metrics::OPERATION_RELEASE, at_once);
         self.until_answered(indices, &keys, timeout, expires_by, release, |node| {
             let (keys, token) = (keys.clone(), token.clone());
             async move {
-                node.release(&keys, &token)
+                node.release(&keys, &token, held)
                     .await
                     .map(|deleted| (deleted == wanted).then_some(0))
             }
@@ -247,31 +251,26 @@ impl Shared {
         }
     }
 
-    /// Fails when a node stores one of `keys` as something other than a lock (a string).
+    /// Fails when a node stores one of `keys` as something other than a mutex: another kind of
+    /// lock ([`LockError::KindMismatch`]) or a Redis value that is not a lock.
     async fn refuse_foreign_types(
         &self,
         nodes: &[Node],
         keys: &KeySet,
+        kind: LeaseKind,
         ttl: Duration,
     ) -> Result<()> {
         let timeout = self.node_timeout(ttl);
         let asks = nodes.iter().map(|node| async move {
-            (node, tokio::time::timeout(timeout, node.types(keys)).await)
+            (
+                node,
+                tokio::time::timeout(timeout, node.describe(keys)).await,
+            )
         });
         for (node, answer) in futures::future::join_all(asks).await {
-            let Ok(Ok(types)) = answer else { continue };
-            if let Some((key, kind)) = keys
-                .iter()
-                .zip(&types)
-                .find(|(_, kind)| !matches!(kind.as_str(), "string" | "none"))
-            {
-                return Err(LockError::invalid(
-                    "key",
-                    format!(
-                        "`{key}` holds a Redis {kind} on {}, not a lock: use another key or a namespace",
-                        node.label()
-                    ),
-                ));
+            let Ok(Ok(found)) = answer else { continue };
+            for (key, found) in keys.iter().zip(found) {
+                lease::refuse(key, &found, kind, node)?;
             }
         }
         Ok(())
@@ -388,14 +387,15 @@ impl Shared {
         nodes: &[Node],
         keys: &KeySet,
         token: &Token,
+        held: Held,
         timeout: Duration,
     ) -> (Tally, Pending) {
         let quorum = self.quorum.min(nodes.len().max(1));
-        let wanted = keys.len();
+        let wanted = released_when(keys, held);
         round::run(nodes, quorum, timeout, |node| {
             let (keys, token) = (keys.clone(), token.clone());
             async move {
-                node.release(&keys, &token)
+                node.release(&keys, &token, held)
                     .await
                     .map(|deleted| (deleted == wanted).then_some(0))
             }
@@ -409,12 +409,14 @@ impl Shared {
     /// Nodes still answering get a short grace (twice the time the round took, at most the node
     /// timeout), so that the next attempt does not trip over this one's leftovers on healthy
     /// nodes, while a stalled node still costs nothing.
+    #[allow(clippy::too_many_arguments)]
     async fn undo_attempt(
         self: &Arc<Self>,
         tally: &Tally,
         mut pending: Pending,
         keys: &KeySet,
         token: &Token,
+        held: Held,
         ttl: Duration,
         round_took: Duration,
     ) {
@@ -427,7 +429,13 @@ impl Shared {
         let mut undo_failed = Vec::new();
         if !won.is_empty() {
             let (undone, rest) = self
-                .release_on(&self.subset(won.iter().copied()), keys, token, timeout)
+                .release_on(
+                    &self.subset(won.iter().copied()),
+                    keys,
+                    token,
+                    held,
+                    timeout,
+                )
                 .await;
             let undone_late = rest.finish().await;
             // A node that won and then failed the undo still holds our key: ask it again.
@@ -456,6 +464,7 @@ impl Shared {
                     targets,
                     keys,
                     token,
+                    held,
                     timeout,
                     expires_by,
                     Some(AtOnce {
@@ -477,7 +486,9 @@ impl Lock for Redlock {
         let mut capabilities = Capabilities::NONE
             .with_extend()
             .with_distributed()
-            .with_multi_key();
+            .with_multi_key()
+            .with_semaphore()
+            .with_read_write();
         if self.shared.wakeups.is_some() {
             capabilities = capabilities.with_wake_on_release();
         }
@@ -504,6 +515,9 @@ impl Lock for Redlock {
 
     async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
         let shared = &self.shared;
+        if request.kind() != LeaseKind::Exclusive {
+            return lease::try_acquire(shared, request).await;
+        }
         let (keys, token, ttl) = (
             request.key_set().clone(),
             request.token().clone(),
@@ -553,6 +567,7 @@ impl Lock for Redlock {
                             shared: Arc::clone(shared),
                             keys,
                             token,
+                            held: Held::Mutex,
                             valid_until,
                             ttl,
                             fence,
@@ -562,14 +577,30 @@ impl Lock for Redlock {
                 }
                 outcome => {
                     shared
-                        .undo_attempt(&tally, pending, &keys, &token, ttl, start.elapsed())
+                        .undo_attempt(
+                            &tally,
+                            pending,
+                            &keys,
+                            &token,
+                            Held::Mutex,
+                            ttl,
+                            start.elapsed(),
+                        )
                         .await;
                     return outcome.map(|_| None);
                 }
             }
         }
         shared
-            .undo_attempt(&tally, pending, &keys, &token, ttl, start.elapsed())
+            .undo_attempt(
+                &tally,
+                pending,
+                &keys,
+                &token,
+                Held::Mutex,
+                ttl,
+                start.elapsed(),
+            )
             .await;
         let key = request.primary_key().to_string();
         if tally.yes.len() >= shared.quorum {
@@ -585,7 +616,9 @@ impl Lock for Redlock {
             // `SET NX` on a key of another type (a list, a hash) is refused as if the key were
             // held, forever: look once per acquisition, on its first refusal.
             if !request.after_wait() {
-                shared.refuse_foreign_types(&nodes, &keys, ttl).await?;
+                shared
+                    .refuse_foreign_types(&nodes, &keys, LeaseKind::Exclusive, ttl)
+                    .await?;
             }
             return Ok(None);
         }
@@ -643,11 +676,12 @@ impl Lock for Redlock {
         let timeout = shared.node_timeout(lock_core::validate::MAX_TTL);
         // The clean-up of a cancelled attempt may be the last thing this process sends: each
         // node gets the script with the call (see `release_self_contained`).
-        let wanted = keys.len();
+        let held = lease::held_by(request.kind(), shared.node_count);
+        let wanted = released_when(&keys, held);
         let (mut tally, rest) = round::run(&shared.nodes()?, shared.quorum, timeout, |node| {
             let (keys, token) = (keys.clone(), token.clone());
             async move {
-                node.release_self_contained(&keys, &token)
+                node.release_self_contained(&keys, &token, held)
                     .await
                     .map(|deleted| (deleted == wanted).then_some(0))
             }
@@ -662,12 +696,21 @@ impl Lock for Redlock {
                 failed,
                 keys,
                 token.clone(),
+                held,
                 timeout,
                 expires_by,
                 None,
             ));
         }
         Ok(!tally.yes.is_empty())
+    }
+}
+
+/// How many keys a release that succeeded reports: every key of a mutex, one lease.
+fn released_when(keys: &KeySet, held: Held) -> usize {
+    match held {
+        Held::Mutex => keys.len(),
+        Held::Set { .. } | Held::Slot(_) => 1,
     }
 }
 
@@ -680,11 +723,13 @@ impl fmt::Debug for Redlock {
     }
 }
 
-/// A lock held on a quorum of nodes.
+/// A lock held on a quorum of nodes: a mutex, or a lease (a permit, a read or a write lock).
 struct RedlockHandle {
     shared: Arc<Shared>,
     keys: KeySet,
     token: Token,
+    /// What is held, which says how to extend and release it.
+    held: Held,
     valid_until: Instant,
     ttl: Duration,
     /// The fencing token, when fencing is on.
@@ -746,9 +791,9 @@ impl Handle for RedlockHandle {
         let start = Instant::now();
         let (tally, _in_flight) =
             round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
-                let (keys, token) = (self.keys.clone(), self.token.clone());
+                let (keys, token, held) = (self.keys.clone(), self.token.clone(), self.held);
                 async move {
-                    node.extend(&keys, &token, ttl)
+                    node.extend(&keys, &token, held, ttl)
                         .await
                         .map(|extended| extended.then_some(0))
                 }
@@ -772,12 +817,16 @@ impl Handle for RedlockHandle {
         // Acquisition requests still out when this release was sent may land after it.
         let in_flight = self.in_flight.take().filter(|task| !task.is_finished());
         let (tally, pending) = shared
-            .release_on(&nodes, &self.keys, &self.token, timeout)
+            .release_on(&nodes, &self.keys, &self.token, self.held, timeout)
             .await;
         if let Some(in_flight) = in_flight {
             let expires_by = self.valid_until + shared.drift(self.ttl);
-            let (shared, keys, token) =
-                (Arc::clone(&shared), self.keys.clone(), self.token.clone());
+            let (shared, keys, token, held) = (
+                Arc::clone(&shared),
+                self.keys.clone(),
+                self.token.clone(),
+                self.held,
+            );
             tokio::spawn(async move {
                 let Ok(late) = in_flight.await else { return };
                 // A node that took the key late, or whose answer never came (it may still
@@ -794,6 +843,7 @@ impl Handle for RedlockHandle {
                         targets,
                         keys,
                         token,
+                        held,
                         timeout,
                         expires_by,
                         Some(AtOnce { sent_before }),
@@ -807,8 +857,12 @@ impl Handle for RedlockHandle {
             // slower ones are awaited and those that failed are asked again, off the caller's
             // path, until the keys would be gone by themselves.
             let expires_by = self.valid_until + shared.drift(self.ttl);
-            let (shared, keys, token) =
-                (Arc::clone(&shared), self.keys.clone(), self.token.clone());
+            let (shared, keys, token, held) = (
+                Arc::clone(&shared),
+                self.keys.clone(),
+                self.token.clone(),
+                self.held,
+            );
             tokio::spawn(async move {
                 let late = pending.finish().await;
                 let failed = failed
@@ -816,13 +870,49 @@ impl Handle for RedlockHandle {
                     .chain(late.failed.into_iter().map(|(index, _)| index))
                     .collect();
                 shared
-                    .release_until_answered(failed, keys, token, timeout, expires_by, None)
+                    .release_until_answered(failed, keys, token, held, timeout, expires_by, None)
                     .await;
             });
         }
         if tally.yes.len() >= shared.quorum {
             return Ok(());
         }
+        Err(self.lost_or_unreachable(&tally))
+    }
+
+    /// Turns every node's write entry into a read entry with the same expiry. A round that
+    /// does not reach a quorum leaves the lock in doubt (some nodes may admit readers already),
+    /// so the handle then counts as lost: its validity ends at once.
+    async fn downgrade(&mut self) -> Result<()> {
+        if !matches!(self.held, Held::Set { tags: "rw", .. }) {
+            return Err(LockError::Unsupported {
+                backend: NAME,
+                capability: "downgrade of anything but a write lock",
+            });
+        }
+        if Instant::now() >= self.valid_until {
+            return Err(LockError::NotHeld { key: self.key() });
+        }
+        let shared = Arc::clone(&self.shared);
+        let nodes = shared.nodes()?;
+        let (tally, _in_flight) = round::run(
+            &nodes,
+            shared.quorum,
+            shared.node_timeout(self.ttl),
+            |node| {
+                let (keys, token) = (self.keys.clone(), self.token.clone());
+                async move {
+                    node.downgrade(&keys, &token)
+                        .await
+                        .map(|downgraded| downgraded.then_some(0))
+                }
+            },
+        )
+        .await;
+        if tally.yes.len() >= shared.quorum {
+            return Ok(());
+        }
+        self.valid_until = Instant::now();
         Err(self.lost_or_unreachable(&tally))
     }
 }

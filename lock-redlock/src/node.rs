@@ -23,6 +23,74 @@ static RELEASE_NOTIFY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/release_notify.lua")));
 static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/extend.lua")));
 
+/// A script of semaphores and read-write locks: its own file after the helpers they share.
+macro_rules! lease_script {
+    ($file:literal) => {
+        concat!(
+            include_str!("lua/lease_common.lua"),
+            include_str!(concat!("lua/", $file))
+        )
+    };
+}
+
+const LEASE_RELEASE_SOURCE: &str = lease_script!("lease_release.lua");
+const SLOT_RELEASE_SOURCE: &str = lease_script!("slot_release.lua");
+static LEASE_RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE_RELEASE_SOURCE));
+static SLOT_RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(SLOT_RELEASE_SOURCE));
+/// The scripts that take, extend, downgrade and fence leases (see `lease.rs`).
+pub(crate) static LEASE_ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(lease_script!("lease_acquire.lua")));
+static LEASE_EXTEND: LazyLock<Script> =
+    LazyLock::new(|| Script::new(lease_script!("lease_extend.lua")));
+static LEASE_DOWNGRADE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(lease_script!("lease_downgrade.lua")));
+pub(crate) static LEASE_RAISE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(lease_script!("lease_raise.lua")));
+pub(crate) static SLOT_ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(lease_script!("slot_acquire.lua")));
+static SLOT_EXTEND: LazyLock<Script> =
+    LazyLock::new(|| Script::new(lease_script!("slot_extend.lua")));
+static DESCRIBE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(lease_script!("lease_describe.lua")));
+
+/// Appended to a read-write lock's key to name the claim of the writer waiting for it (0xFF: no
+/// user key can have this name, see `FENCE_SUFFIX`).
+pub(crate) const CLAIM_SUFFIX: &[u8] = b"\xff:claim";
+
+/// What a token holds on a node, which says how to release it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// A mutex on every key: a string holding the token.
+    Mutex,
+    /// A lease in a set of holders, under one of `tags` (`p` permit, `r` reader, `w` writer);
+    /// with `claim`, also a waiting writer's claim.
+    Set { tags: &'static str, claim: bool },
+    /// A permit slot in a hash of slots; `None`: every slot the token holds there.
+    Slot(Option<u32>),
+}
+
+/// A script call, owned, so that it can outlive the request that built it.
+pub(crate) struct Call {
+    script: &'static LazyLock<Script>,
+    source: &'static str,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Call {
+    fn invocation(&self) -> redis::ScriptInvocation<'static> {
+        let script: &'static Script = self.script;
+        let mut invocation = script.prepare_invoke();
+        for key in &self.keys {
+            invocation.key(key.as_slice());
+        }
+        for arg in &self.args {
+            invocation.arg(arg.as_slice());
+        }
+        invocation
+    }
+}
+
 /// A node of the quorum; cheap to clone (one shared allocation), since every round hands a
 /// clone to each of its requests.
 #[derive(Clone)]
@@ -52,6 +120,13 @@ impl Node {
     /// counts as a failed vote until it comes back.
     pub(crate) fn new(url: &NodeUrl, config: &RedlockConfig) -> Result<Self> {
         NodeParts::new(url, config).map(|parts| Self(Arc::new(parts)))
+    }
+}
+
+impl Node {
+    /// True when `other` is this very node (a clone of it), not only one with the same URL.
+    pub(crate) fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -141,7 +216,7 @@ impl NodeParts {
     ) -> RedisResult<Option<u64>> {
         let ttl_ms = validate::ttl_millis(ttl);
         let mut invocation;
-        let request = if let Some(fences) = fences {
+        let (request, reply) = if let Some(fences) = fences {
             invocation = ACQUIRE_FENCED.prepare_invoke();
             for key in keys {
                 invocation.key(key.as_str());
@@ -150,7 +225,7 @@ impl NodeParts {
                 invocation.key(fence.as_slice());
             }
             invocation.arg(&*token.expose()).arg(ttl_ms);
-            Request::Script(&invocation, Reply::Counter)
+            (Request::Script(&invocation), Reply::Counter)
         } else if let [key] = keys {
             let mut command = redis::cmd("SET");
             command
@@ -165,7 +240,9 @@ impl NodeParts {
                     Ok(matches!(reply, Value::Okay).then_some(0))
                 }
                 Connection::Pool(pool) => {
-                    Box::pin(self.acquire_pooled(pool, Request::Set(&command), keys, token)).await
+                    let undo = self.release_call(keys, token, Held::Mutex);
+                    let reply = Box::pin(self.acquire_pooled(pool, Request::Set(&command), undo));
+                    Ok(matches!(reply.await?, Value::Okay).then_some(0))
                 }
             };
         } else {
@@ -174,12 +251,153 @@ impl NodeParts {
                 invocation.key(key.as_str());
             }
             invocation.arg(&*token.expose()).arg(ttl_ms);
-            Request::Script(&invocation, Reply::Granted)
+            (Request::Script(&invocation), Reply::Granted)
         };
+        let answer = match &self.connection {
+            Connection::Manager(manager) => request.send(&mut manager.clone()).await?,
+            Connection::Pool(pool) => {
+                let undo = self.release_call(keys, token, Held::Mutex);
+                Box::pin(self.acquire_pooled(pool, request, undo)).await?
+            }
+        };
+        let number: i64 = redis::FromRedisValue::from_redis_value(answer)?;
+        Ok(match reply {
+            Reply::Granted => (number == 1).then_some(0),
+            Reply::Counter => u64::try_from(number).ok().filter(|counter| *counter > 0),
+        })
+    }
+
+    /// Runs one of the lease scripts that take something (`LEASE_ACQUIRE`, `SLOT_ACQUIRE`)
+    /// with `keys` and `args`; with a pool, undone by `undo` on the same connection if
+    /// abandoned before its answer (see [`NodeParts::acquire`]). The raw answer.
+    pub(crate) async fn acquire_lease(
+        &self,
+        script: &'static LazyLock<Script>,
+        keys: &[Vec<u8>],
+        args: &[Vec<u8>],
+        undo: impl FnOnce() -> Call,
+    ) -> RedisResult<Value> {
+        let call = Call {
+            script,
+            source: "",
+            keys: keys.to_vec(),
+            args: args.to_vec(),
+        };
+        let invocation = call.invocation();
+        let request = Request::Script(&invocation);
         match &self.connection {
             Connection::Manager(manager) => request.send(&mut manager.clone()).await,
+            Connection::Pool(pool) => Box::pin(self.acquire_pooled(pool, request, undo())).await,
+        }
+    }
+
+    /// Runs a lease script that changes nothing but what the token holds (extend, downgrade,
+    /// fence raise); its integer answer.
+    pub(crate) async fn run_lease(
+        &self,
+        script: &'static LazyLock<Script>,
+        keys: &[Vec<u8>],
+        args: &[Vec<u8>],
+    ) -> RedisResult<i64> {
+        let call = Call {
+            script,
+            source: "",
+            keys: keys.to_vec(),
+            args: args.to_vec(),
+        };
+        self.invoke(&call.invocation()).await
+    }
+
+    /// What each of `keys` holds here: `""` when absent, `a mutex`, a kind of lease as the
+    /// client names it (`a semaphore of 2 permit(s)`), or `foreign <type>` for a Redis value
+    /// that is not a lock.
+    pub(crate) async fn describe(&self, keys: &[Key]) -> RedisResult<Vec<String>> {
+        // `TYPE` first, one plain round trip: only a key of another type needs the script
+        // (which a node that restarted would first have to load).
+        let mut pipeline = redis::pipe();
+        for key in keys {
+            pipeline.cmd("TYPE").arg(key.as_str());
+        }
+        let types: Vec<String> = match &self.connection {
+            Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
             Connection::Pool(pool) => {
-                Box::pin(self.acquire_pooled(pool, request, keys, token)).await
+                Box::pin(async { pipeline.query_async(&mut checkout(pool).await?).await }).await?
+            }
+        };
+        if types.iter().all(|kind| kind == "string" || kind == "none") {
+            return Ok(types
+                .into_iter()
+                .map(|kind| {
+                    if kind == "string" {
+                        "a mutex".to_owned()
+                    } else {
+                        String::new()
+                    }
+                })
+                .collect());
+        }
+        let mut invocation = DESCRIBE.prepare_invoke();
+        for key in keys {
+            invocation.key(key.as_str());
+        }
+        self.invoke(&invocation).await
+    }
+
+    /// The compare-and-delete of what `token` holds on `keys` as `held`.
+    pub(crate) fn release_call(&self, keys: &[Key], token: &Token, held: Held) -> Call {
+        let token = token.expose().as_bytes().to_vec();
+        let channel = self
+            .release_channel
+            .map(|channel| channel.as_bytes().to_vec());
+        match held {
+            Held::Mutex => {
+                let (script, source) = if self.release_channel.is_some() {
+                    (&RELEASE_NOTIFY, include_str!("lua/release_notify.lua"))
+                } else {
+                    (&RELEASE, include_str!("lua/release.lua"))
+                };
+                Call {
+                    script,
+                    source,
+                    keys: keys
+                        .iter()
+                        .map(|key| key.as_str().as_bytes().to_vec())
+                        .collect(),
+                    args: [token].into_iter().chain(channel).collect(),
+                }
+            }
+            Held::Set { tags, claim } => {
+                let key = keys.first().map_or(&[][..], |key| key.as_str().as_bytes());
+                Call {
+                    script: &LEASE_RELEASE,
+                    source: LEASE_RELEASE_SOURCE,
+                    keys: vec![key.to_vec(), [key, CLAIM_SUFFIX].concat()],
+                    args: [
+                        token,
+                        tags.as_bytes().to_vec(),
+                        if claim { b"1".to_vec() } else { b"0".to_vec() },
+                    ]
+                    .into_iter()
+                    .chain(channel)
+                    .collect(),
+                }
+            }
+            Held::Slot(slot) => {
+                let key = keys.first().map_or(&[][..], |key| key.as_str().as_bytes());
+                Call {
+                    script: &SLOT_RELEASE,
+                    source: SLOT_RELEASE_SOURCE,
+                    keys: vec![key.to_vec()],
+                    args: [
+                        token,
+                        slot.map(|slot| slot.to_string())
+                            .unwrap_or_default()
+                            .into_bytes(),
+                    ]
+                    .into_iter()
+                    .chain(channel)
+                    .collect(),
+                }
             }
         }
     }
@@ -189,15 +407,12 @@ impl NodeParts {
         &self,
         pool: &Pool,
         request: Request<'_>,
-        keys: &[Key],
-        token: &Token,
-    ) -> RedisResult<Option<u64>> {
+        undo: Call,
+    ) -> RedisResult<Value> {
         let mut connection = checkout(pool).await?;
         let mut undo = UndoOnDrop {
             connection: Some((*connection).clone()),
-            keys: keys.to_vec(),
-            token: token.clone(),
-            notify: self.release_channel,
+            call: Some(undo),
         };
         let answer = request.send(&mut *connection).await;
         // Answered (whatever the answer): the request is no longer in flight.
@@ -239,24 +454,21 @@ impl NodeParts {
         &self,
         keys: &[Key],
         token: &Token,
+        held: Held,
     ) -> RedisResult<usize> {
-        let (script, source) = if self.release_channel.is_some() {
-            (&RELEASE_NOTIFY, include_str!("lua/release_notify.lua"))
-        } else {
-            (&RELEASE, include_str!("lua/release.lua"))
-        };
+        let call = self.release_call(keys, token, held);
         let mut pipeline = redis::pipe();
-        pipeline.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
+        pipeline.cmd("SCRIPT").arg("LOAD").arg(call.source).ignore();
+        let script: &Script = call.script;
         let release = pipeline
             .cmd("EVALSHA")
             .arg(script.get_hash())
-            .arg(keys.len());
-        for key in keys {
-            release.arg(key.as_str());
+            .arg(call.keys.len());
+        for key in &call.keys {
+            release.arg(key.as_slice());
         }
-        release.arg(&*token.expose());
-        if let Some(channel) = self.release_channel {
-            release.arg(channel);
+        for arg in &call.args {
+            release.arg(arg.as_slice());
         }
         let (deleted,): (i64,) = match &self.connection {
             Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
@@ -267,55 +479,74 @@ impl NodeParts {
         Ok(usize::try_from(deleted).unwrap_or_default())
     }
 
-    /// Compare-and-delete on every key; returns how many keys were ours and are now gone.
-    pub(crate) async fn release(&self, keys: &[Key], token: &Token) -> RedisResult<usize> {
-        let script = if self.release_channel.is_some() {
-            &RELEASE_NOTIFY
-        } else {
-            &RELEASE
-        };
-        let mut invocation = script.prepare_invoke();
-        for key in keys {
-            invocation.key(key.as_str());
-        }
-        invocation.arg(&*token.expose());
-        if let Some(channel) = self.release_channel {
-            invocation.arg(channel);
-        }
-        let deleted: i64 = self.invoke(&invocation).await?;
+    /// Compare-and-delete of what `token` holds on `keys` as `held`; returns how many keys
+    /// were ours and are now free.
+    pub(crate) async fn release(
+        &self,
+        keys: &[Key],
+        token: &Token,
+        held: Held,
+    ) -> RedisResult<usize> {
+        let deleted: i64 = self
+            .invoke(&self.release_call(keys, token, held).invocation())
+            .await?;
         Ok(usize::try_from(deleted).unwrap_or_default())
     }
 
-    /// Compare-and-pexpire on every key, all or nothing. True when extended.
+    /// Compare-and-pexpire of what `token` holds on `keys` as `held`, all or nothing. True
+    /// when extended.
     pub(crate) async fn extend(
         &self,
         keys: &[Key],
         token: &Token,
+        held: Held,
         ttl: Duration,
     ) -> RedisResult<bool> {
-        let mut invocation = EXTEND.prepare_invoke();
-        for key in keys {
-            invocation.key(key.as_str());
-        }
-        invocation
-            .arg(&*token.expose())
-            .arg(validate::ttl_millis(ttl));
-        let extended: i64 = self.invoke(&invocation).await?;
+        let ttl_ms = validate::ttl_millis(ttl).to_string().into_bytes();
+        let token = token.expose().as_bytes().to_vec();
+        let key = || {
+            keys.first()
+                .map_or(Vec::new(), |key| key.as_str().as_bytes().to_vec())
+        };
+        let extended = match held {
+            Held::Mutex => {
+                let mut invocation = EXTEND.prepare_invoke();
+                for key in keys {
+                    invocation.key(key.as_str());
+                }
+                invocation.arg(token).arg(ttl_ms);
+                self.invoke(&invocation).await?
+            }
+            Held::Set { tags, .. } => {
+                self.run_lease(
+                    &LEASE_EXTEND,
+                    &[key()],
+                    &[token, tags.as_bytes().to_vec(), ttl_ms],
+                )
+                .await?
+            }
+            Held::Slot(slot) => {
+                let slot = slot.map(|slot| slot.to_string()).unwrap_or_default();
+                self.run_lease(&SLOT_EXTEND, &[key()], &[token, slot.into_bytes(), ttl_ms])
+                    .await?
+            }
+        };
         Ok(extended == 1)
     }
 
-    /// The Redis type of each key here: `string` for a lock, `none` when absent.
-    pub(crate) async fn types(&self, keys: &[Key]) -> RedisResult<Vec<String>> {
-        let mut pipeline = redis::pipe();
-        for key in keys {
-            pipeline.cmd("TYPE").arg(key.as_str());
-        }
-        match &self.connection {
-            Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await,
-            Connection::Pool(pool) => {
-                Box::pin(async { pipeline.query_async(&mut checkout(pool).await?).await }).await
-            }
-        }
+    /// Turns `token`'s write lease on the key into a read lease; true when it now reads.
+    pub(crate) async fn downgrade(&self, keys: &[Key], token: &Token) -> RedisResult<bool> {
+        let key = keys
+            .first()
+            .map_or(Vec::new(), |key| key.as_str().as_bytes().to_vec());
+        let downgraded = self
+            .run_lease(
+                &LEASE_DOWNGRADE,
+                &[key],
+                &[token.expose().as_bytes().to_vec()],
+            )
+            .await?;
+        Ok(downgraded == 1)
     }
 
     /// `INFO server`: which server runs here, and its version.
@@ -361,7 +592,7 @@ impl NodeParts {
 /// One acquisition request and how to read its answer.
 enum Request<'a> {
     Set(&'a redis::Cmd),
-    Script(&'a redis::ScriptInvocation<'a>, Reply),
+    Script(&'a redis::ScriptInvocation<'a>),
 }
 
 /// What an acquisition script answers.
@@ -374,62 +605,33 @@ enum Reply {
 }
 
 impl Request<'_> {
-    async fn send<C: ConnectionLike + Send>(&self, connection: &mut C) -> RedisResult<Option<u64>> {
+    async fn send<C: ConnectionLike + Send>(&self, connection: &mut C) -> RedisResult<Value> {
         match self {
-            Self::Set(command) => {
-                let reply: Value = command.query_async(connection).await?;
-                Ok(matches!(reply, Value::Okay).then_some(0))
-            }
-            Self::Script(invocation, Reply::Granted) => {
-                let granted: i64 = invocation.invoke_async(connection).await?;
-                Ok((granted == 1).then_some(0))
-            }
-            Self::Script(invocation, Reply::Counter) => {
-                let counter: i64 = invocation.invoke_async(connection).await?;
-                Ok(u64::try_from(counter).ok().filter(|counter| *counter > 0))
-            }
+            Self::Set(command) => command.query_async(connection).await,
+            Self::Script(invocation) => invocation.invoke_async(connection).await,
         }
     }
 }
 
-/// Sends compare-and-delete for `keys` on `connection` when dropped while still armed: the
-/// acquisition it follows was abandoned before its answer came.
+/// Sends its release call on `connection` when dropped while still armed: the acquisition it
+/// follows was abandoned before its answer came.
 struct UndoOnDrop {
     connection: Option<redis::aio::MultiplexedConnection>,
-    keys: Vec<Key>,
-    token: Token,
-    notify: Option<&'static str>,
+    call: Option<Call>,
 }
 
 impl Drop for UndoOnDrop {
     fn drop(&mut self) {
-        let Some(mut connection) = self.connection.take() else {
+        let (Some(mut connection), Some(call)) = (self.connection.take(), self.call.take()) else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (keys, token, notify) = (
-            std::mem::take(&mut self.keys),
-            self.token.clone(),
-            self.notify,
-        );
         runtime.spawn(async move {
-            let script = if notify.is_some() {
-                &RELEASE_NOTIFY
-            } else {
-                &RELEASE
-            };
-            let mut invocation = script.prepare_invoke();
-            for key in &keys {
-                invocation.key(key.as_str());
-            }
-            invocation.arg(&*token.expose());
-            if let Some(channel) = notify {
-                invocation.arg(channel);
-            }
             // Queued behind the abandoned request on the same connection; bounded in case
             // the node never answers again.
+            let invocation = call.invocation();
             let undo = invocation.invoke_async::<i64>(&mut connection);
             if tokio::time::timeout(validate::MAX_TTL, undo).await.is_err() {
                 tracing::debug!("clean-up of an abandoned acquisition never answered");

@@ -29,6 +29,8 @@ type VoteFuture = Pin<Box<dyn Future<Output = (usize, Vote)> + Send>>;
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
     pub(crate) yes: Vec<usize>,
+    /// The number each yes vote answered, in the order of `yes`.
+    pub(crate) drawn: Vec<u64>,
     /// The highest number among the yes votes.
     pub(crate) highest: u64,
     pub(crate) no: usize,
@@ -40,6 +42,7 @@ impl Tally {
         match vote {
             Vote::Yes(number) => {
                 self.yes.push(index);
+                self.drawn.push(number);
                 self.highest = self.highest.max(number);
             }
             Vote::No => self.no += 1,

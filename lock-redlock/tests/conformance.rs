@@ -1,9 +1,10 @@
 //! The whole conformance suite on real redis-servers: 1, 3 and 5 independent nodes, and 3 nodes
-//! with each optional feature (wake-ups, fencing tokens).
+//! with each optional feature (wake-ups, fencing tokens), and through a deadpool pool (1 node,
+//! and 3 fenced nodes).
 
 use std::time::Duration;
 
-use lock_redlock::{Redlock, RedlockConfig};
+use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::backed::ServerBacked;
 
 fn redlock_with(
@@ -25,32 +26,48 @@ fn redlock(nodes: usize) -> ServerBacked<Redlock> {
 mod one_node {
     lock_core::conformance_tests!(
         async { crate::redlock(1) },
-        capabilities: [extend, distributed, multi_key]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write]
     );
 }
 
 mod three_nodes {
     lock_core::conformance_tests!(
         async { crate::redlock(3) },
-        capabilities: [extend, distributed, multi_key]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write]
     );
 }
 
 mod three_nodes_with_wakeups {
     lock_core::conformance_tests!(async {
         crate::redlock_with(3, |config| config.with_wake_on_release(true))
-    }, capabilities: [extend, distributed, multi_key, wake_on_release]);
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release]);
 }
 
 mod three_nodes_with_fencing {
     lock_core::conformance_tests!(async {
         crate::redlock_with(3, |config| config.with_fencing(true))
-    }, capabilities: [extend, distributed, multi_key, fencing]);
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, fencing]);
 }
 
 mod five_nodes {
     lock_core::conformance_tests!(
         async { crate::redlock(5) },
-        capabilities: [extend, distributed, multi_key]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write]
     );
+}
+
+mod one_node_pooled {
+    lock_core::conformance_tests!(async {
+        crate::redlock_with(1, |config| config.with_connection(crate::ConnectionKind::Pool))
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write]);
+}
+
+mod three_nodes_pooled_with_fencing {
+    lock_core::conformance_tests!(async {
+        crate::redlock_with(3, |config| {
+            config
+                .with_connection(crate::ConnectionKind::Pool)
+                .with_fencing(true)
+        })
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, fencing]);
 }

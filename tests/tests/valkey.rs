@@ -51,14 +51,14 @@ async fn inc_on_valkey() -> ServerBacked<IncLock> {
 mod redlock_one_node {
     lock_core::conformance_tests!(
         async { crate::redlock_on_valkey(1, false) },
-        capabilities: [extend, distributed, multi_key]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write]
     );
 }
 
 mod redlock_three_nodes_fenced {
     lock_core::conformance_tests!(
         async { crate::redlock_on_valkey(3, true) },
-        capabilities: [extend, distributed, multi_key, fencing]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write, fencing]
     );
 }
 

@@ -1,7 +1,7 @@
 -- Sets the ttl of every key in KEYS to ARGV[2] ms, only if each still holds the token ARGV[1]
 -- (compare-and-pexpire). Returns 1 when extended, 0 when any key was lost.
 for i = 1, #KEYS do
-  if redis.call('get', KEYS[i]) ~= ARGV[1] then
+  if redis.pcall('get', KEYS[i]) ~= ARGV[1] then
     return 0
   end
 end

@@ -19,7 +19,7 @@ for i = n + 1, 2 * n do
   end
 end
 for i = 1, n do
-  if redis.call('get', KEYS[i]) ~= ARGV[1] then
+  if redis.pcall('get', KEYS[i]) ~= ARGV[1] then
     return 0
   end
 end

@@ -2,7 +2,7 @@
 -- Returns how many keys were deleted; keys held by anyone else are left alone.
 local deleted = 0
 for i = 1, #KEYS do
-  if redis.call('get', KEYS[i]) == ARGV[1] then
+  if redis.pcall('get', KEYS[i]) == ARGV[1] then
     deleted = deleted + redis.call('del', KEYS[i])
   end
 end

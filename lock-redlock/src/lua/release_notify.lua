@@ -2,7 +2,7 @@
 -- subscribed to it retry at once instead of sleeping out their retry delay.
 local deleted = 0
 for i = 1, #KEYS do
-  if redis.call('get', KEYS[i]) == ARGV[1] then
+  if redis.pcall('get', KEYS[i]) == ARGV[1] then
     deleted = deleted + redis.call('del', KEYS[i])
     redis.call('publish', ARGV[2] .. KEYS[i], '1')
   end

@@ -17,6 +17,10 @@ use crate::{
 };
 
 const TTL: Duration = Duration::from_secs(10);
+/// A permit of a semaphore of 4 taken and released: one script each way on one node.
+const PERMIT_CYCLE: &str = "redlock (manager) permit of 4";
+/// A read lock taken and released.
+const READ_CYCLE: &str = "redlock (manager) read lock";
 
 pub(crate) async fn benchmarks(
     cycles: u32,
@@ -59,9 +63,18 @@ async fn uncontended(
         pool.acquire("bench-key").await?.release().await?;
         rslock_cycle(&rslock).await?;
         alone.cycle().await?;
+        if nodes == 1 {
+            manager
+                .acquire_permit("bench-sem", 4)
+                .await?
+                .release()
+                .await?;
+            manager.acquire_read("bench-rw").await?.release().await?;
+        }
     }
-    // redis-rs alone is a one-server reference.
-    let clients = if nodes == 1 { 4 } else { 3 };
+    // redis-rs alone is a one-server reference; on one node, a semaphore permit's and a read
+    // lock's cycles run beside the mutex's (clients 4 and 5).
+    let clients = if nodes == 1 { 6 } else { 3 };
     let release = include_str!("../../../../lock-redlock/src/lua/release.lua");
     let floor = MinimalClient::connect(
         limit_server.port(),
@@ -74,7 +87,7 @@ async fn uncontended(
         ],
     )?;
     let mut references = References::new(floor, cycles, rounds);
-    let mut times = [Duration::ZERO; 4];
+    let mut times = [Duration::ZERO; 6];
     for chunk in 0..references.chunks() {
         references.before_chunk(chunk, |requests| redlock_limit(limit_server, requests))?;
         // The order turns with every chunk, so that no client always runs right after the
@@ -87,7 +100,15 @@ async fn uncontended(
                     0 => manager.acquire("bench-key").await?.release().await?,
                     1 => pool.acquire("bench-key").await?.release().await?,
                     2 => rslock_cycle(&rslock).await?,
-                    _ => alone.cycle().await?,
+                    3 => alone.cycle().await?,
+                    4 => {
+                        manager
+                            .acquire_permit("bench-sem", 4)
+                            .await?
+                            .release()
+                            .await?
+                    }
+                    _ => manager.acquire_read("bench-rw").await?.release().await?,
                 }
             }
             times[client] += started.elapsed();
@@ -100,10 +121,16 @@ async fn uncontended(
         ("redlock (pool)", times[1]),
         ("rslock", times[2]),
         (REDIS_ALONE, times[3]),
+        (PERMIT_CYCLE, times[4]),
+        (READ_CYCLE, times[5]),
     ];
     for (name, time) in named.into_iter().take(clients) {
         let mut uncontended = references.figure(name, nodes, time);
-        if name.starts_with("redlock") {
+        if name == PERMIT_CYCLE || name == READ_CYCLE {
+            // Against the mutex cycle of the same run (> 1: faster than the mutex).
+            uncontended.reference = Some("redlock (manager) mutex cycle".to_owned());
+            uncontended.ratio_to_reference = Some(times[0].as_secs_f64() / time.as_secs_f64());
+        } else if name.starts_with("redlock") {
             uncontended.ratio_to_rslock = Some(uncontended.value / rslock_rate);
         }
         figures.push(uncontended);

@@ -1,0 +1,442 @@
+//! Semaphores and read-write locks: what the scripts of `lua/lease_*.lua` and `lua/slot_*.lua`
+//! store on each node, and the rounds that take, fence and describe them. How they are stored
+//! and why they are sound is in the crate docs (README, "Semaphores and read-write locks").
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lock_core::{Handle, Key, KeySet, LeaseKind, LockError, LockRequest, Result, Token, validate};
+use redis::{RedisResult, Value};
+use tokio::time::Instant;
+
+use crate::node::{CLAIM_SUFFIX, Held, LEASE_ACQUIRE, LEASE_RAISE, Node, SLOT_ACQUIRE};
+use crate::round::{self, Tally};
+use crate::{FENCE_SUFFIX, NAME, RedlockHandle, Shared};
+
+/// The most permits a semaphore over several nodes may have: an attempt tries every slot in
+/// turn (one quorum round each) before it reports the semaphore full.
+pub const MAX_SLOT_PERMITS: u32 = 64;
+
+/// How many raise rounds a fenced lease over several nodes makes before it counts as held.
+const RAISE_TRIES: usize = 3;
+
+/// Fencing values stay below 2^53 (the scripts' numbers are doubles).
+const MAX_FENCE: u64 = 1 << 53;
+
+/// What an acquisition of `kind` may leave on a node under its token, as its clean-up
+/// (`Lock::abandon`) must remove it: a writer's claim too, and any slot of a semaphore.
+pub(crate) fn held_by(kind: LeaseKind, nodes: usize) -> Held {
+    match kind {
+        LeaseKind::Permit { .. } if nodes > 1 => Held::Slot(None),
+        LeaseKind::Permit { .. } => Held::Set {
+            tags: "p",
+            claim: false,
+        },
+        LeaseKind::Read => Held::Set {
+            tags: "r",
+            claim: false,
+        },
+        LeaseKind::Write => Held::Set {
+            tags: "w",
+            claim: true,
+        },
+        _ => Held::Mutex,
+    }
+}
+
+/// The error for a key that a node holds as `found` (as `describe` in `lease_common.lua`
+/// names it) when `kind` was asked for; `Ok` when nothing stands in the way.
+pub(crate) fn refuse(key: &Key, found: &str, kind: LeaseKind, node: &Node) -> Result<()> {
+    if found.is_empty() || (found == "a mutex" && kind == LeaseKind::Exclusive) {
+        return Ok(());
+    }
+    if let Some(redis_type) = found.strip_prefix("foreign ") {
+        return Err(LockError::invalid(
+            "key",
+            format!(
+                "`{key}` holds a Redis {redis_type} on {}, not a lock: use another key or a namespace",
+                node.label()
+            ),
+        ));
+    }
+    Err(LockError::KindMismatch {
+        key: key.to_string(),
+        found: found.to_owned(),
+        asked: kind.to_string(),
+    })
+}
+
+/// Where one attempt takes its lease.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    /// In the set of holders, under `tag`, with the kind's `marker`.
+    Set { tag: &'static str },
+    /// A permit slot of a semaphore over several nodes.
+    Slot { slot: u32, permits: u32 },
+}
+
+impl Target {
+    /// What a won lease holds, for its release: a writer may have been downgraded on some
+    /// nodes only, so a read-write lease is released under both tags.
+    fn held(self) -> Held {
+        match self {
+            Self::Set { tag: "p" } => Held::Set {
+                tags: "p",
+                claim: false,
+            },
+            Self::Set { .. } => Held::Set {
+                tags: "rw",
+                claim: false,
+            },
+            Self::Slot { slot, .. } => Held::Slot(Some(slot)),
+        }
+    }
+}
+
+/// One attempt at a lease of `request.kind()` (never [`LeaseKind::Exclusive`]).
+pub(crate) async fn try_acquire(
+    shared: &Arc<Shared>,
+    request: &LockRequest,
+) -> Result<Option<Box<dyn Handle>>> {
+    let kind = request.kind();
+    if request.keys().len() != 1 {
+        return Err(LockError::invalid("keys", format!("{kind} takes one key")));
+    }
+    let nodes = shared.nodes()?;
+    let target = match kind {
+        LeaseKind::Permit { permits } if nodes.len() > 1 => {
+            let permits = permits.get();
+            if permits > MAX_SLOT_PERMITS {
+                return Err(LockError::Unsupported {
+                    backend: NAME,
+                    capability: "semaphores of more than 64 permits over several nodes",
+                });
+            }
+            // Every slot in a random order, one quorum round each, until one is won: holders
+            // spread over the slots instead of all fighting for the first free one.
+            for slot in shuffled(permits) {
+                let target = Target::Slot { slot, permits };
+                if let Some(handle) = attempt(shared, &nodes, request, target).await? {
+                    return Ok(Some(handle));
+                }
+            }
+            return Ok(None);
+        }
+        LeaseKind::Permit { .. } => Target::Set { tag: "p" },
+        LeaseKind::Read => Target::Set { tag: "r" },
+        LeaseKind::Write => Target::Set { tag: "w" },
+        _ => {
+            return Err(LockError::Unsupported {
+                backend: NAME,
+                capability: "this kind of lease",
+            });
+        }
+    };
+    attempt(shared, &nodes, request, target).await
+}
+
+/// `0..n` in a random order.
+fn shuffled(n: u32) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..n).collect();
+    // Randomness from the standard library's per-process hasher keys (no dependency needed:
+    // this spreads load, it protects nothing).
+    let mut state = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        | 1;
+    for i in (1..order.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let j = (state % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// One quorum round of the acquisition script for `target`, then, with fencing over several
+/// nodes, the raise round; undone on every node when it does not yield a lease.
+async fn attempt(
+    shared: &Arc<Shared>,
+    nodes: &Arc<[Node]>,
+    request: &LockRequest,
+    target: Target,
+) -> Result<Option<Box<dyn Handle>>> {
+    let (keys, token, ttl) = (
+        request.key_set().clone(),
+        request.token().clone(),
+        request.ttl(),
+    );
+    let key = keys.primary().as_str().as_bytes().to_vec();
+    let counter = shared
+        .config
+        .fencing
+        .then(|| [key.as_slice(), FENCE_SUFFIX].concat());
+    let token_text = token.expose().as_bytes().to_vec();
+    let ttl_ms = validate::ttl_millis(ttl).to_string().into_bytes();
+    let (script, mut script_keys, args) = match target {
+        Target::Set { tag } => {
+            // The marker begins with the byte 0xFF, which no token or tag begins with.
+            let (marker, permits) = match request.kind() {
+                LeaseKind::Permit { permits } => {
+                    let permits = permits.get().to_string();
+                    (
+                        [b"\xffsem:".as_slice(), permits.as_bytes()].concat(),
+                        permits,
+                    )
+                }
+                _ => (b"\xffrw".to_vec(), String::new()),
+            };
+            let claim = [key.as_slice(), CLAIM_SUFFIX].concat();
+            let will_wait = if request.will_wait() { "1" } else { "0" };
+            (
+                &LEASE_ACQUIRE,
+                vec![key.clone(), claim],
+                vec![
+                    token_text,
+                    ttl_ms,
+                    tag.as_bytes().to_vec(),
+                    marker,
+                    permits.into_bytes(),
+                    will_wait.as_bytes().to_vec(),
+                ],
+            )
+        }
+        Target::Slot { slot, permits } => (
+            &SLOT_ACQUIRE,
+            vec![key.clone()],
+            vec![
+                token_text,
+                ttl_ms,
+                slot.to_string().into_bytes(),
+                permits.to_string().into_bytes(),
+            ],
+        ),
+    };
+    script_keys.extend(counter.clone());
+    let script_keys: Arc<[Vec<u8>]> = script_keys.into();
+    let args: Arc<[Vec<u8>]> = args.into();
+    let found: Arc<Mutex<Found>> = Arc::default();
+    // What a failed attempt undoes: a refused writer's claim stays when the attempt reports
+    // the key held (the core takes it back when the writer stops waiting), and goes with the
+    // rest when it reports an error (the core then takes nothing back).
+    let undone = |outcome_is_error: bool| match target {
+        Target::Set { tag } => Held::Set {
+            tags: tag,
+            claim: outcome_is_error && tag == "w",
+        },
+        Target::Slot { slot, .. } => Held::Slot(Some(slot)),
+    };
+    let held = undone(false);
+    let start = Instant::now();
+    let (tally, pending) = round::run(nodes, shared.quorum, shared.node_timeout(ttl), |node| {
+        let (script_keys, args, found) = (
+            Arc::clone(&script_keys),
+            Arc::clone(&args),
+            Arc::clone(&found),
+        );
+        let (keys, token) = (keys.clone(), token.clone());
+        async move {
+            let answer = node
+                .acquire_lease(script, &script_keys, &args, || {
+                    node.release_call(&keys, &token, held)
+                })
+                .await?;
+            read_answer(answer, &node, &found)
+        }
+    })
+    .await;
+    if tally.yes.len() >= shared.quorum
+        && let Some(valid_until) = shared.valid_until(start, ttl)
+    {
+        let fence = match &counter {
+            None => Ok(None),
+            // One node draws every value itself, one after another: each is new.
+            Some(_) if nodes.len() == 1 => Ok(Some(tally.highest)),
+            Some(counter) => {
+                raise(shared, nodes, &keys, &token, target, counter, &tally, ttl).await
+            }
+        };
+        match fence {
+            Ok(fence) if counter.is_none() || fence.is_some() => {
+                if Instant::now() < valid_until {
+                    // As for a mutex: requests still in flight run on, and the release is
+                    // sent again to their nodes once they have answered (it may overtake them).
+                    let in_flight = (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
+                    return Ok(Some(Box::new(RedlockHandle {
+                        shared: Arc::clone(shared),
+                        keys,
+                        token,
+                        held: target.held(),
+                        valid_until,
+                        ttl,
+                        fence,
+                        in_flight,
+                    })));
+                }
+            }
+            outcome => {
+                let undo = undone(outcome.is_err());
+                shared
+                    .undo_attempt(&tally, pending, &keys, &token, undo, ttl, start.elapsed())
+                    .await;
+                return outcome.map(|_| None);
+            }
+        }
+    }
+    let outcome = failed_outcome(shared, request, &tally, &found);
+    let undo = undone(outcome.is_err());
+    shared
+        .undo_attempt(&tally, pending, &keys, &token, undo, ttl, start.elapsed())
+        .await;
+    outcome
+}
+
+/// What an attempt that won no lease reports: held, another kind of lock, or a failure.
+fn failed_outcome(
+    shared: &Shared,
+    request: &LockRequest,
+    tally: &Tally,
+    found: &Mutex<Found>,
+) -> Result<Option<Box<dyn Handle>>> {
+    let (primary, ttl) = (request.primary_key(), request.ttl());
+    if tally.yes.len() >= shared.quorum {
+        return Err(LockError::backend(
+            NAME,
+            format!(
+                "the quorum for `{primary}` answered after the ttl of {} ms was spent; raise the ttl",
+                ttl.as_millis()
+            ),
+        ));
+    }
+    let found = std::mem::take(
+        &mut *found
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    // Another kind of lock on enough nodes to decide the round alone: a node whose leftover of
+    // another kind outlives its holder's release for a while does not make a client that
+    // agrees with the live holders fail.
+    if let Some((what, node)) = &found.what
+        && found.votes > shared.node_count - shared.quorum
+    {
+        refuse(primary, what, request.kind(), node)?;
+    }
+    if tally.no > 0 {
+        return Ok(None);
+    }
+    tracing::warn!(key = %primary, failures = tally.failures(), "quorum not reached");
+    Err(LockError::QuorumNotReached {
+        key: primary.to_string(),
+        got: tally.yes.len(),
+        needed: shared.quorum,
+        failures: tally.failures(),
+    })
+}
+
+/// The nodes that hold the key as another kind of lock, and what one of them holds.
+#[derive(Default)]
+struct Found {
+    votes: usize,
+    what: Option<(String, Node)>,
+}
+
+/// An acquisition script's answer as a vote: the fencing value (1 without fencing) when
+/// granted, no when refused; a description of another kind of lock is kept in `found`.
+fn read_answer(answer: Value, node: &Node, found: &Mutex<Found>) -> RedisResult<Option<u64>> {
+    match answer {
+        Value::BulkString(text) => {
+            let text = String::from_utf8_lossy(&text).into_owned();
+            let mut found = found
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            found.votes += 1;
+            found.what = Some((text, node.clone()));
+            Ok(None)
+        }
+        other => {
+            let number: i64 = redis::FromRedisValue::from_redis_value(other)?;
+            Ok(u64::try_from(number).ok().filter(|number| *number > 0))
+        }
+    }
+}
+
+/// The second round of a fenced lease over several nodes: raises the key's counter to the
+/// highest value drawn, on a quorum that still holds the lease and for which the value is new
+/// (see `lease_raise.lua`: two shared holders can never both raise one value on a quorum, so
+/// fences are distinct, and a later lease's quorum meets this one, so they increase).
+#[allow(clippy::too_many_arguments)]
+async fn raise(
+    shared: &Arc<Shared>,
+    nodes: &[Node],
+    keys: &KeySet,
+    token: &Token,
+    target: Target,
+    counter: &[u8],
+    tally: &Tally,
+    ttl: Duration,
+) -> Result<Option<u64>> {
+    let value = tally.highest;
+    let drawn: Arc<[(Node, u64)]> = tally
+        .yes
+        .iter()
+        .zip(&tally.drawn)
+        .filter_map(|(index, drawn)| Some((nodes.get(*index)?.clone(), *drawn)))
+        .collect();
+    let key = keys.primary().as_str().as_bytes().to_vec();
+    let script_keys: Arc<[Vec<u8>]> = vec![key, counter.to_vec()].into();
+    let (tags, slot) = match target {
+        Target::Set { tag } => (tag, String::new()),
+        Target::Slot { slot, .. } => ("", slot.to_string()),
+    };
+    let mut value = value;
+    // Concurrent shared leases may each find their value taken on some node; each try raises
+    // past the highest counter the refusing nodes reported. Bounded: then it counts as held.
+    for _ in 0..RAISE_TRIES {
+        let args = [
+            token.expose().as_bytes().to_vec(),
+            value.to_string().into_bytes(),
+            tags.as_bytes().to_vec(),
+            slot.clone().into_bytes(),
+            validate::ttl_millis(ttl).to_string().into_bytes(),
+        ];
+        let past = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (raised, _late) = round::run(nodes, shared.quorum, shared.node_timeout(ttl), |node| {
+            let (script_keys, past) = (Arc::clone(&script_keys), Arc::clone(&past));
+            let drawn_here = drawn
+                .iter()
+                .find(|(other, _)| other.same(&node))
+                .map_or(0, |(_, drawn)| *drawn);
+            let mut args = args.to_vec();
+            args.push(drawn_here.to_string().into_bytes());
+            async move {
+                let answer = node.run_lease(&LEASE_RAISE, &script_keys, &args).await?;
+                if answer < 0 {
+                    past.fetch_max(answer.unsigned_abs(), std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok((answer == 1).then_some(0))
+            }
+        })
+        .await;
+        if raised.yes.len() >= shared.quorum {
+            return Ok(Some(value));
+        }
+        let past = past.load(std::sync::atomic::Ordering::SeqCst);
+        if raised.no > 0 && past >= value && past + 1 < MAX_FENCE {
+            value = past + 1;
+            continue;
+        }
+        if raised.no > 0 {
+            // Lost meanwhile, or the value stayed taken: as if held.
+            return Ok(None);
+        }
+        return Err(LockError::QuorumNotReached {
+            key: keys.primary().to_string(),
+            got: raised.yes.len(),
+            needed: shared.quorum,
+            failures: raised.failures(),
+        });
+    }
+    Ok(None)
+}

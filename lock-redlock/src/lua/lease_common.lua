@@ -1,0 +1,108 @@
+-- Shared by the scripts of semaphores and read-write locks (prepended to each of them).
+--
+-- One node, a semaphore or a read-write lock: KEYS[1] is a sorted set of holders, each member
+-- a tag ('p' permit, 'r' reader, 'w' writer) followed by the token, scored by its expiry in
+-- this server's milliseconds; one more member, scored 0, names the kind: '\255sem:<N>' or
+-- '\255rw'. A writer that waits leaves a claim, '<key>\255:claim', a string holding its token.
+-- Several nodes, a semaphore: KEYS[1] is a hash of permit slots, '<i>' = '<expiry> <token>',
+-- beside '\255permits' = N. Expired holders are dropped by whoever touches the key next, and
+-- the key expires with its latest holder.
+local function now_ms()
+  local now = redis.call('time')
+  return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), now
+end
+
+-- What `key` holds, in the words of the client's error messages; nil when it is absent.
+local function describe(key)
+  local kind = redis.call('type', key).ok
+  if kind == 'none' then
+    return nil
+  elseif kind == 'string' then
+    return 'a mutex'
+  elseif kind == 'zset' then
+    local marker = redis.call('zrangebyscore', key, 0, 0)[1]
+    if marker == '\255rw' then
+      return 'a read-write lock'
+    elseif marker and string.sub(marker, 1, 5) == '\255sem:' then
+      return 'a semaphore of ' .. string.sub(marker, 6) .. ' permit(s)'
+    end
+  elseif kind == 'hash' then
+    local permits = redis.call('hget', key, '\255permits')
+    if permits then
+      return 'a semaphore of ' .. permits .. ' permit(s)'
+    end
+  end
+  return 'foreign ' .. kind
+end
+
+-- The marker of a set of ours, or nil (absent, or not ours).
+local function marker_of(key)
+  if redis.call('type', key).ok ~= 'zset' then
+    return nil
+  end
+  local marker = redis.call('zrangebyscore', key, 0, 0)[1]
+  if marker and string.byte(marker, 1) == 255 then
+    return marker
+  end
+  return nil
+end
+
+-- After a holder left the set: deletes it when no live holder is left, else makes it expire
+-- with its latest holder (expired holders below are dropped by the next acquisition).
+local function settle_set(key, now)
+  local last = redis.call('zrange', key, -1, -1, 'withscores')
+  if not last[2] or tonumber(last[2]) <= now then
+    redis.call('del', key)
+    return 0
+  end
+  redis.call('pexpireat', key, last[2])
+  return 1
+end
+
+-- Drops the hash's expired slots; deletes it when none is left, else makes it expire with its
+-- latest holder. Returns how many slots are held.
+local function settle_slots(key, now)
+  local fields = redis.call('hgetall', key)
+  local live, latest = 0, 0
+  for i = 1, #fields, 2 do
+    if fields[i] ~= '\255permits' then
+      local expiry = tonumber(string.match(fields[i + 1], '^%d+'))
+      if not expiry or expiry <= now then
+        redis.call('hdel', key, fields[i])
+      else
+        live = live + 1
+        latest = math.max(latest, expiry)
+      end
+    end
+  end
+  if live == 0 then
+    redis.call('del', key)
+  else
+    redis.call('pexpireat', key, string.format('%.0f', latest))
+  end
+  return live
+end
+
+-- Draws a fencing value from the counter `counter` as acquire_fenced.lua does (the largest of
+-- the counter + 1 and the clock in microseconds, kept until the clock passes it plus the ttl).
+-- Returns the value, or an error reply before anything was written.
+local function draw_fence(counter, time, ttl)
+  local largest = 9007199254740991
+  local clock = tonumber(time[1]) * 1000000 + tonumber(time[2])
+  local value = clock
+  local stored = redis.call('get', counter)
+  if stored then
+    local number = tonumber(stored)
+    if not number or number ~= math.floor(number) or number < 0 or number >= largest then
+      return nil, redis.error_reply('ERR the fencing counter ' .. counter .. ' holds no integer below 2^53')
+    end
+    value = math.max(value, number + 1)
+  end
+  if value >= largest then
+    return nil, redis.error_reply('ERR fencing value would exceed 2^53 (is this server clock far ahead?)')
+  end
+  return value, function()
+    local keep = ttl + math.ceil((value - clock) / 1000)
+    redis.call('set', counter, string.format('%.0f', value), 'PX', keep)
+  end
+end
