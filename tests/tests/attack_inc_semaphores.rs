@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_core::{LeaseKind, LockError, LockOptions, Locker, RetryPolicy};
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::server::{RedisServer, redis_or_skip};
 
@@ -26,6 +26,22 @@ fn single(lock: &IncLock, ttl: Duration) -> Locker {
                 .with_ttl(ttl)
                 .with_retry(RetryPolicy::none()),
         )
+        .unwrap()
+}
+
+/// The members of a holder set (kind letter + token).
+async fn members(server: &RedisServer, key: &str) -> Vec<String> {
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut con)
+        .await
         .unwrap()
 }
 
@@ -70,4 +86,53 @@ async fn a_downgraded_writer_that_dies_leaves_nothing_behind() {
         .expect("mutex attempt")
         .expect("a mutex on the key once its reader expired");
     mutex.release().await.unwrap();
+}
+
+/// A downgrade that timed out (the server stalled) but ran once the server resumed: the guard
+/// still says "write", the server holds a read entry. Releasing the guard must free the key at
+/// once: the release asked for the `w` entry only, answered "not held", and the `r` entry kept
+/// every writer out for the whole ttl (with nothing to send again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_after_a_downgrade_that_timed_out_frees_the_key() {
+    let Some(binary) = redis_or_skip("attack inc semaphores: downgrade timeout") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).expect("server");
+    let lock = connect(server.url(), 100).await;
+    let locker = single(&lock, Duration::from_secs(10));
+    // A downgrade ran once before: the server knows the script (else the stalled EVALSHA would
+    // answer NOSCRIPT, and nobody would load it).
+    let mut warm = locker.acquire_write("warm").await.expect("write lock");
+    warm.downgrade().await.expect("downgrade");
+    warm.release().await.expect("release");
+    let mut writer = locker.acquire_write("doc").await.expect("write lock");
+    server.pause().expect("SIGSTOP");
+    let error = writer.downgrade().await.expect_err("no answer");
+    assert!(matches!(error, LockError::Backend { .. }), "{error:?}");
+    server.resume().expect("SIGCONT");
+    // The stalled downgrade runs now; give it (and the reconnection) a moment.
+    for _ in 0..100 {
+        if members(&server, "lock:{doc}").await[0].starts_with('r') {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kinds: Vec<char> = members(&server, "lock:{doc}")
+        .await
+        .iter()
+        .filter_map(|member| member.chars().next())
+        .collect();
+    assert_eq!(kinds, ['r'], "the stalled downgrade did not run (holder kinds)");
+    let _ = writer.release().await;
+    let other = connect(server.url(), 2_000).await;
+    let again = single(&other, Duration::from_secs(10))
+        .try_acquire_kind("doc", LeaseKind::Write)
+        .await
+        .expect("write attempt");
+    assert!(
+        again.is_some(),
+        "the key is still held (holders {:?}) after its only holder released",
+        members(&server, "lock:{doc}").await
+    );
+    again.unwrap().release().await.unwrap();
 }
