@@ -690,6 +690,7 @@ impl Handle for IncHandle {
 
     async fn downgrade(&mut self) -> Result<()> {
         let shared = &self.shared;
+        shared.running()?;
         let keys = shared.keys(&self.keys[0]);
         let channel = shared
             .wakeups

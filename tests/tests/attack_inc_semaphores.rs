@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use lock_core::{LeaseKind, LockError, LockOptions, Locker, RetryPolicy};
+use lock_core::{LeaseKind, Lock, LockError, LockOptions, Locker, RetryPolicy};
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::server::{RedisServer, redis_or_skip};
 
@@ -135,4 +135,20 @@ async fn a_release_after_a_downgrade_that_timed_out_frees_the_key() {
         members(&server, "lock:{doc}").await
     );
     again.unwrap().release().await.unwrap();
+}
+
+/// After `shutdown`, every call of the backend fails with `Stopped` (release, extend, and the
+/// attempts do): a downgrade too, instead of a backend error from the closed client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_after_shutdown_fails_with_stopped() {
+    let Some(binary) = redis_or_skip("attack inc semaphores: downgrade after stop") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).expect("server");
+    let lock = connect(server.url(), 2_000).await;
+    let locker = single(&lock, Duration::from_secs(10));
+    let mut writer = locker.acquire_write("doc").await.expect("write lock");
+    lock.shutdown().await.expect("shutdown");
+    let error = writer.downgrade().await.expect_err("stopped");
+    assert!(matches!(error, LockError::Stopped), "{error:?}");
 }
