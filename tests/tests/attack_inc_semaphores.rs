@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use lock_core::{LeaseKind, Lock, LockError, LockOptions, Locker, RetryPolicy};
+use lock_core::{
+    Holding, Key, KeySet, LeaseKind, Lock, LockError, LockOptions, LockRequest, Locker,
+    RetryPolicy, Token,
+};
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::server::{RedisServer, redis_or_skip};
 
@@ -151,4 +154,48 @@ async fn a_downgrade_after_shutdown_fails_with_stopped() {
     lock.shutdown().await.expect("shutdown");
     let error = writer.downgrade().await.expect_err("stopped");
     assert!(matches!(error, LockError::Stopped), "{error:?}");
+}
+
+/// A waiting writer's claim outlives the readers it waits for (its marker stays, the holder
+/// set is gone): no reader and no mutex can take the key, so `inspect` (and `lockrun status`)
+/// must not call it free. It looked at the holder set only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_calls_a_key_kept_by_a_claim_held() {
+    let Some(binary) = redis_or_skip("attack inc semaphores: inspect a claim") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).expect("server");
+    let lock = connect(server.url(), 2_000).await;
+    let ttl = Duration::from_secs(10);
+    let reader = single(&lock, ttl).acquire_read("doc").await.expect("reader");
+    // One writer's attempt that will wait: it finds the reader and leaves its claim.
+    let key = Key::new("doc").unwrap();
+    let writer = LockRequest::new(KeySet::one(key.clone()), Token::generate().unwrap(), ttl)
+        .unwrap()
+        .with_kind(LeaseKind::Write)
+        .with_will_wait(true);
+    assert!(lock.try_acquire(&writer).await.unwrap().is_none());
+    reader.release().await.expect("release");
+    let refused = single(&lock, ttl)
+        .try_acquire_kind("doc", LeaseKind::Read)
+        .await
+        .expect("read attempt");
+    assert!(refused.is_none(), "the claim should keep the reader out");
+    assert!(
+        single(&lock, ttl).try_acquire("doc").await.unwrap().is_none(),
+        "the claim should keep a mutex out"
+    );
+    let states = lock.inspect(&key).await.expect("inspect");
+    assert!(
+        matches!(states[0].holding, Holding::Held { .. }),
+        "inspect says {:?} while no reader nor mutex can take the key",
+        states[0].holding
+    );
+    lock.abandon(&writer).await.expect("claim taken back");
+    let states = lock.inspect(&key).await.expect("inspect");
+    assert!(
+        matches!(states[0].holding, Holding::Free),
+        "inspect says {:?} once the claim was taken back",
+        states[0].holding
+    );
 }
