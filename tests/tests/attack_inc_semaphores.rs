@@ -199,3 +199,44 @@ async fn inspect_calls_a_key_kept_by_a_claim_held() {
         states[0].holding
     );
 }
+
+/// A token read back from a store (`Token::from_stored`) need not be hex: a waiting writer's
+/// claim under such a token must keep new readers out, and be taken back by that token, like
+/// any other. The claim's pattern in the scripts (`%x+`) matched only hex tokens: the claim was
+/// ignored (readers streamed past the writer) and could not be taken back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_under_a_stored_token_keeps_readers_out() {
+    let Some(binary) = redis_or_skip("attack inc semaphores: stored token") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).expect("server");
+    let lock = connect(server.url(), 2_000).await;
+    let ttl = Duration::from_secs(10);
+    let reader = single(&lock, ttl).acquire_read("doc").await.expect("reader");
+    let key = Key::new("doc").unwrap();
+    let token = Token::from_stored("job:42/writer").unwrap();
+    let writer = LockRequest::new(KeySet::one(key.clone()), token, ttl)
+        .unwrap()
+        .with_kind(LeaseKind::Write)
+        .with_will_wait(true);
+    assert!(lock.try_acquire(&writer).await.unwrap().is_none());
+    let late = single(&lock, ttl)
+        .try_acquire_kind("doc", LeaseKind::Read)
+        .await
+        .expect("read attempt");
+    assert!(
+        late.is_none(),
+        "a new reader got past a waiting writer's claim"
+    );
+    assert!(
+        lock.abandon(&writer).await.expect("abandon"),
+        "the claim was not taken back by its token"
+    );
+    let admitted = single(&lock, ttl)
+        .try_acquire_kind("doc", LeaseKind::Read)
+        .await
+        .expect("read attempt");
+    assert!(admitted.is_some(), "the claim outlived its take-back");
+    admitted.unwrap().release().await.unwrap();
+    reader.release().await.unwrap();
+}

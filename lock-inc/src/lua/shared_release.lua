@@ -36,7 +36,7 @@ if score then
 end
 local claim_until = 0
 if marker then
-  local claimant, expiry = string.match(marker, '^#rw:(%x+):(%d+)$')
+  local claimant, expiry = string.match(marker, '^#rw:(.+):(%d+)$')
   if claimant == ARGV[1] then
     marker = '#rw'
     if removed == 0 then
