@@ -125,7 +125,11 @@ async fn a_release_after_a_downgrade_that_timed_out_frees_the_key() {
         .iter()
         .filter_map(|member| member.chars().next())
         .collect();
-    assert_eq!(kinds, ['r'], "the stalled downgrade did not run (holder kinds)");
+    assert_eq!(
+        kinds,
+        ['r'],
+        "the stalled downgrade did not run (holder kinds)"
+    );
     let _ = writer.release().await;
     let other = connect(server.url(), 2_000).await;
     let again = single(&other, Duration::from_secs(10))
@@ -167,7 +171,10 @@ async fn inspect_calls_a_key_kept_by_a_claim_held() {
     let server = RedisServer::start(&binary, &[]).expect("server");
     let lock = connect(server.url(), 2_000).await;
     let ttl = Duration::from_secs(10);
-    let reader = single(&lock, ttl).acquire_read("doc").await.expect("reader");
+    let reader = single(&lock, ttl)
+        .acquire_read("doc")
+        .await
+        .expect("reader");
     // One writer's attempt that will wait: it finds the reader and leaves its claim.
     let key = Key::new("doc").unwrap();
     let writer = LockRequest::new(KeySet::one(key.clone()), Token::generate().unwrap(), ttl)
@@ -182,7 +189,11 @@ async fn inspect_calls_a_key_kept_by_a_claim_held() {
         .expect("read attempt");
     assert!(refused.is_none(), "the claim should keep the reader out");
     assert!(
-        single(&lock, ttl).try_acquire("doc").await.unwrap().is_none(),
+        single(&lock, ttl)
+            .try_acquire("doc")
+            .await
+            .unwrap()
+            .is_none(),
         "the claim should keep a mutex out"
     );
     let states = lock.inspect(&key).await.expect("inspect");
@@ -212,7 +223,10 @@ async fn a_claim_under_a_stored_token_keeps_readers_out() {
     let server = RedisServer::start(&binary, &[]).expect("server");
     let lock = connect(server.url(), 2_000).await;
     let ttl = Duration::from_secs(10);
-    let reader = single(&lock, ttl).acquire_read("doc").await.expect("reader");
+    let reader = single(&lock, ttl)
+        .acquire_read("doc")
+        .await
+        .expect("reader");
     let key = Key::new("doc").unwrap();
     let token = Token::from_stored("job:42/writer").unwrap();
     let writer = LockRequest::new(KeySet::one(key.clone()), token, ttl)
