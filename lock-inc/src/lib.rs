@@ -301,11 +301,22 @@ impl Lock for IncLock {
     async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
         let shared = &self.shared;
         shared.running()?;
-        let pttl: i64 = shared
+        let keys = shared.keys(key);
+        let mut pttl: i64 = shared
             .client
-            .pttl(shared.keys(key).counter)
+            .pttl(keys.counter)
             .await
             .map_err(|e| shared.backend_error("pttl", &e))?;
+        if pttl == -2 {
+            // No holder, but a waiting writer's claim (in the marker) may still keep readers
+            // and mutexes out: the key is not free until it goes. (A mutex's owner key expires
+            // with its counter, so this only ever finds a claim.)
+            pttl = shared
+                .client
+                .pttl(keys.owner)
+                .await
+                .map_err(|e| shared.backend_error("pttl", &e))?;
+        }
         let holding = match pttl {
             -2 => Holding::Free,
             -1 => Holding::Held { ttl: None },
@@ -690,6 +701,7 @@ impl Handle for IncHandle {
 
     async fn downgrade(&mut self) -> Result<()> {
         let shared = &self.shared;
+        shared.running()?;
         let keys = shared.keys(&self.keys[0]);
         let channel = shared
             .wakeups

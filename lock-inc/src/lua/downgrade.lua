@@ -14,8 +14,10 @@ local score = redis.call('zscore', KEYS[1], 'w' .. ARGV[1])
 if not score or tonumber(score) <= now then
   return 0
 end
-redis.call('zrem', KEYS[1], 'w' .. ARGV[1])
+-- The read entry first: removing the writer's entry first would empty the set (a writer holds
+-- alone), and Redis deletes an empty sorted set with its expiry; the new set would have none.
 redis.call('zadd', KEYS[1], score, 'r' .. ARGV[1])
+redis.call('zrem', KEYS[1], 'w' .. ARGV[1])
 if ARGV[2] then
   redis.call('publish', ARGV[2], '1')
 end

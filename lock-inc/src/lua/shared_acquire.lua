@@ -7,7 +7,8 @@
 -- naming what the key is used as when it is another kind of lock.
 --
 -- The marker is `#p:<size>` for a semaphore, `#rw` for a read-write lock, and
--- `#rw:<token>:<expiry ms>` while a waiting writer's claim keeps new readers out. A mutex
+-- `#rw:<token>:<expiry ms>` while a waiting writer's claim keeps new readers out (a token read
+-- back from a store may be any text, `:` included: the expiry follows the last `:`). A mutex
 -- keeps its holder's token (hex, never `#…`) under the same name.
 if redis.replicate_commands then
   redis.replicate_commands()
@@ -36,7 +37,7 @@ redis.call('zremrangebyscore', KEYS[1], '-inf', now)
 local count = redis.call('zcard', KEYS[1])
 local claim, claim_until = nil, 0
 if marker then
-  local claimant, expiry = string.match(marker, '^#rw:(%x+):(%d+)$')
+  local claimant, expiry = string.match(marker, '^#rw:(.+):(%d+)$')
   if claimant and tonumber(expiry) > now then
     claim, claim_until = claimant, tonumber(expiry)
   end

@@ -21,7 +21,7 @@ local latest = tonumber(redis.call('zrange', KEYS[1], -1, -1, 'WITHSCORES')[2])
 redis.call('pexpireat', KEYS[1], string.format('%.0f', latest))
 local marker = redis.call('get', KEYS[2])
 if marker then
-  local _, expiry = string.match(marker, '^#rw:(%x+):(%d+)$')
+  local _, expiry = string.match(marker, '^#rw:(.+):(%d+)$')
   if expiry then
     latest = math.max(latest, tonumber(expiry))
   end

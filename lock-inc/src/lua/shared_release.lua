@@ -18,9 +18,16 @@ end
 local time = redis.call('time')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local removed = 0
-local score = redis.call('zscore', KEYS[1], ARGV[2] .. ARGV[1])
+local member = ARGV[2] .. ARGV[1]
+local score = redis.call('zscore', KEYS[1], member)
+if not score and ARGV[2] == 'w' then
+  -- A downgrade whose answer was lost (a timeout) may have run: the writer's handle still says
+  -- `w`, the server holds its `r` entry. Tokens are never reused, so that entry is this lease.
+  member = 'r' .. ARGV[1]
+  score = redis.call('zscore', KEYS[1], member)
+end
 if score then
-  redis.call('zrem', KEYS[1], ARGV[2] .. ARGV[1])
+  redis.call('zrem', KEYS[1], member)
   if tonumber(score) > now then
     removed = 1
   else
@@ -29,7 +36,7 @@ if score then
 end
 local claim_until = 0
 if marker then
-  local claimant, expiry = string.match(marker, '^#rw:(%x+):(%d+)$')
+  local claimant, expiry = string.match(marker, '^#rw:(.+):(%d+)$')
   if claimant == ARGV[1] then
     marker = '#rw'
     if removed == 0 then
