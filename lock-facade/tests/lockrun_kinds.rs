@@ -17,7 +17,7 @@ fn lockrun(config: &str, args: &[&str]) -> Command {
 fn configs(server: &RedisServer) -> Vec<(&'static str, String)> {
     let retry = serde_json::json!({"retryCount": -1, "retryDelay": 5, "retryJitter": 5});
     let mut redlock = serde_json::json!({"type": "redlock", "urls": [server.url()]});
-    let mut inc = serde_json::json!({"type": "inc", "url": server.url()});
+    let mut inc = serde_json::json!({"type": "inc", "urls": [server.url()]});
     for config in [&mut redlock, &mut inc] {
         for (field, value) in retry.as_object().unwrap() {
             config[field] = value.clone();

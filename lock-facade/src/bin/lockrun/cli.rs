@@ -104,7 +104,8 @@ struct Cli {
     /// together, a run with --exclusive waits for them all and keeps new ones out meanwhile.
     #[arg(long, conflicts_with = "exclusive")]
     shared: bool,
-    /// Run under the write (exclusive) side of the read-write lock KEY (see --shared).
+    /// Run under the write (exclusive) side of the read-write lock KEY: alone, once every
+    /// shared run has ended; while it waits, no new shared run starts.
     #[arg(long, conflicts_with = "permits")]
     exclusive: bool,
     /// The key to lock.
