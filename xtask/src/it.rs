@@ -58,6 +58,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     }
     // Every library crate packages and builds from its package alone, as crates.io would
     // (the workspace's crates stand in for each other before they are published).
+    forget_packaged_sources()?;
     step(
         "cargo publish --dry-run (every library crate)",
         cargo().args([
@@ -107,5 +108,48 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         false,
     )?;
     println!("\n== all checks passed");
+    Ok(())
+}
+
+/// The library crates `cargo publish --workspace --dry-run` packages.
+const LIBRARY_CRATES: [&str; 5] = [
+    "lock-core",
+    "lock-memory",
+    "lock-redlock",
+    "lock-inc",
+    "lock-facade",
+];
+
+/// Removes cargo's extracted copies of our own crates from the temporary local registry that
+/// `cargo publish --workspace` verifies against. Cargo names that registry after its path and
+/// never extracts a crate again once a copy is there, so a dry run from a checkout at a path
+/// used before would build the dependents against the crates of that earlier run.
+/// Crates from crates.io are left alone.
+fn forget_packaged_sources() -> Result<(), String> {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| std::path::Path::new(&home).join(".cargo"))
+        });
+    let Some(sources) = cargo_home.map(|home| home.join("registry").join("src")) else {
+        return Ok(());
+    };
+    let Ok(registries) = std::fs::read_dir(&sources) else {
+        return Ok(());
+    };
+    let version = env!("CARGO_PKG_VERSION");
+    for registry in registries.flatten() {
+        // Local registries are named `-<hash>`; crates.io's is `index.crates.io-<hash>`.
+        if !registry.file_name().to_string_lossy().starts_with('-') {
+            continue;
+        }
+        for name in LIBRARY_CRATES {
+            let copy = registry.path().join(format!("{name}-{version}"));
+            if copy.exists() {
+                std::fs::remove_dir_all(&copy)
+                    .map_err(|error| format!("cannot remove {}: {error}", copy.display()))?;
+            }
+        }
+    }
     Ok(())
 }
