@@ -1,0 +1,142 @@
+//! Adversarial checks of Redlock's semaphores and read-write locks on real redis-servers: what
+//! `inspect` says of a key kept only by a waiting writer's claim, expiries left on every key
+//! after a downgrade, and calls after `stop`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use lock_core::{
+    Holding, Key, KeySet, LeaseKind, Lock, LockError, LockOptions, LockRequest, Locker,
+    RetryPolicy, Token,
+};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::backed::ServerBacked;
+use lock_tests::server::{RedisServer, redis_or_skip};
+
+const PROBE: Duration = Duration::from_millis(500);
+
+fn cluster(nodes: usize) -> Option<ServerBacked<Redlock>> {
+    redis_or_skip("attack redlock semaphores")?;
+    Some(ServerBacked::start(nodes, |urls| {
+        Redlock::new(RedlockConfig::new(urls).with_node_timeout(Duration::from_millis(300)))
+    }))
+}
+
+fn single(lock: &Redlock, ttl: Duration) -> Locker {
+    Locker::new(lock.clone())
+        .with_options(
+            LockOptions::default()
+                .with_ttl(ttl)
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap()
+}
+
+/// A key whose holders all left while a writer waits is kept by the writer's claim alone: no
+/// reader can take it, so `inspect` must not call it free on any node.
+async fn inspect_of_a_claim_only_key(nodes: usize) {
+    let Some(backed) = cluster(nodes) else {
+        return;
+    };
+    let lock = backed.lock().clone();
+    let ttl = Duration::from_secs(10);
+    let reader = single(&lock, ttl).acquire_read("doc").await.unwrap();
+    let key = Key::new("doc").unwrap();
+    let writer = LockRequest::new(KeySet::one(key.clone()), Token::generate().unwrap(), ttl)
+        .unwrap()
+        .with_kind(LeaseKind::Write)
+        .with_will_wait(true);
+    assert!(lock.try_acquire(&writer).await.unwrap().is_none());
+    reader.release().await.unwrap();
+    let refused = single(&lock, ttl)
+        .try_acquire_kind("doc", LeaseKind::Read)
+        .await
+        .unwrap();
+    assert!(refused.is_none(), "the claim should keep the reader out");
+    let states = lock.inspect(&key).await.unwrap();
+    for state in &states {
+        assert!(
+            matches!(state.holding, Holding::Held { ttl: Some(_) }),
+            "inspect says {:?} on {} while no reader can take the key",
+            state.holding,
+            state.node
+        );
+    }
+    assert!(lock.abandon(&writer).await.unwrap(), "claim taken back");
+    let states = lock.inspect(&key).await.unwrap();
+    for state in &states {
+        assert!(
+            matches!(state.holding, Holding::Free),
+            "after the claim was taken back inspect says {:?}",
+            state.holding
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_calls_a_claim_only_key_held_one_node() {
+    inspect_of_a_claim_only_key(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_calls_a_claim_only_key_held_three_nodes() {
+    inspect_of_a_claim_only_key(3).await;
+}
+
+/// After a downgrade (and after each further step) every key on every node has an expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_leaves_every_key_with_an_expiry() {
+    let Some(mut backed) = cluster(3) else {
+        return;
+    };
+    let lock = backed.lock().clone();
+    let ttl = Duration::from_secs(10);
+    let mut writer = single(&lock, ttl).acquire_write("doc").await.unwrap();
+    writer.downgrade().await.unwrap();
+    let other = single(&lock, ttl).acquire_read("doc").await.unwrap();
+    for server in backed.servers() {
+        let pttl = server.command("PTTL doc", PROBE).unwrap();
+        assert!(
+            !pttl.starts_with(":-"),
+            "after a downgrade the set has PTTL {pttl}"
+        );
+    }
+    other.release().await.unwrap();
+    writer.release().await.unwrap();
+    for server in backed.servers() {
+        assert_eq!(server.command("DBSIZE", PROBE).unwrap(), ":0");
+    }
+}
+
+/// Every call on a guard after `stop` fails with `Stopped`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_after_stop_fail_with_stopped() {
+    let Some(mut backed) = cluster(3) else {
+        return;
+    };
+    let lock = Redlock::new(
+        RedlockConfig::new(backed.servers().iter().map(RedisServer::url).collect::<Vec<_>>())
+            .with_node_timeout(Duration::from_millis(300)),
+    )
+    .unwrap();
+    let locker = single(&lock, Duration::from_secs(10));
+    let mut writer = locker.acquire_write("doc").await.unwrap();
+    let mut permit = locker.acquire_permit("pool", 2).await.unwrap();
+    locker.stop().await.unwrap();
+    let downgraded = writer.downgrade().await;
+    assert!(
+        matches!(downgraded, Err(LockError::Stopped)),
+        "downgrade after stop: {downgraded:?}"
+    );
+    let extended = permit.extend(Duration::from_secs(5)).await;
+    assert!(
+        matches!(extended, Err(LockError::Stopped)),
+        "extend after stop: {extended:?}"
+    );
+    let released = permit.release().await;
+    assert!(
+        matches!(released, Err(LockError::Stopped)),
+        "release after stop: {released:?}"
+    );
+}
