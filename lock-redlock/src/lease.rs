@@ -228,7 +228,17 @@ async fn attempt(
         },
         Target::Slot { slot, .. } => Held::Slot(Some(slot)),
     };
-    let held = undone(false);
+    // What a request still in flight when it is given up on undoes behind it (on its own
+    // connection, so after it has run): a waiting writer's claim too, since its outcome there
+    // is unknown and a clean-up sent on another connection may have overtaken it (a claim is
+    // only a hint: the writer's next attempt leaves it again).
+    let held = match target {
+        Target::Set { tag } => Held::Set {
+            tags: tag,
+            claim: tag == "w",
+        },
+        Target::Slot { slot, .. } => Held::Slot(Some(slot)),
+    };
     let start = Instant::now();
     let (tally, pending) = round::run(nodes, shared.quorum, shared.node_timeout(ttl), |node| {
         let (script_keys, args, found) = (

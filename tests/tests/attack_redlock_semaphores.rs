@@ -1,6 +1,7 @@
 //! Adversarial checks of Redlock's semaphores and read-write locks on real redis-servers: what
 //! `inspect` says of a key kept only by a waiting writer's claim, expiries left on every key
-//! after a downgrade, and calls after `stop`.
+//! after a downgrade, calls after `stop`, and a waiting writer's claim that lands after its
+//! clean-up.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,8 +11,9 @@ use lock_core::{
     Holding, Key, KeySet, LeaseKind, Lock, LockError, LockOptions, LockRequest, Locker,
     RetryPolicy, Token,
 };
-use lock_redlock::{Redlock, RedlockConfig};
+use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::backed::ServerBacked;
+use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, redis_or_skip};
 
 const PROBE: Duration = Duration::from_millis(500);
@@ -139,4 +141,51 @@ async fn calls_after_stop_fail_with_stopped() {
         matches!(released, Err(LockError::Stopped)),
         "release after stop: {released:?}"
     );
+}
+
+/// With a pool, a waiting writer's attempt that timed out stays in flight on its connection and
+/// leaves its claim when it lands, after every clean-up sent on other connections: the claim
+/// must not outlive them, or readers stay out for its whole ttl with no writer waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_claim_of_a_writer_that_gave_up_is_taken_back() {
+    let Some(binary) = redis_or_skip("attack redlock semaphores: late claim") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let proxy = LatencyProxy::start(server.port()).await.unwrap();
+    let lock = Redlock::new(
+        RedlockConfig::new([proxy.url()])
+            .with_node_timeout(Duration::from_millis(200))
+            .with_connection(ConnectionKind::Pool),
+    )
+    .unwrap();
+    let ttl = Duration::from_secs(30);
+    let reader = single(&lock, ttl).acquire_read("doc").await.unwrap();
+    let key = Key::new("doc").unwrap();
+    let writer = LockRequest::new(KeySet::one(key), Token::generate().unwrap(), ttl)
+        .unwrap()
+        .with_kind(LeaseKind::Write)
+        .with_will_wait(true);
+    // The pool's health check passes; the writer's script behind it is held.
+    proxy.stall_existing(1);
+    let outcome = lock.try_acquire(&writer).await;
+    assert!(outcome.is_err(), "the stalled node answered: {outcome:?}");
+    // What the core does for an attempt whose outcome is unknown.
+    let _ = lock.abandon(&writer).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.release_stall();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    reader.release().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let admitted = single(&lock, ttl)
+        .try_acquire_kind("doc", LeaseKind::Read)
+        .await
+        .unwrap();
+    let left = server.command("DBSIZE", PROBE).unwrap();
+    assert!(
+        admitted.is_some(),
+        "a reader is kept out by the claim of a writer that gave up (DBSIZE {left}, ttl {} s)",
+        ttl.as_secs()
+    );
+    admitted.unwrap().release().await.unwrap();
 }
