@@ -78,16 +78,17 @@ enum Target {
 
 impl Target {
     /// What a won lease holds, for its release: a writer may have been downgraded on some
-    /// nodes only, so a read-write lease is released under both tags.
+    /// nodes only, so a read-write lease is released under both tags; a writer's release also
+    /// takes back the claim it left on the nodes that refused it in the round it won.
     fn held(self) -> Held {
         match self {
             Self::Set { tag: "p" } => Held::Set {
                 tags: "p",
                 claim: false,
             },
-            Self::Set { .. } => Held::Set {
+            Self::Set { tag } => Held::Set {
                 tags: "rw",
-                claim: false,
+                claim: tag == "w",
             },
             Self::Slot { slot, .. } => Held::Slot(Some(slot)),
         }

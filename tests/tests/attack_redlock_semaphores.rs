@@ -189,3 +189,50 @@ async fn a_late_claim_of_a_writer_that_gave_up_is_taken_back() {
     );
     admitted.unwrap().release().await.unwrap();
 }
+
+/// A writer that wins on a majority while a minority node refuses it (a leftover reader there)
+/// leaves its claim on that node in the winning round; its release must take it back, or once
+/// another node is down that claim alone keeps every reader out for the claim's ttl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_winning_writers_claim_on_a_refusing_node_goes_with_its_release() {
+    let Some(mut backed) = cluster(3) else {
+        return;
+    };
+    let lock = backed.lock().clone();
+    let ttl = Duration::from_secs(30);
+    let third = Redlock::new(
+        RedlockConfig::new([backed.servers()[2].url()])
+            .with_node_timeout(Duration::from_millis(300)),
+    )
+    .unwrap();
+    // A reader's leftover on the third node only.
+    let leftover = single(&third, Duration::from_millis(800))
+        .acquire_read("doc")
+        .await
+        .unwrap();
+    // A writer that would wait: it wins on the first two nodes, the third refuses it.
+    let waiting = Locker::new(lock.clone())
+        .with_options(
+            LockOptions::default().with_ttl(ttl).with_retry(
+                RetryPolicy::forever()
+                    .with_retry_delay(Duration::from_millis(5))
+                    .with_deadline(Duration::from_secs(5)),
+            ),
+        )
+        .unwrap();
+    let writer = waiting.acquire_write("doc").await.unwrap();
+    writer.release().await.unwrap();
+    std::mem::forget(leftover);
+    // The leftover expires; then the first node goes down.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    backed.servers()[0].kill();
+    let admitted = single(&lock, ttl)
+        .try_acquire_kind("doc", LeaseKind::Read)
+        .await;
+    let left = backed.servers()[2].command("DBSIZE", PROBE).unwrap();
+    assert!(
+        matches!(admitted, Ok(Some(_))),
+        "nothing is held, yet a reader gets {admitted:?} (third node DBSIZE {left}, claim ttl {} s)",
+        ttl.as_secs()
+    );
+}
