@@ -236,3 +236,115 @@ async fn a_winning_writers_claim_on_a_refusing_node_goes_with_its_release() {
         ttl.as_secs()
     );
 }
+
+fn fenced_cluster(nodes: usize) -> Option<ServerBacked<Redlock>> {
+    redis_or_skip("attack redlock semaphores: fencing")?;
+    Some(ServerBacked::start(nodes, |urls| {
+        Redlock::new(
+            RedlockConfig::new(urls)
+                .with_node_timeout(Duration::from_millis(300))
+                .with_fencing(true),
+        )
+    }))
+}
+
+/// Concurrent permits of one semaphore over three fenced nodes, each client its own process as
+/// far as Redis can tell: no two acquisitions ever share a fencing token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_fenced_permits_never_share_a_token() {
+    let Some(mut backed) = fenced_cluster(3) else {
+        return;
+    };
+    let urls: Vec<String> = backed.servers().iter().map(RedisServer::url).collect();
+    // Every node's counter starts at one value ahead of the clocks (as after values raised
+    // from a node whose clock runs ahead): each node then draws counter + 1, counter + 2, ...,
+    // so that draws on different nodes coincide and only the raise keeps fences apart.
+    for url in &urls {
+        let mut connection = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(b"pool\xff:fence".as_slice())
+            .arg(1_u64 << 52)
+            .arg("PX")
+            .arg(60_000)
+            .query(&mut connection)
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let lock = Redlock::new(
+            RedlockConfig::new(urls.clone())
+                .with_node_timeout(Duration::from_millis(300))
+                .with_fencing(true),
+        )
+        .unwrap();
+        let locker = Locker::new(lock)
+            .with_options(
+                LockOptions::default()
+                    .with_ttl(Duration::from_secs(5))
+                    .with_retry(
+                        RetryPolicy::forever()
+                            .with_retry_delay(Duration::from_millis(2))
+                            .with_deadline(Duration::from_secs(10)),
+                    ),
+            )
+            .unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut fences = Vec::new();
+            for _ in 0..25 {
+                let guard = locker.acquire_permit("pool", 3).await.unwrap();
+                fences.push(guard.fencing_token().unwrap());
+                guard.release().await.unwrap();
+            }
+            fences
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        let fences = task.await.unwrap();
+        assert!(
+            fences.windows(2).all(|pair| pair[0] < pair[1]),
+            "one client's fences went down: {fences:?}"
+        );
+        all.extend(fences);
+    }
+    let count = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), count, "two permits shared a fencing token");
+}
+
+/// One key used in turn as a semaphore, a mutex, a read-write lock (writer, then readers) over
+/// three fenced nodes: every fencing token is above every earlier one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fences_increase_across_kinds_on_one_key() {
+    let Some(backed) = fenced_cluster(3) else {
+        return;
+    };
+    let locker = single(backed.lock(), Duration::from_secs(5));
+    let mut fences = Vec::new();
+    for _ in 0..3 {
+        let permit = locker.acquire_permit("k", 2).await.unwrap();
+        fences.push(permit.fencing_token().unwrap());
+        let second = locker.acquire_permit("k", 2).await.unwrap();
+        fences.push(second.fencing_token().unwrap());
+        permit.release().await.unwrap();
+        second.release().await.unwrap();
+        let mutex = locker.acquire("k").await.unwrap();
+        fences.push(mutex.fencing_token().unwrap());
+        mutex.release().await.unwrap();
+        let mut writer = locker.acquire_write("k").await.unwrap();
+        fences.push(writer.fencing_token().unwrap());
+        writer.downgrade().await.unwrap();
+        let reader = locker.acquire_read("k").await.unwrap();
+        fences.push(reader.fencing_token().unwrap());
+        reader.release().await.unwrap();
+        writer.release().await.unwrap();
+    }
+    assert!(
+        fences.windows(2).all(|pair| pair[0] < pair[1]),
+        "fences did not increase across kinds: {fences:?}"
+    );
+}
