@@ -348,3 +348,82 @@ async fn fences_increase_across_kinds_on_one_key() {
         "fences did not increase across kinds: {fences:?}"
     );
 }
+
+/// A downgrade that reaches one node of three (the others paused, its script queued to them)
+/// marks the writer lost; once the nodes are back and the writer released, nothing of it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_on_a_minority_is_lost_and_leaves_nothing() {
+    let Some(mut backed) = cluster(3) else {
+        return;
+    };
+    let lock = backed.lock().clone();
+    let mut writer = single(&lock, Duration::from_secs(10))
+        .acquire_write("doc")
+        .await
+        .unwrap();
+    backed.servers()[1].pause().unwrap();
+    backed.servers()[2].pause().unwrap();
+    let downgraded = writer.downgrade().await;
+    assert!(downgraded.is_err(), "a downgrade on one node of three: {downgraded:?}");
+    // While in doubt, neither a reader nor a writer gets in on the one live node.
+    let reader = single(&lock, Duration::from_secs(10))
+        .try_acquire_kind("doc", LeaseKind::Read)
+        .await;
+    assert!(!matches!(reader, Ok(Some(_))), "a reader got in: {reader:?}");
+    backed.servers()[1].resume().unwrap();
+    backed.servers()[2].resume().unwrap();
+    let _ = writer.release().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for server in backed.servers() {
+        assert_eq!(
+            server.command("DBSIZE", PROBE).unwrap(),
+            ":0",
+            "a lost downgrade left something on a node"
+        );
+    }
+    let next = single(&lock, Duration::from_secs(10))
+        .try_acquire_kind("doc", LeaseKind::Write)
+        .await
+        .unwrap();
+    assert!(next.is_some(), "a writer is kept out after the lost writer released");
+}
+
+/// Over three nodes, a key held as one kind of lock is never admitted as another kind, nor as
+/// a semaphore of another size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinds_and_sizes_never_mix_on_one_key_over_three_nodes() {
+    let Some(backed) = cluster(3) else {
+        return;
+    };
+    let locker = single(backed.lock(), Duration::from_secs(10));
+    let kinds = [
+        LeaseKind::Exclusive,
+        LeaseKind::permit(2).unwrap(),
+        LeaseKind::permit(3).unwrap(),
+        LeaseKind::Read,
+        LeaseKind::Write,
+    ];
+    for held in kinds {
+        let guard = locker.try_acquire_kind("k", held).await.unwrap().unwrap();
+        for asked in kinds {
+            let compatible = held == asked
+                && (held == LeaseKind::Read || matches!(held, LeaseKind::Permit { .. }));
+            let outcome = locker.try_acquire_kind("k", asked).await;
+            match outcome {
+                Ok(Some(other)) => {
+                    assert!(compatible, "{asked} admitted on a key held as {held}");
+                    other.release().await.unwrap();
+                }
+                Ok(None) => assert!(
+                    !compatible || held == asked,
+                    "{asked} refused on a key held as {held}"
+                ),
+                Err(LockError::KindMismatch { .. }) => {
+                    assert!(!compatible, "{asked} called a mismatch beside {held}");
+                }
+                Err(error) => panic!("{asked} beside {held}: {error}"),
+            }
+        }
+        guard.release().await.unwrap();
+    }
+}
