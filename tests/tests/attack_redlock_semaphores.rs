@@ -427,3 +427,46 @@ async fn kinds_and_sizes_never_mix_on_one_key_over_three_nodes() {
         guard.release().await.unwrap();
     }
 }
+
+/// User keys that look like a key's companions (its claim, its fencing counter; `ÿ` is U+00FF,
+/// two bytes in UTF-8, never the byte 0xFF) are keys of their own: locking them neither frees
+/// nor takes the companion, on one node and on three fenced nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_look_like_companions_are_keys_of_their_own() {
+    for nodes in [1, 3] {
+        let Some(backed) = fenced_cluster(nodes) else {
+            return;
+        };
+        let lock = backed.lock().clone();
+        let ttl = Duration::from_secs(10);
+        let locker = single(&lock, ttl);
+        let reader = locker.acquire_read("doc").await.unwrap();
+        let writer = LockRequest::new(
+            KeySet::one(Key::new("doc").unwrap()),
+            Token::generate().unwrap(),
+            ttl,
+        )
+        .unwrap()
+        .with_kind(LeaseKind::Write)
+        .with_will_wait(true);
+        assert!(lock.try_acquire(&writer).await.unwrap().is_none());
+        let mut others = Vec::new();
+        for name in ["doc\u{ff}:claim", "doc:claim", "doc\u{ff}:fence", "doc:fence"] {
+            let guard = locker.try_acquire(name).await.unwrap();
+            assert!(guard.is_some(), "`{name}` is held on {nodes} node(s)");
+            others.push(guard.unwrap());
+            let reader = locker.try_acquire_kind(name, LeaseKind::Read).await;
+            assert!(
+                matches!(reader, Err(LockError::KindMismatch { .. })),
+                "a reader of `{name}` got {reader:?}"
+            );
+        }
+        let late = locker.try_acquire_kind("doc", LeaseKind::Read).await.unwrap();
+        assert!(late.is_none(), "the claim of `doc` went on {nodes} node(s)");
+        for guard in others {
+            guard.release().await.unwrap();
+        }
+        assert!(lock.abandon(&writer).await.unwrap());
+        reader.release().await.unwrap();
+    }
+}
