@@ -118,8 +118,14 @@ async fn calls_after_stop_fail_with_stopped() {
         return;
     };
     let lock = Redlock::new(
-        RedlockConfig::new(backed.servers().iter().map(RedisServer::url).collect::<Vec<_>>())
-            .with_node_timeout(Duration::from_millis(300)),
+        RedlockConfig::new(
+            backed
+                .servers()
+                .iter()
+                .map(RedisServer::url)
+                .collect::<Vec<_>>(),
+        )
+        .with_node_timeout(Duration::from_millis(300)),
     )
     .unwrap();
     let locker = single(&lock, Duration::from_secs(10));
@@ -364,12 +370,18 @@ async fn a_downgrade_on_a_minority_is_lost_and_leaves_nothing() {
     backed.servers()[1].pause().unwrap();
     backed.servers()[2].pause().unwrap();
     let downgraded = writer.downgrade().await;
-    assert!(downgraded.is_err(), "a downgrade on one node of three: {downgraded:?}");
+    assert!(
+        downgraded.is_err(),
+        "a downgrade on one node of three: {downgraded:?}"
+    );
     // While in doubt, neither a reader nor a writer gets in on the one live node.
     let reader = single(&lock, Duration::from_secs(10))
         .try_acquire_kind("doc", LeaseKind::Read)
         .await;
-    assert!(!matches!(reader, Ok(Some(_))), "a reader got in: {reader:?}");
+    assert!(
+        !matches!(reader, Ok(Some(_))),
+        "a reader got in: {reader:?}"
+    );
     backed.servers()[1].resume().unwrap();
     backed.servers()[2].resume().unwrap();
     let _ = writer.release().await;
@@ -385,7 +397,10 @@ async fn a_downgrade_on_a_minority_is_lost_and_leaves_nothing() {
         .try_acquire_kind("doc", LeaseKind::Write)
         .await
         .unwrap();
-    assert!(next.is_some(), "a writer is kept out after the lost writer released");
+    assert!(
+        next.is_some(),
+        "a writer is kept out after the lost writer released"
+    );
 }
 
 /// Over three nodes, a key held as one kind of lock is never admitted as another kind, nor as
@@ -451,7 +466,12 @@ async fn keys_that_look_like_companions_are_keys_of_their_own() {
         .with_will_wait(true);
         assert!(lock.try_acquire(&writer).await.unwrap().is_none());
         let mut others = Vec::new();
-        for name in ["doc\u{ff}:claim", "doc:claim", "doc\u{ff}:fence", "doc:fence"] {
+        for name in [
+            "doc\u{ff}:claim",
+            "doc:claim",
+            "doc\u{ff}:fence",
+            "doc:fence",
+        ] {
             let guard = locker.try_acquire(name).await.unwrap();
             assert!(guard.is_some(), "`{name}` is held on {nodes} node(s)");
             others.push(guard.unwrap());
@@ -461,12 +481,150 @@ async fn keys_that_look_like_companions_are_keys_of_their_own() {
                 "a reader of `{name}` got {reader:?}"
             );
         }
-        let late = locker.try_acquire_kind("doc", LeaseKind::Read).await.unwrap();
+        let late = locker
+            .try_acquire_kind("doc", LeaseKind::Read)
+            .await
+            .unwrap();
         assert!(late.is_none(), "the claim of `doc` went on {nodes} node(s)");
         for guard in others {
             guard.release().await.unwrap();
         }
         assert!(lock.abandon(&writer).await.unwrap());
         reader.release().await.unwrap();
+    }
+}
+
+/// Readers, writers and downgrades of tasks of two clients over three nodes, with random
+/// cancellations (an acquisition dropped at a random moment, a guard dropped instead of
+/// released) and one node paused for a while in the middle: a writer is never seen beside
+/// another holder. Returns the most readers seen at once and whether a violation was seen.
+async fn rw_exclusion_under_cancellation(
+    backed: &mut ServerBacked<Redlock>,
+    clients: [Locker; 2],
+) -> (usize, bool) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let readers = Arc::new(AtomicUsize::new(0));
+    let writers = Arc::new(AtomicUsize::new(0));
+    let most_readers = Arc::new(AtomicUsize::new(0));
+    let violated = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..8u64 {
+        let client = clients[task as usize % 2].clone();
+        let (readers, writers, most_readers, violated) = (
+            Arc::clone(&readers),
+            Arc::clone(&writers),
+            Arc::clone(&most_readers),
+            Arc::clone(&violated),
+        );
+        tasks.spawn(async move {
+            let mut state = 0x2545_f491_4f6c_dd1du64 ^ (task + 7).wrapping_mul(0x9e37_79b9);
+            let mut next = move |below: u64| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state % below
+            };
+            for _ in 0..30 {
+                let patience = Duration::from_millis(5 + next(80));
+                let write = next(2) == 0;
+                if write {
+                    let Ok(Ok(mut guard)) =
+                        tokio::time::timeout(patience, client.acquire_write("rw")).await
+                    else {
+                        continue;
+                    };
+                    let now = writers.fetch_add(1, Ordering::SeqCst) + 1;
+                    if now > 1 || readers.load(Ordering::SeqCst) > 0 {
+                        violated.store(true, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(next(8))).await;
+                    if next(3) == 0 {
+                        writers.fetch_sub(1, Ordering::SeqCst);
+                        if guard.downgrade().await.is_ok() {
+                            readers.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(next(8))).await;
+                            readers.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    } else {
+                        writers.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    if next(4) == 0 {
+                        drop(guard);
+                    } else {
+                        let _ = guard.release().await;
+                    }
+                } else {
+                    let Ok(Ok(guard)) =
+                        tokio::time::timeout(patience, client.acquire_read("rw")).await
+                    else {
+                        continue;
+                    };
+                    let now = readers.fetch_add(1, Ordering::SeqCst) + 1;
+                    most_readers.fetch_max(now, Ordering::SeqCst);
+                    if writers.load(Ordering::SeqCst) > 0 {
+                        violated.store(true, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(next(8))).await;
+                    readers.fetch_sub(1, Ordering::SeqCst);
+                    if next(4) == 0 {
+                        drop(guard);
+                    } else {
+                        let _ = guard.release().await;
+                    }
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    backed.servers()[1].pause().unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    backed.servers()[1].resume().unwrap();
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+    }
+    (
+        most_readers.load(Ordering::SeqCst),
+        violated.load(Ordering::SeqCst),
+    )
+}
+
+/// The read-write checker over three nodes, manager and pool (negative control, by hand: a
+/// script that admits a writer beside one holder is caught).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_are_alone_under_cancellation_and_a_paused_node() {
+    for connection in [ConnectionKind::Manager, ConnectionKind::Pool] {
+        let Some(mut backed) = cluster(3) else {
+            return;
+        };
+        let urls: Vec<String> = backed.servers().iter().map(RedisServer::url).collect();
+        let client = || {
+            Locker::new(
+                Redlock::new(
+                    RedlockConfig::new(urls.clone())
+                        .with_node_timeout(Duration::from_millis(300))
+                        .with_connection(connection),
+                )
+                .unwrap(),
+            )
+            .with_options(
+                LockOptions::default()
+                    .with_ttl(Duration::from_secs(3))
+                    .with_retry(
+                        RetryPolicy::forever()
+                            .with_retry_delay(Duration::from_millis(3))
+                            .with_retry_jitter(Duration::from_millis(3))
+                            .with_deadline(Duration::from_secs(10)),
+                    ),
+            )
+            .unwrap()
+        };
+        let (most, violated) =
+            rw_exclusion_under_cancellation(&mut backed, [client(), client()]).await;
+        println!("{connection:?}: at most {most} readers at once, violation {violated}");
+        assert!(
+            !violated,
+            "a writer was seen beside another holder ({connection:?})"
+        );
     }
 }
