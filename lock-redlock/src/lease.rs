@@ -78,16 +78,17 @@ enum Target {
 
 impl Target {
     /// What a won lease holds, for its release: a writer may have been downgraded on some
-    /// nodes only, so a read-write lease is released under both tags.
+    /// nodes only, so a read-write lease is released under both tags; a writer's release also
+    /// takes back the claim it left on the nodes that refused it in the round it won.
     fn held(self) -> Held {
         match self {
             Self::Set { tag: "p" } => Held::Set {
                 tags: "p",
                 claim: false,
             },
-            Self::Set { .. } => Held::Set {
+            Self::Set { tag } => Held::Set {
                 tags: "rw",
-                claim: false,
+                claim: tag == "w",
             },
             Self::Slot { slot, .. } => Held::Slot(Some(slot)),
         }
@@ -228,7 +229,17 @@ async fn attempt(
         },
         Target::Slot { slot, .. } => Held::Slot(Some(slot)),
     };
-    let held = undone(false);
+    // What a request still in flight when it is given up on undoes behind it (on its own
+    // connection, so after it has run): a waiting writer's claim too, since its outcome there
+    // is unknown and a clean-up sent on another connection may have overtaken it (a claim is
+    // only a hint: the writer's next attempt leaves it again).
+    let held = match target {
+        Target::Set { tag } => Held::Set {
+            tags: tag,
+            claim: tag == "w",
+        },
+        Target::Slot { slot, .. } => Held::Slot(Some(slot)),
+    };
     let start = Instant::now();
     let (tally, pending) = round::run(nodes, shared.quorum, shared.node_timeout(ttl), |node| {
         let (script_keys, args, found) = (

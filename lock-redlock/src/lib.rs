@@ -639,7 +639,7 @@ impl Lock for Redlock {
                 Ok(Ok(info)) => lock_core::server_from_info(&info),
                 _ => None,
             };
-            let holding = match tokio::time::timeout(timeout, node.pttl(key)).await {
+            let holding = match tokio::time::timeout(timeout, node.held_pttl(key)).await {
                 Ok(Ok(-2)) => Holding::Free,
                 Ok(Ok(-1)) => Holding::Held { ttl: None },
                 Ok(Ok(ms)) => Holding::Held {

@@ -563,6 +563,21 @@ impl NodeParts {
         self.query(&command).await
     }
 
+    /// As `pttl`, for `inspect`: the key's, or, when it is absent, its writer's claim's.
+    pub(crate) async fn held_pttl(&self, key: &Key) -> RedisResult<i64> {
+        let mut command = redis::cmd("PTTL");
+        command.arg(key.as_str());
+        let pttl = self.query(&command).await?;
+        if pttl != -2 {
+            return Ok(pttl);
+        }
+        // A key whose holders all left while a writer waits is kept by the writer's claim
+        // alone: no reader can take it, so it is held (until the claim expires).
+        let mut command = redis::cmd("PTTL");
+        command.arg([key.as_str().as_bytes(), CLAIM_SUFFIX].concat());
+        self.query(&command).await
+    }
+
     // The pool's branches are boxed: a pool checkout is a future of several kilobytes, which
     // would otherwise sit inline in every request's future and be copied whenever one is
     // boxed, pool or not.
