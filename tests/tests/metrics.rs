@@ -187,10 +187,17 @@ async fn redlock_counts_the_background_cleanup_of_a_failed_attempt() {
         .collect();
     let resent = figure(label) - counted_before;
     println!("redlock cleanup: the stopped nodes received {received:?} releases, {resent} counted");
+    // How many follow-ups fit before the nodes answer depends on timing; what is counted does
+    // not: every message a node received beyond its first (the clean-up itself) is a re-send.
+    for count in &received {
+        assert!(
+            (2..=4).contains(count),
+            "the clean-up and one to three follow-ups, nothing before: {received:?}"
+        );
+    }
+    let sent_again: u64 = received.iter().map(|count| count - 1).sum();
     assert_eq!(
-        received,
-        [3, 3],
-        "the clean-up and two follow-ups, nothing before"
+        resent, sent_again as f64,
+        "counted {resent} re-sends, the nodes received {received:?}"
     );
-    assert_eq!(resent, 4.0, "two nodes, two follow-ups each");
 }
