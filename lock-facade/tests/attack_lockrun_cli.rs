@@ -22,6 +22,37 @@ fn script(dir: &std::path::Path, marker: &std::path::Path) -> String {
     path.display().to_string()
 }
 
+/// The same, after a flag that takes a value given as a separate word (`--permits 2`,
+/// `--ttl 5000`): the value must not be taken for the key, or `status`/`purge` slips past the
+/// check and the command silently never runs (or a purge runs instead).
+#[test]
+fn a_subcommand_after_a_flag_with_a_value_is_still_ambiguous() {
+    for flags in [
+        &["--permits", "2"][..],
+        &["--ttl", "5000"],
+        &["--timeout", "100"],
+        &["--kill-grace", "1s"],
+        &["--hold-at-least", "1s"],
+        &["--config", "{}"],
+    ] {
+        for key in ["status", "purge"] {
+            let dir = tempfile::tempdir().unwrap();
+            let marker = dir.path().join("ran");
+            let job = script(dir.path(), &marker);
+            let mut args = flags.to_vec();
+            args.extend([key, "--", job.as_str()]);
+            let output = lockrun(&args).output().unwrap();
+            assert_eq!(
+                output.status.code(),
+                Some(78),
+                "`lockrun {}` was not refused as ambiguous: {output:?}",
+                args.join(" ")
+            );
+            assert!(!marker.exists());
+        }
+    }
+}
+
 /// `lockrun KEY -- COMMAND` with KEY `status` (or `purge`) is taken as the subcommand: lockrun
 /// prints the status of a key named after the command, exits 0 and never runs it — a cron job
 /// that silently never runs.

@@ -264,6 +264,18 @@ fn lease_kind(cli: &Cli) -> Result<LeaseKind, String> {
     }
 }
 
+/// True for a long flag of lockrun that takes its value as the next word (read from the
+/// argument definitions, so a new flag cannot be forgotten here).
+fn takes_value(flag: &str) -> bool {
+    use clap::CommandFactory;
+    let Some(long) = flag.strip_prefix("--") else {
+        return false;
+    };
+    Cli::command()
+        .get_arguments()
+        .any(|arg| arg.get_long() == Some(long) && arg.get_action().takes_values())
+}
+
 /// `lockrun status -- CMD` or `lockrun purge -- CMD`: a subcommand, or a key of that name
 /// followed by a command? Refused rather than guessed (a guess the wrong way would silently
 /// skip a job).
@@ -272,7 +284,8 @@ fn ambiguous_subcommand(args: impl Iterator<Item = String>) -> Option<String> {
     let mut rest = args.iter().map(String::as_str);
     while let Some(arg) = rest.next() {
         match arg {
-            "--config" => {
+            // A flag whose value is the next word (`--permits 2`): the value is not the key.
+            flag if takes_value(flag) => {
                 rest.next();
             }
             flag if flag.starts_with('-') => {}
