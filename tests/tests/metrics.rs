@@ -179,13 +179,24 @@ async fn redlock_counts_the_background_cleanup_of_a_failed_attempt() {
     for server in &backed.servers()[1..] {
         server.resume().unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let received: Vec<u64> = backed.servers()[1..]
-        .iter()
-        .zip(&before)
-        .map(|(server, before)| server.calls("evalsha").unwrap() - before)
-        .collect();
-    let resent = figure(label) - counted_before;
+    // A follow-up counted as it is sent may still be on its way: wait until what the nodes
+    // received settles (every message beyond a node's first is a counted re-send), 3 s at most.
+    let mut received: Vec<u64>;
+    let mut resent;
+    let settle_by = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        received = backed.servers()[1..]
+            .iter()
+            .zip(&before)
+            .map(|(server, before)| server.calls("evalsha").unwrap() - before)
+            .collect();
+        resent = figure(label) - counted_before;
+        let sent_again: u64 = received.iter().map(|count| count.saturating_sub(1)).sum();
+        if resent == sent_again as f64 || tokio::time::Instant::now() >= settle_by {
+            break;
+        }
+    }
     println!("redlock cleanup: the stopped nodes received {received:?} releases, {resent} counted");
     // How many follow-ups fit before the nodes answer depends on timing; what is counted does
     // not: every message a node received beyond its first (the clean-up itself) is a re-send.
