@@ -4,11 +4,13 @@
 //! [`redis_or_skip`]: it prints why and skips, unless `LOCK_TESTS_REQUIRE_REDIS=1` (set by
 //! `cargo xtask it`) makes a missing server a failure.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Environment variable naming the `redis-server` binary.
@@ -114,16 +116,44 @@ impl RedisServer {
         extra_args: &[&str],
         env: &[(String, String)],
     ) -> io::Result<Self> {
+        Self::start_at(binary, free_port()?, extra_args, env)
+    }
+
+    /// Like [`RedisServer::start`], trying `port` first: when another process holds it, the
+    /// server goes to a free port instead (it never shares one).
+    ///
+    /// # Errors
+    /// When the process cannot start or never answers; the message carries the log's tail.
+    pub fn start_on_port(binary: &Path, port: u16, extra_args: &[&str]) -> io::Result<Self> {
+        Self::start_at(binary, port, extra_args, &[])
+    }
+
+    fn start_at(
+        binary: &Path,
+        port: u16,
+        extra_args: &[&str],
+        env: &[(String, String)],
+    ) -> io::Result<Self> {
         let mut server = Self {
             binary: binary.to_path_buf(),
             child: None,
-            port: free_port()?,
+            port,
             extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
             env: env.to_vec(),
             dir: tempfile::tempdir()?,
         };
-        server.spawn()?;
-        Ok(server)
+        // A port free a moment ago may have been taken since (by another process, or by a
+        // server of a test running beside this one): try another.
+        let mut tries = 0;
+        loop {
+            match server.spawn() {
+                Err(error) if error.kind() == io::ErrorKind::AddrInUse && tries < 10 => {
+                    tries += 1;
+                    server.port = free_port()?;
+                }
+                outcome => return outcome.map(|()| server),
+            }
+        }
     }
 
     /// The port it listens on.
@@ -261,15 +291,31 @@ impl RedisServer {
             if send_inline(self.port, "PING", Duration::from_millis(200))
                 .is_ok_and(|reply| reply == "+PONG")
             {
-                self.child = Some(child);
-                return Ok(());
+                // The answer may come from another server that holds the port: ours only if
+                // it reports our process id.
+                if process_id(self.port) == Some(child.id()) {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+                if child.try_wait()?.is_some() || started.elapsed() > STARTUP_TIMEOUT {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("port {} is served by another process", self.port),
+                    ));
+                }
             }
             if let Some(status) = child.try_wait()? {
                 let mut stderr = String::new();
                 if let Some(mut pipe) = child.stderr.take() {
                     let _ = pipe.read_to_string(&mut stderr);
                 }
-                return Err(self.startup_error(&format!("exited with {status}; stderr: {stderr}")));
+                let error = self.startup_error(&format!("exited with {status}; stderr: {stderr}"));
+                if error.to_string().contains("Address already in use") {
+                    return Err(io::Error::new(io::ErrorKind::AddrInUse, error.to_string()));
+                }
+                return Err(error);
             }
             if started.elapsed() > STARTUP_TIMEOUT {
                 let _ = child.kill();
@@ -403,8 +449,38 @@ pub fn get_bulk(port: u16, key: &str) -> Option<String> {
 /// # Errors
 /// When no port can be bound.
 pub fn free_port() -> io::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
+    // Never the same port twice in one test process: servers of tests running side by side
+    // would otherwise race for it.
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let port = listener.local_addr()?.port();
+        if HANDED_OUT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(port)
+        {
+            return Ok(port);
+        }
+    }
+}
+
+/// The process id the server on `port` reports, if it answers `INFO server`.
+fn process_id(port: u16) -> Option<u32> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    let mut connection = client
+        .get_connection_with_timeout(Duration::from_millis(500))
+        .ok()?;
+    connection
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut connection)
+        .ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
 }
 
 fn send_inline(port: u16, command: &str, timeout: Duration) -> io::Result<String> {

@@ -59,3 +59,27 @@ fn startup_failure_reports_the_log_tail() {
     let message = error.to_string();
     assert!(message.contains("no-such-option"), "{message}");
 }
+
+/// A server started on a port another server holds does not take the other's answers for its
+/// own: it moves to a free port and is a process of its own (old harness: it took the other's
+/// `PONG`, and two tests running side by side shared one server — CI saw a metrics test count
+/// the releases of the test beside it).
+#[test]
+fn a_taken_port_is_never_shared() {
+    let Some(binary) = redis_or_skip("a_taken_port_is_never_shared") else {
+        return;
+    };
+    let first = RedisServer::start(&binary, &[]).expect("redis-server starts");
+    let second = RedisServer::start_on_port(&binary, first.port(), &[]).expect("starts elsewhere");
+    assert_ne!(second.port(), first.port(), "two servers on one port");
+    assert_ne!(second.pid(), first.pid());
+    assert_eq!(
+        second.command("SET only-second v", TIMEOUT).expect("set"),
+        "+OK"
+    );
+    assert_eq!(
+        first.command("GET only-second", TIMEOUT).expect("get"),
+        "$-1",
+        "the servers share their data"
+    );
+}
