@@ -135,3 +135,33 @@ fn a_broken_stderr_does_not_change_the_exit_code() {
         "a refused configuration, with stderr a broken pipe: {status:?}"
     );
 }
+
+/// A flag only a run reads, given to `status` or `purge`, is refused (78) and named: `lockrun
+/// --permits 2 status k` looked like a permit count's status and silently showed the mutex's
+/// (old: exit 0, the flag ignored).
+#[test]
+fn a_run_only_flag_given_to_a_subcommand_is_refused() {
+    for flags in [
+        &["--permits", "2"][..],
+        &["--shared"],
+        &["--exclusive"],
+        &["--no-wait"],
+        &["--ttl", "5000"],
+        &["--timeout", "100"],
+        &["--hold-at-least", "1s"],
+    ] {
+        for subcommand in [&["status", "k"][..], &["purge", "jobs:"]] {
+            let mut args = flags.to_vec();
+            args.extend(subcommand);
+            let output = lockrun(&args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(
+                output.status.code(),
+                Some(78),
+                "`lockrun {}` was not refused: {output:?}",
+                args.join(" ")
+            );
+            assert!(stderr.contains(flags[0]), "the flag is not named: {stderr}");
+        }
+    }
+}

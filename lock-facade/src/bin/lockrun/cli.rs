@@ -58,7 +58,8 @@ LOCK_CONFIG environment variable. Running a command needs a backend shared betwe
 (78) since it would keep no other run out.
 
 A key named like a subcommand (status, purge) cannot be followed by `-- COMMAND`: that is
-refused (78) as ambiguous; give such a key a namespace or another name.";
+refused (78) as ambiguous; give such a key a namespace or another name. The subcommands read
+--config only: any other flag given to them is refused (78).";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -198,7 +199,43 @@ pub(crate) fn main() -> ExitCode {
     }
 }
 
+/// The flags given that only running a command reads (all but `--config`).
+fn run_only_flags(cli: &Cli) -> Vec<&'static str> {
+    [
+        ("--no-wait", cli.no_wait),
+        ("--wait", cli.wait),
+        ("--ttl", cli.ttl.is_some()),
+        ("--timeout", cli.timeout.is_some()),
+        ("--kill-grace", cli.kill_grace.is_some()),
+        ("--hold-at-least", cli.hold_at_least.is_some()),
+        ("--permits", cli.permits.is_some()),
+        ("--shared", cli.shared),
+        ("--exclusive", cli.exclusive),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect()
+}
+
 async fn run(cli: Cli) -> Outcome {
+    if let Some(action) = &cli.action {
+        // A flag the subcommand would not read is a mistake to report, not to ignore.
+        let ignored = run_only_flags(&cli);
+        if !ignored.is_empty() {
+            let name = match action {
+                Action::Purge { .. } => "purge",
+                Action::Status { .. } => "status",
+            };
+            return Err((
+                exit::CONFIG,
+                format!(
+                    "{} appl{} to running a command (lockrun KEY -- COMMAND), not to `{name}`",
+                    ignored.join(", "),
+                    if ignored.len() == 1 { "ies" } else { "y" }
+                ),
+            ));
+        }
+    }
     let base = match &cli.config {
         Some(text) => LockConfig::from_text(text),
         None => LockConfig::from_env(),
