@@ -3,7 +3,8 @@
 //! many as the server receives. The lock that could not be released is counted down anyway.
 //!
 //! One recorder for the process (the follow-ups run on tokio's worker threads, where a local
-//! recorder is not seen); each test looks only at its own backend's label.
+//! recorder is not seen), so the tests run one at a time (`one_at_a_time`): two of them count
+//! under the same label (CI saw one test's re-sends in the other's figures).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -48,6 +49,12 @@ fn figures() -> BTreeMap<String, f64> {
     figures.clone()
 }
 
+/// Held for the whole of a test: the figures are the process's, and so are the counts.
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    ALONE.lock().await
+}
+
 fn figure(name: &str) -> f64 {
     figures().get(name).copied().unwrap_or_default()
 }
@@ -56,6 +63,7 @@ fn figure(name: &str) -> f64 {
 /// background asks the node three more times (the bound of `a_release_is_sent_again_at_most_three_times`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_counts_each_release_sent_again() {
+    let _alone = one_at_a_time().await;
     if redis_or_skip("redlock resends").is_none() {
         return;
     }
@@ -98,6 +106,7 @@ async fn redlock_counts_each_release_sent_again() {
 /// The INCR lock: the same, through its own re-sends (`release_later`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inc_counts_each_release_sent_again() {
+    let _alone = one_at_a_time().await;
     let Some(binary) = redis_or_skip("inc resends") else {
         return;
     };
@@ -142,6 +151,7 @@ async fn inc_counts_each_release_sent_again() {
 /// the two follow-ups after it are sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_counts_the_background_cleanup_of_a_failed_attempt() {
+    let _alone = one_at_a_time().await;
     if redis_or_skip("redlock cleanup resends").is_none() {
         return;
     }
