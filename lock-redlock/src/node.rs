@@ -312,29 +312,36 @@ impl NodeParts {
     /// client names it (`a semaphore of 2 permit(s)`), or `foreign <type>` for a Redis value
     /// that is not a lock.
     pub(crate) async fn describe(&self, keys: &[Key]) -> RedisResult<Vec<String>> {
-        // `TYPE` first, one plain round trip: only a key of another type needs the script
-        // (which a node that restarted would first have to load).
+        // `TYPE` and a string's first byte first, one plain round trip: only a key of another
+        // type, or a string beginning with 0xFF (a lease alone on its key, which a mutex's
+        // value never begins with), needs the script (which a node that restarted would first
+        // have to load).
         let mut pipeline = redis::pipe();
+        pipeline.ignore_errors();
         for key in keys {
             pipeline.cmd("TYPE").arg(key.as_str());
+            pipeline.cmd("GETRANGE").arg(key.as_str()).arg(0).arg(0);
         }
-        let types: Vec<String> = match &self.connection {
+        let answers: Vec<RedisResult<Value>> = match &self.connection {
             Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
             Connection::Pool(pool) => {
                 Box::pin(async { pipeline.query_async(&mut checkout(pool).await?).await }).await?
             }
         };
-        if types.iter().all(|kind| kind == "string" || kind == "none") {
-            return Ok(types
-                .into_iter()
-                .map(|kind| {
-                    if kind == "string" {
-                        "a mutex".to_owned()
-                    } else {
-                        String::new()
-                    }
-                })
-                .collect());
+        let plain: Option<Vec<String>> = answers
+            .chunks(2)
+            .map(|answer| match answer {
+                [Ok(Value::SimpleString(kind)), _] if kind == "none" => Some(String::new()),
+                [Ok(Value::SimpleString(kind)), Ok(Value::BulkString(first))]
+                    if kind == "string" && first.first() != Some(&0xFF) =>
+                {
+                    Some("a mutex".to_owned())
+                }
+                _ => None,
+            })
+            .collect();
+        if let Some(plain) = plain {
+            return Ok(plain);
         }
         let mut invocation = DESCRIBE.prepare_invoke();
         for key in keys {

@@ -559,3 +559,90 @@ async fn permits_are_never_over_admitted_under_contention_and_cancellation() {
         held.release().await.unwrap();
     }
 }
+
+/// A lease alone on its key is one string (taking and releasing it costs what a mutex costs);
+/// a second holder turns it into the set of holders without touching the first one's expiry,
+/// and every operation of the first holder works in both forms: extend, downgrade, release. A
+/// mutex asked on a key a lease holds alone is told what the key is, not left waiting.
+#[tokio::test]
+async fn a_lease_alone_is_one_string_and_a_second_holder_keeps_the_first_ones_expiry() {
+    let Some(mut backed) = cluster(1, false) else {
+        return;
+    };
+    let first = locker(backed.lock().clone(), ms(3_000), RetryPolicy::none());
+    let second = locker(
+        other_client(&mut backed, false),
+        ms(60_000),
+        RetryPolicy::none(),
+    );
+    let url = backed.servers()[0].url();
+    let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let mut ask = |command: &str, key: &str| -> redis::Value {
+        redis::cmd(command).arg(key).query(&mut connection).unwrap()
+    };
+    let status = |value: redis::Value| match value {
+        redis::Value::SimpleString(text) => text,
+        other => format!("{other:?}"),
+    };
+    let number = |value: redis::Value| match value {
+        redis::Value::Int(number) => number,
+        other => panic!("not a number: {other:?}"),
+    };
+
+    let mut writer = first.acquire_write("solo").await.unwrap();
+    assert_eq!(status(ask("TYPE", "solo")), "string", "a writer alone");
+    let refused = second.try_acquire("solo").await;
+    assert!(
+        matches!(refused, Err(LockError::KindMismatch { ref found, .. }) if found == "a read-write lock"),
+        "a mutex on a lease alone: {refused:?}"
+    );
+    writer.extend(ms(4_000)).await.unwrap();
+    assert!(number(ask("PTTL", "solo")) > 3_000, "extended alone");
+    writer.downgrade().await.unwrap();
+    assert_eq!(writer.kind(), LeaseKind::Read);
+    assert_eq!(status(ask("TYPE", "solo")), "string", "downgraded in place");
+    // A second reader: the set of holders; the key lives as long as its latest holder.
+    let other = second.acquire_read("solo").await.unwrap();
+    assert_eq!(status(ask("TYPE", "solo")), "zset");
+    assert!(number(ask("PTTL", "solo")) > 50_000);
+    assert_eq!(
+        number(ask("ZCARD", "solo")),
+        3,
+        "the marker and two readers"
+    );
+    writer.extend(ms(4_000)).await.unwrap();
+    writer.release().await.unwrap();
+    assert_eq!(
+        number(ask("ZCARD", "solo")),
+        2,
+        "the marker and the second reader"
+    );
+    other.release().await.unwrap();
+    assert_eq!(number(ask("EXISTS", "solo")), 0, "nothing left");
+
+    // Permits: alone, then two; the first holder's expiry (kept through the change of form)
+    // ends its permit, not the key.
+    let kept = first.acquire_permit("sem", 2).await.unwrap();
+    assert_eq!(status(ask("TYPE", "sem")), "string");
+    let wider = second.acquire_permit("sem", 3).await;
+    assert!(
+        matches!(wider, Err(LockError::KindMismatch { ref found, .. }) if found == "a semaphore of 2 permit(s)"),
+        "another size on a permit alone: {wider:?}"
+    );
+    let also = second.acquire_permit("sem", 2).await.unwrap();
+    assert_eq!(status(ask("TYPE", "sem")), "zset");
+    assert!(
+        second
+            .try_acquire_kind("sem", permit(2))
+            .await
+            .unwrap()
+            .is_none(),
+        "two permits of two are taken"
+    );
+    std::mem::forget(kept); // its holder dies
+    tokio::time::sleep(ms(3_200)).await;
+    let third = second.acquire_permit("sem", 2).await.unwrap();
+    also.release().await.unwrap();
+    third.release().await.unwrap();
+    assert_eq!(number(ask("EXISTS", "sem")), 0, "nothing left");
+}

@@ -1,4 +1,4 @@
--- Takes a permit ('p'), a read ('r') or a write ('w') lease on the set KEYS[1] for the token
+-- Takes a permit ('p'), a read ('r') or a write ('w') lease on KEYS[1] for the token
 -- ARGV[1] with a ttl of ARGV[2] ms: ARGV[3] is the tag, ARGV[4] the kind's marker, ARGV[5] the
 -- number of permits (for 'p'), ARGV[6] '1' when a refused writer will wait (it then leaves its
 -- claim in KEYS[2], which keeps new readers out). KEYS[3], when given, is the fencing counter.
@@ -9,10 +9,33 @@ if redis.replicate_commands then
 end
 local key, claim = KEYS[1], KEYS[2]
 local token, ttl, tag, marker = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local now, time = now_ms()
-local holders = 0
 local kind = redis.call('type', key).ok
-if kind ~= 'none' then
+if kind == 'none' then
+  -- Alone: one string (a semaphore has at least one permit; a writer needs no one gone).
+  if tag == 'r' and redis.call('exists', claim) == 1 then
+    return 0
+  end
+  local value = 1
+  if KEYS[3] then
+    local keep
+    value, keep = draw_fence(KEYS[3], select(2, now_ms()), ttl)
+    if not value then
+      return keep
+    end
+    keep()
+  end
+  if tag == 'w' then
+    redis.call('del', claim)
+  end
+  redis.call('set', key, marker .. '\0' .. tag .. token, 'PX', ARGV[2])
+  return value
+end
+local now, time = now_ms()
+if not as_set(key, now) then
+  return describe(key)
+end
+local holders = 0
+do
   local found = marker_of(key)
   if not found then
     return describe(key)

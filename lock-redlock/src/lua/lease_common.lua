@@ -1,9 +1,11 @@
 -- Shared by the scripts of semaphores and read-write locks (prepended to each of them).
 --
--- One node, a semaphore or a read-write lock: KEYS[1] is a sorted set of holders, each member
--- a tag ('p' permit, 'r' reader, 'w' writer) followed by the token, scored by its expiry in
--- this server's milliseconds; one more member, scored 0, names the kind: '\255sem:<N>' or
--- '\255rw'. A writer that waits leaves a claim, '<key>\255:claim', a string holding its token.
+-- One node, a semaphore or a read-write lock: a lease alone on KEYS[1] is one string, the
+-- kind's marker ('\255sem:<N>' or '\255rw'), a zero byte, its tag ('p' permit, 'r' reader,
+-- 'w' writer) and its token, expiring with it: taking and releasing it costs what a mutex
+-- costs. A second holder turns it into a sorted set of holders, each member a tag followed by
+-- the token, scored by its expiry in this server's milliseconds, plus the marker scored 0. A
+-- writer that waits leaves a claim, '<key>\255:claim', a string holding its token.
 -- Several nodes, a semaphore: KEYS[1] is a hash of permit slots, '<i>' = '<expiry> <token>',
 -- beside '\255permits' = N. Expired holders are dropped by whoever touches the key next, and
 -- the key expires with its latest holder.
@@ -12,15 +14,59 @@ local function now_ms()
   return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), now
 end
 
+-- The marker and the member (tag and token) of a lease stored alone, when `value` is one.
+local function solo_parts(value)
+  if type(value) ~= 'string' or string.byte(value, 1) ~= 255 then
+    return nil
+  end
+  local at = string.find(value, '\0', 1, true)
+  if not at then
+    return nil
+  end
+  return string.sub(value, 1, at - 1), string.sub(value, at + 1)
+end
+
+-- Whether the lease stored alone as `value` is the token's under one of the tags in `tags`.
+local function solo_holds(value, tags, token)
+  local marker, member = solo_parts(value)
+  return marker ~= nil
+    and string.sub(member, 2) == token
+    and string.find(tags, string.sub(member, 1, 1), 1, true) ~= nil
+end
+
+-- Turns a lease stored alone on `key` into the set form, in place. False when `key` holds a
+-- string that is not a lease (a mutex); true otherwise (nothing to do for another type).
+local function as_set(key, now)
+  if redis.call('type', key).ok ~= 'string' then
+    return true
+  end
+  local marker, member = solo_parts(redis.call('get', key))
+  local left = redis.call('pttl', key)
+  if not marker or left < 0 then
+    return false
+  end
+  local expiry = string.format('%.0f', now + left)
+  redis.call('del', key)
+  redis.call('zadd', key, 0, marker, expiry, member)
+  redis.call('pexpireat', key, expiry)
+  return true
+end
+
 -- What `key` holds, in the words of the client's error messages; nil when it is absent.
 local function describe(key)
   local kind = redis.call('type', key).ok
+  local marker
   if kind == 'none' then
     return nil
   elseif kind == 'string' then
-    return 'a mutex'
+    marker = solo_parts(redis.call('get', key))
+    if not marker then
+      return 'a mutex'
+    end
   elseif kind == 'zset' then
-    local marker = redis.call('zrangebyscore', key, 0, 0)[1]
+    marker = redis.call('zrangebyscore', key, 0, 0)[1]
+  end
+  if kind == 'string' or kind == 'zset' then
     if marker == '\255rw' then
       return 'a read-write lock'
     elseif marker and string.sub(marker, 1, 5) == '\255sem:' then

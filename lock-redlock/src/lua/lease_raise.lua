@@ -20,6 +20,8 @@ if ARGV[4] ~= '' then
       held = holder == token and tonumber(expiry) > now
     end
   end
+elseif redis.call('type', key).ok == 'string' then
+  held = solo_holds(redis.call('get', key), ARGV[3], token)
 elseif marker_of(key) then
   local tags = ARGV[3]
   for i = 1, #tags do
