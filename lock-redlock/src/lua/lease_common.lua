@@ -14,7 +14,9 @@ local function now_ms()
   return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), now
 end
 
--- The marker and the member (tag and token) of a lease stored alone, when `value` is one.
+-- The marker and the member (tag and token) of a lease stored alone, when `value` is one: the
+-- marker of a read-write lock or of a semaphore, a zero byte, a tag and a token. Any other
+-- string beginning with 0xFF (a binary value of another application) is none of ours.
 local function solo_parts(value)
   if type(value) ~= 'string' or string.byte(value, 1) ~= 255 then
     return nil
@@ -23,7 +25,14 @@ local function solo_parts(value)
   if not at then
     return nil
   end
-  return string.sub(value, 1, at - 1), string.sub(value, at + 1)
+  local marker, member = string.sub(value, 1, at - 1), string.sub(value, at + 1)
+  if marker ~= '\255rw' and not string.find(marker, '^\255sem:%d+$') then
+    return nil
+  end
+  if not string.find(member, '^[prw].') then
+    return nil
+  end
+  return marker, member
 end
 
 -- Whether the lease stored alone as `value` is the token's under one of the tags in `tags`.
@@ -35,7 +44,7 @@ local function solo_holds(value, tags, token)
 end
 
 -- Turns a lease stored alone on `key` into the set form, in place. False when `key` holds a
--- string that is not a lease (a mutex); true otherwise (nothing to do for another type).
+-- string that is not a lease (a mutex, a value of another application); true otherwise (nothing to do for another type).
 local function as_set(key, now)
   if redis.call('type', key).ok ~= 'string' then
     return true
@@ -59,8 +68,13 @@ local function describe(key)
   if kind == 'none' then
     return nil
   elseif kind == 'string' then
-    marker = solo_parts(redis.call('get', key))
+    local value = redis.call('get', key)
+    marker = solo_parts(value)
     if not marker then
+      -- A mutex's value (a token) never begins with 0xFF.
+      if string.byte(value, 1) == 255 then
+        return 'foreign string'
+      end
       return 'a mutex'
     end
   elseif kind == 'zset' then
