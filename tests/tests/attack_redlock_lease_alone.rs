@@ -1,10 +1,12 @@
 //! Adversarial checks of a Redlock lease stored alone on its key (one string: marker, zero
-//! byte, tag, token) on real redis-servers: a value of another application that looks like a
-//! lease alone (a binary string beginning with the byte 0xFF and holding a zero byte).
+//! byte, tag, token) on real redis-servers: the change to the set of holders in the very
+//! millisecond the lone holder ends, a value of another application that looks like a lease
+//! alone (a binary string beginning with the byte 0xFF and holding a zero byte), and a
+//! read-write lock over three fenced nodes holding both forms at once.
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lock_core::{LeaseKind, LockError, LockOptions, Locker, RetryPolicy};
 use lock_redlock::{Redlock, RedlockConfig};
@@ -39,6 +41,83 @@ fn single(lock: Redlock, ttl: Duration) -> Locker {
 
 fn connect(url: &str) -> redis::Connection {
     redis::Client::open(url).unwrap().get_connection().unwrap()
+}
+
+/// Keeps the server busy (one script) until its clock reaches the millisecond in which
+/// `KEYS[1]` expires: a request queued meanwhile runs in that very millisecond, when `PTTL`
+/// answers 0 and the key still exists.
+const UNTIL_ITS_LAST_MILLISECOND: &str = "
+local expires = redis.call('pexpiretime', KEYS[1])
+repeat
+  local now = redis.call('time')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+until ms >= expires
+return expires";
+
+/// A second reader (writer, permit) that comes in the very millisecond the lone first one ends
+/// (its string still exists, `PTTL` 0) takes the lease. Old: the change to the set form wrote
+/// the first holder with a score of now and made the set expire at once (`PEXPIREAT` in the
+/// past), the script answered nil, and the node counted as failed: `QuorumNotReached` on one
+/// healthy node. Five rounds: the server may run a request a millisecond late, and the old code
+/// passed then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_holder_in_the_lone_holders_last_millisecond_is_granted() {
+    let Some(mut backed) = cluster(1) else {
+        return;
+    };
+    let url = backed.servers()[0].url();
+    let first = single(backed.lock().clone(), ms(1_500));
+    let second = single(Redlock::new(config(vec![url.clone()])).unwrap(), ms(60_000));
+    let mut probe = connect(&url);
+    // The second client's connection and the script are ready before the server is blocked.
+    let warm = second.try_acquire_kind("warm", LeaseKind::Read).await;
+    warm.unwrap().unwrap().release().await.unwrap();
+    for (round, kind) in [
+        LeaseKind::Read,
+        LeaseKind::Write,
+        LeaseKind::permit(2).unwrap(),
+        LeaseKind::Read,
+        LeaseKind::Read,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let key = format!("edge{round}");
+        let holder = first.try_acquire_kind(&key, kind).await.unwrap().unwrap();
+        std::mem::forget(holder); // its holder dies: the lease ends at its ttl
+        let kind_of: String = redis::cmd("TYPE").arg(&key).query(&mut probe).unwrap();
+        assert_eq!(kind_of, "string", "a lease alone");
+        let expires: u64 = redis::cmd("PEXPIRETIME")
+            .arg(&key)
+            .query(&mut probe)
+            .unwrap();
+        let now = u64::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        tokio::time::sleep(ms(expires.saturating_sub(now + 200))).await;
+        let (blocker_url, blocker_key) = (url.clone(), key.clone());
+        let blocker = tokio::task::spawn_blocking(move || {
+            let _: u64 = redis::cmd("EVAL")
+                .arg(UNTIL_ITS_LAST_MILLISECOND)
+                .arg(1)
+                .arg(&blocker_key)
+                .query(&mut connect(&blocker_url))
+                .unwrap();
+        });
+        tokio::time::sleep(ms(60)).await;
+        let taken = second.try_acquire_kind(&key, kind).await;
+        blocker.await.unwrap();
+        match taken {
+            Ok(Some(guard)) => guard.release().await.unwrap(),
+            other => panic!("round {round}: {kind} at the lone holder's end: {other:?}"),
+        }
+        let left: u64 = redis::cmd("EXISTS").arg(&key).query(&mut probe).unwrap();
+        assert_eq!(left, 0, "round {round}: nothing left");
+    }
 }
 
 /// A binary value of another application (here a JPEG header: 0xFF, then zero bytes) with an
@@ -78,5 +157,92 @@ async fn a_foreign_binary_string_beginning_with_0xff_is_never_rewritten() {
         assert_eq!(value, jpeg, "{kind}: the foreign value");
         let pttl: i64 = redis::cmd("PTTL").arg(key).query(&mut probe).unwrap();
         assert!(pttl > 50_000, "{kind}: the foreign value's expiry: {pttl}");
+    }
+}
+
+/// A read-write lock over three fenced nodes whose key is a lease alone on some nodes and a set
+/// of holders on another (a reader of a client of that node alone joined there): the acquisition,
+/// the raise round, extend, downgrade and release work on both forms, a mutex on the key is told
+/// what it is, and nothing is left once every holder has gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_over_three_nodes_with_both_forms_works_and_leaves_nothing() {
+    let Some(_) = redis_or_skip("attack redlock lease alone") else {
+        return;
+    };
+    let mut backed = ServerBacked::start(3, |urls| Redlock::new(config(urls).with_fencing(true)));
+    let urls: Vec<String> = backed.servers().iter().map(|server| server.url()).collect();
+    let three = single(backed.lock().clone(), ms(10_000));
+    let first_node = Locker::new(Redlock::new(config(vec![urls[0].clone()])).unwrap())
+        .with_options(
+            LockOptions::default().with_ttl(ms(10_000)).with_retry(
+                RetryPolicy::forever()
+                    .with_retry_delay(ms(10))
+                    .with_deadline(ms(3_000)),
+            ),
+        )
+        .unwrap();
+    let mut probes: Vec<redis::Connection> = urls.iter().map(|url| connect(url)).collect();
+
+    // A writer alone everywhere, downgraded, then a reader on the first node only: both forms.
+    let mut writer = three.acquire_write("doc").await.unwrap();
+    assert!(writer.fencing_token().is_some());
+    settled(&mut probes, b"doc", ["string", "string", "string"]).await;
+    writer.downgrade().await.unwrap();
+    // (The downgrade may still be on its way to the first node: a quorum answered.)
+    let local = first_node.acquire_read("doc").await.unwrap();
+    settled(&mut probes, b"doc", ["zset", "string", "string"]).await;
+    // A fenced reader over the three nodes: the set on one, a lone lease (converted) on the
+    // others; the raise round reads both.
+    let reader = three.acquire_read("doc").await.unwrap();
+    let (writer_fence, reader_fence) = (
+        writer.fencing_token().unwrap(),
+        reader.fencing_token().unwrap(),
+    );
+    assert!(
+        reader_fence > writer_fence,
+        "{reader_fence} after {writer_fence}"
+    );
+    let mutex = three.try_acquire("doc").await;
+    assert!(
+        matches!(&mutex, Err(LockError::KindMismatch { found, .. }) if found == "a read-write lock"),
+        "a mutex on the key: {mutex:?}"
+    );
+    writer.extend(ms(20_000)).await.unwrap();
+    writer.release().await.unwrap();
+    reader.release().await.unwrap();
+    settled(&mut probes, b"doc", ["zset", "none", "none"]).await;
+    local.release().await.unwrap();
+    settled(&mut probes, b"doc", ["none", "none", "none"]).await;
+
+    // A reader alone on every node and a writer refused: nothing but the fencing counter left.
+    let reader = three.acquire_read("doc").await.unwrap();
+    let refused = three
+        .try_acquire_kind("doc", LeaseKind::Write)
+        .await
+        .unwrap();
+    assert!(refused.is_none());
+    reader.release().await.unwrap();
+    settled(&mut probes, b"doc", ["none", "none", "none"]).await;
+    settled(&mut probes, b"doc\xff:claim", ["none", "none", "none"]).await;
+}
+
+/// Waits (up to 3 s: requests beyond the quorum may still be on their way) until `key` has the
+/// types `expected` on the nodes, and fails if it never does.
+async fn settled(probes: &mut [redis::Connection], key: &[u8], expected: [&str; 3]) {
+    let started = std::time::Instant::now();
+    loop {
+        let types: Vec<String> = probes
+            .iter_mut()
+            .map(|probe| redis::cmd("TYPE").arg(key).query(probe).unwrap())
+            .collect();
+        if types == expected {
+            return;
+        }
+        assert!(
+            started.elapsed() < ms(3_000),
+            "`{}` is {types:?}, not {expected:?}",
+            String::from_utf8_lossy(key)
+        );
+        tokio::time::sleep(ms(20)).await;
     }
 }

@@ -9,9 +9,9 @@ if redis.replicate_commands then
 end
 local key, claim = KEYS[1], KEYS[2]
 local token, ttl, tag, marker = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local kind = redis.call('type', key).ok
-if kind == 'none' then
-  -- Alone: one string (a semaphore has at least one permit; a writer needs no one gone).
+-- Alone on a free key: one string (a semaphore has at least one permit; a writer needs no
+-- one gone).
+local function take_alone()
   if tag == 'r' and redis.call('exists', claim) == 1 then
     return 0
   end
@@ -30,9 +30,18 @@ if kind == 'none' then
   redis.call('set', key, marker .. '\0' .. tag .. token, 'PX', ARGV[2])
   return value
 end
+local kind = redis.call('type', key).ok
+if kind == 'none' then
+  return take_alone()
+end
 local now, time = now_ms()
 if not as_set(key, now) then
   return describe(key)
+end
+kind = redis.call('type', key).ok
+if kind == 'none' then
+  -- The lease alone here ended in this very millisecond.
+  return take_alone()
 end
 local holders = 0
 do

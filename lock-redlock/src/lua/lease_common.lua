@@ -43,19 +43,25 @@ local function solo_holds(value, tags, token)
     and string.find(tags, string.sub(member, 1, 1), 1, true) ~= nil
 end
 
--- Turns a lease stored alone on `key` into the set form, in place. False when `key` holds a
--- string that is not a lease (a mutex, a value of another application); true otherwise (nothing to do for another type).
+-- Turns a lease stored alone on `key` into the set form, in place, keeping its expiry to the
+-- millisecond. False when `key` holds a string that is not a lease (a mutex, a value of
+-- another application), left as it is; true otherwise (nothing to do for another type). A
+-- lease alone that ends in this very millisecond (`now`) is dropped, as a holder of a set
+-- scored `now` would be: the key is then absent.
 local function as_set(key, now)
   if redis.call('type', key).ok ~= 'string' then
     return true
   end
   local marker, member = solo_parts(redis.call('get', key))
-  local left = redis.call('pttl', key)
-  if not marker or left < 0 then
+  local expires = redis.call('pexpiretime', key)
+  if not marker or expires < 0 then
     return false
   end
-  local expiry = string.format('%.0f', now + left)
   redis.call('del', key)
+  if expires <= now then
+    return true
+  end
+  local expiry = string.format('%.0f', expires)
   redis.call('zadd', key, 0, marker, expiry, member)
   redis.call('pexpireat', key, expiry)
   return true
