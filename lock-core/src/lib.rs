@@ -9,6 +9,7 @@ mod lock;
 mod locker;
 pub mod metrics;
 mod options;
+pub mod raw;
 mod retry;
 mod token;
 mod url;

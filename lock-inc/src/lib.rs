@@ -15,7 +15,7 @@ use fred::prelude::{ClientLike, Config, KeysInterface, ReconnectPolicy};
 use fred::types::scripts::Script;
 use lock_core::{
     Capabilities, Handle, Holding, Key, KeyState, LeaseKind, Lock, LockError, LockRequest, Result,
-    RetryPolicy, Token, async_trait, metrics, validate,
+    Token, async_trait, metrics, raw::FollowUp, validate,
 };
 use tokio::time::Instant;
 
@@ -41,11 +41,6 @@ static DOWNGRADE: LazyLock<Script> =
 /// Keys asked per `SCAN` page by [`Lock::purge`]; the locks of a page are removed by one
 /// script on a single server.
 const PURGE_BATCH: u32 = 1000;
-
-/// How many times the background sends again a release that failed (a timeout, a dropped
-/// connection): a server that stalled, or restarted and lost the scripts (its NOSCRIPT reaches
-/// nobody once the caller gave up), hears it after a pause.
-const RELEASE_TRIES: u32 = 3;
 
 /// The optimistic INCR lock of lock-inc: `INCR` on the lock key; 1 means you hold it, more
 /// means "resource locked" at once.
@@ -737,9 +732,9 @@ impl IncHandle {
     }
 }
 
-/// Asks again, in the background, for a release that failed: up to [`RELEASE_TRIES`] times with
-/// doubling pauses from the command timeout on, until it is answered or the key would have
-/// expired anyway (`expires_by`). Token-checked, so asking twice is harmless.
+/// Asks again, in the background, for a release that failed, as a [`FollowUp`]: after pauses
+/// doubling from the command timeout on, until it is answered or the key would have expired
+/// anyway (`expires_by`). Token-checked, so asking twice is harmless.
 fn release_later(
     shared: Arc<Shared>,
     key: Key,
@@ -752,22 +747,25 @@ fn release_later(
     };
     runtime.spawn(async move {
         let timeout = Duration::from_millis(shared.config.command_timeout);
-        for pause in RetryPolicy::doubling(timeout, RELEASE_TRIES).backoff() {
-            if Instant::now() + pause >= expires_by {
-                return;
-            }
-            tokio::time::sleep(pause).await;
-            if shared.running().is_err() {
-                return;
-            }
-            metrics::resent(NAME, metrics::OPERATION_RELEASE, 1);
-            match release(&shared, &key, &token, kind).await {
-                Ok(_) => return,
-                Err(error) => {
-                    tracing::debug!(%key, %error, "release not answered; asking again");
+        let follow_up = FollowUp::new(NAME, metrics::OPERATION_RELEASE, timeout, expires_by);
+        let running = || shared.running().is_ok();
+        follow_up
+            .run(vec![key], running, |keys: Vec<Key>| {
+                let (shared, token) = (&shared, &token);
+                async move {
+                    let Some(key) = keys.first() else {
+                        return keys;
+                    };
+                    match release(shared, key, token, kind).await {
+                        Ok(_) => Vec::new(),
+                        Err(error) => {
+                            tracing::debug!(%key, %error, "release not answered; asking again");
+                            keys
+                        }
+                    }
                 }
-            }
-        }
+            })
+            .await;
     });
 }
 

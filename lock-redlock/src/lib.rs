@@ -16,7 +16,7 @@ pub use config::{ConnectionKind, RedlockConfig};
 pub use lease::MAX_SLOT_PERMITS;
 use lock_core::{
     Capabilities, Handle, Holding, Key, KeySet, KeyState, LeaseKind, Lock, LockError, LockOptions,
-    LockRequest, Locker, Result, RetryPolicy, Token, async_trait, metrics, validate,
+    LockRequest, Locker, Result, Token, async_trait, metrics, raw::FollowUp, validate,
 };
 use tokio::time::Instant;
 
@@ -34,11 +34,6 @@ pub const FENCE_SUFFIX: &[u8] = b"\xff:fence";
 
 /// Added to the drift allowance of every lock, as in the Redlock specification.
 const DRIFT_FLOOR: Duration = Duration::from_millis(2);
-
-/// How many times the background sends a compare-and-delete again to a node that has not
-/// answered it: a node that stalled, or restarted and lost the scripts (its first answer is
-/// NOSCRIPT, which reaches nobody once the caller gave up), hears it again after a pause.
-const RELEASE_TRIES: u32 = 3;
 
 /// A follow-up whose first round goes out at once: the clean-up of a failed attempt, which is
 /// the first release the nodes that answered late or not at all are sent (not counted as
@@ -159,9 +154,9 @@ impl Shared {
         ttl.mul_f64(self.config.drift_factor) + DRIFT_FLOOR
     }
 
-    /// Sends compare-and-delete to the nodes at `indices` until each has answered it, up to
-    /// [`RELEASE_TRIES`] rounds (the first at once if `at_once`, the others after doubling
-    /// pauses from `timeout` on) and none once the keys are gone by themselves (`expires_by`).
+    /// Sends compare-and-delete to the nodes at `indices` until each has answered it, as a
+    /// [`FollowUp`] (every round after a pause from `timeout` on, or the first at once if
+    /// `at_once`) that stops once the keys are gone by themselves (`expires_by`).
     /// Token-checked, so asking twice is harmless. See [`AtOnce`] for what counts as re-sent.
     #[allow(clippy::too_many_arguments)]
     async fn release_until_answered(
@@ -175,8 +170,16 @@ impl Shared {
         at_once: Option<AtOnce>,
     ) {
         let wanted = released_when(&keys, held);
-        let release = (metrics::OPERATION_RELEASE, at_once);
-        self.until_answered(indices, &keys, timeout, expires_by, release, |node| {
+        let mut follow_up = FollowUp::new(NAME, metrics::OPERATION_RELEASE, timeout, expires_by);
+        if let Some(AtOnce { sent_before }) = at_once {
+            // The first round, at once: a first send to the others.
+            let resent = indices
+                .iter()
+                .filter(|index| sent_before.contains(index))
+                .count();
+            follow_up = follow_up.at_once(resent);
+        }
+        self.until_answered(follow_up, indices, &keys, timeout, |node| {
             let (keys, token) = (keys.clone(), token.clone());
             async move {
                 node.release(&keys, &token, held)
@@ -187,68 +190,49 @@ impl Shared {
         .await;
     }
 
-    /// Sends `op` to the nodes at `indices` until each has answered it (any answer), up to
-    /// [`RELEASE_TRIES`] rounds: the first at once if `at_once`, the others after doubling
-    /// pauses from `timeout` on, and none past `expires_by`. The one follow-up of every
-    /// operation that must reach every node (releases, clean-ups, fence raises); each message
-    /// sent again counts in `lock_resends_total` under `operation` (in a round at once, only
-    /// those to the nodes [`AtOnce`] names).
+    /// Sends `op` to the nodes at `indices` until each has answered it (any answer), in the
+    /// rounds of `follow_up`, each node under `timeout`. The one follow-up of every operation
+    /// that must reach every node (releases, clean-ups, fence raises).
     async fn until_answered<F, Fut>(
         &self,
-        mut indices: Vec<usize>,
+        follow_up: FollowUp,
+        indices: Vec<usize>,
         keys: &KeySet,
         timeout: Duration,
-        expires_by: Instant,
-        (operation, mut at_once): (&'static str, Option<AtOnce>),
         op: F,
     ) where
         F: Fn(Node) -> Fut,
         Fut: Future<Output = redis::RedisResult<Option<u64>>> + Send + 'static,
     {
-        let policy = RetryPolicy::doubling(timeout, RELEASE_TRIES);
-        let pauses = at_once
-            .is_some()
-            .then_some(Duration::ZERO)
-            .into_iter()
-            .chain(policy.backoff())
-            .take(RELEASE_TRIES as usize);
-        for pause in pauses {
-            if indices.is_empty() || Instant::now() + pause >= expires_by {
-                return;
-            }
-            tokio::time::sleep(pause).await;
-            // Empty once the lock was stopped.
-            let targets = self.subset(indices.iter().copied());
-            if targets.is_empty() {
-                return;
-            }
-            let resent = match at_once.take() {
-                // The first round, at once: a first send to the others.
-                Some(AtOnce { sent_before }) => indices
-                    .iter()
-                    .filter(|index| sent_before.contains(index))
-                    .count(),
-                None => targets.len(),
-            };
-            if resent > 0 {
-                metrics::resent(NAME, operation, resent as u64);
-            }
-            let (tally, rest) = round::run(&targets, targets.len(), timeout, &op).await;
-            let late = rest.finish().await;
-            indices = tally
-                .failed_with(&late)
-                .into_iter()
-                .filter_map(|target| indices.get(target).copied())
-                .collect();
-            if !indices.is_empty() {
-                tracing::debug!(
-                    key = %keys.primary(),
-                    nodes = indices.len(),
-                    failures = %tally.failures(),
-                    "not answered; asking again"
-                );
-            }
-        }
+        let running = || self.nodes().is_ok();
+        follow_up
+            .run(indices, running, |indices: Vec<usize>| {
+                let op = &op;
+                async move {
+                    // Empty once the lock was stopped.
+                    let targets = self.subset(indices.iter().copied());
+                    if targets.is_empty() {
+                        return Vec::new();
+                    }
+                    let (tally, rest) = round::run(&targets, targets.len(), timeout, op).await;
+                    let late = rest.finish().await;
+                    let indices: Vec<usize> = tally
+                        .failed_with(&late)
+                        .into_iter()
+                        .filter_map(|target| indices.get(target).copied())
+                        .collect();
+                    if !indices.is_empty() {
+                        tracing::debug!(
+                            key = %keys.primary(),
+                            nodes = indices.len(),
+                            failures = %tally.failures(),
+                            "not answered; asking again"
+                        );
+                    }
+                    indices
+                }
+            })
+            .await;
     }
 
     /// Fails when a node stores one of `keys` as something other than a mutex: another kind of
@@ -330,9 +314,10 @@ impl Shared {
                     .chain(late.failed.into_iter().map(|(index, _)| index))
                     .collect();
                 let expires_by = Instant::now() + validate::MAX_TTL;
-                let raise = (metrics::OPERATION_FENCE_RAISE, None);
+                let raise =
+                    FollowUp::new(NAME, metrics::OPERATION_FENCE_RAISE, timeout, expires_by);
                 shared
-                    .until_answered(failed, &keys, timeout, expires_by, raise, |node| {
+                    .until_answered(raise, failed, &keys, timeout, |node| {
                         shared.raise_on(node, &keys, &token, &fences, fence, ttl)
                     })
                     .await;
