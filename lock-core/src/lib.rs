@@ -25,9 +25,7 @@ pub use async_trait::async_trait;
 pub use error::{LockError, Result};
 pub use guard::LockGuard;
 pub use key::{Key, KeySet, MAX_KEY_LEN, NAMESPACE_SEPARATOR, Namespace, key_for};
-pub use lock::{
-    Capabilities, Handle, Holding, KeyState, LeaseKind, Lock, LockRequest, server_from_info,
-};
+pub use lock::{Capabilities, Handle, Holding, KeyState, LeaseKind, Lock, LockRequest};
 pub use locker::{CLEANUP_WAIT, LeaseInfo, Locker};
 pub use options::LockOptions;
 pub use retry::{Backoff, RetryCount, RetryPolicy};

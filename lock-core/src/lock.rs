@@ -308,22 +308,6 @@ pub struct KeyState {
     pub holding: Holding,
 }
 
-/// The server and version an `INFO server` report names, as `name version` (`valkey 8.0.1`,
-/// `redis 7.0.15`), for [`KeyState::server`].
-///
-/// Valkey reports `redis_version:7.2.4` whatever its release, for compatibility: its own name
-/// and version are in `server_name` and `valkey_version`, which are read first.
-pub fn server_from_info(info: &str) -> Option<String> {
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|line| line.trim_end().strip_prefix(name)?.strip_prefix(':'))
-            .map(str::to_owned)
-    };
-    let name = field("server_name").unwrap_or_else(|| "redis".to_owned());
-    let version = field(&format!("{name}_version")).or_else(|| field("redis_version"))?;
-    Some(format!("{name} {version}"))
-}
-
 /// Whether a key is held on one node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Holding {

@@ -97,6 +97,25 @@ pub fn millis(field: &str, value: i64, max: Duration) -> Result<Duration> {
     Ok(duration)
 }
 
+/// The longest command, node or connect timeout a backend's configuration accepts.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Checks a timeout read from a configuration, in milliseconds: at least 1, at most
+/// [`MAX_TIMEOUT`].
+///
+/// # Errors
+/// [`LockError::InvalidInput`] naming `field`.
+pub fn timeout(field: &str, ms: u64) -> Result<Duration> {
+    let timeout = Duration::from_millis(ms);
+    if ms == 0 || timeout > MAX_TIMEOUT {
+        return Err(LockError::invalid(
+            field,
+            format!("{ms} ms is outside 1..={} ms", MAX_TIMEOUT.as_millis()),
+        ));
+    }
+    Ok(timeout)
+}
+
 /// Milliseconds of a duration for a configuration file; saturates instead of wrapping.
 pub(crate) fn to_millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
@@ -130,6 +149,21 @@ mod tests {
         assert!(fraction("drift_factor", 1.0).is_err());
         assert!(fraction("drift_factor", -0.1).is_err());
         assert!(fraction("drift_factor", f64::NAN).is_err());
+    }
+
+    #[test]
+    fn timeout_bounds() {
+        assert!(timeout("connect_timeout", 0).is_err());
+        assert_eq!(
+            timeout("connect_timeout", 1).ok(),
+            Some(Duration::from_millis(1))
+        );
+        assert_eq!(timeout("connect_timeout", 60_000).ok(), Some(MAX_TIMEOUT));
+        let error = timeout("connect_timeout", 60_001).expect_err("too long");
+        assert_eq!(
+            error.to_string(),
+            "invalid connect_timeout: 60001 ms is outside 1..=60000 ms"
+        );
     }
 
     #[test]

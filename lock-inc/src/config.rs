@@ -1,7 +1,16 @@
 //! Configuration of the INCR backend, as serde data with validation.
 
-use lock_core::{LockError, Result, SecretUrl};
+use lock_core::raw::redis::UrlRules;
+use lock_core::{LockError, Result, SecretUrl, validate};
+
 use serde::{Deserialize, Serialize};
+
+/// The URLs the INCR backend takes: one server or a Redis Cluster, TLS with the `tls` feature.
+const URL_RULES: UrlRules = UrlRules {
+    crate_name: "lock-inc",
+    cluster: true,
+    tls: cfg!(feature = "tls"),
+};
 
 /// Configuration of an [`IncLock`](crate::IncLock).
 ///
@@ -78,47 +87,14 @@ impl IncConfig {
     /// # Errors
     /// [`LockError::InvalidInput`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        // fred accepts URLs of other schemes as if they were Redis; refuse them here.
-        let tls = match self.url.scheme() {
-            // Valkey's schemes name the same protocol; fred takes both.
-            Some("redis" | "redis-cluster" | "valkey" | "valkey-cluster") => false,
-            Some("rediss" | "rediss-cluster" | "valkeys" | "valkeys-cluster") => true,
-            _ => {
-                return Err(LockError::invalid(
-                    "url",
-                    format!(
-                        "{} is not a redis://, rediss://, redis-cluster:// URL (or the same with valkey)",
-                        self.url
-                    ),
-                ));
-            }
-        };
-        if (tls || self.tls_ca_file.is_some()) && !cfg!(feature = "tls") {
-            return Err(LockError::invalid(
-                "url",
-                format!(
-                    "{}: TLS needs the `tls` cargo feature of lock-inc",
-                    self.url
-                ),
-            ));
-        }
-        // Before fred sees it: with a raw `/`, `?` or `#` in the password, it would read part
-        // of the password as the host and port.
-        self.url.check_user_info()?;
+        // fred accepts URLs of other schemes as if they were Redis (and Valkey's schemes name
+        // the same protocol; fred takes both).
+        URL_RULES.check(&self.url, self.tls_ca_file.as_deref())?;
         if self.prefix.len() > 256 {
             return Err(LockError::invalid("prefix", "is longer than 256 bytes"));
         }
-        for (field, ms) in [
-            ("command_timeout", self.command_timeout),
-            ("connect_timeout", self.connect_timeout),
-        ] {
-            if ms == 0 || ms > 60_000 {
-                return Err(LockError::invalid(
-                    field,
-                    format!("{ms} ms is outside 1..=60000 ms"),
-                ));
-            }
-        }
+        validate::timeout("command_timeout", self.command_timeout)?;
+        validate::timeout("connect_timeout", self.connect_timeout)?;
         Ok(())
     }
 

@@ -14,8 +14,8 @@ pub use config::IncConfig;
 use fred::prelude::{ClientLike, Config, KeysInterface, ReconnectPolicy};
 use fred::types::scripts::Script;
 use lock_core::{
-    Capabilities, Handle, Holding, Key, KeyState, LeaseKind, Lock, LockError, LockRequest, Result,
-    Token, async_trait, metrics, raw::FollowUp, validate,
+    Capabilities, Handle, Key, KeyState, LeaseKind, Lock, LockError, LockRequest, Result, Token,
+    async_trait, metrics, raw::FollowUp, raw::redis as redis_kit, validate,
 };
 use tokio::time::Instant;
 
@@ -312,20 +312,14 @@ impl Lock for IncLock {
                 .await
                 .map_err(|e| shared.backend_error("pttl", &e))?;
         }
-        let holding = match pttl {
-            -2 => Holding::Free,
-            -1 => Holding::Held { ttl: None },
-            ms => Holding::Held {
-                ttl: Some(Duration::from_millis(u64::try_from(ms).unwrap_or_default())),
-            },
-        };
+        let holding = redis_kit::holding_from_pttl(pttl);
         // Which server and version: a status display's help, never a reason to fail.
         let server = shared
             .client
             .info::<String>(Some(fred::types::InfoKind::Server))
             .await
             .ok()
-            .and_then(|info| lock_core::server_from_info(&info));
+            .and_then(|info| redis_kit::server_from_info(&info));
         Ok(vec![KeyState {
             node: shared.config.label(),
             server,
@@ -515,7 +509,7 @@ async fn release(shared: &Shared, key: &Key, token: &Token, kind: LeaseKind) -> 
     let channel = shared
         .wakeups
         .is_some()
-        .then(|| [wake::RELEASE_CHANNEL, keys.counter.as_str()].concat());
+        .then(|| redis_kit::release_channel(&keys.counter));
     let token = token.expose();
     let released: i64 = match kind_letter(kind) {
         None => {
@@ -701,7 +695,7 @@ impl Handle for IncHandle {
         let channel = shared
             .wakeups
             .is_some()
-            .then(|| [wake::RELEASE_CHANNEL, keys.counter.as_str()].concat());
+            .then(|| redis_kit::release_channel(&keys.counter));
         let token = self.token.expose();
         let mut args = vec![token.as_str()];
         args.extend(channel.as_deref());

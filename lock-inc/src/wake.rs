@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::{ClientLike, EventInterface, KeysInterface, PubsubInterface};
+use lock_core::raw::redis::{gone_in, release_channel};
 use lock_core::wake::WakeRegistry;
 use tokio::task::JoinHandle;
-
-/// Releases of the lock key `K` are announced on this prefix followed by `K`.
-pub(crate) const RELEASE_CHANNEL: &str = "lock-released:";
 
 /// The waiters and the subscriber connection of one backend.
 pub(crate) struct Wakeups {
@@ -39,16 +37,9 @@ impl Wakeups {
         counter: &str,
         max_wait: Duration,
     ) {
-        let channel = format!("{RELEASE_CHANNEL}{counter}");
-        let remaining_ttl = async {
-            match client.pttl::<i64, _>(counter).await.ok()? {
-                // Gone already (expired or released meanwhile): retry at once.
-                -2 => Some(Duration::ZERO),
-                ms => u64::try_from(ms)
-                    .ok()
-                    .map(|ms| Duration::from_millis(ms + 1)),
-            }
-        };
+        let channel = release_channel(counter);
+        // Zero when gone already (expired or released meanwhile): retry at once.
+        let remaining_ttl = async { gone_in(client.pttl::<i64, _>(counter).await.ok()?) };
         let (subscriber, name) = (self.subscriber.clone(), channel.clone());
         let unsubscribe = move || async move {
             let _ = subscriber.unsubscribe(name).await;

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use lock_core::raw::redis::UrlRules;
 use lock_core::{LockError, Result, RetryPolicy, SecretUrl, validate};
 use serde::{Deserialize, Serialize};
 
@@ -88,9 +89,6 @@ pub struct RedlockConfig {
 const DERIVED_TIMEOUT: (Duration, Duration) =
     (Duration::from_millis(20), Duration::from_millis(500));
 
-/// The longest node or connect timeout accepted.
-const MAX_TIMEOUT: Duration = Duration::from_secs(60);
-
 impl Default for RedlockConfig {
     fn default() -> Self {
         Self {
@@ -172,11 +170,12 @@ impl RedlockConfig {
         for (index, url) in self.urls.iter().enumerate() {
             NodeUrl::parse(url).map_err(|e| e.within(&format!("urls[{index}]")))?;
         }
+        URL_RULES.check_ca_file(self.tls_ca_file.as_deref())?;
         validate::fraction("drift_factor", self.drift_factor)?;
         if let Some(timeout) = self.node_timeout {
-            timeout_in_range("node_timeout", timeout)?;
+            validate::timeout("node_timeout", timeout)?;
         }
-        timeout_in_range("connect_timeout", self.connect_timeout)?;
+        validate::timeout("connect_timeout", self.connect_timeout)?;
         if self.tls_ca_file.is_some() && self.connection == ConnectionKind::Pool {
             return Err(LockError::invalid(
                 "tls_ca_file",
@@ -215,15 +214,12 @@ impl RedlockConfig {
     }
 }
 
-fn timeout_in_range(field: &str, ms: u64) -> Result<()> {
-    if ms == 0 || Duration::from_millis(ms) > MAX_TIMEOUT {
-        return Err(LockError::invalid(
-            field,
-            format!("{ms} ms is outside 1..=60000 ms"),
-        ));
-    }
-    Ok(())
-}
+/// The node URLs Redlock takes: independent masters (no cluster), TLS with the `tls` feature.
+const URL_RULES: UrlRules = UrlRules {
+    crate_name: "lock-redlock",
+    cluster: false,
+    tls: cfg!(feature = "tls"),
+};
 
 /// A checked node URL and the label it is shown as (`host:port`, never the password).
 #[derive(Clone)]
@@ -233,29 +229,11 @@ pub(crate) struct NodeUrl {
 }
 
 impl NodeUrl {
-    /// Checks the scheme, the user info and the host, then lets redis-rs parse the rest; every
-    /// message shows the URL without its password.
+    /// Checks the scheme, the user info ([`URL_RULES`]) and the host, then lets redis-rs parse
+    /// the rest; every message shows the URL without its password.
     pub(crate) fn parse(url: &SecretUrl) -> Result<Self> {
-        match url.scheme() {
-            // Valkey's schemes name the same protocol; redis-rs takes both.
-            Some("redis" | "valkey") => {}
-            Some("rediss" | "valkeys") if cfg!(feature = "tls") => {}
-            Some(scheme @ ("rediss" | "valkeys")) => {
-                return Err(LockError::invalid(
-                    "url",
-                    format!("{url}: {scheme}:// needs the `tls` cargo feature of lock-redlock"),
-                ));
-            }
-            _ => {
-                return Err(LockError::invalid(
-                    "url",
-                    format!("{url} is not a redis://, rediss://, valkey:// or valkeys:// URL"),
-                ));
-            }
-        }
-        // Before redis-rs sees it: with a raw `/`, `?` or `#` in the password, it would read
-        // part of the password as the host and port.
-        url.check_user_info()?;
+        // Valkey's schemes name the same protocol; redis-rs takes both.
+        URL_RULES.check(url, None)?;
         let host_port = url.host();
         if host_port.is_empty() {
             return Err(LockError::invalid("url", format!("{url} names no host")));

@@ -16,7 +16,8 @@ pub use config::{ConnectionKind, RedlockConfig};
 pub use lease::MAX_SLOT_PERMITS;
 use lock_core::{
     Capabilities, Handle, Holding, Key, KeySet, KeyState, LeaseKind, Lock, LockError, LockOptions,
-    LockRequest, Locker, Result, Token, async_trait, metrics, raw::FollowUp, validate,
+    LockRequest, Locker, Result, Token, async_trait, metrics, raw::FollowUp,
+    raw::redis as redis_kit, validate,
 };
 use tokio::time::Instant;
 
@@ -621,15 +622,11 @@ impl Lock for Redlock {
         let nodes = self.shared.nodes()?;
         let asks = nodes.iter().map(|node| async move {
             let server = match tokio::time::timeout(timeout, node.info_server()).await {
-                Ok(Ok(info)) => lock_core::server_from_info(&info),
+                Ok(Ok(info)) => redis_kit::server_from_info(&info),
                 _ => None,
             };
             let holding = match tokio::time::timeout(timeout, node.held_pttl(key)).await {
-                Ok(Ok(-2)) => Holding::Free,
-                Ok(Ok(-1)) => Holding::Held { ttl: None },
-                Ok(Ok(ms)) => Holding::Held {
-                    ttl: Some(Duration::from_millis(u64::try_from(ms).unwrap_or_default())),
-                },
+                Ok(Ok(pttl)) => redis_kit::holding_from_pttl(pttl),
                 Ok(Err(error)) => Holding::Unknown(error.to_string()),
                 Err(_) => Holding::Unknown(format!("no answer within {} ms", timeout.as_millis())),
             };

@@ -10,7 +10,9 @@ use futures::StreamExt;
 use lock_core::wake::WakeRegistry;
 use redis::aio::PubSubSink;
 
-use crate::node::{Node, RELEASE_CHANNEL};
+use lock_core::raw::redis::{gone_in, release_channel};
+
+use crate::node::Node;
 
 /// The subscriptions of one backend: one pub/sub connection per node, shared by all waiters.
 pub(crate) struct Wakeups {
@@ -34,13 +36,11 @@ async fn until_free(
     let mut expiries = Vec::new();
     let mut holders = 0usize;
     for answer in futures::future::join_all(asks).await {
-        match answer {
-            Ok(Ok(-2)) => {}
-            Ok(Ok(ms)) => {
+        match answer.map(|pttl| pttl.map(gone_in)) {
+            Ok(Ok(Some(Duration::ZERO))) => {}
+            Ok(Ok(gone_in)) => {
                 holders += 1;
-                if let Ok(ms) = u64::try_from(ms) {
-                    expiries.push(ms);
-                }
+                expiries.extend(gone_in);
             }
             // No answer (or no expiry): it may hold the key for good.
             _ => holders += 1,
@@ -51,9 +51,7 @@ async fn until_free(
         return Some(Duration::ZERO);
     }
     expiries.sort_unstable();
-    expiries
-        .get(holders - tolerable - 1)
-        .map(|ms| Duration::from_millis(ms + 1))
+    expiries.get(holders - tolerable - 1).copied()
 }
 
 struct Subscriber {
@@ -84,7 +82,7 @@ impl Wakeups {
         max_wait: Duration,
         timeout: Duration,
     ) {
-        let channel = format!("{RELEASE_CHANNEL}{key}");
+        let channel = release_channel(key);
         let subscribe = async {
             futures::future::join_all(
                 nodes

@@ -3,5 +3,6 @@
 //! and the items at the crate's root.
 
 mod follow_up;
+pub mod redis;
 
 pub use follow_up::{FOLLOW_UP_ROUNDS, FollowUp};

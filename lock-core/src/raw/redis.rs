@@ -1,0 +1,265 @@
+//! What every backend on a Redis-compatible server (Redis, Valkey) shares, whatever its client
+//! library: the release channel, what `PTTL` answers mean, URL schemes and TLS, `INFO` reports.
+//! Pure functions over strings and integers: lock-core links no Redis client.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::error::{LockError, Result};
+use crate::lock::Holding;
+use crate::url::SecretUrl;
+
+/// Releases of a key are announced (with `wake_on_release`) on this prefix followed by the
+/// key as stored: `lock-released:<key>`.
+pub const RELEASE_CHANNEL: &str = "lock-released:";
+
+/// The channel releases of `key` (the key as stored) are announced on.
+///
+/// ```
+/// assert_eq!(lock_core::raw::redis::release_channel("lock:{a}"), "lock-released:lock:{a}");
+/// ```
+pub fn release_channel(key: &str) -> String {
+    [RELEASE_CHANNEL, key].concat()
+}
+
+/// What a `PTTL` answer says of a key: `-2` free, `-1` held without expiry, otherwise held for
+/// that many milliseconds more.
+///
+/// ```
+/// use std::time::Duration;
+/// use lock_core::Holding;
+/// use lock_core::raw::redis::holding_from_pttl;
+///
+/// assert_eq!(holding_from_pttl(-2), Holding::Free);
+/// assert_eq!(holding_from_pttl(-1), Holding::Held { ttl: None });
+/// assert_eq!(holding_from_pttl(5), Holding::Held { ttl: Some(Duration::from_millis(5)) });
+/// ```
+pub fn holding_from_pttl(pttl: i64) -> Holding {
+    match pttl {
+        -2 => Holding::Free,
+        -1 => Holding::Held { ttl: None },
+        ms => Holding::Held {
+            ttl: Some(Duration::from_millis(u64::try_from(ms).unwrap_or_default())),
+        },
+    }
+}
+
+/// How long until a key whose `PTTL` is `pttl` is gone: zero when it is gone already, a
+/// millisecond past its expiry when it has one (`PTTL` rounds down), `None` when it never
+/// expires by itself.
+///
+/// ```
+/// use std::time::Duration;
+/// use lock_core::raw::redis::gone_in;
+///
+/// assert_eq!(gone_in(-2), Some(Duration::ZERO));
+/// assert_eq!(gone_in(-1), None);
+/// assert_eq!(gone_in(0), Some(Duration::from_millis(1)));
+/// ```
+pub fn gone_in(pttl: i64) -> Option<Duration> {
+    match pttl {
+        -2 => Some(Duration::ZERO),
+        ms => u64::try_from(ms)
+            .ok()
+            .map(|ms| Duration::from_millis(ms.saturating_add(1))),
+    }
+}
+
+/// The server and version an `INFO server` report names, as `name version` (`valkey 8.0.1`,
+/// `redis 7.0.15`), for [`KeyState::server`](crate::KeyState::server).
+///
+/// Valkey reports `redis_version:7.2.4` whatever its release, for compatibility: its own name
+/// and version are in `server_name` and `valkey_version`, which are read first.
+pub fn server_from_info(info: &str) -> Option<String> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.trim_end().strip_prefix(name)?.strip_prefix(':'))
+            .map(str::to_owned)
+    };
+    let name = field("server_name").unwrap_or_else(|| "redis".to_owned());
+    let version = field(&format!("{name}_version")).or_else(|| field("redis_version"))?;
+    Some(format!("{name} {version}"))
+}
+
+/// The URLs a backend on Redis-compatible servers takes, and how it was built.
+#[derive(Clone, Copy, Debug)]
+pub struct UrlRules {
+    /// The backend's crate, named in the message that asks for its `tls` feature.
+    pub crate_name: &'static str,
+    /// Whether `redis-cluster://` (and its TLS and Valkey twins) are taken.
+    pub cluster: bool,
+    /// Whether the backend was built with TLS (its `tls` cargo feature).
+    pub tls: bool,
+}
+
+/// What a URL that passed [`UrlRules::check`] asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UrlScheme {
+    /// `rediss://` and the like: TLS.
+    pub tls: bool,
+    /// `redis-cluster://` and the like: a Redis Cluster.
+    pub cluster: bool,
+}
+
+impl UrlRules {
+    /// Checks a URL before any driver reads it (drivers take URLs of other schemes as if they
+    /// were Redis, and would read part of a password holding a raw `/`, `?` or `#` as the host):
+    /// the scheme is `redis` or `valkey`, with [`UrlRules::cluster`] also `redis-cluster` or
+    /// `valkey-cluster`, each with its TLS twin (`rediss`…) only when built with TLS, as is a
+    /// CA file; then [`SecretUrl::check_user_info`]. Messages show the URL without password.
+    ///
+    /// ```
+    /// use lock_core::SecretUrl;
+    /// use lock_core::raw::redis::UrlRules;
+    ///
+    /// let rules = UrlRules { crate_name: "lock-mine", cluster: false, tls: false };
+    /// assert!(rules.check(&SecretUrl::new("redis://h:6379/"), None).is_ok());
+    /// assert!(rules.check(&SecretUrl::new("http://h/"), None).is_err());
+    /// let error = rules.check(&SecretUrl::new("rediss://u:s3cret@h/"), None).unwrap_err();
+    /// assert!(error.to_string().contains("`tls` cargo feature of lock-mine"));
+    /// assert!(!error.to_string().contains("s3cret"));
+    /// ```
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `url` (or `tls_ca_file`).
+    pub fn check(&self, url: &SecretUrl, tls_ca_file: Option<&Path>) -> Result<UrlScheme> {
+        let scheme = url.scheme().unwrap_or_default();
+        let (base, cluster) = match scheme.strip_suffix("-cluster") {
+            Some(base) if self.cluster => (base, true),
+            _ => (scheme, false),
+        };
+        let tls = match base {
+            "redis" | "valkey" => false,
+            "rediss" | "valkeys" => true,
+            _ if self.cluster => {
+                return Err(LockError::invalid(
+                    "url",
+                    format!(
+                        "{url} is not a redis://, rediss://, redis-cluster:// URL (or the same with valkey)"
+                    ),
+                ));
+            }
+            _ => {
+                return Err(LockError::invalid(
+                    "url",
+                    format!("{url} is not a redis://, rediss://, valkey:// or valkeys:// URL"),
+                ));
+            }
+        };
+        if tls && !self.tls {
+            return Err(LockError::invalid(
+                "url",
+                format!(
+                    "{url}: {scheme}:// needs the `tls` cargo feature of {}",
+                    self.crate_name
+                ),
+            ));
+        }
+        self.check_ca_file(tls_ca_file)?;
+        url.check_user_info()?;
+        Ok(UrlScheme { tls, cluster })
+    }
+
+    /// Checks that a CA file, when one is set, can be used: the backend was built with TLS.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `tls_ca_file`.
+    pub fn check_ca_file(&self, tls_ca_file: Option<&Path>) -> Result<()> {
+        if tls_ca_file.is_some() && !self.tls {
+            return Err(LockError::invalid(
+                "tls_ca_file",
+                format!("needs the `tls` cargo feature of {}", self.crate_name),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(result: Result<UrlScheme>) -> String {
+        match result {
+            Err(LockError::InvalidInput { field, .. }) => field,
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn schemes() {
+        let single = UrlRules {
+            crate_name: "lock-a",
+            cluster: false,
+            tls: true,
+        };
+        let cluster = UrlRules {
+            cluster: true,
+            ..single
+        };
+        let check = |rules: UrlRules, url: &str| rules.check(&SecretUrl::new(url), None);
+        for url in ["redis://h/", "valkey://h/"] {
+            let plain = UrlScheme {
+                tls: false,
+                cluster: false,
+            };
+            assert_eq!(check(single, url).ok(), Some(plain));
+            assert_eq!(check(cluster, url).ok(), Some(plain));
+        }
+        for url in ["rediss://h/", "valkeys://h/"] {
+            assert_eq!(check(single, url).ok().map(|s| s.tls), Some(true));
+        }
+        for url in ["redis-cluster://h", "valkeys-cluster://h"] {
+            assert_eq!(check(cluster, url).ok().map(|s| s.cluster), Some(true));
+            assert_eq!(field(check(single, url)), "url");
+        }
+        for url in [
+            "http://h/",
+            "h:6379",
+            "redis-sentinel://h",
+            "-cluster://h",
+            "redis ://h",
+        ] {
+            assert_eq!(field(check(single, url)), "url", "{url}");
+            assert_eq!(field(check(cluster, url)), "url", "{url}");
+        }
+    }
+
+    #[test]
+    fn tls_needs_the_feature() {
+        let rules = UrlRules {
+            crate_name: "lock-a",
+            cluster: true,
+            tls: false,
+        };
+        for url in ["rediss://u:s3cret@h/", "valkeys-cluster://u:s3cret@h"] {
+            let error = rules
+                .check(&SecretUrl::new(url), None)
+                .expect_err("needs the feature");
+            assert!(error.to_string().contains("`tls` cargo feature of lock-a"));
+            assert!(!error.to_string().contains("s3cret"), "{error}");
+        }
+        let ca = Some(Path::new("ca.pem"));
+        assert_eq!(
+            field(rules.check(&SecretUrl::new("redis://h/"), ca)),
+            "tls_ca_file"
+        );
+        let built = UrlRules { tls: true, ..rules };
+        assert!(built.check(&SecretUrl::new("redis://h/"), ca).is_ok());
+    }
+
+    #[test]
+    fn pttl_answers() {
+        assert_eq!(holding_from_pttl(-2), Holding::Free);
+        assert_eq!(holding_from_pttl(-1), Holding::Held { ttl: None });
+        assert_eq!(
+            holding_from_pttl(1500),
+            Holding::Held {
+                ttl: Some(Duration::from_millis(1500))
+            }
+        );
+        assert_eq!(gone_in(-2), Some(Duration::ZERO));
+        assert_eq!(gone_in(-1), None);
+        assert_eq!(gone_in(1500), Some(Duration::from_millis(1501)));
+    }
+}
