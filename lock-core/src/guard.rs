@@ -14,8 +14,8 @@ use crate::local::{self, Places, Ticket, Validity};
 use crate::lock::{Handle, LeaseKind};
 use crate::locker::Cleanups;
 use crate::metrics::Held;
+use crate::raw::validate;
 use crate::token::Token;
-use crate::validate;
 use crate::watchdog::{self, LostSignal, Status};
 
 /// A held lock. Call [`LockGuard::release`] when done; dropping the guard releases in the

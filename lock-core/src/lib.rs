@@ -13,22 +13,21 @@ pub mod raw;
 mod retry;
 mod token;
 mod url;
-pub mod validate;
-pub mod wake;
 mod watchdog;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-/// Re-exported so that custom backends implement [`Lock`] and [`Handle`] with the same macro.
-pub use async_trait::async_trait;
+// What users of locks hold. Backend authors find the contract and its helpers in `raw`.
 pub use error::{LockError, Result};
 pub use guard::LockGuard;
-pub use key::{Key, KeySet, MAX_KEY_LEN, NAMESPACE_SEPARATOR, Namespace, key_for};
-pub use lock::{Capabilities, Handle, Holding, KeyState, LeaseKind, Lock, LockRequest};
+pub use key::{Key, MAX_KEY_LEN, NAMESPACE_SEPARATOR, Namespace, key_for};
+/// Also in [`raw`]: users read it from [`Locker::capabilities`].
+pub use lock::Capabilities;
+pub use lock::{Holding, KeyState, LeaseKind};
 pub use locker::{CLEANUP_WAIT, LeaseInfo, Locker};
 pub use options::LockOptions;
 pub use retry::{Backoff, RetryCount, RetryPolicy};
 pub use token::{TOKEN_BYTES, Token, TokenText};
-pub use url::{SecretUrl, redact_url};
+pub use url::SecretUrl;
 pub use watchdog::LostSignal;

@@ -163,9 +163,9 @@ impl LeaseKind {
     ///
     /// # Errors
     /// [`LockError::InvalidInput`] naming `permits` when it is 0 or above
-    /// [`MAX_PERMITS`](crate::validate::MAX_PERMITS).
+    /// [`MAX_PERMITS`](crate::raw::validate::MAX_PERMITS).
     pub fn permit(permits: u32) -> Result<Self> {
-        let permits = crate::validate::permits("permits", permits)?;
+        let permits = crate::raw::validate::permits("permits", permits)?;
         Ok(Self::Permit { permits })
     }
 
@@ -215,7 +215,7 @@ impl LockRequest {
     /// # Errors
     /// [`LockError::InvalidInput`] naming `ttl`.
     pub fn new(keys: KeySet, token: Token, ttl: Duration) -> Result<Self> {
-        crate::validate::ttl("ttl", ttl)?;
+        crate::raw::validate::ttl("ttl", ttl)?;
         Ok(Self::prevalidated(keys, token, ttl))
     }
 

@@ -436,13 +436,13 @@ impl Locker {
     }
 
     /// Refuses calls on a stopped client, kinds the backend does not serve, semaphores beyond
-    /// [`MAX_PERMITS`](crate::validate::MAX_PERMITS) (a `LeaseKind::Permit` built by hand skips
+    /// [`MAX_PERMITS`](crate::raw::validate::MAX_PERMITS) (a `LeaseKind::Permit` built by hand skips
     /// [`LeaseKind::permit`]), and multi-key locks on backends without them (multi-key locks
     /// are mutexes only).
     fn check_keys(&self, keys: &KeySet, kind: LeaseKind) -> Result<()> {
         self.check_running()?;
         if let LeaseKind::Permit { permits } = kind {
-            crate::validate::permits("permits", permits.get())?;
+            crate::raw::validate::permits("permits", permits.get())?;
         }
         let capabilities = self.store().capabilities();
         let backend = self.store().name();

@@ -63,7 +63,7 @@ pub fn describe() {
     }
 }
 
-/// Counts `messages` sent again by `backend` (its [`Lock::name`](crate::Lock::name)) to nodes
+/// Counts `messages` sent again by `backend` (its [`Lock::name`](crate::raw::Lock::name)) to nodes
 /// that missed an `operation` ([`OPERATION_RELEASE`] or [`OPERATION_FENCE_RAISE`]): for backend
 /// authors. A no-op without the `metrics` feature.
 pub fn resent(backend: &'static str, operation: &'static str, messages: u64) {

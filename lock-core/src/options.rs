@@ -5,8 +5,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LockError, Result};
+use crate::raw::validate;
 use crate::retry::RetryPolicy;
-use crate::validate;
 
 /// How long a lock lives and how to retry for it.
 ///

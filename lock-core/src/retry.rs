@@ -6,7 +6,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LockError, Result};
-use crate::validate;
+use crate::raw::validate;
 
 /// The longest single pause between two attempts that a policy may ask for.
 const MAX_DELAY_LIMIT: Duration = Duration::from_secs(60 * 60);

@@ -32,7 +32,7 @@ const HIDDEN: &str = "***";
 /// it, before any driver sees it.
 ///
 /// ```
-/// use lock_core::redact_url;
+/// use lock_core::raw::redact_url;
 ///
 /// assert_eq!(redact_url("redis://app:s3cret@h:6379/0"), "redis://app:***@h:6379/0");
 /// // A password may hold `/`, `@`, `?` or `#`: the user info ends at the last `@`.

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use lock_core::{Key, LockError, LockOptions, Locker, RetryPolicy, validate};
+use lock_core::{Key, LockError, LockOptions, Locker, RetryPolicy, raw::validate};
 use lock_memory::MemoryLock;
 use proptest::prelude::*;
 

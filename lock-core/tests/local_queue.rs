@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Handle, Lock, LockOptions, LockRequest, Locker, Result, RetryPolicy, async_trait,
+    Capabilities, LockOptions, Locker, Result, RetryPolicy,
+    raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
 use tokio::time::Instant;

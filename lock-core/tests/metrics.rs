@@ -9,8 +9,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Handle, Key, Lock, LockError, LockOptions, LockRequest, Locker, Result,
-    RetryCount, RetryPolicy, Token, async_trait,
+    Capabilities, Key, LockError, LockOptions, Locker, Result, RetryCount, RetryPolicy, Token,
+    raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Handle, Key, Lock, LockError, LockOptions, LockRequest, Locker, Result,
-    RetryPolicy, async_trait,
+    Capabilities, Key, LockError, LockOptions, Locker, Result, RetryPolicy,
+    raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
 

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::Path;
 
-use lock_core::{LockError, Result, SecretUrl, redact_url};
+use lock_core::{LockError, Result, SecretUrl, raw::redact_url};
 use serde::de::{Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 

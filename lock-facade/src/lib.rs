@@ -6,6 +6,9 @@ mod config;
 use std::sync::Arc;
 
 pub use config::{CONFIG_ENV, ConfigSource, LockConfig};
+use lock_core::raw::{Lock, validate};
+/// The core's user surface (`Locker`, `LockGuard`, options, the retry policy, errors…) and its
+/// `raw` kit for backend authors, under the same names as in `lock_core`.
 #[doc(inline)]
 pub use lock_core::*;
 /// The INCR backend (feature `inc`).

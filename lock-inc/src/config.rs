@@ -1,7 +1,7 @@
 //! Configuration of the INCR backend, as serde data with validation.
 
 use lock_core::raw::redis::UrlRules;
-use lock_core::{LockError, Result, SecretUrl, validate};
+use lock_core::{LockError, Result, SecretUrl, raw::validate};
 
 use serde::{Deserialize, Serialize};
 

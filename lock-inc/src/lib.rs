@@ -14,8 +14,8 @@ pub use config::IncConfig;
 use fred::prelude::{ClientLike, Config, KeysInterface, ReconnectPolicy};
 use fred::types::scripts::Script;
 use lock_core::{
-    Capabilities, Handle, Key, KeyState, LeaseKind, Lock, LockError, LockRequest, Result, Token,
-    async_trait, metrics, raw::FollowUp, raw::redis as redis_kit, validate,
+    Capabilities, Key, KeyState, LeaseKind, LockError, Result, Token, metrics,
+    raw::{FollowUp, Handle, Lock, LockRequest, async_trait, redis as redis_kit, validate},
 };
 use tokio::time::Instant;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use fred::clients::SubscriberClient;
 use fred::prelude::{ClientLike, EventInterface, KeysInterface, PubsubInterface};
 use lock_core::raw::redis::{gone_in, release_channel};
-use lock_core::wake::WakeRegistry;
+use lock_core::raw::wake::WakeRegistry;
 use tokio::task::JoinHandle;
 
 /// The waiters and the subscriber connection of one backend.

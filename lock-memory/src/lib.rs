@@ -9,8 +9,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use lock_core::{
-    Capabilities, Handle, Holding, Key, KeySet, KeyState, LeaseKind, Lock, LockError, LockRequest,
-    Result, Token, async_trait,
+    Capabilities, Holding, Key, KeyState, LeaseKind, LockError, Result, Token,
+    raw::{Handle, KeySet, Lock, LockRequest, async_trait},
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;

@@ -292,7 +292,7 @@ async fn the_largest_semaphore_admits_many() {
     for _ in 0..1000 {
         guards.push(
             locker
-                .acquire_permit("k", lock_core::validate::MAX_PERMITS)
+                .acquire_permit("k", lock_core::raw::validate::MAX_PERMITS)
                 .await
                 .unwrap(),
         );

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Handle, Key, LeaseKind, Lock, LockOptions, LockRequest, Locker, Result,
-    RetryPolicy, Token, async_trait,
+    Capabilities, Key, LeaseKind, LockOptions, Locker, Result, RetryPolicy, Token,
+    raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
 use tokio::sync::Notify;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use lock_core::raw::redis::UrlRules;
-use lock_core::{LockError, Result, RetryPolicy, SecretUrl, validate};
+use lock_core::{LockError, Result, RetryPolicy, SecretUrl, raw::validate};
 use serde::{Deserialize, Serialize};
 
 /// How each node's connection is kept.

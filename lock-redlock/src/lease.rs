@@ -6,7 +6,10 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lock_core::{Handle, Key, KeySet, LeaseKind, LockError, LockRequest, Result, Token, validate};
+use lock_core::{
+    Key, LeaseKind, LockError, Result, Token,
+    raw::{Handle, KeySet, LockRequest, validate},
+};
 use redis::{RedisResult, Value};
 use tokio::time::Instant;
 

@@ -15,9 +15,9 @@ use std::time::Duration;
 pub use config::{ConnectionKind, RedlockConfig};
 pub use lease::MAX_SLOT_PERMITS;
 use lock_core::{
-    Capabilities, Handle, Holding, Key, KeySet, KeyState, LeaseKind, Lock, LockError, LockOptions,
-    LockRequest, Locker, Result, Token, async_trait, metrics, raw::FollowUp,
-    raw::redis as redis_kit, validate,
+    Capabilities, Holding, Key, KeyState, LeaseKind, LockError, LockOptions, Locker, Result, Token,
+    metrics,
+    raw::{FollowUp, Handle, KeySet, Lock, LockRequest, async_trait, redis as redis_kit, validate},
 };
 use tokio::time::Instant;
 
@@ -618,7 +618,7 @@ impl Lock for Redlock {
     }
 
     async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
-        let timeout = self.shared.node_timeout(lock_core::validate::MAX_TTL);
+        let timeout = self.shared.node_timeout(lock_core::raw::validate::MAX_TTL);
         let nodes = self.shared.nodes()?;
         let asks = nodes.iter().map(|node| async move {
             let server = match tokio::time::timeout(timeout, node.info_server()).await {
@@ -655,7 +655,7 @@ impl Lock for Redlock {
     async fn abandon(&self, request: &LockRequest) -> Result<bool> {
         let shared = &self.shared;
         let (keys, token) = (request.key_set().clone(), request.token());
-        let timeout = shared.node_timeout(lock_core::validate::MAX_TTL);
+        let timeout = shared.node_timeout(lock_core::raw::validate::MAX_TTL);
         // The clean-up of a cancelled attempt may be the last thing this process sends: each
         // node gets the script with the call (see `release_self_contained`).
         let held = lease::held_by(request.kind(), shared.node_count);

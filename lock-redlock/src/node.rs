@@ -6,7 +6,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
-use lock_core::{Key, LockError, Result, Token, validate};
+use lock_core::{Key, LockError, Result, Token, raw::validate};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, Client, RedisResult, Script, Value};
 

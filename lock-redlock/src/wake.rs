@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lock_core::wake::WakeRegistry;
+use lock_core::raw::wake::WakeRegistry;
 use redis::aio::PubSubSink;
 
 use lock_core::raw::redis::{gone_in, release_channel};

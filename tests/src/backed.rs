@@ -4,7 +4,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use lock_core::{Capabilities, Handle, Key, KeyState, Lock, LockRequest, Result, async_trait};
+use lock_core::{
+    Capabilities, Key, KeyState, Result,
+    raw::{Handle, Lock, LockRequest, async_trait},
+};
 
 use crate::server::{RedisServer, redis_server_binary};
 

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use lock_core::{
-    Holding, Key, KeySet, LeaseKind, Lock, LockError, LockOptions, LockRequest, Locker,
-    RetryPolicy, Token,
+    Holding, Key, LeaseKind, LockError, LockOptions, Locker, RetryPolicy, Token,
+    raw::{KeySet, Lock, LockRequest},
 };
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::server::{RedisServer, redis_or_skip};

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use lock_core::{
-    Holding, Key, KeySet, LeaseKind, Lock, LockError, LockOptions, LockRequest, Locker,
-    RetryPolicy, Token,
+    Holding, Key, LeaseKind, LockError, LockOptions, Locker, RetryPolicy, Token,
+    raw::{KeySet, Lock, LockRequest},
 };
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::backed::ServerBacked;

@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Handle, Key, Lock, LockRequest, Result, Token, async_trait, conformance,
+    Capabilities, Key, Result, Token, conformance,
+    raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
 use tokio::time::Instant;

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Handle, Key, Lock, LockError, LockRequest, Result, Token, async_trait,
+    Capabilities, Key, LockError, Result, Token,
+    raw::{Handle, Lock, LockRequest, async_trait},
 };
 use tokio::time::Instant;
 

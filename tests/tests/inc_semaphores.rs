@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Handle, Key, LeaseKind, Lock, LockError, LockOptions, LockRequest, Locker,
-    RetryPolicy, async_trait,
+    Capabilities, Key, LeaseKind, LockError, LockOptions, Locker, RetryPolicy,
+    raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::server::{RedisServer, redis_or_skip, start_cluster};

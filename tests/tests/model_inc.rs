@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lock_core::{Lock, Result};
+use lock_core::{Result, raw::Lock};
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::model::{self, AfterStop, ClientSetup, ModelConfig, Naming, Target, Timing};
 use lock_tests::server::{RedisServer, redis_or_skip, start_cluster};

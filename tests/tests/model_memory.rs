@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Handle, Key, KeyState, Lock, LockRequest, Result, Token, async_trait,
+    Capabilities, Key, KeyState, Result, Token,
+    raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
 use lock_tests::model::{self, AfterStop, ClientSetup, ModelConfig, Naming, Target, Timing};

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Handle, Key, KeyState, LeaseKind, Lock, LockError, LockOptions, LockRequest,
-    Locker, Result, RetryPolicy, async_trait,
+    Capabilities, Key, KeyState, LeaseKind, LockError, LockOptions, Locker, Result, RetryPolicy,
+    raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::backed::ServerBacked;

@@ -6,7 +6,7 @@ use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::server::redis_or_skip;
 use lock_tests::tls::TlsServer;
 
-fn single_attempt(lock: impl lock_core::Lock) -> Locker {
+fn single_attempt(lock: impl lock_core::raw::Lock) -> Locker {
     Locker::new(lock)
         .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
         .expect("options")

@@ -69,7 +69,7 @@ mod inc {
     );
 }
 
-fn locker(lock: impl lock_core::Lock, single: bool) -> Locker {
+fn locker(lock: impl lock_core::raw::Lock, single: bool) -> Locker {
     let retry = if single {
         RetryPolicy::none()
     } else {

@@ -11,8 +11,8 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep};
 
 use crate::{
-    Handle, KeySet, LeaseKind, Lock, LockError, LockGuard, LockOptions, LockRequest, Locker,
-    RetryCount, RetryPolicy, Token,
+    LeaseKind, LockError, LockGuard, LockOptions, Locker, RetryCount, RetryPolicy, Token,
+    raw::{Handle, KeySet, Lock, LockRequest},
 };
 
 fn ms(n: u64) -> Duration {

@@ -66,7 +66,7 @@ use std::time::Duration;
 
 pub use cases::*;
 
-use crate::{Capabilities, Lock};
+use crate::{Capabilities, raw::Lock};
 
 /// How long one case may run before it counts as hung.
 pub const CASE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -291,7 +291,7 @@ macro_rules! __conformance_tests_with {
             $crate::__conformance_case! {
                 { needs [$($need)*] without [$($without)*] declared $declared }
                 async fn $case() {
-                    let lock: ::std::sync::Arc<dyn $crate::Lock> = ::std::sync::Arc::new($factory.await);
+                    let lock: ::std::sync::Arc<dyn $crate::raw::Lock> = ::std::sync::Arc::new($factory.await);
                     $crate::conformance::__test(stringify!($case), lock).await;
                 }
             }
@@ -313,8 +313,8 @@ macro_rules! __conformance_tests_with {
                 $crate::__conformance_case! {
                     { needs [$($need)*] without [$($without)*] declared $declared }
                     async fn $case() {
-                        let inner: ::std::sync::Arc<dyn $crate::Lock> = ::std::sync::Arc::new($factory.await);
-                        let lock: ::std::sync::Arc<dyn $crate::Lock> = ::std::sync::Arc::new(inner);
+                        let inner: ::std::sync::Arc<dyn $crate::raw::Lock> = ::std::sync::Arc::new($factory.await);
+                        let lock: ::std::sync::Arc<dyn $crate::raw::Lock> = ::std::sync::Arc::new(inner);
                         $crate::conformance::__test(stringify!($case), lock).await;
                     }
                 }
@@ -411,7 +411,10 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::{Handle, LockRequest, Result};
+    use crate::{
+        Result,
+        raw::{Handle, LockRequest},
+    };
 
     /// A backend that reports capabilities and takes nothing: enough to select cases by.
     #[derive(Debug)]

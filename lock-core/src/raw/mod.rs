@@ -1,8 +1,23 @@
-//! The kit for backend authors, as OpenDAL's `raw`: what a backend implements and the helpers
-//! every backend shares. Users of locks need none of it: they hold a [`Locker`](crate::Locker)
-//! and the items at the crate's root.
+//! The kit for backend authors, as OpenDAL's `raw`: the contract a backend implements
+//! ([`Lock`], [`Handle`], one attempt's [`LockRequest`], its [`Capabilities`]) and what every
+//! backend shares — the validation rules ([`validate`]), URL redaction ([`redact_url`]), the
+//! waiters of push wake-ups ([`wake`]), the background [`FollowUp`] of operations that must
+//! reach every node, and the pure plumbing of backends on Redis-compatible servers
+//! ([`redis`]).
+//!
+//! Users of locks need none of it: they hold a [`Locker`](crate::Locker), which takes any
+//! backend, and the items at the crate's root. The conformance suite for backends is
+//! [`conformance`](crate::conformance) (cargo feature `conformance`).
 
 mod follow_up;
 pub mod redis;
+pub mod validate;
+pub mod wake;
 
+/// Re-exported so that backends implement [`Lock`] and [`Handle`] with the same macro.
+pub use async_trait::async_trait;
 pub use follow_up::{FOLLOW_UP_ROUNDS, FollowUp};
+
+pub use crate::key::KeySet;
+pub use crate::lock::{Capabilities, Handle, Lock, LockRequest};
+pub use crate::url::redact_url;

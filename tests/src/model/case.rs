@@ -155,7 +155,7 @@ impl Ttl {
             (Self::Short, Timing::Real) => Duration::from_millis(150),
             (Self::Long, _) => Duration::from_secs(10),
             (Self::Zero, _) => Duration::ZERO,
-            (Self::TooLong, _) => lock_core::validate::MAX_TTL + Duration::from_millis(1),
+            (Self::TooLong, _) => lock_core::raw::validate::MAX_TTL + Duration::from_millis(1),
         }
     }
 

@@ -26,7 +26,7 @@ pub use case::{
     CLIENTS, Case, ClientSpec, KEY_POOL, MAX_NAMESPACE_LEN, MAX_PREFIX_LEN, NAMESPACE_POOL, Op,
     PREFIX_POOL, REAL_STEP, Text, Ttl, advance_by, case,
 };
-use lock_core::Lock;
+use lock_core::raw::Lock;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunner};
 
 /// How time passes for a target.

@@ -1,5 +1,5 @@
 //! The waiters of push-based wake-ups, for backends that announce releases (Redis pub/sub, …)
-//! and implement [`Lock::wait_for_release`](crate::Lock::wait_for_release) on top.
+//! and implement [`Lock::wait_for_release`](crate::raw::Lock::wait_for_release) on top.
 //!
 //! Waiters register per channel; the backend's message reader wakes the channel's waiters, or
 //! every waiter when its connection drops (messages may have been missed). A channel's first
