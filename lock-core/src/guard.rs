@@ -84,11 +84,17 @@ struct Watched {
 }
 
 impl LockGuard {
-    /// Wraps a handle that a backend returned for a lock of `ttl`.
+    /// Wraps a handle that a backend returned for a lock of `ttl`. Only the [`Locker`] makes
+    /// guards: what a guard keeps beside the handle (its share of `lock_held`, its place in the
+    /// in-process queue, the clean-ups of a writer's claim) is the core's bookkeeping.
     ///
     /// # Errors
     /// [`LockError::Backend`] if the handle names no key (a backend bug).
-    pub fn new(handle: Box<dyn Handle>, backend: &'static str, ttl: Duration) -> Result<Self> {
+    pub(crate) fn new(
+        handle: Box<dyn Handle>,
+        backend: &'static str,
+        ttl: Duration,
+    ) -> Result<Self> {
         if handle.keys().is_empty() {
             return Err(LockError::backend(
                 backend,

@@ -207,12 +207,10 @@ impl Slot {
     }
 }
 
+/// Test probes for leak checks, with the `testing` feature (and in this crate's tests): not
+/// part of the API, whose users see a lock table only through locks.
+#[cfg(any(test, feature = "testing"))]
 impl MemoryLock {
-    /// A new, empty lock table.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// How many keys have an entry (held, waited for, or expired and not yet reclaimed).
     pub fn len(&self) -> usize {
         self.inner.slots.len()
@@ -230,6 +228,13 @@ impl MemoryLock {
             .iter()
             .filter(|slot| slot.has_waiters())
             .count()
+    }
+}
+
+impl MemoryLock {
+    /// A new, empty lock table.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// The capacity of the lock table: it tracks the most keys held at once, not every key
