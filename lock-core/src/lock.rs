@@ -322,7 +322,9 @@ pub enum Holding {
     Unknown(String),
 }
 
-/// A lock backend: one attempt at a time, never a sleep or a retry loop.
+/// A lock backend: one attempt at a time, never a sleep or a retry loop on the caller's path
+/// (what must reach every node is sent again in the background, by a
+/// [`FollowUp`](crate::raw::FollowUp)).
 ///
 /// The retry policy, deadline, token generation, namespacing and tracing live once, in
 /// [`Locker`](crate::Locker); a backend implements the primitives below. Use it as

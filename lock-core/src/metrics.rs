@@ -2,9 +2,9 @@
 //!
 #![doc = include_str!("metrics.md")]
 //!
-//! Backends record only what the core cannot see, through [`resent`]; everything else is
-//! recorded once, by [`Locker`](crate::Locker), [`LockGuard`](crate::LockGuard) and the
-//! watchdog.
+//! Backends record only what the core cannot see, their background re-sends, through
+//! [`FollowUp`](crate::raw::FollowUp) (which calls [`resent`]); everything else is recorded
+//! once, by [`Locker`](crate::Locker), [`LockGuard`](crate::LockGuard) and the watchdog.
 
 use crate::error::{LockError, Result};
 
