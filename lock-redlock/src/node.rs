@@ -23,23 +23,38 @@ static RELEASE_NOTIFY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/release_notify.lua")));
 static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/extend.lua")));
 
-/// A script of semaphores and read-write locks: its own file after the helpers they share.
+/// A script of semaphores and read-write locks: its own file after the helpers they share —
+/// and for the acquisition and the release, their path for a lease alone on its key first,
+/// before the helpers, whose definitions would cost that path most of its time.
 macro_rules! lease_script {
     ($file:literal) => {
         concat!(
+            include_str!("lua/lease_alone.lua"),
+            include_str!("lua/lease_common.lua"),
+            include_str!(concat!("lua/", $file))
+        )
+    };
+    ($alone:literal, $file:literal) => {
+        concat!(
+            include_str!(concat!("lua/", $alone)),
+            include_str!("lua/lease_alone.lua"),
             include_str!("lua/lease_common.lua"),
             include_str!(concat!("lua/", $file))
         )
     };
 }
 
-const LEASE_RELEASE_SOURCE: &str = lease_script!("lease_release.lua");
+const LEASE_RELEASE_SOURCE: &str = lease_script!("lease_release_alone.lua", "lease_release.lua");
 const SLOT_RELEASE_SOURCE: &str = lease_script!("slot_release.lua");
 static LEASE_RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE_RELEASE_SOURCE));
 static SLOT_RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(SLOT_RELEASE_SOURCE));
 /// The scripts that take, extend, downgrade and fence leases (see `lease.rs`).
-pub(crate) static LEASE_ACQUIRE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(lease_script!("lease_acquire.lua")));
+pub(crate) static LEASE_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(lease_script!(
+        "lease_acquire_alone.lua",
+        "lease_acquire.lua"
+    ))
+});
 static LEASE_EXTEND: LazyLock<Script> =
     LazyLock::new(|| Script::new(lease_script!("lease_extend.lua")));
 static LEASE_DOWNGRADE: LazyLock<Script> =

@@ -1,7 +1,4 @@
--- Removes the token ARGV[1]'s lease from KEYS[1] (alone or in the set), under any of the tags
--- in ARGV[2] ('p', 'r', 'w', 'rw'); with ARGV[3] = '1' also its claim KEYS[2]. Announces the release on
--- the channel ARGV[4] .. KEYS[1] when ARGV[4] is given. Returns 1 when a live lease or a claim
--- was removed, 0 otherwise (an expired lease is dropped, but counts as lost).
+-- The rest of `lease_release_alone.lua`: a set of holders, or a writer's claim to take back.
 local key, claim, token, tags = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local removed = 0
 -- A string: a lease alone, or a mutex (never ours); a set answers an error, caught.
