@@ -9,16 +9,16 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         match arg.as_str() {
             "--quick" => {}
             "--only" => match rest.next().map(String::as_str) {
-                Some("memory" | "redlock" | "inc") => {}
+                Some("memory" | "redlock" | "redlock-1" | "inc") => {}
                 other => {
                     return Err(format!(
-                        "--only takes memory, redlock or inc, got {other:?}"
+                        "--only takes memory, redlock, redlock-1 or inc, got {other:?}"
                     ));
                 }
             },
             other => {
                 return Err(format!(
-                    "unknown bench option `{other}`; try --quick or --only memory|redlock|inc"
+                    "unknown bench option `{other}`; try --quick or --only memory|redlock|redlock-1|inc"
                 ));
             }
         }

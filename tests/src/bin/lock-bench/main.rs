@@ -96,6 +96,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             profile.handoff_time,
         ))?);
     }
+    if only.as_deref() == Some("redlock-1") {
+        // One node, uncontended only: the mutex, permit and read-lock cycles side by side.
+        let single = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        figures.extend(single.block_on(redlock::one_node_uncontended(
+            profile.redis_cycles,
+            profile.redis_rounds,
+        ))?);
+    }
     if only.as_deref().is_none_or(|only| only == "inc") {
         let single = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -43,6 +43,14 @@ pub(crate) async fn benchmarks(
     Ok(figures)
 }
 
+/// [`uncontended`] alone, on one node (`--only redlock-1`).
+pub(crate) async fn one_node_uncontended(cycles: u32, rounds: usize) -> BenchResult<Vec<Figure>> {
+    let binary = redis_server_binary()
+        .ok_or("redis-server not found: run `cargo xtask it` first, which installs it")?;
+    let server = RedisServer::start(&binary, &[])?;
+    uncontended(&server, &[server.url()], 1, cycles, rounds).await
+}
+
 /// Sequential acquire + release cycles: ours (both connection kinds), rslock and, on one node,
 /// redis-rs alone sending the same two commands, in short chunks alternating with the minimal
 /// client's round-trip floor on the first server; `redis-benchmark -c 1` windows between them
