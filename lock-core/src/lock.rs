@@ -40,6 +40,11 @@ pub struct Capabilities {
     /// Read-write locks: requests of kind [`LeaseKind::Read`] and [`LeaseKind::Write`] are
     /// served, and [`Handle::downgrade`] works.
     pub read_write: bool,
+    /// Waiters across processes are served first come, first served: a waiting mutex request
+    /// on one key (one that carries a [`LockRequest::waiter`]) that finds the key held joins a
+    /// line in the store, which the core takes back by [`Lock::abandon`] when the waiter stops
+    /// waiting, and [`Lock::wait_for_turn`] returns when its turn comes.
+    pub fair: bool,
 }
 
 impl Capabilities {
@@ -54,6 +59,7 @@ impl Capabilities {
         wake_on_release: false,
         semaphore: false,
         read_write: false,
+        fair: false,
     };
 
     /// Adds [`Capabilities::extend`].
@@ -116,6 +122,13 @@ impl Capabilities {
     #[must_use]
     pub const fn with_read_write(mut self) -> Self {
         self.read_write = true;
+        self
+    }
+
+    /// Adds [`Capabilities::fair`].
+    #[must_use]
+    pub const fn with_fair(mut self) -> Self {
+        self.fair = true;
         self
     }
 
@@ -207,6 +220,7 @@ pub struct LockRequest {
     after_wait: bool,
     will_wait: bool,
     kind: LeaseKind,
+    waiter: Option<Token>,
 }
 
 impl LockRequest {
@@ -228,7 +242,23 @@ impl LockRequest {
             after_wait: false,
             will_wait: false,
             kind: LeaseKind::Exclusive,
+            waiter: None,
         }
+    }
+
+    /// Names the waiter this attempt belongs to: a random id that stays the same across every
+    /// attempt of one acquisition (each attempt has a fresh token), by which a backend with
+    /// [`Capabilities::fair`] keeps the waiter's place in line. The core sets it on waiting
+    /// mutex requests on one key to such a backend.
+    #[must_use]
+    pub fn with_waiter(mut self, waiter: Token) -> Self {
+        self.waiter = Some(waiter);
+        self
+    }
+
+    /// The waiter this attempt belongs to, if it waits in line (see [`LockRequest::with_waiter`]).
+    pub fn waiter(&self) -> Option<&Token> {
+        self.waiter.as_ref()
     }
 
     /// Marks an attempt whose caller will wait and try again if it finds the keys held (as
@@ -404,6 +434,20 @@ pub trait Lock: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Waits until the turn of the waiter `request` belongs to may have come, or `max_wait` has
+    /// passed; `request` is the waiter's latest attempt, which found the key held.
+    ///
+    /// The default is [`Lock::wait_for_release`] on the request's keys; a backend with
+    /// [`Capabilities::fair`] returns when the waiter is woken for its turn (a message meant
+    /// for it alone), when the holder it found expires if it is first in line, or after
+    /// `max_wait` (the retry delay: the fallback should a message be lost).
+    ///
+    /// # Errors
+    /// As [`Lock::wait_for_release`].
+    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<()> {
+        self.wait_for_release(request.keys(), max_wait).await
+    }
+
     /// Removes every lock whose key starts with `prefix` and returns how many were removed.
     ///
     /// # Errors
@@ -545,6 +589,10 @@ impl<L: Lock + ?Sized> Lock for Arc<L> {
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
         (**self).wait_for_release(keys, max_wait).await
+    }
+
+    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<()> {
+        (**self).wait_for_turn(request, max_wait).await
     }
 
     async fn purge(&self, prefix: &str) -> Result<u64> {

@@ -614,19 +614,34 @@ impl Locker {
         };
         // The end of the policy's delay when a claim's renewal cut the wait short.
         let mut planned_wake = None;
+        let will_wait = !options.retry().is_single_attempt();
+        // A fair backend lines waiting mutexes on one key up in the store: every attempt of
+        // this acquisition names the same waiter, whose place in line is a claim like a
+        // writer's (renewed by the attempts, taken back when the waiter stops waiting).
+        let waiter = (will_wait
+            && kind == LeaseKind::Exclusive
+            && keys.len() == 1
+            && self.store().capabilities().fair)
+            .then(Token::generate)
+            .transpose()?;
         loop {
             attempts += 1;
             let outcome = if held_once && attempts == 1 {
                 Ok(Attempt::Held) // the attempt made at once
             } else {
-                let request =
+                let mut request =
                     LockRequest::prevalidated(keys.clone(), Token::generate()?, options.ttl())
                         .with_after_wait(attempts > 1)
-                        .with_will_wait(!options.retry().is_single_attempt())
+                        .with_will_wait(will_wait)
                         .with_kind(kind);
+                if let Some(waiter) = &waiter {
+                    request = request.with_waiter(waiter.clone());
+                }
                 acquisition.attempt();
                 let outcome = self.attempt(&request, deadline).await;
-                if kind == LeaseKind::Write && matches!(outcome, Ok(Attempt::Held)) {
+                if (kind == LeaseKind::Write || waiter.is_some())
+                    && matches!(outcome, Ok(Attempt::Held))
+                {
                     claim.request = Some(request);
                 }
                 outcome
@@ -708,7 +723,10 @@ impl Locker {
                 early_wakes = 0;
                 tokio::time::sleep_until(wake_at).await;
             } else {
-                self.store().wait_for_release(&keys, wake_at - now).await?;
+                match claim.request.as_ref().filter(|r| r.waiter().is_some()) {
+                    Some(request) => self.store().wait_for_turn(request, wake_at - now).await?,
+                    None => self.store().wait_for_release(&keys, wake_at - now).await?,
+                }
                 if Instant::now() < wake_at {
                     early_wakes += 1;
                 } else {

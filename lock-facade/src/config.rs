@@ -88,6 +88,10 @@ pub struct LockConfig {
     /// Redlock and inc: wake waiters over pub/sub when a lock is released.
     #[serde(alias = "wakeOnRelease", skip_serializing_if = "Option::is_none")]
     pub wake_on_release: Option<bool>,
+    /// `redis` (one node) and inc: serve waiters across processes first come, first served,
+    /// each woken alone when its turn comes (see the backends' `fair`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fair: Option<bool>,
     /// inc: the key prefix (default `lock:`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
@@ -220,6 +224,7 @@ impl LockConfig {
             node_timeout: self.node_timeout.or(lower.node_timeout),
             fencing: self.fencing.or(lower.fencing),
             wake_on_release: self.wake_on_release.or(lower.wake_on_release),
+            fair: self.fair.or(lower.fair),
             prefix: self.prefix.or(lower.prefix),
             command_timeout: self.command_timeout.or(lower.command_timeout),
             // A nested source of the lower layer must not vanish in the merge (`resolve` expands
@@ -269,6 +274,7 @@ impl fmt::Debug for LockConfig {
             .field("node_timeout", &self.node_timeout)
             .field("fencing", &self.fencing)
             .field("wake_on_release", &self.wake_on_release)
+            .field("fair", &self.fair)
             .field("prefix", &self.prefix)
             .field("command_timeout", &self.command_timeout)
             .field("lock_config", &self.lock_config.as_ref().map(|_| "…"))

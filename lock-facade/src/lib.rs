@@ -133,6 +133,9 @@ fn redlock_backend(config: &LockConfig, single: bool) -> Result<Arc<dyn Lock>> {
     if let Some(wake_on_release) = config.wake_on_release {
         redlock = redlock.with_wake_on_release(wake_on_release);
     }
+    if let Some(fair) = config.fair {
+        redlock = redlock.with_fair(fair);
+    }
     Ok(Arc::new(lock_redlock::Redlock::new(redlock)?))
 }
 
@@ -162,6 +165,9 @@ async fn inc_backend(config: &LockConfig) -> Result<Arc<dyn Lock>> {
     }
     if let Some(wake_on_release) = config.wake_on_release {
         inc.wake_on_release = wake_on_release;
+    }
+    if let Some(fair) = config.fair {
+        inc.fair = fair;
     }
     Ok(Arc::new(lock_inc::IncLock::connect(inc).await?))
 }

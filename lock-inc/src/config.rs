@@ -27,6 +27,7 @@ const URL_RULES: UrlRules = UrlRules {
 /// - `command_timeout`: 500 ms (fred's own default is to wait forever)
 /// - `connect_timeout`: 1000 ms
 /// - `wake_on_release`: off
+/// - `fair`: off
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IncConfig {
@@ -51,6 +52,14 @@ pub struct IncConfig {
     /// costs one delay at most). Costs one more connection for waiters.
     #[serde(alias = "wakeOnRelease")]
     pub wake_on_release: bool,
+    /// Serve waiters across processes first come, first served: a waiter that finds the key
+    /// held joins a line beside it (`<prefix>{K}:queue`, and `<prefix>{K}:queue-expiry` for
+    /// the entries' expiries, in the lock's hash slot), a release passes the turn to the head
+    /// of the line and wakes that waiter alone over pub/sub, and a single try never passes a
+    /// waiting line. Every client of a key must agree on it. Mutexes only (semaphores and
+    /// read-write locks are not lined up); it matters with a retry policy that waits (the
+    /// default is a single try). Costs one more connection for waiters.
+    pub fair: bool,
 }
 
 impl Default for IncConfig {
@@ -62,6 +71,7 @@ impl Default for IncConfig {
             connect_timeout: 1_000,
             tls_ca_file: None,
             wake_on_release: false,
+            fair: false,
         }
     }
 }
@@ -79,6 +89,13 @@ impl IncConfig {
     #[must_use]
     pub fn with_wake_on_release(mut self, wake_on_release: bool) -> Self {
         self.wake_on_release = wake_on_release;
+        self
+    }
+
+    /// Turns fair waiting across processes on or off (see [`IncConfig::fair`]).
+    #[must_use]
+    pub fn with_fair(mut self, fair: bool) -> Self {
+        self.fair = fair;
         self
     }
 

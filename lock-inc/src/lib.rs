@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod fair;
 mod wake;
 
 use std::collections::BTreeSet;
@@ -38,6 +39,23 @@ static SHARED_EXTEND: LazyLock<Script> =
 static DOWNGRADE: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("lua/downgrade.lua")));
 
+/// A fair mutex's scripts: the waiting line's helpers before each (see `lua/line.lua`). The
+/// acquisition is the plain one behind the line's gate.
+static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(concat!(
+        include_str!("lua/line.lua"),
+        "local gate = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4])\n",
+        "if gate then\n  return gate\nend\n",
+        include_str!("lua/acquire.lua")
+    ))
+});
+static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(concat!(
+        include_str!("lua/line.lua"),
+        include_str!("lua/release_fair.lua")
+    ))
+});
+
 /// Keys asked per `SCAN` page by [`Lock::purge`]; the locks of a page are removed by one
 /// script on a single server.
 const PURGE_BATCH: u32 = 1000;
@@ -63,6 +81,8 @@ struct Shared {
     config: IncConfig,
     /// Pub/sub subscriptions of waiters, when `wake_on_release` is on.
     wakeups: Option<wake::Wakeups>,
+    /// The waiters of fair lines and their subscription, when `fair` is on.
+    fair: Option<fair::FairLine>,
     /// Set by `shutdown`: every later call, guards' included, fails with
     /// [`LockError::Stopped`] before touching the closed client (whose errors would otherwise be
     /// backend errors, or a wait for the command timeout).
@@ -126,6 +146,15 @@ impl Shared {
         Ok(())
     }
 
+    /// A fair lock's waiting line and the expiries of its entries, in the lock's hash slot.
+    fn line_keys(&self, key: &Key) -> [String; 2] {
+        let counter = self.keys(key).counter;
+        [
+            [counter.as_str(), ":queue"].concat(),
+            [counter.as_str(), ":queue-expiry"].concat(),
+        ]
+    }
+
     fn backend_error(&self, what: &str, error: &fred::error::Error) -> LockError {
         LockError::backend(NAME, format!("{what} on {}: {error}", self.config.label()))
     }
@@ -177,11 +206,19 @@ impl IncLock {
         } else {
             None
         };
+        let fair = if config.fair {
+            Some(fair::FairLine::new(
+                builder.build_subscriber_client().map_err(invalid)?,
+            )?)
+        } else {
+            None
+        };
         let shared = Shared {
             client,
             prefix: config.prefix.clone(),
             config,
             wakeups,
+            fair,
             stopped: AtomicBool::new(false),
         };
         shared
@@ -215,10 +252,26 @@ impl Lock for IncLock {
             .with_fencing()
             .with_semaphore()
             .with_read_write();
-        if self.shared.wakeups.is_some() {
+        let capabilities = if self.shared.wakeups.is_some() {
             capabilities.with_wake_on_release()
         } else {
             capabilities
+        };
+        if self.shared.fair.is_some() {
+            capabilities.with_fair()
+        } else {
+            capabilities
+        }
+    }
+
+    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<()> {
+        match (&self.shared.fair, request.waiter()) {
+            (Some(fair), Some(waiter)) => {
+                self.shared.running()?;
+                fair.wait(waiter, max_wait).await;
+                Ok(())
+            }
+            _ => self.wait_for_release(request.keys(), max_wait).await,
         }
     }
 
@@ -245,18 +298,57 @@ impl Lock for IncLock {
         let keys = shared.keys(&key);
         let start = Instant::now();
         let ttl_ms = validate::ttl_millis(request.ttl());
-        let fence: i64 = ACQUIRE
-            .evalsha_with_reload(
-                &shared.client,
-                vec![
-                    keys.counter.as_str(),
-                    keys.owner.as_str(),
-                    keys.fence.as_str(),
-                ],
-                vec![request.token().expose().to_string(), ttl_ms.to_string()],
-            )
-            .await
-            .map_err(|e| shared.backend_error("acquire", &e))?;
+        let fence: i64 = if let Some(fair) = &shared.fair {
+            let member = match request.waiter() {
+                Some(waiter) => {
+                    let timeout = Duration::from_millis(shared.config.command_timeout);
+                    fair.listen(waiter, timeout).await;
+                    fair.member(waiter)
+                }
+                None => String::new(),
+            };
+            let [line, line_expiry] = shared.line_keys(&key);
+            let answer: i64 = ACQUIRE_FAIR
+                .evalsha_with_reload(
+                    &shared.client,
+                    vec![
+                        keys.counter.as_str(),
+                        keys.owner.as_str(),
+                        keys.fence.as_str(),
+                        line.as_str(),
+                        line_expiry.as_str(),
+                    ],
+                    vec![
+                        request.token().expose().to_string(),
+                        ttl_ms.to_string(),
+                        member,
+                        fair::TURN_CHANNEL.to_owned(),
+                    ],
+                )
+                .await
+                .map_err(|e| shared.backend_error("acquire", &e))?;
+            if let Some(waiter) = request.waiter() {
+                match u64::try_from(-answer - 1) {
+                    Ok(left) => fair.first_in_line(waiter, Duration::from_millis(left)),
+                    Err(_) if answer > 0 => fair.forget(waiter),
+                    Err(_) => {}
+                }
+            }
+            answer
+        } else {
+            ACQUIRE
+                .evalsha_with_reload(
+                    &shared.client,
+                    vec![
+                        keys.counter.as_str(),
+                        keys.owner.as_str(),
+                        keys.fence.as_str(),
+                    ],
+                    vec![request.token().expose().to_string(), ttl_ms.to_string()],
+                )
+                .await
+                .map_err(|e| shared.backend_error("acquire", &e))?
+        };
         if fence <= 0 {
             return Ok(None);
         }
@@ -274,8 +366,16 @@ impl Lock for IncLock {
         self.shared.running()?;
         let token = request.token();
         let mut removed = false;
+        // A waiter of a fair line leaves it (and the turn passes on if the lock is free).
+        let member = match (&self.shared.fair, request.waiter()) {
+            (Some(fair), Some(waiter)) => {
+                fair.forget(waiter);
+                fair.member(waiter)
+            }
+            _ => String::new(),
+        };
         for key in request.keys() {
-            match release(&self.shared, key, token, request.kind()).await {
+            match release_as(&self.shared, key, token, request.kind(), &member).await {
                 Ok(released) => removed |= released != Released::Nothing,
                 Err(error) => {
                     let expires_by = Instant::now() + request.ttl();
@@ -377,6 +477,9 @@ impl Lock for IncLock {
         self.shared.stopped.store(true, Ordering::SeqCst);
         if let Some(wakeups) = &self.shared.wakeups {
             wakeups.close().await;
+        }
+        if let Some(fair) = &self.shared.fair {
+            fair.close().await;
         }
         self.shared
             .client
@@ -505,6 +608,17 @@ enum Released {
 
 /// Releases `token`'s lease of `kind` on `key` (or takes back its claim, for a writer).
 async fn release(shared: &Shared, key: &Key, token: &Token, kind: LeaseKind) -> Result<Released> {
+    release_as(shared, key, token, kind, "").await
+}
+
+/// As [`release`], also taking the waiter `member` (empty for none) out of a fair lock's line.
+async fn release_as(
+    shared: &Shared,
+    key: &Key,
+    token: &Token,
+    kind: LeaseKind,
+    member: &str,
+) -> Result<Released> {
     let keys = shared.keys(key);
     let channel = shared
         .wakeups
@@ -512,6 +626,23 @@ async fn release(shared: &Shared, key: &Key, token: &Token, kind: LeaseKind) -> 
         .then(|| redis_kit::release_channel(&keys.counter));
     let token = token.expose();
     let released: i64 = match kind_letter(kind) {
+        None if shared.fair.is_some() => {
+            let [line, line_expiry] = shared.line_keys(key);
+            let mut args = vec![token.as_str(), member, fair::TURN_CHANNEL];
+            args.extend(channel.as_deref());
+            RELEASE_FAIR
+                .evalsha_with_reload(
+                    &shared.client,
+                    vec![
+                        keys.counter.as_str(),
+                        keys.owner.as_str(),
+                        line.as_str(),
+                        line_expiry.as_str(),
+                    ],
+                    args,
+                )
+                .await
+        }
         None => {
             let mut args = vec![token.as_str()];
             args.extend(channel.as_deref());

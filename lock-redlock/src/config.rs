@@ -38,6 +38,7 @@ pub enum ConnectionKind {
 /// - `pool_size`: 4 connections per node (with `connection = "pool"`)
 /// - `wake_on_release`: off
 /// - `fencing`: off
+/// - `fair`: off
 /// - `retry_count`, `retry_delay`, `retry_jitter`: those of [`RetryPolicy::default`]
 ///   (10, 200 ms, 100 ms); `retry_count = -1` retries forever
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,6 +75,13 @@ pub struct RedlockConfig {
     /// counter on a quorum to the highest value it saw, a second round trip. Tokens then
     /// increase strictly per key.
     pub fencing: bool,
+    /// Serve waiters across processes first come, first served (one node only): a waiter that
+    /// finds the key held joins a line beside it (`<key>` + byte 0xFF + `:queue`, and
+    /// `:queue-expiry` for the entries' expiries), a release passes the turn to the head of the
+    /// line and wakes that waiter alone over pub/sub, and a single try never passes a waiting
+    /// line. Every client of a key must agree on it. Mutexes on one key only: multi-key locks,
+    /// semaphores and read-write locks are not lined up.
+    pub fair: bool,
     /// Retries after the first attempt; -1 retries forever.
     #[serde(alias = "retryCount", skip_serializing_if = "Option::is_none")]
     pub retry_count: Option<i64>,
@@ -101,6 +109,7 @@ impl Default for RedlockConfig {
             tls_ca_file: None,
             wake_on_release: false,
             fencing: false,
+            fair: false,
             retry_count: None,
             retry_delay: None,
             retry_jitter: None,
@@ -142,6 +151,13 @@ impl RedlockConfig {
         self
     }
 
+    /// Turns fair waiting across processes on or off (see [`RedlockConfig::fair`]).
+    #[must_use]
+    pub fn with_fair(mut self, fair: bool) -> Self {
+        self.fair = fair;
+        self
+    }
+
     /// Turns fencing tokens on or off.
     #[must_use]
     pub fn with_fencing(mut self, fencing: bool) -> Self {
@@ -172,6 +188,16 @@ impl RedlockConfig {
         }
         URL_RULES.check_ca_file(self.tls_ca_file.as_deref())?;
         validate::fraction("drift_factor", self.drift_factor)?;
+        if self.fair && self.urls.len() != 1 {
+            return Err(LockError::invalid(
+                "fair",
+                format!(
+                    "a fair line needs exactly one node (got {}): lines on several nodes could \
+                     each put a different waiter first",
+                    self.urls.len()
+                ),
+            ));
+        }
         if let Some(timeout) = self.node_timeout {
             validate::timeout("node_timeout", timeout)?;
         }

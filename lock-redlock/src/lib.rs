@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod fair;
 mod lease;
 mod node;
 mod round;
@@ -63,6 +64,8 @@ struct Shared {
     config: RedlockConfig,
     /// Pub/sub subscriptions of waiters, when `wake_on_release` is on.
     wakeups: Option<Arc<wake::Wakeups>>,
+    /// The waiters of fair lines and their subscription, when `fair` is on.
+    fair: Option<Arc<fair::FairLine>>,
 }
 
 impl Redlock {
@@ -98,6 +101,11 @@ impl Redlock {
                 wakeups: config
                     .wake_on_release
                     .then(|| Arc::new(wake::Wakeups::new(node_count))),
+                fair: if config.fair {
+                    Some(Arc::new(fair::FairLine::new()?))
+                } else {
+                    None
+                },
                 config,
             }),
         })
@@ -481,7 +489,21 @@ impl Lock for Redlock {
         if self.shared.config.fencing {
             capabilities = capabilities.with_fencing();
         }
+        if self.shared.fair.is_some() {
+            capabilities = capabilities.with_fair();
+        }
         capabilities
+    }
+
+    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<()> {
+        match (&self.shared.fair, request.waiter()) {
+            (Some(fair), Some(waiter)) => {
+                self.shared.nodes()?;
+                fair.wait(waiter, max_wait).await;
+                Ok(())
+            }
+            _ => self.wait_for_release(request.keys(), max_wait).await,
+        }
     }
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
@@ -503,6 +525,9 @@ impl Lock for Redlock {
         let shared = &self.shared;
         if request.kind() != LeaseKind::Exclusive {
             return lease::try_acquire(shared, request).await;
+        }
+        if let (Some(fair), [_]) = (&shared.fair, request.keys()) {
+            return try_acquire_fair(shared, fair, request).await;
         }
         let (keys, token, ttl) = (
             request.key_set().clone(),
@@ -649,6 +674,9 @@ impl Lock for Redlock {
         if let Some(wakeups) = &self.shared.wakeups {
             wakeups.close().await;
         }
+        if let Some(fair) = &self.shared.fair {
+            fair.close().await;
+        }
         Ok(())
     }
 
@@ -660,10 +688,18 @@ impl Lock for Redlock {
         // node gets the script with the call (see `release_self_contained`).
         let held = lease::held_by(request.kind(), shared.node_count);
         let wanted = released_when(&keys, held);
+        // A waiter of a fair line leaves it (and the turn passes on if the lock is free).
+        let member: Arc<[u8]> = match (&shared.fair, request.waiter()) {
+            (Some(fair), Some(waiter)) => {
+                fair.forget(waiter);
+                fair.member(waiter).into()
+            }
+            _ => Arc::from(&[][..]),
+        };
         let (mut tally, rest) = round::run(&shared.nodes()?, shared.quorum, timeout, |node| {
-            let (keys, token) = (keys.clone(), token.clone());
+            let (keys, token, member) = (keys.clone(), token.clone(), Arc::clone(&member));
             async move {
-                node.release_self_contained(&keys, &token, held)
+                node.release_self_contained(&keys, &token, held, &member)
                     .await
                     .map(|deleted| (deleted == wanted).then_some(0))
             }
@@ -686,6 +722,109 @@ impl Lock for Redlock {
         }
         Ok(!tally.yes.is_empty())
     }
+}
+
+/// One attempt at a fair mutex on one key (one node: the configuration refuses `fair` with
+/// more), through the key's waiting line: see `lua/acquire_fair.lua`.
+async fn try_acquire_fair(
+    shared: &Arc<Shared>,
+    fair: &fair::FairLine,
+    request: &LockRequest,
+) -> Result<Option<Box<dyn Handle>>> {
+    let (key, token, ttl) = (request.primary_key(), request.token(), request.ttl());
+    let nodes = shared.nodes()?;
+    let Some(node) = nodes.first() else {
+        return Err(LockError::Stopped);
+    };
+    let timeout = shared.node_timeout(ttl);
+    let member = match request.waiter() {
+        Some(waiter) => {
+            fair.listen(waiter, node, timeout).await;
+            fair.member(waiter)
+        }
+        None => Vec::new(),
+    };
+    let fence = shared
+        .config
+        .fencing
+        .then(|| [key.as_str().as_bytes(), FENCE_SUFFIX].concat());
+    let start = Instant::now();
+    let answer = tokio::time::timeout(
+        timeout,
+        node.acquire_fair(key, token, ttl, fence.as_deref(), &member),
+    )
+    .await;
+    let value = match answer {
+        Ok(Ok(value)) => value,
+        Ok(Err(error)) => {
+            return Err(LockError::backend(
+                NAME,
+                format!("acquire on {}: {error}", node.label()),
+            ));
+        }
+        // The outcome is unknown: the core takes the attempt back by token (and the waiter out
+        // of the line).
+        Err(_) => {
+            return Err(LockError::backend(
+                NAME,
+                format!(
+                    "acquire on {}: no answer within {} ms",
+                    node.label(),
+                    timeout.as_millis()
+                ),
+            ));
+        }
+    };
+    if value <= 0 {
+        if let (Some(waiter), Ok(left)) = (request.waiter(), u64::try_from(-value - 1)) {
+            fair.first_in_line(waiter, Duration::from_millis(left));
+        }
+        if !request.after_wait() {
+            shared
+                .refuse_foreign_types(&nodes, request.key_set(), LeaseKind::Exclusive, ttl)
+                .await?;
+        }
+        return Ok(None);
+    }
+    if let Some(waiter) = request.waiter() {
+        fair.forget(waiter);
+    }
+    let keys = request.key_set().clone();
+    let Some(valid_until) = shared.valid_until(start, ttl) else {
+        let expires_by = Instant::now() + ttl;
+        tokio::spawn(Arc::clone(shared).release_until_answered(
+            vec![0],
+            keys,
+            token.clone(),
+            Held::Mutex,
+            timeout,
+            expires_by,
+            Some(AtOnce {
+                sent_before: Vec::new(),
+            }),
+        ));
+        return Err(LockError::backend(
+            NAME,
+            format!(
+                "the node answered for `{key}` after the ttl of {} ms was spent; raise the ttl",
+                ttl.as_millis()
+            ),
+        ));
+    };
+    Ok(Some(Box::new(RedlockHandle {
+        shared: Arc::clone(shared),
+        keys,
+        token: token.clone(),
+        held: Held::Mutex,
+        valid_until,
+        ttl,
+        // With one node, the value drawn there is the fence: no raise round is needed.
+        fence: shared
+            .config
+            .fencing
+            .then(|| u64::try_from(value).unwrap_or_default()),
+        in_flight: None,
+    })))
 }
 
 /// How many keys a release that succeeded reports: every key of a mutex, one lease.

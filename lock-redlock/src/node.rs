@@ -68,6 +68,27 @@ static SLOT_EXTEND: LazyLock<Script> =
 static DESCRIBE: LazyLock<Script> =
     LazyLock::new(|| Script::new(lease_script!("lease_describe.lua")));
 
+/// A fair lock's scripts: the waiting line's helpers before each (see `lua/line.lua`).
+const ACQUIRE_FAIR_SOURCE: &str = concat!(
+    include_str!("lua/lease_common.lua"),
+    include_str!("lua/line.lua"),
+    include_str!("lua/acquire_fair.lua")
+);
+const RELEASE_FAIR_SOURCE: &str = concat!(
+    include_str!("lua/line.lua"),
+    include_str!("lua/release_fair.lua")
+);
+static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE_FAIR_SOURCE));
+static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_FAIR_SOURCE));
+
+/// Appended to a fair lock's key to name its waiting line (waiters by arrival) and the expiries
+/// of the line's entries (0xFF: no user key can have these names, see `FENCE_SUFFIX`).
+pub(crate) const QUEUE_SUFFIX: &[u8] = b"\xff:queue";
+/// See [`QUEUE_SUFFIX`].
+pub(crate) const QUEUE_EXPIRY_SUFFIX: &[u8] = b"\xff:queue-expiry";
+/// The head of a fair line is woken on this prefix followed by its client's instance id.
+pub(crate) const TURN_CHANNEL: &str = "lock-turn:";
+
 /// Appended to a read-write lock's key to name the claim of the writer waiting for it (0xFF: no
 /// user key can have this name, see `FENCE_SUFFIX`).
 pub(crate) const CLAIM_SUFFIX: &[u8] = b"\xff:claim";
@@ -119,6 +140,8 @@ pub(crate) struct NodeParts {
     client: Client,
     /// The channel prefix releases are announced on, when wake-ups are on.
     release_channel: Option<&'static str>,
+    /// Mutexes on one key go through their waiting line (`fair`).
+    fair: bool,
 }
 
 #[derive(Clone)]
@@ -199,6 +222,7 @@ impl NodeParts {
             release_channel: config
                 .wake_on_release
                 .then_some(lock_core::raw::redis::RELEASE_CHANNEL),
+            fair: config.fair,
         })
     }
 
@@ -279,6 +303,36 @@ impl NodeParts {
             Reply::Granted => (number == 1).then_some(0),
             Reply::Counter => u64::try_from(number).ok().filter(|counter| *counter > 0),
         })
+    }
+
+    /// One attempt at a fair lock on `key` (see `lua/acquire_fair.lua`): for the waiter
+    /// `member` (empty for a single try), with the fencing counter `fence` when fencing is on.
+    /// The script's answer: the fence (1 without fencing) when taken, 0 when refused, -(1 + ms)
+    /// when refused and first in line behind a holder with ms left.
+    pub(crate) async fn acquire_fair(
+        &self,
+        key: &Key,
+        token: &Token,
+        ttl: Duration,
+        fence: Option<&[u8]>,
+        member: &[u8],
+    ) -> RedisResult<i64> {
+        let key_bytes = key.as_str().as_bytes();
+        let mut keys = vec![key_bytes.to_vec()];
+        keys.extend(fence.map(<[u8]>::to_vec));
+        keys.extend(line_keys(key_bytes).into_iter().skip(1));
+        let args = [
+            token.expose().as_bytes().to_vec(),
+            validate::ttl_millis(ttl).to_string().into_bytes(),
+            member.to_vec(),
+            TURN_CHANNEL.as_bytes().to_vec(),
+        ];
+        let answer = self
+            .acquire_lease(&ACQUIRE_FAIR, &keys, &args, || {
+                self.release_call_for(std::slice::from_ref(key), token, Held::Mutex, member)
+            })
+            .await?;
+        Ok(redis::FromRedisValue::from_redis_value(answer)?)
     }
 
     /// Runs one of the lease scripts that take something (`LEASE_ACQUIRE`, `SLOT_ACQUIRE`)
@@ -366,11 +420,35 @@ impl NodeParts {
 
     /// The compare-and-delete of what `token` holds on `keys` as `held`.
     pub(crate) fn release_call(&self, keys: &[Key], token: &Token, held: Held) -> Call {
+        self.release_call_for(keys, token, held, &[])
+    }
+
+    /// As [`NodeParts::release_call`], also taking the waiter `member` (empty for none) out of
+    /// a fair lock's line.
+    pub(crate) fn release_call_for(
+        &self,
+        keys: &[Key],
+        token: &Token,
+        held: Held,
+        member: &[u8],
+    ) -> Call {
         let token = token.expose().as_bytes().to_vec();
         let channel = self
             .release_channel
             .map(|channel| channel.as_bytes().to_vec());
         match held {
+            Held::Mutex if self.fair && keys.len() == 1 => {
+                let key = keys[0].as_str().as_bytes();
+                Call {
+                    script: &RELEASE_FAIR,
+                    source: RELEASE_FAIR_SOURCE,
+                    keys: line_keys(key),
+                    args: [token, member.to_vec(), TURN_CHANNEL.as_bytes().to_vec()]
+                        .into_iter()
+                        .chain(channel)
+                        .collect(),
+                }
+            }
             Held::Mutex => {
                 let (script, source) = if self.release_channel.is_some() {
                     (&RELEASE_NOTIFY, include_str!("lua/release_notify.lua"))
@@ -476,8 +554,9 @@ impl NodeParts {
         keys: &[Key],
         token: &Token,
         held: Held,
+        member: &[u8],
     ) -> RedisResult<usize> {
-        let call = self.release_call(keys, token, held);
+        let call = self.release_call_for(keys, token, held, member);
         let mut pipeline = redis::pipe();
         pipeline.cmd("SCRIPT").arg("LOAD").arg(call.source).ignore();
         let script: &Script = call.script;
@@ -623,6 +702,15 @@ impl NodeParts {
             }
         }
     }
+}
+
+/// A fair lock's key and its line's two keys.
+fn line_keys(key: &[u8]) -> Vec<Vec<u8>> {
+    vec![
+        key.to_vec(),
+        [key, QUEUE_SUFFIX].concat(),
+        [key, QUEUE_EXPIRY_SUFFIX].concat(),
+    ]
 }
 
 /// One acquisition request and how to read its answer.

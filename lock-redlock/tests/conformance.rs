@@ -71,3 +71,15 @@ mod three_nodes_pooled_with_fencing {
         })
     }, capabilities: [extend, distributed, multi_key, semaphore, read_write, fencing]);
 }
+
+mod one_node_fair {
+    lock_core::conformance_tests!(async {
+        crate::redlock_with(1, |config| config.with_fair(true))
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, fair]);
+}
+
+mod one_node_fair_with_fencing {
+    lock_core::conformance_tests!(async {
+        crate::redlock_with(1, |config| config.with_fair(true).with_fencing(true))
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, fencing, fair]);
+}

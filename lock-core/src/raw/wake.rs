@@ -236,6 +236,138 @@ impl WakeRegistry {
     }
 }
 
+/// Waiters of fair lines, each woken by a message meant for it alone (its id), for backends
+/// with [`Capabilities::fair`](crate::Capabilities::fair): a release passes the turn to the
+/// head of the line and wakes that one waiter, so the work per hand-off does not grow with the
+/// number of waiters. Cheap to clone (shared).
+///
+/// A waiter *listens* before its attempt goes out, so that a message sent while the answer is
+/// on its way is kept until it waits; it is *forgotten* when its acquisition ends (won, or
+/// taken back by [`Lock::abandon`](crate::Lock::abandon)). Entries untouched for
+/// [`TURN_IDLE`] are dropped when the registry grows, should an acquisition end without
+/// either.
+#[derive(Clone, Debug, Default)]
+pub struct TurnRegistry(Arc<Mutex<HashMap<String, Arc<Turn>>>>);
+
+/// Entries of a [`TurnRegistry`] left alone this long are dropped once it holds more than
+/// [`TURN_PRUNE_ABOVE`] waiters.
+pub const TURN_IDLE: Duration = Duration::from_secs(600);
+
+/// See [`TURN_IDLE`].
+pub const TURN_PRUNE_ABOVE: usize = 1024;
+
+#[derive(Debug)]
+struct Turn {
+    /// Holds one wake-up until it is waited for.
+    notify: Notify,
+    /// When the waiter, first in line behind a holder, should try again by itself: the holder's
+    /// expiry, which nobody announces.
+    retry_at: Mutex<Option<tokio::time::Instant>>,
+    touched: Mutex<tokio::time::Instant>,
+}
+
+impl TurnRegistry {
+    fn turn(&self, waiter: &str) -> Arc<Turn> {
+        let mut turns = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = tokio::time::Instant::now();
+        if turns.len() > TURN_PRUNE_ABOVE && !turns.contains_key(waiter) {
+            turns.retain(|_, turn| {
+                now.duration_since(*turn.touched.lock().unwrap_or_else(PoisonError::into_inner))
+                    < TURN_IDLE
+            });
+        }
+        let turn = turns.entry(waiter.to_owned()).or_insert_with(|| {
+            Arc::new(Turn {
+                notify: Notify::new(),
+                retry_at: Mutex::new(None),
+                touched: Mutex::new(now),
+            })
+        });
+        *turn.touched.lock().unwrap_or_else(PoisonError::into_inner) = now;
+        Arc::clone(turn)
+    }
+
+    /// Starts (or goes on) listening for `waiter`'s turn: from now on a wake-up is kept until
+    /// the waiter waits. Its first-in-line deadline, if any, is cleared: the attempt about to
+    /// go out says afresh.
+    pub fn listen(&self, waiter: &str) {
+        let turn = self.turn(waiter);
+        *turn.retry_at.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Records that `waiter` is first in line behind a holder with `holder_left` to live: its
+    /// next wait ends then at the latest.
+    pub fn first_in_line(&self, waiter: &str, holder_left: Duration) {
+        let turn = self.turn(waiter);
+        *turn.retry_at.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(tokio::time::Instant::now() + holder_left);
+    }
+
+    /// Stops listening for `waiter` (its acquisition ended).
+    pub fn forget(&self, waiter: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(waiter);
+    }
+
+    /// Wakes `waiter` (or keeps the wake-up until it waits); false when nobody listens by that
+    /// id.
+    pub fn wake(&self, waiter: &str) -> bool {
+        let turn = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(waiter)
+            .map(Arc::clone);
+        match turn {
+            Some(turn) => {
+                turn.notify.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Wakes every waiter (after a lost connection: messages may have been missed).
+    pub fn wake_all(&self) {
+        let all: Vec<Arc<Turn>> = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(Arc::clone)
+            .collect();
+        for turn in all {
+            turn.notify.notify_one();
+        }
+    }
+
+    /// Waits for `waiter`'s turn: a wake-up, the expiry of the holder it is first in line
+    /// behind, or `max_wait`, whichever comes first. True when woken by a message.
+    pub async fn wait(&self, waiter: &str, max_wait: Duration) -> bool {
+        let turn = self.turn(waiter);
+        let mut until = tokio::time::Instant::now() + max_wait;
+        if let Some(at) = *turn.retry_at.lock().unwrap_or_else(PoisonError::into_inner) {
+            until = until.min(at);
+        }
+        tokio::select! {
+            () = turn.notify.notified() => true,
+            () = tokio::time::sleep_until(until) => false,
+        }
+    }
+
+    /// How many waiters listen.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// True when no waiter listens.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -347,6 +479,27 @@ mod tests {
                 .unwrap_or_else(PoisonError::into_inner)
                 .is_empty()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_turn_sent_before_the_wait_is_kept_and_only_its_waiter_wakes() {
+        let turns = TurnRegistry::default();
+        turns.listen("a");
+        turns.listen("b");
+        assert!(turns.wake("a"), "a listens");
+        assert!(!turns.wake("c"), "nobody listens as c");
+        // Sent before the wait: kept.
+        assert!(turns.wait("a", Duration::from_secs(60)).await);
+        // b was not woken: its wait runs out.
+        assert!(!turns.wait("b", Duration::from_millis(10)).await);
+        // First in line behind a holder: the wait ends at its expiry.
+        turns.first_in_line("b", Duration::from_millis(5));
+        let started = tokio::time::Instant::now();
+        assert!(!turns.wait("b", Duration::from_secs(60)).await);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        turns.forget("a");
+        turns.forget("b");
+        assert!(turns.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

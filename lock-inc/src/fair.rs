@@ -1,0 +1,129 @@
+//! Fair waiting across processes (`fair`): waiters line up in a sorted set in the lock's hash
+//! slot (see `lua/line.lua`), and the head of the line is woken alone, by a message naming it
+//! on the channel of its client (`lock-turn:<instance>`), which every fair client subscribes to
+//! once, on its first wait, through a subscriber connection of its own (fred's
+//! `SubscriberClient`, which subscribes again after a reconnect). A lost message costs the
+//! waiter its retry delay at most; a reconnect or a reader that fell behind wakes every waiter
+//! of this client.
+
+use std::time::Duration;
+
+use fred::clients::SubscriberClient;
+use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
+use lock_core::wake::TurnRegistry;
+use lock_core::{Result, Token};
+use tokio::task::JoinHandle;
+
+/// The head of a fair line is woken on this prefix followed by its client's instance id.
+pub(crate) const TURN_CHANNEL: &str = "lock-turn:";
+
+/// The waiters of one fair client and its subscription.
+pub(crate) struct FairLine {
+    /// 32 hex digits naming this client in the members of every line it waits in.
+    instance: String,
+    turns: TurnRegistry,
+    subscriber: SubscriberClient,
+    /// The message reader, the reconnect watcher and the subscription manager, started by the
+    /// first waiter.
+    tasks: tokio::sync::Mutex<Option<Vec<JoinHandle<()>>>>,
+}
+
+impl FairLine {
+    pub(crate) fn new(subscriber: SubscriberClient) -> Result<Self> {
+        Ok(Self {
+            instance: Token::generate()?.expose().to_string(),
+            turns: TurnRegistry::default(),
+            subscriber,
+            tasks: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The member of a line that stands for `waiter` of this client.
+    pub(crate) fn member(&self, waiter: &Token) -> String {
+        [self.instance.as_str(), &waiter.expose()].concat()
+    }
+
+    /// Listens for `waiter`'s turn before its attempt goes out, subscribing this client's
+    /// channel first if it is not (bounded by `timeout`; without it, the retry delay is the
+    /// fallback).
+    pub(crate) async fn listen(&self, waiter: &Token, timeout: Duration) {
+        self.turns.listen(&waiter.expose());
+        match tokio::time::timeout(timeout, self.connect()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "cannot subscribe for turns; falling back to the retry delay");
+            }
+            Err(_) => {
+                tracing::debug!("subscribing for turns timed out; falling back to the retry delay");
+            }
+        }
+    }
+
+    /// `waiter` is first in line behind a holder with `left` to live.
+    pub(crate) fn first_in_line(&self, waiter: &Token, left: Duration) {
+        self.turns.first_in_line(&waiter.expose(), left);
+    }
+
+    /// `waiter`'s acquisition ended.
+    pub(crate) fn forget(&self, waiter: &Token) {
+        self.turns.forget(&waiter.expose());
+    }
+
+    /// Waits for `waiter`'s turn, the expiry of the holder it is first in line behind, or
+    /// `max_wait`.
+    pub(crate) async fn wait(&self, waiter: &Token, max_wait: Duration) {
+        self.turns.wait(&waiter.expose(), max_wait).await;
+    }
+
+    /// Closes the subscriber connection (on shutdown).
+    pub(crate) async fn close(&self) {
+        if let Some(tasks) = self.tasks.lock().await.take() {
+            for task in tasks {
+                task.abort();
+            }
+            let _ = self.subscriber.quit().await;
+        }
+    }
+
+    /// Connects the subscriber, subscribes this client's channel and starts its reader, once.
+    async fn connect(&self) -> std::result::Result<(), fred::error::Error> {
+        let mut tasks = self.tasks.lock().await;
+        if tasks.is_some() {
+            return Ok(());
+        }
+        let mut messages = self.subscriber.message_rx();
+        self.subscriber.init().await?;
+        let mut reconnects = self.subscriber.reconnect_rx();
+        self.subscriber
+            .subscribe(format!("{TURN_CHANNEL}{}", self.instance))
+            .await?;
+        let turns = self.turns.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                match messages.recv().await {
+                    Ok(message) => {
+                        if let Some(waiter) = message.value.as_str() {
+                            turns.wake(&waiter);
+                        }
+                    }
+                    // Too slow to keep up: some messages are gone, so everyone retries now.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => turns.wake_all(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        let turns = self.turns.clone();
+        let reconnected = tokio::spawn(async move {
+            // After a reconnect, messages may have been missed while the link was down.
+            while reconnects.recv().await.is_ok() {
+                turns.wake_all();
+            }
+        });
+        *tasks = Some(vec![
+            reader,
+            reconnected,
+            self.subscriber.manage_subscriptions(),
+        ]);
+        Ok(())
+    }
+}

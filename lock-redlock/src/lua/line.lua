@@ -1,0 +1,120 @@
+-- The waiting line of a fair lock, prepended to the scripts that take and release one.
+--
+-- KEYS[#KEYS - 1] is the line: a sorted set of waiters scored by arrival (the server's clock in
+-- µs, kept strictly increasing); KEYS[#KEYS] holds the same waiters scored by the expiry of
+-- their entry (the server's clock in ms plus the lease), renewed by each of their attempts. A
+-- member is the 32 hex digits of the waiting client's instance (it listens on the channel
+-- <prefix><instance>) followed by the waiter's id. Expired entries are dropped by whichever
+-- script runs next; both keys expire with their latest entry and are deleted when the line
+-- empties, so nothing stays once nobody waits.
+local LINE, LINE_EXPIRY = KEYS[#KEYS - 1], KEYS[#KEYS]
+
+-- The server's clock in ms and in µs.
+local function line_clock()
+  local t = redis.call('time')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000),
+    tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- Drops the entries whose expiry has passed (each entry is dropped once: O(1) amortized).
+local function line_prune(now)
+  local gone = redis.call('zrangebyscore', LINE_EXPIRY, '-inf', now)
+  for i = 1, #gone do
+    redis.call('zrem', LINE, gone[i])
+    redis.call('zrem', LINE_EXPIRY, gone[i])
+  end
+end
+
+-- Deletes the line when it is empty, else makes it expire with its latest entry.
+local function line_settle()
+  local last = redis.call('zrange', LINE_EXPIRY, -1, -1, 'withscores')
+  if not last[2] then
+    redis.call('del', LINE, LINE_EXPIRY)
+  else
+    redis.call('pexpireat', LINE, last[2])
+    redis.call('pexpireat', LINE_EXPIRY, last[2])
+  end
+end
+
+-- Puts `member` at the end of the line, or keeps its place; either way its entry now expires
+-- `lease` ms from now.
+local function line_join(member, now, now_us, lease)
+  if not redis.call('zscore', LINE, member) then
+    local last = redis.call('zrange', LINE, -1, -1, 'withscores')
+    local place = now_us
+    if last[2] and tonumber(last[2]) >= place then
+      place = tonumber(last[2]) + 1
+    end
+    redis.call('zadd', LINE, string.format('%.0f', place), member)
+  end
+  redis.call('zadd', LINE_EXPIRY, string.format('%.0f', now + lease), member)
+  line_settle()
+end
+
+-- Takes `member` out of the line.
+local function line_leave(member)
+  redis.call('zrem', LINE, member)
+  redis.call('zrem', LINE_EXPIRY, member)
+end
+
+-- Wakes the head of the line alone: one message on its client's channel, naming it.
+local function line_wake(prefix)
+  local head = redis.call('zrange', LINE, 0, 0)[1]
+  if head then
+    redis.call('publish', prefix .. string.sub(head, 1, 32), string.sub(head, 33))
+  end
+end
+
+-- The gate in front of an acquisition of `lock` (whose holder's token is the value of `owner`)
+-- by `token`, for the waiter `member` ('' for a single try, which never joins the line).
+-- Returns nil when the attempt may go on: the lock is free (or already held by `token`: a
+-- replay) and the line is empty or headed by `member`, which then leaves it. Otherwise the
+-- answer to return: 0 when refused (the waiter is in line, not first; a single try never
+-- passes a live line), or -(1 + ms) when the waiter is first in line behind a holder with ms
+-- left to live. A free lock whose line is headed by another waiter wakes that waiter.
+local function line_gate(lock, owner, token, member, lease, prefix)
+  local now, now_us = line_clock()
+  line_prune(now)
+  if redis.pcall('get', owner) == token then
+    return nil
+  end
+  if redis.call('exists', lock) == 1 then
+    if member == '' then
+      return 0
+    end
+    line_join(member, now, now_us, lease)
+    if redis.call('zrange', LINE, 0, 0)[1] == member then
+      local left = redis.call('pttl', lock)
+      if left < 0 then
+        left = 0
+      end
+      return -(1 + left)
+    end
+    return 0
+  end
+  local head = redis.call('zrange', LINE, 0, 0)[1]
+  if not head then
+    return nil
+  end
+  if head == member then
+    line_leave(member)
+    line_settle()
+    return nil
+  end
+  if member ~= '' then
+    line_join(member, now, now_us, lease)
+  end
+  line_wake(prefix)
+  return 0
+end
+
+-- After a release or a waiter's leaving: when the lock is free, the turn passes to the head of
+-- the line, which alone is woken.
+local function line_hand_over(lock, prefix)
+  if redis.call('exists', lock) == 0 then
+    local now = line_clock()
+    line_prune(now)
+    line_wake(prefix)
+  end
+  line_settle()
+end

@@ -1,0 +1,595 @@
+//! Fair waiting across processes (`fair`) on real servers: `redis` (Redlock on one node), inc on
+//! one server and on a Redis Cluster. Every client is its own backend instance, with its own
+//! connections, standing in for a process. Waiters are served in the order they arrived (and
+//! the FIFO checker fails without `fair`: the negative control); a head waiter that dies blocks
+//! the line no longer than its entry's expiry; a holder that dies passes the turn at its expiry;
+//! a paused or restarted server serves everyone again with no overlap; a cancelled waiter
+//! leaves the line; mutual exclusion under contention; nothing left once the line drains.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lock_core::{Key, KeySet, Lock, LockOptions, LockRequest, Locker, RetryPolicy, Token};
+use lock_inc::{IncConfig, IncLock};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::history::Intervals;
+use lock_tests::server::{RedisServer, redis_or_skip, start_cluster};
+use tokio::time::Instant;
+
+/// Which store a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Store {
+    /// Redlock on one node (the facade's `redis`).
+    Redis,
+    /// inc on one server.
+    Inc,
+    /// inc on a Redis Cluster of three primaries.
+    IncCluster,
+}
+
+struct Target {
+    store: Store,
+    servers: Vec<RedisServer>,
+    url: String,
+}
+
+impl Target {
+    async fn start(store: Store, test: &str) -> Option<Self> {
+        let binary = redis_or_skip(test)?;
+        let (servers, url) = if store == Store::IncCluster {
+            let servers = start_cluster(&binary, 3).expect("cluster");
+            let seeds: Vec<String> = servers[1..]
+                .iter()
+                .map(|server| format!("node=127.0.0.1:{}", server.port()))
+                .collect();
+            let url = format!(
+                "redis-cluster://127.0.0.1:{}?{}",
+                servers[0].port(),
+                seeds.join("&")
+            );
+            (servers, url)
+        } else {
+            let server = RedisServer::start(&binary, &[]).expect("server");
+            let url = server.url();
+            (vec![server], url)
+        };
+        Some(Self {
+            store,
+            servers,
+            url,
+        })
+    }
+
+    /// A new backend instance: a process of its own, as far as the store can tell.
+    async fn backend(&self, fair: bool) -> Arc<dyn Lock> {
+        match self.store {
+            Store::Redis => Arc::new(
+                Redlock::new(
+                    RedlockConfig::new([self.url.clone()])
+                        .with_fair(fair)
+                        .with_node_timeout(Duration::from_millis(500)),
+                )
+                .unwrap(),
+            ),
+            Store::Inc | Store::IncCluster => Arc::new(
+                IncLock::connect(IncConfig {
+                    command_timeout: 2_000,
+                    ..IncConfig::new(self.url.clone()).with_fair(fair)
+                })
+                .await
+                .unwrap(),
+            ),
+        }
+    }
+
+    async fn locker(&self, fair: bool, ttl: Duration, retry: RetryPolicy) -> Locker {
+        Locker::from_arc(self.backend(fair).await)
+            .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
+            .unwrap()
+    }
+
+    /// Every key on the servers (by `SCAN`, which also drops the expired keys it meets).
+    async fn keys(&self) -> BTreeSet<Vec<u8>> {
+        let mut all = BTreeSet::new();
+        for server in &self.servers {
+            let Ok(client) = redis::Client::open(server.url()) else {
+                continue;
+            };
+            let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+                continue;
+            };
+            let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+                .arg("*")
+                .query_async(&mut connection)
+                .await
+                .unwrap_or_default();
+            all.extend(keys);
+        }
+        all
+    }
+
+    /// The keys of `key`'s waiting line that exist now.
+    async fn line_keys(&self, key: &str) -> Vec<Vec<u8>> {
+        self.keys()
+            .await
+            .into_iter()
+            .filter(|name| {
+                let name = String::from_utf8_lossy(name);
+                name.contains(key) && name.contains(":queue")
+            })
+            .collect()
+    }
+}
+
+fn waiting(delay: Duration) -> RetryPolicy {
+    RetryPolicy::forever()
+        .with_retry_delay(delay)
+        .with_retry_jitter(Duration::ZERO)
+        .with_deadline(Duration::from_secs(30))
+}
+
+/// Pairs of grants out of arrival order (0 for first come, first served).
+fn fifo_violations(order: &[usize]) -> usize {
+    let mut inversions = 0;
+    for (i, a) in order.iter().enumerate() {
+        inversions += order[i + 1..].iter().filter(|b| *b < a).count();
+    }
+    inversions
+}
+
+/// `waiters` clients arrive one after the other at a held key, the later ones retrying more
+/// often (without a line they would win first); the order in which they were served.
+async fn arrival_order(target: &Target, fair: bool, waiters: usize) -> Vec<usize> {
+    let key = "fifo";
+    let holder = target
+        .locker(fair, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let guard = holder.acquire(key).await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for arrival in 0..waiters {
+        // 5 ms for the last to arrive, doubling towards the first (160 ms for six).
+        let delay = Duration::from_millis(5 << (waiters - 1 - arrival));
+        let locker = target
+            .locker(fair, Duration::from_secs(5), waiting(delay))
+            .await;
+        let order = Arc::clone(&order);
+        tasks.push(tokio::spawn(async move {
+            let guard = locker.acquire(key).await.unwrap();
+            order.lock().unwrap().push(arrival);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            guard.release().await.unwrap();
+            locker.stop().await.unwrap();
+        }));
+        // Let its first attempt land (and, when fair, put it in line) before the next comes.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    guard.release().await.unwrap();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    order
+}
+
+async fn served_in_arrival_order(store: Store) {
+    let Some(target) = Target::start(store, "fair waiting").await else {
+        return;
+    };
+    let order = arrival_order(&target, true, 6).await;
+    println!("F1 ({store:?}): served in order {order:?}");
+    assert_eq!(fifo_violations(&order), 0, "served out of order: {order:?}");
+    assert!(
+        target.line_keys("fifo").await.is_empty(),
+        "the line outlived its last waiter"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_waiters_are_served_in_arrival_order_redis() {
+    served_in_arrival_order(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_waiters_are_served_in_arrival_order_inc() {
+    served_in_arrival_order(Store::Inc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_waiters_are_served_in_arrival_order_inc_cluster() {
+    served_in_arrival_order(Store::IncCluster).await;
+}
+
+/// The negative control: the same arrivals without `fair` are served out of order, so the
+/// checker above can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fifo_checker_fails_without_fair() {
+    for store in [Store::Redis, Store::Inc] {
+        let Some(target) = Target::start(store, "fair waiting").await else {
+            return;
+        };
+        let order = arrival_order(&target, false, 6).await;
+        println!("F1 negative control ({store:?}): served in order {order:?}");
+        assert!(
+            fifo_violations(&order) > 0,
+            "without a line, later arrivals that retry more often should win first: {order:?}"
+        );
+    }
+}
+
+/// One waiting attempt by a client that then dies without a word (no take-back): its entry
+/// stays in line until it expires, `entry` from now.
+async fn dead_waiter(target: &Target, key: &str, entry: Duration) {
+    let dead = target.backend(true).await;
+    let request = LockRequest::new(
+        KeySet::one(Key::new(key).unwrap()),
+        Token::generate().unwrap(),
+        entry,
+    )
+    .unwrap()
+    .with_will_wait(true)
+    .with_waiter(Token::generate().unwrap());
+    assert!(dead.try_acquire(&request).await.unwrap().is_none());
+    dead.shutdown().await.unwrap();
+}
+
+async fn dead_head_blocks_no_longer_than_its_entry(store: Store) {
+    let Some(target) = Target::start(store, "fair waiting").await else {
+        return;
+    };
+    let key = "dead-head";
+    let entry = Duration::from_millis(1_500);
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let guard = holder.acquire(key).await.unwrap();
+    let died = Instant::now();
+    dead_waiter(&target, key, entry).await;
+    let next = target
+        .locker(
+            true,
+            Duration::from_secs(5),
+            waiting(Duration::from_millis(100)),
+        )
+        .await;
+    let waiter = tokio::spawn(async move {
+        let guard = next.acquire(key).await.unwrap();
+        let at = died.elapsed();
+        guard.release().await.unwrap();
+        at
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    guard.release().await.unwrap();
+    let served = waiter.await.unwrap();
+    println!(
+        "F2 ({store:?}): the dead head's entry lived {} ms; the next waiter was served {} ms after it died",
+        entry.as_millis(),
+        served.as_millis()
+    );
+    // The line was respected until the dead entry expired, and no longer than that plus the
+    // waiter's retry delay (its fallback) and slack.
+    assert!(served + Duration::from_millis(150) >= entry, "{served:?}");
+    assert!(
+        served <= entry + Duration::from_millis(100 + 700),
+        "{served:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_head_waiter_blocks_no_longer_than_its_entry_redis() {
+    dead_head_blocks_no_longer_than_its_entry(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_head_waiter_blocks_no_longer_than_its_entry_inc() {
+    dead_head_blocks_no_longer_than_its_entry(Store::Inc).await;
+}
+
+/// A holder dies (its lock is never released): the head of the line tries again at the
+/// holder's expiry, which its last attempt told it, and the next is woken by the head's release
+/// — both long before their retry delay (2 s) would have made them try.
+async fn dead_holder_passes_the_turn_at_its_expiry(store: Store) {
+    let Some(target) = Target::start(store, "fair waiting").await else {
+        return;
+    };
+    let key = "dead-holder";
+    let ttl = Duration::from_millis(800);
+    let dead = target.backend(true).await;
+    let request = LockRequest::new(
+        KeySet::one(Key::new(key).unwrap()),
+        Token::generate().unwrap(),
+        ttl,
+    )
+    .unwrap();
+    let taken = Instant::now();
+    let handle = dead.try_acquire(&request).await.unwrap().expect("free");
+    drop(handle); // never released
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for arrival in 0..2 {
+        let locker = target
+            .locker(
+                true,
+                Duration::from_secs(5),
+                waiting(Duration::from_secs(2)),
+            )
+            .await;
+        let times = Arc::clone(&times);
+        tasks.push(tokio::spawn(async move {
+            let guard = locker.acquire(key).await.unwrap();
+            let got = taken.elapsed();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let released = taken.elapsed();
+            guard.release().await.unwrap();
+            times.lock().unwrap().push((arrival, got, released));
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let times = times.lock().unwrap().clone();
+    println!("F3 ({store:?}): holder ttl {ttl:?}; (arrival, served, released) {times:?}");
+    assert_eq!(times.iter().map(|t| t.0).collect::<Vec<_>>(), [0, 1]);
+    let (_, first, first_released) = times[0];
+    let (_, second, _) = times[1];
+    assert!(
+        first >= ttl && first <= ttl + Duration::from_millis(500),
+        "{first:?}"
+    );
+    assert!(
+        second <= first_released + Duration::from_millis(500),
+        "the next waiter was not woken by the release: {second:?} after {first_released:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holder_passes_the_turn_at_its_expiry_redis() {
+    dead_holder_passes_the_turn_at_its_expiry(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holder_passes_the_turn_at_its_expiry_inc() {
+    dead_holder_passes_the_turn_at_its_expiry(Store::Inc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holder_passes_the_turn_at_its_expiry_inc_cluster() {
+    dead_holder_passes_the_turn_at_its_expiry(Store::IncCluster).await;
+}
+
+/// `clients` fair clients each take the key `sections` times (holding it `hold`), recording
+/// their intervals; the whole run must end within `limit`.
+async fn contend(
+    target: &Target,
+    key: &'static str,
+    clients: usize,
+    sections: usize,
+    hold: Duration,
+) -> Arc<Intervals> {
+    let intervals = Arc::new(Intervals::default());
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let locker = target
+            .locker(
+                true,
+                Duration::from_secs(2),
+                waiting(Duration::from_millis(200)),
+            )
+            .await;
+        let intervals = Arc::clone(&intervals);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..sections {
+                let guard = locker.acquire(key).await.unwrap();
+                let acquired = Instant::now();
+                tokio::time::sleep(hold).await;
+                intervals.record(acquired, Instant::now());
+                guard.release().await.unwrap();
+            }
+            locker.stop().await.unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    intervals
+}
+
+async fn mutual_exclusion_and_nothing_left(store: Store) {
+    let Some(target) = Target::start(store, "fair waiting").await else {
+        return;
+    };
+    let started = Instant::now();
+    let intervals = contend(&target, "contended", 8, 10, Duration::from_millis(1)).await;
+    println!(
+        "F4 ({store:?}): 8 clients x 10 sections in {} ms, overlaps {}",
+        started.elapsed().as_millis(),
+        intervals.overlaps()
+    );
+    assert_eq!(intervals.len(), 80);
+    assert_eq!(intervals.overlaps(), 0);
+    assert!(
+        target.line_keys("contended").await.is_empty(),
+        "the line outlived its last waiter"
+    );
+    // inc's fencing counter outlives the lock by its ttl (2 s here); nothing else is left.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let left = target.keys().await;
+    assert!(left.is_empty(), "left in Redis: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_mutual_exclusion_under_contention_leaves_nothing_redis() {
+    mutual_exclusion_and_nothing_left(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_mutual_exclusion_under_contention_leaves_nothing_inc() {
+    mutual_exclusion_and_nothing_left(Store::Inc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_mutual_exclusion_under_contention_leaves_nothing_inc_cluster() {
+    mutual_exclusion_and_nothing_left(Store::IncCluster).await;
+}
+
+async fn cancelled_waiter_leaves_the_line(store: Store) {
+    let Some(target) = Target::start(store, "fair waiting").await else {
+        return;
+    };
+    let key = "cancelled";
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let guard = holder.acquire(key).await.unwrap();
+    let waiter = target
+        .locker(
+            true,
+            Duration::from_secs(10),
+            waiting(Duration::from_millis(200)),
+        )
+        .await;
+    let cancelled = tokio::time::timeout(Duration::from_millis(300), waiter.acquire(key)).await;
+    assert!(cancelled.is_err(), "the key was held");
+    let mut left = target.line_keys(key).await;
+    for _ in 0..50 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = target.line_keys(key).await;
+    }
+    println!("F5 ({store:?}): line keys after the cancelled wait: {left:?}");
+    assert!(left.is_empty(), "a cancelled waiter stayed in line");
+    // A waiter that gives up (its deadline) leaves too.
+    let gave_up = target
+        .locker(
+            true,
+            Duration::from_secs(10),
+            waiting(Duration::from_millis(50)).with_deadline(Duration::from_millis(200)),
+        )
+        .await;
+    assert!(gave_up.acquire(key).await.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        target.line_keys(key).await.is_empty(),
+        "a waiter that gave up stayed in line"
+    );
+    guard.release().await.unwrap();
+    // A single try never passes a live line, and never joins it.
+    assert!(waiter.try_acquire(key).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_or_given_up_waiter_leaves_the_line_redis() {
+    cancelled_waiter_leaves_the_line(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_or_given_up_waiter_leaves_the_line_inc() {
+    cancelled_waiter_leaves_the_line(Store::Inc).await;
+}
+
+/// A single try does not pass a waiter in line.
+async fn a_single_try_never_barges(store: Store) {
+    let Some(target) = Target::start(store, "fair waiting").await else {
+        return;
+    };
+    let key = "barge";
+    let entry = Duration::from_secs(2);
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let guard = holder.acquire(key).await.unwrap();
+    dead_waiter(&target, key, entry).await;
+    guard.release().await.unwrap();
+    assert!(
+        holder.try_acquire(key).await.unwrap().is_none(),
+        "a single try passed a waiter in line"
+    );
+    tokio::time::sleep(entry + Duration::from_millis(200)).await;
+    assert!(holder.try_acquire(key).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_try_never_passes_a_waiter_in_line_redis() {
+    a_single_try_never_barges(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_try_never_passes_a_waiter_in_line_inc() {
+    a_single_try_never_barges(Store::Inc).await;
+}
+
+/// The server paused (SIGSTOP) while waiters wait, then restarted empty while others wait:
+/// everyone is served, never two at once.
+async fn paused_and_restarted(store: Store) {
+    let Some(mut target) = Target::start(store, "fair waiting").await else {
+        return;
+    };
+    for fault in ["pause", "restart"] {
+        let key = if fault == "pause" {
+            "paused"
+        } else {
+            "restarted"
+        };
+        let holder = target
+            .locker(true, Duration::from_secs(3), RetryPolicy::none())
+            .await;
+        let guard = holder.acquire(key).await.unwrap();
+        let intervals = Arc::new(Intervals::default());
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let locker = target
+                .locker(
+                    true,
+                    Duration::from_secs(3),
+                    waiting(Duration::from_millis(200)),
+                )
+                .await;
+            let intervals = Arc::clone(&intervals);
+            tasks.push(tokio::spawn(async move {
+                let guard = locker.acquire(key).await.unwrap();
+                let acquired = Instant::now();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                intervals.record(acquired, Instant::now());
+                let _ = guard.release().await;
+            }));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if fault == "pause" {
+            target.servers[0].pause().unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            target.servers[0].resume().unwrap();
+            guard.release().await.unwrap();
+        } else {
+            target.servers[0].restart().unwrap();
+            drop(guard);
+        }
+        let started = Instant::now();
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("every waiter is served")
+                .unwrap();
+        }
+        println!(
+            "F6 ({store:?}, {fault}): 4 waiters served within {} ms, overlaps {}",
+            started.elapsed().as_millis(),
+            intervals.overlaps()
+        );
+        assert_eq!(intervals.overlaps(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_or_restarted_server_serves_every_fair_waiter_redis() {
+    paused_and_restarted(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_or_restarted_server_serves_every_fair_waiter_inc() {
+    paused_and_restarted(Store::Inc).await;
+}
