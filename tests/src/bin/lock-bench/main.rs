@@ -23,6 +23,7 @@ use lockable::LockPool;
 use serde::Serialize;
 
 /// One measured figure, as written to `target/bench/report.json`.
+mod fair;
 mod floor;
 mod inc;
 mod limit;
@@ -105,6 +106,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             profile.redis_cycles,
             profile.redis_rounds,
         ))?);
+    }
+    if only
+        .as_deref()
+        .is_none_or(|only| matches!(only, "redlock" | "inc" | "fair"))
+    {
+        let single = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        figures.extend(single.block_on(fair::benchmarks(profile.handoff_time, only.as_deref()))?);
     }
     if only.as_deref().is_none_or(|only| only == "inc") {
         let single = tokio::runtime::Builder::new_current_thread()
@@ -390,6 +400,9 @@ pub(crate) struct Handoff {
     pub(crate) sections_per_second: f64,
     pub(crate) p50_wait_ms: f64,
     pub(crate) p99_wait_ms: f64,
+    pub(crate) max_wait_ms: f64,
+    /// How many sections ran.
+    pub(crate) sections: u64,
 }
 
 /// Runs `CONTENDERS` tasks that each repeatedly wait for the lock and hold it for 1 ms;
@@ -399,17 +412,32 @@ where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
+    handoff_with(CONTENDERS, CRITICAL_SECTION, duration, section).await
+}
+
+/// Runs `contenders` tasks that each repeatedly run `section` (wait for the lock, hold it for
+/// `held`, release it); the wait is the section's time minus `held`.
+pub(crate) async fn handoff_with<F, Fut>(
+    contenders: usize,
+    held: Duration,
+    duration: Duration,
+    section: F,
+) -> Handoff
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for contender in 0..CONTENDERS {
+    for contender in 0..contenders {
         let section = section.clone();
         tasks.push(tokio::spawn(async move {
             let mut waits = Vec::new();
             while started.elapsed() < duration {
                 let asked = Instant::now();
                 section(contender).await;
-                // The wait is the whole section minus its 1 ms of work.
-                waits.push(asked.elapsed().saturating_sub(CRITICAL_SECTION));
+                // The wait is the whole section minus its work.
+                waits.push(asked.elapsed().saturating_sub(held));
             }
             waits
         }));
@@ -424,6 +452,8 @@ where
         sections_per_second: rate(u32::try_from(waits.len()).unwrap_or(u32::MAX), elapsed),
         p50_wait_ms: percentile_ms(&waits, 0.50),
         p99_wait_ms: percentile_ms(&waits, 0.99),
+        max_wait_ms: percentile_ms(&waits, 1.0),
+        sections: waits.len() as u64,
     }
 }
 

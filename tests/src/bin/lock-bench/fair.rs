@@ -1,0 +1,314 @@
+//! Fair waiting across processes (issue: waiters served in order, woken by push): 16 and 64
+//! contending clients on one key (each its own backend instance with its own connections, as
+//! separate processes would be), 1 ms and 0 ms sections, on one redis-server. For ours with
+//! `fair`, ours as by default, rslock at its defaults and at equal retry settings, and inc with
+//! and without `fair`: sections per second (against the in-process lock with as many tasks
+//! and the same sections, in the same run), p50/p99/max wait (against rslock, and p99 against
+//! the ideal first-come-first-served bound: waiters × (section + one round trip)), and the
+//! server's commands per section (`INFO stats`, the scripts' own calls included).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_inc::{IncConfig, IncLock};
+use lock_memory::MemoryLock;
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::server::{RedisServer, redis_server_binary};
+use rslock::LockManager;
+
+use crate::limit::{BenchResult, median};
+use crate::{Figure, Handoff, figure, handoff_with};
+
+const TTL: Duration = Duration::from_secs(10);
+
+/// Ours at the equal setting: 5 ms delay + up to 5 ms jitter (7.5 ms on average); rslock's
+/// delay is uniform in 0..15 ms, the same mean.
+fn tuned() -> RetryPolicy {
+    RetryPolicy::forever()
+        .with_retry_delay(Duration::from_millis(5))
+        .with_retry_jitter(Duration::from_millis(5))
+}
+
+pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchResult<Vec<Figure>> {
+    let binary = redis_server_binary()
+        .ok_or("redis-server not found: run `cargo xtask it` first, which installs it")?;
+    let server = RedisServer::start(&binary, &["--maxclients", "10000"])?;
+    let url = server.url();
+    let redlock = only.is_none_or(|only| only != "inc");
+    let inc = only.is_none_or(|only| only != "redlock");
+    let mut figures = Vec::new();
+    let mut run = 0usize;
+    for waiters in [16usize, 64] {
+        for held in [Duration::from_millis(1), Duration::ZERO] {
+            let scenario = format!(
+                "fair handoff, {waiters} clients (as processes), {} ms sections",
+                held.as_millis()
+            );
+            let memory = memory_reference(waiters, held, duration).await?;
+            let rtt = round_trip(&url).await?;
+            let ideal_ms = waiters as f64 * (held.as_secs_f64() + rtt.as_secs_f64()) * 1e3;
+            let mut results: Vec<(String, Handoff, f64)> = Vec::new();
+            let mut measure = |name: &str, result: (Handoff, f64)| {
+                results.push((name.to_owned(), result.0, result.1));
+            };
+            if redlock {
+                for (name, fair, policy) in [
+                    ("redis (fair), defaults", true, RetryPolicy::forever()),
+                    (
+                        "redis (today's default), defaults",
+                        false,
+                        RetryPolicy::forever(),
+                    ),
+                    ("redis (fair), tuned", true, tuned()),
+                    ("redis (today's default), tuned", false, tuned()),
+                ] {
+                    run += 1;
+                    let key = format!("fair-bench-{run}");
+                    let lockers = (0..waiters)
+                        .map(|_| redlock_locker(&url, fair, policy.clone()))
+                        .collect::<BenchResult<Vec<_>>>()?;
+                    measure(name, ours(&server, lockers, &key, held, duration).await?);
+                }
+                for (name, delay) in [
+                    ("rslock, defaults", None),
+                    ("rslock, tuned (0..15 ms)", Some(Duration::from_millis(15))),
+                ] {
+                    run += 1;
+                    let key = format!("fair-bench-{run}");
+                    measure(
+                        name,
+                        rslock_run(&server, &url, waiters, delay, &key, held, duration).await?,
+                    );
+                }
+            }
+            if inc {
+                for (name, fair, policy) in [
+                    ("inc (fair), defaults", true, RetryPolicy::forever()),
+                    (
+                        "inc (today's default), defaults",
+                        false,
+                        RetryPolicy::forever(),
+                    ),
+                    ("inc (fair), tuned", true, tuned()),
+                ] {
+                    run += 1;
+                    let key = format!("fair-bench-{run}");
+                    let mut lockers = Vec::new();
+                    for _ in 0..waiters {
+                        lockers.push(inc_locker(&url, fair, policy.clone()).await?);
+                    }
+                    measure(name, ours(&server, lockers, &key, held, duration).await?);
+                }
+            }
+            let rslock_at = |tuned: bool| {
+                results
+                    .iter()
+                    .find(|(name, ..)| {
+                        name.starts_with("rslock") && name.contains("tuned") == tuned
+                    })
+                    .map(|(_, result, _)| result.p99_wait_ms)
+            };
+            let (rslock_defaults, rslock_tuned) = (rslock_at(false), rslock_at(true));
+            for (name, result, commands) in &results {
+                let mut rate = figure(
+                    name,
+                    &scenario,
+                    result.sections_per_second,
+                    "sections/s",
+                    Some(("memory (in-process), same tasks", memory)),
+                );
+                rate.nodes = Some(1);
+                figures.push(rate);
+                let mut p99 = figure(
+                    name,
+                    &format!("{scenario}: p99 wait"),
+                    result.p99_wait_ms,
+                    "ms",
+                    None,
+                );
+                p99.nodes = Some(1);
+                // Against the ideal bound: > 1 means above it (the goal is within 2×).
+                p99.reference = Some(format!("ideal FCFS bound {ideal_ms:.1} ms"));
+                p99.ratio_to_reference = Some(result.p99_wait_ms / ideal_ms);
+                if !name.starts_with("rslock") {
+                    let theirs = if name.contains("tuned") {
+                        rslock_tuned
+                    } else {
+                        rslock_defaults
+                    };
+                    p99.ratio_to_rslock = theirs
+                        .map(|theirs| theirs / result.p99_wait_ms)
+                        .filter(|ratio| ratio.is_finite());
+                }
+                figures.push(p99);
+                for (label, value, unit) in [
+                    ("p50 wait", result.p50_wait_ms, "ms"),
+                    ("max wait", result.max_wait_ms, "ms"),
+                    ("server commands per section", *commands, "commands"),
+                ] {
+                    let mut extra =
+                        figure(name, &format!("{scenario}: {label}"), value, unit, None);
+                    extra.nodes = Some(1);
+                    figures.push(extra);
+                }
+            }
+            let mut reference = figure(
+                "memory (in-process), same tasks",
+                &scenario,
+                memory,
+                "sections/s",
+                None,
+            );
+            reference.nodes = Some(1);
+            figures.push(reference);
+        }
+    }
+    Ok(figures)
+}
+
+fn redlock_locker(url: &str, fair: bool, policy: RetryPolicy) -> BenchResult<Locker> {
+    let config = RedlockConfig::new([url.to_owned()]).with_fair(fair);
+    Ok(Locker::new(Redlock::new(config)?)
+        .with_options(LockOptions::default().with_ttl(TTL).with_retry(policy))?)
+}
+
+async fn inc_locker(url: &str, fair: bool, policy: RetryPolicy) -> BenchResult<Locker> {
+    let lock = IncLock::connect(IncConfig::new(url.to_owned()).with_fair(fair)).await?;
+    Ok(Locker::new(lock).with_options(LockOptions::default().with_ttl(TTL).with_retry(policy))?)
+}
+
+/// The server's count of commands processed so far.
+fn commands(server: &RedisServer) -> BenchResult<u64> {
+    let mut connection = redis::Client::open(server.url())?.get_connection()?;
+    let stats: String = redis::cmd("INFO").arg("stats").query(&mut connection)?;
+    Ok(stats
+        .lines()
+        .find_map(|line| line.strip_prefix("total_commands_processed:"))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// One client per contender, each taking `key` and holding it for `held` in turn; the
+/// hand-off figures and the server's commands per section.
+async fn ours(
+    server: &RedisServer,
+    lockers: Vec<Locker>,
+    key: &str,
+    held: Duration,
+    duration: Duration,
+) -> BenchResult<(Handoff, f64)> {
+    // Connections and subscriptions first: what is measured is the hand-off.
+    for locker in &lockers {
+        locker.acquire(key).await?.release().await?;
+    }
+    let lockers = Arc::new(lockers);
+    let key: Arc<str> = Arc::from(key);
+    let before = commands(server)?;
+    let result = handoff_with(lockers.len(), held, duration, {
+        let lockers = Arc::clone(&lockers);
+        move |contender| {
+            let (locker, key) = (lockers[contender].clone(), Arc::clone(&key));
+            async move {
+                let guard = loop {
+                    if let Ok(guard) = locker.acquire(&key).await {
+                        break guard;
+                    }
+                };
+                if !held.is_zero() {
+                    tokio::time::sleep(held).await;
+                }
+                let _ = guard.release().await;
+            }
+        }
+    })
+    .await;
+    let spent = commands(server)?.saturating_sub(before + 1);
+    for locker in lockers.iter() {
+        let _ = locker.stop().await;
+    }
+    let per_section = spent as f64 / result.sections.max(1) as f64;
+    Ok((result, per_section))
+}
+
+async fn rslock_run(
+    server: &RedisServer,
+    url: &str,
+    waiters: usize,
+    delay: Option<Duration>,
+    key: &str,
+    held: Duration,
+    duration: Duration,
+) -> BenchResult<(Handoff, f64)> {
+    let managers: Vec<LockManager> = (0..waiters)
+        .map(|_| {
+            let mut manager = LockManager::new(vec![url.to_owned()]);
+            if let Some(delay) = delay {
+                manager.set_retry(3, delay);
+            }
+            manager
+        })
+        .collect();
+    for manager in &managers {
+        if let Ok(lock) = manager.acquire_no_guard(key, TTL).await {
+            manager.unlock(&lock).await;
+        }
+    }
+    let managers = Arc::new(managers);
+    let key: Arc<str> = Arc::from(key);
+    let before = commands(server)?;
+    let result = handoff_with(waiters, held, duration, move |contender| {
+        let (manager, key) = (managers[contender].clone(), Arc::clone(&key));
+        async move {
+            // rslock gives up after its retry count: ask again until it holds the lock.
+            let lock = loop {
+                if let Ok(lock) = manager.acquire_no_guard(key.as_bytes(), TTL).await {
+                    break lock;
+                }
+            };
+            if !held.is_zero() {
+                tokio::time::sleep(held).await;
+            }
+            manager.unlock(&lock).await;
+        }
+    })
+    .await;
+    let spent = commands(server)?.saturating_sub(before + 1);
+    let per_section = spent as f64 / result.sections.max(1) as f64;
+    Ok((result, per_section))
+}
+
+/// The in-process lock with as many tasks and the same sections: sections per second.
+async fn memory_reference(tasks: usize, held: Duration, duration: Duration) -> BenchResult<f64> {
+    let locker = Locker::new(MemoryLock::new()).with_options(
+        LockOptions::default()
+            .with_ttl(TTL)
+            .with_retry(RetryPolicy::forever()),
+    )?;
+    let result = handoff_with(tasks, held, duration, move |_| {
+        let locker = locker.clone();
+        async move {
+            if let Ok(guard) = locker.acquire("fair-memory").await {
+                if !held.is_zero() {
+                    tokio::time::sleep(held).await;
+                }
+                let _ = guard.release().await;
+            }
+        }
+    })
+    .await;
+    Ok(result.sections_per_second)
+}
+
+/// The median `PING` round trip to the server.
+async fn round_trip(url: &str) -> BenchResult<Duration> {
+    let client = redis::Client::open(url)?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let mut times = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        let _: String = redis::cmd("PING").query_async(&mut connection).await?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    Ok(Duration::from_secs_f64(median(&mut times)))
+}
