@@ -170,8 +170,7 @@ async fn arrival_order(target: &Target, fair: bool, waiters: usize) -> Vec<usize
     for task in tasks {
         task.await.unwrap();
     }
-    let order = order.lock().unwrap().clone();
-    order
+    order.lock().unwrap().clone()
 }
 
 async fn served_in_arrival_order(store: Store) {
