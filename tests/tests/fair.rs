@@ -51,7 +51,8 @@ impl Target {
             );
             (servers, url)
         } else {
-            let server = RedisServer::start(&binary, &[]).expect("server");
+            let server =
+                RedisServer::start(&binary, &["--enable-debug-command", "yes"]).expect("server");
             let url = server.url();
             (vec![server], url)
         };
@@ -522,18 +523,18 @@ async fn a_single_try_never_passes_a_waiter_in_line_inc() {
     a_single_try_never_barges(Store::Inc).await;
 }
 
-/// The server paused (SIGSTOP) while waiters wait, then restarted empty while others wait:
+/// The server paused (SIGSTOP) while waiters wait, restarted empty while others wait, and
+/// stalled by `DEBUG SLEEP` past every lease (its clock jumps ahead when it answers again):
 /// everyone is served, never two at once.
 async fn paused_and_restarted(store: Store) {
     let Some(mut target) = Target::start(store, "fair waiting").await else {
         return;
     };
-    for fault in ["pause", "restart"] {
-        let key = if fault == "pause" {
-            "paused"
-        } else {
-            "restarted"
-        };
+    for (fault, key) in [
+        ("pause", "paused"),
+        ("restart", "restarted"),
+        ("debug sleep", "slept"),
+    ] {
         let holder = target
             .locker(true, Duration::from_secs(3), RetryPolicy::none())
             .await;
@@ -558,14 +559,33 @@ async fn paused_and_restarted(store: Store) {
             }));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if fault == "pause" {
-            target.servers[0].pause().unwrap();
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            target.servers[0].resume().unwrap();
-            guard.release().await.unwrap();
-        } else {
-            target.servers[0].restart().unwrap();
-            drop(guard);
+        match fault {
+            "pause" => {
+                target.servers[0].pause().unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                target.servers[0].resume().unwrap();
+                guard.release().await.unwrap();
+            }
+            "restart" => {
+                target.servers[0].restart().unwrap();
+                drop(guard);
+            }
+            _ => {
+                // The server stalls past every lease (the holder's, the entries'), and its
+                // clock has moved on when it answers again: the line is lost, never safety.
+                let stalled = std::thread::scope(|scope| {
+                    scope
+                        .spawn(|| {
+                            target.servers[0].command("DEBUG SLEEP 3.5", Duration::from_secs(10))
+                        })
+                        .join()
+                });
+                assert!(
+                    matches!(stalled, Ok(Ok(ref reply)) if reply.starts_with("+OK")),
+                    "{stalled:?}"
+                );
+                let _ = guard.release().await;
+            }
         }
         let started = Instant::now();
         for task in tasks {
@@ -591,4 +611,14 @@ async fn a_paused_or_restarted_server_serves_every_fair_waiter_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_or_restarted_server_serves_every_fair_waiter_inc() {
     paused_and_restarted(Store::Inc).await;
+}
+
+/// The waiting line's script is one file written twice (each backend crate packages its own
+/// scripts): the copies must not drift apart.
+#[test]
+fn the_line_script_is_the_same_in_both_backends() {
+    assert_eq!(
+        include_str!("../../lock-redlock/src/lua/line.lua"),
+        include_str!("../../lock-inc/src/lua/line.lua")
+    );
 }

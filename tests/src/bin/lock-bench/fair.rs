@@ -38,6 +38,16 @@ pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchR
     let redlock = only.is_none_or(|only| only != "inc");
     let inc = only.is_none_or(|only| only != "redlock");
     let mut figures = Vec::new();
+    if redlock {
+        let fair = redlock_locker(&url, true, RetryPolicy::forever())?;
+        let plain = redlock_locker(&url, false, RetryPolicy::forever())?;
+        figures.extend(uncontended("redis", &fair, &plain).await?);
+    }
+    if inc {
+        let fair = inc_locker(&url, true, RetryPolicy::forever()).await?;
+        let plain = inc_locker(&url, false, RetryPolicy::forever()).await?;
+        figures.extend(uncontended("inc", &fair, &plain).await?);
+    }
     let mut run = 0usize;
     for waiters in [16usize, 64] {
         for held in [Duration::from_millis(1), Duration::ZERO] {
@@ -165,6 +175,54 @@ pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchR
         }
     }
     Ok(figures)
+}
+
+/// What `fair` costs uncontended: acquire + release cycles of a fair client and a plain one
+/// (both waiting as the references do: forever), in chunks of 50 whose order turns every round.
+async fn uncontended(backend: &str, fair: &Locker, plain: &Locker) -> BenchResult<Vec<Figure>> {
+    const ROUNDS: u32 = 40;
+    const CHUNK: u32 = 50;
+    for _ in 0..CHUNK {
+        fair.acquire("fair-uncontended-1").await?.release().await?;
+        plain.acquire("fair-uncontended-0").await?.release().await?;
+    }
+    let mut times = [Duration::ZERO; 2];
+    for round in 0..ROUNDS {
+        for turn in 0..2 {
+            let which = (round as usize + turn) % 2;
+            let (locker, key) = if which == 1 {
+                (fair, "fair-uncontended-1")
+            } else {
+                (plain, "fair-uncontended-0")
+            };
+            let started = Instant::now();
+            for _ in 0..CHUNK {
+                locker.acquire(key).await?.release().await?;
+            }
+            times[which] += started.elapsed();
+        }
+    }
+    let cycles = ROUNDS * CHUNK;
+    let plain_rate = crate::rate(cycles, times[0]);
+    let fair_rate = crate::rate(cycles, times[1]);
+    let scenario = "uncontended acquire+release";
+    let mut fair_figure = figure(
+        &format!("{backend} (fair)"),
+        scenario,
+        fair_rate,
+        "ops/s",
+        Some((&format!("{backend} (today's default)"), plain_rate)),
+    );
+    fair_figure.nodes = Some(1);
+    let mut plain_figure = figure(
+        &format!("{backend} (today's default)"),
+        scenario,
+        plain_rate,
+        "ops/s",
+        None,
+    );
+    plain_figure.nodes = Some(1);
+    Ok(vec![fair_figure, plain_figure])
 }
 
 fn redlock_locker(url: &str, fair: bool, policy: RetryPolicy) -> BenchResult<Locker> {
