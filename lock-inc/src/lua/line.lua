@@ -73,6 +73,10 @@ end
 -- passes a live line), or -(1 + ms) when the waiter is first in line behind a holder with ms
 -- left to live. A free lock whose line is headed by another waiter wakes that waiter.
 local function line_gate(lock, owner, token, member, lease, prefix)
+  -- Nobody in line (the uncontended case): only the lock decides.
+  if redis.call('exists', LINE_EXPIRY) == 0 and (member == '' or redis.call('exists', lock) == 0) then
+    return nil
+  end
   local now, now_us = line_clock()
   line_prune(now)
   if redis.pcall('get', owner) == token then
@@ -111,6 +115,9 @@ end
 -- After a release or a waiter's leaving: when the lock is free, the turn passes to the head of
 -- the line, which alone is woken.
 local function line_hand_over(lock, prefix)
+  if redis.call('exists', LINE_EXPIRY) == 0 then
+    return
+  end
   if redis.call('exists', lock) == 0 then
     local now = line_clock()
     line_prune(now)

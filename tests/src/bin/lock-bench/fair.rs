@@ -57,7 +57,11 @@ pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchR
             );
             let memory = memory_reference(waiters, held, duration).await?;
             let rtt = round_trip(&url).await?;
-            let ideal_ms = waiters as f64 * (held.as_secs_f64() + rtt.as_secs_f64()) * 1e3;
+            // The ideal first-come-first-served bound: every waiter ahead of you holds the key
+            // for one section, and each hand-off costs one round trip. A section is what it
+            // takes here, measured in process: tokio's timer makes a 1 ms sleep last longer.
+            let nominal_ms = waiters as f64 * (held.as_secs_f64() + rtt.as_secs_f64()) * 1e3;
+            let ideal_ms = waiters as f64 * (1.0 / memory + rtt.as_secs_f64()) * 1e3;
             let mut results: Vec<(String, Handoff, f64)> = Vec::new();
             let mut measure = |name: &str, result: (Handoff, f64)| {
                 results.push((name.to_owned(), result.0, result.1));
@@ -139,7 +143,9 @@ pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchR
                 );
                 p99.nodes = Some(1);
                 // Against the ideal bound: > 1 means above it (the goal is within 2×).
-                p99.reference = Some(format!("ideal FCFS bound {ideal_ms:.1} ms"));
+                p99.reference = Some(format!(
+                    "ideal FCFS bound {ideal_ms:.1} ms (nominal {nominal_ms:.1} ms)"
+                ));
                 p99.ratio_to_reference = Some(result.p99_wait_ms / ideal_ms);
                 if !name.starts_with("rslock") {
                     let theirs = if name.contains("tuned") {
