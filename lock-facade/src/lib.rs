@@ -262,6 +262,37 @@ mod tests {
         assert_eq!(inline.resolve().unwrap().ttl, Some(900));
     }
 
+    #[cfg(feature = "redlock")]
+    #[tokio::test]
+    async fn fair_reaches_the_backend_from_json_and_toml() {
+        // Redlock connects lazily: nothing listens on port 1, and nothing needs to.
+        let json = LockConfig::from_json(
+            r#"{"type": "redis", "urls": ["redis://127.0.0.1:1/"], "fair": true}"#,
+        )
+        .unwrap();
+        let toml = LockConfig::from_toml(
+            "type = \"redis\"\nurls = [\"redis://127.0.0.1:1/\"]\nfair = true\n",
+        )
+        .unwrap();
+        for config in [json, toml] {
+            let locker = create(config).await.unwrap();
+            assert!(locker.capabilities().fair);
+        }
+        let plain = LockConfig::from_json(r#"{"type": "redis", "urls": ["redis://127.0.0.1:1/"]}"#)
+            .unwrap();
+        assert!(!create(plain).await.unwrap().capabilities().fair);
+        // Lines on several nodes could each put a different waiter first: refused, by name.
+        let several = LockConfig::from_json(
+            r#"{"type": "redlock", "urls": ["redis://127.0.0.1:1/", "redis://127.0.0.1:2/", "redis://127.0.0.1:3/"], "fair": true}"#,
+        )
+        .unwrap();
+        let error = create(several).await.unwrap_err();
+        assert!(
+            matches!(error, LockError::InvalidInput { ref field, .. } if field == "fair"),
+            "{error}"
+        );
+    }
+
     #[tokio::test]
     async fn errors_name_the_field_and_the_source() {
         let error = LockConfig::from_json(r#"{"ttl": "soon"}"#).unwrap_err();
