@@ -1,5 +1,5 @@
 //! Fair waiting across processes (`fair`): waiters line up in a sorted set in the lock's hash
-//! slot (see `lua/line.lua`), and the head of the line is woken alone, by a message naming it
+//! slot (see `lock_core::raw::redis::LINE_SCRIPT`), and the head of the line is woken alone, by a message naming it
 //! on the channel of its client (`lock-turn:<instance>`), which every fair client subscribes to
 //! once, on its first wait, through a subscriber connection of its own (fred's
 //! `SubscriberClient`, which subscribes again after a reconnect). A lost message costs the
@@ -10,12 +10,11 @@ use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
-use lock_core::wake::TurnRegistry;
+use lock_core::raw::wake::TurnRegistry;
 use lock_core::{Result, Token};
 use tokio::task::JoinHandle;
 
-/// The head of a fair line is woken on this prefix followed by its client's instance id.
-pub(crate) const TURN_CHANNEL: &str = "lock-turn:";
+pub(crate) use lock_core::raw::redis::TURN_CHANNEL;
 
 /// The waiters of one fair client and its subscription.
 pub(crate) struct FairLine {
@@ -40,7 +39,7 @@ impl FairLine {
 
     /// The member of a line that stands for `waiter` of this client.
     pub(crate) fn member(&self, waiter: &Token) -> String {
-        [self.instance.as_str(), &waiter.expose()].concat()
+        lock_core::raw::redis::line_member(&self.instance, &waiter.expose())
     }
 
     /// Listens for `waiter`'s turn before its attempt goes out, subscribing this client's

@@ -39,21 +39,27 @@ static SHARED_EXTEND: LazyLock<Script> =
 static DOWNGRADE: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("lua/downgrade.lua")));
 
-/// A fair mutex's scripts: the waiting line's helpers before each (see `lua/line.lua`). The
-/// acquisition is the plain one behind the line's gate.
+/// A fair mutex's scripts: the waiting line's helpers (`lock_core::raw::redis::LINE_SCRIPT`)
+/// before each. The acquisition is the plain one behind the line's gate.
 static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| {
-    Script::from_lua(concat!(
-        include_str!("lua/line.lua"),
-        "local gate = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4])\n",
-        "if gate then\n  return gate\nend\n",
-        include_str!("lua/acquire.lua")
-    ))
+    Script::from_lua(
+        [
+            lock_core::raw::redis::LINE_SCRIPT,
+            "local gate = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4])\n",
+            "if gate then\n  return gate\nend\n",
+            include_str!("lua/acquire.lua"),
+        ]
+        .concat(),
+    )
 });
 static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| {
-    Script::from_lua(concat!(
-        include_str!("lua/line.lua"),
-        include_str!("lua/release_fair.lua")
-    ))
+    Script::from_lua(
+        [
+            lock_core::raw::redis::LINE_SCRIPT,
+            include_str!("lua/release_fair.lua"),
+        ]
+        .concat(),
+    )
 });
 
 /// Keys asked per `SCAN` page by [`Lock::purge`]; the locks of a page are removed by one

@@ -1,5 +1,5 @@
 //! Fair waiting across processes (`fair`, one node): waiters line up in a sorted set beside the
-//! key (see `lua/line.lua`), and the head of the line is woken alone, by a message naming it on
+//! key (see `lock_core::raw::redis::LINE_SCRIPT`), and the head of the line is woken alone, by a message naming it on
 //! the channel of its client (`lock-turn:<instance>`), which every fair client subscribes to
 //! once, on its first wait. A lost message costs the waiter its retry delay at most; a lost
 //! pub/sub connection wakes every waiter of this client, and the next wait subscribes again.
@@ -9,10 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lock_core::wake::TurnRegistry;
+use lock_core::raw::wake::TurnRegistry;
 use lock_core::{Result, Token};
 
-use crate::node::{Node, TURN_CHANNEL};
+use lock_core::raw::redis::{TURN_CHANNEL, line_member};
+
+use crate::node::Node;
 
 /// The waiters of one fair client and its subscription.
 pub(crate) struct FairLine {
@@ -39,7 +41,7 @@ impl FairLine {
 
     /// The member of a line that stands for `waiter` of this client.
     pub(crate) fn member(&self, waiter: &Token) -> Vec<u8> {
-        [self.instance.as_bytes(), waiter.expose().as_bytes()].concat()
+        line_member(&self.instance, &waiter.expose()).into_bytes()
     }
 
     /// Listens for `waiter`'s turn before its attempt goes out, subscribing this client's

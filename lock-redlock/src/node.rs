@@ -6,6 +6,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
+use lock_core::raw::redis::{LINE_SCRIPT, TURN_CHANNEL};
 use lock_core::{Key, LockError, Result, Token, raw::validate};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, Client, RedisResult, Script, Value};
@@ -68,26 +69,26 @@ static SLOT_EXTEND: LazyLock<Script> =
 static DESCRIBE: LazyLock<Script> =
     LazyLock::new(|| Script::new(lease_script!("lease_describe.lua")));
 
-/// A fair lock's scripts: the waiting line's helpers before each (see `lua/line.lua`).
-const ACQUIRE_FAIR_SOURCE: &str = concat!(
-    include_str!("lua/lease_common.lua"),
-    include_str!("lua/line.lua"),
-    include_str!("lua/acquire_fair.lua")
-);
-const RELEASE_FAIR_SOURCE: &str = concat!(
-    include_str!("lua/line.lua"),
-    include_str!("lua/release_fair.lua")
-);
-static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE_FAIR_SOURCE));
-static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_FAIR_SOURCE));
+/// A fair lock's scripts: the waiting line's helpers (`lock_core::raw::redis::LINE_SCRIPT`)
+/// before each.
+static ACQUIRE_FAIR_SOURCE: LazyLock<String> = LazyLock::new(|| {
+    [
+        include_str!("lua/lease_common.lua"),
+        LINE_SCRIPT,
+        include_str!("lua/acquire_fair.lua"),
+    ]
+    .concat()
+});
+static RELEASE_FAIR_SOURCE: LazyLock<String> =
+    LazyLock::new(|| [LINE_SCRIPT, include_str!("lua/release_fair.lua")].concat());
+static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(&ACQUIRE_FAIR_SOURCE));
+static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(&RELEASE_FAIR_SOURCE));
 
 /// Appended to a fair lock's key to name its waiting line (waiters by arrival) and the expiries
 /// of the line's entries (0xFF: no user key can have these names, see `FENCE_SUFFIX`).
 pub(crate) const QUEUE_SUFFIX: &[u8] = b"\xff:queue";
 /// See [`QUEUE_SUFFIX`].
 pub(crate) const QUEUE_EXPIRY_SUFFIX: &[u8] = b"\xff:queue-expiry";
-/// The head of a fair line is woken on this prefix followed by its client's instance id.
-pub(crate) const TURN_CHANNEL: &str = "lock-turn:";
 
 /// Appended to a read-write lock's key to name the claim of the writer waiting for it (0xFF: no
 /// user key can have this name, see `FENCE_SUFFIX`).
@@ -441,7 +442,7 @@ impl NodeParts {
                 let key = keys[0].as_str().as_bytes();
                 Call {
                     script: &RELEASE_FAIR,
-                    source: RELEASE_FAIR_SOURCE,
+                    source: &RELEASE_FAIR_SOURCE,
                     keys: line_keys(key),
                     args: [token, member.to_vec(), TURN_CHANNEL.as_bytes().to_vec()]
                         .into_iter()

@@ -11,7 +11,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lock_core::{Key, KeySet, Lock, LockOptions, LockRequest, Locker, RetryPolicy, Token};
+use lock_core::raw::{KeySet, Lock, LockRequest};
+use lock_core::{Key, LockOptions, Locker, RetryPolicy, Token};
 use lock_inc::{IncConfig, IncLock};
 use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::history::Intervals;
@@ -611,14 +612,4 @@ async fn a_paused_or_restarted_server_serves_every_fair_waiter_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_or_restarted_server_serves_every_fair_waiter_inc() {
     paused_and_restarted(Store::Inc).await;
-}
-
-/// The waiting line's script is one file written twice (each backend crate packages its own
-/// scripts): the copies must not drift apart.
-#[test]
-fn the_line_script_is_the_same_in_both_backends() {
-    assert_eq!(
-        include_str!("../../lock-redlock/src/lua/line.lua"),
-        include_str!("../../lock-inc/src/lua/line.lua")
-    );
 }

@@ -13,6 +13,29 @@ use crate::url::SecretUrl;
 /// key as stored: `lock-released:<key>`.
 pub const RELEASE_CHANNEL: &str = "lock-released:";
 
+/// The head of a fair lock's waiting line is woken on this prefix followed by the 32 hex
+/// digits of its client's instance, with the waiter's id as the message (see [`LINE_SCRIPT`]).
+pub const TURN_CHANNEL: &str = "lock-turn:";
+
+/// The waiting line of a fair lock (`Capabilities::fair`), as Lua helpers to put before a
+/// backend's own acquire and release scripts: `line_gate(lock, owner, token, member, lease,
+/// prefix)` in front of an acquisition, `line_leave(member)` and `line_hand_over(lock, prefix)`
+/// after a release. The line is the last two keys of the script (`KEYS[#KEYS - 1]`: waiters by
+/// arrival; `KEYS[#KEYS]`: the same by the expiry of their entry); a member is a client's
+/// instance (32 hex digits) followed by the waiter's id. See the script's own comments.
+pub const LINE_SCRIPT: &str = include_str!("redis/line.lua");
+
+/// The member of a waiting line that stands for the waiter `waiter` of the client `instance`
+/// (32 hex digits): see [`LINE_SCRIPT`].
+///
+/// ```
+/// let member = lock_core::raw::redis::line_member("0123456789abcdef0123456789abcdef", "42");
+/// assert_eq!(member, "0123456789abcdef0123456789abcdef42");
+/// ```
+pub fn line_member(instance: &str, waiter: &str) -> String {
+    [instance, waiter].concat()
+}
+
 /// The channel releases of `key` (the key as stored) are announced on.
 ///
 /// ```

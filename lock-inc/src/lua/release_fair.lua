@@ -1,5 +1,5 @@
 -- Releases the fair lock (KEYS[1] counter, KEYS[2] owner) held by the token ARGV[1], takes the
--- waiter ARGV[2] ('' for none) out of its line (line.lua, prepended; KEYS[3], KEYS[4]), and when
+-- waiter ARGV[2] ('' for none) out of its line (lock-core's raw/redis/line.lua, prepended; KEYS[3], KEYS[4]), and when
 -- the lock is free passes the turn to the head of the line, woken alone on its channel (prefix
 -- ARGV[3]). ARGV[4], when given, is the `wake_on_release` channel, announced on as release.lua
 -- does. Returns 1 when released, 0 when the lock was not (or no longer) ours.

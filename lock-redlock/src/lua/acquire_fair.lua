@@ -1,5 +1,5 @@
 -- Takes the lock KEYS[1] for the token ARGV[1] with a ttl of ARGV[2] ms through its waiting
--- line (line.lua, prepended, with lease_common.lua): ARGV[3] is the waiter ('' for a single
+-- line (lock-core's raw/redis/line.lua, prepended, with lease_common.lua): ARGV[3] is the waiter ('' for a single
 -- try), ARGV[4] the prefix of the waiters' channels. With fencing, KEYS[2] is the fencing
 -- counter (KEYS: lock, [fence], line, line expiry). Returns the fencing value (1 without
 -- fencing) when taken, else the gate's answer (0, or -(1 + ms) for the head of the line behind

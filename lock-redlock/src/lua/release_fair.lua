@@ -1,5 +1,5 @@
 -- Releases the fair lock KEYS[1] held by the token ARGV[1] (compare-and-delete), takes the
--- waiter ARGV[2] ('' for none) out of its line (line.lua, prepended; KEYS[2], KEYS[3]), and when
+-- waiter ARGV[2] ('' for none) out of its line (lock-core's raw/redis/line.lua, prepended; KEYS[2], KEYS[3]), and when
 -- the lock is free passes the turn to the head of the line, woken alone on its channel
 -- (prefix ARGV[3]). ARGV[4], when given, is the channel prefix of `wake_on_release`, announced
 -- on as release_notify.lua does. Returns how many keys were deleted (0 or 1).
