@@ -243,7 +243,7 @@ impl WakeRegistry {
 ///
 /// A waiter *listens* before its attempt goes out, so that a message sent while the answer is
 /// on its way is kept until it waits; it is *forgotten* when its acquisition ends (won, or
-/// taken back by [`Lock::abandon`](crate::Lock::abandon)). Entries untouched for
+/// taken back by [`Lock::abandon`](crate::raw::Lock::abandon)). Entries untouched for
 /// [`TURN_IDLE`] are dropped when the registry grows, should an acquisition end without
 /// either.
 #[derive(Clone, Debug, Default)]
