@@ -35,21 +35,47 @@ fn single(lock: &Redlock, ttl: Duration) -> Locker {
         .unwrap()
 }
 
+/// Waits (2 s at most) until every node holds `key`: an acquisition returns once a quorum has
+/// answered, and what it sent the others may still be on its way.
+async fn on_every_node(backed: &mut ServerBacked<Redlock>, key: &[u8]) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    let urls: Vec<String> = backed.servers().iter().map(RedisServer::url).collect();
+    for url in urls {
+        let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
+        while !redis::cmd("EXISTS")
+            .arg(key)
+            .query::<bool>(&mut connection)
+            .unwrap()
+        {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "never reached every node"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// A key whose holders all left while a writer waits is kept by the writer's claim alone: no
 /// reader can take it, so `inspect` must not call it free on any node.
 async fn inspect_of_a_claim_only_key(nodes: usize) {
-    let Some(backed) = cluster(nodes) else {
+    let Some(mut backed) = cluster(nodes) else {
         return;
     };
     let lock = backed.lock().clone();
     let ttl = Duration::from_secs(10);
     let reader = single(&lock, ttl).acquire_read("doc").await.unwrap();
+    // The reader on every node first, so that every node refuses the writer and keeps its
+    // claim (a node the reader had not reached yet would admit the writer, and the failed
+    // attempt would then take it back there: the test raced with the third node).
+    on_every_node(&mut backed, b"doc").await;
     let key = Key::new("doc").unwrap();
     let writer = LockRequest::new(KeySet::one(key.clone()), Token::generate().unwrap(), ttl)
         .unwrap()
         .with_kind(LeaseKind::Write)
         .with_will_wait(true);
     assert!(lock.try_acquire(&writer).await.unwrap().is_none());
+    on_every_node(&mut backed, b"doc\xff:claim").await;
     reader.release().await.unwrap();
     let refused = single(&lock, ttl)
         .try_acquire_kind("doc", LeaseKind::Read)
@@ -97,6 +123,8 @@ async fn a_downgrade_leaves_every_key_with_an_expiry() {
     let mut writer = single(&lock, ttl).acquire_write("doc").await.unwrap();
     writer.downgrade().await.unwrap();
     let other = single(&lock, ttl).acquire_read("doc").await.unwrap();
+    // Beyond the quorum, requests may still be on their way: the key on every node first.
+    on_every_node(&mut backed, b"doc").await;
     for server in backed.servers() {
         let pttl = server.command("PTTL doc", PROBE).unwrap();
         assert!(
@@ -106,8 +134,17 @@ async fn a_downgrade_leaves_every_key_with_an_expiry() {
     }
     other.release().await.unwrap();
     writer.release().await.unwrap();
+    // A release that overtook a late acquisition on a node is sent again once it has answered.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
     for server in backed.servers() {
-        assert_eq!(server.command("DBSIZE", PROBE).unwrap(), ":0");
+        while server.command("DBSIZE", PROBE).unwrap() != ":0" {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "left on a node: DBSIZE {}",
+                server.command("DBSIZE", PROBE).unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

