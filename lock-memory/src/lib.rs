@@ -208,20 +208,24 @@ impl Slot {
 }
 
 /// Test probes for leak checks, with the `testing` feature (and in this crate's tests): not
-/// part of the API, whose users see a lock table only through locks.
+/// part of the API, whose users see a lock table only through locks. Hidden from the docs,
+/// which docs.rs builds with every feature.
 #[cfg(any(test, feature = "testing"))]
 impl MemoryLock {
     /// How many keys have an entry (held, waited for, or expired and not yet reclaimed).
+    #[doc(hidden)]
     pub fn len(&self) -> usize {
         self.inner.slots.len()
     }
 
     /// True when no key has an entry.
+    #[doc(hidden)]
     pub fn is_empty(&self) -> bool {
         self.inner.slots.is_empty()
     }
 
     /// How many keys currently have tasks waiting for them.
+    #[doc(hidden)]
     pub fn waited_keys(&self) -> usize {
         self.inner
             .slots
