@@ -72,6 +72,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             "lock-tests",
         ]),
     )?;
+    // The tests of a package whose path-only dev-dependency packaging drops build from it alone.
+    crate::packaged::run(&[])?;
     // Every test, with real redis-servers: a missing server fails instead of skipping.
     step(
         "cargo test --workspace",

@@ -18,18 +18,20 @@ mod chaos;
 mod docs;
 mod explore;
 mod it;
+mod packaged;
 mod redis;
 mod run;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <it | docs | bench [--quick] [--only memory|redlock|inc] | chaos [--seconds N] [--seed S] | explore [--seconds N] [--seed S] [--schedules K] [--lanes L]>";
+const USAGE: &str = "usage: cargo xtask <it | docs | packaged-tests | bench [--quick] [--only memory|redlock|inc] | chaos [--seconds N] [--seed S] | explore [--seconds N] [--seed S] [--schedules K] [--lanes L]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("it") => it::run(&args[1..]),
         Some("docs") => docs::run(&args[1..]),
+        Some("packaged-tests") => packaged::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("chaos") => chaos::run(&args[1..]),
         Some("explore") => explore::run(&args[1..]),
