@@ -352,6 +352,9 @@ impl Locker {
         if self.stopped.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        // Acquisitions waiting to retry end now; those with a claim in the store (a fair
+        // waiter's place in line, a writer's claim) take it back before the backend closes.
+        self.cleanups.stopping.notify_waiters();
         self.cleanups.settled(CLEANUP_WAIT).await;
         self.store().shutdown().await
     }
@@ -611,6 +614,7 @@ impl Locker {
             lock: &self.lock,
             cleanups: &self.cleanups,
             request: None,
+            running: None,
         };
         // The end of the policy's delay when a claim's renewal cut the wait short.
         let mut planned_wake = None;
@@ -643,6 +647,10 @@ impl Locker {
                     && matches!(outcome, Ok(Attempt::Held))
                 {
                     claim.request = Some(request);
+                    // `stop` waits for the claim to be taken back.
+                    if claim.running.is_none() {
+                        claim.running = Some(self.cleanups.start());
+                    }
                 }
                 outcome
             };
@@ -719,13 +727,29 @@ impl Locker {
             // Whatever the backend's wait does, the loop spends tokio's cooperative budget, so
             // it yields now and then even with a zero delay: `timeout` can always cancel it.
             tokio::task::consume_budget().await;
+            // A `stop` ends the wait: the claim is taken back while the backend still runs.
+            let stopping = self.cleanups.stopping.notified();
+            tokio::pin!(stopping);
+            stopping.as_mut().enable();
+            if self.stopped.load(Ordering::SeqCst) {
+                return Err(LockError::Stopped);
+            }
             if early_wakes >= 2 {
                 early_wakes = 0;
-                tokio::time::sleep_until(wake_at).await;
+                tokio::select! {
+                    () = tokio::time::sleep_until(wake_at) => {}
+                    () = &mut stopping => return Err(LockError::Stopped),
+                }
             } else {
-                match claim.request.as_ref().filter(|r| r.waiter().is_some()) {
-                    Some(request) => self.store().wait_for_turn(request, wake_at - now).await?,
-                    None => self.store().wait_for_release(&keys, wake_at - now).await?,
+                let wait = async {
+                    match claim.request.as_ref().filter(|r| r.waiter().is_some()) {
+                        Some(request) => self.store().wait_for_turn(request, wake_at - now).await,
+                        None => self.store().wait_for_release(&keys, wake_at - now).await,
+                    }
+                };
+                tokio::select! {
+                    waited = wait => waited?,
+                    () = &mut stopping => return Err(LockError::Stopped),
                 }
                 if Instant::now() < wake_at {
                     early_wakes += 1;
@@ -837,6 +861,9 @@ struct Claim<'a> {
     lock: &'a Arc<dyn Lock>,
     cleanups: &'a Arc<Cleanups>,
     request: Option<LockRequest>,
+    /// Counts the claim among the clean-ups `stop` waits for, from the attempt that made it
+    /// until it is taken back (dropped after the clean-up it hands over to has started).
+    running: Option<CleanupRunning>,
 }
 
 impl Drop for Claim<'_> {
@@ -884,6 +911,8 @@ pub const CLEANUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub(crate) struct Cleanups {
     running: std::sync::atomic::AtomicUsize,
     settled: tokio::sync::Notify,
+    /// Notified by `stop`: acquisitions waiting to retry end.
+    stopping: tokio::sync::Notify,
 }
 
 /// One clean-up in progress; counted down when it ends, however it ends.

@@ -1,0 +1,202 @@
+//! Adversarial cases of fair waiting (`fair`) on real servers: a client stopped with waiters in
+//! line, keys with hash-tag and glob characters on a Cluster, mixed fair and plain clients.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lock_core::raw::Lock;
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_inc::{IncConfig, IncLock};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::server::{RedisServer, redis_or_skip, start_cluster};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Store {
+    Redis,
+    Inc,
+    IncCluster,
+}
+
+struct Target {
+    store: Store,
+    servers: Vec<RedisServer>,
+    url: String,
+}
+
+impl Target {
+    async fn start(store: Store, test: &str) -> Option<Self> {
+        let binary = redis_or_skip(test)?;
+        let (servers, url) = if store == Store::IncCluster {
+            let servers = start_cluster(&binary, 3).expect("cluster");
+            let seeds: Vec<String> = servers[1..]
+                .iter()
+                .map(|server| format!("node=127.0.0.1:{}", server.port()))
+                .collect();
+            let url = format!(
+                "redis-cluster://127.0.0.1:{}?{}",
+                servers[0].port(),
+                seeds.join("&")
+            );
+            (servers, url)
+        } else {
+            let server = RedisServer::start(&binary, &[]).expect("server");
+            let url = server.url();
+            (vec![server], url)
+        };
+        Some(Self {
+            store,
+            servers,
+            url,
+        })
+    }
+
+    async fn backend(&self, fair: bool) -> Arc<dyn Lock> {
+        match self.store {
+            Store::Redis => Arc::new(
+                Redlock::new(
+                    RedlockConfig::new([self.url.clone()])
+                        .with_fair(fair)
+                        .with_node_timeout(Duration::from_millis(500)),
+                )
+                .unwrap(),
+            ),
+            Store::Inc | Store::IncCluster => Arc::new(
+                IncLock::connect(IncConfig {
+                    command_timeout: 2_000,
+                    ..IncConfig::new(self.url.clone()).with_fair(fair)
+                })
+                .await
+                .unwrap(),
+            ),
+        }
+    }
+
+    async fn locker(&self, fair: bool, ttl: Duration, retry: RetryPolicy) -> Locker {
+        Locker::from_arc(self.backend(fair).await)
+            .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
+            .unwrap()
+    }
+
+    async fn keys(&self) -> BTreeSet<Vec<u8>> {
+        let mut all = BTreeSet::new();
+        for server in &self.servers {
+            let Ok(client) = redis::Client::open(server.url()) else {
+                continue;
+            };
+            let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+                continue;
+            };
+            let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+                .arg("*")
+                .query_async(&mut connection)
+                .await
+                .unwrap_or_default();
+            all.extend(keys);
+        }
+        all
+    }
+
+    async fn line_keys(&self) -> Vec<String> {
+        self.keys()
+            .await
+            .into_iter()
+            .map(|name| String::from_utf8_lossy(&name).into_owned())
+            .filter(|name| name.contains("queue") || name.contains("line"))
+            .collect()
+    }
+}
+
+fn waiting(delay: Duration) -> RetryPolicy {
+    RetryPolicy::forever()
+        .with_retry_delay(delay)
+        .with_retry_jitter(Duration::ZERO)
+        .with_deadline(Duration::from_secs(30))
+}
+
+/// A client stopped while one of its waiters is in line takes it out of the line: the waiter of
+/// another process behind it is not kept waiting for the stopped waiter's entry to expire.
+async fn stopped_client_leaves_the_line(store: Store) {
+    let Some(target) = Target::start(store, "fair waiting").await else {
+        return;
+    };
+    let key = "stopped";
+    let ttl = Duration::from_secs(20);
+    let holder = target.locker(true, ttl, RetryPolicy::none()).await;
+    let guard = holder.acquire(key).await.unwrap();
+    let stopping = Arc::new(
+        target
+            .locker(true, ttl, waiting(Duration::from_millis(100)))
+            .await,
+    );
+    let first = {
+        let stopping = Arc::clone(&stopping);
+        tokio::spawn(async move { stopping.acquire(key).await.map(|_| ()) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !target.line_keys().await.is_empty(),
+        "the waiter is in line"
+    );
+    stopping.stop().await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), first).await;
+    println!("{store:?}: the stopped client's waiter ended with {outcome:?}");
+    guard.release().await.unwrap();
+    // Another process's waiter gets the free lock at once, not after the stopped waiter's
+    // entry expires (the ttl, 20 s).
+    let other = target
+        .locker(true, ttl, waiting(Duration::from_millis(100)))
+        .await;
+    let got = tokio::time::timeout(Duration::from_secs(3), other.acquire(key)).await;
+    println!(
+        "{store:?}: line keys after stop: {:?}",
+        target.line_keys().await
+    );
+    assert!(
+        matches!(got, Ok(Ok(_))),
+        "a stopped client's waiter kept another process's waiter out of a free lock"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_clients_waiter_leaves_the_line_redis() {
+    stopped_client_leaves_the_line(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_clients_waiter_leaves_the_line_inc() {
+    stopped_client_leaves_the_line(Store::Inc).await;
+}
+
+/// Keys with hash-tag and glob characters wait fairly on a Cluster (one slot for the lock and
+/// its line), and nothing of theirs stays. (A key whose first character is `}` leaves the hash
+/// tag empty and is refused on a Cluster for every kind: see lock-inc's README.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_keys_wait_fairly_on_a_cluster() {
+    let Some(target) = Target::start(Store::IncCluster, "fair waiting").await else {
+        return;
+    };
+    let ttl = Duration::from_secs(5);
+    for key in ["{", "{}", "a}b{c", "*?[a-z]", "{x}y", "x}", "{{}}"] {
+        let holder = target.locker(true, ttl, RetryPolicy::none()).await;
+        let guard = holder
+            .acquire(key)
+            .await
+            .unwrap_or_else(|e| panic!("{key:?}: {e}"));
+        let waiter = target
+            .locker(true, ttl, waiting(Duration::from_millis(50)))
+            .await;
+        let waiting = tokio::spawn(async move { waiter.acquire(key).await.map(|g| (g, waiter)) });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        guard.release().await.unwrap();
+        let (guard, _waiter) = tokio::time::timeout(Duration::from_secs(3), waiting)
+            .await
+            .unwrap_or_else(|_| panic!("{key:?}: the waiter was not served"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{key:?}: {e}"));
+        guard.release().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(target.line_keys().await.is_empty());
+}
