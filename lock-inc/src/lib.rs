@@ -391,6 +391,7 @@ impl Lock for IncLock {
                         token.clone(),
                         request.kind(),
                         expires_by,
+                        member,
                     );
                     return Err(error);
                 }
@@ -859,19 +860,22 @@ impl IncHandle {
             self.token.clone(),
             self.kind,
             self.valid_until,
+            String::new(),
         );
     }
 }
 
 /// Asks again, in the background, for a release that failed, as a [`FollowUp`]: after pauses
 /// doubling from the command timeout on, until it is answered or the key would have expired
-/// anyway (`expires_by`). Token-checked, so asking twice is harmless.
+/// anyway (`expires_by`). Token-checked, so asking twice is harmless. A fair waiter's
+/// `member` (empty for none) leaves its line with it.
 fn release_later(
     shared: Arc<Shared>,
     key: Key,
     token: Token,
     kind: LeaseKind,
     expires_by: Instant,
+    member: String,
 ) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
@@ -882,12 +886,12 @@ fn release_later(
         let running = || shared.running().is_ok();
         follow_up
             .run(vec![key], running, |keys: Vec<Key>| {
-                let (shared, token) = (&shared, &token);
+                let (shared, token, member) = (&shared, &token, &member);
                 async move {
                     let Some(key) = keys.first() else {
                         return keys;
                     };
-                    match release(shared, key, token, kind).await {
+                    match release_as(shared, key, token, kind, member).await {
                         Ok(_) => Vec::new(),
                         Err(error) => {
                             tracing::debug!(%key, %error, "release not answered; asking again");

@@ -200,3 +200,53 @@ async fn odd_keys_wait_fairly_on_a_cluster() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(target.line_keys().await.is_empty());
 }
+
+/// A waiter cancelled while the server is paused cannot leave the line at once: the clean-up
+/// asked again once the server answers takes it out of the line too, so a waiter of another
+/// process is not kept from a free lock until the cancelled waiter's entry expires (its ttl).
+async fn cancelled_during_a_pause_leaves_the_line(store: Store) {
+    let Some(target) = Target::start(store, "fair waiting").await else {
+        return;
+    };
+    let key = "paused-cancel";
+    let ttl = Duration::from_secs(30);
+    let holder = target.locker(true, ttl, RetryPolicy::none()).await;
+    let guard = holder.acquire(key).await.unwrap();
+    let cancelled = target
+        .locker(true, ttl, waiting(Duration::from_millis(100)))
+        .await;
+    let task = tokio::spawn(async move { cancelled.acquire(key).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !target.line_keys().await.is_empty(),
+        "the waiter is in line"
+    );
+    target.servers[0].pause().unwrap();
+    task.abort();
+    // The clean-up's command times out while the server is paused.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    target.servers[0].resume().unwrap();
+    guard.release().await.unwrap();
+    let other = target
+        .locker(true, ttl, waiting(Duration::from_millis(100)))
+        .await;
+    let got = tokio::time::timeout(Duration::from_secs(8), other.acquire(key)).await;
+    println!(
+        "{store:?}: line keys after the pause: {:?}",
+        target.line_keys().await
+    );
+    assert!(
+        matches!(got, Ok(Ok(_))),
+        "a waiter cancelled during a pause kept another process's waiter out of a free lock: {got:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_cancelled_during_a_pause_leaves_the_line_redis() {
+    cancelled_during_a_pause_leaves_the_line(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_cancelled_during_a_pause_leaves_the_line_inc() {
+    cancelled_during_a_pause_leaves_the_line(Store::Inc).await;
+}
