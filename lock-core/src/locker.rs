@@ -344,7 +344,9 @@ impl Locker {
     /// given up to [`CLEANUP_WAIT`] to finish first, so that a process that stops its client and
     /// exits right after cancelling an acquisition or dropping a guard leaves no lock behind.
     /// A release that failed and that the backend would send again later is not waited for:
-    /// that lock expires with its ttl.
+    /// that lock expires with its ttl. Acquisitions waiting to retry end with
+    /// [`LockError::Stopped`], and those that hold a claim in the store (a fair waiter's place
+    /// in line, a waiting writer's claim) take it back before the backend closes.
     ///
     /// # Errors
     /// Backend errors while closing.
