@@ -178,6 +178,33 @@ impl Shared {
         expires_by: Instant,
         at_once: Option<AtOnce>,
     ) {
+        self.release_as_until_answered(
+            indices,
+            keys,
+            token,
+            held,
+            timeout,
+            expires_by,
+            at_once,
+            Arc::from(&[][..]),
+        )
+        .await;
+    }
+
+    /// As [`Self::release_until_answered`], also taking the fair waiter `member` (empty for
+    /// none) out of the key's line.
+    #[allow(clippy::too_many_arguments)]
+    async fn release_as_until_answered(
+        self: Arc<Self>,
+        indices: Vec<usize>,
+        keys: KeySet,
+        token: Token,
+        held: Held,
+        timeout: Duration,
+        expires_by: Instant,
+        at_once: Option<AtOnce>,
+        member: Arc<[u8]>,
+    ) {
         let wanted = released_when(&keys, held);
         let mut follow_up = FollowUp::new(NAME, metrics::OPERATION_RELEASE, timeout, expires_by);
         if let Some(AtOnce { sent_before }) = at_once {
@@ -189,11 +216,15 @@ impl Shared {
             follow_up = follow_up.at_once(resent);
         }
         self.until_answered(follow_up, indices, &keys, timeout, |node| {
-            let (keys, token) = (keys.clone(), token.clone());
+            let (keys, token, member) = (keys.clone(), token.clone(), Arc::clone(&member));
             async move {
-                node.release(&keys, &token, held)
-                    .await
-                    .map(|deleted| (deleted == wanted).then_some(0))
+                let deleted = if member.is_empty() {
+                    node.release(&keys, &token, held).await
+                } else {
+                    node.release_self_contained(&keys, &token, held, &member)
+                        .await
+                };
+                deleted.map(|deleted| (deleted == wanted).then_some(0))
             }
         })
         .await;
@@ -710,7 +741,7 @@ impl Lock for Redlock {
         tally.yes.extend(late.yes);
         if !failed.is_empty() {
             let expires_by = Instant::now() + request.ttl();
-            tokio::spawn(Arc::clone(shared).release_until_answered(
+            tokio::spawn(Arc::clone(shared).release_as_until_answered(
                 failed,
                 keys,
                 token.clone(),
@@ -718,6 +749,7 @@ impl Lock for Redlock {
                 timeout,
                 expires_by,
                 None,
+                member,
             ));
         }
         Ok(!tally.yes.is_empty())

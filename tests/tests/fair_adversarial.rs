@@ -250,3 +250,60 @@ async fn a_waiter_cancelled_during_a_pause_leaves_the_line_redis() {
 async fn a_waiter_cancelled_during_a_pause_leaves_the_line_inc() {
     cancelled_during_a_pause_leaves_the_line(Store::Inc).await;
 }
+
+/// As above, with the clean-up's first try lost for good: the server is paused, then killed and
+/// restarted from its append-only file (the line survives, the clean-up's command does not).
+async fn cancelled_across_a_restart_leaves_the_line(store: Store) {
+    let Some(binary) = redis_or_skip("fair waiting") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &["--appendonly", "yes", "--appendfsync", "always"])
+        .expect("server");
+    let url = server.url();
+    let mut target = Target {
+        store,
+        servers: vec![server],
+        url,
+    };
+    let key = "restart-cancel";
+    let ttl = Duration::from_secs(30);
+    let holder = target.locker(true, ttl, RetryPolicy::none()).await;
+    let guard = holder.acquire(key).await.unwrap();
+    let cancelled = target
+        .locker(true, ttl, waiting(Duration::from_millis(100)))
+        .await;
+    let task = tokio::spawn(async move { cancelled.acquire(key).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !target.line_keys().await.is_empty(),
+        "the waiter is in line"
+    );
+    target.servers[0].pause().unwrap();
+    task.abort();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    target.servers[0].restart().unwrap();
+    assert!(!target.line_keys().await.is_empty(), "the line survived");
+    let _ = guard.release().await;
+    let other = target
+        .locker(true, ttl, waiting(Duration::from_millis(100)))
+        .await;
+    let got = tokio::time::timeout(Duration::from_secs(8), other.acquire(key)).await;
+    println!(
+        "{store:?}: line keys after the restart: {:?}",
+        target.line_keys().await
+    );
+    assert!(
+        matches!(got, Ok(Ok(_))),
+        "a waiter cancelled during an outage kept another process's waiter out of a free lock: {got:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_cancelled_across_a_restart_leaves_the_line_redis() {
+    cancelled_across_a_restart_leaves_the_line(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_cancelled_across_a_restart_leaves_the_line_inc() {
+    cancelled_across_a_restart_leaves_the_line(Store::Inc).await;
+}
