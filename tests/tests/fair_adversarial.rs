@@ -267,7 +267,11 @@ async fn cancelled_across_a_restart_leaves_the_line(store: Store) {
     };
     let key = "restart-cancel";
     let ttl = Duration::from_secs(30);
-    let holder = target.locker(true, ttl, RetryPolicy::none()).await;
+    // The holder expires by itself soon after the restart (its release may find the
+    // connection broken); the cancelled waiter's entry would last 30 s.
+    let holder = target
+        .locker(true, Duration::from_secs(4), RetryPolicy::none())
+        .await;
     let guard = holder.acquire(key).await.unwrap();
     let cancelled = target
         .locker(true, ttl, waiting(Duration::from_millis(100)))
@@ -280,14 +284,16 @@ async fn cancelled_across_a_restart_leaves_the_line(store: Store) {
     );
     target.servers[0].pause().unwrap();
     task.abort();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Long enough for the clean-up's first try to time out, short enough for its follow-up
+    // (three rounds) to reach the restarted server.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     target.servers[0].restart().unwrap();
     assert!(!target.line_keys().await.is_empty(), "the line survived");
     let _ = guard.release().await;
     let other = target
         .locker(true, ttl, waiting(Duration::from_millis(100)))
         .await;
-    let got = tokio::time::timeout(Duration::from_secs(8), other.acquire(key)).await;
+    let got = tokio::time::timeout(Duration::from_secs(15), other.acquire(key)).await;
     println!(
         "{store:?}: line keys after the restart: {:?}",
         target.line_keys().await
