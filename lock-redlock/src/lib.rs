@@ -942,7 +942,7 @@ impl Handle for RedlockHandle {
         let shared = Arc::clone(&self.shared);
         let nodes = shared.nodes()?;
         let start = Instant::now();
-        let (tally, _in_flight) =
+        let (tally, in_flight) =
             round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
                 let (keys, token, held) = (self.keys.clone(), self.token.clone(), self.held);
                 async move {
@@ -952,6 +952,7 @@ impl Handle for RedlockHandle {
                 }
             })
             .await;
+        in_flight.run_on();
         if tally.yes.len() >= shared.quorum
             && let Some(valid_until) = shared.valid_until(start, ttl)
         {
@@ -1048,7 +1049,7 @@ impl Handle for RedlockHandle {
         }
         let shared = Arc::clone(&self.shared);
         let nodes = shared.nodes()?;
-        let (tally, _in_flight) = round::run(
+        let (tally, in_flight) = round::run(
             &nodes,
             shared.quorum,
             shared.node_timeout(self.ttl),
@@ -1062,6 +1063,7 @@ impl Handle for RedlockHandle {
             },
         )
         .await;
+        in_flight.run_on();
         if tally.yes.len() >= shared.quorum {
             return Ok(());
         }

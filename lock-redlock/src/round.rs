@@ -118,6 +118,17 @@ impl Pending {
         tally
     }
 
+    /// Lets the requests still in flight run to their answer (bounded by the round's
+    /// deadline) in the background: dropped, a request not yet written — one waiting for its
+    /// script to be loaded after `NOSCRIPT`, or for its connection — would never reach its
+    /// node, which would keep the lease as it was (an extend or a downgrade only on the nodes
+    /// that decided the round).
+    pub(crate) fn run_on(self) {
+        if !self.is_empty() {
+            tokio::spawn(self.finish());
+        }
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.0
             .as_ref()
