@@ -13,7 +13,9 @@ use lock_core::{
 use redis::{RedisResult, Value};
 use tokio::time::Instant;
 
-use crate::node::{CLAIM_SUFFIX, Held, LEASE_ACQUIRE, LEASE_RAISE, Node, SLOT_ACQUIRE};
+use crate::node::{
+    Alone, CLAIM_SUFFIX, Held, LEASE_ACQUIRE, LEASE_RAISE, Node, SLOT_ACQUIRE, TakenAlone,
+};
 use crate::round::{self, Tally};
 use crate::{FENCE_SUFFIX, NAME, RedlockHandle, Shared};
 
@@ -179,6 +181,7 @@ async fn attempt(
         .then(|| [key.as_slice(), FENCE_SUFFIX].concat());
     let token_text = token.expose().as_bytes().to_vec();
     let ttl_ms = validate::ttl_millis(ttl).to_string().into_bytes();
+    let mut alone = None;
     let (script, mut script_keys, args) = match target {
         Target::Set { tag } => {
             // The marker begins with the byte 0xFF, which no token or tag begins with.
@@ -193,6 +196,16 @@ async fn attempt(
                 _ => (b"\xffrw".to_vec(), String::new()),
             };
             let claim = [key.as_slice(), CLAIM_SUFFIX].concat();
+            // A permit or a reader on a free key is one string (see `lua/lease_alone.lua`),
+            // which a plain `SET` can write when no fencing counter has to move.
+            if counter.is_none() && tag != "w" {
+                alone = Some(Arc::new(Alone {
+                    key: key.clone(),
+                    value: [&marker[..], b"\0", tag.as_bytes(), &token_text].concat(),
+                    ttl_ms: validate::ttl_millis(ttl),
+                    claim: (tag == "r").then(|| claim.clone()),
+                }));
+            }
             let will_wait = if request.will_wait() { "1" } else { "0" };
             (
                 &LEASE_ACQUIRE,
@@ -245,18 +258,28 @@ async fn attempt(
     };
     let start = Instant::now();
     let (tally, pending) = round::run(nodes, shared.quorum, shared.node_timeout(ttl), |node| {
-        let (script_keys, args, found) = (
+        let (script_keys, args, found, alone) = (
             Arc::clone(&script_keys),
             Arc::clone(&args),
             Arc::clone(&found),
+            alone.clone(),
         );
         let (keys, token) = (keys.clone(), token.clone());
         async move {
+            let undo = || node.release_call(&keys, &token, held);
+            if let Some(alone) = &alone {
+                match node.take_alone(alone, undo).await? {
+                    TakenAlone::Taken => return Ok(Some(1)),
+                    TakenAlone::Claimed => return Ok(None),
+                    TakenAlone::Busy => {}
+                }
+            }
             let answer = node
-                .acquire_lease(script, &script_keys, &args, || {
-                    node.release_call(&keys, &token, held)
-                })
+                .acquire_lease(script, &script_keys, &args, undo)
                 .await?;
+            if let Some(alone) = &alone {
+                node.note_script_answer(&alone.key, matches!(answer, Value::Int(2)));
+            }
             read_answer(answer, &node, &found)
         }
     })

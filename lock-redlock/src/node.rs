@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -143,6 +144,29 @@ pub(crate) struct NodeParts {
     release_channel: Option<&'static str>,
     /// Mutexes on one key go through their waiting line (`fair`).
     fair: bool,
+    /// Which keys were last found taken when a lease tried them alone (see
+    /// [`NodeParts::take_alone`]): one bit per group of keys, by a hash of the key.
+    busy: AtomicU64,
+}
+
+/// A lease alone on a free key, as [`NodeParts::take_alone`] sets it: the key, the value
+/// `lease_acquire_alone.lua` would write (marker, zero byte, tag, token) and the ttl; for a
+/// reader, the claim a waiting writer leaves, which keeps it out.
+pub(crate) struct Alone {
+    pub(crate) key: Vec<u8>,
+    pub(crate) value: Vec<u8>,
+    pub(crate) ttl_ms: u64,
+    pub(crate) claim: Option<Vec<u8>>,
+}
+
+/// What [`NodeParts::take_alone`] found.
+pub(crate) enum TakenAlone {
+    /// The key was free and is now ours.
+    Taken,
+    /// The key was free, but a writer waits for it: refused (and given back).
+    Claimed,
+    /// The key is taken (or was lately): the acquisition script decides.
+    Busy,
 }
 
 #[derive(Clone)]
@@ -224,7 +248,94 @@ impl NodeParts {
                 .wake_on_release
                 .then_some(lock_core::raw::redis::RELEASE_CHANNEL),
             fair: config.fair,
+            busy: AtomicU64::new(0),
         })
+    }
+
+    /// The bit of [`NodeParts::busy`] that stands for `key`.
+    fn busy_bit(key: &[u8]) -> u64 {
+        let hash = key.iter().fold(0x811c_9dc5_u32, |hash, byte| {
+            (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
+        });
+        1 << (hash % 64)
+    }
+
+    /// Notes what the acquisition script found: `alone` when it took a free key for a lease
+    /// alone (its answer 2), so that the next lease on that key tries [`NodeParts::take_alone`]
+    /// first again.
+    pub(crate) fn note_script_answer(&self, key: &[u8], alone: bool) {
+        let bit = Self::busy_bit(key);
+        if alone {
+            self.busy.fetch_and(!bit, Ordering::Relaxed);
+        } else {
+            self.busy.fetch_or(bit, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes a lease alone on a free key without a script (a script costs the server several
+    /// times a `SET`): `SET key value NX PX ttl`, for a reader followed in the same write by
+    /// the check for a writer's claim, the same outcome as the acquisition script's first path
+    /// (`lua/lease_acquire_alone.lua`). A key found taken is remembered, and its next leases
+    /// go to the script at once (which answers 2 once it finds the key free again), so that a
+    /// semaphore with holders does not pay a round trip more per permit.
+    ///
+    /// A reader that took the key while a writer's claim stood gives it back at once (the
+    /// script would have refused it; the claim appears only while the key is held, so this is
+    /// rare).
+    pub(crate) async fn take_alone(
+        &self,
+        alone: &Alone,
+        undo: impl Fn() -> Call,
+    ) -> RedisResult<TakenAlone> {
+        if self.busy.load(Ordering::Relaxed) & Self::busy_bit(&alone.key) != 0 {
+            return Ok(TakenAlone::Busy);
+        }
+        let mut set = redis::cmd("SET");
+        set.arg(alone.key.as_slice())
+            .arg(alone.value.as_slice())
+            .arg("NX")
+            .arg("PX")
+            .arg(alone.ttl_ms);
+        let (taken, claimed) = match &alone.claim {
+            None => {
+                let reply = match &self.connection {
+                    Connection::Manager(manager) => set.query_async(&mut manager.clone()).await?,
+                    Connection::Pool(pool) => {
+                        Box::pin(self.acquire_pooled(pool, Request::Set(&set), undo())).await?
+                    }
+                };
+                (matches!(reply, Value::Okay), false)
+            }
+            Some(claim) => {
+                // One write, not a transaction: `SET ... NX` alone keeps writers out; the claim
+                // only says whether a writer waited for the key before this reader took it
+                // (a claim left after the `SET` is one more reason to give the key back).
+                let mut pipeline = redis::pipe();
+                pipeline
+                    .add_command(set)
+                    .cmd("EXISTS")
+                    .arg(claim.as_slice());
+                let request = Request::Pipeline(&pipeline);
+                let reply = match &self.connection {
+                    Connection::Manager(manager) => request.send(&mut manager.clone()).await?,
+                    Connection::Pool(pool) => {
+                        Box::pin(self.acquire_pooled(pool, request, undo())).await?
+                    }
+                };
+                let (set, claimed): (Value, i64) = redis::FromRedisValue::from_redis_value(reply)?;
+                (matches!(set, Value::Okay), claimed == 1)
+            }
+        };
+        if !taken {
+            self.busy
+                .fetch_or(Self::busy_bit(&alone.key), Ordering::Relaxed);
+            return Ok(TakenAlone::Busy);
+        }
+        if claimed {
+            let _: i64 = self.invoke(&undo().invocation()).await?;
+            return Ok(TakenAlone::Claimed);
+        }
+        Ok(TakenAlone::Taken)
     }
 
     /// The client, to open a pub/sub connection.
@@ -717,6 +828,7 @@ fn line_keys(key: &[u8]) -> Vec<Vec<u8>> {
 /// One acquisition request and how to read its answer.
 enum Request<'a> {
     Set(&'a redis::Cmd),
+    Pipeline(&'a redis::Pipeline),
     Script(&'a redis::ScriptInvocation<'a>),
 }
 
@@ -733,6 +845,7 @@ impl Request<'_> {
     async fn send<C: ConnectionLike + Send>(&self, connection: &mut C) -> RedisResult<Value> {
         match self {
             Self::Set(command) => command.query_async(connection).await,
+            Self::Pipeline(pipeline) => pipeline.query_async(connection).await,
             Self::Script(invocation) => invocation.invoke_async(connection).await,
         }
     }

@@ -246,3 +246,184 @@ async fn settled(probes: &mut [redis::Connection], key: &[u8], expected: [&str; 
         tokio::time::sleep(ms(20)).await;
     }
 }
+
+/// The calls of `command` the server counted so far that did not fail (`INFO commandstats`:
+/// a script's first call on a server fails with `NOSCRIPT`, and is sent again once loaded).
+fn calls(connection: &mut redis::Connection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(connection)
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:");
+    let Some(stats) = info
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+    else {
+        return 0;
+    };
+    let field = |name: &str| -> u64 {
+        stats
+            .split(',')
+            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+            .map_or(0, |value| value.parse().unwrap())
+    };
+    field("calls") - field("failed_calls")
+}
+
+/// A reader that finds the key free takes it with a plain `SET ... NX` (no script), but a
+/// writer's claim standing on the free key still keeps it out, as the acquisition script
+/// does: the reader is refused and gives the key back at once. The claim is the one a waiting
+/// writer leaves (a string under `<key>` + 0xFF + `:claim`), set here by hand so that the
+/// moment is exact. Negative control: without the claim check in `NodeParts::take_alone`,
+/// the reader is granted ("a reader entered past a waiting writer's claim").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_on_a_free_key_still_yields_to_a_writers_claim() {
+    let Some(mut backed) = cluster(1) else {
+        return;
+    };
+    let url = backed.servers()[0].url();
+    let mut probe = connect(&url);
+    let reader = single(backed.lock().clone(), ms(10_000));
+    let claim = b"claimed\xff:claim".to_vec();
+    let _: () = redis::cmd("SET")
+        .arg(&claim)
+        .arg("a-writers-token")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut probe)
+        .unwrap();
+    let refused = reader.try_acquire_kind("claimed", LeaseKind::Read).await;
+    assert!(
+        matches!(refused, Ok(None)),
+        "a reader entered past a waiting writer's claim: {refused:?}"
+    );
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("claimed")
+        .query(&mut probe)
+        .unwrap();
+    assert_eq!(exists, 0, "the refused reader left its lease behind");
+    // The writer whose claim it is gets in; readers follow once it is gone.
+    let _: () = redis::cmd("DEL").arg(&claim).query(&mut probe).unwrap();
+    let again = reader.try_acquire_kind("claimed", LeaseKind::Read).await;
+    again
+        .unwrap()
+        .expect("free and unclaimed")
+        .release()
+        .await
+        .unwrap();
+}
+
+/// What a permit or read-lock cycle on a free key costs the server: a `SET` and the release
+/// script — no acquisition script, which costs the server several times a `SET` — and, on a
+/// key another holder keeps, the acquisition script at once (not a `SET` that fails first):
+/// the client remembers the key was taken until the script finds it free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_on_a_free_key_takes_it_without_a_script() {
+    let Some(mut backed) = cluster(1) else {
+        return;
+    };
+    let url = backed.servers()[0].url();
+    let mut probe = connect(&url);
+    let ours = single(backed.lock().clone(), ms(10_000));
+    let other = single(Redlock::new(config(vec![url.clone()])).unwrap(), ms(10_000));
+    for kind in [LeaseKind::permit(3).unwrap(), LeaseKind::Read] {
+        let key = format!("cheap-{kind}");
+        // Warm: the release script is loaded.
+        let warm = ours.try_acquire_kind(&key, kind).await.unwrap().unwrap();
+        warm.release().await.unwrap();
+        let (sets, scripts) = (calls(&mut probe, "set"), calls(&mut probe, "evalsha"));
+        for _ in 0..5 {
+            let lease = ours.try_acquire_kind(&key, kind).await.unwrap().unwrap();
+            lease.release().await.unwrap();
+        }
+        assert_eq!(
+            (
+                calls(&mut probe, "set") - sets,
+                calls(&mut probe, "evalsha") - scripts
+            ),
+            (5, 5),
+            "{kind}: five cycles on a free key should cost five SETs and five release scripts"
+        );
+        // Another holder keeps the key: the first lease finds it taken with its SET, the next
+        // ones go to the script at once, and the script finding it free again brings the SET
+        // back.
+        let kept = other.try_acquire_kind(&key, kind).await.unwrap().unwrap();
+        let (sets, scripts) = (calls(&mut probe, "set"), calls(&mut probe, "evalsha"));
+        for _ in 0..3 {
+            let lease = ours.try_acquire_kind(&key, kind).await.unwrap().unwrap();
+            lease.release().await.unwrap();
+        }
+        assert_eq!(
+            (
+                calls(&mut probe, "set") - sets,
+                calls(&mut probe, "evalsha") - scripts
+            ),
+            (1, 6),
+            "{kind}: beside another holder, one failed SET, then scripts only"
+        );
+        kept.release().await.unwrap();
+        let lease = ours.try_acquire_kind(&key, kind).await.unwrap().unwrap();
+        lease.release().await.unwrap();
+        let (sets, scripts) = (calls(&mut probe, "set"), calls(&mut probe, "evalsha"));
+        let lease = ours.try_acquire_kind(&key, kind).await.unwrap().unwrap();
+        lease.release().await.unwrap();
+        assert_eq!(
+            (
+                calls(&mut probe, "set") - sets,
+                calls(&mut probe, "evalsha") - scripts
+            ),
+            (1, 1),
+            "{kind}: once the script found the key free, the SET comes back"
+        );
+    }
+}
+
+/// An extend and a downgrade decided by two of three nodes still reach the third, also when
+/// the third must load the script first: it forgot its scripts (`SCRIPT FLUSH`, as after a
+/// restart) and is paused while the round runs, so that its `NOSCRIPT` comes after the round
+/// was decided. Old: the round's requests still in flight were dropped with it, the script was
+/// never loaded nor sent again, and the third node kept the writer's entry (no reader of that
+/// node could enter until it expired) and the old expiry ("node 0 still holds `w`").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extend_and_a_downgrade_reach_a_node_that_answers_late_with_noscript() {
+    let Some(mut backed) = cluster(3) else {
+        return;
+    };
+    let url = backed.servers()[0].url();
+    let mut probe = connect(&url);
+    let three = single(backed.lock().clone(), ms(5_000));
+    let mut writer = three.acquire_write("late").await.unwrap();
+    for step in ["extend", "downgrade"] {
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut probe).unwrap();
+        backed.servers()[0].pause().unwrap();
+        let done = match step {
+            "extend" => writer.extend(ms(60_000)).await,
+            _ => writer.downgrade().await,
+        };
+        backed.servers()[0].resume().unwrap();
+        done.unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            let value: Vec<u8> = redis::cmd("GET").arg("late").query(&mut probe).unwrap();
+            let pttl: i64 = redis::cmd("PTTL").arg("late").query(&mut probe).unwrap();
+            let tag = value
+                .iter()
+                .position(|byte| *byte == 0)
+                .and_then(|at| value.get(at + 1).copied());
+            let reached = match step {
+                "extend" => pttl > 10_000,
+                _ => tag == Some(b'r'),
+            };
+            if reached {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "the {step} never reached node 0: it still holds `{}` with {pttl} ms left",
+                tag.map(char::from).unwrap_or('?')
+            );
+            tokio::time::sleep(ms(20)).await;
+        }
+    }
+    writer.release().await.unwrap();
+}
