@@ -7,6 +7,7 @@
 pub mod backed;
 pub mod clock;
 pub mod explore;
+pub mod fair;
 pub mod history;
 pub mod model;
 pub mod proxy;

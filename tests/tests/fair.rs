@@ -7,130 +7,14 @@
 //! leaves the line; mutual exclusion under contention; nothing left once the line drains.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lock_core::raw::{KeySet, Lock, LockRequest};
-use lock_core::{Key, LockOptions, Locker, RetryPolicy, Token};
-use lock_inc::{IncConfig, IncLock};
-use lock_redlock::{Redlock, RedlockConfig};
+use lock_core::{Key, RetryPolicy, Token};
+use lock_tests::fair::{Store, Target, waiting};
 use lock_tests::history::Intervals;
-use lock_tests::server::{RedisServer, redis_or_skip, start_cluster};
 use tokio::time::Instant;
-
-/// Which store a test runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Store {
-    /// Redlock on one node (the facade's `redis`).
-    Redis,
-    /// inc on one server.
-    Inc,
-    /// inc on a Redis Cluster of three primaries.
-    IncCluster,
-}
-
-struct Target {
-    store: Store,
-    servers: Vec<RedisServer>,
-    url: String,
-}
-
-impl Target {
-    async fn start(store: Store, test: &str) -> Option<Self> {
-        let binary = redis_or_skip(test)?;
-        let (servers, url) = if store == Store::IncCluster {
-            let servers = start_cluster(&binary, 3).expect("cluster");
-            let seeds: Vec<String> = servers[1..]
-                .iter()
-                .map(|server| format!("node=127.0.0.1:{}", server.port()))
-                .collect();
-            let url = format!(
-                "redis-cluster://127.0.0.1:{}?{}",
-                servers[0].port(),
-                seeds.join("&")
-            );
-            (servers, url)
-        } else {
-            let server =
-                RedisServer::start(&binary, &["--enable-debug-command", "yes"]).expect("server");
-            let url = server.url();
-            (vec![server], url)
-        };
-        Some(Self {
-            store,
-            servers,
-            url,
-        })
-    }
-
-    /// A new backend instance: a process of its own, as far as the store can tell.
-    async fn backend(&self, fair: bool) -> Arc<dyn Lock> {
-        match self.store {
-            Store::Redis => Arc::new(
-                Redlock::new(
-                    RedlockConfig::new([self.url.clone()])
-                        .with_fair(fair)
-                        .with_node_timeout(Duration::from_millis(500)),
-                )
-                .unwrap(),
-            ),
-            Store::Inc | Store::IncCluster => Arc::new(
-                IncLock::connect(IncConfig {
-                    command_timeout: 2_000,
-                    ..IncConfig::new(self.url.clone()).with_fair(fair)
-                })
-                .await
-                .unwrap(),
-            ),
-        }
-    }
-
-    async fn locker(&self, fair: bool, ttl: Duration, retry: RetryPolicy) -> Locker {
-        Locker::from_arc(self.backend(fair).await)
-            .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
-            .unwrap()
-    }
-
-    /// Every key on the servers (by `SCAN`, which also drops the expired keys it meets).
-    async fn keys(&self) -> BTreeSet<Vec<u8>> {
-        let mut all = BTreeSet::new();
-        for server in &self.servers {
-            let Ok(client) = redis::Client::open(server.url()) else {
-                continue;
-            };
-            let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
-                continue;
-            };
-            let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
-                .arg("*")
-                .query_async(&mut connection)
-                .await
-                .unwrap_or_default();
-            all.extend(keys);
-        }
-        all
-    }
-
-    /// The keys of `key`'s waiting line that exist now.
-    async fn line_keys(&self, key: &str) -> Vec<Vec<u8>> {
-        self.keys()
-            .await
-            .into_iter()
-            .filter(|name| {
-                let name = String::from_utf8_lossy(name);
-                name.contains(key) && name.contains(":queue")
-            })
-            .collect()
-    }
-}
-
-fn waiting(delay: Duration) -> RetryPolicy {
-    RetryPolicy::forever()
-        .with_retry_delay(delay)
-        .with_retry_jitter(Duration::ZERO)
-        .with_deadline(Duration::from_secs(30))
-}
 
 /// Pairs of grants out of arrival order (0 for first come, first served).
 fn fifo_violations(order: &[usize]) -> usize {

@@ -2,118 +2,12 @@
 //! line, keys with hash-tag and glob characters on a Cluster, mixed fair and plain clients.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lock_core::raw::Lock;
-use lock_core::{LockOptions, Locker, RetryPolicy};
-use lock_inc::{IncConfig, IncLock};
-use lock_redlock::{Redlock, RedlockConfig};
-use lock_tests::server::{RedisServer, redis_or_skip, start_cluster};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Store {
-    Redis,
-    Inc,
-    IncCluster,
-}
-
-struct Target {
-    store: Store,
-    servers: Vec<RedisServer>,
-    url: String,
-}
-
-impl Target {
-    async fn start(store: Store, test: &str) -> Option<Self> {
-        let binary = redis_or_skip(test)?;
-        let (servers, url) = if store == Store::IncCluster {
-            let servers = start_cluster(&binary, 3).expect("cluster");
-            let seeds: Vec<String> = servers[1..]
-                .iter()
-                .map(|server| format!("node=127.0.0.1:{}", server.port()))
-                .collect();
-            let url = format!(
-                "redis-cluster://127.0.0.1:{}?{}",
-                servers[0].port(),
-                seeds.join("&")
-            );
-            (servers, url)
-        } else {
-            let server = RedisServer::start(&binary, &[]).expect("server");
-            let url = server.url();
-            (vec![server], url)
-        };
-        Some(Self {
-            store,
-            servers,
-            url,
-        })
-    }
-
-    async fn backend(&self, fair: bool) -> Arc<dyn Lock> {
-        match self.store {
-            Store::Redis => Arc::new(
-                Redlock::new(
-                    RedlockConfig::new([self.url.clone()])
-                        .with_fair(fair)
-                        .with_node_timeout(Duration::from_millis(500)),
-                )
-                .unwrap(),
-            ),
-            Store::Inc | Store::IncCluster => Arc::new(
-                IncLock::connect(IncConfig {
-                    command_timeout: 2_000,
-                    ..IncConfig::new(self.url.clone()).with_fair(fair)
-                })
-                .await
-                .unwrap(),
-            ),
-        }
-    }
-
-    async fn locker(&self, fair: bool, ttl: Duration, retry: RetryPolicy) -> Locker {
-        Locker::from_arc(self.backend(fair).await)
-            .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
-            .unwrap()
-    }
-
-    async fn keys(&self) -> BTreeSet<Vec<u8>> {
-        let mut all = BTreeSet::new();
-        for server in &self.servers {
-            let Ok(client) = redis::Client::open(server.url()) else {
-                continue;
-            };
-            let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
-                continue;
-            };
-            let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
-                .arg("*")
-                .query_async(&mut connection)
-                .await
-                .unwrap_or_default();
-            all.extend(keys);
-        }
-        all
-    }
-
-    async fn line_keys(&self) -> Vec<String> {
-        self.keys()
-            .await
-            .into_iter()
-            .map(|name| String::from_utf8_lossy(&name).into_owned())
-            .filter(|name| name.contains("queue") || name.contains("line"))
-            .collect()
-    }
-}
-
-fn waiting(delay: Duration) -> RetryPolicy {
-    RetryPolicy::forever()
-        .with_retry_delay(delay)
-        .with_retry_jitter(Duration::ZERO)
-        .with_deadline(Duration::from_secs(30))
-}
+use lock_core::RetryPolicy;
+use lock_tests::fair::{Store, Target, waiting};
+use lock_tests::server::{RedisServer, redis_or_skip};
 
 /// A client stopped while one of its waiters is in line takes it out of the line: the waiter of
 /// another process behind it is not kept waiting for the stopped waiter's entry to expire.
@@ -136,7 +30,7 @@ async fn stopped_client_leaves_the_line(store: Store) {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        !target.line_keys().await.is_empty(),
+        !target.line_keys("").await.is_empty(),
         "the waiter is in line"
     );
     stopping.stop().await.unwrap();
@@ -151,7 +45,7 @@ async fn stopped_client_leaves_the_line(store: Store) {
     let got = tokio::time::timeout(Duration::from_secs(3), other.acquire(key)).await;
     println!(
         "{store:?}: line keys after stop: {:?}",
-        target.line_keys().await
+        target.line_keys("").await
     );
     assert!(
         matches!(got, Ok(Ok(_))),
@@ -198,7 +92,7 @@ async fn odd_keys_wait_fairly_on_a_cluster() {
         guard.release().await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(target.line_keys().await.is_empty());
+    assert!(target.line_keys("").await.is_empty());
 }
 
 /// A waiter cancelled while the server is paused cannot leave the line at once: the clean-up
@@ -218,7 +112,7 @@ async fn cancelled_during_a_pause_leaves_the_line(store: Store) {
     let task = tokio::spawn(async move { cancelled.acquire(key).await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        !target.line_keys().await.is_empty(),
+        !target.line_keys("").await.is_empty(),
         "the waiter is in line"
     );
     target.servers[0].pause().unwrap();
@@ -233,7 +127,7 @@ async fn cancelled_during_a_pause_leaves_the_line(store: Store) {
     let got = tokio::time::timeout(Duration::from_secs(8), other.acquire(key)).await;
     println!(
         "{store:?}: line keys after the pause: {:?}",
-        target.line_keys().await
+        target.line_keys("").await
     );
     assert!(
         matches!(got, Ok(Ok(_))),
@@ -279,7 +173,7 @@ async fn cancelled_across_a_restart_leaves_the_line(store: Store) {
     let task = tokio::spawn(async move { cancelled.acquire(key).await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        !target.line_keys().await.is_empty(),
+        !target.line_keys("").await.is_empty(),
         "the waiter is in line"
     );
     target.servers[0].pause().unwrap();
@@ -288,7 +182,7 @@ async fn cancelled_across_a_restart_leaves_the_line(store: Store) {
     // (three rounds) to reach the restarted server.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     target.servers[0].restart().unwrap();
-    assert!(!target.line_keys().await.is_empty(), "the line survived");
+    assert!(!target.line_keys("").await.is_empty(), "the line survived");
     let _ = guard.release().await;
     let other = target
         .locker(true, ttl, waiting(Duration::from_millis(100)))
@@ -296,7 +190,7 @@ async fn cancelled_across_a_restart_leaves_the_line(store: Store) {
     let got = tokio::time::timeout(Duration::from_secs(15), other.acquire(key)).await;
     println!(
         "{store:?}: line keys after the restart: {:?}",
-        target.line_keys().await
+        target.line_keys("").await
     );
     assert!(
         matches!(got, Ok(Ok(_))),

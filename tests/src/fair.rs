@@ -1,0 +1,144 @@
+//! The stores fair waiting (`fair`) runs on, for its tests: `redis` (Redlock on one node), inc
+//! on one server and inc on a Redis Cluster of three primaries, each with servers of its own
+//! and a new backend instance per client (a process of its own, as far as the store can tell).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lock_core::raw::Lock;
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_inc::{IncConfig, IncLock};
+use lock_redlock::{Redlock, RedlockConfig};
+
+use crate::server::{RedisServer, redis_or_skip, start_cluster};
+
+/// Which store a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// Redlock on one node (the facade's `redis`).
+    Redis,
+    /// inc on one server.
+    Inc,
+    /// inc on a Redis Cluster of three primaries.
+    IncCluster,
+}
+
+/// Running servers of one [`Store`] and the URL its clients connect to.
+#[derive(Debug)]
+pub struct Target {
+    /// The store.
+    pub store: Store,
+    /// Its servers (one, or the Cluster's three primaries); a single server accepts `DEBUG`.
+    pub servers: Vec<RedisServer>,
+    /// The URL clients connect to.
+    pub url: String,
+}
+
+impl Target {
+    /// Starts the servers of `store`; `None` (the test is skipped, naming `test`) when no
+    /// redis-server is installed and the run does not require one.
+    ///
+    /// # Panics
+    /// When the servers cannot be started.
+    pub async fn start(store: Store, test: &str) -> Option<Self> {
+        let binary = redis_or_skip(test)?;
+        let (servers, url) = if store == Store::IncCluster {
+            let servers = start_cluster(&binary, 3).expect("cluster");
+            let seeds: Vec<String> = servers[1..]
+                .iter()
+                .map(|server| format!("node=127.0.0.1:{}", server.port()))
+                .collect();
+            let url = format!(
+                "redis-cluster://127.0.0.1:{}?{}",
+                servers[0].port(),
+                seeds.join("&")
+            );
+            (servers, url)
+        } else {
+            let server =
+                RedisServer::start(&binary, &["--enable-debug-command", "yes"]).expect("server");
+            let url = server.url();
+            (vec![server], url)
+        };
+        Some(Self {
+            store,
+            servers,
+            url,
+        })
+    }
+
+    /// A new backend instance: a process of its own, as far as the store can tell.
+    ///
+    /// # Panics
+    /// When the backend cannot be built or connect.
+    pub async fn backend(&self, fair: bool) -> Arc<dyn Lock> {
+        match self.store {
+            Store::Redis => Arc::new(
+                Redlock::new(
+                    RedlockConfig::new([self.url.clone()])
+                        .with_fair(fair)
+                        .with_node_timeout(Duration::from_millis(500)),
+                )
+                .expect("redlock"),
+            ),
+            Store::Inc | Store::IncCluster => Arc::new(
+                IncLock::connect(IncConfig {
+                    command_timeout: 2_000,
+                    ..IncConfig::new(self.url.clone()).with_fair(fair)
+                })
+                .await
+                .expect("inc"),
+            ),
+        }
+    }
+
+    /// A client over a new backend instance with `ttl` and `retry`.
+    ///
+    /// # Panics
+    /// As [`Target::backend`].
+    pub async fn locker(&self, fair: bool, ttl: Duration, retry: RetryPolicy) -> Locker {
+        Locker::from_arc(self.backend(fair).await)
+            .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
+            .expect("options")
+    }
+
+    /// Every key on the servers.
+    pub async fn keys(&self) -> BTreeSet<Vec<u8>> {
+        let mut all = BTreeSet::new();
+        for server in &self.servers {
+            let Ok(client) = redis::Client::open(server.url()) else {
+                continue;
+            };
+            let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+                continue;
+            };
+            let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+                .arg("*")
+                .query_async(&mut connection)
+                .await
+                .unwrap_or_default();
+            all.extend(keys);
+        }
+        all
+    }
+
+    /// The keys of waiting lines that exist now whose name holds `key` (`""` for every line),
+    /// shown lossily as text.
+    pub async fn line_keys(&self, key: &str) -> Vec<String> {
+        self.keys()
+            .await
+            .into_iter()
+            .map(|name| String::from_utf8_lossy(&name).into_owned())
+            .filter(|name| name.contains(key) && name.contains(":queue"))
+            .collect()
+    }
+}
+
+/// Retries forever every `delay` without jitter, for 30 s at most.
+pub fn waiting(delay: Duration) -> RetryPolicy {
+    RetryPolicy::forever()
+        .with_retry_delay(delay)
+        .with_retry_jitter(Duration::ZERO)
+        .with_deadline(Duration::from_secs(30))
+}
