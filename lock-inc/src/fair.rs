@@ -9,10 +9,10 @@
 use std::time::Duration;
 
 use fred::clients::SubscriberClient;
-use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
 use lock_core::raw::wake::TurnRegistry;
 use lock_core::{Result, Token};
-use tokio::task::JoinHandle;
+
+use crate::wake::Listener;
 
 pub(crate) use lock_core::raw::redis::TURN_CHANNEL;
 
@@ -21,10 +21,7 @@ pub(crate) struct FairLine {
     /// 32 hex digits naming this client in the members of every line it waits in.
     instance: String,
     turns: TurnRegistry,
-    subscriber: SubscriberClient,
-    /// The message reader, the reconnect watcher and the subscription manager, started by the
-    /// first waiter.
-    tasks: tokio::sync::Mutex<Option<Vec<JoinHandle<()>>>>,
+    listener: Listener,
 }
 
 impl FairLine {
@@ -32,8 +29,7 @@ impl FairLine {
         Ok(Self {
             instance: Token::generate()?.expose().to_string(),
             turns: TurnRegistry::default(),
-            subscriber,
-            tasks: tokio::sync::Mutex::new(None),
+            listener: Listener::new(subscriber),
         })
     }
 
@@ -76,53 +72,12 @@ impl FairLine {
 
     /// Closes the subscriber connection (on shutdown).
     pub(crate) async fn close(&self) {
-        if let Some(tasks) = self.tasks.lock().await.take() {
-            for task in tasks {
-                task.abort();
-            }
-            let _ = self.subscriber.quit().await;
-        }
+        self.listener.close().await;
     }
 
     /// Connects the subscriber, subscribes this client's channel and starts its reader, once.
     async fn connect(&self) -> std::result::Result<(), fred::error::Error> {
-        let mut tasks = self.tasks.lock().await;
-        if tasks.is_some() {
-            return Ok(());
-        }
-        let mut messages = self.subscriber.message_rx();
-        self.subscriber.init().await?;
-        let mut reconnects = self.subscriber.reconnect_rx();
-        self.subscriber
-            .subscribe(format!("{TURN_CHANNEL}{}", self.instance))
-            .await?;
-        let turns = self.turns.clone();
-        let reader = tokio::spawn(async move {
-            loop {
-                match messages.recv().await {
-                    Ok(message) => {
-                        if let Some(waiter) = message.value.as_str() {
-                            turns.wake(&waiter);
-                        }
-                    }
-                    // Too slow to keep up: some messages are gone, so everyone retries now.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => turns.wake_all(),
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        });
-        let turns = self.turns.clone();
-        let reconnected = tokio::spawn(async move {
-            // After a reconnect, messages may have been missed while the link was down.
-            while reconnects.recv().await.is_ok() {
-                turns.wake_all();
-            }
-        });
-        *tasks = Some(vec![
-            reader,
-            reconnected,
-            self.subscriber.manage_subscriptions(),
-        ]);
-        Ok(())
+        let channel = format!("{TURN_CHANNEL}{}", self.instance);
+        self.listener.start(Some(channel), self.turns.clone()).await
     }
 }

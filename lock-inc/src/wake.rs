@@ -7,24 +7,23 @@ use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::{ClientLike, EventInterface, KeysInterface, PubsubInterface};
+use fred::types::Message;
 use lock_core::raw::redis::{gone_in, release_channel};
-use lock_core::raw::wake::WakeRegistry;
+use lock_core::raw::wake::{TurnRegistry, WakeRegistry};
+use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
 /// The waiters and the subscriber connection of one backend.
 pub(crate) struct Wakeups {
     waiters: WakeRegistry,
-    subscriber: SubscriberClient,
-    /// The message reader and the subscription manager, started by the first waiter.
-    tasks: tokio::sync::Mutex<Option<Vec<JoinHandle<()>>>>,
+    listener: Listener,
 }
 
 impl Wakeups {
     pub(crate) fn new(subscriber: SubscriberClient) -> Self {
         Self {
             waiters: WakeRegistry::default(),
-            subscriber,
-            tasks: tokio::sync::Mutex::new(None),
+            listener: Listener::new(subscriber),
         }
     }
 
@@ -40,7 +39,7 @@ impl Wakeups {
         let channel = release_channel(counter);
         // Zero when gone already (expired or released meanwhile): retry at once.
         let remaining_ttl = async { gone_in(client.pttl::<i64, _>(counter).await.ok()?) };
-        let (subscriber, name) = (self.subscriber.clone(), channel.clone());
+        let (subscriber, name) = (self.listener.subscriber.clone(), channel.clone());
         let unsubscribe = move || async move {
             let _ = subscriber.unsubscribe(name).await;
         };
@@ -57,26 +56,76 @@ impl Wakeups {
 
     /// Closes the subscriber connection (on shutdown).
     pub(crate) async fn close(&self) {
-        if let Some(tasks) = self.tasks.lock().await.take() {
-            for task in tasks {
-                task.abort();
-            }
-            let _ = self.subscriber.quit().await;
-        }
+        self.listener.close().await;
     }
 
     async fn subscribe(&self, channel: &str) {
-        if let Err(error) = self.connect().await {
+        if let Err(error) = self.listener.start(None, self.waiters.clone()).await {
             tracing::debug!(%error, "cannot connect for wake-ups; falling back to the retry delay");
             return;
         }
-        if let Err(error) = self.subscriber.subscribe(channel).await {
+        if let Err(error) = self.listener.subscriber.subscribe(channel).await {
             tracing::debug!(%error, "cannot subscribe for wake-ups; falling back to the retry delay");
         }
     }
+}
 
-    /// Connects the subscriber and starts its reader, once.
-    async fn connect(&self) -> Result<(), fred::error::Error> {
+/// Waiters that messages wake.
+pub(crate) trait Waiters: Clone + Send + Sync + 'static {
+    /// Wakes the waiters `message` is for.
+    fn wake(&self, message: &Message);
+    /// Wakes every waiter: messages may have been missed.
+    fn wake_all(&self);
+}
+
+impl Waiters for WakeRegistry {
+    /// A release message wakes the waiters of its channel.
+    fn wake(&self, message: &Message) {
+        WakeRegistry::wake(self, &message.channel);
+    }
+
+    fn wake_all(&self) {
+        WakeRegistry::wake_all(self);
+    }
+}
+
+impl Waiters for TurnRegistry {
+    /// A turn message names the waiter whose turn it is.
+    fn wake(&self, message: &Message) {
+        if let Some(waiter) = message.value.as_str() {
+            TurnRegistry::wake(self, &waiter);
+        }
+    }
+
+    fn wake_all(&self) {
+        TurnRegistry::wake_all(self);
+    }
+}
+
+/// A subscriber connection (fred's `SubscriberClient`, which subscribes again after a
+/// reconnect) and the tasks that read it, started by the first waiter.
+pub(crate) struct Listener {
+    pub(crate) subscriber: SubscriberClient,
+    /// The message reader, the reconnect watcher and the subscription manager.
+    tasks: tokio::sync::Mutex<Option<Vec<JoinHandle<()>>>>,
+}
+
+impl Listener {
+    pub(crate) fn new(subscriber: SubscriberClient) -> Self {
+        Self {
+            subscriber,
+            tasks: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Connects the subscriber, subscribes `channel` when given, and starts the reader that
+    /// hands each message to `waiters` (and wakes them all when messages may have been lost:
+    /// the reader fell behind, or the connection was made again), once.
+    pub(crate) async fn start(
+        &self,
+        channel: Option<String>,
+        waiters: impl Waiters,
+    ) -> Result<(), fred::error::Error> {
         let mut tasks = self.tasks.lock().await;
         if tasks.is_some() {
             return Ok(());
@@ -85,18 +134,22 @@ impl Wakeups {
         self.subscriber.init().await?;
         // Taken after the first connection, which also counts as a "reconnect".
         let mut reconnects = self.subscriber.reconnect_rx();
-        let waiters = self.waiters.clone();
-        let reader = tokio::spawn(async move {
-            loop {
-                match messages.recv().await {
-                    Ok(message) => waiters.wake(&message.channel),
-                    // Too slow to keep up: some messages are gone, so everyone retries now.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => waiters.wake_all(),
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        if let Some(channel) = channel {
+            self.subscriber.subscribe(channel).await?;
+        }
+        let reader = {
+            let waiters = waiters.clone();
+            tokio::spawn(async move {
+                loop {
+                    match messages.recv().await {
+                        Ok(message) => waiters.wake(&message),
+                        // Too slow to keep up: some messages are gone, so everyone retries now.
+                        Err(RecvError::Lagged(_)) => waiters.wake_all(),
+                        Err(RecvError::Closed) => break,
+                    }
                 }
-            }
-        });
-        let waiters = self.waiters.clone();
+            })
+        };
         let reconnected = tokio::spawn(async move {
             // After a reconnect, messages may have been missed while the link was down.
             while reconnects.recv().await.is_ok() {
@@ -109,5 +162,15 @@ impl Wakeups {
             self.subscriber.manage_subscriptions(),
         ]);
         Ok(())
+    }
+
+    /// Stops reading and closes the subscriber connection (on shutdown).
+    pub(crate) async fn close(&self) {
+        if let Some(tasks) = self.tasks.lock().await.take() {
+            for task in tasks {
+                task.abort();
+            }
+            let _ = self.subscriber.quit().await;
+        }
     }
 }
