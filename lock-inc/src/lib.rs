@@ -632,48 +632,25 @@ async fn release_as(
         .is_some()
         .then(|| redis_kit::release_channel(&keys.counter));
     let token = token.expose();
-    let released: i64 = match kind_letter(kind) {
+    let line_keys: [String; 2];
+    let mut call_keys = vec![keys.counter.as_str(), keys.owner.as_str()];
+    let (script, mut args) = match kind_letter(kind) {
         None if shared.fair.is_some() => {
-            let [line, line_expiry] = shared.line_keys(key);
-            let mut args = vec![token.as_str(), member, fair::TURN_CHANNEL];
-            args.extend(channel.as_deref());
-            RELEASE_FAIR
-                .evalsha_with_reload(
-                    &shared.client,
-                    vec![
-                        keys.counter.as_str(),
-                        keys.owner.as_str(),
-                        line.as_str(),
-                        line_expiry.as_str(),
-                    ],
-                    args,
-                )
-                .await
+            line_keys = shared.line_keys(key);
+            call_keys.extend(line_keys.iter().map(String::as_str));
+            (
+                &RELEASE_FAIR,
+                vec![token.as_str(), member, fair::TURN_CHANNEL],
+            )
         }
-        None => {
-            let mut args = vec![token.as_str()];
-            args.extend(channel.as_deref());
-            RELEASE
-                .evalsha_with_reload(
-                    &shared.client,
-                    vec![keys.counter.as_str(), keys.owner.as_str()],
-                    args,
-                )
-                .await
-        }
-        Some(letter) => {
-            let mut args = vec![token.as_str(), letter];
-            args.extend(channel.as_deref());
-            SHARED_RELEASE
-                .evalsha_with_reload(
-                    &shared.client,
-                    vec![keys.counter.as_str(), keys.owner.as_str()],
-                    args,
-                )
-                .await
-        }
-    }
-    .map_err(|e| shared.backend_error("release", &e))?;
+        None => (&RELEASE, vec![token.as_str()]),
+        Some(letter) => (&SHARED_RELEASE, vec![token.as_str(), letter]),
+    };
+    args.extend(channel.as_deref());
+    let released: i64 = script
+        .evalsha_with_reload(&shared.client, call_keys, args)
+        .await
+        .map_err(|e| shared.backend_error("release", &e))?;
     Ok(match released {
         1 => Released::Live,
         0 => Released::Nothing,

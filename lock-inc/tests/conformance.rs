@@ -4,7 +4,7 @@
 
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::backed::{ServerBacked, start_servers};
-use lock_tests::server::{redis_server_binary, start_cluster};
+use lock_tests::server::{cluster_url, redis_server_binary, start_cluster};
 
 async fn inc_lock(wake_on_release: bool) -> ServerBacked<IncLock> {
     inc_lock_with(|config| config.with_wake_on_release(wake_on_release)).await
@@ -31,15 +31,7 @@ async fn inc_on_a_cluster_with(
         "redis-server not found: run `cargo xtask it`, which installs it, or set REDIS_SERVER",
     );
     let servers = start_cluster(&binary, 3).expect("cluster");
-    let seeds: Vec<String> = servers[1..]
-        .iter()
-        .map(|server| format!("node=127.0.0.1:{}", server.port()))
-        .collect();
-    let url = format!(
-        "redis-cluster://127.0.0.1:{}?{}",
-        servers[0].port(),
-        seeds.join("&")
-    );
+    let url = cluster_url(&servers);
     let lock = IncLock::connect(configure(IncConfig {
         command_timeout: 5_000,
         ..IncConfig::new(url)

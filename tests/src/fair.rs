@@ -11,7 +11,7 @@ use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_inc::{IncConfig, IncLock};
 use lock_redlock::{Redlock, RedlockConfig};
 
-use crate::server::{RedisServer, redis_or_skip, start_cluster};
+use crate::server::{RedisServer, cluster_url, redis_or_skip, start_cluster};
 
 /// Which store a test runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,15 +45,7 @@ impl Target {
         let binary = redis_or_skip(test)?;
         let (servers, url) = if store == Store::IncCluster {
             let servers = start_cluster(&binary, 3).expect("cluster");
-            let seeds: Vec<String> = servers[1..]
-                .iter()
-                .map(|server| format!("node=127.0.0.1:{}", server.port()))
-                .collect();
-            let url = format!(
-                "redis-cluster://127.0.0.1:{}?{}",
-                servers[0].port(),
-                seeds.join("&")
-            );
+            let url = cluster_url(&servers);
             (servers, url)
         } else {
             let server =

@@ -355,6 +355,23 @@ impl fmt::Debug for RedisServer {
     }
 }
 
+/// The `redis-cluster://` URL of a cluster started by [`start_cluster`]: the first node, and
+/// the others as `node=` seeds.
+pub fn cluster_url(servers: &[RedisServer]) -> String {
+    let Some((first, others)) = servers.split_first() else {
+        return "redis-cluster://127.0.0.1:1".to_owned();
+    };
+    let seeds: Vec<String> = others
+        .iter()
+        .map(|server| format!("node=127.0.0.1:{}", server.port()))
+        .collect();
+    format!(
+        "redis-cluster://127.0.0.1:{}?{}",
+        first.port(),
+        seeds.join("&")
+    )
+}
+
 /// Starts `count` servers (at least 3) and joins them into a Redis Cluster of primaries,
 /// waiting until every node reports `cluster_state:ok`.
 ///

@@ -312,15 +312,7 @@ async fn works_on_a_redis_cluster_and_purges_every_node() {
         return;
     };
     let servers = lock_tests::server::start_cluster(&binary, 3).expect("cluster");
-    let seeds: Vec<String> = servers[1..]
-        .iter()
-        .map(|server| format!("node=127.0.0.1:{}", server.port()))
-        .collect();
-    let url = format!(
-        "redis-cluster://127.0.0.1:{}?{}",
-        servers[0].port(),
-        seeds.join("&")
-    );
+    let url = lock_tests::server::cluster_url(&servers);
     // This test is about routing, not latency: it shares two cores with the sixteen-process
     // test, so a command may wait longer than the 500 ms default.
     let mut config = IncConfig::new(url);

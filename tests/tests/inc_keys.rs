@@ -11,7 +11,7 @@ use std::time::Duration;
 use fred::prelude::{ClientLike, KeysInterface};
 use lock_core::{LockError, LockGuard, LockOptions, Locker, RetryPolicy};
 use lock_inc::{IncConfig, IncLock};
-use lock_tests::server::{RedisServer, redis_or_skip, start_cluster};
+use lock_tests::server::{RedisServer, cluster_url, redis_or_skip, start_cluster};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use tokio::time::Instant;
@@ -47,15 +47,7 @@ impl Deployment {
 
     fn cluster(binary: &std::path::Path) -> Self {
         let servers = start_cluster(binary, 3).expect("cluster");
-        let seeds: Vec<String> = servers[1..]
-            .iter()
-            .map(|server| format!("node=127.0.0.1:{}", server.port()))
-            .collect();
-        let url = format!(
-            "redis-cluster://127.0.0.1:{}?{}",
-            servers[0].port(),
-            seeds.join("&")
-        );
+        let url = cluster_url(&servers);
         Self { servers, url }
     }
 

@@ -15,7 +15,7 @@ use lock_core::{
     raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_inc::{IncConfig, IncLock};
-use lock_tests::server::{RedisServer, redis_or_skip, start_cluster};
+use lock_tests::server::{RedisServer, cluster_url, redis_or_skip, start_cluster};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
@@ -250,19 +250,6 @@ async fn a_restarted_server_serves_permits_again_with_higher_fences() {
     for guard in [c, d, writer] {
         guard.release().await.unwrap();
     }
-}
-
-/// A cluster deployment and the URL to it.
-fn cluster_url(servers: &[RedisServer]) -> String {
-    let seeds: Vec<String> = servers[1..]
-        .iter()
-        .map(|server| format!("node=127.0.0.1:{}", server.port()))
-        .collect();
-    format!(
-        "redis-cluster://127.0.0.1:{}?{}",
-        servers[0].port(),
-        seeds.join("&")
-    )
 }
 
 fn keyslot(servers: &[RedisServer], key: &str) -> u64 {

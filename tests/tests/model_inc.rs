@@ -10,7 +10,7 @@ use std::time::Duration;
 use lock_core::{Result, raw::Lock};
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::model::{self, AfterStop, ClientSetup, ModelConfig, Naming, Target, Timing};
-use lock_tests::server::{RedisServer, redis_or_skip, start_cluster};
+use lock_tests::server::{RedisServer, cluster_url, redis_or_skip, start_cluster};
 
 /// inc over a server or a cluster, emptied before each case; each client connects on its own.
 struct Inc {
@@ -87,15 +87,7 @@ fn inc_on_a_cluster_follows_the_model() {
         return;
     };
     let servers = start_cluster(&binary, 3).expect("cluster");
-    let seeds: Vec<String> = servers[1..]
-        .iter()
-        .map(|server| format!("node=127.0.0.1:{}", server.port()))
-        .collect();
-    let url = format!(
-        "redis-cluster://127.0.0.1:{}?{}",
-        servers[0].port(),
-        seeds.join("&")
-    );
+    let url = cluster_url(&servers);
     let target = Inc {
         label: "inc (cluster of 3)",
         url,
