@@ -695,69 +695,96 @@ impl Locker {
                 tracing::debug!(attempts, %error, "giving up");
                 error
             };
-            let now = Instant::now();
-            let mut wake_at = match planned_wake.take().filter(|at| *at > now) {
-                Some(at) => at,
-                None => {
-                    let Some(delay) = backoff.next() else {
-                        return Err(gave_up(last_error.take()));
-                    };
-                    now + delay
-                }
-            };
-            // A claim lives for the ttl: a writer whose delay is longer sleeps it in parts, with
-            // an attempt between that renews the claim (or wins), so new readers stay out for
-            // the whole wait. The policy's delays and count of retries are kept.
-            if claim.request.is_some() {
-                let renew_at = now + options.ttl() / 2;
-                if wake_at > renew_at {
-                    planned_wake = Some(wake_at);
-                    wake_at = renew_at;
-                }
-            }
-            if let Some(deadline) = deadline {
-                if now >= deadline {
-                    return Err(gave_up(last_error.take()));
-                }
-                wake_at = wake_at.min(deadline);
-            }
-            tracing::debug!(
-                attempts,
-                delay_ms = (wake_at - now).as_millis() as u64,
-                "held elsewhere; waiting to retry"
-            );
-            // Whatever the backend's wait does, the loop spends tokio's cooperative budget, so
-            // it yields now and then even with a zero delay: `timeout` can always cancel it.
-            tokio::task::consume_budget().await;
-            // A `stop` ends the wait: the claim is taken back while the backend still runs.
-            let stopping = self.cleanups.stopping.notified();
-            tokio::pin!(stopping);
-            stopping.as_mut().enable();
-            if self.stopped.load(Ordering::SeqCst) {
-                return Err(LockError::Stopped);
-            }
-            if early_wakes >= 2 {
-                early_wakes = 0;
-                tokio::select! {
-                    () = tokio::time::sleep_until(wake_at) => {}
-                    () = &mut stopping => return Err(LockError::Stopped),
-                }
-            } else {
-                let wait = async {
-                    match claim.request.as_ref().filter(|r| r.waiter().is_some()) {
-                        Some(request) => self.store().wait_for_turn(request, wake_at - now).await,
-                        None => self.store().wait_for_release(&keys, wake_at - now).await,
+            // A waiter in a fair line is woken by a message when its turn comes: it asks the
+            // store at least every `FAIR_POLL` (a lost message costs no more), not at every
+            // short delay of its policy, which would cost every waiter's polls per hand-off.
+            // The policy's delays are still spent (a waiter gives up when it would have).
+            let last_sent = Instant::now();
+            let mut skipped = false;
+            loop {
+                let now = Instant::now();
+                let mut wake_at = match planned_wake.take().filter(|at| *at > now) {
+                    Some(at) => at,
+                    None => {
+                        let Some(delay) = backoff.next() else {
+                            if skipped {
+                                break; // the last attempt the policy allows
+                            }
+                            return Err(gave_up(last_error.take()));
+                        };
+                        // Between the polls, the policy's delays pass without an attempt
+                        // (a millisecond at least: no spinning on a zero delay).
+                        if skipped {
+                            now + delay.max(std::time::Duration::from_millis(1))
+                        } else {
+                            now + delay
+                        }
                     }
                 };
-                tokio::select! {
-                    waited = wait => waited?,
-                    () = &mut stopping => return Err(LockError::Stopped),
+                // A claim lives for the ttl: a writer whose delay is longer sleeps it in parts, with
+                // an attempt between that renews the claim (or wins), so new readers stay out for
+                // the whole wait. The policy's delays and count of retries are kept.
+                if claim.request.is_some() {
+                    let renew_at = now + options.ttl() / 2;
+                    if wake_at > renew_at {
+                        planned_wake = Some(wake_at);
+                        wake_at = renew_at;
+                    }
                 }
-                if Instant::now() < wake_at {
-                    early_wakes += 1;
-                } else {
+                if let Some(deadline) = deadline {
+                    if now >= deadline {
+                        return Err(gave_up(last_error.take()));
+                    }
+                    wake_at = wake_at.min(deadline);
+                }
+                tracing::debug!(
+                    attempts,
+                    delay_ms = (wake_at - now).as_millis() as u64,
+                    "held elsewhere; waiting to retry"
+                );
+                // Whatever the backend's wait does, the loop spends tokio's cooperative budget, so
+                // it yields now and then even with a zero delay: `timeout` can always cancel it.
+                tokio::task::consume_budget().await;
+                // A `stop` ends the wait: the claim is taken back while the backend still runs.
+                let stopping = self.cleanups.stopping.notified();
+                tokio::pin!(stopping);
+                stopping.as_mut().enable();
+                if self.stopped.load(Ordering::SeqCst) {
+                    return Err(LockError::Stopped);
+                }
+                if early_wakes >= 2 {
                     early_wakes = 0;
+                    tokio::select! {
+                        () = tokio::time::sleep_until(wake_at) => {}
+                        () = &mut stopping => return Err(LockError::Stopped),
+                    }
+                } else {
+                    let wait = async {
+                        match claim.request.as_ref().filter(|r| r.waiter().is_some()) {
+                            Some(request) => {
+                                self.store().wait_for_turn(request, wake_at - now).await
+                            }
+                            None => self.store().wait_for_release(&keys, wake_at - now).await,
+                        }
+                    };
+                    tokio::select! {
+                        waited = wait => waited?,
+                        () = &mut stopping => return Err(LockError::Stopped),
+                    }
+                    if Instant::now() < wake_at {
+                        early_wakes += 1;
+                    } else {
+                        early_wakes = 0;
+                    }
                 }
+                let polled_lately = last_sent.elapsed() < fair_poll(options.ttl());
+                let on_time = Instant::now() >= wake_at;
+                let past_deadline = deadline.is_some_and(|deadline| Instant::now() >= deadline);
+                if waiter.is_none() || !on_time || !polled_lately || past_deadline {
+                    break;
+                }
+                skipped = true;
+                tracing::trace!(attempts, "in line; waiting on for the turn");
             }
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Err(gave_up(last_error.take()));
@@ -906,6 +933,16 @@ fn abandon_in_background(lock: Arc<dyn Lock>, cleanups: &Arc<Cleanups>, request:
 /// How long [`Locker::stop`] waits for the clean-ups of interrupted attempts and the releases
 /// of dropped guards.
 pub const CLEANUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often a waiter in a fair line asks the store whether its turn came when no message
+/// says so: the longest a lost message can delay it, at most a quarter of the ttl (each
+/// attempt renews the waiter's place in line, which lasts one ttl).
+const FAIR_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// [`FAIR_POLL`] for a lease of `ttl`.
+fn fair_poll(ttl: std::time::Duration) -> std::time::Duration {
+    FAIR_POLL.min(ttl / 4)
+}
 
 /// The clean-ups of interrupted attempts, and the releases of dropped guards, still running in
 /// the background.
