@@ -281,7 +281,7 @@ impl NodeParts {
     ///
     /// A reader that took the key while a writer's claim stood gives it back at once (the
     /// script would have refused it; the claim appears only while the key is held, so this is
-    /// rare).
+    /// rare), and its next leases on the key go to the script, as for a key found taken.
     pub(crate) async fn take_alone(
         &self,
         alone: &Alone,
@@ -332,6 +332,12 @@ impl NodeParts {
             return Ok(TakenAlone::Busy);
         }
         if claimed {
+            // Its next attempts go to the script, which refuses them without writing the key:
+            // taking it again on every attempt would keep the waiting writer out whenever its
+            // try came while this reader held the key (the script clears the hint once it
+            // finds the key free and unclaimed).
+            self.busy
+                .fetch_or(Self::busy_bit(&alone.key), Ordering::Relaxed);
             let _: i64 = self.invoke(&undo().invocation()).await?;
             return Ok(TakenAlone::Claimed);
         }

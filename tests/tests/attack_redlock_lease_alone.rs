@@ -427,3 +427,71 @@ async fn an_extend_and_a_downgrade_reach_a_node_that_answers_late_with_noscript(
     }
     writer.release().await.unwrap();
 }
+
+/// A reader refused on a free key by a writer's claim (it took the key with its `SET` and
+/// gave it back) goes to the acquisition script on its next attempts, which refuses it without
+/// writing the key: it does not take the key again and again while the writer waits. Old: the
+/// refusal left the client's hint clear, so every attempt of that reader took the key for a
+/// round trip and a release script (20 attempts, 20 `SET`s): a waiting writer whose try came
+/// then was refused on a key free but for that reader (one reader client retrying in a loop
+/// delayed a waiting writer retrying every 20 ms by 80 to 260 ms, 260 to 790 `SET`s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_refused_by_a_claim_does_not_take_the_key_again() {
+    let Some(mut backed) = cluster(1) else {
+        return;
+    };
+    let url = backed.servers()[0].url();
+    let mut probe = connect(&url);
+    let reader = single(backed.lock().clone(), ms(10_000));
+    // Warm: the scripts are loaded, and the key was found free.
+    let warm = reader.try_acquire_kind("waited", LeaseKind::Read).await;
+    warm.unwrap().unwrap().release().await.unwrap();
+    let claim = b"waited\xff:claim".to_vec();
+    let _: () = redis::cmd("SET")
+        .arg(&claim)
+        .arg("a-writers-token")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut probe)
+        .unwrap();
+    let sets = calls(&mut probe, "set");
+    for attempt in 0..20 {
+        let refused = reader.try_acquire_kind("waited", LeaseKind::Read).await;
+        assert!(
+            matches!(refused, Ok(None)),
+            "attempt {attempt}: a reader entered past a waiting writer's claim: {refused:?}"
+        );
+    }
+    // The hand-made claim above was one `SET` too.
+    let taken = calls(&mut probe, "set") - sets;
+    assert!(
+        taken <= 1,
+        "a refused reader took the key {taken} times in 20 attempts past a writer's claim"
+    );
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("waited")
+        .query(&mut probe)
+        .unwrap();
+    assert_eq!(exists, 0, "a refused reader left its lease behind");
+    // The claim gone and the key free, the script takes the key again (answer 2) and the
+    // next reader goes back to the plain `SET`.
+    let _: () = redis::cmd("DEL").arg(&claim).query(&mut probe).unwrap();
+    for _ in 0..2 {
+        let lease = reader.try_acquire_kind("waited", LeaseKind::Read).await;
+        lease
+            .unwrap()
+            .expect("free and unclaimed")
+            .release()
+            .await
+            .unwrap();
+    }
+    let sets = calls(&mut probe, "set");
+    let lease = reader.try_acquire_kind("waited", LeaseKind::Read).await;
+    lease
+        .unwrap()
+        .expect("free and unclaimed")
+        .release()
+        .await
+        .unwrap();
+    assert_eq!(calls(&mut probe, "set") - sets, 1, "the plain SET is back");
+}
