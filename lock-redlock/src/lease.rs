@@ -310,6 +310,7 @@ async fn attempt(
                         ttl,
                         fence,
                         in_flight,
+                        extending: None,
                     })));
                 }
             }

@@ -614,6 +614,7 @@ impl Lock for Redlock {
                             ttl,
                             fence,
                             in_flight,
+                            extending: None,
                         })));
                     }
                 }
@@ -856,6 +857,7 @@ async fn try_acquire_fair(
             .fencing
             .then(|| u64::try_from(value).unwrap_or_default()),
         in_flight: None,
+        extending: None,
     })))
 }
 
@@ -889,6 +891,11 @@ struct RedlockHandle {
     fence: Option<u64>,
     /// The acquisition's requests to the nodes that had not answered when the quorum decided.
     in_flight: Option<tokio::task::JoinHandle<Tally>>,
+    /// The last extend's requests to the nodes that had not answered when its quorum decided:
+    /// the next extend drops those not yet written, which would otherwise reach their node
+    /// after it (a request waiting for its script to be loaded after `NOSCRIPT`) and set the
+    /// earlier extend's expiry again there.
+    extending: Option<tokio::task::JoinHandle<Tally>>,
 }
 
 impl RedlockHandle {
@@ -941,6 +948,12 @@ impl Handle for RedlockHandle {
         }
         let shared = Arc::clone(&self.shared);
         let nodes = shared.nodes()?;
+        if let Some(late) = self.extending.take() {
+            // Superseded by this extend. Once the task is gone, a request of it is either
+            // written already (this extend's follows it on that connection) or never will be.
+            late.abort();
+            let _ = late.await;
+        }
         let start = Instant::now();
         let (tally, in_flight) =
             round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
@@ -952,7 +965,7 @@ impl Handle for RedlockHandle {
                 }
             })
             .await;
-        in_flight.run_on();
+        self.extending = in_flight.run_on();
         if tally.yes.len() >= shared.quorum
             && let Some(valid_until) = shared.valid_until(start, ttl)
         {
@@ -1063,7 +1076,9 @@ impl Handle for RedlockHandle {
             },
         )
         .await;
-        in_flight.run_on();
+        // Never superseded: an extend after it keeps whatever tag each node holds, and this
+        // keeps the expiry an extend set.
+        drop(in_flight.run_on());
         if tally.yes.len() >= shared.quorum {
             return Ok(());
         }

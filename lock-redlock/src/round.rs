@@ -122,11 +122,10 @@ impl Pending {
     /// deadline) in the background: dropped, a request not yet written — one waiting for its
     /// script to be loaded after `NOSCRIPT`, or for its connection — would never reach its
     /// node, which would keep the lease as it was (an extend or a downgrade only on the nodes
-    /// that decided the round).
-    pub(crate) fn run_on(self) {
-        if !self.is_empty() {
-            tokio::spawn(self.finish());
-        }
+    /// that decided the round). The task, if any, to drop the requests not yet written when a
+    /// later round supersedes them.
+    pub(crate) fn run_on(self) -> Option<tokio::task::JoinHandle<Tally>> {
+        (!self.is_empty()).then(|| tokio::spawn(self.finish()))
     }
 
     pub(crate) fn is_empty(&self) -> bool {

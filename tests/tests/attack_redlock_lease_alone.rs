@@ -495,3 +495,50 @@ async fn a_reader_refused_by_a_claim_does_not_take_the_key_again() {
         .unwrap();
     assert_eq!(calls(&mut probe, "set") - sets, 1, "the plain SET is back");
 }
+
+/// Two extends in a row whose requests to a node both come late (the node forgot its scripts
+/// and is paused while both rounds run, decided by the two others): the node ends with the
+/// later extend's expiry, never the earlier's. Old: both late requests ran on after `NOSCRIPT`
+/// in whatever order their script reloads went out, and the earlier extend (3 s) often landed
+/// after the later one (60 s): the node held the lock for 3 s where the holder had extended it
+/// to 60 s (4 of 10 rounds for a mutex, 8 of 10 for a write lock), so that the lock no longer
+/// survived the loss of one more node. Now a new extend drops the requests of the one before
+/// it that have not been written yet (the new one supersedes them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_extend_never_lands_after_a_later_one() {
+    let Some(mut backed) = cluster(3) else {
+        return;
+    };
+    let mut probes: Vec<redis::Connection> = backed
+        .servers()
+        .iter()
+        .map(|server| connect(&server.url()))
+        .collect();
+    let mut probe = connect(&backed.servers()[0].url());
+    let three = single(backed.lock().clone(), ms(5_000));
+    for round in 0..8 {
+        let key = format!("twice{round}");
+        let mut guard = if round % 2 == 0 {
+            three.acquire(&key).await.unwrap()
+        } else {
+            three.acquire_write(&key).await.unwrap()
+        };
+        // The acquisition may still be on its way to a node (reloading its script there).
+        settled(&mut probes, key.as_bytes(), ["string", "string", "string"]).await;
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut probe).unwrap();
+        backed.servers()[0].pause().unwrap();
+        let first = guard.extend(ms(3_000)).await;
+        let second = guard.extend(ms(60_000)).await;
+        backed.servers()[0].resume().unwrap();
+        first.unwrap();
+        second.unwrap();
+        // Late requests run on at most until their round's deadline (the node timeout, 1 s).
+        tokio::time::sleep(ms(1_200)).await;
+        let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut probe).unwrap();
+        assert!(
+            pttl > 10_000,
+            "round {round}: node 0 keeps the earlier extend's expiry ({pttl} ms left), not the later one's"
+        );
+        guard.release().await.unwrap();
+    }
+}
