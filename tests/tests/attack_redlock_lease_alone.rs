@@ -6,12 +6,16 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lock_core::{LeaseKind, LockError, LockOptions, Locker, RetryPolicy};
-use lock_redlock::{Redlock, RedlockConfig};
+use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::backed::ServerBacked;
-use lock_tests::server::redis_or_skip;
+use lock_tests::proxy::LatencyProxy;
+use lock_tests::server::{RedisServer, redis_or_skip};
+use rand::Rng;
 
 fn ms(millis: u64) -> Duration {
     Duration::from_millis(millis)
@@ -541,4 +545,165 @@ async fn a_late_extend_never_lands_after_a_later_one() {
         );
         guard.release().await.unwrap();
     }
+}
+
+/// Every key on `url` (claims included).
+fn all_keys(url: &str) -> Vec<String> {
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut connect(url))
+        .unwrap();
+    keys.into_iter()
+        .map(|key| String::from_utf8_lossy(&key).into_owned())
+        .collect()
+}
+
+/// Readers and writers of one key over three nodes, and permits of a semaphore on one node
+/// (leases alone taken with a plain `SET`, a reader's pipelined with the claim check), each
+/// acquisition dropped at a random point by a tiny timeout, behind nodes 0, 2 and 4 ms away;
+/// then nothing of theirs is left on any node (no lease, no claim: the ttl is long, so only the
+/// clean-ups can have removed them), and the keys are free for a fresh single attempt.
+async fn lease_cancel_storm(connection: ConnectionKind) {
+    let ttl = ms(20_000);
+    let servers = lock_tests::backed::start_servers(3);
+    let mut proxies = Vec::new();
+    for (server, delay) in servers.iter().zip([0, 2, 4]) {
+        let proxy = LatencyProxy::start(server.port()).await.unwrap();
+        proxy.set_delay(ms(delay));
+        proxies.push(proxy);
+    }
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let build = |urls: Vec<String>| {
+        Redlock::new(
+            RedlockConfig::new(urls)
+                .with_wake_on_release(true)
+                .with_connection(connection)
+                .with_node_timeout(ms(300)),
+        )
+        .unwrap()
+    };
+    let options = LockOptions::default().with_ttl(ttl).with_retry(
+        RetryPolicy::forever()
+            .with_retry_delay(ms(2))
+            .with_retry_jitter(ms(2)),
+    );
+    let options = Arc::new(options);
+    let three = Locker::new(build(proxies.iter().map(LatencyProxy::url).collect()));
+    let one = Locker::new(build(vec![proxies[2].url()]));
+    // Warm: connected, scripts loaded.
+    for (locker, key, kind) in [
+        (&three, "rw", LeaseKind::Write),
+        (&three, "rw", LeaseKind::Read),
+        (&one, "sem", LeaseKind::permit(2).unwrap()),
+    ] {
+        let guard = locker.acquire_kind(key, kind, &options).await.unwrap();
+        guard.release().await.unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (cancelled, won) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    let kinds = [
+        (LeaseKind::Read, "rw", true),
+        (LeaseKind::Read, "rw", true),
+        (LeaseKind::Read, "rw", true),
+        (LeaseKind::Write, "rw", true),
+        (LeaseKind::permit(2).unwrap(), "sem", false),
+        (LeaseKind::permit(2).unwrap(), "sem", false),
+        (LeaseKind::permit(2).unwrap(), "sem", false),
+    ];
+    for (kind, key, over_three) in kinds {
+        let locker = if over_three {
+            three.clone()
+        } else {
+            one.clone()
+        };
+        let (options, stop, cancelled, won) = (
+            Arc::clone(&options),
+            Arc::clone(&stop),
+            Arc::clone(&cancelled),
+            Arc::clone(&won),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let cut = Duration::from_micros(rand::rng().random_range(0..60_000));
+                match tokio::time::timeout(cut, locker.acquire_kind(key, kind, &options)).await {
+                    Ok(Ok(guard)) => {
+                        won.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(ms(1)).await;
+                        guard.release().await.unwrap();
+                    }
+                    Ok(Err(error)) => panic!("{kind}: {error}"),
+                    Err(_) => {
+                        cancelled.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(ms(1_500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let (cancelled, won) = (cancelled.load(Ordering::SeqCst), won.load(Ordering::SeqCst));
+    println!("lease cancel storm ({connection:?}): {cancelled} cancelled, {won} won");
+    assert!(cancelled > 0 && won > 0, "{cancelled} cancelled, {won} won");
+    // Clean-ups run in the background (the ttl is 20 s: nothing expires meanwhile).
+    let started = std::time::Instant::now();
+    loop {
+        let left: Vec<Vec<String>> = urls.iter().map(|url| all_keys(url)).collect();
+        if left.iter().all(Vec::is_empty) {
+            break;
+        }
+        assert!(
+            started.elapsed() < ms(5_000),
+            "left after the storm ({connection:?}): {left:?}"
+        );
+        tokio::time::sleep(ms(50)).await;
+    }
+    let single = |locker: &Locker| {
+        locker
+            .clone()
+            .with_options(
+                LockOptions::default()
+                    .with_ttl(ttl)
+                    .with_retry(RetryPolicy::none()),
+            )
+            .unwrap()
+    };
+    let writer = single(&three)
+        .try_acquire_kind("rw", LeaseKind::Write)
+        .await;
+    writer
+        .unwrap()
+        .expect("rw is free")
+        .release()
+        .await
+        .unwrap();
+    let permit = single(&one)
+        .try_acquire_kind("sem", LeaseKind::permit(2).unwrap())
+        .await;
+    permit
+        .unwrap()
+        .expect("sem is free")
+        .release()
+        .await
+        .unwrap();
+    drop(servers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_leases_on_free_keys_leave_nothing_manager() {
+    if redis_or_skip("lease cancel storm").is_none() {
+        return;
+    }
+    lease_cancel_storm(ConnectionKind::Manager).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_leases_on_free_keys_leave_nothing_pooled() {
+    if redis_or_skip("lease cancel storm").is_none() {
+        return;
+    }
+    lease_cancel_storm(ConnectionKind::Pool).await;
 }
