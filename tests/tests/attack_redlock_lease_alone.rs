@@ -489,7 +489,7 @@ async fn a_reader_refused_by_a_claim_does_not_take_the_key_again() {
             .await
             .unwrap();
     }
-    let sets = calls(&mut probe, "set");
+    let (sets, scripts) = (calls(&mut probe, "set"), calls(&mut probe, "evalsha"));
     let lease = reader.try_acquire_kind("waited", LeaseKind::Read).await;
     lease
         .unwrap()
@@ -497,7 +497,14 @@ async fn a_reader_refused_by_a_claim_does_not_take_the_key_again() {
         .release()
         .await
         .unwrap();
-    assert_eq!(calls(&mut probe, "set") - sets, 1, "the plain SET is back");
+    assert_eq!(
+        (
+            calls(&mut probe, "set") - sets,
+            calls(&mut probe, "evalsha") - scripts
+        ),
+        (1, 1),
+        "the plain SET is back (and the release script)"
+    );
 }
 
 /// Two extends in a row whose requests to a node both come late (the node forgot its scripts
@@ -706,4 +713,84 @@ async fn cancelled_leases_on_free_keys_leave_nothing_pooled() {
         return;
     }
     lease_cancel_storm(ConnectionKind::Pool).await;
+}
+
+/// Two keys that share a bit of the client's hint (`hint-a` and `hint-b9`: the same FNV-1a hash
+/// modulo 64): a lease on one, found taken, sends leases on the other to the script, and the
+/// script finding the other free brings the plain `SET` back for both. Whatever path each
+/// attempt takes, the outcomes are the script's: a semaphore of another size is reported as
+/// such on a held key and on a key taken a moment ago with a `SET`, a reader yields to a
+/// writer's claim, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_sharing_a_hint_bit_get_the_scripts_outcomes() {
+    let Some(mut backed) = cluster(1) else {
+        return;
+    };
+    let url = backed.servers()[0].url();
+    let mut probe = connect(&url);
+    let ours = single(backed.lock().clone(), ms(10_000));
+    let other = single(Redlock::new(config(vec![url.clone()])).unwrap(), ms(10_000));
+    let (two, three) = (LeaseKind::permit(2).unwrap(), LeaseKind::permit(3).unwrap());
+    let mismatch = |outcome: &lock_core::Result<Option<lock_core::LockGuard>>, permits: &str| matches!(outcome, Err(LockError::KindMismatch { found, .. }) if found == &format!("a semaphore of {permits} permit(s)"));
+    let held_a = other
+        .try_acquire_kind("hint-a", two)
+        .await
+        .unwrap()
+        .unwrap();
+    // Ours finds hint-a taken (its SET fails): its bit is set.
+    let refused = ours.try_acquire_kind("hint-a", three).await;
+    assert!(mismatch(&refused, "2"), "hint-a, 3 permits: {refused:?}");
+    // hint-b9 shares the bit: the script takes it, and clears the bit.
+    let scripts = calls(&mut probe, "evalsha");
+    let held_b = ours
+        .try_acquire_kind("hint-b9", three)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        calls(&mut probe, "evalsha") - scripts,
+        1,
+        "hint-b9 went to the script"
+    );
+    // hint-a again, now with a plain SET first: still told what it is.
+    let refused = ours.try_acquire_kind("hint-a", three).await;
+    assert!(mismatch(&refused, "2"), "hint-a again: {refused:?}");
+    let refused = other.try_acquire_kind("hint-b9", two).await;
+    assert!(mismatch(&refused, "3"), "hint-b9, 2 permits: {refused:?}");
+    // A second permit of the right size joins either way.
+    let second_a = ours.try_acquire_kind("hint-a", two).await.unwrap().unwrap();
+    let second_b = other
+        .try_acquire_kind("hint-b9", three)
+        .await
+        .unwrap()
+        .unwrap();
+    for guard in [held_a, held_b, second_a, second_b] {
+        guard.release().await.unwrap();
+    }
+    // A writer's claim on the free hint-b9 keeps readers out by either path.
+    let claim = b"hint-b9\xff:claim".to_vec();
+    let _: () = redis::cmd("SET")
+        .arg(&claim)
+        .arg("a-writers-token")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut probe)
+        .unwrap();
+    for _ in 0..3 {
+        let refused = ours.try_acquire_kind("hint-b9", LeaseKind::Read).await;
+        assert!(
+            matches!(refused, Ok(None)),
+            "a reader past the claim: {refused:?}"
+        );
+        let reader = ours.try_acquire_kind("hint-a", LeaseKind::Read).await;
+        reader
+            .unwrap()
+            .expect("hint-a is free")
+            .release()
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("DEL").arg(&claim).query(&mut probe).unwrap();
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut probe).unwrap();
+    assert!(keys.is_empty(), "left: {keys:?}");
 }
