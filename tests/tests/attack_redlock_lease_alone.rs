@@ -794,3 +794,68 @@ async fn keys_sharing_a_hint_bit_get_the_scripts_outcomes() {
     let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut probe).unwrap();
     assert!(keys.is_empty(), "left: {keys:?}");
 }
+
+/// Requests of an extend or a downgrade that come late to a node (it forgot its scripts and is
+/// paused while the rounds run) and the release sent after them: whatever order their script
+/// reloads go out in, the node ends with nothing (a late extend or downgrade never revives nor
+/// re-extends a released lease); and a late downgrade followed by a late extend leaves the
+/// node a reader with the extend's expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_extends_and_downgrades_never_outlive_a_release() {
+    let Some(mut backed) = cluster(3) else {
+        return;
+    };
+    let mut probes: Vec<redis::Connection> = backed
+        .servers()
+        .iter()
+        .map(|server| connect(&server.url()))
+        .collect();
+    let mut probe = connect(&backed.servers()[0].url());
+    let three = single(backed.lock().clone(), ms(5_000));
+    for round in 0..6 {
+        let key = format!("gone{round}");
+        let mut guard = three.acquire_write(&key).await.unwrap();
+        settled(&mut probes, key.as_bytes(), ["string", "string", "string"]).await;
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut probe).unwrap();
+        backed.servers()[0].pause().unwrap();
+        let step = match round % 3 {
+            0 => guard.extend(ms(60_000)).await,
+            1 => guard.downgrade().await,
+            _ => {
+                let downgraded = guard.downgrade().await;
+                downgraded.and(guard.extend(ms(60_000)).await)
+            }
+        };
+        step.unwrap();
+        let released = if round % 3 == 2 {
+            None
+        } else {
+            Some(guard.release().await)
+        };
+        backed.servers()[0].resume().unwrap();
+        // Late requests run on at most until their round's deadline (the node timeout, 1 s).
+        tokio::time::sleep(ms(1_200)).await;
+        let value: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(&mut probe).unwrap();
+        let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut probe).unwrap();
+        match released {
+            Some(released) => {
+                released.unwrap();
+                assert_eq!(
+                    value, None,
+                    "round {round}: node 0 kept the released lease ({pttl} ms)"
+                );
+            }
+            None => {
+                let value = value.expect("node 0 holds the lease");
+                let tag = value
+                    .iter()
+                    .position(|byte| *byte == 0)
+                    .and_then(|at| value.get(at + 1).copied());
+                assert_eq!(tag, Some(b'r'), "round {round}: node 0 holds no reader");
+                assert!(pttl > 10_000, "round {round}: node 0 has {pttl} ms left");
+                let guard = three.acquire_read(&key).await;
+                guard.unwrap().release().await.unwrap();
+            }
+        }
+    }
+}
