@@ -4,19 +4,20 @@ use std::fmt;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{Mutex, watch};
+use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::error::{LockError, Result};
 use crate::key::Key;
-use crate::local::{self, Places, Ticket, Validity};
+use crate::lease::Lease;
+use crate::local::{self, Places, Ticket};
 use crate::lock::{Handle, LeaseKind};
 use crate::locker::Cleanups;
 use crate::metrics::Held;
 use crate::raw::validate;
 use crate::token::Token;
-use crate::watchdog::{self, LostSignal, Status};
+use crate::watchdog::{self, LostSignal};
 
 /// A held lock. Call [`LockGuard::release`] when done; dropping the guard releases in the
 /// background instead.
@@ -37,9 +38,8 @@ pub struct LockGuard {
     state: State,
     ttl: Duration,
     backend: &'static str,
-    kind: LeaseKind,
     /// Places in this process's queue for the keys, left once the store released them or the
-    /// lock's validity lapsed, whichever comes first.
+    /// lease lapsed, whichever comes first.
     tickets: Option<Tickets>,
     /// This lock's share of the `lock_held` gauge (see [`crate::metrics`]).
     held: Held,
@@ -48,12 +48,10 @@ pub struct LockGuard {
 }
 
 /// Queue places, given up on release; waiters behind them give them up for the holder once
-/// the lock's validity lapses, so that a holder that neither releases nor extends cannot block
-/// its neighbours past its ttl.
+/// its lease lapses (they read the lease itself, moved by every extend), so that a holder that
+/// neither releases nor extends cannot block its neighbours past its ttl.
 struct Tickets {
     places: Arc<Places>,
-    /// Read by the waiters before they give the places up; moved by every extend.
-    validity: Arc<Validity>,
 }
 
 impl Tickets {
@@ -74,38 +72,44 @@ enum State {
 
 struct Watched {
     handle: Arc<Mutex<Box<dyn Handle>>>,
-    keys: Vec<Key>,
-    token: Token,
-    fencing_token: Option<u64>,
-    status: Arc<watch::Sender<Status>>,
+    /// The handle's lease, read while the watchdog may hold the handle: a clone whose validity
+    /// and kind are the cell the handle moves (keys, token and fencing token never change).
+    lease: Lease,
     task: tokio::task::JoinHandle<()>,
     /// The runtime the watchdog runs on: a guard dropped outside any runtime releases there.
     runtime: tokio::runtime::Handle,
 }
 
 impl LockGuard {
-    /// Wraps a handle that a backend returned for a lock of `ttl`. Only the [`Locker`] makes
-    /// guards: what a guard keeps beside the handle (its share of `lock_held`, its place in the
-    /// in-process queue, the clean-ups of a writer's claim) is the core's bookkeeping.
+    /// Wraps a handle that a backend returned for a lease of `kind` and `ttl`. Only the
+    /// [`Locker`] makes guards: what a guard keeps beside the handle (its share of `lock_held`,
+    /// its place in the in-process queue, the clean-ups of a writer's claim) is the core's
+    /// bookkeeping.
     ///
     /// # Errors
-    /// [`LockError::Backend`] if the handle names no key (a backend bug).
+    /// [`LockError::Backend`] if the handle's lease names no key or another kind (a backend
+    /// bug).
     pub(crate) fn new(
         handle: Box<dyn Handle>,
         backend: &'static str,
         ttl: Duration,
+        kind: LeaseKind,
     ) -> Result<Self> {
-        if handle.keys().is_empty() {
+        let lease = handle.lease();
+        if lease.keys().is_empty() || lease.kind() != kind {
             return Err(LockError::backend(
                 backend,
-                "the backend returned a lock handle without keys",
+                format!(
+                    "the backend returned a lease of {} on {} key(s) for a request of {kind}",
+                    lease.kind(),
+                    lease.keys().len()
+                ),
             ));
         }
         Ok(Self {
             state: State::Held(handle),
             ttl,
             backend,
-            kind: LeaseKind::Exclusive,
             tickets: None,
             held: Held::start(backend),
             cleanups: None,
@@ -120,81 +124,69 @@ impl LockGuard {
         self
     }
 
-    /// Records the kind of lease the handle holds.
-    pub(crate) fn with_kind(mut self, kind: LeaseKind) -> Self {
-        self.kind = kind;
-        self
-    }
-
     /// What is held: a mutex, a semaphore permit, a read or a write lock.
     pub fn kind(&self) -> LeaseKind {
-        self.kind
+        self.lease().kind()
     }
 
-    /// Keeps this process's queue places until the lock is released or its validity lapses.
+    /// Keeps this process's queue places until the lock is released or its lease lapses.
     pub(crate) fn with_tickets(mut self, tickets: Vec<Ticket>) -> Self {
         if tickets.is_empty() {
             return self;
         }
-        let validity = Arc::new(Validity::new(self.valid_until()));
+        let live = self.lease().live();
         let places = Arc::new(std::sync::Mutex::new(tickets));
         for ticket in places.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-            ticket.keep_until(&validity, Arc::downgrade(&places));
+            ticket.keep_until(live, Arc::downgrade(&places));
         }
-        self.tickets = Some(Tickets { places, validity });
+        self.tickets = Some(Tickets { places });
         self
+    }
+
+    /// The lease held: keys, kind, token, validity and fencing token, the same whether the
+    /// lock is kept alive or not (its validity follows every extend, the watchdog's too).
+    pub fn lease(&self) -> &Lease {
+        match &self.state {
+            State::Held(handle) => handle.lease(),
+            State::Watched(watched) => &watched.lease,
+            // Never observed from outside: a guard is released by value or on drop.
+            State::Released => Lease::released(),
+        }
     }
 
     /// The (first) key held, namespaced as stored.
     pub fn key(&self) -> &Key {
-        // `new` refused handles without keys, and `Released` is never observed from outside.
-        &self.keys()[0]
+        self.lease().key()
     }
 
     /// Every key held (several for a multi-key lock).
     pub fn keys(&self) -> &[Key] {
-        match &self.state {
-            State::Held(handle) => handle.keys(),
-            State::Watched(watched) => &watched.keys,
-            State::Released => &[],
-        }
+        self.lease().keys()
     }
 
     /// The random token that proves ownership (hidden by `Debug`).
     pub fn token(&self) -> &Token {
-        match &self.state {
-            State::Held(handle) => handle.token(),
-            State::Watched(watched) => &watched.token,
-            State::Released => Token::released(),
-        }
+        self.lease().token()
     }
 
     /// The local instant until which the lock is safe to rely on.
     pub fn valid_until(&self) -> Instant {
-        match &self.state {
-            State::Held(handle) => handle.valid_until(),
-            State::Watched(watched) => watched.status.borrow().valid_until,
-            State::Released => Instant::now(),
-        }
+        self.lease().valid_until()
     }
 
     /// How long the lock is still safe to rely on; zero once that time has passed.
     pub fn remaining(&self) -> Duration {
-        self.valid_until().saturating_duration_since(Instant::now())
+        self.lease().remaining()
     }
 
     /// True while the local validity has not passed (the store may still have lost the lock).
     pub fn is_valid(&self) -> bool {
-        Instant::now() < self.valid_until()
+        self.lease().is_valid()
     }
 
     /// The fencing token of this acquisition, for backends that offer one.
     pub fn fencing_token(&self) -> Option<u64> {
-        match &self.state {
-            State::Held(handle) => handle.fencing_token(),
-            State::Watched(watched) => watched.fencing_token,
-            State::Released => None,
-        }
+        self.lease().fencing_token()
     }
 
     /// The name of the backend that holds the lock.
@@ -211,46 +203,33 @@ impl LockGuard {
     /// [`LockError::InvalidInput`] outside a tokio runtime.
     pub fn keep_alive(&mut self) -> Result<LostSignal> {
         if let State::Watched(watched) = &self.state {
-            return Ok(LostSignal::new(watched.status.subscribe()));
+            return Ok(LostSignal::new(watched.lease.live().subscribe()));
         }
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| LockError::invalid("runtime", "keep_alive needs a tokio runtime"))?;
         let State::Held(handle) = std::mem::replace(&mut self.state, State::Released) else {
             return Err(LockError::NotHeld { key: String::new() });
         };
-        let (keys, token, fencing_token) = (
-            handle.keys().to_vec(),
-            handle.token().clone(),
-            handle.fencing_token(),
-        );
-        let status = Arc::new(watch::Sender::new(Status {
-            valid_until: handle.valid_until(),
-            lost: false,
-            ended: false,
-        }));
+        // Shared from here on: the handle moves the one cell this clone, the watchdog and the
+        // waiters of this process read.
+        let live = handle.lease().live().clone();
+        let lease = handle.lease().clone();
         let handle = Arc::new(Mutex::new(handle));
-        let span = tracing::debug_span!("lock.watchdog", backend = self.backend, key = %keys[0]);
-        let queue_validity = self
-            .tickets
-            .as_ref()
-            .map(|tickets| Arc::clone(&tickets.validity));
+        let span =
+            tracing::debug_span!("lock.watchdog", backend = self.backend, key = %lease.key());
+        let signal = LostSignal::new(live.subscribe());
         let task = runtime.spawn(
             watchdog::keep_alive(
                 Arc::clone(&handle),
                 self.ttl,
-                Arc::clone(&status),
-                queue_validity,
+                live,
                 (self.backend, self.held.watch()),
             )
             .instrument(span),
         );
-        let signal = LostSignal::new(status.subscribe());
         self.state = State::Watched(Box::new(Watched {
             handle,
-            keys,
-            token,
-            fencing_token,
-            status,
+            lease,
             task,
             runtime,
         }));
@@ -276,30 +255,16 @@ impl LockGuard {
                     key: self.key().to_string(),
                 });
             }
+            // The handle moves its lease's validity, which the watchdog and the waiters of this
+            // process read.
             let result = match &mut self.state {
                 State::Held(handle) => handle.extend(ttl).await,
-                State::Watched(watched) => {
-                    let mut handle = watched.handle.lock().await;
-                    let result = handle.extend(ttl).await;
-                    if result.is_ok() {
-                        // The watchdog plans its next extension from the published validity.
-                        let valid_until = handle.valid_until();
-                        watched
-                            .status
-                            .send_modify(|status| status.valid_until = valid_until);
-                    }
-                    result
-                }
+                State::Watched(watched) => watched.handle.lock().await.extend(ttl).await,
                 State::Released => Err(LockError::NotHeld { key: String::new() }),
             };
             match &result {
                 Ok(()) => {
                     self.ttl = ttl;
-                    // The waiters of this process keep out while the lock is valid.
-                    let valid_until = self.valid_until();
-                    if let Some(tickets) = &self.tickets {
-                        tickets.validity.set(valid_until);
-                    }
                     tracing::debug!("extended");
                 }
                 Err(error) => tracing::warn!(%error, "extend failed"),
@@ -324,13 +289,11 @@ impl LockGuard {
     /// - [`LockError::NotHeld`] if the local validity has passed or the store no longer holds
     ///   our token; [`LockError::Backend`] on I/O (the lock is then still a write lock).
     pub async fn downgrade(&mut self) -> Result<()> {
-        if self.kind != LeaseKind::Write {
+        let kind = self.kind();
+        if kind != LeaseKind::Write {
             return Err(LockError::invalid(
                 "kind",
-                format!(
-                    "only a write lock can be downgraded; this guard holds {}",
-                    self.kind
-                ),
+                format!("only a write lock can be downgraded; this guard holds {kind}"),
             ));
         }
         let span =
@@ -355,7 +318,6 @@ impl LockGuard {
             });
             match &result {
                 Ok(()) => {
-                    self.kind = LeaseKind::Read;
                     // Readers do not line up in this process's queue: let the next task go.
                     if let Some(tickets) = self.tickets.take() {
                         tickets.give_up();
@@ -416,7 +378,7 @@ impl State {
             Self::Watched(watched) => {
                 let mut handle = watched.handle.try_lock().ok()?;
                 let result = handle.release_now()?;
-                watchdog::end(&watched.status);
+                watchdog::end(watched.lease.live());
                 watched.task.abort();
                 drop(handle);
                 Some(result)
@@ -432,7 +394,7 @@ impl State {
             Self::Watched(watched) => {
                 watched.task.abort();
                 let mut handle = watched.handle.lock().await;
-                watchdog::end(&watched.status);
+                watchdog::end(watched.lease.live());
                 handle.release().await
             }
             Self::Released => Ok(()),
@@ -462,8 +424,8 @@ impl Drop for LockGuard {
             return;
         }
         let key = match &state {
-            State::Held(handle) => handle.keys()[0].to_string(),
-            State::Watched(watched) => watched.keys[0].to_string(),
+            State::Held(handle) => handle.lease().key().to_string(),
+            State::Watched(watched) => watched.lease.key().to_string(),
             State::Released => String::new(),
         };
         // Outside a runtime, a kept-alive guard still knows its watchdog's.
@@ -508,7 +470,7 @@ impl fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockGuard")
             .field("backend", &self.backend)
-            .field("kind", &self.kind)
+            .field("kind", &self.kind())
             .field("keys", &self.keys())
             .field("token", self.token())
             .field("fencing_token", &self.fencing_token())

@@ -45,6 +45,11 @@ impl Key {
         Ok(())
     }
 
+    /// The empty placeholder a released guard shows; never stored anywhere.
+    pub(crate) fn released() -> Self {
+        Self(SmolStr::new_static(""))
+    }
+
     /// The key as stored by the backend.
     pub fn as_str(&self) -> &str {
         &self.0

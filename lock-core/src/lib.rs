@@ -4,6 +4,7 @@
 mod error;
 mod guard;
 mod key;
+mod lease;
 mod local;
 mod lock;
 mod locker;
@@ -22,6 +23,7 @@ pub mod conformance;
 pub use error::{LockError, Result};
 pub use guard::LockGuard;
 pub use key::{Key, MAX_KEY_LEN, NAMESPACE_SEPARATOR, Namespace, key_for};
+pub use lease::Lease;
 /// Also in [`raw`]: users read it from [`Locker::capabilities`].
 pub use lock::Capabilities;
 pub use lock::{Holding, KeyState, LeaseKind};

@@ -7,10 +7,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use tokio::sync::{Notify, OwnedMutexGuard};
+use tokio::sync::{Notify, OwnedMutexGuard, watch};
 use tokio::time::Instant;
 
 use crate::key::Key;
+use crate::lease::Live;
 
 /// One FIFO line per key that is held or waited for in this process.
 #[derive(Default)]
@@ -30,31 +31,12 @@ struct Slot {
     lapse_recorded: Notify,
 }
 
-/// A holder's claim on its places, which waiters end once its validity has passed.
+/// A holder's claim on its places, which waiters end once its lease has lapsed.
 struct Lapse {
-    until: Arc<Validity>,
+    /// The holder's lease, as the core shares it: moved by every extend and downgrade (by
+    /// hand or by the watchdog), marked on loss.
+    until: watch::Sender<Live>,
     places: Weak<Places>,
-}
-
-/// The end of a holder's validity, shared by its guard (which moves it forward on every extend,
-/// its own or the watchdog's) and the waiters behind it (which read it before giving the
-/// holder's places up).
-#[derive(Debug)]
-pub(crate) struct Validity(Mutex<Instant>);
-
-impl Validity {
-    pub(crate) fn new(at: Instant) -> Self {
-        Self(Mutex::new(at))
-    }
-
-    pub(crate) fn get(&self) -> Instant {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Moves the end of the validity (an extend succeeded).
-    pub(crate) fn set(&self, at: Instant) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = at;
-    }
 }
 
 /// The places one lock holds in the lines of its keys; emptied to give them up.
@@ -111,7 +93,8 @@ impl LocalQueue {
 }
 
 impl Slot {
-    /// Waits in line; meanwhile, gives up the place of a head whose validity lapsed.
+    /// Waits in line; meanwhile, gives up the place of a head whose lease lapsed (or was
+    /// found lost), following its validity as it moves.
     async fn wait_for_head(&self) -> OwnedMutexGuard<()> {
         let head = Arc::clone(&self.head).lock_owned();
         tokio::pin!(head);
@@ -119,16 +102,27 @@ impl Slot {
             let recorded = self.lapse_recorded.notified();
             tokio::pin!(recorded);
             recorded.as_mut().enable();
-            let lapse_at = self
+            let mut lease = self
                 .lapse
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .as_ref()
-                .map(|lapse| lapse.until.get());
+                .map(|lapse| lapse.until.subscribe());
+            let lapse_at = lease
+                .as_mut()
+                .map(|lease| lease.borrow_and_update().lapses_at());
+            let moved = async {
+                match lease.as_mut() {
+                    Some(lease) => lease.changed().await.is_ok(),
+                    None => false,
+                }
+            };
             tokio::select! {
                 biased;
                 guard = &mut head => return guard,
                 () = &mut recorded, if lapse_at.is_none() => {}
+                // An extend, a downgrade or a loss: plan from the lease as it is now.
+                true = moved, if lapse_at.is_some() => {}
                 () = tokio::time::sleep_until(lapse_at.unwrap_or_else(Instant::now)), if lapse_at.is_some() => {
                     self.end_lapsed();
                 }
@@ -141,7 +135,7 @@ impl Slot {
         let places = {
             let mut lapse = self.lapse.lock().unwrap_or_else(PoisonError::into_inner);
             match lapse.as_ref() {
-                Some(recorded) if recorded.until.get() <= Instant::now() => {
+                Some(recorded) if recorded.until.borrow().lapses_at() <= Instant::now() => {
                     lapse.take().and_then(|lapse| lapse.places.upgrade())
                 }
                 _ => None,
@@ -154,11 +148,12 @@ impl Slot {
 }
 
 impl Ticket {
-    /// Records that the holder of this place keeps it while `until` has not passed.
-    pub(crate) fn keep_until(&self, until: &Arc<Validity>, places: Weak<Places>) {
+    /// Records that the holder of this place keeps it while its lease, `until`, has not
+    /// lapsed.
+    pub(crate) fn keep_until(&self, until: &watch::Sender<Live>, places: Weak<Places>) {
         if let Some(slot) = &self.slot {
             *slot.lapse.lock().unwrap_or_else(PoisonError::into_inner) = Some(Lapse {
-                until: Arc::clone(until),
+                until: until.clone(),
                 places,
             });
             slot.lapse_recorded.notify_waiters();

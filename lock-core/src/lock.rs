@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::time::Instant;
 
 use crate::error::{LockError, Result};
 use crate::key::{Key, KeySet};
+use crate::lease::Lease;
 use crate::token::Token;
 
 /// What a backend can do beyond taking and releasing a lock; the core and the conformance suite
@@ -29,7 +29,7 @@ pub struct Capabilities {
     pub distributed: bool,
     /// [`LockRequest`]s may name several keys, taken all-or-nothing.
     pub multi_key: bool,
-    /// [`Handle::fencing_token`] returns strictly increasing numbers per key.
+    /// [`Lease::fencing_token`] returns strictly increasing numbers per key.
     pub fencing: bool,
     /// [`Lock::wait_for_release`] returns early when a key is released or expires, so waiters
     /// do not poll.
@@ -487,26 +487,20 @@ pub trait Lock: Send + Sync + fmt::Debug + 'static {
 ///
 /// # Behavior
 /// - `extend` sets the expiry to now + ttl, only while the stored token is still ours, and
-///   updates [`Handle::valid_until`].
+///   moves the validity of [`Handle::lease`]; a failed extend leaves it as it was (or ends it,
+///   [`Lease::set_valid_until`] with now, when the lock is left in doubt).
 /// - `release` deletes the lock only while the stored token is still ours.
 /// - Both return [`LockError::NotHeld`] once the lock expired or was taken over.
 #[async_trait]
 pub trait Handle: Send + Sync + fmt::Debug {
-    /// The keys held, namespaced as stored.
-    fn keys(&self) -> &[Key];
-
-    /// The token that proves ownership.
-    fn token(&self) -> &Token;
-
-    /// The local instant until which the lock is safe to rely on (a monotonic clock, with
-    /// clock drift and the time spent acquiring already taken off).
-    fn valid_until(&self) -> Instant;
-
-    /// A number that strictly increases with every acquisition of the same key, for backends with
-    /// [`Capabilities::fencing`]; pass it to the protected resource so it can refuse stale writers.
-    fn fencing_token(&self) -> Option<u64> {
-        None
-    }
+    /// The lease held: keys (namespaced as stored), kind, token, validity and fencing token,
+    /// built with [`Lease::new`] from the request that was granted.
+    ///
+    /// The handle keeps it up to date, and it is the only place these live: `extend` moves
+    /// its validity ([`Lease::set_valid_until`]) and `downgrade` its kind
+    /// ([`Lease::set_downgraded`]). The guard, the watchdog and the waiters of this process
+    /// all read them from here.
+    fn lease(&self) -> &Lease;
 
     /// Sets the lock's expiry to now + `ttl`.
     ///
@@ -536,8 +530,8 @@ pub trait Handle: Send + Sync + fmt::Debug {
     }
 
     /// Turns a held write lock ([`LeaseKind::Write`]) into a read lock on the same keys, with
-    /// no moment in between where another writer could enter. The expiry and the fencing token
-    /// stay as they were. The core calls it only on a write lock of a backend with
+    /// no moment in between where another writer could enter, and records it in the lease
+    /// ([`Lease::set_downgraded`]). The expiry and the fencing token stay as they were. The core calls it only on a write lock of a backend with
     /// [`Capabilities::read_write`].
     ///
     /// # Errors

@@ -12,6 +12,7 @@ use tracing::Instrument;
 use crate::error::{LockError, Result};
 use crate::guard::LockGuard;
 use crate::key::{Key, KeySet, Namespace, key_for};
+use crate::lease::Lease;
 use crate::local::LocalQueue;
 use crate::lock::{Capabilities, Handle, KeyState, LeaseKind, Lock, LockRequest};
 use crate::metrics::Acquisition;
@@ -41,20 +42,23 @@ pub struct Locker {
     local: Option<Arc<LocalQueue>>,
 }
 
-/// What a critical section run by [`Locker::with_lock`] knows about its lock.
+/// What a critical section run by [`Locker::with_lock`] knows about its lock: the [`Lease`]
+/// itself (also reached through `Deref`, as `info.fencing_token()`) and the signal of its loss.
 #[derive(Clone, Debug)]
 pub struct LeaseInfo {
-    /// The key held, namespaced as stored.
-    pub key: Key,
-    /// What is held: a mutex, a permit, a read or a write lock.
-    pub kind: LeaseKind,
-    /// The local instant until which the lock was safe to rely on when it was taken (the
-    /// watchdog moves it forward while it extends the lock).
-    pub valid_until: Instant,
-    /// The fencing token of this acquisition, for backends that offer one.
-    pub fencing_token: Option<u64>,
+    /// The lease held: keys, kind, token, fencing token, and the validity, which follows the
+    /// watchdog's extends while the section runs.
+    pub lease: Lease,
     /// Fires if the lock is lost while the section runs: stop work when it does.
     pub lost: LostSignal,
+}
+
+impl std::ops::Deref for LeaseInfo {
+    type Target = Lease;
+
+    fn deref(&self) -> &Lease {
+        &self.lease
+    }
 }
 
 impl Locker {
@@ -295,10 +299,7 @@ impl Locker {
             .await?;
         let lost = guard.keep_alive()?;
         let info = LeaseInfo {
-            key: guard.key().clone(),
-            kind: guard.kind(),
-            valid_until: guard.valid_until(),
-            fencing_token: guard.fencing_token(),
+            lease: guard.lease().clone(),
             lost: lost.clone(),
         };
         let value = critical_section(info).await;
@@ -428,10 +429,12 @@ impl Locker {
             Some(Ok(Some(handle))) => match born_valid(handle) {
                 Some(handle) => {
                     tracing::debug!(attempts = 1, "acquired");
-                    AtOnce::Settled(
-                        LockGuard::new(handle, self.store().name(), options.ttl())
-                            .map(|guard| guard.with_kind(kind)),
-                    )
+                    AtOnce::Settled(LockGuard::new(
+                        handle,
+                        self.store().name(),
+                        options.ttl(),
+                        kind,
+                    ))
                 }
                 None => AtOnce::Held,
             },
@@ -665,8 +668,7 @@ impl Locker {
                         tracing::debug!(attempts, "acquired");
                         // Taking the lock consumed the claim.
                         claim.request = None;
-                        return LockGuard::new(handle, self.store().name(), options.ttl())
-                            .map(|guard| guard.with_kind(kind));
+                        return LockGuard::new(handle, self.store().name(), options.ttl(), kind);
                     }
                     last_error = None;
                 }
@@ -827,7 +829,7 @@ impl Locker {
 /// is released, token-checked, and the attempt counts as one that found the key held. So no
 /// guard is ever handed out with its validity already over.
 fn born_valid(mut handle: Box<dyn Handle>) -> Option<Box<dyn Handle>> {
-    if handle.valid_until() > Instant::now() {
+    if handle.lease().valid_until() > Instant::now() {
         return Some(handle);
     }
     tracing::debug!("the lock's validity passed before the attempt returned; releasing it");

@@ -7,28 +7,22 @@ use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 
 use crate::error::LockError;
-use crate::local::Validity;
+use crate::lease::Live;
 use crate::lock::Handle;
 use crate::metrics::{self, HeldWatch};
 
-/// What the watchdog publishes about its lock.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Status {
-    pub(crate) valid_until: Instant,
-    pub(crate) lost: bool,
-    /// Set by the guard, while it holds the handle, when it releases the lock: a watchdog
-    /// that was already past its sleep when it was stopped (running on another worker thread,
-    /// it only stops at its next await) must not extend the released lock and report it lost.
-    pub(crate) ended: bool,
-}
-
-/// Marks the lock released by its guard; called with the handle's mutex held. Receivers are not
-/// woken: nothing they wait for changed.
-pub(crate) fn end(status: &watch::Sender<Status>) {
-    status.send_if_modified(|status| {
-        status.ended = true;
+/// Marks the lease released by its guard; called with the handle's mutex held. Receivers are
+/// not woken: nothing they wait for changed.
+pub(crate) fn end(live: &watch::Sender<Live>) {
+    live.send_if_modified(|live| {
+        live.ended = true;
         false
     });
+}
+
+/// Marks the lease lost, waking the [`LostSignal`]s and the waiters of this process.
+fn lose(live: &watch::Sender<Live>) {
+    live.send_modify(|live| live.lost = true);
 }
 
 /// Fires when a lock is lost: an extension failed, or the local validity lapsed.
@@ -37,11 +31,11 @@ pub(crate) fn end(status: &watch::Sender<Status>) {
 /// `tokio::select!` on [`LostSignal::lost`].
 #[derive(Clone, Debug)]
 pub struct LostSignal {
-    status: watch::Receiver<Status>,
+    status: watch::Receiver<Live>,
 }
 
 impl LostSignal {
-    pub(crate) fn new(status: watch::Receiver<Status>) -> Self {
+    pub(crate) fn new(status: watch::Receiver<Live>) -> Self {
         Self { status }
     }
 
@@ -63,23 +57,24 @@ impl LostSignal {
 /// Extends `handle` by `ttl` whenever a third of the ttl is left, until it is stopped or the lock
 /// is lost. Failed extensions are retried while the lock is still valid; a lock that is not held
 /// any more, or whose validity lapses, is reported lost and the task ends. For a backend that
-/// cannot extend, the loss is reported when the validity lapses. Each extension also moves
-/// `queue_validity`, the end of the holder's places in this process's queue. Failed extends and
-/// the loss are counted for `backend` on the guard's share of the `lock_held` gauge (`held`).
+/// cannot extend, the loss is reported when the validity lapses. `live` is the lease's shared
+/// cell (see [`Lease`](crate::Lease)): the handle moves it on every extend, this task's or the
+/// holder's, so the guard and the waiters of this process follow without being told. Failed
+/// extends and the loss are counted for `backend` on the guard's share of the `lock_held` gauge
+/// (`held`).
 pub(crate) async fn keep_alive(
     handle: Arc<Mutex<Box<dyn Handle>>>,
     ttl: Duration,
-    status: Arc<watch::Sender<Status>>,
-    queue_validity: Option<Arc<Validity>>,
+    live: watch::Sender<Live>,
     (backend, held): (&'static str, HeldWatch),
 ) {
     let lead = ttl / 3;
     let retry_every = (ttl / 10).max(Duration::from_millis(1));
     let mut can_extend = true;
-    let mut planned_for = status.borrow().valid_until;
+    let mut planned_for = live.borrow().valid_until;
     let mut next_try = planned_for.checked_sub(lead).unwrap_or_else(Instant::now);
     // The holder may extend by hand (even to a shorter ttl): the plan follows every change.
-    let mut changes = status.subscribe();
+    let mut changes = live.subscribe();
     loop {
         let valid_until = changes.borrow_and_update().valid_until;
         if valid_until != planned_for {
@@ -100,23 +95,23 @@ pub(crate) async fn keep_alive(
             }
         }
         // The holder may have extended it meanwhile.
-        let Status {
+        let Live {
             valid_until, ended, ..
-        } = *status.borrow();
+        } = *live.borrow();
         if ended {
             return;
         }
         if Instant::now() >= valid_until {
             tracing::warn!("lock validity lapsed; reporting it lost");
             held.lost();
-            status.send_modify(|status| status.lost = true);
+            lose(&live);
             return;
         }
         if !can_extend {
             continue;
         }
         let mut handle = handle.lock().await;
-        if status.borrow().ended {
+        if live.borrow().ended {
             return;
         }
         let extended = handle.extend(ttl).await;
@@ -125,12 +120,9 @@ pub(crate) async fn keep_alive(
         }
         match extended {
             Ok(()) => {
-                let valid_until = handle.valid_until();
-                status.send_modify(|status| status.valid_until = valid_until);
+                // The handle moved the lease's validity; the next round plans from it.
+                let valid_until = live.borrow().valid_until;
                 planned_for = valid_until;
-                if let Some(queue_validity) = &queue_validity {
-                    queue_validity.set(valid_until);
-                }
                 next_try = valid_until.checked_sub(lead).unwrap_or_else(Instant::now);
                 tracing::debug!(
                     ttl_ms = ttl.as_millis() as u64,
@@ -140,7 +132,7 @@ pub(crate) async fn keep_alive(
             Err(error @ (LockError::NotHeld { .. } | LockError::Stopped)) => {
                 tracing::warn!(%error, "watchdog found the lock lost");
                 held.lost();
-                status.send_modify(|status| status.lost = true);
+                lose(&live);
                 return;
             }
             Err(LockError::Unsupported { .. }) => can_extend = false,

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Key, LockError, LockOptions, Locker, Result, RetryCount, RetryPolicy, Token,
+    Capabilities, Lease, LockError, LockOptions, Locker, Result, RetryCount, RetryPolicy,
     raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
@@ -576,16 +576,8 @@ impl Lock for Flaky {
 
 #[async_trait]
 impl Handle for FlakyHandle {
-    fn keys(&self) -> &[Key] {
-        self.0.keys()
-    }
-
-    fn token(&self) -> &Token {
-        self.0.token()
-    }
-
-    fn valid_until(&self) -> tokio::time::Instant {
-        self.0.valid_until()
+    fn lease(&self) -> &Lease {
+        self.0.lease()
     }
 
     async fn extend(&mut self, _ttl: Duration) -> Result<()> {

@@ -15,8 +15,8 @@ pub use config::IncConfig;
 use fred::prelude::{ClientLike, Config, KeysInterface, ReconnectPolicy};
 use fred::types::scripts::Script;
 use lock_core::{
-    Capabilities, Key, KeyState, LeaseKind, LockError, Result, Token, metrics,
-    raw::{FollowUp, Handle, Lock, LockRequest, async_trait, redis as redis_kit, validate},
+    Capabilities, Key, KeyState, Lease, LeaseKind, LockError, Result, Token, metrics,
+    raw::{FollowUp, Handle, KeySet, Lock, LockRequest, async_trait, redis as redis_kit, validate},
 };
 use tokio::time::Instant;
 
@@ -360,11 +360,13 @@ impl Lock for IncLock {
         }
         Ok(Some(Box::new(IncHandle {
             shared: Arc::clone(shared),
-            keys: [key],
-            token: request.token().clone(),
-            valid_until: start + request.ttl(),
-            fence: u64::try_from(fence).unwrap_or_default(),
-            kind: LeaseKind::Exclusive,
+            lease: Lease::from_parts(
+                KeySet::one(key),
+                LeaseKind::Exclusive,
+                request.token().clone(),
+                start + request.ttl(),
+            )
+            .with_fencing_token(u64::try_from(fence).unwrap_or_default()),
         })))
     }
 
@@ -706,11 +708,13 @@ async fn acquire_shared(
     }
     Ok(Some(Box::new(IncHandle {
         shared: Arc::clone(shared),
-        keys: [key],
-        token: request.token().clone(),
-        valid_until: start + request.ttl(),
-        fence: u64::try_from(fence).unwrap_or_default(),
-        kind,
+        lease: Lease::from_parts(
+            KeySet::one(key),
+            kind,
+            request.token().clone(),
+            start + request.ttl(),
+        )
+        .with_fencing_token(u64::try_from(fence).unwrap_or_default()),
     })))
 }
 
@@ -725,40 +729,25 @@ impl fmt::Debug for IncLock {
 /// A lock held through the INCR backend.
 struct IncHandle {
     shared: Arc<Shared>,
-    keys: [Key; 1],
-    token: Token,
-    valid_until: Instant,
-    fence: u64,
-    /// What is held: a mutex, a permit, a read or a write lock (a read lock after a downgrade).
-    kind: LeaseKind,
+    /// One key, the token, validity, fencing token and what is held: a mutex, a permit, a read
+    /// or a write lock (a read lock after a downgrade).
+    lease: Lease,
 }
 
 #[async_trait]
 impl Handle for IncHandle {
-    fn keys(&self) -> &[Key] {
-        &self.keys
-    }
-
-    fn token(&self) -> &Token {
-        &self.token
-    }
-
-    fn valid_until(&self) -> Instant {
-        self.valid_until
-    }
-
-    fn fencing_token(&self) -> Option<u64> {
-        Some(self.fence)
+    fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     async fn extend(&mut self, ttl: Duration) -> Result<()> {
         let shared = &self.shared;
         shared.running()?;
-        let keys = shared.keys(&self.keys[0]);
+        let keys = shared.keys(self.lease.key());
         let start = Instant::now();
-        let token = self.token.expose().to_string();
+        let token = self.lease.token().expose().to_string();
         let ttl_ms = validate::ttl_millis(ttl).to_string();
-        let extended: i64 = match kind_letter(self.kind) {
+        let extended: i64 = match kind_letter(self.lease.kind()) {
             None => {
                 EXTEND
                     .evalsha_with_reload(
@@ -781,20 +770,21 @@ impl Handle for IncHandle {
         .map_err(|e| shared.backend_error("extend", &e))?;
         if extended != 1 {
             return Err(LockError::NotHeld {
-                key: self.keys[0].to_string(),
+                key: self.lease.key().to_string(),
             });
         }
-        self.valid_until = start + ttl;
+        self.lease.set_valid_until(start + ttl);
         Ok(())
     }
 
     async fn release(&mut self) -> Result<()> {
         self.shared.running()?;
-        let still_valid = Instant::now() < self.valid_until;
-        match release(&self.shared, &self.keys[0], &self.token, self.kind).await {
+        let still_valid = self.lease.is_valid();
+        let lease = &self.lease;
+        match release(&self.shared, lease.key(), lease.token(), lease.kind()).await {
             Ok(Released::Live) if still_valid => Ok(()),
             Ok(_) => Err(LockError::NotHeld {
-                key: self.keys[0].to_string(),
+                key: self.lease.key().to_string(),
             }),
             Err(error) => {
                 self.release_later();
@@ -806,12 +796,12 @@ impl Handle for IncHandle {
     async fn downgrade(&mut self) -> Result<()> {
         let shared = &self.shared;
         shared.running()?;
-        let keys = shared.keys(&self.keys[0]);
+        let keys = shared.keys(self.lease.key());
         let channel = shared
             .wakeups
             .is_some()
             .then(|| redis_kit::release_channel(&keys.counter));
-        let token = self.token.expose();
+        let token = self.lease.token().expose();
         let mut args = vec![token.as_str()];
         args.extend(channel.as_deref());
         let downgraded: i64 = DOWNGRADE
@@ -820,10 +810,10 @@ impl Handle for IncHandle {
             .map_err(|e| shared.backend_error("downgrade", &e))?;
         if downgraded != 1 {
             return Err(LockError::NotHeld {
-                key: self.keys[0].to_string(),
+                key: self.lease.key().to_string(),
             });
         }
-        self.kind = LeaseKind::Read;
+        self.lease.set_downgraded();
         Ok(())
     }
 }
@@ -833,10 +823,10 @@ impl IncHandle {
     fn release_later(&self) {
         release_later(
             Arc::clone(&self.shared),
-            self.keys[0].clone(),
-            self.token.clone(),
-            self.kind,
-            self.valid_until,
+            self.lease.key().clone(),
+            self.lease.token().clone(),
+            self.lease.kind(),
+            self.lease.valid_until(),
             String::new(),
         );
     }
@@ -884,9 +874,7 @@ fn release_later(
 impl fmt::Debug for IncHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IncHandle")
-            .field("key", &self.keys[0])
-            .field("fence", &self.fence)
-            .field("kind", &self.kind)
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }

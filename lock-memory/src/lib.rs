@@ -9,8 +9,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use lock_core::{
-    Capabilities, Holding, Key, KeyState, LeaseKind, LockError, Result, Token,
-    raw::{Handle, KeySet, Lock, LockRequest, async_trait},
+    Capabilities, Holding, Key, KeyState, Lease, LeaseKind, LockError, Result, Token,
+    raw::{Handle, Lock, LockRequest, async_trait},
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -273,10 +273,7 @@ impl MemoryLock {
         }
         Ok(Some(Box::new(MemoryHandle {
             inner: Arc::clone(&self.inner),
-            keys: request.key_set().clone(),
-            token: token.clone(),
-            valid_until,
-            fence,
+            lease: Lease::new(request, valid_until).with_fencing_token(fence),
         })))
     }
 }
@@ -756,16 +753,13 @@ impl Drop for Waiting<'_> {
 /// A lock held in this process.
 struct MemoryHandle {
     inner: Arc<Inner>,
-    keys: KeySet,
-    token: Token,
-    valid_until: Instant,
-    fence: u64,
+    lease: Lease,
 }
 
 impl MemoryHandle {
     fn not_held(&self) -> LockError {
         LockError::NotHeld {
-            key: self.keys.primary().to_string(),
+            key: self.lease.key().to_string(),
         }
     }
 
@@ -773,8 +767,8 @@ impl MemoryHandle {
     fn release_all(&self) -> Result<()> {
         let now = Instant::now();
         let mut all_valid = true;
-        for key in self.keys.iter() {
-            all_valid &= self.inner.release(key, &self.token, now) == Some(true);
+        for key in self.lease.keys() {
+            all_valid &= self.inner.release(key, self.lease.token(), now) == Some(true);
         }
         if all_valid {
             Ok(())
@@ -786,30 +780,19 @@ impl MemoryHandle {
 
 #[async_trait]
 impl Handle for MemoryHandle {
-    fn keys(&self) -> &[Key] {
-        &self.keys
-    }
-
-    fn token(&self) -> &Token {
-        &self.token
-    }
-
-    fn valid_until(&self) -> Instant {
-        self.valid_until
-    }
-
-    fn fencing_token(&self) -> Option<u64> {
-        Some(self.fence)
+    fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     async fn extend(&mut self, ttl: Duration) -> Result<()> {
         let now = Instant::now();
         let expires_at = now + ttl;
+        let (keys, token) = (self.lease.keys(), self.lease.token());
         // All or nothing: a key found lost puts the keys already moved back as they were.
-        let mut moved = Vec::with_capacity(self.keys.len());
-        for key in self.keys.iter() {
+        let mut moved = Vec::with_capacity(keys.len());
+        for key in keys {
             let held = self.inner.slots.get_mut(key).and_then(|mut slot| {
-                let expiry = slot.expiry_of(&self.token, now)?;
+                let expiry = slot.expiry_of(token, now)?;
                 Some(std::mem::replace(expiry, expires_at))
             });
             match held {
@@ -817,7 +800,7 @@ impl Handle for MemoryHandle {
                 None => {
                     for (key, before) in moved {
                         if let Some(mut slot) = self.inner.slots.get_mut(key)
-                            && let Some(expiry) = slot.expiry_of(&self.token, now)
+                            && let Some(expiry) = slot.expiry_of(token, now)
                         {
                             *expiry = before;
                         }
@@ -826,7 +809,7 @@ impl Handle for MemoryHandle {
                 }
             }
         }
-        self.valid_until = expires_at;
+        self.lease.set_valid_until(expires_at);
         Ok(())
     }
 
@@ -839,7 +822,8 @@ impl Handle for MemoryHandle {
     }
 
     async fn downgrade(&mut self) -> Result<()> {
-        if self.inner.downgrade(self.keys.primary(), &self.token) {
+        if self.inner.downgrade(self.lease.key(), self.lease.token()) {
+            self.lease.set_downgraded();
             Ok(())
         } else {
             Err(self.not_held())
@@ -850,8 +834,7 @@ impl Handle for MemoryHandle {
 impl fmt::Debug for MemoryHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryHandle")
-            .field("keys", &self.keys)
-            .field("fence", &self.fence)
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }

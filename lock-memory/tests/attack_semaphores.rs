@@ -563,7 +563,7 @@ async fn with_lease_reports_a_lost_read_lock() {
     let inner = locker.clone();
     let result = locker
         .with_lease("k", LeaseKind::Read, |info| async move {
-            assert_eq!(info.kind, LeaseKind::Read);
+            assert_eq!(info.kind(), LeaseKind::Read);
             assert_eq!(inner.purge("").await.unwrap(), 1);
             let writer = inner.try_acquire_kind("k", LeaseKind::Write).await.unwrap();
             assert!(writer.is_some());

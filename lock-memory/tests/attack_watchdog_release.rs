@@ -6,12 +6,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Key, LeaseKind, LockOptions, Locker, Result, RetryPolicy, Token,
+    Capabilities, Lease, LeaseKind, LockOptions, Locker, Result, RetryPolicy,
     raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 fn locker(lock: &MemoryLock, ttl: Duration) -> Locker {
     Locker::new(lock.clone())
@@ -116,14 +115,8 @@ impl Lock for Wrapped {
 
 #[async_trait]
 impl Handle for WrappedHandle {
-    fn keys(&self) -> &[Key] {
-        self.inner.keys()
-    }
-    fn token(&self) -> &Token {
-        self.inner.token()
-    }
-    fn valid_until(&self) -> Instant {
-        self.inner.valid_until()
+    fn lease(&self) -> &Lease {
+        self.inner.lease()
     }
     async fn extend(&mut self, ttl: Duration) -> Result<()> {
         self.extending.notify_one();

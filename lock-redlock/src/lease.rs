@@ -303,12 +303,9 @@ async fn attempt(
                     let in_flight = (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
                     return Ok(Some(Box::new(RedlockHandle {
                         shared: Arc::clone(shared),
-                        keys,
-                        token,
+                        lease: crate::lease(keys, request.kind(), token, valid_until, fence),
                         held: target.held(),
-                        valid_until,
                         ttl,
-                        fence,
                         in_flight,
                         extending: None,
                     })));

@@ -16,8 +16,8 @@ use std::time::Duration;
 pub use config::{ConnectionKind, RedlockConfig};
 pub use lease::MAX_SLOT_PERMITS;
 use lock_core::{
-    Capabilities, Holding, Key, KeyState, LeaseKind, LockError, LockOptions, Locker, Result, Token,
-    metrics,
+    Capabilities, Holding, Key, KeyState, Lease, LeaseKind, LockError, LockOptions, Locker, Result,
+    Token, metrics,
     raw::{FollowUp, Handle, KeySet, Lock, LockRequest, async_trait, redis as redis_kit, validate},
 };
 use tokio::time::Instant;
@@ -607,12 +607,9 @@ impl Lock for Redlock {
                             (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
                         return Ok(Some(Box::new(RedlockHandle {
                             shared: Arc::clone(shared),
-                            keys,
-                            token,
+                            lease: lease(keys, request.kind(), token, valid_until, fence),
                             held: Held::Mutex,
-                            valid_until,
                             ttl,
-                            fence,
                             in_flight,
                             extending: None,
                         })));
@@ -822,12 +819,11 @@ async fn try_acquire_fair(
     if let Some(waiter) = request.waiter() {
         fair.forget(waiter);
     }
-    let keys = request.key_set().clone();
     let Some(valid_until) = shared.valid_until(start, ttl) else {
         let expires_by = Instant::now() + ttl;
         tokio::spawn(Arc::clone(shared).release_until_answered(
             vec![0],
-            keys,
+            request.key_set().clone(),
             token.clone(),
             Held::Mutex,
             timeout,
@@ -844,18 +840,22 @@ async fn try_acquire_fair(
             ),
         ));
     };
+    // With one node, the value drawn there is the fence: no raise round is needed.
+    let fence = shared
+        .config
+        .fencing
+        .then(|| u64::try_from(value).unwrap_or_default());
     Ok(Some(Box::new(RedlockHandle {
         shared: Arc::clone(shared),
-        keys,
-        token: token.clone(),
+        lease: lease(
+            request.key_set().clone(),
+            request.kind(),
+            token.clone(),
+            valid_until,
+            fence,
+        ),
         held: Held::Mutex,
-        valid_until,
         ttl,
-        // With one node, the value drawn there is the fence: no raise round is needed.
-        fence: shared
-            .config
-            .fencing
-            .then(|| u64::try_from(value).unwrap_or_default()),
         in_flight: None,
         extending: None,
     })))
@@ -881,14 +881,11 @@ impl fmt::Debug for Redlock {
 /// A lock held on a quorum of nodes: a mutex, or a lease (a permit, a read or a write lock).
 struct RedlockHandle {
     shared: Arc<Shared>,
-    keys: KeySet,
-    token: Token,
+    /// Keys, token, validity and the fencing token (when fencing is on).
+    lease: Lease,
     /// What is held, which says how to extend and release it.
     held: Held,
-    valid_until: Instant,
     ttl: Duration,
-    /// The fencing token, when fencing is on.
-    fence: Option<u64>,
     /// The acquisition's requests to the nodes that had not answered when the quorum decided.
     in_flight: Option<tokio::task::JoinHandle<Tally>>,
     /// The last extend's requests to the nodes that had not answered when its quorum decided:
@@ -898,9 +895,24 @@ struct RedlockHandle {
     extending: Option<tokio::task::JoinHandle<Tally>>,
 }
 
+/// The lease a granted request holds.
+fn lease(
+    keys: KeySet,
+    kind: LeaseKind,
+    token: Token,
+    valid_until: Instant,
+    fence: Option<u64>,
+) -> Lease {
+    let lease = Lease::from_parts(keys, kind, token, valid_until);
+    match fence {
+        Some(fence) => lease.with_fencing_token(fence),
+        None => lease,
+    }
+}
+
 impl RedlockHandle {
     fn key(&self) -> String {
-        self.keys.primary().to_string()
+        self.lease.key().to_string()
     }
 
     /// The error for a round that did not reach a quorum: lost if a majority said so.
@@ -926,24 +938,12 @@ impl RedlockHandle {
 
 #[async_trait]
 impl Handle for RedlockHandle {
-    fn keys(&self) -> &[Key] {
-        &self.keys
-    }
-
-    fn token(&self) -> &Token {
-        &self.token
-    }
-
-    fn valid_until(&self) -> Instant {
-        self.valid_until
-    }
-
-    fn fencing_token(&self) -> Option<u64> {
-        self.fence
+    fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     async fn extend(&mut self, ttl: Duration) -> Result<()> {
-        if Instant::now() >= self.valid_until {
+        if !self.lease.is_valid() {
             return Err(LockError::NotHeld { key: self.key() });
         }
         let shared = Arc::clone(&self.shared);
@@ -957,7 +957,11 @@ impl Handle for RedlockHandle {
         let start = Instant::now();
         let (tally, in_flight) =
             round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
-                let (keys, token, held) = (self.keys.clone(), self.token.clone(), self.held);
+                let (keys, token, held) = (
+                    self.lease.key_set().clone(),
+                    self.lease.token().clone(),
+                    self.held,
+                );
                 async move {
                     node.extend(&keys, &token, held, ttl)
                         .await
@@ -969,7 +973,7 @@ impl Handle for RedlockHandle {
         if tally.yes.len() >= shared.quorum
             && let Some(valid_until) = shared.valid_until(start, ttl)
         {
-            self.valid_until = valid_until;
+            self.lease.set_valid_until(valid_until);
             self.ttl = ttl;
             return Ok(());
         }
@@ -984,14 +988,20 @@ impl Handle for RedlockHandle {
         // Acquisition requests still out when this release was sent may land after it.
         let in_flight = self.in_flight.take().filter(|task| !task.is_finished());
         let (tally, pending) = shared
-            .release_on(&nodes, &self.keys, &self.token, self.held, timeout)
+            .release_on(
+                &nodes,
+                self.lease.key_set(),
+                self.lease.token(),
+                self.held,
+                timeout,
+            )
             .await;
         if let Some(in_flight) = in_flight {
-            let expires_by = self.valid_until + shared.drift(self.ttl);
+            let expires_by = self.lease.valid_until() + shared.drift(self.ttl);
             let (shared, keys, token, held) = (
                 Arc::clone(&shared),
-                self.keys.clone(),
-                self.token.clone(),
+                self.lease.key_set().clone(),
+                self.lease.token().clone(),
                 self.held,
             );
             tokio::spawn(async move {
@@ -1023,11 +1033,11 @@ impl Handle for RedlockHandle {
             // Every node must hear the release, not only the majority that decided it: the
             // slower ones are awaited and those that failed are asked again, off the caller's
             // path, until the keys would be gone by themselves.
-            let expires_by = self.valid_until + shared.drift(self.ttl);
+            let expires_by = self.lease.valid_until() + shared.drift(self.ttl);
             let (shared, keys, token, held) = (
                 Arc::clone(&shared),
-                self.keys.clone(),
-                self.token.clone(),
+                self.lease.key_set().clone(),
+                self.lease.token().clone(),
                 self.held,
             );
             tokio::spawn(async move {
@@ -1057,7 +1067,7 @@ impl Handle for RedlockHandle {
                 capability: "downgrade of anything but a write lock",
             });
         }
-        if Instant::now() >= self.valid_until {
+        if !self.lease.is_valid() {
             return Err(LockError::NotHeld { key: self.key() });
         }
         let shared = Arc::clone(&self.shared);
@@ -1067,7 +1077,7 @@ impl Handle for RedlockHandle {
             shared.quorum,
             shared.node_timeout(self.ttl),
             |node| {
-                let (keys, token) = (self.keys.clone(), self.token.clone());
+                let (keys, token) = (self.lease.key_set().clone(), self.lease.token().clone());
                 async move {
                     node.downgrade(&keys, &token)
                         .await
@@ -1080,9 +1090,11 @@ impl Handle for RedlockHandle {
         // keeps the expiry an extend set.
         drop(in_flight.run_on());
         if tally.yes.len() >= shared.quorum {
+            self.lease.set_downgraded();
             return Ok(());
         }
-        self.valid_until = Instant::now();
+        // In doubt: the lease ends here, for the guard, its watchdog and the waiters alike.
+        self.lease.set_valid_until(Instant::now());
         Err(self.lost_or_unreachable(&tally))
     }
 }
@@ -1090,8 +1102,7 @@ impl Handle for RedlockHandle {
 impl fmt::Debug for RedlockHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedlockHandle")
-            .field("keys", &self.keys)
-            .field("valid_until", &self.valid_until)
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Key, Result, Token, conformance,
+    Capabilities, Lease, Result, conformance,
     raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
@@ -29,8 +29,8 @@ struct Broken {
 struct BrokenHandle {
     inner: Option<Box<dyn Handle>>,
     memory: MemoryLock,
-    keys: Vec<Key>,
-    token: Token,
+    /// The inner lease, or (when the inner backend refused) one that claims ten seconds.
+    lease: Lease,
 }
 
 #[async_trait]
@@ -46,11 +46,14 @@ impl Lock for Broken {
         if inner.is_none() && !matches!(self.flaw, Flaw::NoMutualExclusion) {
             return Ok(None);
         }
+        let lease = inner.as_ref().map_or_else(
+            || Lease::new(request, Instant::now() + Duration::from_secs(10)),
+            |inner| inner.lease().clone(),
+        );
         Ok(Some(Box::new(BrokenHandle {
             inner,
             memory: self.inner.clone(),
-            keys: request.keys().to_vec(),
-            token: request.token().clone(),
+            lease,
         })))
     }
     async fn abandon(&self, request: &LockRequest) -> Result<bool> {
@@ -60,17 +63,11 @@ impl Lock for Broken {
 
 #[async_trait]
 impl Handle for BrokenHandle {
-    fn keys(&self) -> &[Key] {
-        &self.keys
-    }
-    fn token(&self) -> &Token {
-        &self.token
-    }
-    fn valid_until(&self) -> Instant {
-        self.inner.as_ref().map_or_else(
-            || Instant::now() + Duration::from_secs(10),
-            |h| h.valid_until(),
-        )
+    fn lease(&self) -> &Lease {
+        match &self.inner {
+            Some(inner) => inner.lease(),
+            None => &self.lease,
+        }
     }
     async fn extend(&mut self, ttl: Duration) -> Result<()> {
         match self.inner.as_mut() {
@@ -80,7 +77,10 @@ impl Handle for BrokenHandle {
     }
     async fn release(&mut self) -> Result<()> {
         // Both flaws end in an unconditional delete of the exact key.
-        self.memory.purge(self.keys[0].as_str()).await.map(|_| ())
+        self.memory
+            .purge(self.lease.key().as_str())
+            .await
+            .map(|_| ())
     }
 }
 

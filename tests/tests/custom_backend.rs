@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Key, LockError, Result, Token,
+    Capabilities, Key, Lease, LockError, Result, Token,
     raw::{Handle, Lock, LockRequest, async_trait},
 };
 use tokio::time::Instant;
@@ -20,7 +20,7 @@ type Table = Arc<Mutex<HashMap<Key, (Token, Instant)>>>;
 struct ToyLock(Table);
 
 #[derive(Debug)]
-struct ToyHandle(Table, Vec<Key>, Token, Instant);
+struct ToyHandle(Table, Lease);
 
 fn remove_if_ours(table: &Table, key: &Key, token: &Token) -> Option<Instant> {
     let mut table = table
@@ -55,9 +55,7 @@ impl Lock for ToyLock {
         table.insert(key.clone(), (request.token().clone(), expires));
         Ok(Some(Box::new(ToyHandle(
             self.0.clone(),
-            vec![key],
-            request.token().clone(),
-            expires,
+            Lease::new(request, expires),
         ))))
     }
     async fn abandon(&self, request: &LockRequest) -> Result<bool> {
@@ -70,14 +68,8 @@ impl Lock for ToyLock {
 
 #[async_trait]
 impl Handle for ToyHandle {
-    fn keys(&self) -> &[Key] {
+    fn lease(&self) -> &Lease {
         &self.1
-    }
-    fn token(&self) -> &Token {
-        &self.2
-    }
-    fn valid_until(&self) -> Instant {
-        self.3
     }
     async fn extend(&mut self, _ttl: Duration) -> Result<()> {
         Err(LockError::Unsupported {
@@ -86,10 +78,10 @@ impl Handle for ToyHandle {
         })
     }
     async fn release(&mut self) -> Result<()> {
-        match remove_if_ours(&self.0, &self.1[0], &self.2) {
+        match remove_if_ours(&self.0, self.1.key(), self.1.token()) {
             Some(expires) if expires > Instant::now() => Ok(()),
             _ => Err(LockError::NotHeld {
-                key: self.1[0].to_string(),
+                key: self.1.key().to_string(),
             }),
         }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Key, KeyState, Result, Token,
+    Capabilities, Key, KeyState, Lease, Result,
     raw::{Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
@@ -147,7 +147,8 @@ struct BrokenHandle {
     inner: Box<dyn Handle>,
     memory: MemoryLock,
     flaw: Flaw,
-    valid_until: Instant,
+    /// The lease the guard sees: the ttl asked for, and a repeated fence for `FenceRepeats`.
+    lease: Lease,
 }
 
 #[async_trait]
@@ -173,11 +174,19 @@ impl Lock for Broken {
         let Some(inner) = self.memory.try_acquire(&asked).await? else {
             return Ok(None);
         };
+        let mut lease = Lease::new(request, start + request.ttl());
+        let fence = match self.flaw {
+            Flaw::FenceRepeats => Some(7),
+            _ => inner.lease().fencing_token(),
+        };
+        if let Some(fence) = fence {
+            lease = lease.with_fencing_token(fence);
+        }
         Ok(Some(Box::new(BrokenHandle {
             inner,
             memory: self.memory.clone(),
             flaw: self.flaw,
-            valid_until: start + request.ttl(),
+            lease,
         })))
     }
 
@@ -196,28 +205,13 @@ impl Lock for Broken {
 
 #[async_trait]
 impl Handle for BrokenHandle {
-    fn keys(&self) -> &[Key] {
-        self.inner.keys()
-    }
-
-    fn token(&self) -> &Token {
-        self.inner.token()
-    }
-
-    fn valid_until(&self) -> Instant {
-        self.valid_until
-    }
-
-    fn fencing_token(&self) -> Option<u64> {
-        match self.flaw {
-            Flaw::FenceRepeats => Some(7),
-            _ => self.inner.fencing_token(),
-        }
+    fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     async fn extend(&mut self, ttl: Duration) -> Result<()> {
         self.inner.extend(ttl).await?;
-        self.valid_until = Instant::now() + ttl;
+        self.lease.set_valid_until(Instant::now() + ttl);
         Ok(())
     }
 
@@ -225,7 +219,7 @@ impl Handle for BrokenHandle {
         match self.flaw {
             // A plain delete of the exact keys, whoever holds them.
             Flaw::ReleaseIgnoresToken => {
-                for key in self.inner.keys() {
+                for key in self.lease.keys() {
                     self.memory.purge(key.as_str()).await?;
                 }
                 Ok(())

@@ -426,7 +426,7 @@ pub async fn with_lock_runs_and_releases(lock: Arc<dyn Lock>) {
     let probe = locker.clone();
     let value = locker
         .with_lock("scoped", |info| async move {
-            assert!(info.key.as_str().ends_with(":scoped"));
+            assert!(info.key().as_str().ends_with(":scoped"));
             assert!(
                 probe.try_acquire("scoped").await.unwrap().is_none(),
                 "not held inside"
