@@ -120,10 +120,16 @@ pub(crate) async fn keep_alive(
         }
         match extended {
             Ok(()) => {
-                // The handle moved the lease's validity; the next round plans from it.
+                // The handle moved the lease's validity; the next round plans from it, and no
+                // sooner than a retry would: an extend that left less than the lead (a clock
+                // that jumped, a backend that took most of the ttl off) is not sent again in
+                // a busy loop, and the lease is reported lost when it lapses.
                 let valid_until = live.borrow().valid_until;
                 planned_for = valid_until;
-                next_try = valid_until.checked_sub(lead).unwrap_or_else(Instant::now);
+                next_try = valid_until
+                    .checked_sub(lead)
+                    .unwrap_or_else(Instant::now)
+                    .max(Instant::now() + retry_every);
                 tracing::debug!(
                     ttl_ms = ttl.as_millis() as u64,
                     "watchdog extended the lock"
