@@ -81,29 +81,21 @@ struct Watched {
 }
 
 impl LockGuard {
-    /// Wraps a handle that a backend returned for a lease of `kind` and `ttl`. Only the
-    /// [`Locker`] makes guards: what a guard keeps beside the handle (its share of `lock_held`,
-    /// its place in the in-process queue, the clean-ups of a writer's claim) is the core's
-    /// bookkeeping.
+    /// Wraps a handle that a backend returned for a lock of `ttl`. Only the [`Locker`] makes
+    /// guards: what a guard keeps beside the handle (its share of `lock_held`, its place in the
+    /// in-process queue, the clean-ups of a writer's claim) is the core's bookkeeping.
     ///
     /// # Errors
-    /// [`LockError::Backend`] if the handle's lease names no key or another kind (a backend
-    /// bug).
+    /// [`LockError::Backend`] if the handle's lease names no key (a backend bug).
     pub(crate) fn new(
         handle: Box<dyn Handle>,
         backend: &'static str,
         ttl: Duration,
-        kind: LeaseKind,
     ) -> Result<Self> {
-        let lease = handle.lease();
-        if lease.keys().is_empty() || lease.kind() != kind {
+        if handle.lease().keys().is_empty() {
             return Err(LockError::backend(
                 backend,
-                format!(
-                    "the backend returned a lease of {} on {} key(s) for a request of {kind}",
-                    lease.kind(),
-                    lease.keys().len()
-                ),
+                "the backend returned a lock handle without keys",
             ));
         }
         Ok(Self {

@@ -429,12 +429,7 @@ impl Locker {
             Some(Ok(Some(handle))) => match born_valid(handle) {
                 Some(handle) => {
                     tracing::debug!(attempts = 1, "acquired");
-                    AtOnce::Settled(LockGuard::new(
-                        handle,
-                        self.store().name(),
-                        options.ttl(),
-                        kind,
-                    ))
+                    AtOnce::Settled(LockGuard::new(handle, self.store().name(), options.ttl()))
                 }
                 None => AtOnce::Held,
             },
@@ -668,7 +663,7 @@ impl Locker {
                         tracing::debug!(attempts, "acquired");
                         // Taking the lock consumed the claim.
                         claim.request = None;
-                        return LockGuard::new(handle, self.store().name(), options.ttl(), kind);
+                        return LockGuard::new(handle, self.store().name(), options.ttl());
                     }
                     last_error = None;
                 }
