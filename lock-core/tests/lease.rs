@@ -160,6 +160,27 @@ async fn a_failed_downgrade_that_ends_the_lease_lets_the_waiters_behind_it_go() 
     waiter.await.unwrap().unwrap().release().await.unwrap();
 }
 
+/// The same downgrade on a kept-alive write lock: the guard, its watchdog and its lost signal
+/// read the lease the handle ended, not the validity published at the last extend.
+#[tokio::test(start_paused = true)]
+async fn a_failed_downgrade_ends_a_kept_alive_lease_too() {
+    let locker = locker(Store::new(true));
+    let mut writer = locker.acquire_write("k").await.unwrap();
+    let before = writer.valid_until();
+    let lost = writer.keep_alive().unwrap();
+    assert!(writer.downgrade().await.is_err());
+    assert!(
+        !writer.is_valid(),
+        "the kept-alive guard still relied on the lease"
+    );
+    lost.lost().await;
+    assert!(
+        Instant::now() < before,
+        "the loss was seen only at the old validity"
+    );
+    drop(writer);
+}
+
 /// A lease its watchdog finds lost (purged from the store) lets the task waiting behind it in
 /// this process go at once, not at the validity it had.
 #[tokio::test(start_paused = true)]
