@@ -29,7 +29,7 @@ pub use lock::Capabilities;
 pub use lock::{Holding, KeyState, LeaseKind};
 pub use locker::{CLEANUP_WAIT, LeaseInfo, Locker};
 pub use options::LockOptions;
-pub use retry::{Backoff, RetryCount, RetryPolicy};
+pub use retry::{Backoff, RetryCount, RetryOptions, RetryPolicy};
 pub use token::{TOKEN_BYTES, Token, TokenText};
 pub use url::SecretUrl;
 pub use watchdog::LostSignal;

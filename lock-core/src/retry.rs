@@ -268,6 +268,70 @@ impl RetryPolicy {
     }
 }
 
+/// The seeds' flat retry options, as a configuration document writes them beside its other
+/// fields: `retry_count` (-1 = forever), `retry_delay`, `retry_jitter` and `deadline`, in
+/// milliseconds, each optional (unset keeps the policy's value), with the seeds' camelCase names
+/// as aliases. The facade reads them once, here, whatever the backend.
+///
+/// # Default
+/// Every field unset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryOptions {
+    /// Retries after the first attempt; -1 retries forever.
+    #[serde(
+        alias = "retryCount",
+        alias = "retry",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retry_count: Option<i64>,
+    /// Pause between attempts, in ms.
+    #[serde(
+        alias = "retryDelay",
+        alias = "delay",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retry_delay: Option<i64>,
+    /// Largest random addition to each pause, in ms.
+    #[serde(alias = "retryJitter", skip_serializing_if = "Option::is_none")]
+    pub retry_jitter: Option<i64>,
+    /// Longest an acquisition may take in all, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<i64>,
+}
+
+impl RetryOptions {
+    /// These options with `lower` under them: fields set here win, unset ones come from `lower`.
+    #[must_use]
+    pub fn merged_over(self, lower: Self) -> Self {
+        Self {
+            retry_count: self.retry_count.or(lower.retry_count),
+            retry_delay: self.retry_delay.or(lower.retry_delay),
+            retry_jitter: self.retry_jitter.or(lower.retry_jitter),
+            deadline: self.deadline.or(lower.deadline),
+        }
+    }
+
+    /// `policy` with the options that are set applied over it
+    /// ([`RetryPolicy::with_seed_options`], then the deadline).
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `retry_count`, `retry_delay`, `retry_jitter` or
+    /// `deadline`.
+    pub fn apply_to(&self, policy: RetryPolicy) -> Result<RetryPolicy> {
+        let policy =
+            policy.with_seed_options(self.retry_count, self.retry_delay, self.retry_jitter)?;
+        match self.deadline {
+            Some(deadline) => Ok(policy.with_deadline(validate::millis(
+                "deadline",
+                deadline,
+                validate::MAX_TTL,
+            )?)),
+            None => Ok(policy),
+        }
+    }
+}
+
 /// Per-acquisition retry state, separate from the shared [`RetryPolicy`].
 ///
 /// Iterating yields the pause before each retry; it ends when the retry count is used up.
@@ -469,11 +533,53 @@ mod tests {
             (r#"{"retry_jitter": -5}"#, "retry_jitter"),
             (r#"{"retry_count": -2}"#, "retry_count"),
             (r#"{"retry_delay": -1}"#, "retry_delay"),
-            (r#"{"deadline": 0}"#, "deadline"),
+            (r#"{"deadline": -1}"#, "deadline"),
         ] {
             let error = serde_json::from_str::<RetryPolicy>(json).expect_err(json);
             assert!(error.to_string().contains(field), "{json}: {error}");
         }
         assert!(serde_json::from_str::<RetryPolicy>(r#"{"retry_dealy": 5}"#).is_err());
+    }
+
+    #[test]
+    fn retry_options_take_the_seeds_names_and_apply_over_a_policy() {
+        let options: RetryOptions = serde_json::from_str(
+            r#"{"retryCount": -1, "retryDelay": 50, "retryJitter": 5, "deadline": 900}"#,
+        )
+        .expect("parses");
+        let lower = RetryOptions {
+            retry_count: Some(3),
+            retry_jitter: Some(1),
+            ..RetryOptions::default()
+        };
+        let merged = RetryOptions {
+            retry_jitter: None,
+            ..options
+        }
+        .merged_over(lower);
+        assert_eq!(merged.retry_count, Some(-1));
+        assert_eq!(merged.retry_jitter, Some(1));
+        let policy = options.apply_to(RetryPolicy::default()).expect("valid");
+        assert_eq!(policy.retry_count(), RetryCount::Forever);
+        assert_eq!(policy.retry_delay(), ms(50));
+        assert_eq!(policy.retry_jitter(), ms(5));
+        assert_eq!(policy.deadline(), Some(ms(900)));
+        assert_eq!(
+            RetryOptions::default()
+                .apply_to(RetryPolicy::none())
+                .expect("valid"),
+            RetryPolicy::none()
+        );
+        for (options, field) in [
+            (r#"{"retry_count": -2}"#, "retry_count"),
+            (r#"{"retry_jitter": -1}"#, "retry_jitter"),
+            (r#"{"deadline": -1}"#, "deadline"),
+        ] {
+            let options: RetryOptions = serde_json::from_str(options).expect("parses");
+            match options.apply_to(RetryPolicy::default()) {
+                Err(LockError::InvalidInput { field: got, .. }) => assert_eq!(got, field),
+                other => panic!("expected invalid {field}, got {other:?}"),
+            }
+        }
     }
 }

@@ -1,12 +1,14 @@
-//! The facade's configuration: one shape for every backend, read from code, JSON, TOML, a file
-//! or an environment variable, and merged.
+//! The facade's configuration: the part every backend shares (type, namespace, ttl, retries)
+//! and the selected backend's options as a document, read from code, JSON, TOML, a file or an
+//! environment variable, and merged key by key.
 
 use std::fmt;
 use std::path::Path;
 
-use lock_core::{LockError, Result, SecretUrl, raw::redact_url};
-use serde::de::{Deserializer, Visitor};
+use lock_core::{LockError, Result, RetryOptions};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// The environment variable [`LockConfig::from_env`] reads: a file path, or inline JSON or TOML.
 pub const CONFIG_ENV: &str = "LOCK_CONFIG";
@@ -14,16 +16,38 @@ pub const CONFIG_ENV: &str = "LOCK_CONFIG";
 /// How deep `lock_config` may nest.
 const MAX_NESTING: usize = 4;
 
+/// The fields every backend shares (as [`LockConfig`] names them; the seeds' camelCase names
+/// are accepted too): any other field is an option of the selected backend.
+pub const COMMON_FIELDS: &[&str] = &[
+    "type",
+    "namespace",
+    "ttl",
+    "retry_count",
+    "retry_delay",
+    "retry_jitter",
+    "deadline",
+    "lock_config",
+];
+
+/// A backend's options as a document: field names to values, read into the backend's own
+/// configuration type (`MemoryConfig`, `RedlockConfig`, `IncConfig`) by
+/// [`create`](crate::create).
+pub type BackendOptions = serde_json::Map<String, Value>;
+
 /// Everything [`create`](crate::create) needs, as in the original facade: a backend `type`, a
-/// `namespace`, and a `lock_config` that may hold more of the same (an object, a JSON or TOML
-/// string, or a file path), merged under the fields set here.
+/// `namespace`, a `ttl`, the retry options, the backend's own options, and a `lock_config`
+/// that may hold more of the same (an object, a JSON or TOML string, or a file path), merged
+/// under the fields set here.
 ///
 /// Every field is optional so that sources can be layered; durations are milliseconds, and the
-/// seeds' camelCase names are accepted.
+/// seeds' camelCase names are accepted. The common fields are [`COMMON_FIELDS`]; every other
+/// field is kept in [`options`](Self::options) and read, in `create`, into the selected
+/// backend's configuration type, which refuses a field it does not have, naming those it has
+/// (a document that names its `type` is also checked as it is parsed).
 ///
-/// No password reaches a message: `urls` are [`SecretUrl`]s (shown without password, never
-/// quoted by a deserialization error), and the parsers below also hide, in every message they
-/// return, each string of the document that carries a URL's user info, wherever it stands
+/// No password reaches a message: `Debug` shows the options' strings as URLs without password,
+/// and the parsers below and `create` hide, in every message they return, each string of the
+/// document that carries a URL's user info, wherever it stands
 /// (`lock-facade/tests/secrets.rs` checks this for any password).
 ///
 /// # Default
@@ -31,9 +55,8 @@ const MAX_NESTING: usize = 4;
 /// - `namespace`: none (keys are used as given)
 /// - `ttl`: 10 000 ms; retries: [`RetryPolicy::default`](lock_core::RetryPolicy::default), or a
 ///   single attempt for the fail-fast `inc` backend
-/// - backend options: those of `RedlockConfig` and `IncConfig`
+/// - backend options: the defaults of the backend's configuration type
 #[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LockConfig {
     /// The backend: `memory` (alias `inMemory`), `redis` (Redlock on one node), `redlock`, `inc`.
     #[serde(
@@ -45,62 +68,19 @@ pub struct LockConfig {
     /// Prefixes every key as `namespace:key`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// The Redis nodes: `redis://` or `rediss://` URLs (one for `redis` and `inc`).
-    #[serde(
-        alias = "nodes",
-        default,
-        deserialize_with = "optional_urls",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub urls: Option<Vec<SecretUrl>>,
     /// Lock lifetime in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl: Option<i64>,
-    /// Retries after the first attempt; -1 retries forever.
-    #[serde(
-        alias = "retryCount",
-        alias = "retry",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub retry_count: Option<i64>,
-    /// Pause between attempts, in ms.
-    #[serde(
-        alias = "retryDelay",
-        alias = "delay",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub retry_delay: Option<i64>,
-    /// Largest random addition to each pause, in ms.
-    #[serde(alias = "retryJitter", skip_serializing_if = "Option::is_none")]
-    pub retry_jitter: Option<i64>,
-    /// Longest an acquisition may take in all, in ms.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub deadline: Option<i64>,
-    /// Redlock: expected clock drift as a fraction of the ttl.
-    #[serde(alias = "driftFactor", skip_serializing_if = "Option::is_none")]
-    pub drift_factor: Option<f64>,
-    /// Redlock: how long to wait for one node, in ms.
-    #[serde(alias = "nodeTimeout", skip_serializing_if = "Option::is_none")]
-    pub node_timeout: Option<u64>,
-    /// Redlock: hand out fencing tokens (a second round trip per acquisition).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fencing: Option<bool>,
-    /// Redlock and inc: wake waiters over pub/sub when a lock is released.
-    #[serde(alias = "wakeOnRelease", skip_serializing_if = "Option::is_none")]
-    pub wake_on_release: Option<bool>,
-    /// `redis` (one node) and inc: serve waiters across processes first come, first served,
-    /// each woken alone when its turn comes (see the backends' `fair`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fair: Option<bool>,
-    /// inc: the key prefix (default `lock:`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prefix: Option<String>,
-    /// inc: how long one command may take, in ms.
-    #[serde(alias = "commandTimeout", skip_serializing_if = "Option::is_none")]
-    pub command_timeout: Option<u64>,
+    /// `retry_count`, `retry_delay`, `retry_jitter` and `deadline`, for the locker's retry
+    /// policy whatever the backend.
+    #[serde(flatten)]
+    pub retry: RetryOptions,
     /// More configuration, merged under this one: an object, a JSON or TOML string, or a path.
     #[serde(alias = "lockConfig", skip_serializing_if = "Option::is_none")]
     pub lock_config: Option<ConfigSource>,
+    /// The selected backend's options (every field that is not a common one); `null` is unset.
+    #[serde(flatten)]
+    pub options: BackendOptions,
 }
 
 /// Where more configuration comes from.
@@ -113,6 +93,28 @@ pub enum ConfigSource {
     Text(String),
 }
 
+/// A backend's configuration type, as [`LockConfig::with_backend`] and
+/// [`create`](crate::create) read and write it.
+pub trait BackendConfig: Serialize + DeserializeOwned {
+    /// The backend's name (its crate's `NAME`).
+    const NAME: &'static str;
+}
+
+#[cfg(feature = "memory")]
+impl BackendConfig for lock_memory::MemoryConfig {
+    const NAME: &'static str = lock_memory::NAME;
+}
+
+#[cfg(feature = "redlock")]
+impl BackendConfig for lock_redlock::RedlockConfig {
+    const NAME: &'static str = lock_redlock::NAME;
+}
+
+#[cfg(feature = "inc")]
+impl BackendConfig for lock_inc::IncConfig {
+    const NAME: &'static str = lock_inc::NAME;
+}
+
 impl LockConfig {
     /// A configuration for the named backend.
     pub fn backend(name: impl Into<String>) -> Self {
@@ -120,6 +122,46 @@ impl LockConfig {
             backend: Some(name.into()),
             ..Self::default()
         }
+    }
+
+    /// This configuration with every option of `config` set (serialized into
+    /// [`options`](Self::options), all fields included), and its backend selected unless the
+    /// type already names it (`redis` stays `redis` with a `RedlockConfig`).
+    ///
+    /// # Panics
+    /// Never for the backends' own types: each serializes to an object.
+    #[must_use]
+    pub fn with_backend<C: BackendConfig>(mut self, config: &C) -> Self {
+        let names_it = self
+            .backend
+            .as_deref()
+            .and_then(crate::feature_of)
+            .is_some_and(|feature| feature == C::NAME);
+        if !names_it {
+            self.backend = Some(C::NAME.to_owned());
+        }
+        match serde_json::to_value(config) {
+            Ok(Value::Object(options)) => {
+                self.options.extend(options);
+                self
+            }
+            other => panic!(
+                "the {} configuration serialized to {}",
+                C::NAME,
+                if other.is_ok() {
+                    "a non-object"
+                } else {
+                    "an error"
+                }
+            ),
+        }
+    }
+
+    /// This configuration with the backend option `name` set to `value` (`null` unsets it).
+    #[must_use]
+    pub fn with_option(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.options.insert(name.into(), value.into());
+        self
     }
 
     /// Parses a JSON document.
@@ -132,10 +174,11 @@ impl LockConfig {
         // Plain JSON first: a syntax error is reported as such (serde_json never quotes the
         // document in one), and the strings found are hidden from the typed parse's message,
         // which quotes a value or a field name it rejects.
-        let document: serde_json::Value =
-            serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
+        let document: Value = serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
         let secrets = Secrets::of_json(&document);
-        serde_json::from_str(json).map_err(|e| invalid(secrets.scrub(e.to_string())))
+        let config: Self =
+            serde_json::from_str(json).map_err(|e| invalid(secrets.scrub(e.to_string())))?;
+        config.checked().map_err(invalid)
     }
 
     /// Parses a TOML document.
@@ -145,10 +188,13 @@ impl LockConfig {
     /// secret-bearing string of the document hidden (toml's own `Display` of an error would
     /// also print the document's line: only its message is used).
     pub fn from_toml(toml: &str) -> Result<Self> {
-        let invalid = |reason: &str| LockError::invalid("config (TOML)", reason);
-        let document: toml::Table = toml::from_str(toml).map_err(|e| invalid(e.message()))?;
+        let invalid = |reason: String| LockError::invalid("config (TOML)", reason);
+        let document: toml::Table =
+            toml::from_str(toml).map_err(|e| invalid(e.message().to_owned()))?;
         let secrets = Secrets::of_toml(&document);
-        toml::from_str(toml).map_err(|e| invalid(&secrets.scrub(e.message().to_owned())))
+        let config: Self =
+            toml::from_str(toml).map_err(|e| invalid(secrets.scrub(e.message().to_owned())))?;
+        config.checked().map_err(invalid)
     }
 
     /// Reads a `.json` or `.toml` file.
@@ -208,28 +254,28 @@ impl LockConfig {
     }
 
     /// This configuration with `lower` under it: fields set here win, unset ones come from
-    /// `lower`.
+    /// `lower`; the backend options merge key by key (a key set to `null` here is unset, and
+    /// the seeds' camelCase spelling of a key is the same key: `nodeTimeout` here hides
+    /// `node_timeout` there).
     #[must_use]
     pub fn merged_over(self, lower: Self) -> Self {
+        let mut options = lower.options;
+        for (name, value) in self.options {
+            if value.is_null() {
+                continue;
+            }
+            options.retain(|other, _| !same_option(other, &name));
+            options.insert(name, value);
+        }
         Self {
             backend: self.backend.or(lower.backend),
             namespace: self.namespace.or(lower.namespace),
-            urls: self.urls.or(lower.urls),
             ttl: self.ttl.or(lower.ttl),
-            retry_count: self.retry_count.or(lower.retry_count),
-            retry_delay: self.retry_delay.or(lower.retry_delay),
-            retry_jitter: self.retry_jitter.or(lower.retry_jitter),
-            deadline: self.deadline.or(lower.deadline),
-            drift_factor: self.drift_factor.or(lower.drift_factor),
-            node_timeout: self.node_timeout.or(lower.node_timeout),
-            fencing: self.fencing.or(lower.fencing),
-            wake_on_release: self.wake_on_release.or(lower.wake_on_release),
-            fair: self.fair.or(lower.fair),
-            prefix: self.prefix.or(lower.prefix),
-            command_timeout: self.command_timeout.or(lower.command_timeout),
+            retry: self.retry.merged_over(lower.retry),
             // A nested source of the lower layer must not vanish in the merge (`resolve` expands
             // it under both); callers that merge two documents resolve the lower one first.
             lock_config: self.lock_config.or(lower.lock_config),
+            options,
         }
     }
 
@@ -257,6 +303,69 @@ impl LockConfig {
             format!("nests more than {MAX_NESTING} levels deep"),
         ))
     }
+
+    /// The options read into the configuration type of the backend this configuration names,
+    /// if it names one that is compiled in: a parsed document that names its type is checked
+    /// at once.
+    fn checked(self) -> std::result::Result<Self, String> {
+        match self.backend.as_deref().and_then(crate::feature_of) {
+            #[cfg(feature = "memory")]
+            Some(lock_memory::NAME) => {
+                read_options::<lock_memory::MemoryConfig>(&self.options)?;
+            }
+            #[cfg(feature = "redlock")]
+            Some(lock_redlock::NAME) => {
+                read_options::<lock_redlock::RedlockConfig>(&self.options)?;
+            }
+            #[cfg(feature = "inc")]
+            Some(lock_inc::NAME) => {
+                read_options::<lock_inc::IncConfig>(&self.options)?;
+            }
+            _ => {}
+        }
+        Ok(self)
+    }
+}
+
+/// Whether two option names are the same option: equal but for case and `_` (`node_timeout`,
+/// `nodeTimeout`), or both names of the Redis nodes (`urls`, `nodes`, `url`).
+fn same_option(a: &str, b: &str) -> bool {
+    const NODES: &[&str] = &["urls", "nodes", "url"];
+    let folded = |name: &str| name.replace('_', "").to_ascii_lowercase();
+    folded(a) == folded(b) || (NODES.contains(&a) && NODES.contains(&b))
+}
+
+/// `options` read into the backend configuration `T`, or why not (no secret quoted; an
+/// unknown field's message also lists the [`COMMON_FIELDS`]).
+fn read_options<T: DeserializeOwned>(options: &BackendOptions) -> std::result::Result<T, String> {
+    let document = Value::Object(
+        options
+            .iter()
+            .filter(|(_, value)| !value.is_null())
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect(),
+    );
+    T::deserialize(&document).map_err(|error| {
+        let mut reason = Secrets::of_json(&document).scrub(error.to_string());
+        if reason.starts_with("unknown field") {
+            reason.push_str(&format!(
+                "; or one of the fields every backend shares: `{}`",
+                COMMON_FIELDS.join("`, `")
+            ));
+        }
+        reason
+    })
+}
+
+/// `options` read into the configuration type of the backend `name` (for `create`).
+///
+/// # Errors
+/// [`LockError::InvalidInput`] naming `<name> options`, no secret quoted.
+pub(crate) fn backend_config<T: DeserializeOwned>(
+    name: &str,
+    options: &BackendOptions,
+) -> Result<T> {
+    read_options(options).map_err(|reason| LockError::invalid(format!("{name} options"), reason))
 }
 
 impl fmt::Debug for LockConfig {
@@ -264,19 +373,9 @@ impl fmt::Debug for LockConfig {
         f.debug_struct("LockConfig")
             .field("type", &self.backend)
             .field("namespace", &self.namespace)
-            .field("urls", &self.urls)
             .field("ttl", &self.ttl)
-            .field("retry_count", &self.retry_count)
-            .field("retry_delay", &self.retry_delay)
-            .field("retry_jitter", &self.retry_jitter)
-            .field("deadline", &self.deadline)
-            .field("drift_factor", &self.drift_factor)
-            .field("node_timeout", &self.node_timeout)
-            .field("fencing", &self.fencing)
-            .field("wake_on_release", &self.wake_on_release)
-            .field("fair", &self.fair)
-            .field("prefix", &self.prefix)
-            .field("command_timeout", &self.command_timeout)
+            .field("retry", &self.retry)
+            .field("options", &Redacted(&Value::Object(self.options.clone())))
             .field("lock_config", &self.lock_config.as_ref().map(|_| "…"))
             .finish()
     }
@@ -292,46 +391,30 @@ impl fmt::Debug for ConfigSource {
     }
 }
 
-/// `urls`, absent, null or a list, through [`SecretUrl::deserialize_list`].
-fn optional_urls<'de, D>(deserializer: D) -> Result<Option<Vec<SecretUrl>>, D::Error>
-where
-    D: Deserializer<'de>,
-{
-    struct OptionalUrls;
+/// A document shown with every string (and field name) as [`shown`] shows it.
+struct Redacted<'a>(&'a Value);
 
-    impl<'de> Visitor<'de> for OptionalUrls {
-        type Value = Option<Vec<SecretUrl>>;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a list of URL strings")
-        }
-
-        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_some<D: Deserializer<'de>>(
-            self,
-            deserializer: D,
-        ) -> Result<Self::Value, D::Error> {
-            SecretUrl::deserialize_list(deserializer).map(Some)
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Value::String(text) => fmt::Debug::fmt(&shown(text), f),
+            Value::Array(items) => f.debug_list().entries(items.iter().map(Redacted)).finish(),
+            Value::Object(fields) => f
+                .debug_map()
+                .entries(
+                    fields
+                        .iter()
+                        .map(|(name, value)| (shown(name), Redacted(value))),
+                )
+                .finish(),
+            other => fmt::Debug::fmt(other, f),
         }
     }
-
-    deserializer.deserialize_option(OptionalUrls)
 }
 
 /// `text` as it may be shown: without its password when it looks like a URL with one.
 pub(crate) fn shown(text: &str) -> String {
-    if text.contains('@') || text.contains("://") {
-        redact_url(text)
-    } else {
-        text.to_owned()
-    }
+    lock_core::raw::redis::shown_text(text)
 }
 
 /// The strings of a parsed document that carry a secret, in every form a parser's message may

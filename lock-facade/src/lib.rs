@@ -5,7 +5,9 @@ mod config;
 
 use std::sync::Arc;
 
-pub use config::{CONFIG_ENV, ConfigSource, LockConfig};
+pub use config::{
+    BackendConfig, BackendOptions, COMMON_FIELDS, CONFIG_ENV, ConfigSource, LockConfig,
+};
 use lock_core::raw::{Lock, validate};
 /// The core's user surface (`Locker`, `LockGuard`, options, the retry policy, errors…) and its
 /// `raw` kit for backend authors, under the same names as in `lock_core`.
@@ -24,7 +26,8 @@ pub use lock_memory as memory;
 #[doc(inline)]
 pub use lock_redlock as redlock;
 
-/// Every backend name `create` knows, with the cargo feature that compiles it in.
+/// Every backend name `create` knows, with the cargo feature that compiles it in (the feature
+/// is named as the backend crate's `NAME`).
 pub const BACKENDS: &[(&str, &str)] = &[
     ("memory", "memory"),
     ("inMemory", "memory"),
@@ -33,20 +36,31 @@ pub const BACKENDS: &[(&str, &str)] = &[
     ("inc", "inc"),
 ];
 
+/// The feature (and backend crate `NAME`) of a backend name `create` knows.
+fn feature_of(name: &str) -> Option<&'static str> {
+    BACKENDS
+        .iter()
+        .find(|(known, _)| *known == name)
+        .map(|(_, feature)| *feature)
+}
+
 /// Builds a [`Locker`] over the backend that `config` names, after expanding its `lock_config`.
 ///
-/// With no `type`, the backend is `memory`. A namespace, ttl and retry options in `config` become
-/// the locker's; the backend's own options (nodes, drift factor, prefix…) configure the backend.
+/// With no `type`, the backend is `memory`. The namespace, ttl and retry options in `config`
+/// become the locker's; the backend options are read into the backend's own configuration type
+/// (`MemoryConfig`, `RedlockConfig`, `IncConfig`), which that backend is built from.
 ///
 /// # Errors
 /// - [`LockError::UnknownBackend`] listing the known names;
 /// - [`LockError::BackendNotCompiled`] naming the cargo feature to enable;
-/// - [`LockError::InvalidInput`] naming the bad field (URLs without passwords);
+/// - [`LockError::InvalidInput`] naming the bad field (URLs without passwords), or
+///   `<type> options` for an option the backend does not have (listing those it has) or of the
+///   wrong type;
 /// - [`LockError::Backend`] when the `inc` backend cannot reach its server.
 pub async fn create(config: LockConfig) -> Result<Locker> {
     let config = config.resolve()?;
     let name = config.backend.as_deref().unwrap_or("memory");
-    let Some((_, feature)) = BACKENDS.iter().find(|(known, _)| *known == name) else {
+    let Some(feature) = feature_of(name) else {
         let known: Vec<&str> = BACKENDS.iter().map(|(known, _)| *known).collect();
         return Err(LockError::UnknownBackend {
             // A URL given as the type by mistake is shown without its password.
@@ -54,24 +68,17 @@ pub async fn create(config: LockConfig) -> Result<Locker> {
             known: known.join(", "),
         });
     };
-    let lock = match *feature {
-        "memory" => memory_backend(&config)?,
-        "redlock" => redlock_backend(&config, name == "redis")?,
-        _ => inc_backend(&config).await?,
+    let lock = match feature {
+        "memory" => memory_backend(name, &config.options)?,
+        "redlock" => redlock_backend(name, &config.options)?,
+        _ => inc_backend(name, &config.options).await?,
     };
     let locker = Locker::from_arc(lock).with_namespace(config.namespace.as_deref())?;
     let mut options = locker.options().clone();
     if let Some(ttl) = config.ttl {
         options = options.with_ttl(validate::millis("ttl", ttl, validate::MAX_TTL)?);
     }
-    let mut retry = options.retry().clone().with_seed_options(
-        config.retry_count,
-        config.retry_delay,
-        config.retry_jitter,
-    )?;
-    if let Some(deadline) = config.deadline {
-        retry = retry.with_deadline(validate::millis("deadline", deadline, validate::MAX_TTL)?);
-    }
+    let retry = config.retry.apply_to(options.retry().clone())?;
     locker.with_options(options.with_retry(retry))
 }
 
@@ -93,88 +100,39 @@ fn not_compiled(name: &str, feature: &str) -> LockError {
 }
 
 #[cfg(feature = "memory")]
-fn memory_backend(config: &LockConfig) -> Result<Arc<dyn Lock>> {
-    if config.urls.is_some() {
-        return Err(LockError::invalid(
-            "urls",
-            "the memory backend takes no nodes",
-        ));
-    }
-    Ok(Arc::new(lock_memory::MemoryLock::new()))
+fn memory_backend(name: &str, options: &BackendOptions) -> Result<Arc<dyn Lock>> {
+    let config = config::backend_config(name, options)?;
+    Ok(Arc::new(lock_memory::MemoryLock::from_config(config)))
 }
 
 #[cfg(not(feature = "memory"))]
-fn memory_backend(_config: &LockConfig) -> Result<Arc<dyn Lock>> {
-    Err(not_compiled("memory", "memory"))
+fn memory_backend(name: &str, _options: &BackendOptions) -> Result<Arc<dyn Lock>> {
+    Err(not_compiled(name, "memory"))
 }
 
 #[cfg(feature = "redlock")]
-fn redlock_backend(config: &LockConfig, single: bool) -> Result<Arc<dyn Lock>> {
-    let urls = config.urls.clone().unwrap_or_default();
-    if single && urls.len() != 1 {
-        return Err(LockError::invalid(
-            "urls",
-            format!(
-                "the redis backend takes exactly one node, got {}; use redlock for several",
-                urls.len()
-            ),
-        ));
+fn redlock_backend(name: &str, options: &BackendOptions) -> Result<Arc<dyn Lock>> {
+    let config: lock_redlock::RedlockConfig = config::backend_config(name, options)?;
+    if name == lock_redlock::SINGLE_NODE_NAME {
+        config.require_single_node()?;
     }
-    let mut redlock = lock_redlock::RedlockConfig::new(urls);
-    if let Some(drift_factor) = config.drift_factor {
-        redlock = redlock.with_drift_factor(drift_factor);
-    }
-    if let Some(node_timeout) = config.node_timeout {
-        redlock = redlock.with_node_timeout(std::time::Duration::from_millis(node_timeout));
-    }
-    if let Some(fencing) = config.fencing {
-        redlock = redlock.with_fencing(fencing);
-    }
-    if let Some(wake_on_release) = config.wake_on_release {
-        redlock = redlock.with_wake_on_release(wake_on_release);
-    }
-    if let Some(fair) = config.fair {
-        redlock = redlock.with_fair(fair);
-    }
-    Ok(Arc::new(lock_redlock::Redlock::new(redlock)?))
+    Ok(Arc::new(lock_redlock::Redlock::new(config)?))
 }
 
 #[cfg(not(feature = "redlock"))]
-fn redlock_backend(_config: &LockConfig, single: bool) -> Result<Arc<dyn Lock>> {
-    Err(not_compiled(
-        if single { "redis" } else { "redlock" },
-        "redlock",
-    ))
+fn redlock_backend(name: &str, _options: &BackendOptions) -> Result<Arc<dyn Lock>> {
+    Err(not_compiled(name, "redlock"))
 }
 
 #[cfg(feature = "inc")]
-async fn inc_backend(config: &LockConfig) -> Result<Arc<dyn Lock>> {
-    let urls = config.urls.clone().unwrap_or_default();
-    let [url] = urls.as_slice() else {
-        return Err(LockError::invalid(
-            "urls",
-            format!("the inc backend takes exactly one node, got {}", urls.len()),
-        ));
-    };
-    let mut inc = lock_inc::IncConfig::new(url.clone());
-    if let Some(prefix) = &config.prefix {
-        inc.prefix.clone_from(prefix);
-    }
-    if let Some(command_timeout) = config.command_timeout {
-        inc.command_timeout = command_timeout;
-    }
-    if let Some(wake_on_release) = config.wake_on_release {
-        inc.wake_on_release = wake_on_release;
-    }
-    if let Some(fair) = config.fair {
-        inc.fair = fair;
-    }
-    Ok(Arc::new(lock_inc::IncLock::connect(inc).await?))
+async fn inc_backend(name: &str, options: &BackendOptions) -> Result<Arc<dyn Lock>> {
+    let config = config::backend_config(name, options)?;
+    Ok(Arc::new(lock_inc::IncLock::connect(config).await?))
 }
 
 #[cfg(not(feature = "inc"))]
-async fn inc_backend(_config: &LockConfig) -> Result<Arc<dyn Lock>> {
-    Err(not_compiled("inc", "inc"))
+async fn inc_backend(name: &str, _options: &BackendOptions) -> Result<Arc<dyn Lock>> {
+    Err(not_compiled(name, "inc"))
 }
 
 #[cfg(test)]
@@ -302,10 +260,26 @@ mod tests {
             error.to_string().contains("/nonexistent/lock.json"),
             "{error}"
         );
-        let error = LockConfig::from_json(r#"{"tpye": "memory"}"#).unwrap_err();
-        assert!(error.to_string().contains("tpye"), "{error}");
+        // A document that names its type is checked as it is parsed; one that does not, when
+        // its backend is known (here the default, memory).
+        if cfg!(feature = "memory") {
+            let error = LockConfig::from_json(r#"{"type": "memory", "tpye": 1}"#).unwrap_err();
+            assert!(error.to_string().contains("tpye"), "{error}");
+            assert!(error.to_string().contains("config (JSON)"), "{error}");
+            let config = LockConfig::from_json(r#"{"tpye": "memory"}"#).unwrap();
+            let error = create(config).await.unwrap_err();
+            assert!(
+                matches!(error, LockError::InvalidInput { ref field, ref reason }
+                    if field == "memory options" && reason.contains("unknown field `tpye`")
+                        && reason.contains("`namespace`")),
+                "{error}"
+            );
+        }
         let bad_retry = LockConfig {
-            retry_jitter: Some(-1),
+            retry: RetryOptions {
+                retry_jitter: Some(-1),
+                ..RetryOptions::default()
+            },
             ..LockConfig::default()
         };
         if cfg!(feature = "memory") {
@@ -316,38 +290,284 @@ mod tests {
             );
         }
         let config = LockConfig::from_json(
-            r#"{"type": "redlock", "urls": ["redis://u:s3cret@127.0.0.1:1/"]}"#,
+            r#"{"type": "redlock", "urls": ["redis://u:s3cret@127.0.0.1:1/"], "tls_ca_file": "redis://u:s3cret@h/"}"#,
         )
         .unwrap();
-        assert!(!format!("{config:?}").contains("s3cret"));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("redis://u:***@127.0.0.1:1/"), "{debug}");
+    }
+
+    /// The common fields are taken by the common part, every other field by the options.
+    #[test]
+    fn the_common_fields_are_the_common_part() {
+        let document = serde_json::json!({
+            "type": "memory", "namespace": "n", "ttl": 1, "retry_count": 1, "retryDelay": 2,
+            "retryJitter": 3, "deadline": 4, "lock_config": "{}", "prefix": "p",
+        });
+        let config = LockConfig::from_json(&document.to_string()).unwrap_or_default();
+        let parsed: LockConfig = serde_json::from_value(document).unwrap();
+        assert_eq!(
+            parsed.options.keys().collect::<Vec<_>>(),
+            ["prefix"],
+            "{parsed:?}"
+        );
+        assert_eq!(parsed.retry.retry_jitter, Some(3));
+        assert_eq!(parsed.retry.deadline, Some(4));
+        for field in COMMON_FIELDS {
+            let document = serde_json::json!({ *field: serde_json::Value::Null });
+            let parsed: LockConfig = serde_json::from_value(document).unwrap();
+            assert!(parsed.options.is_empty(), "{field} is not a common field");
+        }
+        // Not parsed with `from_json`: memory has no `prefix`.
+        assert_eq!(config, LockConfig::default());
+    }
+
+    #[cfg(feature = "redlock")]
+    #[tokio::test]
+    async fn every_redlock_option_is_reachable_from_json_toml_and_files() {
+        // Old: `connection`, `pool_size`, `connect_timeout` and `tls_ca_file` were unknown
+        // fields of the facade. Redlock connects lazily: nothing listens on port 1.
+        let json = r#"{"type": "redlock", "urls": ["redis://127.0.0.1:1/"], "connection": "pool",
+            "pool_size": 2, "connectTimeout": 300, "nodeTimeout": 70, "driftFactor": 0.02,
+            "fencing": true, "wakeOnRelease": true}"#;
+        let toml = "type = \"redlock\"\nurls = [\"redis://127.0.0.1:1/\"]\nconnection = \"pool\"\n\
+                    poolSize = 2\nconnect_timeout = 300\nnode_timeout = 70\ndrift_factor = 0.02\n\
+                    fencing = true\nwake_on_release = true\n";
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lock.toml");
+        std::fs::write(&file, toml).unwrap();
+        let nested = serde_json::json!({"lockConfig": json}).to_string();
+        for config in [
+            LockConfig::from_json(json).unwrap(),
+            LockConfig::from_toml(toml).unwrap(),
+            LockConfig::from_text(&file.display().to_string()).unwrap(),
+            LockConfig::from_text(&nested).unwrap(),
+        ] {
+            let locker = create(config).await.unwrap();
+            let backend = format!("{:?}", locker.backend());
+            for shown in [
+                "connection: Pool",
+                "pool_size: 2",
+                "connect_timeout: 300",
+                "node_timeout: Some(70)",
+                "drift_factor: 0.02",
+                "fencing: true",
+                "wake_on_release: true",
+            ] {
+                assert!(backend.contains(shown), "{shown} in {backend}");
+            }
+        }
+        // A CA file reaches the backend: read (feature `tls`) or refused without the feature.
+        let config = LockConfig::from_json(
+            r#"{"type": "redis", "urls": ["redis://127.0.0.1:1/"], "tls_ca_file": "/nonexistent/ca.pem"}"#,
+        )
+        .unwrap();
+        let error = create(config).await.unwrap_err();
+        assert!(
+            matches!(error, LockError::InvalidInput { ref field, .. } if field.ends_with("tls_ca_file")),
+            "{error}"
+        );
+    }
+
+    #[cfg(feature = "inc")]
+    #[tokio::test]
+    async fn every_inc_option_is_reachable() {
+        // Each refused by the backend's own validation, before any connection: so it got there.
+        for (option, value, field) in [
+            ("connect_timeout", serde_json::json!(0), "connect_timeout"),
+            ("commandTimeout", serde_json::json!(0), "command_timeout"),
+            ("prefix", serde_json::json!("p".repeat(300)), "prefix"),
+            (
+                "tlsCaFile",
+                serde_json::json!("/nonexistent/ca.pem"),
+                "tls_ca_file",
+            ),
+        ] {
+            let config = LockConfig::backend("inc")
+                .with_option("url", "redis://127.0.0.1:1/")
+                .with_option(option, value);
+            let error = create(config).await.unwrap_err();
+            assert!(
+                matches!(error, LockError::InvalidInput { field: ref got, .. } if got == field),
+                "{option}: {error}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unknown_option_is_refused_naming_the_backends_fields() {
+        let mut cases = Vec::new();
+        if cfg!(feature = "memory") {
+            cases.push(("memory", "urls", "there are no fields"));
+        }
+        if cfg!(feature = "redlock") {
+            // A field of another backend is refused the same way.
+            cases.push(("redlock", "prefix", "`drift_factor`"));
+            cases.push(("redis", "retry_policy", "`pool_size`"));
+        }
+        if cfg!(feature = "inc") {
+            cases.push(("inc", "drift_factor", "`command_timeout`"));
+        }
+        for (backend, field, valid) in cases {
+            let document = serde_json::json!({"urls": ["redis://127.0.0.1:1/"], (field): 1});
+            let parsed = LockConfig::from_json(&document.to_string()).unwrap();
+            let errors = [
+                create(parsed.clone().merged_over(LockConfig::backend(backend)))
+                    .await
+                    .unwrap_err(),
+                LockConfig::from_json(
+                    &serde_json::json!({"type": backend, (field): 1}).to_string(),
+                )
+                .unwrap_err(),
+            ];
+            for error in errors {
+                let message = error.to_string();
+                assert!(
+                    message.contains(&format!("unknown field `{field}`")),
+                    "{message}"
+                );
+                assert!(message.contains(valid), "{backend}: {message}");
+                assert!(message.contains("`retry_count`"), "{message}");
+            }
+        }
+    }
+
+    #[cfg(feature = "redlock")]
+    #[tokio::test]
+    async fn backend_options_merge_key_by_key_across_layers() {
+        let lower = LockConfig::from_toml(
+            "type = \"redlock\"\nurls = [\"redis://127.0.0.1:1/\"]\nnode_timeout = 70\npoolSize = 3\nfencing = true\n",
+        )
+        .unwrap();
+        let upper = LockConfig::from_json(
+            r#"{"nodeTimeout": 90, "connection": "pool", "fencing": null, "nodes": ["redis://127.0.0.1:2/"]}"#,
+        )
+        .unwrap();
+        let merged = upper.clone().merged_over(lower.clone());
+        let mut names: Vec<&str> = merged.options.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["connection", "fencing", "nodeTimeout", "nodes", "poolSize"]
+        );
+        let locker = create(merged).await.unwrap();
+        let backend = format!("{:?}", locker.backend());
+        for shown in [
+            "node_timeout: Some(90)",
+            "pool_size: 3",
+            "connection: Pool",
+            "fencing: true",
+            "127.0.0.1:2",
+        ] {
+            assert!(backend.contains(shown), "{shown} in {backend}");
+        }
+        // The same through a nested lockConfig, and under a typed configuration from code that
+        // keeps the `redis` name.
+        let nested = LockConfig {
+            lock_config: Some(ConfigSource::Inline(Box::new(lower))),
+            ..upper
+        };
+        let resolved = nested.resolve().unwrap();
+        assert_eq!(resolved.options["nodeTimeout"], 90);
+        assert_eq!(resolved.options["poolSize"], 3);
+        let code = LockConfig::backend("redis").with_backend(
+            &lock_redlock::RedlockConfig::new(["redis://127.0.0.1:3/"])
+                .with_connection(lock_redlock::ConnectionKind::Pool),
+        );
+        assert_eq!(code.backend.as_deref(), Some("redis"));
+        let locker = create(code.merged_over(resolved)).await.unwrap();
+        let backend = format!("{:?}", locker.backend());
+        assert!(
+            backend.contains("127.0.0.1:3") && !backend.contains("127.0.0.1:2"),
+            "{backend}"
+        );
+        assert!(
+            backend.contains("pool_size: 4"),
+            "code set every field: {backend}"
+        );
+        assert_eq!(
+            LockConfig::default()
+                .with_backend(&lock_redlock::RedlockConfig::default())
+                .backend
+                .as_deref(),
+            Some("redlock")
+        );
+    }
+
+    /// Parses `document` as JSON and as TOML, resolves it and creates a locker from it: the
+    /// errors of each.
+    async fn failures_of(document: &serde_json::Value) -> Vec<LockError> {
+        let json = LockConfig::from_json(&document.to_string());
+        let toml = LockConfig::from_toml(&toml::to_string(document).unwrap());
+        let mut errors = Vec::new();
+        for parsed in [json, toml] {
+            match parsed.and_then(LockConfig::resolve) {
+                Ok(config) => errors.push(create(config).await.unwrap_err()),
+                Err(error) => errors.push(error),
+            }
+        }
+        errors
     }
 
     #[tokio::test]
     async fn a_url_in_the_wrong_place_is_shown_without_its_password() {
         let url = "redis://u:s3/cr\"3t@127.0.0.1:1/";
-        let json = |document: serde_json::Value| LockConfig::from_json(&document.to_string());
-        let toml = |document: serde_json::Value| {
-            LockConfig::from_toml(&toml::to_string(&document).unwrap())
-        };
         // Whether the message quotes the value (hidden) or only describes it.
-        let documents = [
-            (serde_json::json!({"urls": url}), false),
+        let mut documents = vec![
             (serde_json::json!({"ttl": url}), true),
             (serde_json::json!({(url): 1}), true),
+            (serde_json::json!({"type": "memory", (url): 1}), true),
             (
                 serde_json::json!({"lockConfig": serde_json::json!({"ttl": url}).to_string()}),
                 true,
             ),
+            (serde_json::json!({"namespace": [url]}), false),
         ];
+        if cfg!(feature = "memory") {
+            documents.push((serde_json::json!({"urls": url}), false));
+        }
+        if cfg!(feature = "redlock") {
+            documents.extend([
+                (serde_json::json!({"type": "redlock", "urls": url}), false),
+                (
+                    serde_json::json!({"type": "redis", "urls": [url], "pool_size": url}),
+                    true,
+                ),
+                (
+                    serde_json::json!({"lockConfig": {"type": "redlock", "urls": [url], "prefix": url}}),
+                    false,
+                ),
+                (
+                    serde_json::json!({"type": "redlock", "urls": [url], "connection": url}),
+                    true,
+                ),
+            ]);
+        }
+        if cfg!(feature = "inc") {
+            documents.extend([
+                (
+                    serde_json::json!({"type": "inc", "urls": [url], "command_timeout": url}),
+                    true,
+                ),
+                (
+                    serde_json::json!({"type": "inc", "urls": [url, url]}),
+                    false,
+                ),
+                (
+                    serde_json::json!({"type": "inc", "url": {(url): url}}),
+                    false,
+                ),
+            ]);
+        }
         for (document, quoted) in documents {
-            let errors = [
-                json(document.clone()).and_then(LockConfig::resolve),
-                toml(document.clone()).and_then(LockConfig::resolve),
-            ];
-            for error in errors {
-                let error = error.unwrap_err();
+            for error in failures_of(&document).await {
                 assert!(!format!("{error} {error:?}").contains("3t"), "{error}");
-                assert_eq!(error.to_string().contains("u:***@"), quoted, "{error}");
+                assert_eq!(
+                    error.to_string().contains("u:***@"),
+                    quoted,
+                    "{document}: {error}"
+                );
             }
         }
         // Text that is neither JSON nor TOML is taken for a path.
@@ -358,11 +578,11 @@ mod tests {
             .unwrap_err();
         assert!(matches!(error, LockError::UnknownBackend { .. }), "{error}");
         assert!(!error.to_string().contains("s3cr3t"), "{error}");
-        // `null` is no nodes, as before.
-        assert_eq!(
-            LockConfig::from_json(r#"{"urls": null}"#).unwrap().urls,
-            None
-        );
+        // `null` is unset, as before.
+        let config = LockConfig::from_json(r#"{"urls": null}"#).unwrap();
+        if cfg!(feature = "memory") {
+            create(config).await.unwrap();
+        }
     }
 }
 

@@ -4,7 +4,9 @@
 //! and the `lockrun` binary with `--config` and with `LOCK_CONFIG`.
 //!
 //! Every configuration fails in one of the ways a user's can: `urls` of the wrong type, an
-//! unknown field, a bad scheme, a server that is not there, a malformed URL; and against a
+//! unknown field, a bad scheme, a server that is not there, a malformed URL, the URL as the
+//! value of a backend option of the wrong type, of another backend's option, or of the TLS CA
+//! file's path; and against a
 //! real `redis-server` whose user has the generated password, a successful connect followed by
 //! a wrong password.
 #![cfg(all(feature = "redlock", feature = "inc", feature = "cli"))]
@@ -18,7 +20,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use lock_facade::inc::{IncConfig, IncLock};
 use lock_facade::redlock::{Redlock, RedlockConfig};
-use lock_facade::{LockConfig, Locker, RetryPolicy, create, create_from_env};
+use lock_facade::{LockConfig, Locker, RetryOptions, RetryPolicy, create, create_from_env};
 use lock_tests::server::{RedisServer, free_port, redis_or_skip};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -213,6 +215,14 @@ enum Failure {
     BadPort,
     /// No host.
     NoHost,
+    /// The URL (reachable in form, nothing listening) is also the value of a numeric backend
+    /// option, `connect_timeout`.
+    OptionOfWrongType,
+    /// The URL is also the value of another backend's option (`prefix` for Redlock,
+    /// `drift_factor` for inc) and, for inc, of its own `prefix`.
+    OtherBackendsOption,
+    /// The URL is also the path of the TLS CA file.
+    CaFile,
 }
 
 fn failure() -> impl Strategy<Value = Failure> {
@@ -226,6 +236,9 @@ fn failure() -> impl Strategy<Value = Failure> {
         Failure::Space,
         Failure::BadPort,
         Failure::NoHost,
+        Failure::OptionOfWrongType,
+        Failure::OtherBackendsOption,
+        Failure::CaFile,
     ])
 }
 
@@ -246,29 +259,58 @@ fn facade_document(backend: &str, failure: Failure, url: &str) -> serde_json::Va
     let object = document.as_object_mut().unwrap();
     match failure {
         Failure::WrongType => object.insert("urls".into(), url.into()),
-        Failure::UnknownField => object.insert("url".into(), url.into()),
+        Failure::UnknownField => object.insert("uri".into(), url.into()),
         Failure::UrlAsFieldName => object.insert(url.into(), serde_json::json!([url])),
         _ => object.insert("urls".into(), serde_json::json!([url])),
     };
+    let inc = backend == "inc";
+    for (option, value) in backend_options(failure, inc, url) {
+        object.insert(option.into(), value);
+    }
     document
+}
+
+/// The backend options a failure sets beside the URL.
+fn backend_options(
+    failure: Failure,
+    inc: bool,
+    url: &str,
+) -> Vec<(&'static str, serde_json::Value)> {
+    match failure {
+        Failure::OptionOfWrongType => vec![("connect_timeout", url.into())],
+        Failure::OtherBackendsOption if inc => {
+            vec![("drift_factor", url.into()), ("prefix", url.into())]
+        }
+        Failure::OtherBackendsOption => vec![("prefix", url.into())],
+        Failure::CaFile => vec![("tls_ca_file", url.into())],
+        _ => Vec::new(),
+    }
 }
 
 /// A `RedlockConfig` document.
 fn redlock_document(failure: Failure, url: &str) -> serde_json::Value {
-    match failure {
-        Failure::WrongType => serde_json::json!({"urls": url, "retryCount": 0}),
-        Failure::UnknownField => serde_json::json!({"url": [url], "retryCount": 0}),
-        _ => serde_json::json!({"urls": [url], "retryCount": 0}),
+    let mut document = match failure {
+        Failure::WrongType => serde_json::json!({"urls": url}),
+        Failure::UnknownField => serde_json::json!({"url": [url]}),
+        _ => serde_json::json!({"urls": [url]}),
+    };
+    for (option, value) in backend_options(failure, false, url) {
+        document[option] = value;
     }
+    document
 }
 
 /// An `IncConfig` document.
 fn inc_document(failure: Failure, url: &str) -> serde_json::Value {
-    match failure {
-        Failure::WrongType => serde_json::json!({"url": [url]}),
-        Failure::UnknownField => serde_json::json!({"urls": [url]}),
+    let mut document = match failure {
+        Failure::WrongType => serde_json::json!({"url": [url, url]}),
+        Failure::UnknownField => serde_json::json!({"uri": [url]}),
         _ => serde_json::json!({"url": url}),
+    };
+    for (option, value) in backend_options(failure, true, url) {
+        document[option] = value;
     }
+    document
 }
 
 fn toml_text(document: &serde_json::Value) -> String {
@@ -448,7 +490,10 @@ fn create_from_env_probe() {
     let mut shown = Shown::default();
     let won = runtime().block_on(async {
         let explicit = LockConfig {
-            retry_count: Some(0),
+            retry: RetryOptions {
+                retry_count: Some(0),
+                ..RetryOptions::default()
+            },
             ..LockConfig::default()
         };
         match create_from_env(explicit).await {
@@ -477,19 +522,35 @@ async fn every_path(
     let mut wins = Vec::new();
     let code_paths_apply = !matches!(
         failure,
-        Failure::WrongType | Failure::UnknownField | Failure::UrlAsFieldName
+        Failure::WrongType
+            | Failure::UnknownField
+            | Failure::UrlAsFieldName
+            | Failure::OptionOfWrongType
+            | Failure::OtherBackendsOption
     );
+    let ca_file: Option<std::path::PathBuf> =
+        matches!(failure, Failure::CaFile).then(|| url.into());
 
     // Redlock and inc, from code and through serde.
     if code_paths_apply {
         let config = RedlockConfig {
-            retry_count: Some(0),
+            tls_ca_file: ca_file.clone(),
             ..RedlockConfig::new([url])
         };
         wins.push(redlock_path(shown, "redlock from code", config).await);
-        wins.push(inc_path(shown, "inc from code", IncConfig::new(url)).await);
+        let config = IncConfig {
+            tls_ca_file: ca_file.clone(),
+            ..IncConfig::new(url)
+        };
+        wins.push(inc_path(shown, "inc from code", config).await);
     }
-    if !matches!(failure, Failure::UrlAsFieldName) {
+    // serde's own message quotes a string found where a number belongs, whatever the type
+    // (the backends' docs say so): only the facade's parsers hide it, so the backends' types
+    // are not parsed directly here when the URL is also a number's value.
+    if !matches!(
+        failure,
+        Failure::UrlAsFieldName | Failure::OptionOfWrongType
+    ) {
         let document = redlock_document(failure, url);
         match serde_json::from_str::<RedlockConfig>(&document.to_string()) {
             Ok(config) => wins.push(redlock_path(shown, "redlock from JSON", config).await),
@@ -521,13 +582,25 @@ async fn every_path(
     std::fs::write(&json_file, &json).unwrap();
     std::fs::write(&toml_file, &toml).unwrap();
     if code_paths_apply {
-        let config = LockConfig {
-            backend: Some(backend.to_owned()),
-            urls: Some(vec![url.to_owned().into()]),
-            retry_count: Some(0),
-            ..LockConfig::default()
-        };
+        let mut config = LockConfig::backend(backend).with_option("urls", vec![url]);
+        config.retry.retry_count = Some(0);
+        if let Some(path) = &ca_file {
+            config = config.with_option("tls_ca_file", path.to_string_lossy().into_owned());
+        }
         wins.push(facade_path(shown, "facade from code", Ok(config)).await);
+        let mut typed = if backend == "inc" {
+            LockConfig::backend(backend).with_backend(&IncConfig {
+                tls_ca_file: ca_file.clone(),
+                ..IncConfig::new(url)
+            })
+        } else {
+            LockConfig::backend(backend).with_backend(&RedlockConfig {
+                tls_ca_file: ca_file.clone(),
+                ..RedlockConfig::new([url])
+            })
+        };
+        typed.retry.retry_count = Some(0);
+        wins.push(facade_path(shown, "facade from typed code", Ok(typed)).await);
     }
     let nested = serde_json::json!({"lockConfig": json}).to_string();
     for (what, parsed) in [
@@ -674,10 +747,7 @@ async fn every_live_path(
     url: &str,
 ) -> Result<Vec<(String, bool)>, TestCaseError> {
     let mut outcomes = Vec::new();
-    let config = RedlockConfig {
-        retry_count: Some(0),
-        ..RedlockConfig::new([url])
-    };
+    let config = RedlockConfig::new([url]);
     outcomes.push((
         "redlock".to_owned(),
         redlock_path(shown, "redlock from code", config).await,

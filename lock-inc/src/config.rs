@@ -1,8 +1,9 @@
 //! Configuration of the INCR backend, as serde data with validation.
 
-use lock_core::raw::redis::UrlRules;
+use lock_core::raw::redis::{UrlRules, shown_path, shown_text};
 use lock_core::{LockError, Result, SecretUrl, raw::validate};
 
+use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// The URLs the INCR backend takes: one server or a Redis Cluster, TLS with the `tls` feature.
@@ -19,7 +20,9 @@ const URL_RULES: UrlRules = UrlRules {
 /// The URL is a [`SecretUrl`]: `Debug`, validation and connection errors and logs show it
 /// without password, and a deserialization error never quotes it. toml's own `Display` and
 /// `Debug` of its error print the document's line, URL included: show its `message()` instead,
-/// or parse through the facade's `LockConfig::from_toml`, which does.
+/// or parse through the facade's `LockConfig::from_toml`, which does. Any other string of the
+/// wrong type (`"connect_timeout": "…"`) is quoted by serde's message, as for every type: the
+/// facade's parsers hide every string of the document that looks like a URL with user info.
 ///
 /// # Default
 /// - `url`: `redis://127.0.0.1:6379/0` (user, password and database go in the URL)
@@ -28,12 +31,14 @@ const URL_RULES: UrlRules = UrlRules {
 /// - `connect_timeout`: 1000 ms
 /// - `wake_on_release`: off
 /// - `fair`: off
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IncConfig {
     /// `redis://[user:password@]host:port[/db]`, or for a Redis Cluster
     /// `redis-cluster://[user:password@]host:port?node=host:port&node=…`. A `/`, `?` or `#` in
-    /// the user name or password is written `%2F`, `%3F`, `%23`.
+    /// the user name or password is written `%2F`, `%3F`, `%23`. Also read as `urls` or `nodes`
+    /// (the names the facade's Redis backends share), as a URL or a list of exactly one.
+    #[serde(alias = "urls", alias = "nodes", deserialize_with = "one_url")]
     pub url: SecretUrl,
     /// Put before every lock key (and matched by purge).
     pub prefix: String,
@@ -60,6 +65,31 @@ pub struct IncConfig {
     /// read-write locks are not lined up); it matters with a retry policy that waits (the
     /// default is a single try). Costs one more connection for waiters.
     pub fair: bool,
+}
+
+impl std::fmt::Debug for IncConfig {
+    /// Every field, the URL without password, and the prefix and the CA file's path as a URL
+    /// would be shown (a password put there by mistake stays hidden).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            url,
+            prefix,
+            command_timeout,
+            connect_timeout,
+            tls_ca_file,
+            wake_on_release,
+            fair,
+        } = self;
+        f.debug_struct("IncConfig")
+            .field("url", url)
+            .field("prefix", &shown_text(prefix))
+            .field("command_timeout", command_timeout)
+            .field("connect_timeout", connect_timeout)
+            .field("tls_ca_file", &tls_ca_file.as_deref().map(shown_path))
+            .field("wake_on_release", wake_on_release)
+            .field("fair", fair)
+            .finish()
+    }
 }
 
 impl Default for IncConfig {
@@ -121,6 +151,42 @@ impl IncConfig {
     }
 }
 
+/// A URL, or a list of exactly one; neither message quotes a URL.
+fn one_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SecretUrl, D::Error> {
+    struct OneUrl;
+
+    impl<'de> Visitor<'de> for OneUrl {
+        type Value = SecretUrl;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a URL string, or a list of one")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, url: &str) -> Result<SecretUrl, E> {
+            Ok(SecretUrl::new(url))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SecretUrl, A::Error> {
+            let mut urls = Vec::new();
+            while let Some(url) = seq.next_element::<SecretUrl>()? {
+                urls.push(url);
+            }
+            match <[SecretUrl; 1]>::try_from(urls) {
+                Ok([url]) => Ok(url),
+                Err(urls) => Err(serde::de::Error::custom(format!(
+                    "the {} backend takes exactly one node, got {}",
+                    crate::NAME,
+                    urls.len()
+                ))),
+            }
+        }
+    }
+
+    // `deserialize_any`: serde_json answers `deserialize_string` with an error it writes
+    // itself, which may quote what it found.
+    deserializer.deserialize_any(OneUrl)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -175,9 +241,15 @@ mod tests {
         IncConfig::new("redis://app:s3@cr%2F3t@127.0.0.1:7003/")
             .validate()
             .unwrap();
-        let json = r#"{"url": ["redis://app:s3cr3t@127.0.0.1:7003/"]}"#;
-        let error = serde_json::from_str::<IncConfig>(json).unwrap_err();
-        assert!(!error.to_string().contains("s3cr3t"), "{error}");
+        for json in [
+            r#"{"url": ["redis://app:s3cr3t@127.0.0.1:7003/", "redis://app:s3cr3t@h:1/"]}"#,
+            r#"{"urls": []}"#,
+            r#"{"url": {"host": "redis://app:s3cr3t@127.0.0.1:7003/"}}"#,
+            r#"{"url": [7]}"#,
+        ] {
+            let error = serde_json::from_str::<IncConfig>(json).unwrap_err();
+            assert!(!error.to_string().contains("s3cr3t"), "{error}");
+        }
     }
 
     #[test]
@@ -188,5 +260,33 @@ mod tests {
         .unwrap();
         assert_eq!(config.prefix, "jobs:");
         assert_eq!(config.command_timeout, 50);
+    }
+
+    #[test]
+    fn the_url_is_also_a_list_of_one_under_the_facades_names() {
+        for json in [
+            r#"{"urls": ["redis://127.0.0.1:7000/1"], "connectTimeout": 30, "tlsCaFile": "ca.pem"}"#,
+            r#"{"nodes": ["redis://127.0.0.1:7000/1"], "connect_timeout": 30, "tls_ca_file": "ca.pem"}"#,
+            r#"{"url": "redis://127.0.0.1:7000/1", "connect_timeout": 30, "tls_ca_file": "ca.pem"}"#,
+        ] {
+            let config: IncConfig = serde_json::from_str(json).unwrap();
+            assert_eq!(config.url.expose(), "redis://127.0.0.1:7000/1");
+            assert_eq!(config.connect_timeout, 30);
+            assert_eq!(config.tls_ca_file.as_deref(), Some("ca.pem".as_ref()));
+        }
+        let error = serde_json::from_str::<IncConfig>(
+            r#"{"urls": ["redis://127.0.0.1:1/", "redis://127.0.0.1:2/"]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("takes exactly one node, got 2"),
+            "{error}"
+        );
+        let error = serde_json::from_str::<IncConfig>(r#"{"drift_factor": 0.1}"#).unwrap_err();
+        assert!(
+            error.to_string().contains("unknown field `drift_factor`")
+                && error.to_string().contains("command_timeout"),
+            "{error}"
+        );
     }
 }

@@ -504,8 +504,13 @@ fn tls_with_ca(path: &std::path::Path) -> Result<rustls::ClientConfig> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
 
-    let invalid =
-        |reason: String| LockError::invalid("tls_ca_file", format!("{}: {reason}", path.display()));
+    // The path is shown as a URL would be: a password put there by mistake stays hidden.
+    let invalid = |reason: String| {
+        LockError::invalid(
+            "tls_ca_file",
+            format!("{}: {reason}", lock_core::raw::redis::shown_path(path)),
+        )
+    };
     let mut roots = rustls::RootCertStore::empty();
     for certificate in CertificateDer::pem_file_iter(path).map_err(|e| invalid(e.to_string()))? {
         roots

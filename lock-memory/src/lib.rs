@@ -18,6 +18,15 @@ use tokio::time::Instant;
 /// The backend's name in messages and configuration.
 pub const NAME: &str = "memory";
 
+/// Configuration of a [`MemoryLock`]: nothing to set today, but a document naming the memory
+/// backend is read into it, so that an option meant for another backend is refused by name.
+///
+/// # Default
+/// Empty.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {}
+
 /// How many acquisitions pass between sweeps of expired, never-released entries.
 const SWEEP_EVERY: u64 = 4096;
 
@@ -239,6 +248,12 @@ impl MemoryLock {
     /// A new, empty lock table.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A new, empty lock table configured by `config`.
+    pub fn from_config(config: MemoryConfig) -> Self {
+        let MemoryConfig {} = config;
+        Self::new()
     }
 
     /// The capacity of the lock table: it tracks the most keys held at once, not every key

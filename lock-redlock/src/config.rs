@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use lock_core::raw::redis::UrlRules;
-use lock_core::{LockError, Result, RetryPolicy, SecretUrl, raw::validate};
+use lock_core::raw::redis::{self as redis_kit, UrlRules};
+use lock_core::{LockError, Result, SecretUrl, raw::validate};
 use serde::{Deserialize, Serialize};
 
 /// How each node's connection is kept.
@@ -27,7 +27,9 @@ pub enum ConnectionKind {
 /// and a deserialization error never quotes one (`"urls": "redis://…"`, a string instead of a
 /// list, is "invalid type: a single string"). toml's own `Display` and `Debug` of its error
 /// print the document's line, URL included: show its `message()` instead, or parse through the
-/// facade's `LockConfig::from_toml`, which does.
+/// facade's `LockConfig::from_toml`, which does. Any other string of the
+/// wrong type (`"pool_size": "…"`) is quoted by serde's message, as for every type: the
+/// facade's parsers hide every string of the document that looks like a URL with user info.
 ///
 /// # Default
 /// - `urls`: none (at least one is required)
@@ -39,9 +41,11 @@ pub enum ConnectionKind {
 /// - `wake_on_release`: off
 /// - `fencing`: off
 /// - `fair`: off
-/// - `retry_count`, `retry_delay`, `retry_jitter`: those of [`RetryPolicy::default`]
-///   (10, 200 ms, 100 ms); `retry_count = -1` retries forever
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// Retries are not the backend's business: they belong to the locker's
+/// [`RetryPolicy`](lock_core::RetryPolicy) (the facade reads `retry_count`, `retry_delay`,
+/// `retry_jitter` and `deadline` into it, whatever the backend).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedlockConfig {
     /// `redis://[user:password@]host:port[/db]` URLs of independent Redis masters; `rediss://`
@@ -82,15 +86,40 @@ pub struct RedlockConfig {
     /// line. Every client of a key must agree on it. Mutexes on one key only: multi-key locks,
     /// semaphores and read-write locks are not lined up.
     pub fair: bool,
-    /// Retries after the first attempt; -1 retries forever.
-    #[serde(alias = "retryCount", skip_serializing_if = "Option::is_none")]
-    pub retry_count: Option<i64>,
-    /// Pause between attempts, in ms.
-    #[serde(alias = "retryDelay", skip_serializing_if = "Option::is_none")]
-    pub retry_delay: Option<i64>,
-    /// Largest random addition to each pause, in ms.
-    #[serde(alias = "retryJitter", skip_serializing_if = "Option::is_none")]
-    pub retry_jitter: Option<i64>,
+}
+
+impl std::fmt::Debug for RedlockConfig {
+    /// Every field, the URLs without password and the CA file's path as a URL would be shown
+    /// (a password put there by mistake stays hidden).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            urls,
+            drift_factor,
+            node_timeout,
+            connect_timeout,
+            connection,
+            pool_size,
+            tls_ca_file,
+            wake_on_release,
+            fencing,
+            fair,
+        } = self;
+        f.debug_struct("RedlockConfig")
+            .field("urls", urls)
+            .field("drift_factor", drift_factor)
+            .field("node_timeout", node_timeout)
+            .field("connect_timeout", connect_timeout)
+            .field("connection", connection)
+            .field("pool_size", pool_size)
+            .field(
+                "tls_ca_file",
+                &tls_ca_file.as_deref().map(redis_kit::shown_path),
+            )
+            .field("wake_on_release", wake_on_release)
+            .field("fencing", fencing)
+            .field("fair", fair)
+            .finish()
+    }
 }
 
 /// The smallest and largest derived node timeouts.
@@ -110,9 +139,6 @@ impl Default for RedlockConfig {
             wake_on_release: false,
             fencing: false,
             fair: false,
-            retry_count: None,
-            retry_delay: None,
-            retry_jitter: None,
         }
     }
 }
@@ -214,19 +240,27 @@ impl RedlockConfig {
                 format!("{} is outside 1..=1024", self.pool_size),
             ));
         }
-        self.retry_policy().map(|_| ())
+        Ok(())
     }
 
-    /// The retry policy these seed options describe (core defaults where unset).
+    /// Checks that this configuration names exactly one node, as the facade's
+    /// [`SINGLE_NODE_NAME`](crate::SINGLE_NODE_NAME) (`redis`) backend requires.
     ///
     /// # Errors
-    /// [`LockError::InvalidInput`] naming `retry_count`, `retry_delay` or `retry_jitter`.
-    pub fn retry_policy(&self) -> Result<RetryPolicy> {
-        RetryPolicy::default().with_seed_options(
-            self.retry_count,
-            self.retry_delay,
-            self.retry_jitter,
-        )
+    /// [`LockError::InvalidInput`] naming `urls`.
+    pub fn require_single_node(&self) -> Result<()> {
+        if self.urls.len() == 1 {
+            return Ok(());
+        }
+        Err(LockError::invalid(
+            "urls",
+            format!(
+                "the {} backend takes exactly one node, got {}; use {} for several",
+                crate::SINGLE_NODE_NAME,
+                self.urls.len(),
+                crate::NAME
+            ),
+        ))
     }
 
     /// The per-node timeout for an operation on a lock of this ttl.
@@ -306,20 +340,6 @@ mod tests {
                 RedlockConfig::new(["redis://h:1/"]).with_node_timeout(Duration::ZERO),
                 "node_timeout",
             ),
-            (
-                RedlockConfig {
-                    retry_count: Some(-2),
-                    ..RedlockConfig::new(["redis://h:1/"])
-                },
-                "retry_count",
-            ),
-            (
-                RedlockConfig {
-                    retry_jitter: Some(-5),
-                    ..RedlockConfig::new(["redis://h:1/"])
-                },
-                "retry_jitter",
-            ),
         ];
         for (config, field) in cases {
             match config.validate() {
@@ -371,17 +391,53 @@ mod tests {
     }
 
     #[test]
-    fn seed_options_parse_from_json() {
+    fn every_option_parses_from_json_under_its_seed_name() {
         let config: RedlockConfig = serde_json::from_str(
-            r#"{"urls": ["redis://127.0.0.1:1/"], "driftFactor": 0.02, "retryCount": -1, "retryDelay": 50, "retryJitter": 5}"#,
+            r#"{"nodes": ["redis://127.0.0.1:1/"], "driftFactor": 0.02, "nodeTimeout": 70,
+                "connectTimeout": 300, "connection": "pool", "poolSize": 2, "wakeOnRelease": true,
+                "fencing": true, "fair": true}"#,
         )
         .unwrap();
         config.validate().unwrap();
-        let policy = config.retry_policy().unwrap();
-        assert_eq!(policy.retry_count(), lock_core::RetryCount::Forever);
-        assert_eq!(policy.retry_delay(), Duration::from_millis(50));
-        assert_eq!(policy.retry_jitter(), Duration::from_millis(5));
         assert!((config.drift_factor - 0.02).abs() < f64::EPSILON);
+        assert_eq!(config.node_timeout, Some(70));
+        assert_eq!(config.connect_timeout, 300);
+        assert_eq!(config.connection, ConnectionKind::Pool);
+        assert_eq!(config.pool_size, 2);
+        assert!(config.wake_on_release && config.fencing && config.fair);
+        config.require_single_node().unwrap();
+    }
+
+    #[test]
+    fn retry_options_are_not_the_backends() {
+        // They belong to the locker's retry policy: refused here, naming the valid fields.
+        for field in ["retryCount", "retry_delay", "retryJitter"] {
+            let json = format!(r#"{{"urls": ["redis://127.0.0.1:1/"], "{field}": 1}}"#);
+            let error = serde_json::from_str::<RedlockConfig>(&json)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(&format!("unknown field `{field}`")),
+                "{error}"
+            );
+            assert!(
+                error.contains("drift_factor") && error.contains("tls_ca_file"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_single_node_name_takes_one_node() {
+        let two = RedlockConfig::new(["redis://h:1/", "redis://h:2/"]);
+        match two.require_single_node() {
+            Err(LockError::InvalidInput { field, reason }) => {
+                assert_eq!(field, "urls");
+                assert!(reason.contains("exactly one node, got 2"), "{reason}");
+            }
+            other => panic!("expected invalid urls, got {other:?}"),
+        }
+        assert!(RedlockConfig::default().require_single_node().is_err());
     }
 
     #[test]

@@ -29,6 +29,10 @@ use crate::round::{Pending, Tally};
 /// The backend's name in messages and configuration.
 pub const NAME: &str = "redlock";
 
+/// The facade's name for this backend on exactly one node, the plain single-Redis lock
+/// (see [`RedlockConfig::require_single_node`]).
+pub const SINGLE_NODE_NAME: &str = "redis";
+
 /// Appended to a lock's key to name its fencing counter on every node. It begins with the byte
 /// 0xFF, which never occurs in UTF-8: every user key is UTF-8, so no user key can ever name a
 /// counter, and no counter can ever stand in a user's way.
@@ -111,14 +115,13 @@ impl Redlock {
         })
     }
 
-    /// A [`Locker`] over a new backend, using the retry options of `config` (`retry_count`,
-    /// `retry_delay`, `retry_jitter`).
+    /// A [`Locker`] over a new backend, with the default [`LockOptions`] (set others with
+    /// [`Locker::with_options`]).
     ///
     /// # Errors
     /// As [`Redlock::new`].
     pub fn locker(config: RedlockConfig) -> Result<Locker> {
-        let retry = config.retry_policy()?;
-        Locker::new(Self::new(config)?).with_options(LockOptions::default().with_retry(retry))
+        Locker::new(Self::new(config)?).with_options(LockOptions::default())
     }
 
     /// How many nodes must agree: N/2 + 1.
@@ -874,6 +877,7 @@ impl fmt::Debug for Redlock {
         f.debug_struct("Redlock")
             .field("nodes", &self.shared.nodes())
             .field("quorum", &self.shared.quorum)
+            .field("config", &self.shared.config)
             .finish()
     }
 }

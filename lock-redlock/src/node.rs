@@ -896,7 +896,12 @@ fn client(url: &NodeUrl, config: &RedlockConfig) -> Result<Client> {
             let root_cert = std::fs::read(path).map_err(|e| {
                 LockError::invalid(
                     "tls_ca_file",
-                    format!("cannot read {}: {e}", path.display()),
+                    // The path is shown as a URL would be: a password put there by mistake
+                    // stays hidden.
+                    format!(
+                        "cannot read {}: {e}",
+                        lock_core::raw::redis::shown_path(path)
+                    ),
                 )
             })?;
             let certificates = redis::TlsCertificates {

@@ -198,6 +198,22 @@ impl UrlRules {
     }
 }
 
+/// Text from a configuration that is not meant to be a URL (a key prefix, a path, a backend's
+/// name) as messages show it: unchanged, or, when it looks like a URL with user info (it holds
+/// an `@` or a `://`), without its password, so that one put there by mistake stays hidden.
+pub fn shown_text(text: &str) -> String {
+    if text.contains('@') || text.contains("://") {
+        crate::url::redact_url(text)
+    } else {
+        text.to_owned()
+    }
+}
+
+/// A path from a backend's configuration (a TLS CA file) as messages show it ([`shown_text`]).
+pub fn shown_path(path: &Path) -> String {
+    shown_text(&path.display().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,5 +300,17 @@ mod tests {
         assert_eq!(gone_in(-2), Some(Duration::ZERO));
         assert_eq!(gone_in(-1), None);
         assert_eq!(gone_in(1500), Some(Duration::from_millis(1501)));
+    }
+
+    #[test]
+    fn text_is_shown_without_a_password_only_when_it_looks_like_a_url() {
+        assert_eq!(shown_text("app:locks:"), "app:locks:");
+        assert_eq!(shown_text("redis://u:s3cret@h:1/"), "redis://u:***@h:1/");
+        assert_eq!(shown_text("u:s3cret@h"), "u:***@h");
+        assert_eq!(
+            shown_path(Path::new("/etc/redis://u:s3cret@h/ca.pem")),
+            "/etc/redis://u:***@h/ca.pem"
+        );
+        assert_eq!(shown_path(Path::new("/etc/ssl/ca.pem")), "/etc/ssl/ca.pem");
     }
 }

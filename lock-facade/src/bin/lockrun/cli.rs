@@ -245,14 +245,14 @@ async fn run(cli: Cli) -> Outcome {
     .map_err(config_error)?;
     let mut overrides = LockConfig {
         ttl: cli.ttl,
-        deadline: cli.timeout,
         ..LockConfig::default()
     };
+    overrides.retry.deadline = cli.timeout;
     if cli.no_wait {
-        overrides.retry_count = Some(0);
-    } else if base.retry_count.is_none() && cli.timeout.is_some() {
+        overrides.retry.retry_count = Some(0);
+    } else if base.retry.retry_count.is_none() && cli.timeout.is_some() {
         // A timeout bounds the wait; the retry count should not cut it shorter.
-        overrides.retry_count = Some(-1);
+        overrides.retry.retry_count = Some(-1);
     }
     let locker = create(overrides.merged_over(base))
         .await
