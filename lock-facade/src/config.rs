@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::Path;
 
 use lock_core::{LockError, Result, RetryOptions};
-use serde::de::DeserializeOwned;
+use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -79,7 +79,9 @@ pub struct LockConfig {
     #[serde(alias = "lockConfig", skip_serializing_if = "Option::is_none")]
     pub lock_config: Option<ConfigSource>,
     /// The selected backend's options (every field that is not a common one); `null` is unset.
-    #[serde(flatten)]
+    /// A document's non-finite number (TOML's `nan`, `inf`) or repeated field is refused (a
+    /// JSON value cannot hold the one, and would keep only the last of the other).
+    #[serde(flatten, deserialize_with = "options")]
     pub options: BackendOptions,
 }
 
@@ -128,10 +130,18 @@ impl LockConfig {
     /// [`options`](Self::options), all fields included), and its backend selected unless the
     /// type already names it (`redis` stays `redis` with a `RedlockConfig`).
     ///
-    /// # Panics
-    /// Never for the backends' own types: each serializes to an object.
-    #[must_use]
-    pub fn with_backend<C: BackendConfig>(mut self, config: &C) -> Self {
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `<backend> options` when `config` does not survive
+    /// the trip through a document: a non-finite number (JSON writes it as `null`, which would
+    /// read as unset).
+    pub fn with_backend<C: BackendConfig>(mut self, config: &C) -> Result<Self> {
+        let invalid = |reason: String| LockError::invalid(format!("{} options", C::NAME), reason);
+        let document = serde_json::to_value(config).map_err(|e| invalid(e.to_string()))?;
+        C::deserialize(&document)
+            .map_err(|e| invalid(Secrets::of_json(&document).scrub(e.to_string())))?;
+        let Value::Object(options) = document else {
+            return Err(invalid("is not a document of fields".to_owned()));
+        };
         let names_it = self
             .backend
             .as_deref()
@@ -140,24 +150,13 @@ impl LockConfig {
         if !names_it {
             self.backend = Some(C::NAME.to_owned());
         }
-        match serde_json::to_value(config) {
-            Ok(Value::Object(options)) => {
-                self.options.extend(options);
-                self
-            }
-            other => panic!(
-                "the {} configuration serialized to {}",
-                C::NAME,
-                if other.is_ok() {
-                    "a non-object"
-                } else {
-                    "an error"
-                }
-            ),
-        }
+        self.options.extend(options);
+        Ok(self)
     }
 
-    /// This configuration with the backend option `name` set to `value` (`null` unsets it).
+    /// This configuration with the backend option `name` set to `value` (`null` unsets it; note
+    /// that [`Value`] turns a non-finite `f64` into `null`: use
+    /// [`with_backend`](Self::with_backend) for a typed configuration, which refuses one).
     #[must_use]
     pub fn with_option(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
         self.options.insert(name.into(), value.into());
@@ -324,6 +323,114 @@ impl LockConfig {
             _ => {}
         }
         Ok(self)
+    }
+}
+
+/// The backend options of a document, refusing what [`Value`] would silently change: a
+/// non-finite number (which it turns into `null`, that is unset) and a repeated field (of which
+/// it keeps the last).
+fn options<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<BackendOptions, D::Error> {
+    deserializer.deserialize_map(OptionsVisitor)
+}
+
+struct OptionsVisitor;
+
+impl<'de> Visitor<'de> for OptionsVisitor {
+    type Value = BackendOptions;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("backend options")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<BackendOptions, A::Error> {
+        let mut options = BackendOptions::new();
+        while let Some(name) = map.next_key::<String>()? {
+            let Finite(value) = map.next_value()?;
+            if options.contains_key(&name) {
+                return Err(de::Error::custom(format_args!("duplicate field `{name}`")));
+            }
+            options.insert(name, value);
+        }
+        Ok(options)
+    }
+}
+
+/// A [`Value`] whose every number is finite.
+struct Finite(Value);
+
+impl<'de> Deserialize<'de> for Finite {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(FiniteVisitor)
+    }
+}
+
+struct FiniteVisitor;
+
+impl<'de> Visitor<'de> for FiniteVisitor {
+    type Value = Finite;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a value")
+    }
+
+    fn visit_bool<E: de::Error>(self, value: bool) -> std::result::Result<Finite, E> {
+        Ok(Finite(value.into()))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> std::result::Result<Finite, E> {
+        Ok(Finite(value.into()))
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> std::result::Result<Finite, E> {
+        Ok(Finite(value.into()))
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> std::result::Result<Finite, E> {
+        serde_json::Number::from_f64(value)
+            .map(|number| Finite(Value::Number(number)))
+            .ok_or_else(|| E::invalid_value(de::Unexpected::Float(value), &"a finite number"))
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> std::result::Result<Finite, E> {
+        Ok(Finite(value.into()))
+    }
+
+    fn visit_string<E: de::Error>(self, value: String) -> std::result::Result<Finite, E> {
+        Ok(Finite(value.into()))
+    }
+
+    fn visit_none<E: de::Error>(self) -> std::result::Result<Finite, E> {
+        Ok(Finite(Value::Null))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> std::result::Result<Finite, E> {
+        Ok(Finite(Value::Null))
+    }
+
+    fn visit_some<D: Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> std::result::Result<Finite, D::Error> {
+        Finite::deserialize(deserializer)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Finite, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Finite(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Finite(Value::Array(items)))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> std::result::Result<Finite, A::Error> {
+        OptionsVisitor
+            .visit_map(map)
+            .map(|fields| Finite(Value::Object(fields)))
     }
 }
 

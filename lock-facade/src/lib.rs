@@ -471,10 +471,12 @@ mod tests {
         let resolved = nested.resolve().unwrap();
         assert_eq!(resolved.options["nodeTimeout"], 90);
         assert_eq!(resolved.options["poolSize"], 3);
-        let code = LockConfig::backend("redis").with_backend(
-            &lock_redlock::RedlockConfig::new(["redis://127.0.0.1:3/"])
-                .with_connection(lock_redlock::ConnectionKind::Pool),
-        );
+        let code = LockConfig::backend("redis")
+            .with_backend(
+                &lock_redlock::RedlockConfig::new(["redis://127.0.0.1:3/"])
+                    .with_connection(lock_redlock::ConnectionKind::Pool),
+            )
+            .unwrap();
         assert_eq!(code.backend.as_deref(), Some("redis"));
         let locker = create(code.merged_over(resolved)).await.unwrap();
         let backend = format!("{:?}", locker.backend());
@@ -489,10 +491,47 @@ mod tests {
         assert_eq!(
             LockConfig::default()
                 .with_backend(&lock_redlock::RedlockConfig::default())
+                .unwrap()
                 .backend
                 .as_deref(),
             Some("redlock")
         );
+        // A number JSON cannot hold would read as unset: refused, not replaced by the default.
+        let nan =
+            lock_redlock::RedlockConfig::new(["redis://127.0.0.1:1/"]).with_drift_factor(f64::NAN);
+        let error = LockConfig::default().with_backend(&nan).unwrap_err();
+        assert!(
+            matches!(error, LockError::InvalidInput { ref field, .. } if field == "redlock options"),
+            "{error}"
+        );
+    }
+
+    /// What a document would lose as a JSON value is refused: a non-finite number (old: read as
+    /// unset, so Redlock ran with the default drift factor) and a repeated field (old: the last
+    /// one won).
+    #[tokio::test]
+    async fn a_document_loses_nothing_silently() {
+        for (toml, shown) in [
+            ("drift_factor = nan\n", "NaN"),
+            ("driftFactor = -inf\n", "inf"),
+        ] {
+            let toml = format!("type = \"redis\"\nurls = [\"redis://127.0.0.1:1/\"]\n{toml}");
+            let error = LockConfig::from_toml(&toml).unwrap_err();
+            assert!(
+                error.to_string().contains("expected a finite number"),
+                "{error}"
+            );
+            assert!(error.to_string().contains(shown), "{error}");
+        }
+        let error = LockConfig::from_json(r#"{"prefix": "a", "prefix": "b"}"#).unwrap_err();
+        assert!(
+            error.to_string().contains("duplicate field `prefix`"),
+            "{error}"
+        );
+        let error = LockConfig::from_json(r#"{"x": {"y": [1.5, "z"], "y": 2}}"#).unwrap_err();
+        assert!(error.to_string().contains("duplicate field `y`"), "{error}");
+        // Inside an inline `lockConfig` too (serde's untagged enum hides why).
+        assert!(LockConfig::from_json(r#"{"lockConfig": {"x": 1, "x": 2}}"#).is_err());
     }
 
     /// Parses `document` as JSON and as TOML, resolves it and creates a locker from it: the

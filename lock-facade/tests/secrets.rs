@@ -598,7 +598,8 @@ async fn every_path(
                 tls_ca_file: ca_file.clone(),
                 ..RedlockConfig::new([url])
             })
-        };
+        }
+        .unwrap();
         typed.retry.retry_count = Some(0);
         wins.push(facade_path(shown, "facade from typed code", Ok(typed)).await);
     }
