@@ -307,9 +307,10 @@ mod tests {
         assert_eq!(shown_text("app:locks:"), "app:locks:");
         assert_eq!(shown_text("redis://u:s3cret@h:1/"), "redis://u:***@h:1/");
         assert_eq!(shown_text("u:s3cret@h"), "u:***@h");
-        assert_eq!(
-            shown_path(Path::new("/etc/redis://u:s3cret@h/ca.pem")),
-            "/etc/redis://u:***@h/ca.pem"
+        let shown = shown_path(Path::new("/etc/redis://u:s3cret@h/ca.pem"));
+        assert!(
+            !shown.contains("s3cret") && shown.contains("***@h/ca.pem"),
+            "{shown}"
         );
         assert_eq!(shown_path(Path::new("/etc/ssl/ca.pem")), "/etc/ssl/ca.pem");
     }
