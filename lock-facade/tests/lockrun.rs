@@ -212,3 +212,45 @@ fn the_command_sees_the_key_and_an_increasing_fencing_token() {
         );
     }
 }
+
+/// Every backend option reaches the backend from `LOCK_CONFIG` (before, `connection`,
+/// `pool_size`, `connect_timeout` and `tls_ca_file` were unknown fields of the facade: exit 78),
+/// and an option the backend does not have is refused, naming those it has.
+#[test]
+fn backend_options_reach_the_backend_from_lock_config() {
+    let Some(binary) = redis_or_skip("lockrun") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).expect("server");
+    let configs = [
+        serde_json::json!({"type": "redis", "urls": [server.url()], "connection": "pool",
+            "pool_size": 2, "connectTimeout": 300, "nodeTimeout": 200, "fencing": true}),
+        serde_json::json!({"type": "inc", "url": server.url(), "connect_timeout": 300,
+            "commandTimeout": 300, "prefix": "jobs:"}),
+    ];
+    for config in configs {
+        let output = lockrun(&config.to_string(), &["--no-wait", "job", "--", "true"])
+            .output()
+            .expect("lockrun");
+        assert_eq!(code(&output), 0, "{config}: {output:?}");
+    }
+    // A pool cannot use a custom CA: the option got there, and was checked.
+    let config = serde_json::json!({"type": "redis", "urls": [server.url()],
+        "connection": "pool", "tls_ca_file": "/nonexistent/ca.pem"});
+    let output = lockrun(&config.to_string(), &["--no-wait", "job", "--", "true"])
+        .output()
+        .expect("lockrun");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(code(&output), 78, "{output:?}");
+    assert!(stderr.contains("tls_ca_file"), "{stderr}");
+    let config = serde_json::json!({"type": "redis", "urls": [server.url()], "prefix": "jobs:"});
+    let output = lockrun(&config.to_string(), &["--no-wait", "job", "--", "true"])
+        .output()
+        .expect("lockrun");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(code(&output), 78, "{output:?}");
+    assert!(
+        stderr.contains("unknown field `prefix`") && stderr.contains("`pool_size`"),
+        "{stderr}"
+    );
+}

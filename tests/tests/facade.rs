@@ -17,6 +17,14 @@ async fn every_backend_by_name_from_json() {
         serde_json::json!({"type": "redis", "namespace": "svc", "urls": [urls[0]], "retryCount": 3}),
         serde_json::json!({"type": "redlock", "namespace": "svc", "urls": urls, "driftFactor": 0.02}),
         serde_json::json!({"type": "inc", "namespace": "svc", "urls": [urls[1]], "prefix": "jobs:"}),
+        // Every backend option is reachable from a document (before, `connection`,
+        // `pool_size` and `connect_timeout` were unknown fields).
+        serde_json::json!({"type": "redlock", "namespace": "svc", "nodes": urls,
+            "connection": "pool", "poolSize": 2, "connect_timeout": 300, "node_timeout": 200,
+            "fencing": true, "wake_on_release": true}),
+        serde_json::json!({"type": "inc", "namespace": "svc", "url": urls[2],
+            "connectTimeout": 300, "command_timeout": 300, "prefix": "jobs2:",
+            "wakeOnRelease": true, "fair": true}),
     ];
     for config in configs {
         let name = config["type"].as_str().expect("type").to_owned();
