@@ -3,8 +3,9 @@
 //! on the channel of its client (`lock-turn:<instance>`), which every fair client subscribes to
 //! once, on its first wait, through a subscriber connection of its own (fred's
 //! `SubscriberClient`, which subscribes again after a reconnect). A lost message costs the
-//! waiter its retry delay at most; a reconnect or a reader that fell behind wakes every waiter
-//! of this client.
+//! waiter its fallback poll at most (the longer of its retry delay and 200 ms, a quarter of the
+//! ttl at most: see the core's retry loop); a reconnect or a reader that fell behind wakes
+//! every waiter of this client.
 
 use std::time::Duration;
 

@@ -1,8 +1,10 @@
 //! Fair waiting across processes (`fair`, one node): waiters line up in a sorted set beside the
 //! key (see `lock_core::raw::redis::LINE_SCRIPT`), and the head of the line is woken alone, by a message naming it on
 //! the channel of its client (`lock-turn:<instance>`), which every fair client subscribes to
-//! once, on its first wait. A lost message costs the waiter its retry delay at most; a lost
-//! pub/sub connection wakes every waiter of this client, and the next wait subscribes again.
+//! once, on its first wait. A lost message costs the waiter its fallback poll at most (the
+//! longer of its retry delay and 200 ms, a quarter of the ttl at most: see the core's retry
+//! loop); a lost pub/sub connection wakes every waiter of this client, and the next wait
+//! subscribes again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
