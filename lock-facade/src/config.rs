@@ -14,7 +14,7 @@ use serde_json::Value;
 pub const CONFIG_ENV: &str = "LOCK_CONFIG";
 
 /// How deep `lock_config` may nest.
-const MAX_NESTING: usize = 4;
+pub(crate) const MAX_NESTING: usize = 4;
 
 /// The fields every backend shares (as [`LockConfig`] names them; the seeds' camelCase names
 /// are accepted too): any other field is an option of the selected backend.
@@ -150,17 +150,28 @@ impl LockConfig {
         if !names_it {
             self.backend = Some(C::NAME.to_owned());
         }
-        self.options.extend(options);
+        for (name, value) in options {
+            self.set_option(name, value);
+        }
         Ok(self)
     }
 
-    /// This configuration with the backend option `name` set to `value` (`null` unsets it; note
-    /// that [`Value`] turns a non-finite `f64` into `null`: use
+    /// This configuration with the backend option `name` set to `value`, replacing it under any
+    /// of its names (`nodeTimeout` replaces `node_timeout`, `nodes` replaces `urls`); `null`
+    /// unsets it (note that [`Value`] turns a non-finite `f64` into `null`: use
     /// [`with_backend`](Self::with_backend) for a typed configuration, which refuses one).
     #[must_use]
     pub fn with_option(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
-        self.options.insert(name.into(), value.into());
+        self.set_option(name.into(), value.into());
         self
+    }
+
+    /// Sets the option `name`, removing it under its other names first (old: `with_option` and
+    /// `with_backend` added a second name, so that a `null` left the option set, and a value
+    /// made the backend refuse a `duplicate field`).
+    fn set_option(&mut self, name: String, value: Value) {
+        self.options.retain(|other, _| !same_option(other, &name));
+        self.options.insert(name, value);
     }
 
     /// Parses a JSON document.
@@ -175,8 +186,10 @@ impl LockConfig {
         // which quotes a value or a field name it rejects.
         let document: Value = serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
         let secrets = Secrets::of_json(&document);
-        let config: Self =
-            serde_json::from_str(json).map_err(|e| invalid(secrets.scrub(e.to_string())))?;
+        let config: Self = serde_json::from_str(json).map_err(|e| {
+            let blamed = document.as_object().and_then(blame_json);
+            invalid(secrets.scrub(named(blamed, e.to_string())))
+        })?;
         config.checked().map_err(invalid)
     }
 
@@ -191,8 +204,10 @@ impl LockConfig {
         let document: toml::Table =
             toml::from_str(toml).map_err(|e| invalid(e.message().to_owned()))?;
         let secrets = Secrets::of_toml(&document);
-        let config: Self =
-            toml::from_str(toml).map_err(|e| invalid(secrets.scrub(e.message().to_owned())))?;
+        let config: Self = toml::from_str(toml).map_err(|e| {
+            let blamed = blame_toml(&document);
+            invalid(secrets.scrub(named(blamed, e.message().to_owned())))
+        })?;
         config.checked().map_err(invalid)
     }
 
@@ -283,10 +298,17 @@ impl LockConfig {
     /// # Errors
     /// [`LockError::InvalidInput`] when a nested source cannot be read, or nests too deeply.
     pub fn resolve(mut self) -> Result<Self> {
-        for _ in 0..MAX_NESTING {
-            let Some(source) = self.lock_config.take() else {
-                return Ok(self);
-            };
+        let mut depth = 0;
+        while let Some(source) = self.lock_config.take() {
+            // `MAX_NESTING` levels are expanded; one more is refused (old: the last allowed level
+            // was refused too, as the check came after the expansions whatever they left).
+            if depth == MAX_NESTING {
+                return Err(LockError::invalid(
+                    "lock_config",
+                    format!("nests more than {MAX_NESTING} levels deep"),
+                ));
+            }
+            depth += 1;
             let lower = match source {
                 ConfigSource::Inline(config) => *config,
                 ConfigSource::Text(text) => {
@@ -297,10 +319,7 @@ impl LockConfig {
             self = self.merged_over(lower);
             self.lock_config = nested;
         }
-        Err(LockError::invalid(
-            "lock_config",
-            format!("nests more than {MAX_NESTING} levels deep"),
-        ))
+        Ok(self)
     }
 
     /// The options read into the configuration type of the backend this configuration names,
@@ -453,7 +472,17 @@ fn read_options<T: DeserializeOwned>(options: &BackendOptions) -> std::result::R
             .collect(),
     );
     T::deserialize(&document).map_err(|error| {
-        let mut reason = Secrets::of_json(&document).scrub(error.to_string());
+        let mut reason = error.to_string();
+        // serde's message names an unknown or repeated field, not one of the wrong type or value.
+        if !reason.starts_with("unknown field") && !reason.starts_with("duplicate field") {
+            let blamed = options.iter().find(|(name, value)| {
+                let alone =
+                    Value::Object([((*name).clone(), (*value).clone())].into_iter().collect());
+                !value.is_null() && T::deserialize(&alone).is_err()
+            });
+            reason = named(blamed.map(|(name, _)| (name.clone(), None)), reason);
+        }
+        let mut reason = Secrets::of_json(&document).scrub(reason);
         if reason.starts_with("unknown field") {
             reason.push_str(&format!(
                 "; or one of the fields every backend shares: `{}`",
@@ -462,6 +491,70 @@ fn read_options<T: DeserializeOwned>(options: &BackendOptions) -> std::result::R
         }
         reason
     })
+}
+
+/// The names `lock_config` goes by, for [`blame_json`] and [`blame_toml`] to look inside it.
+const NESTED: &[&str] = &["lock_config", "lockConfig"];
+
+/// The field of a document that [`LockConfig`] refuses on its own (as a path through nested
+/// `lock_config` objects), with the message of the innermost refusal when it is nested (serde's
+/// untagged `ConfigSource` only says that no variant matched); `None` when no field is refused
+/// alone (a repeated field).
+fn blame_json(fields: &serde_json::Map<String, Value>) -> Option<(String, Option<String>)> {
+    fields.iter().find_map(|(name, value)| {
+        let alone = Value::Object([(name.clone(), value.clone())].into_iter().collect());
+        serde_json::from_value::<LockConfig>(alone).err()?;
+        let inner = match value {
+            Value::Object(inner) if NESTED.contains(&name.as_str()) => blame_json(inner),
+            _ => None,
+        };
+        Some(match inner {
+            Some((path, reason)) => {
+                let reason = reason.or_else(|| {
+                    serde_json::from_value::<LockConfig>(value.clone())
+                        .err()
+                        .map(|e| e.to_string())
+                });
+                (format!("{name}.{path}"), reason)
+            }
+            None => (name.clone(), None),
+        })
+    })
+}
+
+/// [`blame_json`] for a TOML document.
+fn blame_toml(fields: &toml::Table) -> Option<(String, Option<String>)> {
+    fields.iter().find_map(|(name, value)| {
+        let alone: toml::Table = [(name.clone(), value.clone())].into_iter().collect();
+        toml::Value::Table(alone).try_into::<LockConfig>().err()?;
+        let inner = match value {
+            toml::Value::Table(inner) if NESTED.contains(&name.as_str()) => blame_toml(inner),
+            _ => None,
+        };
+        Some(match inner {
+            Some((path, reason)) => {
+                let reason = reason.or_else(|| {
+                    value
+                        .clone()
+                        .try_into::<LockConfig>()
+                        .err()
+                        .map(|e| e.message().to_owned())
+                });
+                (format!("{name}.{path}"), reason)
+            }
+            None => (name.clone(), None),
+        })
+    })
+}
+
+/// `reason` naming the field to blame (old: serde's message for a value of the wrong type or
+/// out of range named no field, and toml's no line either), with the innermost message when
+/// there is one.
+fn named(blamed: Option<(String, Option<String>)>, reason: String) -> String {
+    match blamed {
+        Some((path, inner)) => format!("field `{path}`: {}", inner.unwrap_or(reason)),
+        None => reason,
+    }
 }
 
 /// `options` read into the configuration type of the backend `name` (for `create`).
@@ -478,8 +571,9 @@ pub(crate) fn backend_config<T: DeserializeOwned>(
 impl fmt::Debug for LockConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockConfig")
-            .field("type", &self.backend)
-            .field("namespace", &self.namespace)
+            // A URL put in the type or the namespace by mistake is shown without its password.
+            .field("type", &self.backend.as_deref().map(shown))
+            .field("namespace", &self.namespace.as_deref().map(shown))
             .field("ttl", &self.ttl)
             .field("retry", &self.retry)
             .field("options", &Redacted(&Value::Object(self.options.clone())))

@@ -534,6 +534,150 @@ mod tests {
         assert!(LockConfig::from_json(r#"{"lockConfig": {"x": 1, "x": 2}}"#).is_err());
     }
 
+    /// Exactly as many nested `lockConfig` levels as allowed resolve; one more is refused (old:
+    /// the last allowed level was refused too).
+    #[test]
+    fn lock_config_nests_as_deep_as_allowed_and_no_deeper() {
+        let nested = |levels: usize| {
+            let mut document = serde_json::json!({"namespace": "deepest"});
+            for _ in 0..levels {
+                document = serde_json::json!({ "lockConfig": document });
+            }
+            LockConfig::from_json(&document.to_string()).and_then(LockConfig::resolve)
+        };
+        for levels in 0..=config::MAX_NESTING {
+            let resolved = nested(levels).unwrap();
+            assert_eq!(resolved.namespace.as_deref(), Some("deepest"), "{levels}");
+        }
+        let error = nested(config::MAX_NESTING + 1).unwrap_err();
+        assert!(
+            matches!(error, LockError::InvalidInput { ref field, .. } if field == "lock_config"),
+            "{error}"
+        );
+    }
+
+    /// `with_option` and `with_backend` replace an option under any of its names (old: they
+    /// added the second name, so that `null` left the option set, and a value made the backend
+    /// refuse a `duplicate field` it was never given twice).
+    #[cfg(feature = "redlock")]
+    #[tokio::test]
+    async fn with_option_and_with_backend_replace_an_option_under_any_name() {
+        let parsed = LockConfig::from_json(
+            r#"{"type": "redis", "nodes": ["redis://127.0.0.1:1/"], "node_timeout": 70}"#,
+        )
+        .unwrap();
+        let backend = |locker: Locker| format!("{:?}", locker.backend());
+        let unset = parsed
+            .clone()
+            .with_option("nodeTimeout", serde_json::Value::Null);
+        let shown = backend(create(unset).await.unwrap());
+        assert!(shown.contains("node_timeout: None"), "{shown}");
+        let replaced = parsed.clone().with_option("nodeTimeout", 90);
+        let shown = backend(create(replaced).await.unwrap());
+        assert!(shown.contains("node_timeout: Some(90)"), "{shown}");
+        let replaced = parsed.clone().with_option("urls", ["redis://127.0.0.1:2/"]);
+        let shown = backend(create(replaced).await.unwrap());
+        assert!(
+            shown.contains("127.0.0.1:2") && !shown.contains("127.0.0.1:1"),
+            "{shown}"
+        );
+        let typed = parsed
+            .with_backend(&lock_redlock::RedlockConfig::new(["redis://127.0.0.1:3/"]))
+            .unwrap();
+        let shown = backend(create(typed).await.unwrap());
+        assert!(
+            shown.contains("127.0.0.1:3") && !shown.contains("127.0.0.1:1"),
+            "{shown}"
+        );
+    }
+
+    /// A value of the wrong type or out of its type's range is refused naming its field, in
+    /// JSON and TOML, at the top, inside an inline `lockConfig` and among the backend's options
+    /// (old: serde's message named none, and toml's message no line either).
+    #[tokio::test]
+    async fn a_bad_value_names_its_field() {
+        let mut cases = vec![
+            (serde_json::json!({"ttl": 1.5}), "ttl"),
+            (
+                serde_json::json!({"namespace": "n", "retryDelay": "soon"}),
+                "retryDelay",
+            ),
+            (serde_json::json!({"deadline": -1.0}), "deadline"),
+            (
+                serde_json::json!({"lockConfig": {"namespace": "n", "retry_count": "x"}}),
+                "lockConfig.retry_count",
+            ),
+            (
+                serde_json::json!({"lock_config": {"lockConfig": {"ttl": [1]}}}),
+                "lock_config.lockConfig.ttl",
+            ),
+        ];
+        if cfg!(feature = "redlock") {
+            cases.extend([
+                (
+                    serde_json::json!({"type": "redlock", "urls": ["redis://127.0.0.1:1/"], "nodeTimeout": -1}),
+                    "nodeTimeout",
+                ),
+                (
+                    serde_json::json!({"type": "redis", "fencing": "yes", "urls": ["redis://127.0.0.1:1/"]}),
+                    "fencing",
+                ),
+            ]);
+        }
+        for (document, field) in cases {
+            let json = LockConfig::from_json(&document.to_string()).unwrap_err();
+            let toml = LockConfig::from_toml(&toml::to_string(&document).unwrap()).unwrap_err();
+            for error in [json, toml] {
+                assert!(
+                    error.to_string().contains(&format!("field `{field}`: ")),
+                    "{document}: {error}"
+                );
+            }
+        }
+        if cfg!(feature = "redlock") {
+            // A document without its type is read into the backend's type by `create`.
+            let config =
+                LockConfig::from_json(r#"{"urls": ["redis://127.0.0.1:1/"], "pool_size": 1.5}"#)
+                    .unwrap();
+            let error = create(config.merged_over(LockConfig::backend("redlock")))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(error, LockError::InvalidInput { ref field, ref reason }
+                    if field == "redlock options" && reason.starts_with("field `pool_size`: ")),
+                "{error}"
+            );
+        }
+        // TOML's non-finite numbers, as a common field and as a backend option.
+        let error = LockConfig::from_toml(
+            "ttl = nan
+",
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("field `ttl`: "), "{error}");
+        if cfg!(feature = "redlock") {
+            let error =
+                LockConfig::from_toml("type = \"redis\"\ndrift_factor = inf\n").unwrap_err();
+            assert!(
+                error.to_string().contains("field `drift_factor`: "),
+                "{error}"
+            );
+        }
+    }
+
+    /// `Debug` shows a URL put in the type or the namespace by mistake without its password
+    /// (old: both were shown as given).
+    #[test]
+    fn debug_hides_a_password_in_the_type_and_the_namespace() {
+        let config = LockConfig {
+            namespace: Some("redis://u:s3cr3t@h/".into()),
+            ..LockConfig::backend("rediss://u:s3cr3t@h/")
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("rediss://u:***@h/"), "{shown}");
+    }
+
     /// Parses `document` as JSON and as TOML, resolves it and creates a locker from it: the
     /// errors of each.
     async fn failures_of(document: &serde_json::Value) -> Vec<LockError> {

@@ -830,3 +830,51 @@ proptest! {
         shown.check(&[&credentials.password, &wrong])?;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A URL put in a common field by mistake.
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// A URL given as the `type` (or its alias `backend`) or the `namespace` is hidden in the
+    /// configuration's `Debug` and in every error, from code, JSON and TOML (old: `Debug` showed
+    /// both as given).
+    #[test]
+    fn a_url_in_a_common_field_is_not_shown(
+        credentials in credentials(0..6),
+        encoded in any::<bool>(),
+        field in prop::sample::select(vec!["type", "backend", "namespace"]),
+    ) {
+        let url = format!("redis://{}@127.0.0.1:1/", credentials.userinfo(encoded));
+        let document = serde_json::json!({ field: url });
+        let mut shown = Shown::default();
+        let code = if field == "namespace" {
+            LockConfig { namespace: Some(url.clone()), ..LockConfig::default() }
+        } else {
+            LockConfig::backend(url.clone())
+        };
+        let parsed = [
+            ("code", Ok(code)),
+            ("JSON", LockConfig::from_json(&document.to_string())),
+            ("TOML", LockConfig::from_toml(&toml_text(&document))),
+        ];
+        let runtime = runtime();
+        for (what, config) in parsed {
+            match config {
+                Ok(config) => {
+                    shown.debug(&format!("{what} config"), &config);
+                    if let Err(error) = runtime.block_on(create(config)) {
+                        shown.error(&format!("{what} create"), &error);
+                    }
+                }
+                Err(error) => shown.error(what, &error),
+            }
+        }
+        shown.check(&[&credentials.password])?;
+    }
+}
