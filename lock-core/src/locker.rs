@@ -720,13 +720,27 @@ impl Locker {
                 };
                 // A claim lives for the ttl: a writer whose delay is longer sleeps it in parts, with
                 // an attempt between that renews the claim (or wins), so new readers stay out for
-                // the whole wait. The policy's delays and count of retries are kept.
-                if claim.request.is_some() {
-                    let renew_at = now + options.ttl() / 2;
-                    if wake_at > renew_at {
-                        planned_wake = Some(wake_at);
-                        wake_at = renew_at;
-                    }
+                // the whole wait. A fair waiter that skipped a poll asks again no later than
+                // `FAIR_POLL` after its last attempt, however long the policy's next delay is
+                // (skipped short delays and a long one must not add up). The policy's delays and
+                // count of retries are kept: the rest of the delay is spent after the attempt.
+                let mut cut_at = claim.request.as_ref().map(|_| now + options.ttl() / 2);
+                if skipped {
+                    let poll_at = last_sent + fair_poll(options.ttl());
+                    cut_at = Some(cut_at.map_or(poll_at, |cut_at| cut_at.min(poll_at)));
+                }
+                if let Some(cut_at) = cut_at
+                    && wake_at > cut_at
+                {
+                    planned_wake = Some(wake_at);
+                    wake_at = cut_at;
+                }
+                // The next poll would come at the deadline or after it: the waiter asks now, as
+                // it would have at this point of its policy's delays, rather than give up without
+                // asking again (as it does with counted retries).
+                if skipped && deadline.is_some_and(|deadline| wake_at >= deadline) {
+                    planned_wake = planned_wake.or(Some(wake_at));
+                    break;
                 }
                 if let Some(deadline) = deadline {
                     if now >= deadline {

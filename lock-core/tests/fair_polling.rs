@@ -126,3 +126,195 @@ async fn a_fair_waiter_on_a_zero_delay_does_not_spin() {
     let (fair, _, _) = attempts(true, policy, Duration::from_secs(10)).await;
     assert!((5..=7).contains(&fair), "fair: {fair} attempts");
 }
+
+/// Held until `free_at`, then granted to whoever asks; no message ever says so (the turn
+/// message was lost): the waiter finds out only by asking.
+#[derive(Debug)]
+struct FreeAt {
+    fair: bool,
+    free_at: tokio::time::Instant,
+}
+
+#[derive(Debug)]
+struct Granted {
+    lease: lock_core::Lease,
+}
+
+#[async_trait]
+impl Handle for Granted {
+    fn lease(&self) -> &lock_core::Lease {
+        &self.lease
+    }
+    async fn extend(&mut self, _ttl: Duration) -> Result<()> {
+        Err(LockError::Unsupported {
+            backend: "free-at",
+            capability: "extend",
+        })
+    }
+    async fn release(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Lock for FreeAt {
+    fn name(&self) -> &'static str {
+        "free-at"
+    }
+    fn capabilities(&self) -> Capabilities {
+        let distributed = Capabilities::NONE.with_distributed();
+        if self.fair {
+            distributed.with_fair()
+        } else {
+            distributed
+        }
+    }
+    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+        let now = tokio::time::Instant::now();
+        if now < self.free_at {
+            return Ok(None);
+        }
+        let lease = lock_core::Lease::new(request, now + request.ttl());
+        Ok(Some(Box::new(Granted { lease })))
+    }
+    async fn abandon(&self, _request: &LockRequest) -> Result<bool> {
+        Ok(false)
+    }
+    async fn wait_for_release(&self, _keys: &[Key], max_wait: Duration) -> Result<()> {
+        tokio::time::sleep(max_wait).await;
+        Ok(())
+    }
+}
+
+/// How long an acquisition with `retry` waits for a key that is freed after `free_after`
+/// without any message saying so (paused clock).
+async fn acquired_after(
+    fair: bool,
+    free_after: Duration,
+    retry: RetryPolicy,
+) -> std::result::Result<Duration, LockError> {
+    let started = tokio::time::Instant::now();
+    let locker = Locker::new(FreeAt {
+        fair,
+        free_at: started + free_after,
+    })
+    .with_local_queue(false)
+    .with_options(
+        LockOptions::default()
+            .with_ttl(Duration::from_secs(10))
+            .with_retry(retry),
+    )
+    .unwrap();
+    let guard = locker.acquire("k").await?;
+    let waited = started.elapsed();
+    guard.release().await.unwrap();
+    Ok(waited)
+}
+
+/// A lost turn message costs a fair waiter at most 200 ms, even when its policy's delays
+/// grow: a short delay skipped, then a long one, must not add up to a wait without any poll
+/// longer than the policy's own delay (150 ms, then 1.5 s: it used to find the key free only
+/// at 1.65 s, where the same policy without fair finds it at 150 ms).
+#[tokio::test(start_paused = true)]
+async fn a_lost_turn_message_costs_at_most_200ms_when_the_delays_grow() {
+    let growing = RetryPolicy::forever()
+        .with_retry_delay(Duration::from_millis(150))
+        .with_backoff_factor(10.0)
+        .with_max_delay(Duration::from_secs(5))
+        .with_retry_jitter(Duration::ZERO);
+    let free_after = Duration::from_millis(100);
+    let plain = acquired_after(false, free_after, growing.clone())
+        .await
+        .unwrap();
+    assert_eq!(plain, Duration::from_millis(150), "without fair (control)");
+    let fair = acquired_after(true, free_after, growing).await.unwrap();
+    assert!(
+        fair <= Duration::from_millis(200),
+        "a fair waiter found the key free only after {fair:?}"
+    );
+}
+
+/// A waiter's place in line lasts one ttl, renewed by each attempt: skipped short delays
+/// followed by a long one must not leave more than half a ttl between two attempts (the
+/// margin a waiter without fair keeps), or a slow attempt lets the place expire.
+#[tokio::test(start_paused = true)]
+async fn a_fair_waiter_renews_its_place_within_half_a_ttl_when_the_delays_grow() {
+    let made = Arc::new(AtomicU64::new(0));
+    let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    #[derive(Debug)]
+    struct Recorded {
+        inner: AlwaysHeld,
+        times: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+    }
+    #[async_trait]
+    impl Lock for Recorded {
+        fn name(&self) -> &'static str {
+            "recorded"
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+        async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+            self.times.lock().unwrap().push(tokio::time::Instant::now());
+            self.inner.try_acquire(request).await
+        }
+        async fn abandon(&self, request: &LockRequest) -> Result<bool> {
+            self.inner.abandon(request).await
+        }
+        async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
+            self.inner.wait_for_release(keys, max_wait).await
+        }
+    }
+    let ttl = Duration::from_millis(400);
+    let locker = Locker::new(Recorded {
+        inner: AlwaysHeld {
+            fair: true,
+            attempts: Arc::clone(&made),
+        },
+        times: Arc::clone(&times),
+    })
+    .with_local_queue(false)
+    .with_options(
+        LockOptions::default().with_ttl(ttl).with_retry(
+            RetryPolicy::forever()
+                .with_retry_delay(Duration::from_millis(90))
+                .with_backoff_factor(10.0)
+                .with_max_delay(Duration::from_secs(5))
+                .with_retry_jitter(Duration::ZERO)
+                .with_deadline(Duration::from_secs(3)),
+        ),
+    )
+    .unwrap();
+    locker.acquire("k").await.unwrap_err();
+    let times = times.lock().unwrap().clone();
+    let widest = times
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .max()
+        .unwrap();
+    assert!(
+        widest <= ttl / 2,
+        "{widest:?} between two attempts of a waiter whose place lasts {ttl:?}"
+    );
+}
+
+/// A deadline shorter than the poll interval: the waiter still asks again before it gives up,
+/// as it does when its retries are counted (it used to give up after its first attempt only,
+/// where the same policy without fair takes the key freed after 50 ms).
+#[tokio::test(start_paused = true)]
+async fn a_fair_waiter_asks_again_before_a_short_deadline() {
+    let short = every_5ms().with_deadline(Duration::from_millis(150));
+    let free_after = Duration::from_millis(50);
+    let plain = acquired_after(false, free_after, short.clone()).await;
+    assert_eq!(
+        plain.unwrap(),
+        Duration::from_millis(50),
+        "without fair (control)"
+    );
+    let fair = acquired_after(true, free_after, short).await;
+    assert!(
+        fair.as_ref()
+            .is_ok_and(|waited| *waited < Duration::from_millis(150)),
+        "a fair waiter with a 150 ms deadline: {fair:?}"
+    );
+}
