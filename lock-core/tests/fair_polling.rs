@@ -318,3 +318,75 @@ async fn a_fair_waiter_asks_again_before_a_short_deadline() {
         "a fair waiter with a 150 ms deadline: {fair:?}"
     );
 }
+
+/// Always held, fair, recording the waiters whose place in line was taken back.
+#[derive(Debug, Default)]
+struct Abandons {
+    abandoned: std::sync::Mutex<Vec<Option<String>>>,
+}
+
+#[async_trait]
+impl Lock for Abandons {
+    fn name(&self) -> &'static str {
+        "abandons"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::NONE.with_distributed().with_fair()
+    }
+    async fn try_acquire(&self, _request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+        Ok(None)
+    }
+    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
+        let waiter = request.waiter().map(|waiter| waiter.expose().to_string());
+        self.abandoned.lock().unwrap().push(waiter);
+        Ok(true)
+    }
+    async fn wait_for_release(&self, _keys: &[Key], max_wait: Duration) -> Result<()> {
+        tokio::time::sleep(max_wait).await;
+        Ok(())
+    }
+}
+
+/// A fair waiter cancelled, or whose client is stopped, between two polls (while it lets its
+/// policy's short delays pass) takes its place in line back, once; `stop` ends the wait at
+/// once rather than at the next poll.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_cancelled_or_stopped_between_polls_leaves_the_line() {
+    let store = Arc::new(Abandons::default());
+    let locker = Locker::from_arc(Arc::clone(&store) as Arc<dyn Lock>)
+        .with_local_queue(false)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(every_5ms()),
+        )
+        .unwrap();
+    let cancelled = tokio::time::timeout(Duration::from_millis(100), locker.acquire("k")).await;
+    assert!(cancelled.is_err());
+    tokio::task::yield_now().await;
+    let abandoned = store.abandoned.lock().unwrap().clone();
+    assert!(
+        abandoned.len() == 1 && abandoned[0].is_some(),
+        "cancelled mid-skip: {abandoned:?}"
+    );
+
+    let waiting = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire("k").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped_at = tokio::time::Instant::now();
+    locker.stop().await.unwrap();
+    let error = waiting.await.unwrap().unwrap_err();
+    assert!(matches!(error, LockError::Stopped), "{error:?}");
+    assert_eq!(
+        stopped_at,
+        tokio::time::Instant::now(),
+        "stop waited for a poll"
+    );
+    let abandoned = store.abandoned.lock().unwrap().clone();
+    assert!(
+        abandoned.len() == 2 && abandoned[1].is_some() && abandoned[0] != abandoned[1],
+        "stopped mid-skip: {abandoned:?}"
+    );
+}
