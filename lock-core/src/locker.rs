@@ -693,9 +693,10 @@ impl Locker {
                 error
             };
             // A waiter in a fair line is woken by a message when its turn comes: it asks the
-            // store at least every `FAIR_POLL` (a lost message costs no more), not at every
-            // short delay of its policy, which would cost every waiter's polls per hand-off.
-            // The policy's delays are still spent (a waiter gives up when it would have).
+            // store every `FAIR_POLL` (or at the end of a longer delay of its policy: a lost
+            // message costs no more than either), not at every short delay of its policy, which
+            // would cost every waiter's polls per hand-off. The policy's delays are still spent
+            // (a waiter gives up when it would have, after one last attempt).
             let last_sent = Instant::now();
             let mut skipped = false;
             loop {
