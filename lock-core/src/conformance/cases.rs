@@ -261,8 +261,18 @@ pub async fn retry_exhaustion_times_out_within_deadline(lock: Arc<dyn Lock>) {
             .with_retry_delay(ms(5))
             .with_retry_jitter(Duration::ZERO),
     );
+    // A waiter in a fair line lets short delays pass without asking (it is woken by its turn)
+    // but still makes the first attempt and the last its policy allows.
+    let expected = if lock.capabilities().fair {
+        2..=4
+    } else {
+        4..=4
+    };
     match counted.acquire("contended").await.unwrap_err() {
-        LockError::Timeout { attempts, .. } => assert_eq!(attempts, 4),
+        LockError::Timeout { attempts, .. } => assert!(
+            expected.contains(&attempts),
+            "{attempts} attempts, expected {expected:?}"
+        ),
         other => panic!("expected a timeout after 4 attempts, got {other:?}"),
     }
     holder.release().await.unwrap();
