@@ -357,8 +357,8 @@ fn released(result: Result<()>, tickets: Option<Tickets>, held: Held) -> Result<
 }
 
 impl State {
-    /// Releases at once if the backend can answer without awaiting (see
-    /// [`Handle::release_now`]); `None` leaves the state as it was.
+    /// Releases at once if the backend's answer is decided in the call (see
+    /// [`Answer::ready`](crate::raw::Answer::ready)); `None` leaves the state as it was.
     ///
     /// A kept-alive handle is shared with its watchdog, which holds it only while it extends
     /// (an in-process extend does not await): when the watchdog is not extending it right now
@@ -366,10 +366,10 @@ impl State {
     /// the handle is let go, so it cannot extend (and report lost) a released lock.
     fn release_now(&mut self) -> Option<Result<()>> {
         match self {
-            Self::Held(handle) => handle.release_now(),
+            Self::Held(handle) => handle.release().now().ok(),
             Self::Watched(watched) => {
                 let mut handle = watched.handle.try_lock().ok()?;
-                let result = handle.release_now()?;
+                let result = handle.release().now().ok()?;
                 watchdog::end(watched.lease.live());
                 watched.task.abort();
                 drop(handle);

@@ -352,6 +352,77 @@ pub enum Holding {
     Unknown(String),
 }
 
+/// What [`Lock::try_acquire`] answers: the handle of the lock taken, or `None` when another
+/// holder has a key.
+pub type Acquired = Result<Option<Box<dyn Handle>>>;
+
+/// The one answer of a backend's operation ([`Lock::try_acquire`], [`Lock::abandon`],
+/// [`Handle::release`]): a future, which is either already decided (a store in this process
+/// answers in the call, with no allocation: [`Answer::ready`]) or a boxed future that does the
+/// I/O ([`Answer::later`]).
+///
+/// The core awaits it like any future. Where it cannot await (a guard dropped outside a
+/// runtime, a cancelled attempt's clean-up) it takes a decided answer at once with
+/// [`Answer::now`], and otherwise drops the answer unpolled and asks again from a task: so a
+/// future given to [`Answer::later`] must do nothing before it is first polled (an `async`
+/// block does nothing until then).
+#[must_use = "an answer does nothing unless awaited or taken with `now`"]
+pub struct Answer<'a, T>(Decided<'a, T>);
+
+enum Decided<'a, T> {
+    Ready(Option<T>),
+    Later(Pin<Box<dyn Future<Output = T> + Send + 'a>>),
+}
+
+impl<'a, T> Answer<'a, T> {
+    /// An answer decided in the call: awaiting it returns `value` in its first poll.
+    pub fn ready(value: T) -> Self {
+        Self(Decided::Ready(Some(value)))
+    }
+
+    /// An answer that needs I/O: `future`, boxed. It must do nothing before it is first polled
+    /// (see [`Answer`]).
+    pub fn later(future: impl Future<Output = T> + Send + 'a) -> Self {
+        Self(Decided::Later(Box::pin(future)))
+    }
+
+    /// The value of an answer decided in the call, or the answer back when it needs awaiting.
+    ///
+    /// # Errors
+    /// The answer itself, when it was made by [`Answer::later`] (or already awaited).
+    pub fn now(self) -> std::result::Result<T, Self> {
+        match self.0 {
+            Decided::Ready(Some(value)) => Ok(value),
+            other => Err(Self(other)),
+        }
+    }
+}
+
+// The value is only ever moved out, never pinned in place.
+impl<T> Unpin for Answer<'_, T> {}
+
+impl<T> Future for Answer<'_, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        match &mut self.get_mut().0 {
+            Decided::Ready(value) => {
+                std::task::Poll::Ready(value.take().expect("an answer is awaited once"))
+            }
+            Decided::Later(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<T> fmt::Debug for Answer<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            Decided::Ready(_) => "Answer::Ready",
+            Decided::Later(_) => "Answer::Later",
+        })
+    }
+}
+
 /// A lock backend: one attempt at a time, never a sleep or a retry loop on the caller's path
 /// (what must reach every node is sent again in the background, by a
 /// [`FollowUp`](crate::raw::FollowUp)).
@@ -376,23 +447,13 @@ pub trait Lock: Send + Sync + fmt::Debug + 'static {
 
     /// Makes one attempt to take every key of `request`.
     ///
+    /// A store in this process answers with [`Answer::ready`]; one that needs I/O with
+    /// [`Answer::later`].
+    ///
     /// # Errors
     /// [`LockError::Backend`] or [`LockError::QuorumNotReached`] when the store failed; being held
     /// by someone else is `Ok(None)`, not an error.
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>>;
-
-    /// Makes one attempt without awaiting, for stores that answer without I/O (locks in this
-    /// process); `None` means "ask [`Lock::try_acquire`]", which is the default.
-    ///
-    /// The core tries this first: it spares an in-process backend a boxed future per attempt.
-    /// Where it answers, it must answer exactly as `try_acquire` would.
-    ///
-    /// # Errors
-    /// As [`Lock::try_acquire`].
-    fn try_acquire_now(&self, request: &LockRequest) -> Option<Result<Option<Box<dyn Handle>>>> {
-        let _ = request;
-        None
-    }
+    fn try_acquire<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Acquired>;
 
     /// Removes whatever the attempt `request` may have left on its keys, compared by its token:
     /// a lock (of the request's kind) or a writer's claim to be next
@@ -400,26 +461,14 @@ pub trait Lock: Send + Sync + fmt::Debug + 'static {
     ///
     /// The core calls it when an attempt was cancelled mid-flight or its outcome is unknown
     /// (a timed-out write may still have landed), and when a writer stops waiting. Returns
-    /// whether anything was removed.
+    /// whether anything was removed. An answer decided in the call ([`Answer::ready`]) is taken
+    /// at once, so that what a cancelled or finished attempt left (a writer's claim above all)
+    /// is gone by the time the caller's next line runs, even when the future is dropped outside
+    /// a runtime, where no background clean-up can run.
     ///
     /// # Errors
     /// [`LockError::Backend`] when the store cannot be reached.
-    async fn abandon(&self, request: &LockRequest) -> Result<bool>;
-
-    /// [`Lock::abandon`] without awaiting, for stores that answer without I/O (locks in this
-    /// process); `None` means "ask [`Lock::abandon`]", which is the default.
-    ///
-    /// The core tries this first, so that what a cancelled or finished attempt left (a writer's
-    /// claim above all) is gone by the time the caller's next line runs, even when the future
-    /// is dropped outside a runtime, where no background clean-up can run. Where it answers, it
-    /// must answer exactly as `abandon` would.
-    ///
-    /// # Errors
-    /// As [`Lock::abandon`].
-    fn abandon_now(&self, request: &LockRequest) -> Option<Result<bool>> {
-        let _ = request;
-        None
-    }
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>>;
 
     /// Waits until one of `keys` may have become free, or `max_wait` has passed.
     ///
@@ -509,25 +558,14 @@ pub trait Handle: Send + Sync + fmt::Debug {
     /// capability, [`LockError::Backend`] on failure.
     async fn extend(&mut self, ttl: Duration) -> Result<()>;
 
-    /// Releases the lock.
+    /// Releases the lock. An answer decided in the call ([`Answer::ready`]) is taken at once
+    /// by the guard, so an in-process lock is freed even when its guard is dropped outside a
+    /// tokio runtime.
     ///
     /// # Errors
     /// [`LockError::NotHeld`] if the lock had already expired or been taken over,
     /// [`LockError::Backend`] on failure.
-    async fn release(&mut self) -> Result<()>;
-
-    /// Releases without awaiting, for locks in this process; `None` means "call
-    /// [`Handle::release`]", which is the default.
-    ///
-    /// The guard tries this first, so an in-process lock is freed without a boxed future, and
-    /// at once even when its guard is dropped outside a tokio runtime. Where it answers, it
-    /// must answer exactly as `release` would.
-    ///
-    /// # Errors
-    /// As [`Handle::release`].
-    fn release_now(&mut self) -> Option<Result<()>> {
-        None
-    }
+    fn release(&mut self) -> Answer<'_, Result<()>>;
 
     /// Turns a held write lock ([`LeaseKind::Write`]) into a read lock on the same keys, with
     /// no moment in between where another writer could enter, and records it in the lease
@@ -555,30 +593,12 @@ impl<L: Lock + ?Sized> Lock for Arc<L> {
         (**self).capabilities()
     }
 
-    // Written out as `async_trait` expands it, to hand on the backend's boxed future instead of
-    // boxing it once more (this is the hot path of an `Arc` passed as a backend).
-    fn try_acquire<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        request: &'life1 LockRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<Box<dyn Handle>>>> + Send + 'async_trait>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
+    fn try_acquire<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Acquired> {
         (**self).try_acquire(request)
     }
 
-    fn try_acquire_now(&self, request: &LockRequest) -> Option<Result<Option<Box<dyn Handle>>>> {
-        (**self).try_acquire_now(request)
-    }
-
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        (**self).abandon(request).await
-    }
-
-    fn abandon_now(&self, request: &LockRequest) -> Option<Result<bool>> {
-        (**self).abandon_now(request)
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
+        (**self).abandon(request)
     }
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {

@@ -388,9 +388,10 @@ impl Locker {
         )
     }
 
-    /// The first attempt, without awaiting, for a backend that can answer at once (a lock in
-    /// this process, see [`Lock::try_acquire_now`]). A key found held goes on to the retry
-    /// loop, which counts this as its first attempt.
+    /// The first attempt, taken without awaiting when the backend's answer is decided in the
+    /// call (a lock in this process, see [`Answer::ready`](crate::raw::Answer::ready)). A key found held goes on to the
+    /// retry loop, which counts this as its first attempt; an answer that needs awaiting is
+    /// dropped unpolled and the retry loop makes the attempt.
     ///
     /// Every step of the hot path that would otherwise be an `.await` (a boxed future, a
     /// state machine moved around) is skipped here, which is most of an in-process lock's cost.
@@ -420,7 +421,7 @@ impl Locker {
             }
             Err(error) => return AtOnce::Settled(Err(error)),
         };
-        let answer = self.store().try_acquire_now(&request);
+        let answer = self.store().try_acquire(&request).now().ok();
         if answer.is_some() {
             acquisition.attempt();
         }
@@ -807,9 +808,10 @@ impl Locker {
     /// One attempt, bounded by the deadline and cleaned up if it does not complete.
     async fn attempt(&self, request: &LockRequest, deadline: Option<Instant>) -> Result<Attempt> {
         // An in-process store answers at once, with an outcome that is always known.
-        if let Some(result) = self.store().try_acquire_now(request) {
-            return Ok(Attempt::from(result?));
-        }
+        let answer = match self.store().try_acquire(request).now() {
+            Ok(result) => return Ok(Attempt::from(result?)),
+            Err(later) => later,
+        };
         let mut pending = PendingAttempt {
             lock: Some(Arc::clone(&self.lock)),
             cleanups: &self.cleanups,
@@ -817,13 +819,13 @@ impl Locker {
         };
         let result = match deadline {
             Some(deadline) => {
-                match tokio::time::timeout_at(deadline, self.store().try_acquire(request)).await {
+                match tokio::time::timeout_at(deadline, answer).await {
                     Ok(result) => result,
                     // Cut short: `pending` cleans up whatever the attempt may have left.
                     Err(_) => return Ok(Attempt::CutShort),
                 }
             }
-            None => self.store().try_acquire(request).await,
+            None => answer.await,
         };
         // A backend error (a timeout, a dropped connection) leaves the outcome unknown: the
         // write may have landed, so `pending` releases it by token. Other outcomes are known.
@@ -843,7 +845,7 @@ fn born_valid(mut handle: Box<dyn Handle>) -> Option<Box<dyn Handle>> {
         return Some(handle);
     }
     tracing::debug!("the lock's validity passed before the attempt returned; releasing it");
-    if handle.release_now().is_none()
+    if handle.release().now().is_err()
         && let Ok(runtime) = tokio::runtime::Handle::try_current()
     {
         runtime.spawn(async move {
@@ -916,10 +918,11 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// Abandons `request`: at once if the backend can ([`Lock::abandon_now`]), otherwise on a task
-/// of the current runtime, counted among the clean-ups that [`Locker::stop`] lets finish.
+/// Abandons `request`: at once if the backend's answer is decided in the call
+/// ([`Answer::ready`](crate::raw::Answer::ready)), otherwise on a task of the current runtime, counted among the clean-ups
+/// that [`Locker::stop`] lets finish.
 fn abandon_in_background(lock: Arc<dyn Lock>, cleanups: &Arc<Cleanups>, request: LockRequest) {
-    if let Some(result) = lock.abandon_now(&request) {
+    if let Ok(result) = lock.abandon(&request).now() {
         if let Err(error) = result {
             tracing::warn!(key = %request.primary_key(), %error, "cleanup of an interrupted attempt failed; what it left expires with its ttl");
         }

@@ -34,14 +34,22 @@ impl Lock for AlwaysHeld {
             distributed
         }
     }
-    async fn try_acquire(&self, _request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        // On a paused clock, a loop that never sleeps never reaches its deadline: fail instead.
-        let made = self.attempts.fetch_add(1, Ordering::SeqCst);
-        assert!(made < 100_000, "the retry loop spins: {made} attempts");
-        Ok(None)
+    fn try_acquire<'a>(
+        &'a self,
+        _request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            // On a paused clock, a loop that never sleeps never reaches its deadline: fail instead.
+            let made = self.attempts.fetch_add(1, Ordering::SeqCst);
+            assert!(made < 100_000, "the retry loop spins: {made} attempts");
+            Ok(None)
+        })
     }
-    async fn abandon(&self, _request: &LockRequest) -> Result<bool> {
-        Ok(false)
+    fn abandon<'a>(
+        &'a self,
+        _request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move { Ok(false) })
     }
     async fn wait_for_release(&self, _keys: &[Key], max_wait: Duration) -> Result<()> {
         tokio::time::sleep(max_wait).await;
@@ -151,8 +159,8 @@ impl Handle for Granted {
             capability: "extend",
         })
     }
-    async fn release(&mut self) -> Result<()> {
-        Ok(())
+    fn release(&mut self) -> lock_core::raw::Answer<'_, Result<()>> {
+        lock_core::raw::Answer::later(async move { Ok(()) })
     }
 }
 
@@ -169,16 +177,24 @@ impl Lock for FreeAt {
             distributed
         }
     }
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        let now = tokio::time::Instant::now();
-        if now < self.free_at {
-            return Ok(None);
-        }
-        let lease = lock_core::Lease::new(request, now + request.ttl());
-        Ok(Some(Box::new(Granted { lease })))
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            let now = tokio::time::Instant::now();
+            if now < self.free_at {
+                return Ok(None);
+            }
+            let lease = lock_core::Lease::new(request, now + request.ttl());
+            Ok(Some(Box::new(Granted { lease }) as Box<dyn Handle>))
+        })
     }
-    async fn abandon(&self, _request: &LockRequest) -> Result<bool> {
-        Ok(false)
+    fn abandon<'a>(
+        &'a self,
+        _request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move { Ok(false) })
     }
     async fn wait_for_release(&self, _keys: &[Key], max_wait: Duration) -> Result<()> {
         tokio::time::sleep(max_wait).await;
@@ -254,12 +270,20 @@ async fn a_fair_waiter_renews_its_place_within_half_a_ttl_when_the_delays_grow()
         fn capabilities(&self) -> Capabilities {
             self.inner.capabilities()
         }
-        async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-            self.times.lock().unwrap().push(tokio::time::Instant::now());
-            self.inner.try_acquire(request).await
+        fn try_acquire<'a>(
+            &'a self,
+            request: &'a LockRequest,
+        ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+            lock_core::raw::Answer::later(async move {
+                self.times.lock().unwrap().push(tokio::time::Instant::now());
+                self.inner.try_acquire(request).await
+            })
         }
-        async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-            self.inner.abandon(request).await
+        fn abandon<'a>(
+            &'a self,
+            request: &'a LockRequest,
+        ) -> lock_core::raw::Answer<'a, Result<bool>> {
+            lock_core::raw::Answer::later(async move { self.inner.abandon(request).await })
         }
         async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
             self.inner.wait_for_release(keys, max_wait).await
@@ -333,13 +357,18 @@ impl Lock for Abandons {
     fn capabilities(&self) -> Capabilities {
         Capabilities::NONE.with_distributed().with_fair()
     }
-    async fn try_acquire(&self, _request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        Ok(None)
+    fn try_acquire<'a>(
+        &'a self,
+        _request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move { Ok(None) })
     }
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        let waiter = request.waiter().map(|waiter| waiter.expose().to_string());
-        self.abandoned.lock().unwrap().push(waiter);
-        Ok(true)
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move {
+            let waiter = request.waiter().map(|waiter| waiter.expose().to_string());
+            self.abandoned.lock().unwrap().push(waiter);
+            Ok(true)
+        })
     }
     async fn wait_for_release(&self, _keys: &[Key], max_wait: Duration) -> Result<()> {
         tokio::time::sleep(max_wait).await;

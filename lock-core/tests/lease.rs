@@ -53,20 +53,25 @@ impl Lock for Store {
     fn capabilities(&self) -> Capabilities {
         self.memory.capabilities().with_distributed()
     }
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        self.attempts.fetch_add(1, Ordering::SeqCst);
-        let Some(inner) = self.memory.try_acquire(request).await? else {
-            return Ok(None);
-        };
-        let lease = inner.lease().clone();
-        Ok(Some(Box::new(StoreHandle {
-            inner,
-            lease,
-            downgrade_fails: self.downgrade_fails,
-        })))
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            let Some(inner) = self.memory.try_acquire(request).await? else {
+                return Ok(None);
+            };
+            let lease = inner.lease().clone();
+            Ok(Some(Box::new(StoreHandle {
+                inner,
+                lease,
+                downgrade_fails: self.downgrade_fails,
+            }) as Box<dyn Handle>))
+        })
     }
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        self.memory.abandon(request).await
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move { self.memory.abandon(request).await })
     }
     async fn purge(&self, prefix: &str) -> Result<u64> {
         self.memory.purge(prefix).await
@@ -86,8 +91,8 @@ impl Handle for StoreHandle {
         self.lease.set_valid_until(self.inner.lease().valid_until());
         Ok(())
     }
-    async fn release(&mut self) -> Result<()> {
-        self.inner.release().await
+    fn release(&mut self) -> lock_core::raw::Answer<'_, Result<()>> {
+        lock_core::raw::Answer::later(async move { self.inner.release().await })
     }
     async fn downgrade(&mut self) -> Result<()> {
         if self.downgrade_fails {
@@ -286,19 +291,25 @@ async fn a_watchdog_whose_extends_leave_little_does_not_spin() {
         fn capabilities(&self) -> Capabilities {
             self.0.capabilities()
         }
-        async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-            let Some(inner) = self.0.try_acquire(request).await? else {
-                return Ok(None);
-            };
-            let lease = inner.lease().clone();
-            Ok(Some(Box::new(ShortHandle(
-                inner,
-                lease,
-                Arc::clone(&self.1),
-            ))))
+        fn try_acquire<'a>(
+            &'a self,
+            request: &'a LockRequest,
+        ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+            lock_core::raw::Answer::later(async move {
+                let Some(inner) = self.0.try_acquire(request).await? else {
+                    return Ok(None);
+                };
+                let lease = inner.lease().clone();
+                Ok(Some(
+                    Box::new(ShortHandle(inner, lease, Arc::clone(&self.1))) as Box<dyn Handle>,
+                ))
+            })
         }
-        async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-            self.0.abandon(request).await
+        fn abandon<'a>(
+            &'a self,
+            request: &'a LockRequest,
+        ) -> lock_core::raw::Answer<'a, Result<bool>> {
+            lock_core::raw::Answer::later(async move { self.0.abandon(request).await })
         }
     }
     #[async_trait]
@@ -315,8 +326,8 @@ async fn a_watchdog_whose_extends_leave_little_does_not_spin() {
             self.1.set_valid_until(Instant::now() + ttl / 4);
             Ok(())
         }
-        async fn release(&mut self) -> Result<()> {
-            self.0.release().await
+        fn release(&mut self) -> lock_core::raw::Answer<'_, Result<()>> {
+            lock_core::raw::Answer::later(async move { self.0.release().await })
         }
     }
     let extends = Arc::new(AtomicUsize::new(0));

@@ -50,20 +50,25 @@ impl Lock for Store {
     fn capabilities(&self) -> Capabilities {
         self.memory.capabilities().with_distributed()
     }
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        self.attempts.fetch_add(1, Ordering::SeqCst);
-        let Some(inner) = self.memory.try_acquire(request).await? else {
-            return Ok(None);
-        };
-        let lease = inner.lease().clone();
-        Ok(Some(Box::new(StoreHandle {
-            inner,
-            lease,
-            extend_takes: self.extend_takes,
-        })))
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            let Some(inner) = self.memory.try_acquire(request).await? else {
+                return Ok(None);
+            };
+            let lease = inner.lease().clone();
+            Ok(Some(Box::new(StoreHandle {
+                inner,
+                lease,
+                extend_takes: self.extend_takes,
+            }) as Box<dyn Handle>))
+        })
     }
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        self.memory.abandon(request).await
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move { self.memory.abandon(request).await })
     }
 }
 
@@ -78,8 +83,8 @@ impl Handle for StoreHandle {
         self.lease.set_valid_until(self.inner.lease().valid_until());
         Ok(())
     }
-    async fn release(&mut self) -> Result<()> {
-        self.inner.release().await
+    fn release(&mut self) -> lock_core::raw::Answer<'_, Result<()>> {
+        lock_core::raw::Answer::later(async move { self.inner.release().await })
     }
     async fn downgrade(&mut self) -> Result<()> {
         self.inner.downgrade().await?;

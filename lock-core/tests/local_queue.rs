@@ -34,13 +34,18 @@ impl Lock for Distributed {
         Capabilities::NONE.with_distributed().with_extend()
     }
 
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.0.try_acquire(request).await
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.try_acquire(request).await
+        })
     }
 
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        self.0.abandon(request).await
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move { self.0.abandon(request).await })
     }
 }
 

@@ -557,20 +557,25 @@ impl Lock for Flaky {
         }
     }
 
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        if self.stalled {
-            std::future::pending::<()>().await;
-        }
-        let extends = self.extends;
-        let won = self.lock.try_acquire(request).await?;
-        if won.is_some() {
-            tokio::time::sleep(self.late).await;
-        }
-        Ok(won.map(|handle| Box::new(FlakyHandle(handle, extends)) as Box<dyn Handle>))
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            if self.stalled {
+                std::future::pending::<()>().await;
+            }
+            let extends = self.extends;
+            let won = self.lock.try_acquire(request).await?;
+            if won.is_some() {
+                tokio::time::sleep(self.late).await;
+            }
+            Ok(won.map(|handle| Box::new(FlakyHandle(handle, extends)) as Box<dyn Handle>))
+        })
     }
 
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        self.lock.abandon(request).await
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move { self.lock.abandon(request).await })
     }
 }
 
@@ -590,8 +595,10 @@ impl Handle for FlakyHandle {
         }
     }
 
-    async fn release(&mut self) -> Result<()> {
-        Err(LockError::backend("flaky", "release not answered"))
+    fn release(&mut self) -> lock_core::raw::Answer<'_, Result<()>> {
+        lock_core::raw::Answer::later(async move {
+            Err(LockError::backend("flaky", "release not answered"))
+        })
     }
 }
 
@@ -887,20 +894,15 @@ impl Lock for Named {
         self.0.capabilities()
     }
 
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        self.0.try_acquire(request).await
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        self.0.try_acquire(request)
     }
 
-    fn try_acquire_now(&self, request: &LockRequest) -> Option<Result<Option<Box<dyn Handle>>>> {
-        self.0.try_acquire_now(request)
-    }
-
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        self.0.abandon(request).await
-    }
-
-    fn abandon_now(&self, request: &LockRequest) -> Option<Result<bool>> {
-        self.0.abandon_now(request)
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        self.0.abandon(request)
     }
 
     async fn purge(&self, prefix: &str) -> Result<u64> {

@@ -80,12 +80,20 @@ impl Lock for NeverFree {
     fn capabilities(&self) -> Capabilities {
         Capabilities::NONE.with_wake_on_release()
     }
-    async fn try_acquire(&self, _request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        self.attempts.fetch_add(1, Ordering::SeqCst);
-        Ok(None)
+    fn try_acquire<'a>(
+        &'a self,
+        _request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            Ok(None)
+        })
     }
-    async fn abandon(&self, _request: &LockRequest) -> Result<bool> {
-        Ok(false)
+    fn abandon<'a>(
+        &'a self,
+        _request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move { Ok(false) })
     }
     async fn wait_for_release(&self, _keys: &[Key], _max_wait: Duration) -> Result<()> {
         Ok(())

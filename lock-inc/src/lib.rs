@@ -294,112 +294,119 @@ impl Lock for IncLock {
         Ok(())
     }
 
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        if let Some(letter) = kind_letter(request.kind()) {
-            return acquire_shared(&self.shared, request, letter).await;
-        }
-        let shared = &self.shared;
-        shared.running()?;
-        let key = request.primary_key().clone();
-        let keys = shared.keys(&key);
-        let start = Instant::now();
-        let ttl_ms = validate::ttl_millis(request.ttl());
-        let fence: i64 = if let Some(fair) = &shared.fair {
-            let member = match request.waiter() {
-                Some(waiter) => {
-                    let timeout = Duration::from_millis(shared.config.command_timeout);
-                    fair.listen(waiter, timeout).await;
-                    fair.member(waiter)
-                }
-                None => String::new(),
-            };
-            let [line, line_expiry] = shared.line_keys(&key);
-            let answer: i64 = ACQUIRE_FAIR
-                .evalsha_with_reload(
-                    &shared.client,
-                    vec![
-                        keys.counter.as_str(),
-                        keys.owner.as_str(),
-                        keys.fence.as_str(),
-                        line.as_str(),
-                        line_expiry.as_str(),
-                    ],
-                    vec![
-                        request.token().expose().to_string(),
-                        ttl_ms.to_string(),
-                        member,
-                        fair::TURN_CHANNEL.to_owned(),
-                    ],
-                )
-                .await
-                .map_err(|e| shared.backend_error("acquire", &e))?;
-            if let Some(waiter) = request.waiter() {
-                match u64::try_from(-answer - 1) {
-                    Ok(left) => fair.first_in_line(waiter, Duration::from_millis(left)),
-                    Err(_) if answer > 0 => fair.forget(waiter),
-                    Err(_) => {}
-                }
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            if let Some(letter) = kind_letter(request.kind()) {
+                return acquire_shared(&self.shared, request, letter).await;
             }
-            answer
-        } else {
-            ACQUIRE
-                .evalsha_with_reload(
-                    &shared.client,
-                    vec![
-                        keys.counter.as_str(),
-                        keys.owner.as_str(),
-                        keys.fence.as_str(),
-                    ],
-                    vec![request.token().expose().to_string(), ttl_ms.to_string()],
+            let shared = &self.shared;
+            shared.running()?;
+            let key = request.primary_key().clone();
+            let keys = shared.keys(&key);
+            let start = Instant::now();
+            let ttl_ms = validate::ttl_millis(request.ttl());
+            let fence: i64 = if let Some(fair) = &shared.fair {
+                let member = match request.waiter() {
+                    Some(waiter) => {
+                        let timeout = Duration::from_millis(shared.config.command_timeout);
+                        fair.listen(waiter, timeout).await;
+                        fair.member(waiter)
+                    }
+                    None => String::new(),
+                };
+                let [line, line_expiry] = shared.line_keys(&key);
+                let answer: i64 = ACQUIRE_FAIR
+                    .evalsha_with_reload(
+                        &shared.client,
+                        vec![
+                            keys.counter.as_str(),
+                            keys.owner.as_str(),
+                            keys.fence.as_str(),
+                            line.as_str(),
+                            line_expiry.as_str(),
+                        ],
+                        vec![
+                            request.token().expose().to_string(),
+                            ttl_ms.to_string(),
+                            member,
+                            fair::TURN_CHANNEL.to_owned(),
+                        ],
+                    )
+                    .await
+                    .map_err(|e| shared.backend_error("acquire", &e))?;
+                if let Some(waiter) = request.waiter() {
+                    match u64::try_from(-answer - 1) {
+                        Ok(left) => fair.first_in_line(waiter, Duration::from_millis(left)),
+                        Err(_) if answer > 0 => fair.forget(waiter),
+                        Err(_) => {}
+                    }
+                }
+                answer
+            } else {
+                ACQUIRE
+                    .evalsha_with_reload(
+                        &shared.client,
+                        vec![
+                            keys.counter.as_str(),
+                            keys.owner.as_str(),
+                            keys.fence.as_str(),
+                        ],
+                        vec![request.token().expose().to_string(), ttl_ms.to_string()],
+                    )
+                    .await
+                    .map_err(|e| shared.backend_error("acquire", &e))?
+            };
+            if fence <= 0 {
+                return Ok(None);
+            }
+            Ok(Some(Box::new(IncHandle {
+                shared: Arc::clone(shared),
+                lease: Lease::from_parts(
+                    KeySet::one(key),
+                    LeaseKind::Exclusive,
+                    request.token().clone(),
+                    start + request.ttl(),
                 )
-                .await
-                .map_err(|e| shared.backend_error("acquire", &e))?
-        };
-        if fence <= 0 {
-            return Ok(None);
-        }
-        Ok(Some(Box::new(IncHandle {
-            shared: Arc::clone(shared),
-            lease: Lease::from_parts(
-                KeySet::one(key),
-                LeaseKind::Exclusive,
-                request.token().clone(),
-                start + request.ttl(),
-            )
-            .with_fencing_token(u64::try_from(fence).unwrap_or_default()),
-        })))
+                .with_fencing_token(u64::try_from(fence).unwrap_or_default()),
+            })))
+        })
     }
 
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        self.shared.running()?;
-        let token = request.token();
-        let mut removed = false;
-        // A waiter of a fair line leaves it (and the turn passes on if the lock is free).
-        let member = match (&self.shared.fair, request.waiter()) {
-            (Some(fair), Some(waiter)) => {
-                fair.forget(waiter);
-                fair.member(waiter)
-            }
-            _ => String::new(),
-        };
-        for key in request.keys() {
-            match release_as(&self.shared, key, token, request.kind(), &member).await {
-                Ok(released) => removed |= released != Released::Nothing,
-                Err(error) => {
-                    let expires_by = Instant::now() + request.ttl();
-                    release_later(
-                        Arc::clone(&self.shared),
-                        key.clone(),
-                        token.clone(),
-                        request.kind(),
-                        expires_by,
-                        member,
-                    );
-                    return Err(error);
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move {
+            self.shared.running()?;
+            let token = request.token();
+            let mut removed = false;
+            // A waiter of a fair line leaves it (and the turn passes on if the lock is free).
+            let member = match (&self.shared.fair, request.waiter()) {
+                (Some(fair), Some(waiter)) => {
+                    fair.forget(waiter);
+                    fair.member(waiter)
+                }
+                _ => String::new(),
+            };
+            for key in request.keys() {
+                match release_as(&self.shared, key, token, request.kind(), &member).await {
+                    Ok(released) => removed |= released != Released::Nothing,
+                    Err(error) => {
+                        let expires_by = Instant::now() + request.ttl();
+                        release_later(
+                            Arc::clone(&self.shared),
+                            key.clone(),
+                            token.clone(),
+                            request.kind(),
+                            expires_by,
+                            member,
+                        );
+                        return Err(error);
+                    }
                 }
             }
-        }
-        Ok(removed)
+            Ok(removed)
+        })
     }
 
     async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
@@ -782,20 +789,22 @@ impl Handle for IncHandle {
         Ok(())
     }
 
-    async fn release(&mut self) -> Result<()> {
-        self.shared.running()?;
-        let still_valid = self.lease.is_valid();
-        let lease = &self.lease;
-        match release(&self.shared, lease.key(), lease.token(), lease.kind()).await {
-            Ok(Released::Live) if still_valid => Ok(()),
-            Ok(_) => Err(LockError::NotHeld {
-                key: self.lease.key().to_string(),
-            }),
-            Err(error) => {
-                self.release_later();
-                Err(error)
+    fn release(&mut self) -> lock_core::raw::Answer<'_, Result<()>> {
+        lock_core::raw::Answer::later(async move {
+            self.shared.running()?;
+            let still_valid = self.lease.is_valid();
+            let lease = &self.lease;
+            match release(&self.shared, lease.key(), lease.token(), lease.kind()).await {
+                Ok(Released::Live) if still_valid => Ok(()),
+                Ok(_) => Err(LockError::NotHeld {
+                    key: self.lease.key().to_string(),
+                }),
+                Err(error) => {
+                    self.release_later();
+                    Err(error)
+                }
             }
-        }
+        })
     }
 
     async fn downgrade(&mut self) -> Result<()> {

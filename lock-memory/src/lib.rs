@@ -10,7 +10,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use lock_core::{
     Capabilities, Holding, Key, KeyState, Lease, LeaseKind, LockError, Result, Token,
-    raw::{Handle, Lock, LockRequest, async_trait},
+    raw::{Acquired, Answer, Handle, Lock, LockRequest, async_trait},
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -262,7 +262,7 @@ impl MemoryLock {
         self.inner.slots.capacity()
     }
 
-    /// One attempt; it never waits, so both trait methods answer with it.
+    /// One attempt; it never waits, so the answer is decided in the call.
     ///
     /// The fencing token is drawn while the key's shard is locked, at the moment the key is
     /// taken, so fences follow the order of acquisitions on every key; the clock is read there
@@ -649,20 +649,12 @@ impl Lock for MemoryLock {
             .with_read_write()
     }
 
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        self.acquire_now(request)
+    fn try_acquire<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Acquired> {
+        Answer::ready(self.acquire_now(request))
     }
 
-    fn try_acquire_now(&self, request: &LockRequest) -> Option<Result<Option<Box<dyn Handle>>>> {
-        Some(self.acquire_now(request))
-    }
-
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        Ok(self.inner.abandon(request))
-    }
-
-    fn abandon_now(&self, request: &LockRequest) -> Option<Result<bool>> {
-        Some(Ok(self.inner.abandon(request)))
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
+        Answer::ready(Ok(self.inner.abandon(request)))
     }
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
@@ -828,12 +820,8 @@ impl Handle for MemoryHandle {
         Ok(())
     }
 
-    async fn release(&mut self) -> Result<()> {
-        self.release_all()
-    }
-
-    fn release_now(&mut self) -> Option<Result<()>> {
-        Some(self.release_all())
+    fn release(&mut self) -> Answer<'_, Result<()>> {
+        Answer::ready(self.release_all())
     }
 
     async fn downgrade(&mut self) -> Result<()> {
@@ -1007,21 +995,13 @@ mod tests {
             self.lock.capabilities()
         }
 
-        async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+        fn try_acquire<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Acquired> {
             self.attempts.fetch_add(1, Ordering::SeqCst);
-            self.lock.try_acquire(request).await
+            self.lock.try_acquire(request)
         }
 
-        fn try_acquire_now(
-            &self,
-            request: &LockRequest,
-        ) -> Option<Result<Option<Box<dyn Handle>>>> {
-            self.attempts.fetch_add(1, Ordering::SeqCst);
-            self.lock.try_acquire_now(request)
-        }
-
-        async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-            self.lock.abandon(request).await
+        fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
+            self.lock.abandon(request)
         }
 
         async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {

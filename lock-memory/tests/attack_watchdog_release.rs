@@ -72,7 +72,7 @@ async fn a_guard_released_as_its_watchdog_wakes_is_not_reported_lost() {
     );
 }
 
-/// A memory lock behind another face: without [`Handle::release_now`] (a store that needs I/O
+/// A memory lock behind another face: with releases that need awaiting (a store that needs I/O
 /// to release, as Redis does) or, in process, with an extend that awaits for `slow_extend`.
 #[derive(Debug)]
 struct Wrapped {
@@ -98,18 +98,23 @@ impl Lock for Wrapped {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        Ok(self.inner.try_acquire(request).await?.map(|inner| {
-            Box::new(WrappedHandle {
-                inner,
-                in_process: self.in_process,
-                slow_extend: self.slow_extend,
-                extending: Arc::clone(&self.extending),
-            }) as Box<dyn Handle>
-        }))
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            Ok(self.inner.try_acquire(request).await?.map(|inner| {
+                Box::new(WrappedHandle {
+                    inner,
+                    in_process: self.in_process,
+                    slow_extend: self.slow_extend,
+                    extending: Arc::clone(&self.extending),
+                }) as Box<dyn Handle>
+            }))
+        })
     }
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        self.inner.abandon(request).await
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move { self.inner.abandon(request).await })
     }
 }
 
@@ -123,14 +128,11 @@ impl Handle for WrappedHandle {
         tokio::time::sleep(self.slow_extend).await;
         self.inner.extend(ttl).await
     }
-    async fn release(&mut self) -> Result<()> {
-        self.inner.release().await
-    }
-    fn release_now(&mut self) -> Option<Result<()>> {
+    fn release(&mut self) -> lock_core::raw::Answer<'_, Result<()>> {
         if self.in_process {
-            self.inner.release_now()
+            self.inner.release()
         } else {
-            None
+            lock_core::raw::Answer::later(async move { self.inner.release().await })
         }
     }
 }

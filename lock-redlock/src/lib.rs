@@ -555,122 +555,127 @@ impl Lock for Redlock {
         Ok(())
     }
 
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        let shared = &self.shared;
-        if request.kind() != LeaseKind::Exclusive {
-            return lease::try_acquire(shared, request).await;
-        }
-        if let (Some(fair), [_]) = (&shared.fair, request.keys()) {
-            return try_acquire_fair(shared, fair, request).await;
-        }
-        let (keys, token, ttl) = (
-            request.key_set().clone(),
-            request.token().clone(),
-            request.ttl(),
-        );
-        let nodes = shared.nodes()?;
-        let fences = shared.fence_keys(&keys);
-        let start = Instant::now();
-        let (tally, pending) =
-            round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
-                let (keys, token, fences) = (keys.clone(), token.clone(), fences.clone());
-                async move { node.acquire(&keys, &token, ttl, fences.as_deref()).await }
-            })
-            .await;
-        tracing::debug!(
-            yes = tally.yes.len(),
-            no = tally.no,
-            failed = tally.failed.len(),
-            elapsed_us = start.elapsed().as_micros() as u64,
-            "redlock acquire round"
-        );
-        if tally.yes.len() >= shared.quorum
-            && let Some(valid_until) = shared.valid_until(start, ttl)
-        {
-            let fence = match &fences {
-                None => Ok(None),
-                Some(fences) => {
-                    shared
-                        .raise_fence(&nodes, &keys, &token, fences, tally.highest, ttl)
-                        .await
-                }
-            };
-            match fence {
-                // Without fencing, or raised on a quorum: ours, if the second round left time.
-                Ok(fence) if fences.is_none() || fence.is_some() => {
-                    if Instant::now() < valid_until {
-                        // Requests still in flight can only add our own token to more nodes,
-                        // which keeps the lock safe through more node failures: let them run
-                        // (dropped, one not yet sent, e.g. on a connection still being made,
-                        // would never be). Release goes to every node anyway, and once more to
-                        // these when they have answered: a release sent before may overtake the
-                        // request on its node (a script reloaded after NOSCRIPT, a connection
-                        // being made) and find nothing, and the key would then stay for the ttl.
-                        let in_flight =
-                            (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
-                        return Ok(Some(Box::new(RedlockHandle {
-                            shared: Arc::clone(shared),
-                            lease: lease(keys, request.kind(), token, valid_until, fence),
-                            held: Held::Mutex,
-                            ttl,
-                            in_flight,
-                            extending: None,
-                        })));
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            let shared = &self.shared;
+            if request.kind() != LeaseKind::Exclusive {
+                return lease::try_acquire(shared, request).await;
+            }
+            if let (Some(fair), [_]) = (&shared.fair, request.keys()) {
+                return try_acquire_fair(shared, fair, request).await;
+            }
+            let (keys, token, ttl) = (
+                request.key_set().clone(),
+                request.token().clone(),
+                request.ttl(),
+            );
+            let nodes = shared.nodes()?;
+            let fences = shared.fence_keys(&keys);
+            let start = Instant::now();
+            let (tally, pending) =
+                round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
+                    let (keys, token, fences) = (keys.clone(), token.clone(), fences.clone());
+                    async move { node.acquire(&keys, &token, ttl, fences.as_deref()).await }
+                })
+                .await;
+            tracing::debug!(
+                yes = tally.yes.len(),
+                no = tally.no,
+                failed = tally.failed.len(),
+                elapsed_us = start.elapsed().as_micros() as u64,
+                "redlock acquire round"
+            );
+            if tally.yes.len() >= shared.quorum
+                && let Some(valid_until) = shared.valid_until(start, ttl)
+            {
+                let fence = match &fences {
+                    None => Ok(None),
+                    Some(fences) => {
+                        shared
+                            .raise_fence(&nodes, &keys, &token, fences, tally.highest, ttl)
+                            .await
+                    }
+                };
+                match fence {
+                    // Without fencing, or raised on a quorum: ours, if the second round left time.
+                    Ok(fence) if fences.is_none() || fence.is_some() => {
+                        if Instant::now() < valid_until {
+                            // Requests still in flight can only add our own token to more nodes,
+                            // which keeps the lock safe through more node failures: let them run
+                            // (dropped, one not yet sent, e.g. on a connection still being made,
+                            // would never be). Release goes to every node anyway, and once more to
+                            // these when they have answered: a release sent before may overtake the
+                            // request on its node (a script reloaded after NOSCRIPT, a connection
+                            // being made) and find nothing, and the key would then stay for the ttl.
+                            let in_flight =
+                                (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
+                            return Ok(Some(Box::new(RedlockHandle {
+                                shared: Arc::clone(shared),
+                                lease: lease(keys, request.kind(), token, valid_until, fence),
+                                held: Held::Mutex,
+                                ttl,
+                                in_flight,
+                                extending: None,
+                            })));
+                        }
+                    }
+                    outcome => {
+                        shared
+                            .undo_attempt(
+                                &tally,
+                                pending,
+                                &keys,
+                                &token,
+                                Held::Mutex,
+                                ttl,
+                                start.elapsed(),
+                            )
+                            .await;
+                        return outcome.map(|_| None);
                     }
                 }
-                outcome => {
+            }
+            shared
+                .undo_attempt(
+                    &tally,
+                    pending,
+                    &keys,
+                    &token,
+                    Held::Mutex,
+                    ttl,
+                    start.elapsed(),
+                )
+                .await;
+            let key = request.primary_key().to_string();
+            if tally.yes.len() >= shared.quorum {
+                return Err(LockError::backend(
+                    NAME,
+                    format!(
+                        "the quorum for `{key}` answered after the ttl of {} ms was spent; raise the ttl",
+                        ttl.as_millis()
+                    ),
+                ));
+            }
+            if tally.no > 0 {
+                // `SET NX` on a key of another type (a list, a hash) is refused as if the key were
+                // held, forever: look once per acquisition, on its first refusal.
+                if !request.after_wait() {
                     shared
-                        .undo_attempt(
-                            &tally,
-                            pending,
-                            &keys,
-                            &token,
-                            Held::Mutex,
-                            ttl,
-                            start.elapsed(),
-                        )
-                        .await;
-                    return outcome.map(|_| None);
+                        .refuse_foreign_types(&nodes, &keys, LeaseKind::Exclusive, ttl)
+                        .await?;
                 }
+                return Ok(None);
             }
-        }
-        shared
-            .undo_attempt(
-                &tally,
-                pending,
-                &keys,
-                &token,
-                Held::Mutex,
-                ttl,
-                start.elapsed(),
-            )
-            .await;
-        let key = request.primary_key().to_string();
-        if tally.yes.len() >= shared.quorum {
-            return Err(LockError::backend(
-                NAME,
-                format!(
-                    "the quorum for `{key}` answered after the ttl of {} ms was spent; raise the ttl",
-                    ttl.as_millis()
-                ),
-            ));
-        }
-        if tally.no > 0 {
-            // `SET NX` on a key of another type (a list, a hash) is refused as if the key were
-            // held, forever: look once per acquisition, on its first refusal.
-            if !request.after_wait() {
-                shared
-                    .refuse_foreign_types(&nodes, &keys, LeaseKind::Exclusive, ttl)
-                    .await?;
-            }
-            return Ok(None);
-        }
-        tracing::warn!(key, failures = tally.failures(), "quorum not reached");
-        Err(LockError::QuorumNotReached {
-            key,
-            got: tally.yes.len(),
-            needed: shared.quorum,
-            failures: tally.failures(),
+            tracing::warn!(key, failures = tally.failures(), "quorum not reached");
+            Err(LockError::QuorumNotReached {
+                key,
+                got: tally.yes.len(),
+                needed: shared.quorum,
+                failures: tally.failures(),
+            })
         })
     }
 
@@ -712,48 +717,50 @@ impl Lock for Redlock {
         Ok(())
     }
 
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        let shared = &self.shared;
-        let (keys, token) = (request.key_set().clone(), request.token());
-        let timeout = shared.node_timeout(lock_core::raw::validate::MAX_TTL);
-        // The clean-up of a cancelled attempt may be the last thing this process sends: each
-        // node gets the script with the call (see `release_self_contained`).
-        let held = lease::held_by(request.kind(), shared.node_count);
-        let wanted = released_when(&keys, held);
-        // A waiter of a fair line leaves it (and the turn passes on if the lock is free).
-        let member: Arc<[u8]> = match (&shared.fair, request.waiter()) {
-            (Some(fair), Some(waiter)) => {
-                fair.forget(waiter);
-                fair.member(waiter).into()
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move {
+            let shared = &self.shared;
+            let (keys, token) = (request.key_set().clone(), request.token());
+            let timeout = shared.node_timeout(lock_core::raw::validate::MAX_TTL);
+            // The clean-up of a cancelled attempt may be the last thing this process sends: each
+            // node gets the script with the call (see `release_self_contained`).
+            let held = lease::held_by(request.kind(), shared.node_count);
+            let wanted = released_when(&keys, held);
+            // A waiter of a fair line leaves it (and the turn passes on if the lock is free).
+            let member: Arc<[u8]> = match (&shared.fair, request.waiter()) {
+                (Some(fair), Some(waiter)) => {
+                    fair.forget(waiter);
+                    fair.member(waiter).into()
+                }
+                _ => Arc::from(&[][..]),
+            };
+            let (mut tally, rest) = round::run(&shared.nodes()?, shared.quorum, timeout, |node| {
+                let (keys, token, member) = (keys.clone(), token.clone(), Arc::clone(&member));
+                async move {
+                    node.release_self_contained(&keys, &token, held, &member)
+                        .await
+                        .map(|deleted| (deleted == wanted).then_some(0))
+                }
+            })
+            .await;
+            let late = rest.finish().await;
+            let failed = tally.failed_with(&late);
+            tally.yes.extend(late.yes);
+            if !failed.is_empty() {
+                let expires_by = Instant::now() + request.ttl();
+                tokio::spawn(Arc::clone(shared).release_as_until_answered(
+                    failed,
+                    keys,
+                    token.clone(),
+                    held,
+                    timeout,
+                    expires_by,
+                    None,
+                    member,
+                ));
             }
-            _ => Arc::from(&[][..]),
-        };
-        let (mut tally, rest) = round::run(&shared.nodes()?, shared.quorum, timeout, |node| {
-            let (keys, token, member) = (keys.clone(), token.clone(), Arc::clone(&member));
-            async move {
-                node.release_self_contained(&keys, &token, held, &member)
-                    .await
-                    .map(|deleted| (deleted == wanted).then_some(0))
-            }
+            Ok(!tally.yes.is_empty())
         })
-        .await;
-        let late = rest.finish().await;
-        let failed = tally.failed_with(&late);
-        tally.yes.extend(late.yes);
-        if !failed.is_empty() {
-            let expires_by = Instant::now() + request.ttl();
-            tokio::spawn(Arc::clone(shared).release_as_until_answered(
-                failed,
-                keys,
-                token.clone(),
-                held,
-                timeout,
-                expires_by,
-                None,
-                member,
-            ));
-        }
-        Ok(!tally.yes.is_empty())
     }
 }
 
@@ -985,80 +992,84 @@ impl Handle for RedlockHandle {
         Err(self.lost_or_unreachable(&tally))
     }
 
-    async fn release(&mut self) -> Result<()> {
-        let shared = Arc::clone(&self.shared);
-        let timeout = shared.node_timeout(self.ttl);
-        let nodes = shared.nodes()?;
-        // Acquisition requests still out when this release was sent may land after it.
-        let in_flight = self.in_flight.take().filter(|task| !task.is_finished());
-        let (tally, pending) = shared
-            .release_on(
-                &nodes,
-                self.lease.key_set(),
-                self.lease.token(),
-                self.held,
-                timeout,
-            )
-            .await;
-        if let Some(in_flight) = in_flight {
-            let expires_by = self.lease.valid_until() + shared.drift(self.ttl);
-            let (shared, keys, token, held) = (
-                Arc::clone(&shared),
-                self.lease.key_set().clone(),
-                self.lease.token().clone(),
-                self.held,
-            );
-            tokio::spawn(async move {
-                let Ok(late) = in_flight.await else { return };
-                // A node that took the key late, or whose answer never came (it may still
-                // land behind this), hears the release again.
-                let targets: Vec<usize> = late
-                    .yes
-                    .into_iter()
-                    .chain(late.failed.into_iter().map(|(index, _)| index))
-                    .collect();
-                // Each of them was sent the release already: this is a re-send.
-                let sent_before = targets.clone();
-                shared
-                    .release_until_answered(
-                        targets,
-                        keys,
-                        token,
-                        held,
-                        timeout,
-                        expires_by,
-                        Some(AtOnce { sent_before }),
-                    )
-                    .await;
-            });
-        }
-        let failed: Vec<usize> = tally.failed.iter().map(|(index, _)| *index).collect();
-        if !pending.is_empty() || !failed.is_empty() {
-            // Every node must hear the release, not only the majority that decided it: the
-            // slower ones are awaited and those that failed are asked again, off the caller's
-            // path, until the keys would be gone by themselves.
-            let expires_by = self.lease.valid_until() + shared.drift(self.ttl);
-            let (shared, keys, token, held) = (
-                Arc::clone(&shared),
-                self.lease.key_set().clone(),
-                self.lease.token().clone(),
-                self.held,
-            );
-            tokio::spawn(async move {
-                let late = pending.finish().await;
-                let failed = failed
-                    .into_iter()
-                    .chain(late.failed.into_iter().map(|(index, _)| index))
-                    .collect();
-                shared
-                    .release_until_answered(failed, keys, token, held, timeout, expires_by, None)
-                    .await;
-            });
-        }
-        if tally.yes.len() >= shared.quorum {
-            return Ok(());
-        }
-        Err(self.lost_or_unreachable(&tally))
+    fn release(&mut self) -> lock_core::raw::Answer<'_, Result<()>> {
+        lock_core::raw::Answer::later(async move {
+            let shared = Arc::clone(&self.shared);
+            let timeout = shared.node_timeout(self.ttl);
+            let nodes = shared.nodes()?;
+            // Acquisition requests still out when this release was sent may land after it.
+            let in_flight = self.in_flight.take().filter(|task| !task.is_finished());
+            let (tally, pending) = shared
+                .release_on(
+                    &nodes,
+                    self.lease.key_set(),
+                    self.lease.token(),
+                    self.held,
+                    timeout,
+                )
+                .await;
+            if let Some(in_flight) = in_flight {
+                let expires_by = self.lease.valid_until() + shared.drift(self.ttl);
+                let (shared, keys, token, held) = (
+                    Arc::clone(&shared),
+                    self.lease.key_set().clone(),
+                    self.lease.token().clone(),
+                    self.held,
+                );
+                tokio::spawn(async move {
+                    let Ok(late) = in_flight.await else { return };
+                    // A node that took the key late, or whose answer never came (it may still
+                    // land behind this), hears the release again.
+                    let targets: Vec<usize> = late
+                        .yes
+                        .into_iter()
+                        .chain(late.failed.into_iter().map(|(index, _)| index))
+                        .collect();
+                    // Each of them was sent the release already: this is a re-send.
+                    let sent_before = targets.clone();
+                    shared
+                        .release_until_answered(
+                            targets,
+                            keys,
+                            token,
+                            held,
+                            timeout,
+                            expires_by,
+                            Some(AtOnce { sent_before }),
+                        )
+                        .await;
+                });
+            }
+            let failed: Vec<usize> = tally.failed.iter().map(|(index, _)| *index).collect();
+            if !pending.is_empty() || !failed.is_empty() {
+                // Every node must hear the release, not only the majority that decided it: the
+                // slower ones are awaited and those that failed are asked again, off the caller's
+                // path, until the keys would be gone by themselves.
+                let expires_by = self.lease.valid_until() + shared.drift(self.ttl);
+                let (shared, keys, token, held) = (
+                    Arc::clone(&shared),
+                    self.lease.key_set().clone(),
+                    self.lease.token().clone(),
+                    self.held,
+                );
+                tokio::spawn(async move {
+                    let late = pending.finish().await;
+                    let failed = failed
+                        .into_iter()
+                        .chain(late.failed.into_iter().map(|(index, _)| index))
+                        .collect();
+                    shared
+                        .release_until_answered(
+                            failed, keys, token, held, timeout, expires_by, None,
+                        )
+                        .await;
+                });
+            }
+            if tally.yes.len() >= shared.quorum {
+                return Ok(());
+            }
+            Err(self.lost_or_unreachable(&tally))
+        })
     }
 
     /// Turns every node's write entry into a read entry with the same expiry. A round that

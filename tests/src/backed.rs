@@ -77,12 +77,15 @@ impl<L: Lock> Lock for ServerBacked<L> {
         self.lock.capabilities()
     }
 
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        self.lock.try_acquire(request).await
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move { self.lock.try_acquire(request).await })
     }
 
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        self.lock.abandon(request).await
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move { self.lock.abandon(request).await })
     }
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {

@@ -41,23 +41,28 @@ impl Lock for Broken {
     fn capabilities(&self) -> Capabilities {
         Capabilities::NONE
     }
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        let inner = self.inner.try_acquire(request).await?;
-        if inner.is_none() && !matches!(self.flaw, Flaw::NoMutualExclusion) {
-            return Ok(None);
-        }
-        let lease = inner.as_ref().map_or_else(
-            || Lease::new(request, Instant::now() + Duration::from_secs(10)),
-            |inner| inner.lease().clone(),
-        );
-        Ok(Some(Box::new(BrokenHandle {
-            inner,
-            memory: self.inner.clone(),
-            lease,
-        })))
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            let inner = self.inner.try_acquire(request).await?;
+            if inner.is_none() && !matches!(self.flaw, Flaw::NoMutualExclusion) {
+                return Ok(None);
+            }
+            let lease = inner.as_ref().map_or_else(
+                || Lease::new(request, Instant::now() + Duration::from_secs(10)),
+                |inner| inner.lease().clone(),
+            );
+            Ok(Some(Box::new(BrokenHandle {
+                inner,
+                memory: self.inner.clone(),
+                lease,
+            }) as Box<dyn Handle>))
+        })
     }
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        self.inner.abandon(request).await
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move { self.inner.abandon(request).await })
     }
 }
 
@@ -75,12 +80,14 @@ impl Handle for BrokenHandle {
             None => Ok(()),
         }
     }
-    async fn release(&mut self) -> Result<()> {
-        // Both flaws end in an unconditional delete of the exact key.
-        self.memory
-            .purge(self.lease.key().as_str())
-            .await
-            .map(|_| ())
+    fn release(&mut self) -> lock_core::raw::Answer<'_, Result<()>> {
+        lock_core::raw::Answer::later(async move {
+            // Both flaws end in an unconditional delete of the exact key.
+            self.memory
+                .purge(self.lease.key().as_str())
+                .await
+                .map(|_| ())
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use lock_core::{
     Capabilities, Key, Lease, LockError, Result, Token,
-    raw::{Handle, Lock, LockRequest, async_trait},
+    raw::{Acquired, Answer, Handle, Lock, LockRequest, async_trait},
 };
 use tokio::time::Instant;
 
@@ -42,27 +42,29 @@ impl Lock for ToyLock {
     fn capabilities(&self) -> Capabilities {
         Capabilities::NONE
     }
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
+    // A store in this process decides in the call: its answers are ready, with no future to
+    // box (a store that needs I/O answers `Answer::later(async move { .. })`).
+    fn try_acquire<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Acquired> {
         let (now, key) = (Instant::now(), request.primary_key().clone());
         let mut table = self
             .0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if table.get(&key).is_some_and(|(_, expires)| *expires > now) {
-            return Ok(None);
+            return Answer::ready(Ok(None));
         }
         let expires = now + request.ttl();
         table.insert(key.clone(), (request.token().clone(), expires));
-        Ok(Some(Box::new(ToyHandle(
+        Answer::ready(Ok(Some(Box::new(ToyHandle(
             self.0.clone(),
             Lease::new(request, expires),
-        ))))
+        )))))
     }
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        Ok(request
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
+        Answer::ready(Ok(request
             .keys()
             .iter()
-            .any(|key| remove_if_ours(&self.0, key, request.token()).is_some()))
+            .any(|key| remove_if_ours(&self.0, key, request.token()).is_some())))
     }
 }
 
@@ -77,13 +79,15 @@ impl Handle for ToyHandle {
             capability: "extend",
         })
     }
-    async fn release(&mut self) -> Result<()> {
-        match remove_if_ours(&self.0, self.1.key(), self.1.token()) {
-            Some(expires) if expires > Instant::now() => Ok(()),
-            _ => Err(LockError::NotHeld {
-                key: self.1.key().to_string(),
-            }),
-        }
+    fn release(&mut self) -> Answer<'_, Result<()>> {
+        Answer::ready(
+            match remove_if_ours(&self.0, self.1.key(), self.1.token()) {
+                Some(expires) if expires > Instant::now() => Ok(()),
+                _ => Err(LockError::NotHeld {
+                    key: self.1.key().to_string(),
+                }),
+            },
+        )
     }
 }
 

@@ -480,23 +480,30 @@ impl Lock for OnePermitTooMany {
         self.0.capabilities()
     }
 
-    async fn try_acquire(
-        &self,
-        request: &LockRequest,
-    ) -> lock_core::Result<Option<Box<dyn Handle>>> {
-        let kind = match request.kind() {
-            LeaseKind::Permit { permits } => permit(permits.get() + 1),
-            other => other,
-        };
-        self.0.try_acquire(&request.clone().with_kind(kind)).await
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, lock_core::Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            let kind = match request.kind() {
+                LeaseKind::Permit { permits } => permit(permits.get() + 1),
+                other => other,
+            };
+            self.0.try_acquire(&request.clone().with_kind(kind)).await
+        })
     }
 
-    async fn abandon(&self, request: &LockRequest) -> lock_core::Result<bool> {
-        let kind = match request.kind() {
-            LeaseKind::Permit { permits } => permit(permits.get() + 1),
-            other => other,
-        };
-        self.0.abandon(&request.clone().with_kind(kind)).await
+    fn abandon<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, lock_core::Result<bool>> {
+        lock_core::raw::Answer::later(async move {
+            let kind = match request.kind() {
+                LeaseKind::Permit { permits } => permit(permits.get() + 1),
+                other => other,
+            };
+            self.0.abandon(&request.clone().with_kind(kind)).await
+        })
     }
 
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> lock_core::Result<()> {

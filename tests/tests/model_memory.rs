@@ -161,37 +161,42 @@ impl Lock for Broken {
         self.memory.capabilities()
     }
 
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        let start = Instant::now();
-        let asked = match self.flaw {
-            Flaw::NeverExpires => LockRequest::new(
-                request.key_set().clone(),
-                request.token().clone(),
-                Duration::from_secs(3600),
-            )?,
-            _ => request.clone(),
-        };
-        let Some(inner) = self.memory.try_acquire(&asked).await? else {
-            return Ok(None);
-        };
-        let mut lease = Lease::new(request, start + request.ttl());
-        let fence = match self.flaw {
-            Flaw::FenceRepeats => Some(7),
-            _ => inner.lease().fencing_token(),
-        };
-        if let Some(fence) = fence {
-            lease = lease.with_fencing_token(fence);
-        }
-        Ok(Some(Box::new(BrokenHandle {
-            inner,
-            memory: self.memory.clone(),
-            flaw: self.flaw,
-            lease,
-        })))
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            let start = Instant::now();
+            let asked = match self.flaw {
+                Flaw::NeverExpires => LockRequest::new(
+                    request.key_set().clone(),
+                    request.token().clone(),
+                    Duration::from_secs(3600),
+                )?,
+                _ => request.clone(),
+            };
+            let Some(inner) = self.memory.try_acquire(&asked).await? else {
+                return Ok(None);
+            };
+            let mut lease = Lease::new(request, start + request.ttl());
+            let fence = match self.flaw {
+                Flaw::FenceRepeats => Some(7),
+                _ => inner.lease().fencing_token(),
+            };
+            if let Some(fence) = fence {
+                lease = lease.with_fencing_token(fence);
+            }
+            Ok(Some(Box::new(BrokenHandle {
+                inner,
+                memory: self.memory.clone(),
+                flaw: self.flaw,
+                lease,
+            }) as Box<dyn Handle>))
+        })
     }
 
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        self.memory.abandon(request).await
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move { self.memory.abandon(request).await })
     }
 
     async fn purge(&self, prefix: &str) -> Result<u64> {
@@ -215,16 +220,18 @@ impl Handle for BrokenHandle {
         Ok(())
     }
 
-    async fn release(&mut self) -> Result<()> {
-        match self.flaw {
-            // A plain delete of the exact keys, whoever holds them.
-            Flaw::ReleaseIgnoresToken => {
-                for key in self.lease.keys() {
-                    self.memory.purge(key.as_str()).await?;
+    fn release(&mut self) -> lock_core::raw::Answer<'_, Result<()>> {
+        lock_core::raw::Answer::later(async move {
+            match self.flaw {
+                // A plain delete of the exact keys, whoever holds them.
+                Flaw::ReleaseIgnoresToken => {
+                    for key in self.lease.keys() {
+                        self.memory.purge(key.as_str()).await?;
+                    }
+                    Ok(())
                 }
-                Ok(())
+                _ => self.inner.release().await,
             }
-            _ => self.inner.release().await,
-        }
+        })
     }
 }

@@ -426,18 +426,23 @@ impl Lock for Oversized {
         self.0.capabilities()
     }
 
-    async fn try_acquire(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-        let request = match request.kind() {
-            LeaseKind::Permit { permits } => request
-                .clone()
-                .with_kind(LeaseKind::permit(permits.get() * 2)?),
-            _ => request.clone(),
-        };
-        self.0.try_acquire(&request).await
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        lock_core::raw::Answer::later(async move {
+            let request = match request.kind() {
+                LeaseKind::Permit { permits } => request
+                    .clone()
+                    .with_kind(LeaseKind::permit(permits.get() * 2)?),
+                _ => request.clone(),
+            };
+            self.0.try_acquire(&request).await
+        })
     }
 
-    async fn abandon(&self, request: &LockRequest) -> Result<bool> {
-        self.0.abandon(request).await
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        lock_core::raw::Answer::later(async move { self.0.abandon(request).await })
     }
 
     async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {

@@ -633,10 +633,10 @@ pub async fn lost_signal_fires_when_the_lock_is_taken_away(lock: Arc<dyn Lock>) 
     next.release().await.unwrap();
 }
 
-/// A backend that answers without awaiting ([`Lock::try_acquire_now`],
-/// [`Handle::release_now`]) answers exactly as when awaited, and both kinds of handle work
-/// with both kinds of call; on every backend a handle is released once, whichever call it is
-/// released by, and a second release reports that it is not held.
+/// A backend whose answers are decided in the call ([`Answer::ready`](crate::raw::Answer::ready))
+/// answers exactly as when they are awaited, and both ways of taking an answer work with both
+/// kinds of handle; on every backend a handle is released once, whichever way its release is
+/// taken, and a second release reports that it is not held.
 pub async fn immediate_and_awaited_answers_agree(lock: Arc<dyn Lock>) {
     let key = locker(&lock).lock_ns("at-once").unwrap();
     let request = || {
@@ -648,14 +648,16 @@ pub async fn immediate_and_awaited_answers_agree(lock: Arc<dyn Lock>) {
         .unwrap()
     };
     // Only a backend that answers at once for a free key has immediate answers to compare.
-    if let Some(first) = lock.try_acquire_now(&request()) {
+    let first = request();
+    if let Ok(first) = lock.try_acquire(&first).now() {
         let mut taken_at_once = first.unwrap().expect("a free key is taken at once");
         assert!(
             lock.try_acquire(&request()).await.unwrap().is_none(),
             "the awaited attempt must see the key taken at once"
         );
+        let again = request();
         assert!(
-            matches!(lock.try_acquire_now(&request()), Some(Ok(None))),
+            matches!(lock.try_acquire(&again).now(), Ok(Ok(None))),
             "the immediate attempt must see the key held"
         );
         taken_at_once.release().await.unwrap();
@@ -666,7 +668,8 @@ pub async fn immediate_and_awaited_answers_agree(lock: Arc<dyn Lock>) {
         .await
         .unwrap()
         .expect("the key is free");
-    if let Some(answer) = lock.try_acquire_now(&request()) {
+    let again = request();
+    if let Ok(answer) = lock.try_acquire(&again).now() {
         assert!(
             matches!(answer, Ok(None)),
             "the immediate attempt must see the key taken when awaited"
@@ -678,9 +681,10 @@ pub async fn immediate_and_awaited_answers_agree(lock: Arc<dyn Lock>) {
         matches!(again, Err(LockError::NotHeld { .. })),
         "a second release must report not held, got {again:?}"
     );
-    let mut last = match lock.try_acquire_now(&request()) {
-        Some(answer) => answer,
-        None => lock.try_acquire(&request()).await,
+    let last = request();
+    let mut last = match lock.try_acquire(&last).now() {
+        Ok(answer) => answer,
+        Err(later) => later.await,
     }
     .unwrap()
     .expect("the released key is free");
@@ -688,9 +692,9 @@ pub async fn immediate_and_awaited_answers_agree(lock: Arc<dyn Lock>) {
 }
 
 async fn release_either_way(handle: &mut dyn Handle) -> crate::Result<()> {
-    match handle.release_now() {
-        Some(result) => result,
-        None => handle.release().await,
+    match handle.release().now() {
+        Ok(result) => result,
+        Err(later) => later.await,
     }
 }
 

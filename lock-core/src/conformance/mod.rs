@@ -413,7 +413,7 @@ mod tests {
     use super::*;
     use crate::{
         Result,
-        raw::{Handle, LockRequest},
+        raw::{Acquired, Answer, LockRequest},
     };
 
     /// A backend that reports capabilities and takes nothing: enough to select cases by.
@@ -428,11 +428,11 @@ mod tests {
         fn capabilities(&self) -> Capabilities {
             self.0
         }
-        async fn try_acquire(&self, _request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
-            Ok(None)
+        fn try_acquire<'a>(&'a self, _request: &'a LockRequest) -> Answer<'a, Acquired> {
+            Answer::ready(Ok(None))
         }
-        async fn abandon(&self, _request: &LockRequest) -> Result<bool> {
-            Ok(false)
+        fn abandon<'a>(&'a self, _request: &'a LockRequest) -> Answer<'a, Result<bool>> {
+            Answer::ready(Ok(false))
         }
     }
 

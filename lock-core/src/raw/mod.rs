@@ -19,5 +19,5 @@ pub use async_trait::async_trait;
 pub use follow_up::{FOLLOW_UP_ROUNDS, FollowUp};
 
 pub use crate::key::KeySet;
-pub use crate::lock::{Capabilities, Handle, Lock, LockRequest};
+pub use crate::lock::{Acquired, Answer, Capabilities, Handle, Lock, LockRequest};
 pub use crate::url::redact_url;

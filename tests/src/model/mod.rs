@@ -81,7 +81,7 @@ pub trait Target {
     fn guards_after_stop(&self) -> AfterStop;
 
     /// Whether a dropped guard frees its keys before the drop returns ([`Timing::Exact`]):
-    /// true for a backend whose handles release without awaiting (`Handle::release_now`);
+    /// true for a backend whose handles release in the call (`Answer::ready` from `Handle::release`);
     /// otherwise the release is spawned, and done once the case next yields.
     fn drop_releases_at_once(&self) -> bool {
         false
