@@ -366,10 +366,10 @@ impl State {
     /// the handle is let go, so it cannot extend (and report lost) a released lock.
     fn release_now(&mut self) -> Option<Result<()>> {
         match self {
-            Self::Held(handle) => handle.release().now().ok(),
+            Self::Held(handle) => handle.release().into_ready(),
             Self::Watched(watched) => {
                 let mut handle = watched.handle.try_lock().ok()?;
-                let result = handle.release().now().ok()?;
+                let result = handle.release().into_ready()?;
                 watchdog::end(watched.lease.live());
                 watched.task.abort();
                 drop(handle);

@@ -370,14 +370,17 @@ pub type Acquired = Result<Option<Box<dyn Handle>>>;
 pub struct Answer<'a, T>(Decided<'a, T>);
 
 enum Decided<'a, T> {
-    Ready(Option<T>),
+    Ready(T),
     Later(Pin<Box<dyn Future<Output = T> + Send + 'a>>),
+    /// Awaited to its end.
+    Spent,
 }
 
 impl<'a, T> Answer<'a, T> {
     /// An answer decided in the call: awaiting it returns `value` in its first poll.
+    #[inline]
     pub fn ready(value: T) -> Self {
-        Self(Decided::Ready(Some(value)))
+        Self(Decided::Ready(value))
     }
 
     /// An answer that needs I/O: `future`, boxed. It must do nothing before it is first polled
@@ -386,13 +389,24 @@ impl<'a, T> Answer<'a, T> {
         Self(Decided::Later(Box::pin(future)))
     }
 
+    /// The value of an answer decided in the call; `None` (and the answer dropped unpolled)
+    /// when it needs awaiting.
+    #[inline]
+    pub fn into_ready(self) -> Option<T> {
+        match self.0 {
+            Decided::Ready(value) => Some(value),
+            Decided::Later(_) | Decided::Spent => None,
+        }
+    }
+
     /// The value of an answer decided in the call, or the answer back when it needs awaiting.
     ///
     /// # Errors
     /// The answer itself, when it was made by [`Answer::later`] (or already awaited).
+    #[inline]
     pub fn now(self) -> std::result::Result<T, Self> {
         match self.0 {
-            Decided::Ready(Some(value)) => Ok(value),
+            Decided::Ready(value) => Ok(value),
             other => Err(Self(other)),
         }
     }
@@ -405,11 +419,13 @@ impl<T> Future for Answer<'_, T> {
     type Output = T;
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
-        match &mut self.get_mut().0 {
-            Decided::Ready(value) => {
-                std::task::Poll::Ready(value.take().expect("an answer is awaited once"))
-            }
-            Decided::Later(future) => future.as_mut().poll(cx),
+        let this = self.get_mut();
+        if let Decided::Later(future) = &mut this.0 {
+            return future.as_mut().poll(cx);
+        }
+        match std::mem::replace(&mut this.0, Decided::Spent) {
+            Decided::Ready(value) => std::task::Poll::Ready(value),
+            _ => panic!("an answer is awaited once"),
         }
     }
 }
@@ -419,6 +435,7 @@ impl<T> fmt::Debug for Answer<'_, T> {
         f.write_str(match self.0 {
             Decided::Ready(_) => "Answer::Ready",
             Decided::Later(_) => "Answer::Later",
+            Decided::Spent => "Answer::Spent",
         })
     }
 }
@@ -619,5 +636,42 @@ impl<L: Lock + ?Sized> Lock for Arc<L> {
 
     async fn shutdown(&self) -> Result<()> {
         (**self).shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_ready_answer_is_taken_at_once_and_a_later_one_is_handed_back() {
+        assert_eq!(Answer::<'_, u32>::ready(7).now().unwrap(), 7);
+        assert_eq!(Answer::<'_, u32>::ready(7).into_ready(), Some(7));
+        let later = Answer::<'_, u32>::later(async { 8 });
+        assert_eq!(format!("{later:?}"), "Answer::Later");
+        let later = later.now().unwrap_err();
+        assert_eq!(Answer::<'_, u32>::later(async { 8 }).into_ready(), None);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(
+            runtime.block_on(later),
+            8,
+            "the answer handed back still answers"
+        );
+        assert_eq!(runtime.block_on(Answer::ready(9)), 9);
+    }
+
+    #[test]
+    fn a_ready_answer_completes_in_its_first_poll() {
+        let mut answer = Answer::<'_, u32>::ready(3);
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        assert_eq!(
+            Pin::new(&mut answer).poll(&mut context),
+            std::task::Poll::Ready(3)
+        );
+        assert_eq!(format!("{answer:?}"), "Answer::Spent");
     }
 }

@@ -421,7 +421,7 @@ impl Locker {
             }
             Err(error) => return AtOnce::Settled(Err(error)),
         };
-        let answer = self.store().try_acquire(&request).now().ok();
+        let answer = self.store().try_acquire(&request).into_ready();
         if answer.is_some() {
             acquisition.attempt();
         }
@@ -845,7 +845,7 @@ fn born_valid(mut handle: Box<dyn Handle>) -> Option<Box<dyn Handle>> {
         return Some(handle);
     }
     tracing::debug!("the lock's validity passed before the attempt returned; releasing it");
-    if handle.release().now().is_err()
+    if handle.release().into_ready().is_none()
         && let Ok(runtime) = tokio::runtime::Handle::try_current()
     {
         runtime.spawn(async move {

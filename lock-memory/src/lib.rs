@@ -1036,6 +1036,36 @@ mod tests {
         holder.release().await.unwrap();
     }
 
+    /// The memory path never boxes a future: every answer of the store is decided in the call,
+    /// so the core takes it without awaiting (and a guard dropped outside a runtime still
+    /// releases, a cancelled writer's claim is gone before the next line).
+    #[test]
+    fn every_answer_is_decided_in_the_call() {
+        let lock = MemoryLock::new();
+        let request = LockRequest::new(
+            lock_core::raw::KeySet::one(Key::new("k").unwrap()),
+            Token::generate().unwrap(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let mut handle = lock
+            .try_acquire(&request)
+            .into_ready()
+            .expect("decided in the call")
+            .unwrap()
+            .expect("a free key is taken");
+        assert!(matches!(
+            lock.try_acquire(&request).into_ready(),
+            Some(Ok(None))
+        ));
+        assert!(matches!(handle.release().into_ready(), Some(Ok(()))));
+        assert!(matches!(
+            lock.abandon(&request).into_ready(),
+            Some(Ok(false))
+        ));
+        assert!(lock.is_empty());
+    }
+
     #[tokio::test]
     async fn purge_removes_only_the_prefix() {
         let lock = MemoryLock::new();
