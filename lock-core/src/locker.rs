@@ -3,8 +3,10 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -14,7 +16,7 @@ use crate::guard::LockGuard;
 use crate::key::{Key, KeySet, Namespace, key_for};
 use crate::lease::Lease;
 use crate::local::LocalQueue;
-use crate::lock::{Capabilities, Handle, KeyState, LeaseKind, Lock, LockRequest};
+use crate::lock::{Acquired, Answer, Capabilities, Handle, KeyState, LeaseKind, Lock, LockRequest};
 use crate::metrics::Acquisition;
 use crate::options::LockOptions;
 use crate::retry::{RetryCount, RetryPolicy};
@@ -388,57 +390,6 @@ impl Locker {
         )
     }
 
-    /// The first attempt, taken without awaiting when the backend's answer is decided in the
-    /// call (a lock in this process, see [`Answer::ready`](crate::raw::Answer::ready)). A key found held goes on to the
-    /// retry loop, which counts this as its first attempt; an answer that needs awaiting is
-    /// dropped unpolled and the retry loop makes the attempt.
-    ///
-    /// Every step of the hot path that would otherwise be an `.await` (a boxed future, a
-    /// state machine moved around) is skipped here, which is most of an in-process lock's cost.
-    fn acquire_at_once(
-        &self,
-        keys: &KeySet,
-        kind: LeaseKind,
-        options: &LockOptions,
-        acquisition: &mut Acquisition,
-    ) -> AtOnce {
-        if let Err(error) = self.check_keys(keys, kind) {
-            return AtOnce::Settled(Err(error));
-        }
-        // A store shared between processes needs I/O; the queue decides who asks first; a
-        // writer that finds readers leaves a claim, which the awaiting path looks after.
-        if self.store().capabilities().distributed
-            || self.queue_for(options, kind).is_some()
-            || kind == LeaseKind::Write
-        {
-            return AtOnce::NotAnswered;
-        }
-        let span = self.acquire_span(keys, kind);
-        let _entered = span.enter();
-        let request = match Token::generate() {
-            Ok(token) => {
-                LockRequest::prevalidated(keys.clone(), token, options.ttl()).with_kind(kind)
-            }
-            Err(error) => return AtOnce::Settled(Err(error)),
-        };
-        let answer = self.store().try_acquire(&request).into_ready();
-        if answer.is_some() {
-            acquisition.attempt();
-        }
-        match answer {
-            None => AtOnce::NotAnswered,
-            Some(Ok(Some(handle))) => match born_valid(handle) {
-                Some(handle) => {
-                    tracing::debug!(attempts = 1, "acquired");
-                    AtOnce::Settled(LockGuard::new(handle, self.store().name(), options.ttl()))
-                }
-                None => AtOnce::Held,
-            },
-            Some(Ok(None)) => AtOnce::Held,
-            Some(Err(error)) => AtOnce::Settled(Err(error)),
-        }
-    }
-
     /// Refuses calls on a stopped client, kinds the backend does not serve, semaphores beyond
     /// [`MAX_PERMITS`](crate::raw::validate::MAX_PERMITS) (a `LeaseKind::Permit` built by hand skips
     /// [`LeaseKind::permit`]), and multi-key locks on backends without them (multi-key locks
@@ -497,108 +448,184 @@ impl Locker {
     /// Every acquisition goes through here, `wanted` unchecked so that one refused for bad
     /// input (a key, options, a number of permits) is recorded too: its metrics are recorded
     /// here, once (a dropped future records itself as cancelled).
-    async fn acquire_keys(
-        &self,
+    ///
+    /// The one acquisition path: each attempt's request is made by [`Locker::request`], the
+    /// backend's answer read by [`Locker::attempt`] and a win turned into a guard by
+    /// [`Locker::won`]; [`Locker::retry_loop`] waits between attempts.
+    ///
+    /// The first attempt is made when the future is first polled, before anything awaits
+    /// (unless the in-process queue comes first), by [`Locker::first_attempt`]: a store that
+    /// decides in the call (a lock in this process, see
+    /// [`Answer::ready`](crate::raw::Answer::ready)) settles a free key in that poll, without
+    /// the waiting path's future being built, which is most of an in-process lock's cost.
+    /// Otherwise the waiting path, boxed, takes over from that attempt.
+    fn acquire_keys<'a>(
+        &'a self,
         wanted: Result<(KeySet, LeaseKind)>,
-        options: &LockOptions,
-    ) -> Result<LockGuard> {
-        let mut acquisition = Acquisition::start(self.store().name());
-        let (keys, kind) = match wanted {
-            Ok(wanted) => wanted,
-            Err(error) => {
-                let refused = Err(error);
-                acquisition.finish(&refused);
-                return refused;
-            }
-        };
-        let result = match self.acquire_at_once(&keys, kind, options, &mut acquisition) {
-            AtOnce::Settled(result) => result,
-            // Boxed: the awaiting path's state is large, and inline it would make every
-            // `acquire` future as large, to be moved even when the first attempt settles.
-            AtOnce::Held => {
-                Box::pin(self.acquire_awaiting(keys, kind, options, true, &mut acquisition)).await
-            }
-            AtOnce::NotAnswered => {
-                Box::pin(self.acquire_awaiting(keys, kind, options, false, &mut acquisition)).await
-            }
-        };
+        options: &'a LockOptions,
+    ) -> Acquire<'a> {
+        Acquire(Stage::Start {
+            locker: self,
+            wanted,
+            options,
+        })
+    }
+
+    /// The guard of a finished acquisition, set up for this client: a release that needs I/O
+    /// is spawned when the guard is dropped, and `stop` lets it finish.
+    fn finished(&self, result: Result<LockGuard>, acquisition: Acquisition) -> Result<LockGuard> {
         acquisition.finish(&result);
-        // A release that needs I/O is spawned when the guard is dropped: `stop` lets it finish.
         if self.store().capabilities().distributed {
             return result.map(|guard| guard.with_cleanups(&self.cleanups));
         }
         result
     }
 
-    /// The attempts that await: `held_once` when a first attempt at once found the key held.
-    async fn acquire_awaiting(
+    /// The first attempt, without awaiting: the acquisition settled (`Err`), or what the
+    /// waiting path goes on with.
+    fn first_attempt<'a>(
         &self,
-        keys: KeySet,
-        kind: LeaseKind,
-        options: &LockOptions,
-        held_once: bool,
+        wanted: Wanted<'a>,
+        acquisition: &mut Acquisition,
+    ) -> std::result::Result<Waiting<'a>, Result<LockGuard>> {
+        let span = self.acquire_span(&wanted.keys, wanted.kind);
+        let (started, deadline) = deadline(wanted.options);
+        let waiter = self.waiter(&wanted).map_err(Err)?;
+        let mut waiting = Waiting {
+            wanted,
+            span,
+            started,
+            deadline,
+            waiter,
+            first: None,
+        };
+        if self
+            .queue_for(waiting.wanted.options, waiting.wanted.kind)
+            .is_some()
+        {
+            return Ok(waiting);
+        }
+        let request = self
+            .request(&waiting.wanted, 1, waiting.waiter.as_ref())
+            .map_err(Err)?;
+        acquisition.attempt();
+        let _entered = waiting.span.enter();
+        // An answer that needs awaiting is dropped unpolled, which the contract makes free of
+        // effects: the loop asks again with the same request.
+        let decided = self.store().try_acquire(&request).into_ready();
+        let first = match decided {
+            Some(Ok(Some(handle))) => return Err(self.won(handle, 1, waiting.wanted.options)),
+            Some(decided) => First::Decided(request, decided.map(Attempt::from)),
+            None => First::Ask(request),
+        };
+        drop(_entered);
+        waiting.first = Some(first);
+        Ok(waiting)
+    }
+
+    /// The acquisition after its first attempt (or before it, when it lines up in the
+    /// in-process queue first).
+    async fn acquire_waiting(
+        &self,
+        waiting: Waiting<'_>,
         acquisition: &mut Acquisition,
     ) -> Result<LockGuard> {
-        let span = self.acquire_span(&keys, kind);
+        let span = waiting.span.clone();
         async {
-            let started = options.retry().deadline().map(|_| Instant::now());
-            let deadline = options
-                .retry()
-                .deadline()
-                .zip(started)
-                .map(|(d, started)| started + d);
-            let tickets = match (self.queue_for(options, kind), deadline) {
-                (None, _) => Vec::new(),
-                (Some(queue), None) => queue.enter(&keys).await,
-                (Some(queue), Some(deadline)) => {
-                    match tokio::time::timeout_at(deadline, queue.enter(&keys)).await {
-                        Ok(tickets) => tickets,
-                        Err(_) => {
-                            return Err(LockError::Timeout {
-                                key: keys.primary().to_string(),
-                                attempts: 0,
-                                waited: started
-                                    .map(|started| started.elapsed())
-                                    .unwrap_or_default(),
-                            });
-                        }
-                    }
-                }
+            let Some(queue) = self.queue_for(waiting.wanted.options, waiting.wanted.kind) else {
+                return self.retry_loop(waiting, acquisition).await;
             };
-            let guard = self
-                .retry_loop(
-                    Wanted {
-                        keys,
-                        kind,
-                        options,
-                    },
-                    started,
-                    deadline,
-                    held_once,
-                    acquisition,
-                )
-                .await?;
+            let keys = waiting.wanted.keys.clone();
+            let enter = queue.enter(&keys);
+            let tickets = match waiting.deadline {
+                None => enter.await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, enter).await {
+                    Ok(tickets) => tickets,
+                    Err(_) => {
+                        return Err(LockError::Timeout {
+                            key: keys.primary().to_string(),
+                            attempts: 0,
+                            waited: waiting
+                                .started
+                                .map(|started| started.elapsed())
+                                .unwrap_or_default(),
+                        });
+                    }
+                },
+            };
+            let guard = self.retry_loop(waiting, acquisition).await?;
             Ok(guard.with_tickets(tickets))
         }
         .instrument(span)
         .await
     }
 
-    /// The attempts. The clock is read only when needed: before the first attempt if there is
-    /// a deadline (the caller did), otherwise after the first attempt that finds the key held.
+    /// The request of attempt number `attempt` (from 1) of `wanted`: a fresh token each time.
+    fn request(
+        &self,
+        wanted: &Wanted<'_>,
+        attempt: u32,
+        waiter: Option<&Token>,
+    ) -> Result<LockRequest> {
+        let mut request = LockRequest::prevalidated(
+            wanted.keys.clone(),
+            Token::generate()?,
+            wanted.options.ttl(),
+        )
+        .with_kind(wanted.kind);
+        if attempt > 1 {
+            request = request.with_after_wait(true);
+        }
+        if !wanted.options.retry().is_single_attempt() {
+            request = request.with_will_wait(true);
+        }
+        if let Some(waiter) = waiter {
+            request = request.with_waiter(waiter.clone());
+        }
+        Ok(request)
+    }
+
+    /// A fair backend lines waiting mutexes on one key up in the store: every attempt of an
+    /// acquisition names the same waiter, whose place in line is a claim like a writer's
+    /// (renewed by the attempts, taken back when the waiter stops waiting).
+    fn waiter(&self, wanted: &Wanted<'_>) -> Result<Option<Token>> {
+        (!wanted.options.retry().is_single_attempt()
+            && wanted.kind == LeaseKind::Exclusive
+            && wanted.keys.len() == 1
+            && self.store().capabilities().fair)
+            .then(Token::generate)
+            .transpose()
+    }
+
+    /// The guard of a won attempt.
+    fn won(
+        &self,
+        handle: Box<dyn Handle>,
+        attempts: u32,
+        options: &LockOptions,
+    ) -> Result<LockGuard> {
+        tracing::debug!(attempts, "acquired");
+        LockGuard::new(handle, self.store().name(), options.ttl())
+    }
+
+    /// The attempts after the first (whose outcome, or request to ask again, `waiting.first`
+    /// hands over), or all of them when it is `None`. The clock is read only when needed:
+    /// before the first attempt if there is a deadline, otherwise after the first attempt that
+    /// finds the key held.
     async fn retry_loop(
         &self,
-        wanted: Wanted<'_>,
-        mut started: Option<Instant>,
-        deadline: Option<Instant>,
-        held_once: bool,
+        waiting: Waiting<'_>,
         acquisition: &mut Acquisition,
     ) -> Result<LockGuard> {
-        let Wanted {
-            keys,
-            kind,
-            options,
-        } = wanted;
+        let Waiting {
+            wanted,
+            span: _,
+            mut started,
+            deadline,
+            waiter,
+            mut first,
+        } = waiting;
+        let options = wanted.options;
         let mut backoff = options.retry().backoff();
         let mut attempts = 0u32;
         // Waits in a row that the backend ended before their time, each followed by an attempt
@@ -610,7 +637,8 @@ impl Locker {
         // attempt cut short by the deadline leaves it, so the caller learns why it gave up.
         let mut last_error = None;
         // A writer that found readers has left a claim in the store that keeps new readers out;
-        // whoever stops waiting (given up, cancelled, failed) takes it back.
+        // whoever stops waiting (given up, cancelled, failed) takes it back. So does a waiter in
+        // a fair line (its place in line is a claim).
         let mut claim = Claim {
             lock: &self.lock,
             cleanups: &self.cleanups,
@@ -619,54 +647,43 @@ impl Locker {
         };
         // The end of the policy's delay when a claim's renewal cut the wait short.
         let mut planned_wake = None;
-        let will_wait = !options.retry().is_single_attempt();
-        // A fair backend lines waiting mutexes on one key up in the store: every attempt of
-        // this acquisition names the same waiter, whose place in line is a claim like a
-        // writer's (renewed by the attempts, taken back when the waiter stops waiting).
-        let waiter = (will_wait
-            && kind == LeaseKind::Exclusive
-            && keys.len() == 1
-            && self.store().capabilities().fair)
-            .then(Token::generate)
-            .transpose()?;
         loop {
             attempts += 1;
-            let outcome = if held_once && attempts == 1 {
-                Ok(Attempt::Held) // the attempt made at once
-            } else {
-                let mut request =
-                    LockRequest::prevalidated(keys.clone(), Token::generate()?, options.ttl())
-                        .with_after_wait(attempts > 1)
-                        .with_will_wait(will_wait)
-                        .with_kind(kind);
-                if let Some(waiter) = &waiter {
-                    request = request.with_waiter(waiter.clone());
+            let fresh;
+            let (request, outcome) = match first.take() {
+                Some(First::Decided(request, outcome)) => {
+                    fresh = request;
+                    (&fresh, outcome)
                 }
-                acquisition.attempt();
-                let outcome = self.attempt(&request, deadline).await;
-                if (kind == LeaseKind::Write || waiter.is_some())
-                    && matches!(outcome, Ok(Attempt::Held))
-                {
-                    claim.request = Some(request);
-                    // `stop` waits for the claim to be taken back.
-                    if claim.running.is_none() {
-                        claim.running = Some(self.cleanups.start());
-                    }
+                Some(First::Ask(request)) => {
+                    fresh = request;
+                    let answer = self.store().try_acquire(&fresh);
+                    (&fresh, self.attempt(&fresh, answer, deadline).await)
                 }
-                outcome
+                None => {
+                    fresh = self.request(&wanted, attempts, waiter.as_ref())?;
+                    acquisition.attempt();
+                    let answer = self.store().try_acquire(&fresh);
+                    (&fresh, self.attempt(&fresh, answer, deadline).await)
+                }
             };
+            if (wanted.kind == LeaseKind::Write || waiter.is_some())
+                && matches!(outcome, Ok(Attempt::Held))
+            {
+                claim.request = Some(request.clone());
+                // `stop` waits for the claim to be taken back.
+                if claim.running.is_none() {
+                    claim.running = Some(self.cleanups.start());
+                }
+            }
             // A single attempt cut short by the deadline gives up on time (`Timeout`): it did
             // not find the key held.
             let cut_short = matches!(outcome, Ok(Attempt::CutShort));
             match outcome {
                 Ok(Attempt::Won(handle)) => {
-                    if let Some(handle) = born_valid(handle) {
-                        tracing::debug!(attempts, "acquired");
-                        // Taking the lock consumed the claim.
-                        claim.request = None;
-                        return LockGuard::new(handle, self.store().name(), options.ttl());
-                    }
-                    last_error = None;
+                    // Taking the lock consumed the claim.
+                    claim.request = None;
+                    return self.won(handle, attempts, options);
                 }
                 Ok(Attempt::Held) => last_error = None,
                 Ok(Attempt::CutShort) => {}
@@ -678,7 +695,7 @@ impl Locker {
             }
             let started = *started.get_or_insert_with(Instant::now);
             let gave_up = |last_error: Option<LockError>| {
-                let key = keys.primary().to_string();
+                let key = wanted.keys.primary().to_string();
                 let error = match last_error {
                     Some(error) => error,
                     None if options.retry().is_single_attempt() && !cut_short => {
@@ -777,7 +794,11 @@ impl Locker {
                             Some(request) => {
                                 self.store().wait_for_turn(request, wake_at - now).await
                             }
-                            None => self.store().wait_for_release(&keys, wake_at - now).await,
+                            None => {
+                                self.store()
+                                    .wait_for_release(&wanted.keys, wake_at - now)
+                                    .await
+                            }
                         }
                     };
                     tokio::select! {
@@ -805,11 +826,17 @@ impl Locker {
         }
     }
 
-    /// One attempt, bounded by the deadline and cleaned up if it does not complete.
-    async fn attempt(&self, request: &LockRequest, deadline: Option<Instant>) -> Result<Attempt> {
+    /// The outcome of one attempt from the backend's answer: decided in the call, or awaited,
+    /// bounded by the deadline and cleaned up if it does not complete.
+    async fn attempt(
+        &self,
+        request: &LockRequest,
+        answer: Answer<'_, Acquired>,
+        deadline: Option<Instant>,
+    ) -> Result<Attempt> {
         // An in-process store answers at once, with an outcome that is always known.
-        let answer = match self.store().try_acquire(request).now() {
-            Ok(result) => return Ok(Attempt::from(result?)),
+        let answer = match answer.now() {
+            Ok(decided) => return decided.map(Attempt::from),
             Err(later) => later,
         };
         let mut pending = PendingAttempt {
@@ -832,14 +859,31 @@ impl Locker {
         if !matches!(result, Err(LockError::Backend { .. })) {
             pending.lock = None;
         }
-        Ok(Attempt::from(result?))
+        Ok(match result? {
+            Some(handle) => born_valid(handle).map_or(Attempt::Held, Attempt::Won),
+            None => Attempt::Held,
+        })
     }
 }
 
-/// The handle of a won attempt, unless its validity had already passed when it came back (the
-/// holder was delayed past its ttl between taking the key and seeing the answer): such a lock
-/// is released, token-checked, and the attempt counts as one that found the key held. So no
-/// guard is ever handed out with its validity already over.
+/// When the clock started and when the acquisition gives up, if its policy has a deadline.
+fn deadline(options: &LockOptions) -> (Option<Instant>, Option<Instant>) {
+    match options.retry().deadline() {
+        Some(deadline) => {
+            let started = Instant::now();
+            (Some(started), Some(started + deadline))
+        }
+        None => (None, None),
+    }
+}
+
+/// The handle of a won attempt that awaited its answer, unless its validity had already passed
+/// when it came back (the holder was delayed past its ttl between taking the key and seeing
+/// the answer): such a lock is released, token-checked, and the attempt counts as one that
+/// found the key held. So no guard is ever handed out with its validity already over.
+///
+/// An answer decided in the call ([`Answer::ready`]) took no round trip: its validity was set
+/// from a clock read in the same call, a ttl ahead, and is not checked again.
 fn born_valid(mut handle: Box<dyn Handle>) -> Option<Box<dyn Handle>> {
     if handle.lease().valid_until() > Instant::now() {
         return Some(handle);
@@ -855,14 +899,82 @@ fn born_valid(mut handle: Box<dyn Handle>) -> Option<Box<dyn Handle>> {
     None
 }
 
-/// How a first attempt without awaiting went.
-enum AtOnce {
-    /// The call is decided: won or failed.
-    Settled(Result<LockGuard>),
-    /// The key is held; the retry loop takes over.
-    Held,
-    /// The backend cannot answer without awaiting (or the in-process queue comes first).
-    NotAnswered,
+/// The future of an acquisition (see [`Locker::acquire_keys`]): small, and settled in its
+/// first poll when the first attempt is decided in the call.
+struct Acquire<'a>(Stage<'a>);
+
+enum Stage<'a> {
+    /// Not polled yet: nothing has happened.
+    Start {
+        locker: &'a Locker,
+        wanted: Result<(KeySet, LeaseKind)>,
+        options: &'a LockOptions,
+    },
+    /// The waiting path.
+    Waiting(Pin<Box<dyn Future<Output = Result<LockGuard>> + Send + 'a>>),
+    /// Finished.
+    Done,
+}
+
+impl Future for Acquire<'_> {
+    type Output = Result<LockGuard>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Stage::Waiting(waiting) = &mut this.0 {
+            let result = std::task::ready!(waiting.as_mut().poll(cx));
+            this.0 = Stage::Done;
+            return Poll::Ready(result);
+        }
+        let Stage::Start {
+            locker,
+            wanted,
+            options,
+        } = std::mem::replace(&mut this.0, Stage::Done)
+        else {
+            panic!("an acquisition polled after it finished");
+        };
+        let mut acquisition = Acquisition::start(locker.store().name());
+        let wanted = wanted.and_then(|(keys, kind)| {
+            locker.check_keys(&keys, kind)?;
+            Ok(Wanted {
+                keys,
+                kind,
+                options,
+            })
+        });
+        let waiting = match wanted.map(|wanted| locker.first_attempt(wanted, &mut acquisition)) {
+            Err(error) => return Poll::Ready(locker.finished(Err(error), acquisition)),
+            Ok(Err(settled)) => return Poll::Ready(locker.finished(settled, acquisition)),
+            Ok(Ok(waiting)) => waiting,
+        };
+        this.0 = Stage::Waiting(Box::pin(async move {
+            let result = locker.acquire_waiting(waiting, &mut acquisition).await;
+            locker.finished(result, acquisition)
+        }));
+        Pin::new(this).poll(cx)
+    }
+}
+
+/// An acquisition that goes on to wait: what it wants, its span, clock and waiter, and the
+/// first attempt if it was made.
+struct Waiting<'a> {
+    wanted: Wanted<'a>,
+    span: tracing::Span,
+    started: Option<Instant>,
+    deadline: Option<Instant>,
+    /// The waiter's token in a fair line (see [`Locker::waiter`]).
+    waiter: Option<Token>,
+    first: Option<First>,
+}
+
+/// The first attempt, made before anything awaits, as the retry loop takes it over.
+enum First {
+    /// The store decided in the call: the key was held, or the attempt failed (a win settles
+    /// at once).
+    Decided(LockRequest, Result<Attempt>),
+    /// The store's answer needs awaiting: the loop asks again with this request.
+    Ask(LockRequest),
 }
 
 /// What an acquisition wants: its keys, the kind of lease and the options it runs under.
