@@ -314,7 +314,15 @@ async fn attempt(
             outcome => {
                 let undo = undone(outcome.is_err());
                 shared
-                    .undo_attempt(&tally, pending, &keys, &token, undo, ttl, start.elapsed())
+                    .undo_attempt(
+                        &tally,
+                        pending,
+                        &keys,
+                        &token,
+                        (undo, held),
+                        ttl,
+                        start.elapsed(),
+                    )
                     .await;
                 return outcome.map(|_| None);
             }
@@ -323,7 +331,15 @@ async fn attempt(
     let outcome = failed_outcome(shared, request, &tally, &found);
     let undo = undone(outcome.is_err());
     shared
-        .undo_attempt(&tally, pending, &keys, &token, undo, ttl, start.elapsed())
+        .undo_attempt(
+            &tally,
+            pending,
+            &keys,
+            &token,
+            (undo, held),
+            ttl,
+            start.elapsed(),
+        )
         .await;
     outcome
 }

@@ -438,13 +438,17 @@ impl Shared {
     /// timeout), so that the next attempt does not trip over this one's leftovers on healthy
     /// nodes, while a stalled node still costs nothing.
     #[allow(clippy::too_many_arguments)]
+    /// Undoes an attempt not won: what it took on the nodes that answered (`held`), and in the
+    /// background what the requests still in flight leave when they answer (`undo_late`, which
+    /// also takes back a claim the request may have left).
+    #[allow(clippy::too_many_arguments)]
     async fn undo_attempt(
         self: &Arc<Self>,
         tally: &Tally,
         mut pending: Pending,
         keys: &KeySet,
         token: &Token,
-        held: Held,
+        (held, undo_late): (Held, Held),
         ttl: Duration,
         round_took: Duration,
     ) {
@@ -482,17 +486,23 @@ impl Shared {
         let expires_by = Instant::now() + ttl + self.drift(ttl);
         tokio::spawn(async move {
             let late = pending.finish().await;
+            // A node that answered no after the attempt returned may have kept a writer's claim
+            // (or a fair waiter's place) that the caller's take-back, sent meanwhile on another
+            // connection of a pool, overtook: it is undone too (token-checked; a writer still
+            // waiting leaves its claim again with its next attempt).
+            let late_no = late.no_at.into_iter().filter(|_| undo_late.claims());
             let targets = failed
                 .into_iter()
                 .chain(late.yes)
                 .chain(late.failed.into_iter().map(|(i, _)| i))
+                .chain(late_no)
                 .collect();
             shared
                 .release_until_answered(
                     targets,
                     keys,
                     token,
-                    held,
+                    undo_late,
                     timeout,
                     expires_by,
                     Some(AtOnce {
@@ -629,7 +639,7 @@ impl Lock for Redlock {
                                 pending,
                                 &keys,
                                 &token,
-                                Held::Mutex,
+                                (Held::Mutex, Held::Mutex),
                                 ttl,
                                 start.elapsed(),
                             )
@@ -644,7 +654,7 @@ impl Lock for Redlock {
                     pending,
                     &keys,
                     &token,
-                    Held::Mutex,
+                    (Held::Mutex, Held::Mutex),
                     ttl,
                     start.elapsed(),
                 )

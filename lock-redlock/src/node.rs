@@ -107,6 +107,13 @@ pub(crate) enum Held {
     Slot(Option<u32>),
 }
 
+impl Held {
+    /// Whether undoing this takes back a waiting writer's claim.
+    pub(crate) fn claims(self) -> bool {
+        matches!(self, Self::Set { claim: true, .. })
+    }
+}
+
 /// A script call, owned, so that it can outlive the request that built it.
 pub(crate) struct Call {
     script: &'static LazyLock<Script>,

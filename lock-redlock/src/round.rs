@@ -34,6 +34,8 @@ pub(crate) struct Tally {
     /// The highest number among the yes votes.
     pub(crate) highest: u64,
     pub(crate) no: usize,
+    /// The nodes that voted no, in the order they answered.
+    pub(crate) no_at: Vec<usize>,
     pub(crate) failed: Vec<(usize, String)>,
 }
 
@@ -45,7 +47,10 @@ impl Tally {
                 self.drawn.push(number);
                 self.highest = self.highest.max(number);
             }
-            Vote::No => self.no += 1,
+            Vote::No => {
+                self.no += 1;
+                self.no_at.push(index);
+            }
             Vote::Failed(error) => self.failed.push((index, error)),
         }
     }

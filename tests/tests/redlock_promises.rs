@@ -361,3 +361,54 @@ async fn a_pools_clean_up_cannot_overtake_the_late_set_it_undoes() {
     println!("pool clean-up order: after the late SET landed, PTTL k = {left} (-2: gone)");
     assert_eq!(left, ":-2", "the late SET outlived its clean-up");
 }
+
+/// A waiting writer's attempt is decided by two nodes while its request to the third is still in
+/// flight on one connection of that node's pool; the writer then stops waiting, and its claim is
+/// taken back on another connection. The take-back must not overtake the late request: the
+/// late claim would stay on the third node for its whole ttl (seen in a cancel storm).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writers_claim_taken_back_does_not_overtake_its_late_request() {
+    let Some(_binary) = redis_or_skip("claim take-back order") else {
+        return;
+    };
+    let servers = lock_tests::backed::start_servers(3);
+    let proxy = LatencyProxy::start(servers[2].port()).await.expect("proxy");
+    let urls = [servers[0].url(), servers[1].url(), proxy.url()];
+    let lock = Redlock::new(
+        RedlockConfig::new(urls)
+            .with_node_timeout(Duration::from_millis(1_000))
+            .with_connection(ConnectionKind::Pool),
+    )
+    .expect("client");
+    let locker = locker(&lock, Duration::from_secs(20));
+    // Warm: connections open and scripts loaded on every node.
+    for _ in 0..2 {
+        locker
+            .acquire_write("rw")
+            .await
+            .expect("warm")
+            .release()
+            .await
+            .expect("release");
+    }
+    let reader = locker.acquire_read("rw").await.expect("reader");
+    // The pool's health check passes; the writer's request behind it is held on node 2.
+    proxy.stall_existing(1);
+    let writer = tokio::time::timeout(Duration::from_millis(150), locker.acquire_write("rw")).await;
+    assert!(
+        writer.is_err(),
+        "the writer got in past a reader: {writer:?}"
+    );
+    // The take-back has been sent (on another connection) by now; then the late request lands.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.release_stall();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    reader.release().await.expect("release the reader");
+    // Whatever is left on node 2 now is the writer's (the claim `rw\xff:claim`).
+    let left = servers[2].command("DBSIZE", PROBE).expect("DBSIZE");
+    println!("claim take-back order: keys left on node 2 = {left}");
+    assert_eq!(
+        left, ":0",
+        "the late claim outlived its take-back on node 2 (it stays for the 20 s ttl)"
+    );
+}
