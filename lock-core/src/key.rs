@@ -3,8 +3,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use smol_str::SmolStr;
-
 use crate::error::{LockError, Result};
 
 /// The longest key accepted, in bytes: longer keys are almost always a bug (a payload used as a key).
@@ -18,8 +16,93 @@ pub const NAMESPACE_SEPARATOR: char = ':';
 /// Any other content (unicode, spaces, quotes, Lua syntax) is allowed: backends pass keys as data,
 /// never as code. Cloning is cheap: keys of up to 23 bytes live inline (no allocation on the
 /// hot path), longer ones are shared.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(SmolStr);
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key(Repr);
+
+/// A key's text: inline in three machine words (copied, compared and hashed as words, where
+/// a byte-wise inline string stalls the CPU's store forwarding on every copy) or shared. Each
+/// text has one form (up to [`INLINE`] bytes inline), so equal keys have equal forms.
+#[derive(Clone, PartialEq, Eq)]
+enum Repr {
+    Inline(Inline),
+    Shared(Arc<str>),
+}
+
+/// The longest key kept inline, in bytes.
+const INLINE: usize = 23;
+
+/// Up to [`INLINE`] bytes of text, then zeros, and the length in the last byte.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C, align(8))]
+struct Inline([u8; INLINE + 1]);
+
+impl Inline {
+    /// `parts` joined, if they fit.
+    fn new(parts: &[&str]) -> Option<Self> {
+        let len: usize = parts.iter().map(|part| part.len()).sum();
+        if len > INLINE {
+            return None;
+        }
+        let mut bytes = [0; INLINE + 1];
+        let mut at = 0;
+        for part in parts {
+            bytes[at..at + part.len()].copy_from_slice(part.as_bytes());
+            at += part.len();
+        }
+        bytes[INLINE] = len as u8;
+        Some(Self(bytes))
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.0[..usize::from(self.0[INLINE])]
+    }
+}
+
+impl Repr {
+    /// `parts` joined: inline if they fit, shared otherwise.
+    fn new(parts: &[&str]) -> Self {
+        match Inline::new(parts) {
+            Some(inline) => Self::Inline(inline),
+            None => Self::Shared(Arc::from(parts.concat())),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline(inline) => inline.as_bytes(),
+            Self::Shared(text) => text.as_bytes(),
+        }
+    }
+}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        match &self.0 {
+            // Length included, zero-padded: as distinct as the text.
+            Repr::Inline(inline) => {
+                for word in inline.0.chunks_exact(8) {
+                    let mut bytes = [0; 8];
+                    bytes.copy_from_slice(word);
+                    state.write_u64(u64::from_ne_bytes(bytes));
+                }
+            }
+            Repr::Shared(text) => text.hash(state),
+        }
+    }
+}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The order of the texts (byte-wise, as `str` orders).
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.as_bytes().cmp(other.0.as_bytes())
+    }
+}
 
 impl Key {
     /// Validates `key`.
@@ -32,7 +115,7 @@ impl Key {
             return Err(LockError::invalid("key", "must not be empty"));
         }
         Self::checked_len(key.len())?;
-        Ok(Self(SmolStr::new(key)))
+        Ok(Self(Repr::new(&[key])))
     }
 
     fn checked_len(len: usize) -> Result<()> {
@@ -47,30 +130,34 @@ impl Key {
 
     /// The empty placeholder a released guard shows; never stored anywhere.
     pub(crate) fn released() -> Self {
-        Self(SmolStr::new_static(""))
+        Self(Repr::new(&[""]))
     }
 
     /// The key as stored by the backend.
     pub fn as_str(&self) -> &str {
-        &self.0
+        match &self.0 {
+            // Built from `str`s, cut at their end: always UTF-8.
+            Repr::Inline(inline) => std::str::from_utf8(inline.as_bytes()).unwrap_or_default(),
+            Repr::Shared(text) => text,
+        }
     }
 }
 
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
 impl AsRef<str> for Key {
     fn as_ref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
@@ -122,7 +209,7 @@ impl Namespace {
         Key::checked_len(self.0.len() + NAMESPACE_SEPARATOR.len_utf8() + key.len())?;
         let mut separator = [0; 4];
         let separator: &str = NAMESPACE_SEPARATOR.encode_utf8(&mut separator);
-        Ok(Key([self.0.as_str(), separator, key].into_iter().collect()))
+        Ok(Key(Repr::new(&[self.0.as_str(), separator, key])))
     }
 }
 
@@ -282,6 +369,60 @@ mod tests {
         assert_eq!(
             key_for(Some(&ns), "job").expect("valid").as_str(),
             "app:job"
+        );
+    }
+
+    /// Keys of 23 bytes live inline and of 24 shared: on both sides of the line (and across
+    /// it, as a namespace joins), keys read back, compare, order and hash as their text does.
+    #[test]
+    fn inline_and_shared_keys_behave_as_their_text() {
+        use std::collections::hash_map::DefaultHasher;
+        use std::hash::{Hash, Hasher};
+        let hash = |key: &Key| {
+            let mut hasher = DefaultHasher::new();
+            key.hash(&mut hasher);
+            hasher.finish()
+        };
+        let ns = Namespace::new("ns").expect("valid");
+        let texts: Vec<String> = (1..=30)
+            .flat_map(|len| {
+                [
+                    "a".repeat(len),
+                    format!("{}b", "a".repeat(len - 1)),
+                    "é".repeat(len),
+                ]
+            })
+            .collect();
+        let keys: Vec<Key> = texts
+            .iter()
+            .map(|text| Key::new(text).expect("valid"))
+            .collect();
+        for (text, key) in texts.iter().zip(&keys) {
+            assert_eq!(key.as_str(), text);
+            assert_eq!(key.to_string(), *text);
+            assert_eq!(format!("{key:?}"), format!("{text:?}"));
+            let joined = ns.key(text).expect("valid");
+            assert_eq!(joined.as_str(), format!("ns:{text}"));
+            assert_eq!(joined, Key::new(format!("ns:{text}")).expect("valid"));
+            assert_eq!(
+                hash(&joined),
+                hash(&Key::new(format!("ns:{text}")).expect("valid"))
+            );
+        }
+        for (a_text, a) in texts.iter().zip(&keys) {
+            for (b_text, b) in texts.iter().zip(&keys) {
+                assert_eq!(a == b, a_text == b_text, "{a_text} vs {b_text}");
+                assert_eq!(a.cmp(b), a_text.cmp(b_text), "{a_text} vs {b_text}");
+                if a == b {
+                    assert_eq!(hash(a), hash(b));
+                }
+            }
+        }
+        let distinct: std::collections::HashSet<u64> = keys.iter().map(hash).collect();
+        assert_eq!(
+            distinct.len(),
+            keys.len(),
+            "no two of these texts hash alike"
         );
     }
 }
