@@ -234,6 +234,27 @@ impl LockRequest {
     }
 
     /// For the core, whose options were validated when they were set.
+    /// An attempt of the core's, built in one go: its inputs were validated when they were set.
+    pub(crate) fn attempt(
+        keys: KeySet,
+        token: Token,
+        ttl: Duration,
+        kind: LeaseKind,
+        after_wait: bool,
+        will_wait: bool,
+        waiter: Option<Token>,
+    ) -> Self {
+        Self {
+            keys,
+            token,
+            ttl,
+            after_wait,
+            will_wait,
+            kind,
+            waiter,
+        }
+    }
+
     pub(crate) fn prevalidated(keys: KeySet, token: Token, ttl: Duration) -> Self {
         Self {
             keys,

@@ -453,12 +453,12 @@ impl Locker {
     /// backend's answer read by [`Locker::attempt`] and a win turned into a guard by
     /// [`Locker::won`]; [`Locker::retry_loop`] waits between attempts.
     ///
-    /// The first attempt is made when the future is first polled, before anything awaits
-    /// (unless the in-process queue comes first), by [`Locker::first_attempt`]: a store that
-    /// decides in the call (a lock in this process, see
+    /// For a store in this process (not [`Capabilities::distributed`]), the first attempt is
+    /// made when the future is first polled, before anything awaits (unless the in-process
+    /// queue comes first), by [`Locker::first_attempt`]: an answer decided in the call (see
     /// [`Answer::ready`](crate::raw::Answer::ready)) settles a free key in that poll, without
     /// the waiting path's future being built, which is most of an in-process lock's cost.
-    /// Otherwise the waiting path, boxed, takes over from that attempt.
+    /// Otherwise the waiting path, boxed, takes over from that attempt (or makes it).
     fn acquire_keys<'a>(
         &'a self,
         wanted: Result<(KeySet, LeaseKind)>,
@@ -491,36 +491,51 @@ impl Locker {
         let span = self.acquire_span(&wanted.keys, wanted.kind);
         let (started, deadline) = deadline(wanted.options);
         let waiter = self.waiter(&wanted).map_err(Err)?;
-        let mut waiting = Waiting {
+        let waiting = |wanted, span, waiter, first| Waiting {
             wanted,
             span,
             started,
             deadline,
             waiter,
-            first: None,
+            first,
         };
-        if self
-            .queue_for(waiting.wanted.options, waiting.wanted.kind)
-            .is_some()
+        // A store shared between processes answers after a round trip: its first attempt is
+        // made by the loop (asking here would build a future only to drop it). So is one that
+        // lines up in the in-process queue first.
+        if self.store().capabilities().distributed
+            || self.queue_for(wanted.options, wanted.kind).is_some()
         {
-            return Ok(waiting);
+            return Ok(waiting(wanted, span, waiter, None));
         }
+        let Wanted {
+            keys,
+            kind,
+            options,
+        } = wanted;
+        // The keys move into the first request (and are copied back only if it must wait).
         let request = self
-            .request(&waiting.wanted, 1, waiting.waiter.as_ref())
+            .request(keys, kind, options, 1, waiter.as_ref())
             .map_err(Err)?;
         acquisition.attempt();
-        let _entered = waiting.span.enter();
+        let entered = span.enter();
         // An answer that needs awaiting is dropped unpolled, which the contract makes free of
         // effects: the loop asks again with the same request.
         let decided = self.store().try_acquire(&request).into_ready();
         let first = match decided {
-            Some(Ok(Some(handle))) => return Err(self.won(handle, 1, waiting.wanted.options)),
+            Some(Ok(Some(handle))) => return Err(self.won(handle, 1, options)),
             Some(decided) => First::Decided(request, decided.map(Attempt::from)),
             None => First::Ask(request),
         };
-        drop(_entered);
-        waiting.first = Some(first);
-        Ok(waiting)
+        drop(entered);
+        let keys = match &first {
+            First::Decided(request, _) | First::Ask(request) => request.key_set().clone(),
+        };
+        let wanted = Wanted {
+            keys,
+            kind,
+            options,
+        };
+        Ok(waiting(wanted, span, waiter, Some(first)))
     }
 
     /// The acquisition after its first attempt (or before it, when it lines up in the
@@ -560,29 +575,25 @@ impl Locker {
         .await
     }
 
-    /// The request of attempt number `attempt` (from 1) of `wanted`: a fresh token each time.
+    /// The request of attempt number `attempt` (from 1) of a lease of `kind` on `keys`: a
+    /// fresh token each time.
     fn request(
         &self,
-        wanted: &Wanted<'_>,
+        keys: KeySet,
+        kind: LeaseKind,
+        options: &LockOptions,
         attempt: u32,
         waiter: Option<&Token>,
     ) -> Result<LockRequest> {
-        let mut request = LockRequest::prevalidated(
-            wanted.keys.clone(),
+        Ok(LockRequest::attempt(
+            keys,
             Token::generate()?,
-            wanted.options.ttl(),
-        )
-        .with_kind(wanted.kind);
-        if attempt > 1 {
-            request = request.with_after_wait(true);
-        }
-        if !wanted.options.retry().is_single_attempt() {
-            request = request.with_will_wait(true);
-        }
-        if let Some(waiter) = waiter {
-            request = request.with_waiter(waiter.clone());
-        }
-        Ok(request)
+            options.ttl(),
+            kind,
+            attempt > 1,
+            !options.retry().is_single_attempt(),
+            waiter.cloned(),
+        ))
     }
 
     /// A fair backend lines waiting mutexes on one key up in the store: every attempt of an
@@ -661,7 +672,13 @@ impl Locker {
                     (&fresh, self.attempt(&fresh, answer, deadline).await)
                 }
                 None => {
-                    fresh = self.request(&wanted, attempts, waiter.as_ref())?;
+                    fresh = self.request(
+                        wanted.keys.clone(),
+                        wanted.kind,
+                        options,
+                        attempts,
+                        waiter.as_ref(),
+                    )?;
                     acquisition.attempt();
                     let answer = self.store().try_acquire(&fresh);
                     (&fresh, self.attempt(&fresh, answer, deadline).await)
