@@ -384,9 +384,14 @@ pub type Acquired = Result<Option<Box<dyn Handle>>>;
 ///
 /// The core awaits it like any future. Where it cannot await (a guard dropped outside a
 /// runtime, a cancelled attempt's clean-up) it takes a decided answer at once with
-/// [`Answer::now`], and otherwise drops the answer unpolled and asks again from a task: so a
-/// future given to [`Answer::later`] must do nothing before it is first polled (an `async`
-/// block does nothing until then).
+/// [`Answer::now`], and otherwise drops the answer unpolled and asks again from a task; the
+/// first attempt of an acquisition on a store that is not
+/// [`distributed`](Capabilities::distributed) is asked in the acquisition's first poll, and an
+/// answer that needs awaiting is dropped unpolled and asked again with the same request. So an
+/// operation that answers with [`Answer::later`] must do nothing before that future is first
+/// polled: neither the future (an `async` block does nothing until then) nor the call that
+/// made it. A wrapper around another backend calls it inside its own future, or hands a
+/// decided answer on as decided.
 #[must_use = "an answer does nothing unless awaited or taken with `now`"]
 pub struct Answer<'a, T>(Decided<'a, T>);
 
@@ -486,7 +491,8 @@ pub trait Lock: Send + Sync + fmt::Debug + 'static {
     /// Makes one attempt to take every key of `request`.
     ///
     /// A store in this process answers with [`Answer::ready`]; one that needs I/O with
-    /// [`Answer::later`].
+    /// [`Answer::later`], and then does nothing in the call itself: the core may drop that
+    /// answer unpolled and ask again with the same request (see [`Answer`]).
     ///
     /// # Errors
     /// [`LockError::Backend`] or [`LockError::QuorumNotReached`] when the store failed; being held

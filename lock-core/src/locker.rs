@@ -518,8 +518,9 @@ impl Locker {
             .map_err(Err)?;
         acquisition.attempt();
         let entered = span.enter();
-        // An answer that needs awaiting is dropped unpolled, which the contract makes free of
-        // effects: the loop asks again with the same request.
+        // An answer that needs awaiting (a store in this process that answers later) is
+        // dropped unpolled, which the contract makes free of effects (see `Lock::try_acquire`):
+        // the loop asks again with the same request.
         let decided = self.store().try_acquire(&request).into_ready();
         let first = match decided {
             Some(Ok(Some(handle))) => return Err(self.won(handle, 1, options)),
