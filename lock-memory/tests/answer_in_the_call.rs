@@ -183,3 +183,22 @@ async fn a_writer_cancelled_after_its_first_poll_or_timed_out_takes_its_claim_ba
     );
     drop(reader);
 }
+
+/// The conformance case that checks it, with its negative control: the wrapper that takes the
+/// key in the call fails it; the one that does everything in its future passes.
+#[tokio::test]
+async fn the_conformance_case_catches_a_backend_that_acts_in_the_call() {
+    use lock_core::conformance::{Outcome, run};
+    const CASE: &str = "an_answer_dropped_unpolled_does_nothing";
+    let lazy = std::sync::Arc::new(Lazy::default());
+    assert_eq!(run(CASE, lazy).await, Outcome::Passed);
+    let eager = std::sync::Arc::new(Lazy {
+        eager: true,
+        ..Lazy::default()
+    });
+    let failed = tokio::spawn(run(CASE, eager)).await;
+    assert!(
+        failed.is_err_and(|error| error.is_panic()),
+        "the eager wrapper must fail"
+    );
+}

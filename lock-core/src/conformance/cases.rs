@@ -691,6 +691,43 @@ pub async fn immediate_and_awaited_answers_agree(lock: Arc<dyn Lock>) {
     release_either_way(last.as_mut()).await.unwrap();
 }
 
+/// An answer that needs awaiting ([`Answer::later`](crate::raw::Answer::later)) does nothing
+/// before it is first polled, neither in its future nor in the call that made it: the core
+/// drops such answers unpolled and asks again (see [`Answer`](crate::raw::Answer)). An attempt
+/// dropped unpolled leaves the key free, and a release dropped unpolled leaves the lock held.
+pub async fn an_answer_dropped_unpolled_does_nothing(lock: Arc<dyn Lock>) {
+    let key = locker(&lock).lock_ns("unpolled").unwrap();
+    let request = || {
+        LockRequest::new(
+            KeySet::one(key.clone()),
+            Token::generate().unwrap(),
+            ms(10_000),
+        )
+        .unwrap()
+    };
+    let dropped = request();
+    if let Ok(taken) = lock.try_acquire(&dropped).now() {
+        // Decided in the call: the attempt has happened; give the key back.
+        let mut taken = taken.unwrap().expect("a free key is taken at once");
+        release_either_way(taken.as_mut()).await.unwrap();
+    }
+    let mut held = lock
+        .try_acquire(&request())
+        .await
+        .unwrap()
+        .expect("an attempt dropped unpolled must leave the key free");
+    if let Ok(released) = held.release().now() {
+        // Decided in the call: the release has happened.
+        released.unwrap();
+        return;
+    }
+    assert!(
+        lock.try_acquire(&request()).await.unwrap().is_none(),
+        "a release dropped unpolled must leave the lock held"
+    );
+    held.release().await.unwrap();
+}
+
 async fn release_either_way(handle: &mut dyn Handle) -> crate::Result<()> {
     match handle.release().now() {
         Ok(result) => result,

@@ -176,6 +176,7 @@ macro_rules! __conformance_cases {
             watchdog_keeps_the_lock_alive => needs [extend], without [],
             lost_signal_fires_when_the_lock_is_taken_away => needs [], without [],
             immediate_and_awaited_answers_agree => needs [], without [],
+            an_answer_dropped_unpolled_does_nothing => needs [], without [],
             semaphore_admits_at_most_its_permits => needs [semaphore], without [],
             permits_are_leases => needs [semaphore], without [],
             expired_permit_is_powerless => needs [semaphore], without [],
