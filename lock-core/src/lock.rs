@@ -482,10 +482,12 @@ impl<T> fmt::Debug for Answer<'_, T> {
 /// - Errors are mapped into [`LockError`] and contain no secrets.
 #[async_trait]
 pub trait Lock: Send + Sync + fmt::Debug + 'static {
-    /// A short name for messages and spans (`memory`, `redlock`, `inc`…).
+    /// A short name for messages and spans (`memory`, `redlock`, `inc`…); read once by each
+    /// [`Locker`](crate::Locker) made over the backend.
     fn name(&self) -> &'static str;
 
-    /// What this backend supports.
+    /// What this backend supports; constant, read once by each [`Locker`](crate::Locker) made
+    /// over the backend.
     fn capabilities(&self) -> Capabilities;
 
     /// Makes one attempt to take every key of `request`.

@@ -35,6 +35,9 @@ use crate::watchdog::LostSignal;
 #[derive(Clone)]
 pub struct Locker {
     lock: Arc<dyn Lock>,
+    /// The backend's name and capabilities, read once.
+    name: &'static str,
+    capabilities: Capabilities,
     options: LockOptions,
     namespace: Option<Namespace>,
     stopped: Arc<AtomicBool>,
@@ -71,16 +74,18 @@ impl Locker {
 
     /// A client over a shared backend.
     pub fn from_arc(lock: Arc<dyn Lock>) -> Self {
+        let (name, capabilities) = (lock.name(), lock.capabilities());
         let mut options = LockOptions::default();
-        if lock.capabilities().fail_fast {
+        if capabilities.fail_fast {
             options = options.with_retry(RetryPolicy::none());
         }
-        let local = lock
-            .capabilities()
+        let local = capabilities
             .distributed
             .then(|| Arc::new(LocalQueue::default()));
         Self {
             lock,
+            name,
+            capabilities,
             options,
             namespace: None,
             stopped: Arc::new(AtomicBool::new(false)),
@@ -127,7 +132,7 @@ impl Locker {
 
     /// What the backend supports.
     pub fn capabilities(&self) -> Capabilities {
-        self.store().capabilities()
+        self.capabilities
     }
 
     /// The default options of this client.
@@ -399,8 +404,8 @@ impl Locker {
         if let LeaseKind::Permit { permits } = kind {
             crate::raw::validate::permits("permits", permits.get())?;
         }
-        let capabilities = self.store().capabilities();
-        let backend = self.store().name();
+        let capabilities = self.capabilities;
+        let backend = self.name;
         if let Err(capability) = capabilities.serves(kind) {
             return Err(LockError::Unsupported {
                 backend,
@@ -439,7 +444,7 @@ impl Locker {
     fn acquire_span(&self, keys: &KeySet, kind: LeaseKind) -> tracing::Span {
         tracing::debug_span!(
             "lock.acquire",
-            backend = self.store().name(),
+            backend = self.name,
             key = %keys.primary(),
             kind = %kind,
         )
@@ -475,7 +480,7 @@ impl Locker {
     /// is spawned when the guard is dropped, and `stop` lets it finish.
     fn finished(&self, result: Result<LockGuard>, acquisition: Acquisition) -> Result<LockGuard> {
         acquisition.finish(&result);
-        if self.store().capabilities().distributed {
+        if self.capabilities.distributed {
             return result.map(|guard| guard.with_cleanups(&self.cleanups));
         }
         result
@@ -502,9 +507,7 @@ impl Locker {
         // A store shared between processes answers after a round trip: its first attempt is
         // made by the loop (asking here would build a future only to drop it). So is one that
         // lines up in the in-process queue first.
-        if self.store().capabilities().distributed
-            || self.queue_for(wanted.options, wanted.kind).is_some()
-        {
+        if self.capabilities.distributed || self.queue_for(wanted.options, wanted.kind).is_some() {
             return Ok(waiting(wanted, span, waiter, None));
         }
         let Wanted {
@@ -604,7 +607,7 @@ impl Locker {
         (!wanted.options.retry().is_single_attempt()
             && wanted.kind == LeaseKind::Exclusive
             && wanted.keys.len() == 1
-            && self.store().capabilities().fair)
+            && self.capabilities.fair)
             .then(Token::generate)
             .transpose()
     }
@@ -617,7 +620,7 @@ impl Locker {
         options: &LockOptions,
     ) -> Result<LockGuard> {
         tracing::debug!(attempts, "acquired");
-        LockGuard::new(handle, self.store().name(), options.ttl())
+        LockGuard::new(handle, self.name, options.ttl())
     }
 
     /// The attempts after the first (whose outcome, or request to ask again, `waiting.first`
@@ -952,7 +955,7 @@ impl Future for Acquire<'_> {
         else {
             panic!("an acquisition polled after it finished");
         };
-        let mut acquisition = Acquisition::start(locker.store().name());
+        let mut acquisition = Acquisition::start(locker.name);
         let wanted = wanted.and_then(|(keys, kind)| {
             locker.check_keys(&keys, kind)?;
             Ok(Wanted {
