@@ -44,6 +44,8 @@ pub struct LockGuard {
     /// This lock's share of the `lock_held` gauge (see [`crate::metrics`]).
     held: Held,
     /// The clean-ups its locker's `stop` waits for: a release spawned on drop counts among them.
+    /// Set for the guards of a store shared between processes (`Capabilities::distributed`)
+    /// alone, whose answers need I/O: the others are released in the call when they can be.
     cleanups: Option<Arc<Cleanups>>,
 }
 
@@ -334,7 +336,18 @@ impl LockGuard {
         let mut state = std::mem::replace(&mut self.state, State::Released);
         let tickets = self.tickets.take();
         let held = self.held.take();
-        if let Some(result) = state.release_now() {
+        // The backend is asked once: its answer is taken at once when decided in the call (a
+        // lock in this process), awaited otherwise.
+        if let State::Held(handle) = &mut state {
+            let result = match handle.release().now() {
+                Ok(result) => result,
+                Err(later) => later.instrument(span.clone()).await,
+            };
+            return span.in_scope(|| released(result, tickets, held));
+        }
+        if self.cleanups.is_none()
+            && let Some(result) = state.release_now()
+        {
             return span.in_scope(|| released(result, tickets, held));
         }
         async move { released(state.release().await, tickets, held) }
@@ -404,7 +417,10 @@ impl Drop for LockGuard {
         let tickets = self.tickets.take();
         // Counted down when the release ends, or when whatever holds it is dropped.
         let held = self.held.take();
-        if let Some(result) = state.release_now() {
+        // A store shared between processes (a guard with clean-ups) answers after I/O: its
+        // release goes to a task at once, without an answer built only to be dropped.
+        let in_process = self.cleanups.is_none();
+        if in_process && let Some(result) = state.release_now() {
             if let Some(tickets) = tickets {
                 tickets.give_up();
             }

@@ -202,3 +202,91 @@ async fn the_conformance_case_catches_a_backend_that_acts_in_the_call() {
         "the eager wrapper must fail"
     );
 }
+
+/// A distributed store whose handles answer later, counting how often the core asks them to
+/// release.
+#[derive(Debug, Default)]
+struct Remote {
+    inner: MemoryLock,
+    releases: std::sync::Arc<AtomicU32>,
+}
+
+#[derive(Debug)]
+struct RemoteHandle {
+    inner: Box<dyn lock_core::raw::Handle>,
+    releases: std::sync::Arc<AtomicU32>,
+}
+
+#[async_trait]
+impl lock_core::raw::Handle for RemoteHandle {
+    fn lease(&self) -> &lock_core::Lease {
+        self.inner.lease()
+    }
+    async fn extend(&mut self, ttl: Duration) -> Result<()> {
+        self.inner.extend(ttl).await
+    }
+    fn release(&mut self) -> Answer<'_, Result<()>> {
+        self.releases.fetch_add(1, Ordering::SeqCst);
+        Answer::later(async move { self.inner.release().await })
+    }
+}
+
+#[async_trait]
+impl Lock for Remote {
+    fn name(&self) -> &'static str {
+        "remote"
+    }
+    fn capabilities(&self) -> Capabilities {
+        MemoryLock::new().capabilities().with_distributed()
+    }
+    fn try_acquire<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Acquired> {
+        Answer::later(async move {
+            let handle = self.inner.try_acquire(request).await?;
+            Ok(handle.map(|inner| {
+                Box::new(RemoteHandle {
+                    inner,
+                    releases: std::sync::Arc::clone(&self.releases),
+                }) as Box<dyn lock_core::raw::Handle>
+            }))
+        })
+    }
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
+        Answer::later(async move { self.inner.abandon(request).await })
+    }
+}
+
+/// A guard of a distributed store asks its handle to release once, whether it is released by
+/// hand, kept alive and then released, or dropped (the release then runs on a task): no answer
+/// is built only to be dropped.
+#[tokio::test(start_paused = true)]
+async fn a_distributed_guard_asks_its_handle_to_release_once() {
+    let lock = std::sync::Arc::new(Remote::default());
+    let locker = Locker::from_arc(lock.clone())
+        .with_options(options())
+        .unwrap();
+    let count = || lock.releases.load(Ordering::SeqCst);
+    locker.acquire("k").await.unwrap().release().await.unwrap();
+    assert_eq!(count(), 1, "released by hand");
+    let mut kept = locker.acquire("k").await.unwrap();
+    let _lost = kept.keep_alive().unwrap();
+    kept.release().await.unwrap();
+    assert_eq!(count(), 2, "kept alive, then released by hand");
+    drop(locker.acquire("k").await.unwrap());
+    locker.stop().await.unwrap();
+    assert_eq!(count(), 3, "dropped: released on a task");
+    assert!(
+        lock.inner
+            .try_acquire(
+                &LockRequest::new(
+                    lock_core::raw::KeySet::one(lock_core::Key::new("k").unwrap()),
+                    Token::generate().unwrap(),
+                    Duration::from_secs(1),
+                )
+                .unwrap()
+            )
+            .await
+            .unwrap()
+            .is_some(),
+        "the key is free"
+    );
+}
