@@ -492,7 +492,7 @@ impl Locker {
         &self,
         wanted: Wanted<'a>,
         acquisition: &mut Acquisition,
-    ) -> std::result::Result<Waiting<'a>, Result<LockGuard>> {
+    ) -> std::result::Result<Box<Waiting<'a>>, Result<LockGuard>> {
         let span = self.acquire_span(&wanted.keys, wanted.kind);
         let (started, deadline) = deadline(wanted.options);
         let waiter = self.waiter(&wanted).map_err(Err)?;
@@ -508,7 +508,7 @@ impl Locker {
         // made by the loop (asking here would build a future only to drop it). So is one that
         // lines up in the in-process queue first.
         if self.capabilities.distributed || self.queue_for(wanted.options, wanted.kind).is_some() {
-            return Ok(waiting(wanted, span, waiter, None));
+            return Ok(Box::new(waiting(wanted, span, waiter, None)));
         }
         let Wanted {
             keys,
@@ -539,7 +539,7 @@ impl Locker {
             kind,
             options,
         };
-        Ok(waiting(wanted, span, waiter, Some(first)))
+        Ok(Box::new(waiting(wanted, span, waiter, Some(first))))
     }
 
     /// The acquisition after its first attempt (or before it, when it lines up in the
@@ -970,7 +970,7 @@ impl Future for Acquire<'_> {
             Ok(Ok(waiting)) => waiting,
         };
         this.0 = Stage::Waiting(Box::pin(async move {
-            let result = locker.acquire_waiting(waiting, &mut acquisition).await;
+            let result = locker.acquire_waiting(*waiting, &mut acquisition).await;
             locker.finished(result, acquisition)
         }));
         Pin::new(this).poll(cx)
