@@ -412,3 +412,67 @@ async fn a_writers_claim_taken_back_does_not_overtake_its_late_request() {
         "the late claim outlived its take-back on node 2 (it stays for the 20 s ttl)"
     );
 }
+
+/// A waiting writer's attempts pile up late requests on a stalled node of a pool while the
+/// writer waits out a reader; it then wins on the other two. When the stalled requests land
+/// (refused by the writer's own lease, or taking a free key), their take-backs (token-checked,
+/// claims too) must leave the winner's lease where it was won, and once the winner releases,
+/// nothing of any attempt may be left on any node (a late claim would stay for the ttl).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_take_backs_leave_the_winning_writers_lease_and_nothing_after_it() {
+    let Some(_binary) = redis_or_skip("late take-backs and a winner") else {
+        return;
+    };
+    let servers = lock_tests::backed::start_servers(3);
+    let proxy = LatencyProxy::start(servers[2].port()).await.expect("proxy");
+    let urls = [servers[0].url(), servers[1].url(), proxy.url()];
+    let lock = Redlock::new(
+        RedlockConfig::new(urls)
+            .with_node_timeout(Duration::from_millis(1_000))
+            .with_connection(ConnectionKind::Pool),
+    )
+    .expect("client");
+    let locker = locker(&lock, Duration::from_secs(20));
+    for _ in 0..2 {
+        locker
+            .acquire_write("rw")
+            .await
+            .expect("warm")
+            .release()
+            .await
+            .expect("release");
+    }
+    let reader = locker.acquire_read("rw").await.expect("reader");
+    proxy.stall_existing(1);
+    let writer = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire_write("rw").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    reader.release().await.expect("release the reader");
+    let writer = writer.await.expect("writer task").expect("the writer wins");
+    // The stalled requests land now, while the writer holds the lock.
+    proxy.release_stall();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for (index, server) in servers.iter().enumerate().take(2) {
+        let exists = server.command("EXISTS rw", PROBE).expect("EXISTS");
+        assert_eq!(
+            exists, ":1",
+            "a late take-back removed the winner's lease on node {index}"
+        );
+    }
+    assert!(writer.is_valid());
+    writer
+        .release()
+        .await
+        .expect("the winner's lease is still held");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (index, server) in servers.iter().enumerate() {
+        let left = server.command("DBSIZE", PROBE).expect("DBSIZE");
+        println!("late take-backs and a winner: keys left on node {index} = {left}");
+        assert_eq!(
+            left, ":0",
+            "something of an attempt outlived it on node {index}"
+        );
+    }
+}
