@@ -290,3 +290,61 @@ async fn a_distributed_guard_asks_its_handle_to_release_once() {
         "the key is free"
     );
 }
+
+/// A kept-alive guard of a distributed store dropped outside any runtime is released once, on
+/// its watchdog's runtime, and `stop` waits for that release; so is one dropped inside a runtime.
+#[test]
+fn a_kept_alive_distributed_guard_dropped_anywhere_is_released_once_and_stop_waits() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lock = std::sync::Arc::new(Remote::default());
+    let locker = Locker::from_arc(lock.clone())
+        .with_options(options())
+        .unwrap();
+    let count = || lock.releases.load(Ordering::SeqCst);
+    let free = |lock: &Remote| {
+        runtime.block_on(async {
+            lock.inner
+                .try_acquire(
+                    &LockRequest::new(
+                        lock_core::raw::KeySet::one(lock_core::Key::new("k").unwrap()),
+                        Token::generate().unwrap(),
+                        Duration::from_secs(1),
+                    )
+                    .unwrap(),
+                )
+                .await
+                .unwrap()
+                .map(|mut handle| async move { handle.release().await })
+        })
+    };
+    // Dropped inside a runtime.
+    runtime.block_on(async {
+        let mut kept = locker.acquire("k").await.unwrap();
+        let _lost = kept.keep_alive().unwrap();
+        drop(kept);
+        locker.stop().await.unwrap();
+    });
+    assert_eq!(count(), 1, "dropped in a runtime: released once");
+    let taken = free(&lock).expect("the key is free after a drop in a runtime");
+    runtime.block_on(taken).unwrap();
+    // Dropped outside any runtime.
+    let locker = Locker::from_arc(lock.clone())
+        .with_options(options())
+        .unwrap();
+    let kept = runtime.block_on(async {
+        let mut kept = locker.acquire("k").await.unwrap();
+        let _lost = kept.keep_alive().unwrap();
+        kept
+    });
+    drop(kept);
+    runtime.block_on(locker.stop()).unwrap();
+    assert_eq!(count(), 2, "dropped outside a runtime: released once");
+    assert!(
+        free(&lock).is_some(),
+        "the key is free after a drop outside a runtime"
+    );
+}
