@@ -436,11 +436,9 @@ impl Shared {
     ///
     /// Nodes still answering get a short grace (twice the time the round took, at most the node
     /// timeout), so that the next attempt does not trip over this one's leftovers on healthy
-    /// nodes, while a stalled node still costs nothing.
-    #[allow(clippy::too_many_arguments)]
-    /// Undoes an attempt not won: what it took on the nodes that answered (`held`), and in the
-    /// background what the requests still in flight leave when they answer (`undo_late`, which
-    /// also takes back a claim the request may have left).
+    /// nodes, while a stalled node still costs nothing. `held` is what the answered nodes
+    /// undo, `undo_late` what the requests still in flight undo when they answer (a writer's
+    /// claim too).
     #[allow(clippy::too_many_arguments)]
     async fn undo_attempt(
         self: &Arc<Self>,
@@ -487,7 +485,7 @@ impl Shared {
         tokio::spawn(async move {
             let late = pending.finish().await;
             // A node that answered no after the attempt returned may have kept a writer's claim
-            // (or a fair waiter's place) that the caller's take-back, sent meanwhile on another
+            // that the caller's take-back, sent meanwhile on another
             // connection of a pool, overtook: it is undone too (token-checked; a writer still
             // waiting leaves its claim again with its next attempt).
             let late_no = late.no_at.into_iter().filter(|_| undo_late.claims());
