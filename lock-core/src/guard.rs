@@ -238,7 +238,9 @@ impl LockGuard {
     ///   our token: an expired lock is never revived;
     /// - [`LockError::Unsupported`] if the backend cannot extend; [`LockError::Backend`] on I/O.
     ///
-    /// A failed extend leaves the lock as it was: it is not released.
+    /// A failed extend leaves the lock as it was: it is not released. One that finds it not held
+    /// by the store ([`LockError::NotHeld`]) ends its validity at once and fires the
+    /// [`LostSignal`] of a kept-alive guard: the lock is lost.
     pub async fn extend(&mut self, ttl: Duration) -> Result<()> {
         validate::ttl("ttl", ttl)?;
         let span = tracing::debug_span!("lock.extend", backend = self.backend, key = %self.key(), ttl_ms = validate::ttl_millis(ttl));
@@ -260,6 +262,13 @@ impl LockGuard {
                 Ok(()) => {
                     self.ttl = ttl;
                     tracing::debug!("extended");
+                }
+                // The store said the lock is not ours: it is lost, whatever the validity said.
+                // Its validity ends now and the lost signal fires, as when the watchdog finds
+                // it lost, so that `is_valid` tells the truth and this process's waiters go on.
+                Err(error @ LockError::NotHeld { .. }) => {
+                    tracing::warn!(%error, "extend found the lock lost");
+                    watchdog::lose(self.lease().live());
                 }
                 Err(error) => tracing::warn!(%error, "extend failed"),
             }

@@ -23,7 +23,7 @@ pub(crate) fn end(live: &watch::Sender<Live>) {
 /// Marks the lease lost, waking the [`LostSignal`]s and the waiters of this process; its
 /// validity ends now (the store said it is not ours, or the validity had passed already), so
 /// that `is_valid` and `remaining` agree with the signal.
-fn lose(live: &watch::Sender<Live>) {
+pub(crate) fn lose(live: &watch::Sender<Live>) {
     live.send_modify(|live| {
         live.lost = true;
         live.valid_until = live.valid_until.min(Instant::now());

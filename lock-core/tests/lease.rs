@@ -215,6 +215,54 @@ async fn a_lease_the_watchdog_finds_lost_lets_the_waiters_behind_it_go() {
     assert!(holder.release().await.is_err());
 }
 
+/// An extend by hand that finds the lock gone from the store (purged) ends the lease at once,
+/// as the watchdog does: the guard stops saying it is valid and the task waiting behind it in
+/// this process goes, rather than at the validity it had.
+#[tokio::test(start_paused = true)]
+async fn an_extend_by_hand_that_finds_the_lock_lost_ends_the_lease() {
+    let store = Store::new(false);
+    let attempts = Arc::clone(&store.attempts);
+    let locker = locker(store);
+    let mut holder = locker.acquire("k").await.unwrap();
+    let waiter = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire("k").await }
+    });
+    settle().await;
+    let validity = holder.valid_until();
+    locker.purge("k").await.unwrap();
+
+    let error = holder.extend(TTL).await.unwrap_err();
+    assert!(matches!(error, LockError::NotHeld { .. }), "{error}");
+    assert!(
+        !holder.is_valid() && holder.remaining().is_zero(),
+        "the guard still said a lost lock was valid"
+    );
+    let won = waiter.await.unwrap().unwrap();
+    assert!(
+        Instant::now() < validity,
+        "the waiter went only once the lost lease's validity had passed"
+    );
+    assert!(attempts.load(Ordering::SeqCst) >= 2);
+    won.release().await.unwrap();
+    assert!(holder.release().await.is_err());
+}
+
+/// The same on a kept-alive guard: its lost signal fires at the extend by hand, before the
+/// watchdog's next round would have found the loss.
+#[tokio::test(start_paused = true)]
+async fn an_extend_by_hand_that_finds_a_kept_alive_lock_lost_fires_the_lost_signal() {
+    let locker = locker(Store::new(false));
+    let mut holder = locker.acquire("k").await.unwrap();
+    let lost = holder.keep_alive().unwrap();
+    locker.purge("k").await.unwrap();
+    let error = holder.extend(TTL).await.unwrap_err();
+    assert!(matches!(error, LockError::NotHeld { .. }), "{error}");
+    assert!(lost.is_lost(), "the lost signal waited for the watchdog");
+    assert!(!holder.is_valid());
+    drop(holder);
+}
+
 /// The lease a `with_lock` section holds follows the watchdog's extends: its validity is the
 /// guard's, not a copy taken when the section began.
 #[tokio::test(start_paused = true)]
