@@ -1,0 +1,192 @@
+//! Attacks on the acquisition path and the lease (session 11, adv11a): promises of the
+//! one-path `Acquire` future, the guard and the in-process queue, tried as a hostile user.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lock_core::{
+    Capabilities, Key, KeyState, Lease, LockError, LockOptions, Locker, Result, RetryPolicy,
+    raw::{Answer, Handle, Lock, LockRequest, async_trait},
+};
+use lock_memory::MemoryLock;
+
+/// The memory lock seen as a distributed store (so a locker lines its waiters up in this
+/// process's queue), counting attempts.
+#[derive(Debug)]
+struct Store {
+    memory: MemoryLock,
+    attempts: Arc<AtomicUsize>,
+}
+
+#[derive(Debug)]
+struct StoreHandle {
+    inner: Box<dyn Handle>,
+    lease: Lease,
+}
+
+impl Store {
+    fn new() -> Self {
+        Self {
+            memory: MemoryLock::new(),
+            attempts: Arc::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl Lock for Store {
+    fn name(&self) -> &'static str {
+        "store"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.memory.capabilities().with_distributed()
+    }
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        Answer::later(async move {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            let Some(inner) = self.memory.try_acquire(request).await? else {
+                return Ok(None);
+            };
+            let lease = inner.lease().clone();
+            Ok(Some(
+                Box::new(StoreHandle { inner, lease }) as Box<dyn Handle>
+            ))
+        })
+    }
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
+        Answer::later(async move { self.memory.abandon(request).await })
+    }
+    async fn purge(&self, prefix: &str) -> Result<u64> {
+        self.memory.purge(prefix).await
+    }
+    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
+        self.memory.inspect(key).await
+    }
+    async fn shutdown(&self) -> Result<()> {
+        self.memory.shutdown().await
+    }
+}
+
+#[async_trait]
+impl Handle for StoreHandle {
+    fn lease(&self) -> &Lease {
+        &self.lease
+    }
+    async fn extend(&mut self, ttl: Duration) -> Result<()> {
+        self.inner.extend(ttl).await?;
+        self.lease.set_valid_until(self.inner.lease().valid_until());
+        Ok(())
+    }
+    fn release(&mut self) -> Answer<'_, Result<()>> {
+        Answer::later(async move { self.inner.release().await })
+    }
+}
+
+/// Lets every task run until all of them wait (the paused clock moves only then).
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Promise (lock-core README, CHANGELOG, README "No guard is born expired"): no guard is
+/// handed out with its validity already over.
+///
+/// A multi-key lock on the memory store with the shortest ttl (1 ms) over many keys: the store
+/// takes the keys one by one and gives the lease the first key's expiry, so when taking them
+/// all lasts longer than the ttl, the answer (decided in the call, so not checked by
+/// `born_valid`) carries a validity that has already passed. On main the guard comes back
+/// with `is_valid() == false` and `remaining() == 0`.
+#[tokio::test]
+async fn a_multi_key_guard_is_not_born_expired() {
+    let locker = Locker::new(MemoryLock::new())
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_millis(1))
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap();
+    let names: Vec<String> = (0..20_000).map(|i| format!("many:{i}")).collect();
+    let keys: Vec<&str> = names.iter().map(String::as_str).collect();
+    let started = std::time::Instant::now();
+    let result = locker.acquire_many(&keys).await;
+    let took = started.elapsed();
+    assert!(
+        took > Duration::from_millis(2),
+        "the attempt took {took:?}: too fast to show anything, add keys"
+    );
+    match result {
+        // The honest outcomes: refused as held (as born_valid does), or a guard still valid.
+        Err(LockError::Locked { .. } | LockError::Timeout { .. }) => {}
+        Ok(guard) => {
+            let valid_until = guard.valid_until();
+            let handed_out_at = tokio::time::Instant::now();
+            assert!(
+                valid_until > handed_out_at,
+                "a guard born expired: valid until {:?} before it was handed out (the attempt took {took:?})",
+                handed_out_at - valid_until
+            );
+        }
+        Err(error) => panic!("unexpected error {error:?}"),
+    }
+}
+
+/// Promise (`Locker::stop`): "Acquisitions waiting to retry end with `LockError::Stopped`",
+/// and after `stop` every call of the client fails with `Stopped`.
+///
+/// A task waiting in this process's queue (a distributed store, retrying forever, no
+/// deadline) behind a kept-alive holder: `stop` does not reach it. On main it keeps waiting
+/// (the queue's wait does not listen for `stop`) and, once the holder lets go, goes on to ask
+/// the stopped store and is handed a guard.
+#[tokio::test(start_paused = true)]
+async fn stop_ends_a_wait_in_the_in_process_queue() {
+    let store = Store::new();
+    let attempts = Arc::clone(&store.attempts);
+    let locker = Locker::new(store)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(3))
+                .with_retry(RetryPolicy::forever().with_retry_delay(Duration::from_millis(50))),
+        )
+        .unwrap();
+    let mut holder = locker.acquire("k").await.unwrap();
+    let lost = holder.keep_alive().unwrap();
+    let waiter = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire("k").await }
+    });
+    settle().await;
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        1,
+        "the waiter lines up in this process"
+    );
+    locker.stop().await.unwrap();
+    let stopped_at = tokio::time::Instant::now();
+    let mut waiter = waiter;
+    let ended = tokio::time::timeout(Duration::from_secs(10), &mut waiter).await;
+    let still_waiting = ended.is_err();
+    let outcome = match ended {
+        Ok(joined) => joined.unwrap(),
+        Err(_) => {
+            // Still waiting 10 s after stop, its holder kept alive all along: let the holder
+            // go and see what the waiter gets.
+            drop(holder);
+            waiter.await.unwrap()
+        }
+    };
+    let outcome = outcome.map(|guard| (guard.key().to_string(), guard.is_valid()));
+    assert!(
+        !still_waiting && matches!(outcome, Err(LockError::Stopped)),
+        "a waiter in the in-process queue, its client stopped: still waiting 10 s later: \
+         {still_waiting}; once the holder let go, after {:?}: {outcome:?} ({} store attempts)",
+        stopped_at.elapsed(),
+        attempts.load(Ordering::SeqCst)
+    );
+    drop(lost);
+}
