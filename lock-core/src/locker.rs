@@ -555,23 +555,32 @@ impl Locker {
                 return self.retry_loop(waiting, acquisition).await;
             };
             let keys = waiting.wanted.keys.clone();
-            let enter = queue.enter(&keys);
-            let tickets = match waiting.deadline {
-                None => enter.await,
-                Some(deadline) => match tokio::time::timeout_at(deadline, enter).await {
-                    Ok(tickets) => tickets,
-                    Err(_) => {
-                        return Err(LockError::Timeout {
+            // A `stop` ends the wait in line too, and a task that reaches the head of the
+            // line after it does not go on to ask the stopped store.
+            let stopping = self.cleanups.stopping.notified();
+            tokio::pin!(stopping);
+            stopping.as_mut().enable();
+            self.check_running()?;
+            let enter = async {
+                match waiting.deadline {
+                    None => Ok(queue.enter(&keys).await),
+                    Some(deadline) => tokio::time::timeout_at(deadline, queue.enter(&keys))
+                        .await
+                        .map_err(|_| LockError::Timeout {
                             key: keys.primary().to_string(),
                             attempts: 0,
                             waited: waiting
                                 .started
                                 .map(|started| started.elapsed())
                                 .unwrap_or_default(),
-                        });
-                    }
-                },
+                        }),
+                }
             };
+            let tickets = tokio::select! {
+                tickets = enter => tickets?,
+                () = &mut stopping => return Err(LockError::Stopped),
+            };
+            self.check_running()?;
             let guard = self.retry_loop(waiting, acquisition).await?;
             Ok(guard.with_tickets(tickets))
         }
