@@ -190,3 +190,127 @@ async fn stop_ends_a_wait_in_the_in_process_queue() {
     );
     drop(lost);
 }
+
+/// The memory lock answering after `polls` polls (an `Answer::later` that does its work only
+/// once polled that often), in process or seen as distributed.
+#[derive(Debug)]
+struct Slow {
+    memory: Arc<MemoryLock>,
+    polls: usize,
+    distributed: bool,
+}
+
+async fn yields(polls: usize) {
+    for _ in 0..polls {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[async_trait]
+impl Lock for Slow {
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+    fn capabilities(&self) -> Capabilities {
+        let capabilities = self.memory.capabilities();
+        if self.distributed {
+            capabilities.with_distributed()
+        } else {
+            capabilities
+        }
+    }
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        Answer::later(async move {
+            yields(self.polls).await;
+            self.memory.try_acquire(request).await
+        })
+    }
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
+        Answer::later(async move {
+            yields(self.polls).await;
+            self.memory.abandon(request).await
+        })
+    }
+    async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
+        self.memory.wait_for_release(keys, max_wait).await
+    }
+}
+
+/// Held: dropping an acquisition after any number of polls (1 to 40, with 3 ms of paused
+/// time between them, so that retries happen) leaves nothing behind, for a store that
+/// answers after two polls, in process or distributed (then through this process's queue):
+/// a mutex waiting behind a holder leaves the key free once the holder lets go and no place
+/// in line (a task with a deadline gets it at once), and a writer waiting behind a reader
+/// leaves no claim (a new reader enters while the first still reads).
+///
+/// Negative control: with `Claim`'s drop made a no-op (locker.rs) the writer's case fails
+/// (a reader is kept out after the writer's future was dropped).
+#[tokio::test(start_paused = true)]
+async fn an_acquisition_dropped_at_any_poll_leaves_nothing() {
+    use lock_core::LeaseKind;
+    for distributed in [false, true] {
+        for kind in [LeaseKind::Exclusive, LeaseKind::Write] {
+            for drop_after in 1..=40 {
+                let memory = Arc::new(MemoryLock::new());
+                let locker = Locker::new(Slow {
+                    memory: Arc::clone(&memory),
+                    polls: 2,
+                    distributed,
+                });
+                let options = LockOptions::default()
+                    .with_ttl(Duration::from_secs(10))
+                    .with_retry(RetryPolicy::forever().with_retry_delay(Duration::from_millis(10)));
+                let holder_kind = if kind == LeaseKind::Write {
+                    LeaseKind::Read
+                } else {
+                    LeaseKind::Exclusive
+                };
+                let holder = locker
+                    .acquire_kind("k", holder_kind, &options)
+                    .await
+                    .unwrap();
+                let case =
+                    format!("distributed {distributed}, {kind}, dropped after {drop_after} polls");
+                {
+                    let mut acquisition = Box::pin(locker.acquire_kind("k", kind, &options));
+                    for _ in 0..drop_after {
+                        let polled = std::future::poll_fn(|cx| {
+                            std::task::Poll::Ready(acquisition.as_mut().poll(cx))
+                        })
+                        .await;
+                        assert!(polled.is_pending(), "{case}: finished while held");
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                    }
+                }
+                settle().await;
+                if kind == LeaseKind::Write {
+                    let reader = locker
+                        .acquire_kind(
+                            "k",
+                            LeaseKind::Read,
+                            &options.clone().with_retry(RetryPolicy::none()),
+                        )
+                        .await;
+                    assert!(reader.is_ok(), "{case}: a new reader kept out: {reader:?}");
+                    reader.unwrap().release().await.unwrap();
+                }
+                holder.release().await.unwrap();
+                settle().await;
+                let next = locker
+                    .acquire_kind(
+                        "k",
+                        kind,
+                        &options.clone().with_retry(
+                            RetryPolicy::forever().with_deadline(Duration::from_millis(5)),
+                        ),
+                    )
+                    .await;
+                assert!(next.is_ok(), "{case}: the key is not free: {next:?}");
+                next.unwrap().release().await.unwrap();
+            }
+        }
+    }
+}
