@@ -314,3 +314,124 @@ async fn an_acquisition_dropped_at_any_poll_leaves_nothing() {
         }
     }
 }
+
+/// A distributed store whose validity is its expiry less a drift (as Redlock's is), whose
+/// answers come back `late`, and whose calls fail once it is shut down (its connections
+/// closed).
+#[derive(Debug)]
+struct Drifting {
+    memory: Arc<MemoryLock>,
+    late: Duration,
+    drift: Duration,
+    shut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Debug)]
+struct DriftingHandle {
+    inner: Box<dyn Handle>,
+    lease: Lease,
+    shut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl Lock for Drifting {
+    fn name(&self) -> &'static str {
+        "drifting"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.memory.capabilities().with_distributed()
+    }
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        Answer::later(async move {
+            let Some(inner) = self.memory.try_acquire(request).await? else {
+                return Ok(None);
+            };
+            let lease = Lease::new(request, inner.lease().valid_until() - self.drift);
+            tokio::time::sleep(self.late).await;
+            Ok(Some(Box::new(DriftingHandle {
+                inner,
+                lease,
+                shut: Arc::clone(&self.shut),
+            }) as Box<dyn Handle>))
+        })
+    }
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
+        Answer::later(async move {
+            tokio::task::yield_now().await;
+            if self.shut.load(Ordering::SeqCst) {
+                return Err(LockError::backend("drifting", "shut down"));
+            }
+            self.memory.abandon(request).await
+        })
+    }
+    async fn shutdown(&self) -> Result<()> {
+        self.shut.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Handle for DriftingHandle {
+    fn lease(&self) -> &Lease {
+        &self.lease
+    }
+    async fn extend(&mut self, _ttl: Duration) -> Result<()> {
+        Err(LockError::Unsupported {
+            backend: "drifting",
+            capability: "extend",
+        })
+    }
+    fn release(&mut self) -> Answer<'_, Result<()>> {
+        Answer::later(async move {
+            tokio::task::yield_now().await;
+            if self.shut.load(Ordering::SeqCst) {
+                return Err(LockError::backend("drifting", "shut down"));
+            }
+            self.inner.release().await
+        })
+    }
+}
+
+/// Promise (`Locker::stop`): the clean-ups of attempts, and the releases sent from a task, are
+/// given time to finish before the backend closes, "so that a process that stops its client
+/// and exits right after [...] leaves no lock behind".
+///
+/// An attempt whose answer came back after its validity (`born_valid`) is released from a
+/// task; `stop` right after the acquisition gave up does not wait for that release. On main
+/// the backend closes first, the release fails, and the lock stays in the store until its
+/// expiry (here 400 ms past the validity, the store's drift).
+#[tokio::test(start_paused = true)]
+async fn stop_waits_for_the_release_of_a_lock_born_expired() {
+    let memory = Arc::new(MemoryLock::new());
+    let shut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let locker = Locker::new(Drifting {
+        memory: Arc::clone(&memory),
+        late: Duration::from_millis(600),
+        drift: Duration::from_millis(500),
+        shut: Arc::clone(&shut),
+    })
+    .with_options(
+        LockOptions::default()
+            .with_ttl(Duration::from_secs(1))
+            .with_retry(RetryPolicy::none()),
+    )
+    .unwrap();
+    let outcome = locker.acquire("k").await;
+    assert!(
+        matches!(outcome, Err(LockError::Locked { .. })),
+        "an answer past its validity counts as held: {outcome:?}"
+    );
+    locker.stop().await.unwrap();
+    settle().await;
+    let probe = Locker::from_arc(memory)
+        .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
+        .unwrap();
+    let left = probe.try_acquire("k").await.unwrap();
+    assert!(
+        left.is_some(),
+        "the lock born expired was left in the store after stop (its release not waited for)"
+    );
+}
