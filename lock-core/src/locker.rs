@@ -890,7 +890,7 @@ impl Locker {
             pending.lock = None;
         }
         Ok(match result? {
-            Some(handle) => born_valid(handle).map_or(Attempt::Held, Attempt::Won),
+            Some(handle) => born_valid(handle, &self.cleanups).map_or(Attempt::Held, Attempt::Won),
             None => Attempt::Held,
         })
     }
@@ -914,7 +914,10 @@ fn deadline(options: &LockOptions) -> (Option<Instant>, Option<Instant>) {
 ///
 /// An answer decided in the call ([`Answer::ready`]) took no round trip: its validity was set
 /// from a clock read in the same call, a ttl ahead, and is not checked again.
-fn born_valid(mut handle: Box<dyn Handle>) -> Option<Box<dyn Handle>> {
+///
+/// A release that needs I/O runs on a task counted among the clean-ups that [`Locker::stop`]
+/// lets finish.
+fn born_valid(mut handle: Box<dyn Handle>, cleanups: &Arc<Cleanups>) -> Option<Box<dyn Handle>> {
     if handle.lease().valid_until() > Instant::now() {
         return Some(handle);
     }
@@ -922,7 +925,9 @@ fn born_valid(mut handle: Box<dyn Handle>) -> Option<Box<dyn Handle>> {
     if handle.release().into_ready().is_none()
         && let Ok(runtime) = tokio::runtime::Handle::try_current()
     {
+        let running = cleanups.start();
         runtime.spawn(async move {
+            let _running = running;
             let _ = handle.release().await;
         });
     }
