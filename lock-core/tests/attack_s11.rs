@@ -323,6 +323,7 @@ struct Drifting {
     memory: Arc<MemoryLock>,
     late: Duration,
     drift: Duration,
+    release_takes: Duration,
     shut: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -330,6 +331,7 @@ struct Drifting {
 struct DriftingHandle {
     inner: Box<dyn Handle>,
     lease: Lease,
+    release_takes: Duration,
     shut: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -354,6 +356,7 @@ impl Lock for Drifting {
             Ok(Some(Box::new(DriftingHandle {
                 inner,
                 lease,
+                release_takes: self.release_takes,
                 shut: Arc::clone(&self.shut),
             }) as Box<dyn Handle>))
         })
@@ -386,6 +389,7 @@ impl Handle for DriftingHandle {
     }
     fn release(&mut self) -> Answer<'_, Result<()>> {
         Answer::later(async move {
+            tokio::time::sleep(self.release_takes).await;
             tokio::task::yield_now().await;
             if self.shut.load(Ordering::SeqCst) {
                 return Err(LockError::backend("drifting", "shut down"));
@@ -411,6 +415,7 @@ async fn stop_waits_for_the_release_of_a_lock_born_expired() {
         memory: Arc::clone(&memory),
         late: Duration::from_millis(600),
         drift: Duration::from_millis(500),
+        release_takes: Duration::ZERO,
         shut: Arc::clone(&shut),
     })
     .with_options(
@@ -433,5 +438,50 @@ async fn stop_waits_for_the_release_of_a_lock_born_expired() {
     assert!(
         left.is_some(),
         "the lock born expired was left in the store after stop (its release not waited for)"
+    );
+}
+
+/// Promise (`Locker::stop`): the releases of guards dropped before are given time to finish
+/// before the backend closes, "so that a process that stops its client and exits right after
+/// [...] leaves no lock behind".
+///
+/// Two parts of a program stop the same client (a clone each, say a signal handler and the
+/// main path): on main the second `stop` returns at once, while the first still waits for the
+/// release of a guard dropped before, and a process that exits when it returns leaves that
+/// lock in the store.
+#[tokio::test(start_paused = true)]
+async fn a_second_stop_waits_like_the_first() {
+    let memory = Arc::new(MemoryLock::new());
+    let locker = Locker::new(Drifting {
+        memory: Arc::clone(&memory),
+        late: Duration::ZERO,
+        drift: Duration::ZERO,
+        release_takes: Duration::from_millis(50),
+        shut: Arc::default(),
+    })
+    .with_options(
+        LockOptions::default()
+            .with_ttl(Duration::from_secs(10))
+            .with_retry(RetryPolicy::none()),
+    )
+    .unwrap();
+    let guard = locker.acquire("k").await.unwrap();
+    drop(guard);
+    let first = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.stop().await }
+    });
+    tokio::task::yield_now().await;
+    let second_started = tokio::time::Instant::now();
+    locker.stop().await.unwrap();
+    let second_took = second_started.elapsed();
+    let probe = Locker::from_arc(memory.clone())
+        .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
+        .unwrap();
+    let free = probe.try_acquire("k").await.unwrap().is_some();
+    first.await.unwrap().unwrap();
+    assert!(
+        free,
+        "the second stop returned after {second_took:?} with the dropped guard's lock still in the store"
     );
 }
