@@ -354,14 +354,21 @@ impl Locker {
     /// A release that failed and that the backend would send again later is not waited for:
     /// that lock expires with its ttl. Acquisitions waiting to retry end with
     /// [`LockError::Stopped`], and those that hold a claim in the store (a fair waiter's place
-    /// in line, a waiting writer's claim) take it back before the backend closes.
+    /// in line, a waiting writer's claim) take it back before the backend closes. A further
+    /// call (of this client or a clone) returns once the first has finished.
     ///
     /// # Errors
-    /// Backend errors while closing.
+    /// Backend errors while closing (to the first call).
     pub async fn stop(&self) -> Result<()> {
         if self.stopped.swap(true, Ordering::SeqCst) {
+            // Stopped by another call (of a clone, say): return once it is done, so that
+            // whoever returns from `stop` finds the clean-ups run and the backend closed.
+            self.cleanups.stop_finished().await;
             return Ok(());
         }
+        // Marks the stop finished however this call ends (cancelled too), so that the other
+        // callers of `stop` are not left waiting.
+        let _finished = StopFinished(&self.cleanups);
         // Acquisitions waiting to retry end now; those with a claim in the store (a fair
         // waiter's place in line, a writer's claim) take it back before the backend closes.
         self.cleanups.stopping.notify_waiters();
@@ -1114,6 +1121,19 @@ pub(crate) struct Cleanups {
     settled: tokio::sync::Notify,
     /// Notified by `stop`: acquisitions waiting to retry end.
     stopping: tokio::sync::Notify,
+    /// Set, and `stop_done` notified, when the first call of `stop` has finished.
+    stopped: AtomicBool,
+    stop_done: tokio::sync::Notify,
+}
+
+/// Marks the first `stop` finished when dropped.
+struct StopFinished<'a>(&'a Cleanups);
+
+impl Drop for StopFinished<'_> {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::SeqCst);
+        self.0.stop_done.notify_waiters();
+    }
 }
 
 /// One clean-up in progress; counted down when it ends, however it ends.
@@ -1123,6 +1143,19 @@ impl Cleanups {
     pub(crate) fn start(self: &Arc<Self>) -> CleanupRunning {
         self.running.fetch_add(1, Ordering::SeqCst);
         CleanupRunning(Arc::clone(self))
+    }
+
+    /// Waits until the first call of `stop` has finished.
+    async fn stop_finished(&self) {
+        loop {
+            let notified = self.stop_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stopped.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Waits until no clean-up runs, or `limit` has passed.
