@@ -485,3 +485,46 @@ async fn a_second_stop_waits_like_the_first() {
         "the second stop returned after {second_took:?} with the dropped guard's lock still in the store"
     );
 }
+
+/// Held: a deadline of 1 ns on a distributed store that takes the key in its answer's first
+/// poll and answers 100 ms later: the acquisition gives up on time (`Timeout`, within tokio's
+/// timer resolution of 1 ms, long before the answer), and the key its cut-short attempt took is free
+/// again once the clean-up ran, before its ttl.
+///
+/// Negative control: with `PendingAttempt`'s drop made a no-op (locker.rs) the key stays held.
+#[tokio::test(start_paused = true)]
+async fn a_one_nanosecond_deadline_gives_up_on_time_and_leaves_nothing() {
+    let memory = Arc::new(MemoryLock::new());
+    let locker = Locker::new(Drifting {
+        memory: Arc::clone(&memory),
+        late: Duration::from_millis(100),
+        drift: Duration::ZERO,
+        release_takes: Duration::ZERO,
+        shut: Arc::default(),
+    })
+    .with_options(
+        LockOptions::default()
+            .with_ttl(Duration::from_secs(10))
+            .with_retry(RetryPolicy::forever().with_deadline(Duration::from_nanos(1))),
+    )
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    let outcome = locker.acquire("k").await;
+    assert!(
+        matches!(outcome, Err(LockError::Timeout { .. })),
+        "{outcome:?}"
+    );
+    assert!(
+        started.elapsed() <= Duration::from_millis(1),
+        "{:?}",
+        started.elapsed()
+    );
+    settle().await;
+    let probe = Locker::from_arc(memory.clone())
+        .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
+        .unwrap();
+    assert!(
+        probe.try_acquire("k").await.unwrap().is_some(),
+        "the cut-short attempt's key is still held"
+    );
+}
