@@ -528,3 +528,48 @@ async fn a_one_nanosecond_deadline_gives_up_on_time_and_leaves_nothing() {
         "the cut-short attempt's key is still held"
     );
 }
+
+/// Promise (`Locker::stop`): what the client's acquisitions have in the store is cleaned up
+/// before the backend closes, "so that a process that stops its client and exits right after
+/// [...] leaves no lock behind"; after `stop`, calls of the client fail with `Stopped`.
+///
+/// An acquisition whose attempt is on the wire when `stop` is called (a distributed store
+/// that takes the key and answers 100 ms later): on main `stop` returns at once and closes
+/// the backend, then the attempt comes back and the stopped client hands out a guard whose
+/// lock it can no longer release (the store is closed): the lock stays for its whole ttl.
+#[tokio::test(start_paused = true)]
+async fn stop_cleans_up_an_attempt_on_the_wire() {
+    let memory = Arc::new(MemoryLock::new());
+    let locker = Locker::new(Drifting {
+        memory: Arc::clone(&memory),
+        late: Duration::from_millis(100),
+        drift: Duration::ZERO,
+        release_takes: Duration::ZERO,
+        shut: Arc::default(),
+    })
+    .with_options(
+        LockOptions::default()
+            .with_ttl(Duration::from_secs(10))
+            .with_retry(RetryPolicy::none()),
+    )
+    .unwrap();
+    let acquisition = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire("k").await }
+    });
+    settle().await;
+    locker.stop().await.unwrap();
+    let outcome = acquisition.await.unwrap();
+    let handed_out = outcome.is_ok();
+    drop(outcome);
+    settle().await;
+    let probe = Locker::from_arc(memory.clone())
+        .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
+        .unwrap();
+    let free = probe.try_acquire("k").await.unwrap().is_some();
+    assert!(
+        free && !handed_out,
+        "after stop: a guard handed out: {handed_out}; the key left held in the store: {}",
+        !free
+    );
+}
