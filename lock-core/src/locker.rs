@@ -352,8 +352,9 @@ impl Locker {
     /// given up to [`CLEANUP_WAIT`] to finish first, so that a process that stops its client and
     /// exits right after cancelling an acquisition or dropping a guard leaves no lock behind.
     /// A release that failed and that the backend would send again later is not waited for:
-    /// that lock expires with its ttl. Acquisitions waiting to retry end with
-    /// [`LockError::Stopped`], and those that hold a claim in the store (a fair waiter's place
+    /// that lock expires with its ttl. Acquisitions waiting to retry, in this process's queue
+    /// or for an attempt's answer end with [`LockError::Stopped`] (an attempt on the wire is
+    /// taken back by token before the backend closes), and those that hold a claim in the store (a fair waiter's place
     /// in line, a waiting writer's claim) take it back before the backend closes. A further
     /// call (of this client or a clone) returns once the first has finished.
     ///
@@ -876,20 +877,33 @@ impl Locker {
             Ok(decided) => return decided.map(Attempt::from),
             Err(later) => later,
         };
+        // Counted among the clean-ups `stop` waits for while it is on the wire: a `stop` ends
+        // the wait for the answer, and `pending` cleans up before the backend closes.
         let mut pending = PendingAttempt {
             lock: Some(Arc::clone(&self.lock)),
             cleanups: &self.cleanups,
             request,
+            _running: self.cleanups.start(),
         };
-        let result = match deadline {
-            Some(deadline) => {
-                match tokio::time::timeout_at(deadline, answer).await {
-                    Ok(result) => result,
-                    // Cut short: `pending` cleans up whatever the attempt may have left.
-                    Err(_) => return Ok(Attempt::CutShort),
-                }
+        let stopping = self.cleanups.stopping.notified();
+        tokio::pin!(stopping);
+        stopping.as_mut().enable();
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(LockError::Stopped);
+        }
+        let answered = async {
+            match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, answer).await.ok(),
+                None => Some(answer.await),
             }
-            None => answer.await,
+        };
+        let result = tokio::select! {
+            answered = answered => match answered {
+                Some(result) => result,
+                // Cut short: `pending` cleans up whatever the attempt may have left.
+                None => return Ok(Attempt::CutShort),
+            },
+            () = &mut stopping => return Err(LockError::Stopped),
         };
         // A backend error (a timeout, a dropped connection) leaves the outcome unknown: the
         // write may have landed, so `pending` releases it by token. Other outcomes are known.
@@ -1049,6 +1063,8 @@ struct PendingAttempt<'a> {
     lock: Option<Arc<dyn Lock>>,
     cleanups: &'a Arc<Cleanups>,
     request: &'a LockRequest,
+    /// Counts the attempt among the clean-ups `stop` waits for until its clean-up has started.
+    _running: CleanupRunning,
 }
 
 /// A writer's claim to be next, left in the store by its latest attempt: taken back by token
