@@ -352,16 +352,24 @@ impl Locker {
     /// given up to [`CLEANUP_WAIT`] to finish first, so that a process that stops its client and
     /// exits right after cancelling an acquisition or dropping a guard leaves no lock behind.
     /// A release that failed and that the backend would send again later is not waited for:
-    /// that lock expires with its ttl. Acquisitions waiting to retry end with
-    /// [`LockError::Stopped`], and those that hold a claim in the store (a fair waiter's place
-    /// in line, a waiting writer's claim) take it back before the backend closes.
+    /// that lock expires with its ttl. Acquisitions waiting to retry, in this process's queue
+    /// or for an attempt's answer end with [`LockError::Stopped`] (an attempt on the wire is
+    /// taken back by token before the backend closes), and those that hold a claim in the store (a fair waiter's place
+    /// in line, a waiting writer's claim) take it back before the backend closes. A further
+    /// call (of this client or a clone) returns once the first has finished.
     ///
     /// # Errors
-    /// Backend errors while closing.
+    /// Backend errors while closing (to the first call).
     pub async fn stop(&self) -> Result<()> {
         if self.stopped.swap(true, Ordering::SeqCst) {
+            // Stopped by another call (of a clone, say): return once it is done, so that
+            // whoever returns from `stop` finds the clean-ups run and the backend closed.
+            self.cleanups.stop_finished().await;
             return Ok(());
         }
+        // Marks the stop finished however this call ends (cancelled too), so that the other
+        // callers of `stop` are not left waiting.
+        let _finished = StopFinished(&self.cleanups);
         // Acquisitions waiting to retry end now; those with a claim in the store (a fair
         // waiter's place in line, a writer's claim) take it back before the backend closes.
         self.cleanups.stopping.notify_waiters();
@@ -555,23 +563,32 @@ impl Locker {
                 return self.retry_loop(waiting, acquisition).await;
             };
             let keys = waiting.wanted.keys.clone();
-            let enter = queue.enter(&keys);
-            let tickets = match waiting.deadline {
-                None => enter.await,
-                Some(deadline) => match tokio::time::timeout_at(deadline, enter).await {
-                    Ok(tickets) => tickets,
-                    Err(_) => {
-                        return Err(LockError::Timeout {
+            // A `stop` ends the wait in line too, and a task that reaches the head of the
+            // line after it does not go on to ask the stopped store.
+            let stopping = self.cleanups.stopping.notified();
+            tokio::pin!(stopping);
+            stopping.as_mut().enable();
+            self.check_running()?;
+            let enter = async {
+                match waiting.deadline {
+                    None => Ok(queue.enter(&keys).await),
+                    Some(deadline) => tokio::time::timeout_at(deadline, queue.enter(&keys))
+                        .await
+                        .map_err(|_| LockError::Timeout {
                             key: keys.primary().to_string(),
                             attempts: 0,
                             waited: waiting
                                 .started
                                 .map(|started| started.elapsed())
                                 .unwrap_or_default(),
-                        });
-                    }
-                },
+                        }),
+                }
             };
+            let tickets = tokio::select! {
+                tickets = enter => tickets?,
+                () = &mut stopping => return Err(LockError::Stopped),
+            };
+            self.check_running()?;
             let guard = self.retry_loop(waiting, acquisition).await?;
             Ok(guard.with_tickets(tickets))
         }
@@ -860,20 +877,33 @@ impl Locker {
             Ok(decided) => return decided.map(Attempt::from),
             Err(later) => later,
         };
+        // Counted among the clean-ups `stop` waits for while it is on the wire: a `stop` ends
+        // the wait for the answer, and `pending` cleans up before the backend closes.
         let mut pending = PendingAttempt {
             lock: Some(Arc::clone(&self.lock)),
             cleanups: &self.cleanups,
             request,
+            _running: self.cleanups.start(),
         };
-        let result = match deadline {
-            Some(deadline) => {
-                match tokio::time::timeout_at(deadline, answer).await {
-                    Ok(result) => result,
-                    // Cut short: `pending` cleans up whatever the attempt may have left.
-                    Err(_) => return Ok(Attempt::CutShort),
-                }
+        let stopping = self.cleanups.stopping.notified();
+        tokio::pin!(stopping);
+        stopping.as_mut().enable();
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(LockError::Stopped);
+        }
+        let answered = async {
+            match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, answer).await.ok(),
+                None => Some(answer.await),
             }
-            None => answer.await,
+        };
+        let result = tokio::select! {
+            answered = answered => match answered {
+                Some(result) => result,
+                // Cut short: `pending` cleans up whatever the attempt may have left.
+                None => return Ok(Attempt::CutShort),
+            },
+            () = &mut stopping => return Err(LockError::Stopped),
         };
         // A backend error (a timeout, a dropped connection) leaves the outcome unknown: the
         // write may have landed, so `pending` releases it by token. Other outcomes are known.
@@ -881,7 +911,7 @@ impl Locker {
             pending.lock = None;
         }
         Ok(match result? {
-            Some(handle) => born_valid(handle).map_or(Attempt::Held, Attempt::Won),
+            Some(handle) => born_valid(handle, &self.cleanups).map_or(Attempt::Held, Attempt::Won),
             None => Attempt::Held,
         })
     }
@@ -905,7 +935,10 @@ fn deadline(options: &LockOptions) -> (Option<Instant>, Option<Instant>) {
 ///
 /// An answer decided in the call ([`Answer::ready`]) took no round trip: its validity was set
 /// from a clock read in the same call, a ttl ahead, and is not checked again.
-fn born_valid(mut handle: Box<dyn Handle>) -> Option<Box<dyn Handle>> {
+///
+/// A release that needs I/O runs on a task counted among the clean-ups that [`Locker::stop`]
+/// lets finish.
+fn born_valid(mut handle: Box<dyn Handle>, cleanups: &Arc<Cleanups>) -> Option<Box<dyn Handle>> {
     if handle.lease().valid_until() > Instant::now() {
         return Some(handle);
     }
@@ -913,7 +946,9 @@ fn born_valid(mut handle: Box<dyn Handle>) -> Option<Box<dyn Handle>> {
     if handle.release().into_ready().is_none()
         && let Ok(runtime) = tokio::runtime::Handle::try_current()
     {
+        let running = cleanups.start();
         runtime.spawn(async move {
+            let _running = running;
             let _ = handle.release().await;
         });
     }
@@ -1028,6 +1063,8 @@ struct PendingAttempt<'a> {
     lock: Option<Arc<dyn Lock>>,
     cleanups: &'a Arc<Cleanups>,
     request: &'a LockRequest,
+    /// Counts the attempt among the clean-ups `stop` waits for until its clean-up has started.
+    _running: CleanupRunning,
 }
 
 /// A writer's claim to be next, left in the store by its latest attempt: taken back by token
@@ -1100,6 +1137,19 @@ pub(crate) struct Cleanups {
     settled: tokio::sync::Notify,
     /// Notified by `stop`: acquisitions waiting to retry end.
     stopping: tokio::sync::Notify,
+    /// Set, and `stop_done` notified, when the first call of `stop` has finished.
+    stopped: AtomicBool,
+    stop_done: tokio::sync::Notify,
+}
+
+/// Marks the first `stop` finished when dropped.
+struct StopFinished<'a>(&'a Cleanups);
+
+impl Drop for StopFinished<'_> {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::SeqCst);
+        self.0.stop_done.notify_waiters();
+    }
 }
 
 /// One clean-up in progress; counted down when it ends, however it ends.
@@ -1109,6 +1159,19 @@ impl Cleanups {
     pub(crate) fn start(self: &Arc<Self>) -> CleanupRunning {
         self.running.fetch_add(1, Ordering::SeqCst);
         CleanupRunning(Arc::clone(self))
+    }
+
+    /// Waits until the first call of `stop` has finished.
+    async fn stop_finished(&self) {
+        loop {
+            let notified = self.stop_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stopped.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Waits until no clean-up runs, or `limit` has passed.

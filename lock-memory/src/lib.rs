@@ -496,7 +496,12 @@ impl Inner {
                     .is_some_and(|holder| holder.token == *token)
             })
         });
-        if !still_ours {
+        // The validity is the first key's expiry, set when it was taken: with many keys and a
+        // short ttl it may have passed while the others were taken. Such a lock is let go and
+        // the attempt counts as one that found the keys held, as the core does with an answer
+        // that came back too late: no guard is handed out with its validity already over.
+        let still_valid = valid_until.is_some_and(|valid_until| valid_until > Instant::now());
+        if !still_ours || !still_valid {
             self.release_each(keys, token);
             return Ok(None);
         }
