@@ -3,96 +3,17 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Key, KeyState, Lease, LockError, LockOptions, Locker, Result, RetryPolicy,
+    Capabilities, Key, Lease, LockError, LockOptions, Locker, Result, RetryPolicy,
     raw::{Answer, Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
 
-/// The memory lock seen as a distributed store (so a locker lines its waiters up in this
-/// process's queue), counting attempts.
-#[derive(Debug)]
-struct Store {
-    memory: MemoryLock,
-    attempts: Arc<AtomicUsize>,
-}
-
-#[derive(Debug)]
-struct StoreHandle {
-    inner: Box<dyn Handle>,
-    lease: Lease,
-}
-
-impl Store {
-    fn new() -> Self {
-        Self {
-            memory: MemoryLock::new(),
-            attempts: Arc::default(),
-        }
-    }
-}
-
-#[async_trait]
-impl Lock for Store {
-    fn name(&self) -> &'static str {
-        "store"
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.memory.capabilities().with_distributed()
-    }
-    fn try_acquire<'a>(
-        &'a self,
-        request: &'a LockRequest,
-    ) -> Answer<'a, Result<Option<Box<dyn Handle>>>> {
-        Answer::later(async move {
-            self.attempts.fetch_add(1, Ordering::SeqCst);
-            let Some(inner) = self.memory.try_acquire(request).await? else {
-                return Ok(None);
-            };
-            let lease = inner.lease().clone();
-            Ok(Some(
-                Box::new(StoreHandle { inner, lease }) as Box<dyn Handle>
-            ))
-        })
-    }
-    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
-        Answer::later(async move { self.memory.abandon(request).await })
-    }
-    async fn purge(&self, prefix: &str) -> Result<u64> {
-        self.memory.purge(prefix).await
-    }
-    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
-        self.memory.inspect(key).await
-    }
-    async fn shutdown(&self) -> Result<()> {
-        self.memory.shutdown().await
-    }
-}
-
-#[async_trait]
-impl Handle for StoreHandle {
-    fn lease(&self) -> &Lease {
-        &self.lease
-    }
-    async fn extend(&mut self, ttl: Duration) -> Result<()> {
-        self.inner.extend(ttl).await?;
-        self.lease.set_valid_until(self.inner.lease().valid_until());
-        Ok(())
-    }
-    fn release(&mut self) -> Answer<'_, Result<()>> {
-        Answer::later(async move { self.inner.release().await })
-    }
-}
-
-/// Lets every task run until all of them wait (the paused clock moves only then).
-async fn settle() {
-    for _ in 0..20 {
-        tokio::task::yield_now().await;
-    }
-}
+mod support;
+use support::{Store, settle};
 
 /// Promise (lock-core README, CHANGELOG, README "No guard is born expired"): no guard is
 /// handed out with its validity already over.

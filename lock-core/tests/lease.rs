@@ -10,105 +10,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Key, KeyState, Lease, LockError, LockOptions, Locker, Result, RetryPolicy,
+    Capabilities, Lease, LockError, LockOptions, Locker, Result, RetryPolicy,
     raw::{Handle, Lock, LockRequest, async_trait},
 };
+
 use lock_memory::MemoryLock;
+
+mod support;
+use support::{Store, settle};
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(3);
-
-/// The memory lock seen as a distributed store (so a locker lines its waiters up in this
-/// process's queue), counting attempts; its downgrade can fail the way Redlock's does when a
-/// round reaches no quorum: the lock is then in doubt and its validity ends at once.
-#[derive(Debug)]
-struct Store {
-    memory: MemoryLock,
-    attempts: Arc<AtomicUsize>,
-    downgrade_fails: bool,
-}
-
-#[derive(Debug)]
-struct StoreHandle {
-    inner: Box<dyn Handle>,
-    lease: Lease,
-    downgrade_fails: bool,
-}
-
-impl Store {
-    fn new(downgrade_fails: bool) -> Self {
-        Self {
-            memory: MemoryLock::new(),
-            attempts: Arc::default(),
-            downgrade_fails,
-        }
-    }
-}
-
-#[async_trait]
-impl Lock for Store {
-    fn name(&self) -> &'static str {
-        "store"
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.memory.capabilities().with_distributed()
-    }
-    fn try_acquire<'a>(
-        &'a self,
-        request: &'a LockRequest,
-    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
-        lock_core::raw::Answer::later(async move {
-            self.attempts.fetch_add(1, Ordering::SeqCst);
-            let Some(inner) = self.memory.try_acquire(request).await? else {
-                return Ok(None);
-            };
-            let lease = inner.lease().clone();
-            Ok(Some(Box::new(StoreHandle {
-                inner,
-                lease,
-                downgrade_fails: self.downgrade_fails,
-            }) as Box<dyn Handle>))
-        })
-    }
-    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
-        lock_core::raw::Answer::later(async move { self.memory.abandon(request).await })
-    }
-    async fn purge(&self, prefix: &str) -> Result<u64> {
-        self.memory.purge(prefix).await
-    }
-    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
-        self.memory.inspect(key).await
-    }
-}
-
-#[async_trait]
-impl Handle for StoreHandle {
-    fn lease(&self) -> &Lease {
-        &self.lease
-    }
-    async fn extend(&mut self, ttl: Duration) -> Result<()> {
-        self.inner.extend(ttl).await?;
-        self.lease.set_valid_until(self.inner.lease().valid_until());
-        Ok(())
-    }
-    fn release(&mut self) -> lock_core::raw::Answer<'_, Result<()>> {
-        lock_core::raw::Answer::later(async move { self.inner.release().await })
-    }
-    async fn downgrade(&mut self) -> Result<()> {
-        if self.downgrade_fails {
-            self.lease.set_valid_until(Instant::now());
-            return Err(LockError::QuorumNotReached {
-                key: self.lease.key().to_string(),
-                got: 1,
-                needed: 2,
-                failures: "n2: timed out".into(),
-            });
-        }
-        self.inner.downgrade().await?;
-        self.lease.set_downgraded();
-        Ok(())
-    }
-}
 
 fn locker(store: Store) -> Locker {
     Locker::new(store)
@@ -120,19 +32,12 @@ fn locker(store: Store) -> Locker {
         .unwrap()
 }
 
-/// Lets every task run until all of them wait (the paused clock moves only then).
-async fn settle() {
-    for _ in 0..20 {
-        tokio::task::yield_now().await;
-    }
-}
-
 /// A downgrade that leaves the lock in doubt ends the lease (Redlock's, on a round without a
 /// quorum): the task waiting behind it in this process stops keeping out at once, rather than
 /// at the validity the holder had before.
 #[tokio::test(start_paused = true)]
 async fn a_failed_downgrade_that_ends_the_lease_lets_the_waiters_behind_it_go() {
-    let store = Store::new(true);
+    let store = Store::new().failing_downgrades();
     let attempts = Arc::clone(&store.attempts);
     let locker = locker(store);
     let mut writer = locker.acquire_write("k").await.unwrap();
@@ -169,7 +74,7 @@ async fn a_failed_downgrade_that_ends_the_lease_lets_the_waiters_behind_it_go() 
 /// read the lease the handle ended, not the validity published at the last extend.
 #[tokio::test(start_paused = true)]
 async fn a_failed_downgrade_ends_a_kept_alive_lease_too() {
-    let locker = locker(Store::new(true));
+    let locker = locker(Store::new().failing_downgrades());
     let mut writer = locker.acquire_write("k").await.unwrap();
     let before = writer.valid_until();
     let lost = writer.keep_alive().unwrap();
@@ -190,7 +95,7 @@ async fn a_failed_downgrade_ends_a_kept_alive_lease_too() {
 /// this process go at once, not at the validity it had.
 #[tokio::test(start_paused = true)]
 async fn a_lease_the_watchdog_finds_lost_lets_the_waiters_behind_it_go() {
-    let locker = locker(Store::new(false));
+    let locker = locker(Store::new());
     let mut holder = locker.acquire("k").await.unwrap();
     let lost = holder.keep_alive().unwrap();
     let waiter = tokio::spawn({
@@ -220,7 +125,7 @@ async fn a_lease_the_watchdog_finds_lost_lets_the_waiters_behind_it_go() {
 /// this process goes, rather than at the validity it had.
 #[tokio::test(start_paused = true)]
 async fn an_extend_by_hand_that_finds_the_lock_lost_ends_the_lease() {
-    let store = Store::new(false);
+    let store = Store::new();
     let attempts = Arc::clone(&store.attempts);
     let locker = locker(store);
     let mut holder = locker.acquire("k").await.unwrap();
@@ -252,7 +157,7 @@ async fn an_extend_by_hand_that_finds_the_lock_lost_ends_the_lease() {
 /// watchdog's next round would have found the loss.
 #[tokio::test(start_paused = true)]
 async fn an_extend_by_hand_that_finds_a_kept_alive_lock_lost_fires_the_lost_signal() {
-    let locker = locker(Store::new(false));
+    let locker = locker(Store::new());
     let mut holder = locker.acquire("k").await.unwrap();
     let lost = holder.keep_alive().unwrap();
     locker.purge("k").await.unwrap();
@@ -267,7 +172,7 @@ async fn an_extend_by_hand_that_finds_a_kept_alive_lock_lost_fires_the_lost_sign
 /// guard's, not a copy taken when the section began.
 #[tokio::test(start_paused = true)]
 async fn a_with_lock_sections_lease_follows_the_watchdog() {
-    let locker = locker(Store::new(false));
+    let locker = locker(Store::new());
     locker
         .with_lock("k", |info| async move {
             let first = info.valid_until();
@@ -291,7 +196,7 @@ async fn a_with_lock_sections_lease_follows_the_watchdog() {
 /// fails when an extend does not reach the shared lease (see the report of the change).
 #[tokio::test(start_paused = true)]
 async fn the_waiters_follow_every_extend_and_go_on_release() {
-    let store = Store::new(false);
+    let store = Store::new();
     let attempts = Arc::clone(&store.attempts);
     let locker = locker(store);
     let mut holder = locker.acquire("k").await.unwrap();

@@ -4,94 +4,16 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use lock_core::{
-    Capabilities, Lease, LeaseKind, LockError, LockOptions, Locker, Result, RetryPolicy,
-    raw::{Handle, Lock, LockRequest, async_trait},
-};
-use lock_memory::MemoryLock;
+use lock_core::{LeaseKind, LockError, LockOptions, Locker, RetryPolicy};
+
+mod support;
+use support::{Store, settle};
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(3);
-
-/// The memory lock seen as a distributed store (so a locker lines its waiters up in this
-/// process's queue), counting attempts; its extends take `extend_takes` (an I/O round).
-#[derive(Debug)]
-struct Store {
-    memory: Arc<MemoryLock>,
-    attempts: Arc<AtomicUsize>,
-    extend_takes: Duration,
-}
-
-#[derive(Debug)]
-struct StoreHandle {
-    inner: Box<dyn Handle>,
-    lease: Lease,
-    extend_takes: Duration,
-}
-
-impl Store {
-    fn new(extend_takes: Duration) -> Self {
-        Self {
-            memory: Arc::new(MemoryLock::new()),
-            attempts: Arc::default(),
-            extend_takes,
-        }
-    }
-}
-
-#[async_trait]
-impl Lock for Store {
-    fn name(&self) -> &'static str {
-        "store"
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.memory.capabilities().with_distributed()
-    }
-    fn try_acquire<'a>(
-        &'a self,
-        request: &'a LockRequest,
-    ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
-        lock_core::raw::Answer::later(async move {
-            self.attempts.fetch_add(1, Ordering::SeqCst);
-            let Some(inner) = self.memory.try_acquire(request).await? else {
-                return Ok(None);
-            };
-            let lease = inner.lease().clone();
-            Ok(Some(Box::new(StoreHandle {
-                inner,
-                lease,
-                extend_takes: self.extend_takes,
-            }) as Box<dyn Handle>))
-        })
-    }
-    fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
-        lock_core::raw::Answer::later(async move { self.memory.abandon(request).await })
-    }
-}
-
-#[async_trait]
-impl Handle for StoreHandle {
-    fn lease(&self) -> &Lease {
-        &self.lease
-    }
-    async fn extend(&mut self, ttl: Duration) -> Result<()> {
-        tokio::time::sleep(self.extend_takes).await;
-        self.inner.extend(ttl).await?;
-        self.lease.set_valid_until(self.inner.lease().valid_until());
-        Ok(())
-    }
-    fn release(&mut self) -> lock_core::raw::Answer<'_, Result<()>> {
-        lock_core::raw::Answer::later(async move { self.inner.release().await })
-    }
-    async fn downgrade(&mut self) -> Result<()> {
-        self.inner.downgrade().await?;
-        self.lease.set_downgraded();
-        Ok(())
-    }
-}
 
 fn locker(store: Store) -> Locker {
     Locker::new(store)
@@ -103,18 +25,12 @@ fn locker(store: Store) -> Locker {
         .unwrap()
 }
 
-async fn settle() {
-    for _ in 0..20 {
-        tokio::task::yield_now().await;
-    }
-}
-
 /// A kept-alive guard dropped while its watchdog's extend is on the wire: the release waits for
 /// the handle, no loss is reported, the task waiting in this process goes once the store let
 /// go, and nothing is left in the store.
 #[tokio::test(start_paused = true)]
 async fn a_guard_dropped_mid_extend_reports_no_loss_and_lets_the_waiter_go() {
-    let store = Store::new(Duration::from_millis(200));
+    let store = Store::new().extends_taking(Duration::from_millis(200));
     let locker = locker(store);
     let mut holder = locker.acquire("k").await.unwrap();
     let lost = holder.keep_alive().unwrap();
@@ -145,7 +61,7 @@ async fn a_guard_dropped_mid_extend_reports_no_loss_and_lets_the_waiter_go() {
 /// before; its late release is refused.
 #[tokio::test(start_paused = true)]
 async fn a_lapsed_multi_key_holder_frees_every_key_for_the_waiters() {
-    let store = Store::new(Duration::ZERO);
+    let store = Store::new();
     let attempts = Arc::clone(&store.attempts);
     let locker = locker(store);
     let holder = locker.acquire_many(&["a", "b"]).await.unwrap();
@@ -184,7 +100,7 @@ async fn a_lapsed_multi_key_holder_frees_every_key_for_the_waiters() {
 /// extending the reader.
 #[tokio::test(start_paused = true)]
 async fn a_kept_alive_downgrade_is_seen_by_every_clone_and_the_waiter() {
-    let store = Store::new(Duration::ZERO);
+    let store = Store::new();
     let attempts = Arc::clone(&store.attempts);
     let locker = locker(store);
     let mut writer = locker.acquire_write("k").await.unwrap();

@@ -1,0 +1,131 @@
+//! What several test files of lock-core share: the memory lock seen as a distributed store.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lock_core::{
+    Capabilities, Key, KeyState, Lease, LockError, Result,
+    raw::{Answer, Handle, Lock, LockRequest, async_trait},
+};
+use lock_memory::MemoryLock;
+use tokio::time::Instant;
+
+/// The memory lock seen as a distributed store (so a locker lines its waiters up in this
+/// process's queue and awaits every answer), counting attempts. Its extends can be made to
+/// take a while (an I/O round), and its downgrades to fail the way Redlock's does when a round
+/// reaches no quorum: the lock is then in doubt and its validity ends at once.
+#[derive(Debug, Default)]
+pub(crate) struct Store {
+    memory: MemoryLock,
+    /// Every attempt made, counted when it is polled.
+    pub(crate) attempts: Arc<AtomicUsize>,
+    downgrade_fails: bool,
+    extend_takes: Duration,
+}
+
+#[derive(Debug)]
+struct StoreHandle {
+    inner: Box<dyn Handle>,
+    lease: Lease,
+    downgrade_fails: bool,
+    extend_takes: Duration,
+}
+
+impl Store {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// Its downgrades fail without a quorum, ending the lease.
+    pub(crate) fn failing_downgrades(mut self) -> Self {
+        self.downgrade_fails = true;
+        self
+    }
+
+    /// Its extends take `extend_takes` before they reach the store.
+    pub(crate) fn extends_taking(mut self, extend_takes: Duration) -> Self {
+        self.extend_takes = extend_takes;
+        self
+    }
+}
+
+#[async_trait]
+impl Lock for Store {
+    fn name(&self) -> &'static str {
+        "store"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.memory.capabilities().with_distributed()
+    }
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        Answer::later(async move {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            let Some(inner) = self.memory.try_acquire(request).await? else {
+                return Ok(None);
+            };
+            let lease = inner.lease().clone();
+            Ok(Some(Box::new(StoreHandle {
+                inner,
+                lease,
+                downgrade_fails: self.downgrade_fails,
+                extend_takes: self.extend_takes,
+            }) as Box<dyn Handle>))
+        })
+    }
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
+        Answer::later(async move { self.memory.abandon(request).await })
+    }
+    async fn purge(&self, prefix: &str) -> Result<u64> {
+        self.memory.purge(prefix).await
+    }
+    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
+        self.memory.inspect(key).await
+    }
+    async fn shutdown(&self) -> Result<()> {
+        self.memory.shutdown().await
+    }
+}
+
+#[async_trait]
+impl Handle for StoreHandle {
+    fn lease(&self) -> &Lease {
+        &self.lease
+    }
+    async fn extend(&mut self, ttl: Duration) -> Result<()> {
+        if !self.extend_takes.is_zero() {
+            tokio::time::sleep(self.extend_takes).await;
+        }
+        self.inner.extend(ttl).await?;
+        self.lease.set_valid_until(self.inner.lease().valid_until());
+        Ok(())
+    }
+    fn release(&mut self) -> Answer<'_, Result<()>> {
+        Answer::later(async move { self.inner.release().await })
+    }
+    async fn downgrade(&mut self) -> Result<()> {
+        if self.downgrade_fails {
+            self.lease.set_valid_until(Instant::now());
+            return Err(LockError::QuorumNotReached {
+                key: self.lease.key().to_string(),
+                got: 1,
+                needed: 2,
+                failures: "n2: timed out".into(),
+            });
+        }
+        self.inner.downgrade().await?;
+        self.lease.set_downgraded();
+        Ok(())
+    }
+}
+
+/// Lets every task run until all of them wait (the paused clock moves only then).
+pub(crate) async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
