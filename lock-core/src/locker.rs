@@ -352,11 +352,13 @@ impl Locker {
     /// given up to [`CLEANUP_WAIT`] to finish first, so that a process that stops its client and
     /// exits right after cancelling an acquisition or dropping a guard leaves no lock behind.
     /// A release that failed and that the backend would send again later is not waited for:
-    /// that lock expires with its ttl. Acquisitions waiting to retry, in this process's queue
-    /// or for an attempt's answer end with [`LockError::Stopped`] (an attempt on the wire is
-    /// taken back by token before the backend closes), and those that hold a claim in the store (a fair waiter's place
-    /// in line, a waiting writer's claim) take it back before the backend closes. A further
-    /// call (of this client or a clone) returns once the first has finished.
+    /// that lock expires with its ttl. Acquisitions waiting to retry or in this process's queue
+    /// end with [`LockError::Stopped`], and those that hold a claim in the store (a fair
+    /// waiter's place in line, a waiting writer's claim) take it back before the backend
+    /// closes. An attempt on the wire counts among the clean-ups: its answer is let come (a
+    /// round trip, bounded by the backend's timeouts), whatever it took is taken back by token
+    /// before the backend closes, and its acquisition ends with [`LockError::Stopped`]. A
+    /// further call (of this client or a clone) returns once the first has finished.
     ///
     /// # Errors
     /// Backend errors while closing (to the first call).
@@ -563,31 +565,40 @@ impl Locker {
                 return self.retry_loop(waiting, acquisition).await;
             };
             let keys = waiting.wanted.keys.clone();
-            // A `stop` ends the wait in line too, and a task that reaches the head of the
-            // line after it does not go on to ask the stopped store.
-            let stopping = self.cleanups.stopping.notified();
-            tokio::pin!(stopping);
-            stopping.as_mut().enable();
+            let (started, deadline) = (waiting.started, waiting.deadline);
             self.check_running()?;
             let enter = async {
-                match waiting.deadline {
+                match deadline {
                     None => Ok(queue.enter(&keys).await),
                     Some(deadline) => tokio::time::timeout_at(deadline, queue.enter(&keys))
                         .await
                         .map_err(|_| LockError::Timeout {
                             key: keys.primary().to_string(),
                             attempts: 0,
-                            waited: waiting
-                                .started
-                                .map(|started| started.elapsed())
-                                .unwrap_or_default(),
+                            waited: started.map(|started| started.elapsed()).unwrap_or_default(),
                         }),
                 }
             };
-            let tickets = tokio::select! {
-                tickets = enter => tickets?,
-                () = &mut stopping => return Err(LockError::Stopped),
-            };
+            tokio::pin!(enter);
+            // A free place in line is taken in the first poll; a wait for one ends at a `stop`
+            // too (listened for only then: the uncontended path registers nothing), and a task
+            // that reaches the head of the line after it does not go on to ask the stopped
+            // store.
+            let tickets =
+                match std::future::poll_fn(|cx| Poll::Ready(enter.as_mut().poll(cx))).await {
+                    Poll::Ready(tickets) => tickets?,
+                    Poll::Pending => {
+                        let stopping = self.cleanups.stopping.notified();
+                        tokio::pin!(stopping);
+                        stopping.as_mut().enable();
+                        self.check_running()?;
+                        tokio::select! {
+                            biased;
+                            () = &mut stopping => return Err(LockError::Stopped),
+                            tickets = enter => tickets?,
+                        }
+                    }
+                };
             self.check_running()?;
             let guard = self.retry_loop(waiting, acquisition).await?;
             Ok(guard.with_tickets(tickets))
@@ -877,34 +888,27 @@ impl Locker {
             Ok(decided) => return decided.map(Attempt::from),
             Err(later) => later,
         };
-        // Counted among the clean-ups `stop` waits for while it is on the wire: a `stop` ends
-        // the wait for the answer, and `pending` cleans up before the backend closes.
+        // Counted among the clean-ups `stop` waits for while it is on the wire (a round trip,
+        // bounded by the backend's timeouts): a `stop` in the meantime lets the answer come,
+        // then `pending` takes back whatever it took before the backend closes, and the
+        // acquisition ends with `Stopped` instead of handing out a guard of a stopped client.
         let mut pending = PendingAttempt {
             lock: Some(Arc::clone(&self.lock)),
             cleanups: &self.cleanups,
             request,
             _running: self.cleanups.start(),
         };
-        let stopping = self.cleanups.stopping.notified();
-        tokio::pin!(stopping);
-        stopping.as_mut().enable();
+        let result = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, answer).await {
+                Ok(result) => result,
+                // Cut short: `pending` cleans up whatever the attempt may have left.
+                Err(_) => return Ok(Attempt::CutShort),
+            },
+            None => answer.await,
+        };
         if self.stopped.load(Ordering::SeqCst) {
             return Err(LockError::Stopped);
         }
-        let answered = async {
-            match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, answer).await.ok(),
-                None => Some(answer.await),
-            }
-        };
-        let result = tokio::select! {
-            answered = answered => match answered {
-                Some(result) => result,
-                // Cut short: `pending` cleans up whatever the attempt may have left.
-                None => return Ok(Attempt::CutShort),
-            },
-            () = &mut stopping => return Err(LockError::Stopped),
-        };
         // A backend error (a timeout, a dropped connection) leaves the outcome unknown: the
         // write may have landed, so `pending` releases it by token. Other outcomes are known.
         if !matches!(result, Err(LockError::Backend { .. })) {
