@@ -1,0 +1,117 @@
+//! Adversarial review s11: Redlock's late take-backs on a pool (a request that answers after
+//! the attempt that sent it has been decided) and fair waiting on Redis, against real servers.
+//! Each test prints its figures on one line.
+
+use std::time::Duration;
+
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
+use lock_tests::proxy::LatencyProxy;
+use lock_tests::server::{RedisServer, redis_or_skip};
+
+const PROBE: Duration = Duration::from_millis(500);
+
+/// Every key on `server` with its PTTL (-1: no expiry), names shown lossily.
+fn leftovers(server: &RedisServer) -> Vec<(String, i64)> {
+    let mut connection = redis::Client::open(server.url())
+        .expect("client")
+        .get_connection_with_timeout(PROBE)
+        .expect("connection");
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut connection).expect("KEYS");
+    keys.into_iter()
+        .map(|key| {
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(&key)
+                .query(&mut connection)
+                .expect("PTTL");
+            (String::from_utf8_lossy(&key).into_owned(), pttl)
+        })
+        .collect()
+}
+
+/// GET `key` on `server`.
+fn get(server: &RedisServer, key: &[u8]) -> Option<Vec<u8>> {
+    let mut connection = redis::Client::open(server.url())
+        .expect("client")
+        .get_connection_with_timeout(PROBE)
+        .expect("connection");
+    redis::cmd("GET").arg(key).query(&mut connection).expect("GET")
+}
+
+fn locker(lock: &Redlock, ttl: Duration) -> Locker {
+    Locker::new(lock.clone())
+        .with_options(
+            LockOptions::default().with_ttl(ttl).with_retry(
+                RetryPolicy::forever()
+                    .with_retry_delay(Duration::from_millis(5))
+                    .with_retry_jitter(Duration::from_millis(5))
+                    .with_deadline(Duration::from_secs(10)),
+            ),
+        )
+        .expect("valid options")
+}
+
+/// Promised (4ce6579, `undo_attempt`): a writer's claim left by a request that answered after
+/// the decision of its round is taken back, so that once everything is released nothing of ours
+/// stays in Redis (a claim keeps readers out of its node for its whole ttl).
+///
+/// Broken for the attempt that *wins*: a writer wins on nodes 0 and 1 while its request to node
+/// 2 is held on the connection of that node's pool (a proxy stalls it); node 2 has a reader of
+/// its own (another client's, on that node alone). The writer releases (its release to node 2
+/// goes on another connection of the pool and finds nothing), then the held request lands, is
+/// refused by the reader and leaves the writer's claim (value: the released writer's token).
+/// The winner's follow-up after its in-flight requests answered re-sends the release to the
+/// nodes that answered yes or failed, not to one that answered no: the claim stays on node 2
+/// for the writer's ttl (20 s), after the writer released and the reader left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_winning_writers_late_refusal_leaves_no_claim_after_its_release() {
+    let Some(_binary) = redis_or_skip("winner's late claim") else {
+        return;
+    };
+    let servers = lock_tests::backed::start_servers(3);
+    let proxy = LatencyProxy::start(servers[2].port()).await.expect("proxy");
+    let urls = [servers[0].url(), servers[1].url(), proxy.url()];
+    let lock = Redlock::new(
+        RedlockConfig::new(urls)
+            .with_node_timeout(Duration::from_millis(5_000))
+            .with_connection(ConnectionKind::Pool),
+    )
+    .expect("client");
+    let locker = locker(&lock, Duration::from_secs(20));
+    for _ in 0..2 {
+        locker
+            .acquire_write("rw")
+            .await
+            .expect("warm")
+            .release()
+            .await
+            .expect("release");
+    }
+    // Another client's reader, on node 2 only.
+    let other = Redlock::new(RedlockConfig::new([servers[2].url()])).expect("other client");
+    let other = Locker::new(other)
+        .with_options(LockOptions::default().with_ttl(Duration::from_secs(30)))
+        .expect("options");
+    let reader = other.acquire_read("rw").await.expect("reader on node 2");
+    // What the pool's connection to node 2 carries from now on is held: the writer's script.
+    proxy.stall_existing(0);
+    let writer = locker.acquire_write("rw").await.expect("the writer wins on 0 and 1");
+    let token = writer.token().expose().to_string();
+    writer.release().await.expect("release");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The held request lands now, refused by the reader on node 2.
+    proxy.release_stall();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    reader.release().await.expect("release the reader");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left: Vec<Vec<(String, i64)>> = servers.iter().map(leftovers).collect();
+    let claim = get(&servers[2], b"rw\xff:claim");
+    let ours = claim.as_deref() == Some(token.as_bytes());
+    println!(
+        "winner's late claim: keys (name, pttl) left per node = {left:?}; the claim on node 2 is the released writer's: {ours}"
+    );
+    assert!(
+        left.iter().all(Vec::is_empty),
+        "something of the released writer outlived it: {left:?}"
+    );
+}
