@@ -1027,11 +1027,15 @@ impl Handle for RedlockHandle {
                 tokio::spawn(async move {
                     let Ok(late) = in_flight.await else { return };
                     // A node that took the key late, or whose answer never came (it may still
-                    // land behind this), hears the release again.
+                    // land behind this), hears the release again; so does one that refused a
+                    // waiting writer late, which left the writer's claim there after the
+                    // release had found nothing (token-checked: the claim is this lease's).
+                    let late_no = late.no_at.into_iter().filter(|_| held.claims());
                     let targets: Vec<usize> = late
                         .yes
                         .into_iter()
                         .chain(late.failed.into_iter().map(|(index, _)| index))
+                        .chain(late_no)
                         .collect();
                     // Each of them was sent the release already: this is a re-send.
                     let sent_before = targets.clone();
