@@ -115,3 +115,61 @@ async fn a_winning_writers_late_refusal_leaves_no_claim_after_its_release() {
         "something of the released writer outlived it: {left:?}"
     );
 }
+
+/// Promised: a waiting writer's claim is taken back when the writer stops waiting, and once
+/// everything is released nothing of ours stays in Redis (a claim keeps readers out of its node
+/// for its whole ttl).
+///
+/// Broken across attempts: each attempt has a fresh token, and the claim a refused attempt
+/// leaves holds that attempt's token. A writer waits out a reader on three nodes (its attempts
+/// leave claims on all three); node 2 then becomes unreachable, the reader leaves, and the
+/// writer wins on nodes 0 and 1 (its winning script deletes the claim there). Node 2 comes
+/// back; the reader's and the writer's releases reach it — but the writer's release is
+/// token-checked against the winning attempt's token, and the claim there is an earlier
+/// attempt's: it stays for the ttl (20 s) after everything was released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_attempts_claim_outlives_the_writer_that_won_elsewhere() {
+    let Some(_binary) = redis_or_skip("earlier attempt's claim") else {
+        return;
+    };
+    let servers = lock_tests::backed::start_servers(3);
+    let proxy = LatencyProxy::start(servers[2].port()).await.expect("proxy");
+    let urls = [servers[0].url(), servers[1].url(), proxy.url()];
+    let lock = Redlock::new(RedlockConfig::new(urls).with_node_timeout(Duration::from_millis(200)))
+        .expect("client");
+    let locker = Locker::new(lock.clone())
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(20))
+                .with_retry(
+                    RetryPolicy::forever()
+                        .with_retry_delay(Duration::from_millis(50))
+                        .with_retry_jitter(Duration::ZERO)
+                        .with_deadline(Duration::from_secs(15)),
+                ),
+        )
+        .expect("options");
+    let reader = locker.acquire_read("rw").await.expect("reader");
+    let writer = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire_write("rw").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let claimed = get(&servers[2], b"rw\xff:claim").is_some();
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    reader.release().await.expect("the reader leaves (2 of 3)");
+    let writer = writer.await.expect("writer task").expect("the writer wins on 0 and 1");
+    writer.release().await.expect("release (2 of 3)");
+    proxy.set_delay(Duration::ZERO);
+    // The releases' follow-ups reach node 2 again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left: Vec<Vec<(String, i64)>> = servers.iter().map(leftovers).collect();
+    println!(
+        "earlier attempt's claim: claim on node 2 before the cut: {claimed}; keys (name, pttl) left per node after every release = {left:?}"
+    );
+    assert!(
+        left.iter().all(Vec::is_empty),
+        "a claim of the writer outlived it: {left:?}"
+    );
+}
