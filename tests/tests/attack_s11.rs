@@ -173,3 +173,80 @@ async fn an_earlier_attempts_claim_outlives_the_writer_that_won_elsewhere() {
         "a claim of the writer outlived it: {left:?}"
     );
 }
+
+/// Held: a fair waiter (`redis`, Redlock on one node with `fair: true`) on a pool, cancelled
+/// while its poll is held on the pool's connection, leaves its line for good: the take-back sent
+/// on another connection overtakes the poll, which then lands and would put the waiter back in
+/// line (behind a live holder), and the undo sent behind it on the same connection takes it out
+/// again. Otherwise, once the holder leaves, the turn would go to the cancelled waiter and
+/// another process's waiter would wait for that entry's expiry (the ttl, 10 s).
+/// Checked by a negative control: with the undo on the same connection (`UndoOnDrop`) switched
+/// off, the other waiter timed out and the line stayed (4 runs of 4; with it, 7 of 7 passed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_waiter_cancelled_mid_poll_on_a_pool_leaves_its_line() {
+    let Some(binary) = redis_or_skip("fair waiter cancelled mid-poll") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).expect("server");
+    let proxy = LatencyProxy::start(server.port()).await.expect("proxy");
+    let ttl = Duration::from_secs(10);
+    let fair = |url: String, kind: ConnectionKind| {
+        let lock = Redlock::new(
+            RedlockConfig::new([url])
+                .with_fair(true)
+                .with_node_timeout(Duration::from_millis(2_000))
+                .with_connection(kind),
+        )
+        .expect("client");
+        Locker::new(lock)
+            .with_options(
+                LockOptions::default().with_ttl(ttl).with_retry(
+                    RetryPolicy::forever()
+                        .with_retry_delay(Duration::from_millis(50))
+                        .with_retry_jitter(Duration::ZERO)
+                        .with_deadline(Duration::from_secs(20)),
+                ),
+            )
+            .expect("options")
+    };
+    let holder = fair(server.url(), ConnectionKind::Manager);
+    let waiter = fair(proxy.url(), ConnectionKind::Pool);
+    let other = fair(server.url(), ConnectionKind::Manager);
+    // Warm: two connections in the waiter's pool (the take-back then has one besides the
+    // poll's), the scripts loaded.
+    for _ in 0..2 {
+        let (a, b) = tokio::join!(waiter.acquire("k"), waiter.acquire("warm"));
+        a.expect("warm").release().await.expect("release");
+        b.expect("warm").release().await.expect("release");
+    }
+    let held = holder.acquire("k").await.expect("holder");
+    let cancelled = tokio::spawn({
+        let waiter = waiter.clone();
+        async move { waiter.acquire("k").await.map(|_| ()) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let in_line = leftovers(&server).len();
+    // Its next poll (every 200 ms at most) is held on the pool's connection.
+
+    // (Its pool's health check passes, the script behind it is held.)
+    proxy.stall_existing(1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cancelled.abort();
+    let _ = cancelled.await;
+    // The take-back, on another connection (the idle ones fail their health check, held too, and
+    // a new one is made), has run by now; then the poll lands.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    proxy.release_stall();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held.release().await.expect("release the holder");
+    let got = tokio::time::timeout(Duration::from_secs(2), other.acquire("k")).await;
+    let left = leftovers(&server);
+    println!(
+        "fair waiter cancelled mid-poll: keys while in line {in_line}; the other waiter got the free lock: {}; keys now {left:?}",
+        matches!(got, Ok(Ok(_)))
+    );
+    assert!(
+        matches!(got, Ok(Ok(_))),
+        "a cancelled waiter's entry kept another process's waiter out of a free lock: {left:?}"
+    );
+}
