@@ -250,3 +250,50 @@ async fn a_fair_waiter_cancelled_mid_poll_on_a_pool_leaves_its_line() {
         "a cancelled waiter's entry kept another process's waiter out of a free lock: {left:?}"
     );
 }
+
+/// As [`an_earlier_attempts_claim_outlives_the_writer_that_won_elsewhere`], for a writer that
+/// gives up: its deadline passes while node 2 is unreachable, and the core takes back the claim
+/// of its last attempt (which did not reach node 2); an earlier attempt's claim on node 2 stayed
+/// for the ttl (20 s) after the reader left too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_attempts_claim_outlives_the_writer_that_gave_up() {
+    let Some(_binary) = redis_or_skip("earlier attempt's claim, given up") else {
+        return;
+    };
+    let servers = lock_tests::backed::start_servers(3);
+    let proxy = LatencyProxy::start(servers[2].port()).await.expect("proxy");
+    let urls = [servers[0].url(), servers[1].url(), proxy.url()];
+    let lock = Redlock::new(RedlockConfig::new(urls).with_node_timeout(Duration::from_millis(200)))
+        .expect("client");
+    let locker = Locker::new(lock.clone())
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(20))
+                .with_retry(
+                    RetryPolicy::forever()
+                        .with_retry_delay(Duration::from_millis(50))
+                        .with_retry_jitter(Duration::ZERO)
+                        .with_deadline(Duration::from_millis(800)),
+                ),
+        )
+        .expect("options");
+    let reader = locker.acquire_read("rw").await.expect("reader");
+    let writer = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire_write("rw").await.map(|_| ()) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+    let gave_up = writer.await.expect("writer task");
+    assert!(gave_up.is_err(), "the writer got in past a reader");
+    proxy.set_delay(Duration::ZERO);
+    reader.release().await.expect("the reader leaves");
+    // The clean-ups' follow-ups reach node 2 again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left: Vec<Vec<(String, i64)>> = servers.iter().map(leftovers).collect();
+    println!("earlier attempt's claim, given up: keys (name, pttl) left per node = {left:?}");
+    assert!(
+        left.iter().all(Vec::is_empty),
+        "a claim of the writer outlived it: {left:?}"
+    );
+}
