@@ -17,7 +17,10 @@ fn leftovers(server: &RedisServer) -> Vec<(String, i64)> {
         .expect("client")
         .get_connection_with_timeout(PROBE)
         .expect("connection");
-    let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut connection).expect("KEYS");
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut connection)
+        .expect("KEYS");
     keys.into_iter()
         .map(|key| {
             let pttl: i64 = redis::cmd("PTTL")
@@ -35,7 +38,10 @@ fn get(server: &RedisServer, key: &[u8]) -> Option<Vec<u8>> {
         .expect("client")
         .get_connection_with_timeout(PROBE)
         .expect("connection");
-    redis::cmd("GET").arg(key).query(&mut connection).expect("GET")
+    redis::cmd("GET")
+        .arg(key)
+        .query(&mut connection)
+        .expect("GET")
 }
 
 fn locker(lock: &Redlock, ttl: Duration) -> Locker {
@@ -95,7 +101,10 @@ async fn a_winning_writers_late_refusal_leaves_no_claim_after_its_release() {
     let reader = other.acquire_read("rw").await.expect("reader on node 2");
     // What the pool's connection to node 2 carries from now on is held: the writer's script.
     proxy.stall_existing(0);
-    let writer = locker.acquire_write("rw").await.expect("the writer wins on 0 and 1");
+    let writer = locker
+        .acquire_write("rw")
+        .await
+        .expect("the writer wins on 0 and 1");
     let token = writer.token().expose().to_string();
     writer.release().await.expect("release");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -159,7 +168,10 @@ async fn an_earlier_attempts_claim_outlives_the_writer_that_won_elsewhere() {
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(300)).await;
     reader.release().await.expect("the reader leaves (2 of 3)");
-    let writer = writer.await.expect("writer task").expect("the writer wins on 0 and 1");
+    let writer = writer
+        .await
+        .expect("writer task")
+        .expect("the writer wins on 0 and 1");
     writer.release().await.expect("release (2 of 3)");
     proxy.set_delay(Duration::ZERO);
     // The releases' follow-ups reach node 2 again.
