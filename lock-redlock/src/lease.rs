@@ -173,9 +173,11 @@ impl Claims {
 /// Records what a waiting writer's attempt left: its claim on the nodes that refused it in time
 /// or in the grace of `undo_attempt` (`votes`; a node that granted it has no claim any more),
 /// while an earlier attempt's claim stays recorded on the nodes this one did not reach (failed,
-/// or still in flight: a later refusal of this one is taken back by `undo_attempt`). The core takes back the last attempt's claim
-/// when the writer stops waiting; the earlier ones are taken back with it (see
-/// [`Shared::take_back_claims`]), or when the writer wins.
+/// or still in flight: a later refusal of this one is taken back by `undo_attempt`). The core
+/// takes back the last attempt's claim when the writer stops waiting; the earlier ones are
+/// taken back with it (see [`Shared::take_back_claims`]), or when the writer wins. Several
+/// writers of this process waiting for one key share the record: taking back another's claim
+/// costs it a hint that its next attempt leaves again.
 pub(crate) fn note_claims(shared: &Shared, key: &Key, token: &Token, votes: &[&Tally]) {
     let mut claims = shared
         .claims
