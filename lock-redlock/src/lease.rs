@@ -142,6 +142,67 @@ pub(crate) async fn try_acquire(
     attempt(shared, &nodes, request, target).await
 }
 
+/// Per key, the nodes where a waiting writer of this process left a claim under each token
+/// (an attempt's) that a later attempt did not overwrite or delete (it did not reach them).
+#[derive(Default)]
+pub(crate) struct Claims(Mutex<std::collections::HashMap<Key, Vec<(usize, Token)>>>);
+
+impl Claims {
+    /// Takes the record of `key`: the nodes of each token but `but`.
+    pub(crate) fn take(&self, key: &Key, but: Option<&Token>) -> Vec<(Token, Vec<usize>)> {
+        let taken = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key)
+            .unwrap_or_default();
+        let mut grouped: Vec<(Token, Vec<usize>)> = Vec::new();
+        for (node, token) in taken {
+            if but == Some(&token) {
+                continue;
+            }
+            match grouped.iter_mut().find(|(t, _)| *t == token) {
+                Some((_, nodes)) => nodes.push(node),
+                None => grouped.push((token, vec![node])),
+            }
+        }
+        grouped
+    }
+}
+
+/// Records what a waiting writer's attempt left: its claim on the nodes that refused it in time
+/// or in the grace of `undo_attempt` (`votes`; a node that granted it has no claim any more),
+/// while an earlier attempt's claim stays recorded on the nodes this one did not reach (failed,
+/// or still in flight: a later refusal of this one is taken back by `undo_attempt`). The core
+/// takes back the last attempt's claim when the writer stops waiting; the earlier ones are
+/// taken back with it (see [`Shared::take_back_claims`]), or when the writer wins. Several
+/// writers of this process waiting for one key share the record: taking back another's claim
+/// costs it a hint that its next attempt leaves again.
+pub(crate) fn note_claims(shared: &Shared, key: &Key, token: &Token, votes: &[&Tally]) {
+    let mut claims = shared
+        .claims
+        .0
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let answered = |node: &usize| {
+        votes
+            .iter()
+            .any(|tally| tally.yes.contains(node) || tally.no_at.contains(node))
+    };
+    let mut record: Vec<(usize, Token)> = claims
+        .remove(key)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(node, _)| !answered(node))
+        .collect();
+    for tally in votes {
+        record.extend(tally.no_at.iter().map(|node| (*node, token.clone())));
+    }
+    if !record.is_empty() {
+        claims.insert(key.clone(), record);
+    }
+}
+
 /// `0..n` in a random order.
 fn shuffled(n: u32) -> Vec<u32> {
     let mut order: Vec<u32> = (0..n).collect();
@@ -257,6 +318,7 @@ async fn attempt(
         Target::Slot { slot, .. } => Held::Slot(Some(slot)),
     };
     let start = Instant::now();
+    let writer_claims = matches!(target, Target::Set { tag: "w" }) && request.will_wait();
     let (tally, pending) = round::run(nodes, shared.quorum, shared.node_timeout(ttl), |node| {
         let (script_keys, args, found, alone) = (
             Arc::clone(&script_keys),
@@ -301,6 +363,11 @@ async fn attempt(
                     // As for a mutex: requests still in flight run on, and the release is
                     // sent again to their nodes once they have answered (it may overtake them).
                     let in_flight = (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
+                    if writer_claims {
+                        // The earlier attempts' claims on nodes this one did not reach.
+                        note_claims(shared, keys.primary(), &token, &[&tally]);
+                        shared.take_back_claims(keys.primary(), Some(&token), ttl);
+                    }
                     return Ok(Some(Box::new(RedlockHandle {
                         shared: Arc::clone(shared),
                         lease: crate::lease(keys, request.kind(), token, valid_until, fence),
@@ -313,7 +380,7 @@ async fn attempt(
             }
             outcome => {
                 let undo = undone(outcome.is_err());
-                shared
+                let late = shared
                     .undo_attempt(
                         &tally,
                         pending,
@@ -324,13 +391,16 @@ async fn attempt(
                         start.elapsed(),
                     )
                     .await;
+                if writer_claims {
+                    note_claims(shared, keys.primary(), &token, &[&tally, &late]);
+                }
                 return outcome.map(|_| None);
             }
         }
     }
     let outcome = failed_outcome(shared, request, &tally, &found);
     let undo = undone(outcome.is_err());
-    shared
+    let late = shared
         .undo_attempt(
             &tally,
             pending,
@@ -341,6 +411,9 @@ async fn attempt(
             start.elapsed(),
         )
         .await;
+    if writer_claims {
+        note_claims(shared, keys.primary(), &token, &[&tally, &late]);
+    }
     outcome
 }
 

@@ -70,6 +70,9 @@ struct Shared {
     wakeups: Option<Arc<wake::Wakeups>>,
     /// The waiters of fair lines and their subscription, when `fair` is on.
     fair: Option<Arc<fair::FairLine>>,
+    /// Per key, the claims this process's waiting writers left on nodes that their later
+    /// attempts did not reach (each attempt has a fresh token): see [`lease::note_claims`].
+    claims: lease::Claims,
 }
 
 impl Redlock {
@@ -110,6 +113,7 @@ impl Redlock {
                 } else {
                     None
                 },
+                claims: lease::Claims::default(),
                 config,
             }),
         })
@@ -409,6 +413,31 @@ impl Shared {
             .collect()
     }
 
+    /// Takes back, in the background, the claims this process's writers left on `key` under a
+    /// token other than `but` (earlier attempts', on nodes their later attempts did not reach),
+    /// token-checked: a claim is only a hint, so one of a writer still waiting here costs it
+    /// no more than its next attempt leaves again.
+    fn take_back_claims(self: &Arc<Self>, key: &Key, but: Option<&Token>, ttl: Duration) {
+        for (token, nodes) in self.claims.take(key, but) {
+            let timeout = self.node_timeout(ttl);
+            let expires_by = Instant::now() + ttl + self.drift(ttl);
+            tokio::spawn(Arc::clone(self).release_until_answered(
+                nodes,
+                KeySet::one(key.clone()),
+                token,
+                Held::Set {
+                    tags: "w",
+                    claim: true,
+                },
+                timeout,
+                expires_by,
+                Some(AtOnce {
+                    sent_before: Vec::new(),
+                }),
+            ));
+        }
+    }
+
     /// Compare-and-delete on `nodes`; a vote is yes when every key was ours.
     async fn release_on(
         &self,
@@ -438,7 +467,7 @@ impl Shared {
     /// timeout), so that the next attempt does not trip over this one's leftovers on healthy
     /// nodes, while a stalled node still costs nothing. `held` is what the answered nodes
     /// undo, `undo_late` what the requests still in flight undo when they answer (a writer's
-    /// claim too).
+    /// claim too). Answers the votes that came in during the grace.
     #[allow(clippy::too_many_arguments)]
     async fn undo_attempt(
         self: &Arc<Self>,
@@ -449,7 +478,7 @@ impl Shared {
         (held, undo_late): (Held, Held),
         ttl: Duration,
         round_took: Duration,
-    ) {
+    ) -> Tally {
         let timeout = self.node_timeout(ttl);
         let grace = (round_took * 2 + Duration::from_millis(1)).min(timeout);
         let late = pending.collect_until(Instant::now() + grace).await;
@@ -478,7 +507,7 @@ impl Shared {
             failed.extend(&undo_failed);
         }
         if failed.is_empty() && pending.is_empty() {
-            return;
+            return late;
         }
         let (shared, keys, token) = (Arc::clone(self), keys.clone(), token.clone());
         let expires_by = Instant::now() + ttl + self.drift(ttl);
@@ -509,6 +538,7 @@ impl Shared {
                 )
                 .await;
         });
+        late
     }
 }
 
@@ -742,6 +772,9 @@ impl Lock for Redlock {
                 }
                 _ => Arc::from(&[][..]),
             };
+            if held.claims() {
+                shared.take_back_claims(request.primary_key(), Some(token), request.ttl());
+            }
             let (mut tally, rest) = round::run(&shared.nodes()?, shared.quorum, timeout, |node| {
                 let (keys, token, member) = (keys.clone(), token.clone(), Arc::clone(&member));
                 async move {
@@ -1027,11 +1060,15 @@ impl Handle for RedlockHandle {
                 tokio::spawn(async move {
                     let Ok(late) = in_flight.await else { return };
                     // A node that took the key late, or whose answer never came (it may still
-                    // land behind this), hears the release again.
+                    // land behind this), hears the release again; so does one that refused a
+                    // waiting writer late, which left the writer's claim there after the
+                    // release had found nothing (token-checked: the claim is this lease's).
+                    let late_no = late.no_at.into_iter().filter(|_| held.claims());
                     let targets: Vec<usize> = late
                         .yes
                         .into_iter()
                         .chain(late.failed.into_iter().map(|(index, _)| index))
+                        .chain(late_no)
                         .collect();
                     // Each of them was sent the release already: this is a re-send.
                     let sent_before = targets.clone();
