@@ -4,6 +4,7 @@
 //! task from barging back in ahead of its neighbours, and saves the store their retries.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
@@ -16,7 +17,7 @@ use crate::lease::Live;
 /// One FIFO line per key that is held or waited for in this process.
 #[derive(Default)]
 pub(crate) struct LocalQueue {
-    slots: Mutex<HashMap<Key, Arc<Slot>>>,
+    slots: Mutex<HashMap<Key, Arc<Slot>, foldhash::fast::RandomState>>,
 }
 
 /// The line for one key.
@@ -66,21 +67,29 @@ impl LocalQueue {
     /// Waits for the head of the line of every key, in key order (so that tasks taking several
     /// keys cannot deadlock each other).
     pub(crate) async fn enter(self: &Arc<Self>, keys: &[Key]) -> Vec<Ticket> {
+        if let [key] = keys {
+            return vec![self.enter_one(key).await];
+        }
         let mut ordered: Vec<&Key> = keys.iter().collect();
         ordered.sort();
         ordered.dedup();
         let mut tickets = Vec::with_capacity(ordered.len());
         for key in ordered {
-            let slot = self.slot(key);
-            let guard = slot.wait_for_head().await;
-            tickets.push(Ticket {
-                queue: Arc::clone(self),
-                key: key.clone(),
-                slot: Some(slot),
-                guard: Some(guard),
-            });
+            tickets.push(self.enter_one(key).await);
         }
         tickets
+    }
+
+    /// Waits for the head of the line of `key`.
+    async fn enter_one(self: &Arc<Self>, key: &Key) -> Ticket {
+        let slot = self.slot(key);
+        let guard = slot.wait_for_head().await;
+        Ticket {
+            queue: Arc::clone(self),
+            key: key.clone(),
+            slot: Some(slot),
+            guard: Some(guard),
+        }
     }
 
     #[cfg(test)]
@@ -96,6 +105,11 @@ impl Slot {
     /// Waits in line; meanwhile, gives up the place of a head whose lease lapsed (or was
     /// found lost), following its validity as it moves.
     async fn wait_for_head(&self) -> OwnedMutexGuard<()> {
+        // A free head is taken at once. tokio's mutex hands a released head to the task that
+        // waited longest, so this never overtakes a waiting task.
+        if let Ok(guard) = Arc::clone(&self.head).try_lock_owned() {
+            return guard;
+        }
         let head = Arc::clone(&self.head).lock_owned();
         tokio::pin!(head);
         loop {
@@ -173,11 +187,10 @@ impl Drop for Ticket {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         // Nobody else holds or waits for the key: forget it, so the map does not grow.
-        if slots
-            .get(&self.key)
-            .is_some_and(|slot| Arc::strong_count(slot) == 1)
+        if let Entry::Occupied(slot) = slots.entry(self.key.clone())
+            && Arc::strong_count(slot.get()) == 1
         {
-            slots.remove(&self.key);
+            slot.remove();
         }
     }
 }

@@ -712,9 +712,29 @@ impl NodeParts {
         token: &Token,
         held: Held,
     ) -> RedisResult<usize> {
-        let deleted: i64 = self
-            .invoke(&self.release_call(keys, token, held).invocation())
-            .await?;
+        let deleted: i64 = match held {
+            // The common case, its invocation made at once (the same script, keys and
+            // arguments as `release_call`'s, without building the call first).
+            Held::Mutex if !self.fair => {
+                let script = match self.release_channel {
+                    Some(_) => &RELEASE_NOTIFY,
+                    None => &RELEASE,
+                };
+                let mut invocation = script.prepare_invoke();
+                for key in keys {
+                    invocation.key(key.as_str());
+                }
+                invocation.arg(&*token.expose());
+                if let Some(channel) = self.release_channel {
+                    invocation.arg(channel);
+                }
+                self.invoke(&invocation).await?
+            }
+            _ => {
+                self.invoke(&self.release_call(keys, token, held).invocation())
+                    .await?
+            }
+        };
         Ok(usize::try_from(deleted).unwrap_or_default())
     }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use redis::RedisResult;
+use smallvec::SmallVec;
 use tokio::time::Sleep;
 
 use crate::node::Node;
@@ -25,17 +26,20 @@ pub(crate) enum Vote {
 
 type VoteFuture = Pin<Box<dyn Future<Output = (usize, Vote)> + Send>>;
 
+/// Nodes of a round, inline up to the usual five (a round allocates nothing for its votes).
+pub(crate) type Nodes<T> = SmallVec<[T; 5]>;
+
 /// The votes counted so far.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
-    pub(crate) yes: Vec<usize>,
+    pub(crate) yes: Nodes<usize>,
     /// The number each yes vote answered, in the order of `yes`.
-    pub(crate) drawn: Vec<u64>,
+    pub(crate) drawn: Nodes<u64>,
     /// The highest number among the yes votes.
     pub(crate) highest: u64,
     pub(crate) no: usize,
     /// The nodes that voted no, in the order they answered.
-    pub(crate) no_at: Vec<usize>,
+    pub(crate) no_at: Nodes<usize>,
     pub(crate) failed: Vec<(usize, String)>,
 }
 
