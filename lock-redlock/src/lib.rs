@@ -599,11 +599,13 @@ impl Lock for Redlock {
     ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
         lock_core::raw::Answer::later(async move {
             let shared = &self.shared;
+            // The other paths, and the rarer steps of this one, are boxed: the future of an
+            // uncontended mutex stays small to build and to box.
             if request.kind() != LeaseKind::Exclusive {
-                return lease::try_acquire(shared, request).await;
+                return Box::pin(lease::try_acquire(shared, request)).await;
             }
             if let (Some(fair), [_]) = (&shared.fair, request.keys()) {
-                return try_acquire_fair(shared, fair, request).await;
+                return Box::pin(try_acquire_fair(shared, fair, request)).await;
             }
             let (keys, token, ttl) = (
                 request.key_set().clone(),
@@ -632,9 +634,15 @@ impl Lock for Redlock {
                 let fence = match &fences {
                     None => Ok(None),
                     Some(fences) => {
-                        shared
-                            .raise_fence(&nodes, &keys, &token, fences, tally.highest, ttl)
-                            .await
+                        Box::pin(shared.raise_fence(
+                            &nodes,
+                            &keys,
+                            &token,
+                            fences,
+                            tally.highest,
+                            ttl,
+                        ))
+                        .await
                     }
                 };
                 match fence {
@@ -661,32 +669,30 @@ impl Lock for Redlock {
                         }
                     }
                     outcome => {
-                        shared
-                            .undo_attempt(
-                                &tally,
-                                pending,
-                                &keys,
-                                &token,
-                                (Held::Mutex, Held::Mutex),
-                                ttl,
-                                start.elapsed(),
-                            )
-                            .await;
+                        Box::pin(shared.undo_attempt(
+                            &tally,
+                            pending,
+                            &keys,
+                            &token,
+                            (Held::Mutex, Held::Mutex),
+                            ttl,
+                            start.elapsed(),
+                        ))
+                        .await;
                         return outcome.map(|_| None);
                     }
                 }
             }
-            shared
-                .undo_attempt(
-                    &tally,
-                    pending,
-                    &keys,
-                    &token,
-                    (Held::Mutex, Held::Mutex),
-                    ttl,
-                    start.elapsed(),
-                )
-                .await;
+            Box::pin(shared.undo_attempt(
+                &tally,
+                pending,
+                &keys,
+                &token,
+                (Held::Mutex, Held::Mutex),
+                ttl,
+                start.elapsed(),
+            ))
+            .await;
             let key = request.primary_key().to_string();
             if tally.yes.len() >= shared.quorum {
                 return Err(LockError::backend(
