@@ -107,3 +107,86 @@ async fn a_fail_fast_writer_giving_up_does_not_take_back_a_waiting_writers_claim
         claim_after.as_deref().map(String::from_utf8_lossy)
     );
 }
+
+/// Promise (as above): a waiting writer's claim keeps new readers out until the writer wins
+/// or stops waiting; `take_back_claims` takes back "earlier attempts'" claims of the writer
+/// that gives up.
+///
+/// Two writers of this process wait on the same key behind another client's reader: the
+/// patient one (attempts 500 ms apart, long deadline) and an impatient one (deadline 1.2 s,
+/// attempts 4 s apart). The patient one's attempts come after the impatient one's, so the
+/// claim on the node is the patient writer's (its latest attempt's token). The impatient
+/// writer gives up: its token-checked take-back of its own claim finds another token and
+/// leaves it (as before 8c34dfe), but `take_back_claims(key, but: its own token)` takes the
+/// whole per-key record — the patient writer's live claim included — and deletes it. On main
+/// the claim is gone and a new reader is let in while the patient writer still waits (its
+/// next attempt then finds one more reader to wait out: a stream of impatient writers keeps
+/// letting a stream of readers past it). Not fixed: the record cannot tell one writer's
+/// earlier attempts from another writer's (each attempt has a fresh token, and the request
+/// carries no identity of its acquisition).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impatient_writer_giving_up_does_not_take_back_a_patient_writers_claim() {
+    let Some(_binary) = redis_or_skip("a waiting writer's claim taken by another waiting writer")
+    else {
+        return;
+    };
+    let servers = lock_tests::backed::start_servers(1);
+    let url = servers[0].url();
+    let lock = Redlock::new(RedlockConfig::new([url.clone()])).expect("client");
+    let patient = locker(
+        &lock,
+        Duration::from_secs(20),
+        RetryPolicy::forever()
+            .with_retry_delay(Duration::from_millis(500))
+            .with_retry_jitter(Duration::ZERO)
+            .with_deadline(Duration::from_secs(15)),
+    );
+    let impatient = locker(
+        &lock,
+        Duration::from_secs(20),
+        RetryPolicy::forever()
+            .with_retry_delay(Duration::from_secs(4))
+            .with_retry_jitter(Duration::ZERO)
+            .with_deadline(Duration::from_millis(1_200)),
+    );
+    let other = Redlock::new(RedlockConfig::new([url.clone()])).expect("other client");
+    let other = locker(&other, Duration::from_secs(20), RetryPolicy::none());
+
+    let reader = other.acquire_read("rw").await.expect("the other client's reader");
+    let gave_up = impatient.acquire_write("rw");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let writer = tokio::spawn({
+        let patient = patient.clone();
+        async move { patient.acquire_write("rw").await }
+    });
+    let gave_up = gave_up.await;
+    assert!(
+        matches!(gave_up, Err(LockError::Timeout { .. })),
+        "the impatient writer gives up: {gave_up:?}"
+    );
+    let claim_at_give_up = get(&url, b"rw\xff:claim");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let claim_after = get(&url, b"rw\xff:claim");
+    let new_reader = other
+        .try_acquire_kind("rw", LeaseKind::Read)
+        .await
+        .expect("new reader");
+    let let_in = new_reader.is_some();
+    println!(
+        "claim taken by another waiting writer: claim when the impatient one gave up {:?}; \
+         100 ms later {:?}, new reader let in: {let_in}",
+        claim_at_give_up.as_deref().map(String::from_utf8_lossy),
+        claim_after.as_deref().map(String::from_utf8_lossy),
+    );
+    if let Some(new_reader) = new_reader {
+        new_reader.release().await.expect("release");
+    }
+    reader.release().await.expect("release the reader");
+    let writer = writer.await.expect("writer task").expect("the writer wins");
+    writer.release().await.expect("release");
+    assert!(
+        claim_after.is_some() && !let_in,
+        "the patient writer's claim was taken back by the impatient writer's give-up; a new \
+         reader let in past the waiting writer: {let_in}"
+    );
+}
