@@ -363,20 +363,40 @@ impl Locker {
     /// # Errors
     /// Backend errors while closing (to the first call).
     pub async fn stop(&self) -> Result<()> {
-        if self.stopped.swap(true, Ordering::SeqCst) {
-            // Stopped by another call (of a clone, say): return once it is done, so that
-            // whoever returns from `stop` finds the clean-ups run and the backend closed.
-            self.cleanups.stop_finished().await;
-            return Ok(());
+        self.stopped.store(true, Ordering::SeqCst);
+        loop {
+            if self
+                .cleanups
+                .stop_running
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                // Stopped by another call (of a clone, say): return once it is done, so that
+                // whoever returns from `stop` finds the clean-ups run and the backend closed;
+                // if that call was cancelled first, this one does the job.
+                if self.cleanups.stop_finished().await {
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.cleanups.stopped.load(Ordering::SeqCst) {
+                self.cleanups.stop_running.store(false, Ordering::SeqCst);
+                return Ok(());
+            }
+            // Marks the stop finished when this call ends, or hands the job on to the other
+            // callers of `stop` if it is cancelled first, so that none is left waiting.
+            let mut finished = StopFinished {
+                cleanups: &self.cleanups,
+                done: false,
+            };
+            // Acquisitions waiting to retry end now; those with a claim in the store (a fair
+            // waiter's place in line, a writer's claim) take it back before the backend closes.
+            self.cleanups.stopping.notify_waiters();
+            self.cleanups.settled(CLEANUP_WAIT).await;
+            let closed = self.store().shutdown().await;
+            finished.done = true;
+            return closed;
         }
-        // Marks the stop finished however this call ends (cancelled too), so that the other
-        // callers of `stop` are not left waiting.
-        let _finished = StopFinished(&self.cleanups);
-        // Acquisitions waiting to retry end now; those with a claim in the store (a fair
-        // waiter's place in line, a writer's claim) take it back before the backend closes.
-        self.cleanups.stopping.notify_waiters();
-        self.cleanups.settled(CLEANUP_WAIT).await;
-        self.store().shutdown().await
     }
 
     fn check_running(&self) -> Result<()> {
@@ -1143,16 +1163,26 @@ pub(crate) struct Cleanups {
     stopping: tokio::sync::Notify,
     /// Set, and `stop_done` notified, when the first call of `stop` has finished.
     stopped: AtomicBool,
+    /// Set while a call of `stop` does the job (cleared, and `stop_done` notified, when it
+    /// is cancelled before it finished: another call takes over).
+    stop_running: AtomicBool,
     stop_done: tokio::sync::Notify,
 }
 
-/// Marks the first `stop` finished when dropped.
-struct StopFinished<'a>(&'a Cleanups);
+/// Marks the `stop` doing the job finished when dropped, or (cancelled before it was `done`)
+/// hands the job on to the other callers.
+struct StopFinished<'a> {
+    cleanups: &'a Cleanups,
+    done: bool,
+}
 
 impl Drop for StopFinished<'_> {
     fn drop(&mut self) {
-        self.0.stopped.store(true, Ordering::SeqCst);
-        self.0.stop_done.notify_waiters();
+        if self.done {
+            self.cleanups.stopped.store(true, Ordering::SeqCst);
+        }
+        self.cleanups.stop_running.store(false, Ordering::SeqCst);
+        self.cleanups.stop_done.notify_waiters();
     }
 }
 
@@ -1165,14 +1195,18 @@ impl Cleanups {
         CleanupRunning(Arc::clone(self))
     }
 
-    /// Waits until the first call of `stop` has finished.
-    async fn stop_finished(&self) {
+    /// Waits until the call of `stop` doing the job has finished (true), or was cancelled
+    /// before it did (false: the job is free to take).
+    async fn stop_finished(&self) -> bool {
         loop {
             let notified = self.stop_done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.stopped.load(Ordering::SeqCst) {
-                return;
+                return true;
+            }
+            if !self.stop_running.load(Ordering::SeqCst) {
+                return false;
             }
             notified.await;
         }
