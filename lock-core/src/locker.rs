@@ -355,9 +355,10 @@ impl Locker {
     /// that lock expires with its ttl. Acquisitions waiting to retry or in this process's queue
     /// end with [`LockError::Stopped`], and those that hold a claim in the store (a fair
     /// waiter's place in line, a waiting writer's claim) take it back before the backend
-    /// closes. An attempt on the wire counts among the clean-ups: its answer is let come (a
-    /// round trip, bounded by the backend's timeouts), whatever it took is taken back by token
-    /// before the backend closes, and its acquisition ends with [`LockError::Stopped`]. A
+    /// closes. An attempt on the wire counts among the clean-ups: its answer is let come (for
+    /// half of [`CLEANUP_WAIT`] at most, whatever the backend's own timeouts), whatever it took
+    /// is taken back by token before the backend closes, and its acquisition ends with
+    /// [`LockError::Stopped`]. A
     /// further call (of this client or a clone) returns once the first has finished.
     ///
     /// # Errors
@@ -908,23 +909,44 @@ impl Locker {
             Ok(decided) => return decided.map(Attempt::from),
             Err(later) => later,
         };
-        // Counted among the clean-ups `stop` waits for while it is on the wire (a round trip,
-        // bounded by the backend's timeouts): a `stop` in the meantime lets the answer come,
-        // then `pending` takes back whatever it took before the backend closes, and the
-        // acquisition ends with `Stopped` instead of handing out a guard of a stopped client.
+        // Counted among the clean-ups `stop` waits for while it is on the wire: a `stop` in the
+        // meantime lets the answer come (for a while), then `pending` takes back whatever it
+        // took before the backend closes, and the acquisition ends with `Stopped` instead of
+        // handing out a guard of a stopped client.
         let mut pending = PendingAttempt {
             lock: Some(Arc::clone(&self.lock)),
             cleanups: &self.cleanups,
             request,
             _running: self.cleanups.start(),
         };
-        let result = match deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline, answer).await {
-                Ok(result) => result,
-                // Cut short: `pending` cleans up whatever the attempt may have left.
-                Err(_) => return Ok(Attempt::CutShort),
-            },
-            None => answer.await,
+        // `stop` waits for clean-ups no longer than `CLEANUP_WAIT`, and an answer may take
+        // longer (the backend's own timeouts may be longer): after a `stop` the answer is let
+        // come for half of that at most, then the attempt is taken back by token while the
+        // backend still runs.
+        let stopping = self.cleanups.stopping.notified();
+        tokio::pin!(stopping);
+        stopping.as_mut().enable();
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(LockError::Stopped);
+        }
+        let answered = async {
+            match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, answer).await.ok(),
+                None => Some(answer.await),
+            }
+        };
+        tokio::pin!(answered);
+        let answered = tokio::select! {
+            biased;
+            answered = &mut answered => answered,
+            () = &mut stopping => {
+                let _ = tokio::time::timeout(CLEANUP_WAIT / 2, &mut answered).await;
+                return Err(LockError::Stopped);
+            }
+        };
+        let Some(result) = answered else {
+            // Cut short: `pending` cleans up whatever the attempt may have left.
+            return Ok(Attempt::CutShort);
         };
         if self.stopped.load(Ordering::SeqCst) {
             return Err(LockError::Stopped);
