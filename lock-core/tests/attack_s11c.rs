@@ -151,7 +151,10 @@ async fn stop_takes_back_an_attempt_answering_after_the_cleanup_wait() {
     let started = tokio::time::Instant::now();
     locker.stop().await.unwrap();
     let stop_took = started.elapsed();
-    assert!(stop_took <= CLEANUP_WAIT + Duration::from_millis(10), "{stop_took:?}");
+    assert!(
+        stop_took <= CLEANUP_WAIT + Duration::from_millis(10),
+        "{stop_took:?}"
+    );
     let outcome = acquisition.await.unwrap();
     let handed_out = outcome.is_ok();
     drop(outcome);

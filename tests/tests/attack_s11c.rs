@@ -63,7 +63,10 @@ async fn a_fail_fast_writer_giving_up_does_not_take_back_a_waiting_writers_claim
     let other = Redlock::new(RedlockConfig::new([url.clone()])).expect("other client");
     let other = locker(&other, Duration::from_secs(20), RetryPolicy::none());
 
-    let reader = other.acquire_read("rw").await.expect("the other client's reader");
+    let reader = other
+        .acquire_read("rw")
+        .await
+        .expect("the other client's reader");
     let writer = tokio::spawn({
         let waiting = waiting.clone();
         async move { waiting.acquire_write("rw").await }
@@ -152,7 +155,10 @@ async fn an_impatient_writer_giving_up_does_not_take_back_a_patient_writers_clai
     let other = Redlock::new(RedlockConfig::new([url.clone()])).expect("other client");
     let other = locker(&other, Duration::from_secs(20), RetryPolicy::none());
 
-    let reader = other.acquire_read("rw").await.expect("the other client's reader");
+    let reader = other
+        .acquire_read("rw")
+        .await
+        .expect("the other client's reader");
     let gave_up = impatient.acquire_write("rw");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let writer = tokio::spawn({
