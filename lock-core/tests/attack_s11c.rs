@@ -208,8 +208,9 @@ async fn a_stop_after_a_cancelled_stop_finishes_the_job() {
 /// Held: a backend whose attempt never answers (no timeouts of its own) does not hold `stop`
 /// beyond [`CLEANUP_WAIT`], and a call made after `stop` fails with `Stopped`.
 ///
-/// Negative control: with `settled`'s limit removed (locker.rs: `all_done.await`) `stop`
-/// never returns and the test's own timeout fires.
+/// Negative control (on main's locker.rs, whose attempt does not listen for `stop`): with
+/// `settled`'s limit removed (`all_done.await`) `stop` never returns and the test's own
+/// timeout fires.
 #[tokio::test(start_paused = true)]
 async fn stop_returns_in_bounded_time_when_an_answer_never_comes() {
     let memory = Arc::new(MemoryLock::new());
