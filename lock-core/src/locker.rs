@@ -355,28 +355,49 @@ impl Locker {
     /// that lock expires with its ttl. Acquisitions waiting to retry or in this process's queue
     /// end with [`LockError::Stopped`], and those that hold a claim in the store (a fair
     /// waiter's place in line, a waiting writer's claim) take it back before the backend
-    /// closes. An attempt on the wire counts among the clean-ups: its answer is let come (a
-    /// round trip, bounded by the backend's timeouts), whatever it took is taken back by token
-    /// before the backend closes, and its acquisition ends with [`LockError::Stopped`]. A
+    /// closes. An attempt on the wire counts among the clean-ups: its answer is let come (for
+    /// half of [`CLEANUP_WAIT`] at most, whatever the backend's own timeouts), whatever it took
+    /// is taken back by token before the backend closes, and its acquisition ends with
+    /// [`LockError::Stopped`]. A
     /// further call (of this client or a clone) returns once the first has finished.
     ///
     /// # Errors
     /// Backend errors while closing (to the first call).
     pub async fn stop(&self) -> Result<()> {
-        if self.stopped.swap(true, Ordering::SeqCst) {
-            // Stopped by another call (of a clone, say): return once it is done, so that
-            // whoever returns from `stop` finds the clean-ups run and the backend closed.
-            self.cleanups.stop_finished().await;
-            return Ok(());
+        self.stopped.store(true, Ordering::SeqCst);
+        loop {
+            if self
+                .cleanups
+                .stop_running
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                // Stopped by another call (of a clone, say): return once it is done, so that
+                // whoever returns from `stop` finds the clean-ups run and the backend closed;
+                // if that call was cancelled first, this one does the job.
+                if self.cleanups.stop_finished().await {
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.cleanups.stopped.load(Ordering::SeqCst) {
+                self.cleanups.stop_running.store(false, Ordering::SeqCst);
+                return Ok(());
+            }
+            // Marks the stop finished when this call ends, or hands the job on to the other
+            // callers of `stop` if it is cancelled first, so that none is left waiting.
+            let mut finished = StopFinished {
+                cleanups: &self.cleanups,
+                done: false,
+            };
+            // Acquisitions waiting to retry end now; those with a claim in the store (a fair
+            // waiter's place in line, a writer's claim) take it back before the backend closes.
+            self.cleanups.stopping.notify_waiters();
+            self.cleanups.settled(CLEANUP_WAIT).await;
+            let closed = self.store().shutdown().await;
+            finished.done = true;
+            return closed;
         }
-        // Marks the stop finished however this call ends (cancelled too), so that the other
-        // callers of `stop` are not left waiting.
-        let _finished = StopFinished(&self.cleanups);
-        // Acquisitions waiting to retry end now; those with a claim in the store (a fair
-        // waiter's place in line, a writer's claim) take it back before the backend closes.
-        self.cleanups.stopping.notify_waiters();
-        self.cleanups.settled(CLEANUP_WAIT).await;
-        self.store().shutdown().await
     }
 
     fn check_running(&self) -> Result<()> {
@@ -888,23 +909,44 @@ impl Locker {
             Ok(decided) => return decided.map(Attempt::from),
             Err(later) => later,
         };
-        // Counted among the clean-ups `stop` waits for while it is on the wire (a round trip,
-        // bounded by the backend's timeouts): a `stop` in the meantime lets the answer come,
-        // then `pending` takes back whatever it took before the backend closes, and the
-        // acquisition ends with `Stopped` instead of handing out a guard of a stopped client.
+        // Counted among the clean-ups `stop` waits for while it is on the wire: a `stop` in the
+        // meantime lets the answer come (for a while), then `pending` takes back whatever it
+        // took before the backend closes, and the acquisition ends with `Stopped` instead of
+        // handing out a guard of a stopped client.
         let mut pending = PendingAttempt {
             lock: Some(Arc::clone(&self.lock)),
             cleanups: &self.cleanups,
             request,
             _running: self.cleanups.start(),
         };
-        let result = match deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline, answer).await {
-                Ok(result) => result,
-                // Cut short: `pending` cleans up whatever the attempt may have left.
-                Err(_) => return Ok(Attempt::CutShort),
-            },
-            None => answer.await,
+        // `stop` waits for clean-ups no longer than `CLEANUP_WAIT`, and an answer may take
+        // longer (the backend's own timeouts may be longer): after a `stop` the answer is let
+        // come for half of that at most, then the attempt is taken back by token while the
+        // backend still runs.
+        let stopping = self.cleanups.stopping.notified();
+        tokio::pin!(stopping);
+        stopping.as_mut().enable();
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(LockError::Stopped);
+        }
+        let answered = async {
+            match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, answer).await.ok(),
+                None => Some(answer.await),
+            }
+        };
+        tokio::pin!(answered);
+        let answered = tokio::select! {
+            biased;
+            answered = &mut answered => answered,
+            () = &mut stopping => {
+                let _ = tokio::time::timeout(CLEANUP_WAIT / 2, &mut answered).await;
+                return Err(LockError::Stopped);
+            }
+        };
+        let Some(result) = answered else {
+            // Cut short: `pending` cleans up whatever the attempt may have left.
+            return Ok(Attempt::CutShort);
         };
         if self.stopped.load(Ordering::SeqCst) {
             return Err(LockError::Stopped);
@@ -1143,16 +1185,26 @@ pub(crate) struct Cleanups {
     stopping: tokio::sync::Notify,
     /// Set, and `stop_done` notified, when the first call of `stop` has finished.
     stopped: AtomicBool,
+    /// Set while a call of `stop` does the job (cleared, and `stop_done` notified, when it
+    /// is cancelled before it finished: another call takes over).
+    stop_running: AtomicBool,
     stop_done: tokio::sync::Notify,
 }
 
-/// Marks the first `stop` finished when dropped.
-struct StopFinished<'a>(&'a Cleanups);
+/// Marks the `stop` doing the job finished when dropped, or (cancelled before it was `done`)
+/// hands the job on to the other callers.
+struct StopFinished<'a> {
+    cleanups: &'a Cleanups,
+    done: bool,
+}
 
 impl Drop for StopFinished<'_> {
     fn drop(&mut self) {
-        self.0.stopped.store(true, Ordering::SeqCst);
-        self.0.stop_done.notify_waiters();
+        if self.done {
+            self.cleanups.stopped.store(true, Ordering::SeqCst);
+        }
+        self.cleanups.stop_running.store(false, Ordering::SeqCst);
+        self.cleanups.stop_done.notify_waiters();
     }
 }
 
@@ -1165,14 +1217,18 @@ impl Cleanups {
         CleanupRunning(Arc::clone(self))
     }
 
-    /// Waits until the first call of `stop` has finished.
-    async fn stop_finished(&self) {
+    /// Waits until the call of `stop` doing the job has finished (true), or was cancelled
+    /// before it did (false: the job is free to take).
+    async fn stop_finished(&self) -> bool {
         loop {
             let notified = self.stop_done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.stopped.load(Ordering::SeqCst) {
-                return;
+                return true;
+            }
+            if !self.stop_running.load(Ordering::SeqCst) {
+                return false;
             }
             notified.await;
         }

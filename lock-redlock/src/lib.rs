@@ -778,7 +778,10 @@ impl Lock for Redlock {
                 }
                 _ => Arc::from(&[][..]),
             };
-            if held.claims() {
+            // Only a writer that waited, or meant to, can have left claims under earlier
+            // attempts' tokens: a fail-fast writer giving up must not take back the claims of
+            // this process's writers still waiting on the key (each holds readers out).
+            if held.claims() && (request.will_wait() || request.after_wait()) {
                 shared.take_back_claims(request.primary_key(), Some(token), request.ttl());
             }
             let (mut tally, rest) = round::run(&shared.nodes()?, shared.quorum, timeout, |node| {
