@@ -221,6 +221,7 @@ pub struct LockRequest {
     will_wait: bool,
     kind: LeaseKind,
     waiter: Option<Token>,
+    acquisition: u64,
 }
 
 impl LockRequest {
@@ -252,6 +253,7 @@ impl LockRequest {
             will_wait,
             kind,
             waiter,
+            acquisition: 0,
         }
     }
 
@@ -264,6 +266,7 @@ impl LockRequest {
             will_wait: false,
             kind: LeaseKind::Exclusive,
             waiter: None,
+            acquisition: 0,
         }
     }
 
@@ -280,6 +283,22 @@ impl LockRequest {
     /// The waiter this attempt belongs to, if it waits in line (see [`LockRequest::with_waiter`]).
     pub fn waiter(&self) -> Option<&Token> {
         self.waiter.as_ref()
+    }
+
+    /// Names the acquisition this attempt belongs to: a number that stays the same across
+    /// every attempt of one acquisition of this process and differs between acquisitions (0
+    /// when unset). The core sets it on requests to a [`Capabilities::distributed`] store, so
+    /// that a backend can tell the leftovers of one waiting writer's earlier attempts (each has
+    /// a fresh token) from those of another writer of the process.
+    #[must_use]
+    pub fn with_acquisition(mut self, acquisition: u64) -> Self {
+        self.acquisition = acquisition;
+        self
+    }
+
+    /// The acquisition this attempt belongs to (see [`LockRequest::with_acquisition`]).
+    pub fn acquisition(&self) -> u64 {
+        self.acquisition
     }
 
     /// Marks an attempt whose caller will wait and try again if it finds the keys held (as

@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::time::Instant;
@@ -548,7 +548,7 @@ impl Locker {
         } = wanted;
         // The keys move into the first request (and are copied back only if it must wait).
         let request = self
-            .request(keys, kind, options, 1, waiter.as_ref())
+            .request(keys, kind, options, 1, waiter.as_ref(), 0)
             .map_err(Err)?;
         acquisition.attempt();
         let entered = span.enter();
@@ -637,6 +637,7 @@ impl Locker {
         options: &LockOptions,
         attempt: u32,
         waiter: Option<&Token>,
+        acquisition: u64,
     ) -> Result<LockRequest> {
         Ok(LockRequest::attempt(
             keys,
@@ -646,7 +647,8 @@ impl Locker {
             attempt > 1,
             !options.retry().is_single_attempt(),
             waiter.cloned(),
-        ))
+        )
+        .with_acquisition(acquisition))
     }
 
     /// A fair backend lines waiting mutexes on one key up in the store: every attempt of an
@@ -690,6 +692,13 @@ impl Locker {
             mut first,
         } = waiting;
         let options = wanted.options;
+        // Every attempt of this acquisition names it, for a store shared between processes
+        // (see `LockRequest::with_acquisition`); an in-process store's attempts name none.
+        let acquisition_id = if self.capabilities.distributed {
+            next_acquisition()
+        } else {
+            0
+        };
         let mut backoff = options.retry().backoff();
         let mut attempts = 0u32;
         // Waits in a row that the backend ended before their time, each followed by an attempt
@@ -731,6 +740,7 @@ impl Locker {
                         options,
                         attempts,
                         waiter.as_ref(),
+                        acquisition_id,
                     )?;
                     acquisition.attempt();
                     let answer = self.store().try_acquire(&fresh);
@@ -961,6 +971,12 @@ impl Locker {
             None => Attempt::Held,
         })
     }
+}
+
+/// A number for a new acquisition, unique in this process (from 1).
+fn next_acquisition() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// When the clock started and when the acquisition gives up, if its policy has a deadline.

@@ -142,64 +142,108 @@ pub(crate) async fn try_acquire(
     attempt(shared, &nodes, request, target).await
 }
 
-/// Per key, the nodes where a waiting writer of this process left a claim under each token
-/// (an attempt's) that a later attempt did not overwrite or delete (it did not reach them).
+/// Per key, the claims this process's waiting writers left on nodes that their later attempts
+/// did not overwrite or delete (they did not reach them): each attempt has a fresh token, so
+/// the core's take-back of the last attempt's claim would leave the earlier ones for their
+/// ttl. Each is recorded with the acquisition it belongs to
+/// ([`LockRequest::acquisition`]), so that one writer's take-back leaves another's claims.
 #[derive(Default)]
-pub(crate) struct Claims(Mutex<std::collections::HashMap<Key, Vec<(usize, Token)>>>);
+pub(crate) struct Claims(Mutex<std::collections::HashMap<Key, Vec<Left>>>);
+
+/// One claim a waiting writer's attempt left on a node.
+pub(crate) struct Left {
+    node: usize,
+    token: Token,
+    acquisition: u64,
+    /// When it lapses in the store by itself (its attempt's ttl): no use keeping it after.
+    expires: Instant,
+}
+
+/// The record is swept of lapsed claims whenever it reaches a power of two keys from here,
+/// so keys that no writer of this process comes back to do not pile up.
+const SWEEP_FROM: usize = 256;
 
 impl Claims {
-    /// Takes the record of `key`: the nodes of each token but `but`.
-    pub(crate) fn take(&self, key: &Key, but: Option<&Token>) -> Vec<(Token, Vec<usize>)> {
-        let taken = self
+    /// Takes the claims `acquisition`'s attempts left on `key` under a token other than
+    /// `but`, by token: the other acquisitions' claims stay recorded.
+    pub(crate) fn take(
+        &self,
+        key: &Key,
+        acquisition: u64,
+        but: Option<&Token>,
+    ) -> Vec<(Token, Vec<usize>)> {
+        let mut claims = self
             .0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key)
-            .unwrap_or_default();
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(record) = claims.get_mut(key) else {
+            return Vec::new();
+        };
+        let now = Instant::now();
         let mut grouped: Vec<(Token, Vec<usize>)> = Vec::new();
-        for (node, token) in taken {
-            if but == Some(&token) {
-                continue;
+        record.retain(|left| {
+            if left.expires <= now {
+                return false;
             }
-            match grouped.iter_mut().find(|(t, _)| *t == token) {
-                Some((_, nodes)) => nodes.push(node),
-                None => grouped.push((token, vec![node])),
+            if left.acquisition != acquisition {
+                return true;
             }
+            if but != Some(&left.token) {
+                match grouped.iter_mut().find(|(token, _)| *token == left.token) {
+                    Some((_, nodes)) => nodes.push(left.node),
+                    None => grouped.push((left.token.clone(), vec![left.node])),
+                }
+            }
+            false
+        });
+        if record.is_empty() {
+            claims.remove(key);
         }
         grouped
     }
 }
 
-/// Records what a waiting writer's attempt left: its claim on the nodes that refused it in time
-/// or in the grace of `undo_attempt` (`votes`; a node that granted it has no claim any more),
-/// while an earlier attempt's claim stays recorded on the nodes this one did not reach (failed,
-/// or still in flight: a later refusal of this one is taken back by `undo_attempt`). The core
-/// takes back the last attempt's claim when the writer stops waiting; the earlier ones are
-/// taken back with it (see [`Shared::take_back_claims`]), or when the writer wins. Several
-/// writers of this process waiting for one key share the record: taking back another's claim
-/// costs it a hint that its next attempt leaves again.
-pub(crate) fn note_claims(shared: &Shared, key: &Key, token: &Token, votes: &[&Tally]) {
+/// Records what a waiting writer's attempt (`request`) left: its claim on the nodes that
+/// refused it in time or in the grace of `undo_attempt` (`votes`; a node that granted it has no
+/// claim any more), while an earlier attempt's claim of the same acquisition stays recorded on
+/// the nodes this one did not reach (failed, or still in flight: a later refusal of this one is
+/// taken back by `undo_attempt`). The core takes back the last attempt's claim when the writer
+/// stops waiting; the earlier ones are taken back with it (see [`Shared::take_back_claims`]),
+/// or when the writer wins.
+pub(crate) fn note_claims(shared: &Shared, request: &LockRequest, token: &Token, votes: &[&Tally]) {
+    let (key, acquisition) = (request.primary_key(), request.acquisition());
     let mut claims = shared
         .claims
         .0
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = Instant::now();
     let answered = |node: &usize| {
         votes
             .iter()
             .any(|tally| tally.yes.contains(node) || tally.no_at.contains(node))
     };
-    let mut record: Vec<(usize, Token)> = claims
-        .remove(key)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(node, _)| !answered(node))
-        .collect();
+    let record = claims.entry(key.clone()).or_default();
+    record.retain(|left| {
+        left.expires > now && (left.acquisition != acquisition || !answered(&left.node))
+    });
+    let expires = now + request.ttl();
     for tally in votes {
-        record.extend(tally.no_at.iter().map(|node| (*node, token.clone())));
+        record.extend(tally.no_at.iter().map(|node| Left {
+            node: *node,
+            token: token.clone(),
+            acquisition,
+            expires,
+        }));
     }
-    if !record.is_empty() {
-        claims.insert(key.clone(), record);
+    if record.is_empty() {
+        claims.remove(key);
+    }
+    if claims.len() >= SWEEP_FROM && claims.len().is_power_of_two() {
+        claims.retain(|_, record| {
+            record.retain(|left| left.expires > now);
+            !record.is_empty()
+        });
     }
 }
 
@@ -365,8 +409,13 @@ async fn attempt(
                     let in_flight = (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
                     if writer_claims {
                         // The earlier attempts' claims on nodes this one did not reach.
-                        note_claims(shared, keys.primary(), &token, &[&tally]);
-                        shared.take_back_claims(keys.primary(), Some(&token), ttl);
+                        note_claims(shared, request, &token, &[&tally]);
+                        shared.take_back_claims(
+                            keys.primary(),
+                            request.acquisition(),
+                            Some(&token),
+                            ttl,
+                        );
                     }
                     return Ok(Some(Box::new(RedlockHandle {
                         shared: Arc::clone(shared),
@@ -392,7 +441,7 @@ async fn attempt(
                     )
                     .await;
                 if writer_claims {
-                    note_claims(shared, keys.primary(), &token, &[&tally, &late]);
+                    note_claims(shared, request, &token, &[&tally, &late]);
                 }
                 return outcome.map(|_| None);
             }
@@ -412,7 +461,7 @@ async fn attempt(
         )
         .await;
     if writer_claims {
-        note_claims(shared, keys.primary(), &token, &[&tally, &late]);
+        note_claims(shared, request, &token, &[&tally, &late]);
     }
     outcome
 }

@@ -417,8 +417,14 @@ impl Shared {
     /// token other than `but` (earlier attempts', on nodes their later attempts did not reach),
     /// token-checked: a claim is only a hint, so one of a writer still waiting here costs it
     /// no more than its next attempt leaves again.
-    fn take_back_claims(self: &Arc<Self>, key: &Key, but: Option<&Token>, ttl: Duration) {
-        for (token, nodes) in self.claims.take(key, but) {
+    fn take_back_claims(
+        self: &Arc<Self>,
+        key: &Key,
+        acquisition: u64,
+        but: Option<&Token>,
+        ttl: Duration,
+    ) {
+        for (token, nodes) in self.claims.take(key, acquisition, but) {
             let timeout = self.node_timeout(ttl);
             let expires_by = Instant::now() + ttl + self.drift(ttl);
             tokio::spawn(Arc::clone(self).release_until_answered(
@@ -782,7 +788,12 @@ impl Lock for Redlock {
             // attempts' tokens: a fail-fast writer giving up must not take back the claims of
             // this process's writers still waiting on the key (each holds readers out).
             if held.claims() && (request.will_wait() || request.after_wait()) {
-                shared.take_back_claims(request.primary_key(), Some(token), request.ttl());
+                shared.take_back_claims(
+                    request.primary_key(),
+                    request.acquisition(),
+                    Some(token),
+                    request.ttl(),
+                );
             }
             let (mut tally, rest) = round::run(&shared.nodes()?, shared.quorum, timeout, |node| {
                 let (keys, token, member) = (keys.clone(), token.clone(), Arc::clone(&member));

@@ -454,13 +454,17 @@ async fn late_take_backs_leave_the_winning_writers_lease_and_nothing_after_it() 
     // The stalled requests land now, while the writer holds the lock.
     proxy.release_stall();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    for (index, server) in servers.iter().enumerate().take(2) {
-        let exists = server.command("EXISTS rw", PROBE).expect("EXISTS");
-        assert_eq!(
-            exists, ":1",
-            "a late take-back removed the winner's lease on node {index}"
-        );
-    }
+    // The winner's lease stays on a majority. It is normally nodes 0 and 1; on a loaded machine
+    // the pool may open a fresh connection to node 2, so the round can be won there instead
+    // (a run here once saw node 1 without it): what must hold is the majority, not the nodes.
+    let held: Vec<bool> = servers
+        .iter()
+        .map(|server| server.command("EXISTS rw", PROBE).expect("EXISTS") == ":1")
+        .collect();
+    assert!(
+        held.iter().filter(|held| **held).count() >= 2,
+        "a late take-back removed the winner's lease from a majority: held on nodes {held:?}"
+    );
     assert!(writer.is_valid());
     writer
         .release()
