@@ -390,64 +390,51 @@ async fn attempt(
         }
     })
     .await;
-    if tally.yes.len() >= shared.quorum
-        && let Some(valid_until) = shared.valid_until(start, ttl)
-    {
-        let fence = match &counter {
-            None => Ok(None),
-            // One node draws every value itself, one after another: each is new.
-            Some(_) if nodes.len() == 1 => Ok(Some(tally.highest)),
-            Some(counter) => {
-                raise(shared, nodes, &keys, &token, target, counter, &tally, ttl).await
-            }
-        };
-        match fence {
-            Ok(fence) if counter.is_none() || fence.is_some() => {
-                if Instant::now() < valid_until {
-                    // As for a mutex: requests still in flight run on, and the release is
-                    // sent again to their nodes once they have answered (it may overtake them).
-                    let in_flight = (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
-                    if writer_claims {
-                        // The earlier attempts' claims on nodes this one did not reach.
-                        note_claims(shared, request, &token, &[&tally]);
-                        shared.take_back_claims(
-                            keys.primary(),
-                            request.acquisition(),
-                            Some(&token),
+    // A win returns from here; every other way ends below, undoing the attempt.
+    let outcome = 'decided: {
+        if tally.yes.len() >= shared.quorum
+            && let Some(valid_until) = shared.valid_until(start, ttl)
+        {
+            let fence = match &counter {
+                None => Ok(None),
+                // One node draws every value itself, one after another: each is new.
+                Some(_) if nodes.len() == 1 => Ok(Some(tally.highest)),
+                Some(counter) => {
+                    raise(shared, nodes, &keys, &token, target, counter, &tally, ttl).await
+                }
+            };
+            match fence {
+                Ok(fence) if counter.is_none() || fence.is_some() => {
+                    if Instant::now() < valid_until {
+                        // As for a mutex: requests still in flight run on, and the release is
+                        // sent again to their nodes once they have answered (it may overtake them).
+                        let in_flight =
+                            (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
+                        if writer_claims {
+                            // The earlier attempts' claims on nodes this one did not reach.
+                            note_claims(shared, request, &token, &[&tally]);
+                            shared.take_back_claims(
+                                keys.primary(),
+                                request.acquisition(),
+                                Some(&token),
+                                ttl,
+                            );
+                        }
+                        return Ok(Some(Box::new(RedlockHandle {
+                            shared: Arc::clone(shared),
+                            lease: crate::lease(keys, request.kind(), token, valid_until, fence),
+                            held: target.held(),
                             ttl,
-                        );
+                            in_flight,
+                            extending: None,
+                        })));
                     }
-                    return Ok(Some(Box::new(RedlockHandle {
-                        shared: Arc::clone(shared),
-                        lease: crate::lease(keys, request.kind(), token, valid_until, fence),
-                        held: target.held(),
-                        ttl,
-                        in_flight,
-                        extending: None,
-                    })));
                 }
-            }
-            outcome => {
-                let undo = undone(outcome.is_err());
-                let late = shared
-                    .undo_attempt(
-                        &tally,
-                        pending,
-                        &keys,
-                        &token,
-                        (undo, held),
-                        ttl,
-                        start.elapsed(),
-                    )
-                    .await;
-                if writer_claims {
-                    note_claims(shared, request, &token, &[&tally, &late]);
-                }
-                return outcome.map(|_| None);
+                outcome => break 'decided outcome.map(|_| None),
             }
         }
-    }
-    let outcome = failed_outcome(shared, request, &tally, &found);
+        failed_outcome(shared, request, &tally, &found)
+    };
     let undo = undone(outcome.is_err());
     let late = shared
         .undo_attempt(
