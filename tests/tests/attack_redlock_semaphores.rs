@@ -82,15 +82,23 @@ async fn inspect_of_a_claim_only_key(nodes: usize) {
         .await
         .unwrap();
     assert!(refused.is_none(), "the claim should keep the reader out");
+    // Held where the claim stands. A node whose refusal came after the round was decided
+    // (late, on a loaded machine) has its claim taken back at once by the attempt's clean-up:
+    // it is free there, truly, and the claims on a majority still keep every reader out. So a
+    // majority of nodes, never fewer, must say held (a loaded run here saw one in three free).
     let states = lock.inspect(&key).await.unwrap();
-    for state in &states {
-        assert!(
-            matches!(state.holding, Holding::Held { ttl: Some(_) }),
-            "inspect says {:?} on {} while no reader can take the key",
-            state.holding,
-            state.node
-        );
-    }
+    let held = states
+        .iter()
+        .filter(|state| matches!(state.holding, Holding::Held { ttl: Some(_) }))
+        .count();
+    assert!(
+        held > nodes / 2,
+        "inspect says {:?} while no reader can take the key",
+        states
+            .iter()
+            .map(|state| (&state.node, &state.holding))
+            .collect::<Vec<_>>()
+    );
     assert!(lock.abandon(&writer).await.unwrap(), "claim taken back");
     let states = lock.inspect(&key).await.unwrap();
     for state in &states {
