@@ -235,4 +235,38 @@ mod tests {
         drop(again);
         assert_eq!(queue.len(), 0);
     }
+
+    /// Promise (the `Ticket` drop: "Nobody else holds or waits for the key: forget it, so the
+    /// map does not grow"): once every task that held or waited for a key has left, the key
+    /// has no slot in the map.
+    ///
+    /// Broken on main: a waiter to which the head was just handed (the holder's ticket
+    /// dropped, the waiter's permit assigned, the waiter not yet polled) and which is then
+    /// cancelled (its deadline's timeout firing at that instant, an `abort`, a `select!` that
+    /// took another branch) leaves without a ticket: the holder's drop saw the waiter's `Arc`
+    /// and kept the slot, and the waiter's drop never looks at the map. The slot stays for good
+    /// (one per such key: with keys that are not used again, the map grows without bound).
+    #[tokio::test]
+    async fn a_waiter_cancelled_right_after_the_hand_over_leaves_no_slot() {
+        let queue = Arc::new(LocalQueue::default());
+        let key = Key::new("a").unwrap();
+        let held = queue.enter(std::slice::from_ref(&key)).await;
+        let waiter = tokio::spawn({
+            let (queue, key) = (Arc::clone(&queue), key.clone());
+            async move { queue.enter(&[key]).await }
+        });
+        // The waiter lines up (one thread: it runs only while this task yields).
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "the waiter entered past the holder");
+        drop(held);
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(
+            queue.len(),
+            0,
+            "a slot stayed in the map after every task left the key"
+        );
+    }
 }
