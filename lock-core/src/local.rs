@@ -82,14 +82,18 @@ impl LocalQueue {
 
     /// Waits for the head of the line of `key`.
     async fn enter_one(self: &Arc<Self>, key: &Key) -> Ticket {
-        let slot = self.slot(key);
-        let guard = slot.wait_for_head().await;
-        Ticket {
+        // The slot is held by the ticket while it waits, so that a wait cancelled (even right
+        // after the head was handed to it) still forgets a slot that nobody else uses.
+        let mut ticket = Ticket {
             queue: Arc::clone(self),
             key: key.clone(),
-            slot: Some(slot),
-            guard: Some(guard),
+            slot: Some(self.slot(key)),
+            guard: None,
+        };
+        if let Some(slot) = &ticket.slot {
+            ticket.guard = Some(slot.wait_for_head().await);
         }
+        ticket
     }
 
     #[cfg(test)]
@@ -177,10 +181,15 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            *slot.lapse.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let slot = self.slot.take();
+        // Only the head's ticket ends the lapse it recorded (a waiter's leaves the holder's).
+        if let Some(guard) = self.guard.take() {
+            if let Some(slot) = &slot {
+                *slot.lapse.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            }
+            drop(guard);
         }
-        drop(self.guard.take());
+        drop(slot);
         let mut slots = self
             .queue
             .slots
