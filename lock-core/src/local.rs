@@ -278,4 +278,30 @@ mod tests {
             "a slot stayed in the map after every task left the key"
         );
     }
+
+    /// As `a_waiter_cancelled_right_after_the_hand_over_leaves_no_slot`, for a task taking
+    /// two keys: it holds the first and is handed the second, then is cancelled. On main the
+    /// second key's slot stays in the map (the first's goes with its ticket).
+    #[tokio::test]
+    async fn a_multi_key_waiter_cancelled_right_after_the_hand_over_leaves_no_slot() {
+        let queue = Arc::new(LocalQueue::default());
+        let keys = [Key::new("a").unwrap(), Key::new("b").unwrap()];
+        let held = queue.enter(&keys[1..]).await;
+        let waiter = tokio::spawn({
+            let (queue, keys) = (Arc::clone(&queue), keys.clone());
+            async move { queue.enter(&keys).await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "the waiter entered past the holder");
+        drop(held);
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(
+            queue.len(),
+            0,
+            "a slot stayed in the map after every task left the keys"
+        );
+    }
 }
