@@ -82,14 +82,18 @@ impl LocalQueue {
 
     /// Waits for the head of the line of `key`.
     async fn enter_one(self: &Arc<Self>, key: &Key) -> Ticket {
-        let slot = self.slot(key);
-        let guard = slot.wait_for_head().await;
-        Ticket {
+        // The slot is held by the ticket while it waits, so that a wait cancelled (even right
+        // after the head was handed to it) still forgets a slot that nobody else uses.
+        let mut ticket = Ticket {
             queue: Arc::clone(self),
             key: key.clone(),
-            slot: Some(slot),
-            guard: Some(guard),
+            slot: Some(self.slot(key)),
+            guard: None,
+        };
+        if let Some(slot) = &ticket.slot {
+            ticket.guard = Some(slot.wait_for_head().await);
         }
+        ticket
     }
 
     #[cfg(test)]
@@ -177,10 +181,15 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            *slot.lapse.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let slot = self.slot.take();
+        // Only the head's ticket ends the lapse it recorded (a waiter's leaves the holder's).
+        if let Some(guard) = self.guard.take() {
+            if let Some(slot) = &slot {
+                *slot.lapse.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            }
+            drop(guard);
         }
-        drop(self.guard.take());
+        drop(slot);
         let mut slots = self
             .queue
             .slots
@@ -234,5 +243,65 @@ mod tests {
         let again = queue.enter(&keys).await;
         drop(again);
         assert_eq!(queue.len(), 0);
+    }
+
+    /// Promise (the `Ticket` drop: "Nobody else holds or waits for the key: forget it, so the
+    /// map does not grow"): once every task that held or waited for a key has left, the key
+    /// has no slot in the map.
+    ///
+    /// Broken on main: a waiter to which the head was just handed (the holder's ticket
+    /// dropped, the waiter's permit assigned, the waiter not yet polled) and which is then
+    /// cancelled (its deadline's timeout firing at that instant, an `abort`, a `select!` that
+    /// took another branch) leaves without a ticket: the holder's drop saw the waiter's `Arc`
+    /// and kept the slot, and the waiter's drop never looks at the map. The slot stays for good
+    /// (one per such key: with keys that are not used again, the map grows without bound).
+    #[tokio::test]
+    async fn a_waiter_cancelled_right_after_the_hand_over_leaves_no_slot() {
+        let queue = Arc::new(LocalQueue::default());
+        let key = Key::new("a").unwrap();
+        let held = queue.enter(std::slice::from_ref(&key)).await;
+        let waiter = tokio::spawn({
+            let (queue, key) = (Arc::clone(&queue), key.clone());
+            async move { queue.enter(&[key]).await }
+        });
+        // The waiter lines up (one thread: it runs only while this task yields).
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "the waiter entered past the holder");
+        drop(held);
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(
+            queue.len(),
+            0,
+            "a slot stayed in the map after every task left the key"
+        );
+    }
+
+    /// As `a_waiter_cancelled_right_after_the_hand_over_leaves_no_slot`, for a task taking
+    /// two keys: it holds the first and is handed the second, then is cancelled. On main the
+    /// second key's slot stays in the map (the first's goes with its ticket).
+    #[tokio::test]
+    async fn a_multi_key_waiter_cancelled_right_after_the_hand_over_leaves_no_slot() {
+        let queue = Arc::new(LocalQueue::default());
+        let keys = [Key::new("a").unwrap(), Key::new("b").unwrap()];
+        let held = queue.enter(&keys[1..]).await;
+        let waiter = tokio::spawn({
+            let (queue, keys) = (Arc::clone(&queue), keys.clone());
+            async move { queue.enter(&keys).await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "the waiter entered past the holder");
+        drop(held);
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(
+            queue.len(),
+            0,
+            "a slot stayed in the map after every task left the keys"
+        );
     }
 }
