@@ -7,13 +7,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Key, Lease, LockError, LockOptions, Locker, Result, RetryPolicy,
+    Capabilities, Key, LockError, LockOptions, Locker, Result, RetryPolicy,
     raw::{Answer, Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
 
 mod support;
-use support::{Store, settle};
+use support::{Late, Store, free, settle};
 
 /// Promise (lock-core README, CHANGELOG, README "No guard is born expired"): no guard is
 /// handed out with its validity already over.
@@ -236,90 +236,6 @@ async fn an_acquisition_dropped_at_any_poll_leaves_nothing() {
     }
 }
 
-/// A distributed store whose validity is its expiry less a drift (as Redlock's is), whose
-/// answers come back `late`, and whose calls fail once it is shut down (its connections
-/// closed).
-#[derive(Debug)]
-struct Drifting {
-    memory: Arc<MemoryLock>,
-    late: Duration,
-    drift: Duration,
-    release_takes: Duration,
-    shut: Arc<std::sync::atomic::AtomicBool>,
-}
-
-#[derive(Debug)]
-struct DriftingHandle {
-    inner: Box<dyn Handle>,
-    lease: Lease,
-    release_takes: Duration,
-    shut: Arc<std::sync::atomic::AtomicBool>,
-}
-
-#[async_trait]
-impl Lock for Drifting {
-    fn name(&self) -> &'static str {
-        "drifting"
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.memory.capabilities().with_distributed()
-    }
-    fn try_acquire<'a>(
-        &'a self,
-        request: &'a LockRequest,
-    ) -> Answer<'a, Result<Option<Box<dyn Handle>>>> {
-        Answer::later(async move {
-            let Some(inner) = self.memory.try_acquire(request).await? else {
-                return Ok(None);
-            };
-            let lease = Lease::new(request, inner.lease().valid_until() - self.drift);
-            tokio::time::sleep(self.late).await;
-            Ok(Some(Box::new(DriftingHandle {
-                inner,
-                lease,
-                release_takes: self.release_takes,
-                shut: Arc::clone(&self.shut),
-            }) as Box<dyn Handle>))
-        })
-    }
-    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
-        Answer::later(async move {
-            tokio::task::yield_now().await;
-            if self.shut.load(Ordering::SeqCst) {
-                return Err(LockError::backend("drifting", "shut down"));
-            }
-            self.memory.abandon(request).await
-        })
-    }
-    async fn shutdown(&self) -> Result<()> {
-        self.shut.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Handle for DriftingHandle {
-    fn lease(&self) -> &Lease {
-        &self.lease
-    }
-    async fn extend(&mut self, _ttl: Duration) -> Result<()> {
-        Err(LockError::Unsupported {
-            backend: "drifting",
-            capability: "extend",
-        })
-    }
-    fn release(&mut self) -> Answer<'_, Result<()>> {
-        Answer::later(async move {
-            tokio::time::sleep(self.release_takes).await;
-            tokio::task::yield_now().await;
-            if self.shut.load(Ordering::SeqCst) {
-                return Err(LockError::backend("drifting", "shut down"));
-            }
-            self.inner.release().await
-        })
-    }
-}
-
 /// Promise (`Locker::stop`): the clean-ups of attempts, and the releases sent from a task, are
 /// given time to finish before the backend closes, "so that a process that stops its client
 /// and exits right after [...] leaves no lock behind".
@@ -331,14 +247,11 @@ impl Handle for DriftingHandle {
 #[tokio::test(start_paused = true)]
 async fn stop_waits_for_the_release_of_a_lock_born_expired() {
     let memory = Arc::new(MemoryLock::new());
-    let shut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let locker = Locker::new(Drifting {
-        memory: Arc::clone(&memory),
-        late: Duration::from_millis(600),
-        drift: Duration::from_millis(500),
-        release_takes: Duration::ZERO,
-        shut: Arc::clone(&shut),
-    })
+    let locker = Locker::new(
+        Late::new(&memory)
+            .answering_after(Duration::from_millis(600))
+            .drifting(Duration::from_millis(500)),
+    )
     .with_options(
         LockOptions::default()
             .with_ttl(Duration::from_secs(1))
@@ -352,12 +265,8 @@ async fn stop_waits_for_the_release_of_a_lock_born_expired() {
     );
     locker.stop().await.unwrap();
     settle().await;
-    let probe = Locker::from_arc(memory)
-        .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
-        .unwrap();
-    let left = probe.try_acquire("k").await.unwrap();
     assert!(
-        left.is_some(),
+        free(&memory, "k").await,
         "the lock born expired was left in the store after stop (its release not waited for)"
     );
 }
@@ -373,19 +282,13 @@ async fn stop_waits_for_the_release_of_a_lock_born_expired() {
 #[tokio::test(start_paused = true)]
 async fn a_second_stop_waits_like_the_first() {
     let memory = Arc::new(MemoryLock::new());
-    let locker = Locker::new(Drifting {
-        memory: Arc::clone(&memory),
-        late: Duration::ZERO,
-        drift: Duration::ZERO,
-        release_takes: Duration::from_millis(50),
-        shut: Arc::default(),
-    })
-    .with_options(
-        LockOptions::default()
-            .with_ttl(Duration::from_secs(10))
-            .with_retry(RetryPolicy::none()),
-    )
-    .unwrap();
+    let locker = Locker::new(Late::new(&memory).releases_taking(Duration::from_millis(50)))
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap();
     let guard = locker.acquire("k").await.unwrap();
     drop(guard);
     let first = tokio::spawn({
@@ -396,10 +299,7 @@ async fn a_second_stop_waits_like_the_first() {
     let second_started = tokio::time::Instant::now();
     locker.stop().await.unwrap();
     let second_took = second_started.elapsed();
-    let probe = Locker::from_arc(memory.clone())
-        .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
-        .unwrap();
-    let free = probe.try_acquire("k").await.unwrap().is_some();
+    let free = free(&memory, "k").await;
     first.await.unwrap().unwrap();
     assert!(
         free,
@@ -416,19 +316,13 @@ async fn a_second_stop_waits_like_the_first() {
 #[tokio::test(start_paused = true)]
 async fn a_one_nanosecond_deadline_gives_up_on_time_and_leaves_nothing() {
     let memory = Arc::new(MemoryLock::new());
-    let locker = Locker::new(Drifting {
-        memory: Arc::clone(&memory),
-        late: Duration::from_millis(100),
-        drift: Duration::ZERO,
-        release_takes: Duration::ZERO,
-        shut: Arc::default(),
-    })
-    .with_options(
-        LockOptions::default()
-            .with_ttl(Duration::from_secs(10))
-            .with_retry(RetryPolicy::forever().with_deadline(Duration::from_nanos(1))),
-    )
-    .unwrap();
+    let locker = Locker::new(Late::new(&memory).answering_after(Duration::from_millis(100)))
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(RetryPolicy::forever().with_deadline(Duration::from_nanos(1))),
+        )
+        .unwrap();
     let started = tokio::time::Instant::now();
     let outcome = locker.acquire("k").await;
     assert!(
@@ -441,11 +335,8 @@ async fn a_one_nanosecond_deadline_gives_up_on_time_and_leaves_nothing() {
         started.elapsed()
     );
     settle().await;
-    let probe = Locker::from_arc(memory.clone())
-        .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
-        .unwrap();
     assert!(
-        probe.try_acquire("k").await.unwrap().is_some(),
+        free(&memory, "k").await,
         "the cut-short attempt's key is still held"
     );
 }
@@ -461,19 +352,13 @@ async fn a_one_nanosecond_deadline_gives_up_on_time_and_leaves_nothing() {
 #[tokio::test(start_paused = true)]
 async fn stop_cleans_up_an_attempt_on_the_wire() {
     let memory = Arc::new(MemoryLock::new());
-    let locker = Locker::new(Drifting {
-        memory: Arc::clone(&memory),
-        late: Duration::from_millis(100),
-        drift: Duration::ZERO,
-        release_takes: Duration::ZERO,
-        shut: Arc::default(),
-    })
-    .with_options(
-        LockOptions::default()
-            .with_ttl(Duration::from_secs(10))
-            .with_retry(RetryPolicy::none()),
-    )
-    .unwrap();
+    let locker = Locker::new(Late::new(&memory).answering_after(Duration::from_millis(100)))
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap();
     let acquisition = tokio::spawn({
         let locker = locker.clone();
         async move { locker.acquire("k").await }
@@ -484,10 +369,7 @@ async fn stop_cleans_up_an_attempt_on_the_wire() {
     let handed_out = outcome.is_ok();
     drop(outcome);
     settle().await;
-    let probe = Locker::from_arc(memory.clone())
-        .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
-        .unwrap();
-    let free = probe.try_acquire("k").await.unwrap().is_some();
+    let free = free(&memory, "k").await;
     assert!(
         free && !handed_out,
         "after stop: a guard handed out: {handed_out}; the key left held in the store: {}",

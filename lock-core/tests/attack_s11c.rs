@@ -4,119 +4,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use lock_core::{
-    CLEANUP_WAIT, Capabilities, Lease, LockError, LockOptions, Locker, Result, RetryPolicy,
-    raw::{Answer, Handle, Lock, LockRequest, async_trait},
-};
+use lock_core::{CLEANUP_WAIT, LockError, LockOptions, Locker, RetryPolicy};
 use lock_memory::MemoryLock;
 
 mod support;
-use support::settle;
-
-/// A distributed store that takes the key in its answer's first poll and answers `late`
-/// after (a slow node, within the backend's own timeouts), whose releases take
-/// `release_takes`, and whose calls fail once it is shut down (its connections closed).
-#[derive(Debug)]
-struct Slow {
-    memory: Arc<MemoryLock>,
-    late: Duration,
-    release_takes: Duration,
-    shut: Arc<AtomicBool>,
-}
-
-#[derive(Debug)]
-struct SlowHandle {
-    inner: Box<dyn Handle>,
-    lease: Lease,
-    release_takes: Duration,
-    shut: Arc<AtomicBool>,
-}
-
-#[async_trait]
-impl Lock for Slow {
-    fn name(&self) -> &'static str {
-        "slow"
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.memory.capabilities().with_distributed()
-    }
-    fn try_acquire<'a>(
-        &'a self,
-        request: &'a LockRequest,
-    ) -> Answer<'a, Result<Option<Box<dyn Handle>>>> {
-        Answer::later(async move {
-            if self.shut.load(Ordering::SeqCst) {
-                return Err(LockError::backend("slow", "shut down"));
-            }
-            let Some(inner) = self.memory.try_acquire(request).await? else {
-                return Ok(None);
-            };
-            let lease = inner.lease().clone();
-            tokio::time::sleep(self.late).await;
-            Ok(Some(Box::new(SlowHandle {
-                inner,
-                lease,
-                release_takes: self.release_takes,
-                shut: Arc::clone(&self.shut),
-            }) as Box<dyn Handle>))
-        })
-    }
-    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
-        Answer::later(async move {
-            tokio::task::yield_now().await;
-            if self.shut.load(Ordering::SeqCst) {
-                return Err(LockError::backend("slow", "shut down"));
-            }
-            self.memory.abandon(request).await
-        })
-    }
-    async fn shutdown(&self) -> Result<()> {
-        self.shut.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Handle for SlowHandle {
-    fn lease(&self) -> &Lease {
-        &self.lease
-    }
-    async fn extend(&mut self, _ttl: Duration) -> Result<()> {
-        Err(LockError::Unsupported {
-            backend: "slow",
-            capability: "extend",
-        })
-    }
-    fn release(&mut self) -> Answer<'_, Result<()>> {
-        Answer::later(async move {
-            tokio::time::sleep(self.release_takes).await;
-            tokio::task::yield_now().await;
-            if self.shut.load(Ordering::SeqCst) {
-                return Err(LockError::backend("slow", "shut down"));
-            }
-            self.inner.release().await
-        })
-    }
-}
-
-fn slow(memory: &Arc<MemoryLock>, late: Duration, release_takes: Duration) -> Slow {
-    Slow {
-        memory: Arc::clone(memory),
-        late,
-        release_takes,
-        shut: Arc::default(),
-    }
-}
-
-async fn free(memory: &Arc<MemoryLock>, key: &str) -> bool {
-    let probe = Locker::from_arc(Arc::clone(memory) as Arc<dyn Lock>)
-        .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
-        .unwrap();
-    probe.try_acquire(key).await.unwrap().is_some()
-}
+use support::{Late, free, settle};
 
 /// Promise (`Locker::stop`): "An attempt on the wire counts among the clean-ups: its answer
 /// is let come [...], whatever it took is taken back by token before the backend closes, and
@@ -132,17 +27,14 @@ async fn free(memory: &Arc<MemoryLock>, key: &str) -> bool {
 #[tokio::test(start_paused = true)]
 async fn stop_takes_back_an_attempt_answering_after_the_cleanup_wait() {
     let memory = Arc::new(MemoryLock::new());
-    let locker = Locker::new(slow(
-        &memory,
-        CLEANUP_WAIT + Duration::from_secs(1),
-        Duration::ZERO,
-    ))
-    .with_options(
-        LockOptions::default()
-            .with_ttl(Duration::from_secs(60))
-            .with_retry(RetryPolicy::none()),
-    )
-    .unwrap();
+    let locker =
+        Locker::new(Late::new(&memory).answering_after(CLEANUP_WAIT + Duration::from_secs(1)))
+            .with_options(
+                LockOptions::default()
+                    .with_ttl(Duration::from_secs(60))
+                    .with_retry(RetryPolicy::none()),
+            )
+            .unwrap();
     let acquisition = tokio::spawn({
         let locker = locker.clone();
         async move { locker.acquire("k").await }
@@ -180,7 +72,7 @@ async fn stop_takes_back_an_attempt_answering_after_the_cleanup_wait() {
 #[tokio::test(start_paused = true)]
 async fn a_stop_after_a_cancelled_stop_finishes_the_job() {
     let memory = Arc::new(MemoryLock::new());
-    let store = slow(&memory, Duration::ZERO, Duration::from_millis(50));
+    let store = Late::new(&memory).releases_taking(Duration::from_millis(50));
     let shut = Arc::clone(&store.shut);
     let locker = Locker::new(store)
         .with_options(
@@ -214,7 +106,7 @@ async fn a_stop_after_a_cancelled_stop_finishes_the_job() {
 #[tokio::test(start_paused = true)]
 async fn stop_returns_in_bounded_time_when_an_answer_never_comes() {
     let memory = Arc::new(MemoryLock::new());
-    let locker = Locker::new(slow(&memory, Duration::MAX / 4, Duration::ZERO))
+    let locker = Locker::new(Late::new(&memory).answering_after(Duration::MAX / 4))
         .with_options(
             LockOptions::default()
                 .with_ttl(Duration::from_secs(10))

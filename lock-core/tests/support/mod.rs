@@ -2,11 +2,11 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Key, KeyState, Lease, LockError, Result,
+    Capabilities, Key, KeyState, Lease, LockError, LockOptions, Locker, Result, RetryPolicy,
     raw::{Answer, Handle, Lock, LockRequest, async_trait},
 };
 use lock_memory::MemoryLock;
@@ -121,6 +121,141 @@ impl Handle for StoreHandle {
         self.lease.set_downgraded();
         Ok(())
     }
+}
+
+/// The memory lock seen as a distributed store that takes the key in its answer's first poll
+/// and answers `late` after (a slow node, within the backend's own timeouts), whose validity
+/// is its expiry less a `drift` (as Redlock's is), whose releases take `release_takes`, and
+/// whose calls fail once it is shut down (its connections closed). It cannot extend.
+#[derive(Debug)]
+pub(crate) struct Late {
+    memory: Arc<MemoryLock>,
+    late: Duration,
+    drift: Duration,
+    release_takes: Duration,
+    /// Set once it is shut down.
+    pub(crate) shut: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+struct LateHandle {
+    inner: Box<dyn Handle>,
+    lease: Lease,
+    release_takes: Duration,
+    shut: Arc<AtomicBool>,
+}
+
+impl Late {
+    /// Over `memory` (which the test keeps, to look at the keys behind its back): answers at
+    /// once, no drift, releases at once.
+    pub(crate) fn new(memory: &Arc<MemoryLock>) -> Self {
+        Self {
+            memory: Arc::clone(memory),
+            late: Duration::ZERO,
+            drift: Duration::ZERO,
+            release_takes: Duration::ZERO,
+            shut: Arc::default(),
+        }
+    }
+
+    /// Its answers come back `late` after it took the key.
+    pub(crate) fn answering_after(mut self, late: Duration) -> Self {
+        self.late = late;
+        self
+    }
+
+    /// Its validity is the store's expiry less `drift`.
+    pub(crate) fn drifting(mut self, drift: Duration) -> Self {
+        self.drift = drift;
+        self
+    }
+
+    /// Its releases take `release_takes` before they reach the store.
+    pub(crate) fn releases_taking(mut self, release_takes: Duration) -> Self {
+        self.release_takes = release_takes;
+        self
+    }
+}
+
+#[async_trait]
+impl Lock for Late {
+    fn name(&self) -> &'static str {
+        "late"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.memory.capabilities().with_distributed()
+    }
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        Answer::later(async move {
+            if self.shut.load(Ordering::SeqCst) {
+                return Err(LockError::backend("late", "shut down"));
+            }
+            let Some(inner) = self.memory.try_acquire(request).await? else {
+                return Ok(None);
+            };
+            let mut lease = inner.lease().clone();
+            lease.set_valid_until(inner.lease().valid_until() - self.drift);
+            tokio::time::sleep(self.late).await;
+            Ok(Some(Box::new(LateHandle {
+                inner,
+                lease,
+                release_takes: self.release_takes,
+                shut: Arc::clone(&self.shut),
+            }) as Box<dyn Handle>))
+        })
+    }
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
+        Answer::later(async move {
+            tokio::task::yield_now().await;
+            if self.shut.load(Ordering::SeqCst) {
+                return Err(LockError::backend("late", "shut down"));
+            }
+            self.memory.abandon(request).await
+        })
+    }
+    async fn shutdown(&self) -> Result<()> {
+        self.shut.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Handle for LateHandle {
+    fn lease(&self) -> &Lease {
+        &self.lease
+    }
+    async fn extend(&mut self, _ttl: Duration) -> Result<()> {
+        Err(LockError::Unsupported {
+            backend: "late",
+            capability: "extend",
+        })
+    }
+    fn release(&mut self) -> Answer<'_, Result<()>> {
+        Answer::later(async move {
+            tokio::time::sleep(self.release_takes).await;
+            tokio::task::yield_now().await;
+            if self.shut.load(Ordering::SeqCst) {
+                return Err(LockError::backend("late", "shut down"));
+            }
+            self.inner.release().await
+        })
+    }
+}
+
+/// Whether `key` is free in `memory` (one attempt, no retry, behind the back of the store the
+/// test wraps around it).
+pub(crate) async fn free(memory: &Arc<MemoryLock>, key: &str) -> bool {
+    let probe = Locker::from_arc(Arc::clone(memory) as Arc<dyn Lock>)
+        .with_options(LockOptions::default().with_retry(RetryPolicy::none()))
+        .expect("valid options");
+    probe
+        .try_acquire(key)
+        .await
+        .expect("the memory lock answers")
+        .is_some()
 }
 
 /// Lets every task run until all of them wait (the paused clock moves only then).
