@@ -10,6 +10,7 @@ pub mod explore;
 pub mod fair;
 pub mod history;
 pub mod model;
+pub mod nodes;
 pub mod proxy;
 pub mod server;
 pub mod tls;

@@ -6,43 +6,9 @@ use std::time::Duration;
 
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
+use lock_tests::nodes::{Nodes, leftovers};
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, redis_or_skip};
-
-const PROBE: Duration = Duration::from_millis(500);
-
-/// Every key on `server` with its PTTL (-1: no expiry), names shown lossily.
-fn leftovers(server: &RedisServer) -> Vec<(String, i64)> {
-    let mut connection = redis::Client::open(server.url())
-        .expect("client")
-        .get_connection_with_timeout(PROBE)
-        .expect("connection");
-    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
-        .arg("*")
-        .query(&mut connection)
-        .expect("KEYS");
-    keys.into_iter()
-        .map(|key| {
-            let pttl: i64 = redis::cmd("PTTL")
-                .arg(&key)
-                .query(&mut connection)
-                .expect("PTTL");
-            (String::from_utf8_lossy(&key).into_owned(), pttl)
-        })
-        .collect()
-}
-
-/// GET `key` on `server`.
-fn get(server: &RedisServer, key: &[u8]) -> Option<Vec<u8>> {
-    let mut connection = redis::Client::open(server.url())
-        .expect("client")
-        .get_connection_with_timeout(PROBE)
-        .expect("connection");
-    redis::cmd("GET")
-        .arg(key)
-        .query(&mut connection)
-        .expect("GET")
-}
 
 fn locker(lock: &Redlock, ttl: Duration) -> Locker {
     Locker::new(lock.clone())
@@ -74,11 +40,9 @@ async fn a_winning_writers_late_refusal_leaves_no_claim_after_its_release() {
     let Some(_binary) = redis_or_skip("winner's late claim") else {
         return;
     };
-    let servers = lock_tests::backed::start_servers(3);
-    let proxy = LatencyProxy::start(servers[2].port()).await.expect("proxy");
-    let urls = [servers[0].url(), servers[1].url(), proxy.url()];
+    let nodes = Nodes::start().await;
     let lock = Redlock::new(
-        RedlockConfig::new(urls)
+        RedlockConfig::new(nodes.urls())
             .with_node_timeout(Duration::from_millis(5_000))
             .with_connection(ConnectionKind::Pool),
     )
@@ -94,13 +58,13 @@ async fn a_winning_writers_late_refusal_leaves_no_claim_after_its_release() {
             .expect("release");
     }
     // Another client's reader, on node 2 only.
-    let other = Redlock::new(RedlockConfig::new([servers[2].url()])).expect("other client");
+    let other = Redlock::new(RedlockConfig::new([nodes.servers[2].url()])).expect("other client");
     let other = Locker::new(other)
         .with_options(LockOptions::default().with_ttl(Duration::from_secs(30)))
         .expect("options");
     let reader = other.acquire_read("rw").await.expect("reader on node 2");
     // What the pool's connection to node 2 carries from now on is held: the writer's script.
-    proxy.stall_existing(0);
+    nodes.proxy.stall_existing(0);
     let writer = locker
         .acquire_write("rw")
         .await
@@ -109,12 +73,12 @@ async fn a_winning_writers_late_refusal_leaves_no_claim_after_its_release() {
     writer.release().await.expect("release");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The held request lands now, refused by the reader on node 2.
-    proxy.release_stall();
+    nodes.proxy.release_stall();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     reader.release().await.expect("release the reader");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let left: Vec<Vec<(String, i64)>> = servers.iter().map(leftovers).collect();
-    let claim = get(&servers[2], b"rw\xff:claim");
+    let left: Vec<Vec<(String, i64)>> = nodes.leftovers();
+    let claim = nodes.get(2, b"rw\xff:claim");
     let ours = claim.as_deref() == Some(token.as_bytes());
     println!(
         "winner's late claim: keys (name, pttl) left per node = {left:?}; the claim on node 2 is the released writer's: {ours}"
@@ -141,11 +105,11 @@ async fn an_earlier_attempts_claim_outlives_the_writer_that_won_elsewhere() {
     let Some(_binary) = redis_or_skip("earlier attempt's claim") else {
         return;
     };
-    let servers = lock_tests::backed::start_servers(3);
-    let proxy = LatencyProxy::start(servers[2].port()).await.expect("proxy");
-    let urls = [servers[0].url(), servers[1].url(), proxy.url()];
-    let lock = Redlock::new(RedlockConfig::new(urls).with_node_timeout(Duration::from_millis(200)))
-        .expect("client");
+    let nodes = Nodes::start().await;
+    let lock = Redlock::new(
+        RedlockConfig::new(nodes.urls()).with_node_timeout(Duration::from_millis(200)),
+    )
+    .expect("client");
     let locker = Locker::new(lock.clone())
         .with_options(
             LockOptions::default()
@@ -164,8 +128,8 @@ async fn an_earlier_attempts_claim_outlives_the_writer_that_won_elsewhere() {
         async move { locker.acquire_write("rw").await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let claimed = get(&servers[2], b"rw\xff:claim").is_some();
-    proxy.cut();
+    let claimed = nodes.get(2, b"rw\xff:claim").is_some();
+    nodes.proxy.cut();
     tokio::time::sleep(Duration::from_millis(300)).await;
     reader.release().await.expect("the reader leaves (2 of 3)");
     let writer = writer
@@ -173,10 +137,10 @@ async fn an_earlier_attempts_claim_outlives_the_writer_that_won_elsewhere() {
         .expect("writer task")
         .expect("the writer wins on 0 and 1");
     writer.release().await.expect("release (2 of 3)");
-    proxy.set_delay(Duration::ZERO);
+    nodes.proxy.set_delay(Duration::ZERO);
     // The releases' follow-ups reach node 2 again.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let left: Vec<Vec<(String, i64)>> = servers.iter().map(leftovers).collect();
+    let left: Vec<Vec<(String, i64)>> = nodes.leftovers();
     println!(
         "earlier attempt's claim: claim on node 2 before the cut: {claimed}; keys (name, pttl) left per node after every release = {left:?}"
     );
@@ -272,11 +236,11 @@ async fn an_earlier_attempts_claim_outlives_the_writer_that_gave_up() {
     let Some(_binary) = redis_or_skip("earlier attempt's claim, given up") else {
         return;
     };
-    let servers = lock_tests::backed::start_servers(3);
-    let proxy = LatencyProxy::start(servers[2].port()).await.expect("proxy");
-    let urls = [servers[0].url(), servers[1].url(), proxy.url()];
-    let lock = Redlock::new(RedlockConfig::new(urls).with_node_timeout(Duration::from_millis(200)))
-        .expect("client");
+    let nodes = Nodes::start().await;
+    let lock = Redlock::new(
+        RedlockConfig::new(nodes.urls()).with_node_timeout(Duration::from_millis(200)),
+    )
+    .expect("client");
     let locker = Locker::new(lock.clone())
         .with_options(
             LockOptions::default()
@@ -295,14 +259,14 @@ async fn an_earlier_attempts_claim_outlives_the_writer_that_gave_up() {
         async move { locker.acquire_write("rw").await.map(|_| ()) }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.cut();
+    nodes.proxy.cut();
     let gave_up = writer.await.expect("writer task");
     assert!(gave_up.is_err(), "the writer got in past a reader");
-    proxy.set_delay(Duration::ZERO);
+    nodes.proxy.set_delay(Duration::ZERO);
     reader.release().await.expect("the reader leaves");
     // The clean-ups' follow-ups reach node 2 again.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let left: Vec<Vec<(String, i64)>> = servers.iter().map(leftovers).collect();
+    let left: Vec<Vec<(String, i64)>> = nodes.leftovers();
     println!("earlier attempt's claim, given up: keys (name, pttl) left per node = {left:?}");
     assert!(
         left.iter().all(Vec::is_empty),

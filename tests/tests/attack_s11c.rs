@@ -6,21 +6,8 @@ use std::time::Duration;
 
 use lock_core::{LeaseKind, LockError, LockOptions, Locker, RetryPolicy};
 use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::nodes::get;
 use lock_tests::server::redis_or_skip;
-
-const PROBE: Duration = Duration::from_millis(500);
-
-/// GET `key` on the server at `url`.
-fn get(url: &str, key: &[u8]) -> Option<Vec<u8>> {
-    let mut connection = redis::Client::open(url)
-        .expect("client")
-        .get_connection_with_timeout(PROBE)
-        .expect("connection");
-    redis::cmd("GET")
-        .arg(key)
-        .query(&mut connection)
-        .expect("GET")
-}
 
 fn locker(lock: &Redlock, ttl: Duration, retry: RetryPolicy) -> Locker {
     Locker::new(lock.clone())

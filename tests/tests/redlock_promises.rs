@@ -9,6 +9,7 @@ use std::time::Duration;
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::backed::ServerBacked;
+use lock_tests::nodes::Nodes;
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, redis_or_skip};
 use tokio::time::Instant;
@@ -371,11 +372,9 @@ async fn a_writers_claim_taken_back_does_not_overtake_its_late_request() {
     let Some(_binary) = redis_or_skip("claim take-back order") else {
         return;
     };
-    let servers = lock_tests::backed::start_servers(3);
-    let proxy = LatencyProxy::start(servers[2].port()).await.expect("proxy");
-    let urls = [servers[0].url(), servers[1].url(), proxy.url()];
+    let nodes = Nodes::start().await;
     let lock = Redlock::new(
-        RedlockConfig::new(urls)
+        RedlockConfig::new(nodes.urls())
             .with_node_timeout(Duration::from_millis(1_000))
             .with_connection(ConnectionKind::Pool),
     )
@@ -393,7 +392,7 @@ async fn a_writers_claim_taken_back_does_not_overtake_its_late_request() {
     }
     let reader = locker.acquire_read("rw").await.expect("reader");
     // The pool's health check passes; the writer's request behind it is held on node 2.
-    proxy.stall_existing(1);
+    nodes.proxy.stall_existing(1);
     let writer = tokio::time::timeout(Duration::from_millis(150), locker.acquire_write("rw")).await;
     assert!(
         writer.is_err(),
@@ -401,11 +400,11 @@ async fn a_writers_claim_taken_back_does_not_overtake_its_late_request() {
     );
     // The take-back has been sent (on another connection) by now; then the late request lands.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.release_stall();
+    nodes.proxy.release_stall();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     reader.release().await.expect("release the reader");
     // Whatever is left on node 2 now is the writer's (the claim `rw\xff:claim`).
-    let left = servers[2].command("DBSIZE", PROBE).expect("DBSIZE");
+    let left = nodes.servers[2].command("DBSIZE", PROBE).expect("DBSIZE");
     println!("claim take-back order: keys left on node 2 = {left}");
     assert_eq!(
         left, ":0",
@@ -423,11 +422,9 @@ async fn late_take_backs_leave_the_winning_writers_lease_and_nothing_after_it() 
     let Some(_binary) = redis_or_skip("late take-backs and a winner") else {
         return;
     };
-    let servers = lock_tests::backed::start_servers(3);
-    let proxy = LatencyProxy::start(servers[2].port()).await.expect("proxy");
-    let urls = [servers[0].url(), servers[1].url(), proxy.url()];
+    let nodes = Nodes::start().await;
     let lock = Redlock::new(
-        RedlockConfig::new(urls)
+        RedlockConfig::new(nodes.urls())
             .with_node_timeout(Duration::from_millis(1_000))
             .with_connection(ConnectionKind::Pool),
     )
@@ -443,7 +440,7 @@ async fn late_take_backs_leave_the_winning_writers_lease_and_nothing_after_it() 
             .expect("release");
     }
     let reader = locker.acquire_read("rw").await.expect("reader");
-    proxy.stall_existing(1);
+    nodes.proxy.stall_existing(1);
     let writer = tokio::spawn({
         let locker = locker.clone();
         async move { locker.acquire_write("rw").await }
@@ -452,15 +449,12 @@ async fn late_take_backs_leave_the_winning_writers_lease_and_nothing_after_it() 
     reader.release().await.expect("release the reader");
     let writer = writer.await.expect("writer task").expect("the writer wins");
     // The stalled requests land now, while the writer holds the lock.
-    proxy.release_stall();
+    nodes.proxy.release_stall();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     // The winner's lease stays on a majority. It is normally nodes 0 and 1; on a loaded machine
     // the pool may open a fresh connection to node 2, so the round can be won there instead
     // (a run here once saw node 1 without it): what must hold is the majority, not the nodes.
-    let held: Vec<bool> = servers
-        .iter()
-        .map(|server| server.command("EXISTS rw", PROBE).expect("EXISTS") == ":1")
-        .collect();
+    let held: Vec<bool> = nodes.exists("rw");
     assert!(
         held.iter().filter(|held| **held).count() >= 2,
         "a late take-back removed the winner's lease from a majority: held on nodes {held:?}"
@@ -471,7 +465,7 @@ async fn late_take_backs_leave_the_winning_writers_lease_and_nothing_after_it() 
         .await
         .expect("the winner's lease is still held");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for (index, server) in servers.iter().enumerate() {
+    for (index, server) in nodes.servers.iter().enumerate() {
         let left = server.command("DBSIZE", PROBE).expect("DBSIZE");
         println!("late take-backs and a winner: keys left on node {index} = {left}");
         assert_eq!(
