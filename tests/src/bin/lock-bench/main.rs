@@ -107,6 +107,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             profile.redis_rounds,
         ))?);
     }
+    if only.as_deref() == Some("redlock-contended") {
+        // Contention alone, on 3 nodes: ours (polling and woken) against rslock.
+        let single = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        figures.extend(single.block_on(redlock::contended_on(3, profile.handoff_time))?);
+    }
     if only
         .as_deref()
         .is_none_or(|only| matches!(only, "redlock" | "inc" | "fair"))

@@ -51,6 +51,17 @@ pub(crate) async fn one_node_uncontended(cycles: u32, rounds: usize) -> BenchRes
     uncontended(&server, &[server.url()], 1, cycles, rounds).await
 }
 
+/// [`contended`] alone, on `nodes` fresh servers (`--only redlock-contended`).
+pub(crate) async fn contended_on(nodes: u32, handoff_time: Duration) -> BenchResult<Vec<Figure>> {
+    let binary = redis_server_binary()
+        .ok_or("redis-server not found: run `cargo xtask it` first, which installs it")?;
+    let servers: Vec<RedisServer> = (0..nodes)
+        .map(|_| RedisServer::start(&binary, &[]))
+        .collect::<Result<_, _>>()?;
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    contended(&urls, nodes, handoff_time).await
+}
+
 /// Sequential acquire + release cycles: ours (both connection kinds), rslock and, on one node,
 /// redis-rs alone sending the same two commands, in short chunks alternating with the minimal
 /// client's round-trip floor on the first server; `redis-benchmark -c 1` windows between them
@@ -197,6 +208,14 @@ async fn contended(urls: &[String], nodes: u32, duration: Duration) -> BenchResu
         (
             "tuned: 5 ms delay + 5 ms jitter",
             tuned,
+            Some(Duration::from_millis(15)),
+        ),
+        (
+            "rslock's: 0 ms delay + 15 ms jitter",
+            RetryPolicy::forever()
+                .with_retry_delay(Duration::ZERO)
+                .with_retry_jitter(Duration::from_millis(15))
+                .with_deadline(Duration::from_secs(30)),
             Some(Duration::from_millis(15)),
         ),
     ] {
