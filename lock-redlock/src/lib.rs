@@ -610,7 +610,14 @@ impl Lock for Redlock {
             if request.kind() != LeaseKind::Exclusive {
                 return Box::pin(lease::try_acquire(shared, request)).await;
             }
-            if let (Some(fair), [_]) = (&shared.fair, request.keys()) {
+            // A fair waiter's first attempt is a plain one, as cheap as without `fair`: a line
+            // keeps the key reserved for its head (see `lua/line_pass.lua`), so only a free key
+            // with nobody in line is taken; refused, the waiter lines up at once (below).
+            // Its later attempts, and single tries, go through the line.
+            let fair = shared.fair.as_ref().filter(|_| request.keys().len() == 1);
+            if let Some(fair) = fair
+                && (request.after_wait() || request.waiter().is_none())
+            {
                 return Box::pin(try_acquire_fair(shared, fair, request)).await;
             }
             let (keys, token, ttl) = (
@@ -710,6 +717,10 @@ impl Lock for Redlock {
                 ));
             }
             if tally.no > 0 {
+                // A fair waiter refused lines up (the line's attempt looks at the key's type).
+                if let Some(fair) = fair {
+                    return Box::pin(try_acquire_fair(shared, fair, request)).await;
+                }
                 // `SET NX` on a key of another type (a list, a hash) is refused as if the key were
                 // held, forever: look once per acquisition, on its first refusal.
                 if !request.after_wait() {

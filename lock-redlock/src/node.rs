@@ -71,17 +71,24 @@ static DESCRIBE: LazyLock<Script> =
     LazyLock::new(|| Script::new(lease_script!("lease_describe.lua")));
 
 /// A fair lock's scripts: the waiting line's helpers (`lock_core::raw::redis::LINE_SCRIPT`)
-/// before each.
+/// and the hand-over by reservation (`lua/line_pass.lua`) before each.
 static ACQUIRE_FAIR_SOURCE: LazyLock<String> = LazyLock::new(|| {
     [
         include_str!("lua/lease_common.lua"),
         LINE_SCRIPT,
+        include_str!("lua/line_pass.lua"),
         include_str!("lua/acquire_fair.lua"),
     ]
     .concat()
 });
-static RELEASE_FAIR_SOURCE: LazyLock<String> =
-    LazyLock::new(|| [LINE_SCRIPT, include_str!("lua/release_fair.lua")].concat());
+static RELEASE_FAIR_SOURCE: LazyLock<String> = LazyLock::new(|| {
+    [
+        LINE_SCRIPT,
+        include_str!("lua/line_pass.lua"),
+        include_str!("lua/release_fair.lua"),
+    ]
+    .concat()
+});
 static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(&ACQUIRE_FAIR_SOURCE));
 static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(&RELEASE_FAIR_SOURCE));
 
@@ -725,6 +732,22 @@ impl NodeParts {
                     invocation.key(key.as_str());
                 }
                 invocation.arg(&*token.expose());
+                if let Some(channel) = self.release_channel {
+                    invocation.arg(channel);
+                }
+                self.invoke(&invocation).await?
+            }
+            // A fair mutex's release (`release_call_for`'s, no waiter leaving), made at once.
+            Held::Mutex if keys.len() == 1 => {
+                let key = keys[0].as_str().as_bytes();
+                let mut invocation = RELEASE_FAIR.prepare_invoke();
+                invocation
+                    .key(key)
+                    .key([key, QUEUE_SUFFIX].concat())
+                    .key([key, QUEUE_EXPIRY_SUFFIX].concat())
+                    .arg(&*token.expose())
+                    .arg(&[] as &[u8])
+                    .arg(TURN_CHANNEL);
                 if let Some(channel) = self.release_channel {
                     invocation.arg(channel);
                 }

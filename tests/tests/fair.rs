@@ -162,6 +162,87 @@ async fn dead_head_blocks_no_longer_than_its_entry(store: Store) {
     );
 }
 
+/// `redis`: a fair acquisition's first attempt is a plain `SET NX` (as cheap as without `fair`),
+/// so a release with waiters in line must not leave the key free for it: the key is reserved
+/// for the head of the line until the head's entry expires. Here the head died in line: a
+/// newcomer with retries (its first attempt plain, then in line), a client without `fair` and a
+/// single try are all kept out while the reservation lives, the newcomer is served once it
+/// lapses, and nothing is left afterwards. Fails if the release leaves the key free (a plain
+/// attempt would take it at once, past the line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_reserves_the_key_for_the_head_of_the_line_redis() {
+    let Some(target) = Target::start(Store::Redis, "fair waiting").await else {
+        return;
+    };
+    let key = "reserved";
+    let entry = Duration::from_millis(1_500);
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let guard = holder.acquire(key).await.unwrap();
+    let died = Instant::now();
+    dead_waiter(&target, key, entry).await;
+    guard.release().await.unwrap();
+
+    let server = redis::Client::open(target.url.as_str()).unwrap();
+    let mut connection = server.get_multiplexed_async_connection().await.unwrap();
+    let value: Option<String> = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        value
+            .as_deref()
+            .is_some_and(|value| value.starts_with("lock-turn-reserved:")),
+        "the released key is not reserved for the head of the line: {value:?}"
+    );
+    let plain = target
+        .locker(false, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    assert!(
+        plain.try_acquire(key).await.unwrap().is_none(),
+        "a client without `fair` took a reserved key"
+    );
+    assert!(
+        holder.try_acquire(key).await.unwrap().is_none(),
+        "a single try took a reserved key"
+    );
+    let newcomer = target
+        .locker(
+            true,
+            Duration::from_secs(5),
+            waiting(Duration::from_millis(100)),
+        )
+        .await;
+    let served = tokio::spawn(async move {
+        let guard = newcomer.acquire(key).await.unwrap();
+        let at = died.elapsed();
+        guard.release().await.unwrap();
+        newcomer.stop().await.unwrap();
+        at
+    })
+    .await
+    .unwrap();
+    println!(
+        "reservation for a dead head (entry {} ms): the newcomer was served {} ms after it died",
+        entry.as_millis(),
+        served.as_millis()
+    );
+    assert!(
+        served + Duration::from_millis(150) >= entry,
+        "the newcomer passed the reservation: served {served:?} after the head died"
+    );
+    assert!(served <= entry + Duration::from_millis(800), "{served:?}");
+    holder.stop().await.unwrap();
+    plain.stop().await.unwrap();
+    assert!(
+        target.keys().await.is_empty(),
+        "left in Redis: {:?}",
+        target.keys().await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_head_waiter_blocks_no_longer_than_its_entry_redis() {
     dead_head_blocks_no_longer_than_its_entry(Store::Redis).await;

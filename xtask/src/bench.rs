@@ -9,16 +9,16 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         match arg.as_str() {
             "--quick" => {}
             "--only" => match rest.next().map(String::as_str) {
-                Some("memory" | "redlock" | "redlock-1" | "redlock-contended" | "inc" | "fair") => {}
+                Some("memory" | "redlock" | "redlock-1" | "redlock-contended" | "inc" | "fair" | "fair-uncontended") => {}
                 other => {
                     return Err(format!(
-                        "--only takes memory, redlock, redlock-1, redlock-contended, inc or fair, got {other:?}"
+                        "--only takes memory, redlock, redlock-1, redlock-contended, inc, fair or fair-uncontended, got {other:?}"
                     ));
                 }
             },
             other => {
                 return Err(format!(
-                    "unknown bench option `{other}`; try --quick or --only memory|redlock|redlock-1|redlock-contended|inc|fair"
+                    "unknown bench option `{other}`; try --quick or --only memory|redlock|redlock-1|redlock-contended|inc|fair|fair-uncontended"
                 ));
             }
         }

@@ -1,5 +1,5 @@
 -- Takes the lock KEYS[1] for the token ARGV[1] with a ttl of ARGV[2] ms through its waiting
--- line (lock-core's raw/redis/line.lua, prepended, with lease_common.lua): ARGV[3] is the waiter ('' for a single
+-- line (lock-core's raw/redis/line.lua and line_pass.lua, prepended, with lease_common.lua): ARGV[3] is the waiter ('' for a single
 -- try), ARGV[4] the prefix of the waiters' channels. With fencing, KEYS[2] is the fencing
 -- counter (KEYS: lock, [fence], line, line expiry). Returns the fencing value (1 without
 -- fencing) when taken, else the gate's answer (0, or -(1 + ms) for the head of the line behind
@@ -7,12 +7,16 @@
 if redis.replicate_commands then
   redis.replicate_commands()
 end
-local gate = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4])
-if gate then
-  return gate
-end
-if redis.call('exists', KEYS[1]) == 1 then
-  return 0
+-- A waiter whose turn it is (the key reserved for it) takes it; anyone else goes through the
+-- line's gate, and a reserved key is held for them.
+if not line_take_turn(KEYS[1], ARGV[3]) then
+  local gate = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4])
+  if gate then
+    return gate
+  end
+  if redis.call('exists', KEYS[1]) == 1 then
+    return 0
+  end
 end
 local value = 1
 if #KEYS == 4 then

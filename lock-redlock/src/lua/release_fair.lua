@@ -1,8 +1,9 @@
 -- Releases the fair lock KEYS[1] held by the token ARGV[1] (compare-and-delete), takes the
--- waiter ARGV[2] ('' for none) out of its line (lock-core's raw/redis/line.lua, prepended; KEYS[2], KEYS[3]), and when
--- the lock is free passes the turn to the head of the line, woken alone on its channel
--- (prefix ARGV[3]). ARGV[4], when given, is the channel prefix of `wake_on_release`, announced
--- on as release_notify.lua does. Returns how many keys were deleted (0 or 1).
+-- waiter ARGV[2] ('' for none) out of its line (lock-core's raw/redis/line.lua and
+-- line_pass.lua, prepended; KEYS[2], KEYS[3]), giving up the key's reservation if it was that
+-- waiter's, and when the lock is free reserves it for the head of the line, woken alone on its
+-- channel (prefix ARGV[3]). ARGV[4], when given, is the channel prefix of `wake_on_release`,
+-- announced on as release_notify.lua does. Returns how many keys were deleted (0 or 1).
 local deleted = 0
 if redis.pcall('get', KEYS[1]) == ARGV[1] then
   deleted = redis.call('del', KEYS[1])
@@ -10,8 +11,5 @@ if redis.pcall('get', KEYS[1]) == ARGV[1] then
     redis.call('publish', ARGV[4] .. KEYS[1], '1')
   end
 end
-if ARGV[2] ~= '' then
-  line_leave(ARGV[2])
-end
-line_hand_over(KEYS[1], ARGV[3])
+line_pass_from(KEYS[1], ARGV[2], ARGV[3])
 return deleted

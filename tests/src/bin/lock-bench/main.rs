@@ -116,7 +116,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if only
         .as_deref()
-        .is_none_or(|only| matches!(only, "redlock" | "inc" | "fair"))
+        .is_none_or(|only| matches!(only, "redlock" | "inc" | "fair" | "fair-uncontended"))
     {
         let single = tokio::runtime::Builder::new_current_thread()
             .enable_all()
