@@ -40,13 +40,18 @@ static DOWNGRADE: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("lua/downgrade.lua")));
 
 /// A fair mutex's scripts: the waiting line's helpers (`lock_core::raw::redis::LINE_SCRIPT`)
-/// before each. The acquisition is the plain one behind the line's gate.
+/// in each, defined only when someone is in line (or a waiter asks or leaves): defining them is
+/// most of a short script's cost. The acquisition is the plain one behind the line's gate, which
+/// lets it pass at once when the line is empty and the caller is a single try or the key is free
+/// (the same test as the gate's first).
 static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         [
+            "if not (redis.call('exists', KEYS[#KEYS]) == 0 and (ARGV[3] == '' or redis.call('exists', KEYS[1]) == 0)) then\n",
             lock_core::raw::redis::LINE_SCRIPT,
             "local gate = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4])\n",
             "if gate then\n  return gate\nend\n",
+            "end\n",
             include_str!("lua/acquire.lua"),
         ]
         .concat(),
@@ -55,8 +60,9 @@ static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| {
 static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         [
-            lock_core::raw::redis::LINE_SCRIPT,
             include_str!("lua/release_fair.lua"),
+            lock_core::raw::redis::LINE_SCRIPT,
+            include_str!("lua/release_fair_pass.lua"),
         ]
         .concat(),
     )
@@ -309,17 +315,9 @@ impl Lock for IncLock {
             let start = Instant::now();
             let ttl_ms = validate::ttl_millis(request.ttl());
             let fence: i64 = if let Some(fair) = &shared.fair {
-                let member = match request.waiter() {
-                    Some(waiter) => {
-                        let timeout = Duration::from_millis(shared.config.command_timeout);
-                        fair.listen(waiter, timeout).await;
-                        fair.member(waiter)
-                    }
-                    None => String::new(),
-                };
                 let [line, line_expiry] = shared.line_keys(&key);
-                let answer: i64 = ACQUIRE_FAIR
-                    .evalsha_with_reload(
+                let ask = |member: String| {
+                    ACQUIRE_FAIR.evalsha_with_reload::<i64, _, _>(
                         &shared.client,
                         vec![
                             keys.counter.as_str(),
@@ -335,8 +333,29 @@ impl Lock for IncLock {
                             fair::TURN_CHANNEL.to_owned(),
                         ],
                     )
-                    .await
-                    .map_err(|e| shared.backend_error("acquire", &e))?;
+                };
+                // A waiter's first attempt asks as a single try (no line to join, nothing to
+                // listen for: as cheap as it gets when nobody waits, and it passes no live
+                // line); refused, it lines up at once. Its later attempts ask in line.
+                let mut answer = 0;
+                if request.waiter().is_some() && !request.after_wait() {
+                    answer = ask(String::new())
+                        .await
+                        .map_err(|e| shared.backend_error("acquire", &e))?;
+                }
+                if answer <= 0 {
+                    let member = match request.waiter() {
+                        Some(waiter) => {
+                            let timeout = Duration::from_millis(shared.config.command_timeout);
+                            fair.listen(waiter, timeout).await;
+                            fair.member(waiter)
+                        }
+                        None => String::new(),
+                    };
+                    answer = ask(member)
+                        .await
+                        .map_err(|e| shared.backend_error("acquire", &e))?;
+                }
                 if let Some(waiter) = request.waiter() {
                     match u64::try_from(-answer - 1) {
                         Ok(left) => fair.first_in_line(waiter, Duration::from_millis(left)),

@@ -83,9 +83,10 @@ static ACQUIRE_FAIR_SOURCE: LazyLock<String> = LazyLock::new(|| {
 });
 static RELEASE_FAIR_SOURCE: LazyLock<String> = LazyLock::new(|| {
     [
+        include_str!("lua/release_fair.lua"),
         LINE_SCRIPT,
         include_str!("lua/line_pass.lua"),
-        include_str!("lua/release_fair.lua"),
+        include_str!("lua/release_fair_pass.lua"),
     ]
     .concat()
 });

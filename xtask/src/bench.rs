@@ -9,7 +9,10 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         match arg.as_str() {
             "--quick" => {}
             "--only" => match rest.next().map(String::as_str) {
-                Some("memory" | "redlock" | "redlock-1" | "redlock-contended" | "inc" | "fair" | "fair-uncontended") => {}
+                Some(
+                    "memory" | "redlock" | "redlock-1" | "redlock-contended" | "inc" | "fair"
+                    | "fair-uncontended",
+                ) => {}
                 other => {
                     return Err(format!(
                         "--only takes memory, redlock, redlock-1, redlock-contended, inc, fair or fair-uncontended, got {other:?}"
