@@ -236,9 +236,21 @@ mod tests {
             let locker = create(config).await.unwrap();
             assert!(locker.capabilities().fair);
         }
-        let plain = LockConfig::from_json(r#"{"type": "redis", "urls": ["redis://127.0.0.1:1/"]}"#)
-            .unwrap();
+        // On by default with one node; off when asked.
+        let default =
+            LockConfig::from_json(r#"{"type": "redis", "urls": ["redis://127.0.0.1:1/"]}"#)
+                .unwrap();
+        assert!(create(default).await.unwrap().capabilities().fair);
+        let plain = LockConfig::from_json(
+            r#"{"type": "redis", "urls": ["redis://127.0.0.1:1/"], "fair": false}"#,
+        )
+        .unwrap();
         assert!(!create(plain).await.unwrap().capabilities().fair);
+        let several = LockConfig::from_json(
+            r#"{"type": "redlock", "urls": ["redis://127.0.0.1:1/", "redis://127.0.0.1:2/"]}"#,
+        )
+        .unwrap();
+        assert!(!create(several).await.unwrap().capabilities().fair);
         // Lines on several nodes could each put a different waiter first: refused, by name.
         let several = LockConfig::from_json(
             r#"{"type": "redlock", "urls": ["redis://127.0.0.1:1/", "redis://127.0.0.1:2/", "redis://127.0.0.1:3/"], "fair": true}"#,

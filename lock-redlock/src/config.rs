@@ -40,7 +40,7 @@ pub enum ConnectionKind {
 /// - `pool_size`: 4 connections per node (with `connection = "pool"`)
 /// - `wake_on_release`: off
 /// - `fencing`: off
-/// - `fair`: off
+/// - `fair`: on with one node (`redis`), off with several (unset: see [`RedlockConfig::fair`])
 ///
 /// Retries are not the backend's business: they belong to the locker's
 /// [`RetryPolicy`](lock_core::RetryPolicy) (the facade reads `retry_count`, `retry_delay`,
@@ -81,11 +81,17 @@ pub struct RedlockConfig {
     pub fencing: bool,
     /// Serve waiters across processes first come, first served (one node only): a waiter that
     /// finds the key held joins a line beside it (`<key>` + byte 0xFF + `:queue`, and
-    /// `:queue-expiry` for the entries' expiries), a release passes the turn to the head of the
-    /// line and wakes that waiter alone over pub/sub, and a single try never passes a waiting
-    /// line. Every client of a key must agree on it. Mutexes on one key only: multi-key locks,
-    /// semaphores and read-write locks are not lined up.
-    pub fair: bool,
+    /// `:queue-expiry` for the entries' expiries), a release reserves the key for the head of
+    /// the line and wakes that waiter alone over pub/sub, and a single try never passes a
+    /// waiting line. Every client of a key must agree on it. Mutexes on one key only: multi-key
+    /// locks, semaphores and read-write locks are not lined up.
+    ///
+    /// Unset (`None`, the default), it is on with one node and off with several: an
+    /// uncontended cycle costs what it does without it (the first attempt is the plain
+    /// `SET NX`), and Redlock over several nodes cannot line up (see
+    /// [`RedlockConfig::is_fair`]). `Some(true)` with several nodes is refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fair: Option<bool>,
 }
 
 impl std::fmt::Debug for RedlockConfig {
@@ -138,7 +144,7 @@ impl Default for RedlockConfig {
             tls_ca_file: None,
             wake_on_release: false,
             fencing: false,
-            fair: false,
+            fair: None,
         }
     }
 }
@@ -180,8 +186,13 @@ impl RedlockConfig {
     /// Turns fair waiting across processes on or off (see [`RedlockConfig::fair`]).
     #[must_use]
     pub fn with_fair(mut self, fair: bool) -> Self {
-        self.fair = fair;
+        self.fair = Some(fair);
         self
+    }
+
+    /// Whether waiters line up (`fair`): as set, or, unset, when there is exactly one node.
+    pub fn is_fair(&self) -> bool {
+        self.fair.unwrap_or(self.urls.len() == 1)
     }
 
     /// Turns fencing tokens on or off.
@@ -214,7 +225,7 @@ impl RedlockConfig {
         }
         URL_RULES.check_ca_file(self.tls_ca_file.as_deref())?;
         validate::fraction("drift_factor", self.drift_factor)?;
-        if self.fair && self.urls.len() != 1 {
+        if self.fair == Some(true) && self.urls.len() != 1 {
             return Err(LockError::invalid(
                 "fair",
                 format!(
@@ -391,6 +402,29 @@ mod tests {
     }
 
     #[test]
+    fn fair_is_on_by_default_with_one_node_and_off_with_several() {
+        let one = RedlockConfig::new(["redis://127.0.0.1:1/"]);
+        assert!(one.fair.is_none() && one.is_fair());
+        assert!(!one.clone().with_fair(false).is_fair());
+        let three = RedlockConfig::new([
+            "redis://127.0.0.1:1/",
+            "redis://127.0.0.1:2/",
+            "redis://127.0.0.1:3/",
+        ]);
+        assert!(!three.is_fair());
+        three.validate().unwrap();
+        let error = three.with_fair(true).validate().unwrap_err();
+        assert!(error.to_string().contains("fair"), "{error}");
+        // Unset, it is not written out; set, it is read back as set.
+        let json = serde_json::to_string(&one).unwrap();
+        assert!(!json.contains("fair"), "{json}");
+        let off: RedlockConfig =
+            serde_json::from_str(r#"{"urls": ["redis://127.0.0.1:1/"], "fair": false}"#).unwrap();
+        assert_eq!(off.fair, Some(false));
+        assert!(!off.is_fair());
+    }
+
+    #[test]
     fn every_option_parses_from_json_under_its_seed_name() {
         let config: RedlockConfig = serde_json::from_str(
             r#"{"nodes": ["redis://127.0.0.1:1/"], "driftFactor": 0.02, "nodeTimeout": 70,
@@ -404,7 +438,7 @@ mod tests {
         assert_eq!(config.connect_timeout, 300);
         assert_eq!(config.connection, ConnectionKind::Pool);
         assert_eq!(config.pool_size, 2);
-        assert!(config.wake_on_release && config.fencing && config.fair);
+        assert!(config.wake_on_release && config.fencing && config.fair == Some(true));
         config.require_single_node().unwrap();
     }
 

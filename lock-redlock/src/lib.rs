@@ -108,7 +108,7 @@ impl Redlock {
                 wakeups: config
                     .wake_on_release
                     .then(|| Arc::new(wake::Wakeups::new(node_count))),
-                fair: if config.fair {
+                fair: if config.is_fair() {
                     Some(Arc::new(fair::FairLine::new()?))
                 } else {
                     None

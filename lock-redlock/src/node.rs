@@ -262,7 +262,7 @@ impl NodeParts {
             release_channel: config
                 .wake_on_release
                 .then_some(lock_core::raw::redis::RELEASE_CHANNEL),
-            fair: config.fair,
+            fair: config.is_fair(),
             busy: AtomicU64::new(0),
         })
     }

@@ -1,6 +1,6 @@
-//! The whole conformance suite on real redis-servers: 1, 3 and 5 independent nodes, and 3 nodes
-//! with each optional feature (wake-ups, fencing tokens), and through a deadpool pool (1 node,
-//! and 3 fenced nodes).
+//! The whole conformance suite on real redis-servers: 1 (fair by default, and not), 3 and 5
+//! independent nodes, and 3 nodes with each optional feature (wake-ups, fencing tokens), and
+//! through a deadpool pool (1 fair node, and 3 fenced nodes).
 
 use std::time::Duration;
 
@@ -23,10 +23,11 @@ fn redlock(nodes: usize) -> ServerBacked<Redlock> {
     redlock_with(nodes, |config| config)
 }
 
+/// One node: `fair` by default.
 mod one_node {
     lock_core::conformance_tests!(
         async { crate::redlock(1) },
-        capabilities: [extend, distributed, multi_key, semaphore, read_write]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write, fair]
     );
 }
 
@@ -59,7 +60,7 @@ mod five_nodes {
 mod one_node_pooled {
     lock_core::conformance_tests!(async {
         crate::redlock_with(1, |config| config.with_connection(crate::ConnectionKind::Pool))
-    }, capabilities: [extend, distributed, multi_key, semaphore, read_write]);
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, fair]);
 }
 
 mod three_nodes_pooled_with_fencing {
@@ -72,10 +73,11 @@ mod three_nodes_pooled_with_fencing {
     }, capabilities: [extend, distributed, multi_key, semaphore, read_write, fencing]);
 }
 
-mod one_node_fair {
+/// One node with `fair` turned off: the plain lock of other libraries.
+mod one_node_not_fair {
     lock_core::conformance_tests!(async {
-        crate::redlock_with(1, |config| config.with_fair(true))
-    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, fair]);
+        crate::redlock_with(1, |config| config.with_fair(false))
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write]);
 }
 
 mod one_node_fair_with_fencing {

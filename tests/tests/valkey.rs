@@ -51,7 +51,7 @@ async fn inc_on_valkey() -> ServerBacked<IncLock> {
 mod redlock_one_node {
     lock_core::conformance_tests!(
         async { crate::redlock_on_valkey(1, false) },
-        capabilities: [extend, distributed, multi_key, semaphore, read_write]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write, fair]
     );
 }
 

@@ -122,7 +122,10 @@ local function draw_fence(counter, time, ttl)
   if stored then
     local number = tonumber(stored)
     if not number or number ~= math.floor(number) or number < 0 or number >= largest then
-      return nil, redis.error_reply('ERR the fencing counter ' .. counter .. ' holds no integer below 2^53')
+      -- Named by its lock's key: the counter's own name ends in the byte 0xFF, which is no
+      -- UTF-8 and would make the error unreadable to the client.
+      local key = string.gsub(counter, '\255:fence$', '')
+      return nil, redis.error_reply('ERR the fencing counter of ' .. key .. ' holds no integer below 2^53')
     end
     value = math.max(value, number + 1)
   end
