@@ -1,0 +1,235 @@
+//! Attacks on the reservation hand-over of `fair` on Redlock (one node, commit c21ac29): a
+//! fair acquisition's first attempt is a plain `SET NX`; a release with waiters in line reserves
+//! the key for the head of the line (`lock-turn-reserved:<member>`, expiring with the head's
+//! entry) instead of leaving it free. Every client is its own Redlock instance (a process of
+//! its own, as far as the server can tell).
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lock_core::raw::{KeySet, Lock, LockRequest};
+use lock_core::{Key, LockOptions, Locker, RetryPolicy, Token};
+use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
+use lock_tests::fair::{Store, Target, waiting};
+use tokio::time::Instant;
+
+/// A client over a Redlock instance of its own, configured by `config` on top of the target's
+/// URL (fair unless `config` says otherwise).
+fn client(
+    target: &Target,
+    ttl: Duration,
+    retry: RetryPolicy,
+    config: impl FnOnce(RedlockConfig) -> RedlockConfig,
+) -> Locker {
+    let config = config(
+        RedlockConfig::new([target.url.clone()])
+            .with_fair(true)
+            .with_node_timeout(Duration::from_millis(500)),
+    );
+    Locker::from_arc(Arc::new(Redlock::new(config).expect("redlock")))
+        .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
+        .expect("options")
+}
+
+/// One waiting attempt by a fair client that then dies without a word: its entry stays in
+/// line until it expires, `entry` from now.
+async fn dead_waiter(target: &Target, key: &str, entry: Duration) {
+    let dead = target.backend(true).await;
+    let request = LockRequest::new(
+        KeySet::one(Key::new(key).unwrap()),
+        Token::generate().unwrap(),
+        entry,
+    )
+    .unwrap()
+    .with_will_wait(true)
+    .with_waiter(Token::generate().unwrap());
+    assert!(dead.try_acquire(&request).await.unwrap().is_none());
+    dead.shutdown().await.unwrap();
+}
+
+async fn connection(target: &Target) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(target.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+async fn get(connection: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<Vec<u8>> {
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(connection)
+        .await
+        .unwrap()
+}
+
+/// Spins until `key` is absent (at most `limit`); true when it is.
+async fn until_free(
+    connection: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    limit: Duration,
+) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if get(connection, key).await.is_none() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    false
+}
+
+/// First come, first served across clients, when the head of the line died: the holder's
+/// release reserves the key for the dead head, and the reservation lapses with the head's entry
+/// (by design). The waiter behind it (B, alive, in line since before the release) must then be
+/// served before a newcomer (C) that arrives after the lapse.
+///
+/// Broken on main: once the reservation lapses, the key is free with B still in line, and
+/// nothing hands the turn to B (a lapse is silent: no script runs, nobody is woken) until B's
+/// next poll. C's first attempt is the plain `SET NX` (c21ac29), which takes the free key at
+/// once, past B. Before c21ac29 C's first attempt went through the line's gate, which refused
+/// it (a free key headed by another waiter) and woke B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_does_not_pass_a_waiter_when_a_dead_heads_reservation_lapses() {
+    let Some(target) = Target::start(Store::Redis, "attack_s12a").await else {
+        return;
+    };
+    let key = "lapsed";
+    let mut raw = connection(&target).await;
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let guard = holder.acquire(key).await.unwrap();
+    dead_waiter(&target, key, Duration::from_millis(1_500)).await;
+    let order = Arc::new(Mutex::new(Vec::new()));
+    // B retries once a second (a legitimate policy: a fair waiter is woken by a message, the
+    // policy's delay is its fallback).
+    let b = {
+        let locker = target
+            .locker(true, Duration::from_secs(5), waiting(Duration::from_secs(1)))
+            .await;
+        let order = Arc::clone(&order);
+        tokio::spawn(async move {
+            let guard = locker.acquire(key).await.unwrap();
+            order.lock().unwrap().push("B");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            guard.release().await.unwrap();
+            locker.stop().await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(target.line_keys(key).await.len(), 2, "B is in line");
+    guard.release().await.unwrap();
+    let value = get(&mut raw, key).await.unwrap_or_default();
+    assert!(
+        value.starts_with(b"lock-turn-reserved:"),
+        "the release reserved the key for the dead head"
+    );
+    // The reservation lapses with the dead head's entry; C arrives right after.
+    assert!(until_free(&mut raw, key, Duration::from_secs(3)).await);
+    let lines_at_lapse = target.line_keys(key).await;
+    let c = {
+        let locker = target
+            .locker(
+                true,
+                Duration::from_secs(5),
+                waiting(Duration::from_millis(100)),
+            )
+            .await;
+        let order = Arc::clone(&order);
+        tokio::spawn(async move {
+            let guard = locker.acquire(key).await.unwrap();
+            order.lock().unwrap().push("C");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            guard.release().await.unwrap();
+            locker.stop().await.unwrap();
+        })
+    };
+    b.await.unwrap();
+    c.await.unwrap();
+    holder.stop().await.unwrap();
+    let order = order.lock().unwrap().clone();
+    println!("line at the lapse: {lines_at_lapse:?}; served in order {order:?}");
+    assert_eq!(
+        order,
+        ["B", "C"],
+        "a newcomer took the key past a waiter in line (B arrived first)"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        target.keys().await.is_empty(),
+        "left in Redis: {:?}",
+        target.keys().await
+    );
+}
+
+/// First come, first served among fair clients when the holder is a client without `fair`
+/// (mixing fair and non-fair clients on one key): the plain client's release (no line script)
+/// leaves the key free while fair waiter B is in line. A fair newcomer C, arriving after the
+/// release, must not be served before B.
+///
+/// Broken on main: C's first attempt is the plain `SET NX`, which takes the free key at once,
+/// past B (who learns of the release only at its next poll). Before c21ac29, C's first attempt
+/// went through the line's gate, which refused it and woke B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_newcomer_does_not_pass_a_fair_waiter_after_a_plain_clients_release() {
+    let Some(target) = Target::start(Store::Redis, "attack_s12a").await else {
+        return;
+    };
+    let key = "mixed";
+    let plain = target
+        .locker(false, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let guard = plain.acquire(key).await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let b = {
+        let locker = target
+            .locker(true, Duration::from_secs(5), waiting(Duration::from_secs(1)))
+            .await;
+        let order = Arc::clone(&order);
+        tokio::spawn(async move {
+            let guard = locker.acquire(key).await.unwrap();
+            order.lock().unwrap().push("B");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            guard.release().await.unwrap();
+            locker.stop().await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(target.line_keys(key).await.len(), 2, "B is in line");
+    guard.release().await.unwrap();
+    let c = {
+        let locker = target
+            .locker(
+                true,
+                Duration::from_secs(5),
+                waiting(Duration::from_millis(100)),
+            )
+            .await;
+        let order = Arc::clone(&order);
+        tokio::spawn(async move {
+            let guard = locker.acquire(key).await.unwrap();
+            order.lock().unwrap().push("C");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            guard.release().await.unwrap();
+            locker.stop().await.unwrap();
+        })
+    };
+    b.await.unwrap();
+    c.await.unwrap();
+    plain.stop().await.unwrap();
+    let order = order.lock().unwrap().clone();
+    println!("served in order {order:?}");
+    assert_eq!(
+        order,
+        ["B", "C"],
+        "a fair newcomer took the key past a fair waiter in line (B arrived first)"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        target.keys().await.is_empty(),
+        "left in Redis: {:?}",
+        target.keys().await
+    );
+}
