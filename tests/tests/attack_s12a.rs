@@ -90,8 +90,7 @@ async fn until_free(
 /// next poll. C's first attempt is the plain `SET NX` (c21ac29), which takes the free key at
 /// once, past B. Before c21ac29 C's first attempt went through the line's gate, which refused
 /// it (a free key headed by another waiter) and woke B.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_newcomer_does_not_pass_a_waiter_when_a_dead_heads_reservation_lapses() {
+async fn dead_heads_reservation_lapses(fencing: bool, pool: bool) {
     let Some(target) = Target::start(Store::Redis, "attack_s12a").await else {
         return;
     };
@@ -106,9 +105,7 @@ async fn a_newcomer_does_not_pass_a_waiter_when_a_dead_heads_reservation_lapses(
     // B retries once a second (a legitimate policy: a fair waiter is woken by a message, the
     // policy's delay is its fallback).
     let b = {
-        let locker = target
-            .locker(true, Duration::from_secs(5), waiting(Duration::from_secs(1)))
-            .await;
+        let locker = fair_client(&target, waiting(Duration::from_secs(1)), fencing, pool);
         let order = Arc::clone(&order);
         tokio::spawn(async move {
             let guard = locker.acquire(key).await.unwrap();
@@ -130,13 +127,7 @@ async fn a_newcomer_does_not_pass_a_waiter_when_a_dead_heads_reservation_lapses(
     assert!(until_free(&mut raw, key, Duration::from_secs(3)).await);
     let lines_at_lapse = target.line_keys(key).await;
     let c = {
-        let locker = target
-            .locker(
-                true,
-                Duration::from_secs(5),
-                waiting(Duration::from_millis(100)),
-            )
-            .await;
+        let locker = fair_client(&target, waiting(Duration::from_millis(100)), fencing, pool);
         let order = Arc::clone(&order);
         tokio::spawn(async move {
             let guard = locker.acquire(key).await.unwrap();
@@ -172,8 +163,7 @@ async fn a_newcomer_does_not_pass_a_waiter_when_a_dead_heads_reservation_lapses(
 /// Broken on main: C's first attempt is the plain `SET NX`, which takes the free key at once,
 /// past B (who learns of the release only at its next poll). Before c21ac29, C's first attempt
 /// went through the line's gate, which refused it and woke B.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fair_newcomer_does_not_pass_a_fair_waiter_after_a_plain_clients_release() {
+async fn plain_clients_release(fencing: bool, pool: bool) {
     let Some(target) = Target::start(Store::Redis, "attack_s12a").await else {
         return;
     };
@@ -184,9 +174,7 @@ async fn a_fair_newcomer_does_not_pass_a_fair_waiter_after_a_plain_clients_relea
     let guard = plain.acquire(key).await.unwrap();
     let order = Arc::new(Mutex::new(Vec::new()));
     let b = {
-        let locker = target
-            .locker(true, Duration::from_secs(5), waiting(Duration::from_secs(1)))
-            .await;
+        let locker = fair_client(&target, waiting(Duration::from_secs(1)), fencing, pool);
         let order = Arc::clone(&order);
         tokio::spawn(async move {
             let guard = locker.acquire(key).await.unwrap();
@@ -200,13 +188,7 @@ async fn a_fair_newcomer_does_not_pass_a_fair_waiter_after_a_plain_clients_relea
     assert_eq!(target.line_keys(key).await.len(), 2, "B is in line");
     guard.release().await.unwrap();
     let c = {
-        let locker = target
-            .locker(
-                true,
-                Duration::from_secs(5),
-                waiting(Duration::from_millis(100)),
-            )
-            .await;
+        let locker = fair_client(&target, waiting(Duration::from_millis(100)), fencing, pool);
         let order = Arc::clone(&order);
         tokio::spawn(async move {
             let guard = locker.acquire(key).await.unwrap();
@@ -232,4 +214,218 @@ async fn a_fair_newcomer_does_not_pass_a_fair_waiter_after_a_plain_clients_relea
         "left in Redis: {:?}",
         target.keys().await
     );
+}
+
+/// A fair client with a ttl of 5 s, `retry`, and optionally fencing and a pool.
+fn fair_client(target: &Target, retry: RetryPolicy, fencing: bool, pool: bool) -> Locker {
+    client(target, Duration::from_secs(5), retry, |config| {
+        let config = config.with_fencing(fencing);
+        if pool {
+            config.with_connection(ConnectionKind::Pool)
+        } else {
+            config
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_does_not_pass_a_waiter_when_a_dead_heads_reservation_lapses() {
+    dead_heads_reservation_lapses(false, false).await;
+}
+
+/// As above, with fencing: the first attempt is `acquire_fenced.lua` (free key: taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_newcomer_does_not_pass_a_waiter_when_a_dead_heads_reservation_lapses() {
+    dead_heads_reservation_lapses(true, false).await;
+}
+
+/// As above, over pools (`ConnectionKind::Pool`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_newcomer_does_not_pass_a_waiter_when_a_dead_heads_reservation_lapses() {
+    dead_heads_reservation_lapses(false, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_newcomer_does_not_pass_a_fair_waiter_after_a_plain_clients_release() {
+    plain_clients_release(false, false).await;
+}
+
+/// As above, with fencing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_fair_newcomer_does_not_pass_a_fair_waiter_after_a_plain_clients_release() {
+    plain_clients_release(true, false).await;
+}
+
+/// The configurations of the contention runs below.
+#[derive(Clone, Copy, Debug)]
+struct Setting {
+    wake_on_release: bool,
+    fencing: bool,
+    pool: bool,
+    /// Some waiters give up at random moments (an acquisition cut short by a timeout: its
+    /// future is dropped, the core takes the waiter out of the line).
+    cancels: bool,
+    /// The server is stopped (SIGSTOP) for 300 ms in the middle of the run.
+    pause: bool,
+}
+
+/// `clients` fair clients (each its own Redlock instance) take one key `rounds` times each,
+/// holding it a few ms. Checks: never two holders at once; fencing tokens increase in the
+/// order of the sections; every acquisition that does not give up is served within 10 s;
+/// nothing left in Redis once the line drains (after the fence counter's ttl).
+async fn contention(setting: Setting) {
+    let Some(target) = Target::start(Store::Redis, "attack_s12a").await else {
+        return;
+    };
+    let key = "busy";
+    let ttl = Duration::from_millis(1_500);
+    let clients = 6;
+    let rounds = 12;
+    let inside = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let overlaps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let fences = Arc::new(Mutex::new(Vec::new()));
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for id in 0..clients {
+        let locker = client(&target, ttl, waiting(Duration::from_millis(50)), |config| {
+            let config = config
+                .with_wake_on_release(setting.wake_on_release)
+                .with_fencing(setting.fencing);
+            if setting.pool {
+                config.with_connection(ConnectionKind::Pool)
+            } else {
+                config
+            }
+        });
+        let (inside, overlaps, fences, served) = (
+            Arc::clone(&inside),
+            Arc::clone(&overlaps),
+            Arc::clone(&fences),
+            Arc::clone(&served),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            for round in 0..rounds {
+                let asked = Instant::now();
+                let guard = if setting.cancels && (round + id) % 3 == 0 {
+                    // Give up after a few ms: often while in line, sometimes right as the
+                    // turn comes.
+                    let patience = Duration::from_millis(((id * 7 + round * 13) % 40) as u64);
+                    match tokio::time::timeout(patience, locker.acquire(key)).await {
+                        Ok(guard) => guard.expect("acquired"),
+                        Err(_) => continue,
+                    }
+                } else {
+                    locker.acquire(key).await.expect("acquired")
+                };
+                slowest = slowest.max(asked.elapsed());
+                if inside.fetch_add(1, std::sync::atomic::Ordering::SeqCst) != 0 {
+                    overlaps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                if let Some(fence) = guard.fencing_token() {
+                    fences.lock().unwrap().push(fence);
+                }
+                tokio::time::sleep(Duration::from_millis(2 + (round % 3) as u64)).await;
+                inside.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                // A release that finds the key taken by someone else: a second holder.
+                if guard.release().await.is_err() {
+                    overlaps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            locker.stop().await.unwrap();
+            slowest
+        }));
+    }
+    if setting.pause {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        target.servers[0].pause().unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        target.servers[0].resume().unwrap();
+    }
+    let mut slowest = Duration::ZERO;
+    for task in tasks {
+        slowest = slowest.max(task.await.unwrap());
+    }
+    let fences = fences.lock().unwrap().clone();
+    println!(
+        "{setting:?}: {} sections in {} ms, slowest wait {} ms, overlaps {}, {} fences",
+        served.load(std::sync::atomic::Ordering::SeqCst),
+        started.elapsed().as_millis(),
+        slowest.as_millis(),
+        overlaps.load(std::sync::atomic::Ordering::SeqCst),
+        fences.len()
+    );
+    assert_eq!(
+        overlaps.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "two holders at once (or a release found the key taken)"
+    );
+    if setting.fencing {
+        assert!(
+            fences.windows(2).all(|pair| pair[0] < pair[1]),
+            "fencing tokens out of order: {fences:?}"
+        );
+    }
+    assert!(slowest < Duration::from_secs(10), "a wait took {slowest:?}");
+    // The line, any reservation and the fence counter expire within the ttl (plus the fence's
+    // own margin); nothing of ours may stay longer.
+    tokio::time::sleep(ttl + Duration::from_millis(500)).await;
+    assert!(
+        target.keys().await.is_empty(),
+        "left in Redis: {:?}",
+        target.keys().await
+    );
+}
+
+/// Held: mutual exclusion, fencing order, bounded waits and no leftovers under contention, in
+/// four configurations. Checked to fail when broken: a `line_take_turn` that grants any
+/// waiter (two holders), and a fence taken modulo 1000 (out of order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contention_plain() {
+    contention(Setting {
+        wake_on_release: false,
+        fencing: false,
+        pool: false,
+        cancels: false,
+        pause: false,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contention_fencing_wake_on_release() {
+    contention(Setting {
+        wake_on_release: true,
+        fencing: true,
+        pool: false,
+        cancels: false,
+        pause: false,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contention_pool_with_cancels() {
+    contention(Setting {
+        wake_on_release: false,
+        fencing: true,
+        pool: true,
+        cancels: true,
+        pause: false,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contention_with_cancels_and_a_paused_server() {
+    contention(Setting {
+        wake_on_release: true,
+        fencing: true,
+        pool: false,
+        cancels: true,
+        pause: true,
+    })
+    .await;
 }
