@@ -147,7 +147,9 @@ async fn dead_heads_reservation_lapses(fencing: bool, pool: bool) {
         ["B", "C"],
         "a newcomer took the key past a waiter in line (B arrived first)"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A fence counter lives for the ttl (5 s) past its last value: nothing else may stay.
+    let settle = if fencing { 5_500 } else { 100 };
+    tokio::time::sleep(Duration::from_millis(settle)).await;
     assert!(
         target.keys().await.is_empty(),
         "left in Redis: {:?}",
@@ -208,7 +210,9 @@ async fn plain_clients_release(fencing: bool, pool: bool) {
         ["B", "C"],
         "a fair newcomer took the key past a fair waiter in line (B arrived first)"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A fence counter lives for the ttl (5 s) past its last value: nothing else may stay.
+    let settle = if fencing { 5_500 } else { 100 };
+    tokio::time::sleep(Duration::from_millis(settle)).await;
     assert!(
         target.keys().await.is_empty(),
         "left in Redis: {:?}",
