@@ -611,12 +611,15 @@ impl Lock for Redlock {
                 return Box::pin(lease::try_acquire(shared, request)).await;
             }
             // A fair waiter's first attempt is a plain one, as cheap as without `fair`: a line
-            // keeps the key reserved for its head (see `lua/line_pass.lua`), so only a free key
-            // with nobody in line is taken; refused, the waiter lines up at once (below).
-            // Its later attempts, and single tries, go through the line.
+            // keeps the key reserved for its head (see `lua/line_pass.lua`), and the attempt
+            // gives back a key it took while a line was waiting (a reservation that lapsed, a
+            // release by a client without `fair`: see `NodeParts::acquire_fair_plain`), so only
+            // a free key with nobody in line is taken; refused, the waiter lines up at once
+            // (below). Its later attempts, single tries, and every attempt with fencing (the
+            // script draws the fence in the same round trip) go through the line.
             let fair = shared.fair.as_ref().filter(|_| request.keys().len() == 1);
             if let Some(fair) = fair
-                && (request.after_wait() || request.waiter().is_none())
+                && (request.after_wait() || request.waiter().is_none() || shared.config.fencing)
             {
                 return Box::pin(try_acquire_fair(shared, fair, request)).await;
             }
