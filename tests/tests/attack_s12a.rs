@@ -433,3 +433,49 @@ async fn contention_with_cancels_and_a_paused_server() {
     })
     .await;
 }
+
+/// "A release/extend by any token never touches a reservation" (README: "no token can equal
+/// it"). `Token::from_stored` wraps any value read back from a store, "e.g. to release a lock
+/// taken by another process": an operator's tool that reads the key and takes it back by that
+/// value (`Lock::abandon`, the take-back by token) must not free a key reserved for the head of
+/// a line.
+///
+/// Broken on main: `Token::from_stored` accepts the reservation's value, and a client without
+/// `fair` takes it back with `release.lua`'s compare-and-delete, which deletes the
+/// reservation: the key is left free past the line (the head is not woken, a plain attempt
+/// takes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_back_by_a_token_read_from_the_store_leaves_a_reservation_alone() {
+    let Some(target) = Target::start(Store::Redis, "attack_s12a").await else {
+        return;
+    };
+    let key = "forged";
+    let mut raw = connection(&target).await;
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let guard = holder.acquire(key).await.unwrap();
+    dead_waiter(&target, key, Duration::from_millis(1_500)).await;
+    guard.release().await.unwrap();
+    let stored = String::from_utf8(get(&mut raw, key).await.unwrap()).unwrap();
+    assert!(stored.starts_with("lock-turn-reserved:"), "{stored}");
+    for fair in [true, false] {
+        let backend = target.backend(fair).await;
+        let request = LockRequest::new(
+            KeySet::one(Key::new(key).unwrap()),
+            Token::from_stored(stored.clone()).unwrap(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let answer = backend.abandon(&request).await;
+        let now = get(&mut raw, key).await.map(String::from_utf8);
+        println!("fair {fair}: abandon by the stored value: {answer:?}; the key now holds {now:?}");
+        assert_eq!(
+            now,
+            Some(Ok(stored.clone())),
+            "a take-back by a token (fair: {fair}) touched the reservation"
+        );
+        backend.shutdown().await.unwrap();
+    }
+    holder.stop().await.unwrap();
+}
