@@ -610,6 +610,9 @@ impl Lock for Redlock {
             if request.kind() != LeaseKind::Exclusive {
                 return Box::pin(lease::try_acquire(shared, request)).await;
             }
+            if is_reservation(request.token()) {
+                return Err(reservation_token());
+            }
             // A fair waiter's first attempt is a plain one, as cheap as without `fair`: a line
             // keeps the key reserved for its head (see `lua/line_pass.lua`), and the attempt
             // gives back a key it took while a line was waiting (a reservation that lapsed, a
@@ -783,6 +786,11 @@ impl Lock for Redlock {
 
     fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
         lock_core::raw::Answer::later(async move {
+            // No attempt can have stored such a token (see `try_acquire`): a fair line's
+            // reservation, read back from the store, is left alone.
+            if is_reservation(request.token()) {
+                return Ok(false);
+            }
             let shared = &self.shared;
             let (keys, token) = (request.key_set().clone(), request.token());
             let timeout = shared.node_timeout(lock_core::raw::validate::MAX_TTL);
@@ -944,6 +952,23 @@ async fn try_acquire_fair(
         in_flight: None,
         extending: None,
     })))
+}
+
+/// The value of a key reserved for the head of a fair line (`lua/line_pass.lua`): never a
+/// token.
+const RESERVED: &str = "lock-turn-reserved:";
+
+/// True when `token` is a reservation's value (wrapped by `Token::from_stored`), which no
+/// acquisition may store and no take-back may delete.
+fn is_reservation(token: &lock_core::Token) -> bool {
+    token.expose().starts_with(RESERVED)
+}
+
+fn reservation_token() -> LockError {
+    LockError::invalid(
+        "token",
+        "must not begin with `lock-turn-reserved:` (a fair line's reservation)",
+    )
 }
 
 /// How many keys a release that succeeded reports: every key of a mutex, one lease.

@@ -475,6 +475,17 @@ async fn a_take_back_by_a_token_read_from_the_store_leaves_a_reservation_alone()
             Some(Ok(stored.clone())),
             "a take-back by a token (fair: {fair}) touched the reservation"
         );
+        // Nor may an acquisition store such a value (it would pass for a reservation).
+        let free = LockRequest::new(
+            KeySet::one(Key::new("forged-free").unwrap()),
+            Token::from_stored(stored.clone()).unwrap(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert!(
+            backend.try_acquire(&free).await.is_err(),
+            "stored a reservation-like token"
+        );
         backend.shutdown().await.unwrap();
     }
     holder.stop().await.unwrap();
