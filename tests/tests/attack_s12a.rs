@@ -490,3 +490,134 @@ async fn a_take_back_by_a_token_read_from_the_store_leaves_a_reservation_alone()
     }
     holder.stop().await.unwrap();
 }
+
+/// Held: a reserved key (the head of its line died) is left alone by every other kind of
+/// acquisition on it and by `inspect`: single tries with and without `fair`, a semaphore, a
+/// reader, a writer and a multi-key lock that includes it are refused (or told what the key
+/// holds), nothing panics, the reservation is unchanged, and once it lapses the line drains
+/// and nothing is left. Checked to fail by making `line_pass` reserve nothing (the plain
+/// single try then takes the key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_kinds_leave_a_reservation_alone() {
+    let Some(target) = Target::start(Store::Redis, "attack_s12a").await else {
+        return;
+    };
+    let key = "kinds";
+    let mut raw = connection(&target).await;
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let guard = holder.acquire(key).await.unwrap();
+    dead_waiter(&target, key, Duration::from_millis(1_500)).await;
+    guard.release().await.unwrap();
+    let reserved = get(&mut raw, key).await.unwrap();
+    assert!(reserved.starts_with(b"lock-turn-reserved:"));
+    for fair in [true, false] {
+        let locker = target
+            .locker(fair, Duration::from_secs(2), RetryPolicy::none())
+            .await;
+        let plain = locker.try_acquire(key).await;
+        assert!(matches!(plain, Ok(None)), "fair {fair}: {plain:?}");
+        for kind in [
+            lock_core::LeaseKind::Permit {
+                permits: std::num::NonZeroU32::new(3).unwrap(),
+            },
+            lock_core::LeaseKind::Read,
+            lock_core::LeaseKind::Write,
+        ] {
+            let outcome = locker.try_acquire_kind(key, kind).await;
+            println!("fair {fair}: {kind:?} on a reserved key: {outcome:?}");
+            assert!(
+                matches!(outcome, Ok(None) | Err(_)),
+                "fair {fair}: {kind:?} took a reserved key"
+            );
+        }
+        let many = locker.acquire_many(&[key, "kinds-other"]).await;
+        println!("fair {fair}: a multi-key lock over a reserved key: {many:?}");
+        assert!(
+            many.is_err(),
+            "fair {fair}: a multi-key lock took a reserved key"
+        );
+        let states = locker.inspect(key).await.unwrap();
+        println!("fair {fair}: inspect: {states:?}");
+        assert_eq!(get(&mut raw, key).await.as_deref(), Some(&reserved[..]));
+        locker.stop().await.unwrap();
+    }
+    assert!(until_free(&mut raw, key, Duration::from_secs(3)).await);
+    holder.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        target.keys().await.is_empty(),
+        "left in Redis: {:?}",
+        target.keys().await
+    );
+}
+
+/// Held: the head cancelled right when its turn comes (its acquisition dropped as soon as
+/// the key is reserved for it) gives the turn up to the next waiter at once: B is served
+/// within a poll, not after the cancelled head's entry (5 s); nothing is left. Checked to fail
+/// by making `line_pass_from` keep a leaving member's reservation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_cancelled_as_its_turn_comes_passes_it_on() {
+    let Some(target) = Target::start(Store::Redis, "attack_s12a").await else {
+        return;
+    };
+    let key = "cancelled-head";
+    let mut raw = connection(&target).await;
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let guard = holder.acquire(key).await.unwrap();
+    let head = target
+        .locker(
+            true,
+            Duration::from_secs(5),
+            waiting(Duration::from_secs(1)),
+        )
+        .await;
+    let cancelled = tokio::spawn(async move {
+        let outcome = head.acquire(key).await;
+        (head, outcome.map(|_| ()))
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b_locker = target
+        .locker(
+            true,
+            Duration::from_secs(5),
+            waiting(Duration::from_secs(1)),
+        )
+        .await;
+    let b = tokio::spawn(async move {
+        let guard = b_locker.acquire(key).await.unwrap();
+        let at = Instant::now();
+        guard.release().await.unwrap();
+        b_locker.stop().await.unwrap();
+        at
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Released: the key is reserved for the head; cancel it at that very moment.
+    guard.release().await.unwrap();
+    let released = Instant::now();
+    cancelled.abort();
+    let b_at = tokio::time::timeout(Duration::from_secs(4), b).await;
+    println!(
+        "B served {:?} after the release",
+        b_at.as_ref().map(|at| at.as_ref().map(|at| *at - released))
+    );
+    let served = b_at
+        .expect("B served before the cancelled head's entry ran out")
+        .unwrap();
+    assert!(
+        served - released < Duration::from_millis(1_500),
+        "{:?}",
+        served - released
+    );
+    let _ = get(&mut raw, key).await;
+    holder.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        target.keys().await.is_empty(),
+        "left in Redis: {:?}",
+        target.keys().await
+    );
+}
