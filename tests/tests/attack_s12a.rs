@@ -621,3 +621,77 @@ async fn a_head_cancelled_as_its_turn_comes_passes_it_on() {
         target.keys().await
     );
 }
+
+/// First come, first served when the holder dies (its lock expires, no release): the head of
+/// the line (B) retries at the holder's expiry, which its last attempt told it; a newcomer (C)
+/// that arrives as the key expires must still be served after B. Ten rounds; C watches the
+/// key and asks the moment it is gone.
+///
+/// Broken on main (README: "Only a holder's expiry leaves a key free with waiters in line, for
+/// the head's retry at that moment"): C's first attempt is the plain `SET NX`, which gets there
+/// before B's retry (B waits on a timer set from the holder's ttl, C on the key itself) and
+/// takes the key past B in some of ten rounds (most, in our runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_does_not_pass_the_head_when_the_holder_expires() {
+    let Some(target) = Target::start(Store::Redis, "attack_s12a").await else {
+        return;
+    };
+    let mut raw = connection(&target).await;
+    let mut passed = Vec::new();
+    for round in 0..10 {
+        let key = format!("expired-{round}");
+        let key: &'static str = Box::leak(key.into_boxed_str());
+        let dead = target.backend(true).await;
+        let request = LockRequest::new(
+            KeySet::one(Key::new(key).unwrap()),
+            Token::generate().unwrap(),
+            Duration::from_millis(400),
+        )
+        .unwrap();
+        let handle = dead.try_acquire(&request).await.unwrap().expect("free");
+        drop(handle); // never released
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let b = {
+            let locker = fair_client(&target, waiting(Duration::from_secs(1)), false, false);
+            let order = Arc::clone(&order);
+            tokio::spawn(async move {
+                let guard = locker.acquire(key).await.unwrap();
+                order.lock().unwrap().push("B");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                guard.release().await.unwrap();
+                locker.stop().await.unwrap();
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let c_locker = fair_client(&target, waiting(Duration::from_millis(100)), false, false);
+        // C's connection is made before it watches the key.
+        drop(c_locker.try_acquire("warm-up").await.unwrap());
+        // C watches the key without pausing (a round trip per look).
+        let end = Instant::now() + Duration::from_secs(2);
+        while get(&mut raw, key).await.is_some() {
+            assert!(Instant::now() < end, "the holder's key never expired");
+        }
+        let guard = c_locker.acquire(key).await.unwrap();
+        order.lock().unwrap().push("C");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        guard.release().await.unwrap();
+        b.await.unwrap();
+        c_locker.stop().await.unwrap();
+        dead.shutdown().await.unwrap();
+        let order = order.lock().unwrap().clone();
+        if order != ["B", "C"] {
+            passed.push(round);
+        }
+    }
+    println!("rounds where the newcomer passed the head: {passed:?}");
+    assert!(
+        passed.is_empty(),
+        "a newcomer passed the head of the line in rounds {passed:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        target.keys().await.is_empty(),
+        "left in Redis: {:?}",
+        target.keys().await
+    );
+}
