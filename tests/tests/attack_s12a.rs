@@ -695,3 +695,68 @@ async fn a_newcomer_does_not_pass_the_head_when_the_holder_expires() {
         target.keys().await
     );
 }
+
+/// A fair waiter whose acquisition ends with an error (the key holds a value of another type:
+/// `KindMismatch`) leaves nothing in line: once the foreign value is gone, the next fair waiter
+/// takes the free key at once, and nothing of ours is left in Redis ("nothing left once the
+/// line drains"; a waiter that stops waiting leaves the line).
+///
+/// Broken on main: the refused attempt put the waiter in line before the type was looked at,
+/// and the error ends the acquisition without taking it out (no claim is recorded for an
+/// error, so no take-back runs): its entry stays for its ttl (20 s here), the line keys with
+/// it, and the next waiter is held behind an entry nobody will use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_refused_for_a_foreign_type_leaves_nothing_in_line() {
+    let Some(target) = Target::start(Store::Redis, "attack_s12a").await else {
+        return;
+    };
+    let key = "foreign";
+    let mut raw = connection(&target).await;
+    let () = redis::cmd("RPUSH")
+        .arg(key)
+        .arg("someone else's list")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(20);
+    let first = fair_client_with_ttl(&target, ttl);
+    let outcome = first.acquire(key).await;
+    println!("a fair waiter on a list: {outcome:?}");
+    assert!(outcome.is_err());
+    let lines = target.line_keys(key).await;
+    let () = redis::cmd("DEL")
+        .arg(key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let next = fair_client_with_ttl(&target, ttl);
+    let started = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(3), next.acquire(key)).await;
+    println!(
+        "line keys after the error: {lines:?}; the next waiter: {:?} after {:?}",
+        got.as_ref().map(Result::is_ok),
+        started.elapsed()
+    );
+    assert!(
+        lines.is_empty(),
+        "the errored waiter stayed in line: {lines:?}"
+    );
+    got.expect("the next waiter was held behind the errored one")
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    first.stop().await.unwrap();
+    next.stop().await.unwrap();
+    assert!(
+        target.keys().await.is_empty(),
+        "left in Redis: {:?}",
+        target.keys().await
+    );
+}
+
+fn fair_client_with_ttl(target: &Target, ttl: Duration) -> Locker {
+    client(target, ttl, waiting(Duration::from_millis(100)), |config| {
+        config
+    })
+}
