@@ -902,10 +902,25 @@ async fn try_acquire_fair(
         if let (Some(waiter), Ok(left)) = (request.waiter(), u64::try_from(-value - 1)) {
             fair.first_in_line(waiter, Duration::from_millis(left));
         }
-        if !request.after_wait() {
-            shared
+        if !request.after_wait()
+            && let Err(error) = shared
                 .refuse_foreign_types(&nodes, request.key_set(), LeaseKind::Exclusive, ttl)
-                .await?;
+                .await
+        {
+            // The acquisition ends here, with no claim for the core to take back: the waiter
+            // the refused attempt put in line leaves it now.
+            if let Some(waiter) = request.waiter() {
+                fair.forget(waiter);
+                let left = tokio::time::timeout(
+                    timeout,
+                    node.release_self_contained(request.keys(), token, Held::Mutex, &member),
+                )
+                .await;
+                if !matches!(left, Ok(Ok(_))) {
+                    tracing::debug!(key = %key, "a waiter refused for a foreign type could not leave the line; its entry expires with its ttl");
+                }
+            }
+            return Err(error);
         }
         return Ok(None);
     }
