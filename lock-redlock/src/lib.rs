@@ -610,13 +610,19 @@ impl Lock for Redlock {
             if request.kind() != LeaseKind::Exclusive {
                 return Box::pin(lease::try_acquire(shared, request)).await;
             }
+            if is_reservation(request.token()) {
+                return Err(reservation_token());
+            }
             // A fair waiter's first attempt is a plain one, as cheap as without `fair`: a line
-            // keeps the key reserved for its head (see `lua/line_pass.lua`), so only a free key
-            // with nobody in line is taken; refused, the waiter lines up at once (below).
-            // Its later attempts, and single tries, go through the line.
+            // keeps the key reserved for its head (see `lua/line_pass.lua`), and the attempt
+            // gives back a key it took while a line was waiting (a reservation that lapsed, a
+            // release by a client without `fair`: see `NodeParts::acquire_fair_plain`), so only
+            // a free key with nobody in line is taken; refused, the waiter lines up at once
+            // (below). Its later attempts, single tries, and every attempt with fencing (the
+            // script draws the fence in the same round trip) go through the line.
             let fair = shared.fair.as_ref().filter(|_| request.keys().len() == 1);
             if let Some(fair) = fair
-                && (request.after_wait() || request.waiter().is_none())
+                && (request.after_wait() || request.waiter().is_none() || shared.config.fencing)
             {
                 return Box::pin(try_acquire_fair(shared, fair, request)).await;
             }
@@ -780,6 +786,11 @@ impl Lock for Redlock {
 
     fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
         lock_core::raw::Answer::later(async move {
+            // No attempt can have stored such a token (see `try_acquire`): a fair line's
+            // reservation, read back from the store, is left alone.
+            if is_reservation(request.token()) {
+                return Ok(false);
+            }
             let shared = &self.shared;
             let (keys, token) = (request.key_set().clone(), request.token());
             let timeout = shared.node_timeout(lock_core::raw::validate::MAX_TTL);
@@ -891,10 +902,25 @@ async fn try_acquire_fair(
         if let (Some(waiter), Ok(left)) = (request.waiter(), u64::try_from(-value - 1)) {
             fair.first_in_line(waiter, Duration::from_millis(left));
         }
-        if !request.after_wait() {
-            shared
+        if !request.after_wait()
+            && let Err(error) = shared
                 .refuse_foreign_types(&nodes, request.key_set(), LeaseKind::Exclusive, ttl)
-                .await?;
+                .await
+        {
+            // The acquisition ends here, with no claim for the core to take back: the waiter
+            // the refused attempt put in line leaves it now.
+            if let Some(waiter) = request.waiter() {
+                fair.forget(waiter);
+                let left = tokio::time::timeout(
+                    timeout,
+                    node.release_self_contained(request.keys(), token, Held::Mutex, &member),
+                )
+                .await;
+                if !matches!(left, Ok(Ok(_))) {
+                    tracing::debug!(key = %key, "a waiter refused for a foreign type could not leave the line; its entry expires with its ttl");
+                }
+            }
+            return Err(error);
         }
         return Ok(None);
     }
@@ -941,6 +967,23 @@ async fn try_acquire_fair(
         in_flight: None,
         extending: None,
     })))
+}
+
+/// The value of a key reserved for the head of a fair line (`lua/line_pass.lua`): never a
+/// token.
+const RESERVED: &str = "lock-turn-reserved:";
+
+/// True when `token` is a reservation's value (wrapped by `Token::from_stored`), which no
+/// acquisition may store and no take-back may delete.
+fn is_reservation(token: &lock_core::Token) -> bool {
+    token.expose().starts_with(RESERVED)
+}
+
+fn reservation_token() -> LockError {
+    LockError::invalid(
+        "token",
+        "must not begin with `lock-turn-reserved:` (a fair line's reservation)",
+    )
 }
 
 /// How many keys a release that succeeded reports: every key of a mutex, one lease.

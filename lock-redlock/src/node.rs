@@ -397,6 +397,10 @@ impl NodeParts {
             }
             invocation.arg(&*token.expose()).arg(ttl_ms);
             (Request::Script(&invocation), Reply::Counter)
+        } else if let [key] = keys
+            && self.fair
+        {
+            return self.acquire_fair_plain(key, token, ttl_ms).await;
         } else if let [key] = keys {
             let mut command = redis::cmd("SET");
             command
@@ -436,6 +440,49 @@ impl NodeParts {
             Reply::Granted => (number == 1).then_some(0),
             Reply::Counter => u64::try_from(number).ok().filter(|counter| *counter > 0),
         })
+    }
+
+    /// The plain first attempt of a fair waiter on `key`: `SET NX` and, in the same
+    /// transaction, whether the key has a waiting line. A key left free with waiters in line (a
+    /// reservation that lapsed with a dead head, a release by a client without `fair`, a holder
+    /// that expired) is not taken past them: the attempt gives it back at once (the release
+    /// reserves it for the head of the line and wakes it) and counts as refused, so that the
+    /// waiter lines up behind them.
+    async fn acquire_fair_plain(
+        &self,
+        key: &Key,
+        token: &Token,
+        ttl_ms: u64,
+    ) -> RedisResult<Option<u64>> {
+        let key_bytes = key.as_str().as_bytes();
+        let mut pipeline = redis::pipe();
+        pipeline
+            .atomic()
+            .cmd("SET")
+            .arg(key_bytes)
+            .arg(&*token.expose())
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .cmd("EXISTS")
+            .arg([key_bytes, QUEUE_EXPIRY_SUFFIX].concat());
+        let reply: Value = match &self.connection {
+            Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
+            Connection::Pool(pool) => {
+                let undo = self.release_call(std::slice::from_ref(key), token, Held::Mutex);
+                Box::pin(self.acquire_pooled(pool, Request::Pipeline(&pipeline), undo)).await?
+            }
+        };
+        let (set, line): (Value, i64) = redis::FromRedisValue::from_redis_value(reply)?;
+        if !matches!(set, Value::Okay) {
+            return Ok(None);
+        }
+        if line == 0 {
+            return Ok(Some(0));
+        }
+        self.release(std::slice::from_ref(key), token, Held::Mutex)
+            .await?;
+        Ok(None)
     }
 
     /// One attempt at a fair lock on `key` (see `lua/acquire_fair.lua`): for the waiter
