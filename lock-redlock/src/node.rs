@@ -442,8 +442,8 @@ impl NodeParts {
         })
     }
 
-    /// The plain first attempt of a fair waiter on `key`: `SET NX` and, in the same
-    /// transaction, whether the key has a waiting line. A key left free with waiters in line (a
+    /// The plain first attempt of a fair waiter on `key`: `SET NX` and, in the same round
+    /// trip, whether the key has a waiting line. A key left free with waiters in line (a
     /// reservation that lapsed with a dead head, a release by a client without `fair`, a holder
     /// that expired) is not taken past them: the attempt gives it back at once (the release
     /// reserves it for the head of the line and wakes it) and counts as refused, so that the
@@ -455,9 +455,11 @@ impl NodeParts {
         ttl_ms: u64,
     ) -> RedisResult<Option<u64>> {
         let key_bytes = key.as_str().as_bytes();
+        // Not a transaction: a line that appears between the two was made by a waiter this
+        // attempt holds out (a spurious give-back at worst), and one that is gone by the
+        // `EXISTS` has no waiter left to pass.
         let mut pipeline = redis::pipe();
         pipeline
-            .atomic()
             .cmd("SET")
             .arg(key_bytes)
             .arg(&*token.expose())
