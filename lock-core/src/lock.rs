@@ -554,12 +554,17 @@ pub trait Lock: Send + Sync + fmt::Debug + 'static {
     /// The default is [`Lock::wait_for_release`] on the request's keys; a backend with
     /// [`Capabilities::fair`] returns when the waiter is woken for its turn (a message meant
     /// for it alone), when the holder it found expires if it is first in line, or after
-    /// `max_wait` (the retry delay: the fallback should a message be lost).
+    /// `max_wait` (the retry delay: the fallback should a message be lost). It returns
+    /// `Ok(true)` when woken for the turn, which the core always follows with an attempt (the
+    /// time alone cannot tell: a message handled just after the wait's end was due, before its
+    /// timer fired, must not be taken for the end of the wait), `Ok(false)` otherwise.
     ///
     /// # Errors
     /// As [`Lock::wait_for_release`].
-    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<()> {
-        self.wait_for_release(request.keys(), max_wait).await
+    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<bool> {
+        self.wait_for_release(request.keys(), max_wait)
+            .await
+            .map(|()| false)
     }
 
     /// Removes every lock whose key starts with `prefix` and returns how many were removed.
@@ -670,7 +675,7 @@ impl<L: Lock + ?Sized> Lock for Arc<L> {
         (**self).wait_for_release(keys, max_wait).await
     }
 
-    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<()> {
+    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<bool> {
         (**self).wait_for_turn(request, max_wait).await
     }
 

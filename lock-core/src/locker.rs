@@ -862,6 +862,7 @@ impl Locker {
                 if self.stopped.load(Ordering::SeqCst) {
                     return Err(LockError::Stopped);
                 }
+                let mut woken_for_turn = false;
                 if early_wakes >= 2 {
                     early_wakes = 0;
                     tokio::select! {
@@ -874,25 +875,26 @@ impl Locker {
                             Some(request) => {
                                 self.store().wait_for_turn(request, wake_at - now).await
                             }
-                            None => {
-                                self.store()
-                                    .wait_for_release(&wanted.keys, wake_at - now)
-                                    .await
-                            }
+                            None => self
+                                .store()
+                                .wait_for_release(&wanted.keys, wake_at - now)
+                                .await
+                                .map(|()| false),
                         }
                     };
                     tokio::select! {
-                        waited = wait => waited?,
+                        waited = wait => woken_for_turn = waited?,
                         () = &mut stopping => return Err(LockError::Stopped),
                     }
-                    if Instant::now() < wake_at {
+                    if woken_for_turn || Instant::now() < wake_at {
                         early_wakes += 1;
                     } else {
                         early_wakes = 0;
                     }
                 }
                 let polled_lately = last_sent.elapsed() < fair_poll(options.ttl());
-                let on_time = Instant::now() >= wake_at;
+                // A waiter woken for its turn asks now, whatever the clock says.
+                let on_time = !woken_for_turn && Instant::now() >= wake_at;
                 let past_deadline = deadline.is_some_and(|deadline| Instant::now() >= deadline);
                 if waiter.is_none() || !on_time || !polled_lately || past_deadline {
                     break;

@@ -67,8 +67,8 @@ impl FairLine {
 
     /// Waits for `waiter`'s turn, the expiry of the holder it is first in line behind, or
     /// `max_wait`.
-    pub(crate) async fn wait(&self, waiter: &Token, max_wait: Duration) {
-        self.turns.wait(&waiter.expose(), max_wait).await;
+    pub(crate) async fn wait(&self, waiter: &Token, max_wait: Duration) -> bool {
+        self.turns.wait(&waiter.expose(), max_wait).await
     }
 
     /// Closes the subscriber connection (on shutdown).

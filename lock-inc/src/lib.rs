@@ -276,14 +276,16 @@ impl Lock for IncLock {
         }
     }
 
-    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<()> {
+    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<bool> {
         match (&self.shared.fair, request.waiter()) {
             (Some(fair), Some(waiter)) => {
                 self.shared.running()?;
-                fair.wait(waiter, max_wait).await;
-                Ok(())
+                Ok(fair.wait(waiter, max_wait).await)
             }
-            _ => self.wait_for_release(request.keys(), max_wait).await,
+            _ => self
+                .wait_for_release(request.keys(), max_wait)
+                .await
+                .map(|()| false),
         }
     }
 

@@ -573,14 +573,16 @@ impl Lock for Redlock {
         capabilities
     }
 
-    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<()> {
+    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<bool> {
         match (&self.shared.fair, request.waiter()) {
             (Some(fair), Some(waiter)) => {
                 self.shared.nodes()?;
-                fair.wait(waiter, max_wait).await;
-                Ok(())
+                Ok(fair.wait(waiter, max_wait).await)
             }
-            _ => self.wait_for_release(request.keys(), max_wait).await,
+            _ => self
+                .wait_for_release(request.keys(), max_wait)
+                .await
+                .map(|()| false),
         }
     }
 
