@@ -73,12 +73,12 @@ pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchR
                 for (name, fair, policy) in [
                     ("redis (fair), defaults", true, RetryPolicy::forever()),
                     (
-                        "redis (today's default), defaults",
+                        "redis (fair off), defaults",
                         false,
                         RetryPolicy::forever(),
                     ),
                     ("redis (fair), tuned", true, tuned()),
-                    ("redis (today's default), tuned", false, tuned()),
+                    ("redis (fair off), tuned", false, tuned()),
                 ] {
                     run += 1;
                     let key = format!("fair-bench-{run}");
@@ -103,7 +103,7 @@ pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchR
                 for (name, fair, policy) in [
                     ("inc (fair), defaults", true, RetryPolicy::forever()),
                     (
-                        "inc (today's default), defaults",
+                        "inc (fair off), defaults",
                         false,
                         RetryPolicy::forever(),
                     ),
@@ -220,11 +220,11 @@ async fn uncontended(backend: &str, fair: &Locker, plain: &Locker) -> BenchResul
         scenario,
         fair_rate,
         "ops/s",
-        Some((&format!("{backend} (today's default)"), plain_rate)),
+        Some((&format!("{backend} (fair off)"), plain_rate)),
     );
     fair_figure.nodes = Some(1);
     let mut plain_figure = figure(
-        &format!("{backend} (today's default)"),
+        &format!("{backend} (fair off)"),
         scenario,
         plain_rate,
         "ops/s",
