@@ -181,14 +181,7 @@ impl Lock for FreeAt {
         &'a self,
         request: &'a LockRequest,
     ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
-        lock_core::raw::Answer::later(async move {
-            let now = tokio::time::Instant::now();
-            if now < self.free_at {
-                return Ok(None);
-            }
-            let lease = lock_core::Lease::new(request, now + request.ttl());
-            Ok(Some(Box::new(Granted { lease }) as Box<dyn Handle>))
-        })
+        self.try_acquire_owned(request)
     }
     fn abandon<'a>(
         &'a self,
