@@ -72,11 +72,7 @@ pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchR
             if redlock {
                 for (name, fair, policy) in [
                     ("redis (fair), defaults", true, RetryPolicy::forever()),
-                    (
-                        "redis (fair off), defaults",
-                        false,
-                        RetryPolicy::forever(),
-                    ),
+                    ("redis (fair off), defaults", false, RetryPolicy::forever()),
                     ("redis (fair), tuned", true, tuned()),
                     ("redis (fair off), tuned", false, tuned()),
                 ] {
@@ -102,11 +98,7 @@ pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchR
             if inc {
                 for (name, fair, policy) in [
                     ("inc (fair), defaults", true, RetryPolicy::forever()),
-                    (
-                        "inc (fair off), defaults",
-                        false,
-                        RetryPolicy::forever(),
-                    ),
+                    ("inc (fair off), defaults", false, RetryPolicy::forever()),
                     ("inc (fair), tuned", true, tuned()),
                 ] {
                     run += 1;
