@@ -99,3 +99,57 @@ async fn an_acl_user_without_channels_locks_under_contention_by_default() {
         "the same user, the same cycle, with fair by default: {default:?}"
     );
 }
+
+/// Promised (`wake_on_release`, README: waiters "retry at once instead of sleeping out their
+/// retry delay"; b20c4d0 only turns `fair` on by default): a one-node Redlock configured with
+/// `wake_on_release` (and nothing about `fair`, as every such configuration written before
+/// b20c4d0) wakes a waiter for `a` when the holder of a multi-key lock on `a` and `b` releases.
+///
+/// Broken on main: with `fair` now on by default, the single-key waiter waits for its turn
+/// message (`wait_for_turn`, not the release channel), but a multi-key release is not lined up
+/// (`release_notify.lua`: no hand-over, no turn message). The waiter sleeps out its fallback
+/// poll (its retry delay, 2 s here) after the release. The control: the same with
+/// `fair: false` is woken within milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_on_release_wakes_a_waiter_when_a_multi_key_holder_releases_by_default() {
+    let Some(target) = Target::start(Store::Redis, "attack_s12b").await else {
+        return;
+    };
+    let mut waits = Vec::new();
+    for fair in [Some(false), None] {
+        let configure = |config: RedlockConfig| {
+            let config = config.with_wake_on_release(true);
+            match fair {
+                Some(fair) => config.with_fair(fair),
+                None => config,
+            }
+        };
+        let ttl = Duration::from_secs(10);
+        let holder = client_on(&target.url, ttl, RetryPolicy::none(), configure);
+        let waiter = client_on(&target.url, ttl, waiting(Duration::from_secs(2)), configure);
+        let guard = holder.acquire_many(&["multi-a", "multi-b"]).await.unwrap();
+        let task = tokio::spawn(async move {
+            let guard = waiter.acquire("multi-a").await.unwrap();
+            let got = Instant::now();
+            guard.release().await.unwrap();
+            waiter.stop().await.unwrap();
+            got
+        });
+        // The waiter made its first attempts and sleeps (2 s) by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let released = Instant::now();
+        guard.release().await.unwrap();
+        let got = task.await.unwrap();
+        holder.stop().await.unwrap();
+        waits.push((fair, got - released));
+    }
+    println!("waits after the release: {waits:?}");
+    assert!(
+        waits[0].1 < Duration::from_millis(500),
+        "control, fair off: {waits:?}"
+    );
+    assert!(
+        waits[1].1 < Duration::from_millis(500),
+        "wake_on_release, fair by default: the waiter slept out its retry delay: {waits:?}"
+    );
+}
