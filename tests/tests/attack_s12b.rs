@@ -153,3 +153,61 @@ async fn wake_on_release_wakes_a_waiter_when_a_multi_key_holder_releases_by_defa
         "wake_on_release, fair by default: the waiter slept out its retry delay: {waits:?}"
     );
 }
+
+/// Promised (the locker's `RetryPolicy`: a waiter nobody wakes tries again after its retry
+/// delay; README, fair waiting: "each is woken exactly when its turn comes"): on a one-node
+/// `redis` with the defaults, a waiter for `a` behind the holder of a multi-key lock on `a` and
+/// `b` gets `a` soon after that holder releases: woken, or at its next retry (10 ms here).
+///
+/// Broken on main: with `fair` on by default the waiter is in `a`'s line and waits for its
+/// turn, whose fallback poll is at least 200 ms; a multi-key release is not lined up (the plain
+/// compare-and-delete: no hand-over, no turn message), so the waiter sleeps out the 200 ms.
+/// The control: the same with `fair: false` retries every 10 ms and gets the key at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_behind_a_multi_key_holder_gets_the_key_soon_after_its_release_by_default() {
+    let Some(target) = Target::start(Store::Redis, "attack_s12b").await else {
+        return;
+    };
+    let mut waits = Vec::new();
+    for fair in [Some(false), None] {
+        let configure = |config: RedlockConfig| match fair {
+            Some(fair) => config.with_fair(fair),
+            None => config,
+        };
+        let ttl = Duration::from_secs(10);
+        let holder = client_on(&target.url, ttl, RetryPolicy::none(), configure);
+        let waiter = client_on(&target.url, ttl, waiting(Duration::from_millis(10)), configure);
+        let mut worst = Duration::ZERO;
+        for round in 0..5 {
+            let keys = [format!("poll-a-{round}"), format!("poll-b-{round}")];
+            let guard = holder
+                .acquire_many(&[keys[0].as_str(), keys[1].as_str()])
+                .await
+                .unwrap();
+            let (waiter, key) = (waiter.clone(), keys[0].clone());
+            let task = tokio::spawn(async move {
+                let guard = waiter.acquire(&key).await.unwrap();
+                let got = Instant::now();
+                guard.release().await.unwrap();
+                got
+            });
+            // Just after the waiter's poll at 200 ms (its first attempts went out at once).
+            tokio::time::sleep(Duration::from_millis(215 + 5 * round)).await;
+            let released = Instant::now();
+            guard.release().await.unwrap();
+            worst = worst.max(task.await.unwrap() - released);
+        }
+        waiter.stop().await.unwrap();
+        holder.stop().await.unwrap();
+        waits.push((fair, worst));
+    }
+    println!("worst waits after the release: {waits:?}");
+    assert!(
+        waits[0].1 < Duration::from_millis(100),
+        "control, fair off: {waits:?}"
+    );
+    assert!(
+        waits[1].1 < Duration::from_millis(100),
+        "fair by default: the waiter slept out its 200 ms fallback poll: {waits:?}"
+    );
+}
