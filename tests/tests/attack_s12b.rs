@@ -266,3 +266,59 @@ async fn inc_a_newcomer_at_a_free_key_with_a_line_waits_behind_it() {
 async fn inc_cluster_a_newcomer_at_a_free_key_with_a_line_waits_behind_it() {
     a_newcomer_at_a_free_key_with_a_line_waits_behind_it(Store::IncCluster).await;
 }
+
+/// The channels of `lock-turn:` clients subscribed on the target's server now.
+async fn turn_channels(target: &Target) -> Vec<String> {
+    let mut connection = redis::Client::open(target.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg("lock-turn:*")
+        .query_async(&mut connection)
+        .await
+        .unwrap()
+}
+
+/// Promised (b20c4d0, CHANGELOG: fair by default costs "a pub/sub connection per client on its
+/// first wait"; dropping a value frees what it holds, as the client's other connections are):
+/// a `redis` client dropped without `stop` (short-lived clients, a client per request or per
+/// test) leaves no connection behind on the server.
+///
+/// Broken on main: the pub/sub connection a fair client opens on its first wait is read by a
+/// spawned task that only `shutdown` aborts: dropped, the client's turn channel stays
+/// subscribed on the server for good (one connection and one task per client ever dropped).
+/// Without `fair` (the control, as every such client before b20c4d0) nothing is subscribed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_client_leaves_no_pub_sub_connection_by_default() {
+    let Some(target) = Target::start(Store::Redis, "attack_s12b").await else {
+        return;
+    };
+    let ttl = Duration::from_secs(10);
+    for fair in [Some(false), None] {
+        let configure = |config: RedlockConfig| match fair {
+            Some(fair) => config.with_fair(fair),
+            None => config,
+        };
+        let holder = client_on(&target.url, ttl, RetryPolicy::none(), configure);
+        let waiter = client_on(&target.url, ttl, waiting(Duration::from_millis(50)), configure);
+        let guard = holder.acquire("dropped").await.unwrap();
+        let task = {
+            let waiter = waiter.clone();
+            tokio::spawn(async move { waiter.acquire("dropped").await.unwrap().release().await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        guard.release().await.unwrap();
+        task.await.unwrap().unwrap();
+        // Both clients dropped without `stop`.
+        drop((holder, waiter));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let channels = turn_channels(&target).await;
+        assert!(
+            channels.is_empty(),
+            "fair {fair:?}: subscribed after the client was dropped: {channels:?}"
+        );
+    }
+}
