@@ -6,9 +6,8 @@
 //! loop); a lost pub/sub connection wakes every waiter of this client, and the next wait
 //! subscribes again.
 
-use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -24,9 +23,6 @@ pub(crate) struct FairLine {
     /// 32 hex digits naming this client in the members of every line it waits in.
     instance: String,
     turns: TurnRegistry,
-    /// The waiters whose last attempt found them first in line behind a holder (see
-    /// [`FairLine::is_head`]).
-    heads: Mutex<HashSet<String>>,
     subscriber: tokio::sync::Mutex<Option<Subscriber>>,
 }
 
@@ -51,7 +47,6 @@ impl FairLine {
         Ok(Self {
             instance: Token::generate()?.expose().to_string(),
             turns: TurnRegistry::default(),
-            heads: Mutex::new(HashSet::new()),
             subscriber: tokio::sync::Mutex::new(None),
         })
     }
@@ -66,7 +61,6 @@ impl FairLine {
     /// fallback).
     pub(crate) async fn listen(&self, waiter: &Token, node: &Node, timeout: Duration) {
         self.turns.listen(&waiter.expose());
-        self.heads_mut().remove(&*waiter.expose());
         let subscribed = async {
             let mut slot = self.subscriber.lock().await;
             if slot
@@ -96,24 +90,11 @@ impl FairLine {
     /// `waiter` is first in line behind a holder with `left` to live.
     pub(crate) fn first_in_line(&self, waiter: &Token, left: Duration) {
         self.turns.first_in_line(&waiter.expose(), left);
-        self.heads_mut().insert(waiter.expose().to_string());
-    }
-
-    /// True when `waiter`'s last attempt found it first in line behind a holder: the holder may
-    /// be one that is not lined up (a multi-key lock, a client without `fair`), whose release
-    /// passes no turn and sends no turn message, only the `wake_on_release` announcement.
-    pub(crate) fn is_head(&self, waiter: &Token) -> bool {
-        self.heads_mut().contains(&*waiter.expose())
-    }
-
-    fn heads_mut(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.heads.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// `waiter`'s acquisition ended.
     pub(crate) fn forget(&self, waiter: &Token) {
         self.turns.forget(&waiter.expose());
-        self.heads_mut().remove(&*waiter.expose());
     }
 
     /// Waits for `waiter`'s turn, the expiry of the holder it is first in line behind, or

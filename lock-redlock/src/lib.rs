@@ -577,17 +577,7 @@ impl Lock for Redlock {
         match (&self.shared.fair, request.waiter()) {
             (Some(fair), Some(waiter)) => {
                 self.shared.nodes()?;
-                // The head behind a holder that is not lined up (a multi-key lock, a client
-                // without `fair`) gets no turn message when it releases: with
-                // `wake_on_release`, the release's announcement wakes it too.
-                if self.shared.wakeups.is_some() && fair.is_head(waiter) {
-                    tokio::select! {
-                        () = fair.wait(waiter, max_wait) => {}
-                        waited = self.wait_for_release(request.keys(), max_wait) => waited?,
-                    }
-                } else {
-                    fair.wait(waiter, max_wait).await;
-                }
+                fair.wait(waiter, max_wait).await;
                 Ok(())
             }
             _ => self.wait_for_release(request.keys(), max_wait).await,
