@@ -32,6 +32,16 @@ struct Subscriber {
     reader: tokio::task::JoinHandle<()>,
 }
 
+/// A client dropped without `shutdown` closes its pub/sub connection too: the reading task
+/// owns it and would otherwise keep it (and the subscription) for good.
+impl Drop for FairLine {
+    fn drop(&mut self) {
+        if let Some(subscriber) = self.subscriber.get_mut().take() {
+            subscriber.reader.abort();
+        }
+    }
+}
+
 impl FairLine {
     pub(crate) fn new() -> Result<Self> {
         Ok(Self {

@@ -620,11 +620,13 @@ impl Lock for Redlock {
             // gives back a key it took while a line was waiting (a reservation that lapsed, a
             // release by a client without `fair`: see `NodeParts::acquire_fair_plain`), so only
             // a free key with nobody in line is taken; refused, the waiter lines up at once
-            // (below). Its later attempts, single tries, and every attempt with fencing (the
-            // script draws the fence in the same round trip) go through the line.
+            // (below). A single try is the same plain attempt, refused as it is (a key it gave
+            // back is reserved for the head of the line, which is woken): it never passes a
+            // line. Its later attempts, and every attempt with fencing (the script draws the
+            // fence in the same round trip), go through the line.
             let fair = shared.fair.as_ref().filter(|_| request.keys().len() == 1);
             if let Some(fair) = fair
-                && (request.after_wait() || request.waiter().is_none() || shared.config.fencing)
+                && (request.after_wait() || shared.config.fencing)
             {
                 return Box::pin(try_acquire_fair(shared, fair, request)).await;
             }
@@ -726,7 +728,9 @@ impl Lock for Redlock {
             }
             if tally.no > 0 {
                 // A fair waiter refused lines up (the line's attempt looks at the key's type).
-                if let Some(fair) = fair {
+                if let Some(fair) = fair
+                    && request.waiter().is_some()
+                {
                     return Box::pin(try_acquire_fair(shared, fair, request)).await;
                 }
                 // `SET NX` on a key of another type (a list, a hash) is refused as if the key were

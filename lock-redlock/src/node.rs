@@ -803,12 +803,45 @@ impl NodeParts {
                 }
                 self.invoke(&invocation).await?
             }
+            // A multi-key lock is not lined up, but its keys may have lines (single-key
+            // waiters behind it): each key it freed passes the turn to its line's head.
+            Held::Mutex if self.fair => {
+                let deleted: i64 = self
+                    .invoke(&self.release_call(keys, token, held).invocation())
+                    .await?;
+                if deleted > 0 {
+                    self.pass_turns(keys).await?;
+                }
+                deleted
+            }
             _ => {
                 self.invoke(&self.release_call(keys, token, held).invocation())
                     .await?
             }
         };
         Ok(usize::try_from(deleted).unwrap_or_default())
+    }
+
+    /// Passes the turn of each of `keys` that is free and has a line to the line's head
+    /// (reserved for it, and woken): a fair release by no token (`''` is never one) and no
+    /// waiter, which returns at once where nobody waits.
+    async fn pass_turns(&self, keys: &[Key]) -> RedisResult<()> {
+        let passes = keys.iter().map(|key| {
+            let key = key.as_str().as_bytes();
+            let mut invocation = RELEASE_FAIR.prepare_invoke();
+            invocation
+                .key(key)
+                .key([key, QUEUE_SUFFIX].concat())
+                .key([key, QUEUE_EXPIRY_SUFFIX].concat())
+                .arg(&[] as &[u8])
+                .arg(&[] as &[u8])
+                .arg(TURN_CHANNEL);
+            async move { self.invoke::<i64>(&invocation).await }
+        });
+        for passed in futures::future::join_all(passes).await {
+            passed?;
+        }
+        Ok(())
     }
 
     /// Compare-and-pexpire of what `token` holds on `keys` as `held`, all or nothing. True

@@ -61,6 +61,18 @@ struct Subscriber {
     reader: tokio::task::JoinHandle<()>,
 }
 
+/// Dropped without `close` (a client dropped without `shutdown`), the pub/sub connections
+/// close too: their reading tasks own them and would otherwise keep them for good.
+impl Drop for Wakeups {
+    fn drop(&mut self) {
+        for slot in &mut self.subscribers {
+            if let Some(subscriber) = slot.get_mut().take() {
+                subscriber.reader.abort();
+            }
+        }
+    }
+}
+
 impl Wakeups {
     pub(crate) fn new(nodes: usize) -> Self {
         Self {

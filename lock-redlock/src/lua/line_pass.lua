@@ -23,7 +23,7 @@ local function line_pass(lock, prefix)
       if left > 0 then
         redis.call('set', lock, RESERVED .. head, 'PX', string.format('%.0f', left))
       end
-      redis.call('publish', prefix .. string.sub(head, 1, 32), string.sub(head, 33))
+      line_publish(prefix .. string.sub(head, 1, 32), string.sub(head, 33))
     end
   end
   line_settle()

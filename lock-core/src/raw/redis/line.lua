@@ -57,11 +57,18 @@ local function line_leave(member)
   redis.call('zrem', LINE_EXPIRY, member)
 end
 
+-- Publishes a waiter's wake-up (also for the backends' own hand-overs). A message the server
+-- refuses (an ACL user without pub/sub channels, Redis 7's default for new users) is a lost
+-- message, which costs the waiter its fallback poll, not the caller's release or attempt.
+local function line_publish(channel, message)
+  redis.pcall('publish', channel, message)
+end
+
 -- Wakes the head of the line alone: one message on its client's channel, naming it.
 local function line_wake(prefix)
   local head = redis.call('zrange', LINE, 0, 0)[1]
   if head then
-    redis.call('publish', prefix .. string.sub(head, 1, 32), string.sub(head, 33))
+    line_publish(prefix .. string.sub(head, 1, 32), string.sub(head, 33))
   end
 end
 
