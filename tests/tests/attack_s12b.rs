@@ -23,9 +23,8 @@ fn client_on(
     retry: RetryPolicy,
     config: impl FnOnce(RedlockConfig) -> RedlockConfig,
 ) -> Locker {
-    let config = config(
-        RedlockConfig::new([url.to_owned()]).with_node_timeout(Duration::from_millis(500)),
-    );
+    let config =
+        config(RedlockConfig::new([url.to_owned()]).with_node_timeout(Duration::from_millis(500)));
     Locker::from_arc(Arc::new(Redlock::new(config).expect("redlock")))
         .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
         .expect("options")
@@ -49,7 +48,10 @@ async fn contended_cycle(url: &str, fair: Option<bool>) -> Vec<String> {
     let waiter = tokio::spawn(async move {
         let outcome = b.acquire("acl-fair").await;
         let outcome = match outcome {
-            Ok(guard) => guard.release().await.map_err(|e| format!("B's release: {e}")),
+            Ok(guard) => guard
+                .release()
+                .await
+                .map_err(|e| format!("B's release: {e}")),
             Err(error) => Err(format!("B's acquire: {error}")),
         };
         b.stop().await.unwrap();
@@ -176,7 +178,12 @@ async fn a_waiter_behind_a_multi_key_holder_gets_the_key_soon_after_its_release_
         };
         let ttl = Duration::from_secs(10);
         let holder = client_on(&target.url, ttl, RetryPolicy::none(), configure);
-        let waiter = client_on(&target.url, ttl, waiting(Duration::from_millis(10)), configure);
+        let waiter = client_on(
+            &target.url,
+            ttl,
+            waiting(Duration::from_millis(10)),
+            configure,
+        );
         let mut worst = Duration::ZERO;
         for round in 0..5 {
             let keys = [format!("poll-a-{round}"), format!("poll-b-{round}")];
@@ -228,8 +235,12 @@ async fn a_newcomer_at_a_free_key_with_a_line_waits_behind_it(store: Store) {
     };
     let ttl = Duration::from_secs(10);
     let holder = target.locker(true, ttl, RetryPolicy::none()).await;
-    let head = target.locker(true, ttl, waiting(Duration::from_secs(2))).await;
-    let newcomer = target.locker(true, ttl, waiting(Duration::from_secs(2))).await;
+    let head = target
+        .locker(true, ttl, waiting(Duration::from_secs(2)))
+        .await;
+    let newcomer = target
+        .locker(true, ttl, waiting(Duration::from_secs(2)))
+        .await;
     for round in 0..8 {
         let key = format!("inc-free-{round}");
         let order = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -247,9 +258,19 @@ async fn a_newcomer_at_a_free_key_with_a_line_waits_behind_it(store: Store) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         guard.release().await.unwrap();
         let second = spawn(&newcomer, "newcomer");
-        tokio::time::timeout(Duration::from_secs(10), first).await.unwrap().unwrap();
-        tokio::time::timeout(Duration::from_secs(10), second).await.unwrap().unwrap();
-        assert_eq!(*order.lock().unwrap(), ["head", "newcomer"], "round {round}");
+        tokio::time::timeout(Duration::from_secs(10), first)
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["head", "newcomer"],
+            "round {round}"
+        );
     }
     for locker in [holder, head, newcomer] {
         locker.stop().await.unwrap();
@@ -303,7 +324,12 @@ async fn a_dropped_client_leaves_no_pub_sub_connection_by_default() {
             None => config,
         };
         let holder = client_on(&target.url, ttl, RetryPolicy::none(), configure);
-        let waiter = client_on(&target.url, ttl, waiting(Duration::from_millis(50)), configure);
+        let waiter = client_on(
+            &target.url,
+            ttl,
+            waiting(Duration::from_millis(50)),
+            configure,
+        );
         let guard = holder.acquire("dropped").await.unwrap();
         let task = {
             let waiter = waiter.clone();
