@@ -110,6 +110,25 @@ pub(crate) struct Listener {
     tasks: tokio::sync::Mutex<Option<Vec<JoinHandle<()>>>>,
 }
 
+/// Dropped without `close` (a client dropped without `shutdown`), the subscriber connection
+/// closes too: its tasks, and fred's own connection task, would otherwise keep it (and its
+/// subscriptions) for good.
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(tasks) = self.tasks.get_mut().take() {
+            for task in tasks {
+                task.abort();
+            }
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let subscriber = self.subscriber.clone();
+                runtime.spawn(async move {
+                    let _ = subscriber.quit().await;
+                });
+            }
+        }
+    }
+}
+
 impl Listener {
     pub(crate) fn new(subscriber: SubscriberClient) -> Self {
         Self {

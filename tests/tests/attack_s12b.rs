@@ -425,3 +425,37 @@ async fn an_uncontended_try_acquire_runs_no_acquisition_script_by_default() {
         "fair by default runs more scripts per uncontended try: {runs:?}"
     );
 }
+
+/// As [`a_dropped_client_leaves_no_pub_sub_connection_by_default`], for inc with `fair` on
+/// (opt-in there): a client dropped without `stop` after a fair wait leaves its turn channel
+/// subscribed on the server no longer than a moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_inc_client_leaves_no_pub_sub_connection() {
+    let Some(target) = Target::start(Store::Inc, "attack_s12b").await else {
+        return;
+    };
+    let ttl = Duration::from_secs(10);
+    let holder = target.locker(true, ttl, RetryPolicy::none()).await;
+    let waiter = target
+        .locker(true, ttl, waiting(Duration::from_millis(50)))
+        .await;
+    let guard = holder.acquire("dropped-inc").await.unwrap();
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire("dropped-inc").await.unwrap().release().await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !turn_channels(&target).await.is_empty(),
+        "the waiter never subscribed: the check below would prove nothing"
+    );
+    guard.release().await.unwrap();
+    task.await.unwrap().unwrap();
+    drop((holder, waiter));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let channels = turn_channels(&target).await;
+    assert!(
+        channels.is_empty(),
+        "subscribed after the inc client was dropped: {channels:?}"
+    );
+}
