@@ -45,6 +45,9 @@ pub struct Locker {
     cleanups: Arc<Cleanups>,
     /// Tasks of this process line up here before asking a distributed store.
     local: Option<Arc<LocalQueue>>,
+    /// Whether a key won after contention is not taken straight back (see
+    /// [`Locker::with_courtesy`]).
+    courtesy: bool,
 }
 
 /// What a critical section run by [`Locker::with_lock`] knows about its lock: the [`Lease`]
@@ -91,6 +94,7 @@ impl Locker {
             stopped: Arc::new(AtomicBool::new(false)),
             cleanups: Arc::default(),
             local,
+            courtesy: true,
         }
     }
 
@@ -103,6 +107,22 @@ impl Locker {
     #[must_use]
     pub fn with_local_queue(mut self, enabled: bool) -> Self {
         self.local = enabled.then(|| self.local.take().unwrap_or_default());
+        self
+    }
+
+    /// Turns the courtesy to other processes on or off. It is on by default, and matters only
+    /// for a store shared between processes whose waiters poll in no order (not
+    /// [`Capabilities::fair`]): after this client won a key it had found held, its next
+    /// acquisition of that key within one ttl waits one delay of its retry policy before asking
+    /// (half the time to its deadline at most), as a waiter refused once would, instead of
+    /// taking the key straight back while the other processes' waiters sleep out their delays.
+    /// A win at the first attempt (nobody else asked meanwhile) ends the courtesy; finding the
+    /// key held again renews it. Single attempts never wait. Off, a client that releases and
+    /// asks again keeps winning, which is the most throughput and the longest tail of waits
+    /// elsewhere.
+    #[must_use]
+    pub fn with_courtesy(mut self, enabled: bool) -> Self {
+        self.courtesy = enabled;
         self
     }
 
@@ -720,6 +740,12 @@ impl Locker {
         };
         // The end of the policy's delay when a claim's renewal cut the wait short.
         let mut planned_wake = None;
+        // Whether an attempt found the key held (see `Courtesy`).
+        let courteous = self.courtesy && self.capabilities.distributed && !self.capabilities.fair;
+        let mut found_held = false;
+        if courteous && first.is_none() && !options.retry().is_single_attempt() {
+            self.courtesy_wait(&wanted, deadline).await?;
+        }
         loop {
             attempts += 1;
             let fresh;
@@ -763,9 +789,17 @@ impl Locker {
                 Ok(Attempt::Won(handle)) => {
                     // Taking the lock consumed the claim.
                     claim.request = None;
+                    if courteous {
+                        let until = Instant::now() + options.ttl();
+                        let key = wanted.keys.primary();
+                        self.cleanups.courtesy.won(key, found_held, until);
+                    }
                     return self.won(handle, attempts, options);
                 }
-                Ok(Attempt::Held) => last_error = None,
+                Ok(Attempt::Held) => {
+                    last_error = None;
+                    found_held = true;
+                }
                 Ok(Attempt::CutShort) => {}
                 Err(error @ (LockError::Backend { .. } | LockError::QuorumNotReached { .. })) => {
                     tracing::debug!(attempts, %error, "attempt failed");
@@ -905,6 +939,35 @@ impl Locker {
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Err(gave_up(last_error.take()));
             }
+        }
+    }
+
+    /// A client that won `wanted`'s key after finding it held, and asks for it again within a
+    /// ttl, first waits one delay of its policy (half the time to the deadline at most), so
+    /// that waiters of other processes polling in no order get their chance (see
+    /// [`Courtesy`]). A `stop` ends the wait.
+    async fn courtesy_wait(&self, wanted: &Wanted<'_>, deadline: Option<Instant>) -> Result<()> {
+        let now = Instant::now();
+        if !self.cleanups.courtesy.owed(wanted.keys.primary(), now) {
+            return Ok(());
+        }
+        let Some(mut delay) = wanted.options.retry().backoff().next() else {
+            return Ok(());
+        };
+        if let Some(deadline) = deadline {
+            delay = delay.min(deadline.saturating_duration_since(now) / 2);
+        }
+        tracing::debug!(
+            delay_ms = delay.as_millis() as u64,
+            "won after contention lately; letting other processes ask first"
+        );
+        let stopping = self.cleanups.stopping.notified();
+        tokio::pin!(stopping);
+        stopping.as_mut().enable();
+        self.check_running()?;
+        tokio::select! {
+            () = tokio::time::sleep_until(now + delay) => Ok(()),
+            () = &mut stopping => Err(LockError::Stopped),
         }
     }
 
@@ -1207,6 +1270,65 @@ pub(crate) struct Cleanups {
     /// is cancelled before it finished: another call takes over).
     stop_running: AtomicBool,
     stop_done: tokio::sync::Notify,
+    /// Keys this client won after finding them held by another process (see [`Courtesy`]).
+    courtesy: Courtesy,
+}
+
+/// Keys this client won after finding them held elsewhere, until when the courtesy lasts (one
+/// ttl after the win). On a store whose waiters in other processes poll in no order (not
+/// [`Capabilities::fair`]), a client that takes a key straight back after releasing it wins
+/// far more often than they do (it asks first, while they sleep out their delays), so its
+/// next acquisition of a key it had to wait for starts with one delay of its policy, as a
+/// waiter refused once would: the key goes to whoever asks first in that time. A win at its
+/// first attempt (nobody else asked) ends the courtesy; an acquisition that finds the key
+/// held again renews it.
+#[derive(Debug, Default)]
+struct Courtesy {
+    /// Entries held (read without the lock: the uncontended path looks no further).
+    len: std::sync::atomic::AtomicUsize,
+    until: std::sync::Mutex<std::collections::HashMap<Key, Instant>>,
+}
+
+impl Courtesy {
+    /// At most this many keys are remembered; more clears the oldest half's worth (expired first).
+    const MAX: usize = 1024;
+
+    /// Whether an acquisition of `key` starting now should first wait one delay.
+    fn owed(&self, key: &Key, now: Instant) -> bool {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let until = self
+            .until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        until.get(key).is_some_and(|until| *until > now)
+    }
+
+    /// An acquisition of `key` won: after finding the key held (`contended`) the courtesy lasts
+    /// until `until`; otherwise it ends.
+    fn won(&self, key: &Key, contended: bool, until: Instant) {
+        if !contended && self.len.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut map = self
+            .until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if contended {
+            if map.len() >= Self::MAX {
+                let now = Instant::now();
+                map.retain(|_, until| *until > now);
+                if map.len() >= Self::MAX {
+                    map.clear();
+                }
+            }
+            map.insert(key.clone(), until);
+        } else {
+            map.remove(key);
+        }
+        self.len.store(map.len(), Ordering::Relaxed);
+    }
 }
 
 /// Marks the `stop` doing the job finished when dropped, or (cancelled before it was `done`)
@@ -1294,6 +1416,7 @@ impl fmt::Debug for Locker {
             .field("options", &self.options)
             .field("stopped", &self.stopped.load(Ordering::Relaxed))
             .field("local_queue", &self.local.is_some())
+            .field("courtesy", &self.courtesy)
             .finish()
     }
 }

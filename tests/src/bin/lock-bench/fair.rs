@@ -302,8 +302,10 @@ async fn rslock_run(
     let managers: Vec<LockManager> = (0..waiters)
         .map(|_| {
             let mut manager = LockManager::new(vec![url.to_owned()]);
+            // At an equal setting rslock retries until it wins, as ours does (with its count
+            // of 3 the loop below would re-ask at once after every third attempt).
             if let Some(delay) = delay {
-                manager.set_retry(3, delay);
+                manager.set_retry(u32::MAX, delay);
             }
             manager
         })

@@ -223,8 +223,11 @@ async fn contended(urls: &[String], nodes: u32, duration: Duration) -> BenchResu
             let managers: Vec<LockManager> = (0..clients)
                 .map(|_| {
                     let mut manager = LockManager::new(urls.to_vec());
+                    // At an equal setting rslock retries until it wins, as ours does: with
+                    // its count of 3 the loop below would re-ask at once after every third
+                    // attempt, an extra attempt our policy does not make.
                     if let Some(delay) = rslock_delay {
-                        manager.set_retry(3, delay);
+                        manager.set_retry(u32::MAX, delay);
                     }
                     manager
                 })
