@@ -365,7 +365,7 @@ mod tests {
                 "node_timeout: Some(70)",
                 "drift_factor: 0.02",
                 "fencing: true",
-                "wake_on_release: true",
+                "wake_on_release: Some(true)",
             ] {
                 assert!(backend.contains(shown), "{shown} in {backend}");
             }

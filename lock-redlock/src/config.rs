@@ -38,7 +38,8 @@ pub enum ConnectionKind {
 /// - `connect_timeout`: 500 ms
 /// - `connection`: `manager`
 /// - `pool_size`: 4 connections per node (with `connection = "pool"`)
-/// - `wake_on_release`: off
+/// - `wake_on_release`: off with one node, on with several (unset: see
+///   [`RedlockConfig::wake_on_release`])
 /// - `fencing`: off
 /// - `fair`: on with one node (`redis`), off with several (unset: see [`RedlockConfig::fair`])
 ///
@@ -72,8 +73,13 @@ pub struct RedlockConfig {
     pub tls_ca_file: Option<std::path::PathBuf>,
     /// Announce releases over pub/sub and let waiters subscribe, so that they retry at once
     /// instead of sleeping out their retry delay (a missed message costs one delay at most).
-    #[serde(alias = "wakeOnRelease")]
-    pub wake_on_release: bool,
+    /// A user without pub/sub rights still releases (the message is lost, not the release).
+    ///
+    /// Unset (`None`, the default), it is on with several nodes, where waiters cannot line up
+    /// (`fair`) and would otherwise poll in no order, and off with one node, where the fair
+    /// line wakes the head alone (see [`RedlockConfig::wakes_on_release`]).
+    #[serde(alias = "wakeOnRelease", skip_serializing_if = "Option::is_none")]
+    pub wake_on_release: Option<bool>,
     /// Hand out fencing tokens: every acquisition also advances a counter beside the key on
     /// each node it wins (`<key>:fence`, to at least the node's clock in µs) and raises the
     /// counter on a quorum to the highest value it saw, a second round trip. Tokens then
@@ -142,7 +148,7 @@ impl Default for RedlockConfig {
             connection: ConnectionKind::Manager,
             pool_size: 4,
             tls_ca_file: None,
-            wake_on_release: false,
+            wake_on_release: None,
             fencing: false,
             fair: None,
         }
@@ -179,8 +185,14 @@ impl RedlockConfig {
     /// Turns pub/sub wake-ups of waiters on or off.
     #[must_use]
     pub fn with_wake_on_release(mut self, wake_on_release: bool) -> Self {
-        self.wake_on_release = wake_on_release;
+        self.wake_on_release = Some(wake_on_release);
         self
+    }
+
+    /// Whether releases wake waiters over pub/sub: as set, or, unset, when there are several
+    /// nodes.
+    pub fn wakes_on_release(&self) -> bool {
+        self.wake_on_release.unwrap_or(self.urls.len() > 1)
     }
 
     /// Turns fair waiting across processes on or off (see [`RedlockConfig::fair`]).
@@ -425,6 +437,28 @@ mod tests {
     }
 
     #[test]
+    fn wake_ups_are_on_by_default_with_several_nodes_and_off_with_one() {
+        let one = RedlockConfig::new(["redis://127.0.0.1:1/"]);
+        assert!(one.wake_on_release.is_none() && !one.wakes_on_release());
+        assert!(one.clone().with_wake_on_release(true).wakes_on_release());
+        let three = RedlockConfig::new([
+            "redis://127.0.0.1:1/",
+            "redis://127.0.0.1:2/",
+            "redis://127.0.0.1:3/",
+        ]);
+        assert!(three.wakes_on_release());
+        assert!(!three.clone().with_wake_on_release(false).wakes_on_release());
+        let json = serde_json::to_string(&three).unwrap();
+        assert!(!json.contains("wake_on_release"), "{json}");
+        let off: RedlockConfig = serde_json::from_str(
+            r#"{"urls": ["redis://127.0.0.1:1/", "redis://127.0.0.1:2/"], "wakeOnRelease": false}"#,
+        )
+        .unwrap();
+        assert_eq!(off.wake_on_release, Some(false));
+        assert!(!off.wakes_on_release());
+    }
+
+    #[test]
     fn every_option_parses_from_json_under_its_seed_name() {
         let config: RedlockConfig = serde_json::from_str(
             r#"{"nodes": ["redis://127.0.0.1:1/"], "driftFactor": 0.02, "nodeTimeout": 70,
@@ -438,7 +472,7 @@ mod tests {
         assert_eq!(config.connect_timeout, 300);
         assert_eq!(config.connection, ConnectionKind::Pool);
         assert_eq!(config.pool_size, 2);
-        assert!(config.wake_on_release && config.fencing && config.fair == Some(true));
+        assert!(config.wakes_on_release() && config.fencing && config.fair == Some(true));
         config.require_single_node().unwrap();
     }
 

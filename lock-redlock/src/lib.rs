@@ -106,7 +106,7 @@ impl Redlock {
                 node_count,
                 quorum,
                 wakeups: config
-                    .wake_on_release
+                    .wakes_on_release()
                     .then(|| Arc::new(wake::Wakeups::new(node_count))),
                 fair: if config.is_fair() {
                     Some(Arc::new(fair::FairLine::new()?))

@@ -260,7 +260,7 @@ impl NodeParts {
             connection,
             client,
             release_channel: config
-                .wake_on_release
+                .wakes_on_release()
                 .then_some(lock_core::raw::redis::RELEASE_CHANNEL),
             fair: config.is_fair(),
             busy: AtomicU64::new(0),

@@ -19,6 +19,6 @@ end
 redis.call('zadd', KEYS[1], score, 'r' .. ARGV[1])
 redis.call('zrem', KEYS[1], 'w' .. ARGV[1])
 if ARGV[2] then
-  redis.call('publish', ARGV[2], '1')
+  redis.pcall('publish', ARGV[2], '1')
 end
 return 1

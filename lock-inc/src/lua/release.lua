@@ -4,7 +4,7 @@
 if redis.call('get', KEYS[2]) == ARGV[1] then
   redis.call('del', KEYS[1], KEYS[2])
   if ARGV[2] then
-    redis.call('publish', ARGV[2], '1')
+    redis.pcall('publish', ARGV[2], '1')
   end
   return 1
 end

@@ -10,7 +10,7 @@ local released = 0
 if redis.call('get', KEYS[2]) == ARGV[1] then
   redis.call('del', KEYS[1], KEYS[2])
   if ARGV[4] then
-    redis.call('publish', ARGV[4], '1')
+    redis.pcall('publish', ARGV[4], '1')
   end
   released = 1
 end

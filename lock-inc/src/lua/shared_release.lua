@@ -67,6 +67,6 @@ else
   redis.call('del', KEYS[1], KEYS[2])
 end
 if ARGV[3] then
-  redis.call('publish', ARGV[3], '1')
+  redis.pcall('publish', ARGV[3], '1')
 end
 return removed

@@ -37,6 +37,6 @@ if ARGV[3] == '1' and redis.call('type', claim).ok == 'string' and redis.call('g
   removed = 1
 end
 if removed == 1 and ARGV[4] then
-  redis.call('publish', ARGV[4] .. key, '1')
+  redis.pcall('publish', ARGV[4] .. key, '1')
 end
 return removed

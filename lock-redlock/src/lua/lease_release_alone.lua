@@ -19,7 +19,7 @@ if ARGV[3] ~= '1' then
     end
     redis.call('del', KEYS[1])
     if ARGV[4] then
-      redis.call('publish', ARGV[4] .. KEYS[1], '1')
+      redis.pcall('publish', ARGV[4] .. KEYS[1], '1')
     end
     return 1
   end

@@ -11,7 +11,7 @@ local deleted = 0
 if redis.pcall('get', KEYS[1]) == ARGV[1] then
   deleted = redis.call('del', KEYS[1])
   if ARGV[4] then
-    redis.call('publish', ARGV[4] .. KEYS[1], '1')
+    redis.pcall('publish', ARGV[4] .. KEYS[1], '1')
   end
 end
 if ARGV[2] == '' and redis.call('exists', KEYS[3]) == 0 then

@@ -4,7 +4,7 @@ local deleted = 0
 for i = 1, #KEYS do
   if redis.pcall('get', KEYS[i]) == ARGV[1] then
     deleted = deleted + redis.call('del', KEYS[i])
-    redis.call('publish', ARGV[2] .. KEYS[i], '1')
+    redis.pcall('publish', ARGV[2] .. KEYS[i], '1')
   end
 end
 return deleted

@@ -22,6 +22,6 @@ for i = 1, #fields, 2 do
 end
 settle_slots(key, now)
 if removed == 1 and ARGV[3] then
-  redis.call('publish', ARGV[3] .. key, '1')
+  redis.pcall('publish', ARGV[3] .. key, '1')
 end
 return removed
