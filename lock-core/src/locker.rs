@@ -114,12 +114,13 @@ impl Locker {
     /// for a store shared between processes whose waiters poll in no order (not
     /// [`Capabilities::fair`]): after this client won a key it had found held, its next
     /// acquisition of that key within one ttl waits one delay of its retry policy before asking
-    /// (half the time to its deadline at most), as a waiter refused once would, instead of
-    /// taking the key straight back while the other processes' waiters sleep out their delays.
-    /// A win at the first attempt (nobody else asked meanwhile) ends the courtesy; finding the
-    /// key held again renews it. Single attempts never wait. Off, a client that releases and
-    /// asks again keeps winning, which is the most throughput and the longest tail of waits
-    /// elsewhere.
+    /// (5 ms at most on a store that wakes its waiters on release, whose waiters ask within a
+    /// round trip or two; half the time to its deadline at most), as a waiter refused once
+    /// would, instead of taking the key straight back while the other processes' waiters
+    /// sleep out their delays. A win at the first attempt (nobody else asked meanwhile) ends
+    /// the courtesy; finding the key held again renews it. Single attempts never wait. Off, a
+    /// client that releases and asks again keeps winning, which is the most throughput and the
+    /// longest tail of waits elsewhere.
     #[must_use]
     pub fn with_courtesy(mut self, enabled: bool) -> Self {
         self.courtesy = enabled;
@@ -954,6 +955,10 @@ impl Locker {
         let Some(mut delay) = wanted.options.retry().backoff().next() else {
             return Ok(());
         };
+        if self.capabilities.wake_on_release {
+            // Waiters elsewhere are woken by the release and ask within a round trip or two.
+            delay = delay.min(WOKEN_COURTESY);
+        }
         if let Some(deadline) = deadline {
             delay = delay.min(deadline.saturating_duration_since(now) / 2);
         }
@@ -1245,6 +1250,10 @@ fn abandon_in_background(lock: Arc<dyn Lock>, cleanups: &Arc<Cleanups>, request:
 /// How long [`Locker::stop`] waits for the clean-ups of interrupted attempts and the releases
 /// of dropped guards.
 pub const CLEANUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The courtesy's longest wait on a store that wakes its waiters on release (see
+/// [`Courtesy`]): they ask within a round trip or two of the release, not at their next poll.
+const WOKEN_COURTESY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// How often a waiter in a fair line asks the store whether its turn came when no message
 /// says so: the longest a lost message can delay it, at most a quarter of the ttl (each

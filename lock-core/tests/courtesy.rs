@@ -184,3 +184,15 @@ async fn a_stop_ends_a_courtesy_wait() {
     assert!(matches!(error, LockError::Stopped), "{error}");
     assert!(stopped.elapsed() < Duration::from_millis(100));
 }
+
+/// On a store that wakes its waiters on release, they ask within a round trip or two of it:
+/// the courtesy lasts 5 ms at most, however long the policy's delay.
+#[tokio::test(start_paused = true)]
+async fn a_courtesy_before_woken_waiters_is_short() {
+    let store = Arc::new(Store::new().claiming_wake_ups());
+    let a = process(&store, 200);
+    owe_courtesy(&store, &a).await;
+    let paid = Instant::now();
+    a.acquire("k").await.unwrap().release().await.unwrap();
+    assert_eq!(paid.elapsed(), Duration::from_millis(5));
+}

@@ -23,6 +23,8 @@ pub(crate) struct Store {
     pub(crate) attempts: Arc<AtomicUsize>,
     downgrade_fails: bool,
     extend_takes: Duration,
+    /// Whether it claims `wake_on_release` (its waits still sleep their whole time).
+    claims_wake_ups: bool,
 }
 
 #[derive(Debug)]
@@ -44,6 +46,13 @@ impl Store {
         self
     }
 
+    /// It claims `Capabilities::wake_on_release`, as a store whose waiters are woken on
+    /// release does (its waits still sleep their whole time).
+    pub(crate) fn claiming_wake_ups(mut self) -> Self {
+        self.claims_wake_ups = true;
+        self
+    }
+
     /// Its extends take `extend_takes` before they reach the store.
     pub(crate) fn extends_taking(mut self, extend_takes: Duration) -> Self {
         self.extend_takes = extend_takes;
@@ -57,7 +66,11 @@ impl Lock for Store {
         "store"
     }
     fn capabilities(&self) -> Capabilities {
-        self.memory.capabilities().with_distributed()
+        // Its waits sleep out their time (the default `wait_for_release`): no push wake-ups
+        // unless told to claim them.
+        let mut capabilities = self.memory.capabilities().with_distributed();
+        capabilities.wake_on_release = self.claims_wake_ups;
+        capabilities
     }
     fn try_acquire<'a>(
         &'a self,
