@@ -1,0 +1,92 @@
+//! Attacks on the courtesy (9e52d96, `Locker::with_courtesy`, on by default) and on pub/sub
+//! wake-ups on by default over several Redlock nodes (5ed6751). Every client is its own backend
+//! instance (a process of its own, as far as the servers can tell).
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::fair::waiting;
+use lock_tests::nodes::Nodes;
+
+/// A client of its own on `urls` with the configuration's defaults (wake-ups on: 3 nodes).
+fn client(urls: &[String], retry: RetryPolicy) -> Locker {
+    let config = RedlockConfig::new(urls.to_vec()).with_node_timeout(Duration::from_millis(300));
+    Locker::from_arc(Arc::new(Redlock::new(config).expect("redlock")))
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(retry),
+        )
+        .expect("options")
+}
+
+/// The connections open on the server at `url` now, this probe's own left out (`CLIENT LIST`:
+/// a pub/sub connection whose channels were all unsubscribed is no longer of type `pubsub`).
+fn clients(url: &str) -> Vec<String> {
+    let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut connection).unwrap();
+    list.lines()
+        .filter(|line| !line.trim().is_empty() && !line.contains("cmd=client|list"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A waiter on `key` woken by the holder's release; returns the waiter (dropped by the caller).
+async fn waited_once(urls: &[String], key: &'static str) -> Locker {
+    let holder = client(urls, RetryPolicy::none());
+    let waiter = client(urls, waiting(Duration::from_secs(2)));
+    let guard = holder.acquire(key).await.unwrap();
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire(key).await.unwrap().release().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    guard.release().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("woken")
+        .unwrap()
+        .unwrap();
+    holder.stop().await.unwrap();
+    waiter
+}
+
+/// Promised (5f891cc/attack_s12b, `Wakeups`'s `Drop`: "Dropped without `close` (a client
+/// dropped without `shutdown`), the pub/sub connections close too"): a Redlock client over
+/// three nodes — wake-ups on by default now — dropped without `stop` leaves no pub/sub
+/// connection on the servers, whatever one node does.
+///
+/// Broken on main: when the last waiter of a channel leaves, a task spawned for the linger
+/// (`LINGER`, 2 s) holds an `Arc` of the client's `Wakeups` and then sends `UNSUBSCRIBE` to
+/// each node in turn, with no timeout. One node black-holed (accepts bytes, answers nothing)
+/// and that task never ends: the `Wakeups` is never dropped, so the readers of the *healthy*
+/// nodes are never aborted and their pub/sub connections stay open for good after the client
+/// was dropped. The control (no black hole) leaves nothing after the linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_client_leaves_no_pub_sub_connection_with_a_node_black_holed() {
+    let nodes = Nodes::start().await;
+    let urls = nodes.urls().to_vec();
+    let healthy = [nodes.servers[0].url(), nodes.servers[1].url()];
+
+    // Control: the linger ends, the dropped client's connections close.
+    let waiter = waited_once(&urls, "control").await;
+    drop(waiter);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let left: Vec<Vec<String>> = healthy.iter().map(|url| clients(url)).collect();
+    assert!(left.iter().all(Vec::is_empty), "control: connections after the drop: {left:?}");
+
+    // The third node black-holed after the wait: the linger's UNSUBSCRIBE to it never returns.
+    let waiter = waited_once(&urls, "black-holed").await;
+    nodes.proxy.black_hole();
+    drop(waiter);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let left: Vec<Vec<String>> = healthy.iter().map(|url| clients(url)).collect();
+    nodes.proxy.set_delay(Duration::ZERO);
+    assert!(
+        left.iter().all(Vec::is_empty),
+        "connections on the healthy nodes 6 s after the client was dropped: {left:?}"
+    );
+}
