@@ -90,3 +90,40 @@ async fn a_dropped_client_leaves_no_pub_sub_connection_with_a_node_black_holed()
         "connections on the healthy nodes 6 s after the client was dropped: {left:?}"
     );
 }
+
+/// How long `cycles` RAII cycles (`acquire`, then drop the guard) of one task of a client alone
+/// on three nodes take, with the default policy's shape (200 ms delay, no jitter).
+async fn raii_cycles(urls: &[String], courtesy: bool, cycles: usize) -> Duration {
+    let locker = client(urls, RetryPolicy::default().with_retry_jitter(Duration::ZERO))
+        .with_courtesy(courtesy);
+    let started = tokio::time::Instant::now();
+    for _ in 0..cycles {
+        let _guard = locker.acquire("raii").await.unwrap();
+    }
+    let took = started.elapsed();
+    locker.stop().await.unwrap();
+    took
+}
+
+/// Promised (9e52d96, README: the courtesy is paid by "a client that won a key after finding
+/// it held"; "uncontended cycles never pay it"): a client alone on three nodes (wake-ups on by
+/// default), one task, one acquisition after another with its guard dropped at the end of its
+/// scope, sleeps no courtesy delay.
+///
+/// Broken on main: the dropped guard releases on a spawned task; the next acquisition often
+/// finds the key still held by that very release, is woken by it and wins "after contention",
+/// so the following acquisition sleeps one delay (200 ms) before asking for a key nobody else
+/// wants. The control (courtesy off) runs the same cycles without those sleeps. See
+/// `lock-core/tests/attack_s13a.rs` for the deterministic version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_client_dropping_its_guards_pays_no_courtesy_on_three_nodes() {
+    let nodes = Nodes::start().await;
+    let urls = nodes.urls().to_vec();
+    let control = raii_cycles(&urls, false, 20).await;
+    let by_default = raii_cycles(&urls, true, 20).await;
+    println!("20 RAII cycles: courtesy off {control:?}, by default {by_default:?}");
+    assert!(
+        by_default < control + Duration::from_millis(400),
+        "a lone client's RAII cycles took {by_default:?} (control: {control:?})"
+    );
+}
