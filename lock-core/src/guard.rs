@@ -454,11 +454,28 @@ impl Drop for LockGuard {
             });
         match runtime {
             Some(runtime) => {
-                // Counted before the task runs, so that a `stop` right after this drop waits.
-                let running = self.cleanups.take().map(|cleanups| cleanups.start());
+                // Counted before the task runs, so that a `stop` right after this drop waits;
+                // and marked, so that this client's next attempt at the key, finding it still
+                // held by this very release, owes no courtesy (see `Locker::with_courtesy`).
+                let (running, own_release) = match self.cleanups.take() {
+                    Some(cleanups) => {
+                        let own_release = match &state {
+                            State::Held(handle) => {
+                                Some(cleanups.own_release(handle.lease().key_set().primary()))
+                            }
+                            State::Watched(watched) => {
+                                Some(cleanups.own_release(watched.lease.key_set().primary()))
+                            }
+                            State::Released => None,
+                        };
+                        (Some(cleanups.start()), own_release)
+                    }
+                    None => (None, None),
+                };
                 runtime.spawn(async move {
                     let _running = running;
                     let released = state.release().await;
+                    drop(own_release);
                     // The next task of this process goes once the store has let go.
                     if let Some(tickets) = tickets {
                         tickets.give_up();

@@ -748,6 +748,11 @@ impl Locker {
         }
         loop {
             attempts += 1;
+            // A key found held while this client's own release of it is on its way (a guard
+            // dropped just before: its release runs on a task) is no contention with another
+            // process, and owes nobody a courtesy.
+            let own_release =
+                courteous && self.cleanups.courtesy.releasing(wanted.keys.primary());
             let fresh;
             let (request, outcome) = match first.take() {
                 Some(First::Decided(request, outcome)) => {
@@ -798,7 +803,7 @@ impl Locker {
                 }
                 Ok(Attempt::Held) => {
                     last_error = None;
-                    found_held = true;
+                    found_held |= !own_release;
                 }
                 Ok(Attempt::CutShort) => {}
                 Err(error @ (LockError::Backend { .. } | LockError::QuorumNotReached { .. })) => {
@@ -1287,11 +1292,43 @@ struct Courtesy {
     /// Entries held (read without the lock: the uncontended path looks no further).
     len: std::sync::atomic::AtomicUsize,
     until: std::sync::Mutex<std::collections::HashMap<Key, Instant>>,
+    /// Keys whose release by this client is on its way (a dropped guard's, on a task), with
+    /// how many such releases; and how many keys (read without the lock).
+    releasing_len: std::sync::atomic::AtomicUsize,
+    releasing: std::sync::Mutex<std::collections::HashMap<Key, usize>>,
 }
 
 impl Courtesy {
     /// At most this many keys are remembered; more clears the oldest half's worth (expired first).
     const MAX: usize = 1024;
+
+    /// Whether a release of `key` by this client is on its way.
+    fn releasing(&self, key: &Key) -> bool {
+        if self.releasing_len.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        self.releasing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(key)
+    }
+
+    /// A release of `key` by this client starts (`true`) or ends.
+    fn mark_releasing(&self, key: &Key, starts: bool) {
+        let mut map = self
+            .releasing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if starts {
+            *map.entry(key.clone()).or_default() += 1;
+        } else if let Some(count) = map.get_mut(key) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(key);
+            }
+        }
+        self.releasing_len.store(map.len(), Ordering::SeqCst);
+    }
 
     /// Whether an acquisition of `key` starting now should first wait one delay.
     fn owed(&self, key: &Key, now: Instant) -> bool {
@@ -1351,7 +1388,24 @@ impl Drop for StopFinished<'_> {
 /// One clean-up in progress; counted down when it ends, however it ends.
 pub(crate) struct CleanupRunning(Arc<Cleanups>);
 
+/// A release of a key by this client on its way (a dropped guard's, on a task): an attempt
+/// that finds the key held meanwhile met no other process (see [`Courtesy`]). Ends when
+/// dropped, however the release ends.
+pub(crate) struct OwnRelease(Arc<Cleanups>, Key);
+
+impl Drop for OwnRelease {
+    fn drop(&mut self) {
+        self.0.courtesy.mark_releasing(&self.1, false);
+    }
+}
+
 impl Cleanups {
+    /// Marks `key` as being released by this client until the mark is dropped.
+    pub(crate) fn own_release(self: &Arc<Self>, key: &Key) -> OwnRelease {
+        self.courtesy.mark_releasing(key, true);
+        OwnRelease(Arc::clone(self), key.clone())
+    }
+
     pub(crate) fn start(self: &Arc<Self>) -> CleanupRunning {
         self.running.fetch_add(1, Ordering::SeqCst);
         CleanupRunning(Arc::clone(self))
