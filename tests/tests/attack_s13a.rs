@@ -127,3 +127,80 @@ async fn a_lone_client_dropping_its_guards_pays_no_courtesy_on_three_nodes() {
         "a lone client's RAII cycles took {by_default:?} (control: {control:?})"
     );
 }
+
+/// The `lock-released:` channels subscribed on the server at `url` now.
+fn release_channels(url: &str) -> Vec<String> {
+    let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
+    redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg("lock-released:*")
+        .query(&mut connection)
+        .unwrap()
+}
+
+/// Ten waiters of one client, each on a key of its own, woken by the holder's releases; then,
+/// if `kill`, the third node's pub/sub connections are killed while the subscriptions linger.
+/// The release channels subscribed on the first node 4 s later.
+async fn lingering_after(nodes: &Nodes, kill: bool) -> Vec<String> {
+    let urls = nodes.urls().to_vec();
+    let holder = client(&urls, RetryPolicy::none());
+    let waiter = client(&urls, waiting(Duration::from_secs(2)));
+    let keys: Vec<String> = (0..10).map(|i| format!("many-{kill}-{i}")).collect();
+    let mut guards = Vec::new();
+    for key in &keys {
+        guards.push(holder.acquire(key).await.unwrap());
+    }
+    let tasks: Vec<_> = keys
+        .iter()
+        .map(|key| {
+            let (waiter, key) = (waiter.clone(), key.clone());
+            tokio::spawn(async move { waiter.acquire(&key).await.unwrap().release().await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for guard in guards {
+        guard.release().await.unwrap();
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("woken")
+            .unwrap()
+            .unwrap();
+    }
+    // Every wait is over; the subscriptions linger (2 s) before they are retired.
+    if kill {
+        nodes.servers[2]
+            .command("CLIENT KILL TYPE pubsub", Duration::from_millis(500))
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let left = release_channels(&nodes.servers[0].url());
+    holder.stop().await.unwrap();
+    waiter.stop().await.unwrap();
+    left
+}
+
+/// Promised (`WakeRegistry`: "when its last waiter leaves, the subscription lingers a little
+/// (`LINGER`)" and is then retired; wake-ups on by default over several nodes, 5ed6751):
+/// a channel nobody waits on any more is unsubscribed on every node after the linger, also
+/// when one node's pub/sub connection was lost (a node restarted, a connection killed) —
+/// otherwise subscriptions grow with every key ever waited on.
+///
+/// Broken on main: a lost connection makes the registry forget every channel (`wake_all`
+/// drains it); the lingering retirements then find no entry and never `UNSUBSCRIBE`, so the
+/// channels of every key waited on lately stay subscribed on the *healthy* nodes for the
+/// client's lifetime (10 of 10 here), and every later release of those keys is delivered to
+/// it. The control (no connection lost) leaves none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_leaves_no_subscription_behind_on_the_other_nodes() {
+    let nodes = Nodes::start().await;
+    let control = lingering_after(&nodes, false).await;
+    assert!(control.is_empty(), "control: {control:?}");
+    let left = lingering_after(&nodes, true).await;
+    assert!(
+        left.is_empty(),
+        "still subscribed on a healthy node after the linger: {} channels {left:?}",
+        left.len()
+    );
+}
