@@ -101,3 +101,58 @@ async fn a_client_alone_dropping_its_guards_never_pays_a_courtesy() {
         "20 uncontended RAII cycles of a lone client took {by_default:?} (control: {control:?})"
     );
 }
+
+/// A client on `store` retrying forever every `delay` (no jitter), with a one-hour ttl (so no
+/// courtesy expires during a test).
+fn process(store: &Arc<Woken>, delay: u64) -> Locker {
+    Locker::from_arc(Arc::clone(store) as Arc<dyn Lock>)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(3600))
+                .with_retry(
+                    RetryPolicy::forever()
+                        .with_retry_delay(Duration::from_millis(delay))
+                        .with_retry_jitter(Duration::ZERO),
+                ),
+        )
+        .unwrap()
+}
+
+/// Makes `a` win `key` after finding it held by `c`, and release it.
+async fn win_after_contention(a: &Locker, c: &Locker, key: &str) {
+    let held = c.acquire(key).await.unwrap();
+    let task = tokio::spawn({
+        let (a, key) = (a.clone(), key.to_owned());
+        async move { a.acquire(&key).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    held.release().await.unwrap();
+    task.await.unwrap().release().await.unwrap();
+}
+
+/// Promised (9e52d96, `Courtesy::MAX`: "At most this many keys are remembered; more clears
+/// the oldest half's worth (expired first)"; `Locker::with_courtesy`: the acquisition after a
+/// contended win "within one ttl waits one delay"): when a client has won more than 1024 keys
+/// after contention within a ttl, only the oldest half is forgotten — the courtesy owed for a
+/// key won lately still holds.
+///
+/// Broken on main: once 1024 unexpired keys are remembered, the next contended win clears
+/// them all: the key won just before is taken straight back (no wait), as if never contended.
+#[tokio::test(start_paused = true)]
+async fn past_the_cap_only_the_oldest_courtesies_are_forgotten() {
+    let store = Arc::new(Woken::default());
+    let a = process(&store, 20);
+    let c = process(&store, 20);
+    for i in 0..1023 {
+        win_after_contention(&a, &c, &format!("old-{i}")).await;
+    }
+    win_after_contention(&a, &c, "recent").await; // the 1024th key remembered
+    win_after_contention(&a, &c, "one-more").await; // past the cap
+    let asked = Instant::now();
+    a.acquire("recent").await.unwrap().release().await.unwrap();
+    assert_eq!(
+        asked.elapsed(),
+        Duration::from_millis(20),
+        "the courtesy owed for a key won lately"
+    );
+}
