@@ -1357,7 +1357,12 @@ impl Courtesy {
                 let now = Instant::now();
                 map.retain(|_, until| *until > now);
                 if map.len() >= Self::MAX {
-                    map.clear();
+                    // The half whose courtesy ends first goes; the keys won lately stay.
+                    let mut ends: Vec<Instant> = map.values().copied().collect();
+                    let middle = ends.len() / 2;
+                    let (_, middle, _) = ends.select_nth_unstable(middle);
+                    let middle = *middle;
+                    map.retain(|_, until| *until > middle);
                 }
             }
             map.insert(key.clone(), until);
