@@ -803,8 +803,8 @@ impl Locker {
                         let until = Instant::now() + options.ttl();
                         let key = wanted.keys.primary();
                         // Contention with this client's own tasks owes nobody a courtesy.
-                        let contended = found_held
-                            && !self.cleanups.courtesy.started_since(key, started_mark);
+                        let contended =
+                            found_held && !self.cleanups.courtesy.started_since(key, started_mark);
                         self.cleanups.courtesy.won(key, contended, until);
                     }
                     return self.won(handle, attempts, options);

@@ -27,7 +27,10 @@ fn client(urls: &[String], retry: RetryPolicy) -> Locker {
 /// a pub/sub connection whose channels were all unsubscribed is no longer of type `pubsub`).
 fn clients(url: &str) -> Vec<String> {
     let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
-    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut connection).unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut connection)
+        .unwrap();
     list.lines()
         .filter(|line| !line.trim().is_empty() && !line.contains("cmd=client|list"))
         .map(str::to_owned)
@@ -76,7 +79,10 @@ async fn a_dropped_client_leaves_no_pub_sub_connection_with_a_node_black_holed()
     drop(waiter);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let left: Vec<Vec<String>> = healthy.iter().map(|url| clients(url)).collect();
-    assert!(left.iter().all(Vec::is_empty), "control: connections after the drop: {left:?}");
+    assert!(
+        left.iter().all(Vec::is_empty),
+        "control: connections after the drop: {left:?}"
+    );
 
     // The third node black-holed after the wait: the linger's UNSUBSCRIBE to it never returns.
     let waiter = waited_once(&urls, "black-holed").await;
@@ -94,8 +100,11 @@ async fn a_dropped_client_leaves_no_pub_sub_connection_with_a_node_black_holed()
 /// How long `cycles` RAII cycles (`acquire`, then drop the guard) of one task of a client alone
 /// on three nodes take, with the default policy's shape (200 ms delay, no jitter).
 async fn raii_cycles(urls: &[String], courtesy: bool, cycles: usize) -> Duration {
-    let locker = client(urls, RetryPolicy::default().with_retry_jitter(Duration::ZERO))
-        .with_courtesy(courtesy);
+    let locker = client(
+        urls,
+        RetryPolicy::default().with_retry_jitter(Duration::ZERO),
+    )
+    .with_courtesy(courtesy);
     let started = tokio::time::Instant::now();
     for _ in 0..cycles {
         let _guard = locker.acquire("raii").await.unwrap();
@@ -208,8 +217,11 @@ async fn a_lost_connection_leaves_no_subscription_behind_on_the_other_nodes() {
 /// Cycles (acquire, release) that `tasks` tasks of one client alone on three nodes complete
 /// in 2 s on one key, with the default policy's shape (200 ms delay, no jitter).
 async fn lone_client_throughput(urls: &[String], courtesy: bool, tasks: usize) -> usize {
-    let locker = client(urls, RetryPolicy::default().with_retry_jitter(Duration::ZERO))
-        .with_courtesy(courtesy);
+    let locker = client(
+        urls,
+        RetryPolicy::default().with_retry_jitter(Duration::ZERO),
+    )
+    .with_courtesy(courtesy);
     let key = if courtesy { "tasks-on" } else { "tasks-off" };
     let until = tokio::time::Instant::now() + Duration::from_secs(2);
     let workers: Vec<_> = (0..tasks)
