@@ -270,3 +270,24 @@ async fn a_lone_client_with_several_tasks_keeps_its_throughput() {
         "a lone client's 4 tasks ran {by_default} cycles in 2 s (control: {control})"
     );
 }
+
+/// Held (5ed6751: wake-ups on by default with several nodes): a client that waited, then
+/// `stop`ped but kept alive (a client held in a long-lived structure), leaves no connection on
+/// the nodes — its pub/sub connections close with `stop`, not only when it is dropped, and a
+/// subscription's linger after `stop` opens nothing again. Checked by a negative control:
+/// with `Wakeups::close` left out of the backend's `shutdown`, both pub/sub connections stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_client_kept_alive_leaves_no_connection() {
+    let nodes = Nodes::start().await;
+    let urls = nodes.urls().to_vec();
+    let waiter = waited_once(&urls, "stopped").await;
+    waiter.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await; // past the linger
+    let healthy = [nodes.servers[0].url(), nodes.servers[1].url()];
+    let left: Vec<Vec<String>> = healthy.iter().map(|url| clients(url)).collect();
+    assert!(
+        left.iter().all(Vec::is_empty),
+        "connections of a stopped client: {left:?}"
+    );
+    drop(waiter);
+}
