@@ -13,7 +13,7 @@ use crate::key::Key;
 use crate::lease::Lease;
 use crate::local::{self, Places, Ticket};
 use crate::lock::{Handle, LeaseKind};
-use crate::locker::Cleanups;
+use crate::locker::{Cleanups, OwnLease};
 use crate::metrics::Held;
 use crate::raw::validate;
 use crate::token::Token;
@@ -47,6 +47,10 @@ pub struct LockGuard {
     /// Set for the guards of a store shared between processes (`Capabilities::distributed`)
     /// alone, whose answers need I/O: the others are released in the call when they can be.
     cleanups: Option<Arc<Cleanups>>,
+    /// Marks the key as held by this client until the store let go of it (a guard of a store
+    /// shared between processes): an attempt of its locker that finds the key held meanwhile
+    /// met no other process, and owes no courtesy (see `Locker::with_courtesy`).
+    own: Option<OwnLease>,
 }
 
 /// Queue places, given up on release; waiters behind them give them up for the holder once
@@ -107,6 +111,7 @@ impl LockGuard {
             tickets: None,
             held: Held::start(backend),
             cleanups: None,
+            own: None,
         })
     }
 
@@ -114,6 +119,7 @@ impl LockGuard {
     ///
     /// [`Locker::stop`]: crate::Locker::stop
     pub(crate) fn with_cleanups(mut self, cleanups: &Arc<Cleanups>) -> Self {
+        self.own = Some(cleanups.own_lease(self.lease().key_set().primary()));
         self.cleanups = Some(Arc::clone(cleanups));
         self
     }
@@ -456,9 +462,12 @@ impl Drop for LockGuard {
             Some(runtime) => {
                 // Counted before the task runs, so that a `stop` right after this drop waits.
                 let running = self.cleanups.take().map(|cleanups| cleanups.start());
+                // The key stays marked as this client's until the store let go of it.
+                let own = self.own.take();
                 runtime.spawn(async move {
                     let _running = running;
                     let released = state.release().await;
+                    drop(own);
                     // The next task of this process goes once the store has let go.
                     if let Some(tickets) = tickets {
                         tickets.give_up();

@@ -744,11 +744,21 @@ impl Locker {
         // Whether an attempt found the key held (see `Courtesy`).
         let courteous = self.courtesy && self.capabilities.distributed && !self.capabilities.fair;
         let mut found_held = false;
+        // Leases of this client started after this mark were won by its other tasks.
+        let started_mark = if courteous {
+            self.cleanups.courtesy.last_start()
+        } else {
+            0
+        };
         if courteous && first.is_none() && !options.retry().is_single_attempt() {
             self.courtesy_wait(&wanted, deadline).await?;
         }
         loop {
             attempts += 1;
+            // A key found held while this client holds it or is releasing it (a sibling task's
+            // guard, or a guard dropped just before, whose release runs on a task) is no
+            // contention with another process, and owes nobody a courtesy.
+            let own_lease = courteous && self.cleanups.courtesy.held_here(wanted.keys.primary());
             let fresh;
             let (request, outcome) = match first.take() {
                 Some(First::Decided(request, outcome)) => {
@@ -793,13 +803,18 @@ impl Locker {
                     if courteous {
                         let until = Instant::now() + options.ttl();
                         let key = wanted.keys.primary();
-                        self.cleanups.courtesy.won(key, found_held, until);
+                        // Contention with this client's own tasks owes nobody a courtesy.
+                        let contended =
+                            found_held && !self.cleanups.courtesy.started_since(key, started_mark);
+                        self.cleanups.courtesy.won(key, contended, until);
                     }
                     return self.won(handle, attempts, options);
                 }
                 Ok(Attempt::Held) => {
                     last_error = None;
-                    found_held = true;
+                    // Held by a sibling task that won meanwhile: neither.
+                    found_held |=
+                        !own_lease && !self.cleanups.courtesy.held_here(wanted.keys.primary());
                 }
                 Ok(Attempt::CutShort) => {}
                 Err(error @ (LockError::Backend { .. } | LockError::QuorumNotReached { .. })) => {
@@ -1296,11 +1311,70 @@ struct Courtesy {
     /// Entries held (read without the lock: the uncontended path looks no further).
     len: std::sync::atomic::AtomicUsize,
     until: std::sync::Mutex<std::collections::HashMap<Key, Instant>>,
+    /// Keys this client holds or is releasing (its guards until the store let go), with how
+    /// many such leases; and how many keys (read without the lock).
+    /// Each key's count comes with the number of its latest lease's start (from `starts`),
+    /// kept a while after the count fell to zero: an acquisition during which a lease of its key
+    /// started here contended (at least) with a task of this client, and owes no courtesy.
+    held_len: std::sync::atomic::AtomicUsize,
+    held: std::sync::Mutex<std::collections::HashMap<Key, (usize, u64)>>,
+    starts: AtomicU64,
 }
 
 impl Courtesy {
     /// At most this many keys are remembered; more clears the oldest half's worth (expired first).
     const MAX: usize = 1024;
+
+    /// Whether this client holds `key` or is releasing it.
+    fn held_here(&self, key: &Key) -> bool {
+        if self.held_len.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .is_some_and(|(count, _)| *count > 0)
+    }
+
+    /// The number of the latest lease start of this client (a mark for `started_since`).
+    fn last_start(&self) -> u64 {
+        self.starts.load(Ordering::SeqCst)
+    }
+
+    /// Whether a lease of `key` started here after `mark` (a task of this client won it while
+    /// the acquisition that took `mark` waited). Unknown (forgotten) counts as no.
+    fn started_since(&self, key: &Key, mark: u64) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .is_some_and(|(_, start)| *start > mark)
+    }
+
+    /// A lease of `key` of this client starts (`true`) or ends (the store let go).
+    fn mark_held(&self, key: &Key, starts: bool) {
+        let mut map = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if starts {
+            let start = self.starts.fetch_add(1, Ordering::SeqCst) + 1;
+            let entry = map.entry(key.clone()).or_default();
+            if entry.0 == 0 {
+                self.held_len.fetch_add(1, Ordering::SeqCst);
+            }
+            *entry = (entry.0 + 1, start);
+        } else if let Some(entry) = map.get_mut(key) {
+            entry.0 = entry.0.saturating_sub(1);
+            if entry.0 == 0 {
+                self.held_len.fetch_sub(1, Ordering::SeqCst);
+                if map.len() > Self::MAX {
+                    map.retain(|_, (count, _)| *count > 0);
+                }
+            }
+        }
+    }
 
     /// Whether an acquisition of `key` starting now should first wait one delay.
     fn owed(&self, key: &Key, now: Instant) -> bool {
@@ -1329,7 +1403,12 @@ impl Courtesy {
                 let now = Instant::now();
                 map.retain(|_, until| *until > now);
                 if map.len() >= Self::MAX {
-                    map.clear();
+                    // The half whose courtesy ends first goes; the keys won lately stay.
+                    let mut ends: Vec<Instant> = map.values().copied().collect();
+                    let middle = ends.len() / 2;
+                    let (_, middle, _) = ends.select_nth_unstable(middle);
+                    let middle = *middle;
+                    map.retain(|_, until| *until > middle);
                 }
             }
             map.insert(key.clone(), until);
@@ -1360,7 +1439,24 @@ impl Drop for StopFinished<'_> {
 /// One clean-up in progress; counted down when it ends, however it ends.
 pub(crate) struct CleanupRunning(Arc<Cleanups>);
 
+/// A lease of a key of this client, until the store let go of it (its guard released, or its
+/// release on drop done): an attempt that finds the key held meanwhile met no other process
+/// (see [`Courtesy`]). Ends when dropped, however the release ends.
+pub(crate) struct OwnLease(Arc<Cleanups>, Key);
+
+impl Drop for OwnLease {
+    fn drop(&mut self) {
+        self.0.courtesy.mark_held(&self.1, false);
+    }
+}
+
 impl Cleanups {
+    /// Marks `key` as held by this client until the mark is dropped.
+    pub(crate) fn own_lease(self: &Arc<Self>, key: &Key) -> OwnLease {
+        self.courtesy.mark_held(key, true);
+        OwnLease(Arc::clone(self), key.clone())
+    }
+
     pub(crate) fn start(self: &Arc<Self>) -> CleanupRunning {
         self.running.fetch_add(1, Ordering::SeqCst);
         CleanupRunning(Arc::clone(self))

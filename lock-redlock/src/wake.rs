@@ -104,12 +104,24 @@ impl Wakeups {
             )
             .await;
         };
-        let (wakeups, name) = (Arc::clone(self), channel.clone());
+        // The retiring task holds no strong reference (a client dropped meanwhile closes its
+        // connections at once) and bounds each `UNSUBSCRIBE` by the node timeout: a node that
+        // answers nothing (black-holed) must not keep the task, and with it the other nodes'
+        // pub/sub connections, alive for good.
+        let (wakeups, name) = (Arc::downgrade(self), channel.clone());
         let unsubscribe = move || async move {
-            for subscriber in &wakeups.subscribers {
-                let sink = subscriber.lock().await.as_ref().map(|s| s.sink.clone());
+            for index in 0.. {
+                let sink = {
+                    let Some(wakeups) = wakeups.upgrade() else {
+                        return;
+                    };
+                    let Some(subscriber) = wakeups.subscribers.get(index) else {
+                        return;
+                    };
+                    subscriber.lock().await.as_ref().map(|s| s.sink.clone())
+                };
                 if let Some(mut sink) = sink {
-                    let _ = sink.unsubscribe(&name).await;
+                    let _ = tokio::time::timeout(timeout, sink.unsubscribe(&name)).await;
                 }
             }
         };

@@ -220,15 +220,21 @@ impl WakeRegistry {
         }
     }
 
-    /// Wakes every waiter and forgets every subscription (after a lost connection: messages
-    /// may have been missed, and the next waiters must subscribe again).
+    /// Wakes every waiter and has the next waiter of every channel subscribe again (after a
+    /// lost connection: messages may have been missed, and the connection made anew has no
+    /// subscription). The channels are not forgotten: those nobody waits on any more are
+    /// still retired after their linger, on every connection (a lost connection of one node
+    /// must not leave the channels subscribed on the others for good).
     pub fn wake_all(&self) {
         let all: Vec<Arc<Notify>> = self
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .drain()
-            .map(|(_, entry)| entry.notify)
+            .values_mut()
+            .map(|entry| {
+                entry.subscribed = false;
+                Arc::clone(&entry.notify)
+            })
             .collect();
         for notify in all {
             notify.notify_waiters();
