@@ -533,9 +533,16 @@ impl Locker {
     fn finished(&self, result: Result<LockGuard>, acquisition: Acquisition) -> Result<LockGuard> {
         acquisition.finish(&result);
         if self.capabilities.distributed {
-            return result.map(|guard| guard.with_cleanups(&self.cleanups));
+            let courteous = self.courteous();
+            return result.map(|guard| guard.with_cleanups(&self.cleanups, courteous));
         }
         result
+    }
+
+    /// Whether this client keeps the courtesy (see [`Locker::with_courtesy`]): on, on a store
+    /// shared between processes that does not line waiters up.
+    fn courteous(&self) -> bool {
+        self.courtesy && self.capabilities.distributed && !self.capabilities.fair
     }
 
     /// The first attempt, without awaiting: the acquisition settled (`Err`), or what the
@@ -742,7 +749,7 @@ impl Locker {
         // The end of the policy's delay when a claim's renewal cut the wait short.
         let mut planned_wake = None;
         // Whether an attempt found the key held (see `Courtesy`).
-        let courteous = self.courtesy && self.capabilities.distributed && !self.capabilities.fair;
+        let courteous = self.courteous();
         let mut found_held = false;
         // Leases of this client started after this mark were won by its other tasks.
         let started_mark = if courteous {
