@@ -93,6 +93,20 @@ static RELEASE_FAIR_SOURCE: LazyLock<String> = LazyLock::new(|| {
 static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(&ACQUIRE_FAIR_SOURCE));
 static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(&RELEASE_FAIR_SOURCE));
 
+/// A multi-key lock's release on a fair node: the keys it frees pass their turns to the heads
+/// of their lines in the same call (the line's helpers defined only when a freed key has one).
+static RELEASE_MANY_FAIR_SOURCE: LazyLock<String> = LazyLock::new(|| {
+    [
+        include_str!("lua/release_many_fair.lua"),
+        LINE_SCRIPT,
+        include_str!("lua/line_pass.lua"),
+        include_str!("lua/release_many_fair_pass.lua"),
+    ]
+    .concat()
+});
+static RELEASE_MANY_FAIR: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&RELEASE_MANY_FAIR_SOURCE));
+
 /// Appended to a fair lock's key to name its waiting line (waiters by arrival) and the expiries
 /// of the line's entries (0xFF: no user key can have these names, see `FENCE_SUFFIX`).
 pub(crate) const QUEUE_SUFFIX: &[u8] = b"\xff:queue";
@@ -631,6 +645,21 @@ impl NodeParts {
                         .collect(),
                 }
             }
+            // A multi-key lock is not lined up, but its keys may have lines (single-key
+            // waiters behind it): each key it frees passes the turn to its line's head, in the
+            // same call.
+            Held::Mutex if self.fair => Call {
+                script: &RELEASE_MANY_FAIR,
+                source: &RELEASE_MANY_FAIR_SOURCE,
+                keys: keys
+                    .iter()
+                    .flat_map(|key| line_keys(key.as_str().as_bytes()))
+                    .collect(),
+                args: [token, TURN_CHANNEL.as_bytes().to_vec()]
+                    .into_iter()
+                    .chain(channel)
+                    .collect(),
+            },
             Held::Mutex => {
                 let (script, source) = if self.release_channel.is_some() {
                     (&RELEASE_NOTIFY, include_str!("lua/release_notify.lua"))
@@ -803,45 +832,12 @@ impl NodeParts {
                 }
                 self.invoke(&invocation).await?
             }
-            // A multi-key lock is not lined up, but its keys may have lines (single-key
-            // waiters behind it): each key it freed passes the turn to its line's head.
-            Held::Mutex if self.fair => {
-                let deleted: i64 = self
-                    .invoke(&self.release_call(keys, token, held).invocation())
-                    .await?;
-                if deleted > 0 {
-                    self.pass_turns(keys).await?;
-                }
-                deleted
-            }
             _ => {
                 self.invoke(&self.release_call(keys, token, held).invocation())
                     .await?
             }
         };
         Ok(usize::try_from(deleted).unwrap_or_default())
-    }
-
-    /// Passes the turn of each of `keys` that is free and has a line to the line's head
-    /// (reserved for it, and woken): a fair release by no token (`''` is never one) and no
-    /// waiter, which returns at once where nobody waits.
-    async fn pass_turns(&self, keys: &[Key]) -> RedisResult<()> {
-        let passes = keys.iter().map(|key| {
-            let key = key.as_str().as_bytes();
-            let mut invocation = RELEASE_FAIR.prepare_invoke();
-            invocation
-                .key(key)
-                .key([key, QUEUE_SUFFIX].concat())
-                .key([key, QUEUE_EXPIRY_SUFFIX].concat())
-                .arg(&[] as &[u8])
-                .arg(&[] as &[u8])
-                .arg(TURN_CHANNEL);
-            async move { self.invoke::<i64>(&invocation).await }
-        });
-        for passed in futures::future::join_all(passes).await {
-            passed?;
-        }
-        Ok(())
     }
 
     /// Compare-and-pexpire of what `token` holds on `keys` as `held`, all or nothing. True
