@@ -74,6 +74,7 @@ pub struct RedlockConfig {
     /// Announce releases over pub/sub and let waiters subscribe, so that they retry at once
     /// instead of sleeping out their retry delay (a missed message costs one delay at most).
     /// A user without pub/sub rights still releases (the message is lost, not the release).
+    /// Waits shorter than 5 ms are slept out without subscribing.
     ///
     /// Unset (`None`, the default), it is on with several nodes, where waiters cannot line up
     /// (`fair`) and would otherwise poll in no order, and off with one node, where the fair

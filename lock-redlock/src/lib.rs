@@ -26,6 +26,10 @@ use crate::config::NodeUrl;
 use crate::node::{Held, Node};
 use crate::round::{Pending, Tally};
 
+/// Waits shorter than this are slept out: a waiter subscribes to release announcements only
+/// for longer ones (see `wait_for_release`).
+const WAKE_MIN_WAIT: Duration = Duration::from_millis(5);
+
 /// The backend's name in messages and configuration.
 pub const NAME: &str = "redlock";
 
@@ -589,6 +593,11 @@ impl Lock for Redlock {
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
         let shared = &self.shared;
         match (&shared.wakeups, keys.first()) {
+            // A short wait gains little from a wake-up, and a release wakes every waiting
+            // process at once: with short delays and many processes the attempts of the woken
+            // cost more than the wake-ups save (16 processes on 3 nodes with 1–5 ms delays: 57 s
+            // against 20 s polling, `sixteen_processes_never_overlap_and_fences_never_go_back`).
+            (Some(_), Some(_)) if max_wait < WAKE_MIN_WAIT => tokio::time::sleep(max_wait).await,
             (Some(wakeups), Some(key)) => {
                 let nodes = shared.nodes()?;
                 let timeout = shared.node_timeout(max_wait.max(Duration::from_millis(1)));
