@@ -170,7 +170,10 @@ async fn a_guard_past_its_ttl_does_not_hide_other_processes() {
     let (a, c) = (process(&store, 20), process(&store, 20));
     // Control.
     win_after_contention(&a, &c, "control").await;
-    assert_eq!(time_to_acquire(&a, "control").await, Duration::from_millis(5));
+    assert_eq!(
+        time_to_acquire(&a, "control").await,
+        Duration::from_millis(5)
+    );
 
     let stale = a.acquire_with("k", &short_ttl()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -198,4 +201,23 @@ async fn a_forgotten_guard_does_not_hide_other_processes_for_good() {
         Duration::from_millis(5),
         "a leaked guard hid the contention with another process a minute after its ttl"
     );
+}
+
+/// Held (and a guard for the validity-bound mark): a kept-alive guard stays "held here" past
+/// its first ttl, as its watchdog extends it — a sibling task that waits for it owes no
+/// courtesy afterwards. Negative control: with the mark reading a validity cell of its own
+/// (not the one the watchdog moves), the next acquisition sleeps the 5 ms courtesy.
+#[tokio::test(start_paused = true)]
+async fn a_kept_alive_guard_past_its_first_ttl_is_still_held_here() {
+    let store = Arc::new(Woken::default());
+    let a = counted(&store);
+    let mut kept = a
+        .acquire_with("k", &short_ttl().with_retry(RetryPolicy::default()))
+        .await
+        .unwrap();
+    let _lost = kept.keep_alive().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(kept.is_valid(), "extended by its watchdog");
+    sibling_waits_for(&a, kept, "k").await;
+    assert_eq!(time_to_acquire(&a, "k").await, Duration::ZERO);
 }
