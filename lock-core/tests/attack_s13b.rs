@@ -221,3 +221,33 @@ async fn a_kept_alive_guard_past_its_first_ttl_is_still_held_here() {
     sibling_waits_for(&a, kept, "k").await;
     assert_eq!(time_to_acquire(&a, "k").await, Duration::ZERO);
 }
+
+/// Promised (b822452: "A key found held while this client holds it … is no contention with
+/// another process, and owes nobody a courtesy"; `LockGuard`'s drop outside a runtime: "the
+/// lock stays until its ttl expires"): a lone client whose guard was dropped outside any
+/// runtime still holds the key in the store until the ttl; its task that waits for that key
+/// meanwhile met no other process, and owes no courtesy afterwards.
+///
+/// Broken on main: the guard's mark ends with the guard (`own` dropped with it), while its
+/// lease stays in the store: the task's wait counts as contention with another process, and
+/// the client's next acquisition of the key, alone on the store, sleeps the 5 ms courtesy.
+#[tokio::test(start_paused = true)]
+async fn a_guard_dropped_outside_a_runtime_is_still_held_here_until_its_ttl() {
+    let store = Arc::new(Woken::default());
+    let a = process(&store, 20);
+    let guard = a
+        .acquire_with("k", &short_ttl().with_retry(RetryPolicy::none()))
+        .await
+        .unwrap();
+    std::thread::spawn(move || drop(guard)).join().unwrap();
+    let task = tokio::spawn({
+        let a = a.clone();
+        async move { a.acquire("k").await.unwrap().release().await.unwrap() }
+    });
+    task.await.unwrap();
+    assert_eq!(
+        time_to_acquire(&a, "k").await,
+        Duration::ZERO,
+        "a lone client paid a courtesy for its own lease left to expire"
+    );
+}
