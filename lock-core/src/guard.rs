@@ -486,6 +486,10 @@ impl Drop for LockGuard {
                 });
             }
             None => {
+                // The key stays this client's until the lease lapses.
+                if let Some(own) = self.own.take() {
+                    own.until_lapsed();
+                }
                 tracing::warn!(
                     backend,
                     key,

@@ -1349,17 +1349,24 @@ impl Courtesy {
         if self.held_len.load(Ordering::SeqCst) == 0 {
             return false;
         }
-        self.held
+        let mut map = self
+            .held
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
-            .is_some_and(|marks| {
-                let now = Instant::now();
-                marks
-                    .leases
-                    .iter()
-                    .any(|(_, live)| live.borrow().lapses_at() > now)
-            })
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(marks) = map.get_mut(key) else {
+            return false;
+        };
+        // Leases past their validity are forgotten here (those of guards dropped outside a
+        // runtime, or leaked, have no other end).
+        let now = Instant::now();
+        let before = marks.leases.len();
+        marks
+            .leases
+            .retain(|(_, live)| live.borrow().lapses_at() > now);
+        if before > 0 && marks.leases.is_empty() {
+            self.held_len.fetch_sub(1, Ordering::SeqCst);
+        }
+        !marks.leases.is_empty()
     }
 
     /// The number of the latest lease start of this client (a mark for `started_since`).
@@ -1488,11 +1495,21 @@ pub(crate) struct CleanupRunning(Arc<Cleanups>);
 /// A lease of a key of this client, until the store let go of it (its guard released, or its
 /// release on drop done): an attempt that finds the key held meanwhile met no other process
 /// (see [`Courtesy`]). Ends when dropped, however the release ends, or when the lease lapses.
-pub(crate) struct OwnLease(Arc<Cleanups>, Vec<Key>, u64);
+pub(crate) struct OwnLease(Option<Arc<Cleanups>>, Vec<Key>, u64);
+
+impl OwnLease {
+    /// Leaves the mark in place until the lease lapses (a lease left in the store to expire:
+    /// its guard dropped outside a runtime).
+    pub(crate) fn until_lapsed(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for OwnLease {
     fn drop(&mut self) {
-        self.0.courtesy.unmark(&self.1, self.2);
+        if let Some(cleanups) = self.0.take() {
+            cleanups.courtesy.unmark(&self.1, self.2);
+        }
     }
 }
 
@@ -1501,7 +1518,7 @@ impl Cleanups {
     /// lease lapses.
     pub(crate) fn own_lease(self: &Arc<Self>, lease: &crate::lease::Lease) -> OwnLease {
         let start = self.courtesy.mark_held(lease.keys(), lease.live());
-        OwnLease(Arc::clone(self), lease.keys().to_vec(), start)
+        OwnLease(Some(Arc::clone(self)), lease.keys().to_vec(), start)
     }
 
     pub(crate) fn start(self: &Arc<Self>) -> CleanupRunning {
