@@ -251,3 +251,37 @@ async fn a_guard_dropped_outside_a_runtime_is_still_held_here_until_its_ttl() {
         "a lone client paid a courtesy for its own lease left to expire"
     );
 }
+
+/// Promised (as above: a key found held while this client holds it owes no courtesy): a lone
+/// client whose multi-key acquisition (`acquire_many(["x", "b"])`) waits for "b", held by its
+/// own other task, owes no courtesy afterwards.
+///
+/// Broken on main (and with the fix marking every key of a guard): the retry loop asks
+/// whether the *wanted* set's primary key ("x", free) is held here, not whether the key that
+/// blocked it is: the wait counts as contention with another process, and the client's next
+/// `acquire_many(["x", "b"])`, alone on the store, sleeps the 5 ms courtesy.
+#[tokio::test(start_paused = true)]
+async fn a_multi_key_wait_behind_a_sibling_owes_no_courtesy() {
+    let store = Arc::new(Woken::default());
+    let a = counted(&store);
+    let b = a.acquire("b").await.unwrap();
+    let task = tokio::spawn({
+        let a = a.clone();
+        async move { a.acquire_many(&["x", "b"]).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    b.release().await.unwrap();
+    task.await.unwrap().release().await.unwrap();
+    let asked = Instant::now();
+    a.acquire_many(&["x", "b"])
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    assert_eq!(
+        asked.elapsed(),
+        Duration::ZERO,
+        "a lone client paid a courtesy for a multi-key wait behind its own task"
+    );
+}
