@@ -765,7 +765,7 @@ impl Locker {
             // A key found held while this client holds it or is releasing it (a sibling task's
             // guard, or a guard dropped just before, whose release runs on a task) is no
             // contention with another process, and owes nobody a courtesy.
-            let own_lease = courteous && self.cleanups.courtesy.held_here(wanted.keys.primary());
+            let own_lease = courteous && self.cleanups.courtesy.any_held_here(&wanted.keys);
             let fresh;
             let (request, outcome) = match first.take() {
                 Some(First::Decided(request, outcome)) => {
@@ -811,8 +811,11 @@ impl Locker {
                         let until = Instant::now() + options.ttl();
                         let key = wanted.keys.primary();
                         // Contention with this client's own tasks owes nobody a courtesy.
-                        let contended =
-                            found_held && !self.cleanups.courtesy.started_since(key, started_mark);
+                        let contended = found_held
+                            && !self
+                                .cleanups
+                                .courtesy
+                                .started_since(&wanted.keys, started_mark);
                         self.cleanups.courtesy.won(key, contended, until);
                     }
                     return self.won(handle, attempts, options);
@@ -820,8 +823,7 @@ impl Locker {
                 Ok(Attempt::Held) => {
                     last_error = None;
                     // Held by a sibling task that won meanwhile: neither.
-                    found_held |=
-                        !own_lease && !self.cleanups.courtesy.held_here(wanted.keys.primary());
+                    found_held |= !own_lease && !self.cleanups.courtesy.any_held_here(&wanted.keys);
                 }
                 Ok(Attempt::CutShort) => {}
                 Err(error @ (LockError::Backend { .. } | LockError::QuorumNotReached { .. })) => {
@@ -1369,19 +1371,26 @@ impl Courtesy {
         !marks.leases.is_empty()
     }
 
+    /// Whether this client holds or is releasing any of `keys` (what an attempt on them that
+    /// found them held may have met).
+    fn any_held_here(&self, keys: &[Key]) -> bool {
+        keys.iter().any(|key| self.held_here(key))
+    }
+
     /// The number of the latest lease start of this client (a mark for `started_since`).
     fn last_start(&self) -> u64 {
         self.starts.load(Ordering::SeqCst)
     }
 
-    /// Whether a lease of `key` started here after `mark` (a task of this client won it while
-    /// the acquisition that took `mark` waited). Unknown (forgotten) counts as no.
-    fn started_since(&self, key: &Key, mark: u64) -> bool {
-        self.held
+    /// Whether a lease of one of `keys` started here after `mark` (a task of this client won
+    /// it while the acquisition that took `mark` waited). Unknown (forgotten) counts as no.
+    fn started_since(&self, keys: &[Key], mark: u64) -> bool {
+        let map = self
+            .held
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
-            .is_some_and(|marks| marks.start > mark)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        keys.iter()
+            .any(|key| map.get(key).is_some_and(|marks| marks.start > mark))
     }
 
     /// A lease of `keys` of this client starts, whose validity moves in `live`; returns its
