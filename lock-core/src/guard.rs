@@ -116,13 +116,13 @@ impl LockGuard {
     }
 
     /// Counts a release spawned on drop among the clean-ups that [`Locker::stop`] waits for,
-    /// and, for a client that keeps the courtesy (`courteous`), marks the key as held here
-    /// until the store let go of it.
+    /// and, for a client that keeps the courtesy (`courteous`), marks its keys as held here
+    /// until the store let go of it or it lapsed.
     ///
     /// [`Locker::stop`]: crate::Locker::stop
     pub(crate) fn with_cleanups(mut self, cleanups: &Arc<Cleanups>, courteous: bool) -> Self {
         if courteous {
-            self.own = Some(cleanups.own_lease(self.lease().key_set().primary()));
+            self.own = Some(cleanups.own_lease(self.lease()));
         }
         self.cleanups = Some(Arc::clone(cleanups));
         self
@@ -486,6 +486,10 @@ impl Drop for LockGuard {
                 });
             }
             None => {
+                // The key stays this client's until the lease lapses.
+                if let Some(own) = self.own.take() {
+                    own.until_lapsed();
+                }
                 tracing::warn!(
                     backend,
                     key,

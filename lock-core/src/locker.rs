@@ -765,7 +765,7 @@ impl Locker {
             // A key found held while this client holds it or is releasing it (a sibling task's
             // guard, or a guard dropped just before, whose release runs on a task) is no
             // contention with another process, and owes nobody a courtesy.
-            let own_lease = courteous && self.cleanups.courtesy.held_here(wanted.keys.primary());
+            let own_lease = courteous && self.cleanups.courtesy.any_held_here(&wanted.keys);
             let fresh;
             let (request, outcome) = match first.take() {
                 Some(First::Decided(request, outcome)) => {
@@ -811,8 +811,11 @@ impl Locker {
                         let until = Instant::now() + options.ttl();
                         let key = wanted.keys.primary();
                         // Contention with this client's own tasks owes nobody a courtesy.
-                        let contended =
-                            found_held && !self.cleanups.courtesy.started_since(key, started_mark);
+                        let contended = found_held
+                            && !self
+                                .cleanups
+                                .courtesy
+                                .started_since(&wanted.keys, started_mark);
                         self.cleanups.courtesy.won(key, contended, until);
                     }
                     return self.won(handle, attempts, options);
@@ -820,8 +823,7 @@ impl Locker {
                 Ok(Attempt::Held) => {
                     last_error = None;
                     // Held by a sibling task that won meanwhile: neither.
-                    found_held |=
-                        !own_lease && !self.cleanups.courtesy.held_here(wanted.keys.primary());
+                    found_held |= !own_lease && !self.cleanups.courtesy.any_held_here(&wanted.keys);
                 }
                 Ok(Attempt::CutShort) => {}
                 Err(error @ (LockError::Backend { .. } | LockError::QuorumNotReached { .. })) => {
@@ -1318,14 +1320,26 @@ struct Courtesy {
     /// Entries held (read without the lock: the uncontended path looks no further).
     len: std::sync::atomic::AtomicUsize,
     until: std::sync::Mutex<std::collections::HashMap<Key, Instant>>,
-    /// Keys this client holds or is releasing (its guards until the store let go), with how
-    /// many such leases; and how many keys (read without the lock).
-    /// Each key's count comes with the number of its latest lease's start (from `starts`),
-    /// kept a while after the count fell to zero: an acquisition during which a lease of its key
-    /// started here contended (at least) with a task of this client, and owes no courtesy.
+    /// Keys this client holds or is releasing (every key of its guards, until the store let go
+    /// or the lease lapsed), with those leases; and how many keys have some (read without the
+    /// lock). Each key's leases come with the number of its latest lease's start (from
+    /// `starts`), kept a while after its last lease ended: an acquisition during which a lease
+    /// of its key started here contended (at least) with a task of this client, and owes no
+    /// courtesy.
     held_len: std::sync::atomic::AtomicUsize,
-    held: std::sync::Mutex<std::collections::HashMap<Key, (usize, u64)>>,
+    held: std::sync::Mutex<std::collections::HashMap<Key, Marks>>,
     starts: AtomicU64,
+}
+
+/// The leases of one key that this client holds or is releasing (see [`Courtesy`]).
+#[derive(Debug, Default)]
+struct Marks {
+    /// Each lease's start number and the cell its validity moves in: a lease past its validity
+    /// (expired, or found lost by its watchdog) is no longer held here, even while its guard
+    /// lives on (kept past its ttl, or leaked).
+    leases: Vec<(u64, tokio::sync::watch::Receiver<crate::lease::Live>)>,
+    /// The number of the latest lease start.
+    start: u64,
 }
 
 impl Courtesy {
@@ -1337,11 +1351,30 @@ impl Courtesy {
         if self.held_len.load(Ordering::SeqCst) == 0 {
             return false;
         }
-        self.held
+        let mut map = self
+            .held
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
-            .is_some_and(|(count, _)| *count > 0)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(marks) = map.get_mut(key) else {
+            return false;
+        };
+        // Leases past their validity are forgotten here (those of guards dropped outside a
+        // runtime, or leaked, have no other end).
+        let now = Instant::now();
+        let before = marks.leases.len();
+        marks
+            .leases
+            .retain(|(_, live)| live.borrow().lapses_at() > now);
+        if before > 0 && marks.leases.is_empty() {
+            self.held_len.fetch_sub(1, Ordering::SeqCst);
+        }
+        !marks.leases.is_empty()
+    }
+
+    /// Whether this client holds or is releasing any of `keys` (what an attempt on them that
+    /// found them held may have met).
+    fn any_held_here(&self, keys: &[Key]) -> bool {
+        keys.iter().any(|key| self.held_here(key))
     }
 
     /// The number of the latest lease start of this client (a mark for `started_since`).
@@ -1349,37 +1382,59 @@ impl Courtesy {
         self.starts.load(Ordering::SeqCst)
     }
 
-    /// Whether a lease of `key` started here after `mark` (a task of this client won it while
-    /// the acquisition that took `mark` waited). Unknown (forgotten) counts as no.
-    fn started_since(&self, key: &Key, mark: u64) -> bool {
-        self.held
+    /// Whether a lease of one of `keys` started here after `mark` (a task of this client won
+    /// it while the acquisition that took `mark` waited). Unknown (forgotten) counts as no.
+    fn started_since(&self, keys: &[Key], mark: u64) -> bool {
+        let map = self
+            .held
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
-            .is_some_and(|(_, start)| *start > mark)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        keys.iter()
+            .any(|key| map.get(key).is_some_and(|marks| marks.start > mark))
     }
 
-    /// A lease of `key` of this client starts (`true`) or ends (the store let go).
-    fn mark_held(&self, key: &Key, starts: bool) {
+    /// A lease of `keys` of this client starts, whose validity moves in `live`; returns its
+    /// start number (for `unmark`).
+    fn mark_held(
+        &self,
+        keys: &[Key],
+        live: &tokio::sync::watch::Sender<crate::lease::Live>,
+    ) -> u64 {
         let mut map = self
             .held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if starts {
-            let start = self.starts.fetch_add(1, Ordering::SeqCst) + 1;
-            let entry = map.entry(key.clone()).or_default();
-            if entry.0 == 0 {
+        let start = self.starts.fetch_add(1, Ordering::SeqCst) + 1;
+        for key in keys {
+            let marks = map.entry(key.clone()).or_default();
+            if marks.leases.is_empty() {
                 self.held_len.fetch_add(1, Ordering::SeqCst);
             }
-            *entry = (entry.0 + 1, start);
-        } else if let Some(entry) = map.get_mut(key) {
-            entry.0 = entry.0.saturating_sub(1);
-            if entry.0 == 0 {
-                self.held_len.fetch_sub(1, Ordering::SeqCst);
-                if map.len() > Self::MAX {
-                    map.retain(|_, (count, _)| *count > 0);
+            marks.leases.push((start, live.subscribe()));
+            marks.start = start;
+        }
+        start
+    }
+
+    /// The lease of `keys` that started as `start` ended (the store let go).
+    fn unmark(&self, keys: &[Key], start: u64) {
+        let mut map = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut emptied = false;
+        for key in keys {
+            if let Some(marks) = map.get_mut(key) {
+                let before = marks.leases.len();
+                marks.leases.retain(|(number, _)| *number != start);
+                if before > 0 && marks.leases.is_empty() {
+                    self.held_len.fetch_sub(1, Ordering::SeqCst);
+                    emptied = true;
                 }
             }
+        }
+        if emptied && map.len() > Self::MAX {
+            map.retain(|_, marks| !marks.leases.is_empty());
         }
     }
 
@@ -1448,20 +1503,31 @@ pub(crate) struct CleanupRunning(Arc<Cleanups>);
 
 /// A lease of a key of this client, until the store let go of it (its guard released, or its
 /// release on drop done): an attempt that finds the key held meanwhile met no other process
-/// (see [`Courtesy`]). Ends when dropped, however the release ends.
-pub(crate) struct OwnLease(Arc<Cleanups>, Key);
+/// (see [`Courtesy`]). Ends when dropped, however the release ends, or when the lease lapses.
+pub(crate) struct OwnLease(Option<Arc<Cleanups>>, Vec<Key>, u64);
+
+impl OwnLease {
+    /// Leaves the mark in place until the lease lapses (a lease left in the store to expire:
+    /// its guard dropped outside a runtime).
+    pub(crate) fn until_lapsed(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for OwnLease {
     fn drop(&mut self) {
-        self.0.courtesy.mark_held(&self.1, false);
+        if let Some(cleanups) = self.0.take() {
+            cleanups.courtesy.unmark(&self.1, self.2);
+        }
     }
 }
 
 impl Cleanups {
-    /// Marks `key` as held by this client until the mark is dropped.
-    pub(crate) fn own_lease(self: &Arc<Self>, key: &Key) -> OwnLease {
-        self.courtesy.mark_held(key, true);
-        OwnLease(Arc::clone(self), key.clone())
+    /// Marks every key of `lease` as held by this client until the mark is dropped or the
+    /// lease lapses.
+    pub(crate) fn own_lease(self: &Arc<Self>, lease: &crate::lease::Lease) -> OwnLease {
+        let start = self.courtesy.mark_held(lease.keys(), lease.live());
+        OwnLease(Some(Arc::clone(self)), lease.keys().to_vec(), start)
     }
 
     pub(crate) fn start(self: &Arc<Self>) -> CleanupRunning {

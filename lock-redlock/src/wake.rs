@@ -3,7 +3,7 @@
 //! missed message costs one retry delay at most).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -18,6 +18,9 @@ use crate::node::Node;
 pub(crate) struct Wakeups {
     waiters: WakeRegistry,
     subscribers: Vec<tokio::sync::Mutex<Option<Subscriber>>>,
+    /// The pub/sub connections whose reader still runs: a connection lost while another one is
+    /// up wakes nobody (see `connect`).
+    connected: Arc<AtomicUsize>,
 }
 
 /// How long until `key` is held on too few nodes to block a quorum of `quorum`: zero when it
@@ -78,6 +81,7 @@ impl Wakeups {
         Self {
             waiters: WakeRegistry::default(),
             subscribers: (0..nodes).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            connected: Arc::default(),
         }
     }
 
@@ -176,13 +180,24 @@ impl Wakeups {
         let (sink, mut stream) = node.client().get_async_pubsub().await?.split();
         let alive = Arc::new(AtomicBool::new(true));
         let (waiters, still_alive) = (self.waiters.clone(), Arc::clone(&alive));
+        let connected = Arc::clone(&self.connected);
+        connected.fetch_add(1, Ordering::SeqCst);
         let reader = tokio::spawn(async move {
             while let Some(message) = stream.next().await {
                 waiters.wake(message.get_channel_name());
             }
-            // The connection is gone: messages may have been missed, so everyone retries now.
             still_alive.store(false, Ordering::SeqCst);
-            waiters.wake_all();
+            // The connection is gone, and the new one will have no subscription. A release is
+            // announced on every node that held the key: while another connection is up, the
+            // waiters still hear it there, and only the next waiters subscribe again (waking
+            // them would spend the retry loop's early wakes, after two of which it sleeps a
+            // whole delay deaf to releases). With none up, messages may have been missed:
+            // everyone retries now.
+            if connected.fetch_sub(1, Ordering::SeqCst) > 1 {
+                waiters.resubscribe();
+            } else {
+                waiters.wake_all();
+            }
         });
         Ok(Subscriber {
             sink,

@@ -226,8 +226,23 @@ impl WakeRegistry {
     /// still retired after their linger, on every connection (a lost connection of one node
     /// must not leave the channels subscribed on the others for good).
     pub fn wake_all(&self) {
-        let all: Vec<Arc<Notify>> = self
-            .0
+        let all = self.resubscribe_all();
+        for notify in all {
+            notify.notify_waiters();
+        }
+    }
+
+    /// Has the next waiter of every channel subscribe again, without waking the current ones:
+    /// after a lost connection of a backend that hears every release on other connections too
+    /// (a release is announced on every node that held the key), whose waiters are still
+    /// listening there. A wake-up is an early wake for the retry loop, which sleeps its whole
+    /// delay deaf after two in a row: a flapping connection must not spend them.
+    pub fn resubscribe(&self) {
+        self.resubscribe_all();
+    }
+
+    fn resubscribe_all(&self) -> Vec<Arc<Notify>> {
+        self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .values_mut()
@@ -235,10 +250,7 @@ impl WakeRegistry {
                 entry.subscribed = false;
                 Arc::clone(&entry.notify)
             })
-            .collect();
-        for notify in all {
-            notify.notify_waiters();
-        }
+            .collect()
     }
 }
 
