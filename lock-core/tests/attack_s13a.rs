@@ -4,53 +4,14 @@
 //! clock is paused: every wait is exact.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use lock_core::{
-    Capabilities, Key, KeyState, LockOptions, Locker, Result, RetryPolicy,
-    raw::{Answer, Handle, Lock, LockRequest, async_trait},
-};
-use lock_memory::MemoryLock;
+use lock_core::{LockOptions, Locker, RetryPolicy, raw::Lock};
+use support::{Woken, win_after_contention, woken_client};
 use tokio::time::Instant;
-
-/// The memory lock as a store shared between processes (answers awaited, releases of dropped
-/// guards on a task) whose releases wake waiters (pub/sub wake-ups, as `wake_on_release`).
-#[derive(Debug, Default)]
-struct Woken {
-    memory: MemoryLock,
-}
-
-#[async_trait]
-impl Lock for Woken {
-    fn name(&self) -> &'static str {
-        "woken"
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.memory.capabilities().with_distributed()
-    }
-    fn try_acquire<'a>(
-        &'a self,
-        request: &'a LockRequest,
-    ) -> Answer<'a, Result<Option<Box<dyn Handle>>>> {
-        Answer::later(async move { self.memory.try_acquire(request).await })
-    }
-    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
-        Answer::later(async move { self.memory.abandon(request).await })
-    }
-    async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
-        self.memory.wait_for_release(keys, max_wait).await
-    }
-    async fn purge(&self, prefix: &str) -> Result<u64> {
-        self.memory.purge(prefix).await
-    }
-    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
-        self.memory.inspect(key).await
-    }
-    async fn shutdown(&self) -> Result<()> {
-        self.memory.shutdown().await
-    }
-}
 
 /// The default policy's shape (counted retries, no deadline) with a 200 ms delay and no jitter.
 fn default_like() -> RetryPolicy {
@@ -102,34 +63,6 @@ async fn a_client_alone_dropping_its_guards_never_pays_a_courtesy() {
     );
 }
 
-/// A client on `store` retrying forever every `delay` (no jitter), with a one-hour ttl (so no
-/// courtesy expires during a test).
-fn process(store: &Arc<Woken>, delay: u64) -> Locker {
-    Locker::from_arc(Arc::clone(store) as Arc<dyn Lock>)
-        .with_options(
-            LockOptions::default()
-                .with_ttl(Duration::from_secs(3600))
-                .with_retry(
-                    RetryPolicy::forever()
-                        .with_retry_delay(Duration::from_millis(delay))
-                        .with_retry_jitter(Duration::ZERO),
-                ),
-        )
-        .unwrap()
-}
-
-/// Makes `a` win `key` after finding it held by `c`, and release it.
-async fn win_after_contention(a: &Locker, c: &Locker, key: &str) {
-    let held = c.acquire(key).await.unwrap();
-    let task = tokio::spawn({
-        let (a, key) = (a.clone(), key.to_owned());
-        async move { a.acquire(&key).await.unwrap() }
-    });
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    held.release().await.unwrap();
-    task.await.unwrap().release().await.unwrap();
-}
-
 /// Promised (9e52d96, `Courtesy::MAX`: "At most this many keys are remembered; more clears
 /// the oldest half's worth (expired first)"; `Locker::with_courtesy`: the acquisition after a
 /// contended win "within one ttl waits one delay"): when a client has won more than 1024 keys
@@ -141,8 +74,8 @@ async fn win_after_contention(a: &Locker, c: &Locker, key: &str) {
 #[tokio::test(start_paused = true)]
 async fn past_the_cap_only_the_oldest_courtesies_are_forgotten() {
     let store = Arc::new(Woken::default());
-    let a = process(&store, 20);
-    let c = process(&store, 20);
+    let a = woken_client(&store, 20);
+    let c = woken_client(&store, 20);
     for i in 0..1023 {
         win_after_contention(&a, &c, &format!("old-{i}")).await;
     }

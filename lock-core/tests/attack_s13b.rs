@@ -3,69 +3,14 @@
 //! waiters on release (as in `attack_s13a.rs`). The clock is paused: every wait is exact.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use lock_core::{
-    Capabilities, Key, KeyState, LockOptions, Locker, Result, RetryPolicy,
-    raw::{Answer, Handle, Lock, LockRequest, async_trait},
-};
-use lock_memory::MemoryLock;
+use lock_core::{LockOptions, Locker, RetryPolicy, raw::Lock};
+use support::{Woken, win_after_contention, woken_client};
 use tokio::time::Instant;
-
-/// The memory lock as a store shared between processes (answers awaited, releases of dropped
-/// guards on a task) whose releases wake waiters.
-#[derive(Debug, Default)]
-struct Woken {
-    memory: MemoryLock,
-}
-
-#[async_trait]
-impl Lock for Woken {
-    fn name(&self) -> &'static str {
-        "woken"
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.memory.capabilities().with_distributed()
-    }
-    fn try_acquire<'a>(
-        &'a self,
-        request: &'a LockRequest,
-    ) -> Answer<'a, Result<Option<Box<dyn Handle>>>> {
-        Answer::later(async move { self.memory.try_acquire(request).await })
-    }
-    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
-        Answer::later(async move { self.memory.abandon(request).await })
-    }
-    async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
-        self.memory.wait_for_release(keys, max_wait).await
-    }
-    async fn purge(&self, prefix: &str) -> Result<u64> {
-        self.memory.purge(prefix).await
-    }
-    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
-        self.memory.inspect(key).await
-    }
-    async fn shutdown(&self) -> Result<()> {
-        self.memory.shutdown().await
-    }
-}
-
-/// A client on `store` retrying forever every `delay` (no jitter), with a one-hour ttl (so no
-/// courtesy expires during a test).
-fn process(store: &Arc<Woken>, delay: u64) -> Locker {
-    Locker::from_arc(Arc::clone(store) as Arc<dyn Lock>)
-        .with_options(
-            LockOptions::default()
-                .with_ttl(Duration::from_secs(3600))
-                .with_retry(
-                    RetryPolicy::forever()
-                        .with_retry_delay(Duration::from_millis(delay))
-                        .with_retry_jitter(Duration::ZERO),
-                ),
-        )
-        .unwrap()
-}
 
 /// How long an acquisition of `key` by `locker` takes (the key is free: only a courtesy
 /// delays it), its guard released after.
@@ -135,18 +80,6 @@ async fn a_key_held_by_a_sibling_multi_key_guard_owes_no_courtesy() {
     );
 }
 
-/// Makes `a` win `key` after finding it held by `c` (another process), and release it.
-async fn win_after_contention(a: &Locker, c: &Locker, key: &str) {
-    let held = c.acquire(key).await.unwrap();
-    let task = tokio::spawn({
-        let (a, key) = (a.clone(), key.to_owned());
-        async move { a.acquire(&key).await.unwrap() }
-    });
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    held.release().await.unwrap();
-    task.await.unwrap().release().await.unwrap();
-}
-
 /// Options of one acquisition whose lease lasts 100 ms.
 fn short_ttl() -> LockOptions {
     LockOptions::default()
@@ -167,7 +100,7 @@ fn short_ttl() -> LockOptions {
 #[tokio::test(start_paused = true)]
 async fn a_guard_past_its_ttl_does_not_hide_other_processes() {
     let store = Arc::new(Woken::default());
-    let (a, c) = (process(&store, 20), process(&store, 20));
+    let (a, c) = (woken_client(&store, 20), woken_client(&store, 20));
     // Control.
     win_after_contention(&a, &c, "control").await;
     assert_eq!(
@@ -192,7 +125,7 @@ async fn a_guard_past_its_ttl_does_not_hide_other_processes() {
 #[tokio::test(start_paused = true)]
 async fn a_forgotten_guard_does_not_hide_other_processes_for_good() {
     let store = Arc::new(Woken::default());
-    let (a, c) = (process(&store, 20), process(&store, 20));
+    let (a, c) = (woken_client(&store, 20), woken_client(&store, 20));
     std::mem::forget(a.acquire_with("k", &short_ttl()).await.unwrap());
     tokio::time::sleep(Duration::from_secs(60)).await;
     win_after_contention(&a, &c, "k").await;
@@ -234,7 +167,7 @@ async fn a_kept_alive_guard_past_its_first_ttl_is_still_held_here() {
 #[tokio::test(start_paused = true)]
 async fn a_guard_dropped_outside_a_runtime_is_still_held_here_until_its_ttl() {
     let store = Arc::new(Woken::default());
-    let a = process(&store, 20);
+    let a = woken_client(&store, 20);
     let guard = a
         .acquire_with("k", &short_ttl().with_retry(RetryPolicy::none()))
         .await

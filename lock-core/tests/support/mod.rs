@@ -277,3 +277,67 @@ pub(crate) async fn settle() {
         tokio::task::yield_now().await;
     }
 }
+
+/// The memory lock as a store shared between processes (answers awaited, releases of dropped
+/// guards on a task) whose releases wake waiters (pub/sub wake-ups, as `wake_on_release`).
+#[derive(Debug, Default)]
+pub(crate) struct Woken {
+    memory: MemoryLock,
+}
+
+#[async_trait]
+impl Lock for Woken {
+    fn name(&self) -> &'static str {
+        "woken"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.memory.capabilities().with_distributed()
+    }
+    fn try_acquire<'a>(
+        &'a self,
+        request: &'a LockRequest,
+    ) -> Answer<'a, Result<Option<Box<dyn Handle>>>> {
+        Answer::later(async move { self.memory.try_acquire(request).await })
+    }
+    fn abandon<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Result<bool>> {
+        Answer::later(async move { self.memory.abandon(request).await })
+    }
+    async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
+        self.memory.wait_for_release(keys, max_wait).await
+    }
+    async fn purge(&self, prefix: &str) -> Result<u64> {
+        self.memory.purge(prefix).await
+    }
+    async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
+        self.memory.inspect(key).await
+    }
+    async fn shutdown(&self) -> Result<()> {
+        self.memory.shutdown().await
+    }
+}
+/// A client on `store` retrying forever every `delay` (no jitter), with a one-hour ttl (so no
+/// courtesy expires during a test).
+pub(crate) fn woken_client(store: &Arc<Woken>, delay: u64) -> Locker {
+    Locker::from_arc(Arc::clone(store) as Arc<dyn Lock>)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(3600))
+                .with_retry(
+                    RetryPolicy::forever()
+                        .with_retry_delay(Duration::from_millis(delay))
+                        .with_retry_jitter(Duration::ZERO),
+                ),
+        )
+        .unwrap()
+}
+/// Makes `a` win `key` after finding it held by `c`, and release it.
+pub(crate) async fn win_after_contention(a: &Locker, c: &Locker, key: &str) {
+    let held = c.acquire(key).await.unwrap();
+    let task = tokio::spawn({
+        let (a, key) = (a.clone(), key.to_owned());
+        async move { a.acquire(&key).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    held.release().await.unwrap();
+    task.await.unwrap().release().await.unwrap();
+}
