@@ -45,7 +45,13 @@ fn member(hex: char, id: &str) -> String {
 }
 
 /// Puts `member` in `key`'s line at `place`, its entry expiring at `expiry` (ms, server clock).
-async fn enter(c: &mut redis::aio::MultiplexedConnection, key: &str, member: &str, place: u64, expiry: u64) {
+async fn enter(
+    c: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    member: &str,
+    place: u64,
+    expiry: u64,
+) {
     let _: () = c.zadd(line(key), member, place).await.unwrap();
     let _: () = c.zadd(line_expiry(key), member, expiry).await.unwrap();
 }
@@ -57,7 +63,9 @@ async fn now_ms(c: &mut redis::aio::MultiplexedConnection) -> u64 {
 
 async fn all_keys(c: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
     let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query_async(c).await.unwrap();
-    keys.into_iter().map(|k| String::from_utf8_lossy(&k).into_owned()).collect()
+    keys.into_iter()
+        .map(|k| String::from_utf8_lossy(&k).into_owned())
+        .collect()
 }
 
 /// Promised: each key a multi-key release frees, that has a line, is reserved for the head of
@@ -97,19 +105,34 @@ async fn every_freed_key_is_reserved_for_its_own_lines_head() {
             value
         }
     };
-    assert_eq!(get("ns:{t}a").await, Some(format!("{RESERVED}{}", member('a', "1"))));
+    assert_eq!(
+        get("ns:{t}a").await,
+        Some(format!("{RESERVED}{}", member('a', "1")))
+    );
     assert_eq!(get("ns:b").await, None);
     assert_eq!(get("ns:c").await, None);
-    assert_eq!(get("ns:d").await, Some(format!("{RESERVED}{}", member('d', "1"))));
-    assert_eq!(get("ns:{t}e").await, Some(format!("{RESERVED}{}", member('e', "2"))));
+    assert_eq!(
+        get("ns:d").await,
+        Some(format!("{RESERVED}{}", member('d', "1")))
+    );
+    assert_eq!(
+        get("ns:{t}e").await,
+        Some(format!("{RESERVED}{}", member('e', "2")))
+    );
     let mut keys = all_keys(&mut c).await;
     keys.sort();
     assert_eq!(
         keys,
         [
-            "ns:d", "ns:d\u{fffd}:queue", "ns:d\u{fffd}:queue-expiry",
-            "ns:{t}a", "ns:{t}a\u{fffd}:queue", "ns:{t}a\u{fffd}:queue-expiry",
-            "ns:{t}e", "ns:{t}e\u{fffd}:queue", "ns:{t}e\u{fffd}:queue-expiry",
+            "ns:d",
+            "ns:d\u{fffd}:queue",
+            "ns:d\u{fffd}:queue-expiry",
+            "ns:{t}a",
+            "ns:{t}a\u{fffd}:queue",
+            "ns:{t}a\u{fffd}:queue-expiry",
+            "ns:{t}e",
+            "ns:{t}e\u{fffd}:queue",
+            "ns:{t}e\u{fffd}:queue-expiry",
         ]
     );
     holder.stop().await.unwrap();
@@ -138,7 +161,10 @@ async fn a_key_taken_by_someone_else_is_left_and_the_rest_pass() {
     let other = format!("{RESERVED}{}", member('3', "q"));
     let _: () = c.set("ns:q", &other).await.unwrap();
     let released = guard.release().await;
-    assert!(matches!(released, Err(LockError::NotHeld { .. })), "{released:?}");
+    assert!(
+        matches!(released, Err(LockError::NotHeld { .. })),
+        "{released:?}"
+    );
     let p: Option<String> = c.get("ns:p").await.unwrap();
     let q: Option<String> = c.get("ns:q").await.unwrap();
     let r: Option<String> = c.get("ns:r").await.unwrap();
@@ -166,8 +192,15 @@ async fn mixed_waiters_all_served_and_nothing_left() {
         .unwrap();
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
-    for (i, key) in ["{h}x", "{h}x", "{h}z", "w", "{h}x", "w"].into_iter().enumerate() {
-        let waiter = client(&server, Duration::from_secs(5), waiting(Duration::from_millis(700)));
+    for (i, key) in ["{h}x", "{h}x", "{h}z", "w", "{h}x", "w"]
+        .into_iter()
+        .enumerate()
+    {
+        let waiter = client(
+            &server,
+            Duration::from_secs(5),
+            waiting(Duration::from_millis(700)),
+        );
         let order = Arc::clone(&order);
         tasks.push(tokio::spawn(async move {
             let guard = waiter.acquire(key).await.unwrap();
@@ -179,7 +212,11 @@ async fn mixed_waiters_all_served_and_nothing_left() {
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
     {
-        let waiter = client(&server, Duration::from_secs(5), waiting(Duration::from_millis(3)));
+        let waiter = client(
+            &server,
+            Duration::from_secs(5),
+            waiting(Duration::from_millis(3)),
+        );
         tasks.push(tokio::spawn(async move {
             let guard = waiter.acquire_many(&["y", "{h}z"]).await.unwrap();
             guard.release().await.unwrap();
@@ -190,17 +227,31 @@ async fn mixed_waiters_all_served_and_nothing_left() {
     let released = tokio::time::Instant::now();
     guard.release().await.unwrap();
     for task in tasks {
-        tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
     // Every hand-off is a passed turn (the waiters' entries live 5 s, their polls 700 ms): a
     // key reserved for the wrong line's head would hold its own waiters for seconds.
     let took = released.elapsed();
-    assert!(took < Duration::from_millis(1500), "all served {took:?} after the release");
+    assert!(
+        took < Duration::from_millis(1500),
+        "all served {took:?} after the release"
+    );
     holder.stop().await.unwrap();
     let order = order.lock().unwrap().clone();
-    let xs: Vec<usize> = order.iter().filter(|(k, _)| *k == "{h}x").map(|(_, i)| *i).collect();
+    let xs: Vec<usize> = order
+        .iter()
+        .filter(|(k, _)| *k == "{h}x")
+        .map(|(_, i)| *i)
+        .collect();
     assert_eq!(xs, [0, 1, 4], "{order:?}");
-    let ws: Vec<usize> = order.iter().filter(|(k, _)| *k == "w").map(|(_, i)| *i).collect();
+    let ws: Vec<usize> = order
+        .iter()
+        .filter(|(k, _)| *k == "w")
+        .map(|(_, i)| *i)
+        .collect();
     assert_eq!(ws, [3, 5], "{order:?}");
     let mut c = raw(&server).await;
     assert_eq!(all_keys(&mut c).await, Vec::<String>::new());
@@ -251,9 +302,15 @@ async fn wake_on_release_and_turns_together_on_a_fair_node() {
     let released = tokio::time::Instant::now();
     guard.release().await.unwrap();
     for task in [single, many] {
-        let got = tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
         let after = got - released;
-        assert!(after < Duration::from_millis(800), "served {after:?} after the release");
+        assert!(
+            after < Duration::from_millis(800),
+            "served {after:?} after the release"
+        );
     }
     holder.stop().await.unwrap();
     let mut c = raw(&server).await;
@@ -277,11 +334,17 @@ async fn multi_key_and_fair_single_key_cycles_overlap_nowhere_and_leave_nothing(
     };
     let server = RedisServer::start(&binary, &[]).expect("server");
     let names = ["a", "{x}b", "c", "d"];
-    let held: Arc<Vec<AtomicBool>> = Arc::new(names.iter().map(|_| AtomicBool::new(false)).collect());
+    let held: Arc<Vec<AtomicBool>> =
+        Arc::new(names.iter().map(|_| AtomicBool::new(false)).collect());
     let index = move |key: &str| names.iter().position(|name| *name == key).unwrap();
     let started = tokio::time::Instant::now();
     let mut tasks = Vec::new();
-    let sets: [&[&str]; 4] = [&["a", "{x}b"], &["{x}b", "c"], &["a", "c", "d"], &["d", "{x}b", "a", "c"]];
+    let sets: [&[&str]; 4] = [
+        &["a", "{x}b"],
+        &["{x}b", "c"],
+        &["a", "c", "d"],
+        &["d", "{x}b", "a", "c"],
+    ];
     for (n, set) in sets.into_iter().enumerate() {
         let config = RedlockConfig::new([server.url()])
             .with_node_timeout(Duration::from_millis(500))
@@ -290,7 +353,11 @@ async fn multi_key_and_fair_single_key_cycles_overlap_nowhere_and_leave_nothing(
             .with_options(
                 LockOptions::default()
                     .with_ttl(Duration::from_secs(5))
-                    .with_retry(waiting(Duration::from_millis(if n % 2 == 0 { 3 } else { 20 }))),
+                    .with_retry(waiting(Duration::from_millis(if n % 2 == 0 {
+                        3
+                    } else {
+                        20
+                    }))),
             )
             .unwrap()
             .with_namespace(Some("ns"))
@@ -300,7 +367,10 @@ async fn multi_key_and_fair_single_key_cycles_overlap_nowhere_and_leave_nothing(
             for _ in 0..15 {
                 let guard = locker.acquire_many(set).await.unwrap();
                 for key in set {
-                    assert!(!held[index(key)].swap(true, Ordering::SeqCst), "{key} overlaps");
+                    assert!(
+                        !held[index(key)].swap(true, Ordering::SeqCst),
+                        "{key} overlaps"
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 for key in set {
@@ -312,12 +382,19 @@ async fn multi_key_and_fair_single_key_cycles_overlap_nowhere_and_leave_nothing(
         }));
     }
     for key in names.into_iter().chain(["a", "c"]) {
-        let locker = client(&server, Duration::from_secs(5), waiting(Duration::from_millis(300)));
+        let locker = client(
+            &server,
+            Duration::from_secs(5),
+            waiting(Duration::from_millis(300)),
+        );
         let held = Arc::clone(&held);
         tasks.push(tokio::spawn(async move {
             for _ in 0..15 {
                 let guard = locker.acquire(key).await.unwrap();
-                assert!(!held[index(key)].swap(true, Ordering::SeqCst), "{key} overlaps");
+                assert!(
+                    !held[index(key)].swap(true, Ordering::SeqCst),
+                    "{key} overlaps"
+                );
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 held[index(key)].store(false, Ordering::SeqCst);
                 guard.release().await.unwrap();
@@ -326,7 +403,10 @@ async fn multi_key_and_fair_single_key_cycles_overlap_nowhere_and_leave_nothing(
         }));
     }
     for task in tasks {
-        tokio::time::timeout(Duration::from_secs(60), task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
     // About 0.4 s on main; a turn passed to the wrong line, or not at all, leaves the waiters
     // to their 300 ms polls or to reservations that lapse only with their 5 s entries.
