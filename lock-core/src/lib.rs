@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
+mod courtesy;
 mod error;
 mod guard;
 mod key;
