@@ -41,7 +41,7 @@ pub enum ConnectionKind {
 /// - `wake_on_release`: off with one node, on with several (unset: see
 ///   [`RedlockConfig::wake_on_release`])
 /// - `fencing`: off
-/// - `fair`: on with one node (`redis`), off with several (unset: see [`RedlockConfig::fair`])
+/// - `fair`: on (unset: see [`RedlockConfig::fair`])
 ///
 /// Retries are not the backend's business: they belong to the locker's
 /// [`RetryPolicy`](lock_core::RetryPolicy) (the facade reads `retry_count`, `retry_delay`,
@@ -76,9 +76,10 @@ pub struct RedlockConfig {
     /// A user without pub/sub rights still releases (the message is lost, not the release).
     /// Waits shorter than 5 ms are slept out without subscribing.
     ///
-    /// Unset (`None`, the default), it is on with several nodes, where waiters cannot line up
-    /// (`fair`) and would otherwise poll in no order, and off with one node, where the fair
-    /// line wakes the head alone (see [`RedlockConfig::wakes_on_release`]).
+    /// Unset (`None`, the default), it is on with several nodes, where the waiters a fair line
+    /// does not serve (multi-key locks, semaphores, read-write locks; every waiter with `fair`
+    /// off) would otherwise poll, and off with one node, as it has always been there (see
+    /// [`RedlockConfig::wakes_on_release`]). Fair waiters are woken by their turn either way.
     #[serde(alias = "wakeOnRelease", skip_serializing_if = "Option::is_none")]
     pub wake_on_release: Option<bool>,
     /// Hand out fencing tokens: every acquisition also advances a counter beside the key on
@@ -86,17 +87,19 @@ pub struct RedlockConfig {
     /// counter on a quorum to the highest value it saw, a second round trip. Tokens then
     /// increase strictly per key.
     pub fencing: bool,
-    /// Serve waiters across processes first come, first served (one node only): a waiter that
-    /// finds the key held joins a line beside it (`<key>` + byte 0xFF + `:queue`, and
+    /// Serve waiters across processes first come, first served: a waiter that finds the key
+    /// held joins a line beside it on every node (`<key>` + byte 0xFF + `:queue`, and
     /// `:queue-expiry` for the entries' expiries), a release reserves the key for the head of
     /// the line and wakes that waiter alone over pub/sub, and a single try never passes a
-    /// waiting line. Every client of a key must agree on it. Mutexes on one key only: multi-key
-    /// locks, semaphores and read-write locks are not lined up.
+    /// waiting line. With several nodes a waiter joins every node's line at the place its
+    /// client chose (its clock when it first lined up), so that every node puts the same waiter
+    /// first; the quorum alone still decides who holds the lock. Every client of a key must
+    /// agree on it. Mutexes on one key only: multi-key locks, semaphores and read-write locks
+    /// are not lined up.
     ///
-    /// Unset (`None`, the default), it is on with one node and off with several: an
-    /// uncontended cycle costs what it does without it (the first attempt is the plain
-    /// `SET NX`), and Redlock over several nodes cannot line up (see
-    /// [`RedlockConfig::is_fair`]). `Some(true)` with several nodes is refused.
+    /// Unset (`None`, the default), it is on: an uncontended cycle costs what it does without
+    /// it (the first attempt is the plain `SET NX`, with an `EXISTS` of the line in the same
+    /// round trip); see [`RedlockConfig::is_fair`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fair: Option<bool>,
 }
@@ -203,9 +206,9 @@ impl RedlockConfig {
         self
     }
 
-    /// Whether waiters line up (`fair`): as set, or, unset, when there is exactly one node.
+    /// Whether waiters line up (`fair`): as set, or, unset, yes.
     pub fn is_fair(&self) -> bool {
-        self.fair.unwrap_or(self.urls.len() == 1)
+        self.fair.unwrap_or(true)
     }
 
     /// Turns fencing tokens on or off.
@@ -238,16 +241,6 @@ impl RedlockConfig {
         }
         URL_RULES.check_ca_file(self.tls_ca_file.as_deref())?;
         validate::fraction("drift_factor", self.drift_factor)?;
-        if self.fair == Some(true) && self.urls.len() != 1 {
-            return Err(LockError::invalid(
-                "fair",
-                format!(
-                    "a fair line needs exactly one node (got {}): lines on several nodes could \
-                     each put a different waiter first",
-                    self.urls.len()
-                ),
-            ));
-        }
         if let Some(timeout) = self.node_timeout {
             validate::timeout("node_timeout", timeout)?;
         }
@@ -415,7 +408,7 @@ mod tests {
     }
 
     #[test]
-    fn fair_is_on_by_default_with_one_node_and_off_with_several() {
+    fn fair_is_on_by_default_with_any_number_of_nodes() {
         let one = RedlockConfig::new(["redis://127.0.0.1:1/"]);
         assert!(one.fair.is_none() && one.is_fair());
         assert!(!one.clone().with_fair(false).is_fair());
@@ -424,10 +417,10 @@ mod tests {
             "redis://127.0.0.1:2/",
             "redis://127.0.0.1:3/",
         ]);
-        assert!(!three.is_fair());
+        assert!(three.fair.is_none() && three.is_fair());
         three.validate().unwrap();
-        let error = three.with_fair(true).validate().unwrap_err();
-        assert!(error.to_string().contains("fair"), "{error}");
+        three.clone().with_fair(true).validate().unwrap();
+        assert!(!three.with_fair(false).is_fair());
         // Unset, it is not written out; set, it is read back as set.
         let json = serde_json::to_string(&one).unwrap();
         assert!(!json.contains("fair"), "{json}");

@@ -1,14 +1,18 @@
-//! Fair waiting across processes (`fair`, one node): waiters line up in a sorted set beside the
-//! key (see `lock_core::raw::redis::LINE_SCRIPT`), and the head of the line is woken alone, by a message naming it on
-//! the channel of its client (`lock-turn:<instance>`), which every fair client subscribes to
-//! once, on its first wait. A lost message costs the waiter its fallback poll at most (the
-//! longer of its retry delay and 200 ms, a quarter of the ttl at most: see the core's retry
-//! loop); a lost pub/sub connection wakes every waiter of this client, and the next wait
-//! subscribes again.
+//! Fair waiting across processes (`fair`): waiters line up in a sorted set beside the key on
+//! each node (see `lock_core::raw::redis::LINE_SCRIPT`), and the head of the line is woken
+//! alone, by a message naming it on the channel of its client (`lock-turn:<instance>`), which
+//! every fair client subscribes to on every node, on its first wait. With one node the line is
+//! ordered by the server's clock; with several, by a place each waiter chooses once (its
+//! client's clock when it first lines up, in µs), so that every node orders the same waiters
+//! alike and a release reserves the key on all of them for the same waiter. A lost message
+//! costs the waiter its fallback poll at most (the longer of its retry delay and 200 ms, a
+//! quarter of the ttl at most: see the core's retry loop); a lost pub/sub connection wakes
+//! every waiter of this client, and the next wait subscribes again.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use lock_core::raw::wake::TurnRegistry;
@@ -23,8 +27,16 @@ pub(crate) struct FairLine {
     /// 32 hex digits naming this client in the members of every line it waits in.
     instance: String,
     turns: TurnRegistry,
-    subscriber: tokio::sync::Mutex<Option<Subscriber>>,
+    /// One subscription per node, by the node's index.
+    subscribers: tokio::sync::Mutex<Vec<Option<Subscriber>>>,
+    /// The place in line each waiter chose (several nodes only), in µs since the Unix epoch.
+    places: Mutex<HashMap<String, u64>>,
 }
+
+/// Places older than this are dropped once more than [`PLACES_PRUNE_ABOVE`] waiters have one
+/// (an acquisition that ended without `forget`).
+const PLACE_IDLE: Duration = lock_core::raw::wake::TURN_IDLE;
+const PLACES_PRUNE_ABOVE: usize = lock_core::raw::wake::TURN_PRUNE_ABOVE;
 
 struct Subscriber {
     alive: Arc<AtomicBool>,
@@ -36,7 +48,7 @@ struct Subscriber {
 /// owns it and would otherwise keep it (and the subscription) for good.
 impl Drop for FairLine {
     fn drop(&mut self) {
-        if let Some(subscriber) = self.subscriber.get_mut().take() {
+        for subscriber in self.subscribers.get_mut().drain(..).flatten() {
             subscriber.reader.abort();
         }
     }
@@ -47,8 +59,32 @@ impl FairLine {
         Ok(Self {
             instance: Token::generate()?.expose().to_string(),
             turns: TurnRegistry::default(),
-            subscriber: tokio::sync::Mutex::new(None),
+            subscribers: tokio::sync::Mutex::new(Vec::new()),
+            places: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// `waiter`'s place in every node's line: chosen on its first call (this client's clock,
+    /// in µs since the Unix epoch), the same on every later one, so that a waiter that left a
+    /// node's line (it took a turn there but not a quorum) joins it again where it stood.
+    /// Clocks of clients that disagree reorder their waiters, never the nodes' agreement.
+    pub(crate) fn place(&self, waiter: &Token) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+            });
+        let mut places = self.places.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = waiter.expose();
+        if let Some(place) = places.get(&*key) {
+            return *place;
+        }
+        if places.len() > PLACES_PRUNE_ABOVE {
+            let idle = u64::try_from(PLACE_IDLE.as_micros()).unwrap_or(u64::MAX);
+            places.retain(|_, place| now.saturating_sub(*place) < idle);
+        }
+        places.insert(key.to_string(), now);
+        now
     }
 
     /// The member of a line that stands for `waiter` of this client.
@@ -57,33 +93,50 @@ impl FairLine {
     }
 
     /// Listens for `waiter`'s turn before its attempt goes out, subscribing this client's
-    /// channel first if it is not (bounded by `timeout`; without it, the retry delay is the
-    /// fallback).
-    pub(crate) async fn listen(&self, waiter: &Token, node: &Node, timeout: Duration) {
+    /// channel first on every node where it is not (all at once, bounded by `timeout`; a node
+    /// without it leaves the retry delay as the fallback, the others' messages still wake).
+    pub(crate) async fn listen(&self, waiter: &Token, nodes: &[Node], timeout: Duration) {
         self.turns.listen(&waiter.expose());
-        let subscribed = async {
-            let mut slot = self.subscriber.lock().await;
-            if slot
-                .as_ref()
-                .is_some_and(|s| s.alive.load(Ordering::SeqCst))
-            {
-                return Ok(());
+        let mut slots = self.subscribers.lock().await;
+        if slots.len() < nodes.len() {
+            slots.resize_with(nodes.len(), || None);
+        }
+        let missing: Vec<usize> = (0..nodes.len())
+            .filter(|index| {
+                !slots[*index]
+                    .as_ref()
+                    .is_some_and(|s| s.alive.load(Ordering::SeqCst))
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let connects = missing.iter().map(|index| {
+            let node = &nodes[*index];
+            async move {
+                match tokio::time::timeout(timeout, self.connect(node)).await {
+                    Ok(Ok(subscriber)) => Some(subscriber),
+                    Ok(Err(error)) => {
+                        tracing::debug!(node = node.label(), %error, "cannot subscribe for turns; falling back to the retry delay");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!(
+                            node = node.label(),
+                            "subscribing for turns timed out; falling back to the retry delay"
+                        );
+                        None
+                    }
+                }
             }
-            if let Some(old) = slot.take() {
+        });
+        let made = futures::future::join_all(connects).await;
+        for (index, subscriber) in missing.into_iter().zip(made) {
+            if let Some(subscriber) = subscriber
+                && let Some(old) = slots[index].replace(subscriber)
+            {
                 old.reader.abort();
             }
-            *slot = Some(self.connect(node).await?);
-            Ok::<(), redis::RedisError>(())
-        };
-        match tokio::time::timeout(timeout, subscribed).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::debug!(node = node.label(), %error, "cannot subscribe for turns; falling back to the retry delay");
-            }
-            Err(_) => tracing::debug!(
-                node = node.label(),
-                "subscribing for turns timed out; falling back to the retry delay"
-            ),
         }
     }
 
@@ -94,7 +147,12 @@ impl FairLine {
 
     /// `waiter`'s acquisition ended.
     pub(crate) fn forget(&self, waiter: &Token) {
-        self.turns.forget(&waiter.expose());
+        let key = waiter.expose();
+        self.turns.forget(&key);
+        self.places
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&*key);
     }
 
     /// Waits for `waiter`'s turn, the expiry of the holder it is first in line behind, or
@@ -105,7 +163,7 @@ impl FairLine {
 
     /// Closes the pub/sub connection (on shutdown).
     pub(crate) async fn close(&self) {
-        if let Some(subscriber) = self.subscriber.lock().await.take() {
+        for subscriber in self.subscribers.lock().await.drain(..).flatten() {
             subscriber.reader.abort();
         }
     }

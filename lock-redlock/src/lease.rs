@@ -427,6 +427,7 @@ async fn attempt(
                             ttl,
                             in_flight,
                             extending: None,
+                            line_member: None,
                         })));
                     }
                 }

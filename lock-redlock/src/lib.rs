@@ -448,7 +448,9 @@ impl Shared {
         }
     }
 
-    /// Compare-and-delete on `nodes`; a vote is yes when every key was ours.
+    /// Compare-and-delete on `nodes`; a vote is yes when every key was ours. `member`, when
+    /// given, leaves the fair line of the key on every node too (a waiter that won over several
+    /// nodes may still stand in the line of one that refused it).
     async fn release_on(
         &self,
         nodes: &[Node],
@@ -456,13 +458,14 @@ impl Shared {
         token: &Token,
         held: Held,
         timeout: Duration,
+        member: Option<&Arc<[u8]>>,
     ) -> (Tally, Pending) {
         let quorum = self.quorum.min(nodes.len().max(1));
         let wanted = released_when(keys, held);
         round::run(nodes, quorum, timeout, |node| {
-            let (keys, token) = (keys.clone(), token.clone());
+            let (keys, token, member) = (keys.clone(), token.clone(), member.cloned());
             async move {
-                node.release(&keys, &token, held)
+                node.release_for(&keys, &token, held, member.as_deref().unwrap_or_default())
                     .await
                     .map(|deleted| (deleted == wanted).then_some(0))
             }
@@ -504,6 +507,7 @@ impl Shared {
                     token,
                     held,
                     timeout,
+                    None,
                 )
                 .await;
             let undone_late = rest.finish().await;
@@ -697,6 +701,7 @@ impl Lock for Redlock {
                                 ttl,
                                 in_flight,
                                 extending: None,
+                                line_member: None,
                             })));
                         }
                     }
@@ -862,8 +867,8 @@ impl Lock for Redlock {
     }
 }
 
-/// One attempt at a fair mutex on one key (one node: the configuration refuses `fair` with
-/// more), through the key's waiting line: see `lua/acquire_fair.lua`.
+/// One attempt at a fair mutex on one key, through the key's waiting line: see
+/// `lua/acquire_fair.lua` (several nodes: [`try_acquire_fair_quorum`]).
 async fn try_acquire_fair(
     shared: &Arc<Shared>,
     fair: &fair::FairLine,
@@ -871,13 +876,16 @@ async fn try_acquire_fair(
 ) -> Result<Option<Box<dyn Handle>>> {
     let (key, token, ttl) = (request.primary_key(), request.token(), request.ttl());
     let nodes = shared.nodes()?;
+    if nodes.len() > 1 {
+        return Box::pin(try_acquire_fair_quorum(shared, fair, request, &nodes)).await;
+    }
     let Some(node) = nodes.first() else {
         return Err(LockError::Stopped);
     };
     let timeout = shared.node_timeout(ttl);
     let member = match request.waiter() {
         Some(waiter) => {
-            fair.listen(waiter, node, timeout).await;
+            fair.listen(waiter, &nodes, timeout).await;
             fair.member(waiter)
         }
         None => Vec::new(),
@@ -889,7 +897,7 @@ async fn try_acquire_fair(
     let start = Instant::now();
     let answer = tokio::time::timeout(
         timeout,
-        node.acquire_fair(key, token, ttl, fence.as_deref(), &member),
+        node.acquire_fair(key, token, ttl, fence.as_deref(), &member, None),
     )
     .await;
     let value = match answer {
@@ -981,7 +989,207 @@ async fn try_acquire_fair(
         ttl,
         in_flight: None,
         extending: None,
+        line_member: None,
     })))
+}
+
+/// One attempt at a fair mutex on one key over several nodes: the same attempt as on one node
+/// (`lua/acquire_fair.lua`) on every node at once, the waiter joining each node's line at the
+/// place its client chose ([`fair::FairLine::place`]), so that every node puts the same waiter
+/// first and a release reserves the key on all of them for it. A quorum wins, as any Redlock
+/// round (the lines order waiters; the quorum alone keeps the lock exclusive).
+///
+/// Missing the quorum, the keys this attempt took stay reserved for its waiter where it is
+/// still first in line (`lua/line_keep.lua`: it waits for the other nodes' turns, not woken for
+/// the same one again), and are released otherwise; a waiter first in line behind holders
+/// retries by itself when the longest-lived of them expires, if no turn comes first.
+async fn try_acquire_fair_quorum(
+    shared: &Arc<Shared>,
+    fair: &fair::FairLine,
+    request: &LockRequest,
+    nodes: &Arc<[Node]>,
+) -> Result<Option<Box<dyn Handle>>> {
+    let (key, token, ttl) = (request.primary_key(), request.token(), request.ttl());
+    let keys = request.key_set().clone();
+    let timeout = shared.node_timeout(ttl);
+    let (member, place): (Arc<[u8]>, Option<u64>) = match request.waiter() {
+        Some(waiter) => {
+            fair.listen(waiter, nodes, timeout).await;
+            (fair.member(waiter).into(), Some(fair.place(waiter)))
+        }
+        None => (Arc::from(&[][..]), None),
+    };
+    let fences = shared.fence_keys(std::slice::from_ref(key));
+    // The holders' time left, from the nodes where this waiter is first in line behind one.
+    let behind: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    let start = Instant::now();
+    let (mut tally, pending) = round::run(nodes, shared.quorum, timeout, |node| {
+        let (key, token, member, fences, behind) = (
+            key.clone(),
+            token.clone(),
+            Arc::clone(&member),
+            fences.clone(),
+            Arc::clone(&behind),
+        );
+        async move {
+            let fence = fences.as_deref().and_then(<[Vec<u8>]>::first);
+            let value = node
+                .acquire_fair(&key, &token, ttl, fence.map(Vec::as_slice), &member, place)
+                .await?;
+            if value > 0 {
+                return Ok(Some(u64::try_from(value).unwrap_or_default()));
+            }
+            if let Ok(left) = u64::try_from(-value - 1) {
+                behind
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(left);
+            }
+            Ok(None)
+        }
+    })
+    .await;
+    tracing::debug!(
+        yes = tally.yes.len(),
+        no = tally.no,
+        failed = tally.failed.len(),
+        elapsed_us = start.elapsed().as_micros() as u64,
+        "redlock fair acquire round"
+    );
+    let won = tally.yes.len() >= shared.quorum;
+    if won && let Some(valid_until) = shared.valid_until(start, ttl) {
+        let fence = match &fences {
+            None => Ok(None),
+            Some(fences) => {
+                Box::pin(shared.raise_fence(nodes, &keys, token, fences, tally.highest, ttl)).await
+            }
+        };
+        match fence {
+            Ok(fence) if fences.is_none() || fence.is_some() => {
+                if Instant::now() < valid_until {
+                    if let Some(waiter) = request.waiter() {
+                        fair.forget(waiter);
+                    }
+                    // As in `try_acquire`: requests still out can only add our token to more
+                    // nodes; the release goes to every node.
+                    let in_flight = (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
+                    return Ok(Some(Box::new(RedlockHandle {
+                        shared: Arc::clone(shared),
+                        lease: lease(keys, request.kind(), token.clone(), valid_until, fence),
+                        held: Held::Mutex,
+                        ttl,
+                        in_flight,
+                        extending: None,
+                        line_member: (!member.is_empty()).then_some(member),
+                    })));
+                }
+            }
+            outcome => {
+                Box::pin(shared.undo_attempt(
+                    &tally,
+                    pending,
+                    &keys,
+                    token,
+                    (Held::Mutex, Held::Mutex),
+                    ttl,
+                    start.elapsed(),
+                ))
+                .await;
+                return outcome.map(|_| None);
+            }
+        }
+    }
+    // Not won: the turns this waiter took stay its own (see above); the rest is undone.
+    let round_took = start.elapsed();
+    let got = tally.yes.len();
+    if let Some(place) = place
+        && !won
+        && !tally.yes.is_empty()
+    {
+        let took = std::mem::take(&mut tally.yes);
+        tally.drawn.clear();
+        let keeps = took.iter().map(|index| {
+            let node = &nodes[*index];
+            let member = &member;
+            async move {
+                let kept =
+                    tokio::time::timeout(timeout, node.keep_turn(key, token, ttl, member, place))
+                        .await;
+                (*index, matches!(kept, Ok(Ok(_))))
+            }
+        });
+        for (index, kept) in futures::future::join_all(keeps).await {
+            if !kept {
+                // Unknown: released as any attempt's leftover would be.
+                tally.yes.push(index);
+            }
+        }
+    }
+    Box::pin(shared.undo_attempt(
+        &tally,
+        pending,
+        &keys,
+        token,
+        (Held::Mutex, Held::Mutex),
+        ttl,
+        round_took,
+    ))
+    .await;
+    if won {
+        return Err(LockError::backend(
+            NAME,
+            format!(
+                "the quorum for `{key}` answered after the ttl of {} ms was spent; raise the ttl",
+                ttl.as_millis()
+            ),
+        ));
+    }
+    if tally.no == 0 {
+        // Still waiting (the core retries): its place in every line is kept.
+        tracing::warn!(key = %key, failures = tally.failures(), "quorum not reached");
+        return Err(LockError::QuorumNotReached {
+            key: key.to_string(),
+            got,
+            needed: shared.quorum,
+            failures: tally.failures(),
+        });
+    }
+    if let Some(waiter) = request.waiter() {
+        let longest = behind
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .copied()
+            .max();
+        if let Some(left) = longest {
+            fair.first_in_line(waiter, Duration::from_millis(left));
+        }
+    }
+    if !request.after_wait()
+        && let Err(error) = shared
+            .refuse_foreign_types(nodes, &keys, LeaseKind::Exclusive, ttl)
+            .await
+    {
+        // The acquisition ends here, with no claim for the core to take back: the waiter
+        // leaves every line the refused attempt put it in.
+        if let Some(waiter) = request.waiter() {
+            fair.forget(waiter);
+            tokio::spawn(Arc::clone(shared).release_as_until_answered(
+                (0..nodes.len()).collect(),
+                keys,
+                token.clone(),
+                Held::Mutex,
+                timeout,
+                Instant::now() + ttl,
+                Some(AtOnce {
+                    sent_before: Vec::new(),
+                }),
+                member,
+            ));
+        }
+        return Err(error);
+    }
+    Ok(None)
 }
 
 /// The value of a key reserved for the head of a fair line (`lua/line_pass.lua`): never a
@@ -1034,6 +1242,9 @@ struct RedlockHandle {
     /// after it (a request waiting for its script to be loaded after `NOSCRIPT`) and set the
     /// earlier extend's expiry again there.
     extending: Option<tokio::task::JoinHandle<Tally>>,
+    /// The fair waiter that won this lock over several nodes: the release takes it out of every
+    /// node's line (one that refused it may still have it, even reserve the key for it).
+    line_member: Option<Arc<[u8]>>,
 }
 
 /// The lease a granted request holds.
@@ -1136,6 +1347,7 @@ impl Handle for RedlockHandle {
                     self.lease.token(),
                     self.held,
                     timeout,
+                    self.line_member.as_ref(),
                 )
                 .await;
             if let Some(in_flight) = in_flight {

@@ -91,6 +91,18 @@ static RELEASE_FAIR_SOURCE: LazyLock<String> = LazyLock::new(|| {
     .concat()
 });
 static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(&ACQUIRE_FAIR_SOURCE));
+/// A fair attempt over several nodes that took a key here but not a quorum gives it back as
+/// its waiter's reservation (`lua/line_keep.lua`).
+static LINE_KEEP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        &[
+            LINE_SCRIPT,
+            include_str!("lua/line_pass.lua"),
+            include_str!("lua/line_keep.lua"),
+        ]
+        .concat(),
+    )
+});
 static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(&RELEASE_FAIR_SOURCE));
 
 /// A multi-key lock's release on a fair node: the keys it frees pass their turns to the heads
@@ -502,7 +514,8 @@ impl NodeParts {
     }
 
     /// One attempt at a fair lock on `key` (see `lua/acquire_fair.lua`): for the waiter
-    /// `member` (empty for a single try), with the fencing counter `fence` when fencing is on.
+    /// `member` (empty for a single try) at the `place` in line its client chose (several
+    /// nodes; `None`: the server's clock), with the fencing counter `fence` when fencing is on.
     /// The script's answer: the fence (1 without fencing) when taken, 0 when refused, -(1 + ms)
     /// when refused and first in line behind a holder with ms left.
     pub(crate) async fn acquire_fair(
@@ -512,6 +525,7 @@ impl NodeParts {
         ttl: Duration,
         fence: Option<&[u8]>,
         member: &[u8],
+        place: Option<u64>,
     ) -> RedisResult<i64> {
         let key_bytes = key.as_str().as_bytes();
         let mut keys = vec![key_bytes.to_vec()];
@@ -522,6 +536,10 @@ impl NodeParts {
             validate::ttl_millis(ttl).to_string().into_bytes(),
             member.to_vec(),
             TURN_CHANNEL.as_bytes().to_vec(),
+            place
+                .map(|place| place.to_string())
+                .unwrap_or_default()
+                .into_bytes(),
         ];
         let answer = self
             .acquire_lease(&ACQUIRE_FAIR, &keys, &args, || {
@@ -529,6 +547,31 @@ impl NodeParts {
             })
             .await?;
         Ok(redis::FromRedisValue::from_redis_value(answer)?)
+    }
+
+    /// Gives back `key`, taken here by `token` for the fair waiter `member` in an attempt that
+    /// missed the quorum, as that waiter's reservation, the waiter back in line at `place` (see
+    /// `lua/line_keep.lua`). True when the key was the token's.
+    pub(crate) async fn keep_turn(
+        &self,
+        key: &Key,
+        token: &Token,
+        ttl: Duration,
+        member: &[u8],
+        place: u64,
+    ) -> RedisResult<bool> {
+        let mut invocation = LINE_KEEP.prepare_invoke();
+        for line_key in line_keys(key.as_str().as_bytes()) {
+            invocation.key(line_key);
+        }
+        invocation
+            .arg(&*token.expose())
+            .arg(member)
+            .arg(place)
+            .arg(validate::ttl_millis(ttl))
+            .arg(TURN_CHANNEL);
+        let kept: i64 = self.invoke(&invocation).await?;
+        Ok(kept == 1)
     }
 
     /// Runs one of the lease scripts that take something (`LEASE_ACQUIRE`, `SLOT_ACQUIRE`)
@@ -798,6 +841,18 @@ impl NodeParts {
         token: &Token,
         held: Held,
     ) -> RedisResult<usize> {
+        self.release_for(keys, token, held, &[]).await
+    }
+
+    /// As [`NodeParts::release`], also taking the waiter `member` (empty for none) out of a
+    /// fair mutex's line, and giving up a reservation of the key for it.
+    pub(crate) async fn release_for(
+        &self,
+        keys: &[Key],
+        token: &Token,
+        held: Held,
+        member: &[u8],
+    ) -> RedisResult<usize> {
         let deleted: i64 = match held {
             // The common case, its invocation made at once (the same script, keys and
             // arguments as `release_call`'s, without building the call first).
@@ -816,7 +871,7 @@ impl NodeParts {
                 }
                 self.invoke(&invocation).await?
             }
-            // A fair mutex's release (`release_call_for`'s, no waiter leaving), made at once.
+            // A fair mutex's release (`release_call_for`'s), made at once.
             Held::Mutex if keys.len() == 1 => {
                 let key = keys[0].as_str().as_bytes();
                 let mut invocation = RELEASE_FAIR.prepare_invoke();
@@ -825,7 +880,7 @@ impl NodeParts {
                     .key([key, QUEUE_SUFFIX].concat())
                     .key([key, QUEUE_EXPIRY_SUFFIX].concat())
                     .arg(&*token.expose())
-                    .arg(&[] as &[u8])
+                    .arg(member)
                     .arg(TURN_CHANNEL);
                 if let Some(channel) = self.release_channel {
                     invocation.arg(channel);

@@ -1,6 +1,6 @@
 //! The whole conformance suite on real redis-servers: 1 (fair by default, and not), 3 and 5
-//! independent nodes (wake-ups by default), and 3 nodes without wake-ups and with fencing
-//! tokens, and through a deadpool pool (1 fair node, and 3 fenced nodes).
+//! independent nodes (fair and wake-ups by default), 3 nodes without wake-ups, with fencing
+//! tokens and without `fair`, and through a deadpool pool (1 fair node, and 3 fenced nodes).
 
 use std::time::Duration;
 
@@ -31,31 +31,38 @@ mod one_node {
     );
 }
 
-/// Several nodes: wake-ups by default.
+/// Several nodes: `fair` and wake-ups by default.
 mod three_nodes {
     lock_core::conformance_tests!(
         async { crate::redlock(3) },
-        capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release, fair]
     );
+}
+
+/// Several nodes with `fair` turned off: woken by every release.
+mod three_nodes_not_fair {
+    lock_core::conformance_tests!(async {
+        crate::redlock_with(3, |config| config.with_fair(false))
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release]);
 }
 
 /// Several nodes polling (wake-ups turned off).
 mod three_nodes_without_wakeups {
     lock_core::conformance_tests!(async {
         crate::redlock_with(3, |config| config.with_wake_on_release(false))
-    }, capabilities: [extend, distributed, multi_key, semaphore, read_write]);
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, fair]);
 }
 
 mod three_nodes_with_fencing {
     lock_core::conformance_tests!(async {
         crate::redlock_with(3, |config| config.with_fencing(true))
-    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release, fencing]);
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release, fencing, fair]);
 }
 
 mod five_nodes {
     lock_core::conformance_tests!(
         async { crate::redlock(5) },
-        capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release, fair]
     );
 }
 
@@ -72,7 +79,7 @@ mod three_nodes_pooled_with_fencing {
                 .with_connection(crate::ConnectionKind::Pool)
                 .with_fencing(true)
         })
-    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release, fencing]);
+    }, capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release, fencing, fair]);
 }
 
 /// One node with `fair` turned off: the plain lock of other libraries.

@@ -1,6 +1,7 @@
-//! The stores fair waiting (`fair`) runs on, for its tests: `redis` (Redlock on one node), inc
-//! on one server and inc on a Redis Cluster of three primaries, each with servers of its own
-//! and a new backend instance per client (a process of its own, as far as the store can tell).
+//! The stores fair waiting (`fair`) runs on, for its tests: `redis` (Redlock on one node),
+//! Redlock over three nodes, inc on one server and inc on a Redis Cluster of three primaries,
+//! each with servers of its own and a new backend instance per client (a process of its own, as
+//! far as the store can tell).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use crate::server::{RedisServer, cluster_url, redis_or_skip, start_cluster};
 pub enum Store {
     /// Redlock on one node (the facade's `redis`).
     Redis,
+    /// Redlock over three independent nodes (the facade's `redlock`).
+    Redlock3,
     /// inc on one server.
     Inc,
     /// inc on a Redis Cluster of three primaries.
@@ -29,7 +32,8 @@ pub enum Store {
 pub struct Target {
     /// The store.
     pub store: Store,
-    /// Its servers (one, or the Cluster's three primaries); a single server accepts `DEBUG`.
+    /// Its servers (one, three Redlock nodes, or the Cluster's three primaries); single servers
+    /// and Redlock's nodes accept `DEBUG`.
     pub servers: Vec<RedisServer>,
     /// The URL clients connect to.
     pub url: String,
@@ -48,10 +52,14 @@ impl Target {
             let url = cluster_url(&servers);
             (servers, url)
         } else {
-            let server =
-                RedisServer::start(&binary, &["--enable-debug-command", "yes"]).expect("server");
-            let url = server.url();
-            (vec![server], url)
+            let count = if store == Store::Redlock3 { 3 } else { 1 };
+            let servers: Vec<RedisServer> = (0..count)
+                .map(|_| {
+                    RedisServer::start(&binary, &["--enable-debug-command", "yes"]).expect("server")
+                })
+                .collect();
+            let url = servers[0].url();
+            (servers, url)
         };
         Some(Self {
             store,
@@ -66,9 +74,9 @@ impl Target {
     /// When the backend cannot be built or connect.
     pub async fn backend(&self, fair: bool) -> Arc<dyn Lock> {
         match self.store {
-            Store::Redis => Arc::new(
+            Store::Redis | Store::Redlock3 => Arc::new(
                 Redlock::new(
-                    RedlockConfig::new([self.url.clone()])
+                    RedlockConfig::new(self.servers.iter().map(RedisServer::url))
                         .with_fair(fair)
                         .with_node_timeout(Duration::from_millis(500)),
                 )

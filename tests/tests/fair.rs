@@ -1,5 +1,6 @@
-//! Fair waiting across processes (`fair`) on real servers: `redis` (Redlock on one node), inc on
-//! one server and on a Redis Cluster. Every client is its own backend instance, with its own
+//! Fair waiting across processes (`fair`) on real servers: `redis` (Redlock on one node),
+//! Redlock over three nodes (each node's line ordered by the place the waiter chose, so that
+//! all put the same waiter first), inc on one server and on a Redis Cluster. Every client is its own backend instance, with its own
 //! connections, standing in for a process. Waiters are served in the order they arrived (and
 //! the FIFO checker fails without `fair`: the negative control); a head waiter that dies blocks
 //! the line no longer than its entry's expiry; a holder that dies passes the turn at its expiry;
@@ -78,6 +79,11 @@ async fn fair_waiters_are_served_in_arrival_order_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_waiters_are_served_in_arrival_order_redlock_three_nodes() {
+    served_in_arrival_order(Store::Redlock3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fair_waiters_are_served_in_arrival_order_inc() {
     served_in_arrival_order(Store::Inc).await;
 }
@@ -91,7 +97,7 @@ async fn fair_waiters_are_served_in_arrival_order_inc_cluster() {
 /// checker above can fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fifo_checker_fails_without_fair() {
-    for store in [Store::Redis, Store::Inc] {
+    for store in [Store::Redis, Store::Redlock3, Store::Inc] {
         let Some(target) = Target::start(store, "fair waiting").await else {
             return;
         };
@@ -249,6 +255,11 @@ async fn a_dead_head_waiter_blocks_no_longer_than_its_entry_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_head_waiter_blocks_no_longer_than_its_entry_redlock_three_nodes() {
+    dead_head_blocks_no_longer_than_its_entry(Store::Redlock3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_head_waiter_blocks_no_longer_than_its_entry_inc() {
     dead_head_blocks_no_longer_than_its_entry(Store::Inc).await;
 }
@@ -314,6 +325,11 @@ async fn dead_holder_passes_the_turn_at_its_expiry(store: Store) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_holder_passes_the_turn_at_its_expiry_redis() {
     dead_holder_passes_the_turn_at_its_expiry(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holder_passes_the_turn_at_its_expiry_redlock_three_nodes() {
+    dead_holder_passes_the_turn_at_its_expiry(Store::Redlock3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,6 +408,11 @@ async fn fair_mutual_exclusion_under_contention_leaves_nothing_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_mutual_exclusion_under_contention_leaves_nothing_redlock_three_nodes() {
+    mutual_exclusion_and_nothing_left(Store::Redlock3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fair_mutual_exclusion_under_contention_leaves_nothing_inc() {
     mutual_exclusion_and_nothing_left(Store::Inc).await;
 }
@@ -454,6 +475,11 @@ async fn a_cancelled_or_given_up_waiter_leaves_the_line_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_or_given_up_waiter_leaves_the_line_redlock_three_nodes() {
+    cancelled_waiter_leaves_the_line(Store::Redlock3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_or_given_up_waiter_leaves_the_line_inc() {
     cancelled_waiter_leaves_the_line(Store::Inc).await;
 }
@@ -482,6 +508,11 @@ async fn a_single_try_never_barges(store: Store) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_try_never_passes_a_waiter_in_line_redis() {
     a_single_try_never_barges(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_try_never_passes_a_waiter_in_line_redlock_three_nodes() {
+    a_single_try_never_barges(Store::Redlock3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -572,6 +603,11 @@ async fn paused_and_restarted(store: Store) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_or_restarted_server_serves_every_fair_waiter_redis() {
     paused_and_restarted(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_or_restarted_node_serves_every_fair_waiter_redlock_three_nodes() {
+    paused_and_restarted(Store::Redlock3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,7 +58,7 @@ mod redlock_one_node {
 mod redlock_three_nodes_fenced {
     lock_core::conformance_tests!(
         async { crate::redlock_on_valkey(3, true) },
-        capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release, fencing]
+        capabilities: [extend, distributed, multi_key, semaphore, read_write, wake_on_release, fencing, fair]
     );
 }
 

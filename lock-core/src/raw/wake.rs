@@ -306,11 +306,19 @@ impl TurnRegistry {
     }
 
     /// Starts (or goes on) listening for `waiter`'s turn: from now on a wake-up is kept until
-    /// the waiter waits. Its first-in-line deadline, if any, is cleared: the attempt about to
-    /// go out says afresh.
+    /// the waiter waits. A wake-up kept from before is dropped (the attempt about to go out
+    /// sees what it announced: with several nodes each one announces the same turn), and so is
+    /// the first-in-line deadline, if any: the attempt says afresh.
     pub fn listen(&self, waiter: &str) {
         let turn = self.turn(waiter);
         *turn.retry_at.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        // Polled once, a `Notified` takes a kept wake-up if there is one, and is dropped
+        // otherwise (a wake-up that races with the drop is kept: tokio passes it on).
+        let notified = std::pin::pin!(turn.notify.notified());
+        let _ = std::future::Future::poll(
+            notified,
+            &mut std::task::Context::from_waker(std::task::Waker::noop()),
+        );
     }
 
     /// Records that `waiter` is first in line behind a holder with `holder_left` to live: its
@@ -518,6 +526,25 @@ mod tests {
         turns.forget("a");
         turns.forget("b");
         assert!(turns.is_empty());
+    }
+
+    /// Several nodes each announce the same turn: the copies that arrive before the next
+    /// attempt goes out (`listen`) are dropped, so that they do not end the wait after it at
+    /// once; one that arrives after `listen` is kept.
+    #[tokio::test(start_paused = true)]
+    async fn a_turn_kept_from_before_the_next_attempt_is_dropped_by_listen() {
+        let turns = TurnRegistry::default();
+        turns.listen("a");
+        assert!(turns.wake("a"));
+        assert!(turns.wait("a", Duration::from_secs(60)).await);
+        // A later copy of the same turn is kept until the next attempt's `listen`, which drops
+        // it.
+        assert!(turns.wake("a"));
+        turns.listen("a");
+        assert!(!turns.wait("a", Duration::from_millis(10)).await);
+        turns.listen("a");
+        assert!(turns.wake("a"));
+        assert!(turns.wait("a", Duration::from_secs(60)).await);
     }
 
     #[tokio::test(start_paused = true)]

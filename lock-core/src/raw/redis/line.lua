@@ -1,7 +1,9 @@
 -- The waiting line of a fair lock, prepended to the scripts that take and release one.
 --
 -- KEYS[#KEYS - 1] is the line: a sorted set of waiters scored by arrival (the server's clock in
--- µs, kept strictly increasing); KEYS[#KEYS] holds the same waiters scored by the expiry of
+-- µs, kept strictly increasing), or by a place the client chose (lines on several servers that
+-- must agree on their order: every server then scores a waiter alike, and ties go by member);
+-- KEYS[#KEYS] holds the same waiters scored by the expiry of
 -- their entry (the server's clock in ms plus the lease), renewed by each of their attempts. A
 -- member is the 32 hex digits of the waiting client's instance (it listens on the channel
 -- <prefix><instance>) followed by the waiter's id. Expired entries are dropped by whichever
@@ -36,14 +38,17 @@ local function line_settle()
   end
 end
 
--- Puts `member` at the end of the line, or keeps its place; either way its entry now expires
--- `lease` ms from now.
-local function line_join(member, now, now_us, lease)
+-- Puts `member` at the end of the line (or at `chosen`, a place the client chose, when given),
+-- or keeps its place; either way its entry now expires `lease` ms from now.
+local function line_join(member, now, now_us, lease, chosen)
   if not redis.call('zscore', LINE, member) then
-    local last = redis.call('zrange', LINE, -1, -1, 'withscores')
-    local place = now_us
-    if last[2] and tonumber(last[2]) >= place then
-      place = tonumber(last[2]) + 1
+    local place = tonumber(chosen)
+    if not place then
+      place = now_us
+      local last = redis.call('zrange', LINE, -1, -1, 'withscores')
+      if last[2] and tonumber(last[2]) >= place then
+        place = tonumber(last[2]) + 1
+      end
     end
     redis.call('zadd', LINE, string.format('%.0f', place), member)
   end
@@ -73,13 +78,14 @@ local function line_wake(prefix)
 end
 
 -- The gate in front of an acquisition of `lock` (whose holder's token is the value of `owner`)
--- by `token`, for the waiter `member` ('' for a single try, which never joins the line).
+-- by `token`, for the waiter `member` ('' for a single try, which never joins the line), who
+-- joins at the place `chosen` when given (see line_join).
 -- Returns nil when the attempt may go on: the lock is free (or already held by `token`: a
 -- replay) and the line is empty or headed by `member`, which then leaves it. Otherwise the
 -- answer to return: 0 when refused (the waiter is in line, not first; a single try never
 -- passes a live line), or -(1 + ms) when the waiter is first in line behind a holder with ms
 -- left to live. A free lock whose line is headed by another waiter wakes that waiter.
-local function line_gate(lock, owner, token, member, lease, prefix)
+local function line_gate(lock, owner, token, member, lease, prefix, chosen)
   -- Nobody in line (the uncontended case): only the lock decides.
   if redis.call('exists', LINE_EXPIRY) == 0 and (member == '' or redis.call('exists', lock) == 0) then
     return nil
@@ -93,7 +99,7 @@ local function line_gate(lock, owner, token, member, lease, prefix)
     if member == '' then
       return 0
     end
-    line_join(member, now, now_us, lease)
+    line_join(member, now, now_us, lease, chosen)
     if redis.call('zrange', LINE, 0, 0)[1] == member then
       local left = redis.call('pttl', lock)
       if left < 0 then
@@ -113,7 +119,7 @@ local function line_gate(lock, owner, token, member, lease, prefix)
     return nil
   end
   if member ~= '' then
-    line_join(member, now, now_us, lease)
+    line_join(member, now, now_us, lease, chosen)
   end
   line_wake(prefix)
   return 0

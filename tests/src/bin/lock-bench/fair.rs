@@ -41,12 +41,22 @@ pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchR
     if redlock {
         let fair = redlock_locker(&url, true, RetryPolicy::forever())?;
         let plain = redlock_locker(&url, false, RetryPolicy::forever())?;
-        figures.extend(uncontended("redis", &fair, &plain).await?);
+        figures.extend(uncontended("redis", 1, &fair, &plain).await?);
+        // Redlock over three nodes (fair by default there too), the first node this one.
+        let others: Vec<RedisServer> = (0..2)
+            .map(|_| RedisServer::start(&binary, &[]))
+            .collect::<Result<_, _>>()?;
+        let urls: Vec<String> = std::iter::once(url.clone())
+            .chain(others.iter().map(RedisServer::url))
+            .collect();
+        let fair = redlock_locker_on(&urls, true, RetryPolicy::forever())?;
+        let plain = redlock_locker_on(&urls, false, RetryPolicy::forever())?;
+        figures.extend(uncontended("redlock", 3, &fair, &plain).await?);
     }
     if inc {
         let fair = inc_locker(&url, true, RetryPolicy::forever()).await?;
         let plain = inc_locker(&url, false, RetryPolicy::forever()).await?;
-        figures.extend(uncontended("inc", &fair, &plain).await?);
+        figures.extend(uncontended("inc", 1, &fair, &plain).await?);
     }
     if only == Some("fair-uncontended") {
         return Ok(figures);
@@ -180,7 +190,12 @@ pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchR
 
 /// What `fair` costs uncontended: acquire + release cycles of a fair client and a plain one
 /// (both waiting as the references do: forever), in chunks of 50 whose order turns every round.
-async fn uncontended(backend: &str, fair: &Locker, plain: &Locker) -> BenchResult<Vec<Figure>> {
+async fn uncontended(
+    backend: &str,
+    nodes: u32,
+    fair: &Locker,
+    plain: &Locker,
+) -> BenchResult<Vec<Figure>> {
     const ROUNDS: u32 = 40;
     const CHUNK: u32 = 50;
     for _ in 0..CHUNK {
@@ -214,7 +229,7 @@ async fn uncontended(backend: &str, fair: &Locker, plain: &Locker) -> BenchResul
         "ops/s",
         Some((&format!("{backend} (fair off)"), plain_rate)),
     );
-    fair_figure.nodes = Some(1);
+    fair_figure.nodes = Some(nodes);
     let mut plain_figure = figure(
         &format!("{backend} (fair off)"),
         scenario,
@@ -222,12 +237,16 @@ async fn uncontended(backend: &str, fair: &Locker, plain: &Locker) -> BenchResul
         "ops/s",
         None,
     );
-    plain_figure.nodes = Some(1);
+    plain_figure.nodes = Some(nodes);
     Ok(vec![fair_figure, plain_figure])
 }
 
 fn redlock_locker(url: &str, fair: bool, policy: RetryPolicy) -> BenchResult<Locker> {
-    let config = RedlockConfig::new([url.to_owned()]).with_fair(fair);
+    redlock_locker_on(&[url.to_owned()], fair, policy)
+}
+
+fn redlock_locker_on(urls: &[String], fair: bool, policy: RetryPolicy) -> BenchResult<Locker> {
+    let config = RedlockConfig::new(urls.iter().cloned()).with_fair(fair);
     Ok(Locker::new(Redlock::new(config)?)
         .with_options(LockOptions::default().with_ttl(TTL).with_retry(policy))?)
 }

@@ -102,8 +102,8 @@ pub(crate) fn write(
         "ms",
         figures,
         &[
-            ("ours p50", "redlock (manager)", &p50),
-            ("ours p99", "redlock (manager)", &p99),
+            ("ours p50", "redlock (manager, fair)", &p50),
+            ("ours p99", "redlock (manager, fair)", &p99),
             ("rslock p50", "rslock", &p50),
             ("rslock p99", "rslock", &p99),
         ],

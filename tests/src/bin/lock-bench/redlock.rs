@@ -248,11 +248,12 @@ async fn contended(urls: &[String], nodes: u32, duration: Duration) -> BenchResu
                 }
             })
             .await;
-            let lockers = |wake: bool| -> BenchResult<Vec<Locker>> {
+            let lockers = |fair: bool, wake: bool| -> BenchResult<Vec<Locker>> {
                 (0..clients)
                     .map(|_| {
-                        let config =
-                            RedlockConfig::new(urls.iter().cloned()).with_wake_on_release(wake);
+                        let config = RedlockConfig::new(urls.iter().cloned())
+                            .with_fair(fair)
+                            .with_wake_on_release(wake);
                         Ok(Locker::new(Redlock::new(config)?).with_options(
                             LockOptions::default()
                                 .with_ttl(TTL)
@@ -261,16 +262,24 @@ async fn contended(urls: &[String], nodes: u32, duration: Duration) -> BenchResu
                     })
                     .collect()
             };
-            let polled = clients_handoff(lockers(false)?, duration).await;
-            let woken = clients_handoff(lockers(true)?, duration).await;
+            // The default (fair: lines on every node, the head woken alone), and without
+            // lines, woken by every release or polling.
+            let fair = clients_handoff(lockers(true, true)?, duration).await;
+            let polled = clients_handoff(lockers(false, false)?, duration).await;
+            let woken = clients_handoff(lockers(false, true)?, duration).await;
             let scenario = if clients == 1 {
                 format!("contended handoff, 8 tasks, 1 ms sections, {setting}")
             } else {
                 format!("contended handoff, 8 clients (as processes), 1 ms sections, {setting}")
             };
             for (name, result, other) in [
-                ("redlock (manager)", &polled, Some(&theirs)),
-                ("redlock (manager, wake-ups)", &woken, Some(&theirs)),
+                ("redlock (manager, fair)", &fair, Some(&theirs)),
+                ("redlock (manager, fair off)", &polled, Some(&theirs)),
+                (
+                    "redlock (manager, fair off, wake-ups)",
+                    &woken,
+                    Some(&theirs),
+                ),
                 ("rslock", &theirs, None),
             ] {
                 figures.extend(handoff_figures(name, nodes, &scenario, result, other));
