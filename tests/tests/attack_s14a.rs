@@ -434,3 +434,59 @@ async fn partitioned_waiter_does_not_block_a_healthy_one_without_fair() {
     println!("without fair: C served {served:?} after the release");
     assert!(served.is_some_and(|waited| waited < Duration::from_secs(1)), "{served:?}");
 }
+/// Promise: first come, first served in the common case (here: one slow node of three, within
+/// Redlock's tolerance; the two others answer at once). Broken: a waiter's place is the
+/// client's clock when its first *fair* attempt goes out, after `FairLine::listen` subscribed
+/// on every node, which waits up to the node timeout (300 ms) for a node that is slow to
+/// answer. A (a new client) arrives first, B (a client that subscribed everywhere before the
+/// node slowed down) 150 ms later; B is placed, and served, first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_subscribing_to_a_slow_node_loses_its_place() {
+    let servers = start_servers(3);
+    let to_third = lock_tests::proxy::LatencyProxy::start(servers[2].port())
+        .await
+        .unwrap();
+    let urls = vec![servers[0].url(), servers[1].url(), to_third.url()];
+    let ttl = Duration::from_secs(3);
+    let holder = client_fair(&urls, true, ttl, RetryPolicy::none());
+    // B's client waits once on another key first: it subscribes on every node.
+    let b = client_fair(&urls, true, ttl, waiting(Duration::from_millis(50)));
+    let warm = holder.acquire("warm").await.unwrap();
+    let warming = {
+        let b = b.clone();
+        tokio::spawn(async move { b.acquire("warm").await.unwrap().release().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    warm.release().await.unwrap();
+    warming.await.unwrap();
+
+    let key = "place";
+    let guard = holder.acquire(key).await.unwrap();
+    to_third.set_delay(Duration::from_secs(1));
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let a = client_fair(&urls, true, ttl, waiting(Duration::from_millis(50)));
+    let a_task = {
+        let order = Arc::clone(&order);
+        tokio::spawn(async move {
+            let guard = a.acquire(key).await.unwrap();
+            order.lock().unwrap().push("A");
+            guard.release().await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let b_task = {
+        let order = Arc::clone(&order);
+        tokio::spawn(async move {
+            let guard = b.acquire(key).await.unwrap();
+            order.lock().unwrap().push("B");
+            guard.release().await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    guard.release().await.unwrap();
+    a_task.await.unwrap();
+    b_task.await.unwrap();
+    let order = order.lock().unwrap().clone();
+    println!("served {order:?}");
+    assert_eq!(order, ["A", "B"], "B, arriving 150 ms after A, was served first");
+}
