@@ -434,6 +434,29 @@ async fn partitioned_waiter_does_not_block_a_healthy_one_without_fair() {
     println!("without fair: C served {served:?} after the release");
     assert!(served.is_some_and(|waited| waited < Duration::from_secs(1)), "{served:?}");
 }
+
+/// Promise: bounded waits (no waiter stuck beyond ttl-ish after the key is free). Broken with
+/// `fair` over several nodes: W, first in line on the first node, takes its turn there; its
+/// attempt misses the quorum (the second node times out, the third is down), and
+/// `line_keep.lua` gives the first node back to W as its reservation, attempt after attempt
+/// (seen with MONITOR: W's `acquire_fair` then `line_keep` every ~0.5 s). C, refused on the
+/// first node, takes the second node's turn but never a quorum. Neither wins: C waited ~4.8 s
+/// after the release in every run (W's ttl 3 s, C's 1 s), until W's connection to the slow
+/// node began to fail at once (its first node's yes then came after the round was decided and
+/// was undone, passing the turn on). With failures that keep taking the node timeout the
+/// livelock lasts until W gives up (its deadline; never with an unbounded policy). Plain
+/// Redlock (the control above) serves C at once: one partitioned waiter plus one node down,
+/// within Redlock's tolerance, stalls every other client of the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_waiter_blocks_healthy_waiters_with_fair() {
+    let served = partitioned_waiter_scenario(true, Duration::from_secs(25)).await;
+    println!("with fair: C served {served:?} after the release");
+    assert!(
+        served.is_some_and(|waited| waited < Duration::from_secs(4)),
+        "C, reaching a quorum of free nodes, was not served within 4 s of the release (W's ttl is 3 s): {served:?}"
+    );
+}
+
 /// Promise: first come, first served in the common case (here: one slow node of three, within
 /// Redlock's tolerance; the two others answer at once). Broken: a waiter's place is the
 /// client's clock when its first *fair* attempt goes out, after `FairLine::listen` subscribed
