@@ -643,6 +643,15 @@ impl Lock for Redlock {
             {
                 return Box::pin(try_acquire_fair(shared, fair, request)).await;
             }
+            // Over several nodes a waiter's place in every line is its client's clock when it
+            // arrived: taken now, before the plain round (which may wait for a slow node), and
+            // dropped if this round wins.
+            let placed = fair
+                .filter(|_| shared.node_count > 1)
+                .zip(request.waiter())
+                .inspect(|(fair, waiter)| {
+                    fair.place(waiter);
+                });
             let (keys, token, ttl) = (
                 request.key_set().clone(),
                 request.token().clone(),
@@ -694,6 +703,9 @@ impl Lock for Redlock {
                             // being made) and find nothing, and the key would then stay for the ttl.
                             let in_flight =
                                 (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
+                            if let Some((fair, waiter)) = placed {
+                                fair.forget(waiter);
+                            }
                             return Ok(Some(Box::new(RedlockHandle {
                                 shared: Arc::clone(shared),
                                 lease: lease(keys, request.kind(), token, valid_until, fence),
@@ -1014,8 +1026,11 @@ async fn try_acquire_fair_quorum(
     let timeout = shared.node_timeout(ttl);
     let (member, place): (Arc<[u8]>, Option<u64>) = match request.waiter() {
         Some(waiter) => {
+            // The place first: subscribing may wait for a slow node, and a waiter's place is
+            // when it arrived, not when its subscriptions were made.
+            let place = fair.place(waiter);
             fair.listen(waiter, nodes, timeout).await;
-            (fair.member(waiter).into(), Some(fair.place(waiter)))
+            (fair.member(waiter).into(), Some(place))
         }
         None => (Arc::from(&[][..]), None),
     };
