@@ -1013,7 +1013,8 @@ async fn try_acquire_fair(
 ///
 /// Missing the quorum, the keys this attempt took stay reserved for its waiter where it is
 /// still first in line (`lua/line_keep.lua`: it waits for the other nodes' turns, not woken for
-/// the same one again), and are released otherwise; a waiter first in line behind holders
+/// the same one again) if the nodes that answered could make a quorum, and are released
+/// otherwise (a waiter cut off from a quorum must not sit on the turns it can reach); a waiter first in line behind holders
 /// retries by itself when the longest-lived of them expires, if no turn comes first.
 async fn try_acquire_fair_quorum(
     shared: &Arc<Shared>,
@@ -1117,9 +1118,14 @@ async fn try_acquire_fair_quorum(
     // Not won: the turns this waiter took stay its own (see above); the rest is undone.
     let round_took = start.elapsed();
     let got = tally.yes.len();
+    // Only where the nodes that answered could still make a quorum: the turns of those that
+    // refused may come. Without them (the others failed: down, or cut off from this client) a
+    // kept turn could never be used, and would hold every other waiter out of that node for as
+    // long as this one keeps trying: it is released and passes on.
     if let Some(place) = place
         && !won
         && !tally.yes.is_empty()
+        && tally.yes.len() + tally.no >= shared.quorum
     {
         let took = std::mem::take(&mut tally.yes);
         tally.drawn.clear();
