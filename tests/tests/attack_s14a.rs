@@ -513,3 +513,56 @@ async fn a_waiter_subscribing_to_a_slow_node_loses_its_place() {
     println!("served {order:?}");
     assert_eq!(order, ["A", "B"], "B, arriving 150 ms after A, was served first");
 }
+
+/// Held? Cancel safety of a kept turn: the holder holds the last two nodes only (the first
+/// was cut off when it acquired), so a waiter's attempt takes the free first node and keeps it
+/// as its reservation (`line_keep.lua`: the two others refused, a quorum answered). The
+/// waiter's acquisition is then cancelled (its future dropped): no reservation and no line
+/// entry is left for it on any node — only the holder's own key on the last two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_waiter_leaves_no_kept_turn_behind() {
+    let servers = start_servers(3);
+    let to_first = lock_tests::proxy::LatencyProxy::start(servers[0].port())
+        .await
+        .unwrap();
+    let to_third = lock_tests::proxy::LatencyProxy::start(servers[2].port())
+        .await
+        .unwrap();
+    let urls = vec![to_first.url(), servers[1].url(), to_third.url()];
+    let key = "kept";
+    let holder = client_fair(&urls, true, Duration::from_secs(10), RetryPolicy::none());
+    to_first.cut();
+    let guard = holder.acquire(key).await.unwrap();
+    to_first.set_delay(Duration::ZERO);
+    // The third node's refusal comes last: the round waits for it, with the first node's yes
+    // in hand (a round decided before that yes arrives releases it instead of keeping it).
+    to_third.set_delay(Duration::from_millis(50));
+    let waiter = client_fair(&urls, true, Duration::from_secs(5), waiting(Duration::from_millis(50)));
+    let attempt = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire(key).await.map(drop) })
+    };
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    println!("while waiting: {:?} finished {}", leftovers(&servers), attempt.is_finished());
+    let kept = lock_tests::nodes::get(&servers[0].url(), key.as_bytes())
+        .map(|value| String::from_utf8_lossy(&value).into_owned());
+    assert!(
+        kept.as_deref().is_some_and(|value| value.starts_with("lock-turn-reserved:")),
+        "the scenario did not make a kept turn on the first node: {kept:?}"
+    );
+    assert!(!attempt.is_finished(), "the waiter was served past the holder");
+    attempt.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left = leftovers(&servers);
+    println!("left after the cancel: {left:?}");
+    assert!(left[0].is_empty(), "left on the first node for a cancelled waiter: {left:?}");
+    for keys in &left[1..] {
+        assert_eq!(keys.len(), 1, "more than the holder's key: {left:?}");
+    }
+    guard.release().await.unwrap();
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let left = leftovers(&servers);
+    assert!(left.iter().all(Vec::is_empty), "left: {left:?}");
+}
