@@ -77,9 +77,17 @@ async fn line_up(
     let released_at = Arc::new(Mutex::new(None::<Instant>));
     let mut tasks = Vec::new();
     for who in 0..n {
-        let locker = client(urls, fencing, Duration::from_secs(3), waiting(Duration::from_millis(50)));
-        let (order, spans, released_at) =
-            (Arc::clone(&order), Arc::clone(&spans), Arc::clone(&released_at));
+        let locker = client(
+            urls,
+            fencing,
+            Duration::from_secs(3),
+            waiting(Duration::from_millis(50)),
+        );
+        let (order, spans, released_at) = (
+            Arc::clone(&order),
+            Arc::clone(&spans),
+            Arc::clone(&released_at),
+        );
         tasks.push(tokio::spawn(async move {
             let guard = locker.acquire(key).await.unwrap();
             let at = Instant::now();
@@ -135,14 +143,21 @@ async fn sixteen_waiters_five_nodes_fencing_fifo_exclusive_clean() {
     println!("order {order:?}\nwaits {waits:?}\nfences {fences:?}");
     assert_eq!(bad, 0, "two holders at once");
     let fences: Vec<u64> = fences.into_iter().map(Option::unwrap).collect();
-    assert!(fences.windows(2).all(|w| w[0] < w[1]), "fences went back: {fences:?}");
+    assert!(
+        fences.windows(2).all(|w| w[0] < w[1]),
+        "fences went back: {fences:?}"
+    );
     assert_eq!(inversions(&order), 0, "served out of order: {order:?}");
     let last = waits.iter().max().unwrap();
     assert!(*last < Duration::from_secs(3), "the last waited {last:?}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let left: Vec<_> = leftovers(&servers)
         .into_iter()
-        .map(|keys| keys.into_iter().filter(|(k, _)| !k.contains("fence")).collect::<Vec<_>>())
+        .map(|keys| {
+            keys.into_iter()
+                .filter(|(k, _)| !k.contains("fence"))
+                .collect::<Vec<_>>()
+        })
         .collect();
     assert!(left.iter().all(Vec::is_empty), "left: {left:?}");
 }
@@ -159,7 +174,12 @@ async fn waiters_do_not_spin_while_a_holder_holds() {
     let guard = holder.acquire(key).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let locker = client(&urls, false, Duration::from_secs(5), waiting(Duration::from_millis(10)));
+        let locker = client(
+            &urls,
+            false,
+            Duration::from_secs(5),
+            waiting(Duration::from_millis(10)),
+        );
         tasks.push(tokio::spawn(async move {
             let guard = locker.acquire(key).await.unwrap();
             guard.release().await.unwrap();
@@ -208,7 +228,8 @@ async fn pubsub_killed_mid_line() {
     let urls = urls(&servers);
     let (order, waits, _, bad) = line_up(&urls, 6, false, Duration::from_millis(20), || {
         for s in &servers {
-            s.command("CLIENT KILL TYPE pubsub", Duration::from_millis(500)).unwrap();
+            s.command("CLIENT KILL TYPE pubsub", Duration::from_millis(500))
+                .unwrap();
         }
     })
     .await;
@@ -255,8 +276,7 @@ async fn an_unreachable_node_costs_every_turn_a_node_timeout() {
     let nodes = lock_tests::nodes::Nodes::start().await;
     let urls: Vec<String> = nodes.urls().to_vec();
     nodes.proxy.black_hole();
-    let (order, waits, _, bad) =
-        line_up(&urls, 6, false, Duration::from_millis(20), || {}).await;
+    let (order, waits, _, bad) = line_up(&urls, 6, false, Duration::from_millis(20), || {}).await;
     println!("order {order:?}\nwaits {waits:?}");
     assert_eq!(bad, 0, "two holders at once");
     assert_eq!(inversions(&order), 0, "served out of order: {order:?}");
@@ -322,7 +342,10 @@ async fn chaos_five_nodes_fencing_crashes_timeouts_and_unfair_clients() {
                     }
                 };
                 let at = Instant::now();
-                fences.lock().unwrap().push((at, guard.fencing_token().unwrap()));
+                fences
+                    .lock()
+                    .unwrap()
+                    .push((at, guard.fencing_token().unwrap()));
                 tokio::time::sleep(Duration::from_millis(10 + (who as u64 * 7) % 20)).await;
                 if !unfair && (who * 3 + round) % 7 == 0 {
                     // Crash: no release; the key lapses with the ttl.
@@ -352,11 +375,18 @@ async fn chaos_five_nodes_fencing_crashes_timeouts_and_unfair_clients() {
     let mut fences = fences.lock().unwrap().clone();
     fences.sort_by_key(|f| f.0);
     let values: Vec<u64> = fences.iter().map(|f| f.1).collect();
-    assert!(values.windows(2).all(|w| w[0] < w[1]), "fences went back: {values:?}");
+    assert!(
+        values.windows(2).all(|w| w[0] < w[1]),
+        "fences went back: {values:?}"
+    );
     tokio::time::sleep(ttl + Duration::from_millis(300)).await;
     let left: Vec<_> = leftovers(&servers)
         .into_iter()
-        .map(|keys| keys.into_iter().filter(|(k, _)| !k.contains("fence")).collect::<Vec<_>>())
+        .map(|keys| {
+            keys.into_iter()
+                .filter(|(k, _)| !k.contains("fence"))
+                .collect::<Vec<_>>()
+        })
         .collect();
     assert!(left.iter().all(Vec::is_empty), "left: {left:?}");
 }
@@ -421,7 +451,10 @@ async fn partitioned_waiter_scenario(fair: bool, patience: Duration) -> Option<D
     tokio::time::sleep(Duration::from_millis(300)).await;
     *released.lock().unwrap() = Some(Instant::now());
     guard.release().await.unwrap();
-    let served = tokio::time::timeout(patience, c_task).await.ok().map(Result::unwrap);
+    let served = tokio::time::timeout(patience, c_task)
+        .await
+        .ok()
+        .map(Result::unwrap);
     w_task.abort();
     holder.stop().await.unwrap();
     served
@@ -432,7 +465,10 @@ async fn partitioned_waiter_scenario(fair: bool, patience: Duration) -> Option<D
 async fn partitioned_waiter_does_not_block_a_healthy_one_without_fair() {
     let served = partitioned_waiter_scenario(false, Duration::from_secs(6)).await;
     println!("without fair: C served {served:?} after the release");
-    assert!(served.is_some_and(|waited| waited < Duration::from_secs(1)), "{served:?}");
+    assert!(
+        served.is_some_and(|waited| waited < Duration::from_secs(1)),
+        "{served:?}"
+    );
 }
 
 /// Promise: bounded waits (no waiter stuck beyond ttl-ish after the key is free). Broken with
@@ -511,7 +547,11 @@ async fn a_waiter_subscribing_to_a_slow_node_loses_its_place() {
     b_task.await.unwrap();
     let order = order.lock().unwrap().clone();
     println!("served {order:?}");
-    assert_eq!(order, ["A", "B"], "B, arriving 150 ms after A, was served first");
+    assert_eq!(
+        order,
+        ["A", "B"],
+        "B, arriving 150 ms after A, was served first"
+    );
 }
 
 /// Held? Cancel safety of a kept turn: the holder holds the last two nodes only (the first
@@ -537,25 +577,41 @@ async fn a_cancelled_waiter_leaves_no_kept_turn_behind() {
     // The third node's refusal comes last: the round waits for it, with the first node's yes
     // in hand (a round decided before that yes arrives releases it instead of keeping it).
     to_third.set_delay(Duration::from_millis(50));
-    let waiter = client_fair(&urls, true, Duration::from_secs(5), waiting(Duration::from_millis(50)));
+    let waiter = client_fair(
+        &urls,
+        true,
+        Duration::from_secs(5),
+        waiting(Duration::from_millis(50)),
+    );
     let attempt = {
         let waiter = waiter.clone();
         tokio::spawn(async move { waiter.acquire(key).await.map(drop) })
     };
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    println!("while waiting: {:?} finished {}", leftovers(&servers), attempt.is_finished());
+    println!(
+        "while waiting: {:?} finished {}",
+        leftovers(&servers),
+        attempt.is_finished()
+    );
     let kept = lock_tests::nodes::get(&servers[0].url(), key.as_bytes())
         .map(|value| String::from_utf8_lossy(&value).into_owned());
     assert!(
-        kept.as_deref().is_some_and(|value| value.starts_with("lock-turn-reserved:")),
+        kept.as_deref()
+            .is_some_and(|value| value.starts_with("lock-turn-reserved:")),
         "the scenario did not make a kept turn on the first node: {kept:?}"
     );
-    assert!(!attempt.is_finished(), "the waiter was served past the holder");
+    assert!(
+        !attempt.is_finished(),
+        "the waiter was served past the holder"
+    );
     attempt.abort();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let left = leftovers(&servers);
     println!("left after the cancel: {left:?}");
-    assert!(left[0].is_empty(), "left on the first node for a cancelled waiter: {left:?}");
+    assert!(
+        left[0].is_empty(),
+        "left on the first node for a cancelled waiter: {left:?}"
+    );
     for keys in &left[1..] {
         assert_eq!(keys.len(), 1, "more than the holder's key: {left:?}");
     }
