@@ -6,11 +6,11 @@
 //! client's clock when it first lines up, in µs), so that every node orders the same waiters
 //! alike and a release reserves the key on all of them for the same waiter. A lost message
 //! costs the waiter its fallback poll at most (the longer of its retry delay and 200 ms, a
-//! quarter of the ttl at most: see the core's retry loop); a lost pub/sub connection wakes
-//! every waiter of this client, and the next wait subscribes again.
+//! quarter of the ttl at most: see the core's retry loop); losing the last pub/sub connection
+//! wakes every waiter of this client, and the next attempt subscribes again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,7 +28,10 @@ pub(crate) struct FairLine {
     instance: String,
     turns: TurnRegistry,
     /// One subscription per node, by the node's index.
-    subscribers: tokio::sync::Mutex<Vec<Option<Subscriber>>>,
+    slots: Vec<tokio::sync::Mutex<Slot>>,
+    /// The pub/sub connections whose reader still runs: a connection lost while another one is
+    /// up wakes nobody (see `connect`).
+    connected: Arc<AtomicUsize>,
     /// The place in line each waiter chose (several nodes only), in µs since the Unix epoch.
     places: Mutex<HashMap<String, u64>>,
 }
@@ -37,6 +40,18 @@ pub(crate) struct FairLine {
 /// (an acquisition that ended without `forget`).
 const PLACE_IDLE: Duration = lock_core::raw::wake::TURN_IDLE;
 const PLACES_PRUNE_ABOVE: usize = lock_core::raw::wake::TURN_PRUNE_ABOVE;
+
+/// A node's subscription, and when to try again after its last failure.
+#[derive(Default)]
+struct Slot {
+    subscriber: Option<Subscriber>,
+    retry_at: Option<tokio::time::Instant>,
+}
+
+/// After a failed subscription, the node is not asked again for this long: a node that does
+/// not answer (black-holed) must not make every attempt of every waiter wait for it. The
+/// others' messages still wake the waiter meanwhile, and the retry delay is the fallback.
+const SUBSCRIBE_COOLDOWN: Duration = Duration::from_secs(5);
 
 struct Subscriber {
     alive: Arc<AtomicBool>,
@@ -48,18 +63,21 @@ struct Subscriber {
 /// owns it and would otherwise keep it (and the subscription) for good.
 impl Drop for FairLine {
     fn drop(&mut self) {
-        for subscriber in self.subscribers.get_mut().drain(..).flatten() {
-            subscriber.reader.abort();
+        for slot in &mut self.slots {
+            if let Some(subscriber) = slot.get_mut().subscriber.take() {
+                subscriber.reader.abort();
+            }
         }
     }
 }
 
 impl FairLine {
-    pub(crate) fn new() -> Result<Self> {
+    pub(crate) fn new(nodes: usize) -> Result<Self> {
         Ok(Self {
             instance: Token::generate()?.expose().to_string(),
             turns: TurnRegistry::default(),
-            subscribers: tokio::sync::Mutex::new(Vec::new()),
+            slots: (0..nodes).map(|_| tokio::sync::Mutex::default()).collect(),
+            connected: Arc::default(),
             places: Mutex::new(HashMap::new()),
         })
     }
@@ -93,50 +111,62 @@ impl FairLine {
     }
 
     /// Listens for `waiter`'s turn before its attempt goes out, subscribing this client's
-    /// channel first on every node where it is not (all at once, bounded by `timeout`; a node
-    /// without it leaves the retry delay as the fallback, the others' messages still wake).
+    /// channel first on every node where it is not (all at once, each bounded by `timeout`; a
+    /// node that failed is left alone for [`SUBSCRIBE_COOLDOWN`]: its turns are lost meanwhile,
+    /// the other nodes' messages still wake, and the retry delay is the fallback).
     pub(crate) async fn listen(&self, waiter: &Token, nodes: &[Node], timeout: Duration) {
         self.turns.listen(&waiter.expose());
-        let mut slots = self.subscribers.lock().await;
-        if slots.len() < nodes.len() {
-            slots.resize_with(nodes.len(), || None);
+        if let [node] = nodes {
+            self.subscribe(0, node, timeout).await;
+        } else {
+            futures::future::join_all(
+                nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(index, node)| self.subscribe(index, node, timeout)),
+            )
+            .await;
         }
-        let missing: Vec<usize> = (0..nodes.len())
-            .filter(|index| {
-                !slots[*index]
-                    .as_ref()
-                    .is_some_and(|s| s.alive.load(Ordering::SeqCst))
-            })
-            .collect();
-        if missing.is_empty() {
+    }
+
+    /// Subscribes this client's channel on the node at `index` unless it is, or failed less
+    /// than [`SUBSCRIBE_COOLDOWN`] ago (bounded by `timeout`).
+    async fn subscribe(&self, index: usize, node: &Node, timeout: Duration) {
+        let Some(slot) = self.slots.get(index) else {
             return;
-        }
-        let connects = missing.iter().map(|index| {
-            let node = &nodes[*index];
-            async move {
-                match tokio::time::timeout(timeout, self.connect(node)).await {
-                    Ok(Ok(subscriber)) => Some(subscriber),
-                    Ok(Err(error)) => {
-                        tracing::debug!(node = node.label(), %error, "cannot subscribe for turns; falling back to the retry delay");
-                        None
-                    }
-                    Err(_) => {
-                        tracing::debug!(
-                            node = node.label(),
-                            "subscribing for turns timed out; falling back to the retry delay"
-                        );
-                        None
-                    }
-                }
-            }
-        });
-        let made = futures::future::join_all(connects).await;
-        for (index, subscriber) in missing.into_iter().zip(made) {
-            if let Some(subscriber) = subscriber
-                && let Some(old) = slots[index].replace(subscriber)
+        };
+        let subscribed = async {
+            let mut slot = slot.lock().await;
+            let now = tokio::time::Instant::now();
+            if slot
+                .subscriber
+                .as_ref()
+                .is_some_and(|s| s.alive.load(Ordering::SeqCst))
+                || slot.retry_at.is_some_and(|at| at > now)
             {
+                return;
+            }
+            if let Some(old) = slot.subscriber.take() {
                 old.reader.abort();
             }
+            // Marked failed until it succeeds: a connect cut short by the timeout leaves
+            // the mark.
+            slot.retry_at = Some(now + SUBSCRIBE_COOLDOWN);
+            match self.connect(node).await {
+                Ok(subscriber) => {
+                    slot.subscriber = Some(subscriber);
+                    slot.retry_at = None;
+                }
+                Err(error) => {
+                    tracing::debug!(node = node.label(), %error, "cannot subscribe for turns; falling back to the retry delay");
+                }
+            }
+        };
+        if tokio::time::timeout(timeout, subscribed).await.is_err() {
+            tracing::debug!(
+                node = node.label(),
+                "subscribing for turns timed out; falling back to the retry delay"
+            );
         }
     }
 
@@ -163,29 +193,62 @@ impl FairLine {
 
     /// Closes the pub/sub connection (on shutdown).
     pub(crate) async fn close(&self) {
-        for subscriber in self.subscribers.lock().await.drain(..).flatten() {
-            subscriber.reader.abort();
+        for slot in &self.slots {
+            if let Some(subscriber) = slot.lock().await.subscriber.take() {
+                subscriber.reader.abort();
+            }
         }
     }
 
     async fn connect(&self, node: &Node) -> redis::RedisResult<Subscriber> {
-        let mut pubsub = node.client().get_async_pubsub().await?;
-        pubsub
-            .subscribe(format!("{TURN_CHANNEL}{}", self.instance))
-            .await?;
-        let mut stream = pubsub.into_on_message();
+        let channel = format!("{TURN_CHANNEL}{}", self.instance);
+        let mut stream = open(node, &channel).await?;
         let alive = Arc::new(AtomicBool::new(true));
         let (turns, still_alive) = (self.turns.clone(), Arc::clone(&alive));
+        let connected = Arc::clone(&self.connected);
+        connected.fetch_add(1, Ordering::SeqCst);
+        let node = node.clone();
         let reader = tokio::spawn(async move {
-            while let Some(message) = stream.next().await {
-                if let Ok(waiter) = std::str::from_utf8(message.get_payload_bytes()) {
-                    turns.wake(waiter);
+            loop {
+                while let Some(message) = stream.next().await {
+                    if let Ok(waiter) = std::str::from_utf8(message.get_payload_bytes()) {
+                        turns.wake(waiter);
+                    }
+                }
+                // The connection is gone. A turn is announced by every node that reserved the
+                // key: while another connection is up, the waiters still hear it there (waking
+                // them would spend the retry loop's early wakes, after two of which it sleeps
+                // a whole delay deaf to turns). With none up, messages may have been missed:
+                // everyone retries now.
+                if connected.fetch_sub(1, Ordering::SeqCst) <= 1 {
+                    turns.wake_all();
+                }
+                // Subscribed again at once, so that the turns this node announces from now on
+                // are heard (a waiter whose turn only this node keeps would otherwise sleep out
+                // its delay); failing that, the next attempt subscribes.
+                match tokio::time::timeout(RECONNECT_WITHIN, open(&node, &channel)).await {
+                    Ok(Ok(again)) => {
+                        stream = again;
+                        connected.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => break,
                 }
             }
-            // The connection is gone: messages may have been missed, so everyone retries now.
             still_alive.store(false, Ordering::SeqCst);
-            turns.wake_all();
         });
         Ok(Subscriber { alive, reader })
     }
+}
+
+/// How long a subscription lost by its node is tried again in the background.
+const RECONNECT_WITHIN: Duration = Duration::from_secs(1);
+
+/// A pub/sub connection to `node` subscribed to `channel`, as a stream of its messages.
+async fn open(
+    node: &Node,
+    channel: &str,
+) -> redis::RedisResult<impl futures::Stream<Item = redis::Msg> + use<>> {
+    let mut pubsub = node.client().get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    Ok(pubsub.into_on_message())
 }

@@ -113,7 +113,7 @@ impl Redlock {
                     .wakes_on_release()
                     .then(|| Arc::new(wake::Wakeups::new(node_count))),
                 fair: if config.is_fair() {
-                    Some(Arc::new(fair::FairLine::new()?))
+                    Some(Arc::new(fair::FairLine::new(node_count)?))
                 } else {
                     None
                 },
@@ -1117,6 +1117,20 @@ async fn try_acquire_fair_quorum(
     }
     // Not won: the turns this waiter took stay its own (see above); the rest is undone.
     let round_took = start.elapsed();
+    let mut pending = pending;
+    if place.is_some() && !won {
+        // The answers still coming are awaited as the undo would (twice the round at most): a
+        // node that took the key but answered after the refusals decided the round keeps the
+        // turn as well as one that answered first. (They cannot make a quorum: the round was
+        // decided against it.)
+        let grace = (round_took * 2 + Duration::from_millis(1)).min(timeout);
+        let late = pending.collect_until(Instant::now() + grace).await;
+        tally.yes.extend(late.yes);
+        tally.drawn.extend(late.drawn);
+        tally.no += late.no;
+        tally.no_at.extend(late.no_at);
+        tally.failed.extend(late.failed);
+    }
     let got = tally.yes.len();
     // Only where the nodes that answered could still make a quorum: the turns of those that
     // refused may come. Without them (the others failed: down, or cut off from this client) a

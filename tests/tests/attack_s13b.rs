@@ -1,6 +1,8 @@
 //! Attacks on the wake registry's reconnect path (423bf33: `WakeRegistry::wake_all` keeps the
 //! channels after a lost connection and marks them to be subscribed again), over three Redlock
-//! nodes with wake-ups on (their default, 5ed6751). Every client is its own backend instance.
+//! nodes with wake-ups on (their default, 5ed6751) and `fair` off; and the same faults on the
+//! fair line's subscriptions (`fair`, the default since a6c832c). Every client is its own
+//! backend instance.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -11,9 +13,17 @@ use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::fair::waiting;
 use lock_tests::nodes::Nodes;
 
-/// A client of its own on `urls` with the configuration's defaults (wake-ups on: 3 nodes).
+/// A client of its own on `urls` with the configuration's defaults (wake-ups on: 3 nodes), and
+/// `fair` off: waiters woken by every release.
 fn client(urls: &[String], retry: RetryPolicy) -> Locker {
-    let config = RedlockConfig::new(urls.to_vec()).with_node_timeout(Duration::from_millis(300));
+    client_with(urls, retry, false)
+}
+
+/// As [`client`], `fair` as given.
+fn client_with(urls: &[String], retry: RetryPolicy, fair: bool) -> Locker {
+    let config = RedlockConfig::new(urls.to_vec())
+        .with_node_timeout(Duration::from_millis(300))
+        .with_fair(fair);
     Locker::from_arc(Arc::new(Redlock::new(config).expect("redlock")))
         .with_options(
             LockOptions::default()
@@ -33,7 +43,7 @@ async fn woken_after_loss(
     kill: &[usize],
 ) -> Duration {
     let urls = nodes.urls().to_vec();
-    let holder = client(&urls, RetryPolicy::none());
+    let holder = client_with(&urls, RetryPolicy::none(), waiter.capabilities().fair);
     let guard = holder.acquire(key).await.unwrap();
     let task = {
         let waiter = waiter.clone();
@@ -110,6 +120,82 @@ async fn a_waiter_still_wakes_after_two_nodes_lost_their_connections() {
     waiter.stop().await.unwrap();
     assert!(
         took.iter().all(|took| *took < Duration::from_secs(1)),
+        "from release to win: {took:?}"
+    );
+}
+
+/// The same two losses on a fair waiter's subscriptions (the turn channel, subscribed on every
+/// node): a connection lost while another is up wakes nobody (each node announces the turn),
+/// so the waiter keeps listening and is woken by the release's turn. Before (a6c832c) each
+/// loss woke every waiter, the two early wakes made the retry loop sleep a whole delay deaf to
+/// turns, and the waiter won 4.35 s after the release, every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_waiter_still_wakes_after_two_nodes_lost_their_connections() {
+    let nodes = Nodes::start().await;
+    let waiter = client_with(&nodes.urls(), waiting(Duration::from_secs(5)), true);
+    let mut took = Vec::new();
+    for _ in 0..2 {
+        took.push(woken_after_loss(&nodes, &waiter, "two-nodes-fair", &[0, 1]).await);
+    }
+    waiter.stop().await.unwrap();
+    assert!(
+        took.iter().all(|took| *took < Duration::from_secs(1)),
+        "from release to win: {took:?}"
+    );
+}
+
+/// A fair waiter whose turn one node keeps for it (its attempt took that node, where the
+/// holder's key was missing, and the others refused it: `line_keep.lua`) is woken only by the
+/// other nodes' turns. When those nodes' pub/sub connections are lost while it waits, they are
+/// subscribed again at once in the background, so the release's turns still reach it within
+/// a fraction of its 5 s delay. Before, the lost connections were remade only by the waiter's
+/// next attempt, and it slept its delay out (seen flaky in
+/// `a_fair_waiter_still_wakes_after_two_nodes_lost_their_connections`, 3.9 s, when the
+/// previous round's release reached the third node after the next holder's `SET NX`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_waiter_whose_turn_one_node_keeps_hears_the_others_after_losing_them() {
+    let nodes = Nodes::start().await;
+    let urls = nodes.urls().to_vec();
+    let waiter = client_with(&urls, waiting(Duration::from_secs(5)), true);
+    let holder = client_with(&urls, RetryPolicy::none(), true);
+    let guard = holder.acquire("kept").await.unwrap();
+    // The holder's key is missing on the third node (held on a quorum all the same), once the
+    // acquisition's request to it, which may still be in flight, has landed.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    nodes.servers[2]
+        .command("DEL kept", Duration::from_millis(500))
+        .unwrap();
+    let task = tokio::spawn(async move {
+        let guard = waiter.acquire("kept").await.unwrap();
+        let won = tokio::time::Instant::now();
+        guard.release().await.unwrap();
+        waiter.stop().await.unwrap();
+        won
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kept = nodes.get(2, b"kept").unwrap_or_default();
+    assert!(
+        kept.starts_with(b"lock-turn-reserved:"),
+        "the third node keeps the waiter's turn: {:?}",
+        String::from_utf8_lossy(&kept)
+    );
+    for node in [0, 1] {
+        nodes.servers[node]
+            .command("CLIENT KILL TYPE pubsub", Duration::from_millis(500))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    holder.stop().await.unwrap();
+    let took = won - released;
+    assert!(
+        took < Duration::from_secs(1),
         "from release to win: {took:?}"
     );
 }

@@ -209,7 +209,7 @@ async fn a_node_restarted_empty_mid_line() {
         restart.lock().unwrap().take().unwrap().restart().unwrap();
     })
     .await;
-    drop(restart);
+    let _ = restart.into_inner();
     println!("order {order:?}\nwaits {waits:?}");
     assert_eq!(bad, 0, "two holders at once");
     let last = waits.iter().max().unwrap();

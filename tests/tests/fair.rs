@@ -614,3 +614,57 @@ async fn a_paused_or_restarted_node_serves_every_fair_waiter_redlock_three_nodes
 async fn a_paused_or_restarted_server_serves_every_fair_waiter_inc() {
     paused_and_restarted(Store::Inc).await;
 }
+
+/// Redlock over three nodes, the third black-holed before any waiter subscribed (it accepts
+/// connections and bytes and answers nothing): a fair waiter is woken by the turns of the two
+/// others, and its attempts are not held up by subscribing on the dead node every time (a node
+/// that failed is left alone for a while). Each hand-off must take far less than the node
+/// timeout (300 ms) that one subscription to the dead node costs; before, every attempt of a
+/// woken waiter waited that long first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_node_does_not_slow_fair_hand_offs_redlock_three_nodes() {
+    let Some(_binary) = lock_tests::server::redis_or_skip("fair waiting") else {
+        return;
+    };
+    let nodes = lock_tests::nodes::Nodes::start().await;
+    nodes.proxy.black_hole();
+    let client = |retry: RetryPolicy| {
+        let lock = lock_redlock::Redlock::new(
+            lock_redlock::RedlockConfig::new(nodes.urls())
+                .with_node_timeout(Duration::from_millis(300)),
+        )
+        .unwrap();
+        lock_core::Locker::new(lock)
+            .with_options(
+                lock_core::LockOptions::default()
+                    .with_ttl(Duration::from_secs(10))
+                    .with_retry(retry),
+            )
+            .unwrap()
+    };
+    let holder = client(RetryPolicy::none());
+    let waiter = Arc::new(client(waiting(Duration::from_secs(2))));
+    let mut hand_offs = Vec::new();
+    for _ in 0..4 {
+        let guard = holder.acquire("k").await.unwrap();
+        let waiter = Arc::clone(&waiter);
+        let task = tokio::spawn(async move {
+            let guard = waiter.acquire("k").await.unwrap();
+            let got = Instant::now();
+            guard.release().await.unwrap();
+            got
+        });
+        // The waiter lines up (its first subscription to the dead node costs one timeout).
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let released = Instant::now();
+        guard.release().await.unwrap();
+        hand_offs.push(task.await.unwrap().duration_since(released));
+    }
+    println!("F7 (Redlock3, a node black-holed): hand-offs {hand_offs:?}");
+    for hand_off in &hand_offs {
+        assert!(
+            *hand_off < Duration::from_millis(200),
+            "a hand-off waited for the dead node: {hand_offs:?}"
+        );
+    }
+}

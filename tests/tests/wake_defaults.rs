@@ -73,8 +73,9 @@ async fn wait_after_release(
     got - released
 }
 
-/// The default wakes the waiter within a fraction of its delay; the control (wake-ups turned
-/// off) sleeps the delay out.
+/// The default wakes the waiter within a fraction of its delay (by its turn in the fair line),
+/// and so do the default wake-ups with `fair` off; the control (both turned off) sleeps the
+/// delay out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_nodes_wake_a_waiter_on_release_by_default() {
     let Some(binary) = redis_or_skip("wake_defaults") else {
@@ -84,7 +85,12 @@ async fn several_nodes_wake_a_waiter_on_release_by_default() {
     let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
     let woken = wait_after_release(&urls, |config| config).await;
     assert!(woken < Duration::from_millis(800), "default: {woken:?}");
-    let polled = wait_after_release(&urls, |config| config.with_wake_on_release(false)).await;
+    let woken = wait_after_release(&urls, |config| config.with_fair(false)).await;
+    assert!(woken < Duration::from_millis(800), "fair off: {woken:?}");
+    let polled = wait_after_release(&urls, |config| {
+        config.with_fair(false).with_wake_on_release(false)
+    })
+    .await;
     assert!(polled >= Duration::from_millis(1200), "control: {polled:?}");
 }
 
