@@ -87,11 +87,12 @@ impl FairLine {
     /// node's line (it took a turn there but not a quorum) joins it again where it stood.
     /// Clocks of clients that disagree reorder their waiters, never the nodes' agreement.
     pub(crate) fn place(&self, waiter: &Token) -> u64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
-            });
+        self.place_at(waiter, now_micros())
+    }
+
+    /// As [`FairLine::place`], the place chosen on the first call being `now` (when the waiter
+    /// arrived: its first attempt).
+    pub(crate) fn place_at(&self, waiter: &Token, now: u64) -> u64 {
         let mut places = self.places.lock().unwrap_or_else(PoisonError::into_inner);
         let key = waiter.expose();
         if let Some(place) = places.get(&*key) {
@@ -238,6 +239,15 @@ impl FairLine {
         });
         Ok(Subscriber { alive, reader })
     }
+}
+
+/// This client's clock, in µs since the Unix epoch (a waiter's place in line).
+pub(crate) fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+        })
 }
 
 /// How long a subscription lost by its node is tried again in the background.

@@ -644,14 +644,12 @@ impl Lock for Redlock {
                 return Box::pin(try_acquire_fair(shared, fair, request)).await;
             }
             // Over several nodes a waiter's place in every line is its client's clock when it
-            // arrived: taken now, before the plain round (which may wait for a slow node), and
-            // dropped if this round wins.
-            let placed = fair
+            // arrived: read now, before the plain round (which may wait for a slow node), and
+            // kept if this round is refused (a win keeps nothing: no map to clean).
+            let arrived = fair
                 .filter(|_| shared.node_count > 1)
-                .zip(request.waiter())
-                .inspect(|(fair, waiter)| {
-                    fair.place(waiter);
-                });
+                .and(request.waiter())
+                .map(|_| fair::now_micros());
             let (keys, token, ttl) = (
                 request.key_set().clone(),
                 request.token().clone(),
@@ -703,9 +701,6 @@ impl Lock for Redlock {
                             // being made) and find nothing, and the key would then stay for the ttl.
                             let in_flight =
                                 (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
-                            if let Some((fair, waiter)) = placed {
-                                fair.forget(waiter);
-                            }
                             return Ok(Some(Box::new(RedlockHandle {
                                 shared: Arc::clone(shared),
                                 lease: lease(keys, request.kind(), token, valid_until, fence),
@@ -755,8 +750,11 @@ impl Lock for Redlock {
             if tally.no > 0 {
                 // A fair waiter refused lines up (the line's attempt looks at the key's type).
                 if let Some(fair) = fair
-                    && request.waiter().is_some()
+                    && let Some(waiter) = request.waiter()
                 {
+                    if let Some(arrived) = arrived {
+                        fair.place_at(waiter, arrived);
+                    }
                     return Box::pin(try_acquire_fair(shared, fair, request)).await;
                 }
                 // `SET NX` on a key of another type (a list, a hash) is refused as if the key were
