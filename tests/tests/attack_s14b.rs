@@ -1,0 +1,387 @@
+//! Session 14b attacks on fair waiting over several Redlock nodes: the per-node turn
+//! subscriptions (`fair.rs`: a reader that re-subscribes by itself within 1 s, a failed node
+//! left alone for 5 s), their closing on stop and drop, and mutual exclusion with fencing on
+//! five nodes while pub/sub connections are killed again and again.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::backed::start_servers;
+use lock_tests::server::RedisServer;
+use tokio::time::Instant;
+
+fn urls(servers: &[RedisServer]) -> Vec<String> {
+    servers.iter().map(RedisServer::url).collect()
+}
+
+fn client(urls: &[String], fencing: bool, ttl: Duration, retry: RetryPolicy) -> Locker {
+    let lock = Redlock::new(
+        RedlockConfig::new(urls.iter().cloned())
+            .with_fencing(fencing)
+            .with_node_timeout(Duration::from_millis(500)),
+    )
+    .expect("redlock");
+    Locker::new(lock)
+        .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
+        .expect("options")
+}
+
+/// Retry forever every `ms`, no jitter.
+fn fixed(ms: u64) -> RetryPolicy {
+    RetryPolicy::forever()
+        .with_retry_delay(Duration::from_millis(ms))
+        .with_retry_jitter(Duration::ZERO)
+        .with_backoff_factor(1.0)
+}
+
+/// The pub/sub connections on each server (`CLIENT LIST TYPE pubsub`).
+fn pubsub_clients(servers: &[RedisServer]) -> Vec<usize> {
+    servers
+        .iter()
+        .map(|server| {
+            let mut connection = redis::Client::open(server.url())
+                .unwrap()
+                .get_connection_with_timeout(Duration::from_millis(500))
+                .unwrap();
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query(&mut connection)
+                .unwrap();
+            list.lines().filter(|line| !line.trim().is_empty()).count()
+        })
+        .collect()
+}
+
+fn kill_pubsub(servers: &[RedisServer], which: &[usize]) {
+    for &index in which {
+        let _ = servers[index].command("CLIENT KILL TYPE pubsub", Duration::from_millis(500));
+    }
+}
+
+/// How the waiters' clients end.
+#[derive(Clone, Copy, Debug)]
+enum End {
+    Stop,
+    Drop,
+}
+
+/// `waiters` fair clients wait behind a holder on `servers`; the pub/sub connections of the
+/// nodes in `kill` are killed every `every` for `flapping` (so that the readers are often
+/// re-subscribing), then, `settle` after the last kill, every client ends as `end` says.
+/// Returns the pub/sub connections left on each server 1.5 s later (longer than
+/// `RECONNECT_WITHIN`).
+async fn pubsub_left_after(
+    servers: &[RedisServer],
+    waiters: usize,
+    kill: &[usize],
+    every: Duration,
+    flapping: Duration,
+    settle: Duration,
+    end: End,
+) -> Vec<usize> {
+    let urls = urls(servers);
+    let retry = fixed(300);
+    let holder = client(&urls, false, Duration::from_secs(10), RetryPolicy::none());
+    let guard = holder.acquire("flap").await.unwrap();
+    let mut clients = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..waiters {
+        let locker = Arc::new(client(&urls, false, Duration::from_secs(10), retry.clone()));
+        clients.push(Arc::clone(&locker));
+        tasks.push(tokio::spawn(async move {
+            let _ = locker.acquire("flap").await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        pubsub_clients(servers).iter().all(|n| *n >= waiters),
+        "the waiters subscribed: {:?}",
+        pubsub_clients(servers)
+    );
+    let until = Instant::now() + flapping;
+    while Instant::now() < until {
+        kill_pubsub(servers, kill);
+        tokio::time::sleep(every).await;
+    }
+    tokio::time::sleep(settle).await;
+    for task in &tasks {
+        task.abort();
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    match end {
+        End::Stop => {
+            for locker in &clients {
+                let _ = locker.stop().await;
+            }
+            drop(clients);
+        }
+        End::Drop => drop(clients),
+    }
+    drop(guard);
+    holder.stop().await.unwrap();
+    drop(holder);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pubsub_clients(servers)
+}
+
+/// Promised (`FairLine::close`, `Drop for FairLine`): a client stopped closes every pub/sub
+/// connection, also while its readers are re-subscribing in the background after their
+/// connections were killed (here: the kills land 0–20 ms before the stop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_while_readers_resubscribe_leaves_no_pubsub_connection() {
+    let servers = start_servers(3);
+    for settle in [0u64, 2, 5, 20] {
+        let left = pubsub_left_after(
+            &servers,
+            4,
+            &[0, 1, 2],
+            Duration::from_millis(100),
+            Duration::from_millis(300),
+            Duration::from_millis(settle),
+            End::Stop,
+        )
+        .await;
+        assert_eq!(left, vec![0, 0, 0], "settle {settle} ms: left {left:?}");
+    }
+}
+
+/// As above, the clients dropped without `stop`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_while_readers_resubscribe_leaves_no_pubsub_connection() {
+    let servers = start_servers(3);
+    for settle in [0u64, 2, 5, 20] {
+        let left = pubsub_left_after(
+            &servers,
+            4,
+            &[0, 1, 2],
+            Duration::from_millis(100),
+            Duration::from_millis(300),
+            Duration::from_millis(settle),
+            End::Drop,
+        )
+        .await;
+        assert_eq!(left, vec![0, 0, 0], "settle {settle} ms: left {left:?}");
+    }
+}
+
+/// A node flapping (its pub/sub connections killed every 100 ms for 3 s) while four fair
+/// clients wait: each client keeps at most one pub/sub connection per node meanwhile (a reader
+/// re-subscribing and a waiter subscribing must not both connect), and none is left after stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_node_leaves_one_connection_per_client_and_none_after_stop() {
+    let servers = start_servers(3);
+    let urls = urls(&servers);
+    let retry = fixed(50);
+    let holder = client(&urls, false, Duration::from_secs(10), RetryPolicy::none());
+    let guard = holder.acquire("flap").await.unwrap();
+    let mut clients = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let locker = Arc::new(client(&urls, false, Duration::from_secs(10), retry.clone()));
+        clients.push(Arc::clone(&locker));
+        tasks.push(tokio::spawn(async move {
+            let _ = locker.acquire("flap").await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut most = vec![0; 3];
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        kill_pubsub(&servers, &[2]);
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            for (most, now) in most.iter_mut().zip(pubsub_clients(&servers)) {
+                *most = (*most).max(now);
+            }
+        }
+    }
+    for task in &tasks {
+        task.abort();
+    }
+    for locker in &clients {
+        let _ = locker.stop().await;
+    }
+    drop(guard);
+    holder.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let left = pubsub_clients(&servers);
+    println!("most {most:?} left {left:?}");
+    assert!(most.iter().all(|n| *n <= 4), "most at once: {most:?}");
+    assert_eq!(left, vec![0, 0, 0]);
+}
+
+/// Five nodes, fencing (ttl 2 s), eight fair clients taking turns on one key while the
+/// pub/sub connections of one, two, then all nodes are killed every 150 ms, and node 4 is
+/// killed, left down 2.5 s (longer than the ttl, as documented) and restarted empty: never two
+/// holders at once, fences strictly increasing in the order of the holds, every client served,
+/// nothing but the fencing counters left once everyone is done, and no pub/sub connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_with_fencing_under_pubsub_kills_stay_exclusive_and_clean() {
+    let servers = start_servers(5);
+    let urls = urls(&servers);
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let waits = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let stop = Arc::clone(&stop);
+        let mut servers = servers;
+        tokio::task::spawn_blocking(move || {
+            let sets: [&[usize]; 3] = [&[4], &[0, 3], &[0, 1, 2, 3, 4]];
+            let mut round = 0;
+            let began = std::time::Instant::now();
+            let mut down = false;
+            let mut restarted = false;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let at = began.elapsed();
+                if !down && at > Duration::from_millis(500) {
+                    servers[4].kill();
+                    down = true;
+                }
+                if down && !restarted && at > Duration::from_millis(3000) {
+                    servers[4].restart().unwrap();
+                    restarted = true;
+                }
+                let up: Vec<usize> = sets[round % 3]
+                    .iter()
+                    .copied()
+                    .filter(|i| *i != 4 || !down || restarted)
+                    .collect();
+                kill_pubsub(&servers, &up);
+                round += 1;
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            servers
+        })
+    };
+    let mut tasks = Vec::new();
+    for who in 0..8 {
+        let locker = client(&urls, true, Duration::from_secs(2), fixed(500));
+        let (spans, waits) = (Arc::clone(&spans), Arc::clone(&waits));
+        tasks.push(tokio::spawn(async move {
+            let mut served = 0;
+            for _ in 0..20 {
+                let asked = Instant::now();
+                let guard = locker.acquire("five").await.unwrap();
+                let start = Instant::now();
+                waits.lock().unwrap().push(start - asked);
+                let fence = guard.fencing_token();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let end = Instant::now();
+                drop(guard);
+                spans.lock().unwrap().push((start, end, who, fence));
+                served += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            locker.stop().await.unwrap();
+            served
+        }));
+    }
+    let started = Instant::now();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 20);
+    }
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let servers = killer.await.unwrap();
+    let longest = waits.lock().unwrap().iter().max().copied();
+    println!("all served in {took:?}, longest wait {longest:?}");
+    let mut spans = spans.lock().unwrap().clone();
+    spans.sort_by_key(|s| s.0);
+    for pair in spans.windows(2) {
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "two holders at once: {} and {}",
+            pair[0].2,
+            pair[1].2
+        );
+        assert!(
+            pair[1].3 > pair[0].3,
+            "fences not increasing: {:?} then {:?}",
+            pair[0].3,
+            pair[1].3
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left: Vec<Vec<(String, i64)>> = servers
+        .iter()
+        .map(|s| {
+            lock_tests::nodes::leftovers(s)
+                .into_iter()
+                .filter(|(key, pttl)| !(key.ends_with(":fence") && *pttl > 0))
+                .collect()
+        })
+        .collect();
+    assert!(left.iter().all(Vec::is_empty), "left: {left:?}");
+    let subscribed = pubsub_clients(&servers);
+    assert_eq!(subscribed, vec![0; 5], "pub/sub connections left");
+}
+
+/// How long after the holder's release a fair waiter (retry delay 5 s, ttl 10 s: its fallback
+/// poll is 2.5 s) won, the pub/sub connections of the nodes in `kill` killed `gap` before the
+/// release.
+async fn won_after_kill(
+    servers: &[RedisServer],
+    key: &str,
+    kill: &[usize],
+    gap: Duration,
+) -> Duration {
+    let urls = urls(servers);
+    let holder = client(&urls, false, Duration::from_secs(10), RetryPolicy::none());
+    let waiter = client(&urls, false, Duration::from_secs(10), fixed(5000));
+    let guard = holder.acquire(key).await.unwrap();
+    let key_owned = key.to_owned();
+    let task = tokio::spawn(async move {
+        let guard = waiter.acquire(&key_owned).await.unwrap();
+        let at = Instant::now();
+        drop(guard);
+        waiter.stop().await.unwrap();
+        at
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    kill_pubsub(servers, kill);
+    tokio::time::sleep(gap).await;
+    let released = Instant::now();
+    drop(guard);
+    let won = task.await.unwrap();
+    holder.stop().await.unwrap();
+    won.saturating_duration_since(released)
+}
+
+/// Promised (`fair.rs`: "a lost message costs the waiter its fallback poll at most (the
+/// longer of its retry delay and 200 ms, a quarter of the ttl at most)"; with no connection
+/// up "everyone retries now"): killing the pub/sub connections of one, two or all three nodes
+/// just before a release delays the waiter's win by its fallback poll (2.5 s) at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_killed_just_before_the_release_costs_one_fallback_poll_at_most() {
+    let servers = start_servers(3);
+    let mut seen = Vec::new();
+    let mut round = 0;
+    for kill in [&[2][..], &[0, 1][..], &[0, 1, 2][..]] {
+        for gap in [0u64, 3, 30, 300] {
+            round += 1;
+            let took = won_after_kill(
+                &servers,
+                &format!("k{round}"),
+                kill,
+                Duration::from_millis(gap),
+            )
+            .await;
+            seen.push((kill.to_vec(), gap, took));
+        }
+    }
+    for s in &seen {
+        println!("{s:?}");
+    }
+    let slow: Vec<_> = seen
+        .iter()
+        .filter(|(_, _, took)| *took > Duration::from_millis(2900))
+        .collect();
+    assert!(slow.is_empty(), "beyond the fallback poll: {slow:?}");
+}
