@@ -262,3 +262,45 @@ async fn open(
     pubsub.subscribe(channel).await?;
     Ok(pubsub.into_on_message())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Promised (`FairLine::place`: "chosen on its first call, the same on every later one,
+    /// so that a waiter that left a node's line [...] joins it again where it stood"; the
+    /// pruning is meant for "an acquisition that ended without `forget`"): a waiter still
+    /// waiting keeps its place however long it has waited.
+    ///
+    /// Broken on main: places are pruned by their age (the arrival), not by their last use.
+    /// Once more than `PLACES_PRUNE_ABOVE` (1024) waiters of the client have a place, the
+    /// arrival of another drops every place older than `PLACE_IDLE` (10 min), also that of a
+    /// waiter still in line (behind a long holder, its attempts asking for its place every
+    /// retry): its next attempt gets a new place, `now`, and on every node whose line it had
+    /// left (a turn taken without a quorum, a node restarted empty) it joins behind everyone
+    /// who arrived in the last 10 minutes, while the other nodes keep its old place: the nodes
+    /// no longer order the waiters alike.
+    #[test]
+    fn a_waiter_still_waiting_keeps_its_place_when_places_are_pruned() {
+        let line = FairLine::new(3).unwrap();
+        let old = Token::generate().unwrap();
+        let t0: u64 = 1_000_000_000_000_000;
+        let minute: u64 = 60_000_000;
+        assert_eq!(line.place_at(&old, t0), t0);
+        // The old waiter keeps asking (each of its attempts), minute after minute.
+        for m in 1..=11 {
+            assert_eq!(line.place_at(&old, t0 + m * minute), t0);
+        }
+        // Meanwhile this client's other waiters, on other keys, arrive (all still waiting).
+        let now = t0 + 11 * minute;
+        for i in 0..=PLACES_PRUNE_ABOVE as u64 {
+            line.place_at(&Token::generate().unwrap(), now + i);
+        }
+        let later = now + 2 * minute;
+        assert_eq!(
+            line.place_at(&old, later),
+            t0,
+            "the waiter, still waiting, got a new place at the back of the line"
+        );
+    }
+}
