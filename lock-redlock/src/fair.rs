@@ -32,12 +32,15 @@ pub(crate) struct FairLine {
     /// The pub/sub connections whose reader still runs: a connection lost while another one is
     /// up wakes nobody (see `connect`).
     connected: Arc<AtomicUsize>,
-    /// The place in line each waiter chose (several nodes only), in µs since the Unix epoch.
-    places: Mutex<HashMap<String, u64>>,
+    /// The place in line each waiter chose (several nodes only), in µs since the Unix epoch,
+    /// and when it was last asked for (same clock): a waiter still waiting asks at every
+    /// attempt, and only places nobody asked for lately are pruned.
+    places: Mutex<HashMap<String, (u64, u64)>>,
 }
 
-/// Places older than this are dropped once more than [`PLACES_PRUNE_ABOVE`] waiters have one
-/// (an acquisition that ended without `forget`).
+/// Places nobody asked for this long are dropped once more than [`PLACES_PRUNE_ABOVE`] waiters
+/// have one (an acquisition that ended without `forget`); a waiter still waiting asks at every
+/// attempt, however long ago it arrived.
 const PLACE_IDLE: Duration = lock_core::raw::wake::TURN_IDLE;
 const PLACES_PRUNE_ABOVE: usize = lock_core::raw::wake::TURN_PRUNE_ABOVE;
 
@@ -95,14 +98,15 @@ impl FairLine {
     pub(crate) fn place_at(&self, waiter: &Token, now: u64) -> u64 {
         let mut places = self.places.lock().unwrap_or_else(PoisonError::into_inner);
         let key = waiter.expose();
-        if let Some(place) = places.get(&*key) {
+        if let Some((place, asked)) = places.get_mut(&*key) {
+            *asked = (*asked).max(now);
             return *place;
         }
         if places.len() > PLACES_PRUNE_ABOVE {
             let idle = u64::try_from(PLACE_IDLE.as_micros()).unwrap_or(u64::MAX);
-            places.retain(|_, place| now.saturating_sub(*place) < idle);
+            places.retain(|_, (_, asked)| now.saturating_sub(*asked) < idle);
         }
-        places.insert(key.to_string(), now);
+        places.insert(key.to_string(), (now, now));
         now
     }
 
@@ -264,6 +268,7 @@ async fn open(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
@@ -272,7 +277,7 @@ mod tests {
     /// pruning is meant for "an acquisition that ended without `forget`"): a waiter still
     /// waiting keeps its place however long it has waited.
     ///
-    /// Broken on main: places are pruned by their age (the arrival), not by their last use.
+    /// Broken before the fix: places were pruned by their age (the arrival), not by their last use.
     /// Once more than `PLACES_PRUNE_ABOVE` (1024) waiters of the client have a place, the
     /// arrival of another drops every place older than `PLACE_IDLE` (10 min), also that of a
     /// waiter still in line (behind a long holder, its attempts asking for its place every
@@ -302,5 +307,26 @@ mod tests {
             t0,
             "the waiter, still waiting, got a new place at the back of the line"
         );
+    }
+
+    /// Held (before and after the fix): a place nobody asked for in `PLACE_IDLE` (an
+    /// acquisition that ended without `forget`) is dropped once the map is over its bound.
+    #[test]
+    fn places_nobody_asks_for_are_pruned() {
+        let line = FairLine::new(3).unwrap();
+        let t0: u64 = 1_000_000_000_000_000;
+        let minute: u64 = 60_000_000;
+        let gone = Token::generate().unwrap();
+        line.place_at(&gone, t0);
+        let now = t0 + 11 * minute;
+        for i in 0..=PLACES_PRUNE_ABOVE as u64 {
+            line.place_at(&Token::generate().unwrap(), now + i);
+        }
+        let places = line.places.lock().unwrap();
+        assert!(
+            !places.contains_key(&*gone.expose()),
+            "an abandoned place was kept"
+        );
+        assert!(places.len() <= PLACES_PRUNE_ABOVE + 1, "{}", places.len());
     }
 }
