@@ -77,6 +77,7 @@ enum End {
 /// `RECONNECT_WITHIN`).
 async fn pubsub_left_after(
     servers: &[RedisServer],
+    urls: &[String],
     waiters: usize,
     kill: &[usize],
     every: Duration,
@@ -84,7 +85,7 @@ async fn pubsub_left_after(
     settle: Duration,
     end: End,
 ) -> Vec<usize> {
-    let urls = urls(servers);
+    let urls = urls.to_vec();
     let retry = fixed(300);
     let holder = client(&urls, false, Duration::from_secs(10), RetryPolicy::none());
     let guard = holder.acquire("flap").await.unwrap();
@@ -140,6 +141,7 @@ async fn stop_while_readers_resubscribe_leaves_no_pubsub_connection() {
     for settle in [0u64, 2, 5, 20] {
         let left = pubsub_left_after(
             &servers,
+            &urls(&servers),
             4,
             &[0, 1, 2],
             Duration::from_millis(100),
@@ -159,6 +161,7 @@ async fn drop_while_readers_resubscribe_leaves_no_pubsub_connection() {
     for settle in [0u64, 2, 5, 20] {
         let left = pubsub_left_after(
             &servers,
+            &urls(&servers),
             4,
             &[0, 1, 2],
             Duration::from_millis(100),
@@ -168,6 +171,47 @@ async fn drop_while_readers_resubscribe_leaves_no_pubsub_connection() {
         )
         .await;
         assert_eq!(left, vec![0, 0, 0], "settle {settle} ms: left {left:?}");
+    }
+}
+
+/// As above, the third node reached through a proxy that delays every chunk by 80 ms, so
+/// that its reader's re-subscription takes about 330 ms and the stop or drop lands in the
+/// middle of it (its pub/sub connections killed 0–250 ms before). Negative control: a
+/// re-subscription that outlives its aborted reader (opened on a task of its own, kept when
+/// nobody takes it) fails this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_or_drop_during_a_slow_resubscription_leaves_no_pubsub_connection() {
+    let nodes = lock_tests::nodes::Nodes::start().await;
+    let urls = nodes.urls().to_vec();
+    for end in [End::Stop, End::Drop] {
+        for settle in [0u64, 30, 80, 150, 250] {
+            nodes.proxy.set_delay(Duration::ZERO);
+            let delay = async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                nodes.proxy.set_delay(Duration::from_millis(80));
+            };
+            let (left, ()) = tokio::join!(
+                pubsub_left_after(
+                    &nodes.servers,
+                    &urls,
+                    2,
+                    &[2],
+                    Duration::ZERO,
+                    Duration::from_millis(1),
+                    Duration::from_millis(settle),
+                    end,
+                ),
+                delay
+            );
+            nodes.proxy.set_delay(Duration::ZERO);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let left_now = pubsub_clients(&nodes.servers);
+            assert_eq!(
+                left_now,
+                vec![0, 0, 0],
+                "{end:?}, settle {settle} ms: left {left:?}, then {left_now:?}"
+            );
+        }
     }
 }
 
