@@ -504,3 +504,97 @@ async fn thousands_of_short_acquisitions_leave_nothing_behind() {
     assert!(left.iter().all(Vec::is_empty), "left: {left:?}");
     assert_eq!(pubsub_clients(&servers), vec![0, 0, 0]);
 }
+
+/// A fair waiter over three nodes whose every attempt misses the quorum without a refusal
+/// (node 1 down; node 2 paused until the waiter gave up, where a leftover of an earlier holder, a key whose release missed that node, holds the
+/// key): its fair attempts join node 2's line there, but the answers come too late to count,
+/// each attempt ends `QuorumNotReached` with no refusal, and the acquisition gives up (its
+/// deadline) with that error. Returns how long a healthy waiter then took to win once the
+/// leftover is gone and node 2 answers at once (node 1 still down), and the line keys found on
+/// node 2 right before it asked.
+async fn after_a_waiter_gave_up_without_a_refusal(
+    nodes: &mut lock_tests::nodes::Nodes,
+) -> (Duration, Vec<String>) {
+    let urls = nodes.urls().to_vec();
+    let waiter = client(
+        &urls,
+        false,
+        Duration::from_secs(10),
+        fixed(100).with_retry_count(lock_core::RetryCount::Limited(1)),
+    );
+    // Connected to every node first, and the fair scripts loaded (a wait behind a holder).
+    let other = client(&urls, false, Duration::from_secs(10), RetryPolicy::none());
+    let held = other.acquire("warm").await.unwrap();
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(held);
+    };
+    let (warm, ()) = tokio::join!(waiter.acquire("warm"), release);
+    drop(warm); // won or not (one retry): the fair attempt loaded the scripts
+    other.stop().await.unwrap();
+    nodes.servers[1].kill();
+    // An earlier holder's leftover on node 2 (its release missed that node).
+    nodes.servers[2]
+        .command("SET gone leftover PX 60000", Duration::from_millis(500))
+        .unwrap();
+    // Node 2 answers nothing in time (paused), and runs what it was sent once resumed.
+    nodes.servers[2].pause().unwrap();
+    let outcome = waiter.acquire("gone").await;
+    println!("the waiter: {:?}", outcome.as_ref().map(|_| ()));
+    assert!(outcome.is_err(), "node 1 is down: no quorum");
+    drop(outcome);
+    waiter.stop().await.unwrap();
+    // The late scripts land; the leftover goes (it expired); node 2 answers at once again.
+    nodes.servers[2].resume().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!(
+        "node 2 after the waiter: {:?}, scripts {:?}",
+        lock_tests::nodes::leftovers(&nodes.servers[2]),
+        nodes.servers[2].calls("evalsha")
+    );
+    nodes.proxy.set_delay(Duration::ZERO);
+    nodes.servers[2]
+        .command("DEL gone", Duration::from_millis(500))
+        .unwrap();
+    let lines: Vec<String> = lock_tests::nodes::leftovers(&nodes.servers[2])
+        .into_iter()
+        .map(|(key, pttl)| format!("{key} {pttl}"))
+        .collect();
+    let healthy = client(&urls, false, Duration::from_secs(10), fixed(100));
+    let asked = Instant::now();
+    let guard = tokio::time::timeout(Duration::from_secs(15), healthy.acquire("gone"))
+        .await
+        .expect("won within 15 s")
+        .unwrap();
+    let took = asked.elapsed();
+    drop(guard);
+    healthy.stop().await.unwrap();
+    (took, lines)
+}
+
+/// Promised (the core: "a waiter in a fair line [...] whoever stops waiting (given up,
+/// cancelled, failed) takes it back"; fair.rs: nothing left once nobody waits): a waiter that
+/// gave up leaves every line it joined, so the next waiter is not held out of a node by it.
+///
+/// Broken on main: only an attempt refused (`Held`) makes the core keep a claim, and only a
+/// claim is taken back (`abandon`, which takes the waiter out of every line) when the
+/// acquisition ends. A waiter whose fair attempts all failed with `QuorumNotReached` (no node
+/// refused in time) ends without `abandon`: the late attempts that joined node 2's line stay
+/// there until their entry expires (the ttl, 10 s). Meanwhile the key on node 2 is reserved for
+/// that waiter, gone: a healthy waiter, which needs node 2 (node 1 is still down), won only
+/// after 9.5 s. (The place and turn entries of the waiter stay in the client's maps too, until
+/// pruned 10 min later.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_gave_up_without_a_refusal_leaves_the_lines_it_joined() {
+    let mut nodes = lock_tests::nodes::Nodes::start().await;
+    let (took, lines) = after_a_waiter_gave_up_without_a_refusal(&mut nodes).await;
+    println!("the healthy waiter won after {took:?}; node 2 had {lines:?}");
+    assert!(
+        lines.iter().all(|line| !line.contains(":queue")),
+        "the waiter that gave up is still in node 2's line: {lines:?}"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "the healthy waiter took {took:?}"
+    );
+}
