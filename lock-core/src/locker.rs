@@ -792,8 +792,13 @@ impl Locker {
                     (&fresh, self.attempt(&fresh, answer, deadline).await)
                 }
             };
-            if (wanted.kind == LeaseKind::Write || waiter.is_some())
-                && matches!(outcome, Ok(Attempt::Held))
+            // A fair waiter's attempt that missed the quorum without a refusal may still have
+            // joined the line of a node that answered too late (or not at all): it is a claim
+            // too, taken back when the waiter stops waiting (otherwise the late entry holds the
+            // key on that node for the waiter, gone, until the entry expires).
+            if ((wanted.kind == LeaseKind::Write || waiter.is_some())
+                && matches!(outcome, Ok(Attempt::Held)))
+                || (waiter.is_some() && matches!(outcome, Err(LockError::QuorumNotReached { .. })))
             {
                 claim.request = Some(request.clone());
                 // `stop` waits for the claim to be taken back.
