@@ -75,6 +75,7 @@ enum End {
 /// re-subscribing), then, `settle` after the last kill, every client ends as `end` says.
 /// Returns the pub/sub connections left on each server 1.5 s later (longer than
 /// `RECONNECT_WITHIN`).
+#[allow(clippy::too_many_arguments)]
 async fn pubsub_left_after(
     servers: &[RedisServer],
     urls: &[String],
