@@ -138,6 +138,23 @@ fn describe_marker(marker: &str) -> String {
     LeaseKind::Exclusive.to_string()
 }
 
+/// A client dropped without `stop` (the last handle of it gone: the lock, its guards and any
+/// release still being sent again) closes its connection as `stop` does: fred's connection task
+/// would otherwise keep it open, and its Cluster connections, for as long as the process runs.
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if self.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            runtime.spawn(async move {
+                let _ = client.quit().await;
+            });
+        }
+    }
+}
+
 impl Shared {
     /// Built by concatenation: `format!` costs more here than the rest of the client's own work
     /// on a command.
