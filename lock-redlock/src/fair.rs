@@ -36,6 +36,8 @@ pub(crate) struct FairLine {
     /// and when it was last asked for (same clock): a waiter still waiting asks at every
     /// attempt, and only places nobody asked for lately are pruned.
     places: Mutex<HashMap<String, (u64, u64)>>,
+    /// Set by `close`: an attempt still under way subscribes nowhere after it.
+    closed: AtomicBool,
 }
 
 /// Places nobody asked for this long are dropped once more than [`PLACES_PRUNE_ABOVE`] waiters
@@ -82,6 +84,7 @@ impl FairLine {
             slots: (0..nodes).map(|_| tokio::sync::Mutex::default()).collect(),
             connected: Arc::default(),
             places: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -142,6 +145,11 @@ impl FairLine {
         };
         let subscribed = async {
             let mut slot = slot.lock().await;
+            // Read under the slot's lock, which `close` takes after setting it: a subscription
+            // is either made before `close` takes it away, or not at all.
+            if self.closed.load(Ordering::SeqCst) {
+                return;
+            }
             let now = tokio::time::Instant::now();
             if slot
                 .subscriber
@@ -196,8 +204,10 @@ impl FairLine {
         self.turns.wait(&waiter.expose(), max_wait).await
     }
 
-    /// Closes the pub/sub connection (on shutdown).
+    /// Closes the pub/sub connections (on shutdown), for good: an attempt still under way
+    /// subscribes nowhere after it.
     pub(crate) async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         for slot in &self.slots {
             if let Some(subscriber) = slot.lock().await.subscriber.take() {
                 subscriber.reader.abort();
@@ -270,7 +280,36 @@ async fn open(
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
+    use lock_core::SecretUrl;
+
     use super::*;
+    use crate::RedlockConfig;
+    use crate::config::NodeUrl;
+
+    /// Promised (`Lock::shutdown`: the client's pub/sub connections are closed): an attempt
+    /// that was under way when the client stopped (it passed the stop check, then the
+    /// shutdown closed every subscription) and listens for its turn only now opens no new
+    /// pub/sub connection, which nothing would close before the client is dropped.
+    ///
+    /// Broken before the fix: `listen` after `close` connected to the node (here: a bare TCP
+    /// listener standing for it, which sees the connection).
+    #[tokio::test]
+    async fn a_listen_after_close_opens_no_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = SecretUrl::new(format!("redis://{}", listener.local_addr().unwrap()));
+        let config = RedlockConfig::new([url.clone()]);
+        let nodes = [Node::new(&NodeUrl::parse(&url).unwrap(), &config).unwrap()];
+        let line = FairLine::new(1).unwrap();
+        line.close().await;
+        let waiter = Token::generate().unwrap();
+        let listened = line.listen(&waiter, &nodes, Duration::from_millis(300));
+        let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept());
+        let ((), accepted) = tokio::join!(listened, accepted);
+        assert!(
+            accepted.is_err(),
+            "a listen after close connected to the node"
+        );
+    }
 
     /// Promised (`FairLine::place`: "chosen on its first call, the same on every later one,
     /// so that a waiter that left a node's line [...] joins it again where it stood"; the

@@ -21,6 +21,8 @@ pub(crate) struct Wakeups {
     /// The pub/sub connections whose reader still runs: a connection lost while another one is
     /// up wakes nobody (see `connect`).
     connected: Arc<AtomicUsize>,
+    /// Set by `close`: an attempt still under way subscribes nowhere after it.
+    closed: AtomicBool,
 }
 
 /// How long until `key` is held on too few nodes to block a quorum of `quorum`: zero when it
@@ -82,6 +84,7 @@ impl Wakeups {
             waiters: WakeRegistry::default(),
             subscribers: (0..nodes).map(|_| tokio::sync::Mutex::new(None)).collect(),
             connected: Arc::default(),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -140,8 +143,10 @@ impl Wakeups {
             .await;
     }
 
-    /// Closes every pub/sub connection (on shutdown).
+    /// Closes every pub/sub connection (on shutdown), for good: an attempt still under way
+    /// subscribes nowhere after it.
     pub(crate) async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         for slot in &self.subscribers {
             if let Some(subscriber) = slot.lock().await.take() {
                 subscriber.reader.abort();
@@ -155,6 +160,11 @@ impl Wakeups {
         };
         let attempt = async {
             let mut slot = slot.lock().await;
+            // Read under the slot's lock, which `close` takes after setting it: a connection is
+            // either made before `close` takes it away, or not at all.
+            if self.closed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             let reuse = slot
                 .as_ref()
                 .filter(|s| s.alive.load(Ordering::SeqCst))
@@ -204,5 +214,38 @@ impl Wakeups {
             alive,
             reader,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use lock_core::SecretUrl;
+
+    use super::*;
+    use crate::RedlockConfig;
+    use crate::config::NodeUrl;
+
+    /// Promised (`Lock::shutdown`: the client's pub/sub connections are closed): a waiter that
+    /// was under way when the client stopped and subscribes only now opens no new pub/sub
+    /// connection, which nothing would close before the client is dropped.
+    ///
+    /// Broken before the fix: a subscription after `close` connected to the node (here: a bare
+    /// TCP listener standing for it, which sees the connection).
+    #[tokio::test]
+    async fn a_subscription_after_close_opens_no_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = SecretUrl::new(format!("redis://{}", listener.local_addr().unwrap()));
+        let config = RedlockConfig::new([url.clone()]);
+        let node = Node::new(&NodeUrl::parse(&url).unwrap(), &config).unwrap();
+        let wakeups = Wakeups::new(1);
+        wakeups.close().await;
+        let subscribed = wakeups.subscribe(0, &node, "lock-release:k", Duration::from_millis(300));
+        let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept());
+        let ((), accepted) = tokio::join!(subscribed, accepted);
+        assert!(
+            accepted.is_err(),
+            "a subscription after close connected to the node"
+        );
     }
 }
