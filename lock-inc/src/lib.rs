@@ -99,6 +99,12 @@ struct Shared {
     /// [`LockError::Stopped`] before touching the closed client (whose errors would otherwise be
     /// backend errors, or a wait for the command timeout).
     stopped: AtomicBool,
+    /// fred's connection task, ended when the client is dropped without `stop` (see
+    /// `Drop for Shared`).
+    connection: std::sync::Mutex<Option<fred::types::ConnectHandle>>,
+    /// The runtime the client was made on, which drives that task: a client dropped off it (on
+    /// another thread, or inside a short-lived runtime) still closes its connection there.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// The three Redis keys of one lock, in one hash slot (a `{…}` hash tag around the user's key).
@@ -143,14 +149,23 @@ fn describe_marker(marker: &str) -> String {
 /// would otherwise keep it open, and its Cluster connections, for as long as the process runs.
 impl Drop for Shared {
     fn drop(&mut self) {
+        let connection = self
+            .connection
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if self.stopped.load(Ordering::SeqCst) {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let client = self.client.clone();
-            runtime.spawn(async move {
-                let _ = client.quit().await;
-            });
+        match &self.runtime {
+            Some(runtime) => {
+                runtime.spawn(wake::quit(self.client.clone(), connection));
+            }
+            None => {
+                if let Some(connection) = connection {
+                    connection.abort();
+                }
+            }
         }
     }
 }
@@ -249,12 +264,18 @@ impl IncLock {
             wakeups,
             fair,
             stopped: AtomicBool::new(false),
+            connection: std::sync::Mutex::new(None),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         };
-        shared
+        let connection = shared
             .client
             .init()
             .await
             .map_err(|e| shared.backend_error("connect", &e))?;
+        *shared
+            .connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(connection);
         Ok(Self {
             shared: Arc::new(shared),
         })

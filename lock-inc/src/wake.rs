@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::{ClientLike, EventInterface, KeysInterface, PubsubInterface};
-use fred::types::Message;
+use fred::types::{ConnectHandle, Message};
 use lock_core::raw::redis::{gone_in, release_channel};
 use lock_core::raw::wake::{TurnRegistry, WakeRegistry};
 use tokio::sync::broadcast::error::RecvError;
@@ -106,25 +106,59 @@ impl Waiters for TurnRegistry {
 /// reconnect) and the tasks that read it, started by the first waiter.
 pub(crate) struct Listener {
     pub(crate) subscriber: SubscriberClient,
+    state: tokio::sync::Mutex<ListenerState>,
+    /// The runtime the client was made on, which drives fred's connection task: a listener
+    /// dropped off it (on another thread, or inside a short-lived runtime) closes its
+    /// connection there.
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+#[derive(Default)]
+struct ListenerState {
+    /// fred's connection task, from the first waiter's attempt to connect until `close`: made
+    /// once (a second `connect` would replace fred's router and leave the first connection to
+    /// itself), and awaited again by the next waiter when the first one gave up waiting.
+    connection: Option<ConnectHandle>,
     /// The message reader, the reconnect watcher and the subscription manager.
-    tasks: tokio::sync::Mutex<Option<Vec<JoinHandle<()>>>>,
+    tasks: Option<Vec<JoinHandle<()>>>,
+}
+
+impl ListenerState {
+    /// Stops the tasks; the connection task, if one was started, for the caller to end.
+    fn take(&mut self) -> Option<ConnectHandle> {
+        for task in self.tasks.take().into_iter().flatten() {
+            task.abort();
+        }
+        self.connection.take()
+    }
+}
+
+/// How long a closing listener waits for its `QUIT` to be written before it ends the
+/// connection task anyway (a server that does not answer must not hold a `stop`).
+const QUIT_WITHIN: Duration = Duration::from_millis(500);
+
+/// Sends `QUIT` on `client` (bounded by [`QUIT_WITHIN`]), then ends its connection task, which
+/// would otherwise go on connecting (or stay connected) for good.
+pub(crate) async fn quit(client: impl ClientLike, connection: Option<ConnectHandle>) {
+    let _ = tokio::time::timeout(QUIT_WITHIN, client.quit()).await;
+    if let Some(connection) = connection {
+        connection.abort();
+    }
 }
 
 /// Dropped without `close` (a client dropped without `shutdown`), the subscriber connection
 /// closes too: its tasks, and fred's own connection task, would otherwise keep it (and its
-/// subscriptions) for good.
+/// subscriptions) for good; so does one still being made for a waiter that gave up.
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Some(tasks) = self.tasks.get_mut().take() {
-            for task in tasks {
-                task.abort();
+        let Some(connection) = self.state.get_mut().take() else {
+            return;
+        };
+        match &self.runtime {
+            Some(runtime) => {
+                runtime.spawn(quit(self.subscriber.clone(), Some(connection)));
             }
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let subscriber = self.subscriber.clone();
-                runtime.spawn(async move {
-                    let _ = subscriber.quit().await;
-                });
-            }
+            None => connection.abort(),
         }
     }
 }
@@ -133,7 +167,8 @@ impl Listener {
     pub(crate) fn new(subscriber: SubscriberClient) -> Self {
         Self {
             subscriber,
-            tasks: tokio::sync::Mutex::new(None),
+            state: tokio::sync::Mutex::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -145,12 +180,21 @@ impl Listener {
         channel: Option<String>,
         waiters: impl Waiters,
     ) -> Result<(), fred::error::Error> {
-        let mut tasks = self.tasks.lock().await;
-        if tasks.is_some() {
+        let mut state = self.state.lock().await;
+        if state.tasks.is_some() {
             return Ok(());
         }
         let mut messages = self.subscriber.message_rx();
-        self.subscriber.init().await?;
+        // Connected once: a waiter that gave up waiting (its timeout, or cancelled) leaves the
+        // connection task to the next one, which waits for the same connection.
+        if state
+            .connection
+            .as_ref()
+            .is_none_or(tokio::task::JoinHandle::is_finished)
+        {
+            state.connection = Some(self.subscriber.connect());
+        }
+        self.subscriber.wait_for_connect().await?;
         // Taken after the first connection, which also counts as a "reconnect".
         let mut reconnects = self.subscriber.reconnect_rx();
         if let Some(channel) = channel {
@@ -175,7 +219,7 @@ impl Listener {
                 waiters.wake_all();
             }
         });
-        *tasks = Some(vec![
+        state.tasks = Some(vec![
             reader,
             reconnected,
             self.subscriber.manage_subscriptions(),
@@ -183,13 +227,11 @@ impl Listener {
         Ok(())
     }
 
-    /// Stops reading and closes the subscriber connection (on shutdown).
+    /// Stops reading and closes the subscriber connection (on shutdown), also one still
+    /// being made.
     pub(crate) async fn close(&self) {
-        if let Some(tasks) = self.tasks.lock().await.take() {
-            for task in tasks {
-                task.abort();
-            }
-            let _ = self.subscriber.quit().await;
+        if let Some(connection) = self.state.lock().await.take() {
+            quit(self.subscriber.clone(), Some(connection)).await;
         }
     }
 }

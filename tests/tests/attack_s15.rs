@@ -3,6 +3,8 @@
 //! Cluster). Dropping a value frees what it holds: a dropped client's connections (commands and
 //! pub/sub alike) are closed within a moment, as `stop` closes them.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use lock_core::RetryPolicy;
