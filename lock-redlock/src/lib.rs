@@ -664,13 +664,7 @@ impl Lock for Redlock {
                     async move { node.acquire(&keys, &token, ttl, fences.as_deref()).await }
                 })
                 .await;
-            tracing::debug!(
-                yes = tally.yes.len(),
-                no = tally.no,
-                failed = tally.failed.len(),
-                elapsed_us = start.elapsed().as_micros() as u64,
-                "redlock acquire round"
-            );
+            tally.trace(start, false);
             if tally.yes.len() >= shared.quorum
                 && let Some(valid_until) = shared.valid_until(start, ttl)
             {
@@ -1063,13 +1057,7 @@ async fn try_acquire_fair_quorum(
         }
     })
     .await;
-    tracing::debug!(
-        yes = tally.yes.len(),
-        no = tally.no,
-        failed = tally.failed.len(),
-        elapsed_us = start.elapsed().as_micros() as u64,
-        "redlock fair acquire round"
-    );
+    tally.trace(start, true);
     let won = tally.yes.len() >= shared.quorum;
     if won && let Some(valid_until) = shared.valid_until(start, ttl) {
         let fence = match &fences {

@@ -44,6 +44,18 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
+    /// Traces how an acquisition round that began at `started` went (`fair`: a fair waiter's).
+    pub(crate) fn trace(&self, started: tokio::time::Instant, fair: bool) {
+        tracing::debug!(
+            yes = self.yes.len(),
+            no = self.no,
+            failed = self.failed.len(),
+            elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            fair,
+            "redlock acquire round"
+        );
+    }
+
     fn count(&mut self, index: usize, vote: Vote) {
         match vote {
             Vote::Yes(number) => {
