@@ -87,9 +87,10 @@ struct Watched {
 }
 
 impl LockGuard {
-    /// Wraps a handle that a backend returned for a lock of `ttl`. Only the [`Locker`] makes
-    /// guards: what a guard keeps beside the handle (its share of `lock_held`, its place in the
-    /// in-process queue, the clean-ups of a writer's claim) is the core's bookkeeping.
+    /// Wraps a handle that a backend returned for a lock of `ttl`. Only the
+    /// [`Locker`](crate::Locker) makes guards: what a guard keeps beside the handle (its share
+    /// of `lock_held`, its place in the in-process queue, the clean-ups of a writer's claim) is
+    /// the core's bookkeeping.
     ///
     /// # Errors
     /// [`LockError::Backend`] if the handle's lease names no key (a backend bug).

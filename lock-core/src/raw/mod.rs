@@ -7,7 +7,7 @@
 //!
 //! Users of locks need none of it: they hold a [`Locker`](crate::Locker), which takes any
 //! backend, and the items at the crate's root. The conformance suite for backends is
-//! [`conformance`](crate::conformance) (cargo feature `conformance`).
+//! `lock_core::conformance` (cargo feature `conformance`).
 
 mod follow_up;
 pub mod redis;
