@@ -59,14 +59,17 @@ impl Wakeups {
         self.listener.close().await;
     }
 
-    async fn subscribe(&self, channel: &str) {
+    /// Subscribes `channel`; whether it is (the next waiter tries again when not).
+    async fn subscribe(&self, channel: &str) -> bool {
         if let Err(error) = self.listener.start(None, self.waiters.clone()).await {
             tracing::debug!(%error, "cannot connect for wake-ups; falling back to the retry delay");
-            return;
+            return false;
         }
         if let Err(error) = self.listener.subscriber.subscribe(channel).await {
             tracing::debug!(%error, "cannot subscribe for wake-ups; falling back to the retry delay");
+            return false;
         }
+        true
     }
 }
 
@@ -121,6 +124,8 @@ struct ListenerState {
     connection: Option<ConnectHandle>,
     /// The message reader, the reconnect watcher and the subscription manager.
     tasks: Option<Vec<JoinHandle<()>>>,
+    /// Set by `close`: an attempt still under way connects nowhere after it.
+    closed: bool,
 }
 
 impl ListenerState {
@@ -181,6 +186,12 @@ impl Listener {
         waiters: impl Waiters,
     ) -> Result<(), fred::error::Error> {
         let mut state = self.state.lock().await;
+        if state.closed {
+            return Err(fred::error::Error::new(
+                fred::error::ErrorKind::Canceled,
+                "the client was stopped",
+            ));
+        }
         if state.tasks.is_some() {
             return Ok(());
         }
@@ -229,8 +240,16 @@ impl Listener {
 
     /// Stops reading and closes the subscriber connection (on shutdown), also one still
     /// being made.
+    ///
+    /// For good: an attempt still under way (a fair waiter whose answer comes back after the
+    /// shutdown, on a client stopped through another `Locker`) connects nowhere after it.
     pub(crate) async fn close(&self) {
-        if let Some(connection) = self.state.lock().await.take() {
+        let connection = {
+            let mut state = self.state.lock().await;
+            state.closed = true;
+            state.take()
+        };
+        if let Some(connection) = connection {
             quit(self.subscriber.clone(), Some(connection)).await;
         }
     }

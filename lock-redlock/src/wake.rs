@@ -102,6 +102,9 @@ impl Wakeups {
         timeout: Duration,
     ) {
         let channel = release_channel(key);
+        // Subscribed when any node is: a release is announced by every node that held the
+        // key, and a node whose subscription failed is tried again by the next waiter of a
+        // channel that no node subscribed.
         let subscribe = async {
             futures::future::join_all(
                 nodes
@@ -109,7 +112,9 @@ impl Wakeups {
                     .enumerate()
                     .map(|(index, node)| self.subscribe(index, node, &channel, timeout)),
             )
-            .await;
+            .await
+            .into_iter()
+            .any(|subscribed| subscribed)
         };
         // The retiring task holds no strong reference (a client dropped meanwhile closes its
         // connections at once) and bounds each `UNSUBSCRIBE` by the node timeout: a node that
@@ -154,9 +159,10 @@ impl Wakeups {
         }
     }
 
-    async fn subscribe(&self, index: usize, node: &Node, channel: &str, timeout: Duration) {
+    /// Subscribes `channel` on the node at `index` (bounded by `timeout`); whether it is.
+    async fn subscribe(&self, index: usize, node: &Node, channel: &str, timeout: Duration) -> bool {
         let Some(slot) = self.subscribers.get(index) else {
-            return;
+            return false;
         };
         let attempt = async {
             let mut slot = slot.lock().await;
@@ -181,8 +187,19 @@ impl Wakeups {
             drop(slot);
             sink.subscribe(channel).await
         };
-        if let Ok(Err(error)) = tokio::time::timeout(timeout, attempt).await {
-            tracing::debug!(node = node.label(), %error, "cannot subscribe for wake-ups; falling back to the retry delay");
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
+                tracing::debug!(node = node.label(), %error, "cannot subscribe for wake-ups; falling back to the retry delay");
+                false
+            }
+            Err(_) => {
+                tracing::debug!(
+                    node = node.label(),
+                    "subscribing for wake-ups timed out; falling back to the retry delay"
+                );
+                false
+            }
         }
     }
 
@@ -242,7 +259,7 @@ mod tests {
         wakeups.close().await;
         let subscribed = wakeups.subscribe(0, &node, "lock-release:k", Duration::from_millis(300));
         let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept());
-        let ((), accepted) = tokio::join!(subscribed, accepted);
+        let (_, accepted) = tokio::join!(subscribed, accepted);
         assert!(
             accepted.is_err(),
             "a subscription after close connected to the node"

@@ -84,7 +84,9 @@ impl WakeRegistry {
     /// whichever comes first, then ends the registration.
     ///
     /// `remaining_ttl` asks the store how long the holder has left (expiry is not announced);
-    /// `subscribe` runs when the channel has no subscription yet; both run while the wait has
+    /// `subscribe` runs when the channel has no subscription yet, and says whether it made
+    /// one (when it did not, the next waiter tries again: a channel whose subscription failed
+    /// must not count as subscribed while waiters keep coming); both run while the wait has
     /// already begun, so neither delays a wake-up. `unsubscribe` runs when the channel's
     /// subscription is retired: [`LINGER`] after its last waiter left, unless another came.
     ///
@@ -99,7 +101,7 @@ impl WakeRegistry {
         unsubscribe: U,
     ) where
         P: Future<Output = Option<Duration>>,
-        S: Future<Output = ()>,
+        S: Future<Output = bool>,
         U: FnOnce() -> UF + Send + 'static,
         UF: Future<Output = ()> + Send + 'static,
     {
@@ -132,7 +134,12 @@ impl WakeRegistry {
                         }
                     }
                 }
-                () = &mut subscribe, if waiting.subscribing => waiting.subscribing = false,
+                subscribed = &mut subscribe, if waiting.subscribing => {
+                    waiting.subscribing = false;
+                    if !subscribed {
+                        self.subscription_abandoned(channel);
+                    }
+                }
             }
         }
         // `waiting` ends the registration as it drops, here or wherever the wait is cancelled.
@@ -167,8 +174,8 @@ impl WakeRegistry {
         });
     }
 
-    /// The waiter that was to subscribe `channel` left before its subscription was made: the
-    /// next waiter makes it.
+    /// The waiter that was to subscribe `channel` left before its subscription was made, or
+    /// failed to make it: the next waiter makes it.
     fn subscription_abandoned(&self, channel: &str) {
         if let Some(entry) = self
             .0
@@ -472,6 +479,7 @@ mod tests {
                             None => std::future::pending().await,
                         }
                         subscribed.fetch_add(1, Ordering::SeqCst);
+                        true
                     },
                     move || async move {
                         unsubscribed.fetch_add(1, Ordering::SeqCst);
@@ -479,6 +487,51 @@ mod tests {
                 )
                 .await;
         }
+    }
+
+    /// Promised (`WakeRegistry::wait`: "when it did not, the next waiter tries again"): a
+    /// subscription that failed (the server was down at the first wait) is made by the next
+    /// waiter, even while waiters keep coming within the linger.
+    ///
+    /// Broken before: the channel counted as subscribed after the first waiter's failed try, so
+    /// that no later waiter subscribed while the channel stayed busy (push wake-ups gone for
+    /// good under steady contention; `tests/tests/attack_s15c.rs` shows it on inc).
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_subscription_is_made_by_the_next_waiter() {
+        let registry = WakeRegistry::default();
+        let tries = Arc::new(AtomicUsize::new(0));
+        let wait = |works: bool| {
+            let tries = Arc::clone(&tries);
+            registry.wait(
+                "k",
+                Duration::from_millis(10),
+                async { None },
+                async move {
+                    tries.fetch_add(1, Ordering::SeqCst);
+                    works
+                },
+                || async {},
+            )
+        };
+        // A second waiter stays registered throughout, so the channel never goes idle.
+        let holder = registry.register("k");
+        assert!(holder.subscribe);
+        registry.subscription_abandoned("k");
+        wait(false).await;
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
+        wait(true).await;
+        assert_eq!(
+            tries.load(Ordering::SeqCst),
+            2,
+            "the waiter after a failed subscription did not try again"
+        );
+        wait(true).await;
+        assert_eq!(
+            tries.load(Ordering::SeqCst),
+            2,
+            "a channel subscribed once is subscribed again by every waiter"
+        );
+        drop(holder);
     }
 
     #[tokio::test(start_paused = true)]
