@@ -145,9 +145,11 @@ async fn fencing_through_an_empty_restart_holds_exactly_where_documented() {
             proxies[2].set_delay(Duration::ZERO);
             tokio::time::sleep(Duration::from_millis(1500)).await;
         } else {
-            // Node 2 stays cut while the retries of the raise run out... almost: it is back
-            // just before round 3, which runs at once.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Node 2 stays cut while the retries of the raise run out (three rounds of a
+            // node timeout and a pause: about 600 ms, longer on a loaded machine; 500 ms let
+            // the last retry reach node 2 in one CI run): it is back just before round 3,
+            // which runs at once.
+            tokio::time::sleep(Duration::from_millis(2000)).await;
             proxies[2].set_delay(Duration::ZERO);
         }
         backed.servers()[1]
