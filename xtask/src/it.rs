@@ -30,6 +30,19 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             "warnings",
         ]),
     )?;
+    // `--all-targets` leaves out test targets that a plain `cargo test` skips (`test = false`).
+    step(
+        "cargo clippy --test conformance_cluster",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--test",
+            "conformance_cluster",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
     // The facade's features, each alone and all together, build and pass clippy; the backends
     // alone build the core without `metrics`, `full,metrics` with it (and the prometheus example).
     for feature in [
@@ -87,6 +100,17 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                 "LOCK_TESTS_REQUIRE_FAULT_TOOLS",
                 if fault_tools { "1" } else { "0" },
             ),
+    )?;
+    // The conformance suite on Redis Clusters, left out of a plain `cargo test`: each case
+    // waits about 2 s for its fresh cluster to turn writable and uses little CPU, so many run at
+    // once (the same feature resolution as above: only this target is built).
+    step(
+        "cargo test --workspace --test conformance_cluster",
+        cargo()
+            .args(["test", "--workspace", "--test", "conformance_cluster", "--"])
+            .args(["--test-threads", "8"])
+            .env("REDIS_SERVER", &redis_server)
+            .env("LOCK_TESTS_REQUIRE_REDIS", "1"),
     )?;
     // A short seeded chaos run on top (the full one is `cargo xtask chaos`).
     crate::chaos::run_chaos(

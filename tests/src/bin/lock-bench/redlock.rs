@@ -21,6 +21,8 @@ const TTL: Duration = Duration::from_secs(10);
 const PERMIT_CYCLE: &str = "redlock (manager) permit of 4";
 /// A read lock taken and released.
 const READ_CYCLE: &str = "redlock (manager) read lock";
+/// The mutex cycle with `fair` off: the same two commands as redis-rs alone.
+const NOT_FAIR: &str = "redlock (manager, fair off)";
 
 pub(crate) async fn benchmarks(
     cycles: u32,
@@ -75,6 +77,14 @@ async fn uncontended(
 ) -> BenchResult<Vec<Figure>> {
     let manager = locker(urls, ConnectionKind::Manager, RetryPolicy::forever())?;
     let pool = locker(urls, ConnectionKind::Pool, RetryPolicy::forever())?;
+    // On one node, the default (fair) sends an `EXISTS` of the line with its `SET` and releases
+    // with the fair script; without `fair` it sends exactly redis-rs alone's two commands.
+    let not_fair = locker_with(
+        urls,
+        ConnectionKind::Manager,
+        RetryPolicy::forever(),
+        |config| config.with_fair(false),
+    )?;
     let rslock = LockManager::new(urls.to_vec());
     let mut alone = RedisAlone::connect(limit_server).await?;
     for _ in 0..50 {
@@ -83,6 +93,7 @@ async fn uncontended(
         rslock_cycle(&rslock).await?;
         alone.cycle().await?;
         if nodes == 1 {
+            not_fair.acquire("bench-key").await?.release().await?;
             manager
                 .acquire_permit("bench-sem", 4)
                 .await?
@@ -92,8 +103,9 @@ async fn uncontended(
         }
     }
     // redis-rs alone is a one-server reference; on one node, a semaphore permit's and a read
-    // lock's cycles run beside the mutex's (clients 4 and 5).
-    let clients = if nodes == 1 { 6 } else { 3 };
+    // lock's cycles run beside the mutex's (clients 4 and 5), and the mutex without `fair`
+    // (client 6).
+    let clients = if nodes == 1 { 7 } else { 3 };
     let release = include_str!("../../../../lock-redlock/src/lua/release.lua");
     let floor = MinimalClient::connect(
         limit_server.port(),
@@ -106,7 +118,7 @@ async fn uncontended(
         ],
     )?;
     let mut references = References::new(floor, cycles, rounds);
-    let mut times = [Duration::ZERO; 6];
+    let mut times = [Duration::ZERO; 7];
     for chunk in 0..references.chunks() {
         references.before_chunk(chunk, |requests| redlock_limit(limit_server, requests))?;
         // The order turns with every chunk, so that no client always runs right after the
@@ -127,7 +139,8 @@ async fn uncontended(
                             .release()
                             .await?
                     }
-                    _ => manager.acquire_read("bench-rw").await?.release().await?,
+                    5 => manager.acquire_read("bench-rw").await?.release().await?,
+                    _ => not_fair.acquire("bench-key").await?.release().await?,
                 }
             }
             times[client] += started.elapsed();
@@ -142,6 +155,7 @@ async fn uncontended(
         (REDIS_ALONE, times[3]),
         (PERMIT_CYCLE, times[4]),
         (READ_CYCLE, times[5]),
+        (NOT_FAIR, times[6]),
     ];
     for (name, time) in named.into_iter().take(clients) {
         let mut uncontended = references.figure(name, nodes, time);
@@ -151,6 +165,12 @@ async fn uncontended(
             uncontended.ratio_to_reference = Some(times[0].as_secs_f64() / time.as_secs_f64());
         } else if name.starts_with("redlock") {
             uncontended.ratio_to_rslock = Some(uncontended.value / rslock_rate);
+            if nodes == 1 {
+                // Against redis-rs alone, which sends the same commands as the cycle without
+                // `fair` (the default's `EXISTS` and fair release script cost the difference).
+                uncontended.reference = Some(REDIS_ALONE.to_owned());
+                uncontended.ratio_to_reference = Some(times[3].as_secs_f64() / time.as_secs_f64());
+            }
         }
         figures.push(uncontended);
     }
@@ -426,7 +446,16 @@ async fn rslock_cycle(manager: &LockManager) -> BenchResult<()> {
 }
 
 fn locker(urls: &[String], kind: ConnectionKind, retry: RetryPolicy) -> BenchResult<Locker> {
-    let config = RedlockConfig::new(urls.iter().cloned()).with_connection(kind);
+    locker_with(urls, kind, retry, |config| config)
+}
+
+fn locker_with(
+    urls: &[String],
+    kind: ConnectionKind,
+    retry: RetryPolicy,
+    configure: impl FnOnce(RedlockConfig) -> RedlockConfig,
+) -> BenchResult<Locker> {
+    let config = configure(RedlockConfig::new(urls.iter().cloned()).with_connection(kind));
     let locker = Locker::new(Redlock::new(config)?)
         .with_options(LockOptions::default().with_ttl(TTL).with_retry(retry))?;
     Ok(locker)
