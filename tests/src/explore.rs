@@ -195,6 +195,20 @@ impl Assumptions {
         self.lowest_ms = self.lowest_ms.min(ms);
     }
 
+    /// Steps `node`'s clock by `by` (back or forward) from its current offset, noting the
+    /// step's direction; the node's new offset in ms.
+    fn step(&mut self, node: usize, by: Duration, backwards: bool) -> i64 {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX / 4);
+        let offset = self.offsets_ms[node].saturating_add(if backwards { -ms } else { ms });
+        match offset.cmp(&self.offsets_ms[node]) {
+            std::cmp::Ordering::Less => self.clock_backward = true,
+            std::cmp::Ordering::Greater => self.clock_forward = true,
+            std::cmp::Ordering::Equal => {}
+        }
+        self.set_offset(node, offset);
+        offset
+    }
+
     fn exclusion_holds(&self) -> bool {
         !self.restarted_at_once && !self.clock_forward
     }
@@ -555,14 +569,12 @@ async fn inject(
             lane.servers[node].resume()?;
         }
         Fault::Jump { by, backwards } => {
-            lane.shims[node].jump(by, backwards)?;
-            if backwards {
-                assumptions.clock_backward = true;
-            } else {
-                assumptions.clock_forward = true;
-            }
-            let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
-            assumptions.set_offset(node, if backwards { -ms } else { ms });
+            // A step from where the node's clock is now: the shim takes an offset, so the
+            // step is added to the node's current one (set as given, a second jump "back"
+            // by less than the first would step the clock forward, unchecked).
+            let offset = assumptions.step(node, by, backwards);
+            let magnitude = Duration::from_millis(offset.unsigned_abs());
+            lane.shims[node].jump(magnitude, offset < 0)?;
         }
         Fault::RestartAtOnce => {
             lane.servers[node].restart()?;
@@ -728,6 +740,24 @@ mod tests {
             granted_until: ms(at[2]),
             until: ms(at[2]),
         }
+    }
+
+    /// Seed 16277 found this: the shim sets an offset, and two jumps "back" (689 ms, then
+    /// 92 ms) set as given stepped the clock forward by 597 ms while the checker assumed no
+    /// forward step, and reported the early expiry that followed as a broken promise.
+    #[test]
+    fn jumps_step_from_the_current_offset() {
+        let mut assumptions = Assumptions::default();
+        assert_eq!(assumptions.step(0, Duration::from_millis(689), true), -689);
+        assert_eq!(assumptions.step(0, Duration::from_millis(92), true), -781);
+        assert!(assumptions.clock_backward && !assumptions.clock_forward);
+        assert!(assumptions.exclusion_holds());
+        // Forward from below zero is a forward step, even to a negative offset.
+        assert_eq!(assumptions.step(0, Duration::from_millis(100), false), -681);
+        assert!(assumptions.clock_forward && !assumptions.exclusion_holds());
+        assert_eq!(assumptions.clock_spread(), Duration::from_millis(781));
+        // Another node's clock is its own.
+        assert_eq!(assumptions.step(1, Duration::from_millis(50), true), -50);
     }
 
     #[test]
