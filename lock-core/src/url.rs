@@ -175,12 +175,13 @@ impl SecretUrl {
         Ok(())
     }
 
-    /// Deserializes a list of URLs with errors that never quote a value: for
-    /// `#[serde(deserialize_with = "SecretUrl::deserialize_list")]` on a `Vec<SecretUrl>`.
+    /// Deserializes a list of URLs, or a single URL string as a list of one, with errors that
+    /// never quote a value: for `#[serde(deserialize_with = "SecretUrl::deserialize_list")]`
+    /// on a `Vec<SecretUrl>`.
     ///
     /// # Errors
-    /// The deserializer's, when the value is not a list of strings; a string where the list
-    /// was expected is described, not quoted.
+    /// The deserializer's, when the value is neither a string nor a list of strings; what was
+    /// found instead is described, not quoted.
     pub fn deserialize_list<'de, D>(deserializer: D) -> Result<Vec<Self>, D::Error>
     where
         D: Deserializer<'de>,
@@ -263,7 +264,7 @@ impl<'de> Visitor<'de> for ListVisitor {
     type Value = Vec<SecretUrl>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a list of URL strings, such as [\"redis://host:6379/\"]")
+        f.write_str("a URL string or a list of them, such as [\"redis://host:6379/\"]")
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -274,8 +275,9 @@ impl<'de> Visitor<'de> for ListVisitor {
         Ok(urls)
     }
 
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Err(E::invalid_type(Unexpected::Other("a single string"), &self))
+    /// One URL where a list belongs is a list of one (as the single-node backends take it).
+    fn visit_str<E: de::Error>(self, url: &str) -> Result<Self::Value, E> {
+        Ok(vec![SecretUrl::new(url)])
     }
 
     fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<Self::Value, E> {
@@ -380,17 +382,23 @@ mod tests {
     #[test]
     fn deserialize_errors_never_quote_the_url() {
         for json in [
-            r#"{"urls": "redis://u:s3cret@h:1/"}"#,
             r#"{"urls": [["redis://u:s3cret@h:1/"]]}"#,
+            r#"{"urls": 7, "x": "redis://u:s3cret@h:1/"}"#,
             r#"{"urls": [{"x": "redis://u:s3cret@h:1/"}]}"#,
             r#"{"urls": [], "url": ["redis://u:s3cret@h:1/"]}"#,
         ] {
             let error = serde_json::from_str::<Config>(json).unwrap_err();
             assert!(!error.to_string().contains("s3cret"), "{error}");
         }
-        let error = toml::from_str::<Config>(r#"urls = "redis://u:s3cret@h:1/""#).unwrap_err();
+        let error = toml::from_str::<Config>(r#"urls = [["redis://u:s3cret@h:1/"]]"#).unwrap_err();
         assert!(!error.message().contains("s3cret"), "{error}");
-        assert!(error.message().contains("single string"), "{error}");
+        // One URL where the list belongs is a list of one, in both formats.
+        let config: Config = serde_json::from_str(r#"{"urls": "redis://u:s3cret@h:1/"}"#).unwrap();
+        assert_eq!(config.urls.len(), 1);
+        assert_eq!(config.urls[0].expose(), "redis://u:s3cret@h:1/");
+        let config: Config = toml::from_str(r#"urls = "redis://u:s3cret@h:3/""#).unwrap();
+        assert_eq!(config.urls[0].host(), "h:3");
+        assert!(!format!("{config:?}").contains("s3cret"));
 
         let config: Config = serde_json::from_str(
             r#"{"urls": ["redis://u:s3cret@h:1/"], "url": "redis://u:s3cret@h:2/"}"#,

@@ -196,7 +196,7 @@ fn credentials(user_pieces: std::ops::Range<usize>) -> impl Strategy<Value = Cre
 /// How a configuration fails.
 #[derive(Clone, Copy, Debug)]
 enum Failure {
-    /// `urls` is a string (a list for inc's `url`).
+    /// `urls` is a list of lists (a list of two for inc's `url`).
     WrongType,
     /// The URL sits under a field that does not exist.
     UnknownField,
@@ -258,7 +258,7 @@ fn facade_document(backend: &str, failure: Failure, url: &str) -> serde_json::Va
     let mut document = serde_json::json!({"type": backend, "retryCount": 0, "ttl": 5000});
     let object = document.as_object_mut().unwrap();
     match failure {
-        Failure::WrongType => object.insert("urls".into(), url.into()),
+        Failure::WrongType => object.insert("urls".into(), serde_json::json!([[url]])),
         Failure::UnknownField => object.insert("uri".into(), url.into()),
         Failure::UrlAsFieldName => object.insert(url.into(), serde_json::json!([url])),
         _ => object.insert("urls".into(), serde_json::json!([url])),
@@ -290,8 +290,8 @@ fn backend_options(
 /// A `RedlockConfig` document.
 fn redlock_document(failure: Failure, url: &str) -> serde_json::Value {
     let mut document = match failure {
-        Failure::WrongType => serde_json::json!({"urls": url}),
-        Failure::UnknownField => serde_json::json!({"url": [url]}),
+        Failure::WrongType => serde_json::json!({"urls": [[url]]}),
+        Failure::UnknownField => serde_json::json!({"uri": [url]}),
         _ => serde_json::json!({"urls": [url]}),
     };
     for (option, value) in backend_options(failure, false, url) {

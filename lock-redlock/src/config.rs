@@ -24,8 +24,8 @@ pub enum ConnectionKind {
 /// Durations are whole milliseconds; node-redlock's camelCase names are accepted as aliases.
 ///
 /// The URLs are [`SecretUrl`]s: `Debug`, validation errors and logs show them without password,
-/// and a deserialization error never quotes one (`"urls": "redis://…"`, a string instead of a
-/// list, is "invalid type: a single string"). toml's own `Display` and `Debug` of its error
+/// and a deserialization error never quotes one. One node may be given as a single string, and
+/// as `url` (`"url": "redis://…"`, as inc takes it). toml's own `Display` and `Debug` of its error
 /// print the document's line, URL included: show its `message()` instead, or parse through the
 /// facade's `LockConfig::from_toml`, which does. Any other string of the
 /// wrong type (`"pool_size": "…"`) is quoted by serde's message, as for every type: the
@@ -51,7 +51,11 @@ pub enum ConnectionKind {
 pub struct RedlockConfig {
     /// `redis://[user:password@]host:port[/db]` URLs of independent Redis masters; `rediss://`
     /// for TLS. A `/`, `?` or `#` in the user name or password is written `%2F`, `%3F`, `%23`.
-    #[serde(alias = "nodes", deserialize_with = "SecretUrl::deserialize_list")]
+    #[serde(
+        alias = "nodes",
+        alias = "url",
+        deserialize_with = "SecretUrl::deserialize_list"
+    )]
     pub urls: Vec<SecretUrl>,
     /// Expected clock drift between client and servers, as a fraction of the ttl, in [0, 1).
     #[serde(alias = "driftFactor")]
@@ -400,11 +404,30 @@ mod tests {
     }
 
     #[test]
-    fn a_url_where_a_list_belongs_is_not_quoted() {
-        let json = r#"{"urls": "redis://app:s3cr3t@127.0.0.1:7003/"}"#;
+    fn one_node_may_be_a_single_url_under_any_of_its_names() {
+        for json in [
+            r#"{"urls": "redis://app:s3cr3t@127.0.0.1:7003/"}"#,
+            r#"{"url": "redis://app:s3cr3t@127.0.0.1:7003/"}"#,
+            r#"{"nodes": "redis://app:s3cr3t@127.0.0.1:7003/"}"#,
+            r#"{"url": ["redis://app:s3cr3t@127.0.0.1:7003/"]}"#,
+        ] {
+            let config = serde_json::from_str::<RedlockConfig>(json).unwrap();
+            assert_eq!(config.urls.len(), 1, "{json}");
+            assert_eq!(
+                config.urls[0].expose(),
+                "redis://app:s3cr3t@127.0.0.1:7003/"
+            );
+            assert!(!format!("{config:?}").contains("s3cr3t"), "{config:?}");
+        }
+        // Two names for the one field: refused, naming the field, never quoting a value.
+        let json = r#"{"url": "redis://app:s3cr3t@h:1/", "urls": ["redis://app:s3cr3t@h:2/"]}"#;
         let error = serde_json::from_str::<RedlockConfig>(json).unwrap_err();
         assert!(!error.to_string().contains("s3cr3t"), "{error}");
-        assert!(error.to_string().contains("a single string"), "{error}");
+        assert!(error.to_string().contains("duplicate field"), "{error}");
+        // Anything else where the URLs belong is described, not quoted.
+        let json = r#"{"urls": [["redis://app:s3cr3t@h:1/"]]}"#;
+        let error = serde_json::from_str::<RedlockConfig>(json).unwrap_err();
+        assert!(!error.to_string().contains("s3cr3t"), "{error}");
     }
 
     #[test]

@@ -25,6 +25,10 @@ async fn every_backend_by_name_from_json() {
         serde_json::json!({"type": "inc", "namespace": "svc", "url": urls[2],
             "connectTimeout": 300, "command_timeout": 300, "prefix": "jobs2:",
             "wakeOnRelease": true, "fair": true}),
+        // One node as inc takes it, `url` and a single string (before, `url` was an unknown
+        // field of `redis` and a string where `urls` belongs was refused).
+        serde_json::json!({"type": "redis", "namespace": "svc", "url": urls[1]}),
+        serde_json::json!({"type": "redis", "namespace": "svc", "urls": urls[2]}),
     ];
     for config in configs {
         let name = config["type"].as_str().expect("type").to_owned();
