@@ -138,6 +138,8 @@ impl UrlRules {
     /// let rules = UrlRules { crate_name: "lock-mine", cluster: false, tls: false };
     /// assert!(rules.check(&SecretUrl::new("redis://h:6379/"), None).is_ok());
     /// assert!(rules.check(&SecretUrl::new("http://h/"), None).is_err());
+    /// let error = rules.check(&SecretUrl::new(""), None).unwrap_err();
+    /// assert!(error.to_string().contains("an empty URL is not a redis://"));
     /// let error = rules.check(&SecretUrl::new("rediss://u:s3cret@h/"), None).unwrap_err();
     /// assert!(error.to_string().contains("`tls` cargo feature of lock-mine"));
     /// assert!(!error.to_string().contains("s3cret"));
@@ -151,6 +153,12 @@ impl UrlRules {
             Some(base) if self.cluster => (base, true),
             _ => (scheme, false),
         };
+        // An empty URL (an empty string in a configuration) is named as such.
+        let shown = if url.expose().is_empty() {
+            "an empty URL".to_owned()
+        } else {
+            url.to_string()
+        };
         let tls = match base {
             "redis" | "valkey" => false,
             "rediss" | "valkeys" => true,
@@ -158,14 +166,14 @@ impl UrlRules {
                 return Err(LockError::invalid(
                     "url",
                     format!(
-                        "{url} is not a redis://, rediss://, redis-cluster:// URL (or the same with valkey)"
+                        "{shown} is not a redis://, rediss://, redis-cluster:// URL (or the same with valkey)"
                     ),
                 ));
             }
             _ => {
                 return Err(LockError::invalid(
                     "url",
-                    format!("{url} is not a redis://, rediss://, valkey:// or valkeys:// URL"),
+                    format!("{shown} is not a redis://, rediss://, valkey:// or valkeys:// URL"),
                 ));
             }
         };
