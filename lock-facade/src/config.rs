@@ -234,13 +234,27 @@ impl LockConfig {
     /// Parses text that is inline JSON (starts with `{`), inline TOML (has a `=`), or a path.
     ///
     /// # Errors
-    /// As the parser or file reader it picks.
+    /// As the parser or file reader it picks; [`LockError::InvalidInput`] saying what the text
+    /// may be when it is empty, or neither inline nor the path of a file.
     pub fn from_text(text: &str) -> Result<Self> {
+        const FORMS: &str = "inline JSON (starting with `{`), inline TOML (with a `=`), or the path \
+                             of a .json or .toml file";
         let trimmed = text.trim();
+        if trimmed.is_empty() {
+            return Err(LockError::invalid(
+                "config",
+                format!("is empty; give {FORMS}"),
+            ));
+        }
         if trimmed.starts_with('{') {
             Self::from_json(trimmed)
         } else if trimmed.contains('=') && !Path::new(trimmed).exists() {
             Self::from_toml(trimmed)
+        } else if !Path::new(trimmed).exists() {
+            Err(LockError::invalid(
+                format!("config file {}", shown(trimmed)),
+                format!("no such file; a configuration is {FORMS}"),
+            ))
         } else {
             Self::from_file(trimmed)
         }

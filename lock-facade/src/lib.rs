@@ -719,7 +719,9 @@ mod tests {
         }
         if cfg!(feature = "redlock") {
             documents.extend([
-                (serde_json::json!({"type": "redlock", "urls": url}), false),
+                // One URL is a list of one: its own check shows it, without the password.
+                (serde_json::json!({"type": "redlock", "urls": url}), true),
+                (serde_json::json!({"type": "redlock", "urls": [[url]]}), false),
                 (
                     serde_json::json!({"type": "redis", "urls": [url], "pool_size": url}),
                     true,
@@ -760,9 +762,25 @@ mod tests {
                 );
             }
         }
-        // Text that is neither JSON nor TOML is taken for a path.
+        // Text that is neither JSON nor TOML is taken for a path; one that names no file says
+        // what a configuration may be (a JSON list, a typo), and so does an empty one.
         let error = LockConfig::from_text("redis://u:s3cr3t@127.0.0.1:1/").unwrap_err();
         assert!(!error.to_string().contains("s3cr3t"), "{error}");
+        for text in ["[]", "redis://u:s3cr3t@127.0.0.1:1/", "lock.jsn"] {
+            let error = LockConfig::from_text(text).unwrap_err().to_string();
+            assert!(
+                error.contains("no such file; a configuration is inline JSON"),
+                "{error}"
+            );
+            assert!(!error.contains("s3cr3t"), "{error}");
+        }
+        for text in ["", "  \n"] {
+            let error = LockConfig::from_text(text).unwrap_err().to_string();
+            assert!(
+                error.contains("config: is empty; give inline JSON"),
+                "{error}"
+            );
+        }
         let error = create(LockConfig::backend("redis://u:s3cr3t@h/"))
             .await
             .unwrap_err();
