@@ -73,7 +73,12 @@ impl WallJump {
     pub fn jump(&self, by: Duration, backwards: bool) -> io::Result<()> {
         let millis = i128::try_from(by.as_millis()).unwrap_or(i128::MAX);
         let millis = if backwards { -millis } else { millis };
-        std::fs::write(self.offset_file(), millis.to_string())
+        // Written beside it and renamed over it: the shim rereads the file on every clock
+        // reading, and a file rewritten in place is empty for a moment (offset 0 to a reader,
+        // a clock step nobody asked for: attack_s16a.rs).
+        let staged = self.dir.path().join("offset-ms.next");
+        std::fs::write(&staged, millis.to_string())?;
+        std::fs::rename(&staged, self.offset_file())
     }
 
     fn library(&self) -> PathBuf {
