@@ -246,11 +246,12 @@ impl LockConfig {
                 format!("is empty; give {FORMS}"),
             ));
         }
+        let is_file = Path::new(trimmed).exists();
         if trimmed.starts_with('{') {
             Self::from_json(trimmed)
-        } else if trimmed.contains('=') && !Path::new(trimmed).exists() {
+        } else if trimmed.contains('=') && !is_file {
             Self::from_toml(trimmed)
-        } else if !Path::new(trimmed).exists() {
+        } else if !is_file {
             Err(LockError::invalid(
                 format!("config file {}", shown(trimmed)),
                 format!("no such file; a configuration is {FORMS}"),
