@@ -392,9 +392,23 @@ async fn mutual_exclusion_and_nothing_left(store: Store) {
     );
     assert_eq!(intervals.len(), 80);
     assert_eq!(intervals.overlaps(), 0);
+    // Left by the waiters' own clean-ups, not by expiry: the entries were renewed within the
+    // run's last few hundred ms and live 2 s, so 1 s is well before any could expire. (Over three
+    // nodes a leave may still be on its way to a node when `stop` returns on a loaded machine:
+    // seen once in CI.)
+    let mut left = target.line_keys("contended").await;
+    let waited = Instant::now();
+    while !left.is_empty() && waited.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = target.line_keys("contended").await;
+    }
+    println!(
+        "F4 ({store:?}): line gone {} ms after the last waiter stopped",
+        waited.elapsed().as_millis()
+    );
     assert!(
-        target.line_keys("contended").await.is_empty(),
-        "the line outlived its last waiter"
+        left.is_empty(),
+        "the line outlived its last waiter by 1 s: {left:?}"
     );
     // inc's fencing counter outlives the lock by its ttl (2 s here); nothing else is left.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
