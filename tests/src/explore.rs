@@ -13,8 +13,8 @@
 //! - **mutual exclusion** on every key: hold intervals `[acquired, min(released, valid_until))`
 //!   never overlap (assumed unless a node restarted empty at once or a clock jumped forward);
 //! - **fencing order** on every key: a holder that called after another had acquired got a
-//!   larger token (assumed unless a clock stepped back, or a node restarted empty while clocks
-//!   disagreed);
+//!   larger token (assumed unless a clock stepped back, or, with several nodes, a node restarted
+//!   empty while their clocks disagreed);
 //! - **liveness**: once faults heal, a fresh client takes every key within ttl + slack;
 //! - **nothing left**: after the ttl (and the counters' clock lag) has passed, every node is empty;
 //! - **no stray lock** (schedules with a long ttl, which expiry cannot hide): once every client
@@ -181,6 +181,8 @@ struct Assumptions {
     lowest_ms: i64,
     /// Compare-and-deletes a squat fault dropped (for the summary).
     dropped_releases: usize,
+    /// How many nodes the backend has: one node's clock never disagrees with another's.
+    nodes: usize,
 }
 
 impl Assumptions {
@@ -213,8 +215,11 @@ impl Assumptions {
         !self.restarted_at_once && !self.clock_forward
     }
 
+    /// Fencing order holds unless a clock stepped back, or a node restarted empty (its counter
+    /// redrawn from its clock) while the nodes' clocks disagreed. On one node, forward steps
+    /// alone keep every draw above the last: its clock never disagrees with another's.
     fn fencing_holds(&self) -> bool {
-        let clocks_disagree = self.highest_ms != self.lowest_ms;
+        let clocks_disagree = self.nodes > 1 && self.highest_ms != self.lowest_ms;
         !(self.clock_backward || self.restarted && clocks_disagree)
     }
 }
@@ -278,7 +283,10 @@ pub async fn run_schedule(
     let run_for = Duration::from_millis(rng.random_range(600..1200));
     let node_timeout = Duration::from_millis(rng.random_range(20..60));
     // Some schedules start with one node's wall clock ahead of the others (skew, not a step).
-    let mut assumptions = Assumptions::default();
+    let mut assumptions = Assumptions {
+        nodes: backend.nodes(),
+        ..Assumptions::default()
+    };
     let mut faults = Vec::new();
     if backend == Backend::Redlock3 && rng.random_bool(0.4) {
         let node = rng.random_range(0..3);
@@ -758,6 +766,24 @@ mod tests {
         assert_eq!(assumptions.clock_spread(), Duration::from_millis(781));
         // Another node's clock is its own.
         assert_eq!(assumptions.step(1, Duration::from_millis(50), true), -50);
+    }
+
+    /// A forward step then an empty restart leaves fencing checked on one node (every draw
+    /// comes from a clock that never went back), not on several (a counter redrawn from one
+    /// node's clock may fall below what a faster node drew).
+    #[test]
+    fn one_node_keeps_fencing_checked_after_a_forward_step_and_a_restart() {
+        for (nodes, checked) in [(1, true), (3, false)] {
+            let mut assumptions = Assumptions {
+                nodes,
+                ..Assumptions::default()
+            };
+            assumptions.step(0, Duration::from_millis(300), false);
+            assumptions.restarted = true;
+            assert_eq!(assumptions.fencing_holds(), checked, "{nodes} node(s)");
+            assumptions.step(0, Duration::from_millis(100), true);
+            assert!(!assumptions.fencing_holds(), "a step back, {nodes} node(s)");
+        }
     }
 
     #[test]
