@@ -141,6 +141,18 @@ impl Key {
             Repr::Shared(text) => text,
         }
     }
+
+    /// The key's bytes (its text's UTF-8), without the check that [`Key::as_str`] makes: what
+    /// a store's commands carry.
+    ///
+    /// ```
+    /// let key = lock_core::Key::new("orders:42")?;
+    /// assert_eq!(key.as_bytes(), b"orders:42");
+    /// # Ok::<(), lock_core::LockError>(())
+    /// ```
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
 }
 
 impl fmt::Display for Key {

@@ -105,6 +105,15 @@ impl TokenText<'_> {
             Text::Stored(value) => value,
         }
     }
+
+    /// The value's bytes, without the check that [`TokenText::as_str`] makes: what a store's
+    /// commands carry.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Text::Hex(hex) => hex,
+            Text::Stored(value) => value.as_bytes(),
+        }
+    }
 }
 
 impl std::ops::Deref for TokenText<'_> {

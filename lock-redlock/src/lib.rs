@@ -315,7 +315,7 @@ impl Shared {
     fn fence_keys(&self, keys: &[Key]) -> Option<Arc<[Vec<u8>]>> {
         self.config.fencing.then(|| {
             keys.iter()
-                .map(|key| [key.as_str().as_bytes(), FENCE_SUFFIX].concat())
+                .map(|key| [key.as_bytes(), FENCE_SUFFIX].concat())
                 .collect()
         })
     }
@@ -897,7 +897,7 @@ async fn try_acquire_fair(
     let fence = shared
         .config
         .fencing
-        .then(|| [key.as_str().as_bytes(), FENCE_SUFFIX].concat());
+        .then(|| [key.as_bytes(), FENCE_SUFFIX].concat());
     let start = Instant::now();
     let answer = tokio::time::timeout(
         timeout,
@@ -1220,7 +1220,7 @@ const RESERVED: &str = "lock-turn-reserved:";
 /// True when `token` is a reservation's value (wrapped by `Token::from_stored`), which no
 /// acquisition may store and no take-back may delete.
 fn is_reservation(token: &lock_core::Token) -> bool {
-    token.expose().starts_with(RESERVED)
+    token.expose().as_bytes().starts_with(RESERVED.as_bytes())
 }
 
 fn reservation_token() -> LockError {

@@ -416,12 +416,12 @@ impl NodeParts {
         let (request, reply) = if let Some(fences) = fences {
             invocation = ACQUIRE_FENCED.prepare_invoke();
             for key in keys {
-                invocation.key(key.as_str());
+                invocation.key(key.as_bytes());
             }
             for fence in fences {
                 invocation.key(fence.as_slice());
             }
-            invocation.arg(&*token.expose()).arg(ttl_ms);
+            invocation.arg(token.expose().as_bytes()).arg(ttl_ms);
             (Request::Script(&invocation), Reply::Counter)
         } else if let [key] = keys
             && self.fair
@@ -430,8 +430,8 @@ impl NodeParts {
         } else if let [key] = keys {
             let mut command = redis::cmd("SET");
             command
-                .arg(key.as_str())
-                .arg(&*token.expose())
+                .arg(key.as_bytes())
+                .arg(token.expose().as_bytes())
                 .arg("NX")
                 .arg("PX")
                 .arg(ttl_ms);
@@ -449,9 +449,9 @@ impl NodeParts {
         } else {
             invocation = ACQUIRE_MANY.prepare_invoke();
             for key in keys {
-                invocation.key(key.as_str());
+                invocation.key(key.as_bytes());
             }
-            invocation.arg(&*token.expose()).arg(ttl_ms);
+            invocation.arg(token.expose().as_bytes()).arg(ttl_ms);
             (Request::Script(&invocation), Reply::Granted)
         };
         let answer = match &self.connection {
@@ -480,7 +480,7 @@ impl NodeParts {
         token: &Token,
         ttl_ms: u64,
     ) -> RedisResult<Option<u64>> {
-        let key_bytes = key.as_str().as_bytes();
+        let key_bytes = key.as_bytes();
         // Not a transaction: a line that appears between the two was made by a waiter this
         // attempt holds out (a spurious give-back at worst), and one that is gone by the
         // `EXISTS` has no waiter left to pass.
@@ -488,7 +488,7 @@ impl NodeParts {
         pipeline
             .cmd("SET")
             .arg(key_bytes)
-            .arg(&*token.expose())
+            .arg(token.expose().as_bytes())
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms)
@@ -527,7 +527,7 @@ impl NodeParts {
         member: &[u8],
         place: Option<u64>,
     ) -> RedisResult<i64> {
-        let key_bytes = key.as_str().as_bytes();
+        let key_bytes = key.as_bytes();
         let mut keys = vec![key_bytes.to_vec()];
         keys.extend(fence.map(<[u8]>::to_vec));
         keys.extend(line_keys(key_bytes).into_iter().skip(1));
@@ -561,11 +561,11 @@ impl NodeParts {
         place: u64,
     ) -> RedisResult<bool> {
         let mut invocation = LINE_KEEP.prepare_invoke();
-        for line_key in line_keys(key.as_str().as_bytes()) {
+        for line_key in line_keys(key.as_bytes()) {
             invocation.key(line_key);
         }
         invocation
-            .arg(&*token.expose())
+            .arg(token.expose().as_bytes())
             .arg(member)
             .arg(place)
             .arg(validate::ttl_millis(ttl))
@@ -626,8 +626,8 @@ impl NodeParts {
         let mut pipeline = redis::pipe();
         pipeline.ignore_errors();
         for key in keys {
-            pipeline.cmd("TYPE").arg(key.as_str());
-            pipeline.cmd("GETRANGE").arg(key.as_str()).arg(0).arg(0);
+            pipeline.cmd("TYPE").arg(key.as_bytes());
+            pipeline.cmd("GETRANGE").arg(key.as_bytes()).arg(0).arg(0);
         }
         let answers: Vec<RedisResult<Value>> = match &self.connection {
             Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
@@ -652,7 +652,7 @@ impl NodeParts {
         }
         let mut invocation = DESCRIBE.prepare_invoke();
         for key in keys {
-            invocation.key(key.as_str());
+            invocation.key(key.as_bytes());
         }
         self.invoke(&invocation).await
     }
@@ -677,7 +677,7 @@ impl NodeParts {
             .map(|channel| channel.as_bytes().to_vec());
         match held {
             Held::Mutex if self.fair && keys.len() == 1 => {
-                let key = keys[0].as_str().as_bytes();
+                let key = keys[0].as_bytes();
                 Call {
                     script: &RELEASE_FAIR,
                     source: &RELEASE_FAIR_SOURCE,
@@ -696,7 +696,7 @@ impl NodeParts {
                 source: &RELEASE_MANY_FAIR_SOURCE,
                 keys: keys
                     .iter()
-                    .flat_map(|key| line_keys(key.as_str().as_bytes()))
+                    .flat_map(|key| line_keys(key.as_bytes()))
                     .collect(),
                 args: [token, TURN_CHANNEL.as_bytes().to_vec()]
                     .into_iter()
@@ -712,15 +712,12 @@ impl NodeParts {
                 Call {
                     script,
                     source,
-                    keys: keys
-                        .iter()
-                        .map(|key| key.as_str().as_bytes().to_vec())
-                        .collect(),
+                    keys: keys.iter().map(|key| key.as_bytes().to_vec()).collect(),
                     args: [token].into_iter().chain(channel).collect(),
                 }
             }
             Held::Set { tags, claim } => {
-                let key = keys.first().map_or(&[][..], |key| key.as_str().as_bytes());
+                let key = keys.first().map_or(&[][..], |key| key.as_bytes());
                 Call {
                     script: &LEASE_RELEASE,
                     source: LEASE_RELEASE_SOURCE,
@@ -736,7 +733,7 @@ impl NodeParts {
                 }
             }
             Held::Slot(slot) => {
-                let key = keys.first().map_or(&[][..], |key| key.as_str().as_bytes());
+                let key = keys.first().map_or(&[][..], |key| key.as_bytes());
                 Call {
                     script: &SLOT_RELEASE,
                     source: SLOT_RELEASE_SOURCE,
@@ -786,13 +783,13 @@ impl NodeParts {
     ) -> RedisResult<bool> {
         let mut invocation = RAISE_FENCE.prepare_invoke();
         for key in keys {
-            invocation.key(key.as_str());
+            invocation.key(key.as_bytes());
         }
         for fence in fences {
             invocation.key(fence.as_slice());
         }
         invocation
-            .arg(&*token.expose())
+            .arg(token.expose().as_bytes())
             .arg(value)
             .arg(validate::ttl_millis(ttl));
         let held: i64 = self.invoke(&invocation).await?;
@@ -863,9 +860,9 @@ impl NodeParts {
                 };
                 let mut invocation = script.prepare_invoke();
                 for key in keys {
-                    invocation.key(key.as_str());
+                    invocation.key(key.as_bytes());
                 }
-                invocation.arg(&*token.expose());
+                invocation.arg(token.expose().as_bytes());
                 if let Some(channel) = self.release_channel {
                     invocation.arg(channel);
                 }
@@ -873,13 +870,13 @@ impl NodeParts {
             }
             // A fair mutex's release (`release_call_for`'s), made at once.
             Held::Mutex if keys.len() == 1 => {
-                let key = keys[0].as_str().as_bytes();
+                let key = keys[0].as_bytes();
                 let mut invocation = RELEASE_FAIR.prepare_invoke();
                 invocation
                     .key(key)
                     .key([key, QUEUE_SUFFIX].concat())
                     .key([key, QUEUE_EXPIRY_SUFFIX].concat())
-                    .arg(&*token.expose())
+                    .arg(token.expose().as_bytes())
                     .arg(member)
                     .arg(TURN_CHANNEL);
                 if let Some(channel) = self.release_channel {
@@ -908,13 +905,13 @@ impl NodeParts {
         let token = token.expose().as_bytes().to_vec();
         let key = || {
             keys.first()
-                .map_or(Vec::new(), |key| key.as_str().as_bytes().to_vec())
+                .map_or(Vec::new(), |key| key.as_bytes().to_vec())
         };
         let extended = match held {
             Held::Mutex => {
                 let mut invocation = EXTEND.prepare_invoke();
                 for key in keys {
-                    invocation.key(key.as_str());
+                    invocation.key(key.as_bytes());
                 }
                 invocation.arg(token).arg(ttl_ms);
                 self.invoke(&invocation).await?
@@ -940,7 +937,7 @@ impl NodeParts {
     pub(crate) async fn downgrade(&self, keys: &[Key], token: &Token) -> RedisResult<bool> {
         let key = keys
             .first()
-            .map_or(Vec::new(), |key| key.as_str().as_bytes().to_vec());
+            .map_or(Vec::new(), |key| key.as_bytes().to_vec());
         let downgraded = self
             .run_lease(
                 &LEASE_DOWNGRADE,
@@ -961,14 +958,14 @@ impl NodeParts {
     /// `PTTL key`: -2 when absent, -1 when it has no expiry, else the ms left.
     pub(crate) async fn pttl(&self, key: &Key) -> RedisResult<i64> {
         let mut command = redis::cmd("PTTL");
-        command.arg(key.as_str());
+        command.arg(key.as_bytes());
         self.query(&command).await
     }
 
     /// As `pttl`, for `inspect`: the key's, or, when it is absent, its writer's claim's.
     pub(crate) async fn held_pttl(&self, key: &Key) -> RedisResult<i64> {
         let mut command = redis::cmd("PTTL");
-        command.arg(key.as_str());
+        command.arg(key.as_bytes());
         let pttl = self.query(&command).await?;
         if pttl != -2 {
             return Ok(pttl);
@@ -976,7 +973,7 @@ impl NodeParts {
         // A key whose holders all left while a writer waits is kept by the writer's claim
         // alone: no reader can take it, so it is held (until the claim expires).
         let mut command = redis::cmd("PTTL");
-        command.arg([key.as_str().as_bytes(), CLAIM_SUFFIX].concat());
+        command.arg([key.as_bytes(), CLAIM_SUFFIX].concat());
         self.query(&command).await
     }
 
