@@ -11,6 +11,10 @@ use crate::key::Key;
 /// [`Courtesy`]): they ask within a round trip or two of the release, not at their next poll.
 pub(crate) const WOKEN_COURTESY: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// A map by key with a fast hash, seeded at random per map as the in-process queue's is
+/// (keys may come from requests; these maps also hold few of them: see [`Courtesy::MAX`]).
+type KeyMap<V> = std::collections::HashMap<Key, V, foldhash::fast::RandomState>;
+
 /// Keys this client won after finding them held elsewhere, until when the courtesy lasts (one
 /// ttl after the win). On a store whose waiters in other processes poll in no order (not
 /// [`Capabilities::fair`](crate::Capabilities::fair)), a client that takes a key straight back after releasing it wins
@@ -23,7 +27,7 @@ pub(crate) const WOKEN_COURTESY: std::time::Duration = std::time::Duration::from
 pub(crate) struct Courtesy {
     /// Entries held (read without the lock: the uncontended path looks no further).
     len: std::sync::atomic::AtomicUsize,
-    until: std::sync::Mutex<std::collections::HashMap<Key, Instant>>,
+    until: std::sync::Mutex<KeyMap<Instant>>,
     /// Keys this client holds or is releasing (every key of its guards, until the store let go
     /// or the lease lapsed), with those leases; and how many keys have some (read without the
     /// lock). Each key's leases come with the number of its latest lease's start (from
@@ -31,7 +35,7 @@ pub(crate) struct Courtesy {
     /// of its key started here contended (at least) with a task of this client, and owes no
     /// courtesy.
     held_len: std::sync::atomic::AtomicUsize,
-    held: std::sync::Mutex<std::collections::HashMap<Key, Marks>>,
+    held: std::sync::Mutex<KeyMap<Marks>>,
     starts: AtomicU64,
 }
 

@@ -546,16 +546,15 @@ impl Locker {
         self.courtesy && self.capabilities.distributed && !self.capabilities.fair
     }
 
-    /// The first attempt, without awaiting: the acquisition settled (`Err`), or what the
-    /// waiting path goes on with.
-    fn first_attempt<'a>(
-        &self,
-        wanted: Wanted<'a>,
-        acquisition: &mut Acquisition,
-    ) -> std::result::Result<Box<Waiting<'a>>, Result<LockGuard>> {
+    /// The first attempt, without awaiting: the acquisition settled, or what the waiting path
+    /// goes on with.
+    fn first_attempt<'a>(&self, wanted: Wanted<'a>, acquisition: &mut Acquisition) -> Begun<'a> {
         let span = self.acquire_span(&wanted.keys, wanted.kind);
         let (started, deadline) = deadline(wanted.options);
-        let waiter = self.waiter(&wanted).map_err(Err)?;
+        let waiter = match self.waiter(&wanted) {
+            Ok(waiter) => waiter,
+            Err(error) => return Begun::Settled(Err(error)),
+        };
         let waiting = |wanted, span, waiter, first| Waiting {
             wanted,
             span,
@@ -568,7 +567,7 @@ impl Locker {
         // made by the loop (asking here would build a future only to drop it). So is one that
         // lines up in the in-process queue first.
         if self.capabilities.distributed || self.queue_for(wanted.options, wanted.kind).is_some() {
-            return Ok(Box::new(waiting(wanted, span, waiter, None)));
+            return Begun::Waits(Box::new(waiting(wanted, span, waiter, None)));
         }
         let Wanted {
             keys,
@@ -576,9 +575,10 @@ impl Locker {
             options,
         } = wanted;
         // The keys move into the first request (and are copied back only if it must wait).
-        let request = self
-            .request(keys, kind, options, 1, waiter.as_ref(), 0)
-            .map_err(Err)?;
+        let request = match self.request(keys, kind, options, 1, waiter.as_ref(), 0) {
+            Ok(request) => request,
+            Err(error) => return Begun::Settled(Err(error)),
+        };
         acquisition.attempt();
         let entered = span.enter();
         // An answer that needs awaiting (a store in this process that answers later) is
@@ -586,7 +586,7 @@ impl Locker {
         // the loop asks again with the same request.
         let decided = self.store().try_acquire(&request).into_ready();
         let first = match decided {
-            Some(Ok(Some(handle))) => return Err(self.won(handle, 1, options)),
+            Some(Ok(Some(handle))) => return Begun::Settled(self.won(handle, 1, options)),
             Some(decided) => First::Decided(request, decided.map(Attempt::from)),
             None => First::Ask(request),
         };
@@ -599,7 +599,7 @@ impl Locker {
             kind,
             options,
         };
-        Ok(Box::new(waiting(wanted, span, waiter, Some(first))))
+        Begun::Waits(Box::new(waiting(wanted, span, waiter, Some(first))))
     }
 
     /// The acquisition after its first attempt (or before it, when it lines up in the
@@ -1163,8 +1163,10 @@ impl Future for Acquire<'_> {
         });
         let waiting = match wanted.map(|wanted| locker.first_attempt(wanted, &mut acquisition)) {
             Err(error) => return Poll::Ready(locker.finished(Err(error), acquisition)),
-            Ok(Err(settled)) => return Poll::Ready(locker.finished(settled, acquisition)),
-            Ok(Ok(waiting)) => waiting,
+            Ok(Begun::Settled(settled)) => {
+                return Poll::Ready(locker.finished(settled, acquisition));
+            }
+            Ok(Begun::Waits(waiting)) => waiting,
         };
         this.0 = Stage::Waiting(Box::pin(async move {
             let result = locker.acquire_waiting(*waiting, &mut acquisition).await;
@@ -1172,6 +1174,14 @@ impl Future for Acquire<'_> {
         }));
         Pin::new(this).poll(cx)
     }
+}
+
+/// How an acquisition's first step ended (see [`Locker::first_attempt`]).
+enum Begun<'a> {
+    /// Decided without awaiting: won, refused for good, or failed.
+    Settled(Result<LockGuard>),
+    /// It goes on in the waiting path.
+    Waits(Box<Waiting<'a>>),
 }
 
 /// An acquisition that goes on to wait: what it wants, its span, clock and waiter, and the
@@ -1332,7 +1342,7 @@ pub(crate) struct CleanupRunning(Arc<Cleanups>);
 /// A lease of a key of this client, until the store let go of it (its guard released, or its
 /// release on drop done): an attempt that finds the key held meanwhile met no other process
 /// (see [`Courtesy`]). Ends when dropped, however the release ends, or when the lease lapses.
-pub(crate) struct OwnLease(Option<Arc<Cleanups>>, Vec<Key>, u64);
+pub(crate) struct OwnLease(Option<Arc<Cleanups>>, KeySet, u64);
 
 impl OwnLease {
     /// Leaves the mark in place until the lease lapses (a lease left in the store to expire:
@@ -1345,7 +1355,7 @@ impl OwnLease {
 impl Drop for OwnLease {
     fn drop(&mut self) {
         if let Some(cleanups) = self.0.take() {
-            cleanups.courtesy.unmark(&self.1, self.2);
+            cleanups.courtesy.unmark(self.1.as_slice(), self.2);
         }
     }
 }
@@ -1355,7 +1365,7 @@ impl Cleanups {
     /// lease lapses.
     pub(crate) fn own_lease(self: &Arc<Self>, lease: &crate::lease::Lease) -> OwnLease {
         let start = self.courtesy.mark_held(lease.keys(), lease.live());
-        OwnLease(Some(Arc::clone(self)), lease.keys().to_vec(), start)
+        OwnLease(Some(Arc::clone(self)), lease.key_set().clone(), start)
     }
 
     pub(crate) fn start(self: &Arc<Self>) -> CleanupRunning {
