@@ -1379,23 +1379,32 @@ impl Handle for RedlockHandle {
                     self.lease.token().clone(),
                     self.held,
                 );
+                let member = self.line_member.clone();
                 tokio::spawn(async move {
                     let Ok(late) = in_flight.await else { return };
                     // A node that took the key late, or whose answer never came (it may still
                     // land behind this), hears the release again; so does one that refused a
                     // waiting writer late, which left the writer's claim there after the
-                    // release had found nothing (token-checked: the claim is this lease's).
-                    let late_no = late.no_at.into_iter().filter(|_| held.claims());
+                    // release had found nothing (token-checked: the claim is this lease's),
+                    // and one that refused a fair waiter late: the attempt put the waiter back
+                    // in that node's line after the release had taken it out (an attempt
+                    // re-sent after NOSCRIPT lands behind a release sent meanwhile), and the
+                    // key would be reserved for it, gone, for the rest of its entry's lease.
+                    let late_no = late
+                        .no_at
+                        .into_iter()
+                        .filter(|_| held.claims() || member.is_some());
                     let targets: Vec<usize> = late
                         .yes
                         .into_iter()
                         .chain(late.failed.into_iter().map(|(index, _)| index))
                         .chain(late_no)
                         .collect();
-                    // Each of them was sent the release already: this is a re-send.
+                    // Each of them was sent the release already: this is a re-send (with the
+                    // waiter, which leaves the line again).
                     let sent_before = targets.clone();
                     shared
-                        .release_until_answered(
+                        .release_as_until_answered(
                             targets,
                             keys,
                             token,
@@ -1403,6 +1412,7 @@ impl Handle for RedlockHandle {
                             timeout,
                             expires_by,
                             Some(AtOnce { sent_before }),
+                            member.unwrap_or_else(|| Arc::from(&[][..])),
                         )
                         .await;
                 });
