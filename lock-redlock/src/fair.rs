@@ -188,6 +188,15 @@ impl FairLine {
         self.turns.first_in_line(&waiter.expose(), left);
     }
 
+    /// Whether `waiter` (of a lock over several nodes: it has a place) is still waiting: its
+    /// acquisition has not ended yet.
+    pub(crate) fn waiting(&self, waiter: &Token) -> bool {
+        self.places
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&*waiter.expose())
+    }
+
     /// `waiter`'s acquisition ended.
     pub(crate) fn forget(&self, waiter: &Token) {
         let key = waiter.expose();

@@ -446,6 +446,7 @@ async fn attempt(
             (undo, held),
             ttl,
             start.elapsed(),
+            None,
         )
         .await;
     if writer_claims {

@@ -480,7 +480,9 @@ impl Shared {
     /// timeout), so that the next attempt does not trip over this one's leftovers on healthy
     /// nodes, while a stalled node still costs nothing. `held` is what the answered nodes
     /// undo, `undo_late` what the requests still in flight undo when they answer (a writer's
-    /// claim too). Answers the votes that came in during the grace.
+    /// claim too). `waiter`, a fair waiter and its member, leaves the line of every node that
+    /// refused it late if it has stopped waiting by then (see below). Answers the votes that
+    /// came in during the grace.
     #[allow(clippy::too_many_arguments)]
     async fn undo_attempt(
         self: &Arc<Self>,
@@ -491,6 +493,7 @@ impl Shared {
         (held, undo_late): (Held, Held),
         ttl: Duration,
         round_took: Duration,
+        waiter: Option<(&Token, &Arc<[u8]>)>,
     ) -> Tally {
         let timeout = self.node_timeout(ttl);
         let grace = (round_took * 2 + Duration::from_millis(1)).min(timeout);
@@ -524,14 +527,30 @@ impl Shared {
             return late;
         }
         let (shared, keys, token) = (Arc::clone(self), keys.clone(), token.clone());
+        let waiter = waiter.map(|(waiter, member)| (waiter.clone(), Arc::clone(member)));
         let expires_by = Instant::now() + ttl + self.drift(ttl);
         tokio::spawn(async move {
             let late = pending.finish().await;
+            // A fair waiter that has stopped waiting by now (it gave up, or won a later round)
+            // and was refused late by a node was put (back) in that node's line after its
+            // take-back or release had taken it out (an attempt re-sent after NOSCRIPT, a slow
+            // node, a pool's other connection): it leaves again, or the key would be reserved
+            // there for a waiter that is gone, for the rest of its entry's lease (the ttl). One
+            // still waiting keeps its place.
+            let gone = waiter.filter(|(waiter, _)| {
+                shared
+                    .fair
+                    .as_ref()
+                    .is_some_and(|fair| !fair.waiting(waiter))
+            });
             // A node that answered no after the attempt returned may have kept a writer's claim
             // that the caller's take-back, sent meanwhile on another
             // connection of a pool, overtook: it is undone too (token-checked; a writer still
             // waiting leaves its claim again with its next attempt).
-            let late_no = late.no_at.into_iter().filter(|_| undo_late.claims());
+            let late_no = late
+                .no_at
+                .into_iter()
+                .filter(|_| undo_late.claims() || gone.is_some());
             let targets = failed
                 .into_iter()
                 .chain(late.yes)
@@ -539,7 +558,7 @@ impl Shared {
                 .chain(late_no)
                 .collect();
             shared
-                .release_until_answered(
+                .release_as_until_answered(
                     targets,
                     keys,
                     token,
@@ -549,6 +568,7 @@ impl Shared {
                     Some(AtOnce {
                         sent_before: undo_failed,
                     }),
+                    gone.map_or_else(|| Arc::from(&[][..]), |(_, member)| member),
                 )
                 .await;
         });
@@ -715,6 +735,7 @@ impl Lock for Redlock {
                             (Held::Mutex, Held::Mutex),
                             ttl,
                             start.elapsed(),
+                            None,
                         ))
                         .await;
                         return outcome.map(|_| None);
@@ -729,6 +750,7 @@ impl Lock for Redlock {
                 (Held::Mutex, Held::Mutex),
                 ttl,
                 start.elapsed(),
+                None,
             ))
             .await;
             let key = request.primary_key().to_string();
@@ -1027,6 +1049,9 @@ async fn try_acquire_fair_quorum(
         }
         None => (Arc::from(&[][..]), None),
     };
+    // What a round this waiter does not win leaves behind if it stops waiting before the
+    // round's late answers are in (see `Shared::undo_attempt`).
+    let line_waiter = request.waiter().map(|waiter| (waiter, &member));
     let fences = shared.fence_keys(std::slice::from_ref(key));
     // The holders' time left, from the nodes where this waiter is first in line behind one.
     let behind: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
@@ -1095,6 +1120,7 @@ async fn try_acquire_fair_quorum(
                     (Held::Mutex, Held::Mutex),
                     ttl,
                     start.elapsed(),
+                    line_waiter,
                 ))
                 .await;
                 return outcome.map(|_| None);
@@ -1154,6 +1180,7 @@ async fn try_acquire_fair_quorum(
         (Held::Mutex, Held::Mutex),
         ttl,
         round_took,
+        line_waiter,
     ))
     .await;
     if won {
