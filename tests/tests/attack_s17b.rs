@@ -410,7 +410,7 @@ fn verdict(what: &str, left: &Left) {
 // (a) three nodes, the acquisition abandoned while a lost round's attempt is still in flight.
 // ---------------------------------------------------------------------------------------------
 
-/// Failed before 80110c6 (a lost round's late refusals of a waiter that stopped waiting are undone). Node 2 restarted empty (NOSCRIPT) and is slow (80 ms each way: its attempt's
+/// Failed before 80110c6. Node 2 restarted empty (NOSCRIPT) and is slow (80 ms each way: its attempt's
 /// six hops take 480 ms, within the node timeout); nodes 0 and 1 refuse the waiter at once, so
 /// the round is decided and the attempt on node 2 goes on in `undo_attempt`'s background. The
 /// acquisition is dropped 40 ms later: the abandon's release (SCRIPT LOAD + EVALSHA in one write)
@@ -432,7 +432,7 @@ async fn three_nodes_an_abandoned_waiter_is_not_put_back_in_line_by_a_late_refus
     verdict("three nodes, a late refusal after the abandon", &left);
 }
 
-/// Failed before 80110c6 (a lost round's late refusals of a waiter that stopped waiting are undone). As above, 100 ms each way: node 2's attempt takes 600 ms and times out (the
+/// Failed before 80110c6. As above, 100 ms each way: node 2's attempt takes 600 ms and times out (the
 /// round's deadline drops it at 500 ms, after its retried EVALSHA was written at 400 ms): its
 /// answer never comes, but it lands. `undo_attempt` sends a failed node the release again, but
 /// without the waiter's member, so the waiter stays in that node's line.
@@ -452,7 +452,7 @@ async fn three_nodes_an_abandoned_waiter_is_not_put_back_in_line_by_a_timed_out_
     verdict("three nodes, a timed-out attempt after the abandon", &left);
 }
 
-/// Failed before 80110c6 (a lost round's late refusals of a waiter that stopped waiting are undone). As the late refusal above, the acquisition ending at its policy's deadline
+/// Failed before 80110c6. As the late refusal above, the acquisition ending at its policy's deadline
 /// (60 ms after the attempt went out) rather than dropped: the core's give-up takes the waiter
 /// back the same way, and the late attempt re-joins node 2's line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -493,7 +493,7 @@ async fn control_three_nodes_a_slow_node_without_noscript_leaves_nothing() {
 // (c) a pool: the take-back and the attempt on different connections.
 // ---------------------------------------------------------------------------------------------
 
-/// Failed before 80110c6 (a lost round's late refusals of a waiter that stopped waiting are undone). `connection: pool`, three nodes, node 2's open connections stalled (no
+/// Failed before 80110c6. `connection: pool`, three nodes, node 2's open connections stalled (no
 /// NOSCRIPT, no delay): the waiter's attempt there waits on its pooled connection's checkout
 /// (deadpool's recycle, `UNWATCH` + `PING`, held), the round is decided by nodes 0 and 1; the
 /// acquisition is dropped 40 ms later and the abandon's release reaches node 2 at once on
@@ -519,7 +519,7 @@ async fn pool_an_abandoned_waiter_is_not_put_back_in_line_by_an_attempt_on_anoth
     verdict("pool, the attempt overtaken on another connection", &left);
 }
 
-/// Failed before 80110c6 (a lost round's late refusals of a waiter that stopped waiting are undone). As above, the attempt itself held on its pooled connection (its checkout's
+/// Failed before 80110c6. As above, the attempt itself held on its pooled connection (its checkout's
 /// recycle round trip let through): the acquisition is dropped, the abandon's release reaches
 /// node 2 on another connection, and the attempt, delivered 100 ms later, answers within the
 /// node timeout, so the pool's undo-on-drop (armed only while the answer is awaited) has long
@@ -568,7 +568,7 @@ async fn control_pool_an_attempt_stalled_past_the_node_timeout_is_undone_on_its_
     verdict("pool control, stalled past the node timeout", &left);
 }
 
-/// Failed before 80110c6 (a lost round's late refusals of a waiter that stopped waiting are undone). A sibling the brief did not list: `connection: pool`, three nodes, node 2's
+/// Failed before 80110c6. A sibling the brief did not list: `connection: pool`, three nodes, node 2's
 /// open connections stalled. The waiter's round N is refused by nodes 0 and 1 at once (its
 /// attempt on node 2 held on its pooled connection, in `undo_attempt`'s background); the
 /// squatter then leaves nodes 0 and 1, and round N + 1 wins there, its attempt on node 2 (a new
