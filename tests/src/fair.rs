@@ -142,3 +142,73 @@ pub fn waiting(delay: Duration) -> RetryPolicy {
         .with_retry_jitter(Duration::ZERO)
         .with_deadline(Duration::from_secs(30))
 }
+
+/// A fair Redlock mutex's release script as lock-redlock builds it (`node.rs`:
+/// `RELEASE_FAIR_SOURCE`), for tests that release as another fair client would, or check
+/// which scripts a node knows.
+pub fn release_fair_source() -> String {
+    [
+        include_str!("../../lock-redlock/src/lua/release_fair.lua"),
+        lock_core::raw::redis::LINE_SCRIPT,
+        include_str!("../../lock-redlock/src/lua/line_pass.lua"),
+        include_str!("../../lock-redlock/src/lua/release_fair_pass.lua"),
+    ]
+    .concat()
+}
+
+/// The name of `key`'s waiting line on a Redlock node (`<key>` + 0xFF + `:queue`).
+pub fn line_key(key: &str) -> Vec<u8> {
+    [key.as_bytes(), b"\xff:queue"].concat()
+}
+
+/// A direct connection to a node, past any proxy.
+///
+/// # Panics
+/// When the node cannot be reached (a test's own server).
+pub async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("a test server's URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the test's own server answers")
+}
+
+/// The members of `key`'s waiting line on a node, in order.
+///
+/// # Panics
+/// When the node does not answer.
+pub async fn line_members(
+    connection: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Vec<String> {
+    redis::cmd("ZRANGE")
+        .arg(line_key(key))
+        .arg(0)
+        .arg(-1)
+        .query_async(connection)
+        .await
+        .expect("the test's own server answers")
+}
+
+/// Another process's release of `key` (holding `value`) on one node, as a fair Redlock
+/// client's: compare-and-delete, and the turn passes to the head of the key's line (the key
+/// reserved for it, and woken). The number of keys deleted.
+///
+/// # Panics
+/// When the node does not answer.
+pub async fn release_as_fair_client(
+    connection: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    value: &str,
+) -> i64 {
+    redis::Script::new(&release_fair_source())
+        .key(key)
+        .key(line_key(key))
+        .key([key.as_bytes(), b"\xff:queue-expiry"].concat())
+        .arg(value)
+        .arg("")
+        .arg(lock_core::raw::redis::TURN_CHANNEL)
+        .invoke_async(connection)
+        .await
+        .expect("the test's own server answers")
+}

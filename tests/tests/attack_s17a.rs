@@ -15,12 +15,11 @@
 
 use std::time::Duration;
 
-use lock_core::raw::redis::{LINE_SCRIPT, TURN_CHANNEL};
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::fair::{connect, line_members, release_as_fair_client, release_fair_source};
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, redis_or_skip};
-use redis::aio::MultiplexedConnection;
 
 const TTL: Duration = Duration::from_secs(20);
 const NODE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -28,54 +27,6 @@ const NODE_TIMEOUT: Duration = Duration::from_millis(500);
 const DELAY: Duration = Duration::from_millis(50);
 /// What another process stores on the key.
 const SQUATTER: &str = "squatter";
-
-/// A fair mutex's release script, as lock-redlock builds it (`node.rs`: `RELEASE_FAIR_SOURCE`).
-fn release_fair_source() -> String {
-    [
-        include_str!("../../lock-redlock/src/lua/release_fair.lua"),
-        LINE_SCRIPT,
-        include_str!("../../lock-redlock/src/lua/line_pass.lua"),
-        include_str!("../../lock-redlock/src/lua/release_fair_pass.lua"),
-    ]
-    .concat()
-}
-
-fn line(key: &str) -> Vec<u8> {
-    [key.as_bytes(), b"\xff:queue"].concat()
-}
-
-async fn connect(server: &RedisServer) -> MultiplexedConnection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
-/// Another process's release of `key` on one node, as a fair client's: compare-and-delete, and
-/// the turn passes to the head of the key's line (reserved for it, and woken).
-async fn squatter_leaves(connection: &mut MultiplexedConnection, key: &str) -> i64 {
-    redis::Script::new(&release_fair_source())
-        .key(key)
-        .key(line(key))
-        .key([key.as_bytes(), b"\xff:queue-expiry"].concat())
-        .arg(SQUATTER)
-        .arg("")
-        .arg(TURN_CHANNEL)
-        .invoke_async(connection)
-        .await
-        .unwrap()
-}
-
-async fn waiters(connection: &mut MultiplexedConnection, key: &str) -> Vec<String> {
-    redis::cmd("ZRANGE")
-        .arg(line(key))
-        .arg(0)
-        .arg(-1)
-        .query_async(connection)
-        .await
-        .unwrap()
-}
 
 /// What node 2 holds of `k` once a fair waiter that won on nodes 0 and 1 released at once and
 /// every follow-up had its time, and then the squatter left node 2: `(value, pttl, line)`.
@@ -88,7 +39,7 @@ async fn left_on_the_slow_node(flush_scripts: bool) -> Option<(Option<String>, i
     let urls = vec![servers[0].url(), servers[1].url(), proxy.url()];
     let mut direct = Vec::new();
     for server in &servers {
-        direct.push(connect(server).await);
+        direct.push(connect(&server.url()).await);
     }
     let config = RedlockConfig::new(urls).with_node_timeout(NODE_TIMEOUT);
     // Woken by the turn's message, not by its own polling (which could reload the script).
@@ -142,7 +93,7 @@ async fn left_on_the_slow_node(flush_scripts: bool) -> Option<(Option<String>, i
     for (index, connection) in direct.iter_mut().enumerate() {
         let mut lined = Vec::new();
         for _ in 0..200 {
-            lined = waiters(connection, "k").await;
+            lined = line_members(connection, "k").await;
             if !lined.is_empty() {
                 break;
             }
@@ -150,7 +101,7 @@ async fn left_on_the_slow_node(flush_scripts: bool) -> Option<(Option<String>, i
         }
         assert_eq!(lined.len(), 1, "the waiter is not in node {index}'s line");
     }
-    let member = waiters(&mut direct[0], "k").await.remove(0);
+    let member = line_members(&mut direct[0], "k").await.remove(0);
 
     // Node 2 is slow and has lost its acquisition script (as after an empty restart), not its
     // release script.
@@ -179,7 +130,10 @@ async fn left_on_the_slow_node(flush_scripts: bool) -> Option<(Option<String>, i
         .await
         .unwrap();
     assert_eq!(deleted, 1);
-    assert_eq!(squatter_leaves(&mut direct[0], "k").await, 1);
+    assert_eq!(
+        release_as_fair_client(&mut direct[0], "k", SQUATTER).await,
+        1
+    );
     let locker = tokio::time::timeout(Duration::from_secs(10), waiter)
         .await
         .expect("the waiter was not served")
@@ -187,8 +141,11 @@ async fn left_on_the_slow_node(flush_scripts: bool) -> Option<(Option<String>, i
     // Every hop of node 2, and the release's follow-up (the explorer's allowance: six node
     // timeouts and 700 ms).
     tokio::time::sleep(NODE_TIMEOUT * 6 + Duration::from_millis(700)).await;
-    let line_before = waiters(&mut direct[2], "k").await;
-    assert_eq!(squatter_leaves(&mut direct[2], "k").await, 1);
+    let line_before = line_members(&mut direct[2], "k").await;
+    assert_eq!(
+        release_as_fair_client(&mut direct[2], "k", SQUATTER).await,
+        1
+    );
     let value: Option<String> = redis::cmd("GET")
         .arg("k")
         .query_async(&mut direct[2])

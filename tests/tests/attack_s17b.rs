@@ -21,10 +21,11 @@
 
 use std::time::Duration;
 
-use lock_core::raw::redis::{LINE_SCRIPT, TURN_CHANNEL};
+use lock_core::raw::redis::TURN_CHANNEL;
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_inc::{IncConfig, IncLock};
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
+use lock_tests::fair::{connect, line_key, release_as_fair_client, release_fair_source};
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, redis_or_skip};
 use redis::aio::MultiplexedConnection;
@@ -34,46 +35,8 @@ const NODE_TIMEOUT: Duration = Duration::from_millis(500);
 /// What another process stores on the key.
 const SQUATTER: &str = "squatter";
 
-/// A fair mutex's release script, as lock-redlock builds it (`node.rs`: `RELEASE_FAIR_SOURCE`).
-fn release_fair_source() -> String {
-    [
-        include_str!("../../lock-redlock/src/lua/release_fair.lua"),
-        LINE_SCRIPT,
-        include_str!("../../lock-redlock/src/lua/line_pass.lua"),
-        include_str!("../../lock-redlock/src/lua/release_fair_pass.lua"),
-    ]
-    .concat()
-}
-
-fn line(key: &str) -> Vec<u8> {
-    [key.as_bytes(), b"\xff:queue"].concat()
-}
-
 fn line_expiry(key: &str) -> Vec<u8> {
     [key.as_bytes(), b"\xff:queue-expiry"].concat()
-}
-
-async fn connect(url: &str) -> MultiplexedConnection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
-/// Another process's release of `key` on one node, as a fair client's: compare-and-delete, and
-/// the turn passes to the head of the key's line (reserved for it, and woken).
-async fn squatter_leaves(connection: &mut MultiplexedConnection, key: &str) -> i64 {
-    redis::Script::new(&release_fair_source())
-        .key(key)
-        .key(line(key))
-        .key(line_expiry(key))
-        .arg(SQUATTER)
-        .arg("")
-        .arg(TURN_CHANNEL)
-        .invoke_async(connection)
-        .await
-        .unwrap()
 }
 
 async fn zrange(connection: &mut MultiplexedConnection, name: &[u8]) -> Vec<String> {
@@ -261,7 +224,7 @@ async fn abandoned_waiter(
     for (index, connection) in direct.iter_mut().enumerate() {
         let mut lined = Vec::new();
         for _ in 0..200 {
-            lined = zrange(connection, &line("k")).await;
+            lined = zrange(connection, &line_key("k")).await;
             if !lined.is_empty() {
                 break;
             }
@@ -269,7 +232,7 @@ async fn abandoned_waiter(
         }
         assert_eq!(lined.len(), 1, "the waiter is not in node {index}'s line");
     }
-    let member = zrange(&mut direct[0], &line("k")).await.remove(0);
+    let member = zrange(&mut direct[0], &line_key("k")).await.remove(0);
 
     match fault {
         Fault::Noscript(delay) => {
@@ -302,7 +265,10 @@ async fn abandoned_waiter(
             .await
             .unwrap();
         assert_eq!(deleted, 1);
-        assert_eq!(squatter_leaves(&mut direct[0], "k").await, 1);
+        assert_eq!(
+            release_as_fair_client(&mut direct[0], "k", SQUATTER).await,
+            1
+        );
     }
     if let End::Deadline(before) = end {
         tokio::time::sleep_until(started + DEADLINE - before).await;
@@ -350,7 +316,10 @@ async fn abandoned_waiter(
                 .await
                 .unwrap();
             assert_eq!(deleted, 1);
-            assert_eq!(squatter_leaves(&mut direct[0], "k").await, 1);
+            assert_eq!(
+                release_as_fair_client(&mut direct[0], "k", SQUATTER).await,
+                1
+            );
             let served = tokio::time::timeout(Duration::from_secs(5), waiter)
                 .await
                 .expect("the waiter was not served")
@@ -369,8 +338,11 @@ async fn abandoned_waiter(
     // Every hop of the proxied node, and every follow-up (the explorer's allowance: six node
     // timeouts and 700 ms).
     tokio::time::sleep(NODE_TIMEOUT * 6 + Duration::from_millis(700)).await;
-    let line_before = zrange(&mut direct[last], &line("k")).await;
-    assert_eq!(squatter_leaves(&mut direct[last], "k").await, 1);
+    let line_before = zrange(&mut direct[last], &line_key("k")).await;
+    assert_eq!(
+        release_as_fair_client(&mut direct[last], "k", SQUATTER).await,
+        1
+    );
     let value: Option<String> = redis::cmd("GET")
         .arg("k")
         .query_async(&mut direct[last])

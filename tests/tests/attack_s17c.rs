@@ -14,32 +14,14 @@ use std::time::Duration;
 use lock_core::raw::redis::TURN_CHANNEL;
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::fair::{connect, line_members};
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, redis_or_skip};
-use redis::aio::MultiplexedConnection;
 
 const TTL: Duration = Duration::from_secs(20);
 const NODE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Each way, on the third node: its NOSCRIPT exchange (five hops) stays within the node timeout.
 const DELAY: Duration = Duration::from_millis(50);
-
-async fn connect(server: &RedisServer) -> MultiplexedConnection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
-async fn waiters(connection: &mut MultiplexedConnection) -> Vec<String> {
-    redis::cmd("ZRANGE")
-        .arg(b"k\xff:queue")
-        .arg(0)
-        .arg(-1)
-        .query_async(connection)
-        .await
-        .unwrap()
-}
 
 /// Each node's line of `k` once a waiter that gave up mid-round had every follow-up's time.
 async fn lines_after_giving_up(flush_scripts: bool) -> Option<Vec<Vec<String>>> {
@@ -51,7 +33,7 @@ async fn lines_after_giving_up(flush_scripts: bool) -> Option<Vec<Vec<String>>> 
     let urls = vec![servers[0].url(), servers[1].url(), proxy.url()];
     let mut direct = Vec::new();
     for server in &servers {
-        direct.push(connect(server).await);
+        direct.push(connect(&server.url()).await);
     }
     let config = RedlockConfig::new(urls).with_node_timeout(NODE_TIMEOUT);
     // Woken by a turn's message, not by its own polling.
@@ -85,7 +67,7 @@ async fn lines_after_giving_up(flush_scripts: bool) -> Option<Vec<Vec<String>>> 
     for (index, connection) in direct.iter_mut().enumerate() {
         let mut lined = Vec::new();
         for _ in 0..200 {
-            lined = waiters(connection).await;
+            lined = line_members(connection, "k").await;
             if !lined.is_empty() {
                 break;
             }
@@ -93,7 +75,7 @@ async fn lines_after_giving_up(flush_scripts: bool) -> Option<Vec<Vec<String>>> 
         }
         assert_eq!(lined.len(), 1, "the waiter is not in node {index}'s line");
     }
-    let member = waiters(&mut direct[0]).await.remove(0);
+    let member = line_members(&mut direct[0], "k").await.remove(0);
 
     // Node 2 is slow and has lost its scripts (the take-back carries its own).
     if flush_scripts {
@@ -123,7 +105,7 @@ async fn lines_after_giving_up(flush_scripts: bool) -> Option<Vec<Vec<String>>> 
     tokio::time::sleep(NODE_TIMEOUT * 6 + Duration::from_millis(700)).await;
     let mut lines = Vec::new();
     for connection in &mut direct {
-        lines.push(waiters(connection).await);
+        lines.push(line_members(connection, "k").await);
     }
     let _ = locker.stop().await;
     println!("s17c (flush {flush_scripts}): waiter {member}; lines after it gave up: {lines:?}");
