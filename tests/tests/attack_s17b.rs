@@ -382,12 +382,13 @@ fn verdict(what: &str, left: &Left) {
 // (a) three nodes, the acquisition abandoned while a lost round's attempt is still in flight.
 // ---------------------------------------------------------------------------------------------
 
-/// Failed before 80110c6. Node 2 restarted empty (NOSCRIPT) and is slow (80 ms each way: its attempt's
-/// six hops take 480 ms, within the node timeout); nodes 0 and 1 refuse the waiter at once, so
-/// the round is decided and the attempt on node 2 goes on in `undo_attempt`'s background. The
-/// acquisition is dropped 40 ms later: the abandon's release (SCRIPT LOAD + EVALSHA in one write)
-/// reaches node 2 before the attempt's retried EVALSHA, which puts the waiter back in line; its
-/// late "no" is not sent the release again (`undo_late` is `Held::Mutex`, which `claims()` not).
+/// Failed before 80110c6. Node 2 restarted empty (NOSCRIPT) and is slow (80 ms each way: its
+/// attempt's six hops take 480 ms, within the node timeout); nodes 0 and 1 refuse the waiter at
+/// once, so the round is decided and the attempt on node 2 goes on in `undo_attempt`'s background.
+/// The acquisition is dropped 40 ms later: the abandon's release (SCRIPT LOAD + EVALSHA in one
+/// write) reaches node 2 before the attempt's retried EVALSHA, which puts the waiter back in line;
+/// its late "no" is not sent the release again (`undo_late` is `Held::Mutex`, which `claims()`
+/// not).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_an_abandoned_waiter_is_not_put_back_in_line_by_a_late_refusal() {
     let Some(left) = abandoned_waiter(
@@ -404,8 +405,8 @@ async fn three_nodes_an_abandoned_waiter_is_not_put_back_in_line_by_a_late_refus
     verdict("three nodes, a late refusal after the abandon", &left);
 }
 
-/// Failed before 80110c6. As above, 100 ms each way: node 2's attempt takes 600 ms and times out (the
-/// round's deadline drops it at 500 ms, after its retried EVALSHA was written at 400 ms): its
+/// Failed before 80110c6. As above, 100 ms each way: node 2's attempt takes 600 ms and times out
+/// (the round's deadline drops it at 500 ms, after its retried EVALSHA was written at 400 ms): its
 /// answer never comes, but it lands. `undo_attempt` sends a failed node the release again, but
 /// without the waiter's member, so the waiter stays in that node's line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,9 +425,9 @@ async fn three_nodes_an_abandoned_waiter_is_not_put_back_in_line_by_a_timed_out_
     verdict("three nodes, a timed-out attempt after the abandon", &left);
 }
 
-/// Failed before 80110c6. As the late refusal above, the acquisition ending at its policy's deadline
-/// (60 ms after the attempt went out) rather than dropped: the core's give-up takes the waiter
-/// back the same way, and the late attempt re-joins node 2's line.
+/// Failed before 80110c6. As the late refusal above, the acquisition ending at its policy's
+/// deadline (60 ms after the attempt went out) rather than dropped: the core's give-up takes the
+/// waiter back the same way, and the late attempt re-joins node 2's line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_a_waiter_past_its_deadline_is_not_put_back_in_line_by_a_late_refusal() {
     let Some(left) = abandoned_waiter(
@@ -443,8 +444,8 @@ async fn three_nodes_a_waiter_past_its_deadline_is_not_put_back_in_line_by_a_lat
     verdict("three nodes, a late refusal after the deadline", &left);
 }
 
-/// The control of all three: node 2 slow (80 ms each way) but with its scripts: its attempt keeps its
-/// place on the connection, ahead of the abandon's release, which takes the waiter out last.
+/// The control of all three: node 2 slow (80 ms each way) but with its scripts: its attempt keeps
+/// its place on the connection, ahead of the abandon's release, which takes the waiter out last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_three_nodes_a_slow_node_without_noscript_leaves_nothing() {
     let Some(left) = abandoned_waiter(
@@ -491,10 +492,10 @@ async fn pool_an_abandoned_waiter_is_not_put_back_in_line_by_an_attempt_on_anoth
     verdict("pool, the attempt overtaken on another connection", &left);
 }
 
-/// Failed before 80110c6. As above, the attempt itself held on its pooled connection (its checkout's
-/// recycle round trip let through): the acquisition is dropped, the abandon's release reaches
-/// node 2 on another connection, and the attempt, delivered 100 ms later, answers within the
-/// node timeout, so the pool's undo-on-drop (armed only while the answer is awaited) has long
+/// Failed before 80110c6. As above, the attempt itself held on its pooled connection (its
+/// checkout's recycle round trip let through): the acquisition is dropped, the abandon's release
+/// reaches node 2 on another connection, and the attempt, delivered 100 ms later, answers within
+/// the node timeout, so the pool's undo-on-drop (armed only while the answer is awaited) has long
 /// been disarmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_an_abandoned_waiter_is_not_put_back_in_line_by_a_held_attempt() {
@@ -540,15 +541,15 @@ async fn control_pool_an_attempt_stalled_past_the_node_timeout_is_undone_on_its_
     verdict("pool control, stalled past the node timeout", &left);
 }
 
-/// Failed before 80110c6. A sibling the brief did not list: `connection: pool`, three nodes, node 2's
-/// open connections stalled. The waiter's round N is refused by nodes 0 and 1 at once (its
-/// attempt on node 2 held on its pooled connection, in `undo_attempt`'s background); the
-/// squatter then leaves nodes 0 and 1, and round N + 1 wins there, its attempt on node 2 (a new
-/// connection) answering at once, so nothing of it is left in flight for the release's
-/// follow-up (the s17a fix). The waiter releases (with its member, on node 2 too); the stall
-/// ends and round N's attempt lands and answers "no" in time: the waiter, served and gone, is
-/// back in node 2's line, and nothing sends the release again (round N's late refusal is
-/// `Held::Mutex`'s, which `claims()` not).
+/// Failed before 80110c6. A sibling the brief did not list: `connection: pool`, three nodes, node
+/// 2's open connections stalled. The waiter's round N is refused by nodes 0 and 1 at once (its
+/// attempt on node 2 held on its pooled connection, in `undo_attempt`'s background); the squatter
+/// then leaves nodes 0 and 1, and round N + 1 wins there, its attempt on node 2 (a new connection)
+/// answering at once, so nothing of it is left in flight for the release's follow-up (the s17a
+/// fix). The waiter releases (with its member, on node 2 too); the stall ends and round N's attempt
+/// lands and answers "no" in time: the waiter, served and gone, is back in node 2's line, and
+/// nothing sends the release again (round N's late refusal is `Held::Mutex`'s, which `claims()`
+/// not).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_a_lost_rounds_late_attempt_does_not_put_a_served_waiter_back_in_line() {
     let Some(left) = abandoned_waiter(
