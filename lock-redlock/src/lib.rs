@@ -5,6 +5,7 @@ mod config;
 mod fair;
 mod lease;
 mod node;
+mod pool;
 mod round;
 mod wake;
 

@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use deadpool_redis::{Pool, Runtime};
+use deadpool_redis::Runtime;
 use lock_core::raw::redis::{LINE_SCRIPT, TURN_CHANNEL};
 use lock_core::{Key, LockError, Result, Token, raw::validate};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, Client, RedisResult, Script, Value};
 
 use crate::config::{ConnectionKind, NodeUrl, RedlockConfig};
+use crate::pool::{Pool, PoolManager, Pooled};
 
 static ACQUIRE_MANY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/acquire_many.lua")));
@@ -270,7 +271,7 @@ impl NodeParts {
                 let manager =
                     deadpool_redis::Manager::new_with_config(url.url.as_str(), connection_config)
                         .map_err(|e| invalid(&e))?;
-                let pool = Pool::builder(manager)
+                let pool = Pool::builder(PoolManager::new(manager))
                     .max_size(config.pool_size)
                     .runtime(Runtime::Tokio1)
                     .wait_timeout(Some(connect_timeout))
@@ -632,7 +633,12 @@ impl NodeParts {
         let answers: Vec<RedisResult<Value>> = match &self.connection {
             Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
             Connection::Pool(pool) => {
-                Box::pin(async { pipeline.query_async(&mut checkout(pool).await?).await }).await?
+                Box::pin(async {
+                    pipeline
+                        .query_async(&mut Pooled::checkout(pool).await?)
+                        .await
+                })
+                .await?
             }
         };
         let plain: Option<Vec<String>> = answers
@@ -759,12 +765,12 @@ impl NodeParts {
         request: Request<'_>,
         undo: Call,
     ) -> RedisResult<Value> {
-        let mut connection = checkout(pool).await?;
+        let mut connection = Pooled::checkout(pool).await?;
         let mut undo = UndoOnDrop {
-            connection: Some((*connection).clone()),
+            connection: connection.shared(),
             call: Some(undo),
         };
-        let answer = request.send(&mut *connection).await;
+        let answer = request.send(&mut connection).await;
         // Answered (whatever the answer): the request is no longer in flight.
         undo.connection = None;
         answer
@@ -824,7 +830,12 @@ impl NodeParts {
         let (deleted,): (i64,) = match &self.connection {
             Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
             Connection::Pool(pool) => {
-                Box::pin(async { pipeline.query_async(&mut checkout(pool).await?).await }).await?
+                Box::pin(async {
+                    pipeline
+                        .query_async(&mut Pooled::checkout(pool).await?)
+                        .await
+                })
+                .await?
             }
         };
         Ok(usize::try_from(deleted).unwrap_or_default())
@@ -984,7 +995,12 @@ impl NodeParts {
         match &self.connection {
             Connection::Manager(manager) => command.query_async(&mut manager.clone()).await,
             Connection::Pool(pool) => {
-                Box::pin(async { command.query_async(&mut checkout(pool).await?).await }).await
+                Box::pin(async {
+                    command
+                        .query_async(&mut Pooled::checkout(pool).await?)
+                        .await
+                })
+                .await
             }
         }
     }
@@ -997,7 +1013,8 @@ impl NodeParts {
         match &self.connection {
             Connection::Manager(manager) => invoke_on(invocation, &mut manager.clone()).await,
             Connection::Pool(pool) => {
-                Box::pin(async { invoke_on(invocation, &mut checkout(pool).await?).await }).await
+                Box::pin(async { invoke_on(invocation, &mut Pooled::checkout(pool).await?).await })
+                    .await
             }
         }
     }
@@ -1107,12 +1124,6 @@ where
     C: ConnectionLike + Send,
 {
     invocation.invoke_async(connection).await
-}
-
-async fn checkout(pool: &Pool) -> RedisResult<deadpool_redis::Connection> {
-    pool.get().await.map_err(|error| {
-        redis::RedisError::from((redis::ErrorKind::Io, "connection pool", error.to_string()))
-    })
 }
 
 impl fmt::Debug for Node {

@@ -217,8 +217,8 @@ async fn a_late_claim_of_a_writer_that_gave_up_is_taken_back() {
         .unwrap()
         .with_kind(LeaseKind::Write)
         .with_will_wait(true);
-    // The pool's health check passes; the writer's script behind it is held.
-    proxy.stall_existing(1);
+    // A pooled connection used lately goes out unchecked: the writer's script is held.
+    proxy.stall_existing(0);
     let outcome = lock.try_acquire(&writer).await;
     assert!(outcome.is_err(), "the stalled node answered: {outcome:?}");
     // What the core does for an attempt whose outcome is unknown.

@@ -204,13 +204,13 @@ async fn a_fair_waiter_cancelled_mid_poll_on_a_pool_leaves_its_line() {
     let in_line = leftovers(&server).len();
     // Its next poll (every 200 ms at most) is held on the pool's connection.
 
-    // (Its pool's health check passes, the script behind it is held.)
-    proxy.stall_existing(1);
+    // (A pooled connection used lately goes out unchecked: the script is held.)
+    proxy.stall_existing(0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     cancelled.abort();
     let _ = cancelled.await;
-    // The take-back, on another connection (the idle ones fail their health check, held too, and
-    // a new one is made), has run by now; then the poll lands.
+    // The take-back, on another connection (an idle one, held too, times out and leaves the
+    // pool; a new one is made), has run by now; then the poll lands.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     proxy.release_stall();
     tokio::time::sleep(Duration::from_millis(300)).await;

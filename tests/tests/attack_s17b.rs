@@ -492,8 +492,8 @@ async fn pool_an_abandoned_waiter_is_not_put_back_in_line_by_an_attempt_on_anoth
     verdict("pool, the attempt overtaken on another connection", &left);
 }
 
-/// Failed before 80110c6. As above, the attempt itself held on its pooled connection (its
-/// checkout's recycle round trip let through): the acquisition is dropped, the abandon's release
+/// Failed before 80110c6. As above, the attempt itself held on its pooled connection (used
+/// lately, it goes out without a recycle round trip): the acquisition is dropped, the abandon's release
 /// reaches node 2 on another connection, and the attempt, delivered 100 ms later, answers within
 /// the node timeout, so the pool's undo-on-drop (armed only while the answer is awaited) has long
 /// been disarmed.
@@ -504,7 +504,7 @@ async fn pool_an_abandoned_waiter_is_not_put_back_in_line_by_a_held_attempt() {
         3,
         ConnectionKind::Pool,
         Fault::Stall {
-            pass: 1,
+            pass: 0,
             hold: Duration::from_millis(100),
         },
         End::Dropped(Duration::from_millis(40)),
@@ -529,7 +529,7 @@ async fn control_pool_an_attempt_stalled_past_the_node_timeout_is_undone_on_its_
         3,
         ConnectionKind::Pool,
         Fault::Stall {
-            pass: 1,
+            pass: 0,
             hold: Duration::from_millis(600),
         },
         End::Dropped(Duration::from_millis(40)),

@@ -352,8 +352,9 @@ async fn a_pools_clean_up_cannot_overtake_the_late_set_it_undoes() {
         .release()
         .await
         .expect("release");
-    // The pool's health check (a PING on checkout) passes; the SET behind it is held.
-    proxy.stall_existing(1);
+    // A connection used a moment ago goes out without a health check (see
+    // `lock-redlock/src/pool.rs`): the SET itself is held.
+    proxy.stall_existing(0);
     let outcome = locker.acquire("k").await;
     assert!(outcome.is_err(), "the stalled node answered: {outcome:?}");
     // Every clean-up sent on other connections has run by now.
@@ -393,8 +394,9 @@ async fn a_writers_claim_taken_back_does_not_overtake_its_late_request() {
             .expect("release");
     }
     let reader = locker.acquire_read("rw").await.expect("reader");
-    // The pool's health check passes; the writer's request behind it is held on node 2.
-    nodes.proxy.stall_existing(1);
+    // A pooled connection used lately goes out unchecked: the writer's request is held on
+    // node 2.
+    nodes.proxy.stall_existing(0);
     let writer = tokio::time::timeout(Duration::from_millis(150), locker.acquire_write("rw")).await;
     assert!(
         writer.is_err(),
@@ -452,7 +454,7 @@ async fn late_take_backs_leave_the_winning_writers_lease_and_nothing_after_it() 
             .expect("release");
     }
     let reader = locker.acquire_read("rw").await.expect("reader");
-    nodes.proxy.stall_existing(1);
+    nodes.proxy.stall_existing(0);
     let writer = tokio::spawn({
         let locker = locker.clone();
         async move { locker.acquire_write("rw").await }
