@@ -89,6 +89,22 @@ async fn cycles(locker: &Locker, key: &str, count: usize) {
     }
 }
 
+/// Fills a pool of `size` with busy connections: `size` holders at once.
+async fn fill(locker: &Arc<Locker>, size: usize) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..size {
+        let locker = Arc::clone(locker);
+        tasks.spawn(async move {
+            let guard = locker.acquire(&format!("fill-{index}")).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            guard.release().await.unwrap();
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+}
+
 /// A server that refuses writes (`maxmemory` reached, `noeviction`) answers every acquisition
 /// with an `OOM` error: the server's answer on a sound connection, which keeps its place in
 /// the pool (redis-rs hands such answers back as values; the error is made afterwards).
@@ -123,6 +139,40 @@ async fn an_oom_answer_keeps_the_connection() {
     assert!(
         made <= 4,
         "{made} new connections for 20 tries refused by OOM"
+    );
+}
+
+/// Fails on main: a node restarted (or its connections killed) while the pool's connections
+/// had been used within the last second: each of them goes out unchecked and fails one try, so
+/// a full pool of 4 costs 4 failed tries in a row (the manager, and the pool before the change,
+/// fail 1 and 0). CHANGELOG: "can fail one request (as with the manager), never more".
+#[tokio::test]
+async fn a_restart_fails_one_try_not_one_per_pooled_connection() {
+    let Some(binary) = redis_or_skip("pool after a restart") else {
+        return;
+    };
+    let mut server = RedisServer::start(&binary, &[]).unwrap();
+    let locker = Arc::new(pooled(&server, 4, RetryPolicy::none()));
+    fill(&locker, 4).await;
+    assert_eq!(connected(&server).await, 4, "four pooled connections");
+    server.restart().unwrap();
+    let mut failed = 0;
+    loop {
+        match locker.try_acquire("restart").await {
+            Ok(Some(guard)) => {
+                guard.release().await.unwrap();
+                break;
+            }
+            Ok(None) => panic!("nobody else asks for the key"),
+            Err(_) if failed < 8 => failed += 1,
+            Err(error) => panic!("no try won after a restart: {error}"),
+        }
+    }
+    println!("{failed} failed tries after a restart, pool of 4");
+    assert!(
+        failed <= 1,
+        "{failed} tries in a row failed after one restart: every dead connection of the pool \
+         went out unchecked in turn"
     );
 }
 
