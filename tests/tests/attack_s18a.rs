@@ -1,0 +1,190 @@
+//! inv18a: a fair waiter that won over a quorum stays in the line of the node that refused it
+//! when its release to that node is lost: the release's follow-up is sent without the waiter's
+//! member.
+//!
+//! Three fair Redlock nodes with fencing (every single-key attempt goes through the lines, as in
+//! the fault explorer), node 0 behind a [`LatencyProxy`]. Another process holds `k` on node 0
+//! alone (the squatter), so the client's round is refused there — which puts its waiter in node
+//! 0's line, first — and wins on nodes 1 and 2. The squatter leaves. The client releases: the
+//! proxy drops that release on its way to node 0 (with its connection, as a cut, a restart or a
+//! request dropped before it was written would lose it), the quorum of nodes 1 and 2 answers,
+//! and the release's follow-up asks node 0 again: on main with the token alone
+//! (`Shared::release_until_answered`: no member), so the waiter, gone, stays first in node 0's
+//! line for its entry's lease (the ttl). Every other client is refused on node 0 meanwhile (the
+//! line's head is someone else), and the next release there reserves `k` for the gone waiter
+//! (`lock-turn-reserved:<member>`, pttl up to the ttl): the explorer's "stray lock" (seeds
+//! 18248, 18162) in its shape. The negative control loses no release: node 0 ends clean.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::fair::{connect, line_members, release_fair_source};
+use lock_tests::proxy::LatencyProxy;
+use lock_tests::server::{RedisServer, redis_or_skip};
+use redis::aio::MultiplexedConnection;
+
+const TTL: Duration = Duration::from_secs(20);
+const NODE_TIMEOUT: Duration = Duration::from_millis(200);
+/// What another process stores on the key.
+const SQUATTER: &str = "squatter";
+
+/// What, in a request towards a node, marks a fair mutex's release of `key`:
+/// `EVALSHA <release_fair sha> 3 <key>` in RESP.
+fn release_fair_marker(key: &str) -> Vec<u8> {
+    let sha = redis::Script::new(&release_fair_source())
+        .get_hash()
+        .to_owned();
+    format!("{sha}\r\n$1\r\n3\r\n${}\r\n{key}\r\n", key.len()).into_bytes()
+}
+
+async fn get(connection: &mut MultiplexedConnection, key: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(connection)
+        .await
+        .unwrap()
+}
+
+async fn pttl(connection: &mut MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(connection)
+        .await
+        .unwrap()
+}
+
+/// What node 0 holds of `k` at the end: the line after the winner's release (and its
+/// follow-ups), then `k`'s value and pttl after another client took and released it.
+#[derive(Debug)]
+struct Left {
+    member: String,
+    line_after_release: Vec<String>,
+    value: Option<String>,
+    pttl: i64,
+}
+
+/// The schedule above; `lose_release`: the proxy drops the winner's release to node 0.
+async fn winner_release_lost(test: &str, lose_release: bool) -> Option<Left> {
+    let binary = redis_or_skip(test)?;
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::start(&binary, &[]).unwrap())
+        .collect();
+    let proxy = LatencyProxy::start(servers[0].port()).await.unwrap();
+    let mut urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    urls[0] = proxy.url();
+    let mut node0 = connect(&servers[0].url()).await;
+    let locker = |urls: Vec<String>| {
+        let config = RedlockConfig::new(urls)
+            .with_node_timeout(NODE_TIMEOUT)
+            .with_fencing(true);
+        let retry = RetryPolicy::forever()
+            .with_retry_delay(Duration::from_millis(50))
+            .with_deadline(Duration::from_secs(5));
+        Locker::new(Redlock::new(config).unwrap())
+            .with_local_queue(false)
+            .with_options(LockOptions::default().with_ttl(TTL).with_retry(retry))
+            .unwrap()
+    };
+    let (winner, other) = (locker(urls.clone()), locker(urls));
+
+    // The squatter holds `k` on node 0 alone: the winner's round is refused there (its waiter
+    // lines up, first) and wins on nodes 1 and 2.
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg(SQUATTER)
+        .arg("PX")
+        .arg(u64::try_from(TTL.as_millis()).unwrap())
+        .query_async(&mut node0)
+        .await
+        .unwrap();
+    let guard = winner.acquire("k").await.unwrap();
+    let mut lined = Vec::new();
+    for _ in 0..100 {
+        lined = line_members(&mut node0, "k").await;
+        if !lined.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        lined.len(),
+        1,
+        "the winner's waiter is not in node 0's line"
+    );
+    let member = lined[0].clone();
+    let _: i64 = redis::cmd("DEL")
+        .arg("k")
+        .query_async(&mut node0)
+        .await
+        .unwrap();
+
+    if lose_release {
+        proxy.drop_next(release_fair_marker("k"));
+    }
+    guard.release().await.unwrap();
+    if lose_release {
+        assert!(!proxy.disarm(), "the release never went to node 0");
+    }
+    // The follow-up asks node 0 again after a node timeout (and again after two): far within.
+    tokio::time::sleep(NODE_TIMEOUT * 10).await;
+    let line_after_release = line_members(&mut node0, "k").await;
+
+    // Another client takes `k` (nodes 1 and 2: node 0 refuses it while someone heads its line)
+    // and releases it: node 0 passes the turn to its line's head.
+    let guard = other.acquire("k").await.unwrap();
+    guard.release().await.unwrap();
+    tokio::time::sleep(NODE_TIMEOUT * 2).await;
+    let value = get(&mut node0, "k").await;
+    let pttl = pttl(&mut node0, "k").await;
+    for locker in [winner, other] {
+        locker.stop().await.unwrap();
+    }
+    Some(Left {
+        member,
+        line_after_release,
+        value,
+        pttl,
+    })
+}
+
+/// Fails on main: the release lost on node 0 is re-sent without the waiter's member, which
+/// stays first in node 0's line; the other client's release then reserves `k` there for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_release_of_a_fair_winner_is_resent_with_its_member() {
+    let Some(left) = winner_release_lost(
+        "a_lost_release_of_a_fair_winner_is_resent_with_its_member",
+        true,
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(
+        left.line_after_release.is_empty() && left.value.is_none(),
+        "node 0 kept the gone winner {} in line ({:?}) and then held `k` = {:?} (pttl {} ms of \
+         {TTL:?}) after every client released",
+        left.member,
+        left.line_after_release,
+        left.value,
+        left.pttl
+    );
+}
+
+/// Negative control (held): no release lost, node 0 ends clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_a_fair_winner_released_everywhere_leaves_every_line() {
+    let Some(left) = winner_release_lost(
+        "control_a_fair_winner_released_everywhere_leaves_every_line",
+        false,
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(
+        left.line_after_release.is_empty() && left.value.is_none(),
+        "{left:?}"
+    );
+}
