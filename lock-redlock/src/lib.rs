@@ -1457,6 +1457,12 @@ impl Handle for RedlockHandle {
                     self.lease.token().clone(),
                     self.held,
                 );
+                // With the waiter that won, as the first send: a node that refused it may
+                // still have it in line, and a lost release would leave it there.
+                let member = self
+                    .line_member
+                    .clone()
+                    .unwrap_or_else(|| Arc::from(&[][..]));
                 tokio::spawn(async move {
                     let late = pending.finish().await;
                     let failed = failed
@@ -1464,8 +1470,8 @@ impl Handle for RedlockHandle {
                         .chain(late.failed.into_iter().map(|(index, _)| index))
                         .collect();
                     shared
-                        .release_until_answered(
-                            failed, keys, token, held, timeout, expires_by, None,
+                        .release_as_until_answered(
+                            failed, keys, token, held, timeout, expires_by, None, member,
                         )
                         .await;
                 });
