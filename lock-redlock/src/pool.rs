@@ -8,9 +8,11 @@
 //! it). A connection whose request failed on the connection (not a server's error answer), or
 //! whose request was dropped before its answer (a timeout, a cancellation: its state is
 //! unknown), leaves the pool instead of going back, so the next checkout gets a sound or a new
-//! one.
+//! one; and every connection handed out before that failure is checked once before its next
+//! use (a restart or a kill takes them all: one failed request, not one per connection).
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, Object, RecycleResult};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -22,11 +24,17 @@ pub(crate) const RECHECK_AFTER: Duration = Duration::from_secs(1);
 /// deadpool-redis's manager, whose check runs only on connections idle for [`RECHECK_AFTER`].
 pub(crate) struct PoolManager {
     inner: deadpool_redis::Manager,
+    /// When a connection last left the pool unsound: the others, handed out before, are
+    /// checked once (a restart or a kill takes them all).
+    unsound_at: Mutex<Option<Instant>>,
 }
 
 impl PoolManager {
     pub(crate) fn new(inner: deadpool_redis::Manager) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            unsound_at: Mutex::new(None),
+        }
     }
 }
 
@@ -44,7 +52,13 @@ impl managed::Manager for PoolManager {
         metrics: &Metrics,
     ) -> RecycleResult<RedisError> {
         // `last_used` is the time since the connection was last handed out (or made).
-        if metrics.last_used() < RECHECK_AFTER {
+        let handed_out = metrics.recycled.unwrap_or(metrics.created);
+        let unsound_at = *self
+            .unsound_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let suspect = unsound_at.is_some_and(|at| at >= handed_out);
+        if metrics.last_used() < RECHECK_AFTER && !suspect {
             return Ok(());
         }
         managed::Manager::recycle(&self.inner, connection, metrics).await
@@ -104,9 +118,10 @@ fn gone() -> RedisError {
     ))
 }
 
-/// Whether `error` says the connection itself failed (anything but the server's answer).
+/// Whether `error` says the connection itself failed (not the server's answer, whatever its
+/// code: `OOM`, `BUSY` and the like come as `Extension` errors on a sound connection).
 fn broken(error: &RedisError) -> bool {
-    !matches!(error.kind(), ErrorKind::Server(_))
+    matches!(error.kind(), ErrorKind::Io | ErrorKind::Parse) || error.is_unrecoverable_error()
 }
 
 impl Drop for Pooled {
@@ -114,6 +129,13 @@ impl Drop for Pooled {
         if !self.sound
             && let Some(object) = self.object.take()
         {
+            if let Some(pool) = Object::pool(&object) {
+                *pool
+                    .manager()
+                    .unsound_at
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+            }
             // Out of the pool for good: dropped here (its driver ends with its last clone).
             drop(Object::take(object));
         }
