@@ -12,7 +12,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 pub use config::IncConfig;
-use fred::prelude::{ClientLike, Config, KeysInterface, ReconnectPolicy};
+use fred::prelude::{ClientLike, Config, KeysInterface, LuaInterface, ReconnectPolicy};
 use fred::types::scripts::Script;
 use lock_core::{
     Capabilities, Key, KeyState, Lease, LeaseKind, LockError, Result, Token, metrics,
@@ -448,7 +448,16 @@ impl Lock for IncLock {
                 _ => String::new(),
             };
             for key in request.keys() {
-                match release_as(&self.shared, key, token, request.kind(), &member).await {
+                match release_as(
+                    &self.shared,
+                    key,
+                    token,
+                    request.kind(),
+                    &member,
+                    ScriptSend::Cached,
+                )
+                .await
+                {
                     Ok(released) => removed |= released != Released::Nothing,
                     Err(error) => {
                         let expires_by = Instant::now() + request.ttl();
@@ -688,7 +697,19 @@ enum Released {
 
 /// Releases `token`'s lease of `kind` on `key` (or takes back its claim, for a writer).
 async fn release(shared: &Shared, key: &Key, token: &Token, kind: LeaseKind) -> Result<Released> {
-    release_as(shared, key, token, kind, "").await
+    release_as(shared, key, token, kind, "", ScriptSend::Cached).await
+}
+
+/// How a script goes to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ScriptSend {
+    /// `EVALSHA`, loading the script on NOSCRIPT: one more round trip after a restart or a
+    /// `SCRIPT FLUSH`, which a caller that gave up (a timeout) never makes.
+    Cached,
+    /// `EVAL` with the whole script: runs wherever and whenever it lands. For the follow-ups
+    /// of a release that failed, which a slow server that lost its scripts would otherwise
+    /// refuse every time.
+    Whole,
 }
 
 /// As [`release`], also taking the waiter `member` (empty for none) out of a fair lock's line.
@@ -698,6 +719,7 @@ async fn release_as(
     token: &Token,
     kind: LeaseKind,
     member: &str,
+    send: ScriptSend,
 ) -> Result<Released> {
     let keys = shared.keys(key);
     let channel = shared
@@ -720,10 +742,17 @@ async fn release_as(
         Some(letter) => (&SHARED_RELEASE, vec![token.as_str(), letter]),
     };
     args.extend(channel.as_deref());
-    let released: i64 = script
-        .evalsha_with_reload(&shared.client, call_keys, args)
-        .await
-        .map_err(|e| shared.backend_error("release", &e))?;
+    let released: i64 = match (send, script.lua()) {
+        (ScriptSend::Whole, Some(source)) => {
+            shared.client.eval(source.clone(), call_keys, args).await
+        }
+        _ => {
+            script
+                .evalsha_with_reload(&shared.client, call_keys, args)
+                .await
+        }
+    }
+    .map_err(|e| shared.backend_error("release", &e))?;
     Ok(match released {
         1 => Released::Live,
         0 => Released::Nothing,
@@ -931,7 +960,7 @@ fn release_later(
                     let Some(key) = keys.first() else {
                         return keys;
                     };
-                    match release_as(shared, key, token, kind, member).await {
+                    match release_as(shared, key, token, kind, member, ScriptSend::Whole).await {
                         Ok(_) => Vec::new(),
                         Err(error) => {
                             tracing::debug!(%key, %error, "release not answered; asking again");

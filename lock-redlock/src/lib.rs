@@ -229,13 +229,14 @@ impl Shared {
         }
         self.until_answered(follow_up, indices, &keys, timeout, |node| {
             let (keys, token, member) = (keys.clone(), token.clone(), Arc::clone(&member));
+            // Each send carries its script (`SCRIPT LOAD` + `EVALSHA` in one write): a node
+            // that lost its scripts (a restart, `SCRIPT FLUSH`) and answers later than the
+            // node timeout would otherwise refuse every re-send with NOSCRIPT, the load that
+            // follows it never sent, and keep the keys for their ttl.
             async move {
-                let deleted = if member.is_empty() {
-                    node.release(&keys, &token, held).await
-                } else {
-                    node.release_self_contained(&keys, &token, held, &member)
-                        .await
-                };
+                let deleted = node
+                    .release_self_contained(&keys, &token, held, &member)
+                    .await;
                 deleted.map(|deleted| (deleted == wanted).then_some(0))
             }
         })

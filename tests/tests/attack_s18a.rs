@@ -188,3 +188,121 @@ async fn control_a_fair_winner_released_everywhere_leaves_every_line() {
         "{left:?}"
     );
 }
+
+/// The follow-up's other half (inv18a, seed 30435): a release re-sent to a node that lost its
+/// scripts (a restart, `SCRIPT FLUSH`) and answers later than the node timeout. A plain
+/// `EVALSHA` is refused there with NOSCRIPT, after its sender gave up, so the `SCRIPT LOAD`
+/// that would follow is never sent; every re-send of the follow-up meets the same fate and the
+/// key stays on that node for its ttl. Each re-send now carries its script. Without lines
+/// (`fair: false`), where the first release and its re-sends are plain compare-and-delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_resent_to_a_slow_node_that_lost_its_scripts_runs_there() {
+    let Some(binary) = redis_or_skip("s18a release after SCRIPT FLUSH") else {
+        return;
+    };
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::start(&binary, &[]).unwrap())
+        .collect();
+    let proxy = LatencyProxy::start(servers[0].port()).await.unwrap();
+    let urls = vec![proxy.url(), servers[1].url(), servers[2].url()];
+    let lock = Redlock::new(
+        RedlockConfig::new(urls)
+            .with_fair(false)
+            .with_node_timeout(Duration::from_millis(50)),
+    )
+    .unwrap();
+    let locker = Locker::new(lock)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(TTL)
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap();
+    let mut node0 = connect(&servers[0].url()).await;
+    let guard = locker.acquire("k").await.unwrap();
+    assert!(
+        get(&mut node0, "k").await.is_some(),
+        "the lock reached node 0"
+    );
+    // Node 0 loses its scripts and answers 150 ms late from now on.
+    let flushed = servers[0]
+        .command("SCRIPT FLUSH", Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(flushed, "+OK");
+    proxy.set_delay(Duration::from_millis(150));
+    guard.release().await.unwrap();
+    // The follow-up asks again, within a few node timeouts; each try runs 150 ms later.
+    let mut left = pttl(&mut node0, "k").await;
+    for _ in 0..40 {
+        if left == -2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = pttl(&mut node0, "k").await;
+    }
+    println!("s18a: node 0's `k` after the release: pttl {left} ms (-2: gone)");
+    assert_eq!(
+        left, -2,
+        "the release never ran on the node that lost its scripts: `k` stays for the ttl"
+    );
+}
+
+/// The same on inc (one server): a release that times out is asked again in the background
+/// (`release_later`); on a server that lost its scripts and answers later than the command
+/// timeout, `EVALSHA` with reload never gets to reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_a_release_resent_to_a_slow_server_that_lost_its_scripts_runs_there() {
+    let Some(binary) = redis_or_skip("s18a inc release after SCRIPT FLUSH") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let proxy = LatencyProxy::start(server.port()).await.unwrap();
+    let lock = lock_inc::IncLock::connect(lock_inc::IncConfig {
+        command_timeout: 50,
+        ..lock_inc::IncConfig::new(proxy.url())
+    })
+    .await
+    .unwrap();
+    let locker = Locker::new(lock)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(TTL)
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap();
+    let mut direct = connect(&server.url()).await;
+    let guard = locker.acquire("k").await.unwrap();
+    // The lock's counter and owner (its fencing counter outlives it by design).
+    let held = async |direct: &mut MultiplexedConnection| -> Vec<String> {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*{k}*")
+            .query_async(direct)
+            .await
+            .unwrap();
+        keys.into_iter()
+            .filter(|key| !key.ends_with(":fence"))
+            .collect()
+    };
+    let before = held(&mut direct).await;
+    assert!(!before.is_empty(), "the lock is in the server");
+    let flushed = server
+        .command("SCRIPT FLUSH", Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(flushed, "+OK");
+    proxy.set_delay(Duration::from_millis(150));
+    let released = guard.release().await;
+    println!("s18a inc: the release answered {released:?}");
+    let mut left = before;
+    for _ in 0..60 {
+        left = held(&mut direct).await;
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("s18a inc: the lock's keys left after the release: {left:?}");
+    assert!(
+        left.is_empty(),
+        "the release never ran on the server that lost its scripts: the lock stays for the ttl"
+    );
+}
