@@ -315,6 +315,27 @@ async fn redlock_release_lost_as_acl_user(test: &str, rule: &str) -> Option<(Opt
     Some((left, sent))
 }
 
+/// Fails on main: an ACL user allowed `EVALSHA` (scripts loaded by an administrator) but not
+/// `SCRIPT`. The release lost on node 0 is re-sent as `SCRIPT LOAD` + `EVALSHA` in one
+/// pipeline: the node refuses the load (NOPERM) and runs the `EVALSHA`, which deletes the key,
+/// but the pipeline's answer is the load's error, so the follow-up counts node 0 as unanswered
+/// and sends the release again in each of its rounds (3 in all instead of 1). Every other
+/// clean-up (a failed attempt's undo on every node, at once) goes the same way for such a user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_acl_user_without_script_follow_up_stops_once_its_release_ran() {
+    let Some((left, sent)) =
+        redlock_release_lost_as_acl_user("s18c redlock ACL without SCRIPT", "-script").await
+    else {
+        return;
+    };
+    assert_eq!(left, None, "the re-sent release never ran on node 0");
+    assert_eq!(
+        sent, 1,
+        "the follow-up re-sent a release that had run ({sent} runs): the pipeline's answer was \
+         the refused SCRIPT LOAD"
+    );
+}
+
 /// Negative control (held): the same user allowed every command: one re-send, which runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_redlock_acl_user_with_script_follow_up_runs_once() {
@@ -393,6 +414,27 @@ async fn inc_release_lost_as_acl_user(test: &str, rule: &str) -> Option<(LockErr
     );
     locker.stop().await.unwrap();
     Some((error, left))
+}
+
+/// Fails on main: an ACL user allowed `EVALSHA` and `SCRIPT` but not `EVAL` (a common way to
+/// allow only vetted scripts). A release lost on its way (dropped with its connection) is asked
+/// again by `release_later`, now with `EVAL`: refused (NOPERM) in every round, so the lock
+/// stays for its ttl. Before s18a the follow-up's `EVALSHA` ran. The error names no password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_acl_user_without_eval_failed_release_runs_on_follow_up() {
+    let Some((error, left)) =
+        inc_release_lost_as_acl_user("s18c inc ACL without EVAL", "-eval").await
+    else {
+        return;
+    };
+    assert!(
+        !error.to_string().contains(ACL_PASSWORD),
+        "the error shows the password: {error}"
+    );
+    assert!(
+        left.is_empty(),
+        "the follow-up's EVAL was refused in every round: the lock stays for its ttl ({left:?})"
+    );
 }
 
 /// Negative control (held): the same user allowed every command: the follow-up runs.
