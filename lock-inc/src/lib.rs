@@ -700,6 +700,15 @@ async fn release(shared: &Shared, key: &Key, token: &Token, kind: LeaseKind) -> 
     release_as(shared, key, token, kind, "", ScriptSend::Cached).await
 }
 
+/// Whether the server answered `error` (not a connection that failed or a timeout).
+fn server_refused(error: &fred::error::Error) -> bool {
+    use fred::error::ErrorKind;
+    !matches!(
+        error.kind(),
+        ErrorKind::IO | ErrorKind::Timeout | ErrorKind::Canceled | ErrorKind::Backpressure
+    )
+}
+
 /// How a script goes to the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ScriptSend {
@@ -744,7 +753,19 @@ async fn release_as(
     args.extend(channel.as_deref());
     let released: i64 = match (send, script.lua()) {
         (ScriptSend::Whole, Some(source)) => {
-            shared.client.eval(source.clone(), call_keys, args).await
+            let whole = shared
+                .client
+                .eval(source.clone(), call_keys.clone(), args.clone())
+                .await;
+            match whole {
+                // Refused by the server (a user without `EVAL`, say): as a first send.
+                Err(error) if server_refused(&error) => {
+                    script
+                        .evalsha_with_reload(&shared.client, call_keys, args)
+                        .await
+                }
+                answer => answer,
+            }
         }
         _ => {
             script

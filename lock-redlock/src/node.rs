@@ -815,7 +815,11 @@ impl NodeParts {
     ) -> RedisResult<usize> {
         let call = self.release_call_for(keys, token, held, member);
         let mut pipeline = redis::pipe();
-        pipeline.cmd("SCRIPT").arg("LOAD").arg(call.source).ignore();
+        // Each answer on its own: the load's may be refused (a user without `SCRIPT`, whose
+        // scripts an administrator loaded) while the release runs, and a refused load must not
+        // make a release that ran look unanswered (it would be sent again, round after round).
+        pipeline.ignore_errors();
+        pipeline.cmd("SCRIPT").arg("LOAD").arg(call.source);
         let script: &Script = call.script;
         let release = pipeline
             .cmd("EVALSHA")
@@ -827,7 +831,7 @@ impl NodeParts {
         for arg in &call.args {
             release.arg(arg.as_slice());
         }
-        let (deleted,): (i64,) = match &self.connection {
+        let answers: Vec<RedisResult<Value>> = match &self.connection {
             Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
             Connection::Pool(pool) => {
                 Box::pin(async {
@@ -838,6 +842,14 @@ impl NodeParts {
                 .await?
             }
         };
+        // The release's answer is the last.
+        let Some(released) = answers.into_iter().next_back() else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "a release without an answer",
+            )));
+        };
+        let deleted: i64 = redis::FromRedisValue::from_redis_value(released?)?;
         Ok(usize::try_from(deleted).unwrap_or_default())
     }
 

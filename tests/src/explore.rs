@@ -56,14 +56,15 @@ const STRAY_SETTLE: Duration = Duration::from_millis(700);
 /// The value a squatter stores (no client's token is 4 bytes long).
 const SQUATTER: &str = "squatter";
 
-/// Redlock's compare-and-delete script (the explorer drops it on its way to a node).
-const REDLOCK_RELEASE: &str = include_str!("../../lock-redlock/src/lua/release.lua");
-
-/// What, in a request towards a node, marks Redlock's compare-and-delete of the single key
-/// `key`: `EVALSHA <sha> 1 <key>` in RESP.
+/// What, in a request towards a node, marks Redlock's release of the single key `key`: the
+/// explorer's Redlock waits fairly (the default), so a mutex is released by the fair script,
+/// `EVALSHA <sha> 3 <key>` in RESP (the key and its line's two keys). (Matching the plain
+/// compare-and-delete, as before, dropped nothing: the squat's lost release never happened.)
 fn release_marker(key: &str) -> Vec<u8> {
-    let sha = redis::Script::new(REDLOCK_RELEASE).get_hash().to_owned();
-    format!("{sha}\r\n$1\r\n1\r\n${}\r\n{key}\r\n", key.len()).into_bytes()
+    let sha = redis::Script::new(&crate::fair::release_fair_source())
+        .get_hash()
+        .to_owned();
+    format!("{sha}\r\n$1\r\n3\r\n${}\r\n{key}\r\n", key.len()).into_bytes()
 }
 
 /// Three servers, each under a clock shim of its own, behind proxies: one lane of the explorer,
