@@ -21,7 +21,8 @@ use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Valu
 /// How long a connection may have been idle and still go out without a check.
 pub(crate) const RECHECK_AFTER: Duration = Duration::from_secs(1);
 
-/// deadpool-redis's manager, whose check runs only on connections idle for [`RECHECK_AFTER`].
+/// deadpool-redis's manager, whose check runs only on connections idle for [`RECHECK_AFTER`]
+/// or handed out before another connection of the node failed.
 pub(crate) struct PoolManager {
     inner: deadpool_redis::Manager,
     /// When a connection last left the pool unsound: the others, handed out before, are
