@@ -342,7 +342,7 @@ impl Shared {
     ) -> Result<Option<u64>> {
         let timeout = self.node_timeout(ttl);
         let (raised, rest) = round::run(nodes, self.quorum, timeout, |node| {
-            self.raise_on(node, keys, token, fences, fence, ttl)
+            self.raise_on(node, keys, token, fences, fence, ttl, false)
         })
         .await;
         // The slower nodes' counters are raised too, off the caller's path, and those that
@@ -371,7 +371,7 @@ impl Shared {
                     FollowUp::new(NAME, metrics::OPERATION_FENCE_RAISE, timeout, expires_by);
                 shared
                     .until_answered(raise, failed, &keys, timeout, |node| {
-                        shared.raise_on(node, &keys, &token, &fences, fence, ttl)
+                        shared.raise_on(node, &keys, &token, &fences, fence, ttl, true)
                     })
                     .await;
             });
@@ -392,6 +392,9 @@ impl Shared {
     }
 
     /// One node's raise of the fencing counters; yes when it still holds every key.
+    /// `resent`: the follow-up's, which carries its script (a node that lost its scripts and
+    /// answers late would otherwise never run it).
+    #[allow(clippy::too_many_arguments)]
     fn raise_on(
         &self,
         node: Node,
@@ -400,10 +403,11 @@ impl Shared {
         fences: &Arc<[Vec<u8>]>,
         fence: u64,
         ttl: Duration,
+        resent: bool,
     ) -> impl Future<Output = redis::RedisResult<Option<u64>>> + Send + 'static {
         let (keys, token, fences) = (keys.clone(), token.clone(), Arc::clone(fences));
         async move {
-            node.raise_fence(&keys, &fences, &token, fence, ttl)
+            node.raise_fence(&keys, &fences, &token, fence, ttl, resent)
                 .await
                 .map(|held| held.then_some(0))
         }

@@ -19,8 +19,8 @@ static ACQUIRE_MANY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/acquire_many.lua")));
 static ACQUIRE_FENCED: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/acquire_fenced.lua")));
-static RAISE_FENCE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/raise_fence.lua")));
+const RAISE_FENCE_SOURCE: &str = include_str!("lua/raise_fence.lua");
+static RAISE_FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(RAISE_FENCE_SOURCE));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/release.lua")));
 static RELEASE_NOTIFY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/release_notify.lua")));
@@ -778,7 +778,8 @@ impl NodeParts {
 
     /// Raises the fencing counters `fences` (one per key of `keys`) to at least `value`, kept
     /// until the node's clock passes it plus `ttl`; true when every key still holds `token`
-    /// here.
+    /// here. `resent`: a follow-up's send, which carries its script (see
+    /// [`NodeParts::self_contained`]).
     pub(crate) async fn raise_fence(
         &self,
         keys: &[Key],
@@ -786,26 +787,33 @@ impl NodeParts {
         token: &Token,
         value: u64,
         ttl: Duration,
+        resent: bool,
     ) -> RedisResult<bool> {
-        let mut invocation = RAISE_FENCE.prepare_invoke();
-        for key in keys {
-            invocation.key(key.as_bytes());
-        }
-        for fence in fences {
-            invocation.key(fence.as_slice());
-        }
-        invocation
-            .arg(token.expose().as_bytes())
-            .arg(value)
-            .arg(validate::ttl_millis(ttl));
-        let held: i64 = self.invoke(&invocation).await?;
+        let call = Call {
+            script: &RAISE_FENCE,
+            source: RAISE_FENCE_SOURCE,
+            keys: keys
+                .iter()
+                .map(|key| key.as_bytes().to_vec())
+                .chain(fences.iter().cloned())
+                .collect(),
+            args: vec![
+                token.expose().as_bytes().to_vec(),
+                value.to_string().into_bytes(),
+                validate::ttl_millis(ttl).to_string().into_bytes(),
+            ],
+        };
+        let held: i64 = if resent {
+            redis::FromRedisValue::from_redis_value(self.self_contained(&call).await?)?
+        } else {
+            self.invoke(&call.invocation()).await?
+        };
         Ok(held == 1)
     }
 
-    /// Compare-and-delete as one write of `SCRIPT LOAD` + `EVALSHA`: for clean-ups that may be
-    /// the last thing a process sends (a cancelled acquisition before exit), so that a node
-    /// that restarted or was stalled runs it from what it received, without a NOSCRIPT round
-    /// trip that nobody would be left to answer.
+    /// Compare-and-delete as one write of `SCRIPT LOAD` + `EVALSHA` (see
+    /// [`NodeParts::self_contained`]): for clean-ups that may be the last thing a process
+    /// sends (a cancelled acquisition before exit), and for every re-send of a follow-up.
     pub(crate) async fn release_self_contained(
         &self,
         keys: &[Key],
@@ -814,22 +822,32 @@ impl NodeParts {
         member: &[u8],
     ) -> RedisResult<usize> {
         let call = self.release_call_for(keys, token, held, member);
+        let deleted: i64 =
+            redis::FromRedisValue::from_redis_value(self.self_contained(&call).await?)?;
+        Ok(usize::try_from(deleted).unwrap_or_default())
+    }
+
+    /// Runs `call` as one write of `SCRIPT LOAD` + `EVALSHA`, so that a node that lost its
+    /// scripts (a restart, `SCRIPT FLUSH`) runs it from what it received: a plain `EVALSHA`
+    /// answered NOSCRIPT later than its sender waits never gets the load that would follow,
+    /// and a follow-up re-sending it would meet the same fate every round. The script's answer.
+    async fn self_contained(&self, call: &Call) -> RedisResult<Value> {
         let mut pipeline = redis::pipe();
         // Each answer on its own: the load's may be refused (a user without `SCRIPT`, whose
-        // scripts an administrator loaded) while the release runs, and a refused load must not
-        // make a release that ran look unanswered (it would be sent again, round after round).
+        // scripts an administrator loaded) while the script runs, and a refused load must not
+        // make a script that ran look unanswered (it would be sent again, round after round).
         pipeline.ignore_errors();
         pipeline.cmd("SCRIPT").arg("LOAD").arg(call.source);
         let script: &Script = call.script;
-        let release = pipeline
+        let run = pipeline
             .cmd("EVALSHA")
             .arg(script.get_hash())
             .arg(call.keys.len());
         for key in &call.keys {
-            release.arg(key.as_slice());
+            run.arg(key.as_slice());
         }
         for arg in &call.args {
-            release.arg(arg.as_slice());
+            run.arg(arg.as_slice());
         }
         let answers: Vec<RedisResult<Value>> = match &self.connection {
             Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
@@ -842,15 +860,13 @@ impl NodeParts {
                 .await?
             }
         };
-        // The release's answer is the last.
-        let Some(released) = answers.into_iter().next_back() else {
-            return Err(redis::RedisError::from((
+        // The script's answer is the last.
+        answers.into_iter().next_back().unwrap_or_else(|| {
+            Err(redis::RedisError::from((
                 redis::ErrorKind::Parse,
-                "a release without an answer",
-            )));
-        };
-        let deleted: i64 = redis::FromRedisValue::from_redis_value(released?)?;
-        Ok(usize::try_from(deleted).unwrap_or_default())
+                "a script without an answer",
+            )))
+        })
     }
 
     /// Compare-and-delete of what `token` holds on `keys` as `held`; returns how many keys

@@ -55,6 +55,15 @@ async fn pttl(connection: &mut MultiplexedConnection, key: &str) -> i64 {
         .unwrap()
 }
 
+/// The fencing counter of `key` on a node.
+async fn fence_counter(connection: &mut MultiplexedConnection, key: &str) -> Option<u64> {
+    redis::cmd("GET")
+        .arg([key.as_bytes(), lock_redlock::FENCE_SUFFIX].concat())
+        .query_async(connection)
+        .await
+        .unwrap()
+}
+
 /// What node 0 holds of `k` at the end: the line after the winner's release (and its
 /// follow-ups), then `k`'s value and pttl after another client took and released it.
 #[derive(Debug)]
@@ -305,4 +314,58 @@ async fn inc_a_release_resent_to_a_slow_server_that_lost_its_scripts_runs_there(
         left.is_empty(),
         "the release never ran on the server that lost its scripts: the lock stays for the ttl"
     );
+}
+
+/// The fence raise's follow-up, the same way: with fencing, a node that lost its scripts and
+/// answers later than the node timeout misses the raise round, and its follow-up re-sent it as
+/// a plain `EVALSHA`, refused there with NOSCRIPT after its sender gave up, every round: the
+/// node's counter was never raised (the quorum that was raised keeps the order, but one node
+/// fewer stands behind it). Each re-send now carries its script, and the counter is raised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_raise_resent_to_a_slow_node_that_lost_its_scripts_runs_there() {
+    let Some(binary) = redis_or_skip("s18a fence raise after SCRIPT FLUSH") else {
+        return;
+    };
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::start(&binary, &[]).unwrap())
+        .collect();
+    let proxy = LatencyProxy::start(servers[0].port()).await.unwrap();
+    let urls = vec![proxy.url(), servers[1].url(), servers[2].url()];
+    let lock = Redlock::new(
+        RedlockConfig::new(urls)
+            .with_fair(false)
+            .with_fencing(true)
+            .with_node_timeout(Duration::from_millis(50)),
+    )
+    .unwrap();
+    let locker = Locker::new(lock)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(TTL)
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap();
+    // Node 0 has lost its scripts and answers 150 ms late: it misses both rounds.
+    let flushed = servers[0]
+        .command("SCRIPT FLUSH", Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(flushed, "+OK");
+    proxy.set_delay(Duration::from_millis(150));
+    let guard = locker.acquire("k").await.unwrap();
+    let fence = guard.fencing_token().expect("fencing is on");
+    let mut node0 = connect(&servers[0].url()).await;
+    let mut raised = fence_counter(&mut node0, "k").await;
+    for _ in 0..40 {
+        if raised.is_some_and(|raised| raised >= fence) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        raised = fence_counter(&mut node0, "k").await;
+    }
+    println!("s18a: fence {fence}, node 0's counter {raised:?}");
+    assert!(
+        raised.is_some_and(|raised| raised >= fence),
+        "the raise never ran on the node that lost its scripts: its counter is {raised:?}, the fence {fence}"
+    );
+    drop(guard);
 }
