@@ -479,6 +479,73 @@ impl Shared {
         .await
     }
 
+    /// The end of a mutex round that won a quorum with validity left (until `valid_until`),
+    /// the same for every round: with fencing, the fences raised on a quorum (a second round);
+    /// then the lock, if validity is still left. Fences not raised: the attempt is undone (with
+    /// the fair waiter `line`'s place, see [`Shared::undo_attempt`]) and its answer settles it.
+    /// The validity spent by the raise: the caller undoes it, as a round won too late.
+    #[allow(clippy::too_many_arguments)]
+    async fn hand_out(
+        self: &Arc<Self>,
+        nodes: &[Node],
+        tally: &Tally,
+        pending: Pending,
+        (keys, kind, token): (KeySet, LeaseKind, &Token),
+        ttl: Duration,
+        (start, valid_until): (Instant, Instant),
+        fences: Option<&Arc<[Vec<u8>]>>,
+        line: Option<(&Token, &Arc<[u8]>)>,
+    ) -> HandedOut {
+        let fence = match fences {
+            None => Ok(None),
+            Some(fences) => {
+                Box::pin(self.raise_fence(nodes, &keys, token, fences, tally.highest, ttl)).await
+            }
+        };
+        match fence {
+            // Without fencing, or raised on a quorum: ours, if the second round left time.
+            Ok(fence) if fences.is_none() || fence.is_some() => {
+                if Instant::now() >= valid_until {
+                    return HandedOut::Spent(pending);
+                }
+                // Requests still in flight can only add our own token to more nodes, which
+                // keeps the lock safe through more node failures: let them run (dropped, one
+                // not yet sent, e.g. on a connection still being made, would never be).
+                // Release goes to every node anyway, and once more to these when they have
+                // answered: a release sent before may overtake the request on its node (a
+                // script reloaded after NOSCRIPT, a connection being made) and find nothing,
+                // and the key would then stay for the ttl.
+                let in_flight = (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
+                HandedOut::Settled(Ok(Some(Box::new(RedlockHandle {
+                    shared: Arc::clone(self),
+                    lease: lease(keys, kind, token.clone(), valid_until, fence),
+                    held: Held::Mutex,
+                    ttl,
+                    in_flight,
+                    extending: None,
+                    line_member: line
+                        .map(|(_, member)| member)
+                        .filter(|member| !member.is_empty())
+                        .cloned(),
+                }))))
+            }
+            outcome => {
+                Box::pin(self.undo_attempt(
+                    tally,
+                    pending,
+                    &keys,
+                    token,
+                    (Held::Mutex, Held::Mutex),
+                    ttl,
+                    start.elapsed(),
+                    line,
+                ))
+                .await;
+                HandedOut::Settled(outcome.map(|_| None))
+            }
+        }
+    }
+
     /// After a failed attempt: frees what it won at once, and cleans every other node in the
     /// background once their (possibly late) answers are in.
     ///
@@ -684,7 +751,7 @@ impl Lock for Redlock {
             let nodes = shared.nodes()?;
             let fences = shared.fence_keys(&keys);
             let start = Instant::now();
-            let (tally, pending) =
+            let (tally, mut pending) =
                 round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
                     let (keys, token, fences) = (keys.clone(), token.clone(), fences.clone());
                     async move { node.acquire(&keys, &token, ttl, fences.as_deref()).await }
@@ -694,58 +761,22 @@ impl Lock for Redlock {
             if tally.yes.len() >= shared.quorum
                 && let Some(valid_until) = shared.valid_until(start, ttl)
             {
-                let fence = match &fences {
-                    None => Ok(None),
-                    Some(fences) => {
-                        Box::pin(shared.raise_fence(
-                            &nodes,
-                            &keys,
-                            &token,
-                            fences,
-                            tally.highest,
-                            ttl,
-                        ))
-                        .await
-                    }
-                };
-                match fence {
-                    // Without fencing, or raised on a quorum: ours, if the second round left time.
-                    Ok(fence) if fences.is_none() || fence.is_some() => {
-                        if Instant::now() < valid_until {
-                            // Requests still in flight can only add our own token to more nodes,
-                            // which keeps the lock safe through more node failures: let them run
-                            // (dropped, one not yet sent, e.g. on a connection still being made,
-                            // would never be). Release goes to every node anyway, and once more to
-                            // these when they have answered: a release sent before may overtake the
-                            // request on its node (a script reloaded after NOSCRIPT, a connection
-                            // being made) and find nothing, and the key would then stay for the ttl.
-                            let in_flight =
-                                (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
-                            return Ok(Some(Box::new(RedlockHandle {
-                                shared: Arc::clone(shared),
-                                lease: lease(keys, request.kind(), token, valid_until, fence),
-                                held: Held::Mutex,
-                                ttl,
-                                in_flight,
-                                extending: None,
-                                line_member: None,
-                            })));
-                        }
-                    }
-                    outcome => {
-                        Box::pin(shared.undo_attempt(
-                            &tally,
-                            pending,
-                            &keys,
-                            &token,
-                            (Held::Mutex, Held::Mutex),
-                            ttl,
-                            start.elapsed(),
-                            None,
-                        ))
-                        .await;
-                        return outcome.map(|_| None);
-                    }
+                let won = (keys.clone(), request.kind(), &token);
+                match shared
+                    .hand_out(
+                        &nodes,
+                        &tally,
+                        pending,
+                        won,
+                        ttl,
+                        (start, valid_until),
+                        fences.as_ref(),
+                        None,
+                    )
+                    .await
+                {
+                    HandedOut::Settled(settled) => return settled,
+                    HandedOut::Spent(left) => pending = left,
                 }
             }
             Box::pin(shared.undo_attempt(
@@ -1090,52 +1121,33 @@ async fn try_acquire_fair_quorum(
     .await;
     tally.trace(start, true);
     let won = tally.yes.len() >= shared.quorum;
+    let mut pending = pending;
     if won && let Some(valid_until) = shared.valid_until(start, ttl) {
-        let fence = match &fences {
-            None => Ok(None),
-            Some(fences) => {
-                Box::pin(shared.raise_fence(nodes, &keys, token, fences, tally.highest, ttl)).await
-            }
-        };
-        match fence {
-            Ok(fence) if fences.is_none() || fence.is_some() => {
-                if Instant::now() < valid_until {
-                    if let Some(waiter) = request.waiter() {
-                        fair.forget(waiter);
-                    }
-                    // As in `try_acquire`: requests still out can only add our token to more
-                    // nodes; the release goes to every node.
-                    let in_flight = (!pending.is_empty()).then(|| tokio::spawn(pending.finish()));
-                    return Ok(Some(Box::new(RedlockHandle {
-                        shared: Arc::clone(shared),
-                        lease: lease(keys, request.kind(), token.clone(), valid_until, fence),
-                        held: Held::Mutex,
-                        ttl,
-                        in_flight,
-                        extending: None,
-                        line_member: (!member.is_empty()).then_some(member),
-                    })));
+        let won = (keys.clone(), request.kind(), token);
+        match shared
+            .hand_out(
+                nodes,
+                &tally,
+                pending,
+                won,
+                ttl,
+                (start, valid_until),
+                fences.as_ref(),
+                line_waiter,
+            )
+            .await
+        {
+            HandedOut::Settled(settled) => {
+                if let (Ok(Some(_)), Some(waiter)) = (&settled, request.waiter()) {
+                    fair.forget(waiter);
                 }
+                return settled;
             }
-            outcome => {
-                Box::pin(shared.undo_attempt(
-                    &tally,
-                    pending,
-                    &keys,
-                    token,
-                    (Held::Mutex, Held::Mutex),
-                    ttl,
-                    start.elapsed(),
-                    line_waiter,
-                ))
-                .await;
-                return outcome.map(|_| None);
-            }
+            HandedOut::Spent(left) => pending = left,
         }
     }
     // Not won: the turns this waiter took stay its own (see above); the rest is undone.
     let round_took = start.elapsed();
-    let mut pending = pending;
     if place.is_some() && !won {
         // The answers still coming are awaited as the undo would (twice the round at most): a
         // node that took the key but answered after the refusals decided the round keeps the
@@ -1299,6 +1311,15 @@ struct RedlockHandle {
     /// The fair waiter that won this lock over several nodes: the release takes it out of every
     /// node's line (one that refused it may still have it, even reserve the key for it).
     line_member: Option<Arc<[u8]>>,
+}
+
+/// What a won round comes to (see [`Shared::hand_out`]).
+enum HandedOut {
+    /// Settled: the lock, or the answer of an attempt undone because its fences were not
+    /// raised.
+    Settled(Result<Option<Box<dyn Handle>>>),
+    /// The fence raise spent the validity: the in-flight requests, for the caller's undo.
+    Spent(Pending),
 }
 
 /// The lease a granted request holds.
