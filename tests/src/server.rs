@@ -510,3 +510,52 @@ fn send_inline(port: u16, command: &str, timeout: Duration) -> io::Result<String
     BufReader::new(stream).read_line(&mut line)?;
     Ok(line.trim_end().to_owned())
 }
+
+/// The connections open on the server at `port` (`CLIENT LIST`, a line per connection), the
+/// one that asks left out.
+///
+/// # Panics
+/// When the server cannot be asked.
+pub async fn client_list(port: u16) -> Vec<String> {
+    let mut connection = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .expect("a client for CLIENT LIST")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a connection for CLIENT LIST");
+    let (id, list): (u64, String) = redis::pipe()
+        .cmd("CLIENT")
+        .arg("ID")
+        .cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut connection)
+        .await
+        .expect("CLIENT LIST");
+    let asking = format!("id={id} ");
+    list.lines()
+        .filter(|line| !line.trim().is_empty() && !line.starts_with(&asking))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// How many connections the server at `port` has open, the one that asks left out.
+///
+/// # Panics
+/// When the server cannot be asked.
+pub async fn connections(port: u16) -> usize {
+    client_list(port).await.len()
+}
+
+/// The connections of the server at `port` once they are down to `want` or `within` has
+/// passed (polled every 50 ms).
+///
+/// # Panics
+/// When the server cannot be asked.
+pub async fn settle_connections(port: u16, want: usize, within: Duration) -> usize {
+    let until = Instant::now() + within;
+    let mut now = connections(port).await;
+    while now > want && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        now = connections(port).await;
+    }
+    now
+}

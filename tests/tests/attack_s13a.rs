@@ -10,6 +10,17 @@ use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::fair::waiting;
 use lock_tests::nodes::Nodes;
+use lock_tests::server::client_list;
+
+/// The connections open on each server (`CLIENT LIST`, the asking one left out; a pub/sub
+/// connection whose channels were all unsubscribed is no longer of type `pubsub`).
+async fn clients(ports: &[u16]) -> Vec<Vec<String>> {
+    let mut all = Vec::new();
+    for port in ports {
+        all.push(client_list(*port).await);
+    }
+    all
+}
 
 /// A client of its own on `urls` with the configuration's defaults (wake-ups on: 3 nodes).
 fn client(urls: &[String], retry: RetryPolicy) -> Locker {
@@ -21,20 +32,6 @@ fn client(urls: &[String], retry: RetryPolicy) -> Locker {
                 .with_retry(retry),
         )
         .expect("options")
-}
-
-/// The connections open on the server at `url` now, this probe's own left out (`CLIENT LIST`:
-/// a pub/sub connection whose channels were all unsubscribed is no longer of type `pubsub`).
-fn clients(url: &str) -> Vec<String> {
-    let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query(&mut connection)
-        .unwrap();
-    list.lines()
-        .filter(|line| !line.trim().is_empty() && !line.contains("cmd=client|list"))
-        .map(str::to_owned)
-        .collect()
 }
 
 /// A waiter on `key` woken by the holder's release; returns the waiter (dropped by the caller).
@@ -72,13 +69,13 @@ async fn waited_once(urls: &[String], key: &'static str) -> Locker {
 async fn a_dropped_client_leaves_no_pub_sub_connection_with_a_node_black_holed() {
     let nodes = Nodes::start().await;
     let urls = nodes.urls().to_vec();
-    let healthy = [nodes.servers[0].url(), nodes.servers[1].url()];
+    let healthy = [nodes.servers[0].port(), nodes.servers[1].port()];
 
     // Control: the linger ends, the dropped client's connections close.
     let waiter = waited_once(&urls, "control").await;
     drop(waiter);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let left: Vec<Vec<String>> = healthy.iter().map(|url| clients(url)).collect();
+    let left = clients(&healthy).await;
     assert!(
         left.iter().all(Vec::is_empty),
         "control: connections after the drop: {left:?}"
@@ -89,7 +86,7 @@ async fn a_dropped_client_leaves_no_pub_sub_connection_with_a_node_black_holed()
     nodes.proxy.black_hole();
     drop(waiter);
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let left: Vec<Vec<String>> = healthy.iter().map(|url| clients(url)).collect();
+    let left = clients(&healthy).await;
     nodes.proxy.set_delay(Duration::ZERO);
     assert!(
         left.iter().all(Vec::is_empty),
@@ -283,8 +280,8 @@ async fn a_stopped_client_kept_alive_leaves_no_connection() {
     let waiter = waited_once(&urls, "stopped").await;
     waiter.stop().await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await; // past the linger
-    let healthy = [nodes.servers[0].url(), nodes.servers[1].url()];
-    let left: Vec<Vec<String>> = healthy.iter().map(|url| clients(url)).collect();
+    let healthy = [nodes.servers[0].port(), nodes.servers[1].port()];
+    let left = clients(&healthy).await;
     assert!(
         left.iter().all(Vec::is_empty),
         "connections of a stopped client: {left:?}"

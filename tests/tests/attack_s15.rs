@@ -9,23 +9,14 @@ use std::time::Duration;
 
 use lock_core::RetryPolicy;
 use lock_tests::fair::{Store, Target, waiting};
+use lock_tests::server::connections;
 use tokio::time::Instant;
 
-/// The connections every server of `target` has open, but for the one that asks.
-async fn connections(target: &Target) -> usize {
+/// The connections every server of `target` has open, but for the ones that ask.
+async fn connections_of(target: &Target) -> usize {
     let mut open = 0;
     for server in &target.servers {
-        let mut connection = redis::Client::open(server.url().as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let list: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        open += list.lines().filter(|line| !line.trim().is_empty()).count() - 1;
+        open += connections(server.port()).await;
     }
     open
 }
@@ -37,7 +28,7 @@ async fn a_dropped_client_closes_its_connections(store: Store) {
     let Some(target) = Target::start(store, "attack_s15").await else {
         return;
     };
-    let before = connections(&target).await;
+    let before = connections_of(&target).await;
     let ttl = Duration::from_secs(10);
     // Fair (inc's opt-in) so that the waiter opens its pub/sub connection too.
     let fair = true;
@@ -53,7 +44,7 @@ async fn a_dropped_client_closes_its_connections(store: Store) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     guard.release().await.unwrap();
     task.await.unwrap().unwrap();
-    let during = connections(&target).await;
+    let during = connections_of(&target).await;
     assert!(
         during > before,
         "the clients opened no connection ({before} before, {during} with them): the check \
@@ -61,10 +52,10 @@ async fn a_dropped_client_closes_its_connections(store: Store) {
     );
     drop((holder, waiter));
     let until = Instant::now() + Duration::from_secs(2);
-    let mut after = connections(&target).await;
+    let mut after = connections_of(&target).await;
     while after > before && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        after = connections(&target).await;
+        after = connections_of(&target).await;
     }
     assert_eq!(
         after, before,

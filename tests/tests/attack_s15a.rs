@@ -10,50 +10,11 @@ use std::time::Duration;
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::fair::waiting;
-use lock_tests::server::{RedisServer, redis_or_skip};
+use lock_tests::server::{
+    RedisServer, client_list, connections, redis_or_skip, settle_connections,
+};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-
-/// The connections `server` has open, but for the one that asks.
-async fn connections(server: &RedisServer) -> usize {
-    let mut connection = redis::Client::open(server.url().as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    list.lines().filter(|line| !line.trim().is_empty()).count() - 1
-}
-
-/// `server`'s CLIENT LIST, a line per connection.
-async fn client_list(server: &RedisServer) -> Vec<String> {
-    let mut connection = redis::Client::open(server.url().as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    list.lines().map(str::to_owned).collect()
-}
-
-/// The connections of `server` once they are down to `want` or `within` has passed.
-async fn settle(server: &RedisServer, want: usize, within: Duration) -> usize {
-    let until = Instant::now() + within;
-    let mut now = connections(server).await;
-    while now > want && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        now = connections(server).await;
-    }
-    now
-}
 
 async fn inc(url: &str, fair: bool, command_timeout: u64) -> IncLock {
     IncLock::connect(IncConfig {
@@ -88,7 +49,7 @@ async fn a_client_dropped_off_the_runtime_closes_its_connection() {
     let Some(server) = server("attack_s15a") else {
         return;
     };
-    let before = connections(&server).await;
+    let before = connections(server.port()).await;
     for on_runtime in [true, false] {
         let client = locker(
             inc(&server.url(), false, 1_000).await,
@@ -102,14 +63,14 @@ async fn a_client_dropped_off_the_runtime_closes_its_connection() {
             .release()
             .await
             .unwrap();
-        let during = connections(&server).await;
+        let during = connections(server.port()).await;
         assert!(during > before, "the client opened no connection");
         if on_runtime {
             drop(client);
         } else {
             std::thread::spawn(move || drop(client)).join().unwrap();
         }
-        let after = settle(&server, before, Duration::from_secs(3)).await;
+        let after = settle_connections(server.port(), before, Duration::from_secs(3)).await;
         assert_eq!(
             after,
             before,
@@ -134,7 +95,7 @@ async fn a_client_dropped_in_a_short_lived_runtime_closes_its_connection() {
     let Some(server) = server("attack_s15a") else {
         return;
     };
-    let before = connections(&server).await;
+    let before = connections(server.port()).await;
     let client = locker(
         inc(&server.url(), false, 1_000).await,
         Duration::from_secs(5),
@@ -156,7 +117,7 @@ async fn a_client_dropped_in_a_short_lived_runtime_closes_its_connection() {
     })
     .join()
     .unwrap();
-    let after = settle(&server, before, Duration::from_secs(3)).await;
+    let after = settle_connections(server.port(), before, Duration::from_secs(3)).await;
     assert_eq!(
         after, before,
         "{after} connections 3 s after the drop, {before} before the client"
@@ -176,7 +137,7 @@ async fn a_guard_outliving_its_dropped_lock_keeps_extending_and_releases() {
     let Some(server) = server("attack_s15a") else {
         return;
     };
-    let before = connections(&server).await;
+    let before = connections(server.port()).await;
     let client = locker(
         inc(&server.url(), false, 1_000).await,
         Duration::from_secs(1),
@@ -202,7 +163,7 @@ async fn a_guard_outliving_its_dropped_lock_keeps_extending_and_releases() {
         "the guard's release did not free the key"
     );
     other.stop().await.unwrap();
-    let after = settle(&server, before, Duration::from_secs(3)).await;
+    let after = settle_connections(server.port(), before, Duration::from_secs(3)).await;
     assert_eq!(after, before, "connections left after the guard went");
 }
 
@@ -217,7 +178,7 @@ async fn a_release_sent_again_after_the_lock_dropped_lands_then_closes() {
     let Some(server) = server("attack_s15a") else {
         return;
     };
-    let before = connections(&server).await;
+    let before = connections(server.port()).await;
     let client = locker(
         inc(&server.url(), false, 300).await,
         Duration::from_secs(30),
@@ -249,7 +210,7 @@ async fn a_release_sent_again_after_the_lock_dropped_lands_then_closes() {
         "the release asked again after the lock was dropped never landed (ttl 30 s)"
     );
     other.stop().await.unwrap();
-    let after = settle(&server, before, Duration::from_secs(3)).await;
+    let after = settle_connections(server.port(), before, Duration::from_secs(3)).await;
     assert_eq!(after, before, "connections left after the release landed");
 }
 
@@ -283,7 +244,7 @@ async fn a_client_dropped_while_reconnecting_leaves_no_connection() {
     server.restart().unwrap();
     // fred's backoff is 1 s at most: a reconnect would have come by now.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = connections(&server).await;
+    let after = connections(server.port()).await;
     assert_eq!(
         after, 0,
         "{after} connections of a client dropped while its server was down"
@@ -299,7 +260,7 @@ async fn many_dropped_fair_clients_leave_no_connection() {
     let Some(server) = server("attack_s15a") else {
         return;
     };
-    let before = connections(&server).await;
+    let before = connections(server.port()).await;
     let ttl = Duration::from_secs(5);
     for _ in 0..10 {
         let holder = locker(
@@ -324,7 +285,7 @@ async fn many_dropped_fair_clients_leave_no_connection() {
         // Dropped with everything: lock, guard (its release in flight), waiter.
         drop((holder, waiter, guard));
     }
-    let after = settle(&server, before, Duration::from_secs(3)).await;
+    let after = settle_connections(server.port(), before, Duration::from_secs(3)).await;
     assert_eq!(
         after, before,
         "{after} connections after 10 rounds of dropped clients, {before} before"
@@ -458,7 +419,7 @@ async fn a_waiter_whose_subscription_came_late_leaves_no_connection(fair: bool) 
         RetryPolicy::none(),
     );
     let guard = holder.acquire("late").await.unwrap();
-    let mut before = connections(&server).await;
+    let mut before = connections(server.port()).await;
     let mut left = Vec::new();
     for stop in [false, true] {
         let (mut proxy, first) = SlowNewConnections::start(server.port()).await;
@@ -490,7 +451,7 @@ async fn a_waiter_whose_subscription_came_late_leaves_no_connection(fair: bool) 
         proxy.open.notify_one();
         // The subscriber's SYN is sent again about 1 s after the first.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let during = connections(&server).await;
+        let during = connections(server.port()).await;
         assert_eq!(
             during,
             before + 2,
@@ -501,18 +462,18 @@ async fn a_waiter_whose_subscription_came_late_leaves_no_connection(fair: bool) 
             waiter.stop().await.unwrap();
         }
         drop(waiter);
-        let after = settle(&server, before, Duration::from_secs(3)).await;
+        let after = settle_connections(server.port(), before, Duration::from_secs(3)).await;
         if after != before {
             left.push(format!(
                 "{}: {after} connections 3 s later, {before} without the waiter ({during} with \
                  it)",
                 if stop { "stopped" } else { "dropped" }
             ));
-            left.extend(client_list(&server).await);
+            left.extend(client_list(server.port()).await);
         }
         drop(proxy);
         // What a stopped client left: not counted against the next round.
-        before = connections(&server).await;
+        before = connections(server.port()).await;
     }
     assert!(left.is_empty(), "{left:#?}");
     guard.release().await.unwrap();
@@ -549,7 +510,7 @@ async fn a_dropped_redlock_client_leaves_no_connection_on_any_node() {
     let count = || async {
         let mut open = 0;
         for server in &servers {
-            open += connections(server).await;
+            open += connections(server.port()).await;
         }
         open
     };
@@ -621,7 +582,7 @@ async fn a_client_dropped_as_its_runtime_shuts_down_does_not_panic() {
     let Some(server) = server("attack_s15a") else {
         return;
     };
-    let before = connections(&server).await;
+    let before = connections(server.port()).await;
     let url = server.url();
     let outcome = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -648,7 +609,7 @@ async fn a_client_dropped_as_its_runtime_shuts_down_does_not_panic() {
     })
     .join();
     assert!(outcome.is_ok(), "panicked as the runtime shut down");
-    let after = settle(&server, before, Duration::from_secs(3)).await;
+    let after = settle_connections(server.port(), before, Duration::from_secs(3)).await;
     assert_eq!(after, before, "connections left after the runtime ended");
 }
 
@@ -665,7 +626,7 @@ async fn a_cluster_client_dropped_while_a_primary_is_paused_leaves_no_connection
     let count = || async {
         let mut open = 0;
         for server in &target.servers {
-            open += connections(server).await;
+            open += connections(server.port()).await;
         }
         open
     };
@@ -706,7 +667,7 @@ async fn a_connect_given_up_by_its_caller_leaves_no_connection() {
     let Some(server) = server("attack_s15a") else {
         return;
     };
-    let before = connections(&server).await;
+    let before = connections(server.port()).await;
     let (mut proxy, first) = SlowNewConnections::start_passing(server.port(), false).await;
     first.await.unwrap();
     proxy.fill().await;
@@ -723,12 +684,12 @@ async fn a_connect_given_up_by_its_caller_leaves_no_connection() {
         proxy.forwarded.load(std::sync::atomic::Ordering::SeqCst) > 0,
         "the given-up connection never reached the server: the check below would prove nothing"
     );
-    let after = connections(&server).await;
+    let after = connections(server.port()).await;
     assert_eq!(
         after,
         before,
         "{after} connections 3 s after a given-up connect, {before} before: {:#?}",
-        client_list(&server).await
+        client_list(server.port()).await
     );
 }
 
@@ -741,7 +702,7 @@ async fn one_of_two_lockers_on_one_backend_dropped_leaves_the_other_working() {
     let Some(server) = server("attack_s15a") else {
         return;
     };
-    let before = connections(&server).await;
+    let before = connections(server.port()).await;
     let backend: Arc<dyn lock_core::raw::Lock> = Arc::new(inc(&server.url(), true, 1_000).await);
     let options = LockOptions::default()
         .with_ttl(Duration::from_secs(1))
@@ -771,7 +732,7 @@ async fn one_of_two_lockers_on_one_backend_dropped_leaves_the_other_working() {
         .await
         .unwrap();
     drop(second);
-    let after = settle(&server, before, Duration::from_secs(3)).await;
+    let after = settle_connections(server.port(), before, Duration::from_secs(3)).await;
     assert_eq!(after, before, "connections left after both clients went");
 }
 
@@ -798,7 +759,7 @@ async fn a_fair_waiter_that_subscribed_again_leaves_no_connection() {
     for round in 0..8 {
         let key = format!("again-{round}");
         let guard = holder.acquire(&key).await.unwrap();
-        let before = connections(&server).await;
+        let before = connections(server.port()).await;
         let (mut proxy, first) = SlowNewConnections::start(server.port()).await;
         let waiter = IncLock::connect(IncConfig {
             command_timeout: 500,
@@ -828,16 +789,16 @@ async fn a_fair_waiter_that_subscribed_again_leaves_no_connection() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         guard.release().await.unwrap();
         task.await.unwrap().unwrap();
-        let during = connections(&server).await;
+        let during = connections(server.port()).await;
         waiter.stop().await.unwrap();
         drop(waiter);
-        let after = settle(&server, before, Duration::from_secs(3)).await;
+        let after = settle_connections(server.port(), before, Duration::from_secs(3)).await;
         assert_eq!(
             after,
             before,
             "round {round}: {after} connections 3 s after the waiter stopped, {before} without \
              it ({during} with it): {:#?}",
-            client_list(&server).await
+            client_list(server.port()).await
         );
         drop(proxy);
     }

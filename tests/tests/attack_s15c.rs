@@ -18,33 +18,12 @@ use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::fair::{Store, Target};
 use lock_tests::proxy::LatencyProxy;
-use lock_tests::server::{RedisServer, redis_or_skip};
+use lock_tests::server::{
+    RedisServer, client_list, connections, redis_or_skip, settle_connections,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
-
-/// `server`'s CLIENT LIST, a line per connection (the asking one included).
-async fn client_list(port: u16) -> Vec<String> {
-    let mut connection = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    list.lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
-/// The connections `port`'s server has open, but for the one that asks.
-async fn connections(port: u16) -> usize {
-    client_list(port).await.len() - 1
-}
 
 /// The pub/sub connections (flag `P`) of `port`'s server.
 async fn pubsub_lines(port: u16) -> Vec<String> {
@@ -81,17 +60,6 @@ async fn settle_pubsub(port: u16, within: Duration) -> Vec<String> {
     while !now.is_empty() && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(50)).await;
         now = pubsub_lines(port).await;
-    }
-    now
-}
-
-/// The connections of `port` once they are down to `want` or `within` has passed.
-async fn settle(port: u16, want: usize, within: Duration) -> usize {
-    let until = Instant::now() + within;
-    let mut now = connections(port).await;
-    while now > want && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        now = connections(port).await;
     }
     now
 }
@@ -426,7 +394,7 @@ async fn stop_with_the_server_paused(push: Push) {
     guard.release().await.unwrap();
     holder.stop().await.unwrap();
     drop(waiter);
-    let after = settle(server.port(), before, Duration::from_secs(3)).await;
+    let after = settle_connections(server.port(), before, Duration::from_secs(3)).await;
     assert_eq!(after, before, "{push:?}: connections left after stop");
 }
 
@@ -693,7 +661,7 @@ async fn cluster_stopped_with_a_primary_paused(push: Push) {
     let mut left = Vec::new();
     for (server, before) in target.servers.iter().zip(&before) {
         left.push((
-            settle(server.port(), *before, Duration::from_secs(3)).await,
+            settle_connections(server.port(), *before, Duration::from_secs(3)).await,
             *before,
         ));
     }

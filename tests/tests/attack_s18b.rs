@@ -15,7 +15,9 @@ use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::nodes::leftovers;
 use lock_tests::proxy::LatencyProxy;
-use lock_tests::server::{RedisServer, redis_or_skip};
+use lock_tests::server::{
+    RedisServer, client_list, connections, redis_or_skip, settle_connections,
+};
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(10);
@@ -65,22 +67,6 @@ async fn info_field(server: &RedisServer, section: &str, field: &str) -> u64 {
 /// Connections the server accepted so far (the asking one included).
 async fn accepted(server: &RedisServer) -> u64 {
     info_field(server, "stats", "total_connections_received").await
-}
-
-/// Connections open on the server, but for the one that asks.
-async fn connected(server: &RedisServer) -> u64 {
-    info_field(server, "clients", "connected_clients").await - 1
-}
-
-/// The server's connections once they are down to `want` or `within` has passed.
-async fn settle(server: &RedisServer, want: u64, within: Duration) -> u64 {
-    let until = Instant::now() + within;
-    let mut now = connected(server).await;
-    while now > want && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        now = connected(server).await;
-    }
-    now
 }
 
 async fn cycles(locker: &Locker, key: &str, count: usize) {
@@ -154,7 +140,11 @@ async fn a_restart_fails_one_try_not_one_per_pooled_connection() {
     let mut server = RedisServer::start(&binary, &[]).unwrap();
     let locker = Arc::new(pooled(&server, 4, RetryPolicy::none()));
     fill(&locker, 4).await;
-    assert_eq!(connected(&server).await, 4, "four pooled connections");
+    assert_eq!(
+        connections(server.port()).await,
+        4,
+        "four pooled connections"
+    );
     server.restart().unwrap();
     let mut failed = 0;
     loop {
@@ -228,26 +218,19 @@ async fn restarts_under_load_on_three_nodes_cost_no_acquisition() {
     assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two holders at once");
     for server in &servers {
         // The pool's 2 and the subscriber of release notices.
-        let left = settle(server, 3, Duration::from_secs(3)).await;
+        let left = settle_connections(server.port(), 3, Duration::from_secs(3)).await;
         if left > 3 {
-            let mut connection = redis::Client::open(server.url().as_str())
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
-            let list: String = redis::cmd("CLIENT")
-                .arg("LIST")
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            println!("{list}");
+            println!("{:#?}", client_list(server.port()).await);
         }
         assert!(left <= 3, "{left} connections on a node with a pool of 2");
     }
     locker.stop().await.unwrap();
     drop(locker);
     for server in &servers {
-        assert_eq!(settle(server, 0, Duration::from_secs(3)).await, 0);
+        assert_eq!(
+            settle_connections(server.port(), 0, Duration::from_secs(3)).await,
+            0
+        );
     }
 }
 
@@ -306,10 +289,10 @@ async fn cancellations_over_a_small_pool_keep_exclusion_and_leave_nothing() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             left = leftovers(&server);
         }
-        let after = settle(&server, pool_size as u64, Duration::from_secs(3)).await;
+        let after = settle_connections(server.port(), pool_size, Duration::from_secs(3)).await;
         locker.stop().await.unwrap();
         drop(locker);
-        let stopped = settle(&server, 0, Duration::from_secs(3)).await;
+        let stopped = settle_connections(server.port(), 0, Duration::from_secs(3)).await;
         println!(
             "pool {pool_size}: {} wins, {after} connections after, {stopped} after stop",
             wins.load(Ordering::SeqCst)
@@ -318,7 +301,7 @@ async fn cancellations_over_a_small_pool_keep_exclusion_and_leave_nothing() {
         assert!(wins.load(Ordering::SeqCst) > 0, "nobody ever won");
         assert!(left.is_empty(), "left in Redis: {left:?}");
         assert!(
-            after <= pool_size as u64,
+            after <= pool_size,
             "{after} connections, pool of {pool_size}"
         );
         assert_eq!(stopped, 0, "connections left after stop and drop");
@@ -349,7 +332,7 @@ async fn a_black_hole_leaves_nothing_once_it_lifts() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let left = leftovers(&server);
     assert!(left.is_empty(), "late acquisitions left {left:?}");
-    let after = settle(&server, 2, Duration::from_secs(3)).await;
+    let after = settle_connections(server.port(), 2, Duration::from_secs(3)).await;
     assert!(
         after <= 2,
         "{after} connections once the hole lifted, pool of 2"
@@ -362,7 +345,10 @@ async fn a_black_hole_leaves_nothing_once_it_lifts() {
     won.release().await.unwrap();
     locker.stop().await.unwrap();
     drop(locker);
-    assert_eq!(settle(&server, 0, Duration::from_secs(3)).await, 0);
+    assert_eq!(
+        settle_connections(server.port(), 0, Duration::from_secs(3)).await,
+        0
+    );
 }
 
 /// The server closes connections idle for a second (`timeout 1`, its smallest), and a client
