@@ -967,6 +967,12 @@ impl Locker {
                 skipped = true;
                 tracing::trace!(attempts, "in line; waiting on for the turn");
             }
+            // A wait that ended as `stop` ran (a release, or a claim that `stop` made another
+            // acquisition take back, woke it in the same tick as the stop's notification) goes
+            // no further: the stopped client hands out no guard.
+            if self.stopped.load(Ordering::SeqCst) {
+                return Err(LockError::Stopped);
+            }
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Err(gave_up(last_error.take()));
             }
