@@ -241,6 +241,57 @@ async fn stop_hands_no_read_lock_to_a_reader_woken_by_the_writers_take_back() {
     );
 }
 
+/// As above, seen from a second client of the same table: a waiter of a client that is being
+/// stopped, woken by a release in the same tick, ends with `Stopped` — and the wake-up it was
+/// handed must not end with it: the waiter of the other client (`Locker`s over clones of one
+/// `MemoryLock` share its locks) gets the free key at once, not after its 10 s delay.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_stopped_as_it_was_woken_leaves_the_wake_up_to_another_client() {
+    let mut asleep = 0;
+    for _ in 0..24 {
+        let lock = MemoryLock::new();
+        let stopping = locker(
+            &lock,
+            Duration::from_secs(60),
+            every(Duration::from_secs(10)),
+        );
+        let other = locker(
+            &lock,
+            Duration::from_secs(60),
+            every(Duration::from_secs(10)),
+        );
+        let holder = other.acquire("k").await.unwrap();
+        let first = tokio::spawn({
+            let stopping = stopping.clone();
+            async move { stopping.acquire("k").await.map(drop) }
+        });
+        settle().await;
+        let mut second = tokio::spawn({
+            let other = other.clone();
+            async move { other.acquire("k").await.map(|_guard| Instant::now()) }
+        });
+        settle().await;
+        let released_at = Instant::now();
+        holder.release().await.unwrap();
+        stopping.stop().await.unwrap();
+        assert!(matches!(first.await.unwrap(), Err(LockError::Stopped)));
+        match tokio::time::timeout(Duration::from_secs(1), &mut second).await {
+            Ok(at) => assert!(at.unwrap().unwrap() - released_at < ms(100)),
+            Err(_) => {
+                asleep += 1;
+                second.abort();
+                let _ = second.await;
+            }
+        }
+        assert!(lock.is_empty());
+    }
+    assert_eq!(
+        asleep, 0,
+        "of 24 waiters of another client, {asleep} slept on with the key free after the \
+         stopped client's waiter took their wake-up"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The watchdog at the smallest ttls, on a perfect clock
 // ---------------------------------------------------------------------------------------------
