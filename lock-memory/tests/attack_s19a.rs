@@ -1262,3 +1262,101 @@ async fn a_stream_of_readers_neither_starves_nor_meets_a_writer() {
     }
     assert!(lock.is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cancellation by real timeouts on two threads, and the in-process queue's lapse
+// ---------------------------------------------------------------------------------------------
+
+/// Promise ("Cancel safety", and the table "returns to empty"): six tasks on two threads take
+/// every kind of lease on three keys (one key per family, so kinds never mismatch) under
+/// `tokio::time::timeout`s of 0 to 3 ms, cancelled at whatever point the real clock cuts them
+/// (mid-wait, right after a hand-over, between a writer's claim and its retry); once they are
+/// done the table is empty, nobody waits, and every key can be taken at once. Held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_at_random_points_on_two_threads_leave_nothing() {
+    let lock = MemoryLock::new();
+    let locker = locker(&lock, ms(20), every(ms(1)));
+    let permit = LeaseKind::permit(2).unwrap();
+    let mut tasks = Vec::new();
+    for task in 0..6u64 {
+        let locker = locker.clone();
+        tasks.push(tokio::spawn(async move {
+            let options = locker.options().clone();
+            let mut state = task.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            for _ in 0..150 {
+                let (key, kind) = match next() % 5 {
+                    0 => ("m", LeaseKind::Exclusive),
+                    1 => ("s", permit),
+                    2 | 3 => ("rw", LeaseKind::Read),
+                    _ => ("rw", LeaseKind::Write),
+                };
+                let cut = Duration::from_micros(next() % 3_000);
+                let attempt = if next() % 4 == 0 {
+                    let keys: &[&str] = if next() % 2 == 0 {
+                        &["m", "x"]
+                    } else {
+                        &["x", "m"]
+                    };
+                    tokio::time::timeout(cut, locker.acquire_many(keys)).await
+                } else {
+                    tokio::time::timeout(cut, locker.acquire_kind(key, kind, &options)).await
+                };
+                if let Ok(Ok(guard)) = attempt {
+                    if next() % 2 == 0 {
+                        tokio::time::sleep(Duration::from_micros(next() % 1_500)).await;
+                    }
+                    if next() % 3 == 0 {
+                        drop(guard);
+                    } else {
+                        let _ = guard.release().await;
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(lock.waited_keys(), 0);
+    assert!(lock.is_empty(), "{lock:?} left in the table");
+    for (key, kind) in [
+        ("m", LeaseKind::Exclusive),
+        ("s", permit),
+        ("rw", LeaseKind::Write),
+    ] {
+        assert!(
+            locker.try_acquire_kind(key, kind).await.unwrap().is_some(),
+            "{key}"
+        );
+    }
+}
+
+/// Promise (`Locker::with_local_queue`: "A holder's place is given up when it releases or
+/// when its validity lapses"), turned on over the memory backend: a queued holder whose guard
+/// is leaked (`mem::forget`: never released, never dropped) holds its place only until its
+/// ttl; the next task in the queue gets the key right after. Held.
+#[tokio::test(start_paused = true)]
+async fn a_leaked_guard_holds_its_place_in_the_queue_only_until_its_ttl() {
+    let lock = MemoryLock::new();
+    let locker = locker(&lock, ms(100), every(Duration::from_secs(10))).with_local_queue(true);
+    let leaked = locker.acquire("k").await.unwrap();
+    let acquired_at = Instant::now();
+    std::mem::forget(leaked);
+    let next = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire("k").await.map(|_guard| Instant::now()) }
+    });
+    let got = tokio::time::timeout(Duration::from_secs(1), next).await;
+    let after = got.map(|at| at.unwrap().unwrap() - acquired_at);
+    assert!(
+        matches!(after, Ok(after) if after <= ms(101)),
+        "the next task got the key after {after:?} (a 100 ms ttl)"
+    );
+    assert!(lock.is_empty());
+}
