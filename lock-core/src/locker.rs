@@ -931,8 +931,9 @@ impl Locker {
                 if early_wakes >= 2 {
                     early_wakes = 0;
                     tokio::select! {
-                        () = tokio::time::sleep_until(wake_at) => {}
+                        biased;
                         () = &mut stopping => return Err(LockError::Stopped),
+                        () = tokio::time::sleep_until(wake_at) => {}
                     }
                 } else {
                     let wait = async {
@@ -947,9 +948,13 @@ impl Locker {
                                 .map(|()| false),
                         }
                     };
+                    // A `stop` ready in the same poll as the wait's end wins: the wait is then
+                    // dropped unfinished, and a wake-up meant for it goes on to the store's
+                    // next waiter (of another client of the store) instead of being spent here.
                     tokio::select! {
-                        waited = wait => woken_for_turn = waited?,
+                        biased;
                         () = &mut stopping => return Err(LockError::Stopped),
+                        waited = wait => woken_for_turn = waited?,
                     }
                     if woken_for_turn || Instant::now() < wake_at {
                         early_wakes += 1;
@@ -966,6 +971,12 @@ impl Locker {
                 }
                 skipped = true;
                 tracing::trace!(attempts, "in line; waiting on for the turn");
+            }
+            // A wait that ended as `stop` ran (a release, or a claim that `stop` made another
+            // acquisition take back, woke it in the same tick as the stop's notification) goes
+            // no further: the stopped client hands out no guard.
+            if self.stopped.load(Ordering::SeqCst) {
+                return Err(LockError::Stopped);
             }
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Err(gave_up(last_error.take()));

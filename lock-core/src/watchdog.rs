@@ -11,6 +11,9 @@ use crate::lease::Live;
 use crate::lock::Handle;
 use crate::metrics::{self, HeldWatch};
 
+/// The resolution of tokio's timer: a wake-up fires at the next whole millisecond.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
 /// Marks the lease released by its guard; called with the handle's mutex held. Receivers are
 /// not woken: nothing they wait for changed.
 pub(crate) fn end(live: &watch::Sender<Live>) {
@@ -73,8 +76,12 @@ pub(crate) async fn keep_alive(
     live: watch::Sender<Live>,
     (backend, held): (&'static str, HeldWatch),
 ) {
-    let lead = ttl / 3;
-    let retry_every = (ttl / 10).max(Duration::from_millis(1));
+    // A third of the ttl, and at least one tick of tokio's timer where the ttl leaves room
+    // for it: the wheel counts whole milliseconds and fires every wake-up at the next one,
+    // so a plan less than a tick before expiry (a 2 ms ttl's 0.67 ms) would fire at the
+    // expiry itself.
+    let lead = (ttl / 3).max(TIMER_TICK.min(ttl / 2));
+    let retry_every = (ttl / 10).max(TIMER_TICK);
     let mut can_extend = true;
     let mut planned_for = live.borrow().valid_until;
     let mut next_try = planned_for.checked_sub(lead).unwrap_or_else(Instant::now);
@@ -116,8 +123,17 @@ pub(crate) async fn keep_alive(
             continue;
         }
         let mut handle = handle.lock().await;
-        if live.borrow().ended {
+        let Live {
+            valid_until, ended, ..
+        } = *live.borrow();
+        if ended {
             return;
+        }
+        // The holder extended by hand since this round was planned (at the very moment this
+        // task woke, or while it waited for the handle): plan from that validity rather than
+        // extend by this task's ttl, which may be shorter and would cut the holder's short.
+        if valid_until != planned_for {
+            continue;
         }
         let extended = handle.extend(ttl).await;
         if let Err(error) = &extended {

@@ -484,6 +484,11 @@ impl Inner {
                 }
                 outcome => {
                     self.release_each(&keys[..taken], token);
+                    // Woken by the release of a later key, the attempt failed before reaching
+                    // it: the wake-up it spent goes on to that key's next waiter.
+                    if after_wait {
+                        self.pass_on(&keys[taken + 1..]);
+                    }
                     return outcome.map(|_| None);
                 }
             }
@@ -512,6 +517,27 @@ impl Inner {
         let now = Instant::now();
         for key in keys {
             self.release(key, token, now);
+        }
+    }
+
+    /// Wakes the longest waiter of each of `keys` that is free and waited for, and holds the key
+    /// back for it, as a release does: a waiter woken for a key that it then did not take (its
+    /// multi-key attempt failed on another key, or it ran past its deadline and gave up) would
+    /// otherwise have spent the only wake-up, and the others would sleep out their delays on a
+    /// free key.
+    fn pass_on(&self, keys: &[Key]) {
+        let now = Instant::now();
+        for key in keys {
+            if let Some(mut slot) = self.slots.get_mut(key)
+                && slot.busy_until(now, true).is_none()
+                && slot.has_waiters()
+            {
+                let until = now + HANDOFF_GRACE;
+                slot.reserved_until = Some(slot.reserved_until.map_or(until, |at| at.max(until)));
+                if let Some(waiters) = &slot.waiters {
+                    waiters.notify_one();
+                }
+            }
         }
     }
 
@@ -680,6 +706,7 @@ impl Lock for MemoryLock {
             key,
             waiters: Some(waiters),
         };
+        let mut woken_late = false;
         if let Some(waiters) = &place.waiters {
             let notified = waiters.notified();
             tokio::pin!(notified);
@@ -690,12 +717,19 @@ impl Lock for MemoryLock {
             });
             if unchanged {
                 tokio::select! {
-                    () = notified => {}
+                    // Woken by a release, but run only once the wait was over: the caller may
+                    // give up without an attempt (its deadline passed), so the wake-up is
+                    // passed on, once this waiter has left. (A wake-up not taken at all, the
+                    // other branch chosen, goes on by itself.)
+                    () = notified => woken_late = Instant::now() >= give_up_at,
                     () = tokio::time::sleep_until(busy_until.min(give_up_at)) => {}
                 }
             }
         }
         drop(place);
+        if woken_late {
+            self.inner.pass_on(std::slice::from_ref(key));
+        }
         Ok(())
     }
 
