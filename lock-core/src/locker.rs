@@ -27,7 +27,9 @@ use crate::watchdog::LostSignal;
 /// A lock client over any backend: `acquire`, `try_acquire`, `with_lock`.
 ///
 /// Cheap to clone; clones share the backend and its connections. A namespace, if set, prefixes
-/// every key (`namespace:key`), so applications sharing a store cannot collide.
+/// every key (`namespace:key`), so applications sharing a store under distinct namespaces
+/// that hold no `:` cannot collide. (A `:` in a namespace can meet another's keys: namespace
+/// `a` with key `b:c` and namespace `a:b` with key `c` are both `a:b:c`.)
 ///
 /// # Cancel safety
 /// Dropping an `acquire` future at any point leaves no lock behind: an attempt in flight is
@@ -367,7 +369,10 @@ impl Locker {
     }
 
     /// Frees the backend's connections and tasks; every later call on this client (and its
-    /// clones) fails with [`LockError::Stopped`]. Locks still held expire with their ttl.
+    /// clones) fails with [`LockError::Stopped`]. Locks still held expire with their ttl; their
+    /// guards' calls fail with [`LockError::Stopped`] on a backend whose connections are
+    /// closed, while a store in this process, which has nothing to close (and may be shared
+    /// with other clients), keeps serving them until they are released or dropped.
     ///
     /// The clean-ups of attempts that were cancelled or cut short (see "Cancel safety"), and the
     /// releases of guards dropped before (which a backend that needs I/O sends from a task), are

@@ -2,6 +2,8 @@
 //! unicode cut across the boundary, namespaces joined across it; equality, order and hashing
 //! agree with the text's, in a `HashMap` and in a sorted multi-key order.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -84,4 +86,34 @@ fn namespaced_keys_across_the_boundary_equal_their_joined_text() {
             assert_eq!(joined.as_str(), plain.as_str());
         }
     }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// The promise of `Locker`'s docs: applications whose namespaces differ and hold no `:`
+    /// never share a stored key, whatever their keys (`:` included); a namespace with a `:`
+    /// can (`a` with `b:c` and `a:b` with `c`), as the docs say.
+    #[test]
+    fn distinct_namespaces_without_a_colon_never_share_a_key(
+        first in "[a-z:]{1,6}",
+        second in "[a-z:]{1,6}",
+        key_one in "[a-z:]{1,8}",
+        key_two in "[a-z:]{1,8}",
+    ) {
+        let one = Namespace::new(first.clone()).unwrap();
+        let two = Namespace::new(second.clone()).unwrap();
+        let (stored_one, stored_two) = (one.key(&key_one).unwrap(), two.key(&key_two).unwrap());
+        if first != second && !first.contains(':') && !second.contains(':') {
+            proptest::prop_assert_ne!(stored_one, stored_two);
+        }
+    }
+}
+
+/// The other side of the promise, so that the property above cannot hold by accident: with a
+/// `:` in a namespace, two applications can meet on one key.
+#[test]
+fn a_namespace_with_a_colon_can_meet_another_on_one_key() {
+    let (a, ab) = (Namespace::new("a").unwrap(), Namespace::new("a:b").unwrap());
+    assert_eq!(a.key("b:c").unwrap(), ab.key("c").unwrap());
 }
