@@ -861,7 +861,7 @@ async fn bad_input_is_refused_at_once_by_name() {
     let started = Instant::now();
     let options =
         |ttl: Duration, retry: RetryPolicy| LockOptions::default().with_ttl(ttl).with_retry(retry);
-    let cases: Vec<(&str, lock_core::Result<()>)> = vec![
+    let mut cases: Vec<(&str, lock_core::Result<()>)> = vec![
         ("key", locker.acquire("").await.map(drop)),
         ("key", locker.acquire(&long).await.map(drop)),
         ("key", locker.try_acquire("").await.map(drop)),
@@ -889,64 +889,6 @@ async fn bad_input_is_refused_at_once_by_name() {
                 .map(drop),
         ),
         (
-            "ttl",
-            locker
-                .acquire_with("t", &options(Duration::ZERO, every(ms(5))))
-                .await
-                .map(drop),
-        ),
-        (
-            "ttl",
-            locker
-                .acquire_with("t", &options(Duration::from_nanos(999_999), every(ms(5))))
-                .await
-                .map(drop),
-        ),
-        (
-            "ttl",
-            locker
-                .acquire_with("t", &options(Duration::from_secs(86_401), every(ms(5))))
-                .await
-                .map(drop),
-        ),
-        (
-            "retry.deadline",
-            locker
-                .acquire_with(
-                    "t",
-                    &options(ms(100), every(ms(5)).with_deadline(Duration::ZERO)),
-                )
-                .await
-                .map(drop),
-        ),
-        (
-            "retry.backoff_factor",
-            locker
-                .acquire_with(
-                    "t",
-                    &options(ms(100), every(ms(5)).with_backoff_factor(f64::NAN)),
-                )
-                .await
-                .map(drop),
-        ),
-        (
-            "retry.backoff_factor",
-            locker
-                .acquire_with(
-                    "t",
-                    &options(ms(100), every(ms(5)).with_backoff_factor(f64::INFINITY)),
-                )
-                .await
-                .map(drop),
-        ),
-        (
-            "retry.max_delay",
-            locker
-                .acquire_with("t", &options(ms(100), every(ms(5)).with_max_delay(ms(1))))
-                .await
-                .map(drop),
-        ),
-        (
             "retry.retry_delay",
             locker
                 .acquire_kind(
@@ -961,6 +903,31 @@ async fn bad_input_is_refused_at_once_by_name() {
                 .map(drop),
         ),
     ];
+    // Options refused by name, each through `acquire_with`.
+    let bad_options = [
+        ("ttl", options(Duration::ZERO, every(ms(5)))),
+        ("ttl", options(Duration::from_nanos(999_999), every(ms(5)))),
+        ("ttl", options(Duration::from_secs(86_401), every(ms(5)))),
+        (
+            "retry.deadline",
+            options(ms(100), every(ms(5)).with_deadline(Duration::ZERO)),
+        ),
+        (
+            "retry.backoff_factor",
+            options(ms(100), every(ms(5)).with_backoff_factor(f64::NAN)),
+        ),
+        (
+            "retry.backoff_factor",
+            options(ms(100), every(ms(5)).with_backoff_factor(f64::INFINITY)),
+        ),
+        (
+            "retry.max_delay",
+            options(ms(100), every(ms(5)).with_max_delay(ms(1))),
+        ),
+    ];
+    for (field, options) in &bad_options {
+        cases.push((field, locker.acquire_with("t", options).await.map(drop)));
+    }
     for (expected, result) in &cases {
         assert_eq!(field(result), Some(*expected), "{result:?}");
     }

@@ -55,6 +55,34 @@ async fn pttl(connection: &mut MultiplexedConnection, key: &str) -> i64 {
         .unwrap()
 }
 
+/// Three Redlock nodes without lines, node 0 behind a [`LatencyProxy`], a 50 ms node timeout
+/// and single tries (with `fencing` or not): the servers, the proxy and the client.
+async fn three_nodes_first_behind_a_proxy(
+    binary: &std::path::Path,
+    fencing: bool,
+) -> (Vec<RedisServer>, LatencyProxy, Locker) {
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::start(binary, &[]).unwrap())
+        .collect();
+    let proxy = LatencyProxy::start(servers[0].port()).await.unwrap();
+    let urls = vec![proxy.url(), servers[1].url(), servers[2].url()];
+    let lock = Redlock::new(
+        RedlockConfig::new(urls)
+            .with_fair(false)
+            .with_fencing(fencing)
+            .with_node_timeout(Duration::from_millis(50)),
+    )
+    .unwrap();
+    let locker = Locker::new(lock)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(TTL)
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap();
+    (servers, proxy, locker)
+}
+
 /// The fencing counter of `key` on a node.
 async fn fence_counter(connection: &mut MultiplexedConnection, key: &str) -> Option<u64> {
     redis::cmd("GET")
@@ -209,24 +237,7 @@ async fn a_release_resent_to_a_slow_node_that_lost_its_scripts_runs_there() {
     let Some(binary) = redis_or_skip("s18a release after SCRIPT FLUSH") else {
         return;
     };
-    let servers: Vec<RedisServer> = (0..3)
-        .map(|_| RedisServer::start(&binary, &[]).unwrap())
-        .collect();
-    let proxy = LatencyProxy::start(servers[0].port()).await.unwrap();
-    let urls = vec![proxy.url(), servers[1].url(), servers[2].url()];
-    let lock = Redlock::new(
-        RedlockConfig::new(urls)
-            .with_fair(false)
-            .with_node_timeout(Duration::from_millis(50)),
-    )
-    .unwrap();
-    let locker = Locker::new(lock)
-        .with_options(
-            LockOptions::default()
-                .with_ttl(TTL)
-                .with_retry(RetryPolicy::none()),
-        )
-        .unwrap();
+    let (servers, proxy, locker) = three_nodes_first_behind_a_proxy(&binary, false).await;
     let mut node0 = connect(&servers[0].url()).await;
     let guard = locker.acquire("k").await.unwrap();
     assert!(
@@ -326,25 +337,7 @@ async fn a_fence_raise_resent_to_a_slow_node_that_lost_its_scripts_runs_there() 
     let Some(binary) = redis_or_skip("s18a fence raise after SCRIPT FLUSH") else {
         return;
     };
-    let servers: Vec<RedisServer> = (0..3)
-        .map(|_| RedisServer::start(&binary, &[]).unwrap())
-        .collect();
-    let proxy = LatencyProxy::start(servers[0].port()).await.unwrap();
-    let urls = vec![proxy.url(), servers[1].url(), servers[2].url()];
-    let lock = Redlock::new(
-        RedlockConfig::new(urls)
-            .with_fair(false)
-            .with_fencing(true)
-            .with_node_timeout(Duration::from_millis(50)),
-    )
-    .unwrap();
-    let locker = Locker::new(lock)
-        .with_options(
-            LockOptions::default()
-                .with_ttl(TTL)
-                .with_retry(RetryPolicy::none()),
-        )
-        .unwrap();
+    let (servers, proxy, locker) = three_nodes_first_behind_a_proxy(&binary, true).await;
     // Node 0 has lost its scripts and answers 150 ms late: it misses both rounds.
     let flushed = servers[0]
         .command("SCRIPT FLUSH", Duration::from_secs(2))
