@@ -483,7 +483,8 @@ impl Shared {
     /// the same for every round: with fencing, the fences raised on a quorum (a second round);
     /// then the lock, if validity is still left. Fences not raised: the attempt is undone (with
     /// the fair waiter `line`'s place, see [`Shared::undo_attempt`]) and its answer settles it.
-    /// The validity spent by the raise: the caller undoes it, as a round won too late.
+    /// The validity spent by the raise (our keys found gone after it, too): the caller undoes
+    /// it, as a round won too late.
     #[allow(clippy::too_many_arguments)]
     async fn hand_out(
         self: &Arc<Self>,
@@ -529,6 +530,10 @@ impl Shared {
                         .cloned(),
                 }))))
             }
+            // Our keys gone from the nodes once the validity was spent: they expired while the
+            // raise was on its way (nobody else need hold the key): the ttl was too short for
+            // two rounds, which the caller says, not "held".
+            Ok(None) if Instant::now() >= valid_until => HandedOut::Spent(pending),
             outcome => {
                 Box::pin(self.undo_attempt(
                     tally,
