@@ -431,6 +431,9 @@ async fn attempt(
                         })));
                     }
                 }
+                // Gone once the validity was spent: expired while the raise was on its way, the
+                // ttl too short for two rounds (said below), not the lease taken by another.
+                Ok(None) if Instant::now() >= valid_until => {}
                 outcome => break 'decided outcome.map(|_| None),
             }
         }

@@ -324,8 +324,9 @@ impl Shared {
 
     /// The second round of a fenced acquisition: raises every key's counter on every node to
     /// the fence this acquisition drew, and needs a quorum of nodes that still hold our token.
-    /// `Some(fence)` when raised on a quorum, `None` when our keys vanished from nodes. Nodes
-    /// that failed or did not answer are asked again in the background.
+    /// `Some(fence)` when raised on a quorum, `None` when our keys vanished from nodes that had
+    /// granted them (`won`, the attempt's yes votes). Nodes that failed or did not answer are
+    /// asked again in the background.
     ///
     /// Why it makes fences increase on every key: a later holder's quorum meets this quorum on
     /// at least one node, whose counters were raised while our keys sat there, so the later
@@ -337,7 +338,7 @@ impl Shared {
         keys: &KeySet,
         token: &Token,
         fences: &Arc<[Vec<u8>]>,
-        fence: u64,
+        (fence, won): (u64, &[usize]),
         ttl: Duration,
     ) -> Result<Option<u64>> {
         let timeout = self.node_timeout(ttl);
@@ -379,8 +380,11 @@ impl Shared {
         if raised.yes.len() >= self.quorum {
             return Ok(Some(fence));
         }
-        if raised.no > 0 {
-            // Our keys vanished from nodes meanwhile: as if the lock had been held.
+        // Our keys vanished meanwhile from nodes that had granted them: as if the lock had
+        // been held. A node whose attempt had not answered may not hold them yet (its request
+        // still waiting for its connection or its script, behind which the raise went out):
+        // its "not ours" says nothing of a holder, and the quorum was not reached.
+        if raised.no_at.iter().any(|node| won.contains(node)) {
             return Ok(None);
         }
         Err(LockError::QuorumNotReached {
@@ -483,7 +487,8 @@ impl Shared {
     /// the same for every round: with fencing, the fences raised on a quorum (a second round);
     /// then the lock, if validity is still left. Fences not raised: the attempt is undone (with
     /// the fair waiter `line`'s place, see [`Shared::undo_attempt`]) and its answer settles it.
-    /// The validity spent by the raise: the caller undoes it, as a round won too late.
+    /// The validity spent by the raise (our keys found gone after it, too): the caller undoes
+    /// it, as a round won too late.
     #[allow(clippy::too_many_arguments)]
     async fn hand_out(
         self: &Arc<Self>,
@@ -499,7 +504,8 @@ impl Shared {
         let fence = match fences {
             None => Ok(None),
             Some(fences) => {
-                Box::pin(self.raise_fence(nodes, &keys, token, fences, tally.highest, ttl)).await
+                let fence = (tally.highest, tally.yes.as_slice());
+                Box::pin(self.raise_fence(nodes, &keys, token, fences, fence, ttl)).await
             }
         };
         match fence {
@@ -529,6 +535,10 @@ impl Shared {
                         .cloned(),
                 }))))
             }
+            // Our keys gone from the nodes once the validity was spent: they expired while the
+            // raise was on its way (nobody else need hold the key): the ttl was too short for
+            // two rounds, which the caller says, not "held".
+            Ok(None) if Instant::now() >= valid_until => HandedOut::Spent(pending),
             outcome => {
                 Box::pin(self.undo_attempt(
                     tally,
