@@ -592,8 +592,11 @@ async fn raise(
             value = past + 1;
             continue;
         }
-        if raised.no > 0 {
-            // Lost meanwhile, or the value stayed taken: as if held.
+        // Lost meanwhile from a node that had granted the lease: as if held. A node whose
+        // attempt had not answered may not hold it yet (its request still waiting for its
+        // connection or its script, behind which the raise went out): its "no" says nothing
+        // of a holder, and the quorum was not reached (as for a mutex, `Shared::raise_fence`).
+        if raised.no_at.iter().any(|node| tally.yes.contains(node)) {
             return Ok(None);
         }
         return Err(LockError::QuorumNotReached {
