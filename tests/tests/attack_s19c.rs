@@ -1227,7 +1227,8 @@ impl Lock for Preempted {
 }
 
 /// Attempt number `at` of an acquisition of "k" stalls its thread until `stop` has returned on
-/// another; the acquisition's outcome and how long after the stop returned it came. With
+/// another; the acquisition's outcome (with the entries left in the table once it ended) and
+/// how long after the stop returned it came. With
 /// `held`, the key is held first and released once the acquisition waits (so the stalled
 /// attempt is the one that follows a wait); with `queue`, the client's in-process queue is on.
 async fn acquisition_stalled_across_stop(at: usize, held: bool, queue: bool) -> (String, Duration) {
@@ -1266,7 +1267,7 @@ async fn acquisition_stalled_across_stop(at: usize, held: bool, queue: bool) -> 
     go_on.send(()).unwrap();
     let (done, outcome) = acquisition.await.unwrap();
     (
-        format!("{outcome:?}"),
+        format!("{outcome:?}, {} entries left", backend.lock.len()),
         done.saturating_duration_since(stop_returned),
     )
 }
@@ -1286,7 +1287,7 @@ async fn memory_an_attempt_stalled_across_stop_hands_out_no_guard() {
     for (at, held, queue) in [(1, false, false), (2, true, false), (1, false, true)] {
         let (outcome, after) = acquisition_stalled_across_stop(at, held, queue).await;
         assert_eq!(
-            outcome, "Err(Stopped)",
+            outcome, "Err(Stopped), 0 entries left",
             "attempt {at} (after a wait: {held}, in-process queue: {queue}) ended {after:?} \
              after stop returned"
         );
