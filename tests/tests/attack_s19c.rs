@@ -120,8 +120,8 @@ fn keep_alive_holds_a_4_to_10_ms_lock_taken_inside_a_millisecond() {
 
 /// Known limitation: a wake-up may fire up to 2 ms after its deadline (see above), so a lock of
 /// 2 or 3 ms, whose lead cannot be 2 ms (half the ttl at most), cannot be kept alive when it was
-/// taken far enough into a millisecond; only at whole milliseconds (attack_s19a's paused clock)
-/// does it hold.
+/// taken far enough into a millisecond (2 ms: anywhere past its start, as on attack_s19a's
+/// paused clock at whole milliseconds alone; 3 ms: past its middle).
 #[test]
 #[ignore = "known limitation: tokio's timer fires up to 2 ms late; 2-3 ms leave no such lead"]
 fn keep_alive_holds_a_2_or_3_ms_lock_taken_inside_a_millisecond() {
