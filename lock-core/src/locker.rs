@@ -704,6 +704,18 @@ impl Locker {
         attempts: u32,
         options: &LockOptions,
     ) -> Result<LockGuard> {
+        // Taken as `stop` ran: an answer decided in the call is not checked after it (an
+        // answer awaited is, in `attempt`), and a thread preempted after the last check of
+        // `stopped` may take the key after `stop` returned. The stopped client lets it go and
+        // hands out no guard.
+        if self.stopped.load(Ordering::SeqCst) {
+            tracing::debug!(
+                attempts,
+                "acquired as the client was stopped; letting it go"
+            );
+            let_go(handle, &self.cleanups);
+            return Err(LockError::Stopped);
+        }
         tracing::debug!(attempts, "acquired");
         LockGuard::new(handle, self.name, options.ttl())
     }
@@ -1116,11 +1128,18 @@ fn deadline(options: &LockOptions) -> (Option<Instant>, Option<Instant>) {
 ///
 /// A release that needs I/O runs on a task counted among the clean-ups that [`Locker::stop`]
 /// lets finish.
-fn born_valid(mut handle: Box<dyn Handle>, cleanups: &Arc<Cleanups>) -> Option<Box<dyn Handle>> {
+fn born_valid(handle: Box<dyn Handle>, cleanups: &Arc<Cleanups>) -> Option<Box<dyn Handle>> {
     if handle.lease().valid_until() > Instant::now() {
         return Some(handle);
     }
     tracing::debug!("the lock's validity passed before the attempt returned; releasing it");
+    let_go(handle, cleanups);
+    None
+}
+
+/// Releases a won lock that is not handed out: at once when the backend's answer is decided in
+/// the call, otherwise on a task counted among the clean-ups that [`Locker::stop`] lets finish.
+fn let_go(mut handle: Box<dyn Handle>, cleanups: &Arc<Cleanups>) {
     if handle.release().into_ready().is_none()
         && let Ok(runtime) = tokio::runtime::Handle::try_current()
     {
@@ -1130,7 +1149,6 @@ fn born_valid(mut handle: Box<dyn Handle>, cleanups: &Arc<Cleanups>) -> Option<B
             let _ = handle.release().await;
         });
     }
-    None
 }
 
 /// The future of an acquisition (see [`Locker::acquire_keys`]): small, and settled in its

@@ -11,8 +11,15 @@ use crate::lease::Live;
 use crate::lock::Handle;
 use crate::metrics::{self, HeldWatch};
 
-/// The resolution of tokio's timer: a wake-up fires at the next whole millisecond.
+/// The resolution of tokio's timer.
 const TIMER_TICK: Duration = Duration::from_millis(1);
+
+/// How late tokio's timer may fire a wake-up: it rounds the deadline up to the next whole
+/// millisecond of its wheel, then parks for that many whole milliseconds counted from its
+/// current tick (rounded down), that is from up to a millisecond before the moment it parks. A
+/// wake-up planned inside a millisecond (where every lock taken on a real clock is) may so fire
+/// up to two ticks after its deadline.
+const TIMER_SLACK: Duration = Duration::from_millis(2);
 
 /// Marks the lease released by its guard; called with the handle's mutex held. Receivers are
 /// not woken: nothing they wait for changed.
@@ -76,11 +83,11 @@ pub(crate) async fn keep_alive(
     live: watch::Sender<Live>,
     (backend, held): (&'static str, HeldWatch),
 ) {
-    // A third of the ttl, and at least one tick of tokio's timer where the ttl leaves room
-    // for it: the wheel counts whole milliseconds and fires every wake-up at the next one,
-    // so a plan less than a tick before expiry (a 2 ms ttl's 0.67 ms) would fire at the
-    // expiry itself.
-    let lead = (ttl / 3).max(TIMER_TICK.min(ttl / 2));
+    // A third of the ttl, and at least how late tokio's timer may fire (two ticks) where the
+    // ttl leaves room for it: a plan less than that before expiry (a 2 ms ttl's 0.67 ms, a
+    // 5 ms ttl's 1.67 ms) may fire at the expiry itself. Below 4 ms, half the ttl: such a lock
+    // is kept alive only when its plans fall early enough in their millisecond.
+    let lead = (ttl / 3).max(TIMER_SLACK.min(ttl / 2));
     let retry_every = (ttl / 10).max(TIMER_TICK);
     let mut can_extend = true;
     let mut planned_for = live.borrow().valid_until;
@@ -127,6 +134,16 @@ pub(crate) async fn keep_alive(
             valid_until, ended, ..
         } = *live.borrow();
         if ended {
+            return;
+        }
+        // The holder held the handle (an extend or a downgrade by hand) until the validity had
+        // lapsed: the lease is lost, as it would have been found had this task not waited, and
+        // is not extended (a store whose expiry runs later than the local validity would
+        // revive it, unlike an extend by hand, which refuses).
+        if Instant::now() >= valid_until {
+            tracing::warn!("lock validity lapsed while the holder held it; reporting it lost");
+            held.lost();
+            lose(&live);
             return;
         }
         // The holder extended by hand since this round was planned (at the very moment this
