@@ -955,12 +955,18 @@ impl Locker {
                 } else {
                     let wait = async {
                         match claim.request.as_ref().filter(|r| r.waiter().is_some()) {
+                            // Until `wake_at` as the store counts it (the budget above may
+                            // have yielded since `now`): a wake-up it finds late is late here.
                             Some(request) => {
-                                self.store().wait_for_turn(request, wake_at - now).await
+                                let max_wait = wake_at.saturating_duration_since(Instant::now());
+                                self.store().wait_for_turn(request, max_wait).await
                             }
                             None => self
                                 .store()
-                                .wait_for_release(&wanted.keys, wake_at - now)
+                                .wait_for_release(
+                                    &wanted.keys,
+                                    wake_at.saturating_duration_since(Instant::now()),
+                                )
                                 .await
                                 .map(|()| false),
                         }
@@ -991,10 +997,10 @@ impl Locker {
             }
             // A wait that ended as `stop` ran (a release, or a claim that `stop` made another
             // acquisition take back, woke it in the same tick as the stop's notification) goes
-            // no further: the stopped client hands out no guard.
-            if self.stopped.load(Ordering::SeqCst) {
-                return Err(LockError::Stopped);
-            }
+            // on to its attempt, which ends it with `Stopped`: a distributed store is not asked
+            // (`Locker::attempt`), and a lock an in-process store grants is let go at once
+            // (`Locker::won`), whose release passes the wake-up on to the store's next waiter
+            // (returning here instead would spend it).
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Err(gave_up(last_error.take()));
             }
@@ -1095,7 +1101,17 @@ impl Locker {
             pending.lock = None;
         }
         Ok(match result? {
-            Some(handle) => born_valid(handle, &self.cleanups).map_or(Attempt::Held, Attempt::Won),
+            Some(handle) => match born_valid(handle, &self.cleanups) {
+                // Won as `stop` ran: let go while this attempt still counts among the
+                // clean-ups, so that `stop` waits for the release before the backend closes
+                // (`Locker::won` would let it go too, but after `pending` has ended).
+                Some(handle) if self.stopped.load(Ordering::SeqCst) => {
+                    let_go(handle, &self.cleanups);
+                    return Err(LockError::Stopped);
+                }
+                Some(handle) => Attempt::Won(handle),
+                None => Attempt::Held,
+            },
             None => Attempt::Held,
         })
     }
