@@ -512,23 +512,23 @@ fn send_inline(port: u16, command: &str, timeout: Duration) -> io::Result<String
 }
 
 /// The connections open on the server at `port` (`CLIENT LIST`, a line per connection), the
-/// one that asks left out.
+/// one that asks left out. The asking connection is a blocking one, closed when this returns
+/// (an async one closes when its task next runs, and could count in the next call).
 ///
 /// # Panics
 /// When the server cannot be asked.
+#[allow(clippy::unused_async)]
 pub async fn client_list(port: u16) -> Vec<String> {
     let mut connection = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
         .expect("a client for CLIENT LIST")
-        .get_multiplexed_async_connection()
-        .await
+        .get_connection_with_timeout(Duration::from_secs(2))
         .expect("a connection for CLIENT LIST");
     let (id, list): (u64, String) = redis::pipe()
         .cmd("CLIENT")
         .arg("ID")
         .cmd("CLIENT")
         .arg("LIST")
-        .query_async(&mut connection)
-        .await
+        .query(&mut connection)
         .expect("CLIENT LIST");
     let asking = format!("id={id} ");
     list.lines()
@@ -551,11 +551,39 @@ pub async fn connections(port: u16) -> usize {
 /// # Panics
 /// When the server cannot be asked.
 pub async fn settle_connections(port: u16, want: usize, within: Duration) -> usize {
+    settle_connections_where(port, want, within, |_| true).await
+}
+
+/// As [`settle_connections`], counting only the connections whose `CLIENT LIST` line `counts`
+/// (e.g. [`is_pubsub`] left out: a fair client keeps one subscriber per node for its life).
+///
+/// # Panics
+/// When the server cannot be asked.
+pub async fn settle_connections_where(
+    port: u16,
+    want: usize,
+    within: Duration,
+    counts: impl Fn(&str) -> bool,
+) -> usize {
+    let count = async || {
+        client_list(port)
+            .await
+            .iter()
+            .filter(|line| counts(line))
+            .count()
+    };
     let until = Instant::now() + within;
-    let mut now = connections(port).await;
+    let mut now = count().await;
     while now > want && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        now = connections(port).await;
+        now = count().await;
     }
     now
+}
+
+/// Whether a `CLIENT LIST` line is a pub/sub connection's (flag `P`).
+pub fn is_pubsub(line: &str) -> bool {
+    line.split(' ')
+        .find_map(|field| field.strip_prefix("flags="))
+        .is_some_and(|flags| flags.contains('P'))
 }
