@@ -879,9 +879,10 @@ impl<T: Target> Run<'_, T> {
             self.count("extend of a partly purged lock", status);
         }
         if self.guard_stopped(lock) {
-            // The local validity is checked first: a lapsed lock is refused as not held.
+            // The local validity is checked first: a lapsed lock, or one an earlier extend found
+            // lost (which ends its validity), is refused as not held.
             let stopped = Outcome::Stopped;
-            let allowed = if status == Status::Live {
+            let allowed = if status == Status::Live && !self.locks[lock].guard_invalid {
                 vec![stopped]
             } else {
                 vec![stopped, Outcome::NotHeld]
