@@ -251,7 +251,9 @@ impl LockGuard {
     ///
     /// A failed extend leaves the lock as it was: it is not released. One that finds it not held
     /// by the store ([`LockError::NotHeld`]) ends its validity at once and fires the
-    /// [`LostSignal`] of a kept-alive guard: the lock is lost.
+    /// [`LostSignal`] of a kept-alive guard: the lock is lost. So does one whose answer came
+    /// back after `ttl` had passed ([`LockError::Backend`], "raise the ttl"): the store took
+    /// the new expiry, but none of it may be left.
     pub async fn extend(&mut self, ttl: Duration) -> Result<()> {
         validate::ttl("ttl", ttl)?;
         let span = tracing::debug_span!("lock.extend", backend = self.backend, key = %self.key(), ttl_ms = validate::ttl_millis(ttl));
@@ -268,6 +270,25 @@ impl LockGuard {
                 State::Held(handle) => handle.extend(ttl).await,
                 State::Watched(watched) => watched.handle.lock().await.extend(ttl).await,
                 State::Released => Err(LockError::NotHeld { key: String::new() }),
+            };
+            // The store set the new expiry, but its answer came back after the ttl asked for
+            // had passed: how much of it is left is unknown (possibly none), so the lock is
+            // treated as lost, as `Locker` treats a win whose answer came back that late.
+            let result = match result {
+                Ok(()) if !self.is_valid() => {
+                    let error = LockError::backend(
+                        self.backend,
+                        format!(
+                            "the store answered the extend of `{}` after its ttl of {} ms was spent; raise the ttl",
+                            self.key(),
+                            validate::ttl_millis(ttl)
+                        ),
+                    );
+                    tracing::warn!(%error, "extend answered too late; the lock is lost");
+                    watchdog::lose(self.lease().live());
+                    return Err(error);
+                }
+                other => other,
             };
             match &result {
                 Ok(()) => {

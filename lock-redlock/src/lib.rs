@@ -1407,10 +1407,11 @@ impl Handle for RedlockHandle {
             })
             .await;
         self.extending = in_flight.run_on();
-        if tally.yes.len() >= shared.quorum
-            && let Some(valid_until) = shared.valid_until(start, ttl)
-        {
-            self.lease.set_valid_until(valid_until);
+        if tally.yes.len() >= shared.quorum {
+            // The quorum took the new expiry. A round that spent the ttl leaves a validity in
+            // the past, which the guard reports as an extend answered too late.
+            self.lease
+                .set_valid_until(start + ttl.saturating_sub(shared.drift(ttl)));
             self.ttl = ttl;
             return Ok(());
         }

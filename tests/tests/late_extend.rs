@@ -29,7 +29,13 @@ enum Backend {
 async fn held_through_a_slow_link(
     backend: Backend,
     delay: Duration,
-) -> Option<(RedisServer, LatencyProxy, Locker, LockGuard, lock_core::LostSignal)> {
+) -> Option<(
+    RedisServer,
+    LatencyProxy,
+    Locker,
+    LockGuard,
+    lock_core::LostSignal,
+)> {
     let binary = redis_or_skip("late extend")?;
     let server = RedisServer::start(&binary, &[]).unwrap();
     let proxy = LatencyProxy::start(server.port()).await.unwrap();
