@@ -567,14 +567,19 @@ async fn raise(
             validate::ttl_millis(ttl).to_string().into_bytes(),
         ];
         let past = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (raised, _late) = round::run(nodes, shared.quorum, shared.node_timeout(ttl), |node| {
-            let (script_keys, past) = (Arc::clone(&script_keys), Arc::clone(&past));
+        let args_on = |node: &Node| {
             let drawn_here = drawn
                 .iter()
-                .find(|(other, _)| other.same(&node))
+                .find(|(other, _)| other.same(node))
                 .map_or(0, |(_, drawn)| *drawn);
             let mut args = args.to_vec();
             args.push(drawn_here.to_string().into_bytes());
+            args
+        };
+        let timeout = shared.node_timeout(ttl);
+        let (raised, late) = round::run(nodes, shared.quorum, timeout, |node| {
+            let (script_keys, past, args) =
+                (Arc::clone(&script_keys), Arc::clone(&past), args_on(&node));
             async move {
                 let answer = node.run_lease(&LEASE_RAISE, &script_keys, &args).await?;
                 if answer < 0 {
@@ -585,6 +590,27 @@ async fn raise(
         })
         .await;
         if raised.yes.len() >= shared.quorum {
+            // As for a mutex: the nodes that missed this round are asked again, in the
+            // background, until they answered (the counter is raised whatever they answer).
+            let args: Vec<(Node, Vec<Vec<u8>>)> = nodes
+                .iter()
+                .map(|node| (node.clone(), args_on(node)))
+                .collect();
+            let script_keys = Arc::clone(&script_keys);
+            shared.raise_later(late, &raised, keys, timeout, move |node| {
+                let (script_keys, args) = (
+                    Arc::clone(&script_keys),
+                    args.iter()
+                        .find(|(other, _)| other.same(&node))
+                        .map(|(_, args)| args.clone())
+                        .unwrap_or_default(),
+                );
+                async move {
+                    node.raise_lease_self_contained(&script_keys, &args)
+                        .await
+                        .map(|_| Some(0))
+                }
+            });
             return Ok(Some(value));
         }
         let past = past.load(std::sync::atomic::Ordering::SeqCst);

@@ -349,34 +349,15 @@ impl Shared {
         // The slower nodes' counters are raised too, off the caller's path, and those that
         // failed are asked again: a node that missed the raise and later meets a quorum of
         // nodes that lost their data would otherwise hand out a smaller token.
-        let failed = raised
-            .failed
-            .iter()
-            .map(|(index, _)| *index)
-            .collect::<Vec<_>>();
-        if !rest.is_empty() || !failed.is_empty() {
-            let (shared, keys, token, fences) = (
-                Arc::clone(self),
-                keys.clone(),
-                token.clone(),
-                Arc::clone(fences),
-            );
-            tokio::spawn(async move {
-                let late = rest.finish().await;
-                let failed = failed
-                    .into_iter()
-                    .chain(late.failed.into_iter().map(|(index, _)| index))
-                    .collect();
-                let expires_by = Instant::now() + validate::MAX_TTL;
-                let raise =
-                    FollowUp::new(NAME, metrics::OPERATION_FENCE_RAISE, timeout, expires_by);
-                shared
-                    .until_answered(raise, failed, &keys, timeout, |node| {
-                        shared.raise_on(node, &keys, &token, &fences, fence, ttl, true)
-                    })
-                    .await;
-            });
-        }
+        let (shared, raised_keys, token, fences) = (
+            Arc::clone(self),
+            keys.clone(),
+            token.clone(),
+            Arc::clone(fences),
+        );
+        self.raise_later(rest, &raised, keys, timeout, move |node| {
+            shared.raise_on(node, &raised_keys, &token, &fences, fence, ttl, true)
+        });
         if raised.yes.len() >= self.quorum {
             return Ok(Some(fence));
         }
@@ -395,6 +376,41 @@ impl Shared {
         })
     }
 
+    /// The end of a fence raise round (a mutex's or a lease's): the requests still out run on,
+    /// off the caller's path, and the nodes that failed, in the round or after it, are sent
+    /// `op` again until each answered (`op` re-sends carry their script). A node that missed
+    /// the raise and later meets a quorum of nodes that lost their data would otherwise hand
+    /// out a smaller token.
+    fn raise_later<F, Fut>(
+        self: &Arc<Self>,
+        rest: Pending,
+        raised: &Tally,
+        keys: &KeySet,
+        timeout: Duration,
+        op: F,
+    ) where
+        F: Fn(Node) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = redis::RedisResult<Option<u64>>> + Send + 'static,
+    {
+        let failed: Vec<usize> = raised.failed.iter().map(|(index, _)| *index).collect();
+        if rest.is_empty() && failed.is_empty() {
+            return;
+        }
+        let (shared, keys) = (Arc::clone(self), keys.clone());
+        tokio::spawn(async move {
+            let late = rest.finish().await;
+            let failed = failed
+                .into_iter()
+                .chain(late.failed.into_iter().map(|(index, _)| index))
+                .collect();
+            let expires_by = Instant::now() + validate::MAX_TTL;
+            let raise = FollowUp::new(NAME, metrics::OPERATION_FENCE_RAISE, timeout, expires_by);
+            shared
+                .until_answered(raise, failed, &keys, timeout, op)
+                .await;
+        });
+    }
+
     /// One node's raise of the fencing counters; yes when it still holds every key.
     /// `resent`: the follow-up's, which carries its script (a node that lost its scripts and
     /// answers late would otherwise never run it).
@@ -408,7 +424,7 @@ impl Shared {
         fence: u64,
         ttl: Duration,
         resent: bool,
-    ) -> impl Future<Output = redis::RedisResult<Option<u64>>> + Send + 'static {
+    ) -> impl Future<Output = redis::RedisResult<Option<u64>>> + Send + use<> {
         let (keys, token, fences) = (keys.clone(), token.clone(), Arc::clone(fences));
         async move {
             node.raise_fence(&keys, &fences, &token, fence, ttl, resent)

@@ -62,8 +62,8 @@ static LEASE_EXTEND: LazyLock<Script> =
     LazyLock::new(|| Script::new(lease_script!("lease_extend.lua")));
 static LEASE_DOWNGRADE: LazyLock<Script> =
     LazyLock::new(|| Script::new(lease_script!("lease_downgrade.lua")));
-pub(crate) static LEASE_RAISE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(lease_script!("lease_raise.lua")));
+const LEASE_RAISE_SOURCE: &str = lease_script!("lease_raise.lua");
+pub(crate) static LEASE_RAISE: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE_RAISE_SOURCE));
 pub(crate) static SLOT_ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(lease_script!("slot_acquire.lua")));
 static SLOT_EXTEND: LazyLock<Script> =
@@ -614,6 +614,24 @@ impl NodeParts {
             args: args.to_vec(),
         };
         self.invoke(&call.invocation()).await
+    }
+
+    /// A fenced lease's raise (`lua/lease_raise.lua`) re-sent by its follow-up, as one write
+    /// of `SCRIPT LOAD` + `EVALSHA` (see [`NodeParts::self_contained`]).
+    pub(crate) async fn raise_lease_self_contained(
+        &self,
+        keys: &[Vec<u8>],
+        args: &[Vec<u8>],
+    ) -> RedisResult<i64> {
+        let call = Call {
+            script: &LEASE_RAISE,
+            source: LEASE_RAISE_SOURCE,
+            keys: keys.to_vec(),
+            args: args.to_vec(),
+        };
+        Ok(redis::FromRedisValue::from_redis_value(
+            self.self_contained(&call).await?,
+        )?)
     }
 
     /// What each of `keys` holds here: `""` when absent, `a mutex`, a kind of lease as the
