@@ -24,7 +24,6 @@ const PROBE: Duration = Duration::from_secs(2);
 
 /// The process's recorder and every counter and gauge it saw, summed over snapshots (the
 /// debugging recorder resets them at each one), as in `tests/metrics.rs`.
-#[allow(dead_code)] // used by the tests of the next commit
 fn figures() -> BTreeMap<String, f64> {
     static RECORDED: OnceLock<(Snapshotter, Mutex<BTreeMap<String, f64>>)> = OnceLock::new();
     let (snapshotter, figures) = RECORDED.get_or_init(|| {
@@ -54,7 +53,6 @@ fn figures() -> BTreeMap<String, f64> {
     figures.clone()
 }
 
-#[allow(dead_code)]
 fn figure(name: &str) -> f64 {
     figures().get(name).copied().unwrap_or_default()
 }
@@ -169,6 +167,34 @@ async fn late_watchdog_extend(locker: &Locker, proxy: &LatencyProxy, hand: bool)
     }
 }
 
+/// inc's handle extends whatever the lease's validity says. The guard checks the validity
+/// before it waits for the handle, which the watchdog holds through its late extend; that
+/// extend spends the validity and reports the lock lost (the watchdog ends). The holder's
+/// extend then must not revive it: an Ok with the lost signal fired leaves a guard that says
+/// valid, whose watchdog is gone, and whose holder's critical section was told to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_a_hand_extend_queued_behind_a_late_watchdog_extend_does_not_revive_the_lost_lock() {
+    let _alone = one_at_a_time().await;
+    let Some(binary) = redis_or_skip("adv20a: inc hand extend behind a late watchdog") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let proxy = LatencyProxy::start(server.port()).await.unwrap();
+    let locker = inc_locker(proxy.url(), ms(1_500)).await;
+    let raced = late_watchdog_extend(&locker, &proxy, true).await;
+    let result = raced.result.unwrap();
+    assert!(
+        raced.lost_after.is_some(),
+        "the watchdog's late extend was not reported lost"
+    );
+    assert!(
+        result.is_err() && !raced.valid,
+        "a lock reported lost (lost signal fired: {}) was revived by an extend by hand: {result:?}, the guard says valid: {}",
+        raced.lost,
+        raced.valid
+    );
+}
+
 /// The same over Redlock (one node), whose handle refuses to extend a lapsed lease: held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_a_hand_extend_queued_behind_a_late_watchdog_extend_does_not_revive_the_lost_lock()
@@ -193,6 +219,38 @@ async fn redlock_a_hand_extend_queued_behind_a_late_watchdog_extend_does_not_rev
         "{result:?}, valid {}, lost {}",
         raced.valid,
         raced.lost
+    );
+}
+
+/// The watchdog's own extend answered too late is what the guard's is: a failed extend
+/// (`lock_extend_failures_total`, "by hand or by the watchdog"), and the lock lost, at once and
+/// counted once. Before, the watchdog logged it as extended and counted no failure; the loss
+/// itself was found at once (the validity it set had passed), so that part held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_a_watchdog_extend_answered_late_counts_as_a_failed_extend_and_is_lost_at_once() {
+    let _alone = one_at_a_time().await;
+    let Some(binary) = redis_or_skip("adv20a: inc late watchdog extend") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let proxy = LatencyProxy::start(server.port()).await.unwrap();
+    let locker = inc_locker(proxy.url(), ms(1_500)).await;
+    let failures = "lock_extend_failures_total{backend=inc,reason=error}";
+    let lost = "lock_lost_total{backend=inc,found_by=watchdog}";
+    let (failed_before, lost_before) = (figure(failures), figure(lost));
+    let raced = late_watchdog_extend(&locker, &proxy, false).await;
+    let lost_after = raced
+        .lost_after
+        .expect("the late extend was not reported lost");
+    assert!(
+        lost_after < ms(300),
+        "reported lost {lost_after:?} after the answer came"
+    );
+    assert_eq!(figure(lost) - lost_before, 1.0, "counted lost once");
+    assert_eq!(
+        figure(failures) - failed_before,
+        1.0,
+        "the watchdog's extend answered after its ttl was spent is not counted as failed"
     );
 }
 
@@ -229,6 +287,37 @@ async fn late_hand_extend(
     let error = guard.extend(SHORT).await.expect_err("answered too late");
     proxy.set_delay(Duration::ZERO);
     (guard, error)
+}
+
+/// A late extend by hand reports the lock lost (its lost signal fires, its validity ends), so
+/// it is counted as `lock_held` and `lock_lost_total` count every lock found lost: down at
+/// once, lost by `extend`. Before, it was counted a failure only, the lock held until its
+/// release, and over Redlock (whose release of the still-stored key answers Ok) never lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_late_extend_by_hand_counts_the_lock_lost_and_no_longer_held() {
+    let _alone = one_at_a_time().await;
+    let Some(binary) = redis_or_skip("adv20a: late extend metrics") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let proxy = LatencyProxy::start(server.port()).await.unwrap();
+    let locker = redlock_locker(&[proxy.url()], Duration::from_secs(30), |config| {
+        config.with_node_timeout(Duration::from_secs(5))
+    });
+    let held = "lock_held{backend=redlock}";
+    let lost = "lock_lost_total{backend=redlock,found_by=extend}";
+    let (held_before, lost_before) = (figure(held), figure(lost));
+    let (guard, error) = late_hand_extend(&locker, &proxy, LeaseKind::Exclusive).await;
+    assert!(error.to_string().contains("raise the ttl"), "{error}");
+    let (held_now, lost_now) = (figure(held) - held_before, figure(lost) - lost_before);
+    let released = guard.release().await;
+    assert!(released.is_ok(), "{released:?}");
+    let (held_end, lost_end) = (figure(held) - held_before, figure(lost) - lost_before);
+    assert_eq!((held_end, lost_end.min(1.0)), (0.0, lost_end.min(1.0)));
+    assert!(
+        held_now == 0.0 && lost_now == 1.0 && lost_end == 1.0,
+        "after an extend that reported the lock lost: lock_held {held_now:+}, lock_lost_total{{found_by=extend}} {lost_now:+}; after its release: {held_end:+}, {lost_end:+}"
+    );
 }
 
 /// Every kind Redlock holds (a mutex, a permit, a read lock, one downgraded from a write lock)
@@ -459,6 +548,21 @@ async fn earlier_extend_lands_late(kind: ConnectionKind) -> Option<(Vec<i64>, bo
     }
     let _ = guard.release().await;
     Some((left, both))
+}
+
+/// With a pool of connections per node, the 3 s requests of the failed extend land after the
+/// 20 s ones, on new connections, and cut a majority's keys to 3 s: another client takes the
+/// lock 17 s before the holder's validity ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_pool_an_extend_ok_is_not_cut_short_by_an_earlier_extend_landing_late() {
+    let _alone = one_at_a_time().await;
+    let Some((left, both)) = earlier_extend_lands_late(ConnectionKind::Pool).await else {
+        return;
+    };
+    assert!(
+        !both,
+        "after an extend to 20 s answered Ok, the nodes keep the key {left:?} ms (300 ms later), and another client took it while the holder's guard was valid"
+    );
 }
 
 /// The control: one connection per node carries the later extend behind the earlier one.
