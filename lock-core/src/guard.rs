@@ -268,7 +268,22 @@ impl LockGuard {
             // process read.
             let result = match &mut self.state {
                 State::Held(handle) => handle.extend(ttl).await,
-                State::Watched(watched) => watched.handle.lock().await.extend(ttl).await,
+                State::Watched(watched) => {
+                    let mut handle = watched.handle.lock().await;
+                    // The watchdog held the handle (its extend, answered too late or finding
+                    // the lock lost) until the validity had passed: an expired lock is never
+                    // revived, whatever a backend's handle would do.
+                    if watched.lease.is_valid() {
+                        handle.extend(ttl).await
+                    } else {
+                        tracing::debug!(
+                            "local validity passed while the watchdog held the lock; refusing to extend"
+                        );
+                        Err(LockError::NotHeld {
+                            key: watched.lease.key().to_string(),
+                        })
+                    }
+                }
                 State::Released => Err(LockError::NotHeld { key: String::new() }),
             };
             // The store set the new expiry, but its answer came back after the ttl asked for
