@@ -257,6 +257,8 @@ impl LockGuard {
     pub async fn extend(&mut self, ttl: Duration) -> Result<()> {
         validate::ttl("ttl", ttl)?;
         let span = tracing::debug_span!("lock.extend", backend = self.backend, key = %self.key(), ttl_ms = validate::ttl_millis(ttl));
+        // Set when the answer came back after the ttl was spent: the lock is then lost too.
+        let mut late = false;
         let result = async {
             if !self.is_valid() {
                 tracing::debug!("local validity passed; refusing to extend");
@@ -300,6 +302,7 @@ impl LockGuard {
                         ),
                     );
                     tracing::warn!(%error, "extend answered too late; the lock is lost");
+                    late = true;
                     watchdog::lose(self.lease().live());
                     return Err(error);
                 }
@@ -324,7 +327,7 @@ impl LockGuard {
         .instrument(span)
         .await;
         if let Err(error) = &result {
-            self.held.extend_failed(self.backend, error);
+            self.held.extend_failed(self.backend, error, late);
         }
         result
     }
