@@ -257,6 +257,8 @@ impl LockGuard {
     pub async fn extend(&mut self, ttl: Duration) -> Result<()> {
         validate::ttl("ttl", ttl)?;
         let span = tracing::debug_span!("lock.extend", backend = self.backend, key = %self.key(), ttl_ms = validate::ttl_millis(ttl));
+        // Set when the answer came back after the ttl was spent: the lock is then lost too.
+        let mut late = false;
         let result = async {
             if !self.is_valid() {
                 tracing::debug!("local validity passed; refusing to extend");
@@ -268,7 +270,22 @@ impl LockGuard {
             // process read.
             let result = match &mut self.state {
                 State::Held(handle) => handle.extend(ttl).await,
-                State::Watched(watched) => watched.handle.lock().await.extend(ttl).await,
+                State::Watched(watched) => {
+                    let mut handle = watched.handle.lock().await;
+                    // The watchdog held the handle (its extend, answered too late or finding
+                    // the lock lost) until the validity had passed: an expired lock is never
+                    // revived, whatever a backend's handle would do.
+                    if watched.lease.is_valid() {
+                        handle.extend(ttl).await
+                    } else {
+                        tracing::debug!(
+                            "local validity passed while the watchdog held the lock; refusing to extend"
+                        );
+                        Err(LockError::NotHeld {
+                            key: watched.lease.key().to_string(),
+                        })
+                    }
+                }
                 State::Released => Err(LockError::NotHeld { key: String::new() }),
             };
             // The store set the new expiry, but its answer came back after the ttl asked for
@@ -285,6 +302,7 @@ impl LockGuard {
                         ),
                     );
                     tracing::warn!(%error, "extend answered too late; the lock is lost");
+                    late = true;
                     watchdog::lose(self.lease().live());
                     return Err(error);
                 }
@@ -309,7 +327,7 @@ impl LockGuard {
         .instrument(span)
         .await;
         if let Err(error) = &result {
-            self.held.extend_failed(self.backend, error);
+            self.held.extend_failed(self.backend, error, late);
         }
         result
     }

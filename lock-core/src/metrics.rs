@@ -191,13 +191,18 @@ impl Held {
         // Otherwise the drop ends the share.
     }
 
-    /// An extend by hand failed with `error`: counted, and a `NotHeld` means the lock is lost.
-    pub(crate) fn extend_failed(&self, backend: &'static str, error: &LockError) {
+    /// An extend by hand failed with `error`: counted, and a `NotHeld`, or an answer that came
+    /// back after the ttl was spent (`late`), means the lock is lost.
+    pub(crate) fn extend_failed(&self, backend: &'static str, error: &LockError, late: bool) {
         extend_failed(backend, error);
         #[cfg(feature = "metrics")]
-        if let (Some(state), LockError::NotHeld { .. }) = (&self.state, error) {
+        if let Some(state) = &self.state
+            && (late || matches!(error, LockError::NotHeld { .. }))
+        {
             state.lost("extend");
         }
+        #[cfg(not(feature = "metrics"))]
+        let _ = late;
     }
 }
 

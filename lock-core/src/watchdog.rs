@@ -10,6 +10,7 @@ use crate::error::LockError;
 use crate::lease::Live;
 use crate::lock::Handle;
 use crate::metrics::{self, HeldWatch};
+use crate::raw::validate;
 
 /// The resolution of tokio's timer.
 const TIMER_TICK: Duration = Duration::from_millis(1);
@@ -157,6 +158,23 @@ pub(crate) async fn keep_alive(
             metrics::extend_failed(backend, error);
         }
         match extended {
+            // The store took the new expiry, but its answer came back after the ttl was spent:
+            // how much of it is left is unknown (possibly none). As for an extend by hand, a
+            // failed extend and a lost lock, not one extended.
+            Ok(()) if Instant::now() >= live.borrow().valid_until => {
+                let error = LockError::backend(
+                    backend,
+                    format!(
+                        "the store answered the watchdog's extend after its ttl of {} ms was spent; raise the ttl",
+                        validate::ttl_millis(ttl)
+                    ),
+                );
+                metrics::extend_failed(backend, &error);
+                tracing::warn!(%error, "watchdog's extend answered too late; the lock is lost");
+                held.lost();
+                lose(&live);
+                return;
+            }
             Ok(()) => {
                 // The handle moved the lease's validity; the next round plans from it, and no
                 // sooner than a retry would: an extend that left less than the lead (a clock
