@@ -158,6 +158,16 @@ pub(crate) struct Call {
 }
 
 impl Call {
+    /// A lease script's call, run by `EVALSHA` with reload (its source is not kept).
+    fn lease(script: &'static LazyLock<Script>, keys: &[Vec<u8>], args: &[Vec<u8>]) -> Self {
+        Self {
+            script,
+            source: "",
+            keys: keys.to_vec(),
+            args: args.to_vec(),
+        }
+    }
+
     fn invocation(&self) -> redis::ScriptInvocation<'static> {
         let script: &'static Script = self.script;
         let mut invocation = script.prepare_invoke();
@@ -180,6 +190,12 @@ pub(crate) struct Node(Arc<NodeParts>);
 pub(crate) struct NodeParts {
     label: String,
     connection: Connection,
+    /// With a pool, the node's one connection for a holder's changes of its expiry (extend,
+    /// downgrade), opened on first use: they keep their order there, as on the manager's one
+    /// connection. On pooled connections a request of an extend that timed out may still be on
+    /// its way and land after a later extend sent on another connection, cutting the key's
+    /// expiry short under a holder that relies on the later one.
+    ordered: Option<ConnectionManager>,
     /// For the pub/sub connection of wake-ups, opened on first use.
     client: Client,
     /// The channel prefix releases are announced on, when wake-ups are on.
@@ -250,20 +266,18 @@ impl NodeParts {
         // add a second one.
         let response_timeout = None;
         let client = client(url, config)?;
-        let connection = match config.connection {
-            ConnectionKind::Manager => {
-                let client = client.clone();
-                let manager_config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(connect_timeout))
-                    .set_response_timeout(response_timeout)
-                    .set_number_of_retries(1)
-                    .set_min_delay(Duration::from_millis(10))
-                    .set_max_delay(Duration::from_millis(200));
-                Connection::Manager(
-                    ConnectionManager::new_lazy_with_config(client, manager_config)
-                        .map_err(|e| invalid(&e))?,
-                )
-            }
+        let ordered_connection = || {
+            let manager_config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(response_timeout)
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(10))
+                .set_max_delay(Duration::from_millis(200));
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+                .map_err(|e| invalid(&e))
+        };
+        let (connection, ordered) = match config.connection {
+            ConnectionKind::Manager => (Connection::Manager(ordered_connection()?), None),
             ConnectionKind::Pool => {
                 let connection_config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
@@ -279,12 +293,13 @@ impl NodeParts {
                     .recycle_timeout(Some(connect_timeout))
                     .build()
                     .map_err(|e| invalid(&e))?;
-                Connection::Pool(pool)
+                (Connection::Pool(pool), Some(ordered_connection()?))
             }
         };
         Ok(Self {
             label: url.label.clone(),
             connection,
+            ordered,
             client,
             release_channel: config
                 .wakes_on_release()
@@ -607,13 +622,8 @@ impl NodeParts {
         keys: &[Vec<u8>],
         args: &[Vec<u8>],
     ) -> RedisResult<i64> {
-        let call = Call {
-            script,
-            source: "",
-            keys: keys.to_vec(),
-            args: args.to_vec(),
-        };
-        self.invoke(&call.invocation()).await
+        self.invoke(&Call::lease(script, keys, args).invocation())
+            .await
     }
 
     /// A fenced lease's raise (`lua/lease_raise.lua`) re-sent by its follow-up, as one write
@@ -964,27 +974,27 @@ impl NodeParts {
             keys.first()
                 .map_or(Vec::new(), |key| key.as_bytes().to_vec())
         };
-        let extended = match held {
+        let extended: i64 = match held {
             Held::Mutex => {
                 let mut invocation = EXTEND.prepare_invoke();
                 for key in keys {
                     invocation.key(key.as_bytes());
                 }
                 invocation.arg(token).arg(ttl_ms);
-                self.invoke(&invocation).await?
+                self.invoke_in_order(&invocation).await?
             }
             Held::Set { tags, .. } => {
-                self.run_lease(
+                let call = Call::lease(
                     &LEASE_EXTEND,
                     &[key()],
                     &[token, tags.as_bytes().to_vec(), ttl_ms],
-                )
-                .await?
+                );
+                self.invoke_in_order(&call.invocation()).await?
             }
             Held::Slot(slot) => {
                 let slot = slot.map(|slot| slot.to_string()).unwrap_or_default();
-                self.run_lease(&SLOT_EXTEND, &[key()], &[token, slot.into_bytes(), ttl_ms])
-                    .await?
+                let call = Call::lease(&SLOT_EXTEND, &[key()], &[token, slot.into_bytes(), ttl_ms]);
+                self.invoke_in_order(&call.invocation()).await?
             }
         };
         Ok(extended == 1)
@@ -995,13 +1005,12 @@ impl NodeParts {
         let key = keys
             .first()
             .map_or(Vec::new(), |key| key.as_bytes().to_vec());
-        let downgraded = self
-            .run_lease(
-                &LEASE_DOWNGRADE,
-                &[key],
-                &[token.expose().as_bytes().to_vec()],
-            )
-            .await?;
+        let call = Call::lease(
+            &LEASE_DOWNGRADE,
+            &[key],
+            &[token.expose().as_bytes().to_vec()],
+        );
+        let downgraded: i64 = self.invoke_in_order(&call.invocation()).await?;
         Ok(downgraded == 1)
     }
 
@@ -1052,6 +1061,19 @@ impl NodeParts {
     }
 
     /// Runs a script by EVALSHA, loading it on NOSCRIPT (after a restart or SCRIPT FLUSH).
+    /// Runs `invocation` where a holder's changes of its expiry keep their order (see
+    /// [`NodeParts::ordered`]): on the one ordered connection with a pool, else as
+    /// [`NodeParts::invoke`].
+    async fn invoke_in_order<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> RedisResult<T> {
+        match &self.ordered {
+            Some(manager) => invoke_on(invocation, &mut manager.clone()).await,
+            None => self.invoke(invocation).await,
+        }
+    }
+
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,

@@ -521,6 +521,9 @@ async fn earlier_extend_lands_late(kind: ConnectionKind) -> Option<(Vec<i64>, bo
         config.with_node_timeout(ms(300)).with_connection(kind)
     });
     let mut guard = locker.acquire("k").await.unwrap();
+    // Every connection an extend may use is open before the stall (with a pool, the node's
+    // one connection for extends opens on first use).
+    guard.extend(Duration::from_secs(20)).await.unwrap();
     proxies[1].stall_existing(0);
     proxies[2].stall_existing(0);
     let first = guard.extend(Duration::from_secs(3)).await;
@@ -550,9 +553,10 @@ async fn earlier_extend_lands_late(kind: ConnectionKind) -> Option<(Vec<i64>, bo
     Some((left, both))
 }
 
-/// With a pool of connections per node, the 3 s requests of the failed extend land after the
-/// 20 s ones, on new connections, and cut a majority's keys to 3 s: another client takes the
-/// lock 17 s before the holder's validity ends.
+/// With a pool of connections per node, the 3 s requests of the failed extend landed after
+/// the 20 s ones, sent on new pooled connections, and cut a majority's keys to 3 s: another
+/// client took the lock 17 s before the holder's validity ended. Extends now go on the node's
+/// one ordered connection, as with the manager.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_pool_an_extend_ok_is_not_cut_short_by_an_earlier_extend_landing_late() {
     let _alone = one_at_a_time().await;
@@ -563,6 +567,7 @@ async fn redlock_pool_an_extend_ok_is_not_cut_short_by_an_earlier_extend_landing
         !both,
         "after an extend to 20 s answered Ok, the nodes keep the key {left:?} ms (300 ms later), and another client took it while the holder's guard was valid"
     );
+    assert!(left.iter().all(|&left| left > 15_000), "{left:?}");
 }
 
 /// The control: one connection per node carries the later extend behind the earlier one.
