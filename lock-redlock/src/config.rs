@@ -70,7 +70,10 @@ pub struct RedlockConfig {
     pub connect_timeout: u64,
     /// How each node's connection is kept.
     pub connection: ConnectionKind,
-    /// Connections per node with [`ConnectionKind::Pool`].
+    /// Connections per node with [`ConnectionKind::Pool`], plus one more opened by the first
+    /// extend or downgrade: a holder's changes of its expiry go on that one connection, in
+    /// order (a request of an extend that timed out on a pooled connection could otherwise
+    /// land after a later extend and cut its expiry short).
     #[serde(alias = "poolSize")]
     pub pool_size: usize,
     /// A PEM file of the CA that signed the nodes' TLS certificates, for `rediss://` nodes whose
