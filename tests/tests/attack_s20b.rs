@@ -7,6 +7,11 @@
 //!   re-send closure holds a clone of each node) until its next pause ends, up to 4 node
 //!   timeouts after `stop` returned, while a mutex's closes at once (`stop` frees the backend's
 //!   connections). Control: the mutex under the same schedule, a lease without a missed node.
+//! - Broke (as old as the mutex's follow-up): a node away during the raise and back between
+//!   the follow-up's second and last rounds never gets the raise: the first request after a
+//!   lost connection only answers its error and sets off a reconnection, so the last round
+//!   fails too. Permit, mutex (node cut), write lock (node killed, restarted empty); control:
+//!   back before the second round.
 //! - Held: a node gone for good gets exactly three re-sends; `stop` between two rounds: nothing
 //!   is sent after it returns.
 //! - Held: an ACL user without `SCRIPT` (scripts loaded by an administrator): the lease raise
