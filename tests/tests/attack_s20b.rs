@@ -12,6 +12,7 @@
 //!   lost connection only answers its error and sets off a reconnection, so the last round
 //!   fails too. Permit, mutex (node cut), write lock (node killed, restarted empty); control:
 //!   back before the second round.
+//!   A release's follow-up the same (held since the fix, fails before it).
 //! - Held: a node gone for good gets exactly three re-sends; `stop` between two rounds: nothing
 //!   is sent after it returns.
 //! - Held: an ACL user without `SCRIPT` (scripts loaded by an administrator): the lease raise
@@ -1026,4 +1027,37 @@ async fn a_write_lock_raise_reaches_a_node_restarted_empty_before_the_last_round
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_a_permit_raise_reaches_a_node_back_before_the_second_round() {
     reached_after_a_return(Lease::Permit, Away::Cut, Duration::from_millis(300)).await;
+}
+
+/// Held (fails before 4bb6d52, the same cause): a mutex released while node 0 is cut (node
+/// timeout 200 ms: the release's follow-up rounds at about 200, 600 and 1400 ms), node 0 back
+/// at 700 ms: the last round deletes the key there, long before its ttl of 20 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_reaches_a_node_back_before_the_last_round() {
+    let Some(binary) = redis_or_skip("s20b release back") else {
+        return;
+    };
+    let (servers, proxy, locker) =
+        node0_behind_a_proxy(&binary, Duration::from_millis(200), Duration::from_secs(20)).await;
+    let guard = take(&locker, Lease::Mutex, "k").await.unwrap();
+    let mut node0 = connect(&servers[0].url()).await;
+    let held: i64 = redis::cmd("EXISTS")
+        .arg("k")
+        .query_async(&mut node0)
+        .await
+        .unwrap();
+    assert_eq!(held, 1, "not held on node 0 to begin with");
+    proxy.cut();
+    let start = Instant::now();
+    guard.release().await.unwrap();
+    tokio::time::sleep_until(start + Duration::from_millis(700)).await;
+    proxy.set_delay(Duration::ZERO);
+    tokio::time::sleep_until(start + Duration::from_millis(2_500)).await;
+    let left = pttl_of(&mut node0, b"k").await;
+    println!("s20b release back: node 0's `k` pttl {left} 2.5 s after the release");
+    locker.stop().await.unwrap();
+    assert_eq!(
+        left, -2,
+        "the release never reached node 0: `k` kept for {left} ms"
+    );
 }
