@@ -592,19 +592,18 @@ async fn raise(
         if raised.yes.len() >= shared.quorum {
             // As for a mutex: the nodes that missed this round are asked again, in the
             // background, until they answered (the counter is raised whatever they answer).
-            let args: Vec<(Node, Vec<Vec<u8>>)> = nodes
-                .iter()
-                .map(|node| (node.clone(), args_on(node)))
-                .collect();
-            let script_keys = Arc::clone(&script_keys);
+            // Each node's arguments by its index, not beside a clone of the node: the
+            // follow-up outlives `stop`, which must close every node's connection.
+            let args: Vec<Vec<Vec<u8>>> = nodes.iter().map(args_on).collect();
+            let (script_keys, on) = (Arc::clone(&script_keys), Arc::clone(shared));
             shared.raise_later(late, &raised, keys, timeout, move |node| {
-                let (script_keys, args) = (
-                    Arc::clone(&script_keys),
-                    args.iter()
-                        .find(|(other, _)| other.same(&node))
-                        .map(|(_, args)| args.clone())
-                        .unwrap_or_default(),
-                );
+                let args = on
+                    .nodes()
+                    .ok()
+                    .and_then(|nodes| nodes.iter().position(|other| other.same(&node)))
+                    .and_then(|index| args.get(index).cloned())
+                    .unwrap_or_default();
+                let script_keys = Arc::clone(&script_keys);
                 async move {
                     node.raise_lease_self_contained(&script_keys, &args)
                         .await

@@ -877,16 +877,27 @@ impl NodeParts {
         for arg in &call.args {
             run.arg(arg.as_slice());
         }
-        let answers: Vec<RedisResult<Value>> = match &self.connection {
-            Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
-            Connection::Pool(pool) => {
-                Box::pin(async {
-                    pipeline
-                        .query_async(&mut Pooled::checkout(pool).await?)
-                        .await
-                })
-                .await?
+        let send = || async {
+            match &self.connection {
+                Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await,
+                Connection::Pool(pool) => {
+                    Box::pin(async {
+                        pipeline
+                            .query_async(&mut Pooled::checkout(pool).await?)
+                            .await
+                    })
+                    .await
+                }
             }
+        };
+        // A connection lost earlier (the node was down, or restarted) answers the first
+        // request after it with its error, and only then connects again: a node back before a
+        // follow-up's round would miss that round too (the last one for good). Sent once more
+        // on the new connection (within the round's timeout): every call here is idempotent
+        // (compare-and-delete, a counter raised to at least a value).
+        let answers: Vec<RedisResult<Value>> = match send().await {
+            Err(error) if error.is_io_error() || error.is_unrecoverable_error() => send().await?,
+            answers => answers?,
         };
         // The script's answer is the last.
         answers.into_iter().next_back().unwrap_or_else(|| {
