@@ -421,3 +421,109 @@ async fn watchdog_lost_signal_fires_when_the_validity_lapses_not_when_a_late_ext
         "the lost signal fired {late:?} after the validity had lapsed (another client held the lock by then: {other_holds})"
     );
 }
+
+/// A multi-key lock and a permit: their extends to 3 s meet two stalled nodes and fail; the
+/// holders release (pool); another client takes the keys for 20 s; the stale extends land
+/// after that (token-checked: the new holders' keys keep their 20 s). Nothing is left after
+/// the releases. Held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_pool_stale_multi_key_and_permit_extends_leave_a_new_holders_keys_alone() {
+    let Some((servers, proxies, urls)) = three_behind_proxies().await else {
+        return;
+    };
+    let locker = redlock_locker(&urls, Duration::from_secs(10), |config| {
+        config
+            .with_node_timeout(ms(300))
+            .with_connection(ConnectionKind::Pool)
+    });
+    let other = redlock_locker(&urls, Duration::from_secs(20), |config| {
+        config.with_node_timeout(ms(300))
+    });
+    let mut many = locker.acquire_many(&["a", "b"]).await.unwrap();
+    let mut permit = locker.acquire_permit("sem", 1).await.unwrap();
+    many.extend(Duration::from_secs(10)).await.unwrap();
+    permit.extend(Duration::from_secs(10)).await.unwrap();
+    proxies[1].stall_existing(0);
+    proxies[2].stall_existing(0);
+    assert!(many.extend(Duration::from_secs(3)).await.is_err());
+    assert!(permit.extend(Duration::from_secs(3)).await.is_err());
+    let _ = many.release().await;
+    let _ = permit.release().await;
+    let started = Instant::now();
+    let (taken_many, taken_permit) = loop {
+        match (
+            other.acquire_many(&["a", "b"]).await,
+            other.acquire_permit("sem", 1).await,
+        ) {
+            (Ok(a), Ok(b)) => break (a, b),
+            (a, b) => {
+                if let Ok(a) = a {
+                    let _ = a.release().await;
+                }
+                if let Ok(b) = b {
+                    let _ = b.release().await;
+                }
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "never free again"
+        );
+        sleep(ms(100)).await;
+    };
+    proxies[1].release_stall();
+    proxies[2].release_stall();
+    sleep(ms(500)).await;
+    // Each key: whole (over 15 s) on a quorum, and nowhere cut short (a node the new holder
+    // did not win may have no key).
+    for key in ["a", "b", "sem"] {
+        let left: Vec<i64> = servers
+            .iter()
+            .map(|server| {
+                let left = server.command(&format!("PTTL {key}"), PROBE).unwrap();
+                left.trim_start_matches(':').parse().unwrap()
+            })
+            .collect();
+        assert!(
+            left.iter().filter(|&&left| left > 15_000).count() >= 2
+                && left.iter().all(|&left| left == -2 || left > 15_000),
+            "the new holder's {key} was cut: {left:?}"
+        );
+    }
+    taken_many.release().await.unwrap();
+    taken_permit.release().await.unwrap();
+    sleep(ms(300)).await;
+    for server in &servers {
+        assert_eq!(dbsize(server), 0, "left behind");
+    }
+}
+
+/// One node; a kept-alive guard of ttl 1.5 s while every client connection of the node is
+/// killed four times, 400 ms apart (the ordered connection and the pool's): the watchdog's
+/// extends go through on the ordered connection's reconnections, the lock is never reported
+/// lost, and its release leaves nothing. Held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_pool_watchdog_keeps_the_lock_through_kills_of_the_ordered_connection() {
+    let Some(binary) = redis_or_skip("adv20d: client kill") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let locker = redlock_locker(&[server.url()], ms(1_500), |config| {
+        config
+            .with_node_timeout(ms(300))
+            .with_connection(ConnectionKind::Pool)
+    });
+    let mut guard = locker.acquire("k").await.unwrap();
+    guard.extend(ms(1_500)).await.unwrap();
+    let lost = guard.keep_alive().unwrap();
+    for _ in 0..4 {
+        sleep(ms(400)).await;
+        let killed = server.command("CLIENT KILL TYPE normal", PROBE).unwrap();
+        assert!(killed.starts_with(':'), "{killed}");
+    }
+    sleep(ms(1_000)).await;
+    assert!(!lost.is_lost(), "lost after its connection was killed");
+    assert!(guard.is_valid());
+    guard.release().await.unwrap();
+    assert_eq!(dbsize(&server), 0, "left behind");
+}
