@@ -527,3 +527,72 @@ async fn redlock_pool_watchdog_keeps_the_lock_through_kills_of_the_ordered_conne
     guard.release().await.unwrap();
     assert_eq!(dbsize(&server), 0, "left behind");
 }
+
+/// As `extends_after_a_refused_connect`, for a refused `SELECT` (the URL's database, an ACL
+/// user denied `SELECT` for a moment): one node, all of the user's connections killed while
+/// it is denied, two extends then, and ten more once it is allowed again.
+async fn extends_after_a_refused_select(kind: ConnectionKind) -> Option<(Vec<bool>, String)> {
+    let binary = redis_or_skip("adv20d: refused select")?;
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let set = server
+        .command("ACL SETUSER u on >u-pw ~* &* +@all", PROBE)
+        .unwrap();
+    assert_eq!(set, "+OK");
+    let url = format!("redis://u:u-pw@127.0.0.1:{}/1", server.port());
+    let locker = redlock_locker(&[url], Duration::from_secs(30), |config| {
+        config.with_node_timeout(ms(500)).with_connection(kind)
+    });
+    let mut guard = locker.acquire("k").await.unwrap();
+    guard.extend(Duration::from_secs(30)).await.unwrap();
+    let mut errors = String::new();
+    assert_eq!(
+        server.command("ACL SETUSER u -select", PROBE).unwrap(),
+        "+OK"
+    );
+    let killed = server.command("CLIENT KILL USER u", PROBE).unwrap();
+    assert!(killed.starts_with(':'), "{killed}");
+    sleep(ms(100)).await;
+    for _ in 0..2 {
+        let refused = guard.extend(Duration::from_secs(30)).await;
+        errors.push_str(&format!("{refused:?}\n"));
+        sleep(ms(200)).await;
+    }
+    assert_eq!(
+        server.command("ACL SETUSER u +select", PROBE).unwrap(),
+        "+OK"
+    );
+    sleep(ms(300)).await;
+    let mut extends = Vec::new();
+    for _ in 0..10 {
+        let extended = guard.extend(Duration::from_secs(30)).await;
+        if let Err(error) = &extended {
+            errors.push_str(&format!("{error}\n"));
+        }
+        extends.push(extended.is_ok());
+        sleep(ms(200)).await;
+    }
+    let _ = guard.release().await;
+    Some((extends, errors))
+}
+
+/// With a pool: the ordered connection's `SELECT` refused for a moment ("Redis server refused
+/// to switch database", not an I/O error, kept by the `ConnectionManager` for good, as a
+/// refused `AUTH` is): every later extend on the node failed, also after d275f51 (which made
+/// the manager anew after a refused `AUTH` only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_pool_extends_work_again_once_select_is_allowed_again() {
+    let Some((extends, errors)) = extends_after_a_refused_select(ConnectionKind::Pool).await else {
+        return;
+    };
+    assert!(extends.iter().all(|&ok| ok), "{extends:?}\n{errors}");
+}
+
+/// The same with the manager (not new in cc013b9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_manager_works_again_once_select_is_allowed_again() {
+    let Some((extends, errors)) = extends_after_a_refused_select(ConnectionKind::Manager).await
+    else {
+        return;
+    };
+    assert!(extends.iter().all(|&ok| ok), "{extends:?}\n{errors}");
+}
