@@ -235,8 +235,8 @@ enum Connection {
     Pool(Pool),
 }
 
-/// A redis-rs [`ConnectionManager`], made anew when its connection was refused `AUTH`: the
-/// manager reconnects only after an I/O error and keeps any other failure of its connection
+/// A redis-rs [`ConnectionManager`], made anew when the server refused its connection attempt
+/// (`AUTH`, `SELECT`; see [`refused_connection`]): the manager reconnects only after an I/O error and keeps any other failure of its connection
 /// attempt as its connection, answering every later request with it for good (a password
 /// rotated or an ACL user switched off for a moment lost the node for the locker's life).
 /// Cheap to clone (one shared allocation).
@@ -269,11 +269,12 @@ impl Managed {
         )
     }
 
-    /// After `error` on `used`: a refused `AUTH` replaces it, once (not a manager made since,
-    /// whose requests may be under way). A refused `AUTH` comes only from a connection attempt,
-    /// so `used` has no connection whose requests could still land behind a later one.
+    /// After `error` on `used`: a connection attempt refused by the server replaces it, once
+    /// (not a manager made since, whose requests may be under way). Such a refusal comes
+    /// only from a connection attempt, so `used` has no connection whose requests could still
+    /// land behind a later one.
     fn after(&self, used: &Arc<ConnectionManager>, error: &RedisError) {
-        if error.kind() != redis::ErrorKind::AuthenticationFailed {
+        if !refused_connection(error) {
             return;
         }
         let mut current = self
@@ -290,6 +291,16 @@ impl Managed {
             *current = Arc::new(fresh);
         }
     }
+}
+
+/// Whether `error` is the server's refusal of a connection attempt: `AUTH` refused, or the
+/// URL's database (`SELECT`, e.g. an ACL user denied it), which redis-rs reports as a server
+/// error of its own wording (a script's error answer never starts so).
+fn refused_connection(error: &RedisError) -> bool {
+    error.kind() == redis::ErrorKind::AuthenticationFailed
+        || error
+            .to_string()
+            .starts_with("Redis server refused to switch database")
 }
 
 impl ConnectionLike for Managed {
