@@ -153,7 +153,28 @@ pub(crate) async fn keep_alive(
         if valid_until != planned_for {
             continue;
         }
-        let extended = handle.extend(ttl).await;
+        // The validity may lapse while the extend is out (a round may wait for a slow node
+        // past it): the loss is reported then, not when the round ends, since the critical
+        // section stops on the signal and another client may take the lock from that moment.
+        // The extend is given up, a failed one.
+        let extended = tokio::select! {
+            biased;
+            extended = handle.extend(ttl) => extended,
+            () = tokio::time::sleep_until(valid_until) => {
+                let error = LockError::backend(
+                    backend,
+                    format!(
+                        "the validity lapsed before the store answered the watchdog's extend by {} ms",
+                        validate::ttl_millis(ttl)
+                    ),
+                );
+                metrics::extend_failed(backend, &error);
+                tracing::warn!(%error, "the lock is lost");
+                held.lost();
+                lose(&live);
+                return;
+            }
+        };
         if let Err(error) = &extended {
             metrics::extend_failed(backend, error);
         }

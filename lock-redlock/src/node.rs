@@ -10,7 +10,9 @@ use deadpool_redis::Runtime;
 use lock_core::raw::redis::{LINE_SCRIPT, TURN_CHANNEL};
 use lock_core::{Key, LockError, Result, Token, raw::validate};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncConnectionConfig, Client, RedisResult, Script, Value};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, RedisError, RedisFuture, RedisResult, Script, Value,
+};
 
 use crate::config::{ConnectionKind, NodeUrl, RedlockConfig};
 use crate::pool::{Pool, PoolManager, Pooled};
@@ -195,7 +197,7 @@ pub(crate) struct NodeParts {
     /// connection. On pooled connections a request of an extend that timed out may still be on
     /// its way and land after a later extend sent on another connection, cutting the key's
     /// expiry short under a holder that relies on the later one.
-    ordered: Option<ConnectionManager>,
+    ordered: Option<Managed>,
     /// For the pub/sub connection of wake-ups, opened on first use.
     client: Client,
     /// The channel prefix releases are announced on, when wake-ups are on.
@@ -229,8 +231,112 @@ pub(crate) enum TakenAlone {
 
 #[derive(Clone)]
 enum Connection {
-    Manager(ConnectionManager),
+    Manager(Managed),
     Pool(Pool),
+}
+
+/// A redis-rs [`ConnectionManager`], made anew when the server refused its connection attempt
+/// (`AUTH`, `SELECT`; see [`refused_connection`]): the manager reconnects only after an I/O error and keeps any other failure of its connection
+/// attempt as its connection, answering every later request with it for good (a password
+/// rotated or an ACL user switched off for a moment lost the node for the locker's life).
+/// Cheap to clone (one shared allocation).
+#[derive(Clone)]
+struct Managed(Arc<ManagedParts>);
+
+struct ManagedParts {
+    client: Client,
+    config: ConnectionManagerConfig,
+    current: std::sync::RwLock<Arc<ConnectionManager>>,
+}
+
+impl Managed {
+    fn new_lazy(client: Client, config: ConnectionManagerConfig) -> RedisResult<Self> {
+        let current = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        Ok(Self(Arc::new(ManagedParts {
+            client,
+            config,
+            current: std::sync::RwLock::new(Arc::new(current)),
+        })))
+    }
+
+    fn current(&self) -> Arc<ConnectionManager> {
+        Arc::clone(
+            &self
+                .0
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// After `error` on `used`: a connection attempt refused by the server replaces it, once
+    /// (not a manager made since, whose requests may be under way). Such a refusal comes
+    /// only from a connection attempt, so `used` has no connection whose requests could still
+    /// land behind a later one.
+    fn after(&self, used: &Arc<ConnectionManager>, error: &RedisError) {
+        if !refused_connection(error) {
+            return;
+        }
+        let mut current = self
+            .0
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if Arc::ptr_eq(&current, used)
+            && let Ok(fresh) = ConnectionManager::new_lazy_with_config(
+                self.0.client.clone(),
+                self.0.config.clone(),
+            )
+        {
+            *current = Arc::new(fresh);
+        }
+    }
+}
+
+/// Whether `error` is the server's refusal of a connection attempt: `AUTH` refused, or the
+/// URL's database (`SELECT`, e.g. an ACL user denied it), which redis-rs reports as a server
+/// error of its own wording (a script's error answer never starts so).
+fn refused_connection(error: &RedisError) -> bool {
+    error.kind() == redis::ErrorKind::AuthenticationFailed
+        || error
+            .to_string()
+            .starts_with("Redis server refused to switch database")
+}
+
+impl ConnectionLike for Managed {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let used = self.current();
+            let answer = (*used).clone().send_packed_command(cmd).await;
+            if let Err(error) = &answer {
+                self.after(&used, error);
+            }
+            answer
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let used = self.current();
+            let answer = (*used)
+                .clone()
+                .send_packed_commands(pipeline, offset, count)
+                .await;
+            if let Err(error) = &answer {
+                self.after(&used, error);
+            }
+            answer
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.current().get_db()
+    }
 }
 
 impl Node {
@@ -273,8 +379,7 @@ impl NodeParts {
                 .set_number_of_retries(1)
                 .set_min_delay(Duration::from_millis(10))
                 .set_max_delay(Duration::from_millis(200));
-            ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-                .map_err(|e| invalid(&e))
+            Managed::new_lazy(client.clone(), manager_config).map_err(|e| invalid(&e))
         };
         let (connection, ordered) = match config.connection {
             ConnectionKind::Manager => (Connection::Manager(ordered_connection()?), None),
