@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use case::{
-    CLIENTS, Case, ClientSpec, KEY_POOL, MAX_NAMESPACE_LEN, MAX_PREFIX_LEN, NAMESPACE_POOL, Op,
-    PREFIX_POOL, REAL_STEP, Text, Ttl, advance_by, case,
+    CLIENTS, Case, ClientSpec, KEY_POOL, LeaseOp, MAX_NAMESPACE_LEN, MAX_PREFIX_LEN,
+    NAMESPACE_POOL, Op, PREFIX_POOL, REAL_STEP, Text, Ttl, advance_by, case,
 };
 use lock_core::raw::Lock;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunner};
@@ -132,6 +132,9 @@ pub struct ModelConfig {
     /// Whether the backend has multi-key locks: `acquire_many` of several keys is drawn often
     /// only then.
     pub multi_key: bool,
+    /// Whether lease steps (permits, read and write locks, downgrades) are drawn too; without,
+    /// cases are drawn exactly as before leases were modeled.
+    pub leases: bool,
 }
 
 impl ModelConfig {
@@ -146,7 +149,16 @@ impl ModelConfig {
             step_timeout: Duration::from_secs(10),
             can_purge: true,
             multi_key: true,
+            leases: false,
         }
+    }
+
+    /// Draws lease steps too: semaphore permits, read and write locks (once or as a single
+    /// attempt), and downgrades, on the same crowded keys as the mutexes.
+    #[must_use]
+    pub fn with_leases(mut self) -> Self {
+        self.leases = true;
+        self
     }
 
     /// For a backend without multi-key locks: `acquire_many` is rare (it checks the refusal,
@@ -269,7 +281,12 @@ pub fn check<T: Target>(target: &T, config: &ModelConfig) -> Result<Report, Box<
     let mut runner = TestRunner::new(proptest_config);
     let tally = std::cell::RefCell::new(exec::Tally::new());
     let result = runner.run(
-        &case(config.max_steps, config.can_purge, config.multi_key),
+        &case(
+            config.max_steps,
+            config.can_purge,
+            config.multi_key,
+            config.leases,
+        ),
         |case| run_one(target, &case, config, &mut tally.borrow_mut()).map_err(TestCaseError::fail),
     );
     match result {
