@@ -1530,15 +1530,16 @@ impl<T: Target> Run<'_, T> {
                         ));
                     }
                 }
-                // Those that would keep it out had expired (for a semaphore the model cannot
-                // tell which of its holders had).
+                // Those that would keep it out had expired; for a semaphore, only when one more
+                // of them would have filled it (otherwise the model cannot tell which had).
+                let full = match kind {
+                    LeaseKind::Permit { permits } => live(&blocking) + 1 >= permits.get() as usize,
+                    _ => true,
+                };
                 let gone: Vec<usize> = other
                     .iter()
-                    .chain(if matches!(kind, LeaseKind::Permit { .. }) {
-                        &[][..]
-                    } else {
-                        &blocking[..]
-                    })
+                    .chain(if full { &blocking[..] } else { &[][..] })
+                    .filter(|(_, status)| *status != Status::Live)
                     .map(|(holder, _)| *holder)
                     .collect();
                 for holder in gone {
