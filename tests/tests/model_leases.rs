@@ -1,7 +1,7 @@
 //! The model-based test of the lease primitives — semaphore permits, read and write locks,
 //! downgrades — beside mutexes on the same crowded keys (see `lock_tests::model`): the
 //! in-process backend on tokio's paused clock, Redlock on one node and on three fenced nodes,
-//! and inc on one server, on real servers and the real clock.
+//! and inc on one server and on a cluster of three, on real servers and the real clock.
 #![allow(clippy::unwrap_used)]
 
 use std::cell::RefCell;
@@ -16,7 +16,7 @@ use lock_inc::{IncConfig, IncLock};
 use lock_memory::MemoryLock;
 use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::model::{self, AfterStop, ClientSetup, ModelConfig, Naming, Target, Timing};
-use lock_tests::server::{RedisServer, redis_or_skip};
+use lock_tests::server::{RedisServer, cluster_url, redis_or_skip, start_cluster};
 
 /// The in-process backend, on a fresh lock table per case, on the paused clock; with a flaw,
 /// a negative control.
@@ -141,14 +141,16 @@ impl Target for Nodes {
     }
 }
 
-/// inc on one server.
+/// inc on one server, or on a Redis Cluster.
 struct Inc {
-    server: RedisServer,
+    label: &'static str,
+    url: String,
+    servers: Vec<RedisServer>,
 }
 
 impl Target for Inc {
     fn label(&self) -> String {
-        "inc leases".to_owned()
+        self.label.to_owned()
     }
 
     fn timing(&self) -> Timing {
@@ -163,20 +165,32 @@ impl Target for Inc {
         AfterStop::Stopped
     }
 
+    fn cluster(&self) -> bool {
+        self.url.starts_with("redis-cluster://")
+    }
+
     fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
         real_runtime()
     }
 
     fn reset(&self) -> std::result::Result<(), String> {
-        flush(std::slice::from_ref(&self.server))
+        flush(&self.servers)
     }
 
     async fn backend(&self, setup: &ClientSetup) -> Result<Arc<dyn Lock>> {
-        let mut config = IncConfig::new(self.server.url());
+        let mut config = IncConfig::new(self.url.clone());
         config.prefix = setup.prefix.clone();
         config.command_timeout = 1_000;
         Ok(Arc::new(IncLock::connect(config).await?))
     }
+}
+
+fn inc(target: &Inc) {
+    let config = ModelConfig::from_env(64, 12)
+        .without_multi_key()
+        .with_leases();
+    let report = model::check(target, &config).unwrap_or_else(|failure| panic!("{failure}"));
+    println!("model {}: {report}", target.label);
 }
 
 #[test]
@@ -216,12 +230,24 @@ fn inc_leases_on_one_server_follow_the_model() {
         return;
     };
     let server = RedisServer::start(&binary, &[]).expect("redis-server starts");
-    let target = Inc { server };
-    let config = ModelConfig::from_env(64, 12)
-        .without_multi_key()
-        .with_leases();
-    let report = model::check(&target, &config).unwrap_or_else(|failure| panic!("{failure}"));
-    println!("model inc leases: {report}");
+    inc(&Inc {
+        label: "inc leases",
+        url: server.url(),
+        servers: vec![server],
+    });
+}
+
+#[test]
+fn inc_leases_on_a_cluster_follow_the_model() {
+    let Some(binary) = redis_or_skip("inc leases cluster model") else {
+        return;
+    };
+    let servers = start_cluster(&binary, 3).expect("cluster");
+    inc(&Inc {
+        label: "inc leases (cluster of 3)",
+        url: cluster_url(&servers),
+        servers,
+    });
 }
 
 /// Runs the lease model against a flawed backend with a fixed seed: it must fail, with a
