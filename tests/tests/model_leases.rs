@@ -15,7 +15,9 @@ use lock_core::{
 use lock_inc::{IncConfig, IncLock};
 use lock_memory::MemoryLock;
 use lock_redlock::{Redlock, RedlockConfig};
-use lock_tests::model::{self, AfterStop, ClientSetup, ModelConfig, Naming, Target, Timing};
+use lock_tests::model::{
+    self, AfterStop, ClientSetup, ModelConfig, Naming, Refusal, Target, Timing,
+};
 use lock_tests::server::{RedisServer, cluster_url, redis_or_skip, start_cluster};
 
 /// The in-process backend, on a fresh lock table per case, on the paused clock; with a flaw,
@@ -52,6 +54,11 @@ impl Target for Memory {
 
     fn guards_after_stop(&self) -> AfterStop {
         AfterStop::Work
+    }
+
+    fn other_kind_refusal(&self, _asked: LeaseKind) -> Refusal {
+        // Every kind's path checks the other kinds' live holders first.
+        Refusal::Mismatch
     }
 
     fn drop_releases_at_once(&self) -> bool {
@@ -124,6 +131,17 @@ impl Target for Nodes {
         AfterStop::Stopped
     }
 
+    fn other_kind_refusal(&self, _asked: LeaseKind) -> Refusal {
+        // The README: every script looks at the key's type and marker first ("A key is one
+        // kind of lock"). Over several nodes a key may be held differently on a node that
+        // missed a round, so only one node is held to it.
+        if self.servers.len() == 1 {
+            Refusal::Mismatch
+        } else {
+            Refusal::Either
+        }
+    }
+
     fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
         real_runtime()
     }
@@ -167,6 +185,16 @@ impl Target for Inc {
 
     fn cluster(&self) -> bool {
         self.url.starts_with("redis-cluster://")
+    }
+
+    fn other_kind_refusal(&self, asked: LeaseKind) -> Refusal {
+        // The README: a mutex asked on a semaphore or read-write lock finds it held; a lease
+        // asked on another kind is `KindMismatch`.
+        if asked == LeaseKind::Exclusive {
+            Refusal::Held
+        } else {
+            Refusal::Mismatch
+        }
     }
 
     fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use super::case::{Case, ClientSpec, LeaseOp, Op, Text, Ttl, advance_by};
 use super::{
     AfterStop, ClientSetup, KEY_POOL, MAX_NAMESPACE_LEN, MAX_PREFIX_LEN, NAMESPACE_POOL, Naming,
-    PREFIX_POOL, Target, Timing,
+    PREFIX_POOL, Refusal, Target, Timing,
 };
 
 /// How long a background release (a dropped guard) may take on real servers.
@@ -755,6 +755,20 @@ impl<T: Target> Run<'_, T> {
         }
         let holders = self.holders(&ids, start, end);
         let live = holders.iter().find(|(_, status)| *status == Status::Live);
+        // (For one key: several are taken in an order, and another key may be found held
+        // first.)
+        if let Some((holder, _)) = live
+            && self.locks[*holder].kind != LeaseKind::Exclusive
+            && ids.len() == 1
+        {
+            let held = self.locks[*holder].kind;
+            self.count(&format!("a mutex asked, {held} live"), got);
+            refused_as(
+                self.target.other_kind_refusal(LeaseKind::Exclusive),
+                got,
+                &result_error(&result),
+            )?;
+        }
         let unknown = holders.iter().any(|(_, status)| *status == Status::Unknown);
         // On real servers an attempt that took most of its ttl may hand out no lock.
         let slow = timing == Timing::Real && (end - start) + early(ttl) >= ttl;
@@ -1369,6 +1383,16 @@ fn result_error<T>(result: &Result<T, LockError>) -> Option<String> {
     result.as_ref().err().map(ToString::to_string)
 }
 
+/// Checks how a key surely held as another kind was refused (an acquisition's other outcomes
+/// are the caller's to judge).
+fn refused_as(refusal: Refusal, got: Outcome, error: &Option<String>) -> Result<(), String> {
+    match (refusal, got) {
+        (Refusal::Mismatch, Outcome::Held) => expect(got, &[Outcome::Mismatch], error),
+        (Refusal::Held, Outcome::Mismatch) => expect(got, &[Outcome::Held], error),
+        _ => Ok(()),
+    }
+}
+
 fn expect(got: Outcome, allowed: &[Outcome], error: &Option<String>) -> Result<(), String> {
     if allowed.contains(&got) {
         return Ok(());
@@ -1503,6 +1527,11 @@ impl<T: Target> Run<'_, T> {
             }
             _ => (live(&blocking) > 0, !blocking.is_empty()),
         };
+        if let Some((holder, _)) = other.iter().find(|(_, status)| *status == Status::Live) {
+            let held = self.locks[*holder].kind;
+            self.count(&format!("{kind} asked, {held} live"), got);
+            refused_as(self.target.other_kind_refusal(kind), got, &error)?;
+        }
         let must_refuse = live(&other) > 0 || must_block;
         let slow = timing == Timing::Real && (end - start) + early(ttl) >= ttl;
         let may_refuse = !other.is_empty() || may_block || slow;

@@ -57,6 +57,17 @@ pub enum AfterStop {
     Stopped,
 }
 
+/// How a backend refuses a key held as another kind (see [`Target::other_kind_refusal`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `LockError::KindMismatch`.
+    Mismatch,
+    /// `LockError::Locked` (`Ok(None)` from a single try).
+    Held,
+    /// Either of them.
+    Either,
+}
+
 /// What a client's backend is built from.
 #[derive(Clone, Debug)]
 pub struct ClientSetup {
@@ -92,6 +103,15 @@ pub trait Target {
     /// different slots, and acquiring fails with a backend error (a documented limitation).
     fn cluster(&self) -> bool {
         false
+    }
+
+    /// How the backend refuses a lease of kind `asked` on a key another kind (a mutex, a
+    /// semaphore of another size, a read-write lock) surely holds: with `KindMismatch`
+    /// ([`Refusal::Mismatch`]), as held ([`Refusal::Held`]), or either way
+    /// ([`Refusal::Either`]: all that `LeaseKind` promises, and the default).
+    fn other_kind_refusal(&self, asked: lock_core::LeaseKind) -> Refusal {
+        let _ = asked;
+        Refusal::Either
     }
 
     /// A fresh runtime for one case (paused for [`Timing::Exact`]).
