@@ -8,6 +8,16 @@
 //! key, strictly increasing across acquisitions in the model's order. On a failure proptest
 //! shrinks the case to a minimal sequence, printed with the outcome of every step.
 //!
+//! With [`ModelConfig::with_leases`] the steps also take leases on the same keys: semaphore
+//! permits (`acquire_permit`, of 1 to 3 permits, and refused sizes), read and write locks, each
+//! also as a single `try_acquire_kind`, and `downgrade`. A semaphore of N admits at most N live
+//! holders, a read-write lock many readers or one writer; a key surely held as another kind is
+//! refused (held or `KindMismatch`, as the target says: [`Target::other_kind_refusal`]), and
+//! `KindMismatch` only while a holder of another kind may be live; extend, release, drop and
+//! `keep_alive` of a lease follow the mutex's rules; a downgrade turns a live write lock into a
+//! read lock (readers then enter; the fencing token stays), and is `NotHeld` once it lapsed or
+//! was lost. Fencing tokens increase per key across every kind of acquisition.
+//!
 //! Time is modeled per [`Timing`]: on tokio's paused clock exactly (a lock is held while the
 //! clock reads before its expiry), on real servers as a window: a lock is surely held until its
 //! ttl (less a drift margin) after its acquisition started, surely gone once its ttl (plus a
