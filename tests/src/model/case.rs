@@ -261,11 +261,42 @@ pub enum Op {
         /// Which client.
         client: usize,
     },
+    /// A lease: `acquire_permit(key, permits)`, `acquire_read(key)` or `acquire_write(key)`,
+    /// or `try_acquire_kind(key, kind)` when `attempt_once` (drawn only with
+    /// [`ModelConfig::with_leases`](super::ModelConfig::with_leases)).
+    Lease {
+        /// Which client.
+        client: usize,
+        /// The key.
+        key: Text,
+        /// The kind of lease.
+        kind: LeaseOp,
+        /// `try_acquire_kind` rather than the `acquire_*` call.
+        attempt_once: bool,
+    },
+    /// `guard.downgrade()` (drawn only with leases), of a write lock's guard (modulo those
+    /// held) if the case holds any, else of any guard.
+    Downgrade {
+        /// Which guard (modulo those held).
+        guard: usize,
+    },
     /// Time passes (see [`advance_by`]).
     Advance {
         /// Index into the steps of the paused clock.
         step: usize,
     },
+}
+
+/// The kind of a lease step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseOp {
+    /// A permit of a semaphore of this many permits (0 and more than `MAX_PERMITS` are
+    /// refused).
+    Permit(u32),
+    /// The read side of a read-write lock.
+    Read,
+    /// The write side of a read-write lock.
+    Write,
 }
 
 /// A whole case: the clients, then the steps.
@@ -361,15 +392,53 @@ fn op(purge_weight: u32, many_weight: u32) -> impl Strategy<Value = Op> {
     ]
 }
 
+fn lease_kind() -> impl Strategy<Value = LeaseOp> {
+    prop_oneof![
+        6 => Just(LeaseOp::Permit(1)),
+        5 => Just(LeaseOp::Permit(2)),
+        2 => Just(LeaseOp::Permit(3)),
+        1 => Just(LeaseOp::Permit(0)),
+        1 => Just(LeaseOp::Permit(lock_core::raw::validate::MAX_PERMITS + 1)),
+        8 => Just(LeaseOp::Read),
+        6 => Just(LeaseOp::Write),
+    ]
+}
+
+/// The steps of a case with leases: the mutex steps (as often as in a case without), lease
+/// acquisitions about as often again, and downgrades.
+fn op_with_leases(purge_weight: u32, many_weight: u32) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        10 => op(purge_weight, many_weight),
+        5 => (0..CLIENTS, crowded_key(), lease_kind(), any::<bool>()).prop_map(
+            |(client, key, kind, attempt_once)| Op::Lease {
+                client,
+                key,
+                kind,
+                attempt_once,
+            }
+        ),
+        2 => (0..8usize).prop_map(|guard| Op::Downgrade { guard }),
+    ]
+}
+
 /// Cases of [`CLIENTS`] clients and up to `max_steps` steps; purges and multi-key locks are
 /// drawn often only where the backend `can_purge` and has `multi_key` locks (elsewhere they
-/// mostly check the refusal).
-pub fn case(max_steps: usize, can_purge: bool, multi_key: bool) -> impl Strategy<Value = Case> {
+/// mostly check the refusal). With `leases`, lease steps are drawn too (see
+/// [`Op::Lease`]); without, the steps are drawn exactly as before leases were modeled.
+pub fn case(
+    max_steps: usize,
+    can_purge: bool,
+    multi_key: bool,
+    leases: bool,
+) -> BoxedStrategy<Case> {
     let purge_weight = if can_purge { 6 } else { 1 };
     let many_weight = if multi_key { 10 } else { 2 };
-    (
-        vec(client(), CLIENTS),
-        vec(op(purge_weight, many_weight), 1..=max_steps),
-    )
+    let ops = if leases {
+        vec(op_with_leases(purge_weight, many_weight), 1..=max_steps).boxed()
+    } else {
+        vec(op(purge_weight, many_weight), 1..=max_steps).boxed()
+    };
+    (vec(client(), CLIENTS), ops)
         .prop_map(|(clients, ops)| Case { clients, ops })
+        .boxed()
 }

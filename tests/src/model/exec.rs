@@ -12,15 +12,15 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, Holding, LockError, LockGuard, LockOptions, Locker, LostSignal, MAX_KEY_LEN,
-    RetryPolicy,
+    Capabilities, Holding, LeaseKind, LockError, LockGuard, LockOptions, Locker, LostSignal,
+    MAX_KEY_LEN, RetryPolicy,
 };
 use tokio::time::Instant;
 
-use super::case::{Case, ClientSpec, Op, Text, Ttl, advance_by};
+use super::case::{Case, ClientSpec, LeaseOp, Op, Text, Ttl, advance_by};
 use super::{
     AfterStop, ClientSetup, KEY_POOL, MAX_NAMESPACE_LEN, MAX_PREFIX_LEN, NAMESPACE_POOL, Naming,
-    PREFIX_POOL, Target, Timing,
+    PREFIX_POOL, Refusal, Target, Timing,
 };
 
 /// How long a background release (a dropped guard) may take on real servers.
@@ -52,6 +52,8 @@ enum Outcome {
     Invalid,
     Stopped,
     Unsupported,
+    /// `KindMismatch`: the key is in use as another kind of lock.
+    Mismatch,
     /// Any other error (backend, quorum, timeout).
     Failed,
 }
@@ -63,6 +65,7 @@ fn outcome_of(error: &LockError) -> Outcome {
         LockError::InvalidInput { .. } => Outcome::Invalid,
         LockError::Stopped => Outcome::Stopped,
         LockError::Unsupported { .. } => Outcome::Unsupported,
+        LockError::KindMismatch { .. } => Outcome::Mismatch,
         _ => Outcome::Failed,
     }
 }
@@ -124,6 +127,24 @@ struct ModelLock {
     /// `keep_alive` was called on its guard.
     watched: bool,
     fence: Option<u64>,
+    /// What it holds: a mutex, a permit, a read or a write lock (a downgrade turns the last
+    /// into a read lock).
+    kind: LeaseKind,
+}
+
+/// What a kind of lease is among the kinds a key can be used as: a mutex, a semaphore of one
+/// size, or a read-write lock. A key is used as one family at a time.
+fn family(kind: LeaseKind) -> (u8, u32) {
+    match kind {
+        LeaseKind::Permit { permits } => (1, permits.get()),
+        LeaseKind::Read | LeaseKind::Write => (2, 0),
+        _ => (0, 0),
+    }
+}
+
+/// Whether a holder of `held` keeps a new lease of `asked` (of the same family) out.
+fn excludes(held: LeaseKind, asked: LeaseKind) -> bool {
+    !(held == LeaseKind::Read && asked == LeaseKind::Read)
 }
 
 impl ModelLock {
@@ -322,8 +343,9 @@ impl<T: Target> Run<'_, T> {
         for (index, lock) in self.locks.iter().enumerate() {
             let _ = writeln!(
                 text,
-                "  lock#{index} of c{} on {} (stored {}): {:?}{}{}, fence {:?}",
+                "  lock#{index} of c{} ({}) on {} (stored {}): {:?}{}{}, fence {:?}",
                 lock.client,
+                lock.kind,
                 show_all(&lock.keys),
                 show_all(&lock.ids),
                 lock.status(now, now),
@@ -591,6 +613,16 @@ impl<T: Target> Run<'_, T> {
             Op::Purge { client, prefix } => self.purge(*client, prefix).await,
             Op::Inspect { client, key } => self.inspect(*client, key).await,
             Op::Stop { client } => self.stop(*client).await,
+            Op::Lease {
+                client,
+                key,
+                kind,
+                attempt_once,
+            } => {
+                let key = self.key_text(*client, key);
+                self.acquire_lease(*client, key, *kind, *attempt_once).await
+            }
+            Op::Downgrade { guard } => self.downgrade(*guard).await,
             Op::Advance { step } => {
                 let by = advance_by(*step, self.timing);
                 self.log(format!("advance {by:?}"));
@@ -723,6 +755,20 @@ impl<T: Target> Run<'_, T> {
         }
         let holders = self.holders(&ids, start, end);
         let live = holders.iter().find(|(_, status)| *status == Status::Live);
+        // (For one key: several are taken in an order, and another key may be found held
+        // first.)
+        if let Some((holder, _)) = live
+            && self.locks[*holder].kind != LeaseKind::Exclusive
+            && ids.len() == 1
+        {
+            let held = self.locks[*holder].kind;
+            self.count(&format!("a mutex asked, {held} live"), got);
+            refused_as(
+                self.target.other_kind_refusal(LeaseKind::Exclusive),
+                got,
+                &result_error(&result),
+            )?;
+        }
         let unknown = holders.iter().any(|(_, status)| *status == Status::Unknown);
         // On real servers an attempt that took most of its ttl may hand out no lock.
         let slow = timing == Timing::Real && (end - start) + early(ttl) >= ttl;
@@ -740,7 +786,15 @@ impl<T: Target> Run<'_, T> {
                     // It had expired: found free.
                     self.locks[*holder].found_free(&ids);
                 }
-                self.won(client, guard, raw, valid_keys, ids, ttl, start, end)
+                self.won(
+                    client,
+                    guard,
+                    LeaseKind::Exclusive,
+                    (raw, valid_keys, ids),
+                    ttl,
+                    start,
+                    end,
+                )
             }
             Err(LockError::Locked { key }) => {
                 if live.is_none() && !unknown && !slow {
@@ -758,6 +812,21 @@ impl<T: Target> Run<'_, T> {
                 }
                 Ok(())
             }
+            // A key in use as another kind: refused as held or as a mismatch (see `LeaseKind`),
+            // only while a lease of another kind may hold it.
+            Err(LockError::KindMismatch { .. }) => {
+                let other = holders
+                    .iter()
+                    .any(|(holder, _)| self.locks[*holder].kind != LeaseKind::Exclusive);
+                if other {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} refused as used as another kind, but the model has no other kind there",
+                        show_all(&valid_keys)
+                    ))
+                }
+            }
             Err(error) if slow && outcome_of(&error) == Outcome::Failed => {
                 println!("note: a slow attempt ({:?}) failed: {error}", end - start);
                 Ok(())
@@ -767,21 +836,25 @@ impl<T: Target> Run<'_, T> {
         }
     }
 
+    /// A guard handed out for `kind` on `names` (the keys as named, namespaced and stored).
     #[allow(clippy::too_many_arguments)]
     fn won(
         &mut self,
         client: usize,
         guard: LockGuard,
-        raw: Vec<String>,
-        keys: Vec<String>,
-        ids: Vec<String>,
+        kind: LeaseKind,
+        names: (Vec<String>, Vec<String>, Vec<String>),
         ttl: Duration,
         start: Instant,
         end: Instant,
     ) -> Result<(), String> {
+        let (raw, keys, ids) = names;
         let got: Vec<&str> = guard.keys().iter().map(|key| key.as_str()).collect();
         if got != keys.iter().map(String::as_str).collect::<Vec<_>>() {
             return Err(format!("the guard holds {got:?}, not {}", show_all(&keys)));
+        }
+        if guard.kind() != kind {
+            return Err(format!("the guard holds {}, not {kind}", guard.kind()));
         }
         let fence = guard.fencing_token();
         let fencing = self.clients[client].caps.fencing;
@@ -815,10 +888,12 @@ impl<T: Target> Run<'_, T> {
             }
             Timing::Real => (start + ttl - early(ttl), end + ttl + LATE),
         };
-        // Earlier locks on these keys no longer have an entry there.
+        // Earlier locks on these keys no longer have an entry there, but for shared holders
+        // (permits, readers) that may still hold beside this lease.
         for lock in &mut self.locks {
+            let beside = kind != LeaseKind::Exclusive && lock.status(start, end) != Status::Dead;
             for (i, id) in lock.ids.iter().enumerate() {
-                if ids.contains(id) {
+                if ids.contains(id) && (lock.taken[i] || !beside) {
                     lock.entry[i] = false;
                 }
             }
@@ -839,6 +914,7 @@ impl<T: Target> Run<'_, T> {
             keep: None,
             watched: false,
             fence,
+            kind,
         });
         self.slots.push(Slot {
             guard,
@@ -1307,6 +1383,16 @@ fn result_error<T>(result: &Result<T, LockError>) -> Option<String> {
     result.as_ref().err().map(ToString::to_string)
 }
 
+/// Checks how a key surely held as another kind was refused (an acquisition's other outcomes
+/// are the caller's to judge).
+fn refused_as(refusal: Refusal, got: Outcome, error: &Option<String>) -> Result<(), String> {
+    match (refusal, got) {
+        (Refusal::Mismatch, Outcome::Held) => expect(got, &[Outcome::Mismatch], error),
+        (Refusal::Held, Outcome::Mismatch) => expect(got, &[Outcome::Held], error),
+        _ => Ok(()),
+    }
+}
+
 fn expect(got: Outcome, allowed: &[Outcome], error: &Option<String>) -> Result<(), String> {
     if allowed.contains(&got) {
         return Ok(());
@@ -1317,4 +1403,292 @@ fn expect(got: Outcome, allowed: &[Outcome], error: &Option<String>) -> Result<(
             .as_ref()
             .map_or(String::new(), |error| format!(" ({error})"))
     ))
+}
+
+/// Leases: semaphore permits, read and write locks, and downgrades.
+impl<T: Target> Run<'_, T> {
+    /// `acquire_permit`, `acquire_read`, `acquire_write` (one attempt: the clients retry
+    /// never), or `try_acquire_kind` when `attempt_once`.
+    ///
+    /// The rules: a semaphore of N permits admits at most N live holders, a read-write lock
+    /// many readers or one writer; a key held as another kind (a mutex, a semaphore of another
+    /// size, a read-write lock) is refused, as held or with `KindMismatch` (both are allowed:
+    /// `LeaseKind`'s documented promise), and `KindMismatch` only while a lease of another kind
+    /// may hold the key (every backend refuses another kind only while it has a live holder).
+    async fn acquire_lease(
+        &mut self,
+        client: usize,
+        raw: String,
+        op: LeaseOp,
+        attempt_once: bool,
+    ) -> Result<(), String> {
+        let timing = self.timing;
+        let c = &self.clients[client];
+        let key = namespaced(c.namespace.as_deref(), &raw);
+        let kind = match op {
+            LeaseOp::Permit(permits) => LeaseKind::permit(permits).ok(),
+            LeaseOp::Read => Some(LeaseKind::Read),
+            LeaseOp::Write => Some(LeaseKind::Write),
+        };
+        // Past `MAX_PERMITS`, a kind built by hand (which `LeaseKind::permit` refuses): the
+        // call must refuse it.
+        let try_kind = match op {
+            LeaseOp::Permit(permits) => {
+                std::num::NonZeroU32::new(permits).map(|permits| LeaseKind::Permit { permits })
+            }
+            _ => kind,
+        };
+        let label = match (op, attempt_once) {
+            (LeaseOp::Permit(permits), false) => {
+                format!("c{client}.acquire_permit({}, {permits})", show(&raw))
+            }
+            (LeaseOp::Read, false) => format!("c{client}.acquire_read({})", show(&raw)),
+            (LeaseOp::Write, false) => format!("c{client}.acquire_write({})", show(&raw)),
+            (op, true) => format!("c{client}.try_acquire_kind({}, {op:?})", show(&raw)),
+        };
+        let ttl = c.ttl.duration(timing);
+        let start = Instant::now();
+        let result: Result<LockGuard, LockError> = match (op, attempt_once) {
+            (LeaseOp::Permit(permits), false) => c.locker.acquire_permit(&raw, permits).await,
+            (LeaseOp::Read, false) => c.locker.acquire_read(&raw).await,
+            (LeaseOp::Write, false) => c.locker.acquire_write(&raw).await,
+            (_, true) => match try_kind {
+                // No `LeaseKind` has no permits.
+                None => Err(LockError::invalid("permits", "no LeaseKind has 0 permits")),
+                Some(kind) => match c.locker.try_acquire_kind(&raw, kind).await {
+                    Ok(Some(guard)) => Ok(guard),
+                    Ok(None) => Err(LockError::Locked { key: String::new() }),
+                    Err(LockError::Locked { key }) => Err(LockError::backend(
+                        "model",
+                        format!("try_acquire_kind returned Locked for `{key}` instead of Ok(None)"),
+                    )),
+                    Err(error) => Err(error),
+                },
+            },
+        };
+        let end = Instant::now();
+        let shown = match (&result, attempt_once) {
+            (Err(LockError::Locked { .. }), true) => "Ok(None)".to_owned(),
+            _ => describe(&result, |guard| {
+                format!("Ok(fence {:?})", guard.fencing_token())
+            }),
+        };
+        self.log(format!("{label} -> {shown}"));
+        let got = result.as_ref().err().map_or(Outcome::Ok, outcome_of);
+        let counted = match op {
+            LeaseOp::Permit(_) => "permit",
+            LeaseOp::Read => "read",
+            LeaseOp::Write => "write",
+        };
+        self.count(counted, got);
+        let error = result_error(&result);
+        let c = &self.clients[client];
+        let stopped = c.stopped;
+        let (Some(kind), Some(key)) = (kind, key) else {
+            let mut allowed = vec![Outcome::Invalid];
+            if stopped {
+                allowed.push(Outcome::Stopped);
+            }
+            return expect(got, &allowed, &error);
+        };
+        if stopped {
+            return expect(got, &[Outcome::Stopped], &error);
+        }
+        if c.caps.serves(kind).is_err() {
+            return expect(got, &[Outcome::Unsupported], &error);
+        }
+        let id = self.stored(client, &key);
+        if self.target.cluster() && self.naming == Naming::HashTagged && empty_hash_tag(&id) {
+            return expect(got, &[Outcome::Failed], &error);
+        }
+        let ids = vec![id];
+        let holders = self.holders(&ids, start, end);
+        // The holders that keep this lease out: another kind, or the same family and
+        // exclusive (for a semaphore, each holder takes a permit).
+        let mut other = Vec::new();
+        let mut blocking = Vec::new();
+        for (holder, status) in &holders {
+            let held = self.locks[*holder].kind;
+            if family(held) != family(kind) {
+                other.push((*holder, *status));
+            } else if excludes(held, kind) {
+                blocking.push((*holder, *status));
+            }
+        }
+        let live = |list: &[(usize, Status)]| {
+            list.iter()
+                .filter(|(_, status)| *status == Status::Live)
+                .count()
+        };
+        let (must_block, may_block) = match kind {
+            LeaseKind::Permit { permits } => {
+                let permits = permits.get() as usize;
+                (live(&blocking) >= permits, blocking.len() >= permits)
+            }
+            _ => (live(&blocking) > 0, !blocking.is_empty()),
+        };
+        if let Some((holder, _)) = other.iter().find(|(_, status)| *status == Status::Live) {
+            let held = self.locks[*holder].kind;
+            self.count(&format!("{kind} asked, {held} live"), got);
+            refused_as(self.target.other_kind_refusal(kind), got, &error)?;
+        }
+        let must_refuse = live(&other) > 0 || must_block;
+        let slow = timing == Timing::Real && (end - start) + early(ttl) >= ttl;
+        let may_refuse = !other.is_empty() || may_block || slow;
+        match result {
+            Ok(guard) => {
+                if must_refuse {
+                    // Only the holders that surely keep it out may have been lost by a late
+                    // watchdog.
+                    let mut keeping: Vec<(usize, Status)> = other.clone();
+                    if must_block {
+                        keeping.extend(blocking.iter().copied());
+                    }
+                    if !self.late_watchdog(&keeping).await {
+                        return Err(format!(
+                            "acquired {kind} on {} while the model has it held ({})",
+                            show(&key),
+                            holders
+                                .iter()
+                                .map(|(holder, status)| format!(
+                                    "lock#{holder}: {} {status:?}",
+                                    self.locks[*holder].kind
+                                ))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                }
+                // Those that would keep it out had expired; for a semaphore, only when one more
+                // of them would have filled it (otherwise the model cannot tell which had).
+                let full = match kind {
+                    LeaseKind::Permit { permits } => live(&blocking) + 1 >= permits.get() as usize,
+                    _ => true,
+                };
+                let gone: Vec<usize> = other
+                    .iter()
+                    .chain(if full { &blocking[..] } else { &[][..] })
+                    .filter(|(_, status)| *status != Status::Live)
+                    .map(|(holder, _)| *holder)
+                    .collect();
+                for holder in gone {
+                    self.locks[holder].found_free(&ids);
+                }
+                self.won(
+                    client,
+                    guard,
+                    kind,
+                    (vec![raw], vec![key], ids),
+                    ttl,
+                    start,
+                    end,
+                )
+            }
+            Err(LockError::Locked { key: named }) => {
+                if !may_refuse {
+                    return Err(format!(
+                        "{kind} on {} found held, but the model admits it",
+                        show(&key)
+                    ));
+                }
+                if !attempt_once && named != key {
+                    return Err(format!("Locked names {}, not {}", show(&named), show(&key)));
+                }
+                Ok(())
+            }
+            Err(LockError::KindMismatch { .. }) => {
+                if other.is_empty() {
+                    return Err(format!(
+                        "{kind} on {} refused as used as another kind, but the model has no other kind there",
+                        show(&key)
+                    ));
+                }
+                Ok(())
+            }
+            Err(error) if slow && outcome_of(&error) == Outcome::Failed => {
+                println!("note: a slow attempt ({:?}) failed: {error}", end - start);
+                Ok(())
+            }
+            Err(error) => Err(format!("unexpected error: {error}")),
+        }
+    }
+
+    /// `guard.downgrade()`: a write lock becomes a read lock (other readers may then enter),
+    /// with its expiry and fencing token; any other guard is refused as invalid input; a
+    /// lapsed or lost lock is `NotHeld`, as for extend.
+    async fn downgrade(&mut self, guard: usize) -> Result<(), String> {
+        // Names a write lock's guard when the case holds any (otherwise any guard: refused).
+        let writers: Vec<usize> = (0..self.slots.len())
+            .filter(|slot| self.locks[self.slots[*slot].lock].kind == LeaseKind::Write)
+            .collect();
+        let index = if writers.is_empty() {
+            self.slot(guard)
+        } else {
+            Some(writers[guard % writers.len()])
+        };
+        let Some(index) = index else {
+            self.log("downgrade: no guard held");
+            return Ok(());
+        };
+        let lock = self.slots[index].lock;
+        let fence = self.slots[index].guard.fencing_token();
+        let start = Instant::now();
+        let result = self.slots[index].guard.downgrade().await;
+        let end = Instant::now();
+        self.log(format!(
+            "lock#{lock}.downgrade() -> {}",
+            describe(&result, |()| "Ok".to_owned())
+        ));
+        let got = result.as_ref().err().map_or(Outcome::Ok, outcome_of);
+        self.count("downgrade", got);
+        let error = result_error(&result);
+        let guard = &self.slots[index].guard;
+        if guard.fencing_token() != fence {
+            return Err(format!(
+                "the downgrade changed the fencing token from {fence:?} to {:?}",
+                guard.fencing_token()
+            ));
+        }
+        let model = &self.locks[lock];
+        if model.kind != LeaseKind::Write {
+            return expect(got, &[Outcome::Invalid], &error);
+        }
+        let status = model.status(start, end);
+        self.count("downgrade of a write lock the model has", status);
+        let model = &self.locks[lock];
+        if self.guard_stopped(lock) {
+            let allowed = if status == Status::Live && !self.locks[lock].guard_invalid {
+                vec![Outcome::Stopped]
+            } else {
+                vec![Outcome::Stopped, Outcome::NotHeld]
+            };
+            return expect(got, &allowed, &error);
+        }
+        let allowed: &[Outcome] = if model.guard_invalid || model.any_taken() {
+            &[Outcome::NotHeld]
+        } else {
+            match status {
+                Status::Live => &[Outcome::Ok],
+                Status::Dead => &[Outcome::NotHeld],
+                Status::Unknown => &[Outcome::Ok, Outcome::NotHeld],
+            }
+        };
+        expect(got, allowed, &error)?;
+        let guard_kind = self.slots[index].guard.kind();
+        let model = &mut self.locks[lock];
+        if got == Outcome::Ok {
+            if guard_kind != LeaseKind::Read {
+                return Err(format!("a downgraded guard holds {guard_kind}"));
+            }
+            model.kind = LeaseKind::Read;
+        } else {
+            if guard_kind != LeaseKind::Write {
+                return Err(format!(
+                    "a failed downgrade left the guard holding {guard_kind}"
+                ));
+            }
+            model.guard_invalid = true;
+        }
+        Ok(())
+    }
 }

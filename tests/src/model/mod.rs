@@ -8,6 +8,16 @@
 //! key, strictly increasing across acquisitions in the model's order. On a failure proptest
 //! shrinks the case to a minimal sequence, printed with the outcome of every step.
 //!
+//! With [`ModelConfig::with_leases`] the steps also take leases on the same keys: semaphore
+//! permits (`acquire_permit`, of 1 to 3 permits, and refused sizes), read and write locks, each
+//! also as a single `try_acquire_kind`, and `downgrade`. A semaphore of N admits at most N live
+//! holders, a read-write lock many readers or one writer; a key surely held as another kind is
+//! refused (held or `KindMismatch`, as the target says: [`Target::other_kind_refusal`]), and
+//! `KindMismatch` only while a holder of another kind may be live; extend, release, drop and
+//! `keep_alive` of a lease follow the mutex's rules; a downgrade turns a live write lock into a
+//! read lock (readers then enter; the fencing token stays), and is `NotHeld` once it lapsed or
+//! was lost. Fencing tokens increase per key across every kind of acquisition.
+//!
 //! Time is modeled per [`Timing`]: on tokio's paused clock exactly (a lock is held while the
 //! clock reads before its expiry), on real servers as a window: a lock is surely held until its
 //! ttl (less a drift margin) after its acquisition started, surely gone once its ttl (plus a
@@ -23,8 +33,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use case::{
-    CLIENTS, Case, ClientSpec, KEY_POOL, MAX_NAMESPACE_LEN, MAX_PREFIX_LEN, NAMESPACE_POOL, Op,
-    PREFIX_POOL, REAL_STEP, Text, Ttl, advance_by, case,
+    CLIENTS, Case, ClientSpec, KEY_POOL, LeaseOp, MAX_NAMESPACE_LEN, MAX_PREFIX_LEN,
+    NAMESPACE_POOL, Op, PREFIX_POOL, REAL_STEP, Text, Ttl, advance_by, case,
 };
 use lock_core::raw::Lock;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunner};
@@ -55,6 +65,17 @@ pub enum AfterStop {
     /// They fail with `LockError::Stopped` at once (Redlock, and inc: the test
     /// `inc_guard_calls_after_stop_fail_at_once_with_stopped`); the lock stays until its ttl.
     Stopped,
+}
+
+/// How a backend refuses a key held as another kind (see [`Target::other_kind_refusal`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `LockError::KindMismatch`.
+    Mismatch,
+    /// `LockError::Locked` (`Ok(None)` from a single try).
+    Held,
+    /// Either of them.
+    Either,
 }
 
 /// What a client's backend is built from.
@@ -92,6 +113,15 @@ pub trait Target {
     /// different slots, and acquiring fails with a backend error (a documented limitation).
     fn cluster(&self) -> bool {
         false
+    }
+
+    /// How the backend refuses a lease of kind `asked` on a key another kind (a mutex, a
+    /// semaphore of another size, a read-write lock) surely holds: with `KindMismatch`
+    /// ([`Refusal::Mismatch`]), as held ([`Refusal::Held`]), or either way
+    /// ([`Refusal::Either`]: all that `LeaseKind` promises, and the default).
+    fn other_kind_refusal(&self, asked: lock_core::LeaseKind) -> Refusal {
+        let _ = asked;
+        Refusal::Either
     }
 
     /// A fresh runtime for one case (paused for [`Timing::Exact`]).
@@ -132,6 +162,9 @@ pub struct ModelConfig {
     /// Whether the backend has multi-key locks: `acquire_many` of several keys is drawn often
     /// only then.
     pub multi_key: bool,
+    /// Whether lease steps (permits, read and write locks, downgrades) are drawn too; without,
+    /// cases are drawn exactly as before leases were modeled.
+    pub leases: bool,
 }
 
 impl ModelConfig {
@@ -146,7 +179,16 @@ impl ModelConfig {
             step_timeout: Duration::from_secs(10),
             can_purge: true,
             multi_key: true,
+            leases: false,
         }
+    }
+
+    /// Draws lease steps too: semaphore permits, read and write locks (once or as a single
+    /// attempt), and downgrades, on the same crowded keys as the mutexes.
+    #[must_use]
+    pub fn with_leases(mut self) -> Self {
+        self.leases = true;
+        self
     }
 
     /// For a backend without multi-key locks: `acquire_many` is rare (it checks the refusal,
@@ -269,7 +311,12 @@ pub fn check<T: Target>(target: &T, config: &ModelConfig) -> Result<Report, Box<
     let mut runner = TestRunner::new(proptest_config);
     let tally = std::cell::RefCell::new(exec::Tally::new());
     let result = runner.run(
-        &case(config.max_steps, config.can_purge, config.multi_key),
+        &case(
+            config.max_steps,
+            config.can_purge,
+            config.multi_key,
+            config.leases,
+        ),
         |case| run_one(target, &case, config, &mut tally.borrow_mut()).map_err(TestCaseError::fail),
     );
     match result {
