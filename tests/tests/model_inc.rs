@@ -7,9 +7,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lock_core::{Result, raw::Lock};
+use lock_core::{LeaseKind, Result, raw::Lock};
 use lock_inc::{IncConfig, IncLock};
-use lock_tests::model::{self, AfterStop, ClientSetup, ModelConfig, Naming, Target, Timing};
+use lock_tests::model::{
+    self, AfterStop, ClientSetup, ModelConfig, Naming, Refusal, Target, Timing,
+};
 use lock_tests::server::{RedisServer, cluster_url, redis_or_skip, start_cluster};
 
 /// inc over a server or a cluster, emptied before each case; each client connects on its own.
@@ -40,6 +42,16 @@ impl Target for Inc {
         self.url.starts_with("redis-cluster://")
     }
 
+    fn other_kind_refusal(&self, asked: LeaseKind) -> Refusal {
+        // The README: a mutex asked on a semaphore or read-write lock finds it held; a lease
+        // asked on another kind is `KindMismatch`.
+        if asked == LeaseKind::Exclusive {
+            Refusal::Held
+        } else {
+            Refusal::Mismatch
+        }
+    }
+
     fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -65,35 +77,60 @@ impl Target for Inc {
     }
 }
 
-#[test]
-fn inc_on_one_server_follows_the_model() {
-    let Some(binary) = redis_or_skip("inc model") else {
+/// The model on `target`; with `leases`, lease steps too.
+fn run(target: &Inc, leases: bool) {
+    let mut config = ModelConfig::from_env(64, 12).without_multi_key();
+    if leases {
+        config = config.with_leases();
+    }
+    let report = model::check(target, &config).unwrap_or_else(|failure| panic!("{failure}"));
+    println!("model {}: {report}", target.label);
+}
+
+fn on_one_server(label: &'static str, leases: bool) {
+    let Some(binary) = redis_or_skip(label) else {
         return;
     };
     let server = RedisServer::start(&binary, &[]).expect("redis-server starts");
     let target = Inc {
-        label: "inc",
+        label,
         url: server.url(),
         servers: vec![server],
     };
-    let report = model::check(&target, &ModelConfig::from_env(64, 12).without_multi_key())
-        .unwrap_or_else(|failure| panic!("{failure}"));
-    println!("model inc: {report}");
+    run(&target, leases);
 }
 
-#[test]
-fn inc_on_a_cluster_follows_the_model() {
-    let Some(binary) = redis_or_skip("inc cluster model") else {
+fn on_a_cluster(label: &'static str, leases: bool) {
+    let Some(binary) = redis_or_skip(label) else {
         return;
     };
     let servers = start_cluster(&binary, 3).expect("cluster");
     let url = cluster_url(&servers);
     let target = Inc {
-        label: "inc (cluster of 3)",
+        label,
         url,
         servers,
     };
-    let report = model::check(&target, &ModelConfig::from_env(64, 12).without_multi_key())
-        .unwrap_or_else(|failure| panic!("{failure}"));
-    println!("model inc cluster: {report}");
+    run(&target, leases);
+}
+
+#[test]
+fn inc_on_one_server_follows_the_model() {
+    on_one_server("inc", false);
+}
+
+#[test]
+fn inc_on_a_cluster_follows_the_model() {
+    on_a_cluster("inc (cluster of 3)", false);
+}
+
+/// Semaphores, read-write locks and downgrades beside mutexes (see `lock_tests::model`).
+#[test]
+fn inc_leases_on_one_server_follow_the_model() {
+    on_one_server("inc leases", true);
+}
+
+#[test]
+fn inc_leases_on_a_cluster_follow_the_model() {
+    on_a_cluster("inc leases (cluster of 3)", true);
 }

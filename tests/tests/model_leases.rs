@@ -1,7 +1,8 @@
 //! The model-based test of the lease primitives — semaphore permits, read and write locks,
-//! downgrades — beside mutexes on the same crowded keys (see `lock_tests::model`): the
-//! in-process backend on tokio's paused clock, Redlock on one node and on three fenced nodes,
-//! and inc on one server and on a cluster of three, on real servers and the real clock.
+//! downgrades — beside mutexes on the same crowded keys (see `lock_tests::model`), on the
+//! in-process backend on tokio's paused clock, and its negative controls: backends with one
+//! flaw each must fail it. The Redis backends run the same steps in `model_redlock.rs` and
+//! `model_inc.rs` (`*_leases_*`).
 #![allow(clippy::unwrap_used)]
 
 use std::cell::RefCell;
@@ -12,13 +13,10 @@ use lock_core::{
     Capabilities, Key, KeyState, Lease, LeaseKind, Result,
     raw::{Answer, Handle, Lock, LockRequest, async_trait},
 };
-use lock_inc::{IncConfig, IncLock};
 use lock_memory::MemoryLock;
-use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::model::{
     self, AfterStop, ClientSetup, ModelConfig, Naming, Refusal, Target, Timing,
 };
-use lock_tests::server::{RedisServer, cluster_url, redis_or_skip, start_cluster};
 
 /// The in-process backend, on a fresh lock table per case, on the paused clock; with a flaw,
 /// a negative control.
@@ -87,140 +85,6 @@ impl Target for Memory {
     }
 }
 
-fn flush(servers: &[RedisServer]) -> std::result::Result<(), String> {
-    for server in servers {
-        match server.command("FLUSHALL", Duration::from_secs(5)) {
-            Ok(reply) if reply == "+OK" => {}
-            other => return Err(format!("FLUSHALL on port {}: {other:?}", server.port())),
-        }
-    }
-    Ok(())
-}
-
-fn real_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-}
-
-/// Redlock over `servers`; `fencing` forces fencing on every client (otherwise each client
-/// draws it).
-struct Nodes {
-    servers: Vec<RedisServer>,
-    fencing: bool,
-}
-
-impl Target for Nodes {
-    fn label(&self) -> String {
-        format!(
-            "redlock leases ({} node(s){})",
-            self.servers.len(),
-            if self.fencing { ", fencing" } else { "" }
-        )
-    }
-
-    fn timing(&self) -> Timing {
-        Timing::Real
-    }
-
-    fn naming(&self) -> Naming {
-        Naming::Plain
-    }
-
-    fn guards_after_stop(&self) -> AfterStop {
-        AfterStop::Stopped
-    }
-
-    fn other_kind_refusal(&self, _asked: LeaseKind) -> Refusal {
-        // The README: every script looks at the key's type and marker first ("A key is one
-        // kind of lock"). Over several nodes a key may be held differently on a node that
-        // missed a round, so only one node is held to it.
-        if self.servers.len() == 1 {
-            Refusal::Mismatch
-        } else {
-            Refusal::Either
-        }
-    }
-
-    fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        real_runtime()
-    }
-
-    fn reset(&self) -> std::result::Result<(), String> {
-        flush(&self.servers)
-    }
-
-    async fn backend(&self, setup: &ClientSetup) -> Result<Arc<dyn Lock>> {
-        // Node timeouts far above any answer on loopback (see `model_redlock.rs`).
-        let config = RedlockConfig::new(self.servers.iter().map(RedisServer::url))
-            .with_node_timeout(Duration::from_secs(2))
-            .with_fencing(self.fencing || setup.fencing);
-        Ok(Arc::new(Redlock::new(config)?))
-    }
-}
-
-/// inc on one server, or on a Redis Cluster.
-struct Inc {
-    label: &'static str,
-    url: String,
-    servers: Vec<RedisServer>,
-}
-
-impl Target for Inc {
-    fn label(&self) -> String {
-        self.label.to_owned()
-    }
-
-    fn timing(&self) -> Timing {
-        Timing::Real
-    }
-
-    fn naming(&self) -> Naming {
-        Naming::HashTagged
-    }
-
-    fn guards_after_stop(&self) -> AfterStop {
-        AfterStop::Stopped
-    }
-
-    fn cluster(&self) -> bool {
-        self.url.starts_with("redis-cluster://")
-    }
-
-    fn other_kind_refusal(&self, asked: LeaseKind) -> Refusal {
-        // The README: a mutex asked on a semaphore or read-write lock finds it held; a lease
-        // asked on another kind is `KindMismatch`.
-        if asked == LeaseKind::Exclusive {
-            Refusal::Held
-        } else {
-            Refusal::Mismatch
-        }
-    }
-
-    fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        real_runtime()
-    }
-
-    fn reset(&self) -> std::result::Result<(), String> {
-        flush(&self.servers)
-    }
-
-    async fn backend(&self, setup: &ClientSetup) -> Result<Arc<dyn Lock>> {
-        let mut config = IncConfig::new(self.url.clone());
-        config.prefix = setup.prefix.clone();
-        config.command_timeout = 1_000;
-        Ok(Arc::new(IncLock::connect(config).await?))
-    }
-}
-
-fn inc(target: &Inc) {
-    let config = ModelConfig::from_env(64, 12)
-        .without_multi_key()
-        .with_leases();
-    let report = model::check(target, &config).unwrap_or_else(|failure| panic!("{failure}"));
-    println!("model {}: {report}", target.label);
-}
-
 #[test]
 fn memory_leases_follow_the_model() {
     let target = Memory::new(None);
@@ -229,57 +93,6 @@ fn memory_leases_follow_the_model() {
     println!("model memory leases: {report}");
 }
 
-fn redlock(nodes: usize, fencing: bool) {
-    let Some(binary) = redis_or_skip("redlock leases model") else {
-        return;
-    };
-    let servers = (0..nodes)
-        .map(|_| RedisServer::start(&binary, &[]).expect("redis-server starts"))
-        .collect();
-    let target = Nodes { servers, fencing };
-    let config = ModelConfig::from_env(64, 12).without_purge().with_leases();
-    let report = model::check(&target, &config).unwrap_or_else(|failure| panic!("{failure}"));
-    println!("model {}: {report}", target.label());
-}
-
-#[test]
-fn redis_leases_with_one_node_follow_the_model() {
-    redlock(1, false);
-}
-
-#[test]
-fn redlock_leases_with_three_fenced_nodes_follow_the_model() {
-    redlock(3, true);
-}
-
-#[test]
-fn inc_leases_on_one_server_follow_the_model() {
-    let Some(binary) = redis_or_skip("inc leases model") else {
-        return;
-    };
-    let server = RedisServer::start(&binary, &[]).expect("redis-server starts");
-    inc(&Inc {
-        label: "inc leases",
-        url: server.url(),
-        servers: vec![server],
-    });
-}
-
-#[test]
-fn inc_leases_on_a_cluster_follow_the_model() {
-    let Some(binary) = redis_or_skip("inc leases cluster model") else {
-        return;
-    };
-    let servers = start_cluster(&binary, 3).expect("cluster");
-    inc(&Inc {
-        label: "inc leases (cluster of 3)",
-        url: cluster_url(&servers),
-        servers,
-    });
-}
-
-/// Runs the lease model against a flawed backend with a fixed seed: it must fail, with a
-/// minimal sequence of a few steps whose failing step says one of `expected`.
 fn caught(flaw: Flaw, expected: &[&str]) {
     let config = ModelConfig::new(1_000, 24).with_seed(0x1ea5e).with_leases();
     let failure = match model::check(&Memory::new(Some(flaw)), &config) {
