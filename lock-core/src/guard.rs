@@ -252,8 +252,11 @@ impl LockGuard {
     /// A failed extend leaves the lock as it was: it is not released. One that finds it not held
     /// by the store ([`LockError::NotHeld`]) ends its validity at once and fires the
     /// [`LostSignal`] of a kept-alive guard: the lock is lost. So does one whose answer came
-    /// back after `ttl` had passed ([`LockError::Backend`], "raise the ttl"): the store took
-    /// the new expiry, but none of it may be left.
+    /// back after `ttl` had passed ([`LockError::Backend`], "raise the ttl"; a backend may judge
+    /// against `ttl` less its clock-drift margin, as Redlock does): the store took the new
+    /// expiry, but none of it may be left. A kept-alive guard whose watchdog reported the loss
+    /// while the extend was on its way answers [`LockError::NotHeld`]: a reported loss is never
+    /// undone.
     pub async fn extend(&mut self, ttl: Duration) -> Result<()> {
         validate::ttl("ttl", ttl)?;
         let span = tracing::debug_span!("lock.extend", backend = self.backend, key = %self.key(), ttl_ms = validate::ttl_millis(ttl));
@@ -292,6 +295,11 @@ impl LockGuard {
             // had passed: how much of it is left is unknown (possibly none), so the lock is
             // treated as lost, as `Locker` treats a win whose answer came back that late.
             let result = match result {
+                // The watchdog reported the loss while this extend was on its way (the
+                // validity lapsed as it waited): a loss, once reported, is never undone.
+                Ok(()) if self.lease().live_lost() => Err(LockError::NotHeld {
+                    key: self.key().to_string(),
+                }),
                 Ok(()) if !self.is_valid() => {
                     let error = LockError::backend(
                         self.backend,

@@ -155,11 +155,24 @@ impl Lease {
     /// Moves the validity: for a backend's handle, after an extend succeeded (or when an
     /// operation leaves the lease in doubt, to end it at once). Everything that shares the
     /// lease (see [`Lease`]) sees the new value.
+    ///
+    /// A lease found lost (its loss reported by the watchdog or an extend) keeps its ended
+    /// validity: a loss, once reported, is never undone, even by an extend that was on its
+    /// way when it was reported.
     pub fn set_valid_until(&mut self, valid_until: Instant) {
-        self.valid_until = valid_until;
         if let Some(live) = self.live.get() {
-            live.send_modify(|live| live.valid_until = valid_until);
+            let moved = live.send_if_modified(|live| {
+                if live.lost {
+                    return false;
+                }
+                live.valid_until = valid_until;
+                true
+            });
+            if !moved {
+                return;
+            }
         }
+        self.valid_until = valid_until;
     }
 
     /// Records that a write lock became a read lock: for a backend's handle, after a
@@ -172,6 +185,11 @@ impl Lease {
     }
 
     /// The shared cell, made from the lease's current state the first time it is asked for.
+    /// Whether the core reported this lease lost (never once it is not shared).
+    pub(crate) fn live_lost(&self) -> bool {
+        self.live.get().is_some_and(|live| live.borrow().lost)
+    }
+
     pub(crate) fn live(&self) -> &watch::Sender<Live> {
         self.live.get_or_init(|| {
             watch::Sender::new(Live {

@@ -1176,7 +1176,6 @@ impl NodeParts {
         }
     }
 
-    /// Runs a script by EVALSHA, loading it on NOSCRIPT (after a restart or SCRIPT FLUSH).
     /// Runs `invocation` where a holder's changes of its expiry keep their order (see
     /// [`NodeParts::ordered`]): on the one ordered connection with a pool, else as
     /// [`NodeParts::invoke`].
@@ -1190,6 +1189,7 @@ impl NodeParts {
         }
     }
 
+    /// Runs a script by EVALSHA, loading it on NOSCRIPT (after a restart or SCRIPT FLUSH).
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,

@@ -255,6 +255,8 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
     if !lost_while_running && received.is_none() && Instant::now() < hold_until {
         match guard.extend(run.timing.ttl).await {
             Err(LockError::NotHeld { .. }) => lost_while_running = true,
+            // Answered after its ttl was spent: the guard reports the lock lost.
+            Err(_) if lost.is_lost() => lost_while_running = true,
             Err(error) => {
                 say!("lockrun: warning: cannot check the lock after the command: {error}")
             }
