@@ -271,6 +271,7 @@ impl LockGuard {
             }
             // The handle moves its lease's validity, which the watchdog and the waiters of this
             // process read.
+            let sent = Instant::now();
             let result = match &mut self.state {
                 State::Held(handle) => handle.extend(ttl).await,
                 State::Watched(watched) => {
@@ -295,11 +296,17 @@ impl LockGuard {
             // had passed: how much of it is left is unknown (possibly none), so the lock is
             // treated as lost, as `Locker` treats a win whose answer came back that late.
             let result = match result {
-                // The watchdog reported the loss while this extend was on its way (the
-                // validity lapsed as it waited): a loss, once reported, is never undone.
-                Ok(()) if self.lease().live_lost() => Err(LockError::NotHeld {
-                    key: self.key().to_string(),
-                }),
+                // The watchdog reported the loss while this extend was on its way, before the
+                // ttl asked for had passed (the earlier validity lapsed as it waited): a loss,
+                // once reported, is never undone (the lease kept its ended validity).
+                Ok(()) if !self.is_valid()
+                    && self.lease().live_lost()
+                    && Instant::now() < sent + ttl =>
+                {
+                    Err(LockError::NotHeld {
+                        key: self.key().to_string(),
+                    })
+                }
                 Ok(()) if !self.is_valid() => {
                     let error = LockError::backend(
                         self.backend,
