@@ -26,9 +26,10 @@ pub struct LatencyProxy {
     stall_below: Arc<AtomicU64>,
     /// How many connections were accepted so far.
     accepted: Arc<AtomicU64>,
-    /// Requests (chunks towards the server) forwarded so far, and the first one a stall holds.
+    /// Requests (whole commands towards the server) forwarded so far, and the first one a
+    /// stall holds.
     chunks: Arc<[AtomicU64; 2]>,
-    /// Bytes that, in a chunk towards the server, drop that chunk and its connection, once (see
+    /// Bytes that, in a command towards the server, drop that command and its connection, once (see
     /// [`LatencyProxy::drop_next`]).
     drop_on: Arc<Mutex<Option<Vec<u8>>>>,
     task: JoinHandle<()>,
@@ -128,7 +129,7 @@ impl LatencyProxy {
     }
 
     /// Holds what the connections open now carry towards the server, once `pass` more
-    /// requests (chunks) have gone through, until [`LatencyProxy::release_stall`]; connections
+    /// requests (whole commands, however the proxy reads them) have gone through, until [`LatencyProxy::release_stall`]; connections
     /// opened later pass at once. (A request on one connection of a pool stays in flight while
     /// the pool's other connections work.)
     pub fn stall_existing(&self, pass: u64) {
@@ -143,14 +144,36 @@ impl LatencyProxy {
         self.stall_below.store(0, Ordering::SeqCst);
     }
 
-    /// Drops the next chunk towards the server that contains `marker`, with its connection (the
+    /// Drops the next command towards the server that contains `marker`, with its connection (the
     /// server never sees it, the client sees the connection close): one request that fails on
     /// its way, e.g. exactly one compare-and-delete of one key. Once; replaces an earlier marker.
     pub fn drop_next(&self, marker: Vec<u8>) {
         *self.drop_on.lock().unwrap_or_else(PoisonError::into_inner) = Some(marker);
     }
 
-    /// Whether the marker of [`LatencyProxy::drop_next`] is still waiting for its chunk; clears it.
+    /// Whether the marker of [`LatencyProxy::drop_next`] is still waiting for its command.
+    pub fn armed(&self) -> bool {
+        self.drop_on
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Whether the marker of [`LatencyProxy::drop_next`] met its command within `limit` (a
+    /// request the client sent may still wait to be read by a busy proxy); clears it if not.
+    pub async fn dropped_within(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.armed() {
+            if tokio::time::Instant::now() >= deadline {
+                return !self.disarm();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    /// Whether the marker of [`LatencyProxy::drop_next`] is still waiting for its command;
+    /// clears it.
     pub fn disarm(&self) -> bool {
         self.drop_on
             .lock()
@@ -177,7 +200,7 @@ struct Link {
     delay: Arc<AtomicU64>,
     stall: Arc<AtomicU64>,
     number: u64,
-    /// Towards the server: the proxy's count of forwarded chunks and the first one a stall
+    /// Towards the server: the proxy's count of forwarded commands and the first one a stall
     /// holds.
     chunks: Option<Arc<[AtomicU64; 2]>>,
     /// Towards the server: the marker of [`LatencyProxy::drop_next`].
@@ -196,48 +219,182 @@ async fn pump(
         chunks,
         drop_on,
     } = link;
+    let towards_server = chunks.is_some();
     let mut buffer = vec![0u8; 16 * 1024];
+    // Towards the server: the bytes of a command not yet read in full.
+    let mut partial = Vec::new();
     loop {
         let read = match from.read(&mut buffer).await {
             Ok(0) | Err(_) => return,
             Ok(read) => read,
         };
-        if let Some(drop_on) = &drop_on {
-            let mut marker = drop_on.lock().unwrap_or_else(PoisonError::into_inner);
-            let hit = marker.as_deref().is_some_and(|marker| {
-                !marker.is_empty() && buffer[..read].windows(marker.len()).any(|w| w == marker)
+        // Towards the server, what was read is cut into whole commands, each one request: two
+        // commands the proxy reads at once (it was slow to read the first) count twice, as
+        // they would on a server.
+        let units = if towards_server {
+            partial.extend_from_slice(&buffer[..read]);
+            split_commands(&mut partial)
+        } else {
+            vec![buffer[..read].to_vec()]
+        };
+        // The commands that pass, written together once the delay is over.
+        let mut batch = Vec::new();
+        for unit in units {
+            let hit = drop_on.as_ref().is_some_and(|drop_on| {
+                let mut marker = drop_on.lock().unwrap_or_else(PoisonError::into_inner);
+                let hit = marker.as_deref().is_some_and(|marker| {
+                    !marker.is_empty() && unit.windows(marker.len()).any(|w| w == marker)
+                });
+                if hit {
+                    *marker = None;
+                }
+                hit
             });
             if hit {
-                *marker = None;
+                // What came before it still goes through; it and its connection do not.
+                let _ = flush(&mut to, &batch, &delay).await;
                 return;
             }
-        }
-        if let Some(chunks) = &chunks {
-            let [forwarded, first_held] = &**chunks;
-            let chunk = forwarded.fetch_add(1, Ordering::SeqCst);
-            while number < stall.load(Ordering::SeqCst)
-                && chunk >= first_held.load(Ordering::SeqCst)
-            {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-        loop {
-            match delay.load(Ordering::SeqCst) {
-                0 => break,
-                CUT => return,
-                BLACK_HOLE => tokio::time::sleep(Duration::from_millis(10)).await,
-                ms => {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    // Cut while this chunk was held back: it is lost with the connection.
-                    if delay.load(Ordering::SeqCst) == CUT {
+            if let Some(chunks) = &chunks {
+                let [forwarded, first_held] = &**chunks;
+                let request = forwarded.fetch_add(1, Ordering::SeqCst);
+                let held = || {
+                    number < stall.load(Ordering::SeqCst)
+                        && request >= first_held.load(Ordering::SeqCst)
+                };
+                if held() {
+                    // The requests before it go through; it waits.
+                    if !flush(&mut to, &batch, &delay).await {
                         return;
                     }
-                    break;
+                    batch.clear();
+                    while held() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                 }
             }
+            batch.extend_from_slice(&unit);
         }
-        if to.write_all(&buffer[..read]).await.is_err() {
+        if !flush(&mut to, &batch, &delay).await {
             return;
         }
+    }
+}
+
+/// Writes `batch` once the delay is over; `false` when the connection is cut (or gone): what
+/// it carries is lost with it.
+async fn flush(to: &mut tokio::net::tcp::OwnedWriteHalf, batch: &[u8], delay: &AtomicU64) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    loop {
+        match delay.load(Ordering::SeqCst) {
+            0 => break,
+            CUT => return false,
+            BLACK_HOLE => tokio::time::sleep(Duration::from_millis(10)).await,
+            ms => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                // Cut while this chunk was held back: it is lost with the connection.
+                if delay.load(Ordering::SeqCst) == CUT {
+                    return false;
+                }
+                break;
+            }
+        }
+    }
+    to.write_all(batch).await.is_ok()
+}
+
+/// Takes the whole commands (RESP arrays of bulk strings, as clients send them) from the front
+/// of `bytes`, leaving a command not yet read in full. Bytes that are not such a command are
+/// taken as they are, as one unit (the proxy never holds back what it cannot read).
+fn split_commands(bytes: &mut Vec<u8>) -> Vec<Vec<u8>> {
+    let mut units = Vec::new();
+    let mut start = 0;
+    while start < bytes.len() {
+        match command_len(&bytes[start..]) {
+            Some(Ok(len)) => {
+                units.push(bytes[start..start + len].to_vec());
+                start += len;
+            }
+            // Not read in full yet.
+            None => break,
+            Some(Err(())) => {
+                units.push(bytes[start..].to_vec());
+                start = bytes.len();
+            }
+        }
+    }
+    bytes.drain(..start);
+    units
+}
+
+/// The length of the command at the front of `bytes`: `None` while incomplete, `Err` when it
+/// is not an array of bulk strings.
+fn command_len(bytes: &[u8]) -> Option<Result<usize, ()>> {
+    /// The number after `prefix` on the line starting at `at`, and where the next line starts.
+    fn header(bytes: &[u8], at: usize, prefix: u8) -> Option<Result<(usize, usize), ()>> {
+        let line = bytes.get(at..)?;
+        if *line.first()? != prefix {
+            return Some(Err(()));
+        }
+        let end = line.windows(2).position(|pair| pair == b"\r\n")?;
+        let number = (line.first() == Some(&prefix))
+            .then(|| {
+                std::str::from_utf8(&line[1..end])
+                    .ok()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .flatten();
+        Some(number.map(|number| (number, at + end + 2)).ok_or(()))
+    }
+    let (count, mut at) = match header(bytes, 0, b'*')? {
+        Ok(found) => found,
+        Err(()) => return Some(Err(())),
+    };
+    for _ in 0..count {
+        let (len, data) = match header(bytes, at, b'$')? {
+            Ok(found) => found,
+            Err(()) => return Some(Err(())),
+        };
+        at = data.checked_add(len)?.checked_add(2)?;
+        if bytes.len() < at {
+            return None;
+        }
+    }
+    Some(Ok(at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_commands;
+
+    #[test]
+    fn commands_read_together_are_told_apart_and_a_partial_one_waits() {
+        let mut bytes =
+            b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*2\r\n$3\r\nGE".to_vec();
+        let units = split_commands(&mut bytes);
+        assert_eq!(
+            units,
+            vec![
+                b"*1\r\n$4\r\nPING\r\n".to_vec(),
+                b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n".to_vec()
+            ]
+        );
+        assert_eq!(bytes, b"*2\r\n$3\r\nGE");
+        bytes.extend_from_slice(b"T\r\n$1\r\nk\r\n");
+        assert_eq!(split_commands(&mut bytes).len(), 1);
+        assert!(bytes.is_empty());
+    }
+
+    #[test]
+    fn bytes_that_are_no_command_pass_as_they_are() {
+        let mut bytes = b"\x16\x03\x01 tls hello".to_vec();
+        assert_eq!(
+            split_commands(&mut bytes),
+            vec![b"\x16\x03\x01 tls hello".to_vec()]
+        );
+        assert!(bytes.is_empty());
     }
 }

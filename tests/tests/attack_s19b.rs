@@ -230,7 +230,10 @@ async fn raise_lost_as_acl_user(test: &str, rule: &str) -> Option<(u64, Option<u
         fence > ahead_value,
         "the fence {fence} is not from nodes 1 and 2"
     );
-    assert!(!proxy.disarm(), "the raise never went to node 0");
+    assert!(
+        proxy.dropped_within(Duration::from_secs(2)).await,
+        "the raise never went to node 0"
+    );
     // Rounds after 200, 600 and 1400 ms at most (each up to 200 ms), with room.
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     let counter = fence_counter(&mut node0, "k").await;
@@ -1006,7 +1009,10 @@ async fn a_fresh_client_whose_raise_fails_on_one_node_is_not_told_the_free_key_i
             Ok(None) => "refused: held by someone else".to_owned(),
             Err(error) => format!("error: {error}"),
         };
-        assert!(!proxies[0].disarm(), "the raise never went to node 0");
+        assert!(
+            proxies[0].dropped_within(Duration::from_secs(2)).await,
+            "the raise never went to node 0"
+        );
         drop(got);
         proxies[2].set_delay(Duration::ZERO);
         // Within the follow-up's rounds (pauses of 1 s, 2 s and 4 s from the 1 s node timeout:
