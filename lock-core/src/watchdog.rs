@@ -122,10 +122,7 @@ pub(crate) async fn keep_alive(
             return;
         }
         if Instant::now() >= valid_until {
-            tracing::warn!("lock validity lapsed; reporting it lost");
-            held.lost();
-            lose(&live);
-            return;
+            return report_lost(&held, &live, &"the lock's validity lapsed");
         }
         if !can_extend {
             continue;
@@ -142,10 +139,11 @@ pub(crate) async fn keep_alive(
         // is not extended (a store whose expiry runs later than the local validity would
         // revive it, unlike an extend by hand, which refuses).
         if Instant::now() >= valid_until {
-            tracing::warn!("lock validity lapsed while the holder held it; reporting it lost");
-            held.lost();
-            lose(&live);
-            return;
+            return report_lost(
+                &held,
+                &live,
+                &"the lock's validity lapsed while its holder held the handle",
+            );
         }
         // The holder extended by hand since this round was planned (at the very moment this
         // task woke, or while it waited for the handle): plan from that validity rather than
@@ -169,10 +167,7 @@ pub(crate) async fn keep_alive(
                     ),
                 );
                 metrics::extend_failed(backend, &error);
-                tracing::warn!(%error, "the lock is lost");
-                held.lost();
-                lose(&live);
-                return;
+                return report_lost(&held, &live, &error);
             }
         };
         if let Err(error) = &extended {
@@ -191,10 +186,7 @@ pub(crate) async fn keep_alive(
                     ),
                 );
                 metrics::extend_failed(backend, &error);
-                tracing::warn!(%error, "watchdog's extend answered too late; the lock is lost");
-                held.lost();
-                lose(&live);
-                return;
+                return report_lost(&held, &live, &error);
             }
             Ok(()) => {
                 // The handle moved the lease's validity; the next round plans from it, and no
@@ -213,10 +205,7 @@ pub(crate) async fn keep_alive(
                 );
             }
             Err(error @ (LockError::NotHeld { .. } | LockError::Stopped)) => {
-                tracing::warn!(%error, "watchdog found the lock lost");
-                held.lost();
-                lose(&live);
-                return;
+                return report_lost(&held, &live, &error);
             }
             Err(LockError::Unsupported { .. }) => can_extend = false,
             Err(error) => {
@@ -225,4 +214,12 @@ pub(crate) async fn keep_alive(
             }
         }
     }
+}
+
+/// The watchdog's end when the lease is lost (`why`): logged, counted on the guard's share of
+/// the gauge, and the lost signal fired.
+fn report_lost(held: &HeldWatch, live: &watch::Sender<Live>, why: &dyn std::fmt::Display) {
+    tracing::warn!(%why, "the watchdog reports the lock lost");
+    held.lost();
+    lose(live);
 }
