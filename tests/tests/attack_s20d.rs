@@ -61,6 +61,7 @@ fn config_set(admin: &mut redis::Connection, name: &str, value: &str) {
 /// locker worked meanwhile, and every error text seen.
 async fn extends_after_a_refused_connect(
     kind: ConnectionKind,
+    query: &str,
 ) -> Option<(Vec<bool>, bool, String)> {
     let binary = redis_or_skip("adv20d: ordered connection refused once")?;
     let server = RedisServer::start(&binary, &[]).unwrap();
@@ -69,7 +70,7 @@ async fn extends_after_a_refused_connect(
         .unwrap();
     assert_eq!(set, "+OK");
     let mut admin = admin(server.port(), "s3cr3t-pw");
-    let url = format!("redis://:s3cr3t-pw@127.0.0.1:{}/", server.port());
+    let url = format!("redis://:s3cr3t-pw@127.0.0.1:{}/{query}", server.port());
     let locker = redlock_locker(&[url], Duration::from_secs(30), |config| {
         config.with_node_timeout(ms(500)).with_connection(kind)
     });
@@ -127,7 +128,7 @@ async fn extends_after_a_refused_connect(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_pool_extends_work_again_once_the_password_is_accepted_again() {
     let Some((extends, acquired, errors)) =
-        extends_after_a_refused_connect(ConnectionKind::Pool).await
+        extends_after_a_refused_connect(ConnectionKind::Pool, "").await
     else {
         return;
     };
@@ -144,7 +145,7 @@ async fn redlock_pool_extends_work_again_once_the_password_is_accepted_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_manager_works_again_once_the_password_is_accepted_again() {
     let Some((extends, acquired, errors)) =
-        extends_after_a_refused_connect(ConnectionKind::Manager).await
+        extends_after_a_refused_connect(ConnectionKind::Manager, "").await
     else {
         return;
     };
@@ -153,6 +154,30 @@ async fn redlock_manager_works_again_once_the_password_is_accepted_again() {
         "extends after the password was accepted again: {extends:?}, acquired: {acquired}\n{errors}"
     );
     assert!(!errors.contains("s3cr3t"), "the password leaked: {errors}");
+}
+
+/// The same over RESP3 (`?protocol=resp3`): the password goes with `HELLO`, whose refusal
+/// redis-rs answers as the server's `WRONGPASS` error, not as an authentication failure;
+/// the manager kept it as its connection for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_resp3_manager_and_pool_work_again_once_the_password_is_accepted_again() {
+    for kind in [ConnectionKind::Manager, ConnectionKind::Pool] {
+        let Some((extends, acquired, errors)) =
+            extends_after_a_refused_connect(kind, "?protocol=resp3").await
+        else {
+            return;
+        };
+        assert!(
+            errors.contains("WRONGPASS"),
+            "{kind:?}: the refusal was not met over RESP3: {errors}"
+        );
+        assert!(
+            extends.iter().skip(1).all(|&ok| ok) && acquired,
+            "{kind:?}: extends after the password was accepted again: {extends:?}, acquired: \
+             {acquired}\n{errors}"
+        );
+        assert!(!errors.contains("s3cr3t"), "the password leaked: {errors}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
