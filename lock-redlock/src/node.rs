@@ -293,11 +293,14 @@ impl Managed {
     }
 }
 
-/// Whether `error` is the server's refusal of a connection attempt: `AUTH` refused, or the
-/// URL's database (`SELECT`, e.g. an ACL user denied it), which redis-rs reports as a server
-/// error of its own wording (a script's error answer never starts so).
+/// Whether `error` is the server's refusal of a connection attempt: `AUTH` refused (over
+/// RESP3 the password goes with `HELLO`, whose refusal redis-rs passes on as the server's
+/// `WRONGPASS`, an error only a password check answers), or the URL's database (`SELECT`, e.g.
+/// an ACL user denied it), which redis-rs reports as a server error of its own wording (a
+/// script's error answer never starts so).
 fn refused_connection(error: &RedisError) -> bool {
     error.kind() == redis::ErrorKind::AuthenticationFailed
+        || error.code() == Some("WRONGPASS")
         || error
             .to_string()
             .starts_with("Redis server refused to switch database")
