@@ -321,6 +321,23 @@ async fn redlock_resp2_password_required_for_a_moment_works_again() {
     assert_works_again(Refusal::PasswordRequired, &BOTH, "").await;
 }
 
+/// Broke on main: no password in the URL, over RESP3: the default user off for a moment. redis-rs sends
+/// `HELLO 3` (no AUTH), which the server answers `NOAUTH HELLO must be called with the client
+/// already authenticated ...`: a refusal of the connection attempt that is neither
+/// `AuthenticationFailed` nor `WRONGPASS`, so the manager keeps it as its connection for good
+/// and the node is lost for the locker's life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_resp3_default_user_off_then_on_works_again() {
+    assert_works_again(Refusal::DefaultUserOff, &BOTH, "?protocol=resp3").await;
+}
+
+/// Broke on main: the same with a password required for a moment (`requirepass` set, then
+/// cleared).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_resp3_password_required_for_a_moment_works_again() {
+    assert_works_again(Refusal::PasswordRequired, &BOTH, "?protocol=resp3").await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // No reconnect storm: NOPERM, and a server that refuses the password for good
 // ---------------------------------------------------------------------------------------------
