@@ -48,8 +48,11 @@ fn redlock_locker(url: String, ttl: Duration, kind: ConnectionKind) -> Locker {
 /// A server with an `admin` ACL user for the test's own commands (the default user may be
 /// switched off) and its admin connection.
 fn server_with_admin() -> Option<(RedisServer, redis::Connection)> {
-    let binary = redis_or_skip("adv21a")?;
-    let server = RedisServer::start(&binary, &[]).unwrap();
+    server_with_admin_on(&redis_or_skip("adv21a")?)
+}
+
+fn server_with_admin_on(binary: &std::path::Path) -> Option<(RedisServer, redis::Connection)> {
+    let server = RedisServer::start(binary, &[]).unwrap();
     let set = server
         .command("ACL SETUSER admin on >admin-pw ~* &* +@all", PROBE)
         .unwrap();
@@ -198,11 +201,12 @@ impl AfterRefusal {
 /// locker's connections killed so that it must connect again, and tries twice meanwhile); then
 /// the server accepts them again.
 async fn redlock_after_refusal(
+    binary: &std::path::Path,
     refusal: Refusal,
     kind: ConnectionKind,
     query: &str,
 ) -> Option<AfterRefusal> {
-    let (server, mut admin) = server_with_admin()?;
+    let (server, mut admin) = server_with_admin_on(binary)?;
     let url = format!("{}{query}", refusal.prepare(&server, &mut admin));
     let locker = redlock_locker(url, Duration::from_secs(30), kind);
     let mut guard = locker.acquire("k").await.unwrap();
@@ -250,9 +254,20 @@ async fn redlock_after_refusal(
 /// Runs the refusal for every kind, then fails naming each kind whose node did not work
 /// again (with its first error).
 async fn assert_works_again(refusal: Refusal, kinds: &[ConnectionKind], query: &str) {
+    if let Some(binary) = redis_or_skip("adv21a") {
+        assert_works_again_on(&binary, refusal, kinds, query).await;
+    }
+}
+
+async fn assert_works_again_on(
+    binary: &std::path::Path,
+    refusal: Refusal,
+    kinds: &[ConnectionKind],
+    query: &str,
+) {
     let mut broken = Vec::new();
     for &kind in kinds {
-        let Some(after) = redlock_after_refusal(refusal, kind, query).await else {
+        let Some(after) = redlock_after_refusal(binary, refusal, kind, query).await else {
             return;
         };
         assert!(
@@ -336,6 +351,15 @@ async fn redlock_resp3_default_user_off_then_on_works_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_resp3_password_required_for_a_moment_works_again() {
     assert_works_again(Refusal::PasswordRequired, &BOTH, "?protocol=resp3").await;
+}
+
+/// The same on Valkey (its `HELLO` refusal has the same wording): held after the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_resp3_on_valkey_password_required_for_a_moment_works_again() {
+    let Some(binary) = lock_tests::server::valkey_or_skip("adv21a: valkey") else {
+        return;
+    };
+    assert_works_again_on(&binary, Refusal::PasswordRequired, &BOTH, "?protocol=resp3").await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -440,36 +464,46 @@ async fn redlock_noperm_makes_no_connection_anew_and_wrongpass_only_one_per_requ
 /// extends. Manager and pool, RESP2 and RESP3. Held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_resp2_wrongpass_for_good_is_no_reconnect_storm_and_the_locker_recovers() {
-    wrongpass_for_good("").await;
+    refused_for_good(Refusal::UserPasswordRotated, "").await;
 }
 
 /// The same over RESP3. Held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_resp3_wrongpass_for_good_is_no_reconnect_storm_and_the_locker_recovers() {
-    wrongpass_for_good("?protocol=resp3").await;
+    refused_for_good(Refusal::UserPasswordRotated, "?protocol=resp3").await;
 }
 
-async fn wrongpass_for_good(query: &str) {
+/// The same over RESP3 with no password in the URL and the default user off (`HELLO`
+/// refused `NOAUTH`; since the fix each refused request makes the manager anew): no storm
+/// either, and the locker works again once the user is on. Held (after the fix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_resp3_hello_noauth_for_good_is_no_reconnect_storm_and_the_locker_recovers() {
+    refused_for_good(Refusal::DefaultUserOff, "?protocol=resp3").await;
+}
+
+async fn refused_for_good(refusal: Refusal, query: &str) {
     for kind in BOTH {
         let Some((server, mut admin)) = server_with_admin() else {
             return;
         };
-        let url = format!("{}{query}", Refusal::UserOff.prepare(&server, &mut admin));
+        let url = format!("{}{query}", refusal.prepare(&server, &mut admin));
         let locker = redlock_locker(url, Duration::from_secs(3), kind);
         let mut guard = locker.acquire("k").await.unwrap();
         guard.extend(Duration::from_secs(3)).await.unwrap();
         let lost = guard.keep_alive().unwrap();
-        Refusal::UserPasswordRotated.refuse(&mut admin);
+        refusal.refuse(&mut admin);
         kill_clients(&mut admin);
         let before = connections_received(&mut admin);
         tokio::time::timeout(Duration::from_secs(5), lost.lost())
             .await
-            .unwrap_or_else(|_| panic!("{kind:?} {query}: the loss was never reported"));
+            .unwrap_or_else(|_| {
+                panic!("{refusal:?} {kind:?} {query}: the loss was never reported")
+            });
         let during = connections_received(&mut admin) - before;
         // The watchdog retries every 300 ms while the 3 s validity lasts: ~10 tries.
         assert!(
             during <= 60,
-            "{kind:?} {query}: {during} connections while the watchdog tried to extend"
+            "{refusal:?} {kind:?} {query}: {during} connections while the watchdog tried to extend"
         );
         sleep(ms(200)).await;
         let before = connections_received(&mut admin);
@@ -477,13 +511,16 @@ async fn wrongpass_for_good(query: &str) {
         let idle = connections_received(&mut admin) - before;
         assert!(
             idle <= 1,
-            "{kind:?} {query}: {idle} connections in 2 s while nothing was asked"
+            "{refusal:?} {kind:?} {query}: {idle} connections in 2 s while nothing was asked"
         );
         let released = guard.release().await;
-        assert!(released.is_err(), "{kind:?} {query}: {released:?}");
+        assert!(
+            released.is_err(),
+            "{refusal:?} {kind:?} {query}: {released:?}"
+        );
         let text = format!("{} {:?}", released.as_ref().unwrap_err(), released);
         assert!(!text.contains(SECRET), "a password in an error: {text}");
-        Refusal::UserPasswordRotated.accept(&mut admin);
+        refusal.accept(&mut admin);
         let mut again = None;
         for _ in 0..20 {
             if let Ok(Some(got)) = locker.try_acquire("k2").await {
@@ -492,7 +529,8 @@ async fn wrongpass_for_good(query: &str) {
             }
             sleep(ms(100)).await;
         }
-        let mut again = again.unwrap_or_else(|| panic!("{kind:?} {query}: never acquired again"));
+        let mut again =
+            again.unwrap_or_else(|| panic!("{refusal:?} {kind:?} {query}: never acquired again"));
         again.extend(Duration::from_secs(3)).await.unwrap();
         again.release().await.unwrap();
         let _ = locker.stop().await;
