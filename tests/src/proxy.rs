@@ -489,6 +489,25 @@ mod tests {
         }
     }
 
+    /// A bulk length no server takes (past Redis's 512 MiB, or past `usize` once its
+    /// `\r\n` is added): the server answers a protocol error at once, so the proxy must pass
+    /// the bytes on rather than wait for data that will never come.
+    #[test]
+    fn a_bulk_length_no_server_takes_passes_at_once() {
+        for bytes in [
+            b"*1\r\n$18446744073709551615\r\n".to_vec(),
+            b"*1\r\n$99999999999\r\n".to_vec(),
+        ] {
+            let (units, left) = feed(&[&bytes]);
+            assert_eq!(units, vec![bytes.clone()]);
+            assert!(
+                left.is_empty(),
+                "{:?} held back",
+                String::from_utf8_lossy(&left)
+            );
+        }
+    }
+
     #[test]
     fn bytes_that_are_no_command_pass_as_they_are() {
         let mut bytes = b"\x16\x03\x01 tls hello".to_vec();
