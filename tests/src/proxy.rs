@@ -329,8 +329,12 @@ fn split_commands(bytes: &mut Vec<u8>) -> Vec<Vec<u8>> {
     units
 }
 
+/// The longest bulk string a server takes (Redis's `proto-max-bulk-len` at most): a longer
+/// one is answered with a protocol error at once, not waited for.
+const MAX_BULK: usize = 512 * 1024 * 1024;
+
 /// The length of the command at the front of `bytes`: `None` while incomplete, `Err` when it
-/// is not an array of bulk strings.
+/// is not an array of bulk strings (or one no server takes).
 fn command_len(bytes: &[u8]) -> Option<Result<usize, ()>> {
     /// The number after `prefix` on the line starting at `at`, and where the next line starts.
     fn header(bytes: &[u8], at: usize, prefix: u8) -> Option<Result<(usize, usize), ()>> {
@@ -358,7 +362,10 @@ fn command_len(bytes: &[u8]) -> Option<Result<usize, ()>> {
             Ok(found) => found,
             Err(()) => return Some(Err(())),
         };
-        at = data.checked_add(len)?.checked_add(2)?;
+        if len > MAX_BULK {
+            return Some(Err(()));
+        }
+        at = data + len + 2;
         if bytes.len() < at {
             return None;
         }
