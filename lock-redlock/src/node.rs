@@ -236,7 +236,7 @@ enum Connection {
 }
 
 /// A redis-rs [`ConnectionManager`], made anew when the server refused its connection attempt
-/// (`AUTH`, `SELECT`; see [`refused_connection`]): the manager reconnects only after an I/O error and keeps any other failure of its connection
+/// (`AUTH`, `HELLO`, `SELECT`; see [`refused_connection`]): the manager reconnects only after an I/O error and keeps any other failure of its connection
 /// attempt as its connection, answering every later request with it for good (a password
 /// rotated or an ACL user switched off for a moment lost the node for the locker's life).
 /// Cheap to clone (one shared allocation).
@@ -295,12 +295,21 @@ impl Managed {
 
 /// Whether `error` is the server's refusal of a connection attempt: `AUTH` refused (over
 /// RESP3 the password goes with `HELLO`, whose refusal redis-rs passes on as the server's
-/// `WRONGPASS`, an error only a password check answers), or the URL's database (`SELECT`, e.g.
-/// an ACL user denied it), which redis-rs reports as a server error of its own wording (a
-/// script's error answer never starts so).
+/// `WRONGPASS`, an error only a password check answers), over RESP3 without a password
+/// `HELLO` refused while the server requires one (`NOAUTH HELLO must be called with the
+/// client already authenticated ...`: the default user off, or given a password; only `HELLO`,
+/// which only a connection attempt sends, is answered so), or the URL's database (`SELECT`,
+/// e.g. an ACL user denied it), which redis-rs reports as a server error of its own wording (a
+/// script's error answer never starts so). A plain `NOAUTH` is not one: over RESP2 without a
+/// password the connection is made and its commands are answered `NOAUTH` until the server
+/// takes them again, on the same connection.
 fn refused_connection(error: &RedisError) -> bool {
     error.kind() == redis::ErrorKind::AuthenticationFailed
         || error.code() == Some("WRONGPASS")
+        || (error.code() == Some("NOAUTH")
+            && error
+                .detail()
+                .is_some_and(|detail| detail.starts_with("HELLO ")))
         || error
             .to_string()
             .starts_with("Redis server refused to switch database")

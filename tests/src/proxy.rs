@@ -329,8 +329,12 @@ fn split_commands(bytes: &mut Vec<u8>) -> Vec<Vec<u8>> {
     units
 }
 
+/// The longest bulk string a server takes (Redis's `proto-max-bulk-len` at most): a longer
+/// one is answered with a protocol error at once, not waited for.
+const MAX_BULK: usize = 512 * 1024 * 1024;
+
 /// The length of the command at the front of `bytes`: `None` while incomplete, `Err` when it
-/// is not an array of bulk strings.
+/// is not an array of bulk strings (or one no server takes).
 fn command_len(bytes: &[u8]) -> Option<Result<usize, ()>> {
     /// The number after `prefix` on the line starting at `at`, and where the next line starts.
     fn header(bytes: &[u8], at: usize, prefix: u8) -> Option<Result<(usize, usize), ()>> {
@@ -358,7 +362,10 @@ fn command_len(bytes: &[u8]) -> Option<Result<usize, ()>> {
             Ok(found) => found,
             Err(()) => return Some(Err(())),
         };
-        at = data.checked_add(len)?.checked_add(2)?;
+        if len > MAX_BULK {
+            return Some(Err(()));
+        }
+        at = data + len + 2;
         if bytes.len() < at {
             return None;
         }
@@ -386,6 +393,126 @@ mod tests {
         bytes.extend_from_slice(b"T\r\n$1\r\nk\r\n");
         assert_eq!(split_commands(&mut bytes).len(), 1);
         assert!(bytes.is_empty());
+    }
+
+    /// A command as clients send it: an array of bulk strings (any bytes, `\r\n` and
+    /// `*`/`$` inside included).
+    fn encode(command: &[Vec<u8>]) -> Vec<u8> {
+        let mut bytes = format!("*{}\r\n", command.len()).into_bytes();
+        for arg in command {
+            bytes.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            bytes.extend_from_slice(arg);
+            bytes.extend_from_slice(b"\r\n");
+        }
+        bytes
+    }
+
+    /// Feeds `reads` one after the other as the proxy does: the units it forwards, and what
+    /// it still holds.
+    fn feed(reads: &[&[u8]]) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let mut partial = Vec::new();
+        let mut units = Vec::new();
+        for read in reads {
+            partial.extend_from_slice(read);
+            units.extend(split_commands(&mut partial));
+        }
+        (units, partial)
+    }
+
+    #[test]
+    fn a_pipeline_split_at_every_byte_boundary_comes_out_whole_and_in_order() {
+        let commands = vec![
+            encode(&[b"PING".to_vec()]),
+            encode(&[
+                b"SET".to_vec(),
+                b"k\r\n*1\r\n$4".to_vec(),
+                vec![0, 255, b'\r'],
+            ]),
+            encode(&[]),
+            encode(&[b"GET".to_vec(), Vec::new()]),
+        ];
+        let bytes = commands.concat();
+        for cut in 0..=bytes.len() {
+            for second in cut..=bytes.len() {
+                let (units, left) = feed(&[&bytes[..cut], &bytes[cut..second], &bytes[second..]]);
+                assert_eq!(units, commands, "cut at {cut} and {second}");
+                assert!(left.is_empty());
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Commands of any bytes (values past the proxy's 16 KiB reads among them), read in
+        /// pieces of any sizes: the proxy forwards each command whole, in order, as sent,
+        /// and holds nothing back once all is read.
+        #[test]
+        fn commands_read_in_any_pieces_come_out_whole_and_in_order(
+            commands in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::prop_oneof![
+                        proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+                        proptest::collection::vec(
+                            proptest::sample::select(b"*$\r\n0123456789".to_vec()),
+                            0..40,
+                        ),
+                        proptest::collection::vec(proptest::prelude::any::<u8>(), 16_000..40_000),
+                    ],
+                    0..4,
+                ),
+                1..6,
+            ),
+            cuts in proptest::collection::vec(0usize..100_000, 0..12),
+        ) {
+            let encoded: Vec<Vec<u8>> = commands.iter().map(|command| encode(command)).collect();
+            let bytes = encoded.concat();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|cut| cut % (bytes.len() + 1)).collect();
+            cuts.push(0);
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            let reads: Vec<&[u8]> = cuts.windows(2).map(|pair| &bytes[pair[0]..pair[1]]).collect();
+            let (units, left) = feed(&reads);
+            proptest::prop_assert!(left.is_empty());
+            proptest::prop_assert_eq!(units, encoded);
+        }
+
+        /// Any bytes at all, read in any pieces: what the proxy forwards and what it holds add
+        /// up to what was read, in order (nothing lost, doubled or reordered).
+        #[test]
+        fn any_bytes_pass_unchanged(
+            bytes in proptest::collection::vec(
+                proptest::sample::select(b"*$\r\n012-x".to_vec()),
+                0..200,
+            ),
+            cuts in proptest::collection::vec(0usize..200, 0..8),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|cut| cut % (bytes.len() + 1)).collect();
+            cuts.push(0);
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            let reads: Vec<&[u8]> = cuts.windows(2).map(|pair| &bytes[pair[0]..pair[1]]).collect();
+            let (units, left) = feed(&reads);
+            proptest::prop_assert!(units.iter().all(|unit| !unit.is_empty()));
+            proptest::prop_assert_eq!([units.concat(), left].concat(), bytes);
+        }
+    }
+
+    /// A bulk length no server takes (past Redis's 512 MiB, or past `usize` once its
+    /// `\r\n` is added): the server answers a protocol error at once, so the proxy must pass
+    /// the bytes on rather than wait for data that will never come.
+    #[test]
+    fn a_bulk_length_no_server_takes_passes_at_once() {
+        for bytes in [
+            b"*1\r\n$18446744073709551615\r\n".to_vec(),
+            b"*1\r\n$99999999999\r\n".to_vec(),
+        ] {
+            let (units, left) = feed(&[&bytes]);
+            assert_eq!(units, vec![bytes.clone()]);
+            assert!(
+                left.is_empty(),
+                "{:?} held back",
+                String::from_utf8_lossy(&left)
+            );
+        }
     }
 
     #[test]
