@@ -236,10 +236,11 @@ enum Connection {
 }
 
 /// A redis-rs [`ConnectionManager`], made anew when the server refused its connection attempt
-/// (`AUTH`, `HELLO`, `SELECT`; see [`refused_connection`]): the manager reconnects only after an I/O error and keeps any other failure of its connection
-/// attempt as its connection, answering every later request with it for good (a password
-/// rotated or an ACL user switched off for a moment lost the node for the locker's life).
-/// Cheap to clone (one shared allocation).
+/// (`AUTH`, `HELLO`, `SELECT`; see [`refused_connection`]): the manager reconnects only after
+/// an I/O error and keeps any other failure of its connection attempt as its connection,
+/// answering every later request with it for good (a password rotated or an ACL user switched
+/// off for a moment lost the node for the locker's life). Cheap to clone (one shared
+/// allocation).
 #[derive(Clone)]
 struct Managed(Arc<ManagedParts>);
 
