@@ -3,8 +3,6 @@
 //! Redis (inc, Redlock on one and three nodes) and the in-process store.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use lock_core::{LeaseKind, LockError, LockOptions, Locker, LostSignal, RetryPolicy};
@@ -13,8 +11,11 @@ use lock_memory::MemoryLock;
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, redis_or_skip};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use tokio::time::{Instant, sleep, sleep_until};
+
+#[path = "support/recorded.rs"]
+mod recorded;
+use recorded::{figures, one_at_a_time};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -22,46 +23,8 @@ fn ms(n: u64) -> Duration {
 
 const PROBE: Duration = Duration::from_secs(2);
 
-/// The process's recorder and every counter and gauge it saw, summed over snapshots (the
-/// debugging recorder resets them at each one), as in `tests/metrics.rs`.
-fn figures() -> BTreeMap<String, f64> {
-    static RECORDED: OnceLock<(Snapshotter, Mutex<BTreeMap<String, f64>>)> = OnceLock::new();
-    let (snapshotter, figures) = RECORDED.get_or_init(|| {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder
-            .install()
-            .expect("the only recorder of this test binary");
-        (snapshotter, Mutex::default())
-    });
-    let mut figures = figures.lock().unwrap();
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-        let mut labels: Vec<String> = key
-            .key()
-            .labels()
-            .map(|label| format!("{}={}", label.key(), label.value()))
-            .collect();
-        labels.sort();
-        let name = format!("{}{{{}}}", key.key().name(), labels.join(","));
-        let value = match value {
-            DebugValue::Counter(value) => value as f64,
-            DebugValue::Gauge(value) => value.0,
-            DebugValue::Histogram(values) => values.len() as f64,
-        };
-        *figures.entry(name).or_default() += value;
-    }
-    figures.clone()
-}
-
 fn figure(name: &str) -> f64 {
     figures().get(name).copied().unwrap_or_default()
-}
-
-/// Held for the whole of every test here: the metrics are the process's, and every test moves
-/// `lock_held` of its backend.
-async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
-    static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    ALONE.lock().await
 }
 
 async fn inc_locker(url: String, ttl: Duration) -> Locker {

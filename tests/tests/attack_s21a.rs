@@ -5,8 +5,7 @@
 //! needed; the in-process store on tokio's paused clock for the watchdog.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lock_core::{LockOptions, Locker, RetryPolicy};
@@ -637,39 +636,6 @@ async fn inc_speaks_resp2_whatever_the_url_says() {
 // The watchdog's five ways of finding a lease lost (one `report_lost` since 4d32ff8)
 // ---------------------------------------------------------------------------------------------
 
-/// The process's recorder and every counter and gauge it saw, summed over snapshots (the
-/// debugging recorder resets them at each one). Each scenario runs under a backend name of its
-/// own, so tests running beside each other do not mix their figures.
-fn figures() -> BTreeMap<String, f64> {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-    static RECORDED: OnceLock<(Snapshotter, Mutex<BTreeMap<String, f64>>)> = OnceLock::new();
-    let (snapshotter, figures) = RECORDED.get_or_init(|| {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder
-            .install()
-            .expect("the only recorder of this test binary");
-        (snapshotter, Mutex::default())
-    });
-    let mut figures = figures.lock().unwrap();
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-        let mut labels: Vec<String> = key
-            .key()
-            .labels()
-            .map(|label| format!("{}={}", label.key(), label.value()))
-            .collect();
-        labels.sort();
-        let name = format!("{}{{{}}}", key.key().name(), labels.join(","));
-        let value = match value {
-            DebugValue::Counter(value) => value as f64,
-            DebugValue::Gauge(value) => value.0,
-            DebugValue::Histogram(values) => values.len() as f64,
-        };
-        *figures.entry(name).or_default() += value;
-    }
-    figures.clone()
-}
-
 /// The sum of every figure named `metric` whose labels include `backend=<backend>`.
 fn figure(metric: &str, backend: &str) -> f64 {
     let label = format!("backend={backend}");
@@ -1031,6 +997,10 @@ async fn watchdog_control_extends_that_work_lose_nothing() {
 
 use lock_tests::proxy::LatencyProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[path = "support/recorded.rs"]
+mod recorded;
+use recorded::figures;
 
 async fn proxied() -> Option<(RedisServer, LatencyProxy)> {
     let binary = redis_or_skip("adv21a: proxy")?;

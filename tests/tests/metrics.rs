@@ -7,8 +7,6 @@
 //! under the same label (CI saw one test's re-sends in the other's figures).
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use lock_core::{LockError, LockOptions, Locker, RetryPolicy};
@@ -16,44 +14,10 @@ use lock_inc::{IncConfig, IncLock};
 use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::backed::ServerBacked;
 use lock_tests::server::{RedisServer, redis_or_skip};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
-/// The process's recorder and every counter and gauge it saw, summed over snapshots (the
-/// debugging recorder resets them at each one).
-fn figures() -> BTreeMap<String, f64> {
-    static RECORDED: OnceLock<(Snapshotter, Mutex<BTreeMap<String, f64>>)> = OnceLock::new();
-    let (snapshotter, figures) = RECORDED.get_or_init(|| {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder
-            .install()
-            .expect("the only recorder of this test binary");
-        (snapshotter, Mutex::default())
-    });
-    let mut figures = figures.lock().unwrap();
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-        let mut labels: Vec<String> = key
-            .key()
-            .labels()
-            .map(|label| format!("{}={}", label.key(), label.value()))
-            .collect();
-        labels.sort();
-        let name = format!("{}{{{}}}", key.key().name(), labels.join(","));
-        let value = match value {
-            DebugValue::Counter(value) => value as f64,
-            DebugValue::Gauge(value) => value.0,
-            DebugValue::Histogram(values) => values.len() as f64,
-        };
-        *figures.entry(name).or_default() += value;
-    }
-    figures.clone()
-}
-
-/// Held for the whole of a test: the figures are the process's, and so are the counts.
-async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
-    static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    ALONE.lock().await
-}
+#[path = "support/recorded.rs"]
+mod recorded;
+use recorded::{figures, one_at_a_time};
 
 fn figure(name: &str) -> f64 {
     figures().get(name).copied().unwrap_or_default()
