@@ -103,6 +103,27 @@ async fn line_up(
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every waiter in line before the release: a waiter joins the line only after its plain
+    // attempt and its subscriptions (a node timeout when a node does not answer), and one that
+    // has not joined yet when the key is handed on cannot be served in its place. On a busy
+    // machine that setup takes longer than the 300 ms above (seen: a waiter that arrived
+    // earlier joined after the next one had taken the free key). The line is ordered by
+    // arrival whenever the waiters join it, so the order served is still checked in full.
+    let mut first_node = lock_tests::fair::connect(&urls[0]).await;
+    let lined_up_by = Instant::now() + Duration::from_millis(2500);
+    loop {
+        let in_line = lock_tests::fair::line_members(&mut first_node, key)
+            .await
+            .len();
+        if in_line >= n {
+            break;
+        }
+        assert!(
+            Instant::now() < lined_up_by,
+            "only {in_line} of {n} waiters in line 2.8 s after the last one arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     during();
     let t0 = Instant::now();
     *released_at.lock().unwrap() = Some(t0);
@@ -570,10 +591,21 @@ async fn a_cancelled_waiter_leaves_no_kept_turn_behind() {
         .unwrap();
     let urls = vec![to_first.url(), servers[1].url(), to_third.url()];
     let key = "kept";
-    let holder = client_fair(&urls, true, Duration::from_secs(10), RetryPolicy::none());
-    to_first.cut();
+    // The holder reaches the first node through a proxy of its own, cut while it holds: a cut
+    // lifted right after the acquisition let the holder's request, not yet read by a busy
+    // proxy, through to the first node (seen under load: the holder held all three).
+    let holder_to_first = lock_tests::proxy::LatencyProxy::start(servers[0].port())
+        .await
+        .unwrap();
+    let holder_urls = vec![holder_to_first.url(), servers[1].url(), to_third.url()];
+    let holder = client_fair(
+        &holder_urls,
+        true,
+        Duration::from_secs(10),
+        RetryPolicy::none(),
+    );
+    holder_to_first.cut();
     let guard = holder.acquire(key).await.unwrap();
-    to_first.set_delay(Duration::ZERO);
     // The third node's refusal comes last: the round waits for it, with the first node's yes
     // in hand (a round decided before that yes arrives releases it instead of keeping it).
     to_third.set_delay(Duration::from_millis(50));
@@ -615,6 +647,7 @@ async fn a_cancelled_waiter_leaves_no_kept_turn_behind() {
     for keys in &left[1..] {
         assert_eq!(keys.len(), 1, "more than the holder's key: {left:?}");
     }
+    holder_to_first.set_delay(Duration::ZERO);
     guard.release().await.unwrap();
     waiter.stop().await.unwrap();
     holder.stop().await.unwrap();

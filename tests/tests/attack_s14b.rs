@@ -368,7 +368,7 @@ async fn five_nodes_with_fencing_under_pubsub_kills_stay_exclusive_and_clean() {
     assert_eq!(subscribed, vec![0; 5], "pub/sub connections left");
 }
 
-/// How long after the holder's release a fair waiter (retry delay 5 s, ttl 10 s: its fallback
+/// How long after the holder's release a fair waiter (retry delay 2.5 s, ttl 10 s: its fallback
 /// poll is 2.5 s) won, the pub/sub connections of the nodes in `kill` killed `gap` before the
 /// release.
 async fn won_after_kill(
@@ -379,7 +379,11 @@ async fn won_after_kill(
 ) -> Duration {
     let urls = urls(servers);
     let holder = client(&urls, false, Duration::from_secs(10), RetryPolicy::none());
-    let waiter = client(&urls, false, Duration::from_secs(10), fixed(5000));
+    // The fallback poll is the longer of the retry delay and 200 ms (the quarter of the ttl
+    // caps the 200 ms: `lock-core`'s `fair_poll`), so the delay itself is 2.5 s. (It was 5 s,
+    // read as capped at a quarter of the ttl: a message lost on a busy machine, the kill
+    // having woken the waiter into an attempt before the release, then cost 5.0 s.)
+    let waiter = client(&urls, false, Duration::from_secs(10), fixed(2500));
     let guard = holder.acquire(key).await.unwrap();
     let key_owned = key.to_owned();
     let task = tokio::spawn(async move {
