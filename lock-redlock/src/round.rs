@@ -73,7 +73,7 @@ impl Tally {
 
     /// True once `quorum` nodes agreed, or so many refused or failed that they cannot.
     fn decided(&self, nodes: usize, quorum: usize) -> bool {
-        self.yes.len() >= quorum || self.no + self.failed.len() > nodes - quorum
+        self.yes.len() >= quorum || self.no + self.failed.len() > nodes.saturating_sub(quorum)
     }
 
     /// The nodes that failed, in this tally and in `late` (the answers counted after it).
@@ -216,6 +216,10 @@ where
     Fut: Future<Output = RedisResult<Option<u64>>> + Send + 'static,
 {
     let mut tally = Tally::default();
+    // No node to ask (a client stopped meanwhile: its nodes are gone): nothing to count.
+    if nodes.is_empty() {
+        return (tally, Pending(None));
+    }
     if let [node] = nodes {
         // One node decides alone: await it directly, without the machinery (and allocations)
         // of a round that may end before every answer is in.
@@ -254,4 +258,22 @@ where
         tally.count(index, vote);
     }
     (tally, pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Broken before: a round over no nodes (an attempt's undo after its client stopped, whose
+    /// nodes are then gone) computed `nodes - quorum` = 0 - 1 and panicked in debug builds.
+    #[tokio::test]
+    async fn a_round_over_no_nodes_counts_nothing() {
+        let (tally, pending) = run(&[], 1, Duration::from_millis(10), |_node| async {
+            Ok::<_, redis::RedisError>(Some(0))
+        })
+        .await;
+        assert!(tally.yes.is_empty() && tally.no == 0 && tally.failed.is_empty());
+        assert!(pending.is_empty());
+        assert!(!Tally::default().decided(0, 1));
+    }
 }
