@@ -1,5 +1,7 @@
 //! `cargo xtask it`: the single test entry point, locally and in CI.
 
+use std::path::Path;
+
 use crate::redis::{ensure_fault_tools, ensure_redis_server, ensure_valkey_server};
 use crate::run::{cargo, step};
 
@@ -87,31 +89,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     )?;
     // The tests of a package whose path-only dev-dependency packaging drops build from it alone.
     crate::packaged::run(&[])?;
-    // Every test, with real redis-servers: a missing server fails instead of skipping.
-    step(
-        "cargo test --workspace",
-        cargo()
-            .args(["test", "--workspace"])
-            .env("REDIS_SERVER", &redis_server)
-            .env("VALKEY_SERVER", &valkey_server)
-            .env("LOCK_TESTS_REQUIRE_VALKEY", "1")
-            .env("LOCK_TESTS_REQUIRE_REDIS", "1")
-            .env(
-                "LOCK_TESTS_REQUIRE_FAULT_TOOLS",
-                if fault_tools { "1" } else { "0" },
-            ),
-    )?;
-    // The conformance suite on Redis Clusters, left out of a plain `cargo test`: each case
-    // waits about 2 s for its fresh cluster to turn writable and uses little CPU, so many run at
-    // once (the same feature resolution as above: only this target is built).
-    step(
-        "cargo test --workspace --test conformance_cluster",
-        cargo()
-            .args(["test", "--workspace", "--test", "conformance_cluster", "--"])
-            .args(["--test-threads", "8"])
-            .env("REDIS_SERVER", &redis_server)
-            .env("LOCK_TESTS_REQUIRE_REDIS", "1"),
-    )?;
+    run_tests(&redis_server, &valkey_server, fault_tools)?;
     // A short seeded chaos run on top (the full one is `cargo xtask chaos`).
     crate::chaos::run_chaos(
         &[
@@ -135,6 +113,63 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     )?;
     println!("\n== all checks passed");
     Ok(())
+}
+
+/// `cargo xtask test`: every test, as `it` runs them, without the other checks.
+pub(crate) fn test(args: &[String]) -> Result<(), String> {
+    if let Some(unknown) = args.first() {
+        return Err(format!("`test` takes no arguments, got `{unknown}`"));
+    }
+    let redis_server = ensure_redis_server()?;
+    let valkey_server = ensure_valkey_server()?;
+    let fault_tools = ensure_fault_tools();
+    run_tests(&redis_server, &valkey_server, fault_tools)
+}
+
+/// Every test binary and the documentation's examples, with real servers.
+fn run_tests(redis_server: &Path, valkey_server: &Path, fault_tools: bool) -> Result<(), String> {
+    // Every test, with real redis-servers: a missing server fails instead of skipping. The
+    // binaries are built once and run two at a time (see `suite.rs`); the conformance suite on
+    // Redis Clusters, left out of a plain `cargo test`, runs among them with many cases at once
+    // (each waits about 2 s for its fresh cluster to turn writable and uses little CPU).
+    let envs = [
+        ("REDIS_SERVER", redis_server.as_os_str().to_owned()),
+        ("VALKEY_SERVER", valkey_server.as_os_str().to_owned()),
+        ("LOCK_TESTS_REQUIRE_VALKEY", "1".into()),
+        ("LOCK_TESTS_REQUIRE_REDIS", "1".into()),
+        (
+            "LOCK_TESTS_REQUIRE_FAULT_TOOLS",
+            if fault_tools { "1" } else { "0" }.into(),
+        ),
+    ];
+    crate::suite::run(
+        &[(&["--test", "conformance_cluster"], &["--test-threads", "8"])],
+        &envs,
+        test_jobs()?,
+    )?;
+    // The documentation's examples.
+    step(
+        "cargo test --workspace --doc",
+        cargo()
+            .args(["test", "--workspace", "--doc"])
+            .env("REDIS_SERVER", redis_server)
+            .env("LOCK_TESTS_REQUIRE_REDIS", "1"),
+    )?;
+    Ok(())
+}
+
+/// How many test binaries run at once: `XTASK_TEST_JOBS`, or 2.
+fn test_jobs() -> Result<usize, String> {
+    match std::env::var("XTASK_TEST_JOBS") {
+        Err(_) => Ok(2),
+        Ok(jobs) => jobs
+            .parse::<usize>()
+            .ok()
+            .filter(|&jobs| jobs > 0)
+            .ok_or(format!(
+                "XTASK_TEST_JOBS must be a positive number, got `{jobs}`"
+            )),
+    }
 }
 
 /// The library crates `cargo publish --workspace --dry-run` packages.

@@ -2,6 +2,8 @@
 //!
 //! - `it`: the whole test suite, as CI runs it: formatting, the docs checks, clippy, and every test against real
 //!   `redis-server` processes (installed first if missing).
+//! - `test`: every test as `it` runs them (test binaries two at a time, `XTASK_TEST_JOBS` to
+//!   change that), without the other checks.
 //! - `docs`: the README's crates and features table against the manifests, the tests named in
 //!   `tests/RELIABILITY.md`, no reference outside the repository, and `cargo doc` without
 //!   warnings (also run by `it`).
@@ -21,15 +23,17 @@ mod it;
 mod packaged;
 mod redis;
 mod run;
+mod suite;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <it | docs | packaged-tests | bench [--quick] [--only memory|redlock|inc] | chaos [--seconds N] [--seed S] | explore [--seconds N] [--seed S] [--schedules K] [--lanes L]>";
+const USAGE: &str = "usage: cargo xtask <it | test | docs | packaged-tests | bench [--quick] [--only memory|redlock|inc] | chaos [--seconds N] [--seed S] | explore [--seconds N] [--seed S] [--schedules K] [--lanes L]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("it") => it::run(&args[1..]),
+        Some("test") => it::test(&args[1..]),
         Some("docs") => docs::run(&args[1..]),
         Some("packaged-tests") => packaged::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
