@@ -35,7 +35,9 @@ const URL_RULES: UrlRules = UrlRules {
 #[serde(default, deny_unknown_fields)]
 pub struct IncConfig {
     /// `redis://[user:password@]host:port[/db]`, or for a Redis Cluster
-    /// `redis-cluster://[user:password@]host:port?node=host:port&node=…`. A `/`, `?` or `#` in
+    /// `redis-cluster://[user:password@]host:port?node=host:port&node=…`; `?protocol=resp3`
+    /// (or `3`) speaks RESP3 (`HELLO 3`), `resp2` (or `2`, the default) RESP2, as redis-rs reads
+    /// the same URL for Redlock. A `/`, `?` or `#` in
     /// the user name or password is written `%2F`, `%3F`, `%23`. Also read as `urls` or `nodes`
     /// (the names the facade's Redis backends share), as a URL or a list of exactly one.
     #[serde(alias = "urls", alias = "nodes", deserialize_with = "one_url")]
@@ -137,12 +139,51 @@ impl IncConfig {
         // fred accepts URLs of other schemes as if they were Redis (and Valkey's schemes name
         // the same protocol; fred takes both).
         URL_RULES.check(&self.url, self.tls_ca_file.as_deref())?;
+        self.resp3()?;
         if self.prefix.len() > 256 {
             return Err(LockError::invalid("prefix", "is longer than 256 bytes"));
         }
         validate::timeout("command_timeout", self.command_timeout)?;
         validate::timeout("connect_timeout", self.connect_timeout)?;
         Ok(())
+    }
+
+    /// Whether the URL asks for RESP3 (`protocol=resp3` or `3` in its query; `resp2` or `2` is
+    /// the default), which fred itself does not read from a URL.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidInput`] naming `url` for any other value, or `protocol` given twice.
+    pub(crate) fn resp3(&self) -> Result<bool> {
+        let url = self.url.expose();
+        let query = url
+            .split_once('?')
+            .map_or("", |(_, query)| query.split('#').next().unwrap_or_default());
+        let mut asked = query
+            .split('&')
+            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+            .filter(|(name, _)| *name == "protocol")
+            .map(|(_, value)| value);
+        let resp3 = match asked.next() {
+            None | Some("2" | "resp2") => false,
+            Some("3" | "resp3") => true,
+            Some(other) => {
+                return Err(LockError::invalid(
+                    "url",
+                    format!(
+                        "{}: protocol `{}` is not one of resp2, 2, resp3, 3",
+                        self.label(),
+                        shown_text(other)
+                    ),
+                ));
+            }
+        };
+        if asked.next().is_some() {
+            return Err(LockError::invalid(
+                "url",
+                format!("{}: protocol is given more than once", self.label()),
+            ));
+        }
+        Ok(resp3)
     }
 
     /// The server as shown in messages: its URL without password.
@@ -223,6 +264,41 @@ mod tests {
         let config = IncConfig::new("redis://u:s3cret@127.0.0.1:1/2");
         assert!(!format!("{config:?}").contains("s3cret"));
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn the_protocol_is_read_from_the_url_and_a_bad_one_refused() {
+        for (url, resp3) in [
+            ("redis://127.0.0.1:1/0", false),
+            ("redis://127.0.0.1:1/0?protocol=resp2", false),
+            ("redis://127.0.0.1:1/0?protocol=2", false),
+            ("redis://u:s3cret@127.0.0.1:1/0?protocol=resp3", true),
+            ("redis://127.0.0.1:1?protocol=3", true),
+            (
+                "redis-cluster://127.0.0.1:1?node=127.0.0.1:2&protocol=resp3",
+                true,
+            ),
+            ("redis://127.0.0.1:1/0?protocolx=resp3", false),
+        ] {
+            let config = IncConfig::new(url);
+            config.validate().unwrap();
+            assert_eq!(config.resp3().unwrap(), resp3, "{url}");
+        }
+        for url in [
+            "redis://u:s3cret@127.0.0.1:1/0?protocol=resp4",
+            "redis://u:s3cret@127.0.0.1:1/0?protocol=",
+            "redis://u:s3cret@127.0.0.1:1/0?protocol",
+            "redis://u:s3cret@127.0.0.1:1/0?protocol=resp3&protocol=resp2",
+        ] {
+            match IncConfig::new(url).validate() {
+                Err(LockError::InvalidInput { field, reason }) => {
+                    assert_eq!(field, "url");
+                    assert!(reason.contains("protocol"), "{reason}");
+                    assert!(!reason.contains("s3cret"), "{reason}");
+                }
+                other => panic!("expected an invalid url for {url}, got {other:?}"),
+            }
+        }
     }
 
     #[test]

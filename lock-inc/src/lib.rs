@@ -216,10 +216,12 @@ impl IncLock {
     /// [`LockError::Backend`] when the server cannot be reached.
     pub async fn connect(config: IncConfig) -> Result<Self> {
         config.validate()?;
-        #[allow(unused_mut)]
         let mut fred_config = Config::from_url(config.url.expose()).map_err(|e| {
             LockError::invalid("url", format!("{}: {}", config.label(), e.details()))
         })?;
+        if config.resp3()? {
+            fred_config.version = fred::types::RespVersion::RESP3;
+        }
         #[cfg(feature = "tls")]
         if let Some(path) = &config.tls_ca_file {
             fred_config.tls = Some(tls_with_ca(path)?.into());
