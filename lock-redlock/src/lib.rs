@@ -1452,6 +1452,16 @@ impl Handle for RedlockHandle {
                     self.line_member.as_ref(),
                 )
                 .await;
+            // The nodes where this release deleted the keys: it landed behind the acquisition
+            // there, which needs no re-send. Those that answer after the quorum are told by the
+            // task that waits for them (below), when there is one.
+            let mut released: Vec<usize> = tally.yes.iter().copied().collect();
+            let (tell_released, released_late) = if in_flight.is_some() && !pending.is_empty() {
+                let (tell, told) = tokio::sync::oneshot::channel::<Vec<usize>>();
+                (Some(tell), Some(told))
+            } else {
+                (None, None)
+            };
             if let Some(in_flight) = in_flight {
                 let expires_by = self.lease.valid_until() + shared.drift(self.ttl);
                 let (shared, keys, token, held) = (
@@ -1463,6 +1473,9 @@ impl Handle for RedlockHandle {
                 let member = self.line_member.clone();
                 tokio::spawn(async move {
                     let Ok(late) = in_flight.await else { return };
+                    if let Some(released_late) = released_late {
+                        released.extend(released_late.await.unwrap_or_default());
+                    }
                     // A node that took the key late, or whose answer never came (it may still
                     // land behind this), hears the release again; so does one that refused a
                     // waiting writer late, which left the writer's claim there after the
@@ -1475,9 +1488,12 @@ impl Handle for RedlockHandle {
                         .no_at
                         .into_iter()
                         .filter(|_| held.claims() || member.is_some());
+                    // A node that took the key late and whose release then deleted it heard
+                    // the release after the acquisition: nothing of ours is left there.
                     let targets: Vec<usize> = late
                         .yes
                         .into_iter()
+                        .filter(|index| !released.contains(index))
                         .chain(late.failed.into_iter().map(|(index, _)| index))
                         .chain(late_no)
                         .collect();
@@ -1518,6 +1534,9 @@ impl Handle for RedlockHandle {
                     .unwrap_or_else(|| Arc::from(&[][..]));
                 tokio::spawn(async move {
                     let late = pending.finish().await;
+                    if let Some(tell) = tell_released {
+                        let _ = tell.send(late.yes.iter().copied().collect());
+                    }
                     let failed = failed
                         .into_iter()
                         .chain(late.failed.into_iter().map(|(index, _)| index))
