@@ -121,6 +121,24 @@ async fn plain_spellings_are_read_alike_by_inc_and_redis_rs() {
     }
 }
 
+/// Broke: `?%70rotocol=resp3` is `protocol=resp3` once percent-decoded, as redis-rs (and fred,
+/// for `node=`) read a query: Redlock speaks RESP3 on this URL, but inc compares the raw name,
+/// finds no `protocol`, and speaks RESP2 without a word — the silent ignoring 7f589ac meant
+/// to end. Either speak RESP3 or refuse the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_percent_encoded_protocol_name_is_not_silently_ignored() {
+    let Some(server) = server() else { return };
+    let url = format!("{}?%70rotocol=resp3", server.url());
+    assert_eq!(redis_rs_resp3(&url), Some(true), "redis-rs reads RESP3");
+    match inc_speaks(&server, &url).await {
+        Err(refused) => assert!(refused.contains("protocol"), "{refused}"),
+        Ok(seen) => assert!(
+            seen.iter().all(|r| r == "3"),
+            "inc spoke {seen:?} where Redlock speaks RESP3 on {url}"
+        ),
+    }
+}
+
 /// `?protocol=%72esp3` (`resp3` percent-encoded): redis-rs reads RESP3, inc refuses the URL
 /// with a typed error naming it. Not the same reading, but not silent either. Held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,6 +152,23 @@ async fn a_percent_encoded_protocol_value_is_refused_or_read_never_ignored() {
             Ok(seen) => assert!(seen.iter().all(|r| r == "3"), "{url}: {seen:?}"),
         }
     }
+}
+
+/// Broke: a `?` in the URL's fragment is no query (redis-rs reads RESP2 from
+/// `…/#x?protocol=resp3`, fred ignores the fragment), yet inc splits the whole URL at its
+/// first `?` and speaks RESP3 there; and it refuses `…/#x?protocol=resp4`, which both
+/// clients take. inc must read the query the way the clients do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_in_the_fragment_is_not_read_as_the_query() {
+    let Some(server) = server() else { return };
+    let url = format!("{}#x?protocol=resp3", server.url());
+    assert_eq!(redis_rs_resp3(&url), Some(false), "redis-rs: no query");
+    let seen = inc_speaks(&server, &url).await;
+    assert!(
+        seen.as_ref()
+            .is_ok_and(|seen| seen.iter().all(|r| r == "2")),
+        "{url}: {seen:?} where Redlock speaks RESP2"
+    );
 }
 
 /// Upper case (`RESP3`), a trailing space (`+`), a repeat, non-UTF-8 escapes, and a value of
