@@ -139,8 +139,9 @@ async fn a_percent_encoded_protocol_name_is_not_silently_ignored() {
     }
 }
 
-/// `?protocol=%72esp3` (`resp3` percent-encoded): redis-rs reads RESP3, inc refuses the URL
-/// with a typed error naming it. Not the same reading, but not silent either. Held.
+/// `?protocol=%72esp3` (`resp3` percent-encoded): redis-rs reads RESP3; inc refused the URL
+/// with a typed error naming it (on main: not the same reading, but not silent either), and
+/// reads RESP3 since the fix. Held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_percent_encoded_protocol_value_is_refused_or_read_never_ignored() {
     let Some(server) = server() else { return };
