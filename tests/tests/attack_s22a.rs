@@ -965,14 +965,14 @@ async fn resp3_default_user_off_for_a_moment_works_again() {
     through_a_refusal(Refusal::DefaultUserOff, "?protocol=resp3", "3", Wake::Fair).await;
 }
 
-/// The RESP2 control of the four above (fred's `AUTH` instead of `HELLO 3 AUTH`). Held.
+/// The RESP2 control of the four above (fred's `AUTH` instead of `HELLO 3 AUTH`; the others
+/// over RESP2 are in `attack_s21a.rs`). Held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn control_resp2_password_rotated_or_required_works_again() {
+async fn control_resp2_password_rotated_works_again() {
     if redis_or_skip("adv22a").is_none() {
         return;
     }
     through_a_refusal(Refusal::UserPasswordRotated, "", "2", Wake::Fair).await;
-    through_a_refusal(Refusal::PasswordRequired, "", "2", Wake::Release).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1076,4 +1076,57 @@ async fn resp3_only_the_owner_releases() {
             "{kind}: control"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A server that does not know HELLO (Redis before 6, or a proxy)
+// ---------------------------------------------------------------------------------------------
+
+/// A fake server on 127.0.0.1 that answers every command `-ERR unknown command 'HELLO'` (as
+/// Redis 5 does to `HELLO 3`): `IncLock::connect` over RESP3 fails within a few seconds
+/// (no hang), as a backend error without the password. Held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp3_against_a_server_without_hello_fails_promptly_without_the_password() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fake = tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buffer = [0; 4096];
+                while let Ok(read) = socket.read(&mut buffer).await {
+                    if read == 0 {
+                        return;
+                    }
+                    let reply = b"-ERR unknown command 'HELLO', with args beginning with: \r\n";
+                    if socket.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let url = format!("redis://app:app-s3cr3t@127.0.0.1:{port}/?protocol=resp3");
+    let started = Instant::now();
+    let connected = tokio::time::timeout(
+        Duration::from_secs(15),
+        IncLock::connect(IncConfig::new(url)),
+    )
+    .await
+    .expect("connect returns");
+    let Err(error) = connected else {
+        panic!("a server that refuses HELLO was taken");
+    };
+    let shown = format!("{error} {error:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(error, LockError::Backend { .. }), "{shown}");
+    assert!(!shown.contains(SECRET), "{shown}");
+    fake.abort();
 }
