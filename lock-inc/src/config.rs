@@ -154,16 +154,21 @@ impl IncConfig {
     /// # Errors
     /// [`LockError::InvalidInput`] naming `url` for any other value, or `protocol` given twice.
     pub(crate) fn resp3(&self) -> Result<bool> {
+        // The query as redis-rs and fred read it: before the fragment (a `#` in the user info
+        // is refused as raw), its names and values form-decoded (`%70rotocol` is `protocol`).
         let url = self.url.expose();
         let query = url
+            .split('#')
+            .next()
+            .unwrap_or_default()
             .split_once('?')
-            .map_or("", |(_, query)| query.split('#').next().unwrap_or_default());
+            .map_or("", |(_, query)| query);
         let mut asked = query
             .split('&')
-            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
-            .filter(|(name, _)| *name == "protocol")
-            .map(|(_, value)| value);
-        let resp3 = match asked.next() {
+            .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+            .filter(|(name, _)| form_decoded(name) == "protocol")
+            .map(|(_, value)| form_decoded(value));
+        let resp3 = match asked.next().as_deref() {
             None | Some("2" | "resp2") => false,
             Some("3" | "resp3") => true,
             Some(other) => {
@@ -228,6 +233,32 @@ fn one_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SecretUrl, D::E
     deserializer.deserialize_any(OneUrl)
 }
 
+/// A name or value of a URL's query as `application/x-www-form-urlencoded` reads it (as the
+/// `url` crate's `query_pairs`, which redis-rs and fred use): `+` is a space, `%XX` a byte, and
+/// bytes that are not UTF-8 are replaced.
+fn form_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        let hex = |offset: usize| {
+            bytes
+                .get(at + offset)
+                .and_then(|&digit| char::from(digit).to_digit(16))
+        };
+        match (byte, hex(1), hex(2)) {
+            (b'+', _, _) => decoded.push(b' '),
+            (b'%', Some(high), Some(low)) => {
+                decoded.push(u8::try_from(high * 16 + low).unwrap_or_default());
+                at += 2;
+            }
+            _ => decoded.push(byte),
+        }
+        at += 1;
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -279,6 +310,12 @@ mod tests {
                 true,
             ),
             ("redis://127.0.0.1:1/0?protocolx=resp3", false),
+            // Read as redis-rs reads them: decoded, and never from the fragment.
+            ("redis://127.0.0.1:1/0?%70rotocol=resp3", true),
+            ("redis://127.0.0.1:1/0?protocol=%72esp3", true),
+            ("redis://127.0.0.1:1/0?protocol=%33", true),
+            ("redis://127.0.0.1:1/0#x?protocol=resp3", false),
+            ("redis://127.0.0.1:1/0?protocol=resp3#protocol=resp2", true),
         ] {
             let config = IncConfig::new(url);
             config.validate().unwrap();
@@ -289,6 +326,9 @@ mod tests {
             "redis://u:s3cret@127.0.0.1:1/0?protocol=",
             "redis://u:s3cret@127.0.0.1:1/0?protocol",
             "redis://u:s3cret@127.0.0.1:1/0?protocol=resp3&protocol=resp2",
+            "redis://u:s3cret@127.0.0.1:1/0?protocol=resp3+",
+            "redis://u:s3cret@127.0.0.1:1/0?protocol=%FF",
+            "redis://u:s3cret@127.0.0.1:1/0?protocol=resp3&%70rotocol=resp3",
         ] {
             match IncConfig::new(url).validate() {
                 Err(LockError::InvalidInput { field, reason }) => {

@@ -545,8 +545,7 @@ async fn refused_for_good(refusal: Refusal, query: &str) {
 /// accepted again: the same guard extends and the same locker acquires within 5 s (fred
 /// reconnects by itself, backing off to 1 s at most). Over the refusal, fred's reconnects are
 /// bounded (its backoff: a few per second, no storm), and no error carries the password.
-/// fred reads no `protocol` from the URL (the inc backend always speaks RESP2, and has no
-/// setting for RESP3): RESP2 only. Held.
+/// RESP2 here; the same over RESP3 (`HELLO 3 AUTH`) is in `attack_s22a.rs`. Held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inc_works_again_within_seconds_once_the_password_is_accepted_again() {
     for refusal in [Refusal::UserPasswordRotated, Refusal::UserOff] {
@@ -609,11 +608,11 @@ async fn inc_works_again_within_seconds_once_the_password_is_accepted_again() {
     }
 }
 
-/// `?protocol=resp3` on an inc URL: fred ignores the query, so the backend connects over
-/// RESP2 all the same (`CLIENT LIST` says `resp=2`). Held (documents that RESP3 cannot be
-/// chosen for inc; nothing to attack there).
+/// `?protocol=resp3` on an inc URL: fred ignored the query, so the backend connected over
+/// RESP2 all the same; since 7f589ac inc reads it and speaks RESP3 (`CLIENT LIST` says
+/// `resp=3`; this test asserted `resp=2` and failed on main from then on, found by adv22a).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inc_speaks_resp2_whatever_the_url_says() {
+async fn inc_speaks_the_protocol_the_url_says() {
     let Some((server, mut admin)) = server_with_admin() else {
         return;
     };
@@ -628,7 +627,7 @@ async fn inc_speaks_resp2_whatever_the_url_says() {
         .filter(|line| !line.contains("user=admin"))
         .collect();
     assert!(!others.is_empty(), "{list}");
-    assert!(others.iter().all(|line| line.contains("resp=2")), "{list}");
+    assert!(others.iter().all(|line| line.contains("resp=3")), "{list}");
     guard.release().await.unwrap();
 }
 
