@@ -142,20 +142,23 @@ fn run_tests(redis_server: &Path, valkey_server: &Path, fault_tools: bool) -> Re
             if fault_tools { "1" } else { "0" }.into(),
         ),
     ];
-    crate::suite::run(
+    let binaries = crate::suite::run(
         &[(&["--test", "conformance_cluster"], &["--test-threads", "8"])],
         &envs,
         test_jobs()?,
-    )?;
-    // The documentation's examples.
-    step(
-        "cargo test --workspace --doc",
-        cargo()
-            .args(["test", "--workspace", "--doc"])
-            .env("REDIS_SERVER", redis_server)
-            .env("LOCK_TESTS_REQUIRE_REDIS", "1"),
-    )?;
-    Ok(())
+    );
+    // The documentation's examples, also after a binary failed.
+    let mut doc_tests = cargo();
+    doc_tests.args(["test", "--workspace", "--doc"]);
+    for (key, value) in &envs {
+        doc_tests.env(key, value);
+    }
+    let doc_tests = step("cargo test --workspace --doc", &mut doc_tests);
+    match (binaries, doc_tests) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(failed), Ok(())) | (Ok(()), Err(failed)) => Err(failed),
+        (Err(binaries), Err(doc_tests)) => Err(format!("{binaries}; {doc_tests}")),
+    }
 }
 
 /// How many test binaries run at once: `XTASK_TEST_JOBS`, or 2.

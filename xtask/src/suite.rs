@@ -304,6 +304,8 @@ fn run_one(binary: &Binary, envs: &[(String, OsString)], log: &Path, limit: Dura
             Ok(Some(status)) if status.success() => return outcome(true, ""),
             Ok(Some(status)) => return outcome(false, &format!(" ({status})")),
             Ok(None) if started.elapsed() > limit => {
+                // Its servers and workers first: orphaned, they would run on through the suite.
+                kill_descendants(child.id());
                 let _ = child.kill();
                 let _ = child.wait();
                 return outcome(
@@ -314,6 +316,42 @@ fn run_one(binary: &Binary, envs: &[(String, OsString)], log: &Path, limit: Dura
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
             Err(error) => return outcome(false, &format!(" (cannot wait for it: {error})")),
         }
+    }
+}
+
+/// Kills every process below `pid` (read from `/proc`; nothing where there is none), the
+/// deepest first.
+fn kill_descendants(pid: u32) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    // (pid, parent) of every process: the parent is the field after the command's `)`.
+    let parents: Vec<(u32, u32)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (_, after) = stat.rsplit_once(')')?;
+            let parent = after.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, parent))
+        })
+        .collect();
+    let mut below = vec![pid];
+    let mut index = 0;
+    while let Some(&parent) = below.get(index) {
+        below.extend(
+            parents
+                .iter()
+                .filter(|&&(_, of)| of == parent)
+                .map(|&(child, _)| child),
+        );
+        index += 1;
+    }
+    for descendant in below.iter().skip(1).rev() {
+        let _ = Command::new("kill")
+            .args(["-KILL", &descendant.to_string()])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -363,15 +401,28 @@ mod tests {
     }
 
     #[test]
-    fn a_binary_past_its_limit_is_killed_as_failed() {
+    fn a_binary_past_its_limit_is_killed_as_failed_with_what_it_started() {
         let started = Instant::now();
+        let marker = log("child-pid");
+        // A shell that starts a long child (as a test binary starts servers) and waits.
+        let script = format!("sleep 30 & echo $! > {}; wait", marker.display());
         let hung = run_one(
-            &binary("sleep", &["30"]),
+            &binary("sh", &["-c", &script]),
             &[],
             &log("hung"),
-            Duration::from_millis(300),
+            Duration::from_millis(500),
         );
         assert!(!hung.passed);
         assert!(started.elapsed() < Duration::from_secs(10));
+        let child = std::fs::read_to_string(&marker).unwrap_or_default();
+        let child = child.trim();
+        assert!(!child.is_empty(), "the shell started its child");
+        // Killed (a zombie at most, until its new parent reaps it).
+        let alive = std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, s)| s.trim_start().starts_with('Z'))
+        });
+        assert!(!alive, "the child {child} of the killed binary still runs");
     }
 }
