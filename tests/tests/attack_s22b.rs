@@ -1,6 +1,12 @@
 //! adv22b: attacks on 4f7ef69 (a release that deleted the keys on a node that took them late
 //! is not re-sent there): can "the release deleted our keys here" be true on a node while a
 //! later write of our token still lands there? Real redis-server processes on loopback.
+//!
+//! - Broke (fixed): a fair waiter's plain round and its fair round share one token; the
+//!   release may delete the plain round's late `SET` on a slow scriptless node, the fair
+//!   attempt landing after it, not re-sent: the key stays for its ttl.
+//! - Held: non-fair mutex, multi-key mutex, permit slot, read, write lock on a slow
+//!   scriptless node (a permit fails it when late takers are never re-sent: not vacuous).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -128,4 +134,97 @@ async fn fair_release_that_deleted_the_plain_rounds_write_is_still_resent_after_
         "after the release (ttl 10 s): {left:?}; PTTL k on node 2: {pttl}"
     );
     locker.stop().await.unwrap();
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Mutex,
+    Many,
+    Permit,
+    Read,
+    Write,
+}
+
+async fn take(locker: &Locker, kind: Kind) -> lock_core::Result<lock_core::LockGuard> {
+    match kind {
+        Kind::Mutex => locker.acquire("k").await,
+        Kind::Many => locker.acquire_many(&["k", "l"]).await,
+        Kind::Permit => locker.acquire_permit("k", 2).await,
+        Kind::Read => locker.acquire_read("k").await,
+        Kind::Write => locker.acquire_write("k").await,
+    }
+}
+
+/// Held: every other kind (a non-fair mutex, a multi-key mutex, a permit slot, a read and a
+/// write lock) on three nodes, the third slow (60 ms each way) and scriptless (`SCRIPT
+/// FLUSH` after a warm-up): the release, sent at once, lands there while the acquisition is
+/// still in EVALSHA / NOSCRIPT / LOAD / EVALSHA (or answers behind it); whatever each release
+/// answered, nothing of ours is left on any node once the exchanges are over, and a second
+/// client takes the same lease at once. Each attempt writes its token once per node here, so
+/// "the release deleted it" proves it landed behind the acquisition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_leaves_nothing_on_a_slow_scriptless_node() {
+    let Some(binary) = redis_or_skip("adv22b every kind slow scriptless") else {
+        return;
+    };
+    for kind in [
+        Kind::Mutex,
+        Kind::Many,
+        Kind::Permit,
+        Kind::Read,
+        Kind::Write,
+    ] {
+        let servers: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start(&binary, &[]).unwrap())
+            .collect();
+        let proxy = LatencyProxy::start(servers[2].port()).await.unwrap();
+        let urls = vec![servers[0].url(), servers[1].url(), proxy.url()];
+        let config = || {
+            RedlockConfig::new(urls.clone())
+                .with_fair(false)
+                .with_node_timeout(Duration::from_secs(2))
+        };
+        let locker = Locker::new(Redlock::new(config()).unwrap())
+            .with_options(waiting(Duration::from_secs(10)))
+            .unwrap();
+        take(&locker, kind).await.unwrap().release().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            leftovers(&servers),
+            Vec::<String>::new(),
+            "{kind:?} warm-up"
+        );
+        servers[2].command("SCRIPT FLUSH", PROBE).unwrap();
+        proxy.set_delay(Duration::from_millis(60));
+        for _ in 0..2 {
+            take(&locker, kind).await.unwrap().release().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(leftovers(&servers), Vec::<String>::new(), "{kind:?}");
+        let other = Locker::new(Redlock::new(config()).unwrap())
+            .with_options(
+                LockOptions::default()
+                    .with_ttl(Duration::from_secs(10))
+                    .with_retry(RetryPolicy::none()),
+            )
+            .unwrap();
+        let guard = match kind {
+            Kind::Mutex => other.try_acquire("k").await.unwrap(),
+            Kind::Many => other.acquire_many(&["k", "l"]).await.ok(),
+            // A writer: held out by any permit, reader or writer left behind.
+            _ => other
+                .try_acquire_kind("k", lock_core::LeaseKind::Write)
+                .await
+                .unwrap(),
+        };
+        assert!(
+            guard.is_some(),
+            "{kind:?}: a second client cannot take the key"
+        );
+        if let Some(guard) = guard {
+            guard.release().await.unwrap();
+        }
+        locker.stop().await.unwrap();
+        other.stop().await.unwrap();
+    }
 }
