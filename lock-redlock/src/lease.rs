@@ -426,6 +426,7 @@ async fn attempt(
                             held: target.held(),
                             ttl,
                             in_flight,
+                            written_before: false,
                             extending: None,
                             line_member: None,
                         })));

@@ -516,6 +516,7 @@ impl Shared {
         (start, valid_until): (Instant, Instant),
         fences: Option<&Arc<[Vec<u8>]>>,
         line: Option<(&Token, &Arc<[u8]>)>,
+        written_before: bool,
     ) -> HandedOut {
         let fence = match fences {
             None => Ok(None),
@@ -544,6 +545,7 @@ impl Shared {
                     held: Held::Mutex,
                     ttl,
                     in_flight,
+                    written_before,
                     extending: None,
                     line_member: line
                         .map(|(_, member)| member)
@@ -798,6 +800,7 @@ impl Lock for Redlock {
                         (start, valid_until),
                         fences.as_ref(),
                         None,
+                        false,
                     )
                     .await
                 {
@@ -1077,6 +1080,7 @@ async fn try_acquire_fair(
         held: Held::Mutex,
         ttl,
         in_flight: None,
+        written_before: false,
         extending: None,
         line_member: None,
     })))
@@ -1115,6 +1119,9 @@ async fn try_acquire_fair_quorum(
     // What a round this waiter does not win leaves behind if it stops waiting before the
     // round's late answers are in (see `Shared::undo_attempt`).
     let line_waiter = request.waiter().map(|waiter| (waiter, &member));
+    // Refused by the plain round (`Lock::try_acquire`), which sent this same token to every
+    // node: its `SET` may still land on a slow node, before this round's request there.
+    let written_before = !(request.after_wait() || shared.config.fencing);
     let fences = shared.fence_keys(std::slice::from_ref(key));
     // The holders' time left, from the nodes where this waiter is first in line behind one.
     let behind: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
@@ -1160,6 +1167,7 @@ async fn try_acquire_fair_quorum(
                 (start, valid_until),
                 fences.as_ref(),
                 line_waiter,
+                written_before,
             )
             .await
         {
@@ -1329,6 +1337,10 @@ struct RedlockHandle {
     ttl: Duration,
     /// The acquisition's requests to the nodes that had not answered when the quorum decided.
     in_flight: Option<tokio::task::JoinHandle<Tally>>,
+    /// The token was sent to the nodes by an earlier round of the same attempt (a fair
+    /// waiter's plain round): a release that deleted the keys on a node may have deleted that
+    /// round's late write, not this acquisition's, which can still land behind it there.
+    written_before: bool,
     /// The last extend's requests to the nodes that had not answered when its quorum decided:
     /// the next extend drops those not yet written, which would otherwise reach their node
     /// after it (a request waiting for its script to be loaded after `NOSCRIPT`) and set the
@@ -1471,6 +1483,7 @@ impl Handle for RedlockHandle {
                     self.held,
                 );
                 let member = self.line_member.clone();
+                let written_before = self.written_before;
                 tokio::spawn(async move {
                     let Ok(late) = in_flight.await else { return };
                     if let Some(released_late) = released_late {
@@ -1489,11 +1502,14 @@ impl Handle for RedlockHandle {
                         .into_iter()
                         .filter(|_| held.claims() || member.is_some());
                     // A node that took the key late and whose release then deleted it heard
-                    // the release after the acquisition: nothing of ours is left there.
+                    // the release after the acquisition: nothing of ours is left there. Unless
+                    // an earlier round of the attempt wrote the same token there: the release
+                    // may have deleted that write, and this acquisition landed after it (its
+                    // script reloaded after NOSCRIPT, a pool's other connection).
                     let targets: Vec<usize> = late
                         .yes
                         .into_iter()
-                        .filter(|index| !released.contains(index))
+                        .filter(|index| written_before || !released.contains(index))
                         .chain(late.failed.into_iter().map(|(index, _)| index))
                         .chain(late_no)
                         .collect();
