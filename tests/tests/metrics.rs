@@ -92,16 +92,17 @@ async fn redlock_sends_nothing_again_after_releases_that_landed_behind_their_acq
                     .with_retry(RetryPolicy::forever()),
             )
             .unwrap();
+        let cycles = |count: usize| {
+            let locker = locker.clone();
+            async move {
+                for _ in 0..count {
+                    let guard = locker.acquire("resend-free").await.unwrap();
+                    guard.release().await.unwrap();
+                }
+            }
+        };
         // The scripts loaded on every node.
-        for _ in 0..10 {
-            locker
-                .acquire("resend-free")
-                .await
-                .unwrap()
-                .release()
-                .await
-                .unwrap();
-        }
+        cycles(10).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let label = "lock_resends_total{backend=redlock,operation=release}";
         let resent_before = figure(label);
@@ -110,15 +111,7 @@ async fn redlock_sends_nothing_again_after_releases_that_landed_behind_their_acq
             .iter()
             .map(|server| server.calls("script|load").unwrap())
             .collect();
-        for _ in 0..300 {
-            locker
-                .acquire("resend-free")
-                .await
-                .unwrap()
-                .release()
-                .await
-                .unwrap();
-        }
+        cycles(300).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let resent = figure(label) - resent_before;
         let loads: Vec<u64> = backed
