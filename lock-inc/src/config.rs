@@ -154,20 +154,16 @@ impl IncConfig {
     /// # Errors
     /// [`LockError::InvalidInput`] naming `url` for any other value, or `protocol` given twice.
     pub(crate) fn resp3(&self) -> Result<bool> {
-        // The query as redis-rs and fred read it: before the fragment (a `#` in the user info
-        // is refused as raw), its names and values form-decoded (`%70rotocol` is `protocol`).
-        let url = self.url.expose();
-        let query = url
-            .split('#')
-            .next()
-            .unwrap_or_default()
-            .split_once('?')
-            .map_or("", |(_, query)| query);
-        let mut asked = query
-            .split('&')
-            .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
-            .filter(|(name, _)| form_decoded(name) == "protocol")
-            .map(|(_, value)| form_decoded(value));
+        // The query as redis-rs and fred read it (both through the `url` crate): before the
+        // fragment, names and values form-decoded (`%70rotocol` is `protocol`). A URL it cannot
+        // parse has no protocol here; connecting names what is wrong with it.
+        let Ok(parsed) = url::Url::parse(self.url.expose()) else {
+            return Ok(false);
+        };
+        let mut asked = parsed
+            .query_pairs()
+            .filter(|(name, _)| name == "protocol")
+            .map(|(_, value)| value.into_owned());
         let resp3 = match asked.next().as_deref() {
             None | Some("2" | "resp2") => false,
             Some("3" | "resp3") => true,
@@ -231,32 +227,6 @@ fn one_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SecretUrl, D::E
     // `deserialize_any`: serde_json answers `deserialize_string` with an error it writes
     // itself, which may quote what it found.
     deserializer.deserialize_any(OneUrl)
-}
-
-/// A name or value of a URL's query as `application/x-www-form-urlencoded` reads it (as the
-/// `url` crate's `query_pairs`, which redis-rs and fred use): `+` is a space, `%XX` a byte, and
-/// bytes that are not UTF-8 are replaced.
-fn form_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while let Some(&byte) = bytes.get(at) {
-        let hex = |offset: usize| {
-            bytes
-                .get(at + offset)
-                .and_then(|&digit| char::from(digit).to_digit(16))
-        };
-        match (byte, hex(1), hex(2)) {
-            (b'+', _, _) => decoded.push(b' '),
-            (b'%', Some(high), Some(low)) => {
-                decoded.push(u8::try_from(high * 16 + low).unwrap_or_default());
-                at += 2;
-            }
-            _ => decoded.push(byte),
-        }
-        at += 1;
-    }
-    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 #[cfg(test)]
