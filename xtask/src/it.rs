@@ -129,7 +129,7 @@ pub(crate) fn test(args: &[String]) -> Result<(), String> {
 /// Every test binary and the documentation's examples, with real servers.
 fn run_tests(redis_server: &Path, valkey_server: &Path, fault_tools: bool) -> Result<(), String> {
     // Every test, with real redis-servers: a missing server fails instead of skipping. The
-    // binaries are built once and run two at a time (see `suite.rs`); the conformance suite on
+    // binaries are built once and run `XTASK_TEST_JOBS` at a time (see `suite.rs`); the conformance suite on
     // Redis Clusters, left out of a plain `cargo test`, runs among them with many cases at once
     // (each waits about 2 s for its fresh cluster to turn writable and uses little CPU).
     let envs = [
@@ -161,10 +161,12 @@ fn run_tests(redis_server: &Path, valkey_server: &Path, fault_tools: bool) -> Re
     }
 }
 
-/// How many test binaries run at once: `XTASK_TEST_JOBS`, or 2.
+/// How many test binaries run at once: `XTASK_TEST_JOBS`, or 1. Two at a time halve the
+/// suite's time on two cores, but timing-sensitive tests still flake under that load (three
+/// runs in seven saw one): one at a time until they are hardened.
 fn test_jobs() -> Result<usize, String> {
     match std::env::var("XTASK_TEST_JOBS") {
-        Err(_) => Ok(2),
+        Err(_) => Ok(1),
         Ok(jobs) => jobs
             .parse::<usize>()
             .ok()
