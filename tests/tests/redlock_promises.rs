@@ -426,6 +426,24 @@ async fn a_writers_claim_taken_back_does_not_overtake_its_late_request() {
     );
 }
 
+/// Whether `rw`'s value on every node passes `test` (`None`: no string there) within 2 s.
+async fn wait_for(nodes: &Nodes, test: impl Fn(Option<Vec<u8>>) -> bool) -> bool {
+    let since = Instant::now();
+    while !nodes.servers.iter().all(|server| {
+        let value = redis::Client::open(server.url())
+            .and_then(|client| client.get_connection_with_timeout(PROBE))
+            .and_then(|mut connection| redis::cmd("GET").arg("rw").query(&mut connection))
+            .unwrap_or_default();
+        test(value)
+    }) {
+        if since.elapsed() > Duration::from_secs(2) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
 /// A waiting writer's attempts pile up late requests on a stalled node of a pool while the
 /// writer waits out a reader; it then wins on the other two. When the stalled requests land
 /// (refused by the writer's own lease, or taking a free key), their take-backs (token-checked,
@@ -453,7 +471,33 @@ async fn late_take_backs_leave_the_winning_writers_lease_and_nothing_after_it() 
             .await
             .expect("release");
     }
-    let reader = locker.acquire_read("rw").await.expect("reader");
+    // The scenario needs the reader on every node before node 2 stalls. A round is decided by
+    // two nodes: on a loaded machine a warm-up release can still be on its way to the third
+    // (which then refuses the reader), or the reader's own request there can pass its node
+    // timeout (it is then undone behind). The reader then holds two nodes, one of them stalled
+    // below: its release would rightly fail. So the reader is taken again until it is on all.
+    let mut tries = 0;
+    let reader = loop {
+        tries += 1;
+        wait_for(&nodes, |value| value.is_none()).await;
+        let reader = locker.acquire_read("rw").await.expect("reader");
+        let token = reader.token().expose().as_bytes().to_vec();
+        if wait_for(&nodes, |value| {
+            value.is_some_and(|value| value.ends_with(&token))
+        })
+        .await
+        {
+            break reader;
+        }
+        assert!(
+            tries < 10,
+            "the reader never reached every node in {tries} tries"
+        );
+        reader
+            .release()
+            .await
+            .expect("release a reader on the quorum");
+    };
     nodes.proxy.stall_existing(0);
     let writer = tokio::spawn({
         let locker = locker.clone();
