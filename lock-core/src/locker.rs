@@ -385,8 +385,11 @@ impl Locker {
     /// closes. An attempt on the wire counts among the clean-ups: its answer is let come (for
     /// half of [`CLEANUP_WAIT`] at most, whatever the backend's own timeouts), whatever it took
     /// is taken back by token before the backend closes, and its acquisition ends with
-    /// [`LockError::Stopped`]. A
-    /// further call (of this client or a clone) returns once the first has finished.
+    /// [`LockError::Stopped`]. The backend may then let what its own operations left running
+    /// finish before it closes, for [`CLEANUP_WAIT`] at most too (Redlock: a release that
+    /// answered once a majority of nodes did reaches the others, and a node that took the key
+    /// after the release reached it hears it again; see [`raw::Settling`](crate::raw::Settling)).
+    /// A further call (of this client or a clone) returns once the first has finished.
     ///
     /// # Errors
     /// Backend errors while closing (to the first call).
@@ -1355,8 +1358,7 @@ fn fair_poll(ttl: std::time::Duration) -> std::time::Duration {
 /// the background.
 #[derive(Debug, Default)]
 pub(crate) struct Cleanups {
-    running: std::sync::atomic::AtomicUsize,
-    settled: tokio::sync::Notify,
+    running: crate::raw::Settling,
     /// Notified by `stop`: acquisitions waiting to retry end.
     stopping: tokio::sync::Notify,
     /// Set, and `stop_done` notified, when the first call of `stop` has finished.
@@ -1387,7 +1389,7 @@ impl Drop for StopFinished<'_> {
 }
 
 /// One clean-up in progress; counted down when it ends, however it ends.
-pub(crate) struct CleanupRunning(Arc<Cleanups>);
+pub(crate) type CleanupRunning = crate::raw::InProgress;
 
 /// A lease of a key of this client, until the store let go of it (its guard released, or its
 /// release on drop done): an attempt that finds the key held meanwhile met no other process
@@ -1418,9 +1420,8 @@ impl Cleanups {
         OwnLease(Some(Arc::clone(self)), lease.key_set().clone(), start)
     }
 
-    pub(crate) fn start(self: &Arc<Self>) -> CleanupRunning {
-        self.running.fetch_add(1, Ordering::SeqCst);
-        CleanupRunning(Arc::clone(self))
+    pub(crate) fn start(&self) -> CleanupRunning {
+        self.running.enter()
     }
 
     /// Waits until the call of `stop` doing the job has finished (true), or was cancelled
@@ -1442,26 +1443,7 @@ impl Cleanups {
 
     /// Waits until no clean-up runs, or `limit` has passed.
     async fn settled(&self, limit: std::time::Duration) {
-        let all_done = async {
-            loop {
-                let notified = self.settled.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if self.running.load(Ordering::SeqCst) == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        let _ = tokio::time::timeout(limit, all_done).await;
-    }
-}
-
-impl Drop for CleanupRunning {
-    fn drop(&mut self) {
-        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.settled.notify_waiters();
-        }
+        self.running.settled(limit).await;
     }
 }
 

@@ -19,7 +19,10 @@ pub use lease::MAX_SLOT_PERMITS;
 use lock_core::{
     Capabilities, Holding, Key, KeyState, Lease, LeaseKind, LockError, LockOptions, Locker, Result,
     Token, metrics,
-    raw::{FollowUp, Handle, KeySet, Lock, LockRequest, async_trait, redis as redis_kit, validate},
+    raw::{
+        FollowUp, Handle, InProgress, KeySet, Lock, LockRequest, Settling, async_trait,
+        redis as redis_kit, validate,
+    },
 };
 use tokio::time::Instant;
 
@@ -49,8 +52,24 @@ const DRIFT_FLOOR: Duration = Duration::from_millis(2);
 /// A follow-up whose first round goes out at once: the clean-up of a failed attempt, which is
 /// the first release the nodes that answered late or not at all are sent (not counted as
 /// re-sent), and sends again the undo that the nodes in `sent_before` failed (counted).
+///
+/// `shutdown` lets its first round finish (see [`Shared::settling`]): the clean-up, or the
+/// release sent again to a node that took the key after the release reached it, may be what
+/// takes the last of this client's keys off a node.
 struct AtOnce {
     sent_before: Vec<usize>,
+    first_round: InProgress,
+}
+
+impl AtOnce {
+    /// Counted by `shared`'s [`Shared::settling`] from now (before the follow-up is spawned)
+    /// until its first round has answered.
+    fn new(shared: &Shared, sent_before: Vec<usize>) -> Self {
+        Self {
+            sent_before,
+            first_round: shared.settling.enter(),
+        }
+    }
 }
 
 /// The Redlock algorithm over N independent Redis masters (N = 1 is the plain single-Redis lock).
@@ -78,7 +97,15 @@ struct Shared {
     /// Per key, the claims this process's waiting writers left on nodes that their later
     /// attempts did not reach (each attempt has a fresh token): see [`lease::note_claims`].
     claims: lease::Claims,
+    /// What `shutdown` lets finish, for [`SETTLE_WAIT`] at most, before it closes the
+    /// connections: the answers a release did not wait for, and the first round of each
+    /// follow-up sent at once ([`AtOnce`]). Later rounds, for nodes that failed, are not waited
+    /// for: those keys expire with their ttl.
+    settling: Settling,
 }
+
+/// How long `shutdown` waits for [`Shared::settling`].
+const SETTLE_WAIT: Duration = lock_core::CLEANUP_WAIT;
 
 impl Redlock {
     /// Validates `config` and prepares one connection per node. Nothing is connected yet: a node
@@ -119,6 +146,7 @@ impl Redlock {
                     None
                 },
                 claims: lease::Claims::default(),
+                settling: Settling::default(),
                 config,
             }),
         })
@@ -219,15 +247,21 @@ impl Shared {
     ) {
         let wanted = released_when(&keys, held);
         let mut follow_up = FollowUp::new(NAME, metrics::OPERATION_RELEASE, timeout, expires_by);
-        if let Some(AtOnce { sent_before }) = at_once {
+        let mut first_round = None;
+        if let Some(AtOnce {
+            sent_before,
+            first_round: counted,
+        }) = at_once
+        {
             // The first round, at once: a first send to the others.
             let resent = indices
                 .iter()
                 .filter(|index| sent_before.contains(index))
                 .count();
             follow_up = follow_up.at_once(resent);
+            first_round = Some(counted);
         }
-        self.until_answered(follow_up, indices, &keys, timeout, |node| {
+        self.until_answered(follow_up, indices, &keys, timeout, first_round, |node| {
             let (keys, token, member) = (keys.clone(), token.clone(), Arc::clone(&member));
             // Each send carries its script (`SCRIPT LOAD` + `EVALSHA` in one write): a node
             // that lost its scripts (a restart, `SCRIPT FLUSH`) and answers later than the
@@ -245,13 +279,15 @@ impl Shared {
 
     /// Sends `op` to the nodes at `indices` until each has answered it (any answer), in the
     /// rounds of `follow_up`, each node under `timeout`. The one follow-up of every operation
-    /// that must reach every node (releases, clean-ups, fence raises).
+    /// that must reach every node (releases, clean-ups, fence raises). `first_round` is
+    /// dropped once the first round has answered (or when none is sent).
     async fn until_answered<F, Fut>(
         &self,
         follow_up: FollowUp,
         indices: Vec<usize>,
         keys: &KeySet,
         timeout: Duration,
+        mut first_round: Option<InProgress>,
         op: F,
     ) where
         F: Fn(Node) -> Fut,
@@ -261,7 +297,9 @@ impl Shared {
         follow_up
             .run(indices, running, |indices: Vec<usize>| {
                 let op = &op;
+                let counted = first_round.take();
                 async move {
+                    let _counted = counted;
                     // Empty once the lock was stopped.
                     let targets = self.subset(indices.iter().copied());
                     if targets.is_empty() {
@@ -406,7 +444,7 @@ impl Shared {
             let expires_by = Instant::now() + validate::MAX_TTL;
             let raise = FollowUp::new(NAME, metrics::OPERATION_FENCE_RAISE, timeout, expires_by);
             shared
-                .until_answered(raise, failed, &keys, timeout, op)
+                .until_answered(raise, failed, &keys, timeout, None, op)
                 .await;
         });
     }
@@ -467,9 +505,7 @@ impl Shared {
                 },
                 timeout,
                 expires_by,
-                Some(AtOnce {
-                    sent_before: Vec::new(),
-                }),
+                Some(AtOnce::new(self, Vec::new())),
             ));
         }
     }
@@ -630,6 +666,7 @@ impl Shared {
         let (shared, keys, token) = (Arc::clone(self), keys.clone(), token.clone());
         let waiter = waiter.map(|(waiter, member)| (waiter.clone(), Arc::clone(member)));
         let expires_by = Instant::now() + ttl + self.drift(ttl);
+        let first_round = self.settling.enter();
         tokio::spawn(async move {
             let late = pending.finish().await;
             // A fair waiter that has stopped waiting by now (it gave up, or won a later round)
@@ -668,6 +705,7 @@ impl Shared {
                     expires_by,
                     Some(AtOnce {
                         sent_before: undo_failed,
+                        first_round,
                     }),
                     gone.map_or_else(|| Arc::from(&[][..]), |(_, member)| member),
                 )
@@ -880,8 +918,17 @@ impl Lock for Redlock {
         Ok(futures::future::join_all(asks).await)
     }
 
-    /// Closes every node's connection; later calls fail with [`LockError::Stopped`].
+    /// Closes every node's connection; later calls fail with [`LockError::Stopped`]. First,
+    /// for [`lock_core::CLEANUP_WAIT`] at most, lets what operations left running come to an
+    /// end: a release that answered once a majority did is let reach the other nodes, and sent
+    /// again to one that took the key after it, before the connections close.
     async fn shutdown(&self) -> Result<()> {
+        if !self.shared.settling.settled(SETTLE_WAIT).await {
+            tracing::warn!(
+                running = self.shared.settling.running(),
+                "closing before every release reached every node; what is left expires with its ttl"
+            );
+        }
         self.shared
             .nodes
             .write()
@@ -1051,9 +1098,7 @@ async fn try_acquire_fair(
             Held::Mutex,
             timeout,
             expires_by,
-            Some(AtOnce {
-                sent_before: Vec::new(),
-            }),
+            Some(AtOnce::new(shared, Vec::new())),
         ));
         return Err(LockError::backend(
             NAME,
@@ -1281,9 +1326,7 @@ async fn try_acquire_fair_quorum(
                 Held::Mutex,
                 timeout,
                 Instant::now() + ttl,
-                Some(AtOnce {
-                    sent_before: Vec::new(),
-                }),
+                Some(AtOnce::new(shared, Vec::new())),
                 member,
             ));
         }
@@ -1484,6 +1527,7 @@ impl Handle for RedlockHandle {
                 );
                 let member = self.line_member.clone();
                 let written_before = self.written_before;
+                let first_round = shared.settling.enter();
                 tokio::spawn(async move {
                     let Ok(late) = in_flight.await else { return };
                     if let Some(released_late) = released_late {
@@ -1524,7 +1568,10 @@ impl Handle for RedlockHandle {
                             held,
                             timeout,
                             expires_by,
-                            Some(AtOnce { sent_before }),
+                            Some(AtOnce {
+                                sent_before,
+                                first_round,
+                            }),
                             member.unwrap_or_else(|| Arc::from(&[][..])),
                         )
                         .await;
@@ -1548,11 +1595,16 @@ impl Handle for RedlockHandle {
                     .line_member
                     .clone()
                     .unwrap_or_else(|| Arc::from(&[][..]));
+                // The answers still coming are let come before `shutdown` closes the
+                // connections (a request not yet written, its script reloaded after NOSCRIPT,
+                // would be lost); the re-sends to the nodes that failed are not waited for.
+                let answers = shared.settling.enter();
                 tokio::spawn(async move {
                     let late = pending.finish().await;
                     if let Some(tell) = tell_released {
                         let _ = tell.send(late.yes.iter().copied().collect());
                     }
+                    drop(answers);
                     let failed = failed
                         .into_iter()
                         .chain(late.failed.into_iter().map(|(index, _)| index))

@@ -532,3 +532,70 @@ async fn late_take_backs_leave_the_winning_writers_lease_and_nothing_after_it() 
         );
     }
 }
+
+/// `stop` right after a release: the release answered once nodes 0 and 1 did, while the
+/// acquisition's request to node 2 was still held (a stalled connection of the pool) and the
+/// release reached node 2 first (on another connection), finding nothing. When the held
+/// request lands, node 2 takes the key: the release must be sent there again, and `stop` must
+/// let that happen before it closes the connections, or the key stays for its whole ttl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_after_a_release_lets_it_reach_a_node_that_took_the_key_late() {
+    let Some(_binary) = redis_or_skip("stop after a release") else {
+        return;
+    };
+    let nodes = Nodes::start().await;
+    let lock = Redlock::new(
+        RedlockConfig::new(nodes.urls())
+            .with_node_timeout(Duration::from_millis(1_000))
+            .with_connection(ConnectionKind::Pool),
+    )
+    .expect("client");
+    let locker = locker(&lock, Duration::from_secs(20));
+    // Warm, one connection per node: each request answered before the next is sent.
+    let warm = locker.acquire("k").await.expect("warm");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    warm.release().await.expect("release");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The one connection to node 2 holds what it carries: the acquisition's request there.
+    // The release, which finds it busy, goes on a new one.
+    nodes.proxy.stall_existing(0);
+    let guard = locker.acquire("k").await.expect("nodes 0 and 1");
+    guard.release().await.expect("release on nodes 0 and 1");
+    let since = Instant::now();
+    let (stopped, ()) = tokio::join!(
+        async {
+            let stopped = locker.stop().await;
+            (stopped, since.elapsed())
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            nodes.proxy.release_stall();
+        }
+    );
+    let (stopped, stopped_in) = stopped;
+    stopped.expect("stop");
+    // The held acquisition has landed on node 2 by now (its second `SET`, after the warm-up's)...
+    let landed = Instant::now();
+    while nodes.servers[2].calls("set").expect("calls") < 2 {
+        assert!(
+            landed.elapsed() < Duration::from_secs(3),
+            "the held acquisition never reached node 2"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... and the release sent again after it is given a moment (it runs before `stop` ends).
+    let mut left = nodes.servers[2].command("DBSIZE", PROBE).expect("DBSIZE");
+    while left != ":0" && since.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = nodes.servers[2].command("DBSIZE", PROBE).expect("DBSIZE");
+    }
+    println!(
+        "stop after a release: stopped in {} ms; keys left on node 2 = {left} after {} ms",
+        stopped_in.as_millis(),
+        since.elapsed().as_millis()
+    );
+    assert_eq!(
+        left, ":0",
+        "the late acquisition on node 2 outlived the release and stop (it stays for the 20 s ttl)"
+    );
+}
