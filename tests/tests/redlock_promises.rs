@@ -29,6 +29,16 @@ fn locker(lock: &Redlock, ttl: Duration) -> Locker {
         .expect("valid options")
 }
 
+/// A client of `nodes` over connection pools, with a node timeout of 1 s.
+fn pooled(nodes: &Nodes) -> Redlock {
+    Redlock::new(
+        RedlockConfig::new(nodes.urls())
+            .with_node_timeout(Duration::from_millis(1_000))
+            .with_connection(ConnectionKind::Pool),
+    )
+    .expect("client")
+}
+
 /// Three servers behind proxies, the first one's wall clock `ahead` of real time (walljump).
 async fn three_behind_proxies(
     binary: &std::path::Path,
@@ -376,12 +386,7 @@ async fn a_writers_claim_taken_back_does_not_overtake_its_late_request() {
         return;
     };
     let nodes = Nodes::start().await;
-    let lock = Redlock::new(
-        RedlockConfig::new(nodes.urls())
-            .with_node_timeout(Duration::from_millis(1_000))
-            .with_connection(ConnectionKind::Pool),
-    )
-    .expect("client");
+    let lock = pooled(&nodes);
     let locker = locker(&lock, Duration::from_secs(20));
     // Warm: connections open and scripts loaded on every node.
     for _ in 0..2 {
@@ -455,12 +460,7 @@ async fn late_take_backs_leave_the_winning_writers_lease_and_nothing_after_it() 
         return;
     };
     let nodes = Nodes::start().await;
-    let lock = Redlock::new(
-        RedlockConfig::new(nodes.urls())
-            .with_node_timeout(Duration::from_millis(1_000))
-            .with_connection(ConnectionKind::Pool),
-    )
-    .expect("client");
+    let lock = pooled(&nodes);
     let locker = locker(&lock, Duration::from_secs(20));
     for _ in 0..2 {
         locker
@@ -544,12 +544,7 @@ async fn stop_after_a_release_lets_it_reach_a_node_that_took_the_key_late() {
         return;
     };
     let nodes = Nodes::start().await;
-    let lock = Redlock::new(
-        RedlockConfig::new(nodes.urls())
-            .with_node_timeout(Duration::from_millis(1_000))
-            .with_connection(ConnectionKind::Pool),
-    )
-    .expect("client");
+    let lock = pooled(&nodes);
     let locker = locker(&lock, Duration::from_secs(20));
     // Warm, one connection per node: each request answered before the next is sent.
     let warm = locker.acquire("k").await.expect("warm");
