@@ -448,12 +448,13 @@ pub async fn with_lock_runs_and_releases(lock: Arc<dyn Lock>) {
     assert_eq!(value, 42);
     assert_free(&locker, "scoped", "with_lock released it").await;
 
-    // A ttl of 600 ms leaves the watchdog 200 ms to extend on every node, even on a loaded
-    // machine; the section outlives the ttl more than twice.
-    let short = with_options(&locker, ms(600), quick_retry());
+    // A ttl of 1 s leaves the watchdog a third of it (333 ms) to extend on every node, even on
+    // a loaded machine (200 ms, with 600 ms, was passed now and then under a parallel test
+    // run); the section outlives the ttl more than twice.
+    let short = with_options(&locker, ms(1_000), quick_retry());
     let outcome = short
         .with_lock("scoped", |lease| async move {
-            sleep(ms(1_500)).await;
+            sleep(ms(2_200)).await;
             lease.lost.is_lost()
         })
         .await;
@@ -582,11 +583,11 @@ pub async fn waiters_wake_on_release(lock: Arc<dyn Lock>) {
 /// A watched lock outlives its ttl many times over, and is released normally.
 pub async fn watchdog_keeps_the_lock_alive(lock: Arc<dyn Lock>) {
     let locker = locker(&lock);
-    // 600 ms leaves the watchdog 200 ms to extend on every node, even on a loaded machine.
-    let short = with_options(&locker, ms(600), quick_retry());
+    // 1 s leaves the watchdog 333 ms to extend on every node, even on a loaded machine.
+    let short = with_options(&locker, ms(1_000), quick_retry());
     let mut guard = short.acquire("watched").await.unwrap();
     let lost = guard.keep_alive().unwrap();
-    sleep(ms(2_000)).await;
+    sleep(ms(2_500)).await;
     assert!(!lost.is_lost(), "the watchdog let the lock go");
     assert!(guard.is_valid());
     assert_held(&locker, "watched", "the watchdog keeps extending it").await;
