@@ -766,6 +766,69 @@ async fn stop_while_a_fair_waiter_subscribes_to_a_black_holed_node_is_bounded() 
 }
 
 // ---------------------------------------------------------------------------------------------
+// The take-back queued behind an acquisition abandoned on a pool's connection.
+// ---------------------------------------------------------------------------------------------
+
+/// A pool's connection to node 2 holds the acquisition (stalled) past the node timeout: the
+/// request is abandoned and its compare-and-delete queued behind it on that same connection
+/// (`UndoOnDrop`), while the release and its re-send reach node 2 on other connections first
+/// and find nothing. `stop`, then the process exits; node 2 loses its scripts (`SCRIPT
+/// FLUSH`, as any other client of the server may send); then the held acquisition lands, and
+/// the take-back behind it must still delete it: a take-back that is the last thing a process
+/// sends must carry its script (as every follow-up does), or node 2 answers `NOSCRIPT` to a
+/// client that is gone and keeps the key for its whole ttl. `flush = false` is the control.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn take_back_queued_behind_a_held_acquisition_survives_the_exit_and_a_script_flush() {
+    let Some(_binary) = redis_or_skip("undo on drop") else {
+        return;
+    };
+    for flush in [false, true] {
+        let nodes = Nodes::start().await;
+        let stopped_in = as_a_process(async {
+            let lock = redlock(
+                nodes.urls(),
+                configure(ConnectionKind::Pool, false, ms(300)),
+            );
+            let locker = locker(&lock, Duration::from_secs(20));
+            let warm = locker.acquire("k").await.expect("warm");
+            tokio::time::sleep(ms(200)).await;
+            warm.release().await.expect("release");
+            tokio::time::sleep(ms(200)).await;
+            nodes.proxy.stall_existing(0);
+            let guard = locker.acquire("k").await.expect("nodes 0 and 1");
+            guard.release().await.expect("release on nodes 0 and 1");
+            let since = Instant::now();
+            locker.stop().await.expect("stop");
+            since.elapsed()
+        });
+        if flush {
+            nodes.servers[2]
+                .command("SCRIPT FLUSH", PROBE)
+                .expect("flush");
+        }
+        let sets = nodes.servers[2].calls("set").expect("calls");
+        nodes.proxy.release_stall();
+        // The held acquisition lands (node 2's second `SET`), then what follows it.
+        let landed = Instant::now();
+        while nodes.servers[2].calls("set").expect("calls") <= sets {
+            assert!(
+                landed.elapsed() < ms(3_000),
+                "the held acquisition never landed"
+            );
+            tokio::time::sleep(ms(20)).await;
+        }
+        let left = left_after(&nodes.servers, ms(1_500)).await;
+        println!(
+            "undo behind a held acquisition, flush={flush}: stop {stopped_in:?}, left {left:?}"
+        );
+        assert!(
+            no_keys(&left),
+            "flush={flush}: the acquisition that landed after the exit stays: {left:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // inc and memory: `Locker::stop`'s own count was moved to `raw::Settling`.
 // ---------------------------------------------------------------------------------------------
 
