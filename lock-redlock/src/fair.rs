@@ -166,6 +166,9 @@ impl FairLine {
             // the mark.
             slot.retry_at = Some(now + SUBSCRIBE_COOLDOWN);
             match self.connect(node).await {
+                // Closed while connecting (`close` does not wait for a slot held across a
+                // connect, see there): what was made is closed here.
+                Ok(subscriber) if self.closed.load(Ordering::SeqCst) => subscriber.reader.abort(),
                 Ok(subscriber) => {
                     slot.subscriber = Some(subscriber);
                     slot.retry_at = None;
@@ -215,10 +218,19 @@ impl FairLine {
 
     /// Closes the pub/sub connections (on shutdown), for good: an attempt still under way
     /// subscribes nowhere after it.
+    ///
+    /// A subscription under way holds its slot across its connect, within an acquisition's
+    /// future: one kept but no longer polled (a `select!` branch left pending, a future stored
+    /// for later) would hold it for good, and the shutdown with it. A slot still held after
+    /// [`CLOSE_SLOT_WAIT`] is left to its holder, which closes what it
+    /// connects once it sees `closed` (read under the slot's lock, after the connect).
     pub(crate) async fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         for slot in &self.slots {
-            if let Some(subscriber) = slot.lock().await.subscriber.take() {
+            let Ok(mut slot) = tokio::time::timeout(CLOSE_SLOT_WAIT, slot.lock()).await else {
+                continue;
+            };
+            if let Some(subscriber) = slot.subscriber.take() {
                 subscriber.reader.abort();
             }
         }
@@ -272,6 +284,10 @@ pub(crate) fn now_micros() -> u64 {
             u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
         })
 }
+
+/// How long `close` waits for a subscription slot held by a connect under way (see
+/// [`FairLine::close`]); shared with the wake-ups' `close`.
+pub(crate) const CLOSE_SLOT_WAIT: Duration = Duration::from_millis(100);
 
 /// How long a subscription lost by its node is tried again in the background.
 const RECONNECT_WITHIN: Duration = Duration::from_secs(1);

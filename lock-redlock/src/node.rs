@@ -170,6 +170,29 @@ impl Call {
         }
     }
 
+    /// `SCRIPT LOAD` + `EVALSHA` of this call, as one write (see
+    /// [`NodeParts::self_contained`]); each answer on its own, the script's last.
+    fn self_contained(&self) -> redis::Pipeline {
+        let mut pipeline = redis::pipe();
+        // Each answer on its own: the load's may be refused (a user without `SCRIPT`, whose
+        // scripts an administrator loaded) while the script runs, and a refused load must not
+        // make a script that ran look unanswered (it would be sent again, round after round).
+        pipeline.ignore_errors();
+        pipeline.cmd("SCRIPT").arg("LOAD").arg(self.source);
+        let script: &Script = self.script;
+        let run = pipeline
+            .cmd("EVALSHA")
+            .arg(script.get_hash())
+            .arg(self.keys.len());
+        for key in &self.keys {
+            run.arg(key.as_slice());
+        }
+        for arg in &self.args {
+            run.arg(arg.as_slice());
+        }
+        pipeline
+    }
+
     fn invocation(&self) -> redis::ScriptInvocation<'static> {
         let script: &'static Script = self.script;
         let mut invocation = script.prepare_invoke();
@@ -978,23 +1001,7 @@ impl NodeParts {
     /// answered NOSCRIPT later than its sender waits never gets the load that would follow,
     /// and a follow-up re-sending it would meet the same fate every round. The script's answer.
     async fn self_contained(&self, call: &Call) -> RedisResult<Value> {
-        let mut pipeline = redis::pipe();
-        // Each answer on its own: the load's may be refused (a user without `SCRIPT`, whose
-        // scripts an administrator loaded) while the script runs, and a refused load must not
-        // make a script that ran look unanswered (it would be sent again, round after round).
-        pipeline.ignore_errors();
-        pipeline.cmd("SCRIPT").arg("LOAD").arg(call.source);
-        let script: &Script = call.script;
-        let run = pipeline
-            .cmd("EVALSHA")
-            .arg(script.get_hash())
-            .arg(call.keys.len());
-        for key in &call.keys {
-            run.arg(key.as_slice());
-        }
-        for arg in &call.args {
-            run.arg(arg.as_slice());
-        }
+        let pipeline = call.self_contained();
         let send = || async {
             match &self.connection {
                 Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await,
@@ -1269,9 +1276,22 @@ impl Drop for UndoOnDrop {
         };
         runtime.spawn(async move {
             // Queued behind the abandoned request on the same connection; bounded in case
-            // the node never answers again.
-            let invocation = call.invocation();
-            let undo = invocation.invoke_async::<i64>(&mut connection);
+            // the node never answers again. It carries its script: it may be the last thing
+            // this process sends (a `stop` and an exit before the held request lands), and a
+            // node that lost its scripts would answer `NOSCRIPT` to nobody and keep the key.
+            let undo = async {
+                if call.source.is_empty() {
+                    call.invocation()
+                        .invoke_async::<Value>(&mut connection)
+                        .await
+                        .map(drop)
+                } else {
+                    call.self_contained()
+                        .query_async::<Vec<RedisResult<Value>>>(&mut connection)
+                        .await
+                        .map(drop)
+                }
+            };
             if tokio::time::timeout(validate::MAX_TTL, undo).await.is_err() {
                 tracing::debug!("clean-up of an abandoned acquisition never answered");
             }

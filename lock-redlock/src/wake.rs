@@ -150,10 +150,20 @@ impl Wakeups {
 
     /// Closes every pub/sub connection (on shutdown), for good: an attempt still under way
     /// subscribes nowhere after it.
+    ///
+    /// A subscription under way holds its slot across its connect, within a waiter's future:
+    /// one kept but no longer polled would hold it for good, and the shutdown with it. A slot
+    /// still held after [`crate::fair::CLOSE_SLOT_WAIT`] is left to its holder, which closes
+    /// what it connects once it sees `closed` (read under the slot's lock, after the connect).
     pub(crate) async fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         for slot in &self.subscribers {
-            if let Some(subscriber) = slot.lock().await.take() {
+            let Ok(mut slot) =
+                tokio::time::timeout(crate::fair::CLOSE_SLOT_WAIT, slot.lock()).await
+            else {
+                continue;
+            };
+            if let Some(subscriber) = slot.take() {
                 subscriber.reader.abort();
             }
         }
@@ -179,6 +189,12 @@ impl Wakeups {
                 Some(sink) => sink,
                 None => {
                     let subscriber = self.connect(node).await?;
+                    // Closed while connecting (`close` does not wait for a slot held across a
+                    // connect, see there): what was made is closed here.
+                    if self.closed.load(Ordering::SeqCst) {
+                        subscriber.reader.abort();
+                        return Ok(());
+                    }
                     let sink = subscriber.sink.clone();
                     *slot = Some(subscriber);
                     sink
