@@ -2,7 +2,7 @@
 //!
 //! - `it`: the whole test suite, as CI runs it: formatting, the docs checks, clippy, and every test against real
 //!   `redis-server` processes (installed first if missing).
-//! - `test`: every test as `it` runs them (test binaries one at a time, `XTASK_TEST_JOBS` to
+//! - `test`: every test as `it` runs them (test binaries two at a time, `XTASK_TEST_JOBS` to
 //!   change that), without the other checks.
 //! - `docs`: the README's crates and features table against the manifests, the tests named in
 //!   `tests/RELIABILITY.md`, no reference outside the repository, and `cargo doc` without
