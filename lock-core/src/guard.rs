@@ -94,6 +94,7 @@ impl LockGuard {
     ///
     /// # Errors
     /// [`LockError::Backend`] if the handle's lease names no key (a backend bug).
+    #[inline]
     pub(crate) fn new(
         handle: Box<dyn Handle>,
         backend: &'static str,
@@ -150,6 +151,7 @@ impl LockGuard {
 
     /// The lease held: keys, kind, token, validity and fencing token, the same whether the
     /// lock is kept alive or not (its validity follows every extend, the watchdog's too).
+    #[inline]
     pub fn lease(&self) -> &Lease {
         match &self.state {
             State::Held(handle) => handle.lease(),
@@ -160,6 +162,7 @@ impl LockGuard {
     }
 
     /// The (first) key held, namespaced as stored.
+    #[inline]
     pub fn key(&self) -> &Key {
         self.lease().key()
     }
@@ -402,35 +405,78 @@ impl LockGuard {
 
     /// Releases the lock and reports whether it was still ours.
     ///
+    /// A lock in this process (a store that decides in the call, such as the in-memory
+    /// backend) is released in this call and its answer is ready when first polled; a store
+    /// shared between processes is asked when the returned future is first polled, as an
+    /// `async fn` would.
+    ///
     /// # Errors
     /// [`LockError::NotHeld`] if it had expired or been taken over (nothing of the other holder's
     /// is touched); [`LockError::Backend`] on I/O.
-    pub async fn release(mut self) -> Result<()> {
+    pub fn release(mut self) -> impl Future<Output = Result<()>> + Send + 'static {
         let span = tracing::debug_span!("lock.release", backend = self.backend, key = %self.key());
         let mut state = std::mem::replace(&mut self.state, State::Released);
         let tickets = self.tickets.take();
         let held = self.held.take();
-        // The backend is asked once: its answer is taken at once when decided in the call (a
-        // lock in this process), awaited otherwise.
-        if let State::Held(handle) = &mut state {
-            let result = match handle.release().now() {
-                Ok(result) => result,
-                Err(later) => later.instrument(span.clone()).await,
-            };
-            return span.in_scope(|| released(result, tickets, held));
+        // The backend is asked once, but for a lock in this process whose answer needs
+        // awaiting after all: that answer is dropped unpolled (free of effects, see
+        // `Answer`) and asked again by the future. A store shared between processes is asked
+        // by the future alone.
+        if self.cleanups.is_none() {
+            let entered = span.enter();
+            if let Some(result) = state.release_now() {
+                return match released(result, tickets, held) {
+                    Ok(()) => Release::Released,
+                    Err(error) => Release::Failed(Some(error)),
+                };
+            }
+            drop(entered);
         }
-        if self.cleanups.is_none()
-            && let Some(result) = state.release_now()
-        {
-            return span.in_scope(|| released(result, tickets, held));
+        Release::Later(Box::pin(
+            async move { released(state.release().await, tickets, held) }.instrument(span),
+        ))
+    }
+}
+
+/// The future of [`LockGuard::release`]: its answer, when the store decided in the call, or
+/// the release under way.
+enum Release {
+    /// Released in the call.
+    Released,
+    /// Failed in the call (`None` once the error was handed out).
+    Failed(Option<LockError>),
+    /// Under way: the store answers after I/O.
+    Later(std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>),
+    /// The answer was handed out.
+    Finished,
+}
+
+impl Future for Release {
+    type Output = Result<()>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<()>> {
+        let this = self.get_mut();
+        match this {
+            Self::Released => {
+                *this = Self::Finished;
+                std::task::Poll::Ready(Ok(()))
+            }
+            Self::Failed(error) => {
+                let error = error.take();
+                *this = Self::Finished;
+                std::task::Poll::Ready(Err(error.expect("a release polled after it finished")))
+            }
+            Self::Later(release) => release.as_mut().poll(cx),
+            Self::Finished => panic!("a release polled after it finished"),
         }
-        async move { released(state.release().await, tickets, held) }
-            .instrument(span)
-            .await
     }
 }
 
 /// Lets the next task of this process go once the store has let go, and says how it went.
+#[inline]
 fn released(result: Result<()>, tickets: Option<Tickets>, held: Held) -> Result<()> {
     if let Some(tickets) = tickets {
         tickets.give_up();
@@ -451,6 +497,7 @@ impl State {
     /// (an in-process extend does not await): when the watchdog is not extending it right now
     /// (on another worker thread), it is released here too, and the watchdog is stopped before
     /// the handle is let go, so it cannot extend (and report lost) a released lock.
+    #[inline]
     fn release_now(&mut self) -> Option<Result<()>> {
         match self {
             Self::Held(handle) => handle.release().into_ready(),

@@ -38,6 +38,7 @@ struct Inline([u8; INLINE + 1]);
 
 impl Inline {
     /// `parts` joined, if they fit.
+    #[inline]
     fn new(parts: &[&str]) -> Option<Self> {
         let len: usize = parts.iter().map(|part| part.len()).sum();
         if len > INLINE {
@@ -53,6 +54,7 @@ impl Inline {
         Some(Self(bytes))
     }
 
+    #[inline]
     fn as_bytes(&self) -> &[u8] {
         &self.0[..usize::from(self.0[INLINE])]
     }
@@ -60,6 +62,7 @@ impl Inline {
 
 impl Repr {
     /// `parts` joined: inline if they fit, shared otherwise.
+    #[inline]
     fn new(parts: &[&str]) -> Self {
         match Inline::new(parts) {
             Some(inline) => Self::Inline(inline),
@@ -76,6 +79,7 @@ impl Repr {
 }
 
 impl std::hash::Hash for Key {
+    #[inline]
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         match &self.0 {
             // Length included, zero-padded: as distinct as the text.
@@ -109,6 +113,7 @@ impl Key {
     ///
     /// # Errors
     /// [`LockError::InvalidInput`] naming `key` when it is empty or longer than [`MAX_KEY_LEN`].
+    #[inline]
     pub fn new(key: impl AsRef<str>) -> Result<Self> {
         let key = key.as_ref();
         if key.is_empty() {
@@ -118,6 +123,7 @@ impl Key {
         Ok(Self(Repr::new(&[key])))
     }
 
+    #[inline]
     fn checked_len(len: usize) -> Result<()> {
         if len > MAX_KEY_LEN {
             return Err(LockError::invalid(
@@ -263,6 +269,7 @@ enum KeySetRepr {
 
 impl KeySet {
     /// A set of one key.
+    #[inline]
     pub fn one(key: Key) -> Self {
         Self(KeySetRepr::One(key))
     }
@@ -292,6 +299,7 @@ impl KeySet {
     }
 
     /// The first key, used to name the lock in messages and spans.
+    #[inline]
     pub fn primary(&self) -> &Key {
         match &self.0 {
             KeySetRepr::One(key) => key,
@@ -327,6 +335,7 @@ impl fmt::Debug for KeySet {
 ///
 /// # Errors
 /// [`LockError::InvalidInput`] for an empty or too long key.
+#[inline]
 pub fn key_for(namespace: Option<&Namespace>, key: &str) -> Result<Key> {
     match namespace {
         Some(namespace) => namespace.key(key),

@@ -67,6 +67,7 @@ impl Lease {
     /// The lease that `request` asked for, granted and valid until `valid_until` (a local
     /// instant, with clock drift and the time spent acquiring already taken off): its keys,
     /// kind and token are the request's.
+    #[inline]
     pub fn new(request: &LockRequest, valid_until: Instant) -> Self {
         Self::from_parts(
             request.key_set().clone(),
@@ -92,12 +93,14 @@ impl Lease {
     /// Adds the fencing token drawn for this acquisition (backends with
     /// [`Capabilities::fencing`](crate::Capabilities::fencing)).
     #[must_use]
+    #[inline]
     pub fn with_fencing_token(mut self, fencing_token: u64) -> Self {
         self.fencing_token = Some(fencing_token);
         self
     }
 
     /// The keys held, namespaced as stored (at least one).
+    #[inline]
     pub fn keys(&self) -> &[Key] {
         &self.keys
     }
@@ -108,11 +111,13 @@ impl Lease {
     }
 
     /// The first key held, which names the lease in messages.
+    #[inline]
     pub fn key(&self) -> &Key {
         self.keys.primary()
     }
 
     /// The random token that proves ownership (hidden by `Debug`).
+    #[inline]
     pub fn token(&self) -> &Token {
         &self.token
     }
@@ -128,6 +133,7 @@ impl Lease {
 
     /// The local instant until which the lease is safe to rely on (a monotonic clock, with
     /// clock drift and the time spent acquiring already taken off); moved by every extend.
+    #[inline]
     pub fn valid_until(&self) -> Instant {
         match self.live.get() {
             Some(live) => live.borrow().valid_until,

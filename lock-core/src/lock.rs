@@ -236,6 +236,7 @@ impl LockRequest {
 
     /// For the core, whose options were validated when they were set.
     /// An attempt of the core's, built in one go: its inputs were validated when they were set.
+    #[inline]
     pub(crate) fn attempt(
         keys: KeySet,
         token: Token,
@@ -257,6 +258,7 @@ impl LockRequest {
         }
     }
 
+    #[inline]
     pub(crate) fn prevalidated(keys: KeySet, token: Token, ttl: Duration) -> Self {
         Self {
             keys,
@@ -291,6 +293,7 @@ impl LockRequest {
     /// that a backend can tell the leftovers of one waiting writer's earlier attempts (each has
     /// a fresh token) from those of another writer of the process.
     #[must_use]
+    #[inline]
     pub fn with_acquisition(mut self, acquisition: u64) -> Self {
         self.acquisition = acquisition;
         self
@@ -324,6 +327,7 @@ impl LockRequest {
 
     /// The kind of lease asked for. The core sends a kind other than
     /// [`LeaseKind::Exclusive`] only to a backend whose [`Capabilities`] serve it.
+    #[inline]
     pub fn kind(&self) -> LeaseKind {
         self.kind
     }
@@ -337,11 +341,13 @@ impl LockRequest {
     }
 
     /// The keys to take, all or none; one unless the backend has [`Capabilities::multi_key`].
+    #[inline]
     pub fn keys(&self) -> &[Key] {
         &self.keys
     }
 
     /// The keys as a cheaply cloned set, for handles that keep them.
+    #[inline]
     pub fn key_set(&self) -> &KeySet {
         &self.keys
     }
@@ -352,16 +358,19 @@ impl LockRequest {
     }
 
     /// The fresh random value to store as proof of ownership.
+    #[inline]
     pub fn token(&self) -> &Token {
         &self.token
     }
 
     /// How long the lock lives unless extended.
+    #[inline]
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
 
     /// True when this attempt follows a wait for the same keys.
+    #[inline]
     pub fn after_wait(&self) -> bool {
         self.after_wait
     }

@@ -173,6 +173,7 @@ impl Locker {
     ///
     /// # Errors
     /// [`LockError::InvalidInput`] for an empty or too long key.
+    #[inline]
     pub fn lock_ns(&self, key: &str) -> Result<Key> {
         key_for(self.namespace.as_ref(), key)
     }
@@ -192,10 +193,12 @@ impl Locker {
     /// [`LockError::Locked`] when a single-attempt policy found the key held,
     /// [`LockError::Timeout`] when retries or the deadline ran out, the last backend error if
     /// the store kept failing, and [`LockError::InvalidInput`] for a bad key.
-    pub async fn acquire(&self, key: &str) -> Result<LockGuard> {
+    pub fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> impl Future<Output = Result<LockGuard>> + Send + 'a {
         // The client's own options were validated when they were set.
-        self.acquire_keys(self.one(key, LeaseKind::Exclusive), &self.options)
-            .await
+        self.acquire_one(key, LeaseKind::Exclusive, &self.options)
     }
 
     /// Like [`Locker::acquire`], with options for this call only.
@@ -234,7 +237,7 @@ impl Locker {
     /// As [`Locker::acquire_kind`].
     pub async fn try_acquire_kind(&self, key: &str, kind: LeaseKind) -> Result<Option<LockGuard>> {
         let options = self.options.clone().with_retry(RetryPolicy::none());
-        match self.acquire_keys(self.one(key, kind), &options).await {
+        match self.acquire_one(key, kind, &options).await {
             Ok(guard) => Ok(Some(guard)),
             Err(LockError::Locked { .. }) => Ok(None),
             Err(error) => Err(error),
@@ -257,9 +260,11 @@ impl Locker {
     ///
     /// # Errors
     /// As [`Locker::acquire_kind`].
-    pub async fn acquire_read(&self, key: &str) -> Result<LockGuard> {
-        self.acquire_keys(self.one(key, LeaseKind::Read), &self.options)
-            .await
+    pub fn acquire_read<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> impl Future<Output = Result<LockGuard>> + Send + 'a {
+        self.acquire_one(key, LeaseKind::Read, &self.options)
     }
 
     /// Takes the write (exclusive) side of the read-write lock `key`: no reader, no other
@@ -268,9 +273,11 @@ impl Locker {
     ///
     /// # Errors
     /// As [`Locker::acquire_kind`].
-    pub async fn acquire_write(&self, key: &str) -> Result<LockGuard> {
-        self.acquire_keys(self.one(key, LeaseKind::Write), &self.options)
-            .await
+    pub fn acquire_write<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> impl Future<Output = Result<LockGuard>> + Send + 'a {
+        self.acquire_one(key, LeaseKind::Write, &self.options)
     }
 
     /// Takes several keys as one lock, all or none (backends with
@@ -325,9 +332,7 @@ impl Locker {
         F: FnOnce(LeaseInfo) -> Fut,
         Fut: Future<Output = T>,
     {
-        let mut guard = self
-            .acquire_keys(self.one(key, kind), &self.options)
-            .await?;
+        let mut guard = self.acquire_one(key, kind, &self.options).await?;
         let lost = guard.keep_alive()?;
         let info = LeaseInfo {
             lease: guard.lease().clone(),
@@ -430,6 +435,7 @@ impl Locker {
         }
     }
 
+    #[inline]
     fn check_running(&self) -> Result<()> {
         if self.stopped.load(Ordering::SeqCst) {
             return Err(LockError::Stopped);
@@ -439,11 +445,13 @@ impl Locker {
 
     /// The backend itself: calls through `Arc<dyn Lock>` would go through the `Arc` forwarding
     /// impl and box every future twice.
+    #[inline]
     fn store(&self) -> &dyn Lock {
         &*self.lock
     }
 
     /// A lease of `kind` on the one key `key`, namespaced.
+    #[inline(always)]
     fn one(&self, key: &str, kind: LeaseKind) -> Result<(KeySet, LeaseKind)> {
         Ok((KeySet::one(self.lock_ns(key)?), kind))
     }
@@ -460,6 +468,7 @@ impl Locker {
     /// [`MAX_PERMITS`](crate::raw::validate::MAX_PERMITS) (a `LeaseKind::Permit` built by hand skips
     /// [`LeaseKind::permit`]), and multi-key locks on backends without them (multi-key locks
     /// are mutexes only).
+    #[inline(always)]
     fn check_keys(&self, keys: &KeySet, kind: LeaseKind) -> Result<()> {
         self.check_running()?;
         if let LeaseKind::Permit { permits } = kind {
@@ -502,6 +511,7 @@ impl Locker {
             .filter(|_| kind.is_exclusive() && options.retry().retry_count() == RetryCount::Forever)
     }
 
+    #[inline(always)]
     fn acquire_span(&self, keys: &KeySet, kind: LeaseKind) -> tracing::Span {
         tracing::debug_span!(
             "lock.acquire",
@@ -537,8 +547,25 @@ impl Locker {
         })
     }
 
+    /// [`Locker::acquire_keys`] for one key, checked when the future is first polled: the key
+    /// is made where it is used, not moved into the future and out again.
+    fn acquire_one<'a>(
+        &'a self,
+        key: &'a str,
+        kind: LeaseKind,
+        options: &'a LockOptions,
+    ) -> Acquire<'a> {
+        Acquire(Stage::StartOne {
+            locker: self,
+            key,
+            kind,
+            options,
+        })
+    }
+
     /// The guard of a finished acquisition, set up for this client: a release that needs I/O
     /// is spawned when the guard is dropped, and `stop` lets it finish.
+    #[inline]
     fn finished(&self, result: Result<LockGuard>, acquisition: Acquisition) -> Result<LockGuard> {
         acquisition.finish(&result);
         if self.capabilities.distributed {
@@ -556,6 +583,7 @@ impl Locker {
 
     /// The first attempt, without awaiting: the acquisition settled, or what the waiting path
     /// goes on with.
+    #[inline(always)]
     fn first_attempt<'a>(&self, wanted: Wanted<'a>, acquisition: &mut Acquisition) -> Begun<'a> {
         let span = self.acquire_span(&wanted.keys, wanted.kind);
         let (started, deadline) = deadline(wanted.options);
@@ -667,6 +695,7 @@ impl Locker {
 
     /// The request of attempt number `attempt` (from 1) of a lease of `kind` on `keys`: a
     /// fresh token each time.
+    #[inline(always)]
     fn request(
         &self,
         keys: KeySet,
@@ -691,6 +720,7 @@ impl Locker {
     /// A fair backend lines waiting mutexes on one key up in the store: every attempt of an
     /// acquisition names the same waiter, whose place in line is a claim like a writer's
     /// (renewed by the attempts, taken back when the waiter stops waiting).
+    #[inline(always)]
     fn waiter(&self, wanted: &Wanted<'_>) -> Result<Option<Token>> {
         (!wanted.options.retry().is_single_attempt()
             && wanted.kind == LeaseKind::Exclusive
@@ -701,6 +731,7 @@ impl Locker {
     }
 
     /// The guard of a won attempt.
+    #[inline(always)]
     fn won(
         &self,
         handle: Box<dyn Handle>,
@@ -1127,6 +1158,7 @@ fn next_acquisition() -> u64 {
 }
 
 /// When the clock started and when the acquisition gives up, if its policy has a deadline.
+#[inline(always)]
 fn deadline(options: &LockOptions) -> (Option<Instant>, Option<Instant>) {
     match options.retry().deadline() {
         Some(deadline) => {
@@ -1175,6 +1207,13 @@ fn let_go(mut handle: Box<dyn Handle>, cleanups: &Arc<Cleanups>) {
 struct Acquire<'a>(Stage<'a>);
 
 enum Stage<'a> {
+    /// Not polled yet, on one key: nothing has happened, the key is not checked yet.
+    StartOne {
+        locker: &'a Locker,
+        key: &'a str,
+        kind: LeaseKind,
+        options: &'a LockOptions,
+    },
     /// Not polled yet: nothing has happened.
     Start {
         locker: &'a Locker,
@@ -1197,13 +1236,26 @@ impl Future for Acquire<'_> {
             this.0 = Stage::Done;
             return Poll::Ready(result);
         }
-        let Stage::Start {
-            locker,
-            wanted,
-            options,
-        } = std::mem::replace(&mut this.0, Stage::Done)
-        else {
-            panic!("an acquisition polled after it finished");
+        // The fields of a one-key start are read one by one (copies of references), not
+        // moved out with the whole stage.
+        let (locker, wanted, options) = match this.0 {
+            Stage::StartOne {
+                locker,
+                key,
+                kind,
+                options,
+            } => {
+                this.0 = Stage::Done;
+                (locker, locker.one(key, kind), options)
+            }
+            _ => match std::mem::replace(&mut this.0, Stage::Done) {
+                Stage::Start {
+                    locker,
+                    wanted,
+                    options,
+                } => (locker, wanted, options),
+                _ => panic!("an acquisition polled after it finished"),
+            },
         };
         let mut acquisition = Acquisition::start(locker.name);
         let wanted = wanted.and_then(|(keys, kind)| {

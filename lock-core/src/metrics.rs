@@ -103,6 +103,7 @@ pub(crate) struct Acquisition {
 
 impl Acquisition {
     /// Starts timing an acquisition on `backend`.
+    #[inline]
     pub(crate) fn start(backend: &'static str) -> Self {
         #[cfg(not(feature = "metrics"))]
         let _ = backend;
@@ -165,6 +166,7 @@ impl Held {
     }
 
     /// Moves the share out (to a task that releases the lock), leaving one that counts nothing.
+    #[inline]
     pub(crate) fn take(&mut self) -> Self {
         Self {
             #[cfg(feature = "metrics")]
@@ -181,6 +183,7 @@ impl Held {
     }
 
     /// The lock was released with `result`: a `NotHeld` means it had been lost.
+    #[inline]
     pub(crate) fn released(self, result: &Result<()>) {
         #[cfg(feature = "metrics")]
         if let (Some(state), Err(LockError::NotHeld { .. })) = (&self.state, result) {

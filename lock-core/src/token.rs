@@ -39,6 +39,7 @@ impl Token {
     ///
     /// # Errors
     /// [`LockError::Backend`] if the operating system has no entropy source to give.
+    #[inline]
     pub fn generate() -> Result<Self> {
         Ok(Self(Repr::Words(random_words()?)))
     }
@@ -197,6 +198,7 @@ struct Seeded {
     tokens_left: u32,
 }
 
+#[inline]
 fn random_words() -> Result<[u64; 2]> {
     GENERATOR.with(|generator| {
         let mut generator = generator.borrow_mut();

@@ -160,6 +160,7 @@ impl Shared {
 }
 
 impl Slot {
+    #[inline]
     fn held_at(&self, now: Instant) -> bool {
         self.holder
             .as_ref()
@@ -268,6 +269,7 @@ impl MemoryLock {
     /// taken, so fences follow the order of acquisitions on every key; the clock is read there
     /// too, so a holder preempted between its clock read and the take is never handed a
     /// validity that began before it held the key.
+    #[inline]
     fn acquire_now(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
         let token = request.token();
         let taken = match (request.keys(), request.kind()) {
@@ -297,6 +299,7 @@ impl Inner {
     /// Takes `key` for `token` if it is free (or its holder expired) and not held back for a
     /// waiter: the expiry it was given, and a fencing token drawn under the shard lock when
     /// `draw` (0 otherwise).
+    #[inline]
     fn take(
         &self,
         key: &Key,
@@ -543,6 +546,7 @@ impl Inner {
 
     /// Frees `key` if `token` holds it and wakes the longest waiter; returns whether the lock
     /// was still valid at `now`, or `None` if `token` did not hold it.
+    #[inline]
     fn release(&self, key: &Key, token: &Token, now: Instant) -> Option<bool> {
         let ours = |slot: &Slot| {
             slot.holder
@@ -810,6 +814,7 @@ impl MemoryHandle {
     }
 
     /// Frees every key still ours; `NotHeld` if any had expired or been taken over.
+    #[inline]
     fn release_all(&self) -> Result<()> {
         let now = Instant::now();
         let mut all_valid = true;
@@ -859,6 +864,7 @@ impl Handle for MemoryHandle {
         Ok(())
     }
 
+    #[inline]
     fn release(&mut self) -> Answer<'_, Result<()>> {
         Answer::ready(self.release_all())
     }
