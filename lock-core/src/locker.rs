@@ -189,6 +189,9 @@ impl Locker {
 
     /// Takes the lock on `key`, retrying per the client's policy.
     ///
+    /// As with an `async fn`, nothing happens until the returned future is first polled (the
+    /// key is checked then), and dropping it cancels the acquisition.
+    ///
     /// # Errors
     /// [`LockError::Locked`] when a single-attempt policy found the key held,
     /// [`LockError::Timeout`] when retries or the deadline ran out, the last backend error if
