@@ -648,11 +648,11 @@ async fn a_kept_alive_release_cancelled_mid_flight_frees_the_key() {
     drop(release);
     probe.open();
     tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(probe.releases.load(Ordering::SeqCst), 1);
     assert!(
         locker.try_acquire("k").await.unwrap().is_some(),
         "held after its release was cancelled"
     );
-    assert_eq!(probe.releases.load(Ordering::SeqCst), 1);
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(held_gauge("s24a-watch-cancel"), 0.0);
 }
