@@ -410,31 +410,59 @@ impl LockGuard {
     /// shared between processes is asked when the returned future is first polled, as an
     /// `async fn` would.
     ///
+    /// Dropping the future does not keep the lock: dropped before its first poll, the guard
+    /// inside it releases as a dropped guard does (in the background); dropped while the
+    /// release is under way, the release goes on in the background, among the clean-ups that
+    /// [`Locker::stop`](crate::Locker::stop) waits for. Polling it again after it answered
+    /// panics.
+    ///
     /// # Errors
     /// [`LockError::NotHeld`] if it had expired or been taken over (nothing of the other holder's
     /// is touched); [`LockError::Backend`] on I/O.
     pub fn release(mut self) -> impl Future<Output = Result<()>> + Send + 'static {
+        // A lock in this process is released here when the store decides in the call (the
+        // answer of a kept-alive one whose watchdog is extending it right now on another worker
+        // thread needs awaiting: that answer is dropped unpolled, free of effects, see
+        // `Answer`, and asked again by the future).
         let span = tracing::debug_span!("lock.release", backend = self.backend, key = %self.key());
-        let mut state = std::mem::replace(&mut self.state, State::Released);
-        let tickets = self.tickets.take();
-        let held = self.held.take();
-        // The backend is asked once, but for a lock in this process whose answer needs
-        // awaiting after all: that answer is dropped unpolled (free of effects, see
-        // `Answer`) and asked again by the future. A store shared between processes is asked
-        // by the future alone.
         if self.cleanups.is_none() {
-            let entered = span.enter();
-            if let Some(result) = state.release_now() {
+            let _entered = span.enter();
+            if let Some(result) = self.state.release_now() {
+                // Let go (a kept-alive one's watchdog stopped): the guard's drop has nothing
+                // left to do.
+                self.state = State::Released;
+                let tickets = self.tickets.take();
+                let held = self.held.take();
                 return match released(result, tickets, held) {
                     Ok(()) => Release::Released,
                     Err(error) => Release::Failed(Some(error)),
                 };
             }
-            drop(entered);
         }
-        Release::Later(Box::pin(
-            async move { released(state.release().await, tickets, held) }.instrument(span),
-        ))
+        // The guard stays whole until the future is first polled: a store shared between
+        // processes is asked then, and a future dropped before that leaves the guard to its
+        // drop, which releases in the background (and which `stop` waits for). Until the
+        // release ends, the guard's bookkeeping (its clean-ups, its keys marked as held here)
+        // lives on in the future.
+        let cleanups = self.cleanups.clone();
+        Release::Later(InFlight {
+            future: Some(Box::pin(self.release_later(span))),
+            polled: false,
+            cleanups,
+        })
+    }
+
+    /// The release of [`LockGuard::release`] whose answer is awaited, in its `span`.
+    async fn release_later(mut self, span: tracing::Span) -> Result<()> {
+        let state = std::mem::replace(&mut self.state, State::Released);
+        let tickets = self.tickets.take();
+        let held = self.held.take();
+        let result = async move { released(state.release().await, tickets, held) }
+            .instrument(span)
+            .await;
+        // The keys stay marked as this client's until the store let go of them.
+        drop(self);
+        result
     }
 }
 
@@ -446,9 +474,42 @@ enum Release {
     /// Failed in the call (`None` once the error was handed out).
     Failed(Option<LockError>),
     /// Under way: the store answers after I/O.
-    Later(std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>),
+    Later(InFlight),
     /// The answer was handed out.
     Finished,
+}
+
+/// A release whose answer is awaited; dropped before it answered, it goes on in the background.
+struct InFlight {
+    /// `None` once it answered.
+    future: Option<std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>>,
+    /// Whether it was polled: before that, the guard inside it releases on its own drop.
+    polled: bool,
+    /// Those of the guard's locker: `stop` waits for a release finished in the background.
+    cleanups: Option<Arc<Cleanups>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(future) = self.future.take() else {
+            return;
+        };
+        if !self.polled {
+            return;
+        }
+        // Under way (the store may have been asked, the watchdog stopped): the release is
+        // seen through, as a dropped guard's would be. Outside a runtime it is given up, and
+        // the lock lapses with its ttl.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // Counted before the task runs, so that a `stop` right after this drop waits.
+        let running = self.cleanups.as_ref().map(|cleanups| cleanups.start());
+        runtime.spawn(async move {
+            let _running = running;
+            let _ = future.await;
+        });
+    }
 }
 
 impl Future for Release {
@@ -469,7 +530,17 @@ impl Future for Release {
                 *this = Self::Finished;
                 std::task::Poll::Ready(Err(error.expect("a release polled after it finished")))
             }
-            Self::Later(release) => release.as_mut().poll(cx),
+            Self::Later(in_flight) => {
+                in_flight.polled = true;
+                let future = in_flight
+                    .future
+                    .as_mut()
+                    .expect("a release polled after it finished");
+                let result = std::task::ready!(future.as_mut().poll(cx));
+                in_flight.future = None;
+                *this = Self::Finished;
+                std::task::Poll::Ready(result)
+            }
             Self::Finished => panic!("a release polled after it finished"),
         }
     }
