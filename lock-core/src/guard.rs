@@ -427,10 +427,10 @@ impl LockGuard {
         let span = tracing::debug_span!("lock.release", backend = self.backend, key = %self.key());
         if self.cleanups.is_none() {
             let _entered = span.enter();
-            if let Some(result) = self.state.release_now() {
-                // Let go (a kept-alive one's watchdog stopped): the guard's drop has nothing
-                // left to do.
-                self.state = State::Released;
+            // Taken out, so that the guard's drop has nothing left to do once it is let go
+            // (a kept-alive one's watchdog stopped); put back otherwise.
+            let mut state = std::mem::replace(&mut self.state, State::Released);
+            if let Some(result) = state.release_now() {
                 let tickets = self.tickets.take();
                 let held = self.held.take();
                 return match released(result, tickets, held) {
@@ -438,12 +438,21 @@ impl LockGuard {
                     Err(error) => Release::Failed(Some(error)),
                 };
             }
+            self.state = state;
         }
-        // The guard stays whole until the future is first polled: a store shared between
-        // processes is asked then, and a future dropped before that leaves the guard to its
-        // drop, which releases in the background (and which `stop` waits for). Until the
-        // release ends, the guard's bookkeeping (its clean-ups, its keys marked as held here)
-        // lives on in the future.
+        self.release_in_flight(span)
+    }
+
+    /// The release of [`LockGuard::release`] whose answer needs awaiting (out of line: the
+    /// in-process path above stays small).
+    ///
+    /// The guard stays whole until the future is first polled: a store shared between
+    /// processes is asked then, and a future dropped before that leaves the guard to its drop,
+    /// which releases in the background (and which `stop` waits for). Until the release ends,
+    /// the guard's bookkeeping (its clean-ups, its keys marked as held here) lives on in the
+    /// future.
+    #[inline(never)]
+    fn release_in_flight(self, span: tracing::Span) -> Release {
         let cleanups = self.cleanups.clone();
         Release::Later(InFlight {
             future: Some(Box::pin(self.release_later(span))),
