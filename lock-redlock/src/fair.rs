@@ -38,6 +38,9 @@ pub(crate) struct FairLine {
     places: Mutex<HashMap<String, (u64, u64)>>,
     /// Set by `close`: an attempt still under way subscribes nowhere after it.
     closed: AtomicBool,
+    /// Waiters an attempt of which was taken back, and until when that counts (see
+    /// [`FairLine::taken_back`]; pruned past it once the map grows).
+    taken_back: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// Places nobody asked for this long are dropped once more than [`PLACES_PRUNE_ABOVE`] waiters
@@ -85,6 +88,7 @@ impl FairLine {
             connected: Arc::default(),
             places: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            taken_back: Mutex::new(HashMap::new()),
         })
     }
 
@@ -200,6 +204,45 @@ impl FairLine {
             .contains_key(&*waiter.expose())
     }
 
+    /// Records that `waiter`'s attempt sent at `sent` renewed its place in line to lapse at
+    /// `expiry` (the node's clock, in ms).
+    pub(crate) fn anchor(&self, waiter: &Token, sent: tokio::time::Instant, expiry: u64) {
+        self.turns.anchor(&waiter.expose(), sent, expiry);
+    }
+
+    /// When the attempt was sent after which the node gave `waiter` the key as it passed the
+    /// turn (see `lua/line_pass.lua`), if it did since that attempt and no attempt of the
+    /// waiter has been taken back: a take-back gives up the waiter's reservation, and may land
+    /// after the grant.
+    pub(crate) fn granted(&self, waiter: &Token) -> Option<tokio::time::Instant> {
+        let key = waiter.expose();
+        if self
+            .taken_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&*key)
+        {
+            return None;
+        }
+        self.turns.granted(&key)
+    }
+
+    /// An attempt of `waiter` (with a ttl of `ttl`) is being taken back: from now on the waiter
+    /// never holds a key given to it without asking (the take-back, and its re-sends until the
+    /// ttl has passed, give up whatever is reserved for the waiter).
+    pub(crate) fn taken_back(&self, waiter: &Token, ttl: Duration) {
+        let mut marks = self
+            .taken_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if marks.len() > PLACES_PRUNE_ABOVE {
+            marks.retain(|_, until| *until > now);
+        }
+        let until = now + ttl.saturating_add(PLACE_IDLE);
+        marks.insert(waiter.expose().to_string(), until);
+    }
+
     /// `waiter`'s acquisition ended.
     pub(crate) fn forget(&self, waiter: &Token) {
         let key = waiter.expose();
@@ -247,8 +290,8 @@ impl FairLine {
         let reader = tokio::spawn(async move {
             loop {
                 while let Some(message) = stream.next().await {
-                    if let Ok(waiter) = std::str::from_utf8(message.get_payload_bytes()) {
-                        turns.wake(waiter);
+                    if let Ok(payload) = std::str::from_utf8(message.get_payload_bytes()) {
+                        wake(&turns, payload);
                     }
                 }
                 // The connection is gone. A turn is announced by every node that reserved the
@@ -273,6 +316,24 @@ impl FairLine {
             still_alive.store(false, Ordering::SeqCst);
         });
         Ok(Subscriber { alive, reader })
+    }
+}
+
+/// Wakes the waiter a message names: `<waiter>` for a turn to ask for, `<waiter>:<expiry>` for
+/// a turn that came with the key, lapsing at `expiry` (see `lua/line_pass.lua`).
+fn wake(turns: &TurnRegistry, payload: &str) {
+    match payload.split_once(':') {
+        Some((waiter, expiry)) => match expiry.parse() {
+            Ok(expiry) => {
+                turns.wake_granted(waiter, expiry);
+            }
+            Err(_) => {
+                turns.wake(waiter);
+            }
+        },
+        None => {
+            turns.wake(payload);
+        }
     }
 }
 

@@ -944,6 +944,11 @@ impl Lock for Redlock {
     }
 
     fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        // Marked in the call, before anything is sent: the waiter holds no key given to it
+        // from now on (see `claim_grant`).
+        if let (Some(fair), Some(waiter)) = (&self.shared.fair, request.waiter()) {
+            fair.taken_back(waiter, request.ttl());
+        }
         lock_core::raw::Answer::later(async move {
             // No attempt can have stored such a token (see `try_acquire`): a fair line's
             // reservation, read back from the store, is left alone.
@@ -1022,6 +1027,9 @@ async fn try_acquire_fair(
         return Err(LockError::Stopped);
     };
     let timeout = shared.node_timeout(ttl);
+    if let Some(handle) = claim_grant(shared, fair, request) {
+        return Ok(Some(handle));
+    }
     let member = match request.waiter() {
         Some(waiter) => {
             fair.listen(waiter, &nodes, timeout).await;
@@ -1036,11 +1044,16 @@ async fn try_acquire_fair(
     let start = Instant::now();
     let answer = tokio::time::timeout(
         timeout,
-        node.acquire_fair(key, token, ttl, fence.as_deref(), &member, None),
+        node.acquire_fair_anchored(key, token, ttl, fence.as_deref(), &member),
     )
     .await;
     let value = match answer {
-        Ok(Ok(value)) => value,
+        Ok(Ok((value, expiry))) => {
+            if let (Some(waiter), Some(expiry)) = (request.waiter(), expiry) {
+                fair.anchor(waiter, start, expiry);
+            }
+            value
+        }
         Ok(Err(error)) => {
             return Err(LockError::backend(
                 NAME,
@@ -1129,6 +1142,52 @@ async fn try_acquire_fair(
         extending: None,
         line_member: None,
     })))
+}
+
+/// The lock a fair waiter on one node holds without asking, when the node gave it the key as it
+/// passed the turn: its latest attempt renewed its place in line to lapse at the expiry the
+/// grant names (see `lua/line_pass.lua`), so the key, reserved for it until then, lives at least
+/// a ttl past that attempt's send time, from which its validity counts. The reservation is the
+/// lock: its value is the token, and the release takes the waiter out of the line. Not with
+/// fencing (the fence is drawn by an attempt), not after a take-back of one of the waiter's
+/// attempts (it gives the reservation up, maybe after the grant), and not with less than half
+/// a ttl left: then the waiter asks, as without a grant, and the attempt takes its turn.
+fn claim_grant(
+    shared: &Arc<Shared>,
+    fair: &fair::FairLine,
+    request: &LockRequest,
+) -> Option<Box<dyn Handle>> {
+    let waiter = request.waiter()?;
+    if !request.after_wait() || shared.config.fencing {
+        return None;
+    }
+    let sent = fair.granted(waiter)?;
+    let ttl = request.ttl();
+    let valid_until = shared.valid_until(sent, ttl)?;
+    if valid_until.saturating_duration_since(Instant::now()) < ttl / 2 {
+        return None;
+    }
+    let member = fair.member(waiter);
+    let token = Token::from_stored(String::from_utf8([RESERVED.as_bytes(), &member].concat()).ok()?)
+        .ok()?;
+    fair.forget(waiter);
+    tracing::debug!(key = %request.primary_key(), "the turn came with the key");
+    Some(Box::new(RedlockHandle {
+        shared: Arc::clone(shared),
+        lease: lease(
+            request.key_set().clone(),
+            LeaseKind::Exclusive,
+            token,
+            valid_until,
+            None,
+        ),
+        held: Held::Mutex,
+        ttl,
+        in_flight: None,
+        written_before: false,
+        extending: None,
+        line_member: Some(member.into()),
+    }))
 }
 
 /// One attempt at a fair mutex on one key over several nodes: the same attempt as on one node

@@ -684,6 +684,46 @@ impl NodeParts {
         member: &[u8],
         place: Option<u64>,
     ) -> RedisResult<i64> {
+        let answer = self
+            .acquire_fair_call(key, token, ttl, fence, member, place, false)
+            .await?;
+        Ok(redis::FromRedisValue::from_redis_value(answer)?)
+    }
+
+    /// As [`NodeParts::acquire_fair`] with the server's clock ordering the line, also answering
+    /// the expiry (the node's clock, in ms) its entry was given when the waiter was refused and
+    /// (re)joined the line: a grant naming it may be held as it is (see `lua/line_pass.lua`).
+    pub(crate) async fn acquire_fair_anchored(
+        &self,
+        key: &Key,
+        token: &Token,
+        ttl: Duration,
+        fence: Option<&[u8]>,
+        member: &[u8],
+    ) -> RedisResult<(i64, Option<u64>)> {
+        let answer = self
+            .acquire_fair_call(key, token, ttl, fence, member, None, true)
+            .await?;
+        Ok(match answer {
+            Value::Array(_) => {
+                let (value, expiry): (i64, u64) = redis::FromRedisValue::from_redis_value(answer)?;
+                (value, Some(expiry))
+            }
+            answer => (redis::FromRedisValue::from_redis_value(answer)?, None),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn acquire_fair_call(
+        &self,
+        key: &Key,
+        token: &Token,
+        ttl: Duration,
+        fence: Option<&[u8]>,
+        member: &[u8],
+        place: Option<u64>,
+        anchored: bool,
+    ) -> RedisResult<Value> {
         let key_bytes = key.as_bytes();
         let mut keys = vec![key_bytes.to_vec()];
         keys.extend(fence.map(<[u8]>::to_vec));
@@ -697,13 +737,12 @@ impl NodeParts {
                 .map(|place| place.to_string())
                 .unwrap_or_default()
                 .into_bytes(),
+            if anchored { b"1".to_vec() } else { Vec::new() },
         ];
-        let answer = self
-            .acquire_lease(&ACQUIRE_FAIR, &keys, &args, || {
-                self.release_call_for(std::slice::from_ref(key), token, Held::Mutex, member)
-            })
-            .await?;
-        Ok(redis::FromRedisValue::from_redis_value(answer)?)
+        self.acquire_lease(&ACQUIRE_FAIR, &keys, &args, || {
+            self.release_call_for(std::slice::from_ref(key), token, Held::Mutex, member)
+        })
+        .await
     }
 
     /// Gives back `key`, taken here by `token` for the fair waiter `member` in an attempt that

@@ -271,6 +271,12 @@ impl WakeRegistry {
 /// taken back by [`Lock::abandon`](crate::raw::Lock::abandon)). Entries untouched for
 /// [`TURN_IDLE`] are dropped when the registry grows, should an acquisition end without
 /// either.
+///
+/// A backend that gives the key to the head of the line as it passes the turn (the
+/// reservation is the head's lock) sends a *grant* naming when that key lapses
+/// ([`TurnRegistry::wake_granted`]); the waiter may hold it without asking again only if its
+/// latest attempt, whose send time it recorded ([`TurnRegistry::anchor`]), renewed its place to
+/// exactly that expiry: see [`TurnRegistry::granted`].
 #[derive(Clone, Debug, Default)]
 pub struct TurnRegistry(Arc<Mutex<HashMap<String, Arc<Turn>>>>);
 
@@ -289,6 +295,11 @@ struct Turn {
     /// expiry, which nobody announces.
     retry_at: Mutex<Option<tokio::time::Instant>>,
     touched: Mutex<tokio::time::Instant>,
+    /// The expiry (the store's clock) named by the latest grant, until taken.
+    grant: Mutex<Option<u64>>,
+    /// When the waiter's latest attempt that renewed its place was sent, and the expiry the
+    /// store gave its place then.
+    anchor: Mutex<Option<(tokio::time::Instant, u64)>>,
 }
 
 impl TurnRegistry {
@@ -306,6 +317,8 @@ impl TurnRegistry {
                 notify: Notify::new(),
                 retry_at: Mutex::new(None),
                 touched: Mutex::new(now),
+                grant: Mutex::new(None),
+                anchor: Mutex::new(None),
             })
         });
         *turn.touched.lock().unwrap_or_else(PoisonError::into_inner) = now;
@@ -319,6 +332,8 @@ impl TurnRegistry {
     pub fn listen(&self, waiter: &str) {
         let turn = self.turn(waiter);
         *turn.retry_at.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        // A grant heard before this attempt is answered by it (the attempt takes the turn).
+        *turn.grant.lock().unwrap_or_else(PoisonError::into_inner) = None;
         // Polled once, a `Notified` takes a kept wake-up if there is one, and is dropped
         // otherwise (a wake-up that races with the drop is kept: tokio passes it on).
         let notified = std::pin::pin!(turn.notify.notified());
@@ -360,6 +375,53 @@ impl TurnRegistry {
             }
             None => false,
         }
+    }
+
+    /// Wakes `waiter` for a turn that came with the key: the store gave it the key, which
+    /// lapses at `expiry` (the store's clock, as in [`TurnRegistry::anchor`]). False when
+    /// nobody listens by that id.
+    pub fn wake_granted(&self, waiter: &str, expiry: u64) -> bool {
+        let turn = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(waiter)
+            .map(Arc::clone);
+        match turn {
+            Some(turn) => {
+                *turn.grant.lock().unwrap_or_else(PoisonError::into_inner) = Some(expiry);
+                turn.notify.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records that `waiter`'s attempt sent at `sent` renewed its place in line to lapse at
+    /// `expiry` (the store's clock).
+    pub fn anchor(&self, waiter: &str, sent: tokio::time::Instant, expiry: u64) {
+        let turn = self.turn(waiter);
+        *turn.anchor.lock().unwrap_or_else(PoisonError::into_inner) = Some((sent, expiry));
+    }
+
+    /// Takes the grant `waiter` heard since its latest attempt, if it names the expiry that
+    /// attempt's place was given: then the key the store gave it lapses no earlier than a ttl
+    /// (the lease of the place) after that attempt was sent, whose send time is returned. A
+    /// grant of an earlier place (one that lapsed since, its message late) is not one.
+    pub fn granted(&self, waiter: &str) -> Option<tokio::time::Instant> {
+        let turn = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(waiter)
+            .map(Arc::clone)?;
+        let grant = turn
+            .grant
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        let (sent, expiry) = (*turn.anchor.lock().unwrap_or_else(PoisonError::into_inner))?;
+        (grant == expiry).then_some(sent)
     }
 
     /// Wakes every waiter (after a lost connection: messages may have been missed).

@@ -2,8 +2,9 @@
 -- line (lock-core's raw/redis/line.lua and line_pass.lua, prepended, with lease_common.lua):
 -- ARGV[3] is the waiter ('' for a single try), ARGV[4] the prefix of the waiters' channels,
 -- ARGV[5] the waiter's place in line when its client chooses it (several nodes, which must all
--- order the waiters alike), '' for the server's clock. With fencing, KEYS[2] is the fencing
--- counter (KEYS: lock, [fence], line, line expiry). Returns the fencing value (1 without
+-- order the waiters alike), '' for the server's clock; ARGV[6] '1' asks a refused waiter's entry
+-- expiry along with the gate's answer, as {answer, expiry} (see line_pass.lua). With fencing,
+-- KEYS[2] is the fencing counter (KEYS: lock, [fence], line, line expiry). Returns the fencing value (1 without
 -- fencing) when taken, else the gate's answer (0, or -(1 + ms) for the head of the line behind
 -- a holder with ms left).
 if redis.replicate_commands then
@@ -12,8 +13,11 @@ end
 -- A waiter whose turn it is (the key reserved for it) takes it; anyone else goes through the
 -- line's gate, and a reserved key is held for them.
 if not line_take_turn(KEYS[1], ARGV[3]) then
-  local gate = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5])
+  local gate, expiry = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5])
   if gate then
+    if ARGV[6] == '1' and expiry then
+      return {gate, expiry}
+    end
     return gate
   end
   if redis.call('exists', KEYS[1]) == 1 then

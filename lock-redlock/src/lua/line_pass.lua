@@ -3,7 +3,8 @@
 -- it is set to a reservation naming the head of the line (RESERVED .. member), which expires
 -- with the head's own entry, and the head alone is woken. A newcomer's plain `SET NX` (the
 -- first attempt of every acquisition, cheap when nobody waits) finds the key taken and lines
--- up; the head's next attempt (acquire_fair.lua) turns its reservation into the lock. A head
+-- up; the head's next attempt (acquire_fair.lua) turns its reservation into the lock, or, on one
+-- node, the head holds the reservation itself as its lock (see line_pass's message). A head
 -- that leaves the line gives its reservation up to the next (line_pass_from), and one that died
 -- holds the key no longer than its entry lives.
 local RESERVED = 'lock-turn-reserved:'
@@ -19,11 +20,16 @@ local function line_pass(lock, prefix)
     line_prune(now)
     local head = redis.call('zrange', LINE, 0, 0)[1]
     if head then
-      local left = tonumber(redis.call('zscore', LINE_EXPIRY, head)) - now
-      if left > 0 then
-        redis.call('set', lock, RESERVED .. head, 'PX', string.format('%.0f', left))
+      local expiry = tonumber(redis.call('zscore', LINE_EXPIRY, head))
+      local message = string.sub(head, 33)
+      if expiry - now > 0 then
+        redis.call('set', lock, RESERVED .. head, 'PX', string.format('%.0f', expiry - now))
+        -- The reservation's expiry rides along: a waiter whose latest attempt renewed its entry
+        -- to exactly that expiry knows when the key it was given lapses, and may hold it as it
+        -- is (the reservation is then its lock), without asking again.
+        message = message .. ':' .. string.format('%.0f', expiry)
       end
-      line_publish(prefix .. string.sub(head, 1, 32), string.sub(head, 33))
+      line_publish(prefix .. string.sub(head, 1, 32), message)
     end
   end
   line_settle()

@@ -39,7 +39,8 @@ local function line_settle()
 end
 
 -- Puts `member` at the end of the line (or at `chosen`, a place the client chose, when given),
--- or keeps its place; either way its entry now expires `lease` ms from now.
+-- or keeps its place; either way its entry now expires `lease` ms from now. Returns that expiry
+-- (the server's clock in ms).
 local function line_join(member, now, now_us, lease, chosen)
   if not redis.call('zscore', LINE, member) then
     local place = tonumber(chosen)
@@ -54,6 +55,7 @@ local function line_join(member, now, now_us, lease, chosen)
   end
   redis.call('zadd', LINE_EXPIRY, string.format('%.0f', now + lease), member)
   line_settle()
+  return now + lease
 end
 
 -- Takes `member` out of the line.
@@ -84,7 +86,8 @@ end
 -- replay) and the line is empty or headed by `member`, which then leaves it. Otherwise the
 -- answer to return: 0 when refused (the waiter is in line, not first; a single try never
 -- passes a live line), or -(1 + ms) when the waiter is first in line behind a holder with ms
--- left to live. A free lock whose line is headed by another waiter wakes that waiter.
+-- left to live. A free lock whose line is headed by another waiter wakes that waiter. A refused
+-- waiter's entry expiry (see line_join) comes as a second value.
 local function line_gate(lock, owner, token, member, lease, prefix, chosen)
   -- Nobody in line (the uncontended case): only the lock decides.
   if redis.call('exists', LINE_EXPIRY) == 0 and (member == '' or redis.call('exists', lock) == 0) then
@@ -99,15 +102,15 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen)
     if member == '' then
       return 0
     end
-    line_join(member, now, now_us, lease, chosen)
+    local expiry = line_join(member, now, now_us, lease, chosen)
     if redis.call('zrange', LINE, 0, 0)[1] == member then
       local left = redis.call('pttl', lock)
       if left < 0 then
         left = 0
       end
-      return -(1 + left)
+      return -(1 + left), expiry
     end
-    return 0
+    return 0, expiry
   end
   local head = redis.call('zrange', LINE, 0, 0)[1]
   if not head then
@@ -118,11 +121,12 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen)
     line_settle()
     return nil
   end
+  local expiry
   if member ~= '' then
-    line_join(member, now, now_us, lease, chosen)
+    expiry = line_join(member, now, now_us, lease, chosen)
   end
   line_wake(prefix)
-  return 0
+  return 0, expiry
 end
 
 -- After a release or a waiter's leaving: when the lock is free, the turn passes to the head of
