@@ -928,8 +928,33 @@ impl Locker {
                             return Err(gave_up(last_error.take()));
                         };
                         // Between the polls, the policy's delays pass without an attempt
-                        // (a millisecond at least: no spinning on a zero delay).
-                        if skipped {
+                        // (a millisecond at least: no spinning on a zero delay), in one wait
+                        // up to the next poll or the deadline: a waiter in line is woken by
+                        // its turn, and waking at every short delay only to wait on would cost
+                        // every waiting process its CPU per delay (64 waiters at 5–10 ms: the
+                        // hand-off's own work got late). A delay that would cross the poll or
+                        // the deadline is left for the next round, as it would have come. Only
+                        // when the policy counts no retries: a wait ended early by the store
+                        // would otherwise have spent retries it did not wait for.
+                        if skipped && options.retry().retry_count() == RetryCount::Forever {
+                            let step = |delay: std::time::Duration| {
+                                delay.max(std::time::Duration::from_millis(1))
+                            };
+                            let poll_at = last_sent + fair_poll(options.ttl());
+                            let limit = deadline.map_or(poll_at, |deadline| poll_at.min(deadline));
+                            let mut at = now + step(delay);
+                            while at < limit {
+                                let Some(delay) = backoff.next() else {
+                                    break;
+                                };
+                                if at + step(delay) >= limit {
+                                    planned_wake = Some(at + step(delay));
+                                    break;
+                                }
+                                at += step(delay);
+                            }
+                            at
+                        } else if skipped {
                             now + delay.max(std::time::Duration::from_millis(1))
                         } else {
                             now + delay
