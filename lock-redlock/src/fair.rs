@@ -51,6 +51,12 @@ pub(crate) struct FairLine {
 const PLACE_IDLE: Duration = lock_core::raw::wake::TURN_IDLE;
 const PLACES_PRUNE_ABOVE: usize = lock_core::raw::wake::TURN_PRUNE_ABOVE;
 
+/// A take-back and its re-sends end a ttl after it began (they stop once the keys would be
+/// gone by themselves), each send bounded by the node timeout (500 ms at most): the mark of a
+/// waiter whose attempt was taken back is kept at least its ttl and this long (then pruned once
+/// the marks grow; a mark never expires by itself).
+const TAKE_BACK_SETTLED: Duration = Duration::from_secs(10);
+
 /// A node's subscription, and when to try again after its last failure.
 #[derive(Default)]
 struct Slot {
@@ -242,7 +248,9 @@ impl FairLine {
         if marks.len() > PLACES_PRUNE_ABOVE {
             marks.retain(|_, until| *until > now);
         }
-        let until = now + ttl.saturating_add(PLACE_IDLE);
+        let until = now
+            .checked_add(ttl.saturating_add(TAKE_BACK_SETTLED))
+            .unwrap_or(now);
         marks.insert(waiter.expose().to_string(), until);
     }
 
