@@ -765,6 +765,56 @@ mod fake {
     }
 }
 
+/// A fair waiter with a deadline policy (5 ms delays, 1 s deadline, polls every 200 ms) is
+/// woken at 850 ms and its attempt finds the key still held; the key is freed at 900 ms with no
+/// message (lost). Before 8f15c79 it asked again at the last delay before the deadline (995 ms)
+/// and got the key; with the merged waits, the wake-up planned at the end of the merged wait
+/// (1 000 ms, the deadline) is carried over the early attempt, and it waits to the deadline and
+/// gives up without a last attempt: the promises "a deadline policy makes its last attempt
+/// before the deadline" and "a lost message costs at most one poll" both break.
+#[tokio::test(start_paused = true)]
+async fn a_merged_wait_cut_by_an_early_wake_still_makes_the_last_attempt_before_the_deadline() {
+    let started = Instant::now();
+    let store = Arc::new(fake::Store {
+        free_at: started + ms(900),
+        woken_at: std::sync::Mutex::new(Some(started + ms(850))),
+        attempts: std::sync::Mutex::new(Vec::new()),
+    });
+    let locker = Locker::from_arc(Arc::clone(&store) as Arc<dyn lock_core::raw::Lock>)
+        .with_local_queue(false)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(
+                    RetryPolicy::forever()
+                        .with_retry_delay(ms(5))
+                        .with_retry_jitter(Duration::ZERO)
+                        .with_deadline(ms(1_000)),
+                ),
+        )
+        .unwrap();
+    let outcome = locker.acquire("k").await;
+    let attempts: Vec<u128> = store
+        .attempts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|at| (*at - started).as_millis())
+        .collect();
+    println!(
+        "attempts at {attempts:?} ms: {:?}",
+        outcome.as_ref().map(|_| ())
+    );
+    assert!(
+        attempts.contains(&850),
+        "the early wake was not used: {attempts:?}"
+    );
+    assert!(
+        outcome.is_ok(),
+        "gave up with the key free since 900 ms and no attempt after 850 ms: attempts {attempts:?}, {outcome:?}"
+    );
+}
+
 /// Control: the same waiter, not woken early, makes its last attempt at 995 ms and gets the key;
 /// with counted retries (never merged) the early wake changes nothing either. Held.
 #[tokio::test(start_paused = true)]
