@@ -670,6 +670,50 @@ async fn a_forged_grant_with_another_expiry_is_not_held() {
     holder.stop().await.unwrap();
 }
 
+/// Forgery: anyone who may `PUBLISH` on the node and read the line (`ZRANGE … WITHSCORES`)
+/// sends the waiter `<id>:<its entry's expiry>` while another client holds the key: the waiter
+/// holds a key it was never given, beside the holder. Before 92eea2a a forged message only made
+/// the waiter ask (and be refused). Judged low severity (a client that may PUBLISH may usually
+/// DEL keys too; only an ACL user with channel rights and no key rights gains something).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "judged low severity: a forged grant needs PUBLISH on the node and the waiter's entry expiry (see adv25a report)"]
+async fn a_forged_grant_naming_the_waiters_expiry_is_not_held_while_another_holds() {
+    let Some(target) = Target::start(Store::Redis, "adv25a").await else {
+        return;
+    };
+    let key = "forged";
+    let mut connection = connect(&target.servers[0].url()).await;
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let held = holder.acquire(key).await.unwrap();
+    let waiter = target
+        .locker(true, Duration::from_secs(2), waiting(ms(500)))
+        .await;
+    let acquiring = tokio::spawn(async move {
+        let guard = waiter.acquire(key).await.unwrap();
+        (Instant::now(), granted(&guard))
+    });
+    until_in_line(&mut connection, key, 1).await;
+    for _ in 0..20 {
+        let entries = expiry_set(&mut connection, key).await;
+        let (member, expiry) = entries[0].clone();
+        publish_grant(&mut connection, &member, expiry).await;
+        sleep(ms(20)).await;
+        if acquiring.is_finished() {
+            break;
+        }
+    }
+    let still_held = get(&mut connection, key).await;
+    assert!(
+        !acquiring.is_finished(),
+        "the waiter holds a key held by another client ({still_held:?}) on a forged grant"
+    );
+    held.release().await.unwrap();
+    let _ = acquiring.await;
+    holder.stop().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Merged waits (8f15c79): a fake fair store on a paused clock
 // ---------------------------------------------------------------------------------------------
