@@ -978,3 +978,181 @@ async fn a_merged_wait_ends_at_stop_and_a_lost_message_costs_one_poll() {
     }
     holder.stop().await.unwrap();
 }
+
+/// The granted lock's validity (from its attempt's send time) must end before the key lapses on
+/// the server: for every lock handed out under contention (drift factor 0: only the 2 ms floor
+/// is left as margin), the key's PTTL read at once puts its expiry after the guard's
+/// `valid_until` (1 ms allowed for PTTL's truncation). Also with fencing on (no grant then, the
+/// fences increase). Held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_locks_validity_ends_before_the_key_lapses_on_the_server() {
+    let Some(target) = Target::start(Store::Redis, "adv25a").await else {
+        return;
+    };
+    for fencing in [false, true] {
+        let key = if fencing { "margin-fenced" } else { "margin" };
+        let url = target.servers[0].url();
+        let worst = Arc::new(std::sync::Mutex::new((i64::MAX, i64::MAX)));
+        let grants = Arc::new(AtomicU64::new(0));
+        let fences = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let locker = Locker::from_arc(Arc::new(
+                Redlock::new(
+                    RedlockConfig::new([url.clone()])
+                        .with_fair(true)
+                        .with_fencing(fencing)
+                        .with_drift_factor(0.0),
+                )
+                .unwrap(),
+            ))
+            .with_options(
+                LockOptions::default()
+                    .with_ttl(ms(500))
+                    .with_retry(waiting(ms(5))),
+            )
+            .unwrap();
+            let mut connection = connect(&url).await;
+            let (worst, grants, fences) =
+                (Arc::clone(&worst), Arc::clone(&grants), Arc::clone(&fences));
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..60 {
+                    let guard = locker.acquire(key).await.unwrap();
+                    let asked = Instant::now();
+                    let pttl: i64 = redis::cmd("PTTL")
+                        .arg(key)
+                        .query_async(&mut connection)
+                        .await
+                        .unwrap();
+                    #[allow(clippy::cast_sign_loss)]
+                    let lapses = asked + ms(pttl.max(0) as u64);
+                    #[allow(clippy::cast_possible_truncation)]
+                    let margin = if lapses >= guard.valid_until() {
+                        (lapses - guard.valid_until()).as_micros() as i64
+                    } else {
+                        -((guard.valid_until() - lapses).as_micros() as i64)
+                    };
+                    {
+                        let mut worst = worst.lock().unwrap();
+                        if granted(&guard) {
+                            grants.fetch_add(1, Ordering::Relaxed);
+                            worst.0 = worst.0.min(margin);
+                        } else {
+                            worst.1 = worst.1.min(margin);
+                        }
+                    }
+                    if let Some(fence) = guard.fencing_token() {
+                        fences.lock().unwrap().push(fence);
+                    }
+                    guard.release().await.unwrap();
+                }
+                locker.stop().await.unwrap();
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let (granted_worst, asked_worst) = *worst.lock().unwrap();
+        println!(
+            "fencing {fencing}: {} grants; worst margin {granted_worst} µs (granted), {asked_worst} µs (asked)",
+            grants.load(Ordering::Relaxed)
+        );
+        assert!(granted_worst > -1_000, "{granted_worst} µs");
+        assert!(asked_worst > -1_000, "{asked_worst} µs");
+        if fencing {
+            assert_eq!(grants.load(Ordering::Relaxed), 0, "a grant with fencing on");
+            let fences = fences.lock().unwrap();
+            let mut sorted = fences.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), fences.len(), "a fence drawn twice");
+        } else {
+            assert!(grants.load(Ordering::Relaxed) > 50, "vacuous");
+        }
+    }
+}
+
+/// Order: six waiters line up one after another behind a holder; each is handed the key by a
+/// grant in the order it arrived, and half of them drop their guard instead of releasing it
+/// (the drop's release passes the turn as well): the whole line is served within a second and
+/// nothing is left. Held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_serve_the_line_in_order_and_a_dropped_granted_guard_passes_the_turn() {
+    let Some(target) = Target::start(Store::Redis, "adv25a").await else {
+        return;
+    };
+    let key = "order";
+    let mut connection = connect(&target.servers[0].url()).await;
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let held = holder.acquire(key).await.unwrap();
+    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for index in 0..6usize {
+        let locker = target
+            .locker(true, Duration::from_secs(5), waiting(ms(20)))
+            .await;
+        let served = Arc::clone(&served);
+        tasks.push(tokio::spawn(async move {
+            let guard = locker.acquire(key).await.unwrap();
+            served
+                .lock()
+                .unwrap()
+                .push((index, granted(&guard), Instant::now()));
+            sleep(ms(5)).await;
+            if index % 2 == 0 {
+                drop(guard);
+            } else {
+                guard.release().await.unwrap();
+            }
+            sleep(ms(50)).await;
+            locker.stop().await.unwrap();
+        }));
+        until_in_line(&mut connection, key, index + 1).await;
+    }
+    let released = Instant::now();
+    held.release().await.unwrap();
+    for task in tasks {
+        tokio::time::timeout(ms(3_000), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let served = served.lock().unwrap().clone();
+    let order: Vec<usize> = served.iter().map(|(index, _, _)| *index).collect();
+    println!(
+        "served {order:?}, grants {:?}, last after {:?}",
+        served.iter().map(|s| s.1).collect::<Vec<_>>(),
+        served.last().unwrap().2 - released
+    );
+    assert_eq!(order, (0..6).collect::<Vec<_>>());
+    assert!(served.iter().all(|(_, granted, _)| *granted));
+    assert!(served.last().unwrap().2 - released < ms(1_000));
+    holder.stop().await.unwrap();
+    let left = nothing_left(&target, key, ms(1_000)).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// A tiny ttl (40 ms: polls every 10 ms, a grant held only with 20 ms left): hold intervals,
+/// each cut at the guard's validity, never overlap, and no update is lost. Held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_hammer_tiny_ttl_never_overlaps_within_validity() {
+    let Some(target) = Target::start(Store::Redis, "adv25a").await else {
+        return;
+    };
+    let key = "hammer-tiny";
+    let (tally, intervals) = hammer(
+        &target,
+        key,
+        6,
+        ms(40),
+        Duration::from_secs(3),
+        |seed| [0, 0, 1, 2][(next(seed) % 4) as usize],
+        |_| false,
+    )
+    .await;
+    report(key, &tally, &intervals);
+    assert_eq!(intervals.overlaps(), 0);
+    assert!(tally.grants.load(Ordering::Relaxed) > 0, "vacuous");
+}
