@@ -111,7 +111,8 @@ struct Tally {
 /// `clients` workers hammer `key` for `run`: each holds for `section(seed)` ms (zero often),
 /// bumping a counter in Redis by GET/SET (lost updates expose two holders) and recording its
 /// hold interval; a worker whose `die(seed)` is true forgets its guard (its process died:
-/// the key lapses with its ttl).
+/// the key lapses with its ttl). `per_locker` workers share a client (its in-process queue).
+#[allow(clippy::too_many_arguments)]
 async fn hammer(
     target: &Target,
     key: &'static str,
@@ -120,13 +121,18 @@ async fn hammer(
     run: Duration,
     section: fn(&mut u64) -> u64,
     die: fn(&mut u64) -> bool,
+    per_locker: usize,
 ) -> (Arc<Tally>, Arc<Intervals>) {
     let tally = Arc::new(Tally::default());
     let intervals = Arc::new(Intervals::default());
     let counter = format!("{key}-counter");
     let mut tasks = Vec::new();
+    let mut lockers: Vec<Arc<Locker>> = Vec::new();
     for client in 0..clients {
-        let locker = target.locker(true, ttl, waiting(ms(5))).await;
+        if client % per_locker == 0 {
+            lockers.push(Arc::new(target.locker(true, ttl, waiting(ms(5))).await));
+        }
+        let locker = Arc::clone(lockers.last().unwrap());
         let mut connection = connect(&target.servers[0].url()).await;
         let (tally, intervals, counter) =
             (Arc::clone(&tally), Arc::clone(&intervals), counter.clone());
@@ -169,11 +175,13 @@ async fn hammer(
                     let _ = guard.release().await;
                 }
             }
-            locker.stop().await.unwrap();
         }));
     }
     for task in tasks {
         task.await.unwrap();
+    }
+    for locker in lockers {
+        locker.stop().await.unwrap();
     }
     let mut connection = connect(&target.servers[0].url()).await;
     let total: Option<u64> = redis::cmd("GET")
@@ -225,6 +233,7 @@ async fn one_node_hammer_short_ttl_never_overlaps_and_grants_are_held() {
         Duration::from_secs(4),
         |seed| [0, 0, 1, 3][(next(seed) % 4) as usize],
         |_| false,
+        1,
     )
     .await;
     report(key, &tally, &intervals);
@@ -256,6 +265,7 @@ async fn one_node_hammer_with_dying_holders_and_long_sections_never_overlaps() {
         Duration::from_secs(5),
         |seed| [0, 0, 2, 10, 40, 100][(next(seed) % 6) as usize],
         |seed| next(seed).is_multiple_of(12),
+        1,
     )
     .await;
     report(key, &tally, &intervals);
@@ -280,6 +290,7 @@ async fn redlock3_and_inc_hammer_never_overlap_and_never_grant() {
             Duration::from_secs(2),
             |seed| [0, 1, 3][(next(seed) % 3) as usize],
             |_| false,
+            1,
         )
         .await;
         report(&format!("{store:?}"), &tally, &intervals);
@@ -1150,9 +1161,101 @@ async fn one_node_hammer_tiny_ttl_never_overlaps_within_validity() {
         Duration::from_secs(3),
         |seed| [0, 0, 1, 2][(next(seed) % 4) as usize],
         |_| false,
+        1,
     )
     .await;
     report(key, &tally, &intervals);
     assert_eq!(intervals.overlaps(), 0);
     assert!(tally.grants.load(Ordering::Relaxed) > 0, "vacuous");
+}
+
+/// Several tasks per client (the in-process queue in front of the line, on by default), three
+/// clients, ttl 300 ms, one holder in ten dying: no two holders, no lost update. Held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_hammer_with_tasks_sharing_clients_never_overlaps() {
+    let Some(target) = Target::start(Store::Redis, "adv25a").await else {
+        return;
+    };
+    let key = "hammer-shared";
+    let (tally, intervals) = hammer(
+        &target,
+        key,
+        9,
+        ms(300),
+        Duration::from_secs(3),
+        |seed| [0, 0, 1, 5][(next(seed) % 4) as usize],
+        |seed| next(seed).is_multiple_of(10),
+        3,
+    )
+    .await;
+    report(key, &tally, &intervals);
+    assert_eq!(intervals.overlaps(), 0);
+    assert_eq!(tally.lost_updates.load(Ordering::Relaxed), 0);
+    assert!(tally.grants.load(Ordering::Relaxed) > 0, "vacuous");
+}
+
+/// A granted holder dies holding (its guard forgotten, no keep-alive): the key lapses with the
+/// reservation, at its line entry's expiry. The waiter behind it should be served about then, as
+/// when the holder had asked (then it left the line, and the next waiter, first in line, was
+/// told the holder's time left and asked at its expiry). A granted holder stays at the head of
+/// the line while it holds, so the next waiter is never told it is first: it finds the key
+/// free only at its next poll, up to 200 ms after it lapsed (2–4 ms before 92eea2a). Five
+/// rounds, the second waiter arriving 0–160 ms later each time (its polls' phase): each within
+/// 60 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waiter_behind_a_dead_granted_holder_is_served_when_the_key_lapses() {
+    let Some(target) = Target::start(Store::Redis, "adv25a").await else {
+        return;
+    };
+    let key = "dead-granted";
+    let mut connection = connect(&target.servers[0].url()).await;
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let mut lateness = Vec::new();
+    for round in 0..5u64 {
+        let held = holder.acquire(key).await.unwrap();
+        let dying = target.locker(true, ms(1_000), waiting(ms(20))).await;
+        let next = target.locker(true, ms(1_000), waiting(ms(20))).await;
+        let first = tokio::spawn(async move {
+            let guard = dying.acquire(key).await.unwrap();
+            let got = (granted(&guard), Instant::now());
+            std::mem::forget(guard);
+            (dying, got)
+        });
+        until_in_line(&mut connection, key, 1).await;
+        sleep(ms(40 * round)).await;
+        let second = tokio::spawn(async move {
+            let guard = next.acquire(key).await.unwrap();
+            let at = Instant::now();
+            guard.release().await.unwrap();
+            next.stop().await.unwrap();
+            at
+        });
+        until_in_line(&mut connection, key, 2).await;
+        held.release().await.unwrap();
+        let (dying, (was_granted, _)) = first.await.unwrap();
+        assert!(was_granted, "round {round}: not on the new path");
+        let asked = Instant::now();
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        #[allow(clippy::cast_sign_loss)]
+        let lapses = asked + ms(pttl.max(0) as u64);
+        let served = tokio::time::timeout(ms(3_000), second)
+            .await
+            .unwrap()
+            .unwrap();
+        let late = served.saturating_duration_since(lapses);
+        println!("round {round}: served {late:?} after the dead holder's key lapsed");
+        lateness.push(late);
+        dying.stop().await.unwrap();
+    }
+    holder.stop().await.unwrap();
+    assert!(
+        lateness.iter().all(|late| *late <= ms(60)),
+        "the waiter behind a dead granted holder was served late: {lateness:?}"
+    );
 }
