@@ -1168,8 +1168,9 @@ fn claim_grant(
         return None;
     }
     let member = fair.member(waiter);
-    let token = Token::from_stored(String::from_utf8([RESERVED.as_bytes(), &member].concat()).ok()?)
-        .ok()?;
+    let token =
+        Token::from_stored(String::from_utf8([RESERVED.as_bytes(), &member].concat()).ok()?)
+            .ok()?;
     fair.forget(waiter);
     tracing::debug!(key = %request.primary_key(), "the turn came with the key");
     Some(Box::new(RedlockHandle {
