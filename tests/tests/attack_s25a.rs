@@ -1259,3 +1259,153 @@ async fn the_waiter_behind_a_dead_granted_holder_is_served_when_the_key_lapses()
         "the waiter behind a dead granted holder was served late: {lateness:?}"
     );
 }
+
+/// `stop()` of the waiter's client from 0 to 2 ms after the release that gives it the key went
+/// out (before it read the grant, while it claims it, or with the guard out): the acquisition
+/// ends (a guard or `Stopped`); when it ended with `Stopped`, nothing of it is left and the
+/// waiter behind is served within a second. (A guard handed out before the `stop` and dropped
+/// after it is not released: its key lapses with its ttl, as `Locker::stop` documents, granted
+/// or not.) Held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_around_the_grant_leaves_nothing_and_blocks_nobody() {
+    let Some(target) = Target::start(Store::Redis, "adv25a").await else {
+        return;
+    };
+    let key = "stopped";
+    let mut connection = connect(&target.servers[0].url()).await;
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let next = Arc::new(
+        target
+            .locker(true, Duration::from_secs(5), waiting(ms(20)))
+            .await,
+    );
+    let mut stopped = 0;
+    for round in 0..10u64 {
+        let waiter = Arc::new(target.locker(true, ms(1_000), waiting(ms(20))).await);
+        let held = holder.acquire(key).await.unwrap();
+        let w = Arc::clone(&waiter);
+        let acquiring = tokio::spawn(async move { w.acquire(key).await });
+        until_in_line(&mut connection, key, 1).await;
+        let n = Arc::clone(&next);
+        let behind = tokio::spawn(async move {
+            let guard = n.acquire(key).await.unwrap();
+            let at = Instant::now();
+            guard.release().await.unwrap();
+            at
+        });
+        until_in_line(&mut connection, key, 2).await;
+        let released = Instant::now();
+        let release = tokio::spawn(held.release());
+        match round % 5 {
+            0 => tokio::task::yield_now().await,
+            r => std::thread::sleep(Duration::from_micros(r * r * 100)),
+        }
+        waiter.stop().await.unwrap();
+        release.await.unwrap().unwrap();
+        let outcome = tokio::time::timeout(ms(3_000), acquiring)
+            .await
+            .expect("stop did not end the acquisition")
+            .unwrap();
+        let how = match outcome {
+            Ok(guard) => {
+                let how = format!("guard (granted: {})", granted(&guard));
+                drop(guard);
+                how
+            }
+            Err(LockError::Stopped) => {
+                stopped += 1;
+                "Stopped".to_owned()
+            }
+            Err(error) => panic!("round {round}: {error:?}"),
+        };
+        let Ok(served) = tokio::time::timeout(ms(3_000), behind).await else {
+            let value = get(&mut connection, key).await;
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(key)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            let line = expiry_set(&mut connection, key).await;
+            panic!(
+                "round {round} ({how}): the waiter behind was blocked; key {value:?} pttl {pttl}, line {line:?}"
+            );
+        };
+        let served = served.unwrap();
+        assert!(
+            how != "Stopped" || served - released < ms(1_000),
+            "round {round} ({how}): served {:?} after the release",
+            served - released
+        );
+        println!(
+            "round {round} ({how}): served {:?} after the release",
+            served - released
+        );
+        let left = nothing_left(&target, key, ms(1_000)).await;
+        assert!(left.is_empty(), "round {round}: left behind: {left:?}");
+    }
+    println!("stopped before the guard: {stopped} of 10");
+    holder.stop().await.unwrap();
+    next.stop().await.unwrap();
+}
+
+/// Hostile network: two of five clients reach the node through a proxy that delays every chunk
+/// 40 ms each way (their attempts, and the grants they hear, come late); ttl 300 ms. No two
+/// holders within their validity. Held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_holding_grants_never_overlap_fast_ones() {
+    let Some(target) = Target::start(Store::Redis, "adv25a").await else {
+        return;
+    };
+    let key = "slow";
+    let proxy = LatencyProxy::start(target.servers[0].port()).await.unwrap();
+    proxy.set_delay(ms(40));
+    let intervals = Arc::new(Intervals::default());
+    let grants = Arc::new(AtomicU64::new(0));
+    let slow_grants = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for client in 0..5usize {
+        let slow = client < 2;
+        let url = if slow {
+            proxy.url()
+        } else {
+            target.servers[0].url()
+        };
+        let locker = redlock_locker(&[url], ms(300), waiting(ms(5)));
+        let (intervals, grants, slow_grants) = (
+            Arc::clone(&intervals),
+            Arc::clone(&grants),
+            Arc::clone(&slow_grants),
+        );
+        tasks.push(tokio::spawn(async move {
+            let end = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < end {
+                let guard = locker.acquire(key).await.unwrap();
+                let from = Instant::now();
+                if granted(&guard) {
+                    grants.fetch_add(1, Ordering::Relaxed);
+                    if slow {
+                        slow_grants.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                sleep(ms(2)).await;
+                intervals.record(from, Instant::now().min(guard.valid_until()));
+                let _ = guard.release().await;
+            }
+            locker.stop().await.unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    println!(
+        "{} sections, {} grants ({} to slow clients), {} overlaps",
+        intervals.len(),
+        grants.load(Ordering::Relaxed),
+        slow_grants.load(Ordering::Relaxed),
+        intervals.overlaps()
+    );
+    assert_eq!(intervals.overlaps(), 0);
+    assert!(grants.load(Ordering::Relaxed) > 0, "vacuous");
+}
