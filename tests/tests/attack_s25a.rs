@@ -1409,3 +1409,37 @@ async fn slow_clients_holding_grants_never_overlap_fast_ones() {
     assert_eq!(intervals.overlaps(), 0);
     assert!(grants.load(Ordering::Relaxed) > 0, "vacuous");
 }
+
+/// RESP3 connections (`?protocol=resp3`): the anchored attempt's `{answer, expiry}` reply and the
+/// grant still work (the waiter is handed the key by a grant), and nothing is left. Held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_work_over_resp3_connections() {
+    let Some(target) = Target::start(Store::Redis, "adv25a").await else {
+        return;
+    };
+    let key = "resp3";
+    let url = format!("{}?protocol=resp3", target.servers[0].url());
+    let mut connection = connect(&target.servers[0].url()).await;
+    let holder = redlock_locker(std::slice::from_ref(&url), ms(10_000), RetryPolicy::none());
+    let held = holder.acquire(key).await.unwrap();
+    let waiter = redlock_locker(std::slice::from_ref(&url), ms(2_000), waiting(ms(20)));
+    let acquiring = tokio::spawn(async move {
+        let guard = waiter.acquire(key).await.unwrap();
+        let was = granted(&guard);
+        guard.release().await.unwrap();
+        waiter.stop().await.unwrap();
+        was
+    });
+    until_in_line(&mut connection, key, 1).await;
+    held.release().await.unwrap();
+    assert!(
+        tokio::time::timeout(ms(3_000), acquiring)
+            .await
+            .unwrap()
+            .unwrap(),
+        "not handed the key by a grant over RESP3"
+    );
+    holder.stop().await.unwrap();
+    let left = nothing_left(&target, key, ms(1_000)).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
