@@ -918,6 +918,8 @@ impl Locker {
             let mut skipped = false;
             loop {
                 let now = Instant::now();
+                // Set when this wait is a merged one whose crossing delay is planned for after it.
+                let mut merged_plan = false;
                 let mut wake_at = match planned_wake.take().filter(|at| *at > now) {
                     Some(at) => at,
                     None => {
@@ -949,6 +951,7 @@ impl Locker {
                                 };
                                 if at + step(delay) >= limit {
                                     planned_wake = Some(at + step(delay));
+                                    merged_plan = true;
                                     break;
                                 }
                                 at += step(delay);
@@ -1051,6 +1054,14 @@ impl Locker {
                 // A waiter woken for its turn asks now, whatever the clock says.
                 let on_time = !woken_for_turn && Instant::now() >= wake_at;
                 let past_deadline = deadline.is_some_and(|deadline| Instant::now() >= deadline);
+                // A merged wait ended early (woken for the turn, or by the holder's expiry): its
+                // plan belonged to the wait that did not happen. The attempt that follows starts
+                // the policy's delays afresh, as after any early wake-up; kept, the plan (the
+                // poll or the deadline) would carry over the attempt, and a waiter would wait
+                // to its deadline without its last attempt.
+                if merged_plan && !on_time {
+                    planned_wake = None;
+                }
                 if waiter.is_none() || !on_time || !polled_lately || past_deadline {
                     break;
                 }

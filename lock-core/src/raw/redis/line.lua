@@ -103,7 +103,14 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen)
       return 0
     end
     local expiry = line_join(member, now, now_us, lease, chosen)
-    if redis.call('zrange', LINE, 0, 0)[1] == member then
+    local first = redis.call('zrange', LINE, 0, 1)
+    -- A head the key is reserved for may hold it as its lock (one-node Redlock's grant, see
+    -- lock-redlock's line_pass.lua) and stays in line until it releases or its entry lapses
+    -- with the key: the waiter behind it is then first behind that holder.
+    if first[2] == member and redis.pcall('get', owner) == 'lock-turn-reserved:' .. first[1] then
+      first[1] = member
+    end
+    if first[1] == member then
       local left = redis.call('pttl', lock)
       if left < 0 then
         left = 0
