@@ -1184,7 +1184,9 @@ fn claim_grant(
     }
     let sent = fair.granted(waiter)?;
     let ttl = request.ttl();
-    let valid_until = shared.valid_until(sent, ttl)?;
+    // The entry's expiry was the node's clock floored to the ms, plus the ttl: up to a ms
+    // before a ttl past the renewal, which the drift floor alone would have to absorb.
+    let valid_until = shared.valid_until(sent, ttl.saturating_sub(GRANT_MARGIN))?;
     if valid_until.saturating_duration_since(Instant::now()) < ttl / 2 {
         return None;
     }
@@ -1211,6 +1213,9 @@ fn claim_grant(
         line_member: Some(member.into()),
     }))
 }
+
+/// Taken off a granted lock's validity besides the drift (see `claim_grant`).
+const GRANT_MARGIN: Duration = Duration::from_millis(1);
 
 /// One attempt at a fair mutex on one key over several nodes: the same attempt as on one node
 /// (`lua/acquire_fair.lua`) on every node at once, the waiter joining each node's line at the
