@@ -511,11 +511,11 @@ mod tests {
         }
         contention.saw("b");
         assert!(contention.lately("b"));
-        let kept = contention.0.lock().expect("lock").len();
+        let kept = contention.0.lock().unwrap().len();
         assert_eq!(kept, TURN_PRUNE_ABOVE + 2, "a recent key was pruned");
         tokio::time::advance(CONTENDED_FOR).await;
         contention.saw("c");
-        let kept = contention.0.lock().expect("lock").len();
+        let kept = contention.0.lock().unwrap().len();
         assert_eq!(
             kept, 1,
             "keys past their second were kept once the map grew"
