@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use fred::clients::SubscriberClient;
-use lock_core::raw::wake::{Contention, TurnRegistry};
+use lock_core::raw::wake::TurnRegistry;
 use lock_core::{Result, Token};
 
 use crate::wake::Listener;
@@ -23,8 +23,6 @@ pub(crate) struct FairLine {
     instance: String,
     turns: TurnRegistry,
     listener: Listener,
-    /// Keys a waiter of this client lately found held.
-    pub(crate) contention: Contention,
 }
 
 impl FairLine {
@@ -33,7 +31,6 @@ impl FairLine {
             instance: Token::generate()?.expose().to_string(),
             turns: TurnRegistry::default(),
             listener: Listener::new(subscriber),
-            contention: Contention::default(),
         })
     }
 

@@ -378,14 +378,9 @@ impl Lock for IncLock {
                 };
                 // A waiter's first attempt asks as a single try (no line to join, nothing to
                 // listen for: as cheap as it gets when nobody waits, and it passes no live
-                // line); refused, it lines up at once. Its later attempts ask in line, and so
-                // does the first of a waiter whose key a waiter of this client found held in
-                // the last second (`Contention`: the single try would be refused).
+                // line); refused, it lines up at once. Its later attempts ask in line.
                 let mut answer = 0;
-                if request.waiter().is_some()
-                    && !request.after_wait()
-                    && !fair.contention.lately(key.as_str())
-                {
+                if request.waiter().is_some() && !request.after_wait() {
                     answer = ask(String::new())
                         .await
                         .map_err(|e| shared.backend_error("acquire", &e))?;
@@ -404,9 +399,6 @@ impl Lock for IncLock {
                         .map_err(|e| shared.backend_error("acquire", &e))?;
                 }
                 if let Some(waiter) = request.waiter() {
-                    if answer <= 0 {
-                        fair.contention.saw(key.as_str());
-                    }
                     match u64::try_from(-answer - 1) {
                         Ok(left) => fair.first_in_line(waiter, Duration::from_millis(left)),
                         Err(_) if answer > 0 => fair.forget(waiter),

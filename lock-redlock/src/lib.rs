@@ -797,14 +797,14 @@ impl Lock for Redlock {
             // line. Its later attempts, and every attempt with fencing (the script draws the
             // fence in the same round trip), go through the line; so does the first attempt of a
             // waiter on one node whose key a waiter of this client found held in the last second
-            // (`Contention`: the plain attempt would be refused).
+            // (`FairLine::contended`: the plain attempt would be refused).
             let fair = shared.fair.as_ref().filter(|_| request.keys().len() == 1);
             if let Some(fair) = fair
                 && (request.after_wait()
                     || shared.config.fencing
                     || (request.waiter().is_some()
                         && shared.node_count == 1
-                        && fair.contention.lately(request.primary_key().as_str())))
+                        && fair.contended(request.primary_key().as_str())))
             {
                 return Box::pin(try_acquire_fair(shared, fair, request)).await;
             }
@@ -1088,7 +1088,7 @@ async fn try_acquire_fair(
     };
     if value <= 0 {
         if request.waiter().is_some() {
-            fair.contention.saw(key.as_str());
+            fair.saw_contention(key.as_str());
         }
         if let (Some(waiter), Ok(left)) = (request.waiter(), u64::try_from(-value - 1)) {
             fair.first_in_line(waiter, Duration::from_millis(left));

@@ -463,64 +463,11 @@ impl TurnRegistry {
     }
 }
 
-/// Keys a fair client's waiters lately found held: a new acquisition of such a key lines up at
-/// once (its first attempt goes through the line) rather than first trying the plain attempt
-/// that a line would refuse, which a client taking a busy key again and again would pay a round
-/// trip per acquisition for. Bounded: entries older than [`CONTENDED_FOR`] are dropped once it
-/// holds more than [`TURN_PRUNE_ABOVE`] keys.
-#[derive(Debug, Default)]
-pub struct Contention(Mutex<HashMap<String, tokio::time::Instant>>);
-
-/// How long a key found held counts as contended (see [`Contention`]).
-pub const CONTENDED_FOR: Duration = Duration::from_secs(1);
-
-impl Contention {
-    /// A waiter found `key` held (it lined up).
-    pub fn saw(&self, key: &str) {
-        let mut keys = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = tokio::time::Instant::now();
-        if keys.len() > TURN_PRUNE_ABOVE && !keys.contains_key(key) {
-            keys.retain(|_, at| now.duration_since(*at) < CONTENDED_FOR);
-        }
-        keys.insert(key.to_owned(), now);
-    }
-
-    /// Whether a waiter found `key` held within [`CONTENDED_FOR`].
-    pub fn lately(&self, key: &str) -> bool {
-        let keys = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        keys.get(key).is_some_and(|at| at.elapsed() < CONTENDED_FOR)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn a_key_counts_as_contended_for_a_second_and_old_keys_are_pruned() {
-        let contention = Contention::default();
-        assert!(!contention.lately("a"));
-        contention.saw("a");
-        assert!(contention.lately("a"));
-        tokio::time::advance(CONTENDED_FOR).await;
-        assert!(!contention.lately("a"), "still contended after its second");
-        for i in 0..=TURN_PRUNE_ABOVE {
-            contention.saw(&i.to_string());
-        }
-        contention.saw("b");
-        assert!(contention.lately("b"));
-        let kept = contention.0.lock().unwrap().len();
-        assert_eq!(kept, TURN_PRUNE_ABOVE + 2, "a recent key was pruned");
-        tokio::time::advance(CONTENDED_FOR).await;
-        contention.saw("c");
-        let kept = contention.0.lock().unwrap().len();
-        assert_eq!(
-            kept, 1,
-            "keys past their second were kept once the map grew"
-        );
-    }
 
     #[tokio::test(start_paused = true)]
     async fn the_first_waiter_subscribes_and_the_subscription_lingers() {
