@@ -41,13 +41,7 @@ pub(crate) struct FairLine {
     /// Waiters an attempt of which was taken back, and until when that counts (see
     /// [`FairLine::taken_back`]; pruned past it once the map grows).
     taken_back: Mutex<HashMap<String, std::time::Instant>>,
-    /// Keys (as stored) a waiter of this client lately found held, and when (see
-    /// [`FairLine::contended`]).
-    contended: Mutex<HashMap<String, std::time::Instant>>,
 }
-
-/// How long a key found held counts as contended for this client's next acquisitions of it.
-const CONTENDED_FOR: Duration = Duration::from_secs(1);
 
 /// Places nobody asked for this long are dropped once more than [`PLACES_PRUNE_ABOVE`] waiters
 /// have one (an acquisition that ended without `forget`); a waiter still waiting asks at every
@@ -101,7 +95,6 @@ impl FairLine {
             places: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             taken_back: Mutex::new(HashMap::new()),
-            contended: Mutex::new(HashMap::new()),
         })
     }
 
@@ -256,33 +249,6 @@ impl FairLine {
             .checked_add(ttl.saturating_add(TAKE_BACK_SETTLED))
             .unwrap_or(now);
         marks.insert(waiter.expose().to_string(), until);
-    }
-
-    /// A waiter of this client found `key` held (it lined up).
-    pub(crate) fn saw_contention(&self, key: &str) {
-        let mut contended = self
-            .contended
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let now = std::time::Instant::now();
-        if contended.len() > PLACES_PRUNE_ABOVE && !contended.contains_key(key) {
-            contended.retain(|_, at| now.duration_since(*at) < CONTENDED_FOR);
-        }
-        contended.insert(key.to_owned(), now);
-    }
-
-    /// Whether a waiter of this client found `key` held in the last second: a new acquisition
-    /// of it then lines up at once (its first attempt goes through the line), rather than first
-    /// trying the plain attempt that a line would refuse (a client taking a busy key again and
-    /// again would pay a round trip per acquisition for nothing).
-    pub(crate) fn contended(&self, key: &str) -> bool {
-        let contended = self
-            .contended
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        contended
-            .get(key)
-            .is_some_and(|at| at.elapsed() < CONTENDED_FOR)
     }
 
     /// `waiter`'s acquisition ended.

@@ -795,16 +795,10 @@ impl Lock for Redlock {
             // (below). A single try is the same plain attempt, refused as it is (a key it gave
             // back is reserved for the head of the line, which is woken): it never passes a
             // line. Its later attempts, and every attempt with fencing (the script draws the
-            // fence in the same round trip), go through the line; so does the first attempt of a
-            // waiter on one node whose key a waiter of this client found held in the last second
-            // (`FairLine::contended`: the plain attempt would be refused).
+            // fence in the same round trip), go through the line.
             let fair = shared.fair.as_ref().filter(|_| request.keys().len() == 1);
             if let Some(fair) = fair
-                && (request.after_wait()
-                    || shared.config.fencing
-                    || (request.waiter().is_some()
-                        && shared.node_count == 1
-                        && fair.contended(request.primary_key().as_str())))
+                && (request.after_wait() || shared.config.fencing)
             {
                 return Box::pin(try_acquire_fair(shared, fair, request)).await;
             }
@@ -1048,24 +1042,17 @@ async fn try_acquire_fair(
         .fencing
         .then(|| [key.as_bytes(), FENCE_SUFFIX].concat());
     let start = Instant::now();
-    // The first refusal of an acquisition checks what the key holds (a key of another kind
-    // is refused as if held, forever): in the same round trip.
-    let describe = !request.after_wait();
     let answer = tokio::time::timeout(
         timeout,
-        node.acquire_fair_anchored(key, token, ttl, fence.as_deref(), &member, describe),
+        node.acquire_fair_anchored(key, token, ttl, fence.as_deref(), &member),
     )
     .await;
-    let (value, found) = match answer {
-        Ok(Ok(node::Anchored {
-            value,
-            expiry,
-            found,
-        })) => {
+    let value = match answer {
+        Ok(Ok((value, expiry))) => {
             if let (Some(waiter), Some(expiry)) = (request.waiter(), expiry) {
                 fair.anchor(waiter, start, expiry);
             }
-            (value, found)
+            value
         }
         Ok(Err(error)) => {
             return Err(LockError::backend(
@@ -1087,22 +1074,14 @@ async fn try_acquire_fair(
         }
     };
     if value <= 0 {
-        if request.waiter().is_some() {
-            fair.saw_contention(key.as_str());
-        }
         if let (Some(waiter), Ok(left)) = (request.waiter(), u64::try_from(-value - 1)) {
             fair.first_in_line(waiter, Duration::from_millis(left));
         }
-        let refused = match (describe, found) {
-            (false, _) => Ok(()),
-            (true, Some(found)) => lease::refuse(key, &found, LeaseKind::Exclusive, node),
-            (true, None) => {
-                shared
-                    .refuse_foreign_types(&nodes, request.key_set(), LeaseKind::Exclusive, ttl)
-                    .await
-            }
-        };
-        if let Err(error) = refused {
+        if !request.after_wait()
+            && let Err(error) = shared
+                .refuse_foreign_types(&nodes, request.key_set(), LeaseKind::Exclusive, ttl)
+                .await
+        {
             // The acquisition ends here, with no claim for the core to take back: the waiter
             // the refused attempt put in line leaves it now.
             if let Some(waiter) = request.waiter() {

@@ -77,7 +77,6 @@ static DESCRIBE: LazyLock<Script> =
 /// and the hand-over by reservation (`lua/line_pass.lua`) before each.
 static ACQUIRE_FAIR_SOURCE: LazyLock<String> = LazyLock::new(|| {
     [
-        include_str!("lua/lease_alone.lua"),
         include_str!("lua/lease_common.lua"),
         LINE_SCRIPT,
         include_str!("lua/line_pass.lua"),
@@ -686,7 +685,7 @@ impl NodeParts {
         place: Option<u64>,
     ) -> RedisResult<i64> {
         let answer = self
-            .acquire_fair_call(key, token, ttl, fence, member, place, Mode::Plain)
+            .acquire_fair_call(key, token, ttl, fence, member, place, false)
             .await?;
         Ok(redis::FromRedisValue::from_redis_value(answer)?)
     }
@@ -694,9 +693,6 @@ impl NodeParts {
     /// As [`NodeParts::acquire_fair`] with the server's clock ordering the line, also answering
     /// the expiry (the node's clock, in ms) its entry was given when the waiter was refused and
     /// (re)joined the line: a grant naming it may be held as it is (see `lua/line_pass.lua`).
-    /// With `describe`, a refused waiter's answer also says what the key holds (as
-    /// `describe` does), so that a first refusal needs no round trip of its own to find a key
-    /// of another kind.
     pub(crate) async fn acquire_fair_anchored(
         &self,
         key: &Key,
@@ -704,40 +700,16 @@ impl NodeParts {
         ttl: Duration,
         fence: Option<&[u8]>,
         member: &[u8],
-        describe: bool,
-    ) -> RedisResult<Anchored> {
-        let mode = if describe {
-            Mode::Described
-        } else {
-            Mode::Anchored
-        };
+    ) -> RedisResult<(i64, Option<u64>)> {
         let answer = self
-            .acquire_fair_call(key, token, ttl, fence, member, None, mode)
+            .acquire_fair_call(key, token, ttl, fence, member, None, true)
             .await?;
         Ok(match answer {
-            Value::Array(mut parts) if parts.len() == 3 => {
-                let found = parts.pop().unwrap_or(Value::Nil);
-                let (value, expiry): (i64, u64) =
-                    redis::FromRedisValue::from_redis_value(Value::Array(parts))?;
-                Anchored {
-                    value,
-                    expiry: Some(expiry),
-                    found: Some(redis::FromRedisValue::from_redis_value(found)?),
-                }
-            }
             Value::Array(_) => {
                 let (value, expiry): (i64, u64) = redis::FromRedisValue::from_redis_value(answer)?;
-                Anchored {
-                    value,
-                    expiry: Some(expiry),
-                    found: None,
-                }
+                (value, Some(expiry))
             }
-            answer => Anchored {
-                value: redis::FromRedisValue::from_redis_value(answer)?,
-                expiry: None,
-                found: None,
-            },
+            answer => (redis::FromRedisValue::from_redis_value(answer)?, None),
         })
     }
 
@@ -750,7 +722,7 @@ impl NodeParts {
         fence: Option<&[u8]>,
         member: &[u8],
         place: Option<u64>,
-        mode: Mode,
+        anchored: bool,
     ) -> RedisResult<Value> {
         let key_bytes = key.as_bytes();
         let mut keys = vec![key_bytes.to_vec()];
@@ -765,11 +737,7 @@ impl NodeParts {
                 .map(|place| place.to_string())
                 .unwrap_or_default()
                 .into_bytes(),
-            match mode {
-                Mode::Plain => Vec::new(),
-                Mode::Anchored => b"1".to_vec(),
-                Mode::Described => b"2".to_vec(),
-            },
+            if anchored { b"1".to_vec() } else { Vec::new() },
         ];
         self.acquire_lease(&ACQUIRE_FAIR, &keys, &args, || {
             self.release_call_for(std::slice::from_ref(key), token, Held::Mutex, member)
@@ -1420,27 +1388,4 @@ impl fmt::Debug for Node {
             .field("label", &self.label)
             .finish_non_exhaustive()
     }
-}
-
-/// What a fair attempt on one node asks besides the gate's answer (`lua/acquire_fair.lua`'s
-/// ARGV[6]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Mode {
-    /// The answer alone.
-    Plain,
-    /// With a refused waiter's entry expiry.
-    Anchored,
-    /// With the expiry and what the key holds.
-    Described,
-}
-
-/// The answer of a fair attempt on one node (see [`NodeParts::acquire_fair_anchored`]).
-#[derive(Debug)]
-pub(crate) struct Anchored {
-    /// As [`NodeParts::acquire_fair`]'s answer.
-    pub(crate) value: i64,
-    /// The expiry (the node's clock, in ms) the refused waiter's entry was given.
-    pub(crate) expiry: Option<u64>,
-    /// What the key holds, when asked and refused (`describe`: '' when absent).
-    pub(crate) found: Option<String>,
 }

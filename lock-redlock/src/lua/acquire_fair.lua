@@ -1,12 +1,9 @@
 -- Takes the lock KEYS[1] for the token ARGV[1] with a ttl of ARGV[2] ms through its waiting
--- line (lock-core's raw/redis/line.lua and line_pass.lua, prepended, with lease_alone.lua and
--- lease_common.lua):
+-- line (lock-core's raw/redis/line.lua and line_pass.lua, prepended, with lease_common.lua):
 -- ARGV[3] is the waiter ('' for a single try), ARGV[4] the prefix of the waiters' channels,
 -- ARGV[5] the waiter's place in line when its client chooses it (several nodes, which must all
 -- order the waiters alike), '' for the server's clock; ARGV[6] '1' asks a refused waiter's entry
--- expiry along with the gate's answer, as {answer, expiry} (see line_pass.lua), '2' also what
--- the key holds (lease_common.lua's describe: a first refusal checks for a key of another kind),
--- as {answer, expiry, what}. With fencing,
+-- expiry along with the gate's answer, as {answer, expiry} (see line_pass.lua). With fencing,
 -- KEYS[2] is the fencing counter (KEYS: lock, [fence], line, line expiry). Returns the fencing value (1 without
 -- fencing) when taken, else the gate's answer (0, or -(1 + ms) for the head of the line behind
 -- a holder with ms left).
@@ -18,9 +15,7 @@ end
 if not line_take_turn(KEYS[1], ARGV[3]) then
   local gate, expiry = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5])
   if gate then
-    if ARGV[6] == '2' and expiry then
-      return {gate, expiry, describe(KEYS[1]) or ''}
-    elseif ARGV[6] == '1' and expiry then
+    if ARGV[6] == '1' and expiry then
       return {gate, expiry}
     end
     return gate
