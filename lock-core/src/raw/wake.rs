@@ -362,39 +362,32 @@ impl TurnRegistry {
     /// Wakes `waiter` (or keeps the wake-up until it waits); false when nobody listens by that
     /// id.
     pub fn wake(&self, waiter: &str) -> bool {
+        self.wake_with(waiter, None)
+    }
+
+    /// Wakes `waiter`, recording `grant` first when given; false when nobody listens.
+    fn wake_with(&self, waiter: &str, grant: Option<u64>) -> bool {
         let turn = self
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(waiter)
             .map(Arc::clone);
-        match turn {
-            Some(turn) => {
-                turn.notify.notify_one();
-                true
-            }
-            None => false,
+        let Some(turn) = turn else {
+            return false;
+        };
+        if grant.is_some() {
+            *turn.grant.lock().unwrap_or_else(PoisonError::into_inner) = grant;
         }
+        turn.notify.notify_one();
+        true
     }
 
     /// Wakes `waiter` for a turn that came with the key: the store gave it the key, which
     /// lapses at `expiry` (the store's clock, as in [`TurnRegistry::anchor`]). False when
     /// nobody listens by that id.
     pub fn wake_granted(&self, waiter: &str, expiry: u64) -> bool {
-        let turn = self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(waiter)
-            .map(Arc::clone);
-        match turn {
-            Some(turn) => {
-                *turn.grant.lock().unwrap_or_else(PoisonError::into_inner) = Some(expiry);
-                turn.notify.notify_one();
-                true
-            }
-            None => false,
-        }
+        self.wake_with(waiter, Some(expiry))
     }
 
     /// Records that `waiter`'s attempt sent at `sent` renewed its place in line to lapse at
