@@ -1,7 +1,8 @@
 //! The fault explorer: seeded adversarial schedules of concurrent clients against real
 //! redis-servers, checked for broken promises.
 //!
-//! A schedule is drawn from its seed alone: the backend (Redlock on 3 nodes or 1, or inc), the
+//! A schedule is drawn from its seed alone: the backend (Redlock on 3 nodes or 1, the latter
+//! with fencing or without, where fair waiters hold the keys released to them, or inc), the
 //! ttl, a few clients (each with its own backend instance and connections, as separate
 //! processes would have) taking single- and multi-key locks, holding them briefly, extending,
 //! keeping them alive with the watchdog, pausing past their validity, releasing or dropping
@@ -149,6 +150,9 @@ enum Backend {
     Redlock3,
     /// Redlock over one node (the `redis` backend), with fencing.
     Redlock1,
+    /// Redlock over one node without fencing: the head of its fair line holds the key a
+    /// release gives it, without asking (the grant).
+    Redlock1Granted,
     /// inc on one node.
     Inc,
 }
@@ -157,7 +161,7 @@ impl Backend {
     fn nodes(self) -> usize {
         match self {
             Self::Redlock3 => 3,
-            Self::Redlock1 | Self::Inc => 1,
+            Self::Redlock1 | Self::Redlock1Granted | Self::Inc => 1,
         }
     }
 }
@@ -286,11 +290,16 @@ pub async fn run_schedule(
 ) -> std::io::Result<Outcome> {
     lane.reset()?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let backend = match rng.random_range(0..10) {
+    let mut backend = match rng.random_range(0..10) {
         0..=5 => Backend::Redlock3,
         6 | 7 => Backend::Redlock1,
         _ => Backend::Inc,
     };
+    // Half the one-node schedules run without fencing, where waiters hold the keys given to
+    // them (drawn apart, so that the other draws of a seed stay as they were).
+    if backend == Backend::Redlock1 && StdRng::seed_from_u64(seed ^ 0x6a47_7ed1).random_bool(0.5) {
+        backend = Backend::Redlock1Granted;
+    }
     // How long clients hold and wait; it is also the lock ttl, except in the schedules that
     // check for stray locks (drawn apart, so that the other schedules of a seed stay as they were).
     let pace = Duration::from_millis([150, 250, 400][rng.random_range(0..3)]);
@@ -468,11 +477,11 @@ async fn build(
     let options = LockOptions::default().with_ttl(ttl).with_retry(retry);
     let to_io = |error: lock_core::LockError| std::io::Error::other(error.to_string());
     let locker = match backend {
-        Backend::Redlock3 | Backend::Redlock1 => Locker::new(
+        Backend::Redlock3 | Backend::Redlock1 | Backend::Redlock1Granted => Locker::new(
             lock_redlock::Redlock::new(
                 lock_redlock::RedlockConfig::new(urls.iter().cloned())
                     .with_node_timeout(node_timeout)
-                    .with_fencing(true),
+                    .with_fencing(backend != Backend::Redlock1Granted),
             )
             .map_err(to_io)?,
         ),

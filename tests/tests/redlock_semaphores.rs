@@ -245,7 +245,22 @@ async fn a_minority_down_still_serves_and_never_over_admits() {
             return;
         };
         let client = locker(backed.lock().clone(), ms(10_000), RetryPolicy::none());
-        let first = client.acquire_permit("minority", 2).await.unwrap();
+        // The test's premise: the first permit is on every node before one is killed. A round
+        // returns on a quorum, and a node whose first request timed out (its connection and
+        // script load are slow on a loaded machine: seen once in CI) never gets the permit;
+        // killed and restarted empty, the node that has it would then leave one permit on a
+        // single node, and three permits of 2 are a quorum each: the restart-without-delay
+        // hazard Redlock documents, not what this test is about. So the first permit is taken
+        // again until every node holds it.
+        let mut first = client.acquire_permit("minority", 2).await.unwrap();
+        for _ in 0..5 {
+            let sizes = sizes_within(&mut backed, ms(1_000), |size| size != ":0").await;
+            if sizes.iter().all(|size| size != ":0") {
+                break;
+            }
+            first.release().await.unwrap();
+            first = client.acquire_permit("minority", 2).await.unwrap();
+        }
         backed.servers()[2].kill();
         let second = client.acquire_permit("minority", 2).await.unwrap();
         // Never a third permit (on a loaded machine a slow node may make it a quorum error).
