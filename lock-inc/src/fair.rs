@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use fred::clients::SubscriberClient;
-use lock_core::raw::wake::TurnRegistry;
+use lock_core::raw::wake::{Granted, TurnRegistry};
 use lock_core::{Result, Token};
 
 use crate::wake::Listener;
@@ -58,6 +58,25 @@ impl FairLine {
     /// `waiter` is first in line behind a holder with `left` to live.
     pub(crate) fn first_in_line(&self, waiter: &Token, left: Duration) {
         self.turns.first_in_line(&waiter.expose(), left);
+    }
+
+    /// Records that `waiter`'s attempt sent at `sent` renewed its place in line to lapse at
+    /// `expiry` (the server's clock, in ms).
+    pub(crate) fn anchor(&self, waiter: &Token, sent: tokio::time::Instant, expiry: u64) {
+        self.turns.anchor(&waiter.expose(), sent, expiry);
+    }
+
+    /// The grant the server sent `waiter` as it passed the turn (see `lua/line_grant.lua`), if
+    /// it names the place `waiter`'s latest attempt was given and no attempt of the waiter has
+    /// been taken back.
+    pub(crate) fn granted(&self, waiter: &Token) -> Option<Granted> {
+        self.turns.granted(&waiter.expose())
+    }
+
+    /// An attempt of `waiter` (with a ttl of `ttl`) is being taken back: from now on the waiter
+    /// never holds a lock given to it without asking.
+    pub(crate) fn taken_back(&self, waiter: &Token, ttl: Duration) {
+        self.turns.taken_back(&waiter.expose(), ttl);
     }
 
     /// `waiter`'s acquisition ended.

@@ -23,8 +23,15 @@ use tokio::time::Instant;
 /// The backend's name in messages and configuration.
 pub const NAME: &str = "inc";
 
-static ACQUIRE: LazyLock<Script> =
-    LazyLock::new(|| Script::from_lua(include_str!("lua/acquire.lua")));
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        [
+            include_str!("lua/fence.lua"),
+            include_str!("lua/acquire.lua"),
+        ]
+        .concat(),
+    )
+});
 static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("lua/release.lua")));
 static EXTEND: LazyLock<Script> =
@@ -43,14 +50,19 @@ static DOWNGRADE: LazyLock<Script> =
 /// in each, defined only when someone is in line (or a waiter asks or leaves): defining them is
 /// most of a short script's cost. The acquisition is the plain one behind the line's gate, which
 /// lets it pass at once when the line is empty and the caller is a single try or the key is free
-/// (the same test as the gate's first).
+/// (the same test as the gate's first). A waiter the lock was given to (`lua/line_grant.lua`)
+/// takes it over; a refused waiter gets its entry's expiry along, as `{gate, expiry}`.
 static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         [
+            include_str!("lua/fence.lua"),
             "if not (redis.call('exists', KEYS[#KEYS]) == 0 and (ARGV[3] == '' or redis.call('exists', KEYS[1]) == 0)) then\n",
             lock_core::raw::redis::LINE_SCRIPT,
-            "local gate = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4])\n",
-            "if gate then\n  return gate\nend\n",
+            include_str!("lua/line_grant.lua"),
+            "local taken = line_take_grant(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3], ARGV[2])\n",
+            "if taken then\n  return taken\nend\n",
+            "local gate, expiry = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4])\n",
+            "if gate then\n  if expiry then\n    return {gate, expiry}\n  end\n  return gate\nend\n",
             "end\n",
             include_str!("lua/acquire.lua"),
         ]
@@ -62,6 +74,8 @@ static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| {
         [
             include_str!("lua/release_fair.lua"),
             lock_core::raw::redis::LINE_SCRIPT,
+            include_str!("lua/fence.lua"),
+            include_str!("lua/line_grant.lua"),
             include_str!("lua/release_fair_pass.lua"),
         ]
         .concat(),
@@ -347,6 +361,7 @@ impl Lock for IncLock {
         request: &'a LockRequest,
     ) -> lock_core::raw::Answer<'a, Result<Option<Box<dyn Handle>>>> {
         lock_core::raw::Answer::later(async move {
+            redis_kit::refuse_reservation(request.token())?;
             if let Some(letter) = kind_letter(request.kind()) {
                 return acquire_shared(&self.shared, request, letter).await;
             }
@@ -357,9 +372,12 @@ impl Lock for IncLock {
             let start = Instant::now();
             let ttl_ms = validate::ttl_millis(request.ttl());
             let fence: i64 = if let Some(fair) = &shared.fair {
+                if let Some(handle) = claim_grant(shared, fair, request) {
+                    return Ok(Some(handle));
+                }
                 let [line, line_expiry] = shared.line_keys(&key);
                 let ask = |member: String| {
-                    ACQUIRE_FAIR.evalsha_with_reload::<i64, _, _>(
+                    ACQUIRE_FAIR.evalsha_with_reload::<fred::types::Value, _, _>(
                         &shared.client,
                         vec![
                             keys.counter.as_str(),
@@ -381,9 +399,12 @@ impl Lock for IncLock {
                 // line); refused, it lines up at once. Its later attempts ask in line.
                 let mut answer = 0;
                 if request.waiter().is_some() && !request.after_wait() {
-                    answer = ask(String::new())
+                    let value = ask(String::new())
                         .await
                         .map_err(|e| shared.backend_error("acquire", &e))?;
+                    answer = gate_answer(value)
+                        .map_err(|e| shared.backend_error("acquire", &e))?
+                        .0;
                 }
                 if answer <= 0 {
                     let member = match request.waiter() {
@@ -394,9 +415,18 @@ impl Lock for IncLock {
                         }
                         None => String::new(),
                     };
-                    answer = ask(member)
+                    let sent = Instant::now();
+                    let value = ask(member)
                         .await
                         .map_err(|e| shared.backend_error("acquire", &e))?;
+                    let expiry;
+                    (answer, expiry) =
+                        gate_answer(value).map_err(|e| shared.backend_error("acquire", &e))?;
+                    // The expiry the attempt gave the waiter's place: a grant naming it is one
+                    // this waiter may hold (see `claim_grant`).
+                    if let (Some(waiter), Some(expiry)) = (request.waiter(), expiry) {
+                        fair.anchor(waiter, sent, expiry);
+                    }
                 }
                 if let Some(waiter) = request.waiter() {
                     match u64::try_from(-answer - 1) {
@@ -432,12 +462,23 @@ impl Lock for IncLock {
                     start + request.ttl(),
                 )
                 .with_fencing_token(u64::try_from(fence).unwrap_or_default()),
+                line_member: String::new(),
             })))
         })
     }
 
     fn abandon<'a>(&'a self, request: &'a LockRequest) -> lock_core::raw::Answer<'a, Result<bool>> {
+        // Marked in the call, before anything is sent: the waiter holds no lock given to it
+        // from now on (see `claim_grant`).
+        if let (Some(fair), Some(waiter)) = (&self.shared.fair, request.waiter()) {
+            fair.taken_back(waiter, request.ttl());
+        }
         lock_core::raw::Answer::later(async move {
+            // No attempt can have stored such a token (see `try_acquire`): the lock given to a
+            // fair line's head, read back from the store, is left alone.
+            if redis_kit::is_reservation(request.token()) {
+                return Ok(false);
+            }
             self.shared.running()?;
             let token = request.token();
             let mut removed = false;
@@ -697,11 +738,6 @@ enum Released {
     Nothing,
 }
 
-/// Releases `token`'s lease of `kind` on `key` (or takes back its claim, for a writer).
-async fn release(shared: &Shared, key: &Key, token: &Token, kind: LeaseKind) -> Result<Released> {
-    release_as(shared, key, token, kind, "", ScriptSend::Cached).await
-}
-
 /// Whether the server answered `error` (not a connection that failed or a timeout).
 fn server_refused(error: &fred::error::Error) -> bool {
     use fred::error::ErrorKind;
@@ -723,7 +759,8 @@ enum ScriptSend {
     Whole,
 }
 
-/// As [`release`], also taking the waiter `member` (empty for none) out of a fair lock's line.
+/// Releases `token`'s lease of `kind` on `key` (or takes back its claim, for a writer), also
+/// taking the waiter `member` (empty for none) out of a fair lock's line.
 async fn release_as(
     shared: &Shared,
     key: &Key,
@@ -743,6 +780,7 @@ async fn release_as(
     let (script, mut args) = match kind_letter(kind) {
         None if shared.fair.is_some() => {
             line_keys = shared.line_keys(key);
+            call_keys.push(keys.fence.as_str());
             call_keys.extend(line_keys.iter().map(String::as_str));
             (
                 &RELEASE_FAIR,
@@ -838,8 +876,82 @@ async fn acquire_shared(
             start + request.ttl(),
         )
         .with_fencing_token(u64::try_from(fence).unwrap_or_default()),
+        line_member: String::new(),
     })))
 }
+
+/// What a fair attempt answered: the fencing token when taken, else the gate's answer (0, or
+/// -(1 + ms) for the head of the line behind a holder with ms left), with the expiry the attempt
+/// gave the waiter's place in line when it renewed one (`{gate, expiry}`).
+fn gate_answer(
+    value: fred::types::Value,
+) -> std::result::Result<(i64, Option<u64>), fred::error::Error> {
+    use fred::types::Value;
+    let unexpected = || {
+        fred::error::Error::new(
+            fred::error::ErrorKind::Parse,
+            "unexpected answer to a fair acquisition",
+        )
+    };
+    match value {
+        Value::Integer(answer) => Ok((answer, None)),
+        Value::Array(parts) => match parts.as_slice() {
+            [Value::Integer(answer), Value::Integer(expiry)] => Ok((
+                *answer,
+                Some(u64::try_from(*expiry).map_err(|_| unexpected())?),
+            )),
+            _ => Err(unexpected()),
+        },
+        _ => Err(unexpected()),
+    }
+}
+
+/// The lock a fair waiter holds without asking, when the server gave it the lock as it passed
+/// the turn (`lua/line_grant.lua`): its latest attempt renewed its place in line to lapse at the
+/// expiry the grant names, so the lock, taken for it until then, lives at least a ttl past that
+/// attempt's send time, from which its validity counts; the grant names its fencing token. The
+/// owner's value (`RESERVED` and the member) is the token, and the release takes the waiter out
+/// of the line. Not after a take-back of one of the waiter's attempts (it gives the lock up,
+/// maybe after the grant), and not with less than half a ttl left: then the waiter asks, and its
+/// attempt takes the lock over.
+fn claim_grant(
+    shared: &Arc<Shared>,
+    fair: &fair::FairLine,
+    request: &LockRequest,
+) -> Option<Box<dyn Handle>> {
+    let waiter = request.waiter()?;
+    if !request.after_wait() {
+        return None;
+    }
+    let granted = fair.granted(waiter)?;
+    let fence = granted.fence?;
+    let ttl = request.ttl();
+    // The entry's expiry was the server's clock floored to the ms, plus the ttl: up to a ms
+    // before a ttl past the attempt's arrival.
+    let valid_until = granted.sent + ttl.saturating_sub(GRANT_MARGIN);
+    if valid_until.saturating_duration_since(Instant::now()) < ttl / 2 {
+        return None;
+    }
+    let member = fair.member(waiter);
+    let token = Token::from_stored([redis_kit::RESERVED, member.as_str()].concat()).ok()?;
+    fair.forget(waiter);
+    tracing::debug!(key = %request.primary_key(), "the turn came with the lock");
+    Some(Box::new(IncHandle {
+        shared: Arc::clone(shared),
+        lease: Lease::from_parts(
+            request.key_set().clone(),
+            LeaseKind::Exclusive,
+            token,
+            valid_until,
+        )
+        .with_fencing_token(fence),
+        line_member: member,
+    }))
+}
+
+/// Taken off a granted lock's validity (see `claim_grant`): the server's clock is floored to
+/// the ms in the entry's expiry, and a ms more for the clocks' rates.
+const GRANT_MARGIN: Duration = Duration::from_millis(2);
 
 impl fmt::Debug for IncLock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -855,6 +967,9 @@ struct IncHandle {
     /// One key, the token, validity, fencing token and what is held: a mutex, a permit, a read
     /// or a write lock (a read lock after a downgrade).
     lease: Lease,
+    /// The fair line's member this lock was given to as it passed the turn (`claim_grant`),
+    /// which its release takes out of the line; empty for any other lock.
+    line_member: String,
 }
 
 #[async_trait]
@@ -905,7 +1020,16 @@ impl Handle for IncHandle {
             self.shared.running()?;
             let still_valid = self.lease.is_valid();
             let lease = &self.lease;
-            match release(&self.shared, lease.key(), lease.token(), lease.kind()).await {
+            let released = release_as(
+                &self.shared,
+                lease.key(),
+                lease.token(),
+                lease.kind(),
+                &self.line_member,
+                ScriptSend::Cached,
+            )
+            .await;
+            match released {
                 Ok(Released::Live) if still_valid => Ok(()),
                 Ok(_) => Err(LockError::NotHeld {
                     key: self.lease.key().to_string(),
@@ -952,7 +1076,7 @@ impl IncHandle {
             self.lease.token().clone(),
             self.lease.kind(),
             self.lease.valid_until(),
-            String::new(),
+            self.line_member.clone(),
         );
     }
 }

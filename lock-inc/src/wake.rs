@@ -93,10 +93,11 @@ impl Waiters for WakeRegistry {
 }
 
 impl Waiters for TurnRegistry {
-    /// A turn message names the waiter whose turn it is.
+    /// A turn message names the waiter whose turn it is, and what came with the turn (see
+    /// [`TurnRegistry::wake_message`]).
     fn wake(&self, message: &Message) {
-        if let Some(waiter) = message.value.as_str() {
-            TurnRegistry::wake(self, &waiter);
+        if let Some(text) = message.value.as_str() {
+            TurnRegistry::wake_message(self, &text);
         }
     }
 

@@ -38,9 +38,6 @@ pub(crate) struct FairLine {
     places: Mutex<HashMap<String, (u64, u64)>>,
     /// Set by `close`: an attempt still under way subscribes nowhere after it.
     closed: AtomicBool,
-    /// Waiters an attempt of which was taken back, and until when that counts (see
-    /// [`FairLine::taken_back`]; pruned past it once the map grows).
-    taken_back: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// Places nobody asked for this long are dropped once more than [`PLACES_PRUNE_ABOVE`] waiters
@@ -48,12 +45,6 @@ pub(crate) struct FairLine {
 /// attempt, however long ago it arrived.
 const PLACE_IDLE: Duration = lock_core::raw::wake::TURN_IDLE;
 const PLACES_PRUNE_ABOVE: usize = lock_core::raw::wake::TURN_PRUNE_ABOVE;
-
-/// A take-back and its re-sends end a ttl after it began (they stop once the keys would be
-/// gone by themselves), each send bounded by the node timeout (500 ms at most): the mark of a
-/// waiter whose attempt was taken back is kept at least its ttl and this long (then pruned once
-/// the marks grow; a mark never expires by itself).
-const TAKE_BACK_SETTLED: Duration = Duration::from_secs(10);
 
 /// A node's subscription, and when to try again after its last failure.
 #[derive(Default)]
@@ -94,7 +85,6 @@ impl FairLine {
             connected: Arc::default(),
             places: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
-            taken_back: Mutex::new(HashMap::new()),
         })
     }
 
@@ -221,34 +211,16 @@ impl FairLine {
     /// waiter has been taken back: a take-back gives up the waiter's reservation, and may land
     /// after the grant.
     pub(crate) fn granted(&self, waiter: &Token) -> Option<tokio::time::Instant> {
-        let key = waiter.expose();
-        if self
-            .taken_back
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains_key(&*key)
-        {
-            return None;
-        }
-        self.turns.granted(&key)
+        self.turns
+            .granted(&waiter.expose())
+            .map(|granted| granted.sent)
     }
 
     /// An attempt of `waiter` (with a ttl of `ttl`) is being taken back: from now on the waiter
     /// never holds a key given to it without asking (the take-back, and its re-sends until the
     /// ttl has passed, give up whatever is reserved for the waiter).
     pub(crate) fn taken_back(&self, waiter: &Token, ttl: Duration) {
-        let mut marks = self
-            .taken_back
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let now = std::time::Instant::now();
-        if marks.len() > PLACES_PRUNE_ABOVE {
-            marks.retain(|_, until| *until > now);
-        }
-        let until = now
-            .checked_add(ttl.saturating_add(TAKE_BACK_SETTLED))
-            .unwrap_or(now);
-        marks.insert(waiter.expose().to_string(), until);
+        self.turns.taken_back(&waiter.expose(), ttl);
     }
 
     /// `waiter`'s acquisition ended.
@@ -299,7 +271,7 @@ impl FairLine {
             loop {
                 while let Some(message) = stream.next().await {
                     if let Ok(payload) = std::str::from_utf8(message.get_payload_bytes()) {
-                        wake(&turns, payload);
+                        turns.wake_message(payload);
                     }
                 }
                 // The connection is gone. A turn is announced by every node that reserved the
@@ -324,24 +296,6 @@ impl FairLine {
             still_alive.store(false, Ordering::SeqCst);
         });
         Ok(Subscriber { alive, reader })
-    }
-}
-
-/// Wakes the waiter a message names: `<waiter>` for a turn to ask for, `<waiter>:<expiry>` for
-/// a turn that came with the key, lapsing at `expiry` (see `lua/line_pass.lua`).
-fn wake(turns: &TurnRegistry, payload: &str) {
-    match payload.split_once(':') {
-        Some((waiter, expiry)) => match expiry.parse() {
-            Ok(expiry) => {
-                turns.wake_granted(waiter, expiry);
-            }
-            Err(_) => {
-                turns.wake(waiter);
-            }
-        },
-        None => {
-            turns.wake(payload);
-        }
     }
 }
 

@@ -784,9 +784,7 @@ impl Lock for Redlock {
             if request.kind() != LeaseKind::Exclusive {
                 return Box::pin(lease::try_acquire(shared, request)).await;
             }
-            if is_reservation(request.token()) {
-                return Err(reservation_token());
-            }
+            lock_core::raw::redis::refuse_reservation(request.token())?;
             // A fair waiter's first attempt is a plain one, as cheap as without `fair`: a line
             // keeps the key reserved for its head (see `lua/line_pass.lua`), and the attempt
             // gives back a key it took while a line was waiting (a reservation that lapsed, a
@@ -952,7 +950,7 @@ impl Lock for Redlock {
         lock_core::raw::Answer::later(async move {
             // No attempt can have stored such a token (see `try_acquire`): a fair line's
             // reservation, read back from the store, is left alone.
-            if is_reservation(request.token()) {
+            if lock_core::raw::redis::is_reservation(request.token()) {
                 return Ok(false);
             }
             let shared = &self.shared;
@@ -1170,9 +1168,10 @@ fn claim_grant(
         return None;
     }
     let member = fair.member(waiter);
-    let token =
-        Token::from_stored(String::from_utf8([RESERVED.as_bytes(), &member].concat()).ok()?)
-            .ok()?;
+    let token = Token::from_stored(
+        String::from_utf8([lock_core::raw::redis::RESERVED.as_bytes(), &member].concat()).ok()?,
+    )
+    .ok()?;
     fair.forget(waiter);
     tracing::debug!(key = %request.primary_key(), "the turn came with the key");
     Some(Box::new(RedlockHandle {
@@ -1398,23 +1397,6 @@ async fn try_acquire_fair_quorum(
         return Err(error);
     }
     Ok(None)
-}
-
-/// The value of a key reserved for the head of a fair line (`lua/line_pass.lua`): never a
-/// token.
-const RESERVED: &str = "lock-turn-reserved:";
-
-/// True when `token` is a reservation's value (wrapped by `Token::from_stored`), which no
-/// acquisition may store and no take-back may delete.
-fn is_reservation(token: &lock_core::Token) -> bool {
-    token.expose().as_bytes().starts_with(RESERVED.as_bytes())
-}
-
-fn reservation_token() -> LockError {
-    LockError::invalid(
-        "token",
-        "must not begin with `lock-turn-reserved:` (a fair line's reservation)",
-    )
 }
 
 /// How many keys a release that succeeded reports: every key of a mutex, one lease.

@@ -2,7 +2,8 @@
 //! redis-servers, checked for broken promises.
 //!
 //! A schedule is drawn from its seed alone: the backend (Redlock on 3 nodes or 1, the latter
-//! with fencing or without, where fair waiters hold the keys released to them, or inc), the
+//! with fencing or without, where fair waiters hold the keys released to them, or inc, fair
+//! or not: fair, the head of a line holds the lock and fence a release gives it), the
 //! ttl, a few clients (each with its own backend instance and connections, as separate
 //! processes would have) taking single- and multi-key locks, holding them briefly, extending,
 //! keeping them alive with the watchdog, pausing past their validity, releasing or dropping
@@ -155,13 +156,16 @@ enum Backend {
     Redlock1Granted,
     /// inc on one node.
     Inc,
+    /// inc on one node, fair: the head of the line holds the lock (and the fencing token) a
+    /// release gives it, without asking (the grant).
+    IncFair,
 }
 
 impl Backend {
     fn nodes(self) -> usize {
         match self {
             Self::Redlock3 => 3,
-            Self::Redlock1 | Self::Redlock1Granted | Self::Inc => 1,
+            Self::Redlock1 | Self::Redlock1Granted | Self::Inc | Self::IncFair => 1,
         }
     }
 }
@@ -299,6 +303,10 @@ pub async fn run_schedule(
     // them (drawn apart, so that the other draws of a seed stay as they were).
     if backend == Backend::Redlock1 && StdRng::seed_from_u64(seed ^ 0x6a47_7ed1).random_bool(0.5) {
         backend = Backend::Redlock1Granted;
+    }
+    // Half the inc schedules wait fairly, where the head holds the lock given to it.
+    if backend == Backend::Inc && StdRng::seed_from_u64(seed ^ 0x1ec_fa1e).random_bool(0.5) {
+        backend = Backend::IncFair;
     }
     // How long clients hold and wait; it is also the lock ttl, except in the schedules that
     // check for stray locks (drawn apart, so that the other schedules of a seed stay as they were).
@@ -485,8 +493,9 @@ async fn build(
             )
             .map_err(to_io)?,
         ),
-        Backend::Inc => {
-            let mut config = lock_inc::IncConfig::new(urls[0].clone());
+        Backend::Inc | Backend::IncFair => {
+            let mut config =
+                lock_inc::IncConfig::new(urls[0].clone()).with_fair(backend == Backend::IncFair);
             config.command_timeout = u64::try_from(node_timeout.as_millis()).unwrap_or(50);
             // Setting a client up is not what a schedule tests: a connection that times out on
             // a loaded machine (the command timeout is the schedule's short node timeout) is
@@ -532,7 +541,7 @@ async fn run_client(
     let mut rng = StdRng::seed_from_u64(seed);
     let started = Instant::now();
     while started.elapsed() < run_for {
-        let multi = backend != Backend::Inc && rng.random_bool(0.4);
+        let multi = !matches!(backend, Backend::Inc | Backend::IncFair) && rng.random_bool(0.4);
         let mut keys: Vec<&str> = if multi {
             let first = rng.random_range(0..KEYS.len());
             let second = (first + rng.random_range(1..KEYS.len())) % KEYS.len();

@@ -274,9 +274,11 @@ async fn one_node_hammer_with_dying_holders_and_long_sections_never_overlaps() {
     assert!(tally.grants.load(Ordering::Relaxed) > 0, "vacuous");
 }
 
-/// Three nodes and inc are not on the new path (no grant ever): still exclusive. Held.
+/// Three nodes are not on the new path (no grant ever): still exclusive. Held. inc grants too
+/// since session 26 (the release takes the lock and draws the fence for the head): exclusive,
+/// and its heads hold what they are given.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redlock3_and_inc_hammer_never_overlap_and_never_grant() {
+async fn redlock3_never_grants_inc_grants_and_neither_overlaps() {
     for store in [Store::Redlock3, Store::Inc] {
         let Some(target) = Target::start(store, "adv25a").await else {
             return;
@@ -296,7 +298,12 @@ async fn redlock3_and_inc_hammer_never_overlap_and_never_grant() {
         report(&format!("{store:?}"), &tally, &intervals);
         assert_eq!(intervals.overlaps(), 0, "{store:?}");
         assert_eq!(tally.lost_updates.load(Ordering::Relaxed), 0, "{store:?}");
-        assert_eq!(tally.grants.load(Ordering::Relaxed), 0, "{store:?}");
+        let grants = tally.grants.load(Ordering::Relaxed);
+        if store == Store::Inc {
+            assert!(grants > 0, "{store:?}: no grant held");
+        } else {
+            assert_eq!(grants, 0, "{store:?}");
+        }
         assert!(tally.sections.load(Ordering::Relaxed) > 20, "{store:?}");
     }
 }

@@ -2,24 +2,44 @@
 //! reserves the key for the head and names the reservation's expiry in its message, and a head
 //! whose latest attempt renewed its place to exactly that expiry holds the reservation as its
 //! lock, without another round trip. With fencing (the control) the head asks, as before: the
-//! fence is drawn by an attempt.
+//! fence is drawn by an attempt. The INCR lock (`inc`) does the same with its fence: the release
+//! takes the lock for the head, draws its fencing token and names both in its message.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
 use lock_core::{LockOptions, Locker};
+use lock_inc::{IncConfig, IncLock};
 use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::fair::{Store, Target, waiting};
 
-/// A fair client of `target`'s node, with fencing on or off.
-fn client(target: &Target, fencing: bool) -> Locker {
-    let backend = Redlock::new(
-        RedlockConfig::new([target.url.clone()])
-            .with_fair(true)
-            .with_fencing(fencing),
-    )
-    .unwrap();
-    Locker::new(backend)
+/// Which fair client `client` makes.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// Redlock on the one node, fencing on or off.
+    Redlock { fencing: bool },
+    /// The INCR lock (always fenced).
+    Inc,
+}
+
+/// A fair client of `target`'s node.
+async fn client(target: &Target, kind: Kind) -> Locker {
+    let locker = match kind {
+        Kind::Redlock { fencing } => Locker::new(
+            Redlock::new(
+                RedlockConfig::new([target.url.clone()])
+                    .with_fair(true)
+                    .with_fencing(fencing),
+            )
+            .unwrap(),
+        ),
+        Kind::Inc => Locker::new(
+            IncLock::connect(IncConfig::new(target.url.clone()).with_fair(true))
+                .await
+                .unwrap(),
+        ),
+    };
+    locker
         .with_options(
             LockOptions::default()
                 .with_ttl(Duration::from_secs(10))
@@ -44,17 +64,26 @@ async fn script_calls(connection: &mut redis::aio::MultiplexedConnection) -> u64
         .sum()
 }
 
-/// A holder and a waiter on one key: the waiter lines up, the holder releases; the waiter's
-/// guard token, and the script calls the server saw from the release on until the waiter held
-/// the key (the release's own included).
-async fn hand_off(target: &Target, fencing: bool, key: &'static str) -> (String, u64) {
-    let (holder, waiter) = (client(target, fencing), client(target, fencing));
+/// What a hand-off showed: the waiter's guard token, the script calls the server saw from the
+/// release on until the waiter held the key (the release's own included), and the holder's and
+/// the waiter's fencing tokens.
+struct HandOff {
+    token: String,
+    calls: u64,
+    fences: (Option<u64>, Option<u64>),
+}
+
+/// A holder and a waiter on one key: the waiter lines up, the holder releases.
+async fn hand_off(target: &Target, kind: Kind, key: &'static str) -> HandOff {
+    let (holder, waiter) = (client(target, kind).await, client(target, kind).await);
     let guard = holder.acquire(key).await.unwrap();
+    let held_fence = guard.fencing_token();
     let (told, heard) = tokio::sync::oneshot::channel();
     let (go, gone) = tokio::sync::oneshot::channel::<()>();
     let waiting = tokio::spawn(async move {
         let mut guard = waiter.acquire(key).await.unwrap();
-        told.send(guard.token().expose().to_string()).unwrap();
+        told.send((guard.token().expose().to_string(), guard.fencing_token()))
+            .unwrap();
         gone.await.unwrap();
         // The lock it holds is a lock: extended and released by its token.
         guard.extend(Duration::from_secs(20)).await.unwrap();
@@ -68,7 +97,7 @@ async fn hand_off(target: &Target, fencing: bool, key: &'static str) -> (String,
     let mut connection = server.get_multiplexed_async_connection().await.unwrap();
     let before = script_calls(&mut connection).await;
     guard.release().await.unwrap();
-    let token = tokio::time::timeout(Duration::from_secs(3), heard)
+    let (token, fence) = tokio::time::timeout(Duration::from_secs(3), heard)
         .await
         .expect("the waiter was not served within 3 s of the release")
         .unwrap();
@@ -85,7 +114,11 @@ async fn hand_off(target: &Target, fencing: bool, key: &'static str) -> (String,
         .filter(|stored| !stored.ends_with(b":fence"))
         .collect();
     assert!(left.is_empty(), "left in Redis: {left:?}");
-    (token, calls)
+    HandOff {
+        token,
+        calls,
+        fences: (held_fence, fence),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,8 +128,9 @@ async fn the_head_of_a_one_node_line_holds_the_key_the_release_gives_it() {
     };
     // The first hand-off loads the scripts (a `NOSCRIPT` answer, then the load): counted from
     // the second on.
-    hand_off(&target, false, "warm").await;
-    let (token, calls) = hand_off(&target, false, "granted").await;
+    let plain = Kind::Redlock { fencing: false };
+    hand_off(&target, plain, "warm").await;
+    let HandOff { token, calls, .. } = hand_off(&target, plain, "granted").await;
     println!("granted: token {token}, {calls} script calls from the release on");
     assert!(
         token.starts_with("lock-turn-reserved:"),
@@ -105,12 +139,39 @@ async fn the_head_of_a_one_node_line_holds_the_key_the_release_gives_it() {
     assert_eq!(calls, 1, "only the release's script: {calls} script calls");
 
     // The control: with fencing the head asks (its attempt draws the fence).
-    hand_off(&target, true, "warm-fenced").await;
-    let (token, calls) = hand_off(&target, true, "granted-fenced").await;
+    let fenced = Kind::Redlock { fencing: true };
+    hand_off(&target, fenced, "warm-fenced").await;
+    let HandOff { token, calls, .. } = hand_off(&target, fenced, "granted-fenced").await;
     println!("fenced: token {token}, {calls} script calls from the release on");
     assert!(!token.starts_with("lock-turn-reserved:"), "{token}");
     assert_eq!(
         calls, 2,
         "the release's script and the head's attempt: {calls}"
     );
+}
+
+/// The INCR lock: the release takes the lock for the head, with a fencing token above the
+/// holder's, and the head holds it (one script call: the release's). Before, the release woke
+/// the head, which asked (two calls) and held its own token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_of_an_inc_line_holds_the_lock_and_the_fence_the_release_gives_it() {
+    let Some(target) = Target::start(Store::Redis, "inc fair grant").await else {
+        return;
+    };
+    hand_off(&target, Kind::Inc, "warm").await;
+    let HandOff {
+        token,
+        calls,
+        fences,
+    } = hand_off(&target, Kind::Inc, "granted").await;
+    println!("inc: token {token}, {calls} script calls, fences {fences:?}");
+    assert!(
+        token.starts_with("lock-turn-reserved:"),
+        "the head asked for the lock instead of holding the one it was given: token {token}"
+    );
+    assert_eq!(calls, 1, "only the release's script: {calls} script calls");
+    let (Some(held), Some(granted)) = fences else {
+        panic!("no fencing token: {fences:?}");
+    };
+    assert!(granted > held, "fences went backwards: {fences:?}");
 }

@@ -166,7 +166,10 @@ async fn a_replayed_acquisition_cannot_make_a_second_holder() {
     };
     // The exact script the backend runs, sent twice with one token, as a client replaying a
     // command after a reconnect would.
-    let script = redis::Script::new(include_str!("../../lock-inc/src/lua/acquire.lua"));
+    let script = redis::Script::new(concat!(
+        include_str!("../../lock-inc/src/lua/fence.lua"),
+        include_str!("../../lock-inc/src/lua/acquire.lua")
+    ));
     let mut con = raw_connection(&server).await;
     let keys = [
         "lock:{replayed}",
@@ -526,7 +529,10 @@ async fn a_resent_acquisition_finds_its_own_win_where_a_bare_incr_counts_twice()
     })
     .await;
 
-    let source = include_str!("../../lock-inc/src/lua/acquire.lua");
+    let source = concat!(
+        include_str!("../../lock-inc/src/lua/fence.lua"),
+        include_str!("../../lock-inc/src/lua/acquire.lua")
+    );
     // Loaded beforehand, so that the resend is the only repetition.
     let _: String = redis::Script::new(source)
         .prepare_invoke()

@@ -461,7 +461,10 @@ async fn nothing_is_left_after_a_hundred_thousand_locks() {
 
 /// The acquisition script, run by hand (as a client resending it would).
 fn acquire_script() -> redis::Script {
-    redis::Script::new(include_str!("../../lock-inc/src/lua/acquire.lua"))
+    redis::Script::new(concat!(
+        include_str!("../../lock-inc/src/lua/fence.lua"),
+        include_str!("../../lock-inc/src/lua/acquire.lua")
+    ))
 }
 
 async fn acquire_raw(

@@ -25,6 +25,41 @@ pub const TURN_CHANNEL: &str = "lock-turn:";
 /// instance (32 hex digits) followed by the waiter's id. See the script's own comments.
 pub const LINE_SCRIPT: &str = include_str!("redis/line.lua");
 
+/// The value of a key a backend gives the head of a fair line as it passes the turn, followed
+/// by the head's member (see [`line_member`]): the key is reserved for that waiter, which may
+/// hold it as its lock with this value as its token. No acquisition may store a token that
+/// begins with it ([`refuse_reservation`]).
+pub const RESERVED: &str = "lock-turn-reserved:";
+
+/// True when `token` is a reservation's value ([`RESERVED`]), which no acquisition may store and
+/// no take-back may delete.
+///
+/// ```
+/// use lock_core::Token;
+/// use lock_core::raw::redis::is_reservation;
+///
+/// assert!(is_reservation(&Token::from_stored("lock-turn-reserved:abc").unwrap()));
+/// assert!(!is_reservation(&Token::from_stored("abc").unwrap()));
+/// ```
+pub fn is_reservation(token: &crate::Token) -> bool {
+    token.expose().as_bytes().starts_with(RESERVED.as_bytes())
+}
+
+/// Refuses `token` when it is a reservation's value ([`is_reservation`]).
+///
+/// # Errors
+///
+/// [`LockError::InvalidInput`] naming the token.
+pub fn refuse_reservation(token: &crate::Token) -> Result<()> {
+    if is_reservation(token) {
+        return Err(LockError::invalid(
+            "token",
+            "must not begin with `lock-turn-reserved:` (a fair line's reservation)",
+        ));
+    }
+    Ok(())
+}
+
 /// The member of a waiting line that stands for the waiter `waiter` of the client `instance`
 /// (32 hex digits): see [`LINE_SCRIPT`].
 ///

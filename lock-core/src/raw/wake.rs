@@ -276,9 +276,28 @@ impl WakeRegistry {
 /// reservation is the head's lock) sends a *grant* naming when that key lapses
 /// ([`TurnRegistry::wake_granted`]); the waiter may hold it without asking again only if its
 /// latest attempt, whose send time it recorded ([`TurnRegistry::anchor`]), renewed its place to
-/// exactly that expiry: see [`TurnRegistry::granted`].
+/// exactly that expiry: see [`TurnRegistry::granted`]. A waiter an attempt of which was taken
+/// back ([`TurnRegistry::taken_back`]) holds no grant from then on.
 #[derive(Clone, Debug, Default)]
-pub struct TurnRegistry(Arc<Mutex<HashMap<String, Arc<Turn>>>>);
+pub struct TurnRegistry(Arc<Turns>);
+
+#[derive(Debug, Default)]
+struct Turns {
+    waiters: Mutex<HashMap<String, Arc<Turn>>>,
+    /// Waiters an attempt of which was taken back, and until when that counts (pruned past it
+    /// once the map grows).
+    taken_back: Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// A turn that came with the key (see [`TurnRegistry::granted`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Granted {
+    /// When the waiter's attempt was sent whose place the grant names: the key lapses no
+    /// earlier than a ttl after it.
+    pub sent: tokio::time::Instant,
+    /// The fencing token the store drew for the waiter as it gave it the key, when it did.
+    pub fence: Option<u64>,
+}
 
 /// Entries of a [`TurnRegistry`] left alone this long are dropped once it holds more than
 /// [`TURN_PRUNE_ABOVE`] waiters.
@@ -286,6 +305,11 @@ pub const TURN_IDLE: Duration = Duration::from_secs(600);
 
 /// See [`TURN_IDLE`].
 pub const TURN_PRUNE_ABOVE: usize = 1024;
+
+/// A take-back and its re-sends end a ttl after it began (they stop once the keys would be gone
+/// by themselves), each send bounded by a node or command timeout: a waiter whose attempt was
+/// taken back is marked for its ttl and this long (see [`TurnRegistry::taken_back`]).
+pub const TAKE_BACK_SETTLED: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct Turn {
@@ -295,16 +319,24 @@ struct Turn {
     /// expiry, which nobody announces.
     retry_at: Mutex<Option<tokio::time::Instant>>,
     touched: Mutex<tokio::time::Instant>,
-    /// The expiry (the store's clock) named by the latest grant, until taken.
-    grant: Mutex<Option<u64>>,
+    /// The expiry (the store's clock) and the fencing token named by the latest grant, until
+    /// taken.
+    grant: Mutex<Option<(u64, Option<u64>)>>,
     /// When the waiter's latest attempt that renewed its place was sent, and the expiry the
     /// store gave its place then.
     anchor: Mutex<Option<(tokio::time::Instant, u64)>>,
 }
 
 impl TurnRegistry {
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Turn>>> {
+        self.0
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn turn(&self, waiter: &str) -> Arc<Turn> {
-        let mut turns = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut turns = self.waiters();
         let now = tokio::time::Instant::now();
         if turns.len() > TURN_PRUNE_ABOVE && !turns.contains_key(waiter) {
             turns.retain(|_, turn| {
@@ -353,10 +385,7 @@ impl TurnRegistry {
 
     /// Stops listening for `waiter` (its acquisition ended).
     pub fn forget(&self, waiter: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(waiter);
+        self.waiters().remove(waiter);
     }
 
     /// Wakes `waiter` (or keeps the wake-up until it waits); false when nobody listens by that
@@ -365,14 +394,26 @@ impl TurnRegistry {
         self.wake_with(waiter, None)
     }
 
+    /// Wakes the waiter a message on its client's turn channel names: `<waiter>` for a turn to
+    /// ask for, `<waiter>:<expiry>` for a turn that came with the key, lapsing at `expiry` (see
+    /// [`TurnRegistry::wake_granted`]), `<waiter>:<expiry>:<fence>` for one that came with the
+    /// key and the fencing token `fence`. A part that is no number makes the turn one to ask
+    /// for. False when nobody listens by that id.
+    pub fn wake_message(&self, message: &str) -> bool {
+        let mut parts = message.splitn(3, ':');
+        let waiter = parts.next().unwrap_or_default();
+        let expiry = parts.next().map(str::parse::<u64>);
+        let fence = parts.next().map(str::parse::<u64>);
+        match (expiry, fence) {
+            (Some(Ok(expiry)), None) => self.wake_granted(waiter, expiry, None),
+            (Some(Ok(expiry)), Some(Ok(fence))) => self.wake_granted(waiter, expiry, Some(fence)),
+            _ => self.wake(waiter),
+        }
+    }
+
     /// Wakes `waiter`, recording `grant` first when given; false when nobody listens.
-    fn wake_with(&self, waiter: &str, grant: Option<u64>) -> bool {
-        let turn = self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(waiter)
-            .map(Arc::clone);
+    fn wake_with(&self, waiter: &str, grant: Option<(u64, Option<u64>)>) -> bool {
+        let turn = self.waiters().get(waiter).map(Arc::clone);
         let Some(turn) = turn else {
             return false;
         };
@@ -384,10 +425,10 @@ impl TurnRegistry {
     }
 
     /// Wakes `waiter` for a turn that came with the key: the store gave it the key, which
-    /// lapses at `expiry` (the store's clock, as in [`TurnRegistry::anchor`]). False when
-    /// nobody listens by that id.
-    pub fn wake_granted(&self, waiter: &str, expiry: u64) -> bool {
-        self.wake_with(waiter, Some(expiry))
+    /// lapses at `expiry` (the store's clock, as in [`TurnRegistry::anchor`]), with the fencing
+    /// token `fence` when the store drew one. False when nobody listens by that id.
+    pub fn wake_granted(&self, waiter: &str, expiry: u64, fence: Option<u64>) -> bool {
+        self.wake_with(waiter, Some((expiry, fence)))
     }
 
     /// Records that `waiter`'s attempt sent at `sent` renewed its place in line to lapse at
@@ -398,34 +439,53 @@ impl TurnRegistry {
     }
 
     /// Takes the grant `waiter` heard since its latest attempt, if it names the expiry that
-    /// attempt's place was given: then the key the store gave it lapses no earlier than a ttl
-    /// (the lease of the place) after that attempt was sent, whose send time is returned. A
-    /// grant of an earlier place (one that lapsed since, its message late) is not one.
-    pub fn granted(&self, waiter: &str) -> Option<tokio::time::Instant> {
-        let turn = self
+    /// attempt's place was given and no attempt of the waiter was taken back: then the key the
+    /// store gave it lapses no earlier than a ttl (the lease of the place) after that attempt
+    /// was sent. A grant of an earlier place (one that lapsed since, its message late) is not
+    /// one.
+    pub fn granted(&self, waiter: &str) -> Option<Granted> {
+        if self
             .0
+            .taken_back
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(waiter)
-            .map(Arc::clone)?;
-        let grant = turn
+            .contains_key(waiter)
+        {
+            return None;
+        }
+        let turn = self.waiters().get(waiter).map(Arc::clone)?;
+        let (expiry, fence) = turn
             .grant
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()?;
-        let (sent, expiry) = (*turn.anchor.lock().unwrap_or_else(PoisonError::into_inner))?;
-        (grant == expiry).then_some(sent)
+        let (sent, anchored) = (*turn.anchor.lock().unwrap_or_else(PoisonError::into_inner))?;
+        (expiry == anchored).then_some(Granted { sent, fence })
+    }
+
+    /// An attempt of `waiter`, with a ttl of `ttl`, is being taken back: from now on (for the
+    /// ttl and [`TAKE_BACK_SETTLED`] more, the take-back's re-sends included) the waiter holds
+    /// no key given to it without asking: the take-back gives up whatever is reserved for the
+    /// waiter, maybe after the grant was sent. Call it before the take-back is sent. Marks are
+    /// pruned once past their time and more than [`TURN_PRUNE_ABOVE`] are kept.
+    pub fn taken_back(&self, waiter: &str, ttl: Duration) {
+        let keep = ttl.saturating_add(TAKE_BACK_SETTLED);
+        let mut marks = self
+            .0
+            .taken_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if marks.len() > TURN_PRUNE_ABOVE {
+            marks.retain(|_, until| *until > now);
+        }
+        let until = now.checked_add(keep).unwrap_or(now);
+        marks.insert(waiter.to_owned(), until);
     }
 
     /// Wakes every waiter (after a lost connection: messages may have been missed).
     pub fn wake_all(&self) {
-        let all: Vec<Arc<Turn>> = self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .map(Arc::clone)
-            .collect();
+        let all: Vec<Arc<Turn>> = self.waiters().values().map(Arc::clone).collect();
         for turn in all {
             turn.notify.notify_one();
         }
@@ -447,7 +507,7 @@ impl TurnRegistry {
 
     /// How many waiters listen.
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.waiters().len()
     }
 
     /// True when no waiter listens.
@@ -673,5 +733,46 @@ mod tests {
             next.subscribe,
             "the channel counts as subscribed though nobody finished subscribing"
         );
+    }
+
+    /// A grant is held only when it names the expiry of the waiter's latest attempt, and it
+    /// carries the fencing token of a `<waiter>:<expiry>:<fence>` message; anything else in
+    /// a message makes the turn one to ask for.
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_names_the_latest_attempt_and_carries_its_fence() {
+        let turns = TurnRegistry::default();
+        turns.listen("w");
+        let sent = tokio::time::Instant::now();
+        turns.anchor("w", sent, 1_000);
+        assert!(turns.wake_message("w:999:7"));
+        assert_eq!(turns.granted("w"), None, "a grant of another expiry");
+        assert!(turns.wake_message("w:1000:7"));
+        assert_eq!(
+            turns.granted("w"),
+            Some(Granted {
+                sent,
+                fence: Some(7)
+            })
+        );
+        assert_eq!(turns.granted("w"), None, "a grant is taken once");
+        assert!(turns.wake_message("w:1000"));
+        assert_eq!(turns.granted("w").and_then(|granted| granted.fence), None);
+        for asked in ["w", "w:soon", "w:1000:x", "w:-1"] {
+            assert!(turns.wake_message(asked), "{asked}");
+            assert_eq!(turns.granted("w"), None, "{asked}");
+        }
+        assert!(!turns.wake_message("other:1000:7"));
+    }
+
+    /// The negative control of the grant: once an attempt of the waiter is taken back, a grant
+    /// that names its latest attempt is not held (the take-back gave the key up).
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_whose_attempt_was_taken_back_holds_no_grant() {
+        let turns = TurnRegistry::default();
+        turns.listen("w");
+        turns.anchor("w", tokio::time::Instant::now(), 1_000);
+        turns.taken_back("w", Duration::from_secs(1));
+        assert!(turns.wake_message("w:1000:7"));
+        assert_eq!(turns.granted("w"), None);
     }
 }

@@ -34,7 +34,10 @@ pub(crate) async fn benchmarks(
             .await?;
         locker.acquire_read("bench-read").await?.release().await?;
     }
-    let acquire = include_str!("../../../../lock-inc/src/lua/acquire.lua");
+    let acquire = concat!(
+        include_str!("../../../../lock-inc/src/lua/fence.lua"),
+        include_str!("../../../../lock-inc/src/lua/acquire.lua")
+    );
     let release = include_str!("../../../../lock-inc/src/lua/release.lua");
     let token = "0123456789abcdef0123456789abcdef";
     let floor = MinimalClient::connect(
@@ -141,8 +144,9 @@ impl FredAlone {
         client.init().await?;
         Ok(Self {
             client,
-            acquire: fred::types::scripts::Script::from_lua(include_str!(
-                "../../../../lock-inc/src/lua/acquire.lua"
+            acquire: fred::types::scripts::Script::from_lua(concat!(
+                include_str!("../../../../lock-inc/src/lua/fence.lua"),
+                include_str!("../../../../lock-inc/src/lua/acquire.lua")
             )),
             release: fred::types::scripts::Script::from_lua(include_str!(
                 "../../../../lock-inc/src/lua/release.lua"
@@ -229,7 +233,10 @@ async fn contended(server: &RedisServer, duration: Duration) -> BenchResult<Vec<
 
 /// The limit for the INCR lock's exact scripts, on fresh random keys as real acquisitions are.
 fn inc_limit(server: &RedisServer, requests: u32, extra: &[&str]) -> BenchResult<f64> {
-    let acquire = include_str!("../../../../lock-inc/src/lua/acquire.lua");
+    let acquire = concat!(
+        include_str!("../../../../lock-inc/src/lua/fence.lua"),
+        include_str!("../../../../lock-inc/src/lua/acquire.lua")
+    );
     let release = include_str!("../../../../lock-inc/src/lua/release.lua");
     let keys = [
         "lock:{b__rand_int__}",
