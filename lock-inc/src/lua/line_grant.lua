@@ -6,48 +6,25 @@
 -- A newcomer finds the lock held and lines up. The head holds the lock as it is (the
 -- reservation is its token, see lock-inc's `claim_grant`) or, when it cannot vouch for the
 -- grant, asks: its attempt takes the lock over (line_take_grant). A head that leaves the line
--- gives the lock up first (line_grant_leave), and one that died holds it no longer than its
--- entry lives.
-local RESERVED = 'lock-turn-reserved:'
+-- gives the lock up first (line.lua's line_give_back), and one that died holds it no longer
+-- than its entry lives.
+local RESERVED = LINE_RESERVED
 
 -- When `counter` is free and someone is in line, the lock goes to the head of the line, which
--- alone is woken; a head with no time left on its entry (or a fencing counter that cannot
--- draw) is only woken, to ask.
+-- alone is woken (see line_give); a fencing counter that cannot draw (it holds no integer)
+-- gives nothing: the head is only woken, to ask, and its attempt reports the error.
 local function line_grant(counter, owner, fence_key, prefix)
-  if redis.call('exists', LINE_EXPIRY) == 0 then
-    return
-  end
-  if redis.call('exists', counter) == 0 then
-    local now = line_clock()
-    line_prune(now)
-    local head = redis.call('zrange', LINE, 0, 0)[1]
-    if head then
-      local expiry = tonumber(redis.call('zscore', LINE_EXPIRY, head))
-      local message = string.sub(head, 33)
-      local stored = fence_stored(fence_key)
-      local fence = stored and fence_next(stored)
-      if expiry - now > 0 and fence then
-        local left = string.format('%.0f', expiry - now)
-        redis.call('set', counter, '1', 'PX', left)
-        redis.call('set', owner, RESERVED .. head, 'PX', left)
-        fence_store(fence_key, fence, left)
-        message = message .. ':' .. string.format('%.0f', expiry) .. ':' .. string.format('%.0f', fence)
-      end
-      line_publish(prefix .. string.sub(head, 1, 32), message)
+  line_give(counter, prefix, function(head, left)
+    local stored = fence_stored(fence_key)
+    local fence = stored and fence_next(stored)
+    if not fence then
+      return nil
     end
-  end
-  line_settle()
-end
-
--- `member` ('' for none) leaves the line; the lock given to it is given up first, so that the
--- turn passes on.
-local function line_grant_leave(counter, owner, member)
-  if member ~= '' then
-    if redis.pcall('get', owner) == RESERVED .. member then
-      redis.call('del', counter, owner)
-    end
-    line_leave(member)
-  end
+    redis.call('set', counter, '1', 'PX', left)
+    redis.call('set', owner, RESERVED .. head, 'PX', left)
+    fence_store(fence_key, fence, left)
+    return ':' .. string.format('%.0f', fence)
+  end)
 end
 
 -- When the lock was given to `member`, `token` takes it over for `ttl` ms (the fencing token

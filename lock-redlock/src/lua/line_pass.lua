@@ -7,43 +7,21 @@
 -- node, the head holds the reservation itself as its lock (see line_pass's message). A head
 -- that leaves the line gives its reservation up to the next (line_pass_from), and one that died
 -- holds the key no longer than its entry lives.
-local RESERVED = 'lock-turn-reserved:'
+local RESERVED = LINE_RESERVED
 
 -- The turn passes to the head of the line when `lock` is free: the key is reserved for it
--- until its entry expires, and it is woken.
+-- until its entry expires, and it is woken (with the reservation's expiry, see line_give).
 local function line_pass(lock, prefix)
-  if redis.call('exists', LINE_EXPIRY) == 0 then
-    return
-  end
-  if redis.call('exists', lock) == 0 then
-    local now = line_clock()
-    line_prune(now)
-    local head = redis.call('zrange', LINE, 0, 0)[1]
-    if head then
-      local expiry = tonumber(redis.call('zscore', LINE_EXPIRY, head))
-      local message = string.sub(head, 33)
-      if expiry - now > 0 then
-        redis.call('set', lock, RESERVED .. head, 'PX', string.format('%.0f', expiry - now))
-        -- The reservation's expiry rides along: a waiter whose latest attempt renewed its entry
-        -- to exactly that expiry knows when the key it was given lapses, and may hold it as it
-        -- is (the reservation is then its lock), without asking again.
-        message = message .. ':' .. string.format('%.0f', expiry)
-      end
-      line_publish(prefix .. string.sub(head, 1, 32), message)
-    end
-  end
-  line_settle()
+  line_give(lock, prefix, function(head, left)
+    redis.call('set', lock, RESERVED .. head, 'PX', left)
+    return ''
+  end)
 end
 
 -- `member` leaves the line; a reservation of `lock` for it is given up first, so that the turn
 -- passes on.
 local function line_pass_from(lock, member, prefix)
-  if member ~= '' then
-    if redis.pcall('get', lock) == RESERVED .. member then
-      redis.call('del', lock)
-    end
-    line_leave(member)
-  end
+  line_give_back(lock, member, lock)
   line_pass(lock, prefix)
 end
 

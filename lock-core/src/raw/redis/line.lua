@@ -11,6 +11,10 @@
 -- empties, so nothing stays once nobody waits.
 local LINE, LINE_EXPIRY = KEYS[#KEYS - 1], KEYS[#KEYS]
 
+-- The value of a key given to the head of the line as the turn passes (see line_give),
+-- followed by the head's member (lock-core's `raw::redis::RESERVED`): no token begins with it.
+local LINE_RESERVED = 'lock-turn-reserved:'
+
 -- The server's clock in ms and in µs.
 local function line_clock()
   local t = redis.call('time')
@@ -107,7 +111,7 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen)
     -- A head the key is reserved for may hold it as its lock (one-node Redlock's grant, see
     -- lock-redlock's line_pass.lua) and stays in line until it releases or its entry lapses
     -- with the key: the waiter behind it is then first behind that holder.
-    if first[2] == member and redis.pcall('get', owner) == 'lock-turn-reserved:' .. first[1] then
+    if first[2] == member and redis.pcall('get', owner) == LINE_RESERVED .. first[1] then
       first[1] = member
     end
     if first[1] == member then
@@ -136,16 +140,42 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen)
   return 0, expiry
 end
 
--- After a release or a waiter's leaving: when the lock is free, the turn passes to the head of
--- the line, which alone is woken.
-local function line_hand_over(lock, prefix)
+-- When `lock` is free, the turn passes to the head of the line, which alone is woken. With
+-- time left on the head's entry, `give(head, left)` first takes the key for the head, for
+-- `left` ms (a string): what it returns (nil when it gave nothing) follows the entry's expiry
+-- in the message, `<waiter>:<expiry><what give returned>`, so that a waiter whose latest attempt
+-- renewed its entry to exactly that expiry knows when what it was given lapses, and may hold
+-- it as it is without asking again.
+local function line_give(lock, prefix, give)
   if redis.call('exists', LINE_EXPIRY) == 0 then
     return
   end
   if redis.call('exists', lock) == 0 then
     local now = line_clock()
     line_prune(now)
-    line_wake(prefix)
+    local head = redis.call('zrange', LINE, 0, 0)[1]
+    if head then
+      local expiry = tonumber(redis.call('zscore', LINE_EXPIRY, head))
+      local message = string.sub(head, 33)
+      if expiry - now > 0 then
+        local given = give(head, string.format('%.0f', expiry - now))
+        if given then
+          message = message .. ':' .. string.format('%.0f', expiry) .. given
+        end
+      end
+      line_publish(prefix .. string.sub(head, 1, 32), message)
+    end
   end
   line_settle()
+end
+
+-- `member` ('' for none) leaves the line; what was given to it (`owner` holds LINE_RESERVED
+-- and the member) is given up first, the keys `...` deleted, so that the turn passes on.
+local function line_give_back(owner, member, ...)
+  if member ~= '' then
+    if redis.pcall('get', owner) == LINE_RESERVED .. member then
+      redis.call('del', ...)
+    end
+    line_leave(member)
+  end
 end
