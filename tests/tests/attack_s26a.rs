@@ -783,3 +783,53 @@ async fn inc_a_stop_around_the_grant_leaves_nothing_and_blocks_nobody() {
     holder.stop().await.unwrap();
     next.stop().await.unwrap();
 }
+/// Raw API: one waiter id used by two acquisitions of one client, on two keys (the id is the
+/// caller's: `LockRequest::with_waiter`). The grant of key A, which names the expiry the
+/// waiter's latest attempt (on A) got, must not make the waiter hold key B, which another
+/// client holds: a grant is for the key it was given on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_raw_a_grant_on_one_key_is_not_held_on_another() {
+    let Some(target) = Target::start(Store::Inc, "adv26a").await else {
+        return;
+    };
+    let (a, b) = ("raw-a", "raw-b");
+    let mut connection = connect(&target.url).await;
+    let holder = inc_locker(&target.url, true, ms(10_000), RetryPolicy::none()).await;
+    let held_a = holder.acquire(a).await.unwrap();
+    let held_b = holder.acquire(b).await.unwrap();
+    let raw = inc_backend(&target.url, true).await;
+    let waiter = Token::generate().unwrap();
+    let attempt = |key: &str, after_wait: bool| {
+        request(key, Token::generate().unwrap(), ms(5_000))
+            .with_waiter(waiter.clone())
+            .with_after_wait(after_wait)
+            .with_will_wait(true)
+    };
+    // The waiter asks for A and lines up there.
+    let refused = raw.try_acquire(&attempt(a, true)).await.unwrap();
+    assert!(refused.is_none());
+    until_in_line(&mut connection, a, 1).await;
+    // A's release gives A to the waiter.
+    held_a.release().await.unwrap();
+    let reserved = get(&mut connection, &owner_key(a)).await;
+    assert!(
+        reserved.as_deref().is_some_and(|v| v.starts_with(RESERVED)),
+        "{reserved:?}"
+    );
+    sleep(ms(200)).await;
+    // The same waiter's attempt on B, which another client holds.
+    let on_b = raw.try_acquire(&attempt(b, true)).await.unwrap();
+    let b_owner = get(&mut connection, &owner_key(b)).await;
+    println!(
+        "B's attempt: {:?}; B's owner {b_owner:?}",
+        on_b.as_ref()
+            .map(|h| h.lease().token().expose().to_string())
+    );
+    assert!(
+        on_b.is_none(),
+        "the waiter holds B, whose owner is {b_owner:?} (the holder's guard is live: {})",
+        held_b.is_valid()
+    );
+    held_b.release().await.unwrap();
+    holder.stop().await.unwrap();
+}
