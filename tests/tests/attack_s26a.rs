@@ -248,7 +248,7 @@ async fn mixed_hammer(target: &Target, key: &'static str, run: Duration) -> (Tal
             let mut seed = 0x9E37_79B9_7F4A_7C15 ^ ((client + 1) * 7919);
             let end = Instant::now() + run;
             while Instant::now() < end {
-                let cut = next(&mut seed) % 5 == 0;
+                let cut = next(&mut seed).is_multiple_of(5);
                 let guard = if cut {
                     let limit = ms(next(&mut seed) % 13);
                     match tokio::time::timeout(limit, locker.acquire(key)).await {
@@ -276,7 +276,7 @@ async fn mixed_hammer(target: &Target, key: &'static str, run: Duration) -> (Tal
                 }
                 tally.sections.fetch_add(1, Ordering::Relaxed);
                 intervals.record(acquired, Instant::now().min(guard.valid_until()));
-                if next(&mut seed) % 10 == 0 {
+                if next(&mut seed).is_multiple_of(10) {
                     tally.died.fetch_add(1, Ordering::Relaxed);
                     std::mem::forget(guard);
                 } else {
