@@ -833,3 +833,105 @@ async fn inc_raw_a_grant_on_one_key_is_not_held_on_another() {
     held_b.release().await.unwrap();
     holder.stop().await.unwrap();
 }
+
+/// Hostile network: two of five inc clients reach the server through a proxy that delays every
+/// chunk 40 ms each way (their attempts, and the grants they hear, come late); ttl 300 ms. No
+/// two holders within their validity, and the slow clients hold grants too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_slow_clients_holding_grants_never_overlap_fast_ones() {
+    let Some(target) = Target::start(Store::Inc, "adv26a").await else {
+        return;
+    };
+    let key = "slow";
+    let proxy = LatencyProxy::start(target.servers[0].port()).await.unwrap();
+    proxy.set_delay(ms(40));
+    let intervals = Arc::new(Intervals::default());
+    let resource = Arc::new(FencedResource::default());
+    let grants = Arc::new(AtomicU64::new(0));
+    let slow_grants = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for client in 0..5usize {
+        let slow = client < 2;
+        let url = if slow {
+            proxy.url()
+        } else {
+            target.url.clone()
+        };
+        let locker = inc_locker(&url, true, ms(300), waiting(ms(5))).await;
+        let (intervals, resource, grants, slow_grants) = (
+            Arc::clone(&intervals),
+            Arc::clone(&resource),
+            Arc::clone(&grants),
+            Arc::clone(&slow_grants),
+        );
+        tasks.push(tokio::spawn(async move {
+            let end = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < end {
+                let guard = locker.acquire(key).await.unwrap();
+                let from = Instant::now();
+                if granted(&guard) {
+                    grants.fetch_add(1, Ordering::Relaxed);
+                    if slow {
+                        slow_grants.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if guard.is_valid() {
+                    resource.write(guard.fencing_token().unwrap());
+                }
+                sleep(ms(2)).await;
+                intervals.record(from, Instant::now().min(guard.valid_until()));
+                let _ = guard.release().await;
+            }
+            locker.stop().await.unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    println!(
+        "{} sections, {} grants ({} to slow clients), {} overlaps, {} stale fences",
+        intervals.len(),
+        grants.load(Ordering::Relaxed),
+        slow_grants.load(Ordering::Relaxed),
+        intervals.overlaps(),
+        resource.stale_writes()
+    );
+    assert_eq!(intervals.overlaps(), 0);
+    assert_eq!(resource.stale_writes(), 0);
+    assert!(slow_grants.load(Ordering::Relaxed) > 0, "vacuous");
+}
+
+/// RESP3 connections (`?protocol=resp3`): the anchored attempt's `{answer, expiry}` reply and
+/// the grant with its fence still work (the waiter holds the lock a release gives it), and
+/// nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_grants_work_over_resp3_connections() {
+    let Some(target) = Target::start(Store::Inc, "adv26a").await else {
+        return;
+    };
+    let key = "resp3";
+    let url = format!("{}?protocol=resp3", target.url);
+    let mut connection = connect(&target.url).await;
+    let holder = inc_locker(&url, true, ms(10_000), RetryPolicy::none()).await;
+    let held = holder.acquire(key).await.unwrap();
+    let held_fence = held.fencing_token().unwrap();
+    let waiter = inc_locker(&url, true, ms(2_000), waiting(ms(20))).await;
+    let acquiring = tokio::spawn(async move {
+        let guard = waiter.acquire(key).await.unwrap();
+        let was = (granted(&guard), guard.fencing_token().unwrap());
+        guard.release().await.unwrap();
+        waiter.stop().await.unwrap();
+        was
+    });
+    until_in_line(&mut connection, key, 1).await;
+    held.release().await.unwrap();
+    let (was_granted, fence) = tokio::time::timeout(ms(3_000), acquiring)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(was_granted, "not handed the lock by a grant over RESP3");
+    assert!(fence > held_fence, "{fence} after {held_fence}");
+    holder.stop().await.unwrap();
+    let left = nothing_left(&target, key, ms(1_000)).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
