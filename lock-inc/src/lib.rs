@@ -425,7 +425,7 @@ impl Lock for IncLock {
                     // The expiry the attempt gave the waiter's place: a grant naming it is one
                     // this waiter may hold (see `claim_grant`).
                     if let (Some(waiter), Some(expiry)) = (request.waiter(), expiry) {
-                        fair.anchor(waiter, sent, expiry);
+                        fair.anchor(waiter, &key, sent, expiry);
                     }
                 }
                 if let Some(waiter) = request.waiter() {
@@ -923,7 +923,7 @@ fn claim_grant(
     if !request.after_wait() {
         return None;
     }
-    let granted = fair.granted(waiter)?;
+    let granted = fair.granted(waiter, request.primary_key())?;
     let fence = granted.fence?;
     let ttl = request.ttl();
     // The entry's expiry was the server's clock floored to the ms, plus the ttl: up to a ms
