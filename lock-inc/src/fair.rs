@@ -7,12 +7,10 @@
 //! ttl at most: see the core's retry loop); a reconnect or a reader that fell behind wakes
 //! every waiter of this client.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use fred::clients::SubscriberClient;
-use lock_core::raw::wake::{Granted, TURN_PRUNE_ABOVE, TurnRegistry};
+use lock_core::raw::wake::{Granted, TurnRegistry};
 use lock_core::{Key, Result, Token};
 
 use crate::wake::Listener;
@@ -25,14 +23,7 @@ pub(crate) struct FairLine {
     instance: String,
     turns: TurnRegistry,
     listener: Listener,
-    /// The key each waiter's attempts renewed its place on (see [`FairLine::anchor`]), `None`
-    /// once they named two keys: a grant names the waiter and an expiry, not the key.
-    anchored_on: Mutex<HashMap<String, Option<Key>>>,
 }
-
-/// Waiters whose key [`FairLine::anchored_on`] keeps, above which it is cleared (their grants
-/// are then asked for, not held).
-const ANCHORED_PRUNE_ABOVE: usize = 4 * TURN_PRUNE_ABOVE;
 
 impl FairLine {
     pub(crate) fn new(subscriber: SubscriberClient) -> Result<Self> {
@@ -40,7 +31,6 @@ impl FairLine {
             instance: Token::generate()?.expose().to_string(),
             turns: TurnRegistry::default(),
             listener: Listener::new(subscriber),
-            anchored_on: Mutex::new(HashMap::new()),
         })
     }
 
@@ -71,10 +61,7 @@ impl FairLine {
     }
 
     /// Records that `waiter`'s attempt on `key` sent at `sent` renewed its place in line to
-    /// lapse at `expiry` (the server's clock, in ms). A waiter id is one acquisition's, of one
-    /// key; one whose attempts named two keys (a caller of the raw API reusing an id) holds no
-    /// grant from then on: the grant of one key could name the expiry its place on the other
-    /// got.
+    /// lapse at `expiry` (the server's clock, in ms; see [`TurnRegistry::anchor`]).
     pub(crate) fn anchor(
         &self,
         waiter: &Token,
@@ -82,41 +69,15 @@ impl FairLine {
         sent: tokio::time::Instant,
         expiry: u64,
     ) {
-        let waiter = waiter.expose();
-        {
-            let mut anchored = self
-                .anchored_on
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if anchored.len() > ANCHORED_PRUNE_ABOVE && !anchored.contains_key(&*waiter) {
-                anchored.clear();
-            }
-            anchored
-                .entry(waiter.to_string())
-                .and_modify(|on| {
-                    if on.as_ref() != Some(key) {
-                        *on = None;
-                    }
-                })
-                .or_insert_with(|| Some(key.clone()));
-        }
-        self.turns.anchor(&waiter, sent, expiry);
+        self.turns
+            .anchor(&waiter.expose(), key.as_str(), sent, expiry);
     }
 
     /// The grant the server sent `waiter` as it passed the turn (see `lua/line_grant.lua`), if
-    /// it names the place `waiter`'s latest attempt was given, that attempt and every earlier
-    /// one it renewed its place with were on `key`, and no attempt of the waiter has been taken
-    /// back. A grant that is not held is taken all the same (the waiter asks).
+    /// it names the place `waiter`'s latest attempt was given, its attempts were on `key`
+    /// alone, and no attempt of the waiter has been taken back ([`TurnRegistry::granted`]).
     pub(crate) fn granted(&self, waiter: &Token, key: &Key) -> Option<Granted> {
-        let waiter = waiter.expose();
-        let granted = self.turns.granted(&waiter)?;
-        let on_key = self
-            .anchored_on
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&*waiter)
-            .is_some_and(|on| on.as_ref() == Some(key));
-        on_key.then_some(granted)
+        self.turns.granted(&waiter.expose(), key.as_str())
     }
 
     /// An attempt of `waiter` (with a ttl of `ttl`) is being taken back: from now on the waiter
@@ -127,12 +88,7 @@ impl FairLine {
 
     /// `waiter`'s acquisition ended.
     pub(crate) fn forget(&self, waiter: &Token) {
-        let waiter = waiter.expose();
-        self.anchored_on
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&*waiter);
-        self.turns.forget(&waiter);
+        self.turns.forget(&waiter.expose());
     }
 
     /// Waits for `waiter`'s turn, the expiry of the holder it is first in line behind, or

@@ -200,19 +200,30 @@ impl FairLine {
             .contains_key(&*waiter.expose())
     }
 
-    /// Records that `waiter`'s attempt sent at `sent` renewed its place in line to lapse at
-    /// `expiry` (the node's clock, in ms).
-    pub(crate) fn anchor(&self, waiter: &Token, sent: tokio::time::Instant, expiry: u64) {
-        self.turns.anchor(&waiter.expose(), sent, expiry);
+    /// Records that `waiter`'s attempt on `key` sent at `sent` renewed its place in line to
+    /// lapse at `expiry` (the node's clock, in ms; see `TurnRegistry::anchor`).
+    pub(crate) fn anchor(
+        &self,
+        waiter: &Token,
+        key: &lock_core::Key,
+        sent: tokio::time::Instant,
+        expiry: u64,
+    ) {
+        self.turns
+            .anchor(&waiter.expose(), key.as_str(), sent, expiry);
     }
 
     /// When the attempt was sent after which the node gave `waiter` the key as it passed the
-    /// turn (see `lua/line_pass.lua`), if it did since that attempt and no attempt of the
-    /// waiter has been taken back: a take-back gives up the waiter's reservation, and may land
-    /// after the grant.
-    pub(crate) fn granted(&self, waiter: &Token) -> Option<tokio::time::Instant> {
+    /// turn (see `lua/line_pass.lua`), if it did since that attempt, the waiter's attempts were
+    /// on `key` alone, and no attempt of the waiter has been taken back: a take-back gives up
+    /// the waiter's reservation, and may land after the grant.
+    pub(crate) fn granted(
+        &self,
+        waiter: &Token,
+        key: &lock_core::Key,
+    ) -> Option<tokio::time::Instant> {
         self.turns
-            .granted(&waiter.expose())
+            .granted(&waiter.expose(), key.as_str())
             .map(|granted| granted.sent)
     }
 

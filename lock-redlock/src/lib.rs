@@ -1048,7 +1048,7 @@ async fn try_acquire_fair(
     let value = match answer {
         Ok(Ok((value, expiry))) => {
             if let (Some(waiter), Some(expiry)) = (request.waiter(), expiry) {
-                fair.anchor(waiter, start, expiry);
+                fair.anchor(waiter, key, start, expiry);
             }
             value
         }
@@ -1159,7 +1159,7 @@ fn claim_grant(
     if !request.after_wait() || shared.config.fencing {
         return None;
     }
-    let sent = fair.granted(waiter)?;
+    let sent = fair.granted(waiter, request.primary_key())?;
     let ttl = request.ttl();
     // The entry's expiry was the node's clock floored to the ms, plus the ttl: up to a ms
     // before a ttl past the renewal, which the drift floor alone would have to absorb.

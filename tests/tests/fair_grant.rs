@@ -175,3 +175,51 @@ async fn the_head_of_an_inc_line_holds_the_lock_and_the_fence_the_release_gives_
     };
     assert!(granted > held, "fences went backwards: {fences:?}");
 }
+
+/// Raw API, Redlock on one node without fencing (adv26a's find on inc, where it broke
+/// exclusion): one waiter id used on two keys (`LockRequest::with_waiter` is the caller's).
+/// The reservation of key A, whose message names the expiry the waiter's attempt on A got,
+/// must not make the waiter hold key B, which another client holds: the grant is held only on
+/// the key the waiter's attempts renewed its place on (`TurnRegistry::anchor`/`granted`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_of_one_key_is_not_held_on_another_by_a_reused_waiter_id() {
+    use lock_core::Token;
+    use lock_core::raw::{KeySet, Lock, LockRequest};
+    let Some(target) = Target::start(Store::Redis, "fair grant raw").await else {
+        return;
+    };
+    let holder = client(&target, Kind::Redlock { fencing: false }).await;
+    let (a, b) = ("raw-a", "raw-b");
+    let held_a = holder.acquire(a).await.unwrap();
+    let held_b = holder.acquire(b).await.unwrap();
+    let raw = Redlock::new(RedlockConfig::new([target.url.clone()]).with_fencing(false)).unwrap();
+    let waiter = Token::generate().unwrap();
+    let attempt = |key: &str| {
+        LockRequest::new(
+            KeySet::one(lock_core::Key::new(key).unwrap()),
+            Token::generate().unwrap(),
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .with_waiter(waiter.clone())
+        .with_after_wait(true)
+        .with_will_wait(true)
+    };
+    // The waiter asks for A and lines up there; A's release reserves A for it.
+    assert!(raw.try_acquire(&attempt(a)).await.unwrap().is_none());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    held_a.release().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The same waiter's attempt on B, which the holder still holds.
+    let on_b = raw.try_acquire(&attempt(b)).await.unwrap();
+    assert!(
+        on_b.is_none(),
+        "the waiter holds B (token {:?}) while the holder's guard of B is live: {}",
+        on_b.as_ref()
+            .map(|h| h.lease().token().expose().to_string()),
+        held_b.is_valid()
+    );
+    held_b.release().await.unwrap();
+    holder.stop().await.unwrap();
+    raw.shutdown().await.unwrap();
+}

@@ -325,6 +325,9 @@ struct Turn {
     /// When the waiter's latest attempt that renewed its place was sent, and the expiry the
     /// store gave its place then.
     anchor: Mutex<Option<(tokio::time::Instant, u64)>>,
+    /// The key the waiter's attempts renewed its place on; `Some(None)` once they named two
+    /// keys (a grant names the waiter and an expiry, not the key).
+    anchored_on: Mutex<Option<Option<String>>>,
 }
 
 impl TurnRegistry {
@@ -351,6 +354,7 @@ impl TurnRegistry {
                 touched: Mutex::new(now),
                 grant: Mutex::new(None),
                 anchor: Mutex::new(None),
+                anchored_on: Mutex::new(None),
             })
         });
         *turn.touched.lock().unwrap_or_else(PoisonError::into_inner) = now;
@@ -397,18 +401,27 @@ impl TurnRegistry {
     /// Wakes the waiter a message on its client's turn channel names: `<waiter>` for a turn to
     /// ask for, `<waiter>:<expiry>` for a turn that came with the key, lapsing at `expiry` (see
     /// [`TurnRegistry::wake_granted`]), `<waiter>:<expiry>:<fence>` for one that came with the
-    /// key and the fencing token `fence`. A part that is no number makes the turn one to ask
-    /// for. False when nobody listens by that id.
+    /// key and the fencing token `fence`. A waiter id may hold `:` itself (ids are the
+    /// caller's in the raw API): the whole message is a waiter first, then the numbers are
+    /// read from the end, for a waiter that listens. False when nobody listens by that id.
     pub fn wake_message(&self, message: &str) -> bool {
-        let mut parts = message.splitn(3, ':');
-        let waiter = parts.next().unwrap_or_default();
-        let expiry = parts.next().map(str::parse::<u64>);
-        let fence = parts.next().map(str::parse::<u64>);
-        match (expiry, fence) {
-            (Some(Ok(expiry)), None) => self.wake_granted(waiter, expiry, None),
-            (Some(Ok(expiry)), Some(Ok(fence))) => self.wake_granted(waiter, expiry, Some(fence)),
-            _ => self.wake(waiter),
+        if self.wake(message) {
+            return true;
         }
+        let listening = |waiter: &str| self.waiters().contains_key(waiter);
+        let Some((head, last)) = message.rsplit_once(':') else {
+            return false;
+        };
+        let Ok(last) = last.parse::<u64>() else {
+            return false;
+        };
+        if let Some((waiter, expiry)) = head.rsplit_once(':')
+            && let Ok(expiry) = expiry.parse::<u64>()
+            && listening(waiter)
+        {
+            return self.wake_granted(waiter, expiry, Some(last));
+        }
+        listening(head) && self.wake_granted(head, last, None)
     }
 
     /// Wakes `waiter`, recording `grant` first when given; false when nobody listens.
@@ -431,19 +444,34 @@ impl TurnRegistry {
         self.wake_with(waiter, Some((expiry, fence)))
     }
 
-    /// Records that `waiter`'s attempt sent at `sent` renewed its place in line to lapse at
-    /// `expiry` (the store's clock).
-    pub fn anchor(&self, waiter: &str, sent: tokio::time::Instant, expiry: u64) {
+    /// Records that `waiter`'s attempt on `key` sent at `sent` renewed its place in line to
+    /// lapse at `expiry` (the store's clock). A waiter id is one acquisition's, of one key: one
+    /// whose attempts named two keys (a caller of the raw API reusing an id) holds no grant
+    /// until it is forgotten, since the grant of one key could name the expiry its place on
+    /// the other got.
+    pub fn anchor(&self, waiter: &str, key: &str, sent: tokio::time::Instant, expiry: u64) {
         let turn = self.turn(waiter);
+        {
+            let mut on = turn
+                .anchored_on
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match on.as_ref() {
+                None => *on = Some(Some(key.to_owned())),
+                Some(Some(before)) if before != key => *on = Some(None),
+                Some(_) => {}
+            }
+        }
         *turn.anchor.lock().unwrap_or_else(PoisonError::into_inner) = Some((sent, expiry));
     }
 
     /// Takes the grant `waiter` heard since its latest attempt, if it names the expiry that
-    /// attempt's place was given and no attempt of the waiter was taken back: then the key the
-    /// store gave it lapses no earlier than a ttl (the lease of the place) after that attempt
-    /// was sent. A grant of an earlier place (one that lapsed since, its message late) is not
-    /// one.
-    pub fn granted(&self, waiter: &str) -> Option<Granted> {
+    /// attempt's place was given, the waiter's attempts renewed places on `key` alone, and no
+    /// attempt of the waiter was taken back: then the key the store gave it lapses no earlier
+    /// than a ttl (the lease of the place) after that attempt was sent. A grant of an earlier
+    /// place (one that lapsed since, its message late) is not one. A grant not held is taken
+    /// all the same (the waiter asks).
+    pub fn granted(&self, waiter: &str, key: &str) -> Option<Granted> {
         if self
             .0
             .taken_back
@@ -460,7 +488,13 @@ impl TurnRegistry {
             .unwrap_or_else(PoisonError::into_inner)
             .take()?;
         let (sent, anchored) = (*turn.anchor.lock().unwrap_or_else(PoisonError::into_inner))?;
-        (expiry == anchored).then_some(Granted { sent, fence })
+        let on_key = turn
+            .anchored_on
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|on| on.as_deref() == Some(key));
+        (expiry == anchored && on_key).then_some(Granted { sent, fence })
     }
 
     /// An attempt of `waiter`, with a ttl of `ttl`, is being taken back: from now on (for the
@@ -743,24 +777,48 @@ mod tests {
         let turns = TurnRegistry::default();
         turns.listen("w");
         let sent = tokio::time::Instant::now();
-        turns.anchor("w", sent, 1_000);
+        turns.anchor("w", "k", sent, 1_000);
         assert!(turns.wake_message("w:999:7"));
-        assert_eq!(turns.granted("w"), None, "a grant of another expiry");
+        assert_eq!(turns.granted("w", "k"), None, "a grant of another expiry");
         assert!(turns.wake_message("w:1000:7"));
         assert_eq!(
-            turns.granted("w"),
+            turns.granted("w", "other"),
+            None,
+            "a grant held on another key"
+        );
+        assert!(turns.wake_message("w:1000:7"));
+        assert_eq!(
+            turns.granted("w", "k"),
             Some(Granted {
                 sent,
                 fence: Some(7)
             })
         );
-        assert_eq!(turns.granted("w"), None, "a grant is taken once");
+        assert_eq!(turns.granted("w", "k"), None, "a grant is taken once");
         assert!(turns.wake_message("w:1000"));
-        assert_eq!(turns.granted("w").and_then(|granted| granted.fence), None);
-        for asked in ["w", "w:soon", "w:1000:x", "w:-1"] {
-            assert!(turns.wake_message(asked), "{asked}");
-            assert_eq!(turns.granted("w"), None, "{asked}");
+        assert_eq!(
+            turns.granted("w", "k").and_then(|granted| granted.fence),
+            None
+        );
+        assert!(turns.wake_message("w"));
+        assert_eq!(turns.granted("w", "k"), None);
+        for garbled in ["w:soon", "w:1000:x", "w:-1"] {
+            assert!(!turns.wake_message(garbled), "{garbled}");
         }
+        // A waiter id with `:` in it (the raw API's ids are the caller's) is woken, with its
+        // grant.
+        turns.listen("x:y");
+        turns.anchor("x:y", "k", sent, 2_000);
+        assert!(turns.wake_message("x:y"));
+        assert!(turns.wake_message("x:y:2000:9"));
+        assert_eq!(turns.granted("x:y", "k").and_then(|g| g.fence), Some(9));
+        assert!(turns.wake_message("x:y:2000"));
+        assert_eq!(turns.granted("x:y", "k").map(|g| g.fence), Some(None));
+        // Attempts on two keys: no grant is held from then on, on either.
+        turns.anchor("w", "k2", sent, 1_000);
+        turns.anchor("w", "k", sent, 1_000);
+        assert!(turns.wake_message("w:1000:7"));
+        assert_eq!(turns.granted("w", "k"), None, "a waiter id on two keys");
         assert!(!turns.wake_message("other:1000:7"));
     }
 
@@ -770,9 +828,9 @@ mod tests {
     async fn a_waiter_whose_attempt_was_taken_back_holds_no_grant() {
         let turns = TurnRegistry::default();
         turns.listen("w");
-        turns.anchor("w", tokio::time::Instant::now(), 1_000);
+        turns.anchor("w", "k", tokio::time::Instant::now(), 1_000);
         turns.taken_back("w", Duration::from_secs(1));
         assert!(turns.wake_message("w:1000:7"));
-        assert_eq!(turns.granted("w"), None);
+        assert_eq!(turns.granted("w", "k"), None);
     }
 }

@@ -48,8 +48,13 @@ local function line_take_grant(counter, owner, fence_key, token, member, ttl)
       return refused
     end
     fence_store(fence_key, fence, ttl)
-  elseif redis.call('pttl', fence_key) < tonumber(ttl) then
-    redis.call('pexpire', fence_key, ttl)
+  else
+    -- At least the lock's ttl from now, so that a replay finds its token (a counter without an
+    -- expiry, written by hand, keeps none).
+    local left = redis.call('pttl', fence_key)
+    if left >= 0 and left < tonumber(ttl) then
+      redis.call('pexpire', fence_key, ttl)
+    end
   end
   redis.call('set', owner, token, 'PX', ttl)
   redis.call('pexpire', counter, ttl)
