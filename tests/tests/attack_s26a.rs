@@ -133,8 +133,8 @@ async fn inc_backend(url: &str, fair: bool) -> Arc<dyn Lock> {
 // ---------------------------------------------------------------------------------------------
 
 /// For every lock handed out under contention (ttl 120 ms, four clients), the counter's and
-/// the owner's PTTL read at once put the lock's expiry on the server after the guard's
-/// `valid_until` (1 ms allowed for PTTL's truncation); the fencing tokens, in the order the
+/// the owner's PTTL, each counted from when it was answered, put the lock's expiry on the
+/// server after the guard's `valid_until` (1 ms allowed for PTTL's truncation); the fencing tokens, in the order the
 /// holders got the lock, strictly increase. Granted locks must be among them (not vacuous).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inc_granted_validity_ends_before_the_lock_lapses_and_fences_increase() {
@@ -156,9 +156,15 @@ async fn inc_granted_validity_ends_before_the_lock_lapses_and_fences_increase() 
             for _ in 0..40 {
                 let guard = locker.acquire(key).await.unwrap();
                 let acquired = Instant::now();
+                // Each PTTL is counted from when its answer came (an upper bound of the expiry
+                // it reports: counted from `acquired`, a loaded machine's delay before the
+                // server read it made a lock look short by milliseconds).
                 let counter = pttl(&mut connection, &counter_key(key)).await;
+                let counter_read = Instant::now();
                 let owner = pttl(&mut connection, &owner_key(key)).await;
-                let lapses = acquired + ms(u64::try_from(counter.min(owner).max(0)).unwrap());
+                let owner_read = Instant::now();
+                let lapses = (counter_read + ms(u64::try_from(counter.max(0)).unwrap()))
+                    .min(owner_read + ms(u64::try_from(owner.max(0)).unwrap()));
                 #[allow(clippy::cast_possible_truncation)]
                 let margin = if lapses >= guard.valid_until() {
                     (lapses - guard.valid_until()).as_micros() as i64
