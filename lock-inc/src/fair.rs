@@ -55,6 +55,12 @@ impl FairLine {
         }
     }
 
+    /// Whether this client's channel is subscribed already: a waiter's first attempt may then
+    /// line up at once (listening costs nothing more).
+    pub(crate) fn subscribed(&self) -> bool {
+        self.listener.started()
+    }
+
     /// `waiter` is first in line behind a holder with `left` to live.
     pub(crate) fn first_in_line(&self, waiter: &Token, left: Duration) {
         self.turns.first_in_line(&waiter.expose(), left);

@@ -170,6 +170,14 @@ impl Drop for Listener {
 }
 
 impl Listener {
+    /// Whether the reader runs (the subscription was made, and `close` not called); false
+    /// while a `start` is under way.
+    pub(crate) fn started(&self) -> bool {
+        self.state
+            .try_lock()
+            .is_ok_and(|state| state.tasks.is_some() && !state.closed)
+    }
+
     pub(crate) fn new(subscriber: SubscriberClient) -> Self {
         Self {
             subscriber,

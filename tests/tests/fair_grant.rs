@@ -223,3 +223,65 @@ async fn a_grant_of_one_key_is_not_held_on_another_by_a_reused_waiter_id() {
     holder.stop().await.unwrap();
     raw.shutdown().await.unwrap();
 }
+
+/// inc: a client that has waited before (its turn channel subscribed) lines a new waiter up with
+/// its first attempt: one script call to join the line of a held key, where a client that never
+/// waited (the control) first asks as a single try, then lines up: two calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inc_client_that_waited_before_lines_up_with_its_first_attempt() {
+    let Some(target) = Target::start(Store::Redis, "inc first attempt").await else {
+        return;
+    };
+    let holder = client(&target, Kind::Inc).await;
+    let server = redis::Client::open(target.url.as_str()).unwrap();
+    let mut connection = server.get_multiplexed_async_connection().await.unwrap();
+    // The script calls a waiter of `waiter` makes to join the line of `key`, held by `holder`.
+    async fn lining_up(
+        holder: &Locker,
+        waiter: &Locker,
+        connection: &mut redis::aio::MultiplexedConnection,
+        key: &'static str,
+    ) -> u64 {
+        let guard = holder.acquire(key).await.unwrap();
+        let before = script_calls(connection).await;
+        let waiter = waiter.clone();
+        let waiting =
+            tokio::spawn(async move { waiter.acquire(key).await.unwrap().release().await });
+        let line = format!("lock:{{{key}}}:queue");
+        let mut lined_up = false;
+        for _ in 0..1_000 {
+            let members: u64 = redis::cmd("ZCARD")
+                .arg(&line)
+                .query_async(connection)
+                .await
+                .unwrap();
+            if members == 1 {
+                lined_up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(lined_up, "the waiter never lined up on {key}");
+        let calls = script_calls(connection).await - before;
+        guard.release().await.unwrap();
+        waiting.await.unwrap().unwrap();
+        calls
+    }
+    let fresh = client(&target, Kind::Inc).await;
+    // The scripts loaded first (a NOSCRIPT answer and a load are not what is counted).
+    lining_up(&holder, &fresh, &mut connection, "warm").await;
+    let control = client(&target, Kind::Inc).await;
+    let never_waited = lining_up(&holder, &control, &mut connection, "control").await;
+    let waited_before = lining_up(&holder, &fresh, &mut connection, "again").await;
+    println!(
+        "script calls to line up: {never_waited} (never waited), {waited_before} (waited before)"
+    );
+    assert_eq!(never_waited, 2, "the control: a single try, then the line");
+    assert_eq!(
+        waited_before, 1,
+        "a client subscribed already lines up at once"
+    );
+    for locker in [holder, fresh, control] {
+        locker.stop().await.unwrap();
+    }
+}
