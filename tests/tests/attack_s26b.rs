@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use lock_core::raw::wake::TurnRegistry;
 use lock_core::{LockGuard, Locker, RetryPolicy};
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::fair::{Store, Target, connect, waiting};
@@ -113,6 +114,37 @@ async fn kill_pubsub(connection: &mut MultiplexedConnection) -> i64 {
         .query_async(connection)
         .await
         .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// TurnRegistry::wake_message: waiter ids with ':'
+// ---------------------------------------------------------------------------------------------
+
+/// Raw API: two waiters of one client whose ids are `a` and `a:5`. The one-node Redlock grant
+/// of `a:5` (`a:5:<expiry>`, no fence) must wake `a:5` with its grant, not `a` (reading
+/// `a`, expiry 5, fence `<expiry>`), and inc's grant of `a` (`a:<expiry>:<fence>`) must reach `a`
+/// while a waiter `a:<expiry>` listens too.
+#[test]
+fn wake_message_names_the_waiter_whose_place_the_grant_names() {
+    let turns = TurnRegistry::default();
+    let sent = tokio::time::Instant::now();
+    turns.listen("a");
+    turns.listen("a:5");
+    turns.anchor("a", "k1", sent, 1_000);
+    turns.anchor("a:5", "k2", sent, 2_000);
+    assert!(turns.wake_message("a:5:2000"));
+    assert!(
+        turns.granted("a:5", "k2").is_some(),
+        "the Redlock grant of `a:5` was not heard by `a:5`"
+    );
+    // Inc's grant of `a` while `a:1000` listens too.
+    turns.listen("a:1000");
+    turns.anchor("a:1000", "k3", sent, 7);
+    assert!(turns.wake_message("a:1000:7"));
+    assert!(
+        turns.granted("a", "k1").is_some(),
+        "the inc grant of `a` was not heard by `a`"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
