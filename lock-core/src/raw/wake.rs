@@ -403,25 +403,45 @@ impl TurnRegistry {
     /// [`TurnRegistry::wake_granted`]), `<waiter>:<expiry>:<fence>` for one that came with the
     /// key and the fencing token `fence`. A waiter id may hold `:` itself (ids are the
     /// caller's in the raw API): the whole message is a waiter first, then the numbers are
-    /// read from the end, for a waiter that listens. False when nobody listens by that id.
+    /// read from the end, for a waiter that listens (when both readings name one, ids `a` and
+    /// `a:5`, the waiter whose latest attempt was given the expiry named). False when nobody
+    /// listens by that id.
     pub fn wake_message(&self, message: &str) -> bool {
         if self.wake(message) {
             return true;
         }
-        let listening = |waiter: &str| self.waiters().contains_key(waiter);
         let Some((head, last)) = message.rsplit_once(':') else {
             return false;
         };
         let Ok(last) = last.parse::<u64>() else {
             return false;
         };
+        // The two readings, `<waiter>:<expiry>:<fence>` first, of those that name a waiter
+        // listening here: when both do (ids `a` and `a:5`), the one whose latest attempt was
+        // given the expiry the message names is the one the grant is for.
+        let mut readings = Vec::with_capacity(2);
         if let Some((waiter, expiry)) = head.rsplit_once(':')
             && let Ok(expiry) = expiry.parse::<u64>()
-            && listening(waiter)
         {
-            return self.wake_granted(waiter, expiry, Some(last));
+            readings.push((waiter, expiry, Some(last)));
         }
-        listening(head) && self.wake_granted(head, last, None)
+        readings.push((head, last, None));
+        let anchored = |waiter: &str| {
+            let turn = self.waiters().get(waiter).map(Arc::clone)?;
+            let anchor = *turn.anchor.lock().unwrap_or_else(PoisonError::into_inner);
+            Some(anchor.map(|(_, expiry)| expiry))
+        };
+        let listening: Vec<_> = readings
+            .into_iter()
+            .filter_map(|(waiter, expiry, fence)| {
+                anchored(waiter).map(|anchor| (waiter, expiry, fence, anchor == Some(expiry)))
+            })
+            .collect();
+        let chosen = listening
+            .iter()
+            .find(|reading| reading.3)
+            .or_else(|| listening.first());
+        chosen.is_some_and(|&(waiter, expiry, fence, _)| self.wake_granted(waiter, expiry, fence))
     }
 
     /// Wakes `waiter`, recording `grant` first when given; false when nobody listens.
