@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::raw::wake::TurnRegistry;
-use lock_core::{LockGuard, Locker, RetryPolicy};
+use lock_core::raw::{KeySet, Lock, LockRequest};
+use lock_core::{LockGuard, Locker, RetryPolicy, Token};
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::fair::{Store, Target, connect, waiting};
 use lock_tests::history::{FencedResource, Intervals};
@@ -413,6 +414,80 @@ async fn inc_shared_subscribed_and_fresh_clients_hammer_never_overlaps() {
         "a stale fencing token was written"
     );
     assert!(starved.is_empty(), "tasks not served lately: {starved:?}");
+    let left = nothing_left(&target, key, ms(1_000)).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// line.lua: a line whose expiry index lost an entry (eviction)
+// ---------------------------------------------------------------------------------------------
+
+/// A waiter's process dies in line (raw API: its attempt lined it up, nobody takes it back),
+/// then the line's expiry index (`…:queue-expiry`) is evicted (a server under `maxmemory` with
+/// a volatile policy: both keys carry a ttl; shown here by deleting it). A live waiter lines
+/// up behind the dead entry, which now has no expiry. The holder's release must not fail, and
+/// the live waiter must get the lock within its lease: the dead entry, whose expiry is unknown,
+/// must not head the line for good (before, the release's hand-over did arithmetic on its
+/// missing expiry and raised a script error, and every attempt of the live waiter, which keeps
+/// renewing the line's ttl, found the dead member first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_a_line_entry_without_expiry_does_not_block_the_line_for_good() {
+    let Some(target) = Target::start(Store::Inc, "adv26b").await else {
+        return;
+    };
+    let key = "evicted";
+    let mut connection = connect(&target.url).await;
+    let holder = inc_locker(&target.url, true, ms(10_000), RetryPolicy::none()).await;
+    let held = holder.acquire(key).await.unwrap();
+    // The dead waiter: one in-line attempt, never taken back.
+    let dead: Arc<dyn Lock> = Arc::new(
+        IncLock::connect(IncConfig::new(target.url.clone()).with_fair(true))
+            .await
+            .unwrap(),
+    );
+    let attempt = LockRequest::new(
+        KeySet::one(lock_core::Key::new(key).unwrap()),
+        Token::generate().unwrap(),
+        ms(600),
+    )
+    .unwrap()
+    .with_waiter(Token::generate().unwrap())
+    .with_after_wait(true)
+    .with_will_wait(true);
+    assert!(dead.try_acquire(&attempt).await.unwrap().is_none());
+    drop(dead);
+    until_in_line(&mut connection, key, 1).await;
+    // The expiry index is evicted.
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("{}-expiry", line_key(key)))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let live = inc_locker(&target.url, true, ms(600), waiting(ms(50))).await;
+    let waiter = live.clone();
+    let acquiring = tokio::spawn(async move {
+        let guard = waiter.acquire(key).await;
+        (guard, Instant::now())
+    });
+    until_in_line(&mut connection, key, 2).await;
+    let released = Instant::now();
+    let release = held.release().await;
+    println!("the holder's release: {release:?}");
+    let (guard, at) = tokio::time::timeout(ms(5_000), acquiring)
+        .await
+        .expect("the live waiter was not served within 5 s of the release")
+        .unwrap();
+    println!("live waiter served after {:?}", at - released);
+    release.unwrap();
+    let guard = guard.unwrap();
+    assert!(
+        at - released < ms(1_500),
+        "served {:?} after the release",
+        at - released
+    );
+    guard.release().await.unwrap();
+    live.stop().await.unwrap();
+    holder.stop().await.unwrap();
     let left = nothing_left(&target, key, ms(1_000)).await;
     assert!(left.is_empty(), "left behind: {left:?}");
 }
