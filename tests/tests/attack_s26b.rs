@@ -430,21 +430,43 @@ async fn inc_shared_subscribed_and_fresh_clients_hammer_never_overlaps() {
 /// must not head the line for good (before, the release's hand-over did arithmetic on its
 /// missing expiry and raised a script error, and every attempt of the live waiter, which keeps
 /// renewing the line's ttl, found the dead member first).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inc_a_line_entry_without_expiry_does_not_block_the_line_for_good() {
-    let Some(target) = Target::start(Store::Inc, "adv26b").await else {
+async fn a_line_entry_without_expiry(store: Store, key: &'static str) {
+    let Some(target) = Target::start(store, "adv26b").await else {
         return;
     };
-    let key = "evicted";
+    let (line, expiry_index): (Vec<u8>, Vec<u8>) = match store {
+        Store::Inc => (
+            line_key(key).into_bytes(),
+            format!("{}-expiry", line_key(key)).into_bytes(),
+        ),
+        _ => (
+            [key.as_bytes(), b"\xff:queue"].concat(),
+            [key.as_bytes(), b"\xff:queue-expiry"].concat(),
+        ),
+    };
     let mut connection = connect(&target.url).await;
-    let holder = inc_locker(&target.url, true, ms(10_000), RetryPolicy::none()).await;
+    let in_line = |connection: &mut MultiplexedConnection, count: i64| {
+        let mut connection = connection.clone();
+        let line = line.clone();
+        async move {
+            for _ in 0..2_000 {
+                let members: i64 = redis::cmd("ZCARD")
+                    .arg(&line)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+                if members >= count {
+                    return;
+                }
+                sleep(ms(2)).await;
+            }
+            panic!("nobody lined up");
+        }
+    };
+    let holder = target.locker(true, ms(10_000), RetryPolicy::none()).await;
     let held = holder.acquire(key).await.unwrap();
     // The dead waiter: one in-line attempt, never taken back.
-    let dead: Arc<dyn Lock> = Arc::new(
-        IncLock::connect(IncConfig::new(target.url.clone()).with_fair(true))
-            .await
-            .unwrap(),
-    );
+    let dead = target.backend(true).await;
     let attempt = LockRequest::new(
         KeySet::one(lock_core::Key::new(key).unwrap()),
         Token::generate().unwrap(),
@@ -456,28 +478,29 @@ async fn inc_a_line_entry_without_expiry_does_not_block_the_line_for_good() {
     .with_will_wait(true);
     assert!(dead.try_acquire(&attempt).await.unwrap().is_none());
     drop(dead);
-    until_in_line(&mut connection, key, 1).await;
+    in_line(&mut connection, 1).await;
     // The expiry index is evicted.
-    let _: i64 = redis::cmd("DEL")
-        .arg(format!("{}-expiry", line_key(key)))
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(&expiry_index)
         .query_async(&mut connection)
         .await
         .unwrap();
-    let live = inc_locker(&target.url, true, ms(600), waiting(ms(50))).await;
+    assert_eq!(deleted, 1);
+    let live = target.locker(true, ms(600), waiting(ms(50))).await;
     let waiter = live.clone();
     let acquiring = tokio::spawn(async move {
         let guard = waiter.acquire(key).await;
         (guard, Instant::now())
     });
-    until_in_line(&mut connection, key, 2).await;
+    in_line(&mut connection, 2).await;
     let released = Instant::now();
     let release = held.release().await;
-    println!("the holder's release: {release:?}");
+    println!("{store:?}: the holder's release: {release:?}");
     let (guard, at) = tokio::time::timeout(ms(5_000), acquiring)
         .await
         .expect("the live waiter was not served within 5 s of the release")
         .unwrap();
-    println!("live waiter served after {:?}", at - released);
+    println!("{store:?}: live waiter served after {:?}", at - released);
     release.unwrap();
     let guard = guard.unwrap();
     assert!(
@@ -488,6 +511,16 @@ async fn inc_a_line_entry_without_expiry_does_not_block_the_line_for_good() {
     guard.release().await.unwrap();
     live.stop().await.unwrap();
     holder.stop().await.unwrap();
-    let left = nothing_left(&target, key, ms(1_000)).await;
+    let left: Vec<String> = target.line_keys(key).await;
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_a_line_entry_without_expiry_does_not_block_the_line_for_good() {
+    a_line_entry_without_expiry(Store::Inc, "evicted").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_line_entry_without_expiry_does_not_block_the_line_for_good() {
+    a_line_entry_without_expiry(Store::Redis, "evicted-one-node").await;
 }
