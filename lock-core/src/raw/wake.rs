@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -287,6 +288,22 @@ struct Turns {
     /// Waiters an attempt of which was taken back, and until when that counts (pruned past it
     /// once the map grows).
     taken_back: Mutex<HashMap<String, std::time::Instant>>,
+    /// The sizes above which `waiters` and `taken_back` are pruned next (read and written under
+    /// their mutex): twice what a prune left, [`TURN_PRUNE_ABOVE`] at least, so that a map of
+    /// live entries is not scanned again at every insert (quadratic).
+    waiters_prune_above: AtomicUsize,
+    taken_back_prune_above: AtomicUsize,
+}
+
+/// Whether a map of `len` entries is due for a prune, its threshold `above` (see
+/// `Turns::waiters_prune_above`).
+fn prune_due(len: usize, above: &AtomicUsize) -> bool {
+    len > above.load(Ordering::Relaxed).max(TURN_PRUNE_ABOVE)
+}
+
+/// After a prune left `len` entries: the next comes once the map has doubled.
+fn pruned(len: usize, above: &AtomicUsize) {
+    above.store(len.saturating_mul(2), Ordering::Relaxed);
 }
 
 /// A turn that came with the key (see [`TurnRegistry::granted`]).
@@ -300,7 +317,7 @@ pub struct Granted {
 }
 
 /// Entries of a [`TurnRegistry`] left alone this long are dropped once it holds more than
-/// [`TURN_PRUNE_ABOVE`] waiters.
+/// [`TURN_PRUNE_ABOVE`] waiters (and twice what the previous prune left).
 pub const TURN_IDLE: Duration = Duration::from_secs(600);
 
 /// See [`TURN_IDLE`].
@@ -341,11 +358,12 @@ impl TurnRegistry {
     fn turn(&self, waiter: &str) -> Arc<Turn> {
         let mut turns = self.waiters();
         let now = tokio::time::Instant::now();
-        if turns.len() > TURN_PRUNE_ABOVE && !turns.contains_key(waiter) {
+        if prune_due(turns.len(), &self.0.waiters_prune_above) && !turns.contains_key(waiter) {
             turns.retain(|_, turn| {
                 now.duration_since(*turn.touched.lock().unwrap_or_else(PoisonError::into_inner))
                     < TURN_IDLE
             });
+            pruned(turns.len(), &self.0.waiters_prune_above);
         }
         let turn = turns.entry(waiter.to_owned()).or_insert_with(|| {
             Arc::new(Turn {
@@ -521,7 +539,8 @@ impl TurnRegistry {
     /// ttl and [`TAKE_BACK_SETTLED`] more, the take-back's re-sends included) the waiter holds
     /// no key given to it without asking: the take-back gives up whatever is reserved for the
     /// waiter, maybe after the grant was sent. Call it before the take-back is sent. Marks are
-    /// pruned once past their time and more than [`TURN_PRUNE_ABOVE`] are kept.
+    /// pruned once past their time and more than [`TURN_PRUNE_ABOVE`] are kept (and twice what
+    /// the previous prune left).
     pub fn taken_back(&self, waiter: &str, ttl: Duration) {
         let keep = ttl.saturating_add(TAKE_BACK_SETTLED);
         let mut marks = self
@@ -530,8 +549,9 @@ impl TurnRegistry {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let now = std::time::Instant::now();
-        if marks.len() > TURN_PRUNE_ABOVE {
+        if prune_due(marks.len(), &self.0.taken_back_prune_above) {
             marks.retain(|_, until| *until > now);
+            pruned(marks.len(), &self.0.taken_back_prune_above);
         }
         let until = now.checked_add(keep).unwrap_or(now);
         marks.insert(waiter.to_owned(), until);
