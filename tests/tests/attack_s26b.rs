@@ -211,6 +211,61 @@ async fn inc_subscribed_try_acquire_never_lines_up() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// The server's count of script calls (`EVALSHA` and `EVAL`) so far.
+async fn script_calls(connection: &mut MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(connection)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            line.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Uncontended acquisitions of a subscribed client (its first attempts ask in line) are one
+/// script call each, as a fresh client's single try is, and leave no line behind, while held
+/// or after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_subscribed_uncontended_acquisitions_are_one_call_and_leave_no_line() {
+    let Some(target) = Target::start(Store::Inc, "adv26b").await else {
+        return;
+    };
+    let subscribed = inc_locker(&target.url, true, ms(5_000), waiting(ms(50))).await;
+    warm(&target, &subscribed, "warm-quiet").await;
+    let mut connection = connect(&target.url).await;
+    let key = "quiet";
+    // Scripts loaded.
+    subscribed
+        .acquire(key)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    for round in 0..30 {
+        let before = script_calls(&mut connection).await;
+        let guard = subscribed.acquire(key).await.unwrap();
+        let calls = script_calls(&mut connection).await - before;
+        assert_eq!(calls, 1, "round {round}: {calls} script calls to acquire");
+        assert!(!granted(&guard));
+        assert!(target.line_keys(key).await.is_empty(), "round {round}");
+        guard.release().await.unwrap();
+        assert!(target.line_keys(key).await.is_empty(), "round {round}");
+    }
+    subscribed.stop().await.unwrap();
+    let left = nothing_left(&target, key, ms(1_000)).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 /// A subscribed client's waiter is cancelled 0–14 ms into its acquisition (while it listens,
 /// while its first attempt lines it up, or once in line), while the holder releases around that
 /// time (the waiter may be the head, given the lock, when cancelled). A waiter of a fresh
