@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -287,6 +288,22 @@ struct Turns {
     /// Waiters an attempt of which was taken back, and until when that counts (pruned past it
     /// once the map grows).
     taken_back: Mutex<HashMap<String, std::time::Instant>>,
+    /// The sizes above which `waiters` and `taken_back` are pruned next (read and written under
+    /// their mutex): twice what a prune left, [`TURN_PRUNE_ABOVE`] at least, so that a map of
+    /// live entries is not scanned again at every insert (quadratic).
+    waiters_prune_above: AtomicUsize,
+    taken_back_prune_above: AtomicUsize,
+}
+
+/// Whether a map of `len` entries is due for a prune, its threshold `above` (see
+/// `Turns::waiters_prune_above`).
+fn prune_due(len: usize, above: &AtomicUsize) -> bool {
+    len > above.load(Ordering::Relaxed).max(TURN_PRUNE_ABOVE)
+}
+
+/// After a prune left `len` entries: the next comes once the map has doubled.
+fn pruned(len: usize, above: &AtomicUsize) {
+    above.store(len.saturating_mul(2), Ordering::Relaxed);
 }
 
 /// A turn that came with the key (see [`TurnRegistry::granted`]).
@@ -300,7 +317,7 @@ pub struct Granted {
 }
 
 /// Entries of a [`TurnRegistry`] left alone this long are dropped once it holds more than
-/// [`TURN_PRUNE_ABOVE`] waiters.
+/// [`TURN_PRUNE_ABOVE`] waiters (and twice what the previous prune left).
 pub const TURN_IDLE: Duration = Duration::from_secs(600);
 
 /// See [`TURN_IDLE`].
@@ -341,11 +358,12 @@ impl TurnRegistry {
     fn turn(&self, waiter: &str) -> Arc<Turn> {
         let mut turns = self.waiters();
         let now = tokio::time::Instant::now();
-        if turns.len() > TURN_PRUNE_ABOVE && !turns.contains_key(waiter) {
+        if prune_due(turns.len(), &self.0.waiters_prune_above) && !turns.contains_key(waiter) {
             turns.retain(|_, turn| {
                 now.duration_since(*turn.touched.lock().unwrap_or_else(PoisonError::into_inner))
                     < TURN_IDLE
             });
+            pruned(turns.len(), &self.0.waiters_prune_above);
         }
         let turn = turns.entry(waiter.to_owned()).or_insert_with(|| {
             Arc::new(Turn {
@@ -403,25 +421,45 @@ impl TurnRegistry {
     /// [`TurnRegistry::wake_granted`]), `<waiter>:<expiry>:<fence>` for one that came with the
     /// key and the fencing token `fence`. A waiter id may hold `:` itself (ids are the
     /// caller's in the raw API): the whole message is a waiter first, then the numbers are
-    /// read from the end, for a waiter that listens. False when nobody listens by that id.
+    /// read from the end, for a waiter that listens (when both readings name one, ids `a` and
+    /// `a:5`, the waiter whose latest attempt was given the expiry named). False when nobody
+    /// listens by that id.
     pub fn wake_message(&self, message: &str) -> bool {
         if self.wake(message) {
             return true;
         }
-        let listening = |waiter: &str| self.waiters().contains_key(waiter);
         let Some((head, last)) = message.rsplit_once(':') else {
             return false;
         };
         let Ok(last) = last.parse::<u64>() else {
             return false;
         };
+        // The two readings, `<waiter>:<expiry>:<fence>` first, of those that name a waiter
+        // listening here: when both do (ids `a` and `a:5`), the one whose latest attempt was
+        // given the expiry the message names is the one the grant is for.
+        let mut readings = Vec::with_capacity(2);
         if let Some((waiter, expiry)) = head.rsplit_once(':')
             && let Ok(expiry) = expiry.parse::<u64>()
-            && listening(waiter)
         {
-            return self.wake_granted(waiter, expiry, Some(last));
+            readings.push((waiter, expiry, Some(last)));
         }
-        listening(head) && self.wake_granted(head, last, None)
+        readings.push((head, last, None));
+        let anchored = |waiter: &str| {
+            let turn = self.waiters().get(waiter).map(Arc::clone)?;
+            let anchor = *turn.anchor.lock().unwrap_or_else(PoisonError::into_inner);
+            Some(anchor.map(|(_, expiry)| expiry))
+        };
+        let listening: Vec<_> = readings
+            .into_iter()
+            .filter_map(|(waiter, expiry, fence)| {
+                anchored(waiter).map(|anchor| (waiter, expiry, fence, anchor == Some(expiry)))
+            })
+            .collect();
+        let chosen = listening
+            .iter()
+            .find(|reading| reading.3)
+            .or_else(|| listening.first());
+        chosen.is_some_and(|&(waiter, expiry, fence, _)| self.wake_granted(waiter, expiry, fence))
     }
 
     /// Wakes `waiter`, recording `grant` first when given; false when nobody listens.
@@ -501,7 +539,8 @@ impl TurnRegistry {
     /// ttl and [`TAKE_BACK_SETTLED`] more, the take-back's re-sends included) the waiter holds
     /// no key given to it without asking: the take-back gives up whatever is reserved for the
     /// waiter, maybe after the grant was sent. Call it before the take-back is sent. Marks are
-    /// pruned once past their time and more than [`TURN_PRUNE_ABOVE`] are kept.
+    /// pruned once past their time and more than [`TURN_PRUNE_ABOVE`] are kept (and twice what
+    /// the previous prune left).
     pub fn taken_back(&self, waiter: &str, ttl: Duration) {
         let keep = ttl.saturating_add(TAKE_BACK_SETTLED);
         let mut marks = self
@@ -510,8 +549,9 @@ impl TurnRegistry {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let now = std::time::Instant::now();
-        if marks.len() > TURN_PRUNE_ABOVE {
+        if prune_due(marks.len(), &self.0.taken_back_prune_above) {
             marks.retain(|_, until| *until > now);
+            pruned(marks.len(), &self.0.taken_back_prune_above);
         }
         let until = now.checked_add(keep).unwrap_or(now);
         marks.insert(waiter.to_owned(), until);

@@ -12,8 +12,9 @@ redis.call('del', KEYS[1])
 local now, now_us = line_clock()
 line_prune(now)
 line_join(ARGV[2], now, now_us, tonumber(ARGV[4]), ARGV[3])
-if redis.call('zrange', LINE, 0, 0)[1] == ARGV[2] then
-  local left = tonumber(redis.call('zscore', LINE_EXPIRY, ARGV[2])) - now
+local head, expiry = line_head()
+if head == ARGV[2] then
+  local left = expiry - now
   if left > 0 then
     redis.call('set', KEYS[1], RESERVED .. ARGV[2], 'PX', string.format('%.0f', left))
   end

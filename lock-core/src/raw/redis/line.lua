@@ -75,9 +75,27 @@ local function line_publish(channel, message)
   redis.pcall('publish', channel, message)
 end
 
+-- The head of the line and its entry's expiry (nil when nobody waits). A waiter without an
+-- expiry (its entry in LINE_EXPIRY gone: that key evicted under `maxmemory`, both carrying a
+-- ttl) is dropped on the way: no prune would ever drop it, and it would head the line for good
+-- (a live one rejoins at its next attempt).
+local function line_head()
+  while true do
+    local head = redis.call('zrange', LINE, 0, 0)[1]
+    if not head then
+      return nil
+    end
+    local expiry = redis.call('zscore', LINE_EXPIRY, head)
+    if expiry then
+      return head, tonumber(expiry)
+    end
+    redis.call('zrem', LINE, head)
+  end
+end
+
 -- Wakes the head of the line alone: one message on its client's channel, naming it.
 local function line_wake(prefix)
-  local head = redis.call('zrange', LINE, 0, 0)[1]
+  local head = line_head()
   if head then
     line_publish(prefix .. string.sub(head, 1, 32), string.sub(head, 33))
   end
@@ -123,7 +141,7 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen)
     end
     return 0, expiry
   end
-  local head = redis.call('zrange', LINE, 0, 0)[1]
+  local head = line_head()
   if not head then
     return nil
   end
@@ -153,9 +171,8 @@ local function line_give(lock, prefix, give)
   if redis.call('exists', lock) == 0 then
     local now = line_clock()
     line_prune(now)
-    local head = redis.call('zrange', LINE, 0, 0)[1]
+    local head, expiry = line_head()
     if head then
-      local expiry = tonumber(redis.call('zscore', LINE_EXPIRY, head))
       local message = string.sub(head, 33)
       if expiry - now > 0 then
         local given = give(head, string.format('%.0f', expiry - now))
