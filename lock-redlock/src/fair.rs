@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use lock_core::raw::wake::TurnRegistry;
+use lock_core::raw::wake::{PruneSchedule, TurnRegistry};
 use lock_core::{Result, Token};
 
 use lock_core::raw::redis::{TURN_CHANNEL, line_member};
@@ -36,15 +36,16 @@ pub(crate) struct FairLine {
     /// and when it was last asked for (same clock): a waiter still waiting asks at every
     /// attempt, and only places nobody asked for lately are pruned.
     places: Mutex<HashMap<String, (u64, u64)>>,
+    /// When `places` is pruned next (once it has doubled: its places may all be live).
+    places_pruned: PruneSchedule,
     /// Set by `close`: an attempt still under way subscribes nowhere after it.
     closed: AtomicBool,
 }
 
-/// Places nobody asked for this long are dropped once more than [`PLACES_PRUNE_ABOVE`] waiters
-/// have one (an acquisition that ended without `forget`); a waiter still waiting asks at every
-/// attempt, however long ago it arrived.
+/// Places nobody asked for this long are dropped once more than `TURN_PRUNE_ABOVE` waiters
+/// have one, and twice what the previous prune left (an acquisition that ended without
+/// `forget`); a waiter still waiting asks at every attempt, however long ago it arrived.
 const PLACE_IDLE: Duration = lock_core::raw::wake::TURN_IDLE;
-const PLACES_PRUNE_ABOVE: usize = lock_core::raw::wake::TURN_PRUNE_ABOVE;
 
 /// A node's subscription, and when to try again after its last failure.
 #[derive(Default)]
@@ -84,6 +85,7 @@ impl FairLine {
             slots: (0..nodes).map(|_| tokio::sync::Mutex::default()).collect(),
             connected: Arc::default(),
             places: Mutex::new(HashMap::new()),
+            places_pruned: PruneSchedule::default(),
             closed: AtomicBool::new(false),
         })
     }
@@ -105,9 +107,10 @@ impl FairLine {
             *asked = (*asked).max(now);
             return *place;
         }
-        if places.len() > PLACES_PRUNE_ABOVE {
+        if self.places_pruned.due(places.len()) {
             let idle = u64::try_from(PLACE_IDLE.as_micros()).unwrap_or(u64::MAX);
             places.retain(|_, (_, asked)| now.saturating_sub(*asked) < idle);
+            self.places_pruned.pruned(places.len());
         }
         places.insert(key.to_string(), (now, now));
         now
@@ -376,7 +379,7 @@ mod tests {
     /// waiting keeps its place however long it has waited.
     ///
     /// Broken before the fix: places were pruned by their age (the arrival), not by their last use.
-    /// Once more than `PLACES_PRUNE_ABOVE` (1024) waiters of the client have a place, the
+    /// Once more than `TURN_PRUNE_ABOVE` (1024) waiters of the client have a place, the
     /// arrival of another drops every place older than `PLACE_IDLE` (10 min), also that of a
     /// waiter still in line (behind a long holder, its attempts asking for its place every
     /// retry): its next attempt gets a new place, `now`, and on every node whose line it had
@@ -396,7 +399,7 @@ mod tests {
         }
         // Meanwhile this client's other waiters, on other keys, arrive (all still waiting).
         let now = t0 + 11 * minute;
-        for i in 0..=PLACES_PRUNE_ABOVE as u64 {
+        for i in 0..=lock_core::raw::wake::TURN_PRUNE_ABOVE as u64 {
             line.place_at(&Token::generate().unwrap(), now + i);
         }
         let later = now + 2 * minute;
@@ -417,7 +420,7 @@ mod tests {
         let gone = Token::generate().unwrap();
         line.place_at(&gone, t0);
         let now = t0 + 11 * minute;
-        for i in 0..=PLACES_PRUNE_ABOVE as u64 {
+        for i in 0..=lock_core::raw::wake::TURN_PRUNE_ABOVE as u64 {
             line.place_at(&Token::generate().unwrap(), now + i);
         }
         let places = line.places.lock().unwrap();
@@ -425,6 +428,10 @@ mod tests {
             !places.contains_key(&*gone.expose()),
             "an abandoned place was kept"
         );
-        assert!(places.len() <= PLACES_PRUNE_ABOVE + 1, "{}", places.len());
+        assert!(
+            places.len() <= lock_core::raw::wake::TURN_PRUNE_ABOVE + 1,
+            "{}",
+            places.len()
+        );
     }
 }

@@ -148,26 +148,9 @@ fn wake_message_names_the_waiter_whose_place_the_grant_names() {
     );
 }
 
-/// `TurnRegistry::taken_back` marks a waiter for its ttl and 10 s; once more than 1 024 marks
-/// are live, every further take-back scanned them all to prune (none had lapsed): quadratic.
-/// 40 000 take-backs within one ttl (a service whose waits time out, 1 000 a second with a
-/// 30 s ttl) must cost well under a second, not tens of seconds of CPU under the registry's
-/// mutex.
-#[test]
-fn many_take_backs_within_a_ttl_cost_linear_time() {
-    let turns = TurnRegistry::default();
-    let ids: Vec<String> = (0..40_000).map(|n| format!("waiter-{n}")).collect();
-    let started = std::time::Instant::now();
-    for id in &ids {
-        turns.taken_back(id, Duration::from_secs(30));
-    }
-    let took = started.elapsed();
-    println!("40 000 take-backs: {took:?}");
-    assert!(
-        took < Duration::from_secs(1),
-        "40 000 take-backs took {took:?}"
-    );
-}
+// `TurnRegistry::taken_back`'s pruning (quadratic before 9a27afa: 40 000 take-backs within a
+// ttl took 8.7 s) is counted, not timed, in lock-core's
+// `raw::wake::tests::many_take_backs_within_a_ttl_prune_a_logarithmic_number_of_times`.
 
 // ---------------------------------------------------------------------------------------------
 // inc: a subscribed client's first attempt lines up

@@ -288,22 +288,31 @@ struct Turns {
     /// Waiters an attempt of which was taken back, and until when that counts (pruned past it
     /// once the map grows).
     taken_back: Mutex<HashMap<String, std::time::Instant>>,
-    /// The sizes above which `waiters` and `taken_back` are pruned next (read and written under
-    /// their mutex): twice what a prune left, [`TURN_PRUNE_ABOVE`] at least, so that a map of
-    /// live entries is not scanned again at every insert (quadratic).
-    waiters_prune_above: AtomicUsize,
-    taken_back_prune_above: AtomicUsize,
+    /// When `waiters` and `taken_back` are pruned next (read and written under their mutex).
+    waiters_pruned: PruneSchedule,
+    taken_back_pruned: PruneSchedule,
+    /// How many times `taken_back` pruned (the unit tests count them).
+    #[cfg(test)]
+    taken_back_prunes: AtomicUsize,
 }
 
-/// Whether a map of `len` entries is due for a prune, its threshold `above` (see
-/// `Turns::waiters_prune_above`).
-fn prune_due(len: usize, above: &AtomicUsize) -> bool {
-    len > above.load(Ordering::Relaxed).max(TURN_PRUNE_ABOVE)
-}
+/// When a map whose entries may all still be live (waiters, marks, places) is pruned next: once
+/// it holds more than [`TURN_PRUNE_ABOVE`] entries and twice what the previous prune left, so
+/// that a map of live entries is not scanned again at every insert (quadratic). Read and
+/// written under the map's own mutex.
+#[derive(Debug, Default)]
+pub struct PruneSchedule(AtomicUsize);
 
-/// After a prune left `len` entries: the next comes once the map has doubled.
-fn pruned(len: usize, above: &AtomicUsize) {
-    above.store(len.saturating_mul(2), Ordering::Relaxed);
+impl PruneSchedule {
+    /// Whether a map of `len` entries is due for a prune.
+    pub fn due(&self, len: usize) -> bool {
+        len > self.0.load(Ordering::Relaxed).max(TURN_PRUNE_ABOVE)
+    }
+
+    /// A prune left `len` entries: the next comes once the map has doubled.
+    pub fn pruned(&self, len: usize) {
+        self.0.store(len.saturating_mul(2), Ordering::Relaxed);
+    }
 }
 
 /// A turn that came with the key (see [`TurnRegistry::granted`]).
@@ -358,12 +367,12 @@ impl TurnRegistry {
     fn turn(&self, waiter: &str) -> Arc<Turn> {
         let mut turns = self.waiters();
         let now = tokio::time::Instant::now();
-        if prune_due(turns.len(), &self.0.waiters_prune_above) && !turns.contains_key(waiter) {
+        if self.0.waiters_pruned.due(turns.len()) && !turns.contains_key(waiter) {
             turns.retain(|_, turn| {
                 now.duration_since(*turn.touched.lock().unwrap_or_else(PoisonError::into_inner))
                     < TURN_IDLE
             });
-            pruned(turns.len(), &self.0.waiters_prune_above);
+            self.0.waiters_pruned.pruned(turns.len());
         }
         let turn = turns.entry(waiter.to_owned()).or_insert_with(|| {
             Arc::new(Turn {
@@ -549,9 +558,11 @@ impl TurnRegistry {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let now = std::time::Instant::now();
-        if prune_due(marks.len(), &self.0.taken_back_prune_above) {
+        if self.0.taken_back_pruned.due(marks.len()) {
+            #[cfg(test)]
+            self.0.taken_back_prunes.fetch_add(1, Ordering::Relaxed);
             marks.retain(|_, until| *until > now);
-            pruned(marks.len(), &self.0.taken_back_prune_above);
+            self.0.taken_back_pruned.pruned(marks.len());
         }
         let until = now.checked_add(keep).unwrap_or(now);
         marks.insert(waiter.to_owned(), until);
@@ -872,5 +883,29 @@ mod tests {
         turns.taken_back("w", Duration::from_secs(1));
         assert!(turns.wake_message("w:1000:7"));
         assert_eq!(turns.granted("w", "k"), None);
+    }
+
+    /// `taken_back` marks live a ttl and 10 s: 40 000 take-backs within a 30 s ttl (waits timing
+    /// out at 1 000 a second) leave every mark live, and a prune at every insert past
+    /// `TURN_PRUNE_ABOVE` scanned them all (quadratic: 8.7 s in a debug build). Counted, not
+    /// timed: a prune comes only once the marks have doubled since the last one.
+    #[test]
+    fn many_take_backs_within_a_ttl_prune_a_logarithmic_number_of_times() {
+        let turns = TurnRegistry::default();
+        for n in 0..40_000 {
+            turns.taken_back(&format!("waiter-{n}"), Duration::from_secs(30));
+        }
+        assert_eq!(
+            turns
+                .0
+                .taken_back
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
+            40_000
+        );
+        let prunes = turns.0.taken_back_prunes.load(Ordering::Relaxed);
+        // At 1 025, 2 051, 4 101, ..., 32 801 marks: six prunes (38 976 before the fix).
+        assert!(prunes <= 8, "{prunes} prunes of live marks");
     }
 }
