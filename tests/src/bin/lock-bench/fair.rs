@@ -5,7 +5,10 @@
 //! and without `fair`: sections per second (against the in-process lock with as many tasks
 //! and the same sections, in the same run), p50/p99/max wait (against rslock, and p99 against
 //! the ideal first-come-first-served bound: waiters × (section + one round trip)), and the
-//! server's commands per section (`INFO stats`, the scripts' own calls included).
+//! server's commands per section (`INFO stats`, the scripts' own calls included). A token ring
+//! through the same server (each client `BLPOP`s its own list and `LPUSH`es the next one's: one
+//! command and one wake-up per hand-off, no lock at all) is the floor any hand-off through
+//! Redis meets on this machine, measured beside the bound.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -120,6 +123,11 @@ pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchR
                     measure(name, ours(&server, lockers, &key, held, duration).await?);
                 }
             }
+            run += 1;
+            measure(
+                "token ring (BLPOP/LPUSH, no lock)",
+                token_ring(&server, &url, waiters, held, duration, run).await?,
+            );
             let rslock_at = |tuned: bool| {
                 results
                     .iter()
@@ -152,7 +160,7 @@ pub(crate) async fn benchmarks(duration: Duration, only: Option<&str>) -> BenchR
                     "ideal FCFS bound {ideal_ms:.1} ms (nominal {nominal_ms:.1} ms)"
                 ));
                 p99.ratio_to_reference = Some(result.p99_wait_ms / ideal_ms);
-                if !name.starts_with("rslock") {
+                if !name.starts_with("rslock") && !name.starts_with("token ring") {
                     let theirs = if name.contains("tuned") {
                         rslock_tuned
                     } else {
@@ -354,6 +362,76 @@ async fn rslock_run(
     })
     .await;
     let spent = commands(server)?.saturating_sub(before + 1);
+    let per_section = spent as f64 / result.sections.max(1) as f64;
+    Ok((result, per_section))
+}
+
+/// The floor of a hand-off through the server: `waiters` clients (a connection each) pass one
+/// token around a ring of lists, each `BLPOP`ing its own and, after its section, `LPUSH`ing the
+/// next one's; no lock, no script, one command and one wake-up per hand-off. Its waits are
+/// measured as ours are (from asking to the end of the hand-over that follows the section).
+async fn token_ring(
+    server: &RedisServer,
+    url: &str,
+    waiters: usize,
+    held: Duration,
+    duration: Duration,
+    run: usize,
+) -> BenchResult<(Handoff, f64)> {
+    let client = redis::Client::open(url)?;
+    let mut connections = Vec::new();
+    for _ in 0..waiters {
+        connections.push(client.get_multiplexed_async_connection().await?);
+    }
+    let lists: Arc<Vec<String>> = Arc::new(
+        (0..waiters)
+            .map(|index| format!("token-ring-{run}-{index}"))
+            .collect(),
+    );
+    let mut first = connections[0].clone();
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(&lists[0])
+        .arg("token")
+        .query_async(&mut first)
+        .await?;
+    let connections = Arc::new(connections);
+    let before = commands(server)?;
+    // Past the run's end each client stops after passing the token on: every one waiting
+    // gets it once more, and none is left waiting.
+    let result = handoff_with(waiters, held, duration, {
+        let (connections, lists) = (Arc::clone(&connections), Arc::clone(&lists));
+        move |contender| {
+            let mut connection = connections[contender].clone();
+            let (mine, next) = (
+                lists[contender].clone(),
+                lists[(contender + 1) % lists.len()].clone(),
+            );
+            async move {
+                let waited: redis::RedisResult<Option<(String, String)>> = redis::cmd("BLPOP")
+                    .arg(&mine)
+                    .arg(duration.as_secs_f64() + 1.0)
+                    .query_async(&mut connection)
+                    .await;
+                if !matches!(waited, Ok(Some(_))) {
+                    return;
+                }
+                if !held.is_zero() {
+                    tokio::time::sleep(held).await;
+                }
+                let _: redis::RedisResult<i64> = redis::cmd("LPUSH")
+                    .arg(&next)
+                    .arg("token")
+                    .query_async(&mut connection)
+                    .await;
+            }
+        }
+    })
+    .await;
+    let spent = commands(server)?.saturating_sub(before + 1);
+    let _: redis::RedisResult<i64> = redis::cmd("DEL")
+        .arg(lists.as_slice())
+        .query_async(&mut first)
+        .await;
     let per_section = spent as f64 / result.sections.max(1) as f64;
     Ok((result, per_section))
 }
