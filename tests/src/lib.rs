@@ -9,6 +9,7 @@ pub mod clock;
 pub mod explore;
 pub mod fair;
 pub mod history;
+pub mod inc_kit;
 pub mod model;
 pub mod nodes;
 pub mod proxy;

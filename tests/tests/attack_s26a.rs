@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::raw::{KeySet, Lock, LockRequest};
-use lock_core::{LockError, LockGuard, Locker, RetryPolicy, Token};
+use lock_core::{LockError, Locker, RetryPolicy, Token};
 use lock_inc::{IncConfig, IncLock};
 use lock_tests::fair::{Store, Target, connect, waiting};
 use lock_tests::history::{FencedResource, Intervals};
@@ -21,112 +21,10 @@ use tokio::time::{Instant, sleep};
 
 const RESERVED: &str = "lock-turn-reserved:";
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-/// True when `guard` holds the lock a release gave it (the new hand-over).
-fn granted(guard: &LockGuard) -> bool {
-    guard.token().expose().starts_with(RESERVED)
-}
-
-/// inc's keys for `key` (default prefix): the counter, the owner, the line.
-fn counter_key(key: &str) -> String {
-    format!("lock:{{{key}}}")
-}
-
-fn owner_key(key: &str) -> String {
-    format!("lock:{{{key}}}:owner")
-}
-
-fn line_key(key: &str) -> String {
-    format!("lock:{{{key}}}:queue")
-}
-
-async fn get(connection: &mut MultiplexedConnection, key: &str) -> Option<String> {
-    redis::cmd("GET")
-        .arg(key)
-        .query_async(connection)
-        .await
-        .unwrap()
-}
-
-async fn pttl(connection: &mut MultiplexedConnection, key: &str) -> i64 {
-    redis::cmd("PTTL")
-        .arg(key)
-        .query_async(connection)
-        .await
-        .unwrap()
-}
-
-async fn line(connection: &mut MultiplexedConnection, key: &str) -> Vec<String> {
-    redis::cmd("ZRANGE")
-        .arg(line_key(key))
-        .arg(0)
-        .arg(-1)
-        .query_async(connection)
-        .await
-        .unwrap()
-}
-
-/// Waits until `key`'s line holds `count` waiters.
-async fn until_in_line(connection: &mut MultiplexedConnection, key: &str, count: usize) {
-    for _ in 0..2_000 {
-        if line(connection, key).await.len() >= count {
-            return;
-        }
-        sleep(ms(2)).await;
-    }
-    panic!("nobody lined up for {key}");
-}
-
-/// Waits up to `within` until nothing of `key` but its fencing counter is left on the target.
-async fn nothing_left(target: &Target, key: &str, within: Duration) -> Vec<String> {
-    let until = Instant::now() + within;
-    loop {
-        let left: Vec<String> = target
-            .keys()
-            .await
-            .into_iter()
-            .map(|k| String::from_utf8_lossy(&k).into_owned())
-            .filter(|k| k.contains(&format!("{{{key}}}")) && !k.ends_with(":fence"))
-            .collect();
-        if left.is_empty() || Instant::now() >= until {
-            return left;
-        }
-        sleep(ms(20)).await;
-    }
-}
-
-/// A small deterministic generator (no shared state between workers).
-fn next(seed: &mut u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    *seed
-}
-
-/// An inc client of its own on `url`.
-async fn inc_locker(url: &str, fair: bool, ttl: Duration, retry: RetryPolicy) -> Locker {
-    Locker::from_arc(inc_backend(url, fair).await)
-        .with_options(
-            lock_core::LockOptions::default()
-                .with_ttl(ttl)
-                .with_retry(retry),
-        )
-        .unwrap()
-}
-
-async fn inc_backend(url: &str, fair: bool) -> Arc<dyn Lock> {
-    Arc::new(
-        IncLock::connect(IncConfig {
-            command_timeout: 2_000,
-            ..IncConfig::new(url.to_owned()).with_fair(fair)
-        })
-        .await
-        .unwrap(),
-    )
-}
+use lock_tests::inc_kit::{
+    counter_key, get, granted, inc_backend, inc_locker, line, line_key, ms, next, nothing_left,
+    owner_key, pttl, until_in_line,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Validity and fencing order

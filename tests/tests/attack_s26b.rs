@@ -11,88 +11,15 @@ use std::time::Duration;
 
 use lock_core::raw::wake::TurnRegistry;
 use lock_core::raw::{KeySet, Lock, LockRequest};
-use lock_core::{LockGuard, Locker, RetryPolicy, Token};
-use lock_inc::{IncConfig, IncLock};
+use lock_core::{Locker, RetryPolicy, Token};
 use lock_tests::fair::{Store, Target, connect, waiting};
 use lock_tests::history::{FencedResource, Intervals};
 use redis::aio::MultiplexedConnection;
 use tokio::time::{Instant, sleep};
 
-const RESERVED: &str = "lock-turn-reserved:";
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-fn granted(guard: &LockGuard) -> bool {
-    guard.token().expose().starts_with(RESERVED)
-}
-
-fn line_key(key: &str) -> String {
-    format!("lock:{{{key}}}:queue")
-}
-
-async fn line(connection: &mut MultiplexedConnection, key: &str) -> Vec<String> {
-    redis::cmd("ZRANGE")
-        .arg(line_key(key))
-        .arg(0)
-        .arg(-1)
-        .query_async(connection)
-        .await
-        .unwrap()
-}
-
-async fn until_in_line(connection: &mut MultiplexedConnection, key: &str, count: usize) {
-    for _ in 0..2_000 {
-        if line(connection, key).await.len() >= count {
-            return;
-        }
-        sleep(ms(2)).await;
-    }
-    panic!("nobody lined up for {key}");
-}
-
-/// Waits up to `within` until nothing of `key` but its fencing counter is left on the target.
-async fn nothing_left(target: &Target, key: &str, within: Duration) -> Vec<String> {
-    let until = Instant::now() + within;
-    loop {
-        let left: Vec<String> = target
-            .keys()
-            .await
-            .into_iter()
-            .map(|k| String::from_utf8_lossy(&k).into_owned())
-            .filter(|k| k.contains(&format!("{{{key}}}")) && !k.ends_with(":fence"))
-            .collect();
-        if left.is_empty() || Instant::now() >= until {
-            return left;
-        }
-        sleep(ms(20)).await;
-    }
-}
-
-fn next(seed: &mut u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    *seed
-}
-
-async fn inc_locker(url: &str, fair: bool, ttl: Duration, retry: RetryPolicy) -> Locker {
-    Locker::new(
-        IncLock::connect(IncConfig {
-            command_timeout: 2_000,
-            ..IncConfig::new(url.to_owned()).with_fair(fair)
-        })
-        .await
-        .unwrap(),
-    )
-    .with_options(
-        lock_core::LockOptions::default()
-            .with_ttl(ttl)
-            .with_retry(retry),
-    )
-    .unwrap()
-}
+use lock_tests::inc_kit::{
+    granted, inc_locker, line, line_key, ms, next, nothing_left, until_in_line,
+};
 
 /// Makes `locker` wait once (on a key of its own), so that its turn channel is subscribed.
 async fn warm(target: &Target, locker: &Locker, key: &'static str) {
