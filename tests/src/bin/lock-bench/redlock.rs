@@ -123,8 +123,9 @@ async fn uncontended(
         references.before_chunk(chunk, |requests| redlock_limit(limit_server, requests))?;
         // The order turns with every chunk, so that no client always runs right after the
         // floor's blocking chunk.
-        for turn in 0..clients {
-            let client = (chunk as usize + turn) % clients;
+        let mut order: Vec<usize> = (0..clients).collect();
+        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rand::rng());
+        for client in order {
             let started = Instant::now();
             for _ in 0..CHUNK {
                 match client {
