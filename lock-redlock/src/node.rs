@@ -1093,38 +1093,38 @@ impl NodeParts {
         member: &[u8],
     ) -> RedisResult<usize> {
         let deleted: i64 = match held {
-            // The common case, its invocation made at once (the same script, keys and
-            // arguments as `release_call`'s, without building the call first).
+            // The common case, its command made at once (the same script, keys and arguments
+            // as `release_call`'s, written straight into one `EVALSHA`).
             Held::Mutex if !self.fair => {
-                let script = match self.release_channel {
+                let script: &Script = match self.release_channel {
                     Some(_) => &RELEASE_NOTIFY,
                     None => &RELEASE,
                 };
-                let mut invocation = script.prepare_invoke();
+                let mut command = evalsha(script, keys.len());
                 for key in keys {
-                    invocation.key(key.as_bytes());
+                    command.arg(key.as_bytes());
                 }
-                invocation.arg(token.expose().as_bytes());
+                command.arg(token.expose().as_bytes());
                 if let Some(channel) = self.release_channel {
-                    invocation.arg(channel);
+                    command.arg(channel);
                 }
-                self.invoke(&invocation).await?
+                self.eval(script, &command).await?
             }
             // A fair mutex's release (`release_call_for`'s), made at once.
             Held::Mutex if keys.len() == 1 => {
                 let key = keys[0].as_bytes();
-                let mut invocation = RELEASE_FAIR.prepare_invoke();
-                invocation
-                    .key(key)
-                    .key([key, QUEUE_SUFFIX].concat())
-                    .key([key, QUEUE_EXPIRY_SUFFIX].concat())
+                let mut command = evalsha(&RELEASE_FAIR, 3);
+                command.arg(key);
+                arg_concat(&mut command, &[key, QUEUE_SUFFIX]);
+                arg_concat(&mut command, &[key, QUEUE_EXPIRY_SUFFIX]);
+                command
                     .arg(token.expose().as_bytes())
                     .arg(member)
                     .arg(TURN_CHANNEL);
                 if let Some(channel) = self.release_channel {
-                    invocation.arg(channel);
+                    command.arg(channel);
                 }
-                self.invoke(&invocation).await?
+                self.eval(&RELEASE_FAIR, &command).await?
             }
             _ => {
                 self.invoke(&self.release_call(keys, token, held).invocation())
@@ -1248,6 +1248,23 @@ impl NodeParts {
         }
     }
 
+    /// Runs `command`, an [`evalsha`] of `script` (see [`eval_on`]).
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        command: &Cmd,
+    ) -> RedisResult<T> {
+        match &self.connection {
+            Connection::Manager(manager) => eval_on(script, command, &mut manager.clone()).await,
+            Connection::Pool(pool) => {
+                Box::pin(async {
+                    eval_on(script, command, &mut Pooled::checkout(pool).await?).await
+                })
+                .await
+            }
+        }
+    }
+
     /// Runs a script by EVALSHA, loading it on NOSCRIPT (after a restart or SCRIPT FLUSH).
     async fn invoke<T: redis::FromRedisValue>(
         &self,
@@ -1260,6 +1277,43 @@ impl NodeParts {
                     .await
             }
         }
+    }
+}
+
+/// `EVALSHA` of `script` over `keys` keys, its keys and arguments to be added in order: one
+/// buffer, where a [`redis::ScriptInvocation`] keeps a vector per key and argument and copies
+/// them into its command again on every call. Sent by [`NodeParts::eval`].
+fn evalsha(script: &Script, keys: usize) -> Cmd {
+    let mut command = Cmd::with_capacity(10, 256);
+    command.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+    command
+}
+
+/// Adds the concatenation of `parts` to `command` as one argument, without building it first.
+fn arg_concat(command: &mut Cmd, parts: &[&[u8]]) {
+    let mut argument = redis::RedisWrite::writer_for_next_arg(command);
+    for part in parts {
+        // Writing into the command's own buffer cannot fail.
+        let _ = std::io::Write::write_all(&mut argument, part);
+    }
+}
+
+/// Sends `command`, an [`evalsha`] of `script`, loading the script first if the server
+/// answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`), as
+/// [`redis::ScriptInvocation::invoke_async`] does.
+async fn eval_on<T, C>(script: &Script, command: &Cmd, connection: &mut C) -> RedisResult<T>
+where
+    T: redis::FromRedisValue,
+    C: ConnectionLike + Send,
+{
+    match command.query_async(connection).await {
+        Err(error)
+            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
+            script.prepare_invoke().load_async(connection).await?;
+            command.query_async(connection).await
+        }
+        answer => answer,
     }
 }
 
