@@ -68,6 +68,15 @@ impl Token {
         &RELEASED
     }
 
+    /// The value of a token that is not in the generated form (32 lower-case hex digits), which
+    /// only [`Token::from_stored`] makes; `None` for a generated one.
+    pub(crate) fn stored_text(&self) -> Option<&str> {
+        match &self.0 {
+            Repr::Words(_) => None,
+            Repr::Stored(value) => Some(value),
+        }
+    }
+
     /// The token's value, as stored (32 lower-case hex digits for a generated token). Keep it
     /// out of logs: whoever has it can release the lock.
     pub fn expose(&self) -> TokenText<'_> {

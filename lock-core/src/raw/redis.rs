@@ -41,9 +41,14 @@ pub const RESERVED: &str = "lock-turn-reserved:";
 ///
 /// assert!(is_reservation(&Token::from_stored("lock-turn-reserved:abc").unwrap()));
 /// assert!(!is_reservation(&Token::from_stored("abc").unwrap()));
+/// assert!(!is_reservation(&Token::generate().unwrap()));
 /// ```
 pub fn is_reservation(token: &crate::Token) -> bool {
-    token.expose().as_bytes().starts_with(RESERVED.as_bytes())
+    // A generated token's text is hex digits alone: only a stored one can be a reservation
+    // (read without writing a generated token out, on every acquisition's path).
+    token
+        .stored_text()
+        .is_some_and(|text| text.starts_with(RESERVED))
 }
 
 /// Refuses `token` when it is a reservation's value ([`is_reservation`]).
