@@ -641,7 +641,9 @@ impl NodeParts {
         // Not a transaction: a line that appears between the two was made by a waiter this
         // attempt holds out (a spurious give-back at worst), and one that is gone by the
         // `EXISTS` has no waiter left to pass.
-        let mut pipeline = redis::pipe();
+        let mut exists = redis::cmd("EXISTS");
+        arg_concat(&mut exists, &[key_bytes, QUEUE_EXPIRY_SUFFIX]);
+        let mut pipeline = redis::Pipeline::with_capacity(2);
         pipeline
             .cmd("SET")
             .arg(key_bytes)
@@ -649,8 +651,7 @@ impl NodeParts {
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms)
-            .cmd("EXISTS")
-            .arg([key_bytes, QUEUE_EXPIRY_SUFFIX].concat());
+            .add_command(exists);
         let reply: Value = match &self.connection {
             Connection::Manager(manager) => pipeline.query_async(&mut manager.clone()).await?,
             Connection::Pool(pool) => {
@@ -665,8 +666,8 @@ impl NodeParts {
         if line == 0 {
             return Ok(Some(0));
         }
-        self.release(std::slice::from_ref(key), token, Held::Mutex)
-            .await?;
+        // Boxed: the rare path, kept out of every first attempt's future.
+        Box::pin(self.release(std::slice::from_ref(key), token, Held::Mutex)).await?;
         Ok(None)
     }
 
