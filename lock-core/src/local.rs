@@ -279,6 +279,72 @@ mod tests {
         );
     }
 
+    /// The holder's lapse recorded after a task already waits in line: the waiter learns of it
+    /// (it fails with the record's notification left out) and takes the head once the holder's
+    /// validity has passed, the holder never leaving.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_already_in_line_learns_of_a_lapse_recorded_after_it_came() {
+        let queue = Arc::new(LocalQueue::default());
+        let key = Key::new("a").unwrap();
+        let held = queue.enter(std::slice::from_ref(&key)).await;
+        let waiter = tokio::spawn({
+            let (queue, key) = (Arc::clone(&queue), key.clone());
+            async move { queue.enter(&[key]).await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "the waiter entered past the holder");
+        let live = watch::Sender::new(Live {
+            valid_until: Instant::now() + std::time::Duration::from_millis(50),
+            kind: crate::LeaseKind::Exclusive,
+            lost: false,
+            ended: false,
+        });
+        let places: Arc<Places> = Arc::new(Mutex::new(held));
+        for ticket in places.lock().unwrap().iter() {
+            ticket.keep_until(&live, Arc::downgrade(&places));
+        }
+        let entered = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter never took the head of a lapsed holder")
+            .unwrap();
+        assert!(
+            places.lock().unwrap().is_empty(),
+            "the lapsed holder kept its place"
+        );
+        drop(entered);
+        drop(places);
+        assert_eq!(queue.len(), 0);
+    }
+
+    /// As `a_waiter_already_in_line_learns_of_a_lapse_recorded_after_it_came`, for a waiter
+    /// that comes after the record: it reads it and takes the head once it has lapsed.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_coming_after_the_record_reads_it() {
+        let queue = Arc::new(LocalQueue::default());
+        let key = Key::new("a").unwrap();
+        let places: Arc<Places> =
+            Arc::new(Mutex::new(queue.enter(std::slice::from_ref(&key)).await));
+        let live = watch::Sender::new(Live {
+            valid_until: Instant::now() + std::time::Duration::from_millis(50),
+            kind: crate::LeaseKind::Exclusive,
+            lost: false,
+            ended: false,
+        });
+        for ticket in places.lock().unwrap().iter() {
+            ticket.keep_until(&live, Arc::downgrade(&places));
+        }
+        let entered = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            queue.enter(std::slice::from_ref(&key)),
+        )
+        .await
+        .expect("the waiter never took the head of a lapsed holder");
+        assert!(places.lock().unwrap().is_empty());
+        drop(entered);
+    }
+
     /// As `a_waiter_cancelled_right_after_the_hand_over_leaves_no_slot`, for a task taking
     /// two keys: it holds the first and is handed the second, then is cancelled. On main the
     /// second key's slot stays in the map (the first's goes with its ticket).
