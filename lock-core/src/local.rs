@@ -225,6 +225,24 @@ mod tests {
 
     use super::*;
 
+    /// A task holding the head of key `a`'s line and another waiting behind it.
+    async fn holder_and_waiter(
+        queue: &Arc<LocalQueue>,
+    ) -> (Vec<Ticket>, tokio::task::JoinHandle<Vec<Ticket>>) {
+        let key = Key::new("a").unwrap();
+        let held = queue.enter(std::slice::from_ref(&key)).await;
+        let waiter = tokio::spawn({
+            let queue = Arc::clone(queue);
+            async move { queue.enter(&[key]).await }
+        });
+        // The waiter lines up (one thread: it runs only while this task yields).
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "the waiter entered past the holder");
+        (held, waiter)
+    }
+
     #[tokio::test]
     async fn tickets_are_exclusive_and_leave_nothing_behind() {
         let queue = Arc::new(LocalQueue::default());
@@ -258,17 +276,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_cancelled_right_after_the_hand_over_leaves_no_slot() {
         let queue = Arc::new(LocalQueue::default());
-        let key = Key::new("a").unwrap();
-        let held = queue.enter(std::slice::from_ref(&key)).await;
-        let waiter = tokio::spawn({
-            let (queue, key) = (Arc::clone(&queue), key.clone());
-            async move { queue.enter(&[key]).await }
-        });
-        // The waiter lines up (one thread: it runs only while this task yields).
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        assert!(!waiter.is_finished(), "the waiter entered past the holder");
+        let (held, waiter) = holder_and_waiter(&queue).await;
         drop(held);
         waiter.abort();
         let _ = waiter.await;
@@ -285,16 +293,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_waiter_already_in_line_learns_of_a_lapse_recorded_after_it_came() {
         let queue = Arc::new(LocalQueue::default());
-        let key = Key::new("a").unwrap();
-        let held = queue.enter(std::slice::from_ref(&key)).await;
-        let waiter = tokio::spawn({
-            let (queue, key) = (Arc::clone(&queue), key.clone());
-            async move { queue.enter(&[key]).await }
-        });
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        assert!(!waiter.is_finished(), "the waiter entered past the holder");
+        let (held, waiter) = holder_and_waiter(&queue).await;
         let live = watch::Sender::new(Live {
             valid_until: Instant::now() + std::time::Duration::from_millis(50),
             kind: crate::LeaseKind::Exclusive,
