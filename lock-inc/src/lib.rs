@@ -61,7 +61,8 @@ static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| {
             include_str!("lua/line_grant.lua"),
             "local taken = line_take_grant(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3], ARGV[2])\n",
             "if taken then\n  return taken\nend\n",
-            "local gate, expiry = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4])\n",
+            // `gated`: the test above is the gate's first, and `line_take_grant` wrote nothing.
+            "local gate, expiry = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], nil, true)\n",
             "if gate then\n  if expiry then\n    return {gate, expiry}\n  end\n  return gate\nend\n",
             "end\n",
             include_str!("lua/acquire.lua"),

@@ -24,11 +24,14 @@ local function fence_stored(key)
 end
 
 -- The next fencing token after `counter`: the counter + 1, but never below the server's clock
--- in microseconds, so that a server that restarted without its data still hands out higher
--- tokens. Nil and the error reply when it would reach 2^53.
-local function fence_next(counter)
-  local now = redis.call('time')
-  local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+-- in microseconds (`clock`, when the caller read it in this script already), so that a server
+-- that restarted without its data still hands out higher tokens. Nil and the error reply when
+-- it would reach 2^53.
+local function fence_next(counter, clock)
+  if not clock then
+    local now = redis.call('time')
+    clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  end
   local fence = math.max(counter + 1, clock)
   if fence >= FENCE_LARGEST then
     return nil, redis.error_reply('ERR the fencing token would reach 2^53 (is the server clock far ahead?)')

@@ -12,11 +12,12 @@ local RESERVED = LINE_RESERVED
 
 -- When `counter` is free and someone is in line, the lock goes to the head of the line, which
 -- alone is woken (see line_give); a fencing counter that cannot draw (it holds no integer)
--- gives nothing: the head is only woken, to ask, and its attempt reports the error.
-local function line_grant(counter, owner, fence_key, prefix)
-  line_give(counter, prefix, function(head, left)
+-- gives nothing: the head is only woken, to ask, and its attempt reports the error. `free`:
+-- see line_give.
+local function line_grant(counter, owner, fence_key, prefix, free)
+  line_give(counter, prefix, function(head, left, now_us)
     local stored = fence_stored(fence_key)
-    local fence = stored and fence_next(stored)
+    local fence = stored and fence_next(stored, now_us)
     if not fence then
       return nil
     end
@@ -24,7 +25,7 @@ local function line_grant(counter, owner, fence_key, prefix)
     redis.call('set', owner, RESERVED .. head, 'PX', left)
     fence_store(fence_key, fence, left)
     return ':' .. string.format('%.0f', fence)
-  end)
+  end, free)
 end
 
 -- When the lock was given to `member`, `token` takes it over for `ttl` ms (the fencing token

@@ -10,12 +10,13 @@
 local RESERVED = LINE_RESERVED
 
 -- The turn passes to the head of the line when `lock` is free: the key is reserved for it
--- until its entry expires, and it is woken (with the reservation's expiry, see line_give).
-local function line_pass(lock, prefix)
+-- until its entry expires, and it is woken (with the reservation's expiry, see line_give,
+-- which also says what `free` is).
+local function line_pass(lock, prefix, free)
   line_give(lock, prefix, function(head, left)
     redis.call('set', lock, RESERVED .. head, 'PX', left)
     return ''
-  end)
+  end, free)
 end
 
 -- `member` leaves the line; a reservation of `lock` for it is given up first, so that the turn

@@ -109,10 +109,12 @@ end
 -- answer to return: 0 when refused (the waiter is in line, not first; a single try never
 -- passes a live line), or -(1 + ms) when the waiter is first in line behind a holder with ms
 -- left to live. A free lock whose line is headed by another waiter wakes that waiter. A refused
--- waiter's entry expiry (see line_join) comes as a second value.
-local function line_gate(lock, owner, token, member, lease, prefix, chosen)
+-- waiter's entry expiry (see line_join) comes as a second value. `gated`: the caller made the
+-- first test below itself, found someone in line or the lock held, and wrote nothing since.
+local function line_gate(lock, owner, token, member, lease, prefix, chosen, gated)
   -- Nobody in line (the uncontended case): only the lock decides.
-  if redis.call('exists', LINE_EXPIRY) == 0 and (member == '' or redis.call('exists', lock) == 0) then
+  if not gated and redis.call('exists', LINE_EXPIRY) == 0
+    and (member == '' or redis.call('exists', lock) == 0) then
     return nil
   end
   local now, now_us = line_clock()
@@ -159,23 +161,25 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen)
 end
 
 -- When `lock` is free, the turn passes to the head of the line, which alone is woken. With
--- time left on the head's entry, `give(head, left)` first takes the key for the head, for
--- `left` ms (a string): what it returns (nil when it gave nothing) follows the entry's expiry
--- in the message, `<waiter>:<expiry><what give returned>`, so that a waiter whose latest attempt
--- renewed its entry to exactly that expiry knows when what it was given lapses, and may hold
--- it as it is without asking again.
-local function line_give(lock, prefix, give)
+-- time left on the head's entry, `give(head, left, now_us)` first takes the key for the head,
+-- for `left` ms (a string; `now_us` is the server's clock in µs as read here): what it returns
+-- (nil when it gave nothing) follows the entry's expiry in the message,
+-- `<waiter>:<expiry><what give returned>`, so that a waiter whose latest attempt renewed its
+-- entry to exactly that expiry knows when what it was given lapses, and may hold it as it is
+-- without asking again. `free`: the caller deleted `lock` in this script and nothing wrote it
+-- since (a release that was the holder's), so it is not asked again.
+local function line_give(lock, prefix, give, free)
   if redis.call('exists', LINE_EXPIRY) == 0 then
     return
   end
-  if redis.call('exists', lock) == 0 then
-    local now = line_clock()
+  if free or redis.call('exists', lock) == 0 then
+    local now, now_us = line_clock()
     line_prune(now)
     local head, expiry = line_head()
     if head then
       local message = string.sub(head, 33)
       if expiry - now > 0 then
-        local given = give(head, string.format('%.0f', expiry - now))
+        local given = give(head, string.format('%.0f', expiry - now), now_us)
         if given then
           message = message .. ':' .. string.format('%.0f', expiry) .. given
         end
