@@ -346,6 +346,25 @@ async fn a_fair_release_and_a_first_attempts_give_back_pass_the_turn_to_their_ow
     }
 }
 
+/// Three fresh servers, their URLs and a raw connection to each.
+async fn three_nodes(
+    binary: &std::path::Path,
+) -> (
+    Vec<RedisServer>,
+    Vec<String>,
+    Vec<redis::aio::MultiplexedConnection>,
+) {
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::start(binary, &[]).unwrap())
+        .collect();
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let mut conns = Vec::new();
+    for server in &servers {
+        conns.push(connect(server).await);
+    }
+    (servers, urls, conns)
+}
+
 /// `SCRIPT FLUSH` on one node of three (then on another) before every shape of release, with
 /// odd keys and several keys: the release succeeds and no node keeps a key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,14 +372,7 @@ async fn noscript_on_one_node_among_three_still_releases_everywhere() {
     let Some(binary) = redis_or_skip("attack_s27a") else {
         return;
     };
-    let servers: Vec<RedisServer> = (0..3)
-        .map(|_| RedisServer::start(&binary, &[]).unwrap())
-        .collect();
-    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
-    let mut conns = Vec::new();
-    for server in &servers {
-        conns.push(connect(server).await);
-    }
+    let (_servers, urls, mut conns) = three_nodes(&binary).await;
     for (round, (fair, wake, kind)) in shapes().into_iter().enumerate() {
         let shape = format!("fair {fair}, wake {wake}, {kind:?}");
         let locker = locker(&urls, fair, wake, kind, ms(10_000));
@@ -791,14 +803,7 @@ async fn a_fair_first_attempt_on_three_nodes_never_passes_a_live_line() {
     let Some(binary) = redis_or_skip("attack_s27a") else {
         return;
     };
-    let servers: Vec<RedisServer> = (0..3)
-        .map(|_| RedisServer::start(&binary, &[]).unwrap())
-        .collect();
-    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
-    let mut conns = Vec::new();
-    for server in &servers {
-        conns.push(connect(server).await);
-    }
+    let (_servers, urls, mut conns) = three_nodes(&binary).await;
     let head = format!("{}5", "c".repeat(32));
     for (round, (_, wake, kind)) in shapes().into_iter().filter(|s| s.0).enumerate() {
         let shape = format!("wake {wake}, {kind:?}");
