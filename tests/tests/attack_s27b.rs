@@ -1173,3 +1173,242 @@ async fn tiny_ttl_hammers_hand_out_no_fence_twice_and_leave_nothing() {
         assert!(left.is_empty(), "{store:?}: left: {left:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The commands saved
+// ---------------------------------------------------------------------------------------------
+
+/// Calls per command name since the last `CONFIG RESETSTAT` (scripts' own calls included).
+async fn command_calls(c: &mut MultiplexedConnection) -> BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(c)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("cmdstat_")?;
+            let (name, stats) = rest.split_once(':')?;
+            let calls = stats
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// The server commands `script` makes from `state` (the script's own and its EVAL), per name.
+async fn commands_of(
+    c: &mut MultiplexedConnection,
+    script: &redis::Script,
+    state: &State,
+    keys: &[&str],
+    args: &[&str],
+) -> BTreeMap<String, u64> {
+    let _: () = redis::cmd("FLUSHALL").query_async(c).await.unwrap();
+    let clock = now(c).await;
+    state.write(c, "{a}", clock.0).await;
+    let _: () = script
+        .prepare_invoke()
+        .load_async(c)
+        .await
+        .map(|_: String| ())
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(c)
+        .await
+        .unwrap();
+    let mut invocation = script.prepare_invoke();
+    for key in keys {
+        invocation.key(key.replace("{k}", "{a}"));
+    }
+    for arg in args {
+        invocation.arg(*arg);
+    }
+    let _: Value = invocation.invoke_async(c).await.unwrap();
+    let mut calls = command_calls(c).await;
+    calls.remove("info");
+    calls.remove("config|resetstat");
+    calls
+}
+
+fn total(calls: &BTreeMap<String, u64>) -> u64 {
+    calls.values().sum()
+}
+
+/// What the commit claims it saves, counted by the server: a holder's release with a waiter in
+/// line skips the owner's GET (when a waiter leaves with it), the lock's EXISTS, and, on inc,
+/// the grant's second TIME; inc's fair attempt behind a holder skips the gate's repeated
+/// EXISTS tests. Nothing else changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_makes_the_commands_it_claims_fewer() {
+    let Some(binary) = redis_or_skip("attack_s27b") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let mut c = connect(&server).await;
+    let line = |key: &str| {
+        vec![
+            vec![
+                "ZADD".to_owned(),
+                format!("{key}:queue"),
+                "1000000".to_owned(),
+                member(1),
+            ],
+            vec![
+                "ZADD".to_owned(),
+                format!("{key}:queue-expiry"),
+                "@4000".to_owned(),
+                member(1),
+            ],
+        ]
+    };
+    let mut inc = vec![
+        vec![
+            "SET".to_owned(),
+            "lock:{k}".to_owned(),
+            "1".to_owned(),
+            "PX".to_owned(),
+            "5000".to_owned(),
+        ],
+        vec![
+            "SET".to_owned(),
+            "lock:{k}:owner".to_owned(),
+            T1.to_owned(),
+            "PX".to_owned(),
+            "5000".to_owned(),
+        ],
+        vec![
+            "SET".to_owned(),
+            "lock:{k}:fence".to_owned(),
+            "100".to_owned(),
+        ],
+    ];
+    inc.extend(line("lock:{k}"));
+    let inc = State {
+        commands: inc
+            .into_iter()
+            .map(|c| c.into_iter().map(|a| a.replace("{k}", "{a}")).collect())
+            .collect(),
+    };
+    let (m2, prefix) = (member(2), "turn:");
+    for (leaving, saved) in [
+        ("", vec![("exists", 1), ("time", 1)]),
+        (m2.as_str(), vec![("get", 1), ("exists", 1), ("time", 1)]),
+    ] {
+        let args = [T1, leaving, prefix];
+        let before = commands_of(
+            &mut c,
+            &redis::Script::new(&inc_release_fair(true)),
+            &inc,
+            &INC_KEYS,
+            &args,
+        )
+        .await;
+        let after = commands_of(
+            &mut c,
+            &redis::Script::new(&inc_release_fair(false)),
+            &inc,
+            &INC_KEYS,
+            &args,
+        )
+        .await;
+        assert_saved("inc release", &before, &after, &saved);
+        eprintln!(
+            "inc release (waiter {leaving:?}): {} -> {} commands",
+            total(&before),
+            total(&after)
+        );
+    }
+    // inc's attempt of a waiter behind the holder (it joins the line).
+    let args = [
+        "aaaabbbbccccddddaaaabbbbccccdddd",
+        "3000",
+        m2.as_str(),
+        prefix,
+    ];
+    let before = commands_of(
+        &mut c,
+        &redis::Script::new(&inc_acquire_fair(true)),
+        &inc,
+        &INC_KEYS,
+        &args,
+    )
+    .await;
+    let after = commands_of(
+        &mut c,
+        &redis::Script::new(&inc_acquire_fair(false)),
+        &inc,
+        &INC_KEYS,
+        &args,
+    )
+    .await;
+    assert_saved("inc attempt", &before, &after, &[("exists", 1)]);
+    eprintln!(
+        "inc attempt: {} -> {} commands",
+        total(&before),
+        total(&after)
+    );
+    // Redlock on one node.
+    let mut redlock = vec![vec![
+        "SET".to_owned(),
+        "key{a}".to_owned(),
+        T1.to_owned(),
+        "PX".to_owned(),
+        "5000".to_owned(),
+    ]];
+    redlock.extend(line("key{a}"));
+    let redlock = State { commands: redlock };
+    let keys = ["key{k}", "key{k}:queue", "key{k}:queue-expiry"];
+    for (leaving, saved) in [
+        ("", vec![("exists", 1)]),
+        (m2.as_str(), vec![("get", 1), ("exists", 1)]),
+    ] {
+        let args = [T1, leaving, prefix];
+        let before = commands_of(
+            &mut c,
+            &redis::Script::new(&redlock_release_fair(true)),
+            &redlock,
+            &keys,
+            &args,
+        )
+        .await;
+        let after = commands_of(
+            &mut c,
+            &redis::Script::new(&redlock_release_fair(false)),
+            &redlock,
+            &keys,
+            &args,
+        )
+        .await;
+        assert_saved("redlock release", &before, &after, &saved);
+        eprintln!(
+            "redlock release (waiter {leaving:?}): {} -> {} commands",
+            total(&before),
+            total(&after)
+        );
+    }
+}
+
+fn assert_saved(
+    what: &str,
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+    saved: &[(&str, u64)],
+) {
+    let mut expected = before.clone();
+    for (name, count) in saved {
+        let calls = expected
+            .get_mut(*name)
+            .unwrap_or_else(|| panic!("{what}: no {name} before"));
+        *calls -= count;
+        if *calls == 0 {
+            expected.remove(*name);
+        }
+    }
+    assert_eq!(after, &expected, "{what}: before {before:?}");
+}
