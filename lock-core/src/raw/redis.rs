@@ -19,11 +19,12 @@ pub const TURN_CHANNEL: &str = "lock-turn:";
 
 /// The waiting line of a fair lock (`Capabilities::fair`), as Lua helpers to put before a
 /// backend's own acquire and release scripts: `line_gate(lock, owner, token, member, lease,
-/// prefix[, place])` in front of an acquisition, `line_leave(member)`, `line_give_back(owner,
-/// member, ...)` and `line_give(lock, prefix, give)` (the turn, with what `give` took for the
-/// head) after a release. The line is the last two keys of the script (`KEYS[#KEYS - 1]`: waiters by
-/// arrival; `KEYS[#KEYS]`: the same by the expiry of their entry); a member is a client's
-/// instance (32 hex digits) followed by the waiter's id. See the script's own comments.
+/// prefix[, place[, gated]])` in front of an acquisition, `line_leave(member)`,
+/// `line_give_back(owner, member, ...)` and `line_give(lock, prefix, give[, free])` (the turn,
+/// with what `give(head, left, now_us)` took for the head) after a release. The line is the
+/// last two keys of the script (`KEYS[#KEYS - 1]`: waiters by arrival; `KEYS[#KEYS]`: the same
+/// by the expiry of their entry); a member is a client's instance (32 hex digits) followed by
+/// the waiter's id. See the script's own comments.
 pub const LINE_SCRIPT: &str = include_str!("redis/line.lua");
 
 /// The value of a key a backend gives the head of a fair line as it passes the turn, followed
