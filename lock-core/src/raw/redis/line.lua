@@ -6,9 +6,10 @@
 -- KEYS[#KEYS] holds the same waiters scored by the expiry of
 -- their entry (the server's clock in ms plus the lease), renewed by each of their attempts. A
 -- member is the 32 hex digits of the waiting client's instance (it listens on the channel
--- <prefix><instance>) followed by the waiter's id. Expired entries are dropped by whichever
--- script runs next; both keys expire with their latest entry and are deleted when the line
--- empties, so nothing stays once nobody waits.
+-- <prefix><instance>) followed by the waiter's id. Expired entries are dropped by the next join
+-- (and by a release that finds the head lapsed); both keys expire with the latest entry a join
+-- renewed (never before an entry still in line, at most one lease after the latest once it
+-- left) and are deleted when the line empties, so nothing stays once nobody waits.
 local LINE, LINE_EXPIRY = KEYS[#KEYS - 1], KEYS[#KEYS]
 
 -- The value of a key given to the head of the line as the turn passes (see line_give),
@@ -174,8 +175,13 @@ local function line_give(lock, prefix, give, free)
   end
   if free or redis.call('exists', lock) == 0 then
     local now, now_us = line_clock()
-    line_prune(now)
+    -- Lapsed entries are dropped only when the head found has lapsed: the first live entry is
+    -- the head either way.
     local head, expiry = line_head()
+    if head and expiry <= now then
+      line_prune(now)
+      head, expiry = line_head()
+    end
     if head then
       local message = string.sub(head, 33)
       if expiry - now > 0 then
@@ -185,6 +191,9 @@ local function line_give(lock, prefix, give, free)
         end
       end
       line_publish(prefix .. string.sub(head, 1, 32), message)
+      -- The line is not empty: its keys, settled by every join, expire no earlier than any
+      -- entry (at most one lease later than the latest, once that one left).
+      return
     end
   end
   line_settle()
