@@ -59,10 +59,11 @@ static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| {
             "if not (redis.call('exists', KEYS[#KEYS]) == 0 and (ARGV[3] == '' or redis.call('exists', KEYS[1]) == 0)) then\n",
             lock_core::raw::redis::LINE_SCRIPT,
             include_str!("lua/line_grant.lua"),
-            "local taken = line_take_grant(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3], ARGV[2])\n",
+            "local held_by = redis.pcall('get', KEYS[2])\n",
+            "local taken = line_take_grant(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3], ARGV[2], held_by)\n",
             "if taken then\n  return taken\nend\n",
             // `gated`: the test above is the gate's first, and `line_take_grant` wrote nothing.
-            "local gate, expiry = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], nil, true)\n",
+            "local gate, expiry = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], nil, true, held_by)\n",
             "if gate then\n  if expiry then\n    return {gate, expiry}\n  end\n  return gate\nend\n",
             "end\n",
             include_str!("lua/acquire.lua"),

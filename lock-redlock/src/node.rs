@@ -630,13 +630,34 @@ impl NodeParts {
     /// reservation that lapsed with a dead head, a release by a client without `fair`, a holder
     /// that expired) is not taken past them: the attempt gives it back at once (the release
     /// reserves it for the head of the line and wakes it) and counts as refused, so that the
-    /// waiter lines up behind them.
+    /// waiter lines up behind them — unless the line held only lapsed entries (its keys outlive
+    /// the latest by up to a lease): the give-back then deleted it, and one more try takes the
+    /// key.
     async fn acquire_fair_plain(
         &self,
         key: &Key,
         token: &Token,
         ttl_ms: u64,
     ) -> RedisResult<Option<u64>> {
+        let (set, line) = self.set_unless_lined(key, token, ttl_ms).await?;
+        if !set {
+            return Ok(None);
+        }
+        if line == 0 {
+            return Ok(Some(0));
+        }
+        // Boxed: the rare path, kept out of every first attempt's future.
+        Box::pin(self.give_back_and_try_again(key, token, ttl_ms)).await
+    }
+
+    /// `SET NX` of `key` for `token` and, in the same round trip, whether the key has a waiting
+    /// line: whether the key was set, and 1 when a line is there.
+    async fn set_unless_lined(
+        &self,
+        key: &Key,
+        token: &Token,
+        ttl_ms: u64,
+    ) -> RedisResult<(bool, i64)> {
         let key_bytes = key.as_bytes();
         // Not a transaction: a line that appears between the two was made by a waiter this
         // attempt holds out (a spurious give-back at worst), and one that is gone by the
@@ -660,14 +681,28 @@ impl NodeParts {
             }
         };
         let (set, line): (Value, i64) = redis::FromRedisValue::from_redis_value(reply)?;
-        if !matches!(set, Value::Okay) {
+        Ok((matches!(set, Value::Okay), line))
+    }
+
+    /// Gives `key` back (see [`NodeParts::acquire_fair_plain`]) and tries once more: a line of
+    /// lapsed entries only is gone by then, and the key is taken; a live one was given the key.
+    async fn give_back_and_try_again(
+        &self,
+        key: &Key,
+        token: &Token,
+        ttl_ms: u64,
+    ) -> RedisResult<Option<u64>> {
+        self.release(std::slice::from_ref(key), token, Held::Mutex)
+            .await?;
+        let (set, line) = self.set_unless_lined(key, token, ttl_ms).await?;
+        if !set {
             return Ok(None);
         }
         if line == 0 {
             return Ok(Some(0));
         }
-        // Boxed: the rare path, kept out of every first attempt's future.
-        Box::pin(self.release(std::slice::from_ref(key), token, Held::Mutex)).await?;
+        self.release(std::slice::from_ref(key), token, Held::Mutex)
+            .await?;
         Ok(None)
     }
 

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lock_core::raw::Lock;
-use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_core::raw::{KeySet, Lock, LockRequest};
+use lock_core::{Key, LockOptions, Locker, RetryPolicy, Token};
 use lock_inc::{IncConfig, IncLock};
 use lock_redlock::{Redlock, RedlockConfig};
 
@@ -103,6 +103,30 @@ impl Target {
             .expect("options")
     }
 
+    /// One waiting attempt on `key` by a new client that then dies without a word (no
+    /// take-back): its entry stays in line until it expires, `entry` from now.
+    ///
+    /// # Panics
+    /// When the attempt fails or is granted (the key must be held).
+    pub async fn dead_waiter(&self, key: &str, entry: Duration) {
+        let dead = self.backend(true).await;
+        let request = LockRequest::new(
+            KeySet::one(Key::new(key).expect("a valid key")),
+            Token::generate().expect("a token"),
+            entry,
+        )
+        .expect("a valid request")
+        .with_will_wait(true)
+        .with_waiter(Token::generate().expect("a token"));
+        assert!(
+            dead.try_acquire(&request)
+                .await
+                .expect("the attempt")
+                .is_none()
+        );
+        dead.shutdown().await.expect("shutdown");
+    }
+
     /// Every key on the servers.
     pub async fn keys(&self) -> BTreeSet<Vec<u8>> {
         let mut all = BTreeSet::new();
@@ -121,6 +145,19 @@ impl Target {
             all.extend(keys);
         }
         all
+    }
+
+    /// The keys on the servers once none is left or `within` has passed (checked every 50 ms):
+    /// what is left of a line that lapsed takes up to a quarter of its lease to go.
+    pub async fn keys_left_within(&self, within: Duration) -> BTreeSet<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let keys = self.keys().await;
+            if keys.is_empty() || tokio::time::Instant::now() >= deadline {
+                return keys;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The keys of waiting lines that exist now whose name holds `key` (`""` for every line),

@@ -32,22 +32,6 @@ fn client(
         .expect("options")
 }
 
-/// One waiting attempt by a fair client that then dies without a word: its entry stays in
-/// line until it expires, `entry` from now.
-async fn dead_waiter(target: &Target, key: &str, entry: Duration) {
-    let dead = target.backend(true).await;
-    let request = LockRequest::new(
-        KeySet::one(Key::new(key).unwrap()),
-        Token::generate().unwrap(),
-        entry,
-    )
-    .unwrap()
-    .with_will_wait(true)
-    .with_waiter(Token::generate().unwrap());
-    assert!(dead.try_acquire(&request).await.unwrap().is_none());
-    dead.shutdown().await.unwrap();
-}
-
 async fn connection(target: &Target) -> redis::aio::MultiplexedConnection {
     redis::Client::open(target.url.as_str())
         .unwrap()
@@ -100,7 +84,7 @@ async fn dead_heads_reservation_lapses(fencing: bool, pool: bool) {
         .locker(true, Duration::from_secs(10), RetryPolicy::none())
         .await;
     let guard = holder.acquire(key).await.unwrap();
-    dead_waiter(&target, key, Duration::from_millis(1_500)).await;
+    target.dead_waiter(key, Duration::from_millis(1_500)).await;
     let order = Arc::new(Mutex::new(Vec::new()));
     // B retries once a second (a legitimate policy: a fair waiter is woken by a message, the
     // policy's delay is its fallback).
@@ -455,7 +439,7 @@ async fn a_take_back_by_a_token_read_from_the_store_leaves_a_reservation_alone()
         .locker(true, Duration::from_secs(10), RetryPolicy::none())
         .await;
     let guard = holder.acquire(key).await.unwrap();
-    dead_waiter(&target, key, Duration::from_millis(1_500)).await;
+    target.dead_waiter(key, Duration::from_millis(1_500)).await;
     guard.release().await.unwrap();
     let stored = String::from_utf8(get(&mut raw, key).await.unwrap()).unwrap();
     assert!(stored.starts_with("lock-turn-reserved:"), "{stored}");
@@ -508,7 +492,7 @@ async fn other_kinds_leave_a_reservation_alone() {
         .locker(true, Duration::from_secs(10), RetryPolicy::none())
         .await;
     let guard = holder.acquire(key).await.unwrap();
-    dead_waiter(&target, key, Duration::from_millis(1_500)).await;
+    target.dead_waiter(key, Duration::from_millis(1_500)).await;
     guard.release().await.unwrap();
     let reserved = get(&mut raw, key).await.unwrap();
     assert!(reserved.starts_with(b"lock-turn-reserved:"));
@@ -545,12 +529,8 @@ async fn other_kinds_leave_a_reservation_alone() {
     }
     assert!(until_free(&mut raw, key, Duration::from_secs(3)).await);
     holder.stop().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        target.keys().await.is_empty(),
-        "left in Redis: {:?}",
-        target.keys().await
-    );
+    let left = target.keys_left_within(Duration::from_secs(1)).await;
+    assert!(left.is_empty(), "left in Redis: {left:?}");
 }
 
 /// Held: the head cancelled right when its turn comes (its acquisition dropped as soon as

@@ -110,22 +110,6 @@ async fn the_fifo_checker_fails_without_fair() {
     }
 }
 
-/// One waiting attempt by a client that then dies without a word (no take-back): its entry
-/// stays in line until it expires, `entry` from now.
-async fn dead_waiter(target: &Target, key: &str, entry: Duration) {
-    let dead = target.backend(true).await;
-    let request = LockRequest::new(
-        KeySet::one(Key::new(key).unwrap()),
-        Token::generate().unwrap(),
-        entry,
-    )
-    .unwrap()
-    .with_will_wait(true)
-    .with_waiter(Token::generate().unwrap());
-    assert!(dead.try_acquire(&request).await.unwrap().is_none());
-    dead.shutdown().await.unwrap();
-}
-
 async fn dead_head_blocks_no_longer_than_its_entry(store: Store) {
     let Some(target) = Target::start(store, "fair waiting").await else {
         return;
@@ -137,7 +121,7 @@ async fn dead_head_blocks_no_longer_than_its_entry(store: Store) {
         .await;
     let guard = holder.acquire(key).await.unwrap();
     let died = Instant::now();
-    dead_waiter(&target, key, entry).await;
+    target.dead_waiter(key, entry).await;
     let next = target
         .locker(
             true,
@@ -187,7 +171,7 @@ async fn a_release_reserves_the_key_for_the_head_of_the_line_redis() {
         .await;
     let guard = holder.acquire(key).await.unwrap();
     let died = Instant::now();
-    dead_waiter(&target, key, entry).await;
+    target.dead_waiter(key, entry).await;
     guard.release().await.unwrap();
 
     let server = redis::Client::open(target.url.as_str()).unwrap();
@@ -509,7 +493,7 @@ async fn a_single_try_never_barges(store: Store) {
         .locker(true, Duration::from_secs(10), RetryPolicy::none())
         .await;
     let guard = holder.acquire(key).await.unwrap();
-    dead_waiter(&target, key, entry).await;
+    target.dead_waiter(key, entry).await;
     guard.release().await.unwrap();
     assert!(
         holder.try_acquire(key).await.unwrap().is_none(),

@@ -45,6 +45,6 @@ end
 -- in µs is above `fence`, and the next token, at least the clock, is higher. At least the
 -- lock's ttl from now (`fence` >= the clock), so that a replay finds its token.
 local function fence_store(key, fence, ttl)
-  redis.call('set', key, string.format('%.0f', fence))
-  redis.call('pexpireat', key, string.format('%.0f', math.floor(fence / 1000) + 1 + tonumber(ttl)))
+  redis.call('set', key, string.format('%.0f', fence), 'PXAT',
+    string.format('%.0f', math.floor(fence / 1000) + 1 + tonumber(ttl)))
 end

@@ -31,9 +31,10 @@ end
 -- When the lock was given to `member`, `token` takes it over for `ttl` ms (the fencing token
 -- drawn for the grant is its own), and the member leaves the line: returns that fencing token
 -- (or the error reply of a fencing counter that holds no integer, nothing written). Nil when
--- the lock is not reserved for `member`.
-local function line_take_grant(counter, owner, fence_key, token, member, ttl)
-  if member == '' or redis.pcall('get', owner) ~= RESERVED .. member then
+-- the lock is not reserved for `member`. `held_by`: the value of `owner`, as
+-- `redis.pcall('get')` reads it.
+local function line_take_grant(counter, owner, fence_key, token, member, ttl, held_by)
+  if member == '' or held_by ~= RESERVED .. member then
     return nil
   end
   local fence, stored = fence_stored(fence_key)

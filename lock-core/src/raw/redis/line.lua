@@ -7,9 +7,10 @@
 -- their entry (the server's clock in ms plus the lease), renewed by each of their attempts. A
 -- member is the 32 hex digits of the waiting client's instance (it listens on the channel
 -- <prefix><instance>) followed by the waiter's id. Expired entries are dropped by the next join
--- (and by a release that finds the head lapsed); both keys expire with the latest entry a join
--- renewed (never before an entry still in line, at most one lease after the latest once it
--- left) and are deleted when the line empties, so nothing stays once nobody waits.
+-- (and by a release that finds the head lapsed); both keys expire never before an entry still in
+-- line and at most a quarter of its lease after the latest entry a join renewed (a join that
+-- would outlive them sets them that far past its own entry, so that the joins of a busy line
+-- seldom touch them), and are deleted when the line empties, so nothing stays once nobody waits.
 local LINE, LINE_EXPIRY = KEYS[#KEYS - 1], KEYS[#KEYS]
 
 -- The value of a key given to the head of the line as the turn passes (see line_give),
@@ -45,22 +46,29 @@ end
 
 -- Puts `member` at the end of the line (or at `chosen`, a place the client chose, when given),
 -- or keeps its place; either way its entry now expires `lease` ms from now. Returns that expiry
--- (the server's clock in ms).
+-- (the server's clock in ms). When the line's keys would expire before that entry (or one of
+-- them has no expiry: it was just made), both are set to expire a quarter of `lease` after it.
 local function line_join(member, now, now_us, lease, chosen)
-  if not redis.call('zscore', LINE, member) then
-    local place = tonumber(chosen)
-    if not place then
-      place = now_us
-      local last = redis.call('zrange', LINE, -1, -1, 'withscores')
-      if last[2] and tonumber(last[2]) >= place then
-        place = tonumber(last[2]) + 1
-      end
+  local expiry = now + lease
+  local last = redis.call('zrange', LINE, -1, -1, 'withscores')
+  local place = tonumber(chosen)
+  if not place then
+    place = now_us
+    if last[2] and tonumber(last[2]) >= place then
+      place = tonumber(last[2]) + 1
     end
-    redis.call('zadd', LINE, string.format('%.0f', place), member)
   end
-  redis.call('zadd', LINE_EXPIRY, string.format('%.0f', now + lease), member)
-  line_settle()
-  return now + lease
+  redis.call('zadd', LINE, 'NX', string.format('%.0f', place), member)
+  redis.call('zadd', LINE_EXPIRY, string.format('%.0f', expiry), member)
+  -- An empty line (`last`) had no LINE key: the ZADD made it, without an expiry. PEXPIRETIME is
+  -- Redis 7's: an older server answers an error, and the keys are set at every join.
+  local kept = redis.pcall('pexpiretime', LINE_EXPIRY)
+  if not last[1] or type(kept) ~= 'number' or kept < expiry then
+    local until_ms = string.format('%.0f', expiry + math.ceil(lease / 4))
+    redis.call('pexpireat', LINE, until_ms)
+    redis.call('pexpireat', LINE_EXPIRY, until_ms)
+  end
+  return expiry
 end
 
 -- Takes `member` out of the line.
@@ -112,7 +120,9 @@ end
 -- left to live. A free lock whose line is headed by another waiter wakes that waiter. A refused
 -- waiter's entry expiry (see line_join) comes as a second value. `gated`: the caller made the
 -- first test below itself, found someone in line or the lock held, and wrote nothing since.
-local function line_gate(lock, owner, token, member, lease, prefix, chosen, gated)
+-- `held_by`, when given: the value of `owner` as the caller read it with `redis.pcall('get')`,
+-- nothing written to it since.
+local function line_gate(lock, owner, token, member, lease, prefix, chosen, gated, held_by)
   -- Nobody in line (the uncontended case): only the lock decides.
   if not gated and redis.call('exists', LINE_EXPIRY) == 0
     and (member == '' or redis.call('exists', lock) == 0) then
@@ -120,7 +130,10 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen, gate
   end
   local now, now_us = line_clock()
   line_prune(now)
-  if redis.pcall('get', owner) == token then
+  if held_by == nil then
+    held_by = redis.pcall('get', owner)
+  end
+  if held_by == token then
     return nil
   end
   if redis.call('exists', lock) == 1 then
@@ -132,7 +145,7 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen, gate
     -- A head the key is reserved for may hold it as its lock (one-node Redlock's grant, see
     -- lock-redlock's line_pass.lua) and stays in line until it releases or its entry lapses
     -- with the key: the waiter behind it is then first behind that holder.
-    if first[2] == member and redis.pcall('get', owner) == LINE_RESERVED .. first[1] then
+    if first[2] == member and held_by == LINE_RESERVED .. first[1] then
       first[1] = member
     end
     if first[1] == member then
