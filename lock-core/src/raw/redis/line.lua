@@ -47,7 +47,8 @@ end
 -- Puts `member` at the end of the line (or at `chosen`, a place the client chose, when given),
 -- or keeps its place; either way its entry now expires `lease` ms from now. Returns that expiry
 -- (the server's clock in ms). When the line's keys would expire before that entry (or one of
--- them has no expiry: it was just made), both are set to expire a quarter of `lease` after it.
+-- them has no expiry: it was just made), both are set to expire a quarter of `lease` after it,
+-- or with the latest entry of the index when that is later.
 local function line_join(member, now, now_us, lease, chosen)
   local expiry = now + lease
   local last = redis.call('zrange', LINE, -1, -1, 'withscores')
@@ -64,7 +65,17 @@ local function line_join(member, now, now_us, lease, chosen)
   -- Redis 7's: an older server answers an error, and the keys are set at every join.
   local kept = redis.pcall('pexpiretime', LINE_EXPIRY)
   if not last[1] or type(kept) ~= 'number' or kept < expiry then
-    local until_ms = string.format('%.0f', expiry + math.ceil(lease / 4))
+    local until_ms = expiry + math.ceil(lease / 4)
+    -- Known past every other entry only when the index kept an expiry (it is never before
+    -- one): without PEXPIRETIME, or a LINE key made anew beside an index (LINE evicted under
+    -- `maxmemory`), or an index without one, the index may hold a longer entry than this one.
+    if not last[1] or type(kept) ~= 'number' or kept < 0 then
+      local latest = redis.call('zrange', LINE_EXPIRY, -1, -1, 'withscores')[2]
+      if latest and tonumber(latest) > until_ms then
+        until_ms = tonumber(latest)
+      end
+    end
+    until_ms = string.format('%.0f', until_ms)
     redis.call('pexpireat', LINE, until_ms)
     redis.call('pexpireat', LINE_EXPIRY, until_ms)
   end
