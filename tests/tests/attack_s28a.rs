@@ -18,7 +18,7 @@ use lock_core::RetryPolicy;
 use lock_core::raw::redis::LINE_SCRIPT;
 use lock_tests::clock::WallJump;
 use lock_tests::fair::{Store, Target, connect, waiting};
-use lock_tests::server::{RedisServer, redis_or_skip};
+use lock_tests::server::{RedisServer, redis_or_skip, valkey_or_skip};
 use redis::aio::MultiplexedConnection;
 use tokio::time::sleep;
 
@@ -190,10 +190,10 @@ async fn random_line(
             _ => {
                 let pause = next(&mut state) % 30;
                 if let Some(shim) = clock
-                    && pause % 3 == 0
+                    && pause.is_multiple_of(3)
                 {
                     // A jump back an hour, or forward by a few ms.
-                    let backwards = pause % 2 == 0;
+                    let backwards = pause.is_multiple_of(2);
                     if backwards {
                         back += 3_600_000;
                     } else {
@@ -323,6 +323,136 @@ async fn single_try_behind_mixed_line(target: &Target) -> Option<String> {
     what
 }
 
+/// With PEXPIRETIME (Redis 7.0, valkey 8): random steps keep both keys over every live entry,
+/// and the single try of the scenario above is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pexpiretime_random_steps_and_single_tries_hold() {
+    let Some(binary) = redis_or_skip("attack s28a") else {
+        return;
+    };
+    let mut servers = vec![RedisServer::start(&binary, &[]).unwrap()];
+    if let Some(valkey) = valkey_or_skip("attack s28a") {
+        servers.push(RedisServer::start(&valkey, &[]).unwrap());
+    }
+    for server in &servers {
+        for seed in [7, 1_234_567, 0x5eed_5eed] {
+            let broken = random_line(&server.url(), seed, 150, None).await;
+            assert!(
+                broken.is_none(),
+                "{}: seed {seed}: {}",
+                server.url(),
+                broken.unwrap()
+            );
+        }
+    }
+    drop(servers);
+    for store in [Store::Redis, Store::Inc] {
+        let target = target_on(store, RedisServer::start(&binary, &[]).unwrap());
+        let what = single_try_behind_mixed_line(&target).await;
+        assert!(what.is_none(), "{store:?}: {}", what.unwrap());
+    }
+}
+
+/// A server whose wall clock jumps back an hour and forward by a few ms between the steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_jumps_keep_the_keys_over_every_live_entry() {
+    let Some(binary) = redis_or_skip("attack s28a") else {
+        return;
+    };
+    let shim = WallJump::build().expect("the walljump shim builds");
+    let server = shim.start_server(&binary).unwrap();
+    for seed in [99, 4_242] {
+        let broken = random_line(&server.url(), seed, 120, Some(&shim)).await;
+        shim.jump(Duration::ZERO, false).unwrap();
+        assert!(broken.is_none(), "seed {seed}: {}", broken.unwrap());
+    }
+}
+
+/// A fair Redlock key left free (its holder's key deleted, as when it expires, or released by a
+/// client without `fair`) with a lapsed dead waiter at the head of its line and a live waiter
+/// behind: eight concurrent single tries (each gives the key back and tries once more) are all
+/// refused, nobody holds twice, and the live waiter gets the key.
+async fn single_tries_race_a_live_waiter(store: Store) {
+    let Some(target) = Target::start(store, "attack s28a").await else {
+        return;
+    };
+    for round in 0..3 {
+        let key = format!("race{round}");
+        let holder = target.locker(true, ms(10_000), RetryPolicy::none()).await;
+        // Its key is deleted below, as if it expired: its guard is released at the end.
+        let guard = holder.acquire(&key).await.unwrap();
+        target.dead_waiter(&key, ms(300)).await;
+        let live = target.locker(true, ms(5_000), waiting(ms(3_000))).await;
+        let got = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(tokio::sync::Notify::new());
+        let waiter = {
+            let (key, got, done) = (key.clone(), Arc::clone(&got), Arc::clone(&done));
+            tokio::spawn(async move {
+                let guard = live.acquire(&key).await.unwrap();
+                got.store(true, Ordering::SeqCst);
+                // Held until every single try has answered: one that wins passed it or holds
+                // beside it.
+                done.notified().await;
+                guard.release().await.unwrap();
+                live.stop().await.unwrap();
+            })
+        };
+        sleep(ms(400)).await;
+        for server in &target.servers {
+            let mut c = connect(&server.url()).await;
+            let _: () = redis::cmd("DEL")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+        let mut tries = Vec::new();
+        for _ in 0..8 {
+            let single = target.locker(true, ms(1_000), RetryPolicy::none()).await;
+            let key = key.clone();
+            tries.push(tokio::spawn(async move {
+                let taken = single.try_acquire(&key).await.unwrap();
+                let won = taken.is_some();
+                if let Some(guard) = taken {
+                    let _ = guard.release().await;
+                }
+                single.stop().await.unwrap();
+                won
+            }));
+        }
+        let mut won = 0;
+        for task in tries {
+            won += u32::from(task.await.unwrap());
+        }
+        tokio::time::timeout(ms(2_500), async {
+            while !got.load(Ordering::SeqCst) {
+                sleep(ms(10)).await;
+            }
+        })
+        .await
+        .expect("the live waiter gets the key, woken by a give-back");
+        done.notify_one();
+        waiter.await.unwrap();
+        // Released only now: a fair release of a free key passes the turn too.
+        let _ = guard.release().await;
+        assert_eq!(
+            won, 0,
+            "{store:?} round {round}: {won} single tries passed a live waiter"
+        );
+        holder.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_single_tries_never_pass_a_live_waiter_behind_a_lapsed_head() {
+    single_tries_race_a_live_waiter(Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock3_single_tries_never_pass_a_live_waiter_behind_a_lapsed_head() {
+    single_tries_race_a_live_waiter(Store::Redlock3).await;
+}
+
 /// One line key gone under a live 20 s entry (deleted, as `maxmemory` with volatile-lru evicts
 /// one: both carry a ttl) or its index persisted: the next join, of 50 ms, leaves both keys with
 /// an expiry past every live entry.
@@ -359,5 +489,50 @@ async fn a_deleted_or_persisted_line_key_is_set_again_by_the_next_join() {
             "{how} of key {which}: {}",
             broken.unwrap()
         );
+    }
+}
+
+/// inc's fences (SET PXAT): strictly increasing over acquisitions of 5 ms and 24 h ttls and
+/// fair hand-overs, the counter expiring exactly 1 ms past the token's ms plus the ttl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_fences_stored_with_pxat_increase_and_expire_as_before() {
+    let Some(target) = Target::start(Store::Inc, "attack s28a").await else {
+        return;
+    };
+    let mut c = connect(&target.url).await;
+    let fence_key = "lock:{fenced}:fence";
+    let mut last = 0;
+    for round in 0..6u64 {
+        let ttl = if round % 2 == 0 { 86_400_000 } else { 5 };
+        let locker = target.locker(true, ms(ttl), RetryPolicy::none()).await;
+        let guard = locker.acquire("fenced").await.unwrap();
+        let token = guard.fencing_token().unwrap();
+        let at: i64 = redis::cmd("PEXPIRETIME")
+            .arg(fence_key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(token > last, "token {token} after {last}");
+        assert_eq!(
+            at,
+            (token / 1000 + 1 + ttl) as i64,
+            "the counter's expiry (ttl {ttl})"
+        );
+        last = token;
+        // A fair waiter behind a 24 h holder is handed the lock (line_grant) with a token of its own.
+        let waiter = target.locker(true, ms(2_000), waiting(ms(20))).await;
+        let handed = tokio::spawn(async move {
+            let guard = waiter.acquire("fenced").await.unwrap();
+            let token = guard.fencing_token().unwrap();
+            guard.release().await.unwrap();
+            waiter.stop().await.unwrap();
+            token
+        });
+        sleep(ms(if ttl == 5 { 0 } else { 100 })).await;
+        let _ = guard.release().await;
+        let token = handed.await.unwrap();
+        assert!(token > last, "handed token {token} after {last}");
+        last = token;
+        locker.stop().await.unwrap();
     }
 }
