@@ -147,16 +147,27 @@ impl Target {
         all
     }
 
-    /// The keys on the servers once none is left or `within` has passed (checked every 50 ms):
-    /// what is left of a line that lapsed takes up to a quarter of its lease to go.
-    pub async fn keys_left_within(&self, within: Duration) -> BTreeSet<Vec<u8>> {
+    /// The keys on the servers that `keep` selects (shown lossily as text), once none is left
+    /// or `within` has passed (checked every 20 ms): what is left of a line that lapsed takes
+    /// up to a quarter of its lease to go.
+    pub async fn keys_left_within(
+        &self,
+        within: Duration,
+        keep: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let keys = self.keys().await;
-            if keys.is_empty() || tokio::time::Instant::now() >= deadline {
-                return keys;
+            let left: Vec<String> = self
+                .keys()
+                .await
+                .into_iter()
+                .map(|name| String::from_utf8_lossy(&name).into_owned())
+                .filter(|name| keep(name))
+                .collect();
+            if left.is_empty() || tokio::time::Instant::now() >= deadline {
+                return left;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -8,7 +8,7 @@ use lock_core::raw::Lock;
 use lock_core::{LockGuard, LockOptions, Locker, RetryPolicy};
 use lock_inc::{IncConfig, IncLock};
 use redis::aio::MultiplexedConnection;
-use tokio::time::{Instant, sleep};
+use tokio::time::sleep;
 
 use crate::fair::Target;
 
@@ -96,20 +96,12 @@ pub async fn until_in_line(connection: &mut MultiplexedConnection, key: &str, co
 /// Waits up to `within` until nothing of `key` but its fencing counter is left on the target;
 /// what is left then.
 pub async fn nothing_left(target: &Target, key: &str, within: Duration) -> Vec<String> {
-    let until = Instant::now() + within;
-    loop {
-        let left: Vec<String> = target
-            .keys()
-            .await
-            .into_iter()
-            .map(|k| String::from_utf8_lossy(&k).into_owned())
-            .filter(|k| k.contains(&format!("{{{key}}}")) && !k.ends_with(":fence"))
-            .collect();
-        if left.is_empty() || Instant::now() >= until {
-            return left;
-        }
-        sleep(ms(20)).await;
-    }
+    let tagged = format!("{{{key}}}");
+    target
+        .keys_left_within(within, |name| {
+            name.contains(&tagged) && !name.ends_with(":fence")
+        })
+        .await
 }
 
 /// A small deterministic generator (xorshift; no shared state between workers).

@@ -889,20 +889,11 @@ async fn hammer(
 /// What of `key` is left on the target, the fencing counter aside, once `within` has passed
 /// (or sooner when nothing is).
 async fn left_of(target: &Target, key: &str, within: Duration) -> Vec<String> {
-    let until = Instant::now() + within;
-    loop {
-        let left: Vec<String> = target
-            .keys()
-            .await
-            .into_iter()
-            .map(|k| String::from_utf8_lossy(&k).into_owned())
-            .filter(|k| k.contains(key) && !k.ends_with(":fence"))
-            .collect();
-        if left.is_empty() || Instant::now() >= until {
-            return left;
-        }
-        sleep(ms(20)).await;
-    }
+    target
+        .keys_left_within(within, |name| {
+            name.contains(key) && !name.ends_with(":fence")
+        })
+        .await
 }
 
 fn check(tally: &Tally, what: &str) {

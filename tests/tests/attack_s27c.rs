@@ -301,20 +301,11 @@ async fn hammer(
 }
 
 async fn left_of(target: &Target, key: &str, within: Duration) -> Vec<String> {
-    let until = Instant::now() + within;
-    loop {
-        let left: Vec<String> = target
-            .keys()
-            .await
-            .into_iter()
-            .map(|k| String::from_utf8_lossy(&k).into_owned())
-            .filter(|k| k.contains(key) && !k.ends_with(":fence"))
-            .collect();
-        if left.is_empty() || Instant::now() >= until {
-            return left;
-        }
-        sleep(ms(20)).await;
-    }
+    target
+        .keys_left_within(within, |name| {
+            name.contains(key) && !name.ends_with(":fence")
+        })
+        .await
 }
 
 fn report(what: &str, tally: &Tally, watch: &Watch, chaos: Chaos) {

@@ -430,6 +430,9 @@ mod tests {
         while alive() && killed.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(!alive(), "the child {child} of the killed binary still runs");
+        assert!(
+            !alive(),
+            "the child {child} of the killed binary still runs"
+        );
     }
 }
