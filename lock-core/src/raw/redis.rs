@@ -19,7 +19,7 @@ pub const TURN_CHANNEL: &str = "lock-turn:";
 
 /// The waiting line of a fair lock (`Capabilities::fair`), as Lua helpers to put before a
 /// backend's own acquire and release scripts: `line_gate(lock, owner, token, member, lease,
-/// prefix[, place[, gated]])` in front of an acquisition, `line_leave(member)`,
+/// prefix[, place[, gated[, held_by]]])` in front of an acquisition, `line_leave(member)`,
 /// `line_give_back(owner, member, ...)` and `line_give(lock, prefix, give[, free])` (the turn,
 /// with what `give(head, left, now_us)` took for the head) after a release. The line is the
 /// last two keys of the script (`KEYS[#KEYS - 1]`: waiters by arrival; `KEYS[#KEYS]`: the same
