@@ -274,3 +274,44 @@ async fn a_single_try_takes_a_key_whose_line_holds_only_lapsed_entries() {
         );
     }
 }
+
+/// The server's count of calls of `command` since the last `CONFIG RESETSTAT` (scripts' own
+/// calls included).
+async fn calls(c: &mut MultiplexedConnection, command: &str) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(c)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A waiter's attempt behind a holder on one Redlock node reads the key once: the turn's check
+/// and the gate share the read (session 28; two `GET`s before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redlock_waiter_s_attempt_reads_the_key_once() {
+    let Some(target) = Target::start(Store::Redis, "line slack").await else {
+        return;
+    };
+    let key = "one-read";
+    let holder = target
+        .locker(true, Duration::from_secs(10), RetryPolicy::none())
+        .await;
+    let guard = holder.acquire(key).await.unwrap();
+    let mut c = connect(&target.url).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    target.dead_waiter(key, Duration::from_secs(10)).await;
+    let gets = calls(&mut c, "get").await;
+    println!("S28: a waiter's attempt (and its client's shutdown): {gets} GET");
+    assert_eq!(gets, 1, "the attempt read the key {gets} times");
+    guard.release().await.unwrap();
+}

@@ -11,9 +11,13 @@ if redis.replicate_commands then
   redis.replicate_commands()
 end
 -- A waiter whose turn it is (the key reserved for it) takes it; anyone else goes through the
--- line's gate, and a reserved key is held for them.
-if not line_take_turn(KEYS[1], ARGV[3]) then
-  local gate, expiry = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5])
+-- line's gate, and a reserved key is held for them. A waiter's read of the key serves both.
+local held_by
+if ARGV[3] ~= '' then
+  held_by = redis.pcall('get', KEYS[1])
+end
+if not line_take_turn(KEYS[1], ARGV[3], held_by) then
+  local gate, expiry = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5], nil, held_by)
   if gate then
     if ARGV[6] == '1' and expiry then
       return {gate, expiry}

@@ -27,9 +27,10 @@ local function line_pass_from(lock, member, prefix)
 end
 
 -- True when `lock` is reserved for `member`, whose turn it is: the reservation is removed and
--- the member leaves the line, so that the caller takes the lock.
-local function line_take_turn(lock, member)
-  if member == '' or redis.pcall('get', lock) ~= RESERVED .. member then
+-- the member leaves the line, so that the caller takes the lock. `held_by`: the value of `lock`
+-- as `redis.pcall('get')` read it (nil for a single try, `member` '').
+local function line_take_turn(lock, member, held_by)
+  if member == '' or held_by ~= RESERVED .. member then
     return false
   end
   redis.call('del', lock)
