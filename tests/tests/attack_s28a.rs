@@ -214,6 +214,17 @@ async fn random_line(
 
 /// A server without PEXPIRETIME: a 200 ms waiter joins behind a 10 s one (a holder's key); both
 /// line keys must outlive the 10 s entry.
+/// Waits up to `within` for `flag` to be set; panics with `what` when it is not.
+async fn until_set(flag: &AtomicBool, within: Duration, what: &str) {
+    tokio::time::timeout(within, async {
+        while !flag.load(Ordering::SeqCst) {
+            sleep(ms(10)).await;
+        }
+    })
+    .await
+    .expect(what);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_pexpiretime_a_short_join_keeps_the_keys_over_a_longer_entry() {
     let Some(binary) = redis_or_skip("attack s28a") else {
@@ -309,13 +320,7 @@ async fn single_try_behind_mixed_line(target: &Target) -> Option<String> {
         guard.release().await.unwrap();
     }
     // The waiter gets the key (at once, or at its next poll 3 s on).
-    tokio::time::timeout(ms(3_500), async {
-        while !got.load(Ordering::SeqCst) {
-            sleep(ms(10)).await;
-        }
-    })
-    .await
-    .expect("the live waiter gets the key");
+    until_set(&got, ms(3_500), "the live waiter gets the key").await;
     done.notify_one();
     waiter.await.unwrap();
     holder.stop().await.unwrap();
@@ -424,13 +429,12 @@ async fn single_tries_race_a_live_waiter(store: Store) {
         for task in tries {
             won += u32::from(task.await.unwrap());
         }
-        tokio::time::timeout(ms(2_500), async {
-            while !got.load(Ordering::SeqCst) {
-                sleep(ms(10)).await;
-            }
-        })
-        .await
-        .expect("the live waiter gets the key, woken by a give-back");
+        until_set(
+            &got,
+            ms(2_500),
+            "the live waiter gets the key, woken by a give-back",
+        )
+        .await;
         done.notify_one();
         waiter.await.unwrap();
         // Released only now: a fair release of a free key passes the turn too.
