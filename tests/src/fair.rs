@@ -204,6 +204,21 @@ pub fn release_fair_source() -> String {
     .concat()
 }
 
+/// The names of `key`'s waiting line and of its expiry index on `store`'s servers (inc with the
+/// default prefix `lock:`).
+pub fn line_names(store: Store, key: &str) -> [Vec<u8>; 2] {
+    match store {
+        Store::Inc | Store::IncCluster => [
+            format!("lock:{{{key}}}:queue").into_bytes(),
+            format!("lock:{{{key}}}:queue-expiry").into_bytes(),
+        ],
+        Store::Redis | Store::Redlock3 => [
+            [key.as_bytes(), b"\xff:queue"].concat(),
+            [key.as_bytes(), b"\xff:queue-expiry"].concat(),
+        ],
+    }
+}
+
 /// The name of `key`'s waiting line on a Redlock node (`<key>` + 0xFF + `:queue`).
 pub fn line_key(key: &str) -> Vec<u8> {
     [key.as_bytes(), b"\xff:queue"].concat()

@@ -17,7 +17,7 @@ use std::time::Duration;
 use lock_core::RetryPolicy;
 use lock_core::raw::redis::LINE_SCRIPT;
 use lock_tests::clock::WallJump;
-use lock_tests::fair::{Store, Target, connect, waiting};
+use lock_tests::fair::{Store, Target, connect, line_names, waiting};
 use lock_tests::server::{RedisServer, redis_or_skip, valkey_or_skip};
 use redis::aio::MultiplexedConnection;
 use tokio::time::sleep;
@@ -25,20 +25,6 @@ use tokio::time::sleep;
 /// `n` milliseconds.
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-/// The names of `key`'s line and of its expiry index on `store`'s servers.
-fn line_names(store: Store, key: &str) -> [Vec<u8>; 2] {
-    match store {
-        Store::Inc | Store::IncCluster => [
-            format!("lock:{{{key}}}:queue").into_bytes(),
-            format!("lock:{{{key}}}:queue-expiry").into_bytes(),
-        ],
-        Store::Redis | Store::Redlock3 => [
-            [key.as_bytes(), b"\xff:queue"].concat(),
-            [key.as_bytes(), b"\xff:queue-expiry"].concat(),
-        ],
-    }
 }
 
 /// A server without PEXPIRETIME (as Redis before 7).

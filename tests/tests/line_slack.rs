@@ -8,25 +8,11 @@
 use std::time::Duration;
 
 use lock_core::RetryPolicy;
-use lock_tests::fair::{Store, Target, connect};
+use lock_tests::fair::{Store, Target, connect, line_names};
 use lock_tests::server::{RedisServer, redis_or_skip};
 use redis::aio::MultiplexedConnection;
 
 const STORES: [Store; 3] = [Store::Redis, Store::Redlock3, Store::Inc];
-
-/// The names of `key`'s line and of its expiry index on `store`'s servers.
-fn line_names(store: Store, key: &str) -> [Vec<u8>; 2] {
-    match store {
-        Store::Inc | Store::IncCluster => [
-            format!("lock:{{{key}}}:queue").into_bytes(),
-            format!("lock:{{{key}}}:queue-expiry").into_bytes(),
-        ],
-        Store::Redis | Store::Redlock3 => [
-            [key.as_bytes(), b"\xff:queue"].concat(),
-            [key.as_bytes(), b"\xff:queue-expiry"].concat(),
-        ],
-    }
-}
 
 /// Both line keys' `PEXPIRETIME` (-2 when gone, -1 without an expiry).
 async fn keys_expire_at(c: &mut MultiplexedConnection, names: &[Vec<u8>; 2]) -> [i64; 2] {
