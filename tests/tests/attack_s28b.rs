@@ -1,0 +1,497 @@
+//! Attack s28b: f4953c9 — a fair Redlock waiter's attempt (acquire_fair.lua) reads its key once,
+//! the read shared by `line_take_turn` and `line_gate`. Checked against the script of f4953c9^
+//! (rebuilt from today's by undoing exactly that commit's edits) on generated states, with and
+//! without fencing, on redis and valkey: same reply, keys, values, ttls and messages, and the
+//! same server commands but for at most one GET fewer. And by hammers of real fair clients (one
+//! node and three, fencing on and off): waiting attempts, cancelled ones, single tries, replays
+//! of a holder's attempt; no two sections overlap, fences rise, nothing is left.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lock_core::raw::redis::{LINE_SCRIPT, RESERVED, TURN_CHANNEL};
+use lock_core::{LockError, LockOptions, Locker};
+use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
+use lock_tests::fair::{Store, Target, waiting};
+use lock_tests::inc_kit::{ms, next};
+use lock_tests::server::{RedisServer, redis_or_skip, valkey_server_binary};
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use tokio::time::{Instant, sleep};
+
+const LEASE_COMMON: &str = include_str!("../../lock-redlock/src/lua/lease_common.lua");
+const LINE_PASS: &str = include_str!("../../lock-redlock/src/lua/line_pass.lua");
+const ACQUIRE_FAIR: &str = include_str!("../../lock-redlock/src/lua/acquire_fair.lua");
+
+/// `text` with `from` replaced by `to`, which must occur exactly once.
+fn undo(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "not once: {from}");
+    text.replacen(from, to, 1)
+}
+
+/// The fair attempt as lock-redlock's node.rs builds it (`ACQUIRE_FAIR_SOURCE`), or as f4953c9^
+/// did: each of `line_take_turn` and `line_gate` read the key itself.
+fn acquire_fair(before: bool) -> String {
+    if !before {
+        return [LEASE_COMMON, LINE_SCRIPT, LINE_PASS, ACQUIRE_FAIR].concat();
+    }
+    let pass = undo(
+        LINE_PASS,
+        "local function line_take_turn(lock, member, held_by)\n  if member == '' or held_by ~= RESERVED .. member then",
+        "local function line_take_turn(lock, member)\n  if member == '' or redis.pcall('get', lock) ~= RESERVED .. member then",
+    );
+    let attempt = undo(
+        ACQUIRE_FAIR,
+        "local held_by\nif ARGV[3] ~= '' then\n  held_by = redis.pcall('get', KEYS[1])\nend\nif not line_take_turn(KEYS[1], ARGV[3], held_by) then\n  local gate, expiry = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5], nil, held_by)\n",
+        "if not line_take_turn(KEYS[1], ARGV[3]) then\n  local gate, expiry = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5])\n",
+    );
+    [LEASE_COMMON, LINE_SCRIPT, &pass, &attempt].concat()
+}
+
+// ---- Differential runs: one generated state, the old script on the copy {a}, the new on {b}
+
+const T1: &str = "0123456789abcdef0123456789abcdef";
+const T2: &str = "fedcba9876543210fedcba9876543210";
+
+/// A member of a line: 32 hex digits of an instance, then a waiter id.
+fn member(n: u64) -> String {
+    format!("{:032x}w{n}", n % 3)
+}
+
+/// `text` with each number that is a clock reading of this run (µs or ms within 100 s of
+/// `clock`) written `U` or `M`.
+fn normalize(text: &str, (ms_now, us_now): (u64, u64)) -> String {
+    split(text)
+        .into_iter()
+        .map(|part| match part.parse::<u64>() {
+            Ok(v) if v.abs_diff(us_now) < 100_000_000 => "U".to_owned(),
+            Ok(v) if v.abs_diff(ms_now) < 100_000 => "M".to_owned(),
+            _ => part,
+        })
+        .collect()
+}
+
+/// `text` in runs of digits and of other characters.
+fn split(text: &str) -> Vec<String> {
+    let mut parts: Vec<String> = Vec::new();
+    for c in text.chars() {
+        match parts.last_mut() {
+            Some(last) if last.ends_with(|d: char| d.is_ascii_digit()) == c.is_ascii_digit() => {
+                last.push(c);
+            }
+            _ => parts.push(c.to_string()),
+        }
+    }
+    parts
+}
+
+/// Two runs alike: the same text, numbers equal but for durations in ms (100 to 10^6: ttls,
+/// the gate's -(1 + ms)), which may differ by 50 (the copies run a few ms apart).
+fn alike(old: &str, new: &str) -> bool {
+    let (a, b) = (split(old), split(new));
+    let near = |x: &String, y: &String| match (x.parse::<u64>(), y.parse::<u64>()) {
+        (Ok(x), Ok(y)) => {
+            [x, y].iter().all(|v| (100..1_000_000).contains(v)) && x.abs_diff(y) <= 50
+        }
+        _ => false,
+    };
+    a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x == y || near(x, y))
+}
+
+async fn query<T: redis::FromRedisValue>(c: &mut MultiplexedConnection, args: &[&str]) -> T {
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query_async(c).await.unwrap()
+}
+
+/// Calls per command since the last `CONFIG RESETSTAT`, scripts' own included (the EVALSHA,
+/// CONFIG and INFO aside).
+async fn command_calls(c: &mut MultiplexedConnection) -> BTreeMap<String, u64> {
+    let info: String = query(c, &["INFO", "commandstats"]).await;
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.strip_prefix("calls=")?.split(',').next()?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .filter(|(name, _)| !["evalsha", "info", "config|resetstat"].contains(&name.as_str()))
+        .collect()
+}
+
+/// A generated state: commands (words split by spaces) with `{k}` for the copy's tag and
+/// `@n` for the server's clock + n ms.
+type State = Vec<String>;
+
+async fn write(c: &mut MultiplexedConnection, state: &State, tag: &str, ms_now: u64) {
+    for command in state {
+        let words: Vec<String> = (command.split(' '))
+            .map(|w| match w.strip_prefix('@') {
+                Some(n) => (ms_now as i64 + n.parse::<i64>().unwrap()).to_string(),
+                None => w.replace("{k}", tag),
+            })
+            .collect();
+        let _: Value = query(c, &words.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    }
+}
+
+/// Every message published on the server, as `channel message`.
+fn subscriber(server: &RedisServer) -> Arc<Mutex<Vec<String>>> {
+    let messages = Arc::new(Mutex::new(Vec::new()));
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut connection = client.get_connection().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let sink = Arc::clone(&messages);
+    std::thread::spawn(move || {
+        let mut pubsub = connection.as_pubsub();
+        pubsub.psubscribe("*").unwrap();
+        ready_tx.send(()).unwrap();
+        while let Ok(message) = pubsub.get_message() {
+            let payload: String = message.get_payload().unwrap_or_default();
+            let line = format!("{} {payload}", message.get_channel_name());
+            sink.lock().unwrap().push(line);
+        }
+    });
+    ready_rx.recv().unwrap();
+    messages
+}
+
+/// Runs `script` on the copy `tag` from `state`: what it showed (reply, every key of the copy
+/// with type, value and ttl, the messages; the tag written `{k}`, clock readings normalized),
+/// and the server's commands.
+async fn run(
+    c: &mut MultiplexedConnection,
+    messages: &Mutex<Vec<String>>,
+    script: &redis::Script,
+    (state, keys, args): (&State, &[&str], &[String]),
+    tag: &str,
+) -> (String, BTreeMap<String, u64>) {
+    let _: () = query(c, &["FLUSHALL"]).await;
+    messages.lock().unwrap().clear();
+    let t: Vec<u64> = query(c, &["TIME"]).await;
+    let clock = (t[0] * 1_000 + t[1] / 1_000, t[0] * 1_000_000 + t[1]);
+    write(c, state, tag, clock.0).await;
+    let _: () = query(c, &["CONFIG", "RESETSTAT"]).await;
+    let mut invocation = script.prepare_invoke();
+    for key in keys {
+        invocation.key(key.replace("{k}", tag));
+    }
+    for arg in args {
+        invocation.arg(arg.replace("{k}", tag));
+    }
+    let mut seen = match invocation.invoke_async::<Value>(c).await {
+        Ok(v) => format!("reply {v:?}\n"),
+        Err(e) => format!("error {e}\n"),
+    };
+    let calls = command_calls(c).await;
+    let mut names: Vec<String> = query(c, &["KEYS", &format!("*{tag}*")]).await;
+    names.sort();
+    for name in names {
+        let kind: String = query(c, &["TYPE", &name]).await;
+        let value: Vec<String> = match kind.as_str() {
+            "string" => Vec::from_iter(query::<Option<String>>(c, &["GET", &name]).await),
+            "zset" => query(c, &["ZRANGE", &name, "0", "-1", "WITHSCORES"]).await,
+            "hash" => query(c, &["HGETALL", &name]).await,
+            _ => Vec::new(),
+        };
+        // A fencing counter far above the clock lives for years: compared by kind.
+        let ttl = match query::<i64>(c, &["PTTL", &name]).await {
+            pttl if pttl > 100_000_000 => "long".to_owned(),
+            pttl => pttl.to_string(),
+        };
+        seen += &format!("{name}: {kind} {value:?} ttl {ttl}\n");
+    }
+    // The subscriber gets messages in order: all the script's are in once the sentinel is.
+    let _: i64 = query(c, &["PUBLISH", "zz-sentinel", "end"]).await;
+    let deadline = Instant::now() + ms(2_000);
+    let ended = |m: &String| m.starts_with("zz-sentinel");
+    while !messages.lock().unwrap().iter().any(ended) {
+        assert!(Instant::now() < deadline, "the sentinel never came");
+        sleep(Duration::from_micros(200)).await;
+    }
+    for message in messages.lock().unwrap().iter() {
+        seen += &format!("published {message}\n");
+    }
+    (normalize(&seen.replace(tag, "{k}"), clock), calls)
+}
+
+/// A generated state of a fair Redlock key on one node and the attempt's ARGV: the key free,
+/// held by the caller's token (a replay) or another, reserved for the caller or another
+/// member (or for nobody: the bare prefix), a hash or a zset, a value without a ttl; a fencing
+/// counter absent, low, at 2^53 or junk; a line of live, lapsed and index-less entries.
+fn generate(seed: &mut u64, fenced: bool) -> (State, Vec<String>) {
+    let mut pick = |items: &[&str]| items[(next(seed) % items.len() as u64) as usize].to_owned();
+    let token = pick(&[T1, T1, T1, T2]);
+    let m: Vec<String> = (0..4).map(member).collect();
+    let caller = pick(&["", &m[0], &m[1], &m[2], &m[3]]);
+    let other = format!("{RESERVED}{}", pick(&[&m[0], &m[1], &m[2], &m[3]]));
+    let mine = format!("SET key{{k}} {RESERVED}{caller} PX 5000");
+    let held = format!(
+        "|||SET key{{k}} {T1} PX 5000|SET key{{k}} {T2} PX 5000|SET key{{k}} {T2}|{mine}|{mine}|\
+         SET key{{k}} {other} PX 5000|HSET key{{k}} f v|ZADD key{{k}} 1 m|SET key{{k}} {T1} PX 150"
+    );
+    let held = pick(&held.split('|').collect::<Vec<_>>());
+    let fence =
+        "||SET key{k}:fence 100 PX 9000|SET key{k}:fence 9007199254740990|SET key{k}:fence junk";
+    let fence = pick(&fence.split('|').collect::<Vec<_>>());
+    let mut state: State = vec![held, if fenced { fence } else { String::new() }];
+    state.retain(|command| !command.is_empty());
+    let mut latest = 0i64;
+    let count = next(seed) % 4;
+    for place in 0..count {
+        let who = [member(next(seed) % 4), caller.clone()]
+            [usize::from(next(seed).is_multiple_of(3))]
+        .clone();
+        let left = [4_000 + place as i64 * 500, -3_000][usize::from(next(seed).is_multiple_of(4))];
+        let score = 1_000_000 + place * 1_000;
+        state.push(format!("ZADD key{{k}}:queue {score} {who}"));
+        if !next(seed).is_multiple_of(8) {
+            state.push(format!("ZADD key{{k}}:queue-expiry @{left} {who}"));
+        }
+        latest = latest.max(left);
+    }
+    if count > 0 && latest > 0 {
+        state.push(format!("PEXPIRE key{{k}}:queue {}", latest + 100));
+        state.push(format!("PEXPIRE key{{k}}:queue-expiry {}", latest + 100));
+    }
+    let mut pick = |items: &str| {
+        let items: Vec<&str> = items.split('|').collect();
+        items[(next(seed) % items.len() as u64) as usize].to_owned()
+    };
+    let ttl = pick("3000|3000|3000|3000|700");
+    let place = pick("|||999999|1000000|1001500|5000000");
+    let prefix = "turn:{k}:".to_owned();
+    (state, vec![token, ttl, caller, prefix, place, pick("1|")])
+}
+
+/// Every generated state, on redis and valkey: the same as f4953c9^, and GETs only saved.
+async fn differential(fenced: bool, new_source: &str, trials: u64) -> Vec<String> {
+    let mut binaries: Vec<_> = redis_or_skip("attack_s28b").into_iter().collect();
+    binaries.extend(valkey_server_binary());
+    let keys: Vec<&str> = ("key{k} key{k}:fence key{k}:queue key{k}:queue-expiry".split(' '))
+        .filter(|key| fenced || !key.ends_with(":fence"))
+        .collect();
+    let old = redis::Script::new(&acquire_fair(true));
+    let new = redis::Script::new(new_source);
+    let mut differ = Vec::new();
+    for binary in binaries {
+        let name = binary.display();
+        let server = RedisServer::start(&binary, &[]).unwrap();
+        let mut c = lock_tests::fair::connect(&server.url()).await;
+        let messages = subscriber(&server);
+        let mut seed = 0x28b0_0001_u64 + u64::from(fenced);
+        let mut saved = 0;
+        for trial in 0..trials {
+            let (state, args) = generate(&mut seed, fenced);
+            let what = (&state, keys.as_slice(), args.as_slice());
+            let (before, before_calls) = run(&mut c, &messages, &old, what, "{a}").await;
+            let (now, now_calls) = run(&mut c, &messages, &new, what, "{b}").await;
+            // The same commands, or one GET fewer.
+            let mut expected = before_calls.clone();
+            if let (Some(now), Some(before)) = (now_calls.get("get"), expected.get_mut("get"))
+                && now + 1 == *before
+            {
+                *before = *now;
+                saved += 1;
+            }
+            if !alike(&before, &now) || expected != now_calls {
+                differ.push(format!(
+                    "{name} trial {trial}: state {state:#?}, args {args:?}\nbefore:\n{before}\
+                     {before_calls:?}\nnow:\n{now}{now_calls:?}"
+                ));
+            }
+        }
+        eprintln!("{name}: {saved} of {trials} attempts made one GET fewer");
+        assert!(saved > trials / 10, "{name}: hardly any GET saved: {saved}");
+    }
+    differ
+}
+
+/// The differential on every generated state finds nothing.
+async fn same(fenced: bool) {
+    let differ = differential(fenced, &acquire_fair(false), 400).await;
+    let n = differ.len();
+    assert!(n == 0, "{n} differ; first: {}", differ[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_fair_attempt_does_what_f4953c9_parent_did() {
+    same(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_fenced_fair_attempt_does_what_f4953c9_parent_did() {
+    same(true).await;
+}
+
+/// The differential sees a change: a waiter whose read of the key went unchecked by
+/// `line_take_turn` (it takes any reserved key), or read with `redis.call` (a hash at the key
+/// makes the script fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_differential_sees_a_changed_script() {
+    let any_reservation = "string.sub(tostring(held_by), 1, #RESERVED) ~= RESERVED then";
+    for (from, to) in [
+        ("held_by ~= RESERVED .. member then", any_reservation),
+        ("redis.pcall('get', KEYS[1])", "redis.call('get', KEYS[1])"),
+    ] {
+        let broken = undo(&acquire_fair(false), from, to);
+        let differ = differential(false, &broken, 150).await;
+        assert!(!differ.is_empty(), "unseen: {to}");
+    }
+}
+
+// ---- Hammers: real fair Redlock clients on one key
+
+/// What happened (sections, cancelled attempts, replays) and what went wrong (overlapping
+/// sections, fences out of order, errors).
+#[derive(Default)]
+struct Tally(Mutex<BTreeMap<&'static str, u64>>, Mutex<Vec<String>>);
+
+/// A replay of the holder's attempt (its own token in the key) by the node's fair script, as
+/// a waiter (`member`) or a single try, on each node the key holds the token: answers 0 and
+/// changes nothing.
+async fn replay(urls: &[String], key: &str, token: &str, member: &str, fenced: bool) {
+    let script = redis::Script::new(&acquire_fair(false));
+    for url in urls {
+        let mut c = lock_tests::fair::connect(url).await;
+        let mut invocation = script.prepare_invoke();
+        invocation.key(key);
+        if fenced {
+            invocation.key([key.as_bytes(), b"\xff:fence"].concat());
+        }
+        invocation.key(lock_tests::fair::line_key(key));
+        invocation.key([key.as_bytes(), b"\xff:queue-expiry"].concat());
+        for arg in [token, "5000", member, TURN_CHANNEL, "", "1"] {
+            invocation.arg(arg);
+        }
+        let before: Option<String> = query(&mut c, &["GET", key]).await;
+        if before.as_deref() == Some(token) {
+            let answer: Value = invocation.invoke_async(&mut c).await.unwrap();
+            let after: Option<String> = query(&mut c, &["GET", key]).await;
+            assert_eq!(answer, Value::Int(0), "a replay was answered {answer:?}");
+            assert_eq!(after, before, "a replay changed the key");
+        }
+    }
+}
+
+/// Six fair clients (pooled and managed connections) on `key`, 40 rounds each: waiting
+/// attempts, some cancelled after 0-4 ms, single tries, and replays of the holder's attempt.
+async fn hammer(store: Store, fenced: bool, key: &str) {
+    let Some(target) = Target::start(store, "attack_s28b").await else {
+        return;
+    };
+    let urls: Vec<String> = target.servers.iter().map(RedisServer::url).collect();
+    let tally = Arc::new(Tally::default());
+    let inside = Arc::new(AtomicBool::new(false));
+    let last_fence = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for client in 0..6u64 {
+        let kind = [ConnectionKind::Pool, ConnectionKind::Manager][client as usize % 2];
+        let config = RedlockConfig::new(urls.iter().cloned())
+            .with_fair(true)
+            .with_fencing(fenced)
+            .with_connection(kind)
+            .with_node_timeout(ms(500));
+        let options = LockOptions::default().with_ttl(ms(2_000));
+        let locker = Locker::new(Redlock::new(config).unwrap())
+            .with_options(options.with_retry(waiting(ms(20))))
+            .unwrap();
+        let (tally, inside, last_fence) = (tally.clone(), inside.clone(), last_fence.clone());
+        let (key, urls) = (key.to_owned(), urls.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seed = 0x5eed_28b0 ^ (client + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let wrong = |what: String| tally.1.lock().unwrap().push(what);
+            let count = |what| *tally.0.lock().unwrap().entry(what).or_default() += 1;
+            for _ in 0..40 {
+                let guard = match next(&mut seed) % 10 {
+                    0..=2 => {
+                        let wait = Duration::from_micros(next(&mut seed) % 4_000);
+                        let Ok(result) = tokio::time::timeout(wait, locker.acquire(&key)).await
+                        else {
+                            count("cancelled");
+                            continue;
+                        };
+                        result
+                    }
+                    3..=4 => match locker.try_acquire(&key).await {
+                        Ok(None) => continue,
+                        other => other.map(Option::unwrap),
+                    },
+                    _ => locker.acquire(&key).await,
+                };
+                let guard = match guard {
+                    Ok(guard) => guard,
+                    Err(LockError::Timeout { .. }) => continue,
+                    Err(e) => {
+                        wrong(format!("acquire: {e}"));
+                        continue;
+                    }
+                };
+                if inside.swap(true, Ordering::SeqCst) {
+                    wrong("overlapping sections".to_owned());
+                }
+                if let Some(fence) = guard.fencing_token() {
+                    let last = last_fence.swap(fence, Ordering::SeqCst);
+                    if last >= fence {
+                        wrong(format!("fence {fence} after {last}"));
+                    }
+                }
+                count("sections");
+                if next(&mut seed).is_multiple_of(3) {
+                    let who = [member(next(&mut seed) % 4), String::new()];
+                    let who = &who[(next(&mut seed) % 2) as usize];
+                    replay(&urls, &key, &guard.token().expose(), who, fenced).await;
+                    count("replays");
+                }
+                if next(&mut seed).is_multiple_of(3) {
+                    sleep(Duration::from_micros(next(&mut seed) % 2_000)).await;
+                }
+                if !guard.is_valid() {
+                    wrong("a section's lease lapsed".to_owned());
+                }
+                inside.store(false, Ordering::SeqCst);
+                if let Err(e) = guard.release().await {
+                    wrong(format!("release: {e}"));
+                }
+            }
+            locker
+        }));
+    }
+    let mut lockers = Vec::new();
+    for task in tasks {
+        lockers.push(task.await.unwrap());
+    }
+    drop(lockers);
+    let counts = tally.0.lock().unwrap().clone();
+    eprintln!("{store:?} fenced {fenced}: {counts:?}");
+    let wrong = tally.1.lock().unwrap().clone();
+    assert!(wrong.is_empty(), "{store:?} fenced {fenced}: {wrong:?}");
+    assert!(counts["sections"] > 50 && counts["replays"] > 0 && counts["cancelled"] > 0);
+    let ours = |name: &str| name.contains(key) && !name.ends_with(":fence");
+    let left = target.keys_left_within(ms(3_000), ours).await;
+    assert!(left.is_empty(), "left: {left:?}");
+    // The script the clients ran is the one the differential checked.
+    let script = redis::Script::new(&acquire_fair(false));
+    let sha = script.get_hash();
+    for url in &urls {
+        let mut c = lock_tests::fair::connect(url).await;
+        let known: Vec<bool> = query(&mut c, &["SCRIPT", "EXISTS", sha]).await;
+        assert_eq!(known, [true], "{url}: the clients ran another script");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_one_node_fair_hammer_with_cancellations_tries_and_replays() {
+    hammer(Store::Redis, false, "s28b-one").await;
+    hammer(Store::Redis, true, "s28b-one-fenced").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_three_nodes_fair_hammer_with_cancellations_tries_and_replays() {
+    hammer(Store::Redlock3, false, "s28b-three").await;
+    hammer(Store::Redlock3, true, "s28b-three-fenced").await;
+}
