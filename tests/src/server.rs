@@ -587,3 +587,33 @@ pub fn is_pubsub(line: &str) -> bool {
         .find_map(|field| field.strip_prefix("flags="))
         .is_some_and(|flags| flags.contains('P'))
 }
+
+/// Every message published on `server` from now on, as (channel, message), gathered by a
+/// thread of its own (a blocking pattern subscriber on every channel), in the order the server
+/// sent them.
+///
+/// # Panics
+/// When the server cannot be reached (a test's own server).
+pub fn published_messages(server: &RedisServer) -> std::sync::Arc<Mutex<Vec<(String, String)>>> {
+    let messages = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let client = redis::Client::open(server.url()).expect("a test server's URL");
+    let mut connection = client
+        .get_connection()
+        .expect("the test's own server answers");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let sink = std::sync::Arc::clone(&messages);
+    std::thread::spawn(move || {
+        let mut pubsub = connection.as_pubsub();
+        pubsub.psubscribe("*").expect("PSUBSCRIBE");
+        let _ = ready_tx.send(());
+        while let Ok(message) = pubsub.get_message() {
+            let channel = message.get_channel_name().to_owned();
+            let payload: String = message.get_payload().unwrap_or_default();
+            sink.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((channel, payload));
+        }
+    });
+    ready_rx.recv().expect("the subscriber thread starts");
+    messages
+}

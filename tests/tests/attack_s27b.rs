@@ -18,7 +18,7 @@ use lock_core::raw::redis::{LINE_SCRIPT, RESERVED};
 use lock_core::{LockError, RetryPolicy};
 use lock_tests::fair::{Store, Target};
 use lock_tests::inc_kit::{granted, inc_locker, ms, next};
-use lock_tests::server::{RedisServer, redis_or_skip};
+use lock_tests::server::{RedisServer, published_messages, redis_or_skip};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 use tokio::time::{Instant, sleep};
@@ -436,28 +436,6 @@ async fn both(
     (old, new)
 }
 
-/// Every message published on the server, as (channel, message), gathered by a thread of its
-/// own (a blocking subscriber).
-fn subscriber(server: &RedisServer) -> Arc<std::sync::Mutex<Vec<(String, String)>>> {
-    let messages = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut connection = client.get_connection().unwrap();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let sink = Arc::clone(&messages);
-    std::thread::spawn(move || {
-        let mut pubsub = connection.as_pubsub();
-        pubsub.psubscribe("*").unwrap();
-        ready_tx.send(()).unwrap();
-        while let Ok(message) = pubsub.get_message() {
-            let channel = message.get_channel_name().to_owned();
-            let payload: String = message.get_payload().unwrap_or_default();
-            sink.lock().unwrap().push((channel, payload));
-        }
-    });
-    ready_rx.recv().unwrap();
-    messages
-}
-
 /// Generated states per script and server.
 const TRIALS: u64 = 500;
 
@@ -575,7 +553,7 @@ async fn inc_fair_release_does_what_the_scripts_before_did() {
     for binary in servers_to_try() {
         let server = RedisServer::start(&binary, &[]).unwrap();
         let mut c = connect(&server).await;
-        let messages = subscriber(&server);
+        let messages = published_messages(&server);
         let old = redis::Script::new(&inc_release_fair(true));
         let new = redis::Script::new(&inc_release_fair(false));
         let mut seed = 0x27b0_0001_u64;
@@ -619,7 +597,7 @@ async fn inc_fair_attempt_does_what_the_scripts_before_did() {
     for binary in servers_to_try() {
         let server = RedisServer::start(&binary, &[]).unwrap();
         let mut c = connect(&server).await;
-        let messages = subscriber(&server);
+        let messages = published_messages(&server);
         let old = redis::Script::new(&inc_acquire_fair(true));
         let new = redis::Script::new(&inc_acquire_fair(false));
         let mut seed = 0x27b0_0002_u64;
@@ -665,7 +643,7 @@ async fn redlock_fair_release_does_what_the_scripts_before_did() {
     for binary in servers_to_try() {
         let server = RedisServer::start(&binary, &[]).unwrap();
         let mut c = connect(&server).await;
-        let messages = subscriber(&server);
+        let messages = published_messages(&server);
         let old = redis::Script::new(&redlock_release_fair(true));
         let new = redis::Script::new(&redlock_release_fair(false));
         let keys = ["key{k}", "key{k}:queue", "key{k}:queue-expiry"];

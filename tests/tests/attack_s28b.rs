@@ -17,7 +17,7 @@ use lock_core::{LockError, LockOptions, Locker};
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::fair::{Store, Target, waiting};
 use lock_tests::inc_kit::{ms, next};
-use lock_tests::server::{RedisServer, redis_or_skip, valkey_server_binary};
+use lock_tests::server::{RedisServer, published_messages, redis_or_skip, valkey_server_binary};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 use tokio::time::{Instant, sleep};
@@ -139,33 +139,12 @@ async fn write(c: &mut MultiplexedConnection, state: &State, tag: &str, ms_now: 
     }
 }
 
-/// Every message published on the server, as `channel message`.
-fn subscriber(server: &RedisServer) -> Arc<Mutex<Vec<String>>> {
-    let messages = Arc::new(Mutex::new(Vec::new()));
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut connection = client.get_connection().unwrap();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let sink = Arc::clone(&messages);
-    std::thread::spawn(move || {
-        let mut pubsub = connection.as_pubsub();
-        pubsub.psubscribe("*").unwrap();
-        ready_tx.send(()).unwrap();
-        while let Ok(message) = pubsub.get_message() {
-            let payload: String = message.get_payload().unwrap_or_default();
-            let line = format!("{} {payload}", message.get_channel_name());
-            sink.lock().unwrap().push(line);
-        }
-    });
-    ready_rx.recv().unwrap();
-    messages
-}
-
 /// Runs `script` on the copy `tag` from `state`: what it showed (reply, every key of the copy
 /// with type, value and ttl, the messages; the tag written `{k}`, clock readings normalized),
 /// and the server's commands.
 async fn run(
     c: &mut MultiplexedConnection,
-    messages: &Mutex<Vec<String>>,
+    messages: &Mutex<Vec<(String, String)>>,
     script: &redis::Script,
     (state, keys, args): (&State, &[&str], &[String]),
     tag: &str,
@@ -208,13 +187,13 @@ async fn run(
     // The subscriber gets messages in order: all the script's are in once the sentinel is.
     let _: i64 = query(c, &["PUBLISH", "zz-sentinel", "end"]).await;
     let deadline = Instant::now() + ms(2_000);
-    let ended = |m: &String| m.starts_with("zz-sentinel");
+    let ended = |(channel, _): &(String, String)| channel == "zz-sentinel";
     while !messages.lock().unwrap().iter().any(ended) {
         assert!(Instant::now() < deadline, "the sentinel never came");
         sleep(Duration::from_micros(200)).await;
     }
-    for message in messages.lock().unwrap().iter() {
-        seen += &format!("published {message}\n");
+    for (channel, message) in messages.lock().unwrap().iter() {
+        seen += &format!("published {channel} {message}\n");
     }
     (normalize(&seen.replace(tag, "{k}"), clock), calls)
 }
@@ -282,7 +261,7 @@ async fn differential(fenced: bool, new_source: &str, trials: u64) -> Vec<String
         let name = binary.display();
         let server = RedisServer::start(&binary, &[]).unwrap();
         let mut c = lock_tests::fair::connect(&server.url()).await;
-        let messages = subscriber(&server);
+        let messages = published_messages(&server);
         let mut seed = 0x28b0_0001_u64 + u64::from(fenced);
         let mut saved = 0;
         for trial in 0..trials {
