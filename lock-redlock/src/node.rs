@@ -631,8 +631,8 @@ impl NodeParts {
     /// that expired) is not taken past them: the attempt gives it back at once (the release
     /// reserves it for the head of the line and wakes it) and counts as refused, so that the
     /// waiter lines up behind them — unless the line held only lapsed entries (its keys outlive
-    /// the latest by up to a lease): the give-back then deleted it, and one more try takes the
-    /// key.
+    /// the latest by up to a quarter of its lease): the give-back then deleted it, and one more
+    /// try takes the key.
     async fn acquire_fair_plain(
         &self,
         key: &Key,
