@@ -107,6 +107,18 @@ static LINE_KEEP: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(&RELEASE_FAIR_SOURCE));
+/// A fair waiter's plain first attempt that took a key past a line gives it back, and takes it
+/// again when nobody live is in line (`lua/give_back.lua`).
+static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        &[
+            LINE_SCRIPT,
+            include_str!("lua/line_pass.lua"),
+            include_str!("lua/give_back.lua"),
+        ]
+        .concat(),
+    )
+});
 
 /// A multi-key lock's release on a fair node: the keys it frees pass their turns to the heads
 /// of their lines in the same call (the line's helpers defined only when a freed key has one).
@@ -631,8 +643,8 @@ impl NodeParts {
     /// that expired) is not taken past them: the attempt gives it back at once (the release
     /// reserves it for the head of the line and wakes it) and counts as refused, so that the
     /// waiter lines up behind them — unless the line held only lapsed entries (its keys outlive
-    /// the latest by up to a quarter of its lease): the give-back then deleted it, and one more
-    /// try takes the key.
+    /// the latest by up to a quarter of its lease): the give-back then deleted it, and takes the
+    /// key again in the same script.
     async fn acquire_fair_plain(
         &self,
         key: &Key,
@@ -684,26 +696,27 @@ impl NodeParts {
         Ok((matches!(set, Value::Okay), line))
     }
 
-    /// Gives `key` back (see [`NodeParts::acquire_fair_plain`]) and tries once more: a line of
-    /// lapsed entries only is gone by then, and the key is taken; a live one was given the key.
+    /// Gives `key` back (see [`NodeParts::acquire_fair_plain`]) and takes it again when the
+    /// give-back left it free (a line of lapsed entries only), in one script
+    /// (`lua/give_back.lua`) that does either only while the plain `SET` is still there: a
+    /// release of this token that deleted it meanwhile is not followed by a write of ours.
     async fn give_back_and_try_again(
         &self,
         key: &Key,
         token: &Token,
         ttl_ms: u64,
     ) -> RedisResult<Option<u64>> {
-        self.release(std::slice::from_ref(key), token, Held::Mutex)
-            .await?;
-        let (set, line) = self.set_unless_lined(key, token, ttl_ms).await?;
-        if !set {
-            return Ok(None);
-        }
-        if line == 0 {
-            return Ok(Some(0));
-        }
-        self.release(std::slice::from_ref(key), token, Held::Mutex)
-            .await?;
-        Ok(None)
+        let key_bytes = key.as_bytes();
+        let mut command = evalsha(&GIVE_BACK, 3);
+        command.arg(key_bytes);
+        arg_concat(&mut command, &[key_bytes, QUEUE_SUFFIX]);
+        arg_concat(&mut command, &[key_bytes, QUEUE_EXPIRY_SUFFIX]);
+        command
+            .arg(token.expose().as_bytes())
+            .arg(ttl_ms)
+            .arg(TURN_CHANNEL);
+        let taken: i64 = self.eval(&GIVE_BACK, &command).await?;
+        Ok((taken == 1).then_some(0))
     }
 
     /// One attempt at a fair lock on `key` (see `lua/acquire_fair.lua`): for the waiter
@@ -1108,19 +1121,9 @@ impl NodeParts {
         })
     }
 
-    /// Compare-and-delete of what `token` holds on `keys` as `held`; returns how many keys
-    /// were ours and are now free.
-    pub(crate) async fn release(
-        &self,
-        keys: &[Key],
-        token: &Token,
-        held: Held,
-    ) -> RedisResult<usize> {
-        self.release_for(keys, token, held, &[]).await
-    }
-
-    /// As [`NodeParts::release`], also taking the waiter `member` (empty for none) out of a
-    /// fair mutex's line, and giving up a reservation of the key for it.
+    /// Compare-and-delete of what `token` holds on `keys` as `held`, also taking the waiter
+    /// `member` (empty for none) out of a fair mutex's line, and giving up a reservation of the
+    /// key for it; returns how many keys were ours and are now free.
     pub(crate) async fn release_for(
         &self,
         keys: &[Key],

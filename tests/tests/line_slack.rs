@@ -301,3 +301,74 @@ async fn a_redlock_waiter_s_attempt_reads_the_key_once() {
     assert_eq!(gets, 1, "the attempt read the key {gets} times");
     guard.release().await.unwrap();
 }
+
+/// Broken in session 28 (the give-back retry): three fair nodes, the third behind a 50 ms proxy
+/// with a line of one lapsed entry on it. The plain round is won by the two fast nodes, and the
+/// release is sent at once: on the slow node it lands behind the plain `SET` and deletes it
+/// (so that node is not sent the release again), and the attempt's give-back then found nothing
+/// and its second `SET` took the key again, left there for the whole ttl. The give-back and
+/// the retry are now one script that retakes the key only if the first write was still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_landing_between_the_give_back_s_writes_leaves_nothing() {
+    let Some(binary) = redis_or_skip("line slack give-back") else {
+        return;
+    };
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::start(&binary, &[]).unwrap())
+        .collect();
+    let proxy = lock_tests::proxy::LatencyProxy::start(servers[2].port())
+        .await
+        .unwrap();
+    let urls = vec![servers[0].url(), servers[1].url(), proxy.url()];
+    let lock = lock_redlock::Redlock::new(
+        lock_redlock::RedlockConfig::new(urls)
+            .with_fair(true)
+            .with_node_timeout(Duration::from_secs(2)),
+    )
+    .unwrap();
+    let locker = lock_core::Locker::new(lock)
+        .with_options(
+            lock_core::LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap();
+    // Warm up connections and scripts.
+    locker
+        .acquire("warm")
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let mut slow = connect(&servers[2].url()).await;
+    let names = line_names(Store::Redlock3, "k");
+    for name in &names {
+        let () = redis::pipe()
+            .cmd("ZADD")
+            .arg(name)
+            .arg(1)
+            .arg("00000000000000000000000000000000ghost")
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(name)
+            .arg(30_000)
+            .ignore()
+            .query_async(&mut slow)
+            .await
+            .unwrap();
+    }
+    proxy.set_delay(Duration::from_millis(50));
+    locker.acquire("k").await.unwrap().release().await.unwrap();
+    // The slow node's exchange: a few 100 ms round trips, then any re-sends.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for (index, server) in servers.iter().enumerate() {
+        let value = server.command("GET k", Duration::from_secs(2)).unwrap();
+        let pttl = server.command("PTTL k", Duration::from_secs(2)).unwrap();
+        assert_eq!(
+            pttl, ":-2",
+            "node {index}: the key is left after its release (value {value})"
+        );
+    }
+    locker.stop().await.unwrap();
+}
