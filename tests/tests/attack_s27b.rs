@@ -545,39 +545,27 @@ fn differences(
     )
 }
 
-/// inc's fair release (ARGV: token, waiter, channel prefix, [wake channel]) does on every
-/// generated state what cc70651^'s did: same answer, same keys, values and ttls (clock readings
-/// aside), same messages.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inc_fair_release_does_what_the_scripts_before_did() {
+/// Runs the scripts before (`old`) and after (`new`) on `TRIALS` states and arguments that
+/// `generate` draws from the seed, on every server to try; fails listing the trials whose runs
+/// were not alike.
+async fn differential(
+    kind: &str,
+    (old, new): (String, String),
+    keys: &[&str],
+    mut seed: u64,
+    mut generate: impl FnMut(&mut u64) -> (State, Vec<String>),
+) {
+    let (old, new) = (redis::Script::new(&old), redis::Script::new(&new));
     for binary in servers_to_try() {
         let server = RedisServer::start(&binary, &[]).unwrap();
         let mut c = connect(&server).await;
         let messages = published_messages(&server);
-        let old = redis::Script::new(&inc_release_fair(true));
-        let new = redis::Script::new(&inc_release_fair(false));
-        let mut seed = 0x27b0_0001_u64;
         let mut differ = Vec::new();
         for trial in 0..TRIALS {
-            let state = inc_state(&mut seed);
-            let mut args = vec![
-                token_arg(&mut seed),
-                member_arg(&mut seed),
-                "turn:{k}:".to_owned(),
-            ];
-            if next(&mut seed).is_multiple_of(3) {
-                args.push("wake:{k}".to_owned());
-            }
-            let (before, now) = both(&mut c, &messages, &old, &new, &state, &INC_KEYS, &args).await;
+            let (state, args) = generate(&mut seed);
+            let (before, now) = both(&mut c, &messages, &old, &new, &state, keys, &args).await;
             if !alike(&before, &now) {
-                differ.push(differences(
-                    "inc release",
-                    trial,
-                    &state,
-                    &args,
-                    &before,
-                    &now,
-                ));
+                differ.push(differences(kind, trial, &state, &args, &before, &now));
             }
         }
         assert!(
@@ -588,123 +576,83 @@ async fn inc_fair_release_does_what_the_scripts_before_did() {
             differ[0]
         );
     }
+}
+
+/// inc's fair release (ARGV: token, waiter, channel prefix, [wake channel]) does on every
+/// generated state what cc70651^'s did: same answer, same keys, values and ttls (clock readings
+/// aside), same messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_fair_release_does_what_the_scripts_before_did() {
+    let scripts = (inc_release_fair(true), inc_release_fair(false));
+    differential("inc release", scripts, &INC_KEYS, 0x27b0_0001, |seed| {
+        let state = inc_state(seed);
+        let mut args = vec![token_arg(seed), member_arg(seed), "turn:{k}:".to_owned()];
+        if next(seed).is_multiple_of(3) {
+            args.push("wake:{k}".to_owned());
+        }
+        (state, args)
+    })
+    .await;
 }
 
 /// inc's fair attempt (ARGV: token, ttl, waiter, channel prefix) does on every generated state
 /// what cc70651^'s did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inc_fair_attempt_does_what_the_scripts_before_did() {
-    for binary in servers_to_try() {
-        let server = RedisServer::start(&binary, &[]).unwrap();
-        let mut c = connect(&server).await;
-        let messages = published_messages(&server);
-        let old = redis::Script::new(&inc_acquire_fair(true));
-        let new = redis::Script::new(&inc_acquire_fair(false));
-        let mut seed = 0x27b0_0002_u64;
-        let mut differ = Vec::new();
-        for trial in 0..TRIALS {
-            let state = inc_state(&mut seed);
-            let token = match next(&mut seed) % 3 {
-                0 => "aaaabbbbccccddddaaaabbbbccccdddd".to_owned(),
-                _ => token_arg(&mut seed),
-            };
-            let args = vec![
-                token,
-                "3000".to_owned(),
-                member_arg(&mut seed),
-                "turn:{k}:".to_owned(),
-            ];
-            let (before, now) = both(&mut c, &messages, &old, &new, &state, &INC_KEYS, &args).await;
-            if !alike(&before, &now) {
-                differ.push(differences(
-                    "inc attempt",
-                    trial,
-                    &state,
-                    &args,
-                    &before,
-                    &now,
-                ));
-            }
-        }
-        assert!(
-            differ.is_empty(),
-            "{}: {} differ; first: {}",
-            binary.display(),
-            differ.len(),
-            differ[0]
-        );
-    }
+    let scripts = (inc_acquire_fair(true), inc_acquire_fair(false));
+    differential("inc attempt", scripts, &INC_KEYS, 0x27b0_0002, |seed| {
+        let state = inc_state(seed);
+        let token = match next(seed) % 3 {
+            0 => "aaaabbbbccccddddaaaabbbbccccdddd".to_owned(),
+            _ => token_arg(seed),
+        };
+        let args = vec![
+            token,
+            "3000".to_owned(),
+            member_arg(seed),
+            "turn:{k}:".to_owned(),
+        ];
+        (state, args)
+    })
+    .await;
 }
 
 /// Redlock's fair release on one node (KEYS: key, line, line expiry; ARGV: token, waiter,
 /// channel prefix, [wake prefix]) does on every generated state what cc70651^'s did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_fair_release_does_what_the_scripts_before_did() {
-    for binary in servers_to_try() {
-        let server = RedisServer::start(&binary, &[]).unwrap();
-        let mut c = connect(&server).await;
-        let messages = published_messages(&server);
-        let old = redis::Script::new(&redlock_release_fair(true));
-        let new = redis::Script::new(&redlock_release_fair(false));
-        let keys = ["key{k}", "key{k}:queue", "key{k}:queue-expiry"];
-        let mut seed = 0x27b0_0003_u64;
-        let mut differ = Vec::new();
-        for trial in 0..TRIALS {
-            let mut commands: Vec<Vec<String>> = Vec::new();
-            let value = match next(&mut seed) % 9 {
-                0..=1 => None,
-                2..=3 => Some(T1.to_owned()),
-                4 => Some(T2.to_owned()),
-                5..=7 => Some(reserved(next(&mut seed) % 4)),
-                _ => {
-                    commands.push(vec!["HSET".into(), "key{k}".into(), "f".into(), "v".into()]);
-                    None
-                }
-            };
-            if let Some(value) = value {
-                commands.push(vec![
-                    "SET".into(),
-                    "key{k}".into(),
-                    value,
-                    "PX".into(),
-                    "5000".into(),
-                ]);
+    let scripts = (redlock_release_fair(true), redlock_release_fair(false));
+    let keys = ["key{k}", "key{k}:queue", "key{k}:queue-expiry"];
+    differential("redlock release", scripts, &keys, 0x27b0_0003, |seed| {
+        let mut commands: Vec<Vec<String>> = Vec::new();
+        let value = match next(seed) % 9 {
+            0..=1 => None,
+            2..=3 => Some(T1.to_owned()),
+            4 => Some(T2.to_owned()),
+            5..=7 => Some(reserved(next(seed) % 4)),
+            _ => {
+                commands.push(vec!["HSET".into(), "key{k}".into(), "f".into(), "v".into()]);
+                None
             }
-            generate_line(
-                &mut seed,
-                "key{k}:queue",
-                "key{k}:queue-expiry",
-                &mut commands,
-            );
-            let state = State { commands };
-            let mut args = vec![
-                token_arg(&mut seed),
-                member_arg(&mut seed),
-                "turn:{k}:".to_owned(),
-            ];
-            if next(&mut seed).is_multiple_of(3) {
-                args.push("wake:{k}:".to_owned());
-            }
-            let (before, now) = both(&mut c, &messages, &old, &new, &state, &keys, &args).await;
-            if !alike(&before, &now) {
-                differ.push(differences(
-                    "redlock release",
-                    trial,
-                    &state,
-                    &args,
-                    &before,
-                    &now,
-                ));
-            }
+        };
+        if let Some(value) = value {
+            commands.push(vec![
+                "SET".into(),
+                "key{k}".into(),
+                value,
+                "PX".into(),
+                "5000".into(),
+            ]);
         }
-        assert!(
-            differ.is_empty(),
-            "{}: {} differ; first: {}",
-            binary.display(),
-            differ.len(),
-            differ[0]
-        );
-    }
+        generate_line(seed, "key{k}:queue", "key{k}:queue-expiry", &mut commands);
+        let state = State { commands };
+        let mut args = vec![token_arg(seed), member_arg(seed), "turn:{k}:".to_owned()];
+        if next(seed).is_multiple_of(3) {
+            args.push("wake:{k}:".to_owned());
+        }
+        (state, args)
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
