@@ -236,6 +236,31 @@ pub async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("the test's own server answers")
 }
 
+/// Puts a line of one lapsed entry (a waiter that died long ago) on `key` on the Redlock node at
+/// `url`, its two keys kept 30 s: a plain attempt there sees a line and gives the key back,
+/// which prunes the entry and deletes the line.
+///
+/// # Panics
+/// When the node cannot be reached (a test's own server).
+pub async fn lapsed_line(url: &str, key: &str) {
+    let mut connection = connect(url).await;
+    for name in &line_names(Store::Redlock3, key) {
+        let () = redis::pipe()
+            .cmd("ZADD")
+            .arg(name)
+            .arg(1)
+            .arg("00000000000000000000000000000009ghost")
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(name)
+            .arg(30_000)
+            .ignore()
+            .query_async(&mut connection)
+            .await
+            .expect("the test's own server answers");
+    }
+}
+
 /// The members of `key`'s waiting line on a node, in order.
 ///
 /// # Panics

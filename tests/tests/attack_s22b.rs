@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::fair::lapsed_line;
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, redis_or_skip};
 
@@ -22,37 +23,6 @@ fn waiting(ttl: Duration) -> LockOptions {
     LockOptions::default()
         .with_ttl(ttl)
         .with_retry(RetryPolicy::forever())
-}
-
-async fn connect(server: &RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
-/// A fair line on `key` whose only entry expired long ago: a plain `SET NX` attempt sees a
-/// line (`EXISTS <key>\xff:queue-expiry`) and gives the key back, refused; the line's script
-/// then prunes the entry, and the waiter's fair attempt finds the key free and nobody in line.
-async fn ghost_line(server: &RedisServer, key: &str) {
-    let mut connection = connect(server).await;
-    for suffix in [&b"\xff:queue"[..], b"\xff:queue-expiry"] {
-        let line = [key.as_bytes(), suffix].concat();
-        let () = redis::pipe()
-            .cmd("ZADD")
-            .arg(&line)
-            .arg(1)
-            .arg("00000000000000000000000000000000ghost")
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&line)
-            .arg(30_000)
-            .ignore()
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-    }
 }
 
 /// What each node still holds (`KEYS *`), with the key's PTTL.
@@ -98,8 +68,8 @@ async fn fair_release_that_deleted_the_plain_rounds_write_is_still_resent_after_
         .with_options(waiting(Duration::from_secs(10)))
         .unwrap();
     // Warm up: connections, subscriptions for turns, scripts, the same way as below.
-    ghost_line(&servers[0], "k").await;
-    ghost_line(&servers[1], "k").await;
+    lapsed_line(&servers[0].url(), "k").await;
+    lapsed_line(&servers[1].url(), "k").await;
     locker.acquire("k").await.unwrap().release().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -118,8 +88,8 @@ async fn fair_release_that_deleted_the_plain_rounds_write_is_still_resent_after_
         side.acquire("side").await.unwrap().release().await.unwrap();
         side.stop().await.unwrap();
     }
-    ghost_line(&servers[0], "k").await;
-    ghost_line(&servers[1], "k").await;
+    lapsed_line(&servers[0].url(), "k").await;
+    lapsed_line(&servers[1].url(), "k").await;
     proxy.set_delay(Duration::from_millis(100));
     let guard = locker.acquire("k").await.unwrap();
     guard.release().await.unwrap();

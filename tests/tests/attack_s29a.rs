@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use lock_core::raw::redis::{LINE_SCRIPT, RESERVED, TURN_CHANNEL};
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
-use lock_tests::fair::{Store, Target, connect, line_members, line_names, waiting};
+use lock_tests::fair::{Store, Target, connect, lapsed_line, line_members, line_names, waiting};
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, published_messages, redis_or_skip, valkey_server_binary};
 use redis::aio::MultiplexedConnection;
@@ -322,41 +322,6 @@ fn fair_locker(urls: Vec<String>, pool: bool, ttl: Duration, retry: RetryPolicy)
         .unwrap()
 }
 
-/// A line of one lapsed entry on `key` at `url`, its keys kept 30 s.
-async fn lapsed_line(url: &str, key: &str) {
-    let mut c = connect(url).await;
-    for name in &line_names(Store::Redlock3, key) {
-        let () = redis::pipe()
-            .cmd("ZADD")
-            .arg(name)
-            .arg(1)
-            .arg(member(9, "ghost"))
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(name)
-            .arg(30_000)
-            .ignore()
-            .query_async(&mut c)
-            .await
-            .unwrap();
-    }
-}
-
-/// The server's count of calls of `command` since the last `CONFIG RESETSTAT`.
-async fn calls(c: &mut MultiplexedConnection, command: &str) -> u64 {
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(c)
-        .await
-        .unwrap();
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|count| count.parse().ok())
-        .unwrap_or(0)
-}
-
 /// `SCRIPT FLUSH` on the server at `url`.
 async fn flush_scripts(url: &str) {
     let mut c = connect(url).await;
@@ -501,9 +466,9 @@ async fn a_pool_s_release_that_overtakes_the_give_back_leaves_nothing() {
         sleep(hold).await;
         // The release went through (on a new connection) and deleted the plain `SET`; the
         // give-back is still held.
-        assert_eq!(calls(&mut c, "set").await, 1, "held {hold:?}");
+        assert_eq!(servers[2].calls("set").unwrap(), 1, "held {hold:?}");
         if hold < ms(1_500) {
-            assert_eq!(calls(&mut c, "evalsha").await, 1, "held {hold:?}");
+            assert_eq!(servers[2].calls("evalsha").unwrap(), 1, "held {hold:?}");
         }
         assert_eq!(key_state(&mut c, "k").await, (None, -2), "held {hold:?}");
         proxy.release_stall();
@@ -511,7 +476,7 @@ async fn a_pool_s_release_that_overtakes_the_give_back_leaves_nothing() {
         let left = leftovers(&servers, "k").await;
         assert!(left.is_empty(), "held {hold:?}: left {left:?}");
         // The held give-back ran after the release.
-        assert!(calls(&mut c, "evalsha").await >= 2, "held {hold:?}");
+        assert!(servers[2].calls("evalsha").unwrap() >= 2, "held {hold:?}");
         locker.stop().await.unwrap();
     }
 }

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use lock_core::RetryPolicy;
-use lock_tests::fair::{Store, Target, connect, line_names};
+use lock_tests::fair::{Store, Target, connect, lapsed_line, line_names};
 use lock_tests::server::{RedisServer, redis_or_skip};
 use redis::aio::MultiplexedConnection;
 
@@ -261,22 +261,6 @@ async fn a_single_try_takes_a_key_whose_line_holds_only_lapsed_entries() {
     }
 }
 
-/// The server's count of calls of `command` since the last `CONFIG RESETSTAT` (scripts' own
-/// calls included).
-async fn calls(c: &mut MultiplexedConnection, command: &str) -> u64 {
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(c)
-        .await
-        .unwrap();
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|count| count.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A waiter's attempt behind a holder on one Redlock node reads the key once: the turn's check
 /// and the gate share the read (session 28; two `GET`s before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,7 +280,7 @@ async fn a_redlock_waiter_s_attempt_reads_the_key_once() {
         .await
         .unwrap();
     target.dead_waiter(key, Duration::from_secs(10)).await;
-    let gets = calls(&mut c, "get").await;
+    let gets = target.servers[0].calls("get").unwrap();
     println!("S28: a waiter's attempt (and its client's shutdown): {gets} GET");
     assert_eq!(gets, 1, "the attempt read the key {gets} times");
     guard.release().await.unwrap();
@@ -341,23 +325,7 @@ async fn a_release_landing_between_the_give_back_s_writes_leaves_nothing() {
         .release()
         .await
         .unwrap();
-    let mut slow = connect(&servers[2].url()).await;
-    let names = line_names(Store::Redlock3, "k");
-    for name in &names {
-        let () = redis::pipe()
-            .cmd("ZADD")
-            .arg(name)
-            .arg(1)
-            .arg("00000000000000000000000000000000ghost")
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(name)
-            .arg(30_000)
-            .ignore()
-            .query_async(&mut slow)
-            .await
-            .unwrap();
-    }
+    lapsed_line(&servers[2].url(), "k").await;
     proxy.set_delay(Duration::from_millis(50));
     locker.acquire("k").await.unwrap().release().await.unwrap();
     // The slow node's exchange: a few 100 ms round trips, then any re-sends.
