@@ -21,6 +21,7 @@ use lock_core::raw::redis::{LINE_SCRIPT, RESERVED, TURN_CHANNEL};
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::fair::{Store, Target, connect, lapsed_line, line_members, line_names, waiting};
+use lock_tests::nodes::Nodes;
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, published_messages, redis_or_skip, valkey_server_binary};
 use redis::aio::MultiplexedConnection;
@@ -434,15 +435,13 @@ async fn one_slow_node_and_valkey_leave_nothing() {
 /// Either way nothing is left once the held give-back lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_s_release_that_overtakes_the_give_back_leaves_nothing() {
-    let Some(binary) = redis_or_skip("give-back attack") else {
+    let Some(_) = redis_or_skip("give-back attack") else {
         return;
     };
     for hold in [ms(700), ms(2_500)] {
-        let servers: Vec<RedisServer> = (0..3)
-            .map(|_| RedisServer::start(&binary, &[]).unwrap())
-            .collect();
-        let proxy = LatencyProxy::start(servers[2].port()).await.unwrap();
-        let urls = vec![servers[0].url(), servers[1].url(), proxy.url()];
+        let nodes = Nodes::start().await;
+        let (servers, proxy) = (&nodes.servers, &nodes.proxy);
+        let urls = nodes.urls().to_vec();
         let locker = fair_locker(urls, true, ms(10_000), RetryPolicy::none());
         // One connection to the third node: the warm-up's release is sent once its `SET`
         // answered there (and within a second of the attempt: no check of an idle connection).
@@ -473,7 +472,7 @@ async fn a_pool_s_release_that_overtakes_the_give_back_leaves_nothing() {
         assert_eq!(key_state(&mut c, "k").await, (None, -2), "held {hold:?}");
         proxy.release_stall();
         sleep(ms(1_000)).await;
-        let left = leftovers(&servers, "k").await;
+        let left = leftovers(servers, "k").await;
         assert!(left.is_empty(), "held {hold:?}: left {left:?}");
         // The held give-back ran after the release.
         assert!(servers[2].calls("evalsha").unwrap() >= 2, "held {hold:?}");
@@ -645,16 +644,14 @@ async fn waiters_on_both_channels_are_woken_after_a_give_back() {
 /// the third node and delete it, and nothing of the other holder's is touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_give_back_lost_on_its_way_leaves_nothing() {
-    let Some(binary) = redis_or_skip("give-back attack") else {
+    let Some(_) = redis_or_skip("give-back attack") else {
         return;
     };
     let sha = give_back_script().get_hash().to_owned();
     for won in [true, false] {
-        let servers: Vec<RedisServer> = (0..3)
-            .map(|_| RedisServer::start(&binary, &[]).unwrap())
-            .collect();
-        let proxy = LatencyProxy::start(servers[2].port()).await.unwrap();
-        let urls = vec![servers[0].url(), servers[1].url(), proxy.url()];
+        let nodes = Nodes::start().await;
+        let (servers, proxy) = (&nodes.servers, &nodes.proxy);
+        let urls = nodes.urls().to_vec();
         let locker = fair_locker(urls, false, ms(10_000), RetryPolicy::none());
         locker
             .acquire("warm")

@@ -294,18 +294,13 @@ async fn a_redlock_waiter_s_attempt_reads_the_key_once() {
 /// the retry are now one script that retakes the key only if the first write was still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_landing_between_the_give_back_s_writes_leaves_nothing() {
-    let Some(binary) = redis_or_skip("line slack give-back") else {
+    let Some(_) = redis_or_skip("line slack give-back") else {
         return;
     };
-    let servers: Vec<RedisServer> = (0..3)
-        .map(|_| RedisServer::start(&binary, &[]).unwrap())
-        .collect();
-    let proxy = lock_tests::proxy::LatencyProxy::start(servers[2].port())
-        .await
-        .unwrap();
-    let urls = vec![servers[0].url(), servers[1].url(), proxy.url()];
+    let nodes = lock_tests::nodes::Nodes::start().await;
+    let (servers, proxy) = (&nodes.servers, &nodes.proxy);
     let lock = lock_redlock::Redlock::new(
-        lock_redlock::RedlockConfig::new(urls)
+        lock_redlock::RedlockConfig::new(nodes.urls())
             .with_fair(true)
             .with_node_timeout(Duration::from_secs(2)),
     )
