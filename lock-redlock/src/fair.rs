@@ -40,7 +40,22 @@ pub(crate) struct FairLine {
     places_pruned: PruneSchedule,
     /// Set by `close`: an attempt still under way subscribes nowhere after it.
     closed: AtomicBool,
+    /// The keys on which a waiter of this client was lately refused and lined up (one node),
+    /// with when: a waiter's first attempt on such a key goes through the line at once rather
+    /// than trying a plain `SET NX` first, which a lined key refuses (see
+    /// [`FairLine::expects_line`]). `lined_any` is false while the map is empty, so that an
+    /// uncontended attempt reads one atomic.
+    lined: Mutex<HashMap<String, tokio::time::Instant>>,
+    lined_any: AtomicBool,
 }
+
+/// How long a key a waiter lined up on is expected to have a line still (see
+/// [`FairLine::expects_line`]).
+const LINED_FOR: Duration = Duration::from_secs(1);
+
+/// The most keys [`FairLine::expects_line`] remembers: past it, the stale ones are dropped, and
+/// all of them when none is.
+const LINED_AT_MOST: usize = 1024;
 
 /// Places nobody asked for this long are dropped once more than `TURN_PRUNE_ABOVE` waiters
 /// have one, and twice what the previous prune left (an acquisition that ended without
@@ -87,7 +102,44 @@ impl FairLine {
             places: Mutex::new(HashMap::new()),
             places_pruned: PruneSchedule::default(),
             closed: AtomicBool::new(false),
+            lined: Mutex::new(HashMap::new()),
+            lined_any: AtomicBool::new(false),
         })
+    }
+
+    /// Whether a waiter of this client lined up on `key` within [`LINED_FOR`] and none took it
+    /// at its first attempt since: a hint (a wrong one costs a round trip, never a lock) that
+    /// the key still has a line, so that a waiter's first attempt goes through it at once.
+    pub(crate) fn expects_line(&self, key: &lock_core::Key) -> bool {
+        if !self.lined_any.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.lined
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key.as_str())
+            .is_some_and(|at| at.elapsed() < LINED_FOR)
+    }
+
+    /// A waiter of this client was refused on `key` and lined up (`true`), or took it at its
+    /// first attempt (`false`): see [`FairLine::expects_line`].
+    pub(crate) fn saw_line(&self, key: &lock_core::Key, lined: bool) {
+        if !lined && !self.lined_any.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut keys = self.lined.lock().unwrap_or_else(PoisonError::into_inner);
+        if lined {
+            if keys.len() >= LINED_AT_MOST && !keys.contains_key(key.as_str()) {
+                keys.retain(|_, at| at.elapsed() < LINED_FOR);
+                if keys.len() >= LINED_AT_MOST {
+                    keys.clear();
+                }
+            }
+            keys.insert(key.as_str().to_owned(), tokio::time::Instant::now());
+        } else {
+            keys.remove(key.as_str());
+        }
+        self.lined_any.store(!keys.is_empty(), Ordering::Relaxed);
     }
 
     /// `waiter`'s place in every node's line: chosen on its first call (this client's clock,
@@ -347,6 +399,36 @@ mod tests {
     use super::*;
     use crate::RedlockConfig;
     use crate::config::NodeUrl;
+
+    fn key(name: &str) -> lock_core::Key {
+        lock_core::Key::new(name).unwrap()
+    }
+
+    /// The hint that sends a waiter's first attempt through the line: set by a waiter that
+    /// lined up, cleared by one that took the key at its first attempt, gone after
+    /// `LINED_FOR`, and bounded (a client lining up on ever new keys keeps at most
+    /// `LINED_AT_MOST` of them).
+    #[tokio::test(start_paused = true)]
+    async fn a_key_is_expected_lined_from_a_refusal_until_a_first_attempt_wins_or_it_ages() {
+        let fair = FairLine::new(1).unwrap();
+        assert!(!fair.expects_line(&key("a")));
+        fair.saw_line(&key("a"), false);
+        assert!(!fair.lined_any.load(Ordering::Relaxed));
+        fair.saw_line(&key("a"), true);
+        assert!(fair.expects_line(&key("a")));
+        assert!(!fair.expects_line(&key("b")));
+        fair.saw_line(&key("a"), false);
+        assert!(!fair.expects_line(&key("a")));
+        assert!(!fair.lined_any.load(Ordering::Relaxed));
+        fair.saw_line(&key("a"), true);
+        tokio::time::advance(LINED_FOR).await;
+        assert!(!fair.expects_line(&key("a")));
+        for n in 0..3 * LINED_AT_MOST {
+            fair.saw_line(&key(&format!("k{n}")), true);
+            assert!(fair.lined.lock().unwrap().len() <= LINED_AT_MOST);
+        }
+        assert!(fair.expects_line(&key(&format!("k{}", 3 * LINED_AT_MOST - 1))));
+    }
 
     /// Promised (`Lock::shutdown`: the client's pub/sub connections are closed): an attempt
     /// that was under way when the client stopped (it passed the stop check, then the

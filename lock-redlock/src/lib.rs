@@ -793,10 +793,16 @@ impl Lock for Redlock {
             // (below). A single try is the same plain attempt, refused as it is (a key it gave
             // back is reserved for the head of the line, which is woken): it never passes a
             // line. Its later attempts, and every attempt with fencing (the script draws the
-            // fence in the same round trip), go through the line.
+            // fence in the same round trip), go through the line; so does, on one node, a
+            // waiter's first attempt on a key this client's waiters lately lined up on (which
+            // a plain attempt would find lined, and be refused: one round trip for nothing).
             let fair = shared.fair.as_ref().filter(|_| request.keys().len() == 1);
             if let Some(fair) = fair
-                && (request.after_wait() || shared.config.fencing)
+                && (request.after_wait()
+                    || shared.config.fencing
+                    || (shared.node_count == 1
+                        && request.waiter().is_some()
+                        && fair.expects_line(request.primary_key())))
             {
                 return Box::pin(try_acquire_fair(shared, fair, request)).await;
             }
@@ -1045,12 +1051,12 @@ async fn try_acquire_fair(
         node.acquire_fair_anchored(key, token, ttl, fence.as_deref(), &member),
     )
     .await;
-    let value = match answer {
-        Ok(Ok((value, expiry))) => {
-            if let (Some(waiter), Some(expiry)) = (request.waiter(), expiry) {
+    let (value, plain) = match answer {
+        Ok(Ok(answer)) => {
+            if let (Some(waiter), Some(expiry)) = (request.waiter(), answer.expiry) {
                 fair.anchor(waiter, key, start, expiry);
             }
-            value
+            (answer.value, answer.plain)
         }
         Ok(Err(error)) => {
             return Err(LockError::backend(
@@ -1072,10 +1078,17 @@ async fn try_acquire_fair(
         }
     };
     if value <= 0 {
-        if let (Some(waiter), Ok(left)) = (request.waiter(), u64::try_from(-value - 1)) {
-            fair.first_in_line(waiter, Duration::from_millis(left));
+        if let Some(waiter) = request.waiter() {
+            fair.saw_line(key, true);
+            if let Ok(left) = u64::try_from(-value - 1) {
+                fair.first_in_line(waiter, Duration::from_millis(left));
+            }
         }
+        // A key of another type (or a lease) would refuse every attempt: looked at once per
+        // acquisition, on its first refusal, unless the attempt read the key and found a lock's
+        // value or nothing there (`plain`: a waiter's attempt, in the same round trip).
         if !request.after_wait()
+            && !plain
             && let Err(error) = shared
                 .refuse_foreign_types(&nodes, request.key_set(), LeaseKind::Exclusive, ttl)
                 .await
@@ -1099,6 +1112,9 @@ async fn try_acquire_fair(
     }
     if let Some(waiter) = request.waiter() {
         fair.forget(waiter);
+        if !request.after_wait() {
+            fair.saw_line(key, false);
+        }
     }
     let Some(valid_until) = shared.valid_until(start, ttl) else {
         let expires_by = Instant::now() + ttl;

@@ -107,6 +107,7 @@ static LINE_KEEP: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| Script::new(&RELEASE_FAIR_SOURCE));
+
 /// A fair waiter's plain first attempt that took a key past a line gives it back, and takes it
 /// again when nobody live is in line (`lua/give_back.lua`).
 static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
@@ -119,6 +120,17 @@ static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
         .concat(),
     )
 });
+
+/// The answer to a fair attempt on one node (see [`NodeParts::acquire_fair_anchored`]).
+pub(crate) struct FairAnswer {
+    /// The fencing value (1 without fencing) when taken, else the line's answer: 0, or
+    /// -(1 + ms) for the head of the line behind a holder with ms left.
+    pub(crate) value: i64,
+    /// The expiry of the refused waiter's entry in line (the node's clock, in ms).
+    pub(crate) expiry: Option<u64>,
+    /// Refused with the key holding a lock's value or nothing, as the waiter read it.
+    pub(crate) plain: bool,
+}
 
 /// A multi-key lock's release on a fair node: the keys it frees pass their turns to the heads
 /// of their lines in the same call (the line's helpers defined only when a freed key has one).
@@ -739,9 +751,11 @@ impl NodeParts {
         Ok(redis::FromRedisValue::from_redis_value(answer)?)
     }
 
-    /// As [`NodeParts::acquire_fair`] with the server's clock ordering the line, also answering
-    /// the expiry (the node's clock, in ms) its entry was given when the waiter was refused and
-    /// (re)joined the line: a grant naming it may be held as it is (see `lua/line_pass.lua`).
+    /// As [`NodeParts::acquire_fair`] with the server's clock ordering the line. A refused
+    /// waiter's answer also says the expiry (the node's clock, in ms) its entry was given as it
+    /// (re)joined the line — a grant naming it may be held as it is (see `lua/line_pass.lua`) —
+    /// and whether the key held a lock's value or nothing (`plain`): a refusal that is not
+    /// plain may be a key of another type or a lease, which the caller looks at.
     pub(crate) async fn acquire_fair_anchored(
         &self,
         key: &Key,
@@ -749,16 +763,25 @@ impl NodeParts {
         ttl: Duration,
         fence: Option<&[u8]>,
         member: &[u8],
-    ) -> RedisResult<(i64, Option<u64>)> {
+    ) -> RedisResult<FairAnswer> {
         let answer = self
             .acquire_fair_call(key, token, ttl, fence, member, None, true)
             .await?;
         Ok(match answer {
             Value::Array(_) => {
-                let (value, expiry): (i64, u64) = redis::FromRedisValue::from_redis_value(answer)?;
-                (value, Some(expiry))
+                let (value, expiry, plain): (i64, i64, i64) =
+                    redis::FromRedisValue::from_redis_value(answer)?;
+                FairAnswer {
+                    value,
+                    expiry: u64::try_from(expiry).ok(),
+                    plain: plain == 1,
+                }
             }
-            answer => (redis::FromRedisValue::from_redis_value(answer)?, None),
+            answer => FairAnswer {
+                value: redis::FromRedisValue::from_redis_value(answer)?,
+                expiry: None,
+                plain: false,
+            },
         })
     }
 
