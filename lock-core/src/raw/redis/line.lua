@@ -134,9 +134,17 @@ end
 -- `held_by`, when given: the value of `owner` as the caller read it with `redis.pcall('get')`,
 -- nothing written to it since.
 local function line_gate(lock, owner, token, member, lease, prefix, chosen, gated, held_by)
+  -- Whether `lock` is there: what the read of it said, when `owner` is `lock` itself (a key of
+  -- another type reads as an error, which is there too).
+  local function held()
+    if lock == owner and held_by ~= nil then
+      return held_by ~= false
+    end
+    return redis.call('exists', lock) == 1
+  end
   -- Nobody in line (the uncontended case): only the lock decides.
-  if not gated and redis.call('exists', LINE_EXPIRY) == 0
-    and (member == '' or redis.call('exists', lock) == 0) then
+  if not gated and (member == '' or not held())
+    and redis.call('exists', LINE_EXPIRY) == 0 then
     return nil
   end
   local now, now_us = line_clock()
@@ -147,7 +155,7 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen, gate
   if held_by == token then
     return nil
   end
-  if redis.call('exists', lock) == 1 then
+  if held() then
     if member == '' then
       return 0
     end
