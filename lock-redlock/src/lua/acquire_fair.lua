@@ -17,6 +17,20 @@ end
 local held_by
 if ARGV[3] ~= '' then
   held_by = redis.pcall('get', KEYS[1])
+  -- One node: a waiter that finds the key free while someone else heads a live line (a release
+  -- by a client without `fair`, a holder that expired) passes the turn to that head, as a
+  -- release or a plain attempt's give-back does: the key is reserved for the head until its
+  -- entry lapses, and the waiter, first behind it, is told when (a dead head is waited out
+  -- to the ms, not to the waiter's next poll).
+  if ARGV[6] == '1' and held_by == false and redis.call('exists', KEYS[#KEYS]) == 1 then
+    line_prune((line_clock()))
+    local head = line_head()
+    if head and head ~= ARGV[3] then
+      line_pass(KEYS[1], ARGV[4], true)
+      -- Absent before: a string (the reservation) or absent again, never another type.
+      held_by = redis.call('get', KEYS[1])
+    end
+  end
 end
 if not line_take_turn(KEYS[1], ARGV[3], held_by) then
   local gate, expiry = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5], nil, held_by)
