@@ -119,13 +119,24 @@ enum Foreign {
 fn foreign_values(key: &str) -> Vec<Foreign> {
     vec![
         Foreign::Raw("a set", redis::cmd("SADD").arg(key).arg("x").clone()),
-        Foreign::Raw("a zset", redis::cmd("ZADD").arg(key).arg(1).arg("x").clone()),
+        Foreign::Raw(
+            "a zset",
+            redis::cmd("ZADD").arg(key).arg(1).arg("x").clone(),
+        ),
         Foreign::Raw(
             "a stream",
-            redis::cmd("XADD").arg(key).arg("*").arg("f").arg("v").clone(),
+            redis::cmd("XADD")
+                .arg(key)
+                .arg("*")
+                .arg("f")
+                .arg("v")
+                .clone(),
         ),
         Foreign::Raw("a list", redis::cmd("LPUSH").arg(key).arg("x").clone()),
-        Foreign::Raw("one byte 0xFF", redis::cmd("SET").arg(key).arg(b"\xFF").clone()),
+        Foreign::Raw(
+            "one byte 0xFF",
+            redis::cmd("SET").arg(key).arg(b"\xFF").clone(),
+        ),
         Foreign::Raw(
             "a lease alone's look",
             redis::cmd("SET").arg(key).arg(b"\xFFsem:2\x00pabc").clone(),
@@ -183,7 +194,10 @@ async fn held_every_foreign_value_is_a_typed_error_at_once_through_the_line_or_n
                     "{what} (fencing {fencing}, {connection:?}, expecting a line {expects_line})"
                 );
                 match (&lease, &outcome) {
-                    (None, Err(LockError::InvalidInput { .. } | LockError::KindMismatch { .. }))
+                    (
+                        None,
+                        Err(LockError::InvalidInput { .. } | LockError::KindMismatch { .. }),
+                    )
                     | (Some(_), Err(LockError::KindMismatch { .. })) => {}
                     _ => panic!("{case}: {outcome:?} after {took:?}"),
                 }
@@ -196,7 +210,11 @@ async fn held_every_foreign_value_is_a_typed_error_at_once_through_the_line_or_n
                 if let Some(lease) = lease {
                     lease.release().await.unwrap();
                 }
-                let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut raw).await.unwrap();
+                let _: i64 = redis::cmd("DEL")
+                    .arg(&key)
+                    .query_async(&mut raw)
+                    .await
+                    .unwrap();
             }
         }
         waiter.stop().await.unwrap();
@@ -221,7 +239,10 @@ async fn held_plain_values_are_waited_out_without_asking_a_type() {
     let values: [(&str, &[u8]); 3] = [
         ("an empty string", b""),
         ("binary", b"\x00\x01\xFE\xFF"),
-        ("a stranger's reservation", b"lock-turn-reserved:00000000000000000000000000000001x"),
+        (
+            "a stranger's reservation",
+            b"lock-turn-reserved:00000000000000000000000000000001x",
+        ),
     ];
     for expects_line in [true, false] {
         for (n, (what, value)) in values.iter().enumerate() {
@@ -242,7 +263,10 @@ async fn held_plain_values_are_waited_out_without_asking_a_type() {
             let started = Instant::now();
             let outcome = waiter.acquire(&key).await;
             let took = started.elapsed();
-            println!("{what} (expecting a line {expects_line}): {:?} after {took:?}", outcome.is_ok());
+            println!(
+                "{what} (expecting a line {expects_line}): {:?} after {took:?}",
+                outcome.is_ok()
+            );
             let guard = outcome.unwrap_or_else(|error| panic!("{what}: {error:?}"));
             assert!(
                 took >= ms(300) && took < ms(1_500),
@@ -251,7 +275,11 @@ async fn held_plain_values_are_waited_out_without_asking_a_type() {
             guard.release().await.unwrap();
         }
     }
-    assert_eq!(target.servers[0].calls("type").unwrap(), 0, "a key type was asked");
+    assert_eq!(
+        target.servers[0].calls("type").unwrap(),
+        0,
+        "a key type was asked"
+    );
     waiter.stop().await.unwrap();
     other.stop().await.unwrap();
     let left = target.keys_left_within(ms(3_000), |_| true).await;
@@ -287,7 +315,12 @@ async fn held_mixed_waiters_are_served_in_order_and_single_tries_never_queue() {
         let inside = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut tasks = Vec::new();
         for n in 0..6 {
-            let client = if (n + round) % 2 == 0 { &hinted } else { &fresh }.clone();
+            let client = if (n + round) % 2 == 0 {
+                &hinted
+            } else {
+                &fresh
+            }
+            .clone();
             let (task_key, task_order, inside) = (key.clone(), order.clone(), inside.clone());
             tasks.push(tokio::spawn(async move {
                 let guard = client.acquire(&task_key).await.unwrap();
@@ -303,8 +336,7 @@ async fn held_mixed_waiters_are_served_in_order_and_single_tries_never_queue() {
             // Each in line before the next comes.
             let deadline = Instant::now() + ms(2_000);
             loop {
-                let members: Vec<String> =
-                    lock_tests::fair::line_members(&mut raw, &key).await;
+                let members: Vec<String> = lock_tests::fair::line_members(&mut raw, &key).await;
                 if members.len() == n + 1 || Instant::now() > deadline {
                     assert_eq!(members.len(), n + 1, "waiter {n} not in line: {members:?}");
                     break;
@@ -316,7 +348,11 @@ async fn held_mixed_waiters_are_served_in_order_and_single_tries_never_queue() {
             assert!(fresh.try_acquire(&key).await.unwrap().is_none());
             assert!(plain.try_acquire(&key).await.unwrap().is_none());
             let members = lock_tests::fair::line_members(&mut raw, &key).await;
-            assert_eq!(members.len(), n + 1, "a single try joined the line: {members:?}");
+            assert_eq!(
+                members.len(),
+                n + 1,
+                "a single try joined the line: {members:?}"
+            );
         }
         held.release().await.unwrap();
         // While the turns pass, single tries still never pass the line.
@@ -333,7 +369,11 @@ async fn held_mixed_waiters_are_served_in_order_and_single_tries_never_queue() {
         for task in tasks {
             task.await.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), (0..6).collect::<Vec<_>>(), "round {round}");
+        assert_eq!(
+            *order.lock().unwrap(),
+            (0..6).collect::<Vec<_>>(),
+            "round {round}"
+        );
     }
     for client in [&hinted, &fresh, &holder, &plain] {
         client.stop().await.unwrap();
@@ -418,7 +458,9 @@ async fn held_a_client_expecting_a_line_meets_lapsed_lines_flushed_scripts_resta
         return;
     };
     let backend = target.backend(true).await;
-    let options = LockOptions::default().with_ttl(TTL).with_retry(waiting(ms(100)));
+    let options = LockOptions::default()
+        .with_ttl(TTL)
+        .with_retry(waiting(ms(100)));
     let hinted = Locker::from_arc(backend.clone())
         .with_options(options.clone())
         .unwrap();
@@ -448,14 +490,21 @@ async fn held_a_client_expecting_a_line_meets_lapsed_lines_flushed_scripts_resta
         tokio::spawn(async move { hinted.acquire("k").await })
     };
     let deadline = Instant::now() + ms(2_000);
-    while lock_tests::fair::line_members(&mut raw, "k").await.is_empty() {
+    while lock_tests::fair::line_members(&mut raw, "k")
+        .await
+        .is_empty()
+    {
         assert!(Instant::now() < deadline, "the waiter never lined up");
         tokio::time::sleep(ms(10)).await;
     }
     let released = Instant::now();
     held.release().await.unwrap();
     waiter.await.unwrap().unwrap().release().await.unwrap();
-    assert!(released.elapsed() < ms(500), "took {:?}", released.elapsed());
+    assert!(
+        released.elapsed() < ms(500),
+        "took {:?}",
+        released.elapsed()
+    );
 
     // Another namespace: the same name is another key.
     let held = holder.acquire("k").await.unwrap();
@@ -479,7 +528,11 @@ async fn held_a_client_expecting_a_line_meets_lapsed_lines_flushed_scripts_resta
     target.servers[0].restart().unwrap();
     let started = Instant::now();
     let guard = hinted.acquire("k").await.unwrap();
-    assert!(started.elapsed() < ms(3_000), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < ms(3_000),
+        "took {:?}",
+        started.elapsed()
+    );
     guard.release().await.unwrap();
     // Lost in the restart: its release finds nothing of it.
     let _ = held.release().await;
