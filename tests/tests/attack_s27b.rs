@@ -50,8 +50,8 @@ fn undo(text: &str, from: &str, to: &str) -> String {
 fn line_before() -> String {
     let line = undo(
         LINE_SCRIPT,
-        "if not gated and redis.call('exists', LINE_EXPIRY) == 0",
-        "if redis.call('exists', LINE_EXPIRY) == 0",
+        "if not gated and (member == '' or not held())",
+        "if (member == '' or not held())",
     );
     undo(
         &line,
