@@ -27,6 +27,7 @@ mod fair;
 mod floor;
 mod inc;
 mod limit;
+mod link;
 mod memory_floor;
 mod plot;
 mod redlock;
