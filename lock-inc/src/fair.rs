@@ -61,6 +61,23 @@ impl FairLine {
         self.listener.started()
     }
 
+    /// `waiter`'s attempt, answered `round_trip` after it was sent, left it `place` behind the
+    /// holder (see `TurnRegistry::behind`; `ttl`: its place in line's lease).
+    pub(crate) fn behind(&self, waiter: &Token, place: u64, round_trip: Duration, ttl: Duration) {
+        self.turns.behind(
+            &waiter.expose(),
+            place,
+            round_trip,
+            lock_core::raw::wake::behind_at_most(ttl),
+        );
+    }
+
+    /// Whether `waiter` is still too far back in line to be first, and was not woken since its
+    /// latest attempt (see `TurnRegistry::still_behind`).
+    pub(crate) fn still_behind(&self, waiter: &Token) -> bool {
+        self.turns.still_behind(&waiter.expose())
+    }
+
     /// `waiter` is first in line behind a holder with `left` to live.
     pub(crate) fn first_in_line(&self, waiter: &Token, left: Duration) {
         self.turns.first_in_line(&waiter.expose(), left);

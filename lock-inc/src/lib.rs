@@ -51,7 +51,8 @@ static DOWNGRADE: LazyLock<Script> =
 /// most of a short script's cost. The acquisition is the plain one behind the line's gate, which
 /// lets it pass at once when the line is empty and the caller is a single try or the key is free
 /// (the same test as the gate's first). A waiter the lock was given to (`lua/line_grant.lua`)
-/// takes it over; a refused waiter gets its entry's expiry along, as `{gate, expiry}`.
+/// takes it over; a refused waiter gets its entry's expiry along, and its place behind the
+/// holder when the line says (1: second), as `{gate, expiry[, place]}`.
 static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         [
@@ -63,8 +64,8 @@ static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| {
             "local taken = line_take_grant(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3], ARGV[2], held_by)\n",
             "if taken then\n  return taken\nend\n",
             // `gated`: the test above is the gate's first, and `line_take_grant` wrote nothing.
-            "local gate, expiry = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], nil, true, held_by)\n",
-            "if gate then\n  if expiry then\n    return {gate, expiry}\n  end\n  return gate\nend\n",
+            "local gate, expiry, rank = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], nil, true, held_by)\n",
+            "if gate then\n  if expiry then\n    return {gate, expiry, rank}\n  end\n  return gate\nend\n",
             "end\n",
             include_str!("lua/acquire.lua"),
         ]
@@ -377,6 +378,16 @@ impl Lock for IncLock {
                 if let Some(handle) = claim_grant(shared, fair, request) {
                     return Ok(Some(handle));
                 }
+                // A waiter far back in line, not woken since its latest attempt, cannot be
+                // first yet: its fallback poll is answered here, refused, as the server would
+                // (see `FairLine::behind`).
+                if let Some(waiter) = request.waiter()
+                    && request.after_wait()
+                    && fair.still_behind(waiter)
+                {
+                    tracing::trace!(key = %key, "far back in line; not asking yet");
+                    return Ok(None);
+                }
                 let [line, line_expiry] = shared.line_keys(&key);
                 let ask = |member: String| {
                     ACQUIRE_FAIR.evalsha_with_reload::<fred::types::Value, _, _>(
@@ -424,13 +435,16 @@ impl Lock for IncLock {
                     let value = ask(member)
                         .await
                         .map_err(|e| shared.backend_error("acquire", &e))?;
-                    let expiry;
-                    (answer, expiry) =
+                    let (expiry, place);
+                    (answer, expiry, place) =
                         gate_answer(value).map_err(|e| shared.backend_error("acquire", &e))?;
                     // The expiry the attempt gave the waiter's place: a grant naming it is one
                     // this waiter may hold (see `claim_grant`).
                     if let (Some(waiter), Some(expiry)) = (request.waiter(), expiry) {
                         fair.anchor(waiter, &key, sent, expiry);
+                    }
+                    if let (Some(waiter), Some(place)) = (request.waiter(), place) {
+                        fair.behind(waiter, place, sent.elapsed(), request.ttl());
                     }
                 }
                 if let Some(waiter) = request.waiter() {
@@ -890,7 +904,7 @@ async fn acquire_shared(
 /// gave the waiter's place in line when it renewed one (`{gate, expiry}`).
 fn gate_answer(
     value: fred::types::Value,
-) -> std::result::Result<(i64, Option<u64>), fred::error::Error> {
+) -> std::result::Result<(i64, Option<u64>, Option<u64>), fred::error::Error> {
     use fred::types::Value;
     let unexpected = || {
         fred::error::Error::new(
@@ -898,13 +912,18 @@ fn gate_answer(
             "unexpected answer to a fair acquisition",
         )
     };
+    let number = |value: &i64| u64::try_from(*value).map_err(|_| unexpected());
     match value {
-        Value::Integer(answer) => Ok((answer, None)),
+        Value::Integer(answer) => Ok((answer, None, None)),
         Value::Array(parts) => match parts.as_slice() {
-            [Value::Integer(answer), Value::Integer(expiry)] => Ok((
-                *answer,
-                Some(u64::try_from(*expiry).map_err(|_| unexpected())?),
-            )),
+            [Value::Integer(answer), Value::Integer(expiry)] => {
+                Ok((*answer, Some(number(expiry)?), None))
+            }
+            [
+                Value::Integer(answer),
+                Value::Integer(expiry),
+                Value::Integer(place),
+            ] => Ok((*answer, Some(number(expiry)?), Some(number(place)?))),
             _ => Err(unexpected()),
         },
         _ => Err(unexpected()),

@@ -1034,6 +1034,15 @@ async fn try_acquire_fair(
     if let Some(handle) = claim_grant(shared, fair, request) {
         return Ok(Some(handle));
     }
+    // A waiter far back in line, not woken since its latest attempt, cannot be first yet: its
+    // fallback poll is answered here, refused, as the store would (see `FairLine::behind`).
+    if let Some(waiter) = request.waiter()
+        && request.after_wait()
+        && fair.still_behind(waiter)
+    {
+        tracing::trace!(key = %key, "far back in line; not asking yet");
+        return Ok(None);
+    }
     let member = match request.waiter() {
         Some(waiter) => {
             fair.listen(waiter, &nodes, timeout).await;
@@ -1055,6 +1064,9 @@ async fn try_acquire_fair(
         Ok(Ok(answer)) => {
             if let (Some(waiter), Some(expiry)) = (request.waiter(), answer.expiry) {
                 fair.anchor(waiter, key, start, expiry);
+            }
+            if let (Some(waiter), Some(place)) = (request.waiter(), answer.place) {
+                fair.behind(waiter, place, start.elapsed(), ttl);
             }
             (answer.value, answer.plain)
         }

@@ -130,6 +130,8 @@ pub(crate) struct FairAnswer {
     pub(crate) expiry: Option<u64>,
     /// Refused with the key holding a lock's value or nothing, as the waiter read it.
     pub(crate) plain: bool,
+    /// The refused waiter's place behind the holder (1: second), when the line said.
+    pub(crate) place: Option<u64>,
 }
 
 /// A multi-key lock's release on a fair node: the keys it frees pass their turns to the heads
@@ -769,18 +771,20 @@ impl NodeParts {
             .await?;
         Ok(match answer {
             Value::Array(_) => {
-                let (value, expiry, plain): (i64, i64, i64) =
+                let (value, expiry, plain, place): (i64, i64, i64, i64) =
                     redis::FromRedisValue::from_redis_value(answer)?;
                 FairAnswer {
                     value,
                     expiry: u64::try_from(expiry).ok(),
                     plain: plain == 1,
+                    place: u64::try_from(place).ok(),
                 }
             }
             answer => FairAnswer {
                 value: redis::FromRedisValue::from_redis_value(answer)?,
                 expiry: None,
                 plain: false,
+                place: None,
             },
         })
     }

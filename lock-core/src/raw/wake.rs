@@ -332,6 +332,13 @@ pub const TURN_IDLE: Duration = Duration::from_secs(600);
 /// See [`TURN_IDLE`].
 pub const TURN_PRUNE_ABOVE: usize = 1024;
 
+/// The longest a waiter far back in line goes without asking the store, unless woken (see
+/// [`TurnRegistry::behind`]): a quarter of its place's lease (every attempt renews the place
+/// for one ttl), and 10 s at most — what a lost wake-up can cost such a waiter.
+pub fn behind_at_most(ttl: Duration) -> Duration {
+    (ttl / 4).min(Duration::from_secs(10))
+}
+
 /// A take-back and its re-sends end a ttl after it began (they stop once the keys would be gone
 /// by themselves), each send bounded by a node or command timeout: a waiter whose attempt was
 /// taken back is marked for its ttl and this long (see [`TurnRegistry::taken_back`]).
@@ -354,6 +361,11 @@ struct Turn {
     /// The key the waiter's attempts renewed its place on; `Some(None)` once they named two
     /// keys (a grant names the waiter and an expiry, not the key).
     anchored_on: Mutex<Option<Option<String>>>,
+    /// Until when the waiter, far back in line at its latest attempt, need not ask again unless
+    /// woken (see [`TurnRegistry::behind`]).
+    behind_until: Mutex<Option<tokio::time::Instant>>,
+    /// A wake-up came since the waiter's latest attempt began listening.
+    woken: std::sync::atomic::AtomicBool,
 }
 
 impl TurnRegistry {
@@ -382,6 +394,8 @@ impl TurnRegistry {
                 grant: Mutex::new(None),
                 anchor: Mutex::new(None),
                 anchored_on: Mutex::new(None),
+                behind_until: Mutex::new(None),
+                woken: std::sync::atomic::AtomicBool::new(false),
             })
         });
         *turn.touched.lock().unwrap_or_else(PoisonError::into_inner) = now;
@@ -397,6 +411,11 @@ impl TurnRegistry {
         *turn.retry_at.lock().unwrap_or_else(PoisonError::into_inner) = None;
         // A grant heard before this attempt is answered by it (the attempt takes the turn).
         *turn.grant.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *turn
+            .behind_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        turn.woken.store(false, Ordering::SeqCst);
         // Polled once, a `Notified` takes a kept wake-up if there is one, and is dropped
         // otherwise (a wake-up that races with the drop is kept: tokio passes it on).
         let notified = std::pin::pin!(turn.notify.notified());
@@ -412,6 +431,40 @@ impl TurnRegistry {
         let turn = self.turn(waiter);
         *turn.retry_at.lock().unwrap_or_else(PoisonError::into_inner) =
             Some(tokio::time::Instant::now() + holder_left);
+    }
+
+    /// Records that `waiter`'s attempt, answered `round_trip` after it was sent, left it `rank`
+    /// places behind the head of its line (1: second). Each hand-off ahead of it takes a round
+    /// trip at least (a release reaching the store, a wake-up the next head), so before `rank`
+    /// of them have passed it cannot be first: until twice that long (at most `at_most`, which
+    /// keeps its place renewed), [`TurnRegistry::still_behind`] says it need not ask the store,
+    /// unless it is woken. Its turn still comes as a wake-up; only the fallback poll for a lost
+    /// one waits, so that a long line's waiters do not each poll the store every fallback
+    /// period, which would cost every hand-off work in proportion to the line's length.
+    pub fn behind(&self, waiter: &str, rank: u64, round_trip: Duration, at_most: Duration) {
+        let turn = self.turn(waiter);
+        let far = round_trip
+            .saturating_mul(u32::try_from(rank.saturating_mul(2)).unwrap_or(u32::MAX))
+            .min(at_most);
+        *turn
+            .behind_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(tokio::time::Instant::now() + far);
+    }
+
+    /// Whether `waiter` is still too far back in line to be first (see
+    /// [`TurnRegistry::behind`]) and was not woken since its latest attempt: its next attempt
+    /// may be answered as refused without asking the store.
+    pub fn still_behind(&self, waiter: &str) -> bool {
+        let Some(turn) = self.waiters().get(waiter).map(Arc::clone) else {
+            return false;
+        };
+        !turn.woken.load(Ordering::SeqCst)
+            && turn
+                .behind_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some_and(|until| tokio::time::Instant::now() < until)
     }
 
     /// Stops listening for `waiter` (its acquisition ended).
@@ -480,6 +533,7 @@ impl TurnRegistry {
         if grant.is_some() {
             *turn.grant.lock().unwrap_or_else(PoisonError::into_inner) = grant;
         }
+        turn.woken.store(true, Ordering::SeqCst);
         turn.notify.notify_one();
         true
     }
@@ -572,6 +626,7 @@ impl TurnRegistry {
     pub fn wake_all(&self) {
         let all: Vec<Arc<Turn>> = self.waiters().values().map(Arc::clone).collect();
         for turn in all {
+            turn.woken.store(true, Ordering::SeqCst);
             turn.notify.notify_one();
         }
     }
@@ -907,5 +962,49 @@ mod tests {
         let prunes = turns.0.taken_back_prunes.load(Ordering::Relaxed);
         // At 1 025, 2 051, 4 101, ..., 32 801 marks: six prunes (38 976 before the fix).
         assert!(prunes <= 8, "{prunes} prunes of live marks");
+    }
+
+    /// A waiter far back in line need not ask until twice its place's worth of round trips has
+    /// passed (bounded by `at_most`), unless it is woken: by its turn, or by a lost connection
+    /// (`wake_all`). Its next attempt's `listen` starts afresh.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_far_back_is_behind_until_its_place_s_round_trips_pass_or_it_is_woken() {
+        let turns = TurnRegistry::default();
+        let rtt = Duration::from_millis(10);
+        assert!(!turns.still_behind("w"), "unknown waiter");
+        turns.listen("w");
+        assert!(!turns.still_behind("w"), "no place said yet");
+        turns.behind("w", 5, rtt, Duration::from_secs(10));
+        assert!(turns.still_behind("w"));
+        tokio::time::advance(Duration::from_millis(99)).await;
+        assert!(turns.still_behind("w"));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!turns.still_behind("w"), "2 × 5 × 10 ms passed");
+        // Capped.
+        turns.behind("w", 1_000, rtt, Duration::from_millis(30));
+        tokio::time::advance(Duration::from_millis(30)).await;
+        assert!(!turns.still_behind("w"));
+        // Woken by its turn: asks at once.
+        turns.behind("w", 5, rtt, Duration::from_secs(10));
+        assert!(turns.wake("w"));
+        assert!(!turns.still_behind("w"));
+        // The next attempt listens afresh, and is told its place again.
+        turns.listen("w");
+        assert!(!turns.still_behind("w"));
+        turns.behind("w", 5, rtt, Duration::from_secs(10));
+        assert!(turns.still_behind("w"));
+        // A lost connection wakes everyone: they ask.
+        turns.wake_all();
+        assert!(!turns.still_behind("w"));
+        // The second in line (place 1) waits two round trips at most; the first is never behind.
+        turns.listen("w");
+        turns.behind("w", 1, rtt, Duration::from_secs(10));
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert!(!turns.still_behind("w"));
+        turns.listen("w");
+        turns.behind("w", 0, rtt, Duration::from_secs(10));
+        assert!(!turns.still_behind("w"));
+        turns.forget("w");
+        assert!(!turns.still_behind("w"));
     }
 }

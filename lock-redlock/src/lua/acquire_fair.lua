@@ -3,9 +3,10 @@
 -- ARGV[3] is the waiter ('' for a single try), ARGV[4] the prefix of the waiters' channels,
 -- ARGV[5] the waiter's place in line when its client chooses it (several nodes, which must all
 -- order the waiters alike), '' for the server's clock; ARGV[6] '1' asks a refused waiter's entry
--- expiry (-1 for none) along with the gate's answer, and whether the key held a lock's value or
+-- expiry (-1 for none) along with the gate's answer, whether the key held a lock's value or
 -- nothing as the waiter read it (1, else 0: a key of another type, or a lease's value, which
--- begins with byte 0xFF), as {answer, expiry, plain} (see line_pass.lua). With fencing,
+-- begins with byte 0xFF), and the waiter's place behind the holder (1: second; -1 unknown), as
+-- {answer, expiry, plain, place} (see line_pass.lua and line.lua's line_gate). With fencing,
 -- KEYS[2] is the fencing counter (KEYS: lock, [fence], line, line expiry). Returns the fencing value (1 without
 -- fencing) when taken, else the gate's answer (0, or -(1 + ms) for the head of the line behind
 -- a holder with ms left).
@@ -33,14 +34,14 @@ if ARGV[3] ~= '' then
   end
 end
 if not line_take_turn(KEYS[1], ARGV[3], held_by) then
-  local gate, expiry = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5], nil, held_by)
+  local gate, expiry, rank = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5], nil, held_by)
   if gate then
     if ARGV[6] == '1' then
       local plain = 0
       if held_by == false or (type(held_by) == 'string' and string.byte(held_by, 1) ~= 255) then
         plain = 1
       end
-      return {gate, expiry or -1, plain}
+      return {gate, expiry or -1, plain, rank or -1}
     end
     return gate
   end

@@ -129,7 +129,8 @@ end
 -- answer to return: 0 when refused (the waiter is in line, not first; a single try never
 -- passes a live line), or -(1 + ms) when the waiter is first in line behind a holder with ms
 -- left to live. A free lock whose line is headed by another waiter wakes that waiter. A refused
--- waiter's entry expiry (see line_join) comes as a second value. `gated`: the caller made the
+-- waiter's entry expiry (see line_join) comes as a second value, and its place in line behind
+-- the holder (1: second) as a third when it was refused for that lock. `gated`: the caller made the
 -- first test below itself, found someone in line or the lock held, and wrote nothing since.
 -- `held_by`, when given: the value of `owner` as the caller read it with `redis.pcall('get')`,
 -- nothing written to it since.
@@ -160,21 +161,21 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen, gate
       return 0
     end
     local expiry = line_join(member, now, now_us, lease, chosen)
-    local first = redis.call('zrange', LINE, 0, 1)
+    local rank = redis.call('zrank', LINE, member)
     -- A head the key is reserved for may hold it as its lock (one-node Redlock's grant, see
     -- lock-redlock's line_pass.lua) and stays in line until it releases or its entry lapses
     -- with the key: the waiter behind it is then first behind that holder.
-    if first[2] == member and held_by == LINE_RESERVED .. first[1] then
-      first[1] = member
+    if rank == 1 and held_by == LINE_RESERVED .. redis.call('zrange', LINE, 0, 0)[1] then
+      rank = 0
     end
-    if first[1] == member then
+    if rank == 0 then
       local left = redis.call('pttl', lock)
       if left < 0 then
         left = 0
       end
       return -(1 + left), expiry
     end
-    return 0, expiry
+    return 0, expiry, rank
   end
   local head = line_head()
   if not head then
