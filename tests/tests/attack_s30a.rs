@@ -49,6 +49,25 @@ async fn line_up_and_give_up(client: &Locker, key: &str) {
     );
 }
 
+/// Waits (3 s at most) until `key` is gone: a waiter that gave up leaves the line in the
+/// background, and a release that came first reserved the key for it until that take-back
+/// lands.
+async fn until_free(raw: &mut redis::aio::MultiplexedConnection, key: &str) {
+    let free_by = Instant::now() + ms(3_000);
+    loop {
+        let there: i64 = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(raw)
+            .await
+            .unwrap();
+        if there == 0 {
+            return;
+        }
+        assert!(Instant::now() < free_by, "{key}: never free");
+        tokio::time::sleep(ms(10)).await;
+    }
+}
+
 /// A key left free by a client without `fair` (or a holder that expired) while a dead
 /// waiter heads its line: a fair waiter's plain first attempt reserves it for that head (the
 /// give-back), and the waiter, first behind the reservation, is told when it lapses. The
@@ -173,6 +192,7 @@ async fn held_every_foreign_value_is_a_typed_error_at_once_through_the_line_or_n
                     let held = other.acquire(&key).await.unwrap();
                     line_up_and_give_up(&waiter, &key).await;
                     held.release().await.unwrap();
+                    until_free(&mut raw, &key).await;
                 }
                 let (what, lease) = match foreign_values(&key).swap_remove(n) {
                     Foreign::Raw(what, write) => {
@@ -251,6 +271,7 @@ async fn held_plain_values_are_waited_out_without_asking_a_type() {
                 let held = other.acquire(&key).await.unwrap();
                 line_up_and_give_up(&waiter, &key).await;
                 held.release().await.unwrap();
+                until_free(&mut raw, &key).await;
             }
             let () = redis::cmd("SET")
                 .arg(&key)
@@ -471,6 +492,7 @@ async fn held_a_client_expecting_a_line_meets_lapsed_lines_flushed_scripts_resta
     let held = holder.acquire("k").await.unwrap();
     line_up_and_give_up(&hinted, "k").await;
     held.release().await.unwrap();
+    until_free(&mut raw, "k").await;
     lock_tests::fair::lapsed_line(&target.url, "k").await;
     let started = Instant::now();
     hinted.acquire("k").await.unwrap().release().await.unwrap();
