@@ -948,3 +948,83 @@ async fn held_single_tries_and_quorum_attempts_never_reserve_the_key() {
     fenced.stop().await.unwrap();
     let _: () = query(&mut raw, &["FLUSHALL"]).await;
 }
+
+// ---- What an uncontended attempt through the line asks
+
+/// An uncontended acquisition through the line on one node — every fenced one, and a waiter's
+/// first attempt on a free key whose line is gone when its client expects one — asks whether
+/// the line's index exists once. 8e0bf13's pass asks it in front of the gate, and the gate
+/// (its first test: nobody in line) asks it again in the same script with nothing written
+/// between: 3 `EXISTS` per acquisition (index, index, key) where d011232's attempt asked 2.
+///
+/// Fails on main (30 for 10 fenced acquisitions, 30 for 10 expecting a line; 20 and 20 on
+/// d011232).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncontended_attempt_through_the_line_asks_for_the_line_once() {
+    let Some(target) = Target::start(Store::Redis, "attack_s30b").await else {
+        return;
+    };
+    let server = &target.servers[0];
+    let mut c = connect(&target.url).await;
+    let waiting = || {
+        RetryPolicy::forever()
+            .with_retry_delay(ms(100))
+            .with_deadline(ms(2_000))
+    };
+    let fenced = fair_client(&target.url, ConnectionKind::Manager, true, waiting());
+    let hinted = fair_client(&target.url, ConnectionKind::Manager, false, waiting());
+    let holder = target.locker(true, TTL, RetryPolicy::none()).await;
+    fenced
+        .acquire("warm")
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let mut asked = Vec::new();
+    for (what, client) in [("fenced", &fenced), ("expecting a line", &hinted)] {
+        let (mut exists, mut gets) = (0, 0);
+        for n in 0..10 {
+            let key = format!("{what}{n}");
+            if what == "expecting a line" {
+                // The client lines up on the key (and expects a line there for a second),
+                // whose line then goes.
+                let held = holder.acquire(&key).await.unwrap();
+                let outcome = client
+                    .acquire_with(
+                        &key,
+                        &LockOptions::default().with_ttl(TTL).with_retry(
+                            RetryPolicy::forever()
+                                .with_retry_delay(ms(50))
+                                .with_deadline(ms(100)),
+                        ),
+                    )
+                    .await;
+                assert!(outcome.is_err());
+                held.release().await.unwrap();
+                assert!(target.line_keys(&key).await.is_empty());
+            }
+            let _: () = query(&mut c, &["CONFIG", "RESETSTAT"]).await;
+            let guard = client.acquire(&key).await.unwrap();
+            exists += server.calls("exists").unwrap();
+            gets += server.calls("get").unwrap();
+            guard.release().await.unwrap();
+        }
+        println!("{what}: 10 uncontended acquisitions asked EXISTS {exists} times, GET {gets}");
+        // Each went through the line's script (which reads the key).
+        assert!(gets >= 10, "{what}: {gets} GET");
+        asked.push((what, exists));
+    }
+    for (what, exists) in asked {
+        assert!(
+            exists <= 20,
+            "{what}: {exists} EXISTS for 10 uncontended acquisitions (the line's index asked twice)"
+        );
+    }
+    for client in [&fenced, &hinted, &holder] {
+        client.stop().await.unwrap();
+    }
+    let ours = |name: &str| !name.ends_with(":fence");
+    let left = target.keys_left_within(ms(3_000), ours).await;
+    assert!(left.is_empty(), "left in Redis: {left:?}");
+}
