@@ -16,14 +16,21 @@ end
 -- A waiter whose turn it is (the key reserved for it) takes it; anyone else goes through the
 -- line's gate, and a reserved key is held for them. A waiter's read of the key serves both.
 local held_by
+-- Whether the line's index exists, asked only when a one-node waiter read the key as free:
+-- false is the gate's first test answered (nobody in line, the key free), and the attempt
+-- takes the key without asking either again.
+local lined
 if ARGV[3] ~= '' then
   held_by = redis.pcall('get', KEYS[1])
+  if ARGV[6] == '1' and held_by == false then
+    lined = redis.call('exists', KEYS[#KEYS]) == 1
+  end
   -- One node: a waiter that finds the key free while someone else heads a live line (a release
   -- by a client without `fair`, a holder that expired) passes the turn to that head, as a
   -- release or a plain attempt's give-back does: the key is reserved for the head until its
   -- entry lapses, and the waiter, first behind it, is told when (a dead head is waited out
   -- to the ms, not to the waiter's next poll).
-  if ARGV[6] == '1' and held_by == false and redis.call('exists', KEYS[#KEYS]) == 1 then
+  if lined then
     line_prune((line_clock()))
     local head = line_head()
     if head and head ~= ARGV[3] then
@@ -33,7 +40,7 @@ if ARGV[3] ~= '' then
     end
   end
 end
-if not line_take_turn(KEYS[1], ARGV[3], held_by) then
+if lined ~= false and not line_take_turn(KEYS[1], ARGV[3], held_by) then
   local gate, expiry, rank = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5], nil, held_by)
   if gate then
     if ARGV[6] == '1' then
