@@ -18,10 +18,11 @@ use lock_core::{LockError, LockOptions, Locker};
 use lock_redlock::{ConnectionKind, Redlock, RedlockConfig};
 use lock_tests::fair::{Store, Target, waiting};
 use lock_tests::inc_kit::{ms, next};
+use lock_tests::script_diff::{State, alike, invoke, prepare, query};
 use lock_tests::server::{RedisServer, published_messages, redis_or_skip, valkey_server_binary};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
-use tokio::time::{Instant, sleep};
+use tokio::time::sleep;
 
 const LEASE_COMMON: &str = include_str!("../../lock-redlock/src/lua/lease_common.lua");
 const LINE_PASS: &str = include_str!("../../lock-redlock/src/lua/line_pass.lua");
@@ -64,87 +65,7 @@ fn member(n: u64) -> String {
     format!("{:032x}w{n}", n % 3)
 }
 
-/// `text` with each number that is a clock reading of this run (µs or ms within 100 s of
-/// `clock`) written `U` or `M`.
-fn normalize(text: &str, (ms_now, us_now): (u64, u64)) -> String {
-    split(text)
-        .into_iter()
-        .map(|part| match part.parse::<u64>() {
-            Ok(v) if v.abs_diff(us_now) < 100_000_000 => "U".to_owned(),
-            Ok(v) if v.abs_diff(ms_now) < 100_000 => "M".to_owned(),
-            _ => part,
-        })
-        .collect()
-}
-
-/// `text` in runs of digits and of other characters.
-fn split(text: &str) -> Vec<String> {
-    let mut parts: Vec<String> = Vec::new();
-    for c in text.chars() {
-        match parts.last_mut() {
-            Some(last) if last.ends_with(|d: char| d.is_ascii_digit()) == c.is_ascii_digit() => {
-                last.push(c);
-            }
-            _ => parts.push(c.to_string()),
-        }
-    }
-    parts
-}
-
-/// Two runs alike: the same text, numbers equal but for durations in ms (100 to 10^6: ttls,
-/// the gate's -(1 + ms)), which may differ by 50 (the copies run a few ms apart).
-fn alike(old: &str, new: &str) -> bool {
-    let (a, b) = (split(old), split(new));
-    let near = |x: &String, y: &String| match (x.parse::<u64>(), y.parse::<u64>()) {
-        (Ok(x), Ok(y)) => {
-            [x, y].iter().all(|v| (100..1_000_000).contains(v)) && x.abs_diff(y) <= 50
-        }
-        _ => false,
-    };
-    a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x == y || near(x, y))
-}
-
-async fn query<T: redis::FromRedisValue>(c: &mut MultiplexedConnection, args: &[&str]) -> T {
-    let mut cmd = redis::cmd(args[0]);
-    for arg in &args[1..] {
-        cmd.arg(*arg);
-    }
-    cmd.query_async(c).await.unwrap()
-}
-
-/// Calls per command since the last `CONFIG RESETSTAT`, scripts' own included (the EVALSHA,
-/// CONFIG and INFO aside).
-async fn command_calls(c: &mut MultiplexedConnection) -> BTreeMap<String, u64> {
-    let info: String = query(c, &["INFO", "commandstats"]).await;
-    info.lines()
-        .filter_map(|line| {
-            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = stats.strip_prefix("calls=")?.split(',').next()?;
-            Some((name.to_owned(), calls.parse().ok()?))
-        })
-        .filter(|(name, _)| !["evalsha", "info", "config|resetstat"].contains(&name.as_str()))
-        .collect()
-}
-
-/// A generated state: commands (words split by spaces) with `{k}` for the copy's tag and
-/// `@n` for the server's clock + n ms.
-type State = Vec<String>;
-
-async fn write(c: &mut MultiplexedConnection, state: &State, tag: &str, ms_now: u64) {
-    for command in state {
-        let words: Vec<String> = (command.split(' '))
-            .map(|w| match w.strip_prefix('@') {
-                Some(n) => (ms_now as i64 + n.parse::<i64>().unwrap()).to_string(),
-                None => w.replace("{k}", tag),
-            })
-            .collect();
-        let _: Value = query(c, &words.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    }
-}
-
-/// Runs `script` on the copy `tag` from `state`: what it showed (reply, every key of the copy
-/// with type, value and ttl, the messages; the tag written `{k}`, clock readings normalized),
-/// and the server's commands.
+/// Runs `script` on the copy `tag` from `state` (see `lock_tests::script_diff`).
 async fn run(
     c: &mut MultiplexedConnection,
     messages: &Mutex<Vec<(String, String)>>,
@@ -152,53 +73,8 @@ async fn run(
     (state, keys, args): (&State, &[&str], &[String]),
     tag: &str,
 ) -> (String, BTreeMap<String, u64>) {
-    let _: () = query(c, &["FLUSHALL"]).await;
-    messages.lock().unwrap().clear();
-    let t: Vec<u64> = query(c, &["TIME"]).await;
-    let clock = (t[0] * 1_000 + t[1] / 1_000, t[0] * 1_000_000 + t[1]);
-    write(c, state, tag, clock.0).await;
-    let _: () = query(c, &["CONFIG", "RESETSTAT"]).await;
-    let mut invocation = script.prepare_invoke();
-    for key in keys {
-        invocation.key(key.replace("{k}", tag));
-    }
-    for arg in args {
-        invocation.arg(arg.replace("{k}", tag));
-    }
-    let mut seen = match invocation.invoke_async::<Value>(c).await {
-        Ok(v) => format!("reply {v:?}\n"),
-        Err(e) => format!("error {e}\n"),
-    };
-    let calls = command_calls(c).await;
-    let mut names: Vec<String> = query(c, &["KEYS", &format!("*{tag}*")]).await;
-    names.sort();
-    for name in names {
-        let kind: String = query(c, &["TYPE", &name]).await;
-        let value: Vec<String> = match kind.as_str() {
-            "string" => Vec::from_iter(query::<Option<String>>(c, &["GET", &name]).await),
-            "zset" => query(c, &["ZRANGE", &name, "0", "-1", "WITHSCORES"]).await,
-            "hash" => query(c, &["HGETALL", &name]).await,
-            _ => Vec::new(),
-        };
-        // A fencing counter far above the clock lives for years: compared by kind.
-        let ttl = match query::<i64>(c, &["PTTL", &name]).await {
-            pttl if pttl > 100_000_000 => "long".to_owned(),
-            pttl => pttl.to_string(),
-        };
-        seen += &format!("{name}: {kind} {value:?} ttl {ttl}\n");
-    }
-    // The subscriber gets messages in order: all the script's are in once the sentinel is.
-    let _: i64 = query(c, &["PUBLISH", "zz-sentinel", "end"]).await;
-    let deadline = Instant::now() + ms(2_000);
-    let ended = |(channel, _): &(String, String)| channel == "zz-sentinel";
-    while !messages.lock().unwrap().iter().any(ended) {
-        assert!(Instant::now() < deadline, "the sentinel never came");
-        sleep(Duration::from_micros(200)).await;
-    }
-    for (channel, message) in messages.lock().unwrap().iter() {
-        seen += &format!("published {channel} {message}\n");
-    }
-    (normalize(&seen.replace(tag, "{k}"), clock), calls)
+    let clock = prepare(c, messages, state, tag).await;
+    invoke(c, messages, script, (keys, args), tag, clock).await
 }
 
 /// A generated state of a fair Redlock key on one node and the attempt's ARGV: the key free,
