@@ -237,3 +237,82 @@ async fn a_waiter_whose_attempt_met_a_server_stall_still_polls_a_free_key() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// No waiter dies here, and no entry lapses: 20 waiters (live clients, each a process of its
+/// own) line up behind a holder that dies, and give up after 1 s (their take-backs leave the
+/// line, and announce nothing while the key is held); a waiter behind a 50 ms link (each way)
+/// that joined behind them, told place 20, defers its polls for 2 × 20 of its round trips
+/// (capped at 5 s). It is first from 1 s on without knowing; the holder's lock lapses at 2 s,
+/// unannounced: the waiter should find the key free by its next poll, as on the parent commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_back_waiter_finds_the_key_of_a_dead_holder_once_those_ahead_gave_up() {
+    let mut failures = Vec::new();
+    for store in [Store::Redis, Store::Inc] {
+        let Some(target) = Target::start(store, "attack_s30c").await else {
+            return;
+        };
+        let proxy = LatencyProxy::start(target.servers[0].port()).await.unwrap();
+        proxy.set_delay(ms(50));
+        let waiter = client(store, proxy.url(), ms(15_000)).await;
+        waiter
+            .acquire("warm")
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+        let lapse = ms(2_000);
+        dead_holder(&target, "k", lapse).await;
+        let lapsed = Instant::now() + lapse;
+        let mut ahead = Vec::new();
+        for _ in 0..20 {
+            let locker = target
+                .locker(
+                    true,
+                    TTL,
+                    RetryPolicy::forever()
+                        .with_retry_delay(ms(50))
+                        .with_deadline(ms(1_000)),
+                )
+                .await;
+            let task = {
+                let locker = locker.clone();
+                tokio::spawn(async move { locker.acquire("k").await.map(|_| ()) })
+            };
+            ahead.push((locker, task));
+        }
+        // Every one of them in line before the waiter.
+        let deadline = Instant::now() + ms(2_000);
+        loop {
+            let mut connection = lock_tests::fair::connect(&target.servers[0].url()).await;
+            let [line, _] = lock_tests::fair::line_names(store, "k");
+            let count: usize = redis::cmd("ZCARD")
+                .arg(line)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            if count == 20 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{store:?}: {count} in line");
+            tokio::time::sleep(ms(10)).await;
+        }
+        let got = acquire(&waiter, "k");
+        for (_, task) in &mut ahead {
+            let outcome = task.await.unwrap();
+            assert!(
+                matches!(outcome, Err(LockError::Timeout { .. })),
+                "{store:?}: {outcome:?}"
+            );
+        }
+        let late = got_after(got, lapsed).await;
+        println!("{store:?}: the key was free {late:?} before the waiter took it");
+        if late >= ms(800) {
+            failures.push(format!("{store:?}: the waiter sat {late:?} on a free key"));
+        }
+        let mut lockers: Vec<&Locker> = ahead.iter().map(|(locker, _)| locker).collect();
+        lockers.push(&waiter);
+        nothing_left(&target, &lockers).await;
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
