@@ -175,6 +175,21 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen, gate
       end
       return -(1 + left), expiry
     end
+    -- A waiter told its place answers its own polls until its place's hand-offs could have
+    -- passed, a quarter of its lease at most (10 s: lock-core's `behind_at_most`); each
+    -- hand-off is announced, but a lapse is not: the lock's (a holder that died; a dead
+    -- head's reservation), or entries' in line (waiters that died), may leave the key free
+    -- for it at once, after those ahead gave up without a word. The place is told only when
+    -- nothing lapses before that cap: otherwise the waiter polls, and finds the key by its poll.
+    local cap = math.min(lease / 4, 10000)
+    local left = redis.call('pttl', lock)
+    if left >= 0 and left < cap then
+      return 0, expiry
+    end
+    local soonest = redis.call('zrange', LINE_EXPIRY, 0, 0, 'withscores')[2]
+    if soonest and tonumber(soonest) - now < cap then
+      return 0, expiry
+    end
     return 0, expiry, rank
   end
   local head = line_head()
