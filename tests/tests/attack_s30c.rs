@@ -316,3 +316,99 @@ async fn a_far_back_waiter_finds_the_key_of_a_dead_holder_once_those_ahead_gave_
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// A fair client of `store` as the ACL user `app` of `port` (through a proxy or not).
+async fn app_client(store: Store, port: u16) -> Locker {
+    client(
+        store,
+        format!("redis://app:app-pw@127.0.0.1:{port}/"),
+        ms(15_000),
+    )
+    .await
+}
+
+/// Every wake-up lost: the ACL user has no pub/sub channels (Redis 7's default for a new user),
+/// so no waiter can subscribe, and every turn is found by a poll. 12 waiters on loopback line
+/// up behind a holder, then a waiter behind a 100 ms link (each way): told place 12, it defers
+/// its polls for 2 × 12 of its round trips (about 5 s, the cap), while the 12 ahead, each
+/// finding its turn by its own 200 ms poll, are through in about 1–2 s. The key is then reserved
+/// for it and sits there until it asks: its turn should cost a poll and a round trip (as on the
+/// parent commit, 0.2–0.5 s), not the rest of a deferral that no wake-up can end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_cannot_be_woken_still_polls_for_its_turn() {
+    let mut failures = Vec::new();
+    for store in [Store::Redis, Store::Inc] {
+        let Some(target) = Target::start(store, "attack_s30c").await else {
+            return;
+        };
+        for command in ["ACL SETUSER app on >app-pw ~* resetchannels +@all"] {
+            assert_eq!(
+                target.servers[0].command(command, ms(2_000)).unwrap(),
+                "+OK",
+                "{command}"
+            );
+        }
+        let port = target.servers[0].port();
+        let proxy = LatencyProxy::start(port).await.unwrap();
+        proxy.set_delay(ms(100));
+        let waiter = app_client(store, proxy.port()).await;
+        waiter
+            .acquire("warm")
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+        let holder = app_client(store, port).await;
+        let guard = holder.acquire("k").await.unwrap();
+        let mut ahead = Vec::new();
+        for _ in 0..12 {
+            let locker = app_client(store, port).await;
+            let task = {
+                let locker = locker.clone();
+                tokio::spawn(async move {
+                    let guard = locker.acquire("k").await.unwrap();
+                    guard.release().await.unwrap();
+                    Instant::now()
+                })
+            };
+            ahead.push((locker, task));
+        }
+        let deadline = Instant::now() + ms(3_000);
+        let mut connection = lock_tests::fair::connect(&target.servers[0].url()).await;
+        let [line, _] = lock_tests::fair::line_names(store, "k");
+        loop {
+            let count: usize = redis::cmd("ZCARD")
+                .arg(&line)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            if count == 12 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{store:?}: {count} in line");
+            tokio::time::sleep(ms(10)).await;
+        }
+        let got = acquire(&waiter, "k");
+        // The waiter's attempt is answered (its place told) before the line moves.
+        tokio::time::sleep(ms(600)).await;
+        guard.release().await.unwrap();
+        let mut last_ahead = None;
+        for (_, task) in &mut ahead {
+            let released = task.await.unwrap();
+            last_ahead = Some(last_ahead.map_or(released, |at: Instant| at.max(released)));
+        }
+        let late = got_after(got, last_ahead.unwrap()).await;
+        println!("{store:?}: the waiter's turn came {late:?} before it took it");
+        if late >= ms(1_000) {
+            failures.push(format!(
+                "{store:?}: the key sat reserved for the waiter {late:?}"
+            ));
+        }
+        let mut lockers: Vec<&Locker> = ahead.iter().map(|(locker, _)| locker).collect();
+        lockers.push(&waiter);
+        lockers.push(&holder);
+        nothing_left(&target, &lockers).await;
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
