@@ -58,6 +58,41 @@ async fn client(store: Store, url: String, deadline: Duration) -> Locker {
     locker.with_options(options).unwrap()
 }
 
+/// `waiter` waits on `warm` behind another client, which releases once it is in line: the
+/// release hands it the turn by a message, as to a client that waited before (whose wake-ups
+/// are known to reach it).
+async fn warm_up(target: &Target, waiter: &Locker) {
+    let holder = target.locker(true, TTL, RetryPolicy::none()).await;
+    let guard = holder.acquire("warm").await.unwrap();
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire("warm").await.unwrap().release().await })
+    };
+    in_line(target, "warm", 1).await;
+    guard.release().await.unwrap();
+    task.await.unwrap().unwrap();
+    holder.stop().await.unwrap();
+}
+
+/// Once `count` waiters are in `key`'s line (3 s at most).
+async fn in_line(target: &Target, key: &str, count: usize) {
+    let mut connection = lock_tests::fair::connect(&target.servers[0].url()).await;
+    let [line, _] = lock_tests::fair::line_names(target.store, key);
+    let deadline = Instant::now() + ms(3_000);
+    loop {
+        let now: usize = redis::cmd("ZCARD")
+            .arg(&line)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if now == count {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{now} in line");
+        tokio::time::sleep(ms(10)).await;
+    }
+}
+
 /// Another process takes `key` for `lapse` and dies holding it (no release, nothing
 /// announced when it expires).
 async fn dead_holder(target: &Target, key: &str, lapse: Duration) {
@@ -131,14 +166,7 @@ async fn a_far_back_waiter_finds_the_key_free_once_the_dead_ahead_of_it_lapse() 
         let proxy = LatencyProxy::start(target.servers[0].port()).await.unwrap();
         proxy.set_delay(ms(25));
         let waiter = client(store, proxy.url(), ms(15_000)).await;
-        // Connected and subscribed beforehand, as a client that waited before.
-        waiter
-            .acquire("warm")
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
+        warm_up(&target, &waiter).await;
         let lapsed = crashed_line(&target, "k", 30, LAPSE).await;
         let got = acquire(&waiter, "k");
         let late = got_after(got, lapsed).await;
@@ -164,13 +192,7 @@ async fn a_far_back_waiter_does_not_give_up_on_a_key_free_for_it() {
         let proxy = LatencyProxy::start(target.servers[0].port()).await.unwrap();
         proxy.set_delay(ms(25));
         let waiter = client(store, proxy.url(), ms(3_000)).await;
-        waiter
-            .acquire("warm")
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
+        warm_up(&target, &waiter).await;
         let _lapsed = crashed_line(&target, "k", 30, LAPSE).await;
         let asked = Instant::now();
         let outcome = waiter.acquire("k").await;
@@ -206,13 +228,7 @@ async fn a_waiter_whose_attempt_met_a_server_stall_still_polls_a_free_key() {
             return;
         };
         let waiter = client(store, target.url.clone(), ms(15_000)).await;
-        waiter
-            .acquire("warm")
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
+        warm_up(&target, &waiter).await;
         let mut connection = lock_tests::fair::connect(&target.servers[0].url()).await;
         let lapsed = crashed_line(&target, "k", 10, ms(2_000)).await;
         let got = acquire(&waiter, "k");
@@ -254,13 +270,7 @@ async fn a_far_back_waiter_finds_the_key_of_a_dead_holder_once_those_ahead_gave_
         let proxy = LatencyProxy::start(target.servers[0].port()).await.unwrap();
         proxy.set_delay(ms(50));
         let waiter = client(store, proxy.url(), ms(15_000)).await;
-        waiter
-            .acquire("warm")
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
+        warm_up(&target, &waiter).await;
         let lapse = ms(2_000);
         dead_holder(&target, "k", lapse).await;
         let lapsed = Instant::now() + lapse;
@@ -282,21 +292,7 @@ async fn a_far_back_waiter_finds_the_key_of_a_dead_holder_once_those_ahead_gave_
             ahead.push((locker, task));
         }
         // Every one of them in line before the waiter.
-        let deadline = Instant::now() + ms(2_000);
-        loop {
-            let mut connection = lock_tests::fair::connect(&target.servers[0].url()).await;
-            let [line, _] = lock_tests::fair::line_names(store, "k");
-            let count: usize = redis::cmd("ZCARD")
-                .arg(line)
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            if count == 20 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{store:?}: {count} in line");
-            tokio::time::sleep(ms(10)).await;
-        }
+        in_line(&target, "k", 20).await;
         let got = acquire(&waiter, "k");
         for (_, task) in &mut ahead {
             let outcome = task.await.unwrap();
@@ -341,13 +337,11 @@ async fn a_waiter_that_cannot_be_woken_still_polls_for_its_turn() {
         let Some(target) = Target::start(store, "attack_s30c").await else {
             return;
         };
-        for command in ["ACL SETUSER app on >app-pw ~* resetchannels +@all"] {
-            assert_eq!(
-                target.servers[0].command(command, ms(2_000)).unwrap(),
-                "+OK",
-                "{command}"
-            );
-        }
+        let command = "ACL SETUSER app on >app-pw ~* resetchannels +@all";
+        assert_eq!(
+            target.servers[0].command(command, ms(2_000)).unwrap(),
+            "+OK"
+        );
         let port = target.servers[0].port();
         let proxy = LatencyProxy::start(port).await.unwrap();
         proxy.set_delay(ms(100));
@@ -374,21 +368,7 @@ async fn a_waiter_that_cannot_be_woken_still_polls_for_its_turn() {
             };
             ahead.push((locker, task));
         }
-        let deadline = Instant::now() + ms(3_000);
-        let mut connection = lock_tests::fair::connect(&target.servers[0].url()).await;
-        let [line, _] = lock_tests::fair::line_names(store, "k");
-        loop {
-            let count: usize = redis::cmd("ZCARD")
-                .arg(&line)
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            if count == 12 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{store:?}: {count} in line");
-            tokio::time::sleep(ms(10)).await;
-        }
+        in_line(&target, "k", 12).await;
         let got = acquire(&waiter, "k");
         // The waiter's attempt is answered (its place told) before the line moves.
         tokio::time::sleep(ms(600)).await;
