@@ -294,6 +294,9 @@ struct Turns {
     /// How many times `taken_back` pruned (the unit tests count them).
     #[cfg(test)]
     taken_back_prunes: AtomicUsize,
+    /// A message came on this client's turn channel: its wake-ups reach it (see
+    /// [`TurnRegistry::behind`]).
+    heard: std::sync::atomic::AtomicBool,
 }
 
 /// When a map whose entries may all still be live (waiters, marks, places) is pruned next: once
@@ -441,7 +444,14 @@ impl TurnRegistry {
     /// unless it is woken. Its turn still comes as a wake-up; only the fallback poll for a lost
     /// one waits, so that a long line's waiters do not each poll the store every fallback
     /// period, which would cost every hand-off work in proportion to the line's length.
+    ///
+    /// Not before a message has come on the client's channel: until then nothing shows that
+    /// wake-ups reach it (a subscription refused, an ACL user without channels, which a client
+    /// may not be told; or publishers refused), and polls may be all that find its turn.
     pub fn behind(&self, waiter: &str, rank: u64, round_trip: Duration, at_most: Duration) {
+        if !self.0.heard.load(Ordering::SeqCst) {
+            return;
+        }
         let turn = self.turn(waiter);
         let far = round_trip
             .saturating_mul(u32::try_from(rank.saturating_mul(2)).unwrap_or(u32::MAX))
@@ -487,6 +497,7 @@ impl TurnRegistry {
     /// `a:5`, the waiter whose latest attempt was given the expiry named). False when nobody
     /// listens by that id.
     pub fn wake_message(&self, message: &str) -> bool {
+        self.0.heard.store(true, Ordering::SeqCst);
         if self.wake(message) {
             return true;
         }
@@ -974,6 +985,10 @@ mod tests {
         assert!(!turns.still_behind("w"), "unknown waiter");
         turns.listen("w");
         assert!(!turns.still_behind("w"), "no place said yet");
+        // No message came on the client's channel yet: nothing shows a wake-up would reach it.
+        turns.behind("w", 5, rtt, Duration::from_secs(10));
+        assert!(!turns.still_behind("w"), "never heard a message");
+        assert!(!turns.wake_message("someone else"));
         turns.behind("w", 5, rtt, Duration::from_secs(10));
         assert!(turns.still_behind("w"));
         tokio::time::advance(Duration::from_millis(99)).await;
