@@ -243,10 +243,16 @@ async fn a_release_resent_to_a_slow_node_that_lost_its_scripts_runs_there() {
     let (servers, proxy, locker) = three_nodes_first_behind_a_proxy(&binary, false).await;
     let mut node0 = connect(&servers[0].url()).await;
     let guard = locker.acquire("k").await.unwrap();
-    assert!(
-        get(&mut node0, "k").await.is_some(),
-        "the lock reached node 0"
-    );
+    // The acquisition returns once a quorum answered: node 0, behind the proxy, may take its
+    // `SET` a moment later.
+    let reached_by = tokio::time::Instant::now() + Duration::from_secs(1);
+    while get(&mut node0, "k").await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < reached_by,
+            "the lock never reached node 0"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // Node 0 loses its scripts and answers 150 ms late from now on.
     let flushed = servers[0]
         .command("SCRIPT FLUSH", Duration::from_secs(2))
