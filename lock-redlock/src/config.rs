@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConnectionKind {
-    /// One multiplexed connection per node that reconnects by itself (redis-rs
-    /// `ConnectionManager`): the faster of the two in our benchmark.
+    /// One redis-rs multiplexed connection per node, opened at its first request and opened
+    /// anew by the request after it broke or after its opening failed (requests arriving
+    /// meanwhile wait for the one attempt): the faster of the two in our benchmark.
     #[default]
     Manager,
     /// A deadpool pool of multiplexed connections per node, made by deadpool-redis: a

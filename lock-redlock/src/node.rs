@@ -3,13 +3,15 @@
 use std::fmt;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, PoisonError};
 use std::time::Duration;
 
 use deadpool_redis::Runtime;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use lock_core::raw::redis::{LINE_SCRIPT, TURN_CHANNEL};
 use lock_core::{Key, LockError, Result, Token, raw::validate};
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, RedisError, RedisFuture, RedisResult, Script, Value,
 };
@@ -284,94 +286,107 @@ enum Connection {
     Pool(Pool),
 }
 
-/// A redis-rs [`ConnectionManager`], made anew when the server refused its connection attempt
-/// (`AUTH`, `HELLO`, `SELECT`; see [`refused_connection`]): the manager reconnects only after
-/// an I/O error and keeps any other failure of its connection attempt as its connection,
-/// answering every later request with it for good (a password rotated or an ACL user switched
-/// off for a moment lost the node for the locker's life). Cheap to clone (one shared
-/// allocation).
+/// A node's one multiplexed connection (redis-rs [`MultiplexedConnection`]), opened at the
+/// first request and opened anew by the request after it broke (an I/O error, the server
+/// closed it) or after its opening failed, whatever the failure: a connection attempt the
+/// server refused (`AUTH`, `HELLO`, `SELECT`: a password rotated, an ACL user switched off for a
+/// moment) is tried again at the next request rather than kept as the node's answer for good.
+/// Requests meanwhile wait for the one attempt under way. A request takes a clone of the
+/// connection (two reference counts) and sends on it directly: no shared future to poll, no
+/// second boxed future per request. Cheap to clone (one shared allocation).
 #[derive(Clone)]
 struct Managed(Arc<ManagedParts>);
 
 struct ManagedParts {
     client: Client,
-    config: ConnectionManagerConfig,
-    current: std::sync::RwLock<Arc<ConnectionManager>>,
+    config: AsyncConnectionConfig,
+    slot: std::sync::RwLock<Slot>,
+    /// Numbers the connections (and attempts), so that a failure is held against the
+    /// connection it happened on, not one opened since.
+    opened: AtomicU64,
+}
+
+/// The connection as the next request finds it.
+enum Slot {
+    /// None yet, or the last one broke or could not be opened.
+    Empty,
+    /// An attempt under way, which the requests that find it await together.
+    Opening(
+        u64,
+        Shared<BoxFuture<'static, RedisResult<MultiplexedConnection>>>,
+    ),
+    /// Open.
+    Open(u64, MultiplexedConnection),
 }
 
 impl Managed {
-    fn new_lazy(client: Client, config: ConnectionManagerConfig) -> RedisResult<Self> {
-        let current = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
-        Ok(Self(Arc::new(ManagedParts {
+    fn new_lazy(client: Client, config: AsyncConnectionConfig) -> Self {
+        Self(Arc::new(ManagedParts {
             client,
             config,
-            current: std::sync::RwLock::new(Arc::new(current)),
-        })))
+            slot: std::sync::RwLock::new(Slot::Empty),
+            opened: AtomicU64::new(0),
+        }))
     }
 
-    fn current(&self) -> Arc<ConnectionManager> {
-        Arc::clone(
-            &self
-                .0
-                .current
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+    /// The open connection (opened now if there is none) and its number.
+    async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+        let (number, opening) = loop {
+            match &*self.0.slot.read().unwrap_or_else(PoisonError::into_inner) {
+                Slot::Open(number, connection) => return Ok((*number, connection.clone())),
+                Slot::Opening(number, opening) => break (*number, opening.clone()),
+                Slot::Empty => {}
+            }
+            self.open();
+        };
+        let opened = opening.await;
+        let mut slot = self.0.slot.write().unwrap_or_else(PoisonError::into_inner);
+        if matches!(&*slot, Slot::Opening(current, _) if *current == number) {
+            *slot = match &opened {
+                Ok(connection) => Slot::Open(number, connection.clone()),
+                Err(_) => Slot::Empty,
+            };
+        }
+        opened.map(|connection| (number, connection))
     }
 
-    /// After `error` on `used`: a connection attempt refused by the server replaces it, once
-    /// (not a manager made since, whose requests may be under way). Such a refusal comes
-    /// only from a connection attempt, so `used` has no connection whose requests could still
-    /// land behind a later one.
-    fn after(&self, used: &Arc<ConnectionManager>, error: &RedisError) {
-        if !refused_connection(error) {
+    /// Starts an attempt to open the connection, unless one is open or under way.
+    #[cold]
+    fn open(&self) {
+        let mut slot = self.0.slot.write().unwrap_or_else(PoisonError::into_inner);
+        if matches!(&*slot, Slot::Empty) {
+            let number = self.0.opened.fetch_add(1, Ordering::Relaxed);
+            let (client, config) = (self.0.client.clone(), self.0.config.clone());
+            let opening = async move {
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+            };
+            *slot = Slot::Opening(number, opening.boxed().shared());
+        }
+    }
+
+    /// After `error` on the connection `number`: a broken connection is let go, so that the
+    /// next request opens another.
+    fn after(&self, number: u64, error: &RedisError) {
+        if !(error.is_unrecoverable_error() || error.is_io_error() || error.is_connection_dropped())
+        {
             return;
         }
-        let mut current = self
-            .0
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if Arc::ptr_eq(&current, used)
-            && let Ok(fresh) = ConnectionManager::new_lazy_with_config(
-                self.0.client.clone(),
-                self.0.config.clone(),
-            )
-        {
-            *current = Arc::new(fresh);
+        let mut slot = self.0.slot.write().unwrap_or_else(PoisonError::into_inner);
+        if matches!(&*slot, Slot::Open(current, _) if *current == number) {
+            *slot = Slot::Empty;
         }
     }
-}
-
-/// Whether `error` is the server's refusal of a connection attempt: `AUTH` refused (over
-/// RESP3 the password goes with `HELLO`, whose refusal redis-rs passes on as the server's
-/// `WRONGPASS`, an error only a password check answers), over RESP3 without a password
-/// `HELLO` refused while the server requires one (`NOAUTH HELLO must be called with the
-/// client already authenticated ...`: the default user off, or given a password; only `HELLO`,
-/// which only a connection attempt sends, is answered so), or the URL's database (`SELECT`,
-/// e.g. an ACL user denied it), which redis-rs reports as a server error of its own wording (a
-/// script's error answer never starts so). A plain `NOAUTH` is not one: over RESP2 without a
-/// password the connection is made and its commands are answered `NOAUTH` until the server
-/// takes them again, on the same connection.
-fn refused_connection(error: &RedisError) -> bool {
-    error.kind() == redis::ErrorKind::AuthenticationFailed
-        || error.code() == Some("WRONGPASS")
-        || (error.code() == Some("NOAUTH")
-            && error
-                .detail()
-                .is_some_and(|detail| detail.starts_with("HELLO ")))
-        || error
-            .to_string()
-            .starts_with("Redis server refused to switch database")
 }
 
 impl ConnectionLike for Managed {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let used = self.current();
-            let answer = (*used).clone().send_packed_command(cmd).await;
+            let (number, mut connection) = self.connection().await?;
+            let answer = connection.send_packed_command(cmd).await;
             if let Err(error) = &answer {
-                self.after(&used, error);
+                self.after(number, error);
             }
             answer
         })
@@ -384,20 +399,19 @@ impl ConnectionLike for Managed {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let used = self.current();
-            let answer = (*used)
-                .clone()
+            let (number, mut connection) = self.connection().await?;
+            let answer = connection
                 .send_packed_commands(pipeline, offset, count)
                 .await;
             if let Err(error) = &answer {
-                self.after(&used, error);
+                self.after(number, error);
             }
             answer
         })
     }
 
     fn get_db(&self) -> i64 {
-        self.current().get_db()
+        self.0.client.get_connection_info().redis_settings().db()
     }
 }
 
@@ -435,16 +449,13 @@ impl NodeParts {
         let response_timeout = None;
         let client = client(url, config)?;
         let ordered_connection = || {
-            let manager_config = ConnectionManagerConfig::new()
+            let connection_config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(connect_timeout))
-                .set_response_timeout(response_timeout)
-                .set_number_of_retries(1)
-                .set_min_delay(Duration::from_millis(10))
-                .set_max_delay(Duration::from_millis(200));
-            Managed::new_lazy(client.clone(), manager_config).map_err(|e| invalid(&e))
+                .set_response_timeout(response_timeout);
+            Managed::new_lazy(client.clone(), connection_config)
         };
         let (connection, ordered) = match config.connection {
-            ConnectionKind::Manager => (Connection::Manager(ordered_connection()?), None),
+            ConnectionKind::Manager => (Connection::Manager(ordered_connection()), None),
             ConnectionKind::Pool => {
                 let connection_config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
@@ -460,7 +471,7 @@ impl NodeParts {
                     .recycle_timeout(Some(connect_timeout))
                     .build()
                     .map_err(|e| invalid(&e))?;
-                (Connection::Pool(pool), Some(ordered_connection()?))
+                (Connection::Pool(pool), Some(ordered_connection()))
             }
         };
         Ok(Self {
