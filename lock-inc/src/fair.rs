@@ -62,14 +62,31 @@ impl FairLine {
     }
 
     /// `waiter`'s attempt, answered `round_trip` after it was sent, left it `place` behind the
-    /// holder (see `TurnRegistry::behind`; `ttl`: its place in line's lease).
-    pub(crate) fn behind(&self, waiter: &Token, place: u64, round_trip: Duration, ttl: Duration) {
+    /// holder when the store told it (see `TurnRegistry::behind`; `ttl`: its place in line's
+    /// lease). The round trip is recorded either way (see `TurnRegistry::tell_place_from`).
+    pub(crate) fn behind(
+        &self,
+        waiter: &Token,
+        place: Option<u64>,
+        round_trip: Duration,
+        ttl: Duration,
+    ) {
+        let Some(place) = place else {
+            self.turns.answered(round_trip);
+            return;
+        };
         self.turns.behind(
             &waiter.expose(),
             place,
             round_trip,
             lock_core::raw::wake::behind_at_most(ttl),
         );
+    }
+
+    /// The first place behind the head worth the store telling this client's waiters (see
+    /// `TurnRegistry::tell_place_from`).
+    pub(crate) fn tell_place_from(&self) -> u64 {
+        self.turns.tell_place_from()
     }
 
     /// Whether `waiter` is still too far back in line to be first, and was not woken since its

@@ -52,7 +52,8 @@ static DOWNGRADE: LazyLock<Script> =
 /// lets it pass at once when the line is empty and the caller is a single try or the key is free
 /// (the same test as the gate's first). A waiter the lock was given to (`lua/line_grant.lua`)
 /// takes it over; a refused waiter gets its entry's expiry along, and its place behind the
-/// holder when the line says (1: second), as `{gate, expiry[, place]}`.
+/// holder when the line says (1: second; only from `ARGV[5]` on, the line gate's `tell_from`),
+/// as `{gate, expiry[, place]}`.
 static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         [
@@ -64,7 +65,7 @@ static ACQUIRE_FAIR: LazyLock<Script> = LazyLock::new(|| {
             "local taken = line_take_grant(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[3], ARGV[2], held_by)\n",
             "if taken then\n  return taken\nend\n",
             // `gated`: the test above is the gate's first, and `line_take_grant` wrote nothing.
-            "local gate, expiry, rank = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], nil, true, held_by)\n",
+            "local gate, expiry, rank = line_gate(KEYS[1], KEYS[2], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], nil, true, held_by, tonumber(ARGV[5]))\n",
             "if gate then\n  if expiry then\n    return {gate, expiry, rank}\n  end\n  return gate\nend\n",
             "end\n",
             include_str!("lua/acquire.lua"),
@@ -404,6 +405,7 @@ impl Lock for IncLock {
                             ttl_ms.to_string(),
                             member,
                             fair::TURN_CHANNEL.to_owned(),
+                            fair.tell_place_from().to_string(),
                         ],
                     )
                 };
@@ -443,7 +445,7 @@ impl Lock for IncLock {
                     if let (Some(waiter), Some(expiry)) = (request.waiter(), expiry) {
                         fair.anchor(waiter, &key, sent, expiry);
                     }
-                    if let (Some(waiter), Some(place)) = (request.waiter(), place) {
+                    if let Some(waiter) = request.waiter() {
                         fair.behind(waiter, place, sent.elapsed(), request.ttl());
                     }
                 }

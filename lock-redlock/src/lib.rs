@@ -1057,7 +1057,14 @@ async fn try_acquire_fair(
     let start = Instant::now();
     let answer = tokio::time::timeout(
         timeout,
-        node.acquire_fair_anchored(key, token, ttl, fence.as_deref(), &member),
+        node.acquire_fair_anchored(
+            key,
+            token,
+            ttl,
+            fence.as_deref(),
+            &member,
+            fair.tell_place_from(),
+        ),
     )
     .await;
     let (value, plain) = match answer {
@@ -1065,8 +1072,8 @@ async fn try_acquire_fair(
             if let (Some(waiter), Some(expiry)) = (request.waiter(), answer.expiry) {
                 fair.anchor(waiter, key, start, expiry);
             }
-            if let (Some(waiter), Some(place)) = (request.waiter(), answer.place) {
-                fair.behind(waiter, place, start.elapsed(), ttl);
+            if let Some(waiter) = request.waiter() {
+                fair.behind(waiter, answer.place, start.elapsed(), ttl);
             }
             (answer.value, answer.plain)
         }

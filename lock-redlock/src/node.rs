@@ -759,7 +759,7 @@ impl NodeParts {
         place: Option<u64>,
     ) -> RedisResult<i64> {
         let answer = self
-            .acquire_fair_call(key, token, ttl, fence, member, place, false)
+            .acquire_fair_call(key, token, ttl, fence, member, place, None)
             .await?;
         Ok(redis::FromRedisValue::from_redis_value(answer)?)
     }
@@ -768,7 +768,8 @@ impl NodeParts {
     /// waiter's answer also says the expiry (the node's clock, in ms) its entry was given as it
     /// (re)joined the line — a grant naming it may be held as it is (see `lua/line_pass.lua`) —
     /// and whether the key held a lock's value or nothing (`plain`): a refusal that is not
-    /// plain may be a key of another type or a lease, which the caller looks at.
+    /// plain may be a key of another type or a lease, which the caller looks at; and its place
+    /// behind the holder, from `tell_place_from` on (see `TurnRegistry::tell_place_from`).
     pub(crate) async fn acquire_fair_anchored(
         &self,
         key: &Key,
@@ -776,9 +777,10 @@ impl NodeParts {
         ttl: Duration,
         fence: Option<&[u8]>,
         member: &[u8],
+        tell_place_from: u64,
     ) -> RedisResult<FairAnswer> {
         let answer = self
-            .acquire_fair_call(key, token, ttl, fence, member, None, true)
+            .acquire_fair_call(key, token, ttl, fence, member, None, Some(tell_place_from))
             .await?;
         Ok(match answer {
             Value::Array(_) => {
@@ -809,13 +811,13 @@ impl NodeParts {
         fence: Option<&[u8]>,
         member: &[u8],
         place: Option<u64>,
-        anchored: bool,
+        anchored: Option<u64>,
     ) -> RedisResult<Value> {
         let key_bytes = key.as_bytes();
         let mut keys = vec![key_bytes.to_vec()];
         keys.extend(fence.map(<[u8]>::to_vec));
         keys.extend(line_keys(key_bytes).into_iter().skip(1));
-        let args = [
+        let mut args = vec![
             token.expose().as_bytes().to_vec(),
             validate::ttl_millis(ttl).to_string().into_bytes(),
             member.to_vec(),
@@ -824,8 +826,11 @@ impl NodeParts {
                 .map(|place| place.to_string())
                 .unwrap_or_default()
                 .into_bytes(),
-            if anchored { b"1".to_vec() } else { Vec::new() },
         ];
+        if let Some(tell_place_from) = anchored {
+            args.push(b"1".to_vec());
+            args.push(tell_place_from.to_string().into_bytes());
+        }
         self.acquire_lease(&ACQUIRE_FAIR, &keys, &args, || {
             self.release_call_for(std::slice::from_ref(key), token, Held::Mutex, member)
         })

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -297,6 +297,11 @@ struct Turns {
     /// A message came on this client's turn channel: its wake-ups reach it (see
     /// [`TurnRegistry::behind`]).
     heard: std::sync::atomic::AtomicBool,
+    /// The latest longest wait of a waiter between its attempts, in µs (0 before any): how
+    /// long it goes before its next poll unless woken (see [`TurnRegistry::tell_place_from`]).
+    poll_us: AtomicU64,
+    /// The latest fair attempt's round trip, in µs (0 before any).
+    round_trip_us: AtomicU64,
 }
 
 /// When a map whose entries may all still be live (waiters, marks, places) is pruned next: once
@@ -449,6 +454,7 @@ impl TurnRegistry {
     /// wake-ups reach it (a subscription refused, an ACL user without channels, which a client
     /// may not be told; or publishers refused), and polls may be all that find its turn.
     pub fn behind(&self, waiter: &str, rank: u64, round_trip: Duration, at_most: Duration) {
+        self.answered(round_trip);
         if !self.0.heard.load(Ordering::SeqCst) {
             return;
         }
@@ -460,6 +466,32 @@ impl TurnRegistry {
             .behind_until
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(tokio::time::Instant::now() + far);
+    }
+
+    /// Records a fair attempt's round trip (see [`TurnRegistry::tell_place_from`]).
+    pub fn answered(&self, round_trip: Duration) {
+        let micros = u64::try_from(round_trip.as_micros()).unwrap_or(u64::MAX);
+        self.0.round_trip_us.store(micros.max(1), Ordering::Relaxed);
+    }
+
+    /// The first place behind the head (1: second) worth telling a refused waiter of this
+    /// client (see [`TurnRegistry::behind`]), which the store then finds out only from there
+    /// on (the line's gate looks whether anything in line can lapse first, two commands): a
+    /// waiter closer to the head would be deferred for less than half its next poll's wait, on
+    /// the latest round trip, which saves no poll. `u64::MAX` (tell no place) until the client
+    /// has heard a message on its channel, which a deferral needs; 1 (every place) until an
+    /// attempt's round trip and a wait are known.
+    pub fn tell_place_from(&self) -> u64 {
+        if !self.0.heard.load(Ordering::SeqCst) {
+            return u64::MAX;
+        }
+        let poll = self.0.poll_us.load(Ordering::Relaxed);
+        let round_trip = self.0.round_trip_us.load(Ordering::Relaxed);
+        if poll == 0 || round_trip == 0 {
+            return 1;
+        }
+        // Deferred for 2 × place × round trip: told from where that exceeds half the poll's wait.
+        poll / round_trip.saturating_mul(4) + 1
     }
 
     /// Whether `waiter` is still too far back in line to be first (see
@@ -645,6 +677,10 @@ impl TurnRegistry {
     /// Waits for `waiter`'s turn: a wake-up, the expiry of the holder it is first in line
     /// behind, or `max_wait`, whichever comes first. True when woken by a message.
     pub async fn wait(&self, waiter: &str, max_wait: Duration) -> bool {
+        self.0.poll_us.store(
+            u64::try_from(max_wait.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let turn = self.turn(waiter);
         let mut until = tokio::time::Instant::now() + max_wait;
         if let Some(at) = *turn.retry_at.lock().unwrap_or_else(PoisonError::into_inner) {
@@ -1021,5 +1057,31 @@ mod tests {
         assert!(!turns.still_behind("w"));
         turns.forget("w");
         assert!(!turns.still_behind("w"));
+    }
+
+    /// The first place worth telling: none before a message was heard, every place until a
+    /// round trip and a wait are known, then from where the deferral (2 × place × round trip)
+    /// would exceed half the poll's wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_place_is_told_only_where_its_deferral_could_outlast_the_next_poll() {
+        let turns = TurnRegistry::default();
+        turns.answered(Duration::from_micros(100));
+        assert_eq!(turns.tell_place_from(), u64::MAX, "nothing heard yet");
+        turns.listen("w");
+        assert!(turns.wake_message("w"));
+        assert_eq!(turns.tell_place_from(), 1, "no wait known yet");
+        // A 200 ms wait on a 100 µs round trip: 2 × 501 × 0.1 ms > 100 ms.
+        // (The message above is kept for this wait, which returns at once.)
+        turns.wait("w", Duration::from_millis(200)).await;
+        assert_eq!(turns.tell_place_from(), 501);
+        // A 1 ms link (round trips of 2 ms): from the 26th place.
+        turns.answered(Duration::from_millis(2));
+        assert_eq!(turns.tell_place_from(), 26);
+        // A round trip longer than the wait: every place.
+        turns.answered(Duration::from_millis(300));
+        assert_eq!(turns.tell_place_from(), 1);
+        // Recorded by `behind` too.
+        turns.behind("w", 3, Duration::from_millis(1), Duration::from_secs(10));
+        assert_eq!(turns.tell_place_from(), 51);
     }
 }

@@ -6,7 +6,8 @@
 -- expiry (-1 for none) along with the gate's answer, whether the key held a lock's value or
 -- nothing as the waiter read it (1, else 0: a key of another type, or a lease's value, which
 -- begins with byte 0xFF), and the waiter's place behind the holder (1: second; -1 unknown), as
--- {answer, expiry, plain, place} (see line_pass.lua and line.lua's line_gate). With fencing,
+-- {answer, expiry, plain, place} (see line_pass.lua and line.lua's line_gate), the place only
+-- from ARGV[7] on when given (line_gate's `tell_from`). With fencing,
 -- KEYS[2] is the fencing counter (KEYS: lock, [fence], line, line expiry). Returns the fencing value (1 without
 -- fencing) when taken, else the gate's answer (0, or -(1 + ms) for the head of the line behind
 -- a holder with ms left).
@@ -41,7 +42,7 @@ if ARGV[3] ~= '' then
   end
 end
 if lined ~= false and not line_take_turn(KEYS[1], ARGV[3], held_by) then
-  local gate, expiry, rank = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5], nil, held_by)
+  local gate, expiry, rank = line_gate(KEYS[1], KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[2]), ARGV[4], ARGV[5], nil, held_by, tonumber(ARGV[7]))
   if gate then
     if ARGV[6] == '1' then
       local plain = 0

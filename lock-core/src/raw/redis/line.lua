@@ -133,8 +133,10 @@ end
 -- the holder (1: second) as a third when it was refused for that lock. `gated`: the caller made the
 -- first test below itself, found someone in line or the lock held, and wrote nothing since.
 -- `held_by`, when given: the value of `owner` as the caller read it with `redis.pcall('get')`,
--- nothing written to it since.
-local function line_gate(lock, owner, token, member, lease, prefix, chosen, gated, held_by)
+-- nothing written to it since. `tell_from`, when given: the first place worth telling (a client
+-- that would not defer a waiter closer to the head asks for none of theirs; see lock-core's
+-- `TurnRegistry::tell_place_from`).
+local function line_gate(lock, owner, token, member, lease, prefix, chosen, gated, held_by, tell_from)
   -- Whether `lock` is there: what the read of it said, when `owner` is `lock` itself (a key of
   -- another type reads as an error, which is there too).
   local function held()
@@ -181,6 +183,10 @@ local function line_gate(lock, owner, token, member, lease, prefix, chosen, gate
     -- head's reservation), or entries' in line (waiters that died), may leave the key free
     -- for it at once, after those ahead gave up without a word. The place is told only when
     -- nothing lapses before that cap: otherwise the waiter polls, and finds the key by its poll.
+    -- A place the client would not defer for is not looked into at all.
+    if tell_from and rank < tell_from then
+      return 0, expiry
+    end
     local cap = math.min(lease / 4, 10000)
     local left = redis.call('pttl', lock)
     if left >= 0 and left < cap then
