@@ -71,16 +71,9 @@ impl FairLine {
         round_trip: Duration,
         ttl: Duration,
     ) {
-        let Some(place) = place else {
-            self.turns.answered(round_trip);
-            return;
-        };
-        self.turns.behind(
-            &waiter.expose(),
-            place,
-            round_trip,
-            lock_core::raw::wake::behind_at_most(ttl),
-        );
+        let at_most = lock_core::raw::wake::behind_at_most(ttl);
+        self.turns
+            .attempt_answered(&waiter.expose(), place, round_trip, at_most);
     }
 
     /// The first place behind the head worth the store telling this client's waiters (see

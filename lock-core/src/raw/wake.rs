@@ -468,6 +468,22 @@ impl TurnRegistry {
             .unwrap_or_else(PoisonError::into_inner) = Some(tokio::time::Instant::now() + far);
     }
 
+    /// Records a fair attempt of `waiter` answered `round_trip` after it was sent: its place
+    /// behind the head when the store told it ([`TurnRegistry::behind`]), its round trip
+    /// either way ([`TurnRegistry::answered`]).
+    pub fn attempt_answered(
+        &self,
+        waiter: &str,
+        place: Option<u64>,
+        round_trip: Duration,
+        at_most: Duration,
+    ) {
+        match place {
+            Some(rank) => self.behind(waiter, rank, round_trip, at_most),
+            None => self.answered(round_trip),
+        }
+    }
+
     /// Records a fair attempt's round trip (see [`TurnRegistry::tell_place_from`]).
     pub fn answered(&self, round_trip: Duration) {
         let micros = u64::try_from(round_trip.as_micros()).unwrap_or(u64::MAX);
