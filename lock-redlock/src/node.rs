@@ -356,7 +356,29 @@ impl Managed {
         let mut slot = self.0.slot.write().unwrap_or_else(PoisonError::into_inner);
         if matches!(&*slot, Slot::Empty) {
             let number = self.0.opened.fetch_add(1, Ordering::Relaxed);
-            let (client, config) = (self.0.client.clone(), self.0.config.clone());
+            let client = self.0.client.clone();
+            let mut config = self.0.config.clone();
+            if client
+                .get_connection_info()
+                .redis_settings()
+                .protocol()
+                .supports_resp3()
+            {
+                // Over RESP3 redis-rs tells the connection's listener when the connection
+                // closed (the server closed it, or it broke): let go of it at once, so that the
+                // next request opens another instead of meeting the dead one (a connection
+                // closed while idle: an idle `timeout`, `CLIENT KILL`, a restart), as redis-rs's
+                // `ConnectionManager` did. Over RESP2 nobody is told.
+                let parts = Arc::downgrade(&self.0);
+                config = config.set_push_sender(move |push: redis::PushInfo| {
+                    if push.kind == redis::PushKind::Disconnection
+                        && let Some(parts) = parts.upgrade()
+                    {
+                        Managed(parts).closed(number);
+                    }
+                    Ok::<(), redis::aio::SendError>(())
+                });
+            }
             let opening = async move {
                 client
                     .get_multiplexed_async_connection_with_config(&config)
@@ -375,6 +397,17 @@ impl Managed {
         }
         let mut slot = self.0.slot.write().unwrap_or_else(PoisonError::into_inner);
         if matches!(&*slot, Slot::Open(current, _) if *current == number) {
+            *slot = Slot::Empty;
+        }
+    }
+
+    /// The connection `number` closed (see [`Managed::open`]): let go of it, whether it is
+    /// open or still the result of its attempt that nobody has taken yet (only an opened
+    /// connection reports its close).
+    fn closed(&self, number: u64) {
+        let mut slot = self.0.slot.write().unwrap_or_else(PoisonError::into_inner);
+        if matches!(&*slot, Slot::Open(current, _) | Slot::Opening(current, _) if *current == number)
+        {
             *slot = Slot::Empty;
         }
     }
