@@ -516,3 +516,84 @@ async fn held_a_line_behind_a_link_that_changes_speed_keeps_its_waits_and_calls(
         nothing_left(&target, &lockers).await;
     }
 }
+
+/// 16 fair clients behind one link whose delay flips between loopback and 15 ms each way every
+/// `flip`, for 3 s: script calls per section and the longest wait.
+async fn flipping_link(store: Store, flip: Duration) -> (f64, u64, Duration) {
+    let target = Target::start(store, "attack_s31c").await.unwrap();
+    let proxy = Arc::new(LatencyProxy::start(target.servers[0].port()).await.unwrap());
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let locker = client(store, proxy.url(), TTL, ms(5), ms(15_000)).await;
+        locker.acquire("k").await.unwrap().release().await.unwrap();
+        clients.push(locker);
+    }
+    let before = target.servers[0].calls("evalsha").unwrap();
+    let sections = Arc::new(AtomicU64::new(0));
+    let longest_us = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for locker in &clients {
+        let locker = locker.clone();
+        let (sections, longest_us) = (sections.clone(), longest_us.clone());
+        tasks.push(tokio::spawn(async move {
+            while started.elapsed() < ms(3_000) {
+                let asked = Instant::now();
+                let guard = locker.acquire("k").await.unwrap();
+                let waited = u64::try_from(asked.elapsed().as_micros()).unwrap();
+                guard.release().await.unwrap();
+                sections.fetch_add(1, Ordering::SeqCst);
+                longest_us.fetch_max(waited, Ordering::SeqCst);
+            }
+        }));
+    }
+    let flipping = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let mut slow = false;
+            while started.elapsed() < ms(3_000) {
+                slow = !slow;
+                proxy.set_delay(if slow { ms(15) } else { ms(0) });
+                tokio::time::sleep(flip).await;
+            }
+        })
+    };
+    for task in tasks {
+        task.await.unwrap();
+    }
+    flipping.await.unwrap();
+    let calls = target.servers[0].calls("evalsha").unwrap() - before;
+    let sections = sections.load(Ordering::SeqCst);
+    let lockers: Vec<&Locker> = clients.iter().collect();
+    nothing_left(&target, &lockers).await;
+    let longest = Duration::from_micros(longest_us.load(Ordering::SeqCst));
+    (calls as f64 / sections as f64, sections, longest)
+}
+
+/// A link that flips between loopback and 15 ms each way every 150 ms, then every 400 ms: each
+/// client's `tell_from` often comes from a round trip at the other speed (a place not told
+/// where the attempt's own round trip would defer for long, or told where it would not). The
+/// script calls per section stay those of a steady link (2.0–2.1 on both this commit and its
+/// parent), no wait is long, nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_a_link_that_flips_speed_costs_no_more_calls_per_hand_off() {
+    if lock_tests::server::redis_or_skip("attack_s31c").is_none() {
+        return;
+    }
+    for flip in [ms(150), ms(400)] {
+        for store in [Store::Redis, Store::Inc] {
+            let (per_section, sections, longest) = flipping_link(store, flip).await;
+            println!(
+                "{store:?} flip {flip:?}: {per_section:.2} calls per section, {sections} sections, longest {longest:?}"
+            );
+            assert!(sections >= 100, "{store:?}: {sections} sections");
+            assert!(
+                per_section < 2.6,
+                "{store:?}: {per_section:.2} calls per section"
+            );
+            // 16 hand-offs of two round trips or more at 30 ms: about 1 s; a deferral that
+            // outlasted its turn (its cap: 5 s) would show.
+            assert!(longest < ms(3_000), "{store:?}: a wait of {longest:?}");
+        }
+    }
+}
