@@ -405,7 +405,7 @@ impl Lock for IncLock {
                             ttl_ms.to_string(),
                             member,
                             fair::TURN_CHANNEL.to_owned(),
-                            fair.tell_place_from().to_string(),
+                            fair.tell_place_from(request.ttl()).to_string(),
                         ],
                     )
                 };

@@ -256,10 +256,11 @@ impl FairLine {
             .attempt_answered(&waiter.expose(), place, round_trip, at_most);
     }
 
-    /// The first place behind the head worth the store telling this client's waiters (see
-    /// `TurnRegistry::tell_place_from`).
-    pub(crate) fn tell_place_from(&self) -> u64 {
-        self.turns.tell_place_from()
+    /// The first place behind the head worth the store telling this client's waiters asking
+    /// with `ttl` (see `TurnRegistry::tell_place_from`).
+    pub(crate) fn tell_place_from(&self, ttl: Duration) -> u64 {
+        self.turns
+            .tell_place_from(lock_core::raw::wake::behind_at_most(ttl))
     }
 
     /// Whether `waiter` is still too far back in line to be first, and was not woken since its

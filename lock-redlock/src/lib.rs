@@ -1063,7 +1063,7 @@ async fn try_acquire_fair(
             ttl,
             fence.as_deref(),
             &member,
-            fair.tell_place_from(),
+            fair.tell_place_from(ttl),
         ),
     )
     .await;

@@ -495,9 +495,10 @@ impl TurnRegistry {
     /// on (the line's gate looks whether anything in line can lapse first, two commands): a
     /// waiter closer to the head would be deferred for less than half its next poll's wait, on
     /// the latest round trip, which saves no poll. `u64::MAX` (tell no place) until the client
-    /// has heard a message on its channel, which a deferral needs; 1 (every place) until an
-    /// attempt's round trip and a wait are known.
-    pub fn tell_place_from(&self) -> u64 {
+    /// has heard a message on its channel, which a deferral needs, and when the deferral's cap
+    /// `at_most` (see [`behind_at_most`]) is itself under half that wait; 1 (every place) until
+    /// an attempt's round trip and a wait are known.
+    pub fn tell_place_from(&self, at_most: Duration) -> u64 {
         if !self.0.heard.load(Ordering::SeqCst) {
             return u64::MAX;
         }
@@ -505,6 +506,10 @@ impl TurnRegistry {
         let round_trip = self.0.round_trip_us.load(Ordering::Relaxed);
         if poll == 0 || round_trip == 0 {
             return 1;
+        }
+        let cap = u64::try_from(at_most.as_micros()).unwrap_or(u64::MAX);
+        if cap.saturating_mul(2) <= poll {
+            return u64::MAX;
         }
         // Deferred for 2 × place × round trip: told from where that exceeds half the poll's wait.
         poll / round_trip.saturating_mul(4) + 1
@@ -1082,22 +1087,33 @@ mod tests {
     async fn a_place_is_told_only_where_its_deferral_could_outlast_the_next_poll() {
         let turns = TurnRegistry::default();
         turns.answered(Duration::from_micros(100));
-        assert_eq!(turns.tell_place_from(), u64::MAX, "nothing heard yet");
+        assert_eq!(
+            turns.tell_place_from(Duration::from_secs(10)),
+            u64::MAX,
+            "nothing heard yet"
+        );
         turns.listen("w");
         assert!(turns.wake_message("w"));
-        assert_eq!(turns.tell_place_from(), 1, "no wait known yet");
+        assert_eq!(
+            turns.tell_place_from(Duration::from_secs(10)),
+            1,
+            "no wait known yet"
+        );
         // A 200 ms wait on a 100 µs round trip: 2 × 501 × 0.1 ms > 100 ms.
         // (The message above is kept for this wait, which returns at once.)
         turns.wait("w", Duration::from_millis(200)).await;
-        assert_eq!(turns.tell_place_from(), 501);
+        assert_eq!(turns.tell_place_from(Duration::from_secs(10)), 501);
         // A 1 ms link (round trips of 2 ms): from the 26th place.
         turns.answered(Duration::from_millis(2));
-        assert_eq!(turns.tell_place_from(), 26);
+        assert_eq!(turns.tell_place_from(Duration::from_secs(10)), 26);
         // A round trip longer than the wait: every place.
         turns.answered(Duration::from_millis(300));
-        assert_eq!(turns.tell_place_from(), 1);
+        assert_eq!(turns.tell_place_from(Duration::from_secs(10)), 1);
         // Recorded by `behind` too.
         turns.behind("w", 3, Duration::from_millis(1), Duration::from_secs(10));
-        assert_eq!(turns.tell_place_from(), 51);
+        assert_eq!(turns.tell_place_from(Duration::from_secs(10)), 51);
+        // A cap under half the wait (a ttl of 400 ms: 100 ms against a 200 ms poll): none.
+        assert_eq!(turns.tell_place_from(Duration::from_millis(100)), u64::MAX);
+        assert_eq!(turns.tell_place_from(Duration::from_millis(101)), 51);
     }
 }
