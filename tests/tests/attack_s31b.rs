@@ -97,3 +97,77 @@ async fn inc_a_second_writer_giving_up_lets_readers_past_the_first() {
          and took its own back when it gave up"
     );
 }
+
+/// Holds `kind` on `key` with a short ttl and lets it lapse unreleased while another client
+/// asks without pause; returns by how long the first holder's validity outlasted the moment
+/// the second one had been granted the key (None: it did not).
+async fn overlap_after_lapse(
+    first: &Locker,
+    second: &Locker,
+    key: &str,
+    kind: LeaseKind,
+) -> Option<Duration> {
+    let held = first.try_acquire_kind(key, kind).await.unwrap().expect("the first holder");
+    let next = loop {
+        if let Some(guard) = second.try_acquire_kind(key, kind).await.unwrap() {
+            break guard;
+        }
+    };
+    let granted = tokio::time::Instant::now();
+    let overlap = held
+        .valid_until()
+        .checked_duration_since(granted)
+        .filter(|overlap| !overlap.is_zero());
+    std::mem::forget(held);
+    next.release().await.unwrap();
+    overlap
+}
+
+/// Promise (README, Guarantees): "Mutual exclusion while the work finishes within the lock's
+/// validity"; `LockGuard::is_valid`: "True while the local validity has not passed". lock-inc
+/// README: a holder set's "score = expiry in ms of the server's clock"; "an expired holder can
+/// neither release nor extend".
+///
+/// inc's semaphores and read-write locks score an entry `now + ttl` with `now` the server's
+/// clock in whole milliseconds (rounded down), and count it expired as soon as that score is
+/// `<=` the clock: the entry lapses at `floor(t) + ttl`, up to a millisecond before `t + ttl`.
+/// The holder's validity is `send time + ttl`, and a request on loopback reaches the server
+/// well within that millisecond: the holder still counts itself valid for up to a millisecond
+/// after the server let the next writer in. The mutex (`PEXPIRE`, which Redis expires only once
+/// its clock is past the deadline) shows no overlap: the control.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_a_write_lock_is_still_valid_when_the_next_writer_gets_in() {
+    let Some(binary) = redis_or_skip("inc: shared lease validity") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let url = server.url();
+    let (a, b) = (inc(&url).await, inc(&url).await);
+    let first = locker(&a, ms(15), RetryPolicy::none());
+    let second = locker(&b, ms(15), RetryPolicy::none());
+    let mut seen = Vec::new();
+    for (round, kind) in [LeaseKind::Exclusive, LeaseKind::Write]
+        .into_iter()
+        .flat_map(|kind| (0..60).map(move |round| (round, kind)))
+    {
+        let key = format!("k{round}-{kind}");
+        if let Some(overlap) = overlap_after_lapse(&first, &second, &key, kind).await {
+            seen.push((kind, overlap));
+        }
+    }
+    let mutex = seen.iter().filter(|(kind, _)| *kind == LeaseKind::Exclusive).count();
+    let writes: Vec<Duration> = seen
+        .iter()
+        .filter(|(kind, _)| *kind == LeaseKind::Write)
+        .map(|(_, overlap)| *overlap)
+        .collect();
+    println!("overlaps: mutex {mutex}/60, write lock {}/60 {writes:?}", writes.len());
+    assert_eq!(mutex, 0, "the control: a mutex never overlaps");
+    assert!(
+        writes.is_empty(),
+        "{} of 60 write locks were still valid when the next writer had been granted the key \
+         (by up to {:?})",
+        writes.len(),
+        writes.iter().max()
+    );
+}
