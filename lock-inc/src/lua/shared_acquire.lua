@@ -1,10 +1,17 @@
 -- One attempt at a semaphore permit, a read lock or a write lock. KEYS[1]: the holder set (a
--- sorted set: member = kind letter + token, score = expiry in ms of the server's clock),
+-- sorted set: member = kind letter + token, score = the first ms of the server's clock in which it is gone),
 -- KEYS[2]: the kind marker, KEYS[3]: the fencing counter (the mutex's, same rule).
 -- ARGV[1]: token, ARGV[2]: ttl in ms, ARGV[3]: 'p' (permit), 'r' (read) or 'w' (write),
 -- ARGV[4]: for 'p' the semaphore's size, for 'w' '1' when the writer will wait.
 -- Returns the new fencing token when admitted, 0 when the key is held, or the marker (a string)
 -- naming what the key is used as when it is another kind of lock.
+--
+-- A holder's score is the first millisecond of the server's clock in which it is gone: the clock
+-- read in whole milliseconds (rounded down) plus the ttl plus one, since the prune below removes
+-- every holder whose score is at or before the clock. Old: `now + ttl`, which the prune took
+-- for gone from `floor(t) + ttl`, up to a millisecond before `t + ttl`: the holder's validity
+-- (its send time plus the ttl) outlasted its entry, and the next writer got in while it still
+-- counted itself valid (`tests/tests/attack_s31b.rs`).
 --
 -- The marker is `#p:<size>` for a semaphore, `#rw` for a read-write lock, and
 -- `#rw:<token>:<expiry ms>` while a waiting writer's claim keeps new readers out (a token read
@@ -86,7 +93,8 @@ if admitted then
     return redis.error_reply('ERR the fencing token would reach 2^53 (is the server clock far ahead?)')
   end
   if not replay then
-    redis.call('zadd', KEYS[1], now + ttl, member)
+    -- Scored with the first millisecond in which the holder is gone (see above).
+    redis.call('zadd', KEYS[1], now + ttl + 1, member)
     if mode == 'w' then
       claim, claim_until = nil, 0
     end

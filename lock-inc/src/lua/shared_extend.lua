@@ -16,7 +16,8 @@ if not score or tonumber(score) <= now then
   -- Expired: never revived.
   return 0
 end
-redis.call('zadd', KEYS[1], 'XX', now + tonumber(ARGV[3]), member)
+-- The first millisecond in which it is gone, as `shared_acquire.lua` scores it.
+redis.call('zadd', KEYS[1], 'XX', now + tonumber(ARGV[3]) + 1, member)
 local latest = tonumber(redis.call('zrange', KEYS[1], -1, -1, 'WITHSCORES')[2])
 redis.call('pexpireat', KEYS[1], string.format('%.0f', latest))
 local marker = redis.call('get', KEYS[2])
