@@ -231,3 +231,65 @@ async fn redlock_no_lease_is_still_valid_when_the_next_holder_gets_in() {
         second.stop().await.unwrap();
     }
 }
+
+/// Promise (`LockGuard::downgrade`): "[`LockError::Backend`] on I/O (the lock is then still a
+/// write lock)".
+///
+/// A downgrade whose answer is lost (the server stalls past the command timeout) may still run
+/// once the server resumes (the lock-inc README says so, for the release:
+/// `a_release_after_a_downgrade_that_timed_out_frees_the_key`). The guard then still says it
+/// holds a valid write lock, while the store holds a read lock: a reader of another client is
+/// let in beside the "writer", who was told its lock is still a write lock. (Its next extend
+/// finds no write entry and reports the lock lost, which is the safe side; until then, and
+/// without `keep_alive`, the writer writes beside readers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails on main: a downgrade whose answer was lost may have run; the guard still says write (its doc: still a write lock) while readers get in"]
+async fn inc_a_downgrade_that_failed_with_a_backend_error_may_have_let_readers_in() {
+    let Some(binary) = redis_or_skip("inc: a downgrade answered too late") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let lock = IncLock::connect(IncConfig {
+        command_timeout: 100,
+        ..IncConfig::new(server.url())
+    })
+    .await
+    .unwrap();
+    let writers = locker(&lock, Duration::from_secs(10), RetryPolicy::none());
+    // Loads the downgrade script (a stalled EVALSHA of an unknown script would answer NOSCRIPT).
+    let mut warm = writers.acquire_write("warm").await.unwrap();
+    warm.downgrade().await.unwrap();
+    warm.release().await.unwrap();
+
+    let mut writer = writers.acquire_write("doc").await.unwrap();
+    server.pause().unwrap();
+    let error = writer.downgrade().await.expect_err("no answer in time");
+    server.resume().unwrap();
+    assert!(matches!(error, LockError::Backend { .. }), "{error:?}");
+    // The guard says: still a valid write lock.
+    assert_eq!(writer.kind(), LeaseKind::Write);
+    assert!(writer.is_valid());
+    let other = inc(&server.url()).await;
+    let readers = locker(&other, Duration::from_secs(10), RetryPolicy::none());
+    let mut reader = None;
+    for _ in 0..50 {
+        reader = readers
+            .try_acquire_kind("doc", LeaseKind::Read)
+            .await
+            .unwrap();
+        if reader.is_some() {
+            break;
+        }
+        tokio::time::sleep(ms(20)).await;
+    }
+    let reader_in = reader.is_some();
+    if let Some(reader) = reader {
+        reader.release().await.unwrap();
+    }
+    let _ = writer.release().await;
+    assert!(
+        !reader_in,
+        "a reader was let in while the writer's guard, whose downgrade failed with a backend \
+         error, still held a valid write lock"
+    );
+}
