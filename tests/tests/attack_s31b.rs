@@ -293,3 +293,97 @@ async fn inc_a_downgrade_that_failed_with_a_backend_error_may_have_let_readers_i
          error, still held a valid write lock"
     );
 }
+
+/// Holds `key` with a 10 s ttl, asks to extend it to 400 ms while the server is stalled past
+/// the client's timeout (the extend fails, its command still on the wire), lets the server go
+/// on, then has `other` ask for the key every 20 ms: whether `other` got it while the first
+/// guard still called itself valid, and how much validity that guard had left then.
+async fn shorter_extend_lost(
+    server: &RedisServer,
+    holder: &Locker,
+    other: &Locker,
+) -> (Option<Duration>, String) {
+    let mut guard = holder.acquire("short").await.unwrap();
+    server.pause().unwrap();
+    let failed = guard.extend(ms(400)).await;
+    server.resume().unwrap();
+    let failed = format!("{failed:?}");
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        if let Ok(Some(next)) = other.try_acquire("short").await {
+            let overlap = guard.is_valid().then(|| guard.remaining());
+            next.release().await.unwrap();
+            std::mem::forget(guard);
+            return (overlap, failed);
+        }
+        tokio::time::sleep(ms(20)).await;
+    }
+    std::mem::forget(guard);
+    (None, failed)
+}
+
+/// Promise (README, Guarantees): "**a failed extend changes nothing**"; `LockGuard::extend`:
+/// "A failed extend leaves the lock as it was"; an extend to a shorter ttl is a documented use
+/// ("also after an explicit extend to a shorter ttl"). Mutual exclusion while the work
+/// finishes within the lock's validity.
+///
+/// An extend that fails because its answer did not come in time (a stalled server, a timeout)
+/// may still run once the server goes on. Asked for a shorter ttl, it then ends the lock on the
+/// server early, while the guard keeps its old validity (the failure "changed nothing"):
+/// another client takes the key while the guard still counts seconds of validity. On inc and on
+/// Redlock alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_extend_that_failed_by_timeout_ends_the_lock_under_a_valid_guard() {
+    let Some(binary) = redis_or_skip("a shorter extend answered too late") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let options = LockOptions::default()
+        .with_ttl(Duration::from_secs(10))
+        .with_retry(RetryPolicy::none());
+    let inc_holder = IncLock::connect(IncConfig {
+        command_timeout: 100,
+        ..IncConfig::new(server.url())
+    })
+    .await
+    .unwrap();
+    let inc_holder = Locker::new(inc_holder)
+        .with_options(options.clone())
+        .unwrap();
+    let inc_other = Locker::new(inc(&server.url()).await)
+        .with_options(options.clone())
+        .unwrap();
+    // The extend script loaded before the stall (a stalled EVALSHA of an unknown script would
+    // answer NOSCRIPT, and nobody would load it).
+    let mut warm = inc_holder.acquire("warm").await.unwrap();
+    warm.extend(Duration::from_secs(10)).await.unwrap();
+    warm.release().await.unwrap();
+    let inc_seen = shorter_extend_lost(&server, &inc_holder, &inc_other).await;
+
+    let redlock = |timeout: u64| {
+        let config =
+            lock_redlock::RedlockConfig::new([server.url()]).with_node_timeout(ms(timeout));
+        Locker::new(lock_redlock::Redlock::new(config).unwrap())
+            .with_options(options.clone())
+            .unwrap()
+    };
+    let (rl_holder, rl_other) = (redlock(100), redlock(500));
+    // Connected and the scripts loaded before the stall.
+    rl_holder
+        .acquire("warm")
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let mut warm = rl_holder.acquire("warm").await.unwrap();
+    warm.extend(Duration::from_secs(10)).await.unwrap();
+    warm.release().await.unwrap();
+    let redlock_seen = shorter_extend_lost(&server, &rl_holder, &rl_other).await;
+    println!("inc: {inc_seen:?}; redlock: {redlock_seen:?}");
+    assert!(
+        inc_seen.0.is_none() && redlock_seen.0.is_none(),
+        "another client held the key while the first guard, whose shorter extend failed, still \
+         called itself valid: inc {inc_seen:?}, redlock {redlock_seen:?}"
+    );
+}
