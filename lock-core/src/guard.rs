@@ -252,8 +252,12 @@ impl LockGuard {
     ///   our token: an expired lock is never revived;
     /// - [`LockError::Unsupported`] if the backend cannot extend; [`LockError::Backend`] on I/O.
     ///
-    /// A failed extend leaves the lock as it was: it is not released. One that finds it not held
-    /// by the store ([`LockError::NotHeld`]) ends its validity at once and fires the
+    /// A failed extend leaves the lock as it was: it is not released. One whose answer did not
+    /// come ([`LockError::Backend`], [`LockError::QuorumNotReached`]: a timeout) may still be
+    /// taken by the store, so the validity then ends no later than that of the extend asked
+    /// for (less a drift margin): a shorter ttl shortens it, a longer one changes nothing. One
+    /// that finds it not held by the store ([`LockError::NotHeld`]) ends its validity at once
+    /// and fires the
     /// [`LostSignal`] of a kept-alive guard: the lock is lost. So does one whose answer came
     /// back after `ttl` had passed ([`LockError::Backend`], "raise the ttl"; a backend may judge
     /// against `ttl` less its clock-drift margin, as Redlock does): the store took the new
@@ -337,6 +341,17 @@ impl LockGuard {
                 Err(error @ LockError::NotHeld { .. }) => {
                     tracing::warn!(%error, "extend found the lock lost");
                     watchdog::lose(self.lease().live());
+                }
+                // No answer in time (a timeout, a quorum not reached): the store may take the
+                // extend all the same once it goes on, and a shorter ttl would then end the lock
+                // before the validity kept here (old: kept whole, and another client took the
+                // key under a guard that counted seconds of validity: attack_s31b). The
+                // validity ends no later than a successful extend's would (less a drift margin
+                // of 2 ms and 1 %, as Redlock's); a longer ttl changes nothing.
+                Err(error @ (LockError::Backend { .. } | LockError::QuorumNotReached { .. })) => {
+                    tracing::warn!(%error, "extend failed");
+                    let margin = ttl / 100 + Duration::from_millis(2);
+                    watchdog::cap(self.lease().live(), sent + ttl.saturating_sub(margin));
                 }
                 Err(error) => tracing::warn!(%error, "extend failed"),
             }

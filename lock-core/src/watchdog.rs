@@ -41,6 +41,19 @@ pub(crate) fn lose(live: &watch::Sender<Live>) {
     });
 }
 
+/// Ends the lease's validity at `until` if it would end later: an extend whose answer did not
+/// come may still be taken by the store, with a ttl that ends the lock sooner. Receivers are
+/// woken (the watchdog plans from the new validity).
+pub(crate) fn cap(live: &watch::Sender<Live>, until: Instant) {
+    live.send_if_modified(|live| {
+        if live.lost || live.valid_until <= until {
+            return false;
+        }
+        live.valid_until = until;
+        true
+    });
+}
+
 /// Fires when a lock is lost: an extension failed, or the local validity lapsed.
 ///
 /// Cheap to clone; hand it to the critical section and stop work when it fires, e.g. with
