@@ -373,7 +373,9 @@ impl LockGuard {
     /// # Errors
     /// - [`LockError::InvalidInput`] naming `kind` unless this guard holds a write lock;
     /// - [`LockError::NotHeld`] if the local validity has passed or the store no longer holds
-    ///   our token; [`LockError::Backend`] on I/O (the lock is then still a write lock).
+    ///   our token; [`LockError::Backend`] (or [`LockError::QuorumNotReached`]) on I/O: the
+    ///   store may have downgraded it all the same (an answer lost on its way), so the lease is
+    ///   in doubt and its validity ends at once (the guard still names a write lock; release it).
     pub async fn downgrade(&mut self) -> Result<()> {
         let kind = self.kind();
         if kind != LeaseKind::Write {

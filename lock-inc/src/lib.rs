@@ -1079,10 +1079,20 @@ impl Handle for IncHandle {
         let token = self.lease.token().expose();
         let mut args = vec![token.as_str()];
         args.extend(channel.as_deref());
-        let downgraded: i64 = DOWNGRADE
+        let downgraded: i64 = match DOWNGRADE
             .evalsha_with_reload(&shared.client, vec![keys.counter.as_str()], args)
             .await
-            .map_err(|e| shared.backend_error("downgrade", &e))?;
+        {
+            Ok(downgraded) => downgraded,
+            Err(error) => {
+                // In doubt: the script may still run (its answer lost, the server stalled), and
+                // then readers get in beside a guard that says "write". The lease ends here, for
+                // the guard, its watchdog and the waiters alike, as Redlock's does (old: it
+                // stayed valid: `attack_s31b.rs`).
+                self.lease.set_valid_until(Instant::now());
+                return Err(shared.backend_error("downgrade", &error));
+            }
+        };
         if downgraded != 1 {
             return Err(LockError::NotHeld {
                 key: self.lease.key().to_string(),
