@@ -392,3 +392,60 @@ async fn a_shorter_extend_that_failed_by_timeout_ends_the_lock_under_a_valid_gua
          called itself valid: inc {inc_seen:?}, redlock {redlock_seen:?}"
     );
 }
+
+/// The same on Redlock (one node): a downgrade whose quorum did not answer in time runs on the
+/// node once it goes on, and a reader of another client gets in; but Redlock ends the lease's
+/// validity when a downgrade leaves it in doubt, so the guard no longer calls itself valid.
+/// Held on main.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_downgrade_that_failed_without_an_answer_may_have_let_readers_in() {
+    let Some(binary) = redis_or_skip("redlock: a downgrade answered too late") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let client = |timeout: u64| {
+        let config =
+            lock_redlock::RedlockConfig::new([server.url()]).with_node_timeout(ms(timeout));
+        Locker::new(lock_redlock::Redlock::new(config).unwrap())
+            .with_options(
+                LockOptions::default()
+                    .with_ttl(Duration::from_secs(10))
+                    .with_retry(RetryPolicy::none()),
+            )
+            .unwrap()
+    };
+    let (writers, readers) = (client(100), client(500));
+    let mut warm = writers.acquire_write("warm").await.unwrap();
+    warm.downgrade().await.unwrap();
+    warm.release().await.unwrap();
+
+    let mut writer = writers.acquire_write("doc").await.unwrap();
+    server.pause().unwrap();
+    let error = writer.downgrade().await.expect_err("no answer in time");
+    server.resume().unwrap();
+    assert_eq!(writer.kind(), LeaseKind::Write, "{error:?}");
+    let mut reader = None;
+    for _ in 0..50 {
+        reader = readers
+            .try_acquire_kind("doc", LeaseKind::Read)
+            .await
+            .unwrap();
+        if reader.is_some() {
+            break;
+        }
+        tokio::time::sleep(ms(20)).await;
+    }
+    // A reader got in (the downgrade ran) while the guard still called its write lock valid.
+    let ran = reader.is_some();
+    let reader_in = ran && writer.is_valid();
+    if let Some(reader) = reader {
+        reader.release().await.unwrap();
+    }
+    let _ = writer.release().await;
+    assert!(ran, "the stalled downgrade never ran: no reader got in");
+    assert!(
+        !reader_in,
+        "a reader was let in while the writer's guard, whose downgrade failed ({error:?}), \
+         still held a valid write lock"
+    );
+}
