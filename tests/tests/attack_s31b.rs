@@ -449,3 +449,74 @@ async fn redlock_a_downgrade_that_failed_without_an_answer_may_have_let_readers_
          still held a valid write lock"
     );
 }
+
+/// Promise (README, Guarantees, "Cancel safety"): dropping a future of the API at any point
+/// leaves nothing behind that breaks the lock's promises; `LockGuard::extend`: a failed extend
+/// leaves the lock as it was.
+///
+/// The same as a shorter extend that timed out, by cancellation: `tokio::time::timeout` around
+/// `extend` to a shorter ttl drops the future while the command is on the wire; the store takes
+/// it once it goes on and ends the lock early, while the guard keeps its old validity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_extend_cancelled_on_the_wire_ends_the_lock_under_a_valid_guard() {
+    let Some(binary) = redis_or_skip("a shorter extend cancelled on the wire") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let options = LockOptions::default()
+        .with_ttl(Duration::from_secs(10))
+        .with_retry(RetryPolicy::none());
+    let mut seen = Vec::new();
+    for backend in ["inc", "redlock"] {
+        let client = || async {
+            match backend {
+                "inc" => Locker::new(inc(&server.url()).await),
+                _ => Locker::new(
+                    lock_redlock::Redlock::new(
+                        lock_redlock::RedlockConfig::new([server.url()])
+                            .with_node_timeout(ms(2_000)),
+                    )
+                    .unwrap(),
+                ),
+            }
+            .with_options(options.clone())
+            .unwrap()
+        };
+        let (holder, other) = (client().await, client().await);
+        // Connected, and the extend script loaded, before the stall.
+        let mut warm = holder.acquire("warm").await.unwrap();
+        warm.extend(Duration::from_secs(10)).await.unwrap();
+        warm.release().await.unwrap();
+        let key = format!("cancelled-{backend}");
+        let mut guard = holder.acquire(&key).await.unwrap();
+        server.pause().unwrap();
+        let cancelled = tokio::time::timeout(ms(50), guard.extend(ms(400))).await;
+        server.resume().unwrap();
+        assert!(
+            cancelled.is_err(),
+            "{backend}: the extend answered a stalled server: {cancelled:?}"
+        );
+        let started = tokio::time::Instant::now();
+        let mut outcome = None;
+        while started.elapsed() < Duration::from_secs(2) {
+            if let Ok(Some(next)) = other.try_acquire(&key).await {
+                outcome = Some(guard.is_valid().then(|| guard.remaining()));
+                next.release().await.unwrap();
+                break;
+            }
+            tokio::time::sleep(ms(20)).await;
+        }
+        std::mem::forget(guard);
+        seen.push((backend, outcome));
+    }
+    println!("{seen:?}");
+    assert!(
+        seen.iter().all(|(_, outcome)| outcome.is_some()),
+        "the cancelled extend never landed (the scenario did not happen): {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|(_, outcome)| *outcome == Some(None)),
+        "another client held the key while the first guard, whose shorter extend was \
+         cancelled on the wire, still called itself valid: {seen:?}"
+    );
+}
