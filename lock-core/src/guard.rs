@@ -252,12 +252,12 @@ impl LockGuard {
     ///   our token: an expired lock is never revived;
     /// - [`LockError::Unsupported`] if the backend cannot extend; [`LockError::Backend`] on I/O.
     ///
-    /// A failed extend leaves the lock as it was: it is not released. One whose answer did not
-    /// come ([`LockError::Backend`], [`LockError::QuorumNotReached`]: a timeout) may still be
-    /// taken by the store, so the validity then ends no later than that of the extend asked
-    /// for (less a drift margin): a shorter ttl shortens it, a longer one changes nothing. One
-    /// that finds it not held by the store ([`LockError::NotHeld`]) ends its validity at once
-    /// and fires the
+    /// A failed extend leaves the lock as it was: it is not released. But one whose answer did
+    /// not come (a timeout, a quorum not reached, the future dropped on the wire) may still be
+    /// taken by the store: so the validity ends, from the moment an extend is sent, no later
+    /// than that extend's would (less a drift margin of 2 ms and 1 %): a shorter ttl shortens it
+    /// whatever the outcome, a longer one changes nothing until it succeeds. One that finds it
+    /// not held by the store ([`LockError::NotHeld`]) ends its validity at once and fires the
     /// [`LostSignal`] of a kept-alive guard: the lock is lost. So does one whose answer came
     /// back after `ttl` had passed ([`LockError::Backend`], "raise the ttl"; a backend may judge
     /// against `ttl` less its clock-drift margin, as Redlock does): the store took the new
@@ -280,13 +280,17 @@ impl LockGuard {
             // process read.
             let sent = Instant::now();
             let result = match &mut self.state {
-                State::Held(handle) => handle.extend(ttl).await,
+                State::Held(handle) => {
+                    shorten_first(handle.lease(), ttl);
+                    handle.extend(ttl).await
+                }
                 State::Watched(watched) => {
                     let mut handle = watched.handle.lock().await;
                     // The watchdog held the handle (its extend, answered too late or finding
                     // the lock lost) until the validity had passed: an expired lock is never
                     // revived, whatever a backend's handle would do.
                     if watched.lease.is_valid() {
+                        shorten_first(&watched.lease, ttl);
                         handle.extend(ttl).await
                     } else {
                         tracing::debug!(
@@ -341,17 +345,6 @@ impl LockGuard {
                 Err(error @ LockError::NotHeld { .. }) => {
                     tracing::warn!(%error, "extend found the lock lost");
                     watchdog::lose(self.lease().live());
-                }
-                // No answer in time (a timeout, a quorum not reached): the store may take the
-                // extend all the same once it goes on, and a shorter ttl would then end the lock
-                // before the validity kept here (old: kept whole, and another client took the
-                // key under a guard that counted seconds of validity: attack_s31b). The
-                // validity ends no later than a successful extend's would (less a drift margin
-                // of 2 ms and 1 %, as Redlock's); a longer ttl changes nothing.
-                Err(error @ (LockError::Backend { .. } | LockError::QuorumNotReached { .. })) => {
-                    tracing::warn!(%error, "extend failed");
-                    let margin = ttl / 100 + Duration::from_millis(2);
-                    watchdog::cap(self.lease().live(), sent + ttl.saturating_sub(margin));
                 }
                 Err(error) => tracing::warn!(%error, "extend failed"),
             }
@@ -584,6 +577,18 @@ fn released(result: Result<()>, tickets: Option<Tickets>, held: Held) -> Result<
         Err(error) => tracing::warn!(%error, "release failed"),
     }
     result
+}
+
+/// Before an extend by `ttl` is sent: the store may take it even if its answer never comes
+/// back (a timeout, a quorum not reached, the future dropped on the wire), and a ttl shorter
+/// than the validity left would then end the lock before that validity. So the validity first
+/// ends no later than a successful extend's would (less a drift margin of 2 ms and 1 %, as
+/// Redlock's); a successful extend then sets it, a longer ttl changes nothing (old: a failed or
+/// cancelled shorter extend left the validity whole, and another client took the key under a
+/// guard that counted seconds of it: `tests/tests/attack_s31b.rs`).
+fn shorten_first(lease: &Lease, ttl: Duration) {
+    let margin = ttl / 100 + Duration::from_millis(2);
+    watchdog::cap(lease.live(), Instant::now() + ttl.saturating_sub(margin));
 }
 
 impl State {
