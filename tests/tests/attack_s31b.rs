@@ -520,3 +520,73 @@ async fn a_shorter_extend_cancelled_on_the_wire_ends_the_lock_under_a_valid_guar
          cancelled on the wire, still called itself valid: {seen:?}"
     );
 }
+
+/// Promise (README, Guarantees, "Cancel safety"); `LockGuard::downgrade`: a downgrade that
+/// fails without an answer leaves the lease in doubt, and its validity ends (Redlock; inc since
+/// this session).
+///
+/// Cancelled instead (`tokio::time::timeout` around it, the script on the wire), the downgrade
+/// runs once the server goes on, and a reader of another client gets in, while the guard still
+/// calls its write lock valid: nothing ended the validity, on inc and on Redlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_cancelled_on_the_wire_lets_readers_in_beside_a_valid_writer() {
+    let Some(binary) = redis_or_skip("a downgrade cancelled on the wire") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let options = LockOptions::default()
+        .with_ttl(Duration::from_secs(10))
+        .with_retry(RetryPolicy::none());
+    let mut seen = Vec::new();
+    for backend in ["inc", "redlock"] {
+        let client = || async {
+            match backend {
+                "inc" => Locker::new(inc(&server.url()).await),
+                _ => Locker::new(
+                    lock_redlock::Redlock::new(
+                        lock_redlock::RedlockConfig::new([server.url()])
+                            .with_node_timeout(ms(2_000)),
+                    )
+                    .unwrap(),
+                ),
+            }
+            .with_options(options.clone())
+            .unwrap()
+        };
+        let (writers, readers) = (client().await, client().await);
+        let mut warm = writers.acquire_write("warm").await.unwrap();
+        warm.downgrade().await.unwrap();
+        warm.release().await.unwrap();
+        let key = format!("doc-{backend}");
+        let mut writer = writers.acquire_write(&key).await.unwrap();
+        server.pause().unwrap();
+        let cancelled = tokio::time::timeout(ms(50), writer.downgrade()).await;
+        server.resume().unwrap();
+        assert!(cancelled.is_err(), "{backend}: answered: {cancelled:?}");
+        let mut outcome = None;
+        for _ in 0..50 {
+            if let Some(reader) = readers
+                .try_acquire_kind(&key, LeaseKind::Read)
+                .await
+                .unwrap()
+            {
+                outcome = Some(writer.kind() == LeaseKind::Write && writer.is_valid());
+                reader.release().await.unwrap();
+                break;
+            }
+            tokio::time::sleep(ms(20)).await;
+        }
+        let _ = writer.release().await;
+        seen.push((backend, outcome));
+    }
+    println!("{seen:?}");
+    assert!(
+        seen.iter().all(|(_, outcome)| outcome.is_some()),
+        "the cancelled downgrade never ran (the scenario did not happen): {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|(_, outcome)| *outcome == Some(false)),
+        "a reader got in while the writer's guard, whose downgrade was cancelled on the wire, \
+         still called its write lock valid: {seen:?}"
+    );
+}
