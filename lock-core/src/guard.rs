@@ -369,6 +369,7 @@ impl LockGuard {
     ///   our token; [`LockError::Backend`] (or [`LockError::QuorumNotReached`]) on I/O: the
     ///   store may have downgraded it all the same (an answer lost on its way), so the lease is
     ///   in doubt and its validity ends at once (the guard still names a write lock; release it).
+    ///   So does a downgrade whose future is dropped while it is under way.
     pub async fn downgrade(&mut self) -> Result<()> {
         let kind = self.kind();
         if kind != LeaseKind::Write {
@@ -385,11 +386,23 @@ impl LockGuard {
                     key: self.key().to_string(),
                 });
             }
+            // Dropped on the wire (a timeout around it), the downgrade may still run: readers
+            // would then get in beside a guard that calls its write lock valid. The lease is
+            // in doubt, and its validity ends, as when the downgrade fails without an answer
+            // (old: it stayed valid: `tests/tests/attack_s31b.rs`).
+            let mut in_doubt = InDoubt(Some(self.lease().live().clone()));
             let result = match &mut self.state {
                 State::Held(handle) => handle.downgrade().await,
                 State::Watched(watched) => watched.handle.lock().await.downgrade().await,
                 State::Released => Err(LockError::NotHeld { key: String::new() }),
             };
+            if !matches!(
+                result,
+                Err(LockError::Backend { .. } | LockError::QuorumNotReached { .. })
+            ) {
+                in_doubt.0 = None;
+            }
+            drop(in_doubt);
             let result = result.map_err(|error| match error {
                 LockError::Unsupported { capability, .. } => LockError::Unsupported {
                     backend: self.backend,
@@ -577,6 +590,18 @@ fn released(result: Result<()>, tickets: Option<Tickets>, held: Held) -> Result<
         Err(error) => tracing::warn!(%error, "release failed"),
     }
     result
+}
+
+/// A downgrade under way: if it is dropped (or fails without an answer) while armed, the
+/// store may still downgrade the lease, so its validity ends (see [`LockGuard::downgrade`]).
+struct InDoubt(Option<tokio::sync::watch::Sender<crate::lease::Live>>);
+
+impl Drop for InDoubt {
+    fn drop(&mut self) {
+        if let Some(live) = self.0.take() {
+            watchdog::cap(&live, Instant::now());
+        }
+    }
 }
 
 /// Before an extend by `ttl` is sent: the store may take it even if its answer never comes
