@@ -1,6 +1,7 @@
 -- One attempt at a semaphore permit, a read lock or a write lock. KEYS[1]: the holder set (a
--- sorted set: member = kind letter + token, score = the first ms of the server's clock in which it is gone),
--- KEYS[2]: the kind marker, KEYS[3]: the fencing counter (the mutex's, same rule).
+-- sorted set: member = kind letter + token, score = the first millisecond of the server's clock
+-- in which the holder is gone), KEYS[2]: the kind marker, KEYS[3]: the fencing counter (the
+-- mutex's, same rule).
 -- ARGV[1]: token, ARGV[2]: ttl in ms, ARGV[3]: 'p' (permit), 'r' (read) or 'w' (write),
 -- ARGV[4]: for 'p' the semaphore's size, for 'w' '1' when the writer will wait.
 -- Returns the new fencing token when admitted, 0 when the key is held, or the marker (a string)
