@@ -38,7 +38,7 @@ fn locker(lock: &IncLock, ttl: Duration, retry: RetryPolicy) -> Locker {
 /// (`a_second_writer_giving_up_does_not_let_readers_past_the_first`); inc (wake-ups off, its
 /// default) does neither and documents nothing: a new reader is let in past the waiting writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails on main: inc keeps one writer's claim per key; a second writer that overwrote it and gave up leaves the first unprotected (undocumented for inc)"]
+#[ignore = "known limitation (lock-inc README, now documented): one claim per key; a writer that overwrote another's claim and gave up leaves the key unclaimed until the other's next attempt"]
 async fn inc_a_second_writer_giving_up_lets_readers_past_the_first() {
     let Some(binary) = redis_or_skip("inc: one claim per key") else {
         return;
