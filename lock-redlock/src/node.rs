@@ -293,7 +293,10 @@ enum Connection {
 /// moment) is tried again at the next request rather than kept as the node's answer for good.
 /// Requests meanwhile wait for the one attempt under way. A request takes a clone of the
 /// connection (two reference counts) and sends on it directly: no shared future to poll, no
-/// second boxed future per request. Cheap to clone (one shared allocation).
+/// second boxed future per request. A connection the server closed while idle is let go as
+/// soon as redis-rs says so (RESP3), or by the request it refuses before writing anything,
+/// which then goes on a connection opened anew (RESP2; see [`Managed::send`]). Cheap to clone
+/// (one shared allocation).
 #[derive(Clone)]
 struct Managed(Arc<ManagedParts>);
 
@@ -304,10 +307,6 @@ struct ManagedParts {
     /// Numbers the connections (and attempts), so that a failure is held against the
     /// connection it happened on, not one opened since.
     opened: AtomicU64,
-    /// When the connection was last handed to a request, in ms since `epoch` (see
-    /// [`Managed::idle`]).
-    used_at: AtomicU64,
-    epoch: std::time::Instant,
 }
 
 /// The connection as the next request finds it.
@@ -330,25 +329,16 @@ impl Managed {
             config,
             slot: std::sync::RwLock::new(Slot::Empty),
             opened: AtomicU64::new(0),
-            used_at: AtomicU64::new(0),
-            epoch: std::time::Instant::now(),
         }))
     }
 
     /// The open connection (opened now if there is none) and its number.
     async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
         let (number, opening) = loop {
-            let open = match &*self.0.slot.read().unwrap_or_else(PoisonError::into_inner) {
-                Slot::Open(number, connection) => Some((*number, connection.clone())),
+            match &*self.0.slot.read().unwrap_or_else(PoisonError::into_inner) {
+                Slot::Open(number, connection) => return Ok((*number, connection.clone())),
                 Slot::Opening(number, opening) => break (*number, opening.clone()),
-                Slot::Empty => None,
-            };
-            if let Some((number, mut connection)) = open {
-                // Unused for a while, it may have been closed meanwhile (unheard over RESP2).
-                if !self.idle() || !ended(&mut connection) {
-                    return Ok((number, connection));
-                }
-                self.closed(number);
+                Slot::Empty => {}
             }
             self.open();
         };
@@ -401,18 +391,6 @@ impl Managed {
         }
     }
 
-    /// Whether the connection was last handed out [`CHECK_IDLE_AFTER_MS`] ago or longer (and
-    /// notes that it is handed out now): a clock read per request, a write at most once a
-    /// millisecond.
-    fn idle(&self) -> bool {
-        let now = u64::try_from(self.0.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let last = self.0.used_at.load(Ordering::Relaxed);
-        if last != now {
-            self.0.used_at.store(now, Ordering::Relaxed);
-        }
-        now.saturating_sub(last) >= CHECK_IDLE_AFTER_MS
-    }
-
     /// After `error` on the connection `number`: a broken connection is let go, so that the
     /// next request opens another.
     fn after(&self, number: u64, error: &RedisError) {
@@ -435,41 +413,49 @@ impl Managed {
             *slot = Slot::Empty;
         }
     }
-}
 
-/// How long a node's connection may go unused before the next request checks that it has
-/// not ended meanwhile ([`ended`]): over RESP2 nothing tells of a connection the server closed
-/// while nobody used it (an idle `timeout`, `CLIENT KILL`, a restart), and the next request
-/// would meet it and fail. (Over RESP3 the close is heard at once, see [`Managed::open`].)
-const CHECK_IDLE_AFTER_MS: u64 = 100;
+    /// Sends what `send` makes of the open connection. A connection that has ended (the
+    /// server closed it while nobody used it: an idle `timeout`, `CLIENT KILL`, a restart,
+    /// which over RESP2 nothing tells) refuses the request at its first poll, before anything
+    /// is written: it then goes once more, on a connection opened anew, instead of failing.
+    async fn send<T, Sending>(
+        &self,
+        send: impl Fn(MultiplexedConnection) -> Sending,
+    ) -> RedisResult<T>
+    where
+        Sending: Future<Output = RedisResult<T>>,
+    {
+        let (mut number, connection) = self.connection().await?;
+        let mut sending = std::pin::pin!(send(connection));
+        let answer = match futures::poll!(sending.as_mut()) {
+            std::task::Poll::Ready(Err(error)) if broken(&error) => {
+                self.after(number, &error);
+                let connection;
+                (number, connection) = self.connection().await?;
+                send(connection).await
+            }
+            std::task::Poll::Ready(answer) => answer,
+            std::task::Poll::Pending => sending.await,
+        };
+        if let Err(error) = &answer {
+            self.after(number, error);
+        }
+        answer
+    }
+}
 
 /// Whether `error` says the connection itself broke (not a server's error answer).
 fn broken(error: &RedisError) -> bool {
     error.is_unrecoverable_error() || error.is_io_error() || error.is_connection_dropped()
 }
 
-/// Whether `connection` has ended (the server closed it, or it broke), asked without waiting
-/// for a round trip: a `PING` handed to it, dropped after its first poll. An ended connection
-/// refuses it at once, before anything is written (as it would the request); a live one takes
-/// it, and the answer, awaited by nobody, is dropped (at most one `PING` per idle spell).
-fn ended(connection: &mut MultiplexedConnection) -> bool {
-    static PING: LazyLock<Cmd> = LazyLock::new(|| redis::cmd("PING"));
-    matches!(
-        connection.send_packed_command(&PING).now_or_never(),
-        Some(Err(error)) if broken(&error)
-    )
-}
-
 impl ConnectionLike for Managed {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        Box::pin(async move {
-            let (number, mut connection) = self.connection().await?;
-            let answer = connection.send_packed_command(cmd).await;
-            if let Err(error) = &answer {
-                self.after(number, error);
-            }
-            answer
-        })
+        Box::pin(
+            self.send(
+                move |mut connection| async move { connection.send_packed_command(cmd).await },
+            ),
+        )
     }
 
     fn req_packed_commands<'a>(
@@ -478,16 +464,11 @@ impl ConnectionLike for Managed {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        Box::pin(async move {
-            let (number, mut connection) = self.connection().await?;
-            let answer = connection
+        Box::pin(self.send(move |mut connection| async move {
+            connection
                 .send_packed_commands(pipeline, offset, count)
-                .await;
-            if let Err(error) = &answer {
-                self.after(number, error);
-            }
-            answer
-        })
+                .await
+        }))
     }
 
     fn get_db(&self) -> i64 {
