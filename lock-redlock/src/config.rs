@@ -35,7 +35,8 @@ pub enum ConnectionKind {
 /// facade's parsers hide every string of the document that looks like a URL with user info.
 ///
 /// # Default
-/// - `urls`: none (at least one is required)
+/// - `urls`: none (at least one is required; each node once: the same address and database
+///   twice is refused)
 /// - `drift_factor`: 0.01 (node-redlock's default)
 /// - `node_timeout`: derived per call as 5 % of the ttl, between 20 ms and 500 ms
 /// - `connect_timeout`: 500 ms
@@ -246,8 +247,22 @@ impl RedlockConfig {
                 "name at least one redis:// node",
             ));
         }
+        // Each node once: the same server (address and database) named twice would count its
+        // vote twice toward the quorum, and its failure twice against it.
+        let mut nodes: Vec<(String, i64)> = Vec::with_capacity(self.urls.len());
         for (index, url) in self.urls.iter().enumerate() {
-            NodeUrl::parse(url).map_err(|e| e.within(&format!("urls[{index}]")))?;
+            let node = NodeUrl::parse(url).map_err(|e| e.within(&format!("urls[{index}]")))?;
+            if let Some(first) = nodes.iter().position(|seen| *seen == node.identity) {
+                return Err(LockError::invalid(
+                    format!("urls[{index}]"),
+                    format!(
+                        "{url} names the same node as urls[{first}] ({}, database {}): \
+                         Redlock's nodes must be independent servers",
+                        node.label, node.identity.1
+                    ),
+                ));
+            }
+            nodes.push(node.identity);
         }
         URL_RULES.check_ca_file(self.tls_ca_file.as_deref())?;
         validate::fraction("drift_factor", self.drift_factor)?;
@@ -313,6 +328,9 @@ const URL_RULES: UrlRules = UrlRules {
 pub(crate) struct NodeUrl {
     pub(crate) url: String,
     pub(crate) label: String,
+    /// The server's address as redis-rs reads it, and the database: what makes two URLs the
+    /// same node.
+    pub(crate) identity: (String, i64),
 }
 
 impl NodeUrl {
@@ -325,12 +343,14 @@ impl NodeUrl {
         if host_port.is_empty() {
             return Err(LockError::invalid("url", format!("{url} names no host")));
         }
-        if let Err(error) = redis::Client::open(url.expose()) {
-            return Err(LockError::invalid("url", format!("{url}: {error}")));
-        }
+        let info = match redis::Client::open(url.expose()) {
+            Ok(client) => client.get_connection_info().clone(),
+            Err(error) => return Err(LockError::invalid("url", format!("{url}: {error}"))),
+        };
         Ok(Self {
             url: url.expose().to_owned(),
             label: host_port.to_owned(),
+            identity: (info.addr().to_string(), info.redis_settings().db()),
         })
     }
 }
@@ -345,6 +365,35 @@ mod tests {
     fn defaults_validate_once_urls_are_set() {
         assert!(RedlockConfig::default().validate().is_err());
         RedlockConfig::new(["redis://127.0.0.1:6379/"])
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_node_named_twice_is_refused() {
+        for urls in [
+            ["redis://127.0.0.1:7003/", "redis://127.0.0.1:7003/"],
+            ["redis://:secret@127.0.0.1:7003/", "redis://127.0.0.1:7003"],
+            [
+                "redis://127.0.0.1:7003/2",
+                "redis://127.0.0.1:7003/2?protocol=resp3",
+            ],
+        ] {
+            let error = RedlockConfig::new([urls[0], "redis://127.0.0.1:7004/", urls[1]])
+                .validate()
+                .unwrap_err();
+            let message = error.to_string();
+            assert!(
+                message.contains("urls[2]") && message.contains("same node as urls[0]"),
+                "{message}"
+            );
+            assert!(!message.contains("secret"), "{message}");
+        }
+        // Another database of the same server, or another port, is another node.
+        RedlockConfig::new(["redis://127.0.0.1:7003/0", "redis://127.0.0.1:7003/1"])
+            .validate()
+            .unwrap();
+        RedlockConfig::new(["redis://127.0.0.1:7003", "redis://127.0.0.1:7004"])
             .validate()
             .unwrap();
     }
