@@ -300,3 +300,44 @@ pub async fn release_as_fair_client(
         .await
         .expect("the test's own server answers")
 }
+
+/// A fair client of `store` (`Redis` or inc on one server) at `url` — the store's own URL or a
+/// proxy's — with `ttl`, retrying every `delay` (no jitter) and giving up after `deadline`:
+/// Redlock with a 2 s node timeout, inc with a 5 s command timeout, so that a slow link or a
+/// stalled server is waited for rather than counted as a failure.
+///
+/// # Panics
+/// When the backend cannot be made or inc cannot connect.
+pub async fn client_at(
+    store: Store,
+    url: String,
+    ttl: Duration,
+    delay: Duration,
+    deadline: Duration,
+) -> Locker {
+    let options = LockOptions::default().with_ttl(ttl).with_retry(
+        RetryPolicy::forever()
+            .with_retry_delay(delay)
+            .with_retry_jitter(Duration::ZERO)
+            .with_deadline(deadline),
+    );
+    let locker = match store {
+        Store::Redis => Locker::new(
+            Redlock::new(
+                RedlockConfig::new(vec![url])
+                    .with_fair(true)
+                    .with_node_timeout(Duration::from_secs(2)),
+            )
+            .expect("a valid config"),
+        ),
+        _ => Locker::new(
+            IncLock::connect(IncConfig {
+                command_timeout: 5_000,
+                ..IncConfig::new(url).with_fair(true)
+            })
+            .await
+            .expect("inc connects"),
+        ),
+    };
+    locker.with_options(options).expect("valid options")
+}

@@ -202,6 +202,26 @@ impl RedisServer {
             .unwrap_or(0))
     }
 
+    /// How many connections the server has accepted so far (`INFO stats`
+    /// `total_connections_received`), the one that asks included.
+    ///
+    /// # Panics
+    /// When the server cannot be asked.
+    pub fn accepted(&self) -> u64 {
+        let mut asking = redis::Client::open(self.url())
+            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
+            .expect("a connection for INFO");
+        let stats: String = redis::cmd("INFO")
+            .arg("stats")
+            .query(&mut asking)
+            .expect("INFO stats");
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix("total_connections_received:"))
+            .and_then(|count| count.trim().parse().ok())
+            .expect("total_connections_received in INFO stats")
+    }
+
     /// Kills the process (SIGKILL) and reaps it; its data is gone (no persistence).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

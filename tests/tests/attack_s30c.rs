@@ -10,10 +10,8 @@
 use std::time::Duration;
 
 use lock_core::raw::{KeySet, LockRequest};
-use lock_core::{Key, LockError, LockOptions, Locker, RetryPolicy, Token};
-use lock_inc::{IncConfig, IncLock};
-use lock_redlock::{Redlock, RedlockConfig};
-use lock_tests::fair::{Store, Target};
+use lock_core::{Key, LockError, Locker, RetryPolicy, Token};
+use lock_tests::fair::{Store, Target, client_at};
 use lock_tests::proxy::LatencyProxy;
 use tokio::time::Instant;
 
@@ -29,33 +27,9 @@ const TTL: Duration = Duration::from_secs(20);
 const LAPSE: Duration = Duration::from_millis(1_500);
 
 /// A fair client of `store` at `url` (through a proxy or not), with `TTL`, polling every
-/// 200 ms as a fair waiter does, giving up after `deadline`.
+/// 50 ms, giving up after `deadline`.
 async fn client(store: Store, url: String, deadline: Duration) -> Locker {
-    let options = LockOptions::default().with_ttl(TTL).with_retry(
-        RetryPolicy::forever()
-            .with_retry_delay(ms(50))
-            .with_retry_jitter(Duration::ZERO)
-            .with_deadline(deadline),
-    );
-    let locker = match store {
-        Store::Redis => Locker::new(
-            Redlock::new(
-                RedlockConfig::new(vec![url])
-                    .with_fair(true)
-                    .with_node_timeout(ms(2_000)),
-            )
-            .unwrap(),
-        ),
-        _ => Locker::new(
-            IncLock::connect(IncConfig {
-                command_timeout: 5_000,
-                ..IncConfig::new(url).with_fair(true)
-            })
-            .await
-            .unwrap(),
-        ),
-    };
-    locker.with_options(options).unwrap()
+    client_at(store, url, TTL, ms(50), deadline).await
 }
 
 /// `waiter` waits on `warm` behind another client, which releases once it is in line: the

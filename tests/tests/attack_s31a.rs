@@ -32,22 +32,6 @@ fn locker_at(urls: &[String], kind: ConnectionKind, node_timeout: Duration) -> L
         .expect("valid options")
 }
 
-/// How many connections the server has accepted so far (the asking one included).
-fn accepted(server: &RedisServer) -> u64 {
-    let mut asking = redis::Client::open(server.url())
-        .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
-        .expect("a connection for INFO");
-    let stats: String = redis::cmd("INFO")
-        .arg("stats")
-        .query(&mut asking)
-        .expect("INFO stats");
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix("total_connections_received:"))
-        .and_then(|count| count.trim().parse().ok())
-        .expect("total_connections_received")
-}
-
 /// Kills every normal connection but the asking one; how many.
 fn kill_all(server: &RedisServer) -> u64 {
     let mut asking = redis::Client::open(server.url())
@@ -185,14 +169,14 @@ async fn resp2_a_connection_closed_while_idle_does_not_fail_the_next_try() {
         tokio::time::sleep(ms(100)).await;
     }
     tokio::time::sleep(ms(100)).await;
-    let before = accepted(&server);
+    let before = server.accepted();
     assert_eq!(
         one_try(&locker, "idle").await,
         Ok(true),
         "the try after the server's idle timeout closed the connection"
     );
     // One connection opened for it (less the one that asked).
-    assert_eq!(accepted(&server) - before - 1, 1);
+    assert_eq!(server.accepted() - before - 1, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -439,7 +423,7 @@ async fn hammering_while_connections_are_killed_keeps_exclusion_and_opens_one_pe
         )
         .unwrap();
     assert_eq!(one_try(&locker, "a").await, Ok(true));
-    let before: Vec<u64> = servers.iter().map(|server| accepted(server)).collect();
+    let before: Vec<u64> = servers.iter().map(|server| server.accepted()).collect();
     let stop = Arc::new(AtomicBool::new(false));
     // Per node: connections killed, and the killer's own (one per kill).
     let kills: Arc<[[AtomicU64; 2]; 3]> = Arc::new(Default::default());
@@ -517,7 +501,7 @@ async fn hammering_while_connections_are_killed_keeps_exclusion_and_opens_one_pe
         0,
         "a fencing value not above the last"
     );
-    let after: Vec<u64> = servers.iter().map(|server| accepted(server)).collect();
+    let after: Vec<u64> = servers.iter().map(|server| server.accepted()).collect();
     for (node, (before, after)) in before.iter().zip(&after).enumerate() {
         // Ours: less the killer's connections and the one that asked now. One per connection
         // of ours killed (a reconnection per request would cost hundreds).

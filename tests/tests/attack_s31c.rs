@@ -13,9 +13,7 @@ use std::time::Duration;
 
 use lock_core::raw::{KeySet, LockRequest};
 use lock_core::{Key, LockError, LockOptions, Locker, RetryPolicy, Token};
-use lock_inc::{IncConfig, IncLock};
-use lock_redlock::{Redlock, RedlockConfig};
-use lock_tests::fair::{Store, Target};
+use lock_tests::fair::{Store, Target, client_at};
 use lock_tests::proxy::LatencyProxy;
 use tokio::time::Instant;
 
@@ -26,42 +24,6 @@ fn ms(n: u64) -> Duration {
 
 /// The far-back waiter's ttl: its deferral is capped at a quarter of it (5 s).
 const TTL: Duration = Duration::from_secs(20);
-
-/// A fair client of `store` at `url` with `ttl`, retrying every `delay` (no jitter), giving up
-/// after `deadline`.
-async fn client(
-    store: Store,
-    url: String,
-    ttl: Duration,
-    delay: Duration,
-    deadline: Duration,
-) -> Locker {
-    let options = LockOptions::default().with_ttl(ttl).with_retry(
-        RetryPolicy::forever()
-            .with_retry_delay(delay)
-            .with_retry_jitter(Duration::ZERO)
-            .with_deadline(deadline),
-    );
-    let locker = match store {
-        Store::Redis => Locker::new(
-            Redlock::new(
-                RedlockConfig::new(vec![url])
-                    .with_fair(true)
-                    .with_node_timeout(ms(2_000)),
-            )
-            .unwrap(),
-        ),
-        _ => Locker::new(
-            IncLock::connect(IncConfig {
-                command_timeout: 5_000,
-                ..IncConfig::new(url).with_fair(true)
-            })
-            .await
-            .unwrap(),
-        ),
-    };
-    locker.with_options(options).unwrap()
-}
 
 /// Once `count` waiters are in `key`'s line on the first server (3 s at most).
 async fn in_line(target: &Target, key: &str, count: usize) {
@@ -163,7 +125,7 @@ async fn held_a_waiter_whose_link_changes_speed_finds_the_lapsed_key_by_its_poll
             };
             let proxy = LatencyProxy::start(target.servers[0].port()).await.unwrap();
             proxy.set_delay(before);
-            let waiter = client(store, proxy.url(), TTL, ms(50), ms(15_000)).await;
+            let waiter = client_at(store, proxy.url(), TTL, ms(50), ms(15_000)).await;
             warm_up(&target, &waiter).await;
             let lapsed = crashed_line(&target, "k", 30, ms(1_500)).await;
             let got = acquire(&waiter, "k");
@@ -227,7 +189,7 @@ async fn held_mixed_clients_on_tiny_ttls_never_overlap_and_never_wait_long() {
                     .with_retry_jitter(ms(1))
                     .with_deadline(ms(10_000)),
             });
-            let locker = client(store, url, ttl, ms(1), ms(10_000))
+            let locker = client_at(store, url, ttl, ms(1), ms(10_000))
                 .await
                 .with_options(options)
                 .unwrap();
@@ -357,7 +319,7 @@ async fn held_lines_serve_in_order_on_every_store() {
         let mut waiters = Vec::new();
         for _ in 0..8 {
             waiters.push(if single {
-                client(store, proxy.url(), ttl, ms(20), ms(12_000)).await
+                client_at(store, proxy.url(), ttl, ms(20), ms(12_000)).await
             } else {
                 target.locker(true, ttl, retry.clone()).await
             });
@@ -460,7 +422,7 @@ async fn held_a_line_behind_a_link_that_changes_speed_keeps_its_waits_and_calls(
         let proxy = LatencyProxy::start(target.servers[0].port()).await.unwrap();
         let mut clients = Vec::new();
         for _ in 0..12 {
-            let locker = client(store, proxy.url(), TTL, ms(5), ms(15_000)).await;
+            let locker = client_at(store, proxy.url(), TTL, ms(5), ms(15_000)).await;
             locker.acquire("k").await.unwrap().release().await.unwrap();
             clients.push(locker);
         }
@@ -524,7 +486,7 @@ async fn flipping_link(store: Store, flip: Duration) -> (f64, u64, Duration) {
     let proxy = Arc::new(LatencyProxy::start(target.servers[0].port()).await.unwrap());
     let mut clients = Vec::new();
     for _ in 0..16 {
-        let locker = client(store, proxy.url(), TTL, ms(5), ms(15_000)).await;
+        let locker = client_at(store, proxy.url(), TTL, ms(5), ms(15_000)).await;
         locker.acquire("k").await.unwrap().release().await.unwrap();
         clients.push(locker);
     }

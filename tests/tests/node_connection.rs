@@ -30,22 +30,6 @@ async fn connections(server: &RedisServer) -> Vec<String> {
         .collect()
 }
 
-/// How many connections the server has accepted so far, the one that asks included.
-fn accepted(server: &RedisServer) -> u64 {
-    let mut asking = redis::Client::open(server.url())
-        .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
-        .expect("a connection for INFO");
-    let stats: String = redis::cmd("INFO")
-        .arg("stats")
-        .query(&mut asking)
-        .expect("INFO stats");
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix("total_connections_received:"))
-        .and_then(|count| count.trim().parse().ok())
-        .expect("total_connections_received in INFO stats")
-}
-
 /// `count` single tries at once on distinct keys: how many won (each released).
 async fn tries_at_once(locker: &Locker, round: usize, count: usize) -> usize {
     let tries = (0..count).map(|n| {
@@ -76,11 +60,11 @@ async fn requests_arriving_together_share_one_connection_attempt() {
     let server = RedisServer::start(&binary, &[]).expect("redis-server");
     let locker = locker(&server);
     // 64 first requests at once on a node never asked before: all wait for the one attempt.
-    let before = accepted(&server);
+    let before = server.accepted();
     let won = tries_at_once(&locker, 0, 64).await;
     assert_eq!(won, 64, "every try on a free key wins");
     // Less the connection that asked after.
-    let opened = accepted(&server) - before - 1;
+    let opened = server.accepted() - before - 1;
     assert_eq!(
         opened, 1,
         "connections opened for 64 requests arriving together"
@@ -108,7 +92,7 @@ async fn a_connection_killed_by_the_server_is_replaced_once() {
             .expect("CLIENT KILL");
         assert!(killed.contains('1'), "killed: {killed}");
         // The requests that meet the broken connection fail; the next ones open another.
-        let before = accepted(&server);
+        let before = server.accepted();
         let mut won = 0;
         for attempt in 0..20 {
             won = tries_at_once(&locker, round * 100 + attempt, 8).await;
@@ -117,7 +101,7 @@ async fn a_connection_killed_by_the_server_is_replaced_once() {
             }
         }
         assert_eq!(won, 8, "round {round}: the node never came back");
-        let opened = accepted(&server) - before - 1;
+        let opened = server.accepted() - before - 1;
         assert_eq!(
             opened, 1,
             "round {round}: connections opened after the kill"
