@@ -254,3 +254,47 @@ fn backend_options_reach_the_backend_from_lock_config() {
         "{stderr}"
     );
 }
+
+/// `--wait` waits until the lock is free whatever the retry count: inc's default policy is a
+/// single attempt and a configured count of 0 or 1 would end the wait while the lock is held.
+#[test]
+fn wait_waits_until_the_lock_is_free_on_every_backend() {
+    let Some(binary) = redis_or_skip("lockrun") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).expect("server");
+    let configs = [
+        serde_json::json!({"type": "inc", "urls": [server.url()]}),
+        serde_json::json!({"type": "inc", "urls": [server.url()], "retryCount": 0}),
+        serde_json::json!({"type": "redis", "url": server.url(), "retryCount": 1, "retryDelay": 10}),
+    ];
+    for (number, config) in configs.iter().enumerate() {
+        let config = config.to_string();
+        let key = format!("wait-{number}");
+        let mut holder = lockrun(&config, &[&key, "--", "sleep", "1.5"])
+            .spawn()
+            .expect("holder");
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        let waited = lockrun(&config, &["--wait", &key, "--", "true"])
+            .output()
+            .expect("run");
+        let took = started.elapsed();
+        assert_eq!(code(&waited), 0, "{config}: {waited:?}");
+        assert!(
+            took >= Duration::from_millis(700),
+            "{config}: ran after {took:?}, while the holder still held the lock"
+        );
+        holder.wait().expect("holder ends");
+        // --timeout still bounds it.
+        let mut holder_again = lockrun(&config, &[&key, "--", "sleep", "1.5"])
+            .spawn()
+            .expect("holder");
+        std::thread::sleep(Duration::from_millis(500));
+        let bounded = lockrun(&config, &["--wait", "--timeout", "200", &key, "--", "true"])
+            .output()
+            .expect("run");
+        assert_eq!(code(&bounded), 76, "{config}: {bounded:?}");
+        holder_again.wait().expect("holder ends");
+    }
+}

@@ -77,7 +77,9 @@ struct Cli {
     /// Fail at once (exit 75) if the lock is held, instead of waiting.
     #[arg(long, conflicts_with = "wait")]
     no_wait: bool,
-    /// Wait for the lock per the retry policy (the default).
+    /// Wait until the lock is free (bounded by --timeout when given), whatever retry count
+    /// the configuration or the backend's default sets (inc's default is a single attempt).
+    /// Without --wait or --no-wait the configuration's retry policy decides.
     #[arg(long)]
     wait: bool,
     /// Lock lifetime in ms; the lock is extended while the command runs (a third of the ttl
@@ -250,6 +252,10 @@ async fn run(cli: Cli) -> Outcome {
     overrides.retry.deadline = cli.timeout;
     if cli.no_wait {
         overrides.retry.retry_count = Some(0);
+    } else if cli.wait {
+        // Asked for by name: a configured count, or a backend's single attempt, would end the
+        // wait while the lock is still held.
+        overrides.retry.retry_count = Some(-1);
     } else if base.retry.retry_count.is_none() && cli.timeout.is_some() {
         // A timeout bounds the wait; the retry count should not cut it shorter.
         overrides.retry.retry_count = Some(-1);
