@@ -759,12 +759,20 @@ impl Lock for MemoryLock {
 
     async fn purge(&self, prefix: &str) -> Result<u64> {
         let mut purged = 0;
+        let now = Instant::now();
         self.inner.slots.retain(|key, slot| {
             if !key.as_str().starts_with(prefix) || (slot.holder.is_none() && slot.shared.is_none())
             {
                 return true;
             }
-            purged += 1;
+            // Only live locks count, as a Redis server counts the keys it deletes: a lease that
+            // expired and was not swept yet is removed without being counted.
+            let live = slot.holder.as_ref().is_some_and(|h| h.expires_at > now)
+                || slot
+                    .shared
+                    .as_ref()
+                    .is_some_and(|shared| shared.holders.iter().any(|h| h.expires_at > now));
+            purged += u64::from(live);
             slot.holder = None;
             slot.shared = None;
             slot.generation += 1;
@@ -1123,5 +1131,21 @@ mod tests {
         assert!(matches!(a.release().await, Err(LockError::NotHeld { .. })));
         drop(b);
         other.release().await.unwrap();
+    }
+
+    /// A lease that expired before the purge (not swept yet) is removed but not counted.
+    #[tokio::test]
+    async fn purge_counts_only_live_locks() {
+        let lock = MemoryLock::new();
+        let short = locker(&lock, Duration::from_millis(20));
+        let expired = short.acquire("jobs:old").await.unwrap();
+        let expired_permit = short.acquire_permit("jobs:sem", 2).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let live = locker(&lock, Duration::from_secs(10));
+        let held = live.acquire("jobs:new").await.unwrap();
+        let permit = live.acquire_permit("jobs:sem2", 2).await.unwrap();
+        assert_eq!(live.purge("jobs:").await.unwrap(), 2);
+        assert_eq!(lock.len(), 0);
+        drop((expired, expired_permit, held, permit));
     }
 }
