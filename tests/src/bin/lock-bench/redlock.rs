@@ -87,12 +87,14 @@ async fn uncontended(
     )?;
     let rslock = LockManager::new(urls.to_vec());
     let mut alone = RedisAlone::connect(limit_server).await?;
+    let mut alone_fair = RedisAloneFair::connect(limit_server).await?;
     for _ in 0..50 {
         manager.acquire("bench-key").await?.release().await?;
         pool.acquire("bench-key").await?.release().await?;
         rslock_cycle(&rslock).await?;
         alone.cycle().await?;
         if nodes == 1 {
+            alone_fair.cycle().await?;
             not_fair.acquire("bench-key").await?.release().await?;
             manager
                 .acquire_permit("bench-sem", 4)
@@ -103,9 +105,9 @@ async fn uncontended(
         }
     }
     // redis-rs alone is a one-server reference; on one node, a semaphore permit's and a read
-    // lock's cycles run beside the mutex's (clients 4 and 5), and the mutex without `fair`
-    // (client 6).
-    let clients = if nodes == 1 { 7 } else { 3 };
+    // lock's cycles run beside the mutex's (clients 4 and 5), the mutex without `fair`
+    // (client 6), and redis-rs alone sending the default's commands (client 7).
+    let clients = if nodes == 1 { 8 } else { 3 };
     let release = include_str!("../../../../lock-redlock/src/lua/release.lua");
     let floor = MinimalClient::connect(
         limit_server.port(),
@@ -118,7 +120,7 @@ async fn uncontended(
         ],
     )?;
     let mut references = References::new(floor, cycles, rounds);
-    let mut times = [Duration::ZERO; 7];
+    let mut times = [Duration::ZERO; 8];
     for chunk in 0..references.chunks() {
         references.before_chunk(chunk, |requests| redlock_limit(limit_server, requests))?;
         // The order turns with every chunk, so that no client always runs right after the
@@ -141,7 +143,8 @@ async fn uncontended(
                             .await?
                     }
                     5 => manager.acquire_read("bench-rw").await?.release().await?,
-                    _ => not_fair.acquire("bench-key").await?.release().await?,
+                    6 => not_fair.acquire("bench-key").await?.release().await?,
+                    _ => alone_fair.cycle().await?,
                 }
             }
             times[client] += started.elapsed();
@@ -157,6 +160,7 @@ async fn uncontended(
         (PERMIT_CYCLE, times[4]),
         (READ_CYCLE, times[5]),
         (NOT_FAIR, times[6]),
+        (REDIS_ALONE_FAIR, times[7]),
     ];
     for (name, time) in named.into_iter().take(clients) {
         let mut uncontended = references.figure(name, nodes, time);
@@ -167,10 +171,17 @@ async fn uncontended(
         } else if name.starts_with("redlock") {
             uncontended.ratio_to_rslock = Some(uncontended.value / rslock_rate);
             if nodes == 1 {
-                // Against redis-rs alone, which sends the same commands as the cycle without
-                // `fair` (the default's `EXISTS` and fair release script cost the difference).
-                uncontended.reference = Some(REDIS_ALONE.to_owned());
-                uncontended.ratio_to_reference = Some(times[3].as_secs_f64() / time.as_secs_f64());
+                // Against redis-rs alone sending the same commands: the default's (`SET` with
+                // the line's `EXISTS`, the fair release script) for the default (manager and
+                // pool), the plain pair for the cycle without `fair`.
+                let (reference, time_alone) = if name == NOT_FAIR {
+                    (REDIS_ALONE, times[3])
+                } else {
+                    (REDIS_ALONE_FAIR, times[7])
+                };
+                uncontended.reference = Some(reference.to_owned());
+                uncontended.ratio_to_reference =
+                    Some(time_alone.as_secs_f64() / time.as_secs_f64());
             }
         }
         figures.push(uncontended);
@@ -432,6 +443,66 @@ impl RedisAlone {
             .await?;
         if set.is_none() || deleted != 1 {
             return Err("redis-rs alone: the key was not free".into());
+        }
+        Ok(())
+    }
+}
+
+const REDIS_ALONE_FAIR: &str = "redis-rs alone (the fair default's commands, no lock logic)";
+
+/// What the client library costs by itself sending what the default (`fair`) cycle sends on one
+/// node: `SET NX PX` with an `EXISTS` of the key's line in one pipeline, and the fair release
+/// script (the same source, keys and arguments as `lock-redlock`'s release of a lock taken
+/// without waiting), over one redis-rs multiplexed connection.
+struct RedisAloneFair {
+    connection: redis::aio::MultiplexedConnection,
+    release: redis::Script,
+}
+
+impl RedisAloneFair {
+    const KEY: &'static [u8] = b"bench-alone-fair";
+
+    async fn connect(server: &RedisServer) -> BenchResult<Self> {
+        let client = redis::Client::open(server.url())?;
+        let source = [
+            include_str!("../../../../lock-redlock/src/lua/release_fair.lua"),
+            lock_core::raw::redis::LINE_SCRIPT,
+            include_str!("../../../../lock-redlock/src/lua/line_pass.lua"),
+            include_str!("../../../../lock-redlock/src/lua/release_fair_pass.lua"),
+        ]
+        .concat();
+        Ok(Self {
+            connection: client.get_multiplexed_async_connection().await?,
+            release: redis::Script::new(&source),
+        })
+    }
+
+    async fn cycle(&mut self) -> BenchResult<()> {
+        const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+        let line = |suffix: &[u8]| [Self::KEY, suffix].concat();
+        let (set, lined): (Option<String>, i64) = redis::pipe()
+            .cmd("SET")
+            .arg(Self::KEY)
+            .arg(TOKEN)
+            .arg("NX")
+            .arg("PX")
+            .arg(TTL.as_millis() as u64)
+            .cmd("EXISTS")
+            .arg(line(b"\xff:queue-expiry"))
+            .query_async(&mut self.connection)
+            .await?;
+        let deleted: i64 = self
+            .release
+            .key(Self::KEY)
+            .key(line(b"\xff:queue"))
+            .key(line(b"\xff:queue-expiry"))
+            .arg(TOKEN)
+            .arg("")
+            .arg(lock_core::raw::redis::TURN_CHANNEL)
+            .invoke_async(&mut self.connection)
+            .await?;
+        if set.is_none() || lined != 0 || deleted != 1 {
+            return Err("redis-rs alone (fair): the key was not free".into());
         }
         Ok(())
     }
