@@ -114,7 +114,7 @@ fn every_flag_and_subcommand_in_help_is_tested() {
     );
 }
 
-/// `--wait` (the default) waits for a held lock; `--config` takes a file as well as inline text.
+/// `--wait` waits for a held lock; `--config` takes a file as well as inline text.
 #[test]
 fn explicit_wait_and_a_configuration_file() {
     let Some(binary) = redis_or_skip("lockrun") else {
