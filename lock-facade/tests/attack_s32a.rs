@@ -1,0 +1,74 @@
+//! Session 32a: a hostile user, environment and clock against `lockrun` and `create(config)`.
+#![cfg(all(feature = "redlock", feature = "inc", feature = "cli"))]
+#![allow(clippy::unwrap_used)]
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, Output};
+
+use lock_tests::server::{RedisServer, redis_or_skip};
+
+fn lockrun() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lockrun"));
+    command.env_remove("LOCK_CONFIG");
+    command
+}
+
+fn shown(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Arguments are bytes on Unix, not always UTF-8. lockrun read its arguments with
+/// `std::env::args()` (to look for an ambiguous subcommand), which panics on one that is not
+/// UTF-8 and quotes it whole in the panic message: exit 101 (no documented code), and a
+/// `--config` whose password holds an odd byte was printed on stderr, password and all. A
+/// command argument that is a non-UTF-8 file name (`rm $'\xff.log'`) made lockrun panic too,
+/// instead of running the command.
+#[test]
+fn non_utf8_arguments_neither_panic_nor_show_a_password() {
+    // A password with a byte that is not UTF-8: the configuration is refused, not shown.
+    let mut config = br#"{"type": "redis", "urls": ["redis://app:Hunter2-s3cret"#.to_vec();
+    config.extend_from_slice(b"\xff-tail@127.0.0.1:1/\"]}");
+    let output = lockrun()
+        .arg("--config")
+        .arg(OsStr::from_bytes(&config))
+        .args(["job", "--", "true"])
+        .output()
+        .unwrap();
+    let text = shown(&output);
+    assert!(
+        !text.contains("Hunter2") && !text.contains("s3cret"),
+        "the password is shown: {text}"
+    );
+    assert_eq!(output.status.code(), Some(78), "{text}");
+
+    // A key that is not UTF-8: bad arguments.
+    let output = lockrun()
+        .args([
+            "--config",
+            r#"{"type": "redis", "urls": ["redis://127.0.0.1:1/"]}"#,
+        ])
+        .arg(OsStr::from_bytes(b"job\xfe"))
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(78), "{}", shown(&output));
+
+    // A command argument that is not UTF-8 reaches the command byte for byte.
+    let Some(binary) = redis_or_skip("attack_s32a") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let config = serde_json::json!({"type": "redis", "urls": [server.url()]}).to_string();
+    let output = lockrun()
+        .args(["--config", &config, "job", "--", "printf", "%s"])
+        .arg(OsStr::from_bytes(b"file-\xff.log"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", shown(&output));
+    assert_eq!(output.stdout, b"file-\xff.log");
+}
