@@ -1,5 +1,6 @@
 //! The command line: arguments, configuration, exit codes, `purge` and `status`.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -114,9 +115,9 @@ struct Cli {
     /// The key to lock.
     #[arg(required = true)]
     key: Option<String>,
-    /// The command and its arguments, after `--`.
+    /// The command and its arguments, after `--` (any bytes: a file name need not be UTF-8).
     #[arg(last = true, required = true)]
-    command: Vec<String>,
+    command: Vec<OsString>,
     #[command(subcommand)]
     action: Option<Action>,
 }
@@ -170,7 +171,13 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 pub(crate) type Outcome = Result<u8, (u8, String)>;
 
 pub(crate) fn main() -> ExitCode {
-    if let Some(message) = ambiguous_subcommand(std::env::args().skip(1)) {
+    // `args_os`: `std::env::args` panics on an argument that is not UTF-8, quoting it whole (a
+    // `--config` password with an odd byte in it). Such a flag or key is refused by clap below,
+    // without quoting it; a command argument is passed on as it is.
+    let args = std::env::args_os()
+        .skip(1)
+        .map(|arg| arg.to_string_lossy().into_owned());
+    if let Some(message) = ambiguous_subcommand(args) {
         say!("lockrun: {message}");
         return ExitCode::from(exit::CONFIG);
     }

@@ -1,6 +1,7 @@
 //! Running the command under the lock: no process of its group may be alive once the lock's
 //! validity ends, whatever happens to the lock, to lockrun or to the command.
 
+use std::ffi::OsString;
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
@@ -74,7 +75,7 @@ pub(crate) struct Run<'a> {
     pub(crate) key: &'a str,
     /// A mutex, a semaphore permit, or a side of a read-write lock.
     pub(crate) kind: LeaseKind,
-    pub(crate) command: &'a [String],
+    pub(crate) command: &'a [OsString],
     pub(crate) no_wait: bool,
     pub(crate) timing: Timing,
     pub(crate) hold_at_least: Duration,
@@ -145,9 +146,11 @@ fn signal_code(signal: i32) -> u8 {
 /// Takes the lock, runs the command in its own process group under it and returns the exit
 /// code of the table in `lockrun --help`.
 pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
-    let Some((program, args)) = run.command.split_first() else {
+    let Some((program_os, args)) = run.command.split_first() else {
         return Err((exit::CONFIG, "no command given after --".to_owned()));
     };
+    // For messages only: the command runs with its bytes as given.
+    let program = program_os.to_string_lossy();
     // Installed before the wait for the lock, so that a signal then ends the wait cleanly.
     let mut forwarded =
         Forwarded::install().map_err(|e| (exit::BACKEND, format!("cannot handle signals: {e}")))?;
@@ -193,7 +196,7 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
             ));
         }
     };
-    let mut command = Command::new(program);
+    let mut command = Command::new(program_os);
     command.args(args).env(KEY_ENV, guard.key().as_str());
     if let Some(fence) = guard.fencing_token() {
         // Pass it to the resource, so that it can refuse writers holding an older one.
