@@ -72,3 +72,34 @@ fn non_utf8_arguments_neither_panic_nor_show_a_password() {
     assert_eq!(output.status.code(), Some(0), "{}", shown(&output));
     assert_eq!(output.stdout, b"file-\xff.log");
 }
+
+/// The README: no password appears in `lockrun`'s output "whatever its characters", and
+/// `redact_url` hides "query parameters whose name contains `pass`". Drivers read a query's
+/// names percent-decoded (`url`'s `query_pairs`), so `?p%61ss=` names `pass` to them; the
+/// redaction compared the name as written and showed the value: inc's status and its connect
+/// error printed `?p%61ssword=<the password>`.
+#[test]
+fn a_percent_encoded_password_parameter_is_hidden() {
+    for (url, secret) in [
+        ("redis://127.0.0.1:1/?p%61ssword=Qz7-s3cret", "Qz7-s3cret"),
+        ("redis://127.0.0.1:1/?db=0&%50ASS=Qz7-s3cret", "Qz7-s3cret"),
+        (
+            "redis://u:pw@127.0.0.1:1/?sentinel%50assword=Qz7-s3cret",
+            "Qz7-s3cret",
+        ),
+    ] {
+        let redacted = lock_facade::raw::redact_url(url);
+        assert!(!redacted.contains(secret), "{url} shown as {redacted}");
+        let config = serde_json::json!({"type": "inc", "url": url}).to_string();
+        for args in [&["status", "job"][..], &["--no-wait", "job", "--", "true"]] {
+            let output = lockrun()
+                .args(["--config", &config])
+                .args(args)
+                .output()
+                .unwrap();
+            let text = shown(&output);
+            assert!(!text.contains(secret), "{args:?} with {url}: {text}");
+            assert_eq!(output.status.code(), Some(69), "{text}");
+        }
+    }
+}
