@@ -24,7 +24,8 @@ const HIDDEN: &str = "***";
 /// - Without any `@` there is no user info; but a `:` in the host part followed by anything
 ///   but a port number is taken for a password whose `@host` is missing, and hidden with all
 ///   that follows it.
-/// - Query parameters whose name contains `pass` (`pass=`, `sentinelPassword=`) are hidden too.
+/// - Query parameters whose name contains `pass` (`pass=`, `sentinelPassword=`), as drivers
+///   read it (percent-decoded, any case: `P%41SS=`), are hidden too.
 ///
 /// Drivers (redis-rs, fred) parse URLs as WHATWG does: their host part ends at the first `/`,
 /// `?` or `#`, so a raw one of these in a password would move the host into the password.
@@ -98,13 +99,40 @@ fn redact_query(text: &str) -> String {
     let query: Vec<String> = query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if name.to_ascii_lowercase().contains("pass") => {
+            // Drivers read the name percent-decoded: `p%61ss` is `pass` to them.
+            Some((name, _)) if decoded_name(name).to_ascii_lowercase().contains("pass") => {
                 format!("{name}={HIDDEN}")
             }
             _ => pair.to_owned(),
         })
         .collect();
     format!("{before}{}{fragment}", query.join("&"))
+}
+
+/// A query parameter's name as drivers read it (`url`'s `query_pairs`): `%XX` escapes decoded
+/// (an invalid one kept as written), the bytes read as UTF-8 with invalid ones replaced.
+fn decoded_name(name: &str) -> String {
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|pair| pair.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|pair| std::str::from_utf8(pair).ok())
+            .and_then(|pair| u8::from_str_radix(pair, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A connection URL (`redis://user:password@host:port/db`) that may carry a password.
