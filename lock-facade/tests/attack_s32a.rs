@@ -103,3 +103,43 @@ fn a_percent_encoded_password_parameter_is_hidden() {
         }
     }
 }
+
+/// The README: `LOCK_FENCING_TOKEN` is set "where the backend hands out fencing tokens (inc, or
+/// Redlock with `fencing`)" — the command's token, to pass to the resource. Under a backend
+/// without tokens lockrun left the variable as it found it: a command run from a shell or job
+/// that had one (a lockrun inside another, or a hostile environment) read a token that was not
+/// its own and fenced the resource with it.
+#[test]
+fn no_fencing_token_is_inherited_from_the_environment() {
+    let Some(binary) = redis_or_skip("attack_s32a") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let plain = serde_json::json!({"type": "redis", "urls": [server.url()]}).to_string();
+    let output = lockrun()
+        .env("LOCK_FENCING_TOKEN", "999999999")
+        .args(["--config", &plain, "job", "--", "sh", "-c"])
+        .arg("printf %s \"${LOCK_FENCING_TOKEN-unset}\"")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", shown(&output));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "unset",
+        "Redlock without fencing hands out no token"
+    );
+    // With tokens, the command's own one (inc's first token on a fresh key is not ours).
+    let inc = serde_json::json!({"type": "inc", "url": server.url()}).to_string();
+    let output = lockrun()
+        .env("LOCK_FENCING_TOKEN", "999999999")
+        .args(["--config", &inc, "job", "--", "sh", "-c"])
+        .arg("printf %s \"${LOCK_FENCING_TOKEN-unset}\"")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", shown(&output));
+    let token = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        token != "999999999" && token.parse::<u64>().is_ok(),
+        "{token}"
+    );
+}
