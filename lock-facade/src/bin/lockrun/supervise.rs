@@ -198,10 +198,12 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
     };
     let mut command = Command::new(program_os);
     command.args(args).env(KEY_ENV, guard.key().as_str());
-    if let Some(fence) = guard.fencing_token() {
+    match guard.fencing_token() {
         // Pass it to the resource, so that it can refuse writers holding an older one.
-        command.env(FENCING_TOKEN_ENV, fence.to_string());
-    }
+        Some(fence) => command.env(FENCING_TOKEN_ENV, fence.to_string()),
+        // Never one inherited from lockrun's environment (an outer lockrun's): not this lock's.
+        None => command.env_remove(FENCING_TOKEN_ENV),
+    };
     let started = Instant::now();
     let mut group = match Group::spawn(&mut command) {
         Ok(group) => group,
