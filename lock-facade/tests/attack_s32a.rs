@@ -143,3 +143,54 @@ fn no_fencing_token_is_inherited_from_the_environment() {
         "{token}"
     );
 }
+
+/// The promise: no process of the command is alive once the lock's validity has ended, the
+/// group getting SIGTERM when the kill grace plus a margin (ttl/8 + ttl/20) is left. lockrun
+/// started the command whatever validity the guard had left: a guard handed out with less
+/// than that (an acquisition answered late in its ttl; here a drift factor that leaves ~8 ms
+/// of a 1 s ttl) started the command only to stop it at once — the command ran, if briefly,
+/// past the point where it should already have been killed. Here the command does not exist:
+/// lockrun tried to start it (127) instead of giving up on the lock first.
+#[test]
+fn a_lock_with_too_little_validity_left_starts_no_command() {
+    let Some(binary) = redis_or_skip("attack_s32a") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let config = serde_json::json!({
+        "type": "redis", "urls": [server.url()], "driftFactor": 0.99,
+        "retryCount": -1, "retryDelay": 1, "retryJitter": 1,
+    })
+    .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let touch = format!("touch '{}'; sleep 5", marker.display());
+    for (key, command) in [
+        ("missing", &["/nonexistent/lockrun-s32a-job"][..]),
+        ("touch", &["sh", "-c", touch.as_str()]),
+    ] {
+        let output = lockrun()
+            .args([
+                "--config",
+                &config,
+                "--ttl",
+                "1000",
+                "--timeout",
+                "10000",
+                key,
+            ])
+            .arg("--")
+            .args(command)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(77), "{key}: {}", shown(&output));
+        assert!(!marker.exists(), "the command ran");
+        // Released: the next run finds the key free.
+        assert_eq!(
+            server
+                .command(&format!("EXISTS {key}"), std::time::Duration::from_secs(1))
+                .unwrap(),
+            ":0"
+        );
+    }
+}
