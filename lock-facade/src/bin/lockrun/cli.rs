@@ -31,7 +31,9 @@ const EXIT_CODES: &str = "\
 Exit codes (the first that applies):
   77      the lock was lost while the command ran, or its renewal failed until too little
           validity was left; the command's process group was killed before the validity
-          ended. Also when the command exited 0, or the release found the lock gone
+          ended. Also when the command exited 0, or the release found the lock gone; and
+          when the lock came with no more validity than the kill grace and margin (the
+          command is then not started)
   128+N   lockrun received signal N (HUP 129, INT 130, QUIT 131, TERM 143): it forwarded it
           to the command's process group, waited for the group (SIGKILL after --kill-grace)
           and released the lock

@@ -204,6 +204,22 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
         // Never one inherited from lockrun's environment (an outer lockrun's): not this lock's.
         None => command.env_remove(FENCING_TOKEN_ENV),
     };
+    // The group would get SIGTERM at once with no more than the kill grace and margin of
+    // validity left (SIGKILL at once below the margin): such a lock (an acquisition answered
+    // late in its ttl) is given up before the command starts, never after.
+    let left = guard.remaining();
+    if left <= run.timing.grace + run.timing.margin {
+        reaper.stand_down();
+        let _ = guard.release().await;
+        return Err((
+            exit::LOST,
+            format!(
+                "the lock on `{key}` had {} ms of validity left, less than lockrun needs to stop `{program}` before it ends ({} ms: the kill grace and a margin); not started (raise the ttl)",
+                left.as_millis(),
+                (run.timing.grace + run.timing.margin).as_millis()
+            ),
+        ));
+    }
     let started = Instant::now();
     let mut group = match Group::spawn(&mut command) {
         Ok(group) => group,
