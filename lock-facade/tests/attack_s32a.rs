@@ -194,3 +194,40 @@ fn a_lock_with_too_little_validity_left_starts_no_command() {
         );
     }
 }
+
+/// The README: "No password appears in an error, a `Debug`, a log line or `lockrun`'s output".
+/// A server that does not know the command carrying the password — `HELLO 3 AUTH user pass`
+/// for a RESP3 URL on a server without `HELLO` (Redis 5, or one that renamed it), or `AUTH`
+/// renamed away — answers `unknown command 'HELLO', with args beginning with: '3' 'AUTH'
+/// 'user' 'pass'`: the password, echoed by the server, went into the backend's error as it
+/// was, and out through `lockrun`'s stderr and `status`.
+#[test]
+fn a_password_echoed_by_the_server_is_not_shown() {
+    let Some(binary) = redis_or_skip("attack_s32a") else {
+        return;
+    };
+    let secret = "Qv7-echoed-s3cret";
+    let no_hello = RedisServer::start(&binary, &["--rename-command", "HELLO", ""]).unwrap();
+    let no_auth = RedisServer::start(&binary, &["--rename-command", "AUTH", ""]).unwrap();
+    let resp3 = format!(
+        "redis://default:{secret}@127.0.0.1:{}/?protocol=resp3",
+        no_hello.port()
+    );
+    let resp2 = format!("redis://default:{secret}@127.0.0.1:{}/", no_auth.port());
+    for url in [&resp3, &resp2] {
+        for config in [
+            serde_json::json!({"type": "redis", "urls": [url], "retryCount": 0}),
+            serde_json::json!({"type": "inc", "url": url}),
+        ] {
+            for args in [&["status", "job"][..], &["--no-wait", "job", "--", "true"]] {
+                let output = lockrun()
+                    .args(["--config", &config.to_string()])
+                    .args(args)
+                    .output()
+                    .unwrap();
+                let text = shown(&output);
+                assert!(!text.contains(secret), "{config} {args:?}: {text}");
+            }
+        }
+    }
+}
