@@ -47,7 +47,7 @@ impl FairLine {
         match tokio::time::timeout(timeout, self.connect()).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                tracing::debug!(%error, "cannot subscribe for turns; falling back to the retry delay");
+                tracing::debug!(error = %lock_core::raw::redis::shown_error(&error), "cannot subscribe for turns; falling back to the retry delay");
             }
             Err(_) => {
                 tracing::debug!("subscribing for turns timed out; falling back to the retry delay");

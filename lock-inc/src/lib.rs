@@ -218,7 +218,14 @@ impl Shared {
     }
 
     fn backend_error(&self, what: &str, error: &fred::error::Error) -> LockError {
-        LockError::backend(NAME, format!("{what} on {}: {error}", self.config.label()))
+        LockError::backend(
+            NAME,
+            format!(
+                "{what} on {}: {}",
+                self.config.label(),
+                redis_kit::shown_error(error)
+            ),
+        )
     }
 }
 
@@ -1146,7 +1153,7 @@ fn release_later(
                     match release_as(shared, key, token, kind, member, ScriptSend::Whole).await {
                         Ok(_) => Vec::new(),
                         Err(error) => {
-                            tracing::debug!(%key, %error, "release not answered; asking again");
+                            tracing::debug!(%key, error = %redis_kit::shown_error(&error), "release not answered; asking again");
                             keys
                         }
                     }

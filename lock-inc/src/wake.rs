@@ -62,11 +62,11 @@ impl Wakeups {
     /// Subscribes `channel`; whether it is (the next waiter tries again when not).
     async fn subscribe(&self, channel: &str) -> bool {
         if let Err(error) = self.listener.start(None, self.waiters.clone()).await {
-            tracing::debug!(%error, "cannot connect for wake-ups; falling back to the retry delay");
+            tracing::debug!(error = %lock_core::raw::redis::shown_error(&error), "cannot connect for wake-ups; falling back to the retry delay");
             return false;
         }
         if let Err(error) = self.listener.subscriber.subscribe(channel).await {
-            tracing::debug!(%error, "cannot subscribe for wake-ups; falling back to the retry delay");
+            tracing::debug!(error = %lock_core::raw::redis::shown_error(&error), "cannot subscribe for wake-ups; falling back to the retry delay");
             return false;
         }
         true

@@ -229,7 +229,7 @@ impl FairLine {
                     slot.retry_at = None;
                 }
                 Err(error) => {
-                    tracing::debug!(node = node.label(), %error, "cannot subscribe for turns; falling back to the retry delay");
+                    tracing::debug!(node = node.label(), error = %lock_core::raw::redis::shown_error(&error), "cannot subscribe for turns; falling back to the retry delay");
                 }
             }
         };

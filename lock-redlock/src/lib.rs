@@ -910,7 +910,7 @@ impl Lock for Redlock {
             };
             let holding = match tokio::time::timeout(timeout, node.held_pttl(key)).await {
                 Ok(Ok(pttl)) => redis_kit::holding_from_pttl(pttl),
-                Ok(Err(error)) => Holding::Unknown(error.to_string()),
+                Ok(Err(error)) => Holding::Unknown(redis_kit::shown_error(&error)),
                 Err(_) => Holding::Unknown(format!("no answer within {} ms", timeout.as_millis())),
             };
             KeyState {
@@ -1080,7 +1080,11 @@ async fn try_acquire_fair(
         Ok(Err(error)) => {
             return Err(LockError::backend(
                 NAME,
-                format!("acquire on {}: {error}", node.label()),
+                format!(
+                    "acquire on {}: {}",
+                    node.label(),
+                    redis_kit::shown_error(&error)
+                ),
             ));
         }
         // The outcome is unknown: the core takes the attempt back by token (and the waiter out

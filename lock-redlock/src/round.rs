@@ -198,7 +198,11 @@ fn vote(node: &Node, answer: RedisResult<Option<u64>>) -> Vote {
     match answer {
         Ok(Some(number)) => Vote::Yes(number),
         Ok(None) => Vote::No,
-        Err(error) => Vote::Failed(format!("{}: {error}", node.label())),
+        Err(error) => Vote::Failed(format!(
+            "{}: {}",
+            node.label(),
+            lock_core::raw::redis::shown_error(&error)
+        )),
     }
 }
 

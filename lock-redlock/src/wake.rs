@@ -206,7 +206,7 @@ impl Wakeups {
         match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(())) => true,
             Ok(Err(error)) => {
-                tracing::debug!(node = node.label(), %error, "cannot subscribe for wake-ups; falling back to the retry delay");
+                tracing::debug!(node = node.label(), error = %lock_core::raw::redis::shown_error(&error), "cannot subscribe for wake-ups; falling back to the retry delay");
                 false
             }
             Err(_) => {

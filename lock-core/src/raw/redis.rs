@@ -259,6 +259,34 @@ pub fn shown_text(text: &str) -> String {
     }
 }
 
+/// What a server puts before the arguments it echoes of a command it does not know.
+const ECHOED_ARGS: &str = "with args beginning with:";
+
+/// A client library's or a server's error as messages and logs show it. A server that does not
+/// know a command echoes its first arguments (`unknown command 'HELLO', with args beginning
+/// with: '3' 'AUTH' 'user' 'password'`), and the command may be the one that carries the
+/// password: `HELLO 3 AUTH` for a RESP3 URL on a server without `HELLO` (Redis 5, or one that
+/// renamed it), `AUTH` renamed away. The echoed arguments are left out.
+///
+/// ```
+/// use lock_core::raw::redis::shown_error;
+///
+/// let error = "ResponseError: unknown command 'HELLO', with args beginning with: '3' 'AUTH' 'u' 's3cret' ";
+/// assert_eq!(
+///     shown_error(&error),
+///     "ResponseError: unknown command 'HELLO', with args beginning with: (not shown)"
+/// );
+/// assert_eq!(shown_error(&"Connection refused"), "Connection refused");
+/// ```
+pub fn shown_error(error: &dyn std::fmt::Display) -> String {
+    let mut text = error.to_string();
+    if let Some(at) = text.to_ascii_lowercase().find(ECHOED_ARGS) {
+        text.truncate(at + ECHOED_ARGS.len());
+        text.push_str(" (not shown)");
+    }
+    text
+}
+
 /// A path from a backend's configuration (a TLS CA file) as messages show it ([`shown_text`]).
 pub fn shown_path(path: &Path) -> String {
     shown_text(&path.display().to_string())
