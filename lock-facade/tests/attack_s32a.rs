@@ -5,6 +5,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::process::{Command, Output};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use lock_tests::server::{RedisServer, redis_or_skip};
 
@@ -229,5 +230,110 @@ fn a_password_echoed_by_the_server_is_not_shown() {
                 assert!(!text.contains(secret), "{config} {args:?}: {text}");
             }
         }
+    }
+}
+
+/// Every log line at TRACE, the drivers' own `log` records included, into one buffer.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+static LOGS: LazyLock<Logs> = LazyLock::new(|| {
+    let logs = Logs::default();
+    let sink = logs.clone();
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing_subscriber::filter::LevelFilter::TRACE)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .try_init();
+    logs
+});
+
+/// `create` and a lock attempt in this process on servers that echo the password (as in
+/// [`a_password_echoed_by_the_server_is_not_shown`]): what the errors and states show, and the
+/// log lines written meanwhile.
+fn echoed_in_process(secret: &str) -> (Vec<String>, Vec<String>) {
+    let Some(binary) = redis_or_skip("attack_s32a") else {
+        return (Vec::new(), Vec::new());
+    };
+    let mark = LOGS.0.lock().unwrap().len();
+    let no_hello = RedisServer::start(&binary, &["--rename-command", "HELLO", ""]).unwrap();
+    let no_auth = RedisServer::start(&binary, &["--rename-command", "AUTH", ""]).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut shown = Vec::new();
+    for url in [
+        format!(
+            "redis://default:{secret}@127.0.0.1:{}/?protocol=resp3",
+            no_hello.port()
+        ),
+        format!("redis://default:{secret}@127.0.0.1:{}/", no_auth.port()),
+    ] {
+        for config in [
+            serde_json::json!({"type": "redis", "urls": [&url], "retryCount": 0, "wakeOnRelease": true}),
+            serde_json::json!({"type": "redis", "urls": [&url], "retryCount": 0, "connection": "pool"}),
+            serde_json::json!({"type": "inc", "url": &url, "wakeOnRelease": true, "fair": true}),
+        ] {
+            let config = lock_facade::LockConfig::from_json(&config.to_string()).unwrap();
+            runtime.block_on(async {
+                match lock_facade::create(config).await {
+                    Ok(locker) => {
+                        if let Err(error) = locker.acquire("job").await {
+                            shown.push(format!("{error} {error:?}"));
+                        }
+                        if let Ok(states) = locker.inspect("job").await {
+                            shown.push(format!("{states:?}"));
+                        }
+                        let _ = locker.stop().await;
+                    }
+                    Err(error) => shown.push(format!("{error} {error:?}")),
+                }
+            });
+        }
+    }
+    drop(runtime);
+    let logged = String::from_utf8_lossy(&LOGS.0.lock().unwrap()[mark..]).into_owned();
+    (shown, logged.lines().map(str::to_owned).collect())
+}
+
+/// The same echo, through `create` and a lock attempt in this process, with every log record
+/// captured at TRACE: no error, state or log line of this workspace's crates shows the
+/// password (Redlock's `node failed` and `quorum not reached` lines quoted the echo before
+/// e05f8a5). fred's own records are left to the next test.
+#[test]
+fn a_password_echoed_by_the_server_is_not_logged() {
+    let secret = "Qv7-logged-s3cret";
+    let (shown, logged) = echoed_in_process(secret);
+    for text in &shown {
+        assert!(!text.contains(secret), "{text}");
+    }
+    for line in logged.iter().filter(|line| !line.contains(" fred::")) {
+        assert!(!line.contains(secret), "{line}");
+    }
+}
+
+/// A limitation, not fixed here: fred (inc's client) logs the server's answer itself, at DEBUG
+/// (`No on_error listener. The error was: …`) and TRACE (`Ending connection task with Err(…)`),
+/// echoed password included. Only an application that turns on fred's debug logs sees it.
+#[test]
+#[ignore = "fred's own DEBUG and TRACE records quote the server's echo of HELLO/AUTH"]
+fn fred_does_not_log_a_password_echoed_by_the_server() {
+    let secret = "Qv7-fred-s3cret";
+    let (_, logged) = echoed_in_process(secret);
+    for line in &logged {
+        assert!(!line.contains(secret), "{line}");
     }
 }
