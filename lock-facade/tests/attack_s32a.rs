@@ -337,3 +337,47 @@ fn fred_does_not_log_a_password_echoed_by_the_server() {
         assert!(!line.contains(secret), "{line}");
     }
 }
+
+/// `lockrun --help`: 69 when "the backend failed (unreachable, protocol error)". `status`
+/// exited 69 on an unreachable inc server (it connects first) but 0 on Redlock whose every
+/// node was unreachable, its lines all `unknown`: a monitoring script could not tell "free"
+/// from "cannot tell". Some node answering is an answer (0); none is a backend failure.
+#[test]
+fn status_with_no_node_answering_is_a_backend_failure() {
+    let Some(binary) = redis_or_skip("attack_s32a") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let down = lock_tests::server::free_port().unwrap();
+    let down = format!("redis://127.0.0.1:{down}/");
+    for (urls, expected) in [
+        (vec![down.clone()], 69),
+        (
+            vec![down.clone(), down.replace("127.0.0.1", "127.0.0.2")],
+            69,
+        ),
+        (vec![server.url(), down.clone()], 0),
+    ] {
+        let config = serde_json::json!({"type": "redlock", "urls": urls}).to_string();
+        for json in [false, true] {
+            let mut command = lockrun();
+            command.args(["--config", &config, "status"]);
+            if json {
+                command.arg("--json");
+            }
+            let output = command.arg("job").output().unwrap();
+            assert_eq!(
+                output.status.code(),
+                Some(expected),
+                "{urls:?}: {}",
+                shown(&output)
+            );
+            // The per-node report is printed all the same.
+            assert!(
+                String::from_utf8_lossy(&output.stdout).contains("job"),
+                "{}",
+                shown(&output)
+            );
+        }
+    }
+}
