@@ -42,7 +42,7 @@ Exit codes (the first that applies):
   75      the lock is held by someone else (--no-wait)
   76      gave up waiting (retries or --timeout ran out)
   78      bad configuration or arguments
-  69      the backend failed (unreachable, protocol error)
+  69      the backend failed (unreachable, protocol error); for status, no node answered
   127     the command could not be started
 
 The command runs in a process group of its own, with LOCK_KEY set to the lock's key and,
@@ -388,13 +388,26 @@ async fn purge(locker: &Locker, prefix: &str) -> Outcome {
 async fn status(locker: &Locker, key: &str, json: bool) -> Outcome {
     let states = locker.inspect(key).await.map_err(lock_error)?;
     let stored = locker.lock_ns(key).map_err(lock_error)?;
+    // Some node answering is an answer; none is the backend failing (69), as an unreachable
+    // inc server is, after the report is printed.
+    let answered = if states
+        .iter()
+        .all(|state| matches!(state.holding, Holding::Unknown(_)))
+    {
+        Err((
+            exit::BACKEND,
+            format!("no node answered for `{stored}`: its state is unknown"),
+        ))
+    } else {
+        Ok(0)
+    };
     if json {
         let nodes: Vec<serde_json::Value> = states.iter().map(node_json).collect();
         out!(
             "{}",
             serde_json::json!({ "key": stored.as_str(), "nodes": nodes })
         );
-        return Ok(0);
+        return answered;
     }
     for state in states {
         let holding = match state.holding {
@@ -408,7 +421,7 @@ async fn status(locker: &Locker, key: &str, json: bool) -> Outcome {
             None => out!("{stored} on {}: {holding}", state.node),
         }
     }
-    Ok(0)
+    answered
 }
 
 /// One node's state for `status --json`: what the text form says, as fields (never the token).
