@@ -381,3 +381,68 @@ fn status_with_no_node_answering_is_a_backend_failure() {
         }
     }
 }
+
+/// `nohup lockrun …` (or a non-interactive shell's `lockrun … &`, whose SIGINT and SIGQUIT
+/// are ignored): a signal ignored when lockrun starts is ignored by the command too when it
+/// is run directly — that is what the caller asked for. lockrun installed its handlers over
+/// the ignored disposition and forwarded the signal: a hangup killed the `nohup`ed job (and
+/// lockrun exited 129). A signal ignored at start now stays ignored, for lockrun and the
+/// command; signals that were not ignored are still forwarded.
+#[test]
+fn a_signal_ignored_when_lockrun_starts_stays_ignored() {
+    let Some(binary) = redis_or_skip("attack_s32a") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let config = serde_json::json!({"type": "redis", "urls": [server.url()]}).to_string();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, number) in [("HUP", 1), ("INT", 2)] {
+        let started = dir.path().join(format!("started-{name}"));
+        let done = dir.path().join(format!("done-{name}"));
+        // The job says it started, then finishes after a while unless a signal ends it.
+        let job = format!(
+            "touch '{}'; sleep 1; touch '{}'",
+            started.display(),
+            done.display()
+        );
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("trap '' {name}; exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_lockrun"))
+            .args([
+                "--config",
+                &config,
+                &format!("ignored-{name}"),
+                "--",
+                "sh",
+                "-c",
+                &job,
+            ])
+            .env_remove("LOCK_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !started.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the job never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let output = child.wait_with_output().unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "SIG{name} (signal {number}) was ignored when lockrun started: {}",
+            shown(&output)
+        );
+        assert!(done.exists(), "SIG{name} ended the job");
+    }
+}
