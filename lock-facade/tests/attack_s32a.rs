@@ -405,7 +405,7 @@ fn a_signal_ignored_when_lockrun_starts_stays_ignored() {
             started.display(),
             done.display()
         );
-        let mut child = Command::new("sh")
+        let child = Command::new("sh")
             .arg("-c")
             .arg(format!("trap '' {name}; exec \"$0\" \"$@\""))
             .arg(env!("CARGO_BIN_EXE_lockrun"))

@@ -81,45 +81,98 @@ pub(crate) struct Run<'a> {
     pub(crate) hold_at_least: Duration,
 }
 
-/// The signals lockrun forwards to the command's group before it exits with 128 + N.
+/// The signals lockrun forwards to the command's group before it exits with 128 + N; `None`
+/// for one that was ignored when lockrun started (see [`IgnoredAtStart`]).
 struct Forwarded {
-    hangup: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-    quit: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
+    hangup: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+    quit: Option<tokio::signal::unix::Signal>,
+    terminate: Option<tokio::signal::unix::Signal>,
 }
 
 impl Forwarded {
-    /// Handles the four signals from now on (their default action would kill lockrun alone).
-    fn install() -> std::io::Result<Self> {
+    /// Handles the four signals from now on (their default action would kill lockrun alone),
+    /// but for those `ignored` when lockrun started: they stay ignored.
+    fn install(ignored: IgnoredAtStart) -> std::io::Result<Self> {
+        let handle = |number: Signal| -> std::io::Result<_> {
+            if ignored.contains(number) {
+                return Ok(None);
+            }
+            signal(SignalKind::from_raw(number.as_raw())).map(Some)
+        };
         Ok(Self {
-            hangup: signal(SignalKind::hangup())?,
-            interrupt: signal(SignalKind::interrupt())?,
-            quit: signal(SignalKind::quit())?,
-            terminate: signal(SignalKind::terminate())?,
+            hangup: handle(Signal::HUP)?,
+            interrupt: handle(Signal::INT)?,
+            quit: handle(Signal::QUIT)?,
+            terminate: handle(Signal::TERM)?,
         })
     }
 
     /// The next signal received (cancel safe).
     async fn recv(&mut self) -> Signal {
         tokio::select! {
-            _ = self.hangup.recv() => Signal::HUP,
-            _ = self.interrupt.recv() => Signal::INT,
-            _ = self.quit.recv() => Signal::QUIT,
-            _ = self.terminate.recv() => Signal::TERM,
+            () = next(&mut self.hangup) => Signal::HUP,
+            () = next(&mut self.interrupt) => Signal::INT,
+            () = next(&mut self.quit) => Signal::QUIT,
+            () = next(&mut self.terminate) => Signal::TERM,
         }
     }
 }
 
+/// The next delivery of a handled signal; never, for one not handled (cancel safe).
+async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+    if let Some(signal) = signal
+        && signal.recv().await.is_some()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
+/// The signals whose disposition was "ignore" (`SIG_IGN`) when lockrun started: `nohup`'s
+/// SIGHUP, a non-interactive shell's background job's SIGINT and SIGQUIT. Run directly, the
+/// command would ignore them (an ignored signal stays ignored across `exec`); under lockrun
+/// too: lockrun handles none of them (as a POSIX shell, which may not trap a signal ignored on
+/// entry), so that the command inherits the ignored disposition. Read before any handler is
+/// installed, from `/proc/self/status` (Linux); none elsewhere.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct IgnoredAtStart(u64);
+
+impl IgnoredAtStart {
+    pub(crate) fn read() -> Self {
+        let mask = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("SigIgn:"))
+                    .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            });
+        Self(mask.unwrap_or(0))
+    }
+
+    fn contains(self, signal: Signal) -> bool {
+        u32::try_from(signal.as_raw() - 1)
+            .ok()
+            .and_then(|bit| 1u64.checked_shl(bit))
+            .is_some_and(|bit| self.0 & bit != 0)
+    }
+}
+
 /// Forwards SIGTSTP and SIGCONT received by lockrun to the command's group, for as long as the
-/// returned task lives (it is aborted when dropped).
-fn forward_stops(group: rustix::process::Pid) -> Option<AbortOnDrop> {
-    let mut stop = signal(SignalKind::from_raw(Signal::TSTP.as_raw())).ok()?;
+/// returned task lives (it is aborted when dropped); SIGTSTP only if it was not ignored when
+/// lockrun started.
+fn forward_stops(group: rustix::process::Pid, ignored: IgnoredAtStart) -> Option<AbortOnDrop> {
+    let mut stop = if ignored.contains(Signal::TSTP) {
+        None
+    } else {
+        Some(signal(SignalKind::from_raw(Signal::TSTP.as_raw())).ok()?)
+    };
     let mut cont = signal(SignalKind::from_raw(Signal::CONT.as_raw())).ok()?;
     let task = tokio::spawn(async move {
         loop {
             let forward = tokio::select! {
-                Some(()) = stop.recv() => Signal::TSTP,
+                () = next(&mut stop) => Signal::TSTP,
                 Some(()) = cont.recv() => Signal::CONT,
                 else => return,
             };
@@ -152,8 +205,9 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
     // For messages only: the command runs with its bytes as given.
     let program = program_os.to_string_lossy();
     // Installed before the wait for the lock, so that a signal then ends the wait cleanly.
-    let mut forwarded =
-        Forwarded::install().map_err(|e| (exit::BACKEND, format!("cannot handle signals: {e}")))?;
+    let ignored = IgnoredAtStart::read();
+    let mut forwarded = Forwarded::install(ignored)
+        .map_err(|e| (exit::BACKEND, format!("cannot handle signals: {e}")))?;
     let mut child_ended = signal(SignalKind::child())
         .map_err(|e| (exit::BACKEND, format!("cannot watch SIGCHLD: {e}")))?;
     let key = run.key;
@@ -238,7 +292,7 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
     // Ctrl-Z (SIGTSTP) would stop lockrun alone, and with it the renewals, while the command
     // in its own group ran on past the lock. lockrun stays up and stops the command instead;
     // SIGCONT to lockrun continues it. (SIGSTOP cannot be caught: see the README.)
-    let _stops = forward_stops(group.id());
+    let _stops = forward_stops(group.id(), ignored);
     let mut supervisor = Supervisor {
         group: &mut group,
         guard: &guard,
