@@ -56,7 +56,9 @@ it left behind in its group get the same SIGTERM, grace, SIGKILL before the lock
 DURATION is a number with a unit: ms, s, m or h (500ms, 30s, 10m); a bare number is ms.
 
 The configuration comes from --config (a file path, or inline JSON or TOML) or else from the
-LOCK_CONFIG environment variable. Running a command needs a backend shared between processes
+LOCK_CONFIG environment variable. A URL with a password belongs in a file (or LOCK_CONFIG):
+inline in --config, it is in lockrun's command line, which every local user can read (ps).
+Running a command needs a backend shared between processes
 (redis, redlock, inc): the in-process memory backend, the default with neither, is refused
 (78) since it would keep no other run out.
 
