@@ -16,9 +16,19 @@ use std::time::{Duration, Instant};
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, get_bulk, redis_or_skip};
 
+/// lockrun started with SIGHUP, SIGINT and SIGQUIT at their default disposition, as from an
+/// interactive shell, whatever this test process inherited: a test run as a background job of a
+/// non-interactive shell (a CI script's `… &`) ignores SIGINT and SIGQUIT, and lockrun leaves a
+/// signal ignored at its start ignored (`attack_s32a.rs::a_signal_ignored_when_lockrun_starts_stays_ignored`),
+/// which would keep the signals these tests send from being forwarded. `env` (GNU coreutils)
+/// execs lockrun: the child's id is lockrun's.
 fn lockrun(config: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lockrun"));
-    command.env("LOCK_CONFIG", config).args(args);
+    let mut command = Command::new("env");
+    command
+        .arg("--default-signal=HUP,INT,QUIT")
+        .arg(env!("CARGO_BIN_EXE_lockrun"))
+        .env("LOCK_CONFIG", config)
+        .args(args);
     command
 }
 
