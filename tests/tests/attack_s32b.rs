@@ -1,0 +1,835 @@
+//! A systematic checker of cancel safety: every future of the library is wrapped in an adapter
+//! that drops it after exactly `k` polls (k = 1, 2, 3, ... until it completes by itself), either
+//! right after its k-th poll answered `Pending` (`Cut::Now`: the request may be half sent) or
+//! when it is woken for poll k + 1 (`Cut::OnWake`: its answer has come but is never read).
+//! Operations: acquire (mutex with and without `fair`, a semaphore permit, read, write), the
+//! same while contended (a holder present, a second waiter of the same process in line behind
+//! the one dropped), release (plain and kept alive), extend, downgrade, `with_lock`, and the drop
+//! of a (kept-alive) guard; backends: memory, `redis` (Redlock on one node), Redlock on three
+//! nodes, inc.
+//!
+//! After each drop the checker asks: (1) another client gets the key within ttl + slack (within
+//! the slack alone after a dropped release or guard); (2) `SCAN` finds no key without a TTL on
+//! any server; (3) the second waiter of the same process gets the key; (4) `stop` returns within
+//! its bound; and (5) `lock_held` is back to 0 once everything is released and stopped.
+//! Negative controls show that each check fires: a future that writes a key without a TTL, and
+//! one that acquires and leaks its guard.
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use lock_core::raw::Lock;
+use lock_core::{CLEANUP_WAIT, LeaseKind, LockGuard, LockOptions, Locker, RetryPolicy};
+use lock_memory::MemoryLock;
+use lock_tests::fair::{Store, Target};
+
+#[path = "support/recorded.rs"]
+mod recorded;
+use recorded::figures;
+
+/// The lease of every lock in the cases: short, so that a leak costs little time.
+const TTL: Duration = Duration::from_millis(600);
+/// What check (1) allows on top of the ttl, and alone where the release was under way.
+const SLACK: Duration = Duration::from_millis(400);
+/// How long a contended case's holder keeps the key.
+const HOLD: Duration = Duration::from_millis(60);
+/// What `stop` may take in a case (its documented bound is `CLEANUP_WAIT` twice).
+const STOP_BOUND: Duration = Duration::from_secs(11);
+
+// ---------------------------------------------------------------------------------------------
+// The adapter
+
+/// When the future is dropped after its k-th poll.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cut {
+    /// Inside the k-th poll, right after it answered `Pending`.
+    Now,
+    /// When it is woken for poll k + 1 (its answer is in, never read).
+    OnWake,
+}
+
+/// Polls `inner` at most `limit` times; `Err(polls)` when it was dropped unfinished.
+struct Limited<F> {
+    inner: Option<Pin<Box<F>>>,
+    polls: usize,
+    limit: usize,
+    cut: Cut,
+}
+
+impl<F: Future> Future for Limited<F> {
+    type Output = Result<F::Output, usize>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(this.polls));
+        };
+        if this.cut == Cut::OnWake && this.polls == this.limit {
+            this.inner = None;
+            return Poll::Ready(Err(this.polls));
+        }
+        let answer = inner.as_mut().poll(cx);
+        this.polls += 1;
+        match answer {
+            Poll::Ready(value) => {
+                this.inner = None;
+                Poll::Ready(Ok(value))
+            }
+            Poll::Pending if this.cut == Cut::Now && this.polls == this.limit => {
+                this.inner = None;
+                Poll::Ready(Err(this.polls))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Runs `future` for at most `limit` polls (and 4 s: an `OnWake` cut of a future that is never
+/// woken again drops it then); `after_first` runs once the first poll answered `Pending`.
+async fn limited<F: Future>(
+    future: F,
+    limit: usize,
+    cut: Cut,
+    after_first: impl FnOnce(),
+) -> Result<F::Output, usize> {
+    let mut limited = std::pin::pin!(Limited {
+        inner: Some(Box::pin(future)),
+        polls: 0,
+        limit,
+        cut,
+    });
+    let first = std::future::poll_fn(|cx| Poll::Ready(limited.as_mut().poll(cx))).await;
+    if let Poll::Ready(done) = first {
+        return done;
+    }
+    after_first();
+    match tokio::time::timeout(Duration::from_secs(4), limited).await {
+        Ok(done) => done,
+        Err(_) => Err(limit),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backends
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Memory,
+    Redis,
+    Redlock3,
+    Inc,
+}
+
+struct Env {
+    backend: Backend,
+    target: Option<Target>,
+    memory: MemoryLock,
+}
+
+impl Env {
+    async fn start(backend: Backend) -> Option<Self> {
+        let store = match backend {
+            Backend::Memory => None,
+            Backend::Redis => Some(Store::Redis),
+            Backend::Redlock3 => Some(Store::Redlock3),
+            Backend::Inc => Some(Store::Inc),
+        };
+        let target = match store {
+            Some(store) => Some(Target::start(store, "cancel at every poll").await?),
+            None => None,
+        };
+        Some(Self {
+            backend,
+            target,
+            memory: MemoryLock::new(),
+        })
+    }
+
+    /// The gauge's label.
+    fn label(&self) -> &'static str {
+        match self.backend {
+            Backend::Memory => "memory",
+            Backend::Redis | Backend::Redlock3 => "redlock",
+            Backend::Inc => "inc",
+        }
+    }
+
+    async fn store(&self, fair: bool) -> Arc<dyn Lock> {
+        match &self.target {
+            None => Arc::new(self.memory.clone()),
+            Some(target) => target.backend(fair).await,
+        }
+    }
+
+    /// A client of its own (a process of its own, as far as the store can tell).
+    async fn locker(&self, fair: bool) -> Locker {
+        Locker::from_arc(self.store(fair).await)
+            .with_options(
+                LockOptions::default()
+                    .with_ttl(TTL)
+                    .with_retry(waiting(Duration::from_secs(3))),
+            )
+            .unwrap()
+    }
+
+    /// Keys without an expiry on any server, `server:key`.
+    fn without_ttl(&self) -> Vec<String> {
+        let Some(target) = &self.target else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for (index, server) in target.servers.iter().enumerate() {
+            let mut connection = redis::Client::open(server.url())
+                .unwrap()
+                .get_connection_with_timeout(Duration::from_secs(1))
+                .unwrap();
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(&mut connection)
+                    .unwrap();
+                for key in keys {
+                    let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut connection).unwrap();
+                    if pttl == -1 {
+                        found.push(format!("{index}:{}", String::from_utf8_lossy(&key)));
+                    }
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        found
+    }
+
+    /// Writes `key` without a TTL on the first server (the negative control).
+    fn set_without_ttl(&self, key: &str) {
+        let target = self.target.as_ref().unwrap();
+        let mut connection = redis::Client::open(target.servers[0].url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg("x")
+            .query(&mut connection)
+            .unwrap();
+    }
+}
+
+fn waiting(deadline: Duration) -> RetryPolicy {
+    RetryPolicy::forever()
+        .with_retry_delay(Duration::from_millis(10))
+        .with_retry_jitter(Duration::from_millis(5))
+        .with_deadline(deadline)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operations
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Mutex,
+    Permit,
+    Read,
+    Write,
+}
+
+const PERMITS: u32 = 2;
+
+impl Kind {
+    fn lease(self) -> LeaseKind {
+        match self {
+            Kind::Mutex => LeaseKind::Exclusive,
+            Kind::Permit => LeaseKind::permit(PERMITS).unwrap(),
+            Kind::Read => LeaseKind::Read,
+            Kind::Write => LeaseKind::Write,
+        }
+    }
+
+    /// What keeps the victim of this kind out (a holder or two).
+    fn blockers(self) -> Vec<LeaseKind> {
+        match self {
+            Kind::Mutex => vec![LeaseKind::Exclusive],
+            Kind::Permit => vec![self.lease(); PERMITS as usize],
+            Kind::Read | Kind::Write => vec![LeaseKind::Write],
+        }
+    }
+
+    /// What another client takes to show the key free: everything of it.
+    fn probe(self) -> Vec<LeaseKind> {
+        match self {
+            Kind::Mutex => vec![LeaseKind::Exclusive],
+            Kind::Permit => vec![self.lease(); PERMITS as usize],
+            Kind::Read | Kind::Write => vec![LeaseKind::Write],
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    /// An acquisition of a free key.
+    Acquire { kind: Kind, fair: bool },
+    /// An acquisition while another client holds the key, with a second waiter of the same
+    /// process behind it.
+    Contended { kind: Kind, fair: bool },
+    /// `release` of a held guard (kept alive or not).
+    Release { kept: bool },
+    /// `extend` of a held guard, to a shorter and to a longer ttl.
+    Extend { longer: bool },
+    /// `downgrade` of a write lock.
+    Downgrade,
+    /// `with_lock` around a short section.
+    WithLock,
+    /// Negative control: a future that writes a key without a TTL, then waits.
+    LeakNoTtl,
+    /// Negative control: a future that acquires, leaks its guard, then waits.
+    LeakGuard,
+}
+
+impl Op {
+    fn fair(self) -> bool {
+        matches!(
+            self,
+            Op::Acquire { fair: true, .. } | Op::Contended { fair: true, .. }
+        )
+    }
+
+    fn kind(self) -> Kind {
+        match self {
+            Op::Acquire { kind, .. } | Op::Contended { kind, .. } => kind,
+            Op::Downgrade => Kind::Write,
+            _ => Kind::Mutex,
+        }
+    }
+
+    fn needs(self, env: &Env, capabilities: lock_core::Capabilities) -> bool {
+        let kind = match self.kind() {
+            Kind::Permit => capabilities.semaphore,
+            Kind::Read | Kind::Write => capabilities.read_write,
+            Kind::Mutex => true,
+        };
+        let fair = !self.fair() || env.target.is_some();
+        let extend = !matches!(self, Op::Extend { .. }) || capabilities.extend;
+        kind && fair && extend
+    }
+}
+
+/// What one case found.
+#[derive(Debug, Default)]
+struct Report {
+    /// The future finished within its polls.
+    completed: bool,
+    /// Broken promises, one line each.
+    violations: Vec<String>,
+    /// How long another client waited for the key.
+    probe_wait: Duration,
+}
+
+/// Takes `kinds` on `key` by `locker`, each within `within`; the guards.
+async fn take_all(
+    locker: &Locker,
+    key: &str,
+    kinds: &[LeaseKind],
+    within: Duration,
+) -> Result<Vec<LockGuard>, String> {
+    let options = LockOptions::default()
+        .with_ttl(TTL)
+        .with_retry(waiting(within));
+    let mut guards = Vec::new();
+    for kind in kinds {
+        match tokio::time::timeout(
+            within + Duration::from_millis(200),
+            locker.acquire_kind(key, *kind, &options),
+        )
+        .await
+        {
+            Ok(Ok(guard)) => guards.push(guard),
+            Ok(Err(error)) => return Err(error.to_string()),
+            Err(_) => return Err("no answer".into()),
+        }
+    }
+    Ok(guards)
+}
+
+async fn release_all(guards: Vec<LockGuard>) {
+    for guard in guards {
+        let _ = guard.release().await;
+    }
+}
+
+/// One case: `op` on `env`, its future dropped after `k` polls.
+async fn case(env: &Env, op: Op, k: usize, cut: Cut, n: usize) -> Report {
+    let key = format!("c{n}");
+    let kind = op.kind();
+    let victim = env.locker(op.fair()).await;
+    let other = env.locker(op.fair()).await;
+    let mut report = Report::default();
+    let mut waiter = None;
+    let mut holder = None;
+    // Whether the key must be free at once (within the slack alone).
+    let mut at_once = false;
+    match op {
+        Op::Acquire { .. } | Op::WithLock => {
+            let done = if op == Op::WithLock {
+                limited(
+                    victim.with_lock(&key, |_| tokio::time::sleep(Duration::from_millis(30))),
+                    k,
+                    cut,
+                    || {},
+                )
+                .await
+                .map(|result| result.map(|()| None))
+            } else {
+                limited(
+                    victim.acquire_kind(&key, kind.lease(), victim.options()),
+                    k,
+                    cut,
+                    || {},
+                )
+                .await
+                .map(|result| result.map(Some))
+            };
+            match done {
+                Ok(Ok(guard)) => {
+                    report.completed = true;
+                    if let Some(guard) = guard {
+                        let _ = guard.release().await;
+                    }
+                }
+                Ok(Err(error)) => report
+                    .violations
+                    .push(format!("the operation failed: {error}")),
+                Err(_) => {}
+            }
+        }
+        Op::Contended { .. } => {
+            let holder_client = env.locker(op.fair()).await;
+            let held = take_all(
+                &holder_client,
+                &key,
+                &kind.blockers(),
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap();
+            holder = Some(tokio::spawn(async move {
+                tokio::time::sleep(HOLD).await;
+                release_all(held).await;
+                holder_client.stop().await
+            }));
+            let second = victim.clone();
+            let second_key = key.clone();
+            let done = limited(
+                victim.acquire_kind(&key, kind.lease(), victim.options()),
+                k,
+                cut,
+                || {
+                    waiter = Some(tokio::spawn(async move {
+                        second
+                            .acquire_kind(&second_key, kind.lease(), second.options())
+                            .await
+                    }));
+                },
+            )
+            .await;
+            match done {
+                Ok(Ok(guard)) => {
+                    report.completed = true;
+                    let _ = guard.release().await;
+                }
+                Ok(Err(error)) => report
+                    .violations
+                    .push(format!("the operation failed: {error}")),
+                Err(_) => {}
+            }
+        }
+        Op::Release { kept } => {
+            let mut guard = victim.acquire(&key).await.unwrap();
+            if kept {
+                guard.keep_alive().unwrap();
+            }
+            at_once = true;
+            if limited(guard.release(), k, cut, || {}).await.is_ok() {
+                report.completed = true;
+            }
+        }
+        Op::Extend { longer } => {
+            let mut guard = victim.acquire(&key).await.unwrap();
+            let ttl = if longer { TTL * 2 } else { TTL / 2 };
+            match limited(guard.extend(ttl), k, cut, || {}).await {
+                Ok(Ok(())) => report.completed = true,
+                Ok(Err(error)) => report
+                    .violations
+                    .push(format!("the operation failed: {error}")),
+                Err(_) => {}
+            }
+            // The guard is released by hand: the key must be free at once.
+            let _ = guard.release().await;
+            at_once = true;
+        }
+        Op::Downgrade => {
+            let mut guard = victim
+                .acquire_kind(&key, LeaseKind::Write, victim.options())
+                .await
+                .unwrap();
+            match limited(guard.downgrade(), k, cut, || {}).await {
+                Ok(Ok(())) => report.completed = true,
+                Ok(Err(error)) => report
+                    .violations
+                    .push(format!("the operation failed: {error}")),
+                Err(_) => {}
+            }
+            let _ = guard.release().await;
+            at_once = true;
+        }
+        Op::LeakNoTtl => {
+            let leak = async {
+                env.set_without_ttl(&format!("{{{key}}}:leak"));
+                std::future::pending::<()>().await;
+            };
+            let _ = limited(leak, k, cut, || {}).await;
+        }
+        Op::LeakGuard => {
+            let leak = async {
+                let guard = victim.acquire(&key).await.unwrap();
+                std::mem::forget(guard);
+                std::future::pending::<()>().await;
+            };
+            at_once = true;
+            let _ = limited(leak, k, cut, || {}).await;
+        }
+    }
+    let dropped = Instant::now();
+
+    // (3) The second waiter of the same process.
+    if let Some(waiter) = waiter {
+        match tokio::time::timeout(TTL * 2 + Duration::from_secs(3), waiter).await {
+            Ok(Ok(Ok(guard))) => {
+                let _ = guard.release().await;
+            }
+            Ok(Ok(Err(error))) => report
+                .violations
+                .push(format!("(3) the second waiter failed: {error}")),
+            Ok(Err(error)) => report
+                .violations
+                .push(format!("(3) the second waiter panicked: {error}")),
+            Err(_) => report
+                .violations
+                .push("(3) the second waiter is stuck".into()),
+        }
+    }
+    if let Some(holder) = holder {
+        let _ = holder.await;
+    }
+
+    // (1) Another client gets the key, within ttl + slack (the slack alone after a release).
+    let bound = if at_once { SLACK } else { TTL + SLACK };
+    let asked = Instant::now();
+    match take_all(&other, &key, &kind.probe(), bound).await {
+        Ok(guards) => {
+            report.probe_wait = asked.elapsed();
+            release_all(guards).await;
+        }
+        Err(error) => report.violations.push(format!(
+            "(1) another client did not get the key within {} ms of the drop: {error}",
+            (asked - dropped + bound).as_millis()
+        )),
+    }
+
+    // (2) No key without a TTL.
+    let left = env.without_ttl();
+    if !left.is_empty() {
+        report
+            .violations
+            .push(format!("(2) keys without a TTL: {left:?}"));
+    }
+
+    // (4) `stop` returns within its bound.
+    for locker in [&victim, &other] {
+        let started = Instant::now();
+        match tokio::time::timeout(STOP_BOUND, locker.stop()).await {
+            Ok(_) if started.elapsed() > CLEANUP_WAIT => report.violations.push(format!(
+                "(4) stop took {} ms",
+                started.elapsed().as_millis()
+            )),
+            Ok(_) => {}
+            Err(_) => report.violations.push("(4) stop hung".into()),
+        }
+    }
+    let left = env.without_ttl();
+    if !left.is_empty() {
+        report
+            .violations
+            .push(format!("(2) keys without a TTL after stop: {left:?}"));
+    }
+    report
+}
+
+/// The gauge `lock_held` of `env`'s backend.
+fn held(env: &Env) -> f64 {
+    figures()
+        .get(&format!("lock_held{{backend={}}}", env.label()))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// Which `k` to try: every one up to 8 (the first attempt's await points and more), then
+/// every third up to 20, then half as far again each time.
+fn next_k(k: usize) -> usize {
+    match k {
+        0..8 => k + 1,
+        8..20 => k + 3,
+        _ => k + k / 2,
+    }
+}
+
+/// Runs `op` on `env` for k = 1, 2, ... until it completes by itself, with both cuts; returns
+/// the violations, each naming its case, and a summary line.
+async fn sweep(env: &Env, op: Op, n: &mut usize) -> (Vec<String>, String) {
+    let capabilities = env.store(false).await.capabilities();
+    if !op.needs(env, capabilities) {
+        return (Vec::new(), format!("{op:?}: not served"));
+    }
+    let mut violations = Vec::new();
+    let mut summary = Vec::new();
+    for cut in [Cut::Now, Cut::OnWake] {
+        let mut k = 1;
+        let mut slowest = Duration::ZERO;
+        let mut tried = 0;
+        loop {
+            *n += 1;
+            let before = held(env);
+            let report = case(env, op, k, cut, *n).await;
+            tried += 1;
+            slowest = slowest.max(report.probe_wait);
+            // (5) The gauge is back where it was.
+            let mut gauge = held(env);
+            for _ in 0..50 {
+                if gauge == before {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                gauge = held(env);
+            }
+            let mut found = report.violations;
+            if gauge != before {
+                found.push(format!("(5) lock_held went from {before} to {gauge}"));
+            }
+            for violation in found {
+                violations.push(format!(
+                    "{:?} {op:?} k={k} {cut:?}: {violation}",
+                    env.backend
+                ));
+            }
+            if report.completed || k >= 60 {
+                break;
+            }
+            k = next_k(k);
+        }
+        summary.push(format!(
+            "{cut:?}: {tried} cases, done at k={k}, slowest probe {} ms",
+            slowest.as_millis()
+        ));
+    }
+    (violations, format!("{op:?}: {}", summary.join("; ")))
+}
+
+const OPS: [Op; 16] = [
+    Op::Acquire {
+        kind: Kind::Mutex,
+        fair: false,
+    },
+    Op::Acquire {
+        kind: Kind::Mutex,
+        fair: true,
+    },
+    Op::Acquire {
+        kind: Kind::Permit,
+        fair: false,
+    },
+    Op::Acquire {
+        kind: Kind::Read,
+        fair: false,
+    },
+    Op::Acquire {
+        kind: Kind::Write,
+        fair: false,
+    },
+    Op::Contended {
+        kind: Kind::Mutex,
+        fair: false,
+    },
+    Op::Contended {
+        kind: Kind::Mutex,
+        fair: true,
+    },
+    Op::Contended {
+        kind: Kind::Permit,
+        fair: false,
+    },
+    Op::Contended {
+        kind: Kind::Read,
+        fair: false,
+    },
+    Op::Contended {
+        kind: Kind::Write,
+        fair: false,
+    },
+    Op::Release { kept: false },
+    Op::Release { kept: true },
+    Op::Extend { longer: false },
+    Op::Extend { longer: true },
+    Op::Downgrade,
+    Op::WithLock,
+];
+
+/// Serializes the tests that share a gauge label (`redis` and Redlock on three nodes; the
+/// negative control and the backend it runs on).
+async fn label_lock(env: &Env) -> tokio::sync::MutexGuard<'static, ()> {
+    static MEMORY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    static REDLOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    static INC: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    match env.backend {
+        Backend::Memory => MEMORY.lock().await,
+        Backend::Redis | Backend::Redlock3 => REDLOCK.lock().await,
+        Backend::Inc => INC.lock().await,
+    }
+}
+
+async fn check_backend(backend: Backend) {
+    let Some(env) = Env::start(backend).await else {
+        return;
+    };
+    figures();
+    let _alone = label_lock(&env).await;
+    let started = Instant::now();
+    let mut n = 0;
+    let mut violations = Vec::new();
+    for op in &OPS {
+        let (found, summary) = sweep(&env, *op, &mut n).await;
+        println!("{backend:?} {summary}");
+        violations.extend(found);
+    }
+    // The drop of a guard, kept alive or not, at several points of its life.
+    for kept in [false, true] {
+        for step in 0..4u32 {
+            n += 1;
+            let key = format!("d{n}");
+            let victim = env.locker(false).await;
+            let other = env.locker(false).await;
+            let before = held(&env);
+            let mut guard = victim.acquire(&key).await.unwrap();
+            if kept {
+                guard.keep_alive().unwrap();
+            }
+            tokio::time::sleep(TTL * step / 5).await;
+            drop(guard);
+            match take_all(&other, &key, &[LeaseKind::Exclusive], SLACK).await {
+                Ok(guards) => release_all(guards).await,
+                Err(error) => violations.push(format!(
+                    "{backend:?} guard drop kept={kept} step={step}: (1) {error}"
+                )),
+            }
+            let left = env.without_ttl();
+            if !left.is_empty() {
+                violations.push(format!("{backend:?} guard drop: (2) {left:?}"));
+            }
+            for locker in [&victim, &other] {
+                if tokio::time::timeout(STOP_BOUND, locker.stop())
+                    .await
+                    .is_err()
+                {
+                    violations.push(format!("{backend:?} guard drop: (4) stop hung"));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if held(&env) != before {
+                violations.push(format!(
+                    "{backend:?} guard drop kept={kept} step={step}: (5) lock_held {} -> {}",
+                    before,
+                    held(&env)
+                ));
+            }
+        }
+    }
+    println!(
+        "{backend:?}: {n} cases in {} ms, {} violations",
+        started.elapsed().as_millis(),
+        violations.len()
+    );
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_futures_dropped_at_every_poll_leave_nothing() {
+    check_backend(Backend::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_futures_dropped_at_every_poll_leave_nothing() {
+    check_backend(Backend::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_futures_dropped_at_every_poll_leave_nothing() {
+    check_backend(Backend::Redlock3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_futures_dropped_at_every_poll_leave_nothing() {
+    check_backend(Backend::Inc).await;
+}
+
+/// The checker fires: a future that writes a key without a TTL is reported by (2), one that
+/// leaks its guard by (1) and by the gauge (5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_the_checker_reports_leaks() {
+    let Some(env) = Env::start(Backend::Inc).await else {
+        return;
+    };
+    figures();
+    let _alone = label_lock(&env).await;
+    let mut found = case(&env, Op::LeakNoTtl, 1, Cut::Now, 1000)
+        .await
+        .violations;
+    assert!(
+        found
+            .iter()
+            .any(|violation| violation.contains("(2) keys without a TTL")),
+        "the key without a TTL went unseen: {found:?}"
+    );
+    drop(_alone);
+    let memory = Env::start(Backend::Memory).await.unwrap();
+    let _alone = label_lock(&memory).await;
+    let before = held(&memory);
+    found = case(&memory, Op::LeakGuard, 1, Cut::Now, 2000)
+        .await
+        .violations;
+    if held(&memory) != before {
+        found.push(format!(
+            "(5) lock_held went from {before} to {}",
+            held(&memory)
+        ));
+    }
+    assert!(
+        found
+            .iter()
+            .any(|violation| violation.contains("(1) another client")),
+        "the leaked guard went unseen by (1): {found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|violation| violation.contains("(5) lock_held")),
+        "the leaked guard went unseen by the gauge: {found:?}"
+    );
+}
