@@ -429,6 +429,7 @@ async fn attempt(
                             written_before: false,
                             extending: None,
                             line_member: None,
+                            written_until: valid_until + shared.drift(ttl),
                         })));
                     }
                 }

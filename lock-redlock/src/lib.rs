@@ -587,6 +587,7 @@ impl Shared {
                         .map(|(_, member)| member)
                         .filter(|member| !member.is_empty())
                         .cloned(),
+                    written_until: valid_until + self.drift(ttl),
                 }))))
             }
             // Our keys gone from the nodes once the validity was spent: they expired while the
@@ -1178,6 +1179,7 @@ async fn try_acquire_fair(
         written_before: false,
         extending: None,
         line_member: None,
+        written_until: valid_until + shared.drift(ttl),
     })))
 }
 
@@ -1228,6 +1230,7 @@ fn claim_grant(
         written_before: false,
         extending: None,
         line_member: Some(member.into()),
+        written_until: valid_until + shared.drift(ttl),
     }))
 }
 
@@ -1478,6 +1481,12 @@ struct RedlockHandle {
     /// The fair waiter that won this lock over several nodes: the release takes it out of every
     /// node's line (one that refused it may still have it, even reserve the key for it).
     line_member: Option<Arc<[u8]>>,
+    /// Until when the keys may live on a node, by the writes sent so far (the acquisition, each
+    /// extend from the moment it is sent): the release's follow-ups run until then. Not the
+    /// validity, which may end long before the keys do (a downgrade in doubt ends it at once):
+    /// a release that overtook the acquisition on a slow node would then never be sent again,
+    /// and the key would stay there for its ttl (`tests/tests/attack_s32b.rs`).
+    written_until: Instant,
 }
 
 /// What a won round comes to (see [`Shared::hand_out`]).
@@ -1549,6 +1558,8 @@ impl Handle for RedlockHandle {
             let _ = late.await;
         }
         let start = Instant::now();
+        // From here the nodes may take the new expiry, whatever becomes of this extend.
+        self.written_until = self.written_until.max(start + ttl);
         let (tally, in_flight) =
             round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
                 let (keys, token, held) = (
@@ -1604,7 +1615,7 @@ impl Handle for RedlockHandle {
                 (None, None)
             };
             if let Some(in_flight) = in_flight {
-                let expires_by = self.lease.valid_until() + shared.drift(self.ttl);
+                let expires_by = self.written_until;
                 let (shared, keys, token, held) = (
                     Arc::clone(&shared),
                     self.lease.key_set().clone(),
@@ -1668,7 +1679,7 @@ impl Handle for RedlockHandle {
                 // Every node must hear the release, not only the majority that decided it: the
                 // slower ones are awaited and those that failed are asked again, off the caller's
                 // path, until the keys would be gone by themselves.
-                let expires_by = self.lease.valid_until() + shared.drift(self.ttl);
+                let expires_by = self.written_until;
                 let (shared, keys, token, held) = (
                     Arc::clone(&shared),
                     self.lease.key_set().clone(),
