@@ -133,7 +133,11 @@ enum Backend {
     Redlock3,
     /// Redlock on three nodes, the third 10 ms away (a proxy): drops between the nodes' answers.
     Redlock3Slow,
+    /// As `Redlock3Slow`, with pooled connections, fencing and wake-ups on release.
+    Redlock3SlowPoolFenced,
     Inc,
+    /// inc on one server 5 ms away (a proxy).
+    IncSlow,
 }
 
 struct Env {
@@ -143,6 +147,8 @@ struct Env {
     renamed: Option<&'static str>,
     target: Option<Target>,
     nodes: Option<Nodes>,
+    /// `IncSlow`'s server and the proxy in front of it.
+    far: Option<(Vec<RedisServer>, lock_tests::proxy::LatencyProxy)>,
     memory: MemoryLock,
 }
 
@@ -208,9 +214,23 @@ impl Env {
             Backend::Redis => Some(Store::Redis),
             Backend::Redlock3 => Some(Store::Redlock3),
             Backend::Inc => Some(Store::Inc),
-            Backend::Redlock3Slow => None,
+            Backend::Redlock3Slow | Backend::Redlock3SlowPoolFenced | Backend::IncSlow => None,
         };
-        let nodes = if backend == Backend::Redlock3Slow {
+        let far = if backend == Backend::IncSlow {
+            lock_tests::server::redis_or_skip("cancel at every poll")?;
+            let servers = lock_tests::backed::start_servers(1);
+            let proxy = lock_tests::proxy::LatencyProxy::start(servers[0].port())
+                .await
+                .unwrap();
+            proxy.set_delay(Duration::from_millis(5));
+            Some((servers, proxy))
+        } else {
+            None
+        };
+        let nodes = if matches!(
+            backend,
+            Backend::Redlock3Slow | Backend::Redlock3SlowPoolFenced
+        ) {
             lock_tests::server::redis_or_skip("cancel at every poll")?;
             let nodes = Nodes::start().await;
             nodes.proxy.set_delay(Duration::from_millis(10));
@@ -227,14 +247,16 @@ impl Env {
             renamed,
             target,
             nodes,
+            far,
             memory: MemoryLock::new(),
         })
     }
 
     fn servers(&self) -> &[RedisServer] {
-        match (&self.target, &self.nodes) {
-            (Some(target), _) => &target.servers,
-            (_, Some(nodes)) => &nodes.servers,
+        match (&self.target, &self.nodes, &self.far) {
+            (Some(target), _, _) => &target.servers,
+            (_, Some(nodes), _) => &nodes.servers,
+            (_, _, Some((servers, _))) => servers,
             _ => &[],
         }
     }
@@ -243,20 +265,35 @@ impl Env {
     fn label(&self) -> &'static str {
         self.renamed.unwrap_or(match self.backend {
             Backend::Memory => "memory",
-            Backend::Redis | Backend::Redlock3 | Backend::Redlock3Slow => "redlock",
-            Backend::Inc => "inc",
+            Backend::Redis
+            | Backend::Redlock3
+            | Backend::Redlock3Slow
+            | Backend::Redlock3SlowPoolFenced => "redlock",
+            Backend::Inc | Backend::IncSlow => "inc",
         })
     }
 
     async fn store(&self, fair: bool) -> Arc<dyn Lock> {
-        let inner = match (&self.target, &self.nodes) {
-            (Some(target), _) => target.backend(fair).await,
-            (_, Some(nodes)) => Arc::new(
-                Redlock::new(
-                    RedlockConfig::new(nodes.urls())
-                        .with_fair(fair)
-                        .with_node_timeout(Duration::from_millis(500)),
-                )
+        let inner: Arc<dyn Lock> = match (&self.target, &self.nodes, &self.far) {
+            (Some(target), _, _) => target.backend(fair).await,
+            (_, Some(nodes), _) => {
+                let mut config = RedlockConfig::new(nodes.urls())
+                    .with_fair(fair)
+                    .with_node_timeout(Duration::from_millis(500));
+                if self.backend == Backend::Redlock3SlowPoolFenced {
+                    config = config
+                        .with_connection(lock_redlock::ConnectionKind::Pool)
+                        .with_fencing(true)
+                        .with_wake_on_release(true);
+                }
+                Arc::new(Redlock::new(config).unwrap())
+            }
+            (_, _, Some((_, proxy))) => Arc::new(
+                lock_inc::IncLock::connect(lock_inc::IncConfig {
+                    command_timeout: 2_000,
+                    ..lock_inc::IncConfig::new(proxy.url()).with_fair(fair)
+                })
+                .await
                 .unwrap(),
             ),
             _ => Arc::new(self.memory.clone()),
@@ -272,6 +309,7 @@ impl Env {
         let mut found = Vec::new();
         for (index, server) in self.servers().iter().enumerate() {
             for (name, pttl) in lock_tests::nodes::leftovers(server) {
+                // Fencing counters (Redlock's end in 0xFF ":fence", shown lossily).
                 if name.contains(key) && !name.ends_with(":fence") {
                     found.push((format!("{index}:{name}"), pttl));
                 }
@@ -772,7 +810,8 @@ async fn sweep(env: &Env, op: Op, n: &mut usize) -> (Vec<String>, String) {
     };
     let mut violations = Vec::new();
     let mut summary = Vec::new();
-    let cuts: &[Cut] = if op == Op::Stop {
+    // In process, there is nothing for `stop` to wait for: `NowStop` is `Now`.
+    let cuts: &[Cut] = if op == Op::Stop || env.backend == Backend::Memory {
         &[Cut::Now, Cut::OnWake]
     } else {
         &[Cut::Now, Cut::OnWake, Cut::NowStop]
@@ -896,7 +935,7 @@ async fn label_lock(env: &Env) -> Option<tokio::sync::MutexGuard<'static, ()>> {
     match env.backend {
         Backend::Memory => Some(MEMORY.lock().await),
         Backend::Inc => Some(INC.lock().await),
-        Backend::Redis | Backend::Redlock3 | Backend::Redlock3Slow => None,
+        _ => None,
     }
 }
 
@@ -912,7 +951,9 @@ enum Part {
 }
 
 /// The operations of `part` on `backend`: with a slow node, the acquisitions of a semaphore
-/// and of a reader contended are left out (their rounds are those of the write lock).
+/// and of a reader, the contended one of a writer and the longer extend are left out (their
+/// rounds are those of the free write lock, the contended mutex and the shorter extend), to
+/// keep the file within its time.
 fn ops(backend: Backend, part: Part) -> Vec<Op> {
     OPS.iter()
         .copied()
@@ -925,14 +966,19 @@ fn ops(backend: Backend, part: Part) -> Vec<Op> {
             }
         })
         .filter(|op| {
-            backend != Backend::Redlock3Slow
-                || !matches!(
-                    op,
-                    Op::Contended {
-                        kind: Kind::Permit | Kind::Read,
-                        ..
-                    }
-                )
+            !matches!(
+                backend,
+                Backend::Redlock3Slow | Backend::Redlock3SlowPoolFenced | Backend::IncSlow
+            ) || !matches!(
+                op,
+                Op::Contended {
+                    kind: Kind::Permit | Kind::Read | Kind::Write,
+                    ..
+                } | Op::Acquire {
+                    kind: Kind::Permit | Kind::Read,
+                    ..
+                } | Op::Extend { longer: true, .. }
+            )
         })
         .collect()
 }
@@ -1039,6 +1085,43 @@ async fn redlock_with_a_slow_node_contended_acquisitions_dropped_at_every_poll_l
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_with_a_slow_node_other_futures_dropped_at_every_poll_leave_nothing() {
     check_backend(Backend::Redlock3Slow, Part::Rest, Some("redlock-slow-rest")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_pooled_fenced_with_a_slow_node_contended_acquisitions_dropped_at_every_poll_leave_nothing()
+ {
+    check_backend(
+        Backend::Redlock3SlowPoolFenced,
+        Part::Contended,
+        Some("redlock-pool-contended"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_pooled_fenced_with_a_slow_node_other_futures_dropped_at_every_poll_leave_nothing()
+{
+    check_backend(
+        Backend::Redlock3SlowPoolFenced,
+        Part::Rest,
+        Some("redlock-pool-rest"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_with_a_slow_server_contended_acquisitions_dropped_at_every_poll_leave_nothing() {
+    check_backend(
+        Backend::IncSlow,
+        Part::Contended,
+        Some("inc-slow-contended"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_with_a_slow_server_other_futures_dropped_at_every_poll_leave_nothing() {
+    check_backend(Backend::IncSlow, Part::Rest, Some("inc-slow-rest")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1189,5 +1272,60 @@ async fn redlock_a_release_after_a_dropped_downgrade_is_sent_again_to_a_node_it_
     assert_eq!(
         left, ":-2",
         "the slow node kept the write lock (PTTL {left}) after its release"
+    );
+}
+
+/// Found by the checker's second waiter on memory (check (3) waited for it): the waiter that
+/// came first does not always get the key first. Promise: `MemoryLock` "Waiters are served
+/// first come, first served: a release wakes the longest waiter" (and the README's table:
+/// memory is fair, "first come, first served"). Each wait lasts one retry delay (`max_wait`);
+/// when it ends, the waiter tries again and joins the line anew, behind those that came after
+/// it. Two waiters 1 ms apart, retrying every 10 ms: a release in the millisecond after the
+/// first one rejoined wakes the second.
+#[tokio::test(start_paused = true)]
+async fn memory_the_waiter_that_came_first_is_served_first_across_its_retries() {
+    let mut served = Vec::new();
+    for release_at in [
+        Duration::from_micros(205_000),
+        Duration::from_micros(200_500),
+    ] {
+        let locker = Locker::new(MemoryLock::new())
+            .with_options(
+                LockOptions::default()
+                    .with_ttl(Duration::from_secs(60))
+                    .with_retry(
+                        RetryPolicy::forever()
+                            .with_retry_delay(Duration::from_millis(10))
+                            .with_retry_jitter(Duration::ZERO),
+                    ),
+            )
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let holder = locker.acquire("k").await.unwrap();
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for name in ["first", "second"] {
+            let (locker, order) = (locker.clone(), Arc::clone(&order));
+            waiters.push(tokio::spawn(async move {
+                let guard = locker.acquire("k").await.unwrap();
+                order.lock().unwrap().push(name);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                guard.release().await.unwrap();
+            }));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep_until(start + release_at).await;
+        holder.release().await.unwrap();
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        served.push((release_at, order));
+    }
+    assert!(
+        served
+            .iter()
+            .all(|(_, order)| order == &["first", "second"]),
+        "served out of arrival order: {served:?}"
     );
 }
