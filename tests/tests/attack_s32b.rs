@@ -42,7 +42,7 @@ const TTL: Duration = Duration::from_millis(600);
 /// What check (1) allows on top of the ttl, and alone where the release was under way.
 const SLACK: Duration = Duration::from_millis(400);
 /// How long a contended case's holder keeps the key.
-const HOLD: Duration = Duration::from_millis(40);
+const HOLD: Duration = Duration::from_millis(30);
 /// What `stop` may take in a case (its documented bound is `CLEANUP_WAIT` twice).
 const STOP_BOUND: Duration = Duration::from_secs(11);
 
@@ -441,6 +441,8 @@ enum Op {
     Downgrade,
     /// `with_lock` around a short section.
     WithLock,
+    /// `acquire_many` of two free keys (the key and the key + `m`).
+    AcquireMany,
     /// Negative control: a future that writes a key without a TTL, then waits.
     LeakNoTtl,
     /// Negative control: a future that acquires, leaks its guard, then waits.
@@ -471,7 +473,8 @@ impl Op {
         };
         let fair = !self.fair() || capabilities.fair;
         let extend = !matches!(self, Op::Extend { .. }) || capabilities.extend;
-        kind && fair && extend
+        let many = self != Op::AcquireMany || capabilities.multi_key;
+        kind && fair && extend && many
     }
 }
 
@@ -536,8 +539,13 @@ async fn case(env: &Env, others: &Others, op: Op, k: usize, cut: Cut, n: usize) 
     // Whether the key must be free at once (within the slack alone).
     let mut at_once = false;
     match op {
-        Op::Acquire { .. } | Op::WithLock => {
-            let done = if op == Op::WithLock {
+        Op::Acquire { .. } | Op::WithLock | Op::AcquireMany => {
+            let done = if op == Op::AcquireMany {
+                let second = format!("{key}m");
+                limited(victim.acquire_many(&[&key, &second]), k, cut, || {})
+                    .await
+                    .map(|result| result.map(Some))
+            } else if op == Op::WithLock {
                 limited(
                     victim.with_lock(&key, |_| tokio::time::sleep(Duration::from_millis(30))),
                     k,
@@ -756,6 +764,14 @@ async fn case(env: &Env, others: &Others, op: Op, k: usize, cut: Cut, n: usize) 
             (asked - dropped + bound).as_millis()
         )),
     }
+    if op == Op::AcquireMany {
+        match take_all(other, &format!("{key}m"), &[LeaseKind::Exclusive], bound).await {
+            Ok(guards) => release_all(guards).await,
+            Err(error) => report.violations.push(format!(
+                "(1) another client did not get the second key: {error}"
+            )),
+        }
+    }
 
     // (2) No key without a TTL.
     let left = env.without_ttl();
@@ -867,7 +883,7 @@ async fn sweep(env: &Env, op: Op, n: &mut usize) -> (Vec<String>, String) {
     (violations, format!("{op:?}: {}", summary.join("; ")))
 }
 
-const OPS: [Op; 18] = [
+const OPS: [Op; 19] = [
     Op::Acquire {
         kind: Kind::Mutex,
         fair: false,
@@ -924,6 +940,7 @@ const OPS: [Op; 18] = [
     },
     Op::Downgrade,
     Op::WithLock,
+    Op::AcquireMany,
     Op::Stop,
 ];
 
@@ -951,9 +968,10 @@ enum Part {
 }
 
 /// The operations of `part` on `backend`: with a slow node, the acquisitions of a semaphore
-/// and of a reader, the contended one of a writer and the longer extend are left out (their
-/// rounds are those of the free write lock, the contended mutex and the shorter extend), to
-/// keep the file within its time.
+/// and of a reader, the contended one of a writer, the longer extend and the release and
+/// extend of a guard not kept alive are left out (their rounds are those of the free write
+/// lock, the contended mutex, the shorter extend and the kept-alive guard's), to keep the file
+/// within its time.
 fn ops(backend: Backend, part: Part) -> Vec<Op> {
     OPS.iter()
         .copied()
@@ -978,6 +996,8 @@ fn ops(backend: Backend, part: Part) -> Vec<Op> {
                     kind: Kind::Permit | Kind::Read,
                     ..
                 } | Op::Extend { longer: true, .. }
+                    | Op::Extend { kept: false, .. }
+                    | Op::Release { kept: false }
             )
         })
         .collect()
