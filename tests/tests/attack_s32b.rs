@@ -1351,3 +1351,74 @@ async fn memory_the_waiter_that_came_first_is_served_first_across_its_retries() 
         "served out of arrival order: {served:?}"
     );
 }
+
+/// The same class of gap on inc (one server): a release that fails is asked again in the
+/// background until the key would have expired, by the guard's validity. After a downgrade
+/// dropped on the wire that validity ended at once (the lease is in doubt), so a release lost
+/// with its connection was never sent again: the write lock stayed for the whole ttl, and on
+/// one server nobody else could take it meanwhile. The control (no downgrade) shows the re-send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_a_lost_release_after_a_dropped_downgrade_is_sent_again() {
+    if lock_tests::server::redis_or_skip("inc release after a dropped downgrade").is_none() {
+        return;
+    }
+    let servers = lock_tests::backed::start_servers(1);
+    let proxy = lock_tests::proxy::LatencyProxy::start(servers[0].port())
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(4);
+    let locker = Locker::new(
+        lock_inc::IncLock::connect(lock_inc::IncConfig {
+            command_timeout: 200,
+            ..lock_inc::IncConfig::new(proxy.url())
+        })
+        .await
+        .unwrap(),
+    )
+    .with_options(
+        LockOptions::default()
+            .with_ttl(ttl)
+            .with_retry(RetryPolicy::none()),
+    )
+    .unwrap();
+    let direct =
+        lock_tests::inc_kit::inc_locker(&servers[0].url(), false, ttl, RetryPolicy::none()).await;
+    let mut free = Vec::new();
+    for downgraded in [false, true] {
+        let key = if downgraded { "downgraded" } else { "plain" };
+        let mut guard = locker.acquire_write(key).await.unwrap();
+        if downgraded {
+            assert!(
+                limited(guard.downgrade(), 1, Cut::Now, || {})
+                    .await
+                    .is_err(),
+                "the downgrade answered in its first poll"
+            );
+            // Let it land: the key is then a read lock of ours.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!guard.is_valid(), "the lease in doubt kept its validity");
+        }
+        proxy.cut();
+        let released = guard.release().await;
+        assert!(released.is_err(), "the release was answered: {released:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        proxy.set_delay(Duration::ZERO);
+        // The follow-up's rounds (pauses of 200, 400 and 800 ms) are over.
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        let taken = direct
+            .try_acquire_kind(key, LeaseKind::Write)
+            .await
+            .unwrap();
+        free.push((key, taken.is_some()));
+        if let Some(taken) = taken {
+            taken.release().await.unwrap();
+        }
+    }
+    locker.stop().await.unwrap();
+    direct.stop().await.unwrap();
+    assert_eq!(
+        free,
+        [("plain", true), ("downgraded", true)],
+        "(key, free 2 s after its lost release) with the ttl at 4 s"
+    );
+}
