@@ -491,6 +491,7 @@ impl Lock for IncLock {
                 )
                 .with_fencing_token(u64::try_from(fence).unwrap_or_default()),
                 line_member: String::new(),
+                written_until: start + request.ttl(),
             })))
         })
     }
@@ -905,6 +906,7 @@ async fn acquire_shared(
         )
         .with_fencing_token(u64::try_from(fence).unwrap_or_default()),
         line_member: String::new(),
+        written_until: start + request.ttl(),
     })))
 }
 
@@ -979,6 +981,7 @@ fn claim_grant(
         )
         .with_fencing_token(fence),
         line_member: member,
+        written_until: valid_until,
     }))
 }
 
@@ -1003,6 +1006,12 @@ struct IncHandle {
     /// The fair line's member this lock was given to as it passed the turn (`claim_grant`),
     /// which its release takes out of the line; empty for any other lock.
     line_member: String,
+    /// Until when the key may live on the server, by the writes sent so far (the acquisition,
+    /// each extend from the moment it is sent): a failed release is asked again until then. Not
+    /// the validity, which may end long before the key does (a downgrade in doubt ends it at
+    /// once): the release lost after it was never sent again, and the key stayed for its ttl
+    /// (`tests/tests/attack_s32b.rs`).
+    written_until: Instant,
 }
 
 #[async_trait]
@@ -1016,6 +1025,8 @@ impl Handle for IncHandle {
         shared.running()?;
         let keys = shared.keys(self.lease.key());
         let start = Instant::now();
+        // From here the server may take the new expiry, whatever becomes of this extend.
+        self.written_until = self.written_until.max(start + ttl);
         let token = self.lease.token().expose().to_string();
         let ttl_ms = validate::ttl_millis(ttl).to_string();
         let extended: i64 = match kind_letter(self.lease.kind()) {
@@ -1118,7 +1129,7 @@ impl IncHandle {
             self.lease.key().clone(),
             self.lease.token().clone(),
             self.lease.kind(),
-            self.lease.valid_until(),
+            self.written_until,
             self.line_member.clone(),
         );
     }
