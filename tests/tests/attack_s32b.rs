@@ -1359,7 +1359,18 @@ async fn memory_the_waiter_that_came_first_is_served_first_across_its_retries() 
 /// one server nobody else could take it meanwhile. The control (no downgrade) shows the re-send.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inc_a_lost_release_after_a_dropped_downgrade_is_sent_again() {
-    if lock_tests::server::redis_or_skip("inc release after a dropped downgrade").is_none() {
+    lost_release_after_a_dropped_downgrade(false).await;
+}
+
+/// As `inc_a_lost_release_after_a_dropped_downgrade_is_sent_again`, on `redis` (Redlock on one
+/// node, whose release follow-up had the same bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_lost_release_after_a_dropped_downgrade_is_sent_again() {
+    lost_release_after_a_dropped_downgrade(true).await;
+}
+
+async fn lost_release_after_a_dropped_downgrade(redlock: bool) {
+    if lock_tests::server::redis_or_skip("release after a dropped downgrade").is_none() {
         return;
     }
     let servers = lock_tests::backed::start_servers(1);
@@ -1367,22 +1378,41 @@ async fn inc_a_lost_release_after_a_dropped_downgrade_is_sent_again() {
         .await
         .unwrap();
     let ttl = Duration::from_secs(4);
-    let locker = Locker::new(
-        lock_inc::IncLock::connect(lock_inc::IncConfig {
-            command_timeout: 200,
-            ..lock_inc::IncConfig::new(proxy.url())
-        })
-        .await
-        .unwrap(),
-    )
-    .with_options(
-        LockOptions::default()
-            .with_ttl(ttl)
-            .with_retry(RetryPolicy::none()),
-    )
-    .unwrap();
-    let direct =
-        lock_tests::inc_kit::inc_locker(&servers[0].url(), false, ttl, RetryPolicy::none()).await;
+    let backend: Arc<dyn Lock> = if redlock {
+        Arc::new(
+            Redlock::new(
+                RedlockConfig::new([proxy.url()]).with_node_timeout(Duration::from_millis(200)),
+            )
+            .unwrap(),
+        )
+    } else {
+        Arc::new(
+            lock_inc::IncLock::connect(lock_inc::IncConfig {
+                command_timeout: 200,
+                ..lock_inc::IncConfig::new(proxy.url())
+            })
+            .await
+            .unwrap(),
+        )
+    };
+    let locker = Locker::from_arc(backend)
+        .with_options(
+            LockOptions::default()
+                .with_ttl(ttl)
+                .with_retry(RetryPolicy::none()),
+        )
+        .unwrap();
+    let direct = if redlock {
+        Locker::new(Redlock::new(RedlockConfig::new([servers[0].url()])).unwrap())
+            .with_options(
+                LockOptions::default()
+                    .with_ttl(ttl)
+                    .with_retry(RetryPolicy::none()),
+            )
+            .unwrap()
+    } else {
+        lock_tests::inc_kit::inc_locker(&servers[0].url(), false, ttl, RetryPolicy::none()).await
+    };
     let mut free = Vec::new();
     for downgraded in [false, true] {
         let key = if downgraded { "downgraded" } else { "plain" };
