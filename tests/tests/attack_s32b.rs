@@ -443,6 +443,9 @@ enum Op {
     WithLock,
     /// `acquire_many` of two free keys (the key and the key + `m`).
     AcquireMany,
+    /// `stop` of a client with a fair waiter in the store's line (another client holds the
+    /// key): the waiter ends, its place is taken back, also when the first `stop` is dropped.
+    StopWaiting,
     /// Negative control: a future that writes a key without a TTL, then waits.
     LeakNoTtl,
     /// Negative control: a future that acquires, leaks its guard, then waits.
@@ -453,7 +456,7 @@ impl Op {
     fn fair(self) -> bool {
         matches!(
             self,
-            Op::Acquire { fair: true, .. } | Op::Contended { fair: true, .. }
+            Op::Acquire { fair: true, .. } | Op::Contended { fair: true, .. } | Op::StopWaiting
         )
     }
 
@@ -690,6 +693,69 @@ async fn case(env: &Env, others: &Others, op: Op, k: usize, cut: Cut, n: usize) 
             }
             at_once = true;
         }
+        Op::StopWaiting => {
+            let holder_client = env.locker(true).await;
+            let held = take_all(&holder_client, &key, &[LeaseKind::Exclusive], SLACK)
+                .await
+                .unwrap();
+            let (waiter_client, waiter_key) = (victim.clone(), key.clone());
+            let waiting = tokio::spawn(async move { waiter_client.acquire(&waiter_key).await });
+            // Until it is in line.
+            let in_line = || {
+                env.leftovers_of(&key)
+                    .iter()
+                    .any(|(name, _)| name.contains("queue"))
+            };
+            for _ in 0..100 {
+                if in_line() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if !in_line() {
+                report
+                    .violations
+                    .push("setup: the waiter is not in the store's line".into());
+            }
+            if limited(victim.stop(), k, cut, || {}).await.is_ok() {
+                report.completed = true;
+            }
+            let started = Instant::now();
+            match tokio::time::timeout(STOP_BOUND, victim.stop()).await {
+                Ok(_) if started.elapsed() > CLEANUP_WAIT * 2 => report.violations.push(format!(
+                    "(4) the second stop took {} ms",
+                    started.elapsed().as_millis()
+                )),
+                Ok(_) => {}
+                Err(_) => report.violations.push("(4) the second stop hung".into()),
+            }
+            match tokio::time::timeout(SLACK, waiting).await {
+                Ok(Ok(Err(_))) => {}
+                Ok(Ok(Ok(_))) => report
+                    .violations
+                    .push("(3) the waiter won the key held by another client".into()),
+                Ok(Err(error)) => report
+                    .violations
+                    .push(format!("(3) the waiter panicked: {error}")),
+                Err(_) => report
+                    .violations
+                    .push("(3) the waiter did not end once stop returned".into()),
+            }
+            // Only the holder's lock is left: no place in line of the stopped waiter.
+            let line: Vec<_> = env
+                .leftovers_of(&key)
+                .into_iter()
+                .filter(|(name, _)| name.contains("queue"))
+                .collect();
+            if !line.is_empty() {
+                report
+                    .violations
+                    .push(format!("(1) the stopped waiter's line left: {line:?}"));
+            }
+            release_all(held).await;
+            let _ = holder_client.stop().await;
+            at_once = true;
+        }
         Op::LeakNoTtl => {
             let leak = async {
                 env.set_without_ttl(&format!("{{{key}}}:leak"));
@@ -808,10 +874,10 @@ fn held(env: &Env) -> f64 {
         .unwrap_or_default()
 }
 
-/// Which `k` to try: every one up to 8 (the first attempt's await points and more), then
-/// half as far again each time (12, 18, 27, ...).
+/// Which `k` to try: every one up to 6 (the first attempt's await points: a free acquisition
+/// is done by then on the fast stores), then half as far again each time (9, 13, 19, ...).
 fn next_k(k: usize) -> usize {
-    if k < 8 { k + 1 } else { k + k / 2 }
+    if k < 6 { k + 1 } else { k + k / 2 }
 }
 
 /// Runs `op` on `env` for k = 1, 2, ... until it completes by itself, with both cuts; returns
@@ -827,7 +893,8 @@ async fn sweep(env: &Env, op: Op, n: &mut usize) -> (Vec<String>, String) {
     let mut violations = Vec::new();
     let mut summary = Vec::new();
     // In process, there is nothing for `stop` to wait for: `NowStop` is `Now`.
-    let cuts: &[Cut] = if op == Op::Stop || env.backend == Backend::Memory {
+    let cuts: &[Cut] = if matches!(op, Op::Stop | Op::StopWaiting) || env.backend == Backend::Memory
+    {
         &[Cut::Now, Cut::OnWake]
     } else {
         &[Cut::Now, Cut::OnWake, Cut::NowStop]
@@ -883,7 +950,7 @@ async fn sweep(env: &Env, op: Op, n: &mut usize) -> (Vec<String>, String) {
     (violations, format!("{op:?}: {}", summary.join("; ")))
 }
 
-const OPS: [Op; 19] = [
+const OPS: [Op; 20] = [
     Op::Acquire {
         kind: Kind::Mutex,
         fair: false,
@@ -942,6 +1009,7 @@ const OPS: [Op; 19] = [
     Op::WithLock,
     Op::AcquireMany,
     Op::Stop,
+    Op::StopWaiting,
 ];
 
 /// Serializes the tests that share a gauge label: the negative control and the backend it runs
@@ -1017,14 +1085,14 @@ async fn check_backend(backend: Backend, part: Part, renamed: Option<&'static st
         println!("{backend:?} {summary}");
         violations.extend(found);
     }
-    // The drop of a guard, kept alive or not, at several points of its life.
+    // The drop of a guard, kept alive or not, at once and at 60 % of its ttl.
     let drops = if part == Part::Contended {
         &[][..]
     } else {
         &[false, true][..]
     };
     for &kept in drops {
-        for step in 0..4u32 {
+        for step in [0u32, 3] {
             n += 1;
             let key = format!("d{n}z");
             let victim = env.locker(false).await;
