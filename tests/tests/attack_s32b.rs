@@ -430,6 +430,9 @@ enum Op {
     /// An acquisition while another client holds the key, with a second waiter of the same
     /// process behind it.
     Contended { kind: Kind, fair: bool },
+    /// A mutex acquisition in the middle of the process's waiters: one of the same process
+    /// waits before it, one after it, while another client holds the key.
+    ContendedMiddle { fair: bool },
     /// `release` of a held guard (kept alive or not).
     Release { kept: bool },
     /// `extend` of a held guard (kept alive or not), to a shorter and to a longer ttl.
@@ -456,7 +459,10 @@ impl Op {
     fn fair(self) -> bool {
         matches!(
             self,
-            Op::Acquire { fair: true, .. } | Op::Contended { fair: true, .. } | Op::StopWaiting
+            Op::Acquire { fair: true, .. }
+                | Op::Contended { fair: true, .. }
+                | Op::ContendedMiddle { fair: true }
+                | Op::StopWaiting
         )
     }
 
@@ -538,6 +544,7 @@ async fn case(env: &Env, others: &Others, op: Op, k: usize, cut: Cut, n: usize) 
     let other = &others.probe;
     let mut report = Report::default();
     let mut waiter = None;
+    let mut front: Option<tokio::task::JoinHandle<lock_core::Result<()>>> = None;
     let mut holder = None;
     // Whether the key must be free at once (within the slack alone).
     let mut at_once = false;
@@ -580,7 +587,7 @@ async fn case(env: &Env, others: &Others, op: Op, k: usize, cut: Cut, n: usize) 
                 Err(_) => {}
             }
         }
-        Op::Contended { .. } => {
+        Op::Contended { .. } | Op::ContendedMiddle { .. } => {
             // A client of its own, stopped once it released: its release has then reached
             // every node (what is left after that is the victim's).
             let holder_client = env.locker(op.fair()).await;
@@ -597,6 +604,16 @@ async fn case(env: &Env, others: &Others, op: Op, k: usize, cut: Cut, n: usize) 
                 release_all(held).await;
                 holder_client.stop().await
             }));
+            if matches!(op, Op::ContendedMiddle { .. }) {
+                let (first, first_key) = (victim.clone(), key.clone());
+                front = Some(tokio::spawn(async move {
+                    let guard = first.acquire(&first_key).await?;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    guard.release().await
+                }));
+                // In line first.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             let second = victim.clone();
             let second_key = key.clone();
             let done = limited(
@@ -775,7 +792,21 @@ async fn case(env: &Env, others: &Others, op: Op, k: usize, cut: Cut, n: usize) 
     }
     let dropped = Instant::now();
 
-    // (3) The second waiter of the same process.
+    // (3) The waiters of the same process, before and after the one dropped.
+    if let Some(front) = front {
+        match tokio::time::timeout(TTL * 2 + Duration::from_secs(3), front).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => report
+                .violations
+                .push(format!("(3) the waiter in front failed: {error}")),
+            Ok(Err(error)) => report
+                .violations
+                .push(format!("(3) the waiter in front panicked: {error}")),
+            Err(_) => report
+                .violations
+                .push("(3) the waiter in front is stuck".into()),
+        }
+    }
     if let Some(waiter) = waiter {
         match tokio::time::timeout(TTL * 2 + Duration::from_secs(3), waiter).await {
             Ok(Ok(Ok(guard))) => {
@@ -893,7 +924,8 @@ async fn sweep(env: &Env, op: Op, n: &mut usize) -> (Vec<String>, String) {
     let mut violations = Vec::new();
     let mut summary = Vec::new();
     // In process, there is nothing for `stop` to wait for: `NowStop` is `Now`.
-    let cuts: &[Cut] = if matches!(op, Op::Stop | Op::StopWaiting) || env.backend == Backend::Memory
+    let cuts: &[Cut] = if matches!(op, Op::Stop | Op::StopWaiting | Op::ContendedMiddle { .. })
+        || env.backend == Backend::Memory
     {
         &[Cut::Now, Cut::OnWake]
     } else {
@@ -950,7 +982,7 @@ async fn sweep(env: &Env, op: Op, n: &mut usize) -> (Vec<String>, String) {
     (violations, format!("{op:?}: {}", summary.join("; ")))
 }
 
-const OPS: [Op; 20] = [
+const OPS: [Op; 22] = [
     Op::Acquire {
         kind: Kind::Mutex,
         fair: false,
@@ -991,6 +1023,8 @@ const OPS: [Op; 20] = [
         kind: Kind::Write,
         fair: false,
     },
+    Op::ContendedMiddle { fair: false },
+    Op::ContendedMiddle { fair: true },
     Op::Release { kept: false },
     Op::Release { kept: true },
     Op::Extend {
@@ -1044,7 +1078,7 @@ fn ops(backend: Backend, part: Part) -> Vec<Op> {
     OPS.iter()
         .copied()
         .filter(|op| {
-            let contended = matches!(op, Op::Contended { .. });
+            let contended = matches!(op, Op::Contended { .. } | Op::ContendedMiddle { .. });
             match part {
                 Part::All => true,
                 Part::Contended => contended,
@@ -1066,6 +1100,7 @@ fn ops(backend: Backend, part: Part) -> Vec<Op> {
                 } | Op::Extend { longer: true, .. }
                     | Op::Extend { kept: false, .. }
                     | Op::Release { kept: false }
+                    | Op::ContendedMiddle { .. }
             )
         })
         .collect()
