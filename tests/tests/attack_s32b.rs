@@ -1555,3 +1555,41 @@ async fn lost_release_after_a_dropped_downgrade(redlock: bool) {
         "(key, free 2 s after its lost release) with the ttl at 4 s"
     );
 }
+
+/// Held: a guard dropped (kept alive or not) after its downgrade was dropped on the wire, its
+/// validity ended (the lease in doubt), still releases in the background at once: the key is
+/// free for another client within the slack, on every backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_dropped_after_a_dropped_downgrade_frees_the_key_at_once() {
+    for backend in [
+        Backend::Memory,
+        Backend::Redis,
+        Backend::Redlock3,
+        Backend::Inc,
+    ] {
+        let Some(env) = Env::start_as(backend, Some("after-downgrade")).await else {
+            return;
+        };
+        let victim = env.locker(false).await;
+        let other = env.locker(false).await;
+        for kept in [false, true] {
+            let key = format!("z{kept}");
+            let mut guard = victim.acquire_write(&key).await.unwrap();
+            if kept {
+                guard.keep_alive().unwrap();
+            }
+            // Memory answers in the first poll: nothing is dropped there.
+            let _ = limited(guard.downgrade(), 1, Cut::Now, || {}).await;
+            drop(guard);
+            let got = take_all(&other, &key, &[LeaseKind::Write], SLACK).await;
+            assert!(
+                got.is_ok(),
+                "{backend:?} kept={kept}: the key was not free within {SLACK:?}: {got:?}",
+                got = got.as_ref().map(Vec::len)
+            );
+            release_all(got.unwrap()).await;
+        }
+        victim.stop().await.unwrap();
+        other.stop().await.unwrap();
+    }
+}
