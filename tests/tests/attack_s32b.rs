@@ -1121,7 +1121,12 @@ async fn check_backend(backend: Backend, part: Part, renamed: Option<&'static st
         violations.extend(found);
     }
     // The drop of a guard, kept alive or not, at once and at 60 % of its ttl.
-    let drops = if part == Part::Contended {
+    // Not again behind a slow link: a dropped guard's release is one message.
+    let slow = matches!(
+        backend,
+        Backend::Redlock3Slow | Backend::Redlock3SlowPoolFenced | Backend::IncSlow
+    );
+    let drops = if part == Part::Contended || slow {
         &[][..]
     } else {
         &[false, true][..]
@@ -1232,16 +1237,8 @@ async fn redlock_pooled_fenced_with_a_slow_node_other_futures_dropped_at_every_p
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inc_with_a_slow_server_contended_acquisitions_dropped_at_every_poll_leave_nothing() {
-    check_backend(
-        Backend::IncSlow,
-        Part::Contended,
-        Some("inc-slow-contended"),
-    )
-    .await;
-}
-
+/// Contended acquisitions behind the slow link are left to the fast inc test and to Redlock's
+/// slow node (the line's round trips are the same).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inc_with_a_slow_server_other_futures_dropped_at_every_poll_leave_nothing() {
     check_backend(Backend::IncSlow, Part::Rest, Some("inc-slow-rest")).await;
