@@ -1558,8 +1558,9 @@ impl Handle for RedlockHandle {
             let _ = late.await;
         }
         let start = Instant::now();
-        // From here the nodes may take the new expiry, whatever becomes of this extend.
-        self.written_until = self.written_until.max(start + ttl);
+        // From here the nodes may take the new expiry, whatever becomes of this extend (counted
+        // as the acquisition's is: a node's clock may run slow by the drift).
+        self.written_until = self.written_until.max(start + ttl + shared.drift(ttl));
         let (tally, in_flight) =
             round::run(&nodes, shared.quorum, shared.node_timeout(ttl), |node| {
                 let (keys, token, held) = (
