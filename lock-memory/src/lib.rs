@@ -38,8 +38,13 @@ const HANDOFF_GRACE: Duration = Duration::from_millis(20);
 /// An in-process lock over a sharded map; clones share the same locks.
 ///
 /// Every map access is synchronous: no shard guard is ever held across an `.await`. Waiters
-/// are served first come, first served: a release wakes the longest waiter and holds the key
-/// back for it briefly.
+/// are served in the order their current wait began: a release wakes the longest waiter and
+/// holds the key back for it briefly. A wait lasts one delay of the retry policy at most: a
+/// waiter whose delay ran out before a release asks again and, refused, waits again behind
+/// those that began waiting meanwhile (a limitation: the store does not know a waiter across
+/// its attempts; `tests/tests/attack_s32b.rs`'s
+/// `memory_the_waiter_that_came_first_is_served_first_across_its_retries`, ignored). Delays
+/// longer than the holds keep the arrival order.
 #[derive(Clone, Default)]
 pub struct MemoryLock {
     inner: Arc<Inner>,
