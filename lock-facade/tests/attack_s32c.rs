@@ -1,0 +1,231 @@
+//! Session 32c: a hostile user, network and clock against this session's lockrun changes.
+#![cfg(all(feature = "redlock", feature = "inc", feature = "cli"))]
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use lock_tests::server::{RedisServer, redis_or_skip};
+
+fn lockrun() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lockrun"));
+    command.env_remove("LOCK_CONFIG");
+    command
+}
+
+fn shown(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn keys(server: &RedisServer) -> Vec<String> {
+    let mut connection = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut connection).unwrap();
+    let mut keys: Vec<String> = keys
+        .iter()
+        .map(|key| String::from_utf8_lossy(key).into_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn kill(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A holder that says it started (a file), then runs `seconds` more.
+fn holder(config: &str, key: &str, started: &Path, seconds: u32) -> Child {
+    lockrun()
+        .args(["--config", config, "--ttl", "10000", key, "--", "sh", "-c"])
+        .arg(format!("touch '{}'; sleep {seconds}", started.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `--wait` on a fair line (Redlock's default), interrupted: lockrun exits 130 and leaves
+/// neither its line entry nor a reservation behind — once the holder is done, a `--no-wait`
+/// run gets the lock at once.
+#[test]
+fn an_interrupted_fair_wait_leaves_no_line_entry() {
+    let Some(binary) = redis_or_skip("attack_s32c") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, extra) in [
+        ("redis", serde_json::json!({})),
+        ("inc", serde_json::json!({"fair": true})),
+    ] {
+        let key = format!("wait-{backend}");
+        let mut config = serde_json::json!({"type": backend, "urls": [server.url()]});
+        if backend == "inc" {
+            config = serde_json::json!({"type": backend, "url": server.url()});
+        }
+        for (name, value) in extra.as_object().unwrap() {
+            config[name] = value.clone();
+        }
+        let config = config.to_string();
+        let started = dir.path().join(format!("started-{backend}"));
+        let mut held = holder(&config, &key, &started, 2);
+        wait_for("the holder started", || started.exists());
+        let before = keys(&server);
+        let waiter = lockrun()
+            .args([
+                "--config", &config, "--wait", "--ttl", "10000", &key, "--", "true",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for("the waiter lined up", || keys(&server).len() > before.len());
+        std::thread::sleep(Duration::from_millis(300));
+        kill(&waiter, "INT");
+        let output = waiter.wait_with_output().unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(130),
+            "{backend}: {}",
+            shown(&output)
+        );
+        let after = keys(&server);
+        let status = held.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{backend}: the holder");
+        let output = lockrun()
+            .args(["--config", &config, "--no-wait", &key, "--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{backend}: keys while held {before:?}, after the waiter left {after:?}: {}",
+            shown(&output)
+        );
+    }
+}
+
+/// A writer (`--exclusive --wait`) waiting behind a reader puts a claim that holds new readers
+/// out. Interrupted, it exits 130 and takes its claim back: a new reader gets in at once while
+/// the first one still reads.
+#[test]
+fn an_interrupted_writer_takes_its_claim_back() {
+    let Some(binary) = redis_or_skip("attack_s32c") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for backend in ["redis", "inc"] {
+        let key = format!("rw-{backend}");
+        let config = if backend == "inc" {
+            serde_json::json!({"type": backend, "url": server.url()})
+        } else {
+            serde_json::json!({"type": backend, "urls": [server.url()]})
+        }
+        .to_string();
+        let started = dir.path().join(format!("reader-{backend}"));
+        let mut reader = lockrun()
+            .args([
+                "--config", &config, "--ttl", "10000", "--shared", &key, "--", "sh", "-c",
+            ])
+            .arg(format!("touch '{}'; sleep 3", started.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for("the reader started", || started.exists());
+        let writer = lockrun()
+            .args([
+                "--config",
+                &config,
+                "--wait",
+                "--ttl",
+                "10000",
+                "--exclusive",
+                &key,
+                "--",
+                "true",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A new reader is held out while the writer waits.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let output = lockrun()
+                .args([
+                    "--config",
+                    &config,
+                    "--no-wait",
+                    "--shared",
+                    &key,
+                    "--",
+                    "true",
+                ])
+                .output()
+                .unwrap();
+            if output.status.code() == Some(75) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: the writer's claim never held a reader out: {}",
+                shown(&output)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        kill(&writer, "INT");
+        let output = writer.wait_with_output().unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(130),
+            "{backend}: {}",
+            shown(&output)
+        );
+        let output = lockrun()
+            .args([
+                "--config",
+                &config,
+                "--no-wait",
+                "--shared",
+                &key,
+                "--",
+                "true",
+            ])
+            .output()
+            .unwrap();
+        let still_reading = reader.try_wait().unwrap().is_none();
+        assert!(
+            still_reading,
+            "{backend}: the first reader ended too soon for this test"
+        );
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{backend}: a reader after the writer gave up, keys {:?}: {}",
+            keys(&server),
+            shown(&output)
+        );
+        assert_eq!(reader.wait().unwrap().code(), Some(0));
+    }
+}
