@@ -229,3 +229,35 @@ fn an_interrupted_writer_takes_its_claim_back() {
         assert_eq!(reader.wait().unwrap().code(), Some(0));
     }
 }
+
+/// Drivers parse URLs as WHATWG does (the `url` crate): an ASCII tab, line feed or carriage
+/// return anywhere in the text is removed before parsing, so `?pa<TAB>ssword=` is `password`
+/// to them, as `?p%61ssword=` is. `redact_url` decoded the `%XX` escapes of a name but kept
+/// those characters, found no `pass` in it and showed the value.
+#[test]
+fn a_password_parameter_split_by_a_tab_or_newline_is_hidden() {
+    for url in [
+        "redis://127.0.0.1:1/?pa\tssword=Qz7-s3cret",
+        "redis://127.0.0.1:1/?db=0&pass\nword=Qz7-s3cret",
+        "redis://u:pw@127.0.0.1:1/?sentinelP\r%61ssword=Qz7-s3cret",
+    ] {
+        let redacted = lock_facade::raw::redact_url(url);
+        assert!(
+            !redacted.contains("Qz7-s3cret"),
+            "{url:?} shown as {redacted:?}"
+        );
+        let config = serde_json::json!({"type": "inc", "url": url}).to_string();
+        for args in [&["status", "job"][..], &["--no-wait", "job", "--", "true"]] {
+            let output = lockrun()
+                .args(["--config", &config])
+                .args(args)
+                .output()
+                .unwrap();
+            let text = shown(&output);
+            assert!(
+                !text.contains("Qz7-s3cret"),
+                "{args:?} with {url:?}: {text}"
+            );
+        }
+    }
+}
