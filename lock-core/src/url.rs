@@ -25,7 +25,8 @@ const HIDDEN: &str = "***";
 ///   but a port number is taken for a password whose `@host` is missing, and hidden with all
 ///   that follows it.
 /// - Query parameters whose name contains `pass` (`pass=`, `sentinelPassword=`), as drivers
-///   read it (percent-decoded, any case: `P%41SS=`), are hidden too.
+///   read it (percent-decoded, any case: `P%41SS=`, and without the ASCII tabs and newlines
+///   WHATWG drops: `pa<TAB>ss=`), are hidden too.
 ///
 /// Drivers (redis-rs, fred) parse URLs as WHATWG does: their host part ends at the first `/`,
 /// `?` or `#`, so a raw one of these in a password would move the host into the password.
@@ -109,10 +110,15 @@ fn redact_query(text: &str) -> String {
     format!("{before}{}{fragment}", query.join("&"))
 }
 
-/// A query parameter's name as drivers read it (`url`'s `query_pairs`): `%XX` escapes decoded
-/// (an invalid one kept as written), the bytes read as UTF-8 with invalid ones replaced.
+/// A query parameter's name as drivers read it (`url`'s `query_pairs`): an ASCII tab, line feed
+/// or carriage return removed (WHATWG drops them anywhere in a URL before parsing: `pa<TAB>ss`
+/// is `pass`), then `%XX` escapes decoded (an invalid one kept as written), the bytes read as
+/// UTF-8 with invalid ones replaced.
 fn decoded_name(name: &str) -> String {
-    let bytes = name.as_bytes();
+    let bytes: Vec<u8> = name
+        .bytes()
+        .filter(|byte| !matches!(byte, b'\t' | b'\n' | b'\r'))
+        .collect();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
