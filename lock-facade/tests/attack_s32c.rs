@@ -261,3 +261,76 @@ fn a_password_parameter_split_by_a_tab_or_newline_is_hidden() {
         }
     }
 }
+
+/// The signal ignore mask of a command under lockrun, started from `sh` with `trap '' NAME`.
+fn ignored_under_lockrun(config: &str, name: &str) -> u64 {
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(format!("trap '' {name}; exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_lockrun"))
+        .args([
+            "--config",
+            config,
+            &format!("mask-{name}"),
+            "--",
+            "cat",
+            "/proc/self/status",
+        ])
+        .env_remove("LOCK_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", shown(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mask = text
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .unwrap();
+    u64::from_str_radix(mask.trim(), 16).unwrap()
+}
+
+/// The README: a signal ignored when lockrun starts "stays ignored, by lockrun and by the
+/// command, as when the command runs directly". It holds for the signals lockrun handles
+/// (HUP, INT, QUIT, TERM, TSTP) and those it leaves alone (USR1, ALRM, TTIN, TTOU, WINCH).
+#[test]
+fn signals_ignored_at_start_stay_ignored_for_the_command() {
+    let Some(binary) = redis_or_skip("attack_s32c") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let config = serde_json::json!({"type": "redis", "urls": [server.url()]}).to_string();
+    for (name, number) in [
+        ("HUP", 1),
+        ("INT", 2),
+        ("QUIT", 3),
+        ("USR1", 10),
+        ("ALRM", 14),
+        ("TERM", 15),
+        ("TSTP", 20),
+        ("TTIN", 21),
+        ("TTOU", 22),
+        ("WINCH", 28),
+    ] {
+        let mask = ignored_under_lockrun(&config, name);
+        assert_ne!(
+            mask & (1 << (number - 1)),
+            0,
+            "SIG{name} not ignored: {mask:x}"
+        );
+    }
+}
+
+/// A limitation: SIGPIPE ignored when lockrun starts is at its default in the command. Rust's
+/// runtime ignores SIGPIPE before `main` (so the disposition lockrun inherited cannot be read
+/// back) and `Command` resets it to the default in the child; a command that relies on an
+/// inherited ignored SIGPIPE (to get EPIPE instead of dying) is killed under lockrun.
+#[test]
+#[ignore = "limitation: Rust's runtime hides and resets an inherited ignored SIGPIPE"]
+fn sigpipe_ignored_at_start_stays_ignored_for_the_command() {
+    let Some(binary) = redis_or_skip("attack_s32c") else {
+        return;
+    };
+    let server = RedisServer::start(&binary, &[]).unwrap();
+    let config = serde_json::json!({"type": "redis", "urls": [server.url()]}).to_string();
+    let mask = ignored_under_lockrun(&config, "PIPE");
+    assert_ne!(mask & (1 << 12), 0, "SIGPIPE not ignored: {mask:x}");
+}
