@@ -334,3 +334,50 @@ fn sigpipe_ignored_at_start_stays_ignored_for_the_command() {
     let mask = ignored_under_lockrun(&config, "PIPE");
     assert_ne!(mask & (1 << 12), 0, "SIGPIPE not ignored: {mask:x}");
 }
+
+/// `lockrun --help`: 69 when "the backend failed (unreachable, protocol error)", and `--wait`
+/// waits "until the lock is free". Since 942ac1c `--wait` sets an endless retry count, and the
+/// core retries a failed attempt (an unreachable node) like a held lock: with the Redis server
+/// down, `lockrun --wait` (no `--timeout`) never ends and says nothing — a cron job piles up
+/// silent processes — where before, and without `--wait`, it exits 69 after the retries
+/// (~2.5 s). An unreachable inc server is reported (69) at once: inc connects first.
+#[test]
+fn wait_on_an_unreachable_backend_is_a_backend_failure() {
+    let down = lock_tests::server::free_port().unwrap();
+    let config = serde_json::json!({
+        "type": "redis", "urls": [format!("redis://127.0.0.1:{down}/")],
+    })
+    .to_string();
+    for wait in [false, true] {
+        let mut command = lockrun();
+        command.args(["--config", &config]);
+        if wait {
+            command.arg("--wait");
+        }
+        let mut child = command
+            .args(["job", "--", "true"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ended = child.try_wait().unwrap().is_some();
+        if !ended {
+            child.kill().unwrap();
+        }
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            ended,
+            "--wait={wait}: still retrying an unreachable node after 8 s"
+        );
+        assert_eq!(
+            output.status.code(),
+            Some(69),
+            "--wait={wait}: {}",
+            shown(&output)
+        );
+    }
+}
