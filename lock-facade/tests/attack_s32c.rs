@@ -342,7 +342,6 @@ fn sigpipe_ignored_at_start_stays_ignored_for_the_command() {
 /// silent processes — where before, and without `--wait`, it exits 69 after the retries
 /// (~2.5 s). An unreachable inc server is reported (69) at once: inc connects first.
 #[test]
-#[ignore = "not fixed: the core retries failed attempts under an endless count; needs a bound on failures in a row"]
 fn wait_on_an_unreachable_backend_is_a_backend_failure() {
     let down = lock_tests::server::free_port().unwrap();
     let config = serde_json::json!({

@@ -298,3 +298,31 @@ fn wait_waits_until_the_lock_is_free_on_every_backend() {
         holder_again.wait().expect("holder ends");
     }
 }
+
+/// `--wait` refuses (69) a backend that no majority of nodes answers when it starts, and waits
+/// as usual when a minority is down (a quorum can still be won).
+#[test]
+fn wait_with_a_minority_of_nodes_down_still_runs() {
+    let Some(binary) = redis_or_skip("lockrun") else {
+        return;
+    };
+    let servers: Vec<RedisServer> = (0..2)
+        .map(|_| RedisServer::start(&binary, &[]).expect("server"))
+        .collect();
+    let down = lock_tests::server::free_port().expect("port");
+    let mut urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    urls.push(format!("redis://127.0.0.1:{down}/"));
+    let config = serde_json::json!({"type": "redlock", "urls": urls}).to_string();
+    let ran = lockrun(&config, &["--wait", "minority", "--", "true"])
+        .output()
+        .expect("run");
+    assert_eq!(code(&ran), 0, "{ran:?}");
+    let two_down = serde_json::json!({"type": "redlock", "urls": [
+        urls[0].clone(), format!("redis://127.0.0.1:{down}/"), format!("redis://127.0.0.1:{down}/1")
+    ]})
+    .to_string();
+    let refused = lockrun(&two_down, &["--wait", "majority", "--", "true"])
+        .output()
+        .expect("run");
+    assert_eq!(code(&refused), 69, "{refused:?}");
+}

@@ -82,9 +82,11 @@ struct Cli {
     /// Fail at once (exit 75) if the lock is held, instead of waiting.
     #[arg(long, conflicts_with = "wait")]
     no_wait: bool,
-    /// Wait until the lock is free (bounded by --timeout when given), whatever retry count
-    /// the configuration or the backend's default sets (inc's default is a single attempt).
-    /// Without --wait or --no-wait the configuration's retry policy decides.
+    /// Wait until the lock is free (bounded by --timeout or the configuration's deadline),
+    /// whatever retry count the configuration or the backend's default sets (inc's default is
+    /// a single attempt). A backend that no majority of nodes answers when lockrun starts
+    /// exits 69 at once; one that fails during the wait is waited for. Without --wait or
+    /// --no-wait the configuration's retry policy decides.
     #[arg(long)]
     wait: bool,
     /// Lock lifetime in ms; the lock is extended while the command runs (a third of the ttl
@@ -290,6 +292,9 @@ async fn run(cli: Cli) -> Outcome {
         {
             Ok((timing, kind)) => {
                 let key = cli.key.unwrap_or_default();
+                if cli.wait {
+                    reachable(&locker, &key).await?;
+                }
                 let run = supervise::Run {
                     key: &key,
                     kind,
@@ -424,6 +429,30 @@ async fn status(locker: &Locker, key: &str, json: bool) -> Outcome {
         }
     }
     answered
+}
+
+/// `--wait` asks again after a failed attempt as after a held lock, for as long as the lock is
+/// held: a backend that no majority of its nodes answers when lockrun starts (unreachable, a
+/// wrong password) is a failure to report (69), not a wait to sit out in silence. One that
+/// fails during the wait is waited for.
+async fn reachable(locker: &Locker, key: &str) -> Result<(), (u8, String)> {
+    let states = locker.inspect(key).await.map_err(lock_error)?;
+    let mut unknown = states.iter().filter_map(|state| match &state.holding {
+        Holding::Unknown(error) => Some(error),
+        _ => None,
+    });
+    let first = unknown.next();
+    let failed = usize::from(first.is_some()) + unknown.count();
+    match first {
+        Some(error) if failed * 2 >= states.len() => Err((
+            exit::BACKEND,
+            format!(
+                "{failed} of {} node(s) did not answer for `{key}`, so --wait would wait in vain: {error}",
+                states.len()
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// One node's state for `status --json`: what the text form says, as fields (never the token).
