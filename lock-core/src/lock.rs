@@ -40,10 +40,14 @@ pub struct Capabilities {
     /// Read-write locks: requests of kind [`LeaseKind::Read`] and [`LeaseKind::Write`] are
     /// served, and [`Handle::downgrade`] works.
     pub read_write: bool,
-    /// Waiters across processes are served first come, first served: a waiting mutex request
-    /// on one key (one that carries a [`LockRequest::waiter`]) that finds the key held joins a
-    /// line in the store, which the core takes back by [`Lock::abandon`] when the waiter stops
-    /// waiting, and [`Lock::wait_for_turn`] returns when its turn comes.
+    /// Waiters of every client of the store (across processes, for a store shared between
+    /// them) are served first come, first served: a waiting mutex request on one key (one that
+    /// carries a [`LockRequest::waiter`]) that finds the key held joins a line in the store,
+    /// which the core takes back by [`Lock::abandon`] when the waiter stops waiting, and
+    /// [`Lock::wait_for_turn`] returns when its turn comes. For a store in this process (not
+    /// [`Capabilities::distributed`]) the core names the first attempt's own token as the
+    /// waiter (an uncontended acquisition draws no second token), and the same waiter in the
+    /// attempts after it.
     pub fair: bool,
 }
 
@@ -285,6 +289,11 @@ impl LockRequest {
     /// The waiter this attempt belongs to, if it waits in line (see [`LockRequest::with_waiter`]).
     pub fn waiter(&self) -> Option<&Token> {
         self.waiter.as_ref()
+    }
+
+    /// Names the waiter of an attempt already made (see `Locker::retry_loop`).
+    pub(crate) fn set_waiter(&mut self, waiter: Token) {
+        self.waiter = Some(waiter);
     }
 
     /// Names the acquisition this attempt belongs to: a number that stays the same across

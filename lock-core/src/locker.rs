@@ -590,9 +590,15 @@ impl Locker {
     fn first_attempt<'a>(&self, wanted: Wanted<'a>, acquisition: &mut Acquisition) -> Begun<'a> {
         let span = self.acquire_span(&wanted.keys, wanted.kind);
         let (started, deadline) = deadline(wanted.options);
-        let waiter = match self.waiter(&wanted) {
-            Ok(waiter) => waiter,
-            Err(error) => return Begun::Settled(Err(error)),
+        // An in-process store's waiter is the first attempt's own token (see below): an
+        // uncontended acquisition draws no second token.
+        let waiter = if self.capabilities.distributed {
+            match self.waiter(&wanted) {
+                Ok(waiter) => waiter,
+                Err(error) => return Begun::Settled(Err(error)),
+            }
+        } else {
+            None
         };
         let waiting = |wanted, span, waiter, first| Waiting {
             wanted,
@@ -608,16 +614,20 @@ impl Locker {
         if self.capabilities.distributed || self.queue_for(wanted.options, wanted.kind).is_some() {
             return Begun::Waits(Box::new(waiting(wanted, span, waiter, None)));
         }
+        let lines_up = self.lines_up(&wanted);
         let Wanted {
             keys,
             kind,
             options,
         } = wanted;
         // The keys move into the first request (and are copied back only if it must wait).
-        let request = match self.request(keys, kind, options, 1, waiter.as_ref(), 0) {
+        let mut request = match self.request(keys, kind, options, 1, waiter.as_ref(), 0) {
             Ok(request) => request,
             Err(error) => return Begun::Settled(Err(error)),
         };
+        if lines_up {
+            request.set_waiter(request.token().clone());
+        }
         acquisition.attempt();
         let entered = span.enter();
         // An answer that needs awaiting (a store in this process that answers later) is
@@ -725,12 +735,16 @@ impl Locker {
     /// (renewed by the attempts, taken back when the waiter stops waiting).
     #[inline(always)]
     fn waiter(&self, wanted: &Wanted<'_>) -> Result<Option<Token>> {
-        (!wanted.options.retry().is_single_attempt()
+        self.lines_up(wanted).then(Token::generate).transpose()
+    }
+
+    /// Whether `wanted` waits in the store's line (see [`Locker::waiter`]).
+    #[inline(always)]
+    fn lines_up(&self, wanted: &Wanted<'_>) -> bool {
+        !wanted.options.retry().is_single_attempt()
             && wanted.kind == LeaseKind::Exclusive
             && wanted.keys.len() == 1
-            && self.capabilities.fair)
-            .then(Token::generate)
-            .transpose()
+            && self.capabilities.fair
     }
 
     /// The guard of a won attempt.
@@ -771,10 +785,21 @@ impl Locker {
             span: _,
             mut started,
             deadline,
-            waiter,
+            mut waiter,
             mut first,
         } = waiting;
         let options = wanted.options;
+        // An in-process fair store's first attempt named its own token as the waiter (see
+        // `Locker::first_attempt`), which names it in the attempts after it too.
+        if waiter.is_none() && !self.capabilities.distributed {
+            waiter = match &first {
+                Some(First::Decided(request, _) | First::Ask(request)) => request.waiter().cloned(),
+                None => None,
+            };
+            if waiter.is_none() {
+                waiter = self.waiter(&wanted)?;
+            }
+        }
         // Every attempt of this acquisition names it, for a store shared between processes
         // (see `LockRequest::with_acquisition`); an in-process store's attempts name none.
         let acquisition_id = if self.capabilities.distributed {

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,14 +38,11 @@ const HANDOFF_GRACE: Duration = Duration::from_millis(20);
 
 /// An in-process lock over a sharded map; clones share the same locks.
 ///
-/// Every map access is synchronous: no shard guard is ever held across an `.await`. Waiters
-/// are served in the order their current wait began: a release wakes the longest waiter and
-/// holds the key back for it briefly. A wait lasts one delay of the retry policy at most: a
-/// waiter whose delay ran out before a release asks again and, refused, waits again behind
-/// those that began waiting meanwhile (a limitation: the store does not know a waiter across
-/// its attempts; `tests/tests/attack_s32b.rs`'s
-/// `memory_the_waiter_that_came_first_is_served_first_across_its_retries`, ignored). Delays
-/// longer than the holds keep the arrival order.
+/// Every map access is synchronous: no shard guard is ever held across an `.await`. Waiting
+/// mutex acquisitions on one key are served first come, first served (see the crate's README
+/// and [`Capabilities::fair`]): each keeps its place in the key's line across its attempts, and a
+/// release wakes the first in line alone. Other waiters are served in the order their current
+/// wait began: a release wakes the longest waiter and holds the key back for it briefly.
 #[derive(Clone, Default)]
 pub struct MemoryLock {
     inner: Arc<Inner>,
@@ -70,6 +68,10 @@ struct Slot {
     /// Present while tasks wait for this key; it outlives holders, so waiters keep their
     /// place in line across hand-offs.
     waiters: Option<Arc<Notify>>,
+    /// The waiting mutex acquisitions that name a waiter ([`LockRequest::waiter`]), in the
+    /// order they first found the key held: while there is one, only the first may take the
+    /// free key (boxed: an uncontended slot stays small).
+    line: Option<Box<Line>>,
     /// Until then, only an attempt that followed a wait may take the (free) key.
     reserved_until: Option<Instant>,
     /// Changes whenever the holder changes, so a waiter can tell whether it missed an event.
@@ -79,6 +81,55 @@ struct Slot {
 struct Holder {
     token: Token,
     expires_at: Instant,
+}
+
+/// The line of a mutex key's waiters, first come, first served (see [`Slot::line`]). A waiter
+/// keeps its place across its attempts, each of which renews it; the core takes it out when
+/// the waiter stops waiting ([`Lock::abandon`]). A place that no attempt renewed for a ttl
+/// (a waiting future leaked without being dropped) lapses, so that nobody waits behind it for
+/// longer.
+struct Line {
+    entries: VecDeque<LineEntry>,
+}
+
+struct LineEntry {
+    waiter: Token,
+    lapses_at: Instant,
+    /// Wakes this waiter alone when its turn comes; a wake-up sent while it is not waiting is
+    /// kept for its next wait.
+    turn: Arc<Notify>,
+}
+
+impl Line {
+    /// Forgets lapsed places; whether the first place changed hands.
+    fn prune(&mut self, now: Instant) -> bool {
+        let head = self.entries.front().map(|entry| Arc::as_ptr(&entry.turn));
+        self.entries.retain(|entry| entry.lapses_at > now);
+        head.is_some() && head != self.entries.front().map(|entry| Arc::as_ptr(&entry.turn))
+    }
+
+    /// Puts `waiter` at the back of the line, or renews its place.
+    fn join(&mut self, waiter: &Token, lapses_at: Instant) {
+        match self
+            .entries
+            .iter_mut()
+            .find(|entry| entry.waiter == *waiter)
+        {
+            Some(entry) => entry.lapses_at = entry.lapses_at.max(lapses_at),
+            None => self.entries.push_back(LineEntry {
+                waiter: waiter.clone(),
+                lapses_at,
+                turn: Arc::default(),
+            }),
+        }
+    }
+
+    /// Wakes the first waiter: its turn came (the key is free).
+    fn wake_first(&self) {
+        if let Some(first) = self.entries.front() {
+            first.turn.notify_one();
+        }
+    }
 }
 
 /// The holders of a key used as a semaphore or a read-write lock.
@@ -198,7 +249,66 @@ impl Slot {
     }
 
     fn is_idle(&self) -> bool {
-        self.holder.is_none() && self.shared.is_none() && !self.has_waiters()
+        self.holder.is_none() && self.shared.is_none() && !self.has_waiters() && self.line.is_none()
+    }
+
+    /// Whether the line keeps an attempt of `waiter` (or of none) out of this key, which is
+    /// free when `!busy`: joins the line (or renews the waiter's place) when the attempt is
+    /// refused; takes the waiter out of it when its turn came.
+    #[inline]
+    fn lined_out(
+        &mut self,
+        now: Instant,
+        waiter: Option<&Token>,
+        ttl: Duration,
+        busy: bool,
+    ) -> bool {
+        let Some(line) = self.line.as_deref_mut() else {
+            if busy && let Some(waiter) = waiter {
+                let mut line = Line {
+                    entries: VecDeque::with_capacity(4),
+                };
+                line.join(waiter, now + ttl);
+                self.line = Some(Box::new(line));
+            }
+            return busy;
+        };
+        let first_changed = line.prune(now);
+        if !busy {
+            match line.entries.front() {
+                None => {
+                    self.line = None;
+                    return false;
+                }
+                Some(first) if waiter.is_some_and(|waiter| first.waiter == *waiter) => {
+                    line.entries.pop_front();
+                    if line.entries.is_empty() {
+                        self.line = None;
+                    }
+                    return false;
+                }
+                // The key waits for the first in line; a first that just took the place of a
+                // lapsed one is woken now (nobody released the key for it).
+                Some(_) if first_changed => line.wake_first(),
+                Some(_) => {}
+            }
+        }
+        if let Some(waiter) = waiter {
+            line.join(waiter, now + ttl);
+        }
+        true
+    }
+
+    /// After the key was freed (released, purged): wakes the first in line, if any.
+    fn wake_line(&mut self, now: Instant) {
+        if let Some(line) = self.line.as_deref_mut() {
+            line.prune(now);
+            if line.entries.is_empty() {
+                self.line = None;
+            } else {
+                line.wake_first();
+            }
+        }
     }
 
     /// When the key may next be free for anyone: `None` if it is free now.
@@ -245,7 +355,7 @@ impl MemoryLock {
         self.inner
             .slots
             .iter()
-            .filter(|slot| slot.has_waiters())
+            .filter(|slot| slot.has_waiters() || slot.line.is_some())
             .count()
     }
 }
@@ -278,10 +388,14 @@ impl MemoryLock {
     fn acquire_now(&self, request: &LockRequest) -> Result<Option<Box<dyn Handle>>> {
         let token = request.token();
         let taken = match (request.keys(), request.kind()) {
-            ([key], LeaseKind::Exclusive) => {
-                self.inner
-                    .take(key, token, request.ttl(), request.after_wait(), true)?
-            }
+            ([key], LeaseKind::Exclusive) => self.inner.take(
+                key,
+                token,
+                request.ttl(),
+                request.after_wait(),
+                waiter_of(request),
+                true,
+            )?,
             ([key], kind) => self.inner.take_shared(key, token, kind, request)?,
             (keys, _) => self
                 .inner
@@ -311,6 +425,7 @@ impl Inner {
         token: &Token,
         ttl: Duration,
         after_wait: bool,
+        waiter: Option<&Token>,
         draw: bool,
     ) -> Result<Option<(Instant, u64)>> {
         let draw = || {
@@ -338,7 +453,8 @@ impl Inner {
                     }
                     slot.shared = None;
                 }
-                if slot.busy_until(now, after_wait).is_some() {
+                let busy = slot.busy_until(now, after_wait).is_some();
+                if (busy || slot.line.is_some()) && slot.lined_out(now, waiter, ttl, busy) {
                     return Ok(None);
                 }
                 let expires_at = now + ttl;
@@ -393,6 +509,10 @@ impl Inner {
             return Err(mismatch(LeaseKind::Exclusive.to_string()));
         }
         if slot.reserved_until.is_some_and(|until| until > now) && !request.after_wait() {
+            return Ok(None);
+        }
+        // Mutex waiters in line come first.
+        if slot.line.is_some() && slot.lined_out(now, None, request.ttl(), false) {
             return Ok(None);
         }
         slot.holder = None;
@@ -485,7 +605,7 @@ impl Inner {
     ) -> Result<Option<(Instant, u64)>> {
         let mut valid_until = None;
         for (taken, key) in keys.iter().enumerate() {
-            match self.take(key, token, ttl, after_wait, false) {
+            match self.take(key, token, ttl, after_wait, None, false) {
                 // The first key's expiry is the earliest.
                 Ok(Some((expires_at, _))) => {
                     valid_until.get_or_insert(expires_at);
@@ -559,10 +679,9 @@ impl Inner {
                 .is_some_and(|holder| holder.token == *token)
         };
         // Fast path: nobody waits, so the slot goes away in one step.
-        if let Some((_, slot)) = self
-            .slots
-            .remove_if(key, |_, slot| ours(slot) && slot.waiters.is_none())
-        {
+        if let Some((_, slot)) = self.slots.remove_if(key, |_, slot| {
+            ours(slot) && slot.waiters.is_none() && slot.line.is_none()
+        }) {
             return Some(slot.held_at(now));
         }
         let (valid, woke) = {
@@ -574,13 +693,21 @@ impl Inner {
             let valid = slot.held_at(now);
             slot.holder = None;
             slot.generation += 1;
+            slot.wake_line(now);
             // Notify under the shard lock: a clone of the notifier taken out would briefly
             // count as a waiter and could keep an idle slot alive.
             let woke = slot.has_waiters();
             if woke {
                 slot.reserved_until = Some(now + HANDOFF_GRACE);
                 if let Some(waiters) = &slot.waiters {
-                    waiters.notify_one();
+                    // With a line, only its first may take the key, and it may be among
+                    // these waiters (a wrapper of this store that waits for its turn by
+                    // waiting for the release, the trait's default): all of them look.
+                    if slot.line.is_some() {
+                        waiters.notify_waiters();
+                    } else {
+                        waiters.notify_one();
+                    }
                 }
             }
             (valid, woke)
@@ -635,15 +762,82 @@ impl Inner {
         for key in request.keys() {
             removed |= self.release(key, request.token(), now).is_some();
         }
+        if let (Some(waiter), [key]) = (waiter_of(request), request.keys()) {
+            removed |= self.leave_line(key, waiter, now);
+        }
         removed
+    }
+
+    /// Takes `waiter` out of the line of `key`; the next in line is woken if the waiter was
+    /// first and the key is free. Whether it had a place.
+    fn leave_line(&self, key: &Key, waiter: &Token, now: Instant) -> bool {
+        let left = {
+            let Some(mut slot) = self.slots.get_mut(key) else {
+                return false;
+            };
+            let free = slot.busy_until(now, true).is_none();
+            let Some(line) = slot.line.as_deref_mut() else {
+                return false;
+            };
+            let Some(at) = line
+                .entries
+                .iter()
+                .position(|entry| entry.waiter == *waiter)
+            else {
+                return false;
+            };
+            line.entries.remove(at);
+            let first_changed = line.prune(now) || at == 0;
+            if line.entries.is_empty() {
+                slot.line = None;
+            } else if free && first_changed {
+                line.wake_first();
+            }
+            true
+        };
+        self.slots.remove_if(key, |_, slot| slot.is_idle());
+        left
+    }
+
+    /// Where `waiter` stands in the line of `key` at `now`: `None` when it should ask now (its
+    /// turn came, or it has no place: the attempt lines it up again); otherwise its wake-up,
+    /// and when the first in line should look again by itself (the holder's expiry).
+    fn place(
+        &self,
+        key: &Key,
+        waiter: &Token,
+        now: Instant,
+    ) -> Option<(Arc<Notify>, Option<Instant>)> {
+        let mut slot = self.slots.get_mut(key)?;
+        let busy_until = slot.busy_until(now, true);
+        let line = slot.line.as_deref_mut()?;
+        if line.prune(now) && busy_until.is_none() {
+            line.wake_first();
+        }
+        let at = line
+            .entries
+            .iter()
+            .position(|entry| entry.waiter == *waiter)?;
+        match (at, busy_until) {
+            (0, None) => None,
+            (0, until) => Some((Arc::clone(&line.entries[0].turn), until)),
+            _ => Some((Arc::clone(&line.entries[at].turn), None)),
+        }
     }
 
     /// Sweeps out expired entries that were never released (every [`SWEEP_EVERY`]th
     /// acquisition does).
     fn sweep(&self) {
         let now = Instant::now();
-        self.slots
-            .retain(|_, slot| slot.held_at(now) || slot.has_waiters());
+        self.slots.retain(|_, slot| {
+            if let Some(line) = slot.line.as_deref_mut() {
+                line.prune(now);
+                if line.entries.is_empty() {
+                    slot.line = None;
+                }
+            }
+            slot.held_at(now) || slot.has_waiters() || slot.line.is_some()
+        });
     }
 
     /// Joins the waiters of `key` if it is busy: until when, the generation seen, the notifier.
@@ -687,6 +881,7 @@ impl Lock for MemoryLock {
             .with_purge()
             .with_semaphore()
             .with_read_write()
+            .with_fair()
     }
 
     fn try_acquire<'a>(&'a self, request: &'a LockRequest) -> Answer<'a, Acquired> {
@@ -742,6 +937,33 @@ impl Lock for MemoryLock {
         Ok(())
     }
 
+    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<bool> {
+        let (Some(waiter), [key]) = (waiter_of(request), request.keys()) else {
+            return self
+                .wait_for_release(request.keys(), max_wait)
+                .await
+                .map(|()| false);
+        };
+        let give_up_at = Instant::now() + max_wait;
+        loop {
+            // Its turn, or no place in line (the next attempt lines it up again).
+            let Some((turn, look_again)) = self.inner.place(key, waiter, Instant::now()) else {
+                return Ok(true);
+            };
+            let until = look_again.map_or(give_up_at, |at| at.min(give_up_at));
+            tokio::select! {
+                biased;
+                () = turn.notified() => return Ok(true),
+                () = tokio::time::sleep_until(until) => {
+                    // The holder expired, or extended its lease (it looks again until then).
+                    if Instant::now() >= give_up_at {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
     async fn inspect(&self, key: &Key) -> Result<Vec<KeyState>> {
         let now = Instant::now();
         let holding = match self.inner.slots.get(key) {
@@ -781,6 +1003,7 @@ impl Lock for MemoryLock {
             slot.holder = None;
             slot.shared = None;
             slot.generation += 1;
+            slot.wake_line(now);
             if let Some(waiters) = &slot.waiters {
                 waiters.notify_waiters();
             }
@@ -795,6 +1018,16 @@ impl fmt::Debug for MemoryLock {
         f.debug_struct("MemoryLock")
             .field("keys", &self.inner.slots.len())
             .finish()
+    }
+}
+
+/// The waiter `request` lines up as, if it is a waiting mutex request on one key that names
+/// one (see [`Capabilities::fair`]).
+#[inline]
+fn waiter_of(request: &LockRequest) -> Option<&Token> {
+    match (request.keys(), request.kind()) {
+        ([_], LeaseKind::Exclusive) => request.waiter(),
+        _ => None,
     }
 }
 
@@ -910,7 +1143,7 @@ mod tests {
 
     lock_core::conformance_tests!(
         async { MemoryLock::new() },
-        capabilities: [extend, multi_key, fencing, wake_on_release, purge, semaphore, read_write]
+        capabilities: [extend, multi_key, fencing, wake_on_release, purge, semaphore, read_write, fair]
     );
 
     fn locker(lock: &MemoryLock, ttl: Duration) -> Locker {

@@ -70,6 +70,8 @@ impl Lock for Store {
         // unless told to claim them.
         let mut capabilities = self.memory.capabilities().with_distributed();
         capabilities.wake_on_release = self.claims_wake_ups;
+        // A store without lines, as Redlock with `fair` off.
+        capabilities.fair = false;
         capabilities
     }
     fn try_acquire<'a>(
@@ -196,7 +198,10 @@ impl Lock for Late {
         "late"
     }
     fn capabilities(&self) -> Capabilities {
-        self.memory.capabilities().with_distributed()
+        // A store without lines, as Redlock with `fair` off.
+        let mut capabilities = self.memory.capabilities().with_distributed();
+        capabilities.fair = false;
+        capabilities
     }
     fn try_acquire<'a>(
         &'a self,
@@ -291,7 +296,10 @@ impl Lock for Woken {
         "woken"
     }
     fn capabilities(&self) -> Capabilities {
-        self.memory.capabilities().with_distributed()
+        // A store without lines, as Redlock with `fair` off.
+        let mut capabilities = self.memory.capabilities().with_distributed();
+        capabilities.fair = false;
+        capabilities
     }
     fn try_acquire<'a>(
         &'a self,
