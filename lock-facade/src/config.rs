@@ -3,6 +3,7 @@
 //! environment variable, and merged key by key.
 
 use std::fmt;
+use std::io::Read;
 use std::path::Path;
 
 use lock_core::{LockError, Result, RetryOptions};
@@ -15,6 +16,10 @@ pub const CONFIG_ENV: &str = "LOCK_CONFIG";
 
 /// How deep `lock_config` may nest.
 pub(crate) const MAX_NESTING: usize = 4;
+
+/// The most bytes a configuration file may have (1 MiB): a path such as `/dev/zero`, or a
+/// huge file, is refused once this much is read, instead of being read into memory without end.
+pub(crate) const MAX_FILE_BYTES: u64 = 1 << 20;
 
 /// The fields every backend shares (as [`LockConfig`] names them; the seeds' camelCase names
 /// are accepted too): any other field is an option of the selected backend.
@@ -211,16 +216,20 @@ impl LockConfig {
         config.checked().map_err(invalid)
     }
 
-    /// Reads a `.json` or `.toml` file.
+    /// Reads a `.json` or `.toml` file of at most 1 MiB (1048576 bytes).
+    ///
+    /// At most one byte over the limit is read: a larger file, or a device without end such
+    /// as `/dev/zero`, is refused at once. A FIFO is not bounded in time: opening it waits for a
+    /// writer, and reading it until the writer closes it or passes the limit.
     ///
     /// # Errors
-    /// [`LockError::InvalidInput`] naming the file when it cannot be read or parsed.
+    /// [`LockError::InvalidInput`] naming the file when it cannot be read or parsed, or is
+    /// larger than 1 MiB (none of its content is shown).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         // `from_text` takes any text for a path, a URL too.
         let field = format!("config file {}", shown(&path.display().to_string()));
-        let text =
-            std::fs::read_to_string(path).map_err(|e| LockError::invalid(&field, e.to_string()))?;
+        let text = read_bounded(path).map_err(|reason| LockError::invalid(&field, reason))?;
         let parsed = match path.extension().and_then(|e| e.to_str()) {
             Some("toml") => Self::from_toml(&text),
             _ => Self::from_json(&text),
@@ -231,7 +240,8 @@ impl LockConfig {
         })
     }
 
-    /// Parses text that is inline JSON (starts with `{`), inline TOML (has a `=`), or a path.
+    /// Parses text that is inline JSON (starts with `{`), inline TOML (has a `=`), or a path
+    /// (read by [`LockConfig::from_file`]: at most 1 MiB).
     ///
     /// # Errors
     /// As the parser or file reader it picks; [`LockError::InvalidInput`] saying what the text
@@ -626,6 +636,23 @@ impl fmt::Debug for Redacted<'_> {
             other => fmt::Debug::fmt(other, f),
         }
     }
+}
+
+/// The text of the file at `path`, read up to one byte over [`MAX_FILE_BYTES`]: a larger file
+/// is refused without reading on. The error is the reason alone (never the content).
+fn read_bounded(path: &Path) -> std::result::Result<String, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "is larger than {MAX_FILE_BYTES} bytes (1 MiB), the most a configuration file may have"
+        ));
+    }
+    // As `read_to_string` said it.
+    String::from_utf8(bytes).map_err(|_| "stream did not contain valid UTF-8".to_owned())
 }
 
 /// `text` as it may be shown: without its password when it looks like a URL with one.
