@@ -4,15 +4,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-/// lockrun with no configuration at all: the memory backend.
-fn lockrun(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lockrun"));
-    command.env_remove("LOCK_CONFIG").args(args);
-    command
-}
+// `lockrun()`: lockrun with no configuration at all, the memory backend.
+mod support;
+use support::lockrun;
 
 /// An executable script that creates `marker` when it runs.
 fn script(dir: &std::path::Path, marker: &std::path::Path) -> String {
@@ -41,7 +38,7 @@ fn a_subcommand_after_a_flag_with_a_value_is_still_ambiguous() {
             let job = script(dir.path(), &marker);
             let mut args = flags.to_vec();
             args.extend([key, "--", job.as_str()]);
-            let output = lockrun(&args).output().unwrap();
+            let output = lockrun().args(&args).output().unwrap();
             assert_eq!(
                 output.status.code(),
                 Some(78),
@@ -62,7 +59,7 @@ fn a_key_named_status_runs_the_command_or_fails() {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("ran");
         let job = script(dir.path(), &marker);
-        let output = lockrun(&[key, "--", &job]).output().unwrap();
+        let output = lockrun().args([key, "--", &job]).output().unwrap();
         let ran = marker.exists();
         assert!(
             ran || !output.status.success(),
@@ -79,30 +76,32 @@ fn the_default_memory_backend_does_not_let_a_second_lockrun_in() {
     let dir = tempfile::tempdir().unwrap();
     let started = dir.path().join("started");
     let second_ran = dir.path().join("second-ran");
-    let mut first = lockrun(&[
-        "shared",
-        "--",
-        "sh",
-        "-c",
-        &format!("touch '{}'; sleep 2", started.display()),
-    ])
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
+    let mut first = lockrun()
+        .args([
+            "shared",
+            "--",
+            "sh",
+            "-c",
+            &format!("touch '{}'; sleep 2", started.display()),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !started.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     let first_is_running = started.exists();
-    let second = lockrun(&[
-        "--no-wait",
-        "shared",
-        "--",
-        "touch",
-        &second_ran.display().to_string(),
-    ])
-    .output()
-    .unwrap();
+    let second = lockrun()
+        .args([
+            "--no-wait",
+            "shared",
+            "--",
+            "touch",
+            &second_ran.display().to_string(),
+        ])
+        .output()
+        .unwrap();
     let first_status = first.wait().unwrap();
     // A first lockrun that refused the memory backend is a fix too; then the second refuses.
     if first_is_running {
@@ -124,7 +123,8 @@ fn a_broken_stderr_does_not_change_the_exit_code() {
     drop(reader);
     // With no configuration lockrun refuses the in-process memory backend (78) and says why
     // on stderr: the message must not turn the code into a panic's 101.
-    let status = lockrun(&["k", "--", "/nonexistent/command"])
+    let status = lockrun()
+        .args(["k", "--", "/nonexistent/command"])
         .stdout(Stdio::null())
         .stderr(Stdio::from(writer))
         .status()
@@ -153,7 +153,7 @@ fn a_run_only_flag_given_to_a_subcommand_is_refused() {
         for subcommand in [&["status", "k"][..], &["purge", "jobs:"]] {
             let mut args = flags.to_vec();
             args.extend(subcommand);
-            let output = lockrun(&args).output().unwrap();
+            let output = lockrun().args(&args).output().unwrap();
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert_eq!(
                 output.status.code(),

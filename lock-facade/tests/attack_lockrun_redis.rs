@@ -5,28 +5,13 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use lock_tests::server::{RedisServer, redis_or_skip};
 
-fn lockrun(config: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lockrun"));
-    command.env("LOCK_CONFIG", config).args(args);
-    command
-}
-
-fn redlock_config(server: &RedisServer) -> String {
-    serde_json::json!({"type": "redlock", "urls": [server.url()], "retryCount": -1, "retryDelay": 5, "retryJitter": 5}).to_string()
-}
-
-fn send(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal}");
-}
+mod support;
+use support::{lockrun, lockrun_with, redlock_config, send};
 
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
@@ -61,8 +46,7 @@ fn a_nested_lock_config_is_not_dropped() {
         serde_json::json!({ "lockConfig": inner }),
         serde_json::json!({ "lockConfig": file.display().to_string() }),
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_lockrun"))
-            .env_remove("LOCK_CONFIG")
+        let output = lockrun()
             .args(["--config", &outer.to_string(), "--no-wait", "held", "--"])
             .arg("true")
             .output()
@@ -85,13 +69,13 @@ fn a_signal_during_acquisition_leaves_no_lock_behind() {
         return;
     };
     let server = RedisServer::start(&binary, &[]).unwrap();
-    let config = redlock_config(&server);
+    let config = redlock_config(&[server.url()]);
     // Someone holds the key for a second: lockrun keeps retrying.
     let held_at = Instant::now();
     server
         .command("SET acq someone-else PX 1000", Duration::from_millis(500))
         .unwrap();
-    let mut waiting = lockrun(&config, &["--ttl", "30000", "acq", "--", "true"])
+    let mut waiting = lockrun_with(&config, &["--ttl", "30000", "acq", "--", "true"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -106,7 +90,7 @@ fn a_signal_during_acquisition_leaves_no_lock_behind() {
     server.resume().unwrap();
     assert_eq!(status.code(), Some(143), "{status:?}");
     std::thread::sleep(Duration::from_millis(200));
-    let after = lockrun(&config, &["--no-wait", "acq", "--", "true"])
+    let after = lockrun_with(&config, &["--no-wait", "acq", "--", "true"])
         .output()
         .unwrap();
     let pttl = server
@@ -129,7 +113,7 @@ fn sigtstp_to_lockrun_stops_the_command_and_keeps_the_lock() {
         return;
     };
     let server = RedisServer::start(&binary, &[]).unwrap();
-    let config = redlock_config(&server);
+    let config = redlock_config(&[server.url()]);
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
     let worker = format!(
@@ -140,7 +124,7 @@ fn sigtstp_to_lockrun_stops_the_command_and_keeps_the_lock() {
     let stderr = dir.path().join("stderr");
     // As a shell job: a process group of its own, whose parent is in another group of the
     // session, so that SIGTSTP is not discarded as for an orphaned group.
-    let mut first = lockrun(
+    let mut first = lockrun_with(
         &config,
         &["--ttl", "1500", "tstp", "--", "sh", "-c", &worker],
     )
@@ -158,7 +142,7 @@ fn sigtstp_to_lockrun_stops_the_command_and_keeps_the_lock() {
     // lockrun stays up on SIGTSTP and stops the command's group instead, renewing the lock:
     // nobody else gets in while the command is stopped.
     std::thread::sleep(Duration::from_millis(2_500));
-    let second = lockrun(&config, &["--no-wait", "tstp", "--", "sh", "-c", &enter])
+    let second = lockrun_with(&config, &["--no-wait", "tstp", "--", "sh", "-c", &enter])
         .output()
         .unwrap();
     let while_stopped = lines(&log).len();

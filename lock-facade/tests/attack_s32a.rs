@@ -4,24 +4,13 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use lock_tests::server::{RedisServer, redis_or_skip};
 
-fn lockrun() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lockrun"));
-    command.env_remove("LOCK_CONFIG");
-    command
-}
-
-fn shown(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+mod support;
+use support::{LOCKRUN, lockrun, send, shown, wait_for};
 
 /// Arguments are bytes on Unix, not always UTF-8. lockrun read its arguments with
 /// `std::env::args()` (to look for an ambiguous subcommand), which panics on one that is not
@@ -408,7 +397,7 @@ fn a_signal_ignored_when_lockrun_starts_stays_ignored() {
         let child = Command::new("sh")
             .arg("-c")
             .arg(format!("trap '' {name}; exec \"$0\" \"$@\""))
-            .arg(env!("CARGO_BIN_EXE_lockrun"))
+            .arg(LOCKRUN)
             .args([
                 "--config",
                 &config,
@@ -423,19 +412,8 @@ fn a_signal_ignored_when_lockrun_starts_stays_ignored() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !started.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the job never started"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        wait_for("the job started", || started.exists());
+        send(child.id(), name);
         let output = child.wait_with_output().unwrap();
         assert_eq!(
             output.status.code(),

@@ -3,24 +3,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lock_tests::server::{RedisServer, redis_or_skip};
 
-fn lockrun() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lockrun"));
-    command.env_remove("LOCK_CONFIG");
-    command
-}
-
-fn shown(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+mod support;
+use support::{LOCKRUN, lockrun, send, shown, wait_for};
 
 fn keys(server: &RedisServer) -> Vec<String> {
     let mut connection = redis::Client::open(server.url())
@@ -34,22 +23,6 @@ fn keys(server: &RedisServer) -> Vec<String> {
         .collect();
     keys.sort();
     keys
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "never: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn kill(child: &Child, signal: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// A holder that says it started (a file), then runs `seconds` more.
@@ -100,7 +73,7 @@ fn an_interrupted_fair_wait_leaves_no_line_entry() {
             .unwrap();
         wait_for("the waiter lined up", || keys(&server).len() > before.len());
         std::thread::sleep(Duration::from_millis(300));
-        kill(&waiter, "INT");
+        send(waiter.id(), "INT");
         let output = waiter.wait_with_output().unwrap();
         assert_eq!(
             output.status.code(),
@@ -194,7 +167,7 @@ fn an_interrupted_writer_takes_its_claim_back() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        kill(&writer, "INT");
+        send(writer.id(), "INT");
         let output = writer.wait_with_output().unwrap();
         assert_eq!(
             output.status.code(),
@@ -267,7 +240,7 @@ fn ignored_under_lockrun(config: &str, name: &str) -> u64 {
     let output = Command::new("sh")
         .arg("-c")
         .arg(format!("trap '' {name}; exec \"$0\" \"$@\""))
-        .arg(env!("CARGO_BIN_EXE_lockrun"))
+        .arg(LOCKRUN)
         .args([
             "--config",
             config,

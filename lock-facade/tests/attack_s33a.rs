@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use lock_facade::{LockConfig, LockError};
 
+mod support;
+use support::{LOCKRUN, shown};
+
 /// The documented bound of a configuration file: 1 MiB.
 const LIMIT: usize = 1 << 20;
 
@@ -29,7 +32,7 @@ fn guarded_lockrun(env_config: Option<&str>, args: &[&str]) -> (Output, Duration
         .arg("-c")
         .arg(format!("ulimit -v {ADDRESS_SPACE_KIB} && exec \"$@\""))
         .arg("sh")
-        .arg(env!("CARGO_BIN_EXE_lockrun"))
+        .arg(LOCKRUN)
         .args(args)
         .env_remove("LOCK_CONFIG")
         .stdin(Stdio::null())
@@ -50,14 +53,6 @@ fn guarded_lockrun(env_config: Option<&str>, args: &[&str]) -> (Output, Duration
     }
     let output = child.wait_with_output().unwrap();
     (output, started.elapsed())
-}
-
-fn shown(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// A refusal of `file` for its size: exit 78, at once, naming the file and the limit.
@@ -97,32 +92,17 @@ fn padded(namespace: &str, size: usize) -> Vec<u8> {
 #[test]
 fn dev_zero_as_a_configuration_is_refused_at_once() {
     let zero = "/dev/zero";
-    let run = ["--no-wait", "s33a", "--", "true"];
-    assert_refused(
-        "LOCK_CONFIG",
-        &guarded_lockrun(Some(zero), &run),
-        "config file /dev/zero",
-    );
-    let mut flag = vec!["--config", zero];
-    flag.extend(run);
-    assert_refused(
-        "--config",
-        &guarded_lockrun(None, &flag),
-        "config file /dev/zero",
-    );
     let nested = r#"{"lockConfig": "/dev/zero"}"#;
-    let mut flag = vec!["--config", nested];
-    flag.extend(run);
-    assert_refused(
-        "nested lockConfig in --config",
-        &guarded_lockrun(None, &flag),
-        "config file /dev/zero",
-    );
-    assert_refused(
-        "nested lockConfig in LOCK_CONFIG",
-        &guarded_lockrun(Some(nested), &run),
-        "config file /dev/zero",
-    );
+    for (what, env, flag) in [
+        ("LOCK_CONFIG", Some(zero), None),
+        ("--config", None, Some(zero)),
+        ("nested lockConfig in --config", None, Some(nested)),
+        ("nested lockConfig in LOCK_CONFIG", Some(nested), None),
+    ] {
+        let mut args = flag.map_or_else(Vec::new, |config| vec!["--config", config]);
+        args.extend(["--no-wait", "s33a", "--", "true"]);
+        assert_refused(what, &guarded_lockrun(env, &args), "config file /dev/zero");
+    }
 }
 
 /// A file one byte over the limit, a sparse file of 8 GiB, and a file over the limit that

@@ -1,25 +1,12 @@
 //! `lockrun` end to end, as separate processes against real redis-servers.
 #![cfg(all(feature = "redlock", feature = "inc", feature = "cli"))]
 
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use lock_tests::server::{RedisServer, redis_or_skip};
 
-fn lockrun(config: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lockrun"));
-    command.env("LOCK_CONFIG", config).args(args);
-    command
-}
-
-fn redlock_config(servers: &[RedisServer]) -> String {
-    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
-    serde_json::json!({"type": "redlock", "urls": urls, "retryCount": -1, "retryDelay": 5, "retryJitter": 5}).to_string()
-}
-
-fn code(output: &Output) -> i32 {
-    output.status.code().unwrap_or(-1)
-}
+mod support;
+use support::{code, lockrun_with, redlock_config, urls};
 
 #[test]
 fn two_lockruns_on_one_key_run_one_after_the_other() {
@@ -29,7 +16,7 @@ fn two_lockruns_on_one_key_run_one_after_the_other() {
     let servers: Vec<RedisServer> = (0..3)
         .map(|_| RedisServer::start(&binary, &[]).expect("server"))
         .collect();
-    let config = redlock_config(&servers);
+    let config = redlock_config(&urls(&servers));
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("log");
     let script = format!(
@@ -38,7 +25,7 @@ fn two_lockruns_on_one_key_run_one_after_the_other() {
     );
     let children: Vec<_> = (0..3)
         .map(|_| {
-            lockrun(&config, &["job", "--", "sh", "-c", &script])
+            lockrun_with(&config, &["job", "--", "sh", "-c", &script])
                 .spawn()
                 .expect("lockrun")
         })
@@ -69,31 +56,33 @@ fn exit_codes_say_what_happened() {
         return;
     };
     let servers = vec![RedisServer::start(&binary, &[]).expect("server")];
-    let config = redlock_config(&servers);
+    let config = redlock_config(&urls(&servers));
 
-    let own = lockrun(&config, &["k", "--", "sh", "-c", "exit 7"])
+    let own = lockrun_with(&config, &["k", "--", "sh", "-c", "exit 7"])
         .output()
         .expect("run");
     assert_eq!(code(&own), 7, "the command's own code");
 
-    let mut holder = lockrun(&config, &["k", "--", "sleep", "2"])
+    let mut holder = lockrun_with(&config, &["k", "--", "sleep", "2"])
         .spawn()
         .expect("holder");
     std::thread::sleep(Duration::from_millis(500));
-    let busy = lockrun(&config, &["--no-wait", "k", "--", "true"])
+    let busy = lockrun_with(&config, &["--no-wait", "k", "--", "true"])
         .output()
         .expect("run");
     assert_eq!(code(&busy), 75, "{busy:?}");
-    let waited = lockrun(&config, &["--timeout", "300", "k", "--", "true"])
+    let waited = lockrun_with(&config, &["--timeout", "300", "k", "--", "true"])
         .output()
         .expect("run");
     assert_eq!(code(&waited), 76, "{waited:?}");
-    let status = lockrun(&config, &["status", "k"]).output().expect("status");
+    let status = lockrun_with(&config, &["status", "k"])
+        .output()
+        .expect("status");
     let shown = String::from_utf8_lossy(&status.stdout).to_string();
     assert!(shown.contains("held"), "{shown}");
     holder.wait().expect("holder ends");
 
-    let bad = lockrun(r#"{"type": "zookeeper"}"#, &["k", "--", "true"])
+    let bad = lockrun_with(r#"{"type": "zookeeper"}"#, &["k", "--", "true"])
         .output()
         .expect("run");
     assert_eq!(code(&bad), 78, "{bad:?}");
@@ -101,7 +90,7 @@ fn exit_codes_say_what_happened() {
         String::from_utf8_lossy(&bad.stderr).contains("known backends"),
         "{bad:?}"
     );
-    let missing = lockrun(&config, &["k", "--", "/nonexistent/command"])
+    let missing = lockrun_with(&config, &["k", "--", "/nonexistent/command"])
         .output()
         .expect("run");
     assert_eq!(code(&missing), 127, "{missing:?}");
@@ -113,9 +102,9 @@ fn a_lost_lock_kills_the_command() {
         return;
     };
     let servers = vec![RedisServer::start(&binary, &[]).expect("server")];
-    let config = redlock_config(&servers);
+    let config = redlock_config(&urls(&servers));
     let started = Instant::now();
-    let child = lockrun(&config, &["--ttl", "600", "doomed", "--", "sleep", "30"])
+    let child = lockrun_with(&config, &["--ttl", "600", "doomed", "--", "sleep", "30"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("lockrun");
@@ -146,11 +135,11 @@ fn purge_and_status_on_the_inc_backend() {
     };
     let server = RedisServer::start(&binary, &[]).expect("server");
     let config = serde_json::json!({"type": "inc", "urls": [server.url()]}).to_string();
-    let mut holder = lockrun(&config, &["--ttl", "60000", "jobs:1", "--", "sleep", "1"])
+    let mut holder = lockrun_with(&config, &["--ttl", "60000", "jobs:1", "--", "sleep", "1"])
         .spawn()
         .expect("holder");
     std::thread::sleep(Duration::from_millis(400));
-    let status = lockrun(&config, &["status", "jobs:1"])
+    let status = lockrun_with(&config, &["status", "jobs:1"])
         .output()
         .expect("status");
     let shown = String::from_utf8_lossy(&status.stdout).to_string();
@@ -158,7 +147,7 @@ fn purge_and_status_on_the_inc_backend() {
         shown.contains("jobs:1 on ") && shown.contains("held"),
         "{shown}"
     );
-    let purge = lockrun(&config, &["purge", "jobs:"])
+    let purge = lockrun_with(&config, &["purge", "jobs:"])
         .output()
         .expect("purge");
     assert!(
@@ -183,7 +172,7 @@ fn the_command_sees_the_key_and_an_increasing_fencing_token() {
     for config in configs {
         let mut fences = Vec::new();
         for _ in 0..3 {
-            let output = lockrun(
+            let output = lockrun_with(
                 &config,
                 &[
                     "report",
@@ -229,7 +218,7 @@ fn backend_options_reach_the_backend_from_lock_config() {
             "commandTimeout": 300, "prefix": "jobs:"}),
     ];
     for config in configs {
-        let output = lockrun(&config.to_string(), &["--no-wait", "job", "--", "true"])
+        let output = lockrun_with(&config.to_string(), &["--no-wait", "job", "--", "true"])
             .output()
             .expect("lockrun");
         assert_eq!(code(&output), 0, "{config}: {output:?}");
@@ -237,14 +226,14 @@ fn backend_options_reach_the_backend_from_lock_config() {
     // A pool cannot use a custom CA: the option got there, and was checked.
     let config = serde_json::json!({"type": "redis", "urls": [server.url()],
         "connection": "pool", "tls_ca_file": "/nonexistent/ca.pem"});
-    let output = lockrun(&config.to_string(), &["--no-wait", "job", "--", "true"])
+    let output = lockrun_with(&config.to_string(), &["--no-wait", "job", "--", "true"])
         .output()
         .expect("lockrun");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(code(&output), 78, "{output:?}");
     assert!(stderr.contains("tls_ca_file"), "{stderr}");
     let config = serde_json::json!({"type": "redis", "urls": [server.url()], "prefix": "jobs:"});
-    let output = lockrun(&config.to_string(), &["--no-wait", "job", "--", "true"])
+    let output = lockrun_with(&config.to_string(), &["--no-wait", "job", "--", "true"])
         .output()
         .expect("lockrun");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -271,12 +260,12 @@ fn wait_waits_until_the_lock_is_free_on_every_backend() {
     for (number, config) in configs.iter().enumerate() {
         let config = config.to_string();
         let key = format!("wait-{number}");
-        let mut holder = lockrun(&config, &[&key, "--", "sleep", "1.5"])
+        let mut holder = lockrun_with(&config, &[&key, "--", "sleep", "1.5"])
             .spawn()
             .expect("holder");
         std::thread::sleep(Duration::from_millis(500));
         let started = Instant::now();
-        let waited = lockrun(&config, &["--wait", &key, "--", "true"])
+        let waited = lockrun_with(&config, &["--wait", &key, "--", "true"])
             .output()
             .expect("run");
         let took = started.elapsed();
@@ -287,11 +276,11 @@ fn wait_waits_until_the_lock_is_free_on_every_backend() {
         );
         holder.wait().expect("holder ends");
         // --timeout still bounds it.
-        let mut holder_again = lockrun(&config, &[&key, "--", "sleep", "1.5"])
+        let mut holder_again = lockrun_with(&config, &[&key, "--", "sleep", "1.5"])
             .spawn()
             .expect("holder");
         std::thread::sleep(Duration::from_millis(500));
-        let bounded = lockrun(&config, &["--wait", "--timeout", "200", &key, "--", "true"])
+        let bounded = lockrun_with(&config, &["--wait", "--timeout", "200", &key, "--", "true"])
             .output()
             .expect("run");
         assert_eq!(code(&bounded), 76, "{config}: {bounded:?}");
@@ -313,7 +302,7 @@ fn wait_with_a_minority_of_nodes_down_still_runs() {
     let mut urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
     urls.push(format!("redis://127.0.0.1:{down}/"));
     let config = serde_json::json!({"type": "redlock", "urls": urls}).to_string();
-    let ran = lockrun(&config, &["--wait", "minority", "--", "true"])
+    let ran = lockrun_with(&config, &["--wait", "minority", "--", "true"])
         .output()
         .expect("run");
     assert_eq!(code(&ran), 0, "{ran:?}");
@@ -321,7 +310,7 @@ fn wait_with_a_minority_of_nodes_down_still_runs() {
         urls[0].clone(), format!("redis://127.0.0.1:{down}/"), format!("redis://127.0.0.1:{down}/1")
     ]})
     .to_string();
-    let refused = lockrun(&two_down, &["--wait", "majority", "--", "true"])
+    let refused = lockrun_with(&two_down, &["--wait", "majority", "--", "true"])
         .output()
         .expect("run");
     assert_eq!(code(&refused), 69, "{refused:?}");

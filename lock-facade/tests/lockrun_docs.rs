@@ -5,12 +5,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lock_tests::server::{RedisServer, redis_or_skip};
 
-const LOCKRUN: &str = env!("CARGO_BIN_EXE_lockrun");
+mod support;
+use support::{LOCKRUN, code};
 
 /// The sources of the tests that run lockrun: a flag is tested when one of them passes it.
 const TEST_SOURCES: [&str; 4] = [
@@ -27,10 +28,6 @@ const READMES: [(&str, &str); 2] = [
 
 /// The URL the READMEs use for a local server; the test points it at its own.
 const README_URL: &str = "redis://127.0.0.1:6379/";
-
-fn code(output: &Output) -> i32 {
-    output.status.code().unwrap_or(-1)
-}
 
 /// The long flags and subcommands that `help` lists.
 fn listed(help: &str) -> (Vec<String>, Vec<String>) {

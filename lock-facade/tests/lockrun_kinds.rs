@@ -4,15 +4,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use lock_tests::server::{RedisServer, redis_or_skip};
 
-fn lockrun(config: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lockrun"));
-    command.env("LOCK_CONFIG", config).args(args);
-    command
-}
+mod support;
+use support::{code, lockrun_with};
 
 fn configs(server: &RedisServer) -> Vec<(&'static str, String)> {
     let retry = serde_json::json!({"retryCount": -1, "retryDelay": 5, "retryJitter": 5});
@@ -24,10 +20,6 @@ fn configs(server: &RedisServer) -> Vec<(&'static str, String)> {
         }
     }
     vec![("redis", redlock.to_string()), ("inc", inc.to_string())]
-}
-
-fn code(output: &Output) -> i32 {
-    output.status.code().unwrap_or(-1)
 }
 
 /// A section that logs `start <tag> <pid>` and `end <tag> <pid>` around a sleep.
@@ -80,7 +72,7 @@ fn at_most_n_runs_hold_a_semaphore() {
         let script = section(&log, "p");
         let runs: Vec<_> = (0..6)
             .map(|_| {
-                lockrun(
+                lockrun_with(
                     &config,
                     &["--permits", "2", "pool", "--", "sh", "-c", &script],
                 )
@@ -118,13 +110,13 @@ fn shared_runs_go_together_and_an_exclusive_run_alone() {
                 ("--shared", &read)
             };
             runs.push(
-                lockrun(&config, &[flag, "data", "--", "sh", "-c", script])
+                lockrun_with(&config, &[flag, "data", "--", "sh", "-c", script])
                     .spawn()
                     .unwrap(),
             );
             if round == 1 {
                 runs.push(
-                    lockrun(&config, &["--shared", "data", "--", "sh", "-c", &read])
+                    lockrun_with(&config, &["--shared", "data", "--", "sh", "-c", &read])
                         .spawn()
                         .unwrap(),
                 );
@@ -150,7 +142,7 @@ fn bad_kinds_are_configuration_errors() {
     };
     let server = RedisServer::start(&binary, &[]).unwrap();
     for (backend, config) in configs(&server) {
-        let zero = lockrun(&config, &["--permits", "0", "k", "--", "true"])
+        let zero = lockrun_with(&config, &["--permits", "0", "k", "--", "true"])
             .output()
             .unwrap();
         assert_eq!(code(&zero), 78, "{backend}: {zero:?}");
@@ -158,7 +150,7 @@ fn bad_kinds_are_configuration_errors() {
             String::from_utf8_lossy(&zero.stderr).contains("permits"),
             "{backend}: {zero:?}"
         );
-        let both = lockrun(&config, &["--permits", "2", "--shared", "k", "--", "true"])
+        let both = lockrun_with(&config, &["--permits", "2", "--shared", "k", "--", "true"])
             .output()
             .unwrap();
         assert_eq!(code(&both), 78, "{backend}: {both:?}");
@@ -166,7 +158,7 @@ fn bad_kinds_are_configuration_errors() {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready");
         let hold = format!("touch {}; sleep 2", ready.display());
-        let mut holder = lockrun(
+        let mut holder = lockrun_with(
             &config,
             &["--permits", "2", "sized", "--", "sh", "-c", &hold],
         )
@@ -175,7 +167,7 @@ fn bad_kinds_are_configuration_errors() {
         while !ready.exists() {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let mismatch = lockrun(&config, &["--permits", "3", "sized", "--", "true"])
+        let mismatch = lockrun_with(&config, &["--permits", "3", "sized", "--", "true"])
             .output()
             .unwrap();
         assert_eq!(code(&mismatch), 78, "{backend}: {mismatch:?}");

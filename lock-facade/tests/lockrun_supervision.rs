@@ -10,11 +10,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::server::{RedisServer, get_bulk, redis_or_skip};
+
+mod support;
+use support::{LOCKRUN, code, redlock_config, send, urls};
 
 /// lockrun started with SIGHUP, SIGINT and SIGQUIT at their default disposition, as from an
 /// interactive shell, whatever this test process inherited: a test run as a background job of a
@@ -26,22 +29,14 @@ fn lockrun(config: &str, args: &[&str]) -> Command {
     let mut command = Command::new("env");
     command
         .arg("--default-signal=HUP,INT,QUIT")
-        .arg(env!("CARGO_BIN_EXE_lockrun"))
+        .arg(LOCKRUN)
         .env("LOCK_CONFIG", config)
         .args(args);
     command
 }
 
-fn redlock_config(urls: &[String]) -> String {
-    serde_json::json!({"type": "redlock", "urls": urls, "retryCount": -1, "retryDelay": 5, "retryJitter": 5}).to_string()
-}
-
 fn inc_config(server: &RedisServer) -> String {
     serde_json::json!({"type": "inc", "urls": [server.url()], "retryCount": -1, "retryDelay": 5, "retryJitter": 5}).to_string()
-}
-
-fn code(output: &Output) -> i32 {
-    output.status.code().unwrap_or(-1)
 }
 
 /// A log in a temporary folder; the workers stop by themselves once the folder is gone, so
@@ -198,18 +193,6 @@ fn servers(binary: &Path, count: usize) -> Vec<RedisServer> {
         .collect()
 }
 
-fn urls(servers: &[RedisServer]) -> Vec<String> {
-    servers.iter().map(RedisServer::url).collect()
-}
-
-fn send(child: &Child, signal: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal}");
-}
-
 /// Issue #16, first bullet: a lost lock kills the command's whole process group, not only
 /// `sh`. On 3c64218 the workers wrote on after lockrun exited 77.
 #[test]
@@ -313,7 +296,7 @@ fn signals_are_forwarded_to_the_group_and_the_lock_released() {
             &["--ttl", "8000", "sig", "--", "sh", "-c", &log.tree(&trap)],
         ));
         log.wait_for_workers(10);
-        send(&first.child, name);
+        send(first.child.id(), name);
         let output = first.finish();
         assert_eq!(output.code, Some(128 + number), "SIG{name}: {output:?}");
         assert!(
@@ -362,7 +345,7 @@ fn the_kill_grace_separates_sigterm_from_sigkill() {
     ));
     log.wait_for_workers(10);
     let signalled = Instant::now();
-    send(&first.child, "TERM");
+    send(first.child.id(), "TERM");
     let output = first.finish();
     let waited = signalled.elapsed();
     assert_eq!(output.code, Some(143), "{output:?}");

@@ -25,6 +25,8 @@ use lock_tests::server::{RedisServer, free_port, redis_or_skip};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
+mod support;
+
 // ---------------------------------------------------------------------------------------------
 // What is shown, and what must not be in it.
 
@@ -445,8 +447,7 @@ async fn facade_path(
 }
 
 fn lockrun(config: Option<&str>, env: Option<&str>) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lockrun"));
-    command.env_remove("LOCK_CONFIG");
+    let mut command = support::lockrun();
     if let Some(config) = config {
         command.args(["--config", config]);
     }
