@@ -659,7 +659,9 @@ fn tls_with_ca(path: &std::path::Path) -> Result<rustls::ClientConfig> {
         )
     };
     let mut roots = rustls::RootCertStore::empty();
-    for certificate in CertificateDer::pem_file_iter(path).map_err(|e| invalid(e.to_string()))? {
+    // Bounded (a device such as /dev/zero is refused, not read until memory runs out).
+    let pem = lock_core::raw::redis::read_ca_file(path)?;
+    for certificate in CertificateDer::pem_slice_iter(&pem) {
         roots
             .add(certificate.map_err(|e| invalid(e.to_string()))?)
             .map_err(|e| invalid(e.to_string()))?;

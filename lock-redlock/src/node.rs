@@ -1544,17 +1544,10 @@ fn client(url: &NodeUrl, config: &RedlockConfig) -> Result<Client> {
         // rustls needs a process-wide crypto provider; another crate may have installed one.
         let _ = rustls::crypto::ring::default_provider().install_default();
         if let Some(path) = &config.tls_ca_file {
-            let root_cert = std::fs::read(path).map_err(|e| {
-                LockError::invalid(
-                    "tls_ca_file",
-                    // The path is shown as a URL would be: a password put there by mistake
-                    // stays hidden.
-                    format!(
-                        "cannot read {}: {e}",
-                        lock_core::raw::redis::shown_path(path)
-                    ),
-                )
-            })?;
+            // Bounded (a device such as /dev/zero is refused, not read until memory runs
+            // out); the path is shown as a URL would be: a password put there by mistake stays
+            // hidden.
+            let root_cert = lock_core::raw::redis::read_ca_file(path)?;
             let certificates = redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(root_cert),

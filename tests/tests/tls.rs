@@ -63,3 +63,35 @@ async fn inc_over_rediss_works_with_the_right_ca() {
     let error = IncLock::connect(untrusted).await.expect_err("unknown CA");
     println!("TLS (inc): rediss:// with the test CA works; without it: `{error}`");
 }
+
+/// A CA file that never ends (`/dev/zero`; a huge file alike) is refused at once with a typed
+/// error naming the field and the limit: before, Redlock read it whole (`std::fs::read`) and
+/// inc line by line (a PEM reader looking for a line break), until memory ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_that_never_ends_is_refused_at_once() {
+    let mut redlock = RedlockConfig::new(["rediss://127.0.0.1:1"]);
+    redlock.tls_ca_file = Some("/dev/zero".into());
+    let inc = IncConfig {
+        tls_ca_file: Some("/dev/zero".into()),
+        ..IncConfig::new("rediss://127.0.0.1:1")
+    };
+    let started = std::time::Instant::now();
+    let errors = [
+        Redlock::new(redlock)
+            .map(|_| ())
+            .expect_err("a CA file that never ends"),
+        tokio::time::timeout(std::time::Duration::from_secs(5), IncLock::connect(inc))
+            .await
+            .expect("inc's connect ended")
+            .map(|_| ())
+            .expect_err("a CA file that never ends"),
+    ];
+    for error in errors {
+        assert!(
+            matches!(&error, lock_core::LockError::InvalidInput { field, .. } if field.ends_with("tls_ca_file")),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("1 MiB"), "{error}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}

@@ -292,9 +292,68 @@ pub fn shown_path(path: &Path) -> String {
     shown_text(&path.display().to_string())
 }
 
+/// The most a TLS CA file ([`read_ca_file`]) may hold: 1 MiB, far more than a CA bundle (the
+/// system's whole bundle is about 200 KiB).
+pub const MAX_CA_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads the TLS CA file at `path` (PEM), at most [`MAX_CA_FILE_BYTES`]: a device such as
+/// `/dev/zero` or a huge file is refused at once rather than read until memory runs out.
+///
+/// # Errors
+/// [`LockError::InvalidInput`] naming `tls_ca_file` with the path as messages show it
+/// ([`shown_path`]) when the file cannot be read or is larger than the limit.
+pub fn read_ca_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let invalid = |reason: String| {
+        LockError::invalid(
+            "tls_ca_file",
+            format!("cannot read {}: {reason}", shown_path(path)),
+        )
+    };
+    let file = std::fs::File::open(path).map_err(|e| invalid(e.to_string()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CA_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| invalid(e.to_string()))?;
+    if bytes.len() as u64 > MAX_CA_FILE_BYTES {
+        return Err(invalid(format!(
+            "it is larger than {MAX_CA_FILE_BYTES} bytes (1 MiB), the most a CA file may hold"
+        )));
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_ca_file_is_read_up_to_its_limit() {
+        let error = read_ca_file(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("tls_ca_file") && error.contains("1 MiB"),
+            "{error}"
+        );
+        let dir = std::env::temp_dir().join(format!("lock-core-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let at_limit = dir.join("at-limit.pem");
+        std::fs::write(&at_limit, vec![b'#'; MAX_CA_FILE_BYTES as usize]).unwrap();
+        assert_eq!(
+            read_ca_file(&at_limit).unwrap().len() as u64,
+            MAX_CA_FILE_BYTES
+        );
+        let over = dir.join("over.pem");
+        std::fs::write(&over, vec![b'#'; MAX_CA_FILE_BYTES as usize + 1]).unwrap();
+        assert!(read_ca_file(&over).is_err());
+        let missing = read_ca_file(&dir.join("missing.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("cannot read"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn field(result: Result<UrlScheme>) -> String {
         match result {
