@@ -469,13 +469,7 @@ fn failed_outcome(
 ) -> Result<Option<Box<dyn Handle>>> {
     let (primary, ttl) = (request.primary_key(), request.ttl());
     if tally.yes.len() >= shared.quorum {
-        return Err(LockError::backend(
-            NAME,
-            format!(
-                "the quorum for `{primary}` answered after the ttl of {} ms was spent; raise the ttl",
-                ttl.as_millis()
-            ),
-        ));
+        return Err(shared.too_late("the quorum", primary.as_ref(), ttl));
     }
     let found = std::mem::take(
         &mut *found

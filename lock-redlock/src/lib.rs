@@ -203,6 +203,29 @@ impl Shared {
         ttl.mul_f64(self.config.drift_factor) + DRIFT_FLOOR
     }
 
+    /// The error of an attempt that `who` (the node, the quorum) granted for `key` with no
+    /// validity left: the ttl less the clock-drift allowance was spent before the answer came,
+    /// or the allowance alone takes the whole ttl.
+    pub(crate) fn too_late(&self, who: &str, key: &str, ttl: Duration) -> LockError {
+        let drift = self.drift(ttl);
+        let reason = if drift >= ttl {
+            format!(
+                "the clock-drift allowance alone ({} ms: drift_factor {} × the ttl + {} ms) takes the whole ttl of {} ms; raise the ttl or lower drift_factor",
+                drift.as_millis(),
+                self.config.drift_factor,
+                DRIFT_FLOOR.as_millis(),
+                ttl.as_millis()
+            )
+        } else {
+            format!(
+                "answered too late: the ttl of {} ms less the clock-drift allowance of {} ms was spent; raise the ttl",
+                ttl.as_millis(),
+                drift.as_millis()
+            )
+        };
+        LockError::backend(NAME, format!("{who} for `{key}` {reason}"))
+    }
+
     /// Sends compare-and-delete to the nodes at `indices` until each has answered it, as a
     /// [`FollowUp`] (every round after a pause from `timeout` on, or the first at once if
     /// `at_once`) that stops once the keys are gone by themselves (`expires_by`).
@@ -864,13 +887,7 @@ impl Lock for Redlock {
             .await;
             let key = request.primary_key().to_string();
             if tally.yes.len() >= shared.quorum {
-                return Err(LockError::backend(
-                    NAME,
-                    format!(
-                        "the quorum for `{key}` answered after the ttl of {} ms was spent; raise the ttl",
-                        ttl.as_millis()
-                    ),
-                ));
+                return Err(shared.too_late("the quorum", &key, ttl));
             }
             if tally.no > 0 {
                 // A fair waiter refused lines up (the line's attempt looks at the key's type).
@@ -1151,13 +1168,7 @@ async fn try_acquire_fair(
             expires_by,
             Some(AtOnce::new(shared, Vec::new())),
         ));
-        return Err(LockError::backend(
-            NAME,
-            format!(
-                "the node answered for `{key}` after the ttl of {} ms was spent; raise the ttl",
-                ttl.as_millis()
-            ),
-        ));
+        return Err(shared.too_late("the node", key.as_ref(), ttl));
     };
     // With one node, the value drawn there is the fence: no raise round is needed.
     let fence = shared
@@ -1387,13 +1398,7 @@ async fn try_acquire_fair_quorum(
     ))
     .await;
     if won {
-        return Err(LockError::backend(
-            NAME,
-            format!(
-                "the quorum for `{key}` answered after the ttl of {} ms was spent; raise the ttl",
-                ttl.as_millis()
-            ),
-        ));
+        return Err(shared.too_late("the quorum", key.as_ref(), ttl));
     }
     if tally.no == 0 {
         // Still waiting (the core retries): its place in every line is kept.

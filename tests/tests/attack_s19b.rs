@@ -1053,3 +1053,39 @@ async fn a_fresh_client_whose_raise_fails_on_one_node_is_not_told_the_free_key_i
         fresh.stop().await.unwrap();
     }
 }
+
+/// A drift allowance that takes the whole ttl (`drift_factor` 0.999 of 1 s, plus 2 ms) leaves no
+/// attempt any validity, on one node and over three, plain or fair: the error says so and
+/// names `drift_factor`, where it said the node "answered after the ttl was spent" (it answered
+/// within a millisecond). A ttl that the allowance leaves room for is granted (the control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drift_allowance_that_takes_the_whole_ttl_is_named() {
+    let Some(binary) = redis_or_skip("s19b drift allowance") else {
+        return;
+    };
+    let servers = start_servers(&binary, 3);
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    for (nodes, fair) in [(1, true), (1, false), (3, true), (3, false)] {
+        let config = RedlockConfig::new(urls[..nodes].to_vec())
+            .with_fair(fair)
+            .with_drift_factor(0.999);
+        let locker = Locker::new(Redlock::new(config).unwrap())
+            .with_options(
+                LockOptions::default()
+                    .with_ttl(Duration::from_secs(1))
+                    .with_retry(RetryPolicy::none()),
+            )
+            .unwrap();
+        let error = locker.acquire("drift").await.unwrap_err().to_string();
+        assert!(
+            error.contains("drift_factor") && error.contains("raise the ttl"),
+            "{nodes} node(s), fair {fair}: {error}"
+        );
+        let roomy = LockOptions::default()
+            .with_ttl(Duration::from_secs(30))
+            .with_retry(RetryPolicy::none());
+        let guard = locker.acquire_with("drift", &roomy).await.unwrap();
+        guard.release().await.unwrap();
+        locker.stop().await.unwrap();
+    }
+}
