@@ -1208,7 +1208,19 @@ impl Locker {
                     return Err(LockError::Stopped);
                 }
                 Some(handle) => Attempt::Won(handle),
-                None => Attempt::Held,
+                // Nobody else holds the key: the answer came too late. Said as the error a
+                // single try or an exhausted wait returns (retried like any failed attempt),
+                // never "held by another holder".
+                None => {
+                    return Err(LockError::backend(
+                        self.name,
+                        format!(
+                            "the store granted `{}` but its answer came back after the lock's validity (the ttl of {} ms, less the store's own margins) had passed; raise the ttl",
+                            request.primary_key(),
+                            request.ttl().as_millis()
+                        ),
+                    ));
+                }
             },
             None => Attempt::Held,
         })
@@ -1235,8 +1247,9 @@ fn deadline(options: &LockOptions) -> (Option<Instant>, Option<Instant>) {
 
 /// The handle of a won attempt that awaited its answer, unless its validity had already passed
 /// when it came back (the holder was delayed past its ttl between taking the key and seeing
-/// the answer): such a lock is released, token-checked, and the attempt counts as one that
-/// found the key held. So no guard is ever handed out with its validity already over.
+/// the answer, or the ttl is too short for a round trip): such a lock is released,
+/// token-checked, and the attempt fails with a backend error ending in "raise the ttl" (see
+/// `Locker::attempt`). So no guard is ever handed out with its validity already over.
 ///
 /// An answer decided in the call ([`Answer::ready`]) took no round trip: its validity was set
 /// from a clock read in the same call, a ttl ahead, and is not checked again.

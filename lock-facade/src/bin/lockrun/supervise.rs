@@ -265,12 +265,17 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
     if left <= run.timing.grace + run.timing.margin {
         reaper.stand_down();
         let _ = guard.release().await;
+        // Below a millisecond too (a tiny ttl): never "0 ms, less than 0 ms".
+        let had = if left.is_zero() {
+            "no validity left".to_owned()
+        } else {
+            format!("{left:.1?} of validity left")
+        };
         return Err((
             exit::LOST,
             format!(
-                "the lock on `{key}` had {} ms of validity left, less than lockrun needs to stop `{program}` before it ends ({} ms: the kill grace and a margin); not started (raise the ttl)",
-                left.as_millis(),
-                (run.timing.grace + run.timing.margin).as_millis()
+                "the lock on `{key}` had {had}, less than lockrun needs to stop `{program}` before it ends ({:.1?}: the kill grace and a margin); not started (raise the ttl)",
+                run.timing.grace + run.timing.margin
             ),
         ));
     }
