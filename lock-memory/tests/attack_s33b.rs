@@ -4,12 +4,12 @@
 //! a head that stops waiting as its turn comes, a clock that jumps, and the table afterwards.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lock_core::raw::{Answer, Handle, Lock, LockRequest, async_trait};
-use lock_core::{Capabilities, Key, LockOptions, Locker, Result, RetryPolicy};
+use lock_core::{Capabilities, Key, LockError, LockOptions, Locker, Result, RetryPolicy};
 use lock_memory::MemoryLock;
 use tokio::time::Instant;
 
@@ -162,6 +162,123 @@ async fn a_wrapper_with_the_default_wait_for_turn_hands_off_in_order_and_promptl
     );
     assert!(lock.0.is_empty());
 }
+
+/// Behind the wrapper: the first in line is cancelled right after the release that made it
+/// first (its wake-up is a `Notify` of its own, which the default `wait_for_turn` never hears;
+/// nor does the next in line): the next is served promptly, not after a delay of its policy.
+#[tokio::test(start_paused = true)]
+async fn a_wrapper_the_next_in_line_is_served_when_the_first_leaves_as_its_turn_comes() {
+    let lock = Wrapped::default();
+    let retry = RetryPolicy::default().with_retry_jitter(Duration::ZERO); // 200 ms delays, counted
+    let holder = client(lock.clone(), ms(60_000), RetryPolicy::none())
+        .acquire("k")
+        .await
+        .unwrap();
+    let first = {
+        let locker = client(lock.clone(), ms(60_000), retry.clone());
+        tokio::spawn(async move { locker.acquire("k").await.map(|_| ()) })
+    };
+    tokio::time::sleep(ms(1)).await;
+    let second = {
+        let locker = client(lock.clone(), ms(60_000), retry.clone());
+        tokio::spawn(async move {
+            let guard = locker.acquire("k").await.unwrap();
+            let at = Instant::now();
+            guard.release().await.unwrap();
+            at
+        })
+    };
+    tokio::time::sleep(ms(50)).await;
+    // The release and the cancellation in one step: the first never runs in between.
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    first.abort();
+    let _ = first.await;
+    let served = second.await.unwrap();
+    assert!(
+        served - released <= ms(30),
+        "the second waited {:?} on a free key after the first left",
+        served - released
+    );
+    assert!(lock.0.is_empty());
+}
+
+/// The same with `MemoryLock` itself (control: its own `wait_for_turn` hears the hand-over).
+#[tokio::test(start_paused = true)]
+async fn the_next_in_line_is_served_when_the_first_leaves_as_its_turn_comes() {
+    let lock = MemoryLock::new();
+    let retry = RetryPolicy::default().with_retry_jitter(Duration::ZERO);
+    let holder = client(lock.clone(), ms(60_000), RetryPolicy::none())
+        .acquire("k")
+        .await
+        .unwrap();
+    let first = {
+        let locker = client(lock.clone(), ms(60_000), retry.clone());
+        tokio::spawn(async move { locker.acquire("k").await.map(|_| ()) })
+    };
+    tokio::time::sleep(ms(1)).await;
+    let second = {
+        let locker = client(lock.clone(), ms(60_000), retry.clone());
+        tokio::spawn(async move {
+            let guard = locker.acquire("k").await.unwrap();
+            let at = Instant::now();
+            guard.release().await.unwrap();
+            at
+        })
+    };
+    tokio::time::sleep(ms(50)).await;
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    first.abort();
+    let _ = first.await;
+    let served = second.await.unwrap();
+    assert!(served - released <= ms(1), "waited {:?}", served - released);
+    assert!(lock.is_empty());
+}
+
+/// A first in line whose deadline passes as its turn comes (the holder releases at the very
+/// deadline): the next in line is served at once.
+#[tokio::test(start_paused = true)]
+async fn a_first_whose_deadline_passes_as_its_turn_comes_hands_on() {
+    let lock = MemoryLock::new();
+    let holder = client(lock.clone(), ms(60_000), RetryPolicy::none())
+        .acquire("k")
+        .await
+        .unwrap();
+    let first = {
+        let locker = client(
+            lock.clone(),
+            ms(60_000),
+            every(ms(30)).with_deadline(ms(100)),
+        );
+        tokio::spawn(async move { locker.acquire("k").await.map(|_| ()) })
+    };
+    tokio::time::sleep(ms(1)).await;
+    let second = {
+        let locker = client(
+            lock.clone(),
+            ms(60_000),
+            RetryPolicy::default().with_retry_jitter(Duration::ZERO),
+        );
+        tokio::spawn(async move {
+            let guard = locker.acquire("k").await.unwrap();
+            let at = Instant::now();
+            guard.release().await.unwrap();
+            at
+        })
+    };
+    tokio::time::sleep_until(Instant::now() + ms(99)).await;
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    let first = first.await.unwrap();
+    let served = second.await.unwrap();
+    assert!(
+        served - released <= ms(5),
+        "first: {first:?}; the second waited {:?}",
+        served - released
+    );
+    assert!(lock.is_empty());
+}
 /// Behind the wrapper, 16 waiters with the default policy (10 retries 200 ms apart, no
 /// jitter) line up on `k`, each holding it 2 ms: all of them get in (the whole line goes
 /// through in some 32 ms of holds), none gives up with `Timeout`. Every release wakes every
@@ -239,4 +356,166 @@ async fn the_line_keeps_its_order_across_a_stall_longer_than_the_ttl() {
     }
     let order = order.lock().unwrap().clone();
     assert_eq!(order, vec![0, 1, 2, 3], "order after the stall");
+}
+
+/// Many tasks on a multi-thread runtime, each cancelled after a random tiny time (often
+/// mid-wait, sometimes right after winning): never two holders, every acquisition that
+/// survives gets in, and the table is empty afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mutual_exclusion_and_an_empty_table_under_cancellation_at_every_poll() {
+    let lock = MemoryLock::new();
+    let inside = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for n in 0..48u64 {
+        let locker = client(
+            lock.clone(),
+            ms(5_000),
+            every(ms(1 + n % 3)).with_deadline(ms(8_000)),
+        );
+        let (inside, served) = (Arc::clone(&inside), Arc::clone(&served));
+        tasks.push(tokio::spawn(async move {
+            for round in 0..40u64 {
+                let cut = Duration::from_micros((n * 37 + round * 101) % 900);
+                let attempt = async {
+                    let guard = locker.acquire("k").await.unwrap();
+                    assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                    tokio::task::yield_now().await;
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    served.fetch_add(1, Ordering::SeqCst);
+                    guard.release().await.unwrap();
+                };
+                if round % 4 == 3 {
+                    attempt.await;
+                } else {
+                    let _ = tokio::time::timeout(cut, attempt).await;
+                }
+                // A cancelled holder leaves `inside` raised: put it right.
+                inside.store(0, Ordering::SeqCst);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(served.load(Ordering::SeqCst) >= 48 * 10);
+    // Releases of dropped guards run in the background.
+    for _ in 0..200 {
+        if lock.is_empty() {
+            break;
+        }
+        tokio::time::sleep(ms(5)).await;
+    }
+    assert_eq!(lock.waited_keys(), 0);
+    assert!(lock.is_empty(), "{} entries left", lock.len());
+}
+
+/// A mutex line on `k` and a `stop()` of one of the clients while it waits: its place goes,
+/// the others are served in order, the table ends empty.
+#[tokio::test(start_paused = true)]
+async fn a_stop_while_in_line_gives_the_place_up() {
+    let lock = MemoryLock::new();
+    let holder = client(lock.clone(), ms(60_000), RetryPolicy::none())
+        .acquire("k")
+        .await
+        .unwrap();
+    let a = client(
+        lock.clone(),
+        ms(60_000),
+        RetryPolicy::default().with_retry_jitter(Duration::ZERO),
+    );
+    let b = client(
+        lock.clone(),
+        ms(60_000),
+        RetryPolicy::default().with_retry_jitter(Duration::ZERO),
+    );
+    let a_task = {
+        let a = a.clone();
+        tokio::spawn(async move { a.acquire("k").await.map(|_| ()) })
+    };
+    tokio::time::sleep(ms(1)).await;
+    let b_task = tokio::spawn(async move {
+        let guard = b.acquire("k").await.unwrap();
+        let at = Instant::now();
+        guard.release().await.unwrap();
+        at
+    });
+    tokio::time::sleep(ms(10)).await;
+    a.stop().await.unwrap();
+    assert!(matches!(a_task.await.unwrap(), Err(LockError::Stopped)));
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    let served = b_task.await.unwrap();
+    assert!(served - released <= ms(1));
+    assert!(lock.is_empty());
+}
+
+/// A holds `k` (ttl 1 s) and leaks its guard; B and C wait in line behind it. A's lease
+/// expiring with nobody releasing it: B (first) is served at the expiry, and so, after B
+/// leaks its guard in turn, is C, who became first in line while the key was held (its wait
+/// began when it was second).
+#[tokio::test(start_paused = true)]
+async fn the_second_in_line_follows_the_expiry_of_a_leaked_guard() {
+    let lock = MemoryLock::new();
+    let ttl = ms(1_000);
+    let start = Instant::now();
+    std::mem::forget(
+        client(lock.clone(), ttl, RetryPolicy::none())
+            .acquire("k")
+            .await
+            .unwrap(),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let locker = client(
+            lock.clone(),
+            ttl,
+            RetryPolicy::default()
+                .with_retry_jitter(Duration::ZERO)
+                .with_deadline(ms(10_000)),
+        );
+        tasks.push(tokio::spawn(async move {
+            let guard = locker.acquire("k").await.unwrap();
+            let at = Instant::now();
+            std::mem::forget(guard);
+            at
+        }));
+        tokio::time::sleep(ms(1)).await;
+    }
+    let mut served = Vec::new();
+    for task in tasks {
+        served.push(task.await.unwrap() - start);
+    }
+    assert!(served[0] <= ms(1_005), "B served at {:?}", served[0]);
+    assert!(
+        served[1] <= served[0] + ms(1_005),
+        "C served at {:?}, {:?} after B took the key (B's lease: {ttl:?})",
+        served[1],
+        served[1] - served[0]
+    );
+}
+
+/// A purge of a held key with a line: the first in line is served at once.
+#[tokio::test(start_paused = true)]
+async fn a_purge_serves_the_first_in_line() {
+    let lock = MemoryLock::new();
+    let holder = client(lock.clone(), ms(60_000), RetryPolicy::none());
+    std::mem::forget(holder.acquire("k").await.unwrap());
+    let waiter = client(
+        lock.clone(),
+        ms(60_000),
+        RetryPolicy::default().with_retry_jitter(Duration::ZERO),
+    );
+    let task = tokio::spawn(async move {
+        let guard = waiter.acquire("k").await.unwrap();
+        let at = Instant::now();
+        guard.release().await.unwrap();
+        at
+    });
+    tokio::time::sleep(ms(30)).await;
+    let purged_at = Instant::now();
+    assert_eq!(holder.purge("k").await.unwrap(), 1);
+    let served = task.await.unwrap();
+    assert!(served - purged_at <= ms(1), "{:?}", served - purged_at);
+    assert!(lock.is_empty());
 }
