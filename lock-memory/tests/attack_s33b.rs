@@ -358,6 +358,15 @@ async fn the_line_keeps_its_order_across_a_stall_longer_than_the_ttl() {
     assert_eq!(order, vec![0, 1, 2, 3], "order after the stall");
 }
 
+/// Lowers the count of holders when dropped (a holder cancelled inside its section too).
+struct Inside<'a>(&'a AtomicUsize);
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Many tasks on a multi-thread runtime, each cancelled after a random tiny time (often
 /// mid-wait, sometimes right after winning): never two holders, every acquisition that
 /// survives gets in, and the table is empty afterwards.
@@ -375,13 +384,15 @@ async fn mutual_exclusion_and_an_empty_table_under_cancellation_at_every_poll() 
         );
         let (inside, served) = (Arc::clone(&inside), Arc::clone(&served));
         tasks.push(tokio::spawn(async move {
-            for round in 0..40u64 {
+            for round in 0..400u64 {
                 let cut = Duration::from_micros((n * 37 + round * 101) % 900);
                 let attempt = async {
                     let guard = locker.acquire("k").await.unwrap();
                     assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                    // Leaves `inside` before the guard's release starts, cancelled or not.
+                    let left = Inside(&inside);
                     tokio::task::yield_now().await;
-                    inside.fetch_sub(1, Ordering::SeqCst);
+                    drop(left);
                     served.fetch_add(1, Ordering::SeqCst);
                     guard.release().await.unwrap();
                 };
@@ -390,8 +401,6 @@ async fn mutual_exclusion_and_an_empty_table_under_cancellation_at_every_poll() 
                 } else {
                     let _ = tokio::time::timeout(cut, attempt).await;
                 }
-                // A cancelled holder leaves `inside` raised: put it right.
-                inside.store(0, Ordering::SeqCst);
             }
         }));
     }
@@ -517,5 +526,43 @@ async fn a_purge_serves_the_first_in_line() {
     assert_eq!(holder.purge("k").await.unwrap(), 1);
     let served = task.await.unwrap();
     assert!(served - purged_at <= ms(1), "{:?}", served - purged_at);
+    assert!(lock.is_empty());
+}
+
+/// Releases racing the waiters' `wait_for_turn` on a multi-thread runtime, with delays and a
+/// poll far longer than the holds: a lost wake-up would leave the key free until the first's
+/// poll (200 ms). The longest time the key waited between a release and the next holder stays
+/// well under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_wake_up_is_lost_when_releases_race_the_waits() {
+    let lock = MemoryLock::new();
+    let last_release = Arc::new(Mutex::new(None::<std::time::Instant>));
+    let longest = Arc::new(Mutex::new(Duration::ZERO));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let locker = client(lock.clone(), ms(60_000), every(ms(10_000)));
+        let (last_release, longest) = (Arc::clone(&last_release), Arc::clone(&longest));
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..60 {
+                let guard = locker.acquire("k").await.unwrap();
+                if let Some(at) = *last_release.lock().unwrap() {
+                    let gap = at.elapsed();
+                    let mut longest = longest.lock().unwrap();
+                    *longest = (*longest).max(gap);
+                }
+                tokio::task::yield_now().await;
+                *last_release.lock().unwrap() = Some(std::time::Instant::now());
+                guard.release().await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let longest = *longest.lock().unwrap();
+    assert!(
+        longest < ms(150),
+        "the key waited {longest:?} for its next holder"
+    );
     assert!(lock.is_empty());
 }
