@@ -566,3 +566,46 @@ async fn no_wake_up_is_lost_when_releases_race_the_waits() {
     );
     assert!(lock.is_empty());
 }
+
+/// The first in line leaks its waiting future (polled once, then forgotten: never dropped, so
+/// nothing takes its place back) while the key is held; the holder releases. The second is
+/// served once the leaked place lapses (one ttl after its last attempt), not a poll later.
+#[tokio::test(start_paused = true)]
+async fn the_second_follows_the_lapse_of_a_leaked_first() {
+    let lock = MemoryLock::new();
+    let ttl = ms(1_000);
+    let holder = client(lock.clone(), ttl, RetryPolicy::none())
+        .acquire("k")
+        .await
+        .unwrap();
+    let leaked = client(lock.clone(), ttl, every(ms(10_000)));
+    let mut future = Box::pin(leaked.acquire("k"));
+    let waker = std::task::Waker::noop();
+    assert!(
+        future
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+            .is_pending()
+    );
+    let last_attempt = Instant::now();
+    std::mem::forget(future);
+    // Off the leaked place's clock: the second's polls do not fall on its lapse.
+    tokio::time::sleep(ms(101)).await;
+    let second = {
+        let locker = client(lock.clone(), ttl, every(ms(10_000)));
+        tokio::spawn(async move {
+            let guard = locker.acquire("k").await.unwrap();
+            let at = Instant::now();
+            guard.release().await.unwrap();
+            at
+        })
+    };
+    tokio::time::sleep(ms(100)).await;
+    holder.release().await.unwrap();
+    let served = second.await.unwrap();
+    let late = served.saturating_duration_since(last_attempt + ttl);
+    assert!(
+        late <= ms(5),
+        "served {late:?} after the leaked place lapsed"
+    );
+}
