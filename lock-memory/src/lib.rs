@@ -801,7 +801,9 @@ impl Inner {
 
     /// Where `waiter` stands in the line of `key` at `now`: `None` when it should ask now (its
     /// turn came, or it has no place: the attempt lines it up again); otherwise its wake-up,
-    /// and when the first in line should look again by itself (the holder's expiry).
+    /// and when it should look again by itself: the first in line at the holder's expiry, a
+    /// waiter behind it when the earliest place ahead of it lapses (a leaked waiter's place:
+    /// nobody else would notice, and the key would wait for the next poll).
     fn place(
         &self,
         key: &Key,
@@ -821,7 +823,14 @@ impl Inner {
         match (at, busy_until) {
             (0, None) => None,
             (0, until) => Some((Arc::clone(&line.entries[0].turn), until)),
-            _ => Some((Arc::clone(&line.entries[at].turn), None)),
+            _ => Some((
+                Arc::clone(&line.entries[at].turn),
+                line.entries
+                    .iter()
+                    .take(at)
+                    .map(|entry| entry.lapses_at)
+                    .min(),
+            )),
         }
     }
 
@@ -955,7 +964,8 @@ impl Lock for MemoryLock {
                 biased;
                 () = turn.notified() => return Ok(true),
                 () = tokio::time::sleep_until(until) => {
-                    // The holder expired, or extended its lease (it looks again until then).
+                    // The holder expired or extended its lease, or a place ahead lapsed or was
+                    // renewed: it looks again until then.
                     if Instant::now() >= give_up_at {
                         return Ok(false);
                     }
