@@ -47,7 +47,10 @@ pub struct Capabilities {
     /// [`Lock::wait_for_turn`] returns when its turn comes. For a store in this process (not
     /// [`Capabilities::distributed`]) the core names the first attempt's own token as the
     /// waiter (an uncontended acquisition draws no second token), and the same waiter in the
-    /// attempts after it.
+    /// attempts after it. A wrapper of another `Lock` that reports `fair` must forward
+    /// [`Lock::wait_for_turn`] and [`Lock::abandon`] too (the trait's default waits for a
+    /// release, which a line's turn is not: the first in line would wait for its poll), or
+    /// clear `fair`.
     pub fair: bool,
 }
 

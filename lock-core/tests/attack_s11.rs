@@ -158,6 +158,10 @@ impl Lock for Slow {
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
         self.memory.wait_for_release(keys, max_wait).await
     }
+
+    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<bool> {
+        self.memory.wait_for_turn(request, max_wait).await
+    }
 }
 
 /// Held: dropping an acquisition after any number of polls (1 to 40, with 3 ms of paused

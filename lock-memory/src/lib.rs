@@ -76,6 +76,9 @@ struct Slot {
     reserved_until: Option<Instant>,
     /// Changes whenever the holder changes, so a waiter can tell whether it missed an event.
     generation: u64,
+    /// The holder took the key as a member of the line: at its release, waiters outside the
+    /// line (multi-key locks) get the next turn if any wait (see [`Line::outside_until`]).
+    lined_holder: bool,
 }
 
 struct Holder {
@@ -90,6 +93,12 @@ struct Holder {
 /// longer.
 struct Line {
     entries: VecDeque<LineEntry>,
+    /// Until then, the free key is kept for the waiters outside the line (multi-key locks, woken
+    /// by the key's shared `Notify`), whose turn it is: after a hand-off within the line, a
+    /// release while such waiters wait gives them the next turn, so that two mutex clients
+    /// handing the key to each other cannot keep a multi-key waiter out for ever. The first in
+    /// line is refused meanwhile, and looks again when the turn ends unused.
+    outside_until: Option<Instant>,
 }
 
 struct LineEntry {
@@ -267,6 +276,7 @@ impl Slot {
             if busy && let Some(waiter) = waiter {
                 let mut line = Line {
                     entries: VecDeque::with_capacity(4),
+                    outside_until: None,
                 };
                 line.join(waiter, now + ttl);
                 self.line = Some(Box::new(line));
@@ -297,6 +307,14 @@ impl Slot {
             line.join(waiter, now + ttl);
         }
         true
+    }
+
+    /// Whether the free key is kept for waiters outside the line now ([`Line::outside_until`]).
+    fn outside_turn(&self, now: Instant) -> bool {
+        self.line
+            .as_ref()
+            .and_then(|line| line.outside_until)
+            .is_some_and(|until| until > now)
     }
 
     /// After the key was freed (released, purged): wakes the first in line, if any.
@@ -454,8 +472,17 @@ impl Inner {
                     slot.shared = None;
                 }
                 let busy = slot.busy_until(now, after_wait).is_some();
-                if (busy || slot.line.is_some()) && slot.lined_out(now, waiter, ttl, busy) {
-                    return Ok(None);
+                if busy || slot.line.is_some() {
+                    let outside_turn = slot.outside_turn(now);
+                    // An outside waiter's attempt in its turn takes the key past the line;
+                    // the line's own attempts wait for the turn to end.
+                    let outsider_in_turn = !busy && outside_turn && waiter.is_none() && after_wait;
+                    if !outsider_in_turn && slot.lined_out(now, waiter, ttl, busy || outside_turn) {
+                        return Ok(None);
+                    }
+                    if let Some(line) = slot.line.as_deref_mut() {
+                        line.outside_until = None;
+                    }
                 }
                 let expires_at = now + ttl;
                 slot.holder = Some(Holder {
@@ -464,6 +491,7 @@ impl Inner {
                 });
                 slot.reserved_until = None;
                 slot.generation += 1;
+                slot.lined_holder = waiter.is_some();
                 Ok(Some((expires_at, draw())))
             }
             Entry::Vacant(free) => {
@@ -693,22 +721,27 @@ impl Inner {
             let valid = slot.held_at(now);
             slot.holder = None;
             slot.generation += 1;
-            slot.wake_line(now);
             // Notify under the shard lock: a clone of the notifier taken out would briefly
             // count as a waiter and could keep an idle slot alive.
             let woke = slot.has_waiters();
-            if woke {
-                slot.reserved_until = Some(now + HANDOFF_GRACE);
-                if let Some(waiters) = &slot.waiters {
-                    // With a line, only its first may take the key, and it may be among
-                    // these waiters (a wrapper of this store that waits for its turn by
-                    // waiting for the release, the trait's default): all of them look.
-                    if slot.line.is_some() {
+            let lined_holder = std::mem::take(&mut slot.lined_holder);
+            match slot.line.as_deref_mut() {
+                // A hand-off within the line while others wait outside it: their turn.
+                Some(line) if woke && lined_holder => {
+                    line.outside_until = Some(now + HANDOFF_GRACE);
+                    if let Some(waiters) = &slot.waiters {
                         waiters.notify_waiters();
-                    } else {
+                    }
+                }
+                // The line's turn: its first alone is woken.
+                Some(_) => slot.wake_line(now),
+                None if woke => {
+                    slot.reserved_until = Some(now + HANDOFF_GRACE);
+                    if let Some(waiters) = &slot.waiters {
                         waiters.notify_one();
                     }
                 }
+                None => {}
             }
             (valid, woke)
         };
@@ -811,7 +844,12 @@ impl Inner {
         now: Instant,
     ) -> Option<(Arc<Notify>, Option<Instant>)> {
         let mut slot = self.slots.get_mut(key)?;
-        let busy_until = slot.busy_until(now, true);
+        // The outsiders' turn keeps the key from the line until it ends.
+        let busy_until = slot.busy_until(now, true).or_else(|| {
+            slot.outside_turn(now)
+                .then(|| slot.line.as_ref()?.outside_until)
+                .flatten()
+        });
         let line = slot.line.as_deref_mut()?;
         if line.prune(now) && busy_until.is_none() {
             line.wake_first();

@@ -208,9 +208,9 @@ impl Shared {
     /// or the allowance alone takes the whole ttl.
     pub(crate) fn too_late(&self, who: &str, key: &str, ttl: Duration) -> LockError {
         let drift = self.drift(ttl);
-        let reason = if drift >= ttl {
+        let message = if drift >= ttl {
             format!(
-                "the clock-drift allowance alone ({} ms: drift_factor {} × the ttl + {} ms) takes the whole ttl of {} ms; raise the ttl or lower drift_factor",
+                "{who} granted `{key}` with no validity: the clock-drift allowance alone ({} ms: drift_factor {} × the ttl + {} ms) takes the whole ttl of {} ms; raise the ttl or lower drift_factor",
                 drift.as_millis(),
                 self.config.drift_factor,
                 DRIFT_FLOOR.as_millis(),
@@ -218,12 +218,12 @@ impl Shared {
             )
         } else {
             format!(
-                "answered too late: the ttl of {} ms less the clock-drift allowance of {} ms was spent; raise the ttl",
+                "{who} for `{key}` answered too late: the ttl of {} ms less the clock-drift allowance of {} ms was spent; raise the ttl",
                 ttl.as_millis(),
                 drift.as_millis()
             )
         };
-        LockError::backend(NAME, format!("{who} for `{key}` {reason}"))
+        LockError::backend(NAME, message)
     }
 
     /// Sends compare-and-delete to the nodes at `indices` until each has answered it, as a

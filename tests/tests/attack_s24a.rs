@@ -154,6 +154,10 @@ impl Lock for Gated {
     async fn wait_for_release(&self, keys: &[Key], max_wait: Duration) -> Result<()> {
         self.inner.wait_for_release(keys, max_wait).await
     }
+
+    async fn wait_for_turn(&self, request: &LockRequest, max_wait: Duration) -> Result<bool> {
+        self.inner.wait_for_turn(request, max_wait).await
+    }
 }
 
 #[async_trait]
