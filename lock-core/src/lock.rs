@@ -228,6 +228,8 @@ pub struct LockRequest {
     will_wait: bool,
     kind: LeaseKind,
     waiter: Option<Token>,
+    /// The waiter is this attempt's own token (see `LockRequest::name_own_waiter`).
+    own_waiter: bool,
     acquisition: u64,
 }
 
@@ -261,6 +263,7 @@ impl LockRequest {
             will_wait,
             kind,
             waiter,
+            own_waiter: false,
             acquisition: 0,
         }
     }
@@ -275,6 +278,7 @@ impl LockRequest {
             will_wait: false,
             kind: LeaseKind::Exclusive,
             waiter: None,
+            own_waiter: false,
             acquisition: 0,
         }
     }
@@ -286,17 +290,24 @@ impl LockRequest {
     #[must_use]
     pub fn with_waiter(mut self, waiter: Token) -> Self {
         self.waiter = Some(waiter);
+        self.own_waiter = false;
         self
     }
 
     /// The waiter this attempt belongs to, if it waits in line (see [`LockRequest::with_waiter`]).
+    #[inline]
     pub fn waiter(&self) -> Option<&Token> {
+        if self.own_waiter {
+            return Some(&self.token);
+        }
         self.waiter.as_ref()
     }
 
-    /// Names the waiter of an attempt already made (see `Locker::retry_loop`).
-    pub(crate) fn set_waiter(&mut self, waiter: Token) {
-        self.waiter = Some(waiter);
+    /// Names this attempt's own token as its waiter (the core's first attempt on an in-process
+    /// fair store: no second token drawn, nor copied, on the uncontended path).
+    #[inline]
+    pub(crate) fn name_own_waiter(&mut self) {
+        self.own_waiter = true;
     }
 
     /// Names the acquisition this attempt belongs to: a number that stays the same across

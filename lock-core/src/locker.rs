@@ -626,7 +626,7 @@ impl Locker {
             Err(error) => return Begun::Settled(Err(error)),
         };
         if lines_up {
-            request.set_waiter(request.token().clone());
+            request.name_own_waiter();
         }
         acquisition.attempt();
         let entered = span.enter();

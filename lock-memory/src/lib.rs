@@ -75,11 +75,15 @@ struct Slot {
     /// Until then, only an attempt that followed a wait may take the (free) key.
     reserved_until: Option<Instant>,
     /// Changes whenever the holder changes, so a waiter can tell whether it missed an event.
+    /// Its top bit ([`LINED_HOLDER`]) says the holder took the key as a member of the line: at
+    /// its release, waiters outside the line (multi-key locks) get the next turn if any wait
+    /// (see [`Line::outside_until`]). A bit, not a field: the slot of an uncontended lock stays
+    /// as small as it was.
     generation: u64,
-    /// The holder took the key as a member of the line: at its release, waiters outside the
-    /// line (multi-key locks) get the next turn if any wait (see [`Line::outside_until`]).
-    lined_holder: bool,
 }
+
+/// The bit of [`Slot::generation`] that says the holder took the key as a member of the line.
+const LINED_HOLDER: u64 = 1 << 63;
 
 struct Holder {
     token: Token,
@@ -491,7 +495,11 @@ impl Inner {
                 });
                 slot.reserved_until = None;
                 slot.generation += 1;
-                slot.lined_holder = waiter.is_some();
+                if waiter.is_some() {
+                    slot.generation |= LINED_HOLDER;
+                } else {
+                    slot.generation &= !LINED_HOLDER;
+                }
                 Ok(Some((expires_at, draw())))
             }
             Entry::Vacant(free) => {
@@ -724,7 +732,8 @@ impl Inner {
             // Notify under the shard lock: a clone of the notifier taken out would briefly
             // count as a waiter and could keep an idle slot alive.
             let woke = slot.has_waiters();
-            let lined_holder = std::mem::take(&mut slot.lined_holder);
+            let lined_holder = slot.generation & LINED_HOLDER != 0;
+            slot.generation &= !LINED_HOLDER;
             match slot.line.as_deref_mut() {
                 // A hand-off within the line while others wait outside it: their turn.
                 Some(line) if woke && lined_holder => {
