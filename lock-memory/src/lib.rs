@@ -736,8 +736,11 @@ impl Inner {
             slot.generation &= !LINED_HOLDER;
             match slot.line.as_deref_mut() {
                 // A hand-off within the line while others wait outside it: their turn.
+                // Its first is woken too, to look again when the turn ends: nobody may take
+                // the turn (an outsider cancelled, or past its deadline, before it asks).
                 Some(line) if woke && lined_holder => {
                     line.outside_until = Some(now + HANDOFF_GRACE);
+                    line.wake_first();
                     if let Some(waiters) = &slot.waiters {
                         waiters.notify_waiters();
                     }
@@ -1009,7 +1012,9 @@ impl Lock for MemoryLock {
             let until = look_again.map_or(give_up_at, |at| at.min(give_up_at));
             tokio::select! {
                 biased;
-                () = turn.notified() => return Ok(true),
+                // Woken: its turn, unless the key is kept for others for now (the
+                // outsiders' turn): it looks again (above), and waits for that to end.
+                () = turn.notified() => {}
                 () = tokio::time::sleep_until(until) => {
                     // The holder expired or extended its lease, or a place ahead lapsed or was
                     // renewed: it looks again until then.
