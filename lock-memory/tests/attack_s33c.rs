@@ -1,6 +1,8 @@
 //! adv33b: attacks on the outsiders' turn (d9808e2) and the own-waiter flag (f2d0bb3).
 #![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::raw::Lock;
@@ -88,4 +90,128 @@ async fn an_unused_outsiders_turn_ends_on_time_for_the_first_in_line() {
     );
     tokio::time::sleep(ms(10)).await;
     assert!(lock.is_empty(), "the table is not empty");
+}
+
+/// The same, but the outsider's other key is held: its attempt in the turn takes `k`, fails
+/// on `j` and lets `k` go, which wakes the first in line at once.
+#[tokio::test(start_paused = true)]
+async fn an_outsider_failing_on_its_other_key_hands_the_turn_back_at_once() {
+    let lock = MemoryLock::new();
+    let (b, second, outsider) = lined_holder_with_outsider(&lock, false).await;
+    b.release().await.unwrap();
+    let released = Instant::now();
+    let served = second.await.unwrap();
+    assert!(
+        served - released <= ms(1),
+        "served {:?} after the release",
+        served - released
+    );
+    outsider.abort();
+}
+
+/// Counts the holders of `k`: one more while alive.
+struct Holding(Arc<AtomicUsize>);
+
+impl Holding {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        let before = count.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(before, 0, "two holders of k at once");
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Mutex line waiters, multi-key waiters on `[k, j]` and `[j, k]`, single tries and a `j`
+/// holder, all with cancellations at random points, on a multi-thread runtime: never two
+/// holders of `k`, every waiting client gets in, and the table empties afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mutual_exclusion_with_the_outsiders_turn_under_cancellation() {
+    let lock = MemoryLock::new();
+    let holders = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for id in 0..9u64 {
+        let (lock, holders, stop) = (lock.clone(), Arc::clone(&holders), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(id * 7919 + 1);
+            let locker = client(lock, ms(5_000), every(ms(1 + id % 3)));
+            let mut got = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                let cancel_after = Duration::from_micros(rng.below(3_000));
+                let hold = Duration::from_micros(rng.below(500));
+                let attempt = async {
+                    match id % 9 {
+                        0..=3 => Some((locker.acquire("k").await.unwrap(), true)),
+                        4 => Some((locker.acquire_many(&["k", "j"]).await.unwrap(), true)),
+                        5 => Some((locker.acquire_many(&["j", "k"]).await.unwrap(), true)),
+                        6 => locker.try_acquire("k").await.unwrap().map(|g| (g, true)),
+                        _ => Some((locker.acquire("j").await.unwrap(), false)),
+                    }
+                };
+                let taken = if rng.below(3) == 0 {
+                    tokio::time::timeout(cancel_after, attempt)
+                        .await
+                        .ok()
+                        .flatten()
+                } else {
+                    attempt.await
+                };
+                let Some((guard, on_k)) = taken else {
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                got += 1;
+                let holding = on_k.then(|| Holding::enter(&holders));
+                let section = tokio::time::sleep(hold);
+                if rng.below(4) == 0 {
+                    // Cancelled inside its section: the guard is dropped, not released.
+                    let _ = tokio::time::timeout(hold / 2, section).await;
+                    drop(holding);
+                    drop(guard);
+                } else {
+                    section.await;
+                    drop(holding);
+                    guard.release().await.unwrap();
+                }
+            }
+            got
+        }));
+    }
+    tokio::time::sleep(ms(2_000)).await;
+    stop.store(true, Ordering::SeqCst);
+    for (id, task) in tasks.into_iter().enumerate() {
+        let got = tokio::time::timeout(ms(5_000), task)
+            .await
+            .unwrap_or_else(|_| panic!("client {id} did not finish"))
+            .unwrap();
+        // A single try (client 6) never takes a key a line waits for: it may never get in.
+        assert!(got > 0 || id == 6, "client {id} never got in");
+    }
+    let settled = Instant::now();
+    while !lock.is_empty() && settled.elapsed() < ms(1_000) {
+        tokio::time::sleep(ms(10)).await;
+    }
+    assert!(
+        lock.is_empty(),
+        "the table keeps {} entries ({} waited)",
+        lock.len(),
+        lock.waited_keys()
+    );
 }
