@@ -215,3 +215,44 @@ async fn mutual_exclusion_with_the_outsiders_turn_under_cancellation() {
         lock.waited_keys()
     );
 }
+
+/// A key released by a holder that was not in line (it took the key uncontended) is held back
+/// for the waiter the release woke (HANDOFF_GRACE): here a multi-key waiter `[k, j]` that has
+/// waited since before. A mutex newcomer that asks in that moment is refused, but the line it
+/// starts should not outrank the woken waiter: the waiter that came first is served first.
+#[tokio::test(start_paused = true)]
+async fn a_newcomer_does_not_pass_the_waiter_a_release_woke() {
+    let lock = MemoryLock::new();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let x = client(lock.clone(), ms(10_000), every(ms(1_000)));
+    let held = x.acquire("k").await.unwrap();
+    let o = client(lock.clone(), ms(10_000), every(ms(1_000)));
+    let o_order = Arc::clone(&order);
+    let outsider = tokio::spawn(async move {
+        let guard = o.acquire_many(&["k", "j"]).await.unwrap();
+        o_order.lock().unwrap().push("outsider");
+        tokio::time::sleep(ms(5)).await;
+        guard.release().await.unwrap();
+    });
+    tokio::time::sleep(ms(10)).await;
+    held.release().await.unwrap();
+    // The newcomer's first attempt runs now, before the woken waiter is polled.
+    let n = client(lock.clone(), ms(10_000), every(ms(1_000)));
+    let n_order = Arc::clone(&order);
+    let mut newcomer = Box::pin(async move {
+        let guard = n.acquire("k").await.unwrap();
+        n_order.lock().unwrap().push("newcomer");
+        tokio::time::sleep(ms(5)).await;
+        guard.release().await.unwrap();
+    });
+    tokio::select! {
+        biased;
+        () = &mut newcomer => panic!("the newcomer took the key held back for the woken waiter"),
+        () = std::future::ready(()) => {}
+    }
+    let newcomer = tokio::spawn(newcomer);
+    outsider.await.unwrap();
+    newcomer.await.unwrap();
+    assert_eq!(*order.lock().unwrap(), ["outsider", "newcomer"]);
+    assert!(lock.is_empty(), "the table is not empty");
+}
