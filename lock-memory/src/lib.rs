@@ -101,7 +101,8 @@ struct Line {
     /// by the key's shared `Notify`), whose turn it is: after a hand-off within the line, a
     /// release while such waiters wait gives them the next turn, so that two mutex clients
     /// handing the key to each other cannot keep a multi-key waiter out for ever. The first in
-    /// line is refused meanwhile, and looks again when the turn ends unused.
+    /// line is refused meanwhile, and looks again when the turn ends unused. A line begun while
+    /// the key was held back for the waiters a release woke begins with their turn.
     outside_until: Option<Instant>,
 }
 
@@ -278,9 +279,11 @@ impl Slot {
     ) -> bool {
         let Some(line) = self.line.as_deref_mut() else {
             if busy && let Some(waiter) = waiter {
+                // A key held back for the waiters a release woke (none of them in line, there
+                // being none) stays theirs until then: the line starts with their turn.
                 let mut line = Line {
                     entries: VecDeque::with_capacity(4),
-                    outside_until: None,
+                    outside_until: self.reserved_until.filter(|until| *until > now),
                 };
                 line.join(waiter, now + ttl);
                 self.line = Some(Box::new(line));
