@@ -256,3 +256,41 @@ async fn a_newcomer_does_not_pass_the_waiter_a_release_woke() {
     assert_eq!(*order.lock().unwrap(), ["outsider", "newcomer"]);
     assert!(lock.is_empty(), "the table is not empty");
 }
+
+/// A purge of a lined holder (its `LINED_HOLDER` mark left on the slot's generation) while
+/// the line and an outsider wait: the first in line is served at once (a purge opens no
+/// outsiders' turn), and the outsider right after it; the purged guard's release takes no one's
+/// key, and the table empties.
+#[tokio::test(start_paused = true)]
+async fn a_purge_of_a_lined_holder_serves_the_line_then_the_outsider() {
+    let lock = MemoryLock::new();
+    let (b, second, outsider) = lined_holder_with_outsider(&lock, true).await;
+    let purged = Instant::now();
+    assert_eq!(lock.purge("").await.unwrap(), 1);
+    let served = second.await.unwrap();
+    assert!(
+        served - purged <= ms(1),
+        "served {:?} after the purge",
+        served - purged
+    );
+    let guard = tokio::time::timeout(ms(5), outsider)
+        .await
+        .expect("the outsider was not served right after the line")
+        .unwrap()
+        .unwrap();
+    assert!(
+        b.release().await.is_err(),
+        "the purged guard released a key"
+    );
+    assert_eq!(
+        client(lock.clone(), ms(1_000), every(ms(1)))
+            .inspect("k")
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "the outsider's lock on k is gone"
+    );
+    guard.release().await.unwrap();
+    assert!(lock.is_empty(), "the table is not empty");
+}
