@@ -819,21 +819,14 @@ impl Inner {
     /// Takes `waiter` out of the line of `key`; the next in line is woken if the waiter was
     /// first and the key is free. Whether it had a place.
     fn leave_line(&self, key: &Key, waiter: &Token, now: Instant) -> bool {
-        let left = {
-            let Some(mut slot) = self.slots.get_mut(key) else {
-                return false;
-            };
+        let left = (|| {
+            let mut slot = self.slots.get_mut(key)?;
             let free = slot.busy_until(now, true).is_none();
-            let Some(line) = slot.line.as_deref_mut() else {
-                return false;
-            };
-            let Some(at) = line
+            let line = slot.line.as_deref_mut()?;
+            let at = line
                 .entries
                 .iter()
-                .position(|entry| entry.waiter == *waiter)
-            else {
-                return false;
-            };
+                .position(|entry| entry.waiter == *waiter)?;
             line.entries.remove(at);
             let first_changed = line.prune(now) || at == 0;
             if line.entries.is_empty() {
@@ -841,8 +834,10 @@ impl Inner {
             } else if free && first_changed {
                 line.wake_first();
             }
-            true
-        };
+            Some(())
+        })()
+        .is_some();
+        // Also when it had no place left (a line emptied by lapses): an idle slot goes.
         self.slots.remove_if(key, |_, slot| slot.is_idle());
         left
     }
@@ -869,6 +864,12 @@ impl Inner {
         if line.prune(now) && busy_until.is_none() {
             line.wake_first();
         }
+        if line.entries.is_empty() {
+            // Every place lapsed: no line left (the waiter's attempt lines it up again).
+            slot.line = None;
+            return None;
+        }
+        let line = slot.line.as_deref_mut()?;
         let at = line
             .entries
             .iter()
