@@ -54,7 +54,8 @@ async fn take_a_few_locks() -> lock_facade::Result<()> {
         .with_namespace(Some("example"))?
         .with_options(LockOptions::default().with_ttl(Duration::from_secs(5)))?;
     let report = locker.acquire("report").await?;
-    // Held: two retries 10 ms apart, then `timeout`.
+    // Held: two retries 10 ms apart, then `timeout` (memory lines waiters up: this one asks
+    // first and at the end of its policy, woken by its turn otherwise).
     let impatient = LockOptions::default().with_retry(
         RetryPolicy::default()
             .with_retry_count(RetryCount::Limited(2))
