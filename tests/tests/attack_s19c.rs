@@ -1224,6 +1224,15 @@ impl Lock for Preempted {
     ) -> lock_core::Result<()> {
         self.lock.wait_for_release(keys, max_wait).await
     }
+
+    // It reports memory's `fair`: its turn comes by `wait_for_turn` (`Capabilities::fair`).
+    async fn wait_for_turn(
+        &self,
+        request: &lock_core::raw::LockRequest,
+        max_wait: Duration,
+    ) -> lock_core::Result<bool> {
+        self.lock.wait_for_turn(request, max_wait).await
+    }
 }
 
 /// Attempt number `at` of an acquisition of "k" stalls its thread until `stop` has returned on
