@@ -1226,6 +1226,12 @@ impl Lock for Preempted {
     }
 
     // It reports memory's `fair`: its turn comes by `wait_for_turn` (`Capabilities::fair`).
+    // Kept as the trait's default, the held case's wait lasted its whole retry delay and the
+    // stalled attempt then ran on the worker that had just woken from tokio's timer: with that
+    // worker blocked (this test's stall), the runtime fired no timer until it was let go (a
+    // plain 100 ms `sleep` on the test's thread then took as long as the stall, 8 s in a
+    // probe), so `stop`'s bounded wait for clean-ups never ended. A property of a blocked
+    // runtime, not of the lock: backends must not block (`Lock::try_acquire`).
     async fn wait_for_turn(
         &self,
         request: &lock_core::raw::LockRequest,
