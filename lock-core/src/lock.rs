@@ -531,6 +531,10 @@ impl<T> fmt::Debug for Answer<'_, T> {
 /// - Every operation that changes a lock compares the stored token with the caller's, so a
 ///   holder whose lock expired can neither release nor extend the next holder's lock.
 /// - Errors are mapped into [`LockError`] and contain no secrets.
+/// - No call blocks its thread beyond a short critical section: a tokio worker blocked in a
+///   backend (one that was driving the runtime's timers) can keep every timer from firing
+///   until it is let go, and with them every bounded wait of the core (deadlines, `stop`'s
+///   [`CLEANUP_WAIT`](crate::CLEANUP_WAIT)).
 #[async_trait]
 pub trait Lock: Send + Sync + fmt::Debug + 'static {
     /// A short name for messages and spans (`memory`, `redlock`, `inc`…); read once by each
