@@ -186,16 +186,28 @@ impl AsRef<str> for Key {
 pub struct Namespace(String);
 
 impl Namespace {
-    /// Validates `namespace`: non-empty, and short enough to leave room for keys.
+    /// Validates `namespace`: non-empty, short enough to leave room for keys, and not a URL
+    /// that carries a password (a connection URL put there by mistake: it would be stored in
+    /// every key in the clear and shown in every message naming one).
     ///
     /// # Errors
-    /// [`LockError::InvalidInput`] naming `namespace`.
+    /// [`LockError::InvalidInput`] naming `namespace` (a URL shown without its password).
     pub fn new(namespace: impl Into<String>) -> Result<Self> {
         let namespace = namespace.into();
         if namespace.is_empty() {
             return Err(LockError::invalid(
                 "namespace",
                 "must not be empty; leave it unset for no namespace",
+            ));
+        }
+        if crate::url::carries_secret(&namespace) {
+            return Err(LockError::invalid(
+                "namespace",
+                format!(
+                    "`{}` is a URL with a password, which every key would carry in the clear; \
+                     a connection URL belongs in `url`/`urls`",
+                    crate::url::redact_url(&namespace)
+                ),
             ));
         }
         if namespace.len() >= MAX_KEY_LEN / 2 {
@@ -378,6 +390,39 @@ mod tests {
         .expect("two");
         assert_eq!(two.len(), 2);
         assert_eq!(two.primary().as_str(), "a");
+    }
+
+    /// A connection URL with a password given as the namespace is refused, shown without the
+    /// password (old: accepted, and `lockrun status` printed every key with the password);
+    /// names that only look like URLs, and URLs without secrets, stay valid.
+    #[test]
+    fn a_url_with_a_password_is_no_namespace() {
+        for url in [
+            "redis://:s3cret@10.0.0.1:6379/",
+            "redis://app:s3cret@h",
+            "rediss://s3cret@h:6380/0",
+            "valkey://h:6379/?password=s3cret",
+            "redis://h:s3cret",
+        ] {
+            match Namespace::new(url) {
+                Err(LockError::InvalidInput { field, reason }) => {
+                    assert_eq!(field, "namespace");
+                    assert!(!reason.contains("s3cret"), "{reason}");
+                    assert!(reason.contains("URL with a password"), "{reason}");
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        for name in [
+            "billing",
+            "svc:jobs:v2",
+            "user@host",
+            "a:b@c",
+            "redis://10.0.0.1:6379/0",
+            "https://example.com/orders",
+        ] {
+            assert!(Namespace::new(name).is_ok(), "{name}");
+        }
     }
 
     #[test]

@@ -64,6 +64,13 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Whether `text` is a URL (it starts with a scheme and `://`) that carries a password or
+/// another part [`redact_url`] hides: put where a name belongs (a namespace), it would be
+/// stored in every key in the clear and shown in every message naming one.
+pub(crate) fn carries_secret(text: &str) -> bool {
+    scheme_prefix_len(text) > 0 && redact_url(text) != text
+}
+
 /// The length of `scheme://` at the start of `url`, or 0.
 fn scheme_prefix_len(url: &str) -> usize {
     let Some(end) = url.find("://") else {

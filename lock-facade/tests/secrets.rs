@@ -844,7 +844,8 @@ proptest! {
 
     /// A URL given as the `type` (or its alias `backend`) or the `namespace` is hidden in the
     /// configuration's `Debug` and in every error, from code, JSON and TOML (old: `Debug` showed
-    /// both as given).
+    /// both as given), and in what `lockrun` prints, `status` included (old: a namespace that
+    /// is a URL with a password was taken, and `status` printed the key with the password).
     #[test]
     fn a_url_in_a_common_field_is_not_shown(
         credentials in credentials(0..6),
@@ -875,6 +876,13 @@ proptest! {
                 }
                 Err(error) => shown.error(what, &error),
             }
+        }
+        let document = document.to_string();
+        for args in [&["status", "secret-test"][..], &["--no-wait", "secret-test", "--", "true"]] {
+            let output = support::lockrun().env("LOCK_CONFIG", &document).args(args).output().unwrap();
+            shown.output(&format!("lockrun {args:?}"), &output);
+            let output = support::lockrun().args(["--config", &document]).args(args).output().unwrap();
+            shown.output(&format!("lockrun --config {args:?}"), &output);
         }
         shown.check(&[&credentials.password])?;
     }
