@@ -216,7 +216,9 @@ impl LockConfig {
         config.checked().map_err(invalid)
     }
 
-    /// Reads a `.json` or `.toml` file of at most 1 MiB (1048576 bytes).
+    /// Reads a `.json` or `.toml` file of at most 1 MiB (1048576 bytes). A nested `lock_config`
+    /// in it that is a relative path names a file next to this one, as an include does (one not
+    /// found there, a file from the working directory).
     ///
     /// At most one byte over the limit is read: a larger file, or a device without end such
     /// as `/dev/zero`, is refused at once. A FIFO is not bounded in time: opening it waits for a
@@ -234,10 +236,37 @@ impl LockConfig {
             Some("toml") => Self::from_toml(&text),
             _ => Self::from_json(&text),
         };
-        parsed.map_err(|e| match e {
+        let mut config = parsed.map_err(|e| match e {
             LockError::InvalidInput { reason, .. } => LockError::invalid(&field, reason),
             other => other,
-        })
+        })?;
+        if let Some(dir) = path.parent() {
+            config.anchor_nested_paths(dir);
+        }
+        Ok(config)
+    }
+
+    /// Makes the relative paths of nested `lock_config`s read from a file in `dir` name the
+    /// files next to it, as an include does: a relative path that names a file in `dir` is
+    /// joined to `dir`; one that does not keeps naming a file from the working directory.
+    fn anchor_nested_paths(&mut self, dir: &Path) {
+        let mut next = self.lock_config.as_mut();
+        while let Some(source) = next {
+            match source {
+                ConfigSource::Inline(config) => next = config.lock_config.as_mut(),
+                ConfigSource::Text(text) => {
+                    let trimmed = text.trim();
+                    let relative = Path::new(trimmed);
+                    if !trimmed.starts_with('{') && relative.is_relative() {
+                        let beside = dir.join(relative);
+                        if beside.is_file() {
+                            *text = beside.display().to_string();
+                        }
+                    }
+                    next = None;
+                }
+            }
+        }
     }
 
     /// Parses text that is inline JSON (starts with `{`), inline TOML (has a `=`), or a path
