@@ -403,6 +403,10 @@ mod tests {
             "rediss://s3cret@h:6380/0",
             "valkey://h:6379/?password=s3cret",
             "redis://h:s3cret",
+            " redis://:s3cret@h",
+            "billing redis://:s3cret@h",
+            "billing:REDIS://:s3cret@h",
+            "9redis://:s3cret@h",
         ] {
             match Namespace::new(url) {
                 Err(LockError::InvalidInput { field, reason }) => {
@@ -420,6 +424,8 @@ mod tests {
             "a:b@c",
             "redis://10.0.0.1:6379/0",
             "https://example.com/orders",
+            "://:s3cret@h",
+            "svc://",
         ] {
             assert!(Namespace::new(name).is_ok(), "{name}");
         }

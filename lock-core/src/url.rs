@@ -64,11 +64,22 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Whether `text` is a URL (it starts with a scheme and `://`) that carries a password or
+/// Whether `text` holds a URL (a scheme and `://`, anywhere in it) that carries a password or
 /// another part [`redact_url`] hides: put where a name belongs (a namespace), it would be
 /// stored in every key in the clear and shown in every message naming one.
 pub(crate) fn carries_secret(text: &str) -> bool {
-    scheme_prefix_len(text) > 0 && redact_url(text) != text
+    text.match_indices("://").any(|(at, _)| {
+        // The scheme: the longest run of scheme characters before `://`, from a letter on.
+        let before = &text[..at];
+        let run = before
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |end| end + 1);
+        let start = before[run..]
+            .find(|c: char| c.is_ascii_alphabetic())
+            .map_or(at, |first| run + first);
+        let url = &text[start..];
+        scheme_prefix_len(url) > 0 && redact_url(url) != url
+    })
 }
 
 /// The length of `scheme://` at the start of `url`, or 0.
