@@ -563,9 +563,17 @@ async fn differential(
         let mut differ = Vec::new();
         for trial in 0..TRIALS {
             let (state, args) = generate(&mut seed);
-            let (before, now) = both(&mut c, &messages, &old, &new, &state, keys, &args).await;
-            if !alike(&before, &now) {
-                differ.push(differences(kind, trial, &state, &args, &before, &now));
+            // A trial that differs runs again, three times in all: the copies run apart, and on
+            // a busy machine their ttls may drift further apart than `alike` allows (61 ms in
+            // one run); a difference of the scripts stays.
+            for tries in 1..=3 {
+                let (before, now) = both(&mut c, &messages, &old, &new, &state, keys, &args).await;
+                if alike(&before, &now) {
+                    break;
+                }
+                if tries == 3 {
+                    differ.push(differences(kind, trial, &state, &args, &before, &now));
+                }
             }
         }
         assert!(
