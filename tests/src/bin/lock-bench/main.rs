@@ -108,6 +108,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             profile.redis_rounds,
         ))?);
     }
+    if only.as_deref() == Some("cycles") {
+        // One client's cycles alone, for callgrind (see `redlock::cycles_of`); no report.
+        let mut args = std::env::args().skip_while(|arg| arg != "cycles").skip(1);
+        let client = args.next().ok_or("--only cycles <client> <cycles>")?;
+        let cycles: u32 = args
+            .next()
+            .ok_or("--only cycles <client> <cycles>")?
+            .parse()?;
+        let single = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        single.block_on(redlock::cycles_of(&client, cycles))?;
+        return Ok(());
+    }
     if only.as_deref() == Some("redlock-contended") {
         // Contention alone, on 3 nodes: ours (polling and woken) against rslock.
         let single = tokio::runtime::Builder::new_current_thread()

@@ -53,6 +53,59 @@ pub(crate) async fn one_node_uncontended(cycles: u32, rounds: usize) -> BenchRes
     uncontended(&server, &[server.url()], 1, cycles, rounds).await
 }
 
+/// `cycles` uncontended cycles of one client on one fresh node, after 50 to warm up, and
+/// nothing else (`--only cycles <client> <cycles>`): run under `valgrind --tool=callgrind`
+/// twice with different counts, the difference of the totals over that of the counts is the
+/// client's instructions per cycle (deterministic where timings are not). Clients: `ours`
+/// (the default, fair, with the bench's forever policy), `ours-default-policy`, `not-fair`,
+/// `rslock`, `alone` (redis-rs alone, the plain pair), `alone-fair` (the default's commands).
+pub(crate) async fn cycles_of(client: &str, cycles: u32) -> BenchResult<Vec<Figure>> {
+    let binary = redis_server_binary()
+        .ok_or("redis-server not found: run `cargo xtask it` first, which installs it")?;
+    let server = RedisServer::start(&binary, &[])?;
+    let urls = [server.url()];
+    enum Client {
+        Ours(Locker),
+        Rslock(LockManager),
+        Alone(RedisAlone),
+        AloneFair(RedisAloneFair),
+    }
+    let mut client = match client {
+        "ours" => Client::Ours(locker(
+            &urls,
+            ConnectionKind::Manager,
+            RetryPolicy::forever(),
+        )?),
+        "ours-default-policy" => Client::Ours(locker(
+            &urls,
+            ConnectionKind::Manager,
+            RetryPolicy::default(),
+        )?),
+        "not-fair" => Client::Ours(locker_with(
+            &urls,
+            ConnectionKind::Manager,
+            RetryPolicy::forever(),
+            |config| config.with_fair(false),
+        )?),
+        "rslock" => Client::Rslock(LockManager::new(urls.to_vec())),
+        "alone" => Client::Alone(RedisAlone::connect(&server).await?),
+        "alone-fair" => Client::AloneFair(RedisAloneFair::connect(&server).await?),
+        other => return Err(format!("unknown client `{other}`").into()),
+    };
+    for cycle in 0..50 + cycles {
+        if cycle == 50 {
+            println!("warmed up; {cycles} cycles");
+        }
+        match &mut client {
+            Client::Ours(locker) => locker.acquire("bench-key").await?.release().await?,
+            Client::Rslock(manager) => rslock_cycle(manager).await?,
+            Client::Alone(alone) => alone.cycle().await?,
+            Client::AloneFair(alone) => alone.cycle().await?,
+        }
+    }
+    Ok(Vec::new())
+}
+
 /// [`contended`] alone, on `nodes` fresh servers (`--only redlock-contended`).
 pub(crate) async fn contended_on(nodes: u32, handoff_time: Duration) -> BenchResult<Vec<Figure>> {
     let binary = redis_server_binary()
