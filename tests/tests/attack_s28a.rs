@@ -50,8 +50,8 @@ async fn check_line(
     names: &[Vec<u8>; 2],
     bound: i64,
 ) -> Option<String> {
-    type Read = (Vec<i64>, Vec<(String, i64)>, i64, i64);
-    let (time, entries, line_left, index_left): Read = redis::pipe()
+    type Read = (Vec<i64>, Vec<(String, i64)>, i64, i64, Vec<i64>);
+    let (time, entries, line_left, index_left, time_after): Read = redis::pipe()
         .atomic()
         .cmd("TIME")
         .cmd("ZRANGE")
@@ -63,10 +63,14 @@ async fn check_line(
         .arg(&names[0])
         .cmd("PTTL")
         .arg(&names[1])
+        .cmd("TIME")
         .query_async(c)
         .await
         .unwrap();
     let now = time[0] * 1000 + time[1] / 1000;
+    // The server's clock moved this much while it read (a server descheduled between the
+    // commands of the transaction: 4 ms once under load): the `PTTL`s may count from as late.
+    let skew = 2 + (time_after[0] * 1000 + time_after[1] / 1000 - now);
     let latest = entries.iter().map(|(_, at)| *at).max();
     for (which, left) in [("line", line_left), ("expiry index", index_left)] {
         if left == -1 {
@@ -75,8 +79,8 @@ async fn check_line(
             ));
         }
         if let Some(latest) = latest.filter(|latest| *latest > now + 2) {
-            // -2: gone under a live entry; else it expires (2 ms of read skew) before it.
-            if left == -2 || now + left + 2 < latest {
+            // -2: gone under a live entry; else it expires (past the read's skew) before it.
+            if left == -2 || now + left + skew < latest {
                 return Some(format!(
                     "the {which} key expires in {left} ms, a live entry in {} ms (now {now}, entries {entries:?})",
                     latest - now
