@@ -7,41 +7,20 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use lock_core::{Holding, LeaseKind, LockError, LockGuard, LockOptions, Locker, RetryPolicy};
 use lock_memory::MemoryLock;
 use tokio::time::Instant;
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-/// Retries forever every `delay`, no jitter.
-fn every(delay: Duration) -> RetryPolicy {
-    RetryPolicy::forever()
-        .with_retry_delay(delay)
-        .with_retry_jitter(Duration::ZERO)
-        .with_max_delay(delay)
-}
-
-fn locker(lock: &MemoryLock, ttl: Duration, retry: RetryPolicy) -> Locker {
-    Locker::new(lock.clone())
-        .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
-        .unwrap()
-}
+mod support;
+use support::{every, locker, ms, poll_once};
 
 /// Lets every other task of a current-thread runtime run until it waits.
 async fn settle() {
     for _ in 0..20 {
         tokio::task::yield_now().await;
     }
-}
-
-fn poll_once<F: Future + ?Sized>(future: Pin<&mut F>) -> Poll<F::Output> {
-    let mut context = Context::from_waker(std::task::Waker::noop());
-    future.poll(&mut context)
 }
 
 async fn is_free(locker: &Locker, key: &str) -> bool {

@@ -9,27 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lock_core::raw::{Answer, Handle, Lock, LockRequest, async_trait};
-use lock_core::{Capabilities, Key, LockError, LockOptions, Locker, Result, RetryPolicy};
+use lock_core::{Capabilities, Key, LockError, Result, RetryPolicy};
 use lock_memory::MemoryLock;
 use tokio::time::Instant;
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-/// Retries forever every `delay`, no jitter.
-fn every(delay: Duration) -> RetryPolicy {
-    RetryPolicy::forever()
-        .with_retry_delay(delay)
-        .with_retry_jitter(Duration::ZERO)
-        .with_max_delay(delay)
-}
-
-fn client(lock: impl Lock, ttl: Duration, retry: RetryPolicy) -> Locker {
-    Locker::new(lock)
-        .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
-        .unwrap()
-}
+mod support;
+use support::{client, every, ms};
 
 /// Two mutex clients take `k` in turns (each hands it to the other, who already waits in
 /// line), while a multi-key acquisition of `[k, j]` waits: the key is never free with an empty

@@ -6,27 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::raw::Lock;
-use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_memory::MemoryLock;
 use tokio::time::Instant;
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-/// Retries forever every `delay`, no jitter.
-fn every(delay: Duration) -> RetryPolicy {
-    RetryPolicy::forever()
-        .with_retry_delay(delay)
-        .with_retry_jitter(Duration::ZERO)
-        .with_max_delay(delay)
-}
-
-fn client(lock: impl Lock, ttl: Duration, retry: RetryPolicy) -> Locker {
-    Locker::new(lock)
-        .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
-        .unwrap()
-}
+mod support;
+use support::{client, every, ms};
 
 /// Builds a line on `k` whose holder took the key as a line member (`LINED_HOLDER`), with a
 /// second member behind it and a multi-key waiter `[k, j]` outside the line: returns the

@@ -13,23 +13,8 @@ use lock_core::{
 use lock_memory::MemoryLock;
 use tokio::time::Instant;
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-fn locker(lock: &MemoryLock, ttl: Duration, retry: RetryPolicy) -> Locker {
-    Locker::new(lock.clone())
-        .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
-        .unwrap()
-}
-
-fn fixed(delay: Duration) -> RetryPolicy {
-    RetryPolicy::forever()
-        .with_retry_delay(delay)
-        .with_retry_jitter(Duration::ZERO)
-        .with_backoff_factor(1.0)
-        .with_max_delay(delay)
-}
+mod support;
+use support::{every, locker, ms};
 
 async fn try_read(locker: &Locker, key: &str) -> Option<LockGuard> {
     locker.try_acquire_kind(key, LeaseKind::Read).await.unwrap()
@@ -45,12 +30,12 @@ async fn try_read(locker: &Locker, key: &str) -> Option<LockGuard> {
 #[tokio::test(start_paused = true)]
 async fn a_writer_that_gave_up_lets_the_next_reader_in_at_once() {
     let lock = MemoryLock::new();
-    let readers = locker(&lock, Duration::from_secs(60), fixed(ms(10)));
+    let readers = locker(&lock, Duration::from_secs(60), every(ms(10)));
     let first = readers.acquire_read("k").await.unwrap();
     let writer = locker(
         &lock,
         Duration::from_secs(60),
-        fixed(ms(10)).with_retry_count(RetryCount::Limited(2)),
+        every(ms(10)).with_retry_count(RetryCount::Limited(2)),
     );
     let error = writer.acquire_write("k").await.unwrap_err();
     assert!(matches!(error, LockError::Timeout { .. }), "{error:?}");
@@ -74,9 +59,9 @@ fn a_writer_dropped_outside_a_runtime_takes_its_claim_back() {
         .enable_time()
         .build()
         .unwrap();
-    let readers = locker(&lock, Duration::from_secs(600), fixed(ms(10)));
+    let readers = locker(&lock, Duration::from_secs(600), every(ms(10)));
     let first = runtime.block_on(readers.acquire_read("k")).unwrap();
-    let writer = locker(&lock, Duration::from_secs(600), fixed(ms(10)));
+    let writer = locker(&lock, Duration::from_secs(600), every(ms(10)));
     let mut waiting = Box::pin(writer.acquire_write("k"));
     runtime.block_on(async {
         tokio::select! {
@@ -110,7 +95,7 @@ async fn a_waiting_writer_keeps_readers_out_for_its_whole_wait() {
     let lock = MemoryLock::new();
     let readers = locker(&lock, Duration::from_secs(600), RetryPolicy::none());
     let first = readers.acquire_read("k").await.unwrap();
-    let writer = locker(&lock, ms(100), fixed(Duration::from_secs(1)));
+    let writer = locker(&lock, ms(100), every(Duration::from_secs(1)));
     let waiting = tokio::spawn(async move { writer.acquire_write("k").await });
     tokio::task::yield_now().await;
     let mut admitted = Vec::new();
@@ -142,7 +127,7 @@ async fn a_waiting_writer_keeps_its_policy_s_delays() {
     let writer = locker(
         &lock,
         ms(100),
-        fixed(Duration::from_secs(1)).with_retry_count(RetryCount::Limited(2)),
+        every(Duration::from_secs(1)).with_retry_count(RetryCount::Limited(2)),
     );
     match writer.acquire_write("k").await {
         Err(LockError::Timeout { waited, .. }) => assert!(
@@ -166,14 +151,14 @@ async fn a_second_writer_giving_up_does_not_let_readers_past_the_first() {
     let w1 = locker(
         &lock,
         Duration::from_secs(600),
-        fixed(Duration::from_secs(5)),
+        every(Duration::from_secs(5)),
     );
     let waiting = tokio::spawn(async move { w1.acquire_write("k").await });
     tokio::time::sleep(ms(10)).await;
     let w2 = locker(
         &lock,
         Duration::from_secs(600),
-        fixed(Duration::from_secs(5)),
+        every(Duration::from_secs(5)),
     );
     let second = tokio::spawn(async move { w2.acquire_write("k").await });
     tokio::time::sleep(ms(10)).await;
@@ -194,10 +179,10 @@ async fn a_reader_behind_a_claim_is_woken_when_the_claim_goes() {
     let readers = locker(
         &lock,
         Duration::from_secs(600),
-        fixed(Duration::from_secs(300)),
+        every(Duration::from_secs(300)),
     );
     let first = readers.acquire_read("k").await.unwrap();
-    let writer = locker(&lock, Duration::from_secs(600), fixed(ms(10)));
+    let writer = locker(&lock, Duration::from_secs(600), every(ms(10)));
     let waiting = tokio::spawn(async move { writer.acquire_write("k").await });
     tokio::time::sleep(ms(50)).await;
     let reader = readers.clone();
@@ -223,12 +208,12 @@ async fn a_reader_behind_a_claim_is_woken_when_the_claim_goes() {
 #[tokio::test(start_paused = true)]
 async fn inspect_of_a_claimed_key_reports_when_the_claim_ends() {
     let lock = MemoryLock::new();
-    let readers = locker(&lock, Duration::from_secs(60), fixed(ms(10)));
+    let readers = locker(&lock, Duration::from_secs(60), every(ms(10)));
     let first = readers.acquire_read("k").await.unwrap();
     let writer = locker(
         &lock,
         Duration::from_secs(60),
-        fixed(Duration::from_secs(30)),
+        every(Duration::from_secs(30)),
     );
     let waiting = tokio::spawn(async move { writer.acquire_write("k").await });
     tokio::time::sleep(ms(10)).await;
@@ -252,7 +237,7 @@ async fn inspect_of_a_claimed_key_reports_when_the_claim_ends() {
 #[tokio::test]
 async fn permits_above_the_limit_are_refused_however_the_kind_is_built() {
     let lock = MemoryLock::new();
-    let locker = locker(&lock, Duration::from_secs(10), fixed(ms(10)));
+    let locker = locker(&lock, Duration::from_secs(10), every(ms(10)));
     let kind = LeaseKind::Permit {
         permits: NonZeroU32::MAX,
     };
@@ -310,7 +295,7 @@ async fn the_largest_semaphore_admits_many() {
 async fn a_semaphore_never_over_admits_under_churn() {
     const PERMITS: u32 = 2;
     let lock = MemoryLock::new();
-    let locker = locker(&lock, ms(4), fixed(Duration::ZERO));
+    let locker = locker(&lock, ms(4), every(Duration::ZERO));
     let log = Arc::new(std::sync::Mutex::new(Vec::<(Instant, Instant)>::new()));
     let mut tasks = tokio::task::JoinSet::new();
     for task in 0..12u64 {
@@ -383,7 +368,7 @@ async fn a_permit_release_wakes_a_waiter() {
     let waiter = locker(
         &lock,
         Duration::from_secs(600),
-        fixed(Duration::from_secs(300)),
+        every(Duration::from_secs(300)),
     );
     let started = Instant::now();
     let waiting = tokio::spawn(async move { waiter.acquire_permit("k", 2).await.unwrap() });
@@ -534,7 +519,7 @@ async fn downgrade_of_an_expired_write_lock_is_refused() {
 #[tokio::test(start_paused = true)]
 async fn downgrade_does_not_let_readers_past_a_waiting_writer() {
     let lock = MemoryLock::new();
-    let locker = locker(&lock, Duration::from_secs(60), fixed(ms(10)));
+    let locker = locker(&lock, Duration::from_secs(60), every(ms(10)));
     let mut guard = locker.acquire_write("k").await.unwrap();
     let writer = locker.clone();
     let waiting = tokio::spawn(async move { writer.acquire_write("k").await.unwrap() });
@@ -559,7 +544,7 @@ async fn downgrade_does_not_let_readers_past_a_waiting_writer() {
 #[tokio::test(start_paused = true)]
 async fn with_lease_reports_a_lost_read_lock() {
     let lock = MemoryLock::new();
-    let locker = locker(&lock, Duration::from_secs(10), fixed(ms(10)));
+    let locker = locker(&lock, Duration::from_secs(10), every(ms(10)));
     let inner = locker.clone();
     let result = locker
         .with_lease("k", LeaseKind::Read, |info| async move {
@@ -583,7 +568,7 @@ async fn with_lease_reports_a_lost_read_lock() {
 #[tokio::test(start_paused = true)]
 async fn the_table_empties_after_every_kind_of_use() {
     let lock = MemoryLock::new();
-    let locker = locker(&lock, Duration::from_secs(60), fixed(ms(5)));
+    let locker = locker(&lock, Duration::from_secs(60), every(ms(5)));
     let cancelled_waits = Arc::new(AtomicUsize::new(0));
     for round in 0..50usize {
         let key = format!("k{}", round % 5);
@@ -629,7 +614,7 @@ async fn the_table_empties_after_every_kind_of_use() {
 #[tokio::test(start_paused = true)]
 async fn a_permit_waiter_cancelled_after_a_release_leaves_no_slot() {
     let lock = MemoryLock::new();
-    let locker = locker(&lock, Duration::from_secs(60), fixed(ms(500)));
+    let locker = locker(&lock, Duration::from_secs(60), every(ms(500)));
     let holder = locker.acquire_permit("k", 1).await.unwrap();
     let waiter = locker.clone();
     let waiting = tokio::spawn(async move { drop(waiter.acquire_permit("k", 1).await) });
@@ -645,7 +630,7 @@ async fn a_permit_waiter_cancelled_after_a_release_leaves_no_slot() {
 #[tokio::test(start_paused = true)]
 async fn a_mutex_waiter_cancelled_after_a_release_leaves_no_slot() {
     let lock = MemoryLock::new();
-    let locker = locker(&lock, Duration::from_secs(60), fixed(ms(500)));
+    let locker = locker(&lock, Duration::from_secs(60), every(ms(500)));
     let holder = locker.acquire("k").await.unwrap();
     let waiter = locker.clone();
     let waiting = tokio::spawn(async move { drop(waiter.acquire("k").await) });

@@ -5,34 +5,26 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use lock_core::{LockOptions, Locker, RetryCount, RetryPolicy};
+use lock_core::{RetryCount, RetryPolicy};
 use lock_memory::MemoryLock;
 use tokio::time::Instant;
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-fn client(lock: &MemoryLock, ttl: Duration, retry: RetryPolicy) -> Locker {
-    Locker::new(lock.clone())
-        .with_options(LockOptions::default().with_ttl(ttl).with_retry(retry))
-        .unwrap()
-}
+mod support;
+use support::{locker, ms, poll_once};
 
 /// `waiters` tasks ask for `k` 1 ms apart while `holder` holds it for 200 ms, each with its own
 /// client and policy, then hold it 2 ms each: the order they were served in.
 async fn served_order(policies: &[RetryPolicy]) -> Vec<usize> {
     let lock = MemoryLock::new();
-    let holder = client(&lock, ms(60_000), RetryPolicy::none())
+    let holder = locker(&lock, ms(60_000), RetryPolicy::none())
         .acquire("k")
         .await
         .unwrap();
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for (at, retry) in policies.iter().enumerate() {
-        let (locker, order) = (client(&lock, ms(60_000), retry.clone()), Arc::clone(&order));
+        let (locker, order) = (locker(&lock, ms(60_000), retry.clone()), Arc::clone(&order));
         tasks.push(tokio::spawn(async move {
             let guard = locker.acquire("k").await.unwrap();
             order.lock().unwrap().push(at);
@@ -91,22 +83,22 @@ async fn the_default_policy_keeps_the_arrival_order() {
 async fn a_cancelled_waiter_leaves_the_line_at_once() {
     let lock = MemoryLock::new();
     let retry = RetryPolicy::forever().with_retry_delay(ms(50));
-    let holder = client(&lock, ms(60_000), RetryPolicy::none())
+    let holder = locker(&lock, ms(60_000), RetryPolicy::none())
         .acquire("k")
         .await
         .unwrap();
     let first = tokio::spawn({
-        let locker = client(&lock, ms(60_000), retry.clone());
+        let locker = locker(&lock, ms(60_000), retry.clone());
         async move { locker.acquire("k").await.unwrap() }
     });
     tokio::time::sleep(ms(1)).await;
     let cancelled = tokio::spawn({
-        let locker = client(&lock, ms(60_000), retry.clone());
+        let locker = locker(&lock, ms(60_000), retry.clone());
         async move { locker.acquire("k").await.unwrap() }
     });
     tokio::time::sleep(ms(1)).await;
     let last = tokio::spawn({
-        let locker = client(&lock, ms(60_000), retry.clone());
+        let locker = locker(&lock, ms(60_000), retry.clone());
         async move {
             let guard = locker.acquire("k").await.unwrap();
             (guard, Instant::now())
@@ -136,21 +128,21 @@ async fn a_leaked_waiter_holds_the_line_one_ttl_at_most() {
     let lock = MemoryLock::new();
     let ttl = ms(1_000);
     let retry = RetryPolicy::forever().with_retry_delay(ms(20));
-    let holder = client(&lock, ttl, RetryPolicy::none())
+    let holder = locker(&lock, ttl, RetryPolicy::none())
         .acquire("k")
         .await
         .unwrap();
-    let leaked_client = client(&lock, ttl, retry.clone());
+    let leaked_client = locker(&lock, ttl, retry.clone());
     let mut leaked = Box::pin(leaked_client.acquire("k"));
     assert!(
-        futures_poll_once(leaked.as_mut()).is_none(),
+        poll_once(leaked.as_mut()).is_pending(),
         "the key is held: the leaked waiter waits"
     );
     let last_attempt = Instant::now();
     std::mem::forget(leaked);
     tokio::time::sleep(ms(1)).await;
     let behind = tokio::spawn({
-        let locker = client(&lock, ttl, retry);
+        let locker = locker(&lock, ttl, retry);
         async move {
             let guard = locker.acquire("k").await.unwrap();
             (guard, Instant::now())
@@ -176,14 +168,14 @@ async fn the_first_in_line_follows_an_expiry_and_an_extended_holder() {
     let retry = RetryPolicy::forever()
         .with_retry_delay(ms(2_000))
         .with_max_delay(ms(2_000));
-    let crashed = client(&lock, ttl, RetryPolicy::none())
+    let crashed = locker(&lock, ttl, RetryPolicy::none())
         .acquire("k")
         .await
         .unwrap();
     let expires = Instant::now() + ttl;
     std::mem::forget(crashed);
     let (guard, served) = {
-        let locker = client(&lock, ttl, retry.clone());
+        let locker = locker(&lock, ttl, retry.clone());
         let guard = locker.acquire("k").await.unwrap();
         (guard, Instant::now())
     };
@@ -194,7 +186,7 @@ async fn the_first_in_line_follows_an_expiry_and_an_extended_holder() {
     );
     let mut holder = guard;
     let waiter = tokio::spawn({
-        let locker = client(&lock, ttl, retry);
+        let locker = locker(&lock, ttl, retry);
         async move {
             let guard = locker.acquire("k").await.unwrap();
             (guard, Instant::now())
@@ -223,10 +215,10 @@ async fn the_first_in_line_follows_an_expiry_and_an_extended_holder() {
 async fn nothing_takes_the_key_past_the_line() {
     let lock = MemoryLock::new();
     let retry = RetryPolicy::forever().with_retry_delay(ms(10));
-    let other = client(&lock, ms(60_000), RetryPolicy::none());
+    let other = locker(&lock, ms(60_000), RetryPolicy::none());
     let holder = other.acquire("k").await.unwrap();
     let waiter = tokio::spawn({
-        let locker = client(&lock, ms(60_000), retry);
+        let locker = locker(&lock, ms(60_000), retry);
         async move { locker.acquire("k").await.unwrap() }
     });
     tokio::time::sleep(ms(5)).await;
@@ -257,13 +249,4 @@ async fn nothing_takes_the_key_past_the_line() {
         other.try_acquire("k").await.unwrap().is_some(),
         "the line is gone"
     );
-}
-
-/// Polls `future` once with a no-op waker.
-fn futures_poll_once<F: std::future::Future>(future: std::pin::Pin<&mut F>) -> Option<F::Output> {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match future.poll(&mut cx) {
-        std::task::Poll::Ready(output) => Some(output),
-        std::task::Poll::Pending => None,
-    }
 }
