@@ -103,6 +103,37 @@ fn held_namespace_forms_are_refused_without_the_password() {
     }
 }
 
+/// A namespace with a non-ASCII character right before a `scheme://` (`é-https://…`,
+/// `→redis://…`, a no-break space): `carries_secret` sliced the text one byte after the start
+/// of that character, inside it, and panicked: `lockrun status k` died with exit 101 and
+/// "start byte index 1 is not a char boundary", for a namespace with no secret too. One
+/// without a password is taken; one with a password is refused without it.
+#[test]
+fn a_non_ascii_character_before_a_scheme_is_no_panic() {
+    for namespace in [
+        "é-https://example.com/orders",
+        "→https://example.com/orders",
+    ] {
+        let result = std::panic::catch_unwind(|| Namespace::new(namespace).is_ok());
+        assert!(matches!(result, Ok(true)), "{namespace:?}: {result:?}");
+        let output = run(
+            &serde_json::json!({ "namespace": namespace }).to_string(),
+            &["status", "k"],
+        );
+        assert_eq!(code(&output), 0, "{namespace:?}: {}", shown(&output));
+    }
+    for namespace in [
+        format!("\u{a0}redis://:{SECRET}@h"),
+        format!("é-redis://:{SECRET}@h"),
+        format!("→redis://app:{SECRET}@h"),
+    ] {
+        let result = std::panic::catch_unwind(|| Namespace::new(namespace.as_str()).is_err());
+        assert!(matches!(result, Ok(true)), "{namespace:?}: {result:?}");
+        no_password_in_code_paths(&namespace);
+        refused_without_password(&namespace);
+    }
+}
+
 /// `Locker::with_namespace` and `Locker::key_for` with another namespace refuse such a
 /// namespace too, without the password in the error.
 #[test]
