@@ -425,6 +425,7 @@ mod tests {
             "redis://10.0.0.1:6379/0",
             "https://example.com/orders",
             "://:s3cret@h",
+            "é-https://example.com/orders",
             "svc://",
         ] {
             assert!(Namespace::new(name).is_ok(), "{name}");

@@ -71,8 +71,12 @@ pub(crate) fn carries_secret(text: &str) -> bool {
     text.match_indices("://").any(|(at, _)| {
         // The scheme: the longest run of scheme characters before `://`, from a letter on.
         let before = &text[..at];
+        // By bytes: the last byte of a non-ASCII character is one too, so `end + 1` is a
+        // character boundary (old: `rfind` by `char` gave its first byte, and the slice below
+        // panicked inside it: `é-https://…`).
         let run = before
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .bytes()
+            .rposition(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')))
             .map_or(0, |end| end + 1);
         let start = before[run..]
             .find(|c: char| c.is_ascii_alphabetic())
