@@ -81,6 +81,23 @@ fn no_password_in_code_paths(namespace: &str) {
 // ---------------------------------------------------------------------------------------------
 // Namespaces.
 
+/// A namespace that holds a URL with a password after an earlier `@` (an owner's address, or
+/// a first URL with a user name): refused, but the refusal quoted the namespace through
+/// `redact_url`, which read the user info up to the LAST `@` and so hid only the first part:
+/// `` `***@acme redis://h:s3cretPW` is a URL with a password ``. `Debug` of the configuration
+/// showed it the same way.
+#[test]
+fn a_refused_namespace_is_quoted_without_a_password_after_an_earlier_at() {
+    for namespace in [
+        format!("ops@acme redis://h:{SECRET}"),
+        format!("redis://app@h1 redis://h2:{SECRET}"),
+        format!("a@b:redis://h:{SECRET}/0"),
+    ] {
+        no_password_in_code_paths(&namespace);
+        refused_without_password(&namespace);
+    }
+}
+
 /// Forms that held: percent-encoded passwords, upper case, a username only, passwords with
 /// `@`, `/`, `:` in them, query passwords in other spellings, leading whitespace, unicode
 /// before the scheme: refused everywhere (JSON, TOML, status, status --json, purge, a command)
