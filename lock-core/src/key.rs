@@ -206,7 +206,7 @@ impl Namespace {
                 format!(
                     "`{}` is a URL with a password, which every key would carry in the clear; \
                      a connection URL belongs in `url`/`urls`",
-                    crate::url::redact_url(&namespace)
+                    crate::url::redact_text(&namespace)
                 ),
             ));
         }

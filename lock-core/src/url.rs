@@ -64,6 +64,18 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// `text` (not meant to be a URL) as [`redact_url`] shows it, or `***` whole when that still
+/// shows a URL with a secret: one after an earlier `@` (`ops@acme redis://h:pw`), which
+/// `redact_url` takes for the end of the user info, or after another URL.
+pub(crate) fn redact_text(text: &str) -> String {
+    let redacted = redact_url(text);
+    if carries_secret(&redacted) {
+        HIDDEN.to_owned()
+    } else {
+        redacted
+    }
+}
+
 /// Whether `text` holds a URL (a scheme and `://`, anywhere in it) that carries a password or
 /// another part [`redact_url`] hides: put where a name belongs (a namespace), it would be
 /// stored in every key in the clear and shown in every message naming one.

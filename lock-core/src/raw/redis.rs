@@ -250,10 +250,11 @@ impl UrlRules {
 
 /// Text from a configuration that is not meant to be a URL (a key prefix, a path, a backend's
 /// name) as messages show it: unchanged, or, when it looks like a URL with user info (it holds
-/// an `@` or a `://`), without its password, so that one put there by mistake stays hidden.
+/// an `@` or a `://`), without its password, so that one put there by mistake stays hidden
+/// (all of it when a URL with a password would still show: `ops@acme redis://h:pw`).
 pub fn shown_text(text: &str) -> String {
     if text.contains('@') || text.contains("://") {
-        crate::url::redact_url(text)
+        crate::url::redact_text(text)
     } else {
         text.to_owned()
     }
