@@ -98,6 +98,23 @@ fn a_refused_namespace_is_quoted_without_a_password_after_an_earlier_at() {
     }
 }
 
+/// A URL whose `://` holds an ASCII tab or newline: drivers parse URLs as WHATWG does, which
+/// drops tabs and newlines anywhere first, so `redis:/<TAB>/:pw@h` is `redis://:pw@h` with the
+/// password `pw` (node's `new URL` agrees). `carries_secret` looked for a literal `://` and let
+/// it through: `lockrun status k` printed `redis:/\t/:s3cretPW@h:k`.
+#[test]
+fn a_namespace_url_with_a_tab_or_newline_in_its_separator_is_refused() {
+    for namespace in [
+        format!("redis:/\t/:{SECRET}@h"),
+        format!("redis:\n//:{SECRET}@h"),
+        format!("rediss:/\r/app:{SECRET}@h:6380"),
+        format!("redis:/\t/h:6379/?password={SECRET}"),
+    ] {
+        no_password_in_code_paths(&namespace);
+        refused_without_password(&namespace);
+    }
+}
+
 /// Forms that held: percent-encoded passwords, upper case, a username only, passwords with
 /// `@`, `/`, `:` in them, query passwords in other spellings, leading whitespace, unicode
 /// before the scheme: refused everywhere (JSON, TOML, status, status --json, purge, a command)
