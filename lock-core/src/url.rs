@@ -80,6 +80,13 @@ pub(crate) fn redact_text(text: &str) -> String {
 /// another part [`redact_url`] hides: put where a name belongs (a namespace), it would be
 /// stored in every key in the clear and shown in every message naming one.
 pub(crate) fn carries_secret(text: &str) -> bool {
+    // Drivers parse URLs as WHATWG does, which first drops ASCII tabs and newlines anywhere:
+    // `redis:/<TAB>/:pw@h` is `redis://:pw@h` to them.
+    let text: String = text
+        .chars()
+        .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
+        .collect();
+    let text = text.as_str();
     text.match_indices("://").any(|(at, _)| {
         // The scheme: the longest run of scheme characters before `://`, from a letter on.
         let before = &text[..at];

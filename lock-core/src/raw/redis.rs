@@ -253,7 +253,7 @@ impl UrlRules {
 /// an `@` or a `://`), without its password, so that one put there by mistake stays hidden
 /// (all of it when a URL with a password would still show: `ops@acme redis://h:pw`).
 pub fn shown_text(text: &str) -> String {
-    if text.contains('@') || text.contains("://") {
+    if text.contains('@') || text.contains("://") || crate::url::carries_secret(text) {
         crate::url::redact_text(text)
     } else {
         text.to_owned()
