@@ -335,3 +335,46 @@ fn a_nested_path_next_to_a_file_in_a_non_utf8_directory_is_read() {
         "{config:?}"
     );
 }
+
+/// An inline document given as a string (JSON, or TOML) nested in a file, which itself nests a
+/// relative path: that path names the file next to the nesting file, as it does when the same
+/// document is nested as an object (old: the object form read `d/inner.json`, the string forms
+/// read `inner.json` from the working directory, here a decoy).
+#[test]
+fn a_relative_path_in_an_inline_string_nested_in_a_file_names_the_file_next_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("d/inner.json"),
+        serde_json::json!({ "namespace": "beside" }),
+    );
+    let cwd = tempfile::tempdir().unwrap();
+    write(
+        &cwd.path().join("inner.json"),
+        serde_json::json!({ "namespace": "cwd-decoy" }),
+    );
+    let json = dir.path().join("d/a.json");
+    write(
+        &json,
+        serde_json::json!({ "lockConfig": "{\"lockConfig\": \"inner.json\"}" }),
+    );
+    let toml = dir.path().join("d/c.toml");
+    std::fs::write(&toml, "lockConfig = \"lockConfig = \\\"inner.json\\\"\"\n").unwrap();
+    let object = dir.path().join("d/o.json");
+    write(
+        &object,
+        serde_json::json!({ "lockConfig": { "lockConfig": "inner.json" } }),
+    );
+    for file in [&object, &json, &toml] {
+        let output = lockrun()
+            .current_dir(cwd.path())
+            .args(["--config", file.to_str().unwrap(), "status", "k"])
+            .output()
+            .unwrap();
+        assert!(
+            shown(&output).contains("beside:k on "),
+            "{}: {}",
+            file.display(),
+            shown(&output)
+        );
+    }
+}
