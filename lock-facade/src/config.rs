@@ -249,23 +249,32 @@ impl LockConfig {
     /// Makes the relative paths of nested `lock_config`s read from a file in `dir` name the
     /// files next to it, as an include does: a relative path that names a file in `dir` is
     /// joined to `dir`; one that does not keeps naming a file from the working directory.
+    /// An inline document given as a string is parsed here (as `from_text` would), so that the
+    /// paths it nests are anchored too (old: they named files from the working directory); one
+    /// that does not parse is left for `resolve` to report.
     fn anchor_nested_paths(&mut self, dir: &Path) {
         let mut next = self.lock_config.as_mut();
         while let Some(source) = next {
-            match source {
-                ConfigSource::Inline(config) => next = config.lock_config.as_mut(),
-                ConfigSource::Text(text) => {
-                    let trimmed = text.trim();
-                    let relative = Path::new(trimmed);
-                    if !trimmed.starts_with('{') && relative.is_relative() {
-                        let beside = dir.join(relative);
-                        if beside.is_file() {
-                            *text = beside.display().to_string();
-                        }
+            if let ConfigSource::Text(text) = source {
+                let trimmed = text.trim();
+                let relative = Path::new(trimmed);
+                if !trimmed.starts_with('{') && relative.is_relative() {
+                    let beside = dir.join(relative);
+                    if beside.is_file() {
+                        *text = beside.display().to_string();
                     }
-                    next = None;
+                }
+                let trimmed = text.trim();
+                let inline = trimmed.starts_with('{')
+                    || (trimmed.contains('=') && !Path::new(trimmed).exists());
+                if inline && let Ok(config) = Self::from_text(trimmed) {
+                    *source = ConfigSource::Inline(Box::new(config));
                 }
             }
+            next = match source {
+                ConfigSource::Inline(config) => config.lock_config.as_mut(),
+                ConfigSource::Text(_) => None,
+            };
         }
     }
 
