@@ -407,6 +407,9 @@ mod tests {
             "billing redis://:s3cret@h",
             "billing:REDIS://:s3cret@h",
             "9redis://:s3cret@h",
+            "redis-cluster://u:s3cret@h",
+            "Valkeys-Cluster://s3cret@h",
+            "redis+unix:///run/redis.sock?pass=s3cret",
         ] {
             match Namespace::new(url) {
                 Err(LockError::InvalidInput { field, reason }) => {
@@ -427,6 +430,13 @@ mod tests {
             "://:s3cret@h",
             "é-https://example.com/orders",
             "svc://",
+            // Not a connection URL of a backend: valid names (a password in them is not one
+            // of ours).
+            "ssh://git@github.com/org/repo",
+            "https://mastodon.social/@alice",
+            "https://registry.npmjs.org/@types/node",
+            "app://orders:v2",
+            "https://user:pw@example.com/",
         ] {
             assert!(Namespace::new(name).is_ok(), "{name}");
         }

@@ -76,9 +76,10 @@ pub(crate) fn redact_text(text: &str) -> String {
     }
 }
 
-/// Whether `text` holds a URL (a scheme and `://`, anywhere in it) that carries a password or
-/// another part [`redact_url`] hides: put where a name belongs (a namespace), it would be
-/// stored in every key in the clear and shown in every message naming one.
+/// Whether `text` holds a Redis or Valkey URL (a `redis…` or `valkey…` scheme and `://`,
+/// anywhere in it) that carries a password or another part [`redact_url`] hides: put where a
+/// name belongs (a namespace), it would be stored in every key in the clear and shown in every
+/// message naming one.
 pub(crate) fn carries_secret(text: &str) -> bool {
     // Drivers parse URLs as WHATWG does, which first drops ASCII tabs and newlines anywhere:
     // `redis:/<TAB>/:pw@h` is `redis://:pw@h` to them.
@@ -101,7 +102,12 @@ pub(crate) fn carries_secret(text: &str) -> bool {
             .find(|c: char| c.is_ascii_alphabetic())
             .map_or(at, |first| run + first);
         let url = &text[start..];
-        scheme_prefix_len(url) > 0 && redact_url(url) != url
+        let scheme = url[..scheme_prefix_len(url).saturating_sub(3)].to_ascii_lowercase();
+        // Only the schemes of the backends' connection URLs (`redis`, `rediss`, `valkey`,
+        // `valkeys`, their `-cluster` forms, and the drivers' `redis+unix`): a connection URL put
+        // where a name belongs is the mistake to catch, and other URLs make valid names
+        // (`ssh://git@github.com/org/repo`, `https://mastodon.social/@alice`).
+        (scheme.starts_with("redis") || scheme.starts_with("valkey")) && redact_url(url) != url
     })
 }
 
