@@ -200,16 +200,7 @@ impl Namespace {
                 "must not be empty; leave it unset for no namespace",
             ));
         }
-        if crate::url::carries_secret(&namespace) {
-            return Err(LockError::invalid(
-                "namespace",
-                format!(
-                    "`{}` is a URL with a password, which every key would carry in the clear; \
-                     a connection URL belongs in `url`/`urls`",
-                    crate::url::redact_text(&namespace)
-                ),
-            ));
-        }
+        crate::raw::validate::name("namespace", &namespace)?;
         if namespace.len() >= MAX_KEY_LEN / 2 {
             return Err(LockError::invalid(
                 "namespace",

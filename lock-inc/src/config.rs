@@ -42,7 +42,8 @@ pub struct IncConfig {
     /// (the names the facade's Redis backends share), as a URL or a list of exactly one.
     #[serde(alias = "urls", alias = "nodes", deserialize_with = "one_url")]
     pub url: SecretUrl,
-    /// Put before every lock key (and matched by purge).
+    /// Put before every lock key (and matched by purge); a Redis or Valkey URL with a password
+    /// in it is refused (`validate::name`).
     pub prefix: String,
     /// How long one command may take, in ms.
     #[serde(alias = "commandTimeout")]
@@ -143,6 +144,7 @@ impl IncConfig {
         if self.prefix.len() > 256 {
             return Err(LockError::invalid("prefix", "is longer than 256 bytes"));
         }
+        validate::name("prefix", &self.prefix)?;
         validate::timeout("command_timeout", self.command_timeout)?;
         validate::timeout("connect_timeout", self.connect_timeout)?;
         Ok(())
@@ -252,6 +254,15 @@ mod tests {
                     ..IncConfig::default()
                 },
                 "connect_timeout",
+            ),
+            // A connection URL put in the prefix: every stored key would carry the password
+            // (old: taken; `MONITOR` showed `EVALSHA … "redis://:s3cret@h/{k}"`).
+            (
+                IncConfig {
+                    prefix: "redis://:s3cret@h/".to_owned(),
+                    ..IncConfig::default()
+                },
+                "prefix",
             ),
         ] {
             match config.validate() {

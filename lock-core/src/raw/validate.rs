@@ -4,6 +4,26 @@ use std::time::Duration;
 
 use crate::error::{LockError, Result};
 
+/// Checks that `text`, a name that every stored key will carry (a namespace, a key prefix), holds
+/// no Redis or Valkey URL with a password: a connection URL put in the wrong field would be
+/// stored in every key in the clear and shown in every message naming one.
+///
+/// # Errors
+/// [`LockError::InvalidInput`] naming `field`, with the URL shown without its password.
+pub fn name(field: &str, text: &str) -> Result<()> {
+    if crate::url::carries_secret(text) {
+        return Err(LockError::invalid(
+            field,
+            format!(
+                "`{}` is a URL with a password, which every key would carry in the clear; a \
+                 connection URL belongs in `url`/`urls`",
+                crate::url::redact_text(text)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The shortest ttl accepted: Redis counts lock lifetimes in whole milliseconds.
 pub const MIN_TTL: Duration = Duration::from_millis(1);
 
