@@ -295,9 +295,16 @@ impl LockConfig {
             ));
         }
         let is_file = Path::new(trimmed).exists();
+        // A missing file whose name holds a `=` (`conf=prod.json`) is named as missing, not
+        // parsed as TOML.
+        let names_a_file = [".json", ".toml"]
+            .iter()
+            .any(|extension| trimmed.ends_with(extension))
+            && !trimmed.contains(['\n', '"', '\''])
+            && !trimmed.contains(" = ");
         if trimmed.starts_with('{') {
             Self::from_json(trimmed)
-        } else if trimmed.contains('=') && !is_file {
+        } else if trimmed.contains('=') && !is_file && !names_a_file {
             Self::from_toml(trimmed)
         } else if !is_file {
             Err(LockError::invalid(

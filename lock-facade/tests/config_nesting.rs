@@ -96,3 +96,23 @@ fn a_nested_path_not_found_next_to_the_file_is_read_from_the_working_directory()
     let config = LockConfig::from_file(&outer).unwrap().resolve().unwrap();
     assert_eq!(config.namespace.as_deref(), Some("from-cwd"));
 }
+
+/// A missing configuration file whose name holds a `=` is named as missing (old: parsed as
+/// inline TOML, "string values must be quoted"); inline TOML stays inline.
+#[test]
+fn a_missing_file_with_an_equals_sign_in_its_name_is_named_missing() {
+    let error = LockConfig::from_text("conf=prod.json")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("no such file"), "{error}");
+    let error = LockConfig::from_json(r#"{"lockConfig": "conf=prod.toml"}"#)
+        .unwrap()
+        .resolve()
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("no such file"), "{error}");
+    let inline = LockConfig::from_text("type = \"memory\"\nnamespace = \"a.json\"").unwrap();
+    assert_eq!(inline.namespace.as_deref(), Some("a.json"));
+    let inline = LockConfig::from_text("namespace='x.toml'").unwrap();
+    assert_eq!(inline.namespace.as_deref(), Some("x.toml"));
+}
