@@ -839,3 +839,126 @@ async fn a_retry_right_after_a_late_grant_is_not_refused_by_it() {
         assert!(left.is_empty(), "{case}: left: {left:?}");
     }
 }
+
+/// Single tries swept across the boundary (the proxy's delay each way from just under to just
+/// over half the validity): whatever the jitter, a guard handed out is still valid when the
+/// caller gets it, and every other try fails naming the ttl (the key is free). inc (the core's
+/// `born_valid` decides) and redis (Redlock's own check, then the core's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tries_across_the_boundary_never_hand_out_an_expired_guard() {
+    if redis_or_skip("s34c boundary").is_none() {
+        return;
+    }
+    for backend in ["inc", "redis"] {
+        let nodes = nodes(1).await;
+        let locker = if backend == "inc" {
+            inc(&nodes[0].proxy.url(), false).await
+        } else {
+            redlock(&proxied(&nodes), false, false)
+        };
+        warm(&locker).await;
+        let ttl = ms(20);
+        let (mut won, mut late, mut expired) = (0, 0, Vec::new());
+        for delay in 7..=11u64 {
+            nodes[0].proxy.set_delay(ms(delay));
+            for n in 0..30 {
+                let key = format!("edge-{delay}-{n}");
+                match locker.acquire_with(&key, &single(ttl)).await {
+                    Ok(guard) => {
+                        let now = Instant::now();
+                        if guard.valid_until() <= now {
+                            expired.push((delay, now - guard.valid_until()));
+                        }
+                        won += 1;
+                        drop(guard);
+                    }
+                    Err(LockError::Backend { message, .. })
+                        if message.contains("raise the ttl") =>
+                    {
+                        late += 1;
+                    }
+                    Err(error) => panic!("{backend}, delay {delay}: {error}"),
+                }
+            }
+        }
+        eprintln!(
+            "{backend}: {won} won, {late} late, {} born expired",
+            expired.len()
+        );
+        assert!(
+            expired.is_empty(),
+            "{backend}: guards born expired (delay, by): {expired:?}"
+        );
+        assert!(
+            won > 0 && late > 0,
+            "{backend}: the sweep crossed the boundary"
+        );
+        locker.stop().await.unwrap();
+    }
+}
+
+/// `stop` called while an attempt is stalled on its way (the store will grant it after its
+/// validity): `stop` lets the answer come (half of `CLEANUP_WAIT` at most), takes back what it
+/// granted, and only then closes; right after it returns, no lock key, line entry or claim is
+/// left, and the acquisition ends with `Stopped` (or the error naming the ttl). inc, redis
+/// (one node) and Redlock (three, two of them stalled), single tries and waits, fair and
+/// plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_during_a_stalled_late_attempt_leaves_nothing() {
+    if redis_or_skip("s34c stop during").is_none() {
+        return;
+    }
+    for backend in ["inc", "redis", "redlock"] {
+        for fair in [false, true] {
+            for wait in [false, true] {
+                let case = format!("{backend}, fair {fair}, wait {wait}");
+                let count = if backend == "redlock" { 3 } else { 1 };
+                let nodes = nodes(count).await;
+                let locker = if backend == "inc" {
+                    inc(&nodes[0].proxy.url(), fair).await
+                } else {
+                    redlock(&proxied(&nodes), fair, true)
+                };
+                warm(&locker).await;
+                for node in nodes.iter().take(2) {
+                    node.proxy.stall_existing(0);
+                }
+                let options = if wait {
+                    waiting(ms(500), Duration::from_secs(5))
+                } else {
+                    single(ms(500))
+                };
+                let attempt = {
+                    let locker = locker.clone();
+                    tokio::spawn(async move { locker.acquire_with("stop-during", &options).await })
+                };
+                sleep(ms(300)).await;
+                let stopping = {
+                    let locker = locker.clone();
+                    tokio::spawn(async move {
+                        locker.stop().await.unwrap();
+                        Instant::now()
+                    })
+                };
+                sleep(ms(350)).await;
+                for node in &nodes {
+                    node.proxy.release_stall();
+                }
+                let stopped_at = stopping.await.unwrap();
+                let left = left_now(&nodes.iter().map(|node| &node.server).collect::<Vec<_>>());
+                let outcome = attempt.await.unwrap();
+                eprintln!("{case}: {:?}", outcome.as_ref().map(|_| ()));
+                assert!(
+                    matches!(outcome, Err(LockError::Stopped)) || says_raise_the_ttl(&outcome),
+                    "{case}: {outcome:?}"
+                );
+                assert!(left.is_empty(), "{case}: left right after stop: {left:?}");
+                assert!(
+                    stopped_at.elapsed() < ms(100),
+                    "{case}: the attempt ended {:?} after stop returned",
+                    stopped_at.elapsed()
+                );
+            }
+        }
+    }
+}
