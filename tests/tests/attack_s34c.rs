@@ -962,3 +962,67 @@ async fn stop_during_a_stalled_late_attempt_leaves_nothing() {
         }
     }
 }
+
+/// `redis` is Redlock on one node: there is no quorum there, and its fair mutex's late grant
+/// says "the node for `k` answered too late". Its plain mutex, multi-key mutex, permit, read
+/// and write leases said "the quorum for `k` answered too late" (and, with a drift allowance
+/// that takes the whole ttl, "the quorum granted `k` with no validity"): on one node every
+/// such error names the node, over three nodes the quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_grant_on_one_node_names_the_node_not_a_quorum() {
+    if redis_or_skip("s34c one node wording").is_none() {
+        return;
+    }
+    for count in [1usize, 3] {
+        let nodes = nodes(count).await;
+        let (who, not) = if count == 1 {
+            ("the node", "quorum")
+        } else {
+            ("the quorum", "the node")
+        };
+        for fair in [false, true] {
+            // Late: 6 ms away each way against a 10 ms ttl; and a drift allowance that takes
+            // the whole ttl (no delay needed).
+            for drift in [0.01, 0.999] {
+                let locker = redlock_with(
+                    RedlockConfig::new(proxied(&nodes)).with_drift_factor(drift),
+                    fair,
+                    false,
+                );
+                if drift < 0.5 {
+                    warm(&locker).await;
+                    for node in &nodes {
+                        node.proxy.set_delay(ms(6));
+                    }
+                }
+                let case = format!("{count} node(s), fair {fair}, drift_factor {drift}");
+                let mut errors = Vec::new();
+                for (name, kind) in kinds() {
+                    let key = format!("who-{name}");
+                    errors.push((name, locker.acquire_kind(&key, kind, &single(ms(10))).await));
+                }
+                errors.push((
+                    "multi-key",
+                    locker
+                        .clone()
+                        .with_options(single(ms(10)))
+                        .unwrap()
+                        .acquire_many(&["who-a", "who-b"])
+                        .await,
+                ));
+                for (name, outcome) in errors {
+                    assert!(says_raise_the_ttl(&outcome), "{case}, {name}: {outcome:?}");
+                    let message = outcome.unwrap_err().to_string();
+                    assert!(
+                        message.contains(who) && !message.contains(not),
+                        "{case}, {name}: {message}"
+                    );
+                }
+                locker.stop().await.unwrap();
+                for node in &nodes {
+                    node.proxy.set_delay(Duration::ZERO);
+                }
+            }
+        }
+    }
+}
