@@ -207,6 +207,12 @@ impl Shared {
     /// validity left: the ttl less the clock-drift allowance was spent before the answer came,
     /// or the allowance alone takes the whole ttl.
     pub(crate) fn too_late(&self, who: &str, key: &str, ttl: Duration) -> LockError {
+        // One node (`redis`) has no quorum to speak of.
+        let who = if self.node_count == 1 {
+            "the node"
+        } else {
+            who
+        };
         let drift = self.drift(ttl);
         let message = if drift >= ttl {
             format!(
