@@ -265,12 +265,7 @@ pub(crate) async fn run_locked(locker: &Locker, run: Run<'_>) -> Outcome {
     if left <= run.timing.grace + run.timing.margin {
         reaper.stand_down();
         let _ = guard.release().await;
-        // Below a millisecond too (a tiny ttl): never "0 ms, less than 0 ms".
-        let had = if left.is_zero() {
-            "no validity left".to_owned()
-        } else {
-            format!("{left:.1?} of validity left")
-        };
+        let had = validity_left(left);
         return Err((
             exit::LOST,
             format!(
@@ -445,8 +440,8 @@ impl Supervisor<'_> {
             if !self.at_risk && now >= term_at {
                 self.at_risk = true;
                 say!(
-                    "lockrun: the lock could not be renewed and {} ms of validity are left: stopping the command's process group",
-                    valid_until.saturating_duration_since(now).as_millis()
+                    "lockrun: the lock could not be renewed and has {}: stopping the command's process group",
+                    validity_left(valid_until.saturating_duration_since(now))
                 );
                 let kill_at = valid_until.checked_sub(self.timing.margin).unwrap_or(now);
                 self.terminate(kill_at);
@@ -537,4 +532,13 @@ fn exit_code(status: ExitStatus) -> u8 {
     status
         .signal()
         .map_or(1, |signal| u8::try_from(128 + signal).unwrap_or(u8::MAX))
+}
+
+/// `left` of a lock's validity in words, below a millisecond too (a tiny ttl): never "0 ms".
+fn validity_left(left: Duration) -> String {
+    if left.is_zero() {
+        "no validity left".to_owned()
+    } else {
+        format!("{left:.1?} of validity left")
+    }
 }
