@@ -68,17 +68,47 @@ impl LostSignal {
         Self { status }
     }
 
-    /// True once the lock is lost.
+    /// True once the lock is found lost (by the watchdog, an extend or a release). A lapse
+    /// nobody reported (the watchdog's runtime shut down) is told by [`LostSignal::lost`] and
+    /// the guard's `is_valid`.
     pub fn is_lost(&self) -> bool {
         self.status.borrow().lost
     }
 
     /// Resolves when the lock is lost; never, if it is released first.
+    ///
+    /// Also when the validity lapses unextended while nobody reports it: a watchdog whose
+    /// runtime was shut down (the guard held on elsewhere) extends nothing and reports
+    /// nothing, and the lock lapses all the same.
     pub async fn lost(&self) {
         let mut status = self.status.clone();
-        if status.wait_for(|status| status.lost).await.is_err() {
-            // The watchdog ended without losing the lock (it was released): nothing to report.
-            std::future::pending::<()>().await;
+        loop {
+            let (lost, ended, valid_until) = {
+                let live = status.borrow_and_update();
+                (live.lost, live.ended, live.valid_until)
+            };
+            if lost {
+                return;
+            }
+            if ended {
+                // Released first: nothing to report.
+                std::future::pending::<()>().await;
+            }
+            let lapsed = tokio::select! {
+                changed = status.changed() => changed.is_err(),
+                () = tokio::time::sleep_until(valid_until) => true,
+            };
+            if lapsed {
+                // The validity reached, or every sender gone (the handle dropped unreleased):
+                // at the validity's end, the lease's last word decides; an extend or a
+                // release meanwhile sends the loop round again.
+                let valid_until = status.borrow().valid_until;
+                tokio::time::sleep_until(valid_until).await;
+                let live = status.borrow();
+                if live.lost || (!live.ended && Instant::now() >= live.valid_until) {
+                    return;
+                }
+            }
         }
     }
 }
