@@ -75,3 +75,64 @@ fn a_kept_alive_guard_whose_watchdogs_runtime_is_gone_is_reported_lost_when_it_l
         "the table keeps an entry once every guard is gone"
     );
 }
+
+/// lock-memory's README: "the first in line is woken alone when the key is released or
+/// expires". A holder that shortens its lease (an extend by a shorter ttl, which the guard's
+/// docs allow) and then lets it lapse: the first in line, which planned to look again at the
+/// expiry the lease had when it lined up, must still be served when the key expires, not at
+/// its next fallback poll (200 ms later here, on the paused clock; a 1 s ttl's poll).
+#[tokio::test(start_paused = true)]
+async fn the_first_in_line_is_served_when_a_shortened_lease_expires() {
+    let lock = MemoryLock::new();
+    let mut holder = client(&lock, ms(10_000), RetryPolicy::none())
+        .acquire("k")
+        .await
+        .unwrap();
+    let waiter = client(&lock, ms(10_000), every(ms(1_000)));
+    let served = tokio::spawn(async move {
+        let guard = waiter.acquire("k").await.unwrap();
+        let at = tokio::time::Instant::now();
+        drop(guard);
+        at
+    });
+    tokio::time::sleep(ms(50)).await;
+    holder.extend(ms(20)).await.unwrap();
+    let expires = holder.valid_until();
+    std::mem::forget(holder); // left to lapse
+    let at = served.await.unwrap();
+    let late = at.saturating_duration_since(expires);
+    assert!(
+        late <= ms(5),
+        "the first in line took the key {late:?} after the shortened lease expired"
+    );
+}
+
+/// The same for waiters outside the line ("other waiters (multi-key locks, semaphores,
+/// read-write locks) are woken when a key is released or expires, instead of polling"): a
+/// permit holder of a one-permit semaphore shortens its lease and lets it lapse; the waiting
+/// permit is served when it expires, not a retry delay later.
+#[tokio::test(start_paused = true)]
+async fn a_semaphore_waiter_is_served_when_a_shortened_permit_expires() {
+    let lock = MemoryLock::new();
+    let mut holder = client(&lock, ms(10_000), RetryPolicy::none())
+        .acquire_permit("s", 1)
+        .await
+        .unwrap();
+    let waiter = client(&lock, ms(10_000), every(ms(1_000)));
+    let served = tokio::spawn(async move {
+        let guard = waiter.acquire_permit("s", 1).await.unwrap();
+        let at = tokio::time::Instant::now();
+        drop(guard);
+        at
+    });
+    tokio::time::sleep(ms(50)).await;
+    holder.extend(ms(20)).await.unwrap();
+    let expires = holder.valid_until();
+    std::mem::forget(holder);
+    let at = served.await.unwrap();
+    let late = at.saturating_duration_since(expires);
+    assert!(
+        late <= ms(5),
+        "the waiting permit took the semaphore {late:?} after the shortened permit expired"
+    );
+}
