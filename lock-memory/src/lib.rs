@@ -324,6 +324,18 @@ impl Slot {
             .is_some_and(|until| until > now)
     }
 
+    /// After a lease on the key was shortened (an extend by a shorter ttl): wakes the first in
+    /// line and the other waiters, which planned to look again at the later expiry, so that
+    /// the key is served when it expires (they look again, and wait on until then).
+    fn replan_waiters(&self) {
+        if let Some(line) = self.line.as_deref() {
+            line.wake_first();
+        }
+        if let Some(waiters) = &self.waiters {
+            waiters.notify_waiters();
+        }
+    }
+
     /// After the key was freed (released, purged): wakes the first in line, if any.
     fn wake_line(&mut self, now: Instant) {
         if let Some(line) = self.line.as_deref_mut() {
@@ -1156,7 +1168,12 @@ impl Handle for MemoryHandle {
         for key in keys {
             let held = self.inner.slots.get_mut(key).and_then(|mut slot| {
                 let expiry = slot.expiry_of(token, now)?;
-                Some(std::mem::replace(expiry, expires_at))
+                let before = std::mem::replace(expiry, expires_at);
+                if expires_at < before {
+                    // Its waiters planned to look again at the later expiry.
+                    slot.replan_waiters();
+                }
+                Some(before)
             });
             match held {
                 Some(before) => moved.push((key, before)),
