@@ -36,6 +36,13 @@ const SWEEP_EVERY: u64 = 4096;
 /// this only bounds the cost of a waiter that vanished.
 const HANDOFF_GRACE: Duration = Duration::from_millis(20);
 
+/// The shortest time a place in a key's line lasts after the attempt that renewed it, whatever
+/// the attempt's ttl. A waiter renews its place every half ttl on tokio's millisecond timer,
+/// which fires up to two ticks late: a place lasting only a ttl of a few milliseconds would
+/// lapse between renewals, and the line would lose its order with nothing stalled. A waiting
+/// future leaked with such a ttl holds the line this long.
+const PLACE_AT_LEAST: Duration = Duration::from_millis(20);
+
 /// An in-process lock over a sharded map; clones share the same locks.
 ///
 /// Every map access is synchronous: no shard guard is ever held across an `.await`. Waiting
@@ -285,7 +292,7 @@ impl Slot {
                     entries: VecDeque::with_capacity(4),
                     outside_until: self.reserved_until.filter(|until| *until > now),
                 };
-                line.join(waiter, now + ttl);
+                line.join(waiter, now + ttl.max(PLACE_AT_LEAST));
                 self.line = Some(Box::new(line));
             }
             return busy;
@@ -311,7 +318,7 @@ impl Slot {
             }
         }
         if let Some(waiter) = waiter {
-            line.join(waiter, now + ttl);
+            line.join(waiter, now + ttl.max(PLACE_AT_LEAST));
         }
         true
     }
