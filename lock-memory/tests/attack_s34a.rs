@@ -182,3 +182,44 @@ async fn waiters_with_the_shortest_ttls_keep_their_order() {
     );
     assert!(lock.is_empty());
 }
+
+/// One `MemoryLock` shared by a runtime on the real clock and a paused one (`start_paused`, as
+/// `#[tokio::test(start_paused = true)]` builds; a table in a `static` shared by a test suite's
+/// tests): the paused runtime's clock is its own (tokio's `Instant::now` reads the paused clock
+/// inside it), so the store compares a lease taken on one clock with the time of the other. A
+/// waiter on the paused runtime sleeps until the real holder's expiry, its clock jumps there at
+/// once (auto-advance), and it takes the key the real holder still holds: mutual exclusion
+/// does not hold across clocks.
+#[test]
+#[ignore = "known limitation (lock-memory README): one table serves runtimes on one clock; a paused runtime's clock is its own"]
+fn a_paused_runtime_does_not_take_a_key_held_on_the_real_clock() {
+    let lock = MemoryLock::new();
+    let real = multi_thread();
+    let holder = real
+        .block_on(client(&lock, ms(60_000), RetryPolicy::none()).acquire("k"))
+        .unwrap();
+    let paused = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let waiter = client(
+        &lock,
+        ms(60_000),
+        every(ms(1_000)).with_deadline(Duration::from_secs(120)),
+    );
+    let taken = paused.block_on(waiter.acquire("k"));
+    let overlap = taken.is_ok() && holder.is_valid();
+    println!(
+        "the paused waiter: {:?} after {:?} of real time",
+        taken.as_ref().map(|_| "held"),
+        started.elapsed()
+    );
+    drop(taken);
+    drop(holder);
+    assert!(
+        !overlap,
+        "a waiter on a paused runtime took `k` while the real runtime's holder held it"
+    );
+}
