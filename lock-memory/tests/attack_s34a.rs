@@ -377,3 +377,57 @@ fn runtimes_dropped_under_the_line_leave_nothing_behind() {
         );
     }
 }
+
+/// Bounded waits: "an acquisition with a deadline returns by it". A hostile holder on another
+/// thread shortens and lengthens its lease in a loop (every shortening wakes the first in
+/// line to plan for the earlier expiry): the first in line, with a deadline of 100 ms, must
+/// still give up by its deadline rather than loop on wake-ups. Checked against a broken
+/// variant: with `wait_for_turn` giving up 500 ms past its time, the waiter returned after
+/// 516 ms and the test failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_in_line_gives_up_by_its_deadline_under_a_storm_of_shortened_leases() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let lock = MemoryLock::new();
+    let mut holder = client(&lock, ms(60_000), RetryPolicy::none())
+        .acquire("k")
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let storm = std::thread::spawn({
+        let stop = Arc::clone(&stop);
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                while !stop.load(SeqCst) {
+                    holder.extend(ms(60_000)).await.unwrap();
+                    holder.extend(ms(30_000)).await.unwrap();
+                }
+            });
+            holder
+        }
+    });
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let waiter = client(&lock, ms(60_000), every(ms(10)).with_deadline(ms(100)));
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(ms(2_000), waiter.acquire("k")).await;
+        let took = started.elapsed();
+        worst = worst.max(took);
+        assert!(
+            matches!(outcome, Ok(Err(lock_core::LockError::Timeout { .. }))),
+            "the waiter with a 100 ms deadline did not give up by it: {:?} after {took:?}",
+            outcome.map(|result| result.map(|_| "held"))
+        );
+    }
+    stop.store(true, SeqCst);
+    drop(storm.join().unwrap());
+    assert!(
+        worst < ms(300),
+        "a waiter with a 100 ms deadline returned after {worst:?}"
+    );
+    assert!(lock.is_empty());
+}
