@@ -431,3 +431,51 @@ async fn the_first_in_line_gives_up_by_its_deadline_under_a_storm_of_shortened_l
     );
     assert!(lock.is_empty());
 }
+
+/// Thousands of waiters on one key keep first come, first served: 3 000 waiters (each with its
+/// own retry delay, from 1 ms to 3 s) line up one by one behind a holder, which releases; each
+/// holds the key for a millisecond. They must be served in the order they came, each exactly
+/// once, and leave the table empty. On the paused clock: the line's bookkeeping, not the
+/// machine, is under test. Checked against a broken variant: with newcomers put at the front
+/// of the line, the last came first and the test failed.
+#[tokio::test(start_paused = true)]
+async fn three_thousand_waiters_are_served_in_the_order_they_came() {
+    use std::sync::{Arc, Mutex};
+    let lock = MemoryLock::new();
+    let holder = client(&lock, ms(60_000), RetryPolicy::none())
+        .acquire("k")
+        .await
+        .unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut rng = Rng::seeded();
+    let mut waiters = Vec::new();
+    for n in 0..3_000u32 {
+        let waiter = client(&lock, ms(60_000), every(ms(1 + rng.below(3_000))));
+        let order = Arc::clone(&order);
+        waiters.push(tokio::spawn(async move {
+            let guard = waiter.acquire("k").await.unwrap();
+            order.lock().unwrap().push(n);
+            tokio::time::sleep(ms(1)).await;
+            drop(guard);
+        }));
+        // Each finds the key held before the next comes.
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(ms(10)).await;
+    drop(holder);
+    for waiter in waiters {
+        waiter.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    let first_out_of_order = order
+        .iter()
+        .enumerate()
+        .find(|(at, n)| **n as usize != *at)
+        .map(|(at, n)| (at, *n));
+    assert_eq!(
+        first_out_of_order, None,
+        "served out of order (position, waiter)"
+    );
+    assert_eq!(order.len(), 3_000);
+    assert!(lock.is_empty());
+}
