@@ -479,3 +479,73 @@ async fn three_thousand_waiters_are_served_in_the_order_they_came() {
     assert_eq!(order.len(), 3_000);
     assert!(lock.is_empty());
 }
+
+/// The paused clock with auto-advance, where every wait ends at once in real time and the
+/// clock jumps from one timer to the next: a `with_lock` section sleeps for an hour, kept alive
+/// by its watchdog (ttl 10 s: 540 extends); waiters in line with a deadline of ten minutes give
+/// up exactly by it (as `Timeout`), one with two hours is served right after the section, the
+/// section's lost signal never fires, and the table empties. Checked against a broken
+/// variant: with the memory handle's extend leaving the store's expiry where it was, a waiter
+/// took the key from the section and the test failed.
+#[tokio::test(start_paused = true)]
+async fn on_the_paused_clock_an_hour_long_section_keeps_its_lock_and_deadlines_hold() {
+    use tokio::time::Instant;
+    let lock = MemoryLock::new();
+    let holder = client(&lock, ms(10_000), RetryPolicy::none());
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let section = tokio::spawn(async move {
+        holder
+            .with_lock("k", |info| async move {
+                entered_tx.send(()).unwrap();
+                tokio::select! {
+                    () = info.lost.lost() => panic!("the kept-alive lock was lost"),
+                    () = tokio::time::sleep(Duration::from_secs(3_600)) => {}
+                }
+                Instant::now()
+            })
+            .await
+            .unwrap()
+    });
+    entered.await.unwrap();
+    let mut short = Vec::new();
+    for n in 0..4u64 {
+        let waiter = client(
+            &lock,
+            ms(10_000),
+            every(ms(250 * (n + 1))).with_deadline(Duration::from_secs(600)),
+        );
+        short.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = waiter.acquire("k").await.map(|_| ());
+            (outcome, started.elapsed())
+        }));
+    }
+    let patient = client(
+        &lock,
+        ms(10_000),
+        every(ms(5_000)).with_deadline(Duration::from_secs(7_200)),
+    );
+    let patient = tokio::spawn(async move {
+        let guard = patient.acquire("k").await.unwrap();
+        (Instant::now(), guard.fencing_token())
+    });
+    for waiter in short {
+        let (outcome, waited) = waiter.await.unwrap();
+        assert!(
+            matches!(outcome, Err(lock_core::LockError::Timeout { .. })),
+            "a waiter took `k` from the kept-alive section, or failed: {outcome:?}"
+        );
+        assert!(
+            waited >= Duration::from_secs(600) && waited <= Duration::from_secs(600) + ms(1),
+            "a waiter with a 600 s deadline gave up after {waited:?}"
+        );
+    }
+    let ended = section.await.unwrap();
+    let (served, _) = patient.await.unwrap();
+    assert!(
+        served >= ended && served - ended <= ms(5),
+        "the patient waiter was served {:?} after the section ended",
+        served.saturating_duration_since(ended)
+    );
+    assert!(lock.is_empty());
+}
