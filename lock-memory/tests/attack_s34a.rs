@@ -740,3 +740,67 @@ fn everything_at_once_on_two_runtimes_keeps_exclusion_fences_and_deadlines() {
     );
     assert!(lock.is_empty(), "{} entries left (seed {seed})", lock.len());
 }
+
+/// Keys at the edges of their representation (inline up to 23 bytes, shared beyond; the 1 024
+/// byte limit) and with odd bytes: a key made by a namespace (`ns` + `:` + key) and the same
+/// text given whole to a client without namespace are one key in the table, whichever form
+/// either took, so each keeps the other out; a key that differs by a trailing NUL, a
+/// non-ASCII character or a byte of length is another key; purge by the namespace's prefix
+/// reaches exactly the namespaced keys; the table empties. Checked against a broken variant:
+/// with `Namespace::key` always building the shared form, `ns` + `k` was taken while `ns:k`
+/// (inline) was held, and the test failed.
+#[tokio::test]
+async fn keys_at_the_edges_of_their_forms_are_one_key_whoever_builds_them() {
+    let lock = MemoryLock::new();
+    let plain = client(&lock, ms(60_000), RetryPolicy::none());
+    let spaced = client(&lock, ms(60_000), RetryPolicy::none())
+        .with_namespace(Some("ns"))
+        .unwrap();
+    let odd = ["", "\0", "\u{1F512}", "\u{7F}", "é", "ns:", "*", "\u{FEFF}"];
+    let mut lengths: Vec<usize> = (1..=30).collect();
+    lengths.extend(1_015..=1_021);
+    for len in lengths {
+        for tail in odd {
+            let body = "k".repeat(len.saturating_sub(tail.len()).max(1));
+            let key = format!("{body}{tail}");
+            let whole = format!("ns:{key}");
+            if whole.len() > lock_core::MAX_KEY_LEN {
+                assert!(
+                    spaced.try_acquire(&key).await.is_err(),
+                    "{} bytes",
+                    whole.len()
+                );
+                continue;
+            }
+            let held = plain.try_acquire(&whole).await.unwrap().unwrap();
+            assert!(
+                spaced.try_acquire(&key).await.unwrap().is_none(),
+                "`ns` + `{key:?}` was taken while `{whole:?}` was held"
+            );
+            // Neighbours are other keys.
+            let mut neighbours = vec![format!("{key}\0"), format!("{key}k")];
+            let mut shorter = key.clone();
+            shorter.pop();
+            if !shorter.is_empty() {
+                neighbours.push(shorter);
+            }
+            for neighbour in &neighbours {
+                let other = spaced.try_acquire(neighbour).await;
+                if let Ok(other) = other {
+                    assert!(other.is_some(), "`ns` + `{neighbour:?}` was refused");
+                }
+            }
+            drop(held);
+            let held = spaced.try_acquire(&key).await.unwrap().unwrap();
+            assert!(
+                plain.try_acquire(&whole).await.unwrap().is_none(),
+                "`{whole:?}` was taken while `ns` + `{key:?}` was held"
+            );
+            let other = plain.try_acquire(&key).await.unwrap().unwrap();
+            assert_eq!(plain.purge("ns:").await.unwrap(), 1, "{whole:?}");
+            assert!(other.release().await.is_ok(), "the purge reached `{key:?}`");
+            drop(held);
+        }
+    }
+    assert!(lock.is_empty(), "{} entries left", lock.len());
+}
