@@ -804,3 +804,103 @@ async fn keys_at_the_edges_of_their_forms_are_one_key_whoever_builds_them() {
     }
     assert!(lock.is_empty(), "{} entries left", lock.len());
 }
+
+/// Release, the head's wake-up, its cancellation, its client's `stop` and a purge, racing on a
+/// multi-thread runtime in random order and timing: the waiters still waiting behind (ttl and
+/// retry delays of 10 s, so only wake-ups serve them in time) must all be served within
+/// 300 ms (a purge may free the key under one of them: exclusion is not checked here), the
+/// stopped head must end with `Stopped` (or hold the key, had it won
+/// first), and the table must be empty once they are done.
+///
+/// Checked against a broken variant: with `Inner::leave_line` not waking the next in line when
+/// the first leaves a free key, the waiters behind a cancelled head waited for their 10 s
+/// delays and the test failed on its bound (in round 70 of that run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_wake_cancel_stop_and_purge_race_and_the_line_still_moves() {
+    let mut rng = Rng::seeded();
+    let seed = rng.0;
+    for round in 0..300 {
+        let lock = MemoryLock::new();
+        let long = every(ms(10_000));
+        let holder = client(&lock, ms(10_000), RetryPolicy::none())
+            .acquire("k")
+            .await
+            .unwrap();
+        let head_client = client(&lock, ms(10_000), long.clone());
+        let head = tokio::spawn({
+            let head_client = head_client.clone();
+            async move { head_client.acquire("k").await.map(drop) }
+        });
+        tokio::time::sleep(ms(1)).await;
+        let mut behind = Vec::new();
+        for _ in 0..3 {
+            let locker = client(&lock, ms(10_000), long.clone());
+            behind.push(tokio::spawn(async move {
+                let guard = locker.acquire("k").await.unwrap();
+                tokio::time::sleep(ms(1)).await;
+                drop(guard);
+            }));
+            tokio::time::sleep(ms(1)).await;
+        }
+        // The four moves, each after a random pause of 0–2 ms, on tasks of their own.
+        let purger = client(&lock, ms(10_000), RetryPolicy::none());
+        let moves: Vec<tokio::task::JoinHandle<()>> = vec![
+            tokio::spawn({
+                let pause = rng.below(3);
+                async move {
+                    tokio::time::sleep(ms(pause)).await;
+                    drop(holder);
+                }
+            }),
+            tokio::spawn({
+                let (pause, head) = (rng.below(3), head.abort_handle());
+                async move {
+                    tokio::time::sleep(ms(pause)).await;
+                    if pause % 2 == 0 {
+                        head.abort();
+                    }
+                }
+            }),
+            tokio::spawn({
+                let pause = rng.below(3);
+                async move {
+                    tokio::time::sleep(ms(pause)).await;
+                    head_client.stop().await.unwrap();
+                }
+            }),
+            tokio::spawn({
+                let pause = rng.below(3);
+                async move {
+                    tokio::time::sleep(ms(pause)).await;
+                    purger.purge("k").await.unwrap();
+                }
+            }),
+        ];
+        let started = std::time::Instant::now();
+        for one in moves {
+            one.await.unwrap();
+        }
+        match head.await {
+            Err(aborted) => assert!(aborted.is_cancelled()),
+            Ok(outcome) => assert!(
+                matches!(outcome, Ok(()) | Err(lock_core::LockError::Stopped)),
+                "the stopped head: {outcome:?} (seed {seed}, round {round})"
+            ),
+        }
+        for waiter in behind {
+            tokio::time::timeout(ms(300).saturating_sub(started.elapsed()), waiter)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "a waiter behind was not served within 300 ms (seed {seed}, round {round})"
+                    )
+                })
+                .unwrap();
+        }
+        assert!(
+            lock.is_empty(),
+            "{} entries left (seed {seed}, round {round})",
+            lock.len()
+        );
+    }
+}
