@@ -38,10 +38,11 @@ const HANDOFF_GRACE: Duration = Duration::from_millis(20);
 
 /// The shortest time a place in a key's line lasts after the attempt that renewed it, whatever
 /// the attempt's ttl. A waiter renews its place every half ttl on tokio's millisecond timer,
-/// which fires up to two ticks late: a place lasting only a ttl of a few milliseconds would
-/// lapse between renewals, and the line would lose its order with nothing stalled. A waiting
-/// future leaked with such a ttl holds the line this long.
-const PLACE_AT_LEAST: Duration = Duration::from_millis(20);
+/// which fires up to two ticks late, on a thread a busy machine may not run for some
+/// milliseconds more: a place lasting only a ttl of a few milliseconds would lapse between
+/// renewals, and the line would lose its order with nothing leaked. A waiting future leaked
+/// with such a ttl holds the line this long.
+const PLACE_AT_LEAST: Duration = Duration::from_millis(50);
 
 /// An in-process lock over a sharded map; clones share the same locks.
 ///

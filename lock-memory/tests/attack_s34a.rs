@@ -26,6 +26,10 @@ fn client(lock: &MemoryLock, ttl: Duration, retry: RetryPolicy) -> Locker {
         .unwrap()
 }
 
+/// The tests of this file that keep a machine's two cores busy, or time what a busy machine
+/// would delay, run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn multi_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -41,6 +45,7 @@ fn multi_thread() -> tokio::runtime::Runtime {
 /// section, waiting on `lost()` to stop its work, must hear of it by the validity's end.
 #[test]
 fn a_kept_alive_guard_whose_watchdogs_runtime_is_gone_is_reported_lost_when_it_lapses() {
+    let _serial = SERIAL.blocking_lock();
     let lock = MemoryLock::new();
     let ttl = ms(150);
     let temporary = multi_thread();
@@ -143,9 +148,11 @@ async fn a_semaphore_waiter_is_served_when_a_shortened_permit_expires() {
 /// millisecond timer, which fires up to two ticks late; nothing stalls, yet places lapse
 /// between renewals and the waiters are served in any order (on main, 31 of 40 rounds out of
 /// order, and still 1 in 10 with 5 ms). Five waiters line up 5 ms apart behind a holder of
-/// 50 ms and must be served in the order they came, round after round.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// 50 ms and must be served in the order they came, round after round. On one thread, each
+/// waiter makes its first attempt before the next is spawned (whatever the machine's load).
+#[tokio::test]
 async fn waiters_with_the_shortest_ttls_keep_their_order() {
+    let _serial = SERIAL.lock().await;
     let lock = MemoryLock::new();
     let mut bad = Vec::new();
     for round in 0..40u64 {
@@ -164,6 +171,7 @@ async fn waiters_with_the_shortest_ttls_keep_their_order() {
                 order.lock().unwrap().push(n);
                 drop(guard);
             }));
+            tokio::task::yield_now().await;
             tokio::time::sleep(ms(5)).await;
         }
         tokio::time::sleep(ms(25)).await;
@@ -285,6 +293,7 @@ impl Section {
 /// under the shard lock, the section counted 92 overlaps.
 #[test]
 fn runtimes_dropped_under_the_line_leave_nothing_behind() {
+    let _serial = SERIAL.blocking_lock();
     use std::sync::Arc;
     use std::sync::atomic::Ordering::SeqCst;
     let mut rng = Rng::seeded();
@@ -386,6 +395,7 @@ fn runtimes_dropped_under_the_line_leave_nothing_behind() {
 /// 516 ms and the test failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_in_line_gives_up_by_its_deadline_under_a_storm_of_shortened_leases() {
+    let _serial = SERIAL.lock().await;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     let lock = MemoryLock::new();
@@ -609,6 +619,7 @@ impl Registry {
 /// watchdog had extended).
 #[test]
 fn everything_at_once_on_two_runtimes_keeps_exclusion_fences_and_deadlines() {
+    let _serial = SERIAL.blocking_lock();
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     let lock = MemoryLock::new();
@@ -817,6 +828,7 @@ async fn keys_at_the_edges_of_their_forms_are_one_key_whoever_builds_them() {
 /// delays and the test failed on its bound (in round 70 of that run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_wake_cancel_stop_and_purge_race_and_the_line_still_moves() {
+    let _serial = SERIAL.lock().await;
     let mut rng = Rng::seeded();
     let seed = rng.0;
     for round in 0..300 {
