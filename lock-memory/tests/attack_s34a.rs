@@ -916,3 +916,44 @@ async fn release_wake_cancel_stop_and_purge_race_and_the_line_still_moves() {
         );
     }
 }
+
+/// Thousands of keys in one multi-key lock, with the shortest ttl: taking 3 000 keys one by one
+/// outlasts a 1 ms ttl, so memory lets the lock go rather than hand out a guard born expired
+/// (as the core does with an answer that came back too late). The core says of that case:
+/// "said as the error a single try or an exhausted wait returns ..., never 'held by another
+/// holder'" ("raise the ttl"). Nobody holds any of these keys: a single try must not answer
+/// `Locked` ("a single-attempt policy found the key held"), and a wait must not end in a bare
+/// `Timeout` that blames contention; the table is empty afterwards.
+#[tokio::test]
+async fn a_multi_key_lock_outlasting_its_ttl_is_not_reported_held_by_another() {
+    let lock = MemoryLock::new();
+    let names: Vec<String> = (0..3_000).map(|n| format!("many:{n}")).collect();
+    let keys: Vec<&str> = names.iter().map(String::as_str).collect();
+    let single = client(&lock, ms(1), RetryPolicy::none());
+    let mut outcomes = Vec::new();
+    for _ in 0..5 {
+        match single.acquire_many(&keys).await {
+            Ok(guard) => drop(guard),
+            Err(error) => outcomes.push(error),
+        }
+    }
+    assert!(
+        !outcomes.is_empty(),
+        "3 000 keys were taken within 1 ms five times: nothing to check on this machine"
+    );
+    for error in &outcomes {
+        assert!(
+            !matches!(error, lock_core::LockError::Locked { .. }),
+            "free keys reported held by another holder: {error}"
+        );
+    }
+    let waiting = client(&lock, ms(1), every(ms(1)).with_deadline(ms(100)));
+    match waiting.acquire_many(&keys).await {
+        Ok(guard) => drop(guard),
+        Err(error) => assert!(
+            !matches!(error, lock_core::LockError::Timeout { .. }),
+            "free keys reported as a wait that timed out on contention: {error}"
+        ),
+    }
+    assert!(lock.is_empty(), "{} entries left", lock.len());
+}
