@@ -690,11 +690,23 @@ impl Inner {
         });
         // The validity is the first key's expiry, set when it was taken: with many keys and a
         // short ttl it may have passed while the others were taken. Such a lock is let go and
-        // the attempt counts as one that found the keys held, as the core does with an answer
-        // that came back too late: no guard is handed out with its validity already over.
+        // the attempt fails as the core fails an answer that came back too late ("raise the
+        // ttl"): no guard is handed out with its validity already over, and keys nobody else
+        // holds are not reported held.
         let still_valid = valid_until.is_some_and(|valid_until| valid_until > Instant::now());
         if !still_ours || !still_valid {
             self.release_each(keys, token);
+            if still_ours {
+                return Err(LockError::backend(
+                    NAME,
+                    format!(
+                        "taking the {} keys of `{}` outlasted the lock's ttl of {} ms, so it was let go; raise the ttl",
+                        keys.len(),
+                        keys[0],
+                        ttl.as_millis()
+                    ),
+                ));
+            }
             return Ok(None);
         }
         Ok(valid_until.map(|valid_until| (valid_until, fence)))
