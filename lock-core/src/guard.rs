@@ -211,7 +211,10 @@ impl LockGuard {
     /// [`LockError::InvalidInput`] outside a tokio runtime.
     pub fn keep_alive(&mut self) -> Result<LostSignal> {
         if let State::Watched(watched) = &self.state {
-            return Ok(LostSignal::new(watched.lease.live().subscribe()));
+            return Ok(LostSignal::new(
+                watched.lease.live().subscribe(),
+                watched.task.abort_handle(),
+            ));
         }
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| LockError::invalid("runtime", "keep_alive needs a tokio runtime"))?;
@@ -225,7 +228,7 @@ impl LockGuard {
         let handle = Arc::new(Mutex::new(handle));
         let span =
             tracing::debug_span!("lock.watchdog", backend = self.backend, key = %lease.key());
-        let signal = LostSignal::new(live.subscribe());
+        let status = live.subscribe();
         let task = runtime.spawn(
             watchdog::keep_alive(
                 Arc::clone(&handle),
@@ -235,6 +238,7 @@ impl LockGuard {
             )
             .instrument(span),
         );
+        let signal = LostSignal::new(status, task.abort_handle());
         self.state = State::Watched(Box::new(Watched {
             handle,
             lease,

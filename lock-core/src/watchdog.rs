@@ -61,11 +61,20 @@ pub(crate) fn cap(live: &watch::Sender<Live>, until: Instant) {
 #[derive(Clone, Debug)]
 pub struct LostSignal {
     status: watch::Receiver<Live>,
+    /// The watchdog's task: a lapse it cannot report (its runtime shut down, or not run) is
+    /// told by the signal itself.
+    watchdog: tokio::task::AbortHandle,
 }
 
+/// How long after the validity's end [`LostSignal::lost`] waits for a watchdog that still
+/// exists to report the loss before it tells the lapse itself (a watchdog on a runtime that
+/// nothing runs any more reports nothing). A running watchdog reports at the lapse, up to two
+/// ticks of the timer late.
+const UNREPORTED_LAPSE: Duration = Duration::from_millis(10);
+
 impl LostSignal {
-    pub(crate) fn new(status: watch::Receiver<Live>) -> Self {
-        Self { status }
+    pub(crate) fn new(status: watch::Receiver<Live>, watchdog: tokio::task::AbortHandle) -> Self {
+        Self { status, watchdog }
     }
 
     /// True once the lock is found lost (by the watchdog, an extend or a release). A lapse
@@ -77,11 +86,15 @@ impl LostSignal {
 
     /// Resolves when the lock is lost; never, if it is released first.
     ///
-    /// Also when the validity lapses unextended while nobody reports it: a watchdog whose
-    /// runtime was shut down (the guard held on elsewhere) extends nothing and reports
-    /// nothing, and the lock lapses all the same.
+    /// Also when the validity lapses unextended and nobody reports it: a watchdog whose runtime
+    /// was shut down (the guard held on elsewhere) extends nothing and reports nothing, and the
+    /// lock lapses all the same; it resolves then (at the lapse when the watchdog's task is
+    /// gone, [`UNREPORTED_LAPSE`] after it when the task exists but does not run).
     pub async fn lost(&self) {
         let mut status = self.status.clone();
+        // Every sender gone: the handle was dropped without a release, and nothing moves the
+        // lease any more.
+        let mut closed = false;
         loop {
             let (lost, ended, valid_until) = {
                 let live = status.borrow_and_update();
@@ -94,20 +107,21 @@ impl LostSignal {
                 // Released first: nothing to report.
                 std::future::pending::<()>().await;
             }
-            let lapsed = tokio::select! {
-                changed = status.changed() => changed.is_err(),
-                () = tokio::time::sleep_until(valid_until) => true,
+            let told_at = if self.watchdog.is_finished() {
+                valid_until
+            } else {
+                valid_until + UNREPORTED_LAPSE
             };
-            if lapsed {
-                // The validity reached, or every sender gone (the handle dropped unreleased):
-                // at the validity's end, the lease's last word decides; an extend or a
-                // release meanwhile sends the loop round again.
-                let valid_until = status.borrow().valid_until;
-                tokio::time::sleep_until(valid_until).await;
-                let live = status.borrow();
-                if live.lost || (!live.ended && Instant::now() >= live.valid_until) {
-                    return;
-                }
+            if Instant::now() >= told_at {
+                return;
+            }
+            if closed {
+                tokio::time::sleep_until(told_at).await;
+                continue;
+            }
+            tokio::select! {
+                changed = status.changed() => closed = changed.is_err(),
+                () = tokio::time::sleep_until(told_at) => {}
             }
         }
     }

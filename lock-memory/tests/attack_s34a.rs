@@ -81,6 +81,46 @@ fn a_kept_alive_guard_whose_watchdogs_runtime_is_gone_is_reported_lost_when_it_l
     );
 }
 
+/// As above, with the watchdog's runtime still there but run no more: a current-thread runtime
+/// runs its tasks only inside `block_on`, and the guard was kept alive in one that returned.
+/// The watchdog exists but never wakes; the lock lapses, and the signal must still fire (at
+/// most a few milliseconds after the lapse, the time it leaves a watchdog that exists to say
+/// so itself).
+#[test]
+fn a_kept_alive_guard_whose_watchdogs_runtime_is_not_run_is_reported_lost_when_it_lapses() {
+    let _serial = SERIAL.blocking_lock();
+    let lock = MemoryLock::new();
+    let ttl = ms(150);
+    let idle = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let (guard, lost) = idle.block_on(async {
+        let mut guard = client(&lock, ttl, RetryPolicy::none())
+            .acquire("k")
+            .await
+            .unwrap();
+        let lost = guard.keep_alive().unwrap();
+        (guard, lost)
+    });
+    let main = multi_thread();
+    main.block_on(async {
+        let heard = tokio::time::timeout(ms(1_000), lost.lost()).await.is_ok();
+        let late = tokio::time::Instant::now().saturating_duration_since(guard.valid_until());
+        assert!(
+            heard && late < ms(100),
+            "the kept-alive lock lapsed unextended and its lost signal said nothing \
+             (heard: {heard}, {late:?} after the lapse)"
+        );
+    });
+    drop(guard);
+    drop(idle);
+    assert!(
+        lock.is_empty(),
+        "the table keeps an entry once every guard is gone"
+    );
+}
+
 /// lock-memory's README: "the first in line is woken alone when the key is released or
 /// expires". A holder that shortens its lease (an extend by a shorter ttl, which the guard's
 /// docs allow) and then lets it lapse: the first in line, which planned to look again at the
