@@ -997,3 +997,75 @@ async fn a_multi_key_lock_outlasting_its_ttl_is_not_reported_held_by_another() {
     }
     assert!(lock.is_empty(), "{} entries left", lock.len());
 }
+
+/// "While a line waits, a single try, a reader or a newcomer does not take the free key."
+/// Single tries hammer `k` from another thread while its holder releases to the first in line,
+/// at a random moment: no single try may win before the waiter in line has had the key.
+///
+/// Checked against a broken variant: with `Inner::take` letting an attempt that names no waiter
+/// and follows no wait past a line when the key is free, tries won ahead of the line.
+#[test]
+fn single_tries_racing_a_hand_off_never_pass_the_line() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    let _serial = SERIAL.blocking_lock();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut rng = Rng::seeded();
+    let seed = rng.0;
+    let passed = Arc::new(AtomicUsize::new(0));
+    runtime.block_on(async {
+        for _ in 0..300 {
+            let lock = MemoryLock::new();
+            let holder = client(&lock, ms(10_000), RetryPolicy::none())
+                .acquire("k")
+                .await
+                .unwrap();
+            let served = Arc::new(AtomicBool::new(false));
+            let waiter = tokio::spawn({
+                let (locker, served) = (
+                    client(&lock, ms(10_000), every(ms(10_000))),
+                    Arc::clone(&served),
+                );
+                async move {
+                    let guard = locker.acquire("k").await.unwrap();
+                    served.store(true, SeqCst);
+                    drop(guard);
+                }
+            });
+            tokio::time::sleep(ms(1)).await;
+            let tries = tokio::spawn({
+                let (locker, served, passed) = (
+                    client(&lock, ms(10_000), RetryPolicy::none()),
+                    Arc::clone(&served),
+                    Arc::clone(&passed),
+                );
+                async move {
+                    while !served.load(SeqCst) {
+                        if let Some(guard) = locker.try_acquire("k").await.unwrap()
+                            && !served.load(SeqCst)
+                        {
+                            passed.fetch_add(1, SeqCst);
+                            drop(guard);
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                }
+            });
+            let pause = rng.below(200);
+            tokio::time::sleep(Duration::from_micros(pause)).await;
+            drop(holder);
+            waiter.await.unwrap();
+            tries.await.unwrap();
+            assert!(lock.is_empty());
+        }
+    });
+    assert_eq!(
+        passed.load(SeqCst),
+        0,
+        "single tries took `k` ahead of the waiter in line (seed {seed})"
+    );
+}
