@@ -1069,3 +1069,70 @@ fn single_tries_racing_a_hand_off_never_pass_the_line() {
         "single tries took `k` ahead of the waiter in line (seed {seed})"
     );
 }
+
+/// "`stop` ... given up to `CLEANUP_WAIT` to finish first": fair waiters whose futures were
+/// polled once and leaked (forgotten, never dropped: their places in line, claims the stop
+/// waits for, are never taken back) cannot hold `stop` beyond `CLEANUP_WAIT`; a waiter of the
+/// same client still polled ends with `Stopped` at once, and the line moves on for another
+/// client's waiter as soon as the leaked places lapse (one ttl after their only attempt).
+/// Checked against a broken variant: with places lasting two ttls, the other client's waiter
+/// was served 8 s late and the test failed.
+#[tokio::test(start_paused = true)]
+async fn leaked_fair_waiters_hold_stop_no_longer_than_cleanup_wait() {
+    use tokio::time::Instant;
+    let lock = MemoryLock::new();
+    let ttl = ms(8_000);
+    let holder = client(&lock, ms(60_000), RetryPolicy::none())
+        .acquire("k")
+        .await
+        .unwrap();
+    let stopped = client(&lock, ttl, every(ms(1_000)));
+    let waker = std::task::Waker::noop();
+    let mut last_attempt = Instant::now();
+    for _ in 0..3 {
+        let mut leaked = Box::pin(stopped.acquire("k"));
+        assert!(
+            leaked
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(waker))
+                .is_pending()
+        );
+        last_attempt = Instant::now();
+        std::mem::forget(leaked);
+        tokio::time::sleep(ms(1)).await;
+    }
+    let polled = tokio::spawn({
+        let stopped = stopped.clone();
+        async move { stopped.acquire("k").await.map(drop) }
+    });
+    let other = tokio::spawn({
+        let locker = client(&lock, ttl, every(ms(1_000)));
+        async move {
+            let guard = locker.acquire("k").await.unwrap();
+            let at = Instant::now();
+            drop(guard);
+            at
+        }
+    });
+    tokio::time::sleep(ms(10)).await;
+    let asked = Instant::now();
+    stopped.stop().await.unwrap();
+    let took = asked.elapsed();
+    assert!(
+        took <= lock_core::CLEANUP_WAIT + ms(1),
+        "stop took {took:?} (CLEANUP_WAIT is {:?})",
+        lock_core::CLEANUP_WAIT
+    );
+    assert!(matches!(
+        polled.await.unwrap(),
+        Err(lock_core::LockError::Stopped)
+    ));
+    drop(holder);
+    let served = other.await.unwrap();
+    let lapse = last_attempt + ttl;
+    assert!(
+        served <= lapse + ms(5),
+        "the other client's waiter was served {:?} after the leaked places lapsed",
+        served.saturating_duration_since(lapse)
+    );
+}
