@@ -1136,3 +1136,57 @@ async fn leaked_fair_waiters_hold_stop_no_longer_than_cleanup_wait() {
         served.saturating_duration_since(lapse)
     );
 }
+
+/// "A waiting writer ... new readers are kept out, so a stream of readers cannot starve it."
+/// The writer's claim lasts its attempt's ttl and is renewed every half ttl: with the shortest
+/// ttls (1–5 ms) on tokio's millisecond timer, a claim may lapse between renewals, as the
+/// line's places did. Three readers overlap without pause (each holds 5 ms with a long ttl);
+/// a writer with a ttl of 1–3 ms must get in within 100 ms (the readers drain in 5 ms), round
+/// after round. On main, writers with a 1 ms ttl waited 100 ms to 1.3 s in every run.
+#[test]
+fn a_writer_with_the_shortest_ttl_is_not_starved_by_a_stream_of_readers() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let _serial = SERIAL.blocking_lock();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut starved = Vec::new();
+        for round in 0..24u64 {
+            let ttl = ms([1, 1, 2, 3][(round % 4) as usize]);
+            let lock = MemoryLock::new();
+            let done = Arc::new(AtomicBool::new(false));
+            let mut readers = Vec::new();
+            for _ in 0..3 {
+                let (locker, done) = (client(&lock, ms(1_000), every(ms(1))), Arc::clone(&done));
+                readers.push(tokio::spawn(async move {
+                    while !done.load(SeqCst) {
+                        let read = locker.acquire_read("rw").await.unwrap();
+                        tokio::time::sleep(ms(5)).await;
+                        drop(read);
+                    }
+                }));
+                tokio::time::sleep(ms(2)).await;
+            }
+            let writer = client(&lock, ttl, every(ms(1)).with_deadline(ms(2_000)));
+            let started = std::time::Instant::now();
+            let outcome = writer.acquire_write("rw").await;
+            let took = started.elapsed();
+            done.store(true, SeqCst);
+            let outcome = outcome.map(drop);
+            if outcome.is_err() || took > ms(100) {
+                starved.push((ttl, took, outcome.err()));
+            }
+            for reader in readers {
+                reader.await.unwrap();
+            }
+        }
+        assert!(
+            starved.is_empty(),
+            "writers with short ttls waited behind a stream of readers: {starved:?}"
+        );
+    });
+}
