@@ -36,12 +36,13 @@ const SWEEP_EVERY: u64 = 4096;
 /// this only bounds the cost of a waiter that vanished.
 const HANDOFF_GRACE: Duration = Duration::from_millis(20);
 
-/// The shortest time a place in a key's line lasts after the attempt that renewed it, whatever
-/// the attempt's ttl. A waiter renews its place every half ttl on tokio's millisecond timer,
-/// which fires up to two ticks late, on a thread a busy machine may not run for some
-/// milliseconds more: a place lasting only a ttl of a few milliseconds would lapse between
-/// renewals, and the line would lose its order with nothing leaked. A waiting future leaked
-/// with such a ttl holds the line this long.
+/// The shortest time a place in a key's line, or a waiting writer's claim, lasts after the
+/// attempt that renewed it, whatever the attempt's ttl. A waiter renews it every half ttl on
+/// tokio's millisecond timer, which fires up to two ticks late, on a thread a busy machine may
+/// not run for some milliseconds more: one lasting only a ttl of a few milliseconds would lapse
+/// between renewals, and the line would lose its order (readers would pass the writer) with
+/// nothing leaked. A waiting future leaked with such a ttl holds the line (keeps readers out)
+/// this long.
 const PLACE_AT_LEAST: Duration = Duration::from_millis(50);
 
 /// An in-process lock over a sharded map; clones share the same locks.
@@ -599,7 +600,7 @@ impl Inner {
                 if !free && request.will_wait() {
                     shared.claim = Some(Holder {
                         token: token.clone(),
-                        expires_at: now + request.ttl(),
+                        expires_at: now + request.ttl().max(PLACE_AT_LEAST),
                     });
                 }
                 free
