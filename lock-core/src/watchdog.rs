@@ -89,7 +89,7 @@ impl LostSignal {
     /// Also when the validity lapses unextended and nobody reports it: a watchdog whose runtime
     /// was shut down (the guard held on elsewhere) extends nothing and reports nothing, and the
     /// lock lapses all the same; it resolves then (at the lapse when the watchdog's task is
-    /// gone, [`UNREPORTED_LAPSE`] after it when the task exists but does not run). So it is
+    /// gone, 10 ms after it when the task exists but does not run). So it is
     /// awaited on a runtime with timers, as every wait of a [`Locker`](crate::Locker) is.
     pub async fn lost(&self) {
         let mut status = self.status.clone();
