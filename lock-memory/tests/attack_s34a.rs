@@ -1190,3 +1190,39 @@ fn a_writer_with_the_shortest_ttl_is_not_starved_by_a_stream_of_readers() {
         );
     });
 }
+
+/// The wake-ups a shortened lease sends must not cost a waiter outside the line its wake-up on
+/// release: a permit holder shortens its lease twice (each time waking the waiting permit to
+/// plan for the earlier expiry, an early wake-up that finds the semaphore still full), then
+/// releases; the waiting permit (retry delay 1 s) must be served at the release.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_woken_by_shortened_leases_is_still_woken_by_the_release() {
+    let lock = MemoryLock::new();
+    let mut holder = client(&lock, ms(10_000), RetryPolicy::none())
+        .acquire_permit("s", 1)
+        .await
+        .unwrap();
+    let waiter = client(&lock, ms(10_000), every(ms(1_000)));
+    let served = tokio::spawn(async move {
+        let guard = waiter.acquire_permit("s", 1).await.unwrap();
+        let at = tokio::time::Instant::now();
+        drop(guard);
+        at
+    });
+    tokio::time::sleep(ms(10)).await;
+    holder.extend(ms(9_000)).await.unwrap();
+    tokio::time::sleep(ms(10)).await;
+    holder.extend(ms(8_000)).await.unwrap();
+    tokio::time::sleep(ms(10)).await;
+    holder.extend(ms(7_000)).await.unwrap();
+    tokio::time::sleep(ms(20)).await;
+    let released = tokio::time::Instant::now();
+    holder.release().await.unwrap();
+    let at = served.await.unwrap();
+    let late = at.saturating_duration_since(released);
+    assert!(
+        late <= ms(5),
+        "the waiting permit was served {late:?} after the release"
+    );
+    assert!(lock.is_empty());
+}
