@@ -993,7 +993,7 @@ impl Lock for MemoryLock {
         let give_up_at = now + max_wait;
         // A caller that waits is in line: a key held back for the line does not stop it here.
         // Wait on the first busy key; the others are re-checked by the next attempt.
-        let Some((key, (busy_until, generation, waiters))) = keys
+        let Some((key, (_, generation, waiters))) = keys
             .iter()
             .find_map(|key| Some((key, self.inner.wait_on(key, now, false)?)))
         else {
@@ -1008,21 +1008,39 @@ impl Lock for MemoryLock {
         };
         let mut woken_late = false;
         if let Some(waiters) = &place.waiters {
-            let notified = waiters.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            // The holder may have left between joining the line and enabling the notification.
-            let unchanged = self.inner.slots.get(key).is_some_and(|slot| {
-                slot.generation == generation && slot.busy_until(Instant::now(), false).is_some()
-            });
-            if unchanged {
+            let mut replanned = false;
+            loop {
+                let notified = waiters.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                // The holder may have left between joining the line and enabling the
+                // notification. After a wake-up that changed no holder (a lease shortened, see
+                // `Slot::replan_waiters`), the wait goes on to the new expiry: returning would
+                // make the caller count an early wake-up, and after two it sleeps its whole
+                // delay, deaf to the release.
+                let now = Instant::now();
+                let still = self.inner.slots.get(key).and_then(|slot| {
+                    if slot.generation != generation {
+                        return None;
+                    }
+                    slot.busy_until(now, replanned)
+                });
+                let Some(until) = still else {
+                    break;
+                };
                 tokio::select! {
                     // Woken by a release, but run only once the wait was over: the caller may
                     // give up without an attempt (its deadline passed), so the wake-up is
                     // passed on, once this waiter has left. (A wake-up not taken at all, the
                     // other branch chosen, goes on by itself.)
-                    () = notified => woken_late = Instant::now() >= give_up_at,
-                    () = tokio::time::sleep_until(busy_until.min(give_up_at)) => {}
+                    () = &mut notified => {
+                        if Instant::now() >= give_up_at {
+                            woken_late = true;
+                            break;
+                        }
+                        replanned = true;
+                    }
+                    () = tokio::time::sleep_until(until.min(give_up_at)) => break,
                 }
             }
         }
