@@ -1226,3 +1226,41 @@ async fn a_waiter_woken_by_shortened_leases_is_still_woken_by_the_release() {
     );
     assert!(lock.is_empty());
 }
+
+/// "Other waiters (multi-key locks, semaphores, read-write locks) are woken when a key is
+/// released or expires, instead of polling." Five permits wait for a semaphore of one permit
+/// (retry delay 1 s) whose holders pass it on every 10 ms: each release wakes them all and one
+/// wins, so the others count early wake-ups; none of them may fall back to sleeping its whole
+/// delay and miss the releases that follow. All five must be served within 100 ms.
+#[tokio::test(start_paused = true)]
+async fn permit_waiters_woken_in_vain_are_still_woken_by_the_next_releases() {
+    use tokio::time::Instant;
+    let lock = MemoryLock::new();
+    let holder = client(&lock, ms(10_000), RetryPolicy::none())
+        .acquire_permit("s", 1)
+        .await
+        .unwrap();
+    let mut waiters = Vec::new();
+    for _ in 0..5 {
+        let waiter = client(&lock, ms(10_000), every(ms(1_000)));
+        waiters.push(tokio::spawn(async move {
+            let guard = waiter.acquire_permit("s", 1).await.unwrap();
+            tokio::time::sleep(ms(10)).await;
+            drop(guard);
+            Instant::now()
+        }));
+        tokio::time::sleep(ms(1)).await;
+    }
+    let released = Instant::now();
+    drop(holder);
+    let mut last = released;
+    for waiter in waiters {
+        last = last.max(waiter.await.unwrap());
+    }
+    let took = last - released;
+    assert!(
+        took <= ms(100),
+        "five holds of 10 ms took {took:?}: waiters slept through releases"
+    );
+    assert!(lock.is_empty());
+}
