@@ -357,6 +357,31 @@ impl Slot {
         }
     }
 
+    /// Until when no waiter of any kind could get in: a live mutex holder, or a semaphore
+    /// whose permits are all held (its holders' earliest expiry). `None` otherwise (a
+    /// read-write lock's readers may join readers, a writer may hold a claim).
+    fn full_until(&self, now: Instant) -> Option<Instant> {
+        if let Some(holder) = self
+            .holder
+            .as_ref()
+            .filter(|holder| holder.expires_at > now)
+        {
+            return Some(holder.expires_at);
+        }
+        let shared = self.shared.as_deref()?;
+        let Family::Semaphore(permits) = shared.family else {
+            return None;
+        };
+        let live = shared
+            .holders
+            .iter()
+            .filter(|holder| holder.expires_at > now)
+            .count();
+        (live >= permits.get() as usize)
+            .then(|| shared.next_change(now))
+            .flatten()
+    }
+
     /// When the key may next be free for anyone: `None` if it is free now.
     fn busy_until(&self, now: Instant, after_wait: bool) -> Option<Instant> {
         if let Some(holder) = self
@@ -1014,16 +1039,22 @@ impl Lock for MemoryLock {
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 // The holder may have left between joining the line and enabling the
-                // notification. After a wake-up that changed no holder (a lease shortened, see
-                // `Slot::replan_waiters`), the wait goes on to the new expiry: returning would
-                // make the caller count an early wake-up, and after two it sleeps its whole
-                // delay, deaf to the release.
+                // notification. After a wake-up that cannot let this waiter in (a lease
+                // shortened, see `Slot::replan_waiters`; a release whose key another woken
+                // waiter took first), the wait goes on: returning would make the caller count
+                // an early wake-up, and after two it sleeps its whole delay, deaf to the
+                // releases.
                 let now = Instant::now();
                 let still = self.inner.slots.get(key).and_then(|slot| {
+                    if replanned {
+                        // Woken in vain (another waiter won, or a lease was shortened): the
+                        // wait goes on while nobody could get in.
+                        return slot.full_until(now);
+                    }
                     if slot.generation != generation {
                         return None;
                     }
-                    slot.busy_until(now, replanned)
+                    slot.busy_until(now, false)
                 });
                 let Some(until) = still else {
                     break;
