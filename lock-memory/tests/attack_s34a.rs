@@ -1264,3 +1264,37 @@ async fn permit_waiters_woken_in_vain_are_still_woken_by_the_next_releases() {
     );
     assert!(lock.is_empty());
 }
+
+/// The same for a writer behind readers: three readers leave one by one, 10 ms apart; each
+/// release wakes the waiting writer (retry delay 1 s), which finds readers still in, until the
+/// last leaves. The writer must get in when the last reader leaves, not a delay later.
+#[tokio::test(start_paused = true)]
+async fn a_writer_woken_by_each_reader_leaving_gets_in_when_the_last_leaves() {
+    use tokio::time::Instant;
+    let lock = MemoryLock::new();
+    let readers = client(&lock, ms(10_000), RetryPolicy::none());
+    let mut reads = Vec::new();
+    for _ in 0..3 {
+        reads.push(readers.acquire_read("rw").await.unwrap());
+    }
+    let writer = client(&lock, ms(10_000), every(ms(1_000)));
+    let served = tokio::spawn(async move {
+        let guard = writer.acquire_write("rw").await.unwrap();
+        let at = Instant::now();
+        drop(guard);
+        at
+    });
+    tokio::time::sleep(ms(5)).await;
+    for read in reads {
+        tokio::time::sleep(ms(10)).await;
+        drop(read);
+    }
+    let last_left = Instant::now();
+    let at = served.await.unwrap();
+    let late = at.saturating_duration_since(last_left);
+    assert!(
+        late <= ms(5),
+        "the writer got in {late:?} after the last reader left"
+    );
+    assert!(lock.is_empty());
+}
