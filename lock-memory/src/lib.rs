@@ -357,9 +357,10 @@ impl Slot {
         }
     }
 
-    /// Until when no waiter of any kind could get in: a live mutex holder, or a semaphore
-    /// whose permits are all held (its holders' earliest expiry). `None` otherwise (a
-    /// read-write lock's readers may join readers, a writer may hold a claim).
+    /// Until when no waiter of any kind could get in: a live mutex holder, a semaphore whose
+    /// permits are all held, a read-write lock held by a writer, or by readers while a
+    /// writer's claim keeps new readers out (the earliest change of its holders and claim).
+    /// `None` otherwise (readers may join readers).
     fn full_until(&self, now: Instant) -> Option<Instant> {
         if let Some(holder) = self
             .holder
@@ -369,17 +370,26 @@ impl Slot {
             return Some(holder.expires_at);
         }
         let shared = self.shared.as_deref()?;
-        let Family::Semaphore(permits) = shared.family else {
-            return None;
-        };
-        let live = shared
+        let mut live = shared
             .holders
             .iter()
-            .filter(|holder| holder.expires_at > now)
-            .count();
-        (live >= permits.get() as usize)
-            .then(|| shared.next_change(now))
-            .flatten()
+            .filter(|holder| holder.expires_at > now);
+        let full = match shared.family {
+            Family::Semaphore(permits) => live.count() >= permits.get() as usize,
+            Family::ReadWrite => {
+                let claimed = shared
+                    .claim
+                    .as_ref()
+                    .is_some_and(|claim| claim.expires_at > now);
+                let mut any = false;
+                let writer = live.any(|holder| {
+                    any = true;
+                    holder.writer
+                });
+                writer || (any && claimed)
+            }
+        };
+        full.then(|| shared.next_change(now)).flatten()
     }
 
     /// When the key may next be free for anyone: `None` if it is free now.
