@@ -1043,7 +1043,7 @@ impl Lock for MemoryLock {
         };
         let mut woken_late = false;
         if let Some(waiters) = &place.waiters {
-            let mut replanned = false;
+            let mut woken = false;
             loop {
                 let notified = waiters.notified();
                 tokio::pin!(notified);
@@ -1056,7 +1056,7 @@ impl Lock for MemoryLock {
                 // releases.
                 let now = Instant::now();
                 let still = self.inner.slots.get(key).and_then(|slot| {
-                    if replanned {
+                    if woken {
                         // Woken in vain (another waiter won, or a lease was shortened): the
                         // wait goes on while nobody could get in.
                         return slot.full_until(now);
@@ -1079,7 +1079,7 @@ impl Lock for MemoryLock {
                             woken_late = true;
                             break;
                         }
-                        replanned = true;
+                        woken = true;
                     }
                     () = tokio::time::sleep_until(until.min(give_up_at)) => break,
                 }
