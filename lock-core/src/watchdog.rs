@@ -89,13 +89,17 @@ impl LostSignal {
     /// Also when the validity lapses unextended and nobody reports it: a watchdog whose runtime
     /// was shut down (the guard held on elsewhere) extends nothing and reports nothing, and the
     /// lock lapses all the same; it resolves then (at the lapse when the watchdog's task is
-    /// gone, 10 ms after it when the task exists but does not run). So it is
+    /// gone, 10 ms after it (or after this call) when the task exists but does not run). So it is
     /// awaited on a runtime with timers, as every wait of a [`Locker`](crate::Locker) is.
     pub async fn lost(&self) {
         let mut status = self.status.clone();
         // Every sender gone: the handle was dropped without a release, and nothing moves the
         // lease any more.
         let mut closed = false;
+        // A watchdog that exists is given its time to report (and count) a lapse it is about
+        // to find, also when this call comes after the lapse (the watchdog waited for the
+        // handle its holder held).
+        let asked = Instant::now();
         loop {
             let (lost, ended, valid_until) = {
                 let live = status.borrow_and_update();
@@ -111,7 +115,7 @@ impl LostSignal {
             let told_at = if self.watchdog.is_finished() {
                 valid_until
             } else {
-                valid_until + UNREPORTED_LAPSE
+                valid_until.max(asked) + UNREPORTED_LAPSE
             };
             if Instant::now() >= told_at {
                 return;
