@@ -61,16 +61,18 @@ pub(crate) fn cap(live: &watch::Sender<Live>, until: Instant) {
 #[derive(Clone, Debug)]
 pub struct LostSignal {
     status: watch::Receiver<Live>,
-    /// The watchdog's task: a lapse it cannot report (its runtime shut down, or not run) is
-    /// told by the signal itself.
+    /// The watchdog's task: a lapse it cannot report (its runtime shut down) is told by the
+    /// signal itself.
     watchdog: tokio::task::AbortHandle,
 }
 
-/// How long after the validity's end [`LostSignal::lost`] waits for a watchdog that still
-/// exists to report the loss before it tells the lapse itself (a watchdog on a runtime that
-/// nothing runs any more reports nothing). A running watchdog reports at the lapse, up to two
-/// ticks of the timer late.
-const UNREPORTED_LAPSE: Duration = Duration::from_millis(10);
+/// How soon [`LostSignal::lost`] first looks again, after the validity's end, whether the
+/// watchdog's task is gone (its runtime shut down); it then looks at growing intervals, up to
+/// [`GONE_CHECK_MAX`].
+const GONE_CHECK: Duration = Duration::from_millis(10);
+
+/// The longest interval between two looks of [`LostSignal::lost`] at the watchdog's task.
+const GONE_CHECK_MAX: Duration = Duration::from_secs(1);
 
 impl LostSignal {
     pub(crate) fn new(status: watch::Receiver<Live>, watchdog: tokio::task::AbortHandle) -> Self {
@@ -86,20 +88,20 @@ impl LostSignal {
 
     /// Resolves when the lock is lost; never, if it is released first.
     ///
-    /// Also when the validity lapses unextended and nobody reports it: a watchdog whose runtime
-    /// was shut down (the guard held on elsewhere) extends nothing and reports nothing, and the
-    /// lock lapses all the same; it resolves then (at the lapse when the watchdog's task is
-    /// gone, 10 ms after it (or after this call) when the task exists but does not run). So it is
-    /// awaited on a runtime with timers, as every wait of a [`Locker`](crate::Locker) is.
+    /// Also when the validity lapsed unextended and no watchdog is left to report it: a guard
+    /// kept alive on a runtime that was shut down (the guard held on elsewhere) is extended by
+    /// nothing and reported by nothing, and the lock lapses all the same; it resolves then (the
+    /// watchdog's task gone is looked at from the lapse on, 10 ms to 1 s apart). While the
+    /// watchdog's task exists, the watchdog alone reports the loss (an extend in flight may yet
+    /// move the validity, and the loss is counted once): a watchdog on a runtime that nothing
+    /// runs any more reports nothing, and neither does this. So it is awaited on a runtime with
+    /// timers, as every wait of a [`Locker`](crate::Locker) is.
     pub async fn lost(&self) {
         let mut status = self.status.clone();
         // Every sender gone: the handle was dropped without a release, and nothing moves the
         // lease any more.
         let mut closed = false;
-        // A watchdog that exists is given its time to report (and count) a lapse it is about
-        // to find, also when this call comes after the lapse (the watchdog waited for the
-        // handle its holder held).
-        let asked = Instant::now();
+        let mut gone_check = GONE_CHECK;
         loop {
             let (lost, ended, valid_until) = {
                 let live = status.borrow_and_update();
@@ -112,21 +114,24 @@ impl LostSignal {
                 // Released first: nothing to report.
                 std::future::pending::<()>().await;
             }
-            let told_at = if self.watchdog.is_finished() {
-                valid_until
-            } else {
-                valid_until.max(asked) + UNREPORTED_LAPSE
-            };
-            if Instant::now() >= told_at {
+            let now = Instant::now();
+            if now >= valid_until && self.watchdog.is_finished() {
                 return;
             }
+            let look_at = if now < valid_until {
+                valid_until
+            } else {
+                let at = now + gone_check;
+                gone_check = (gone_check * 2).min(GONE_CHECK_MAX);
+                at
+            };
             if closed {
-                tokio::time::sleep_until(told_at).await;
+                tokio::time::sleep_until(look_at).await;
                 continue;
             }
             tokio::select! {
                 changed = status.changed() => closed = changed.is_err(),
-                () = tokio::time::sleep_until(told_at) => {}
+                () = tokio::time::sleep_until(look_at) => {}
             }
         }
     }

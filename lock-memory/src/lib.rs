@@ -102,8 +102,8 @@ struct Holder {
 /// The line of a mutex key's waiters, first come, first served (see [`Slot::line`]). A waiter
 /// keeps its place across its attempts, each of which renews it; the core takes it out when
 /// the waiter stops waiting ([`Lock::abandon`]). A place that no attempt renewed for a ttl
-/// (a waiting future leaked without being dropped) lapses, so that nobody waits behind it for
-/// longer.
+/// ([`PLACE_AT_LEAST`] at least; a waiting future leaked without being dropped) lapses, so
+/// that nobody waits behind it for longer.
 struct Line {
     entries: VecDeque<LineEntry>,
     /// Until then, the free key is kept for the waiters outside the line (multi-key locks, woken
@@ -580,7 +580,7 @@ impl Inner {
     /// expiry it was given and a fencing token drawn under the shard lock.
     ///
     /// A writer that finds readers leaves a claim that keeps new readers out until it gets in,
-    /// takes the claim back (`abandon`) or the claim's ttl passes.
+    /// takes the claim back (`abandon`) or the claim's ttl ([`PLACE_AT_LEAST`] at least) passes.
     fn take_shared(
         &self,
         key: &Key,
@@ -1262,7 +1262,12 @@ impl Handle for MemoryHandle {
                         if let Some(mut slot) = self.inner.slots.get_mut(key)
                             && let Some(expiry) = slot.expiry_of(token, now)
                         {
-                            *expiry = before;
+                            let moved_to = std::mem::replace(expiry, before);
+                            if before < moved_to {
+                                // Put back earlier: waiters that looked meanwhile planned for
+                                // the later expiry (rev34).
+                                slot.replan_waiters();
+                            }
                         }
                     }
                     return Err(self.not_held());
