@@ -127,6 +127,19 @@ fn allowed((name, pttl): &(String, i64)) -> bool {
 }
 
 /// What is left on the servers right now but what [`allowed`] lets stay.
+/// The proxies of `nodes` let through at once again, then what is left of ours on their
+/// servers: now (`within` `None`), or once nothing is, within `within`.
+async fn left_after_heal(nodes: &[Node], within: Option<Duration>) -> Vec<(String, i64)> {
+    for node in nodes {
+        node.proxy.set_delay(Duration::ZERO);
+    }
+    let servers: Vec<&RedisServer> = nodes.iter().map(|node| &node.server).collect();
+    match within {
+        Some(within) => left_within(&servers, within).await,
+        None => left_now(&servers),
+    }
+}
+
 fn left_now(servers: &[&RedisServer]) -> Vec<(String, i64)> {
     servers
         .iter()
@@ -296,11 +309,7 @@ async fn redlock_late_grants_name_the_ttl_and_leave_nothing() {
                     .await;
                 assert!(says_raise_the_ttl(&many), "{case}, multi-key: {many:?}");
                 locker.stop().await.unwrap();
-                for node in &nodes {
-                    node.proxy.set_delay(Duration::ZERO);
-                }
-                let servers: Vec<&RedisServer> = nodes.iter().map(|node| &node.server).collect();
-                let left = left_within(&servers, Duration::from_secs(1)).await;
+                let left = left_after_heal(&nodes, Some(Duration::from_secs(1))).await;
                 assert!(left.is_empty(), "{case}: left: {left:?}");
             }
         }
@@ -343,11 +352,7 @@ async fn a_drift_sliver_late_grant_is_taken_back_before_stop_returns() {
                     assert!(says_raise_the_ttl(&once), "{case}, {name}: {once:?}");
                 }
                 locker.stop().await.unwrap();
-                for node in &nodes {
-                    node.proxy.set_delay(Duration::ZERO);
-                }
-                let servers: Vec<&RedisServer> = nodes.iter().map(|node| &node.server).collect();
-                let left = left_now(&servers);
+                let left = left_after_heal(&nodes, None).await;
                 assert!(left.is_empty(), "{case}: left right after stop: {left:?}");
             }
         }
@@ -557,11 +562,7 @@ async fn a_slow_and_a_fast_client_never_hold_together() {
             held.len(),
             late.load(std::sync::atomic::Ordering::Relaxed)
         );
-        for node in nodes.iter() {
-            node.proxy.set_delay(Duration::ZERO);
-        }
-        let servers: Vec<&RedisServer> = nodes.iter().map(|node| &node.server).collect();
-        let left = left_within(&servers, Duration::from_secs(1)).await;
+        let left = left_after_heal(&nodes, Some(Duration::from_secs(1))).await;
         assert!(left.is_empty(), "{backend}: left: {left:?}");
     }
 }
@@ -661,11 +662,7 @@ async fn a_late_head_passes_the_turn_on_at_once() {
             for locker in [&slow, &fast, &holder] {
                 locker.stop().await.unwrap();
             }
-            for node in &nodes {
-                node.proxy.set_delay(Duration::ZERO);
-            }
-            let servers: Vec<&RedisServer> = nodes.iter().map(|node| &node.server).collect();
-            let left = left_within(&servers, Duration::from_secs(1)).await;
+            let left = left_after_heal(&nodes, Some(Duration::from_secs(1))).await;
             assert!(left.is_empty(), "{case}: left: {left:?}");
         }
     }
@@ -773,11 +770,7 @@ async fn a_writer_whose_grants_come_late_leaves_no_claim_when_it_gives_up() {
         reader.unwrap().release().await.unwrap();
         writer.stop().await.unwrap();
         readers.stop().await.unwrap();
-        for node in &nodes {
-            node.proxy.set_delay(Duration::ZERO);
-        }
-        let servers: Vec<&RedisServer> = nodes.iter().map(|node| &node.server).collect();
-        let left = left_within(&servers, Duration::from_secs(1)).await;
+        let left = left_after_heal(&nodes, Some(Duration::from_secs(1))).await;
         assert!(left.is_empty(), "{count} node(s): left: {left:?}");
     }
 }
