@@ -811,8 +811,8 @@ impl Locker {
         let mut attempts = 0u32;
         // Waits in a row that the backend ended before their time, each followed by an attempt
         // that still found the key held. A backend may wake a waiter early (that is the point of
-        // push wake-ups), but never so often that the loop stops awaiting its backoff: after
-        // two, the next wait is a plain sleep of the whole delay.
+        // push wake-ups), but never so often that the loop stops awaiting its backoff: from the
+        // third on, the attempt after a wake-up waits [`early_spacing`] first (see there).
         let mut early_wakes = 0u32;
         // The error of the latest attempt that failed outright; contention clears it, an
         // attempt cut short by the deadline leaves it, so the caller learns why it gave up.
@@ -1034,46 +1034,48 @@ impl Locker {
                 if self.stopped.load(Ordering::SeqCst) {
                     return Err(LockError::Stopped);
                 }
-                let mut woken_for_turn = false;
-                if early_wakes >= 2 {
-                    early_wakes = 0;
-                    tokio::select! {
-                        biased;
-                        () = &mut stopping => return Err(LockError::Stopped),
-                        () = tokio::time::sleep_until(wake_at) => {}
+                let wait = async {
+                    match claim.request.as_ref().filter(|r| r.waiter().is_some()) {
+                        // Until `wake_at` as the store counts it (the budget above may
+                        // have yielded since `now`): a wake-up it finds late is late here.
+                        Some(request) => {
+                            let max_wait = wake_at.saturating_duration_since(Instant::now());
+                            self.store().wait_for_turn(request, max_wait).await
+                        }
+                        None => self
+                            .store()
+                            .wait_for_release(
+                                &wanted.keys,
+                                wake_at.saturating_duration_since(Instant::now()),
+                            )
+                            .await
+                            .map(|()| false),
+                    }
+                };
+                // A `stop` ready in the same poll as the wait's end wins: the wait is then
+                // dropped unfinished, and a wake-up meant for it goes on to the store's
+                // next waiter (of another client of the store) instead of being spent here.
+                let woken_for_turn = tokio::select! {
+                    biased;
+                    () = &mut stopping => return Err(LockError::Stopped),
+                    waited = wait => waited?,
+                };
+                if woken_for_turn || Instant::now() < wake_at {
+                    early_wakes += 1;
+                    // The wake-up has been heard: whatever it announced, the attempt after
+                    // the spacing sees (a deaf sleep instead would miss what comes next —
+                    // a release announced by several nodes one after the other, or after
+                    // the clean-up of this waiter's own failed attempt — for a whole delay).
+                    if let Some(spacing) = early_spacing(early_wakes) {
+                        let until = (Instant::now() + spacing).min(wake_at);
+                        tokio::select! {
+                            biased;
+                            () = &mut stopping => return Err(LockError::Stopped),
+                            () = tokio::time::sleep_until(until) => {}
+                        }
                     }
                 } else {
-                    let wait = async {
-                        match claim.request.as_ref().filter(|r| r.waiter().is_some()) {
-                            // Until `wake_at` as the store counts it (the budget above may
-                            // have yielded since `now`): a wake-up it finds late is late here.
-                            Some(request) => {
-                                let max_wait = wake_at.saturating_duration_since(Instant::now());
-                                self.store().wait_for_turn(request, max_wait).await
-                            }
-                            None => self
-                                .store()
-                                .wait_for_release(
-                                    &wanted.keys,
-                                    wake_at.saturating_duration_since(Instant::now()),
-                                )
-                                .await
-                                .map(|()| false),
-                        }
-                    };
-                    // A `stop` ready in the same poll as the wait's end wins: the wait is then
-                    // dropped unfinished, and a wake-up meant for it goes on to the store's
-                    // next waiter (of another client of the store) instead of being spent here.
-                    tokio::select! {
-                        biased;
-                        () = &mut stopping => return Err(LockError::Stopped),
-                        waited = wait => woken_for_turn = waited?,
-                    }
-                    if woken_for_turn || Instant::now() < wake_at {
-                        early_wakes += 1;
-                    } else {
-                        early_wakes = 0;
-                    }
+                    early_wakes = 0;
                 }
                 let polled_lately = last_sent.elapsed() < fair_poll(options.ttl());
                 // A waiter woken for its turn asks now, whatever the clock says.
@@ -1482,6 +1484,22 @@ const FAIR_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 fn fair_poll(ttl: std::time::Duration) -> std::time::Duration {
     FAIR_POLL.min(ttl / 4)
 }
+
+/// How long the attempt after the `early_wakes`-th early wake-up in a row waits first: nothing
+/// for the first two, then 1 ms, 2 ms, 4 ms, … (capped by the caller at the end of the delay).
+///
+/// One release may wake a waiter several times (a message from each node that held the key,
+/// landing one after the other; the clean-up of the waiter's own failed attempt announced
+/// too), so a few early wake-ups in vain are normal. A backend whose wait returns at once
+/// (buggy, or sure the key is free) gets fewer than a dozen quick attempts before they are a
+/// whole delay apart, and the count starts again only once a wait lasts to its end.
+fn early_spacing(early_wakes: u32) -> Option<std::time::Duration> {
+    let doublings = early_wakes.checked_sub(3)?;
+    Some(EARLY_SPACING_FLOOR.saturating_mul(1u32.checked_shl(doublings).unwrap_or(u32::MAX)))
+}
+
+/// The first spacing of [`early_spacing`].
+const EARLY_SPACING_FLOOR: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The clean-ups of interrupted attempts, and the releases of dropped guards, still running in
 /// the background.

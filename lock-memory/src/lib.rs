@@ -1052,8 +1052,7 @@ impl Lock for MemoryLock {
                 // notification. After a wake-up that cannot let this waiter in (a lease
                 // shortened, see `Slot::replan_waiters`; a release whose key another woken
                 // waiter took first), the wait goes on: returning would make the caller count
-                // an early wake-up, and after two it sleeps its whole delay, deaf to the
-                // releases.
+                // an early wake-up, and after two it spaces its attempts.
                 let now = Instant::now();
                 let still = self.inner.slots.get(key).and_then(|slot| {
                     if woken {

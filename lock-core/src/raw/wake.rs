@@ -243,10 +243,22 @@ impl WakeRegistry {
     /// Has the next waiter of every channel subscribe again, without waking the current ones:
     /// after a lost connection of a backend that hears every release on other connections too
     /// (a release is announced on every node that held the key), whose waiters are still
-    /// listening there. A wake-up is an early wake for the retry loop, which sleeps its whole
-    /// delay deaf after two in a row: a flapping connection must not spend them.
+    /// listening there. A wake-up is an early wake for the retry loop, which spaces its
+    /// attempts after two in a row: a flapping connection must not spend them.
     pub fn resubscribe(&self) {
         self.resubscribe_all();
+    }
+
+    /// The channels that have waiters now: what a connection made again after a loss
+    /// subscribes at once.
+    pub fn channels(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, entry)| entry.waiters > 0)
+            .map(|(channel, _)| channel.clone())
+            .collect()
     }
 
     fn resubscribe_all(&self) -> Vec<Arc<Notify>> {
