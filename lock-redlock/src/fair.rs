@@ -370,9 +370,9 @@ impl FairLine {
                 }
                 // The connection is gone. A turn is announced by every node that reserved the
                 // key: while another connection is up, the waiters still hear it there (waking
-                // them would spend the retry loop's early wakes, after two of which it sleeps
-                // a whole delay deaf to turns). With none up, messages may have been missed:
-                // everyone retries now.
+                // them would spend the retry loop's early wake-ups, after which its attempts
+                // are spaced). With none up, messages may have been missed: everyone retries
+                // now.
                 if connected.fetch_sub(1, Ordering::SeqCst) <= 1 {
                     turns.wake_all();
                 }
@@ -407,7 +407,7 @@ pub(crate) fn now_micros() -> u64 {
 pub(crate) const CLOSE_SLOT_WAIT: Duration = Duration::from_millis(100);
 
 /// How long a subscription lost by its node is tried again in the background.
-const RECONNECT_WITHIN: Duration = Duration::from_secs(1);
+pub(crate) const RECONNECT_WITHIN: Duration = Duration::from_secs(1);
 
 /// A pub/sub connection to `node` subscribed to `channel`, as a stream of its messages.
 async fn open(

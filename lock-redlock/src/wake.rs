@@ -59,8 +59,19 @@ async fn until_free(
     expiries.get(holders - tolerable - 1).copied()
 }
 
+impl Subscriber {
+    /// The current connection's sink.
+    fn sink(&self) -> PubSubSink {
+        self.sink
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
 struct Subscriber {
-    sink: PubSubSink,
+    /// Replaced by the reader when it connects again after a loss.
+    sink: Arc<std::sync::Mutex<PubSubSink>>,
     alive: Arc<AtomicBool>,
     /// Reads the messages; aborting it closes the pub/sub connection.
     reader: tokio::task::JoinHandle<()>,
@@ -130,7 +141,7 @@ impl Wakeups {
                     let Some(subscriber) = wakeups.subscribers.get(index) else {
                         return;
                     };
-                    subscriber.lock().await.as_ref().map(|s| s.sink.clone())
+                    subscriber.lock().await.as_ref().map(Subscriber::sink)
                 };
                 if let Some(mut sink) = sink {
                     let _ = tokio::time::timeout(timeout, sink.unsubscribe(&name)).await;
@@ -184,10 +195,14 @@ impl Wakeups {
             let reuse = slot
                 .as_ref()
                 .filter(|s| s.alive.load(Ordering::SeqCst))
-                .map(|s| s.sink.clone());
+                .map(Subscriber::sink);
             let mut sink = match reuse {
                 Some(sink) => sink,
                 None => {
+                    // A reader still connecting again after a loss is replaced.
+                    if let Some(old) = slot.take() {
+                        old.reader.abort();
+                    }
                     let subscriber = self.connect(node).await?;
                     // Closed while connecting (`close` does not wait for a slot held across a
                     // connect, see there): what was made is closed here.
@@ -195,7 +210,7 @@ impl Wakeups {
                         subscriber.reader.abort();
                         return Ok(());
                     }
-                    let sink = subscriber.sink.clone();
+                    let sink = subscriber.sink();
                     *slot = Some(subscriber);
                     sink
                 }
@@ -221,25 +236,50 @@ impl Wakeups {
 
     async fn connect(&self, node: &Node) -> redis::RedisResult<Subscriber> {
         let (sink, mut stream) = node.client().get_async_pubsub().await?.split();
+        let sink = Arc::new(std::sync::Mutex::new(sink));
         let alive = Arc::new(AtomicBool::new(true));
         let (waiters, still_alive) = (self.waiters.clone(), Arc::clone(&alive));
-        let connected = Arc::clone(&self.connected);
+        let (connected, shared_sink) = (Arc::clone(&self.connected), Arc::clone(&sink));
         connected.fetch_add(1, Ordering::SeqCst);
+        let node = node.clone();
         let reader = tokio::spawn(async move {
-            while let Some(message) = stream.next().await {
-                waiters.wake(message.get_channel_name());
-            }
-            still_alive.store(false, Ordering::SeqCst);
-            // The connection is gone, and the new one will have no subscription. A release is
-            // announced on every node that held the key: while another connection is up, the
-            // waiters still hear it there, and only the next waiters subscribe again (waking
-            // them would spend the retry loop's early wakes, after two of which it sleeps a
-            // whole delay deaf to releases). With none up, messages may have been missed:
-            // everyone retries now.
-            if connected.fetch_sub(1, Ordering::SeqCst) > 1 {
-                waiters.resubscribe();
-            } else {
-                waiters.wake_all();
+            loop {
+                while let Some(message) = stream.next().await {
+                    waiters.wake(message.get_channel_name());
+                }
+                still_alive.store(false, Ordering::SeqCst);
+                // The connection is gone. A release is announced on every node that held the
+                // key: while another connection is up, the waiters may still hear it there
+                // (waking them would spend the retry loop's early wake-ups, after which its
+                // attempts are spaced), and the next waiters subscribe again. With none up,
+                // messages may have been missed: everyone retries now.
+                if connected.fetch_sub(1, Ordering::SeqCst) > 1 {
+                    waiters.resubscribe();
+                } else {
+                    waiters.wake_all();
+                }
+                // Connected and subscribed again at once: the holder may hold the key on this
+                // node and not on those still connected (a quorum is enough), and its release
+                // would then reach none of the current waiters. Failing that, the next waiter
+                // connects.
+                let again = async {
+                    let (mut sink, stream) = node.client().get_async_pubsub().await?.split();
+                    for channel in waiters.channels() {
+                        sink.subscribe(&channel).await?;
+                    }
+                    Ok::<_, redis::RedisError>((sink, stream))
+                };
+                match tokio::time::timeout(crate::fair::RECONNECT_WITHIN, again).await {
+                    Ok(Ok((sink, again))) => {
+                        *shared_sink
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = sink;
+                        stream = again;
+                        connected.fetch_add(1, Ordering::SeqCst);
+                        still_alive.store(true, Ordering::SeqCst);
+                    }
+                    _ => break,
+                }
             }
         });
         Ok(Subscriber {

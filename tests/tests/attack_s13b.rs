@@ -199,3 +199,62 @@ async fn a_fair_waiter_whose_turn_one_node_keeps_hears_the_others_after_losing_t
         "from release to win: {took:?}"
     );
 }
+
+/// A waiter (`fair` off) whose pub/sub connections to the two nodes holding the key are lost
+/// while it waits: the holder's key is missing on the third node (a quorum holds it all the
+/// same), so its release is announced on the two lost nodes only. They are connected and
+/// subscribed again at once in the background, and the release still reaches the waiter within
+/// a fraction of its 5 s delay.
+///
+/// Broken before: a loss while another connection was up only had the *next* waiters
+/// subscribe again, on the assumption that the one still up hears every release; the waiter
+/// slept out its delay (seen flaky under load in
+/// `a_waiter_still_wakes_after_two_nodes_lost_their_connections`, 3.9 s, when the waiter's
+/// first attempt took the third node before the holder's `SET` reached it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_hears_a_release_announced_only_on_the_nodes_it_lost() {
+    let nodes = Nodes::start().await;
+    let urls = nodes.urls().to_vec();
+    let waiter = client(&urls, waiting(Duration::from_secs(5)));
+    let holder = client(&urls, RetryPolicy::none());
+    let guard = holder.acquire("missing-on-third").await.unwrap();
+    // Once the acquisition's request to the third node, which may still be in flight, landed.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    nodes.servers[2]
+        .command("DEL missing-on-third", Duration::from_millis(500))
+        .unwrap();
+    // The third node is free: the waiter's attempts take it and give it back, so a key that
+    // stays there would be the waiter's (it is not: checked below).
+    let task = tokio::spawn(async move {
+        let guard = waiter.acquire("missing-on-third").await.unwrap();
+        let won = tokio::time::Instant::now();
+        guard.release().await.unwrap();
+        waiter.stop().await.unwrap();
+        won
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for node in [0, 1] {
+        nodes.servers[node]
+            .command("CLIENT KILL TYPE pubsub", Duration::from_millis(500))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        nodes.get(2, b"missing-on-third"),
+        None,
+        "the third node is free while the waiter waits"
+    );
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    holder.stop().await.unwrap();
+    let took = won - released;
+    assert!(
+        took < Duration::from_secs(1),
+        "from release to win: {took:?}"
+    );
+}
