@@ -155,6 +155,42 @@ async fn a_release_after_three_wake_ups_in_vain_is_heard_real_clock_with_jitter(
     );
 }
 
+/// `Lock::wait_for_turn`: a fair backend returns `Ok(false)` early "when the holder it found
+/// expires if it is first in line" — a wake-up the attempt after it must see (the commit's own
+/// promise: "the wake-up has been heard: whatever it announced, the attempt after the spacing
+/// sees"). After six wake-ups in vain (100–116 ms; the last attempt at 124 ms, so the wait
+/// runs to 174 ms), the holder's lease ends at 170 ms and the wait returns then; the 16 ms
+/// spacing is capped at the wait's end (174 ms), and the loop took the capped spacing for a
+/// wait that ran to its end: a fair waiter that polled lately skips that attempt, and won only
+/// at its next poll, 200 ms after its last attempt (324 ms) — the wake-up missed. (Held
+/// before session 35, `0a507bf`: its deaf sleep after two early wake-ups swallowed the later
+/// ones in vain, and the wait ended by the expiry was the first early one after it.)
+#[tokio::test(start_paused = true)]
+async fn a_fair_waiter_woken_by_the_holders_expiry_asks_after_a_capped_spacing() {
+    let store = MemoryLock::new();
+    let holder = Locker::new(store.clone())
+        .with_options(LockOptions::default().with_ttl(Duration::from_millis(170)))
+        .unwrap();
+    let start = Instant::now();
+    let _expiring = holder.acquire("k").await.unwrap();
+    let mut backend = Scripted::new(&store, true, Waits::Announced);
+    backend.start = start;
+    backend.announcements = [100, 101, 102, 104, 108, 116, 170]
+        .map(Duration::from_millis)
+        .to_vec();
+    let attempts = Arc::clone(&backend.attempts);
+    let waiter = waiter(backend, forever(Duration::from_millis(50)));
+    let won = waiter.acquire("k").await.unwrap();
+    let took = start.elapsed();
+    won.release().await.unwrap();
+    assert!(
+        took < Duration::from_millis(200),
+        "the holder expired at 170 ms (the wait returned then); the waiter won at {took:?} \
+         ({} attempts)",
+        attempts.load(Ordering::SeqCst)
+    );
+}
+
 /// Bounded waits: an acquisition with a deadline returns by it (`Timeout`), whatever the
 /// backend's waits do — at once, or woken for the turn at once forever — on a paused clock,
 /// and the attempts stay at most about one a delay once the spacing reached it.
