@@ -1060,7 +1060,12 @@ impl Locker {
                     () = &mut stopping => return Err(LockError::Stopped),
                     waited = wait => waited?,
                 };
-                if woken_for_turn || Instant::now() < wake_at {
+                // Decided before the spacing below, which may run to `wake_at`: a wait the
+                // backend ended early is still an early wake-up then, followed by an attempt
+                // (a fair waiter that polled lately would otherwise skip it as if its wait had
+                // run out, and miss the wake-up until its next poll).
+                let woke_early = woken_for_turn || Instant::now() < wake_at;
+                if woke_early {
                     early_wakes += 1;
                     // The wake-up has been heard: whatever it announced, the attempt after
                     // the spacing sees (a deaf sleep instead would miss what comes next —
@@ -1079,7 +1084,7 @@ impl Locker {
                 }
                 let polled_lately = last_sent.elapsed() < fair_poll(options.ttl());
                 // A waiter woken for its turn asks now, whatever the clock says.
-                let on_time = !woken_for_turn && Instant::now() >= wake_at;
+                let on_time = !woke_early;
                 let past_deadline = deadline.is_some_and(|deadline| Instant::now() >= deadline);
                 // A merged wait ended early (woken for the turn, or by the holder's expiry): its
                 // plan belonged to the wait that did not happen. The attempt that follows starts
