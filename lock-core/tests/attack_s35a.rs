@@ -457,3 +457,46 @@ async fn an_acquisition_dropped_in_its_spacing_sleep_leaves_nothing() {
         "b left held"
     );
 }
+
+/// Contention: a hot key is released and taken by another waiter every 20 ms (each release
+/// wakes this waiter in vain, as a broadcast wake-up does), from 100 ms to 2 s; then the last
+/// holder lets go at 2 005 ms, announced at 2 010 ms, and nobody else wants the key. The
+/// RetryPolicy docs: "Backends that push wake-ups cut each wait short when the key is
+/// released"; the commit: the loop "keeps listening".
+///
+/// Not fixed (a trade-off of the spacing's design, see `early_spacing`): the count of early
+/// wake-ups in a row starts again only when a wait lasts to its end, so a waiter woken in
+/// vain a dozen times (lost races) has its attempts a whole delay apart, deaf to the release
+/// that would let it in: won at 2.27 s (1 s delay). Before session 35 (`0a507bf`): 2.16 s,
+/// every third wait a deaf sleep of the whole delay. Telling lost races from a broken
+/// backend's wake-ups needs a rule (how quick a wake-up counts as spinning) the docs do not
+/// give yet.
+#[ignore = "not fixed: after a dozen early wake-ups in vain the attempts are a whole delay apart (won 2.27 s, released 2.005 s)"]
+#[tokio::test(start_paused = true)]
+async fn a_waiter_that_lost_many_races_still_hears_the_release() {
+    let store = MemoryLock::new();
+    let holder = Locker::new(store.clone());
+    let start = Instant::now();
+    let guard = holder.acquire("k").await.unwrap();
+    let mut backend = Scripted::new(&store, false, Waits::Announced);
+    backend.start = start;
+    backend.announcements = (0..96)
+        .map(|i| Duration::from_millis(100 + 20 * i))
+        .chain([Duration::from_millis(2_010)])
+        .collect();
+    let attempts = Arc::clone(&backend.attempts);
+    let waiter = waiter(backend, forever(Duration::from_secs(1)));
+    let release = tokio::spawn(async move {
+        tokio::time::sleep_until(start + Duration::from_millis(2_005)).await;
+        guard.release().await.unwrap();
+    });
+    let won = waiter.acquire("k").await.unwrap();
+    let took = start.elapsed();
+    release.await.unwrap();
+    won.release().await.unwrap();
+    assert!(
+        took < Duration::from_millis(2_100),
+        "released at 2 005 ms, announced at 2 010 ms; won at {took:?} ({} attempts)",
+        attempts.load(Ordering::SeqCst)
+    );
+}
