@@ -1066,7 +1066,7 @@ impl Locker {
                 // run out, and miss the wake-up until its next poll).
                 let woke_early = woken_for_turn || Instant::now() < wake_at;
                 if woke_early {
-                    early_wakes += 1;
+                    early_wakes = early_wakes.saturating_add(1);
                     // The wake-up has been heard: whatever it announced, the attempt after
                     // the spacing sees (a deaf sleep instead would miss what comes next —
                     // a release announced by several nodes one after the other, or after
