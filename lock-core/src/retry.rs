@@ -43,7 +43,11 @@ impl RetryCount {
 /// The wait before retry `n` (1-based) is `retry_delay × backoff_factor^(n-1)`, capped at
 /// `max_delay`, plus a uniform random jitter in `[0, retry_jitter]`; the whole acquisition stops at
 /// `deadline` if one is set. Backends that push wake-ups (the in-memory lock) cut each wait short
-/// when the key is released.
+/// when the key is released. Every early wake-up is followed by an attempt (and counts as a
+/// retry); from the third in a row that found the key still held, that attempt waits 1 ms,
+/// 2 ms, 4 ms, … first, at most to the end of the current delay, until a wait lasts to its end:
+/// a waiter that keeps losing races may then be one delay late for a release
+/// (`lock-core/tests/attack_s35a.rs`), never more.
 ///
 /// # Default
 /// - `retry_count`: 10 retries (node-redlock's default)
