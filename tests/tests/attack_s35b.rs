@@ -1,0 +1,472 @@
+//! Attacks on the Redlock wake-up reader's reconnect (f5ffb71: a lost pub/sub connection is
+//! connected and subscribed again at once in the background, `RECONNECT_WITHIN` = 1 s, and a
+//! waiter that finds a reader still reconnecting replaces it), over three Redlock nodes with
+//! wake-ups on and `fair` off. Every client is its own backend instance.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lock_core::raw::Lock as _;
+use lock_core::{Key, LockOptions, Locker, RetryPolicy};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::backed::start_servers;
+use lock_tests::fair::waiting;
+use lock_tests::nodes::Nodes;
+use lock_tests::proxy::LatencyProxy;
+use lock_tests::server::RedisServer;
+
+/// How long a probe waits for a server.
+const PROBE: Duration = Duration::from_secs(1);
+
+/// A client of its own on `urls`, `fair` off (waiters woken by every release), node timeout
+/// as given.
+fn client(urls: &[String], retry: RetryPolicy, node_timeout: Duration) -> Locker {
+    let config = RedlockConfig::new(urls.to_vec())
+        .with_node_timeout(node_timeout)
+        .with_fair(false);
+    Locker::from_arc(Arc::new(Redlock::new(config).expect("redlock")))
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(retry),
+        )
+        .expect("options")
+}
+
+/// A connection for probes to the server at `url` (which may carry a password).
+fn probe(url: &str) -> redis::Connection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_connection_with_timeout(PROBE)
+        .expect("probe connection")
+}
+
+/// The pub/sub clients connected to the server at `url` (`CLIENT LIST TYPE pubsub`).
+fn pubsub_clients(url: &str) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut probe(url))
+        .unwrap();
+    list.lines().filter(|line| !line.trim().is_empty()).count()
+}
+
+/// Every client connected to the server at `url` but the probe itself (`CLIENT LIST`).
+fn other_clients(url: &str) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut probe(url))
+        .unwrap();
+    list.lines()
+        .filter(|line| !line.trim().is_empty())
+        .count()
+        .saturating_sub(1)
+}
+
+/// The channels subscribed on the server at `url` (`PUBSUB CHANNELS *`).
+fn channels(url: &str) -> Vec<String> {
+    redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg("*")
+        .query(&mut probe(url))
+        .unwrap()
+}
+
+/// Kills every pub/sub connection of the server at `url`.
+fn kill_pubsub(url: &str) {
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut probe(url))
+        .unwrap();
+}
+
+/// Sets `key` to a value of nobody's on the server at `url` for a minute: no client takes the
+/// key there, and none announces its release there.
+fn foreign(url: &str, key: &str) {
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg("someone-else")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut probe(url))
+        .unwrap();
+}
+
+/// Three servers, the second and third reached through proxies (to slow down what their
+/// connections carry, new ones included).
+struct Slowable {
+    servers: Vec<RedisServer>,
+    proxies: [LatencyProxy; 2],
+}
+
+impl Slowable {
+    async fn start() -> Self {
+        let servers = start_servers(3);
+        let proxies = [
+            LatencyProxy::start(servers[1].port()).await.unwrap(),
+            LatencyProxy::start(servers[2].port()).await.unwrap(),
+        ];
+        Self { servers, proxies }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        vec![
+            self.servers[0].url(),
+            self.proxies[0].url(),
+            self.proxies[1].url(),
+        ]
+    }
+
+    fn set_delay(&self, delay: Duration) {
+        for proxy in &self.proxies {
+            proxy.set_delay(delay);
+        }
+    }
+}
+
+/// A holder holds `key` on the second and third nodes only (the first keeps a value of
+/// someone else's: only those two announce the release); a waiter (retry delay 5 s: only a
+/// wake-up ends its wait sooner) waits on it. Then both nodes' pub/sub connections are killed
+/// while the proxies carry every chunk 150 ms late (a reconnect takes some 600 ms), and, when
+/// `another_waiter`, another waiter of the same client (on another key) begins to wait 100 ms
+/// later, while the reconnects are still under way. How long after the release (made once the
+/// proxies are fast again) the first waiter won the key.
+async fn won_after_slow_reconnect(another_waiter: bool) -> Duration {
+    let nodes = Slowable::start().await;
+    let urls = nodes.urls();
+    foreign(&urls[0], "slow-a");
+    let holder = client(&urls, RetryPolicy::none(), Duration::from_millis(300));
+    let guard = holder.acquire("slow-a").await.unwrap();
+    let waiter = client(
+        &urls,
+        waiting(Duration::from_secs(5)),
+        Duration::from_millis(1500),
+    );
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = waiter.acquire("slow-a").await.unwrap();
+            let won = tokio::time::Instant::now();
+            guard.release().await.unwrap();
+            won
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    nodes.set_delay(Duration::from_millis(150));
+    kill_pubsub(&nodes.servers[1].url());
+    kill_pubsub(&nodes.servers[2].url());
+    let other = another_waiter.then(|| {
+        let backend = Arc::clone(waiter.backend());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let key = Key::new("slow-b").unwrap();
+            backend
+                .wait_for_release(std::slice::from_ref(&key), Duration::from_secs(5))
+                .await
+        })
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    nodes.set_delay(Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    if let Some(other) = other {
+        other.abort();
+    }
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    won - released
+}
+
+/// Held (the control of the test below): a waiter whose nodes' pub/sub connections are lost
+/// hears the release there once the reader has connected and subscribed again, though that
+/// takes some 600 ms (a slow link), and wins within a fraction of its 5 s delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reconnect_still_subscribes_the_waiting_channel() {
+    let took = won_after_slow_reconnect(false).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "from release to win: {took:?}"
+    );
+}
+
+/// Held: a node whose pub/sub connections are killed 20 times in a row (100 ms apart) while a
+/// waiter waits keeps one pub/sub connection of the client (no reader left behind, none
+/// doubled); the waiter still wins within a fraction of its delay, the release announced
+/// only by the flapping node and one other whose connection was killed too; after `stop` no
+/// pub/sub connection is left on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_node_leaves_one_connection_and_none_after_stop() {
+    let nodes = Nodes::start().await;
+    let urls = nodes.urls().to_vec();
+    let direct: Vec<String> = nodes.servers.iter().map(RedisServer::url).collect();
+    foreign(&direct[2], "flap");
+    let holder = client(&urls, RetryPolicy::none(), Duration::from_millis(300));
+    let guard = holder.acquire("flap").await.unwrap();
+    let waiter = client(
+        &urls,
+        waiting(Duration::from_secs(5)),
+        Duration::from_millis(300),
+    );
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = waiter.acquire("flap").await.unwrap();
+            let won = tokio::time::Instant::now();
+            guard.release().await.unwrap();
+            won
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for round in 0..20 {
+        kill_pubsub(&direct[round % 2]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during: Vec<usize> = direct.iter().map(|url| pubsub_clients(url)).collect();
+    assert_eq!(
+        during,
+        [1, 1, 1],
+        "pub/sub connections per node while waiting"
+    );
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    assert!(
+        won - released < Duration::from_secs(1),
+        "from release to win: {:?}",
+        won - released
+    );
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after: Vec<usize> = direct.iter().map(|url| pubsub_clients(url)).collect();
+    assert_eq!(after, [0, 0, 0], "pub/sub connections per node after stop");
+}
+
+/// Held: a node that goes down while a waiter waits (the reconnect fails: the reader stops)
+/// and comes back: at most one pub/sub connection of the client per node while the waiter
+/// goes on waiting (1 s delay here), none after `stop`. (The node that came back is not
+/// subscribed again while the channel stays subscribed on another node: `wait` subscribes
+/// "when any node is", the next waiter only of a channel no node subscribed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_and_back_gets_one_connection_and_none_after_stop() {
+    let mut nodes = Nodes::start().await;
+    let urls = nodes.urls().to_vec();
+    let direct: Vec<String> = nodes.servers.iter().map(RedisServer::url).collect();
+    let waiter = client(
+        &urls,
+        waiting(Duration::from_secs(1)),
+        Duration::from_millis(300),
+    );
+    let holder = client(&urls, RetryPolicy::none(), Duration::from_millis(300));
+    let guard = holder.acquire("down").await.unwrap();
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = waiter.acquire("down").await.unwrap();
+            let won = tokio::time::Instant::now();
+            guard.release().await.unwrap();
+            won
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    nodes.servers[0].kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nodes.servers[0].restart().unwrap();
+    // A few of the waiter's waits (1 s each) pass.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let during: Vec<usize> = direct.iter().map(|url| pubsub_clients(url)).collect();
+    assert!(
+        during.iter().all(|&count| count <= 1),
+        "pub/sub connections per node while waiting: {during:?}"
+    );
+    guard.release().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("won")
+        .unwrap();
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after: Vec<usize> = direct.iter().map(|url| pubsub_clients(url)).collect();
+    assert_eq!(after, [0, 0, 0], "pub/sub connections per node after stop");
+}
+
+/// The third node's pub/sub connection is killed while its proxy black-holes everything: the
+/// reader's reconnect hangs (its `CLIENT SETINFO` is never answered). How long ending the
+/// waiter's client took (`stop`, or a drop without it), and the clients left on each server
+/// 1.5 s after the proxy forwards again (a connection that survived the end would complete
+/// then), the holder stopped too.
+async fn end_while_reconnecting_to_a_black_hole(stop: bool) -> (Duration, Vec<usize>) {
+    let nodes = Nodes::start().await;
+    let urls = nodes.urls().to_vec();
+    let direct: Vec<String> = nodes.servers.iter().map(RedisServer::url).collect();
+    let holder = client(&urls, RetryPolicy::none(), Duration::from_millis(300));
+    let guard = holder.acquire("hole").await.unwrap();
+    let waiter = client(
+        &urls,
+        waiting(Duration::from_secs(5)),
+        Duration::from_millis(300),
+    );
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire("hole").await.map(drop) })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    nodes.proxy.black_hole();
+    kill_pubsub(&direct[2]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let began = tokio::time::Instant::now();
+    if stop {
+        waiter.stop().await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    } else {
+        task.abort();
+        let _ = task.await;
+        drop(waiter);
+    }
+    let took = began.elapsed();
+    nodes.proxy.set_delay(Duration::ZERO);
+    drop(guard);
+    holder.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let left = direct.iter().map(|url| other_clients(url)).collect();
+    (took, left)
+}
+
+/// Held: `stop` while a reader reconnects to a black-holed node returns at once (the reader is
+/// aborted, not waited for), and leaves no connection behind once the node answers again
+/// (none made after the close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_while_reconnecting_to_a_black_hole_is_quick_and_leaves_nothing() {
+    let (took, left) = end_while_reconnecting_to_a_black_hole(true).await;
+    assert!(took < Duration::from_millis(700), "stop took {took:?}");
+    assert_eq!(left, [0, 0, 0], "clients left per server");
+}
+
+/// Held: a client dropped without `stop` while a reader reconnects to a black-holed node
+/// leaves no connection behind either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_dropped_while_reconnecting_to_a_black_hole_leaves_nothing() {
+    let (_, left) = end_while_reconnecting_to_a_black_hole(false).await;
+    assert_eq!(left, [0, 0, 0], "clients left per server");
+}
+
+/// Held: channels subscribed again by reconnects (every node's connection killed twice while
+/// the waiter waited, once 50 ms before it won) are retired after their linger like the
+/// others: a few seconds after `LINGER`, no node has a channel subscribed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_subscribed_by_reconnects_are_retired_after_the_linger() {
+    let nodes = Nodes::start().await;
+    let urls = nodes.urls().to_vec();
+    let direct: Vec<String> = nodes.servers.iter().map(RedisServer::url).collect();
+    let holder = client(&urls, RetryPolicy::none(), Duration::from_millis(300));
+    let waiter = client(
+        &urls,
+        waiting(Duration::from_secs(5)),
+        Duration::from_millis(300),
+    );
+    for key in ["linger-a", "linger-b"] {
+        let guard = holder.acquire(key).await.unwrap();
+        let task = {
+            let waiter = waiter.clone();
+            tokio::spawn(async move { waiter.acquire(key).await.unwrap().release().await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for url in &direct {
+            kill_pubsub(url);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        guard.release().await.unwrap();
+        for url in &direct {
+            kill_pubsub(url);
+        }
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("won")
+            .unwrap()
+            .unwrap();
+    }
+    tokio::time::sleep(lock_core::raw::wake::LINGER + Duration::from_millis(1500)).await;
+    let left: Vec<Vec<String>> = direct.iter().map(|url| channels(url)).collect();
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    assert!(
+        left.iter().all(Vec::is_empty),
+        "channels subscribed after the linger: {left:?}"
+    );
+}
+
+/// Held: on nodes that need a user and password (ACL user `app`, the default user off), a
+/// reader connects again with them after a loss: the release announced only on the nodes
+/// whose connections were killed still reaches the waiter at once, and each node keeps one
+/// pub/sub connection of the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_reconnects_to_acl_nodes() {
+    let password = "adv35b-not-shown";
+    let servers = start_servers(3);
+    for server in &servers {
+        for command in [
+            format!("ACL SETUSER app on >{password} ~* &* +@all"),
+            "ACL SETUSER default off".to_owned(),
+        ] {
+            assert_eq!(server.command(&command, PROBE).unwrap(), "+OK");
+        }
+    }
+    let urls: Vec<String> = servers
+        .iter()
+        .map(|server| format!("redis://app:{password}@127.0.0.1:{}/", server.port()))
+        .collect();
+    foreign(&urls[2], "pw");
+    let holder = client(&urls, RetryPolicy::none(), Duration::from_millis(300));
+    let guard = holder.acquire("pw").await.unwrap();
+    let waiter = client(
+        &urls,
+        waiting(Duration::from_secs(5)),
+        Duration::from_millis(300),
+    );
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = waiter.acquire("pw").await.unwrap();
+            let won = tokio::time::Instant::now();
+            guard.release().await.unwrap();
+            won
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    kill_pubsub(&urls[0]);
+    kill_pubsub(&urls[1]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during: Vec<usize> = urls.iter().map(|url| pubsub_clients(url)).collect();
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    assert_eq!(
+        during,
+        [1, 1, 1],
+        "pub/sub connections per node while waiting"
+    );
+    assert!(
+        won - released < Duration::from_secs(1),
+        "from release to win: {:?}",
+        won - released
+    );
+}
