@@ -198,6 +198,27 @@ async fn a_slow_reconnect_still_subscribes_the_waiting_channel() {
     );
 }
 
+/// Promised (f5ffb71: after a loss the connection "subscribes every channel that has
+/// waiters"; `wake.rs`: waiters "retry as soon as a message arrives"): a waiter whose nodes'
+/// pub/sub connections were lost hears the next release there, whatever other waiters of the
+/// client do meanwhile.
+///
+/// Broken on main: a waiter of another channel that begins to wait while the reader is still
+/// reconnecting replaces it (`subscribe` aborts a reader that is not `alive`) by a connection
+/// that subscribes its own channel only. The channels the reconnect was about to subscribe
+/// are subscribed nowhere on those nodes, and their current waiters hear no release there
+/// until their next wait: here the waiter won 3.1 s after the release (the rest of its 5 s
+/// delay). On a fast link the window is the reconnect's round trips; under steady traffic
+/// waiters keep coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_arriving_during_a_reconnect_leaves_the_others_subscribed() {
+    let took = won_after_slow_reconnect(true).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "from release to win: {took:?}"
+    );
+}
+
 /// Held: a node whose pub/sub connections are killed 20 times in a row (100 ms apart) while a
 /// waiter waits keeps one pub/sub connection of the client (no reader left behind, none
 /// doubled); the waiter still wins within a fraction of its delay, the release announced
