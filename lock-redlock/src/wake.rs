@@ -196,8 +196,8 @@ impl Wakeups {
                 .as_ref()
                 .filter(|s| s.alive.load(Ordering::SeqCst))
                 .map(Subscriber::sink);
-            let mut sink = match reuse {
-                Some(sink) => sink,
+            let (mut sink, fresh) = match reuse {
+                Some(sink) => (sink, false),
                 None => {
                     // A reader still connecting again after a loss is replaced.
                     if let Some(old) = slot.take() {
@@ -212,11 +212,22 @@ impl Wakeups {
                     }
                     let sink = subscriber.sink();
                     *slot = Some(subscriber);
-                    sink
+                    (sink, true)
                 }
             };
             drop(slot);
-            sink.subscribe(channel).await
+            if !fresh {
+                return sink.subscribe(channel).await;
+            }
+            // A connection made anew (replacing a reader still reconnecting, or one whose
+            // reconnect failed) subscribes every channel that has waiters, this one's among
+            // them: the current waiters of the others would hear no release on this node
+            // until their next wait.
+            let mut channels = self.waiters.channels();
+            if !channels.iter().any(|subscribed| subscribed == channel) {
+                channels.push(channel.to_owned());
+            }
+            sink.subscribe(channels).await
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(())) => true,

@@ -135,7 +135,7 @@ impl Slowable {
 /// `another_waiter`, another waiter of the same client (on another key) begins to wait 100 ms
 /// later, while the reconnects are still under way. How long after the release (made once the
 /// proxies are fast again) the first waiter won the key.
-async fn won_after_slow_reconnect(another_waiter: bool) -> Duration {
+async fn won_after_slow_reconnect(another_waiter: bool) -> (Duration, Vec<Vec<String>>) {
     let nodes = Slowable::start().await;
     let urls = nodes.urls();
     foreign(&urls[0], "slow-a");
@@ -172,6 +172,11 @@ async fn won_after_slow_reconnect(another_waiter: bool) -> Duration {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     nodes.set_delay(Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let subscribed: Vec<Vec<String>> = nodes
+        .servers
+        .iter()
+        .map(|server| channels(&server.url()))
+        .collect();
     let released = tokio::time::Instant::now();
     guard.release().await.unwrap();
     let won = tokio::time::timeout(Duration::from_secs(10), task)
@@ -183,7 +188,7 @@ async fn won_after_slow_reconnect(another_waiter: bool) -> Duration {
     }
     waiter.stop().await.unwrap();
     holder.stop().await.unwrap();
-    won - released
+    (won - released, subscribed)
 }
 
 /// Held (the control of the test below): a waiter whose nodes' pub/sub connections are lost
@@ -191,10 +196,10 @@ async fn won_after_slow_reconnect(another_waiter: bool) -> Duration {
 /// takes some 600 ms (a slow link), and wins within a fraction of its 5 s delay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reconnect_still_subscribes_the_waiting_channel() {
-    let took = won_after_slow_reconnect(false).await;
+    let (took, subscribed) = won_after_slow_reconnect(false).await;
     assert!(
         took < Duration::from_secs(1),
-        "from release to win: {took:?}"
+        "from release to win: {took:?}; subscribed before it: {subscribed:?}"
     );
 }
 
@@ -209,13 +214,14 @@ async fn a_slow_reconnect_still_subscribes_the_waiting_channel() {
 /// are subscribed nowhere on those nodes, and their current waiters hear no release there
 /// until their next wait: here the waiter won 3.1 s after the release (the rest of its 5 s
 /// delay). On a fast link the window is the reconnect's round trips; under steady traffic
-/// waiters keep coming.
+/// waiters keep coming. Fixed: a connection made anew subscribes every channel that has
+/// waiters (`WakeRegistry::channels`), as the reconnect does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_arriving_during_a_reconnect_leaves_the_others_subscribed() {
-    let took = won_after_slow_reconnect(true).await;
+    let (took, subscribed) = won_after_slow_reconnect(true).await;
     assert!(
         took < Duration::from_secs(1),
-        "from release to win: {took:?}"
+        "from release to win: {took:?}; subscribed before it: {subscribed:?}"
     );
 }
 
@@ -313,7 +319,9 @@ async fn a_node_down_and_back_gets_one_connection_and_none_after_stop() {
         during.iter().all(|&count| count <= 1),
         "pub/sub connections per node while waiting: {during:?}"
     );
-    guard.release().await.unwrap();
+    // Released where the holder still has it (under load its set on the proxied node may
+    // have timed out, leaving the key on two nodes, one of which restarted: `NotHeld`).
+    let _ = guard.release().await;
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
         .expect("won")
