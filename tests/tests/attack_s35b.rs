@@ -499,3 +499,84 @@ async fn a_reader_reconnects_to_acl_nodes() {
         won - released
     );
 }
+
+/// Promised (f5ffb71: the reader "subscribes every channel that has waiters" again within
+/// `RECONNECT_WITHIN`, 1 s): a waiter among many of one client (30 channels waited on) whose
+/// nodes' pub/sub connections are lost on a link of 40 ms round trips hears the next release
+/// there, within a fraction of its 5 s delay.
+///
+/// Broken on main: the reconnect sends one `SUBSCRIBE` per channel and waits for each answer,
+/// 30 round trips and the connect's: 1.24 s, past `RECONNECT_WITHIN`. The reconnect gives up,
+/// no channel is subscribed on those nodes, and the waiter won 2.9 s after the release (the
+/// rest of its delay). On loopback that takes thousands of channels; on a link of a few ms,
+/// a few hundred. (This also made the test above flaky under load: a reconnect of two
+/// channels at 300 ms round trips took 0.9 s and sometimes more than 1 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_of_many_channels_on_a_slow_link_subscribes_them_all() {
+    let nodes = Slowable::start().await;
+    let urls = nodes.urls();
+    foreign(&urls[0], "many-0");
+    let holder = client(&urls, RetryPolicy::none(), Duration::from_millis(300));
+    let guard = holder.acquire("many-0").await.unwrap();
+    let waiter = client(
+        &urls,
+        waiting(Duration::from_secs(5)),
+        Duration::from_millis(1500),
+    );
+    // 29 other channels waited on by the same client (keys held by someone else), for longer
+    // than the test.
+    for n in 1..30 {
+        for server in &nodes.servers {
+            foreign(&server.url(), &format!("many-{n}"));
+        }
+    }
+    let others: Vec<_> = (1..30)
+        .map(|n| {
+            let backend = Arc::clone(waiter.backend());
+            tokio::spawn(async move {
+                let key = Key::new(format!("many-{n}")).unwrap();
+                backend
+                    .wait_for_release(std::slice::from_ref(&key), Duration::from_secs(30))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = waiter.acquire("many-0").await.unwrap();
+            let won = tokio::time::Instant::now();
+            guard.release().await.unwrap();
+            won
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    nodes.set_delay(Duration::from_millis(20));
+    kill_pubsub(&nodes.servers[1].url());
+    kill_pubsub(&nodes.servers[2].url());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nodes.set_delay(Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let subscribed: Vec<usize> = nodes
+        .servers
+        .iter()
+        .map(|server| channels(&server.url()).len())
+        .collect();
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    for other in others {
+        other.abort();
+    }
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    assert!(
+        won - released < Duration::from_secs(1),
+        "from release to win: {:?}; channels subscribed per node before it: {subscribed:?}",
+        won - released
+    );
+}
