@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lock_core::raw::wake::WakeRegistry;
-use redis::aio::PubSubSink;
+use redis::aio::{PubSubSink, PubSubStream};
 
 use lock_core::raw::redis::{gone_in, release_channel};
 
@@ -196,38 +196,32 @@ impl Wakeups {
                 .as_ref()
                 .filter(|s| s.alive.load(Ordering::SeqCst))
                 .map(Subscriber::sink);
-            let (mut sink, fresh) = match reuse {
-                Some(sink) => (sink, false),
-                None => {
-                    // A reader still connecting again after a loss is replaced.
-                    if let Some(old) = slot.take() {
-                        old.reader.abort();
-                    }
-                    let subscriber = self.connect(node).await?;
-                    // Closed while connecting (`close` does not wait for a slot held across a
-                    // connect, see there): what was made is closed here.
-                    if self.closed.load(Ordering::SeqCst) {
-                        subscriber.reader.abort();
-                        return Ok(());
-                    }
-                    let sink = subscriber.sink();
-                    *slot = Some(subscriber);
-                    (sink, true)
-                }
-            };
-            drop(slot);
-            if !fresh {
+            if let Some(mut sink) = reuse {
+                drop(slot);
                 return sink.subscribe(channel).await;
             }
-            // A connection made anew (replacing a reader still reconnecting, or one whose
-            // reconnect failed) subscribes every channel that has waiters, this one's among
-            // them: the current waiters of the others would hear no release on this node
-            // until their next wait.
+            // A connection made anew (none yet, or the reader is still connecting again after
+            // a loss, or gave up) subscribes every channel that has waiters, this one's among
+            // them: the current waiters of the others would hear no release on this node until
+            // their next wait. Only a connection so subscribed replaces the reader: a wait that
+            // ends meanwhile (woken by another node, its delay over, cancelled) drops what it
+            // made, and a reader still reconnecting goes on.
             let mut channels = self.waiters.channels();
             if !channels.iter().any(|subscribed| subscribed == channel) {
                 channels.push(channel.to_owned());
             }
-            sink.subscribe(channels).await
+            let (mut sink, stream) = node.client().get_async_pubsub().await?.split();
+            sink.subscribe(channels).await?;
+            // Closed while connecting (`close` does not wait for a slot held across a connect,
+            // see there): what was made is dropped, and with it its connection.
+            if self.closed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if let Some(old) = slot.take() {
+                old.reader.abort();
+            }
+            *slot = Some(self.reader(node, sink, stream));
+            Ok(())
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(())) => true,
@@ -245,13 +239,15 @@ impl Wakeups {
         }
     }
 
-    async fn connect(&self, node: &Node) -> redis::RedisResult<Subscriber> {
-        let (sink, mut stream) = node.client().get_async_pubsub().await?.split();
+    /// The reader of a pub/sub connection made and subscribed.
+    fn reader(&self, node: &Node, sink: PubSubSink, mut stream: PubSubStream) -> Subscriber {
         let sink = Arc::new(std::sync::Mutex::new(sink));
         let alive = Arc::new(AtomicBool::new(true));
         let (waiters, still_alive) = (self.waiters.clone(), Arc::clone(&alive));
-        let (connected, shared_sink) = (Arc::clone(&self.connected), Arc::clone(&sink));
-        connected.fetch_add(1, Ordering::SeqCst);
+        let shared_sink = Arc::clone(&sink);
+        // Counted while its connection is up, and no longer once the reader is gone, however
+        // it ends (aborted when replaced or closed, too).
+        let mut up = Up::new(Arc::clone(&self.connected));
         let node = node.clone();
         let reader = tokio::spawn(async move {
             loop {
@@ -264,7 +260,7 @@ impl Wakeups {
                 // (waking them would spend the retry loop's early wake-ups, after which its
                 // attempts are spaced), and the next waiters subscribe again. With none up,
                 // messages may have been missed: everyone retries now.
-                if connected.fetch_sub(1, Ordering::SeqCst) > 1 {
+                if up.down() > 1 {
                     waiters.resubscribe();
                 } else {
                     waiters.wake_all();
@@ -289,18 +285,56 @@ impl Wakeups {
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner) = sink;
                         stream = again;
-                        connected.fetch_add(1, Ordering::SeqCst);
+                        up.again();
                         still_alive.store(true, Ordering::SeqCst);
                     }
                     _ => break,
                 }
             }
         });
-        Ok(Subscriber {
+        Subscriber {
             sink,
             alive,
             reader,
-        })
+        }
+    }
+}
+
+/// A reader's count in `Wakeups::connected` while its connection is up; given back when the
+/// reader ends however it ends (an aborted reader whose connection was up must not count as
+/// connected for good: a later loss would then wake nobody though no connection is left).
+struct Up {
+    connected: Arc<AtomicUsize>,
+    up: bool,
+}
+
+impl Up {
+    fn new(connected: Arc<AtomicUsize>) -> Self {
+        connected.fetch_add(1, Ordering::SeqCst);
+        Self {
+            connected,
+            up: true,
+        }
+    }
+
+    /// The connection is lost: how many were counted up before (this one included).
+    fn down(&mut self) -> usize {
+        self.up = false;
+        self.connected.fetch_sub(1, Ordering::SeqCst)
+    }
+
+    /// The connection is made again.
+    fn again(&mut self) {
+        self.connected.fetch_add(1, Ordering::SeqCst);
+        self.up = true;
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if self.up {
+            self.connected.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
