@@ -21,8 +21,9 @@ pub(crate) struct Wakeups {
     /// The pub/sub connections whose reader still runs: a connection lost while another one is
     /// up wakes nobody (see `connect`).
     connected: Arc<AtomicUsize>,
-    /// Set by `close`: an attempt still under way subscribes nowhere after it.
-    closed: AtomicBool,
+    /// Set by `close`: an attempt still under way subscribes nowhere after it, and a reader
+    /// connects nowhere again.
+    closed: Arc<AtomicBool>,
 }
 
 /// How long until `key` is held on too few nodes to block a quorum of `quorum`: zero when it
@@ -95,7 +96,7 @@ impl Wakeups {
             waiters: WakeRegistry::default(),
             subscribers: (0..nodes).map(|_| tokio::sync::Mutex::new(None)).collect(),
             connected: Arc::default(),
-            closed: AtomicBool::new(false),
+            closed: Arc::default(),
         }
     }
 
@@ -165,7 +166,8 @@ impl Wakeups {
     /// A subscription under way holds its slot across its connect, within a waiter's future:
     /// one kept but no longer polled would hold it for good, and the shutdown with it. A slot
     /// still held after [`crate::fair::CLOSE_SLOT_WAIT`] is left to its holder, which closes
-    /// what it connects once it sees `closed` (read under the slot's lock, after the connect).
+    /// what it connects once it sees `closed` (read under the slot's lock, after the connect)
+    /// and ends the reader left in the slot; that reader connects nowhere again meanwhile.
     pub(crate) async fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         for slot in &self.subscribers {
@@ -213,8 +215,12 @@ impl Wakeups {
             let (mut sink, stream) = node.client().get_async_pubsub().await?.split();
             sink.subscribe(channels).await?;
             // Closed while connecting (`close` does not wait for a slot held across a connect,
-            // see there): what was made is dropped, and with it its connection.
+            // see there): what was made is dropped, and with it its connection, and the reader
+            // left in the slot is ended here.
             if self.closed.load(Ordering::SeqCst) {
+                if let Some(old) = slot.take() {
+                    old.reader.abort();
+                }
                 return Ok(());
             }
             if let Some(old) = slot.take() {
@@ -244,7 +250,7 @@ impl Wakeups {
         let sink = Arc::new(std::sync::Mutex::new(sink));
         let alive = Arc::new(AtomicBool::new(true));
         let (waiters, still_alive) = (self.waiters.clone(), Arc::clone(&alive));
-        let shared_sink = Arc::clone(&sink);
+        let (shared_sink, closed) = (Arc::clone(&sink), Arc::clone(&self.closed));
         // Counted while its connection is up, and no longer once the reader is gone, however
         // it ends (aborted when replaced or closed, too).
         let mut up = Up::new(Arc::clone(&self.connected));
@@ -268,7 +274,11 @@ impl Wakeups {
                 // Connected and subscribed again at once: the holder may hold the key on this
                 // node and not on those still connected (a quorum is enough), and its release
                 // would then reach none of the current waiters. Failing that, the next waiter
-                // connects.
+                // connects. Never after `close` (which may have left this reader in a slot
+                // held by a subscription under way).
+                if closed.load(Ordering::SeqCst) {
+                    break;
+                }
                 let again = async {
                     let (mut sink, stream) = node.client().get_async_pubsub().await?.split();
                     // One `SUBSCRIBE` for them all: one round trip, however many channels
@@ -280,7 +290,7 @@ impl Wakeups {
                     Ok::<_, redis::RedisError>((sink, stream))
                 };
                 match tokio::time::timeout(crate::fair::RECONNECT_WITHIN, again).await {
-                    Ok(Ok((sink, again))) => {
+                    Ok(Ok((sink, again))) if !closed.load(Ordering::SeqCst) => {
                         *shared_sink
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner) = sink;

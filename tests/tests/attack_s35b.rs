@@ -604,3 +604,56 @@ async fn a_reconnect_of_many_channels_on_a_slow_link_subscribes_them_all() {
         won - released
     );
 }
+
+/// Held on the base (f5ffb71), where a subscription replacing a reader still reconnecting
+/// aborted it first: `stop` while another waiter's subscription holds a node's slot across its
+/// connect (slow link: `close` leaves the slot to it after 100 ms) and that node's reader
+/// reconnects leaves no pub/sub connection on the node, once both have finished; nothing
+/// connects after the close. (Broken by 4b61fa8, which leaves the reader in the slot until the
+/// new connection is made: the reader reconnected after the close and kept its connection
+/// while the client lived.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_while_a_subscription_holds_the_slot_and_the_reader_reconnects() {
+    let nodes = Slowable::start().await;
+    let urls = nodes.urls();
+    for server in &nodes.servers {
+        foreign(&server.url(), "closing-a");
+        foreign(&server.url(), "closing-b");
+    }
+    let waiter = client(
+        &urls,
+        waiting(Duration::from_secs(5)),
+        Duration::from_millis(1500),
+    );
+    let backend = Arc::clone(waiter.backend());
+    let wait = |key: &'static str, after: Duration| {
+        let backend = Arc::clone(&backend);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let key = Key::new(key).unwrap();
+            backend
+                .wait_for_release(std::slice::from_ref(&key), Duration::from_secs(5))
+                .await
+        })
+    };
+    let first = wait("closing-a", Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    nodes.set_delay(Duration::from_millis(150));
+    kill_pubsub(&nodes.servers[2].url());
+    let second = wait("closing-b", Duration::from_millis(50));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    waiter.stop().await.unwrap();
+    // The reconnect and the second waiter's connect are done by now.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nodes.set_delay(Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let left: Vec<usize> = nodes
+        .servers
+        .iter()
+        .map(|server| pubsub_clients(&server.url()))
+        .collect();
+    first.abort();
+    second.abort();
+    drop(backend);
+    assert_eq!(left, [0, 0, 0], "pub/sub connections per node after stop");
+}
