@@ -53,14 +53,9 @@ impl Lock for Announcing {
     }
 }
 
-/// A holder releases `k` at 150 ms; the waiter (retry delay 5 s) is woken in vain at 100, 101
-/// and 102 ms (the key still held) and then by the release.
-///
-/// Broken before: after two early wake-ups in a row the loop slept its next whole delay
-/// without listening, and won 5.1 s after the start. Now it wins within milliseconds of the
-/// release.
-#[tokio::test(start_paused = true)]
-async fn a_waiter_woken_in_vain_three_times_still_hears_the_release() {
+/// How long after the start a waiter (retry delay 5 s, no jitter) wins `k`, which a holder
+/// releases at 150 ms, when its waits are woken at `announcements` (from the start).
+async fn won_after(announcements: &[u64]) -> (Duration, u64) {
     let store = MemoryLock::new();
     let holder = Locker::new(store.clone());
     let guard = holder.acquire("k").await.unwrap();
@@ -69,16 +64,14 @@ async fn a_waiter_woken_in_vain_three_times_still_hears_the_release() {
     let backend = Announcing {
         store,
         start,
-        announcements: [100, 101, 102, 150].map(Duration::from_millis).to_vec(),
+        announcements: announcements
+            .iter()
+            .copied()
+            .map(Duration::from_millis)
+            .collect(),
         attempts: Arc::clone(&attempts),
     };
-    let retry = RetryPolicy::forever()
-        .with_retry_delay(Duration::from_secs(5))
-        .with_retry_jitter(Duration::ZERO);
-    let waiter = Locker::new(backend)
-        .with_local_queue(false)
-        .with_options(LockOptions::default().with_retry(retry))
-        .unwrap();
+    let waiter = waiting(backend, Duration::from_secs(5));
     let release = tokio::spawn(async move {
         tokio::time::sleep_until(start + Duration::from_millis(150)).await;
         guard.release().await.unwrap();
@@ -87,10 +80,33 @@ async fn a_waiter_woken_in_vain_three_times_still_hears_the_release() {
     let took = start.elapsed();
     release.await.unwrap();
     won.release().await.unwrap();
+    (took, attempts.load(Ordering::SeqCst))
+}
+
+/// A locker on `backend` retrying for good every `delay` (no jitter), without the in-process
+/// queue.
+fn waiting(backend: impl Lock, delay: Duration) -> Locker {
+    let retry = RetryPolicy::forever()
+        .with_retry_delay(delay)
+        .with_retry_jitter(Duration::ZERO);
+    Locker::new(backend)
+        .with_local_queue(false)
+        .with_options(LockOptions::default().with_retry(retry))
+        .unwrap()
+}
+
+/// A holder releases `k` at 150 ms; the waiter (retry delay 5 s) is woken in vain at 100, 101
+/// and 102 ms (the key still held) and then by the release.
+///
+/// Broken before: after two early wake-ups in a row the loop slept its next whole delay
+/// without listening, and won 5.1 s after the start. Now it wins within milliseconds of the
+/// release.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_woken_in_vain_three_times_still_hears_the_release() {
+    let (took, attempts) = won_after(&[100, 101, 102, 150]).await;
     assert!(
         took < Duration::from_millis(200),
-        "won {took:?} after the start ({} attempts)",
-        attempts.load(Ordering::SeqCst)
+        "won {took:?} after the start ({attempts} attempts)"
     );
 }
 
@@ -99,31 +115,7 @@ async fn a_waiter_woken_in_vain_three_times_still_hears_the_release() {
 /// test measures.
 #[tokio::test(start_paused = true)]
 async fn control_without_the_release_announced_the_waiter_polls_a_delay_later() {
-    let store = MemoryLock::new();
-    let holder = Locker::new(store.clone());
-    let guard = holder.acquire("k").await.unwrap();
-    let start = Instant::now();
-    let backend = Announcing {
-        store,
-        start,
-        announcements: [100, 101, 102].map(Duration::from_millis).to_vec(),
-        attempts: Arc::default(),
-    };
-    let retry = RetryPolicy::forever()
-        .with_retry_delay(Duration::from_secs(5))
-        .with_retry_jitter(Duration::ZERO);
-    let waiter = Locker::new(backend)
-        .with_local_queue(false)
-        .with_options(LockOptions::default().with_retry(retry))
-        .unwrap();
-    let release = tokio::spawn(async move {
-        tokio::time::sleep_until(start + Duration::from_millis(150)).await;
-        guard.release().await.unwrap();
-    });
-    let won = waiter.acquire("k").await.unwrap();
-    let took = start.elapsed();
-    release.await.unwrap();
-    won.release().await.unwrap();
+    let (took, _) = won_after(&[100, 101, 102]).await;
     assert!(
         took >= Duration::from_secs(5),
         "won {took:?} after the start"
@@ -145,20 +137,11 @@ async fn wake_ups_in_vain_forever_cost_about_one_attempt_a_delay() {
         announcements: Vec::new(),
         attempts: Arc::clone(&attempts),
     };
-    // A wait returning at once: every announcement instant is already past.
-    let backend = AtOnce(backend);
-    let retry = RetryPolicy::forever()
-        .with_retry_delay(Duration::from_millis(50))
-        .with_retry_jitter(Duration::ZERO);
-    let waiter = Locker::new(backend)
-        .with_local_queue(false)
-        .with_options(LockOptions::default().with_retry(retry))
-        .unwrap();
+    let waiter = waiting(AtOnce(backend), Duration::from_millis(50));
     let outcome = tokio::time::timeout(Duration::from_secs(2), waiter.acquire("k")).await;
     assert!(outcome.is_err(), "the key stays held");
     let made = attempts.load(Ordering::SeqCst);
     // 2 s / 50 ms = 40 delays, plus the quick attempts before the spacing reaches the delay.
-    println!("{made} attempts in 2 s");
     assert!((40..=60).contains(&made), "{made} attempts in 2 s");
 }
 
