@@ -273,32 +273,41 @@ impl Wakeups {
                 }
                 // Connected and subscribed again at once: the holder may hold the key on this
                 // node and not on those still connected (a quorum is enough), and its release
-                // would then reach none of the current waiters. Failing that, the next waiter
-                // connects. Never after `close` (which may have left this reader in a slot
+                // would then reach none of the current waiters. A node that cannot be reached
+                // is tried again every `RECONNECT_PAUSE` while waiters are left (the waiters'
+                // own subscriptions try it no more once another node subscribed their
+                // channel). Never after `close` (which may have left this reader in a slot
                 // held by a subscription under way).
-                if closed.load(Ordering::SeqCst) {
-                    break;
-                }
-                let again = async {
-                    let (mut sink, stream) = node.client().get_async_pubsub().await?.split();
-                    // One `SUBSCRIBE` for them all: one round trip, however many channels
-                    // (one each took 30 of them on a 40 ms link past `RECONNECT_WITHIN`).
-                    let channels = waiters.channels();
-                    if !channels.is_empty() {
-                        sink.subscribe(channels).await?;
+                loop {
+                    if closed.load(Ordering::SeqCst) {
+                        return;
                     }
-                    Ok::<_, redis::RedisError>((sink, stream))
-                };
-                match tokio::time::timeout(crate::fair::RECONNECT_WITHIN, again).await {
-                    Ok(Ok((sink, again))) if !closed.load(Ordering::SeqCst) => {
+                    let again = async {
+                        let (mut sink, stream) = node.client().get_async_pubsub().await?.split();
+                        // One `SUBSCRIBE` for them all: one round trip, however many channels
+                        // (one each took 30 of them on a 40 ms link past `RECONNECT_WITHIN`).
+                        let channels = waiters.channels();
+                        if !channels.is_empty() {
+                            sink.subscribe(channels).await?;
+                        }
+                        Ok::<_, redis::RedisError>((sink, stream))
+                    };
+                    if let Ok(Ok((sink, again))) =
+                        tokio::time::timeout(crate::fair::RECONNECT_WITHIN, again).await
+                        && !closed.load(Ordering::SeqCst)
+                    {
                         *shared_sink
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner) = sink;
                         stream = again;
                         up.again();
                         still_alive.store(true, Ordering::SeqCst);
+                        break;
                     }
-                    _ => break,
+                    if waiters.channels().is_empty() {
+                        return;
+                    }
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
                 }
             }
         });
@@ -309,6 +318,9 @@ impl Wakeups {
         }
     }
 }
+
+/// How long a reader whose node could not be reached waits before it tries again.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
 /// A reader's count in `Wakeups::connected` while its connection is up; given back when the
 /// reader ends however it ends (an aborted reader whose connection was up must not count as

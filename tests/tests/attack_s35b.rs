@@ -657,3 +657,66 @@ async fn stop_while_a_subscription_holds_the_slot_and_the_reader_reconnects() {
     drop(backend);
     assert_eq!(left, [0, 0, 0], "pub/sub connections per node after stop");
 }
+
+/// Promised (`wake.rs`: waiters "retry as soon as a message arrives"; R39): a node that could
+/// not be reached when its pub/sub connection was lost (here both proxied nodes are cut for
+/// 1.5 s, new connections refused) is subscribed again once it is back, while the waiter still
+/// waits: the reader tries again every second while waiters are left, and the release there
+/// reaches the waiter within a fraction of its 5 s delay.
+///
+/// Broken before: the reader gave up after one failed reconnect, and the waiter's own
+/// subscriptions had no reason to try those nodes again (its channel was subscribed on the
+/// first node, which holds someone else's value and announces nothing): the waiter won only at
+/// its next attempt, 5 s after it began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_a_failed_reconnect_is_subscribed_again() {
+    let nodes = Slowable::start().await;
+    let urls = nodes.urls();
+    foreign(&urls[0], "back");
+    // The holder reaches the servers directly: the cut is the waiter's alone.
+    let direct: Vec<String> = nodes.servers.iter().map(RedisServer::url).collect();
+    let holder = client(&direct, RetryPolicy::none(), Duration::from_millis(300));
+    let guard = holder.acquire("back").await.unwrap();
+    let waiter = client(
+        &urls,
+        waiting(Duration::from_secs(5)),
+        Duration::from_millis(300),
+    );
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = waiter.acquire("back").await.unwrap();
+            let won = tokio::time::Instant::now();
+            guard.release().await.unwrap();
+            won
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for proxy in &nodes.proxies {
+        proxy.cut();
+    }
+    kill_pubsub(&nodes.servers[1].url());
+    kill_pubsub(&nodes.servers[2].url());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nodes.set_delay(Duration::ZERO);
+    // The reader's next try, within a second.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let subscribed: Vec<Vec<String>> = nodes
+        .servers
+        .iter()
+        .map(|server| channels(&server.url()))
+        .collect();
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    let took = won - released;
+    assert!(
+        took < Duration::from_secs(1),
+        "from release to win: {took:?}; subscribed before it: {subscribed:?}"
+    );
+}
