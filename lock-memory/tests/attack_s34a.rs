@@ -1027,7 +1027,11 @@ fn single_tries_racing_a_hand_off_never_pass_the_line() {
                     drop(guard);
                 }
             });
-            tokio::time::sleep(ms(1)).await;
+            // The waiter is in line before the tries begin (a millisecond's sleep was not
+            // always enough under load: with no line yet, the tries took the key rightly).
+            while lock.waited_keys() == 0 {
+                tokio::time::sleep(ms(1)).await;
+            }
             let tries = tokio::spawn({
                 let (locker, served, passed) = (
                     client(&lock, ms(10_000), RetryPolicy::none()),
