@@ -1,0 +1,290 @@
+//! Attacks on the Redlock wake-up reader's reconnect retries (1af1c26: a reader whose node
+//! cannot be reached tries again every `RECONNECT_PAUSE` = 1 s while waiters are left and the
+//! client is not closed), over three Redlock nodes with wake-ups on and `fair` off. A `Gate`
+//! stands between a client and a node: it counts every connection it accepts and, while
+//! down, closes each at once (the node cannot be reached; connections already open go on).
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lock_core::raw::Lock as _;
+use lock_core::{Key, LockOptions, Locker, RetryPolicy};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::backed::start_servers;
+use lock_tests::fair::waiting;
+
+/// How long a probe waits for a server.
+const PROBE: Duration = Duration::from_secs(1);
+
+/// A client of its own on `urls`, `fair` off (waiters woken by every release), node timeout
+/// as given.
+fn client(urls: &[String], retry: RetryPolicy, node_timeout: Duration) -> Locker {
+    let config = RedlockConfig::new(urls.to_vec())
+        .with_node_timeout(node_timeout)
+        .with_fair(false);
+    Locker::from_arc(Arc::new(Redlock::new(config).expect("redlock")))
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(retry),
+        )
+        .expect("options")
+}
+
+/// A connection for probes to the server at `url`.
+fn probe(url: &str) -> redis::Connection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_connection_with_timeout(PROBE)
+        .expect("probe connection")
+}
+
+/// Kills every pub/sub connection of the server at `url`.
+fn kill_pubsub(url: &str) {
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut probe(url))
+        .unwrap();
+}
+
+/// Sets `key` to a value of nobody's on the server at `url` for a minute: no client takes the
+/// key there, and none announces its release there.
+fn foreign(url: &str, key: &str) {
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg("someone-else")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut probe(url))
+        .unwrap();
+}
+
+/// A forwarder to a server's port that counts the connections it accepts and, while down,
+/// closes new ones at once.
+struct Gate {
+    port: u16,
+    down: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (is_down, count) = (Arc::clone(&down), Arc::clone(&accepted));
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                if is_down.load(Ordering::SeqCst) {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        Self {
+            port,
+            down,
+            accepted,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Three servers; the waiters reach the second and third through gates.
+struct Gated {
+    servers: Vec<lock_tests::server::RedisServer>,
+    gates: [Gate; 2],
+}
+
+impl Gated {
+    async fn start() -> Self {
+        let servers = start_servers(3);
+        let gates = [
+            Gate::start(servers[1].port()).await,
+            Gate::start(servers[2].port()).await,
+        ];
+        Self { servers, gates }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        vec![
+            self.servers[0].url(),
+            self.gates[0].url(),
+            self.gates[1].url(),
+        ]
+    }
+
+    fn direct(&self) -> Vec<String> {
+        self.servers.iter().map(|server| server.url()).collect()
+    }
+
+    /// The third node cannot be reached any more by the waiters, and their pub/sub
+    /// connections there are lost.
+    fn third_down(&self) {
+        self.gates[1].set_down(true);
+        kill_pubsub(&self.servers[2].url());
+    }
+}
+
+/// Promised (1af1c26: the reader tries again "while waiters are left"): once the only waiter
+/// of a client left (its wait cancelled), the reader of a node that cannot be reached stops
+/// trying: no connection reaches the node from 2 s after the waiter left on. While the waiter
+/// waited, about one try a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_stops_retrying_once_its_waiters_left() {
+    let nodes = Gated::start().await;
+    let holder = client(
+        &nodes.direct(),
+        RetryPolicy::none(),
+        Duration::from_millis(300),
+    );
+    let guard = holder.acquire("left").await.unwrap();
+    let waiter = client(
+        &nodes.urls(),
+        waiting(Duration::from_secs(5)),
+        Duration::from_millis(300),
+    );
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire("left").await.map(drop) })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let before = nodes.gates[1].accepted();
+    nodes.third_down();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let while_waiting = nodes.gates[1].accepted() - before;
+    task.abort();
+    let _ = task.await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let before = nodes.gates[1].accepted();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let after = nodes.gates[1].accepted() - before;
+    waiter.stop().await.unwrap();
+    drop(guard);
+    holder.stop().await.unwrap();
+    assert!(
+        (2..=5).contains(&while_waiting),
+        "connections tried in 3 s while the waiter waited: {while_waiting}"
+    );
+    assert_eq!(after, 0, "connections tried in 3 s after the waiter left");
+}
+
+/// Promised (`Lock::shutdown`: the client's pub/sub connections are closed, and nothing is
+/// left running): `stop` while a reader pauses between its tries (its node cannot be reached)
+/// returns at once, and no connection reaches the node afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_while_a_reader_pauses_is_quick_and_ends_its_tries() {
+    let nodes = Gated::start().await;
+    let holder = client(
+        &nodes.direct(),
+        RetryPolicy::none(),
+        Duration::from_millis(300),
+    );
+    let guard = holder.acquire("pause").await.unwrap();
+    let waiter = client(
+        &nodes.urls(),
+        waiting(Duration::from_secs(5)),
+        Duration::from_millis(300),
+    );
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire("pause").await.map(drop) })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    nodes.third_down();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let began = tokio::time::Instant::now();
+    waiter.stop().await.unwrap();
+    let took = began.elapsed();
+    let before = nodes.gates[1].accepted();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let after = nodes.gates[1].accepted() - before;
+    task.abort();
+    drop(guard);
+    holder.stop().await.unwrap();
+    assert!(took < Duration::from_millis(700), "stop took {took:?}");
+    assert_eq!(after, 0, "connections tried in 3 s after stop");
+}
+
+/// Promised (1af1c26: one reader per node per client, trying again every second): 20 clients,
+/// each waiting on 5 keys, whose third node cannot be reached for 5 s, try about one
+/// connection per client per second there (at most 7 per client in those 5 s), not one per
+/// key or per wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_for_all_clients_gets_about_one_try_per_client_per_second() {
+    const CLIENTS: usize = 20;
+    let nodes = Gated::start().await;
+    for n in 0..5 {
+        for url in nodes.direct() {
+            foreign(&url, &format!("storm-{n}"));
+        }
+    }
+    let clients: Vec<Locker> = (0..CLIENTS)
+        .map(|_| {
+            client(
+                &nodes.urls(),
+                waiting(Duration::from_secs(5)),
+                Duration::from_millis(300),
+            )
+        })
+        .collect();
+    let mut waits = Vec::new();
+    for waiter in &clients {
+        for n in 0..5 {
+            let backend = Arc::clone(waiter.backend());
+            waits.push(tokio::spawn(async move {
+                let key = Key::new(format!("storm-{n}")).unwrap();
+                backend
+                    .wait_for_release(std::slice::from_ref(&key), Duration::from_secs(30))
+                    .await
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let before = nodes.gates[1].accepted();
+    nodes.third_down();
+    tokio::time::sleep(Duration::from_millis(5000)).await;
+    let tried = nodes.gates[1].accepted() - before;
+    for wait in waits {
+        wait.abort();
+    }
+    for waiter in clients {
+        waiter.stop().await.unwrap();
+    }
+    assert!(
+        (CLIENTS * 3..=CLIENTS * 7).contains(&tried),
+        "connections tried in 5 s by {CLIENTS} clients: {tried}"
+    );
+}
