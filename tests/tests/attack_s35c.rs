@@ -288,3 +288,55 @@ async fn a_node_down_for_all_clients_gets_about_one_try_per_client_per_second() 
         "connections tried in 5 s by {CLIENTS} clients: {tried}"
     );
 }
+
+/// Promised (`wake.rs`: waiters "retry as soon as a message arrives"; 1af1c26: a node back
+/// after a failed reconnect is subscribed again while the waiter waits): a release announced
+/// only by the nodes that could not be reached for a while (the holder holds the key on the
+/// second and third only), made 200 ms after they came back, reaches the waiter within a
+/// fraction of its 5 s delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_just_after_the_nodes_came_back_wakes_the_waiter() {
+    let nodes = Gated::start().await;
+    let direct = nodes.direct();
+    foreign(&direct[0], "back");
+    let holder = client(&direct, RetryPolicy::none(), Duration::from_millis(300));
+    let guard = holder.acquire("back").await.unwrap();
+    let waiter = client(
+        &nodes.urls(),
+        waiting(Duration::from_secs(5)),
+        Duration::from_millis(300),
+    );
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = waiter.acquire("back").await.unwrap();
+            let won = tokio::time::Instant::now();
+            guard.release().await.unwrap();
+            won
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for gate in &nodes.gates {
+        gate.set_down(true);
+    }
+    kill_pubsub(&direct[1]);
+    kill_pubsub(&direct[2]);
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    for gate in &nodes.gates {
+        gate.set_down(false);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    let took = won - released;
+    assert!(
+        took < Duration::from_secs(1),
+        "from release to win: {took:?}"
+    );
+}
