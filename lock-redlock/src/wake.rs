@@ -278,6 +278,7 @@ impl Wakeups {
                 // own subscriptions try it no more once another node subscribed their
                 // channel). Never after `close` (which may have left this reader in a slot
                 // held by a subscription under way).
+                let mut failed = false;
                 loop {
                     if closed.load(Ordering::SeqCst) {
                         return;
@@ -288,11 +289,11 @@ impl Wakeups {
                         // (one each took 30 of them on a 40 ms link past `RECONNECT_WITHIN`).
                         let channels = waiters.channels();
                         if !channels.is_empty() {
-                            sink.subscribe(channels).await?;
+                            sink.subscribe(channels.clone()).await?;
                         }
-                        Ok::<_, redis::RedisError>((sink, stream))
+                        Ok::<_, redis::RedisError>((sink, stream, channels))
                     };
-                    if let Ok(Ok((sink, again))) =
+                    if let Ok(Ok((sink, again, channels))) =
                         tokio::time::timeout(crate::fair::RECONNECT_WITHIN, again).await
                         && !closed.load(Ordering::SeqCst)
                     {
@@ -302,8 +303,19 @@ impl Wakeups {
                         stream = again;
                         up.again();
                         still_alive.store(true, Ordering::SeqCst);
+                        // After a failed try the node was not listened to for a second or
+                        // more: a release it announced meanwhile (it may be the only one to,
+                        // as above) reached nobody. The waiters of what is subscribed again
+                        // retry now (once per outage, not per loss: a flapping connection
+                        // reconnects at its first try and spends no early wake-up).
+                        if failed {
+                            for channel in &channels {
+                                waiters.wake(channel);
+                            }
+                        }
                         break;
                     }
+                    failed = true;
                     if waiters.channels().is_empty() {
                         return;
                     }
