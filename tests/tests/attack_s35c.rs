@@ -346,3 +346,110 @@ async fn a_release_just_after_the_nodes_came_back_wakes_the_waiter() {
         "from release to win: {took:?}"
     );
 }
+
+/// Every event's fields, as text: a `tracing` subscriber at TRACE for the whole process.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<String>>);
+
+impl tracing::field::Visit for Captured {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let mut text = self.0.lock().unwrap();
+        text.push_str(&format!(" {}={value:?}", field.name()));
+    }
+}
+
+impl tracing::Subscriber for Captured {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        span.record(&mut self.clone());
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, values: &tracing::span::Record<'_>) {
+        values.record(&mut self.clone());
+    }
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        event.record(&mut self.clone());
+        self.0.lock().unwrap().push('\n');
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Promised (README: secrets in node URLs are never shown): on nodes that need a user and
+/// password (ACL user `app`), one of which changes the password while a waiter waits (its
+/// connections there are killed: the reader's tries and the waiters' own subscriptions are
+/// refused with `WRONGPASS`, every second), nothing traced, at TRACE, shows the password;
+/// and the refusals are traced (the capture works).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refusing_the_password_shows_it_nowhere() {
+    let captured = Captured::default();
+    tracing::subscriber::set_global_default(captured.clone()).unwrap();
+    let password = "adv35c-never-shown";
+    let servers = start_servers(3);
+    for server in &servers {
+        for command in [
+            format!("ACL SETUSER app on >{password} ~* &* +@all"),
+            "ACL SETUSER default off".to_owned(),
+        ] {
+            assert_eq!(server.command(&command, PROBE).unwrap(), "+OK");
+        }
+    }
+    let urls: Vec<String> = servers
+        .iter()
+        .map(|server| format!("redis://app:{password}@127.0.0.1:{}/", server.port()))
+        .collect();
+    for url in &urls {
+        for key in ["pw-a", "pw-b"] {
+            foreign(url, key);
+        }
+    }
+    let waiter = client(
+        &urls,
+        waiting(Duration::from_millis(300)),
+        Duration::from_millis(300),
+    );
+    let first = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire("pw-a").await.map(drop) })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut admin = probe(&urls[2]);
+    for command in [
+        "ACL SETUSER app resetpass >another-password",
+        "CLIENT KILL TYPE pubsub",
+        "CLIENT KILL TYPE normal SKIPME yes",
+    ] {
+        let words: Vec<&str> = command.split(' ').collect();
+        let _: redis::Value = redis::cmd(words[0])
+            .arg(&words[1..])
+            .query(&mut admin)
+            .unwrap();
+    }
+    let second = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire("pw-b").await.map(drop) })
+    };
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    first.abort();
+    second.abort();
+    waiter.stop().await.unwrap();
+    let text = captured.0.lock().unwrap().clone();
+    assert!(
+        !text.contains(password),
+        "the password is traced:\n{}",
+        text.lines()
+            .filter(|line| line.contains(password))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        text.to_ascii_lowercase().contains("wrongpass")
+            || text.to_ascii_lowercase().contains("auth"),
+        "no refusal traced:\n{}",
+        text.lines().take(20).collect::<Vec<_>>().join("\n")
+    );
+}
