@@ -256,6 +256,8 @@ impl Wakeups {
         let mut up = Up::new(Arc::clone(&self.connected));
         let node = node.clone();
         let reader = tokio::spawn(async move {
+            // When this reader last connected again itself.
+            let mut reconnected: Option<tokio::time::Instant> = None;
             loop {
                 while let Some(message) = stream.next().await {
                     waiters.wake(message.get_channel_name());
@@ -278,6 +280,14 @@ impl Wakeups {
                 // own subscriptions try it no more once another node subscribed their
                 // channel). Never after `close` (which may have left this reader in a slot
                 // held by a subscription under way).
+                // A connection this reader made again and lost within `RECONNECT_PAUSE` (a node,
+                // or a proxy in front of it, that closes connections soon after they are made)
+                // is made again only once that pause has passed since: one connection a second,
+                // not one per round trip (20 a second per client for connections closed after
+                // 50 ms). A connection lost after a steady while is made again at once.
+                if let Some(reconnected) = reconnected {
+                    tokio::time::sleep_until(reconnected + RECONNECT_PAUSE).await;
+                }
                 let mut failed = false;
                 loop {
                     if closed.load(Ordering::SeqCst) {
@@ -301,6 +311,7 @@ impl Wakeups {
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner) = sink;
                         stream = again;
+                        reconnected = Some(tokio::time::Instant::now());
                         up.again();
                         still_alive.store(true, Ordering::SeqCst);
                         // After a failed try the node was not listened to for a second or
