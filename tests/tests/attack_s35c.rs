@@ -513,3 +513,68 @@ async fn a_node_closing_every_connection_soon_gets_about_one_try_per_second() {
     waiter.stop().await.unwrap();
     assert!(tried <= 6, "connections made in 3 s: {tried}");
 }
+
+/// The pub/sub clients connected to the server at `url` (`CLIENT LIST TYPE pubsub`).
+fn pubsub_clients(url: &str) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut probe(url))
+        .unwrap();
+    list.lines().filter(|line| !line.trim().is_empty()).count()
+}
+
+/// Promised (one pub/sub connection per node per client): while the third node's reader
+/// pauses between tries, waiters of new channels arrive every 100 ms for 2.5 s (their own
+/// subscriptions connect to the node and replace the pausing reader, some while the reader's
+/// own try is under way); the node comes back in the middle. Afterwards the client has one
+/// pub/sub connection on each node, and none after `stop`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_arriving_while_a_reader_pauses_leave_one_connection() {
+    let nodes = Gated::start().await;
+    let direct = nodes.direct();
+    for n in 0..30 {
+        for url in &direct {
+            foreign(url, &format!("pausing-{n}"));
+        }
+    }
+    let waiter = client(
+        &nodes.urls(),
+        waiting(Duration::from_secs(5)),
+        Duration::from_millis(300),
+    );
+    let wait = |n: usize| {
+        let backend = Arc::clone(waiter.backend());
+        tokio::spawn(async move {
+            let key = Key::new(format!("pausing-{n}")).unwrap();
+            backend
+                .wait_for_release(std::slice::from_ref(&key), Duration::from_secs(30))
+                .await
+        })
+    };
+    let mut waits = vec![wait(0)];
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    nodes.third_down();
+    for n in 1..26 {
+        if n == 12 {
+            nodes.gates[1].set_down(false);
+        }
+        waits.push(wait(n));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let during: Vec<usize> = direct.iter().map(|url| pubsub_clients(url)).collect();
+    for wait in waits {
+        wait.abort();
+    }
+    waiter.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after: Vec<usize> = direct.iter().map(|url| pubsub_clients(url)).collect();
+    assert_eq!(
+        during,
+        [1, 1, 1],
+        "pub/sub connections per node while waiting"
+    );
+    assert_eq!(after, [0, 0, 0], "pub/sub connections per node after stop");
+}
