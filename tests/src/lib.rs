@@ -13,6 +13,7 @@ pub mod inc_kit;
 pub mod model;
 pub mod nodes;
 pub mod proxy;
+pub mod pubsub;
 pub mod script_diff;
 pub mod server;
 pub mod tls;

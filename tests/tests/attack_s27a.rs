@@ -601,6 +601,14 @@ async fn a_release_after_a_restart_that_kept_the_data_leaves_nothing() {
             let locker = locker(&urls, fair, wake, kind, ms(8_000));
             let key = format!("{ODD}{fair}{wake}{kind:?}");
             let guard = locker.acquire(&key).await.unwrap();
+            // The acquisition returns once a quorum answered: the first node's `SET` may still
+            // be on its way (seen in CI: "not persisted"). The lock is held there first.
+            let mut c = connect(&servers[0]).await;
+            let landed_by = Instant::now() + ms(2_000);
+            while !exists(&mut c, key.as_bytes()).await && Instant::now() < landed_by {
+                tokio::time::sleep(ms(10)).await;
+            }
+            drop(c);
             servers[0].restart().unwrap();
             let mut c = connect(&servers[0]).await;
             assert!(

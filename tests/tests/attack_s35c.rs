@@ -10,58 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::raw::Lock as _;
-use lock_core::{Key, LockOptions, Locker, RetryPolicy};
-use lock_redlock::{Redlock, RedlockConfig};
+use lock_core::{Key, Locker, RetryPolicy};
 use lock_tests::backed::start_servers;
 use lock_tests::fair::waiting;
-
-/// How long a probe waits for a server.
-const PROBE: Duration = Duration::from_secs(1);
-
-/// A client of its own on `urls`, `fair` off (waiters woken by every release), node timeout
-/// as given.
-fn client(urls: &[String], retry: RetryPolicy, node_timeout: Duration) -> Locker {
-    let config = RedlockConfig::new(urls.to_vec())
-        .with_node_timeout(node_timeout)
-        .with_fair(false);
-    Locker::from_arc(Arc::new(Redlock::new(config).expect("redlock")))
-        .with_options(
-            LockOptions::default()
-                .with_ttl(Duration::from_secs(10))
-                .with_retry(retry),
-        )
-        .expect("options")
-}
-
-/// A connection for probes to the server at `url`.
-fn probe(url: &str) -> redis::Connection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_connection_with_timeout(PROBE)
-        .expect("probe connection")
-}
-
-/// Kills every pub/sub connection of the server at `url`.
-fn kill_pubsub(url: &str) {
-    let _: redis::Value = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query(&mut probe(url))
-        .unwrap();
-}
-
-/// Sets `key` to a value of nobody's on the server at `url` for a minute: no client takes the
-/// key there, and none announces its release there.
-fn foreign(url: &str, key: &str) {
-    let _: () = redis::cmd("SET")
-        .arg(key)
-        .arg("someone-else")
-        .arg("PX")
-        .arg(60_000)
-        .query(&mut probe(url))
-        .unwrap();
-}
+use lock_tests::pubsub::{
+    PROBE, fair_off_client as client, foreign, kill_pubsub, probe, pubsub_clients,
+};
 
 /// A forwarder to a server's port that counts the connections it accepts and, while down,
 /// closes new ones at once.
@@ -512,17 +466,6 @@ async fn a_node_closing_every_connection_soon_gets_about_one_try_per_second() {
     wait.abort();
     waiter.stop().await.unwrap();
     assert!(tried <= 6, "connections made in 3 s: {tried}");
-}
-
-/// The pub/sub clients connected to the server at `url` (`CLIENT LIST TYPE pubsub`).
-fn pubsub_clients(url: &str) -> usize {
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query(&mut probe(url))
-        .unwrap();
-    list.lines().filter(|line| !line.trim().is_empty()).count()
 }
 
 /// Promised (one pub/sub connection per node per client): while the third node's reader
