@@ -7,6 +7,9 @@ use std::time::Duration;
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{Redlock, RedlockConfig};
 
+use crate::backed::start_servers;
+use crate::server::RedisServer;
+
 /// How long a probe waits for a server.
 pub const PROBE: Duration = Duration::from_secs(1);
 
@@ -106,4 +109,26 @@ pub fn foreign(url: &str, key: &str) {
         .arg(60_000)
         .query(&mut probe(url))
         .expect("SET");
+}
+
+/// Three servers whose only user is `app` with `password` (the default user off), and the URLs
+/// that reach them as `app`.
+///
+/// # Panics
+/// When a server cannot be started or refuses the ACL commands.
+pub fn acl_servers(password: &str) -> (Vec<RedisServer>, Vec<String>) {
+    let servers = start_servers(3);
+    for server in &servers {
+        for command in [
+            format!("ACL SETUSER app on >{password} ~* &* +@all"),
+            "ACL SETUSER default off".to_owned(),
+        ] {
+            assert_eq!(server.command(&command, PROBE).expect("ACL SETUSER"), "+OK");
+        }
+    }
+    let urls = servers
+        .iter()
+        .map(|server| format!("redis://app:{password}@127.0.0.1:{}/", server.port()))
+        .collect();
+    (servers, urls)
 }

@@ -14,7 +14,8 @@ use lock_tests::fair::waiting;
 use lock_tests::nodes::Nodes;
 use lock_tests::proxy::LatencyProxy;
 use lock_tests::pubsub::{
-    PROBE, channels, fair_off_client as client, foreign, kill_pubsub, other_clients, pubsub_clients,
+    acl_servers, channels, fair_off_client as client, foreign, kill_pubsub, other_clients,
+    pubsub_clients,
 };
 use lock_tests::server::RedisServer;
 
@@ -391,19 +392,7 @@ async fn channels_subscribed_by_reconnects_are_retired_after_the_linger() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_reconnects_to_acl_nodes() {
     let password = "adv35b-not-shown";
-    let servers = start_servers(3);
-    for server in &servers {
-        for command in [
-            format!("ACL SETUSER app on >{password} ~* &* +@all"),
-            "ACL SETUSER default off".to_owned(),
-        ] {
-            assert_eq!(server.command(&command, PROBE).unwrap(), "+OK");
-        }
-    }
-    let urls: Vec<String> = servers
-        .iter()
-        .map(|server| format!("redis://app:{password}@127.0.0.1:{}/", server.port()))
-        .collect();
+    let (_servers, urls) = acl_servers(password);
     foreign(&urls[2], "pw");
     let holder = client(&urls, RetryPolicy::none(), Duration::from_millis(300));
     let guard = holder.acquire("pw").await.unwrap();

@@ -14,7 +14,7 @@ use lock_core::{Key, Locker, RetryPolicy};
 use lock_tests::backed::start_servers;
 use lock_tests::fair::waiting;
 use lock_tests::pubsub::{
-    PROBE, fair_off_client as client, foreign, kill_pubsub, probe, pubsub_clients,
+    acl_servers, fair_off_client as client, foreign, kill_pubsub, probe, pubsub_clients,
 };
 
 /// A forwarder to a server's port that counts the connections it accepts and, while down,
@@ -363,19 +363,7 @@ async fn a_node_refusing_the_password_shows_it_nowhere() {
     let captured = Captured::default();
     tracing::subscriber::set_global_default(captured.clone()).unwrap();
     let password = "adv35c-never-shown";
-    let servers = start_servers(3);
-    for server in &servers {
-        for command in [
-            format!("ACL SETUSER app on >{password} ~* &* +@all"),
-            "ACL SETUSER default off".to_owned(),
-        ] {
-            assert_eq!(server.command(&command, PROBE).unwrap(), "+OK");
-        }
-    }
-    let urls: Vec<String> = servers
-        .iter()
-        .map(|server| format!("redis://app:{password}@127.0.0.1:{}/", server.port()))
-        .collect();
+    let (_servers, urls) = acl_servers(password);
     for url in &urls {
         for key in ["pw-a", "pw-b"] {
             foreign(url, key);
