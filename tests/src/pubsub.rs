@@ -1,7 +1,9 @@
 //! Probes of a server's pub/sub state, and a Redlock client with push wake-ups (`fair` off),
-//! for the attacks on the wake-up readers (`attack_s35b`, `attack_s35c`).
+//! for the attacks on the wake-up readers (`attack_s35b`, `attack_s35c`), and a `Gate` that
+//! makes a node unreachable on demand.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::{LockOptions, Locker, RetryPolicy};
@@ -131,4 +133,137 @@ pub fn acl_servers(password: &str) -> (Vec<RedisServer>, Vec<String>) {
         .map(|server| format!("redis://app:{password}@127.0.0.1:{}/", server.port()))
         .collect();
     (servers, urls)
+}
+
+/// A forwarder to a server's port that counts the connections it accepts and, while down,
+/// closes new ones at once.
+#[derive(Debug)]
+pub struct Gate {
+    port: u16,
+    down: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    /// When not zero: how long a forwarded connection lives (ms) before the gate closes it.
+    lifetime_ms: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    /// A gate in front of the server listening on `target` (up).
+    ///
+    /// # Panics
+    /// When no local port can be bound.
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a local port");
+        let port = listener.local_addr().expect("its address").port();
+        let down = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let lifetime_ms = Arc::new(AtomicUsize::new(0));
+        let (is_down, count, lives) = (
+            Arc::clone(&down),
+            Arc::clone(&accepted),
+            Arc::clone(&lifetime_ms),
+        );
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                if is_down.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let lifetime = lives.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let forward = tokio::io::copy_bidirectional(&mut client, &mut server);
+                    if lifetime == 0 {
+                        let _ = forward.await;
+                    } else {
+                        let lifetime =
+                            Duration::from_millis(u64::try_from(lifetime).unwrap_or(u64::MAX));
+                        let _ = tokio::time::timeout(lifetime, forward).await;
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            down,
+            accepted,
+            lifetime_ms,
+            task,
+        }
+    }
+
+    /// The gate's URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// While down, new connections are closed at once (those open go on).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Connections accepted from now on are closed `lifetime` after they were made.
+    pub fn set_lifetime(&self, lifetime: Duration) {
+        let ms = usize::try_from(lifetime.as_millis()).unwrap_or(usize::MAX);
+        self.lifetime_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// How many connections the gate accepted.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Three servers; the waiters reach the second and third through gates.
+#[derive(Debug)]
+pub struct Gated {
+    /// The servers.
+    pub servers: Vec<RedisServer>,
+    /// In front of the second and third server.
+    pub gates: [Gate; 2],
+}
+
+impl Gated {
+    /// Three servers, the second and third behind gates.
+    pub async fn start() -> Self {
+        let servers = start_servers(3);
+        let gates = [
+            Gate::start(servers[1].port()).await,
+            Gate::start(servers[2].port()).await,
+        ];
+        Self { servers, gates }
+    }
+
+    /// The URLs through the gates.
+    pub fn urls(&self) -> Vec<String> {
+        vec![
+            self.servers[0].url(),
+            self.gates[0].url(),
+            self.gates[1].url(),
+        ]
+    }
+
+    /// The servers' own URLs.
+    pub fn direct(&self) -> Vec<String> {
+        self.servers.iter().map(|server| server.url()).collect()
+    }
+
+    /// The third node cannot be reached any more by the waiters, and their pub/sub
+    /// connections there are lost.
+    pub fn third_down(&self) {
+        self.gates[1].set_down(true);
+        kill_pubsub(&self.servers[2].url());
+    }
 }

@@ -6,132 +6,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lock_core::raw::Lock as _;
 use lock_core::{Key, Locker, RetryPolicy};
-use lock_tests::backed::start_servers;
 use lock_tests::fair::waiting;
 use lock_tests::pubsub::{
-    acl_servers, fair_off_client as client, foreign, kill_pubsub, probe, pubsub_clients,
+    Gated, acl_servers, fair_off_client as client, foreign, kill_pubsub, probe, pubsub_clients,
 };
-
-/// A forwarder to a server's port that counts the connections it accepts and, while down,
-/// closes new ones at once.
-struct Gate {
-    port: u16,
-    down: Arc<AtomicBool>,
-    accepted: Arc<AtomicUsize>,
-    /// When not zero: how long a forwarded connection lives (ms) before the gate closes it.
-    lifetime_ms: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Gate {
-    async fn start(target: u16) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let down = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let lifetime_ms = Arc::new(AtomicUsize::new(0));
-        let (is_down, count, lives) = (
-            Arc::clone(&down),
-            Arc::clone(&accepted),
-            Arc::clone(&lifetime_ms),
-        );
-        let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                if is_down.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let lifetime = lives.load(Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let Ok(mut server) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
-                    else {
-                        return;
-                    };
-                    let forward = tokio::io::copy_bidirectional(&mut client, &mut server);
-                    if lifetime == 0 {
-                        let _ = forward.await;
-                    } else {
-                        let lifetime = Duration::from_millis(u64::try_from(lifetime).unwrap());
-                        let _ = tokio::time::timeout(lifetime, forward).await;
-                    }
-                });
-            }
-        });
-        Self {
-            port,
-            down,
-            accepted,
-            lifetime_ms,
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-    }
-
-    /// Connections accepted from now on are closed `lifetime` after they were made.
-    fn set_lifetime(&self, lifetime: Duration) {
-        let ms = usize::try_from(lifetime.as_millis()).unwrap();
-        self.lifetime_ms.store(ms, Ordering::SeqCst);
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Three servers; the waiters reach the second and third through gates.
-struct Gated {
-    servers: Vec<lock_tests::server::RedisServer>,
-    gates: [Gate; 2],
-}
-
-impl Gated {
-    async fn start() -> Self {
-        let servers = start_servers(3);
-        let gates = [
-            Gate::start(servers[1].port()).await,
-            Gate::start(servers[2].port()).await,
-        ];
-        Self { servers, gates }
-    }
-
-    fn urls(&self) -> Vec<String> {
-        vec![
-            self.servers[0].url(),
-            self.gates[0].url(),
-            self.gates[1].url(),
-        ]
-    }
-
-    fn direct(&self) -> Vec<String> {
-        self.servers.iter().map(|server| server.url()).collect()
-    }
-
-    /// The third node cannot be reached any more by the waiters, and their pub/sub
-    /// connections there are lost.
-    fn third_down(&self) {
-        self.gates[1].set_down(true);
-        kill_pubsub(&self.servers[2].url());
-    }
-}
 
 /// Promised (1af1c26: the reader tries again "while waiters are left"): once the only waiter
 /// of a client left (its wait cancelled), the reader of a node that cannot be reached stops
