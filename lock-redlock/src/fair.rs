@@ -6,40 +6,35 @@
 //! client's clock when it first lines up, in µs), so that every node orders the same waiters
 //! alike and a release reserves the key on all of them for the same waiter. A lost message
 //! costs the waiter its fallback poll at most (the longer of its retry delay and 200 ms, a
-//! quarter of the ttl at most: see the core's retry loop); losing the last pub/sub connection
-//! wakes every waiter of this client, and the next attempt subscribes again.
+//! quarter of the ttl at most: see the core's retry loop). The turn channel shares the client's
+//! one pub/sub connection per node with the release channels (see `pubsub.rs`, which also says
+//! what a lost connection does).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::StreamExt;
+use lock_core::Token;
+use lock_core::raw::redis::line_member;
 use lock_core::raw::wake::{PruneSchedule, TurnRegistry};
-use lock_core::{Result, Token};
-
-use lock_core::raw::redis::{TURN_CHANNEL, line_member};
 
 use crate::node::Node;
+use crate::pubsub::{Channel, PubSub};
 
 /// The waiters of one fair client and its subscription.
 pub(crate) struct FairLine {
     /// 32 hex digits naming this client in the members of every line it waits in.
     instance: String,
     turns: TurnRegistry,
-    /// One subscription per node, by the node's index.
-    slots: Vec<tokio::sync::Mutex<Slot>>,
-    /// The pub/sub connections whose reader still runs: a connection lost while another one is
-    /// up wakes nobody (see `connect`).
-    connected: Arc<AtomicUsize>,
+    /// The client's pub/sub connections, which carry the turn channel.
+    pubsub: Arc<PubSub>,
     /// The place in line each waiter chose (several nodes only), in µs since the Unix epoch,
     /// and when it was last asked for (same clock): a waiter still waiting asks at every
     /// attempt, and only places nobody asked for lately are pruned.
     places: Mutex<HashMap<String, (u64, u64)>>,
     /// When `places` is pruned next (once it has doubled: its places may all be live).
     places_pruned: PruneSchedule,
-    /// Set by `close`: an attempt still under way subscribes nowhere after it.
-    closed: AtomicBool,
     /// The keys on which a waiter of this client was lately refused and lined up (one node),
     /// with when: a waiter's first attempt on such a key goes through the line at once rather
     /// than trying a plain `SET NX` first, which a lined key refuses (see
@@ -62,49 +57,19 @@ const LINED_AT_MOST: usize = 1024;
 /// `forget`); a waiter still waiting asks at every attempt, however long ago it arrived.
 const PLACE_IDLE: Duration = lock_core::raw::wake::TURN_IDLE;
 
-/// A node's subscription, and when to try again after its last failure.
-#[derive(Default)]
-struct Slot {
-    subscriber: Option<Subscriber>,
-    retry_at: Option<tokio::time::Instant>,
-}
-
-/// After a failed subscription, the node is not asked again for this long: a node that does
-/// not answer (black-holed) must not make every attempt of every waiter wait for it. The
-/// others' messages still wake the waiter meanwhile, and the retry delay is the fallback.
-const SUBSCRIBE_COOLDOWN: Duration = Duration::from_secs(5);
-
-struct Subscriber {
-    alive: Arc<AtomicBool>,
-    /// Reads the messages; aborting it closes the pub/sub connection.
-    reader: tokio::task::JoinHandle<()>,
-}
-
-/// A client dropped without `shutdown` closes its pub/sub connection too: the reading task
-/// owns it and would otherwise keep it (and the subscription) for good.
-impl Drop for FairLine {
-    fn drop(&mut self) {
-        for slot in &mut self.slots {
-            if let Some(subscriber) = slot.get_mut().subscriber.take() {
-                subscriber.reader.abort();
-            }
-        }
-    }
-}
-
 impl FairLine {
-    pub(crate) fn new(nodes: usize) -> Result<Self> {
-        Ok(Self {
-            instance: Token::generate()?.expose().to_string(),
-            turns: TurnRegistry::default(),
-            slots: (0..nodes).map(|_| tokio::sync::Mutex::default()).collect(),
-            connected: Arc::default(),
+    /// The fair waiters of the client named `instance` (32 hex digits), whose turn channel
+    /// `pubsub` carries.
+    pub(crate) fn new(instance: String, pubsub: Arc<PubSub>) -> Self {
+        Self {
+            instance,
+            turns: pubsub.turns().cloned().unwrap_or_default(),
+            pubsub,
             places: Mutex::new(HashMap::new()),
             places_pruned: PruneSchedule::default(),
-            closed: AtomicBool::new(false),
             lined: Mutex::new(HashMap::new()),
             lined_any: AtomicBool::new(false),
-        })
+        }
     }
 
     /// Whether a waiter of this client lined up on `key` within [`LINED_FOR`] and none took it
@@ -175,69 +140,18 @@ impl FairLine {
 
     /// Listens for `waiter`'s turn before its attempt goes out, subscribing this client's
     /// channel first on every node where it is not (all at once, each bounded by `timeout`; a
-    /// node that failed is left alone for [`SUBSCRIBE_COOLDOWN`]: its turns are lost meanwhile,
-    /// the other nodes' messages still wake, and the retry delay is the fallback).
+    /// node whose subscription failed lately is left alone for a while: see `pubsub.rs`).
     pub(crate) async fn listen(&self, waiter: &Token, nodes: &[Node], timeout: Duration) {
         self.turns.listen(&waiter.expose());
         if let [node] = nodes {
-            self.subscribe(0, node, timeout).await;
+            self.pubsub.subscribe(0, node, Channel::Turn, timeout).await;
         } else {
             futures::future::join_all(
-                nodes
-                    .iter()
-                    .enumerate()
-                    .map(|(index, node)| self.subscribe(index, node, timeout)),
+                nodes.iter().enumerate().map(|(index, node)| {
+                    self.pubsub.subscribe(index, node, Channel::Turn, timeout)
+                }),
             )
             .await;
-        }
-    }
-
-    /// Subscribes this client's channel on the node at `index` unless it is, or failed less
-    /// than [`SUBSCRIBE_COOLDOWN`] ago (bounded by `timeout`).
-    async fn subscribe(&self, index: usize, node: &Node, timeout: Duration) {
-        let Some(slot) = self.slots.get(index) else {
-            return;
-        };
-        let subscribed = async {
-            let mut slot = slot.lock().await;
-            // Read under the slot's lock, which `close` takes after setting it: a subscription
-            // is either made before `close` takes it away, or not at all.
-            if self.closed.load(Ordering::SeqCst) {
-                return;
-            }
-            let now = tokio::time::Instant::now();
-            if slot
-                .subscriber
-                .as_ref()
-                .is_some_and(|s| s.alive.load(Ordering::SeqCst))
-                || slot.retry_at.is_some_and(|at| at > now)
-            {
-                return;
-            }
-            if let Some(old) = slot.subscriber.take() {
-                old.reader.abort();
-            }
-            // Marked failed until it succeeds: a connect cut short by the timeout leaves
-            // the mark.
-            slot.retry_at = Some(now + SUBSCRIBE_COOLDOWN);
-            match self.connect(node).await {
-                // Closed while connecting (`close` does not wait for a slot held across a
-                // connect, see there): what was made is closed here.
-                Ok(subscriber) if self.closed.load(Ordering::SeqCst) => subscriber.reader.abort(),
-                Ok(subscriber) => {
-                    slot.subscriber = Some(subscriber);
-                    slot.retry_at = None;
-                }
-                Err(error) => {
-                    tracing::debug!(node = node.label(), error = %lock_core::raw::redis::shown_error(&error), "cannot subscribe for turns; falling back to the retry delay");
-                }
-            }
-        };
-        if tokio::time::timeout(timeout, subscribed).await.is_err() {
-            tracing::debug!(
-                node = node.label(),
-                "subscribing for turns timed out; falling back to the retry delay"
-            );
         }
     }
 
@@ -332,65 +246,6 @@ impl FairLine {
     pub(crate) async fn wait(&self, waiter: &Token, max_wait: Duration) -> bool {
         self.turns.wait(&waiter.expose(), max_wait).await
     }
-
-    /// Closes the pub/sub connections (on shutdown), for good: an attempt still under way
-    /// subscribes nowhere after it.
-    ///
-    /// A subscription under way holds its slot across its connect, within an acquisition's
-    /// future: one kept but no longer polled (a `select!` branch left pending, a future stored
-    /// for later) would hold it for good, and the shutdown with it. A slot still held after
-    /// [`CLOSE_SLOT_WAIT`] is left to its holder, which closes what it
-    /// connects once it sees `closed` (read under the slot's lock, after the connect).
-    pub(crate) async fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        for slot in &self.slots {
-            let Ok(mut slot) = tokio::time::timeout(CLOSE_SLOT_WAIT, slot.lock()).await else {
-                continue;
-            };
-            if let Some(subscriber) = slot.subscriber.take() {
-                subscriber.reader.abort();
-            }
-        }
-    }
-
-    async fn connect(&self, node: &Node) -> redis::RedisResult<Subscriber> {
-        let channel = format!("{TURN_CHANNEL}{}", self.instance);
-        let mut stream = open(node, &channel).await?;
-        let alive = Arc::new(AtomicBool::new(true));
-        let (turns, still_alive) = (self.turns.clone(), Arc::clone(&alive));
-        let connected = Arc::clone(&self.connected);
-        connected.fetch_add(1, Ordering::SeqCst);
-        let node = node.clone();
-        let reader = tokio::spawn(async move {
-            loop {
-                while let Some(message) = stream.next().await {
-                    if let Ok(payload) = std::str::from_utf8(message.get_payload_bytes()) {
-                        turns.wake_message(payload);
-                    }
-                }
-                // The connection is gone. A turn is announced by every node that reserved the
-                // key: while another connection is up, the waiters still hear it there (waking
-                // them would spend the retry loop's early wake-ups, after which its attempts
-                // are spaced). With none up, messages may have been missed: everyone retries
-                // now.
-                if connected.fetch_sub(1, Ordering::SeqCst) <= 1 {
-                    turns.wake_all();
-                }
-                // Subscribed again at once, so that the turns this node announces from now on
-                // are heard (a waiter whose turn only this node keeps would otherwise sleep out
-                // its delay); failing that, the next attempt subscribes.
-                match tokio::time::timeout(RECONNECT_WITHIN, open(&node, &channel)).await {
-                    Ok(Ok(again)) => {
-                        stream = again;
-                        connected.fetch_add(1, Ordering::SeqCst);
-                    }
-                    _ => break,
-                }
-            }
-            still_alive.store(false, Ordering::SeqCst);
-        });
-        Ok(Subscriber { alive, reader })
-    }
 }
 
 /// This client's clock, in µs since the Unix epoch (a waiter's place in line).
@@ -402,34 +257,17 @@ pub(crate) fn now_micros() -> u64 {
         })
 }
 
-/// How long `close` waits for a subscription slot held by a connect under way (see
-/// [`FairLine::close`]); shared with the wake-ups' `close`.
-pub(crate) const CLOSE_SLOT_WAIT: Duration = Duration::from_millis(100);
-
-/// How long a subscription lost by its node is tried again in the background.
-pub(crate) const RECONNECT_WITHIN: Duration = Duration::from_secs(1);
-
-/// A pub/sub connection to `node` subscribed to `channel`, as a stream of its messages.
-async fn open(
-    node: &Node,
-    channel: &str,
-) -> redis::RedisResult<impl futures::Stream<Item = redis::Msg> + use<>> {
-    let mut pubsub = node.client().get_async_pubsub().await?;
-    pubsub.subscribe(channel).await?;
-    Ok(pubsub.into_on_message())
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 mod tests {
-    use lock_core::SecretUrl;
-
     use super::*;
-    use crate::RedlockConfig;
-    use crate::config::NodeUrl;
 
     fn key(name: &str) -> lock_core::Key {
         lock_core::Key::new(name).unwrap()
+    }
+
+    fn line(nodes: usize) -> FairLine {
+        FairLine::new("me".to_owned(), Arc::new(PubSub::new(nodes, Some("me"))))
     }
 
     /// The hint that sends a waiter's first attempt through the line: set by a waiter that
@@ -438,7 +276,7 @@ mod tests {
     /// `LINED_AT_MOST` of them).
     #[tokio::test(start_paused = true)]
     async fn a_key_is_expected_lined_from_a_refusal_until_a_first_attempt_wins_or_it_ages() {
-        let fair = FairLine::new(1).unwrap();
+        let fair = line(1);
         assert!(!fair.expects_line(&key("a")));
         fair.saw_line(&key("a"), false);
         assert!(!fair.lined_any.load(Ordering::Relaxed));
@@ -458,31 +296,6 @@ mod tests {
         assert!(fair.expects_line(&key(&format!("k{}", 3 * LINED_AT_MOST - 1))));
     }
 
-    /// Promised (`Lock::shutdown`: the client's pub/sub connections are closed): an attempt
-    /// that was under way when the client stopped (it passed the stop check, then the
-    /// shutdown closed every subscription) and listens for its turn only now opens no new
-    /// pub/sub connection, which nothing would close before the client is dropped.
-    ///
-    /// Broken before the fix: `listen` after `close` connected to the node (here: a bare TCP
-    /// listener standing for it, which sees the connection).
-    #[tokio::test]
-    async fn a_listen_after_close_opens_no_connection() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = SecretUrl::new(format!("redis://{}", listener.local_addr().unwrap()));
-        let config = RedlockConfig::new([url.clone()]);
-        let nodes = [Node::new(&NodeUrl::parse(&url).unwrap(), &config).unwrap()];
-        let line = FairLine::new(1).unwrap();
-        line.close().await;
-        let waiter = Token::generate().unwrap();
-        let listened = line.listen(&waiter, &nodes, Duration::from_millis(300));
-        let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept());
-        let ((), accepted) = tokio::join!(listened, accepted);
-        assert!(
-            accepted.is_err(),
-            "a listen after close connected to the node"
-        );
-    }
-
     /// Promised (`FairLine::place`: "chosen on its first call, the same on every later one,
     /// so that a waiter that left a node's line [...] joins it again where it stood"; the
     /// pruning is meant for "an acquisition that ended without `forget`"): a waiter still
@@ -498,7 +311,7 @@ mod tests {
     /// no longer order the waiters alike.
     #[test]
     fn a_waiter_still_waiting_keeps_its_place_when_places_are_pruned() {
-        let line = FairLine::new(3).unwrap();
+        let line = line(3);
         let old = Token::generate().unwrap();
         let t0: u64 = 1_000_000_000_000_000;
         let minute: u64 = 60_000_000;
@@ -524,7 +337,7 @@ mod tests {
     /// acquisition that ended without `forget`) is dropped once the map is over its bound.
     #[test]
     fn places_nobody_asks_for_are_pruned() {
-        let line = FairLine::new(3).unwrap();
+        let line = line(3);
         let t0: u64 = 1_000_000_000_000_000;
         let minute: u64 = 60_000_000;
         let gone = Token::generate().unwrap();

@@ -6,6 +6,7 @@ mod fair;
 mod lease;
 mod node;
 mod pool;
+mod pubsub;
 mod round;
 mod wake;
 
@@ -90,9 +91,12 @@ struct Shared {
     node_count: usize,
     quorum: usize,
     config: RedlockConfig,
-    /// Pub/sub subscriptions of waiters, when `wake_on_release` is on.
+    /// The pub/sub connections (one per node, made by the first waiter) that carry the
+    /// release channels and the turn channel.
+    pubsub: Arc<pubsub::PubSub>,
+    /// The waiters for releases, when `wake_on_release` is on.
     wakeups: Option<Arc<wake::Wakeups>>,
-    /// The waiters of fair lines and their subscription, when `fair` is on.
+    /// The waiters of fair lines, when `fair` is on.
     fair: Option<Arc<fair::FairLine>>,
     /// Per key, the claims this process's waiting writers left on nodes that their later
     /// attempts did not reach (each attempt has a fresh token): see [`lease::note_claims`].
@@ -132,6 +136,13 @@ impl Redlock {
             })
             .collect::<Result<Vec<_>>>()?;
         let (node_count, quorum) = (nodes.len(), nodes.len() / 2 + 1);
+        // 32 hex digits naming a fair client in the lines it waits in, and its turn channel.
+        let instance = if config.is_fair() {
+            Some(Token::generate()?.expose().to_string())
+        } else {
+            None
+        };
+        let pubsub = Arc::new(pubsub::PubSub::new(node_count, instance.as_deref()));
         Ok(Self {
             shared: Arc::new(Shared {
                 nodes: std::sync::RwLock::new(Some(Arc::from(nodes))),
@@ -139,12 +150,10 @@ impl Redlock {
                 quorum,
                 wakeups: config
                     .wakes_on_release()
-                    .then(|| Arc::new(wake::Wakeups::new(node_count))),
-                fair: if config.is_fair() {
-                    Some(Arc::new(fair::FairLine::new(node_count)?))
-                } else {
-                    None
-                },
+                    .then(|| Arc::new(wake::Wakeups::new(Arc::clone(&pubsub)))),
+                fair: instance
+                    .map(|instance| Arc::new(fair::FairLine::new(instance, Arc::clone(&pubsub)))),
+                pubsub,
                 claims: lease::Claims::default(),
                 settling: Settling::default(),
                 config,
@@ -962,12 +971,7 @@ impl Lock for Redlock {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        if let Some(wakeups) = &self.shared.wakeups {
-            wakeups.close().await;
-        }
-        if let Some(fair) = &self.shared.fair {
-            fair.close().await;
-        }
+        self.shared.pubsub.close().await;
         Ok(())
     }
 

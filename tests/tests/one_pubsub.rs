@@ -1,0 +1,145 @@
+//! One pub/sub connection per Redlock node for the whole client: the channel of its fair
+//! turns (`lock-turn:<client>`) and the release channels of its other waiters (semaphores,
+//! read-write locks, multi-key locks, `fair` off) share it, with one reader that connects
+//! again after a loss, every second while anyone waits, and wakes the waiters of what it
+//! subscribes again after an outage. Three nodes, the second and third behind `Gate`s.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::fair::waiting;
+use lock_tests::pubsub::{Gated, foreign, kill_pubsub, pubsub_clients};
+
+/// A fair client (the default) with wake-ups on releases too, a ttl of 10 s.
+fn fair_client(urls: &[String], retry: RetryPolicy) -> Locker {
+    let config = RedlockConfig::new(urls.to_vec())
+        .with_node_timeout(Duration::from_millis(300))
+        .with_fair(true)
+        .with_wake_on_release(true);
+    Locker::from_arc(Arc::new(Redlock::new(config).expect("redlock")))
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(retry),
+        )
+        .expect("options")
+}
+
+/// Waits up to 5 s until `count` reports `want`; its last answer.
+async fn settle(want: usize, count: impl Fn() -> usize) -> usize {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = count();
+        if now == want || tokio::time::Instant::now() >= until {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Promised (a fair waiter is woken by the turn message of any node that passes it the turn):
+/// a fair waiter whose pub/sub connections to two nodes were lost while those nodes could not
+/// be reached for a second hears its turn from them once they are back, without waiting for
+/// its fallback poll (2.5 s here: a quarter of the ttl). The first node holds the key for
+/// someone else, so only the other two pass the turn.
+///
+/// Broken before: the turns' reader tried once to connect again within a second, then gave
+/// up, and the waiter's next attempt (at its poll) subscribed again: 0.9–1 s from release to
+/// win (its poll), against a few ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_waiter_hears_its_turn_from_nodes_back_after_an_outage() {
+    let nodes = Gated::start().await;
+    let direct = nodes.direct();
+    foreign(&direct[0], "turn");
+    let holder = fair_client(&direct, RetryPolicy::none());
+    let guard = holder.acquire("turn").await.unwrap();
+    let waiter = fair_client(&nodes.urls(), waiting(Duration::from_secs(5)));
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = waiter.acquire("turn").await.unwrap();
+            let won = tokio::time::Instant::now();
+            guard.release().await.unwrap();
+            won
+        })
+    };
+    // Lined up and listening on every node.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for gate in &nodes.gates {
+        gate.set_down(true);
+    }
+    kill_pubsub(&direct[1]);
+    kill_pubsub(&direct[2]);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for gate in &nodes.gates {
+        gate.set_down(false);
+    }
+    // The reader's next try (a second after its failed one) is due meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    let took = won - released;
+    assert!(
+        took < Duration::from_millis(500),
+        "from release to win: {took:?}"
+    );
+}
+
+/// Promised (one pub/sub connection per node for the whole client): a fair client whose
+/// waiters wait for a mutex's turn and for a semaphore's release at once keeps one pub/sub
+/// connection to each node, and none once stopped.
+///
+/// Broken before: the turns and the releases had a connection each (two per node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turns_and_releases_share_one_connection_per_node() {
+    let nodes = Gated::start().await;
+    let direct = nodes.direct();
+    let holder = fair_client(&direct, RetryPolicy::none());
+    let mutex = holder.acquire("mutex").await.unwrap();
+    let permit = holder.acquire_permit("permits", 1).await.unwrap();
+    let waiter = fair_client(&direct, waiting(Duration::from_secs(5)));
+    let waits = [("mutex", None), ("permits", Some(1))].map(|(key, permits)| {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = match permits {
+                None => waiter.acquire(key).await,
+                Some(permits) => waiter.acquire_permit(key, permits).await,
+            };
+            guard.unwrap().release().await.unwrap();
+        })
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for url in &direct {
+        assert_eq!(
+            settle(1, || pubsub_clients(url)).await,
+            1,
+            "pub/sub connections to {url} while a turn and a release are awaited"
+        );
+    }
+    mutex.release().await.unwrap();
+    permit.release().await.unwrap();
+    for wait in waits {
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("both waiters won")
+            .unwrap();
+    }
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    for url in &direct {
+        assert_eq!(
+            settle(0, || pubsub_clients(url)).await,
+            0,
+            "after stop: {url}"
+        );
+    }
+}
