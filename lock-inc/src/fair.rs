@@ -1,37 +1,46 @@
 //! Fair waiting across processes (`fair`): waiters line up in a sorted set in the lock's hash
 //! slot (see `lock_core::raw::redis::LINE_SCRIPT`), and the head of the line is woken alone, by a message naming it
 //! on the channel of its client (`lock-turn:<instance>`), which every fair client subscribes to
-//! once, on its first wait, through a subscriber connection of its own (fred's
-//! `SubscriberClient`, which subscribes again after a reconnect). A lost message costs the
+//! once, on its first wait, through the client's one subscriber connection, shared with the
+//! release channels (fred's `SubscriberClient`, which subscribes again after a reconnect). A lost message costs the
 //! waiter its fallback poll at most (the longer of its retry delay and 200 ms, a quarter of the
 //! ttl at most: see the core's retry loop); a reconnect or a reader that fell behind wakes
 //! every waiter of this client.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fred::clients::SubscriberClient;
+use fred::prelude::PubsubInterface;
+use lock_core::Key;
+use lock_core::Token;
 use lock_core::raw::wake::{Granted, TurnRegistry};
-use lock_core::{Key, Result, Token};
 
 use crate::wake::Listener;
 
 pub(crate) use lock_core::raw::redis::TURN_CHANNEL;
 
-/// The waiters of one fair client and its subscription.
+/// The waiters of one fair client.
 pub(crate) struct FairLine {
     /// 32 hex digits naming this client in the members of every line it waits in.
     instance: String,
     turns: TurnRegistry,
-    listener: Listener,
+    /// The client's subscriber connection, which carries the turn channel.
+    listener: Arc<Listener>,
+    /// Whether the turn channel was subscribed (fred subscribes it again after a reconnect).
+    subscribed: AtomicBool,
 }
 
 impl FairLine {
-    pub(crate) fn new(subscriber: SubscriberClient) -> Result<Self> {
-        Ok(Self {
-            instance: Token::generate()?.expose().to_string(),
-            turns: TurnRegistry::default(),
-            listener: Listener::new(subscriber),
-        })
+    /// The fair waiters of the client named `instance` (32 hex digits), whose turn channel
+    /// `listener` carries.
+    pub(crate) fn new(instance: String, listener: Arc<Listener>) -> Self {
+        Self {
+            instance,
+            turns: listener.waiters.turns().cloned().unwrap_or_default(),
+            listener,
+            subscribed: AtomicBool::new(false),
+        }
     }
 
     /// The member of a line that stands for `waiter` of this client.
@@ -58,7 +67,7 @@ impl FairLine {
     /// Whether this client's channel is subscribed already: a waiter's first attempt may then
     /// line up at once (listening costs nothing more).
     pub(crate) fn subscribed(&self) -> bool {
-        self.listener.started()
+        self.subscribed.load(Ordering::SeqCst) && self.listener.started()
     }
 
     /// `waiter`'s attempt, answered `round_trip` after it was sent, left it `place` behind the
@@ -131,14 +140,15 @@ impl FairLine {
         self.turns.wait(&waiter.expose(), max_wait).await
     }
 
-    /// Closes the subscriber connection (on shutdown).
-    pub(crate) async fn close(&self) {
-        self.listener.close().await;
-    }
-
-    /// Connects the subscriber, subscribes this client's channel and starts its reader, once.
+    /// Connects the subscriber and starts its reader, once, and subscribes this client's
+    /// channel, once.
     async fn connect(&self) -> std::result::Result<(), fred::error::Error> {
-        let channel = format!("{TURN_CHANNEL}{}", self.instance);
-        self.listener.start(Some(channel), self.turns.clone()).await
+        self.listener.start().await?;
+        if !self.subscribed.load(Ordering::SeqCst) {
+            let channel = format!("{TURN_CHANNEL}{}", self.instance);
+            self.listener.subscriber.subscribe(channel).await?;
+            self.subscribed.store(true, Ordering::SeqCst);
+        }
+        Ok(())
     }
 }

@@ -109,9 +109,12 @@ struct Shared {
     client: fred::clients::Client,
     prefix: String,
     config: IncConfig,
-    /// Pub/sub subscriptions of waiters, when `wake_on_release` is on.
+    /// The subscriber connection that carries the release channels and the turn channel,
+    /// when `wake_on_release` or `fair` is on.
+    listener: Option<Arc<wake::Listener>>,
+    /// The waiters for releases, when `wake_on_release` is on.
     wakeups: Option<wake::Wakeups>,
-    /// The waiters of fair lines and their subscription, when `fair` is on.
+    /// The waiters of fair lines, when `fair` is on.
     fair: Option<fair::FairLine>,
     /// Set by `shutdown`: every later call, guards' included, fails with
     /// [`LockError::Stopped`] before touching the closed client (whose errors would otherwise be
@@ -269,25 +272,33 @@ impl IncLock {
             LockError::invalid("url", format!("{}: {}", config.label(), e.details()))
         };
         let client = builder.build().map_err(invalid)?;
-        let wakeups = if config.wake_on_release {
-            // Connected by the first waiter.
-            Some(wake::Wakeups::new(
-                builder.build_subscriber_client().map_err(invalid)?,
-            ))
+        // 32 hex digits naming a fair client in the lines it waits in, and its turn channel.
+        let instance = if config.fair {
+            Some(Token::generate()?.expose().to_string())
         } else {
             None
         };
-        let fair = if config.fair {
-            Some(fair::FairLine::new(
+        // One subscriber connection for releases and turns, connected by the first waiter.
+        let listener = if config.wake_on_release || config.fair {
+            Some(Arc::new(wake::Listener::new(
                 builder.build_subscriber_client().map_err(invalid)?,
-            )?)
+                wake::Waiters::new(instance.as_deref()),
+            )))
         } else {
             None
         };
+        let wakeups = listener
+            .as_ref()
+            .filter(|_| config.wake_on_release)
+            .map(|listener| wake::Wakeups::new(Arc::clone(listener)));
+        let fair = instance
+            .zip(listener.as_ref())
+            .map(|(instance, listener)| fair::FairLine::new(instance, Arc::clone(listener)));
         let shared = Shared {
             client,
             prefix: config.prefix.clone(),
             config,
+            listener,
             wakeups,
             fair,
             stopped: AtomicBool::new(false),
@@ -631,11 +642,8 @@ impl Lock for IncLock {
     /// [`LockError::Stopped`], and releases still being sent again in the background stop.
     async fn shutdown(&self) -> Result<()> {
         self.shared.stopped.store(true, Ordering::SeqCst);
-        if let Some(wakeups) = &self.shared.wakeups {
-            wakeups.close().await;
-        }
-        if let Some(fair) = &self.shared.fair {
-            fair.close().await;
+        if let Some(listener) = &self.shared.listener {
+            listener.close().await;
         }
         self.shared
             .client

@@ -1,29 +1,32 @@
 //! Push-based wake-ups: with `wake_on_release`, the release script announces each release on
-//! `lock-released:<lock key>`, and waiters subscribe through one shared subscriber connection
-//! (fred's `SubscriberClient`, which resubscribes after a reconnect). A waiter retries on a
-//! message, when the holder's ttl runs out, or after its retry delay, whichever comes first.
+//! `lock-released:<lock key>`, and waiters subscribe through the client's one subscriber
+//! connection (fred's `SubscriberClient`, which resubscribes after a reconnect), which also
+//! carries a fair client's turn channel (see `fair.rs`). A waiter retries on a message, when
+//! the holder's ttl runs out, or after its retry delay, whichever comes first.
 
 use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::{ClientLike, EventInterface, KeysInterface, PubsubInterface};
 use fred::types::{ConnectHandle, Message};
-use lock_core::raw::redis::{gone_in, release_channel};
+use lock_core::raw::redis::{TURN_CHANNEL, gone_in, release_channel};
 use lock_core::raw::wake::{TurnRegistry, WakeRegistry};
+use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
-/// The waiters and the subscriber connection of one backend.
+/// The waiters for releases of one backend.
 pub(crate) struct Wakeups {
     waiters: WakeRegistry,
-    listener: Listener,
+    listener: Arc<Listener>,
 }
 
 impl Wakeups {
-    pub(crate) fn new(subscriber: SubscriberClient) -> Self {
+    /// The waiters for releases whose channels `listener` carries.
+    pub(crate) fn new(listener: Arc<Listener>) -> Self {
         Self {
-            waiters: WakeRegistry::default(),
-            listener: Listener::new(subscriber),
+            waiters: listener.waiters.releases.clone(),
+            listener,
         }
     }
 
@@ -54,14 +57,9 @@ impl Wakeups {
             .await;
     }
 
-    /// Closes the subscriber connection (on shutdown).
-    pub(crate) async fn close(&self) {
-        self.listener.close().await;
-    }
-
     /// Subscribes `channel`; whether it is (the next waiter tries again when not).
     async fn subscribe(&self, channel: &str) -> bool {
-        if let Err(error) = self.listener.start(None, self.waiters.clone()).await {
+        if let Err(error) = self.listener.start().await {
             tracing::debug!(error = %lock_core::raw::redis::shown_error(&error), "cannot connect for wake-ups; falling back to the retry delay");
             return false;
         }
@@ -73,43 +71,63 @@ impl Wakeups {
     }
 }
 
-/// Waiters that messages wake.
-pub(crate) trait Waiters: Clone + Send + Sync + 'static {
-    /// Wakes the waiters `message` is for.
-    fn wake(&self, message: &Message);
-    /// Wakes every waiter: messages may have been missed.
-    fn wake_all(&self);
+/// Who is woken by what the subscriber connection hears: the waiters for releases, and a fair
+/// client's waiters for their turn.
+#[derive(Clone)]
+pub(crate) struct Waiters {
+    releases: WakeRegistry,
+    /// The fair waiters and this client's turn channel.
+    turns: Option<(TurnRegistry, Arc<str>)>,
 }
 
-impl Waiters for WakeRegistry {
-    /// A release message wakes the waiters of its channel.
-    fn wake(&self, message: &Message) {
-        WakeRegistry::wake(self, &message.channel);
-    }
-
-    fn wake_all(&self) {
-        WakeRegistry::wake_all(self);
-    }
-}
-
-impl Waiters for TurnRegistry {
-    /// A turn message names the waiter whose turn it is, and what came with the turn (see
-    /// [`TurnRegistry::wake_message`]).
-    fn wake(&self, message: &Message) {
-        if let Some(text) = message.value.as_str() {
-            TurnRegistry::wake_message(self, &text);
+impl Waiters {
+    /// The waiters of a client; `instance` names a fair client's turn channel.
+    pub(crate) fn new(instance: Option<&str>) -> Self {
+        Self {
+            releases: WakeRegistry::default(),
+            turns: instance.map(|instance| {
+                (
+                    TurnRegistry::default(),
+                    Arc::from(format!("{TURN_CHANNEL}{instance}")),
+                )
+            }),
         }
     }
 
+    /// The fair waiters (a fair client's).
+    pub(crate) fn turns(&self) -> Option<&TurnRegistry> {
+        self.turns.as_ref().map(|(turns, _)| turns)
+    }
+
+    /// A turn message names the waiter whose turn it is, and what came with the turn (see
+    /// [`TurnRegistry::wake_message`]); a release message wakes the waiters of its channel.
+    fn wake(&self, message: &Message) {
+        match &self.turns {
+            Some((turns, channel)) if *message.channel == **channel => {
+                if let Some(text) = message.value.as_str() {
+                    turns.wake_message(&text);
+                }
+            }
+            _ => self.releases.wake(&message.channel),
+        }
+    }
+
+    /// Wakes every waiter: messages may have been missed.
     fn wake_all(&self) {
-        TurnRegistry::wake_all(self);
+        self.releases.wake_all();
+        if let Some((turns, _)) = &self.turns {
+            turns.wake_all();
+        }
     }
 }
 
-/// A subscriber connection (fred's `SubscriberClient`, which subscribes again after a
-/// reconnect) and the tasks that read it, started by the first waiter.
+/// The client's one subscriber connection (fred's `SubscriberClient`, which subscribes again
+/// after a reconnect) and the tasks that read it, started by the first waiter (of a release or
+/// of a turn).
 pub(crate) struct Listener {
     pub(crate) subscriber: SubscriberClient,
+    /// Who the messages wake.
+    pub(crate) waiters: Waiters,
     state: tokio::sync::Mutex<ListenerState>,
     /// The runtime the client was made on, which drives fred's connection task: a listener
     /// dropped off it (on another thread, or inside a short-lived runtime) closes its
@@ -178,22 +196,19 @@ impl Listener {
             .is_ok_and(|state| state.tasks.is_some() && !state.closed)
     }
 
-    pub(crate) fn new(subscriber: SubscriberClient) -> Self {
+    pub(crate) fn new(subscriber: SubscriberClient, waiters: Waiters) -> Self {
         Self {
             subscriber,
+            waiters,
             state: tokio::sync::Mutex::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
-    /// Connects the subscriber, subscribes `channel` when given, and starts the reader that
-    /// hands each message to `waiters` (and wakes them all when messages may have been lost:
-    /// the reader fell behind, or the connection was made again), once.
-    pub(crate) async fn start(
-        &self,
-        channel: Option<String>,
-        waiters: impl Waiters,
-    ) -> Result<(), fred::error::Error> {
+    /// Connects the subscriber and starts the reader that hands each message to the waiters it
+    /// is for (and wakes them all when messages may have been lost: the reader fell behind, or
+    /// the connection was made again), once.
+    pub(crate) async fn start(&self) -> Result<(), fred::error::Error> {
         let mut state = self.state.lock().await;
         if state.closed {
             return Err(fred::error::Error::new(
@@ -217,9 +232,7 @@ impl Listener {
         self.subscriber.wait_for_connect().await?;
         // Taken after the first connection, which also counts as a "reconnect".
         let mut reconnects = self.subscriber.reconnect_rx();
-        if let Some(channel) = channel {
-            self.subscriber.subscribe(channel).await?;
-        }
+        let waiters = self.waiters.clone();
         let reader = {
             let waiters = waiters.clone();
             tokio::spawn(async move {

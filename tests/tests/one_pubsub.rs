@@ -143,3 +143,68 @@ async fn turns_and_releases_share_one_connection_per_node() {
         );
     }
 }
+
+/// Promised (one pub/sub connection for the whole client, as Redlock): an inc client with
+/// `fair` and `wake_on_release` whose waiters wait for a mutex's turn and a semaphore's release
+/// at once keeps one pub/sub connection, and none once stopped; both waiters still win.
+///
+/// Broken before: the turns and the releases had a subscriber connection each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inc_turns_and_releases_share_one_connection() {
+    let servers = lock_tests::backed::start_servers(1);
+    let url = servers[0].url();
+    let client = || async {
+        let lock = lock_inc::IncLock::connect(
+            lock_inc::IncConfig::new(url.clone())
+                .with_fair(true)
+                .with_wake_on_release(true),
+        )
+        .await
+        .expect("inc connects");
+        Locker::new(lock)
+            .with_options(
+                LockOptions::default()
+                    .with_ttl(Duration::from_secs(10))
+                    .with_retry(waiting(Duration::from_secs(5))),
+            )
+            .expect("options")
+    };
+    let holder = client().await;
+    let mutex = holder.acquire("mutex").await.unwrap();
+    let permit = holder.acquire_permit("permits", 1).await.unwrap();
+    let waiter = client().await;
+    let waits = [("mutex", None), ("permits", Some(1))].map(|(key, permits)| {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = match permits {
+                None => waiter.acquire(key).await,
+                Some(permits) => waiter.acquire_permit(key, permits).await,
+            };
+            guard.unwrap().release().await.unwrap();
+            tokio::time::Instant::now()
+        })
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        settle(1, || pubsub_clients(&url)).await,
+        1,
+        "pub/sub connections while a turn and a release are awaited"
+    );
+    let released = tokio::time::Instant::now();
+    mutex.release().await.unwrap();
+    permit.release().await.unwrap();
+    for wait in waits {
+        let won = tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("both waiters won")
+            .unwrap();
+        assert!(
+            won - released < Duration::from_secs(1),
+            "woken {:?} after the release",
+            won - released
+        );
+    }
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    assert_eq!(settle(0, || pubsub_clients(&url)).await, 0, "after stop");
+}
