@@ -1,0 +1,224 @@
+//! Attacks on the shared pub/sub connection of a Redlock client (c0be0f5, `pubsub.rs`): one
+//! connection per node carries the fair turns (`lock-turn:<client>`) and the release channels,
+//! with one reader that connects again after a loss.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use lock_core::{LockOptions, Locker, RetryPolicy};
+use lock_redlock::{Redlock, RedlockConfig};
+use lock_tests::fair::waiting;
+use lock_tests::pubsub::{Gated, kill_pubsub, pubsub_clients};
+
+/// A fair client (the default) with wake-ups on releases too, a ttl of 10 s.
+fn fair_client(urls: &[String], retry: RetryPolicy) -> Locker {
+    client(urls, retry, true, true)
+}
+
+fn client(urls: &[String], retry: RetryPolicy, fair: bool, wake: bool) -> Locker {
+    let config = RedlockConfig::new(urls.to_vec())
+        .with_node_timeout(Duration::from_millis(300))
+        .with_fair(fair)
+        .with_wake_on_release(wake);
+    Locker::from_arc(Arc::new(Redlock::new(config).expect("redlock")))
+        .with_options(
+            LockOptions::default()
+                .with_ttl(Duration::from_secs(10))
+                .with_retry(retry),
+        )
+        .expect("options")
+}
+
+/// Waits up to 5 s until `count` reports `want`; its last answer.
+async fn settle(want: usize, count: impl Fn() -> usize) -> usize {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = count();
+        if now == want || tokio::time::Instant::now() >= until {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Promised (`pubsub.rs`: "`close` [...] ends everything"; `Lock::shutdown` closes the pub/sub
+/// connections): a client whose reader keeps trying a node that accepts connections but never
+/// answers (black-holed) stops within a second and leaves no pub/sub connection on the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_is_prompt_while_a_reader_retries_a_black_holed_node() {
+    let nodes = Gated::start().await;
+    let direct = nodes.direct();
+    let hole = BlackHole::start(nodes.servers[2].port()).await;
+    let urls = vec![direct[0].clone(), direct[1].clone(), hole.url()];
+    let holder = fair_client(&direct, RetryPolicy::none());
+    let permit = holder.acquire_permit("hole", 1).await.unwrap();
+    let mutex = holder.acquire("hole-m").await.unwrap();
+    let waiter = fair_client(&urls, waiting(Duration::from_secs(5)));
+    let permits = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire_permit("hole", 1).await.map(drop) })
+    };
+    let fair = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire("hole-m").await.map(drop) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hole.swallow(true);
+    kill_pubsub(&direct[2]);
+    // The reader tries again meanwhile, into the hole.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stopping = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), waiter.stop())
+        .await
+        .expect("stop ended")
+        .unwrap();
+    let took = stopping.elapsed();
+    let _ = tokio::time::timeout(Duration::from_secs(3), permits).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), fair).await;
+    for url in &direct {
+        assert_eq!(
+            settle(0, || pubsub_clients(url)).await,
+            0,
+            "after stop: {url}"
+        );
+    }
+    drop((permit, mutex));
+    holder.stop().await.unwrap();
+    assert!(took < Duration::from_secs(1), "stop took {took:?}");
+}
+
+/// Promised (`PubSub`'s `Drop`: a client dropped without `shutdown` closes its connections):
+/// a client dropped while its waiters wait for a turn and a release, and while a node flaps,
+/// leaves no pub/sub connection on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_dropped_while_a_node_flaps_leaves_no_connection() {
+    let nodes = Gated::start().await;
+    let direct = nodes.direct();
+    let holder = fair_client(&direct, RetryPolicy::none());
+    let mutex = holder.acquire("drop-m").await.unwrap();
+    let permit = holder.acquire_permit("drop-p", 1).await.unwrap();
+    let waiter = fair_client(&nodes.urls(), waiting(Duration::from_secs(5)));
+    let waits = [("drop-m", None), ("drop-p", Some(1))].map(|(key, permits)| {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let _ = match permits {
+                None => waiter.acquire(key).await,
+                Some(permits) => waiter.acquire_permit(key, permits).await,
+            };
+        })
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nodes.gates[0].set_down(true);
+    kill_pubsub(&direct[1]);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for wait in &waits {
+        wait.abort();
+    }
+    for wait in waits {
+        let _ = wait.await;
+    }
+    drop(waiter);
+    nodes.gates[0].set_down(false);
+    // Past a reader's next try, had it kept trying.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for url in &direct {
+        assert_eq!(
+            settle(0, || pubsub_clients(url)).await,
+            0,
+            "after the client was dropped: {url}"
+        );
+    }
+    drop((mutex, permit));
+    holder.stop().await.unwrap();
+}
+
+/// Promised (`wake_on_release(false)`, `fair(false)`: waiters poll): a client with neither
+/// makes no pub/sub connection while its waiters wait, and still wins at its poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_neither_fair_nor_wake_ups_makes_no_pubsub_connection() {
+    let nodes = Gated::start().await;
+    let direct = nodes.direct();
+    let holder = fair_client(&direct, RetryPolicy::none());
+    let mutex = holder.acquire("none-m").await.unwrap();
+    let permit = holder.acquire_permit("none-p", 1).await.unwrap();
+    let waiter = client(&direct, waiting(Duration::from_millis(300)), false, false);
+    let waits = [("none-m", None), ("none-p", Some(1))].map(|(key, permits)| {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = match permits {
+                None => waiter.acquire(key).await,
+                Some(permits) => waiter.acquire_permit(key, permits).await,
+            };
+            guard.unwrap().release().await.unwrap();
+        })
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for url in &direct {
+        assert_eq!(pubsub_clients(url), 0, "{url}");
+    }
+    mutex.release().await.unwrap();
+    permit.release().await.unwrap();
+    for wait in waits {
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("won")
+            .unwrap();
+    }
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+}
+
+/// A forwarder that, while swallowing, accepts new connections and holds them without a word
+/// (a black-holed node); those made before go on.
+struct BlackHole {
+    port: u16,
+    swallowing: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHole {
+    async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let swallowing = Arc::new(AtomicBool::new(false));
+        let swallow = Arc::clone(&swallowing);
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                if swallow.load(Ordering::SeqCst) {
+                    held.push(client);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        Self {
+            port,
+            swallowing,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn swallow(&self, on: bool) {
+        self.swallowing.store(on, Ordering::SeqCst);
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
