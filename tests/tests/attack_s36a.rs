@@ -10,7 +10,7 @@ use std::time::Duration;
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::fair::waiting;
-use lock_tests::pubsub::{Gated, kill_pubsub, pubsub_clients};
+use lock_tests::pubsub::{Gated, foreign, kill_pubsub, pubsub_clients};
 
 /// A fair client (the default) with wake-ups on releases too, a ttl of 10 s.
 fn fair_client(urls: &[String], retry: RetryPolicy) -> Locker {
@@ -41,6 +41,68 @@ async fn settle(want: usize, count: impl Fn() -> usize) -> usize {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A waiter on the mutex `key` of `waiter`, which releases at once; when it won.
+fn wait_for(waiter: &Locker, key: &'static str) -> tokio::task::JoinHandle<tokio::time::Instant> {
+    let waiter = waiter.clone();
+    tokio::spawn(async move {
+        let guard = waiter.acquire(key).await.unwrap();
+        let won = tokio::time::Instant::now();
+        guard.release().await.unwrap();
+        won
+    })
+}
+
+/// Promised (`pubsub.rs`: "a release or a turn it announced meanwhile reached nobody [...] the
+/// waiters of what is subscribed again are woken"; the brief: every waiter wins within ~1 s of
+/// the release that lets it in): a fair waiter whose pub/sub connections to the two nodes that
+/// hold the key are lost twice in a row (a flap) hears its turn, or is woken, once they are
+/// back. The first node holds the key for someone else: it is up all along (so the losses wake
+/// nobody) but never passes the turn.
+///
+/// The second loss comes within a second of the reader's reconnect, so the reader waits out
+/// `RECONNECT_PAUSE` before it connects again; a turn passed meanwhile reaches nobody, and a
+/// reconnect at its first try after the pause wakes nobody either.
+///
+/// Fails on c0be0f5: "from release to win: 4.58s" (the waiter's retry delay). Fixed: a reader
+/// that waited out the pause wakes the waiters of what it subscribes again, as after a failed
+/// try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_waiter_hears_its_turn_after_its_connections_flap() {
+    let nodes = Gated::start().await;
+    let direct = nodes.direct();
+    foreign(&direct[0], "flap");
+    let holder = fair_client(&direct, RetryPolicy::none());
+    let guard = holder.acquire("flap").await.unwrap();
+    let waiter = fair_client(&direct, waiting(Duration::from_secs(5)));
+    let task = wait_for(&waiter, "flap");
+    // Lined up and listening on every node.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for url in &direct[1..] {
+        kill_pubsub(url);
+    }
+    // Connected again at once.
+    for url in &direct[1..] {
+        assert_eq!(settle(1, || pubsub_clients(url)).await, 1, "{url}");
+    }
+    for url in &direct[1..] {
+        kill_pubsub(url);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    let took = won - released;
+    assert!(
+        took < Duration::from_millis(1200),
+        "from release to win: {took:?}"
+    );
 }
 
 /// Promised (`pubsub.rs`: "`close` [...] ends everything"; `Lock::shutdown` closes the pub/sub
