@@ -389,10 +389,17 @@ impl PubSub {
                 // made) is made again only once that pause has passed since: one connection a
                 // second, not one per round trip. A connection lost after a steady while is
                 // made again at once.
+                let mut paused = false;
                 if let Some(reconnected) = reconnected {
-                    tokio::time::sleep_until(reconnected + RECONNECT_PAUSE).await;
+                    let until = reconnected + RECONNECT_PAUSE;
+                    paused = until > tokio::time::Instant::now();
+                    tokio::time::sleep_until(until).await;
                 }
-                let mut failed = false;
+                // Down for the pause, the node's announcements meanwhile reached nobody (the
+                // loss woke nobody while another connection was up, though that node may not
+                // hold the key): woken once back, as after a failed try (one wake-up a second
+                // at most, as many as connections).
+                let mut failed = paused;
                 loop {
                     // Never after `close` (which may have left this reader in a slot held by a
                     // subscription under way).
@@ -423,8 +430,8 @@ impl PubSub {
                         );
                         up.again();
                         still_alive.store(true, Ordering::SeqCst);
-                        // Once per outage, not per loss: a flapping connection connects again at
-                        // its first try and spends no early wake-up.
+                        // Once per outage, not per loss: a connection lost after a steady while
+                        // connects again at its first try and spends no early wake-up.
                         if failed {
                             listeners.back(&channels);
                         }
