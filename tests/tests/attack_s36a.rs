@@ -105,6 +105,71 @@ async fn a_fair_waiter_hears_its_turn_after_its_connections_flap() {
     );
 }
 
+/// Promised (`pubsub.rs`: "a node that cannot be reached is tried again every
+/// `RECONNECT_PAUSE` while anyone waits"; `TURN_COOLDOWN`: "a reader left in the slot goes on
+/// trying every second"; a fair waiter is woken by the turn message of any node that passes it
+/// the turn): a fair waiter that could not reach two nodes when it first listened for its turn
+/// (refused at once, nothing black-holed) hears its turn from them once they are back, rather
+/// than missing it for the whole cooldown (5 s) and waiting out its retry delay (2 s here).
+///
+/// The client's readers of those nodes had given up (their connections were lost while nobody
+/// waited), so no reader is left in those slots to try again; the waiter's own listens are
+/// turned away by the cooldown. The first node holds the key for someone else and never
+/// passes a turn.
+///
+/// Fails on c0be0f5: "from release to win: 1.61s" (the retry delay). Fixed: the cooldown
+/// follows only a subscription that timed out (a node that does not answer); one refused at
+/// once is asked again at the next listen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_waiter_hears_its_turn_from_nodes_down_when_it_first_listened() {
+    let nodes = Gated::start().await;
+    let direct = nodes.direct();
+    foreign(&direct[0], "first");
+    let holder = fair_client(&direct, RetryPolicy::none());
+    let waiter = fair_client(&nodes.urls(), waiting(Duration::from_secs(2)));
+    // An earlier wait of the client made its connections (and its readers).
+    let earlier = holder.acquire("earlier").await.unwrap();
+    let task = wait_for(&waiter, "earlier");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    earlier.release().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("won")
+        .unwrap();
+    for url in &direct {
+        assert_eq!(settle(1, || pubsub_clients(url)).await, 1, "{url}");
+    }
+    // Lost while nobody waits: the readers try once, and give up.
+    for gate in &nodes.gates {
+        gate.set_down(true);
+    }
+    kill_pubsub(&direct[1]);
+    kill_pubsub(&direct[2]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let guard = holder.acquire("first").await.unwrap();
+    let started = tokio::time::Instant::now();
+    let task = wait_for(&waiter, "first");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for gate in &nodes.gates {
+        gate.set_down(false);
+    }
+    // Its next attempt (2 s) lines up on the nodes back; the turn comes after it.
+    tokio::time::sleep_until(started + Duration::from_millis(2400)).await;
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    let took = won - released;
+    assert!(
+        took < Duration::from_millis(1200),
+        "from release to win: {took:?}"
+    );
+}
+
 /// Promised (`pubsub.rs`: "`close` [...] ends everything"; `Lock::shutdown` closes the pub/sub
 /// connections): a client whose reader keeps trying a node that accepts connections but never
 /// answers (black-holed) stops within a second and leaves no pub/sub connection on the nodes.
