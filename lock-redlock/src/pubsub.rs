@@ -33,11 +33,11 @@ const RECONNECT_WITHIN: Duration = Duration::from_secs(1);
 /// How long `close` waits for a slot held by a connect under way (see [`PubSub::close`]).
 const CLOSE_SLOT_WAIT: Duration = Duration::from_millis(100);
 
-/// After a fair waiter's subscription failed, the node is not asked again by fair waiters for
-/// this long: a node that does not answer (black-holed) must not make every attempt of every
-/// waiter wait for it (they listen before each attempt). The others' messages still wake the
-/// waiter meanwhile, a reader left in the slot goes on trying every second, and the retry
-/// delay is the fallback.
+/// After a fair waiter's subscription failed for want of an answer (timed out; a refusal
+/// leaves no cooldown), the node is not asked again by fair waiters for this long: a node that
+/// does not answer (black-holed) must not make every attempt of every waiter wait for it (they
+/// listen before each attempt). The others' messages still wake the waiter meanwhile, a reader
+/// left in the slot goes on trying every second, and the retry delay is the fallback.
 const TURN_COOLDOWN: Duration = Duration::from_secs(5);
 
 /// What a subscription is for.
@@ -275,16 +275,32 @@ impl PubSub {
                 if slot.turn_retry_at.is_some_and(|at| at > now) {
                     return Ok(false);
                 }
-                // Marked failed until it succeeds: a connect cut short by the timeout leaves
-                // the mark.
+                // Marked failed until it succeeds or is refused: a connect cut short by the
+                // timeout leaves the mark.
                 slot.turn_retry_at = Some(now + TURN_COOLDOWN);
             }
             let mut channels = self.listeners.channels();
             if !channels.contains(&name) {
                 channels.push(name.clone());
             }
-            let (mut sink, stream) = node.client().get_async_pubsub().await?.split();
-            sink.subscribe(&channels).await?;
+            let made = async {
+                let (mut sink, stream) = node.client().get_async_pubsub().await?.split();
+                sink.subscribe(&channels).await?;
+                Ok::<_, redis::RedisError>((sink, stream))
+            };
+            let (sink, stream) = match made.await {
+                Ok(made) => made,
+                Err(error) => {
+                    // Refused or closed at once: the cooldown is for a node that does not
+                    // answer, and one that refuses costs nothing to ask again. Left alone for
+                    // it, a node back meanwhile would pass turns nobody hears (no reader may
+                    // be left in the slot to try again: one gives up while nobody waits).
+                    if turn && !error.is_timeout() {
+                        slot.turn_retry_at = None;
+                    }
+                    return Err(error);
+                }
+            };
             if let Some(old) = slot.subscriber.take() {
                 old.reader.abort();
             }
