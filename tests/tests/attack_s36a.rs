@@ -170,6 +170,58 @@ async fn a_fair_waiter_hears_its_turn_from_nodes_down_when_it_first_listened() {
     );
 }
 
+/// Promised (`pubsub.rs`: "once it is back, the waiters of what is subscribed again are
+/// woken (a release or a turn it announced meanwhile reached nobody)"): a fair waiter whose
+/// turn two nodes passed while they could not be reached is woken once they are back, also
+/// when the connection made again is not its reader's but one a semaphore waiter of the same
+/// client made first (its subscription finds the node's connection down and makes it anew,
+/// ending the reader that was to wake the waiters at its next try). The first node holds the
+/// key for someone else and never passes a turn.
+///
+/// Fails on c0be0f5: "from release to win: 4.65s" (the retry delay; without the semaphore
+/// waiter, the reader wakes it about a second after the release). Fixed: a subscription that
+/// replaces a reader whose node was out of reach wakes the waiters of what it subscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_passed_during_an_outage_wakes_the_waiter_when_another_waiter_reconnects() {
+    let nodes = Gated::start().await;
+    let direct = nodes.direct();
+    foreign(&direct[0], "outage");
+    let holder = fair_client(&direct, RetryPolicy::none());
+    let guard = holder.acquire("outage").await.unwrap();
+    let permit = holder.acquire_permit("outage-p", 1).await.unwrap();
+    let waiter = fair_client(&nodes.urls(), waiting(Duration::from_secs(5)));
+    let task = wait_for(&waiter, "outage");
+    // Lined up and listening on every node.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nodes.gates.iter().for_each(|gate| gate.set_down(true));
+    kill_pubsub(&direct[1]);
+    kill_pubsub(&direct[2]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The turn passes while the two nodes cannot be reached.
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    nodes.gates.iter().for_each(|gate| gate.set_down(false));
+    // Before the readers' next try (a second after their failed one), a semaphore waiter.
+    let permits = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire_permit("outage-p", 1).await.map(drop) })
+    };
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    permit.release().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), permits).await;
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    let took = won - released;
+    assert!(
+        took < Duration::from_millis(1500),
+        "from release to win: {took:?}"
+    );
+}
+
 /// Promised (`pubsub.rs`: "`close` [...] ends everything"; `Lock::shutdown` closes the pub/sub
 /// connections): a client whose reader keeps trying a node that accepts connections but never
 /// answers (black-holed) stops within a second and leaves no pub/sub connection on the nodes.
