@@ -94,6 +94,11 @@ struct Subscriber {
     alive: Arc<AtomicBool>,
     /// Whether the connection up now subscribed the turn channel.
     turn: Arc<AtomicBool>,
+    /// Whether the node was out of reach since the connection was lost (a failed try, or the
+    /// reconnect pause waited out): its announcements meanwhile reached nobody, and whoever
+    /// connects again (the reader, or a subscription that replaces it) wakes the waiters of
+    /// what it subscribes.
+    missed: Arc<AtomicBool>,
     /// Reads the messages; aborting it closes the connection.
     reader: tokio::task::JoinHandle<()>,
 }
@@ -301,9 +306,11 @@ impl PubSub {
                     return Err(error);
                 }
             };
-            if let Some(old) = slot.subscriber.take() {
+            // A reader ended here before its node was back wakes nobody: this connection does.
+            let missed = slot.subscriber.take().is_some_and(|old| {
                 old.reader.abort();
-            }
+                old.missed.load(Ordering::SeqCst)
+            });
             // Closed while connecting (`close` does not wait for a slot held across a
             // connect, see there): what was made is dropped, and with it its connection.
             if self.closed.load(Ordering::SeqCst) {
@@ -312,6 +319,9 @@ impl PubSub {
             let with_turn = channels.iter().any(|name| self.listeners.is_turn(name));
             slot.subscriber = Some(self.reader(node, sink, stream, with_turn));
             slot.turn_retry_at = None;
+            if missed {
+                self.listeners.back(&channels);
+            }
             Ok::<_, redis::RedisError>(true)
         };
         let what = if turn { "turns" } else { "wake-ups" };
@@ -383,6 +393,8 @@ impl PubSub {
         let sink = Arc::new(std::sync::Mutex::new(sink));
         let alive = Arc::new(AtomicBool::new(true));
         let turn = Arc::new(AtomicBool::new(with_turn));
+        let missed = Arc::new(AtomicBool::new(false));
+        let outage = Arc::clone(&missed);
         let listeners = self.listeners.clone();
         let (shared_sink, still_alive, has_turn) =
             (Arc::clone(&sink), Arc::clone(&alive), Arc::clone(&turn));
@@ -416,6 +428,7 @@ impl PubSub {
                 // hold the key): woken once back, as after a failed try (one wake-up a second
                 // at most, as many as connections).
                 let mut failed = paused;
+                outage.store(failed, Ordering::SeqCst);
                 loop {
                     // Never after `close` (which may have left this reader in a slot held by a
                     // subscription under way).
@@ -451,9 +464,11 @@ impl PubSub {
                         if failed {
                             listeners.back(&channels);
                         }
+                        outage.store(false, Ordering::SeqCst);
                         break;
                     }
                     failed = true;
+                    outage.store(true, Ordering::SeqCst);
                     if !listeners.anyone_waits() {
                         return;
                     }
@@ -465,6 +480,7 @@ impl PubSub {
             sink,
             alive,
             turn,
+            missed,
             reader,
         }
     }
