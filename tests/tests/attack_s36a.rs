@@ -10,7 +10,7 @@ use std::time::Duration;
 use lock_core::{LockOptions, Locker, RetryPolicy};
 use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::fair::waiting;
-use lock_tests::pubsub::{Gated, foreign, kill_pubsub, pubsub_clients};
+use lock_tests::pubsub::{Gated, channels, foreign, kill_pubsub, pubsub_clients};
 
 /// A fair client (the default) with wake-ups on releases too, a ttl of 10 s.
 fn fair_client(urls: &[String], retry: RetryPolicy) -> Locker {
@@ -220,6 +220,76 @@ async fn a_turn_passed_during_an_outage_wakes_the_waiter_when_another_waiter_rec
         took < Duration::from_millis(1500),
         "from release to win: {took:?}"
     );
+}
+
+/// Promised (`lock_core::raw::wake::LINGER`: a subscription outlives its last waiter by 2 s;
+/// `close` ends everything): a fair client whose semaphore and mutex waiters waited while
+/// every node's pub/sub connection was lost twice (a flap, the second loss within the
+/// reconnect pause) keeps no release channel subscribed on any node once its waiters are gone
+/// and the linger passed (the turn channel alone stays), and none at all once stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_channels_are_retired_after_flaps() {
+    let nodes = Gated::start().await;
+    let direct = nodes.direct();
+    let holder = fair_client(&direct, RetryPolicy::none());
+    let mut held = Vec::new();
+    for key in ["ch-a", "ch-b", "ch-c"] {
+        held.push(holder.acquire_permit(key, 1).await.unwrap());
+    }
+    held.push(holder.acquire("ch-m").await.unwrap());
+    let waiter = fair_client(&direct, waiting(Duration::from_secs(5)));
+    let waits: Vec<_> = ["ch-a", "ch-b", "ch-c", "ch-m"]
+        .into_iter()
+        .map(|key| {
+            let waiter = waiter.clone();
+            tokio::spawn(async move {
+                let guard = if key == "ch-m" {
+                    waiter.acquire(key).await
+                } else {
+                    waiter.acquire_permit(key, 1).await
+                };
+                guard.unwrap().release().await.unwrap();
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for url in &direct {
+        kill_pubsub(url);
+    }
+    for url in &direct {
+        assert_eq!(settle(1, || pubsub_clients(url)).await, 1, "{url}");
+    }
+    for url in &direct {
+        kill_pubsub(url);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for guard in held {
+        guard.release().await.unwrap();
+    }
+    for wait in waits {
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("won")
+            .unwrap();
+    }
+    // Past the linger, and a reconnect pause.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    for url in &direct {
+        let left = channels(url);
+        assert!(
+            left.iter().all(|channel| channel.starts_with("lock-turn:")),
+            "release channels left on {url}: {left:?}"
+        );
+    }
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    for url in &direct {
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        while !channels(url).is_empty() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(channels(url), Vec::<String>::new(), "after stop: {url}");
+    }
 }
 
 /// Promised (`pubsub.rs`: "`close` [...] ends everything"; `Lock::shutdown` closes the pub/sub
