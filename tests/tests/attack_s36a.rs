@@ -292,6 +292,49 @@ async fn release_channels_are_retired_after_flaps() {
     }
 }
 
+/// Promised (`pubsub.rs`: "a node that cannot be reached is tried again every
+/// `RECONNECT_PAUSE` while anyone waits, and once it is back, the waiters of what is
+/// subscribed again are woken"): a waiter for a release (`fair` off, one node) whose node
+/// could not be reached for half a second hears a release announced a while after it is back.
+/// The loss wakes the waiter (no other connection is up), and its reader's first try fails
+/// while the waiter is between two waits (its attempt under way): nobody waits then, as the
+/// reader counts, but the waiter does.
+///
+/// Fails on c0be0f5: "from release to win: 3.30s" (the reader gave up; the waiter's own
+/// subscription had failed while the node was down, and nothing tried the node again before
+/// its retry delay). Fixed: a reader goes on trying while a release channel is waited on or
+/// still lingers (its subscription not retired yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_waiter_between_waits_keeps_its_reader_trying() {
+    let nodes = Gated::start().await;
+    let direct = nodes.direct();
+    let gated = vec![nodes.gates[0].url()];
+    let holder = client(&direct[1..2], RetryPolicy::none(), false, true);
+    let guard = holder.acquire("solo").await.unwrap();
+    let waiter = client(&gated, waiting(Duration::from_secs(5)), false, true);
+    let task = wait_for(&waiter, "solo");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nodes.gates[0].set_down(true);
+    kill_pubsub(&direct[1]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nodes.gates[0].set_down(false);
+    // Past the reader's next try (a second after its failed one).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let released = tokio::time::Instant::now();
+    guard.release().await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won")
+        .unwrap();
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    let took = won - released;
+    assert!(
+        took < Duration::from_millis(1200),
+        "from release to win: {took:?}"
+    );
+}
+
 /// Promised (`pubsub.rs`: "`close` [...] ends everything"; `Lock::shutdown` closes the pub/sub
 /// connections): a client whose reader keeps trying a node that accepts connections but never
 /// answers (black-holed) stops within a second and leaves no pub/sub connection on the nodes.
