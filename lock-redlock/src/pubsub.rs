@@ -469,10 +469,14 @@ impl PubSub {
                     }
                     failed = true;
                     outage.store(true, Ordering::SeqCst);
+                    // Asked after the pause, not at once: a failed try right after a loss that
+                    // woke the waiters finds them between two waits (their attempts under way),
+                    // registered nowhere, and a reader that gave up then would leave them
+                    // with no one trying the node.
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
                     if !listeners.anyone_waits() {
                         return;
                     }
-                    tokio::time::sleep(RECONNECT_PAUSE).await;
                 }
             }
         });

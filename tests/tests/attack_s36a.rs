@@ -302,8 +302,8 @@ async fn release_channels_are_retired_after_flaps() {
 ///
 /// Fails on c0be0f5: "from release to win: 3.30s" (the reader gave up; the waiter's own
 /// subscription had failed while the node was down, and nothing tried the node again before
-/// its retry delay). Fixed: a reader goes on trying while a release channel is waited on or
-/// still lingers (its subscription not retired yet).
+/// its retry delay). Fixed: a reader that failed asks whether anyone waits after its pause,
+/// not at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_waiter_between_waits_keeps_its_reader_trying() {
     let nodes = Gated::start().await;
