@@ -53,9 +53,14 @@ pub(crate) enum Channel<'a> {
 pub(crate) struct PubSub {
     listeners: Listeners,
     slots: Vec<tokio::sync::Mutex<Slot>>,
-    /// The connections whose reader is connected: a connection lost while another one is up
-    /// wakes nobody.
-    connected: Arc<AtomicUsize>,
+    /// By node: until when fair waiters leave the node alone after their subscription went
+    /// unanswered (see [`TURN_COOLDOWN`]); read before the slot's lock, which a connect under
+    /// way holds.
+    turn_retry_at: Vec<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// The connections whose reader is connected, and those of them that subscribed the turn
+    /// channel: a connection lost while another one is up wakes nobody (a turn connection,
+    /// while another turn connection is up).
+    connected: Counts,
     /// Set by `close`: an attempt still under way subscribes nowhere after it, and a reader
     /// connects nowhere again.
     closed: Arc<AtomicBool>,
@@ -78,12 +83,17 @@ struct Turns {
     wanted: Arc<AtomicBool>,
 }
 
-/// A node's connection, and until when fair waiters leave it alone after their subscription
-/// failed (see [`TURN_COOLDOWN`]).
+/// A node's connection.
 #[derive(Default)]
 struct Slot {
     subscriber: Option<Subscriber>,
-    turn_retry_at: Option<tokio::time::Instant>,
+}
+
+/// How many connections are up, and how many of them subscribed the turn channel.
+#[derive(Clone, Default)]
+struct Counts {
+    up: Arc<AtomicUsize>,
+    turn: Arc<AtomicUsize>,
 }
 
 struct Subscriber {
@@ -92,7 +102,8 @@ struct Subscriber {
     /// Whether the connection is up (false while the reader connects again, and once it gave
     /// up or ended).
     alive: Arc<AtomicBool>,
-    /// Whether the connection up now subscribed the turn channel.
+    /// Whether the connection up now subscribed the turn channel (counted in
+    /// `Counts::turn` while it is).
     turn: Arc<AtomicBool>,
     /// Whether the node was out of reach since the connection was lost (a failed try, or the
     /// reconnect pause waited out): its announcements meanwhile reached nobody, and whoever
@@ -141,8 +152,9 @@ impl Listeners {
         }
     }
 
-    /// A connection was lost; `others_up`: another one of the client is up.
-    fn lost(&self, others_up: bool) {
+    /// A connection was lost; `others_up`: another one of the client is up; `last_turn`: it
+    /// was the last one up that subscribed the turn channel.
+    fn lost(&self, others_up: bool, last_turn: bool) {
         if others_up {
             // The release waiters still listen on the others; their channels are subscribed
             // again by their next waiter (waking them would spend the retry loop's early
@@ -150,9 +162,9 @@ impl Listeners {
             self.releases.resubscribe();
         } else {
             self.releases.wake_all();
-            if let Some(turns) = &self.turns {
-                turns.registry.wake_all();
-            }
+        }
+        if last_turn && let Some(turns) = &self.turns {
+            turns.registry.wake_all();
         }
     }
 
@@ -209,7 +221,8 @@ impl PubSub {
                 }),
             },
             slots: (0..nodes).map(|_| tokio::sync::Mutex::default()).collect(),
-            connected: Arc::default(),
+            turn_retry_at: (0..nodes).map(|_| std::sync::Mutex::default()).collect(),
+            connected: Counts::default(),
             closed: Arc::default(),
         }
     }
@@ -252,6 +265,27 @@ impl PubSub {
             (Channel::Turn, None) => return false,
         };
         let turn = matches!(channel, Channel::Turn);
+        let retry_at = self.turn_retry_at.get(index);
+        // Marked failed until it succeeds or is refused: one cut short by the timeout (a node
+        // that does not answer) leaves the mark, and fair waiters leave the node alone until
+        // it passes, without waiting for the slot (a connect under way holds it).
+        let mark = |until: Option<tokio::time::Instant>| {
+            if let Some(retry_at) = retry_at.filter(|_| turn) {
+                *retry_at
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = until;
+            }
+        };
+        if turn
+            && retry_at.is_some_and(|retry_at| {
+                retry_at
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .is_some_and(|at| at > tokio::time::Instant::now())
+            })
+        {
+            return false;
+        }
         let attempt = async {
             let mut slot = slot.lock().await;
             // Read under the slot's lock, which `close` takes after setting it: a connection is
@@ -268,21 +302,32 @@ impl PubSub {
                     return Ok(true);
                 }
                 let (mut sink, subscribed) = (subscriber.sink(), Arc::clone(&subscriber.turn));
+                let alive = Arc::clone(&subscriber.alive);
                 drop(slot);
-                sink.subscribe(&name).await?;
-                if turn {
-                    subscribed.store(true, Ordering::SeqCst);
+                mark(Some(tokio::time::Instant::now() + TURN_COOLDOWN));
+                match sink.subscribe(&name).await {
+                    Ok(()) => {
+                        mark(None);
+                        // Counted once, and only on a connection still up (a reader that lost
+                        // it meanwhile counts its connection as without the channel).
+                        if turn
+                            && alive.load(Ordering::SeqCst)
+                            && !subscribed.swap(true, Ordering::SeqCst)
+                        {
+                            self.connected.turn.fetch_add(1, Ordering::SeqCst);
+                        }
+                        return Ok(true);
+                    }
+                    Err(error) => {
+                        if !error.is_timeout() {
+                            mark(None);
+                        }
+                        return Err(error);
+                    }
                 }
-                return Ok(true);
             }
-            let now = tokio::time::Instant::now();
             if turn {
-                if slot.turn_retry_at.is_some_and(|at| at > now) {
-                    return Ok(false);
-                }
-                // Marked failed until it succeeds or is refused: a connect cut short by the
-                // timeout leaves the mark.
-                slot.turn_retry_at = Some(now + TURN_COOLDOWN);
+                mark(Some(tokio::time::Instant::now() + TURN_COOLDOWN));
             }
             let mut channels = self.listeners.channels();
             if !channels.contains(&name) {
@@ -300,8 +345,8 @@ impl PubSub {
                     // answer, and one that refuses costs nothing to ask again. Left alone for
                     // it, a node back meanwhile would pass turns nobody hears (no reader may
                     // be left in the slot to try again: one gives up while nobody waits).
-                    if turn && !error.is_timeout() {
-                        slot.turn_retry_at = None;
+                    if !error.is_timeout() {
+                        mark(None);
                     }
                     return Err(error);
                 }
@@ -318,7 +363,7 @@ impl PubSub {
             }
             let with_turn = channels.iter().any(|name| self.listeners.is_turn(name));
             slot.subscriber = Some(self.reader(node, sink, stream, with_turn));
-            slot.turn_retry_at = None;
+            mark(None);
             if missed {
                 self.listeners.back(&channels);
             }
@@ -392,16 +437,15 @@ impl PubSub {
     ) -> Subscriber {
         let sink = Arc::new(std::sync::Mutex::new(sink));
         let alive = Arc::new(AtomicBool::new(true));
-        let turn = Arc::new(AtomicBool::new(with_turn));
+        let turn = Arc::new(AtomicBool::new(false));
         let missed = Arc::new(AtomicBool::new(false));
         let outage = Arc::clone(&missed);
         let listeners = self.listeners.clone();
-        let (shared_sink, still_alive, has_turn) =
-            (Arc::clone(&sink), Arc::clone(&alive), Arc::clone(&turn));
+        let (shared_sink, still_alive) = (Arc::clone(&sink), Arc::clone(&alive));
         let closed = Arc::clone(&self.closed);
         // Counted while its connection is up, and no longer once the reader is gone, however
         // it ends (aborted when replaced or closed, too).
-        let mut up = Up::new(Arc::clone(&self.connected));
+        let mut up = Up::new(self.connected.clone(), Arc::clone(&turn), with_turn);
         let node = node.clone();
         let reader = tokio::spawn(async move {
             // When this reader last connected again itself.
@@ -411,7 +455,8 @@ impl PubSub {
                     listeners.deliver(&message);
                 }
                 still_alive.store(false, Ordering::SeqCst);
-                listeners.lost(up.down() > 1);
+                let (others_up, last_turn) = up.down();
+                listeners.lost(others_up, last_turn);
                 // A connection this reader made again and lost within `RECONNECT_PAUSE` (a
                 // node, or a proxy in front of it, that closes connections soon after they are
                 // made) is made again only once that pause has passed since: one connection a
@@ -453,11 +498,7 @@ impl PubSub {
                             .unwrap_or_else(std::sync::PoisonError::into_inner) = sink;
                         stream = again;
                         reconnected = Some(tokio::time::Instant::now());
-                        has_turn.store(
-                            channels.iter().any(|name| listeners.is_turn(name)),
-                            Ordering::SeqCst,
-                        );
-                        up.again();
+                        up.again(channels.iter().any(|name| listeners.is_turn(name)));
                         still_alive.store(true, Ordering::SeqCst);
                         // Once per outage, not per loss: a connection lost after a steady while
                         // connects again at its first try and spends no early wake-up.
@@ -490,41 +531,64 @@ impl PubSub {
     }
 }
 
-/// A reader's count in `PubSub::connected` while its connection is up; given back when the
-/// reader ends however it ends (an aborted reader whose connection was up must not count as
-/// connected for good: a later loss would then wake nobody though no connection is left).
+/// A reader's count in `PubSub::connected` while its connection is up (and in the turn count
+/// while it also subscribed the turn channel); given back when the reader ends however it ends
+/// (an aborted reader whose connection was up must not count as connected for good: a later
+/// loss would then wake nobody though no connection is left).
 struct Up {
-    connected: Arc<AtomicUsize>,
+    counts: Counts,
     up: bool,
+    /// The connection's `Subscriber::turn`, also set by a subscription on it.
+    turn: Arc<AtomicBool>,
 }
 
 impl Up {
-    fn new(connected: Arc<AtomicUsize>) -> Self {
-        connected.fetch_add(1, Ordering::SeqCst);
-        Self {
-            connected,
+    fn new(counts: Counts, turn: Arc<AtomicBool>, with_turn: bool) -> Self {
+        counts.up.fetch_add(1, Ordering::SeqCst);
+        let mut up = Self {
+            counts,
             up: true,
+            turn,
+        };
+        up.set_turn(with_turn);
+        up
+    }
+
+    fn set_turn(&mut self, with_turn: bool) {
+        if with_turn && !self.turn.swap(true, Ordering::SeqCst) {
+            self.counts.turn.fetch_add(1, Ordering::SeqCst);
         }
     }
 
-    /// The connection is lost: how many were counted up before (this one included).
-    fn down(&mut self) -> usize {
-        self.up = false;
-        self.connected.fetch_sub(1, Ordering::SeqCst)
+    /// The turn channel is no longer heard here: whether this was the last connection up
+    /// that heard it.
+    fn turn_down(&mut self) -> bool {
+        self.turn.swap(false, Ordering::SeqCst)
+            && self.counts.turn.fetch_sub(1, Ordering::SeqCst) == 1
     }
 
-    /// The connection is made again.
-    fn again(&mut self) {
-        self.connected.fetch_add(1, Ordering::SeqCst);
+    /// The connection is lost: whether another one is up, and whether this was the last one
+    /// up with the turn channel.
+    fn down(&mut self) -> (bool, bool) {
+        self.up = false;
+        let others_up = self.counts.up.fetch_sub(1, Ordering::SeqCst) > 1;
+        (others_up, self.turn_down())
+    }
+
+    /// The connection is made again (`with_turn`: subscribed to the turn channel).
+    fn again(&mut self, with_turn: bool) {
+        self.counts.up.fetch_add(1, Ordering::SeqCst);
         self.up = true;
+        self.set_turn(with_turn);
     }
 }
 
 impl Drop for Up {
     fn drop(&mut self) {
         if self.up {
-            self.connected.fetch_sub(1, Ordering::SeqCst);
+            self.counts.up.fetch_sub(1, Ordering::SeqCst);
         }
+        self.turn_down();
     }
 }
 

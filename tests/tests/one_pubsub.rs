@@ -208,3 +208,60 @@ async fn inc_turns_and_releases_share_one_connection() {
     holder.stop().await.unwrap();
     assert_eq!(settle(0, || pubsub_clients(&url)).await, 0, "after stop");
 }
+
+/// Promised (`fair`: a node that does not answer is left alone for 5 s, so that it does not
+/// hold every attempt for the node timeout), also when the node's connection was made by a
+/// release waiter and carries no turn channel yet: the node then stops answering (its
+/// connection stays open), and the fair waiters' hand-offs do not each wait for their
+/// `SUBSCRIBE` there.
+///
+/// Broken before the fix: the turn channel's `SUBSCRIBE` on a connection already up set no
+/// cooldown when it went unanswered, and every hand-off waited the 300 ms node timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_answering_on_a_release_connection_does_not_slow_fair_hand_offs() {
+    let nodes = lock_tests::nodes::Nodes::start().await;
+    let urls = nodes.urls();
+    let holder = fair_client(&urls, RetryPolicy::none());
+    let waiter = fair_client(&urls, waiting(Duration::from_secs(2)));
+    // The waiter's client connects to every node for a semaphore's release first.
+    let permit = holder.acquire_permit("permits", 1).await.unwrap();
+    let wait = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = waiter.acquire_permit("permits", 1).await.unwrap();
+            guard.release().await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    permit.release().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), wait)
+        .await
+        .expect("the permit's waiter won")
+        .unwrap();
+    nodes.proxy.black_hole();
+    let mut hand_offs = Vec::new();
+    for _ in 0..4 {
+        let guard = holder.acquire("k").await.unwrap();
+        let task = {
+            let waiter = waiter.clone();
+            tokio::spawn(async move {
+                let guard = waiter.acquire("k").await.unwrap();
+                let got = tokio::time::Instant::now();
+                guard.release().await.unwrap();
+                got
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let released = tokio::time::Instant::now();
+        guard.release().await.unwrap();
+        hand_offs.push(task.await.unwrap() - released);
+    }
+    println!("hand-offs with a node that stopped answering: {hand_offs:?}");
+    // One may retry the node once its cooldown is over on a slow run; the others must not.
+    let mut sorted = hand_offs.clone();
+    sorted.sort();
+    assert!(
+        sorted[sorted.len() - 2] < Duration::from_millis(250),
+        "hand-offs waited for the node: {hand_offs:?}"
+    );
+}
