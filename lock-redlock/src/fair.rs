@@ -140,7 +140,8 @@ impl FairLine {
 
     /// Listens for `waiter`'s turn before its attempt goes out, subscribing this client's
     /// channel first on every node where it is not (all at once, each bounded by `timeout`; a
-    /// node whose subscription failed lately is left alone for a while: see `pubsub.rs`).
+    /// node whose subscription went unanswered lately is left alone for a while: see
+    /// `pubsub.rs`).
     pub(crate) async fn listen(&self, waiter: &Token, nodes: &[Node], timeout: Duration) {
         self.turns.listen(&waiter.expose());
         if let [node] = nodes {

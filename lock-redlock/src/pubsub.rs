@@ -244,7 +244,7 @@ impl PubSub {
     /// hear nothing on this node until their next wait), and replaces the reader left in the
     /// slot only once made: a wait that ends meanwhile (woken by another node, its delay over,
     /// cancelled) drops what it made, and a reader still trying goes on. For the turn channel,
-    /// a node whose subscription failed lately is left alone (see [`TURN_COOLDOWN`]).
+    /// a node whose subscription went unanswered lately is left alone (see [`TURN_COOLDOWN`]).
     pub(crate) async fn subscribe(
         &self,
         index: usize,
