@@ -21,9 +21,16 @@ pub const PROBE: Duration = Duration::from_secs(1);
 /// # Panics
 /// On a configuration Redlock refuses.
 pub fn fair_off_client(urls: &[String], retry: RetryPolicy, node_timeout: Duration) -> Locker {
-    let config = RedlockConfig::new(urls.to_vec())
-        .with_node_timeout(node_timeout)
-        .with_fair(false);
+    client_of(
+        RedlockConfig::new(urls.to_vec())
+            .with_node_timeout(node_timeout)
+            .with_fair(false),
+        retry,
+    )
+}
+
+/// A client of `config` with a ttl of 10 s and `retry`.
+fn client_of(config: RedlockConfig, retry: RetryPolicy) -> Locker {
     Locker::from_arc(Arc::new(Redlock::new(config).expect("redlock")))
         .with_options(
             LockOptions::default()
@@ -31,6 +38,65 @@ pub fn fair_off_client(urls: &[String], retry: RetryPolicy, node_timeout: Durati
                 .with_retry(retry),
         )
         .expect("options")
+}
+
+/// A Redlock client of its own on `urls` with `fair` and `wake_on_release` as given, a 300 ms
+/// node timeout and a ttl of 10 s.
+///
+/// # Panics
+/// On a configuration Redlock refuses.
+pub fn redlock_client(urls: &[String], retry: RetryPolicy, fair: bool, wake: bool) -> Locker {
+    client_of(
+        RedlockConfig::new(urls.to_vec())
+            .with_node_timeout(Duration::from_millis(300))
+            .with_fair(fair)
+            .with_wake_on_release(wake),
+        retry,
+    )
+}
+
+/// Waits up to 5 s until `count` reports `want`; its last answer.
+pub async fn settle(want: usize, count: impl Fn() -> usize) -> usize {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = count();
+        if now == want || tokio::time::Instant::now() >= until {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A waiter on the mutex `key` of `waiter`, which releases at once: when it won.
+///
+/// # Panics
+/// In the task, when the acquisition or the release fails.
+pub fn wait_for(
+    waiter: &Locker,
+    key: &'static str,
+) -> tokio::task::JoinHandle<tokio::time::Instant> {
+    let waiter = waiter.clone();
+    tokio::spawn(async move {
+        let guard = waiter.acquire(key).await.expect("the waiter wins");
+        let won = tokio::time::Instant::now();
+        guard.release().await.expect("the winner releases");
+        won
+    })
+}
+
+/// How long after `released` the waiter `task` (of [`wait_for`]) won, waiting 10 s at most.
+///
+/// # Panics
+/// When it did not win within 10 s, or its task failed.
+pub async fn won_after(
+    task: tokio::task::JoinHandle<tokio::time::Instant>,
+    released: tokio::time::Instant,
+) -> Duration {
+    let won = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("won within 10 s")
+        .expect("the waiter's task");
+    won.saturating_duration_since(released)
 }
 
 /// A connection for probes to the server at `url` (which may carry a password).

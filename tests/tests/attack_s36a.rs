@@ -7,51 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use lock_core::{LockOptions, Locker, RetryPolicy};
-use lock_redlock::{Redlock, RedlockConfig};
+use lock_core::{Locker, RetryPolicy};
 use lock_tests::fair::waiting;
-use lock_tests::pubsub::{Gated, channels, foreign, kill_pubsub, pubsub_clients};
+use lock_tests::pubsub::{
+    Gated, channels, foreign, kill_pubsub, pubsub_clients, redlock_client as client, settle,
+    wait_for, won_after,
+};
 
 /// A fair client (the default) with wake-ups on releases too, a ttl of 10 s.
 fn fair_client(urls: &[String], retry: RetryPolicy) -> Locker {
     client(urls, retry, true, true)
-}
-
-fn client(urls: &[String], retry: RetryPolicy, fair: bool, wake: bool) -> Locker {
-    let config = RedlockConfig::new(urls.to_vec())
-        .with_node_timeout(Duration::from_millis(300))
-        .with_fair(fair)
-        .with_wake_on_release(wake);
-    Locker::from_arc(Arc::new(Redlock::new(config).expect("redlock")))
-        .with_options(
-            LockOptions::default()
-                .with_ttl(Duration::from_secs(10))
-                .with_retry(retry),
-        )
-        .expect("options")
-}
-
-/// Waits up to 5 s until `count` reports `want`; its last answer.
-async fn settle(want: usize, count: impl Fn() -> usize) -> usize {
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let now = count();
-        if now == want || tokio::time::Instant::now() >= until {
-            return now;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A waiter on the mutex `key` of `waiter`, which releases at once; when it won.
-fn wait_for(waiter: &Locker, key: &'static str) -> tokio::task::JoinHandle<tokio::time::Instant> {
-    let waiter = waiter.clone();
-    tokio::spawn(async move {
-        let guard = waiter.acquire(key).await.unwrap();
-        let won = tokio::time::Instant::now();
-        guard.release().await.unwrap();
-        won
-    })
 }
 
 /// Promised (`pubsub.rs`: "a release or a turn it announced meanwhile reached nobody [...] the
@@ -92,13 +57,9 @@ async fn a_fair_waiter_hears_its_turn_after_its_connections_flap() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let released = tokio::time::Instant::now();
     guard.release().await.unwrap();
-    let won = tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("won")
-        .unwrap();
+    let took = won_after(task, released).await;
     waiter.stop().await.unwrap();
     holder.stop().await.unwrap();
-    let took = won - released;
     assert!(
         took < Duration::from_millis(1200),
         "from release to win: {took:?}"
@@ -157,13 +118,9 @@ async fn a_fair_waiter_hears_its_turn_from_nodes_down_when_it_first_listened() {
     tokio::time::sleep_until(started + Duration::from_millis(2400)).await;
     let released = tokio::time::Instant::now();
     guard.release().await.unwrap();
-    let won = tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("won")
-        .unwrap();
+    let took = won_after(task, released).await;
     waiter.stop().await.unwrap();
     holder.stop().await.unwrap();
-    let took = won - released;
     assert!(
         took < Duration::from_millis(1200),
         "from release to win: {took:?}"
@@ -207,15 +164,11 @@ async fn a_turn_passed_during_an_outage_wakes_the_waiter_when_another_waiter_rec
         let waiter = waiter.clone();
         tokio::spawn(async move { waiter.acquire_permit("outage-p", 1).await.map(drop) })
     };
-    let won = tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("won")
-        .unwrap();
+    let took = won_after(task, released).await;
     permit.release().await.unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(5), permits).await;
     waiter.stop().await.unwrap();
     holder.stop().await.unwrap();
-    let took = won - released;
     assert!(
         took < Duration::from_millis(1500),
         "from release to win: {took:?}"
@@ -322,13 +275,9 @@ async fn a_release_waiter_between_waits_keeps_its_reader_trying() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let released = tokio::time::Instant::now();
     guard.release().await.unwrap();
-    let won = tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("won")
-        .unwrap();
+    let took = won_after(task, released).await;
     waiter.stop().await.unwrap();
     holder.stop().await.unwrap();
-    let took = won - released;
     assert!(
         took < Duration::from_millis(1200),
         "from release to win: {took:?}"

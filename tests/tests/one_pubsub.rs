@@ -5,39 +5,17 @@
 //! subscribes again after an outage. Three nodes, the second and third behind `Gate`s.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use lock_core::{LockOptions, Locker, RetryPolicy};
-use lock_redlock::{Redlock, RedlockConfig};
 use lock_tests::fair::waiting;
-use lock_tests::pubsub::{Gated, foreign, kill_pubsub, pubsub_clients};
+use lock_tests::pubsub::{
+    Gated, foreign, kill_pubsub, pubsub_clients, redlock_client, settle, wait_for, won_after,
+};
 
 /// A fair client (the default) with wake-ups on releases too, a ttl of 10 s.
 fn fair_client(urls: &[String], retry: RetryPolicy) -> Locker {
-    let config = RedlockConfig::new(urls.to_vec())
-        .with_node_timeout(Duration::from_millis(300))
-        .with_fair(true)
-        .with_wake_on_release(true);
-    Locker::from_arc(Arc::new(Redlock::new(config).expect("redlock")))
-        .with_options(
-            LockOptions::default()
-                .with_ttl(Duration::from_secs(10))
-                .with_retry(retry),
-        )
-        .expect("options")
-}
-
-/// Waits up to 5 s until `count` reports `want`; its last answer.
-async fn settle(want: usize, count: impl Fn() -> usize) -> usize {
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let now = count();
-        if now == want || tokio::time::Instant::now() >= until {
-            return now;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    redlock_client(urls, retry, true, true)
 }
 
 /// Promised (a fair waiter is woken by the turn message of any node that passes it the turn):
@@ -57,15 +35,7 @@ async fn a_fair_waiter_hears_its_turn_from_nodes_back_after_an_outage() {
     let holder = fair_client(&direct, RetryPolicy::none());
     let guard = holder.acquire("turn").await.unwrap();
     let waiter = fair_client(&nodes.urls(), waiting(Duration::from_secs(5)));
-    let task = {
-        let waiter = waiter.clone();
-        tokio::spawn(async move {
-            let guard = waiter.acquire("turn").await.unwrap();
-            let won = tokio::time::Instant::now();
-            guard.release().await.unwrap();
-            won
-        })
-    };
+    let task = wait_for(&waiter, "turn");
     // Lined up and listening on every node.
     tokio::time::sleep(Duration::from_millis(200)).await;
     for gate in &nodes.gates {
@@ -81,13 +51,9 @@ async fn a_fair_waiter_hears_its_turn_from_nodes_back_after_an_outage() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let released = tokio::time::Instant::now();
     guard.release().await.unwrap();
-    let won = tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("won")
-        .unwrap();
+    let took = won_after(task, released).await;
     waiter.stop().await.unwrap();
     holder.stop().await.unwrap();
-    let took = won - released;
     assert!(
         took < Duration::from_millis(500),
         "from release to win: {took:?}"
@@ -242,19 +208,11 @@ async fn a_node_that_stops_answering_on_a_release_connection_does_not_slow_fair_
     let mut hand_offs = Vec::new();
     for _ in 0..4 {
         let guard = holder.acquire("k").await.unwrap();
-        let task = {
-            let waiter = waiter.clone();
-            tokio::spawn(async move {
-                let guard = waiter.acquire("k").await.unwrap();
-                let got = tokio::time::Instant::now();
-                guard.release().await.unwrap();
-                got
-            })
-        };
+        let task = wait_for(&waiter, "k");
         tokio::time::sleep(Duration::from_millis(700)).await;
         let released = tokio::time::Instant::now();
         guard.release().await.unwrap();
-        hand_offs.push(task.await.unwrap() - released);
+        hand_offs.push(won_after(task, released).await);
     }
     println!("hand-offs with a node that stopped answering: {hand_offs:?}");
     // One may retry the node once its cooldown is over on a slow run; the others must not.
