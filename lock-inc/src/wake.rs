@@ -4,6 +4,8 @@
 //! carries a fair client's turn channel (see `fair.rs`). A waiter retries on a message, when
 //! the holder's ttl runs out, or after its retry delay, whichever comes first.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fred::clients::SubscriberClient;
@@ -11,7 +13,6 @@ use fred::prelude::{ClientLike, EventInterface, KeysInterface, PubsubInterface};
 use fred::types::{ConnectHandle, Message};
 use lock_core::raw::redis::{TURN_CHANNEL, gone_in, release_channel};
 use lock_core::raw::wake::{TurnRegistry, WakeRegistry};
-use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
@@ -133,6 +134,9 @@ pub(crate) struct Listener {
     /// dropped off it (on another thread, or inside a short-lived runtime) closes its
     /// connection there.
     runtime: Option<tokio::runtime::Handle>,
+    /// Whether the reader runs: set once `start` installed it, cleared by `close` (read without
+    /// the state's lock, which every subscription of a release takes for a moment too).
+    running: AtomicBool,
 }
 
 #[derive(Default)]
@@ -188,12 +192,9 @@ impl Drop for Listener {
 }
 
 impl Listener {
-    /// Whether the reader runs (the subscription was made, and `close` not called); false
-    /// while a `start` is under way.
+    /// Whether the reader runs (it was started, and `close` not called).
     pub(crate) fn started(&self) -> bool {
-        self.state
-            .try_lock()
-            .is_ok_and(|state| state.tasks.is_some() && !state.closed)
+        self.running.load(Ordering::SeqCst)
     }
 
     pub(crate) fn new(subscriber: SubscriberClient, waiters: Waiters) -> Self {
@@ -202,6 +203,7 @@ impl Listener {
             waiters,
             state: tokio::sync::Mutex::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
+            running: AtomicBool::new(false),
         }
     }
 
@@ -257,6 +259,7 @@ impl Listener {
             reconnected,
             self.subscriber.manage_subscriptions(),
         ]);
+        self.running.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -269,6 +272,7 @@ impl Listener {
         let connection = {
             let mut state = self.state.lock().await;
             state.closed = true;
+            self.running.store(false, Ordering::SeqCst);
             state.take()
         };
         if let Some(connection) = connection {
