@@ -489,3 +489,63 @@ async fn hand_offs_stay_prompt_while_the_shared_connection_is_killed_again_and_a
     waiter.stop().await.unwrap();
     assert_eq!(settle(0, || pubsub_clients(&url)).await, 0, "after stop");
 }
+
+/// Promised (a fair waiter hears its turn within ms of the release, also after a reconnect:
+/// fred subscribes again what the connection carried; before d12fcb3 the turn channel had a
+/// connection of its own): a user allowed its turn channels (`&lock-turn:*`) and the release
+/// channels of some keys only (`&lock-released:lock:{allowed}*`). A semaphore waiter of the
+/// same client waits on another key: its channel's `SUBSCRIBE` is refused (fred counts it
+/// subscribed all the same: it answers a `SUBSCRIBE` once written). After the shared
+/// connection is killed, the fair waiter still wins within 1 s of the release (its fallback
+/// poll is 2.5 s).
+///
+/// Fails on main: fred subscribes again every channel it tracks in ONE `SUBSCRIBE`, which the
+/// server refuses as a whole for the one refused release channel: the turn channel is not
+/// subscribed again (its flag says it is), and the fair waiter wins on its poll: "fair waiter:
+/// woken 4.598575333s after the release".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_release_channel_does_not_take_the_turn_channel_with_it() {
+    let Some(server) = server("attack_s36b") else {
+        return;
+    };
+    let password = "s3cret-pass-36b";
+    for command in [
+        format!(
+            "ACL SETUSER app on >{password} ~* resetchannels &lock-turn:* &lock-released:lock:{{allowed}}* +@all"
+        ),
+        "ACL SETUSER default off".to_owned(),
+    ] {
+        assert_eq!(
+            server.command(&command, Duration::from_secs(1)).unwrap(),
+            "+OK"
+        );
+    }
+    let url = format!("redis://app:{password}@127.0.0.1:{}/", server.port());
+    let holder = client(&url, true, true, RetryPolicy::none()).await;
+    let waiter = client(&url, true, true, waiting(Duration::from_secs(5))).await;
+    let mutex = holder.acquire("mutex").await.unwrap();
+    let permit = holder.acquire_permit("denied", 1).await.unwrap();
+    let fair = wait_for(&waiter, "mutex", None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let semaphore = wait_for(&waiter, "denied", Some(1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(settle(1, || turn_channels(&url)).await, 1, "turn channel");
+    kill_pubsub(&url);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let released = Instant::now();
+    mutex.release().await.unwrap();
+    won_soon("fair waiter", fair, released).await;
+    assert_eq!(
+        settle(1, || turn_channels(&url)).await,
+        1,
+        "turn channel subscribed again after the kill: {:?}",
+        channels(&url)
+    );
+    permit.release().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(8), semaphore)
+        .await
+        .expect("the semaphore waiter wins on its retry delay")
+        .unwrap();
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+}
