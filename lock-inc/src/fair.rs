@@ -2,8 +2,9 @@
 //! slot (see `lock_core::raw::redis::LINE_SCRIPT`), and the head of the line is woken alone, by a message naming it
 //! on the channel of its client (`lock-turn:<instance>`), which every fair client subscribes to
 //! once, on its first wait, through the client's one subscriber connection, shared with the
-//! release channels (fred's `SubscriberClient`, which subscribes again after a reconnect). A lost message costs the
-//! waiter its fallback poll at most (the longer of its retry delay and 200 ms, a quarter of the
+//! release channels (fred's `SubscriberClient`; each channel is subscribed again after a
+//! reconnect, see `Listener::resubscriber`). A lost message costs the waiter its fallback poll
+//! at most (the longer of its retry delay and 200 ms, a quarter of the
 //! ttl at most: see the core's retry loop); a reconnect or a reader that fell behind wakes
 //! every waiter of this client.
 

@@ -1,8 +1,9 @@
 //! Push-based wake-ups: with `wake_on_release`, the release script announces each release on
 //! `lock-released:<lock key>`, and waiters subscribe through the client's one subscriber
-//! connection (fred's `SubscriberClient`, which resubscribes after a reconnect), which also
-//! carries a fair client's turn channel (see `fair.rs`). A waiter retries on a message, when
-//! the holder's ttl runs out, or after its retry delay, whichever comes first.
+//! connection (fred's `SubscriberClient`; its channels are subscribed again, one by one, after
+//! a reconnect), which also carries a fair client's turn channel (see `fair.rs`). A waiter
+//! retries on a message, when the holder's ttl runs out, or after its retry delay, whichever
+//! comes first.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -122,9 +123,9 @@ impl Waiters {
     }
 }
 
-/// The client's one subscriber connection (fred's `SubscriberClient`, which subscribes again
-/// after a reconnect) and the tasks that read it, started by the first waiter (of a release or
-/// of a turn).
+/// The client's one subscriber connection (fred's `SubscriberClient`, its channels subscribed
+/// again one by one after a reconnect) and the tasks that read it, started by the first waiter
+/// (of a release or of a turn).
 pub(crate) struct Listener {
     pub(crate) subscriber: SubscriberClient,
     /// Who the messages wake.
@@ -254,13 +255,35 @@ impl Listener {
                 waiters.wake_all();
             }
         });
-        state.tasks = Some(vec![
-            reader,
-            reconnected,
-            self.subscriber.manage_subscriptions(),
-        ]);
+        state.tasks = Some(vec![reader, reconnected, self.resubscriber()]);
         self.running.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The task that subscribes again, after each reconnect, the channels fred tracks (those
+    /// subscribed and not unsubscribed since), one `SUBSCRIBE` each.
+    ///
+    /// Not fred's `manage_subscriptions`, which sends them all in one `SUBSCRIBE`: a server
+    /// refuses such a command as a whole when it refuses one of its channels (an ACL user
+    /// allowed the release channels of some keys only), and the turn channel, or any other
+    /// channel, would not be heard again after the reconnect.
+    fn resubscriber(&self) -> JoinHandle<()> {
+        let subscriber = self.subscriber.clone();
+        let mut reconnects = self.subscriber.reconnect_rx();
+        tokio::spawn(async move {
+            loop {
+                match reconnects.recv().await {
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => break,
+                }
+                for channel in subscriber.tracked_channels() {
+                    let channel = channel.to_string();
+                    if let Err(error) = subscriber.subscribe(channel).await {
+                        tracing::debug!(error = %lock_core::raw::redis::shown_error(&error), "cannot subscribe again after a reconnect");
+                    }
+                }
+            }
+        })
     }
 
     /// Stops reading and closes the subscriber connection (on shutdown), also one still
