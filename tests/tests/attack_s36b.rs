@@ -65,6 +65,17 @@ fn wait_for(waiter: &Locker, key: &'static str, permits: Option<u32>) -> JoinHan
     })
 }
 
+/// A writer of `waiter` for the read-write lock `key`; the instant it won.
+fn wait_write(waiter: &Locker, key: &'static str) -> JoinHandle<Instant> {
+    let waiter = waiter.clone();
+    tokio::spawn(async move {
+        let guard = waiter.acquire_write(key).await;
+        let won = Instant::now();
+        guard.unwrap().release().await.unwrap();
+        won
+    })
+}
+
 /// Asserts that `wait` wins within 1 s of `released`.
 async fn won_soon(what: &str, wait: JoinHandle<Instant>, released: Instant) {
     let won = tokio::time::timeout(Duration::from_secs(8), wait)
@@ -92,10 +103,10 @@ fn turn_channels(url: &str) -> usize {
         .count()
 }
 
-/// Promised (a reconnect wakes every waiter, and fred subscribes again what the connection
-/// carried): a semaphore waiter started the shared connection (release channel only), then a
-/// fair waiter of the same client subscribed the turn channel on it; the connection is killed
-/// (`CLIENT KILL TYPE pubsub`) twice. Both channels are back on the one connection, and each
+/// Promised (a reconnect wakes every waiter, and what the connection carried is subscribed
+/// again): a semaphore waiter and a writer (behind a reader) started the shared connection
+/// (release channels only), then a fair waiter of the same client subscribed the turn channel
+/// on it; the connection is killed (`CLIENT KILL TYPE pubsub`) twice. Both channels are back on the one connection, and each
 /// waiter wins within 1 s of the release that lets it in (retry delay 5 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turn_and_release_channels_come_back_after_the_connection_is_killed() {
@@ -117,8 +128,10 @@ async fn killed(query: &str) {
     let holder = client(&url, true, true, RetryPolicy::none()).await;
     let mutex = holder.acquire("mutex").await.unwrap();
     let permit = holder.acquire_permit("permits", 1).await.unwrap();
+    let read = holder.acquire_read("rw").await.unwrap();
     let waiter = client(&url, true, true, waiting(Duration::from_secs(5))).await;
     let semaphore = wait_for(&waiter, "permits", Some(1));
+    let writer = wait_write(&waiter, "rw");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let fair = wait_for(&waiter, "mutex", None);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -139,9 +152,9 @@ async fn killed(query: &str) {
         channels(&plain)
     );
     assert_eq!(
-        settle(1, || release_channels(&plain).len()).await,
-        1,
-        "release channel after the kills"
+        settle(2, || release_channels(&plain).len()).await,
+        2,
+        "release channels after the kills"
     );
     let released = Instant::now();
     mutex.release().await.unwrap();
@@ -149,6 +162,9 @@ async fn killed(query: &str) {
     let released = Instant::now();
     permit.release().await.unwrap();
     won_soon("semaphore waiter", semaphore, released).await;
+    let released = Instant::now();
+    read.release().await.unwrap();
+    won_soon("writer", writer, released).await;
     waiter.stop().await.unwrap();
     holder.stop().await.unwrap();
     assert_eq!(settle(0, || pubsub_clients(&plain)).await, 0, "after stop");
