@@ -319,7 +319,10 @@ impl PubSub {
                         return Ok(true);
                     }
                     Err(error) => {
-                        if !error.is_timeout() {
+                        // A node that does not answer, or refuses the channel for good (an ACL
+                        // user without it), keeps the cooldown; a broken connection does not
+                        // (the reader is connecting again).
+                        if !error.is_timeout() && !refused(&error) {
                             mark(None);
                         }
                         return Err(error);
@@ -335,10 +338,10 @@ impl PubSub {
             }
             let made = async {
                 let (mut sink, stream) = node.client().get_async_pubsub().await?.split();
-                sink.subscribe(&channels).await?;
-                Ok::<_, redis::RedisError>((sink, stream))
+                let subscribed = subscribe_each(&mut sink, &channels).await?;
+                Ok::<_, redis::RedisError>((sink, stream, subscribed))
             };
-            let (sink, stream) = match made.await {
+            let (sink, stream, subscribed) = match made.await {
                 Ok(made) => made,
                 Err(error) => {
                     // Refused or closed at once: the cooldown is for a node that does not
@@ -361,13 +364,18 @@ impl PubSub {
             if self.closed.load(Ordering::SeqCst) {
                 return Ok(false);
             }
-            let with_turn = channels.iter().any(|name| self.listeners.is_turn(name));
+            let with_turn = subscribed.iter().any(|name| self.listeners.is_turn(name));
             slot.subscriber = Some(self.reader(node, sink, stream, with_turn));
-            mark(None);
             if missed {
-                self.listeners.back(&channels);
+                self.listeners.back(&subscribed);
             }
-            Ok::<_, redis::RedisError>(true)
+            // Refused (an ACL user without the channel): the connection serves the others,
+            // and fair waiters leave the node alone for the cooldown.
+            let ours = subscribed.contains(&name);
+            if ours {
+                mark(None);
+            }
+            Ok::<_, redis::RedisError>(ours)
         };
         let what = if turn { "turns" } else { "wake-ups" };
         match tokio::time::timeout(timeout, attempt).await {
@@ -482,11 +490,7 @@ impl PubSub {
                     }
                     let again = async {
                         let (mut sink, stream) = node.client().get_async_pubsub().await?.split();
-                        // One `SUBSCRIBE` for them all: one round trip, however many channels.
-                        let channels = listeners.channels();
-                        if !channels.is_empty() {
-                            sink.subscribe(&channels).await?;
-                        }
+                        let channels = subscribe_each(&mut sink, &listeners.channels()).await?;
                         Ok::<_, redis::RedisError>((sink, stream, channels))
                     };
                     if let Ok(Ok((sink, again, channels))) =
@@ -529,6 +533,45 @@ impl PubSub {
             reader,
         }
     }
+}
+
+/// Subscribes `channels` on `sink`, all in one `SUBSCRIBE` (one round trip, however many), or,
+/// when the server refuses that (it refuses the whole command when it refuses one channel: an
+/// ACL user allowed some channels only), one by one, leaving out those it refuses: a refused
+/// channel must not take the others with it (the turn channel with a release channel). The
+/// channels subscribed.
+///
+/// # Errors
+/// The connection's: it is broken, or did not answer.
+async fn subscribe_each(
+    sink: &mut PubSubSink,
+    channels: &[String],
+) -> redis::RedisResult<Vec<String>> {
+    if channels.is_empty() {
+        return Ok(Vec::new());
+    }
+    match sink.subscribe(channels).await {
+        Ok(()) => return Ok(channels.to_vec()),
+        Err(error) if refused(&error) => {}
+        Err(error) => return Err(error),
+    }
+    let mut subscribed = Vec::with_capacity(channels.len());
+    for channel in channels {
+        match sink.subscribe(channel).await {
+            Ok(()) => subscribed.push(channel.clone()),
+            Err(error) if refused(&error) => {
+                tracing::debug!(error = %shown_error(&error), "a channel was refused; its waiters fall back to their retry delay");
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(subscribed)
+}
+
+/// Whether the server refused a command (an error it answered, such as `NOPERM`), rather than
+/// the connection failing.
+fn refused(error: &redis::RedisError) -> bool {
+    error.code().is_some()
 }
 
 /// A reader's count in `PubSub::connected` while its connection is up (and in the turn count

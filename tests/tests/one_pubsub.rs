@@ -223,3 +223,56 @@ async fn a_node_that_stops_answering_on_a_release_connection_does_not_slow_fair_
         "hand-offs waited for the node: {hand_offs:?}"
     );
 }
+
+/// Promised (a channel the server refuses is a lost message for its waiters, not for the
+/// others): a fair client whose user may subscribe its turn channel but no release channel
+/// still hears its turns while one of its waiters waits for a semaphore's release on the
+/// same connection.
+///
+/// Broken before the fix: the connection subscribed every channel in one `SUBSCRIBE`, which
+/// the server refuses as a whole when it refuses one channel: the turn channel was never
+/// subscribed, and the fair waiter won at its fallback poll (about 2.5 s after the release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_release_channel_does_not_take_the_turn_channel_with_it() {
+    let servers = lock_tests::backed::start_servers(1);
+    let command = "ACL SETUSER app on >app-secret ~* &lock-turn:* +@all";
+    assert_eq!(
+        servers[0]
+            .command(command, lock_tests::pubsub::PROBE)
+            .expect("ACL SETUSER"),
+        "+OK"
+    );
+    let full = [servers[0].url()];
+    let app = [format!(
+        "redis://app:app-secret@127.0.0.1:{}/",
+        servers[0].port()
+    )];
+    let holder = redlock_client(&full, RetryPolicy::none(), true, true);
+    let mutex = holder.acquire("mutex").await.unwrap();
+    let permit = holder.acquire_permit("permits", 1).await.unwrap();
+    let waiter = redlock_client(&app, waiting(Duration::from_secs(5)), true, true);
+    let permit_wait = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            let guard = waiter.acquire_permit("permits", 1).await.unwrap();
+            guard.release().await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let task = wait_for(&waiter, "mutex");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let released = tokio::time::Instant::now();
+    mutex.release().await.unwrap();
+    let took = won_after(task, released).await;
+    permit.release().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), permit_wait)
+        .await
+        .expect("the permit's waiter won (by its retry delay)")
+        .unwrap();
+    waiter.stop().await.unwrap();
+    holder.stop().await.unwrap();
+    assert!(
+        took < Duration::from_millis(500),
+        "from release to win: {took:?}"
+    );
+}
