@@ -276,9 +276,18 @@ impl Listener {
                     Ok(_) | Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => break,
                 }
-                for channel in subscriber.tracked_channels() {
+                // All at once (fred pipelines them): one round trip, so that the turn channel
+                // (last in order) is not heard only after every release channel, and a channel
+                // unsubscribed meanwhile is taken back into fred's set for one round trip at
+                // most.
+                let channels = subscriber.tracked_channels();
+                let again = channels.iter().map(|channel| {
+                    let subscriber = subscriber.clone();
                     let channel = channel.to_string();
-                    if let Err(error) = subscriber.subscribe(channel).await {
+                    async move { subscriber.subscribe(channel).await }
+                });
+                for answer in futures::future::join_all(again).await {
+                    if let Err(error) = answer {
                         tracing::debug!(error = %lock_core::raw::redis::shown_error(&error), "cannot subscribe again after a reconnect");
                     }
                 }

@@ -470,16 +470,18 @@ impl PubSub {
                 // made) is made again only once that pause has passed since: one connection a
                 // second, not one per round trip. A connection lost after a steady while is
                 // made again at once.
+                // Down for the pause, the node's announcements meanwhile reached nobody (the
+                // loss woke nobody while another connection was up, though that node may not
+                // hold the key): woken once back, as after a failed try (one wake-up a second
+                // at most, as many as connections), also by a subscription that replaces this
+                // reader during the pause (marked before it).
                 let mut paused = false;
                 if let Some(reconnected) = reconnected {
                     let until = reconnected + RECONNECT_PAUSE;
                     paused = until > tokio::time::Instant::now();
+                    outage.store(paused, Ordering::SeqCst);
                     tokio::time::sleep_until(until).await;
                 }
-                // Down for the pause, the node's announcements meanwhile reached nobody (the
-                // loss woke nobody while another connection was up, though that node may not
-                // hold the key): woken once back, as after a failed try (one wake-up a second
-                // at most, as many as connections).
                 let mut failed = paused;
                 outage.store(failed, Ordering::SeqCst);
                 loop {
@@ -537,7 +539,7 @@ impl PubSub {
 
 /// Subscribes `channels` on `sink`, all in one `SUBSCRIBE` (one round trip, however many), or,
 /// when the server refuses that (it refuses the whole command when it refuses one channel: an
-/// ACL user allowed some channels only), one by one, leaving out those it refuses: a refused
+/// ACL user allowed some channels only), one command each, leaving out those it refuses: a refused
 /// channel must not take the others with it (the turn channel with a release channel). The
 /// channels subscribed.
 ///
@@ -555,9 +557,16 @@ async fn subscribe_each(
         Err(error) if refused(&error) => {}
         Err(error) => return Err(error),
     }
+    // All sent at once on clones of the sink, which pipelines them: one round trip still, so
+    // that many channels fit in a reconnect's time however slow the link.
+    let answers = futures::future::join_all(channels.iter().map(|channel| {
+        let mut sink = sink.clone();
+        async move { (channel, sink.subscribe(channel).await) }
+    }))
+    .await;
     let mut subscribed = Vec::with_capacity(channels.len());
-    for channel in channels {
-        match sink.subscribe(channel).await {
+    for (channel, answer) in answers {
+        match answer {
             Ok(()) => subscribed.push(channel.clone()),
             Err(error) if refused(&error) => {
                 tracing::debug!(error = %shown_error(&error), "a channel was refused; its waiters fall back to their retry delay");
