@@ -266,9 +266,10 @@ impl PubSub {
         };
         let turn = matches!(channel, Channel::Turn);
         let retry_at = self.turn_retry_at.get(index);
-        // Marked failed until it succeeds or is refused: one cut short by the timeout (a node
-        // that does not answer) leaves the mark, and fair waiters leave the node alone until
-        // it passes, without waiting for the slot (a connect under way holds it).
+        // Marked failed until it succeeds or its connection fails at once (a node down): one
+        // cut short by the timeout (a node that does not answer) or refused by the server (an
+        // ACL user without the channel) leaves the mark, and fair waiters leave the node alone
+        // until it passes, without waiting for the slot (a connect under way holds it).
         let mark = |until: Option<tokio::time::Instant>| {
             if let Some(retry_at) = retry_at.filter(|_| turn) {
                 *retry_at
@@ -344,10 +345,11 @@ impl PubSub {
             let (sink, stream, subscribed) = match made.await {
                 Ok(made) => made,
                 Err(error) => {
-                    // Refused or closed at once: the cooldown is for a node that does not
-                    // answer, and one that refuses costs nothing to ask again. Left alone for
-                    // it, a node back meanwhile would pass turns nobody hears (no reader may
-                    // be left in the slot to try again: one gives up while nobody waits).
+                    // The connection refused or closed at once: the cooldown is for a node
+                    // that does not answer, and one that is down costs nothing to ask again.
+                    // Left alone for it, a node back meanwhile would pass turns nobody hears
+                    // (no reader may be left in the slot to try again: one gives up while
+                    // nobody waits).
                     if !error.is_timeout() {
                         mark(None);
                     }
